@@ -1,0 +1,167 @@
+"""Command line: ``python -m bench {run,predict,list,inspect}``.
+
+Errors are one line (``error: ...``) and a non-zero exit code; ``--debug`` shows the
+traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import io
+import sys
+from pathlib import Path
+
+from bench.errors import BenchError
+
+
+def _add_common(p):
+    p.add_argument("--debug", action="store_true", help="show tracebacks")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="python -m bench",
+                                     description="Benchmark and ensemble blood-cell classifiers.")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    run = sub.add_parser("run", help="train every candidate on shared folds; leaderboard; predictor")
+    run.add_argument("--config", default=None, help="config file (default: benchmarks.toml)")
+    run.add_argument("--profile", default=None, help="profile in the config (smoke, quick, full)")
+    run.add_argument("--data", default=None,
+                     help="class-folder tree, .npz file, or a [datasets.NAME] of the config")
+    run.add_argument("--out", default=None, help="run directory")
+    run.add_argument("--only", default=None, help="comma-separated candidate names")
+    run.add_argument("--workers", type=int, default=None, help="parallel work-unit processes")
+    run.add_argument("--force", action="store_true",
+                     help="archive a run with a different config in --out and start again")
+    _add_common(run)
+
+    pred = sub.add_parser("predict", help="classify images with a saved predictor")
+    pred.add_argument("--model", required=True, help="predictor directory")
+    pred.add_argument("--img_path", "--img-path", dest="img_path", required=True,
+                      help="an image or a folder (searched recursively)")
+    pred.add_argument("--out", default=None, help="CSV file (default: print to stdout)")
+    pred.add_argument("--batch-size", "--batch_size", dest="batch_size", type=int, default=128)
+    _add_common(pred)
+
+    lst = sub.add_parser("list", help="show the candidates and profiles of a config")
+    lst.add_argument("--config", default=None)
+    _add_common(lst)
+
+    ins = sub.add_parser("inspect", help="verify and describe a predictor without running it")
+    ins.add_argument("model", help="predictor directory")
+    _add_common(ins)
+    return parser
+
+
+def cmd_run(args) -> int:
+    from bench.progress import console
+    from bench.runner import run_from_args
+    only = [s.strip() for s in args.only.split(",") if s.strip()] if args.only else None
+    board, out = run_from_args(args.config, profile=args.profile, data=args.data, out=args.out,
+                               only=only, force=args.force, workers=args.workers)
+    console.print((out / "leaderboard.md").read_text())
+    console.print(f"run directory: {out}")
+    return 0
+
+
+def cmd_predict(args) -> int:
+    import numpy as np
+    from bench.progress import progress_iter, warn
+    from ensembles.predictor import find_images, load_predictor, to_images
+    pred = load_predictor(args.model)
+    paths = find_images(args.img_path)
+    if not paths:
+        raise BenchError(f"no image files under {args.img_path}")
+    buf = io.StringIO()
+    writer = csv.writer(buf)
+    writer.writerow(["path", "prediction", "confidence", *pred.classes_])
+    batches = [paths[i:i + args.batch_size] for i in range(0, len(paths), args.batch_size)]
+    n_ok = 0
+    for batch in progress_iter(batches, total=len(batches), desc="predicting",
+                               enabled=len(batches) > 1):
+        good, images = [], []
+        for p in batch:
+            try:
+                images.append(to_images([p], pred.image_size)[0])
+                good.append(p)
+            except BenchError as exc:
+                warn(f"skipped {exc}")
+        if not good:
+            continue
+        proba = pred.predict_proba(np.stack(images))
+        for p, row in zip(good, proba):
+            k = int(np.argmax(row))
+            writer.writerow([str(p), pred.classes_[k], f"{row[k]:.6f}", *[f"{v:.6f}" for v in row]])
+        n_ok += len(good)
+    if args.out:
+        from bench.io import atomic_write_text
+        atomic_write_text(args.out, buf.getvalue())
+        print(f"wrote {n_ok} predictions to {args.out}", file=sys.stderr)
+    else:
+        sys.stdout.write(buf.getvalue())
+    return 0 if n_ok else 1
+
+
+def cmd_list(args) -> int:
+    from bench import registry
+    from bench.config import DEFAULT_CONFIG, read_toml
+    raw = read_toml(args.config or DEFAULT_CONFIG)
+    print("candidates:")
+    for name, e in raw.get("candidates", {}).items():
+        fs = e.get("params", {}).get("features", "")
+        print(f"  {name:24s} type={e.get('type')}" + (f" features={fs}" if isinstance(fs, str) and fs
+                                                      else ""))
+    print("ensembles:")
+    for name, e in raw.get("ensembles", {}).items():
+        print(f"  {name:24s} type={e.get('type')} members={e.get('members', 'cnn')}")
+    print("profiles:")
+    for name, p in raw.get("profiles", {}).items():
+        sel = p.get("select")
+        print(f"  {name:10s} {p.get('description', '')}"
+              + (f" [candidates: {', '.join(sel)}]" if sel else " [all candidates]"))
+    if raw.get("datasets"):
+        print("datasets:")
+        for name, d in raw["datasets"].items():
+            print(f"  {name:10s} {d.get('path', '')}")
+    print("registered types: " + ", ".join(registry.known()))
+    return 0
+
+
+def cmd_inspect(args) -> int:
+    import json
+    from ensembles.predictor import verify_predictor
+    m = verify_predictor(args.model)
+    print(f"predictor {args.model}: verified {len(m['files'])} files (sha256)")
+    print(f"  ensemble: {m['ensemble']['name']} ({m['ensemble']['type']}) "
+          f"state={json.dumps(m['ensemble']['state'])}")
+    for mem in m["members"]:
+        print(f"  member {mem['name']}: type={mem.get('type')} kind={mem.get('kind')} "
+              f"models={len(mem['models'])}")
+    print(f"  classes: {', '.join(m['classes'])}")
+    print(f"  image size: {m['image_size']}; created {m['created']}")
+    td = m.get("training_data", {})
+    print(f"  trained on {td.get('n_images')} images from {td.get('origin')}")
+    return 0
+
+
+COMMANDS = {"run": cmd_run, "predict": cmd_predict, "list": cmd_list, "inspect": cmd_inspect}
+
+
+def main(argv=None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return COMMANDS[args.command](args)
+    except BenchError as exc:
+        if args.debug:
+            raise
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("error: interrupted (finished work units are kept; run again to resume)",
+              file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

@@ -1,0 +1,167 @@
+"""Shared cross-validation folds: stratified, grouped, saved with their hash.
+
+Rows that must never be split across folds are put in one group (union-find):
+
+* exact duplicates (identical decoded pixels);
+* a user mapping ``file,group`` (e.g. patient or slide id), ``[data] groups``;
+* listed pairs ``file_a,file_b`` (near duplicates), ``[data] pairs``;
+* a rule on file names, ``[data] group_rule = "number_block:N"``: files whose last number
+  falls in the same block of N consecutive numbers, within one class, share a group
+  (consecutive numbers often come from one smear).
+
+Folds are :class:`sklearn.model_selection.StratifiedGroupKFold` (shuffled, seeded).
+"""
+
+from __future__ import annotations
+
+import csv
+import hashlib
+import re
+from pathlib import Path, PurePosixPath
+
+import numpy as np
+import pandas as pd
+from sklearn.model_selection import StratifiedGroupKFold
+
+from bench.datasets import Dataset
+from bench.errors import BenchError
+
+
+class _UnionFind:
+    def __init__(self, n: int):
+        self.parent = np.arange(n)
+
+    def find(self, i: int) -> int:
+        root = i
+        while self.parent[root] != root:
+            root = self.parent[root]
+        while self.parent[i] != root:
+            self.parent[i], i = root, self.parent[i]
+        return root
+
+    def union(self, a: int, b: int) -> None:
+        ra, rb = self.find(a), self.find(b)
+        if ra != rb:
+            self.parent[max(ra, rb)] = min(ra, rb)
+
+    def union_all(self, rows) -> None:
+        rows = list(rows)
+        for r in rows[1:]:
+            self.union(rows[0], r)
+
+
+def _source_index(sources: list[str]):
+    """Map a file name from a user CSV to row numbers: by relative path, else by base name."""
+    by_path, by_name = {}, {}
+    for i, s in enumerate(sources):
+        p = PurePosixPath(s)
+        by_path.setdefault(s, []).append(i)
+        # a path relative to the class folder, ignoring a train/val/test level
+        if len(p.parts) >= 2:
+            by_path.setdefault("/".join(p.parts[-2:]), []).append(i)
+        by_name.setdefault(p.name, []).append(i)
+
+    def lookup(name: str) -> list[int]:
+        name = name.strip().replace("\\", "/")
+        return by_path.get(name) or by_name.get(PurePosixPath(name).name, [])
+    return lookup
+
+
+def _read_csv_rows(path: str, what: str) -> list[list[str]]:
+    p = Path(path).expanduser()
+    if not p.is_file():
+        raise BenchError(f"[data] {what} file not found: {p}")
+    with open(p, newline="", encoding="utf-8") as fh:
+        rows = [r for r in csv.reader(fh) if r and any(c.strip() for c in r)]
+    if rows and rows[0] and rows[0][0].strip().lower() in ("file", "file_a", "path", "filename"):
+        rows = rows[1:]
+    if any(len(r) < 2 for r in rows):
+        raise BenchError(f"[data] {what} file {p} needs two columns per row")
+    return rows
+
+
+def make_groups(ds: Dataset, groups_csv: str = "", pairs_csv: str = "",
+                group_rule: str = "") -> tuple[np.ndarray, dict]:
+    """Group id per row, and a summary of what was grouped."""
+    n = len(ds)
+    uf = _UnionFind(n)
+    by_hash: dict[str, list[int]] = {}
+    for i, h in enumerate(ds.pixel_hashes):
+        by_hash.setdefault(h, []).append(i)
+    dup = [rows for rows in by_hash.values() if len(rows) > 1]
+    for rows in dup:
+        uf.union_all(rows)
+    conflicts = [[ds.sources[r] for r in rows] for rows in dup
+                 if len({int(ds.labels[r]) for r in rows}) > 1]
+    info = {"exact_duplicate_groups": len(dup), "duplicate_label_conflicts": conflicts,
+            "user_groups": 0, "pairs": 0, "group_rule": group_rule or None, "unmatched": []}
+    lookup = _source_index(ds.sources)
+    if groups_csv:
+        members: dict[str, list[int]] = {}
+        for row in _read_csv_rows(groups_csv, "groups"):
+            hits = lookup(row[0])
+            if not hits:
+                info["unmatched"].append(row[0])
+            members.setdefault(row[1].strip(), []).extend(hits)
+        for rows in members.values():
+            if rows:
+                uf.union_all(rows)
+        info["user_groups"] = len(members)
+    if pairs_csv:
+        for row in _read_csv_rows(pairs_csv, "pairs"):
+            a, b = lookup(row[0]), lookup(row[1])
+            if a and b:
+                uf.union_all(a + b)
+                info["pairs"] += 1
+            else:
+                info["unmatched"] += [f for f, h in ((row[0], a), (row[1], b)) if not h]
+    if group_rule:
+        _apply_rule(group_rule, ds, uf)
+    roots = np.array([uf.find(i) for i in range(n)])
+    _, group_ids = np.unique(roots, return_inverse=True)
+    info["n_groups"] = int(group_ids.max()) + 1 if n else 0
+    return group_ids.astype(np.int64), info
+
+
+def _apply_rule(rule: str, ds: Dataset, uf: _UnionFind) -> None:
+    m = re.fullmatch(r"number_block:(\d+)", rule.strip())
+    if not m or int(m.group(1)) < 1:
+        raise BenchError(f"[data] group_rule '{rule}' is not understood; use 'number_block:N'")
+    size = int(m.group(1))
+    blocks: dict[tuple, list[int]] = {}
+    for i, src in enumerate(ds.sources):
+        nums = re.findall(r"\d+", PurePosixPath(src).stem)
+        if nums:
+            blocks.setdefault((int(ds.labels[i]), int(nums[-1]) // size), []).append(i)
+    for rows in blocks.values():
+        uf.union_all(rows)
+
+
+def make_folds(labels: np.ndarray, groups: np.ndarray, n_folds: int, seed: int,
+               classes: list[str] | None = None) -> np.ndarray:
+    """Fold number (0..n_folds-1) per row."""
+    counts = np.bincount(labels, minlength=len(classes) if classes else 0)
+    for c, k in enumerate(counts):
+        if k < n_folds:
+            name = classes[c] if classes else str(c)
+            raise BenchError(f"class '{name}' has {k} image(s), fewer than the {n_folds} folds; "
+                             "add images or lower [run] folds")
+    if len(np.unique(groups)) < n_folds:
+        raise BenchError(f"only {len(np.unique(groups))} groups for {n_folds} folds")
+    folds = np.full(len(labels), -1, dtype=np.int64)
+    sgkf = StratifiedGroupKFold(n_splits=n_folds, shuffle=True, random_state=seed)
+    for k, (_, test) in enumerate(sgkf.split(np.zeros(len(labels)), labels, groups)):
+        folds[test] = k
+    return folds
+
+
+def folds_table(ds: Dataset, groups: np.ndarray, folds: np.ndarray) -> pd.DataFrame:
+    return pd.DataFrame({"index": np.arange(len(ds)), "source": ds.sources,
+                         "label": [ds.classes[i] for i in ds.labels], "group": groups,
+                         "fold": folds})
+
+
+def folds_hash(table: pd.DataFrame) -> str:
+    h = hashlib.sha256()
+    h.update(table[["source", "label", "group", "fold"]].to_csv(index=False).encode())
+    return h.hexdigest()

@@ -1,0 +1,1 @@
+"""Keras 3 (TensorFlow) CNN candidates: model builders, training, Grad-CAM."""

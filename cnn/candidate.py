@@ -1,0 +1,129 @@
+"""CNN candidates."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+from sklearn.model_selection import train_test_split
+
+from bench.candidate import Candidate
+from bench.registry import register
+from cnn.runtime import configure, set_seeds
+
+MODEL_FILE = "model.keras"
+
+
+class KerasCandidate(Candidate):
+    """Shared fit/predict/save for candidates backed by one ``keras.Model``."""
+
+    kind = "cnn"
+
+    def _build(self, image_size: int, n_classes: int):  # pragma: no cover - interface
+        raise NotImplementedError
+
+    def _split_validation(self, X, y, X_val, y_val):
+        if X_val is not None:
+            return X, y, X_val, y_val
+        _, counts = np.unique(y, return_counts=True)
+        strat = y if counts.min() >= 2 else None
+        Xt, Xv, yt, yv = train_test_split(X, y, test_size=self.val_fraction, stratify=strat,
+                                          random_state=self.seed)
+        return Xt, yt, Xv, yv
+
+    def fit(self, X, y, X_val=None, y_val=None, classes=None, workdir=None, epoch_callbacks=None):
+        from cnn.train import fit_keras
+        configure()
+        set_seeds(self.seed)
+        self._set_classes(y, classes)
+        y = np.searchsorted(self.classes_, y)
+        if y_val is not None:
+            y_val = np.searchsorted(self.classes_, y_val)
+        X, y, X_val, y_val = self._split_validation(np.asarray(X), y, X_val, y_val)
+        self.model_ = self._build(X.shape[1], self.n_classes_)
+        self.history_ = fit_keras(
+            self.model_, X, y, np.asarray(X_val), y_val, n_classes=self.n_classes_,
+            epochs=self.epochs, batch_size=self.batch_size, optimizer=self.optimizer,
+            learning_rate=self.learning_rate, class_weight=self.class_weight,
+            patience=self.patience, schedule=self.schedule, workdir=workdir,
+            epoch_callbacks=epoch_callbacks, seed=self.seed, verbose=self.verbose)
+        self.epochs_run_ = len(self.history_.get("loss", []))
+        return self
+
+    def predict_proba(self, X) -> np.ndarray:
+        from cnn.train import predict_keras
+        return predict_keras(self.model_, np.asarray(X))
+
+    def model_size(self):
+        return int(self.model_.count_params())
+
+    def _save_model(self, path: Path) -> None:
+        self.model_.save(path / MODEL_FILE)
+
+    def _load_model(self, path: Path) -> None:
+        import keras
+        configure()
+        self.model_ = keras.models.load_model(path / MODEL_FILE, safe_mode=True, compile=False)
+
+
+@register("scratch_cnn")
+class ScratchCNN(KerasCandidate):
+    """A CNN trained from scratch: conv blocks, global pooling, dense head, softmax.
+
+    Parameters
+    ----------
+    blocks, filters, filter_growth, kernel_size, convs_per_block, block_dropout, pooling,
+    dense_units, dropout, input_size : architecture (see :func:`cnn.models.build_scratch_cnn`).
+    optimizer : ``"adam"``, ``"adamw"`` or ``"sgd"`` (momentum 0.9).
+    learning_rate, batch_size, epochs, patience, schedule : training.
+    class_weight : ``"balanced"`` or ``None``.
+    val_fraction : share of the training rows held out for early stopping when no
+        validation split is given.
+    seed : seed for Python, NumPy, TensorFlow.
+    """
+
+    def __init__(self, blocks=3, filters=32, filter_growth=2.0, kernel_size=3, convs_per_block=1,
+                 block_dropout=0.1, pooling="avg", dense_units=128, dropout=0.3, input_size=None,
+                 optimizer="adam", learning_rate=1e-3, batch_size=64, epochs=30, patience=5,
+                 schedule="plateau", class_weight="balanced", val_fraction=0.1, seed=0,
+                 verbose=0):
+        self.blocks = blocks
+        self.filters = filters
+        self.filter_growth = filter_growth
+        self.kernel_size = kernel_size
+        self.convs_per_block = convs_per_block
+        self.block_dropout = block_dropout
+        self.pooling = pooling
+        self.dense_units = dense_units
+        self.dropout = dropout
+        self.input_size = input_size
+        self.optimizer = optimizer
+        self.learning_rate = learning_rate
+        self.batch_size = batch_size
+        self.epochs = epochs
+        self.patience = patience
+        self.schedule = schedule
+        self.class_weight = class_weight
+        self.val_fraction = val_fraction
+        self.seed = seed
+        self.verbose = verbose
+
+    def _build(self, image_size, n_classes):
+        from cnn.models import build_scratch_cnn
+        return build_scratch_cnn(
+            image_size, n_classes, blocks=self.blocks, filters=self.filters,
+            filter_growth=self.filter_growth, kernel_size=self.kernel_size,
+            convs_per_block=self.convs_per_block, block_dropout=self.block_dropout,
+            pooling=self.pooling, dense_units=self.dense_units, dropout=self.dropout,
+            input_size=self.input_size)
+
+    @classmethod
+    def param_space(cls, trial) -> dict:
+        return {
+            "blocks": trial.suggest_int("blocks", 2, 4),
+            "filters": trial.suggest_categorical("filters", [16, 32, 48]),
+            "dropout": trial.suggest_float("dropout", 0.1, 0.5),
+            "learning_rate": trial.suggest_float("learning_rate", 3e-4, 3e-3, log=True),
+            "optimizer": trial.suggest_categorical("optimizer", ["adam", "sgd"]),
+            "batch_size": trial.suggest_categorical("batch_size", [32, 64, 128]),
+        }

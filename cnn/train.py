@@ -1,0 +1,98 @@
+"""Training loop for Keras candidates: tf.data pipeline, callbacks, class weights."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+
+from cnn.runtime import configure
+
+
+def make_dataset(X, y=None, batch_size: int = 64, shuffle: bool = False, seed: int = 0):
+    """A ``tf.data`` pipeline from in-memory ``uint8`` images: cache, shuffle, batch, prefetch."""
+    import tensorflow as tf
+    X = np.asarray(X)
+    ds = tf.data.Dataset.from_tensor_slices(X if y is None else (X, np.asarray(y)))
+    ds = ds.cache()
+    if shuffle:
+        ds = ds.shuffle(len(X), seed=seed, reshuffle_each_iteration=True)
+    return ds.batch(batch_size).prefetch(tf.data.AUTOTUNE)
+
+
+def balanced_class_weight(y: np.ndarray, n_classes: int) -> dict[int, float]:
+    counts = np.bincount(y, minlength=n_classes).astype(float)
+    counts[counts == 0] = 1.0
+    w = len(y) / (n_classes * counts)
+    return {i: float(v) for i, v in enumerate(w)}
+
+
+def make_optimizer(name: str, learning_rate: float):
+    import keras
+    if name == "adam":
+        return keras.optimizers.Adam(learning_rate)
+    if name == "adamw":
+        return keras.optimizers.AdamW(learning_rate, weight_decay=1e-4)
+    if name == "sgd":
+        return keras.optimizers.SGD(learning_rate, momentum=0.9, nesterov=True)
+    raise ValueError(f"optimizer must be 'adam', 'adamw' or 'sgd', got {name!r}")
+
+
+def _epoch_hook(fns):
+    import keras
+
+    class EpochHook(keras.callbacks.Callback):
+        def on_epoch_end(self, epoch, logs=None):
+            for fn in fns:
+                fn(epoch, dict(logs or {}))
+    return EpochHook()
+
+
+def fit_keras(model, X, y, X_val, y_val, *, n_classes: int, epochs: int, batch_size: int,
+              optimizer: str = "adam", learning_rate: float = 1e-3, class_weight=None,
+              patience: int = 5, schedule: str = "plateau", workdir=None, epoch_callbacks=None,
+              seed: int = 0, verbose: int = 0) -> dict:
+    """Compile and train ``model``; returns the Keras history as a dict of lists.
+
+    Early stopping watches validation loss and restores the best weights; the learning
+    rate follows ``schedule`` (``"plateau"``: reduce on plateau, ``"cosine"``: cosine
+    decay). With ``workdir``, the best checkpoint and a CSV log of every epoch are kept.
+    """
+    import keras
+    configure()
+    steps = int(np.ceil(len(X) / batch_size)) * epochs
+    lr = (keras.optimizers.schedules.CosineDecay(learning_rate, max(1, steps))
+          if schedule == "cosine" else learning_rate)
+    model.compile(optimizer=make_optimizer(optimizer, lr),
+                  loss="sparse_categorical_crossentropy", metrics=["accuracy"])
+    cbs = [keras.callbacks.EarlyStopping(monitor="val_loss", patience=patience,
+                                         restore_best_weights=True,
+                                         start_from_epoch=min(3, epochs // 4))]
+    if schedule == "plateau":
+        cbs.append(keras.callbacks.ReduceLROnPlateau(monitor="val_loss", factor=0.3,
+                                                     patience=max(1, patience // 2),
+                                                     min_lr=learning_rate / 100))
+    elif schedule != "cosine":
+        raise ValueError(f"schedule must be 'plateau' or 'cosine', got {schedule!r}")
+    if workdir:
+        workdir = Path(workdir)
+        workdir.mkdir(parents=True, exist_ok=True)
+        cbs.append(keras.callbacks.CSVLogger(str(workdir / "epochs.csv")))
+        cbs.append(keras.callbacks.ModelCheckpoint(str(workdir / "checkpoint.keras"),
+                                                   monitor="val_loss", save_best_only=True))
+    if epoch_callbacks:
+        cbs.append(_epoch_hook(epoch_callbacks))
+    if class_weight == "balanced":
+        class_weight = balanced_class_weight(np.asarray(y), n_classes)
+    hist = model.fit(make_dataset(X, y, batch_size, shuffle=True, seed=seed),
+                     validation_data=make_dataset(X_val, y_val, batch_size),
+                     epochs=epochs, class_weight=class_weight, callbacks=cbs, verbose=verbose,
+                     shuffle=False)   # the tf.data pipeline shuffles
+    return {k: [float(v) for v in vals] for k, vals in hist.history.items()}
+
+
+def predict_keras(model, X, batch_size: int = 256) -> np.ndarray:
+    """Inference-mode probabilities for ``uint8`` images, in batches."""
+    out = [np.asarray(model(batch, training=False))
+           for batch in make_dataset(X, None, batch_size)]
+    return np.concatenate(out).astype(np.float64) if out else np.zeros((0, model.output_shape[-1]))

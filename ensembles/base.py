@@ -1,0 +1,47 @@
+"""What every ensemble shares: fitting on member probabilities, honest fold evaluation."""
+
+from __future__ import annotations
+
+import numpy as np
+
+
+class Ensemble:
+    """Combines members' class probabilities.
+
+    Subclasses implement ``fit(probas, y)`` (``probas``: list of (N, K) arrays, one per
+    member, ``y``: int labels) and ``combine(probas)``; their learned state is JSON
+    (``get_state``/``set_state``), so a saved predictor never needs pickle.
+    """
+
+    type_name = None
+
+    def fit(self, probas: list[np.ndarray], y: np.ndarray) -> "Ensemble":  # pragma: no cover
+        raise NotImplementedError
+
+    def combine(self, probas: list[np.ndarray]) -> np.ndarray:  # pragma: no cover
+        raise NotImplementedError
+
+    def get_state(self) -> dict:  # pragma: no cover
+        raise NotImplementedError
+
+    def set_state(self, state: dict) -> "Ensemble":  # pragma: no cover
+        raise NotImplementedError
+
+    def get_params(self) -> dict:
+        return {k: v for k, v in vars(self).items() if not k.endswith("_")}
+
+
+def cross_val_combine(ensemble: Ensemble, probas: list[np.ndarray], y: np.ndarray,
+                      folds: np.ndarray) -> np.ndarray:
+    """Out-of-fold ensemble probabilities.
+
+    For each fold k the ensemble is fitted on the members' out-of-fold probabilities of
+    the *other* folds only, then combines fold k's rows: fold k never chooses its own
+    weights (or meta-learner).
+    """
+    out = np.zeros_like(probas[0], dtype=np.float64)
+    for k in np.unique(folds):
+        test = folds == k
+        ensemble.fit([p[~test] for p in probas], y[~test])
+        out[test] = ensemble.combine([p[test] for p in probas])
+    return out

@@ -1,0 +1,10 @@
+"""Hand-crafted image features, extracted in parallel and cached on disk.
+
+A *feature set* is a mapping ``{extractor name: parameters}``, e.g.
+``{"hog": {"pixels_per_cell": 8}, "color": {}}``; its vector is the concatenation of the
+extractors' vectors in the given order. See :func:`features.extract.extract`.
+"""
+
+from features.extract import EXTRACTORS, extract, extract_one, feature_length, set_cache_dir
+
+__all__ = ["EXTRACTORS", "extract", "extract_one", "feature_length", "set_cache_dir"]

@@ -1,0 +1,123 @@
+"""Feature extraction over many images: parallel (joblib), cached per image on disk.
+
+The cache is content-addressed: one store per feature-set spec, keyed by a digest of
+each image's pixels, so every candidate and every fold reuses one extraction and new
+images (a new fold, a new dataset) only compute what is missing.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+from pathlib import Path
+
+import numpy as np
+from joblib import Parallel, delayed
+
+from bench.errors import BenchError
+from bench.io import stable_hash
+from bench.progress import progress_iter
+from features.hog import hog_features
+
+FEATURES_VERSION = 1
+EXTRACTORS = {
+    "hog": hog_features,
+}
+_CACHE_DIR: Path | None = None
+_NO_CACHE = "off"
+
+
+def set_cache_dir(path) -> None:
+    """Set where feature stores live (``None``: default cache; ``"off"``: no disk cache)."""
+    global _CACHE_DIR
+    _CACHE_DIR = path if path == _NO_CACHE else (Path(path) if path else None)
+
+
+def _store_dir() -> Path | None:
+    if _CACHE_DIR == _NO_CACHE:
+        return None
+    if _CACHE_DIR is not None:
+        return _CACHE_DIR
+    from bench.datasets import default_cache_dir
+    return default_cache_dir() / "features"
+
+
+def _check_spec(spec: dict) -> None:
+    if not isinstance(spec, dict) or not spec:
+        raise BenchError(f"a feature set must be a non-empty table of extractors, got {spec!r}")
+    unknown = [k for k in spec if k not in EXTRACTORS]
+    if unknown:
+        raise BenchError(f"unknown feature extractor(s) {unknown}; known: {sorted(EXTRACTORS)}")
+
+
+def extract_one(img: np.ndarray, spec: dict) -> np.ndarray:
+    """The feature vector of one RGB ``uint8`` image."""
+    parts = [EXTRACTORS[name](img, **(params or {})) for name, params in spec.items()]
+    return np.concatenate([np.asarray(p, dtype=np.float32).ravel() for p in parts])
+
+
+def feature_length(spec: dict, image_size: int) -> int:
+    _check_spec(spec)
+    return len(extract_one(np.zeros((image_size, image_size, 3), np.uint8), spec))
+
+
+def _chunk(images, spec):
+    return np.stack([extract_one(np.asarray(im), spec) for im in images])
+
+
+def _digests(images: np.ndarray) -> list[str]:
+    return [hashlib.sha1(np.ascontiguousarray(im).tobytes()).hexdigest() for im in images]
+
+
+def extract(images: np.ndarray, spec: dict, n_jobs: int | None = None, chunk_size: int = 128,
+            progress: bool = False, use_cache: bool = True) -> np.ndarray:
+    """Feature matrix (N, D) ``float32`` of ``images`` (N, H, W, 3) ``uint8``.
+
+    Parameters
+    ----------
+    spec : feature set, ``{extractor: params}``.
+    n_jobs : joblib processes; default ``$BLOODBENCH_JOBS`` or all cores.
+    use_cache : read and extend the on-disk store for this spec.
+    """
+    _check_spec(spec)
+    images = np.asarray(images)
+    if images.ndim != 4 or images.shape[-1] != 3:
+        raise BenchError(f"features need RGB images (N, H, W, 3); got shape {images.shape}")
+    n = len(images)
+    key = stable_hash({"v": FEATURES_VERSION, "spec": spec, "shape": images.shape[1:]})[:24]
+    store_dir = _store_dir() if use_cache else None
+    digests = _digests(images)
+    known: dict[str, np.ndarray] = {}
+    store = store_dir / f"{key}.npz" if store_dir else None
+    if store and store.exists():
+        try:
+            with np.load(store, allow_pickle=False) as z:
+                known = dict(zip(z["digests"].tolist(), z["features"]))
+        except (OSError, ValueError, KeyError):
+            known = {}
+    todo = [i for i, d in enumerate(digests) if d not in known]
+    if todo:
+        jobs = n_jobs or int(os.environ.get("BLOODBENCH_JOBS", 0)) or os.cpu_count() or 1
+        chunks = [todo[i:i + chunk_size] for i in range(0, len(todo), chunk_size)]
+        if jobs == 1 or len(chunks) == 1:
+            results = (_chunk(images[c], spec) for c in chunks)
+        else:
+            results = Parallel(n_jobs=jobs, return_as="generator")(
+                delayed(_chunk)(images[c], spec) for c in chunks)
+        for c, feats in progress_iter(zip(chunks, results), total=len(chunks),
+                                      desc=f"features {'+'.join(spec)}", enabled=progress):
+            for i, f in zip(c, feats):
+                known[digests[i]] = f
+        if store:
+            _save_store(store, known)
+    return np.stack([known[d] for d in digests]) if n else np.zeros((0, 0), np.float32)
+
+
+def _save_store(store: Path, known: dict) -> None:
+    store.parent.mkdir(parents=True, exist_ok=True)
+    tmp = store.with_name(f".{store.stem}.{os.getpid()}.tmp.npz")
+    try:
+        np.savez(tmp, digests=np.array(list(known)), features=np.stack(list(known.values())))
+        os.replace(tmp, store)
+    except OSError:
+        tmp.unlink(missing_ok=True)
