@@ -7,7 +7,7 @@
 * ``postgresql://user:pass@host/db`` (or any SQLAlchemy URL): several machines.
 
 Relational storages get a heartbeat, so trials of a worker that died are marked failed
-and retried (``RetryFailedTrialCallback``) instead of being lost or left running forever.
+and retried (``RetryHeartbeatStaleTrialCallback``) instead of being lost or left running forever.
 """
 
 from __future__ import annotations
@@ -15,7 +15,9 @@ from __future__ import annotations
 from pathlib import Path
 
 import optuna
-from optuna.storages import JournalStorage, RDBStorage, RetryFailedTrialCallback
+import warnings
+
+from optuna.storages import JournalStorage, RDBStorage, RetryHeartbeatStaleTrialCallback
 from optuna.storages.journal import JournalFileBackend
 
 from bench.errors import BenchError
@@ -43,8 +45,11 @@ def make_storage(url: str, run_dir=None) -> optuna.storages.BaseStorage:
     if url.startswith("sqlite:///"):
         Path(url.removeprefix("sqlite:///")).parent.mkdir(parents=True, exist_ok=True)
     try:
-        return RDBStorage(url, heartbeat_interval=HEARTBEAT_SECONDS, grace_period=GRACE_SECONDS,
-                          failed_trial_callback=RetryFailedTrialCallback(max_retry=3),
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")   # heartbeat options are marked experimental
+            retry = RetryHeartbeatStaleTrialCallback(max_retry=3)
+            return RDBStorage(url, heartbeat_interval=HEARTBEAT_SECONDS, grace_period=GRACE_SECONDS,
+                          heartbeat_stale_trial_callback=retry,
                           engine_kwargs={"pool_pre_ping": True} if not url.startswith("sqlite")
                           else None)
     except Exception as exc:  # noqa: BLE001 - driver and connection errors vary by backend
