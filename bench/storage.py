@@ -37,9 +37,7 @@ def make_storage(url: str, run_dir=None) -> optuna.storages.BaseStorage:
     """Build an Optuna storage from ``url`` (see the module docstring)."""
     url = storage_url(url, run_dir)
     if url.startswith("journal://") or url.endswith(".log"):
-        path = Path(url.removeprefix("journal://").lstrip("/") and
-                    "/" + url.removeprefix("journal://").lstrip("/") if url.startswith("journal://")
-                    else url)
+        path = Path(url.removeprefix("journal://"))   # journal:///abs/path.log -> /abs/path.log
         path.parent.mkdir(parents=True, exist_ok=True)
         return JournalStorage(JournalFileBackend(str(path)))
     if url.startswith("sqlite:///"):
