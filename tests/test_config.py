@@ -1,0 +1,73 @@
+"""Config loading: profiles, named datasets, selection, clear errors."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from bench.config import load_config
+from bench.errors import BenchError
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def test_repo_config_resolves_every_profile():
+    for profile in ("smoke", "quick", "full"):
+        cfg = load_config(ROOT / "benchmarks.toml", profile=profile)
+        assert cfg.candidates and cfg["run"]["profile"] == profile
+    smoke = load_config(ROOT / "benchmarks.toml", profile="smoke")
+    assert set(smoke.candidates) == {"rf_hog", "cnn_small"}
+    assert smoke["data"]["max_images"] == 800
+    assert "hog" in smoke.candidates["rf_hog"]["params"]["features"]   # feature set inlined
+
+
+def test_profile_overrides_and_named_dataset(tmp_path):
+    cfg_file = tmp_path / "b.toml"
+    cfg_file.write_text("""
+[data]
+path = "x"
+[datasets.mine]
+path = "elsewhere.npz"
+image_size = 48
+[candidates.a]
+type = "feature_forest"
+params = { n_estimators = 10, features = { hog = {} } }
+[candidates.b]
+type = "feature_forest"
+params = { n_estimators = 10, features = { hog = {} } }
+[profiles.p]
+select = ["a", "b"]
+candidates.a.params = { n_estimators = 99 }
+run = { folds = 3 }
+""")
+    cfg = load_config(cfg_file, profile="p", data="mine", only=["a"], out=str(tmp_path / "o"))
+    assert list(cfg.candidates) == ["a"]
+    assert cfg.candidates["a"]["params"]["n_estimators"] == 99
+    assert cfg["run"]["folds"] == 3 and cfg["run"]["out"] == str(tmp_path / "o")
+    assert cfg["data"]["path"] == "elsewhere.npz" and cfg["data"]["image_size"] == 48
+    assert "fold" in load_config(cfg_file, profile="p").to_toml()
+
+
+@pytest.mark.parametrize("text, kw, message", [
+    ("[run\nseed=1", {}, "bad TOML"),
+    ("[profiles.p]\n", {"profile": "q"}, "unknown profile 'q'"),
+    ("[candidates.a]\ntype='feature_forest'\n[profiles.p]\n", {"profile": "p", "only": ["zz"]},
+     r"unknown candidate\(s\) \['zz'\]"),
+    ("[candidates.a]\nparams={}\n[profiles.p]\n", {"profile": "p"}, "candidate 'a' needs a 'type'"),
+    ("[candidates.a]\ntype='x'\nparams={features='nope'}\n[profiles.p]\n", {"profile": "p"},
+     "unknown feature set 'nope'"),
+    ("[bogus]\n[profiles.p]\n", {"profile": "p"}, "unknown section"),
+    ("[run]\nfolds=1\n[profiles.p]\n", {"profile": "p"}, "folds must be at least 2"),
+])
+def test_bad_config_errors(tmp_path, text, kw, message):
+    f = tmp_path / "c.toml"
+    f.write_text(text)
+    with pytest.raises(BenchError, match=message) as err:
+        load_config(f, **kw)
+    assert "\n" not in str(err.value)
+
+
+def test_missing_config_file(tmp_path):
+    with pytest.raises(BenchError, match="config file not found"):
+        load_config(tmp_path / "none.toml")
