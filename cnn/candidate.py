@@ -54,6 +54,15 @@ class KerasCandidate(Candidate):
         from cnn.train import predict_keras
         return predict_keras(self.model_, np.asarray(X))
 
+    def explain(self, X, class_index=None) -> np.ndarray:
+        """Grad-CAM heat maps (N, H, W) ``float32`` in [0, 1] at the resolution of ``X``.
+
+        ``class_index``: ``None`` (each image's predicted class), a column index of
+        :meth:`predict_proba`, or one index per image. See :func:`cnn.gradcam.gradcam`.
+        """
+        from cnn.gradcam import gradcam
+        return gradcam(self.model_, np.asarray(X), class_index=class_index)
+
     def model_size(self):
         return int(self.model_.count_params())
 
