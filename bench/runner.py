@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import datetime as _dt
 import os
+import platform
 import shutil
 import time
 from pathlib import Path
@@ -29,7 +30,7 @@ from bench.io import (atomic_save_npy, atomic_write_json, atomic_write_text, git
 from bench.leaderboard import write_leaderboard
 from bench.metrics import fold_metrics, metric_sort_ascending, summarize
 from bench.progress import info, unit_progress, warn
-from bench.scheduling import LocalExecutor
+from bench.scheduling import make_executor
 
 STATE_FILE = "state.json"
 RESULT_FILE = "result.json"
@@ -117,6 +118,7 @@ def run_unit(run_dir: str, name: str, fold: int) -> dict:
         "model_size": cand.model_size(), "epochs_run": getattr(cand, "epochs_run_", None),
         "metrics": fold_metrics(ctx.labels[test], proba),
         "finished": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+        "worker": f"{platform.node()}:{os.getpid()}",
     }
     atomic_write_json(tmp / RESULT_FILE, result)
     publish_dir(tmp, final)
@@ -179,7 +181,8 @@ def prepare_dataset(cfg: Config, show_progress=True) -> tuple[Dataset, Path]:
 def _fingerprint(cfg: Config, ds: Dataset, fhash: str) -> dict:
     data = {k: v for k, v in cfg["data"].items() if k not in ("path", "cache_dir", "fallback")}
     run = {k: cfg["run"][k] for k in ("seed", "folds")}
-    shared = {"data": data, "run": run, "tuning": cfg["tuning"]}
+    tuning = {k: v for k, v in cfg["tuning"].items() if k != "storage"}   # where, not what
+    shared = {"data": data, "run": run, "tuning": tuning}
     return {"shared": stable_hash(shared), "dataset": ds.content_hash,
             "folds": fhash,
             "candidates": {n: stable_hash(e) for n, e in cfg.candidates.items()}}
@@ -207,8 +210,12 @@ def _check_resume(run_dir: Path, fp: dict, force: bool) -> None:
 
 
 def run_benchmark(cfg: Config, force: bool = False, workers: int | None = None,
-                  show_progress: bool = True) -> pd.DataFrame:
-    """Run the whole benchmark described by ``cfg``; returns the leaderboard."""
+                  show_progress: bool = True, scheduler=None) -> pd.DataFrame:
+    """Run the whole benchmark described by ``cfg``; returns the leaderboard.
+
+    Work units run in ``workers`` local processes, or on the Dask cluster ``scheduler``
+    (``tcp://HOST:PORT``, a ``distributed.Client`` or ``LocalCluster``) when it is given.
+    """
     times = {}
     t = time.perf_counter()
     registry.import_plugins(cfg["run"].get("plugins", []))
@@ -248,7 +255,8 @@ def run_benchmark(cfg: Config, force: bool = False, workers: int | None = None,
     todo = [u for u in units if not unit_done(run_dir, u[1], u[2], fp["candidates"][u[1]])]
     if len(todo) < len(units):
         info(f"resuming: {len(units) - len(todo)} of {len(units)} work units already done")
-    executor = LocalExecutor(workers or run_cfg.get("workers", 1))
+    executor = make_executor(workers or run_cfg.get("workers", 1),
+                             scheduler=scheduler or run_cfg.get("scheduler"))
     with unit_progress(len(todo), "work units") as advance:
         for args, res in executor.map_unordered(run_unit, todo):
             advance(f"{args[1]} fold {args[2]}: acc {res['metrics']['accuracy']:.3f}")
@@ -403,11 +411,15 @@ def _save_best_predictor(run_dir, cfg, ds, board, kinds):
 
 
 def run_from_args(config=None, profile=None, data=None, out=None, only=None, force=False,
-                  workers=None, show_progress=True) -> tuple[pd.DataFrame, Path]:
+                  workers=None, show_progress=True, scheduler=None,
+                  storage=None) -> tuple[pd.DataFrame, Path]:
     if data and (Path(data).exists() or "/" in data or data.endswith(".npz")):
         data = str(Path(data).expanduser().resolve())   # a path on the command line: from cwd
     cfg = load_config(config, profile=profile, data=data, only=only, out=out)
-    board = run_benchmark(cfg, force=force, workers=workers, show_progress=show_progress)
+    if storage:
+        cfg["tuning"]["storage"] = storage
+    board = run_benchmark(cfg, force=force, workers=workers, show_progress=show_progress,
+                          scheduler=scheduler)
     return board, Path(cfg["run"]["out"])
 
 
