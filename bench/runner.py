@@ -209,12 +209,11 @@ def _check_resume(run_dir: Path, fp: dict, force: bool) -> None:
         info(f"--force: archived the previous run to {archive}")
 
 
-def run_benchmark(cfg: Config, force: bool = False, workers: int | None = None,
-                  show_progress: bool = True, scheduler=None) -> pd.DataFrame:
-    """Run the whole benchmark described by ``cfg``; returns the leaderboard.
+def prepare_run(cfg: Config, force: bool = False, show_progress: bool = True):
+    """Load the data, make the folds and write the run directory's files; no unit runs.
 
-    Work units run in ``workers`` local processes, or on the Dask cluster ``scheduler``
-    (``tcp://HOST:PORT``, a ``distributed.Client`` or ``LocalCluster``) when it is given.
+    Returns ``(run_dir, dataset, folds, fingerprint, stage_seconds)``. ``run`` and
+    ``tune`` both start here, so every process sees the same data and folds.
     """
     times = {}
     t = time.perf_counter()
@@ -248,6 +247,18 @@ def run_benchmark(cfg: Config, force: bool = False, workers: int | None = None,
         if hasattr(cand, "prepare"):
             cand.prepare(ds.images)
     times["prepare"] = time.perf_counter() - t
+    return run_dir, ds, folds, fp, times
+
+
+def run_benchmark(cfg: Config, force: bool = False, workers: int | None = None,
+                  show_progress: bool = True, scheduler=None) -> pd.DataFrame:
+    """Run the whole benchmark described by ``cfg``; returns the leaderboard.
+
+    Work units run in ``workers`` local processes, or on the Dask cluster ``scheduler``
+    (``tcp://HOST:PORT``, a ``distributed.Client`` or ``LocalCluster``) when it is given.
+    """
+    run_dir, ds, folds, fp, times = prepare_run(cfg, force, show_progress)
+    run_cfg = cfg["run"]
 
     t = time.perf_counter()
     n_folds = run_cfg["folds"]
