@@ -90,14 +90,9 @@ def run_unit(run_dir: str, name: str, fold: int) -> dict:
     tmp = final.with_name(f".{final.name}.tmp-{os.getpid()}")
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
-    tuning = {}
     t0 = time.perf_counter()
-    trials = int(cfg["tuning"].get("trials", 0))
-    if trials and registry.get(entry["type"]).param_space.__func__ is not \
-            _base_param_space():
-        from bench.tuning import tune_candidate
-        best, tuning = tune_candidate(entry, X_train, y_train, classes, study=f"{name}-fold{fold}",
-                                      tuning=cfg["tuning"], run_dir=run_dir, seed=seed)
+    best, tuning = tune_unit(ctx, name, fold)
+    if best:
         entry = {**entry, "params": {**entry["params"], **best}}
     t1 = time.perf_counter()
     cand = build_candidate(entry)
@@ -128,6 +123,41 @@ def run_unit(run_dir: str, name: str, fold: int) -> dict:
 def _base_param_space():
     from bench.candidate import Candidate
     return Candidate.param_space.__func__
+
+
+def tune_unit(ctx: RunContext, name: str, fold: int, trials: int | None = None,
+              storage: str | None = None) -> tuple[dict, dict]:
+    """Tune candidate ``name`` on the training rows of ``fold`` (Optuna study ``NAME-foldK``).
+
+    ``run`` (inside the work unit) and ``tune`` (any number of extra processes) both call
+    this, so they share one objective and one study per candidate and fold.
+
+    Parameters
+    ----------
+    ctx : the prepared run directory.
+    trials : finished trials the study should hold; default ``[tuning] trials``.
+    storage : Optuna storage URL; default ``[tuning] storage`` (SQLite in the run dir).
+
+    Returns
+    -------
+    ``(best_params, tuning_info)``; ``({}, {})`` when there is nothing to tune.
+    """
+    cfg = ctx.config
+    seed = int(cfg["run"]["seed"]) + fold
+    entry = _seeded(cfg.candidates[name], seed)
+    tuning = dict(cfg["tuning"])
+    if trials is not None:
+        tuning["trials"] = int(trials)
+    if storage:
+        tuning["storage"] = storage
+    if not int(tuning.get("trials", 0)) or \
+            registry.get(entry["type"]).param_space.__func__ is _base_param_space():
+        return {}, {}
+    from bench.tuning import tune_candidate
+    train = ctx.folds != fold
+    return tune_candidate(entry, np.asarray(ctx.images[train]), ctx.labels[train],
+                          np.arange(len(ctx.classes)), study=f"{name}-fold{fold}",
+                          tuning=tuning, run_dir=str(ctx.run_dir), seed=seed)
 
 
 def _fit_kwargs(cand, workdir: Path) -> dict:
