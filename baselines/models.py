@@ -2,18 +2,34 @@
 
 Every step that learns from data (imputation, scaling, PCA) sits inside the pipeline, so
 it is fitted on the training rows of a fold only. Fitted pipelines are saved with skops
-and loaded against an explicit allow-list of types (no pickle).
+and loaded against an explicit allow-list of types (no pickle); XGBoost boosters are
+saved in XGBoost's own JSON format.
+
+=====================  ==========================================================
+type                   pipeline
+=====================  ==========================================================
+``feature_forest``     impute (median) -> random forest
+``feature_svm``        impute -> standardise -> [PCA] -> SVC (RBF) or LinearSVC,
+                       probabilities by sigmoid calibration on internal CV folds
+``feature_xgb``        impute -> [PCA] -> XGBoost (``tree_method="hist"``)
+=====================  ==========================================================
 """
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import numpy as np
 import skops.io as sio
+from sklearn.calibration import CalibratedClassifierCV
+from sklearn.decomposition import PCA
 from sklearn.ensemble import RandomForestClassifier
 from sklearn.impute import SimpleImputer
 from sklearn.pipeline import Pipeline
+from sklearn.preprocessing import StandardScaler
+from sklearn.svm import SVC, LinearSVC
+from sklearn.utils.class_weight import compute_sample_weight
 
 from bench.candidate import Candidate
 from bench.errors import BenchError
@@ -21,48 +37,93 @@ from bench.registry import register
 from features import extract
 
 MODEL_FILE = "model.skops"
-# Types skops does not trust by default that our pipelines are made of.
-SAFE_TYPES = {"numpy.dtype", "sklearn.tree._tree.Tree"}
+XGB_FILE = "xgb.json"
+XGB_META = "xgb_meta.json"
+# Types skops does not trust by default that our pipelines are made of (each checked by
+# dumping and listing get_untrusted_types of a fitted pipeline of that kind).
+SAFE_TYPES = {
+    "numpy.dtype",
+    "sklearn.tree._tree.Tree",
+    "sklearn.calibration._CalibratedClassifier",
+    "sklearn.calibration._SigmoidCalibration",
+}
+
+
+def _pca_step(pca, n_rows: int, n_cols: int, random_state):
+    """A PCA step for ``pca`` (``None``/0: none; float in (0, 1): variance kept; int: components)."""
+    if not pca:
+        return []
+    if isinstance(pca, float) and 0 < pca < 1:
+        n = pca
+    else:
+        n = int(pca)
+        if n < 1:
+            raise BenchError(f"pca must be a fraction in (0, 1) or a number of components, "
+                             f"got {pca!r}")
+        n = min(n, n_rows, n_cols)
+    return [("pca", PCA(n_components=n, svd_solver="full", random_state=random_state))]
 
 
 class FeatureClassifier(Candidate):
-    """Base: features of ``self.features`` -> ``self._make_estimator()`` pipeline."""
+    """Base: features of ``self.features`` -> impute -> ``self._make_steps(...)`` pipeline.
+
+    Subclasses implement ``_make_steps(n_rows, n_cols)`` (the steps after imputation) and
+    may override ``_fit_pipeline`` and the save/load pair.
+    """
 
     kind = "baseline"
 
-    def _make_steps(self) -> list:  # pragma: no cover - interface
+    def _make_steps(self, n_rows: int, n_cols: int) -> list:  # pragma: no cover - interface
         raise NotImplementedError
 
-    def _features(self, X) -> np.ndarray:
-        return extract(X, self.features, progress=False)
+    def _features(self, X, progress: bool = False) -> np.ndarray:
+        if not self.features:
+            raise BenchError(f"candidate type '{self.type_name}' needs params.features "
+                             "(a [feature_sets] name or table)")
+        return extract(X, self.features, progress=progress)
+
+    def prepare(self, X_all) -> None:
+        """Extract (and cache on disk) the features of every image once, before the folds."""
+        self._features(np.asarray(X_all), progress=True)
+
+    def _fit_pipeline(self, pipe: Pipeline, F: np.ndarray, y: np.ndarray) -> None:
+        pipe.fit(F, y)
 
     def fit(self, X, y, X_val=None, y_val=None, classes=None):
         self._set_classes(y, classes)
         F = self._features(X)
-        self.pipeline_ = Pipeline([("impute", SimpleImputer(strategy="median",
-                                                            keep_empty_features=True))]
-                                  + self._make_steps())
-        self.pipeline_.fit(F, np.searchsorted(self.classes_, y))
+        yi = np.searchsorted(self.classes_, y)
+        self.pipeline_ = Pipeline(
+            [("impute", SimpleImputer(strategy="median", keep_empty_features=True))]
+            + self._make_steps(*F.shape))
+        self._fit_pipeline(self.pipeline_, F, yi)
         self.n_features_ = F.shape[1]
         return self
+
+    def _model_classes(self) -> np.ndarray:
+        """Column ``j`` of the pipeline's ``predict_proba`` is class index ``[j]``."""
+        return np.asarray(self.pipeline_.classes_)
 
     def predict_proba(self, X) -> np.ndarray:
         proba = self.pipeline_.predict_proba(self._features(X))
         out = np.zeros((len(proba), self.n_classes_), dtype=np.float64)
-        out[:, self.pipeline_.classes_] = proba   # classes missing in training get 0
+        out[:, self._model_classes()] = proba   # classes missing in training get 0
         return out
 
     def _save_model(self, path: Path) -> None:
         sio.dump(self.pipeline_, path / MODEL_FILE)
 
     def _load_model(self, path: Path) -> None:
-        file = path / MODEL_FILE
-        untrusted = set(sio.get_untrusted_types(file=file))
-        if untrusted - SAFE_TYPES:
-            raise BenchError(f"{file} holds types outside the allow-list: "
-                             f"{sorted(untrusted - SAFE_TYPES)}")
-        self.pipeline_ = sio.load(file, trusted=sorted(untrusted))
+        self.pipeline_ = _load_skops(path / MODEL_FILE)
         self.n_features_ = self.pipeline_.n_features_in_
+
+
+def _load_skops(file: Path):
+    untrusted = set(sio.get_untrusted_types(file=file))
+    if untrusted - SAFE_TYPES:
+        raise BenchError(f"{file} holds types outside the allow-list: "
+                         f"{sorted(untrusted - SAFE_TYPES)}")
+    return sio.load(file, trusted=sorted(untrusted))
 
 
 @register("feature_forest")
@@ -90,7 +151,7 @@ class FeatureForest(FeatureClassifier):
         self.n_jobs = n_jobs
         self.random_state = random_state
 
-    def _make_steps(self):
+    def _make_steps(self, n_rows, n_cols):
         return [("model", RandomForestClassifier(
             n_estimators=self.n_estimators, max_depth=self.max_depth,
             max_features=self.max_features, min_samples_leaf=self.min_samples_leaf,
@@ -107,3 +168,209 @@ class FeatureForest(FeatureClassifier):
 
     def model_size(self):
         return int(sum(t.tree_.node_count for t in self.pipeline_[-1].estimators_))
+
+
+@register("feature_svm")
+class FeatureSVM(FeatureClassifier):
+    """Support vector machine on standardised (optionally PCA-reduced) features.
+
+    Probabilities come from sigmoid (Platt) calibration of the decision values on
+    ``calibration_cv`` internal folds of the training rows, then one SVM refitted on all of
+    them (``CalibratedClassifierCV(ensemble=False)``, the replacement of the deprecated
+    ``SVC(probability=True)``).
+
+    Parameters
+    ----------
+    features : dict
+        Feature set ``{extractor: params}``.
+    kernel : ``"rbf"`` (``SVC``) or ``"linear"`` (``LinearSVC``, fast on many rows).
+    C : regularisation (larger: less).
+    gamma_factor : RBF width as a multiple of scikit-learn's ``gamma="scale"``,
+        ``1 / (n_features * Var(X))`` computed on the (scaled, reduced) training features.
+    pca : ``None``/0 (none), a fraction in (0, 1) of variance to keep, or a number of
+        components.
+    class_weight : ``None`` or ``"balanced"``.
+    calibration_cv : internal folds for the probability calibration (>= 2).
+    max_iter : iteration cap of ``LinearSVC``.
+    random_state : seed (PCA).
+    """
+
+    def __init__(self, features=None, kernel="rbf", C=1.0, gamma_factor=1.0, pca=None,
+                 class_weight="balanced", calibration_cv=3, max_iter=5000, random_state=0):
+        self.features = features
+        self.kernel = kernel
+        self.C = C
+        self.gamma_factor = gamma_factor
+        self.pca = pca
+        self.class_weight = class_weight
+        self.calibration_cv = calibration_cv
+        self.max_iter = max_iter
+        self.random_state = random_state
+
+    def _make_steps(self, n_rows, n_cols):
+        if self.kernel == "rbf":
+            svm = SVC(kernel="rbf", C=self.C, gamma=1.0, class_weight=self.class_weight,
+                      cache_size=500)
+        elif self.kernel == "linear":
+            svm = LinearSVC(C=self.C, class_weight=self.class_weight, max_iter=self.max_iter,
+                            random_state=self.random_state)
+        else:
+            raise BenchError(f"feature_svm kernel must be 'rbf' or 'linear', got {self.kernel!r}")
+        return ([("scale", StandardScaler())]
+                + _pca_step(self.pca, n_rows, n_cols, self.random_state)
+                + [("model", CalibratedClassifierCV(svm, method="sigmoid",
+                                                    cv=int(self.calibration_cv),
+                                                    ensemble=False))])
+
+    def _fit_pipeline(self, pipe, F, y):
+        Z = pipe[:-1].fit_transform(F, y)    # impute, scale, PCA: fitted on these rows only
+        if self.kernel == "rbf":
+            var = float(Z.var())
+            gamma = self.gamma_factor / (Z.shape[1] * var) if var > 0 else self.gamma_factor
+            pipe[-1].set_params(estimator__gamma=gamma)
+        cv = int(self.calibration_cv)
+        counts = np.bincount(y)
+        if counts[counts > 0].min() < cv:    # too few rows of a class for the internal folds
+            raise BenchError(f"feature_svm: calibration_cv={cv} needs at least {cv} training "
+                             f"rows per class; the smallest class has {counts[counts > 0].min()}")
+        pipe[-1].fit(Z, y)
+
+    @classmethod
+    def param_space(cls, trial) -> dict:
+        return {
+            "C": trial.suggest_float("C", 1e-2, 1e2, log=True),
+            "gamma_factor": trial.suggest_float("gamma_factor", 0.05, 5.0, log=True),
+        }
+
+    def model_size(self):
+        est = self.pipeline_[-1].calibrated_classifiers_[0].estimator
+        if hasattr(est, "support_vectors_"):
+            return int(est.support_vectors_.size)
+        return int(est.coef_.size + est.intercept_.size)
+
+
+@register("feature_xgb")
+class FeatureXGB(FeatureClassifier):
+    """Gradient-boosted trees (XGBoost, ``tree_method="hist"``) on a feature set.
+
+    Parameters
+    ----------
+    features : dict
+        Feature set ``{extractor: params}``.
+    n_estimators, max_depth, learning_rate, subsample, colsample_bytree, min_child_weight,
+    reg_lambda : XGBoost parameters.
+    class_weight : ``None`` or ``"balanced"`` (sample weights inversely proportional to the
+        class frequency).
+    pca : as in :class:`FeatureSVM` (usually not needed for trees).
+    report_every : with ``epoch_callbacks`` and a validation split, report validation
+        accuracy every this many boosting rounds (for Optuna pruning).
+    n_jobs : threads (``None``: XGBoost's default).
+    random_state : seed.
+    """
+
+    def __init__(self, features=None, n_estimators=300, max_depth=6, learning_rate=0.1,
+                 subsample=0.8, colsample_bytree=0.5, min_child_weight=1.0, reg_lambda=1.0,
+                 class_weight="balanced", pca=None, report_every=25, n_jobs=None,
+                 random_state=0):
+        self.features = features
+        self.n_estimators = n_estimators
+        self.max_depth = max_depth
+        self.learning_rate = learning_rate
+        self.subsample = subsample
+        self.colsample_bytree = colsample_bytree
+        self.min_child_weight = min_child_weight
+        self.reg_lambda = reg_lambda
+        self.class_weight = class_weight
+        self.pca = pca
+        self.report_every = report_every
+        self.n_jobs = n_jobs
+        self.random_state = random_state
+
+    def _booster(self, callbacks=None):
+        from xgboost import XGBClassifier
+        return XGBClassifier(
+            n_estimators=self.n_estimators, max_depth=self.max_depth,
+            learning_rate=self.learning_rate, subsample=self.subsample,
+            colsample_bytree=self.colsample_bytree, min_child_weight=self.min_child_weight,
+            reg_lambda=self.reg_lambda, tree_method="hist", n_jobs=self.n_jobs,
+            random_state=self.random_state, eval_metric="merror", callbacks=callbacks)
+
+    def _make_steps(self, n_rows, n_cols):
+        return _pca_step(self.pca, n_rows, n_cols, self.random_state) + [("model", self._booster())]
+
+    def fit(self, X, y, X_val=None, y_val=None, classes=None, epoch_callbacks=None):
+        self._set_classes(y, classes)
+        F = self._features(X)
+        yi = np.searchsorted(self.classes_, y)
+        self.present_ = np.unique(yi)            # XGBoost needs labels 0..k-1
+        yk = np.searchsorted(self.present_, yi)
+        steps = [("impute", SimpleImputer(strategy="median", keep_empty_features=True))]
+        steps += self._make_steps(*F.shape)
+        self.pipeline_ = Pipeline(steps)
+        Z = self.pipeline_[:-1].fit_transform(F, yk)
+        kw = {"verbose": False}
+        if self.class_weight == "balanced":
+            kw["sample_weight"] = compute_sample_weight("balanced", yk)
+        elif self.class_weight is not None:
+            raise BenchError(f"feature_xgb class_weight must be None or 'balanced', "
+                             f"got {self.class_weight!r}")
+        if epoch_callbacks and X_val is not None:
+            yv = np.searchsorted(self.classes_, y_val)
+            keep = np.isin(yv, self.present_)
+            Zv = self.pipeline_[:-1].transform(self._features(np.asarray(X_val)))[keep]
+            kw["eval_set"] = [(Zv, np.searchsorted(self.present_, yv[keep]))]
+            self.pipeline_.steps[-1] = ("model", self._booster(
+                [_xgb_reporter(epoch_callbacks, int(self.report_every))]))
+        self.pipeline_[-1].fit(Z, yk, **kw)
+        self.pipeline_[-1].set_params(callbacks=None)   # callbacks are not part of the model
+        self.n_features_ = F.shape[1]
+        return self
+
+    def _model_classes(self):
+        return self.present_
+
+    @classmethod
+    def param_space(cls, trial) -> dict:
+        return {
+            "n_estimators": trial.suggest_int("n_estimators", 100, 600, step=100),
+            "max_depth": trial.suggest_int("max_depth", 3, 10),
+            "learning_rate": trial.suggest_float("learning_rate", 0.02, 0.3, log=True),
+            "subsample": trial.suggest_float("subsample", 0.5, 1.0),
+            "colsample_bytree": trial.suggest_float("colsample_bytree", 0.2, 1.0),
+            "min_child_weight": trial.suggest_float("min_child_weight", 0.5, 10.0, log=True),
+            "reg_lambda": trial.suggest_float("reg_lambda", 0.1, 10.0, log=True),
+        }
+
+    def _save_model(self, path):
+        sio.dump(self.pipeline_[:-1], path / MODEL_FILE)          # impute [+ PCA]
+        self.pipeline_[-1].save_model(path / XGB_FILE)            # XGBoost's JSON
+        (path / XGB_META).write_text(json.dumps({"present": self.present_.tolist()}))
+
+    def _load_model(self, path):
+        from xgboost import XGBClassifier
+        pre = _load_skops(path / MODEL_FILE)
+        booster = XGBClassifier()
+        booster.load_model(path / XGB_FILE)
+        self.present_ = np.asarray(json.loads((path / XGB_META).read_text())["present"])
+        self.pipeline_ = Pipeline(list(pre.steps) + [("model", booster)])
+        self.n_features_ = pre.n_features_in_
+
+    def model_size(self):
+        return int(self.pipeline_[-1].get_booster().trees_to_dataframe().shape[0])
+
+
+def _xgb_reporter(fns, every: int):
+    """An XGBoost callback that calls ``fn(round, {"val_accuracy": ...})`` every ``every`` rounds."""
+    from xgboost.callback import TrainingCallback
+
+    class Reporter(TrainingCallback):
+        def after_iteration(self, model, epoch, evals_log):
+            if (epoch + 1) % max(1, every):
+                return False
+            err = next(iter(evals_log.values()), {}).get("merror")
+            if err:
+                for fn in fns:
+                    fn(epoch, {"val_accuracy": 1.0 - float(err[-1])})
+            return False
+    return Reporter()
+

@@ -21,6 +21,8 @@ from bench.errors import BenchError
 BUILTIN: dict[str, str] = {
     # baselines on hand-crafted features
     "feature_forest": "baselines.models:FeatureForest",
+    "feature_svm": "baselines.models:FeatureSVM",
+    "feature_xgb": "baselines.models:FeatureXGB",
     # CNNs
     "scratch_cnn": "cnn.candidate:ScratchCNN",
     # ensembles

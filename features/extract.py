@@ -17,11 +17,21 @@ from joblib import Parallel, delayed
 from bench.errors import BenchError
 from bench.io import stable_hash
 from bench.progress import progress_iter
+from features.color import color_features
+from features.glcm import glcm_features
 from features.hog import hog_features
+from features.lbp import lbp_features
+from features.morphology import morphology_features
 
-FEATURES_VERSION = 1
+FEATURES_VERSION = 2   # 2: extractors concatenated in sorted order
+#: Extractor name -> function ``f(img, **params) -> 1-D float32`` (fixed length for a given
+#: image size and params; see each function's docstring for the length).
 EXTRACTORS = {
     "hog": hog_features,
+    "lbp": lbp_features,
+    "glcm": glcm_features,
+    "color": color_features,
+    "morphology": morphology_features,
 }
 _CACHE_DIR: Path | None = None
 _NO_CACHE = "off"
@@ -51,8 +61,8 @@ def _check_spec(spec: dict) -> None:
 
 
 def extract_one(img: np.ndarray, spec: dict) -> np.ndarray:
-    """The feature vector of one RGB ``uint8`` image."""
-    parts = [EXTRACTORS[name](img, **(params or {})) for name, params in spec.items()]
+    """The feature vector of one RGB ``uint8`` image (extractors in alphabetical order)."""
+    parts = [EXTRACTORS[name](img, **(spec[name] or {})) for name in sorted(spec)]
     return np.concatenate([np.asarray(p, dtype=np.float32).ravel() for p in parts])
 
 
