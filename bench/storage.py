@@ -12,13 +12,16 @@ and retried (``RetryHeartbeatStaleTrialCallback``) instead of being lost or left
 
 from __future__ import annotations
 
+import time
+import warnings
 from pathlib import Path
 
+import numpy as np
 import optuna
-import warnings
-
+from optuna.samplers import BaseSampler
 from optuna.storages import JournalStorage, RDBStorage, RetryHeartbeatStaleTrialCallback
 from optuna.storages.journal import JournalFileBackend
+from optuna.trial import TrialState
 
 from bench.errors import BenchError
 
@@ -53,3 +56,126 @@ def make_storage(url: str, run_dir=None) -> optuna.storages.BaseStorage:
     except Exception as exc:  # noqa: BLE001 - driver and connection errors vary by backend
         raise BenchError(f"cannot open Optuna storage {url.split('@')[-1]}: "
                          f"{str(exc).splitlines()[0]}") from None
+
+
+# ----------------------------------------------------------------------------- shared studies
+
+_COUNTED = (TrialState.COMPLETE, TrialState.RUNNING, TrialState.WAITING)
+
+
+def _counts(study, before: int | None = None) -> tuple[int, int, int]:
+    """(complete, running, waiting) trials; ``before``: only running ones numbered lower."""
+    c = r = w = 0
+    for t in study.get_trials(deepcopy=False, states=_COUNTED):
+        if t.state == TrialState.COMPLETE:
+            c += 1
+        elif t.state == TrialState.WAITING:
+            w += 1
+        elif before is None or t.number < before:
+            r += 1
+    return c, r, w
+
+
+def optimize_shared(study: optuna.Study, objective, n_trials: int, timeout: float | None = None,
+                    catch=(), max_wait: float = GRACE_SECONDS + HEARTBEAT_SECONDS,
+                    poll: float = 0.5) -> int:
+    """Add trials to ``study`` until it holds exactly ``n_trials`` finished (COMPLETE) ones.
+
+    Any number of processes may call this on the same study at once: together they stop
+    at ``n_trials``, whichever process ran which trial. ``study.optimize(n_trials=N)`` in
+    each of them would run N trials *each*, and ``MaxTrialsCallback`` can overshoot by the
+    trials in flight. Here a trial that starts while the trials already finished or running
+    ahead of it (lower numbers) make up the total is pruned at once, before it samples
+    anything, and marked ``surplus``. While the last trials run elsewhere, this process
+    waits: if one of them dies, a relational storage's heartbeat fails it and it is retried
+    (see :func:`make_storage`); a running trial that does not change for ``max_wait``
+    seconds (a killed process on a journal file, which has no heartbeat) ends the wait.
+
+    Returns the number of trials this process finished.
+    """
+    def guarded(trial):
+        c, r, _ = _counts(trial.study, before=trial.number)
+        if c + r >= n_trials:
+            trial.set_user_attr("surplus", True)
+            raise optuna.TrialPruned("surplus: the study holds its trials")
+        return objective(trial)
+
+    deadline = time.monotonic() + timeout if timeout else None
+    done, last, since = 0, None, time.monotonic()
+    while deadline is None or time.monotonic() < deadline:
+        with warnings.catch_warnings():   # experimental; a no-op without a heartbeat
+            warnings.simplefilter("ignore")
+            optuna.storages.fail_stale_trials(study)
+        c, r, w = _counts(study)
+        if c >= n_trials:
+            break
+        if c + r >= n_trials and not w:   # the last trials run elsewhere: wait for them
+            state = (c, r)
+            if state != last:
+                last, since = state, time.monotonic()
+            elif time.monotonic() - since > max_wait:
+                break
+            time.sleep(poll)
+            continue
+        left = None if deadline is None else max(0.0, deadline - time.monotonic())
+        n_before = len(study.get_trials(deepcopy=False))
+        study.optimize(guarded, n_trials=1, timeout=left, catch=catch)
+        mine = study.get_trials(deepcopy=False)[n_before:]
+        done += sum(t.state == TrialState.COMPLETE and not t.user_attrs.get("surplus")
+                    for t in mine)
+    return done
+
+
+def _derived_seed(seed: int, number: int) -> int:
+    return int(np.random.SeedSequence([int(seed) % 2**32, int(number)]).generate_state(1)[0])
+
+
+class TrialSeededSampler(BaseSampler):
+    """A sampler whose draws for trial *k* depend only on ``seed`` and *k*.
+
+    Each trial gets its own sampler ``factory(seed=f(seed, k))``. Several processes that
+    share a study with the same seed then draw *different* parameters (a plain seeded
+    sampler in each process would repeat the same sequence, so their random start-up
+    trials would be duplicates), and the start-up trials are the same whether one process
+    or many run them. Model-based steps (TPE after its start-up trials) still depend on
+    which trials finished first.
+
+    Parameters
+    ----------
+    factory : callable
+        ``factory(seed=int) -> BaseSampler``, e.g. ``optuna.samplers.TPESampler``.
+    seed : int
+    """
+
+    def __init__(self, factory=None, seed: int = 0):
+        self.factory = factory or optuna.samplers.TPESampler
+        self.seed = seed
+        self._samplers: dict[int, BaseSampler] = {}
+
+    def _for(self, trial) -> BaseSampler:
+        s = self._samplers.get(trial.number)
+        if s is None:
+            if len(self._samplers) > 16:
+                self._samplers.clear()
+            s = self._samplers[trial.number] = self.factory(
+                seed=_derived_seed(self.seed, trial.number))
+        return s
+
+    def infer_relative_search_space(self, study, trial):
+        return self._for(trial).infer_relative_search_space(study, trial)
+
+    def sample_relative(self, study, trial, search_space):
+        return self._for(trial).sample_relative(study, trial, search_space)
+
+    def sample_independent(self, study, trial, param_name, param_distribution):
+        return self._for(trial).sample_independent(study, trial, param_name, param_distribution)
+
+    def before_trial(self, study, trial):
+        self._for(trial).before_trial(study, trial)
+
+    def after_trial(self, study, trial, state, values):
+        self._for(trial).after_trial(study, trial, state, values)
+        self._samplers.pop(trial.number, None)
+
+    def reseed_rng(self) -> None:   # draws are fixed by (seed, trial number) by design
+        pass
