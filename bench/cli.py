@@ -42,6 +42,9 @@ def build_parser() -> argparse.ArgumentParser:
                       help="an image or a folder (searched recursively)")
     pred.add_argument("--out", default=None, help="CSV file (default: print to stdout)")
     pred.add_argument("--batch-size", "--batch_size", dest="batch_size", type=int, default=128)
+    pred.add_argument("--gradcam", default=None, metavar="OUTDIR",
+                      help="also write one Grad-CAM PNG per image into OUTDIR (named after the "
+                           "image's path under --img_path, '/' -> '__', plus .png)")
     _add_common(pred)
 
     lst = sub.add_parser("list", help="show the candidates and profiles of a config")
@@ -68,31 +71,50 @@ def cmd_run(args) -> int:
 def cmd_predict(args) -> int:
     import numpy as np
     from bench.progress import progress_iter, warn
-    from ensembles.predictor import find_images, load_predictor, to_images
+    from ensembles.predictor import find_images, load_predictor, read_image, resize_image
+    if args.batch_size < 1:
+        raise BenchError(f"--batch-size must be at least 1, got {args.batch_size}")
     pred = load_predictor(args.model)
+    if args.gradcam:
+        from ensembles.overlay import gradcam_names, write_gradcam_png
+        pred.explain_weights()   # fails early, with one line, without a CNN member
     paths = find_images(args.img_path)
     if not paths:
         raise BenchError(f"no image files under {args.img_path}")
+    names = gradcam_names(paths, args.img_path) if args.gradcam else None
     buf = io.StringIO()
     writer = csv.writer(buf)
-    writer.writerow(["path", "prediction", "confidence", *pred.classes_])
-    batches = [paths[i:i + args.batch_size] for i in range(0, len(paths), args.batch_size)]
+    writer.writerow(["path", "prediction", "confidence", *pred.classes_]
+                    + (["gradcam"] if args.gradcam else []))
+    starts = range(0, len(paths), args.batch_size)
     n_ok = 0
-    for batch in progress_iter(batches, total=len(batches), desc="predicting",
-                               enabled=len(batches) > 1):
-        good, images = [], []
-        for p in batch:
+    for s in progress_iter(starts, total=len(starts), desc="predicting",
+                           enabled=len(starts) > 1):
+        good, full, small = [], [], []
+        for i in range(s, min(s + args.batch_size, len(paths))):
             try:
-                images.append(to_images([p], pred.image_size)[0])
-                good.append(p)
+                im = read_image(paths[i])
             except BenchError as exc:
                 warn(f"skipped {exc}")
+                continue
+            good.append(i)
+            small.append(resize_image(im, pred.image_size))   # once, shared by all members
+            full.append(im if args.gradcam else None)
         if not good:
             continue
-        proba = pred.predict_proba(np.stack(images))
-        for p, row in zip(good, proba):
-            k = int(np.argmax(row))
-            writer.writerow([str(p), pred.classes_[k], f"{row[k]:.6f}", *[f"{v:.6f}" for v in row]])
+        X = np.stack(small)
+        proba = pred.predict_proba(X, batch_size=len(X))
+        top = np.argmax(proba, axis=1)
+        cams = pred.explain(X, class_index=top) if args.gradcam else None
+        for j, (i, row) in enumerate(zip(good, proba)):
+            k = int(top[j])
+            extra = []
+            if args.gradcam:
+                png = Path(args.gradcam) / names[i]
+                write_gradcam_png(png, full[j], cams[j], row, pred.classes_, title=str(paths[i]))
+                extra = [names[i]]
+            writer.writerow([str(paths[i]), pred.classes_[k], f"{row[k]:.6f}",
+                             *[f"{v:.6f}" for v in row], *extra])
         n_ok += len(good)
     if args.out:
         from bench.io import atomic_write_text
@@ -100,6 +122,8 @@ def cmd_predict(args) -> int:
         print(f"wrote {n_ok} predictions to {args.out}", file=sys.stderr)
     else:
         sys.stdout.write(buf.getvalue())
+    if args.gradcam:
+        print(f"wrote {n_ok} Grad-CAM figures to {args.gradcam}", file=sys.stderr)
     return 0 if n_ok else 1
 
 
@@ -132,16 +156,29 @@ def cmd_inspect(args) -> int:
     import json
     from ensembles.predictor import verify_predictor
     m = verify_predictor(args.model)
-    print(f"predictor {args.model}: verified {len(m['files'])} files (sha256)")
-    print(f"  ensemble: {m['ensemble']['name']} ({m['ensemble']['type']}) "
-          f"state={json.dumps(m['ensemble']['state'])}")
+    ens = m["ensemble"]
+    print(f"predictor {args.model}: verified {len(m['files'])} files (sha256); "
+          "nothing was loaded or run")
+    print(f"  ensemble: {ens['name']} ({ens['type']}) params={json.dumps(ens['params'])}"
+          + (f"; chosen as {m['chosen_by']}" if m.get("chosen_by") else ""))
+    if m.get("leaderboard"):
+        print("  leaderboard (out-of-fold): " + ", ".join(f"{k}={v:.4f}"
+                                                          for k, v in m["leaderboard"].items()))
     for mem in m["members"]:
+        w = mem.get("weight")
         print(f"  member {mem['name']}: type={mem.get('type')} kind={mem.get('kind')} "
-              f"models={len(mem['models'])}")
-    print(f"  classes: {', '.join(m['classes'])}")
+              f"fold models={len(mem['models'])}" + ("" if w is None else f" weight={w:.3f}"))
+    cnn = [mem["name"] for mem in m["members"] if mem.get("kind") == "cnn"]
+    print(f"  Grad-CAM: {'from ' + ', '.join(cnn) if cnn else 'unavailable (no CNN member)'}")
+    print(f"  classes ({len(m['classes'])}): {', '.join(m['classes'])}")
     print(f"  image size: {m['image_size']}; created {m['created']}")
     td = m.get("training_data", {})
-    print(f"  trained on {td.get('n_images')} images from {td.get('origin')}")
+    counts = td.get("counts")
+    print(f"  trained on {td.get('n_images')} images from {td.get('origin')}"
+          + (f"; per class: {json.dumps(counts)}" if counts else ""))
+    v = m.get("versions", {})
+    if v:
+        print("  versions: " + ", ".join(f"{k} {v[k]}" for k in sorted(v)))
     return 0
 
 

@@ -27,6 +27,7 @@ BUILTIN: dict[str, str] = {
     "scratch_cnn": "cnn.candidate:ScratchCNN",
     # ensembles
     "soft_voting": "ensembles.voting:SoftVoting",
+    "stacking": "ensembles.stacking:Stacking",
 }
 _REGISTERED: dict[str, type] = {}
 

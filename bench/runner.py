@@ -385,29 +385,44 @@ def ensemble_members(spec, kinds: dict[str, str]) -> list[str]:
     raise BenchError(f"ensemble members must be 'cnn', 'all' or a list of names, got {spec!r}")
 
 
-def _build_ensemble(entry: dict):
+def _build_ensemble(entry: dict, name: str = ""):
     params = {k: v for k, v in entry.items() if k not in ("type", "members")}
-    return registry.get(entry["type"])(**params)
+    try:
+        return registry.get(entry["type"])(**params)
+    except TypeError as exc:
+        raise BenchError(f"[ensembles.{name}]: bad settings ({exc})") from None
+
+
+def _fit_ensemble(ens, probas, y, name: str, folds=None):
+    """Out-of-fold ensemble probabilities (with ``folds``) or a fit on all rows; a bad
+    setting becomes one line naming the ensemble."""
+    from ensembles.base import cross_val_combine
+    try:
+        return cross_val_combine(ens, probas, y, folds) if folds is not None else ens.fit(probas, y)
+    except ValueError as exc:
+        raise BenchError(f"[ensembles.{name}]: {exc}") from None
 
 
 def _ensembles(run_dir, cfg, ds, folds, oofs, kinds):
-    from ensembles.base import cross_val_combine
     rows = []
     for name, entry in cfg.ensembles.items():
         members = ensemble_members(entry.get("members", "cnn"), kinds)
         if not members:
             warn(f"ensemble '{name}' has no members in this run; skipped")
             continue
-        ens = _build_ensemble(entry)
+        ens = _build_ensemble(entry, name)
         t = time.perf_counter()
-        oof = cross_val_combine(ens, [oofs[m] for m in members], ds.labels, folds)
+        oof = _fit_ensemble(ens, [oofs[m] for m in members], ds.labels, name, folds)
         fit_s = time.perf_counter() - t
+        weights = _fit_ensemble(ens, [oofs[m] for m in members], ds.labels, name).member_weights()
         atomic_save_npy(run_dir / "oof" / f"{name}.npy", oof.astype(np.float32))
         per_fold = [fold_metrics(ds.labels[folds == k], oof[folds == k])
                     for k in range(cfg["run"]["folds"])]
         rows.append({"candidate": name, "kind": "ensemble", **summarize(per_fold),
                      "fit_seconds": fit_s, "n_folds": len(per_fold),
-                     "members": ";".join(members)})
+                     "members": ";".join(members),
+                     "member_weights": "" if weights is None else   # fitted on all rows
+                     ";".join(f"{m}:{w:.3f}" for m, w in zip(members, weights))})
     return rows
 
 
@@ -428,9 +443,10 @@ def _save_best_predictor(run_dir, cfg, ds, board, kinds):
     if row["kind"] == "ensemble":
         entry = cfg.ensembles[name]
         members = ensemble_members(entry.get("members", "cnn"), kinds)
-        ens = _build_ensemble(entry)
+        ens = _build_ensemble(entry, name)
         oofs = [np.load(run_dir / "oof" / f"{m}.npy").astype(np.float64) for m in members]
-        ens.fit(oofs, ds.labels)   # final weights from all out-of-fold rows
+        _fit_ensemble(ens, oofs, ds.labels, name)   # final weights from all out-of-fold rows
+        members = [members[i] for i in ens.drop_unused()]   # weight 0: not saved, not run
     else:   # no ensemble configured: the best single candidate
         from ensembles.voting import SoftVoting
         members, ens = [name], SoftVoting().fit([np.load(run_dir / "oof" / f"{name}.npy")],
@@ -438,12 +454,16 @@ def _save_best_predictor(run_dir, cfg, ds, board, kinds):
     from ensembles.predictor import save_predictor
     folders = {m: [unit_dir(run_dir, m, k) / "model" for k in range(cfg["run"]["folds"])]
                for m in members}
-    info_ = {m: {"type": cfg.candidates[m]["type"], "kind": kinds[m]} for m in members}
+    weights = ens.member_weights()
+    info_ = {m: {"type": cfg.candidates[m]["type"], "kind": kinds[m],
+                 "weight": None if weights is None else weights[i]}
+             for i, m in enumerate(members)}
     save_predictor(run_dir / "predictor", ensemble_name=name, ensemble=ens, members=folders,
                    member_info=info_, classes=ds.classes, image_size=ds.image_size,
                    training_data=ds.summary() | {"skipped": len(ds.skipped)},
                    extra={"chosen_by": f"{'best ensemble by ' + metric if choice == 'best' else 'config'}",
-                          "leaderboard": {metric: float(row[metric])},
+                          "leaderboard": {k: float(row[k]) for k in
+                                          dict.fromkeys([metric, "accuracy", "macro_f1"])},
                           "member_models": "fold models of the cross-validation (bagged)"})
     state = read_json(run_dir / STATE_FILE)
     state["predictor"] = name

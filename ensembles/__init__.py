@@ -2,7 +2,9 @@
 
 from ensembles.base import Ensemble, cross_val_combine
 from ensembles.predictor import Predictor, load_predictor, save_predictor
+from ensembles.selection import greedy_selection
+from ensembles.stacking import Stacking
 from ensembles.voting import SoftVoting
 
-__all__ = ["Ensemble", "Predictor", "SoftVoting", "cross_val_combine", "load_predictor",
-           "save_predictor"]
+__all__ = ["Ensemble", "Predictor", "SoftVoting", "Stacking", "cross_val_combine",
+           "greedy_selection", "load_predictor", "save_predictor"]

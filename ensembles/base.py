@@ -14,6 +14,7 @@ class Ensemble:
     """
 
     type_name = None
+    n_members_: int
 
     def fit(self, probas: list[np.ndarray], y: np.ndarray) -> "Ensemble":  # pragma: no cover
         raise NotImplementedError
@@ -29,6 +30,16 @@ class Ensemble:
 
     def get_params(self) -> dict:
         return {k: v for k, v in vars(self).items() if not k.endswith("_")}
+
+    def member_weights(self) -> list[float] | None:
+        """Each member's share of the combination, or ``None`` when it has no such
+        notion (stacking); used to weight the members' Grad-CAM maps."""
+        return None
+
+    def drop_unused(self) -> list[int]:
+        """Forget members the fitted ensemble gives no weight; return the kept indices
+        (in order). The saved predictor then loads and runs only those."""
+        return list(range(self.n_members_))
 
 
 def cross_val_combine(ensemble: Ensemble, probas: list[np.ndarray], y: np.ndarray,

@@ -34,40 +34,90 @@ FORMAT_VERSION = 1
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".gif", ".webp"}
 
 
-def to_images(x, image_size: int) -> np.ndarray:
-    """Turn paths, one path, or ``uint8`` arrays of any size into (N, S, S, 3) ``uint8``."""
+def _array_to_rgb(a: np.ndarray) -> np.ndarray:
+    """One (H, W), (H, W, 1|3|4) array as (H, W, 3) ``uint8`` (alpha on white)."""
+    if a.dtype != np.uint8:
+        raise BenchError(f"image arrays must be uint8, got {a.dtype}")
+    if a.ndim == 2:
+        a = a[..., None]
+    if a.ndim != 3 or a.shape[-1] not in (1, 3, 4):
+        raise BenchError(f"an image must be (H, W), (H, W, 1), (H, W, 3) or (H, W, 4), "
+                         f"got shape {a.shape}")
+    if a.shape[-1] == 1:
+        a = np.repeat(a, 3, axis=-1)
+    if a.shape[-1] == 4:   # composite on white, like files
+        alpha = a[..., 3:4].astype(np.float32) / 255.0
+        a = np.round(a[..., :3] * alpha + 255.0 * (1 - alpha)).astype(np.uint8)
+    return a
+
+
+def resize_image(a: np.ndarray, image_size: int) -> np.ndarray:
+    """An (H, W, 3) ``uint8`` array resized whole to ``image_size``, as in training."""
     from PIL import Image
+    if a.shape[:2] == (image_size, image_size):
+        return a
+    return resize_rgb(Image.fromarray(a), image_size)[0]
+
+
+def read_image(item) -> np.ndarray:
+    """One image path or array as a full-resolution (H, W, 3) ``uint8`` array."""
+    if isinstance(item, np.ndarray):
+        return _array_to_rgb(item)
+    try:
+        img, _, _ = read_rgb(item)
+    except (BenchError, OSError) as exc:
+        raise BenchError(f"cannot read image {item}: {exc}") from None
+    return np.asarray(img, dtype=np.uint8)
+
+
+def _as_items(x) -> list:
+    """Paths, one path, arrays, one array -> a list of single images (paths or arrays)."""
     if isinstance(x, (str, Path)):
-        x = [x]
+        return [x]
     if isinstance(x, np.ndarray):
-        if x.ndim == 3:
-            x = x[None]
-        if x.ndim != 4 or x.shape[-1] not in (1, 3, 4):
-            raise BenchError(f"images must be (N, H, W, 3) arrays, got shape {x.shape}")
-        if x.shape[-1] == 1:
-            x = np.repeat(x, 3, axis=-1)
-        if x.shape[-1] == 4:   # composite on white, like files
-            a = x[..., 3:4].astype(np.float32) / 255.0
-            x = np.round(x[..., :3] * a + 255.0 * (1 - a)).astype(np.uint8)
+        if x.ndim == 2 or (x.ndim == 3 and x.shape[-1] in (1, 3, 4)):
+            return [x]
+        if x.ndim == 3:            # (N, H, W) grayscale
+            return list(x)
+        if x.ndim == 4:
+            return list(x)
+        raise BenchError(f"images must be (N, H, W, 3) arrays, got shape {x.shape}")
+    return list(x)
+
+
+def to_images(x, image_size: int) -> np.ndarray:
+    """Turn paths, one path, or ``uint8`` arrays of any size into (N, S, S, 3) ``uint8``.
+
+    Every image is resized whole to ``image_size`` exactly as in training (PIL bicubic,
+    antialiased); a batch already at that size is passed through untouched.
+    """
+    if isinstance(x, np.ndarray) and x.ndim == 4 and x.shape[1:] == (image_size, image_size, 3):
         if x.dtype != np.uint8:
             raise BenchError(f"image arrays must be uint8, got {x.dtype}")
-        if x.shape[1:3] == (image_size, image_size):
-            return x
-        return np.stack([resize_rgb(Image.fromarray(im), image_size)[0] for im in x])
-    out = []
-    for p in x:
-        try:
-            img, _, _ = read_rgb(p)
-        except (BenchError, OSError) as exc:
-            raise BenchError(f"cannot read image {p}: {exc}") from None
-        out.append(resize_rgb(img, image_size)[0])
-    if not out:
+        return x
+    items = _as_items(x)
+    if not items:
         return np.zeros((0, image_size, image_size, 3), np.uint8)
-    return np.stack(out)
+    return np.stack([resize_image(read_image(it), image_size) for it in items])
+
+
+def _plain_keras(cand) -> bool:
+    """A Keras candidate whose ``predict_proba`` is the shared one (model -> softmax)."""
+    from cnn.candidate import KerasCandidate
+    return (isinstance(cand, KerasCandidate) and hasattr(cand, "model_")
+            and type(cand).predict_proba is KerasCandidate.predict_proba)
 
 
 class Predictor:
-    """A loaded ensemble predictor. Use :func:`load_predictor`."""
+    """A loaded ensemble predictor. Use :func:`load_predictor`.
+
+    Attributes
+    ----------
+    classes_ : array of class names.
+    image_size : side of the square images the members were trained on.
+    member_names_ : members in the ensemble's order.
+    member_kinds_ : ``{name: "cnn" | "baseline"}``.
+    """
 
     def __init__(self, manifest: dict, members: dict[str, list], ensemble, path: Path):
         self.manifest = manifest
@@ -77,22 +127,129 @@ class Predictor:
         self.classes_ = np.array(manifest["classes"])
         self.image_size = int(manifest["image_size"])
         self.member_names_ = [m["name"] for m in manifest["members"]]
+        self.member_kinds_ = {m["name"]: m.get("kind") or getattr(members[m["name"]][0], "kind", "")
+                              for m in manifest["members"]}
+        # Plain Keras members run as one compiled TensorFlow graph per batch: every fold
+        # model of every such member on the same input tensor (traced once, any batch size).
+        self._fused_names = [n for n in self.member_names_
+                             if all(_plain_keras(c) for c in members[n])]
+        self._fused = None
+
+    # -- probabilities --------------------------------------------------------------
+    def _fused_fn(self):
+        if self._fused is None:
+            import tensorflow as tf
+            models = [c.model_ for n in self._fused_names for c in self.members_[n]]
+            spec = tf.TensorSpec([None, self.image_size, self.image_size, 3], tf.uint8)
+
+            @tf.function(input_signature=[spec])
+            def run(x):
+                return tf.stack([tf.cast(m(x, training=False), tf.float32) for m in models])
+            self._fused = run
+        return self._fused
 
     def member_probas(self, images: np.ndarray) -> list[np.ndarray]:
-        return [np.mean([m.predict_proba(images) for m in self.members_[n]], axis=0)
-                for n in self.member_names_]
+        """Each member's probabilities (mean over its fold models) for (N, S, S, 3) images."""
+        out = {}
+        if self._fused_names and len(images):
+            stacked = self._fused_fn()(images).numpy().astype(np.float64)   # (models, N, K)
+            i = 0
+            for n in self._fused_names:
+                k = len(self.members_[n])
+                out[n] = stacked[i:i + k].mean(axis=0)
+                i += k
+        for n in self.member_names_:
+            if n not in out:
+                out[n] = np.mean([m.predict_proba(images) for m in self.members_[n]], axis=0)
+        return [out[n] for n in self.member_names_]
 
     def predict_proba(self, x, batch_size: int = 256) -> np.ndarray:
-        """Class probabilities (N, n_classes) for image paths or ``uint8`` arrays."""
-        paths = [x] if isinstance(x, (str, Path)) else x
+        """Class probabilities (N, n_classes) for image paths or ``uint8`` arrays of any
+        size; images are read and resized one batch at a time, each only once."""
+        if isinstance(x, np.ndarray) and x.ndim == 4 and x.shape[1:3] == (self.image_size,) * 2:
+            items = x
+        else:
+            items = _as_items(x)
         chunks = []
-        for i in range(0, len(paths), batch_size):
-            images = to_images(paths[i:i + batch_size], self.image_size)
+        for i in range(0, len(items), batch_size):
+            images = to_images(items[i:i + batch_size], self.image_size)
             chunks.append(self.ensemble_.combine(self.member_probas(images)))
         return np.concatenate(chunks) if chunks else np.zeros((0, len(self.classes_)))
 
     def predict(self, x, batch_size: int = 256) -> np.ndarray:
+        """Class names of the most probable class."""
         return self.classes_[np.argmax(self.predict_proba(x, batch_size), axis=1)]
+
+    # -- Grad-CAM -------------------------------------------------------------------
+    @property
+    def cnn_members_(self) -> list[str]:
+        """Members whose fold models can explain themselves with Grad-CAM."""
+        return [n for n in self.member_names_
+                if self.member_kinds_.get(n) == "cnn"
+                and all(callable(getattr(m, "explain", None)) for m in self.members_[n])]
+
+    def explain_weights(self) -> dict[str, float]:
+        """Weights of the CNN members' Grad-CAM maps: the ensemble's member weights
+        (renormalised over the CNN members), or equal weights when the ensemble has none
+        (stacking)."""
+        cnn = self.cnn_members_
+        if not cnn:
+            kinds = ", ".join(f"{n} ({self.member_kinds_.get(n)})" for n in self.member_names_)
+            raise BenchError(f"Grad-CAM needs a CNN member; this predictor's members are: {kinds}")
+        w = self.ensemble_.member_weights()
+        w = ([w[self.member_names_.index(n)] for n in cnn] if w is not None
+             else [1.0] * len(cnn))
+        total = float(np.sum(w))
+        if total <= 0:
+            w, total = [1.0] * len(cnn), float(len(cnn))
+        return {n: float(v) / total for n, v in zip(cnn, w)}
+
+    def _class_indices(self, class_index, n: int) -> np.ndarray:
+        k = len(self.classes_)
+        if isinstance(class_index, str):
+            hits = np.flatnonzero(self.classes_ == class_index)
+            if not len(hits):
+                raise BenchError(f"unknown class '{class_index}'; classes: {list(self.classes_)}")
+            class_index = int(hits[0])
+        idx = np.asarray(class_index)
+        if idx.dtype.kind not in "iu" or idx.ndim > 1 or (idx.ndim == 1 and len(idx) != n):
+            raise BenchError(f"class_index must be None, a class index or name, or {n} "
+                             f"indices, got {class_index!r}")
+        idx = np.broadcast_to(idx.astype(np.int64), (n,)).copy()
+        if ((idx < 0) | (idx >= k)).any():
+            raise BenchError(f"class_index must be in [0, {k}), got {class_index}")
+        return idx
+
+    def explain(self, x, class_index=None, batch_size: int = 64) -> np.ndarray:
+        """The ensemble's Grad-CAM maps, (N, S, S) ``float32`` in [0, 1] at the training
+        resolution ``S`` (upsample to show them on the original image).
+
+        A CNN member's map is the mean of its fold models' maps
+        (``KerasCandidate.explain``); the ensemble's is their weighted mean
+        (:meth:`explain_weights`). ``class_index``: ``None`` (each image's class predicted
+        by the ensemble), a class index or name, or one index per image.
+        """
+        weights = self.explain_weights()
+        items = x if isinstance(x, np.ndarray) and x.ndim == 4 else _as_items(x)
+        fixed = None if class_index is None else self._class_indices(class_index, len(items))
+        maps = []
+        for i in range(0, len(items), batch_size):
+            images = to_images(items[i:i + batch_size], self.image_size)
+            if fixed is None:
+                target = np.argmax(self.ensemble_.combine(self.member_probas(images)), axis=1)
+            else:
+                target = fixed[i:i + batch_size]
+            maps.append(self._explain_images(images, target, weights))
+        s = self.image_size
+        return np.concatenate(maps) if maps else np.zeros((0, s, s), np.float32)
+
+    def _explain_images(self, images, target, weights) -> np.ndarray:
+        out = np.zeros(images.shape[:3], dtype=np.float64)
+        for n, w in weights.items():
+            member = np.mean([m.explain(images, class_index=target) for m in self.members_[n]],
+                             axis=0)
+            out += w * member
+        return np.clip(out, 0.0, 1.0).astype(np.float32)
 
     def __repr__(self):
         return (f"Predictor({self.manifest['ensemble']['name']}: {', '.join(self.member_names_)}; "

@@ -8,6 +8,7 @@ from scipy.special import softmax
 
 from bench.registry import register
 from ensembles.base import Ensemble
+from ensembles.selection import greedy_selection
 
 
 def _log_loss(p: np.ndarray, y: np.ndarray) -> float:
@@ -21,11 +22,22 @@ class SoftVoting(Ensemble):
     Parameters
     ----------
     weights : ``"equal"``, ``"optimized"`` (minimise log loss on the simplex over the
-        rows it is fitted on) or a list of fixed weights.
+        rows it is fitted on), ``"greedy"`` (Caruana-style forward selection with
+        replacement, :func:`ensembles.selection.greedy_selection`, on the rows it is
+        fitted on) or a list of fixed weights.
+    rounds : int
+        Additions of the greedy selection (``weights="greedy"`` only).
+    metric : ``"log_loss"`` or ``"accuracy"``
+        What the greedy selection optimises (``weights="greedy"`` only).
+
+    Under :func:`ensembles.base.cross_val_combine` the weights of fold k are chosen on
+    the other folds' rows only.
     """
 
-    def __init__(self, weights="equal"):
+    def __init__(self, weights="equal", rounds=50, metric="log_loss"):
         self.weights = weights
+        self.rounds = rounds
+        self.metric = metric
 
     def fit(self, probas, y):
         m = len(probas)
@@ -44,17 +56,33 @@ class SoftVoting(Ensemble):
             res = minimize(loss, np.zeros(m), method="Nelder-Mead" if m <= 2 else "Powell",
                            options={"xtol": 1e-4, "ftol": 1e-7, "maxiter": 2000})
             w = softmax(res.x)
+        elif self.weights == "greedy":
+            w = greedy_selection(probas, y, rounds=self.rounds, metric=self.metric)
         else:
-            raise ValueError(f"weights must be 'equal', 'optimized' or a list, got {self.weights!r}")
+            raise ValueError(f"weights must be 'equal', 'optimized', 'greedy' or a list, "
+                             f"got {self.weights!r}")
         self.weights_ = (w / w.sum()).tolist()
+        self.n_members_ = m
         return self
 
     def combine(self, probas):
+        if len(probas) != len(self.weights_):
+            raise ValueError(f"fitted for {len(self.weights_)} members, got {len(probas)}")
         return np.tensordot(np.asarray(self.weights_), np.stack(probas), axes=1)
 
     def get_state(self):
         return {"weights": self.weights_}
 
     def set_state(self, state):
-        self.weights_ = list(state["weights"])
+        self.weights_ = [float(w) for w in state["weights"]]
+        self.n_members_ = len(self.weights_)
         return self
+
+    def member_weights(self):
+        return list(self.weights_)
+
+    def drop_unused(self):
+        keep = [i for i, w in enumerate(self.weights_) if w > 0]
+        self.weights_ = [self.weights_[i] for i in keep]
+        self.n_members_ = len(keep)
+        return keep

@@ -1,0 +1,130 @@
+"""Stacking: a meta-learner on the members' out-of-fold class probabilities.
+
+The meta-learner sees, for every image, the concatenated class probabilities of all
+members (or their logarithms) and predicts the class. Its fitted state is a handful of
+numeric arrays (coefficients and intercepts, or class means and variances) stored as
+JSON, so a saved predictor never unpickles anything.
+
+Evaluated with :func:`ensembles.base.cross_val_combine`, the meta-learner that scores
+fold k is fitted on the other folds' rows only.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from bench.registry import register
+from ensembles.base import Ensemble
+
+
+def _logistic(C, seed):
+    from sklearn.linear_model import LogisticRegression
+    return LogisticRegression(C=C, max_iter=2000, random_state=seed)
+
+
+def _lda(C, seed):
+    from sklearn.discriminant_analysis import LinearDiscriminantAnalysis
+    return LinearDiscriminantAnalysis(solver="lsqr", shrinkage="auto")
+
+
+def _gaussian_nb(C, seed):
+    from sklearn.naive_bayes import GaussianNB
+    return GaussianNB()
+
+
+# meta-learner name -> (factory(C, seed), fitted attributes needed by predict_proba)
+META_LEARNERS = {
+    "logistic": (_logistic, ("classes_", "n_features_in_", "coef_", "intercept_")),
+    "lda": (_lda, ("classes_", "n_features_in_", "coef_", "intercept_")),
+    "gaussian_nb": (_gaussian_nb, ("classes_", "n_features_in_", "theta_", "var_",
+                                   "class_prior_")),
+}
+INPUTS = ("log_proba", "proba")
+_EPS = 1e-6
+
+
+def _to_json(value):
+    arr = np.asarray(value)
+    return {"dtype": arr.dtype.str, "shape": list(arr.shape), "data": arr.ravel().tolist()}
+
+
+def _from_json(obj):
+    dtype = np.dtype(obj["dtype"])
+    if dtype.kind not in "biuf":
+        raise ValueError(f"stacking state: unsupported dtype {obj['dtype']}")
+    arr = np.asarray(obj["data"], dtype=dtype).reshape(obj["shape"])
+    return arr.item() if arr.ndim == 0 else arr
+
+
+@register("stacking")
+class Stacking(Ensemble):
+    """A scikit-learn meta-learner on the members' class probabilities.
+
+    Parameters
+    ----------
+    meta : ``"logistic"`` (multinomial logistic regression, default), ``"lda"`` (linear
+        discriminant analysis with Ledoit-Wolf shrinkage) or ``"gaussian_nb"``.
+    C : float
+        Inverse L2 regularisation strength of the logistic regression.
+    inputs : ``"log_proba"`` (default: log of the probabilities, clipped at 1e-6, so a
+        logistic meta-learner generalises a weighted geometric mean) or ``"proba"``.
+    seed : int
+        Random state of the meta-learner.
+    """
+
+    def __init__(self, meta="logistic", C=1.0, inputs="log_proba", seed=0):
+        self.meta = meta
+        self.C = C
+        self.inputs = inputs
+        self.seed = seed
+
+    def _check(self):
+        if self.meta not in META_LEARNERS:
+            raise ValueError(f"stacking meta must be one of {sorted(META_LEARNERS)}, "
+                             f"got {self.meta!r}")
+        if self.inputs not in INPUTS:
+            raise ValueError(f"stacking inputs must be one of {INPUTS}, got {self.inputs!r}")
+        if not float(self.C) > 0:
+            raise ValueError(f"stacking C must be > 0, got {self.C!r}")
+
+    def _features(self, probas) -> np.ndarray:
+        X = np.concatenate([np.asarray(p, dtype=np.float64) for p in probas], axis=1)
+        return np.log(np.clip(X, _EPS, 1.0)) if self.inputs == "log_proba" else X
+
+    def fit(self, probas, y):
+        self._check()
+        factory, _ = META_LEARNERS[self.meta]
+        self.n_members_ = len(probas)
+        self.n_classes_ = int(np.asarray(probas[0]).shape[1])
+        y = np.asarray(y, dtype=np.int64)
+        if len(np.unique(y)) < 2:
+            raise ValueError("stacking needs at least two classes among the rows it is fitted on")
+        self.meta_ = factory(float(self.C), self.seed).fit(self._features(probas), y)
+        return self
+
+    def combine(self, probas):
+        if len(probas) != self.n_members_:
+            raise ValueError(f"fitted for {self.n_members_} members, got {len(probas)}")
+        proba = self.meta_.predict_proba(self._features(probas))
+        out = np.zeros((len(proba), self.n_classes_), dtype=np.float64)
+        out[:, np.asarray(self.meta_.classes_, dtype=np.int64)] = proba   # unseen classes: 0
+        return out
+
+    def get_state(self):
+        _, attrs = META_LEARNERS[self.meta]
+        return {"n_members": self.n_members_, "n_classes": self.n_classes_,
+                "meta": {a: _to_json(getattr(self.meta_, a)) for a in attrs}}
+
+    def set_state(self, state):
+        self._check()
+        factory, attrs = META_LEARNERS[self.meta]
+        missing = [a for a in attrs if a not in state.get("meta", {})]
+        if missing:
+            raise ValueError(f"stacking state lacks {missing}")
+        meta = factory(float(self.C), self.seed)
+        for a in attrs:
+            setattr(meta, a, _from_json(state["meta"][a]))
+        self.meta_ = meta
+        self.n_members_ = int(state["n_members"])
+        self.n_classes_ = int(state["n_classes"])
+        return self
