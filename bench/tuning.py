@@ -1,0 +1,242 @@
+"""Optuna tuning of one candidate on one outer fold's training rows.
+
+Scheme (no test-fold data ever scores a trial)
+-----------------------------------------------
+The runner calls :func:`tune_candidate` with **only the outer training rows** of a fold.
+Those rows are split once, stratified and seeded, into an inner training part and an
+inner validation part (``[tuning] val_fraction``, default 0.2). Each trial fits the
+candidate on the inner training part (optionally a stratified subsample of at most
+``[tuning] max_samples`` rows, to bound the cost of a trial) and is scored on the inner
+validation part with ``[tuning] metric`` (default accuracy). Imputation, scaling and PCA
+live inside the candidates' pipelines, so they are fitted on the inner training part only.
+The outer test fold is used once, by the runner, to evaluate the candidate refitted with
+the best parameters on all outer training rows. The inner split ignores duplicate groups,
+so near duplicates can make trial scores optimistic; they never reach the outer fold.
+
+Study
+-----
+* TPE sampler seeded with the unit's seed (plus the number of trials already finished, so
+  a resumed study does not replay the random start-up points);
+* the candidate's configured parameters are enqueued as the first trial, so the result is
+  never worse, on the inner validation part, than the untuned default;
+* stored in ``[tuning] storage`` (:func:`bench.storage.make_storage`; default an SQLite file
+  in the run directory), named as given (``<candidate>-fold<k>``), loaded if it exists:
+  re-running continues with the remaining trials (``trials`` counts finished ones:
+  complete, pruned or failed) and the remaining time (``timeout`` minus the finished
+  trials' durations);
+* pruning (``[tuning] pruner = "median"`` (default), ``"hyperband"`` or ``"none"``) for
+  candidates whose ``fit`` accepts ``epoch_callbacks``: each epoch's ``val_accuracy`` is
+  reported and a trial the pruner rejects stops with ``optuna.TrialPruned``;
+* best parameters and every trial's value go to ``run_dir/tuning/<study>.json``.
+"""
+
+from __future__ import annotations
+
+import inspect
+import math
+import time
+import warnings
+from pathlib import Path
+
+import numpy as np
+import optuna
+from sklearn.model_selection import ShuffleSplit, StratifiedShuffleSplit, train_test_split
+
+from bench import registry
+from bench.candidate import build_candidate
+from bench.errors import BenchError
+from bench.io import atomic_write_json
+from bench.metrics import LOWER_IS_BETTER, METRICS, fold_metrics
+from bench.progress import warn
+from bench.storage import make_storage, storage_url
+
+optuna.logging.set_verbosity(optuna.logging.WARNING)   # the runner shows progress per unit
+FINISHED = (optuna.trial.TrialState.COMPLETE, optuna.trial.TrialState.PRUNED,
+            optuna.trial.TrialState.FAIL)
+# Errors a bad parameter combination may raise: the trial fails, the study goes on.
+TRIAL_ERRORS = (ValueError, ArithmeticError, BenchError)
+SCHEME = ("inner stratified split of the outer fold's training rows: trials fit on the inner "
+          "training part and are scored on the inner validation part; the outer test fold "
+          "never scores a trial")
+
+
+def make_pruner(name: str) -> optuna.pruners.BasePruner:
+    """The pruner named by ``[tuning] pruner``."""
+    name = (name or "median").lower()
+    if name == "median":
+        return optuna.pruners.MedianPruner(n_startup_trials=2, n_warmup_steps=2)
+    if name == "hyperband":
+        return optuna.pruners.HyperbandPruner(min_resource=1, reduction_factor=3)
+    if name in ("none", "nop", "off"):
+        return optuna.pruners.NopPruner()
+    raise BenchError(f"[tuning] pruner must be 'median', 'hyperband' or 'none', got {name!r}")
+
+
+def inner_split(y: np.ndarray, val_fraction: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """Row indices (train, validation) of a seeded split of ``y``, stratified when possible."""
+    if not 0 < val_fraction < 1:
+        raise BenchError(f"[tuning] val_fraction must be in (0, 1), got {val_fraction!r}")
+    y = np.asarray(y)
+    _, counts = np.unique(y, return_counts=True)
+    n_val = math.ceil(val_fraction * len(y))
+    stratify = counts.min() >= 2 and n_val >= len(counts) and len(y) - n_val >= len(counts)
+    splitter = (StratifiedShuffleSplit if stratify else ShuffleSplit)(
+        n_splits=1, test_size=val_fraction, random_state=seed)
+    train, val = next(splitter.split(np.zeros(len(y)), y))
+    return np.sort(train), np.sort(val)
+
+
+def _subsample(rows: np.ndarray, y: np.ndarray, max_samples: int, seed: int) -> np.ndarray:
+    if not max_samples or len(rows) <= max_samples:
+        return rows
+    _, counts = np.unique(y[rows], return_counts=True)
+    strat = y[rows] if counts.min() >= 2 else None
+    try:
+        keep, _ = train_test_split(rows, train_size=int(max_samples), stratify=strat,
+                                   random_state=seed)
+    except ValueError:   # too few rows per class for a stratified sample of that size
+        keep, _ = train_test_split(rows, train_size=int(max_samples), random_state=seed)
+    return np.sort(keep)
+
+
+def pruning_callback(trial: optuna.Trial, key: str = "val_accuracy"):
+    """``callback(epoch, logs)`` reporting ``logs[key]`` to ``trial``; raises ``TrialPruned``."""
+    def callback(epoch: int, logs: dict) -> None:
+        value = (logs or {}).get(key)
+        if value is None:
+            return
+        trial.report(float(value), int(epoch))
+        if trial.should_prune():
+            raise optuna.TrialPruned(f"pruned at epoch {epoch} ({key} {float(value):.4f})")
+    return callback
+
+
+def _accepts(fn, name: str) -> bool:
+    return name in inspect.signature(fn).parameters
+
+
+def _scalar_params(params: dict) -> dict:
+    return {k: v for k, v in params.items()
+            if v is None or isinstance(v, (bool, int, float, str))}
+
+
+def _trial_record(t: optuna.trial.FrozenTrial) -> dict:
+    dur = t.duration.total_seconds() if t.duration is not None else None
+    return {"number": t.number, "state": t.state.name, "value": t.value, "params": t.params,
+            "seconds": dur, "default": bool(t.user_attrs.get("default", False)),
+            "last_step": t.last_step}
+
+
+def tune_candidate(entry: dict, X_train, y_train, classes, study: str, tuning: dict,
+                   run_dir, seed: int) -> tuple[dict, dict]:
+    """Tune ``entry``'s candidate on ``X_train, y_train`` (outer training rows only).
+
+    Parameters
+    ----------
+    entry : resolved candidate entry (``type``, ``params``).
+    X_train, y_train : the outer fold's training images and integer labels.
+    classes : all class indices (so that every model has every column).
+    study : study name, e.g. ``"svm_hog-fold0"``.
+    tuning : the ``[tuning]`` table: ``trials``, ``timeout`` (seconds, 0: none), ``storage``,
+        ``pruner``, and optionally ``val_fraction`` (0.2), ``max_samples`` (0: all),
+        ``metric`` ("accuracy").
+    run_dir : run directory (default storage, and ``tuning/<study>.json``).
+    seed : seeds the inner split, the subsample and the TPE sampler.
+
+    Returns
+    -------
+    best_params : parameters of the best trial, as returned by the candidate's
+        ``param_space`` (``{}`` when no trial completed).
+    info : summary for the work unit's ``result.json``.
+    """
+    with warnings.catch_warnings():   # configured defaults may lie outside the searched range
+        warnings.filterwarnings("ignore", message=r".*out of (the )?range", category=UserWarning)
+        return _tune(entry, X_train, y_train, classes, study, tuning, Path(run_dir), int(seed))
+
+
+def _tune(entry, X_train, y_train, classes, study, tuning, run_dir, seed):
+    cls = registry.get(entry["type"])
+    n_trials = int(tuning.get("trials", 0) or 0)
+    timeout = float(tuning.get("timeout", 0) or 0)
+    metric = str(tuning.get("metric", "accuracy"))
+    if metric not in METRICS:
+        raise BenchError(f"[tuning] metric must be one of {list(METRICS)}, got {metric!r}")
+    val_fraction = float(tuning.get("val_fraction", 0.2))
+    max_samples = int(tuning.get("max_samples", 0) or 0)
+    t_start = time.perf_counter()
+
+    X_train, y_train = np.asarray(X_train), np.asarray(y_train)
+    tr, va = inner_split(y_train, val_fraction, seed)
+    tr = _subsample(tr, y_train, max_samples, seed)
+    X_a, y_a, X_b, y_b = X_train[tr], y_train[tr], X_train[va], y_train[va]
+
+    storage = make_storage(str(tuning.get("storage", "") or ""), run_dir)
+    direction = "minimize" if metric in LOWER_IS_BETTER else "maximize"
+    existing = _finished_trials(storage, study)
+    sampler = optuna.samplers.TPESampler(seed=int(seed) + len(existing),
+                                         n_startup_trials=max(2, min(10, n_trials // 2)))
+    st = optuna.create_study(study_name=study, storage=storage, sampler=sampler,
+                             pruner=make_pruner(tuning.get("pruner", "median")),
+                             direction=direction, load_if_exists=True)
+    if not st.trials:
+        defaults = {**cls().get_params(deep=False), **entry.get("params", {})}
+        st.enqueue_trial(_scalar_params(defaults), user_attrs={"default": True})
+
+    finished = [t for t in st.trials if t.state in FINISHED]
+    remaining = max(0, n_trials - len(finished))
+    spent = sum(t.duration.total_seconds() for t in finished if t.duration is not None)
+    budget = (timeout - spent) if timeout > 0 else None
+    ran_now = 0
+    if remaining and (budget is None or budget > 0):
+        use_cb = _accepts(cls.fit, "epoch_callbacks")
+
+        def objective(trial: optuna.Trial) -> float:
+            params = cls.param_space(trial)
+            cand = build_candidate({**entry, "params": {**entry.get("params", {}), **params}})
+            kw = {"epoch_callbacks": [pruning_callback(trial)]} if use_cb else {}
+            cand.fit(X_a, y_a, X_val=X_b, y_val=y_b, classes=classes, **kw)
+            return fold_metrics(y_b, cand.predict_proba(X_b))[metric]
+
+        before = len(st.trials)
+        st.optimize(objective, n_trials=remaining, timeout=budget, catch=TRIAL_ERRORS,
+                    gc_after_trial=True)
+        ran_now = len(st.trials) - before
+
+    trials = st.trials
+    complete = [t for t in trials if t.state == optuna.trial.TrialState.COMPLETE]
+    best_params, best_value, best_number = {}, None, None
+    if complete:
+        best = st.best_trial
+        best_params = cls.param_space(optuna.trial.FixedTrial(best.params))
+        best_value, best_number = best.value, best.number
+    else:
+        warn(f"tuning study '{study}': no trial completed; using the configured parameters")
+    counts = {s.name.lower(): sum(t.state == s for t in trials) for s in FINISHED}
+    info = {
+        "study": study, "storage": storage_url(str(tuning.get("storage", "") or ""),
+                                               run_dir).split("@")[-1],
+        "sampler": "TPE", "seed": int(seed), "pruner": str(tuning.get("pruner", "median")),
+        "metric": metric, "direction": direction, "scheme": SCHEME,
+        "val_fraction": val_fraction, "max_samples": max_samples,
+        "n_inner_train": int(len(tr)), "n_inner_val": int(len(va)),
+        "trials_requested": n_trials, "timeout": timeout, "trials_run_now": ran_now,
+        "n_trials": len(trials), **{f"n_{k}": v for k, v in counts.items()},
+        "best_params": best_params, "best_value": best_value, "best_trial": best_number,
+        "default_value": next((t.value for t in trials if t.user_attrs.get("default")), None),
+        "seconds": time.perf_counter() - t_start,
+        "trial_seconds": sum(t.duration.total_seconds() for t in trials
+                             if t.duration is not None),
+        "file": f"tuning/{study}.json",
+    }
+    atomic_write_json(run_dir / "tuning" / f"{study}.json",
+                      {**info, "trials": [_trial_record(t) for t in trials]})
+    return best_params, info
+
+
+def _finished_trials(storage, study: str) -> list:
+    """Finished trials of ``study`` in ``storage`` (none when it does not exist yet)."""
+    try:
+        st = optuna.load_study(study_name=study, storage=storage)
+    except KeyError:
+        return []
+    return [t for t in st.trials if t.state in FINISHED]
