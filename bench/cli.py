@@ -1,4 +1,4 @@
-"""Command line: ``python -m bench {run,predict,list,inspect}``.
+"""Command line: ``python -m bench {run,tune,predict,list,inspect}``.
 
 Errors are one line (``error: ...``) and a non-zero exit code; ``--debug`` shows the
 traceback.
@@ -32,9 +32,29 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--out", default=None, help="run directory")
     run.add_argument("--only", default=None, help="comma-separated candidate names")
     run.add_argument("--workers", type=int, default=None, help="parallel work-unit processes")
+    run.add_argument("--scheduler", default=None, metavar="tcp://HOST:PORT",
+                     help="run the work units on this Dask scheduler's workers instead")
+    run.add_argument("--storage", default=None, metavar="URL",
+                     help="Optuna storage for tuning (default: SQLite in the run directory; "
+                          "journal:///path.log for one machine, postgresql://... for several)")
     run.add_argument("--force", action="store_true",
                      help="archive a run with a different config in --out and start again")
     _add_common(run)
+
+    tune = sub.add_parser("tune", help="join the Optuna studies of a run: add trials from "
+                                       "this process (any number of processes, any machine)")
+    tune.add_argument("--out", default=None, help="run directory (prepared here if it is new)")
+    tune.add_argument("--candidate", required=True, help="candidate name")
+    tune.add_argument("--trials", type=int, default=None,
+                      help="finished trials each study should hold in all (default: [tuning] "
+                           "trials); processes stop together when the total is reached")
+    tune.add_argument("--fold", type=int, default=None, help="one outer fold (default: all)")
+    tune.add_argument("--storage", default=None, metavar="URL",
+                      help="Optuna storage URL (default: the run's [tuning] storage)")
+    tune.add_argument("--config", default=None, help="config, for a new run directory")
+    tune.add_argument("--profile", default=None, help="profile, for a new run directory")
+    tune.add_argument("--data", default=None, help="data, for a new run directory")
+    _add_common(tune)
 
     pred = sub.add_parser("predict", help="classify images with a saved predictor")
     pred.add_argument("--model", required=True, help="predictor directory")
@@ -62,9 +82,22 @@ def cmd_run(args) -> int:
     from bench.runner import run_from_args
     only = [s.strip() for s in args.only.split(",") if s.strip()] if args.only else None
     board, out = run_from_args(args.config, profile=args.profile, data=args.data, out=args.out,
-                               only=only, force=args.force, workers=args.workers)
+                               only=only, force=args.force, workers=args.workers,
+                               scheduler=args.scheduler, storage=args.storage)
     console.print((out / "leaderboard.md").read_text())
     console.print(f"run directory: {out}")
+    return 0
+
+
+def cmd_tune(args) -> int:
+    from bench.progress import info
+    from bench.runner import tune_from_args
+    for fold, best, tuning in tune_from_args(args.config, profile=args.profile, data=args.data,
+                                             out=args.out, candidate=args.candidate,
+                                             trials=args.trials, fold=args.fold,
+                                             storage=args.storage):
+        info(f"{args.candidate} fold {fold}: {tuning.get('n_trials', '?')} trials, best "
+             f"{tuning.get('best_value', float('nan')):.4f} with {best}")
     return 0
 
 
@@ -182,7 +215,8 @@ def cmd_inspect(args) -> int:
     return 0
 
 
-COMMANDS = {"run": cmd_run, "predict": cmd_predict, "list": cmd_list, "inspect": cmd_inspect}
+COMMANDS = {"run": cmd_run, "tune": cmd_tune, "predict": cmd_predict, "list": cmd_list,
+            "inspect": cmd_inspect}
 
 
 def main(argv=None) -> int:

@@ -484,5 +484,44 @@ def run_from_args(config=None, profile=None, data=None, out=None, only=None, for
     return board, Path(cfg["run"]["out"])
 
 
+def tune_from_args(config=None, profile=None, data=None, out=None, candidate=None, trials=None,
+                   fold=None, storage=None):
+    """``python -m bench tune``: add trials to the studies of ``candidate`` in a run.
+
+    A run directory that already holds a run is used as it is (its own config, data and
+    folds); a new one is prepared first from ``config``/``profile``/``data``. Yields
+    ``(fold, best_params, tuning_info)`` per fold once its study holds ``trials`` trials.
+    """
+    if data and (Path(data).exists() or "/" in data or data.endswith(".npz")):
+        data = str(Path(data).expanduser().resolve())
+    run_dir = Path(out).expanduser() if out else None
+    if run_dir is None or not (run_dir / STATE_FILE).is_file():
+        cfg = load_config(config, profile=profile, data=data, out=out)
+        if storage:
+            cfg["tuning"]["storage"] = storage
+        run_dir = prepare_run(cfg)[0]
+    ctx = RunContext(run_dir)
+    cands = ctx.config.candidates
+    if candidate not in cands:
+        raise BenchError(f"{run_dir}: no candidate '{candidate}' in this run; known: {list(cands)}")
+    if registry.get(cands[candidate]["type"]).param_space.__func__ is _base_param_space():
+        raise BenchError(f"candidate '{candidate}' ({cands[candidate]['type']}) has no "
+                         "param_space: nothing to tune")
+    n = int(ctx.config["tuning"].get("trials", 0) if trials is None else trials)
+    if n < 1:
+        raise BenchError("nothing to tune: pass --trials N or set [tuning] trials")
+    n_folds = int(ctx.config["run"]["folds"])
+    if fold is not None and not 0 <= fold < n_folds:
+        raise BenchError(f"--fold must be in 0..{n_folds - 1}, got {fold}")
+    configured = ctx.config["tuning"].get("storage", "")
+    if storage and storage != configured:
+        warn(f"--storage differs from the run's [tuning] storage "
+             f"({configured or 'SQLite in the run directory'}): its work units will not see "
+             "these trials")
+    for k in ([fold] if fold is not None else range(n_folds)):
+        best, tuning = tune_unit(ctx, candidate, k, trials=n, storage=storage)
+        yield k, best, tuning
+
+
 __all__ = ["RunContext", "run_benchmark", "run_from_args", "run_unit", "deep_merge",
            "metric_sort_ascending"]
