@@ -12,6 +12,7 @@ and retried (``RetryHeartbeatStaleTrialCallback``) instead of being lost or left
 
 from __future__ import annotations
 
+import os
 import time
 import warnings
 from pathlib import Path
@@ -25,8 +26,9 @@ from optuna.trial import TrialState
 
 from bench.errors import BenchError
 
-HEARTBEAT_SECONDS = 30
-GRACE_SECONDS = 120
+# A running trial whose process sent no heartbeat for GRACE_SECONDS is failed and retried.
+HEARTBEAT_SECONDS = int(os.environ.get("BLOODBENCH_OPTUNA_HEARTBEAT", 30))
+GRACE_SECONDS = int(os.environ.get("BLOODBENCH_OPTUNA_GRACE", 120))
 
 
 def storage_url(url: str, run_dir) -> str:
@@ -60,70 +62,80 @@ def make_storage(url: str, run_dir=None) -> optuna.storages.BaseStorage:
 
 # ----------------------------------------------------------------------------- shared studies
 
-_COUNTED = (TrialState.COMPLETE, TrialState.RUNNING, TrialState.WAITING)
+FINISHED = (TrialState.COMPLETE, TrialState.PRUNED, TrialState.FAIL)
 
 
 def _counts(study, before: int | None = None) -> tuple[int, int, int]:
-    """(complete, running, waiting) trials; ``before``: only running ones numbered lower."""
-    c = r = w = 0
-    for t in study.get_trials(deepcopy=False, states=_COUNTED):
-        if t.state == TrialState.COMPLETE:
-            c += 1
-        elif t.state == TrialState.WAITING:
+    """(finished, running, waiting) trials; ``before``: only running ones numbered lower.
+
+    Finished: complete, pruned or failed, but not a ``surplus`` trial and not a failed trial
+    that the heartbeat callback queued again (its retry counts instead).
+    """
+    trials = study.get_trials(deepcopy=False)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        retried = {n for t in trials for n in t.system_attrs.get("retry_history", ())}
+    f = r = w = 0
+    for t in trials:
+        if t.state == TrialState.WAITING:
             w += 1
-        elif before is None or t.number < before:
-            r += 1
-    return c, r, w
+        elif t.state == TrialState.RUNNING:
+            r += before is None or t.number < before
+        elif t.state in FINISHED and not t.user_attrs.get("surplus") and \
+                not (t.state == TrialState.FAIL and t.number in retried):
+            f += 1
+    return f, r, w
 
 
 def optimize_shared(study: optuna.Study, objective, n_trials: int, timeout: float | None = None,
                     catch=(), max_wait: float = GRACE_SECONDS + HEARTBEAT_SECONDS,
-                    poll: float = 0.5) -> int:
-    """Add trials to ``study`` until it holds exactly ``n_trials`` finished (COMPLETE) ones.
+                    poll: float = 0.5, **optimize_kwargs) -> int:
+    """Add trials to ``study`` until it holds exactly ``n_trials`` finished ones.
 
-    Any number of processes may call this on the same study at once: together they stop
-    at ``n_trials``, whichever process ran which trial. ``study.optimize(n_trials=N)`` in
-    each of them would run N trials *each*, and ``MaxTrialsCallback`` can overshoot by the
-    trials in flight. Here a trial that starts while the trials already finished or running
-    ahead of it (lower numbers) make up the total is pruned at once, before it samples
-    anything, and marked ``surplus``. While the last trials run elsewhere, this process
-    waits: if one of them dies, a relational storage's heartbeat fails it and it is retried
-    (see :func:`make_storage`); a running trial that does not change for ``max_wait``
-    seconds (a killed process on a journal file, which has no heartbeat) ends the wait.
+    Finished means complete, pruned or failed (a trial whose process died and that the
+    heartbeat queued again counts once, by its retry). Any number of processes may call
+    this on the same study at once: together they stop at ``n_trials``, whichever process
+    ran which trial. ``study.optimize(n_trials=N)`` in each of them would run N trials
+    *each*, and ``MaxTrialsCallback`` can overshoot by the trials in flight. Here a trial
+    that starts while the finished trials and those running ahead of it (lower numbers)
+    already make up the total is pruned at once, before it samples anything, and marked
+    ``surplus`` (it does not count). While the last trials run elsewhere, this process
+    waits for them: if one dies, a relational storage's heartbeat fails it and it is
+    retried (see :func:`make_storage`); a running trial that does not change for
+    ``max_wait`` seconds (a killed process on a journal file, which has no heartbeat) ends
+    the wait. ``timeout`` (seconds) bounds this call.
 
     Returns the number of trials this process finished.
     """
     def guarded(trial):
-        c, r, _ = _counts(trial.study, before=trial.number)
-        if c + r >= n_trials:
+        f, r, _ = _counts(trial.study, before=trial.number)
+        if f + r >= n_trials:
             trial.set_user_attr("surplus", True)
             raise optuna.TrialPruned("surplus: the study holds its trials")
         return objective(trial)
 
+    mine = []   # this process's trials, as optimize's callbacks see them
+    callbacks = [*(optimize_kwargs.pop("callbacks", None) or ()), lambda _s, t: mine.append(t)]
     deadline = time.monotonic() + timeout if timeout else None
-    done, last, since = 0, None, time.monotonic()
+    last, since = None, time.monotonic()
     while deadline is None or time.monotonic() < deadline:
         with warnings.catch_warnings():   # experimental; a no-op without a heartbeat
             warnings.simplefilter("ignore")
             optuna.storages.fail_stale_trials(study)
-        c, r, w = _counts(study)
-        if c >= n_trials:
+        f, r, w = _counts(study)
+        if f >= n_trials:
             break
-        if c + r >= n_trials and not w:   # the last trials run elsewhere: wait for them
-            state = (c, r)
-            if state != last:
-                last, since = state, time.monotonic()
+        if f + r >= n_trials and not w:   # the last trials run elsewhere: wait for them
+            if (f, r) != last:
+                last, since = (f, r), time.monotonic()
             elif time.monotonic() - since > max_wait:
                 break
             time.sleep(poll)
             continue
         left = None if deadline is None else max(0.0, deadline - time.monotonic())
-        n_before = len(study.get_trials(deepcopy=False))
-        study.optimize(guarded, n_trials=1, timeout=left, catch=catch)
-        mine = study.get_trials(deepcopy=False)[n_before:]
-        done += sum(t.state == TrialState.COMPLETE and not t.user_attrs.get("surplus")
-                    for t in mine)
-    return done
+        study.optimize(guarded, n_trials=1, timeout=left, catch=catch, callbacks=callbacks,
+                       **optimize_kwargs)
+    return sum(t.state in FINISHED and not t.user_attrs.get("surplus") for t in mine)
 
 
 def _derived_seed(seed: int, number: int) -> int:
