@@ -141,6 +141,8 @@ def resolve_config(raw: dict, source: Path | None = None, profile: str | None = 
         _check_names(only, names, where, f"--only (profile '{profile}')")
         names = [n for n in names if n in only]
     cfg["candidates"] = {n: _resolve_candidate(n, cfg["candidates"][n], cfg, where) for n in names}
+    for entry in cfg["candidates"].values():
+        _resolve_weights_path(entry, source)
     for name, ens in cfg["ensembles"].items():
         if "type" not in ens:
             raise BenchError(f"{where}: ensemble '{name}' has no 'type'")
@@ -167,6 +169,16 @@ def _resolve_candidate(name: str, entry: dict, cfg: dict, where: str) -> dict:
         params["features"] = copy.deepcopy(cfg["feature_sets"][fs])
         entry["feature_set"] = fs
     return entry
+
+
+def _resolve_weights_path(entry: dict, source) -> None:
+    """A candidate's ``weights`` file (CNN backbones), if relative, starts at the config's folder."""
+    w = entry.get("params", {}).get("weights")
+    if not isinstance(w, str) or w.lower() in ("", "imagenet", "none") or source is None:
+        return
+    p = Path(w).expanduser()
+    if not p.is_absolute():
+        entry["params"]["weights"] = os.path.abspath(Path(source).parent / p)
 
 
 def _check_run(cfg: dict, where: str) -> None:

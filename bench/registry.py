@@ -25,6 +25,8 @@ BUILTIN: dict[str, str] = {
     "feature_xgb": "baselines.models:FeatureXGB",
     # CNNs
     "scratch_cnn": "cnn.candidate:ScratchCNN",
+    "transfer_frozen": "cnn.transfer:FrozenTransferCNN",
+    "transfer_finetune": "cnn.transfer:FineTuneTransferCNN",
     # ensembles
     "soft_voting": "ensembles.voting:SoftVoting",
     "stacking": "ensembles.stacking:Stacking",

@@ -71,6 +71,9 @@ class KerasCandidate(Candidate):
 
     def _load_model(self, path: Path) -> None:
         import keras
+
+        import cnn.augment  # noqa: F401  (registers the custom layers a model may hold)
+        import cnn.backbones  # noqa: F401
         configure()
         self.model_ = keras.models.load_model(path / MODEL_FILE, safe_mode=True, compile=False)
 
@@ -83,6 +86,8 @@ class ScratchCNN(KerasCandidate):
     ----------
     blocks, filters, filter_growth, kernel_size, convs_per_block, block_dropout, pooling,
     dense_units, dropout, input_size : architecture (see :func:`cnn.models.build_scratch_cnn`).
+    augment : augmentation spec, a preset name or a table (see :mod:`cnn.augment`); in
+        the model, active in training only.
     optimizer : ``"adam"``, ``"adamw"`` or ``"sgd"`` (momentum 0.9).
     learning_rate, batch_size, epochs, patience, schedule : training.
     class_weight : ``"balanced"`` or ``None``.
@@ -93,8 +98,8 @@ class ScratchCNN(KerasCandidate):
 
     def __init__(self, blocks=3, filters=32, filter_growth=2.0, kernel_size=3, convs_per_block=1,
                  block_dropout=0.1, pooling="avg", dense_units=128, dropout=0.3, input_size=None,
-                 optimizer="adam", learning_rate=1e-3, batch_size=64, epochs=30, patience=5,
-                 schedule="plateau", class_weight="balanced", val_fraction=0.1, seed=0,
+                 augment="flips", optimizer="adam", learning_rate=1e-3, batch_size=64, epochs=30,
+                 patience=5, schedule="plateau", class_weight="balanced", val_fraction=0.1, seed=0,
                  verbose=0):
         self.blocks = blocks
         self.filters = filters
@@ -106,6 +111,7 @@ class ScratchCNN(KerasCandidate):
         self.dense_units = dense_units
         self.dropout = dropout
         self.input_size = input_size
+        self.augment = augment
         self.optimizer = optimizer
         self.learning_rate = learning_rate
         self.batch_size = batch_size
@@ -118,20 +124,25 @@ class ScratchCNN(KerasCandidate):
         self.verbose = verbose
 
     def _build(self, image_size, n_classes):
+        from cnn.augment import build_augmentation
         from cnn.models import build_scratch_cnn
         return build_scratch_cnn(
             image_size, n_classes, blocks=self.blocks, filters=self.filters,
             filter_growth=self.filter_growth, kernel_size=self.kernel_size,
             convs_per_block=self.convs_per_block, block_dropout=self.block_dropout,
             pooling=self.pooling, dense_units=self.dense_units, dropout=self.dropout,
-            input_size=self.input_size)
+            input_size=self.input_size, augmentation=build_augmentation(self.augment, self.seed))
 
     @classmethod
     def param_space(cls, trial) -> dict:
         return {
             "blocks": trial.suggest_int("blocks", 2, 4),
             "filters": trial.suggest_categorical("filters", [16, 32, 48]),
+            "convs_per_block": trial.suggest_int("convs_per_block", 1, 2),
+            "dense_units": trial.suggest_categorical("dense_units", [64, 128, 256]),
             "dropout": trial.suggest_float("dropout", 0.1, 0.5),
+            "augment": trial.suggest_categorical("augment", ["flips", "default"]),
+            "input_size": trial.suggest_categorical("input_size", [48, 64]),
             "learning_rate": trial.suggest_float("learning_rate", 3e-4, 3e-3, log=True),
             "optimizer": trial.suggest_categorical("optimizer", ["adam", "sgd"]),
             "batch_size": trial.suggest_categorical("batch_size", [32, 64, 128]),

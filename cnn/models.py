@@ -41,17 +41,18 @@ def build_scratch_cnn(image_size: int, n_classes: int, blocks: int = 3, filters:
                       augmentation=None, name: str = "scratch_cnn") -> keras.Model:
     """A modular CNN on ``uint8`` RGB input of side ``image_size``.
 
-    The model rescales to [0, 1] itself, optionally resizes to ``input_size`` and applies
-    ``augmentation`` (a Keras layer, active in training only), then ``blocks`` conv blocks
-    whose width grows by ``filter_growth``, global average pooling (``pooling="avg"``) or
-    flattening, the dense head and softmax.
+    The model applies ``augmentation`` (a Keras layer on RGB values in [0, 255], active in
+    training only, see :mod:`cnn.augment`), rescales to [0, 1], optionally resizes to
+    ``input_size``, then ``blocks`` conv blocks whose width grows by ``filter_growth``,
+    global average pooling (``pooling="avg"``) or flattening, the dense head and softmax.
     """
     inputs = keras.Input((image_size, image_size, 3), name="image")
-    x = layers.Rescaling(1.0 / 255, name="rescale")(inputs)
-    if input_size and input_size != image_size:
-        x = layers.Resizing(input_size, input_size, name="resize")(x)
+    x = inputs
     if augmentation is not None:
         x = augmentation(x)
+    x = layers.Rescaling(1.0 / 255, name="rescale")(x)
+    if input_size and input_size != image_size:
+        x = layers.Resizing(input_size, input_size, name="resize")(x)
     for b in range(blocks):
         width = int(round(filters * filter_growth ** b))
         x = conv_block(x, width, kernel_size, convs_per_block, block_dropout, name=f"block{b + 1}")

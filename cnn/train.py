@@ -51,23 +51,28 @@ def _epoch_hook(fns):
 def fit_keras(model, X, y, X_val, y_val, *, n_classes: int, epochs: int, batch_size: int,
               optimizer: str = "adam", learning_rate: float = 1e-3, class_weight=None,
               patience: int = 5, schedule: str = "plateau", workdir=None, epoch_callbacks=None,
-              seed: int = 0, verbose: int = 0) -> dict:
+              seed: int = 0, verbose: int = 0, initial_epoch: int = 0) -> dict:
     """Compile and train ``model``; returns the Keras history as a dict of lists.
 
     Early stopping watches validation loss and restores the best weights; the learning
     rate follows ``schedule`` (``"plateau"``: reduce on plateau, ``"cosine"``: cosine
     decay). With ``workdir``, the best checkpoint and a CSV log of every epoch are kept.
+    ``epoch_callbacks`` are called as ``fn(epoch, logs)`` after every epoch; an exception
+    they raise (e.g. ``optuna.TrialPruned``) stops training and propagates unchanged.
+    ``initial_epoch`` continues a previous phase: epochs are numbered from it, the CSV
+    log is appended to, and ``epochs`` is the number of the last epoch (Keras' meaning).
     """
     import keras
     configure()
-    steps = int(np.ceil(len(X) / batch_size)) * epochs
+    steps = int(np.ceil(len(X) / batch_size)) * max(1, epochs - initial_epoch)
     lr = (keras.optimizers.schedules.CosineDecay(learning_rate, max(1, steps))
           if schedule == "cosine" else learning_rate)
     model.compile(optimizer=make_optimizer(optimizer, lr),
                   loss="sparse_categorical_crossentropy", metrics=["accuracy"])
     cbs = [keras.callbacks.EarlyStopping(monitor="val_loss", patience=patience,
                                          restore_best_weights=True,
-                                         start_from_epoch=min(3, epochs // 4))]
+                                         start_from_epoch=initial_epoch
+                                         + min(3, (epochs - initial_epoch) // 4))]
     if schedule == "plateau":
         cbs.append(keras.callbacks.ReduceLROnPlateau(monitor="val_loss", factor=0.3,
                                                      patience=max(1, patience // 2),
@@ -77,7 +82,8 @@ def fit_keras(model, X, y, X_val, y_val, *, n_classes: int, epochs: int, batch_s
     if workdir:
         workdir = Path(workdir)
         workdir.mkdir(parents=True, exist_ok=True)
-        cbs.append(keras.callbacks.CSVLogger(str(workdir / "epochs.csv")))
+        cbs.append(keras.callbacks.CSVLogger(str(workdir / "epochs.csv"),
+                                             append=initial_epoch > 0))
         cbs.append(keras.callbacks.ModelCheckpoint(str(workdir / "checkpoint.keras"),
                                                    monitor="val_loss", save_best_only=True))
     if epoch_callbacks:
@@ -87,7 +93,7 @@ def fit_keras(model, X, y, X_val, y_val, *, n_classes: int, epochs: int, batch_s
     hist = model.fit(make_dataset(X, y, batch_size, shuffle=True, seed=seed),
                      validation_data=make_dataset(X_val, y_val, batch_size),
                      epochs=epochs, class_weight=class_weight, callbacks=cbs, verbose=verbose,
-                     shuffle=False)   # the tf.data pipeline shuffles
+                     shuffle=False, initial_epoch=initial_epoch)   # the tf.data pipeline shuffles
     return {k: [float(v) for v in vals] for k, vals in hist.history.items()}
 
 
