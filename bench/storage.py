@@ -17,9 +17,7 @@ import time
 import warnings
 from pathlib import Path
 
-import numpy as np
 import optuna
-from optuna.samplers import BaseSampler
 from optuna.storages import JournalStorage, RDBStorage, RetryHeartbeatStaleTrialCallback
 from optuna.storages.journal import JournalFileBackend
 from optuna.trial import TrialState
@@ -137,57 +135,3 @@ def optimize_shared(study: optuna.Study, objective, n_trials: int, timeout: floa
                        **optimize_kwargs)
     return sum(t.state in FINISHED and not t.user_attrs.get("surplus") for t in mine)
 
-
-def _derived_seed(seed: int, number: int) -> int:
-    return int(np.random.SeedSequence([int(seed) % 2**32, int(number)]).generate_state(1)[0])
-
-
-class TrialSeededSampler(BaseSampler):
-    """A sampler whose draws for trial *k* depend only on ``seed`` and *k*.
-
-    Each trial gets its own sampler ``factory(seed=f(seed, k))``. Several processes that
-    share a study with the same seed then draw *different* parameters (a plain seeded
-    sampler in each process would repeat the same sequence, so their random start-up
-    trials would be duplicates), and the start-up trials are the same whether one process
-    or many run them. Model-based steps (TPE after its start-up trials) still depend on
-    which trials finished first.
-
-    Parameters
-    ----------
-    factory : callable
-        ``factory(seed=int) -> BaseSampler``, e.g. ``optuna.samplers.TPESampler``.
-    seed : int
-    """
-
-    def __init__(self, factory=None, seed: int = 0):
-        self.factory = factory or optuna.samplers.TPESampler
-        self.seed = seed
-        self._samplers: dict[int, BaseSampler] = {}
-
-    def _for(self, trial) -> BaseSampler:
-        s = self._samplers.get(trial.number)
-        if s is None:
-            if len(self._samplers) > 16:
-                self._samplers.clear()
-            s = self._samplers[trial.number] = self.factory(
-                seed=_derived_seed(self.seed, trial.number))
-        return s
-
-    def infer_relative_search_space(self, study, trial):
-        return self._for(trial).infer_relative_search_space(study, trial)
-
-    def sample_relative(self, study, trial, search_space):
-        return self._for(trial).sample_relative(study, trial, search_space)
-
-    def sample_independent(self, study, trial, param_name, param_distribution):
-        return self._for(trial).sample_independent(study, trial, param_name, param_distribution)
-
-    def before_trial(self, study, trial):
-        self._for(trial).before_trial(study, trial)
-
-    def after_trial(self, study, trial, state, values):
-        self._for(trial).after_trial(study, trial, state, values)
-        self._samplers.pop(trial.number, None)
-
-    def reseed_rng(self) -> None:   # draws are fixed by (seed, trial number) by design
-        pass
