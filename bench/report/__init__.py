@@ -1,0 +1,47 @@
+"""The benchmark report: ``python -m bench report DIR [DIR ...]``.
+
+For one run directory it writes ``DIR/report/``:
+
+* ``index.html``: self-contained (images and CSVs beside it, no network needed),
+  sortable leaderboard with confidence intervals and significance markers, paired
+  tests against the best entry, per-class scores, confusion matrices, ROC curves,
+  calibration, the Grad-CAM audit, data card and run card;
+* ``leaderboard.md``: the leaderboard in Markdown;
+* ``csv/``: the numbers behind every table and figure; ``img/``: the figures.
+
+With several run directories (one per data set) it also writes a cross-dataset report
+(Friedman test, Nemenyi critical-difference diagram) to ``--out``, by default
+``FIRST_DIR/cross_dataset_report/``.
+
+Settings come from the run's ``[report]`` config section (:data:`REPORT_DEFAULTS`).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from bench.report.build import write_cross_report, write_report
+from bench.report.rundata import REPORT_DEFAULTS, RunData, report_settings
+
+CROSS_DIR = "cross_dataset_report"
+
+
+def report_after_run(run_dir, config: dict) -> Path | None:
+    """Write the report at the end of ``run`` unless ``[report] enabled = false``.
+
+    A failing report never loses the finished run: the error is printed as a warning
+    with the command that retries it, and ``None`` is returned.
+    """
+    from bench.progress import warn
+    try:
+        if not report_settings(config)["enabled"]:
+            return None
+        return write_report(run_dir)
+    except Exception as exc:   # noqa: BLE001 - the run itself is complete and saved
+        warn(f"the run finished but its report failed ({type(exc).__name__}: {exc}); "
+             f"retry with: python -m bench report {run_dir}")
+        return None
+
+
+__all__ = ["write_report", "write_cross_report", "report_after_run", "RunData",
+           "REPORT_DEFAULTS", "report_settings", "CROSS_DIR"]

@@ -1,0 +1,489 @@
+"""Assemble the report of one run (``DIR/report``) and the cross-dataset report."""
+
+from __future__ import annotations
+
+import base64
+import datetime as _dt
+import hashlib
+import math
+import os
+import re
+import shutil
+import time
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+from bench.calibration import reliability
+from bench.errors import BenchError
+from bench.io import atomic_write_text, publish_dir
+from bench.report import cards, plots, tables
+from bench.report.rundata import RunData
+from bench.stats import friedman, nemenyi_cd
+
+TEMPLATES = Path(__file__).resolve().parent.parent / "templates"
+SORT_SCRIPT = """
+document.querySelectorAll('table.sortable').forEach(function (table) {
+  var head = table.tHead.rows[0];
+  Array.prototype.forEach.call(head.cells, function (th, col) {
+    if (!th.classList.contains('sort')) { return; }
+    th.tabIndex = 0;
+    th.title = 'sort by this column';
+    var go = function () {
+      var body = table.tBodies[0];
+      var rows = Array.prototype.slice.call(body.rows);
+      var asc = th.getAttribute('aria-sort') !== 'ascending';
+      Array.prototype.forEach.call(head.cells, function (h) { h.removeAttribute('aria-sort'); });
+      th.setAttribute('aria-sort', asc ? 'ascending' : 'descending');
+      rows.sort(function (a, b) {
+        var x = a.cells[col].getAttribute('data-sort'), y = b.cells[col].getAttribute('data-sort');
+        var fx = parseFloat(x), fy = parseFloat(y);
+        var bothNum = !isNaN(fx) && !isNaN(fy);
+        if (x === '' || x === null) { return 1; }
+        if (y === '' || y === null) { return -1; }
+        var d = bothNum ? fx - fy : String(x).localeCompare(String(y));
+        return asc ? d : -d;
+      });
+      rows.forEach(function (r) { body.appendChild(r); });
+    };
+    th.addEventListener('click', go);
+    th.addEventListener('keydown', function (e) { if (e.key === 'Enter') { go(); } });
+  });
+});
+""".strip()
+
+
+# ----------------------------------------------------------------------------- helpers
+
+def slug(name: str) -> str:
+    """A file-name-safe version of ``name`` (plus a short hash when characters were dropped)."""
+    s = re.sub(r"[^A-Za-z0-9_.-]+", "_", str(name)).strip("._") or "x"
+    if s != name:
+        s += "-" + hashlib.sha1(str(name).encode()).hexdigest()[:6]
+    return s[:80]
+
+
+def fmt(v, digits: int = 3) -> str:
+    if v is None:
+        return ""
+    if isinstance(v, (float, np.floating)):
+        if math.isnan(v):
+            return ""
+        if math.isinf(v):
+            return "inf" if v > 0 else "-inf"
+        return f"{v:.{digits}f}"
+    return str(v)
+
+
+def fmt_p(p) -> str:
+    if p is None or (isinstance(p, float) and math.isnan(p)):
+        return ""
+    return "<0.001" if p < 0.001 else f"{p:.3f}"
+
+
+def fmt_size(v) -> str:
+    if v is None or (isinstance(v, float) and math.isnan(v)):
+        return ""
+    v = float(v)
+    for unit, div in (("M", 1e6), ("k", 1e3)):
+        if v >= div:
+            return f"{v / div:.1f}{unit}"
+    return f"{v:.0f}"
+
+
+def _sortval(v) -> str:
+    if v is None or (isinstance(v, float) and not math.isfinite(v)):
+        return ""
+    return repr(float(v)) if isinstance(v, (int, float, np.number)) else str(v)
+
+
+def _env():
+    from jinja2 import Environment, FileSystemLoader, StrictUndefined
+    env = Environment(loader=FileSystemLoader(str(TEMPLATES)), autoescape=True,
+                      undefined=StrictUndefined, trim_blocks=True, lstrip_blocks=True)
+    env.filters["fmt"] = fmt
+    env.filters["fmt_p"] = fmt_p
+    return env
+
+
+def _csp() -> str:
+    digest = base64.b64encode(hashlib.sha256(SORT_SCRIPT.encode()).digest()).decode()
+    return (f"default-src 'none'; img-src 'self' data:; style-src 'unsafe-inline'; "
+            f"script-src 'sha256-{digest}'")
+
+
+def md_escape(text) -> str:
+    """Text safe inside a Markdown table cell (no HTML, no cell breaks)."""
+    import html
+    return html.escape(str(text), quote=False).replace("|", "\\|").replace("\n", " ")
+
+
+class _Out:
+    """Where report files go: images and CSVs beside index.html."""
+
+    def __init__(self, root: Path):
+        self.root = root
+        (root / "img").mkdir(parents=True, exist_ok=True)
+        (root / "csv").mkdir(parents=True, exist_ok=True)
+        self.csvs: list[str] = []
+
+    def csv(self, df: pd.DataFrame, name: str) -> str:
+        rel = f"csv/{name}.csv"
+        df.to_csv(self.root / rel, index=False)
+        self.csvs.append(rel)
+        return rel
+
+    def fig(self, fig, name: str, alt: str, caption: str, csv: str | None = None) -> dict:
+        rel = f"img/{name}.png"
+        plots.save(fig, self.root / rel)
+        return {"src": rel, "alt": alt, "caption": caption, "csv": csv}
+
+
+# ----------------------------------------------------------------------------- one run
+
+def _metric_cell(r, m: str) -> dict:
+    return {"text": f"{fmt(r[m])} ± {fmt(r[f'{m}_std'])}",
+            "ci": f"[{fmt(r[f'{m}_lo'])}, {fmt(r[f'{m}_hi'])}]" if np.isfinite(r[f"{m}_lo"]) else "",
+            "sort": _sortval(r[m])}
+
+
+def _board_rows(board, comps, colors):
+    c = comps.set_index("candidate")
+    rows = []
+    for _, r in board.iterrows():
+        cmp = c.loc[r["candidate"]]
+        rows.append({
+            "rank": int(r["rank"]), "name": r["candidate"], "kind": r["kind"],
+            "members": r["members"], "color": colors[r["candidate"]],
+            "metrics": [_metric_cell(r, m) for m in tables.REPORT_METRICS],
+            "fit": fmt(r["fit_seconds"], 1), "fit_sort": _sortval(r["fit_seconds"]),
+            "ms": fmt(r["predict_ms_per_image"], 2), "ms_sort": _sortval(r["predict_ms_per_image"]),
+            "size": fmt_size(r["model_size"]), "size_sort": _sortval(r["model_size"]),
+            "verdict": cmp["verdict"], "best": bool(cmp["is_best"]),
+            "p_t": None if cmp["is_best"] else cmp["p_ttest_holm"],
+            "p_m": None if cmp["is_best"] else cmp["p_mcnemar_holm"],
+            "sig_t": bool(cmp["significant_ttest"]), "sig_m": bool(cmp["significant_mcnemar"]),
+        })
+    return rows
+
+
+def _markers(row) -> str:
+    if row["best"]:
+        return "★ best"
+    marks = ("*" if row["sig_t"] else "") + ("†" if row["sig_m"] else "")
+    return marks or "n.s."
+
+
+def leaderboard_markdown(run, board, comps, metric: str, confidence: float, alpha: float) -> str:
+    c = comps.set_index("candidate")
+    ms = tables.REPORT_METRICS
+    head = (["rank", "candidate", "kind"] + [tables.METRIC_LABELS[m] for m in ms]
+            + ["fit s", "ms/img", "size", "vs best", "p (t, Holm)", "p (McNemar, Holm)"])
+    lines = [f"# Leaderboard: {md_escape(run.title)}", "",
+             f"Sorted by **{tables.METRIC_LABELS.get(metric, metric)}**. Cells: mean ± std over "
+             f"{len(run.fold_ids)} folds [{confidence:.0%} t-interval]. Compared with the best "
+             f"entry: `*` corrected resampled t-test (Nadeau-Bengio) and `†` McNemar on the "
+             f"out-of-fold predictions, significant at {alpha} after Holm's adjustment; "
+             "`n.s.` neither. Ensembles: costs are sums over members.", "",
+             "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for row in _board_rows(board, comps, {n: "" for n in board["candidate"]}):
+        cmp = c.loc[row["name"]]
+        cells = [str(row["rank"]), md_escape(row["name"]), row["kind"]]
+        cells += [f"{m['text']} {m['ci']}".strip() for m in row["metrics"]]
+        cells += [row["fit"], row["ms"], row["size"], _markers(row),
+                  "" if cmp["is_best"] else fmt_p(cmp["p_ttest_holm"]),
+                  "" if cmp["is_best"] else fmt_p(cmp["p_mcnemar_holm"])]
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def _best_of(board, kinds) -> str | None:
+    rows = board[board["kind"].isin(kinds)]
+    return rows["candidate"].iloc[0] if len(rows) else None
+
+
+def _color_order(run) -> list[str]:
+    cfg = run.config
+    order = [n for n in list(cfg.get("candidates", {})) + list(cfg.get("ensembles", {}))
+             if n in run.names]
+    return order + [n for n in run.names if n not in order]
+
+
+def _say(progress, msg):
+    if progress:
+        from bench.progress import info
+        info(msg)
+
+
+def write_report(run_dir, gradcam: bool | None = None, progress: bool = True) -> Path:
+    """Write ``run_dir/report`` (index.html, leaderboard.md, csv/, img/); return index.html.
+
+    Parameters
+    ----------
+    run_dir : a finished run directory.
+    gradcam : run the Grad-CAM audit; default ``[report] gradcam``.
+    progress : print what is being done.
+    """
+    t0 = time.perf_counter()
+    run = RunData(run_dir)
+    s = run.settings
+    metric = run.metric
+    final = run.run_dir / "report"
+    tmp = final.with_name(f".report.tmp-{os.getpid()}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    out = _Out(tmp)
+    try:
+        ctx = _build(run, s, metric, out, gradcam, progress)
+        ctx["elapsed"] = time.perf_counter() - t0
+        html = _env().get_template("report.html.j2").render(**ctx)
+        atomic_write_text(tmp / "index.html", html)
+        publish_dir(tmp, final)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    _say(progress, f"report: {final / 'index.html'} ({time.perf_counter() - t0:.0f} s)")
+    return final / "index.html"
+
+
+def _build(run, s, metric, out: _Out, gradcam, progress) -> dict:
+    conf, alpha, bins = float(s["confidence"]), float(s["alpha"]), int(s["ece_bins"])
+    label = tables.METRIC_LABELS.get(metric, metric)
+    if metric not in tables.REPORT_METRICS:
+        raise BenchError(f"[run] metric '{metric}' is not one of {list(tables.REPORT_METRICS)}")
+    per_fold = tables.per_fold_metrics(run, bins)
+    board = tables.leaderboard(run, per_fold, metric, conf)
+    comps = tables.comparisons(run, per_fold, board, metric, alpha)
+    colors = plots.palette(_color_order(run))
+    figs = {}
+    out.csv(per_fold, "metrics_per_fold")
+    board_csv = out.csv(board, "leaderboard")
+    comps_csv = out.csv(comps, "comparisons")
+    figs["scores"] = out.fig(plots.scores_figure(per_fold, board, metric, label, colors),
+                             "scores", f"{label} per fold and candidate",
+                             f"{label} of every fold (dots), mean (diamond) and "
+                             f"{conf:.0%} t-interval (bar).", "csv/metrics_per_fold.csv")
+    figs["cost"] = out.fig(plots.cost_figure(board, metric, label, colors), "cost",
+                           f"{label} against inference time", "Score against inference cost.",
+                           board_csv)
+
+    # per class
+    best_cand = _best_of(board, ["cnn", "baseline"]) or board["candidate"].iloc[0]
+    best_ens = _best_of(board, ["ensemble"])
+    focus = [n for n in (best_cand, best_ens) if n]
+    pc_all = pd.concat([tables.per_class(run, n) for n in run.names], ignore_index=True)
+    pc_csv = out.csv(pc_all, "per_class")
+    per_class_tables, conf_figs, roc_figs = [], [], []
+    for n in focus:
+        role = "best ensemble" if n == best_ens else "best candidate"
+        per_class_tables.append({"name": n, "role": role,
+                                 "rows": pc_all[pc_all["candidate"] == n].to_dict("records")})
+        cm, norm = tables.confusion(run, n)
+        c_csv = out.csv(tables.confusion_csv(run, n), f"confusion_{slug(n)}")
+        conf_figs.append(out.fig(plots.confusion_figure(cm, norm, run.classes,
+                                                        f"Confusion matrix: {n} ({role})"),
+                                 f"confusion_{slug(n)}", f"confusion matrix of {n}",
+                                 f"{n} ({role}): out-of-fold predictions, counts and "
+                                 "normalised by true class.", c_csv))
+        roc = tables.roc_points(run, n)
+        r_csv = out.csv(roc, f"roc_{slug(n)}")
+        roc_figs.append(out.fig(plots.roc_figure(roc, run.classes, f"One-vs-rest ROC: {n}"),
+                                f"roc_{slug(n)}", f"ROC curves of {n}",
+                                f"{n} ({role}): one-vs-rest ROC per class (pooled out-of-fold "
+                                "probabilities).", r_csv))
+
+    # calibration
+    rel = {n: reliability(run.y, run.oof[n], bins) for n in board["candidate"]}
+    rel_csv = out.csv(pd.concat([t.assign(candidate=n) for n, t in rel.items()],
+                                ignore_index=True), "reliability")
+    cal = tables.calibration_table(run, per_fold, bins)
+    cal_csv = out.csv(cal, "calibration")
+    eces = dict(zip(cal["candidate"], cal["ece_pooled"]))
+    figs["reliability"] = out.fig(plots.reliability_figure(rel, eces, colors), "reliability",
+                                  "reliability diagrams",
+                                  f"Accuracy against confidence in {bins} bins; the gap to the "
+                                  "diagonal is miscalibration.", rel_csv)
+    pred_cfg = run.config.get("predictor", {}) or {}
+
+    # data card
+    dc = cards.data_card(run)
+    out.csv(pd.DataFrame({"class": list(dc["counts"]), "images": list(dc["counts"].values())}),
+            "class_counts")
+    figs["counts"] = out.fig(plots.counts_figure(dc["counts"]), "class_counts",
+                             "images per class", "Images per class.", "csv/class_counts.csv")
+    fold_csv = out.csv(dc["per_fold"].reset_index().rename(columns={"label": "class"}),
+                       "class_per_fold")
+    warnings = cards.warnings_for(run, board, s)
+
+    # Grad-CAM
+    audit_ctx = _gradcam_section(run, board, s, out, colors, gradcam, progress)
+    if audit_ctx.get("flagged"):
+        warnings.append({"title": "Grad-CAM sanity check failed",
+                         "text": "The maps of " + ", ".join(audit_ctx["flagged"]) + " barely "
+                                 "change when the model's weights are randomised: they do not "
+                                 "show what the model learned."})
+    md = leaderboard_markdown(run, board, comps, metric, conf, alpha)
+    atomic_write_text(out.root / "leaderboard.md", md)
+    return {
+        "title": run.title, "run": run, "metric": metric, "metric_label": label,
+        "metrics": [(m, tables.METRIC_LABELS[m]) for m in tables.REPORT_METRICS],
+        "confidence": conf, "alpha": alpha, "bins": bins,
+        "board": _board_rows(board, comps, colors), "board_csv": board_csv,
+        "comparisons": comps.to_dict("records"), "comps_csv": comps_csv,
+        "ratio": float(comps["test_train_ratio"].dropna().iloc[0])
+        if "test_train_ratio" in comps and comps["test_train_ratio"].notna().any() else None,
+        "best": board["candidate"].iloc[0], "best_cand": best_cand, "best_ens": best_ens,
+        "figs": figs, "conf_figs": conf_figs, "roc_figs": roc_figs,
+        "per_class": per_class_tables, "per_class_csv": pc_csv,
+        "calibration": cal.to_dict("records"), "cal_csv": cal_csv,
+        "temperature_scaling": bool(pred_cfg.get("temperature_scaling", False)),
+        "predictor_temperature": _predictor_temperature(run),
+        "data_card": dc, "class_per_fold_csv": fold_csv, "run_card": cards.run_card(run),
+        "warnings": warnings, "audit": audit_ctx, "colors": colors,
+        "generated": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+        "csvs": out.csvs, "csp": _csp(), "script": SORT_SCRIPT,
+    }
+
+
+def _predictor_temperature(run):
+    f = run.run_dir / "predictor" / "manifest.json"
+    if not f.is_file():
+        return None
+    import json
+    cal = json.loads(f.read_text()).get("calibration") or {}
+    return cal.get("temperature")
+
+
+def _gradcam_section(run, board, s, out: _Out, colors, gradcam, progress) -> dict:
+    from bench.report import gradcam_audit as ga
+    enabled = s["gradcam"] if gradcam is None else gradcam
+    if not enabled:
+        return {"status": "off", "notes": ["the Grad-CAM audit is switched off "
+                                           "([report] gradcam = false or --no-gradcam)"]}
+    if not any(run.kind(n) == "cnn" for n in run.names):
+        return {"status": "none", "notes": ["no CNN candidate in this run: nothing to audit"]}
+    why = ga.check_available()
+    if why:
+        return {"status": "error", "notes": [why]}
+    _say(progress, "report: Grad-CAM audit "
+                   f"({s['gradcam_per_class']} images per class, seed {s['seed']})")
+    try:
+        audit = ga.run_audit(run, board, s, progress=None)
+    except Exception as exc:   # noqa: BLE001 - the rest of the report stays useful
+        from bench.progress import warn
+        warn(f"Grad-CAM audit failed: {type(exc).__name__}: {exc}")
+        return {"status": "error", "notes": [f"the audit failed: {type(exc).__name__}: {exc}"]}
+    e_csv = out.csv(audit["energy"], "gradcam_energy")
+    r_csv = out.csv(audit["randomization"], "gradcam_randomization")
+    sum_csv = out.csv(audit["summary"], "gradcam_summary")
+    galleries = []
+    for n in audit["entries"]:
+        rows = []
+        for c, (ok, bad) in audit["gallery"][n].items():
+            for kind, rr in (("correct", ok), ("misclassified", bad)):
+                for r in rr:
+                    rows.append({"candidate": n, "row": int(r), "class": run.classes[c],
+                                 "predicted": run.classes[audit["pred"][n][r]], "shown_as": kind,
+                                 "source": str(run.folds_table["source"].iloc[int(r)])})
+        g_csv = out.csv(pd.DataFrame(rows), f"gallery_{slug(n)}")
+        galleries.append(out.fig(ga.gallery_figure(run, audit, n), f"gradcam_{slug(n)}",
+                                 f"Grad-CAM gallery of {n}",
+                                 f"{n}: per class, correctly classified (left) and "
+                                 "misclassified (right) out-of-fold examples.", g_csv))
+    energy_fig = out.fig(ga.energy_figure(audit, colors), "gradcam_energy",
+                         "Grad-CAM energy inside the cell",
+                         "Share of each map's energy inside the segmented cell, per audited "
+                         "image; the black bar is the cell's share of the image area.", e_csv)
+    summ = audit["summary"]
+    return {"status": "ok", "summary": summ.to_dict("records"), "summary_csv": sum_csv,
+            "rand_csv": r_csv, "galleries": galleries, "energy_fig": energy_fig,
+            "notes": audit["notes"], "threshold": float(s["randomization_threshold"]),
+            "n_per_class": int(s["gradcam_per_class"]),
+            "flagged": [r["candidate"] for r in summ.to_dict("records")
+                        if r["randomization_flagged"]]}
+
+
+# ----------------------------------------------------------------------------- several runs
+
+def write_cross_report(run_dirs, out_dir, progress: bool = True) -> Path:
+    """Friedman test and critical-difference diagram over several runs (data sets).
+
+    Entries present in every run are compared on each run's ``[run] metric`` (the first
+    run's metric is used for all); returns ``out_dir/index.html``.
+    """
+    runs = [RunData(d) for d in run_dirs]
+    if len(runs) < 2:
+        raise BenchError("a cross-dataset report needs at least two run directories")
+    metric = runs[0].metric
+    alpha = float(runs[0].settings["alpha"])
+    label = tables.METRIC_LABELS.get(metric, metric)
+    common = [n for n in runs[0].names if all(n in r.names for r in runs[1:])]
+    left_out = sorted({n for r in runs for n in r.names} - set(common))
+    if len(common) < 2:
+        raise BenchError("a cross-dataset report needs at least two candidates or ensembles "
+                         f"present in every run; common to all: {common or 'none'}")
+    labels, seen = [], {}
+    for r in runs:
+        base = r.run_dir.name
+        seen[base] = seen.get(base, 0) + 1
+        labels.append(base if seen[base] == 1 else f"{base} ({seen[base]})")
+    scores = np.array([[tables.per_fold_metrics(r, int(r.settings["ece_bins"]))
+                        .groupby("candidate")[metric].mean()[n] for n in common] for r in runs])
+    lower = tables.lower_is_better(metric)
+    fr = friedman(scores, higher_is_better=not lower)
+    cd = nemenyi_cd(len(common), len(runs), alpha)
+    avg = dict(zip(common, fr["avg_ranks"]))
+    out_dir = Path(out_dir)
+    tmp = out_dir.with_name(f".{out_dir.name}.tmp-{os.getpid()}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    out = _Out(tmp)
+    try:
+        tab = pd.DataFrame(scores, columns=common)
+        tab.insert(0, "dataset", labels)
+        ranks = pd.DataFrame(fr["ranks"], columns=[f"rank_{n}" for n in common])
+        s_csv = out.csv(pd.concat([tab, ranks], axis=1), "scores_and_ranks")
+        colors = plots.palette(common)
+        cd_fig = out.fig(plots.cd_figure(avg, cd, colors,
+                                         f"Average rank by {label} over {len(runs)} data sets "
+                                         f"(Nemenyi CD at {alpha})"),
+                         "cd_diagram", "critical difference diagram",
+                         "Lower rank is better; entries joined by a bar are not significantly "
+                         "different (Nemenyi).", s_csv)
+        pairs = []
+        for i, a in enumerate(common):
+            for b in common[i + 1:]:
+                d = abs(avg[a] - avg[b])
+                pairs.append({"a": a, "b": b, "rank_difference": d, "significant": d > cd})
+        p_csv = out.csv(pd.DataFrame(pairs), "nemenyi_pairs")
+        ctx = {"title": "Cross-dataset comparison", "metric_label": label, "alpha": alpha,
+               "datasets": [{"label": lb, "run_dir": str(r.run_dir), "origin": r.title,
+                             "n": len(r.y), "classes": len(r.classes),
+                             "report": os.path.relpath(r.run_dir / "report" / "index.html",
+                                                       out_dir)}
+                            for lb, r in zip(labels, runs)],
+               "common": common, "left_out": left_out,
+               "rows": [{"dataset": lb, "scores": [fmt(v) for v in row],
+                         "ranks": [fmt(v, 1) for v in rk]}
+                        for lb, row, rk in zip(labels, scores, fr["ranks"])],
+               "avg_ranks": [fmt(avg[n], 2) for n in common], "friedman": fr, "cd": cd,
+               "pairs": pairs, "pairs_csv": p_csv, "scores_csv": s_csv, "cd_fig": cd_fig,
+               "few": len(runs) < 5, "colors": colors, "csp": _csp(), "script": SORT_SCRIPT,
+               "generated": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")}
+        html = _env().get_template("cross.html.j2").render(**ctx)
+        atomic_write_text(tmp / "index.html", html)
+        lines = [f"# Cross-dataset comparison ({md_escape(label)})", "",
+                 f"Friedman chi2 = {fr['chi2']:.3f}, p = {fmt_p(fr['p'])}; Iman-Davenport "
+                 f"F = {fmt(fr['F'])}, p = {fmt_p(fr['p_F'])}; Nemenyi CD = {cd:.3f} "
+                 f"(alpha {alpha}, {len(common)} entries, {len(runs)} data sets).", "",
+                 "| dataset | " + " | ".join(md_escape(n) for n in common) + " |",
+                 "|---|" + "---|" * len(common)]
+        for lb, row in zip(labels, scores):
+            lines.append(f"| {md_escape(lb)} | " + " | ".join(fmt(v) for v in row) + " |")
+        lines.append("| average rank | " + " | ".join(fmt(avg[n], 2) for n in common) + " |")
+        atomic_write_text(tmp / "leaderboard.md", "\n".join(lines) + "\n")
+        publish_dir(tmp, out_dir)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    _say(progress, f"cross-dataset report: {out_dir / 'index.html'}")
+    return out_dir / "index.html"

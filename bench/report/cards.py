@@ -1,0 +1,143 @@
+"""Data card and run card: where the data came from, how it was split, how the run ran;
+and the warnings a reader must see before trusting a number."""
+
+from __future__ import annotations
+
+import numpy as np
+import pandas as pd
+
+
+def feature_extractors(config: dict, features) -> list[str]:
+    """The extractor names behind a candidate's ``params.features``.
+
+    ``features`` may name a ``[feature_sets.NAME]`` (its keys are the extractors), be a
+    table of extractors, or a list of either.
+    """
+    sets = config.get("feature_sets", {}) or {}
+    if isinstance(features, dict):
+        return list(features)
+    if isinstance(features, str):
+        return list(sets[features]) if isinstance(sets.get(features), dict) else [features]
+    if isinstance(features, (list, tuple)):
+        return [e for f in features for e in feature_extractors(config, f)]
+    return []
+
+
+def colour_only_candidates(config: dict, colour_words) -> dict[str, list[str]]:
+    """Candidates whose features are all colour extractors: name -> extractor names."""
+    words = [w.lower() for w in colour_words]
+    out = {}
+    for name, entry in (config.get("candidates", {}) or {}).items():
+        feats = (entry.get("params", {}) or {}).get("features")
+        ex = feature_extractors(config, feats) if feats is not None else []
+        if ex and all(any(w in e.lower() for w in words) for e in ex):
+            out[name] = ex
+    return out
+
+
+def warnings_for(run, board: pd.DataFrame, settings: dict) -> list[dict]:
+    """Warnings shown at the top of the report: ``{"title", "text"}``."""
+    out = []
+    manifest, cfg = run.manifest, run.config
+    grouping = manifest.get("grouping", {}) or {}
+    data_cfg = cfg.get("data", {}) or {}
+    if not grouping.get("user_groups") and not data_cfg.get("groups") \
+            and not data_cfg.get("group_rule") and not grouping.get("group_rule"):
+        out.append({"title": "no patient groups",
+                    "text": "No patient or slide groups were given ([data] groups or group_rule): "
+                            "cells of one patient may sit in both training and test folds, "
+                            "which makes every score here optimistic."})
+    colour = colour_only_candidates(cfg, settings["colour_extractors"])
+    limit = float(settings["colour_only_warning"])
+    for name, ex in colour.items():
+        row = board[board["candidate"] == name]
+        if len(row) and row["balanced_accuracy"].iloc[0] >= limit:
+            n_classes = len(run.classes)
+            out.append({"title": f"colour-only baseline '{name}' scores high",
+                        "text": f"'{name}' uses colour features only ({', '.join(ex)}) and reaches "
+                                f"a balanced accuracy of {row['balanced_accuracy'].iloc[0]:.3f} "
+                                f"(chance: {1 / n_classes:.3f}; warning at {limit:.2f}). Classes "
+                                "may differ by staining, scanner or lab rather than by "
+                                "morphology: an acquisition shortcut the CNNs can use too."})
+    conflicts = grouping.get("duplicate_label_conflicts") or []
+    if conflicts:
+        out.append({"title": "identical images with different labels",
+                    "text": f"{len(conflicts)} group(s) of pixel-identical images carry more than "
+                            "one label."})
+    ds = manifest.get("dataset", {}) or {}
+    if ds.get("skipped"):
+        out.append({"title": "files skipped",
+                    "text": f"{len(ds['skipped'])} file(s) could not be read (see the data card)."})
+    per_fold_class = run.folds_table.groupby(["fold", "label"]).size()
+    if len(per_fold_class) and per_fold_class.min() < 5:
+        out.append({"title": "few test images per class",
+                    "text": f"Some fold has only {int(per_fold_class.min())} test image(s) of a "
+                            "class: per-fold scores and intervals are noisy."})
+    if len(run.fold_ids) < 3:
+        out.append({"title": "few folds",
+                    "text": f"{len(run.fold_ids)} folds: confidence intervals are very wide."})
+    return out
+
+
+def data_card(run) -> dict:
+    """Source, counts, sizes, duplicates and grouping, skipped files, fold scheme."""
+    m = run.manifest
+    ds = m.get("dataset", {}) or {}
+    g = m.get("grouping", {}) or {}
+    folds = m.get("folds", {}) or {}
+    counts = ds.get("counts") or {c: int(n) for c, n in
+                                  zip(run.classes, np.bincount(run.y, minlength=len(run.classes)))}
+    per_fold = (run.folds_table.groupby(["label", "fold"]).size().unstack(fill_value=0)
+                .reindex(run.classes).fillna(0).astype(int))
+    per_fold.columns = [f"fold {c}" for c in per_fold.columns]
+    data_cfg = run.config.get("data", {}) or {}
+    sources = run.folds_table["source"].astype(str)
+    splits = sorted({s.split("/")[0] for s in sources if s.count("/") >= 2})
+    return {
+        "source": m.get("data_path") or ds.get("origin", ""),
+        "dataset_name": data_cfg.get("name", ""),
+        "n_images": ds.get("n_images", len(run.y)),
+        "counts": counts,
+        "image_size": ds.get("image_size"),
+        "original_sizes": ds.get("original_sizes", {}),
+        "converted": ds.get("converted", []),
+        "skipped": ds.get("skipped", []),
+        "subset": data_cfg.get("max_images") or 0,
+        "grouping": {
+            "exact duplicate groups": g.get("exact_duplicate_groups", ds.get("exact_duplicate_groups")),
+            "images in exact duplicate groups": ds.get("exact_duplicate_images"),
+            "identical images with different labels": len(g.get("duplicate_label_conflicts") or []),
+            "patient/slide groups file": data_cfg.get("groups") or "none",
+            "groups from the file": g.get("user_groups", 0),
+            "near-duplicate pairs file": data_cfg.get("pairs") or "none",
+            "near-duplicate pairs joined": g.get("pairs", 0),
+            "file-number rule": data_cfg.get("group_rule") or g.get("group_rule") or "none",
+            "names not matched": len(g.get("unmatched") or []),
+            "groups in all": g.get("n_groups"),
+        },
+        "splits_merged": splits,
+        "folds": {"scheme": folds.get("scheme"), "n_folds": folds.get("n_folds"),
+                  "seed": folds.get("seed"), "hash": folds.get("hash")},
+        "per_fold": per_fold,
+    }
+
+
+def run_card(run) -> dict:
+    """Config, profile, seeds, versions, hardware, wall time per stage."""
+    m = run.manifest
+    stages = m.get("stage_seconds", {}) or {}
+    return {
+        "run_dir": str(run.run_dir),
+        "profile": m.get("profile"),
+        "created": m.get("created"), "finished": m.get("finished"),
+        "git_commit": m.get("git_commit"),
+        "config_hash": m.get("config_hash"),
+        "seeds": m.get("seeds", {}),
+        "tuning": m.get("tuning", {}),
+        "versions": m.get("versions", {}),
+        "hardware": m.get("hardware", {}),
+        "stages": stages,
+        "total_seconds": float(sum(stages.values())) if stages else None,
+        "config_toml": (run.run_dir / "config.toml").read_text(),
+        "predictor": run.state.get("predictor"),
+    }

@@ -1,0 +1,130 @@
+"""Read a finished run directory into one object the report works from."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+from bench.config import read_toml
+from bench.errors import BenchError
+
+REPORT_DEFAULTS = {
+    "enabled": True,            # write DIR/report at the end of `run`
+    "confidence": 0.95,         # confidence intervals over folds (Student t)
+    "alpha": 0.05,              # significance level of the tests
+    "ece_bins": 15,             # confidence bins of ECE and reliability diagrams
+    "gradcam": True,            # Grad-CAM audit of CNN candidates and CNN ensembles
+    "gradcam_per_class": 6,     # seeded sample per class for the energy and sanity audits
+    "gallery_per_class": 3,     # correct and misclassified examples shown per class
+    "randomization_threshold": 0.5,   # flag when Spearman rho(trained, random) >= this
+    "colour_only_warning": 0.6,       # warn when a colour-only baseline reaches this bal. acc.
+    "colour_extractors": ["color", "colour", "hsv", "rgb", "lab_hist", "stain"],
+    "seed": 0,                  # sampling of audited images
+}
+
+
+def report_settings(config: dict) -> dict:
+    """``[report]`` of a config merged over :data:`REPORT_DEFAULTS`, checked."""
+    raw = dict(config.get("report", {}) or {})
+    unknown = set(raw) - set(REPORT_DEFAULTS)
+    if unknown:
+        raise BenchError(f"[report]: unknown key(s) {sorted(unknown)}; known: "
+                         f"{sorted(REPORT_DEFAULTS)}")
+    s = {**REPORT_DEFAULTS, **raw}
+    for key in ("confidence", "alpha"):
+        if not 0 < float(s[key]) < 1:
+            raise BenchError(f"[report] {key} must be between 0 and 1, got {s[key]!r}")
+    for key in ("ece_bins", "gradcam_per_class", "gallery_per_class"):
+        if not isinstance(s[key], int) or s[key] < (1 if key == "ece_bins" else 0):
+            raise BenchError(f"[report] {key} must be a non-negative integer, got {s[key]!r}")
+    return s
+
+
+class RunData:
+    """Everything the report needs from ``run_dir`` (nothing is recomputed by training).
+
+    Attributes
+    ----------
+    config, manifest, state : the run's files.
+    classes : class names; ``y`` int labels and ``folds`` fold numbers, aligned with folds.csv.
+    entries : DataFrame, one row per candidate and ensemble (``name``, ``kind``, ``members``),
+        in leaderboard order.
+    oof : name -> (N, K) out-of-fold probabilities.
+    units : name -> list of per-fold ``result.json`` dicts (candidates only).
+    """
+
+    def __init__(self, run_dir):
+        self.run_dir = Path(run_dir)
+        d = self.run_dir
+        for f in ("config.toml", "manifest.json", "folds.csv", "state.json", "leaderboard.csv"):
+            if not (d / f).is_file():
+                raise BenchError(f"not a finished bloodbench run (no {f}): {d}")
+        self.config = read_toml(d / "config.toml")
+        self.manifest = json.loads((d / "manifest.json").read_text())
+        self.state = json.loads((d / "state.json").read_text())
+        self.settings = report_settings(self.config)
+        self.classes = list(self.state["classes"])
+        table = pd.read_csv(d / "folds.csv")
+        self.folds_table = table
+        lookup = {c: i for i, c in enumerate(self.classes)}
+        try:
+            self.y = np.array([lookup[str(c)] for c in table["label"]], dtype=np.int64)
+        except KeyError as exc:
+            raise BenchError(f"{d / 'folds.csv'}: label {exc} is not a class of the run") from None
+        self.folds = table["fold"].to_numpy()
+        self.fold_ids = sorted(np.unique(self.folds).tolist())
+        self.metric = self.config.get("run", {}).get("metric", "accuracy")
+        board = pd.read_csv(d / "leaderboard.csv")
+        self.oof, self.units, rows = {}, {}, []
+        for _, r in board.iterrows():
+            name = str(r["candidate"])
+            f = d / "oof" / f"{name}.npy"
+            if not f.is_file():
+                raise BenchError(f"missing out-of-fold probabilities {f}")
+            p = np.load(f).astype(np.float64)
+            if p.shape != (len(self.y), len(self.classes)):
+                raise BenchError(f"{f}: shape {p.shape}, expected {(len(self.y), len(self.classes))}")
+            self.oof[name] = p
+            members = r.get("members")
+            members = [] if not isinstance(members, str) or not members else members.split(";")
+            rows.append({"name": name, "kind": str(r["kind"]), "members": members})
+            if r["kind"] != "ensemble":
+                self.units[name] = [self._unit(name, k) for k in self.fold_ids]
+        self.entries = pd.DataFrame(rows)
+        self.names = list(self.entries["name"])
+
+    def _unit(self, name: str, fold: int) -> dict:
+        f = self.unit_dir(name, fold) / "result.json"
+        if not f.is_file():
+            raise BenchError(f"missing work unit result {f}")
+        return json.loads(f.read_text())
+
+    def unit_dir(self, name: str, fold: int) -> Path:
+        return self.run_dir / "units" / name / f"fold{fold}"
+
+    def kind(self, name: str) -> str:
+        return str(self.entries.set_index("name").loc[name, "kind"])
+
+    def members(self, name: str) -> list[str]:
+        return list(self.entries.set_index("name").loc[name, "members"])
+
+    def images(self) -> np.ndarray:
+        """The run's images (memory-mapped), rows aligned with folds.csv."""
+        f = self.run_dir / "data" / "images.npy"
+        if not f.is_file():
+            raise BenchError(f"missing {f} (the run's images)")
+        return np.load(f, mmap_mode="r")
+
+    def fold_sizes(self) -> tuple[np.ndarray, np.ndarray]:
+        """Test and train sizes per fold."""
+        n_test = np.array([(self.folds == k).sum() for k in self.fold_ids])
+        return n_test, len(self.folds) - n_test
+
+    @property
+    def title(self) -> str:
+        ds = self.manifest.get("dataset", {})
+        origin = ds.get("origin") or self.manifest.get("data_path") or ""
+        return Path(str(origin)).name or self.run_dir.name
