@@ -74,6 +74,15 @@ def build_parser() -> argparse.ArgumentParser:
     ins = sub.add_parser("inspect", help="verify and describe a predictor without running it")
     ins.add_argument("model", help="predictor directory")
     _add_common(ins)
+
+    rep = sub.add_parser("report", help="write DIR/report (HTML, Markdown, CSVs); with several "
+                                        "runs also a cross-dataset Friedman/CD report")
+    rep.add_argument("dirs", nargs="+", metavar="DIR", help="finished run directories")
+    rep.add_argument("--out", default=None, help="cross-dataset report folder (several DIRs; "
+                                                 "default: FIRST_DIR/cross_dataset_report)")
+    rep.add_argument("--no-gradcam", dest="gradcam", action="store_false", default=None,
+                     help="skip the Grad-CAM audit")
+    _add_common(rep)
     return parser
 
 
@@ -215,8 +224,19 @@ def cmd_inspect(args) -> int:
     return 0
 
 
+def cmd_report(args) -> int:
+    from bench.report import CROSS_DIR, write_cross_report, write_report
+    if args.out and len(args.dirs) < 2:
+        raise BenchError("--out is for the cross-dataset report: give two or more run directories")
+    for d in args.dirs:
+        print(write_report(d, gradcam=args.gradcam))
+    if len(args.dirs) > 1:
+        print(write_cross_report(args.dirs, args.out or Path(args.dirs[0]) / CROSS_DIR))
+    return 0
+
+
 COMMANDS = {"run": cmd_run, "tune": cmd_tune, "predict": cmd_predict, "list": cmd_list,
-            "inspect": cmd_inspect}
+            "inspect": cmd_inspect, "report": cmd_report}
 
 
 def main(argv=None) -> int:

@@ -173,7 +173,12 @@ class Predictor:
         chunks = []
         for i in range(0, len(items), batch_size):
             images = to_images(items[i:i + batch_size], self.image_size)
-            chunks.append(self.ensemble_.combine(self.member_probas(images)))
+            p = self.ensemble_.combine(self.member_probas(images))
+            t = (self.manifest.get("calibration") or {}).get("temperature")   # [predictor]
+            if t:   # temperature_scaling: T fitted on the ensemble's out-of-fold probabilities
+                from bench.calibration import apply_temperature
+                p = apply_temperature(p, float(t))
+            chunks.append(p)
         return np.concatenate(chunks) if chunks else np.zeros((0, len(self.classes_)))
 
     def predict(self, x, batch_size: int = 256) -> np.ndarray:
