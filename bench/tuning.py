@@ -15,15 +15,19 @@ so near duplicates can make trial scores optimistic; they never reach the outer 
 
 Study
 -----
-* TPE sampler seeded with the unit's seed (plus the number of trials already finished, so
-  a resumed study does not replay the random start-up points);
-* the candidate's configured parameters are enqueued as the first trial, so the result is
-  never worse, on the inner validation part, than the untuned default;
+* TPE sampler, seeded per trial with the unit's seed plus the trial's number: a study is
+  reproducible, a resumed study does not replay the random start-up points of the trials
+  it already holds, and several processes adding trials to one study (``bench tune``)
+  draw different points;
+* the first trial fits the candidate's configured parameters unchanged, so the result is
+  never worse, on the inner validation part, than the untuned default (when it wins,
+  ``best_params`` is ``{}``: keep the configured parameters);
 * stored in ``[tuning] storage`` (:func:`bench.storage.make_storage`; default an SQLite file
   in the run directory), named as given (``<candidate>-fold<k>``), loaded if it exists:
   re-running continues with the remaining trials (``trials`` counts finished ones:
-  complete, pruned or failed) and the remaining time (``timeout`` minus the finished
-  trials' durations);
+  complete, pruned or failed; with several processes on one study, each stops when the
+  study holds that many) and the remaining time (``timeout`` minus the finished trials'
+  durations);
 * pruning (``[tuning] pruner = "median"`` (default), ``"hyperband"`` or ``"none"``) for
   candidates whose ``fit`` accepts ``epoch_callbacks``: each epoch's ``val_accuracy`` is
   reported and a trial the pruner rejects stops with ``optuna.TrialPruned``;
@@ -35,7 +39,6 @@ from __future__ import annotations
 import inspect
 import math
 import time
-import warnings
 from pathlib import Path
 
 import numpy as np
@@ -99,6 +102,39 @@ def _subsample(rows: np.ndarray, y: np.ndarray, max_samples: int, seed: int) -> 
     return np.sort(keep)
 
 
+class TrialSeededTPE(optuna.samplers.BaseSampler):
+    """TPE whose random state is ``seed + trial.number`` for each trial (see module docstring).
+
+    TPE keeps no state but its random generator (it re-reads the study's trials every
+    time), so a fresh seeded ``TPESampler`` per trial is the same algorithm, made
+    reproducible per trial rather than per process.
+    """
+
+    def __init__(self, seed: int, **tpe_kwargs):
+        self.seed = int(seed)
+        self.tpe_kwargs = tpe_kwargs
+        self._tpe = optuna.samplers.TPESampler(seed=self.seed, **tpe_kwargs)
+
+    def before_trial(self, study, trial):
+        self._tpe = optuna.samplers.TPESampler(seed=self.seed + trial.number, **self.tpe_kwargs)
+        self._tpe.before_trial(study, trial)
+
+    def infer_relative_search_space(self, study, trial):
+        return self._tpe.infer_relative_search_space(study, trial)
+
+    def sample_relative(self, study, trial, search_space):
+        return self._tpe.sample_relative(study, trial, search_space)
+
+    def sample_independent(self, study, trial, param_name, param_distribution):
+        return self._tpe.sample_independent(study, trial, param_name, param_distribution)
+
+    def after_trial(self, study, trial, state, values):
+        self._tpe.after_trial(study, trial, state, values)
+
+    def reseed_rng(self) -> None:
+        self._tpe.reseed_rng()
+
+
 def pruning_callback(trial: optuna.Trial, key: str = "val_accuracy"):
     """``callback(epoch, logs)`` reporting ``logs[key]`` to ``trial``; raises ``TrialPruned``."""
     def callback(epoch: int, logs: dict) -> None:
@@ -122,7 +158,8 @@ def _scalar_params(params: dict) -> dict:
 
 def _trial_record(t: optuna.trial.FrozenTrial) -> dict:
     dur = t.duration.total_seconds() if t.duration is not None else None
-    return {"number": t.number, "state": t.state.name, "value": t.value, "params": t.params,
+    params = t.params or t.user_attrs.get("configured", {})   # the default trial: as configured
+    return {"number": t.number, "state": t.state.name, "value": t.value, "params": params,
             "seconds": dur, "default": bool(t.user_attrs.get("default", False)),
             "last_step": t.last_step}
 
@@ -146,15 +183,10 @@ def tune_candidate(entry: dict, X_train, y_train, classes, study: str, tuning: d
     Returns
     -------
     best_params : parameters of the best trial, as returned by the candidate's
-        ``param_space`` (``{}`` when no trial completed).
+        ``param_space`` (``{}`` when the configured parameters won or no trial completed).
     info : summary for the work unit's ``result.json``.
     """
-    with warnings.catch_warnings():   # configured defaults may lie outside the searched range
-        warnings.filterwarnings("ignore", message=r".*out of (the )?range", category=UserWarning)
-        return _tune(entry, X_train, y_train, classes, study, tuning, Path(run_dir), int(seed))
-
-
-def _tune(entry, X_train, y_train, classes, study, tuning, run_dir, seed):
+    run_dir, seed = Path(run_dir), int(seed)
     cls = registry.get(entry["type"])
     n_trials = int(tuning.get("trials", 0) or 0)
     timeout = float(tuning.get("timeout", 0) or 0)
@@ -172,15 +204,13 @@ def _tune(entry, X_train, y_train, classes, study, tuning, run_dir, seed):
 
     storage = make_storage(str(tuning.get("storage", "") or ""), run_dir)
     direction = "minimize" if metric in LOWER_IS_BETTER else "maximize"
-    existing = _finished_trials(storage, study)
-    sampler = optuna.samplers.TPESampler(seed=int(seed) + len(existing),
-                                         n_startup_trials=max(2, min(10, n_trials // 2)))
+    sampler = TrialSeededTPE(seed, n_startup_trials=max(2, min(10, n_trials // 2)))
     st = optuna.create_study(study_name=study, storage=storage, sampler=sampler,
                              pruner=make_pruner(tuning.get("pruner", "median")),
                              direction=direction, load_if_exists=True)
     if not st.trials:
-        defaults = {**cls().get_params(deep=False), **entry.get("params", {})}
-        st.enqueue_trial(_scalar_params(defaults), user_attrs={"default": True})
+        configured = _scalar_params({**cls().get_params(deep=False), **entry.get("params", {})})
+        st.enqueue_trial({}, user_attrs={"default": True, "configured": configured})
 
     finished = [t for t in st.trials if t.state in FINISHED]
     remaining = max(0, n_trials - len(finished))
@@ -191,23 +221,26 @@ def _tune(entry, X_train, y_train, classes, study, tuning, run_dir, seed):
         use_cb = _accepts(cls.fit, "epoch_callbacks")
 
         def objective(trial: optuna.Trial) -> float:
-            params = cls.param_space(trial)
+            # the first trial fits the configured parameters as they are (they may lie
+            # outside the searched ranges); later ones sample the candidate's space
+            params = {} if trial.user_attrs.get("default") else cls.param_space(trial)
             cand = build_candidate({**entry, "params": {**entry.get("params", {}), **params}})
             kw = {"epoch_callbacks": [pruning_callback(trial)]} if use_cb else {}
             cand.fit(X_a, y_a, X_val=X_b, y_val=y_b, classes=classes, **kw)
             return fold_metrics(y_b, cand.predict_proba(X_b))[metric]
 
-        before = len(st.trials)
+        enough = optuna.study.MaxTrialsCallback(n_trials, states=FINISHED)   # other processes
         st.optimize(objective, n_trials=remaining, timeout=budget, catch=TRIAL_ERRORS,
-                    gc_after_trial=True)
-        ran_now = len(st.trials) - before
+                    callbacks=[enough], gc_after_trial=True)
+        ran_now = sum(t.state in FINISHED for t in st.trials) - len(finished)
 
     trials = st.trials
     complete = [t for t in trials if t.state == optuna.trial.TrialState.COMPLETE]
     best_params, best_value, best_number = {}, None, None
     if complete:
         best = st.best_trial
-        best_params = cls.param_space(optuna.trial.FixedTrial(best.params))
+        best_params = ({} if best.user_attrs.get("default")
+                       else cls.param_space(optuna.trial.FixedTrial(best.params)))
         best_value, best_number = best.value, best.number
     else:
         warn(f"tuning study '{study}': no trial completed; using the configured parameters")
@@ -232,11 +265,3 @@ def _tune(entry, X_train, y_train, classes, study, tuning, run_dir, seed):
                       {**info, "trials": [_trial_record(t) for t in trials]})
     return best_params, info
 
-
-def _finished_trials(storage, study: str) -> list:
-    """Finished trials of ``study`` in ``storage`` (none when it does not exist yet)."""
-    try:
-        st = optuna.load_study(study_name=study, storage=storage)
-    except KeyError:
-        return []
-    return [t for t in st.trials if t.state in FINISHED]

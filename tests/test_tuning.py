@@ -1,0 +1,212 @@
+"""Optuna tuning: beats a poor default, resumes without repeating trials, prunes, no leaks."""
+
+from __future__ import annotations
+
+import json
+import time
+
+import numpy as np
+import optuna
+import pytest
+
+from bench.candidate import Candidate, build_candidate
+from bench.errors import BenchError
+from bench.registry import register
+from bench.tuning import inner_split, make_pruner, tune_candidate
+from tests.conftest import toy_arrays, write_tiny_config
+
+COLOR = {"color": {"bins": 8}}
+
+
+@register("_test_epochs")
+class EpochModel(Candidate):
+    """A fake CNN: its validation accuracy after epoch e is quality * (e + 1) / epochs."""
+
+    def __init__(self, quality=0.5, epochs=8, seconds=0.0):
+        self.quality = quality
+        self.epochs = epochs
+        self.seconds = seconds
+
+    def fit(self, X, y, X_val=None, y_val=None, classes=None, epoch_callbacks=None):
+        self._set_classes(y, classes)
+        self._y = np.asarray(y_val if y_val is not None else y)   # scored against these
+        time.sleep(self.seconds)
+        for e in range(self.epochs):
+            for cb in epoch_callbacks or []:
+                cb(e, {"val_accuracy": self.quality * (e + 1) / self.epochs, "loss": 1.0})
+        return self
+
+    def predict_proba(self, X):
+        """Right with probability ``quality`` (deterministic per row)."""
+        n = len(X)
+        rng = np.random.default_rng(0)
+        right = rng.random(n) < self.quality
+        p = np.full((n, self.n_classes_), 0.0)
+        p[np.arange(n), np.where(right, self._y, (self._y + 1) % self.n_classes_)] = 1.0
+        return p
+
+    @classmethod
+    def param_space(cls, trial):
+        return {"quality": trial.suggest_float("quality", 0.0, 1.0)}
+
+
+@register("_test_recorder")
+class Recorder(Candidate):
+    """Remembers which rows (ids written in pixel 0) it was fitted on and scored."""
+
+    fitted: list = []
+    scored: list = []
+
+    def __init__(self, c=1.0):
+        self.c = c
+
+    def fit(self, X, y, X_val=None, y_val=None, classes=None):
+        self._set_classes(y, classes)
+        Recorder.fitted.append(_ids(X))
+        return self
+
+    def predict_proba(self, X):
+        Recorder.scored.append(_ids(X))
+        return np.full((len(X), self.n_classes_), 1.0 / self.n_classes_)
+
+    @classmethod
+    def param_space(cls, trial):
+        return {"c": trial.suggest_float("c", 0.1, 1.0)}
+
+
+def _ids(X):
+    X = np.asarray(X)
+    return set((X[:, 0, 0, 0].astype(int) * 256 + X[:, 0, 0, 1]).tolist())
+
+
+def test_tuned_forest_beats_a_poor_default(tmp_path):
+    X, y = toy_arrays(20, 32, seed=0)
+    Xt, yt = toy_arrays(15, 32, seed=1)
+    entry = {"type": "feature_forest",
+             "params": {"features": COLOR, "n_estimators": 1, "max_depth": 1, "random_state": 0}}
+    default = build_candidate(entry).fit(X, y)
+    acc_default = (default.predict(Xt) == yt).mean()
+    assert acc_default < 0.7        # one stump cannot tell three classes apart
+    best, info = tune_candidate(entry, X, y, np.arange(3), "rf-fold0",
+                                {"trials": 3, "timeout": 0}, tmp_path, seed=0)
+    assert info["default_value"] < info["best_value"] and best["max_depth"] != 1
+    tuned = build_candidate({**entry, "params": {**entry["params"], **best}}).fit(X, y)
+    assert (tuned.predict(Xt) == yt).mean() > acc_default + 0.15
+    saved = json.loads((tmp_path / "tuning" / "rf-fold0.json").read_text())
+    assert len(saved["trials"]) == 3 and saved["trials"][0]["default"]
+    assert saved["best_params"] == best and (tmp_path / "optuna.db").is_file()
+
+
+def test_resumed_study_runs_only_the_remaining_trials(tmp_path):
+    X, y = toy_arrays(6, 16, seed=0)
+    entry = {"type": "_test_epochs", "params": {"epochs": 2}}
+    tun = {"trials": 3, "timeout": 0, "pruner": "none"}
+    _, first = tune_candidate(entry, X, y, np.arange(3), "s", tun, tmp_path, seed=1)
+    before = json.loads((tmp_path / "tuning" / "s.json").read_text())["trials"]
+    _, again = tune_candidate(entry, X, y, np.arange(3), "s", tun, tmp_path, seed=1)
+    assert again["trials_run_now"] == 0 and again["n_trials"] == 3
+    _, more = tune_candidate(entry, X, y, np.arange(3), "s", {**tun, "trials": 5}, tmp_path,
+                             seed=1)
+    after = json.loads((tmp_path / "tuning" / "s.json").read_text())["trials"]
+    assert first["trials_run_now"] == 3 and more["trials_run_now"] == 2
+    assert after[:3] == before                      # finished trials kept, not re-run
+    params = [t["params"]["quality"] for t in after]
+    assert len(set(params)) == 5                    # no point sampled twice
+    st = optuna.load_study(study_name="s", storage=f"sqlite:///{tmp_path / 'optuna.db'}")
+    assert len(st.trials) == 5
+
+
+def test_same_seed_same_study(tmp_path):
+    X, y = toy_arrays(6, 16, seed=0)
+    entry = {"type": "_test_epochs", "params": {"epochs": 2}}
+    runs = [tune_candidate(entry, X, y, np.arange(3), "s", {"trials": 4, "pruner": "none"},
+                           tmp_path / str(i), seed=7)[1] for i in range(2)]
+    trials = [json.loads((tmp_path / str(i) / "tuning" / "s.json").read_text())["trials"]
+              for i in range(2)]
+    assert [t["params"] for t in trials[0]] == [t["params"] for t in trials[1]]
+    assert runs[0]["best_value"] == runs[1]["best_value"]
+
+
+def test_epoch_callbacks_prune_poor_trials(tmp_path):
+    X, y = toy_arrays(6, 16, seed=0)
+    entry = {"type": "_test_epochs", "params": {"epochs": 6, "quality": 0.9}}
+    _, info = tune_candidate(entry, X, y, np.arange(3), "p", {"trials": 8, "pruner": "median"},
+                             tmp_path, seed=0)
+    trials = json.loads((tmp_path / "tuning" / "p.json").read_text())["trials"]
+    pruned = [t for t in trials if t["state"] == "PRUNED"]
+    assert info["n_pruned"] == len(pruned) >= 1
+    assert all(t["last_step"] < 5 for t in pruned)      # stopped before the last epoch
+    best_quality = trials[info["best_trial"]]["params"]["quality"]
+    assert all(t["params"]["quality"] < best_quality for t in pruned)
+
+
+def test_timeout_bounds_the_study(tmp_path):
+    X, y = toy_arrays(6, 16, seed=0)
+    entry = {"type": "_test_epochs", "params": {"epochs": 1, "seconds": 0.15}}
+    _, info = tune_candidate(entry, X, y, np.arange(3), "t", {"trials": 50, "timeout": 0.4},
+                             tmp_path, seed=0)
+    assert 1 <= info["n_trials"] < 10
+    for _ in range(2):   # the trials' durations count against the budget when resuming
+        _, again = tune_candidate(entry, X, y, np.arange(3), "t",
+                                  {"trials": 50, "timeout": 0.4}, tmp_path, seed=0)
+    assert again["trials_run_now"] == 0 and again["trial_seconds"] >= 0.4
+
+
+def test_trials_never_see_the_outer_test_fold(tmp_path):
+    X, y = toy_arrays(10, 16, seed=0)
+    ids = np.arange(len(X))
+    X[:, 0, 0, 0], X[:, 0, 0, 1] = ids // 256, ids % 256
+    test = np.arange(len(X)) % 5 == 0                   # the outer test fold
+    Recorder.fitted.clear(), Recorder.scored.clear()
+    tune_candidate({"type": "_test_recorder", "params": {}}, X[~test], y[~test], np.arange(3),
+                   "r", {"trials": 3}, tmp_path, seed=0)
+    train_ids, test_ids = set(ids[~test].tolist()), set(ids[test].tolist())
+    assert len(Recorder.fitted) == 3
+    for fit_ids, score_ids in zip(Recorder.fitted, Recorder.scored):
+        assert fit_ids <= train_ids and score_ids <= train_ids
+        assert not fit_ids & score_ids and not (fit_ids | score_ids) & test_ids
+
+
+def test_inner_split_is_stratified_and_seeded():
+    y = np.repeat([0, 1, 2], [10, 20, 30])
+    tr, va = inner_split(y, 0.2, seed=3)
+    assert not set(tr) & set(va) and len(tr) + len(va) == len(y)
+    assert np.bincount(y[va]).tolist() == [2, 4, 6]
+    np.testing.assert_array_equal(va, inner_split(y, 0.2, seed=3)[1])
+    tr1, va1 = inner_split(np.array([0, 0, 0, 1]), 0.5, seed=0)   # a class of one: unstratified
+    assert len(va1) == 2
+
+
+def test_bad_settings_are_one_clear_error(tmp_path):
+    with pytest.raises(BenchError, match="pruner"):
+        make_pruner("sometimes")
+    X, y = toy_arrays(4, 16, seed=0)
+    with pytest.raises(BenchError, match="metric"):
+        tune_candidate({"type": "_test_epochs", "params": {}}, X, y, np.arange(3), "b",
+                       {"trials": 1, "metric": "speed"}, tmp_path, seed=0)
+
+
+def test_run_with_three_trials_end_to_end(toy_folder, tmp_path):
+    from bench.runner import run_from_args
+    extra = """
+[tuning]
+trials = 3
+
+[feature_sets.color]
+color = { bins = 8 }
+
+[candidates.svm_color]
+type = "feature_svm"
+params = { features = "color", kernel = "linear" }
+"""
+    cfg = write_tiny_config(tmp_path / "bench.toml", toy_folder, extra)
+    out = tmp_path / "run"
+    board, _ = run_from_args(str(cfg), profile="tiny", out=str(out), only=["svm_color"],
+                             show_progress=False)
+    assert board.loc[board["candidate"] == "svm_color", "accuracy"].iloc[0] > 0.6
+    for k in range(3):
+        res = json.loads((out / "units" / "svm_color" / f"fold{k}" / "result.json").read_text())
+        assert res["tuning"]["n_trials"] == 3 and res["tuning"]["study"] == f"svm_color-fold{k}"
+        assert res["params"]["C"] == res["tuning"]["best_params"].get("C", 1.0)   # 1.0: default
+        saved = json.loads((out / "tuning" / f"svm_color-fold{k}.json").read_text())
+        assert len(saved["trials"]) == 3
