@@ -113,7 +113,7 @@ def cmd_tune(args) -> int:
 def cmd_predict(args) -> int:
     import numpy as np
     from bench.progress import progress_iter, warn
-    from ensembles.predictor import find_images, load_predictor, read_image, resize_image
+    from ensembles.predictor import find_images, load_images, load_predictor
     if args.batch_size < 1:
         raise BenchError(f"--batch-size must be at least 1, got {args.batch_size}")
     pred = load_predictor(args.model)
@@ -132,19 +132,14 @@ def cmd_predict(args) -> int:
     n_ok = 0
     for s in progress_iter(starts, total=len(starts), desc="predicting",
                            enabled=len(starts) > 1):
-        good, full, small = [], [], []
-        for i in range(s, min(s + args.batch_size, len(paths))):
-            try:
-                im = read_image(paths[i])
-            except BenchError as exc:
-                warn(f"skipped {exc}")
-                continue
-            good.append(i)
-            small.append(resize_image(im, pred.image_size))   # once, shared by all members
-            full.append(im if args.gradcam else None)
+        # each file decoded and resized once (threads), shared by all members
+        X, full, ok, errors = load_images(paths[s:s + args.batch_size], pred.image_size,
+                                          keep_full=bool(args.gradcam), skip_errors=True)
+        for _, exc in errors:
+            warn(f"skipped {exc}")
+        good = [s + j for j in ok]
         if not good:
             continue
-        X = np.stack(small)
         proba = pred.predict_proba(X, batch_size=len(X))
         top = np.argmax(proba, axis=1)
         cams = pred.explain(X, class_index=top) if args.gradcam else None

@@ -17,8 +17,11 @@ ensemble's state is JSON.
 from __future__ import annotations
 
 import datetime as _dt
+import hashlib
 import json
+import os
 import shutil
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
@@ -27,11 +30,13 @@ from bench import registry
 from bench.candidate import load_candidate
 from bench.datasets import read_rgb, resize_rgb
 from bench.errors import BenchError
-from bench.io import atomic_write_json, file_sha256, package_versions, publish_dir
+from bench.io import _json_default, atomic_write_json, file_sha256, package_versions, publish_dir
 
 MANIFEST = "manifest.json"
 FORMAT_VERSION = 1
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".gif", ".webp"}
+# Threads that decode and resize image files (PIL releases the GIL while doing both).
+READ_THREADS = int(os.environ.get("BLOODBENCH_READ_THREADS", 0)) or min(4, os.cpu_count() or 1)
 
 
 def _array_to_rgb(a: np.ndarray) -> np.ndarray:
@@ -95,10 +100,47 @@ def to_images(x, image_size: int) -> np.ndarray:
         if x.dtype != np.uint8:
             raise BenchError(f"image arrays must be uint8, got {x.dtype}")
         return x
-    items = _as_items(x)
-    if not items:
-        return np.zeros((0, image_size, image_size, 3), np.uint8)
-    return np.stack([resize_image(read_image(it), image_size) for it in items])
+    return load_images(_as_items(x), image_size)[0]
+
+
+def _load_one(item, image_size: int, keep_full: bool):
+    try:
+        full = read_image(item)
+    except BenchError as exc:
+        return None, None, exc
+    return resize_image(full, image_size), (full if keep_full else None), None
+
+
+def load_images(items, image_size: int, keep_full: bool = False, skip_errors: bool = False,
+                threads: int | None = None):
+    """Read (paths) and resize a list of images, files decoded in parallel threads.
+
+    Returns ``(X, full, ok, errors)``: ``X`` (n, S, S, 3) ``uint8`` for the readable items,
+    ``full`` their full-resolution arrays (``None`` entries unless ``keep_full``), ``ok``
+    their positions in ``items`` and ``errors`` ``(position, BenchError)`` pairs. Without
+    ``skip_errors`` the first unreadable item raises its error.
+    """
+    threads = threads or READ_THREADS
+
+    def one(item):
+        return _load_one(item, image_size, keep_full)
+    if threads > 1 and len(items) > 1 and not all(isinstance(i, np.ndarray) for i in items):
+        with ThreadPoolExecutor(min(threads, len(items))) as pool:
+            results = list(pool.map(one, items))
+    else:
+        results = [one(i) for i in items]
+    small, full, ok, errors = [], [], [], []
+    for i, (s, f, err) in enumerate(results):
+        if err is not None:
+            if not skip_errors:
+                raise err
+            errors.append((i, err))
+            continue
+        small.append(s)
+        full.append(f)
+        ok.append(i)
+    X = np.stack(small) if small else np.zeros((0, image_size, image_size, 3), np.uint8)
+    return X, full, ok, errors
 
 
 def _plain_keras(cand) -> bool:
@@ -298,13 +340,31 @@ def save_predictor(path, *, ensemble_name: str, ensemble, members: dict[str, lis
         "files": files,
         **(extra or {}),
     }
+    manifest = json.loads(json.dumps(manifest, default=_json_default))
+    manifest["manifest_sha256"] = manifest_digest(manifest)
     atomic_write_json(tmp / MANIFEST, manifest)
     publish_dir(tmp, path)
     return path
 
 
+def manifest_digest(manifest: dict) -> str:
+    """sha256 of the manifest's canonical JSON, its own ``manifest_sha256`` left out: an
+    edited manifest (weights, classes, checksums) no longer matches it."""
+    body = {k: v for k, v in manifest.items() if k != "manifest_sha256"}
+    text = json.dumps(body, sort_keys=True, separators=(",", ":"), ensure_ascii=True)
+    return hashlib.sha256(text.encode()).hexdigest()
+
+
+def _inside(root: Path, rel: str) -> Path:
+    f = (root / rel).resolve()
+    if not f.is_relative_to(root.resolve()):
+        raise BenchError(f"predictor manifest points outside its folder: {rel}")
+    return f
+
+
 def verify_predictor(path) -> dict:
-    """Check every file against the manifest's sha256; return the manifest."""
+    """Check the manifest's own digest and every file against its sha256 (a missing,
+    altered or unlisted file is refused); return the manifest. Loads no model."""
     path = Path(path)
     mpath = path / MANIFEST
     if not mpath.is_file():
@@ -313,10 +373,16 @@ def verify_predictor(path) -> dict:
         manifest = json.loads(mpath.read_text())
     except json.JSONDecodeError as exc:
         raise BenchError(f"corrupt predictor manifest {mpath}: {exc}") from None
-    if manifest.get("format") != FORMAT_VERSION:
-        raise BenchError(f"{mpath}: unsupported predictor format {manifest.get('format')}")
+    if not isinstance(manifest, dict) or manifest.get("format") != FORMAT_VERSION:
+        fmt = manifest.get("format") if isinstance(manifest, dict) else None
+        raise BenchError(f"{mpath}: unsupported predictor format {fmt}")
+    if manifest.get("manifest_sha256") != manifest_digest(manifest):
+        raise BenchError(f"predictor manifest altered (its digest does not match): {mpath}")
+    for m in manifest["members"]:
+        for rel in m["models"]:
+            _inside(path, rel)
     for rel, digest in manifest["files"].items():
-        f = path / rel
+        f = _inside(path, rel)
         if not f.is_file():
             raise BenchError(f"predictor file missing: {f}")
         if file_sha256(f) != digest:

@@ -53,8 +53,12 @@ class SoftVoting(Ensemble):
 
             def loss(theta):
                 return _log_loss(np.tensordot(softmax(theta), stack, axes=1), y)
-            res = minimize(loss, np.zeros(m), method="Nelder-Mead" if m <= 2 else "Powell",
-                           options={"xtol": 1e-4, "ftol": 1e-7, "maxiter": 2000})
+            if m <= 2:
+                res = minimize(loss, np.zeros(m), method="Nelder-Mead",
+                               options={"xatol": 1e-4, "fatol": 1e-7, "maxiter": 2000})
+            else:
+                res = minimize(loss, np.zeros(m), method="Powell",
+                               options={"xtol": 1e-4, "ftol": 1e-7, "maxiter": 2000})
             w = softmax(res.x)
         elif self.weights == "greedy":
             w = greedy_selection(probas, y, rounds=self.rounds, metric=self.metric)

@@ -1,0 +1,220 @@
+"""The saved predictor, end to end: one tiny run (RF on HOG + a tiny CNN, voting, greedy
+and stacking ensembles) shared by every test of this module."""
+
+from __future__ import annotations
+
+import csv
+import json
+import shutil
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from bench.cli import main
+from bench.errors import BenchError
+from bench.io import read_json
+from ensembles.overlay import FIG_SIZE_PX
+from tests.conftest import toy_arrays, write_tiny_config
+
+EXTRA = """
+[ensembles.stack]
+type = "stacking"
+members = "all"
+
+[ensembles.greedy]
+type = "soft_voting"
+members = "all"
+weights = "greedy"
+rounds = 10
+
+[predictor]
+ensemble = "stack"
+
+[profiles.tiny.candidates.cnn_tiny.params]
+epochs = 8
+patience = 4
+
+[profiles.tiny.candidates.rf_hog.params]
+n_estimators = 30
+"""
+
+
+@pytest.fixture(scope="module")
+def run(tmp_path_factory, toy_folder):
+    from bench.runner import run_from_args
+    root = tmp_path_factory.mktemp("ens_run")
+    cfg = write_tiny_config(root / "cfg.toml", toy_folder, EXTRA)
+    with pytest.MonkeyPatch.context() as mp:   # the autouse cache fixture is per test
+        mp.setenv("BLOODBENCH_CACHE", str(tmp_path_factory.getbasetemp() / "bloodbench-cache"))
+        board, out = run_from_args(str(cfg), out=str(root / "run"), show_progress=False)
+    return board, out
+
+
+@pytest.fixture(scope="module")
+def predictor(run):
+    from ensembles import load_predictor
+    return load_predictor(run[1] / "predictor")
+
+
+@pytest.fixture(scope="module")
+def fresh():
+    """Toy images the run never saw."""
+    return toy_arrays(6, 32, seed=11)
+
+
+def test_ensembles_on_the_leaderboard_and_the_choice_recorded(run):
+    board, out = run
+    rows = board.set_index("candidate")
+    for name in ("soft_vote", "stack", "greedy"):
+        assert rows.loc[name, "kind"] == "ensemble"
+        for m in ("accuracy", "macro_f1", "log_loss", "roc_auc"):
+            assert np.isfinite(rows.loc[name, m])
+    assert rows.loc["stack", "members"] == "rf_hog;cnn_tiny"
+    weights = dict(kv.split(":") for kv in rows.loc["greedy", "member_weights"].split(";"))
+    assert set(weights) == {"rf_hog", "cnn_tiny"}
+    assert abs(sum(float(w) for w in weights.values()) - 1) < 0.01
+    assert read_json(out / "state.json")["predictor"] == "stack"
+    man = read_json(out / "predictor" / "manifest.json")
+    assert man["ensemble"]["name"] == "stack" and man["ensemble"]["type"] == "stacking"
+    assert [m["name"] for m in man["members"]] == ["rf_hog", "cnn_tiny"]
+    assert man["leaderboard"]["accuracy"] == pytest.approx(rows.loc["stack", "accuracy"])
+    assert len(man["members"][1]["models"]) == 3     # the 3 fold models
+
+
+def test_round_trip_gives_identical_probabilities(run, predictor, fresh):
+    """The predictor loaded from disk gives the numbers of the run's own fold models
+    (``units/``) combined by a meta-learner refitted on the out-of-fold probabilities."""
+    from bench.candidate import load_candidate
+    from bench.runner import unit_dir
+    from ensembles.stacking import Stacking
+    _, out = run
+    X, y = fresh
+    proba = predictor.predict_proba(X)
+    np.testing.assert_array_equal(predictor.predict_proba(X), proba)   # deterministic
+    members = ["rf_hog", "cnn_tiny"]
+    by_hand = [np.mean([load_candidate(unit_dir(out, m, k) / "model").predict_proba(X)
+                        for k in range(3)], axis=0) for m in members]
+    labels = np.array([predictor.classes_.tolist().index(c)
+                       for c in np.loadtxt(out / "folds.csv", delimiter=",", skiprows=1,
+                                           usecols=2, dtype=str)])
+    meta = Stacking().fit([np.load(out / "oof" / f"{m}.npy").astype(np.float64)
+                           for m in members], labels)
+    np.testing.assert_allclose(proba, meta.combine(by_hand), rtol=0, atol=1e-6)
+    assert (predictor.predict(X) == predictor.classes_[y]).mean() > 0.8
+
+
+def test_paths_and_arrays_of_any_size(predictor, tmp_path):
+    big, _ = toy_arrays(2, 48, seed=5)
+    paths = []
+    for i, im in enumerate(big):
+        paths.append(tmp_path / f"{i}.png")
+        Image.fromarray(im).save(paths[-1])
+    from_paths = predictor.predict_proba(paths)
+    np.testing.assert_array_equal(from_paths, predictor.predict_proba(big))
+    np.testing.assert_array_equal(from_paths, predictor.predict_proba(list(big)))
+    np.testing.assert_array_equal(from_paths[:1], predictor.predict_proba(str(paths[0])))
+    # one image per batch: same numbers up to BLAS rounding
+    np.testing.assert_allclose(from_paths, predictor.predict_proba(big, batch_size=1), atol=1e-12)
+    with pytest.raises(BenchError, match="uint8"):
+        predictor.predict_proba(big.astype(np.float32))
+
+
+def test_tampered_predictor_is_refused(run, tmp_path, capsys):
+    from ensembles import load_predictor
+    src = run[1] / "predictor"
+
+    def copy(name):
+        return shutil.copytree(src, tmp_path / name)
+
+    d = copy("altered")
+    model = next(d.rglob("model.keras"))
+    data = bytearray(model.read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    model.write_bytes(bytes(data))
+    with pytest.raises(BenchError, match="altered"):
+        load_predictor(d)
+    assert main(["predict", "--model", str(d), "--img_path", str(src)]) == 2
+    assert capsys.readouterr().err.strip().startswith("error: predictor file altered")
+
+    d = copy("missing")
+    next(d.rglob("candidate.json")).unlink()
+    with pytest.raises(BenchError, match="missing"):
+        load_predictor(d)
+
+    d = copy("extra")
+    (d / "members" / "evil.py").write_text("import os")
+    with pytest.raises(BenchError, match="unexpected file"):
+        load_predictor(d)
+
+    d = copy("manifest")
+    man = json.loads((d / "manifest.json").read_text())
+    man["classes"] = man["classes"][::-1]
+    (d / "manifest.json").write_text(json.dumps(man))
+    with pytest.raises(BenchError, match="manifest altered"):
+        load_predictor(d)
+
+
+def test_explain_is_the_ensemble_gradcam(predictor, fresh):
+    X, _ = fresh
+    assert predictor.explain_weights() == {"cnn_tiny": 1.0}     # stacking: equal weights
+    maps = predictor.explain(X)
+    assert maps.shape == (len(X), 32, 32) and maps.dtype == np.float32
+    assert maps.min() >= 0 and maps.max() <= 1 and (maps.reshape(len(X), -1).max(1) > 0).all()
+    # the predicted class is the default; the mean of the fold models' maps
+    top = predictor.predict_proba(X).argmax(1)
+    folds = predictor.members_["cnn_tiny"]
+    by_hand = np.mean([m.explain(X, class_index=top) for m in folds], axis=0)
+    np.testing.assert_allclose(maps, by_hand, atol=1e-6)
+    assert predictor.explain(X[:2], class_index="disc").shape == (2, 32, 32)
+    with pytest.raises(BenchError, match="unknown class"):
+        predictor.explain(X[:1], class_index="cat")
+
+
+def test_predict_cli_writes_gradcam_pngs(run, tmp_path):
+    images, _ = toy_arrays(1, 40, seed=3)
+    root = tmp_path / "imgs"
+    for sub, im in zip(["a", "b", "b/c"], images):       # same file name in three folders
+        (root / sub).mkdir(parents=True, exist_ok=True)
+        Image.fromarray(im).save(root / sub / "cell.png")
+    (root / "notes.txt").write_text("not an image")
+    out, csv_file = tmp_path / "cams", tmp_path / "p.csv"
+    rc = main(["predict", "--model", str(run[1] / "predictor"), "--img_path", str(root),
+               "--gradcam", str(out), "--out", str(csv_file), "--batch-size", "2"])
+    assert rc == 0
+    expected = {"a__cell.png.png", "b__cell.png.png", "b__c__cell.png.png"}
+    assert {p.name for p in out.iterdir()} == expected
+    for p in out.iterdir():
+        with Image.open(p) as im:
+            assert im.size == FIG_SIZE_PX
+    rows = list(csv.DictReader(csv_file.open()))
+    assert {r["gradcam"] for r in rows} == expected
+    assert all(r["prediction"] in ("disc", "square", "stripes") for r in rows)
+
+
+def test_predictor_without_cnn_member(run, tmp_path, capsys):
+    from bench.runner import unit_dir
+    from ensembles import load_predictor, save_predictor
+    from ensembles.voting import SoftVoting
+    _, out = run
+    d = save_predictor(tmp_path / "rf", ensemble_name="rf_only",
+                       ensemble=SoftVoting().fit([np.eye(3)], np.arange(3)),
+                       members={"rf_hog": [unit_dir(out, "rf_hog", k) / "model" for k in range(3)]},
+                       member_info={"rf_hog": {"type": "feature_forest", "kind": "baseline"}},
+                       classes=["disc", "square", "stripes"], image_size=32, training_data={})
+    with pytest.raises(BenchError, match="Grad-CAM needs a CNN member"):
+        load_predictor(d).explain(toy_arrays(1, 32)[0])
+    rc = main(["predict", "--model", str(d), "--img_path", str(d), "--gradcam", str(tmp_path)])
+    assert rc == 2
+    err = capsys.readouterr().err
+    assert "Grad-CAM needs a CNN member" in err and "rf_hog (baseline)" in err
+    assert main(["inspect", str(d)]) == 0
+    assert "unavailable (no CNN member)" in capsys.readouterr().out
+
+
+def test_inspect_describes_without_loading(run, capsys):
+    assert main(["inspect", str(run[1] / "predictor")]) == 0
+    text = capsys.readouterr().out
+    assert "verified" in text and "stack (stacking)" in text
+    assert "member cnn_tiny: type=scratch_cnn kind=cnn fold models=3" in text
+    assert "Grad-CAM: from cnn_tiny" in text and "per class" in text
