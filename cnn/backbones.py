@@ -22,6 +22,7 @@ from __future__ import annotations
 import copy
 import importlib
 import os
+import re
 from pathlib import Path
 
 import keras
@@ -153,21 +154,21 @@ def build_backbone(name: str, input_size: int, weights="imagenet", alpha: float 
     try:
         model = ctor(include_top=False, weights=None if file_weights else w, input_shape=shape,
                      name="backbone", **kwargs)
-    except (OSError, ValueError) as exc:   # no network / no file for these settings
-        if w != "imagenet":
+    except Exception as exc:   # keras.utils.get_file: "URL fetch failure on <url>: ..."
+        if w != "imagenet" or "http" not in str(exc).lower():
             raise
-        raise BenchError(f"backbone {name}: cannot get ImageNet weights ({_short(exc)}); "
-                         "offline, set weights to a local .weights.h5 file (e.g. from "
-                         "../shared/weights) or put Keras' file in ~/.keras/models") from None
-    except Exception as exc:   # urllib errors and friends
-        if w != "imagenet" or "URL" not in type(exc).__name__ and "http" not in str(exc).lower():
-            raise
-        raise BenchError(f"backbone {name}: cannot download ImageNet weights ({_short(exc)}); "
-                         "offline, set weights to a local .weights.h5 file (e.g. from "
-                         "../shared/weights)") from None
+        raise BenchError(_download_hint(name, exc)) from None
     if file_weights:
         _load_file(model, w, name)
     return model
+
+
+def _download_hint(name: str, exc) -> str:
+    m = re.search(r"https?://\S+?\.h5", str(exc))
+    fname = m.group(0).rsplit("/", 1)[-1] if m else "its weights file"
+    return (f"backbone {name}: cannot download ImageNet weights (offline?): put {fname} into "
+            f"~/.keras/models, or set weights to a local .weights.h5 file (e.g. from "
+            f"../shared/weights: {', '.join(sorted(set(SHARED_FILES.values())))})")
 
 
 def _short(exc) -> str:

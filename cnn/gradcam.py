@@ -93,17 +93,21 @@ def _score_layer(model):
 
 
 def _chain(model) -> bool:
-    """True when every layer of ``model`` takes exactly the previous layer's output."""
+    """True when every layer of ``model`` takes exactly the previous layer's output.
+
+    A layer may have nodes in other models too (a backbone shared with an embedding
+    model); it is enough that one of its nodes takes the previous layer's output.
+    """
     prev = None
     for layer in model.layers:
-        nodes = [n for n in getattr(layer, "_inbound_nodes", [])]
         if type(layer).__name__ == "InputLayer":
             prev = layer
             continue
-        if prev is None or len(nodes) != 1 or len(nodes[0].input_tensors) != 1:
+        if prev is None:
             return False
-        src = nodes[0].input_tensors[0]
-        if id(src) not in {id(t) for t in _outputs_of(prev)}:
+        outs = {id(t) for t in _outputs_of(prev)}
+        if not any(len(n.input_tensors) == 1 and id(n.input_tensors[0]) in outs
+                   for n in getattr(layer, "_inbound_nodes", [])):
             return False
         prev = layer
     return True
