@@ -1,8 +1,8 @@
 """Feature extraction over many images: parallel (joblib), cached per image on disk.
 
-The cache is content-addressed: one store per feature-set spec, keyed by a digest of
-each image's pixels, so every candidate and every fold reuses one extraction and new
-images (a new fold, a new dataset) only compute what is missing.
+The cache is content-addressed: one store per extractor and parameters, keyed by a digest
+of each image's pixels, so every candidate, feature set and fold reuses one extraction and
+new images (a new fold, a new dataset) only compute what is missing.
 """
 
 from __future__ import annotations
@@ -23,7 +23,7 @@ from features.hog import hog_features
 from features.lbp import lbp_features
 from features.morphology import morphology_features
 
-FEATURES_VERSION = 2   # 2: extractors concatenated in sorted order
+FEATURES_VERSION = 2   # 2: one store per extractor, concatenated in sorted order
 #: Extractor name -> function ``f(img, **params) -> 1-D float32`` (fixed length for a given
 #: image size and params; see each function's docstring for the length).
 EXTRACTORS = {
@@ -71,8 +71,10 @@ def feature_length(spec: dict, image_size: int) -> int:
     return len(extract_one(np.zeros((image_size, image_size, 3), np.uint8), spec))
 
 
-def _chunk(images, spec):
-    return np.stack([extract_one(np.asarray(im), spec) for im in images])
+def _chunk(images, name, params):
+    f = EXTRACTORS[name]
+    return np.stack([np.asarray(f(np.asarray(im), **params), dtype=np.float32).ravel()
+                     for im in images])
 
 
 def _digests(images: np.ndarray) -> list[str]:
@@ -83,44 +85,60 @@ def extract(images: np.ndarray, spec: dict, n_jobs: int | None = None, chunk_siz
             progress: bool = False, use_cache: bool = True) -> np.ndarray:
     """Feature matrix (N, D) ``float32`` of ``images`` (N, H, W, 3) ``uint8``.
 
+    The columns are the extractors' vectors in alphabetical order of their names. Each
+    extractor (with its parameters) has its own on-disk store, so feature sets that share
+    an extractor (``hog`` and ``all``, say) compute it once.
+
     Parameters
     ----------
     spec : feature set, ``{extractor: params}``.
     n_jobs : joblib processes; default ``$BLOODBENCH_JOBS`` or all cores.
-    use_cache : read and extend the on-disk store for this spec.
+    use_cache : read and extend the on-disk stores.
     """
     _check_spec(spec)
     images = np.asarray(images)
     if images.ndim != 4 or images.shape[-1] != 3:
         raise BenchError(f"features need RGB images (N, H, W, 3); got shape {images.shape}")
-    n = len(images)
-    key = stable_hash({"v": FEATURES_VERSION, "spec": spec, "shape": images.shape[1:]})[:24]
-    store_dir = _store_dir() if use_cache else None
+    if not len(images):
+        return np.zeros((0, 0), np.float32)
     digests = _digests(images)
+    parts = [_extract_part(images, digests, name, spec[name] or {}, n_jobs, chunk_size,
+                           progress, use_cache) for name in sorted(spec)]
+    return np.concatenate(parts, axis=1)
+
+
+def _extract_part(images, digests, name, params, n_jobs, chunk_size, progress, use_cache):
+    key = stable_hash({"v": FEATURES_VERSION, "extractor": name, "params": params,
+                       "shape": images.shape[1:]})[:24]
+    store_dir = _store_dir() if use_cache else None
+    store = store_dir / f"{name}-{key}.npz" if store_dir else None
     known: dict[str, np.ndarray] = {}
-    store = store_dir / f"{key}.npz" if store_dir else None
     if store and store.exists():
         try:
             with np.load(store, allow_pickle=False) as z:
                 known = dict(zip(z["digests"].tolist(), z["features"]))
         except (OSError, ValueError, KeyError):
             known = {}
-    todo = [i for i, d in enumerate(digests) if d not in known]
+    seen, todo = set(), []
+    for i, d in enumerate(digests):   # identical images are computed once
+        if d not in known and d not in seen:
+            seen.add(d)
+            todo.append(i)
     if todo:
         jobs = n_jobs or int(os.environ.get("BLOODBENCH_JOBS", 0)) or os.cpu_count() or 1
         chunks = [todo[i:i + chunk_size] for i in range(0, len(todo), chunk_size)]
         if jobs == 1 or len(chunks) == 1:
-            results = (_chunk(images[c], spec) for c in chunks)
+            results = (_chunk(images[c], name, params) for c in chunks)
         else:
             results = Parallel(n_jobs=jobs, return_as="generator")(
-                delayed(_chunk)(images[c], spec) for c in chunks)
+                delayed(_chunk)(images[c], name, params) for c in chunks)
         for c, feats in progress_iter(zip(chunks, results), total=len(chunks),
-                                      desc=f"features {'+'.join(spec)}", enabled=progress):
+                                      desc=f"features {name}", enabled=progress):
             for i, f in zip(c, feats):
                 known[digests[i]] = f
         if store:
             _save_store(store, known)
-    return np.stack([known[d] for d in digests]) if n else np.zeros((0, 0), np.float32)
+    return np.stack([known[d] for d in digests])
 
 
 def _save_store(store: Path, known: dict) -> None:
