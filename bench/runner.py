@@ -316,6 +316,8 @@ def run_benchmark(cfg: Config, force: bool = False, workers: int | None = None,
     manifest["stage_seconds"] = times
     manifest["finished"] = _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")
     atomic_write_json(run_dir / "manifest.json", manifest)
+    from bench.report import report_after_run   # a failing report keeps the finished run
+    report_after_run(run_dir, cfg.data)
     return board
 
 
@@ -464,11 +466,23 @@ def _save_best_predictor(run_dir, cfg, ds, board, kinds):
                    extra={"chosen_by": f"{'best ensemble by ' + metric if choice == 'best' else 'config'}",
                           "leaderboard": {k: float(row[k]) for k in
                                           dict.fromkeys([metric, "accuracy", "macro_f1"])},
-                          "member_models": "fold models of the cross-validation (bagged)"})
+                          "member_models": "fold models of the cross-validation (bagged)",
+                          **_temperature(run_dir, cfg, name, ds.labels)})
     state = read_json(run_dir / STATE_FILE)
     state["predictor"] = name
     atomic_write_json(run_dir / STATE_FILE, state)
     info(f"saved predictor '{name}' ({', '.join(members)}) to {run_dir / 'predictor'}")
+
+
+def _temperature(run_dir, cfg, name: str, y) -> dict:
+    """``[predictor] temperature_scaling``: one temperature fitted on the chosen entry's
+    out-of-fold probabilities; stored in the predictor manifest, applied by ``Predictor``."""
+    if not cfg.get("predictor", {}).get("temperature_scaling", False):
+        return {}
+    from bench.calibration import fit_temperature
+    t = fit_temperature(y, np.load(Path(run_dir) / "oof" / f"{name}.npy"))
+    return {"calibration": {"method": "temperature scaling", "temperature": t,
+                            "fitted_on": f"out-of-fold probabilities of '{name}'"}}
 
 
 def run_from_args(config=None, profile=None, data=None, out=None, only=None, force=False,

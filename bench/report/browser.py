@@ -53,7 +53,8 @@ def check_report(html, screenshot=None, table_selector: str = "#leaderboard-tabl
     Returns
     -------
     dict with ``console`` (console messages, each ``{"level", "message"}``),
-    ``console_errors`` (the SEVERE ones), ``table_visible``, ``table_rows``, ``images``,
+    ``console_errors`` (the SEVERE ones), ``alert`` (text of a JavaScript dialog the page
+    opened, else ``None``), ``table_visible``, ``table_rows``, ``images``,
     ``broken`` and ``hidden`` (image sources that failed to load or are invisible),
     ``screenshot`` (path) and ``ok`` (no console error, a visible table with rows, and
     every image loaded and visible).
@@ -83,8 +84,9 @@ def check_report(html, screenshot=None, table_selector: str = "#leaderboard-tabl
         driver = webdriver.Chrome(service=Service(executable_path=driver_path), options=opts)
         driver.set_page_load_timeout(timeout)
         driver.get(html.as_uri())
-        driver.execute_script("return document.readyState")
+        alert = _take_alert(driver)   # a script injected through the data would show here
         state = driver.execute_script(_PAGE_STATE, table_selector)
+        alert = alert or _take_alert(driver)
         console = [{"level": e.get("level"), "message": e.get("message")}
                    for e in driver.get_log("browser")]
         shot = None
@@ -100,6 +102,19 @@ def check_report(html, screenshot=None, table_selector: str = "#leaderboard-tabl
             driver.quit()
         shutil.rmtree(profile, ignore_errors=True)
     errors = [c for c in console if c["level"] == "SEVERE"]
-    ok = (not errors and state["table_visible"] and state["table_rows"] > 0
+    ok = (not errors and alert is None and state["table_visible"] and state["table_rows"] > 0
           and not state["broken"] and not state["hidden"])
-    return {**state, "console": console, "console_errors": errors, "screenshot": shot, "ok": ok}
+    return {**state, "console": console, "console_errors": errors, "alert": alert,
+            "screenshot": shot, "ok": ok}
+
+
+def _take_alert(driver) -> str | None:
+    """The text of an open JavaScript dialog (dismissed), or ``None``."""
+    from selenium.common.exceptions import NoAlertPresentException
+    try:
+        dialog = driver.switch_to.alert
+        text = dialog.text
+        dialog.dismiss()
+        return text
+    except NoAlertPresentException:
+        return None
