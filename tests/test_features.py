@@ -163,6 +163,11 @@ def test_extract_parallel_equals_serial_and_caches(tmp_path):
         assert list((tmp_path / "f").glob("*.npz"))
         again = extract(imgs[::-1], {"lbp": {"radii": [1]}, "color": {"bins": 4}}, n_jobs=1)
         np.testing.assert_array_equal(again, serial[::-1])   # key order does not matter
+        stores = sorted((tmp_path / "f").glob("*.npz"))
+        assert [s.name.split("-")[0] for s in stores] == ["color", "lbp"]
+        only_color = extract(imgs, {"color": {"bins": 4}})  # shares the colour store
+        assert sorted((tmp_path / "f").glob("*.npz")) == stores
+        np.testing.assert_array_equal(only_color, serial[:, :only_color.shape[1]])
     finally:
         set_cache_dir(None)
     np.testing.assert_array_equal(serial[0], extract_one(imgs[0], spec))
