@@ -100,42 +100,48 @@ class LocalExecutor:
             yield args, result
 
     def _pool(self, fn, arg_list):
+        # One single-process pool per slot: a process that dies breaks only its own pool,
+        # so only the unit it was running is lost (and run again in a fresh process).
         threads = max(1, (os.cpu_count() or 1) // self.workers)
         ctx = mp.get_context("spawn")
+
+        def new_pool():
+            return ProcessPoolExecutor(1, mp_context=ctx, initializer=_init_worker,
+                                       initargs=(threads,))
+
         queue = list(reversed(arg_list))       # pop() takes them in the given order
         failures: dict[tuple, int] = {}
-        while queue:
-            # At most `workers` units in flight, so a dead process costs only running units.
-            with ProcessPoolExecutor(self.workers, mp_context=ctx, initializer=_init_worker,
-                                     initargs=(threads,)) as pool:
-                running = {}
-                broken = False
-                while (queue or running) and not broken:
-                    while queue and len(running) < self.workers:
+        slots = [new_pool() for _ in range(min(self.workers, len(arg_list)))]
+        running = {}                            # future -> (slot index, args)
+        try:
+            while queue or running:
+                busy = {s for s, _ in running.values()}
+                for s in range(len(slots)):
+                    if queue and s not in busy:
                         args = queue.pop()
-                        running[pool.submit(_guarded, fn, *args)] = args
-                    done, _ = wait(running, return_when=FIRST_COMPLETED)
-                    for fut in done:
-                        args = running.pop(fut)
-                        try:
-                            result = _unwrap(fut.result())
-                        except BrokenProcessPool:
-                            broken = True
-                            self._count(failures, args, "its worker process died", fn)
-                            queue.append(args)
-                            continue
-                        except BenchError:
-                            raise
-                        except Exception:
-                            if self._count(failures, args, None, fn):
-                                raise
-                            queue.append(args)
-                            continue
-                        yield args, result
-                if broken:   # the pool is gone: every unit still running is lost; run again
-                    for fut, args in running.items():
+                        running[slots[s].submit(_guarded, fn, *args)] = (s, args)
+                done, _ = wait(running, return_when=FIRST_COMPLETED)
+                for fut in done:
+                    s, args = running.pop(fut)
+                    try:
+                        result = _unwrap(fut.result())
+                    except BrokenProcessPool:
+                        slots[s].shutdown(wait=False)
+                        slots[s] = new_pool()
                         self._count(failures, args, "its worker process died", fn)
                         queue.append(args)
+                        continue
+                    except BenchError:
+                        raise
+                    except Exception:
+                        if self._count(failures, args, None, fn):
+                            raise
+                        queue.append(args)
+                        continue
+                    yield args, result
+        finally:
+            for pool in slots:
+                pool.shutdown(wait=True, cancel_futures=True)
 
     def _count(self, failures, args, why, fn) -> bool:
         """Record one failure of ``args``; True when its retries are spent."""

@@ -51,7 +51,7 @@ from bench.errors import BenchError
 from bench.io import atomic_write_json
 from bench.metrics import LOWER_IS_BETTER, METRICS, fold_metrics
 from bench.progress import warn
-from bench.storage import make_storage, storage_url
+from bench.storage import make_storage, optimize_shared, storage_url
 
 optuna.logging.set_verbosity(optuna.logging.WARNING)   # the runner shows progress per unit
 FINISHED = (optuna.trial.TrialState.COMPLETE, optuna.trial.TrialState.PRUNED,
@@ -205,14 +205,17 @@ def tune_candidate(entry: dict, X_train, y_train, classes, study: str, tuning: d
     storage = make_storage(str(tuning.get("storage", "") or ""), run_dir)
     direction = "minimize" if metric in LOWER_IS_BETTER else "maximize"
     sampler = TrialSeededTPE(seed, n_startup_trials=max(2, min(10, n_trials // 2)))
-    st = optuna.create_study(study_name=study, storage=storage, sampler=sampler,
-                             pruner=make_pruner(tuning.get("pruner", "median")),
-                             direction=direction, load_if_exists=True)
-    if not st.trials:
+    kw = dict(study_name=study, storage=storage, sampler=sampler,
+              pruner=make_pruner(tuning.get("pruner", "median")))
+    try:   # exactly one process creates the study and queues the default trial
+        st = optuna.create_study(direction=direction, **kw)
+    except optuna.exceptions.DuplicatedStudyError:
+        st = optuna.load_study(**kw)
+    else:
         configured = _scalar_params({**cls().get_params(deep=False), **entry.get("params", {})})
         st.enqueue_trial({}, user_attrs={"default": True, "configured": configured})
 
-    finished = [t for t in st.trials if t.state in FINISHED]
+    finished = [t for t in st.trials if t.state in FINISHED and not t.user_attrs.get("surplus")]
     remaining = max(0, n_trials - len(finished))
     spent = sum(t.duration.total_seconds() for t in finished if t.duration is not None)
     budget = (timeout - spent) if timeout > 0 else None
@@ -229,10 +232,10 @@ def tune_candidate(entry: dict, X_train, y_train, classes, study: str, tuning: d
             cand.fit(X_a, y_a, X_val=X_b, y_val=y_b, classes=classes, **kw)
             return fold_metrics(y_b, cand.predict_proba(X_b))[metric]
 
-        enough = optuna.study.MaxTrialsCallback(n_trials, states=FINISHED)   # other processes
-        st.optimize(objective, n_trials=remaining, timeout=budget, catch=TRIAL_ERRORS,
-                    callbacks=[enough], gc_after_trial=True)
-        ran_now = sum(t.state in FINISHED for t in st.trials) - len(finished)
+        # any number of processes (`bench tune`) may add trials: together they stop at
+        # exactly n_trials finished ones (bench.storage.optimize_shared)
+        ran_now = optimize_shared(st, objective, n_trials, timeout=budget, catch=TRIAL_ERRORS,
+                                  gc_after_trial=True)
 
     trials = st.trials
     complete = [t for t in trials if t.state == optuna.trial.TrialState.COMPLETE]
