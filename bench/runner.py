@@ -292,7 +292,8 @@ def run_benchmark(cfg: Config, force: bool = False, workers: int | None = None,
 
     t = time.perf_counter()
     n_folds = run_cfg["folds"]
-    units = [(str(run_dir), n, k) for n in cfg.candidates for k in range(n_folds)]
+    # an absolute path: Dask workers elsewhere see the run directory on a shared file system
+    units = [(str(run_dir.resolve()), n, k) for n in cfg.candidates for k in range(n_folds)]
     todo = [u for u in units if not unit_done(run_dir, u[1], u[2], fp["candidates"][u[1]])]
     if len(todo) < len(units):
         info(f"resuming: {len(units) - len(todo)} of {len(units)} work units already done")
