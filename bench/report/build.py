@@ -442,7 +442,7 @@ def write_cross_report(run_dirs, out_dir, progress: bool = True) -> Path:
         tab.insert(0, "dataset", labels)
         ranks = pd.DataFrame(fr["ranks"], columns=[f"rank_{n}" for n in common])
         s_csv = out.csv(pd.concat([tab, ranks], axis=1), "scores_and_ranks")
-        colors = plots.palette(common)
+        colors = plots.palette(_color_order(runs[0]))   # as in the first run's report
         cd_fig = out.fig(plots.cd_figure(avg, cd, colors,
                                          f"Average rank by {label} over {len(runs)} data sets "
                                          f"(Nemenyi CD at {alpha})"),

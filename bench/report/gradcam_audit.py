@@ -230,6 +230,11 @@ def run_audit(run, board, settings: dict, progress=None) -> dict:
                                  len(run.classes)) for n in cnns + ens}
     store = _MapStore(run, seed)
     weights = {e: _ensemble_weights(run, e, cnns) for e in ens}
+    for e in ens:
+        other = [m for m in run.members(e) if m not in cnns]
+        if other:
+            notes.append(f"the maps of ensemble '{e}' combine its CNN members only "
+                         f"({', '.join(other)} have no Grad-CAM)")
     for n in cnns + ens:
         gal = np.concatenate([np.concatenate(v) for v in galleries[n].values()]).astype(int)
         rows = np.union1d(sample, gal)

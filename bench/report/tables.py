@@ -111,14 +111,14 @@ def comparisons(run, per_fold: pd.DataFrame, board: pd.DataFrame, metric: str,
         if col not in df:
             df[col] = np.nan
         df[col + "_holm"] = holm(df[col].to_numpy(dtype=float))
-    worse = lower_is_better(metric)
     df["significant_ttest"] = df["p_ttest_holm"] < alpha
     df["significant_mcnemar"] = df["p_mcnemar_holm"] < alpha
-    df["verdict"] = [_verdict(r, alpha, worse) for _, r in df.iterrows()]
+    df["verdict"] = [_verdict(r) for _, r in df.iterrows()]
     return df
 
 
-def _verdict(r, alpha: float, lower_better: bool) -> str:
+def _verdict(r) -> str:
+    """The best entry is first by the metric, so a significant t-test means worse."""
     if r.get("is_best"):
         return "best"
     t_sig, m_sig = bool(r["significant_ttest"]), bool(r["significant_mcnemar"])
