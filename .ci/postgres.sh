@@ -8,11 +8,11 @@ PG_PASSWORD="${PG_PASSWORD:-bloodbench}"
 PG_DB="${PG_DB:-bloodbench_test}"
 PG_PORT="${PG_PORT:-5432}"
 
-if ! command -v pg_ctlcluster >/dev/null || [ -z "$(ls /usr/lib/postgresql 2>/dev/null)" ]; then
+if ! command -v pg_ctlcluster >/dev/null || ! ls /usr/lib/postgresql/*/bin/postgres >/dev/null 2>&1; then
     apt-get update -qq >&2
     DEBIAN_FRONTEND=noninteractive apt-get install -y -qq postgresql >&2
 fi
-ver="$(ls /usr/lib/postgresql | sort -V | tail -1)"
+ver="$(ls -d /usr/lib/postgresql/*/bin/postgres | awk -F/ '{print $5}' | sort -V | tail -1)"
 if ! pg_lsclusters -h | awk '{print $1" "$2}' | grep -qx "$ver main"; then
     pg_createcluster --port "$PG_PORT" "$ver" main >&2
 fi
