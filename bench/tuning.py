@@ -176,7 +176,8 @@ def tune_candidate(entry: dict, X_train, y_train, classes, study: str, tuning: d
     study : study name, e.g. ``"svm_hog-fold0"``.
     tuning : the ``[tuning]`` table: ``trials``, ``timeout`` (seconds, 0: none), ``storage``,
         ``pruner``, and optionally ``val_fraction`` (0.2), ``max_samples`` (0: all),
-        ``metric`` ("accuracy").
+        ``metric`` ("accuracy"). A candidate's own ``tuning`` table (``[candidates.X]
+        tuning = { trials = 0 }``) overrides these keys for it.
     run_dir : run directory (default storage, and ``tuning/<study>.json``).
     seed : seeds the inner split, the subsample and the TPE sampler.
 
@@ -187,6 +188,9 @@ def tune_candidate(entry: dict, X_train, y_train, classes, study: str, tuning: d
     info : summary for the work unit's ``result.json``.
     """
     run_dir, seed = Path(run_dir), int(seed)
+    tuning = {**tuning, **(entry.get("tuning") or {})}   # per-candidate overrides
+    if int(tuning.get("trials", 0) or 0) < 1:
+        return {}, {"study": study, "n_trials": 0, "skipped": "trials = 0 for this candidate"}
     cls = registry.get(entry["type"])
     n_trials = int(tuning.get("trials", 0) or 0)
     timeout = float(tuning.get("timeout", 0) or 0)

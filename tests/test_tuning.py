@@ -210,3 +210,13 @@ params = { features = "color", kernel = "linear" }
         assert res["params"]["C"] == res["tuning"]["best_params"].get("C", 1.0)   # 1.0: default
         saved = json.loads((out / "tuning" / f"svm_color-fold{k}.json").read_text())
         assert len(saved["trials"]) == 3
+
+
+def test_candidate_tuning_table_overrides_the_global_one(tmp_path):
+    X, y = toy_arrays(6, 16, seed=0)
+    entry = {"type": "_test_epochs", "params": {"epochs": 1}, "tuning": {"trials": 0}}
+    best, info = tune_candidate(entry, X, y, np.arange(3), "o", {"trials": 5}, tmp_path, seed=0)
+    assert best == {} and info["n_trials"] == 0 and not (tmp_path / "tuning").exists()
+    entry["tuning"] = {"trials": 2}
+    _, info = tune_candidate(entry, X, y, np.arange(3), "o", {"trials": 5}, tmp_path, seed=0)
+    assert info["n_trials"] == 2
