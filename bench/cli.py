@@ -111,6 +111,8 @@ def cmd_tune(args) -> int:
 
 
 def cmd_predict(args) -> int:
+    from concurrent.futures import ThreadPoolExecutor
+
     import numpy as np
     from bench.progress import progress_iter, warn
     from ensembles.predictor import find_images, load_images, load_predictor
@@ -130,29 +132,39 @@ def cmd_predict(args) -> int:
                     + (["gradcam"] if args.gradcam else []))
     starts = range(0, len(paths), args.batch_size)
     n_ok = 0
-    for s in progress_iter(starts, total=len(starts), desc="predicting",
-                           enabled=len(starts) > 1):
-        # each file decoded and resized once (threads), shared by all members
-        X, full, ok, errors = load_images(paths[s:s + args.batch_size], pred.image_size,
-                                          keep_full=bool(args.gradcam), skip_errors=True)
-        for _, exc in errors:
-            warn(f"skipped {exc}")
-        good = [s + j for j in ok]
-        if not good:
-            continue
-        proba = pred.predict_proba(X, batch_size=len(X))
-        top = np.argmax(proba, axis=1)
-        cams = pred.explain(X, class_index=top) if args.gradcam else None
-        for j, (i, row) in enumerate(zip(good, proba)):
-            k = int(top[j])
-            extra = []
-            if args.gradcam:
-                png = Path(args.gradcam) / names[i]
-                write_gradcam_png(png, full[j], cams[j], row, pred.classes_, title=str(paths[i]))
-                extra = [names[i]]
-            writer.writerow([str(paths[i]), pred.classes_[k], f"{row[k]:.6f}",
-                             *[f"{v:.6f}" for v in row], *extra])
-        n_ok += len(good)
+
+    def read(s):   # each file decoded and resized once (threads), shared by all members
+        return load_images(paths[s:s + args.batch_size], pred.image_size,
+                           keep_full=bool(args.gradcam), skip_errors=True)
+    reader = ThreadPoolExecutor(1)   # reads the next batch while this one is classified
+    try:
+        pending = reader.submit(read, 0)
+        for s in progress_iter(starts, total=len(starts), desc="predicting",
+                               enabled=len(starts) > 1):
+            X, full, ok, errors = pending.result()
+            if s + args.batch_size < len(paths):
+                pending = reader.submit(read, s + args.batch_size)
+            for _, exc in errors:
+                warn(f"skipped {exc}")
+            good = [s + j for j in ok]
+            if not good:
+                continue
+            proba = pred.predict_proba(X, batch_size=len(X))
+            top = np.argmax(proba, axis=1)
+            cams = pred.explain(X, class_index=top) if args.gradcam else None
+            for j, (i, row) in enumerate(zip(good, proba)):
+                k = int(top[j])
+                extra = []
+                if args.gradcam:
+                    png = Path(args.gradcam) / names[i]
+                    write_gradcam_png(png, full[j], cams[j], row, pred.classes_,
+                                      title=str(paths[i]))
+                    extra = [names[i]]
+                writer.writerow([str(paths[i]), pred.classes_[k], f"{row[k]:.6f}",
+                                 *[f"{v:.6f}" for v in row], *extra])
+            n_ok += len(good)
+    finally:
+        reader.shutdown(cancel_futures=True)
     if args.out:
         from bench.io import atomic_write_text
         atomic_write_text(args.out, buf.getvalue())

@@ -8,9 +8,10 @@ Prints, for ``--threads`` CPU threads (default 2, the machine this project targe
 * images/s of ``Predictor.predict_proba`` on ``uint8`` arrays already at the training
   size (the ensemble alone), best of ``--repeats``;
 * images/s of the same members run **directly**: every fold model of every Keras member
-  with ``keras.Model.predict`` and with the ``predict_keras`` loop of the training run,
-  every other member with its ``predict_proba``, then averaged and combined by hand;
-  the predictor's overhead is relative to the fastest direct way;
+  with ``keras.Model.predict``, with the ``predict_keras`` loop of the training run, and
+  each in its own ``tf.function``; every other member with its ``predict_proba``; then
+  averaged and combined by hand. The predictor's overhead is relative to the fastest
+  direct way (repeats interleaved, best of each);
 * images/s from image files (decoding and resizing included), when ``--images`` is given;
 * how often the predictor's compiled graph was traced over batches of several sizes
   (1 means no retracing).
@@ -78,7 +79,6 @@ def main(argv=None) -> int:
     n, bs = len(X), args.batch_size
 
     pred.predict_proba(X[:bs], batch_size=bs)                 # warm up (trace once)
-    t_pred = _best(lambda: pred.predict_proba(X, batch_size=bs), args.repeats)
 
     keras_models = [(name, c.model_) for name in pred.member_names_ for c in pred.members_[name]
                     if hasattr(c, "model_")]
@@ -95,22 +95,40 @@ def main(argv=None) -> int:
             return pred.ensemble_.combine([np.mean(out[nm], axis=0) for nm in pred.member_names_])
         return go
 
+    import tensorflow as tf
+    spec = tf.TensorSpec([None, pred.image_size, pred.image_size, 3], tf.uint8)
+    compiled = {id(m): tf.function(lambda x, m=m: m(x, training=False), input_signature=[spec])
+                for _, m in keras_models}
+
+    def per_model_graph(m):
+        return np.concatenate([compiled[id(m)](X[i:i + bs]).numpy() for i in range(0, n, bs)])
+
     ways = {"keras Model.predict": direct(lambda m: m.predict(X, batch_size=bs, verbose=0)),
-            "predict_keras (run's loop)": direct(lambda m: predict_keras(m, X, bs))}
-    times = {}
-    for label, fn in ways.items():
-        ref = fn()                                            # warm up, and check
-        diff = float(np.abs(ref - pred.predict_proba(X, batch_size=bs)).max())
-        times[label] = _best(fn, args.repeats)
-        print(f"direct, {label:28s}: {n / times[label]:8.1f} images/s "
-              f"(max |diff| vs predictor {diff:.1e})")
-    fastest = min(times.values())
-    print(f"predictor on arrays            : {n / t_pred:8.1f} images/s; "
-          f"overhead vs fastest direct {100 * (t_pred / fastest - 1):+.1f}% (target < 10%)")
+            "predict_keras (run's loop)": direct(lambda m: predict_keras(m, X, bs)),
+            "one tf.function per model": direct(per_model_graph)}
+    ref = pred.predict_proba(X, batch_size=bs)
+    for label, fn in ways.items():                            # warm up, and check
+        diff = float(np.abs(fn() - ref).max())
+        print(f"direct, {label:28s}: max |diff| vs predictor {diff:.1e}")
+    # interleaved repeats: every way sees the same share of a busy machine's noise
+    times = {label: [] for label in ["predictor", *ways]}
+    for _ in range(args.repeats):
+        for label, fn in [("predictor", lambda: pred.predict_proba(X, batch_size=bs)),
+                          *ways.items()]:
+            t = time.perf_counter()
+            fn()
+            times[label].append(time.perf_counter() - t)
+    best = {k: min(v) for k, v in times.items()}
+    for label in ways:
+        print(f"direct, {label:28s}: {n / best[label]:8.1f} images/s")
+    fastest = min(best[k] for k in ways)
+    t_pred = best["predictor"]
+    print(f"predictor on arrays                  : {n / t_pred:8.1f} images/s; overhead vs "
+          f"fastest direct {100 * (t_pred / fastest - 1):+.1f}% (target < 10%)")
 
     if paths:
         t_files = _best(lambda: pred.predict_proba(paths, batch_size=bs), 1)
-        print(f"predictor on files (read+resize): {n / t_files:8.1f} images/s")
+        print(f"predictor on files (read+resize)     : {n / t_files:8.1f} images/s")
 
     if pred._fused_names:
         fn = pred._fused_fn()

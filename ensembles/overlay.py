@@ -89,18 +89,20 @@ def gradcam_figure(image: np.ndarray, cam: np.ndarray, top: list[tuple[str, floa
     fig.colorbar(im, ax=axes[1], fraction=0.046, pad=0.02)
     names = [t[0] for t in top][::-1]
     probs = [float(t[1]) for t in top][::-1]
-    bars = axes[2].barh(range(len(top)), probs, color="tab:blue")
+    bars = axes[2].barh(range(len(top)), probs, height=0.45, color="tab:blue")
     if len(bars):
         bars[-1].set_color("tab:red")   # the predicted class
-    axes[2].set_yticks(range(len(top)), names, fontsize=9)
-    axes[2].set_xlim(0, 1.18)
-    for i, p in enumerate(probs):
-        axes[2].text(min(p, 1.0) + 0.02, i, f"{p:.3f}", va="center", fontsize=9)
+    axes[2].set_yticks([])
+    axes[2].set_xlim(0, 1.0)
+    axes[2].set_ylim(-0.5, len(top) - 0.2)
+    for i, (name, p) in enumerate(zip(names, probs)):   # names above their bars: any length fits
+        axes[2].text(0.01, i + 0.26, f"{name}  {p:.3f}", va="bottom", ha="left", fontsize=9,
+                     clip_on=True)
     axes[2].set_title(f"top-{len(top)} classes", fontsize=9)
     axes[2].set_xlabel("probability", fontsize=9)
     if title:
         fig.suptitle(title, fontsize=9)
-    fig.subplots_adjust(left=0.02, right=0.97, bottom=0.14, top=0.84, wspace=0.35)
+    fig.subplots_adjust(left=0.02, right=0.98, bottom=0.14, top=0.84, wspace=0.25)
     buf = io.BytesIO()
     fig.savefig(buf, format="png", dpi=DPI)
     return buf.getvalue()

@@ -207,20 +207,27 @@ class Predictor:
 
     def predict_proba(self, x, batch_size: int = 256) -> np.ndarray:
         """Class probabilities (N, n_classes) for image paths or ``uint8`` arrays of any
-        size; images are read and resized one batch at a time, each only once."""
+        size; images are read and resized one batch at a time, each only once (files: the
+        next batch is read while the current one is classified)."""
         if isinstance(x, np.ndarray) and x.ndim == 4 and x.shape[1:3] == (self.image_size,) * 2:
             items = x
         else:
             items = _as_items(x)
+        starts = list(range(0, len(items), batch_size))
         chunks = []
-        for i in range(0, len(items), batch_size):
-            images = to_images(items[i:i + batch_size], self.image_size)
-            p = self.ensemble_.combine(self.member_probas(images))
-            t = (self.manifest.get("calibration") or {}).get("temperature")   # [predictor]
-            if t:   # temperature_scaling: T fitted on the ensemble's out-of-fold probabilities
-                from bench.calibration import apply_temperature
-                p = apply_temperature(p, float(t))
-            chunks.append(p)
+        with ThreadPoolExecutor(1) as reader:
+            pending = reader.submit(to_images, items[:batch_size], self.image_size)
+            for i in starts:
+                images = pending.result()
+                if i + batch_size < len(items):
+                    pending = reader.submit(to_images, items[i + batch_size:i + 2 * batch_size],
+                                            self.image_size)
+                p = self.ensemble_.combine(self.member_probas(images))
+                t = (self.manifest.get("calibration") or {}).get("temperature")   # [predictor]
+                if t:   # temperature_scaling: T fitted on the ensemble's out-of-fold probabilities
+                    from bench.calibration import apply_temperature
+                    p = apply_temperature(p, float(t))
+                chunks.append(p)
         return np.concatenate(chunks) if chunks else np.zeros((0, len(self.classes_)))
 
     def predict(self, x, batch_size: int = 256) -> np.ndarray:
