@@ -68,14 +68,14 @@ def main(argv=None) -> int:
         stages = json.loads((out / "manifest.json").read_text()).get("stage_seconds", {})
         rows.append({"workers": w, "wall_s": wall, "units_s": stages.get("units", float("nan")),
                      "out": out})
-    first = rows[0]
+    first = min(rows, key=lambda r: r["workers"])   # speed-ups over the fewest workers
     print(f"{'workers':>7} {'wall s':>8} {'units s':>8} {'speed-up wall':>14} "
           f"{'speed-up units':>15}")
     for r in rows:
         print(f"{r['workers']:>7} {r['wall_s']:>8.1f} {r['units_s']:>8.1f} "
               f"{first['wall_s'] / r['wall_s']:>14.2f} {first['units_s'] / r['units_s']:>15.2f}")
     ref = pd.read_csv(first["out"] / "leaderboard.csv")[RESULT_COLS].sort_values("candidate")
-    for r in rows[1:]:
+    for r in [r for r in rows if r is not first]:
         other = pd.read_csv(r["out"] / "leaderboard.csv")[RESULT_COLS].sort_values("candidate")
         diff = (ref.set_index("candidate") - other.set_index("candidate")).abs().max().max()
         print(f"leaderboard --workers {r['workers']} vs {first['workers']}: "

@@ -207,11 +207,16 @@ def test_dask_worker_killed_mid_unit_is_retried(cluster, config_file, reference_
     runner = threading.Thread(target=run)
     runner.start()
     try:
-        tmp = wait_for(lambda: next(iter(out.glob("units/*/.fold*.tmp-*")), None), 120,
-                       "a work unit to start on a Dask worker")
-        pid = int(tmp.name.rsplit("-", 1)[1])
-        assert pid != os.getpid()
-        os.kill(pid, signal.SIGKILL)   # the worker process running that unit
+        while True:
+            tmp = wait_for(lambda: next(iter(out.glob("units/*/.fold*.tmp-*")), None), 120,
+                           "a work unit to start on a Dask worker")
+            pid = int(tmp.name.rsplit("-", 1)[1])
+            assert pid != os.getpid()
+            os.kill(pid, signal.SIGSTOP)   # freeze it: is the unit still running?
+            if tmp.is_dir():
+                os.kill(pid, signal.SIGKILL)   # the worker process, mid-unit
+                break
+            os.kill(pid, signal.SIGCONT)   # it had just finished that unit; try again
     finally:
         runner.join(180)
     assert not runner.is_alive() and not errors, errors
