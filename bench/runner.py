@@ -396,12 +396,15 @@ def _build_ensemble(entry: dict, name: str = ""):
         raise BenchError(f"[ensembles.{name}]: bad settings ({exc})") from None
 
 
-def _fit_ensemble(ens, probas, y, name: str, folds=None):
-    """Out-of-fold ensemble probabilities (with ``folds``) or a fit on all rows; a bad
-    setting becomes one line naming the ensemble."""
-    from ensembles.base import cross_val_combine
+def _fit_ensemble(ens, probas, y, name: str, folds, cross_val: bool = True):
+    """Out-of-fold ensemble probabilities (``cross_val``) or a fit on all rows (the rows'
+    folds passed to ensembles that use them); a bad setting becomes one line naming the
+    ensemble."""
+    from ensembles.base import cross_val_combine, fold_groups
     try:
-        return cross_val_combine(ens, probas, y, folds) if folds is not None else ens.fit(probas, y)
+        if cross_val:
+            return cross_val_combine(ens, probas, y, folds)
+        return ens.fit(probas, y, **fold_groups(ens, folds))
     except ValueError as exc:
         raise BenchError(f"[ensembles.{name}]: {exc}") from None
 
@@ -417,7 +420,8 @@ def _ensembles(run_dir, cfg, ds, folds, oofs, kinds):
         t = time.perf_counter()
         oof = _fit_ensemble(ens, [oofs[m] for m in members], ds.labels, name, folds)
         fit_s = time.perf_counter() - t
-        weights = _fit_ensemble(ens, [oofs[m] for m in members], ds.labels, name).member_weights()
+        weights = _fit_ensemble(ens, [oofs[m] for m in members], ds.labels, name, folds,
+                                cross_val=False).member_weights()
         atomic_save_npy(run_dir / "oof" / f"{name}.npy", oof.astype(np.float32))
         per_fold = [fold_metrics(ds.labels[folds == k], oof[folds == k])
                     for k in range(cfg["run"]["folds"])]
@@ -448,7 +452,9 @@ def _save_best_predictor(run_dir, cfg, ds, board, kinds):
         members = ensemble_members(entry.get("members", "cnn"), kinds)
         ens = _build_ensemble(entry, name)
         oofs = [np.load(run_dir / "oof" / f"{m}.npy").astype(np.float64) for m in members]
-        _fit_ensemble(ens, oofs, ds.labels, name)   # final weights from all out-of-fold rows
+        folds = pd.read_csv(Path(run_dir) / "folds.csv")["fold"].to_numpy()
+        # final weights (or meta-learner) from all out-of-fold rows
+        _fit_ensemble(ens, oofs, ds.labels, name, folds, cross_val=False)
         members = [members[i] for i in ens.drop_unused()]   # weight 0: not saved, not run
     else:   # no ensemble configured: the best single candidate
         from ensembles.voting import SoftVoting

@@ -42,17 +42,24 @@ class Ensemble:
         return list(range(self.n_members_))
 
 
+def fold_groups(ensemble: Ensemble, folds) -> dict:
+    """``{"groups": folds}`` for ensembles whose ``fit`` takes the rows' folds, else ``{}``."""
+    import inspect
+    return {"groups": folds} if "groups" in inspect.signature(ensemble.fit).parameters else {}
+
+
 def cross_val_combine(ensemble: Ensemble, probas: list[np.ndarray], y: np.ndarray,
                       folds: np.ndarray) -> np.ndarray:
     """Out-of-fold ensemble probabilities.
 
     For each fold k the ensemble is fitted on the members' out-of-fold probabilities of
     the *other* folds only, then combines fold k's rows: fold k never chooses its own
-    weights (or meta-learner).
+    weights (or meta-learner). Ensembles whose ``fit`` takes ``groups`` get those rows'
+    fold numbers (e.g. for an inner leave-one-fold-out choice of a setting).
     """
     out = np.zeros_like(probas[0], dtype=np.float64)
     for k in np.unique(folds):
         test = folds == k
-        ensemble.fit([p[~test] for p in probas], y[~test])
+        ensemble.fit([p[~test] for p in probas], y[~test], **fold_groups(ensemble, folds[~test]))
         out[test] = ensemble.combine([p[test] for p in probas])
     return out

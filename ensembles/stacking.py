@@ -41,6 +41,7 @@ META_LEARNERS = {
                                    "class_prior_")),
 }
 INPUTS = ("log_proba", "proba")
+C_GRID = (0.003, 0.01, 0.03, 0.1, 0.3, 1.0, 3.0)
 _EPS = 1e-6
 
 
@@ -65,19 +66,27 @@ class Stacking(Ensemble):
     ----------
     meta : ``"logistic"`` (multinomial logistic regression, default), ``"lda"`` (linear
         discriminant analysis with Ledoit-Wolf shrinkage) or ``"gaussian_nb"``.
-    C : float
+    C : float or ``"auto"``
         Inverse L2 regularisation strength of the logistic regression (on standardised
         inputs: linear meta-learners are fitted on inputs scaled to unit variance, the
-        scaling then folded into their coefficients).
-    inputs : ``"log_proba"`` (default: log of the probabilities, clipped at 1e-6, so a
-        logistic meta-learner generalises a weighted geometric mean) or ``"proba"``.
+        scaling then folded into their coefficients). ``"auto"`` (default) picks it from
+        :data:`C_GRID` by log loss in an inner split of the rows it is fitted on: with
+        ``groups`` (the rows' cross-validation folds, as ``cross_val_combine`` and the
+        runner pass them) leave one fold out, which mimics meeting a new fold model's
+        outputs; without, a seeded stratified ``inner_folds``-fold split.
+    inner_folds : int
+        Folds of the inner split when no ``groups`` are given.
+    inputs : ``"proba"`` (default) or ``"log_proba"`` (log of the probabilities, clipped
+        at 1e-6: a logistic meta-learner then generalises a weighted geometric mean, but
+        follows overconfident members further; worse on the PBC smoke runs).
     seed : int
         Random state of the meta-learner.
     """
 
-    def __init__(self, meta="logistic", C=1.0, inputs="log_proba", seed=0):
+    def __init__(self, meta="logistic", C="auto", inputs="proba", inner_folds=5, seed=0):
         self.meta = meta
         self.C = C
+        self.inner_folds = inner_folds
         self.inputs = inputs
         self.seed = seed
 
@@ -87,14 +96,16 @@ class Stacking(Ensemble):
                              f"got {self.meta!r}")
         if self.inputs not in INPUTS:
             raise ValueError(f"stacking inputs must be one of {INPUTS}, got {self.inputs!r}")
-        if not float(self.C) > 0:
-            raise ValueError(f"stacking C must be > 0, got {self.C!r}")
+        if self.C != "auto" and not (isinstance(self.C, (int, float)) and self.C > 0):
+            raise ValueError(f"stacking C must be > 0 or 'auto', got {self.C!r}")
 
     def _features(self, probas) -> np.ndarray:
         X = np.concatenate([np.asarray(p, dtype=np.float64) for p in probas], axis=1)
         return np.log(np.clip(X, _EPS, 1.0)) if self.inputs == "log_proba" else X
 
-    def fit(self, probas, y):
+    def fit(self, probas, y, groups=None):
+        """Fit the meta-learner on member probabilities ``probas`` and labels ``y``;
+        ``groups`` (optional): each row's cross-validation fold, for ``C="auto"``."""
         self._check()
         factory, _ = META_LEARNERS[self.meta]
         self.n_members_ = len(probas)
@@ -103,10 +114,11 @@ class Stacking(Ensemble):
         if len(np.unique(y)) < 2:
             raise ValueError("stacking needs at least two classes among the rows it is fitted on")
         X = self._features(probas)
-        meta = factory(float(self.C), self.seed)
         linear = "coef_" in META_LEARNERS[self.meta][1]
         # Tiny problems: one BLAS thread (several only wait on each other on a busy CPU).
         with threadpool_limits(limits=1):
+            self.C_ = self._choose_C(X, y, groups)
+            meta = factory(self.C_, self.seed)
             if linear:
                 # fit on standardised inputs (log-probabilities span ~14 units: lbfgs
                 # needs 10x the iterations on them raw), then fold the scaling into the
@@ -121,6 +133,37 @@ class Stacking(Ensemble):
         self.meta_ = meta
         return self
 
+    def _choose_C(self, X, y, groups=None) -> float:
+        if self.C != "auto":
+            return float(self.C)
+        if self.meta != "logistic":
+            return 1.0   # unused by the other meta-learners
+        from sklearn.model_selection import LeaveOneGroupOut, StratifiedKFold
+        Xs = (X - X.mean(axis=0)) / np.maximum(X.std(axis=0), 1e-12)
+        if groups is not None and len(np.unique(groups)) >= 2:
+            split = list(LeaveOneGroupOut().split(Xs, y, groups))
+        else:
+            counts = np.bincount(y)
+            k = int(min(self.inner_folds, counts[counts > 0].min()))
+            if k < 2:
+                return 1.0
+            split = list(StratifiedKFold(k, shuffle=True, random_state=self.seed).split(Xs, y))
+        split = [(tr, te) for tr, te in split if len(np.unique(y[tr])) >= 2]
+        if not split:
+            return 1.0
+        losses = []
+        for C in C_GRID:
+            total = 0.0
+            for tr, te in split:
+                lr = _logistic(C, self.seed).fit(Xs[tr], y[tr])
+                p = np.full(len(te), 1e-15)
+                known = np.isin(y[te], lr.classes_)
+                col = np.searchsorted(lr.classes_, y[te][known])
+                p[known] = lr.predict_proba(Xs[te][known])[np.arange(known.sum()), col]
+                total -= np.log(np.clip(p, 1e-15, 1.0)).sum()
+            losses.append(total / len(y))
+        return float(C_GRID[int(np.argmin(losses))])
+
     def combine(self, probas):
         if len(probas) != self.n_members_:
             raise ValueError(f"fitted for {self.n_members_} members, got {len(probas)}")
@@ -131,7 +174,7 @@ class Stacking(Ensemble):
 
     def get_state(self):
         _, attrs = META_LEARNERS[self.meta]
-        return {"n_members": self.n_members_, "n_classes": self.n_classes_,
+        return {"n_members": self.n_members_, "n_classes": self.n_classes_, "C": self.C_,
                 "meta": {a: _to_json(getattr(self.meta_, a)) for a in attrs}}
 
     def set_state(self, state):
@@ -140,7 +183,8 @@ class Stacking(Ensemble):
         missing = [a for a in attrs if a not in state.get("meta", {})]
         if missing:
             raise ValueError(f"stacking state lacks {missing}")
-        meta = factory(float(self.C), self.seed)
+        self.C_ = float(state.get("C", 1.0))
+        meta = factory(self.C_, self.seed)
         for a in attrs:
             setattr(meta, a, _from_json(state["meta"][a]))
         self.meta_ = meta

@@ -11,7 +11,7 @@ from bench.errors import BenchError
 from ensembles.base import cross_val_combine
 from ensembles.overlay import FIG_SIZE_PX, gradcam_names, write_gradcam_png
 from ensembles.selection import greedy_selection
-from ensembles.stacking import META_LEARNERS, Stacking
+from ensembles.stacking import C_GRID, META_LEARNERS, Stacking
 from ensembles.voting import SoftVoting
 
 K = 4
@@ -123,11 +123,11 @@ def test_stacking_equals_logistic_regression_on_log_probabilities(data):
         lr = make_pipeline(StandardScaler(), LogisticRegression(C=C, max_iter=2000))
         return lr.fit(X, y).predict_proba(X)
     X = np.log(np.clip(np.concatenate(probas, axis=1), 1e-6, 1))
-    np.testing.assert_allclose(Stacking(C=0.5).fit(probas, y).combine(probas), reference(X, 0.5),
-                               atol=1e-10)
+    np.testing.assert_allclose(Stacking(C=0.5, inputs="log_proba").fit(probas, y).combine(probas),
+                               reference(X, 0.5), atol=1e-10)
     Xp = np.concatenate(probas, axis=1)
-    np.testing.assert_allclose(Stacking(inputs="proba").fit(probas, y).combine(probas),
-                               reference(Xp), atol=1e-10)
+    np.testing.assert_allclose(Stacking(C=1.0).fit(probas, y).combine(probas), reference(Xp),
+                               atol=1e-10)
 
 
 def test_stacking_has_no_fold_leakage(data):
@@ -139,8 +139,9 @@ def test_stacking_has_no_fold_leakage(data):
     oof = cross_val_combine(Stacking(), probas, y, folds)
     for k in range(5):
         tr, te = folds != k, folds == k
-        by_hand = Stacking().fit([p[tr] for p in probas], y[tr]).combine([p[te] for p in probas])
-        np.testing.assert_array_equal(oof[te], by_hand)
+        meta = Stacking().fit([p[tr] for p in probas], y[tr], groups=folds[tr])
+        assert meta.C_ in C_GRID
+        np.testing.assert_array_equal(oof[te], meta.combine([p[te] for p in probas]))
     y2 = y.copy()
     y2[folds == 3] = rng.permutation(y2[folds == 3])
     oof2 = cross_val_combine(Stacking(), probas, y2, folds)
@@ -160,6 +161,23 @@ def test_stacking_state_is_json_and_round_trips(data, meta):
     np.testing.assert_array_equal(back.combine(probas), ens.combine(probas))
     assert (ens.combine(probas).argmax(1) == y).mean() > 0.5
     assert ens.member_weights() is None      # Grad-CAM: equal weights
+
+
+def test_stacking_chooses_C_leaving_one_fold_out(data):
+    """C="auto" takes the grid value with the best leave-one-fold-out log loss: with a
+    member whose confidence means different things in different folds, strong
+    regularisation wins; with a reliable member, weak regularisation does."""
+    y, folds, _ = data
+    rng = np.random.default_rng(2)
+    good = [noisy_member(y, rng, 0.9), noisy_member(y, rng, 0.8)]
+    weak = Stacking().fit(good, y, groups=folds)
+    assert weak.C_ >= 0.3
+    shifted = np.where((folds == 0)[:, None], noisy_member((y + 1) % K, rng, 0.9),
+                       noisy_member(y, rng, 0.9))
+    strong = Stacking().fit([shifted, noisy_member(y, rng, 0.5)], y, groups=folds)
+    assert strong.C_ < weak.C_
+    assert Stacking().fit(good, y).C_ in C_GRID          # no groups: stratified inner folds
+    assert Stacking(C=2.0).fit(good, y, groups=folds).C_ == 2.0
 
 
 def test_stacking_keeps_every_class_column():

@@ -8,6 +8,7 @@ import json
 import shutil
 
 import numpy as np
+import pandas as pd
 import pytest
 from PIL import Image
 
@@ -95,11 +96,11 @@ def test_round_trip_gives_identical_probabilities(run, predictor, fresh):
     members = ["rf_hog", "cnn_tiny"]
     by_hand = [np.mean([load_candidate(unit_dir(out, m, k) / "model").predict_proba(X)
                         for k in range(3)], axis=0) for m in members]
-    labels = np.array([predictor.classes_.tolist().index(c)
-                       for c in np.loadtxt(out / "folds.csv", delimiter=",", skiprows=1,
-                                           usecols=2, dtype=str)])
+    table = pd.read_csv(out / "folds.csv")
+    labels = np.array([predictor.classes_.tolist().index(c) for c in table["label"]])
     meta = Stacking().fit([np.load(out / "oof" / f"{m}.npy").astype(np.float64)
-                           for m in members], labels)
+                           for m in members], labels, groups=table["fold"].to_numpy())
+    assert predictor.ensemble_.C_ == meta.C_
     np.testing.assert_allclose(proba, meta.combine(by_hand), rtol=0, atol=1e-6)
     assert (predictor.predict(X) == predictor.classes_[y]).mean() > 0.8
 
