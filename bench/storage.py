@@ -8,6 +8,7 @@
 
 Relational storages get a heartbeat, so trials of a worker that died are marked failed
 and retried (``RetryHeartbeatStaleTrialCallback``) instead of being lost or left running forever.
+:func:`optimize_shared` lets any number of processes fill one study to an exact total.
 """
 
 from __future__ import annotations
@@ -49,10 +50,10 @@ def make_storage(url: str, run_dir=None) -> optuna.storages.BaseStorage:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")   # heartbeat options are marked experimental
             retry = RetryHeartbeatStaleTrialCallback(max_retry=3)
-            return RDBStorage(url, heartbeat_interval=HEARTBEAT_SECONDS, grace_period=GRACE_SECONDS,
-                          heartbeat_stale_trial_callback=retry,
-                          engine_kwargs={"pool_pre_ping": True} if not url.startswith("sqlite")
-                          else None)
+            return RDBStorage(url, heartbeat_interval=HEARTBEAT_SECONDS,
+                              grace_period=GRACE_SECONDS, heartbeat_stale_trial_callback=retry,
+                              engine_kwargs=None if url.startswith("sqlite")
+                              else {"pool_pre_ping": True})
     except Exception as exc:  # noqa: BLE001 - driver and connection errors vary by backend
         raise BenchError(f"cannot open Optuna storage {url.split('@')[-1]}: "
                          f"{str(exc).splitlines()[0]}") from None
