@@ -210,6 +210,8 @@ def cmd_inspect(args) -> int:
           "nothing was loaded or run")
     print(f"  ensemble: {ens['name']} ({ens['type']}) params={json.dumps(ens['params'])}"
           + (f"; chosen as {m['chosen_by']}" if m.get("chosen_by") else ""))
+    if "C" in ens.get("state", {}):
+        print(f"  meta-learner C (fitted): {ens['state']['C']}")
     if m.get("leaderboard"):
         print("  leaderboard (out-of-fold): " + ", ".join(f"{k}={v:.4f}"
                                                           for k, v in m["leaderboard"].items()))

@@ -63,7 +63,8 @@ def gradcam_figure(image: np.ndarray, cam: np.ndarray, top: list[tuple[str, floa
     image : (H, W, 3) uint8
         The input image at its own resolution.
     cam : (h, w) float in [0, 1]
-        The Grad-CAM map at the model's resolution.
+        The Grad-CAM map at the model's resolution (drawn scaled to its peak, which the
+        panel title states).
     top : list of (class name, probability)
         Shown as a bar chart, most probable first.
     title : str
@@ -81,8 +82,13 @@ def gradcam_figure(image: np.ndarray, cam: np.ndarray, top: list[tuple[str, floa
     axes[0].imshow(image)
     axes[0].set_title(f"image ({w}x{h})", fontsize=9)
     axes[1].imshow(image)
-    im = axes[1].imshow(upsample(cam, h, w), cmap="jet", alpha=alpha, vmin=0.0, vmax=1.0)
-    axes[1].set_title(f"Grad-CAM: {top[0][0]}" if top else "Grad-CAM", fontsize=9)
+    # The ensemble's map is a mean of maps each scaled to peak 1: its own peak is lower
+    # where members look at different places. Shown scaled to its peak (stated).
+    peak = float(np.max(cam)) if np.size(cam) else 0.0
+    shown = upsample(np.asarray(cam) / peak if peak > 0 else cam, h, w)
+    im = axes[1].imshow(shown, cmap="jet", alpha=alpha, vmin=0.0, vmax=1.0)
+    axes[1].set_title((f"Grad-CAM: {top[0][0]}" if top else "Grad-CAM")
+                      + f" (peak {peak:.2f}, shown as 1)", fontsize=9)
     for ax in axes[:2]:
         ax.set_xticks([])
         ax.set_yticks([])
