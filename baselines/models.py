@@ -332,8 +332,8 @@ class FeatureXGB(FeatureClassifier):
     @classmethod
     def param_space(cls, trial) -> dict:
         return {
-            "n_estimators": trial.suggest_int("n_estimators", 100, 600, step=100),
-            "max_depth": trial.suggest_int("max_depth", 3, 10),
+            "n_estimators": trial.suggest_int("n_estimators", 100, 400, step=100),
+            "max_depth": trial.suggest_int("max_depth", 3, 8),
             "learning_rate": trial.suggest_float("learning_rate", 0.02, 0.3, log=True),
             "subsample": trial.suggest_float("subsample", 0.5, 1.0),
             "colsample_bytree": trial.suggest_float("colsample_bytree", 0.2, 1.0),
