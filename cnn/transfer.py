@@ -3,12 +3,13 @@
 Every transfer model is one chain of layers that takes the dataset's ``uint8`` images::
 
     image -> [augment] -> [resize to input_size] -> preprocess (the backbone's own
-    preprocess_input) -> backbone (a nested keras.Model, called with training=False)
+    preprocess_input) -> backbone (a nested keras.Model)
     -> gap -> head_drop -> [fc -> fc_drop] -> logits -> probs (softmax)
 
-Batch norm inside the backbone always runs in inference mode (its ImageNet statistics
-are kept, also while fine-tuning); its own BN layers also stay frozen unless
-``train_bn=True``.
+Batch norm layers of the backbone stay frozen, and so run in inference mode with their
+ImageNet statistics (Keras: a BN layer with ``trainable=False`` always does), unless
+``train_bn=True``: then the BN layers of the unfrozen blocks learn their scales and
+offsets and use batch statistics in training, adapting to the stain colours of the data.
 
 * :class:`FrozenTransferCNN` (``type = "transfer_frozen"``) computes each image's
   embedding once (``prepare``, cached on disk by :mod:`cnn.embeddings`) and trains only
@@ -61,7 +62,7 @@ def _features(inputs, image_size, size, backbone_name, base):
     if size != image_size:
         x = layers.Resizing(size, size, name="resize")(x)
     x = BackbonePreprocess(backbone_name, name="preprocess")(x)
-    x = base(x, training=False)
+    x = base(x)   # frozen BN layers run in inference mode (Keras semantics of trainable=False)
     return layers.GlobalAveragePooling2D(name="gap")(x)
 
 
@@ -317,7 +318,8 @@ class FineTuneTransferCNN(TransferCandidate):
     finetune_lr_factor : float
         Phase-2 learning rate = ``learning_rate * finetune_lr_factor``.
     train_bn : bool
-        Also train the unfrozen blocks' batch-norm scales and offsets.
+        Also train the unfrozen blocks' batch-norm layers (batch statistics in training,
+        moving statistics updated); otherwise they stay in inference mode.
     epochs : int
         Maximum epochs of phase 2 (early stopping on validation loss in both phases).
     optimizer, learning_rate, batch_size, patience, schedule, class_weight,
