@@ -18,6 +18,11 @@ from tests.conftest import toy_arrays, write_tiny_config
 COLOR = {"color": {"bins": 8}}
 
 
+def _fast(tmp_path, **tuning) -> dict:
+    """``[tuning]`` with a journal file: much faster to create than SQLite (tested elsewhere)."""
+    return {"storage": str(tmp_path / "studies.log"), **tuning}
+
+
 @register("_test_epochs")
 class EpochModel(Candidate):
     """A fake CNN: its validation accuracy after epoch e is quality * (e + 1) / epochs."""
@@ -100,7 +105,7 @@ def test_tuned_forest_beats_a_poor_default(tmp_path):
 def test_resumed_study_runs_only_the_remaining_trials(tmp_path):
     X, y = toy_arrays(6, 16, seed=0)
     entry = {"type": "_test_epochs", "params": {"epochs": 2}}
-    tun = {"trials": 3, "timeout": 0, "pruner": "none"}
+    tun = _fast(tmp_path, trials=3, timeout=0, pruner="none")
     _, first = tune_candidate(entry, X, y, np.arange(3), "s", tun, tmp_path, seed=1)
     before = json.loads((tmp_path / "tuning" / "s.json").read_text())["trials"]
     _, again = tune_candidate(entry, X, y, np.arange(3), "s", tun, tmp_path, seed=1)
@@ -112,14 +117,16 @@ def test_resumed_study_runs_only_the_remaining_trials(tmp_path):
     assert after[:3] == before                      # finished trials kept, not re-run
     params = [t["params"]["quality"] for t in after]
     assert len(set(params)) == 5                    # no point sampled twice
-    st = optuna.load_study(study_name="s", storage=f"sqlite:///{tmp_path / 'optuna.db'}")
+    from bench.storage import make_storage
+    st = optuna.load_study(study_name="s", storage=make_storage(tun["storage"]))
     assert len(st.trials) == 5
 
 
 def test_same_seed_same_study(tmp_path):
     X, y = toy_arrays(6, 16, seed=0)
     entry = {"type": "_test_epochs", "params": {"epochs": 2}}
-    runs = [tune_candidate(entry, X, y, np.arange(3), "s", {"trials": 4, "pruner": "none"},
+    runs = [tune_candidate(entry, X, y, np.arange(3), "s",
+                           _fast(tmp_path / str(i), trials=4, pruner="none"),
                            tmp_path / str(i), seed=7)[1] for i in range(2)]
     trials = [json.loads((tmp_path / str(i) / "tuning" / "s.json").read_text())["trials"]
               for i in range(2)]
@@ -130,7 +137,8 @@ def test_same_seed_same_study(tmp_path):
 def test_epoch_callbacks_prune_poor_trials(tmp_path):
     X, y = toy_arrays(6, 16, seed=0)
     entry = {"type": "_test_epochs", "params": {"epochs": 6, "quality": 0.9}}
-    _, info = tune_candidate(entry, X, y, np.arange(3), "p", {"trials": 8, "pruner": "median"},
+    _, info = tune_candidate(entry, X, y, np.arange(3), "p",
+                             _fast(tmp_path, trials=8, pruner="median"),
                              tmp_path, seed=0)
     trials = json.loads((tmp_path / "tuning" / "p.json").read_text())["trials"]
     pruned = [t for t in trials if t["state"] == "PRUNED"]
@@ -143,12 +151,13 @@ def test_epoch_callbacks_prune_poor_trials(tmp_path):
 def test_timeout_bounds_the_study(tmp_path):
     X, y = toy_arrays(6, 16, seed=0)
     entry = {"type": "_test_epochs", "params": {"epochs": 1, "seconds": 0.15}}
-    _, info = tune_candidate(entry, X, y, np.arange(3), "t", {"trials": 50, "timeout": 0.4},
+    _, info = tune_candidate(entry, X, y, np.arange(3), "t", _fast(tmp_path, trials=50,
+                                                                       timeout=0.4),
                              tmp_path, seed=0)
     assert 1 <= info["n_trials"] < 10
     for _ in range(2):   # the trials' durations count against the budget when resuming
         _, again = tune_candidate(entry, X, y, np.arange(3), "t",
-                                  {"trials": 50, "timeout": 0.4}, tmp_path, seed=0)
+                                  _fast(tmp_path, trials=50, timeout=0.4), tmp_path, seed=0)
     assert again["trials_run_now"] == 0 and again["trial_seconds"] >= 0.4
 
 
@@ -159,7 +168,7 @@ def test_trials_never_see_the_outer_test_fold(tmp_path):
     test = np.arange(len(X)) % 5 == 0                   # the outer test fold
     Recorder.fitted.clear(), Recorder.scored.clear()
     tune_candidate({"type": "_test_recorder", "params": {}}, X[~test], y[~test], np.arange(3),
-                   "r", {"trials": 3}, tmp_path, seed=0)
+                   "r", _fast(tmp_path, trials=3), tmp_path, seed=0)
     train_ids, test_ids = set(ids[~test].tolist()), set(ids[test].tolist())
     assert len(Recorder.fitted) == 3
     for fit_ids, score_ids in zip(Recorder.fitted, Recorder.scored):
@@ -183,7 +192,7 @@ def test_bad_settings_are_one_clear_error(tmp_path):
     X, y = toy_arrays(4, 16, seed=0)
     with pytest.raises(BenchError, match="metric"):
         tune_candidate({"type": "_test_epochs", "params": {}}, X, y, np.arange(3), "b",
-                       {"trials": 1, "metric": "speed"}, tmp_path, seed=0)
+                       _fast(tmp_path, trials=1, metric="speed"), tmp_path, seed=0)
 
 
 def test_run_with_three_trials_end_to_end(toy_folder, tmp_path):
@@ -215,8 +224,10 @@ params = { features = "color", kernel = "linear" }
 def test_candidate_tuning_table_overrides_the_global_one(tmp_path):
     X, y = toy_arrays(6, 16, seed=0)
     entry = {"type": "_test_epochs", "params": {"epochs": 1}, "tuning": {"trials": 0}}
-    best, info = tune_candidate(entry, X, y, np.arange(3), "o", {"trials": 5}, tmp_path, seed=0)
+    best, info = tune_candidate(entry, X, y, np.arange(3), "o", _fast(tmp_path, trials=5),
+                                tmp_path, seed=0)
     assert best == {} and info["n_trials"] == 0 and not (tmp_path / "tuning").exists()
     entry["tuning"] = {"trials": 2}
-    _, info = tune_candidate(entry, X, y, np.arange(3), "o", {"trials": 5}, tmp_path, seed=0)
+    _, info = tune_candidate(entry, X, y, np.arange(3), "o", _fast(tmp_path, trials=5),
+                             tmp_path, seed=0)
     assert info["n_trials"] == 2
