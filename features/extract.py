@@ -34,6 +34,8 @@ EXTRACTORS = {
     "morphology": morphology_features,
 }
 _CACHE_DIR: Path | None = None
+MEMO_STORES = 6   # stores kept in memory per process (a store is re-read when its file changes)
+_MEMO: dict = {}
 _NO_CACHE = "off"
 
 
@@ -112,13 +114,7 @@ def _extract_part(images, digests, name, params, n_jobs, chunk_size, progress, u
                        "shape": images.shape[1:]})[:24]
     store_dir = _store_dir() if use_cache else None
     store = store_dir / f"{name}-{key}.npz" if store_dir else None
-    known: dict[str, np.ndarray] = {}
-    if store and store.exists():
-        try:
-            with np.load(store, allow_pickle=False) as z:
-                known = dict(zip(z["digests"].tolist(), z["features"]))
-        except (OSError, ValueError, KeyError):
-            known = {}
+    known = _load_store(store) if store else {}
     seen, todo = set(), []
     for i, d in enumerate(digests):   # identical images are computed once
         if d not in known and d not in seen:
@@ -141,11 +137,39 @@ def _extract_part(images, digests, name, params, n_jobs, chunk_size, progress, u
     return np.stack([known[d] for d in digests])
 
 
+def _load_store(store: Path) -> dict:
+    """``{digest: vector}`` of a store; the last few are kept in memory while unchanged."""
+    try:
+        st = store.stat()
+    except OSError:
+        return {}
+    stamp = (st.st_mtime_ns, st.st_size)
+    hit = _MEMO.get(store)
+    if hit and hit[0] == stamp:
+        return dict(hit[1])
+    try:
+        with np.load(store, allow_pickle=False) as z:
+            known = dict(zip(z["digests"].tolist(), z["features"]))
+    except (OSError, ValueError, KeyError):
+        return {}
+    _remember(store, stamp, known)
+    return dict(known)
+
+
+def _remember(store: Path, stamp, known: dict) -> None:
+    _MEMO.pop(store, None)
+    _MEMO[store] = (stamp, dict(known))
+    while len(_MEMO) > MEMO_STORES:
+        _MEMO.pop(next(iter(_MEMO)))
+
+
 def _save_store(store: Path, known: dict) -> None:
     store.parent.mkdir(parents=True, exist_ok=True)
     tmp = store.with_name(f".{store.stem}.{os.getpid()}.tmp.npz")
     try:
         np.savez(tmp, digests=np.array(list(known)), features=np.stack(list(known.values())))
         os.replace(tmp, store)
+        st = store.stat()
+        _remember(store, (st.st_mtime_ns, st.st_size), known)
     except OSError:
         tmp.unlink(missing_ok=True)
