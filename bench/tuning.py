@@ -241,7 +241,7 @@ def tune_candidate(entry: dict, X_train, y_train, classes, study: str, tuning: d
         ran_now = optimize_shared(st, objective, n_trials, timeout=budget, catch=TRIAL_ERRORS,
                                   gc_after_trial=True)
 
-    trials = st.trials
+    trials = [t for t in st.trials if not t.user_attrs.get("surplus")]   # see optimize_shared
     complete = [t for t in trials if t.state == optuna.trial.TrialState.COMPLETE]
     best_params, best_value, best_number = {}, None, None
     if complete:
