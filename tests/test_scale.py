@@ -29,7 +29,7 @@ import pytest
 
 from bench.config import load_config
 from bench.errors import BenchError
-from bench.runner import RunContext, prepare_run, run_benchmark, tune_unit
+from bench.runner import RunContext, prepare_run, run_benchmark, tune_from_args, tune_unit
 from bench.scheduling import DaskExecutor, LocalExecutor
 from bench.storage import FINISHED, make_storage
 from tests.conftest import write_toy_folder
@@ -282,6 +282,10 @@ def test_two_processes_tune_one_study_exactly(storage_url, data_dir, tmp_path):
                             rename={"rf_a": name})
     out = tmp_path / "run"
     prepare_run(load_config(cfg_file, out=str(out)), show_progress=False)
+    with pytest.raises(BenchError, match="no candidate 'nope'"):
+        list(tune_from_args(out=str(out), candidate="nope"))
+    with pytest.raises(BenchError, match="--fold must be in 0..2"):
+        list(tune_from_args(out=str(out), candidate=name, fold=3))
     cmd = bench_cmd("tune", "--out", out, "--candidate", name, "--fold", 0)
     procs = [subprocess.Popen(cmd, env=child_env(), stdout=subprocess.PIPE,
                               stderr=subprocess.STDOUT, text=True) for _ in range(2)]
