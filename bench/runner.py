@@ -145,12 +145,12 @@ def tune_unit(ctx: RunContext, name: str, fold: int, trials: int | None = None,
     cfg = ctx.config
     seed = int(cfg["run"]["seed"]) + fold
     entry = _seeded(cfg.candidates[name], seed)
+    overrides = {**({} if trials is None else {"trials": int(trials)}),
+                 **({"storage": storage} if storage else {})}
+    if overrides:   # over [tuning] and over the candidate's own tuning table
+        entry = {**entry, "tuning": {**(entry.get("tuning") or {}), **overrides}}
     tuning = dict(cfg["tuning"])
-    if trials is not None:
-        tuning["trials"] = int(trials)
-    if storage:
-        tuning["storage"] = storage
-    if not int(tuning.get("trials", 0)) or \
+    if not int({**tuning, **(entry.get("tuning") or {})}.get("trials", 0) or 0) or \
             registry.get(entry["type"]).param_space.__func__ is _base_param_space():
         return {}, {}
     from bench.tuning import tune_candidate
@@ -528,13 +528,14 @@ def tune_from_args(config=None, profile=None, data=None, out=None, candidate=Non
     if registry.get(cands[candidate]["type"]).param_space.__func__ is _base_param_space():
         raise BenchError(f"candidate '{candidate}' ({cands[candidate]['type']}) has no "
                          "param_space: nothing to tune")
-    n = int(ctx.config["tuning"].get("trials", 0) if trials is None else trials)
+    own = {**ctx.config["tuning"], **(cands[candidate].get("tuning") or {})}
+    n = int((own.get("trials", 0) or 0) if trials is None else trials)
     if n < 1:
         raise BenchError("nothing to tune: pass --trials N or set [tuning] trials")
     n_folds = int(ctx.config["run"]["folds"])
     if fold is not None and not 0 <= fold < n_folds:
         raise BenchError(f"--fold must be in 0..{n_folds - 1}, got {fold}")
-    configured = ctx.config["tuning"].get("storage", "")
+    configured = own.get("storage", "")
     if storage and storage != configured:
         warn(f"--storage differs from the run's [tuning] storage "
              f"({configured or 'SQLite in the run directory'}): its work units will not see "
