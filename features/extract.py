@@ -73,10 +73,14 @@ def feature_length(spec: dict, image_size: int) -> int:
     return len(extract_one(np.zeros((image_size, image_size, 3), np.uint8), spec))
 
 
-def _chunk(images, name, params):
-    f = EXTRACTORS[name]
-    return np.stack([np.asarray(f(np.asarray(im), **params), dtype=np.float32).ravel()
-                     for im in images])
+def _chunk(images, todo: dict) -> dict:
+    """``{name: (n, d) features}`` of ``images`` for the extractors ``todo = {name: params}``."""
+    out = {}
+    for name, params in todo.items():
+        f = EXTRACTORS[name]
+        out[name] = np.stack([np.asarray(f(np.asarray(im), **params), dtype=np.float32).ravel()
+                              for im in images])
+    return out
 
 
 def _digests(images: np.ndarray) -> list[str]:
@@ -89,7 +93,8 @@ def extract(images: np.ndarray, spec: dict, n_jobs: int | None = None, chunk_siz
 
     The columns are the extractors' vectors in alphabetical order of their names. Each
     extractor (with its parameters) has its own on-disk store, so feature sets that share
-    an extractor (``hog`` and ``all``, say) compute it once.
+    an extractor (``hog`` and ``all``, say) compute it once. Extractors missing the same
+    images are computed together, in one parallel pass over those images.
 
     Parameters
     ----------
@@ -104,37 +109,43 @@ def extract(images: np.ndarray, spec: dict, n_jobs: int | None = None, chunk_siz
     if not len(images):
         return np.zeros((0, 0), np.float32)
     digests = _digests(images)
-    parts = [_extract_part(images, digests, name, spec[name] or {}, n_jobs, chunk_size,
-                           progress, use_cache) for name in sorted(spec)]
-    return np.concatenate(parts, axis=1)
-
-
-def _extract_part(images, digests, name, params, n_jobs, chunk_size, progress, use_cache):
-    key = stable_hash({"v": FEATURES_VERSION, "extractor": name, "params": params,
-                       "shape": images.shape[1:]})[:24]
     store_dir = _store_dir() if use_cache else None
-    store = store_dir / f"{name}-{key}.npz" if store_dir else None
-    known = _load_store(store) if store else {}
-    seen, todo = set(), []
-    for i, d in enumerate(digests):   # identical images are computed once
-        if d not in known and d not in seen:
-            seen.add(d)
-            todo.append(i)
-    if todo:
-        jobs = n_jobs or int(os.environ.get("BLOODBENCH_JOBS", 0)) or os.cpu_count() or 1
-        chunks = [todo[i:i + chunk_size] for i in range(0, len(todo), chunk_size)]
-        if jobs == 1 or len(chunks) == 1:
-            results = (_chunk(images[c], name, params) for c in chunks)
-        else:
-            results = Parallel(n_jobs=jobs, return_as="generator")(
-                delayed(_chunk)(images[c], name, params) for c in chunks)
-        for c, feats in progress_iter(zip(chunks, results), total=len(chunks),
-                                      desc=f"features {name}", enabled=progress):
-            for i, f in zip(c, feats):
-                known[digests[i]] = f
-        if store:
-            _save_store(store, known)
-    return np.stack([known[d] for d in digests])
+    names = sorted(spec)
+    stores, known, groups = {}, {}, {}
+    for name in names:
+        key = stable_hash({"v": FEATURES_VERSION, "extractor": name, "params": spec[name] or {},
+                           "shape": images.shape[1:]})[:24]
+        stores[name] = store_dir / f"{name}-{key}.npz" if store_dir else None
+        known[name] = _load_store(stores[name]) if stores[name] else {}
+        seen, todo = set(), []
+        for i, d in enumerate(digests):   # identical images are computed once
+            if d not in known[name] and d not in seen:
+                seen.add(d)
+                todo.append(i)
+        if todo:
+            groups.setdefault(tuple(todo), []).append(name)
+    for todo, group in groups.items():
+        _compute(images, digests, list(todo), {n: spec[n] or {} for n in group}, known,
+                 n_jobs, chunk_size, progress)
+        for name in group:
+            if stores[name]:
+                _save_store(stores[name], known[name])
+    return np.concatenate([np.stack([known[n][d] for d in digests]) for n in names], axis=1)
+
+
+def _compute(images, digests, todo, params, known, n_jobs, chunk_size, progress) -> None:
+    jobs = n_jobs or int(os.environ.get("BLOODBENCH_JOBS", 0)) or os.cpu_count() or 1
+    chunks = [todo[i:i + chunk_size] for i in range(0, len(todo), chunk_size)]
+    if jobs == 1 or len(chunks) == 1:
+        results = (_chunk(images[c], params) for c in chunks)
+    else:
+        results = Parallel(n_jobs=jobs, return_as="generator")(
+            delayed(_chunk)(images[c], params) for c in chunks)
+    for c, feats in progress_iter(zip(chunks, results), total=len(chunks),
+                                  desc=f"features {'+'.join(params)}", enabled=progress):
+        for name, block in feats.items():
+            for i, f in zip(c, block):
+                known[name][digests[i]] = f
 
 
 def _load_store(store: Path) -> dict:
