@@ -174,7 +174,7 @@ class _Explainer:
         return feat, score
 
 
-def gradcam(model, images, class_index=None, batch_size: int = 64) -> np.ndarray:
+def gradcam(model, images, class_index=None, batch_size: int | None = None) -> np.ndarray:
     """Grad-CAM heat maps of ``images`` for ``model``.
 
     Parameters
@@ -185,8 +185,9 @@ def gradcam(model, images, class_index=None, batch_size: int = 64) -> np.ndarray
         ``uint8`` (or float) images as the model takes them.
     class_index : None, int or array of N ints
         Class whose score is explained: ``None`` the predicted class of each image.
-    batch_size : int
-        Images per gradient computation.
+    batch_size : int, optional
+        Images per gradient computation (default: by the model's working resolution,
+        a quarter of :func:`cnn.train.auto_batch_size`).
 
     Returns
     -------
@@ -202,6 +203,9 @@ def gradcam(model, images, class_index=None, batch_size: int = 64) -> np.ndarray
     if class_index is not None:
         idx = np.broadcast_to(np.asarray(class_index, dtype=np.int64), (n,))
     explainer = _Explainer(model)
+    if not batch_size:
+        from cnn.train import auto_batch_size
+        batch_size = auto_batch_size(model, at_64px=64, minimum=4)
     maps = []
     for start in range(0, n, batch_size):
         x = tf.convert_to_tensor(images[start:start + batch_size].astype(np.float32))

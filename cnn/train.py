@@ -97,8 +97,26 @@ def fit_keras(model, X, y, X_val, y_val, *, n_classes: int, epochs: int, batch_s
     return {k: [float(v) for v in vals] for k, vals in hist.history.items()}
 
 
-def predict_keras(model, X, batch_size: int = 256) -> np.ndarray:
-    """Inference-mode probabilities for ``uint8`` images, in batches."""
+def working_size(model) -> int:
+    """Largest image side inside ``model``: its input, or a ``Resizing`` layer's target."""
+    sizes = [int(model.input_shape[1] or 0)]
+    for layer in model.layers:
+        if type(layer).__name__ == "Resizing":
+            sizes.append(int(layer.height))
+    return max(sizes) or 64
+
+
+def auto_batch_size(model, at_64px: int = 256, minimum: int = 8) -> int:
+    """A batch size that keeps activation memory about that of ``at_64px`` images of 64 px
+    (MobileNetV2 upsized to 224 px: 20 images, instead of tens of GiB at 256)."""
+    side = working_size(model)
+    return int(max(minimum, min(at_64px, at_64px * (64 / side) ** 2)))
+
+
+def predict_keras(model, X, batch_size: int | None = None) -> np.ndarray:
+    """Inference-mode probabilities for ``uint8`` images, in batches (default: by size,
+    :func:`auto_batch_size`)."""
+    batch_size = batch_size or auto_batch_size(model)
     out = [np.asarray(model(batch, training=False))
            for batch in make_dataset(X, None, batch_size)]
     return np.concatenate(out).astype(np.float64) if out else np.zeros((0, model.output_shape[-1]))

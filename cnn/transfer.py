@@ -193,8 +193,9 @@ class FrozenTransferCNN(TransferCandidate):
     dense_units, dropout : head: hidden units (0: none) and dropout.
     optimizer, learning_rate, batch_size, epochs, patience, schedule, class_weight,
     val_fraction, seed, verbose : training of the head, as :class:`cnn.candidate.ScratchCNN`.
-    embed_batch_size : int
-        Images per backbone forward pass when computing embeddings.
+    embed_batch_size : int, optional
+        Images per backbone forward pass when computing embeddings (default: by input
+        size, :func:`cnn.train.auto_batch_size`: 20 at 224 px).
     use_cache : bool
         Keep embeddings in ``$BLOODBENCH_CACHE/embeddings`` (off for random weights).
     """
@@ -202,7 +203,7 @@ class FrozenTransferCNN(TransferCandidate):
     def __init__(self, backbone="MobileNetV2", weights="imagenet", alpha=1.0, input_size=None,
                  dense_units=256, dropout=0.3, optimizer="adam", learning_rate=1e-3,
                  batch_size=64, epochs=60, patience=8, schedule="plateau",
-                 class_weight="balanced", val_fraction=0.1, embed_batch_size=128,
+                 class_weight="balanced", val_fraction=0.1, embed_batch_size=None,
                  use_cache=True, seed=0, verbose=0):
         self.backbone = backbone
         self.weights = weights
@@ -253,7 +254,9 @@ class FrozenTransferCNN(TransferCandidate):
             return self.embedder_(batch.astype(np.float32), training=False)
 
         from cnn.embeddings import cached_embeddings
-        return cached_embeddings(X, spec, compute, batch_size=self.embed_batch_size,
+        side = self._input_size(size)
+        batch = self.embed_batch_size or int(max(8, min(256, 256 * (64 / side) ** 2)))
+        return cached_embeddings(X, spec, compute, batch_size=batch,
                                  use_cache=self.use_cache and spec["weights"] is not None,
                                  progress=progress)
 
