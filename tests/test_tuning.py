@@ -155,10 +155,19 @@ def test_timeout_bounds_the_study(tmp_path):
                                                                        timeout=0.4),
                              tmp_path, seed=0)
     assert 1 <= info["n_trials"] < 10
-    for _ in range(2):   # the trials' durations count against the budget when resuming
+    # the finished trials' durations count against the budget when resuming: a resume runs
+    # trials only while they add up to less than the timeout (time between trials is not
+    # counted, so under load one resume may still find budget left), and never after
+    prev, runs = info, []
+    for _ in range(6):
         _, again = tune_candidate(entry, X, y, np.arange(3), "t",
                                   _fast(tmp_path, trials=50, timeout=0.4), tmp_path, seed=0)
-    assert again["trials_run_now"] == 0 and again["trial_seconds"] >= 0.4
+        runs.append(again["trials_run_now"])
+        if prev["trial_seconds"] >= 0.4:
+            assert again["trials_run_now"] == 0 and again["n_trials"] == prev["n_trials"]
+        prev = again
+    assert prev["trial_seconds"] >= 0.4 and runs[-1] == 0
+    assert sum(runs) <= 3            # each trial sleeps 0.15 s: at most 3 fit in 0.4 s
 
 
 def test_trials_never_see_the_outer_test_fold(tmp_path):
