@@ -271,12 +271,17 @@ def prepare_run(cfg: Config, force: bool = False, show_progress: bool = True):
     run_dir.mkdir(parents=True, exist_ok=True)
     _write_run_files(run_dir, cfg, ds, data_path, table, fhash, group_info, fp)
 
-    t = time.perf_counter()
+    t, per_candidate = time.perf_counter(), {}
     for name, entry in cfg.candidates.items():   # e.g. cache features or embeddings once
         cand = build_candidate(entry)
         if hasattr(cand, "prepare"):
+            t_cand = time.perf_counter()
             cand.prepare(ds.images)
+            per_candidate[name] = time.perf_counter() - t_cand
     times["prepare"] = time.perf_counter() - t
+    manifest = read_json(run_dir / "manifest.json")
+    manifest["prepare_seconds"] = per_candidate   # a cache hit shows as ~0 s
+    atomic_write_json(run_dir / "manifest.json", manifest)
     return run_dir, ds, folds, fp, times
 
 
@@ -318,7 +323,10 @@ def run_benchmark(cfg: Config, force: bool = False, workers: int | None = None,
     manifest["finished"] = _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")
     atomic_write_json(run_dir / "manifest.json", manifest)
     from bench.report import report_after_run   # a failing report keeps the finished run
-    report_after_run(run_dir, cfg.data)
+    t = time.perf_counter()
+    if report_after_run(run_dir, cfg.data) is not None:
+        manifest["report_seconds"] = time.perf_counter() - t
+        atomic_write_json(run_dir / "manifest.json", manifest)
     return board
 
 

@@ -76,6 +76,21 @@ def test_run_writes_the_report(run_dir):
     assert "no patient groups" in html
 
 
+def test_run_card_records_where_the_time_went(run_dir):
+    from bench.report.cards import run_card
+    m = json.loads((run_dir / "manifest.json").read_text())
+    assert m["report_seconds"] > 0
+    assert set(m["prepare_seconds"]) == {"rf_hog", "rf_colour"}   # features; the CNN has none
+    card = run_card(RunData(run_dir))
+    times = {r["candidate"]: r for r in card["unit_times"]}
+    assert set(times) == {"rf_hog", "rf_colour", "cnn_tiny"}
+    assert all(r["units"] == 3 and r["fit_s"] > 0 for r in times.values())
+    assert times["cnn_tiny"]["epochs"] == "3-3" and times["cnn_tiny"]["train_img_s"] > 0
+    assert times["rf_hog"]["train_img_s"] is None
+    html = (run_dir / "report" / "index.html").read_text()
+    assert "Work units per candidate" in html and "Prepare (features, embeddings)" in html
+
+
 def test_leaderboard_numbers(run_dir):
     run = RunData(run_dir)
     rep = run_dir / "report" / "csv"

@@ -138,6 +138,29 @@ def run_card(run) -> dict:
         "hardware": m.get("hardware", {}),
         "stages": stages,
         "total_seconds": float(sum(stages.values())) if stages else None,
+        "prepare_seconds": m.get("prepare_seconds", {}) or {},
+        "unit_times": unit_times(run),
         "config_toml": (run.run_dir / "config.toml").read_text(),
         "predictor": run.state.get("predictor"),
     }
+
+
+def unit_times(run) -> list[dict]:
+    """Per candidate, summed over its folds: tuning, fitting and prediction seconds.
+
+    Training images/s for the CNNs is ``n_train * epochs_run / fit_seconds`` (their fit
+    includes the pass over the early-stopping split and graph tracing, so it is a floor).
+    """
+    rows = []
+    for name, units in run.units.items():
+        def total(key):
+            return float(sum(u.get(key) or 0.0 for u in units))
+        fit, epochs = total("fit_seconds"), [u.get("epochs_run") for u in units]
+        epochs = [e for e in epochs if e]
+        img_s = (sum(u["n_train"] * u["epochs_run"] for u in units if u.get("epochs_run"))
+                 / fit if epochs and fit > 0 else None)
+        rows.append({"candidate": name, "units": len(units), "tune_s": total("tune_seconds"),
+                     "fit_s": fit, "predict_s": total("predict_seconds"),
+                     "epochs": f"{min(epochs)}-{max(epochs)}" if epochs else "",
+                     "train_img_s": img_s})
+    return rows
