@@ -271,18 +271,56 @@ def prepare_run(cfg: Config, force: bool = False, show_progress: bool = True):
     run_dir.mkdir(parents=True, exist_ok=True)
     _write_run_files(run_dir, cfg, ds, data_path, table, fhash, group_info, fp)
 
-    t, per_candidate = time.perf_counter(), {}
-    for name, entry in cfg.candidates.items():   # e.g. cache features or embeddings once
-        cand = build_candidate(entry)
-        if hasattr(cand, "prepare"):
-            t_cand = time.perf_counter()
-            cand.prepare(ds.images)
-            per_candidate[name] = time.perf_counter() - t_cand
+    t = time.perf_counter()
+    per_candidate = prepare_candidates(cfg.candidates, ds.images,
+                                       cfg["run"].get("plugins", []))
     times["prepare"] = time.perf_counter() - t
     manifest = read_json(run_dir / "manifest.json")
     manifest["prepare_seconds"] = per_candidate   # a cache hit shows as ~0 s
     atomic_write_json(run_dir / "manifest.json", manifest)
     return run_dir, ds, folds, fp, times
+
+
+def _prepare_here(entries: dict, images, plugins) -> dict:
+    """Run each candidate's ``prepare``; ``images`` may be a ``.npy`` path (memory-mapped)."""
+    if isinstance(images, str):
+        images = np.load(images, mmap_mode="r")
+    registry.import_plugins(plugins)
+    seconds = {}
+    for name, entry in entries.items():
+        cand = build_candidate(entry)
+        if hasattr(cand, "prepare"):
+            t = time.perf_counter()
+            cand.prepare(images)
+            seconds[name] = time.perf_counter() - t
+    return seconds
+
+
+def prepare_candidates(entries: dict, images, plugins=()) -> dict:
+    """Cache what candidates compute once for all images (features, embeddings).
+
+    Feature extraction runs here (joblib workers). CNN candidates with a ``prepare``
+    (frozen-backbone embeddings) run in one spawned child process: TensorFlow keeps the
+    memory of a backbone's forward passes for the life of a process, and the runner must
+    stay small while the work units run beside it. Returns seconds per candidate.
+    """
+    def heavy(e):
+        cls = registry.get(e["type"])
+        return cls.kind == "cnn" and hasattr(cls, "prepare")
+    here = {n: e for n, e in entries.items() if not heavy(e)}
+    child = {n: e for n, e in entries.items() if heavy(e)}
+    seconds = _prepare_here(here, images, list(plugins))
+    if child:
+        import multiprocessing
+        from concurrent.futures import ProcessPoolExecutor
+        src = images
+        fname = getattr(images, "filename", None)
+        if isinstance(images, np.memmap) and fname and Path(fname).suffix == ".npy" \
+                and np.load(fname, mmap_mode="r").shape == images.shape:
+            src = str(fname)   # the cached array itself, not a copy through a pipe
+        with ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("spawn")) as ex:
+            seconds.update(ex.submit(_prepare_here, child, src, list(plugins)).result())
+    return seconds
 
 
 def run_benchmark(cfg: Config, force: bool = False, workers: int | None = None,

@@ -234,3 +234,26 @@ def test_finetune_trains_head_then_top_blocks_only(tmp_path):
     assert not any("_bn" in n or n.endswith("BN") for n in moved)       # BN kept frozen
     rows = (tmp_path / "epochs.csv").read_text().splitlines()
     assert len(rows) == 3 and rows[2].startswith("1,")                 # both phases logged
+
+
+@needs_weights
+def test_runner_prepares_embeddings_in_a_child_process(tmp_path, monkeypatch):
+    """The runner computes frozen-backbone embeddings in a spawned child (TensorFlow's memory
+    goes with it); the parent then reads every embedding from the shared cache."""
+    from bench.runner import prepare_candidates
+    from cnn import embeddings
+    from cnn.transfer import FrozenTransferCNN
+    monkeypatch.setenv("BLOODBENCH_CACHE", str(tmp_path / "cache"))
+    X, _ = toy_arrays(3, 32, seed=8)
+    np.save(tmp_path / "images.npy", X)
+    images = np.load(tmp_path / "images.npy", mmap_mode="r")   # as the dataset cache holds them
+    params = {"backbone": "MobileNetV2", "alpha": 0.35, "weights": str(WEIGHTS), "input_size": 32}
+    seconds = prepare_candidates({"tf": {"type": "transfer_frozen", "params": params}}, images)
+    assert list(seconds) == ["tf"] and seconds["tf"] > 0
+    assert list(embeddings.store_dir().glob("*.npz"))
+
+    def fail(*a, **k):
+        raise AssertionError("embeddings were recomputed instead of read from the cache")
+    cand = FrozenTransferCNN(**params)
+    monkeypatch.setattr(cand, "_ensure_backbone", fail)
+    assert cand.embed(np.asarray(X)).shape == (len(X), 1280)
