@@ -117,7 +117,18 @@ def run_unit(run_dir: str, name: str, fold: int) -> dict:
     }
     atomic_write_json(tmp / RESULT_FILE, result)
     publish_dir(tmp, final)
+    del cand
+    _release_memory()
     return result
+
+
+def _release_memory() -> None:
+    """Let a long-lived worker process give back what a finished unit's models held."""
+    import gc
+    import sys
+    if "keras" in sys.modules:   # graphs, layers and tf.functions of the unit's models
+        sys.modules["keras"].utils.clear_session(free_memory=True)
+    gc.collect()
 
 
 def _base_param_space():

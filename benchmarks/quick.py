@@ -5,8 +5,8 @@
     python benchmarks/quick.py --summary runs/quick_pbc     # a finished run, again
 
 The first form runs ``python -m bench run`` in a child process and samples, every second,
-the resident memory summed over it and every process it started (the work-unit workers);
-it writes ``OUT/benchmark.json`` (wall seconds, peak GiB, the command, date, CPU count).
+the memory (PSS and RSS) summed over it and every process it started (the work-unit
+workers); it writes ``OUT/benchmark.json`` (wall seconds, peak GiB, the command, date, CPU count).
 ``--cache`` points ``$BLOODBENCH_CACHE`` at a folder (an empty one gives a cold run: images
 decoded, features and embeddings computed afresh).
 
@@ -34,15 +34,22 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 
-def _tree_rss(proc) -> int:
+def _tree_memory(proc) -> tuple[int, int]:
+    """(PSS, RSS) summed over ``proc`` and its descendants, in bytes.
+
+    PSS (proportional set size) splits pages that processes share (the memory-mapped image
+    cache, TensorFlow's libraries) between them: the sum is the RAM the run really holds.
+    The RSS sum counts shared pages once per process (an upper bound).
+    """
     import psutil
-    total = 0
+    pss = rss = 0
     for q in [proc, *proc.children(recursive=True)]:
         try:
-            total += q.memory_info().rss
+            m = q.memory_full_info()
+            pss, rss = pss + getattr(m, "pss", m.rss), rss + m.rss
         except psutil.Error:
             pass
-    return total
+    return pss, rss
 
 
 def run_timed(args) -> dict:
@@ -54,16 +61,18 @@ def run_timed(args) -> dict:
     env = dict(os.environ)
     if args.cache:
         env["BLOODBENCH_CACHE"] = str(Path(args.cache).resolve())
-    t0, peak = time.perf_counter(), 0
+    t0, peak_pss, peak_rss = time.perf_counter(), 0, 0
     child = subprocess.Popen(cmd, cwd=ROOT, env=env)
     proc = psutil.Process(child.pid)
     while child.poll() is None:
-        peak = max(peak, _tree_rss(proc))
+        pss, rss = _tree_memory(proc)
+        peak_pss, peak_rss = max(peak_pss, pss), max(peak_rss, rss)
         time.sleep(1.0)
     wall = time.perf_counter() - t0
     if child.returncode != 0:
         raise SystemExit(f"bench run failed (exit {child.returncode}): {' '.join(cmd)}")
-    info = {"wall_seconds": wall, "peak_rss_gib": peak / 2 ** 30, "command": " ".join(cmd),
+    info = {"wall_seconds": wall, "peak_pss_gib": peak_pss / 2 ** 30,
+            "peak_rss_sum_gib": peak_rss / 2 ** 30, "command": " ".join(cmd),
             "cache": env.get("BLOODBENCH_CACHE", "default"), "cpus": os.cpu_count(),
             "date": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")}
     (Path(args.out) / "benchmark.json").write_text(json.dumps(info, indent=1))
@@ -81,8 +90,9 @@ def summary(run_dir: Path) -> None:
     bench_file = run_dir / "benchmark.json"
     if bench_file.is_file():
         b = json.loads(bench_file.read_text())
-        print(f"wall {b['wall_seconds'] / 60:.1f} min, peak memory {b['peak_rss_gib']:.2f} GiB "
-              f"(summed over processes), {b['cpus']} CPUs, {b['date']}")
+        print(f"wall {b['wall_seconds'] / 60:.1f} min, peak memory {b['peak_pss_gib']:.2f} GiB "
+              f"(PSS summed over the run's processes; RSS sum {b['peak_rss_sum_gib']:.2f} GiB), "
+              f"{b['cpus']} CPUs, {b['date']}")
     n = len(run.y)
     print(f"\n{run_dir}: profile {m.get('profile')}, {n} images, {len(run.classes)} classes, "
           f"{len(run.fold_ids)} folds")
