@@ -1,7 +1,7 @@
 """A whole benchmark run, timed: wall time, peak memory and where the time goes.
 
     python benchmarks/quick.py --data ../shared/data/pbc/pbc_64.npz --out runs/quick_pbc \\
-        [--profile quick] [--cache /tmp/cold_cache] [--workers N]
+        [--profile quick] [--cache /tmp/cold_cache] [--workers N] [--only A,B]
     python benchmarks/quick.py --summary runs/quick_pbc     # a finished run, again
 
 The first form runs ``python -m bench run`` in a child process and samples, every second,
@@ -58,6 +58,8 @@ def run_timed(args) -> dict:
            "--out", args.out]
     if args.workers:
         cmd += ["--workers", str(args.workers)]
+    if args.only:
+        cmd += ["--only", args.only]
     env = dict(os.environ)
     if args.cache:
         env["BLOODBENCH_CACHE"] = str(Path(args.cache).resolve())
@@ -105,10 +107,9 @@ def summary(run_dir: Path) -> None:
     print(f"  {'total':<28}{sum(stages.values()):8.1f}")
     prep = m.get("prepare_seconds") or {}
     if prep:
-        print("\nprepare (features/embeddings, cached for every fold)")
+        print("\nprepare (features/embeddings, once for every fold; a warm cache makes it ~0)")
         for k, v in prep.items():
-            rate = f"{n / v:8.0f} img/s" if v > 1 else "  (cache hit)"
-            print(f"  {k:<28}{v:8.1f} s {rate}")
+            print(f"  {k:<28}{v:8.1f} s {n / max(v, 1e-9):8.0f} img/s")
     print(f"\n{'candidate':<20}{'tune s':>9}{'fit s':>9}{'pred s':>8}{'epochs':>8}{'train img/s':>13}")
     for r in unit_times(run):
         img_s = f"{r['train_img_s']:.0f}" if r["train_img_s"] else ""
@@ -129,6 +130,7 @@ def main(argv=None) -> None:
     ap.add_argument("--out", default="runs/quick")
     ap.add_argument("--profile", default="quick")
     ap.add_argument("--workers", type=int, default=0, help="default: the profile's")
+    ap.add_argument("--only", default="", help="comma-separated candidates (bench run --only)")
     ap.add_argument("--cache", default=None, help="$BLOODBENCH_CACHE for the run")
     args = ap.parse_args(argv)
     if args.summary:

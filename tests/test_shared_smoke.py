@@ -29,7 +29,8 @@ def test_smoke_profile_on_real_images_then_predict_unseen(tmp_path):
         assert lb.loc[name, "accuracy"] > 0.35, (name, lb.loc[name, "accuracy"])   # chance 0.125
 
     # unseen images: npz rows whose original files are not in images/
-    z = np.load(PBC / "pbc_64.npz")
+    with np.load(PBC / "pbc_64.npz") as npz:   # read each array once (an NpzFile re-reads)
+        z = {k: npz[k] for k in ("files", "classes", "labels", "images")}
     seen = {p.relative_to(PBC / "images").as_posix() for p in (PBC / "images").rglob("*.jpg")}
     rng = np.random.default_rng(0)
     rows = [i for i in rng.permutation(len(z["files"])) if str(z["files"][i]) not in seen][:80]
