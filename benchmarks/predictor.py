@@ -11,7 +11,9 @@ Prints, for ``--threads`` CPU threads (default 2, the machine this project targe
   with ``keras.Model.predict``, with the ``predict_keras`` loop of the training run, and
   each in its own ``tf.function``; every other member with its ``predict_proba``; then
   averaged and combined by hand. The predictor's overhead is relative to the fastest
-  direct way (repeats interleaved, best of each);
+  direct way (repeats interleaved, best of each). It is negative when a frozen-backbone
+  member is in the ensemble: the predictor runs that backbone once for all its fold
+  models, the direct ways once per fold model;
 * images/s from image files (decoding and resizing included), when ``--images`` is given;
 * how often the predictor's compiled graph was traced over batches of several sizes
   (1 means no retracing).

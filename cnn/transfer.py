@@ -286,6 +286,23 @@ class FrozenTransferCNN(TransferCandidate):
                 self.model_.get_layer(name).set_weights(self.head_.get_layer(name).get_weights())
         return self
 
+    def inference_parts(self):
+        """``(key, trunk, head)`` of the saved model for fused inference: ``trunk`` maps
+        ``uint8`` images to pooled backbone features, ``head`` is the list of trained
+        layers after it, and ``key`` digests the trunk's weights. The backbone is frozen,
+        so every fold model of a candidate has the same key and one forward pass of the
+        trunk serves them all (see :class:`ensembles.predictor.Predictor`)."""
+        import hashlib
+
+        import keras
+        names = [lyr.name for lyr in self.model_.layers]
+        trunk = keras.Model(self.model_.inputs, self.model_.get_layer("gap").output)
+        head = self.model_.layers[names.index("gap") + 1:]
+        h = hashlib.sha256(repr(trunk.inputs[0].shape).encode())
+        for w in trunk.weights:
+            h.update(np.ascontiguousarray(keras.ops.convert_to_numpy(w)).tobytes())
+        return h.hexdigest(), trunk, head
+
     def predict_proba(self, X) -> np.ndarray:
         from cnn.train import predict_keras
         if getattr(self, "head_", None) is not None:   # fitted here: reuse cached embeddings

@@ -150,6 +150,18 @@ def _plain_keras(cand) -> bool:
             and type(cand).predict_proba is KerasCandidate.predict_proba)
 
 
+def _shared_trunk(cand) -> bool:
+    """A loaded frozen-backbone candidate: its ``predict_proba`` is its saved model's
+    softmax, and its backbone can be shared with its sibling fold models."""
+    from cnn.transfer import FrozenTransferCNN
+    return (isinstance(cand, FrozenTransferCNN) and hasattr(cand, "model_")
+            and getattr(cand, "head_", None) is None)
+
+
+def _fusable(cand) -> bool:
+    return _plain_keras(cand) or _shared_trunk(cand)
+
+
 class Predictor:
     """A loaded ensemble predictor. Use :func:`load_predictor`.
 
@@ -171,22 +183,44 @@ class Predictor:
         self.member_names_ = [m["name"] for m in manifest["members"]]
         self.member_kinds_ = {m["name"]: m.get("kind") or getattr(members[m["name"]][0], "kind", "")
                               for m in manifest["members"]}
-        # Plain Keras members run as one compiled TensorFlow graph per batch: every fold
-        # model of every such member on the same input tensor (traced once, any batch size).
+        # Keras members run as one compiled TensorFlow graph per batch: every fold model of
+        # every such member on the same input tensor (traced once, any batch size). Frozen
+        # backbones with identical weights (the fold models of a frozen-transfer member)
+        # run once per batch, each fold model adding only its head.
         self._fused_names = [n for n in self.member_names_
-                             if all(_plain_keras(c) for c in members[n])]
+                             if all(_fusable(c) for c in members[n])]
         self._fused = None
 
     # -- probabilities --------------------------------------------------------------
+    def _fused_plan(self) -> list[tuple]:
+        """``(trunk_key, trunk, layers)`` per fused fold model, in member order; plain
+        models are ``(None, model, [])``."""
+        plan = []
+        for n in self._fused_names:
+            for c in self.members_[n]:
+                plan.append(c.inference_parts() if _shared_trunk(c) else (None, c.model_, []))
+        return plan
+
     def _fused_fn(self):
         if self._fused is None:
             import tensorflow as tf
-            models = [c.model_ for n in self._fused_names for c in self.members_[n]]
+            plan = self._fused_plan()
             spec = tf.TensorSpec([None, self.image_size, self.image_size, 3], tf.uint8)
 
             @tf.function(input_signature=[spec])
             def run(x):
-                return tf.stack([tf.cast(m(x, training=False), tf.float32) for m in models])
+                trunks, outs = {}, []
+                for key, model, head in plan:
+                    if key is None:
+                        h = model(x, training=False)
+                    else:
+                        if key not in trunks:
+                            trunks[key] = model(x, training=False)
+                        h = trunks[key]
+                        for layer in head:
+                            h = layer(h, training=False)
+                    outs.append(tf.cast(h, tf.float32))
+                return tf.stack(outs)
             self._fused = run
         return self._fused
 

@@ -219,3 +219,42 @@ def test_inspect_describes_without_loading(run, capsys):
     assert "verified" in text and "stack (stacking)" in text
     assert "member cnn_tiny: type=scratch_cnn kind=cnn fold models=3" in text
     assert "Grad-CAM: from cnn_tiny" in text and "per class" in text
+
+
+def test_frozen_backbone_runs_once_for_its_fold_models(tmp_path):
+    """Fold models of a frozen-transfer member share their backbone: the predictor's graph
+    runs it once per batch (one trunk per distinct weights), with the numbers of running
+    every fold model on its own."""
+    from bench.candidate import load_candidate
+    from cnn.backbones import build_backbone
+    from cnn.train import predict_keras
+    from cnn.transfer import FrozenTransferCNN
+    from ensembles import load_predictor, save_predictor
+    from ensembles.voting import SoftVoting
+    X, y = toy_arrays(10, 32, seed=21)
+    weights = []
+    for seed in (0, 1):   # two distinct "pretrained" backbones
+        import keras
+        keras.utils.set_random_seed(seed)
+        weights.append(tmp_path / f"w{seed}.weights.h5")
+        build_backbone("MobileNetV2", 32, None, alpha=0.35).save_weights(weights[-1])
+    folders = {"tf_a": [], "tf_b": []}
+    for name, w, seeds in (("tf_a", weights[0], (0, 1)), ("tf_b", weights[1], (2,))):
+        for seed in seeds:
+            cand = FrozenTransferCNN(weights=str(w), alpha=0.35, input_size=32, dense_units=8,
+                                     epochs=2, batch_size=8, use_cache=False, seed=seed)
+            cand.fit(X, y)
+            cand.save(tmp_path / f"{name}{seed}")
+            folders[name].append(tmp_path / f"{name}{seed}")
+    d = save_predictor(tmp_path / "pred", ensemble_name="vote",
+                       ensemble=SoftVoting().fit([np.eye(3)] * 2, np.arange(3)),
+                       members=folders,
+                       member_info={n: {"type": "transfer_frozen", "kind": "cnn"} for n in folders},
+                       classes=["disc", "square", "stripes"], image_size=32, training_data={})
+    pred = load_predictor(d)
+    keys = [key for key, _, _ in pred._fused_plan()]
+    assert pred._fused_names == ["tf_a", "tf_b"]
+    assert len(keys) == 3 and keys[0] == keys[1] != keys[2]
+    by_hand = [np.mean([predict_keras(load_candidate(f).model_, X) for f in folders[n]], axis=0)
+               for n in ("tf_a", "tf_b")]
+    np.testing.assert_allclose(pred.predict_proba(X), np.mean(by_hand, axis=0), atol=1e-5)
