@@ -258,3 +258,17 @@ def test_frozen_backbone_runs_once_for_its_fold_models(tmp_path):
     by_hand = [np.mean([predict_keras(load_candidate(f).model_, X) for f in folders[n]], axis=0)
                for n in ("tf_a", "tf_b")]
     np.testing.assert_allclose(pred.predict_proba(X), np.mean(by_hand, axis=0), atol=1e-5)
+
+
+def test_fused_graph_runs_in_chunks_with_the_same_numbers(predictor, fresh, monkeypatch):
+    """Batches larger than ``FUSED_BATCH`` go through the fused Keras graph in chunks (a
+    memory bound) and give the numbers of one call."""
+    from ensembles import predictor as module
+    X, _ = fresh
+    whole = predictor.predict_proba(X)
+    calls = []
+    fn = predictor._fused_fn()
+    monkeypatch.setattr(module, "FUSED_BATCH", 4)
+    monkeypatch.setattr(predictor, "_fused", lambda x: calls.append(len(x)) or fn(x))
+    np.testing.assert_allclose(predictor.predict_proba(X), whole, rtol=0, atol=1e-6)
+    assert calls == [4] * (len(X) // 4) + ([len(X) % 4] if len(X) % 4 else [])
