@@ -54,6 +54,12 @@ class KerasCandidate(Candidate):
         from cnn.train import predict_keras
         return predict_keras(self.model_, np.asarray(X))
 
+    def inference_parts(self):
+        """``(key, trunk, head)`` for fused inference (:class:`ensembles.predictor.Predictor`):
+        ``trunk`` runs on the images, the ``head`` layers on its output; models whose
+        ``key`` is equal share one trunk pass. Here: the whole model, nothing shared."""
+        return None, self.model_, []
+
     def explain(self, X, class_index=None) -> np.ndarray:
         """Grad-CAM heat maps (N, H, W) ``float32`` in [0, 1] at the resolution of ``X``.
 

@@ -287,11 +287,10 @@ class FrozenTransferCNN(TransferCandidate):
         return self
 
     def inference_parts(self):
-        """``(key, trunk, head)`` of the saved model for fused inference: ``trunk`` maps
-        ``uint8`` images to pooled backbone features, ``head`` is the list of trained
-        layers after it, and ``key`` digests the trunk's weights. The backbone is frozen,
-        so every fold model of a candidate has the same key and one forward pass of the
-        trunk serves them all (see :class:`ensembles.predictor.Predictor`)."""
+        """``trunk`` maps ``uint8`` images to pooled backbone features, ``head`` is the list
+        of trained layers after it, and ``key`` digests the trunk's weights. The backbone
+        is frozen, so every fold model of a candidate has the same key and one forward pass
+        of the trunk serves them all."""
         import hashlib
 
         import keras

@@ -196,13 +196,9 @@ class Predictor:
 
     # -- probabilities --------------------------------------------------------------
     def _fused_plan(self) -> list[tuple]:
-        """``(trunk_key, trunk, layers)`` per fused fold model, in member order; plain
-        models are ``(None, model, [])``."""
-        plan = []
-        for n in self._fused_names:
-            for c in self.members_[n]:
-                plan.append(c.inference_parts() if _shared_trunk(c) else (None, c.model_, []))
-        return plan
+        """``(trunk_key, trunk, head layers)`` per fused fold model, in member order (see
+        ``KerasCandidate.inference_parts``)."""
+        return [c.inference_parts() for n in self._fused_names for c in self.members_[n]]
 
     def _fused_fn(self):
         if self._fused is None:

@@ -225,6 +225,8 @@ def test_frozen_backbone_runs_once_for_its_fold_models(tmp_path):
     """Fold models of a frozen-transfer member share their backbone: the predictor's graph
     runs it once per batch (one trunk per distinct weights), with the numbers of running
     every fold model on its own."""
+    import keras
+
     from bench.candidate import load_candidate
     from cnn.backbones import build_backbone
     from cnn.train import predict_keras
@@ -234,7 +236,6 @@ def test_frozen_backbone_runs_once_for_its_fold_models(tmp_path):
     X, y = toy_arrays(10, 32, seed=21)
     weights = []
     for seed in (0, 1):   # two distinct "pretrained" backbones
-        import keras
         keras.utils.set_random_seed(seed)
         weights.append(tmp_path / f"w{seed}.weights.h5")
         build_backbone("MobileNetV2", 32, None, alpha=0.35).save_weights(weights[-1])
