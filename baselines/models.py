@@ -31,9 +31,9 @@ from sklearn.preprocessing import StandardScaler
 from sklearn.svm import SVC, LinearSVC
 from sklearn.utils.class_weight import compute_sample_weight
 
-from bench.candidate import Candidate
-from bench.errors import BenchError
-from bench.registry import register
+from core.candidate import Candidate
+from core.errors import BenchError
+from core.registry import register
 from features import extract
 
 MODEL_FILE = "model.skops"
@@ -72,6 +72,9 @@ class FeatureClassifier(Candidate):
     """
 
     kind = "baseline"
+    fit_accepts = frozenset({"classes"})
+    needs_prepare = True   # features of all images extracted once, before the units
+    tunable = True
 
     def _make_steps(self, n_rows: int, n_cols: int) -> list:  # pragma: no cover - interface
         raise NotImplementedError
@@ -251,6 +254,8 @@ class FeatureSVM(FeatureClassifier):
 
 @register("feature_xgb")
 class FeatureXGB(FeatureClassifier):
+    fit_accepts = frozenset({"classes", "epoch_callbacks"})
+
     """Gradient-boosted trees (XGBoost, ``tree_method="hist"``) on a feature set.
 
     Parameters

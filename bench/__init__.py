@@ -1,6 +1,6 @@
 """bloodbench: honest, reproducible benchmarks of blood-cell image classifiers."""
 
-from bench.errors import BenchError
+from core.errors import BenchError
 
 __all__ = ["BenchError"]
 __version__ = "0.1.0"

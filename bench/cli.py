@@ -9,10 +9,23 @@ from __future__ import annotations
 import argparse
 import csv
 import io
+import json
 import sys
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
-from bench.errors import BenchError
+import numpy as np
+
+from bench.config import DEFAULT_CONFIG, read_toml
+from bench.report import CROSS_DIR, write_cross_report, write_report
+from bench.runner import run_from_args, tune_from_args
+from core import registry
+from core.errors import BenchError
+from core.images import find_images
+from core.io import atomic_write_text
+from core.progress import console, info, progress_iter, warn
+from ensembles.overlay import gradcam_names, write_gradcam_png
+from ensembles.predictor import load_predictor, verify_predictor
 
 
 def _add_common(p):
@@ -87,8 +100,6 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def cmd_run(args) -> int:
-    from bench.progress import console
-    from bench.runner import run_from_args
     only = [s.strip() for s in args.only.split(",") if s.strip()] if args.only else None
     board, out = run_from_args(args.config, profile=args.profile, data=args.data, out=args.out,
                                only=only, force=args.force, workers=args.workers,
@@ -99,8 +110,6 @@ def cmd_run(args) -> int:
 
 
 def cmd_tune(args) -> int:
-    from bench.progress import info
-    from bench.runner import tune_from_args
     for fold, best, tuning in tune_from_args(args.config, profile=args.profile, data=args.data,
                                              out=args.out, candidate=args.candidate,
                                              trials=args.trials, fold=args.fold,
@@ -111,16 +120,11 @@ def cmd_tune(args) -> int:
 
 
 def cmd_predict(args) -> int:
-    from concurrent.futures import ThreadPoolExecutor
 
-    import numpy as np
-    from bench.progress import progress_iter, warn
-    from ensembles.predictor import find_images, load_images, load_predictor
     if args.batch_size < 1:
         raise BenchError(f"--batch-size must be at least 1, got {args.batch_size}")
     pred = load_predictor(args.model)
     if args.gradcam:
-        from ensembles.overlay import gradcam_names, write_gradcam_png
         pred.explain_weights()   # fails early, with one line, without a CNN member
     paths = find_images(args.img_path)
     if not paths:
@@ -134,8 +138,8 @@ def cmd_predict(args) -> int:
     n_ok = 0
 
     def read(s):   # each file decoded and resized once (threads), shared by all members
-        return load_images(paths[s:s + args.batch_size], pred.image_size,
-                           keep_full=bool(args.gradcam), skip_errors=True)
+        return pred.preprocessing.load(paths[s:s + args.batch_size],
+                                       keep_full=bool(args.gradcam), skip_errors=True)
     reader = ThreadPoolExecutor(1)   # reads the next batch while this one is classified
     try:
         pending = reader.submit(read, 0)
@@ -166,7 +170,6 @@ def cmd_predict(args) -> int:
     finally:
         reader.shutdown(cancel_futures=True)
     if args.out:
-        from bench.io import atomic_write_text
         atomic_write_text(args.out, buf.getvalue())
         print(f"wrote {n_ok} predictions to {args.out}", file=sys.stderr)
     else:
@@ -177,8 +180,6 @@ def cmd_predict(args) -> int:
 
 
 def cmd_list(args) -> int:
-    from bench import registry
-    from bench.config import DEFAULT_CONFIG, read_toml
     raw = read_toml(args.config or DEFAULT_CONFIG)
     print("candidates:")
     for name, e in raw.get("candidates", {}).items():
@@ -202,8 +203,6 @@ def cmd_list(args) -> int:
 
 
 def cmd_inspect(args) -> int:
-    import json
-    from ensembles.predictor import verify_predictor
     m = verify_predictor(args.model)
     ens = m["ensemble"]
     print(f"predictor {args.model}: verified {len(m['files'])} files (sha256); "
@@ -234,7 +233,6 @@ def cmd_inspect(args) -> int:
 
 
 def cmd_report(args) -> int:
-    from bench.report import CROSS_DIR, write_cross_report, write_report
     if args.out and len(args.dirs) < 2:
         raise BenchError("--out is for the cross-dataset report: give two or more run directories")
     for d in args.dirs:

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import tomli_w
 
-from bench.errors import BenchError
+from core.errors import BenchError
 
 if sys.version_info >= (3, 11):
     import tomllib

@@ -29,16 +29,18 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
-from PIL import Image, ImageFile, UnidentifiedImageError
 
-from bench.errors import BenchError
-from bench.io import atomic_save_npy, atomic_write_json, file_sha256, read_json
-from bench.progress import progress_iter
+from bench.config import Config
+from bench.download import fetch
+from core.cache import default_cache_dir
+from core.errors import BenchError
+from core.images import Preprocessing, composite_on_white, pixel_hash, read_rgb, scale_to_uint8
+from core.io import atomic_save_npy, atomic_write_json, file_sha256, read_json
+from core.progress import info, progress_iter, warn
 
 LOADER_VERSION = 1
 SPLIT_NAMES = {"train", "training", "val", "valid", "validation", "test", "testing"}
 MEDMNIST_SPLITS = ("train", "val", "test")
-ImageFile.LOAD_TRUNCATED_IMAGES = False
 
 
 @dataclass
@@ -63,6 +65,11 @@ class Dataset:
     def image_size(self) -> int:
         return int(self.images.shape[1])
 
+    @property
+    def preprocessing(self) -> Preprocessing:
+        """How every image was made (the record a predictor stores)."""
+        return Preprocessing(self.image_size)
+
     def subset(self, rows: np.ndarray) -> "Dataset":
         rows = np.asarray(rows)
         pick = lambda seq: [seq[i] for i in rows] if seq else []  # noqa: E731
@@ -86,11 +93,6 @@ class Dataset:
             "skipped": self.skipped,
             "converted": self.converted,
         }
-
-
-def default_cache_dir() -> Path:
-    env = os.environ.get("BLOODBENCH_CACHE")
-    return Path(env) if env else Path.home() / ".cache" / "bloodbench"
 
 
 def load_dataset(path: str | os.PathLike, image_size: int = 64, cache_dir=None,
@@ -158,13 +160,15 @@ def _load_folder(root: Path, image_size: int, cache_root: Path, show_progress: b
     if cached is not None:
         return cached
 
+    prep = Preprocessing(image_size)
+
     def decode(item):
         p, src, label = item
         try:
             img, mode, size = read_rgb(p)
         except BenchError as exc:
             return src, label, None, str(exc), None, None
-        return src, label, resize_rgb(img, image_size), None, mode, size
+        return src, label, prep.resize_pil(img), None, mode, size
 
     rows, skipped, converted = [], [], []
     with ThreadPoolExecutor(max_workers=max(1, min(4, os.cpu_count() or 1))) as pool:
@@ -196,66 +200,6 @@ def _load_folder(root: Path, image_size: int, cache_root: Path, show_progress: b
     )
     _write_cache(cache_root, ds)
     return _read_cache(cache_root, key) or ds
-
-
-def read_rgb(path) -> tuple[Image.Image, str, str]:
-    """Decode one image file as 8-bit RGB. Returns (image, original mode, "WxH").
-
-    Raises :class:`BenchError` with the reason when the file is not a readable image.
-    """
-    path = Path(path)
-    if path.stat().st_size == 0:
-        raise BenchError("empty file")
-    try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            with Image.open(path) as img:
-                img.load()
-                return to_rgb(img), img.mode, f"{img.width}x{img.height}"
-    except UnidentifiedImageError:
-        raise BenchError("not an image") from None
-    except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as exc:
-        raise BenchError(f"corrupt image ({exc})") from None
-
-
-def to_rgb(img: Image.Image) -> Image.Image:
-    """Convert any PIL mode to 8-bit RGB (alpha composited on white, 16-bit scaled)."""
-    mode = img.mode
-    if mode == "RGB":
-        return img
-    if mode in ("I;16", "I;16B", "I;16L", "I", "F"):
-        arr = np.asarray(img).astype(np.float64)
-        top = 65535.0 if mode.startswith("I;16") or arr.max() > 255 else 255.0
-        if mode == "F" and arr.max() <= 1.0:
-            top = 1.0
-        arr8 = np.clip(np.round(arr / top * 255.0), 0, 255).astype(np.uint8)
-        return Image.fromarray(arr8, "L").convert("RGB")
-    if mode == "P" and "transparency" in img.info:
-        img = img.convert("RGBA")
-        mode = "RGBA"
-    if mode in ("RGBA", "LA", "PA", "RGBa", "La"):
-        rgba = img.convert("RGBA")
-        white = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
-        return Image.alpha_composite(white, rgba).convert("RGB")
-    return img.convert("RGB")
-
-
-def resize_rgb(img: Image.Image, size: int) -> tuple[np.ndarray, str]:
-    """Resize a whole RGB image to ``size`` x ``size`` (bicubic, antialiased).
-
-    Returns the resized array and the hash of the full-resolution pixels.
-    """
-    full = np.asarray(img, dtype=np.uint8)
-    digest = pixel_hash(full)
-    if img.size != (size, size):
-        img = img.resize((size, size), Image.BICUBIC)
-    return np.asarray(img, dtype=np.uint8).copy(), digest
-
-
-def pixel_hash(arr: np.ndarray) -> str:
-    h = hashlib.sha1(str(arr.shape).encode())
-    h.update(np.ascontiguousarray(arr).tobytes())
-    return h.hexdigest()
 
 
 # ----------------------------------------------------------------------------- npz
@@ -296,13 +240,11 @@ def _load_npz(path: Path, image_size: int, cache_root: Path, classes) -> Dataset
         raise BenchError(f"npz {path}: labels go up to {n_cls - 1} but only {len(names)} class names")
     images, mode = _npz_to_rgb(images, path)
     out, hashes = np.empty((len(images), image_size, image_size, 3), np.uint8), []
+    prep = Preprocessing(image_size)
     for i, im in enumerate(progress_iter(images, total=len(images), desc="preparing npz",
                                          enabled=len(images) > 2000)):
         hashes.append(pixel_hash(im))
-        if im.shape[0] == image_size and im.shape[1] == image_size:
-            out[i] = im
-        else:
-            out[i] = np.asarray(Image.fromarray(im).resize((image_size, image_size), Image.BICUBIC))
+        out[i] = prep.resize_array(im)
     h, w = images.shape[1:3]
     ds = Dataset(out, labels, names, sources, hashes, str(path.resolve()), key,
                  [f"{w}x{h}"] * len(labels), [],
@@ -315,18 +257,13 @@ def _npz_to_rgb(images: np.ndarray, path) -> tuple[np.ndarray, str]:
     mode = "RGB"
     if images.dtype != np.uint8:
         mode = str(images.dtype)
-        top = 65535.0 if images.max(initial=0) > 255 else 255.0
-        if images.dtype.kind == "f" and images.max(initial=0) <= 1.0:
-            top = 1.0
-        images = np.clip(np.round(images / top * 255.0), 0, 255).astype(np.uint8)
+        images = scale_to_uint8(images)
     if images.ndim == 3:
         return np.repeat(images[..., None], 3, axis=-1), "L"
     if images.ndim == 4 and images.shape[-1] == 1:
         return np.repeat(images, 3, axis=-1), "L"
     if images.ndim == 4 and images.shape[-1] == 4:
-        a = images[..., 3:4].astype(np.float32) / 255.0
-        rgb = images[..., :3].astype(np.float32) * a + 255.0 * (1.0 - a)
-        return np.round(rgb).astype(np.uint8), "RGBA"
+        return composite_on_white(images), "RGBA"
     if images.ndim == 4 and images.shape[-1] == 3:
         return images, mode
     raise BenchError(f"npz {path}: images have shape {images.shape}; expected (N, H, W[, C])")
@@ -377,3 +314,45 @@ def stratified_subset(labels: np.ndarray, n: int, seed: int, min_per_class: int)
         take = min(k, max(min_per_class, int(round(n * k / len(labels)))))
         rows.append(rng.choice(np.flatnonzero(labels == c), size=take, replace=False))
     return np.sort(np.concatenate(rows))
+
+
+# ----------------------------------------------------------------------------- from a config
+
+def resolve_data_path(cfg: Config) -> tuple[Path, list[str] | None]:
+    """The data path, downloading the fallback dataset when the configured one is missing.
+
+    Returns the path and, for the fallback, its class names.
+    """
+    data = cfg["data"]
+    path = str(data.get("path") or "")
+    p = Path(path).expanduser() if path else None
+    if p is not None and not p.is_absolute() and cfg.source is not None:
+        p = cfg.source.parent / p   # relative paths in a config file start at its folder
+    if p is not None and p.exists():
+        return p, None
+    fb = data.get("fallback") or {}
+    if fb.get("url"):
+        cache = Path(data.get("cache_dir") or default_cache_dir()).expanduser()
+        dest = cache / "downloads" / fb.get("filename", Path(fb["url"].split("?")[0]).name)
+        where = f"{p} (or {dest})" if p else str(dest)
+        info(f"data not found at {p}; using the default dataset {fb.get('name', '')} at {dest}")
+        path = fetch(fb["url"], fb["md5"], dest, hint=f"no network? put a dataset folder or "
+                     f".npz at {where}, or pass --data PATH")
+        return path, fb.get("classes") or None
+    if p is None:
+        raise BenchError("no data configured: pass --data PATH or set [data] path")
+    raise BenchError(f"data not found: {p}")
+
+
+def prepare_dataset(cfg: Config, show_progress=True) -> tuple[Dataset, Path]:
+    data = cfg["data"]
+    path, fb_classes = resolve_data_path(cfg)
+    ds = load_dataset(path, image_size=data["image_size"], cache_dir=data.get("cache_dir") or None,
+                      classes=data.get("classes") or fb_classes, show_progress=show_progress)
+    for s in ds.skipped:
+        warn(f"skipped {s['path']}: {s['reason']}")
+    if data.get("max_images") and len(ds) > data["max_images"]:
+        rows = stratified_subset(ds.labels, data["max_images"], cfg["run"]["seed"],
+                                 min_per_class=cfg["run"]["folds"] * 2)
+        ds = ds.subset(rows)
+    return ds, path

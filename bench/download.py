@@ -8,8 +8,8 @@ import urllib.error
 import urllib.request
 from pathlib import Path
 
-from bench.errors import BenchError
-from bench.progress import progress_iter
+from core.errors import BenchError
+from core.progress import progress_iter
 
 
 def md5sum(path, chunk: int = 1 << 20) -> str:

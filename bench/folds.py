@@ -24,7 +24,7 @@ import pandas as pd
 from sklearn.model_selection import StratifiedGroupKFold
 
 from bench.datasets import Dataset
-from bench.errors import BenchError
+from core.errors import BenchError
 
 
 class _UnionFind:

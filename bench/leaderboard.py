@@ -1,17 +1,47 @@
-"""The leaderboard: one flat row per candidate and ensemble (CSV + Markdown)."""
+"""The leaderboard: one flat row per candidate and ensemble (CSV + Markdown).
+
+This module is the one definition of its columns and the one Markdown writer: the run's
+``leaderboard.md`` and the report's (which adds intervals and comparisons) both come
+from :func:`to_markdown`.
+
+Cost columns, for every row:
+
+``fit_seconds``
+    seconds to fit one fold's model (mean over folds). An ensemble's is the sum over its
+    members (what it costs to train it) plus its own combination fit
+    (``combine_seconds``, per fold).
+``predict_ms_per_image``
+    inference milliseconds per image; an ensemble's is the sum over its members.
+``model_size``
+    trainable parameters or stored values; an ensemble's is the sum over its members.
+"""
 
 from __future__ import annotations
 
+import html
 import math
-from pathlib import Path
 
+import numpy as np
 import pandas as pd
 
-from bench.io import atomic_write_text
-from bench.metrics import METRICS, metric_sort_ascending
+from core.metrics import METRICS, metric_sort_ascending
 
 COLUMNS = ["candidate", "kind"] + [c for m in METRICS for c in (m, f"{m}_std")] + [
     "fit_seconds", "predict_ms_per_image", "model_size", "n_folds"]
+METRIC_LABELS = {"accuracy": "accuracy", "balanced_accuracy": "balanced accuracy",
+                 "macro_f1": "macro-F1", "roc_auc": "ROC AUC (OvR)", "log_loss": "log loss",
+                 "ece": "ECE"}
+COSTS = ("fit_seconds", "predict_ms_per_image", "model_size")
+
+
+def ensemble_costs(members: list[dict], combine_seconds: float, n_folds: int) -> dict:
+    """An ensemble's cost columns from its members' rows (see the module docstring)."""
+    def total(key):
+        vals = [math.nan if m.get(key) is None else float(m[key]) for m in members]
+        return float(np.sum(vals)) if vals and not np.isnan(vals).any() else math.nan
+    return {"fit_seconds": total("fit_seconds") + combine_seconds / max(1, n_folds),
+            "predict_ms_per_image": total("predict_ms_per_image"),
+            "model_size": total("model_size"), "combine_seconds": combine_seconds}
 
 
 def make_table(rows: list[dict], metric: str) -> pd.DataFrame:
@@ -25,26 +55,78 @@ def make_table(rows: list[dict], metric: str) -> pd.DataFrame:
                           kind="stable").reset_index(drop=True)
 
 
-def _fmt(v, digits=4):
-    if isinstance(v, float):
-        return "" if math.isnan(v) else f"{v:.{digits}f}"
+# ----------------------------------------------------------------------------- formatting
+
+def fmt(v, digits: int = 3) -> str:
+    if v is None:
+        return ""
+    if isinstance(v, (float, np.floating)):
+        if math.isnan(v):
+            return ""
+        if math.isinf(v):
+            return "inf" if v > 0 else "-inf"
+        return f"{v:.{digits}f}"
     return str(v)
 
 
-def to_markdown(df: pd.DataFrame, metric: str, title: str = "Leaderboard") -> str:
-    head = ["rank", "candidate", "kind"] + [m for m in METRICS] + ["fit s", "ms/img"]
-    lines = [f"# {title}", "", f"Sorted by **{metric}**; mean ± std over folds.", "",
-             "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
-    for i, r in df.iterrows():
-        cells = [str(i + 1), str(r["candidate"]), str(r["kind"])]
-        cells += [f"{_fmt(r[m])} ± {_fmt(r[f'{m}_std'])}" for m in METRICS]
-        cells += [_fmt(r["fit_seconds"], 1), _fmt(r["predict_ms_per_image"], 2)]
+def fmt_p(p) -> str:
+    if p is None or (isinstance(p, float) and math.isnan(p)):
+        return ""
+    return "<0.001" if p < 0.001 else f"{p:.3f}"
+
+
+def fmt_size(v) -> str:
+    if v is None or (isinstance(v, float) and math.isnan(v)):
+        return ""
+    v = float(v)
+    for unit, div in (("M", 1e6), ("k", 1e3)):
+        if v >= div:
+            return f"{v / div:.1f}{unit}"
+    return f"{v:.0f}"
+
+
+def md_escape(text) -> str:
+    """Text safe in a Markdown table cell (HTML-escaped, pipes and newlines neutralised)."""
+    return html.escape(str(text), quote=False).replace("|", "\\|").replace("\n", " ")
+
+
+def significance_marker(cmp) -> str:
+    """``★ best``, ``*`` (t-test), ``†`` (McNemar), both, or ``n.s.``."""
+    if cmp["is_best"]:
+        return "★ best"
+    marks = ("*" if cmp["significant_ttest"] else "") + ("†" if cmp["significant_mcnemar"] else "")
+    return marks or "n.s."
+
+
+def to_markdown(board: pd.DataFrame, metric: str, title: str = "Leaderboard", *,
+                metrics=METRICS, digits: int = 4, comparisons: pd.DataFrame | None = None,
+                note: str | None = None) -> str:
+    """The leaderboard as a Markdown table, rows in ``board`` order.
+
+    Cells are ``mean ± std``, followed by ``[lo, hi]`` when ``board`` has the interval
+    columns ``<metric>_lo``/``_hi``. With ``comparisons`` (the report's tests against
+    the best entry) the size, the marker and the Holm-adjusted p-values are added.
+    """
+    head = ["rank", "candidate", "kind"] + [METRIC_LABELS.get(m, m) for m in metrics]
+    head += ["fit s", "ms/img"]
+    if comparisons is not None:
+        head += ["size", "vs best", "p (t, Holm)", "p (McNemar, Holm)"]
+        cmp = comparisons.set_index("candidate")
+    lines = [f"# {title}", "",
+             note or f"Sorted by **{METRIC_LABELS.get(metric, metric)}**; mean ± std over folds.",
+             "", "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for i, (_, r) in enumerate(board.iterrows()):
+        cells = [str(i + 1), md_escape(r["candidate"]), str(r["kind"])]
+        for m in metrics:
+            cell = f"{fmt(r[m], digits)} ± {fmt(r[f'{m}_std'], digits)}"
+            if f"{m}_lo" in r and np.isfinite(r[f"{m}_lo"]):
+                cell += f" [{fmt(r[f'{m}_lo'], digits)}, {fmt(r[f'{m}_hi'], digits)}]"
+            cells.append(cell)
+        cells += [fmt(r["fit_seconds"], 1), fmt(r["predict_ms_per_image"], 2)]
+        if comparisons is not None:
+            c = cmp.loc[r["candidate"]]
+            cells += [fmt_size(r["model_size"]), significance_marker(c),
+                      "" if c["is_best"] else fmt_p(c["p_ttest_holm"]),
+                      "" if c["is_best"] else fmt_p(c["p_mcnemar_holm"])]
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
-
-
-def write_leaderboard(rows: list[dict], run_dir: Path, metric: str) -> pd.DataFrame:
-    df = make_table(rows, metric)
-    atomic_write_text(Path(run_dir) / "leaderboard.csv", df.to_csv(index=False))
-    atomic_write_text(Path(run_dir) / "leaderboard.md", to_markdown(df, metric))
-    return df

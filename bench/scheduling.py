@@ -7,7 +7,7 @@ flight. Every backend speaks one interface, ``map_unordered(fn, arg_list)``, whi
 
 Failures
 --------
-* A :class:`~bench.errors.BenchError` (bad input, bad setting) is never retried: it stops
+* A :class:`~core.errors.BenchError` (bad input, bad setting) is never retried: it stops
   the run with its one-line message.
 * Any other exception is retried ``retries`` times, then re-raised.
 * A worker process that dies (killed, out of memory) loses only the units it was running:
@@ -32,7 +32,7 @@ import uuid
 from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
 from concurrent.futures.process import BrokenProcessPool
 
-from bench.errors import BenchError
+from core.errors import BenchError
 
 DEFAULT_RETRIES = 2
 

@@ -23,7 +23,7 @@ from optuna.storages import JournalStorage, RDBStorage, RetryHeartbeatStaleTrial
 from optuna.storages.journal import JournalFileBackend
 from optuna.trial import TrialState
 
-from bench.errors import BenchError
+from core.errors import BenchError
 
 # A running trial whose process sent no heartbeat for GRACE_SECONDS is failed and retried.
 HEARTBEAT_SECONDS = int(os.environ.get("BLOODBENCH_OPTUNA_HEARTBEAT", 30))

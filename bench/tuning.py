@@ -36,7 +36,6 @@ Study
 
 from __future__ import annotations
 
-import inspect
 import math
 import time
 from pathlib import Path
@@ -45,12 +44,12 @@ import numpy as np
 import optuna
 from sklearn.model_selection import ShuffleSplit, StratifiedShuffleSplit, train_test_split
 
-from bench import registry
-from bench.candidate import build_candidate
-from bench.errors import BenchError
-from bench.io import atomic_write_json
-from bench.metrics import LOWER_IS_BETTER, METRICS, fold_metrics
-from bench.progress import warn
+from core import registry
+from core.candidate import build_candidate, fit_candidate, predict_proba_for
+from core.errors import BenchError
+from core.io import atomic_write_json
+from core.metrics import LOWER_IS_BETTER, METRICS, fold_metrics
+from core.progress import warn
 from bench.storage import make_storage, optimize_shared, storage_url
 
 optuna.logging.set_verbosity(optuna.logging.WARNING)   # the runner shows progress per unit
@@ -147,10 +146,6 @@ def pruning_callback(trial: optuna.Trial, key: str = "val_accuracy"):
     return callback
 
 
-def _accepts(fn, name: str) -> bool:
-    return name in inspect.signature(fn).parameters
-
-
 def _scalar_params(params: dict) -> dict:
     return {k: v for k, v in params.items()
             if v is None or isinstance(v, (bool, int, float, str))}
@@ -225,16 +220,16 @@ def tune_candidate(entry: dict, X_train, y_train, classes, study: str, tuning: d
     budget = (timeout - spent) if timeout > 0 else None
     ran_now = 0
     if remaining and (budget is None or budget > 0):
-        use_cb = _accepts(cls.fit, "epoch_callbacks")
 
         def objective(trial: optuna.Trial) -> float:
             # the first trial fits the configured parameters as they are (they may lie
             # outside the searched ranges); later ones sample the candidate's space
             params = {} if trial.user_attrs.get("default") else cls.param_space(trial)
             cand = build_candidate({**entry, "params": {**entry.get("params", {}), **params}})
-            kw = {"epoch_callbacks": [pruning_callback(trial)]} if use_cb else {}
-            cand.fit(X_a, y_a, X_val=X_b, y_val=y_b, classes=classes, **kw)
-            return fold_metrics(y_b, cand.predict_proba(X_b))[metric]
+            # candidates that report epochs (fit_accepts "epoch_callbacks") are pruned
+            fit_candidate(cand, X_a, y_a, X_b, y_b, classes=classes,
+                          epoch_callbacks=[pruning_callback(trial)])
+            return fold_metrics(y_b, predict_proba_for(cand, X_b, classes))[metric]
 
         # any number of processes (`bench tune`) may add trials: together they stop at
         # exactly n_trials finished ones (bench.storage.optimize_shared)

@@ -43,7 +43,7 @@ def _peak_mib() -> float:
 
 
 def _cnn_candidates(cfg) -> dict:
-    from bench import registry
+    from core import registry
     from cnn.candidate import KerasCandidate
     return {n: e for n, e in cfg.candidates.items()
             if issubclass(registry.get(e["type"]), KerasCandidate)}
@@ -65,7 +65,7 @@ def _one(args) -> dict:
 def _measure(args) -> dict:
     import numpy as np
 
-    from bench.candidate import build_candidate
+    from core.candidate import build_candidate
     from bench.config import load_config
     from cnn.train import predict_keras
 

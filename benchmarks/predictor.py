@@ -57,7 +57,8 @@ def main(argv=None) -> int:
     import numpy as np
 
     from cnn.train import predict_keras
-    from ensembles.predictor import find_images, load_predictor, to_images
+    from core.images import find_images
+    from ensembles.predictor import load_predictor
 
     t = time.perf_counter()
     pred = load_predictor(args.model)
@@ -72,7 +73,7 @@ def main(argv=None) -> int:
     if args.images:
         paths = find_images(args.images)[:args.n]
         t = time.perf_counter()
-        X = to_images(paths, pred.image_size)
+        X = pred.preprocessing.apply_batch(paths)
         read_s = time.perf_counter() - t
         print(f"read + resize {len(X)} files: {len(X) / read_s:.1f} images/s")
     else:

@@ -23,7 +23,7 @@ from __future__ import annotations
 import keras
 from keras import layers
 
-from bench.errors import BenchError
+from core.errors import BenchError
 
 PRESETS: dict[str, dict] = {
     "none": {},

@@ -13,7 +13,7 @@ network). ``weights = "path/to/file.weights.h5"``: a local Keras weights file (f
 example from ``../shared/weights``); in ``benchmarks.toml`` a relative path is relative
 to the config file's folder (resolved when the config is loaded), in Python to the
 working directory. ``weights = "none"``: random initialisation (tests only).
-A missing file, or a failed download, is a :class:`~bench.errors.BenchError` naming
+A missing file, or a failed download, is a :class:`~core.errors.BenchError` naming
 the file to provide.
 """
 
@@ -28,7 +28,7 @@ from pathlib import Path
 import keras
 from keras import layers
 
-from bench.errors import BenchError
+from core.errors import BenchError
 
 # Smallest input side each family accepts (keras.applications' own checks); others: 32.
 MIN_SIZE = {"InceptionV3": 75, "InceptionResNetV2": 75, "Xception": 71}

@@ -2,13 +2,16 @@
 
 from __future__ import annotations
 
+import copy
 from pathlib import Path
 
 import numpy as np
 from sklearn.model_selection import train_test_split
 
-from bench.candidate import Candidate
-from bench.registry import register
+from core.candidate import Candidate
+from core.registry import register
+from cnn.gradcam import gradcam, randomized_clone
+from cnn.train import fit_keras, predict_keras
 from cnn.runtime import configure, set_seeds
 
 MODEL_FILE = "model.keras"
@@ -18,6 +21,9 @@ class KerasCandidate(Candidate):
     """Shared fit/predict/save for candidates backed by one ``keras.Model``."""
 
     kind = "cnn"
+    fit_accepts = frozenset({"classes", "workdir", "epoch_callbacks"})
+    explainable = True
+    fused_inference = True
 
     def _build(self, image_size: int, n_classes: int):  # pragma: no cover - interface
         raise NotImplementedError
@@ -32,7 +38,6 @@ class KerasCandidate(Candidate):
         return Xt, yt, Xv, yv
 
     def fit(self, X, y, X_val=None, y_val=None, classes=None, workdir=None, epoch_callbacks=None):
-        from cnn.train import fit_keras
         configure()
         set_seeds(self.seed)
         self._set_classes(y, classes)
@@ -51,7 +56,6 @@ class KerasCandidate(Candidate):
         return self
 
     def predict_proba(self, X) -> np.ndarray:
-        from cnn.train import predict_keras
         return predict_keras(self.model_, np.asarray(X))
 
     def inference_parts(self):
@@ -66,8 +70,14 @@ class KerasCandidate(Candidate):
         ``class_index``: ``None`` (each image's predicted class), a column index of
         :meth:`predict_proba`, or one index per image. See :func:`cnn.gradcam.gradcam`.
         """
-        from cnn.gradcam import gradcam
         return gradcam(self.model_, np.asarray(X), class_index=class_index)
+
+    def randomized(self, seed: int = 0) -> "KerasCandidate":
+        """The same candidate with its model's weights re-initialised (seeded): the
+        reference of the Grad-CAM randomisation sanity check."""
+        other = copy.copy(self)
+        other.model_ = randomized_clone(self.model_, seed)
+        return other
 
     def model_size(self):
         return int(self.model_.count_params())
@@ -101,6 +111,8 @@ class ScratchCNN(KerasCandidate):
         validation split is given.
     seed : seed for Python, NumPy, TensorFlow.
     """
+
+    tunable = True
 
     def __init__(self, blocks=3, filters=32, filter_growth=2.0, kernel_size=3, convs_per_block=1,
                  block_dropout=0.1, pooling="avg", dense_units=128, dropout=0.3, input_size=None,

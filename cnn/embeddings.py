@@ -15,13 +15,14 @@ from pathlib import Path
 
 import numpy as np
 
-from bench.io import stable_hash
+from core.cache import default_cache_dir
+from core.io import stable_hash
+from core.progress import progress_iter
 
 EMBEDDINGS_VERSION = 1
 
 
 def store_dir() -> Path:
-    from bench.datasets import default_cache_dir
     return default_cache_dir() / "embeddings"
 
 
@@ -64,7 +65,6 @@ def cached_embeddings(images: np.ndarray, spec: dict, compute, batch_size: int =
     compute : ``fn(images_batch) -> (n, D)`` array, the backbone's forward pass.
     use_cache : read and extend the on-disk store.
     """
-    from bench.progress import progress_iter
     images = np.asarray(images)
     keys = digests(images)
     path = store_dir() / f"{store_key({**spec, 'shape': list(images.shape[1:])})}.npz"

@@ -24,7 +24,9 @@ from __future__ import annotations
 
 import numpy as np
 
-from bench.errors import BenchError
+from cnn.train import auto_batch_size
+
+from core.errors import BenchError
 
 _ELEMENTWISE = ("BatchNormalization", "Activation", "ReLU", "LeakyReLU", "ELU", "PReLU")
 _CONV = ("Conv2D", "DepthwiseConv2D", "SeparableConv2D", "Conv2DTranspose")
@@ -204,7 +206,6 @@ def gradcam(model, images, class_index=None, batch_size: int | None = None) -> n
         idx = np.broadcast_to(np.asarray(class_index, dtype=np.int64), (n,))
     explainer = _Explainer(model)
     if not batch_size:
-        from cnn.train import auto_batch_size
         batch_size = auto_batch_size(model, at_64px=64, minimum=4)
     maps = []
     for start in range(0, n, batch_size):
@@ -226,3 +227,10 @@ def gradcam(model, images, class_index=None, batch_size: int | None = None) -> n
         cam = tf.math.divide_no_nan(cam, peak)
         maps.append(np.clip(cam.numpy(), 0.0, 1.0).astype(np.float32))
     return np.concatenate(maps) if maps else np.zeros((0, h, w), np.float32)
+
+
+def randomized_clone(model, seed: int = 0):
+    """The same architecture with freshly initialised weights (seeded)."""
+    import keras
+    keras.utils.set_random_seed(int(seed))
+    return keras.models.clone_model(model)   # new layers, weights from their initializers

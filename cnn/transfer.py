@@ -28,9 +28,12 @@ import re
 
 import numpy as np
 
-from bench.registry import register
+from core.registry import register
 from cnn.candidate import KerasCandidate
 from cnn.runtime import configure, set_seeds
+from cnn.embeddings import cached_embeddings
+from cnn.train import fit_keras, predict_keras
+from core.io import file_sha256
 
 HEAD_LAYERS = ("head_drop", "fc", "fc_drop", "logits")
 
@@ -149,6 +152,8 @@ def set_trainable_top_blocks(base, n_blocks: int, train_bn: bool = False) -> lis
 class TransferCandidate(KerasCandidate):
     """Shared parameters and helpers of the transfer candidates."""
 
+    tunable = True
+
     def _input_size(self, image_size: int) -> int:
         return effective_input_size(image_size, self.input_size, self.backbone)
 
@@ -166,7 +171,6 @@ class TransferCandidate(KerasCandidate):
 
     def _train(self, model, X, y, X_val, y_val, workdir, epoch_callbacks, *, epochs,
                learning_rate, initial_epoch=0, patience=None):
-        from cnn.train import fit_keras
         return fit_keras(
             model, X, y, X_val, y_val, n_classes=self.n_classes_, epochs=epochs,
             batch_size=self.batch_size, optimizer=self.optimizer, learning_rate=learning_rate,
@@ -200,6 +204,9 @@ class FrozenTransferCNN(TransferCandidate):
         Keep embeddings in ``$BLOODBENCH_CACHE/embeddings`` (off for random weights).
     """
 
+    needs_prepare = True      # embeddings of all images, once
+    prepare_in_child = True   # TensorFlow keeps a backbone pass's memory for its process
+
     def __init__(self, backbone="MobileNetV2", weights="imagenet", alpha=1.0, input_size=None,
                  dense_units=256, dropout=0.3, optimizer="adam", learning_rate=1e-3,
                  batch_size=64, epochs=60, patience=8, schedule="plateau",
@@ -226,7 +233,6 @@ class FrozenTransferCNN(TransferCandidate):
 
     # -- embeddings ------------------------------------------------------------------
     def _spec(self, image_size: int) -> dict:
-        from bench.io import file_sha256
         from cnn.backbones import resolve_weights
         w = resolve_weights(self.weights, self.backbone, self.alpha)
         import keras
@@ -253,7 +259,6 @@ class FrozenTransferCNN(TransferCandidate):
             self._ensure_backbone(size)
             return self.embedder_(batch.astype(np.float32), training=False)
 
-        from cnn.embeddings import cached_embeddings
         side = self._input_size(size)
         batch = self.embed_batch_size or int(max(8, min(256, 256 * (64 / side) ** 2)))
         return cached_embeddings(X, spec, compute, batch_size=batch,
@@ -303,7 +308,6 @@ class FrozenTransferCNN(TransferCandidate):
         return h.hexdigest(), trunk, head
 
     def predict_proba(self, X) -> np.ndarray:
-        from cnn.train import predict_keras
         if getattr(self, "head_", None) is not None:   # fitted here: reuse cached embeddings
             return predict_keras(self.head_, self.embed(X))
         return predict_keras(self.model_, np.asarray(X))

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import numpy as np
 
+from core.splits import PredefinedFolds
+
 
 class Ensemble:
     """Combines members' class probabilities.
@@ -15,6 +17,7 @@ class Ensemble:
 
     type_name = None
     n_members_: int
+    uses_fold_groups = False   # declared: ``fit(probas, y, groups=folds)`` takes the rows' folds
 
     def fit(self, probas: list[np.ndarray], y: np.ndarray) -> "Ensemble":  # pragma: no cover
         raise NotImplementedError
@@ -43,9 +46,8 @@ class Ensemble:
 
 
 def fold_groups(ensemble: Ensemble, folds) -> dict:
-    """``{"groups": folds}`` for ensembles whose ``fit`` takes the rows' folds, else ``{}``."""
-    import inspect
-    return {"groups": folds} if "groups" in inspect.signature(ensemble.fit).parameters else {}
+    """``{"groups": folds}`` for ensembles that declare ``uses_fold_groups``, else ``{}``."""
+    return {"groups": folds} if ensemble.uses_fold_groups else {}
 
 
 def cross_val_combine(ensemble: Ensemble, probas: list[np.ndarray], y: np.ndarray,
@@ -57,9 +59,9 @@ def cross_val_combine(ensemble: Ensemble, probas: list[np.ndarray], y: np.ndarra
     weights (or meta-learner). Ensembles whose ``fit`` takes ``groups`` get those rows'
     fold numbers (e.g. for an inner leave-one-fold-out choice of a setting).
     """
+    folds = np.asarray(folds)
     out = np.zeros_like(probas[0], dtype=np.float64)
-    for k in np.unique(folds):
-        test = folds == k
-        ensemble.fit([p[~test] for p in probas], y[~test], **fold_groups(ensemble, folds[~test]))
+    for _, train, test in PredefinedFolds(folds):
+        ensemble.fit([p[train] for p in probas], y[train], **fold_groups(ensemble, folds[train]))
         out[test] = ensemble.combine([p[test] for p in probas])
     return out

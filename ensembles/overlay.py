@@ -13,7 +13,7 @@ from pathlib import Path
 
 import numpy as np
 
-from bench.io import atomic_write_bytes
+from core.io import atomic_write_bytes
 
 FIG_SIZE_IN = (10.0, 3.6)
 DPI = 100

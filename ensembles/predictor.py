@@ -19,150 +19,30 @@ from __future__ import annotations
 import datetime as _dt
 import hashlib
 import json
-import os
 import shutil
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
 
-from bench import registry
-from bench.candidate import load_candidate
-from bench.datasets import read_rgb, resize_rgb
-from bench.errors import BenchError
-from bench.io import _json_default, atomic_write_json, file_sha256, package_versions, publish_dir
+from core import registry
+from core.calibration import apply_temperature
+from core.candidate import load_candidate
+from core.errors import BenchError
+from core.images import Preprocessing, as_items, resolve_preprocessing
+from core.io import _json_default, atomic_write_json, file_sha256, package_versions, staged
 
 MANIFEST = "manifest.json"
 FORMAT_VERSION = 1
-IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".gif", ".webp"}
-# Threads that decode and resize image files (PIL releases the GIL while doing both).
-READ_THREADS = int(os.environ.get("BLOODBENCH_READ_THREADS", 0)) or min(4, os.cpu_count() or 1)
 # Images per call of the fused Keras graph. Larger calls buy no speed on CPU and cost memory
 # (quick PBC predictor with a 224-px backbone: peak 3.9 GiB at 128, 5.9 GiB at 256).
 FUSED_BATCH = 128
 
 
-def _array_to_rgb(a: np.ndarray) -> np.ndarray:
-    """One (H, W), (H, W, 1|3|4) array as (H, W, 3) ``uint8`` (alpha on white)."""
-    if a.dtype != np.uint8:
-        raise BenchError(f"image arrays must be uint8, got {a.dtype}")
-    if a.ndim == 2:
-        a = a[..., None]
-    if a.ndim != 3 or a.shape[-1] not in (1, 3, 4):
-        raise BenchError(f"an image must be (H, W), (H, W, 1), (H, W, 3) or (H, W, 4), "
-                         f"got shape {a.shape}")
-    if a.shape[-1] == 1:
-        a = np.repeat(a, 3, axis=-1)
-    if a.shape[-1] == 4:   # composite on white, like files
-        alpha = a[..., 3:4].astype(np.float32) / 255.0
-        a = np.round(a[..., :3] * alpha + 255.0 * (1 - alpha)).astype(np.uint8)
-    return a
-
-
-def resize_image(a: np.ndarray, image_size: int) -> np.ndarray:
-    """An (H, W, 3) ``uint8`` array resized whole to ``image_size``, as in training."""
-    from PIL import Image
-    if a.shape[:2] == (image_size, image_size):
-        return a
-    return resize_rgb(Image.fromarray(a), image_size)[0]
-
-
-def read_image(item) -> np.ndarray:
-    """One image path or array as a full-resolution (H, W, 3) ``uint8`` array."""
-    if isinstance(item, np.ndarray):
-        return _array_to_rgb(item)
-    try:
-        img, _, _ = read_rgb(item)
-    except (BenchError, OSError) as exc:
-        raise BenchError(f"cannot read image {item}: {exc}") from None
-    return np.asarray(img, dtype=np.uint8)
-
-
-def _as_items(x) -> list:
-    """Paths, one path, arrays, one array -> a list of single images (paths or arrays)."""
-    if isinstance(x, (str, Path)):
-        return [x]
-    if isinstance(x, np.ndarray):
-        if x.ndim == 2 or (x.ndim == 3 and x.shape[-1] in (1, 3, 4)):
-            return [x]
-        if x.ndim == 3:            # (N, H, W) grayscale
-            return list(x)
-        if x.ndim == 4:
-            return list(x)
-        raise BenchError(f"images must be (N, H, W, 3) arrays, got shape {x.shape}")
-    return list(x)
-
-
-def to_images(x, image_size: int) -> np.ndarray:
-    """Turn paths, one path, or ``uint8`` arrays of any size into (N, S, S, 3) ``uint8``.
-
-    Every image is resized whole to ``image_size`` exactly as in training (PIL bicubic,
-    antialiased); a batch already at that size is passed through untouched.
-    """
-    if isinstance(x, np.ndarray) and x.ndim == 4 and x.shape[1:] == (image_size, image_size, 3):
-        if x.dtype != np.uint8:
-            raise BenchError(f"image arrays must be uint8, got {x.dtype}")
-        return x
-    return load_images(_as_items(x), image_size)[0]
-
-
-def _load_one(item, image_size: int, keep_full: bool):
-    try:
-        full = read_image(item)
-    except BenchError as exc:
-        return None, None, exc
-    return resize_image(full, image_size), (full if keep_full else None), None
-
-
-def load_images(items, image_size: int, keep_full: bool = False, skip_errors: bool = False,
-                threads: int | None = None):
-    """Read (paths) and resize a list of images, files decoded in parallel threads.
-
-    Returns ``(X, full, ok, errors)``: ``X`` (n, S, S, 3) ``uint8`` for the readable items,
-    ``full`` their full-resolution arrays (``None`` entries unless ``keep_full``), ``ok``
-    their positions in ``items`` and ``errors`` ``(position, BenchError)`` pairs. Without
-    ``skip_errors`` the first unreadable item raises its error.
-    """
-    threads = threads or READ_THREADS
-
-    def one(item):
-        return _load_one(item, image_size, keep_full)
-    if threads > 1 and len(items) > 1 and not all(isinstance(i, np.ndarray) for i in items):
-        with ThreadPoolExecutor(min(threads, len(items))) as pool:
-            results = list(pool.map(one, items))
-    else:
-        results = [one(i) for i in items]
-    small, full, ok, errors = [], [], [], []
-    for i, (s, f, err) in enumerate(results):
-        if err is not None:
-            if not skip_errors:
-                raise err
-            errors.append((i, err))
-            continue
-        small.append(s)
-        full.append(f)
-        ok.append(i)
-    X = np.stack(small) if small else np.zeros((0, image_size, image_size, 3), np.uint8)
-    return X, full, ok, errors
-
-
-def _plain_keras(cand) -> bool:
-    """A Keras candidate whose ``predict_proba`` is the shared one (model -> softmax)."""
-    from cnn.candidate import KerasCandidate
-    return (isinstance(cand, KerasCandidate) and hasattr(cand, "model_")
-            and type(cand).predict_proba is KerasCandidate.predict_proba)
-
-
-def _shared_trunk(cand) -> bool:
-    """A loaded frozen-backbone candidate: its ``predict_proba`` is its saved model's
-    softmax, and its backbone can be shared with its sibling fold models."""
-    from cnn.transfer import FrozenTransferCNN
-    return (isinstance(cand, FrozenTransferCNN) and hasattr(cand, "model_")
-            and getattr(cand, "head_", None) is None)
-
-
 def _fusable(cand) -> bool:
-    return _plain_keras(cand) or _shared_trunk(cand)
+    """A fold model the fused graph can run: it declares ``fused_inference`` (its
+    ``predict_proba`` is its Keras model's softmax) and holds a loaded model."""
+    return bool(cand.fused_inference) and hasattr(cand, "model_")
 
 
 class Predictor:
@@ -171,6 +51,8 @@ class Predictor:
     Attributes
     ----------
     classes_ : array of class names.
+    preprocessing : the :class:`core.images.Preprocessing` record of the manifest; every
+        input goes through it, as the training images did.
     image_size : side of the square images the members were trained on.
     member_names_ : members in the ensemble's order.
     member_kinds_ : ``{name: "cnn" | "baseline"}``.
@@ -182,9 +64,10 @@ class Predictor:
         self.ensemble_ = ensemble
         self.path = path
         self.classes_ = np.array(manifest["classes"])
-        self.image_size = int(manifest["image_size"])
+        self.preprocessing = resolve_preprocessing(manifest)
+        self.image_size = self.preprocessing.image_size
         self.member_names_ = [m["name"] for m in manifest["members"]]
-        self.member_kinds_ = {m["name"]: m.get("kind") or getattr(members[m["name"]][0], "kind", "")
+        self.member_kinds_ = {m["name"]: m.get("kind") or members[m["name"]][0].kind
                               for m in manifest["members"]}
         # Keras members run as one compiled TensorFlow graph per batch: every fold model of
         # every such member on the same input tensor (traced once, any batch size). Frozen
@@ -248,20 +131,19 @@ class Predictor:
         if isinstance(x, np.ndarray) and x.ndim == 4 and x.shape[1:3] == (self.image_size,) * 2:
             items = x
         else:
-            items = _as_items(x)
+            items = as_items(x)
+        prep = self.preprocessing.apply_batch
         starts = list(range(0, len(items), batch_size))
         chunks = []
         with ThreadPoolExecutor(1) as reader:
-            pending = reader.submit(to_images, items[:batch_size], self.image_size)
+            pending = reader.submit(prep, items[:batch_size])
             for i in starts:
                 images = pending.result()
                 if i + batch_size < len(items):
-                    pending = reader.submit(to_images, items[i + batch_size:i + 2 * batch_size],
-                                            self.image_size)
+                    pending = reader.submit(prep, items[i + batch_size:i + 2 * batch_size])
                 p = self.ensemble_.combine(self.member_probas(images))
                 t = (self.manifest.get("calibration") or {}).get("temperature")   # [predictor]
                 if t:   # temperature_scaling: T fitted on the ensemble's out-of-fold probabilities
-                    from bench.calibration import apply_temperature
                     p = apply_temperature(p, float(t))
                 chunks.append(p)
         return np.concatenate(chunks) if chunks else np.zeros((0, len(self.classes_)))
@@ -274,9 +156,7 @@ class Predictor:
     @property
     def cnn_members_(self) -> list[str]:
         """Members whose fold models can explain themselves with Grad-CAM."""
-        return [n for n in self.member_names_
-                if self.member_kinds_.get(n) == "cnn"
-                and all(callable(getattr(m, "explain", None)) for m in self.members_[n])]
+        return [n for n in self.member_names_ if all(m.explainable for m in self.members_[n])]
 
     def explain_weights(self) -> dict[str, float]:
         """Weights of the CNN members' Grad-CAM maps: the ensemble's member weights
@@ -320,11 +200,11 @@ class Predictor:
         by the ensemble), a class index or name, or one index per image.
         """
         weights = self.explain_weights()
-        items = x if isinstance(x, np.ndarray) and x.ndim == 4 else _as_items(x)
+        items = x if isinstance(x, np.ndarray) and x.ndim == 4 else as_items(x)
         fixed = None if class_index is None else self._class_indices(class_index, len(items))
         maps = []
         for i in range(0, len(items), batch_size):
-            images = to_images(items[i:i + batch_size], self.image_size)
+            images = self.preprocessing.apply_batch(items[i:i + batch_size])
             if fixed is None:
                 target = np.argmax(self.ensemble_.combine(self.member_probas(images)), axis=1)
             else:
@@ -347,15 +227,22 @@ class Predictor:
 
 
 def save_predictor(path, *, ensemble_name: str, ensemble, members: dict[str, list[Path]],
-                   member_info: dict[str, dict], classes: list[str], image_size: int,
-                   training_data: dict, extra: dict | None = None) -> Path:
+                   member_info: dict[str, dict], classes: list[str],
+                   preprocessing: Preprocessing, training_data: dict,
+                   extra: dict | None = None) -> Path:
     """Write a predictor directory (atomically: a temp dir moved into place).
 
-    ``members`` maps a member name to its saved fold-model folders.
+    ``members`` maps a member name to its saved fold-model folders; ``preprocessing`` is
+    the record of how the training images were made, stored for :class:`Predictor`.
     """
-    path = Path(path)
-    tmp = path.with_name(f".{path.name}.tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
+    with staged(path) as tmp:
+        _write_predictor(tmp, ensemble_name, ensemble, members, member_info, classes,
+                         preprocessing, training_data, extra)
+    return Path(path)
+
+
+def _write_predictor(tmp: Path, ensemble_name, ensemble, members, member_info, classes,
+                     preprocessing: Preprocessing, training_data, extra) -> None:
     (tmp / "members").mkdir(parents=True)
     entries = []
     for name, folders in members.items():
@@ -371,10 +258,8 @@ def save_predictor(path, *, ensemble_name: str, ensemble, members: dict[str, lis
         "format": FORMAT_VERSION,
         "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
         "classes": list(classes),
-        "image_size": int(image_size),
-        "preprocessing": {"resize": "whole image to image_size x image_size, PIL bicubic "
-                                    "(antialiased)", "color": "RGB uint8; alpha on white; "
-                                    "16-bit and grayscale converted"},
+        "image_size": preprocessing.image_size,
+        "preprocessing": preprocessing.to_dict(),
         "ensemble": {"name": ensemble_name, "type": ensemble.type_name,
                      "params": ensemble.get_params(), "state": ensemble.get_state()},
         "members": entries,
@@ -386,8 +271,6 @@ def save_predictor(path, *, ensemble_name: str, ensemble, members: dict[str, lis
     manifest = json.loads(json.dumps(manifest, default=_json_default))
     manifest["manifest_sha256"] = manifest_digest(manifest)
     atomic_write_json(tmp / MANIFEST, manifest)
-    publish_dir(tmp, path)
-    return path
 
 
 def manifest_digest(manifest: dict) -> str:
@@ -446,13 +329,3 @@ def load_predictor(path) -> Predictor:
     ens_info = manifest["ensemble"]
     ensemble = registry.get(ens_info["type"])(**ens_info["params"]).set_state(ens_info["state"])
     return Predictor(manifest, members, ensemble, path)
-
-
-def find_images(path) -> list[Path]:
-    """One image path, or every image file under a folder (recursive, sorted)."""
-    path = Path(path)
-    if not path.exists():
-        raise BenchError(f"image path not found: {path}")
-    if path.is_file():
-        return [path]
-    return sorted(p for p in path.rglob("*") if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES)

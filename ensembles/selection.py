@@ -12,13 +12,14 @@ from __future__ import annotations
 
 import numpy as np
 
+from core.metrics import log_loss as _log_loss
+
 SELECTION_METRICS = ("log_loss", "accuracy")
 
 
 def _scores(mean: np.ndarray, y: np.ndarray, metric: str) -> np.ndarray:
     """Scores to **minimise** of candidate ensembles ``mean`` (C, N, K)."""
-    p_true = np.clip(mean[:, np.arange(len(y)), y], 1e-15, 1.0)
-    log_loss = -np.mean(np.log(p_true), axis=1)
+    log_loss = _log_loss(y, mean)
     if metric == "log_loss":
         return log_loss
     # accuracy, ties broken by log loss (a tiny, bounded share of the score)

@@ -14,7 +14,7 @@ from __future__ import annotations
 import numpy as np
 from threadpoolctl import threadpool_limits
 
-from bench.registry import register
+from core.registry import register
 from ensembles.base import Ensemble
 
 
@@ -82,6 +82,8 @@ class Stacking(Ensemble):
     seed : int
         Random state of the meta-learner.
     """
+
+    uses_fold_groups = True   # C = "auto": chosen leaving one training fold out
 
     def __init__(self, meta="logistic", C="auto", inputs="proba", inner_folds=5, seed=0):
         self.meta = meta

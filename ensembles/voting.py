@@ -6,13 +6,10 @@ import numpy as np
 from scipy.optimize import minimize
 from scipy.special import softmax
 
-from bench.registry import register
+from core.metrics import log_loss
+from core.registry import register
 from ensembles.base import Ensemble
 from ensembles.selection import greedy_selection
-
-
-def _log_loss(p: np.ndarray, y: np.ndarray) -> float:
-    return float(-np.mean(np.log(np.clip(p[np.arange(len(y)), y], 1e-15, 1.0))))
 
 
 @register("soft_voting")
@@ -52,7 +49,7 @@ class SoftVoting(Ensemble):
             y = np.asarray(y)
 
             def loss(theta):
-                return _log_loss(np.tensordot(softmax(theta), stack, axes=1), y)
+                return log_loss(y, np.tensordot(softmax(theta), stack, axes=1))
             if m <= 2:
                 res = minimize(loss, np.zeros(m), method="Nelder-Mead",
                                options={"xatol": 1e-4, "fatol": 1e-7, "maxiter": 2000})

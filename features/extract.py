@@ -14,9 +14,10 @@ from pathlib import Path
 import numpy as np
 from joblib import Parallel, delayed
 
-from bench.errors import BenchError
-from bench.io import stable_hash
-from bench.progress import progress_iter
+from core.cache import default_cache_dir
+from core.errors import BenchError
+from core.io import stable_hash
+from core.progress import progress_iter
 from features.color import color_features
 from features.glcm import glcm_features
 from features.hog import hog_features
@@ -50,7 +51,6 @@ def _store_dir() -> Path | None:
         return None
     if _CACHE_DIR is not None:
         return _CACHE_DIR
-    from bench.datasets import default_cache_dir
     return default_cache_dir() / "features"
 
 

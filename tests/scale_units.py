@@ -6,7 +6,7 @@ import os
 import signal
 from pathlib import Path
 
-from bench.errors import BenchError
+from core.errors import BenchError
 
 
 def square(x):

@@ -9,8 +9,8 @@ from sklearn.pipeline import Pipeline
 from sklearn.preprocessing import FunctionTransformer
 
 from baselines.models import MODEL_FILE, FeatureForest, FeatureSVM, FeatureXGB
-from bench.candidate import build_candidate, load_candidate
-from bench.errors import BenchError
+from core.candidate import build_candidate, load_candidate
+from core.errors import BenchError
 from features import extract
 from tests.conftest import toy_arrays
 

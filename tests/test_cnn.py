@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from bench.errors import BenchError
+from core.errors import BenchError
 from tests.conftest import SHARED, toy_arrays
 
 WEIGHTS = SHARED / "weights" / "mobilenet_v2_0.35_imagenet_notop.weights.h5"
@@ -21,7 +21,7 @@ def tiny_scratch(**kw):
 
 
 def test_scratch_cnn_learns_above_chance_and_reloads(tmp_path):
-    from bench.candidate import load_candidate
+    from core.candidate import load_candidate
     X, y = toy_arrays(20, 32, seed=0)
     Xt, yt = toy_arrays(10, 32, seed=1)
     cand = tiny_scratch(augment="flips").fit(X, y, workdir=tmp_path / "unit")
@@ -100,7 +100,7 @@ def test_pruning_stops_a_hopeless_trial():
 
 def test_param_spaces_sample_valid_candidates():
     optuna = pytest.importorskip("optuna")
-    from bench import registry
+    from core import registry
     for name in ("scratch_cnn", "transfer_frozen", "transfer_finetune"):
         cls = registry.get(name)
         trial = optuna.create_study(sampler=optuna.samplers.RandomSampler(seed=1)).ask()
@@ -190,7 +190,7 @@ def test_backbone_weights_from_a_path_are_loaded():
 
 @needs_weights
 def test_frozen_transfer_learns_caches_embeddings_and_saves_raw_image_model(tmp_path, monkeypatch):
-    from bench.candidate import load_candidate
+    from core.candidate import load_candidate
     from cnn import embeddings
     from cnn.transfer import FrozenTransferCNN
     X, y = toy_arrays(15, 32, seed=5)
@@ -240,7 +240,7 @@ def test_finetune_trains_head_then_top_blocks_only(tmp_path):
 def test_runner_prepares_embeddings_in_a_child_process(tmp_path, monkeypatch):
     """The runner computes frozen-backbone embeddings in a spawned child (TensorFlow's memory
     goes with it); the parent then reads every embedding from the shared cache."""
-    from bench.runner import prepare_candidates
+    from bench.prepare import prepare_candidates
     from cnn import embeddings
     from cnn.transfer import FrozenTransferCNN
     monkeypatch.setenv("BLOODBENCH_CACHE", str(tmp_path / "cache"))

@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 
 from bench.config import load_config
-from bench.errors import BenchError
+from core.errors import BenchError
 
 ROOT = Path(__file__).resolve().parents[1]
 

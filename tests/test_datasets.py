@@ -7,7 +7,7 @@ import pytest
 from PIL import Image
 
 from bench.datasets import load_dataset, stratified_subset
-from bench.errors import BenchError
+from core.errors import BenchError
 from tests.conftest import toy_arrays, write_toy_folder
 
 

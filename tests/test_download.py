@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 
 from bench.download import fetch
-from bench.errors import BenchError
+from core.errors import BenchError
 from tests.conftest import toy_arrays
 
 
@@ -64,7 +64,7 @@ def test_unreachable_server_says_where_to_put_the_data(tmp_path):
 
 def test_runner_falls_back_to_the_download(server, tmp_path):
     from bench.config import load_config
-    from bench.runner import prepare_dataset
+    from bench.datasets import prepare_dataset
     url, md5, _ = server
     cfg_file = tmp_path / "c.toml"
     cfg_file.write_text(f"""

@@ -7,7 +7,7 @@ import json
 import numpy as np
 import pytest
 
-from bench.errors import BenchError
+from core.errors import BenchError
 from ensembles.base import cross_val_combine
 from ensembles.overlay import FIG_SIZE_PX, gradcam_names, write_gradcam_png
 from ensembles.selection import greedy_selection
@@ -204,7 +204,7 @@ def test_stacking_rejects_bad_settings(data):
 
 
 def test_runner_reports_bad_ensemble_settings_in_one_line(data):
-    from bench.runner import _build_ensemble, _fit_ensemble
+    from ensembles.build import build_ensemble as _build_ensemble, fit_ensemble as _fit_ensemble
     y, folds, rng = data
     with pytest.raises(BenchError, match=r"\[ensembles.st\]: bad settings"):
         _build_ensemble({"type": "stacking", "members": "cnn", "metaa": "x"}, "st")

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from bench.datasets import Dataset
-from bench.errors import BenchError
+from core.errors import BenchError
 from bench.folds import folds_hash, folds_table, make_folds, make_groups
 
 

@@ -13,8 +13,9 @@ import pytest
 from PIL import Image
 
 from bench.cli import main
-from bench.errors import BenchError
-from bench.io import read_json
+from core.errors import BenchError
+from core.images import Preprocessing
+from core.io import read_json
 from ensembles.overlay import FIG_SIZE_PX
 from tests.conftest import toy_arrays, write_tiny_config
 
@@ -86,15 +87,15 @@ def test_ensembles_on_the_leaderboard_and_the_choice_recorded(run):
 def test_round_trip_gives_identical_probabilities(run, predictor, fresh):
     """The predictor loaded from disk gives the numbers of the run's own fold models
     (``units/``) combined by a meta-learner refitted on the out-of-fold probabilities."""
-    from bench.candidate import load_candidate
-    from bench.runner import unit_dir
+    from core.candidate import load_candidate
+    from bench.rundir import RunDir
     from ensembles.stacking import Stacking
     _, out = run
     X, y = fresh
     proba = predictor.predict_proba(X)
     np.testing.assert_array_equal(predictor.predict_proba(X), proba)   # deterministic
     members = ["rf_hog", "cnn_tiny"]
-    by_hand = [np.mean([load_candidate(unit_dir(out, m, k) / "model").predict_proba(X)
+    by_hand = [np.mean([load_candidate(RunDir(out).unit_dir(m, k) / "model").predict_proba(X)
                         for k in range(3)], axis=0) for m in members]
     table = pd.read_csv(out / "folds.csv")
     labels = np.array([predictor.classes_.tolist().index(c) for c in table["label"]])
@@ -194,15 +195,17 @@ def test_predict_cli_writes_gradcam_pngs(run, tmp_path):
 
 
 def test_predictor_without_cnn_member(run, tmp_path, capsys):
-    from bench.runner import unit_dir
+    from bench.rundir import RunDir
+    from core.images import Preprocessing
     from ensembles import load_predictor, save_predictor
     from ensembles.voting import SoftVoting
     _, out = run
     d = save_predictor(tmp_path / "rf", ensemble_name="rf_only",
                        ensemble=SoftVoting().fit([np.eye(3)], np.arange(3)),
-                       members={"rf_hog": [unit_dir(out, "rf_hog", k) / "model" for k in range(3)]},
+                       members={"rf_hog": [RunDir(out).unit_dir("rf_hog", k) / "model" for k in range(3)]},
                        member_info={"rf_hog": {"type": "feature_forest", "kind": "baseline"}},
-                       classes=["disc", "square", "stripes"], image_size=32, training_data={})
+                       classes=["disc", "square", "stripes"], preprocessing=Preprocessing(32),
+                       training_data={})
     with pytest.raises(BenchError, match="Grad-CAM needs a CNN member"):
         load_predictor(d).explain(toy_arrays(1, 32)[0])
     rc = main(["predict", "--model", str(d), "--img_path", str(d), "--gradcam", str(tmp_path)])
@@ -227,7 +230,7 @@ def test_frozen_backbone_runs_once_for_its_fold_models(tmp_path):
     every fold model on its own."""
     import keras
 
-    from bench.candidate import load_candidate
+    from core.candidate import load_candidate
     from cnn.backbones import build_backbone
     from cnn.train import predict_keras
     from cnn.transfer import FrozenTransferCNN
@@ -251,7 +254,8 @@ def test_frozen_backbone_runs_once_for_its_fold_models(tmp_path):
                        ensemble=SoftVoting().fit([np.eye(3)] * 2, np.arange(3)),
                        members=folders,
                        member_info={n: {"type": "transfer_frozen", "kind": "cnn"} for n in folders},
-                       classes=["disc", "square", "stripes"], image_size=32, training_data={})
+                       classes=["disc", "square", "stripes"], preprocessing=Preprocessing(32),
+                       training_data={})
     pred = load_predictor(d)
     keys = [key for key, _, _ in pred._fused_plan()]
     assert pred._fused_names == ["tf_a", "tf_b"]

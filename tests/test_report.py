@@ -11,11 +11,12 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from bench.calibration import apply_temperature
+from core.calibration import apply_temperature
 from bench.report import RunData, report_after_run, write_cross_report, write_report
 from bench.report.browser import check_report, find_browser
 from bench.report.gradcam_audit import (audit_sample, energy_share, map_rank_correlation,
-                                        randomization_check, randomized_clone)
+                                        randomization_check)
+from cnn.gradcam import randomized_clone
 from bench.stats import friedman, t_interval
 from tests.conftest import write_tiny_config
 
@@ -193,10 +194,10 @@ def test_headless_browser_renders_the_report(run_dir, tmp_path):
 
 
 def test_cli_report_several_runs_adds_friedman(run_dir, tmp_path, monkeypatch):
-    import bench.report
+    import bench.cli
     from bench.cli import main
     written = []   # each run's own report is tested above; here only that the CLI asks for it
-    monkeypatch.setattr(bench.report, "write_report",
+    monkeypatch.setattr(bench.cli, "write_report",
                         lambda d, gradcam=None: written.append((str(d), gradcam)) or d)
     d2 = _copy(run_dir, tmp_path / "second")
     rng = np.random.default_rng(0)

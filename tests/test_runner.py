@@ -12,8 +12,8 @@ import pandas as pd
 import pytest
 
 from bench.cli import main
-from bench.errors import BenchError
-from bench.io import read_json
+from core.errors import BenchError
+from core.io import read_json
 from bench.runner import run_from_args
 from ensembles import load_predictor
 from tests.conftest import toy_arrays, write_tiny_config

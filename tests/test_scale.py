@@ -28,8 +28,10 @@ import pandas as pd
 import pytest
 
 from bench.config import load_config
-from bench.errors import BenchError
-from bench.runner import RunContext, prepare_run, run_benchmark, tune_from_args, tune_unit
+from core.errors import BenchError
+from bench.rundir import RunDir
+from bench.runner import prepare_run, run_benchmark, tune_from_args
+from bench.units import tune_unit
 from bench.scheduling import DaskExecutor, LocalExecutor
 from bench.storage import FINISHED, make_storage
 from tests.conftest import write_toy_folder
@@ -310,7 +312,7 @@ def test_two_processes_tune_one_study_exactly(storage_url, data_dir, tmp_path):
                                    direction=study.direction)
         for t in sorted(counted, key=lambda t: t.number):
             solo.enqueue_trial(t.params, user_attrs=t.user_attrs)
-        best, info = tune_unit(RunContext(out), name, 0, trials=n, storage=solo_url)
+        best, info = tune_unit(RunDir(out), name, 0, trials=n, storage=solo_url)
         assert info["best_value"] == study.best_value
         assert info["n_complete"] == n
     finally:

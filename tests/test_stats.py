@@ -10,7 +10,7 @@ from scipy import stats as st
 from sklearn.metrics import (accuracy_score, balanced_accuracy_score, f1_score, log_loss,
                              roc_auc_score)
 
-from bench.calibration import (TemperatureScaler, apply_temperature, cross_fit_temperature, ece,
+from core.calibration import (TemperatureScaler, apply_temperature, cross_fit_temperature, ece,
                                fit_temperature, reliability)
 from bench.report.tables import metrics_of
 from bench.stats import (corrected_resampled_ttest, fold_size_ratio, friedman, holm, mcnemar,

@@ -9,9 +9,9 @@ import numpy as np
 import optuna
 import pytest
 
-from bench.candidate import Candidate, build_candidate
-from bench.errors import BenchError
-from bench.registry import register
+from core.candidate import Candidate, build_candidate
+from core.errors import BenchError
+from core.registry import register
 from bench.tuning import inner_split, make_pruner, tune_candidate
 from tests.conftest import toy_arrays, write_tiny_config
 
@@ -26,6 +26,9 @@ def _fast(tmp_path, **tuning) -> dict:
 @register("_test_epochs")
 class EpochModel(Candidate):
     """A fake CNN: its validation accuracy after epoch e is quality * (e + 1) / epochs."""
+
+    fit_accepts = frozenset({"classes", "epoch_callbacks"})   # reports epochs: prunable
+    tunable = True
 
     def __init__(self, quality=0.5, epochs=8, seconds=0.0):
         self.quality = quality
@@ -61,6 +64,8 @@ class Recorder(Candidate):
 
     fitted: list = []
     scored: list = []
+    fit_accepts = frozenset({"classes"})
+    tunable = True
 
     def __init__(self, c=1.0):
         self.c = c

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from core.progress import warn
 from bench.report.build import write_cross_report, write_report
 from bench.report.rundata import REPORT_DEFAULTS, RunData, report_settings
 
@@ -32,7 +33,6 @@ def report_after_run(run_dir, config: dict) -> Path | None:
     A failing report never loses the finished run: the error is printed as a warning
     with the command that retries it, and ``None`` is returned.
     """
-    from bench.progress import warn
     try:
         if not report_settings(config)["enabled"]:
             return None

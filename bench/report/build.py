@@ -8,17 +8,19 @@ import hashlib
 import math
 import os
 import re
-import shutil
 import time
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
 
-from bench.calibration import reliability
-from bench.errors import BenchError
-from bench.io import atomic_write_text, publish_dir
+from core.calibration import reliability
+from core.errors import BenchError
+from bench.leaderboard import fmt, fmt_p, fmt_size, md_escape, to_markdown
+from core.io import atomic_write_text, staged
+from core.progress import info, warn
 from bench.report import cards, plots, tables
+from bench.report import gradcam_audit as ga
 from bench.report.rundata import RunData
 from bench.stats import friedman, nemenyi_cd
 
@@ -64,34 +66,6 @@ def slug(name: str) -> str:
     return s[:80]
 
 
-def fmt(v, digits: int = 3) -> str:
-    if v is None:
-        return ""
-    if isinstance(v, (float, np.floating)):
-        if math.isnan(v):
-            return ""
-        if math.isinf(v):
-            return "inf" if v > 0 else "-inf"
-        return f"{v:.{digits}f}"
-    return str(v)
-
-
-def fmt_p(p) -> str:
-    if p is None or (isinstance(p, float) and math.isnan(p)):
-        return ""
-    return "<0.001" if p < 0.001 else f"{p:.3f}"
-
-
-def fmt_size(v) -> str:
-    if v is None or (isinstance(v, float) and math.isnan(v)):
-        return ""
-    v = float(v)
-    for unit, div in (("M", 1e6), ("k", 1e3)):
-        if v >= div:
-            return f"{v / div:.1f}{unit}"
-    return f"{v:.0f}"
-
-
 def _sortval(v) -> str:
     if v is None or (isinstance(v, float) and not math.isfinite(v)):
         return ""
@@ -111,12 +85,6 @@ def _csp() -> str:
     digest = base64.b64encode(hashlib.sha256(SORT_SCRIPT.encode()).digest()).decode()
     return (f"default-src 'none'; img-src 'self' data:; style-src 'unsafe-inline'; "
             f"script-src 'sha256-{digest}'")
-
-
-def md_escape(text) -> str:
-    """Text safe inside a Markdown table cell (no HTML, no cell breaks)."""
-    import html
-    return html.escape(str(text), quote=False).replace("|", "\\|").replace("\n", " ")
 
 
 class _Out:
@@ -168,36 +136,6 @@ def _board_rows(board, comps, colors):
     return rows
 
 
-def _markers(row) -> str:
-    if row["best"]:
-        return "★ best"
-    marks = ("*" if row["sig_t"] else "") + ("†" if row["sig_m"] else "")
-    return marks or "n.s."
-
-
-def leaderboard_markdown(run, board, comps, metric: str, confidence: float, alpha: float) -> str:
-    c = comps.set_index("candidate")
-    ms = tables.REPORT_METRICS
-    head = (["rank", "candidate", "kind"] + [tables.METRIC_LABELS[m] for m in ms]
-            + ["fit s", "ms/img", "size", "vs best", "p (t, Holm)", "p (McNemar, Holm)"])
-    lines = [f"# Leaderboard: {md_escape(run.title)}", "",
-             f"Sorted by **{tables.METRIC_LABELS.get(metric, metric)}**. Cells: mean ± std over "
-             f"{len(run.fold_ids)} folds [{confidence:.0%} t-interval]. Compared with the best "
-             f"entry: `*` corrected resampled t-test (Nadeau-Bengio) and `†` McNemar on the "
-             f"out-of-fold predictions, significant at {alpha} after Holm's adjustment; "
-             "`n.s.` neither. Ensembles: costs are sums over members.", "",
-             "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
-    for row in _board_rows(board, comps, {n: "" for n in board["candidate"]}):
-        cmp = c.loc[row["name"]]
-        cells = [str(row["rank"]), md_escape(row["name"]), row["kind"]]
-        cells += [f"{m['text']} {m['ci']}".strip() for m in row["metrics"]]
-        cells += [row["fit"], row["ms"], row["size"], _markers(row),
-                  "" if cmp["is_best"] else fmt_p(cmp["p_ttest_holm"]),
-                  "" if cmp["is_best"] else fmt_p(cmp["p_mcnemar_holm"])]
-        lines.append("| " + " | ".join(cells) + " |")
-    return "\n".join(lines) + "\n"
-
-
 def _best_of(board, kinds) -> str | None:
     rows = board[board["kind"].isin(kinds)]
     return rows["candidate"].iloc[0] if len(rows) else None
@@ -212,7 +150,6 @@ def _color_order(run) -> list[str]:
 
 def _say(progress, msg):
     if progress:
-        from bench.progress import info
         info(msg)
 
 
@@ -229,19 +166,12 @@ def write_report(run_dir, gradcam: bool | None = None, progress: bool = True) ->
     run = RunData(run_dir)
     s = run.settings
     metric = run.metric
-    final = run.run_dir / "report"
-    tmp = final.with_name(f".report.tmp-{os.getpid()}")
-    shutil.rmtree(tmp, ignore_errors=True)
-    out = _Out(tmp)
-    try:
-        ctx = _build(run, s, metric, out, gradcam, progress)
+    final = run.rundir.report_dir
+    with run.rundir.staged(final) as tmp:
+        ctx = _build(run, s, metric, _Out(tmp), gradcam, progress)
         ctx["elapsed"] = time.perf_counter() - t0
         html = _env().get_template("report.html.j2").render(**ctx)
         atomic_write_text(tmp / "index.html", html)
-        publish_dir(tmp, final)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     _say(progress, f"report: {final / 'index.html'} ({time.perf_counter() - t0:.0f} s)")
     return final / "index.html"
 
@@ -322,7 +252,14 @@ def _build(run, s, metric, out: _Out, gradcam, progress) -> dict:
                          "text": "The maps of " + ", ".join(audit_ctx["flagged"]) + " barely "
                                  "change when the model's weights are randomised: they do not "
                                  "show what the model learned."})
-    md = leaderboard_markdown(run, board, comps, metric, conf, alpha)
+    md = to_markdown(
+        board, metric, f"Leaderboard: {md_escape(run.title)}", metrics=tables.REPORT_METRICS,
+        digits=3, comparisons=comps,
+        note=f"Sorted by **{label}**. Cells: mean ± std over {len(run.fold_ids)} folds "
+             f"[{conf:.0%} t-interval]. Compared with the best entry: `*` corrected resampled "
+             f"t-test (Nadeau-Bengio) and `†` McNemar on the out-of-fold predictions, "
+             f"significant at {alpha} after Holm's adjustment; `n.s.` neither. Ensembles: "
+             "costs are sums over members.")
     atomic_write_text(out.root / "leaderboard.md", md)
     return {
         "title": run.title, "run": run, "metric": metric, "metric_label": label,
@@ -355,7 +292,6 @@ def _predictor_temperature(run):
 
 
 def _gradcam_section(run, board, s, out: _Out, colors, gradcam, progress) -> dict:
-    from bench.report import gradcam_audit as ga
     enabled = s["gradcam"] if gradcam is None else gradcam
     if not enabled:
         return {"status": "off", "notes": ["the Grad-CAM audit is switched off "
@@ -370,7 +306,6 @@ def _gradcam_section(run, board, s, out: _Out, colors, gradcam, progress) -> dic
     try:
         audit = ga.run_audit(run, board, s, progress=None)
     except Exception as exc:   # noqa: BLE001 - the rest of the report stays useful
-        from bench.progress import warn
         warn(f"Grad-CAM audit failed: {type(exc).__name__}: {exc}")
         return {"status": "error", "notes": [f"the audit failed: {type(exc).__name__}: {exc}"]}
     e_csv = out.csv(audit["energy"], "gradcam_energy")
@@ -434,10 +369,8 @@ def write_cross_report(run_dirs, out_dir, progress: bool = True) -> Path:
     cd = nemenyi_cd(len(common), len(runs), alpha)
     avg = dict(zip(common, fr["avg_ranks"]))
     out_dir = Path(out_dir)
-    tmp = out_dir.with_name(f".{out_dir.name}.tmp-{os.getpid()}")
-    shutil.rmtree(tmp, ignore_errors=True)
-    out = _Out(tmp)
-    try:
+    with staged(out_dir) as tmp:
+        out = _Out(tmp)
         tab = pd.DataFrame(scores, columns=common)
         tab.insert(0, "dataset", labels)
         ranks = pd.DataFrame(fr["ranks"], columns=[f"rank_{n}" for n in common])
@@ -481,9 +414,5 @@ def write_cross_report(run_dirs, out_dir, progress: bool = True) -> Path:
             lines.append(f"| {md_escape(lb)} | " + " | ".join(fmt(v) for v in row) + " |")
         lines.append("| average rank | " + " | ".join(fmt(avg[n], 2) for n in common) + " |")
         atomic_write_text(tmp / "leaderboard.md", "\n".join(lines) + "\n")
-        publish_dir(tmp, out_dir)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     _say(progress, f"cross-dataset report: {out_dir / 'index.html'}")
     return out_dir / "index.html"

@@ -17,10 +17,16 @@ maps for the ensemble's predicted class.
 
 from __future__ import annotations
 
+import importlib.util
 import math
 import numpy as np
 import pandas as pd
 from scipy.stats import spearmanr
+
+from core import registry
+from core.candidate import load_candidate
+from ensembles.build import build_ensemble
+from features.morphology import segment_cell
 
 
 # ----------------------------------------------------------------------------- measures
@@ -63,13 +69,6 @@ def randomization_check(maps_trained, maps_random, threshold: float = 0.5) -> di
     mean = float(ok.mean()) if len(ok) else math.nan
     return {"rho": rho, "rho_mean": mean, "rho_median": float(np.median(ok)) if len(ok) else math.nan,
             "n": int(len(ok)), "flagged": bool(len(ok) and mean >= threshold)}
-
-
-def randomized_clone(model, seed: int = 0):
-    """The same architecture with freshly initialised weights (seeded)."""
-    import keras
-    keras.utils.set_random_seed(int(seed))
-    return keras.models.clone_model(model)   # new layers, weights from their initializers
 
 
 def resize_maps(maps: np.ndarray, shape) -> np.ndarray:
@@ -131,14 +130,13 @@ class _MapStore:
             req.setdefault(int(r), set()).add(int(c))
 
     def compute(self, images: np.ndarray, progress=None) -> None:
-        from bench.candidate import load_candidate
-        from cnn.gradcam import gradcam
         run = self.run
         members = sorted({m for m, _ in self.requests})
+        fold_of = run.folds
         for member in members:
             for k in run.fold_ids:
                 jobs = {mode: [(r, c) for r, cs in self.requests.get((member, mode), {}).items()
-                               for c in sorted(cs) if run.folds[r] == k]
+                               for c in sorted(cs) if fold_of[r] == k]
                         for mode in ("trained", "random")}
                 if not any(jobs.values()):
                     continue
@@ -146,13 +144,9 @@ class _MapStore:
                 for mode, pairs in jobs.items():
                     if not pairs:
                         continue
-                    if mode == "trained":
-                        explain = getattr(cand, "explain", None) or (
-                            lambda X, class_index: gradcam(cand.model_, X, class_index=class_index))
-                    else:
-                        rand = randomized_clone(cand.model_, self.seed + 1000 + k)
-                        explain = (lambda X, class_index, _m=rand:
-                                   gradcam(_m, X, class_index=class_index))
+                    # explainable candidates: explain() and randomized() (declared)
+                    explain = (cand.explain if mode == "trained"
+                               else cand.randomized(self.seed + 1000 + k).explain)
                     rows = np.array([r for r, _ in pairs])
                     cls = np.array([c for _, c in pairs])
                     X = np.asarray(images[rows])
@@ -179,10 +173,8 @@ def _ensemble_weights(run, name: str, cnn_members: list[str]) -> dict[int, dict[
     for k in run.fold_ids:
         w = np.ones(len(members))
         try:
-            from bench import registry
-            params = {a: b for a, b in entry.items() if a not in ("type", "members")}
-            ens = registry.get(entry["type"])(**params)
-            train = run.folds != k
+            ens = build_ensemble(entry, name)
+            train = run.splits.train(k)
             ens.fit([run.oof[m][train] for m in members], run.y[train])
             state = ens.get_state()
             if isinstance(state, dict) and len(state.get("weights", [])) == len(members):
@@ -199,7 +191,8 @@ def _ensemble_weights(run, name: str, cnn_members: list[str]) -> dict[int, dict[
 def audit_targets(run, board) -> tuple[list[str], list[str]]:
     """CNN candidates, and the ensemble to audit (the predictor's, else the best one with
     CNN members)."""
-    cnns = [n for n in run.names if run.kind(n) == "cnn"]
+    cnns = [n for n in run.names if run.kind(n) != "ensemble"
+            and registry.get(run.units[n][0]["type"]).explainable]   # declared capability
     ens = [n for n in board["candidate"] if run.kind(n) == "ensemble"
            and any(m in cnns for m in run.members(n))]
     chosen = run.state.get("predictor")
@@ -252,17 +245,11 @@ def run_audit(run, board, settings: dict, progress=None) -> dict:
         peak = float(np.max(m))
         return (m / peak if peak > 0 else m).astype(np.float32)
 
-    try:
-        from features.morphology import segment_cell
-    except ImportError as exc:   # pragma: no cover - part of the project
-        segment_cell = None
-        notes.append(f"cell segmentation unavailable ({exc}): no energy shares")
-    masks, nuclei = {}, {}
-    if segment_cell is not None:   # the audited sample, and the gallery images for outlines
-        shown = [np.concatenate([np.concatenate(v) for v in galleries[n].values()])
-                 for n in cnns + ens]
-        for r in np.union1d(sample, np.concatenate(shown)).astype(int):
-            masks[int(r)], nuclei[int(r)] = segment_cell(np.asarray(images[r]))
+    masks, nuclei = {}, {}   # the audited sample, and the gallery images for outlines
+    shown = [np.concatenate([np.concatenate(v) for v in galleries[n].values()])
+             for n in cnns + ens]
+    for r in np.union1d(sample, np.concatenate(shown)).astype(int):
+        masks[int(r)], nuclei[int(r)] = segment_cell(np.asarray(images[r]))
     energy, rand_rows, summary, maps = [], [], [], {}
     thr = float(settings["randomization_threshold"])
     for n in cnns + ens:
@@ -388,14 +375,12 @@ def energy_figure(audit: dict, colors: dict):
 
 
 def check_available() -> str | None:
-    """``None`` when Grad-CAM can run here, else why not."""
-    try:
-        import cnn.gradcam  # noqa: F401
-    except ImportError as exc:
-        return f"Grad-CAM unavailable: {exc}"
+    """``None`` when Grad-CAM can run here (Keras is installed), else why not."""
+    if importlib.util.find_spec("keras") is None:
+        return "Grad-CAM unavailable: Keras is not installed"
     return None
 
 
-__all__ = ["energy_share", "map_rank_correlation", "randomization_check", "randomized_clone",
+__all__ = ["energy_share", "map_rank_correlation", "randomization_check",
            "resize_maps", "overlay", "audit_sample", "gallery_rows", "run_audit",
            "gallery_figure", "energy_figure", "check_available"]

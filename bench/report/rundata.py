@@ -2,14 +2,14 @@
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
 
-from bench.config import read_toml
-from bench.errors import BenchError
+from bench.rundir import RunDir
+from bench.leaderboard import COSTS
+from core.errors import BenchError
 
 REPORT_DEFAULTS = {
     "enabled": True,            # write DIR/report at the end of `run`
@@ -57,53 +57,42 @@ class RunData:
     """
 
     def __init__(self, run_dir):
-        self.run_dir = Path(run_dir)
-        d = self.run_dir
-        for f in ("config.toml", "manifest.json", "folds.csv", "state.json", "leaderboard.csv"):
-            if not (d / f).is_file():
-                raise BenchError(f"not a finished bloodbench run (no {f}): {d}")
-        self.config = read_toml(d / "config.toml")
-        self.manifest = json.loads((d / "manifest.json").read_text())
-        self.state = json.loads((d / "state.json").read_text())
+        self.rundir = RunDir(run_dir)
+        self.run_dir = self.rundir.path
+        rd = self.rundir
+        rd.check_finished()
+        self.config = rd.config.data
+        self.manifest = rd.read_manifest()
+        self.state = rd.state
         self.settings = report_settings(self.config)
-        self.classes = list(self.state["classes"])
-        table = pd.read_csv(d / "folds.csv")
-        self.folds_table = table
-        lookup = {c: i for i, c in enumerate(self.classes)}
-        try:
-            self.y = np.array([lookup[str(c)] for c in table["label"]], dtype=np.int64)
-        except KeyError as exc:
-            raise BenchError(f"{d / 'folds.csv'}: label {exc} is not a class of the run") from None
-        self.folds = table["fold"].to_numpy()
-        self.fold_ids = sorted(np.unique(self.folds).tolist())
+        self.classes = rd.classes
+        self.folds_table = rd.folds_table
+        self.y = rd.labels
+        self.splits = rd.folds
+        self.folds = rd.folds.folds
+        self.fold_ids = rd.folds.fold_ids
         self.metric = self.config.get("run", {}).get("metric", "accuracy")
-        board = pd.read_csv(d / "leaderboard.csv")
-        self.oof, self.units, rows = {}, {}, []
+        board = rd.read_leaderboard()
+        self.oof, self.units, self.costs, rows = {}, {}, {}, []
         for _, r in board.iterrows():
             name = str(r["candidate"])
-            f = d / "oof" / f"{name}.npy"
-            if not f.is_file():
-                raise BenchError(f"missing out-of-fold probabilities {f}")
-            p = np.load(f).astype(np.float64)
+            p = rd.read_oof(name)
             if p.shape != (len(self.y), len(self.classes)):
-                raise BenchError(f"{f}: shape {p.shape}, expected {(len(self.y), len(self.classes))}")
+                raise BenchError(f"{rd.oof_file(name)}: shape {p.shape}, expected "
+                                 f"{(len(self.y), len(self.classes))}")
             self.oof[name] = p
             members = r.get("members")
             members = [] if not isinstance(members, str) or not members else members.split(";")
             rows.append({"name": name, "kind": str(r["kind"]), "members": members})
+            self.costs[name] = {c: float(r[c]) if c in r and pd.notna(r[c]) else float("nan")
+                                for c in COSTS}
             if r["kind"] != "ensemble":
-                self.units[name] = [self._unit(name, k) for k in self.fold_ids]
+                self.units[name] = [rd.unit_result(name, k) for k in self.fold_ids]
         self.entries = pd.DataFrame(rows)
         self.names = list(self.entries["name"])
 
-    def _unit(self, name: str, fold: int) -> dict:
-        f = self.unit_dir(name, fold) / "result.json"
-        if not f.is_file():
-            raise BenchError(f"missing work unit result {f}")
-        return json.loads(f.read_text())
-
     def unit_dir(self, name: str, fold: int) -> Path:
-        return self.run_dir / "units" / name / f"fold{fold}"
+        return self.rundir.unit_dir(name, fold)
 
     def kind(self, name: str) -> str:
         return str(self.entries.set_index("name").loc[name, "kind"])
@@ -113,14 +102,11 @@ class RunData:
 
     def images(self) -> np.ndarray:
         """The run's images (memory-mapped), rows aligned with folds.csv."""
-        f = self.run_dir / "data" / "images.npy"
-        if not f.is_file():
-            raise BenchError(f"missing {f} (the run's images)")
-        return np.load(f, mmap_mode="r")
+        return self.rundir.images
 
     def fold_sizes(self) -> tuple[np.ndarray, np.ndarray]:
         """Test and train sizes per fold."""
-        n_test = np.array([(self.folds == k).sum() for k in self.fold_ids])
+        n_test = np.array([len(test) for _, _, test in self.splits])
         return n_test, len(self.folds) - n_test
 
     @property

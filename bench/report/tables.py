@@ -3,25 +3,21 @@ intervals, paired comparisons with the best entry, per-class scores."""
 
 from __future__ import annotations
 
-import math
 
 import numpy as np
 import pandas as pd
 from sklearn.metrics import confusion_matrix, precision_recall_fscore_support, roc_curve
 
-from bench.calibration import cross_fit_temperature, ece
-from bench.metrics import METRICS, fold_metrics, metric_sort_ascending
+from core.calibration import cross_fit_temperature, ece
+from bench.leaderboard import METRIC_LABELS  # noqa: F401  (the report's labels)
+from core.metrics import METRICS, fold_metrics, metric_sort_ascending
 from bench.stats import corrected_resampled_ttest, fold_size_ratio, holm, mcnemar, t_interval
 
 REPORT_METRICS = tuple(METRICS) + ("ece",)
-LOWER_IS_BETTER = {"log_loss", "ece"}
-METRIC_LABELS = {"accuracy": "accuracy", "balanced_accuracy": "balanced accuracy",
-                 "macro_f1": "macro-F1", "roc_auc": "ROC AUC (OvR)", "log_loss": "log loss",
-                 "ece": "ECE"}
 
 
 def lower_is_better(metric: str) -> bool:
-    return metric in LOWER_IS_BETTER or metric_sort_ascending(metric)
+    return metric_sort_ascending(metric)
 
 
 def metrics_of(y, proba, ece_bins: int = 15) -> dict[str, float]:
@@ -34,29 +30,10 @@ def per_fold_metrics(run, ece_bins: int = 15) -> pd.DataFrame:
     rows = []
     for name in run.names:
         p = run.oof[name]
-        for k in run.fold_ids:
-            m = run.folds == k
-            rows.append({"candidate": name, "fold": k, "n_test": int(m.sum()),
-                         **metrics_of(run.y[m], p[m], ece_bins)})
+        for k, _, test in run.splits:
+            rows.append({"candidate": name, "fold": k, "n_test": len(test),
+                         **metrics_of(run.y[test], p[test], ece_bins)})
     return pd.DataFrame(rows)
-
-
-def _costs(run, name: str) -> dict:
-    """Mean fit seconds, inference ms per image and model size; ensembles sum their members."""
-    if run.kind(name) == "ensemble":
-        parts = [_costs(run, m) for m in run.members(name) if m in run.units]
-        if not parts:
-            return {"fit_seconds": math.nan, "predict_ms_per_image": math.nan,
-                    "model_size": math.nan}
-        size = [p["model_size"] for p in parts]
-        return {"fit_seconds": float(np.sum([p["fit_seconds"] for p in parts])),
-                "predict_ms_per_image": float(np.sum([p["predict_ms_per_image"] for p in parts])),
-                "model_size": float(np.sum(size)) if not np.isnan(size).any() else math.nan}
-    res = run.units[name]
-    sizes = [r.get("model_size") for r in res]
-    return {"fit_seconds": float(np.mean([r["fit_seconds"] for r in res])),
-            "predict_ms_per_image": float(np.mean([r["predict_ms_per_image"] for r in res])),
-            "model_size": float(sizes[0]) if sizes[0] is not None else math.nan}
 
 
 def leaderboard(run, per_fold: pd.DataFrame, metric: str, confidence: float = 0.95) -> pd.DataFrame:
@@ -70,7 +47,7 @@ def leaderboard(run, per_fold: pd.DataFrame, metric: str, confidence: float = 0.
             ci = t_interval(f[m].to_numpy(), confidence)
             row.update({m: ci["mean"], f"{m}_std": ci["std"], f"{m}_lo": ci["lo"],
                         f"{m}_hi": ci["hi"]})
-        row.update(_costs(run, name))
+        row.update(run.costs[name])   # one definition: the run's leaderboard.csv
         row["n_folds"] = len(f)
         rows.append(row)
     df = pd.DataFrame(rows)

@@ -4,8 +4,8 @@ The runner never names a model: a config entry says ``type = "NAME"`` and the re
 returns the class. Built-in types are imported lazily (TensorFlow loads only when a CNN
 is used). Add your own with the decorator, and list its module in ``[run] plugins``::
 
-    from bench.registry import register
-    from bench.candidate import Candidate
+    from core.registry import register
+    from core.candidate import Candidate
 
     @register("my_model")
     class MyModel(Candidate):
@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import importlib
 
-from bench.errors import BenchError
+from core.errors import BenchError
 
 BUILTIN: dict[str, str] = {
     # baselines on hand-crafted features

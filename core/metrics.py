@@ -3,11 +3,23 @@
 from __future__ import annotations
 
 import numpy as np
-from sklearn.metrics import (accuracy_score, balanced_accuracy_score, f1_score, log_loss,
-                             roc_auc_score)
+from sklearn.metrics import accuracy_score, balanced_accuracy_score, f1_score, roc_auc_score
 
 METRICS = ("accuracy", "balanced_accuracy", "macro_f1", "roc_auc", "log_loss")
-LOWER_IS_BETTER = {"log_loss"}
+LOWER_IS_BETTER = {"log_loss", "ece"}
+
+
+def log_loss(y: np.ndarray, proba: np.ndarray):
+    """Mean negative log-probability of the true class (probabilities clipped at 1e-15).
+
+    ``proba`` is (N, K), or a stack (..., N, K) of candidate combinations: then one value
+    per combination. The one log loss of bloodbench (metrics, ensembles' weights and
+    greedy selection).
+    """
+    y = np.asarray(y)
+    p_true = np.clip(np.asarray(proba)[..., np.arange(len(y)), y], 1e-15, 1.0)
+    out = -np.mean(np.log(p_true), axis=-1)
+    return float(out) if np.ndim(out) == 0 else out
 
 
 def fold_metrics(y: np.ndarray, proba: np.ndarray) -> dict[str, float]:
@@ -21,7 +33,7 @@ def fold_metrics(y: np.ndarray, proba: np.ndarray) -> dict[str, float]:
         "accuracy": float(accuracy_score(y, pred)),
         "balanced_accuracy": float(balanced_accuracy_score(y, pred)),
         "macro_f1": float(f1_score(y, pred, labels=labels, average="macro", zero_division=0)),
-        "log_loss": float(log_loss(y, p, labels=labels)),
+        "log_loss": log_loss(y, p),
     }
     present = np.unique(y)
     try:

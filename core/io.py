@@ -1,4 +1,4 @@
-"""Small file helpers: atomic writes, hashing, environment records."""
+"""Small file helpers: atomic writes, staged folders, hashing, environment records."""
 
 from __future__ import annotations
 
@@ -9,6 +9,7 @@ import platform
 import shutil
 import subprocess
 import tempfile
+from contextlib import contextmanager
 from importlib import metadata
 from pathlib import Path
 
@@ -68,6 +69,29 @@ def publish_dir(tmp_dir: Path, final_dir: Path) -> None:
         shutil.rmtree(trash, ignore_errors=True)
     else:
         os.replace(tmp_dir, final_dir)
+
+
+@contextmanager
+def staged(target):
+    """Build the folder ``target`` in a temporary sibling and move it into place at the end.
+
+    Readers see the old folder or the new one, never a half-written one; on an error the
+    temporary folder is removed and ``target`` is left as it was::
+
+        with staged(run_dir / "report") as tmp:
+            (tmp / "index.html").write_text(html)
+    """
+    target = Path(target)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = target.with_name(f".{target.name}.tmp-{os.getpid()}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir()
+    try:
+        yield tmp
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    publish_dir(tmp, target)
 
 
 def read_json(path):

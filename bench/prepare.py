@@ -1,0 +1,57 @@
+"""Before the work units: what candidates compute once for all images.
+
+Candidates that declare ``needs_prepare`` (feature extraction, frozen-backbone
+embeddings) run their ``prepare(X_all)`` here, without labels; its results are cached on
+disk, keyed by the images' content, so every fold and every later run reuses them.
+"""
+
+from __future__ import annotations
+
+import multiprocessing
+import time
+from concurrent.futures import ProcessPoolExecutor
+from pathlib import Path
+
+import numpy as np
+
+from core import registry
+from core.candidate import build_candidate
+
+
+def _prepare_here(entries: dict, images, plugins) -> dict:
+    """Run each candidate's ``prepare``; ``images`` may be a ``.npy`` path (memory-mapped)."""
+    if isinstance(images, str):
+        images = np.load(images, mmap_mode="r")
+    registry.import_plugins(plugins)
+    seconds = {}
+    for name, entry in entries.items():
+        cand = build_candidate(entry)
+        if cand.needs_prepare:
+            t = time.perf_counter()
+            cand.prepare(images)
+            seconds[name] = time.perf_counter() - t
+    return seconds
+
+
+def prepare_candidates(entries: dict, images, plugins=()) -> dict:
+    """Cache what candidates compute once for all images; returns seconds per candidate.
+
+    Candidates that declare ``prepare_in_child`` (frozen-backbone embeddings) run in one
+    spawned child process: TensorFlow keeps the memory of a backbone's forward passes for
+    the life of a process, and the runner must stay small while the work units run beside
+    it. The others (feature extraction, joblib workers) run here.
+    """
+    def child_kind(e):
+        return registry.get(e["type"]).prepare_in_child
+    here = {n: e for n, e in entries.items() if not child_kind(e)}
+    child = {n: e for n, e in entries.items() if child_kind(e)}
+    seconds = _prepare_here(here, images, list(plugins))
+    if child:
+        src = images
+        fname = getattr(images, "filename", None)
+        if isinstance(images, np.memmap) and fname and Path(fname).suffix == ".npy" \
+                and np.load(fname, mmap_mode="r").shape == images.shape:
+            src = str(fname)   # the cached array itself, not a copy through a pipe
+        with ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("spawn")) as ex:
+            seconds.update(ex.submit(_prepare_here, child, src, list(plugins)).result())
+    return seconds

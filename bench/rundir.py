@@ -1,0 +1,257 @@
+"""The run directory: its one owner.
+
+Every path, reader and writer of a run directory lives here, so that the runner, the
+work units (in this process, in spawned workers or on Dask workers), ``bench tune``, the
+report, the Grad-CAM audit and the tests agree on one layout::
+
+    DIR/config.toml            the resolved config (profile merged)
+    DIR/state.json             fingerprint (data, folds, settings, candidates), classes,
+                               the saved predictor's name
+    DIR/manifest.json          dataset summary, grouping, folds, seeds, versions, timings
+    DIR/folds.csv              index,source,label,group,fold
+    DIR/data/images.npy        the decoded images, rows aligned with folds.csv
+    DIR/units/<name>/fold<k>/  result.json, proba.npy, model/, epochs.csv
+    DIR/tuning/<study>.json    Optuna studies' trials
+    DIR/oof/<name>.npy         out-of-fold probabilities, rows aligned with folds.csv
+    DIR/leaderboard.{csv,md}
+    DIR/predictor/, DIR/report/
+
+Folders are published whole with :meth:`RunDir.staged` (written beside, moved into
+place); single files are written atomically.
+"""
+
+from __future__ import annotations
+
+import datetime as _dt
+import os
+import re
+from contextlib import contextmanager
+from functools import cached_property
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+from bench.config import Config, read_toml
+from core.errors import BenchError
+from core.io import atomic_save_npy, atomic_write_json, atomic_write_text, read_json, staged
+from core.splits import PredefinedFolds
+
+NAME_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
+RESULT_FILE = "result.json"
+
+
+def check_name(name: str, what: str = "name") -> str:
+    """``name`` if it is a safe identifier for files (letters, digits, ``_ . -``; starts
+    with a letter or digit; at most 64 characters), else a one-line error."""
+    if not isinstance(name, str) or not NAME_PATTERN.match(name) or ".." in name:
+        raise BenchError(f"{what} {name!r} is not allowed: use letters, digits, '_', '.' and "
+                         "'-' (starting with a letter or digit, at most 64 characters)")
+    return name
+
+
+class RunDir:
+    """A run directory (see the module docstring). Cheap to create; reads lazily.
+
+    Parameters
+    ----------
+    path : the directory (it may not exist yet).
+    """
+
+    CONFIG, STATE, MANIFEST, FOLDS = "config.toml", "state.json", "manifest.json", "folds.csv"
+    LEADERBOARD_CSV, LEADERBOARD_MD = "leaderboard.csv", "leaderboard.md"
+
+    def __init__(self, path):
+        self.path = Path(path)
+
+    def __repr__(self):
+        return f"RunDir({str(self.path)!r})"
+
+    # -- paths ------------------------------------------------------------------------
+    def _inside(self, p: Path) -> Path:
+        root = self.path.resolve()
+        if not p.resolve().is_relative_to(root):
+            raise BenchError(f"refusing to write outside the run directory {self.path}: {p}")
+        return p
+
+    def file(self, name: str) -> Path:
+        return self.path / name
+
+    @property
+    def images_file(self) -> Path:
+        return self.path / "data" / "images.npy"
+
+    @property
+    def predictor_dir(self) -> Path:
+        return self.path / "predictor"
+
+    @property
+    def report_dir(self) -> Path:
+        return self.path / "report"
+
+    @property
+    def tuning_dir(self) -> Path:
+        return self.path / "tuning"
+
+    def unit_dir(self, name: str, fold: int) -> Path:
+        check_name(name, "candidate name")
+        return self._inside(self.path / "units" / name / f"fold{int(fold)}")
+
+    def unit_model_dir(self, name: str, fold: int) -> Path:
+        return self.unit_dir(name, fold) / "model"
+
+    def oof_file(self, name: str) -> Path:
+        check_name(name, "candidate or ensemble name")
+        return self._inside(self.path / "oof" / f"{name}.npy")
+
+    # -- state and manifest -------------------------------------------------------------
+    def is_run(self) -> bool:
+        """Whether the folder holds a bloodbench run (its state file)."""
+        return self.file(self.STATE).is_file()
+
+    def read_state(self) -> dict:
+        return read_json(self.file(self.STATE))
+
+    def write_state(self, state: dict) -> None:
+        atomic_write_json(self.file(self.STATE), state)
+
+    def update_state(self, **changes) -> dict:
+        state = {**self.read_state(), **changes}
+        self.write_state(state)
+        return state
+
+    def read_manifest(self) -> dict:
+        return read_json(self.file(self.MANIFEST))
+
+    def write_manifest(self, manifest: dict) -> None:
+        atomic_write_json(self.file(self.MANIFEST), manifest)
+
+    def update_manifest(self, **changes) -> dict:
+        """Read, change and write ``manifest.json`` (the one place that does)."""
+        manifest = {**self.read_manifest(), **changes}
+        self.write_manifest(manifest)
+        return manifest
+
+    # -- run files ---------------------------------------------------------------------
+    def write_config(self, cfg: Config) -> None:
+        atomic_write_text(self.file(self.CONFIG), cfg.to_toml())
+
+    def read_config(self) -> Config:
+        return Config(read_toml(self.file(self.CONFIG)))
+
+    def write_folds(self, table: pd.DataFrame) -> None:
+        atomic_write_text(self.file(self.FOLDS), table.to_csv(index=False))
+
+    def read_folds_table(self) -> pd.DataFrame:
+        return pd.read_csv(self.file(self.FOLDS))
+
+    def write_images(self, images: np.ndarray) -> None:
+        atomic_save_npy(self.images_file, np.ascontiguousarray(images))
+
+    # -- what a work unit, the tuner and the report read (cached) ----------------------
+    @cached_property
+    def config(self) -> Config:
+        return self.read_config()
+
+    @cached_property
+    def state(self) -> dict:
+        return self.read_state()
+
+    @cached_property
+    def classes(self) -> list[str]:
+        return list(self.state["classes"])
+
+    @cached_property
+    def folds_table(self) -> pd.DataFrame:
+        return self.read_folds_table()
+
+    @cached_property
+    def labels(self) -> np.ndarray:
+        """Int labels of every row (indices into :attr:`classes`)."""
+        lookup = {c: i for i, c in enumerate(self.classes)}
+        try:
+            return np.array([lookup[str(c)] for c in self.folds_table["label"]], dtype=np.int64)
+        except KeyError as exc:
+            raise BenchError(f"{self.file(self.FOLDS)}: label {exc} is not a class of the "
+                             "run") from None
+
+    @cached_property
+    def folds(self) -> PredefinedFolds:
+        return PredefinedFolds(self.folds_table["fold"].to_numpy())
+
+    @cached_property
+    def images(self) -> np.ndarray:
+        """The run's images (memory-mapped), rows aligned with folds.csv."""
+        if not self.images_file.is_file():
+            raise BenchError(f"missing {self.images_file} (the run's images)")
+        return np.load(self.images_file, mmap_mode="r")
+
+    # -- work units ----------------------------------------------------------------------
+    def unit_result(self, name: str, fold: int) -> dict:
+        f = self.unit_dir(name, fold) / RESULT_FILE
+        if not f.is_file():
+            raise BenchError(f"missing work unit result {f}")
+        return read_json(f)
+
+    def unit_done(self, name: str, fold: int, cand_hash: str) -> bool:
+        f = self.unit_dir(name, fold) / RESULT_FILE
+        if not f.is_file():
+            return False
+        try:
+            return read_json(f).get("candidate_hash") == cand_hash
+        except (OSError, ValueError):
+            return False
+
+    def unit_proba(self, name: str, fold: int) -> np.ndarray:
+        return np.load(self.unit_dir(name, fold) / "proba.npy")
+
+    @contextmanager
+    def staged_unit(self, name: str, fold: int):
+        """A temporary folder for one unit; on success it becomes ``units/<name>/fold<k>``."""
+        with staged(self.unit_dir(name, fold)) as tmp:
+            yield tmp
+
+    @staticmethod
+    def write_unit(tmp: Path, result: dict, proba: np.ndarray) -> None:
+        np.save(tmp / "proba.npy", proba.astype(np.float32))
+        atomic_write_json(tmp / RESULT_FILE, result)
+
+    # -- out-of-fold probabilities ------------------------------------------------------
+    def write_oof(self, name: str, proba: np.ndarray) -> None:
+        atomic_save_npy(self.oof_file(name), proba.astype(np.float32))
+
+    def read_oof(self, name: str) -> np.ndarray:
+        f = self.oof_file(name)
+        if not f.is_file():
+            raise BenchError(f"missing out-of-fold probabilities {f}")
+        return np.load(f).astype(np.float64)
+
+    # -- leaderboard -------------------------------------------------------------------
+    def write_leaderboard(self, board: pd.DataFrame, markdown: str) -> None:
+        atomic_write_text(self.file(self.LEADERBOARD_CSV), board.to_csv(index=False))
+        atomic_write_text(self.file(self.LEADERBOARD_MD), markdown)
+
+    def read_leaderboard(self) -> pd.DataFrame:
+        return pd.read_csv(self.file(self.LEADERBOARD_CSV))
+
+    # -- whole folders ------------------------------------------------------------------
+    def staged(self, target: Path):
+        """:func:`core.io.staged` for a folder inside the run directory."""
+        return staged(self._inside(Path(target)))
+
+    def archive(self) -> Path:
+        """Move the whole directory aside to ``DIR.old-<timestamp>``; nothing is deleted."""
+        stamp = _dt.datetime.now().strftime("%Y%m%d-%H%M%S")
+        archive = self.path.with_name(f"{self.path.name}.old-{stamp}")
+        n = 1
+        while archive.exists():
+            archive = self.path.with_name(f"{self.path.name}.old-{stamp}-{n}")
+            n += 1
+        os.replace(self.path, archive)
+        return archive
+
+    def check_finished(self) -> None:
+        """One line saying what is missing when the folder is not a finished run."""
+        for f in (self.CONFIG, self.MANIFEST, self.FOLDS, self.STATE, self.LEADERBOARD_CSV):
+            if not self.file(f).is_file():
+                raise BenchError(f"not a finished bloodbench run (no {f}): {self.path}")

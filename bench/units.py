@@ -1,0 +1,122 @@
+"""One work unit: candidate x fold, fitted on the other folds, scored on its own.
+
+Work units run wherever the scheduler sends them (this process, spawned workers, Dask
+workers); each reads the run directory through :class:`bench.rundir.RunDir`, imports the
+config's plugins itself, and publishes its folder atomically.
+"""
+
+from __future__ import annotations
+
+import datetime as _dt
+import gc
+import os
+import platform
+import sys
+import time
+
+import numpy as np
+
+from bench.rundir import RunDir
+from bench.tuning import tune_candidate
+from core import registry
+from core.candidate import build_candidate, fit_candidate, predict_proba_for
+from core.io import stable_hash
+from core.metrics import fold_metrics
+
+
+def seeded_entry(entry: dict, seed: int) -> dict:
+    """Give the candidate the run's seed unless its params set one."""
+    cls = registry.get(entry["type"])
+    params = dict(entry.get("params", {}))
+    names = cls().get_params(deep=False)
+    for key in ("seed", "random_state"):
+        if key in names and key not in params:
+            params[key] = seed
+    return {**entry, "params": params}
+
+
+def _loaded(run) -> RunDir:
+    run = run if isinstance(run, RunDir) else RunDir(run)
+    registry.import_plugins(run.config["run"].get("plugins", []))   # spawned/Dask workers too
+    return run
+
+
+def run_unit(run_dir: str, name: str, fold: int) -> dict:
+    """Fit candidate ``name`` on every fold but ``fold``, predict ``fold``; write the result."""
+    run = _loaded(run_dir)
+    cfg = run.config
+    seed = int(cfg["run"]["seed"]) + fold
+    entry = seeded_entry(cfg.candidates[name], seed)
+    train, test = run.folds.train(fold), run.folds.test(fold)
+    X_train, y_train = np.asarray(run.images[train]), run.labels[train]
+    classes = np.arange(len(run.classes))
+    with run.staged_unit(name, fold) as tmp:
+        t0 = time.perf_counter()
+        best, tuning = tune_unit(run, name, fold)
+        if best:
+            entry = {**entry, "params": {**entry["params"], **best}}
+        t1 = time.perf_counter()
+        cand = build_candidate(entry)
+        fit_candidate(cand, X_train, y_train, classes=classes, workdir=tmp)
+        t2 = time.perf_counter()
+        proba = predict_proba_for(cand, np.asarray(run.images[test]), classes)
+        t3 = time.perf_counter()
+        cand.save(tmp / "model")
+        result = {
+            "candidate": name, "fold": fold, "kind": cand.kind, "type": entry["type"],
+            "candidate_hash": stable_hash(cfg.candidates[name]), "seed": seed,
+            "params": cand.get_params(deep=False), "tuning": tuning,
+            "tune_seconds": t1 - t0, "fit_seconds": t2 - t1, "predict_seconds": t3 - t2,
+            "predict_ms_per_image": 1000 * (t3 - t2) / max(1, len(test)),
+            "n_train": len(train), "n_test": len(test),
+            "model_size": cand.model_size(), "epochs_run": getattr(cand, "epochs_run_", None),
+            "metrics": fold_metrics(run.labels[test], proba),
+            "finished": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+            "worker": f"{platform.node()}:{os.getpid()}",
+        }
+        run.write_unit(tmp, result, proba)
+    del cand
+    release_memory()
+    return result
+
+
+def release_memory() -> None:
+    """Let a long-lived worker process give back what a finished unit's models held."""
+    if "keras" in sys.modules:   # graphs, layers and tf.functions of the unit's models
+        sys.modules["keras"].utils.clear_session(free_memory=True)
+    gc.collect()
+
+
+def tune_unit(run, name: str, fold: int, trials: int | None = None,
+              storage: str | None = None) -> tuple[dict, dict]:
+    """Tune candidate ``name`` on the training rows of ``fold`` (Optuna study ``NAME-foldK``).
+
+    ``run`` (inside the work unit) and ``tune`` (any number of extra processes) both call
+    this, so they share one objective and one study per candidate and fold.
+
+    Parameters
+    ----------
+    run : the prepared run directory (a :class:`RunDir` or its path).
+    trials : finished trials the study should hold; default ``[tuning] trials``.
+    storage : Optuna storage URL; default ``[tuning] storage`` (SQLite in the run dir).
+
+    Returns
+    -------
+    ``(best_params, tuning_info)``; ``({}, {})`` when there is nothing to tune.
+    """
+    run = _loaded(run)
+    cfg = run.config
+    seed = int(cfg["run"]["seed"]) + fold
+    entry = seeded_entry(cfg.candidates[name], seed)
+    overrides = {**({} if trials is None else {"trials": int(trials)}),
+                 **({"storage": storage} if storage else {})}
+    if overrides:   # over [tuning] and over the candidate's own tuning table
+        entry = {**entry, "tuning": {**(entry.get("tuning") or {}), **overrides}}
+    tuning = dict(cfg["tuning"])
+    if not int({**tuning, **(entry.get("tuning") or {})}.get("trials", 0) or 0) or \
+            not registry.get(entry["type"]).tunable:
+        return {}, {}
+    train = run.folds.train(fold)
+    return tune_candidate(entry, np.asarray(run.images[train]), run.labels[train],
+                          np.arange(len(run.classes)), study=f"{name}-fold{fold}",
+                          tuning=tuning, run_dir=str(run.path), seed=seed)

@@ -1,0 +1,277 @@
+"""Images in, model input out: decoding, colour conversion, resizing, and the record of it.
+
+One module turns any image into what a model was trained on, for training (the dataset
+loaders) and for prediction (the saved predictor) alike. What it does is described by a
+:class:`Preprocessing` record, which the predictor stores in its manifest and reads back
+with :func:`resolve_preprocessing` (as timm stores a model's data config with it)::
+
+    prep = Preprocessing(image_size=64)
+    prep.to_dict()   # {"image_size": 64, "resize": "bicubic", "color": "rgb8", "alpha": "white"}
+    x = prep.apply_batch(["a.jpg", array_of_any_size])   # (2, 64, 64, 3) uint8
+
+Steps, in order: decode (PIL) -> 8-bit RGB (grayscale repeated; palette, CMYK converted;
+16-bit and float scaled to 0-255; alpha composited on white by :func:`composite_on_white`)
+-> the whole image resized to ``image_size`` x ``image_size`` (PIL bicubic, antialiased;
+no crop). Images already at that size are passed through untouched.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import warnings
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import asdict, dataclass, fields
+from pathlib import Path
+
+import numpy as np
+from PIL import Image, ImageFile, UnidentifiedImageError
+
+from core.errors import BenchError
+
+ImageFile.LOAD_TRUNCATED_IMAGES = False
+IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".gif", ".webp"}
+RESIZE_FILTERS = {"bicubic": Image.BICUBIC}
+# Threads that decode and resize image files (PIL releases the GIL while doing both).
+READ_THREADS = int(os.environ.get("BLOODBENCH_READ_THREADS", 0)) or min(4, os.cpu_count() or 1)
+
+
+# ----------------------------------------------------------------------------- pixels
+
+def composite_on_white(rgba: np.ndarray) -> np.ndarray:
+    """(..., 4) ``uint8`` RGBA -> (..., 3) ``uint8`` RGB, alpha composited on white."""
+    a = rgba[..., 3:4].astype(np.float32) / 255.0
+    rgb = rgba[..., :3].astype(np.float32) * a + 255.0 * (1.0 - a)
+    return np.round(rgb).astype(np.uint8)
+
+
+def scale_to_uint8(arr: np.ndarray, top: float | None = None) -> np.ndarray:
+    """Integer or float pixels scaled to 0-255 ``uint8``: 16-bit by 65535, floats in
+    [0, 1] by 1, anything else up to 255 kept (values outside the range are clipped)."""
+    arr = np.asarray(arr)
+    if arr.dtype == np.uint8:
+        return arr
+    if top is None:
+        peak = float(arr.max(initial=0))
+        top = 65535.0 if peak > 255 else 255.0
+        if arr.dtype.kind == "f" and peak <= 1.0:
+            top = 1.0
+    return np.clip(np.round(arr.astype(np.float64) / top * 255.0), 0, 255).astype(np.uint8)
+
+
+def to_rgb(img: Image.Image) -> Image.Image:
+    """Convert any PIL mode to 8-bit RGB (alpha composited on white, 16-bit scaled)."""
+    mode = img.mode
+    if mode == "RGB":
+        return img
+    if mode in ("I;16", "I;16B", "I;16L", "I", "F"):
+        arr = np.asarray(img)
+        top = 65535.0 if mode.startswith("I;16") else None
+        return Image.fromarray(scale_to_uint8(arr, top), "L").convert("RGB")
+    if mode == "P" and "transparency" in img.info:
+        img = img.convert("RGBA")
+        mode = "RGBA"
+    if mode in ("RGBA", "LA", "PA", "RGBa", "La"):
+        return Image.fromarray(composite_on_white(np.asarray(img.convert("RGBA"))), "RGB")
+    return img.convert("RGB")
+
+
+def array_to_rgb(a: np.ndarray) -> np.ndarray:
+    """One (H, W), (H, W, 1|3|4) ``uint8`` array as (H, W, 3) ``uint8`` (alpha on white)."""
+    if a.dtype != np.uint8:
+        raise BenchError(f"image arrays must be uint8, got {a.dtype}")
+    if a.ndim == 2:
+        a = a[..., None]
+    if a.ndim != 3 or a.shape[-1] not in (1, 3, 4):
+        raise BenchError(f"an image must be (H, W), (H, W, 1), (H, W, 3) or (H, W, 4), "
+                         f"got shape {a.shape}")
+    if a.shape[-1] == 1:
+        a = np.repeat(a, 3, axis=-1)
+    if a.shape[-1] == 4:
+        a = composite_on_white(a)
+    return a
+
+
+def read_rgb(path) -> tuple[Image.Image, str, str]:
+    """Decode one image file as 8-bit RGB. Returns (image, original mode, "WxH").
+
+    Raises :class:`BenchError` with the reason when the file is not a readable image.
+    """
+    path = Path(path)
+    if path.stat().st_size == 0:
+        raise BenchError("empty file")
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            with Image.open(path) as img:
+                img.load()
+                return to_rgb(img), img.mode, f"{img.width}x{img.height}"
+    except UnidentifiedImageError:
+        raise BenchError("not an image") from None
+    except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as exc:
+        raise BenchError(f"corrupt image ({exc})") from None
+
+
+def pixel_hash(arr: np.ndarray) -> str:
+    """Digest of an array's shape and pixels (exact duplicates have equal digests)."""
+    h = hashlib.sha1(str(arr.shape).encode())
+    h.update(np.ascontiguousarray(arr).tobytes())
+    return h.hexdigest()
+
+
+def find_images(path) -> list[Path]:
+    """One image path, or every image file under a folder (recursive, sorted)."""
+    path = Path(path)
+    if not path.exists():
+        raise BenchError(f"image path not found: {path}")
+    if path.is_file():
+        return [path]
+    return sorted(p for p in path.rglob("*") if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES)
+
+
+# ----------------------------------------------------------------------------- the record
+
+@dataclass(frozen=True)
+class Preprocessing:
+    """How an image becomes model input (see the module docstring); stored as data.
+
+    Attributes
+    ----------
+    image_size : side of the square model input.
+    resize : PIL filter of the whole-image resize (``"bicubic"``, antialiased).
+    color : ``"rgb8"``: 8-bit RGB.
+    alpha : ``"white"``: transparent pixels composited on white.
+    """
+
+    image_size: int
+    resize: str = "bicubic"
+    color: str = "rgb8"
+    alpha: str = "white"
+
+    def __post_init__(self):
+        if not isinstance(self.image_size, int) or isinstance(self.image_size, bool) \
+                or self.image_size < 1:
+            raise BenchError(f"preprocessing: image_size must be a positive integer, "
+                             f"got {self.image_size!r}")
+        for name, allowed in (("resize", RESIZE_FILTERS), ("color", {"rgb8"}),
+                              ("alpha", {"white"})):
+            if getattr(self, name) not in allowed:
+                raise BenchError(f"preprocessing: {name} must be one of {sorted(allowed)}, "
+                                 f"got {getattr(self, name)!r}")
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "Preprocessing":
+        if not isinstance(d, dict):
+            raise BenchError(f"preprocessing record must be a table, got {type(d).__name__}")
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(set(d) - known)
+        if unknown:
+            raise BenchError(f"preprocessing record has unknown step(s) {unknown}; this "
+                             f"bloodbench knows {sorted(known)}")
+        return cls(**d)
+
+    # -- one image ----------------------------------------------------------------
+    def resize_pil(self, img: Image.Image) -> tuple[np.ndarray, str]:
+        """A whole RGB PIL image resized; returns (array, hash of the full-size pixels)."""
+        full = np.asarray(img, dtype=np.uint8)
+        digest = pixel_hash(full)
+        s = self.image_size
+        if img.size != (s, s):
+            img = img.resize((s, s), RESIZE_FILTERS[self.resize])
+        return np.asarray(img, dtype=np.uint8).copy(), digest
+
+    def resize_array(self, a: np.ndarray) -> np.ndarray:
+        """An (H, W, 3) ``uint8`` array resized whole, as in training."""
+        s = self.image_size
+        if a.shape[:2] == (s, s):
+            return a
+        return np.asarray(Image.fromarray(a).resize((s, s), RESIZE_FILTERS[self.resize]),
+                          dtype=np.uint8)
+
+    def apply(self, item) -> np.ndarray:
+        """One image path or array -> (S, S, 3) ``uint8`` model input."""
+        return self.resize_array(read_image(item))
+
+    # -- batches ------------------------------------------------------------------
+    def load(self, items, keep_full: bool = False, skip_errors: bool = False,
+             threads: int | None = None):
+        """Read and preprocess a list of images (paths or arrays), files in parallel threads.
+
+        Returns ``(X, full, ok, errors)``: ``X`` (n, S, S, 3) ``uint8`` for the readable
+        items, ``full`` their full-resolution arrays (``None`` entries unless
+        ``keep_full``), ``ok`` their positions in ``items`` and ``errors`` ``(position,
+        BenchError)`` pairs. Without ``skip_errors`` the first unreadable item raises.
+        """
+        threads = threads or READ_THREADS
+
+        def one(item):
+            try:
+                full = read_image(item)
+            except BenchError as exc:
+                return None, None, exc
+            return self.resize_array(full), (full if keep_full else None), None
+        if threads > 1 and len(items) > 1 and not all(isinstance(i, np.ndarray) for i in items):
+            with ThreadPoolExecutor(min(threads, len(items))) as pool:
+                results = list(pool.map(one, items))
+        else:
+            results = [one(i) for i in items]
+        small, full, ok, errors = [], [], [], []
+        for i, (s, f, err) in enumerate(results):
+            if err is not None:
+                if not skip_errors:
+                    raise err
+                errors.append((i, err))
+                continue
+            small.append(s)
+            full.append(f)
+            ok.append(i)
+        s = self.image_size
+        X = np.stack(small) if small else np.zeros((0, s, s, 3), np.uint8)
+        return X, full, ok, errors
+
+    def apply_batch(self, x) -> np.ndarray:
+        """Paths, one path, or ``uint8`` arrays of any size -> (N, S, S, 3) ``uint8``; a
+        batch already at the size is passed through untouched."""
+        s = self.image_size
+        if isinstance(x, np.ndarray) and x.ndim == 4 and x.shape[1:] == (s, s, 3):
+            if x.dtype != np.uint8:
+                raise BenchError(f"image arrays must be uint8, got {x.dtype}")
+            return x
+        return self.load(as_items(x))[0]
+
+
+def resolve_preprocessing(manifest: dict) -> Preprocessing:
+    """The :class:`Preprocessing` of a saved predictor's manifest. Predictors written
+    before the record existed described it in prose beside ``image_size``; their steps
+    were the defaults."""
+    rec = manifest.get("preprocessing")
+    if isinstance(rec, dict) and "image_size" in rec:
+        return Preprocessing.from_dict(rec)
+    return Preprocessing(image_size=int(manifest["image_size"]))
+
+
+def read_image(item) -> np.ndarray:
+    """One image path or array as a full-resolution (H, W, 3) ``uint8`` array."""
+    if isinstance(item, np.ndarray):
+        return array_to_rgb(item)
+    try:
+        img, _, _ = read_rgb(item)
+    except (BenchError, OSError) as exc:
+        raise BenchError(f"cannot read image {item}: {exc}") from None
+    return np.asarray(img, dtype=np.uint8)
+
+
+def as_items(x) -> list:
+    """Paths, one path, arrays, one array -> a list of single images (paths or arrays)."""
+    if isinstance(x, (str, Path)):
+        return [x]
+    if isinstance(x, np.ndarray):
+        if x.ndim == 2 or (x.ndim == 3 and x.shape[-1] in (1, 3, 4)):
+            return [x]
+        if x.ndim in (3, 4):      # (N, H, W) grayscale or (N, H, W, C)
+            return list(x)
+        raise BenchError(f"images must be (N, H, W, 3) arrays, got shape {x.shape}")
+    return list(x)
