@@ -143,6 +143,14 @@ class FeatureForest(FeatureClassifier):
     random_state : seed.
     """
 
+    param_rules = {
+        "features": {"type": dict, "none": True}, "random_state": {"ge": 0}, "n_jobs": {"type": int, "none": True},
+        "n_estimators": {"ge": 1}, "max_depth": {"type": int, "ge": 1, "none": True},
+        "max_features": {"type": float, "gt": 0, "also": ["sqrt", "log2"], "none": True},
+        "min_samples_leaf": {"ge": 1},
+        "class_weight": {"choices": ["balanced", "balanced_subsample"], "none": True},
+    }
+
     def __init__(self, features=None, n_estimators=300, max_depth=None, max_features="sqrt",
                  min_samples_leaf=1, class_weight="balanced", n_jobs=None, random_state=0):
         self.features = features
@@ -197,6 +205,14 @@ class FeatureSVM(FeatureClassifier):
     max_iter : iteration cap of ``LinearSVC``.
     random_state : seed (PCA).
     """
+
+    param_rules = {
+        "features": {"type": dict, "none": True}, "random_state": {"ge": 0}, "n_jobs": {"type": int, "none": True},
+        "kernel": {"choices": ["rbf", "linear"]}, "C": {"gt": 0}, "gamma_factor": {"gt": 0},
+        "pca": {"type": float, "gt": 0, "none": True},
+        "class_weight": {"choices": ["balanced"], "none": True}, "calibration_cv": {"ge": 2},
+        "max_iter": {"ge": 1},
+    }
 
     def __init__(self, features=None, kernel="rbf", C=1.0, gamma_factor=1.0, pca=None,
                  class_weight="balanced", calibration_cv=3, max_iter=5000, random_state=0):
@@ -272,6 +288,15 @@ class FeatureXGB(FeatureClassifier):
     n_jobs : threads (``None``: XGBoost's default).
     random_state : seed.
     """
+
+    param_rules = {
+        "features": {"type": dict, "none": True}, "random_state": {"ge": 0}, "n_jobs": {"type": int, "none": True},
+        "n_estimators": {"ge": 1}, "max_depth": {"ge": 1}, "learning_rate": {"gt": 0, "le": 1},
+        "subsample": {"gt": 0, "le": 1}, "colsample_bytree": {"gt": 0, "le": 1},
+        "min_child_weight": {"ge": 0}, "reg_lambda": {"ge": 0},
+        "class_weight": {"choices": ["balanced"], "none": True},
+        "pca": {"type": float, "gt": 0, "none": True}, "report_every": {"ge": 1},
+    }
 
     def __init__(self, features=None, n_estimators=300, max_depth=6, learning_rate=0.1,
                  subsample=0.8, colsample_bytree=0.5, min_child_weight=1.0, reg_lambda=1.0,

@@ -3,19 +3,37 @@
 A *profile* is a partial config deep-merged over the base config; its key ``select``
 (a list of candidate names) limits the candidates it runs. A named dataset under
 ``[datasets.NAME]`` is merged over ``[data]`` when ``--data NAME`` is given.
+
+The whole resolved config is validated when it is loaded, before any work starts: every
+section against a typed schema (pydantic; unknown keys refused with a did-you-mean),
+names (candidates, ensembles, feature sets, profiles, datasets: letters, digits, ``_ .
+-``), cross-references (candidate and ensemble types, feature sets and their extractors'
+parameters, ensemble members, metric names, the predictor's entry), and each
+candidate's and ensemble's parameters against the schema its class declares
+(:mod:`core.params`). A violation is one line naming the file, the key and what was
+expected.
 """
 
 from __future__ import annotations
 
 import copy
+import difflib
 import os
+import re
 import sys
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Literal, Union
 
 import tomli_w
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
+from core import registry
 from core.errors import BenchError
+from core.io import check_name
+from core.metrics import METRICS
+from core.params import validate_params
+from features import check_feature_set
 
 if sys.version_info >= (3, 11):
     import tomllib
@@ -102,23 +120,18 @@ def resolve_config(raw: dict, source: Path | None = None, profile: str | None = 
                    data: str | None = None, only: list[str] | None = None,
                    out: str | None = None) -> Config:
     where = str(source) if source else "config"
-    unknown = set(raw) - KNOWN_SECTIONS
-    if unknown:
-        raise BenchError(f"{where}: unknown section(s) {sorted(unknown)}; "
-                         f"known: {sorted(KNOWN_SECTIONS)}")
+    _check_raw(raw, where)
     cfg = deep_merge({"run": RUN_DEFAULTS, "data": DATA_DEFAULTS, "tuning": TUNING_DEFAULTS,
                       "feature_sets": {}, "candidates": {}, "ensembles": {}, "predictor": {},
                       "report": {}}, {k: v for k, v in raw.items() if k not in ("profiles", "datasets")})
     profiles = raw.get("profiles", {})
     profile = profile or cfg["run"]["profile"]
     if profile not in profiles:
-        raise BenchError(f"{where}: unknown profile '{profile}'; known: {sorted(profiles) or 'none'}")
+        raise BenchError(f"{where}: unknown profile '{profile}'; known: {sorted(profiles) or 'none'}"
+                         + _did_you_mean(profile, profiles))
     overlay = dict(profiles[profile])
     overlay.pop("description", None)
     select = overlay.pop("select", None)
-    bad = set(overlay) - (KNOWN_SECTIONS - {"profiles", "datasets"})
-    if bad:
-        raise BenchError(f"{where}: profile '{profile}' has unknown key(s) {sorted(bad)}")
     cfg = deep_merge(cfg, overlay)
     cfg["run"]["profile"] = profile
 
@@ -137,23 +150,31 @@ def resolve_config(raw: dict, source: Path | None = None, profile: str | None = 
     if select is not None:
         _check_names(select, names, where, "profile '%s' select" % profile)
         names = [n for n in names if n in select]
-    if only:
+    if only is not None:
+        if not only:
+            raise BenchError("--only names no candidate (give NAME[,NAME...])")
         _check_names(only, names, where, f"--only (profile '{profile}')")
         names = [n for n in names if n in only]
+    _validate_sections(cfg, where)
     cfg["candidates"] = {n: _resolve_candidate(n, cfg["candidates"][n], cfg, where) for n in names}
     for entry in cfg["candidates"].values():
         _resolve_weights_path(entry, source)
-    for name, ens in cfg["ensembles"].items():
-        if "type" not in ens:
-            raise BenchError(f"{where}: ensemble '{name}' has no 'type'")
-    _check_run(cfg, where)
+    _validate_entries(cfg, where)
     return Config(cfg, source=Path(source) if source else None, profile=profile)
 
 
+def _did_you_mean(name, known) -> str:
+    close = difflib.get_close_matches(str(name), [str(k) for k in known], n=1)
+    return f"; did you mean '{close[0]}'?" if close else ""
+
+
 def _check_names(asked, known, where, what):
+    if not isinstance(asked, list) or not all(isinstance(n, str) for n in asked):
+        raise BenchError(f"{where}: {what} must be a list of candidate names, got {asked!r}")
     missing = [n for n in asked if n not in known]
     if missing:
-        raise BenchError(f"{where}: unknown candidate(s) {missing} in {what}; known: {known}")
+        raise BenchError(f"{where}: unknown candidate(s) {missing} in {what}; known: {known}"
+                         + _did_you_mean(missing[0], known))
 
 
 def _resolve_candidate(name: str, entry: dict, cfg: dict, where: str) -> dict:
@@ -181,16 +202,272 @@ def _resolve_weights_path(entry: dict, source) -> None:
         entry["params"]["weights"] = os.path.abspath(Path(source).parent / p)
 
 
-def _check_run(cfg: dict, where: str) -> None:
-    run = cfg["run"]
-    for key in ("seed", "folds", "workers"):
-        if not isinstance(run[key], int) or isinstance(run[key], bool):
-            raise BenchError(f"{where}: [run] {key} must be an integer, got {run[key]!r}")
-    if run["folds"] < 2:
-        raise BenchError(f"{where}: [run] folds must be at least 2, got {run['folds']}")
+# ----------------------------------------------------------------------------- schema
+
+REPORT_DEFAULTS = {
+    "enabled": True,            # write DIR/report at the end of `run`
+    "confidence": 0.95,         # confidence intervals over folds (Student t)
+    "alpha": 0.05,              # significance level of the tests
+    "ece_bins": 15,             # confidence bins of ECE and reliability diagrams
+    "gradcam": True,            # Grad-CAM audit of CNN candidates and CNN ensembles
+    "gradcam_per_class": 6,     # seeded sample per class for the energy and sanity audits
+    "gallery_per_class": 3,     # correct and misclassified examples shown per class
+    "randomization_threshold": 0.5,   # flag when Spearman rho(trained, random) >= this
+    "colour_only_warning": 0.6,       # warn when a colour-only baseline reaches this bal. acc.
+    "colour_extractors": ["color", "colour", "hsv", "rgb", "lab_hist", "stain"],
+    "seed": 0,                  # sampling of audited images
+}
+
+Metric = Literal[METRICS]
+Number = Union[float, int]
+MAX_IMAGE_SIZE = 1024
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", strict=True)
+
+
+class RunSection(_Section):
+    seed: int = Field(ge=0)
+    folds: int = Field(ge=2, le=100)
+    metric: Metric
+    workers: int = Field(ge=1, le=1024)
+    profile: str
+    out: str = Field(min_length=1)
+    plugins: list[str] = []
+    scheduler: str | None = None
+
+
+class FallbackSection(_Section):
+    name: str = ""
+    url: str
+    md5: str = Field(pattern=r"^[0-9a-fA-F]{32}$")
+    filename: str = ""
+    classes: list[str] = []
+
+
+class DataSection(_Section):
+    path: str
+    image_size: int = Field(ge=8, le=MAX_IMAGE_SIZE)
+    max_images: int = Field(ge=0)
+    groups: str
+    pairs: str
+    group_rule: str = Field(pattern=r"^(number_block:[1-9][0-9]*)?$")
+    cache_dir: str
+    fallback: dict
+    classes: list[str]
+    name: str | None = None
+
+
+class TuningSection(_Section):
+    trials: int = Field(ge=0)
+    timeout: Number = Field(ge=0)
+    storage: str
+    pruner: Literal["median", "hyperband", "none"] = "median"
+    val_fraction: Number = Field(default=0.2, gt=0, lt=1)
+    max_samples: int = Field(default=0, ge=0)
+    metric: Metric = "accuracy"
+
+
+class TuningOverride(_Section):
+    trials: int | None = Field(default=None, ge=0)
+    timeout: Number | None = Field(default=None, ge=0)
+    storage: str | None = None
+    pruner: Literal["median", "hyperband", "none"] | None = None
+    val_fraction: Number | None = Field(default=None, gt=0, lt=1)
+    max_samples: int | None = Field(default=None, ge=0)
+    metric: Metric | None = None
+
+
+class CandidateEntry(_Section):
+    type: str
+    params: dict = {}
+    tuning: TuningOverride | None = None
+    feature_set: str | None = None
+
+
+class EnsembleEntry(BaseModel):   # its own settings beside type/members: the class's schema
+    model_config = ConfigDict(extra="allow", strict=True)
+    type: str
+    members: Literal["cnn", "all"] | list[str] = "cnn"
+
+
+class PredictorSection(_Section):
+    ensemble: str = "best"
+    temperature_scaling: bool = False
+
+
+class ReportSection(_Section):
+    enabled: bool
+    confidence: Number = Field(gt=0, lt=1)
+    alpha: Number = Field(gt=0, lt=1)
+    ece_bins: int = Field(ge=1)
+    gradcam: bool
+    gradcam_per_class: int = Field(ge=0)
+    gallery_per_class: int = Field(ge=0)
+    randomization_threshold: Number = Field(ge=-1, le=1)
+    colour_only_warning: Number = Field(ge=0, le=1)
+    colour_extractors: list[str]
+    seed: int = Field(ge=0)
+
+
+SECTIONS = {"run": RunSection, "data": DataSection, "tuning": TuningSection,
+            "predictor": PredictorSection}
+
+
+_TYPE_TAGS = {"int", "float", "str", "bool", "dict", "list", "none"}
+
+
+def _key_path(loc) -> str:
+    """The user's key path of a pydantic error location (internal union tags dropped)."""
+    parts = []
+    for x in loc:
+        if isinstance(x, int):
+            parts.append(f"[{x}]")
+        elif re.fullmatch(r"[a-z_][a-z0-9_]*", str(x)) and str(x) not in _TYPE_TAGS:
+            parts.append(("." if parts else "") + str(x))
+    return "".join(parts)
+
+
+def _schema_error(where: str, prefix: str, model, exc: ValidationError) -> BenchError:
+    err = exc.errors()[0]
+    path = _key_path(err["loc"])
+    if err["type"] == "extra_forbidden":
+        key = path.rsplit(".", 1)[-1]
+        known = list(model.model_fields) if "." not in path else []
+        return BenchError(f"{where}: {prefix} unknown key '{path}'" + (
+            _did_you_mean(key, known) or (f"; known: {sorted(known)}" if known else "")))
+    return BenchError(f"{where}: {prefix} {path} {_plain(err)}, got {err.get('input')!r}")
+
+
+def _plain(err: dict) -> str:
+    """A pydantic error in the words of the config's reader."""
+    ctx, kind = err.get("ctx") or {}, err["type"]
+    words = {"greater_than_equal": "must be at least {ge}", "greater_than": "must be above {gt}",
+             "less_than_equal": "must be at most {le}", "less_than": "must be below {lt}",
+             "int_type": "must be an integer", "int_parsing": "must be an integer",
+             "float_type": "must be a number", "bool_type": "must be true or false",
+             "string_type": "must be a string", "list_type": "must be a list",
+             "dict_type": "must be a table", "missing": "is required",
+             "literal_error": "must be one of {expected}",
+             "string_pattern_mismatch": "must match {pattern}"}
+    if kind in words:
+        try:
+            return words[kind].format(**ctx)
+        except KeyError:
+            pass
+    return err["msg"].lower()
+
+
+def _validate(where: str, prefix: str, model, value) -> None:
+    if not isinstance(value, dict):
+        raise BenchError(f"{where}: {prefix} must be a table, got {value!r}")
+    try:
+        model.model_validate(value)
+    except ValidationError as exc:
+        raise _schema_error(where, prefix, model, exc) from None
+
+
+def report_settings(config: dict, where: str = "config") -> dict:
+    """``[report]`` of a config merged over :data:`REPORT_DEFAULTS`, checked."""
+    raw = config.get("report", {}) or {}
+    _validate(where, "[report]", ReportSection, {**REPORT_DEFAULTS, **raw}
+              if isinstance(raw, dict) else raw)
+    return {**REPORT_DEFAULTS, **raw}
+
+
+def _check_raw(raw: dict, where: str) -> None:
+    """The file's shape: known sections, each a table; names of its tables' entries."""
+    unknown = set(raw) - KNOWN_SECTIONS
+    if unknown:
+        name = sorted(unknown)[0]
+        raise BenchError(f"{where}: unknown section '{name}'" + (
+            _did_you_mean(name, KNOWN_SECTIONS) or f"; known: {sorted(KNOWN_SECTIONS)}"))
+    for sec, value in raw.items():
+        if not isinstance(value, dict):
+            raise BenchError(f"{where}: [{sec}] must be a table, got {value!r}")
+    for sec, what in (("candidates", "candidate"), ("ensembles", "ensemble"),
+                      ("feature_sets", "feature set"), ("profiles", "profile"),
+                      ("datasets", "dataset")):
+        for name, value in raw.get(sec, {}).items():
+            check_name(name, f"{where}: {what} name")
+            if not isinstance(value, dict):
+                raise BenchError(f"{where}: [{sec}.{name}] must be a table, got {value!r}")
+    for name, prof in raw.get("profiles", {}).items():
+        bad = set(prof) - (KNOWN_SECTIONS - {"profiles", "datasets"}) - {"select", "description"}
+        if bad:
+            key = sorted(bad)[0]
+            raise BenchError(f"{where}: profile '{name}' has unknown key '{key}'"
+                             + _did_you_mean(key, KNOWN_SECTIONS))
+        if "select" in prof:
+            _check_names(prof["select"], list(raw.get("candidates", {})), where,
+                         f"profile '{name}' select")
+    for name, ds in raw.get("datasets", {}).items():
+        _validate(where, f"[datasets.{name}]", _DatasetOverride, ds)
+
+
+class _DatasetOverride(_Section):
+    path: str | None = None
+    image_size: int | None = Field(default=None, ge=8, le=MAX_IMAGE_SIZE)
+    max_images: int | None = Field(default=None, ge=0)
+    groups: str | None = None
+    pairs: str | None = None
+    group_rule: str | None = Field(default=None, pattern=r"^(number_block:[1-9][0-9]*)?$")
+    cache_dir: str | None = None
+    classes: list[str] | None = None
+
+
+def _validate_sections(cfg: dict, where: str) -> None:
+    for sec, model in SECTIONS.items():
+        _validate(where, f"[{sec}]", model, cfg[sec])
+    if cfg["data"]["fallback"]:
+        _validate(where, "[data.fallback]", FallbackSection, cfg["data"]["fallback"])
+    report_settings(cfg, where)
+    registry.import_plugins(cfg["run"].get("plugins", []))
+    for name, entry in cfg["candidates"].items():
+        if isinstance(entry, dict) and "type" not in entry:
+            raise BenchError(f"{where}: candidate '{name}' needs a 'type' "
+                             "(see `python -m bench list`)")
+        _validate(where, f"[candidates.{name}]", CandidateEntry, entry)
+    for name, entry in cfg["ensembles"].items():
+        _validate(where, f"[ensembles.{name}]", EnsembleEntry, entry)
+
+
+def _validate_entries(cfg: dict, where: str) -> None:
+    """Cross-references and each class's own parameter schema (after resolution)."""
     size = cfg["data"]["image_size"]
-    if not isinstance(size, int) or size < 8:
-        raise BenchError(f"{where}: [data] image_size must be an integer >= 8, got {size!r}")
+    for name, spec in cfg["feature_sets"].items():
+        check_feature_set(spec, size, f"{where}: [feature_sets.{name}]")
+    for name, entry in cfg["candidates"].items():
+        cls = _type(entry["type"], where, f"[candidates.{name}]")
+        validate_params(cls, entry.get("params", {}), f"{where}: [candidates.{name}] params")
+        fs = entry.get("params", {}).get("features")
+        if isinstance(fs, dict) and "feature_set" not in entry:   # an inline table
+            check_feature_set(fs, size, f"{where}: [candidates.{name}] params.features")
+    names = list(cfg["candidates"])
+    for name, entry in cfg["ensembles"].items():
+        cls = _type(entry["type"], where, f"[ensembles.{name}]")
+        params = {k: v for k, v in entry.items() if k not in ("type", "members")}
+        validate_params(cls, params, f"{where}: [ensembles.{name}]")
+        members = entry.get("members", "cnn")
+        if isinstance(members, list):
+            missing = [m for m in members if m not in names]
+            if missing:
+                raise BenchError(f"{where}: [ensembles.{name}] members {missing} are not "
+                                 f"candidates of this run; candidates: {names}")
+    choice = cfg["predictor"].get("ensemble", "best")
+    if choice != "best" and choice not in names and choice not in cfg["ensembles"]:
+        raise BenchError(f"{where}: [predictor] ensemble '{choice}' is neither 'best' nor a "
+                         "candidate or ensemble of this run"
+                         + _did_you_mean(choice, names + list(cfg["ensembles"])))
+
+
+def _type(name: str, where: str, prefix: str) -> type:
+    try:
+        return registry.get(name)
+    except BenchError:
+        raise BenchError(f"{where}: {prefix} type '{name}' is unknown; known: "
+                         f"{registry.known()}" + _did_you_mean(name, registry.known())) from None
 
 
 def _drop_none(obj):

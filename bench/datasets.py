@@ -15,10 +15,21 @@ Grayscale, palette, RGBA (composited on white), CMYK and 16-bit images are conve
 to 8-bit RGB and listed in the summary. Files that cannot be decoded are skipped and
 listed with the reason. Decoded images are cached as a memory-mapped ``.npy`` keyed by
 the files' content and the image size, so a second run never decodes the files again.
+
+Symbolic links are followed to files, and to folders outside the dataset; links that are
+broken, that loop, or that point to a folder inside the dataset (``zloop -> .``) are not
+followed and are listed as skipped, as are files outside any class folder.
+
+An ``.npz`` is checked before use: labels are whole, non-negative class numbers below the
+number of class names, or names found in ``classes``; object arrays are refused; pixels
+are 0..255 or 0..65535 for integers and 0..1 or 0..255 for floats (see
+:func:`core.images.scale_to_uint8`). :func:`prepare_dataset` then refuses data with fewer
+than two classes, or a class with fewer images than ``[run] folds``, before any training.
 """
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import json
 import os
@@ -38,7 +49,10 @@ from core.images import Preprocessing, composite_on_white, pixel_hash, read_rgb,
 from core.io import atomic_save_npy, atomic_write_json, file_sha256, read_json
 from core.progress import info, progress_iter, warn
 
-LOADER_VERSION = 1
+LOADER_VERSION = 1   # in the content hash (a run's dataset identity): change only with the pixels
+# In the cache folder's name only: caches written before the checks of version 2 may hold data
+# they refuse (float labels truncated, a symlink loop as a class), so they are not read.
+CHECKS_VERSION = 2
 SPLIT_NAMES = {"train", "training", "val", "valid", "validation", "test", "testing"}
 MEDMNIST_SPLITS = ("train", "val", "test")
 
@@ -121,15 +135,92 @@ def load_dataset(path: str | os.PathLike, image_size: int = 64, cache_dir=None,
 
 # ----------------------------------------------------------------------------- folders
 
-def _class_folders(root: Path) -> tuple[list[str], list[tuple[Path, str]]]:
-    """Return (class names, [(class folder, source prefix)])."""
-    subdirs = sorted(p for p in root.iterdir() if p.is_dir() and not p.name.startswith("."))
+LINK_BROKEN = "broken symbolic link"
+LINK_LOOP = "symbolic link loop"
+LINK_INSIDE = "symbolic link to a folder inside the dataset"
+NOT_IN_CLASS = "not in a class folder"
+
+
+def _inside(path: str, folder: str) -> bool:
+    """Whether real path ``path`` is ``folder`` or lies under it."""
+    return path == folder or path.startswith(folder.rstrip(os.sep) + os.sep)
+
+
+def _link_target(link: str) -> tuple[str | None, str | None]:
+    """(real path, None) of a symbolic link's target, or (None, why it cannot be followed)."""
+    try:
+        os.stat(link)
+    except FileNotFoundError:
+        return None, LINK_BROKEN
+    except OSError as exc:
+        if exc.errno == errno.ELOOP:
+            return None, LINK_LOOP
+        return None, f"cannot follow symbolic link ({exc.strerror or exc})"
+    return os.path.realpath(link), None
+
+
+def _dir_link_problem(target: str, root_real: str, chain: tuple[str, ...]) -> str | None:
+    """Why a symbolic link to the folder ``target`` must not be followed, or None.
+
+    ``chain``: real paths of the folders being walked, from the class folder down.
+    """
+    if _inside(target, root_real):
+        return LINK_INSIDE          # its images are read where they are (or it is a loop)
+    if _inside(root_real, target) or any(_inside(c, target) for c in chain):
+        return LINK_LOOP            # leads back to the dataset or to a folder being walked
+    return None
+
+
+def _scandir(folder: str) -> list[os.DirEntry]:
+    with os.scandir(folder) as it:
+        return sorted(it, key=lambda e: e.name)
+
+
+def _class_folders(root: Path, skipped: list[dict]) -> tuple[list[str], list[tuple[Path, str]]]:
+    """Return (class names, [(class folder, source prefix)]).
+
+    Symbolic links are followed only to folders outside the dataset; those that cannot
+    be (broken, loops, folders inside the dataset) and files outside any class folder
+    are added to ``skipped``. Hidden entries (``.name``) are ignored.
+    """
+    root_real = os.path.realpath(root)
+
+    def subfolders(folder: Path, prefix: str) -> list[Path]:
+        out = []
+        try:
+            entries = _scandir(folder)
+        except OSError as exc:
+            raise BenchError(f"cannot read folder {folder}: {exc.strerror or exc}") from None
+        for e in entries:
+            if e.name.startswith("."):
+                continue
+            src = f"{prefix}{e.name}"
+            if e.is_symlink():
+                target, why = _link_target(e.path)
+                if why is None and os.path.isdir(target):
+                    why = _dir_link_problem(target, root_real, ())
+                elif why is None:
+                    why = NOT_IN_CLASS
+                if why is not None:
+                    skipped.append({"path": src, "reason": why})
+                    continue
+                out.append(Path(e.path))
+            elif e.is_dir():
+                out.append(Path(e.path))
+            else:
+                skipped.append({"path": src, "reason": NOT_IN_CLASS})
+        return out
+
+    top_skipped = len(skipped)
+    subdirs = subfolders(root, "")
     if not subdirs:
-        raise BenchError(f"no class folders in {root} (expected {root}/<class>/<images>)")
+        what = "; ".join(f"{s['path']}: {s['reason']}" for s in skipped[top_skipped:][:3])
+        raise BenchError(f"no class folders in {root} (expected {root}/<class>/<images>)"
+                         + (f"; skipped {what}" if what else ""))
     if all(p.name.lower() in SPLIT_NAMES for p in subdirs):
         folders = []
         for split in subdirs:
-            for c in sorted(p for p in split.iterdir() if p.is_dir() and not p.name.startswith(".")):
+            for c in subfolders(split, f"{split.name}/"):
                 folders.append((c, f"{split.name}/{c.name}"))
         if not folders:
             raise BenchError(f"split folders in {root} hold no class folders")
@@ -139,24 +230,81 @@ def _class_folders(root: Path) -> tuple[list[str], list[tuple[Path, str]]]:
     return classes, folders
 
 
+def _class_files(folder: Path, prefix: str, root_real: str,
+                 skipped: list[dict]) -> list[tuple[Path, str]]:
+    """Every file under a class folder, as (path, source), sorted by source.
+
+    Walks without following symbolic links blindly (never loops): a link to a file is
+    read, a link to a folder outside the dataset is walked once per path, and links that
+    are broken, loop, or point to a folder inside the dataset go to ``skipped``.
+    """
+    files = []
+    stack = [(str(folder), prefix, (os.path.realpath(folder),))]
+    while stack:
+        d, src_dir, chain = stack.pop()
+        try:
+            entries = _scandir(d)
+        except OSError as exc:
+            skipped.append({"path": src_dir,
+                            "reason": f"cannot read folder ({exc.strerror or exc})"})
+            continue
+        subdirs = []
+        for e in entries:
+            src = f"{src_dir}/{e.name}"
+            try:
+                if e.is_symlink():
+                    target, why = _link_target(e.path)
+                    if why is None and os.path.isdir(target):
+                        why = _dir_link_problem(target, root_real, chain)
+                        if why is None:
+                            subdirs.append((e.path, src, chain + (target,)))
+                            continue
+                    elif why is None and os.path.isfile(target):
+                        files.append((Path(e.path), src))
+                        continue
+                    skipped.append({"path": src, "reason": why or "not a regular file"})
+                elif e.is_dir():
+                    subdirs.append((e.path, src, chain + (os.path.realpath(e.path),)))
+                elif e.is_file():
+                    files.append((Path(e.path), src))
+                else:
+                    skipped.append({"path": src, "reason": "not a regular file"})
+            except OSError as exc:
+                skipped.append({"path": src, "reason": f"cannot read ({exc.strerror or exc})"})
+        stack.extend(reversed(subdirs))
+    return sorted(files, key=lambda f: f[1].split("/"))   # as sorted Paths
+
+
 def _load_folder(root: Path, image_size: int, cache_root: Path, show_progress: bool) -> Dataset:
-    classes, folders = _class_folders(root)
+    link_skipped: list[dict] = []        # found while listing: links, stray files
+    classes, folders = _class_folders(root, link_skipped)
+    root_real = os.path.realpath(root)
     files: list[tuple[Path, str, int]] = []
     for folder, prefix in folders:
-        found = sorted(p for p in folder.rglob("*") if p.is_file())
-        if not found:
+        n_skipped = len(link_skipped)
+        found = _class_files(folder, prefix, root_real, link_skipped)
+        if not found and len(link_skipped) == n_skipped:
             raise BenchError(f"class folder is empty: {folder}")
         label = classes.index(folder.name)
-        files += [(p, f"{prefix}/{p.relative_to(folder).as_posix()}", label) for p in found]
+        files += [(p, src, label) for p, src in found]
 
     digests = {}
     hasher = hashlib.sha256(f"folder:v{LOADER_VERSION}:{image_size}".encode())
+    readable = []
     for p, src, label in files:
-        d = hashlib.sha1(p.read_bytes()).hexdigest()
+        try:
+            d = hashlib.sha1(p.read_bytes()).hexdigest()
+        except OSError as exc:
+            link_skipped.append({"path": src,
+                                 "reason": f"cannot read file ({exc.strerror or exc})"})
+            continue
         digests[src] = d
+        readable.append((p, src, label))
         hasher.update(f"{src}\0{label}\0{d}\n".encode())
+    files = readable
     key = hasher.hexdigest()
-    cached = _read_cache(cache_root, key)
+    slot = _cache_slot(key, link_skipped)
+    cached = _read_cache(cache_root, key, slot)
     if cached is not None:
         return cached
 
@@ -168,9 +316,11 @@ def _load_folder(root: Path, image_size: int, cache_root: Path, show_progress: b
             img, mode, size = read_rgb(p)
         except BenchError as exc:
             return src, label, None, str(exc), None, None
+        except OSError as exc:    # e.g. removed or made unreadable since it was listed
+            return src, label, None, f"cannot read file ({exc.strerror or exc})", None, None
         return src, label, prep.resize_pil(img), None, mode, size
 
-    rows, skipped, converted = [], [], []
+    rows, skipped, converted = [], list(link_skipped), []
     with ThreadPoolExecutor(max_workers=max(1, min(4, os.cpu_count() or 1))) as pool:
         results = pool.map(decode, files)
         for src, label, arr, err, mode, size in progress_iter(
@@ -184,8 +334,11 @@ def _load_folder(root: Path, image_size: int, cache_root: Path, show_progress: b
     counts = Counter(label for _, label, *_ in rows)
     for i, c in enumerate(classes):
         if counts[i] == 0:
+            prefixes = tuple(f"{prefix}/" for folder, prefix in folders if folder.name == c)
+            lost = [s for s in skipped if s["path"].startswith(prefixes)]
+            example = f", e.g. {lost[0]['path']}: {lost[0]['reason']}" if lost else ""
             raise BenchError(f"class '{c}' in {root} has no readable images "
-                             f"({sum(1 for s in skipped if s['path'].split('/')[-2] == c)} skipped)")
+                             f"({len(lost)} skipped{example})")
     ds = Dataset(
         images=np.stack([r[2] for r in rows]).astype(np.uint8),
         labels=np.array([r[1] for r in rows], dtype=np.int64),
@@ -198,8 +351,8 @@ def _load_folder(root: Path, image_size: int, cache_root: Path, show_progress: b
         skipped=skipped,
         converted=converted,
     )
-    _write_cache(cache_root, ds)
-    return _read_cache(cache_root, key) or ds
+    _write_cache(cache_root, ds, slot)
+    return _read_cache(cache_root, key, slot) or ds
 
 
 # ----------------------------------------------------------------------------- npz
@@ -207,7 +360,8 @@ def _load_folder(root: Path, image_size: int, cache_root: Path, show_progress: b
 def _load_npz(path: Path, image_size: int, cache_root: Path, classes) -> Dataset:
     key = hashlib.sha256(
         f"npz:v{LOADER_VERSION}:{image_size}:{file_sha256(path)}:{classes}".encode()).hexdigest()
-    cached = _read_cache(cache_root, key)
+    slot = _cache_slot(key, [])
+    cached = _read_cache(cache_root, key, slot)
     if cached is not None:
         return cached
     try:
@@ -215,29 +369,44 @@ def _load_npz(path: Path, image_size: int, cache_root: Path, classes) -> Dataset
         keys = set(z.files)
     except Exception as exc:  # noqa: BLE001 - any failure to read is a bad file
         raise BenchError(f"cannot read npz {path}: {exc}") from None
+    get = lambda k: _npz_array(z, k, path)  # noqa: E731
     if {"images", "labels"} <= keys:
-        images, labels = z["images"], z["labels"].reshape(-1)
-        names = [str(c) for c in z["classes"]] if "classes" in keys else None
-        sources = [str(f) for f in z["files"]] if "files" in keys else [
-            f"npz:{i}" for i in range(len(labels))]
+        images = _npz_images(get("images"), path, "images")
+        raw = _one_label_per_image(get("labels"), len(images), path, "labels")
+        names = _npz_class_names(get("classes"), path) if "classes" in keys else None
+        if "files" in keys:
+            files = get("files")
+            if files.ndim != 1 or len(files) != len(images):
+                raise BenchError(f"npz {path}: 'files' has shape {files.shape}; expected one "
+                                 f"name per image ({len(images)},)")
+            sources = [f.decode() if isinstance(f, bytes) else str(f) for f in files]
+        else:
+            sources = [f"npz:{i}" for i in range(len(images))]
     elif "train_images" in keys:
         parts = [s for s in MEDMNIST_SPLITS if f"{s}_images" in keys]
-        images = np.concatenate([z[f"{s}_images"] for s in parts])
-        labels = np.concatenate([z[f"{s}_labels"].reshape(len(z[f"{s}_images"]), -1)[:, 0]
-                                 for s in parts])
-        sources = [f"npz:{s}/{i}" for s in parts for i in range(len(z[f"{s}_images"]))]
+        missing = [f"{s}_labels" for s in parts if f"{s}_labels" not in keys]
+        if missing:
+            raise BenchError(f"npz {path}: has {', '.join(f'{s}_images' for s in parts)} "
+                             f"but no {', '.join(missing)}")
+        arrays = [_npz_images(get(f"{s}_images"), path, f"{s}_images") for s in parts]
+        if len({a.shape[1:] for a in arrays}) > 1:
+            raise BenchError(f"npz {path}: the splits' images differ in shape "
+                             f"({', '.join(f'{s}: {a.shape}' for s, a in zip(parts, arrays))})")
+        raws = [_one_label_per_image(get(f"{s}_labels"), len(a), path, f"{s}_labels")
+                for s, a in zip(parts, arrays)]
+        if len({r.dtype.kind in "US" for r in raws}) > 1:
+            raise BenchError(f"npz {path}: some splits' labels are names and others numbers")
+        images, raw = np.concatenate(arrays), np.concatenate(raws)
+        sources = [f"npz:{s}/{i}" for s, a in zip(parts, arrays) for i in range(len(a))]
         names = None
     else:
         raise BenchError(f"npz {path} has keys {sorted(keys)}; expected images/labels[/classes] "
                          "or MedMNIST's train_images/train_labels/...")
-    if len(images) != len(labels):
-        raise BenchError(f"npz {path}: {len(images)} images but {len(labels)} labels")
-    labels = labels.astype(np.int64)
-    n_cls = int(labels.max()) + 1 if len(labels) else 0
-    if names is None:
-        names = list(classes) if classes else [f"class_{i}" for i in range(n_cls)]
-    if labels.min(initial=0) < 0 or n_cls > len(names):
-        raise BenchError(f"npz {path}: labels go up to {n_cls - 1} but only {len(names)} class names")
+    if len(images) == 0:
+        raise BenchError(f"npz {path} holds no images")
+    if names is None and classes:
+        names = [str(c) for c in classes]
+    labels, names = _npz_labels(raw, names, path)
     images, mode = _npz_to_rgb(images, path)
     out, hashes = np.empty((len(images), image_size, image_size, 3), np.uint8), []
     prep = Preprocessing(image_size)
@@ -249,8 +418,140 @@ def _load_npz(path: Path, image_size: int, cache_root: Path, classes) -> Dataset
     ds = Dataset(out, labels, names, sources, hashes, str(path.resolve()), key,
                  [f"{w}x{h}"] * len(labels), [],
                  [{"path": str(path), "mode": mode}] if mode != "RGB" else [])
-    _write_cache(cache_root, ds)
-    return _read_cache(cache_root, key) or ds
+    _write_cache(cache_root, ds, slot)
+    return _read_cache(cache_root, key, slot) or ds
+
+
+def _npz_array(z, key: str, path) -> np.ndarray:
+    """One array of an open npz; a clear error when it cannot be loaded (object arrays)."""
+    try:
+        return z[key]
+    except ValueError as exc:
+        if "allow_pickle" in str(exc):
+            raise BenchError(f"npz {path}: '{key}' is an array of Python objects (dtype=object), "
+                             "which is not loaded (unsafe); save it as numbers or strings, e.g. "
+                             f"np.asarray({key}, dtype=str) or .astype(int)") from None
+        raise BenchError(f"npz {path}: cannot read '{key}': {exc}") from None
+    except Exception as exc:  # noqa: BLE001 - a damaged member of the archive
+        raise BenchError(f"npz {path}: cannot read '{key}': {exc}") from None
+
+
+def _npz_images(images: np.ndarray, path, key: str) -> np.ndarray:
+    """Check an images array's dtype, shape and pixel range (see :func:`scale_to_uint8`)."""
+    if images.dtype.kind not in "uif":
+        raise BenchError(f"npz {path}: '{key}' has dtype {images.dtype}; expected uint8, "
+                         "16-bit integers or floats")
+    if images.ndim not in (3, 4) or (images.ndim == 4 and images.shape[-1] not in (1, 3, 4)):
+        raise BenchError(f"npz {path}: '{key}' has shape {images.shape}; expected (N, H, W) "
+                         "or (N, H, W, 1|3|4)")
+    if images.dtype == np.uint8 or images.size == 0:
+        return images
+    if images.dtype.kind == "f":
+        bad = ~np.isfinite(images)
+        if bad.any():
+            raise BenchError(f"npz {path}: '{key}' holds {int(bad.sum())} NaN or infinite "
+                             "pixel value(s)")
+        lo, hi = float(images.min()), float(images.max())
+        if lo < 0 or hi > 255:
+            raise BenchError(f"npz {path}: '{key}' ({images.dtype}) has pixel values from "
+                             f"{lo:g} to {hi:g}; float images must be in 0..1 (scaled by 255) "
+                             "or 0..255")
+        return images
+    lo, hi = int(images.min()), int(images.max())
+    if lo < 0 or hi > 65535:
+        raise BenchError(f"npz {path}: '{key}' ({images.dtype}) has pixel values from {lo} to "
+                         f"{hi}; integer images must be in 0..255 or 0..65535 (16-bit)")
+    return images
+
+
+def _one_label_per_image(labels: np.ndarray, n: int, path, key: str) -> np.ndarray:
+    """Labels as a 1-D array of length ``n``: (n,) or (n, 1); one-hot/multi-label refused."""
+    if labels.ndim == 2 and labels.shape[0] == n and labels.shape[1] == 1 or labels.ndim == 1:
+        labels = labels.reshape(-1)
+    else:
+        raise BenchError(f"npz {path}: '{key}' has shape {labels.shape}; expected one class per "
+                         f"image, shape ({n},) (one-hot or multi-label arrays are not supported)")
+    if len(labels) != n:
+        raise BenchError(f"npz {path}: {n} images but {len(labels)} labels in '{key}'")
+    return labels
+
+
+def _npz_class_names(arr: np.ndarray, path) -> list[str]:
+    if arr.ndim != 1 or arr.dtype.kind not in "USiu":
+        raise BenchError(f"npz {path}: 'classes' has shape {arr.shape} and dtype {arr.dtype}; "
+                         "expected a 1-D array of class names")
+    names = [c.decode() if isinstance(c, bytes) else str(c) for c in arr]
+    repeated = sorted({c for c in names if names.count(c) > 1})
+    if repeated:
+        raise BenchError(f"npz {path}: class names repeat in 'classes': {repeated}")
+    return names
+
+
+def _npz_labels(raw: np.ndarray, names: list[str] | None, path) -> tuple[np.ndarray, list[str]]:
+    """Labels as int64 indices into the class names (made up when there are none).
+
+    Names are mapped to their index in ``classes``; numbers must be whole, non-negative
+    and below the number of class names.
+    """
+    kind = raw.dtype.kind
+    if kind in "US":
+        if names is None:
+            raise BenchError(f"npz {path}: labels are names (e.g. {_first(raw)!r}) but there is "
+                             "no 'classes' array to map them to; add 'classes' to the npz "
+                             "or set [data] classes")
+        text = np.char.decode(raw) if kind == "S" else raw
+        index = {c: i for i, c in enumerate(names)}
+        unknown = sorted(set(np.unique(text).tolist()) - set(index))
+        if unknown:
+            shown = ", ".join(repr(u) for u in unknown[:5]) + (" ..." if len(unknown) > 5 else "")
+            raise BenchError(f"npz {path}: {len(unknown)} label name(s) not in 'classes' "
+                             f"{_shown(names)}: {shown}")
+        return np.array([index[t] for t in text.tolist()], dtype=np.int64), names
+    if kind == "b":
+        raw = raw.astype(np.int64)
+    elif kind == "f":
+        nan = np.isnan(raw)
+        if nan.any():
+            raise BenchError(f"npz {path}: {int(nan.sum())} label(s) are NaN (first at row "
+                             f"{int(np.argmax(nan))}); every image needs a class")
+        inf = np.isinf(raw)
+        if inf.any():
+            raise BenchError(f"npz {path}: {int(inf.sum())} label(s) are infinite (first at "
+                             f"row {int(np.argmax(inf))})")
+        frac = raw != np.round(raw)
+        if frac.any():
+            i = int(np.argmax(frac))
+            raise BenchError(f"npz {path}: labels must be whole class numbers, but "
+                             f"{int(frac.sum())} are not (e.g. {raw[i]:g} at row {i})")
+    elif kind not in "iu":
+        raise BenchError(f"npz {path}: labels have dtype {raw.dtype}; expected integer class "
+                         "numbers or class names")
+    neg = raw < 0
+    if neg.any():
+        i = int(np.argmax(neg))
+        raise BenchError(f"npz {path}: {int(neg.sum())} label(s) are negative (e.g. "
+                         f"{raw[i]:g} at row {i}); labels are class numbers 0, 1, ...")
+    if kind == "u" and raw.dtype.itemsize == 8 and int(raw.max()) > np.iinfo(np.int64).max:
+        raise BenchError(f"npz {path}: label {int(raw.max())} is far out of range")
+    labels = raw.astype(np.int64)
+    top = int(labels.max())
+    if names is None:
+        names = [f"class_{i}" for i in range(top + 1)]
+    elif top >= len(names):
+        i = int(np.argmax(labels >= len(names)))
+        raise BenchError(f"npz {path}: label {labels[i]} (row {i}) is out of range of the "
+                         f"{len(names)} class names {_shown(names)} "
+                         f"(labels must be 0..{len(names) - 1})")
+    return labels, names
+
+
+def _shown(names: list[str], n: int = 10) -> str:
+    return str(names) if len(names) <= n else f"{names[:n]} (+{len(names) - n} more)"
+
+
+def _first(a: np.ndarray):
+    v = a.reshape(-1)[0]
+    return v.decode() if isinstance(v, bytes) else str(v)
 
 
 def _npz_to_rgb(images: np.ndarray, path) -> tuple[np.ndarray, str]:
@@ -271,13 +572,22 @@ def _npz_to_rgb(images: np.ndarray, path) -> tuple[np.ndarray, str]:
 
 # ----------------------------------------------------------------------------- cache
 
-def _cache_paths(cache_root: Path, key: str) -> tuple[Path, Path]:
-    d = cache_root / "datasets" / key[:32]
+def _cache_slot(key: str, listed: list[dict]) -> str:
+    """Name of a dataset's cache folder: its content hash, the checks' version, and the
+    files skipped while listing (links), which the content hash does not cover."""
+    h = hashlib.sha256(f"{key}:checks{CHECKS_VERSION}".encode())
+    for s in listed:
+        h.update(f"{s['path']}\0{s['reason']}\n".encode())
+    return h.hexdigest()
+
+
+def _cache_paths(cache_root: Path, slot: str) -> tuple[Path, Path]:
+    d = cache_root / "datasets" / slot[:32]
     return d / "images.npy", d / "meta.json"
 
 
-def _write_cache(cache_root: Path, ds: Dataset) -> None:
-    img_path, meta_path = _cache_paths(cache_root, ds.content_hash)
+def _write_cache(cache_root: Path, ds: Dataset, slot: str) -> None:
+    img_path, meta_path = _cache_paths(cache_root, slot)
     try:
         atomic_save_npy(img_path, np.ascontiguousarray(ds.images))
         atomic_write_json(meta_path, {
@@ -289,8 +599,8 @@ def _write_cache(cache_root: Path, ds: Dataset) -> None:
         warnings.warn(f"could not write the image cache in {cache_root}: {exc}", stacklevel=2)
 
 
-def _read_cache(cache_root: Path, key: str) -> Dataset | None:
-    img_path, meta_path = _cache_paths(cache_root, key)
+def _read_cache(cache_root: Path, key: str, slot: str) -> Dataset | None:
+    img_path, meta_path = _cache_paths(cache_root, slot)
     if not (img_path.exists() and meta_path.exists()):
         return None
     try:
@@ -351,8 +661,26 @@ def prepare_dataset(cfg: Config, show_progress=True) -> tuple[Dataset, Path]:
                       classes=data.get("classes") or fb_classes, show_progress=show_progress)
     for s in ds.skipped:
         warn(f"skipped {s['path']}: {s['reason']}")
+    folds = int(cfg["run"]["folds"])
+    check_classes(ds, folds)
     if data.get("max_images") and len(ds) > data["max_images"]:
         rows = stratified_subset(ds.labels, data["max_images"], cfg["run"]["seed"],
-                                 min_per_class=cfg["run"]["folds"] * 2)
+                                 min_per_class=folds * 2)
         ds = ds.subset(rows)
+        check_classes(ds, folds, after=f" after [data] max_images = {data['max_images']}")
     return ds, path
+
+
+def check_classes(ds: Dataset, folds: int, after: str = "") -> None:
+    """Refuse, before any training, data that cannot be cross-validated: fewer than two
+    classes, or a class with fewer images than ``[run] folds``."""
+    counts = np.bincount(ds.labels, minlength=len(ds.classes))
+    if len(ds.classes) < 2:
+        what = (f"one class ('{ds.classes[0]}', {int(counts[0])} image(s))" if ds.classes
+                else "no classes")
+        raise BenchError(f"{ds.origin} has {what}; a classifier needs at least two classes "
+                         "(one folder, or one label value, per class)")
+    for c, n in zip(ds.classes, counts):
+        if n < folds:
+            raise BenchError(f"class '{c}' has {int(n)} image(s){after}, fewer than [run] folds "
+                             f"= {folds}; add images or lower [run] folds")

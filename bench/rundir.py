@@ -23,8 +23,8 @@ place); single files are written atomically.
 from __future__ import annotations
 
 import datetime as _dt
+import io
 import os
-import re
 from contextlib import contextmanager
 from functools import cached_property
 from pathlib import Path
@@ -34,20 +34,12 @@ import pandas as pd
 
 from bench.config import Config, read_toml
 from core.errors import BenchError
-from core.io import atomic_save_npy, atomic_write_json, atomic_write_text, read_json, staged
+from core.io import (atomic_save_npy, atomic_write_json, atomic_write_text, check_name,
+                     read_json, staged)
+from core.metrics import METRICS
 from core.splits import PredefinedFolds
 
-NAME_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
 RESULT_FILE = "result.json"
-
-
-def check_name(name: str, what: str = "name") -> str:
-    """``name`` if it is a safe identifier for files (letters, digits, ``_ . -``; starts
-    with a letter or digit; at most 64 characters), else a one-line error."""
-    if not isinstance(name, str) or not NAME_PATTERN.match(name) or ".." in name:
-        raise BenchError(f"{what} {name!r} is not allowed: use letters, digits, '_', '.' and "
-                         "'-' (starting with a letter or digit, at most 64 characters)")
-    return name
 
 
 class RunDir:
@@ -233,6 +225,28 @@ class RunDir:
 
     def read_leaderboard(self) -> pd.DataFrame:
         return pd.read_csv(self.file(self.LEADERBOARD_CSV))
+
+    OUTPUTS = ("leaderboard.csv", "leaderboard.md", "predictor", "report")
+
+    def keep_previous_outputs(self, board: pd.DataFrame) -> Path | None:
+        """Before a new leaderboard replaces a different one, move the finished run's
+        outputs (leaderboard, predictor, report) to ``previous/<timestamp>/``; returns
+        that folder, or ``None`` when there was nothing to keep or nothing changed."""
+        old = self.file(self.LEADERBOARD_CSV)
+        if not old.is_file():
+            return None
+        prev = pd.read_csv(old)
+        cols = ["candidate"] + [c for m in METRICS for c in (m, f"{m}_std")]
+        new = pd.read_csv(io.StringIO(board.to_csv(index=False)))   # as it will be read back
+        if all(c in prev for c in cols) and prev[cols].equals(new[cols]):
+            return None   # same entries, same scores (timings may differ)
+        stamp = _dt.datetime.now().strftime("%Y%m%d-%H%M%S-%f")
+        dest = self.path / "previous" / stamp
+        dest.mkdir(parents=True)
+        for name in self.OUTPUTS:
+            if self.file(name).exists():
+                os.replace(self.file(name), dest / name)
+        return dest
 
     # -- whole folders ------------------------------------------------------------------
     def staged(self, target: Path):

@@ -46,14 +46,25 @@ def _fingerprint(cfg: Config, ds: Dataset, fhash: str) -> dict:
     tuning = {k: v for k, v in cfg["tuning"].items() if k != "storage"}   # where, not what
     shared = {"data": data, "run": run, "tuning": tuning}
     return {"shared": stable_hash(shared), "dataset": ds.content_hash, "folds": fhash,
-            "candidates": {n: stable_hash(e) for n, e in cfg.candidates.items()}}
+            "candidates": {n: stable_hash(e) for n, e in cfg.candidates.items()},
+            "candidates_now": list(cfg.candidates)}
+
+
+def _check_out(run: RunDir, force: bool) -> None:
+    """Before any work: ``--out`` is a folder, and a non-empty one that holds no run is
+    refused, or (``--force``) moved aside whole. Nothing is ever deleted."""
+    if run.path.exists() and not run.path.is_dir():
+        raise BenchError(f"--out {run.path} is a file, not a folder")
+    if not run.is_run() and run.path.exists() and any(run.path.iterdir()):
+        if not force:
+            raise BenchError(f"{run.path} exists and is not a bloodbench run; "
+                             "choose another --out, or --force to move it aside")
+        info(f"--force: moved the existing folder aside to {run.archive()}")
 
 
 def _check_resume(run: RunDir, fp: dict, force: bool) -> None:
+    """Resume, refuse, or (``--force``) archive a run made with other data or settings."""
     if not run.is_run():
-        if run.path.exists() and any(run.path.iterdir()) and not force:
-            raise BenchError(f"{run.path} exists and is not a bloodbench run; "
-                             "choose another --out or pass --force")
         return
     old = run.read_state()["fingerprint"]
     changed = [k for k in ("dataset", "folds", "shared") if old.get(k) != fp[k]]
@@ -64,6 +75,18 @@ def _check_resume(run: RunDir, fp: dict, force: bool) -> None:
                          "use another --out, or --force to archive it and start again")
     if changed and force:
         info(f"--force: archived the previous run to {run.archive()}")
+        return
+    board = run.file(run.LEADERBOARD_CSV)
+    if board.is_file():   # a finished run: its leaderboard, predictor and report are kept
+        done = set(pd.read_csv(board)["candidate"])
+        ens = set(run.read_config().ensembles)
+        missing = sorted(done - ens - set(fp["candidates_now"]))
+        if missing:
+            raise BenchError(
+                f"{run.path} holds a finished run with {missing}, which this run leaves out "
+                "(--only or select): its leaderboard, predictor and report would be replaced "
+                "by a subset's. Use another --out (finished units are not shared), or --force "
+                "to archive the finished run first")
 
 
 def _manifest(cfg: Config, ds: Dataset, data_path, table, fhash, group_info) -> dict:
@@ -102,6 +125,7 @@ def prepare_run(cfg: Config, force: bool = False, show_progress: bool = True):
     if not cfg.candidates:
         raise BenchError("no candidates to run (check the profile's select and --only)")
     run = RunDir(Path(cfg["run"]["out"]).expanduser())
+    _check_out(run, force)
     ds, data_path = prepare_dataset(cfg, show_progress)
     data = cfg["data"]
     groups, group_info = make_groups(ds, data.get("groups", ""), data.get("pairs", ""),
@@ -169,6 +193,10 @@ def run_benchmark(cfg: Config, force: bool = False, workers: int | None = None,
                                 r["combine_seconds"], r["n_folds"]))
         run.write_oof(r["candidate"], ens_oofs[r["candidate"]])
     board = make_table(rows + ens_rows, run_cfg["metric"])
+    moved = run.keep_previous_outputs(board)
+    if moved:
+        info(f"the leaderboard changed: the previous leaderboard, predictor and report "
+             f"were moved to {moved}")
     run.write_leaderboard(board, to_markdown(board, run_cfg["metric"]))
     times["ensembles_and_leaderboard"] = time.perf_counter() - t
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import copy
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 from sklearn.model_selection import train_test_split
@@ -15,6 +16,16 @@ from cnn.train import fit_keras, predict_keras
 from cnn.runtime import configure, set_seeds
 
 MODEL_FILE = "model.keras"
+#: parameter rules shared by every Keras candidate (see core.params)
+TRAIN_RULES = {
+        "optimizer": {"choices": ["adam", "adamw", "sgd"]}, "learning_rate": {"gt": 0},
+        "batch_size": {"ge": 1}, "epochs": {"ge": 0}, "patience": {"ge": 0},
+        "schedule": {"choices": ["plateau", "cosine"]},
+        "class_weight": {"choices": ["balanced"], "none": True}, "val_fraction": {"gt": 0, "lt": 1},
+        "seed": {"ge": 0}, "verbose": {"ge": 0}, "dropout": {"ge": 0, "lt": 1},
+        "dense_units": {"ge": 0}, "input_size": {"type": int, "ge": 8, "le": 1024, "none": True},
+        "augment": {"type": Any, "none": True},
+}
 
 
 class KerasCandidate(Candidate):
@@ -32,7 +43,9 @@ class KerasCandidate(Candidate):
         if X_val is not None:
             return X, y, X_val, y_val
         _, counts = np.unique(y, return_counts=True)
-        strat = y if counts.min() >= 2 else None
+        n_val = int(np.ceil(self.val_fraction * len(y)))
+        # stratify when every class can be on both sides (tiny sets: a plain split)
+        strat = y if counts.min() >= 2 and len(counts) <= n_val <= len(y) - len(counts) else None
         Xt, Xv, yt, yv = train_test_split(X, y, test_size=self.val_fraction, stratify=strat,
                                           random_state=self.seed)
         return Xt, yt, Xv, yv
@@ -113,6 +126,11 @@ class ScratchCNN(KerasCandidate):
     """
 
     tunable = True
+    param_rules = {
+        "blocks": {"ge": 1, "le": 8}, "filters": {"ge": 1}, "filter_growth": {"gt": 0},
+        "kernel_size": {"ge": 1}, "convs_per_block": {"ge": 1}, "block_dropout": {"ge": 0, "lt": 1},
+        "pooling": {"choices": ["avg", "flatten"]}, **TRAIN_RULES,
+    }
 
     def __init__(self, blocks=3, filters=32, filter_growth=2.0, kernel_size=3, convs_per_block=1,
                  block_dropout=0.1, pooling="avg", dense_units=128, dropout=0.3, input_size=None,

@@ -29,7 +29,7 @@ import re
 import numpy as np
 
 from core.registry import register
-from cnn.candidate import KerasCandidate
+from cnn.candidate import TRAIN_RULES, KerasCandidate
 from cnn.runtime import configure, set_seeds
 from cnn.embeddings import cached_embeddings
 from cnn.train import fit_keras, predict_keras
@@ -153,6 +153,11 @@ class TransferCandidate(KerasCandidate):
     """Shared parameters and helpers of the transfer candidates."""
 
     tunable = True
+    param_rules = {
+        **TRAIN_RULES, "backbone": {"type": str}, "weights": {"type": str, "none": True},
+        "alpha": {"gt": 0}, "embed_batch_size": {"type": int, "ge": 1, "none": True},
+        "head_epochs": {"ge": 0}, "unfreeze_blocks": {"ge": 0}, "finetune_lr_factor": {"gt": 0},
+    }
 
     def _input_size(self, image_size: int) -> int:
         return effective_input_size(image_size, self.input_size, self.backbone)

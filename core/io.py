@@ -6,6 +6,7 @@ import hashlib
 import json
 import os
 import platform
+import re
 import shutil
 import subprocess
 import tempfile
@@ -14,6 +15,8 @@ from importlib import metadata
 from pathlib import Path
 
 import numpy as np
+
+from core.errors import BenchError
 
 TRACKED_PACKAGES = (
     "bloodbench", "numpy", "scipy", "pillow", "tensorflow", "tensorflow-cpu", "keras",
@@ -153,3 +156,15 @@ def git_commit() -> str | None:
     except (OSError, subprocess.SubprocessError):
         return None
     return out.stdout.strip() or None if out.returncode == 0 else None
+
+
+NAME_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
+
+
+def check_name(name: str, what: str = "name") -> str:
+    """``name`` if it is a safe identifier for files (letters, digits, ``_ . -``; starts
+    with a letter or digit; at most 64 characters), else a one-line error."""
+    if not isinstance(name, str) or not NAME_PATTERN.match(name) or ".." in name:
+        raise BenchError(f"{what} {name!r} is not allowed: use letters, digits, '_', '.' and "
+                         "'-' (starting with a letter or digit, at most 64 characters)")
+    return name

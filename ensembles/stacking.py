@@ -84,6 +84,10 @@ class Stacking(Ensemble):
     """
 
     uses_fold_groups = True   # C = "auto": chosen leaving one training fold out
+    param_rules = {"meta": {"choices": ["logistic", "lda", "gaussian_nb"]},
+                   "C": {"type": float, "gt": 0, "also": ["auto"]},
+                   "inputs": {"choices": ["log_proba", "proba"]}, "inner_folds": {"ge": 2},
+                   "seed": {"ge": 0}}
 
     def __init__(self, meta="logistic", C="auto", inputs="proba", inner_folds=5, seed=0):
         self.meta = meta

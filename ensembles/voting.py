@@ -31,6 +31,9 @@ class SoftVoting(Ensemble):
     the other folds' rows only.
     """
 
+    param_rules = {"weights": {"choices": ["equal", "optimized", "greedy"]}, "rounds": {"ge": 1},
+                   "metric": {"choices": ["log_loss", "accuracy"]}}
+
     def __init__(self, weights="equal", rounds=50, metric="log_loss"):
         self.weights = weights
         self.rounds = rounds

@@ -62,6 +62,28 @@ def _check_spec(spec: dict) -> None:
         raise BenchError(f"unknown feature extractor(s) {unknown}; known: {sorted(EXTRACTORS)}")
 
 
+def check_feature_set(spec: dict, image_size: int, where: str = "feature set") -> None:
+    """Refuse, in one line naming ``where``, a feature set whose extractors are unknown or
+    whose parameters an extractor rejects (each runs once on a blank image of the run's
+    size: cheap, and exactly the code that will run)."""
+    if not isinstance(spec, dict) or not spec:
+        raise BenchError(f"{where}: a feature set must be a non-empty table of extractors, "
+                         f"got {spec!r}")
+    for name, params in spec.items():
+        if name not in EXTRACTORS:
+            raise BenchError(f"{where}: unknown feature extractor '{name}'; known: "
+                             f"{sorted(EXTRACTORS)}")
+        if params is not None and not isinstance(params, dict):
+            raise BenchError(f"{where} {name}: parameters must be a table, got {params!r}")
+        try:
+            EXTRACTORS[name](np.zeros((image_size, image_size, 3), np.uint8), **(params or {}))
+        except BenchError as exc:
+            raise BenchError(f"{where} {name}: {exc}") from None
+        except Exception as exc:  # noqa: BLE001 - any rejection of the parameters
+            raise BenchError(f"{where} {name}: bad parameters {params!r} "
+                             f"({type(exc).__name__}: {exc})") from None
+
+
 def extract_one(img: np.ndarray, spec: dict) -> np.ndarray:
     """The feature vector of one RGB ``uint8`` image (extractors in alphabetical order)."""
     parts = [EXTRACTORS[name](img, **(spec[name] or {})) for name in sorted(spec)]

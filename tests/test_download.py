@@ -68,6 +68,8 @@ def test_runner_falls_back_to_the_download(server, tmp_path):
     url, md5, _ = server
     cfg_file = tmp_path / "c.toml"
     cfg_file.write_text(f"""
+[run]
+folds = 4
 [data]
 path = "missing_folder"
 image_size = 16

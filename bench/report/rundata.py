@@ -8,40 +8,9 @@ import numpy as np
 import pandas as pd
 
 from bench.rundir import RunDir
+from bench.config import REPORT_DEFAULTS, report_settings  # noqa: F401  (re-exported)
 from bench.leaderboard import COSTS
 from core.errors import BenchError
-
-REPORT_DEFAULTS = {
-    "enabled": True,            # write DIR/report at the end of `run`
-    "confidence": 0.95,         # confidence intervals over folds (Student t)
-    "alpha": 0.05,              # significance level of the tests
-    "ece_bins": 15,             # confidence bins of ECE and reliability diagrams
-    "gradcam": True,            # Grad-CAM audit of CNN candidates and CNN ensembles
-    "gradcam_per_class": 6,     # seeded sample per class for the energy and sanity audits
-    "gallery_per_class": 3,     # correct and misclassified examples shown per class
-    "randomization_threshold": 0.5,   # flag when Spearman rho(trained, random) >= this
-    "colour_only_warning": 0.6,       # warn when a colour-only baseline reaches this bal. acc.
-    "colour_extractors": ["color", "colour", "hsv", "rgb", "lab_hist", "stain"],
-    "seed": 0,                  # sampling of audited images
-}
-
-
-def report_settings(config: dict) -> dict:
-    """``[report]`` of a config merged over :data:`REPORT_DEFAULTS`, checked."""
-    raw = dict(config.get("report", {}) or {})
-    unknown = set(raw) - set(REPORT_DEFAULTS)
-    if unknown:
-        raise BenchError(f"[report]: unknown key(s) {sorted(unknown)}; known: "
-                         f"{sorted(REPORT_DEFAULTS)}")
-    s = {**REPORT_DEFAULTS, **raw}
-    for key in ("confidence", "alpha"):
-        if not 0 < float(s[key]) < 1:
-            raise BenchError(f"[report] {key} must be between 0 and 1, got {s[key]!r}")
-    for key in ("ece_bins", "gradcam_per_class", "gallery_per_class"):
-        if not isinstance(s[key], int) or s[key] < (1 if key == "ece_bins" else 0):
-            raise BenchError(f"[report] {key} must be a non-negative integer, got {s[key]!r}")
-    return s
-
 
 class RunData:
     """Everything the report needs from ``run_dir`` (nothing is recomputed by training).
