@@ -19,6 +19,8 @@ import pandas as pd
 from scipy.optimize import minimize_scalar
 from scipy.special import log_softmax, softmax
 
+from core.splits import PredefinedFolds
+
 _EPS = 1e-12
 
 
@@ -123,12 +125,10 @@ def cross_fit_temperature(y, proba, folds) -> tuple[np.ndarray, list[float]]:
     does to unseen rows. Returns the scaled probabilities and the temperature per fold.
     """
     y, p = _check(y, proba)
-    folds = np.asarray(folds)
     out = np.empty_like(p)
     temps = []
-    for k in np.unique(folds):
-        test = folds == k
-        t = fit_temperature(y[~test], p[~test])
+    for _, train, test in PredefinedFolds(folds):
+        t = fit_temperature(y[train], p[train])
         out[test] = apply_temperature(p[test], t)
         temps.append(t)
     return out, temps

@@ -10,4 +10,5 @@ See :func:`features.extract.extract`.
 from features.extract import (EXTRACTORS, check_feature_set, extract, extract_one, feature_length,
                               set_cache_dir)
 
-__all__ = ["EXTRACTORS", "extract", "extract_one", "feature_length", "set_cache_dir"]
+__all__ = ["EXTRACTORS", "check_feature_set", "extract", "extract_one", "feature_length",
+           "set_cache_dir"]
