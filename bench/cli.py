@@ -33,8 +33,12 @@ def _add_common(p):
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="python -m bench",
-                                     description="Benchmark and ensemble blood-cell classifiers.")
+    parser = argparse.ArgumentParser(
+        prog="python -m bench", description="Benchmark and ensemble blood-cell classifiers.",
+        epilog="The config is validated whole before any work: unknown keys, wrong types or "
+               "ranges, unsafe names (letters, digits, _ . - only), unknown types, feature "
+               "sets, ensemble members or metrics are one `error:` line naming the file and "
+               "key. Nothing is deleted: see --force.")
     sub = parser.add_subparsers(dest="command", required=True)
 
     run = sub.add_parser("run", help="train every candidate on shared folds; leaderboard; predictor")
@@ -51,7 +55,8 @@ def build_parser() -> argparse.ArgumentParser:
                      help="Optuna storage for tuning (default: SQLite in the run directory; "
                           "journal:///path.log for one machine, postgresql://... for several)")
     run.add_argument("--force", action="store_true",
-                     help="archive a run with a different config in --out and start again")
+                     help="move an existing --out aside (DIR.old-<timestamp>) when it holds "
+                          "another run or no run, and start again; nothing is deleted")
     _add_common(run)
 
     tune = sub.add_parser("tune", help="join the Optuna studies of a run: add trials from "
@@ -99,7 +104,15 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _check_run_args(args) -> None:
+    if args.workers is not None and args.workers < 1:
+        raise BenchError(f"--workers must be at least 1, got {args.workers}")
+    if args.out is not None and not args.out.strip():
+        raise BenchError("--out is empty: give a run directory")
+
+
 def cmd_run(args) -> int:
+    _check_run_args(args)
     only = [s.strip() for s in args.only.split(",") if s.strip()] if args.only else None
     board, out = run_from_args(args.config, profile=args.profile, data=args.data, out=args.out,
                                only=only, force=args.force, workers=args.workers,
@@ -120,15 +133,41 @@ def cmd_tune(args) -> int:
 
 
 def cmd_predict(args) -> int:
+    import os
+    import tempfile
 
     if args.batch_size < 1:
         raise BenchError(f"--batch-size must be at least 1, got {args.batch_size}")
+    # arguments first: loading a predictor takes seconds, a typo should not
+    if not Path(args.img_path).exists():
+        raise BenchError(f"--img_path not found: {args.img_path}")
+    if args.out:
+        out = Path(args.out)
+        if out.is_dir():
+            raise BenchError(f"--out {args.out} is a folder; give the path of a CSV file")
+        if out.exists() and not out.is_file():
+            raise BenchError(f"--out {args.out} is not a regular file")
+        if not out.parent.is_dir():
+            raise BenchError(f"--out {args.out}: its folder {out.parent} does not exist")
+        try:   # the CSV is written atomically: a temp file in that folder, then renamed
+            fd, tmp = tempfile.mkstemp(dir=out.parent, prefix=f".{out.name}.", suffix=".tmp")
+            os.close(fd)
+            os.unlink(tmp)
+        except OSError as exc:
+            raise BenchError(f"--out {args.out}: cannot write in {out.parent} "
+                             f"({exc.strerror or exc})") from None
+    if args.gradcam and Path(args.gradcam).exists() and not Path(args.gradcam).is_dir():
+        raise BenchError(f"--gradcam {args.gradcam} is a file; give a folder")
+    paths = find_images(args.img_path)
+    if not paths:   # the predictor's own errors first, without loading its models
+        if args.gradcam:
+            load_predictor(args.model).explain_weights()
+        else:
+            verify_predictor(args.model)
+        raise BenchError(f"no image files under {args.img_path}")
     pred = load_predictor(args.model)
     if args.gradcam:
         pred.explain_weights()   # fails early, with one line, without a CNN member
-    paths = find_images(args.img_path)
-    if not paths:
-        raise BenchError(f"no image files under {args.img_path}")
     names = gradcam_names(paths, args.img_path) if args.gradcam else None
     buf = io.StringIO()
     writer = csv.writer(buf)
@@ -169,14 +208,22 @@ def cmd_predict(args) -> int:
             n_ok += len(good)
     finally:
         reader.shutdown(cancel_futures=True)
+    if not n_ok:
+        raise BenchError(f"none of the {len(paths)} image file(s) under {args.img_path} "
+                         "could be read (see the warnings above)")
     if args.out:
-        atomic_write_text(args.out, buf.getvalue())
+        try:
+            atomic_write_text(args.out, buf.getvalue())
+        except OSError as exc:   # checked above; if it fails anyway, keep the predictions
+            sys.stdout.write(buf.getvalue())
+            raise BenchError(f"cannot write --out {args.out} ({exc.strerror or exc}); the "
+                             f"{n_ok} predictions were printed to stdout instead") from None
         print(f"wrote {n_ok} predictions to {args.out}", file=sys.stderr)
     else:
         sys.stdout.write(buf.getvalue())
     if args.gradcam:
         print(f"wrote {n_ok} Grad-CAM figures to {args.gradcam}", file=sys.stderr)
-    return 0 if n_ok else 1
+    return 0
 
 
 def cmd_list(args) -> int:
@@ -203,13 +250,15 @@ def cmd_list(args) -> int:
 
 
 def cmd_inspect(args) -> int:
-    m = verify_predictor(args.model)
+    from core.images import resolve_preprocessing
+
+    m = verify_predictor(args.model)   # also checks the fields' types printed below
     ens = m["ensemble"]
     print(f"predictor {args.model}: verified {len(m['files'])} files (sha256); "
           "nothing was loaded or run")
     print(f"  ensemble: {ens['name']} ({ens['type']}) params={json.dumps(ens['params'])}"
           + (f"; chosen as {m['chosen_by']}" if m.get("chosen_by") else ""))
-    if "C" in ens.get("state", {}):
+    if "C" in ens["state"]:
         print(f"  meta-learner C (fitted): {ens['state']['C']}")
     if m.get("leaderboard"):
         print("  leaderboard (out-of-fold): " + ", ".join(f"{k}={v:.4f}"
@@ -221,12 +270,12 @@ def cmd_inspect(args) -> int:
     cnn = [mem["name"] for mem in m["members"] if mem.get("kind") == "cnn"]
     print(f"  Grad-CAM: {'from ' + ', '.join(cnn) if cnn else 'unavailable (no CNN member)'}")
     print(f"  classes ({len(m['classes'])}): {', '.join(m['classes'])}")
-    print(f"  image size: {m['image_size']}; created {m['created']}")
-    td = m.get("training_data", {})
+    print(f"  image size: {resolve_preprocessing(m).image_size}; created {m.get('created')}")
+    td = m.get("training_data") or {}
     counts = td.get("counts")
     print(f"  trained on {td.get('n_images')} images from {td.get('origin')}"
           + (f"; per class: {json.dumps(counts)}" if counts else ""))
-    v = m.get("versions", {})
+    v = m.get("versions") or {}
     if v:
         print("  versions: " + ", ".join(f"{k} {v[k]}" for k in sorted(v)))
     return 0

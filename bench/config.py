@@ -96,6 +96,10 @@ def read_toml(path: str | os.PathLike) -> dict:
             return tomllib.load(fh)
     except tomllib.TOMLDecodeError as exc:
         raise BenchError(f"bad TOML in {path}: {exc}") from None
+    except UnicodeDecodeError:
+        raise BenchError(f"bad TOML in {path}: not UTF-8 text") from None
+    except OSError as exc:
+        raise BenchError(f"cannot read config {path}: {exc.strerror or exc}") from None
 
 
 def load_config(path: str | os.PathLike | None = None, profile: str | None = None,

@@ -126,7 +126,10 @@ def find_images(path) -> list[Path]:
         raise BenchError(f"image path not found: {path}")
     if path.is_file():
         return [path]
-    return sorted(p for p in path.rglob("*") if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES)
+    found = []   # os.walk: symbolic links to folders are not followed (no loops)
+    for folder, _, files in os.walk(path, onerror=lambda exc: None):
+        found += [Path(folder) / f for f in files if Path(f).suffix.lower() in IMAGE_SUFFIXES]
+    return sorted(p for p in found if p.is_file())
 
 
 # ----------------------------------------------------------------------------- the record

@@ -19,6 +19,7 @@ from __future__ import annotations
 import datetime as _dt
 import hashlib
 import json
+import math
 import shutil
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -27,7 +28,7 @@ import numpy as np
 
 from core import registry
 from core.calibration import apply_temperature
-from core.candidate import load_candidate
+from core.candidate import CANDIDATE_FILE, Candidate, load_candidate
 from core.errors import BenchError
 from core.images import Preprocessing, as_items, resolve_preprocessing
 from core.io import _json_default, atomic_write_json, file_sha256, package_versions, staged
@@ -284,26 +285,135 @@ def manifest_digest(manifest: dict) -> str:
 def _inside(root: Path, rel: str) -> Path:
     f = (root / rel).resolve()
     if not f.is_relative_to(root.resolve()):
-        raise BenchError(f"predictor manifest points outside its folder: {rel}")
+        raise BenchError(f"predictor manifest points outside its folder {root}: {rel}")
     return f
 
 
+def _one_line(exc: BaseException, limit: int = 400) -> str:
+    """An exception as one short line (Keras and skops messages span several)."""
+    text = " ".join(str(exc).split())
+    if not isinstance(exc, BenchError):
+        text = f"{type(exc).__name__}: {text}" if text else type(exc).__name__
+    return text if len(text) <= limit else text[:limit - 3] + "..."
+
+
+def _is_int(v) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
+def _is_number(v) -> bool:
+    return (_is_int(v) and abs(v) < 2 ** 63) or (isinstance(v, float) and math.isfinite(v))
+
+
+def _check_fields(manifest: dict, mpath: Path) -> None:
+    """The manifest's fields have the types a predictor needs (a manifest whose digest
+    was recomputed after an edit is refused here with one line, not a traceback later)."""
+    def need(ok, what):
+        if not ok:
+            raise BenchError(f"bad predictor manifest {mpath}: {what}")
+
+    files = manifest.get("files")
+    need(isinstance(files, dict) and all(isinstance(k, str) and k and isinstance(v, str)
+                                         for k, v in files.items()),
+         "'files' must be an object of path: sha256 strings")
+    classes = manifest.get("classes")
+    need(isinstance(classes, list) and classes and all(isinstance(c, str) for c in classes),
+         "'classes' must be a non-empty list of class names")
+    need(len(set(classes)) == len(classes), "'classes' lists a class twice")
+    members = manifest.get("members")
+    need(isinstance(members, list) and members, "'members' must be a non-empty list")
+    names = set()
+    for i, m in enumerate(members):
+        need(isinstance(m, dict), f"member {i} must be an object")
+        name = m.get("name")
+        need(isinstance(name, str) and name, f"member {i}: 'name' must be a non-empty string")
+        need(name not in names, f"member '{name}' is listed twice")
+        names.add(name)
+        models = m.get("models")
+        need(isinstance(models, list) and models
+             and all(isinstance(r, str) and r for r in models),
+             f"member '{name}': 'models' must be a non-empty list of folders")
+        for key in ("type", "kind"):
+            need(m.get(key) is None or isinstance(m[key], str),
+                 f"member '{name}': '{key}' must be a string")
+        need(m.get("weight") is None or _is_number(m["weight"]),
+             f"member '{name}': 'weight' must be a number")
+    ens = manifest.get("ensemble")
+    need(isinstance(ens, dict), "'ensemble' must be an object")
+    for key, typ, word in (("name", str, "a string"), ("type", str, "a string"),
+                           ("params", dict, "an object"), ("state", dict, "an object")):
+        need(isinstance(ens.get(key), typ), f"ensemble '{key}' must be {word}")
+    size = manifest.get("image_size")
+    need(size is None or (_is_int(size) and size > 0), "'image_size' must be a positive integer")
+    need(size is not None or isinstance(manifest.get("preprocessing"), dict),
+         "'image_size' is missing")
+    try:
+        prep = resolve_preprocessing(manifest)
+    except Exception as exc:  # noqa: BLE001 - any failure is a bad record
+        need(False, _one_line(exc))
+    need(size is None or prep.image_size == size,
+         f"'image_size' {size} differs from the preprocessing's {prep.image_size}")
+    for key in ("created", "chosen_by", "member_models"):
+        need(manifest.get(key) is None or isinstance(manifest[key], str),
+             f"'{key}' must be a string")
+    for key in ("training_data", "versions"):
+        need(manifest.get(key) is None or isinstance(manifest[key], dict),
+             f"'{key}' must be an object")
+    board = manifest.get("leaderboard")
+    need(board is None or (isinstance(board, dict) and all(_is_number(v) for v in board.values())),
+         "'leaderboard' must be an object of numbers")
+    cal = manifest.get("calibration")
+    need(cal is None or isinstance(cal, dict), "'calibration' must be an object")
+    t = (cal or {}).get("temperature")
+    need(t is None or (_is_number(t) and t >= 0),
+         "calibration 'temperature' must be a non-negative number")
+
+
+def _check_candidate_files(path: Path, manifest: dict) -> None:
+    """Each fold model's ``candidate.json`` (JSON, checksummed above) names a type and
+    has one class per class of the manifest. Loads no model."""
+    k = len(manifest["classes"])
+    for m in manifest["members"]:
+        for j, rel in enumerate(m["models"]):
+            where = f"predictor {path}: member {m['name']} model {j}"
+            meta_path = path / rel / CANDIDATE_FILE
+            if not meta_path.is_file():
+                raise BenchError(f"{where}: not a saved candidate (no {CANDIDATE_FILE})")
+            try:
+                meta = json.loads(meta_path.read_text())
+            except (OSError, ValueError, RecursionError) as exc:
+                raise BenchError(f"{where}: unreadable {CANDIDATE_FILE} ({_one_line(exc)})") \
+                    from None
+            if not (isinstance(meta, dict) and isinstance(meta.get("type"), str)
+                    and isinstance(meta.get("params"), dict)
+                    and isinstance(meta.get("classes"), list)):
+                raise BenchError(f"{where}: {CANDIDATE_FILE} must be an object with 'type', "
+                                 "'params' and a 'classes' list")
+            if len(meta["classes"]) != k:
+                raise BenchError(f"{where}: the model has {len(meta['classes'])} classes, the "
+                                 f"manifest lists {k} ({', '.join(manifest['classes'])})")
+
+
 def verify_predictor(path) -> dict:
-    """Check the manifest's own digest and every file against its sha256 (a missing,
-    altered or unlisted file is refused); return the manifest. Loads no model."""
+    """Check the manifest's own digest, its fields, and every file against its sha256 (a
+    missing, altered or unlisted file is refused); return the manifest. Loads no model."""
     path = Path(path)
     mpath = path / MANIFEST
     if not mpath.is_file():
         raise BenchError(f"not a predictor directory (no {MANIFEST}): {path}")
     try:
         manifest = json.loads(mpath.read_text())
-    except json.JSONDecodeError as exc:
-        raise BenchError(f"corrupt predictor manifest {mpath}: {exc}") from None
-    if not isinstance(manifest, dict) or manifest.get("format") != FORMAT_VERSION:
-        fmt = manifest.get("format") if isinstance(manifest, dict) else None
-        raise BenchError(f"{mpath}: unsupported predictor format {fmt}")
+    except (OSError, ValueError, RecursionError) as exc:   # JSONDecodeError, UnicodeDecodeError
+        raise BenchError(f"corrupt predictor manifest {mpath}: {_one_line(exc)}") from None
+    if not isinstance(manifest, dict):
+        raise BenchError(f"corrupt predictor manifest {mpath}: a JSON object was expected, "
+                         f"got {type(manifest).__name__}")
+    fmt = manifest.get("format")
+    if not _is_int(fmt) or fmt != FORMAT_VERSION:
+        raise BenchError(f"{mpath}: unsupported predictor format {fmt!r}")
     if manifest.get("manifest_sha256") != manifest_digest(manifest):
         raise BenchError(f"predictor manifest altered (its digest does not match): {mpath}")
+    _check_fields(manifest, mpath)
     for m in manifest["members"]:
         for rel in m["models"]:
             _inside(path, rel)
@@ -315,17 +425,94 @@ def verify_predictor(path) -> dict:
             raise BenchError(f"predictor file altered (checksum mismatch): {f}")
     listed = set(manifest["files"])
     for f in path.rglob("*"):
-        if f.is_file() and f.name != MANIFEST and f.relative_to(path).as_posix() not in listed:
+        if f.is_dir() and not f.is_symlink():
+            continue
+        rel = f.relative_to(path).as_posix()
+        if rel == MANIFEST:    # only the top-level manifest is not in its own list
+            continue
+        if rel not in listed or f.is_symlink() or not f.is_file():
             raise BenchError(f"unexpected file in predictor (not in manifest): {f}")
+    _check_candidate_files(path, manifest)
     return manifest
 
 
+def _check_member(cand, k: int, image_size: int, where: str) -> None:
+    """A loaded fold model gives one probability per class of the manifest, on images of
+    the manifest's size."""
+    n = len(getattr(cand, "classes_", ()))
+    if n != k:
+        raise BenchError(f"{where}: the model has {n} classes, the manifest lists {k}")
+    model = getattr(cand, "model_", None)
+    if model is not None:    # Keras: the output width and the input size
+        try:
+            out_shape, in_shape = tuple(model.output_shape), tuple(model.input_shape)
+        except (AttributeError, TypeError, ValueError):
+            out_shape = in_shape = None
+        if out_shape and _is_int(out_shape[-1]) and out_shape[-1] != k:
+            raise BenchError(f"{where}: the model outputs {out_shape[-1]} class probabilities, "
+                             f"the manifest lists {k} classes")
+        if in_shape and len(in_shape) == 4 and all(_is_int(s) for s in in_shape[1:3]) \
+                and tuple(in_shape[1:3]) != (image_size, image_size):
+            raise BenchError(f"{where}: the model takes {in_shape[1]}x{in_shape[2]} images, "
+                             f"the manifest's image size is {image_size}")
+    if hasattr(cand, "pipeline_") and hasattr(cand, "_model_classes"):   # scikit-learn
+        try:
+            cols = np.asarray(cand._model_classes())
+        except Exception as exc:  # noqa: BLE001 - any failure is a bad model
+            raise BenchError(f"{where}: {_one_line(exc)}") from None
+        if cols.size and (cols.dtype.kind not in "iu" or cols.min() < 0 or cols.max() >= k):
+            raise BenchError(f"{where}: the model's classes {cols.tolist()} are not among the "
+                             f"manifest's {k} classes")
+
+
+def _load_member(path: Path, name: str, j: int, rel: str, k: int, image_size: int):
+    where = f"predictor {path}: cannot load member {name} model {j}"
+    try:
+        kind = json.loads((path / rel / CANDIDATE_FILE).read_text())["type"]
+        cls = registry.get(kind)
+        if not (isinstance(cls, type) and issubclass(cls, Candidate)):
+            raise BenchError(f"'{kind}' is not a candidate type")
+        cand = load_candidate(path / rel)
+    except MemoryError:
+        raise
+    except Exception as exc:  # noqa: BLE001 - any failure to load is a bad predictor
+        raise BenchError(f"{where}: {_one_line(exc)}") from None
+    _check_member(cand, k, image_size, where)
+    return cand
+
+
+def _load_ensemble(path: Path, info: dict, n_members: int, k: int):
+    """The ensemble from its JSON state, checked on one uniform input: it must combine
+    ``n_members`` members of ``k`` classes into probabilities."""
+    from ensembles.base import Ensemble
+    where = f"predictor {path}: cannot load ensemble '{info['name']}' ({info['type']})"
+    try:
+        cls = registry.get(info["type"])
+        if not (isinstance(cls, type) and issubclass(cls, Ensemble)):
+            raise BenchError(f"'{info['type']}' is not an ensemble type")
+        ensemble = cls(**info["params"]).set_state(info["state"])
+        probe = np.asarray(ensemble.combine([np.full((2, k), 1.0 / k)] * n_members),
+                           dtype=np.float64)
+    except MemoryError:
+        raise
+    except Exception as exc:  # noqa: BLE001 - any failure is a bad state
+        raise BenchError(f"{where}: {_one_line(exc)}") from None
+    if probe.shape != (2, k) or not np.isfinite(probe).all() or probe.min() < -1e-6 \
+            or not np.allclose(probe.sum(axis=1), 1.0, atol=1e-4):
+        raise BenchError(f"{where}: its state does not turn {n_members} members' "
+                         f"probabilities of {k} classes into {k} class probabilities")
+    return ensemble
+
+
 def load_predictor(path) -> Predictor:
-    """Load and verify a saved predictor (see the module docstring)."""
+    """Load and verify a saved predictor (see the module docstring). Any defect is one
+    :class:`BenchError` naming the predictor and the part that failed."""
     path = Path(path)
     manifest = verify_predictor(path)
-    members = {m["name"]: [load_candidate(path / rel) for rel in m["models"]]
+    k = len(manifest["classes"])
+    size = resolve_preprocessing(manifest).image_size
+    members = {m["name"]: [_load_member(path, m["name"], j, rel, k, size)
+                           for j, rel in enumerate(m["models"])]
                for m in manifest["members"]}
-    ens_info = manifest["ensemble"]
-    ensemble = registry.get(ens_info["type"])(**ens_info["params"]).set_state(ens_info["state"])
+    ensemble = _load_ensemble(path, manifest["ensemble"], len(members), k)
     return Predictor(manifest, members, ensemble, path)

@@ -77,6 +77,13 @@ CASES = [
     ("--only empty", None, None, ["--only", ","], "--only names no candidate"),
     ("--only unknown", None, None, ["--only", "rf"], "unknown candidate(s) ['rf']"),
     ("--profile unknown", None, None, ["--profile", "tt"], "unknown profile 'tt'"),
+    ("--workers 0", None, None, ["--workers", "0"], "--workers must be at least 1"),
+    ("--out empty", None, None, ["--out", ""], "--out is empty"),
+    ("plugins not a list", "seed = 0", 'seed = 0\nplugins = "my_mod"', [], "[run] plugins"),
+    ("plugin missing", "seed = 0", 'seed = 0\nplugins = ["no_such_module_x"]', [],
+     "cannot import 'no_such_module_x'"),
+    ("classes not a list", "image_size = 32", "image_size = 32\nclasses = 5", [],
+     "[data] classes"),
 ]
 
 
@@ -105,6 +112,14 @@ def test_bad_config_is_one_line_before_any_work(what, old, new, args, fragment, 
     assert fragment in lines[0], lines[0]
     assert "Traceback" not in err
     assert not out.exists()
+
+
+def test_a_config_that_is_not_text_is_one_line(tmp_path, capsys):
+    f = tmp_path / "binary.toml"
+    f.write_bytes(bytes(range(256)))
+    assert main(["run", "--config", str(f), "--out", str(tmp_path / "o")]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: bad TOML") and "Traceback" not in err
 
 
 def test_the_shipped_config_and_every_profile_validate():
