@@ -171,10 +171,11 @@ def cmd_predict(args) -> int:
     names = gradcam_names(paths, args.img_path) if args.gradcam else None
     buf = io.StringIO()
     writer = csv.writer(buf)
+    shift = pred.shift_reference_   # None for predictors saved without one
     writer.writerow(["path", "prediction", "confidence", *pred.classes_]
-                    + (["gradcam"] if args.gradcam else []))
+                    + (["shift_score"] if shift else []) + (["gradcam"] if args.gradcam else []))
     starts = range(0, len(paths), args.batch_size)
-    n_ok = 0
+    n_ok, scores = 0, []
 
     def read(s):   # each file decoded and resized once (threads), shared by all members
         return pred.preprocessing.load(paths[s:s + args.batch_size],
@@ -195,14 +196,17 @@ def cmd_predict(args) -> int:
             proba = pred.predict_proba(X, batch_size=len(X))
             top = np.argmax(proba, axis=1)
             cams = pred.explain(X, class_index=top) if args.gradcam else None
+            sc = shift.score(X) if shift else None
+            if shift:
+                scores.append(sc)
             for j, (i, row) in enumerate(zip(good, proba)):
                 k = int(top[j])
-                extra = []
+                extra = [f"{sc[j]:.4f}"] if shift else []
                 if args.gradcam:
                     png = Path(args.gradcam) / names[i]
                     write_gradcam_png(png, full[j], cams[j], row, pred.classes_,
                                       title=str(paths[i]))
-                    extra = [names[i]]
+                    extra.append(names[i])
                 writer.writerow([str(paths[i]), pred.classes_[k], f"{row[k]:.6f}",
                                  *[f"{v:.6f}" for v in row], *extra])
             n_ok += len(good)
@@ -211,6 +215,13 @@ def cmd_predict(args) -> int:
     if not n_ok:
         raise BenchError(f"none of the {len(paths)} image file(s) under {args.img_path} "
                          "could be read (see the warnings above)")
+    if shift:
+        summary = shift.batch_summary(np.concatenate(scores))
+        if summary["flagged"]:
+            warn(f"these images look unlike the training images: {summary['share_out']:.0%} "
+                 f"of them lie further from the training colours than "
+                 f"{summary['image_level']:.0%} of the training images (column shift_score); "
+                 "expect lower accuracy than the leaderboard's")
     if args.out:
         try:
             atomic_write_text(args.out, buf.getvalue())

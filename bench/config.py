@@ -299,6 +299,7 @@ class EnsembleEntry(BaseModel):   # its own settings beside type/members: the cl
 class PredictorSection(_Section):
     ensemble: str = "best"
     temperature_scaling: bool = False
+    tta: Literal["none", "flips", "d4"] = "none"
 
 
 class ReportSection(_Section):

@@ -33,6 +33,7 @@ from core.errors import BenchError
 from core.io import git_commit, hardware, package_versions, stable_hash
 from core.metrics import summarize
 from core.progress import info, unit_progress, warn
+from core.shift import ShiftReference
 from core.splits import PredefinedFolds
 from ensembles.build import choose_entry, evaluate_ensembles, final_ensemble
 from ensembles.predictor import save_predictor
@@ -262,7 +263,8 @@ def _save_predictor(run: RunDir, cfg: Config, ds: Dataset, board, oofs, kinds, f
                "leaderboard": {k: float(row[k]) for k in
                                dict.fromkeys([metric, "accuracy", "macro_f1"])},
                "member_models": "fold models of the cross-validation (bagged)",
-               **calibration})
+               **calibration},
+        tta=pred_cfg.get("tta", "none"), shift=ShiftReference.fit(ds.images))
     run.update_state(predictor=name)
     info(f"saved predictor '{name}' ({', '.join(members)}) to {run.predictor_dir}")
 

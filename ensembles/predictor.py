@@ -31,6 +31,7 @@ from core.calibration import apply_temperature
 from core.candidate import CANDIDATE_FILE, Candidate, load_candidate
 from core.errors import BenchError
 from core.images import Preprocessing, as_items, resolve_preprocessing
+from core.shift import ShiftReference
 from core.io import _json_default, atomic_write_json, file_sha256, package_versions, staged
 
 MANIFEST = "manifest.json"
@@ -38,6 +39,25 @@ FORMAT_VERSION = 1
 # Images per call of the fused Keras graph. Larger calls buy no speed on CPU and cost memory
 # (quick PBC predictor with a 224-px backbone: peak 3.9 GiB at 128, 5.9 GiB at 256).
 FUSED_BATCH = 128
+#: test-time augmentation: ``[predictor] tta`` -> the views averaged (each a function of an
+#: (N, S, S, 3) batch). "flips": the image and its horizontal, vertical and double flips;
+#: "d4": also the transposes (all 8 flips and 90-degree rotations).
+TTA_VIEWS = {
+    "none": ("identity",),
+    "flips": ("identity", "flip_h", "flip_v", "rot180"),
+    "d4": ("identity", "flip_h", "flip_v", "rot180", "transpose", "rot90", "rot270",
+           "anti_transpose"),
+}
+_VIEW = {
+    "identity": lambda x: x,
+    "flip_h": lambda x: x[:, :, ::-1],
+    "flip_v": lambda x: x[:, ::-1],
+    "rot180": lambda x: x[:, ::-1, ::-1],
+    "transpose": lambda x: x.transpose(0, 2, 1, 3),
+    "rot90": lambda x: np.rot90(x, 1, axes=(1, 2)),
+    "rot270": lambda x: np.rot90(x, 3, axes=(1, 2)),
+    "anti_transpose": lambda x: x[:, ::-1, ::-1].transpose(0, 2, 1, 3),
+}
 
 
 def _fusable(cand) -> bool:
@@ -77,6 +97,9 @@ class Predictor:
         self._fused_names = [n for n in self.member_names_
                              if all(_fusable(c) for c in members[n])]
         self._fused = None
+        self.tta = manifest.get("tta", "none")
+        shift = manifest.get("shift")
+        self.shift_reference_ = ShiftReference.from_dict(shift) if shift else None
 
     # -- probabilities --------------------------------------------------------------
     def _fused_plan(self) -> list[tuple]:
@@ -142,12 +165,30 @@ class Predictor:
                 images = pending.result()
                 if i + batch_size < len(items):
                     pending = reader.submit(prep, items[i + batch_size:i + 2 * batch_size])
-                p = self.ensemble_.combine(self.member_probas(images))
+                p = self.proba_of_images(images)
                 t = (self.manifest.get("calibration") or {}).get("temperature")   # [predictor]
                 if t:   # temperature_scaling: T fitted on the ensemble's out-of-fold probabilities
                     p = apply_temperature(p, float(t))
                 chunks.append(p)
         return np.concatenate(chunks) if chunks else np.zeros((0, len(self.classes_)))
+
+    def proba_of_images(self, images: np.ndarray) -> np.ndarray:
+        """The ensemble's probabilities for preprocessed (N, S, S, 3) images, averaged over
+        the test-time views of ``[predictor] tta`` (before any temperature)."""
+        views = TTA_VIEWS[self.tta]
+        return np.mean([self.ensemble_.combine(self.member_probas(
+            np.ascontiguousarray(_VIEW[v](images)))) for v in views], axis=0)
+
+    def shift_scores(self, x, batch_size: int = 256) -> np.ndarray:
+        """Per image, how far its colours lie from the training images' (0-1: the share of
+        training images closer to their mean; see :mod:`core.shift`). ``None`` for
+        predictors saved without a description of their training images."""
+        if self.shift_reference_ is None:
+            return None
+        items = x if isinstance(x, np.ndarray) and x.ndim == 4 else as_items(x)
+        return np.concatenate([self.shift_reference_.score(
+            self.preprocessing.apply_batch(items[i:i + batch_size]))
+            for i in range(0, len(items), batch_size)]) if len(items) else np.zeros(0)
 
     def predict(self, x, batch_size: int = 256) -> np.ndarray:
         """Class names of the most probable class."""
@@ -230,12 +271,18 @@ class Predictor:
 def save_predictor(path, *, ensemble_name: str, ensemble, members: dict[str, list[Path]],
                    member_info: dict[str, dict], classes: list[str],
                    preprocessing: Preprocessing, training_data: dict,
-                   extra: dict | None = None) -> Path:
+                   extra: dict | None = None, tta: str = "none",
+                   shift: ShiftReference | None = None) -> Path:
     """Write a predictor directory (atomically: a temp dir moved into place).
 
     ``members`` maps a member name to its saved fold-model folders; ``preprocessing`` is
-    the record of how the training images were made, stored for :class:`Predictor`.
+    the record of how the training images were made, stored for :class:`Predictor`;
+    ``tta`` the test-time views (:data:`TTA_VIEWS`); ``shift`` the description of the
+    training images behind :meth:`Predictor.shift_scores`.
     """
+    if tta not in TTA_VIEWS:
+        raise BenchError(f"[predictor] tta must be one of {sorted(TTA_VIEWS)}, got {tta!r}")
+    extra = {**(extra or {}), "tta": tta, **({"shift": shift.to_dict()} if shift else {})}
     with staged(path) as tmp:
         _write_predictor(tmp, ensemble_name, ensemble, members, member_info, classes,
                          preprocessing, training_data, extra)
@@ -367,6 +414,16 @@ def _check_fields(manifest: dict, mpath: Path) -> None:
     t = (cal or {}).get("temperature")
     need(t is None or (_is_number(t) and t >= 0),
          "calibration 'temperature' must be a non-negative number")
+    need(manifest.get("tta", "none") in TTA_VIEWS, f"'tta' must be one of {sorted(TTA_VIEWS)}")
+    shift = manifest.get("shift")
+    if shift is not None:
+        try:
+            ref = ShiftReference.from_dict(shift)
+            ok = ref.precision.shape == (len(ref.mean),) * 2 and len(ref.reference) > 1 \
+                and np.isfinite(ref.precision).all()
+        except (TypeError, ValueError, KeyError, AttributeError):
+            ok = False
+        need(ok, "'shift' is not a valid description of the training images")
 
 
 def _check_candidate_files(path: Path, manifest: dict) -> None:
