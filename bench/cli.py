@@ -10,18 +10,21 @@ import argparse
 import csv
 import io
 import json
+import os
 import sys
+import tempfile
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
 
 from bench.config import DEFAULT_CONFIG, read_toml
+from bench.evaluate import evaluate, summary
 from bench.report import CROSS_DIR, write_cross_report, write_report
 from bench.runner import run_from_args, tune_from_args
 from core import registry
 from core.errors import BenchError
-from core.images import find_images
+from core.images import find_images, resolve_preprocessing
 from core.io import atomic_write_text
 from core.progress import console, info, progress_iter, warn
 from ensembles.overlay import gradcam_names, write_gradcam_png
@@ -101,6 +104,31 @@ def build_parser() -> argparse.ArgumentParser:
     rep.add_argument("--no-gradcam", dest="gradcam", action="store_false", default=None,
                      help="skip the Grad-CAM audit")
     _add_common(rep)
+
+    ev = sub.add_parser("evaluate", help="score a saved predictor on a labelled external image "
+                                         "set (another lab's images): scores with bootstrap "
+                                         "CIs, predictions.csv, an HTML page")
+    ev.add_argument("--model", required=True, help="predictor directory (DIR/predictor)")
+    ev.add_argument("--data", required=True,
+                    help="class-folder tree, .npz, a [datasets.NAME] of the config, or (with "
+                         "--labels) a folder of images")
+    ev.add_argument("--labels", default=None, metavar="FILE.csv:COLUMN",
+                    help="labels from a CSV column; its 'file' column is matched to the images "
+                         "(relative to the CSV's folder or to --data); empty labels left out")
+    ev.add_argument("--class-map", "--class_map", dest="class_map", default=None, metavar="FILE",
+                    help="external -> predictor class names: TOML (external = \"predictor\") or "
+                         "CSV (external,predictor); default: the same names, any case")
+    ev.add_argument("--groups", default=None, metavar="COLUMN",
+                    help="a column of the --labels CSV (e.g. patient): bootstrap over groups")
+    ev.add_argument("--out", default=None,
+                    help="output folder (default: ./evaluation-<dataset name>); an earlier "
+                         "evaluation there is replaced, anything else refused")
+    ev.add_argument("--batch-size", "--batch_size", dest="batch_size", type=int, default=128)
+    ev.add_argument("--no-gradcam", dest="gradcam", action="store_false", default=True,
+                    help="skip the Grad-CAM gallery of errors")
+    ev.add_argument("--config", default=None, help="config for --data NAME (default: "
+                                                   "benchmarks.toml)")
+    _add_common(ev)
     return parser
 
 
@@ -133,8 +161,6 @@ def cmd_tune(args) -> int:
 
 
 def cmd_predict(args) -> int:
-    import os
-    import tempfile
 
     if args.batch_size < 1:
         raise BenchError(f"--batch-size must be at least 1, got {args.batch_size}")
@@ -261,7 +287,6 @@ def cmd_list(args) -> int:
 
 
 def cmd_inspect(args) -> int:
-    from core.images import resolve_preprocessing
 
     m = verify_predictor(args.model)   # also checks the fields' types printed below
     ens = m["ensemble"]
@@ -302,8 +327,18 @@ def cmd_report(args) -> int:
     return 0
 
 
+def cmd_evaluate(args) -> int:
+    if args.out is not None and not args.out.strip():
+        raise BenchError("--out is empty: give a folder")
+    result = evaluate(args.model, args.data, labels=args.labels, class_map=args.class_map,
+                      groups=args.groups, out=args.out, batch_size=args.batch_size,
+                      gradcam=args.gradcam, config=args.config)
+    print(summary(result))
+    return 0
+
+
 COMMANDS = {"run": cmd_run, "tune": cmd_tune, "predict": cmd_predict, "list": cmd_list,
-            "inspect": cmd_inspect, "report": cmd_report}
+            "inspect": cmd_inspect, "report": cmd_report, "evaluate": cmd_evaluate}
 
 
 def main(argv=None) -> int:

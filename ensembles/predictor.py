@@ -32,6 +32,7 @@ from core.candidate import CANDIDATE_FILE, Candidate, load_candidate
 from core.errors import BenchError
 from core.images import Preprocessing, as_items, resolve_preprocessing
 from core.shift import ShiftReference
+from ensembles.base import Ensemble
 from core.io import _json_default, atomic_write_json, file_sha256, package_versions, staged
 
 MANIFEST = "manifest.json"
@@ -541,7 +542,6 @@ def _load_member(path: Path, name: str, j: int, rel: str, k: int, image_size: in
 def _load_ensemble(path: Path, info: dict, n_members: int, k: int):
     """The ensemble from its JSON state, checked on one uniform input: it must combine
     ``n_members`` members of ``k`` classes into probabilities."""
-    from ensembles.base import Ensemble
     where = f"predictor {path}: cannot load ensemble '{info['name']}' ({info['type']})"
     try:
         cls = registry.get(info["type"])
