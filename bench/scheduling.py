@@ -18,10 +18,18 @@ Failures
 Backends
 --------
 * :class:`LocalExecutor` — ``workers=1`` runs in this process; ``workers=N`` in ``N``
-  spawned processes, each with an equal share of the cores for TensorFlow and joblib.
+  spawned processes, each with an equal share of the cores for joblib and OpenMP.
 * :class:`DaskExecutor` — a ``dask.distributed`` scheduler address (``tcp://HOST:8786``),
   a ``LocalCluster`` or a ``Client``. Workers must import this package and see the run
   directory at the same path (a shared file system).
+
+Reproducibility
+---------------
+A unit's result depends on its arguments, never on the backend: a CNN unit runs with the
+TensorFlow thread layout of ``$BLOODBENCH_TF_THREADS`` (default 1; give every worker the
+same value), op determinism and seeds of its own (:mod:`cnn.runtime`), so ``workers=1``,
+``workers=N`` and Dask (one thread per worker process: ``--nthreads 1``) give
+bit-identical out-of-fold probabilities on one machine and software stack.
 """
 
 from __future__ import annotations
@@ -38,7 +46,10 @@ DEFAULT_RETRIES = 2
 
 
 def _init_worker(threads: int) -> None:
-    os.environ["BLOODBENCH_TF_THREADS"] = str(threads)
+    """A spawned worker's share of the cores for joblib and OpenMP/BLAS. TensorFlow's
+    threads are not set here: a CNN unit takes ``$BLOODBENCH_TF_THREADS`` (inherited from
+    this process; default 1, see :mod:`cnn.runtime`) whichever backend runs it, so that
+    its result does not depend on the backend or on the number of workers."""
     os.environ["BLOODBENCH_JOBS"] = "1"
     os.environ["OMP_NUM_THREADS"] = str(threads)
 

@@ -1,10 +1,11 @@
 """Scale-out with real components: shared Optuna studies (PostgreSQL, journal file), a
 ``dask.distributed.LocalCluster`` running the work units, and crash-safe resume.
 
-Leaderboards are compared exactly. The runs use only random-forest candidates on HOG
+Leaderboards are compared exactly. Most runs use only random-forest candidates on HOG
 features: both are deterministic for a fixed seed whatever the process, thread count or
-machine, so any difference between two backends is a real bug (a CNN on CPU TensorFlow
-is not bit-reproducible across thread pools, so it would make the comparison fuzzy).
+machine, so any difference between two backends is a real bug. A small CNN is compared
+exactly too: a CNN unit fixes its own TensorFlow thread layout, op determinism and seeds
+(``cnn.runtime``), so on one machine it is bit-identical whichever backend runs it.
 
 The PostgreSQL tests need ``BLOODBENCH_TEST_PG`` (``postgresql://user:pass@127.0.0.1/db``;
 ``.ci/run`` starts Debian's server and sets it); without a reachable server they skip.
@@ -32,8 +33,9 @@ from core.errors import BenchError
 from bench.rundir import RunDir
 from bench.runner import prepare_run, run_benchmark, tune_from_args
 from bench.units import tune_unit
-from bench.scheduling import DaskExecutor, LocalExecutor
+from bench.scheduling import DaskExecutor, LocalExecutor, _init_worker
 from bench.storage import FINISHED, make_storage
+from cnn.runtime import DEFAULT_TF_THREADS, THREADS_ENV, tf_threads
 from tests.conftest import write_toy_folder
 from tests.scale_units import bad_setting, die_once, fail_once, square
 
@@ -74,6 +76,27 @@ enabled = false
 
 [profiles.t]
 description = "scale tests"
+"""
+# A CNN small enough for seconds per unit: 42 images of 32 px, 3 folds, 3 epochs.
+CNN_CONFIG = """
+[run]
+seed = 5
+folds = 3
+profile = "t"
+
+[data]
+path = "{data}"
+image_size = 32
+
+[candidates.cnn_tiny]
+type = "scratch_cnn"
+params = {{ blocks = 2, filters = 8, dense_units = 16, dropout = 0.1, epochs = 3, patience = 3, batch_size = 16, learning_rate = 0.005 }}
+
+[report]
+enabled = false
+
+[profiles.t]
+description = "scale tests, CNN"
 """
 # Columns that are results (not timings): they must match across backends.
 RESULT_COLS = ["candidate", "kind", "accuracy", "accuracy_std", "balanced_accuracy",
@@ -149,6 +172,24 @@ def reference_run(config_file, tmp_path_factory) -> Path:
 
 
 @pytest.fixture(scope="module")
+def cnn_config_file(data_dir) -> Path:
+    path = data_dir.parent / "cnn.toml"
+    path.write_text(CNN_CONFIG.format(data=data_dir))
+    return path
+
+
+@pytest.fixture(scope="module")
+def cnn_reference_run(cnn_config_file, tmp_path_factory) -> Path:
+    """The CNN run in this process, one unit after another."""
+    import tensorflow as tf
+    out = tmp_path_factory.mktemp("cnn-reference") / "run"
+    run_benchmark(load_config(cnn_config_file, out=str(out)), workers=1, show_progress=False)
+    # this process really ran with the layout every other backend gets
+    assert tf.config.threading.get_intra_op_parallelism_threads() == tf_threads()
+    return out
+
+
+@pytest.fixture(scope="module")
 def cluster(tmp_path_factory):
     """A real ``dask.distributed`` cluster: a scheduler and 2 worker processes (nannies)."""
     distributed = pytest.importorskip("distributed")
@@ -193,6 +234,50 @@ def test_dask_cluster_gives_the_local_leaderboard(cluster, config_file, referenc
     with pytest.raises(BenchError, match="bad setting"):
         list(ex.map_unordered(bad_setting, [(str(tmp_path / "log"),)]))
     assert (tmp_path / "log").read_text() == "ran\n"
+
+
+def test_cnn_is_bit_identical_in_process_on_two_workers_and_on_dask(
+        cluster, cnn_config_file, cnn_reference_run, tmp_path):
+    """The bound promised for CNNs across backends: bit-identical. Out-of-fold probabilities
+    and leaderboard results are the same bits in this process (``workers=1``), in 2 spawned
+    processes and on a Dask ``LocalCluster`` (2 worker processes, 1 thread each), given
+    one machine, one software stack and one ``BLOODBENCH_TF_THREADS``.
+
+    Before the units fixed their own layout and seeds, this run differed by 5e-7
+    (``workers=2``: another TF thread count) and by 0.14 (Dask: the worker's event loop
+    drew from the Python ``random`` that Keras takes layer seeds from) in a probability;
+    TF thread counts 1 vs 2 alone still differ by ~1e-3 after a few epochs."""
+    distributed = pytest.importorskip("distributed")
+    with distributed.Client(cluster.scheduler_address) as client:   # same thread setting
+        seen = set(client.run(lambda: os.environ.get(THREADS_ENV)).values())
+    assert seen == {os.environ.get(THREADS_ENV)}
+    two = tmp_path / "workers2"
+    run_benchmark(load_config(cnn_config_file, out=str(two)), workers=2, show_progress=False)
+    assert_same_run(cnn_reference_run, two)
+    dask = tmp_path / "dask"
+    run_benchmark(load_config(cnn_config_file, out=str(dask)),
+                  scheduler=cluster.scheduler_address, show_progress=False)
+    assert_same_run(cnn_reference_run, dask)
+    for run, n in ((two, 2), (dask, 1)):   # in other processes (2 of them for the pool)
+        pids = {json.loads(f.read_text())["worker"].rsplit(":", 1)[1]
+                for f in run.glob("units/*/fold*/result.json")}
+        assert len(pids) >= n and str(os.getpid()) not in pids, (run.name, pids)
+    assert len(list((dask / "oof").glob("*.npy"))) == 1
+
+
+def test_the_tf_thread_layout_is_the_units_not_the_backends(monkeypatch):
+    monkeypatch.delenv(THREADS_ENV, raising=False)
+    assert tf_threads() == DEFAULT_TF_THREADS == 1
+    monkeypatch.setenv(THREADS_ENV, "6")
+    assert tf_threads() == 6 and tf_threads(3) == 3
+    for key in ("BLOODBENCH_JOBS", "OMP_NUM_THREADS"):   # restored after the test
+        monkeypatch.setenv(key, os.environ.get(key, "1"))
+    _init_worker(1)   # a spawned worker keeps the inherited TF setting, whatever its share
+    assert os.environ[THREADS_ENV] == "6"
+    for bad in ("two", "-1"):
+        monkeypatch.setenv(THREADS_ENV, bad)
+        with pytest.raises(BenchError, match=THREADS_ENV):
+            tf_threads()
 
 
 def test_dask_worker_killed_mid_unit_is_retried(cluster, config_file, reference_run, tmp_path):
