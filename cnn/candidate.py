@@ -115,8 +115,12 @@ class ScratchCNN(KerasCandidate):
     ----------
     blocks, filters, filter_growth, kernel_size, convs_per_block, block_dropout, pooling,
     dense_units, dropout, input_size : architecture (see :func:`cnn.models.build_scratch_cnn`).
-    augment : augmentation spec, a preset name or a table (see :mod:`cnn.augment`); in
-        the model, active in training only.
+    norm : normalisation in the conv blocks: ``"batch"`` (default), ``"group"`` (group
+        norm, up to 8 groups) or ``"layer"`` (layer norm over the channels); the last two
+        normalise each image by its own statistics (see :func:`cnn.models.norm_layer`).
+    augment : augmentation spec, a preset name or a table (see :mod:`cnn.augment`; the
+        preset ``"stain"`` adds stain and colour jitter, grayscale and blur); in the
+        model, active in training only.
     optimizer : ``"adam"``, ``"adamw"`` or ``"sgd"`` (momentum 0.9).
     learning_rate, batch_size, epochs, patience, schedule : training.
     class_weight : ``"balanced"`` or ``None``.
@@ -129,14 +133,15 @@ class ScratchCNN(KerasCandidate):
     param_rules = {
         "blocks": {"ge": 1, "le": 8}, "filters": {"ge": 1}, "filter_growth": {"gt": 0},
         "kernel_size": {"ge": 1}, "convs_per_block": {"ge": 1}, "block_dropout": {"ge": 0, "lt": 1},
-        "pooling": {"choices": ["avg", "flatten"]}, **TRAIN_RULES,
+        "pooling": {"choices": ["avg", "flatten"]},
+        "norm": {"choices": ["batch", "group", "layer"]}, **TRAIN_RULES,
     }
 
     def __init__(self, blocks=3, filters=32, filter_growth=2.0, kernel_size=3, convs_per_block=1,
                  block_dropout=0.1, pooling="avg", dense_units=128, dropout=0.3, input_size=None,
                  augment="flips", optimizer="adam", learning_rate=1e-3, batch_size=64, epochs=30,
                  patience=5, schedule="plateau", class_weight="balanced", val_fraction=0.1, seed=0,
-                 verbose=0):
+                 verbose=0, norm="batch"):
         self.blocks = blocks
         self.filters = filters
         self.filter_growth = filter_growth
@@ -158,6 +163,7 @@ class ScratchCNN(KerasCandidate):
         self.val_fraction = val_fraction
         self.seed = seed
         self.verbose = verbose
+        self.norm = norm
 
     def _build(self, image_size, n_classes):
         from cnn.augment import build_augmentation
@@ -167,7 +173,8 @@ class ScratchCNN(KerasCandidate):
             filter_growth=self.filter_growth, kernel_size=self.kernel_size,
             convs_per_block=self.convs_per_block, block_dropout=self.block_dropout,
             pooling=self.pooling, dense_units=self.dense_units, dropout=self.dropout,
-            input_size=self.input_size, augmentation=build_augmentation(self.augment, self.seed))
+            input_size=self.input_size, augmentation=build_augmentation(self.augment, self.seed),
+            norm=self.norm)
 
     @classmethod
     def param_space(cls, trial) -> dict:

@@ -28,7 +28,8 @@ from cnn.train import auto_batch_size
 
 from core.errors import BenchError
 
-_ELEMENTWISE = ("BatchNormalization", "Activation", "ReLU", "LeakyReLU", "ELU", "PReLU")
+_ELEMENTWISE = ("BatchNormalization", "GroupNormalization", "LayerNormalization", "Activation",
+                "ReLU", "LeakyReLU", "ELU", "PReLU")
 _CONV = ("Conv2D", "DepthwiseConv2D", "SeparableConv2D", "Conv2DTranspose")
 
 

@@ -5,18 +5,49 @@ from __future__ import annotations
 import keras
 from keras import layers
 
+#: normalisations of the conv blocks, and the tag in their layers' names
+NORM_TAGS = {"batch": "bn", "group": "gn", "layer": "ln"}
+NORMS = tuple(NORM_TAGS)
+
+
+def group_count(channels: int, max_groups: int = 8) -> int:
+    """Groups of a group norm over ``channels``: the largest divisor of ``channels`` that
+    is at most ``min(max_groups, channels)``."""
+    top = max(1, min(max_groups, int(channels)))
+    return next(g for g in range(top, 0, -1) if channels % g == 0)
+
+
+def norm_layer(norm: str, channels: int, name: str, bn_momentum: float = 0.9):
+    """The normalisation layer of a conv block; ``name`` ends with the tag ``bn``, ``gn``
+    or ``ln`` and a number (``block1_bn1``).
+
+    ``"batch"``: batch statistics in training, moving averages at inference. ``"group"``:
+    :func:`group_count` groups of channels. ``"layer"``: over the channels of each pixel.
+    Group and layer norm use each image's own statistics, in training and at inference
+    alike (nothing depends on the batch or on the training set's colour statistics).
+    """
+    if norm == "batch":
+        return layers.BatchNormalization(momentum=bn_momentum, name=name)
+    if norm == "group":
+        return layers.GroupNormalization(groups=group_count(channels), name=name)
+    if norm == "layer":
+        return layers.LayerNormalization(axis=-1, name=name)
+    raise ValueError(f"norm must be one of {list(NORMS)}, got {norm!r}")
+
 
 def conv_block(x, filters: int, kernel_size: int, convs: int, dropout: float, name: str,
-               bn_momentum: float = 0.9):
-    """``convs`` x (conv, batch norm, ReLU), then max pooling and dropout.
+               bn_momentum: float = 0.9, norm: str = "batch"):
+    """``convs`` x (conv, normalisation, ReLU), then max pooling and dropout.
 
-    Batch norm uses momentum 0.9 (Keras' 0.99 lags far behind on small data sets, which
-    makes early validation losses meaningless and stops training too soon).
+    ``norm`` picks the normalisation (:func:`norm_layer`). Batch norm uses momentum 0.9
+    (Keras' 0.99 lags far behind on small data sets, which makes early validation losses
+    meaningless and stops training too soon).
     """
     for j in range(convs):
         x = layers.Conv2D(filters, kernel_size, padding="same", use_bias=False,
                           name=f"{name}_conv{j + 1}")(x)
-        x = layers.BatchNormalization(momentum=bn_momentum, name=f"{name}_bn{j + 1}")(x)
+        x = norm_layer(norm, filters, f"{name}_{NORM_TAGS.get(norm, 'norm')}{j + 1}",
+                       bn_momentum)(x)
         x = layers.Activation("relu", name=f"{name}_relu{j + 1}")(x)
     x = layers.MaxPooling2D(2, name=f"{name}_pool")(x)
     if dropout:
@@ -38,14 +69,19 @@ def build_scratch_cnn(image_size: int, n_classes: int, blocks: int = 3, filters:
                       filter_growth: float = 2.0, kernel_size: int = 3, convs_per_block: int = 1,
                       block_dropout: float = 0.1, pooling: str = "avg", dense_units: int = 128,
                       dropout: float = 0.3, input_size: int | None = None,
-                      augmentation=None, name: str = "scratch_cnn") -> keras.Model:
+                      augmentation=None, norm: str = "batch",
+                      name: str = "scratch_cnn") -> keras.Model:
     """A modular CNN on ``uint8`` RGB input of side ``image_size``.
 
     The model applies ``augmentation`` (a Keras layer on RGB values in [0, 255], active in
     training only, see :mod:`cnn.augment`), rescales to [0, 1], optionally resizes to
     ``input_size``, then ``blocks`` conv blocks whose width grows by ``filter_growth``,
     global average pooling (``pooling="avg"``) or flattening, the dense head and softmax.
+    ``norm`` is the conv blocks' normalisation: ``"batch"``, ``"group"`` or ``"layer"``
+    (:func:`norm_layer`).
     """
+    if norm not in NORMS:
+        raise ValueError(f"norm must be one of {list(NORMS)}, got {norm!r}")
     inputs = keras.Input((image_size, image_size, 3), name="image")
     x = inputs
     if augmentation is not None:
@@ -55,7 +91,8 @@ def build_scratch_cnn(image_size: int, n_classes: int, blocks: int = 3, filters:
         x = layers.Resizing(input_size, input_size, name="resize")(x)
     for b in range(blocks):
         width = int(round(filters * filter_growth ** b))
-        x = conv_block(x, width, kernel_size, convs_per_block, block_dropout, name=f"block{b + 1}")
+        x = conv_block(x, width, kernel_size, convs_per_block, block_dropout, name=f"block{b + 1}",
+                       norm=norm)
     if pooling == "avg":
         x = layers.GlobalAveragePooling2D(name="gap")(x)
     elif pooling == "flatten":

@@ -1,0 +1,180 @@
+"""Robustness levers of the scratch CNN: stain and colour augmentation, normalisation layers."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from core.errors import BenchError
+from tests.conftest import toy_arrays
+
+NEW_SPECS = [{"hed": 0.1}, {"hed_bias": 0.1}, {"grayscale": 1.0}, {"blur": 1.5},
+             {"jpeg": 1.0}, "stain"]
+NEW_LAYERS = {"hed": "aug_hed", "grayscale": "aug_grayscale", "blur": "aug_blur",
+              "jpeg": "aug_jpeg"}
+
+
+def tiny_scratch(**kw):
+    from cnn.candidate import ScratchCNN
+    params = dict(blocks=2, filters=8, dense_units=16, dropout=0.1, epochs=4, patience=4,
+                  batch_size=16, learning_rate=0.005, augment="none", seed=0)
+    return ScratchCNN(**{**params, **kw})
+
+
+@pytest.mark.parametrize("spec", NEW_SPECS, ids=str)
+def test_new_augmentations_act_in_training_and_are_the_identity_at_inference(spec):
+    from cnn.augment import build_augmentation
+    from cnn.models import build_scratch_cnn
+    X, _ = toy_arrays(4, 32, seed=2)
+    x = X.astype("float32")
+    aug = build_augmentation(spec, seed=1)
+    np.testing.assert_array_equal(np.asarray(aug(x, training=False)), x)
+    changed = np.asarray(aug(x, training=True))
+    assert changed.shape == x.shape and changed.dtype == np.float32
+    assert 0 <= changed.min() and changed.max() <= 255
+    assert np.abs(changed - x).mean() > 1.0
+    model = build_scratch_cnn(32, 3, blocks=2, filters=4, augmentation=aug)
+    a, b = np.asarray(model(x, training=False)), np.asarray(model(x, training=False))
+    np.testing.assert_array_equal(a, b)
+
+
+def test_stain_preset_holds_the_stain_levers_and_old_presets_are_unchanged():
+    from cnn.augment import PRESETS, build_augmentation
+    names = [lyr.name for lyr in build_augmentation("stain", seed=0).layers]
+    assert names == ["aug_flip", "aug_rot90", "aug_hed", "aug_hue", "aug_saturation",
+                     "aug_grayscale", "aug_blur", "aug_clip"]
+    old = {"flip", "rot90", "zoom", "translate", "brightness", "contrast", "hue", "saturation"}
+    for preset in ("none", "flips", "light", "default", "strong"):
+        assert set(PRESETS[preset]) <= old
+    assert PRESETS["default"] == {"flip": True, "rot90": True, "zoom": 0.1, "translate": 0.05,
+                                  "brightness": 0.1, "contrast": 0.1, "hue": 0.02,
+                                  "saturation": 0.1}
+
+
+def test_hed_jitter_of_zero_strength_returns_the_input():
+    from cnn.augment import RandomHEDJitter
+    rng = np.random.default_rng(0)
+    x = rng.integers(0, 256, (6, 16, 16, 3)).astype("float32")
+    x[0] = 0
+    x[1] = 255
+    x[2, ..., 0] = 0                   # saturated channels next to bright ones
+    out = np.asarray(RandomHEDJitter(0.0, 0.0, seed=0)(x, training=True))
+    assert np.abs(out - x).max() <= 1.0
+
+
+def test_hed_jitter_uses_skimage_stain_matrices_and_draws_per_image():
+    from skimage.color import hed_from_rgb, rgb_from_hed
+
+    from cnn.augment import HED_FROM_RGB, RGB_FROM_HED, RandomHEDJitter
+    np.testing.assert_array_equal(RGB_FROM_HED, rgb_from_hed)
+    np.testing.assert_array_equal(HED_FROM_RGB, hed_from_rgb)
+    x = np.repeat(toy_arrays(1, 24, seed=3)[0][:1].astype("float32"), 4, axis=0)
+    out = np.asarray(RandomHEDJitter(0.2, 0.2, seed=0)(x, training=True))
+    assert len({round(float(o.mean()), 3) for o in out}) == len(out)   # one draw per image
+
+
+def test_grayscale_blur_and_jpeg_do_what_they_say():
+    from cnn.augment import RandomGaussianBlur, RandomGrayscale, RandomJPEG
+    X, _ = toy_arrays(3, 32, seed=4)
+    x = X.astype("float32")
+    gray = np.asarray(RandomGrayscale(1.0, seed=0)(x, training=True))
+    np.testing.assert_allclose(gray[..., 0], gray[..., 2], atol=1e-4)
+    np.testing.assert_allclose(gray[..., 0], x @ np.array([0.2989, 0.587, 0.114]), atol=1e-3)
+    np.testing.assert_array_equal(np.asarray(RandomGrayscale(0.0, seed=0)(x, training=True)), x)
+    blur = np.asarray(RandomGaussianBlur(2.0, seed=0)(x, training=True))
+    grad = lambda a: np.abs(np.diff(a, axis=2)).mean(axis=(1, 2, 3))   # noqa: E731
+    assert (grad(blur) < grad(x)).all()                                 # smoother images
+    np.testing.assert_allclose(blur.mean(axis=(1, 2)), x.mean(axis=(1, 2)), atol=2.0)
+    jpeg = np.asarray(RandomJPEG(1.0, seed=0)(x, training=True))
+    assert 0 < np.abs(jpeg - x).mean() < 20
+    np.testing.assert_array_equal(np.asarray(RandomJPEG(0.0, seed=0)(x, training=True)), x)
+
+
+@pytest.mark.parametrize("spec,match", [({"blur": 5}, r"'blur' must be a number in \[0, 3\]"),
+                                        ({"grayscale": 1.5}, "'grayscale' must be"),
+                                        ({"hed": -0.1}, "'hed' must be"),
+                                        ({"jpeg": "yes"}, "'jpeg' must be")])
+def test_bad_values_of_the_new_keys_are_one_clear_error(spec, match):
+    from cnn.augment import build_augmentation
+    with pytest.raises(BenchError, match=match):
+        build_augmentation(spec)
+
+
+def test_models_with_the_new_layers_reload_with_safe_mode(tmp_path):
+    import keras
+
+    from cnn.augment import build_augmentation
+    from cnn.models import build_scratch_cnn
+    X, _ = toy_arrays(2, 24, seed=5)
+    x = X.astype("float32")
+    spec = {"flip": True, "hed": 0.1, "hed_bias": 0.05, "grayscale": 0.5, "blur": 1.0,
+            "jpeg": 0.5}
+    model = build_scratch_cnn(24, 3, blocks=1, filters=4, dense_units=0,
+                              augmentation=build_augmentation(spec, seed=3), norm="group")
+    model.save(tmp_path / "m.keras")
+    again = keras.models.load_model(tmp_path / "m.keras", safe_mode=True, compile=False)
+    np.testing.assert_allclose(np.asarray(again(x, training=False)),
+                               np.asarray(model(x, training=False)), atol=1e-6)
+    aug = again.get_layer("augment")
+    ref = model.get_layer("augment")
+    for key, name in NEW_LAYERS.items():
+        a, b = aug.get_layer(name), ref.get_layer(name)
+        assert type(a) is type(b) and a.get_config() == b.get_config(), key
+    assert aug.get_layer("aug_hed").bias == 0.05
+    assert np.abs(np.asarray(aug(x, training=True)) - x).mean() > 1.0   # still random
+
+
+def test_norm_batch_is_the_default_and_builds_the_same_model():
+    from keras import layers
+
+    from cnn.models import build_scratch_cnn, group_count
+    default = build_scratch_cnn(24, 3, blocks=2, filters=4)
+    batch = build_scratch_cnn(24, 3, blocks=2, filters=4, norm="batch")
+    assert default.get_config() == batch.get_config()
+    assert [lyr.name for lyr in default.layers if isinstance(lyr, layers.BatchNormalization)] \
+        == ["block1_bn1", "block2_bn1"]
+    assert tiny_scratch().norm == "batch"
+    assert [group_count(c) for c in (32, 12, 6, 9, 7, 1)] == [8, 6, 6, 3, 7, 1]
+    group = build_scratch_cnn(24, 3, blocks=2, filters=12, norm="group")
+    assert [lyr.groups for lyr in group.layers if isinstance(lyr, layers.GroupNormalization)] \
+        == [6, 8]                                               # 12 and 24 channels
+    with pytest.raises(ValueError, match="norm must be one of"):
+        build_scratch_cnn(24, 3, norm="instance")
+
+
+@pytest.mark.parametrize("norm,layer_type", [("group", "GroupNormalization"),
+                                             ("layer", "LayerNormalization")])
+def test_group_and_layer_norm_learn_above_chance(norm, layer_type, tmp_path):
+    from core.candidate import load_candidate
+    X, y = toy_arrays(24, 24, seed=0)
+    Xt, yt = toy_arrays(8, 24, seed=1)
+    # 4 epochs: seeds 0-4 reached 0.54-1.0 (layer) and 0.67-1.0 (group); seed 0 gets 1.0
+    cand = tiny_scratch(norm=norm, filters=16, batch_size=8, learning_rate=0.003).fit(X, y)
+    kinds = {type(lyr).__name__ for lyr in cand.model_.layers}
+    assert layer_type in kinds and "BatchNormalization" not in kinds
+    acc = (cand.predict(Xt) == yt).mean()
+    assert acc >= 0.6, acc            # chance is 1/3
+    cand.save(tmp_path / "m")
+    again = load_candidate(tmp_path / "m")
+    assert again.norm == norm
+    np.testing.assert_allclose(again.predict_proba(Xt), cand.predict_proba(Xt), atol=1e-6)
+
+
+def test_stain_augmentation_and_jpeg_train_inside_fit():
+    X, y = toy_arrays(6, 24, seed=6)
+    cand = tiny_scratch(augment={"flip": True, "rot90": True, "hed": 0.1, "hue": 0.1,
+                                 "saturation": 0.3, "grayscale": 0.2, "blur": 1.0,
+                                 "jpeg": 0.5}, epochs=2, patience=2)
+    cand.fit(X, y)
+    assert cand.epochs_run_ == 2 and np.isfinite(cand.history_["loss"]).all()
+
+
+def test_unknown_norm_is_refused_in_one_line():
+    from core.params import validate_params
+    from cnn.candidate import ScratchCNN
+    validate_params(ScratchCNN, {"norm": "group", "augment": "stain"}, "candidates.cnn")
+    with pytest.raises(BenchError) as err:
+        validate_params(ScratchCNN, {"norm": "instance"}, "candidates.cnn")
+    msg = str(err.value)
+    assert "\n" not in msg and "norm" in msg and "'instance'" in msg
+    assert "['batch', 'group', 'layer']" in msg
