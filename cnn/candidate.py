@@ -58,6 +58,7 @@ class KerasCandidate(Candidate):
         if y_val is not None:
             y_val = np.searchsorted(self.classes_, y_val)
         X, y, X_val, y_val = self._split_validation(np.asarray(X), y, X_val, y_val)
+        self._fit_inputs(X)   # statistics of the training rows only (stain normalisation)
         self.model_ = self._build(X.shape[1], self.n_classes_)
         self.history_ = fit_keras(
             self.model_, X, y, np.asarray(X_val), y_val, n_classes=self.n_classes_,
@@ -84,6 +85,9 @@ class KerasCandidate(Candidate):
         :meth:`predict_proba`, or one index per image. See :func:`cnn.gradcam.gradcam`.
         """
         return gradcam(self.model_, np.asarray(X), class_index=class_index)
+
+    def _fit_inputs(self, X) -> None:
+        """Fit whatever the model's input layers learn from the training images alone."""
 
     def randomized(self, seed: int = 0) -> "KerasCandidate":
         """The same candidate with its model's weights re-initialised (seeded): the
@@ -121,6 +125,9 @@ class ScratchCNN(KerasCandidate):
     augment : augmentation spec, a preset name or a table (see :mod:`cnn.augment`; the
         preset ``"stain"`` adds stain and colour jitter, grayscale and blur); in the
         model, active in training only.
+    stain_norm : ``"none"`` or ``"reinhard"``: every image's L*a*b* statistics mapped to
+        a target fitted on the unit's training images (:mod:`cnn.stain`), a layer of the
+        model after the augmentation, in training and prediction alike.
     optimizer : ``"adam"``, ``"adamw"`` or ``"sgd"`` (momentum 0.9).
     learning_rate, batch_size, epochs, patience, schedule : training.
     class_weight : ``"balanced"`` or ``None``.
@@ -134,14 +141,15 @@ class ScratchCNN(KerasCandidate):
         "blocks": {"ge": 1, "le": 8}, "filters": {"ge": 1}, "filter_growth": {"gt": 0},
         "kernel_size": {"ge": 1}, "convs_per_block": {"ge": 1}, "block_dropout": {"ge": 0, "lt": 1},
         "pooling": {"choices": ["avg", "flatten"]},
-        "norm": {"choices": ["batch", "group", "layer"]}, **TRAIN_RULES,
+        "norm": {"choices": ["batch", "group", "layer"]},
+        "stain_norm": {"choices": ["none", "reinhard"]}, **TRAIN_RULES,
     }
 
     def __init__(self, blocks=3, filters=32, filter_growth=2.0, kernel_size=3, convs_per_block=1,
                  block_dropout=0.1, pooling="avg", dense_units=128, dropout=0.3, input_size=None,
                  augment="flips", optimizer="adam", learning_rate=1e-3, batch_size=64, epochs=30,
                  patience=5, schedule="plateau", class_weight="balanced", val_fraction=0.1, seed=0,
-                 verbose=0, norm="batch"):
+                 verbose=0, norm="batch", stain_norm="none"):
         self.blocks = blocks
         self.filters = filters
         self.filter_growth = filter_growth
@@ -164,6 +172,7 @@ class ScratchCNN(KerasCandidate):
         self.seed = seed
         self.verbose = verbose
         self.norm = norm
+        self.stain_norm = stain_norm
 
     def _build(self, image_size, n_classes):
         from cnn.augment import build_augmentation
@@ -173,8 +182,26 @@ class ScratchCNN(KerasCandidate):
             filter_growth=self.filter_growth, kernel_size=self.kernel_size,
             convs_per_block=self.convs_per_block, block_dropout=self.block_dropout,
             pooling=self.pooling, dense_units=self.dense_units, dropout=self.dropout,
-            input_size=self.input_size, augmentation=build_augmentation(self.augment, self.seed),
-            norm=self.norm)
+            input_size=self.input_size, augmentation=self._input_layers(), norm=self.norm)
+
+    def _input_layers(self):
+        """Augmentation (training only), then Reinhard stain normalisation (always) with
+        the target fitted on this unit's training images (:mod:`cnn.stain`)."""
+        from cnn.augment import build_augmentation
+        aug = build_augmentation(self.augment, self.seed)
+        if self.stain_norm == "none":
+            return aug
+        import keras
+
+        from cnn.stain import ReinhardNormalization
+        t = self.stain_target_
+        norm = ReinhardNormalization(t["mean"], t["std"], name="stain_norm")
+        return keras.Sequential([aug, norm] if aug is not None else [norm], name="input_layers")
+
+    def _fit_inputs(self, X) -> None:
+        if self.stain_norm == "reinhard":
+            from cnn.stain import lab_stats
+            self.stain_target_ = lab_stats(X, seed=self.seed)
 
     @classmethod
     def param_space(cls, trial) -> dict:

@@ -178,3 +178,39 @@ def test_unknown_norm_is_refused_in_one_line():
     msg = str(err.value)
     assert "\n" not in msg and "norm" in msg and "'instance'" in msg
     assert "['batch', 'group', 'layer']" in msg
+
+
+def test_reinhard_stain_normalisation_learns_and_undoes_a_stain_shift(tmp_path):
+    """The target comes from the training images; a saved model normalises any input, so
+    a paler, pinker copy of an image gives nearly the same probabilities."""
+    import keras
+    from cnn.candidate import ScratchCNN
+    from cnn.stain import lab_stats, rgb_to_lab
+    from core.candidate import load_candidate
+    from tests.conftest import toy_arrays
+    X, y = toy_arrays(16, 24, seed=0)
+    cand = ScratchCNN(blocks=2, filters=8, dense_units=16, epochs=6, batch_size=16,
+                      learning_rate=0.005, augment="none", stain_norm="reinhard", seed=0)
+    cand.fit(X, y)
+    target = lab_stats(X, seed=0)
+    assert np.allclose(cand.stain_target_["mean"], lab_stats(X, seed=0)["mean"], atol=2)
+    Xt, yt = toy_arrays(8, 24, seed=1)
+    assert (cand.predict(Xt) == yt).mean() > 0.6   # it learned (chance 1/3)
+    x = Xt.astype(np.float64)
+    pink = np.clip(0.7 * x + 0.3 * np.array([255, 215, 235]), 0, 255).astype(np.uint8)
+    layer = cand.model_.get_layer("input_layers").get_layer("stain_norm")
+    a = keras.ops.convert_to_numpy(rgb_to_lab(layer(Xt.astype("float32")) / 255.0))
+    b = keras.ops.convert_to_numpy(rgb_to_lab(layer(pink.astype("float32")) / 255.0))
+    assert np.abs(a.mean(axis=(1, 2)) - b.mean(axis=(1, 2))).max() < 1.0   # cast removed
+    assert np.allclose(a.mean(axis=(0, 1, 2)), target["mean"], atol=3)
+    cand.save(tmp_path / "m")
+    again = load_candidate(tmp_path / "m")
+    np.testing.assert_allclose(again.predict_proba(Xt), cand.predict_proba(Xt), atol=1e-6)
+
+
+def test_stain_norm_must_be_known():
+    from cnn.candidate import ScratchCNN
+    from core.errors import BenchError
+    from core.params import validate_params
+    with pytest.raises(BenchError, match="stain_norm: expected one of"):
+        validate_params(ScratchCNN, {"stain_norm": "macenko"}, "x")
