@@ -41,7 +41,8 @@ else:  # pragma: no cover
     import tomli as tomllib
 
 DEFAULT_CONFIG = "benchmarks.toml"
-KNOWN_SECTIONS = {"run", "data", "datasets", "tuning", "feature_sets", "candidates", "ensembles",
+KNOWN_SECTIONS = {"run", "data", "datasets", "external", "tuning", "feature_sets", "candidates",
+                  "ensembles",
                   "predictor", "profiles", "report"}
 RUN_DEFAULTS = {"seed": 42, "folds": 5, "metric": "accuracy", "workers": 1, "profile": "quick",
                 "out": "runs/latest"}
@@ -127,7 +128,8 @@ def resolve_config(raw: dict, source: Path | None = None, profile: str | None = 
     _check_raw(raw, where)
     cfg = deep_merge({"run": RUN_DEFAULTS, "data": DATA_DEFAULTS, "tuning": TUNING_DEFAULTS,
                       "feature_sets": {}, "candidates": {}, "ensembles": {}, "predictor": {},
-                      "report": {}}, {k: v for k, v in raw.items() if k not in ("profiles", "datasets")})
+                      "report": {}, "external": {}},
+                     {k: v for k, v in raw.items() if k not in ("profiles", "datasets")})
     profiles = raw.get("profiles", {})
     profile = profile or cfg["run"]["profile"]
     if profile not in profiles:
@@ -147,6 +149,7 @@ def resolve_config(raw: dict, source: Path | None = None, profile: str | None = 
         else:
             cfg["data"]["path"] = data
             cfg["data"]["fallback"] = {}  # an explicit path never falls back to a download
+            cfg["data"]["same_as"] = _same_datasets(data, datasets, source)
     if out:
         cfg["run"]["out"] = out
 
@@ -164,7 +167,49 @@ def resolve_config(raw: dict, source: Path | None = None, profile: str | None = 
     for entry in cfg["candidates"].values():
         _resolve_weights_path(entry, source)
     _validate_entries(cfg, where)
+    cfg["external"] = _resolve_external(cfg, raw, source, where)
     return Config(cfg, source=Path(source) if source else None, profile=profile)
+
+
+def _abs(path: str, source) -> Path:
+    p = Path(path).expanduser()
+    if not p.is_absolute() and source is not None:
+        p = Path(source).parent / p   # relative paths in a config file start at its folder
+    return Path(os.path.abspath(p))
+
+
+def _same_datasets(path: str, datasets: dict, source) -> list[str]:
+    """Named datasets whose path is ``path`` (so external sets configured for them apply)."""
+    target = Path(path).expanduser().resolve()
+    return sorted(n for n, d in datasets.items()
+                  if isinstance(d, dict) and d.get("path")
+                  and _abs(str(d["path"]), source).resolve() == target)
+
+
+def _resolve_external(cfg: dict, raw: dict, source, where: str) -> dict:
+    """``[external.NAME]`` entries that apply to this run's dataset, paths made absolute."""
+    data = cfg["data"]
+    names = {data.get("name")} | set(data.get("same_as") or [])
+    out = {}
+    for name, entry in (cfg.get("external") or {}).items():
+        check_name(name, f"{where}: external set name")
+        _validate(where, f"[external.{name}]", ExternalEntry, entry)
+        unknown = [d for d in entry.get("datasets", []) if d not in raw.get("datasets", {})]
+        if unknown:
+            raise BenchError(f"{where}: [external.{name}] datasets {unknown} are not "
+                             f"[datasets.*] entries" + _did_you_mean(unknown[0],
+                                                                     raw.get("datasets", {})))
+        if not names & set(entry.get("datasets", [])):
+            continue
+        e = dict(entry)
+        e["path"] = str(_abs(e["path"], source))
+        if e.get("labels"):
+            f, _, col = e["labels"].rpartition(":")
+            e["labels"] = f"{_abs(f, source)}:{col}"
+        if e.get("class_map"):
+            e["class_map"] = str(_abs(e["class_map"], source))
+        out[name] = e
+    return out
 
 
 def _did_you_mean(name, known) -> str:
@@ -261,6 +306,7 @@ class DataSection(_Section):
     fallback: dict
     classes: list[str]
     name: str | None = None
+    same_as: list[str] = []
 
 
 class TuningSection(_Section):
@@ -294,6 +340,15 @@ class EnsembleEntry(BaseModel):   # its own settings beside type/members: the cl
     model_config = ConfigDict(extra="allow", strict=True)
     type: str
     members: Literal["cnn", "all"] | list[str] = "cnn"
+
+
+class ExternalEntry(_Section):
+    path: str = Field(min_length=1)
+    labels: str = Field(default="", pattern=r"^(.+:[^:]+)?$")   # FILE.csv:COLUMN
+    groups: str = ""              # a column of the labels CSV (patients): bootstrap over them
+    class_map: str = ""           # TOML or CSV file; default: class names, case-insensitive
+    datasets: list[str] = []      # the [datasets.NAME] runs it applies to
+    max_images: int = Field(default=0, ge=0)   # a stratified, seeded sample (0: all)
 
 
 class PredictorSection(_Section):

@@ -226,7 +226,7 @@ class RunDir:
     def read_leaderboard(self) -> pd.DataFrame:
         return pd.read_csv(self.file(self.LEADERBOARD_CSV))
 
-    OUTPUTS = ("leaderboard.csv", "leaderboard.md", "predictor", "report")
+    OUTPUTS = ("leaderboard.csv", "leaderboard.md", "predictor", "report", "external")
 
     def keep_previous_outputs(self, board: pd.DataFrame) -> Path | None:
         """Before a new leaderboard replaces a different one, move the finished run's
@@ -247,6 +247,33 @@ class RunDir:
             if self.file(name).exists():
                 os.replace(self.file(name), dest / name)
         return dest
+
+    # -- external sets ---------------------------------------------------------------
+    def external_dir(self, name: str) -> Path:
+        check_name(name, "external set name")
+        return self._inside(self.path / "external" / name)
+
+    def write_external_proba(self, name: str, entry: str, proba: np.ndarray) -> None:
+        check_name(entry, "candidate or ensemble name")
+        atomic_save_npy(self.external_dir(name) / "proba" / f"{entry}.npy",
+                        proba.astype(np.float32))
+
+    def write_external(self, name: str, scores: pd.DataFrame, per_class: pd.DataFrame,
+                       meta: dict) -> None:
+        d = self.external_dir(name)
+        atomic_write_text(d / "scores.csv", scores.to_csv(index=False))
+        atomic_write_text(d / "per_class.csv", per_class.to_csv(index=False))
+        atomic_write_json(d / "meta.json", meta)
+
+    def external_sets(self) -> list[str]:
+        d = self.path / "external"
+        return sorted(p.name for p in d.iterdir() if (p / "scores.csv").is_file()) \
+            if d.is_dir() else []
+
+    def read_external(self, name: str) -> tuple[pd.DataFrame, pd.DataFrame, dict]:
+        d = self.external_dir(name)
+        return (pd.read_csv(d / "scores.csv"), pd.read_csv(d / "per_class.csv"),
+                read_json(d / "meta.json"))
 
     # -- whole folders ------------------------------------------------------------------
     def staged(self, target: Path):

@@ -20,6 +20,7 @@ import pandas as pd
 
 from bench.config import Config, load_config
 from bench.datasets import Dataset, prepare_dataset
+from bench.external import score_external
 from bench.folds import folds_hash, folds_table, make_folds, make_groups
 from bench.leaderboard import ensemble_costs, make_table, to_markdown
 from bench.prepare import prepare_candidates
@@ -42,7 +43,8 @@ from ensembles.predictor import save_predictor
 # ----------------------------------------------------------------------------- preparing
 
 def _fingerprint(cfg: Config, ds: Dataset, fhash: str) -> dict:
-    data = {k: v for k, v in cfg["data"].items() if k not in ("path", "cache_dir", "fallback")}
+    data = {k: v for k, v in cfg["data"].items()
+            if k not in ("path", "cache_dir", "fallback", "same_as")}
     run = {k: cfg["run"][k] for k in ("seed", "folds")}
     tuning = {k: v for k, v in cfg["tuning"].items() if k != "storage"}   # where, not what
     shared = {"data": data, "run": run, "tuning": tuning}
@@ -204,6 +206,11 @@ def run_benchmark(cfg: Config, force: bool = False, workers: int | None = None,
     t = time.perf_counter()
     _save_predictor(run, cfg, ds, board, oofs | ens_oofs, kinds, folds)
     times["predictor"] = time.perf_counter() - t
+    if cfg.get("external"):
+        t = time.perf_counter()
+        board = score_external(run, cfg, ds, board, kinds, folds)
+        run.write_leaderboard(board, to_markdown(board, run_cfg["metric"]))
+        times["external"] = time.perf_counter() - t
     run.update_manifest(stage_seconds=times, finished=_dt.datetime.now(
         _dt.timezone.utc).isoformat(timespec="seconds"))
     t = time.perf_counter()

@@ -175,7 +175,6 @@ class ScratchCNN(KerasCandidate):
         self.stain_norm = stain_norm
 
     def _build(self, image_size, n_classes):
-        from cnn.augment import build_augmentation
         from cnn.models import build_scratch_cnn
         return build_scratch_cnn(
             image_size, n_classes, blocks=self.blocks, filters=self.filters,
