@@ -58,7 +58,7 @@ from core.io import atomic_write_json, atomic_write_text, package_versions, stag
 from core.metrics import log_loss
 from core.progress import progress_iter, warn
 from ensembles.overlay import upsample
-from ensembles.predictor import load_predictor, verify_predictor
+from ensembles.predictor import TTA_VIEWS, load_predictor, verify_predictor
 
 EVAL_FILE = "evaluation.json"
 PREDICTIONS_FILE = "predictions.csv"
@@ -856,7 +856,7 @@ def _write_outputs(tmp: Path, result: dict, ext: ExternalSet, keep, y, proba, sc
 
 def evaluate(predictor_dir, data, *, labels=None, class_map=None, groups=None, out=None,
              batch_size: int = 128, gradcam: bool = True, config=None, n_boot: int = N_BOOT,
-             seed: int = SEED, progress: bool = True) -> dict:
+             seed: int = SEED, progress: bool = True, tta: str | None = None) -> dict:
     """Score the predictor in ``predictor_dir`` on a labelled external set.
 
     Parameters
@@ -867,6 +867,8 @@ def evaluate(predictor_dir, data, *, labels=None, class_map=None, groups=None, o
     labels : ``"FILE.csv:COLUMN"`` or ``(file, column)``: labels from a CSV column.
     class_map : a ``.toml``/``.csv`` file or a dict ``{external: predictor class}``.
     groups : a column of the ``labels`` CSV (e.g. patients): the bootstrap resamples groups.
+    tta : test-time views to use instead of the predictor's own ``[predictor] tta``
+        (``"none"``, ``"flips"``, ``"d4"``); recorded in ``evaluation.json``.
     out : output folder; default ``./evaluation-<dataset name>``.
     batch_size : images per ``predict_proba`` call.
     gradcam : draw the Grad-CAM gallery of errors (CNN members only).
@@ -908,6 +910,10 @@ def evaluate(predictor_dir, data, *, labels=None, class_map=None, groups=None, o
     t_list = time.perf_counter() - t0
 
     pred = load_predictor(predictor_dir)
+    if tta is not None:
+        if tta not in TTA_VIEWS:
+            raise BenchError(f"--tta must be one of {sorted(TTA_VIEWS)}, got {tta!r}")
+        pred.tta = tta
     t1 = time.perf_counter()
     items = [ext.items[i] for i in keep]
     proba, ok, errors = _predict(pred, items, int(batch_size), progress)
@@ -946,7 +952,7 @@ def evaluate(predictor_dir, data, *, labels=None, class_map=None, groups=None, o
                       "ensemble": manifest["ensemble"]["name"],
                       "type": manifest["ensemble"]["type"],
                       "manifest_sha256": manifest.get("manifest_sha256"),
-                      "classes": classes, "image_size": pred.image_size,
+                      "classes": classes, "image_size": pred.image_size, "tta": pred.tta,
                       "members": [{"name": m["name"], "kind": m.get("kind"),
                                    "fold_models": len(m["models"])} for m in manifest["members"]],
                       "temperature": (manifest.get("calibration") or {}).get("temperature")},
