@@ -245,6 +245,10 @@ def _build(run, s, metric, out: _Out, gradcam, progress) -> dict:
                        "class_per_fold")
     warnings = cards.warnings_for(run, board, s)
 
+    # external sets
+    external_ctx = _external_section(run, board, out, colors)
+    warnings += external_ctx["warnings"]
+
     # Grad-CAM
     audit_ctx = _gradcam_section(run, board, s, out, colors, gradcam, progress)
     if audit_ctx.get("flagged"):
@@ -276,7 +280,7 @@ def _build(run, s, metric, out: _Out, gradcam, progress) -> dict:
         "temperature_scaling": bool(pred_cfg.get("temperature_scaling", False)),
         "predictor_temperature": _predictor_temperature(run),
         "data_card": dc, "class_per_fold_csv": fold_csv, "run_card": cards.run_card(run),
-        "warnings": warnings, "audit": audit_ctx, "colors": colors,
+        "warnings": warnings, "audit": audit_ctx, "external": external_ctx, "colors": colors,
         "generated": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
         "csvs": out.csvs, "csp": _csp(), "script": SORT_SCRIPT,
     }
@@ -289,6 +293,129 @@ def _predictor_temperature(run):
     import json
     cal = json.loads(f.read_text()).get("calibration") or {}
     return cal.get("temperature")
+
+
+EXTERNAL_FLOOR, EXTERNAL_DROP = 0.5, 0.2   # the warning: external balanced accuracy below
+                                           # 0.5, or more than 0.2 below the in-domain one
+
+
+def _ci_text(lo, hi) -> str:
+    return f"[{fmt(lo)}, {fmt(hi)}]" if np.isfinite(lo) and np.isfinite(hi) else ""
+
+
+def _external_rows(table: pd.DataFrame) -> list[dict]:
+    rows = []
+    for _, r in table.iterrows():
+        def cell(v, lo=math.nan, hi=math.nan, signed=False):
+            v = float(v)
+            text = (f"{v:+.3f}".replace("-", "\u2212") if signed else fmt(v)) \
+                if np.isfinite(v) else ""
+            return {"text": text, "ci": _ci_text(float(lo), float(hi)), "sort": _sortval(v)}
+        rank = {k: (None if pd.isna(r[k]) else int(r[k]))
+                for k in ("leaderboard_rank", "in_domain_rank", "external_rank")}
+        rows.append({
+            "name": r["candidate"], "kind": r["kind"], **rank,
+            "in_ba": cell(r["in_domain_balanced_accuracy"], r["in_domain_balanced_accuracy_lo"],
+                          r["in_domain_balanced_accuracy_hi"]),
+            "in_acc": cell(r["in_domain_accuracy"]),
+            "ext_ba": cell(r["external_balanced_accuracy"], r["external_balanced_accuracy_lo"],
+                           r["external_balanced_accuracy_hi"]),
+            "ext_acc": cell(r["external_accuracy"], r["external_accuracy_lo"],
+                            r["external_accuracy_hi"]),
+            "gap": cell(r["gap_balanced_accuracy"], signed=True),
+            "big_gap": bool(np.isfinite(r["gap_balanced_accuracy"])
+                            and r["gap_balanced_accuracy"] < -EXTERNAL_DROP),
+            "moved": (rank["in_domain_rank"] is not None and rank["external_rank"] is not None
+                      and rank["in_domain_rank"] != rank["external_rank"]),
+        })
+    return rows
+
+
+def _external_header(run, name: str, per_class: pd.DataFrame, meta: dict) -> dict:
+    entry = meta.get("entry") or {}
+    boot = meta.get("bootstrap") or {}
+    present = set(per_class["class"])
+    by_group = boot.get("unit") == "group"
+    return {
+        "path": entry.get("path", ""), "labels": entry.get("labels") or "",
+        "n": meta.get("n"), "n_unreadable": int(meta.get("n_unreadable") or 0),
+        "groups": (entry.get("groups") or "") if by_group else "",
+        "n_groups": boot.get("n_units") if by_group else None,
+        "unmapped": sorted(((str(c), int(k)) for c, k in (meta.get("unmapped") or {}).items()),
+                           key=lambda t: (-t[1], t[0])),
+        "left_out": sorted((str(c), int(k)) for c, k in (meta.get("left_out") or {}).items()),
+        "sampled": bool(meta.get("sampled")), "max_images": entry.get("max_images"),
+        "present": [c for c in run.classes if c in present],
+        "absent": [c for c in run.classes if c not in present],
+        "chance": 1 / len(present) if present else math.nan,
+        "resamples": boot.get("resamples"), "level": boot.get("level"),
+        "unit": boot.get("unit", "image")}
+
+
+def _external_section(run, board: pd.DataFrame, out: _Out, colors) -> dict:
+    """Every external set scored at the end of the run: header, in-domain against external
+    table (with CSV), whether the leaderboard's winner holds (Spearman), the figures and
+    the warnings when the winner's result does not hold outside the training lab."""
+    sets, warnings = [], []
+    notes = [f"external set '{n}' could not be read: {why}"
+             for n, why in sorted(run.external_errors.items())]
+    for name, (scores, per_class, meta) in sorted(run.external.items()):
+        table = tables.external_table(board, scores)
+        t_csv = out.csv(table, f"external_{slug(name)}")
+        agree = tables.external_agreement(table)
+        head = _external_header(run, name, per_class, meta)
+        missing = [n for n in table["candidate"] if n not in set(scores["candidate"])]
+        figs = [out.fig(plots.external_scatter_figure(
+                            table, colors, f"In-domain against external ({name}) "
+                                           "balanced accuracy"),
+                        f"external_{slug(name)}_scatter",
+                        f"in-domain against external balanced accuracy on {name}",
+                        f"Balanced accuracy of every entry: cross-validated (x) against {name} "
+                        "(y); below the dashed diagonal an entry loses accuracy outside the "
+                        "training lab.", t_csv)]
+        focus = []
+        if agree["best_in_domain"]:
+            focus.append((agree["best_in_domain"], "leaderboard winner"
+                          if agree["winner_holds"] is not True
+                          else "leaderboard and external winner"))
+        if agree["best_external"] and agree["best_external"] != agree["best_in_domain"]:
+            focus.append((agree["best_external"], "external winner"))
+        if focus:
+            recall = tables.external_recall(run, per_class, [n for n, _ in focus])
+            role = dict(focus)
+            r_csv = out.csv(recall.assign(role=recall["candidate"].map(role)),
+                            f"external_{slug(name)}_recall")
+            figs.append(out.fig(plots.external_recall_figure(
+                                    recall, focus, run.classes,
+                                    f"Recall per class: in-domain (out-of-fold) and on {name}"),
+                                f"external_{slug(name)}_recall",
+                                f"recall per class in-domain and on {name}",
+                                "Recall per class of " + " and ".join(n for n, _ in focus)
+                                + ": pooled out-of-fold predictions (in-domain) and on "
+                                f"{name} (external); grey: class absent from {name}.", r_csv))
+        best = table.iloc[0] if len(table) else None
+        if best is not None and np.isfinite(best["external_balanced_accuracy"]):
+            e, i = float(best["external_balanced_accuracy"]), \
+                float(best["in_domain_balanced_accuracy"])
+            if e < EXTERNAL_FLOOR or (np.isfinite(i) and e < i - EXTERNAL_DROP):
+                warnings.append({
+                    "title": f"Results do not hold outside the training lab ({name})",
+                    "text": f"Results do not hold outside the training lab: the leaderboard's "
+                            f"best entry '{best['candidate']}' reaches a balanced accuracy of "
+                            f"{e:.3f} on the external set '{name}' "
+                            f"[{fmt(best['external_balanced_accuracy_lo'])}, "
+                            f"{fmt(best['external_balanced_accuracy_hi'])}] against {fmt(i)} "
+                            f"in-domain (gap {e - i:+.3f}; warning below {EXTERNAL_FLOOR} or "
+                            f"more than {EXTERNAL_DROP} below in-domain). The cross-validated "
+                            "scores measure this lab's images, not the task."})
+        sets.append({"name": name, "id": f"external-{slug(name)}", "head": head,
+                     "rows": _external_rows(table), "csv": t_csv, "agree": agree,
+                     "figs": figs, "missing": missing,
+                     "best_in_row": None if best is None else _external_rows(table.iloc[:1])[0],
+                     "best_ext_row": next((r for r in _external_rows(table)
+                                           if r["name"] == agree["best_external"]), None)})
+    return {"sets": sets, "notes": notes, "warnings": warnings,
+            "shown": bool(sets or notes)}
 
 
 def _gradcam_section(run, board, s, out: _Out, colors, gradcam, progress) -> dict:

@@ -15,6 +15,11 @@ from matplotlib.figure import Figure
 DPI = 110
 
 
+def plain(text) -> str:
+    """``text`` shown as it is (a ``$`` would otherwise start matplotlib's mathtext)."""
+    return str(text).replace("$", r"\$")
+
+
 def palette(names: list[str]) -> dict[str, str]:
     """A fixed colour per name (tab10, then tab20 for more than ten)."""
     cmap = colormaps["tab10" if len(names) <= 10 else "tab20"]
@@ -199,4 +204,70 @@ def cd_figure(avg_ranks: dict, cd: float, colors: dict, title: str) -> Figure:
     ax.set_ylim(-0.5 - 0.3 * half, 0.7)
     ax.axis("off")
     ax.set_title(title, fontsize=10)
+    return fig
+
+
+def external_scatter_figure(table, colors: dict, title: str) -> Figure:
+    """In-domain (cross-validated) against external balanced accuracy, one point per entry
+    (external 95% bootstrap interval as a vertical bar), the diagonal = no loss."""
+    fig = Figure(figsize=(6.2, 5.4))
+    ax = fig.subplots()
+    points: dict[tuple, list[str]] = {}
+    for _, r in table.iterrows():
+        x, y = r["in_domain_balanced_accuracy"], r["external_balanced_accuracy"]
+        if not (np.isfinite(x) and np.isfinite(y)):
+            continue
+        c = colors.get(r["candidate"], "black")
+        lo, hi = r["external_balanced_accuracy_lo"], r["external_balanced_accuracy_hi"]
+        if np.isfinite(lo) and np.isfinite(hi):
+            ax.plot([x, x], [lo, hi], color=c, lw=1.5, alpha=0.6, zorder=1)
+        ax.scatter([x], [y], s=60, color=c, edgecolor="black", linewidth=0.5, zorder=3)
+        points.setdefault((round(float(x), 9), round(float(y), 9)), []).append(r["candidate"])
+    for (x, y), names in points.items():
+        ax.annotate(plain(", ".join(names)), (x, y), textcoords="offset points",
+                    xytext=(6, 4), fontsize=8)
+    ax.plot([0, 1], [0, 1], ls="--", color="grey", lw=1, label="external = in-domain")
+    ax.set_xlim(0, 1.02)
+    ax.set_ylim(0, 1.02)
+    ax.set_aspect("equal")
+    ax.set_xlabel("in-domain balanced accuracy (cross-validated, mean over folds)")
+    ax.set_ylabel("external balanced accuracy (bar: 95% bootstrap CI)")
+    ax.set_title(plain(title), fontsize=10)
+    ax.legend(fontsize=8, loc="lower right")
+    ax.grid(alpha=0.3)
+    return fig
+
+
+def external_recall_figure(recall, rows: list[tuple[str, str]], classes: list[str],
+                           title: str) -> Figure:
+    """Heat map of recall per class: for each ``(entry, role)`` one row in-domain
+    (out-of-fold) and one row on the external set; classes the external set lacks are grey;
+    each class is labelled with its number of external images."""
+    labels, mat = [], []
+    for name, role in rows:
+        t = recall[recall["candidate"] == name].set_index("class").reindex(classes)
+        for col, where in (("in_domain_recall", "in-domain"), ("external_recall", "external")):
+            labels.append(plain(f"{name} ({role}): {where}"))
+            mat.append(t[col].to_numpy(dtype=float))
+    mat = np.array(mat, dtype=float)
+    k = len(classes)
+    fig = Figure(figsize=(max(6.0, 0.62 * k + 4.5), 0.5 * len(labels) + 2.0))
+    ax = fig.subplots()
+    cmap = colormaps["RdYlGn"].with_extremes(bad="#d9d9d9")
+    im = ax.imshow(np.ma.masked_invalid(mat), cmap=cmap, vmin=0, vmax=1, aspect="auto")
+    support = recall.drop_duplicates("class").set_index("class")["external_support"] \
+        .reindex(classes).fillna(0).astype(int)
+    ax.set_xticks(range(k), labels=[f"{plain(c)} (n={support[c]})" for c in classes],
+                  rotation=45, ha="right")
+    ax.set_yticks(range(len(labels)), labels=labels)
+    for i in range(len(labels)):
+        for j in range(k):
+            v = mat[i, j]
+            dark = np.isfinite(v) and (v < 0.15 or v > 0.85)
+            ax.text(j, i, "absent" if not np.isfinite(v) else f"{v:.2f}", ha="center",
+                    va="center", fontsize=7, color="white" if dark else "black")
+    for i in range(2, len(labels), 2):
+        ax.axhline(i - 0.5, color="white", lw=3)
+    ax.set_title(plain(title), fontsize=10)
+    fig.colorbar(im, ax=ax, fraction=0.03, pad=0.02, label="recall")
     return fig

@@ -23,6 +23,8 @@ class RunData:
         in leaderboard order.
     oof : name -> (N, K) out-of-fold probabilities.
     units : name -> list of per-fold ``result.json`` dicts (candidates only).
+    external : set name -> ``(scores, per_class, meta)`` of each external set scored at the
+        end of the run (``external/<NAME>/``; :meth:`RunDir.read_external`), names as str.
     """
 
     def __init__(self, run_dir):
@@ -59,6 +61,17 @@ class RunData:
                 self.units[name] = [rd.unit_result(name, k) for k in self.fold_ids]
         self.entries = pd.DataFrame(rows)
         self.names = list(self.entries["name"])
+        self.external, self.external_errors = {}, {}
+        for name in rd.external_sets():
+            try:
+                scores, per_class, meta = rd.read_external(name)
+                scores["candidate"] = scores["candidate"].astype(str)
+                per_class["candidate"] = per_class["candidate"].astype(str)
+                per_class["class"] = per_class["class"].astype(str)
+            except Exception as exc:   # noqa: BLE001 - the rest of the report stays useful
+                self.external_errors[name] = f"{type(exc).__name__}: {exc}"
+                continue
+            self.external[name] = (scores, per_class, meta)
 
     def unit_dir(self, name: str, fold: int) -> Path:
         return self.rundir.unit_dir(name, fold)

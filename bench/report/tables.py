@@ -165,3 +165,113 @@ def calibration_table(run, per_fold: pd.DataFrame, bins: int) -> pd.DataFrame:
                      "mean_confidence": float(p.max(axis=1).mean()),
                      "accuracy": float((p.argmax(axis=1) == run.y).mean())})
     return pd.DataFrame(rows)
+
+
+# ----------------------------------------------------------------------------- external sets
+
+EXTERNAL_COLUMNS = (
+    "leaderboard_rank", "candidate", "kind",
+    "in_domain_balanced_accuracy", "in_domain_balanced_accuracy_lo",
+    "in_domain_balanced_accuracy_hi", "in_domain_accuracy",
+    "external_balanced_accuracy", "external_balanced_accuracy_lo",
+    "external_balanced_accuracy_hi", "external_accuracy", "external_accuracy_lo",
+    "external_accuracy_hi", "external_macro_f1", "external_ece",
+    "external_restricted_balanced_accuracy", "gap_balanced_accuracy",
+    "in_domain_rank", "external_rank")
+
+
+def _rank_desc(v: pd.Series) -> pd.Series:
+    """1 = highest; ties share the best rank (1, 2, 2, 4); missing values stay missing."""
+    return v.rank(ascending=False, method="min").astype("Int64")
+
+
+def external_table(board: pd.DataFrame, scores: pd.DataFrame) -> pd.DataFrame:
+    """One row per leaderboard entry (leaderboard order): the in-domain (cross-validated,
+    mean over folds) balanced accuracy and accuracy beside the external ones with their
+    bootstrap intervals, the gap (external − in-domain balanced accuracy) and both ranks
+    by balanced accuracy. Entries without external scores keep empty external cells."""
+    s = scores.drop_duplicates("candidate").set_index("candidate")
+    ext = s.reindex(board["candidate"])
+
+    def col(name):
+        return (ext[name].to_numpy(dtype=float) if name in ext
+                else np.full(len(board), np.nan))
+
+    df = pd.DataFrame({
+        "leaderboard_rank": board["rank"].to_numpy(),
+        "candidate": board["candidate"].to_numpy(),
+        "kind": board["kind"].to_numpy(),
+        "in_domain_balanced_accuracy": board["balanced_accuracy"].to_numpy(dtype=float),
+        "in_domain_balanced_accuracy_lo": board["balanced_accuracy_lo"].to_numpy(dtype=float),
+        "in_domain_balanced_accuracy_hi": board["balanced_accuracy_hi"].to_numpy(dtype=float),
+        "in_domain_accuracy": board["accuracy"].to_numpy(dtype=float),
+        "external_balanced_accuracy": col("balanced_accuracy"),
+        "external_balanced_accuracy_lo": col("balanced_accuracy_lo"),
+        "external_balanced_accuracy_hi": col("balanced_accuracy_hi"),
+        "external_accuracy": col("accuracy"),
+        "external_accuracy_lo": col("accuracy_lo"),
+        "external_accuracy_hi": col("accuracy_hi"),
+        "external_macro_f1": col("macro_f1"),
+        "external_ece": col("ece"),
+        "external_restricted_balanced_accuracy": col("restricted_balanced_accuracy"),
+    })
+    df["gap_balanced_accuracy"] = (df["external_balanced_accuracy"]
+                                   - df["in_domain_balanced_accuracy"])
+    df["in_domain_rank"] = _rank_desc(df["in_domain_balanced_accuracy"])
+    df["external_rank"] = _rank_desc(df["external_balanced_accuracy"])
+    return df[list(EXTERNAL_COLUMNS)]
+
+
+def external_agreement(table: pd.DataFrame) -> dict:
+    """Does the leaderboard's winner stay the winner on the external set?
+
+    ``rho``/``p``: Spearman rank correlation (:func:`scipy.stats.spearmanr`) between the
+    in-domain and the external balanced accuracy over the entries that have both (NaN with
+    fewer than two, or when one side is constant); ``best_in_domain``: the leaderboard's
+    first entry; ``best_external``: the highest external balanced accuracy (ties: the
+    earliest on the leaderboard); ``winner_holds``: the leaderboard's winner is (one of)
+    the best on the external set.
+    """
+    from scipy.stats import spearmanr
+    both = table.dropna(subset=["in_domain_balanced_accuracy", "external_balanced_accuracy"])
+    a = both["in_domain_balanced_accuracy"].to_numpy(dtype=float)
+    b = both["external_balanced_accuracy"].to_numpy(dtype=float)
+    rho = p = float("nan")
+    why = ""
+    if len(both) < 2:
+        why = "needs at least two entries with both scores"
+    elif np.ptp(a) == 0 or np.ptp(b) == 0:
+        why = "undefined: every entry has the same " + ("in-domain" if np.ptp(a) == 0
+                                                        else "external") + " score"
+    else:
+        r = spearmanr(a, b)
+        rho, p = float(r.statistic), float(r.pvalue)
+    best_in = str(table["candidate"].iloc[0]) if len(table) else None
+    ext = table["external_balanced_accuracy"]
+    best_ext = str(table.loc[ext.idxmax(), "candidate"]) if ext.notna().any() else None
+    holds = None
+    if best_in is not None and best_ext is not None:
+        mine = ext.iloc[0]
+        holds = bool(np.isfinite(mine) and mine >= ext.max())
+        if holds:
+            best_ext = best_in   # tied for first: the leaderboard's winner is a winner
+    return {"rho": rho, "p": p, "n": int(len(both)), "why": why, "best_in_domain": best_in,
+            "best_external": best_ext, "winner_holds": holds}
+
+
+def external_recall(run, per_class_ext: pd.DataFrame, names: list[str]) -> pd.DataFrame:
+    """Per class and entry: out-of-fold (in-domain) recall beside external recall (empty
+    for classes the external set lacks) and the external support."""
+    rows = []
+    for n in names:
+        ind = per_class(run, n).set_index("class")
+        ext = per_class_ext[per_class_ext["candidate"] == n].drop_duplicates("class") \
+            .set_index("class")
+        for c in run.classes:
+            has = c in ext.index
+            rows.append({"candidate": n, "class": c,
+                         "in_domain_recall": float(ind.loc[c, "recall"]),
+                         "in_domain_support": int(ind.loc[c, "support"]),
+                         "external_recall": float(ext.loc[c, "recall"]) if has else np.nan,
+                         "external_support": int(ext.loc[c, "support"]) if has else 0})
+    return pd.DataFrame(rows)
