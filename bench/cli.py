@@ -134,6 +134,34 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def terminal_table(board, out: Path):
+    """The leaderboard's key columns as a rich table that fits the terminal (the full
+    table is in the run directory's files)."""
+    from rich.table import Table
+    ext = [c[:-len("_balanced_accuracy")] for c in board.columns
+           if c.endswith("_balanced_accuracy") and c != "balanced_accuracy"]
+    t = Table(title=f"Leaderboard ({out.name}): mean over folds", title_justify="left",
+              caption="external columns: balanced accuracy on that set" if ext else None,
+              caption_justify="left", pad_edge=False)
+    width = max(len(str(n)) for n in board["candidate"])
+    t.add_column("#", justify="right", no_wrap=True)
+    t.add_column("candidate", min_width=min(width, 24), overflow="fold")
+    t.add_column("kind", no_wrap=True)
+    for col in ("accuracy", "bal.acc", *ext):
+        t.add_column(col, justify="right", no_wrap=col in ("accuracy", "bal.acc"),
+                     overflow="fold")
+    t.add_column("fit s", justify="right", no_wrap=True)
+    short = {"ensemble": "ens", "baseline": "base"}
+    for i, (_, row) in enumerate(board.iterrows()):
+        cells = [str(i + 1), str(row["candidate"]), short.get(row["kind"], str(row["kind"])),
+                 f"{row['accuracy']:.3f}±{row['accuracy_std']:.3f}",
+                 f"{row['balanced_accuracy']:.3f}"]
+        cells += [f"{row[f'{e}_balanced_accuracy']:.3f}" for e in ext]
+        cells.append(f"{row['fit_seconds']:.0f}")
+        t.add_row(*cells, style="bold" if i == 0 else None)
+    return t
+
+
 def _check_run_args(args) -> None:
     if args.workers is not None and args.workers < 1:
         raise BenchError(f"--workers must be at least 1, got {args.workers}")
@@ -147,8 +175,11 @@ def cmd_run(args) -> int:
     board, out = run_from_args(args.config, profile=args.profile, data=args.data, out=args.out,
                                only=only, force=args.force, workers=args.workers,
                                scheduler=args.scheduler, storage=args.storage)
-    console.print((out / "leaderboard.md").read_text())
+    console.print(terminal_table(board, out))
     console.print(f"run directory: {out}")
+    report = out / "report" / "index.html"
+    if report.is_file():
+        console.print(f"report: {report}  (full table: {out / 'leaderboard.csv'})")
     return 0
 
 
