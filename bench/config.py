@@ -73,6 +73,12 @@ class Config:
     def ensembles(self) -> dict:
         return self.data.get("ensembles", {})
 
+    def path(self, value: str) -> str:
+        """A file named in the config: a relative path starts at the config's folder."""
+        if not value or self.source is None or Path(value).expanduser().is_absolute():
+            return value
+        return str(_abs(value, self.source))
+
     def to_toml(self) -> str:
         return tomli_w.dumps(_drop_none(self.data))
 
@@ -116,7 +122,7 @@ def load_config(path: str | os.PathLike | None = None, profile: str | None = Non
     only : run only these candidates (they must exist in the profile's selection).
     out : run directory; overrides ``[run] out``.
     """
-    path = Path(path or DEFAULT_CONFIG)
+    path = Path(os.path.abspath(Path(path or DEFAULT_CONFIG).expanduser()))
     raw = read_toml(path)
     return resolve_config(raw, source=path, profile=profile, data=data, only=only, out=out)
 

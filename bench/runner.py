@@ -131,8 +131,8 @@ def prepare_run(cfg: Config, force: bool = False, show_progress: bool = True):
     _check_out(run, force)
     ds, data_path = prepare_dataset(cfg, show_progress)
     data = cfg["data"]
-    groups, group_info = make_groups(ds, data.get("groups", ""), data.get("pairs", ""),
-                                     data.get("group_rule", ""))
+    groups, group_info = make_groups(ds, cfg.path(data.get("groups", "")),
+                                     cfg.path(data.get("pairs", "")), data.get("group_rule", ""))
     folds = make_folds(ds.labels, groups, cfg["run"]["folds"], cfg["run"]["seed"], ds.classes)
     table = folds_table(ds, groups, folds)
     fhash = folds_hash(table)

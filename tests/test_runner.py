@@ -137,7 +137,9 @@ def test_cli_predict_writes_csv(tiny_run, tmp_path, capsys):
     assert main(["predict", "--model", str(out / "predictor"), "--img-path", str(imgs),
                  "--out", str(csv_path)]) == 0
     rows = list(csv.DictReader(open(csv_path)))
-    assert list(rows[0]) == ["path", "prediction", "confidence", "disc", "square", "stripes"]
+    assert list(rows[0]) == ["path", "prediction", "confidence", "disc", "square", "stripes",
+                            "shift_score"]
+    assert all(0 <= float(r["shift_score"]) <= 1 for r in rows)
     assert len(rows) == 12
     correct = sum(r["prediction"] == os.path.basename(os.path.dirname(r["path"])) for r in rows)
     assert correct >= 8
