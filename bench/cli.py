@@ -126,6 +126,9 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--batch-size", "--batch_size", dest="batch_size", type=int, default=128)
     ev.add_argument("--tta", default=None, choices=["none", "flips", "d4"],
                     help="test-time views instead of the predictor's own [predictor] tta")
+    ev.add_argument("--adapt", default=None, choices=["bn"],
+                    help="unsupervised test-time adaptation on the set's images (AdaBN: "
+                         "batch-norm statistics re-estimated); reported as adapted")
     ev.add_argument("--no-gradcam", dest="gradcam", action="store_false", default=True,
                     help="skip the Grad-CAM gallery of errors")
     ev.add_argument("--config", default=None, help="config for --data NAME (default: "
@@ -365,7 +368,8 @@ def cmd_evaluate(args) -> int:
         raise BenchError("--out is empty: give a folder")
     result = evaluate(args.model, args.data, labels=args.labels, class_map=args.class_map,
                       groups=args.groups, out=args.out, batch_size=args.batch_size,
-                      gradcam=args.gradcam, config=args.config, tta=args.tta)
+                      gradcam=args.gradcam, config=args.config, tta=args.tta,
+                      adapt=args.adapt)
     print(summary(result))
     return 0
 

@@ -856,7 +856,8 @@ def _write_outputs(tmp: Path, result: dict, ext: ExternalSet, keep, y, proba, sc
 
 def evaluate(predictor_dir, data, *, labels=None, class_map=None, groups=None, out=None,
              batch_size: int = 128, gradcam: bool = True, config=None, n_boot: int = N_BOOT,
-             seed: int = SEED, progress: bool = True, tta: str | None = None) -> dict:
+             seed: int = SEED, progress: bool = True, tta: str | None = None,
+             adapt: str | None = None) -> dict:
     """Score the predictor in ``predictor_dir`` on a labelled external set.
 
     Parameters
@@ -869,6 +870,8 @@ def evaluate(predictor_dir, data, *, labels=None, class_map=None, groups=None, o
     groups : a column of the ``labels`` CSV (e.g. patients): the bootstrap resamples groups.
     tta : test-time views to use instead of the predictor's own ``[predictor] tta``
         (``"none"``, ``"flips"``, ``"d4"``); recorded in ``evaluation.json``.
+    adapt : ``"bn"``: unsupervised test-time adaptation (AdaBN) on the set's own images
+        before predicting; transductive, so it is recorded and reported apart.
     out : output folder; default ``./evaluation-<dataset name>``.
     batch_size : images per ``predict_proba`` call.
     gradcam : draw the Grad-CAM gallery of errors (CNN members only).
@@ -914,6 +917,11 @@ def evaluate(predictor_dir, data, *, labels=None, class_map=None, groups=None, o
         if tta not in TTA_VIEWS:
             raise BenchError(f"--tta must be one of {sorted(TTA_VIEWS)}, got {tta!r}")
         pred.tta = tta
+    adaptation = None
+    if adapt is not None:
+        if adapt != "bn":
+            raise BenchError(f"--adapt must be 'bn', got {adapt!r}")
+        adaptation = pred.adapt([ext.items[i] for i in keep], seed=seed)
     t1 = time.perf_counter()
     items = [ext.items[i] for i in keep]
     proba, ok, errors = _predict(pred, items, int(batch_size), progress)
@@ -953,6 +961,7 @@ def evaluate(predictor_dir, data, *, labels=None, class_map=None, groups=None, o
                       "type": manifest["ensemble"]["type"],
                       "manifest_sha256": manifest.get("manifest_sha256"),
                       "classes": classes, "image_size": pred.image_size, "tta": pred.tta,
+                      "adaptation": adaptation,
                       "members": [{"name": m["name"], "kind": m.get("kind"),
                                    "fold_models": len(m["models"])} for m in manifest["members"]],
                       "temperature": (manifest.get("calibration") or {}).get("temperature")},

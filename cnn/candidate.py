@@ -35,6 +35,7 @@ class KerasCandidate(Candidate):
     fit_accepts = frozenset({"classes", "workdir", "epoch_callbacks"})
     explainable = True
     fused_inference = True
+    adaptable = True
 
     def _build(self, image_size: int, n_classes: int):  # pragma: no cover - interface
         raise NotImplementedError
@@ -85,6 +86,12 @@ class KerasCandidate(Candidate):
         :meth:`predict_proba`, or one index per image. See :func:`cnn.gradcam.gradcam`.
         """
         return gradcam(self.model_, np.asarray(X), class_index=class_index)
+
+    def adapt(self, X) -> int:
+        """AdaBN: the model's trainable batch-norm statistics re-estimated on unlabelled
+        images ``X`` (:mod:`cnn.adapt`); returns the number of layers adapted."""
+        from cnn.adapt import adapt_batchnorm   # lazy: Keras
+        return adapt_batchnorm(self.model_, np.asarray(X))
 
     def _fit_inputs(self, X) -> None:
         """Fit whatever the model's input layers learn from the training images alone."""

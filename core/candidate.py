@@ -36,6 +36,10 @@ the predictor and the report ask them:
 ``fused_inference``
     ``inference_parts()`` returns ``(key, trunk, head)`` Keras pieces the predictor runs
     in one graph; fold models with equal ``key`` share one trunk pass.
+``adaptable``
+    ``adapt(X)`` re-estimates statistics the model learned from its training images
+    (batch norm) on unlabelled new images, for test-time adaptation; returns how many
+    layers changed.
 """
 
 from __future__ import annotations
@@ -67,6 +71,7 @@ class Candidate(ClassifierMixin, BaseEstimator):
     prepare_in_child = False
     explainable = False
     fused_inference = False
+    adaptable = False
 
     # -- to implement -------------------------------------------------------------
     def fit(self, X, y, X_val=None, y_val=None):  # pragma: no cover - interface

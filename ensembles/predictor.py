@@ -180,6 +180,26 @@ class Predictor:
         return np.mean([self.ensemble_.combine(self.member_probas(
             np.ascontiguousarray(_VIEW[v](images)))) for v in views], axis=0)
 
+    def adapt(self, x, max_images: int = 2000, seed: int = 0) -> dict:
+        """Unsupervised test-time adaptation (AdaBN) of the members that declare
+        ``adaptable`` on a seeded sample of at most ``max_images`` of ``x`` (no labels).
+        Changes this loaded predictor only, never its files. Returns what was done."""
+        items = x if isinstance(x, np.ndarray) and x.ndim == 4 else as_items(x)
+        rows = np.arange(len(items))
+        if len(rows) > max_images:
+            rows = np.sort(np.random.default_rng(seed).choice(rows, max_images, replace=False))
+        X = self.preprocessing.apply_batch([items[i] for i in rows] if not isinstance(
+            items, np.ndarray) else items[rows])
+        layers, models = 0, 0
+        for n in self.member_names_:
+            for m in self.members_[n]:
+                if m.adaptable:
+                    layers += m.adapt(X)
+                    models += 1
+        self._fused = None   # the fused graph holds the old statistics
+        return {"method": "AdaBN (batch-norm statistics re-estimated on the new images)",
+                "images": int(len(X)), "fold_models": models, "layers": layers}
+
     def shift_scores(self, x, batch_size: int = 256) -> np.ndarray:
         """Per image, how far its colours lie from the training images' (0-1: the share of
         training images closer to their mean; see :mod:`core.shift`). ``None`` for

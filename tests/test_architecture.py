@@ -25,7 +25,7 @@ ALLOWED = {   # package -> project packages it may import
     "bench": set(PACKAGES),
 }
 # project modules that import keras (TensorFlow) at load time: lazily imported on purpose
-KERAS_MODULES = {"cnn.augment", "cnn.models", "cnn.backbones", "cnn.stain"}
+KERAS_MODULES = {"cnn.augment", "cnn.models", "cnn.backbones", "cnn.stain", "cnn.adapt"}
 
 
 def _modules():

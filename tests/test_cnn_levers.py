@@ -214,3 +214,26 @@ def test_stain_norm_must_be_known():
     from core.params import validate_params
     with pytest.raises(BenchError, match="stain_norm: expected one of"):
         validate_params(ScratchCNN, {"stain_norm": "macenko"}, "x")
+
+
+def test_adabn_reestimates_batchnorm_statistics_on_new_images():
+    """After adapt(), each trainable batch-norm layer's moving mean and variance are the
+    statistics of its inputs on the new images (layers before it already adapted)."""
+    import keras
+    from cnn.adapt import batchnorm_layers
+    from cnn.candidate import ScratchCNN
+    from tests.conftest import toy_arrays
+    X, y = toy_arrays(12, 24, seed=0)
+    cand = ScratchCNN(blocks=2, filters=8, dense_units=16, epochs=3, batch_size=16,
+                      augment="none", seed=0).fit(X, y)
+    Xs = np.clip(0.6 * X.astype(np.float64) + 0.4 * np.array([255, 200, 230]), 0, 255)
+    Xs = Xs.astype(np.uint8)
+    before = cand.predict_proba(Xs)
+    assert cand.adaptable and cand.adapt(Xs) == len(batchnorm_layers(cand.model_)) == 2
+    for bn in batchnorm_layers(cand.model_):
+        h = keras.ops.convert_to_numpy(keras.Model(cand.model_.inputs, bn.input)(Xs))
+        np.testing.assert_allclose(keras.ops.convert_to_numpy(bn.moving_mean),
+                                   h.mean(axis=(0, 1, 2)), rtol=1e-4, atol=1e-4)
+        np.testing.assert_allclose(keras.ops.convert_to_numpy(bn.moving_variance),
+                                   h.var(axis=(0, 1, 2)), rtol=1e-3, atol=1e-4)
+    assert not np.allclose(cand.predict_proba(Xs), before)
