@@ -602,32 +602,11 @@ def _predict(pred, items, batch_size: int, show: bool):
 # ----------------------------------------------------------------------------- figures
 
 def _confusion_figure(cm: np.ndarray, true: list[str], predicted: list[str]):
-    from matplotlib.figure import Figure
     cm = np.asarray(cm, dtype=float)
     norm = cm / np.maximum(cm.sum(axis=1, keepdims=True), 1)
-    r, c = cm.shape
-    w, h = max(4.0, 0.55 * c + 2.2), max(2.6, 0.5 * r + 1.8)
-    fig = Figure(figsize=(2 * w + 1, h))
-    axes = fig.subplots(1, 2)
-    for ax, mat, sub, fm in ((axes[0], cm, "counts", ".0f"),
-                             (axes[1], norm, "normalised by true class", ".2f")):
-        im = ax.imshow(mat, cmap="Blues", vmin=0, vmax=max(mat.max(), 1e-9) if fm == ".0f" else 1,
-                       aspect="auto")
-        ax.set_xticks(range(c), labels=predicted, rotation=45, ha="right")
-        ax.set_yticks(range(r), labels=true)
-        ax.set_xlabel("predicted class (all predictor classes)")
-        ax.set_ylabel("true class")
-        ax.set_title(sub)
-        hi = mat.max() / 2 if mat.max() else 0.5
-        if c <= 20:
-            for i in range(r):
-                for j in range(c):
-                    ax.text(j, i, format(mat[i, j], fm), ha="center", va="center", fontsize=7,
-                            color="white" if mat[i, j] > hi else "black")
-        fig.colorbar(im, ax=ax, fraction=0.046, pad=0.04)
-    fig.suptitle("Confusion matrix on the external set")
-    fig.tight_layout()
-    return fig
+    return plots.confusion_figure(cm, norm, true, "Confusion matrix on the external set",
+                                  predicted=predicted,
+                                  xlabel="predicted class (all predictor classes)")
 
 
 def _recall_figure(rows: list[dict], has_in_domain: bool):

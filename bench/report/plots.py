@@ -79,27 +79,36 @@ def cost_figure(board, metric: str, label: str, colors: dict) -> Figure:
     return fig
 
 
-def confusion_figure(cm, norm, classes: list[str], title: str) -> Figure:
-    """Counts (left) and row-normalised (right) confusion matrices."""
-    k = len(classes)
-    side = max(4.0, 0.55 * k + 2)
-    fig = Figure(figsize=(2 * side + 1, side))
+def confusion_figure(cm, norm, classes: list[str], title: str,
+                     predicted: list[str] | None = None,
+                     xlabel: str = "predicted class") -> Figure:
+    """Counts (left) and row-normalised (right) confusion matrices; rows are ``classes``
+    (true), columns ``predicted`` (default: the same classes)."""
+    predicted = list(classes) if predicted is None else list(predicted)
+    cm = np.asarray(cm)
+    r, c = len(classes), len(predicted)
+    w, h = max(4.0, 0.55 * c + 2), max(2.6 if r != c else 4.0, 0.55 * r + 2)
+    fig = Figure(figsize=(2 * w + 1, h))
     axes = fig.subplots(1, 2)
-    for ax, mat, sub, fmt in ((axes[0], cm, "counts", "d"), (axes[1], norm, "normalised by true class", ".2f")):
-        im = ax.imshow(mat, cmap="Blues", vmin=0, vmax=mat.max() if fmt == "d" else 1)
-        ax.set_xticks(range(k), labels=classes, rotation=45, ha="right")
-        ax.set_yticks(range(k), labels=classes)
-        ax.set_xlabel("predicted class")
+    counts_fmt = "d" if np.issubdtype(cm.dtype, np.integer) else ".0f"
+    for ax, mat, sub, fmt in ((axes[0], cm, "counts", counts_fmt),
+                              (axes[1], norm, "normalised by true class", ".2f")):
+        top = max(float(mat.max()), 1e-9) if fmt != ".2f" else 1
+        im = ax.imshow(mat, cmap="Blues", vmin=0, vmax=top, aspect="auto" if r != c else None)
+        ax.set_xticks(range(c), labels=predicted, rotation=45, ha="right")
+        ax.set_yticks(range(r), labels=classes)
+        ax.set_xlabel(xlabel)
         ax.set_ylabel("true class")
         ax.set_title(sub)
         hi = mat.max() / 2 if mat.max() else 0.5
-        if k <= 20:
-            for i in range(k):
-                for j in range(k):
+        if c <= 20:
+            for i in range(r):
+                for j in range(c):
                     ax.text(j, i, format(mat[i, j], fmt), ha="center", va="center", fontsize=7,
                             color="white" if mat[i, j] > hi else "black")
         fig.colorbar(im, ax=ax, fraction=0.046, pad=0.04)
     fig.suptitle(title)
+    fig.tight_layout()
     return fig
 
 
