@@ -177,6 +177,10 @@ def run_benchmark(cfg: Config, force: bool = False, workers: int | None = None,
     units = [(str(run.path.resolve()), n, k) for n in cfg.candidates
              for k in range(run_cfg["folds"])]
     todo = [u for u in units if not run.unit_done(u[1], u[2], fp["candidates"][u[1]])]
+    # the longest first (CNNs before feature models), so both cores stay busy to the end;
+    # results do not depend on the order (each unit is seeded by the run seed and its fold)
+    kind = {n: registry.get(e["type"]).kind for n, e in cfg.candidates.items()}
+    todo.sort(key=lambda u: kind[u[1]] != "cnn")
     if len(todo) < len(units):
         info(f"resuming: {len(units) - len(todo)} of {len(units)} work units already done")
     executor = make_executor(workers or run_cfg.get("workers", 1),
