@@ -313,6 +313,7 @@ class DataSection(_Section):
     classes: list[str]
     name: str | None = None
     same_as: list[str] = []
+    min_class_size: int = Field(default=0, ge=0)   # classes with fewer images are left out
 
 
 class TuningSection(_Section):
@@ -476,6 +477,7 @@ class _DatasetOverride(_Section):
     path: str | None = None
     image_size: int | None = Field(default=None, ge=8, le=MAX_IMAGE_SIZE)
     max_images: int | None = Field(default=None, ge=0)
+    min_class_size: int | None = Field(default=None, ge=0)
     groups: str | None = None
     pairs: str | None = None
     group_rule: str | None = Field(default=None, pattern=r"^(number_block:[1-9][0-9]*)?$")

@@ -662,6 +662,8 @@ def prepare_dataset(cfg: Config, show_progress=True) -> tuple[Dataset, Path]:
     for s in ds.skipped:
         warn(f"skipped {s['path']}: {s['reason']}")
     folds = int(cfg["run"]["folds"])
+    if data.get("min_class_size"):
+        ds = drop_small_classes(ds, int(data["min_class_size"]))
     check_classes(ds, folds)
     if data.get("max_images") and len(ds) > data["max_images"]:
         rows = stratified_subset(ds.labels, data["max_images"], cfg["run"]["seed"],
@@ -669,6 +671,28 @@ def prepare_dataset(cfg: Config, show_progress=True) -> tuple[Dataset, Path]:
         ds = ds.subset(rows)
         check_classes(ds, folds, after=f" after [data] max_images = {data['max_images']}")
     return ds, path
+
+
+def drop_small_classes(ds: Dataset, min_size: int) -> Dataset:
+    """``ds`` without the classes of fewer than ``min_size`` images (``[data]
+    min_class_size``), each left-out class warned and recorded in ``skipped``."""
+    counts = np.bincount(ds.labels, minlength=len(ds.classes))
+    small = [i for i, n in enumerate(counts) if n < min_size]
+    if not small:
+        return ds
+    keep = [i for i in range(len(ds.classes)) if i not in small]
+    for i in small:
+        warn(f"class '{ds.classes[i]}' left out: {int(counts[i])} image(s), fewer than "
+             f"[data] min_class_size = {min_size}")
+    rows = np.flatnonzero(np.isin(ds.labels, keep))
+    out = ds.subset(rows)
+    remap = {old: new for new, old in enumerate(keep)}
+    out.labels = np.array([remap[int(c)] for c in out.labels], dtype=np.int64)
+    out.classes = [ds.classes[i] for i in keep]
+    out.skipped = list(ds.skipped) + [
+        {"path": ds.classes[i], "reason": f"class of {int(counts[i])} image(s) < "
+                                          f"min_class_size {min_size}"} for i in small]
+    return out
 
 
 def check_classes(ds: Dataset, folds: int, after: str = "") -> None:

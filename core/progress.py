@@ -6,6 +6,7 @@ import sys
 from contextlib import contextmanager
 
 from rich.console import Console
+from rich.markup import escape
 from rich.progress import (BarColumn, MofNCompleteColumn, Progress, SpinnerColumn, TextColumn,
                            TimeElapsedColumn, TimeRemainingColumn)
 
@@ -41,11 +42,11 @@ def unit_progress(total: int, desc: str = "work units"):
 
 
 def info(msg: str) -> None:
-    console.print(msg)
+    console.print(escape(str(msg)))   # "[run] folds" is text, not rich markup
 
 
 def warn(msg: str) -> None:
-    console.print(f"[yellow]warning:[/yellow] {msg}")
+    console.print(f"[yellow]warning:[/yellow] {escape(str(msg))}")
 
 
 def error_line(msg: str) -> None:
