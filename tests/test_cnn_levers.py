@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import numpy as np
+from pathlib import Path
 import pytest
 
 from core.errors import BenchError
@@ -206,6 +207,16 @@ def test_reinhard_stain_normalisation_learns_and_undoes_a_stain_shift(tmp_path):
     cand.save(tmp_path / "m")
     again = load_candidate(tmp_path / "m")
     np.testing.assert_allclose(again.predict_proba(Xt), cand.predict_proba(Xt), atol=1e-6)
+    np.save(tmp_path / "x.npy", Xt)   # a fresh process, where nothing imported cnn.stain yet
+    import subprocess
+    import sys
+    code = ("import numpy as np; from core.candidate import load_candidate; "
+            f"print(load_candidate({str(tmp_path / 'm')!r}).predict_proba("
+            f"np.load({str(tmp_path / 'x.npy')!r})).argmax(1).tolist())")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                         cwd=str(Path(__file__).resolve().parents[1]), timeout=300)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert out.stdout.strip().splitlines()[-1] == str(cand.predict_proba(Xt).argmax(1).tolist())
 
 
 def test_stain_norm_must_be_known():
