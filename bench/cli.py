@@ -378,8 +378,16 @@ COMMANDS = {"run": cmd_run, "tune": cmd_tune, "predict": cmd_predict, "list": cm
             "inspect": cmd_inspect, "report": cmd_report, "evaluate": cmd_evaluate}
 
 
+# Commands that only apply saved models use every core for TensorFlow, unless the user set
+# BLOODBENCH_TF_THREADS; `run` and `tune` keep the units' fixed layout (cnn.runtime), which
+# is what makes their numbers reproducible.
+ALL_CORES = {"predict", "evaluate", "report"}
+
+
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
+    if args.command in ALL_CORES:
+        os.environ.setdefault("BLOODBENCH_TF_THREADS", "0")
     try:
         return COMMANDS[args.command](args)
     except BenchError as exc:
