@@ -357,13 +357,10 @@ def _load_folder(root: Path, image_size: int, cache_root: Path, show_progress: b
 
 # ----------------------------------------------------------------------------- npz
 
-def _load_npz(path: Path, image_size: int, cache_root: Path, classes) -> Dataset:
-    key = hashlib.sha256(
-        f"npz:v{LOADER_VERSION}:{image_size}:{file_sha256(path)}:{classes}".encode()).hexdigest()
-    slot = _cache_slot(key, [])
-    cached = _read_cache(cache_root, key, slot)
-    if cached is not None:
-        return cached
+def read_npz(path: Path, classes=None):
+    """Images (8-bit RGB, original size), int labels, class names, sources and the
+    original pixel mode of an ``.npz`` (``images/labels[/classes][/files]`` or MedMNIST's
+    splits, merged); every problem is one :class:`BenchError`."""
     try:
         z = np.load(path, allow_pickle=False)
         keys = set(z.files)
@@ -408,6 +405,17 @@ def _load_npz(path: Path, image_size: int, cache_root: Path, classes) -> Dataset
         names = [str(c) for c in classes]
     labels, names = _npz_labels(raw, names, path)
     images, mode = _npz_to_rgb(images, path)
+    return images, labels, names, sources, mode
+
+
+def _load_npz(path: Path, image_size: int, cache_root: Path, classes) -> Dataset:
+    key = hashlib.sha256(
+        f"npz:v{LOADER_VERSION}:{image_size}:{file_sha256(path)}:{classes}".encode()).hexdigest()
+    slot = _cache_slot(key, [])
+    cached = _read_cache(cache_root, key, slot)
+    if cached is not None:
+        return cached
+    images, labels, names, sources, mode = read_npz(path, classes)
     out, hashes = np.empty((len(images), image_size, image_size, 3), np.uint8), []
     prep = Preprocessing(image_size)
     for i, im in enumerate(progress_iter(images, total=len(images), desc="preparing npz",

@@ -42,9 +42,7 @@ import numpy as np
 import pandas as pd
 
 from bench.config import DEFAULT_CONFIG, load_config, read_toml
-from bench.datasets import (MEDMNIST_SPLITS, _class_files, _class_folders, _npz_array,
-                            _npz_class_names, _npz_images, _npz_labels, _npz_to_rgb,
-                            _one_label_per_image)
+from bench.datasets import _class_files, _class_folders, read_npz
 from bench.leaderboard import fmt
 from bench.report import plots
 from bench.report.build import SORT_SCRIPT, _csp, _env, _Out, slug
@@ -241,38 +239,7 @@ def _list_csv(root: Path, csv_path: Path, column: str, group_col: str | None) ->
 
 def _list_npz(path: Path, classes: list[str] | None) -> ExternalSet:
     """An ``.npz`` (``images/labels[/classes][/files]`` or MedMNIST), original size."""
-    try:
-        z = np.load(path, allow_pickle=False)
-        keys = set(z.files)
-    except Exception as exc:  # noqa: BLE001 - any failure to read is a bad file
-        raise BenchError(f"cannot read npz {path}: {exc}") from None
-    get = lambda k: _npz_array(z, k, path)  # noqa: E731
-    names = None
-    if {"images", "labels"} <= keys:
-        images = _npz_images(get("images"), path, "images")
-        raw = _one_label_per_image(get("labels"), len(images), path, "labels")
-        names = _npz_class_names(get("classes"), path) if "classes" in keys else None
-        shown = ([str(f.decode() if isinstance(f, bytes) else f) for f in get("files")]
-                 if "files" in keys and len(get("files")) == len(images)
-                 else [f"npz:{i}" for i in range(len(images))])
-    elif "train_images" in keys:
-        parts = [s for s in MEDMNIST_SPLITS if f"{s}_images" in keys and f"{s}_labels" in keys]
-        arrays = [_npz_images(get(f"{s}_images"), path, f"{s}_images") for s in parts]
-        if len({a.shape[1:] for a in arrays}) > 1:
-            raise BenchError(f"npz {path}: the splits' images differ in shape")
-        raw = np.concatenate([_one_label_per_image(get(f"{s}_labels"), len(a), path,
-                                                   f"{s}_labels") for s, a in zip(parts, arrays)])
-        images = np.concatenate(arrays)
-        shown = [f"npz:{s}/{i}" for s, a in zip(parts, arrays) for i in range(len(a))]
-    else:
-        raise BenchError(f"npz {path} has keys {sorted(keys)}; expected images/labels[/classes] "
-                         "or MedMNIST's train_images/train_labels/...")
-    if len(images) == 0:
-        raise BenchError(f"npz {path} holds no images")
-    if names is None and classes:
-        names = [str(c) for c in classes]
-    idx, names = _npz_labels(raw, names, path)
-    images, _ = _npz_to_rgb(images, path)
+    images, idx, names, shown, _ = read_npz(path, classes)
     return ExternalSet(path.stem, path, "npz", list(images), shown,
                        [names[i] for i in idx])
 
