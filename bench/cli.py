@@ -318,6 +318,10 @@ def cmd_list(args) -> int:
         print("datasets:")
         for name, d in raw["datasets"].items():
             print(f"  {name:10s} {d.get('path', '')}")
+    if raw.get("external"):
+        print("external sets (scored at the end of run, for these datasets):")
+        for name, e in raw["external"].items():
+            print(f"  {name:12s} {e.get('path', '')} -> {', '.join(e.get('datasets', []))}")
     print("registered types: " + ", ".join(registry.known()))
     return 0
 
