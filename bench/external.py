@@ -24,6 +24,7 @@ import time
 import numpy as np
 import pandas as pd
 
+from bench.datasets import stratified_subset
 from bench.evaluate import load_external, map_classes, read_class_map, score
 from bench.rundir import RunDir
 from core.candidate import load_candidate
@@ -37,19 +38,6 @@ N_BOOT = 200
 COLUMNS = ("accuracy", "balanced_accuracy", "macro_f1")
 
 
-def _sample(y: np.ndarray, n: int, seed: int) -> np.ndarray:
-    """Row indices of a seeded, class-stratified sample of about ``n`` rows (sorted)."""
-    if not n or n >= len(y):
-        return np.arange(len(y))
-    rng = np.random.default_rng(seed)
-    rows = []
-    for c in np.unique(y):
-        idx = np.flatnonzero(y == c)
-        take = max(1, int(round(n * len(idx) / len(y))))
-        rows.append(rng.choice(idx, size=min(take, len(idx)), replace=False))
-    return np.sort(np.concatenate(rows))
-
-
 def load_set(name: str, entry: dict, classes: list[str], image_size: int, seed: int):
     """``(X, y, groups, info)`` of external set ``name`` at the run's image size."""
     ext = load_external(entry["path"], labels=entry.get("labels") or None,
@@ -61,7 +49,9 @@ def load_set(name: str, entry: dict, classes: list[str], image_size: int, seed: 
         raise BenchError(f"[external.{name}]: none of its classes "
                          f"{sorted(set(ext.labels))} maps onto the run's {classes}")
     y = np.array([classes.index(mapping[ext.labels[i]]) for i in keep])
-    rows = _sample(y, int(entry.get("max_images", 0) or 0), seed)
+    n = int(entry.get("max_images", 0) or 0)
+    rows = stratified_subset(y, n, seed, min_per_class=1) if 0 < n < len(y) \
+        else np.arange(len(y))
     items = [ext.items[keep[r]] for r in rows]
     groups = None if ext.groups is None else [ext.groups[keep[r]] for r in rows]
     X, _, ok, errors = Preprocessing(image_size).load(items, skip_errors=True)
@@ -94,15 +84,16 @@ def bagged_probas(run: RunDir, names: list[str], kinds: dict, classes, image_siz
     return {n: np.concatenate(v) for n, v in out.items()}
 
 
-def score_external(run: RunDir, cfg, ds, board: pd.DataFrame, kinds: dict, folds) -> pd.DataFrame:
+def score_external(run: RunDir, cfg, ds, board: pd.DataFrame, stored: dict, kinds: dict,
+                   folds) -> pd.DataFrame:
     """Score every entry of ``board`` on each applicable external set; returns ``board``
-    with ``<set>_<metric>`` columns (also written under ``external/``)."""
+    with ``<set>_<metric>`` columns (also written under ``external/``). ``stored``: the
+    out-of-fold probabilities as written to ``oof/`` (what the ensembles are fitted on)."""
     entries = cfg.get("external") or {}
     if not entries:
         return board
     candidates = [n for n in board["candidate"] if n in kinds]
     ensembles = [n for n in board["candidate"] if n not in kinds]
-    stored = {n: run.read_oof(n) for n in candidates}
     for name, entry in entries.items():
         t = time.perf_counter()
         X, y, groups, meta = load_set(name, entry, ds.classes, ds.image_size,

@@ -49,8 +49,7 @@ def _fingerprint(cfg: Config, ds: Dataset, fhash: str) -> dict:
     tuning = {k: v for k, v in cfg["tuning"].items() if k != "storage"}   # where, not what
     shared = {"data": data, "run": run, "tuning": tuning}
     return {"shared": stable_hash(shared), "dataset": ds.content_hash, "folds": fhash,
-            "candidates": {n: stable_hash(e) for n, e in cfg.candidates.items()},
-            "candidates_now": list(cfg.candidates)}
+            "candidates": {n: stable_hash(e) for n, e in cfg.candidates.items()}}
 
 
 def _check_out(run: RunDir, force: bool) -> None:
@@ -65,8 +64,9 @@ def _check_out(run: RunDir, force: bool) -> None:
         info(f"--force: moved the existing folder aside to {run.archive()}")
 
 
-def _check_resume(run: RunDir, fp: dict, force: bool) -> None:
-    """Resume, refuse, or (``--force``) archive a run made with other data or settings."""
+def _check_resume(run: RunDir, fp: dict, force: bool, names: list[str]) -> None:
+    """Resume, refuse, or (``--force``) archive a run made with other data or settings;
+    refuse a run of ``names`` that leaves out candidates of a finished run."""
     if not run.is_run():
         return
     old = run.read_state()["fingerprint"]
@@ -81,9 +81,8 @@ def _check_resume(run: RunDir, fp: dict, force: bool) -> None:
         return
     board = run.file(run.LEADERBOARD_CSV)
     if board.is_file():   # a finished run: its leaderboard, predictor and report are kept
-        done = set(pd.read_csv(board)["candidate"])
-        ens = set(run.read_config().ensembles)
-        missing = sorted(done - ens - set(fp["candidates_now"]))
+        done = pd.read_csv(board)
+        missing = sorted(set(done["candidate"][done["kind"] != "ensemble"]) - set(names))
         if missing:
             raise BenchError(
                 f"{run.path} holds a finished run with {missing}, which this run leaves out "
@@ -138,7 +137,7 @@ def prepare_run(cfg: Config, force: bool = False, show_progress: bool = True):
     fhash = folds_hash(table)
     times["data_and_folds"] = time.perf_counter() - t
     fp = _fingerprint(cfg, ds, fhash)
-    _check_resume(run, fp, force)
+    _check_resume(run, fp, force, list(cfg.candidates))
     same_images = False
     if run.is_run():   # keep candidates of earlier runs in the state
         old = run.read_state()["fingerprint"]
@@ -191,7 +190,7 @@ def run_benchmark(cfg: Config, force: bool = False, workers: int | None = None,
     times["units"] = time.perf_counter() - t
 
     t = time.perf_counter()
-    folds = PredefinedFolds(run.read_folds_table()["fold"].to_numpy())
+    folds = run.folds
     rows, oofs, kinds = _collect(run, cfg, ds, folds)
     ens_rows, ens_oofs = evaluate_ensembles(cfg.ensembles, oofs, kinds, ds.labels, folds, warn)
     by_name = {r["candidate"]: r for r in rows}
@@ -207,12 +206,15 @@ def run_benchmark(cfg: Config, force: bool = False, workers: int | None = None,
     run.write_leaderboard(board, to_markdown(board, run_cfg["metric"]))
     times["ensembles_and_leaderboard"] = time.perf_counter() - t
 
+    # the probabilities as written to oof/ (float32): the saved fits are reproducible from
+    # the run directory alone
+    stored = {n: p.astype(np.float32).astype(np.float64) for n, p in (oofs | ens_oofs).items()}
     t = time.perf_counter()
-    _save_predictor(run, cfg, ds, board, oofs | ens_oofs, kinds, folds)
+    _save_predictor(run, cfg, ds, board, stored, kinds, folds)
     times["predictor"] = time.perf_counter() - t
     if cfg.get("external"):
         t = time.perf_counter()
-        board = score_external(run, cfg, ds, board, kinds, folds)
+        board = score_external(run, cfg, ds, board, stored, kinds, folds)
         run.write_leaderboard(board, to_markdown(board, run_cfg["metric"]))
         times["external"] = time.perf_counter() - t
     run.update_manifest(stage_seconds=times, finished=_dt.datetime.now(
@@ -244,15 +246,15 @@ def _collect(run: RunDir, cfg: Config, ds: Dataset, folds: PredefinedFolds):
     return rows, oofs, kinds
 
 
-def _save_predictor(run: RunDir, cfg: Config, ds: Dataset, board, oofs, kinds, folds) -> None:
-    """Save the chosen entry (``[predictor] ensemble``, default the best ensemble)."""
+def _save_predictor(run: RunDir, cfg: Config, ds: Dataset, board, stored, kinds,
+                    folds) -> None:
+    """Save the chosen entry (``[predictor] ensemble``, default the best ensemble);
+    ``stored``: every entry's out-of-fold probabilities as written to ``oof/``."""
     pred_cfg = cfg.get("predictor", {})
     metric = cfg["run"]["metric"]
     choice = pred_cfg.get("ensemble", "best")
     row = choose_entry(board, choice)
     name = row["candidate"]
-    # the oofs as written to disk (float32), so the saved fit is reproducible from the run
-    stored = {n: run.read_oof(n) for n in oofs}
     members, ens = final_ensemble(name, row["kind"], cfg.ensembles, stored, kinds, ds.labels,
                                   folds)
     weights = ens.member_weights()
