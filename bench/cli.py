@@ -13,7 +13,6 @@ import json
 import os
 import sys
 import tempfile
-from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
@@ -239,41 +238,32 @@ def cmd_predict(args) -> int:
     starts = range(0, len(paths), args.batch_size)
     n_ok, scores = 0, []
 
-    def read(s):   # each file decoded and resized once (threads), shared by all members
-        return pred.preprocessing.load(paths[s:s + args.batch_size],
-                                       keep_full=bool(args.gradcam), skip_errors=True)
-    reader = ThreadPoolExecutor(1)   # reads the next batch while this one is classified
-    try:
-        pending = reader.submit(read, 0)
-        for s in progress_iter(starts, total=len(starts), desc="predicting",
-                               enabled=len(starts) > 1):
-            X, full, ok, errors = pending.result()
-            if s + args.batch_size < len(paths):
-                pending = reader.submit(read, s + args.batch_size)
-            for _, exc in errors:
-                warn(f"skipped {exc}")
-            good = [s + j for j in ok]
-            if not good:
-                continue
-            proba = pred.predict_proba(X, batch_size=len(X))
-            top = np.argmax(proba, axis=1)
-            cams = pred.explain(X, class_index=top) if args.gradcam else None
-            sc = shift.score(X) if shift else None
-            if shift:
-                scores.append(sc)
-            for j, (i, row) in enumerate(zip(good, proba)):
-                k = int(top[j])
-                extra = [f"{sc[j]:.4f}"] if shift else []
-                if args.gradcam:
-                    png = Path(args.gradcam) / names[i]
-                    write_gradcam_png(png, full[j], cams[j], row, pred.classes_,
-                                      title=str(paths[i]))
-                    extra.append(names[i])
-                writer.writerow([str(paths[i]), pred.classes_[k], f"{row[k]:.6f}",
-                                 *[f"{v:.6f}" for v in row], *extra])
-            n_ok += len(good)
-    finally:
-        reader.shutdown(cancel_futures=True)
+    # each file decoded and resized once (the next batch read while this one is classified)
+    batches = pred.preprocessing.batches(paths, args.batch_size, keep_full=bool(args.gradcam))
+    for s, X, full, ok, errors in progress_iter(batches, total=len(starts), desc="predicting",
+                                                 enabled=len(starts) > 1):
+        for _, exc in errors:
+            warn(f"skipped {exc}")
+        good = [s + j for j in ok]
+        if not good:
+            continue
+        proba = pred.predict_proba(X, batch_size=len(X))
+        top = np.argmax(proba, axis=1)
+        cams = pred.explain(X, class_index=top) if args.gradcam else None
+        sc = shift.score(X) if shift else None
+        if shift:
+            scores.append(sc)
+        for j, (i, row) in enumerate(zip(good, proba)):
+            k = int(top[j])
+            extra = [f"{sc[j]:.4f}"] if shift else []
+            if args.gradcam:
+                png = Path(args.gradcam) / names[i]
+                write_gradcam_png(png, full[j], cams[j], row, pred.classes_,
+                                  title=str(paths[i]))
+                extra.append(names[i])
+            writer.writerow([str(paths[i]), pred.classes_[k], f"{row[k]:.6f}",
+                             *[f"{v:.6f}" for v in row], *extra])
+        n_ok += len(good)
     if not n_ok:
         raise BenchError(f"none of the {len(paths)} image file(s) under {args.img_path} "
                          "could be read (see the warnings above)")

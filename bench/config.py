@@ -140,7 +140,7 @@ def resolve_config(raw: dict, source: Path | None = None, profile: str | None = 
     profile = profile or cfg["run"]["profile"]
     if profile not in profiles:
         raise BenchError(f"{where}: unknown profile '{profile}'; known: {sorted(profiles) or 'none'}"
-                         + _did_you_mean(profile, profiles))
+                         + did_you_mean(profile, profiles))
     overlay = dict(profiles[profile])
     overlay.pop("description", None)
     select = overlay.pop("select", None)
@@ -203,7 +203,7 @@ def _resolve_external(cfg: dict, raw: dict, source, where: str) -> dict:
         unknown = [d for d in entry.get("datasets", []) if d not in raw.get("datasets", {})]
         if unknown:
             raise BenchError(f"{where}: [external.{name}] datasets {unknown} are not "
-                             f"[datasets.*] entries" + _did_you_mean(unknown[0],
+                             f"[datasets.*] entries" + did_you_mean(unknown[0],
                                                                      raw.get("datasets", {})))
         if not names & set(entry.get("datasets", [])):
             continue
@@ -218,7 +218,8 @@ def _resolve_external(cfg: dict, raw: dict, source, where: str) -> dict:
     return out
 
 
-def _did_you_mean(name, known) -> str:
+def did_you_mean(name, known) -> str:
+    """The hint ``; did you mean 'X'?`` for the closest of ``known``, or nothing."""
     close = difflib.get_close_matches(str(name), [str(k) for k in known], n=1)
     return f"; did you mean '{close[0]}'?" if close else ""
 
@@ -229,7 +230,7 @@ def _check_names(asked, known, where, what):
     missing = [n for n in asked if n not in known]
     if missing:
         raise BenchError(f"{where}: unknown candidate(s) {missing} in {what}; known: {known}"
-                         + _did_you_mean(missing[0], known))
+                         + did_you_mean(missing[0], known))
 
 
 def _resolve_candidate(name: str, entry: dict, cfg: dict, where: str) -> dict:
@@ -252,9 +253,8 @@ def _resolve_weights_path(entry: dict, source) -> None:
     w = entry.get("params", {}).get("weights")
     if not isinstance(w, str) or w.lower() in ("", "imagenet", "none") or source is None:
         return
-    p = Path(w).expanduser()
-    if not p.is_absolute():
-        entry["params"]["weights"] = os.path.abspath(Path(source).parent / p)
+    if not Path(w).expanduser().is_absolute():
+        entry["params"]["weights"] = str(_abs(w, source))
 
 
 # ----------------------------------------------------------------------------- schema
@@ -403,7 +403,7 @@ def _schema_error(where: str, prefix: str, model, exc: ValidationError) -> Bench
         key = path.rsplit(".", 1)[-1]
         known = list(model.model_fields) if "." not in path else []
         return BenchError(f"{where}: {prefix} unknown key '{path}'" + (
-            _did_you_mean(key, known) or (f"; known: {sorted(known)}" if known else "")))
+            did_you_mean(key, known) or (f"; known: {sorted(known)}" if known else "")))
     return BenchError(f"{where}: {prefix} {path} {_plain(err)}, got {err.get('input')!r}")
 
 
@@ -449,7 +449,7 @@ def _check_raw(raw: dict, where: str) -> None:
     if unknown:
         name = sorted(unknown)[0]
         raise BenchError(f"{where}: unknown section '{name}'" + (
-            _did_you_mean(name, KNOWN_SECTIONS) or f"; known: {sorted(KNOWN_SECTIONS)}"))
+            did_you_mean(name, KNOWN_SECTIONS) or f"; known: {sorted(KNOWN_SECTIONS)}"))
     for sec, value in raw.items():
         if not isinstance(value, dict):
             raise BenchError(f"{where}: [{sec}] must be a table, got {value!r}")
@@ -465,7 +465,7 @@ def _check_raw(raw: dict, where: str) -> None:
         if bad:
             key = sorted(bad)[0]
             raise BenchError(f"{where}: profile '{name}' has unknown key '{key}'"
-                             + _did_you_mean(key, KNOWN_SECTIONS))
+                             + did_you_mean(key, KNOWN_SECTIONS))
         if "select" in prof:
             _check_names(prof["select"], list(raw.get("candidates", {})), where,
                          f"profile '{name}' select")
@@ -527,7 +527,7 @@ def _validate_entries(cfg: dict, where: str) -> None:
     if choice != "best" and choice not in names and choice not in cfg["ensembles"]:
         raise BenchError(f"{where}: [predictor] ensemble '{choice}' is neither 'best' nor a "
                          "candidate or ensemble of this run"
-                         + _did_you_mean(choice, names + list(cfg["ensembles"])))
+                         + did_you_mean(choice, names + list(cfg["ensembles"])))
 
 
 def _type(name: str, where: str, prefix: str) -> type:
@@ -535,7 +535,7 @@ def _type(name: str, where: str, prefix: str) -> type:
         return registry.get(name)
     except BenchError:
         raise BenchError(f"{where}: {prefix} type '{name}' is unknown; known: "
-                         f"{registry.known()}" + _did_you_mean(name, registry.known())) from None
+                         f"{registry.known()}" + did_you_mean(name, registry.known())) from None
 
 
 def _drop_none(obj):

@@ -643,9 +643,7 @@ def resolve_data_path(cfg: Config) -> tuple[Path, list[str] | None]:
     """
     data = cfg["data"]
     path = str(data.get("path") or "")
-    p = Path(path).expanduser() if path else None
-    if p is not None and not p.is_absolute() and cfg.source is not None:
-        p = cfg.source.parent / p   # relative paths in a config file start at its folder
+    p = Path(cfg.path(path)).expanduser() if path else None   # relative: from the config
     if p is not None and p.exists():
         return p, None
     fb = data.get("fallback") or {}

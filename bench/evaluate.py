@@ -34,16 +34,15 @@ import io
 import math
 import os
 import time
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
 
-from bench.config import DEFAULT_CONFIG, load_config, read_toml
+from bench.config import DEFAULT_CONFIG, did_you_mean, load_config, read_toml
 from bench.datasets import _class_files, _class_folders, read_npz
-from bench.leaderboard import fmt
+from bench.leaderboard import METRIC_LABELS, fmt
 from bench.report import plots
 from bench.report.build import SORT_SCRIPT, _csp, _env, _Out, slug
 from bench.report.gradcam_audit import overlay
@@ -69,8 +68,6 @@ LEVEL = 0.95
 ECE_BINS = 15
 GALLERY_PER_CLASS = 3
 METRIC_KEYS = ("accuracy", "balanced_accuracy", "macro_f1", "ece")
-METRIC_LABELS = {"accuracy": "accuracy", "balanced_accuracy": "balanced accuracy",
-                 "macro_f1": "macro-F1", "ece": "ECE", "log_loss": "log loss"}
 GENERIC_FOLDERS = {"images", "image", "img", "data", "cells", "test", "val", "train"}
 
 
@@ -117,12 +114,6 @@ def parse_labels(spec) -> tuple[Path, str]:
     return Path(file).expanduser(), column.strip()
 
 
-def _did_you_mean(name, known) -> str:
-    import difflib
-    close = difflib.get_close_matches(str(name), [str(k) for k in known], n=1)
-    return f"; did you mean '{close[0]}'?" if close else ""
-
-
 def resolve_data(data, config=None) -> tuple[Path, str, dict]:
     """A path, or the name of a ``[datasets.NAME]`` of the config -> (path, name, info)."""
     text = str(data)
@@ -142,13 +133,11 @@ def resolve_data(data, config=None) -> tuple[Path, str, dict]:
     if text not in datasets:
         raise BenchError(f"data not found: '{text}' is neither a file or folder nor a "
                          f"[datasets.NAME] of {cfg_path} (known: {sorted(datasets) or 'none'})"
-                         + _did_you_mean(text, datasets))
+                         + did_you_mean(text, datasets))
     cfg = load_config(cfg_path, data=text)
-    dpath = Path(str(cfg["data"].get("path") or "")).expanduser()
+    dpath = Path(cfg.path(str(cfg["data"].get("path") or ""))).expanduser()
     if not str(cfg["data"].get("path") or ""):
         raise BenchError(f"{cfg_path}: [datasets.{text}] has no path")
-    if not dpath.is_absolute():
-        dpath = cfg_path.parent / dpath   # relative paths in a config start at its folder
     if not dpath.exists():
         raise BenchError(f"data not found: {dpath} ([datasets.{text}] of {cfg_path})")
     return dpath, text, {"config": str(cfg_path.resolve()), "dataset": text,
@@ -186,7 +175,7 @@ def _list_csv(root: Path, csv_path: Path, column: str, group_col: str | None) ->
     for col, what in ((column, "--labels"), (group_col, "--groups")):
         if col is not None and col not in df.columns:
             raise BenchError(f"{what}: no column '{col}' in {csv_path}; columns: "
-                             f"{list(df.columns)}" + _did_you_mean(col, df.columns))
+                             f"{list(df.columns)}" + did_you_mean(col, df.columns))
     if not len(df):
         raise BenchError(f"--labels {csv_path} has no rows")
     files = df[file_col].str.strip()
@@ -332,7 +321,7 @@ def map_classes(external: list[str], predictor_classes: list[str],
             if hit is None:
                 raise BenchError(f"--class-map {src}: '{k}' -> '{v}': the predictor has no "
                                  f"class '{v}'; its classes: {', '.join(predictor_classes)}"
-                                 + _did_you_mean(v, predictor_classes))
+                                 + did_you_mean(v, predictor_classes))
             resolved[k] = hit
     by_lower = {k.lower(): k for k in resolved}
     mapping, used = {}, set()
@@ -539,30 +528,20 @@ def check_out(out: Path) -> None:
 # ----------------------------------------------------------------------------- predicting
 
 def _predict(pred, items, batch_size: int, show: bool):
-    """Probabilities of every readable item (threads decode the next batch meanwhile)."""
+    """Probabilities of every readable item (the next batch decoded meanwhile)."""
     n, k = len(items), len(pred.classes_)
     proba = np.zeros((n, k))
     ok = np.zeros(n, dtype=bool)
     errors = []
-    starts = range(0, n, batch_size)
-
-    def read(s):
-        return pred.preprocessing.load(items[s:s + batch_size], skip_errors=True)
-    reader = ThreadPoolExecutor(1)
-    try:
-        pending = reader.submit(read, 0)
-        for s in progress_iter(starts, total=len(starts), desc="evaluating",
-                               enabled=show and len(starts) > 1):
-            X, _, good, errs = pending.result()
-            if s + batch_size < n:
-                pending = reader.submit(read, s + batch_size)
-            errors += [(s + j, exc) for j, exc in errs]
-            if len(X):
-                rows = s + np.asarray(good)
-                proba[rows] = pred.predict_proba(X, batch_size=len(X))
-                ok[rows] = True
-    finally:
-        reader.shutdown(cancel_futures=True)
+    n_batches = -(-n // batch_size)
+    for s, X, _, good, errs in progress_iter(pred.preprocessing.batches(items, batch_size),
+                                             total=n_batches, desc="evaluating",
+                                             enabled=show and n_batches > 1):
+        errors += [(s + j, exc) for j, exc in errs]
+        if len(X):
+            rows = s + np.asarray(good)
+            proba[rows] = pred.predict_proba(X, batch_size=len(X))
+            ok[rows] = True
     return proba, ok, errors
 
 
@@ -655,10 +634,6 @@ def _gallery_figure(cells: list[dict], classes_shown: list[str], n: int):
 
 
 # ----------------------------------------------------------------------------- the report
-
-def _fmt(v, d=3):
-    return fmt(v, d)
-
 
 def _clean(obj):
     """JSON-safe: NaN/inf -> null, numpy scalars -> Python, private ``_`` keys dropped."""
@@ -783,17 +758,17 @@ def _write_outputs(tmp: Path, result: dict, ext: ExternalSet, keep, y, proba, sc
     metric_rows = []
     for m in METRIC_KEYS:
         r = result["restricted"]
-        metric_rows.append({"label": METRIC_LABELS[m], "value": _fmt(result[m]),
-                            "ci": f"[{_fmt(result['ci'][m]['lo'])}, {_fmt(result['ci'][m]['hi'])}]",
-                            "r_value": _fmt(r[m]),
-                            "r_ci": f"[{_fmt(result['ci']['restricted'][m]['lo'])}, "
-                                    f"{_fmt(result['ci']['restricted'][m]['hi'])}]",
-                            "in_domain": _fmt(dom["same_classes"][m]) if dom is not None
+        metric_rows.append({"label": METRIC_LABELS[m], "value": fmt(result[m]),
+                            "ci": f"[{fmt(result['ci'][m]['lo'])}, {fmt(result['ci'][m]['hi'])}]",
+                            "r_value": fmt(r[m]),
+                            "r_ci": f"[{fmt(result['ci']['restricted'][m]['lo'])}, "
+                                    f"{fmt(result['ci']['restricted'][m]['hi'])}]",
+                            "in_domain": fmt(dom["same_classes"][m]) if dom is not None
                             else ""})
     ctx = {"title": f"{result['data']['name']}", "r": result, "metric_rows": metric_rows,
            "figs": figs, "gallery": gallery, "gallery_status": gallery_status,
            "per_class_csv": pc_csv, "csvs": out.csvs, "csp": _csp(), "script": SORT_SCRIPT,
-           "fmt": _fmt, "left_out": result["left_out"], "classes": classes}
+           "fmt": fmt, "left_out": result["left_out"], "classes": classes}
     html = _env().get_template("evaluate.html.j2").render(**ctx)
     atomic_write_text(tmp / "index.html", html)
 
@@ -967,19 +942,19 @@ def summary(result: dict) -> str:
                  + ("   in-domain" if dom else ""))
     for m in METRIC_KEYS:
         ci, cr = r["ci"][m], r["ci"]["restricted"][m]
-        lines.append(f"  {METRIC_LABELS[m]:20s}{_fmt(r[m]):>8s} [{_fmt(ci['lo'])}, "
-                     f"{_fmt(ci['hi'])}]{_fmt(r['restricted'][m]):>10s} [{_fmt(cr['lo'])}, "
-                     f"{_fmt(cr['hi'])}]"
-                     + (f"{_fmt(dom['same_classes'][m]):>12s}" if dom else ""))
+        lines.append(f"  {METRIC_LABELS[m]:20s}{fmt(r[m]):>8s} [{fmt(ci['lo'])}, "
+                     f"{fmt(ci['hi'])}]{fmt(r['restricted'][m]):>10s} [{fmt(cr['lo'])}, "
+                     f"{fmt(cr['hi'])}]"
+                     + (f"{fmt(dom['same_classes'][m]):>12s}" if dom else ""))
     lines.append(f"  95% CIs: percentile bootstrap, {b['resamples']} resamples of {unit}, "
                  f"seed {b['seed']}" + ("; in-domain: the run's out-of-fold predictions on "
                                         "the same classes" if dom else ""))
     lines.append(f"  {'class':16s}{'n':>7s}{'precision':>11s}{'recall':>8s}{'F1':>7s}"
                  + ("  recall in-domain" if dom else ""))
     for p in r["per_class"]:
-        lines.append(f"  {p['class'][:16]:16s}{p['support']:>7d}{_fmt(p['precision']):>11s}"
-                     f"{_fmt(p['recall']):>8s}{_fmt(p['f1']):>7s}"
-                     + (f"{_fmt(p.get('recall_in_domain')):>18s}" if dom else ""))
+        lines.append(f"  {p['class'][:16]:16s}{p['support']:>7d}{fmt(p['precision']):>11s}"
+                     f"{fmt(p['recall']):>8s}{fmt(p['f1']):>7s}"
+                     + (f"{fmt(p.get('recall_in_domain')):>18s}" if dom else ""))
     if not dom and r.get("in_domain_note"):
         lines.append(f"  {r['in_domain_note']}")
     t = r.get("timings", {})

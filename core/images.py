@@ -235,6 +235,23 @@ class Preprocessing:
         X = np.stack(small) if small else np.zeros((0, s, s, 3), np.uint8)
         return X, full, ok, errors
 
+    def batches(self, items, batch_size: int, keep_full: bool = False):
+        """Yield ``(start, X, full, ok, errors)`` for each batch of ``items`` (as
+        :meth:`load` with ``skip_errors``; ``ok`` and ``errors`` positions within the
+        batch). The next batch is read in a thread while the caller works on this one."""
+        def read(s):
+            return self.load(items[s:s + batch_size], keep_full=keep_full, skip_errors=True)
+        reader = ThreadPoolExecutor(1)
+        try:
+            pending = reader.submit(read, 0) if len(items) else None
+            for s in range(0, len(items), batch_size):
+                X, full, ok, errors = pending.result()
+                if s + batch_size < len(items):
+                    pending = reader.submit(read, s + batch_size)
+                yield s, X, full, ok, errors
+        finally:
+            reader.shutdown(cancel_futures=True)
+
     def apply_batch(self, x) -> np.ndarray:
         """Paths, one path, or ``uint8`` arrays of any size -> (N, S, S, 3) ``uint8``; a
         batch already at the size is passed through untouched."""
