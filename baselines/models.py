@@ -107,6 +107,14 @@ class FeatureClassifier(Candidate):
         """Column ``j`` of the pipeline's ``predict_proba`` is class index ``[j]``."""
         return np.asarray(self.pipeline_.classes_)
 
+    def check_loaded(self, n_classes: int, image_size: int) -> None:
+        """Also the pipeline's classes: indices among the manifest's."""
+        super().check_loaded(n_classes, image_size)
+        cols = np.asarray(self._model_classes())
+        if cols.size and (cols.dtype.kind not in "iu" or cols.min() < 0 or cols.max() >= n_classes):
+            raise BenchError(f"the model's classes {cols.tolist()} are not among the "
+                             f"manifest's {n_classes} classes")
+
     def predict_proba(self, X) -> np.ndarray:
         proba = self.pipeline_.predict_proba(self._features(X))
         out = np.zeros((len(proba), self.n_classes_), dtype=np.float64)

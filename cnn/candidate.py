@@ -10,6 +10,7 @@ import numpy as np
 from sklearn.model_selection import train_test_split
 
 from core.candidate import Candidate
+from core.errors import BenchError
 from core.registry import register
 from cnn.gradcam import gradcam, randomized_clone
 from cnn.train import fit_keras, predict_keras
@@ -105,6 +106,21 @@ class KerasCandidate(Candidate):
 
     def model_size(self):
         return int(self.model_.count_params())
+
+    def check_loaded(self, n_classes: int, image_size: int) -> None:
+        """Also the network's output width and input size."""
+        super().check_loaded(n_classes, image_size)
+        try:
+            out_shape, in_shape = tuple(self.model_.output_shape), tuple(self.model_.input_shape)
+        except (AttributeError, TypeError, ValueError):
+            return
+        if out_shape and isinstance(out_shape[-1], int) and out_shape[-1] != n_classes:
+            raise BenchError(f"the model outputs {out_shape[-1]} class probabilities, "
+                             f"the manifest lists {n_classes} classes")
+        if len(in_shape) == 4 and all(isinstance(s, int) for s in in_shape[1:3]) \
+                and tuple(in_shape[1:3]) != (image_size, image_size):
+            raise BenchError(f"the model takes {in_shape[1]}x{in_shape[2]} images, "
+                             f"the manifest's image size is {image_size}")
 
     def _save_model(self, path: Path) -> None:
         self.model_.save(path / MODEL_FILE)

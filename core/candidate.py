@@ -103,6 +103,14 @@ class Candidate(ClassifierMixin, BaseEstimator):
         """Number of trainable parameters or stored model values, if known."""
         return None
 
+    def check_loaded(self, n_classes: int, image_size: int) -> None:
+        """Raise (one line) when this loaded model cannot give ``n_classes`` probabilities
+        for images of side ``image_size``; the predictor asks every fold model it loads.
+        Candidates with more to check (a network's shapes, a pipeline's classes) extend it."""
+        n = len(getattr(self, "classes_", ()))
+        if n != n_classes:
+            raise BenchError(f"the model has {n} classes, the manifest lists {n_classes}")
+
     def save(self, path) -> None:
         """Write the fitted candidate into the folder ``path``."""
         path = Path(path)

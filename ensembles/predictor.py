@@ -514,35 +514,6 @@ def verify_predictor(path) -> dict:
     return manifest
 
 
-def _check_member(cand, k: int, image_size: int, where: str) -> None:
-    """A loaded fold model gives one probability per class of the manifest, on images of
-    the manifest's size."""
-    n = len(getattr(cand, "classes_", ()))
-    if n != k:
-        raise BenchError(f"{where}: the model has {n} classes, the manifest lists {k}")
-    model = getattr(cand, "model_", None)
-    if model is not None:    # Keras: the output width and the input size
-        try:
-            out_shape, in_shape = tuple(model.output_shape), tuple(model.input_shape)
-        except (AttributeError, TypeError, ValueError):
-            out_shape = in_shape = None
-        if out_shape and _is_int(out_shape[-1]) and out_shape[-1] != k:
-            raise BenchError(f"{where}: the model outputs {out_shape[-1]} class probabilities, "
-                             f"the manifest lists {k} classes")
-        if in_shape and len(in_shape) == 4 and all(_is_int(s) for s in in_shape[1:3]) \
-                and tuple(in_shape[1:3]) != (image_size, image_size):
-            raise BenchError(f"{where}: the model takes {in_shape[1]}x{in_shape[2]} images, "
-                             f"the manifest's image size is {image_size}")
-    if hasattr(cand, "pipeline_") and hasattr(cand, "_model_classes"):   # scikit-learn
-        try:
-            cols = np.asarray(cand._model_classes())
-        except Exception as exc:  # noqa: BLE001 - any failure is a bad model
-            raise BenchError(f"{where}: {_one_line(exc)}") from None
-        if cols.size and (cols.dtype.kind not in "iu" or cols.min() < 0 or cols.max() >= k):
-            raise BenchError(f"{where}: the model's classes {cols.tolist()} are not among the "
-                             f"manifest's {k} classes")
-
-
 def _load_member(path: Path, name: str, j: int, rel: str, k: int, image_size: int):
     where = f"predictor {path}: cannot load member {name} model {j}"
     try:
@@ -551,11 +522,11 @@ def _load_member(path: Path, name: str, j: int, rel: str, k: int, image_size: in
         if not (isinstance(cls, type) and issubclass(cls, Candidate)):
             raise BenchError(f"'{kind}' is not a candidate type")
         cand = load_candidate(path / rel)
+        cand.check_loaded(k, image_size)   # the candidate checks its own loaded state
     except MemoryError:
         raise
     except Exception as exc:  # noqa: BLE001 - any failure to load is a bad predictor
         raise BenchError(f"{where}: {_one_line(exc)}") from None
-    _check_member(cand, k, image_size, where)
     return cand
 
 
