@@ -157,9 +157,8 @@ def predict_proba_for(cand: Candidate, X, classes) -> np.ndarray:
         raise BenchError(f"candidate '{cand.type_name}': predict_proba gave {p.shape[1]} "
                          f"columns for {len(own)} classes_")
     out = np.zeros((len(p), len(classes)))
-    pos = {c.item() if hasattr(c, "item") else c: i for i, c in enumerate(classes)}
-    for j, c in enumerate(own):
-        key = c.item() if hasattr(c, "item") else c
+    pos = {c: i for i, c in enumerate(classes.tolist())}   # plain Python values
+    for j, key in enumerate(own.tolist()):
         if key not in pos:
             raise BenchError(f"candidate '{cand.type_name}' predicts class {key!r}, which is "
                              "not a class of the data")

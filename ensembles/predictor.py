@@ -61,12 +61,6 @@ _VIEW = {
 }
 
 
-def _fusable(cand) -> bool:
-    """A fold model the fused graph can run: it declares ``fused_inference`` (its
-    ``predict_proba`` is its Keras model's softmax) and holds a loaded model."""
-    return bool(cand.fused_inference) and hasattr(cand, "model_")
-
-
 class Predictor:
     """A loaded ensemble predictor. Use :func:`load_predictor`.
 
@@ -95,8 +89,8 @@ class Predictor:
         # every such member on the same input tensor (traced once, any batch size). Frozen
         # backbones with identical weights (the fold models of a frozen-transfer member)
         # run once per batch, each fold model adding only its head.
-        self._fused_names = [n for n in self.member_names_
-                             if all(_fusable(c) for c in members[n])]
+        self._fused_names = [n for n in self.member_names_   # declared: model -> softmax
+                             if all(c.fused_inference for c in members[n])]
         self._fused = None
         self.tta = manifest.get("tta", "none")
         shift = manifest.get("shift")
