@@ -77,34 +77,6 @@ RGB_FROM_HED = np.asarray(rgb_from_hed, dtype=np.float64)
 HED_FROM_RGB = np.asarray(hed_from_rgb, dtype=np.float64)
 
 
-@keras.saving.register_keras_serializable(package="bloodbench")
-class RandomTranspose(layers.Layer):
-    """Swap height and width of each image with probability 1/2 (training only).
-
-    Together with random horizontal and vertical flips this draws uniformly from the
-    eight symmetries of the square (the 90-degree rotations and reflections).
-    """
-
-    def __init__(self, seed=None, **kwargs):
-        super().__init__(**kwargs)
-        self.seed = seed
-        self.seed_generator = keras.random.SeedGenerator(seed)
-
-    def call(self, inputs, training=False):
-        if not training:
-            return inputs
-        ops = keras.ops
-        n = ops.shape(inputs)[0]
-        coin = keras.random.uniform((n, 1, 1, 1), seed=self.seed_generator) < 0.5
-        return ops.where(coin, ops.transpose(inputs, (0, 2, 1, 3)), inputs)
-
-    def compute_output_shape(self, input_shape):
-        return input_shape
-
-    def get_config(self):
-        return {**super().get_config(), "seed": self.seed}
-
-
 class _RandomImageLayer(layers.Layer):
     """Base of the colour layers below: a seeded generator, shape kept, identity at
     inference (``training=False``)."""
@@ -132,6 +104,19 @@ class _RandomImageLayer(layers.Layer):
 
     def get_config(self):
         return {**super().get_config(), "seed": self.seed}
+
+
+@keras.saving.register_keras_serializable(package="bloodbench")
+class RandomTranspose(_RandomImageLayer):
+    """Swap height and width of each image with probability 1/2 (training only).
+
+    Together with random horizontal and vertical flips this draws uniformly from the
+    eight symmetries of the square (the 90-degree rotations and reflections).
+    """
+
+    def transform(self, x):
+        coin = self._per_image(x) < 0.5
+        return keras.ops.where(coin, keras.ops.transpose(x, (0, 2, 1, 3)), x)
 
 
 @keras.saving.register_keras_serializable(package="bloodbench")
