@@ -74,7 +74,9 @@ class Config:
         return self.data.get("ensembles", {})
 
     def path(self, value: str) -> str:
-        """A file named in the config: a relative path starts at the config's folder."""
+        """A file named in the config: a relative path starts at the config's folder;
+        ``bloodbench:REL`` is a file shipped inside the package (:func:`package_file`)."""
+        value = package_file(value)
         if not value or self.source is None or Path(value).expanduser().is_absolute():
             return value
         return str(_abs(value, self.source))
@@ -177,8 +179,20 @@ def resolve_config(raw: dict, source: Path | None = None, profile: str | None = 
     return Config(cfg, source=Path(source) if source else None, profile=profile)
 
 
+PACKAGE_PREFIX = "bloodbench:"
+
+
+def package_file(value):
+    """``bloodbench:REL`` -> the absolute path of ``REL`` inside the installed ``bench``
+    package (data shipped with bloodbench, e.g. ``bloodbench:sample/pbc_sample_64.npz``),
+    whichever config file names it; any other value unchanged."""
+    if isinstance(value, str) and value.startswith(PACKAGE_PREFIX):
+        return str(Path(__file__).resolve().parent / value[len(PACKAGE_PREFIX):])
+    return value
+
+
 def _abs(path: str, source) -> Path:
-    p = Path(path).expanduser()
+    p = Path(package_file(path)).expanduser()
     if not p.is_absolute() and source is not None:
         p = Path(source).parent / p   # relative paths in a config file start at its folder
     return Path(os.path.abspath(p))

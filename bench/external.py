@@ -15,11 +15,15 @@ For each ``[external.NAME]`` that applies to the run's dataset, at the end of ``
 Nothing from the external set is fitted on: it is only scored. Results go to
 ``external/<NAME>/`` (``scores.csv``, ``per_class.csv``, ``proba/<entry>.npy``,
 ``meta.json``) and into ``leaderboard.csv`` as ``<NAME>_<metric>`` columns.
+
+A set whose images, labels CSV or class map is not on this machine (a clone without
+``../shared``) is skipped with one warning line naming the missing file; the run goes on.
 """
 
 from __future__ import annotations
 
 import time
+from pathlib import Path
 
 import numpy as np
 import pandas as pd
@@ -36,6 +40,17 @@ from ensembles.predictor import Predictor
 
 N_BOOT = 200
 COLUMNS = ("accuracy", "balanced_accuracy", "macro_f1")
+
+
+def missing_input(entry: dict) -> str | None:
+    """The first of an external set's files (images, labels CSV, class map) that does not
+    exist, or ``None``."""
+    files = [entry["path"]]
+    if entry.get("labels"):
+        files.append(entry["labels"].rpartition(":")[0])
+    if entry.get("class_map"):
+        files.append(entry["class_map"])
+    return next((f for f in files if not Path(f).expanduser().exists()), None)
 
 
 def load_set(name: str, entry: dict, classes: list[str], image_size: int, seed: int):
@@ -95,6 +110,10 @@ def score_external(run: RunDir, cfg, ds, board: pd.DataFrame, stored: dict, kind
     candidates = [n for n in board["candidate"] if n in kinds]
     ensembles = [n for n in board["candidate"] if n not in kinds]
     for name, entry in entries.items():
+        gone = missing_input(entry)
+        if gone:
+            warn(f"external set '{name}' skipped: {gone} not found")
+            continue
         t = time.perf_counter()
         X, y, groups, meta = load_set(name, entry, ds.classes, ds.image_size,
                                       int(cfg["run"]["seed"]))

@@ -14,20 +14,23 @@ example from ``../shared/weights``); in ``benchmarks.toml`` a relative path is r
 to the config file's folder (resolved when the config is loaded), in Python to the
 working directory. ``weights = "none"``: random initialisation (tests only).
 A missing file, or a failed download, is a :class:`~core.errors.BenchError` naming
-the file to provide.
+the file to provide; with ``weights_missing = "random"`` (a transfer candidate's
+parameter, e.g. in the ``smoke`` profile, for a clone without ``../shared``) a missing
+*file* instead gives a randomly initialised backbone and one warning line naming the file
+(once per file; :func:`cnn.transfer.local_weights`). Nothing is ever downloaded for a
+missing file.
 """
 
 from __future__ import annotations
 
 import copy
 import importlib
-import os
 import re
-from pathlib import Path
 
 import keras
 from keras import layers
 
+from cnn.transfer import local_weights
 from core.errors import BenchError
 
 # Smallest input side each family accepts (keras.applications' own checks); others: 32.
@@ -99,8 +102,12 @@ def min_input_size(name: str) -> int:
     return MIN_SIZE.get(name, 32)
 
 
-def resolve_weights(weights, name: str, alpha: float = 1.0):
-    """``"imagenet"``, ``None`` (random) or an existing absolute file path."""
+def resolve_weights(weights, name: str, alpha: float = 1.0, missing: str = "error"):
+    """``"imagenet"``, ``None`` (random) or an existing absolute file path.
+
+    A weights file that does not exist is a one-line :class:`BenchError` naming it, or,
+    with ``missing = "random"``, ``None`` (random initialisation) after one warning line
+    (:func:`cnn.transfer.local_weights`)."""
     if weights is None or str(weights).lower() in ("none", ""):
         return None
     if weights == "imagenet":
@@ -109,12 +116,7 @@ def resolve_weights(weights, name: str, alpha: float = 1.0):
             raise BenchError(f"backbone {name}: Keras publishes no ImageNet weights for it; set "
                              f"weights to a local file (e.g. ../shared/weights/{hint})")
         return "imagenet"
-    p = Path(os.path.expanduser(str(weights))).resolve()
-    if not p.is_file():
-        raise BenchError(f"backbone {name}: weights file not found: {p} (provide this file, "
-                         "e.g. from ../shared/weights, or set weights = \"imagenet\" on a "
-                         "machine with a network)")
-    return str(p)
+    return local_weights(weights, name, missing)   # Keras-free: the runner's check uses it
 
 
 def _efficientnet_lite0(input_shape):
@@ -127,7 +129,8 @@ def _efficientnet_lite0(input_shape):
                            input_shape=input_shape)
 
 
-def build_backbone(name: str, input_size: int, weights="imagenet", alpha: float = 1.0):
+def build_backbone(name: str, input_size: int, weights="imagenet", alpha: float = 1.0,
+                   weights_missing: str = "error"):
     """The no-top backbone ``name`` on ``input_size`` px RGB, named ``backbone``.
 
     Parameters
@@ -137,12 +140,14 @@ def build_backbone(name: str, input_size: int, weights="imagenet", alpha: float 
     input_size : side of its input; must be at least :func:`min_input_size`.
     weights : ``"imagenet"``, a weights file path, or ``None``/``"none"``.
     alpha : width multiplier of the MobileNet families.
+    weights_missing : ``"error"`` (default) or ``"random"``: what a missing weights file
+        does (see :func:`resolve_weights`).
     """
     if input_size < min_input_size(name):
         raise BenchError(f"backbone {name} needs inputs of at least {min_input_size(name)} px, "
                          f"got input_size = {input_size}")
     ctor = _constructor(name)
-    w = resolve_weights(weights, name, alpha)
+    w = resolve_weights(weights, name, alpha, weights_missing)
     shape = (int(input_size), int(input_size), 3)
     if ctor is None:
         model = _efficientnet_lite0(shape)

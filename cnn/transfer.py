@@ -20,14 +20,26 @@ offsets and use batch statistics in training, adapting to the stain colours of t
   frozen backbone for ``head_epochs``, then unfreezes the top ``unfreeze_blocks`` blocks
   of the backbone and goes on at ``learning_rate * finetune_lr_factor``, with
   augmentation in the model.
+
+``weights_missing`` (both): what a missing local weights file does. ``"error"`` (default)
+stops with one line naming the file, before any training (``prepare``, which ``run``
+calls once before the work units, resolves the weights); ``"random"`` (the ``smoke``
+profile, so that a clone without ``../shared`` runs) initialises the backbone randomly
+after one warning line naming the file. Which weights the backbone got is recorded in
+``backbone_weights_`` and saved beside the model (``backbone.json``).
 """
 
 from __future__ import annotations
 
+import json
+import os
 import re
+from pathlib import Path
 
 import numpy as np
 
+from core.errors import BenchError
+from core.progress import warn
 from core.registry import register
 from cnn.candidate import TRAIN_RULES, KerasCandidate
 from cnn.runtime import configure, set_seeds
@@ -36,6 +48,49 @@ from cnn.train import fit_keras, predict_keras
 from core.io import file_sha256
 
 HEAD_LAYERS = ("head_drop", "fc", "fc_drop", "logits")
+BACKBONE_FILE = "backbone.json"   # which weights the backbone started from (saved model)
+#: what a missing local weights file does (``weights_missing``): stop, or random weights
+WEIGHTS_MISSING = ("error", "random")
+WARNED_ENV = "BLOODBENCH_WARNED_WEIGHTS"   # missing files already warned about (os.pathsep)
+
+
+def _is_file_spec(weights) -> bool:
+    return weights is not None and str(weights).lower() not in ("none", "", "imagenet")
+
+
+def missing_weights_file(weights) -> str | None:
+    """The absolute path of ``weights`` when it names a local file that does not exist."""
+    if not _is_file_spec(weights):
+        return None
+    p = Path(os.path.expanduser(str(weights))).resolve()
+    return None if p.is_file() else str(p)
+
+
+def local_weights(weights, backbone: str, missing: str = "error") -> str | None:
+    """The absolute path of the local weights file ``weights``.
+
+    A file that does not exist is a one-line :class:`BenchError` naming it; with
+    ``missing = "random"`` it is ``None`` (random initialisation) after one warning line
+    naming it, once per file: the warned files are kept in ``$BLOODBENCH_WARNED_WEIGHTS``,
+    which the work-unit processes a run spawns after its check inherit. No Keras import,
+    so that the runner checks the files before the work units and stays small.
+    """
+    if missing not in WEIGHTS_MISSING:
+        raise BenchError(f"weights_missing must be one of {list(WEIGHTS_MISSING)}, "
+                         f"got {missing!r}")
+    p = Path(os.path.expanduser(str(weights))).resolve()
+    if p.is_file():
+        return str(p)
+    if missing == "random":
+        warned = [f for f in os.environ.get(WARNED_ENV, "").split(os.pathsep) if f]
+        if str(p) not in warned:
+            os.environ[WARNED_ENV] = os.pathsep.join([*warned, str(p)])
+            warn(f"backbone {backbone}: weights file not found: {p}; initialised randomly "
+                 "(weights_missing = \"random\"): not transfer learning, expect lower scores")
+        return None
+    raise BenchError(f"backbone {backbone}: weights file not found: {p} (provide this file, "
+                     "e.g. from ../shared/weights, or set weights = \"imagenet\" on a machine "
+                     "with a network)")
 
 
 def effective_input_size(image_size: int, input_size, backbone: str) -> int:
@@ -157,15 +212,46 @@ class TransferCandidate(KerasCandidate):
         **TRAIN_RULES, "backbone": {"type": str}, "weights": {"type": str, "none": True},
         "alpha": {"gt": 0}, "embed_batch_size": {"type": int, "ge": 1, "none": True},
         "head_epochs": {"ge": 0}, "unfreeze_blocks": {"ge": 0}, "finetune_lr_factor": {"gt": 0},
+        "weights_missing": {"choices": ["error", "random"]},
     }
 
     def _input_size(self, image_size: int) -> int:
         return effective_input_size(image_size, self.input_size, self.backbone)
 
+    def _resolved_weights(self):
+        """``"imagenet"``, a file or ``None`` (random); a missing file raises or warns
+        (``weights_missing``)."""
+        from cnn.backbones import resolve_weights
+        return resolve_weights(self.weights, self.backbone, self.alpha, self.weights_missing)
+
+    def _check_weights_file(self) -> None:
+        """Raise (or warn once, ``weights_missing = "random"``) for a missing weights file,
+        without importing Keras."""
+        if _is_file_spec(self.weights):
+            local_weights(self.weights, self.backbone, self.weights_missing)
+
     def _base(self, image_size: int):
         from cnn.backbones import build_backbone
-        return build_backbone(self.backbone, self._input_size(image_size), self.weights,
-                              self.alpha)
+        base = build_backbone(self.backbone, self._input_size(image_size), self.weights,
+                              self.alpha, weights_missing=self.weights_missing)
+        missing = missing_weights_file(self.weights)
+        self.backbone_weights_ = {
+            "weights": self.weights, "missing_file": missing,
+            "initialised": ("random" if missing or self.weights is None
+                            or str(self.weights).lower() in ("none", "")
+                            else "imagenet" if self.weights == "imagenet" else "file")}
+        return base
+
+    def _save_model(self, path: Path) -> None:
+        super()._save_model(path)
+        if getattr(self, "backbone_weights_", None) is not None:
+            (Path(path) / BACKBONE_FILE).write_text(json.dumps(self.backbone_weights_, indent=1))
+
+    def _load_model(self, path: Path) -> None:
+        super()._load_model(path)
+        f = Path(path) / BACKBONE_FILE
+        if f.is_file():
+            self.backbone_weights_ = json.loads(f.read_text())
 
     def _encode(self, y, y_val, classes):
         self._set_classes(y, classes)
@@ -194,6 +280,9 @@ class FrozenTransferCNN(TransferCandidate):
         A ``keras.applications`` model name or ``"EfficientNetLite0"``.
     weights : str
         ``"imagenet"`` or a local weights file (see :mod:`cnn.backbones`).
+    weights_missing : str
+        ``"error"`` (default): a missing weights file stops with one line naming it;
+        ``"random"``: a randomly initialised backbone and one warning line instead.
     alpha : float
         Width multiplier (MobileNet families only).
     input_size : int, optional
@@ -216,9 +305,10 @@ class FrozenTransferCNN(TransferCandidate):
                  dense_units=256, dropout=0.3, optimizer="adam", learning_rate=1e-3,
                  batch_size=64, epochs=60, patience=8, schedule="plateau",
                  class_weight="balanced", val_fraction=0.1, embed_batch_size=None,
-                 use_cache=True, seed=0, verbose=0):
+                 use_cache=True, seed=0, verbose=0, weights_missing="error"):
         self.backbone = backbone
         self.weights = weights
+        self.weights_missing = weights_missing
         self.alpha = alpha
         self.input_size = input_size
         self.dense_units = dense_units
@@ -238,8 +328,7 @@ class FrozenTransferCNN(TransferCandidate):
 
     # -- embeddings ------------------------------------------------------------------
     def _spec(self, image_size: int) -> dict:
-        from cnn.backbones import resolve_weights
-        w = resolve_weights(self.weights, self.backbone, self.alpha)
+        w = self._resolved_weights()
         import keras
         return {"backbone": self.backbone, "alpha": self.alpha,
                 "input_size": self._input_size(image_size),
@@ -334,7 +423,7 @@ class FineTuneTransferCNN(TransferCandidate):
 
     Parameters
     ----------
-    backbone, weights, alpha, input_size, dense_units, dropout :
+    backbone, weights, weights_missing, alpha, input_size, dense_units, dropout :
         as :class:`FrozenTransferCNN`.
     augment : str or dict
         Augmentation spec (:mod:`cnn.augment`), training only.
@@ -354,13 +443,17 @@ class FineTuneTransferCNN(TransferCandidate):
     val_fraction, seed, verbose : as :class:`cnn.candidate.ScratchCNN`.
     """
 
+    needs_prepare = True   # prepare: the weights file checked once, before the work units
+
     def __init__(self, backbone="MobileNetV2", weights="imagenet", alpha=1.0, input_size=None,
                  dense_units=128, dropout=0.3, augment="flips", head_epochs=5,
                  unfreeze_blocks=3, finetune_lr_factor=0.1, train_bn=False, optimizer="adam",
                  learning_rate=1e-3, batch_size=64, epochs=20, patience=5, schedule="plateau",
-                 class_weight="balanced", val_fraction=0.1, seed=0, verbose=0):
+                 class_weight="balanced", val_fraction=0.1, seed=0, verbose=0,
+                 weights_missing="error"):
         self.backbone = backbone
         self.weights = weights
+        self.weights_missing = weights_missing
         self.alpha = alpha
         self.input_size = input_size
         self.dense_units = dense_units
@@ -380,6 +473,11 @@ class FineTuneTransferCNN(TransferCandidate):
         self.val_fraction = val_fraction
         self.seed = seed
         self.verbose = verbose
+
+    def prepare(self, X_all) -> None:
+        """Nothing to compute once: resolve the backbone's weights, so that a missing file
+        stops the run (or warns, ``weights_missing = "random"``) before any work unit."""
+        self._check_weights_file()
 
     def _build(self, image_size, n_classes):
         from cnn.augment import build_augmentation
