@@ -85,6 +85,11 @@ def build_parser() -> argparse.ArgumentParser:
     pred.add_argument("--gradcam", default=None, metavar="OUTDIR",
                       help="also write one Grad-CAM PNG per image into OUTDIR (named after the "
                            "image's path under --img_path, '/' -> '__', plus .png)")
+    pred.add_argument("--bags", action="store_true",
+                      help="a bag task's predictor (e.g. APL vs AML per patient): --img_path is "
+                           "one patient's folder of cell images, or a folder of patient "
+                           "folders; one CSV row per patient (--out), and each cell's "
+                           "probabilities in OUT_cells.csv")
     _add_common(pred)
 
     lst = sub.add_parser("list", help="show the candidates and profiles of a config")
@@ -219,6 +224,8 @@ def cmd_predict(args) -> int:
                              f"({exc.strerror or exc})") from None
     if args.gradcam and Path(args.gradcam).exists() and not Path(args.gradcam).is_dir():
         raise BenchError(f"--gradcam {args.gradcam} is a file; give a folder")
+    if args.bags:
+        return _predict_bags(args)
     paths = find_images(args.img_path)
     if not paths:   # the predictor's own errors first, without loading its models
         if args.gradcam:
@@ -289,6 +296,63 @@ def cmd_predict(args) -> int:
     return 0
 
 
+def list_bags(root) -> dict[str, list[Path]]:
+    """``{bag: image paths}``: each sub-folder of ``root`` holding images is one bag (its
+    images found recursively); a folder without such sub-folders is one bag."""
+    root = Path(root)
+    if root.is_file():
+        raise BenchError(f"--bags needs --img_path to be a folder (one patient's cells, or "
+                         f"one folder per patient), got the file {root}")
+    subs = {d.name: find_images(d) for d in sorted(root.iterdir())
+            if d.is_dir() and not d.name.startswith(".")}
+    subs = {k: v for k, v in subs.items() if v}
+    if not subs:
+        own = find_images(root)
+        return {root.resolve().name: own} if own else {}
+    loose = [p for p in root.iterdir() if p.is_file() and p in set(find_images(root))]
+    if loose:
+        warn(f"{len(loose)} image(s) directly in {root} belong to no patient folder; "
+             f"skipped (e.g. {loose[0].name})")
+    return subs
+
+
+def _predict_bags(args) -> int:
+    manifest = verify_predictor(args.model)   # a single-image predictor fails before loading
+    if not manifest.get("bags"):
+        raise BenchError(f"--bags: predictor {args.model} was not trained on a bag task "
+                         "([data] bags = true); run predict without --bags")
+    bags = list_bags(args.img_path)
+    if not bags:
+        raise BenchError(f"no image files under {args.img_path}")
+    pred = load_predictor(args.model)
+    spec = pred.bag_task_
+    results = []
+    for name, paths in progress_iter(bags.items(), total=len(bags), desc="patients",
+                                     enabled=len(bags) > 1):
+        results.append((paths, pred.predict_bags({name: paths}, args.batch_size)[0]))
+    buf, cells = io.StringIO(), io.StringIO()
+    w, wc = csv.writer(buf), csv.writer(cells)
+    w.writerow(["bag", "n_cells", f"probability_{spec['positive']}", "decision", "threshold",
+                "aggregator"])
+    wc.writerow(["bag", "path", "prediction", *pred.classes_])
+    for paths, r in results:
+        w.writerow([r["bag"], r["n_cells"], f"{r['probability']:.6f}", r["decision"],
+                    f"{r['threshold']:.6f}", spec["aggregator"]])
+        for p, row in zip(paths, r["cells"]):
+            wc.writerow([r["bag"], str(p), pred.classes_[int(np.argmax(row))],
+                         *[f"{v:.6f}" for v in row]])
+    if args.out:
+        out = Path(args.out)
+        cells_out = out.with_name(out.stem + "_cells.csv")
+        atomic_write_text(out, buf.getvalue())
+        atomic_write_text(cells_out, cells.getvalue())
+        print(f"wrote {len(results)} patient diagnoses to {out} and the cells' probabilities "
+              f"to {cells_out}", file=sys.stderr)
+    else:
+        sys.stdout.write(buf.getvalue())
+    return 0
+
+
 def cmd_list(args) -> int:
     raw = read_toml(args.config or DEFAULT_CONFIG)
     print("candidates:")
@@ -336,6 +400,13 @@ def cmd_inspect(args) -> int:
     cnn = [mem["name"] for mem in m["members"] if mem.get("kind") == "cnn"]
     print(f"  Grad-CAM: {'from ' + ', '.join(cnn) if cnn else 'unavailable (no CNN member)'}")
     print(f"  classes ({len(m['classes'])}): {', '.join(m['classes'])}")
+    bags = m.get("bags")
+    if bags:
+        pl = bags.get("patient_leaderboard") or {}
+        print(f"  bag task: {bags['positive']} per patient (predict --bags), aggregator "
+              f"{bags['aggregator']}, threshold {bags['threshold']:.4f}"
+              + (f"; patient ROC AUC {pl['roc_auc']:.3f} [{pl['roc_auc_lo']:.3f}, "
+                 f"{pl['roc_auc_hi']:.3f}] out-of-fold" if pl else ""))
     print(f"  image size: {resolve_preprocessing(m).image_size}; created {m.get('created')}")
     td = m.get("training_data") or {}
     counts = td.get("counts")

@@ -43,7 +43,7 @@ else:  # pragma: no cover
 DEFAULT_CONFIG = "benchmarks.toml"
 KNOWN_SECTIONS = {"run", "data", "datasets", "external", "tuning", "feature_sets", "candidates",
                   "ensembles",
-                  "predictor", "profiles", "report"}
+                  "predictor", "profiles", "report", "patients"}
 RUN_DEFAULTS = {"seed": 42, "folds": 5, "metric": "accuracy", "workers": 1, "profile": "quick",
                 "out": "runs/latest"}
 DATA_DEFAULTS = {"path": "", "image_size": 64, "max_images": 0, "groups": "", "pairs": "",
@@ -136,7 +136,7 @@ def resolve_config(raw: dict, source: Path | None = None, profile: str | None = 
     _check_raw(raw, where)
     cfg = deep_merge({"run": RUN_DEFAULTS, "data": DATA_DEFAULTS, "tuning": TUNING_DEFAULTS,
                       "feature_sets": {}, "candidates": {}, "ensembles": {}, "predictor": {},
-                      "report": {}, "external": {}},
+                      "report": {}, "external": {}, "patients": {}},
                      {k: v for k, v in raw.items() if k not in ("profiles", "datasets")})
     profiles = raw.get("profiles", {})
     profile = profile or cfg["run"]["profile"]
@@ -287,6 +287,17 @@ REPORT_DEFAULTS = {
     "seed": 0,                  # sampling of audited images
 }
 
+# Bag (patient-level) tasks: a dataset with `bags = true` (see bench/patients.py)
+PATIENT_DEFAULTS = {
+    "aggregators": ["mean", "trimmed_mean", "top_k_mean", "composition"],
+    "trim": 0.1,                # trimmed mean: this fraction cut at each end
+    "top_fraction": 0.2,        # top-k mean: mean of the highest fraction of a bag's cells
+    "composition_features": "all",   # feature set of the composition's cell-type classifier
+    "threshold": "youden",      # decision threshold, chosen on the training folds' bags
+    "n_boot": 2000,             # bootstrap over bags (CIs and paired tests)
+    "seed": 0,
+}
+
 Metric = Literal[METRICS]
 Number = Union[float, int]
 MAX_IMAGE_SIZE = 1024
@@ -328,6 +339,10 @@ class DataSection(_Section):
     name: str | None = None
     same_as: list[str] = []
     min_class_size: int = Field(default=0, ge=0)   # classes with fewer images are left out
+    labels: str = Field(default="", pattern=r"^(.+:[^:]+)?$")   # FILE.csv:COLUMN
+    bags: bool = False            # labels belong to the groups (patients): scored per group
+    positive: str = ""            # the bag task's positive class (e.g. "APL")
+    cell_types: str = Field(default="", pattern=r"^(.+:[^:]+)?$")   # composition aggregator
 
 
 class TuningSection(_Section):
@@ -389,6 +404,18 @@ class ReportSection(_Section):
     randomization_threshold: Number = Field(ge=-1, le=1)
     colour_only_warning: Number = Field(ge=0, le=1)
     colour_extractors: list[str]
+    seed: int = Field(ge=0)
+    leakage_audit: bool = False   # rerun on image-level folds beside the grouped (bench.leakage)
+
+
+class PatientsSection(_Section):
+    aggregators: list[Literal["mean", "trimmed_mean", "top_k_mean", "composition"]] = Field(
+        min_length=1)
+    trim: Number = Field(ge=0, lt=0.5)
+    top_fraction: Number = Field(gt=0, le=1)
+    composition_features: str = Field(min_length=1)
+    threshold: Literal["youden", "half"]
+    n_boot: int = Field(ge=100)
     seed: int = Field(ge=0)
 
 
@@ -497,6 +524,10 @@ class _DatasetOverride(_Section):
     group_rule: str | None = Field(default=None, pattern=r"^(number_block:[1-9][0-9]*)?$")
     cache_dir: str | None = None
     classes: list[str] | None = None
+    labels: str | None = Field(default=None, pattern=r"^(.+:[^:]+)?$")
+    bags: bool | None = None
+    positive: str | None = None
+    cell_types: str | None = Field(default=None, pattern=r"^(.+:[^:]+)?$")
 
 
 def _validate_sections(cfg: dict, where: str) -> None:
@@ -505,6 +536,10 @@ def _validate_sections(cfg: dict, where: str) -> None:
     if cfg["data"]["fallback"]:
         _validate(where, "[data.fallback]", FallbackSection, cfg["data"]["fallback"])
     report_settings(cfg, where)
+    cfg["patients"] = {**PATIENT_DEFAULTS, **(cfg.get("patients") or {})}
+    _validate(where, "[patients]", PatientsSection, cfg["patients"])
+    if cfg["data"].get("bags"):
+        _check_bags(cfg, where)
     registry.import_plugins(cfg["run"].get("plugins", []))
     for name, entry in cfg["candidates"].items():
         if isinstance(entry, dict) and "type" not in entry:
@@ -513,6 +548,29 @@ def _validate_sections(cfg: dict, where: str) -> None:
         _validate(where, f"[candidates.{name}]", CandidateEntry, entry)
     for name, entry in cfg["ensembles"].items():
         _validate(where, f"[ensembles.{name}]", EnsembleEntry, entry)
+
+
+def _check_bags(cfg: dict, where: str) -> None:
+    """A bag task needs groups (the bags), a positive class, and the composition's pieces."""
+    data = cfg["data"]
+    if not data.get("groups"):
+        raise BenchError(f"{where}: [data] bags = true needs [data] groups (a CSV file,group "
+                         "giving each image's bag, e.g. its patient)")
+    if not data.get("positive"):
+        raise BenchError(f"{where}: [data] bags = true needs [data] positive (the class a bag "
+                         "is scored for, e.g. \"APL\")")
+    if data.get("classes") and data["positive"] not in data["classes"]:
+        raise BenchError(f"{where}: [data] positive '{data['positive']}' is not one of "
+                         f"[data] classes {data['classes']}")
+    pat = cfg["patients"]
+    if "composition" in pat["aggregators"]:
+        if not data.get("cell_types"):
+            raise BenchError(f"{where}: [patients] aggregators has 'composition', which needs "
+                             "[data] cell_types = \"FILE.csv:COLUMN\" (each image's cell type)")
+        if pat["composition_features"] not in cfg["feature_sets"]:
+            raise BenchError(f"{where}: [patients] composition_features "
+                             f"'{pat['composition_features']}' is not a [feature_sets.NAME]"
+                             + did_you_mean(pat["composition_features"], cfg["feature_sets"]))
 
 
 def _validate_entries(cfg: dict, where: str) -> None:

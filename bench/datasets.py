@@ -40,6 +40,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
+import pandas as pd
 
 from bench.config import Config
 from bench.download import fetch
@@ -110,7 +111,8 @@ class Dataset:
 
 
 def load_dataset(path: str | os.PathLike, image_size: int = 64, cache_dir=None,
-                 classes: list[str] | None = None, show_progress: bool = True) -> Dataset:
+                 classes: list[str] | None = None, show_progress: bool = True,
+                 labels: str | None = None) -> Dataset:
     """Load a class-folder tree or an ``.npz`` file as a :class:`Dataset`.
 
     Parameters
@@ -121,6 +123,9 @@ def load_dataset(path: str | os.PathLike, image_size: int = 64, cache_dir=None,
     cache_dir : where decoded arrays are cached; default ``$BLOODBENCH_CACHE`` or
         ``~/.cache/bloodbench``.
     classes : class names for an ``.npz`` that carries none (MedMNIST).
+    labels : ``FILE.csv:COLUMN``: the images under the folder ``path`` listed in the CSV's
+        ``file`` column (relative to the CSV's folder or to ``path``), labelled by
+        ``COLUMN`` instead of by class folders; rows with an empty label are left out.
     """
     path = Path(path).expanduser()
     if not path.exists():
@@ -129,7 +134,12 @@ def load_dataset(path: str | os.PathLike, image_size: int = 64, cache_dir=None,
     if path.is_file():
         if path.suffix.lower() != ".npz":
             raise BenchError(f"data must be a folder of class folders or an .npz file: {path}")
+        if labels:
+            raise BenchError(f"[data] labels labels image files; {path} is a file, give the "
+                             "folder the CSV's 'file' column points into")
         return _load_npz(path, image_size, cache_root, classes)
+    if labels:
+        return _load_csv_labelled(path, labels, image_size, cache_root, show_progress)
     return _load_folder(path, image_size, cache_root, show_progress)
 
 
@@ -287,9 +297,68 @@ def _load_folder(root: Path, image_size: int, cache_root: Path, show_progress: b
             raise BenchError(f"class folder is empty: {folder}")
         label = classes.index(folder.name)
         files += [(p, src, label) for p, src in found]
+    prefixes = {c: tuple(f"{prefix}/" for folder, prefix in folders if folder.name == c)
+                for c in classes}
+    return _decode_listed(root, files, classes, prefixes, f"folder:v{LOADER_VERSION}",
+                          image_size, cache_root, show_progress, link_skipped)
 
+
+def _load_csv_labelled(root: Path, spec: str, image_size: int, cache_root: Path,
+                       show_progress: bool) -> Dataset:
+    """The images under ``root`` that a CSV lists, labelled by one of its columns."""
+    text = str(spec)
+    if ":" not in text or not text.rsplit(":", 1)[1].strip():
+        raise BenchError(f"[data] labels '{text}': give FILE.csv:COLUMN, e.g. "
+                         "cells.csv:diagnosis")
+    file, column = text.rsplit(":", 1)
+    csv_path, column = Path(file).expanduser(), column.strip()
+    if not csv_path.is_file():
+        raise BenchError(f"[data] labels file not found: {csv_path}")
+    try:
+        df = pd.read_csv(csv_path, dtype=str, keep_default_na=False, skipinitialspace=True)
+    except (pd.errors.ParserError, pd.errors.EmptyDataError, UnicodeDecodeError,
+            ValueError, OSError) as exc:
+        raise BenchError(f"cannot read [data] labels {csv_path}: "
+                         f"{' '.join(str(exc).split())}") from None
+    df.columns = [str(c).strip() for c in df.columns]
+    file_col = next((c for c in ("file", "path") if c in df.columns), None)
+    if file_col is None or column not in df.columns:
+        what = "no 'file' column" if file_col is None else f"no column '{column}'"
+        raise BenchError(f"[data] labels {csv_path}: {what}; columns: {list(df.columns)}")
+    df = df[df[column].str.strip() != ""]
+    if df.empty:
+        raise BenchError(f"[data] labels {csv_path}:{column}: every label is empty")
+    dup = df[file_col][df[file_col].duplicated()]
+    if len(dup):
+        raise BenchError(f"[data] labels {csv_path}: {len(dup)} file(s) listed more than "
+                         f"once, e.g. {dup.iloc[0]}")
+    classes = sorted(set(df[column].str.strip()))
+    root_real = os.path.realpath(root)
+    files, missing = [], []
+    for f, lab in zip(df[file_col].str.strip(), df[column].str.strip()):
+        cands = [Path(f)] if os.path.isabs(f) else [csv_path.parent / f, root / f]
+        hit = next((c for c in cands if c.is_file()), None)
+        real = os.path.realpath(hit) if hit is not None else ""
+        if hit is None or not _inside(real, root_real):
+            missing.append(f)
+            continue
+        files.append((hit, os.path.relpath(real, root_real).replace(os.sep, "/"),
+                      classes.index(lab)))
+    if missing:
+        raise BenchError(f"[data] labels {csv_path}: {len(missing)} listed file(s) not found "
+                         f"under {root}, e.g. {missing[0]}")
+    files.sort(key=lambda f: f[1].split("/"))
+    tag = f"csv:v{LOADER_VERSION}:{column}"
+    return _decode_listed(root, files, classes, {c: () for c in classes}, tag, image_size,
+                          cache_root, show_progress, [])
+
+
+def _decode_listed(root: Path, files: list, classes: list[str], prefixes: dict, tag: str,
+                   image_size: int, cache_root: Path, show_progress: bool,
+                   link_skipped: list[dict]) -> Dataset:
+    """Hash, decode (or read from the cache) listed ``(path, source, label)`` files."""
     digests = {}
-    hasher = hashlib.sha256(f"folder:v{LOADER_VERSION}:{image_size}".encode())
+    hasher = hashlib.sha256(f"{tag}:{image_size}".encode())
     readable = []
     for p, src, label in files:
         try:
@@ -334,8 +403,7 @@ def _load_folder(root: Path, image_size: int, cache_root: Path, show_progress: b
     counts = Counter(label for _, label, *_ in rows)
     for i, c in enumerate(classes):
         if counts[i] == 0:
-            prefixes = tuple(f"{prefix}/" for folder, prefix in folders if folder.name == c)
-            lost = [s for s in skipped if s["path"].startswith(prefixes)]
+            lost = [s for s in skipped if s["path"].startswith(prefixes[c])]
             example = f", e.g. {lost[0]['path']}: {lost[0]['reason']}" if lost else ""
             raise BenchError(f"class '{c}' in {root} has no readable images "
                              f"({len(lost)} skipped{example})")
@@ -664,7 +732,8 @@ def prepare_dataset(cfg: Config, show_progress=True) -> tuple[Dataset, Path]:
     data = cfg["data"]
     path, fb_classes = resolve_data_path(cfg)
     ds = load_dataset(path, image_size=data["image_size"], cache_dir=data.get("cache_dir") or None,
-                      classes=data.get("classes") or fb_classes, show_progress=show_progress)
+                      classes=data.get("classes") or fb_classes, show_progress=show_progress,
+                      labels=cfg.path(data.get("labels", "")) or None)
     for s in ds.skipped:
         warn(f"skipped {s['path']}: {s['reason']}")
     folds = int(cfg["run"]["folds"])

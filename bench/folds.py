@@ -155,13 +155,81 @@ def make_folds(labels: np.ndarray, groups: np.ndarray, n_folds: int, seed: int,
     return folds
 
 
-def folds_table(ds: Dataset, groups: np.ndarray, folds: np.ndarray) -> pd.DataFrame:
-    return pd.DataFrame({"index": np.arange(len(ds)), "source": ds.sources,
-                         "label": [ds.classes[i] for i in ds.labels], "group": groups,
-                         "fold": folds})
+def column_by_row(sources: list[str], spec: str) -> np.ndarray:
+    """One column of a CSV (``FILE.csv:COLUMN``, rows matched on its ``file`` column as
+    :func:`make_groups` matches them) for every row; ``""`` where the CSV has none."""
+    file, column = str(spec).rsplit(":", 1)
+    p = Path(file).expanduser()
+    if not p.is_file():
+        raise BenchError(f"[data] file not found: {p}")
+    df = pd.read_csv(p, dtype=str, keep_default_na=False)
+    file_col = next((c for c in ("file", "path") if c in df.columns), None)
+    if file_col is None or column not in df.columns:
+        what = "no 'file' column" if file_col is None else f"no column '{column}'"
+        raise BenchError(f"[data] {p}: {what}; columns: {list(df.columns)}")
+    lookup = _source_index(sources)
+    out = np.full(len(sources), "", dtype=object)
+    for f, v in zip(df[file_col], df[column]):
+        out[lookup(f)] = v.strip()
+    return out.astype(str)
+
+
+def read_bags(ds: Dataset, groups_csv: str) -> np.ndarray:
+    """The bag (e.g. patient) of every row, from the ``file,group`` CSV of ``[data] groups``.
+
+    Every row needs a bag, and a bag's images one label (the bag's: its diagnosis).
+    """
+    lookup = _source_index(ds.sources)
+    bags = np.full(len(ds), "", dtype=object)
+    for row in _read_csv_rows(groups_csv, "groups"):
+        bags[lookup(row[0])] = row[1].strip()
+    missing = np.flatnonzero(bags == "")
+    if len(missing):
+        raise BenchError(f"[data] bags = true: {len(missing)} image(s) have no group in "
+                         f"{groups_csv}, e.g. {ds.sources[missing[0]]}")
+    bags = bags.astype(str)
+    table = pd.DataFrame({"bag": bags, "label": ds.labels})
+    mixed = table.groupby("bag")["label"].nunique()
+    mixed = mixed[mixed > 1]
+    if len(mixed):
+        b = mixed.index[0]
+        found = sorted({ds.classes[i] for i in table.label[table.bag == b]})
+        raise BenchError(f"[data] bags = true: the label belongs to the bag, but {len(mixed)} "
+                         f"bag(s) hold images of several labels, e.g. '{b}': {found}")
+    return bags
+
+
+def make_bag_folds(labels: np.ndarray, bags: np.ndarray, groups: np.ndarray, n_folds: int,
+                   seed: int, classes: list[str]) -> np.ndarray:
+    """Fold number per row, drawn over bags (whole bags in a fold) stratified by the bags'
+    labels: each fold holds about 1/n_folds of every class's bags, whatever their sizes.
+    Bags joined by a group (e.g. an image shared by two patients) stay in one fold."""
+    names, first, inverse = np.unique(bags, return_index=True, return_inverse=True)
+    bag_labels, bag_groups = labels[first], groups[first]
+    counts = np.bincount(bag_labels, minlength=len(classes))
+    for c, k in enumerate(counts):
+        if k < n_folds:
+            raise BenchError(f"class '{classes[c]}' has {k} bag(s), fewer than the {n_folds} "
+                             "folds; add bags or lower [run] folds")
+    bag_fold = np.full(len(names), -1, dtype=np.int64)
+    sgkf = StratifiedGroupKFold(n_splits=n_folds, shuffle=True, random_state=seed)
+    for k, (_, test) in enumerate(sgkf.split(np.zeros(len(names)), bag_labels, bag_groups)):
+        bag_fold[test] = k
+    return bag_fold[inverse]
+
+
+def folds_table(ds: Dataset, groups: np.ndarray, folds: np.ndarray,
+                bags: np.ndarray | None = None) -> pd.DataFrame:
+    table = pd.DataFrame({"index": np.arange(len(ds)), "source": ds.sources,
+                          "label": [ds.classes[i] for i in ds.labels], "group": groups,
+                          "fold": folds})
+    if bags is not None:
+        table["bag"] = bags
+    return table
 
 
 def folds_hash(table: pd.DataFrame) -> str:
     h = hashlib.sha256()
-    h.update(table[["source", "label", "group", "fold"]].to_csv(index=False).encode())
+    cols = ["source", "label", "group", "fold"] + (["bag"] if "bag" in table else [])
+    h.update(table[cols].to_csv(index=False).encode())
     return h.hexdigest()

@@ -15,6 +15,8 @@ report, the Grad-CAM audit and the tests agree on one layout::
     DIR/oof/<name>.npy         out-of-fold probabilities, rows aligned with folds.csv
     DIR/leaderboard.{csv,md}
     DIR/predictor/, DIR/report/
+    DIR/leakage/               the leakage audit's image-level run (a run directory)
+    DIR/leakage.csv            grouped against image-level scores (bench.leakage)
 
 Folders are published whole with :meth:`RunDir.staged` (written beside, moved into
 place); single files are written atomically.
@@ -52,6 +54,7 @@ class RunDir:
 
     CONFIG, STATE, MANIFEST, FOLDS = "config.toml", "state.json", "manifest.json", "folds.csv"
     LEADERBOARD_CSV, LEADERBOARD_MD = "leaderboard.csv", "leaderboard.md"
+    LEAKAGE_CSV = "leakage.csv"
 
     def __init__(self, path):
         self.path = Path(path)
@@ -84,6 +87,11 @@ class RunDir:
     @property
     def tuning_dir(self) -> Path:
         return self.path / "tuning"
+
+    @property
+    def leakage_dir(self) -> Path:
+        """The leakage audit's image-level run (:mod:`bench.leakage`)."""
+        return self.path / "leakage"
 
     def unit_dir(self, name: str, fold: int) -> Path:
         check_name(name, "candidate name")
@@ -135,7 +143,7 @@ class RunDir:
         atomic_write_text(self.file(self.FOLDS), table.to_csv(index=False))
 
     def read_folds_table(self) -> pd.DataFrame:
-        return pd.read_csv(self.file(self.FOLDS))
+        return pd.read_csv(self.file(self.FOLDS), dtype={"bag": str, "source": str})
 
     def write_images(self, images: np.ndarray) -> None:
         atomic_save_npy(self.images_file, np.ascontiguousarray(images))
@@ -166,6 +174,12 @@ class RunDir:
         except KeyError as exc:
             raise BenchError(f"{self.file(self.FOLDS)}: label {exc} is not a class of the "
                              "run") from None
+
+    @cached_property
+    def bags(self) -> np.ndarray | None:
+        """The bag (patient) of every row in a bag task, else ``None``."""
+        table = self.folds_table
+        return table["bag"].astype(str).to_numpy() if "bag" in table else None
 
     @cached_property
     def folds(self) -> PredefinedFolds:
@@ -226,7 +240,8 @@ class RunDir:
     def read_leaderboard(self) -> pd.DataFrame:
         return pd.read_csv(self.file(self.LEADERBOARD_CSV))
 
-    OUTPUTS = ("leaderboard.csv", "leaderboard.md", "predictor", "report", "external")
+    OUTPUTS = ("leaderboard.csv", "leaderboard.md", "predictor", "report", "external",
+               "leakage.csv", "patient_leaderboard.csv", "patients")
 
     def keep_previous_outputs(self, board: pd.DataFrame) -> Path | None:
         """Before a new leaderboard replaces a different one, move the finished run's
@@ -247,6 +262,44 @@ class RunDir:
             if self.file(name).exists():
                 os.replace(self.file(name), dest / name)
         return dest
+
+    # -- leakage audit ---------------------------------------------------------------
+    def write_leakage(self, table: pd.DataFrame) -> None:
+        atomic_write_text(self.file(self.LEAKAGE_CSV), table.to_csv(index=False))
+
+    def read_leakage(self) -> pd.DataFrame | None:
+        """``leakage.csv``, or ``None`` when the run has no leakage audit."""
+        f = self.file(self.LEAKAGE_CSV)
+        if not f.is_file():
+            return None
+        table = pd.read_csv(f)
+        table["candidate"] = table["candidate"].astype(str)
+        return table
+
+    # -- bag (patient) tasks -----------------------------------------------------------
+    PATIENT_LEADERBOARD = "patient_leaderboard.csv"
+
+    @property
+    def patients_dir(self) -> Path:
+        return self.path / "patients"
+
+    def write_patients(self, board: pd.DataFrame, scores: pd.DataFrame,
+                       cells: pd.DataFrame, meta: dict) -> None:
+        """The patient leaderboard, every row's out-of-fold bag scores and decisions
+        (``patients/scores.csv``), the chosen row's cell table and the stage's facts."""
+        atomic_write_text(self.file(self.PATIENT_LEADERBOARD), board.to_csv(index=False))
+        atomic_write_text(self.patients_dir / "scores.csv", scores.to_csv(index=False))
+        atomic_write_text(self.patients_dir / "cells.csv", cells.to_csv(index=False))
+        atomic_write_json(self.patients_dir / "meta.json", meta)
+
+    def read_patients(self) -> tuple[pd.DataFrame, pd.DataFrame, pd.DataFrame, dict] | None:
+        """What :meth:`write_patients` wrote, or ``None`` for a run without a bag task."""
+        f = self.file(self.PATIENT_LEADERBOARD)
+        if not f.is_file():
+            return None
+        d = self.patients_dir
+        return (pd.read_csv(f), pd.read_csv(d / "scores.csv", dtype={"bag": str}),
+                pd.read_csv(d / "cells.csv", dtype={"bag": str}), read_json(d / "meta.json"))
 
     # -- external sets ---------------------------------------------------------------
     def external_dir(self, name: str) -> Path:

@@ -21,8 +21,11 @@ import pandas as pd
 from bench.config import Config, load_config
 from bench.datasets import Dataset, prepare_dataset
 from bench.external import score_external
-from bench.folds import folds_hash, folds_table, make_folds, make_groups
+from bench.folds import (folds_hash, folds_table, make_bag_folds, make_folds, make_groups,
+                         read_bags)
 from bench.leaderboard import ensemble_costs, make_table, to_markdown
+from bench.leakage import leakage_audit
+from bench.patients import final_threshold, score_patients
 from bench.prepare import prepare_candidates
 from bench.report import report_after_run
 from bench.rundir import RunDir
@@ -97,7 +100,9 @@ def _manifest(cfg: Config, ds: Dataset, data_path, table, fhash, group_info) -> 
         "data_path": str(data_path),
         "dataset": ds.summary(),
         "grouping": group_info,
-        "folds": {"scheme": "StratifiedGroupKFold(shuffle=True)", "n_folds": cfg["run"]["folds"],
+        "folds": {"scheme": "StratifiedGroupKFold(shuffle=True)" + (
+                      " over bags, stratified by the bags' labels" if "bag" in table else ""),
+                  "n_folds": cfg["run"]["folds"],
                   "seed": cfg["run"]["seed"], "hash": fhash,
                   "counts": table.groupby("fold").size().to_dict()},
         "tuning": {"trials": cfg["tuning"].get("trials", 0),
@@ -132,8 +137,19 @@ def prepare_run(cfg: Config, force: bool = False, show_progress: bool = True):
     data = cfg["data"]
     groups, group_info = make_groups(ds, cfg.path(data.get("groups", "")),
                                      cfg.path(data.get("pairs", "")), data.get("group_rule", ""))
-    folds = make_folds(ds.labels, groups, cfg["run"]["folds"], cfg["run"]["seed"], ds.classes)
-    table = folds_table(ds, groups, folds)
+    bags = None
+    if data.get("bags"):   # whole bags (patients) in a fold, stratified by the bags' labels
+        if data["positive"] not in ds.classes:
+            raise BenchError(f"[data] positive '{data['positive']}' is not a class of the "
+                             f"data {ds.classes}")
+        bags = read_bags(ds, cfg.path(data["groups"]))
+        folds = make_bag_folds(ds.labels, bags, groups, cfg["run"]["folds"],
+                               cfg["run"]["seed"], ds.classes)
+        group_info["bags"] = int(len(np.unique(bags)))
+    else:
+        folds = make_folds(ds.labels, groups, cfg["run"]["folds"], cfg["run"]["seed"],
+                           ds.classes)
+    table = folds_table(ds, groups, folds, bags)
     fhash = folds_hash(table)
     times["data_and_folds"] = time.perf_counter() - t
     fp = _fingerprint(cfg, ds, fhash)
@@ -209,14 +225,24 @@ def run_benchmark(cfg: Config, force: bool = False, workers: int | None = None,
     # the probabilities as written to oof/ (float32): the saved fits are reproducible from
     # the run directory alone
     stored = {n: p.astype(np.float32).astype(np.float64) for n, p in (oofs | ens_oofs).items()}
+    bag_choice = None
+    if cfg["data"].get("bags"):
+        t = time.perf_counter()
+        score_patients(run, cfg, ds, board, stored, folds, show_progress)
+        bag_choice = run.read_patients()
+        times["patients"] = time.perf_counter() - t
     t = time.perf_counter()
-    _save_predictor(run, cfg, ds, board, stored, kinds, folds)
+    _save_predictor(run, cfg, ds, board, stored, kinds, folds, bag_choice)
     times["predictor"] = time.perf_counter() - t
     if cfg.get("external"):
         t = time.perf_counter()
         board = score_external(run, cfg, ds, board, stored, kinds, folds)
         run.write_leaderboard(board, to_markdown(board, run_cfg["metric"]))
         times["external"] = time.perf_counter() - t
+    if (cfg.get("report") or {}).get("leakage_audit"):   # the same entries, image-level folds
+        t = time.perf_counter()
+        leakage_audit(run, cfg, run_benchmark, workers, scheduler, show_progress)
+        times["leakage_audit"] = time.perf_counter() - t
     run.update_manifest(stage_seconds=times, finished=_dt.datetime.now(
         _dt.timezone.utc).isoformat(timespec="seconds"))
     t = time.perf_counter()
@@ -246,14 +272,39 @@ def _collect(run: RunDir, cfg: Config, ds: Dataset, folds: PredefinedFolds):
     return rows, oofs, kinds
 
 
+def _bag_settings(cfg: Config, patients, name: str) -> dict:
+    """What a bag task's predictor stores: the aggregator of ``name``'s best patient row
+    and its threshold, chosen on every bag's out-of-fold score."""
+    board, bag_table, _, meta = patients
+    rows = board[(board["source"] == name) & board["aggregator"].isin(
+        ["mean", "trimmed_mean", "top_k_mean"])]
+    r = rows.iloc[0]
+    settings = cfg["patients"]
+    params = {"trim": settings["trim"]} if r["aggregator"] == "trimmed_mean" else (
+        {"top_fraction": settings["top_fraction"]} if r["aggregator"] == "top_k_mean" else {})
+    return {"positive": meta["positive"], "aggregator": r["aggregator"], "params": params,
+            "threshold": final_threshold(bag_table, r["entry"], meta["threshold_rule"]),
+            "threshold_rule": meta["threshold_rule"] + " on every bag's out-of-fold score",
+            "patient_leaderboard": {k: float(r[k]) for k in
+                                    ("roc_auc", "roc_auc_lo", "roc_auc_hi",
+                                     "balanced_accuracy", "sensitivity", "specificity")}}
+
+
 def _save_predictor(run: RunDir, cfg: Config, ds: Dataset, board, stored, kinds,
-                    folds) -> None:
-    """Save the chosen entry (``[predictor] ensemble``, default the best ensemble);
-    ``stored``: every entry's out-of-fold probabilities as written to ``oof/``."""
+                    folds, patients=None) -> None:
+    """Save the chosen entry (``[predictor] ensemble``, default the best ensemble, or in a
+    bag task the entry of the best patient row a predictor can carry); ``stored``: every
+    entry's out-of-fold probabilities as written to ``oof/``."""
     pred_cfg = cfg.get("predictor", {})
     metric = cfg["run"]["metric"]
     choice = pred_cfg.get("ensemble", "best")
-    row = choose_entry(board, choice)
+    carried = patients[3].get("carried") if patients is not None else None
+    chosen_by = "best ensemble by " + metric if choice == "best" else "config"
+    if choice == "best" and carried:
+        row = choose_entry(board, carried["entry"])
+        chosen_by = f"best patient-level ROC AUC ({carried['row']})"
+    else:
+        row = choose_entry(board, choice)
     name = row["candidate"]
     members, ens = final_ensemble(name, row["kind"], cfg.ensembles, stored, kinds, ds.labels,
                                   folds)
@@ -272,11 +323,12 @@ def _save_predictor(run: RunDir, cfg: Config, ds: Dataset, board, stored, kinds,
         members={m: [run.unit_model_dir(m, k) for k in folds.fold_ids] for m in members},
         member_info=info_, classes=ds.classes, preprocessing=ds.preprocessing,
         training_data=ds.summary() | {"skipped": len(ds.skipped)},
-        extra={"chosen_by": "best ensemble by " + metric if choice == "best" else "config",
+        extra={"chosen_by": chosen_by,
                "leaderboard": {k: float(row[k]) for k in
                                dict.fromkeys([metric, "accuracy", "macro_f1"])},
                "member_models": "fold models of the cross-validation (bagged)",
-               **calibration},
+               **calibration,
+               **({"bags": _bag_settings(cfg, patients, name)} if patients else {})},
         tta=pred_cfg.get("tta", "none"), shift=ShiftReference.fit(ds.images))
     run.update_state(predictor=name)
     info(f"saved predictor '{name}' ({', '.join(members)}) to {run.predictor_dir}")

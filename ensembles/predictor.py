@@ -32,6 +32,7 @@ from core.candidate import CANDIDATE_FILE, Candidate, load_candidate
 from core.errors import BenchError
 from core.images import Preprocessing, as_items, resolve_preprocessing
 from core.shift import ShiftReference
+from ensembles.bags import make_aggregator
 from ensembles.base import Ensemble
 from core.io import _json_default, atomic_write_json, file_sha256, package_versions, staged
 
@@ -208,6 +209,42 @@ class Predictor:
     def predict(self, x, batch_size: int = 256) -> np.ndarray:
         """Class names of the most probable class."""
         return self.classes_[np.argmax(self.predict_proba(x, batch_size), axis=1)]
+
+    # -- bags (patients) ------------------------------------------------------------
+    @property
+    def bag_task_(self) -> dict | None:
+        """A bag task's settings (positive class, aggregator, threshold), else ``None``."""
+        return self.manifest.get("bags")
+
+    def predict_bags(self, bags: dict, batch_size: int = 256) -> list[dict]:
+        """One diagnosis per bag (patient) from its cells, for a predictor saved by a bag
+        task (``[data] bags = true``).
+
+        ``bags``: ``{name: image paths or uint8 arrays}``. Returns one dict per bag:
+        ``bag``, ``n_cells``, ``probability`` (the stored aggregator over the cells'
+        probabilities of the positive class), ``decision`` (positive when the probability
+        reaches the stored threshold), ``threshold``, and ``cells`` (each cell's
+        probabilities, (n, n_classes)).
+        """
+        spec = self.bag_task_
+        if spec is None:
+            raise BenchError(f"predictor {self.path} was not trained on a bag task "
+                             "([data] bags = true): it classifies single images")
+        agg = make_aggregator(spec["aggregator"], spec.get("params", {}))
+        classes = [str(c) for c in self.classes_]
+        pos = classes.index(spec["positive"])
+        others = [c for c in classes if c != spec["positive"]]
+        negative = others[0] if len(others) == 1 else f"not {spec['positive']}"
+        out = []
+        for name, items in bags.items():
+            proba = self.predict_proba(items, batch_size)
+            if not len(proba):
+                raise BenchError(f"bag '{name}' has no images")
+            score = agg.score_bag(proba[:, pos])
+            out.append({"bag": name, "n_cells": int(len(proba)), "probability": score,
+                        "decision": spec["positive"] if score >= spec["threshold"] else negative,
+                        "threshold": float(spec["threshold"]), "cells": proba})
+        return out
 
     # -- Grad-CAM -------------------------------------------------------------------
     @property
@@ -407,6 +444,14 @@ def _check_fields(manifest: dict, mpath: Path) -> None:
         need(isinstance(ens.get(key), typ), f"ensemble '{key}' must be {word}")
     size = manifest.get("image_size")
     need(size is None or (_is_int(size) and size > 0), "'image_size' must be a positive integer")
+    bags = manifest.get("bags")
+    if bags is not None:
+        need(isinstance(bags, dict), "'bags' must be an object")
+        need(bags.get("positive") in classes, "bags 'positive' must be one of 'classes'")
+        need(bags.get("aggregator") in ("mean", "trimmed_mean", "top_k_mean"),
+             "bags 'aggregator' must be mean, trimmed_mean or top_k_mean")
+        need(isinstance(bags.get("params", {}), dict), "bags 'params' must be an object")
+        need(_is_number(bags.get("threshold")), "bags 'threshold' must be a number")
     need(size is not None or isinstance(manifest.get("preprocessing"), dict),
          "'image_size' is missing")
     try:

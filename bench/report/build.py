@@ -17,6 +17,8 @@ import pandas as pd
 from core.calibration import reliability
 from core.errors import BenchError
 from bench.leaderboard import fmt, fmt_p, fmt_size, md_escape, to_markdown
+from bench.leakage import audit_metrics
+from bench.report.patients import patient_section
 from core.io import atomic_write_text, staged
 from core.progress import info, warn
 from bench.report import cards, plots, tables
@@ -248,6 +250,8 @@ def _build(run, s, metric, out: _Out, gradcam, progress) -> dict:
     # external sets
     external_ctx = _external_section(run, board, out, colors)
     warnings += external_ctx["warnings"]
+    leakage_ctx = _leakage_section(run, metric, out, colors)
+    patients_ctx = patient_section(run, board, out, s["gradcam"] if gradcam is None else gradcam)
 
     # Grad-CAM
     audit_ctx = _gradcam_section(run, board, s, out, colors, gradcam, progress)
@@ -264,7 +268,7 @@ def _build(run, s, metric, out: _Out, gradcam, progress) -> dict:
              f"t-test (Nadeau-Bengio) and `†` McNemar on the out-of-fold predictions, "
              f"significant at {alpha} after Holm's adjustment; `n.s.` neither. Ensembles: "
              "costs are sums over members.")
-    atomic_write_text(out.root / "leaderboard.md", md)
+    atomic_write_text(out.root / "leaderboard.md", md + leakage_ctx.get("markdown", ""))
     return {
         "title": run.title, "run": run, "metric": metric, "metric_label": label,
         "metrics": [(m, tables.METRIC_LABELS[m]) for m in tables.REPORT_METRICS],
@@ -281,6 +285,7 @@ def _build(run, s, metric, out: _Out, gradcam, progress) -> dict:
         "predictor_temperature": _predictor_temperature(run),
         "data_card": dc, "class_per_fold_csv": fold_csv, "run_card": cards.run_card(run),
         "warnings": warnings, "audit": audit_ctx, "external": external_ctx, "colors": colors,
+        "leakage": leakage_ctx, "patients": patients_ctx,
         "generated": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
         "csvs": out.csvs, "csp": _csp(), "script": SORT_SCRIPT,
     }
@@ -416,6 +421,93 @@ def _external_section(run, board: pd.DataFrame, out: _Out, colors) -> dict:
                                            if r["name"] == agree["best_external"]), None)})
     return {"sets": sets, "notes": notes, "warnings": warnings,
             "shown": bool(sets or notes)}
+
+
+def _removed_grouping(run) -> list[str]:
+    """What the leakage audit's image-level folds leave out, in words (from the manifest)."""
+    grouping = run.manifest.get("grouping") or {}
+    removed = (run.manifest.get("leakage_audit") or {}).get("removed") or {}
+    parts = []
+    if removed.get("groups") or grouping.get("user_groups"):
+        where = Path(str(removed["groups"])).name if removed.get("groups") else ""
+        parts.append(f"[data] groups ({grouping.get('user_groups', '?')} groups"
+                     + (f" from {where}" if where else "") + ")")
+    if removed.get("pairs") or grouping.get("pairs"):
+        where = Path(str(removed["pairs"])).name if removed.get("pairs") else ""
+        parts.append(f"[data] pairs ({grouping.get('pairs', '?')} near-duplicate pairs"
+                     + (f" from {where}" if where else "") + ")")
+    rule = removed.get("group_rule") or grouping.get("group_rule")
+    if rule:
+        parts.append(f"[data] group_rule = \"{rule}\"")
+    return parts
+
+
+def _leakage_section(run, metric: str, out: _Out, colors) -> dict:
+    """The leakage audit (``leakage.csv``): every entry on grouped and on image-level folds,
+    the inflation, which grouping was removed and how many groups the image-level folds
+    split; absent when the run has no audit."""
+    if run.leakage_error:
+        return {"shown": True, "rows": [], "notes": [f"leakage.csv could not be read: "
+                                                     f"{run.leakage_error}"]}
+    if run.leakage is None:
+        return {"shown": False}
+    table = run.leakage[run.leakage["candidate"].isin(run.names)]
+    metrics = [m for m in audit_metrics(metric)
+               if all(f"{k}_{m}" in table for k in ("grouped", "image_level", "inflation"))]
+    if not metrics or table.empty:
+        return {"shown": True, "rows": [], "notes": ["leakage.csv holds no entry of this run"]}
+    key = metric if metric in metrics else metrics[0]
+    table = table.sort_values(f"grouped_{key}", ascending=tables.lower_is_better(key),
+                              kind="stable").reset_index(drop=True)
+    t_csv = out.csv(table, "leakage")
+    rows = []
+    for _, r in table.iterrows():
+        cells = []
+        for m in metrics:
+            infl = float(r[f"inflation_{m}"])
+            cells.append({
+                "grouped": _metric_pair(r, f"grouped_{m}"),
+                "image": _metric_pair(r, f"image_level_{m}"),
+                "inflation": {"text": f"{infl:+.3f}".replace("-", "\u2212")
+                              if np.isfinite(infl) else "", "sort": _sortval(infl)}})
+        rows.append({"name": r["candidate"], "kind": r["kind"], "cells": cells})
+    plot_m = "accuracy" if "accuracy" in metrics else key
+    plot_label = tables.METRIC_LABELS.get(plot_m, plot_m)
+    fig = out.fig(plots.leakage_figure(table, colors, plot_m, plot_label), "leakage",
+                  f"{plot_label} on grouped and image-level folds",
+                  f"{plot_label} of every entry on the grouped folds (circle) and on "
+                  "image-level folds (triangle); the line between them is the inflation.",
+                  t_csv)
+    audit = run.manifest.get("leakage_audit") or {}
+    best = table.iloc[0]
+    img_best = table.sort_values(f"image_level_{key}", ascending=tables.lower_is_better(key),
+                                 kind="stable")["candidate"].iloc[0]
+    labels = [(m, tables.METRIC_LABELS.get(m, m)) for m in metrics]
+    md = ["", "## Leakage audit", "",
+          f"The same entries on image-level folds (without {'; '.join(_removed_grouping(run))}"
+          "; exact duplicates stay together in both). Inflation = image-level − grouped.", "",
+          "| candidate | kind | " + " | ".join(
+              f"{lab} grouped | {lab} image-level | {lab} inflation" for _, lab in labels)
+          + " |", "|---|---|" + "---|" * (3 * len(labels))]
+    for r, row in zip(table.to_dict("records"), rows):
+        md.append(f"| {md_escape(r['candidate'])} | {r['kind']} | " + " | ".join(
+            f"{c['grouped']['text']} | {c['image']['text']} | {c['inflation']['text']}"
+            for c in row["cells"]) + " |")
+    return {"shown": True, "rows": rows, "notes": [], "metrics": labels, "csv": t_csv,
+            "fig": fig, "removed": _removed_grouping(run), "split": audit,
+            "key_label": tables.METRIC_LABELS.get(key, key),
+            "best": {"name": best["candidate"], "grouped": fmt(best[f"grouped_{key}"]),
+                     "image": fmt(best[f"image_level_{key}"]),
+                     "inflation": f"{best[f'inflation_{key}']:+.3f}"},
+            "image_winner": img_best if img_best != best["candidate"] else None,
+            "nested": os.path.join("..", audit.get("dir", "leakage"), "leaderboard.md"),
+            "markdown": "\n".join(md) + "\n"}
+
+
+def _metric_pair(r, col: str) -> dict:
+    v, sd = float(r[col]), float(r.get(f"{col}_std", math.nan))
+    return {"text": f"{fmt(v)} ± {fmt(sd)}" if np.isfinite(sd) else fmt(v),
+            "sort": _sortval(v)}
 
 
 def _gradcam_section(run, board, s, out: _Out, colors, gradcam, progress) -> dict:

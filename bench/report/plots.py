@@ -280,3 +280,34 @@ def external_recall_figure(recall, rows: list[tuple[str, str]], classes: list[st
     ax.set_title(plain(title), fontsize=10)
     fig.colorbar(im, ax=ax, fraction=0.03, pad=0.02, label="recall")
     return fig
+
+
+def leakage_figure(table, colors: dict, metric: str, label: str) -> Figure:
+    """Grouped (circle) and image-level (triangle) ``metric`` per entry, joined by a line
+    (the inflation); rows in ``table`` order."""
+    names = list(table["candidate"])
+    fig = Figure(figsize=(7.5, 0.42 * len(names) + 1.6))
+    ax = fig.subplots()
+    for i, name in enumerate(names):
+        r = table.iloc[i]
+        y = len(names) - 1 - i
+        c = colors.get(name, "black")
+        g, im = r[f"grouped_{metric}"], r[f"image_level_{metric}"]
+        if np.isfinite(g) and np.isfinite(im):
+            ax.plot([g, im], [y, y], color=c, lw=2.5, alpha=0.45, zorder=1)
+        for x, marker in ((g, "o"), (im, "^")):
+            if np.isfinite(x):
+                ax.scatter([x], [y], marker=marker, s=55, color=c, edgecolor="black",
+                           linewidth=0.5, zorder=3)
+    ax.scatter([], [], marker="o", color="white", edgecolor="black", label="grouped folds")
+    ax.scatter([], [], marker="^", color="white", edgecolor="black",
+               label="image-level folds")
+    ax.set_yticks(range(len(names)), labels=[plain(n) for n in names[::-1]])
+    ax.set_ylim(-0.7, len(names) - 0.3)
+    ax.ticklabel_format(axis="x", useOffset=False)
+    ax.margins(x=0.08)
+    ax.set_xlabel(f"{label} (mean over folds)")
+    ax.set_title(f"Leakage audit: {label} on grouped and image-level folds", fontsize=10)
+    ax.legend(fontsize=8, loc="best")
+    ax.grid(axis="x", alpha=0.3)
+    return fig

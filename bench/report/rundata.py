@@ -25,6 +25,9 @@ class RunData:
     units : name -> list of per-fold ``result.json`` dicts (candidates only).
     external : set name -> ``(scores, per_class, meta)`` of each external set scored at the
         end of the run (``external/<NAME>/``; :meth:`RunDir.read_external`), names as str.
+    leakage : ``leakage.csv`` of the leakage audit (grouped against image-level scores,
+        :mod:`bench.leakage`), or ``None`` when the run has none; ``leakage_error`` says why
+        it could not be read.
     """
 
     def __init__(self, run_dir):
@@ -72,6 +75,11 @@ class RunData:
                 self.external_errors[name] = f"{type(exc).__name__}: {exc}"
                 continue
             self.external[name] = (scores, per_class, meta)
+        self.leakage, self.leakage_error = None, None
+        try:
+            self.leakage = rd.read_leakage()
+        except Exception as exc:   # noqa: BLE001 - the rest of the report stays useful
+            self.leakage_error = f"{type(exc).__name__}: {exc}"
 
     def unit_dir(self, name: str, fold: int) -> Path:
         return self.rundir.unit_dir(name, fold)

@@ -1,0 +1,312 @@
+"""Bag (patient-level) tasks: from out-of-fold cell probabilities to a patient leaderboard.
+
+A dataset with ``[data] bags = true`` labels each image with its bag's label (a patient's
+diagnosis); the folds hold whole bags, stratified by the bags' labels
+(:func:`bench.folds.make_bag_folds`). Every candidate and ensemble is trained and scored
+on cells as usual; this stage turns their out-of-fold cell probabilities into one score
+per bag with each aggregator of ``[patients] aggregators`` (:mod:`ensembles.bags`):
+
+* ``mean``, ``trimmed_mean``, ``top_k_mean`` of the positive class's cell probabilities.
+  A bag's cells are all in one fold, so its score comes from the fold models that never
+  saw it;
+* ``composition``: per outer fold, a cell-type classifier (shrinkage LDA on the
+  ``composition_features`` feature set, labels ``[data] cell_types``) is fitted on the
+  training bags' cells only, cross-fitted over those bags (inner grouped folds) for their
+  own compositions; a bag's composition is the mean of its cells' cell-type
+  probabilities, and a logistic regression on the training bags' compositions scores
+  the fold's bags.
+
+The decision threshold for a fold's bags is chosen (``[patients] threshold``) on the
+other folds' bags only, as the stacking ensembles choose their weights. Nothing from a
+test bag enters any fit or threshold used to score it.
+
+Metrics over the pooled out-of-fold bag scores: ROC AUC, balanced accuracy, sensitivity,
+specificity at the fold's threshold, and log loss of the score read as a probability,
+each with a 95 % percentile interval from a bootstrap over bags (stratified by label, so
+both classes are in every resample). The best row by AUC is compared with each other row
+by a paired bootstrap over bags (two-sided), Holm-adjusted.
+"""
+
+from __future__ import annotations
+
+import time
+
+import numpy as np
+import pandas as pd
+from scipy.stats import rankdata
+from sklearn.discriminant_analysis import LinearDiscriminantAnalysis
+from sklearn.impute import SimpleImputer
+from sklearn.model_selection import GroupKFold, StratifiedKFold, cross_val_predict
+from sklearn.pipeline import make_pipeline
+from sklearn.preprocessing import StandardScaler
+
+from bench.folds import column_by_row
+from bench.rundir import RunDir
+from bench.stats import holm
+from core.errors import BenchError
+from core.progress import info, progress_iter
+from core.splits import PredefinedFolds
+from ensembles.bags import CompositionAggregator, choose_threshold, make_aggregator
+from features.extract import extract
+
+CELL_AGGREGATORS = ("mean", "trimmed_mean", "top_k_mean")
+LEVEL = 0.95
+INNER_FOLDS = 3
+EPS = 1e-6
+
+
+# ----------------------------------------------------------------------------- bags
+
+class Bags:
+    """Rows grouped into bags: names, each bag's rows, label (1 = positive) and fold."""
+
+    def __init__(self, bag_of_row: np.ndarray, labels: np.ndarray, positive: int,
+                 folds: PredefinedFolds):
+        self.names, first, inverse = np.unique(bag_of_row, return_index=True,
+                                               return_inverse=True)
+        self.of_row = inverse
+        order = np.argsort(inverse, kind="stable")
+        bounds = np.cumsum(np.bincount(inverse, minlength=len(self.names)))[:-1]
+        self.rows = np.split(order, bounds)
+        self.y = (labels[first] == positive).astype(int)
+        self.fold = np.asarray(folds.folds)[first]
+
+    def __len__(self) -> int:
+        return len(self.names)
+
+    def n_cells(self) -> np.ndarray:
+        return np.array([len(r) for r in self.rows])
+
+
+# ----------------------------------------------------------------------------- metrics
+
+def _auc_rows(scores: np.ndarray, y: np.ndarray) -> np.ndarray:
+    """ROC AUC of each row of ``scores`` (R, n) against labels ``y`` (ties count half)."""
+    pos = y == 1
+    n_pos, n_neg = int(pos.sum()), int((~pos).sum())
+    ranks = rankdata(scores, axis=-1)
+    return (ranks[..., pos].sum(-1) - n_pos * (n_pos + 1) / 2) / (n_pos * n_neg)
+
+
+def _point(scores, decisions, y) -> dict:
+    pos = y == 1
+    sens = float(np.mean(decisions[pos])) if pos.any() else np.nan
+    spec = float(np.mean(~decisions[~pos])) if (~pos).any() else np.nan
+    p = np.clip(scores, EPS, 1 - EPS)
+    return {"roc_auc": float(_auc_rows(scores[None], y)[0]),
+            "balanced_accuracy": (sens + spec) / 2, "sensitivity": sens, "specificity": spec,
+            "log_loss": float(-np.mean(y * np.log(p) + (1 - y) * np.log(1 - p)))}
+
+
+def bootstrap_indices(y: np.ndarray, n_boot: int, seed: int) -> np.ndarray:
+    """(n_boot, n) bag indices resampled with replacement within each class."""
+    rng = np.random.default_rng(seed)
+    parts = [rng.choice(np.flatnonzero(y == c), size=(n_boot, int((y == c).sum())))
+             for c in (0, 1)]
+    return np.concatenate(parts, axis=1)
+
+
+def _boot(scores, decisions, y, idx) -> dict:
+    s, d, yy = scores[idx], decisions[idx], y[idx]          # (B, n)
+    pos = yy == 1
+    sens = (d & pos).sum(1) / pos.sum(1)
+    spec = (~d & ~pos).sum(1) / (~pos).sum(1)
+    p = np.clip(s, EPS, 1 - EPS)
+    return {"roc_auc": _auc_rows(s, yy[0]), "balanced_accuracy": (sens + spec) / 2,
+            "sensitivity": sens, "specificity": spec,
+            "log_loss": -np.mean(yy * np.log(p) + (1 - yy) * np.log(1 - p), axis=1)}
+
+
+METRIC_COLUMNS = ("roc_auc", "balanced_accuracy", "sensitivity", "specificity", "log_loss")
+
+
+# ----------------------------------------------------------------------------- scores
+
+def _fold_thresholds(scores: np.ndarray, bags: Bags, rule: str) -> np.ndarray:
+    """Each bag's threshold, chosen on the bags of the other folds."""
+    out = np.empty(len(bags))
+    for k in np.unique(bags.fold):
+        test = bags.fold == k
+        out[test] = choose_threshold(scores[~test], bags.y[~test], rule)
+    return out
+
+
+def cell_aggregate(p_cell: np.ndarray, bags: Bags, name: str, settings: dict) -> np.ndarray:
+    agg = make_aggregator(name, settings)
+    return agg.score([p_cell[r] for r in bags.rows])
+
+
+def composition_scores(features: np.ndarray, cell_types: np.ndarray, bags: Bags,
+                       settings: dict, show_progress: bool = True):
+    """Out-of-fold bag scores of the composition route, the thresholds chosen on training
+    bags (cross-validated scores of the patient model) and each bag's composition."""
+    types = sorted(set(cell_types) - {""})
+    t = np.array([types.index(c) if c else -1 for c in cell_types])
+    seed = int(settings.get("seed", 0))
+    scores, thresholds = np.zeros(len(bags)), np.zeros(len(bags))
+    comp_out = np.zeros((len(bags), len(types)))
+
+    def fit_cells(rows):
+        rows = rows[t[rows] >= 0]
+        counts = np.bincount(t[rows], minlength=len(types))
+        rows = rows[counts[t[rows]] >= 2]   # a class needs two cells for its covariance
+        clf = make_pipeline(SimpleImputer(strategy="median"), StandardScaler(),
+                            LinearDiscriminantAnalysis(solver="lsqr", shrinkage="auto"))
+        clf.fit(features[rows], t[rows])
+        return clf
+
+    def proba(clf, rows):
+        out = np.zeros((len(rows), len(types)))
+        out[:, clf.classes_] = clf.predict_proba(features[rows])
+        return out
+
+    def composition(cell_p, rows_of_bags, index_of_row):
+        return np.stack([cell_p[[index_of_row[r] for r in rows]].mean(0)
+                         for rows in rows_of_bags])
+
+    folds = np.unique(bags.fold)
+    for k in progress_iter(folds, total=len(folds), desc="composition (cell types)",
+                           enabled=show_progress):
+        train_b, test_b = np.flatnonzero(bags.fold != k), np.flatnonzero(bags.fold == k)
+        train_rows = np.concatenate([bags.rows[b] for b in train_b])
+        test_rows = np.concatenate([bags.rows[b] for b in test_b])
+        # the training bags' compositions from cell-type models that never saw the bag
+        cell_p = np.zeros((len(train_rows), len(types)))
+        inner = GroupKFold(n_splits=min(INNER_FOLDS, len(train_b)))
+        for tr, te in inner.split(train_rows, groups=bags.of_row[train_rows]):
+            cell_p[te] = proba(fit_cells(train_rows[tr]), train_rows[te])
+        pos_of = {r: i for i, r in enumerate(train_rows)}
+        comp_train = composition(cell_p, [bags.rows[b] for b in train_b], pos_of)
+        test_p = proba(fit_cells(train_rows), test_rows)
+        pos_of_test = {r: i for i, r in enumerate(test_rows)}
+        comp_test = composition(test_p, [bags.rows[b] for b in test_b], pos_of_test)
+        agg = CompositionAggregator(seed=seed).fit(comp_train, bags.y[train_b])
+        scores[test_b] = agg.score(comp_test)
+        comp_out[test_b] = comp_test
+        cv = StratifiedKFold(n_splits=min(5, int(np.bincount(bags.y[train_b]).min())),
+                             shuffle=True, random_state=seed)
+        train_scores = cross_val_predict(agg.model_, comp_train, bags.y[train_b], cv=cv,
+                                         method="predict_proba")[:, 1]
+        thresholds[test_b] = choose_threshold(train_scores, bags.y[train_b],
+                                              settings.get("threshold", "youden"))
+    return scores, thresholds, comp_out, types
+
+
+# ----------------------------------------------------------------------------- the stage
+
+def score_patients(run: RunDir, cfg, ds, board: pd.DataFrame, stored: dict,
+                   folds: PredefinedFolds, show_progress: bool = True) -> pd.DataFrame:
+    """Score every entry x aggregator per bag, write the patient leaderboard and its
+    files (:meth:`RunDir.write_patients`); returns the patient leaderboard."""
+    t0 = time.perf_counter()
+    data, settings = cfg["data"], cfg["patients"]
+    positive = data["positive"]
+    if positive not in ds.classes:
+        raise BenchError(f"[data] positive '{positive}' is not a class of the data "
+                         f"{ds.classes}")
+    pos = ds.classes.index(positive)
+    bags = Bags(run.bags, ds.labels, pos, folds)
+    rule = settings["threshold"]
+    kinds = dict(zip(board["candidate"], board["kind"]))
+    rows, scores, thresholds = [], {}, {}
+    for entry in board["candidate"]:
+        p_cell = stored[entry][:, pos]
+        for name in settings["aggregators"]:
+            if name not in CELL_AGGREGATORS:
+                continue
+            key = f"{entry}+{name}"
+            scores[key] = cell_aggregate(p_cell, bags, name, settings)
+            thresholds[key] = _fold_thresholds(scores[key], bags, rule)
+            rows.append({"entry": key, "source": entry, "kind": kinds[entry],
+                         "aggregator": name})
+    comp_types = []
+    if "composition" in settings["aggregators"]:
+        fs_name = settings["composition_features"]
+        cell_types = column_by_row(ds.sources, cfg.path(data["cell_types"]))
+        known = int((cell_types != "").sum())
+        if known < 2 * len(bags):
+            raise BenchError(f"[data] cell_types: only {known} of {len(ds)} images have a "
+                             "cell type")
+        feats = extract(np.asarray(ds.images), cfg["feature_sets"][fs_name],
+                        progress=show_progress)
+        key = f"cell_types[{fs_name}]+composition"
+        scores[key], thresholds[key], comp, comp_types = composition_scores(
+            feats, cell_types, bags, settings, show_progress)
+        rows.append({"entry": key, "source": f"cell types ({fs_name} features)",
+                     "kind": "composition", "aggregator": "composition"})
+
+    idx = bootstrap_indices(bags.y, int(settings["n_boot"]), int(settings["seed"]))
+    boots = {}
+    for r in rows:
+        key = r["entry"]
+        dec = scores[key] >= thresholds[key]
+        r.update(_point(scores[key], dec, bags.y))
+        boots[key] = _boot(scores[key], dec, bags.y, idx)
+        for m in METRIC_COLUMNS:
+            lo, hi = np.nanpercentile(boots[key][m], [50 * (1 - LEVEL), 50 * (1 + LEVEL)])
+            r[f"{m}_lo"], r[f"{m}_hi"] = float(lo), float(hi)
+    table = pd.DataFrame(rows).sort_values(["roc_auc", "balanced_accuracy", "log_loss"],
+                                           ascending=[False, False, True], kind="stable")
+    best = table["entry"].iloc[0]
+    diffs = {k: boots[best]["roc_auc"] - b["roc_auc"] for k, b in boots.items() if k != best}
+    p = {k: float(min(1.0, 2 * min(np.mean(d <= 0), np.mean(d >= 0)))) for k, d in diffs.items()}
+    keys = list(p)
+    adjusted = dict(zip(keys, holm([p[k] for k in keys]))) if keys else {}
+    table["auc_diff_vs_best"] = [float(np.mean(diffs[k])) if k in diffs else 0.0
+                                 for k in table["entry"]]
+    table["p_vs_best"] = [p.get(k, np.nan) for k in table["entry"]]
+    table["p_vs_best_holm"] = [adjusted.get(k, np.nan) for k in table["entry"]]
+    table["n_bags"] = len(bags)
+    table.insert(0, "rank", np.arange(1, len(table) + 1))
+
+    others = [c for c in ds.classes if c != positive]
+    negative = others[0] if len(others) == 1 else "other"
+    bag_table = pd.DataFrame({"bag": bags.names, "label": np.where(
+        bags.y == 1, positive, negative), "y": bags.y, "fold": bags.fold,
+        "n_cells": bags.n_cells()})
+    score_cols = {}
+    for key in table["entry"]:
+        score_cols[f"score:{key}"] = scores[key]
+        score_cols[f"threshold:{key}"] = thresholds[key]
+    bag_table = pd.concat([bag_table, pd.DataFrame(score_cols)], axis=1)
+    carry = choose_carried(table)
+    cells = _cell_table(run, ds, bags, stored, carry, pos) if carry is not None else \
+        pd.DataFrame(columns=["row", "bag", "source", "cell_probability"])
+    meta = {"positive": positive, "negative": negative, "classes": list(ds.classes), "n_bags": len(bags),
+            "n_positive": int(bags.y.sum()), "threshold_rule": rule,
+            "settings": dict(settings), "best": best,
+            "carried": None if carry is None else carry, "composition_types": comp_types,
+            "bootstrap": {"n_boot": int(settings["n_boot"]), "stratified": True,
+                          "level": LEVEL, "seed": int(settings["seed"])},
+            "seconds": time.perf_counter() - t0}
+    run.write_patients(table, bag_table, cells, meta)
+    top = table.iloc[0]
+    info(f"patients: best {top['entry']} ROC AUC {top['roc_auc']:.3f} "
+         f"[{top['roc_auc_lo']:.3f}, {top['roc_auc_hi']:.3f}] over {len(bags)} bags")
+    return table
+
+
+def choose_carried(table: pd.DataFrame) -> dict | None:
+    """The best row a predictor can carry (a cell-level entry and a cell aggregator)."""
+    ok = table[table["aggregator"].isin(CELL_AGGREGATORS)]
+    if ok.empty:
+        return None
+    r = ok.iloc[0]
+    return {"entry": str(r["source"]), "aggregator": str(r["aggregator"]),
+            "row": str(r["entry"]), "roc_auc": float(r["roc_auc"])}
+
+
+def _cell_table(run, ds, bags: Bags, stored, carry: dict, pos: int) -> pd.DataFrame:
+    p = stored[carry["entry"]][:, pos]
+    return pd.DataFrame({"row": np.arange(len(ds)), "bag": bags.names[bags.of_row],
+                         "source": ds.sources, "cell_probability": p})
+
+
+def final_threshold(bag_table: pd.DataFrame, row: str, rule: str) -> float:
+    """The threshold a predictor stores: chosen on every bag's out-of-fold score."""
+    return choose_threshold(bag_table[f"score:{row}"].to_numpy(), bag_table["y"].to_numpy(),
+                            rule)
+
+
+__all__ = ["score_patients", "choose_carried", "final_threshold", "Bags", "bootstrap_indices",
+           "composition_scores"]

@@ -1,0 +1,152 @@
+"""Bag aggregators: from the cells of a bag (a patient) to one score for the bag.
+
+The label of a bag task belongs to the bag (a patient's diagnosis), not to its cells.
+Candidates are trained on cells with their bag's label (weak labels) and give each cell
+a probability of the positive class; an aggregator turns a bag's cell probabilities into
+the bag's score:
+
+* :class:`MeanAggregator`: the mean (DeepAPL's own rule);
+* :class:`TrimmedMeanAggregator`: the mean without the lowest and highest ``trim``;
+* :class:`TopKMeanAggregator`: the mean of the ``fraction`` most positive cells (a few
+  typical cells decide, as a morphologist would call APL from its promyelocytes).
+
+:class:`CompositionAggregator` is the other route: the bag's cell-type composition (the
+mean of its cells' cell-type probabilities, from a cell-type classifier) fed to a small
+patient-level logistic regression. It is fitted, on training bags only.
+
+:func:`choose_threshold` picks the decision threshold on training bags' scores. None of
+these see anything but the arrays they are given: the caller keeps test bags out of every
+``fit`` and threshold.
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+from scipy import stats as _st
+from sklearn.linear_model import LogisticRegression
+from sklearn.pipeline import make_pipeline
+from sklearn.preprocessing import StandardScaler
+
+
+class MeanAggregator:
+    """Mean of a bag's cell probabilities."""
+
+    name = "mean"
+    needs_fit = False
+
+    def params(self) -> dict:
+        return {}
+
+    def score_bag(self, p: np.ndarray) -> float:
+        return float(np.mean(p))
+
+    def score(self, bags: list[np.ndarray]) -> np.ndarray:
+        return np.array([self.score_bag(np.asarray(p, dtype=float)) for p in bags])
+
+
+class TrimmedMeanAggregator(MeanAggregator):
+    """Mean without the ``trim`` lowest and ``trim`` highest cells of a bag."""
+
+    name = "trimmed_mean"
+
+    def __init__(self, trim: float = 0.1):
+        if not 0 <= trim < 0.5:
+            raise ValueError(f"trim must be in [0, 0.5), got {trim}")
+        self.trim = float(trim)
+
+    def params(self) -> dict:
+        return {"trim": self.trim}
+
+    def score_bag(self, p: np.ndarray) -> float:
+        return float(_st.trim_mean(p, self.trim))
+
+
+class TopKMeanAggregator(MeanAggregator):
+    """Mean of the ``ceil(fraction * n)`` highest cell probabilities of a bag of n cells."""
+
+    name = "top_k_mean"
+
+    def __init__(self, fraction: float = 0.2):
+        if not 0 < fraction <= 1:
+            raise ValueError(f"fraction must be in (0, 1], got {fraction}")
+        self.fraction = float(fraction)
+
+    def params(self) -> dict:
+        return {"fraction": self.fraction}
+
+    def score_bag(self, p: np.ndarray) -> float:
+        k = max(1, math.ceil(self.fraction * len(p)))
+        return float(np.mean(np.sort(p)[-k:]))
+
+
+class CompositionAggregator:
+    """Logistic regression on bags' cell-type compositions (rows sum to one).
+
+    ``fit(composition, y)`` with ``y`` 1 for positive bags; ``score`` gives the positive
+    probability. Standardised inputs, L2 strength ``C``, balanced class weights.
+    """
+
+    name = "composition"
+    needs_fit = True
+
+    def __init__(self, C: float = 1.0, seed: int = 0):
+        self.C, self.seed = float(C), int(seed)
+
+    def params(self) -> dict:
+        return {"C": self.C}
+
+    def fit(self, composition: np.ndarray, y: np.ndarray) -> "CompositionAggregator":
+        y = np.asarray(y).astype(int)
+        if len(np.unique(y)) < 2:
+            raise ValueError("a composition model needs positive and negative bags")
+        self.model_ = make_pipeline(
+            StandardScaler(), LogisticRegression(C=self.C, class_weight="balanced",
+                                                 max_iter=2000, random_state=self.seed))
+        self.model_.fit(np.asarray(composition, dtype=float), y)
+        return self
+
+    def score(self, composition: np.ndarray) -> np.ndarray:
+        return self.model_.predict_proba(np.asarray(composition, dtype=float))[:, 1]
+
+
+def make_aggregator(name: str, settings: dict):
+    """The aggregator called ``name`` with ``[patients]`` settings."""
+    if name == "mean":
+        return MeanAggregator()
+    if name == "trimmed_mean":
+        return TrimmedMeanAggregator(settings.get("trim", 0.1))
+    if name == "top_k_mean":
+        return TopKMeanAggregator(settings.get("top_fraction", 0.2))
+    if name == "composition":
+        return CompositionAggregator(seed=settings.get("seed", 0))
+    raise ValueError(f"unknown aggregator '{name}'")
+
+
+def choose_threshold(scores: np.ndarray, y: np.ndarray, rule: str = "youden") -> float:
+    """Decision threshold (``score >= t`` is positive) chosen on training bags.
+
+    ``"youden"``: the cut maximising sensitivity + specificity - 1 (balanced accuracy),
+    midway between neighbouring scores, ties broken toward 0.5; ``"half"``: 0.5.
+    """
+    if rule == "half":
+        return 0.5
+    if rule != "youden":
+        raise ValueError(f"unknown threshold rule '{rule}'")
+    s, y = np.asarray(scores, dtype=float), np.asarray(y).astype(int)
+    if len(np.unique(y)) < 2:
+        return 0.5
+    u = np.unique(s)
+    cuts = np.concatenate([[u[0] - 1e-9], (u[:-1] + u[1:]) / 2, [u[-1] + 1e-9]])
+    pos, neg = y == 1, y == 0
+    best, best_j = 0.5, -np.inf
+    for t in cuts:
+        j = np.mean(s[pos] >= t) + np.mean(s[neg] < t) - 1
+        if j > best_j + 1e-12 or (abs(j - best_j) <= 1e-12 and abs(t - 0.5) < abs(best - 0.5)):
+            best, best_j = float(t), j
+    return best
+
+
+__all__ = ["MeanAggregator", "TrimmedMeanAggregator", "TopKMeanAggregator",
+           "CompositionAggregator", "make_aggregator", "choose_threshold"]

@@ -1,0 +1,346 @@
+"""Bag (patient-level) tasks: patient-disjoint folds, aggregators that never see a test
+patient, the patient leaderboard, and the predictor's per-patient diagnosis."""
+
+from __future__ import annotations
+
+import csv
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+from PIL import Image
+
+from bench import patients as patients_mod
+from bench.config import load_config
+from bench.folds import make_bag_folds
+from bench.runner import run_benchmark
+from core.errors import BenchError
+from core.splits import PredefinedFolds
+from ensembles.bags import (CompositionAggregator, MeanAggregator, TopKMeanAggregator,
+                            TrimmedMeanAggregator, choose_threshold)
+from ensembles.predictor import load_predictor
+
+REPO = Path(__file__).resolve().parents[1]
+CELL_TYPES = ["blast", "promyelocyte", "neutrophil"]
+
+
+def _cell(rng, kind: int, diagnosis: int, size: int = 24) -> np.ndarray:
+    """A cell whose type sets its shape and whose patient's diagnosis tints its colour."""
+    img = rng.normal(225, 10, (size, size, 3))
+    yy, xx = np.mgrid[:size, :size]
+    r = size * (0.2 + 0.08 * kind)
+    mask = (yy - size / 2) ** 2 + (xx - size / 2) ** 2 < r ** 2
+    base = np.array([150, 60, 140]) if diagnosis == 0 else np.array([200, 90, 60])
+    img[mask] = base + rng.normal(0, 25, (mask.sum(), 3))
+    return np.clip(img, 0, 255).astype(np.uint8)
+
+
+def write_patients(root: Path, n_patients: int = 20, cells: int = 12, seed: int = 0) -> Path:
+    """``root/images/<type>/<patient>__<i>.png`` and ``root/cells.csv`` (file, patient,
+    diagnosis, cell_class); a third of the patients are APL (more promyelocytes)."""
+    rng = np.random.default_rng(seed)
+    rows = []
+    for p in range(n_patients):
+        apl = int(p % 3 == 0)
+        n = cells + int(rng.integers(0, 6))
+        weights = [0.3, 0.5, 0.2] if apl else [0.6, 0.1, 0.3]
+        for i in range(n):
+            kind = int(rng.choice(3, p=weights))
+            rel = f"images/{CELL_TYPES[kind]}/P{p:02d}__{i:03d}.png"
+            (root / rel).parent.mkdir(parents=True, exist_ok=True)
+            Image.fromarray(_cell(rng, kind, apl)).save(root / rel)
+            rows.append({"file": rel, "patient": f"P{p:02d}", "diagnosis": "APL" if apl
+                         else "AML", "cell_class": CELL_TYPES[kind]})
+    pd.DataFrame(rows).to_csv(root / "cells.csv", index=False)
+    return root
+
+
+BAG_CONFIG = """
+[run]
+seed = 0
+folds = 4
+profile = "tiny"
+
+[data]
+path = "{root}/images"
+image_size = 24
+labels = "{root}/cells.csv:diagnosis"
+groups = "{root}/cells.csv"
+bags = true
+positive = "APL"
+cell_types = "{root}/cells.csv:cell_class"
+
+[patients]
+n_boot = 300
+
+[feature_sets.color]
+color = {{ bins = 8, spaces = ["rgb"], moments = true }}
+
+[candidates.rf_color]
+type = "feature_forest"
+params = {{ features = "color", n_estimators = 40 }}
+
+[candidates.rf_color2]
+type = "feature_forest"
+params = {{ features = "color", n_estimators = 20, max_depth = 3 }}
+
+[ensembles.vote]
+type = "soft_voting"
+members = "all"
+
+[report]
+enabled = false
+
+[profiles.tiny]
+description = "tests"
+patients = {{ composition_features = "color" }}
+"""
+
+
+@pytest.fixture(scope="module")
+def bag_data(tmp_path_factory) -> Path:
+    return write_patients(tmp_path_factory.mktemp("patients"))
+
+
+def _config(tmp_path: Path, root: Path, extra: str = "") -> Path:
+    p = tmp_path / "bags.toml"
+    p.write_text(BAG_CONFIG.format(root=root) + extra)
+    return p
+
+
+# ----------------------------------------------------------------------------- folds
+
+def test_bag_folds_hold_whole_bags_stratified_by_bag_label():
+    rng = np.random.default_rng(1)
+    bag_sizes = rng.integers(3, 60, size=30)
+    bags = np.repeat([f"p{i}" for i in range(30)], bag_sizes)
+    bag_label = (np.arange(30) % 3 == 0).astype(int)
+    labels = np.repeat(bag_label, bag_sizes)
+    groups = np.unique(bags, return_inverse=True)[1]
+    folds = make_bag_folds(labels, bags, groups, 5, 0, ["AML", "APL"])
+    table = pd.DataFrame({"bag": bags, "fold": folds})
+    assert (table.groupby("bag")["fold"].nunique() == 1).all()     # no bag split
+    per_fold = table.drop_duplicates("bag").assign(y=bag_label).groupby("fold")["y"]
+    assert per_fold.sum().tolist() == [2, 2, 2, 2, 2]               # 10 positive bags / 5
+    assert per_fold.size().tolist() == [6, 6, 6, 6, 6]              # counted in bags, not cells
+
+
+def test_bag_folds_refuse_too_few_bags_of_a_class():
+    bags = np.repeat(["a", "b", "c", "d", "e", "f"], 4)
+    labels = np.repeat([1, 1, 0, 0, 0, 0], 4)
+    with pytest.raises(BenchError, match="class 'APL' has 2 bag"):
+        make_bag_folds(labels, bags, np.unique(bags, return_inverse=True)[1], 3, 0,
+                       ["AML", "APL"])
+
+
+# ----------------------------------------------------------------------------- aggregators
+
+def test_aggregators_numbers():
+    p = np.array([0.1, 0.2, 0.3, 0.4, 0.9, 1.0, 0.0, 0.5, 0.6, 0.7])
+    assert MeanAggregator().score_bag(p) == pytest.approx(0.47)
+    assert TrimmedMeanAggregator(0.1).score_bag(p) == pytest.approx(np.mean(np.sort(p)[1:-1]))
+    assert TopKMeanAggregator(0.2).score_bag(p) == pytest.approx(0.95)
+    assert TopKMeanAggregator(0.01).score_bag(p) == pytest.approx(1.0)   # at least one cell
+
+
+def test_youden_threshold_separates_training_scores():
+    s = np.array([0.1, 0.2, 0.3, 0.6, 0.7, 0.8])
+    y = np.array([0, 0, 0, 1, 1, 1])
+    t = choose_threshold(s, y)
+    assert 0.3 < t < 0.6 and t == pytest.approx(0.45)
+    assert choose_threshold(s, y, "half") == 0.5
+
+
+def test_fold_thresholds_never_use_the_folds_own_bags():
+    rng = np.random.default_rng(0)
+    n = 40
+    bag_of_row = np.repeat(np.arange(n), 3).astype(str)
+    y_bag = (np.arange(n) % 2).astype(int)
+    labels = np.repeat(y_bag, 3)
+    fold_of_bag = np.arange(n) % 4
+    bags = patients_mod.Bags(bag_of_row, labels, 1, PredefinedFolds(np.repeat(fold_of_bag, 3)))
+    scores = rng.uniform(size=n)
+    t1 = patients_mod._fold_thresholds(scores, bags, "youden")
+    changed = scores.copy()
+    changed[bags.fold == 2] = rng.uniform(size=(bags.fold == 2).sum()) * 100   # fold 2 only
+    t2 = patients_mod._fold_thresholds(changed, bags, "youden")
+    assert np.array_equal(t1[bags.fold == 2], t2[bags.fold == 2])
+    assert not np.array_equal(t1[bags.fold != 2], t2[bags.fold != 2])
+
+
+def test_composition_fits_never_see_a_test_bag(monkeypatch):
+    """Every cell-type classifier and patient model of fold k is fitted without fold k's
+    bags: the features carry each row's number, recorded at every fit."""
+    rng = np.random.default_rng(0)
+    n_bags, per = 24, 10
+    bag_of_row = np.repeat([f"b{i:02d}" for i in range(n_bags)], per)
+    y_bag = (np.arange(n_bags) % 3 == 0).astype(int)
+    fold_of_bag = np.arange(n_bags) % 4
+    bags = patients_mod.Bags(bag_of_row, np.repeat(y_bag, per), 1,
+                             PredefinedFolds(np.repeat(fold_of_bag, per)))
+    types = rng.choice(["a", "b", "c"], size=len(bag_of_row))
+    feats = np.column_stack([rng.normal(size=(len(types), 4)), np.arange(len(types))])
+    cell_fits, bag_fits = [], []
+
+    class Spy(patients_mod.StandardScaler):
+        def fit(self, X, y=None, sample_weight=None):
+            if X.shape[1] == feats.shape[1]:
+                cell_fits.append(set(X[:, -1].astype(int)))
+            return super().fit(X, y, sample_weight)
+
+    real_fit = CompositionAggregator.fit
+
+    def spy_fit(self, comp, y):
+        bag_fits.append(len(comp))
+        return real_fit(self, comp, y)
+
+    monkeypatch.setattr(patients_mod, "StandardScaler", Spy)
+    monkeypatch.setattr(CompositionAggregator, "fit", spy_fit)
+    scores, thresholds, comp, names = patients_mod.composition_scores(
+        feats, types, bags, {"seed": 0, "threshold": "youden"}, show_progress=False)
+    per_fold = patients_mod.INNER_FOLDS + 1
+    assert len(cell_fits) == 4 * per_fold
+    for k in range(4):
+        test_rows = set(np.flatnonzero(np.repeat(fold_of_bag, per) == k))
+        for rows in cell_fits[k * per_fold:(k + 1) * per_fold]:
+            assert rows and not rows & test_rows
+    assert bag_fits == [int((fold_of_bag != k).sum()) for k in range(4)]
+    assert names == ["a", "b", "c"] and comp.shape == (n_bags, 3)
+    assert np.allclose(comp.sum(1), 1) and np.all((scores >= 0) & (scores <= 1))
+
+
+# ----------------------------------------------------------------------------- config
+
+def test_bags_need_groups_and_a_positive_class(tmp_path, bag_data):
+    cfg = _config(tmp_path, bag_data).read_text()
+    bad = tmp_path / "bad.toml"
+    bad.write_text(cfg.replace(f'groups = "{bag_data}/cells.csv"\n', ""))
+    with pytest.raises(BenchError, match="bags = true needs \\[data\\] groups"):
+        load_config(bad)
+    bad.write_text(cfg.replace('positive = "APL"\n', ""))
+    with pytest.raises(BenchError, match="needs \\[data\\] positive"):
+        load_config(bad)
+    bad.write_text(cfg.replace(f'cell_types = "{bag_data}/cells.csv:cell_class"\n', ""))
+    with pytest.raises(BenchError, match="needs \\[data\\] cell_types"):
+        load_config(bad)
+
+
+def test_mixed_labels_in_a_bag_are_refused(tmp_path, bag_data):
+    cells = pd.read_csv(bag_data / "cells.csv")
+    cells.loc[0, "diagnosis"] = "APL" if cells.loc[0, "diagnosis"] == "AML" else "AML"
+    cells["file"] = [str(bag_data / f) for f in cells["file"]]     # absolute paths work too
+    cells.to_csv(tmp_path / "cells.csv", index=False)
+    text = _config(tmp_path, bag_data).read_text().replace(
+        f'labels = "{bag_data}/cells.csv:diagnosis"', f'labels = "{tmp_path}/cells.csv:diagnosis"')
+    (tmp_path / "mixed.toml").write_text(text)
+    cfg = load_config(tmp_path / "mixed.toml", out=str(tmp_path / "run"))
+    with pytest.raises(BenchError, match="bag\\(s\\) hold images of several labels"):
+        run_benchmark(cfg, show_progress=False)
+
+
+# ----------------------------------------------------------------------------- a run
+
+@pytest.fixture(scope="module")
+def bag_run(tmp_path_factory, bag_data):
+    tmp = tmp_path_factory.mktemp("bagrun")
+    cfg = load_config(_config(tmp, bag_data), out=str(tmp / "run"))
+    run_benchmark(cfg, show_progress=False)
+    return tmp / "run"
+
+
+def test_run_writes_a_patient_leaderboard(bag_run, bag_data):
+    board = pd.read_csv(bag_run / "patient_leaderboard.csv")
+    assert set(board["aggregator"]) == {"mean", "trimmed_mean", "top_k_mean", "composition"}
+    assert len(board) == 3 * 3 + 1          # 2 candidates + 1 ensemble, x3; composition
+    assert (board["n_bags"] == 20).all()
+    for m in ("roc_auc", "balanced_accuracy", "sensitivity", "specificity", "log_loss"):
+        assert ((board[f"{m}_lo"] <= board[m] + 1e-9) & (board[m] <= board[f"{m}_hi"] + 1e-9)).all()
+    assert board["roc_auc"].is_monotonic_decreasing
+    assert board["roc_auc"].iloc[0] >= 0.9      # the diagnosis tints every cell
+    assert np.isnan(board["p_vs_best"].iloc[0]) and board["p_vs_best"].iloc[1:].between(0, 1).all()
+    folds = pd.read_csv(bag_run / "folds.csv", dtype={"bag": str})
+    assert (folds.groupby("bag")["fold"].nunique() == 1).all()
+    scores = pd.read_csv(bag_run / "patients" / "scores.csv")
+    assert len(scores) == 20 and set(scores["label"]) == {"APL", "AML"}
+    truth = pd.read_csv(bag_data / "cells.csv").drop_duplicates("patient").set_index("patient")
+    assert (scores.set_index("bag")["label"] == truth.loc[scores["bag"], "diagnosis"].values).all()
+    meta = json.loads((bag_run / "patients" / "meta.json").read_text())
+    assert meta["positive"] == "APL" and meta["n_positive"] == 7
+    manifest = json.loads((bag_run / "manifest.json").read_text())
+    assert "over bags" in manifest["folds"]["scheme"]
+
+
+def test_predictor_diagnoses_patient_folders(bag_run, bag_data, tmp_path):
+    cells = pd.read_csv(bag_data / "cells.csv")
+    shown = ["P00", "P01", "P03", "P04"]          # APL, AML, APL, AML
+    for p in shown:
+        for f in cells.file[cells.patient == p]:
+            (tmp_path / "pats" / p).mkdir(parents=True, exist_ok=True)
+            (tmp_path / "pats" / p / Path(f).name).write_bytes((bag_data / f).read_bytes())
+    pred = load_predictor(bag_run / "predictor")
+    assert pred.bag_task_["positive"] == "APL"
+    out = tmp_path / "patients.csv"
+    res = subprocess.run([sys.executable, "-m", "bench", "predict", "--model",
+                          str(bag_run / "predictor"), "--img_path", str(tmp_path / "pats"),
+                          "--bags", "--out", str(out)], capture_output=True, text=True, cwd=REPO)
+    assert res.returncode == 0, res.stderr
+    rows = list(csv.DictReader(out.open()))
+    assert [r["bag"] for r in rows] == shown
+    assert [r["decision"] for r in rows] == ["APL", "AML", "APL", "AML"]
+    assert [int(r["n_cells"]) for r in rows] == [int((cells.patient == p).sum()) for p in shown]
+    cell_rows = pd.read_csv(tmp_path / "patients_cells.csv")
+    assert len(cell_rows) == sum(int(r["n_cells"]) for r in rows)
+    # one patient's folder on its own is one bag
+    one = subprocess.run([sys.executable, "-m", "bench", "predict", "--model",
+                          str(bag_run / "predictor"), "--img_path", str(tmp_path / "pats" / "P00"),
+                          "--bags"], capture_output=True, text=True, cwd=REPO)
+    assert one.returncode == 0 and one.stdout.splitlines()[1].startswith("P00,")
+
+
+def test_predict_bags_refuses_a_single_image_predictor(tmp_path, toy_folder):
+    from tests.conftest import write_tiny_config
+    cfg = load_config(write_tiny_config(tmp_path / "c.toml", toy_folder), only=["rf_hog"],
+                      out=str(tmp_path / "run"))
+    run_benchmark(cfg, show_progress=False)
+    res = subprocess.run([sys.executable, "-m", "bench", "predict", "--model",
+                          str(tmp_path / "run" / "predictor"), "--img_path", str(toy_folder),
+                          "--bags"], capture_output=True, text=True, cwd=REPO)
+    assert res.returncode != 0
+    assert res.stderr.strip().splitlines()[-1].startswith("error: --bags: predictor")
+
+
+def test_report_has_the_patient_section(bag_run):
+    from bench.report import write_report
+    index = write_report(bag_run, gradcam=False, progress=False)
+    html = index.read_text()
+    assert 'id="patients"' in html and 'href="#patients"' in html
+    assert html.count("<tr") >= 10 + 20          # leaderboard rows and one row per patient
+    for f in ("patients_roc.png", "patients_scores.png", "patients_cells.png"):
+        assert (index.parent / "img" / f).stat().st_size > 5000
+    calls = pd.read_csv(index.parent / "csv" / "patient_calls.csv")
+    assert len(calls) == 20 and set(calls["call"]) <= {"APL", "AML"}
+
+
+def test_a_bad_bag_field_in_the_manifest_is_refused(bag_run, tmp_path):
+    import shutil
+    from ensembles.predictor import manifest_digest, verify_predictor
+    pred = tmp_path / "predictor"
+    shutil.copytree(bag_run / "predictor", pred)
+    m = json.loads((pred / "manifest.json").read_text())
+    m["bags"]["aggregator"] = "max"
+    m["manifest_sha256"] = manifest_digest(m)
+    (pred / "manifest.json").write_text(json.dumps(m))
+    with pytest.raises(BenchError, match="bags 'aggregator' must be"):
+        verify_predictor(pred)
+
+
+def test_leakage_audit_of_a_bag_task_scores_cells_on_image_level_folds(tmp_path, bag_data):
+    from bench.leakage import audit_config
+    cfg = load_config(_config(tmp_path, bag_data), out=str(tmp_path / "run"))
+    audit = audit_config(cfg, tmp_path / "run" / "leakage")
+    assert audit["data"]["bags"] is False and audit["data"]["groups"] == ""
+    assert audit["data"]["labels"] == cfg["data"]["labels"]     # the same weak labels
