@@ -303,6 +303,19 @@ def _load_folder(root: Path, image_size: int, cache_root: Path, show_progress: b
                           image_size, cache_root, show_progress, link_skipped)
 
 
+def read_table(path: Path, what: str) -> pd.DataFrame:
+    """A CSV of strings (no NA guessing), column names stripped; one-line errors."""
+    if not path.is_file():
+        raise BenchError(f"{what} not found: {path}")
+    try:
+        df = pd.read_csv(path, dtype=str, keep_default_na=False, skipinitialspace=True)
+    except (pd.errors.ParserError, pd.errors.EmptyDataError, UnicodeDecodeError,
+            ValueError, OSError) as exc:
+        raise BenchError(f"cannot read {what} {path}: {' '.join(str(exc).split())}") from None
+    df.columns = [str(c).strip() for c in df.columns]
+    return df
+
+
 def _load_csv_labelled(root: Path, spec: str, image_size: int, cache_root: Path,
                        show_progress: bool) -> Dataset:
     """The images under ``root`` that a CSV lists, labelled by one of its columns."""
@@ -312,15 +325,7 @@ def _load_csv_labelled(root: Path, spec: str, image_size: int, cache_root: Path,
                          "cells.csv:diagnosis")
     file, column = text.rsplit(":", 1)
     csv_path, column = Path(file).expanduser(), column.strip()
-    if not csv_path.is_file():
-        raise BenchError(f"[data] labels file not found: {csv_path}")
-    try:
-        df = pd.read_csv(csv_path, dtype=str, keep_default_na=False, skipinitialspace=True)
-    except (pd.errors.ParserError, pd.errors.EmptyDataError, UnicodeDecodeError,
-            ValueError, OSError) as exc:
-        raise BenchError(f"cannot read [data] labels {csv_path}: "
-                         f"{' '.join(str(exc).split())}") from None
-    df.columns = [str(c).strip() for c in df.columns]
+    df = read_table(csv_path, "[data] labels file")
     file_col = next((c for c in ("file", "path") if c in df.columns), None)
     if file_col is None or column not in df.columns:
         what = "no 'file' column" if file_col is None else f"no column '{column}'"

@@ -41,7 +41,7 @@ import numpy as np
 import pandas as pd
 
 from bench.config import DEFAULT_CONFIG, did_you_mean, load_config, read_toml
-from bench.datasets import _class_files, _class_folders, read_npz
+from bench.datasets import _class_files, _class_folders, read_npz, read_table
 from bench.leaderboard import METRIC_LABELS, fmt
 from bench.report import plots
 from bench.report.build import SORT_SCRIPT, _csp, _env, _Out, slug
@@ -87,18 +87,6 @@ class ExternalSet:
     left_out: dict = field(default_factory=dict)     # reason -> count
     skipped: list[dict] = field(default_factory=list)
     info: dict = field(default_factory=dict)         # extra facts for evaluation.json
-
-
-def _read_csv(path: Path, what: str) -> pd.DataFrame:
-    if not path.is_file():
-        raise BenchError(f"{what} not found: {path}")
-    try:
-        df = pd.read_csv(path, dtype=str, keep_default_na=False, skipinitialspace=True)
-    except (pd.errors.ParserError, pd.errors.EmptyDataError, UnicodeDecodeError,
-            ValueError, OSError) as exc:
-        raise BenchError(f"cannot read {what} {path}: {' '.join(str(exc).split())}") from None
-    df.columns = [str(c).strip() for c in df.columns]
-    return df
 
 
 def parse_labels(spec) -> tuple[Path, str]:
@@ -167,7 +155,7 @@ def _list_csv(root: Path, csv_path: Path, column: str, group_col: str | None) ->
     """Images under ``root`` labelled by a CSV column (``file`` matched to the files)."""
     if not root.is_dir():
         raise BenchError(f"--labels needs --data to be a folder of images, got {root}")
-    df = _read_csv(csv_path, "--labels CSV")
+    df = read_table(csv_path, "--labels CSV")
     file_col = next((c for c in ("file", "path") if c in df.columns), None)
     if file_col is None:
         raise BenchError(f"--labels {csv_path}: no 'file' column (the image path relative to "
@@ -278,7 +266,7 @@ def read_class_map(spec) -> tuple[dict[str, str] | None, str]:
             if len(raw) == 1 and len(tables) == 1:   # one named table, e.g. [class_map]
                 raw = tables[0]
         elif suffix == ".csv":
-            df = _read_csv(p, "--class-map")
+            df = read_table(p, "--class-map")
             cols = {c.lower(): c for c in df.columns}
             if not {"external", "predictor"} <= set(cols):
                 raise BenchError(f"--class-map {p}: needs the columns external,predictor; "

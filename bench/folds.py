@@ -23,7 +23,7 @@ import numpy as np
 import pandas as pd
 from sklearn.model_selection import StratifiedGroupKFold
 
-from bench.datasets import Dataset
+from bench.datasets import Dataset, read_table
 from core.errors import BenchError
 
 
@@ -160,9 +160,7 @@ def column_by_row(sources: list[str], spec: str) -> np.ndarray:
     :func:`make_groups` matches them) for every row; ``""`` where the CSV has none."""
     file, column = str(spec).rsplit(":", 1)
     p = Path(file).expanduser()
-    if not p.is_file():
-        raise BenchError(f"[data] file not found: {p}")
-    df = pd.read_csv(p, dtype=str, keep_default_na=False)
+    df = read_table(p, "[data] file")
     file_col = next((c for c in ("file", "path") if c in df.columns), None)
     if file_col is None or column not in df.columns:
         what = "no 'file' column" if file_col is None else f"no column '{column}'"
