@@ -70,6 +70,7 @@ def run_unit(run_dir: str, name: str, fold: int) -> dict:
             "predict_ms_per_image": 1000 * (t3 - t2) / max(1, len(test)),
             "n_train": len(train), "n_test": len(test),
             "model_size": cand.model_size(), "epochs_run": getattr(cand, "epochs_run_", None),
+            "notes": cand.fit_notes(),
             "metrics": fold_metrics(run.labels[test], proba),
             "finished": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
             "worker": f"{platform.node()}:{os.getpid()}",

@@ -242,6 +242,13 @@ class TransferCandidate(KerasCandidate):
                             else "imagenet" if self.weights == "imagenet" else "file")}
         return base
 
+    def fit_notes(self) -> list[str]:
+        w = getattr(self, "backbone_weights_", None) or {}
+        if w.get("missing_file"):
+            return [f"{self.backbone} started from random weights: its weights file "
+                    f"{w['missing_file']} was missing (weights_missing = \"random\")"]
+        return []
+
     def _save_model(self, path: Path) -> None:
         super()._save_model(path)
         if getattr(self, "backbone_weights_", None) is not None:

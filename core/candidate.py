@@ -103,6 +103,12 @@ class Candidate(ClassifierMixin, BaseEstimator):
         """Number of trainable parameters or stored model values, if known."""
         return None
 
+    def fit_notes(self) -> list[str]:
+        """What a user must know about this fit (e.g. a backbone that started from random
+        weights because its weights file was missing); recorded with each work unit and
+        shown as a report warning. None by default."""
+        return []
+
     def check_loaded(self, n_classes: int, image_size: int) -> None:
         """Raise (one line) when this loaded model cannot give ``n_classes`` probabilities
         for images of side ``image_size``; the predictor asks every fold model it loads.

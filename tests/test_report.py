@@ -304,3 +304,24 @@ def test_audit_sample_is_seeded_and_per_class():
     assert (a == b).all()
     assert np.bincount(y[a]).tolist() == [4, 3, 4]
     assert not (audit_sample(y, 4, seed=6) == a).all()
+
+
+def test_a_fit_note_becomes_a_report_warning(tmp_path):
+    """A unit's fit notes (e.g. a backbone left random) are warned about at the top."""
+    import pandas as pd
+    from bench.report.cards import warnings_for
+
+    class Run:
+        manifest = {"grouping": {"user_groups": 1}, "dataset": {}}
+        config = {"data": {"groups": "g.csv"}}
+        folds_table = pd.DataFrame({"fold": [0, 0, 1, 1, 2, 2] * 5, "label": ["a", "b"] * 15})
+        fold_ids = [0, 1, 2]
+        classes = ["a", "b"]
+        units = {"tl": [{"notes": ["MobileNetV2 started from random weights"]}, {"notes": []}],
+                 "cnn": [{"notes": []}]}
+
+    settings = {"colour_extractors": ["color"], "colour_only_warning": 0.6}
+    got = warnings_for(Run(), pd.DataFrame({"candidate": [], "balanced_accuracy": []}), settings)
+    titles = [w["title"] for w in got]
+    assert titles == ["'tl': not what its name says"]
+    assert "random weights" in got[0]["text"]

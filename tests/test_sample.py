@@ -107,6 +107,8 @@ def test_missing_weights_with_random_train_and_warn_once(tmp_path, capsys, no_wa
                                       "initialised": "random"}
     cand.save(tmp_path / "model")
     assert load_candidate(tmp_path / "model").backbone_weights_["initialised"] == "random"
+    notes = cand.fit_notes()     # recorded with the work unit; a report warning
+    assert len(notes) == 1 and "random weights" in notes[0] and str(missing) in notes[0]
 
 
 def test_missing_weights_by_default_stop_the_run_before_training(tmp_path, toy_folder,

@@ -73,6 +73,12 @@ def warnings_for(run, board: pd.DataFrame, settings: dict) -> list[dict]:
         out.append({"title": "few test images per class",
                     "text": f"Some fold has only {int(per_fold_class.min())} test image(s) of a "
                             "class: per-fold scores and intervals are noisy."})
+    for name, units in run.units.items():
+        notes = sorted({n for u in units for n in (u.get("notes") or [])})
+        if notes:
+            out.append({"title": f"'{name}': not what its name says",
+                        "text": "; ".join(notes) + ". Its scores are not those of the method "
+                                "configured."})
     if len(run.fold_ids) < 3:
         out.append({"title": "few folds",
                     "text": f"{len(run.fold_ids)} folds: confidence intervals are very wide."})
