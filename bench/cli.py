@@ -23,7 +23,7 @@ from bench.report import CROSS_DIR, write_cross_report, write_report
 from bench.runner import run_from_args, tune_from_args
 from core import registry
 from core.errors import BenchError
-from core.images import find_images, resolve_preprocessing
+from core.images import IMAGE_SUFFIXES, find_images, resolve_preprocessing
 from core.io import atomic_write_text
 from core.progress import console, info, progress_iter, warn
 from ensembles.overlay import gradcam_names, write_gradcam_png
@@ -309,7 +309,8 @@ def list_bags(root) -> dict[str, list[Path]]:
     if not subs:
         own = find_images(root)
         return {root.resolve().name: own} if own else {}
-    loose = [p for p in root.iterdir() if p.is_file() and p in set(find_images(root))]
+    loose = [p for p in sorted(root.iterdir())
+             if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES]
     if loose:
         warn(f"{len(loose)} image(s) directly in {root} belong to no patient folder; "
              f"skipped (e.g. {loose[0].name})")

@@ -316,20 +316,27 @@ def read_table(path: Path, what: str) -> pd.DataFrame:
     return df
 
 
-def _load_csv_labelled(root: Path, spec: str, image_size: int, cache_root: Path,
-                       show_progress: bool) -> Dataset:
-    """The images under ``root`` that a CSV lists, labelled by one of its columns."""
+def read_csv_column(spec: str, what: str) -> tuple[pd.DataFrame, Path, str, str]:
+    """``FILE.csv:COLUMN`` of a ``[data]`` setting (``what``: its name) -> the table, its
+    path, its file column (``file`` or ``path``) and ``COLUMN``; one-line errors."""
     text = str(spec)
     if ":" not in text or not text.rsplit(":", 1)[1].strip():
-        raise BenchError(f"[data] labels '{text}': give FILE.csv:COLUMN, e.g. "
+        raise BenchError(f"[data] {what} '{text}': give FILE.csv:COLUMN, e.g. "
                          "cells.csv:diagnosis")
     file, column = text.rsplit(":", 1)
     csv_path, column = Path(file).expanduser(), column.strip()
-    df = read_table(csv_path, "[data] labels file")
+    df = read_table(csv_path, f"[data] {what} file")
     file_col = next((c for c in ("file", "path") if c in df.columns), None)
     if file_col is None or column not in df.columns:
-        what = "no 'file' column" if file_col is None else f"no column '{column}'"
-        raise BenchError(f"[data] labels {csv_path}: {what}; columns: {list(df.columns)}")
+        missing = "no 'file' column" if file_col is None else f"no column '{column}'"
+        raise BenchError(f"[data] {what} {csv_path}: {missing}; columns: {list(df.columns)}")
+    return df, csv_path, file_col, column
+
+
+def _load_csv_labelled(root: Path, spec: str, image_size: int, cache_root: Path,
+                       show_progress: bool) -> Dataset:
+    """The images under ``root`` that a CSV lists, labelled by one of its columns."""
+    df, csv_path, file_col, column = read_csv_column(spec, "labels")
     df = df[df[column].str.strip() != ""]
     if df.empty:
         raise BenchError(f"[data] labels {csv_path}:{column}: every label is empty")

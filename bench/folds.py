@@ -23,7 +23,7 @@ import numpy as np
 import pandas as pd
 from sklearn.model_selection import StratifiedGroupKFold
 
-from bench.datasets import Dataset, read_table
+from bench.datasets import Dataset, read_csv_column
 from core.errors import BenchError
 
 
@@ -155,16 +155,10 @@ def make_folds(labels: np.ndarray, groups: np.ndarray, n_folds: int, seed: int,
     return folds
 
 
-def column_by_row(sources: list[str], spec: str) -> np.ndarray:
+def column_by_row(sources: list[str], spec: str, what: str) -> np.ndarray:
     """One column of a CSV (``FILE.csv:COLUMN``, rows matched on its ``file`` column as
     :func:`make_groups` matches them) for every row; ``""`` where the CSV has none."""
-    file, column = str(spec).rsplit(":", 1)
-    p = Path(file).expanduser()
-    df = read_table(p, "[data] file")
-    file_col = next((c for c in ("file", "path") if c in df.columns), None)
-    if file_col is None or column not in df.columns:
-        what = "no 'file' column" if file_col is None else f"no column '{column}'"
-        raise BenchError(f"[data] {p}: {what}; columns: {list(df.columns)}")
+    df, _, file_col, column = read_csv_column(spec, what)
     lookup = _source_index(sources)
     out = np.full(len(sources), "", dtype=object)
     for f, v in zip(df[file_col], df[column]):

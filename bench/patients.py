@@ -46,7 +46,8 @@ from bench.stats import holm
 from core.errors import BenchError
 from core.progress import info, progress_iter
 from core.splits import PredefinedFolds
-from ensembles.bags import CompositionAggregator, choose_threshold, make_aggregator
+from ensembles.bags import (CompositionAggregator, choose_threshold, make_aggregator,
+                            negative_label)
 from features.extract import extract
 
 CELL_AGGREGATORS = ("mean", "trimmed_mean", "top_k_mean")
@@ -88,16 +89,6 @@ def _auc_rows(scores: np.ndarray, y: np.ndarray) -> np.ndarray:
     return (ranks[..., pos].sum(-1) - n_pos * (n_pos + 1) / 2) / (n_pos * n_neg)
 
 
-def _point(scores, decisions, y) -> dict:
-    pos = y == 1
-    sens = float(np.mean(decisions[pos])) if pos.any() else np.nan
-    spec = float(np.mean(~decisions[~pos])) if (~pos).any() else np.nan
-    p = np.clip(scores, EPS, 1 - EPS)
-    return {"roc_auc": float(_auc_rows(scores[None], y)[0]),
-            "balanced_accuracy": (sens + spec) / 2, "sensitivity": sens, "specificity": spec,
-            "log_loss": float(-np.mean(y * np.log(p) + (1 - y) * np.log(1 - p)))}
-
-
 def bootstrap_indices(y: np.ndarray, n_boot: int, seed: int) -> np.ndarray:
     """(n_boot, n) bag indices resampled with replacement within each class."""
     rng = np.random.default_rng(seed)
@@ -107,6 +98,8 @@ def bootstrap_indices(y: np.ndarray, n_boot: int, seed: int) -> np.ndarray:
 
 
 def _boot(scores, decisions, y, idx) -> dict:
+    """Every metric on each resample ``idx`` (B, n) of the bags (labels in the same order
+    in every resample, as :func:`bootstrap_indices` draws them)."""
     s, d, yy = scores[idx], decisions[idx], y[idx]          # (B, n)
     pos = yy == 1
     sens = (d & pos).sum(1) / pos.sum(1)
@@ -134,6 +127,17 @@ def _fold_thresholds(scores: np.ndarray, bags: Bags, rule: str) -> np.ndarray:
 def cell_aggregate(p_cell: np.ndarray, bags: Bags, name: str, settings: dict) -> np.ndarray:
     agg = make_aggregator(name, settings)
     return agg.score([p_cell[r] for r in bags.rows])
+
+
+def read_cell_types(cfg, ds, n_bags: int) -> np.ndarray:
+    """Each image's cell type (``[data] cell_types``) for the composition aggregator;
+    refused when too few images have one (the runner asks before any unit runs)."""
+    cell_types = column_by_row(ds.sources, cfg.path(cfg["data"]["cell_types"]), "cell_types")
+    known = int((cell_types != "").sum())
+    if known < 2 * n_bags:
+        raise BenchError(f"[data] cell_types: only {known} of {len(ds)} images have a "
+                         "cell type")
+    return cell_types
 
 
 def composition_scores(features: np.ndarray, cell_types: np.ndarray, bags: Bags,
@@ -200,10 +204,7 @@ def score_patients(run: RunDir, cfg, ds, board: pd.DataFrame, stored: dict,
     files (:meth:`RunDir.write_patients`); returns the patient leaderboard."""
     t0 = time.perf_counter()
     data, settings = cfg["data"], cfg["patients"]
-    positive = data["positive"]
-    if positive not in ds.classes:
-        raise BenchError(f"[data] positive '{positive}' is not a class of the data "
-                         f"{ds.classes}")
+    positive = data["positive"]   # a class of the data: checked by runner.prepare_run
     pos = ds.classes.index(positive)
     bags = Bags(run.bags, ds.labels, pos, folds)
     rule = settings["threshold"]
@@ -222,11 +223,7 @@ def score_patients(run: RunDir, cfg, ds, board: pd.DataFrame, stored: dict,
     comp_types = []
     if "composition" in settings["aggregators"]:
         fs_name = settings["composition_features"]
-        cell_types = column_by_row(ds.sources, cfg.path(data["cell_types"]))
-        known = int((cell_types != "").sum())
-        if known < 2 * len(bags):
-            raise BenchError(f"[data] cell_types: only {known} of {len(ds)} images have a "
-                             "cell type")
+        cell_types = read_cell_types(cfg, ds, len(bags))
         feats = extract(np.asarray(ds.images), cfg["feature_sets"][fs_name],
                         progress=show_progress)
         key = f"cell_types[{fs_name}]+composition"
@@ -240,7 +237,8 @@ def score_patients(run: RunDir, cfg, ds, board: pd.DataFrame, stored: dict,
     for r in rows:
         key = r["entry"]
         dec = scores[key] >= thresholds[key]
-        r.update(_point(scores[key], dec, bags.y))
+        point = _boot(scores[key], dec, bags.y, np.arange(len(bags))[None])
+        r.update({m: float(v[0]) for m, v in point.items()})
         boots[key] = _boot(scores[key], dec, bags.y, idx)
         for m in METRIC_COLUMNS:
             lo, hi = np.nanpercentile(boots[key][m], [50 * (1 - LEVEL), 50 * (1 + LEVEL)])
@@ -259,8 +257,7 @@ def score_patients(run: RunDir, cfg, ds, board: pd.DataFrame, stored: dict,
     table["n_bags"] = len(bags)
     table.insert(0, "rank", np.arange(1, len(table) + 1))
 
-    others = [c for c in ds.classes if c != positive]
-    negative = others[0] if len(others) == 1 else "other"
+    negative = negative_label(ds.classes, positive)
     bag_table = pd.DataFrame({"bag": bags.names, "label": np.where(
         bags.y == 1, positive, negative), "y": bags.y, "fold": bags.fold,
         "n_cells": bags.n_cells()})
@@ -308,5 +305,5 @@ def final_threshold(bag_table: pd.DataFrame, row: str, rule: str) -> float:
                             rule)
 
 
-__all__ = ["score_patients", "choose_carried", "final_threshold", "Bags", "bootstrap_indices",
+__all__ = ["score_patients", "read_cell_types", "choose_carried", "final_threshold", "Bags", "bootstrap_indices",
            "composition_scores"]

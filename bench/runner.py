@@ -25,7 +25,7 @@ from bench.folds import (folds_hash, folds_table, make_bag_folds, make_folds, ma
                          read_bags)
 from bench.leaderboard import ensemble_costs, make_table, to_markdown
 from bench.leakage import leakage_audit
-from bench.patients import final_threshold, score_patients
+from bench.patients import final_threshold, read_cell_types, score_patients
 from bench.prepare import prepare_candidates
 from bench.report import report_after_run
 from bench.rundir import RunDir
@@ -39,6 +39,7 @@ from core.metrics import summarize
 from core.progress import info, unit_progress, warn
 from core.shift import ShiftReference
 from core.splits import PredefinedFolds
+from ensembles.bags import make_aggregator
 from ensembles.build import choose_entry, evaluate_ensembles, final_ensemble
 from ensembles.predictor import save_predictor
 
@@ -146,6 +147,8 @@ def prepare_run(cfg: Config, force: bool = False, show_progress: bool = True):
         folds = make_bag_folds(ds.labels, bags, groups, cfg["run"]["folds"],
                                cfg["run"]["seed"], ds.classes)
         group_info["bags"] = int(len(np.unique(bags)))
+        if "composition" in cfg["patients"]["aggregators"]:   # before any unit runs
+            read_cell_types(cfg, ds, group_info["bags"])
     else:
         folds = make_folds(ds.labels, groups, cfg["run"]["folds"], cfg["run"]["seed"],
                            ds.classes)
@@ -279,9 +282,7 @@ def _bag_settings(cfg: Config, patients, name: str) -> dict:
     rows = board[(board["source"] == name) & board["aggregator"].isin(
         ["mean", "trimmed_mean", "top_k_mean"])]
     r = rows.iloc[0]
-    settings = cfg["patients"]
-    params = {"trim": settings["trim"]} if r["aggregator"] == "trimmed_mean" else (
-        {"top_fraction": settings["top_fraction"]} if r["aggregator"] == "top_k_mean" else {})
+    params = make_aggregator(r["aggregator"], cfg["patients"]).params()
     return {"positive": meta["positive"], "aggregator": r["aggregator"], "params": params,
             "threshold": final_threshold(bag_table, r["entry"], meta["threshold_rule"]),
             "threshold_rule": meta["threshold_rule"] + " on every bag's out-of-fold score",

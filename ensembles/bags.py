@@ -74,7 +74,7 @@ class TopKMeanAggregator(MeanAggregator):
         self.fraction = float(fraction)
 
     def params(self) -> dict:
-        return {"fraction": self.fraction}
+        return {"top_fraction": self.fraction}
 
     def score_bag(self, p: np.ndarray) -> float:
         k = max(1, math.ceil(self.fraction * len(p)))
@@ -111,8 +111,16 @@ class CompositionAggregator:
         return self.model_.predict_proba(np.asarray(composition, dtype=float))[:, 1]
 
 
+def negative_label(classes: list[str], positive: str) -> str:
+    """What a bag that is not ``positive`` is called: the other class of a two-class task,
+    else ``"not <positive>"``."""
+    others = [str(c) for c in classes if str(c) != positive]
+    return others[0] if len(others) == 1 else f"not {positive}"
+
+
 def make_aggregator(name: str, settings: dict):
-    """The aggregator called ``name`` with ``[patients]`` settings."""
+    """The aggregator called ``name`` with ``[patients]`` settings (or its own
+    :meth:`params`, which use the same keys)."""
     if name == "mean":
         return MeanAggregator()
     if name == "trimmed_mean":
@@ -149,4 +157,4 @@ def choose_threshold(scores: np.ndarray, y: np.ndarray, rule: str = "youden") ->
 
 
 __all__ = ["MeanAggregator", "TrimmedMeanAggregator", "TopKMeanAggregator",
-           "CompositionAggregator", "make_aggregator", "choose_threshold"]
+           "CompositionAggregator", "make_aggregator", "choose_threshold", "negative_label"]

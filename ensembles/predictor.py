@@ -32,7 +32,7 @@ from core.candidate import CANDIDATE_FILE, Candidate, load_candidate
 from core.errors import BenchError
 from core.images import Preprocessing, as_items, resolve_preprocessing
 from core.shift import ShiftReference
-from ensembles.bags import make_aggregator
+from ensembles.bags import make_aggregator, negative_label
 from ensembles.base import Ensemble
 from core.io import _json_default, atomic_write_json, file_sha256, package_versions, staged
 
@@ -233,8 +233,7 @@ class Predictor:
         agg = make_aggregator(spec["aggregator"], spec.get("params", {}))
         classes = [str(c) for c in self.classes_]
         pos = classes.index(spec["positive"])
-        others = [c for c in classes if c != spec["positive"]]
-        negative = others[0] if len(others) == 1 else f"not {spec['positive']}"
+        negative = negative_label(classes, spec["positive"])
         out = []
         for name, items in bags.items():
             proba = self.predict_proba(items, batch_size)

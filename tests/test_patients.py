@@ -344,3 +344,18 @@ def test_leakage_audit_of_a_bag_task_scores_cells_on_image_level_folds(tmp_path,
     audit = audit_config(cfg, tmp_path / "run" / "leakage")
     assert audit["data"]["bags"] is False and audit["data"]["groups"] == ""
     assert audit["data"]["labels"] == cfg["data"]["labels"]     # the same weak labels
+
+
+def test_too_few_cell_types_are_refused_before_any_unit_runs(tmp_path, bag_data):
+    cells = pd.read_csv(bag_data / "cells.csv")
+    cells["file"] = [str(bag_data / f) for f in cells["file"]]
+    cells.loc[5:, "cell_class"] = ""
+    cells.to_csv(tmp_path / "cells.csv", index=False)
+    text = _config(tmp_path, bag_data).read_text().replace(
+        f'cell_types = "{bag_data}/cells.csv:cell_class"',
+        f'cell_types = "{tmp_path}/cells.csv:cell_class"')
+    (tmp_path / "few.toml").write_text(text)
+    cfg = load_config(tmp_path / "few.toml", out=str(tmp_path / "run"))
+    with pytest.raises(BenchError, match="cell_types: only 5 of"):
+        run_benchmark(cfg, show_progress=False)
+    assert not (tmp_path / "run" / "units").exists()

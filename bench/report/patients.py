@@ -77,8 +77,10 @@ def scores_figure(scores: pd.DataFrame, row: str, positive: str, negative: str) 
     return fig
 
 
-def cells_figure(run, picks: list[tuple[str, float, list[int]]], maps: dict, positive: str):
-    """Rows: patients called positive; columns: their most positive cells (map overlaid)."""
+def cells_figure(run, picks: list[tuple[str, float, list[int]]], maps: dict, probs: dict,
+                 positive: str):
+    """Rows: patients called positive; columns: their most positive cells, titled with
+    their probability ``probs[row]``, Grad-CAM ``maps[row]`` overlaid when there is one."""
     images = run.images()
     n_cols = max(len(r) for _, _, r in picks)
     fig = Figure(figsize=(1.7 * n_cols + 0.6, 1.8 * len(picks)))
@@ -94,12 +96,11 @@ def cells_figure(run, picks: list[tuple[str, float, list[int]]], maps: dict, pos
             img = np.asarray(images[rows[j]])
             cam = maps.get(rows[j])
             ax.imshow(overlay(img, cam) if cam is not None else img)
-            ax.set_title(f"p={maps.get(('p', rows[j]), float('nan')):.2f}", fontsize=7)
+            ax.set_title(f"p={probs[rows[j]]:.2f}", fontsize=7)
             if j == 0:
                 ax.set_ylabel(f"{bag}\n{positive} {score:.2f}", fontsize=7)
     fig.suptitle(f"Most {positive}-like cells of each patient called {positive}"
-                 + (" (Grad-CAM, out-of-fold)" if any(isinstance(k, (int, np.integer))
-                                                      for k in maps) else ""), fontsize=9)
+                 + (" (Grad-CAM, out-of-fold)" if maps else ""), fontsize=9)
     return fig
 
 
@@ -182,8 +183,9 @@ def patient_section(run, board_cells: pd.DataFrame, out, gradcam: bool, progress
                 except Exception as exc:   # noqa: BLE001 - the section stays without maps
                     cells_note = f"Grad-CAM maps could not be computed: {exc}"
             prob = cells.set_index("row")["cell_probability"]
-            maps.update({("p", x): float(prob[x]) for x in rows})
-            cells_fig = out.fig(cells_figure(run, picks, maps, positive), "patients_cells",
+            probs = {x: float(prob[x]) for x in rows}
+            cells_fig = out.fig(cells_figure(run, picks, maps, probs, positive),
+                                "patients_cells",
                                 f"top cells of each {positive} call",
                                 f"{carried['entry']} (the predictor's entry, aggregator "
                                 f"{carried['aggregator']}): the {CELLS_PER_CALL} cells with the "
