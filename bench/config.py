@@ -32,7 +32,7 @@ from core import registry
 from core.errors import BenchError
 from core.io import check_name
 from core.metrics import METRICS
-from core.params import validate_params
+from core.params import space_names, validate_params
 from features import check_feature_set
 
 if sys.version_info >= (3, 11):
@@ -363,6 +363,8 @@ class TuningOverride(_Section):
     val_fraction: Number | None = Field(default=None, gt=0, lt=1)
     max_samples: int | None = Field(default=None, ge=0)
     metric: Metric | None = None
+    fidelity: dict | None = None      # parameter overrides in trials only (bench.tuning)
+    space: list[str] | None = None    # the param_space names to search (default all)
 
 
 class CandidateEntry(_Section):
@@ -573,6 +575,24 @@ def _check_bags(cfg: dict, where: str) -> None:
                              + did_you_mean(pat["composition_features"], cfg["feature_sets"]))
 
 
+def _validate_tuning(cls, tuning: dict, where: str) -> None:
+    """A candidate's ``fidelity`` (its own parameters) and ``space`` (names its
+    ``param_space`` searches)."""
+    if tuning.get("fidelity"):
+        validate_params(cls, tuning["fidelity"], f"{where}.fidelity")
+    if tuning.get("space") is not None:
+        known = space_names(cls)
+        unknown = [n for n in tuning["space"] if n not in known]
+        if unknown or not tuning["space"]:
+            raise BenchError(f"{where}.space: {unknown or '[]'} "
+                             f"{'are not' if unknown else 'is empty, not'} parameters that "
+                             f"{cls.__name__}.param_space searches; it searches {known}")
+        fixed = [n for n in tuning["space"] if n in (tuning.get("fidelity") or {})]
+        if fixed:
+            raise BenchError(f"{where}: {fixed} are both searched (space) and fixed in "
+                             "trials (fidelity); choose one")
+
+
 def _validate_entries(cfg: dict, where: str) -> None:
     """Cross-references and each class's own parameter schema (after resolution)."""
     size = cfg["data"]["image_size"]
@@ -581,6 +601,7 @@ def _validate_entries(cfg: dict, where: str) -> None:
     for name, entry in cfg["candidates"].items():
         cls = _type(entry["type"], where, f"[candidates.{name}]")
         validate_params(cls, entry.get("params", {}), f"{where}: [candidates.{name}] params")
+        _validate_tuning(cls, entry.get("tuning") or {}, f"{where}: [candidates.{name}] tuning")
         fs = entry.get("params", {}).get("features")
         if isinstance(fs, dict) and "feature_set" not in entry:   # an inline table
             check_feature_set(fs, size, f"{where}: [candidates.{name}] params.features")

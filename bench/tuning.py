@@ -32,6 +32,23 @@ Study
   candidates whose ``fit`` accepts ``epoch_callbacks``: each epoch's ``val_accuracy`` is
   reported and a trial the pruner rejects stops with ``optuna.TrialPruned``;
 * best parameters and every trial's value go to ``run_dir/tuning/<study>.json``.
+
+Multi-fidelity (cheap trials, full-fidelity refit)
+--------------------------------------------------
+A trial is cheap by construction when the candidate's tuning table says so:
+
+* ``max_samples``: a stratified subsample of the inner training part;
+* ``fidelity``: parameter overrides that hold in trials only, e.g. ``{ epochs = 3 }`` or
+  ``{ epochs = 3, input_size = 48 }`` for a CNN, ``{ n_estimators = 100 }`` for XGBoost.
+  The default trial runs the configured parameters at that fidelity too, so every trial
+  of a study is compared at the same cost. A fidelity key is never searched and never
+  part of ``best_params``: the refit on all outer training rows uses the configured value
+  (the full fidelity) with the best trial's searched parameters;
+* ``space``: the names of the candidate's ``param_space`` to search (default all), e.g.
+  only the optimiser settings of a CNN, so that no trial picks an architecture the budget
+  cannot refit; the others keep their configured values;
+* the epoch resource: candidates that report epochs are pruned per epoch (``median`` or
+  ``hyperband`` successive halving), so a poor trial stops after its first epochs.
 """
 
 from __future__ import annotations
@@ -49,6 +66,7 @@ from core.candidate import build_candidate, fit_candidate, predict_proba_for
 from core.errors import BenchError
 from core.io import atomic_write_json
 from core.metrics import LOWER_IS_BETTER, METRICS, fold_metrics
+from core.params import space_names
 from core.progress import warn
 from bench.storage import make_storage, optimize_shared, storage_url
 
@@ -146,6 +164,45 @@ def pruning_callback(trial: optuna.Trial, key: str = "val_accuracy"):
     return callback
 
 
+class _SpaceTrial:
+    """An ``optuna.Trial`` (or ``FixedTrial``) seen through a subset of a candidate's
+    ``param_space``: names outside ``space`` are not sampled (:data:`_NOT_SEARCHED`)."""
+
+    def __init__(self, trial, space: frozenset):
+        self._trial, self._space = trial, space
+
+    def _searched(self, name: str) -> bool:
+        return name in self._space
+
+    def suggest_int(self, name, *args, **kwargs):
+        return self._trial.suggest_int(name, *args, **kwargs) if self._searched(name) \
+            else _NOT_SEARCHED
+
+    def suggest_float(self, name, *args, **kwargs):
+        return self._trial.suggest_float(name, *args, **kwargs) if self._searched(name) \
+            else _NOT_SEARCHED
+
+    def suggest_categorical(self, name, *args, **kwargs):
+        return self._trial.suggest_categorical(name, *args, **kwargs) \
+            if self._searched(name) else _NOT_SEARCHED
+
+    def __getattr__(self, name):   # number, report, should_prune, user_attrs, ...
+        return getattr(self._trial, name)
+
+
+_NOT_SEARCHED = object()
+
+
+def sample_params(cls, trial, space=None, fidelity=None) -> dict:
+    """``cls.param_space(trial)`` restricted to the searched names: ``space`` (default all
+    of them) less the ``fidelity`` keys, which are fixed in trials and keep their
+    configured value in the refit."""
+    searched = frozenset(n for n in (space if space is not None else space_names(cls))
+                         if n not in (fidelity or {}))
+    params = cls.param_space(_SpaceTrial(trial, searched))
+    return {k: v for k, v in params.items() if k in searched}
+
+
 def _scalar_params(params: dict) -> dict:
     return {k: v for k, v in params.items()
             if v is None or isinstance(v, (bool, int, float, str))}
@@ -194,6 +251,9 @@ def tune_candidate(entry: dict, X_train, y_train, classes, study: str, tuning: d
         raise BenchError(f"[tuning] metric must be one of {list(METRICS)}, got {metric!r}")
     val_fraction = float(tuning.get("val_fraction", 0.2))
     max_samples = int(tuning.get("max_samples", 0) or 0)
+    fidelity = dict(tuning.get("fidelity") or {})
+    space = tuning.get("space")
+    space = None if space is None else [str(n) for n in space]
     t_start = time.perf_counter()
 
     X_train, y_train = np.asarray(X_train), np.asarray(y_train)
@@ -224,8 +284,10 @@ def tune_candidate(entry: dict, X_train, y_train, classes, study: str, tuning: d
         def objective(trial: optuna.Trial) -> float:
             # the first trial fits the configured parameters as they are (they may lie
             # outside the searched ranges); later ones sample the candidate's space
-            params = {} if trial.user_attrs.get("default") else cls.param_space(trial)
-            cand = build_candidate({**entry, "params": {**entry.get("params", {}), **params}})
+            params = ({} if trial.user_attrs.get("default")
+                      else sample_params(cls, trial, space, fidelity))
+            cand = build_candidate({**entry, "params": {**entry.get("params", {}), **params,
+                                                        **fidelity}})
             # candidates that report epochs (fit_accepts "epoch_callbacks") are pruned
             fit_candidate(cand, X_a, y_a, X_b, y_b, classes=classes,
                           epoch_callbacks=[pruning_callback(trial)])
@@ -242,7 +304,8 @@ def tune_candidate(entry: dict, X_train, y_train, classes, study: str, tuning: d
     if complete:
         best = st.best_trial
         best_params = ({} if best.user_attrs.get("default")
-                       else cls.param_space(optuna.trial.FixedTrial(best.params)))
+                       else sample_params(cls, optuna.trial.FixedTrial(best.params), space,
+                                          fidelity))
         best_value, best_number = best.value, best.number
     else:
         warn(f"tuning study '{study}': no trial completed; using the configured parameters")
@@ -252,7 +315,9 @@ def tune_candidate(entry: dict, X_train, y_train, classes, study: str, tuning: d
                                                run_dir).split("@")[-1],
         "sampler": "TPE", "seed": int(seed), "pruner": str(tuning.get("pruner", "median")),
         "metric": metric, "direction": direction, "scheme": SCHEME,
-        "val_fraction": val_fraction, "max_samples": max_samples,
+        "val_fraction": val_fraction, "max_samples": max_samples, "fidelity": fidelity,
+        "space": [n for n in (space if space is not None else space_names(cls))
+                  if n not in fidelity],
         "n_inner_train": int(len(tr)), "n_inner_val": int(len(va)),
         "trials_requested": n_trials, "timeout": timeout, "trials_run_now": ran_now,
         "n_trials": len(trials), **{f"n_{k}": v for k, v in counts.items()},

@@ -126,3 +126,24 @@ def validate_params(cls, params: dict, where: str) -> dict:
     except ValidationError as exc:
         raise BenchError(f"{where}: {_describe(cls, exc.errors()[0])}") from None
     return params
+
+
+class _NameRecorder:
+    """A stand-in Optuna trial that records the names ``param_space`` suggests."""
+
+    def __init__(self):
+        self.names: list[str] = []
+
+    def _suggest(self, name, *args, **kwargs):
+        self.names.append(name)
+        choices = kwargs.get("choices", args[0] if args else None)
+        return choices[0] if isinstance(choices, (list, tuple)) else (args[0] if args else 0)
+
+    suggest_int = suggest_float = suggest_categorical = _suggest
+
+
+def space_names(cls) -> list[str]:
+    """The parameter names a candidate class's ``param_space`` searches (no Optuna)."""
+    rec = _NameRecorder()
+    cls.param_space(rec)
+    return rec.names

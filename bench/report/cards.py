@@ -168,5 +168,26 @@ def unit_times(run) -> list[dict]:
         rows.append({"candidate": name, "units": len(units), "tune_s": total("tune_seconds"),
                      "fit_s": fit, "predict_s": total("predict_seconds"),
                      "epochs": f"{min(epochs)}-{max(epochs)}" if epochs else "",
-                     "train_img_s": img_s})
+                     "train_img_s": img_s, **trial_summary(units)})
     return rows
+
+
+def trial_summary(units: list[dict]) -> dict:
+    """Optuna trials of a candidate's units: per fold (in fold order), pruned and failed
+    counts, the folds whose best trial was not the configured parameters, and the trials'
+    fidelity (``bench.tuning``)."""
+    tun = [(u.get("fold"), u.get("tuning") or {}) for u in units]
+    tun = [t for _, t in sorted(tun, key=lambda ft: (ft[0] is None, ft[0]))]
+    n = [int(t.get("n_trials") or 0) for t in tun]
+    if not any(n):
+        return {"trials": "", "trials_total": 0, "trials_pruned": 0, "trials_failed": 0,
+                "tuned_folds": 0, "fidelity": ""}
+    fid = next((t.get("fidelity") for t in tun if t.get("fidelity")), {}) or {}
+    cap = next((t.get("max_samples") for t in tun if t.get("max_samples")), 0)
+    fidelity = ", ".join([f"{k}={v}" for k, v in fid.items()]
+                         + ([f"<= {cap} rows"] if cap else []))
+    return {"trials": "/".join(map(str, n)), "trials_total": sum(n),
+            "trials_pruned": sum(int(t.get("n_pruned") or 0) for t in tun),
+            "trials_failed": sum(int(t.get("n_fail") or 0) for t in tun),
+            "tuned_folds": sum(bool(t.get("best_params")) for t in tun),
+            "fidelity": fidelity}
