@@ -18,6 +18,7 @@ type                   pipeline
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
 import numpy as np
@@ -276,6 +277,17 @@ class FeatureSVM(FeatureClassifier):
         return int(est.coef_.size + est.intercept_.size)
 
 
+def _threads(n_jobs):
+    """``n_jobs``, else the process's OpenMP share (``$OMP_NUM_THREADS``, which a
+    benchmark worker sets to its share of the cores), else ``None``. XGBoost's own
+    default is every core of the machine, whatever OpenMP's setting: two workers would
+    each run as many threads as there are cores."""
+    if n_jobs is not None:
+        return n_jobs
+    raw = os.environ.get("OMP_NUM_THREADS", "").strip()
+    return int(raw) if raw.isdigit() and int(raw) > 0 else None
+
+
 @register("feature_xgb")
 class FeatureXGB(FeatureClassifier):
     fit_accepts = frozenset({"classes", "epoch_callbacks"})
@@ -293,7 +305,7 @@ class FeatureXGB(FeatureClassifier):
     pca : as in :class:`FeatureSVM` (usually not needed for trees).
     report_every : with ``epoch_callbacks`` and a validation split, report validation
         accuracy every this many boosting rounds (for Optuna pruning).
-    n_jobs : threads (``None``: XGBoost's default).
+    n_jobs : threads (``None``: ``$OMP_NUM_THREADS`` when set, else every core).
     random_state : seed.
     """
 
@@ -330,7 +342,7 @@ class FeatureXGB(FeatureClassifier):
             n_estimators=self.n_estimators, max_depth=self.max_depth,
             learning_rate=self.learning_rate, subsample=self.subsample,
             colsample_bytree=self.colsample_bytree, min_child_weight=self.min_child_weight,
-            reg_lambda=self.reg_lambda, tree_method="hist", n_jobs=self.n_jobs,
+            reg_lambda=self.reg_lambda, tree_method="hist", n_jobs=_threads(self.n_jobs),
             random_state=self.random_state, eval_metric="merror", callbacks=callbacks)
 
     def _make_steps(self, n_rows, n_cols):

@@ -353,6 +353,7 @@ class TuningSection(_Section):
     val_fraction: Number = Field(default=0.2, gt=0, lt=1)
     max_samples: int = Field(default=0, ge=0)
     metric: Metric = "accuracy"
+    min_gain: Number = Field(default=0, ge=0)   # over the configured trial, to adopt a tuned one
 
 
 class TuningOverride(_Section):
@@ -363,6 +364,7 @@ class TuningOverride(_Section):
     val_fraction: Number | None = Field(default=None, gt=0, lt=1)
     max_samples: int | None = Field(default=None, ge=0)
     metric: Metric | None = None
+    min_gain: Number | None = Field(default=None, ge=0)
     fidelity: dict | None = None      # parameter overrides in trials only (bench.tuning)
     space: list[str] | None = None    # the param_space names to search (default all)
 

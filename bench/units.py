@@ -8,10 +8,8 @@ config's plugins itself, and publishes its folder atomically.
 from __future__ import annotations
 
 import datetime as _dt
-import gc
 import os
 import platform
-import sys
 import time
 
 import numpy as np
@@ -19,7 +17,7 @@ import numpy as np
 from bench.rundir import RunDir
 from bench.tuning import tune_candidate
 from core import registry
-from core.candidate import build_candidate, fit_candidate, predict_proba_for
+from core.candidate import build_candidate, fit_candidate, predict_proba_for, release_memory
 from core.io import stable_hash
 from core.metrics import fold_metrics
 
@@ -79,13 +77,6 @@ def run_unit(run_dir: str, name: str, fold: int) -> dict:
     del cand
     release_memory()
     return result
-
-
-def release_memory() -> None:
-    """Let a long-lived worker process give back what a finished unit's models held."""
-    if "keras" in sys.modules:   # graphs, layers and tf.functions of the unit's models
-        sys.modules["keras"].utils.clear_session(free_memory=True)
-    gc.collect()
 
 
 def tune_unit(run, name: str, fold: int, trials: int | None = None,

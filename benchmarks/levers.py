@@ -32,6 +32,10 @@ LEVERS = {   # name -> changes to cnn_deep's params
     "reinhard": {"stain_norm": "reinhard"},
     "group_norm": {"norm": "group"},
     "stain_aug+reinhard": {"augment": "stain", "stain_norm": "reinhard"},
+    # heavy augmentation needs more epochs to converge: the same, trained twice as long
+    "stain_aug_16ep": {"augment": "stain", "epochs": 16, "patience": 16},
+    "robust_aug_16ep": {"augment": "robust", "epochs": 16, "patience": 16},
+    "baseline_16ep": {"epochs": 16, "patience": 16},
 }
 
 

@@ -44,7 +44,9 @@ the predictor and the report ask them:
 
 from __future__ import annotations
 
+import gc
 import json
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -189,3 +191,12 @@ def build_candidate(entry: dict) -> Candidate:
         return cls(**entry.get("params", {}))
     except TypeError as exc:
         raise BenchError(f"candidate type '{entry['type']}': bad params ({exc})") from None
+
+
+def release_memory() -> None:
+    """Let a long-lived process give back what finished models held: Keras' graphs,
+    layers and traced functions (when Keras is loaded) and Python's garbage. Called after
+    each work unit and each tuning trial."""
+    if "keras" in sys.modules:
+        sys.modules["keras"].utils.clear_session(free_memory=True)
+    gc.collect()

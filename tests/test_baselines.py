@@ -124,3 +124,13 @@ def test_missing_feature_set_is_one_clear_error(data):
     X, y, _, _ = data
     with pytest.raises(BenchError, match="features"):
         FeatureSVM().fit(X, y)
+
+
+def test_xgboost_takes_the_workers_share_of_the_cores(monkeypatch):
+    """XGBoost's own default is every core, whatever OpenMP says: two benchmark workers
+    (OMP_NUM_THREADS=1 each) would each run as many threads as the machine has cores."""
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")
+    assert FeatureXGB(features=SPEC)._booster().get_params()["n_jobs"] == 1
+    assert FeatureXGB(features=SPEC, n_jobs=3)._booster().get_params()["n_jobs"] == 3
+    monkeypatch.delenv("OMP_NUM_THREADS")
+    assert FeatureXGB(features=SPEC)._booster().get_params()["n_jobs"] is None

@@ -10,7 +10,7 @@ from core.errors import BenchError
 from tests.conftest import toy_arrays
 
 NEW_SPECS = [{"hed": 0.1}, {"hed_bias": 0.1}, {"grayscale": 1.0}, {"blur": 1.5},
-             {"jpeg": 1.0}, "stain"]
+             {"jpeg": 1.0}, "stain", "robust"]
 NEW_LAYERS = {"hed": "aug_hed", "grayscale": "aug_grayscale", "blur": "aug_blur",
               "jpeg": "aug_jpeg"}
 
@@ -44,6 +44,9 @@ def test_stain_preset_holds_the_stain_levers_and_old_presets_are_unchanged():
     names = [lyr.name for lyr in build_augmentation("stain", seed=0).layers]
     assert names == ["aug_flip", "aug_rot90", "aug_hed", "aug_hue", "aug_saturation",
                      "aug_grayscale", "aug_blur", "aug_clip"]
+    robust = [lyr.name for lyr in build_augmentation("robust", seed=0).layers]
+    assert set(names) < set(robust) and {"aug_zoom", "aug_brightness"} <= set(robust)
+    assert robust[-1] == "aug_clip"
     old = {"flip", "rot90", "zoom", "translate", "brightness", "contrast", "hue", "saturation"}
     for preset in ("none", "flips", "light", "default", "strong"):
         assert set(PRESETS[preset]) <= old

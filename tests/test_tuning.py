@@ -149,8 +149,9 @@ def test_epoch_callbacks_prune_poor_trials(tmp_path):
     pruned = [t for t in trials if t["state"] == "PRUNED"]
     assert info["n_pruned"] == len(pruned) >= 1
     assert all(t["last_step"] < 5 for t in pruned)      # stopped before the last epoch
-    best_quality = trials[info["best_trial"]]["params"]["quality"]
-    assert all(t["params"]["quality"] < best_quality for t in pruned)
+    # pruned: below the median of the completed trials at that epoch, so below the best
+    top_quality = max(t["params"]["quality"] for t in trials if t["state"] == "COMPLETE")
+    assert all(t["params"]["quality"] < top_quality for t in pruned)
 
 
 def test_timeout_bounds_the_study(tmp_path):
@@ -233,6 +234,13 @@ params = { features = "color", kernel = "linear" }
         assert res["params"]["C"] == res["tuning"]["best_params"].get("C", 1.0)   # 1.0: default
         saved = json.loads((out / "tuning" / f"svm_color-fold{k}.json").read_text())
         assert len(saved["trials"]) == 3
+    from bench.report.cards import unit_times
+    from bench.report.rundata import RunData
+    row = next(r for r in unit_times(RunData(out)) if r["candidate"] == "svm_color")
+    assert row["trials"] == "3/3/3" and row["trials_total"] == 9   # the run card's columns
+    assert 0 <= row["tuned_folds"] <= 3 and row["trials_failed"] == 0
+    html = (out / "report" / "index.html").read_text()
+    assert "9 trial(s) in all, 1 of 1 candidates tuned" in html and "3/3/3" in html
 
 
 def test_candidate_tuning_table_overrides_the_global_one(tmp_path):
@@ -245,3 +253,128 @@ def test_candidate_tuning_table_overrides_the_global_one(tmp_path):
     _, info = tune_candidate(entry, X, y, np.arange(3), "o", _fast(tmp_path, trials=5),
                              tmp_path, seed=0)
     assert info["n_trials"] == 2
+
+
+@register("_test_fidelity")
+class FidelityModel(Candidate):
+    """Records the (epochs, width) of every fit; scores ``quality``."""
+
+    fits: list = []
+    fit_accepts = frozenset({"classes"})
+    tunable = True
+
+    def __init__(self, quality=0.5, epochs=20, width=8):
+        self.quality = quality
+        self.epochs = epochs
+        self.width = width
+
+    def fit(self, X, y, X_val=None, y_val=None, classes=None):
+        self._set_classes(y, classes)
+        FidelityModel.fits.append((self.epochs, self.width))
+        self._y = np.asarray(y_val if y_val is not None else y)
+        return self
+
+    predict_proba = EpochModel.predict_proba
+
+    @classmethod
+    def param_space(cls, trial):
+        return {"quality": trial.suggest_float("quality", 0.0, 1.0),
+                "epochs": trial.suggest_int("epochs", 5, 50),
+                "width": trial.suggest_categorical("width", [4, 8, 16])}
+
+
+def test_trials_run_at_the_fidelity_and_the_refit_keeps_the_configured_resource(tmp_path):
+    X, y = toy_arrays(6, 16, seed=0)
+    entry = {"type": "_test_fidelity", "params": {"epochs": 30, "quality": 0.05},
+             "tuning": {"trials": 6, "fidelity": {"epochs": 2}}}
+    FidelityModel.fits.clear()
+    best, info = tune_candidate(entry, X, y, np.arange(3), "f", _fast(tmp_path, pruner="none"),
+                                tmp_path, seed=0)
+    assert len(FidelityModel.fits) == 6
+    assert {e for e, _ in FidelityModel.fits} == {2}       # every trial, the default too
+    assert len({w for _, w in FidelityModel.fits}) > 1      # width is searched
+    assert "epochs" not in best and {"quality", "width"} <= set(best)   # the default lost
+    assert info["fidelity"] == {"epochs": 2} and info["space"] == ["quality", "width"]
+    saved = json.loads((tmp_path / "tuning" / "f.json").read_text())
+    assert all("epochs" not in t["params"] for t in saved["trials"][1:])
+    refit = build_candidate({**entry, "params": {**entry["params"], **best}})
+    assert refit.epochs == 30 and refit.quality == best["quality"]
+
+
+def test_space_limits_what_the_trials_search(tmp_path):
+    X, y = toy_arrays(6, 16, seed=0)
+    entry = {"type": "_test_fidelity", "params": {"width": 4, "quality": 0.05},
+             "tuning": {"trials": 4, "space": ["quality"]}}
+    FidelityModel.fits.clear()
+    best, info = tune_candidate(entry, X, y, np.arange(3), "sp", _fast(tmp_path, pruner="none"),
+                                tmp_path, seed=0)
+    assert set(FidelityModel.fits) == {(20, 4)}             # epochs and width as configured
+    assert set(best) == {"quality"} and info["space"] == ["quality"]
+
+
+@pytest.mark.parametrize("tuning, match", [
+    ('{ trials = 2, space = ["depth"] }', r"space: \['depth'\] are not parameters"),
+    ('{ trials = 2, space = [] }', "space: .* is empty"),
+    ('{ trials = 2, fidelity = { n_trees = 3 } }', "fidelity"),
+    ('{ trials = 2, space = ["C"], fidelity = { C = 1.0 } }', "both searched"),
+])
+def test_bad_fidelity_or_space_is_one_error_at_load(tmp_path, toy_folder, tuning, match):
+    from bench.config import load_config
+    extra = f"""
+[candidates.svm_color]
+type = "feature_svm"
+params = {{ features = {{ color = {{ bins = 8 }} }}, kernel = "linear" }}
+tuning = {tuning}
+"""
+    cfg = write_tiny_config(tmp_path / "bench.toml", toy_folder, extra)
+    with pytest.raises(BenchError, match=match) as err:
+        load_config(str(cfg), profile="tiny")
+    assert "[candidates.svm_color] tuning" in str(err.value) and "\n" not in str(err.value)
+
+
+def test_quick_profile_tunes_every_candidate():
+    """Issue 16: on the profile most users can afford, no candidate runs hand-picked
+    settings only; the CNNs' trials are cheaper than their refit."""
+    from pathlib import Path
+
+    from bench.config import load_config
+    from core import registry
+    cfg = load_config(str(Path(__file__).parents[1] / "benchmarks.toml"), profile="quick")
+    kinds = set()
+    for name, entry in cfg.candidates.items():
+        tun = {**cfg["tuning"], **(entry.get("tuning") or {})}
+        cls = registry.get(entry["type"])
+        kinds.add(cls.kind)
+        assert cls.tunable and tun["trials"] >= 3, name
+        if cls.kind == "cnn":
+            fid = tun.get("fidelity") or {}
+            assert fid.get("epochs", 99) < entry["params"].get("epochs", cls().epochs), name
+    assert kinds == {"cnn", "baseline"}
+
+
+def test_min_gain_keeps_the_configured_parameters_unless_clearly_beaten(tmp_path):
+    X, y = toy_arrays(10, 16, seed=0)
+    entry = {"type": "_test_fidelity", "params": {"quality": 0.3},
+             "tuning": {"trials": 6, "space": ["quality"]}}
+    results = {}
+    for gain in (0.0, 0.99):
+        results[gain] = tune_candidate({**entry, "tuning": {**entry["tuning"], "min_gain": gain}},
+                                       X, y, np.arange(3), f"g{gain}",
+                                       _fast(tmp_path, pruner="none"), tmp_path, seed=0)
+    (best0, info0), (best1, info1) = results[0.0], results[0.99]
+    assert best0 and info0["best_value"] > info0["default_value"] and not info0["kept_configured"]
+    assert best1 == {} and info1["kept_configured"] and info1["min_gain"] == 0.99
+    assert info1["best_value"] == info1["default_value"] and info1["best_trial"] == 0
+
+
+def test_neighbouring_folds_draw_different_points(tmp_path):
+    """Fold k's study has seed s + k: its trial t must not repeat fold k+1's trial t - 1."""
+    X, y = toy_arrays(6, 16, seed=0)
+    entry = {"type": "_test_fidelity", "params": {}, "tuning": {"trials": 4, "space": ["quality"]}}
+    drawn = []
+    for fold in (0, 1):
+        tune_candidate(entry, X, y, np.arange(3), f"n{fold}", _fast(tmp_path, pruner="none"),
+                       tmp_path, seed=10 + fold)
+        trials = json.loads((tmp_path / "tuning" / f"n{fold}.json").read_text())["trials"]
+        drawn.append({round(t["params"]["quality"], 12) for t in trials[1:]})
+    assert len(drawn[0]) == len(drawn[1]) == 3 and not drawn[0] & drawn[1]
