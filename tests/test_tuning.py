@@ -378,3 +378,14 @@ def test_neighbouring_folds_draw_different_points(tmp_path):
         trials = json.loads((tmp_path / "tuning" / f"n{fold}.json").read_text())["trials"]
         drawn.append({round(t["params"]["quality"], 12) for t in trials[1:]})
     assert len(drawn[0]) == len(drawn[1]) == 3 and not drawn[0] & drawn[1]
+
+
+def test_each_trial_releases_its_model(tmp_path, monkeypatch):
+    """A worker runs dozens of trials: each one's Keras graph is let go after it."""
+    import bench.tuning as tuning
+    calls = []
+    monkeypatch.setattr(tuning, "release_memory", lambda: calls.append(1))
+    X, y = toy_arrays(6, 16, seed=0)
+    tune_candidate({"type": "_test_epochs", "params": {"epochs": 3}}, X, y, np.arange(3), "m",
+                   _fast(tmp_path, trials=4, pruner="none"), tmp_path, seed=0)
+    assert len(calls) == 4
