@@ -179,25 +179,22 @@ def pruning_callback(trial: optuna.Trial, key: str = "val_accuracy"):
 
 class _SpaceTrial:
     """An ``optuna.Trial`` (or ``FixedTrial``) seen through a subset of a candidate's
-    ``param_space``: names outside ``space`` are not sampled (:data:`_NOT_SEARCHED`)."""
+    ``param_space``: names outside ``searched`` are not sampled (:data:`_NOT_SEARCHED`)."""
 
-    def __init__(self, trial, space: frozenset):
-        self._trial, self._space = trial, space
+    def __init__(self, trial, searched: frozenset):
+        self._trial, self._searched = trial, searched
 
-    def _searched(self, name: str) -> bool:
-        return name in self._space
+    def _suggest(kind: str):
+        def suggest(self, name, *args, **kwargs):
+            if name not in self._searched:
+                return _NOT_SEARCHED
+            return getattr(self._trial, kind)(name, *args, **kwargs)
+        return suggest
 
-    def suggest_int(self, name, *args, **kwargs):
-        return self._trial.suggest_int(name, *args, **kwargs) if self._searched(name) \
-            else _NOT_SEARCHED
-
-    def suggest_float(self, name, *args, **kwargs):
-        return self._trial.suggest_float(name, *args, **kwargs) if self._searched(name) \
-            else _NOT_SEARCHED
-
-    def suggest_categorical(self, name, *args, **kwargs):
-        return self._trial.suggest_categorical(name, *args, **kwargs) \
-            if self._searched(name) else _NOT_SEARCHED
+    suggest_int = _suggest("suggest_int")
+    suggest_float = _suggest("suggest_float")
+    suggest_categorical = _suggest("suggest_categorical")
+    del _suggest
 
     def __getattr__(self, name):   # number, report, should_prune, user_attrs, ...
         return getattr(self._trial, name)
@@ -206,12 +203,17 @@ class _SpaceTrial:
 _NOT_SEARCHED = object()
 
 
-def sample_params(cls, trial, space=None, fidelity=None) -> dict:
-    """``cls.param_space(trial)`` restricted to the searched names: ``space`` (default all
-    of them) less the ``fidelity`` keys, which are fixed in trials and keep their
-    configured value in the refit."""
-    searched = frozenset(n for n in (space if space is not None else space_names(cls))
-                         if n not in (fidelity or {}))
+def searched_names(cls, space=None, fidelity=None) -> list[str]:
+    """The names trials search: ``space`` (default all of ``cls.param_space``) less the
+    ``fidelity`` keys, which are fixed in trials and keep their configured value in the
+    refit."""
+    return [n for n in (space if space is not None else space_names(cls))
+            if n not in (fidelity or {})]
+
+
+def sample_params(cls, trial, searched) -> dict:
+    """``cls.param_space(trial)`` restricted to the ``searched`` names."""
+    searched = frozenset(searched)
     params = cls.param_space(_SpaceTrial(trial, searched))
     return {k: v for k, v in params.items() if k in searched}
 
@@ -268,7 +270,7 @@ def tune_candidate(entry: dict, X_train, y_train, classes, study: str, tuning: d
     min_gain = float(tuning.get("min_gain", 0) or 0)
     fidelity = dict(tuning.get("fidelity") or {})
     space = tuning.get("space")
-    space = None if space is None else [str(n) for n in space]
+    searched = searched_names(cls, None if space is None else [str(n) for n in space], fidelity)
     t_start = time.perf_counter()
 
     X_train, y_train = np.asarray(X_train), np.asarray(y_train)
@@ -301,7 +303,7 @@ def tune_candidate(entry: dict, X_train, y_train, classes, study: str, tuning: d
             # the first trial fits the configured parameters as they are (they may lie
             # outside the searched ranges); later ones sample the candidate's space
             params = ({} if trial.user_attrs.get("default")
-                      else sample_params(cls, trial, space, fidelity))
+                      else sample_params(cls, trial, searched))
             cand = build_candidate({**entry, "params": {**entry.get("params", {}), **params,
                                                         **fidelity}})
             # candidates that report epochs (fit_accepts "epoch_callbacks") are pruned
@@ -330,8 +332,7 @@ def tune_candidate(entry: dict, X_train, y_train, classes, study: str, tuning: d
         if gain is not None and best is not default and gain < min_gain:
             best, kept_configured = default, True   # not clearly better than configured
         best_params = ({} if best.user_attrs.get("default")
-                       else sample_params(cls, optuna.trial.FixedTrial(best.params), space,
-                                          fidelity))
+                       else sample_params(cls, optuna.trial.FixedTrial(best.params), searched))
         best_value, best_number = best.value, best.number
     else:
         warn(f"tuning study '{study}': no trial completed; using the configured parameters")
@@ -342,8 +343,7 @@ def tune_candidate(entry: dict, X_train, y_train, classes, study: str, tuning: d
         "sampler": "TPE", "seed": int(seed), "pruner": str(tuning.get("pruner", "median")),
         "metric": metric, "direction": direction, "scheme": SCHEME,
         "val_fraction": val_fraction, "max_samples": max_samples, "fidelity": fidelity,
-        "space": [n for n in (space if space is not None else space_names(cls))
-                  if n not in fidelity],
+        "space": searched,
         "n_inner_train": int(len(tr)), "n_inner_val": int(len(va)),
         "trials_requested": n_trials, "timeout": timeout, "trials_run_now": ran_now,
         "n_trials": len(trials), **{f"n_{k}": v for k, v in counts.items()},

@@ -176,8 +176,7 @@ def trial_summary(units: list[dict]) -> dict:
     """Optuna trials of a candidate's units: per fold (in fold order), pruned and failed
     counts, the folds whose best trial was not the configured parameters, and the trials'
     fidelity (``bench.tuning``)."""
-    tun = [(u.get("fold"), u.get("tuning") or {}) for u in units]
-    tun = [t for _, t in sorted(tun, key=lambda ft: (ft[0] is None, ft[0]))]
+    tun = [u.get("tuning") or {} for u in sorted(units, key=lambda u: u.get("fold", 0))]
     n = [int(t.get("n_trials") or 0) for t in tun]
     if not any(n):
         return {"trials": "", "trials_total": 0, "trials_pruned": 0, "trials_failed": 0,
