@@ -46,7 +46,6 @@ from __future__ import annotations
 
 import gc
 import json
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -193,10 +192,22 @@ def build_candidate(entry: dict) -> Candidate:
         raise BenchError(f"candidate type '{entry['type']}': bad params ({exc})") from None
 
 
+_RELEASE_HOOKS: list = []
+
+
+def on_release(hook):
+    """Register ``hook()`` for :func:`release_memory` to call (once per hook): a plugin
+    whose framework keeps state after its models are gone (``cnn.runtime`` for Keras and
+    TensorFlow) frees it there. Returns ``hook``, so it works as a decorator."""
+    if hook not in _RELEASE_HOOKS:
+        _RELEASE_HOOKS.append(hook)
+    return hook
+
+
 def release_memory() -> None:
-    """Let a long-lived process give back what finished models held: Keras' graphs,
-    layers and traced functions (when Keras is loaded) and Python's garbage. Called after
-    each work unit and each tuning trial."""
-    if "keras" in sys.modules:
-        sys.modules["keras"].utils.clear_session(free_memory=True)
+    """Let a long-lived process give back what finished models held: the registered
+    plugins' framework state (:func:`on_release`) and Python's garbage. Called after each
+    work unit and each tuning trial, when no model of that process is in use."""
+    for hook in list(_RELEASE_HOOKS):
+        hook()
     gc.collect()

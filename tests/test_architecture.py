@@ -73,3 +73,18 @@ def test_the_layering_is_checked_for_every_package():
     assert {p for p, _ in _modules()} == set(PACKAGES)
     assert not (REPO / "bench" / "candidate.py").exists() or \
         "from core.candidate import" in (REPO / "bench" / "candidate.py").read_text()
+
+
+def test_release_memory_runs_each_registered_hook_once(monkeypatch):
+    from core import candidate
+
+    monkeypatch.setattr(candidate, "_RELEASE_HOOKS", [])
+    calls = []
+
+    def hook():
+        calls.append(1)
+
+    assert candidate.on_release(hook) is hook
+    candidate.on_release(hook)   # registering twice is harmless
+    candidate.release_memory()
+    assert calls == [1]
