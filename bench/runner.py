@@ -30,6 +30,7 @@ from bench.prepare import prepare_candidates
 from bench.report import report_after_run
 from bench.rundir import RunDir
 from bench.scheduling import make_executor
+from bench.storage import make_storage
 from bench.units import run_unit, tune_unit
 from core import registry
 from core.calibration import fit_temperature
@@ -201,6 +202,7 @@ def run_benchmark(cfg: Config, force: bool = False, workers: int | None = None,
     todo.sort(key=lambda u: kind[u[1]] != "cnn")
     if len(todo) < len(units):
         info(f"resuming: {len(units) - len(todo)} of {len(units)} work units already done")
+    _open_storages(cfg, {u[1] for u in todo}, run.path)
     executor = make_executor(workers or run_cfg.get("workers", 1),
                              scheduler=scheduler or run_cfg.get("scheduler"))
     with unit_progress(len(todo), "work units") as advance:
@@ -252,6 +254,19 @@ def run_benchmark(cfg: Config, force: bool = False, workers: int | None = None,
     if report_after_run(run.path, cfg.data) is not None:   # a failing report keeps the run
         run.update_manifest(report_seconds=time.perf_counter() - t)
     return board
+
+
+def _open_storages(cfg: Config, names, run_dir) -> None:
+    """Open the Optuna storage of every candidate in ``names`` that is tuned, here, before
+    the work units: one process creates a new storage's tables, and a storage that cannot
+    be opened is one clear error before any unit runs."""
+    urls = set()
+    for name in names:
+        own = {**cfg["tuning"], **(cfg.candidates[name].get("tuning") or {})}
+        if int(own.get("trials", 0) or 0) and registry.get(cfg.candidates[name]["type"]).tunable:
+            urls.add(str(own.get("storage", "") or ""))
+    for url in sorted(urls):
+        make_storage(url, run_dir)
 
 
 def _collect(run: RunDir, cfg: Config, ds: Dataset, folds: PredefinedFolds):

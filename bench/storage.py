@@ -14,6 +14,7 @@ and retried (``RetryHeartbeatStaleTrialCallback``) instead of being lost or left
 from __future__ import annotations
 
 import os
+import random
 import time
 import warnings
 from pathlib import Path
@@ -28,6 +29,7 @@ from core.errors import BenchError
 # A running trial whose process sent no heartbeat for GRACE_SECONDS is failed and retried.
 HEARTBEAT_SECONDS = int(os.environ.get("BLOODBENCH_OPTUNA_HEARTBEAT", 30))
 GRACE_SECONDS = int(os.environ.get("BLOODBENCH_OPTUNA_GRACE", 120))
+OPEN_ATTEMPTS = 6   # opening a storage that another process is creating: tries in all
 
 
 def storage_url(url: str, run_dir) -> str:
@@ -40,23 +42,43 @@ def storage_url(url: str, run_dir) -> str:
 def make_storage(url: str, run_dir=None) -> optuna.storages.BaseStorage:
     """Build an Optuna storage from ``url`` (see the module docstring)."""
     url = storage_url(url, run_dir)
-    if url.startswith("journal://") or url.endswith(".log"):
-        path = Path(url.removeprefix("journal://"))   # journal:///abs/path.log -> /abs/path.log
-        path.parent.mkdir(parents=True, exist_ok=True)
+    journal = url.startswith("journal://") or url.endswith(".log")
+    path = Path(url.removeprefix("journal://")) if journal else (
+        Path(url.removeprefix("sqlite:///")) if url.startswith("sqlite:///") else None)
+    if path is not None:   # a file storage: its folder must exist
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            raise BenchError(f"cannot open Optuna storage {url}: cannot make the folder "
+                             f"{path.parent} ({exc.strerror})") from None
+    if journal:   # journal:///abs/path.log -> /abs/path.log
         return JournalStorage(JournalFileBackend(str(path)))
-    if url.startswith("sqlite:///"):
-        Path(url.removeprefix("sqlite:///")).parent.mkdir(parents=True, exist_ok=True)
-    try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")   # heartbeat options are marked experimental
-            retry = RetryHeartbeatStaleTrialCallback(max_retry=3)
-            return RDBStorage(url, heartbeat_interval=HEARTBEAT_SECONDS,
-                              grace_period=GRACE_SECONDS, heartbeat_stale_trial_callback=retry,
-                              engine_kwargs=None if url.startswith("sqlite")
-                              else {"pool_pre_ping": True})
-    except Exception as exc:  # noqa: BLE001 - driver and connection errors vary by backend
-        raise BenchError(f"cannot open Optuna storage {url.split('@')[-1]}: "
-                         f"{str(exc).splitlines()[0]}") from None
+    for attempt in range(OPEN_ATTEMPTS):
+        try:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")   # heartbeat options are marked experimental
+                retry = RetryHeartbeatStaleTrialCallback(max_retry=3)
+                return RDBStorage(url, heartbeat_interval=HEARTBEAT_SECONDS,
+                                  grace_period=GRACE_SECONDS,
+                                  heartbeat_stale_trial_callback=retry,
+                                  engine_kwargs=None if url.startswith("sqlite")
+                                  else {"pool_pre_ping": True})
+        except Exception as exc:  # noqa: BLE001 - driver and connection errors vary by backend
+            if attempt + 1 < OPEN_ATTEMPTS and _lost_schema_race(exc):
+                time.sleep(0.2 * 2 ** attempt + random.uniform(0, 0.2))
+                continue
+            raise BenchError(f"cannot open Optuna storage {url.split('@')[-1]}: "
+                             f"{str(exc).splitlines()[0]}") from None
+
+
+def _lost_schema_race(exc: Exception) -> bool:
+    """Whether opening a storage failed because another process was creating its tables at
+    the same moment (two work units that start together on a new run's SQLite file both
+    insert Optuna's schema version): opening it again finds the tables made."""
+    import sqlalchemy.exc
+    text = str(exc)
+    return isinstance(exc, sqlalchemy.exc.IntegrityError) or "database is locked" in text \
+        or "already exists" in text
 
 
 # ----------------------------------------------------------------------------- shared studies

@@ -403,3 +403,64 @@ def test_two_processes_tune_one_study_exactly(storage_url, data_dir, tmp_path):
     finally:
         if storage_url.startswith("postgresql"):
             optuna.delete_study(study_name=f"{name}-fold0", storage=storage)
+
+
+def _open_sqlite(args):
+    url, start = args
+    time.sleep(max(0.0, start - time.time()))   # all processes open at the same moment
+    make_storage(url)
+    return True
+
+
+def test_processes_that_open_a_new_sqlite_storage_together_all_get_it(tmp_path):
+    """Two work units that start together on a new run's SQLite file both create Optuna's
+    tables; the one that loses the race opens the storage again instead of failing."""
+    import multiprocessing as mp
+    url = f"sqlite:///{tmp_path / 'optuna.db'}"
+    with mp.get_context("spawn").Pool(4) as pool:
+        start = time.time() + 6   # after the spawned processes have imported Optuna
+        assert pool.map(_open_sqlite, [(url, start)] * 4) == [True] * 4
+    optuna.create_study(study_name="s", storage=make_storage(url)).optimize(
+        lambda t: t.suggest_float("x", 0, 1), n_trials=2)
+    assert len(optuna.load_study(study_name="s", storage=make_storage(url)).trials) == 2
+
+
+def test_storage_open_retries_a_lost_schema_race_only(monkeypatch, tmp_path):
+    import sqlalchemy.exc
+
+    from bench import storage as storage_mod
+    calls = []
+
+    def flaky(url, **kw):
+        calls.append(url)
+        if len(calls) < 3:
+            raise sqlalchemy.exc.IntegrityError(
+                "INSERT INTO alembic_version", {}, Exception("UNIQUE constraint failed: "
+                                                             "alembic_version.version_num"))
+        return "opened"
+
+    monkeypatch.setattr(storage_mod, "RDBStorage", flaky)
+    monkeypatch.setattr(storage_mod.time, "sleep", lambda s: None)
+    assert storage_mod.make_storage(f"sqlite:///{tmp_path / 'a.db'}") == "opened"
+    assert len(calls) == 3
+
+    def broken(url, **kw):
+        calls.append(url)
+        raise ValueError("no such driver\nsecond line")
+
+    calls.clear()
+    monkeypatch.setattr(storage_mod, "RDBStorage", broken)
+    with pytest.raises(BenchError, match=r"^cannot open Optuna storage .*: no such driver$"):
+        storage_mod.make_storage("nosuchdb://x")
+    assert len(calls) == 1   # not a race: no retry
+
+
+def test_a_storage_that_cannot_be_opened_stops_the_run_before_any_unit(data_dir, tmp_path):
+    bad = f"sqlite:///{tmp_path / 'a_file'}/optuna.db"   # its folder is a file
+    (tmp_path / "a_file").write_text("not a folder")
+    out = tmp_path / "run"
+    cfg = load_config(write_config(tmp_path / "c.toml", data_dir, trials=2, storage=bad),
+                      out=str(out))
+    with pytest.raises(BenchError, match="a_file"):
+        run_benchmark(cfg, show_progress=False)
+    assert not list((out / "units").glob("*/fold*")) if (out / "units").exists() else True
