@@ -2,8 +2,9 @@
 
     python benchmarks/levers.py --data pbc --out /tmp/levers [--only baseline,stain_aug]
 
-Each lever is the ``levers`` profile of ``benchmarks.toml`` (one scratch CNN, ``cnn_deep``
-at 48 px, on a seeded stratified sample of the dataset, 5 shared folds) with one change.
+Each lever is the ``levers`` profile of ``benchmarks.toml`` (one CNN on a seeded stratified
+sample of the dataset, 5 shared folds: the scratch ``cnn_deep`` at 48 px, or the fine-tuned
+MobileNetV2 ``tl_mnv2_finetune`` at 64 px as in the ``quick`` profile) with one change.
 Every run scores its entries on the dataset's ``[external.*]`` sets (for PBC: the DeepAPL
 cells with a PBC class). Test-time augmentation needs no training: the baseline's saved
 predictor is evaluated again with ``tta = "flips"``. Prints one Markdown row per lever:
@@ -26,16 +27,26 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-LEVERS = {   # name -> changes to cnn_deep's params
-    "baseline": {},
-    "stain_aug": {"augment": "stain"},
-    "reinhard": {"stain_norm": "reinhard"},
-    "group_norm": {"norm": "group"},
-    "stain_aug+reinhard": {"augment": "stain", "stain_norm": "reinhard"},
+LEVERS = {   # name -> (candidate, changes to its params)
+    "baseline": ("cnn_deep", {}),
+    "stain_aug": ("cnn_deep", {"augment": "stain"}),
+    "reinhard": ("cnn_deep", {"stain_norm": "reinhard"}),
+    "group_norm": ("cnn_deep", {"norm": "group"}),
+    "stain_aug+reinhard": ("cnn_deep", {"augment": "stain", "stain_norm": "reinhard"}),
     # heavy augmentation needs more epochs to converge: the same, trained twice as long
-    "stain_aug_16ep": {"augment": "stain", "epochs": 16, "patience": 16},
-    "robust_aug_16ep": {"augment": "robust", "epochs": 16, "patience": 16},
-    "baseline_16ep": {"epochs": 16, "patience": 16},
+    "stain_aug_16ep": ("cnn_deep", {"augment": "stain", "epochs": 16, "patience": 16}),
+    "robust_aug_16ep": ("cnn_deep", {"augment": "robust", "epochs": 16, "patience": 16}),
+    "baseline_16ep": ("cnn_deep", {"epochs": 16, "patience": 16}),
+    # an ImageNet-pretrained backbone, fine-tuned (the quick profile's settings), and the same
+    # with the robust augmentation
+    "finetune": ("tl_mnv2_finetune", {}),
+    "finetune_robust_aug": ("tl_mnv2_finetune", {"augment": "robust"}),
+    "finetune_stain_aug": ("tl_mnv2_finetune", {"augment": "stain"}),
+    "finetune_robust_aug_16ep": ("tl_mnv2_finetune", {"augment": "robust", "epochs": 16,
+                                                      "patience": 16}),
+    # the full-width MobileNetV2 (alpha 1.0; its weights beside the project, ../shared/weights)
+    "finetune_alpha1": ("tl_mnv2_finetune", {"alpha": 1.0, "weights": str(
+        ROOT.parent / "shared" / "weights" / "mobilenet_v2_1.0_imagenet_notop.weights.h5")}),
 }
 
 
@@ -57,16 +68,17 @@ def main(argv=None) -> int:
         else {}
     base = load_config(args.config, profile="levers", data=args.data)
     ext = list(base["external"])
-    for name, change in LEVERS.items():
+    for name, (candidate, change) in LEVERS.items():
         if only and name not in only:
             continue
-        cfg = copy.deepcopy(base)
+        cfg = load_config(args.config, profile="levers", data=args.data, only=[candidate])
         cfg["run"]["out"] = str(out / name)
-        cfg.candidates["cnn_deep"]["params"].update(change)
+        cfg.candidates[candidate]["params"].update(copy.deepcopy(change))
         t = time.perf_counter()
         board = run_benchmark(cfg, show_progress=False)
-        row = board.set_index("candidate").loc["cnn_deep"]
-        results[name] = {"change": change, "seconds": time.perf_counter() - t,
+        row = board.set_index("candidate").loc[candidate]
+        results[name] = {"candidate": candidate, "change": change,
+                         "seconds": time.perf_counter() - t,
                          "accuracy": float(row["accuracy"]),
                          "balanced_accuracy": float(row["balanced_accuracy"]),
                          **{f"{e}_{m}": float(row[f"{e}_{m}"]) for e in ext
