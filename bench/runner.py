@@ -31,6 +31,7 @@ from bench.report import report_after_run
 from bench.rundir import RunDir
 from bench.scheduling import make_executor
 from bench.storage import make_storage
+from bench.tuning import candidate_tuning, is_tuned
 from bench.units import run_unit, tune_unit
 from core import registry
 from core.calibration import fit_temperature
@@ -260,11 +261,8 @@ def _open_storages(cfg: Config, names, run_dir) -> None:
     """Open the Optuna storage of every candidate in ``names`` that is tuned, here, before
     the work units: one process creates a new storage's tables, and a storage that cannot
     be opened is one clear error before any unit runs."""
-    urls = set()
-    for name in names:
-        own = {**cfg["tuning"], **(cfg.candidates[name].get("tuning") or {})}
-        if int(own.get("trials", 0) or 0) and registry.get(cfg.candidates[name]["type"]).tunable:
-            urls.add(str(own.get("storage", "") or ""))
+    urls = {str(candidate_tuning(cfg["tuning"], e).get("storage", "") or "")
+            for e in (cfg.candidates[n] for n in names) if is_tuned(e, cfg["tuning"])}
     for url in sorted(urls):
         make_storage(url, run_dir)
 
@@ -391,7 +389,7 @@ def tune_from_args(config=None, profile=None, data=None, out=None, candidate=Non
     if not registry.get(cands[candidate]["type"]).tunable:
         raise BenchError(f"candidate '{candidate}' ({cands[candidate]['type']}) has no "
                          "param_space: nothing to tune")
-    own = {**run.config["tuning"], **(cands[candidate].get("tuning") or {})}
+    own = candidate_tuning(run.config["tuning"], cands[candidate])
     n = int((own.get("trials", 0) or 0) if trials is None else trials)
     if n < 1:
         raise BenchError("nothing to tune: pass --trials N or set [tuning] trials")

@@ -231,6 +231,19 @@ def _trial_record(t: optuna.trial.FrozenTrial) -> dict:
             "last_step": t.last_step}
 
 
+def candidate_tuning(tuning: dict, entry: dict) -> dict:
+    """``entry``'s tuning settings: the ``[tuning]`` table with the candidate's own
+    ``tuning`` table over it."""
+    return {**tuning, **(entry.get("tuning") or {})}
+
+
+def is_tuned(entry: dict, tuning: dict) -> bool:
+    """Whether ``entry`` gets trials: its type has a ``param_space`` and its tuning
+    settings (:func:`candidate_tuning`) ask for at least one trial."""
+    return bool(registry.get(entry["type"]).tunable) and \
+        int(candidate_tuning(tuning, entry).get("trials", 0) or 0) > 0
+
+
 def tune_candidate(entry: dict, X_train, y_train, classes, study: str, tuning: dict,
                    run_dir, seed: int) -> tuple[dict, dict]:
     """Tune ``entry``'s candidate on ``X_train, y_train`` (outer training rows only).
@@ -256,7 +269,7 @@ def tune_candidate(entry: dict, X_train, y_train, classes, study: str, tuning: d
     info : summary for the work unit's ``result.json``.
     """
     run_dir, seed = Path(run_dir), int(seed)
-    tuning = {**tuning, **(entry.get("tuning") or {})}   # per-candidate overrides
+    tuning = candidate_tuning(tuning, entry)   # per-candidate overrides
     if int(tuning.get("trials", 0) or 0) < 1:
         return {}, {"study": study, "n_trials": 0, "skipped": "trials = 0 for this candidate"}
     cls = registry.get(entry["type"])

@@ -15,7 +15,7 @@ import time
 import numpy as np
 
 from bench.rundir import RunDir
-from bench.tuning import tune_candidate
+from bench.tuning import is_tuned, tune_candidate
 from core import registry
 from core.candidate import build_candidate, fit_candidate, predict_proba_for, release_memory
 from core.io import stable_hash
@@ -105,8 +105,7 @@ def tune_unit(run, name: str, fold: int, trials: int | None = None,
     if overrides:   # over [tuning] and over the candidate's own tuning table
         entry = {**entry, "tuning": {**(entry.get("tuning") or {}), **overrides}}
     tuning = dict(cfg["tuning"])
-    if not int({**tuning, **(entry.get("tuning") or {})}.get("trials", 0) or 0) or \
-            not registry.get(entry["type"]).tunable:
+    if not is_tuned(entry, tuning):
         return {}, {}
     train = run.folds.train(fold)
     return tune_candidate(entry, np.asarray(run.images[train]), run.labels[train],
