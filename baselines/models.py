@@ -34,6 +34,7 @@ from sklearn.utils.class_weight import compute_sample_weight
 
 from core.candidate import Candidate
 from core.errors import BenchError
+from core.images import center_crop
 from core.registry import register
 from features import extract
 
@@ -68,6 +69,11 @@ def _pca_step(pca, n_rows: int, n_cols: int, random_state):
 class FeatureClassifier(Candidate):
     """Base: features of ``self.features`` -> impute -> ``self._make_steps(...)`` pipeline.
 
+    Every subclass takes ``crop``: the fraction of each image side kept around the centre
+    before the features are extracted (1: the whole image; :func:`core.images.center_crop`,
+    the same window as the CNNs' ``crop``). Analysers centre the cell; colour and texture
+    of the whole frame mostly describe the lab's red cells and background.
+
     Subclasses implement ``_make_steps(n_rows, n_cols)`` (the steps after imputation) and
     may override ``_fit_pipeline`` and the save/load pair.
     """
@@ -84,7 +90,8 @@ class FeatureClassifier(Candidate):
         if not self.features:
             raise BenchError(f"candidate type '{self.type_name}' needs params.features "
                              "(a [feature_sets] name or table)")
-        return extract(X, self.features, progress=progress)
+        X = center_crop(np.asarray(X), self.crop)
+        return extract(np.ascontiguousarray(X), self.features, progress=progress)
 
     def prepare(self, X_all) -> None:
         """Extract (and cache on disk) the features of every image once, before the folds."""
@@ -146,6 +153,7 @@ class FeatureForest(FeatureClassifier):
     ----------
     features : dict
         Feature set ``{extractor: params}`` (see :mod:`features`).
+    crop : share of the image side kept around the centre (see :class:`FeatureClassifier`).
     n_estimators, max_depth, max_features, min_samples_leaf : forest parameters.
     class_weight : ``None`` or ``"balanced"``.
     n_jobs : threads for the forest.
@@ -154,6 +162,7 @@ class FeatureForest(FeatureClassifier):
 
     param_rules = {
         "features": {"type": dict, "none": True}, "random_state": {"ge": 0}, "n_jobs": {"type": int, "none": True},
+        "crop": {"gt": 0, "le": 1},
         "n_estimators": {"ge": 1}, "max_depth": {"type": int, "ge": 1, "none": True},
         "max_features": {"type": float, "gt": 0, "also": ["sqrt", "log2"], "none": True},
         "min_samples_leaf": {"ge": 1},
@@ -161,8 +170,10 @@ class FeatureForest(FeatureClassifier):
     }
 
     def __init__(self, features=None, n_estimators=300, max_depth=None, max_features="sqrt",
-                 min_samples_leaf=1, class_weight="balanced", n_jobs=None, random_state=0):
+                 min_samples_leaf=1, class_weight="balanced", n_jobs=None, random_state=0,
+                 crop=1.0):
         self.features = features
+        self.crop = crop
         self.n_estimators = n_estimators
         self.max_depth = max_depth
         self.max_features = max_features
@@ -203,6 +214,7 @@ class FeatureSVM(FeatureClassifier):
     ----------
     features : dict
         Feature set ``{extractor: params}``.
+    crop : share of the image side kept around the centre (see :class:`FeatureClassifier`).
     kernel : ``"rbf"`` (``SVC``) or ``"linear"`` (``LinearSVC``, fast on many rows).
     C : regularisation (larger: less).
     gamma_factor : RBF width as a multiple of scikit-learn's ``gamma="scale"``,
@@ -217,6 +229,7 @@ class FeatureSVM(FeatureClassifier):
 
     param_rules = {
         "features": {"type": dict, "none": True}, "random_state": {"ge": 0}, "n_jobs": {"type": int, "none": True},
+        "crop": {"gt": 0, "le": 1},
         "kernel": {"choices": ["rbf", "linear"]}, "C": {"gt": 0}, "gamma_factor": {"gt": 0},
         "pca": {"type": float, "gt": 0, "none": True},
         "class_weight": {"choices": ["balanced"], "none": True}, "calibration_cv": {"ge": 2},
@@ -224,8 +237,10 @@ class FeatureSVM(FeatureClassifier):
     }
 
     def __init__(self, features=None, kernel="rbf", C=1.0, gamma_factor=1.0, pca=None,
-                 class_weight="balanced", calibration_cv=3, max_iter=5000, random_state=0):
+                 class_weight="balanced", calibration_cv=3, max_iter=5000, random_state=0,
+                 crop=1.0):
         self.features = features
+        self.crop = crop
         self.kernel = kernel
         self.C = C
         self.gamma_factor = gamma_factor
@@ -298,6 +313,7 @@ class FeatureXGB(FeatureClassifier):
     ----------
     features : dict
         Feature set ``{extractor: params}``.
+    crop : share of the image side kept around the centre (see :class:`FeatureClassifier`).
     n_estimators, max_depth, learning_rate, subsample, colsample_bytree, min_child_weight,
     reg_lambda : XGBoost parameters.
     class_weight : ``None`` or ``"balanced"`` (sample weights inversely proportional to the
@@ -311,6 +327,7 @@ class FeatureXGB(FeatureClassifier):
 
     param_rules = {
         "features": {"type": dict, "none": True}, "random_state": {"ge": 0}, "n_jobs": {"type": int, "none": True},
+        "crop": {"gt": 0, "le": 1},
         "n_estimators": {"ge": 1}, "max_depth": {"ge": 1}, "learning_rate": {"gt": 0, "le": 1},
         "subsample": {"gt": 0, "le": 1}, "colsample_bytree": {"gt": 0, "le": 1},
         "min_child_weight": {"ge": 0}, "reg_lambda": {"ge": 0},
@@ -321,8 +338,9 @@ class FeatureXGB(FeatureClassifier):
     def __init__(self, features=None, n_estimators=300, max_depth=6, learning_rate=0.1,
                  subsample=0.8, colsample_bytree=0.5, min_child_weight=1.0, reg_lambda=1.0,
                  class_weight="balanced", pca=None, report_every=25, n_jobs=None,
-                 random_state=0):
+                 random_state=0, crop=1.0):
         self.features = features
+        self.crop = crop
         self.n_estimators = n_estimators
         self.max_depth = max_depth
         self.learning_rate = learning_rate

@@ -30,6 +30,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from core import registry
 from core.errors import BenchError
+from core.images import crop_side
 from core.io import check_name
 from core.metrics import METRICS
 from core.params import space_names, validate_params
@@ -605,8 +606,12 @@ def _validate_entries(cfg: dict, where: str) -> None:
         validate_params(cls, entry.get("params", {}), f"{where}: [candidates.{name}] params")
         _validate_tuning(cls, entry.get("tuning") or {}, f"{where}: [candidates.{name}] tuning")
         fs = entry.get("params", {}).get("features")
-        if isinstance(fs, dict) and "feature_set" not in entry:   # an inline table
-            check_feature_set(fs, size, f"{where}: [candidates.{name}] params.features")
+        crop = entry.get("params", {}).get("crop", 1.0)
+        if isinstance(fs, dict) and ("feature_set" not in entry or crop < 1):
+            # an inline table, or a named set on a centre crop (a smaller image)
+            check_feature_set(fs, crop_side(size, crop),
+                              f"{where}: [candidates.{name}] params.features"
+                              + (f" on the {crop} centre crop" if crop < 1 else ""))
     names = list(cfg["candidates"])
     for name, entry in cfg["ensembles"].items():
         cls = _type(entry["type"], where, f"[ensembles.{name}]")

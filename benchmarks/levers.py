@@ -47,6 +47,13 @@ LEVERS = {   # name -> (candidate, changes to its params)
     # the full-width MobileNetV2 (alpha 1.0; its weights beside the project, ../shared/weights)
     "finetune_alpha1": ("tl_mnv2_finetune", {"alpha": 1.0, "weights": str(
         ROOT.parent / "shared" / "weights" / "mobilenet_v2_1.0_imagenet_notop.weights.h5")}),
+    # the central part of the frame only (the cell; cnn.models.center_crop): the share of
+    # the image side kept
+    "finetune_crop50": ("tl_mnv2_finetune", {"crop": 0.5}),
+    "finetune_crop35": ("tl_mnv2_finetune", {"crop": 0.35}),
+    "finetune_crop50_input96": ("tl_mnv2_finetune", {"crop": 0.5, "input_size": 96}),
+    "crop50": ("cnn_deep", {"crop": 0.5}),
+    "crop35": ("cnn_deep", {"crop": 0.35}),
 }
 
 

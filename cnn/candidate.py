@@ -25,7 +25,7 @@ TRAIN_RULES = {
         "class_weight": {"choices": ["balanced"], "none": True}, "val_fraction": {"gt": 0, "lt": 1},
         "seed": {"ge": 0}, "verbose": {"ge": 0}, "dropout": {"ge": 0, "lt": 1},
         "dense_units": {"ge": 0}, "input_size": {"type": int, "ge": 8, "le": 1024, "none": True},
-        "augment": {"type": Any, "none": True},
+        "augment": {"type": Any, "none": True}, "crop": {"gt": 0, "le": 1},
 }
 
 
@@ -152,6 +152,11 @@ class ScratchCNN(KerasCandidate):
     stain_norm : ``"none"`` or ``"reinhard"``: every image's L*a*b* statistics mapped to
         a target fitted on the unit's training images (:mod:`cnn.stain`), a layer of the
         model after the augmentation, in training and prediction alike.
+    crop : fraction of the image side kept around the centre (1: the whole image), a
+        layer of the model after the augmentation, in training and prediction alike; the
+        crop is resized to ``input_size`` (or back to the image size). Analysers centre
+        the cell, and the frame around it is mostly the lab's red cells and background
+        (:func:`cnn.models.center_crop`).
     optimizer : ``"adam"``, ``"adamw"`` or ``"sgd"`` (momentum 0.9).
     learning_rate, batch_size, epochs, patience, schedule : training.
     class_weight : ``"balanced"`` or ``None``.
@@ -173,7 +178,7 @@ class ScratchCNN(KerasCandidate):
                  block_dropout=0.1, pooling="avg", dense_units=128, dropout=0.3, input_size=None,
                  augment="flips", optimizer="adam", learning_rate=1e-3, batch_size=64, epochs=30,
                  patience=5, schedule="plateau", class_weight="balanced", val_fraction=0.1, seed=0,
-                 verbose=0, norm="batch", stain_norm="none"):
+                 verbose=0, norm="batch", stain_norm="none", crop=1.0):
         self.blocks = blocks
         self.filters = filters
         self.filter_growth = filter_growth
@@ -197,6 +202,7 @@ class ScratchCNN(KerasCandidate):
         self.verbose = verbose
         self.norm = norm
         self.stain_norm = stain_norm
+        self.crop = crop
 
     def _build(self, image_size, n_classes):
         from cnn.models import build_scratch_cnn
@@ -205,7 +211,8 @@ class ScratchCNN(KerasCandidate):
             filter_growth=self.filter_growth, kernel_size=self.kernel_size,
             convs_per_block=self.convs_per_block, block_dropout=self.block_dropout,
             pooling=self.pooling, dense_units=self.dense_units, dropout=self.dropout,
-            input_size=self.input_size, augmentation=self._input_layers(), norm=self.norm)
+            input_size=self.input_size, augmentation=self._input_layers(), norm=self.norm,
+            crop=self.crop)
 
     def _input_layers(self):
         """Augmentation (training only), then Reinhard stain normalisation (always) with

@@ -206,6 +206,7 @@ def gradcam(model, images, class_index=None, batch_size: int | None = None) -> n
     if class_index is not None:
         idx = np.broadcast_to(np.asarray(class_index, dtype=np.int64), (n,))
     explainer = _Explainer(model)
+    window = _crop_window(model, h, w)
     if not batch_size:
         batch_size = auto_batch_size(model, at_64px=64, minimum=4)
     maps = []
@@ -223,11 +224,27 @@ def gradcam(model, images, class_index=None, batch_size: int | None = None) -> n
                              f"{'/'.join(explainer.path)} of model '{model.name}'")
         weights = tf.reduce_mean(grads, axis=(1, 2), keepdims=True)
         cam = tf.nn.relu(tf.reduce_sum(weights * feat, axis=-1))[..., None]
-        cam = tf.image.resize(cam, (h, w), method="bilinear")[..., 0]
+        if window is None:
+            cam = tf.image.resize(cam, (h, w), method="bilinear")[..., 0]
+        else:   # the model saw only its centre crop: the map covers that window, 0 around
+            top, left, ch, cw = window
+            cam = tf.image.resize(cam, (ch, cw), method="bilinear")
+            cam = tf.image.pad_to_bounding_box(cam, top, left, h, w)[..., 0]
         peak = tf.reduce_max(cam, axis=(1, 2), keepdims=True)
         cam = tf.math.divide_no_nan(cam, peak)
         maps.append(np.clip(cam.numpy(), 0.0, 1.0).astype(np.float32))
     return np.concatenate(maps) if maps else np.zeros((0, h, w), np.float32)
+
+
+def _crop_window(model, h: int, w: int):
+    """``(top, left, height, width)`` of the model's ``center_crop`` layer on (h, w)
+    images (:func:`cnn.models.center_crop`), or ``None`` when it has none."""
+    try:
+        layer = model.get_layer("center_crop")
+    except ValueError:
+        return None
+    ch, cw = min(int(layer.height), h), min(int(layer.width), w)
+    return (h - ch) // 2, (w - cw) // 2, ch, cw
 
 
 def randomized_clone(model, seed: int = 0):

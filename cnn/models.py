@@ -5,6 +5,8 @@ from __future__ import annotations
 import keras
 from keras import layers
 
+from core.images import crop_side
+
 #: normalisations of the conv blocks, and the tag in their layers' names
 NORM_TAGS = {"batch": "bn", "group": "gn", "layer": "ln"}
 NORMS = tuple(NORM_TAGS)
@@ -33,6 +35,24 @@ def norm_layer(norm: str, channels: int, name: str, bn_momentum: float = 0.9):
     if norm == "layer":
         return layers.LayerNormalization(axis=-1, name=name)
     raise ValueError(f"norm must be one of {list(NORMS)}, got {norm!r}")
+
+
+def center_crop(x, image_size: int, crop: float | None):
+    """The central ``crop`` fraction of each image side (a ``CenterCrop`` layer named
+    ``center_crop``), or ``x`` unchanged for ``crop`` of ``None`` or 1.
+
+    Analysers centre the cell they photograph, and the rest of the frame (the red cells
+    around it, the background's colour) differs between labs far more than the cell
+    does: cropping to the cell keeps what the class is about and drops most of what the
+    lab is about (benchmarks/README.md, robustness levers). A layer of the model, so a
+    saved model applies it to every image it is given, like the rest of its input
+    pipeline (after the augmentation, so that random shifts move the cell inside the
+    crop).
+    """
+    if crop is None or float(crop) >= 1.0:
+        return x
+    side = crop_side(image_size, crop)
+    return layers.CenterCrop(side, side, name="center_crop")(x)
 
 
 def conv_block(x, filters: int, kernel_size: int, convs: int, dropout: float, name: str,
@@ -69,13 +89,15 @@ def build_scratch_cnn(image_size: int, n_classes: int, blocks: int = 3, filters:
                       filter_growth: float = 2.0, kernel_size: int = 3, convs_per_block: int = 1,
                       block_dropout: float = 0.1, pooling: str = "avg", dense_units: int = 128,
                       dropout: float = 0.3, input_size: int | None = None,
-                      augmentation=None, norm: str = "batch",
+                      augmentation=None, norm: str = "batch", crop: float | None = None,
                       name: str = "scratch_cnn") -> keras.Model:
     """A modular CNN on ``uint8`` RGB input of side ``image_size``.
 
     The model applies ``augmentation`` (a Keras layer on RGB values in [0, 255], active in
-    training only, see :mod:`cnn.augment`), rescales to [0, 1], optionally resizes to
-    ``input_size``, then ``blocks`` conv blocks whose width grows by ``filter_growth``,
+    training only, see :mod:`cnn.augment`), keeps the central ``crop`` fraction of the
+    image (:func:`center_crop`; resized back to ``image_size`` when ``input_size`` is not
+    given), rescales to [0, 1], optionally resizes to ``input_size``, then ``blocks`` conv
+    blocks whose width grows by ``filter_growth``,
     global average pooling (``pooling="avg"``) or flattening, the dense head and softmax.
     ``norm`` is the conv blocks' normalisation: ``"batch"``, ``"group"`` or ``"layer"``
     (:func:`norm_layer`).
@@ -86,8 +108,11 @@ def build_scratch_cnn(image_size: int, n_classes: int, blocks: int = 3, filters:
     x = inputs
     if augmentation is not None:
         x = augmentation(x)
+    x = center_crop(x, image_size, crop)
     x = layers.Rescaling(1.0 / 255, name="rescale")(x)
-    if input_size and input_size != image_size:
+    if crop is not None and float(crop) < 1.0 and not input_size:
+        input_size = image_size   # the crop is brought back to the image's side
+    if input_size and (input_size != image_size or x.shape[1] != input_size):
         x = layers.Resizing(input_size, input_size, name="resize")(x)
     for b in range(blocks):
         width = int(round(filters * filter_growth ** b))

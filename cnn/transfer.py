@@ -112,12 +112,13 @@ def head_layers(n_classes: int, dense_units: int, dropout: float) -> list:
     return out
 
 
-def _features(inputs, image_size, size, backbone_name, base):
+def _features(inputs, image_size, size, backbone_name, base, crop=None):
     from keras import layers
 
     from cnn.backbones import BackbonePreprocess
-    x = inputs
-    if size != image_size:
+    from cnn.models import center_crop
+    x = center_crop(inputs, image_size, crop)
+    if size != x.shape[1]:
         x = layers.Resizing(size, size, name="resize")(x)
     x = BackbonePreprocess(backbone_name, name="preprocess")(x)
     x = base(x)   # frozen BN layers run in inference mode (Keras semantics of trainable=False)
@@ -126,28 +127,29 @@ def _features(inputs, image_size, size, backbone_name, base):
 
 def build_transfer_model(image_size: int, n_classes: int, base, backbone: str = "MobileNetV2",
                          input_size=None, dense_units: int = 128, dropout: float = 0.3,
-                         augmentation=None, name: str = "transfer_cnn"):
+                         augmentation=None, crop=None, name: str = "transfer_cnn"):
     """The full transfer model on ``uint8`` input of side ``image_size`` (see module doc).
 
     ``base`` is the backbone from :func:`cnn.backbones.build_backbone` built for
-    ``effective_input_size(image_size, input_size, backbone)``.
+    ``effective_input_size(image_size, input_size, backbone)``. ``crop``: the central
+    fraction of each image side kept before the resize (:func:`cnn.models.center_crop`).
     """
     import keras
     size = effective_input_size(image_size, input_size, backbone)
     inputs = keras.Input((image_size, image_size, 3), name="image")
     x = augmentation(inputs) if augmentation is not None else inputs
-    x = _features(x, image_size, size, backbone, base)
+    x = _features(x, image_size, size, backbone, base, crop)
     for layer in head_layers(n_classes, dense_units, dropout):
         x = layer(x)
     return keras.Model(inputs, x, name=name)
 
 
-def build_embedder(image_size: int, base, backbone: str, input_size=None):
+def build_embedder(image_size: int, base, backbone: str, input_size=None, crop=None):
     """``uint8`` images -> globally pooled backbone features (inference only)."""
     import keras
     size = effective_input_size(image_size, input_size, backbone)
     inputs = keras.Input((image_size, image_size, 3), name="image")
-    return keras.Model(inputs, _features(inputs, image_size, size, backbone, base),
+    return keras.Model(inputs, _features(inputs, image_size, size, backbone, base, crop),
                        name="embedder")
 
 
@@ -295,6 +297,10 @@ class FrozenTransferCNN(TransferCandidate):
     input_size : int, optional
         Side the images are resized to before the backbone (default: the image size,
         raised to the backbone's minimum).
+    crop : float
+        Fraction of the image side kept around the centre before the resize (1: the
+        whole image; :func:`cnn.models.center_crop`), part of the embedder and of the
+        saved model.
     dense_units, dropout : head: hidden units (0: none) and dropout.
     optimizer, learning_rate, batch_size, epochs, patience, schedule, class_weight,
     val_fraction, seed, verbose : training of the head, as :class:`cnn.candidate.ScratchCNN`.
@@ -312,8 +318,9 @@ class FrozenTransferCNN(TransferCandidate):
                  dense_units=256, dropout=0.3, optimizer="adam", learning_rate=1e-3,
                  batch_size=64, epochs=60, patience=8, schedule="plateau",
                  class_weight="balanced", val_fraction=0.1, embed_batch_size=None,
-                 use_cache=True, seed=0, verbose=0, weights_missing="error"):
+                 use_cache=True, seed=0, verbose=0, weights_missing="error", crop=1.0):
         self.backbone = backbone
+        self.crop = crop
         self.weights = weights
         self.weights_missing = weights_missing
         self.alpha = alpha
@@ -337,17 +344,20 @@ class FrozenTransferCNN(TransferCandidate):
     def _spec(self, image_size: int) -> dict:
         w = self._resolved_weights()
         import keras
-        return {"backbone": self.backbone, "alpha": self.alpha,
+        spec = {"backbone": self.backbone, "alpha": self.alpha,
                 "input_size": self._input_size(image_size),
                 "weights": ("imagenet-keras-" + keras.__version__ if w == "imagenet"
                             else file_sha256(w) if w else None)}
+        if float(self.crop) < 1.0:   # whole images keep the keys of earlier caches
+            spec["crop"] = float(self.crop)
+        return spec
 
     def _ensure_backbone(self, image_size: int) -> None:
         if getattr(self, "embedder_", None) is None or self.image_size_ != image_size:
             configure()
             self.base_ = self._base(image_size)
             self.embedder_ = build_embedder(image_size, self.base_, self.backbone,
-                                            self.input_size)
+                                            self.input_size, self.crop)
             self.image_size_ = image_size
 
     def embed(self, X, progress: bool = False) -> np.ndarray:
@@ -386,7 +396,7 @@ class FrozenTransferCNN(TransferCandidate):
         self._ensure_backbone(X.shape[1])
         self.model_ = build_transfer_model(X.shape[1], self.n_classes_, self.base_,
                                            self.backbone, self.input_size, self.dense_units,
-                                           self.dropout, name="transfer_frozen")
+                                           self.dropout, crop=self.crop, name="transfer_frozen")
         for name in HEAD_LAYERS:
             if name in {lyr.name for lyr in self.head_.layers}:
                 self.model_.get_layer(name).set_weights(self.head_.get_layer(name).get_weights())
@@ -430,7 +440,7 @@ class FineTuneTransferCNN(TransferCandidate):
 
     Parameters
     ----------
-    backbone, weights, weights_missing, alpha, input_size, dense_units, dropout :
+    backbone, weights, weights_missing, alpha, input_size, crop, dense_units, dropout :
         as :class:`FrozenTransferCNN`.
     augment : str or dict
         Augmentation spec (:mod:`cnn.augment`), training only.
@@ -457,8 +467,9 @@ class FineTuneTransferCNN(TransferCandidate):
                  unfreeze_blocks=3, finetune_lr_factor=0.1, train_bn=False, optimizer="adam",
                  learning_rate=1e-3, batch_size=64, epochs=20, patience=5, schedule="plateau",
                  class_weight="balanced", val_fraction=0.1, seed=0, verbose=0,
-                 weights_missing="error"):
+                 weights_missing="error", crop=1.0):
         self.backbone = backbone
+        self.crop = crop
         self.weights = weights
         self.weights_missing = weights_missing
         self.alpha = alpha
@@ -492,7 +503,7 @@ class FineTuneTransferCNN(TransferCandidate):
         return build_transfer_model(image_size, n_classes, self.base_, self.backbone,
                                     self.input_size, self.dense_units, self.dropout,
                                     augmentation=build_augmentation(self.augment, self.seed),
-                                    name="transfer_finetune")
+                                    crop=self.crop, name="transfer_finetune")
 
     def fit(self, X, y, X_val=None, y_val=None, classes=None, workdir=None, epoch_callbacks=None):
         configure()

@@ -92,6 +92,24 @@ def array_to_rgb(a: np.ndarray) -> np.ndarray:
     return a
 
 
+def crop_side(image_size: int, crop: float) -> int:
+    """Side in pixels of the centre crop that keeps the fraction ``crop`` of an image side
+    (at least 8 px, at most the side)."""
+    return max(8, min(int(image_size), int(round(float(crop) * int(image_size)))))
+
+
+def center_crop(images: np.ndarray, crop: float | None) -> np.ndarray:
+    """The central ``crop`` fraction of each side of images ``(N, H, W, C)`` (a view), or
+    ``images`` unchanged for ``crop`` of ``None`` or 1. The same window as the Keras
+    models' ``center_crop`` layer (:func:`cnn.models.center_crop`)."""
+    if crop is None or float(crop) >= 1.0:
+        return images
+    h, w = images.shape[1:3]
+    ch, cw = crop_side(h, crop), crop_side(w, crop)
+    top, left = (h - ch) // 2, (w - cw) // 2
+    return images[:, top:top + ch, left:left + cw]
+
+
 def read_rgb(path) -> tuple[Image.Image, str, str]:
     """Decode one image file as 8-bit RGB. Returns (image, original mode, "WxH").
 

@@ -134,3 +134,27 @@ def test_xgboost_takes_the_workers_share_of_the_cores(monkeypatch):
     assert FeatureXGB(features=SPEC, n_jobs=3)._booster().get_params()["n_jobs"] == 3
     monkeypatch.delenv("OMP_NUM_THREADS")
     assert FeatureXGB(features=SPEC)._booster().get_params()["n_jobs"] is None
+
+
+def test_feature_models_crop_to_the_centre_before_extracting(tmp_path):
+    """``crop``: features of the central window only, so a repainted frame changes no
+    probability; the saved model crops again when it is loaded."""
+    import numpy as np
+    from baselines.models import FeatureForest
+    from core.candidate import load_candidate
+    from core.images import center_crop, crop_side
+    from tests.conftest import toy_arrays
+    X, y = toy_arrays(12, 32, seed=0)
+    assert center_crop(X, 0.5).shape == (len(X), 16, 16, 3) and crop_side(32, 0.5) == 16
+    assert center_crop(X, 1.0) is X
+    spec = {"color": {"bins": 8, "spaces": ["rgb"], "moments": True}}
+    cand = FeatureForest(features=spec, n_estimators=30, crop=0.5).fit(X, y)
+    framed = X.copy()
+    framed[:, :8] = framed[:, -8:] = framed[:, :, :8] = framed[:, :, -8:] = (250, 120, 240)
+    np.testing.assert_array_equal(cand.predict_proba(framed), cand.predict_proba(X))
+    whole = FeatureForest(features=spec, n_estimators=30).fit(X, y)
+    assert not np.array_equal(whole.predict_proba(framed), whole.predict_proba(X))
+    cand.save(tmp_path / "m")
+    np.testing.assert_array_equal(load_candidate(tmp_path / "m").predict_proba(framed),
+                                  cand.predict_proba(X))
+

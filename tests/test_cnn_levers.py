@@ -251,3 +251,83 @@ def test_adabn_reestimates_batchnorm_statistics_on_new_images():
         np.testing.assert_allclose(keras.ops.convert_to_numpy(bn.moving_variance),
                                    h.var(axis=(0, 1, 2)), rtol=1e-3, atol=1e-4)
     assert not np.allclose(cand.predict_proba(Xs), before)
+
+
+def _new_frame(X, side, value=(250, 120, 240)):
+    """``X`` with everything outside its central ``side`` x ``side`` window repainted."""
+    out = X.copy()
+    n = X.shape[1]
+    top = (n - side) // 2
+    keep = out[:, top:top + side, top:top + side].copy()
+    out[:] = np.array(value, np.uint8)
+    out[:, top:top + side, top:top + side] = keep
+    return out
+
+
+def test_centre_crop_learns_from_the_centre_and_ignores_the_frame(tmp_path):
+    """With ``crop``, the saved model sees only the centre of each image: it still learns,
+    and repainting the frame around the crop window (another lab's background) changes
+    no probability; without the crop the same repaint changes them."""
+    from core.images import crop_side
+    from core.candidate import load_candidate
+    X, y = toy_arrays(16, 32, seed=0)
+    Xt, yt = toy_arrays(8, 32, seed=1)
+    cand = tiny_scratch(epochs=6, crop=0.6, augment="flips").fit(X, y)
+    names = [lyr.name for lyr in cand.model_.layers]
+    assert names.index("augment") < names.index("center_crop") < names.index("rescale")
+    side = crop_side(32, 0.6)
+    assert side == 19 and cand.model_.get_layer("center_crop").output.shape[1] == side
+    assert (cand.predict(Xt) == yt).mean() > 0.6                      # learned (chance 1/3)
+    framed = _new_frame(Xt, side)
+    np.testing.assert_array_equal(cand.predict_proba(framed), cand.predict_proba(Xt))
+    whole = tiny_scratch(epochs=2).fit(X, y)
+    assert "center_crop" not in [lyr.name for lyr in whole.model_.layers]
+    assert np.abs(whole.predict_proba(framed) - whole.predict_proba(Xt)).max() > 1e-3
+    cand.save(tmp_path / "m")
+    again = load_candidate(tmp_path / "m")
+    np.testing.assert_allclose(again.predict_proba(framed), cand.predict_proba(Xt), atol=1e-6)
+
+
+def test_gradcam_of_a_cropped_model_covers_the_crop_window_only():
+    from core.images import crop_side
+    X, y = toy_arrays(8, 32, seed=0)
+    cand = tiny_scratch(epochs=1, crop=0.5).fit(X, y)
+    cam = cand.explain(X[:4])
+    side, top = crop_side(32, 0.5), (32 - crop_side(32, 0.5)) // 2
+    assert cam.shape == (4, 32, 32)
+    inside = cam[:, top:top + side, top:top + side]
+    outside = cam.copy()
+    outside[:, top:top + side, top:top + side] = 0
+    assert np.all(outside == 0) and inside.max() > 0
+
+
+def test_transfer_crop_is_in_the_embedder_the_cache_key_and_the_saved_model(tmp_path):
+    from cnn.transfer import FineTuneTransferCNN, FrozenTransferCNN
+    from core.candidate import load_candidate
+    X, y = toy_arrays(6, 32, seed=3)
+    whole = FrozenTransferCNN(weights="none", alpha=0.35, input_size=32, crop=1.0)
+    cropped = FrozenTransferCNN(weights="none", alpha=0.35, input_size=32, crop=0.5)
+    assert "crop" not in whole._spec(32) and cropped._spec(32)["crop"] == 0.5
+    side = 16
+    framed = _new_frame(X, side)
+    np.testing.assert_allclose(cropped.embed(framed), cropped.embed(X), atol=1e-5)
+    tuned = FineTuneTransferCNN(weights="none", alpha=0.35, input_size=32, dense_units=8,
+                                head_epochs=1, epochs=0, batch_size=8, crop=0.5, seed=0)
+    tuned.fit(X, y)
+    assert tuned.model_.get_layer("center_crop").output.shape[1] == side
+    tuned.save(tmp_path / "ft")
+    again = load_candidate(tmp_path / "ft")
+    np.testing.assert_allclose(again.predict_proba(framed), tuned.predict_proba(X), atol=1e-5)
+
+
+@pytest.mark.parametrize("crop", [0, 1.5, -0.2])
+def test_crop_must_be_a_share_of_the_side(crop):
+    from cnn.candidate import ScratchCNN
+    from baselines.models import FeatureForest, FeatureSVM, FeatureXGB
+    from cnn.transfer import FineTuneTransferCNN, FrozenTransferCNN
+    from core.params import validate_params
+    for cls in (ScratchCNN, FineTuneTransferCNN, FrozenTransferCNN, FeatureForest, FeatureSVM,
+                FeatureXGB):
+        with pytest.raises(BenchError) as err:
+            validate_params(cls, {"crop": crop}, "candidates.x.params")
+        assert "\n" not in str(err.value) and "crop" in str(err.value)
