@@ -2,17 +2,18 @@
 
     python benchmarks/levers.py --data pbc --out /tmp/levers [--only baseline,stain_aug]
 
-Each lever is the ``levers`` profile of ``benchmarks.toml`` (one CNN on a seeded stratified
-sample of the dataset, 5 shared folds: the scratch ``cnn_deep`` at 48 px, or the fine-tuned
-MobileNetV2 ``tl_mnv2_finetune`` at 64 px as in the ``quick`` profile) with one change.
+Each lever is the ``levers`` profile of ``benchmarks.toml`` (one candidate on a seeded
+stratified sample of the dataset, 5 shared folds: the scratch ``cnn_deep`` at 48 px, the
+fine-tuned MobileNetV2 ``tl_mnv2_finetune`` at 64 px as in the ``quick`` profile, or the
+feature models ``xgb_all`` and ``rf_color``) with one change.
 Every run scores its entries on the dataset's ``[external.*]`` sets (for PBC: the DeepAPL
 cells with a PBC class). Test-time augmentation needs no training: the baseline's saved
 predictor is evaluated again with ``tta = "flips"``. Prints one Markdown row per lever:
 in-domain 5-fold accuracy and balanced accuracy (mean over folds), external balanced
 accuracy and accuracy (the bag of fold models), and the run's wall time; writes
 ``OUT/levers.json``. Unsupervised test-time adaptation (``evaluate --adapt bn``, AdaBN) is
-measured the same way as TTA, on the baseline's predictor, and is transductive (it uses
-the external images' statistics): report it apart.
+measured the same way as TTA, on a trained lever's saved predictor (``EVALUATED``), and is
+transductive (it uses the external images' statistics): report it apart.
 """
 
 from __future__ import annotations
@@ -54,6 +55,27 @@ LEVERS = {   # name -> (candidate, changes to its params)
     "finetune_crop50_input96": ("tl_mnv2_finetune", {"crop": 0.5, "input_size": 96}),
     "crop50": ("cnn_deep", {"crop": 0.5}),
     "crop35": ("cnn_deep", {"crop": 0.35}),
+    # the crop with colour or geometry augmentation on top, and the full-width backbone
+    "finetune_crop50_stain_aug": ("tl_mnv2_finetune", {"crop": 0.5, "augment": "stain"}),
+    "finetune_crop50_colour": ("tl_mnv2_finetune", {"crop": 0.5, "augment": {
+        "flip": True, "rot90": True, "hue": 0.1, "saturation": 0.3}}),
+    "finetune_crop50_zoom": ("tl_mnv2_finetune", {"crop": 0.5, "augment": {
+        "flip": True, "rot90": True, "zoom": 0.15, "translate": 0.05}}),
+    "finetune_crop50_alpha1": ("tl_mnv2_finetune", {"crop": 0.5, "alpha": 1.0, "weights": str(
+        ROOT.parent / "shared" / "weights" / "mobilenet_v2_1.0_imagenet_notop.weights.h5")}),
+    # the feature models, whole image and centre crop
+    "xgb_all": ("xgb_all", {}),
+    "xgb_all_crop50": ("xgb_all", {"crop": 0.5}),
+    "rf_color": ("rf_color", {}),
+    "rf_color_crop50": ("rf_color", {"crop": 0.5}),
+}
+#: levers applied when predicting, no training: name -> (the lever whose saved predictor is
+#: evaluated again, evaluate() keywords). AdaBN is transductive (it uses the external
+#: images' statistics): report it apart.
+EVALUATED = {
+    "tta_flips": ("baseline", {"tta": "flips"}),
+    "adabn": ("baseline", {"adapt": "bn"}),
+    "crop50_adabn": ("crop50", {"adapt": "bn"}),
 }
 
 
@@ -91,24 +113,26 @@ def main(argv=None) -> int:
                          **{f"{e}_{m}": float(row[f"{e}_{m}"]) for e in ext
                             for m in ("accuracy", "balanced_accuracy")}}
         (out / "levers.json").write_text(json.dumps(results, indent=2))
-    if "baseline" in results and ext and (not only or "tta" in only or "adabn" in only):
+    for name, (trained, kw) in EVALUATED.items():
+        if not ext or trained not in results or (only and name not in only):
+            continue
         e = base["external"][ext[0]]
-        for name, kw, what in (("tta_flips", {"tta": "flips"}, {"[predictor] tta": "flips"}),
-                               ("adabn", {"adapt": "bn"}, {"evaluate --adapt": "bn"})):
-            if only and name.split("_")[0] not in only:
-                continue
-            t = time.perf_counter()
-            r = evaluate(out / "baseline" / "predictor", e["path"], labels=e.get("labels"),
-                         groups=e.get("groups") or None, out=out / f"{name}_eval",
-                         gradcam=False, n_boot=200, progress=False, **kw)
-            results[name] = {"change": what, "seconds": time.perf_counter() - t,
-                             "accuracy": results["baseline"]["accuracy"],
-                             "balanced_accuracy": results["baseline"]["balanced_accuracy"],
-                             f"{ext[0]}_accuracy": r["accuracy"],
-                             f"{ext[0]}_balanced_accuracy": r["balanced_accuracy"],
-                             "note": "in-domain figures are the baseline's (applied only "
-                                     "when predicting)"}
-            (out / "levers.json").write_text(json.dumps(results, indent=2))
+        t = time.perf_counter()
+        r = evaluate(out / trained / "predictor", e["path"], labels=e.get("labels"),
+                     groups=e.get("groups") or None, out=out / f"{name}_eval",
+                     gradcam=False, n_boot=200, progress=False, **kw)
+        what = {("[predictor] tta" if k == "tta" else f"evaluate --{k}"): v
+                for k, v in kw.items()}
+        results[name] = {"candidate": results[trained].get("candidate"),
+                         "change": {**results[trained]["change"], **what},
+                         "seconds": time.perf_counter() - t,
+                         "accuracy": results[trained]["accuracy"],
+                         "balanced_accuracy": results[trained]["balanced_accuracy"],
+                         f"{ext[0]}_accuracy": r["accuracy"],
+                         f"{ext[0]}_balanced_accuracy": r["balanced_accuracy"],
+                         "note": f"in-domain figures are {trained}'s (applied only when "
+                                 "predicting)"}
+        (out / "levers.json").write_text(json.dumps(results, indent=2))
     df = pd.DataFrame(results).T
     print(df.to_string())
     return 0

@@ -2,7 +2,7 @@
 
 Every transfer model is one chain of layers that takes the dataset's ``uint8`` images::
 
-    image -> [augment] -> [resize to input_size] -> preprocess (the backbone's own
+    image -> [augment] -> [centre crop] -> [resize to input_size] -> preprocess (the backbone's own
     preprocess_input) -> backbone (a nested keras.Model)
     -> gap -> head_drop -> [fc -> fc_drop] -> logits -> probs (softmax)
 
@@ -406,14 +406,14 @@ class FrozenTransferCNN(TransferCandidate):
         """``trunk`` maps ``uint8`` images to pooled backbone features, ``head`` is the list
         of trained layers after it, and ``key`` digests the trunk's weights. The backbone
         is frozen, so every fold model of a candidate has the same key and one forward pass
-        of the trunk serves them all."""
+        of the trunk serves them all (the key also holds the crop, which has no weights)."""
         import hashlib
 
         import keras
         names = [lyr.name for lyr in self.model_.layers]
         trunk = keras.Model(self.model_.inputs, self.model_.get_layer("gap").output)
         head = self.model_.layers[names.index("gap") + 1:]
-        h = hashlib.sha256(repr(trunk.inputs[0].shape).encode())
+        h = hashlib.sha256(repr((trunk.inputs[0].shape, float(self.crop))).encode())
         for w in trunk.weights:
             h.update(np.ascontiguousarray(keras.ops.convert_to_numpy(w)).tobytes())
         return h.hexdigest(), trunk, head

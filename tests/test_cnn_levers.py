@@ -311,6 +311,12 @@ def test_transfer_crop_is_in_the_embedder_the_cache_key_and_the_saved_model(tmp_
     side = 16
     framed = _new_frame(X, side)
     np.testing.assert_allclose(cropped.embed(framed), cropped.embed(X), atol=1e-5)
+    cropped.set_params(epochs=1, dense_units=8, use_cache=False).fit(X, y)
+    key, trunk, _ = cropped.inference_parts()
+    assert trunk.get_layer("center_crop").output.shape[1] == 16
+    whole_key = FrozenTransferCNN(**{**cropped.get_params(), "crop": 1.0})
+    whole_key.model_, whole_key.crop = cropped.model_, 1.0   # same weights, another crop
+    assert whole_key.inference_parts()[0] != key   # fused inference never shares their trunk
     tuned = FineTuneTransferCNN(weights="none", alpha=0.35, input_size=32, dense_units=8,
                                 head_epochs=1, epochs=0, batch_size=8, crop=0.5, seed=0)
     tuned.fit(X, y)
