@@ -57,8 +57,7 @@ LEVERS = {   # name -> (candidate, changes to its params)
     "crop35": ("cnn_deep", {"crop": 0.35}),
     # the crop with colour or geometry augmentation on top, and the full-width backbone
     "finetune_crop50_stain_aug": ("tl_mnv2_finetune", {"crop": 0.5, "augment": "stain"}),
-    "finetune_crop50_colour": ("tl_mnv2_finetune", {"crop": 0.5, "augment": {
-        "flip": True, "rot90": True, "hue": 0.1, "saturation": 0.3}}),
+    "finetune_crop50_colour": ("tl_mnv2_finetune", {"crop": 0.5, "augment": "colour"}),
     "finetune_crop50_zoom": ("tl_mnv2_finetune", {"crop": 0.5, "augment": {
         "flip": True, "rot90": True, "zoom": 0.15, "translate": 0.05}}),
     "finetune_crop50_alpha1": ("tl_mnv2_finetune", {"crop": 0.5, "alpha": 1.0, "weights": str(

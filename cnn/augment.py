@@ -37,7 +37,10 @@ Stain and colour robustness (cross-lab shift: another stain batch, another scann
 The preset ``"stain"`` is flips + rot90 + ``hed`` 0.1 + ``hue`` 0.1 + ``saturation`` 0.3
 + ``grayscale`` 0.1 + ``blur`` 1.0; ``"robust"`` adds scale and illumination to it
 (``zoom`` 0.2, ``translate`` 0.05, ``brightness`` and ``contrast`` 0.2: another
-analyser's magnification and lamp). A spec that uses any of the five keys above ends with a
+analyser's magnification and lamp); ``"colour"`` is flips + rot90 + ``hue`` 0.1 +
+``saturation`` 0.3 alone (the stain's colour, with no change of its optical density, no
+grey and no blur: what fine-tuned ImageNet backbones gained from, benchmarks/README.md).
+A spec that uses any of the five keys above ends with a
 clip to [0, 255] (:class:`ClipPixels`: Keras' ``RandomSaturation`` can return negative values).
 The other presets, and tables without these keys, are unchanged.
 """
@@ -61,6 +64,8 @@ PRESETS: dict[str, dict] = {
                "brightness": 0.2, "contrast": 0.2, "hue": 0.05, "saturation": 0.2},
     "stain": {"flip": True, "rot90": True, "hed": 0.1, "hue": 0.1, "saturation": 0.3,
               "grayscale": 0.1, "blur": 1.0},
+    # the colour part of "stain" alone: hue and saturation
+    "colour": {"flip": True, "rot90": True, "hue": 0.1, "saturation": 0.3},
     # "stain" plus scale and illumination: another lab's analyser, objective and lamp
     "robust": {"flip": True, "rot90": True, "zoom": 0.2, "translate": 0.05,
                "brightness": 0.2, "contrast": 0.2, "hed": 0.1, "hue": 0.1,

@@ -47,6 +47,8 @@ def test_stain_preset_holds_the_stain_levers_and_old_presets_are_unchanged():
     robust = [lyr.name for lyr in build_augmentation("robust", seed=0).layers]
     assert set(names) < set(robust) and {"aug_zoom", "aug_brightness"} <= set(robust)
     assert robust[-1] == "aug_clip"
+    colour = [lyr.name for lyr in build_augmentation("colour", seed=0).layers]
+    assert colour == ["aug_flip", "aug_rot90", "aug_hue", "aug_saturation"]
     old = {"flip", "rot90", "zoom", "translate", "brightness", "contrast", "hue", "saturation"}
     for preset in ("none", "flips", "light", "default", "strong"):
         assert set(PRESETS[preset]) <= old
