@@ -66,6 +66,13 @@ def _pca_step(pca, n_rows: int, n_cols: int, random_state):
     return [("pca", PCA(n_components=n, svd_solver="full", random_state=random_state))]
 
 
+#: parameter rules shared by every feature model (see core.params)
+FEATURE_RULES = {
+    "features": {"type": dict, "none": True}, "random_state": {"ge": 0},
+    "n_jobs": {"type": int, "none": True}, "crop": {"gt": 0, "le": 1},
+}
+
+
 class FeatureClassifier(Candidate):
     """Base: features of ``self.features`` -> impute -> ``self._make_steps(...)`` pipeline.
 
@@ -161,8 +168,7 @@ class FeatureForest(FeatureClassifier):
     """
 
     param_rules = {
-        "features": {"type": dict, "none": True}, "random_state": {"ge": 0}, "n_jobs": {"type": int, "none": True},
-        "crop": {"gt": 0, "le": 1},
+        **FEATURE_RULES,
         "n_estimators": {"ge": 1}, "max_depth": {"type": int, "ge": 1, "none": True},
         "max_features": {"type": float, "gt": 0, "also": ["sqrt", "log2"], "none": True},
         "min_samples_leaf": {"ge": 1},
@@ -228,8 +234,7 @@ class FeatureSVM(FeatureClassifier):
     """
 
     param_rules = {
-        "features": {"type": dict, "none": True}, "random_state": {"ge": 0}, "n_jobs": {"type": int, "none": True},
-        "crop": {"gt": 0, "le": 1},
+        **FEATURE_RULES,
         "kernel": {"choices": ["rbf", "linear"]}, "C": {"gt": 0}, "gamma_factor": {"gt": 0},
         "pca": {"type": float, "gt": 0, "none": True},
         "class_weight": {"choices": ["balanced"], "none": True}, "calibration_cv": {"ge": 2},
@@ -326,8 +331,7 @@ class FeatureXGB(FeatureClassifier):
     """
 
     param_rules = {
-        "features": {"type": dict, "none": True}, "random_state": {"ge": 0}, "n_jobs": {"type": int, "none": True},
-        "crop": {"gt": 0, "le": 1},
+        **FEATURE_RULES,
         "n_estimators": {"ge": 1}, "max_depth": {"ge": 1}, "learning_rate": {"gt": 0, "le": 1},
         "subsample": {"gt": 0, "le": 1}, "colsample_bytree": {"gt": 0, "le": 1},
         "min_child_weight": {"ge": 0}, "reg_lambda": {"ge": 0},

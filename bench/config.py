@@ -30,7 +30,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from core import registry
 from core.errors import BenchError
-from core.images import crop_side
+from core.images import crop_side, crops
 from core.io import check_name
 from core.metrics import METRICS
 from core.params import space_names, validate_params
@@ -607,11 +607,11 @@ def _validate_entries(cfg: dict, where: str) -> None:
         _validate_tuning(cls, entry.get("tuning") or {}, f"{where}: [candidates.{name}] tuning")
         fs = entry.get("params", {}).get("features")
         crop = entry.get("params", {}).get("crop", 1.0)
-        if isinstance(fs, dict) and ("feature_set" not in entry or crop < 1):
+        if isinstance(fs, dict) and ("feature_set" not in entry or crops(crop)):
             # an inline table, or a named set on a centre crop (a smaller image)
             check_feature_set(fs, crop_side(size, crop),
                               f"{where}: [candidates.{name}] params.features"
-                              + (f" on the {crop} centre crop" if crop < 1 else ""))
+                              + (f" on the {crop} centre crop" if crops(crop) else ""))
     names = list(cfg["candidates"])
     for name, entry in cfg["ensembles"].items():
         cls = _type(entry["type"], where, f"[ensembles.{name}]")

@@ -5,7 +5,7 @@ from __future__ import annotations
 import keras
 from keras import layers
 
-from core.images import crop_side
+from core.images import crop_side, crops
 
 #: normalisations of the conv blocks, and the tag in their layers' names
 NORM_TAGS = {"batch": "bn", "group": "gn", "layer": "ln"}
@@ -49,7 +49,7 @@ def center_crop(x, image_size: int, crop: float | None):
     pipeline (after the augmentation, so that random shifts move the cell inside the
     crop).
     """
-    if crop is None or float(crop) >= 1.0:
+    if not crops(crop):
         return x
     side = crop_side(image_size, crop)
     return layers.CenterCrop(side, side, name="center_crop")(x)
@@ -110,10 +110,9 @@ def build_scratch_cnn(image_size: int, n_classes: int, blocks: int = 3, filters:
         x = augmentation(x)
     x = center_crop(x, image_size, crop)
     x = layers.Rescaling(1.0 / 255, name="rescale")(x)
-    if crop is not None and float(crop) < 1.0 and not input_size:
-        input_size = image_size   # the crop is brought back to the image's side
-    if input_size and (input_size != image_size or x.shape[1] != input_size):
-        x = layers.Resizing(input_size, input_size, name="resize")(x)
+    size = input_size or image_size   # a crop is brought back to the image's side
+    if x.shape[1] != size:
+        x = layers.Resizing(size, size, name="resize")(x)
     for b in range(blocks):
         width = int(round(filters * filter_growth ** b))
         x = conv_block(x, width, kernel_size, convs_per_block, block_dropout, name=f"block{b + 1}",

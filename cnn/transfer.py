@@ -39,6 +39,7 @@ from pathlib import Path
 import numpy as np
 
 from core.errors import BenchError
+from core.images import crops
 from core.progress import warn
 from core.registry import register
 from cnn.candidate import TRAIN_RULES, KerasCandidate
@@ -348,7 +349,7 @@ class FrozenTransferCNN(TransferCandidate):
                 "input_size": self._input_size(image_size),
                 "weights": ("imagenet-keras-" + keras.__version__ if w == "imagenet"
                             else file_sha256(w) if w else None)}
-        if float(self.crop) < 1.0:   # whole images keep the keys of earlier caches
+        if crops(self.crop):   # whole images keep the keys of earlier caches
             spec["crop"] = float(self.crop)
         return spec
 

@@ -92,6 +92,11 @@ def array_to_rgb(a: np.ndarray) -> np.ndarray:
     return a
 
 
+def crops(crop: float | None) -> bool:
+    """Whether a ``crop`` setting keeps less than the whole image (``None`` and 1 do not)."""
+    return crop is not None and float(crop) < 1.0
+
+
 def crop_side(image_size: int, crop: float) -> int:
     """Side in pixels of the centre crop that keeps the fraction ``crop`` of an image side
     (at least 8 px, at most the side)."""
@@ -102,7 +107,7 @@ def center_crop(images: np.ndarray, crop: float | None) -> np.ndarray:
     """The central ``crop`` fraction of each side of images ``(N, H, W, C)`` (a view), or
     ``images`` unchanged for ``crop`` of ``None`` or 1. The same window as the Keras
     models' ``center_crop`` layer (:func:`cnn.models.center_crop`)."""
-    if crop is None or float(crop) >= 1.0:
+    if not crops(crop):
         return images
     h, w = images.shape[1:3]
     ch, cw = crop_side(h, crop), crop_side(w, crop)
