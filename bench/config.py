@@ -34,6 +34,7 @@ from core.images import crop_side, crops
 from core.io import check_name
 from core.metrics import METRICS
 from core.params import space_names, validate_params
+from core.stress import SHIFTS
 from features import check_feature_set
 
 if sys.version_info >= (3, 11):
@@ -43,7 +44,7 @@ else:  # pragma: no cover
 
 DEFAULT_CONFIG = "benchmarks.toml"
 KNOWN_SECTIONS = {"run", "data", "datasets", "external", "tuning", "feature_sets", "candidates",
-                  "ensembles",
+                  "ensembles", "stress",
                   "predictor", "profiles", "report", "patients"}
 RUN_DEFAULTS = {"seed": 42, "folds": 5, "metric": "accuracy", "workers": 1, "profile": "quick",
                 "out": "runs/latest"}
@@ -137,7 +138,7 @@ def resolve_config(raw: dict, source: Path | None = None, profile: str | None = 
     _check_raw(raw, where)
     cfg = deep_merge({"run": RUN_DEFAULTS, "data": DATA_DEFAULTS, "tuning": TUNING_DEFAULTS,
                       "feature_sets": {}, "candidates": {}, "ensembles": {}, "predictor": {},
-                      "report": {}, "external": {}, "patients": {}},
+                      "report": {}, "external": {}, "patients": {}, "stress": {"shifts": []}},
                      {k: v for k, v in raw.items() if k not in ("profiles", "datasets")})
     profiles = raw.get("profiles", {})
     profile = profile or cfg["run"]["profile"]
@@ -381,6 +382,11 @@ class EnsembleEntry(BaseModel):   # its own settings beside type/members: the cl
     model_config = ConfigDict(extra="allow", strict=True)
     type: str
     members: Literal["cnn", "all"] | list[str] = "cnn"
+    stress: bool = False          # fitted on the members' rows under [stress] shifts too
+
+
+class StressSection(_Section):
+    shifts: list[Literal[SHIFTS]] = []   # core.stress: simulated lab shifts of the test folds
 
 
 class ExternalEntry(_Section):
@@ -393,7 +399,8 @@ class ExternalEntry(_Section):
 
 
 class PredictorSection(_Section):
-    ensemble: str = "best"
+    ensemble: str = "best"        # "best", "robust" ([stress]) or an entry's name
+    robust_tolerance: Number = Field(default=0.005, ge=0)
     temperature_scaling: bool = False
     tta: Literal["none", "flips", "d4"] = "none"
 
@@ -425,7 +432,7 @@ class PatientsSection(_Section):
 
 
 SECTIONS = {"run": RunSection, "data": DataSection, "tuning": TuningSection,
-            "predictor": PredictorSection}
+            "predictor": PredictorSection, "stress": StressSection}
 
 
 _TYPE_TAGS = {"int", "float", "str", "bool", "dict", "list", "none"}
@@ -615,8 +622,11 @@ def _validate_entries(cfg: dict, where: str) -> None:
     names = list(cfg["candidates"])
     for name, entry in cfg["ensembles"].items():
         cls = _type(entry["type"], where, f"[ensembles.{name}]")
-        params = {k: v for k, v in entry.items() if k not in ("type", "members")}
+        params = {k: v for k, v in entry.items() if k not in ("type", "members", "stress")}
         validate_params(cls, params, f"{where}: [ensembles.{name}]")
+        if entry.get("stress") and not cfg["stress"]["shifts"]:
+            raise BenchError(f"{where}: [ensembles.{name}] stress = true needs [stress] shifts "
+                             f"(any of {list(SHIFTS)})")
         members = entry.get("members", "cnn")
         if isinstance(members, list):
             missing = [m for m in members if m not in names]
@@ -624,9 +634,12 @@ def _validate_entries(cfg: dict, where: str) -> None:
                 raise BenchError(f"{where}: [ensembles.{name}] members {missing} are not "
                                  f"candidates of this run; candidates: {names}")
     choice = cfg["predictor"].get("ensemble", "best")
-    if choice != "best" and choice not in names and choice not in cfg["ensembles"]:
-        raise BenchError(f"{where}: [predictor] ensemble '{choice}' is neither 'best' nor a "
-                         "candidate or ensemble of this run"
+    if choice == "robust" and not cfg["stress"]["shifts"]:
+        raise BenchError(f"{where}: [predictor] ensemble = 'robust' needs [stress] shifts "
+                         f"(any of {list(SHIFTS)})")
+    if choice not in ("best", "robust") and choice not in names and choice not in cfg["ensembles"]:
+        raise BenchError(f"{where}: [predictor] ensemble '{choice}' is neither 'best', 'robust' "
+                         "nor a candidate or ensemble of this run"
                          + did_you_mean(choice, names + list(cfg["ensembles"])))
 
 

@@ -100,10 +100,11 @@ def bagged_probas(run: RunDir, names: list[str], kinds: dict, classes, image_siz
 
 
 def score_external(run: RunDir, cfg, ds, board: pd.DataFrame, stored: dict, kinds: dict,
-                   folds) -> pd.DataFrame:
+                   folds, stressed: dict | None = None) -> pd.DataFrame:
     """Score every entry of ``board`` on each applicable external set; returns ``board``
     with ``<set>_<metric>`` columns (also written under ``external/``). ``stored``: the
-    out-of-fold probabilities as written to ``oof/`` (what the ensembles are fitted on)."""
+    out-of-fold probabilities as written to ``oof/`` (what the ensembles are fitted on;
+    ``stressed``: the same under each simulated shift, for ``stress = true`` ensembles)."""
     entries = cfg.get("external") or {}
     if not entries:
         return board
@@ -121,7 +122,7 @@ def score_external(run: RunDir, cfg, ds, board: pd.DataFrame, stored: dict, kind
         probas = bagged_probas(run, candidates, kinds, ds.classes, ds.image_size, X)
         for e in ensembles:
             members, ens = final_ensemble(e, "ensemble", cfg.ensembles, stored, kinds,
-                                          ds.labels, folds)
+                                          ds.labels, folds, stressed)
             probas[e] = ens.combine([probas[m] for m in members])
         rows, per_class = [], []
         for e in board["candidate"]:

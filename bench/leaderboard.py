@@ -108,6 +108,10 @@ def to_markdown(board: pd.DataFrame, metric: str, title: str = "Leaderboard", *,
     the best entry) the size, the marker and the Holm-adjusted p-values are added.
     """
     head = ["rank", "candidate", "kind"] + [METRIC_LABELS.get(m, m) for m in metrics]
+    stress = f"stress_{metric}"   # [stress]: the run metric under simulated shifts
+    stress = stress if stress in board and board[stress].notna().any() else None
+    if stress:
+        head.append(f"{METRIC_LABELS.get(metric, metric)} under shift")
     head += ["fit s", "ms/img"]
     if comparisons is not None:
         head += ["size", "vs best", "p (t, Holm)", "p (McNemar, Holm)"]
@@ -122,6 +126,8 @@ def to_markdown(board: pd.DataFrame, metric: str, title: str = "Leaderboard", *,
             if f"{m}_lo" in r and np.isfinite(r[f"{m}_lo"]):
                 cell += f" [{fmt(r[f'{m}_lo'], digits)}, {fmt(r[f'{m}_hi'], digits)}]"
             cells.append(cell)
+        if stress:
+            cells.append(fmt(r[stress], digits))
         cells += [fmt(r["fit_seconds"], 1), fmt(r["predict_ms_per_image"], 2)]
         if comparisons is not None:
             c = cmp.loc[r["candidate"]]

@@ -10,9 +10,11 @@ report, the Grad-CAM audit and the tests agree on one layout::
     DIR/manifest.json          dataset summary, grouping, folds, seeds, versions, timings
     DIR/folds.csv              index,source,label,group,fold
     DIR/data/images.npy        the decoded images, rows aligned with folds.csv
-    DIR/units/<name>/fold<k>/  result.json, proba.npy, model/, epochs.csv
+    DIR/units/<name>/fold<k>/  result.json, proba.npy, model/, epochs.csv,
+                               stress_<shift>.npy (the test fold under a simulated shift)
     DIR/tuning/<study>.json    Optuna studies' trials
     DIR/oof/<name>.npy         out-of-fold probabilities, rows aligned with folds.csv
+    DIR/oof/stress/<shift>/<name>.npy   the same under a simulated shift ([stress])
     DIR/leaderboard.{csv,md}
     DIR/predictor/, DIR/report/
     DIR/leakage/               the leakage audit's image-level run (a run directory)
@@ -211,6 +213,18 @@ class RunDir:
     def unit_proba(self, name: str, fold: int) -> np.ndarray:
         return np.load(self.unit_dir(name, fold) / "proba.npy")
 
+    def unit_stress_file(self, name: str, fold: int, shift: str) -> Path:
+        check_name(shift, "simulated shift")
+        return self.unit_dir(name, fold) / f"stress_{shift}.npy"
+
+    def unit_stress_proba(self, name: str, fold: int, shift: str) -> np.ndarray | None:
+        f = self.unit_stress_file(name, fold, shift)
+        return np.load(f) if f.is_file() else None
+
+    def write_unit_stress(self, name: str, fold: int, shift: str, proba: np.ndarray) -> None:
+        """Add a finished unit's probabilities under a simulated shift (one atomic file)."""
+        atomic_save_npy(self.unit_stress_file(name, fold, shift), proba.astype(np.float32))
+
     @contextmanager
     def staged_unit(self, name: str, fold: int):
         """A temporary folder for one unit; on success it becomes ``units/<name>/fold<k>``."""
@@ -218,13 +232,25 @@ class RunDir:
             yield tmp
 
     @staticmethod
-    def write_unit(tmp: Path, result: dict, proba: np.ndarray) -> None:
+    def write_unit(tmp: Path, result: dict, proba: np.ndarray,
+                   stressed: dict[str, np.ndarray] | None = None) -> None:
         np.save(tmp / "proba.npy", proba.astype(np.float32))
+        for shift, p in (stressed or {}).items():
+            check_name(shift, "simulated shift")
+            np.save(tmp / f"stress_{shift}.npy", p.astype(np.float32))
         atomic_write_json(tmp / RESULT_FILE, result)
 
     # -- out-of-fold probabilities ------------------------------------------------------
     def write_oof(self, name: str, proba: np.ndarray) -> None:
         atomic_save_npy(self.oof_file(name), proba.astype(np.float32))
+
+    def stress_oof_file(self, name: str, shift: str) -> Path:
+        check_name(name, "candidate or ensemble name")
+        check_name(shift, "simulated shift")
+        return self._inside(self.path / "oof" / "stress" / shift / f"{name}.npy")
+
+    def write_stress_oof(self, name: str, shift: str, proba: np.ndarray) -> None:
+        atomic_save_npy(self.stress_oof_file(name, shift), proba.astype(np.float32))
 
     def read_oof(self, name: str) -> np.ndarray:
         f = self.oof_file(name)

@@ -21,6 +21,7 @@ import pandas as pd
 from bench.config import Config, load_config
 from bench.datasets import Dataset, prepare_dataset
 from bench.external import score_external
+from bench.stress import add_stress_columns, collect_stress, complete_stress, stress_shifts
 from bench.folds import (folds_hash, folds_table, make_bag_folds, make_folds, make_groups,
                          read_bags)
 from bench.leaderboard import ensemble_costs, make_table, to_markdown
@@ -211,15 +212,29 @@ def run_benchmark(cfg: Config, force: bool = False, workers: int | None = None,
             advance(f"{args[1]} fold {args[2]}: acc {res['metrics']['accuracy']:.3f}")
     times["units"] = time.perf_counter() - t
 
+    shifts = stress_shifts(cfg)
+    if shifts:   # units finished before a shift was configured (a resumed run)
+        t = time.perf_counter()
+        complete_stress(run, list(cfg.candidates), shifts, int(run_cfg["seed"]))
+        times["stress"] = time.perf_counter() - t
+
     t = time.perf_counter()
     folds = run.folds
     rows, oofs, kinds = _collect(run, cfg, ds, folds)
-    ens_rows, ens_oofs = evaluate_ensembles(cfg.ensembles, oofs, kinds, ds.labels, folds, warn)
+    stressed = collect_stress(run, list(cfg.candidates), shifts) if shifts else None
+    ens_rows, ens_oofs, ens_stressed = evaluate_ensembles(cfg.ensembles, oofs, kinds, ds.labels,
+                                                          folds, warn, stressed)
     by_name = {r["candidate"]: r for r in rows}
     for r in ens_rows:
         r.update(ensemble_costs([by_name[m] for m in r["members"].split(";")],
                                 r["combine_seconds"], r["n_folds"]))
         run.write_oof(r["candidate"], ens_oofs[r["candidate"]])
+    if shifts:
+        stressed = {s: stressed[s] | ens_stressed[s] for s in shifts}
+        for s, by_name_s in ens_stressed.items():
+            for n, p in by_name_s.items():
+                run.write_stress_oof(n, s, p)
+        add_stress_columns(rows + ens_rows, stressed, ds.labels, folds, run_cfg["metric"])
     board = make_table(rows + ens_rows, run_cfg["metric"])
     moved = run.keep_previous_outputs(board)
     if moved:
@@ -231,6 +246,8 @@ def run_benchmark(cfg: Config, force: bool = False, workers: int | None = None,
     # the probabilities as written to oof/ (float32): the saved fits are reproducible from
     # the run directory alone
     stored = {n: p.astype(np.float32).astype(np.float64) for n, p in (oofs | ens_oofs).items()}
+    stored_stress = {s: {n: p.astype(np.float32).astype(np.float64) for n, p in d.items()}
+                     for s, d in (stressed or {}).items()} or None
     bag_choice = None
     if cfg["data"].get("bags"):
         t = time.perf_counter()
@@ -238,11 +255,11 @@ def run_benchmark(cfg: Config, force: bool = False, workers: int | None = None,
         bag_choice = run.read_patients()
         times["patients"] = time.perf_counter() - t
     t = time.perf_counter()
-    _save_predictor(run, cfg, ds, board, stored, kinds, folds, bag_choice)
+    _save_predictor(run, cfg, ds, board, stored, kinds, folds, bag_choice, stored_stress)
     times["predictor"] = time.perf_counter() - t
     if cfg.get("external"):
         t = time.perf_counter()
-        board = score_external(run, cfg, ds, board, stored, kinds, folds)
+        board = score_external(run, cfg, ds, board, stored, kinds, folds, stored_stress)
         run.write_leaderboard(board, to_markdown(board, run_cfg["metric"]))
         times["external"] = time.perf_counter() - t
     if (cfg.get("report") or {}).get("leakage_audit"):   # the same entries, image-level folds
@@ -305,23 +322,27 @@ def _bag_settings(cfg: Config, patients, name: str) -> dict:
 
 
 def _save_predictor(run: RunDir, cfg: Config, ds: Dataset, board, stored, kinds,
-                    folds, patients=None) -> None:
+                    folds, patients=None, stressed=None) -> None:
     """Save the chosen entry (``[predictor] ensemble``, default the best ensemble, or in a
     bag task the entry of the best patient row a predictor can carry); ``stored``: every
-    entry's out-of-fold probabilities as written to ``oof/``."""
+    entry's out-of-fold probabilities as written to ``oof/`` (``stressed``: the same under
+    each simulated shift)."""
     pred_cfg = cfg.get("predictor", {})
     metric = cfg["run"]["metric"]
     choice = pred_cfg.get("ensemble", "best")
+    tolerance = float(pred_cfg.get("robust_tolerance", 0.005))
     carried = patients[3].get("carried") if patients is not None else None
-    chosen_by = "best ensemble by " + metric if choice == "best" else "config"
+    chosen_by = {"best": "best ensemble by " + metric,
+                 "robust": f"best {metric} under simulated shift ([stress]) of the ensembles "
+                           f"within {tolerance} of the best {metric}"}.get(choice, "config")
     if choice == "best" and carried:
         row = choose_entry(board, carried["entry"])
         chosen_by = f"best patient-level ROC AUC ({carried['row']})"
     else:
-        row = choose_entry(board, choice)
+        row = choose_entry(board, choice, metric, tolerance)
     name = row["candidate"]
     members, ens = final_ensemble(name, row["kind"], cfg.ensembles, stored, kinds, ds.labels,
-                                  folds)
+                                  folds, stressed)
     weights = ens.member_weights()
     info_ = {m: {"type": cfg.candidates[m]["type"], "kind": kinds[m],
                  "weight": None if weights is None else weights[i]}

@@ -15,6 +15,7 @@ import time
 import numpy as np
 
 from bench.rundir import RunDir
+from bench.stress import predict_stressed, stress_shifts
 from bench.tuning import is_tuned, tune_candidate
 from core import registry
 from core.candidate import build_candidate, fit_candidate, predict_proba_for, release_memory
@@ -59,6 +60,9 @@ def run_unit(run_dir: str, name: str, fold: int) -> dict:
         t2 = time.perf_counter()
         proba = predict_proba_for(cand, np.asarray(run.images[test]), classes)
         t3 = time.perf_counter()
+        stressed = predict_stressed(cand, run, test, stress_shifts(cfg), int(cfg["run"]["seed"]),
+                                    classes)
+        t4 = time.perf_counter()
         cand.save(tmp / "model")
         result = {
             "candidate": name, "fold": fold, "kind": cand.kind, "type": entry["type"],
@@ -66,6 +70,7 @@ def run_unit(run_dir: str, name: str, fold: int) -> dict:
             "params": cand.get_params(deep=False), "tuning": tuning,
             "tune_seconds": t1 - t0, "fit_seconds": t2 - t1, "predict_seconds": t3 - t2,
             "predict_ms_per_image": 1000 * (t3 - t2) / max(1, len(test)),
+            "stress_seconds": t4 - t3,
             "n_train": len(train), "n_test": len(test),
             "model_size": cand.model_size(), "epochs_run": getattr(cand, "epochs_run_", None),
             "notes": cand.fit_notes(),
@@ -73,7 +78,7 @@ def run_unit(run_dir: str, name: str, fold: int) -> dict:
             "finished": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
             "worker": f"{platform.node()}:{os.getpid()}",
         }
-        run.write_unit(tmp, result, proba)
+        run.write_unit(tmp, result, proba, stressed)
     del cand
     release_memory()
     return result

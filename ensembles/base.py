@@ -59,9 +59,31 @@ def cross_val_combine(ensemble: Ensemble, probas: list[np.ndarray], y: np.ndarra
     weights (or meta-learner). Ensembles whose ``fit`` takes ``groups`` get those rows'
     fold numbers (e.g. for an inner leave-one-fold-out choice of a setting).
     """
+    return cross_val_combine_sets(ensemble, [probas], y, folds)[0]
+
+
+def stacked_sets(sets: list[list[np.ndarray]], y: np.ndarray, folds: np.ndarray):
+    """``(probas, y, folds)`` of several sets of the same rows (the members' probabilities
+    on the clean images, then under each simulated shift) stacked into one: what an
+    ensemble fitted on shifted rows too is fitted on."""
+    n = len(sets)
+    return ([np.concatenate([s[i] for s in sets]) for i in range(len(sets[0]))],
+            np.tile(np.asarray(y), n), np.tile(np.asarray(folds), n))
+
+
+def cross_val_combine_sets(ensemble: Ensemble, sets: list[list[np.ndarray]], y: np.ndarray,
+                           folds: np.ndarray, fit_sets: int = 1) -> list[np.ndarray]:
+    """:func:`cross_val_combine` of each set of member probabilities in ``sets`` (the
+    same rows: clean, then under each simulated shift). The ensemble that combines fold k
+    is fitted on the other folds' rows of the first ``fit_sets`` sets, and combines fold
+    k's rows of every set."""
     folds = np.asarray(folds)
-    out = np.zeros_like(probas[0], dtype=np.float64)
+    y = np.asarray(y)
+    outs = [np.zeros_like(s[0], dtype=np.float64) for s in sets]
     for _, train, test in PredefinedFolds(folds):
-        ensemble.fit([p[train] for p in probas], y[train], **fold_groups(ensemble, folds[train]))
-        out[test] = ensemble.combine([p[test] for p in probas])
-    return out
+        fit_p, fit_y, fit_g = stacked_sets([[p[train] for p in s] for s in sets[:fit_sets]],
+                                           y[train], folds[train])
+        ensemble.fit(fit_p, fit_y, **fold_groups(ensemble, fit_g))
+        for out, s in zip(outs, sets):
+            out[test] = ensemble.combine([p[test] for p in s])
+    return outs

@@ -1,0 +1,74 @@
+"""Simulated lab shifts: the test images of a fold as another lab's stain might show them.
+
+A model that holds up when a fold's test images are re-stained is likelier to hold up on
+another lab's smears than one that only scores well on its own lab's colours. The run
+scores every fold model on its test fold under each configured shift (``[stress]``) beside
+the clean images; the leaderboard reports the accuracy under shift, ensembles can be fitted
+on the shifted rows too (``[ensembles.NAME] stress = true``), and the predictor can be the
+most shift-robust of the best ensembles (``[predictor] ensemble = "robust"``). No external
+image is used: the shifts are generic, fixed in advance, and seeded per image.
+
+Shifts (each draws its parameters per image from ``(seed, row)``, so an image is shifted
+the same way whichever fold, candidate or process scores it):
+
+* ``"stain"``: stain jitter in haematoxylin-eosin-DAB optical density space (Tellez et al.,
+  *Medical Image Analysis* 2019: each stain channel scaled by U(0.8, 1.2) and shifted by
+  U(-0.01, 0.01)); Giemsa's azure and eosin separate along similar axes.
+* ``"hue"``: hue rotated by U(-0.08, 0.08) of the circle, saturation scaled by U(0.7, 1.3)
+  and brightness by U(0.85, 1.15) in HSV.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+SHIFTS = ("stain", "hue")
+_CHUNK = 512
+
+
+def _rngs(rows, seed: int):
+    return [np.random.default_rng([int(seed), int(r)]) for r in rows]
+
+
+def _stain(x: np.ndarray, rngs) -> np.ndarray:
+    from skimage.color import hed2rgb, rgb2hed
+    scale = np.stack([g.uniform(0.8, 1.2, 3) for g in rngs])[:, None, None, :]
+    shift = np.stack([g.uniform(-0.01, 0.01, 3) for g in rngs])[:, None, None, :]
+    return hed2rgb(rgb2hed(x) * scale + shift)
+
+
+def _hue(x: np.ndarray, rngs) -> np.ndarray:
+    from skimage.color import hsv2rgb, rgb2hsv
+    p = np.stack([[g.uniform(-0.08, 0.08), g.uniform(0.7, 1.3), g.uniform(0.85, 1.15)]
+                  for g in rngs])[:, None, None, :]
+    hsv = rgb2hsv(x)
+    hsv[..., 0] = (hsv[..., 0] + p[..., 0]) % 1.0
+    hsv[..., 1] = np.clip(hsv[..., 1] * p[..., 1], 0.0, 1.0)
+    hsv[..., 2] = np.clip(hsv[..., 2] * p[..., 2], 0.0, 1.0)
+    return hsv2rgb(hsv)
+
+
+_FUNCS = {"stain": _stain, "hue": _hue}
+
+
+def check_shift(name: str) -> None:
+    if name not in _FUNCS:
+        raise ValueError(f"unknown simulated shift {name!r}; known: {list(SHIFTS)}")
+
+
+def simulate(images: np.ndarray, shift: str, rows, seed: int = 0) -> np.ndarray:
+    """``images`` (N, H, W, 3) ``uint8`` under simulated shift ``shift``; ``rows``: each
+    image's row in the dataset (with ``seed``, what its random parameters are drawn from)."""
+    check_shift(shift)
+    images = np.asarray(images)
+    rows = np.asarray(rows)
+    if images.ndim != 4 or images.shape[-1] != 3:
+        raise ValueError(f"simulate expects (N, H, W, 3) RGB images, got shape {images.shape}")
+    if len(rows) != len(images):
+        raise ValueError(f"{len(rows)} rows for {len(images)} images")
+    out = np.empty(images.shape, dtype=np.uint8)
+    for i in range(0, len(images), _CHUNK):
+        x = images[i:i + _CHUNK].astype(np.float64) / 255.0
+        y = _FUNCS[shift](x, _rngs(rows[i:i + _CHUNK], seed))
+        out[i:i + _CHUNK] = np.clip(np.rint(y * 255.0), 0, 255).astype(np.uint8)
+    return out
