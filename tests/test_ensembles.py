@@ -210,7 +210,7 @@ def test_runner_reports_bad_ensemble_settings_in_one_line(data):
         _build_ensemble({"type": "stacking", "members": "cnn", "metaa": "x"}, "st")
     ens = _build_ensemble({"type": "stacking", "meta": "svm"}, "st")
     with pytest.raises(BenchError, match=r"\[ensembles.st\]: stacking meta must be"):
-        _fit_ensemble(ens, [noisy_member(y, rng, 0.7)], y, "st", folds)
+        _fit_ensemble(ens, [[noisy_member(y, rng, 0.7)]], y, "st", folds)
 
 
 def test_gradcam_names_are_unique_and_readable(tmp_path):

@@ -1,0 +1,193 @@
+"""The stress test: fold models scored under simulated lab shifts, ensembles fitted on the
+shifted rows, and the predictor chosen by how it holds up."""
+
+from __future__ import annotations
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from bench.cli import main
+from core.errors import BenchError
+from core.stress import SHIFTS, simulate
+from ensembles.base import cross_val_combine, cross_val_combine_sets
+from ensembles.build import choose_entry
+from ensembles.stacking import Stacking
+from tests.conftest import toy_arrays, write_tiny_config
+
+
+# -- the shifts ---------------------------------------------------------------------------
+
+@pytest.mark.parametrize("shift", SHIFTS)
+def test_a_shift_is_seeded_per_image_and_changes_colour_not_shape(shift):
+    X, _ = toy_arrays(4, 32, seed=3)
+    rows = np.arange(100, 100 + len(X))
+    out = simulate(X, shift, rows, seed=7)
+    assert out.shape == X.shape and out.dtype == np.uint8
+    diff = np.abs(out.astype(int) - X.astype(int)).mean(axis=(1, 2, 3))
+    assert (diff > 1.0).all()                      # every image re-coloured ...
+    assert len(np.unique(np.round(diff, 3))) > len(X) // 2   # ... each its own way
+    # the same image and row give the same result in any batch, order or process
+    again = simulate(X[::-1][:5], shift, rows[::-1][:5], seed=7)
+    np.testing.assert_array_equal(again, out[::-1][:5])
+    assert not np.array_equal(simulate(X[:3], shift, rows[:3], seed=8), out[:3])
+    # a shift of colour, not of the picture: the grey-level layout stays close
+    g0, g1 = X.mean(axis=-1).reshape(len(X), -1), out.mean(axis=-1).reshape(len(X), -1)
+    assert min(np.corrcoef(a, b)[0, 1] for a, b in zip(g0, g1)) > 0.8
+
+
+def test_bad_shift_input_is_an_error():
+    X, _ = toy_arrays(1, 16)
+    with pytest.raises(ValueError, match="unknown simulated shift 'blur'"):
+        simulate(X, "blur", [0, 1, 2])
+    with pytest.raises(ValueError, match="rows for"):
+        simulate(X, "stain", [0])
+    with pytest.raises(ValueError, match=r"\(N, H, W, 3\)"):
+        simulate(X[..., 0], "stain", [0, 1, 2])
+
+
+# -- ensembles fitted under shift --------------------------------------------------------
+
+def _members(seed=0, n=600):
+    """A member that is right on clean rows and random under shift, and one that is right
+    on 80 % of the rows either way."""
+    rng = np.random.default_rng(seed)
+    y = rng.integers(0, 3, n)
+    folds = np.arange(n) % 4
+
+    def onehot(labels, conf):
+        p = np.full((n, 3), (1 - conf) / 2)
+        p[np.arange(n), labels] = conf
+        return p
+    right = rng.random(n) < 0.8
+    robust = onehot(np.where(right, y, (y + 1) % 3), 0.7)
+    fragile_clean = onehot(y, 0.95)
+    fragile_shift = onehot(rng.integers(0, 3, n), 0.95)
+    return y, folds, [fragile_clean, robust], [fragile_shift, robust]
+
+
+def test_an_ensemble_fitted_under_shift_trusts_the_member_that_holds_up():
+    y, folds, clean, shifted = _members()
+    plain = cross_val_combine_sets(Stacking(C=1.0), [clean, shifted], y, folds, fit_sets=1)
+    stressed = cross_val_combine_sets(Stacking(C=1.0), [clean, shifted], y, folds, fit_sets=2)
+    acc = lambda p: float(np.mean(p.argmax(1) == y))   # noqa: E731
+    # the plain stack follows the fragile member and collapses under the shift ...
+    assert acc(plain[0]) > 0.9 and acc(plain[1]) < 0.5
+    # ... the one fitted under shift keeps most of the robust member's accuracy there and
+    # still uses the fragile member on clean rows
+    assert acc(stressed[1]) > 0.75 and acc(stressed[0]) > 0.8
+    # the clean rows alone are the usual cross-validated combination
+    np.testing.assert_allclose(plain[0], cross_val_combine(Stacking(C=1.0), clean, y, folds))
+
+
+def test_robust_choice_takes_the_best_under_shift_within_the_tolerance():
+    board = pd.DataFrame({
+        "candidate": ["a", "b", "c", "m"], "kind": ["ensemble"] * 3 + ["cnn"],
+        "accuracy": [0.98, 0.977, 0.96, 0.99], "stress_accuracy": [0.80, 0.90, 0.95, 0.99]})
+    assert choose_entry(board, "best")["candidate"] == "a"
+    assert choose_entry(board, "robust", "accuracy", 0.005)["candidate"] == "b"
+    assert choose_entry(board, "robust", "accuracy", 0.05)["candidate"] == "c"
+    assert choose_entry(board, "robust", "accuracy", 0.0)["candidate"] == "a"
+    # a lower-is-better metric: within the tolerance above the best
+    lb = board.assign(log_loss=[0.10, 0.12, 0.30, 0.05], stress_log_loss=[0.5, 0.3, 0.1, 0.1])
+    assert choose_entry(lb, "robust", "log_loss", 0.05)["candidate"] == "b"
+    with pytest.raises(BenchError, match="needs \\[stress\\] shifts"):
+        choose_entry(board.drop(columns="stress_accuracy"), "robust")
+
+
+# -- in a run -------------------------------------------------------------------------------
+
+STRESS = """
+[feature_sets.colour]
+color = {{ bins = 8 }}
+
+[candidates.rf_colour]
+type = "feature_forest"
+params = {{ features = "colour", n_estimators = 40 }}
+
+[stress]
+shifts = ["stain"]
+
+[ensembles.stack_plain]
+type = "stacking"
+members = "all"
+C = 1.0
+
+[ensembles.stack_stress]
+type = "stacking"
+members = "all"
+C = 1.0
+stress = true
+
+[predictor]
+ensemble = "robust"
+robust_tolerance = {tol}
+"""
+
+
+@pytest.fixture(scope="module")
+def stress_run(tmp_path_factory, toy_folder):
+    from bench.runner import run_from_args
+    root = tmp_path_factory.mktemp("stress")
+    cfg = write_tiny_config(root / "c.toml", toy_folder, extra=STRESS.format(tol=1.0))
+    board, out = run_from_args(str(cfg), out=str(root / "run"), only=["rf_hog", "rf_colour"],
+                               show_progress=False)
+    return cfg, out
+
+
+def test_a_run_scores_every_entry_under_each_shift(stress_run):
+    from bench.rundir import RunDir
+    from core.metrics import fold_metrics
+    _, out = stress_run
+    run = RunDir(out)
+    board = pd.read_csv(out / "leaderboard.csv").set_index("candidate")
+    names = ["rf_hog", "rf_colour", "soft_vote", "stack_plain", "stack_stress"]
+    assert set(board.index) == set(names) - {"soft_vote"}   # soft_vote: no CNN member
+    y = run.labels
+    for name in board.index:
+        p = np.load(out / "oof" / "stress" / "stain" / f"{name}.npy").astype(np.float64)
+        assert p.shape == (len(y), 3)
+        np.testing.assert_allclose(p.sum(axis=1), 1.0, atol=1e-4)
+        want = np.mean([fold_metrics(y[t], p[t])["accuracy"] for _, _, t in run.folds])
+        assert board.loc[name, "stress_stain_accuracy"] == pytest.approx(want, abs=1e-6)
+        assert board.loc[name, "stress_accuracy"] == board.loc[name, "stress_stain_accuracy"]
+    # the stressed ensemble: fold k fitted on the other folds' clean and shifted rows
+    members = [run.read_oof(m) for m in ("rf_hog", "rf_colour")]
+    shifted = [np.load(out / "oof" / "stress" / "stain" / f"{m}.npy").astype(np.float64)
+               for m in ("rf_hog", "rf_colour")]
+    want = cross_val_combine_sets(Stacking(C=1.0), [members, shifted], y, run.folds.folds,
+                                  fit_sets=2)
+    np.testing.assert_allclose(run.read_oof("stack_stress"), want[0], atol=1e-5)
+    np.testing.assert_allclose(
+        np.load(out / "oof" / "stress" / "stain" / "stack_stress.npy"), want[1], atol=1e-5)
+    # the predictor: the best ensemble under shift (tolerance 1: every ensemble qualifies)
+    ens = board[board["kind"] == "ensemble"]
+    assert run.read_state()["predictor"] == ens["stress_accuracy"].idxmax()
+    md = (out / "leaderboard.md").read_text()
+    assert "accuracy under shift" in md
+
+
+def test_a_resumed_run_scores_missing_shifts_from_the_saved_models(stress_run):
+    from bench.runner import run_from_args
+    cfg, out = stress_run
+    unit = out / "units" / "rf_colour" / "fold1" / "stress_stain.npy"
+    before = np.load(unit)
+    board_before = pd.read_csv(out / "leaderboard.csv")
+    unit.unlink()
+    run_from_args(str(cfg), out=str(out), only=["rf_hog", "rf_colour"], show_progress=False)
+    np.testing.assert_array_equal(np.load(unit), before)   # the same shift of the same images
+    board = pd.read_csv(out / "leaderboard.csv")
+    pd.testing.assert_series_equal(board["stress_accuracy"], board_before["stress_accuracy"])
+
+
+@pytest.mark.parametrize("extra,fragment", [
+    ('[ensembles.s]\ntype = "stacking"\nstress = true\n', "[ensembles.s] stress = true needs"),
+    ('[predictor]\nensemble = "robust"\n', "ensemble = 'robust' needs [stress] shifts"),
+    ('[stress]\nshifts = ["blur"]\n', "[stress] shifts"),
+    ('[stress]\nshift = ["stain"]\n', "did you mean 'shifts'"),
+])
+def test_bad_stress_settings_are_one_line(extra, fragment, toy_folder, tmp_path, capsys):
+    cfg = write_tiny_config(tmp_path / "c.toml", toy_folder, extra="\n" + extra)
+    assert main(["run", "--config", str(cfg), "--out", str(tmp_path / "o")]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("error:") and fragment in err[0], err
