@@ -191,3 +191,29 @@ def test_bad_stress_settings_are_one_line(extra, fragment, toy_folder, tmp_path,
     assert main(["run", "--config", str(cfg), "--out", str(tmp_path / "o")]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and err[0].startswith("error:") and fragment in err[0], err
+
+
+def test_the_report_shows_each_entry_under_shift(stress_run):
+    from bench.leaderboard import fmt
+    _, out = stress_run
+    html = (out / "report" / "index.html").read_text()
+    board = pd.read_csv(out / "leaderboard.csv").set_index("candidate")
+    assert "accuracy under shift" in html and "simulated lab shift (stain" in html
+    for name in board.index:
+        assert f">{fmt(board.loc[name, 'stress_accuracy'])}</td>" in html
+    md = (out / "report" / "leaderboard.md").read_text()
+    assert "accuracy under shift" in md
+
+
+def test_the_external_section_correlates_the_stress_test_with_the_external_ranking():
+    from bench.report.tables import external_agreement
+    table = pd.DataFrame({
+        "candidate": list("abcd"),
+        "in_domain_balanced_accuracy": [0.99, 0.98, 0.97, 0.96],
+        "external_balanced_accuracy": [0.40, 0.50, 0.60, 0.70],
+        "under_shift": [0.60, 0.70, 0.80, 0.90]})
+    a = external_agreement(table)
+    assert a["rho"] == pytest.approx(-1.0) and a["rho_shift"] == pytest.approx(1.0)
+    assert a["n_shift"] == 4
+    none = external_agreement(table.assign(under_shift=np.nan))
+    assert np.isnan(none["rho_shift"]) and none["n_shift"] == 0

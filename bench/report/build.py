@@ -118,12 +118,14 @@ def _metric_cell(r, m: str) -> dict:
             "sort": _sortval(r[m])}
 
 
-def _board_rows(board, comps, colors):
+def _board_rows(board, comps, colors, stress_col=None):
     c = comps.set_index("candidate")
     rows = []
     for _, r in board.iterrows():
         cmp = c.loc[r["candidate"]]
+        shift = float(r[stress_col]) if stress_col else math.nan
         rows.append({
+            "shift": fmt(shift), "shift_sort": _sortval(shift),
             "rank": int(r["rank"]), "name": r["candidate"], "kind": r["kind"],
             "members": r["members"], "color": colors[r["candidate"]],
             "metrics": [_metric_cell(r, m) for m in tables.REPORT_METRICS],
@@ -260,6 +262,8 @@ def _build(run, s, metric, out: _Out, gradcam, progress) -> dict:
                          "text": "The maps of " + ", ".join(audit_ctx["flagged"]) + " barely "
                                  "change when the model's weights are randomised: they do not "
                                  "show what the model learned."})
+    stress_col = f"stress_{metric}"
+    stress_col = stress_col if stress_col in board and board[stress_col].notna().any() else None
     md = to_markdown(
         board, metric, f"Leaderboard: {md_escape(run.title)}", metrics=tables.REPORT_METRICS,
         digits=3, comparisons=comps,
@@ -273,7 +277,9 @@ def _build(run, s, metric, out: _Out, gradcam, progress) -> dict:
         "title": run.title, "run": run, "metric": metric, "metric_label": label,
         "metrics": [(m, tables.METRIC_LABELS[m]) for m in tables.REPORT_METRICS],
         "confidence": conf, "alpha": alpha, "bins": bins,
-        "board": _board_rows(board, comps, colors), "board_csv": board_csv,
+        "board": _board_rows(board, comps, colors, stress_col), "board_csv": board_csv,
+        "stress": stress_col is not None,
+        "stress_shifts": (run.config.get("stress") or {}).get("shifts", []),
         "comparisons": comps.to_dict("records"), "comps_csv": comps_csv,
         "ratio": float(comps["test_train_ratio"].dropna().iloc[0])
         if "test_train_ratio" in comps and comps["test_train_ratio"].notna().any() else None,
@@ -328,6 +334,7 @@ def _external_rows(table: pd.DataFrame) -> list[dict]:
             "ext_acc": cell(r["external_accuracy"], r["external_accuracy_lo"],
                             r["external_accuracy_hi"]),
             "gap": cell(r["gap_balanced_accuracy"], signed=True),
+            "shift": cell(r["under_shift"]),
             "big_gap": bool(np.isfinite(r["gap_balanced_accuracy"])
                             and r["gap_balanced_accuracy"] < -EXTERNAL_DROP),
             "moved": (rank["in_domain_rank"] is not None and rank["external_rank"] is not None
@@ -365,7 +372,7 @@ def _external_section(run, board: pd.DataFrame, out: _Out, colors) -> dict:
     notes = [f"external set '{n}' could not be read: {why}"
              for n, why in sorted(run.external_errors.items())]
     for name, (scores, per_class, meta) in sorted(run.external.items()):
-        table = tables.external_table(board, scores)
+        table = tables.external_table(board, scores, f"stress_{run.metric}")
         t_csv = out.csv(table, f"external_{slug(name)}")
         agree = tables.external_agreement(table)
         head = _external_header(run, name, per_class, meta)
@@ -414,6 +421,7 @@ def _external_section(run, board: pd.DataFrame, out: _Out, colors) -> dict:
                             f"more than {EXTERNAL_DROP} below in-domain). The cross-validated "
                             "scores measure this lab's images, not the task."})
         sets.append({"name": name, "id": f"external-{slug(name)}", "head": head,
+                     "has_shift": bool(table["under_shift"].notna().any()),
                      "rows": _external_rows(table), "csv": t_csv, "agree": agree,
                      "figs": figs, "missing": missing,
                      "best_in_row": None if best is None else _external_rows(table.iloc[:1])[0],

@@ -47,7 +47,7 @@ class RunData:
         self.fold_ids = rd.folds.fold_ids
         self.metric = self.config.get("run", {}).get("metric", "accuracy")
         board = rd.read_leaderboard()
-        self.oof, self.units, self.costs, rows = {}, {}, {}, []
+        self.oof, self.units, self.costs, self.stress, rows = {}, {}, {}, {}, []
         for _, r in board.iterrows():
             name = str(r["candidate"])
             p = rd.read_oof(name)
@@ -60,6 +60,9 @@ class RunData:
             rows.append({"name": name, "kind": str(r["kind"]), "members": members})
             self.costs[name] = {c: float(r[c]) if c in r and pd.notna(r[c]) else float("nan")
                                 for c in COSTS}
+            # the stress test's columns ([stress]): the run's metric under simulated shift
+            self.stress[name] = {c: float(r[c]) for c in board.columns
+                                 if c.startswith("stress_") and pd.notna(r[c])}
             if r["kind"] != "ensemble":
                 self.units[name] = [rd.unit_result(name, k) for k in self.fold_ids]
         self.entries = pd.DataFrame(rows)

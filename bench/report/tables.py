@@ -48,6 +48,7 @@ def leaderboard(run, per_fold: pd.DataFrame, metric: str, confidence: float = 0.
             row.update({m: ci["mean"], f"{m}_std": ci["std"], f"{m}_lo": ci["lo"],
                         f"{m}_hi": ci["hi"]})
         row.update(run.costs[name])   # one definition: the run's leaderboard.csv
+        row.update(getattr(run, "stress", {}).get(name, {}))
         row["n_folds"] = len(f)
         rows.append(row)
     df = pd.DataFrame(rows)
@@ -177,7 +178,7 @@ EXTERNAL_COLUMNS = (
     "external_balanced_accuracy_hi", "external_accuracy", "external_accuracy_lo",
     "external_accuracy_hi", "external_macro_f1", "external_ece",
     "external_restricted_balanced_accuracy", "gap_balanced_accuracy",
-    "in_domain_rank", "external_rank")
+    "in_domain_rank", "external_rank", "under_shift")
 
 
 def _rank_desc(v: pd.Series) -> pd.Series:
@@ -185,11 +186,14 @@ def _rank_desc(v: pd.Series) -> pd.Series:
     return v.rank(ascending=False, method="min").astype("Int64")
 
 
-def external_table(board: pd.DataFrame, scores: pd.DataFrame) -> pd.DataFrame:
+def external_table(board: pd.DataFrame, scores: pd.DataFrame,
+                   stress_col: str | None = None) -> pd.DataFrame:
     """One row per leaderboard entry (leaderboard order): the in-domain (cross-validated,
     mean over folds) balanced accuracy and accuracy beside the external ones with their
     bootstrap intervals, the gap (external − in-domain balanced accuracy) and both ranks
-    by balanced accuracy. Entries without external scores keep empty external cells."""
+    by balanced accuracy; ``under_shift``: the board's ``stress_col`` (the run metric under
+    simulated shift, ``[stress]``), else empty. Entries without external scores keep empty
+    external cells."""
     s = scores.drop_duplicates("candidate").set_index("candidate")
     ext = s.reindex(board["candidate"])
 
@@ -219,7 +223,22 @@ def external_table(board: pd.DataFrame, scores: pd.DataFrame) -> pd.DataFrame:
                                    - df["in_domain_balanced_accuracy"])
     df["in_domain_rank"] = _rank_desc(df["in_domain_balanced_accuracy"])
     df["external_rank"] = _rank_desc(df["external_balanced_accuracy"])
+    df["under_shift"] = (board[stress_col].to_numpy(dtype=float)
+                         if stress_col and stress_col in board else np.nan)
     return df[list(EXTERNAL_COLUMNS)]
+
+
+def _spearman(a: np.ndarray, b: np.ndarray, what: str) -> tuple[float, float, str]:
+    """``(rho, p, why)``: Spearman's rank correlation, or NaN and why it is undefined."""
+    from scipy.stats import spearmanr
+    if len(a) < 2:
+        return float("nan"), float("nan"), "needs at least two entries with both scores"
+    if np.ptp(a) == 0 or np.ptp(b) == 0:
+        return float("nan"), float("nan"), ("undefined: every entry has the same "
+                                            + (what if np.ptp(a) == 0 else "external")
+                                            + " score")
+    r = spearmanr(a, b)
+    return float(r.statistic), float(r.pvalue), ""
 
 
 def external_agreement(table: pd.DataFrame) -> dict:
@@ -227,25 +246,21 @@ def external_agreement(table: pd.DataFrame) -> dict:
 
     ``rho``/``p``: Spearman rank correlation (:func:`scipy.stats.spearmanr`) between the
     in-domain and the external balanced accuracy over the entries that have both (NaN with
-    fewer than two, or when one side is constant); ``best_in_domain``: the leaderboard's
+    fewer than two, or when one side is constant); ``rho_shift``/``p_shift``/``n_shift``:
+    the same between the score under simulated shift (``under_shift``) and the external
+    balanced accuracy (NaN without a stress test); ``best_in_domain``: the leaderboard's
     first entry; ``best_external``: the highest external balanced accuracy (ties: the
     earliest on the leaderboard); ``winner_holds``: the leaderboard's winner is (one of)
     the best on the external set.
     """
-    from scipy.stats import spearmanr
     both = table.dropna(subset=["in_domain_balanced_accuracy", "external_balanced_accuracy"])
-    a = both["in_domain_balanced_accuracy"].to_numpy(dtype=float)
-    b = both["external_balanced_accuracy"].to_numpy(dtype=float)
-    rho = p = float("nan")
-    why = ""
-    if len(both) < 2:
-        why = "needs at least two entries with both scores"
-    elif np.ptp(a) == 0 or np.ptp(b) == 0:
-        why = "undefined: every entry has the same " + ("in-domain" if np.ptp(a) == 0
-                                                        else "external") + " score"
-    else:
-        r = spearmanr(a, b)
-        rho, p = float(r.statistic), float(r.pvalue)
+    rho, p, why = _spearman(both["in_domain_balanced_accuracy"].to_numpy(dtype=float),
+                            both["external_balanced_accuracy"].to_numpy(dtype=float),
+                            "in-domain")
+    shifted = table.reindex(columns=["under_shift", "external_balanced_accuracy"]).dropna()
+    rho_s, p_s, _ = _spearman(shifted["under_shift"].to_numpy(dtype=float),
+                              shifted["external_balanced_accuracy"].to_numpy(dtype=float),
+                              "under-shift")
     best_in = str(table["candidate"].iloc[0]) if len(table) else None
     ext = table["external_balanced_accuracy"]
     best_ext = str(table.loc[ext.idxmax(), "candidate"]) if ext.notna().any() else None
@@ -255,7 +270,9 @@ def external_agreement(table: pd.DataFrame) -> dict:
         holds = bool(np.isfinite(mine) and mine >= ext.max())
         if holds:
             best_ext = best_in   # tied for first: the leaderboard's winner is a winner
-    return {"rho": rho, "p": p, "n": int(len(both)), "why": why, "best_in_domain": best_in,
+    return {"rho": rho, "p": p, "n": int(len(both)), "why": why,
+            "rho_shift": rho_s, "p_shift": p_s, "n_shift": int(len(shifted)),
+            "best_in_domain": best_in,
             "best_external": best_ext, "winner_holds": holds}
 
 
