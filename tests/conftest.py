@@ -101,6 +101,17 @@ description = "tests"
 """
 
 
+# a colour-only forest beside TINY_CONFIG's (a part of an ``extra`` that is .format()ted)
+COLOUR_FOREST = """
+[feature_sets.colour]
+color = {{ bins = 8 }}
+
+[candidates.rf_colour]
+type = "feature_forest"
+params = {{ features = "colour", n_estimators = 30 }}
+"""
+
+
 def write_tiny_config(path: Path, data: Path, extra: str = "") -> Path:
     path.write_text(TINY_CONFIG.format(data=str(data)) + extra)
     return path

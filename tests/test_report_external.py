@@ -15,17 +15,10 @@ from scipy.stats import spearmanr
 
 from bench.report import write_report
 from bench.report.tables import EXTERNAL_COLUMNS, external_agreement
-from tests.conftest import TOY_CLASSES, toy_arrays, write_tiny_config
+from tests.conftest import COLOUR_FOREST, TOY_CLASSES, toy_arrays, write_tiny_config
 
 EVIL = "<script>alert(1)</script>"
-EXTRA = """
-[feature_sets.colour]
-color = {{ bins = 8 }}
-
-[candidates.rf_colour]
-type = "feature_forest"
-params = {{ features = "colour", n_estimators = 30 }}
-
+EXTRA = COLOUR_FOREST + """
 [ensembles.vote_all]
 type = "soft_voting"
 members = "all"

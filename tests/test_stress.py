@@ -13,7 +13,7 @@ from core.stress import SHIFTS, simulate
 from ensembles.base import cross_val_combine, cross_val_combine_sets
 from ensembles.build import choose_entry
 from ensembles.stacking import Stacking
-from tests.conftest import toy_arrays, write_tiny_config
+from tests.conftest import COLOUR_FOREST, toy_arrays, write_tiny_config
 
 
 # -- the shifts ---------------------------------------------------------------------------
@@ -97,14 +97,7 @@ def test_robust_choice_takes_the_best_under_shift_within_the_tolerance():
 
 # -- in a run -------------------------------------------------------------------------------
 
-STRESS = """
-[feature_sets.colour]
-color = {{ bins = 8 }}
-
-[candidates.rf_colour]
-type = "feature_forest"
-params = {{ features = "colour", n_estimators = 40 }}
-
+STRESS = COLOUR_FOREST + """
 [stress]
 shifts = ["stain"]
 
