@@ -25,6 +25,7 @@ from scipy.stats import spearmanr
 
 from core import registry
 from core.candidate import load_candidate
+from ensembles.base import stacked_sets
 from ensembles.build import build_ensemble
 from features.morphology import segment_cell
 
@@ -169,13 +170,20 @@ def _ensemble_weights(run, name: str, cnn_members: list[str]) -> dict[int, dict[
     """
     members = run.members(name)
     entry = (run.config.get("ensembles", {}) or {}).get(name, {})
+    shifts = (run.config.get("stress") or {}).get("shifts", []) if entry.get("stress") else []
     out = {}
     for k in run.fold_ids:
         w = np.ones(len(members))
         try:
             ens = build_ensemble(entry, name)
             train = run.splits.train(k)
-            ens.fit([run.oof[m][train] for m in members], run.y[train])
+            # as the run fitted it: on the clean rows, and with stress = true also on the
+            # same rows under each simulated shift
+            sets = [[run.oof[m][train] for m in members]]
+            sets += [[np.load(run.rundir.stress_oof_file(m, s))[train] for m in members]
+                     for s in shifts]
+            probas, y, _ = stacked_sets(sets, run.y[train], run.folds[train])
+            ens.fit(probas, y)
             state = ens.get_state()
             if isinstance(state, dict) and len(state.get("weights", [])) == len(members):
                 w = np.asarray(state["weights"], dtype=float)
