@@ -174,8 +174,10 @@ def prepare_run(cfg: Config, force: bool = False, show_progress: bool = True):
     run.write_manifest(_manifest(cfg, ds, data_path, table, fhash, group_info))
 
     t = time.perf_counter()
-    per_candidate = prepare_candidates(cfg.candidates, ds.images,
-                                       cfg["run"].get("plugins", []))
+    # with [stress], the shifted images too: a work unit then finds the embeddings of the
+    # images it scores under shift cached, and never loads a backbone for them
+    per_candidate = prepare_candidates(cfg.candidates, ds.images, cfg["run"].get("plugins", []),
+                                       stress_shifts(cfg), int(cfg["run"]["seed"]))
     times["prepare"] = time.perf_counter() - t
     run.update_manifest(prepare_seconds=per_candidate)   # a cache hit shows as ~0 s
     return run, ds, fp, times

@@ -23,7 +23,7 @@ from __future__ import annotations
 import numpy as np
 
 SHIFTS = ("stain", "hue")
-_CHUNK = 512
+_CHUNK = 256   # images converted at a time (float32 copies: a few tens of MB)
 
 
 def _rngs(rows, seed: int):
@@ -68,7 +68,7 @@ def simulate(images: np.ndarray, shift: str, rows, seed: int = 0) -> np.ndarray:
         raise ValueError(f"{len(rows)} rows for {len(images)} images")
     out = np.empty(images.shape, dtype=np.uint8)
     for i in range(0, len(images), _CHUNK):
-        x = images[i:i + _CHUNK].astype(np.float64) / 255.0
+        x = np.asarray(images[i:i + _CHUNK], dtype=np.float32) / np.float32(255.0)
         y = _FUNCS[shift](x, _rngs(rows[i:i + _CHUNK], seed))
         out[i:i + _CHUNK] = np.clip(np.rint(y * 255.0), 0, 255).astype(np.uint8)
     return out
