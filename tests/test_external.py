@@ -9,9 +9,8 @@ import pandas as pd
 import pytest
 from PIL import Image
 
-from bench.cli import main
 from bench.config import load_config
-from tests.conftest import TOY_CLASSES, toy_arrays, write_tiny_config
+from tests.conftest import TOY_CLASSES, run_error_line, toy_arrays, write_tiny_config
 
 
 def _external_folder(root: Path) -> Path:
@@ -98,7 +97,4 @@ def test_every_entry_is_scored_on_the_external_set(ext_run):
     ('[external."../x"]\npath = "/p"\n', "external set name '../x' is not allowed"),
 ])
 def test_bad_external_entries_are_one_line(entry, fragment, toy_folder, tmp_path, capsys):
-    cfg = write_tiny_config(tmp_path / "c.toml", toy_folder, extra="\n" + entry)
-    assert main(["run", "--config", str(cfg), "--out", str(tmp_path / "o")]) == 2
-    err = capsys.readouterr().err.strip().splitlines()
-    assert len(err) == 1 and err[0].startswith("error:") and fragment in err[0], err
+    assert fragment in run_error_line(entry, toy_folder, tmp_path, capsys)

@@ -7,13 +7,12 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from bench.cli import main
 from core.errors import BenchError
 from core.stress import SHIFTS, simulate
 from ensembles.base import cross_val_combine, cross_val_combine_sets
 from ensembles.build import choose_entry
 from ensembles.stacking import Stacking
-from tests.conftest import COLOUR_FOREST, toy_arrays, write_tiny_config
+from tests.conftest import COLOUR_FOREST, run_error_line, toy_arrays, write_tiny_config
 
 
 # -- the shifts ---------------------------------------------------------------------------
@@ -180,10 +179,7 @@ def test_a_resumed_run_scores_missing_shifts_from_the_saved_models(stress_run):
     ('[stress]\nshift = ["stain"]\n', "did you mean 'shifts'"),
 ])
 def test_bad_stress_settings_are_one_line(extra, fragment, toy_folder, tmp_path, capsys):
-    cfg = write_tiny_config(tmp_path / "c.toml", toy_folder, extra="\n" + extra)
-    assert main(["run", "--config", str(cfg), "--out", str(tmp_path / "o")]) == 2
-    err = capsys.readouterr().err.strip().splitlines()
-    assert len(err) == 1 and err[0].startswith("error:") and fragment in err[0], err
+    assert fragment in run_error_line(extra, toy_folder, tmp_path, capsys)
 
 
 def test_the_report_shows_each_entry_under_shift(stress_run):
