@@ -35,6 +35,7 @@ from core.io import check_name
 from core.metrics import METRICS
 from core.params import space_names, validate_params
 from core.stress import SHIFTS
+from ensembles.build import ENTRY_KEYS
 from features import check_feature_set
 
 if sys.version_info >= (3, 11):
@@ -622,7 +623,7 @@ def _validate_entries(cfg: dict, where: str) -> None:
     names = list(cfg["candidates"])
     for name, entry in cfg["ensembles"].items():
         cls = _type(entry["type"], where, f"[ensembles.{name}]")
-        params = {k: v for k, v in entry.items() if k not in ("type", "members", "stress")}
+        params = {k: v for k, v in entry.items() if k not in ENTRY_KEYS}
         validate_params(cls, params, f"{where}: [ensembles.{name}]")
         if entry.get("stress") and not cfg["stress"]["shifts"]:
             raise BenchError(f"{where}: [ensembles.{name}] stress = true needs [stress] shifts "

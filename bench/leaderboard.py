@@ -44,6 +44,13 @@ def ensemble_costs(members: list[dict], combine_seconds: float, n_folds: int) ->
             "model_size": total("model_size"), "combine_seconds": combine_seconds}
 
 
+def stress_column(board: pd.DataFrame, metric: str) -> str | None:
+    """The board's column of ``metric`` under simulated shift (``[stress]``), or ``None``
+    when the run has no stress test."""
+    col = f"stress_{metric}"
+    return col if col in board and board[col].notna().any() else None
+
+
 def make_table(rows: list[dict], metric: str) -> pd.DataFrame:
     df = pd.DataFrame(rows)
     for c in COLUMNS:
@@ -108,8 +115,7 @@ def to_markdown(board: pd.DataFrame, metric: str, title: str = "Leaderboard", *,
     the best entry) the size, the marker and the Holm-adjusted p-values are added.
     """
     head = ["rank", "candidate", "kind"] + [METRIC_LABELS.get(m, m) for m in metrics]
-    stress = f"stress_{metric}"   # [stress]: the run metric under simulated shifts
-    stress = stress if stress in board and board[stress].notna().any() else None
+    stress = stress_column(board, metric)
     if stress:
         head.append(f"{METRIC_LABELS.get(metric, metric)} under shift")
     head += ["fit s", "ms/img"]

@@ -213,13 +213,15 @@ class RunDir:
     def unit_proba(self, name: str, fold: int) -> np.ndarray:
         return np.load(self.unit_dir(name, fold) / "proba.npy")
 
-    def unit_stress_file(self, name: str, fold: int, shift: str) -> Path:
-        check_name(shift, "simulated shift")
-        return self.unit_dir(name, fold) / f"stress_{shift}.npy"
+    @staticmethod
+    def _stress_name(shift: str) -> str:
+        return f"stress_{check_name(shift, 'simulated shift')}.npy"
 
-    def unit_stress_proba(self, name: str, fold: int, shift: str) -> np.ndarray | None:
-        f = self.unit_stress_file(name, fold, shift)
-        return np.load(f) if f.is_file() else None
+    def unit_stress_file(self, name: str, fold: int, shift: str) -> Path:
+        return self.unit_dir(name, fold) / self._stress_name(shift)
+
+    def unit_stress_proba(self, name: str, fold: int, shift: str) -> np.ndarray:
+        return np.load(self.unit_stress_file(name, fold, shift))
 
     def write_unit_stress(self, name: str, fold: int, shift: str, proba: np.ndarray) -> None:
         """Add a finished unit's probabilities under a simulated shift (one atomic file)."""
@@ -236,8 +238,7 @@ class RunDir:
                    stressed: dict[str, np.ndarray] | None = None) -> None:
         np.save(tmp / "proba.npy", proba.astype(np.float32))
         for shift, p in (stressed or {}).items():
-            check_name(shift, "simulated shift")
-            np.save(tmp / f"stress_{shift}.npy", p.astype(np.float32))
+            np.save(tmp / RunDir._stress_name(shift), p.astype(np.float32))
         atomic_write_json(tmp / RESULT_FILE, result)
 
     # -- out-of-fold probabilities ------------------------------------------------------
@@ -251,6 +252,12 @@ class RunDir:
 
     def write_stress_oof(self, name: str, shift: str, proba: np.ndarray) -> None:
         atomic_save_npy(self.stress_oof_file(name, shift), proba.astype(np.float32))
+
+    def read_stress_oof(self, name: str, shift: str) -> np.ndarray:
+        f = self.stress_oof_file(name, shift)
+        if not f.is_file():
+            raise BenchError(f"missing out-of-fold probabilities under shift {f}")
+        return np.load(f).astype(np.float64)
 
     def read_oof(self, name: str) -> np.ndarray:
         f = self.oof_file(name)

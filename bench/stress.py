@@ -25,26 +25,27 @@ def stress_shifts(cfg) -> list[str]:
     return list((cfg.get("stress") or {}).get("shifts") or [])
 
 
-def predict_stressed(cand, run: RunDir, test: np.ndarray, shifts, seed: int,
+def predict_stressed(cand, X: np.ndarray, rows: np.ndarray, shifts, seed: int,
                      classes) -> dict[str, np.ndarray]:
-    """``cand``'s probabilities on the test rows ``test`` under each shift of ``shifts``."""
-    X = np.asarray(run.images[test])
-    return {s: predict_proba_for(cand, simulate(X, s, test, seed), classes) for s in shifts}
+    """``cand``'s probabilities on images ``X`` (the run's rows ``rows``) under each shift
+    of ``shifts``."""
+    return {s: predict_proba_for(cand, simulate(X, s, rows, seed), classes) for s in shifts}
 
 
 def complete_stress(run: RunDir, names, shifts, seed: int) -> None:
     """Score, from its saved model, every unit of ``names`` that lacks a shift's rows."""
-    todo = [(n, k) for n in names for k in run.folds.fold_ids
-            if any(run.unit_stress_proba(n, k, s) is None for s in shifts)]
+    missing = {(n, k): [s for s in shifts if not run.unit_stress_file(n, k, s).is_file()]
+               for n in names for k in run.folds.fold_ids}
+    todo = [unit for unit, lacking in missing.items() if lacking]
     if not todo:
         return
     classes = np.arange(len(run.classes))
     with unit_progress(len(todo), "stress test") as advance:
         for name, k in todo:
-            missing = [s for s in shifts if run.unit_stress_proba(name, k, s) is None]
             cand = load_candidate(run.unit_model_dir(name, k))
-            for s, p in predict_stressed(cand, run, run.folds.test(k), missing, seed,
-                                         classes).items():
+            test = run.folds.test(k)
+            for s, p in predict_stressed(cand, np.asarray(run.images[test]), test,
+                                         missing[(name, k)], seed, classes).items():
                 run.write_unit_stress(name, k, s, p)
             del cand
             release_memory()

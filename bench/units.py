@@ -58,10 +58,11 @@ def run_unit(run_dir: str, name: str, fold: int) -> dict:
         cand = build_candidate(entry)
         fit_candidate(cand, X_train, y_train, classes=classes, workdir=tmp)
         t2 = time.perf_counter()
-        proba = predict_proba_for(cand, np.asarray(run.images[test]), classes)
+        X_test = np.asarray(run.images[test])
+        proba = predict_proba_for(cand, X_test, classes)
         t3 = time.perf_counter()
-        stressed = predict_stressed(cand, run, test, stress_shifts(cfg), int(cfg["run"]["seed"]),
-                                    classes)
+        stressed = predict_stressed(cand, X_test, test, stress_shifts(cfg),
+                                    int(cfg["run"]["seed"]), classes)
         t4 = time.perf_counter()
         cand.save(tmp / "model")
         result = {

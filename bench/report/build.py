@@ -16,7 +16,7 @@ import pandas as pd
 
 from core.calibration import reliability
 from core.errors import BenchError
-from bench.leaderboard import fmt, fmt_p, fmt_size, md_escape, to_markdown
+from bench.leaderboard import fmt, fmt_p, fmt_size, md_escape, stress_column, to_markdown
 from bench.leakage import audit_metrics
 from bench.report.patients import patient_section
 from core.io import atomic_write_text, staged
@@ -262,8 +262,7 @@ def _build(run, s, metric, out: _Out, gradcam, progress) -> dict:
                          "text": "The maps of " + ", ".join(audit_ctx["flagged"]) + " barely "
                                  "change when the model's weights are randomised: they do not "
                                  "show what the model learned."})
-    stress_col = f"stress_{metric}"
-    stress_col = stress_col if stress_col in board and board[stress_col].notna().any() else None
+    stress_col = stress_column(board, metric)
     md = to_markdown(
         board, metric, f"Leaderboard: {md_escape(run.title)}", metrics=tables.REPORT_METRICS,
         digits=3, comparisons=comps,
@@ -372,7 +371,7 @@ def _external_section(run, board: pd.DataFrame, out: _Out, colors) -> dict:
     notes = [f"external set '{n}' could not be read: {why}"
              for n, why in sorted(run.external_errors.items())]
     for name, (scores, per_class, meta) in sorted(run.external.items()):
-        table = tables.external_table(board, scores, f"stress_{run.metric}")
+        table = tables.external_table(board, scores, stress_column(board, run.metric))
         t_csv = out.csv(table, f"external_{slug(name)}")
         agree = tables.external_agreement(table)
         head = _external_header(run, name, per_class, meta)

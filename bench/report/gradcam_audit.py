@@ -171,17 +171,16 @@ def _ensemble_weights(run, name: str, cnn_members: list[str]) -> dict[int, dict[
     members = run.members(name)
     entry = (run.config.get("ensembles", {}) or {}).get(name, {})
     shifts = (run.config.get("stress") or {}).get("shifts", []) if entry.get("stress") else []
+    shifted = None   # as the run fitted it: with stress = true also under each shift
     out = {}
     for k in run.fold_ids:
         w = np.ones(len(members))
         try:
             ens = build_ensemble(entry, name)
             train = run.splits.train(k)
-            # as the run fitted it: on the clean rows, and with stress = true also on the
-            # same rows under each simulated shift
-            sets = [[run.oof[m][train] for m in members]]
-            sets += [[np.load(run.rundir.stress_oof_file(m, s))[train] for m in members]
-                     for s in shifts]
+            if shifted is None:   # read once, for every fold
+                shifted = [[run.rundir.read_stress_oof(m, s) for m in members] for s in shifts]
+            sets = [[p[train] for p in s] for s in [[run.oof[m] for m in members], *shifted]]
             probas, y, _ = stacked_sets(sets, run.y[train], run.folds[train])
             ens.fit(probas, y)
             state = ens.get_state()

@@ -48,7 +48,7 @@ def leaderboard(run, per_fold: pd.DataFrame, metric: str, confidence: float = 0.
             row.update({m: ci["mean"], f"{m}_std": ci["std"], f"{m}_lo": ci["lo"],
                         f"{m}_hi": ci["hi"]})
         row.update(run.costs[name])   # one definition: the run's leaderboard.csv
-        row.update(getattr(run, "stress", {}).get(name, {}))
+        row.update(run.stress[name])   # the stress test's columns, if any
         row["n_folds"] = len(f)
         rows.append(row)
     df = pd.DataFrame(rows)
@@ -223,8 +223,7 @@ def external_table(board: pd.DataFrame, scores: pd.DataFrame,
                                    - df["in_domain_balanced_accuracy"])
     df["in_domain_rank"] = _rank_desc(df["in_domain_balanced_accuracy"])
     df["external_rank"] = _rank_desc(df["external_balanced_accuracy"])
-    df["under_shift"] = (board[stress_col].to_numpy(dtype=float)
-                         if stress_col and stress_col in board else np.nan)
+    df["under_shift"] = board[stress_col].to_numpy(dtype=float) if stress_col else np.nan
     return df[list(EXTERNAL_COLUMNS)]
 
 
