@@ -236,6 +236,34 @@ def test_finetune_trains_head_then_top_blocks_only(tmp_path):
     assert len(rows) == 3 and rows[2].startswith("1,")                 # both phases logged
 
 
+EFFL0 = SHARED / "weights" / "efficientnet_lite0_imagenet_notop.weights.h5"
+
+
+@pytest.mark.skipif(not EFFL0.is_file(), reason=f"shared ImageNet weights not found: {EFFL0}")
+def test_finetune_of_efficientnet_lite0_trains_its_top_block_only(tmp_path):
+    """[candidates.tl_effl0_finetune]: EfficientNet-Lite0's own blocks (block1a .. block7a)
+    are what `unfreeze_blocks` counts; the top one trains, batch norm and the rest do not."""
+    from keras import layers
+
+    from cnn.backbones import build_backbone
+    from cnn.transfer import FineTuneTransferCNN
+    X, y = toy_arrays(8, 32, seed=7)
+    before = {lyr.name: [w.copy() for w in lyr.get_weights()]
+              for lyr in build_backbone("EfficientNetLite0", 32, str(EFFL0)).layers}
+    cand = FineTuneTransferCNN(backbone="EfficientNetLite0", weights=str(EFFL0), input_size=32,
+                               dense_units=16, head_epochs=1, epochs=1, unfreeze_blocks=1,
+                               batch_size=12, seed=0)
+    cand.fit(X, y, workdir=tmp_path)
+    assert cand.unfrozen_blocks_ == ["block7a"] and cand.epochs_run_ == 2
+    base = cand.model_.get_layer("backbone")
+    moved = {lyr.name for lyr in base.layers
+             if any(not np.array_equal(a, b) for a, b in zip(lyr.get_weights(), before.get(lyr.name, [])))}
+    assert any(n.startswith("block7a") for n in moved)
+    assert not any(n.startswith(("block6", "block1a", "stem")) for n in moved)
+    assert not any(isinstance(base.get_layer(n), layers.BatchNormalization) for n in moved)
+    assert cand.predict_proba(X).shape == (len(X), len(np.unique(y)))
+
+
 @needs_weights
 def test_runner_prepares_embeddings_in_a_child_process(tmp_path, monkeypatch):
     """The runner computes frozen-backbone embeddings in a spawned child (TensorFlow's memory
