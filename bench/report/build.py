@@ -25,6 +25,7 @@ from bench.report import cards, plots, tables
 from bench.report import gradcam_audit as ga
 from bench.report.rundata import RunData
 from bench.stats import friedman, nemenyi_cd
+from bench.stress import stress_shifts
 
 TEMPLATES = Path(__file__).resolve().parent.parent / "templates"
 SORT_SCRIPT = """
@@ -278,7 +279,7 @@ def _build(run, s, metric, out: _Out, gradcam, progress) -> dict:
         "confidence": conf, "alpha": alpha, "bins": bins,
         "board": _board_rows(board, comps, colors, stress_col), "board_csv": board_csv,
         "stress": stress_col is not None,
-        "stress_shifts": (run.config.get("stress") or {}).get("shifts", []),
+        "stress_shifts": stress_shifts(run.config),
         "comparisons": comps.to_dict("records"), "comps_csv": comps_csv,
         "ratio": float(comps["test_train_ratio"].dropna().iloc[0])
         if "test_train_ratio" in comps and comps["test_train_ratio"].notna().any() else None,

@@ -25,8 +25,8 @@ from scipy.stats import spearmanr
 
 from core import registry
 from core.candidate import load_candidate
-from ensembles.base import stacked_sets
-from ensembles.build import build_ensemble
+from bench.stress import stress_shifts
+from ensembles.build import build_ensemble, fit_ensemble
 from features.morphology import segment_cell
 
 
@@ -170,7 +170,7 @@ def _ensemble_weights(run, name: str, cnn_members: list[str]) -> dict[int, dict[
     """
     members = run.members(name)
     entry = (run.config.get("ensembles", {}) or {}).get(name, {})
-    shifts = (run.config.get("stress") or {}).get("shifts", []) if entry.get("stress") else []
+    shifts = stress_shifts(run.config) if entry.get("stress") else []
     shifted = None   # as the run fitted it: with stress = true also under each shift
     out = {}
     for k in run.fold_ids:
@@ -181,11 +181,11 @@ def _ensemble_weights(run, name: str, cnn_members: list[str]) -> dict[int, dict[
             if shifted is None:   # read once, for every fold
                 shifted = [[run.rundir.read_stress_oof(m, s) for m in members] for s in shifts]
             sets = [[p[train] for p in s] for s in [[run.oof[m] for m in members], *shifted]]
-            probas, y, _ = stacked_sets(sets, run.y[train], run.folds[train])
-            ens.fit(probas, y)
-            state = ens.get_state()
-            if isinstance(state, dict) and len(state.get("weights", [])) == len(members):
-                w = np.asarray(state["weights"], dtype=float)
+            fitted = fit_ensemble(ens, sets, run.y[train], name, run.folds[train],
+                                  cross_val=False, fit_sets=len(sets))
+            weights = fitted.member_weights()   # None: no such notion (stacking)
+            if weights is not None and len(weights) == len(members):
+                w = np.asarray(weights, dtype=float)
         except Exception:   # noqa: BLE001 - a weighting we cannot read: equal weights
             pass
         sel = {m: float(wi) for m, wi in zip(members, w) if m in cnn_members}
