@@ -18,6 +18,7 @@ class Ensemble:
     type_name = None
     n_members_: int
     uses_fold_groups = False   # declared: ``fit(probas, y, groups=folds)`` takes the rows' folds
+    has_member_weights = False   # declared: ``member_weights()`` returns each member's share
 
     def fit(self, probas: list[np.ndarray], y: np.ndarray) -> "Ensemble":  # pragma: no cover
         raise NotImplementedError
@@ -36,7 +37,8 @@ class Ensemble:
 
     def member_weights(self) -> list[float] | None:
         """Each member's share of the combination, or ``None`` when it has no such
-        notion (stacking); used to weight the members' Grad-CAM maps."""
+        notion (stacking); used to weight the members' Grad-CAM maps. Ensembles that
+        return shares declare ``has_member_weights = True``."""
         return None
 
     def drop_unused(self) -> list[int]:

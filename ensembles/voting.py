@@ -31,6 +31,7 @@ class SoftVoting(Ensemble):
     the other folds' rows only.
     """
 
+    has_member_weights = True
     param_rules = {"weights": {"choices": ["equal", "optimized", "greedy"]}, "rounds": {"ge": 1},
                    "metric": {"choices": ["log_loss", "accuracy"]}}
 

@@ -136,6 +136,33 @@ def test_gradcam_audit_of_the_run(run_dir):
     assert (run_dir / "report" / "img" / "gradcam_cnn_tiny.png").is_file()
 
 
+def test_audit_fits_only_ensembles_that_declare_member_weights(run_dir, monkeypatch):
+    """The audit's per-fold weights come from a fit of the ensemble on the other folds,
+    but only for ensembles that declare ``has_member_weights``; a stacking ensemble is
+    not fitted, and its CNN members weigh the same."""
+    from bench.report import gradcam_audit
+    from ensembles.stacking import Stacking
+    from ensembles.voting import SoftVoting
+    assert SoftVoting.has_member_weights and not Stacking.has_member_weights
+    calls = []
+    real = gradcam_audit.fit_ensemble
+    monkeypatch.setattr(gradcam_audit, "fit_ensemble",
+                        lambda *a, **k: calls.append(a[3]) or real(*a, **k))
+    run = RunData(run_dir)
+    monkeypatch.setattr(run, "members", lambda name: ["cnn_tiny", "rf_colour"])
+    entries = run.config["ensembles"]
+    entries["soft_vote"] = {"type": "soft_voting", "weights": "optimized", "members": "all"}
+    voted = gradcam_audit._ensemble_weights(run, "soft_vote", ["cnn_tiny"])
+    assert calls == ["soft_vote"] * len(run.fold_ids)
+    assert sorted(voted) == sorted(run.fold_ids)
+    assert all(w == {"cnn_tiny": 1.0} for w in voted.values())   # the only CNN member
+    calls.clear()
+    entries["soft_vote"] = {"type": "stacking", "members": "all"}
+    stacked = gradcam_audit._ensemble_weights(run, "soft_vote", ["cnn_tiny", "rf_colour"])
+    assert calls == []
+    assert all(w == {"cnn_tiny": 0.5, "rf_colour": 0.5} for w in stacked.values())
+
+
 def test_predictor_applies_the_oof_temperature(run_dir):
     from ensembles.predictor import load_predictor
     pred = load_predictor(run_dir / "predictor")

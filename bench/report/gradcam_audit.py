@@ -166,28 +166,31 @@ def _ensemble_weights(run, name: str, cnn_members: list[str]) -> dict[int, dict[
     """Per fold, the ensemble's weights of its CNN members, renormalised (equal if unknown).
 
     Like the leaderboard's cross-validated ensemble, fold k's weights are fitted on the
-    out-of-fold probabilities of the other folds.
+    out-of-fold probabilities of the other folds. Ensembles that do not declare
+    ``has_member_weights`` (stacking) are not fitted: their CNN members weigh the same.
     """
     members = run.members(name)
     entry = (run.config.get("ensembles", {}) or {}).get(name, {})
+    weighted = build_ensemble(entry, name).has_member_weights   # declared capability
     shifts = stress_shifts(run.config) if entry.get("stress") else []
     shifted = None   # as the run fitted it: with stress = true also under each shift
     out = {}
     for k in run.fold_ids:
         w = np.ones(len(members))
-        try:
-            ens = build_ensemble(entry, name)
-            train = run.splits.train(k)
-            if shifted is None:   # read once, for every fold
-                shifted = [[run.rundir.read_stress_oof(m, s) for m in members] for s in shifts]
-            sets = [[p[train] for p in s] for s in [[run.oof[m] for m in members], *shifted]]
-            fitted = fit_ensemble(ens, sets, run.y[train], name, run.folds[train],
-                                  cross_val=False, fit_sets=len(sets))
-            weights = fitted.member_weights()   # None: no such notion (stacking)
-            if weights is not None and len(weights) == len(members):
-                w = np.asarray(weights, dtype=float)
-        except Exception:   # noqa: BLE001 - a weighting we cannot read: equal weights
-            pass
+        if weighted:
+            try:
+                train = run.splits.train(k)
+                if shifted is None:   # read once, for every fold
+                    shifted = [[run.rundir.read_stress_oof(m, s) for m in members]
+                               for s in shifts]
+                sets = [[p[train] for p in s] for s in [[run.oof[m] for m in members], *shifted]]
+                fitted = fit_ensemble(build_ensemble(entry, name), sets, run.y[train], name,
+                                      run.folds[train], cross_val=False, fit_sets=len(sets))
+                weights = fitted.member_weights()
+                if weights is not None and len(weights) == len(members):
+                    w = np.asarray(weights, dtype=float)
+            except Exception:   # noqa: BLE001 - a weighting we cannot read: equal weights
+                pass
         sel = {m: float(wi) for m, wi in zip(members, w) if m in cnn_members}
         total = sum(sel.values())
         out[k] = ({m: v / total for m, v in sel.items()} if total > 0
