@@ -41,7 +41,6 @@ LITE = {"EfficientNetLite0"}
 SHARED_FILES = {
     ("MobileNetV2", 1.0): "mobilenet_v2_1.0_imagenet_notop.weights.h5",
     ("MobileNetV2", 0.35): "mobilenet_v2_0.35_imagenet_notop.weights.h5",
-    ("MobileNet", 1.0): "mobilenet_v1_1.0_imagenet_notop.weights.h5",
     ("EfficientNetLite0", 1.0): "efficientnet_lite0_imagenet_notop.weights.h5",
 }
 _ALPHA = {"MobileNet", "MobileNetV2", "MobileNetV3Small", "MobileNetV3Large"}

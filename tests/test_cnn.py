@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import re
+
 import numpy as np
 import pytest
 
@@ -156,6 +158,12 @@ def test_imagenet_download_failure_names_the_file(monkeypatch):
         build_backbone("MobileNetV2", 32, "imagenet", alpha=0.35)
     with pytest.raises(BenchError, match="no ImageNet weights.*efficientnet_lite0"):
         build_backbone("EfficientNetLite0", 32, "imagenet")
+    with pytest.raises(BenchError) as err:
+        build_backbone("MobileNetV2", 32, "imagenet", alpha=0.35)
+    named = re.findall(r"[\w.]+_imagenet_notop\.weights\.h5", str(err.value))
+    assert "mobilenet_v2_0.35_imagenet_notop.weights.h5" in named
+    if (SHARED / "weights").is_dir():   # the hint names only files that are there
+        assert [f for f in named if not (SHARED / "weights" / f).is_file()] == []
 
 
 def test_config_resolves_weights_relative_to_its_folder(tmp_path):
