@@ -1,4 +1,5 @@
-"""Simulated lab shifts: the test images of a fold as another lab's stain might show them.
+"""Simulated lab shifts: the test images of a fold as another lab's stain or camera might
+show them.
 
 A model that holds up when a fold's test images are re-stained is likelier to hold up on
 another lab's smears than one that only scores well on its own lab's colours. The run
@@ -16,13 +17,17 @@ the same way whichever fold, candidate or process scores it):
   U(-0.01, 0.01)); Giemsa's azure and eosin separate along similar axes.
 * ``"hue"``: hue rotated by U(-0.08, 0.08) of the circle, saturation scaled by U(0.7, 1.3)
   and brightness by U(0.85, 1.15) in HSV.
+* ``"camera"``: another analyser's optics, not its stain: magnification scaled by a
+  log-uniform factor in [0.8, 1.25] about the image centre (bilinear, borders mirrored) and
+  defocus, a Gaussian blur of sigma U(0, 1) px per 64 px of image side.
 """
 
 from __future__ import annotations
 
 import numpy as np
 
-SHIFTS = ("stain", "hue")
+COLOUR_SHIFTS = ("stain", "hue")
+SHIFTS = (*COLOUR_SHIFTS, "camera")
 _CHUNK = 256   # images converted at a time (float32 copies: a few tens of MB)
 
 
@@ -48,7 +53,24 @@ def _hue(x: np.ndarray, rngs) -> np.ndarray:
     return hsv2rgb(hsv)
 
 
-_FUNCS = {"stain": _stain, "hue": _hue}
+def _camera(x: np.ndarray, rngs) -> np.ndarray:
+    from scipy import ndimage
+    _, h, w, _ = x.shape
+    centre = np.array([(h - 1) / 2.0, (w - 1) / 2.0])
+    out = np.empty_like(x)
+    for i, g in enumerate(rngs):
+        zoom = float(np.exp(g.uniform(np.log(0.8), np.log(1.25))))
+        sigma = float(g.uniform(0.0, 1.0)) * h / 64.0
+        matrix = np.eye(2) / zoom   # output pixel -> input pixel, about the centre
+        offset = centre - matrix @ centre
+        for c in range(x.shape[-1]):
+            plane = ndimage.affine_transform(x[i, ..., c], matrix, offset=offset, order=1,
+                                             mode="mirror")
+            out[i, ..., c] = ndimage.gaussian_filter(plane, sigma) if sigma > 0 else plane
+    return out
+
+
+_FUNCS = {"stain": _stain, "hue": _hue, "camera": _camera}
 
 
 def check_shift(name: str) -> None:

@@ -8,7 +8,7 @@ import pandas as pd
 import pytest
 
 from core.errors import BenchError
-from core.stress import SHIFTS, simulate
+from core.stress import COLOUR_SHIFTS, SHIFTS, simulate
 from ensembles.base import cross_val_combine, cross_val_combine_sets
 from ensembles.build import choose_entry
 from ensembles.stacking import Stacking
@@ -17,7 +17,7 @@ from tests.conftest import COLOUR_FOREST, run_error_line, toy_arrays, write_tiny
 
 # -- the shifts ---------------------------------------------------------------------------
 
-@pytest.mark.parametrize("shift", SHIFTS)
+@pytest.mark.parametrize("shift", COLOUR_SHIFTS)
 def test_a_shift_is_seeded_per_image_and_changes_colour_not_shape(shift):
     X, _ = toy_arrays(4, 32, seed=3)
     rows = np.arange(100, 100 + len(X))
@@ -33,6 +33,33 @@ def test_a_shift_is_seeded_per_image_and_changes_colour_not_shape(shift):
     # a shift of colour, not of the picture: the grey-level layout stays close
     g0, g1 = X.mean(axis=-1).reshape(len(X), -1), out.mean(axis=-1).reshape(len(X), -1)
     assert min(np.corrcoef(a, b)[0, 1] for a, b in zip(g0, g1)) > 0.8
+
+
+def test_camera_shift_changes_magnification_and_focus_not_colour():
+    """A dark disk of radius 10 on a light background: under "camera" its radius is scaled
+    by each image's own factor in [0.8, 1.25] about the centre, its edge is softened, and
+    the colours of the disk and of the background stay what they were."""
+    assert set(SHIFTS) == {*COLOUR_SHIFTS, "camera"}
+    n, size = 40, 64
+    yy, xx = np.mgrid[:size, :size]
+    disk = np.hypot(yy - (size - 1) / 2, xx - (size - 1) / 2) <= 10
+    X = np.where(disk[None, ..., None], np.array([60, 30, 120], np.uint8),
+                 np.array([240, 220, 200], np.uint8)).astype(np.uint8)
+    X = np.repeat(X, n, axis=0)
+    rows = np.arange(n)
+    out = simulate(X, "camera", rows, seed=3)
+    assert out.shape == X.shape and out.dtype == np.uint8
+    dark = out.astype(int).sum(axis=-1) < (60 + 30 + 120 + 240 + 220 + 200) / 2
+    ratio = np.sqrt(dark.sum(axis=(1, 2)) / disk.sum())
+    assert ((ratio > 0.76) & (ratio < 1.3)).all()
+    assert (ratio < 0.95).any() and (ratio > 1.05).any()    # zoomed out and in
+    np.testing.assert_array_equal(out[:, 0, 0], X[:, 0, 0])  # background colour kept
+    np.testing.assert_array_equal(out[:, 32, 32], X[:, 32, 32])  # the disk's colour kept
+    grey = out.astype(float).mean(axis=-1)
+    edges = (grey > 90) & (grey < 210)   # between the two levels: a softened edge
+    assert edges.sum(axis=(1, 2)).max() > 2 * edges.sum(axis=(1, 2)).min()
+    np.testing.assert_array_equal(simulate(X[5:9], "camera", rows[5:9], seed=3), out[5:9])
+    assert not np.array_equal(simulate(X[:4], "camera", rows[:4], seed=4), out[:4])
 
 
 def test_bad_shift_input_is_an_error():
