@@ -2,13 +2,15 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
 import pytest
 from PIL import Image
 
 from bench.datasets import load_dataset, stratified_subset
 from core.errors import BenchError
-from tests.conftest import toy_arrays, write_toy_folder
+from tests.conftest import SHARED, toy_arrays, write_toy_folder
 
 
 def test_folder_loads_classes_sorted_and_resized(toy_folder, tmp_path):
@@ -121,3 +123,26 @@ def test_stratified_subset_keeps_proportions():
     rows = stratified_subset(labels, 100, seed=1, min_per_class=10)
     assert np.bincount(labels[rows]).tolist() == [50, 30, 20]
     assert np.array_equal(rows, stratified_subset(labels, 100, seed=1, min_per_class=10))
+
+
+@pytest.mark.skipif(not SHARED.is_dir(), reason=f"shared data not found: {SHARED}")
+def test_shipped_datasets_on_shared_data_name_files_and_columns_that_exist():
+    """Every [datasets.*] of benchmarks.toml that reads ../shared names a path, label
+    column and groups file that are there, so `--data NAME` does not fail on a stale entry."""
+    import pandas as pd
+
+    from bench.config import load_config, read_toml
+    root = Path(__file__).resolve().parents[1]
+    names = [n for n, e in read_toml(root / "benchmarks.toml")["datasets"].items()
+             if str(e.get("path", "")).startswith("../shared/")]
+    assert {"pbc", "deepapl", "deepapl_pbc_classes", "deepapl_apl"} <= set(names)
+    for name in names:
+        data = load_config(root / "benchmarks.toml", data=name)["data"]
+        assert (root / data["path"]).exists(), name
+        for key in ("labels", "cell_types"):
+            if data.get(key):
+                csv, column = data[key].rsplit(":", 1)
+                assert column in pd.read_csv(root / csv, nrows=1).columns, (name, key)
+        for key in ("groups", "pairs"):
+            if data.get(key):
+                assert (root / data[key]).is_file(), (name, key)
