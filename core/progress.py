@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import sys
+import time
 from contextlib import contextmanager
 
 from rich.console import Console
@@ -11,6 +12,7 @@ from rich.progress import (BarColumn, MofNCompleteColumn, Progress, SpinnerColum
                            TimeElapsedColumn, TimeRemainingColumn)
 
 console = Console(stderr=True, highlight=False)
+PLAIN_INTERVAL = 60.0   # seconds between progress lines when stderr is not a terminal (a log)
 
 
 def _columns():
@@ -18,12 +20,47 @@ def _columns():
             MofNCompleteColumn(), TimeElapsedColumn(), TextColumn("eta"), TimeRemainingColumn())
 
 
+class _PlainProgress:
+    """Progress for a log (stderr not a terminal), where a bar cannot redraw: a text line
+    at most every ``PLAIN_INTERVAL`` seconds, and a last one when the work took that long,
+    so a batch job's log says how far a long run has got without flooding it."""
+
+    def __init__(self, desc: str, total: int | None):
+        self.desc, self.total, self.done = desc, total, 0
+        self.start = self.last = time.monotonic()
+
+    def advance(self, n: int = 1, label: str = "") -> None:
+        self.done += n
+        now = time.monotonic()
+        if now - self.last >= PLAIN_INTERVAL:
+            self.last = now
+            self._line(label)
+
+    def close(self) -> None:
+        if time.monotonic() - self.start >= PLAIN_INTERVAL:
+            self._line("done")
+
+    def _line(self, label: str) -> None:
+        seconds = int(time.monotonic() - self.start)
+        count = f"{self.done}/{self.total}" if self.total else str(self.done)
+        info(f"{self.desc}: {count} ({seconds // 60}:{seconds % 60:02d})"
+             + (f" {label}" if label else ""))
+
+
 def progress_iter(iterable, total: int | None = None, desc: str = "", enabled: bool = True):
-    """Iterate with a progress bar on stderr (silent when ``enabled`` is false)."""
+    """Iterate with a progress bar on stderr (silent when ``enabled`` is false; occasional
+    text lines when stderr is not a terminal)."""
     if not enabled:
         yield from iterable
         return
-    with Progress(*_columns(), console=console, transient=not console.is_terminal) as prog:
+    if not console.is_terminal:
+        plain = _PlainProgress(desc, total)
+        for item in iterable:
+            yield item
+            plain.advance()
+        plain.close()
+        return
+    with Progress(*_columns(), console=console) as prog:
         task = prog.add_task(desc, total=total)
         for item in iterable:
             yield item
@@ -32,7 +69,16 @@ def progress_iter(iterable, total: int | None = None, desc: str = "", enabled: b
 
 @contextmanager
 def unit_progress(total: int, desc: str = "work units"):
-    """A bar for work units; yields ``advance(label)`` to call after each unit."""
+    """A bar for work units; yields ``advance(label)`` to call after each unit (text lines
+    instead when stderr is not a terminal)."""
+    if not console.is_terminal:
+        plain = _PlainProgress(desc, total)
+
+        def advance_plain(label: str = "", done: bool = True):
+            plain.advance(1 if done else 0, label)
+        yield advance_plain
+        plain.close()
+        return
     with Progress(*_columns(), TextColumn("{task.fields[current]}"), console=console) as prog:
         task = prog.add_task(desc, total=total, current="")
 

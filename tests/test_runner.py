@@ -5,6 +5,7 @@ from __future__ import annotations
 import csv
 import json
 import os
+import re
 import shutil
 
 import numpy as np
@@ -175,3 +176,27 @@ def test_list_and_inspect(tiny_run, capsys):
     assert "verified" in text and "cnn_tiny" in text
     manifest = json.loads((out / "predictor" / "manifest.json").read_text())
     assert manifest["classes"] == ["disc", "square", "stripes"] and manifest["image_size"] == 32
+
+
+def test_progress_in_a_log_is_occasional_text_lines(monkeypatch, capsys):
+    """With stderr not a terminal (a batch job's log), progress is a text line at most every
+    PLAIN_INTERVAL seconds and a last one when the work took that long; short work prints
+    nothing."""
+    from core import progress
+    assert not progress.console.is_terminal          # pytest captures stderr
+    assert list(progress.progress_iter(range(3), total=3, desc="things")) == [0, 1, 2]
+    with progress.unit_progress(2, "units") as advance:
+        advance("a fold 0")
+        advance("a fold 1")
+    assert capsys.readouterr().err == ""             # quicker than the interval: silent
+    monkeypatch.setattr(progress, "PLAIN_INTERVAL", 0.0)
+    assert list(progress.progress_iter(range(3), total=3, desc="things")) == [0, 1, 2]
+    with progress.unit_progress(2, "units") as advance:
+        advance("a fold 0")
+        advance("a fold 1")
+    lines = capsys.readouterr().err.splitlines()
+    assert [line.split(" (")[0] for line in lines] == [
+        "things: 1/3", "things: 2/3", "things: 3/3", "things: 3/3",
+        "units: 1/2", "units: 2/2", "units: 2/2"]
+    assert lines[4].endswith(") a fold 0") and lines[-1].endswith(") done")
+    assert all(re.search(r"\(\d+:\d\d\)", line) for line in lines)
