@@ -48,7 +48,8 @@ def build_ensemble(entry: dict, name: str = "") -> Ensemble:
         raise BenchError(f"[ensembles.{name}]: bad settings ({exc})") from None
 
 
-def _sets(name: str, entry: dict, members: list[str], oofs: dict, stressed: dict | None):
+def member_sets(name: str, entry: dict, members: list[str], oofs: dict,
+                stressed: dict | None):
     """``(sets, fit_sets)``: the members' clean rows, then their rows under each simulated
     shift; ensemble ``name`` is fitted on the first ``fit_sets`` of them."""
     sets = [[oofs[m] for m in members]]
@@ -94,7 +95,7 @@ def evaluate_ensembles(entries: dict, oofs: dict[str, np.ndarray], kinds: dict[s
                 warn(f"ensemble '{name}' has no members in this run; skipped")
             continue
         ens = build_ensemble(entry, name)
-        sets, fit_sets = _sets(name, entry, members, oofs, stressed)
+        sets, fit_sets = member_sets(name, entry, members, oofs, stressed)
         t = time.perf_counter()
         outs = fit_ensemble(ens, sets, y, name, folds.folds, fit_sets=fit_sets)
         combine_s = time.perf_counter() - t
@@ -148,6 +149,6 @@ def final_ensemble(name: str, kind: str, entries: dict, oofs: dict[str, np.ndarr
     entry = entries[name]
     members = ensemble_members(entry.get("members", "cnn"), kinds)
     ens = build_ensemble(entry, name)
-    sets, fit_sets = _sets(name, entry, members, oofs, stressed)
+    sets, fit_sets = member_sets(name, entry, members, oofs, stressed)
     fit_ensemble(ens, sets, y, name, folds.folds, cross_val=False, fit_sets=fit_sets)
     return [members[i] for i in ens.drop_unused()], ens

@@ -26,7 +26,7 @@ from scipy.stats import spearmanr
 from core import registry
 from core.candidate import load_candidate
 from bench.stress import stress_shifts
-from ensembles.build import build_ensemble, fit_ensemble
+from ensembles.build import build_ensemble, fit_ensemble, member_sets
 from features.morphology import segment_cell
 
 
@@ -172,20 +172,21 @@ def _ensemble_weights(run, name: str, cnn_members: list[str]) -> dict[int, dict[
     members = run.members(name)
     entry = (run.config.get("ensembles", {}) or {}).get(name, {})
     weighted = build_ensemble(entry, name).has_member_weights   # declared capability
-    shifts = stress_shifts(run.config) if entry.get("stress") else []
-    shifted = None   # as the run fitted it: with stress = true also under each shift
+    sets = None   # as the run fitted it (member_sets): with stress = true also under each shift
     out = {}
     for k in run.fold_ids:
         w = np.ones(len(members))
         if weighted:
             try:
+                if sets is None:   # read once, for every fold
+                    stressed = ({s: {m: run.rundir.read_stress_oof(m, s) for m in members}
+                                 for s in stress_shifts(run.config)}
+                                if entry.get("stress") else None)
+                    sets, fit_sets = member_sets(name, entry, members, run.oof, stressed)
                 train = run.splits.train(k)
-                if shifted is None:   # read once, for every fold
-                    shifted = [[run.rundir.read_stress_oof(m, s) for m in members]
-                               for s in shifts]
-                sets = [[p[train] for p in s] for s in [[run.oof[m] for m in members], *shifted]]
-                fitted = fit_ensemble(build_ensemble(entry, name), sets, run.y[train], name,
-                                      run.folds[train], cross_val=False, fit_sets=len(sets))
+                fitted = fit_ensemble(build_ensemble(entry, name),
+                                      [[p[train] for p in s] for s in sets], run.y[train], name,
+                                      run.folds[train], cross_val=False, fit_sets=fit_sets)
                 weights = fitted.member_weights()
                 if weights is not None and len(weights) == len(members):
                     w = np.asarray(weights, dtype=float)
