@@ -392,6 +392,28 @@ def _per_class(y, pred, present, classes, k) -> list[dict]:
     return out
 
 
+def per_external_class(ext_labels, y, pred, mapping: dict, classes: list[str],
+                       top: int = 3) -> list[dict] | None:
+    """Recall of each of the set's own classes, when the map sends two or more of them onto
+    one predictor class (e.g. band and segmented neutrophils onto ``neutrophil``): which
+    kinds of cell a predictor class misses. ``None`` for a one-to-one map (the per-class
+    table says it all). Each row: ``external_class``, ``mapped_to``, ``n``, ``recall`` (of
+    the full argmax), ``wrong``: the ``top`` most frequent wrong answers ``[[class, n]]``."""
+    targets = [v for v in mapping.values() if v is not None]
+    if len(targets) == len(set(targets)):
+        return None
+    ext_labels = np.asarray(ext_labels, dtype=object)
+    rows = []
+    for e in sorted({str(v) for v in ext_labels}):
+        sel = ext_labels == e
+        truth, got = int(y[sel][0]), pred[sel]
+        wrong = pd.Series(got[got != truth]).value_counts()
+        rows.append({"external_class": e, "mapped_to": classes[truth], "n": int(sel.sum()),
+                     "recall": float((got == truth).mean()),
+                     "wrong": [[classes[int(c)], int(n)] for c, n in wrong.head(top).items()]})
+    return sorted(rows, key=lambda r: (r["mapped_to"], -r["n"], r["external_class"]))
+
+
 def score(y, proba, classes, groups=None, n_boot: int = N_BOOT, seed: int = SEED,
           level: float = LEVEL, ece_bins: int = ECE_BINS) -> dict:
     """The numbers of an evaluation (see the module docstring).
@@ -704,6 +726,12 @@ def _write_outputs(tmp: Path, result: dict, ext: ExternalSet, keep, y, proba, sc
                                  "confusion", "confusion matrix",
                                  "Rows: the true classes present in the set; columns: every "
                                  "class of the predictor (full argmax).", cm_csv)}
+    pe_csv = None
+    if result["per_external_class"]:
+        pe_csv = out.csv(pd.DataFrame(
+            [{**{k: v for k, v in r.items() if k != "wrong"},
+              "wrong": "; ".join(f"{c} {n}" for c, n in r["wrong"])}
+             for r in result["per_external_class"]]), "per_external_class")
     figs["recall"] = out.fig(_recall_figure(result["per_class"], dom is not None), "recall",
                              "recall per class, in-domain and external",
                              "Recall per class on the external set"
@@ -755,7 +783,7 @@ def _write_outputs(tmp: Path, result: dict, ext: ExternalSet, keep, y, proba, sc
                             else ""})
     ctx = {"title": f"{result['data']['name']}", "r": result, "metric_rows": metric_rows,
            "figs": figs, "gallery": gallery, "gallery_status": gallery_status,
-           "per_class_csv": pc_csv, "csvs": out.csvs, "csp": _csp(), "script": SORT_SCRIPT,
+           "per_class_csv": pc_csv, "per_external_csv": pe_csv, "csvs": out.csvs, "csp": _csp(), "script": SORT_SCRIPT,
            "fmt": fmt, "left_out": result["left_out"], "classes": classes}
     html = _env().get_template("evaluate.html.j2").render(**ctx)
     atomic_write_text(tmp / "index.html", html)
@@ -882,6 +910,8 @@ def evaluate(predictor_dir, data, *, labels=None, class_map=None, groups=None, o
         "n": int(len(y)), "n_left_out": int(sum(left.values())), "left_out": left,
         "counts": {classes[c]: int((y == c).sum()) for c in np.unique(y)},
         **{k: v for k, v in sc.items()},
+        "per_external_class": per_external_class([ext.labels[i] for i in keep], y,
+                                                 sc["_pred"], mapping, classes),
         "in_domain": dom, "in_domain_note": dom_note,
         "gradcam": gal,
         "versions": package_versions(),
@@ -943,6 +973,14 @@ def summary(result: dict) -> str:
         lines.append(f"  {p['class'][:16]:16s}{p['support']:>7d}{fmt(p['precision']):>11s}"
                      f"{fmt(p['recall']):>8s}{fmt(p['f1']):>7s}"
                      + (f"{fmt(p.get('recall_in_domain')):>18s}" if dom else ""))
+    if r.get("per_external_class"):
+        names = [f"{e['external_class']} -> {e['mapped_to']}" for e in r["per_external_class"]]
+        head = "the set's own classes"
+        w = min(max(len(n) for n in names + [head]), 44)
+        lines.append(f"  {head:{w}s}{'n':>7s}{'recall':>8s}  most frequent wrong answers")
+        for name, e in zip(names, r["per_external_class"]):
+            lines.append(f"  {name[:w]:{w}s}{e['n']:>7d}{fmt(e['recall']):>8s}  "
+                         + ", ".join(f"{c} {n}" for c, n in e["wrong"]))
     if not dom and r.get("in_domain_note"):
         lines.append(f"  {r['in_domain_note']}")
     t = r.get("timings", {})
@@ -952,4 +990,5 @@ def summary(result: dict) -> str:
 
 
 __all__ = ["evaluate", "score", "summary", "load_external", "read_class_map", "map_classes",
+           "per_external_class",
            "bootstrap_weights", "EVAL_FILE", "PREDICTIONS_FILE"]

@@ -218,6 +218,40 @@ def test_class_map_toml_and_csv(model, tmp_path):
     assert r3["n"] == 8 and r3["class_map"]["unmapped"] == {"box": 8, "lines": 8}
 
 
+def test_many_to_one_map_scores_each_of_the_sets_own_classes(model, tmp_path, capsys):
+    """Two of the set's classes onto one predictor class: the squares ('box') mapped onto
+    'disc' are called squares, and the table by the set's own classes shows it."""
+    data = write_set(tmp_path / "fine", {0: "round", 1: "box", 2: "lines"})
+    toml = tmp_path / "map.toml"
+    toml.write_text('round = "disc"\nbox = "disc"\nlines = "stripes"\n')
+    out = tmp_path / "o"
+    assert main(["evaluate", "--model", str(model), "--data", str(data), "--class-map",
+                 str(toml), "--out", str(out), "--no-gradcam"]) == 0
+    r, p = read_out(out)
+    rows = {e["external_class"]: e for e in r["per_external_class"]}
+    assert [e["external_class"] for e in r["per_external_class"]] == ["box", "round", "lines"]
+    for name, e in rows.items():
+        sub = p[p["external_class"] == name]
+        assert e["n"] == len(sub) == 8
+        assert e["mapped_to"] == sub["true_class"].iloc[0]
+        assert e["recall"] == pytest.approx((sub["prediction"] == sub["true_class"]).mean())
+        wrong = sub.loc[sub["prediction"] != sub["true_class"], "prediction"].value_counts()
+        assert dict(e["wrong"]) == {c: int(n) for c, n in wrong.head(3).items()}
+    assert rows["box"]["mapped_to"] == "disc" and rows["box"]["recall"] < 0.5
+    assert rows["box"]["wrong"][0][0] == "square"          # the squares are seen as squares
+    assert rows["round"]["recall"] > 0.5
+    table = pd.read_csv(out / "csv" / "per_external_class.csv")
+    assert table["external_class"].tolist() == ["box", "round", "lines"]
+    assert "By the set's own classes" in (out / "index.html").read_text()
+    printed = capsys.readouterr().out
+    assert "the set's own classes" in printed and "box -> disc" in printed
+    # a one-to-one map has no such table
+    one = evaluate(model, data, class_map={"round": "disc", "box": "square", "lines": "stripes"},
+                   out=tmp_path / "o1", progress=False, n_boot=10, gradcam=False)
+    assert one["per_external_class"] is None
+    assert not (tmp_path / "o1" / "csv" / "per_external_class.csv").exists()
+
+
 def test_subset_of_classes_scores_over_the_present_ones(model, tmp_path):
     data = write_set(tmp_path / "two", {0: "disc", 2: "stripes"})
     r = evaluate(model, data, out=tmp_path / "o", progress=False)
