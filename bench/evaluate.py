@@ -784,7 +784,8 @@ def _write_outputs(tmp: Path, result: dict, ext: ExternalSet, keep, y, proba, sc
     ctx = {"title": f"{result['data']['name']}", "r": result, "metric_rows": metric_rows,
            "figs": figs, "gallery": gallery, "gallery_status": gallery_status,
            "per_class_csv": pc_csv, "per_external_csv": pe_csv, "csvs": out.csvs,
-           "csp": _csp(), "script": SORT_SCRIPT, "fmt": fmt, "left_out": result["left_out"], "classes": classes}
+           "csp": _csp(), "script": SORT_SCRIPT, "fmt": fmt, "left_out": result["left_out"],
+           "classes": classes}
     html = _env().get_template("evaluate.html.j2").render(**ctx)
     atomic_write_text(tmp / "index.html", html)
 
