@@ -13,6 +13,7 @@ import json
 import os
 import sys
 import tempfile
+from collections import Counter
 from pathlib import Path
 
 import numpy as np
@@ -27,6 +28,7 @@ from core.images import IMAGE_SUFFIXES, find_images, resolve_preprocessing
 from core.io import atomic_write_text
 from core.progress import console, info, progress_iter, warn
 from ensembles.overlay import gradcam_names, write_gradcam_png
+from ensembles.bags import NO_CALL, REFER
 from ensembles.predictor import load_predictor, verify_predictor
 
 
@@ -317,6 +319,10 @@ def list_bags(root) -> dict[str, list[Path]]:
     return subs
 
 
+#: per-file warnings of unreadable cells printed before they are only counted
+MAX_SKIP_WARNINGS = 5
+
+
 def _predict_bags(args) -> int:
     manifest = verify_predictor(args.model)   # a single-image predictor fails before loading
     if not manifest.get("bags"):
@@ -330,18 +336,32 @@ def _predict_bags(args) -> int:
     results = []
     for name, paths in progress_iter(bags.items(), total=len(bags), desc="patients",
                                      enabled=len(bags) > 1):
-        results.append((paths, pred.predict_bags({name: paths}, args.batch_size)[0]))
+        results.append(pred.predict_bags({name: paths}, args.batch_size)[0])
+    skipped = [(r["bag"], item, why) for r in results for item, why in r["skipped"]]
+    for _, item, why in skipped[:MAX_SKIP_WARNINGS]:
+        warn(f"skipped {why}")
+    if len(skipped) > MAX_SKIP_WARNINGS:
+        warn(f"skipped {len(skipped) - MAX_SKIP_WARNINGS} more unreadable file(s) (column "
+             "n_skipped)")
+    if not any(r["n_cells"] for r in results):
+        raise BenchError(f"none of the {len(skipped)} image file(s) under {args.img_path} "
+                         "could be read (see the warnings above)")
     buf, cells = io.StringIO(), io.StringIO()
     w, wc = csv.writer(buf), csv.writer(cells)
-    w.writerow(["bag", "n_cells", f"probability_{spec['positive']}", "decision", "threshold",
-                "aggregator"])
+    w.writerow(["bag", "n_cells", "n_skipped", f"probability_{spec['positive']}", "decision",
+                "reason", "threshold", "min_cells", "aggregator"])
     wc.writerow(["bag", "path", "prediction", *pred.classes_])
-    for paths, r in results:
-        w.writerow([r["bag"], r["n_cells"], f"{r['probability']:.6f}", r["decision"],
-                    f"{r['threshold']:.6f}", spec["aggregator"]])
-        for p, row in zip(paths, r["cells"]):
+    for r in results:
+        prob = "" if not r["n_cells"] else f"{r['probability']:.6f}"
+        w.writerow([r["bag"], r["n_cells"], r["n_skipped"], prob, r["decision"], r["reason"],
+                    f"{r['threshold']:.6f}", r["min_cells"], spec["aggregator"]])
+        for p, row in zip(r["cell_items"], r["cells"]):
             wc.writerow([r["bag"], str(p), pred.classes_[int(np.argmax(row))],
                          *[f"{v:.6f}" for v in row]])
+    counts = Counter(r["decision"] for r in results)
+    said = ", ".join(f"{n} {d}" + {REFER: " (too few cells)", NO_CALL: " (no readable image)"}
+                     .get(d, "") for d, n in sorted(counts.items()))
+    print(f"{len(results)} patient(s): {said}", file=sys.stderr)
     if args.out:
         out = Path(args.out)
         cells_out = out.with_name(out.stem + "_cells.csv")

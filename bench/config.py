@@ -23,7 +23,7 @@ import re
 import sys
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Literal, Union
+from typing import Annotated, Literal, Union
 
 import tomli_w
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
@@ -298,6 +298,8 @@ PATIENT_DEFAULTS = {
     "composition_features": "all",   # feature set of the composition's cell-type classifier
     "threshold": "youden",      # decision threshold, chosen on the training folds' bags
     "n_boot": 2000,             # bootstrap over bags (CIs and paired tests)
+    "min_cells": "auto",        # fewer readable cells: no call ("refer"); auto: 5th percentile
+                                # of the training bags' cell counts
     "seed": 0,
 }
 
@@ -429,6 +431,7 @@ class PatientsSection(_Section):
     composition_features: str = Field(min_length=1)
     threshold: Literal["youden", "half"]
     n_boot: int = Field(ge=100)
+    min_cells: Annotated[int, Field(ge=1)] | Literal["auto"]
     seed: int = Field(ge=0)
 
 

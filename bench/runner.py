@@ -42,7 +42,7 @@ from core.metrics import summarize
 from core.progress import info, unit_progress, warn
 from core.shift import ShiftReference
 from core.splits import PredefinedFolds
-from ensembles.bags import make_aggregator
+from ensembles.bags import MIN_CELLS_PERCENTILE, make_aggregator, min_cells_from_counts
 from ensembles.build import choose_entry, evaluate_ensembles, final_ensemble
 from ensembles.predictor import save_predictor
 
@@ -315,7 +315,14 @@ def _bag_settings(cfg: Config, patients, name: str) -> dict:
         ["mean", "trimmed_mean", "top_k_mean"])]
     r = rows.iloc[0]
     params = make_aggregator(r["aggregator"], cfg["patients"]).params()
+    min_cells = cfg["patients"]["min_cells"]
+    rule = f"[patients] min_cells = {min_cells}"
+    if min_cells == "auto":
+        min_cells = min_cells_from_counts(bag_table["n_cells"])
+        rule = (f"the {MIN_CELLS_PERCENTILE}th percentile of the {len(bag_table)} training "
+                "bags' cell counts")
     return {"positive": meta["positive"], "aggregator": r["aggregator"], "params": params,
+            "min_cells": int(min_cells), "min_cells_rule": rule,
             "threshold": final_threshold(bag_table, r["entry"], meta["threshold_rule"]),
             "threshold_rule": meta["threshold_rule"] + " on every bag's out-of-fold score",
             "patient_leaderboard": {k: float(r[k]) for k in

@@ -156,5 +156,36 @@ def choose_threshold(scores: np.ndarray, y: np.ndarray, rule: str = "youden") ->
     return best
 
 
+#: the decisions a bag can get besides its positive and negative class
+REFER = "refer"    # too few readable cells for a confident call: a person decides
+NO_CALL = "none"   # no readable cell at all
+#: ``[patients] min_cells = "auto"``: this percentile of the training bags' cell counts
+MIN_CELLS_PERCENTILE = 5
+
+
+def min_cells_from_counts(counts) -> int:
+    """The ``"auto"`` minimum of cells for a confident call: the
+    :data:`MIN_CELLS_PERCENTILE`-th percentile of the training bags' cell counts (rounded
+    down, at least 1): fewer cells than nearly every bag the threshold was chosen on."""
+    counts = np.asarray(list(counts), dtype=float)
+    if not len(counts):
+        return 1
+    return max(1, int(math.floor(np.percentile(counts, MIN_CELLS_PERCENTILE))))
+
+
+def bag_decision(score: float, n_cells: int, positive: str, negative: str, threshold: float,
+                 min_cells: int) -> tuple[str, str]:
+    """``(decision, reason)`` of a bag with ``n_cells`` readable cells and aggregated
+    ``score``: :data:`NO_CALL` without cells, :data:`REFER` below ``min_cells``, else the
+    positive class when ``score >= threshold`` and the negative one otherwise (reason
+    empty)."""
+    if n_cells == 0:
+        return NO_CALL, "no readable image"
+    if n_cells < min_cells:
+        return REFER, f"too few cells ({n_cells} < min_cells {min_cells})"
+    return (positive if score >= threshold else negative), ""
+
+
 __all__ = ["MeanAggregator", "TrimmedMeanAggregator", "TopKMeanAggregator",
-           "CompositionAggregator", "make_aggregator", "choose_threshold", "negative_label"]
+           "CompositionAggregator", "make_aggregator", "choose_threshold", "negative_label",
+           "REFER", "NO_CALL", "min_cells_from_counts", "bag_decision"]

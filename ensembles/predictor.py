@@ -32,7 +32,7 @@ from core.candidate import CANDIDATE_FILE, Candidate, load_candidate
 from core.errors import BenchError
 from core.images import Preprocessing, as_items, resolve_preprocessing
 from core.shift import ShiftReference
-from ensembles.bags import make_aggregator, negative_label
+from ensembles.bags import bag_decision, make_aggregator, negative_label
 from ensembles.base import Ensemble
 from core.io import _json_default, atomic_write_json, file_sha256, package_versions, staged
 
@@ -220,11 +220,16 @@ class Predictor:
         """One diagnosis per bag (patient) from its cells, for a predictor saved by a bag
         task (``[data] bags = true``).
 
-        ``bags``: ``{name: image paths or uint8 arrays}``. Returns one dict per bag:
-        ``bag``, ``n_cells``, ``probability`` (the stored aggregator over the cells'
-        probabilities of the positive class), ``decision`` (positive when the probability
-        reaches the stored threshold), ``threshold``, and ``cells`` (each cell's
-        probabilities, (n, n_classes)).
+        ``bags``: ``{name: image paths or uint8 arrays}``. Unreadable files (not an image,
+        empty, truncated) are skipped, as single-image prediction skips them; one bag's bad
+        files never stop the others. Returns one dict per bag: ``bag``, ``n_cells`` (the
+        readable cells), ``n_skipped`` and ``skipped`` (``(item, reason)`` of each
+        unreadable one), ``probability`` (the stored aggregator over the cells'
+        probabilities of the positive class; NaN without cells), ``decision`` (the
+        positive class when the probability reaches the stored threshold, else the
+        negative one; ``"refer"`` below the stored ``min_cells``; ``"none"`` without a
+        readable cell), ``reason`` (why ``refer`` or ``none``, else empty), ``threshold``,
+        ``min_cells`` and ``cells`` (each readable cell's probabilities, (n, n_classes)).
         """
         spec = self.bag_task_
         if spec is None:
@@ -234,15 +239,25 @@ class Predictor:
         classes = [str(c) for c in self.classes_]
         pos = classes.index(spec["positive"])
         negative = negative_label(classes, spec["positive"])
+        min_cells = int(spec.get("min_cells", 1))   # predictors saved before it: no minimum
         out = []
         for name, items in bags.items():
-            proba = self.predict_proba(items, batch_size)
-            if not len(proba):
+            items = as_items(items)
+            if not len(items):
                 raise BenchError(f"bag '{name}' has no images")
-            score = agg.score_bag(proba[:, pos])
-            out.append({"bag": name, "n_cells": int(len(proba)), "probability": score,
-                        "decision": spec["positive"] if score >= spec["threshold"] else negative,
-                        "threshold": float(spec["threshold"]), "cells": proba})
+            X, _, ok, errors = self.preprocessing.load(items, skip_errors=True)
+            skipped = [(f"array {i}" if isinstance(items[i], np.ndarray) else str(items[i]),
+                        str(exc)) for i, exc in errors]
+            proba = (self.predict_proba(X, batch_size) if len(ok)
+                     else np.zeros((0, len(classes))))
+            score = agg.score_bag(proba[:, pos]) if len(ok) else float("nan")
+            decision, reason = bag_decision(score, len(ok), spec["positive"], negative,
+                                            float(spec["threshold"]), min_cells)
+            out.append({"bag": name, "n_cells": int(len(ok)), "n_skipped": len(skipped),
+                        "skipped": skipped, "probability": score, "decision": decision,
+                        "reason": reason, "threshold": float(spec["threshold"]),
+                        "min_cells": min_cells, "cells": proba, "cell_items": [items[i]
+                                                                               for i in ok]})
         return out
 
     # -- Grad-CAM -------------------------------------------------------------------
@@ -451,6 +466,8 @@ def _check_fields(manifest: dict, mpath: Path) -> None:
              "bags 'aggregator' must be mean, trimmed_mean or top_k_mean")
         need(isinstance(bags.get("params", {}), dict), "bags 'params' must be an object")
         need(_is_number(bags.get("threshold")), "bags 'threshold' must be a number")
+        need(_is_int(bags.get("min_cells", 1)) and bags.get("min_cells", 1) >= 1,
+             "bags 'min_cells' must be an integer of at least 1")
     need(size is not None or isinstance(manifest.get("preprocessing"), dict),
          "'image_size' is missing")
     try:

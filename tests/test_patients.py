@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import csv
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -359,3 +360,126 @@ def test_too_few_cell_types_are_refused_before_any_unit_runs(tmp_path, bag_data)
     with pytest.raises(BenchError, match="cell_types: only 5 of"):
         run_benchmark(cfg, show_progress=False)
     assert not (tmp_path / "run" / "units").exists()
+
+
+# ----------------------------------------------------------------------------- bad files, few cells
+
+def _patient_folders(bag_data: Path, root: Path, shown: list[str]) -> Path:
+    cells = pd.read_csv(bag_data / "cells.csv")
+    for p in shown:
+        (root / p).mkdir(parents=True, exist_ok=True)
+        for f in cells.file[cells.patient == p]:
+            (root / p / Path(f).name).write_bytes((bag_data / f).read_bytes())
+    return root
+
+
+def _predict_bags_cli(model: Path, folder: Path, out: Path):
+    res = subprocess.run([sys.executable, "-m", "bench", "predict", "--model", str(model),
+                          "--img_path", str(folder), "--bags", "--out", str(out)],
+                         capture_output=True, text=True, cwd=REPO,
+                         env={**os.environ, "COLUMNS": "400"})   # warnings unwrapped
+    return res, (pd.read_csv(out, dtype=str, keep_default_na=False) if out.exists() else None)
+
+
+def test_the_predictor_stores_min_cells_from_the_training_bags(bag_run, bag_data):
+    spec = load_predictor(bag_run / "predictor").bag_task_
+    counts = pd.read_csv(bag_data / "cells.csv").groupby("patient").size()
+    assert spec["min_cells"] == int(np.floor(np.percentile(counts, 5)))
+    assert 1 <= spec["min_cells"] <= counts.min() + 1
+    assert "percentile" in spec["min_cells_rule"]
+
+
+def test_one_bad_file_does_not_stop_the_batch(bag_run, bag_data, tmp_path):
+    shown = ["P00", "P01", "P03", "P04"]
+    clean = _patient_folders(bag_data, tmp_path / "clean", shown)
+    dirty = _patient_folders(bag_data, tmp_path / "dirty", shown)
+    (dirty / "P01" / "zz_corrupt.jpg").write_bytes(b"this is not an image")
+    (dirty / "P01" / "zz_empty.png").write_bytes(b"")
+    good = next((dirty / "P01").glob("*.png")).read_bytes()
+    (dirty / "P01" / "zz_truncated.png").write_bytes(good[: len(good) // 2])
+    # a patient whose every file is unreadable
+    (dirty / "P99").mkdir()
+    (dirty / "P99" / "a.jpg").write_bytes(b"junk")
+    (dirty / "P99" / "b.png").write_bytes(b"")
+    (dirty / "P99" / "c.png").write_bytes(b"\x89PNG")
+    model = bag_run / "predictor"
+    res0, ref = _predict_bags_cli(model, clean, tmp_path / "clean.csv")
+    res, got = _predict_bags_cli(model, dirty, tmp_path / "dirty.csv")
+    assert res0.returncode == 0 and res.returncode == 0, res.stderr
+    assert list(got.columns[:6]) == ["bag", "n_cells", "n_skipped", "probability_APL",
+                                     "decision", "reason"]
+    got = got.set_index("bag")
+    ref = ref.set_index("bag")
+    assert list(got.index) == shown + ["P99"]
+    # the other patients, and the patient with bad files, score as in the clean run
+    for p in shown:
+        assert got.loc[p, "probability_APL"] == ref.loc[p, "probability_APL"]
+        assert got.loc[p, "decision"] == ref.loc[p, "decision"]
+        assert got.loc[p, "n_cells"] == ref.loc[p, "n_cells"]
+    assert got.loc["P01", "n_skipped"] == "3"
+    assert (got.loc[["P00", "P03", "P04"], "n_skipped"] == "0").all()
+    assert got.loc["P99", "decision"] == "none" and got.loc["P99", "n_cells"] == "0"
+    assert got.loc["P99", "n_skipped"] == "3" and got.loc["P99", "reason"] == "no readable image"
+    assert got.loc["P99", "probability_APL"] == ""
+    err = " ".join(res.stderr.split())   # one warning line per file, then a count
+    assert err.count("warning: skipped cannot read image") == 5
+    assert "zz_corrupt.jpg" in err and "warning: skipped 1 more unreadable file(s)" in err
+    assert "1 none (no readable image)" in res.stderr
+    cells = pd.read_csv(tmp_path / "dirty_cells.csv")
+    assert not cells["path"].str.contains("zz_|P99").any()
+    assert len(cells) == got["n_cells"].astype(int).sum()
+
+
+def test_a_batch_of_only_unreadable_files_is_an_error(bag_run, tmp_path):
+    (tmp_path / "pats" / "P1").mkdir(parents=True)
+    (tmp_path / "pats" / "P1" / "x.jpg").write_bytes(b"junk")
+    res, _ = _predict_bags_cli(bag_run / "predictor", tmp_path / "pats", tmp_path / "o.csv")
+    assert res.returncode != 0
+    assert res.stderr.strip().splitlines()[-1].startswith("error: none of the 1 image file(s)")
+    assert not (tmp_path / "o.csv").exists()
+
+
+def test_too_few_cells_are_referred_not_called(bag_run, bag_data, tmp_path):
+    pred = load_predictor(bag_run / "predictor")
+    min_cells = pred.bag_task_["min_cells"]
+    root = _patient_folders(bag_data, tmp_path / "pats", ["P00", "P01"])
+    few = sorted((root / "P00").glob("*.png"))
+    for f in few[3:]:
+        f.unlink()
+    assert 3 < min_cells
+    res, got = _predict_bags_cli(bag_run / "predictor", root, tmp_path / "p.csv")
+    assert res.returncode == 0, res.stderr
+    got = got.set_index("bag")
+    assert got.loc["P00", "decision"] == "refer" and got.loc["P00", "n_cells"] == "3"
+    assert f"too few cells (3 < min_cells {min_cells})" == got.loc["P00", "reason"]
+    assert 0 <= float(got.loc["P00", "probability_APL"]) <= 1   # the score is still shown
+    assert got.loc["P01", "decision"] == "AML" and got.loc["P01", "reason"] == ""
+    assert "1 refer (too few cells)" in res.stderr
+    # the Python API says the same
+    r = pred.predict_bags({"few": [str(f) for f in few[:3]]})[0]
+    assert (r["decision"], r["n_cells"], r["n_skipped"]) == ("refer", 3, 0)
+
+
+def _min_cells_config(tmp_path: Path, root: Path, value) -> Path:
+    p = tmp_path / "bags.toml"
+    p.write_text(BAG_CONFIG.format(root=root).replace("n_boot = 300",
+                                                      f"n_boot = 300\nmin_cells = {value}"))
+    return p
+
+
+@pytest.mark.parametrize("value,message", [
+    ("0", "[patients] min_cells must be at least 1, got 0"),
+    ("2.5", "[patients] min_cells must be an integer, got 2.5"),
+    ('"many"', "[patients] min_cells must be an integer, got 'many'")])
+def test_a_bad_min_cells_is_one_line(tmp_path, bag_data, value, message):
+    with pytest.raises(BenchError) as exc:
+        load_config(_min_cells_config(tmp_path, bag_data, value))
+    assert str(exc.value).endswith(message) and "\n" not in str(exc.value)
+
+
+def test_a_set_min_cells_is_stored(tmp_path, bag_data):
+    cfg = load_config(_min_cells_config(tmp_path, bag_data, 7), out=str(tmp_path / "run"),
+                      only=["rf_color"])
+    run_benchmark(cfg, show_progress=False)
+    spec = load_predictor(tmp_path / "run" / "predictor").bag_task_
+    assert spec["min_cells"] == 7 and spec["min_cells_rule"] == "[patients] min_cells = 7"
