@@ -186,6 +186,20 @@ def bag_decision(score: float, n_cells: int, positive: str, negative: str, thres
     return (positive if score >= threshold else negative), ""
 
 
+def call_bag(spec: dict, classes, p_positive) -> tuple[float, str, str]:
+    """``(score, decision, reason)`` of one bag under a saved bag task's ``spec`` (its
+    ``positive`` class, ``aggregator`` and ``params``, ``threshold`` and ``min_cells``;
+    predictors saved before ``min_cells`` existed have no minimum), from the positive-class
+    probabilities of the bag's readable cells (the score is NaN without cells)."""
+    p = np.asarray(p_positive, dtype=float)
+    score = (make_aggregator(spec["aggregator"], spec.get("params", {})).score_bag(p)
+             if len(p) else math.nan)
+    decision, reason = bag_decision(score, len(p), spec["positive"],
+                                    negative_label([str(c) for c in classes], spec["positive"]),
+                                    float(spec["threshold"]), int(spec.get("min_cells", 1)))
+    return score, decision, reason
+
+
 __all__ = ["MeanAggregator", "TrimmedMeanAggregator", "TopKMeanAggregator",
            "CompositionAggregator", "make_aggregator", "choose_threshold", "negative_label",
-           "REFER", "NO_CALL", "min_cells_from_counts", "bag_decision"]
+           "REFER", "NO_CALL", "min_cells_from_counts", "bag_decision", "call_bag"]

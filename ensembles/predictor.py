@@ -32,7 +32,7 @@ from core.candidate import CANDIDATE_FILE, Candidate, load_candidate
 from core.errors import BenchError
 from core.images import Preprocessing, as_items, resolve_preprocessing
 from core.shift import ShiftReference
-from ensembles.bags import bag_decision, make_aggregator, negative_label
+from ensembles.bags import call_bag
 from ensembles.base import Ensemble
 from core.io import _json_default, atomic_write_json, file_sha256, package_versions, staged
 
@@ -235,11 +235,8 @@ class Predictor:
         if spec is None:
             raise BenchError(f"predictor {self.path} was not trained on a bag task "
                              "([data] bags = true): it classifies single images")
-        agg = make_aggregator(spec["aggregator"], spec.get("params", {}))
         classes = [str(c) for c in self.classes_]
         pos = classes.index(spec["positive"])
-        negative = negative_label(classes, spec["positive"])
-        min_cells = int(spec.get("min_cells", 1))   # predictors saved before it: no minimum
         out = []
         for name, items in bags.items():
             items = as_items(items)
@@ -250,14 +247,12 @@ class Predictor:
                         str(exc)) for i, exc in errors]
             proba = (self.predict_proba(X, batch_size) if len(ok)
                      else np.zeros((0, len(classes))))
-            score = agg.score_bag(proba[:, pos]) if len(ok) else float("nan")
-            decision, reason = bag_decision(score, len(ok), spec["positive"], negative,
-                                            float(spec["threshold"]), min_cells)
+            score, decision, reason = call_bag(spec, classes, proba[:, pos])
             out.append({"bag": name, "n_cells": int(len(ok)), "n_skipped": len(skipped),
                         "skipped": skipped, "probability": score, "decision": decision,
                         "reason": reason, "threshold": float(spec["threshold"]),
-                        "min_cells": min_cells, "cells": proba, "cell_items": [items[i]
-                                                                               for i in ok]})
+                        "min_cells": int(spec.get("min_cells", 1)), "cells": proba,
+                        "cell_items": [items[i] for i in ok]})
         return out
 
     # -- Grad-CAM -------------------------------------------------------------------
