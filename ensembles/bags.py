@@ -22,6 +22,7 @@ these see anything but the arrays they are given: the caller keeps test bags out
 from __future__ import annotations
 
 import math
+from collections import Counter
 
 import numpy as np
 from scipy import stats as _st
@@ -200,6 +201,31 @@ def call_bag(spec: dict, classes, p_positive) -> tuple[float, str, str]:
     return score, decision, reason
 
 
+def call_bags(spec: dict, classes, groups, p_positive, labels=None,
+              skipped_groups=()) -> list[dict]:
+    """:func:`call_bag` for every group (bag) of a set of scored cells, in order of first
+    appearance: ``groups`` the group of each readable cell, ``p_positive`` its
+    positive-class probability, ``labels`` (optional) its label (the bag's label is its
+    cells' most frequent one), ``skipped_groups`` the group of each unreadable cell (a
+    group with no readable cell still gets a row, decision ``none``). Rows: ``bag``,
+    ``n_cells``, ``n_skipped``, ``probability``, ``decision``, ``reason`` and ``label``."""
+    p = np.asarray(p_positive, dtype=float)
+    cells: dict[str, list[int]] = {}
+    for i, g in enumerate(groups):
+        cells.setdefault(str(g), []).append(i)
+    skipped = Counter(str(g) for g in skipped_groups)
+    rows = []
+    for g in dict.fromkeys([*cells, *skipped]):
+        idx = cells.get(g, [])
+        score, decision, reason = call_bag(spec, classes, p[idx])
+        label = (Counter(str(labels[i]) for i in idx).most_common(1)[0][0]
+                 if labels is not None and idx else None)
+        rows.append({"bag": g, "n_cells": len(idx), "n_skipped": skipped[g],
+                     "probability": score, "decision": decision, "reason": reason,
+                     "label": label})
+    return rows
+
+
 __all__ = ["MeanAggregator", "TrimmedMeanAggregator", "TopKMeanAggregator",
            "CompositionAggregator", "make_aggregator", "choose_threshold", "negative_label",
-           "REFER", "NO_CALL", "min_cells_from_counts", "bag_decision", "call_bag"]
+           "REFER", "NO_CALL", "min_cells_from_counts", "bag_decision", "call_bag", "call_bags"]

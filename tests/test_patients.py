@@ -483,3 +483,19 @@ def test_a_set_min_cells_is_stored(tmp_path, bag_data):
     run_benchmark(cfg, show_progress=False)
     spec = load_predictor(tmp_path / "run" / "predictor").bag_task_
     assert spec["min_cells"] == 7 and spec["min_cells_rule"] == "[patients] min_cells = 7"
+
+
+def test_call_bags_applies_threshold_min_cells_and_skips_per_bag():
+    from ensembles.bags import call_bags
+    spec = {"positive": "APL", "aggregator": "mean", "threshold": 0.5, "min_cells": 3}
+    rows = call_bags(spec, ["AML", "APL"], ["a", "a", "a", "b", "b", "c", "c", "c"],
+                     [.9, .8, .7, .9, .9, .1, .2, .3], labels=["APL"] * 5 + ["AML"] * 3,
+                     skipped_groups=["b", "d"])
+    got = {r["bag"]: (r["n_cells"], r["n_skipped"], r["decision"], r["label"]) for r in rows}
+    assert got == {"a": (3, 0, "APL", "APL"), "b": (2, 1, "refer", "APL"),
+                   "c": (3, 0, "AML", "AML"), "d": (0, 1, "none", None)}
+    assert rows[0]["probability"] == pytest.approx(0.8) and np.isnan(rows[3]["probability"])
+    assert rows[1]["reason"] == "too few cells (2 < min_cells 3)"
+    # a predictor saved before min_cells existed has no minimum
+    old = {k: v for k, v in spec.items() if k != "min_cells"}
+    assert call_bags(old, ["AML", "APL"], ["b"], [0.9])[0]["decision"] == "APL"
