@@ -743,16 +743,16 @@ def resolve_data_path(cfg: Config) -> tuple[Path, list[str] | None]:
 def prepare_dataset(cfg: Config, show_progress=True) -> tuple[Dataset, Path]:
     data = cfg["data"]
     path, fb_classes = resolve_data_path(cfg)
-    ds = load_dataset(path, image_size=data["image_size"], cache_dir=data.get("cache_dir") or None,
-                      classes=data.get("classes") or fb_classes, show_progress=show_progress,
-                      labels=cfg.path(data.get("labels", "")) or None)
+    ds = load_dataset(path, image_size=data["image_size"], cache_dir=data["cache_dir"] or None,
+                      classes=data["classes"] or fb_classes, show_progress=show_progress,
+                      labels=cfg.path(data["labels"]) or None)
     for s in ds.skipped:
         warn(f"skipped {s['path']}: {s['reason']}")
     folds = int(cfg["run"]["folds"])
-    if data.get("min_class_size"):
+    if data["min_class_size"]:
         ds = drop_small_classes(ds, int(data["min_class_size"]))
     check_classes(ds, folds)
-    if data.get("max_images") and len(ds) > data["max_images"]:
+    if data["max_images"] and len(ds) > data["max_images"]:
         rows = stratified_subset(ds.labels, data["max_images"], cfg["run"]["seed"],
                                  min_per_class=folds * 2)
         ds = ds.subset(rows)

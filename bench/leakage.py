@@ -39,7 +39,7 @@ AUDIT_METRICS = ("accuracy", "balanced_accuracy", "macro_f1")
 def grouping_removed(cfg: Config) -> dict:
     """The ``[data]`` grouping settings the audit removes (only those that are set)."""
     data = cfg["data"]
-    return {k: data[k] for k in GROUPING_KEYS if data.get(k)}
+    return {k: data[k] for k in GROUPING_KEYS if data[k]}
 
 
 def audit_config(cfg: Config, out) -> Config | None:
@@ -51,7 +51,7 @@ def audit_config(cfg: Config, out) -> Config | None:
     data["run"]["out"] = str(out)
     data["data"].update({k: "" for k in GROUPING_KEYS})
     data["data"]["bags"] = False   # a bag task's cells, split at image level: cell scores only
-    data["report"] = {**(data.get("report") or {}), "enabled": False, "leakage_audit": False}
+    data["report"] = {**data["report"], "enabled": False, "leakage_audit": False}
     data["external"] = {}
     # its own studies (SQLite in DIR/leakage): in a shared storage they would carry the
     # grouped run's names (NAME-foldK) and the grouped run's trials

@@ -146,7 +146,7 @@ def composition_scores(features: np.ndarray, cell_types: np.ndarray, bags: Bags,
     bags (cross-validated scores of the patient model) and each bag's composition."""
     types = sorted(set(cell_types) - {""})
     t = np.array([types.index(c) if c else -1 for c in cell_types])
-    seed = int(settings.get("seed", 0))
+    seed = int(settings["seed"])
     scores, thresholds = np.zeros(len(bags)), np.zeros(len(bags))
     comp_out = np.zeros((len(bags), len(types)))
 
@@ -192,7 +192,7 @@ def composition_scores(features: np.ndarray, cell_types: np.ndarray, bags: Bags,
         train_scores = cross_val_predict(agg.model_, comp_train, bags.y[train_b], cv=cv,
                                          method="predict_proba")[:, 1]
         thresholds[test_b] = choose_threshold(train_scores, bags.y[train_b],
-                                              settings.get("threshold", "youden"))
+                                              settings["threshold"])
     return scores, thresholds, comp_out, types
 
 

@@ -109,7 +109,7 @@ def _manifest(cfg: Config, ds: Dataset, data_path, table, fhash, group_info) -> 
                   "n_folds": cfg["run"]["folds"],
                   "seed": cfg["run"]["seed"], "hash": fhash,
                   "counts": table.groupby("fold").size().to_dict()},
-        "tuning": {"trials": cfg["tuning"].get("trials", 0),
+        "tuning": {"trials": cfg["tuning"]["trials"],
                    "scheme": "per outer fold, an Optuna study scored on an inner validation "
                              "split of that fold's training rows only (the evaluated fold "
                              "never scores a trial)"},
@@ -130,7 +130,7 @@ def prepare_run(cfg: Config, force: bool = False, show_progress: bool = True):
     """
     times = {}
     t = time.perf_counter()
-    registry.import_plugins(cfg["run"].get("plugins", []))
+    registry.import_plugins(cfg["run"]["plugins"])
     for e in [*cfg.candidates.values(), *cfg.ensembles.values()]:
         registry.get(e["type"])
     if not cfg.candidates:
@@ -139,10 +139,10 @@ def prepare_run(cfg: Config, force: bool = False, show_progress: bool = True):
     _check_out(run, force)
     ds, data_path = prepare_dataset(cfg, show_progress)
     data = cfg["data"]
-    groups, group_info = make_groups(ds, cfg.path(data.get("groups", "")),
-                                     cfg.path(data.get("pairs", "")), data.get("group_rule", ""))
+    groups, group_info = make_groups(ds, cfg.path(data["groups"]),
+                                     cfg.path(data["pairs"]), data["group_rule"])
     bags = None
-    if data.get("bags"):   # whole bags (patients) in a fold, stratified by the bags' labels
+    if data["bags"]:   # whole bags (patients) in a fold, stratified by the bags' labels
         if data["positive"] not in ds.classes:
             raise BenchError(f"[data] positive '{data['positive']}' is not a class of the "
                              f"data {ds.classes}")
@@ -176,7 +176,7 @@ def prepare_run(cfg: Config, force: bool = False, show_progress: bool = True):
     t = time.perf_counter()
     # with [stress], the shifted images too: a work unit then finds the embeddings of the
     # images it scores under shift cached, and never loads a backbone for them
-    per_candidate = prepare_candidates(cfg.candidates, ds.images, cfg["run"].get("plugins", []),
+    per_candidate = prepare_candidates(cfg.candidates, ds.images, cfg["run"]["plugins"],
                                        stress_shifts(cfg), int(cfg["run"]["seed"]))
     times["prepare"] = time.perf_counter() - t
     run.update_manifest(prepare_seconds=per_candidate)   # a cache hit shows as ~0 s
@@ -207,8 +207,8 @@ def run_benchmark(cfg: Config, force: bool = False, workers: int | None = None,
     if len(todo) < len(units):
         info(f"resuming: {len(units) - len(todo)} of {len(units)} work units already done")
     _open_storages(cfg, {u[1] for u in todo}, run.path)
-    executor = make_executor(workers or run_cfg.get("workers", 1),
-                             scheduler=scheduler or run_cfg.get("scheduler"))
+    executor = make_executor(workers or run_cfg["workers"],
+                             scheduler=scheduler or run_cfg["scheduler"])
     with unit_progress(len(todo), "work units") as advance:
         for args, res in executor.map_unordered(run_unit, todo):
             advance(f"{args[1]} fold {args[2]}: acc {res['metrics']['accuracy']:.3f}")
@@ -251,7 +251,7 @@ def run_benchmark(cfg: Config, force: bool = False, workers: int | None = None,
     stored_stress = {s: {n: p.astype(np.float32).astype(np.float64) for n, p in d.items()}
                      for s, d in (stressed or {}).items()} or None
     bag_choice = None
-    if cfg["data"].get("bags"):
+    if cfg["data"]["bags"]:
         t = time.perf_counter()
         score_patients(run, cfg, ds, board, stored, folds, show_progress)
         bag_choice = run.read_patients()
@@ -264,7 +264,7 @@ def run_benchmark(cfg: Config, force: bool = False, workers: int | None = None,
         board = score_external(run, cfg, ds, board, stored, kinds, folds, stored_stress)
         run.write_leaderboard(board, to_markdown(board, run_cfg["metric"]))
         times["external"] = time.perf_counter() - t
-    if (cfg.get("report") or {}).get("leakage_audit"):   # the same entries, image-level folds
+    if cfg["report"]["leakage_audit"]:   # the same entries, image-level folds
         t = time.perf_counter()
         leakage_audit(run, cfg, run_benchmark, workers, scheduler, show_progress)
         times["leakage_audit"] = time.perf_counter() - t
@@ -280,7 +280,7 @@ def _open_storages(cfg: Config, names, run_dir) -> None:
     """Open the Optuna storage of every candidate in ``names`` that is tuned, here, before
     the work units: one process creates a new storage's tables, and a storage that cannot
     be opened is one clear error before any unit runs."""
-    urls = {str(candidate_tuning(cfg["tuning"], e).get("storage", "") or "")
+    urls = {candidate_tuning(cfg["tuning"], e).storage
             for e in (cfg.candidates[n] for n in names) if is_tuned(e, cfg["tuning"])}
     for url in sorted(urls):
         make_storage(url, run_dir)
@@ -329,10 +329,10 @@ def _save_predictor(run: RunDir, cfg: Config, ds: Dataset, board, stored, kinds,
     bag task the entry of the best patient row a predictor can carry); ``stored``: every
     entry's out-of-fold probabilities as written to ``oof/`` (``stressed``: the same under
     each simulated shift)."""
-    pred_cfg = cfg.get("predictor", {})
+    pred_cfg = cfg.settings.predictor
     metric = cfg["run"]["metric"]
-    choice = pred_cfg.get("ensemble", "best")
-    tolerance = float(pred_cfg.get("robust_tolerance", 0.005))
+    choice = pred_cfg.ensemble
+    tolerance = float(pred_cfg.robust_tolerance)
     carried = patients[3].get("carried") if patients is not None else None
     chosen_by = {"best": "best ensemble by " + metric,
                  "robust": f"best {metric} under simulated shift ([stress]) of the ensembles "
@@ -350,7 +350,7 @@ def _save_predictor(run: RunDir, cfg: Config, ds: Dataset, board, stored, kinds,
                  "weight": None if weights is None else weights[i]}
              for i, m in enumerate(members)}
     calibration = {}
-    if pred_cfg.get("temperature_scaling", False):   # one T fitted on the entry's OOF rows
+    if pred_cfg.temperature_scaling:   # one T fitted on the entry's OOF rows
         calibration = {"calibration": {
             "method": "temperature scaling", "temperature": fit_temperature(ds.labels,
                                                                             stored[name]),
@@ -366,7 +366,7 @@ def _save_predictor(run: RunDir, cfg: Config, ds: Dataset, board, stored, kinds,
                "member_models": "fold models of the cross-validation (bagged)",
                **calibration,
                **({"bags": _bag_settings(cfg, patients, name)} if patients else {})},
-        tta=pred_cfg.get("tta", "none"), shift=ShiftReference.fit(ds.images))
+        tta=pred_cfg.tta, shift=ShiftReference.fit(ds.images))
     run.update_state(predictor=name)
     info(f"saved predictor '{name}' ({', '.join(members)}) to {run.predictor_dir}")
 
@@ -384,7 +384,7 @@ def run_from_args(config=None, profile=None, data=None, out=None, only=None, for
                   storage=None) -> tuple[pd.DataFrame, Path]:
     cfg = load_config(config, profile=profile, data=_cli_path(data), only=only, out=out)
     if storage:
-        cfg["tuning"]["storage"] = storage
+        cfg.override("tuning", storage=storage)
     board = run_benchmark(cfg, force=force, workers=workers, show_progress=show_progress,
                           scheduler=scheduler)
     return board, Path(cfg["run"]["out"])
@@ -402,24 +402,24 @@ def tune_from_args(config=None, profile=None, data=None, out=None, candidate=Non
     if run is None or not run.is_run():
         cfg = load_config(config, profile=profile, data=_cli_path(data), out=out)
         if storage:
-            cfg["tuning"]["storage"] = storage
+            cfg.override("tuning", storage=storage)
         run = prepare_run(cfg)[0]
     cands = run.config.candidates
     if candidate not in cands:
         raise BenchError(f"{run.path}: no candidate '{candidate}' in this run; known: "
                          f"{list(cands)}")
-    registry.import_plugins(run.config["run"].get("plugins", []))
+    registry.import_plugins(run.config["run"]["plugins"])
     if not registry.get(cands[candidate]["type"]).tunable:
         raise BenchError(f"candidate '{candidate}' ({cands[candidate]['type']}) has no "
                          "param_space: nothing to tune")
     own = candidate_tuning(run.config["tuning"], cands[candidate])
-    n = int((own.get("trials", 0) or 0) if trials is None else trials)
+    n = int(own.trials if trials is None else trials)
     if n < 1:
         raise BenchError("nothing to tune: pass --trials N or set [tuning] trials")
     n_folds = int(run.config["run"]["folds"])
     if fold is not None and not 0 <= fold < n_folds:
         raise BenchError(f"--fold must be in 0..{n_folds - 1}, got {fold}")
-    configured = own.get("storage", "")
+    configured = own.storage
     if storage and storage != configured:
         warn(f"--storage differs from the run's [tuning] storage "
              f"({configured or 'SQLite in the run directory'}): its work units will not see "

@@ -51,7 +51,7 @@ class TrimmedMeanAggregator(MeanAggregator):
 
     name = "trimmed_mean"
 
-    def __init__(self, trim: float = 0.1):
+    def __init__(self, trim: float):
         if not 0 <= trim < 0.5:
             raise ValueError(f"trim must be in [0, 0.5), got {trim}")
         self.trim = float(trim)
@@ -68,7 +68,7 @@ class TopKMeanAggregator(MeanAggregator):
 
     name = "top_k_mean"
 
-    def __init__(self, fraction: float = 0.2):
+    def __init__(self, fraction: float):
         if not 0 < fraction <= 1:
             raise ValueError(f"fraction must be in (0, 1], got {fraction}")
         self.fraction = float(fraction)
@@ -124,11 +124,11 @@ def make_aggregator(name: str, settings: dict):
     if name == "mean":
         return MeanAggregator()
     if name == "trimmed_mean":
-        return TrimmedMeanAggregator(settings.get("trim", 0.1))
+        return TrimmedMeanAggregator(settings["trim"])
     if name == "top_k_mean":
-        return TopKMeanAggregator(settings.get("top_fraction", 0.2))
+        return TopKMeanAggregator(settings["top_fraction"])
     if name == "composition":
-        return CompositionAggregator(seed=settings.get("seed", 0))
+        return CompositionAggregator(seed=settings["seed"])
     raise ValueError(f"unknown aggregator '{name}'")
 
 

@@ -238,8 +238,6 @@ def _build(run, s, metric, out: _Out, gradcam, progress) -> dict:
                                   "reliability diagrams",
                                   f"Accuracy against confidence in {bins} bins; the gap to the "
                                   "diagonal is miscalibration.", rel_csv)
-    pred_cfg = run.config.get("predictor", {}) or {}
-
     # data card
     dc = cards.data_card(run)
     out.csv(pd.DataFrame({"class": list(dc["counts"]), "images": list(dc["counts"].values())}),
@@ -287,7 +285,7 @@ def _build(run, s, metric, out: _Out, gradcam, progress) -> dict:
         "figs": figs, "conf_figs": conf_figs, "roc_figs": roc_figs,
         "per_class": per_class_tables, "per_class_csv": pc_csv,
         "calibration": cal.to_dict("records"), "cal_csv": cal_csv,
-        "temperature_scaling": bool(pred_cfg.get("temperature_scaling", False)),
+        "temperature_scaling": run.config["predictor"]["temperature_scaling"],
         "predictor_temperature": _predictor_temperature(run),
         "data_card": dc, "class_per_fold_csv": fold_csv, "run_card": cards.run_card(run),
         "warnings": warnings, "audit": audit_ctx, "external": external_ctx, "colors": colors,
