@@ -12,6 +12,7 @@ that TensorFlow starts only when a CNN is used.
 from __future__ import annotations
 
 import ast
+import re
 import subprocess
 import sys
 import tomllib
@@ -186,6 +187,29 @@ def test_the_orchestrator_starts_without_tensorflow_and_knows_every_builtin_type
                          text=True, check=True).stdout.split()
     assert {"feature_forest", "feature_svm", "feature_xgb", "scratch_cnn", "transfer_frozen",
             "transfer_finetune", "soft_voting", "stacking"} <= set(out)
+
+
+def test_each_lazy_type_is_the_class_that_registers_itself_under_that_name():
+    import importlib
+
+    import bench  # noqa: F401  (imports the plugin packages)
+    from core import registry
+    assert registry._LAZY, "no plugin package declared a lazy type"
+    for name, target in registry._LAZY.items():
+        module, cls_name = target.split(":")
+        cls = getattr(importlib.import_module(module), cls_name)
+        assert registry._REGISTERED.get(name) is cls and cls.type_name == name, target
+
+
+def test_the_kernel_names_no_module_above_it():
+    """No string in ``core`` names a plugin or orchestrator module ("cnn.candidate:...")."""
+    above = re.compile(rf"^({'|'.join(p for p in PACKAGES if p != 'core')})\.\w+")
+    named = [f"{path.relative_to(REPO)}:{node.lineno} {node.value!r}"
+             for name, path in project_modules(REPO, ["core"]).items()
+             for node in ast.walk(ast.parse(path.read_text()))
+             if isinstance(node, ast.Constant) and isinstance(node.value, str)
+             and above.match(node.value)]
+    assert named == []
 
 
 def test_every_package_shipped_is_checked():
