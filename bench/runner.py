@@ -30,7 +30,6 @@ from bench.prepare import prepare_candidates
 from bench.report import report_after_run
 from bench.rundir import RunDir
 from bench.scheduling import make_executor
-from bench.storage import make_storage
 from bench.tuning import candidate_tuning, open_storages
 from bench.units import run_unit, tune_unit
 from core import registry
