@@ -305,5 +305,21 @@ def final_threshold(bag_table: pd.DataFrame, row: str, rule: str) -> float:
                             rule)
 
 
+def bag_settings(cfg, patients, name: str) -> dict:
+    """What a bag task's predictor stores: the aggregator of ``name``'s best patient row
+    and its threshold, chosen on every bag's out-of-fold score."""
+    board, bag_table, _, meta = patients
+    rows = board[(board["source"] == name) & board["aggregator"].isin(
+        ["mean", "trimmed_mean", "top_k_mean"])]
+    r = rows.iloc[0]
+    params = make_aggregator(r["aggregator"], cfg["patients"]).params()
+    return {"positive": meta["positive"], "aggregator": r["aggregator"], "params": params,
+            "threshold": final_threshold(bag_table, r["entry"], meta["threshold_rule"]),
+            "threshold_rule": meta["threshold_rule"] + " on every bag's out-of-fold score",
+            "patient_leaderboard": {k: float(r[k]) for k in
+                                    ("roc_auc", "roc_auc_lo", "roc_auc_hi",
+                                     "balanced_accuracy", "sensitivity", "specificity")}}
+
+
 __all__ = ["score_patients", "read_cell_types", "choose_carried", "final_threshold", "Bags", "bootstrap_indices",
-           "composition_scores"]
+           "composition_scores", "bag_settings"]

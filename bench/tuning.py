@@ -246,6 +246,16 @@ def is_tuned(entry: dict, tuning: dict) -> bool:
         candidate_tuning(tuning, entry).trials > 0
 
 
+def open_storages(cfg, names, run_dir) -> None:
+    """Open the Optuna storage of every candidate in ``names`` that is tuned, here, before
+    the work units: one process creates a new storage's tables, and a storage that cannot
+    be opened is one clear error before any unit runs."""
+    urls = {candidate_tuning(cfg["tuning"], e).storage
+            for e in (cfg.candidates[n] for n in names) if is_tuned(e, cfg["tuning"])}
+    for url in sorted(urls):
+        make_storage(url, run_dir)
+
+
 def tune_candidate(entry: dict, X_train, y_train, classes, study: str, tuning: dict,
                    run_dir, seed: int) -> tuple[dict, dict]:
     """Tune ``entry``'s candidate on ``X_train, y_train`` (outer training rows only).
