@@ -34,12 +34,13 @@ from bench.rundir import RunDir
 from core.candidate import load_candidate
 from core.errors import BenchError
 from core.images import Preprocessing
+from core.metrics import LABEL_METRICS
 from core.progress import info, warn
 from ensembles.build import final_ensemble
 from ensembles.predictor import Predictor
 
 N_BOOT = 200
-COLUMNS = ("accuracy", "balanced_accuracy", "macro_f1")
+COLUMNS = LABEL_METRICS   # accuracy, balanced accuracy, macro-F1 (core.metrics)
 
 
 def missing_input(entry: dict) -> str | None:

@@ -16,6 +16,7 @@ import pandas as pd
 
 from core.calibration import reliability
 from core.errors import BenchError
+from core.metrics import REPORT_METRICS, metric_label
 from bench.leaderboard import fmt, fmt_p, fmt_size, md_escape, stress_column, to_markdown
 from bench.leakage import audit_metrics
 from bench.report.patients import patient_section
@@ -129,7 +130,7 @@ def _board_rows(board, comps, colors, stress_col=None):
             "shift": fmt(shift), "shift_sort": _sortval(shift),
             "rank": int(r["rank"]), "name": r["candidate"], "kind": r["kind"],
             "members": r["members"], "color": colors[r["candidate"]],
-            "metrics": [_metric_cell(r, m) for m in tables.REPORT_METRICS],
+            "metrics": [_metric_cell(r, m) for m in REPORT_METRICS],
             "fit": fmt(r["fit_seconds"], 1), "fit_sort": _sortval(r["fit_seconds"]),
             "ms": fmt(r["predict_ms_per_image"], 2), "ms_sort": _sortval(r["predict_ms_per_image"]),
             "size": fmt_size(r["model_size"]), "size_sort": _sortval(r["model_size"]),
@@ -183,9 +184,9 @@ def write_report(run_dir, gradcam: bool | None = None, progress: bool = True) ->
 
 def _build(run, s, metric, out: _Out, gradcam, progress) -> dict:
     conf, alpha, bins = float(s["confidence"]), float(s["alpha"]), int(s["ece_bins"])
-    label = tables.METRIC_LABELS.get(metric, metric)
-    if metric not in tables.REPORT_METRICS:
-        raise BenchError(f"[run] metric '{metric}' is not one of {list(tables.REPORT_METRICS)}")
+    label = metric_label(metric)
+    if metric not in REPORT_METRICS:
+        raise BenchError(f"[run] metric '{metric}' is not one of {list(REPORT_METRICS)}")
     per_fold = tables.per_fold_metrics(run, bins)
     board = tables.leaderboard(run, per_fold, metric, conf)
     comps = tables.comparisons(run, per_fold, board, metric, alpha)
@@ -265,7 +266,7 @@ def _build(run, s, metric, out: _Out, gradcam, progress) -> dict:
                                  "show what the model learned."})
     stress_col = stress_column(board, metric)
     md = to_markdown(
-        board, metric, f"Leaderboard: {md_escape(run.title)}", metrics=tables.REPORT_METRICS,
+        board, metric, f"Leaderboard: {md_escape(run.title)}", metrics=REPORT_METRICS,
         digits=3, comparisons=comps,
         note=f"Sorted by **{label}**. Cells: mean ± std over {len(run.fold_ids)} folds "
              f"[{conf:.0%} t-interval]. Compared with the best entry: `*` corrected resampled "
@@ -275,7 +276,7 @@ def _build(run, s, metric, out: _Out, gradcam, progress) -> dict:
     atomic_write_text(out.root / "leaderboard.md", md + leakage_ctx.get("markdown", ""))
     return {
         "title": run.title, "run": run, "metric": metric, "metric_label": label,
-        "metrics": [(m, tables.METRIC_LABELS[m]) for m in tables.REPORT_METRICS],
+        "metrics": [(m, metric_label(m)) for m in REPORT_METRICS],
         "confidence": conf, "alpha": alpha, "bins": bins,
         "board": _board_rows(board, comps, colors, stress_col), "board_csv": board_csv,
         "stress": stress_col is not None,
@@ -480,7 +481,7 @@ def _leakage_section(run, metric: str, out: _Out, colors) -> dict:
                               if np.isfinite(infl) else "", "sort": _sortval(infl)}})
         rows.append({"name": r["candidate"], "kind": r["kind"], "cells": cells})
     plot_m = "accuracy" if "accuracy" in metrics else key
-    plot_label = tables.METRIC_LABELS.get(plot_m, plot_m)
+    plot_label = metric_label(plot_m)
     fig = out.fig(plots.leakage_figure(table, colors, plot_m, plot_label), "leakage",
                   f"{plot_label} on grouped and image-level folds",
                   f"{plot_label} of every entry on the grouped folds (circle) and on "
@@ -490,7 +491,7 @@ def _leakage_section(run, metric: str, out: _Out, colors) -> dict:
     best = table.iloc[0]
     img_best = table.sort_values(f"image_level_{key}", ascending=tables.lower_is_better(key),
                                  kind="stable")["candidate"].iloc[0]
-    labels = [(m, tables.METRIC_LABELS.get(m, m)) for m in metrics]
+    labels = [(m, metric_label(m)) for m in metrics]
     md = ["", "## Leakage audit", "",
           f"The same entries on image-level folds (without {'; '.join(_removed_grouping(run))}"
           "; exact duplicates stay together in both). Inflation = image-level − grouped.", "",
@@ -503,7 +504,7 @@ def _leakage_section(run, metric: str, out: _Out, colors) -> dict:
             for c in row["cells"]) + " |")
     return {"shown": True, "rows": rows, "notes": [], "metrics": labels, "csv": t_csv,
             "fig": fig, "removed": _removed_grouping(run), "split": audit,
-            "key_label": tables.METRIC_LABELS.get(key, key),
+            "key_label": metric_label(key),
             "best": {"name": best["candidate"], "grouped": fmt(best[f"grouped_{key}"]),
                      "image": fmt(best[f"image_level_{key}"]),
                      "inflation": f"{best[f'inflation_{key}']:+.3f}"},
@@ -578,7 +579,7 @@ def write_cross_report(run_dirs, out_dir, progress: bool = True) -> Path:
         raise BenchError("a cross-dataset report needs at least two run directories")
     metric = runs[0].metric
     alpha = float(runs[0].settings["alpha"])
-    label = tables.METRIC_LABELS.get(metric, metric)
+    label = metric_label(metric)
     common = [n for n in runs[0].names if all(n in r.names for r in runs[1:])]
     left_out = sorted({n for r in runs for n in r.names} - set(common))
     if len(common) < 2:
