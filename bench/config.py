@@ -35,7 +35,9 @@ from core.io import check_name
 from core.metrics import METRICS
 from core.params import space_names, validate_params
 from core.stress import SHIFTS
+from ensembles.bags import AGGREGATORS
 from ensembles.build import ENTRY_KEYS
+from ensembles.tta import TTA_VIEWS
 from features import check_feature_set
 
 if sys.version_info >= (3, 11):
@@ -403,7 +405,7 @@ class PredictorSection(_Section):
     ensemble: str = "best"        # "best", "robust" ([stress]) or an entry's name
     robust_tolerance: Number = Field(default=0.005, ge=0)
     temperature_scaling: bool = False
-    tta: Literal["none", "flips", "d4"] = "none"
+    tta: Literal[tuple(TTA_VIEWS)] = "none"
 
 
 class ReportSection(_Section):
@@ -422,8 +424,7 @@ class ReportSection(_Section):
 
 
 class PatientsSection(_Section):
-    aggregators: list[Literal["mean", "trimmed_mean", "top_k_mean", "composition"]] = Field(
-        min_length=1)
+    aggregators: list[Literal[tuple(AGGREGATORS)]] = Field(min_length=1)
     trim: Number = Field(ge=0, lt=0.5)
     top_fraction: Number = Field(gt=0, le=1)
     composition_features: str = Field(min_length=1)

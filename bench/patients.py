@@ -46,11 +46,10 @@ from bench.stats import holm
 from core.errors import BenchError
 from core.progress import info, progress_iter
 from core.splits import PredefinedFolds
-from ensembles.bags import (CompositionAggregator, choose_threshold, make_aggregator,
-                            negative_label)
+from ensembles.bags import (CELL_AGGREGATORS, CompositionAggregator, choose_threshold,
+                            make_aggregator, negative_label)
 from features.extract import extract
 
-CELL_AGGREGATORS = ("mean", "trimmed_mean", "top_k_mean")
 LEVEL = 0.95
 INNER_FOLDS = 3
 EPS = 1e-6

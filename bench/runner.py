@@ -42,7 +42,7 @@ from core.metrics import summarize
 from core.progress import info, unit_progress, warn
 from core.shift import ShiftReference
 from core.splits import PredefinedFolds
-from ensembles.bags import make_aggregator
+from ensembles.bags import CELL_AGGREGATORS, make_aggregator
 from ensembles.build import choose_entry, evaluate_ensembles, final_ensemble
 from ensembles.predictor import save_predictor
 
@@ -311,8 +311,7 @@ def _bag_settings(cfg: Config, patients, name: str) -> dict:
     """What a bag task's predictor stores: the aggregator of ``name``'s best patient row
     and its threshold, chosen on every bag's out-of-fold score."""
     board, bag_table, _, meta = patients
-    rows = board[(board["source"] == name) & board["aggregator"].isin(
-        ["mean", "trimmed_mean", "top_k_mean"])]
+    rows = board[(board["source"] == name) & board["aggregator"].isin(CELL_AGGREGATORS)]
     r = rows.iloc[0]
     params = make_aggregator(r["aggregator"], cfg["patients"]).params()
     return {"positive": meta["positive"], "aggregator": r["aggregator"], "params": params,
