@@ -47,7 +47,7 @@ from bench.download import fetch
 from core.cache import default_cache_dir
 from core.errors import BenchError
 from core.images import Preprocessing, composite_on_white, pixel_hash, read_rgb, scale_to_uint8
-from core.io import atomic_save_npy, atomic_write_json, file_sha256, read_json
+from core.io import atomic_save_npy, atomic_write_json, file_sha256, is_inside, read_json
 from core.progress import info, progress_iter, warn
 
 LOADER_VERSION = 1   # in the content hash (a run's dataset identity): change only with the pixels
@@ -151,11 +151,6 @@ LINK_INSIDE = "symbolic link to a folder inside the dataset"
 NOT_IN_CLASS = "not in a class folder"
 
 
-def _inside(path: str, folder: str) -> bool:
-    """Whether real path ``path`` is ``folder`` or lies under it."""
-    return path == folder or path.startswith(folder.rstrip(os.sep) + os.sep)
-
-
 def _link_target(link: str) -> tuple[str | None, str | None]:
     """(real path, None) of a symbolic link's target, or (None, why it cannot be followed)."""
     try:
@@ -174,9 +169,9 @@ def _dir_link_problem(target: str, root_real: str, chain: tuple[str, ...]) -> st
 
     ``chain``: real paths of the folders being walked, from the class folder down.
     """
-    if _inside(target, root_real):
+    if is_inside(target, root_real):
         return LINK_INSIDE          # its images are read where they are (or it is a loop)
-    if _inside(root_real, target) or any(_inside(c, target) for c in chain):
+    if is_inside(root_real, target) or any(is_inside(c, target) for c in chain):
         return LINK_LOOP            # leads back to the dataset or to a folder being walked
     return None
 
@@ -351,7 +346,7 @@ def _load_csv_labelled(root: Path, spec: str, image_size: int, cache_root: Path,
         cands = [Path(f)] if os.path.isabs(f) else [csv_path.parent / f, root / f]
         hit = next((c for c in cands if c.is_file()), None)
         real = os.path.realpath(hit) if hit is not None else ""
-        if hit is None or not _inside(real, root_real):
+        if hit is None or not is_inside(real, root_real):
             missing.append(f)
             continue
         files.append((hit, os.path.relpath(real, root_real).replace(os.sep, "/"),
