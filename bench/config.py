@@ -237,6 +237,31 @@ def _resolve_external(cfg: dict, raw: dict, source, where: str) -> dict:
     return out
 
 
+def data_argument(data, config=None) -> tuple[Path | None, str | None]:
+    """``--data PATH|NAME`` -> ``(path, None)`` or ``(None, NAME)``: the one rule of ``run``,
+    ``tune`` and ``evaluate``. An existing file or folder is a path, and so is anything
+    that looks like one (a ``/`` or the OS separator, a leading ``~``, an ``.npz`` suffix in
+    any case): it is read from the working directory (``~`` expanded, not resolved).
+    Anything else must name a ``[datasets.NAME]`` of ``config`` (default
+    ``benchmarks.toml``); an unknown name is a :class:`BenchError`."""
+    text = str(data)
+    p = Path(text).expanduser()
+    if (p.exists() or "/" in text or os.sep in text or text.startswith("~")
+            or text.lower().endswith(".npz")):
+        return p, None
+    cfg_path = Path(config or DEFAULT_CONFIG)
+    if not cfg_path.is_file():
+        if config:
+            raise BenchError(f"config file not found: {cfg_path}")
+        raise BenchError(f"data not found: {p}")
+    datasets = read_toml(cfg_path).get("datasets", {}) or {}
+    if text not in datasets:
+        raise BenchError(f"data not found: '{text}' is neither a file or folder nor a "
+                         f"[datasets.NAME] of {cfg_path} (known: {sorted(datasets) or 'none'})"
+                         + did_you_mean(text, datasets))
+    return None, text
+
+
 def did_you_mean(name, known) -> str:
     """The hint ``; did you mean 'X'?`` for the closest of ``known``, or nothing."""
     close = difflib.get_close_matches(str(name), [str(k) for k in known], n=1)

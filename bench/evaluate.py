@@ -42,7 +42,8 @@ import pandas as pd
 
 from bench.config import DEFAULT_CONFIG, did_you_mean, load_config, read_toml
 from bench.datasets import _class_files, _class_folders, read_npz, read_table
-from bench.leaderboard import METRIC_LABELS, fmt
+from bench.leaderboard import fmt
+from core.metrics import METRIC_LABELS
 from bench.report import plots
 from bench.report.build import SORT_SCRIPT, _csp, _env, _Out, slug
 from bench.report.gradcam_audit import overlay
@@ -55,7 +56,8 @@ from core.io import atomic_write_json, atomic_write_text, package_versions, stag
 from core.metrics import log_loss
 from core.progress import progress_iter, warn
 from ensembles.overlay import upsample
-from ensembles.predictor import TTA_VIEWS, load_predictor, verify_predictor
+from ensembles.predictor import load_predictor, verify_predictor
+from ensembles.tta import TTA_VIEWS
 
 EVAL_FILE = "evaluation.json"
 PREDICTIONS_FILE = "predictions.csv"

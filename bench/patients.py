@@ -42,7 +42,7 @@ from sklearn.preprocessing import StandardScaler
 
 from bench.folds import column_by_row
 from bench.rundir import RunDir
-from bench.stats import holm
+from bench.stats import bootstrap_resamples, holm
 from core.errors import BenchError
 from core.progress import info, progress_iter
 from core.splits import PredefinedFolds
@@ -89,11 +89,9 @@ def _auc_rows(scores: np.ndarray, y: np.ndarray) -> np.ndarray:
 
 
 def bootstrap_indices(y: np.ndarray, n_boot: int, seed: int) -> np.ndarray:
-    """(n_boot, n) bag indices resampled with replacement within each class."""
-    rng = np.random.default_rng(seed)
-    parts = [rng.choice(np.flatnonzero(y == c), size=(n_boot, int((y == c).sum())))
-             for c in (0, 1)]
-    return np.concatenate(parts, axis=1)
+    """(n_boot, n) bag indices resampled with replacement within each class
+    (:func:`bench.stats.bootstrap_resamples`)."""
+    return np.array(list(bootstrap_resamples(len(y), n_boot, seed, strata=y)))
 
 
 def _boot(scores, decisions, y, idx) -> dict:

@@ -31,6 +31,7 @@ from core.calibration import apply_temperature
 from core.candidate import CANDIDATE_FILE, Candidate, load_candidate
 from core.errors import BenchError
 from core.images import Preprocessing, as_items, resolve_preprocessing
+from core.progress import progress_iter
 from core.shift import ShiftReference
 from ensembles.bags import CELL_AGGREGATORS, make_aggregator, negative_label
 from ensembles.base import Ensemble
@@ -150,6 +151,22 @@ class Predictor:
                     p = apply_temperature(p, float(t))
                 chunks.append(p)
         return np.concatenate(chunks) if chunks else np.zeros((0, len(self.classes_)))
+
+    def predict_batches(self, items, batch_size: int, *, keep_full: bool = False,
+                        desc: str = "predicting", show: bool = True):
+        """The one batched prediction loop over files (``predict``, ``evaluate``): yield
+        ``(rows, X, full, proba, errors)`` per batch of ``items``, each file decoded once
+        and the next batch read while this one is classified. ``rows``: the positions in
+        ``items`` of the readable images ``X`` (``full``: them at their own size, with
+        ``keep_full``); ``proba``: their probabilities (``None`` when none is readable);
+        ``errors``: ``[(position, exception)]`` of the unreadable ones."""
+        n_batches = -(-len(items) // batch_size)
+        batches = self.preprocessing.batches(items, batch_size, keep_full=keep_full)
+        for s, X, full, good, errs in progress_iter(batches, total=n_batches, desc=desc,
+                                                     enabled=show and n_batches > 1):
+            rows = s + np.asarray(good, dtype=np.int64)
+            proba = self.predict_proba(X, batch_size=len(X)) if len(rows) else None
+            yield rows, X, full, proba, [(s + j, exc) for j, exc in errs]
 
     def proba_of_images(self, images: np.ndarray) -> np.ndarray:
         """The ensemble's probabilities for preprocessed (N, S, S, 3) images, averaged over

@@ -2,12 +2,9 @@
 
 from __future__ import annotations
 
-import base64
 import datetime as _dt
-import hashlib
 import math
 import os
-import re
 import time
 from pathlib import Path
 
@@ -24,92 +21,17 @@ from core.io import atomic_write_text, staged
 from core.progress import info, warn
 from bench.report import cards, plots, tables
 from bench.report import gradcam_audit as ga
+from bench.report.html import SORT_SCRIPT, Out, csp, env, slug
 from bench.report.rundata import RunData
 from bench.stats import friedman, nemenyi_cd
 from bench.stress import stress_shifts
 
-TEMPLATES = Path(__file__).resolve().parent.parent / "templates"
-SORT_SCRIPT = """
-document.querySelectorAll('table.sortable').forEach(function (table) {
-  var head = table.tHead.rows[0];
-  Array.prototype.forEach.call(head.cells, function (th, col) {
-    if (!th.classList.contains('sort')) { return; }
-    th.tabIndex = 0;
-    th.title = 'sort by this column';
-    var go = function () {
-      var body = table.tBodies[0];
-      var rows = Array.prototype.slice.call(body.rows);
-      var asc = th.getAttribute('aria-sort') !== 'ascending';
-      Array.prototype.forEach.call(head.cells, function (h) { h.removeAttribute('aria-sort'); });
-      th.setAttribute('aria-sort', asc ? 'ascending' : 'descending');
-      rows.sort(function (a, b) {
-        var x = a.cells[col].getAttribute('data-sort'), y = b.cells[col].getAttribute('data-sort');
-        var fx = parseFloat(x), fy = parseFloat(y);
-        var bothNum = !isNaN(fx) && !isNaN(fy);
-        if (x === '' || x === null) { return 1; }
-        if (y === '' || y === null) { return -1; }
-        var d = bothNum ? fx - fy : String(x).localeCompare(String(y));
-        return asc ? d : -d;
-      });
-      rows.forEach(function (r) { body.appendChild(r); });
-    };
-    th.addEventListener('click', go);
-    th.addEventListener('keydown', function (e) { if (e.key === 'Enter') { go(); } });
-  });
-});
-""".strip()
-
-
 # ----------------------------------------------------------------------------- helpers
-
-def slug(name: str) -> str:
-    """A file-name-safe version of ``name`` (plus a short hash when characters were dropped)."""
-    s = re.sub(r"[^A-Za-z0-9_.-]+", "_", str(name)).strip("._") or "x"
-    if s != name:
-        s += "-" + hashlib.sha1(str(name).encode()).hexdigest()[:6]
-    return s[:80]
-
 
 def _sortval(v) -> str:
     if v is None or (isinstance(v, float) and not math.isfinite(v)):
         return ""
     return repr(float(v)) if isinstance(v, (int, float, np.number)) else str(v)
-
-
-def _env():
-    from jinja2 import Environment, FileSystemLoader, StrictUndefined
-    env = Environment(loader=FileSystemLoader(str(TEMPLATES)), autoescape=True,
-                      undefined=StrictUndefined, trim_blocks=True, lstrip_blocks=True)
-    env.filters["fmt"] = fmt
-    env.filters["fmt_p"] = fmt_p
-    return env
-
-
-def _csp() -> str:
-    digest = base64.b64encode(hashlib.sha256(SORT_SCRIPT.encode()).digest()).decode()
-    return (f"default-src 'none'; img-src 'self' data:; style-src 'unsafe-inline'; "
-            f"script-src 'sha256-{digest}'")
-
-
-class _Out:
-    """Where report files go: images and CSVs beside index.html."""
-
-    def __init__(self, root: Path):
-        self.root = root
-        (root / "img").mkdir(parents=True, exist_ok=True)
-        (root / "csv").mkdir(parents=True, exist_ok=True)
-        self.csvs: list[str] = []
-
-    def csv(self, df: pd.DataFrame, name: str) -> str:
-        rel = f"csv/{name}.csv"
-        df.to_csv(self.root / rel, index=False)
-        self.csvs.append(rel)
-        return rel
-
-    def fig(self, fig, name: str, alt: str, caption: str, csv: str | None = None) -> dict:
-        rel = f"img/{name}.png"
-        plots.save(fig, self.root / rel)
-        return {"src": rel, "alt": alt, "caption": caption, "csv": csv}
 
 
 # ----------------------------------------------------------------------------- one run
@@ -174,15 +96,15 @@ def write_report(run_dir, gradcam: bool | None = None, progress: bool = True) ->
     metric = run.metric
     final = run.rundir.report_dir
     with run.rundir.staged(final) as tmp:
-        ctx = _build(run, s, metric, _Out(tmp), gradcam, progress)
+        ctx = _build(run, s, metric, Out(tmp), gradcam, progress)
         ctx["elapsed"] = time.perf_counter() - t0
-        html = _env().get_template("report.html.j2").render(**ctx)
+        html = env().get_template("report.html.j2").render(**ctx)
         atomic_write_text(tmp / "index.html", html)
     _say(progress, f"report: {final / 'index.html'} ({time.perf_counter() - t0:.0f} s)")
     return final / "index.html"
 
 
-def _build(run, s, metric, out: _Out, gradcam, progress) -> dict:
+def _build(run, s, metric, out: Out, gradcam, progress) -> dict:
     conf, alpha, bins = float(s["confidence"]), float(s["alpha"]), int(s["ece_bins"])
     label = metric_label(metric)
     if metric not in REPORT_METRICS:
@@ -294,7 +216,7 @@ def _build(run, s, metric, out: _Out, gradcam, progress) -> dict:
         "warnings": warnings, "audit": audit_ctx, "external": external_ctx, "colors": colors,
         "leakage": leakage_ctx, "patients": patients_ctx,
         "generated": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
-        "csvs": out.csvs, "csp": _csp(), "script": SORT_SCRIPT,
+        "csvs": out.csvs, "csp": csp(), "script": SORT_SCRIPT,
     }
 
 
@@ -365,7 +287,7 @@ def _external_header(run, name: str, per_class: pd.DataFrame, meta: dict) -> dic
         "unit": boot.get("unit", "image")}
 
 
-def _external_section(run, board: pd.DataFrame, out: _Out, colors) -> dict:
+def _external_section(run, board: pd.DataFrame, out: Out, colors) -> dict:
     """Every external set scored at the end of the run: header, in-domain against external
     table (with CSV), whether the leaderboard's winner holds (Spearman), the figures and
     the warnings when the winner's result does not hold outside the training lab."""
@@ -451,7 +373,7 @@ def _removed_grouping(run) -> list[str]:
     return parts
 
 
-def _leakage_section(run, metric: str, out: _Out, colors) -> dict:
+def _leakage_section(run, metric: str, out: Out, colors) -> dict:
     """The leakage audit (``leakage.csv``): every entry on grouped and on image-level folds,
     the inflation, which grouping was removed and how many groups the image-level folds
     split; absent when the run has no audit."""
@@ -519,7 +441,7 @@ def _metric_pair(r, col: str) -> dict:
             "sort": _sortval(v)}
 
 
-def _gradcam_section(run, board, s, out: _Out, colors, gradcam, progress) -> dict:
+def _gradcam_section(run, board, s, out: Out, colors, gradcam, progress) -> dict:
     enabled = s["gradcam"] if gradcam is None else gradcam
     if not enabled:
         return {"status": "off", "notes": ["the Grad-CAM audit is switched off "
@@ -598,7 +520,7 @@ def write_cross_report(run_dirs, out_dir, progress: bool = True) -> Path:
     avg = dict(zip(common, fr["avg_ranks"]))
     out_dir = Path(out_dir)
     with staged(out_dir) as tmp:
-        out = _Out(tmp)
+        out = Out(tmp)
         tab = pd.DataFrame(scores, columns=common)
         tab.insert(0, "dataset", labels)
         ranks = pd.DataFrame(fr["ranks"], columns=[f"rank_{n}" for n in common])
@@ -628,9 +550,9 @@ def write_cross_report(run_dirs, out_dir, progress: bool = True) -> Path:
                         for lb, row, rk in zip(labels, scores, fr["ranks"])],
                "avg_ranks": [fmt(avg[n], 2) for n in common], "friedman": fr, "cd": cd,
                "pairs": pairs, "pairs_csv": p_csv, "scores_csv": s_csv, "cd_fig": cd_fig,
-               "few": len(runs) < 5, "colors": colors, "csp": _csp(), "script": SORT_SCRIPT,
+               "few": len(runs) < 5, "colors": colors, "csp": csp(), "script": SORT_SCRIPT,
                "generated": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")}
-        html = _env().get_template("cross.html.j2").render(**ctx)
+        html = env().get_template("cross.html.j2").render(**ctx)
         atomic_write_text(tmp / "index.html", html)
         lines = [f"# Cross-dataset comparison ({md_escape(label)})", "",
                  f"Friedman chi2 = {fr['chi2']:.3f}, p = {fmt_p(fr['p'])}; Iman-Davenport "
