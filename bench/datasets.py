@@ -181,7 +181,7 @@ def _scandir(folder: str) -> list[os.DirEntry]:
         return sorted(it, key=lambda e: e.name)
 
 
-def _class_folders(root: Path, skipped: list[dict]) -> tuple[list[str], list[tuple[Path, str]]]:
+def class_folders(root: Path, skipped: list[dict]) -> tuple[list[str], list[tuple[Path, str]]]:
     """Return (class names, [(class folder, source prefix)]).
 
     Symbolic links are followed only to folders outside the dataset; those that cannot
@@ -235,7 +235,7 @@ def _class_folders(root: Path, skipped: list[dict]) -> tuple[list[str], list[tup
     return classes, folders
 
 
-def _class_files(folder: Path, prefix: str, root_real: str,
+def class_files(folder: Path, prefix: str, root_real: str,
                  skipped: list[dict]) -> list[tuple[Path, str]]:
     """Every file under a class folder, as (path, source), sorted by source.
 
@@ -282,12 +282,12 @@ def _class_files(folder: Path, prefix: str, root_real: str,
 
 def _load_folder(root: Path, image_size: int, cache_root: Path, show_progress: bool) -> Dataset:
     link_skipped: list[dict] = []        # found while listing: links, stray files
-    classes, folders = _class_folders(root, link_skipped)
+    classes, folders = class_folders(root, link_skipped)
     root_real = os.path.realpath(root)
     files: list[tuple[Path, str, int]] = []
     for folder, prefix in folders:
         n_skipped = len(link_skipped)
-        found = _class_files(folder, prefix, root_real, link_skipped)
+        found = class_files(folder, prefix, root_real, link_skipped)
         if not found and len(link_skipped) == n_skipped:
             raise BenchError(f"class folder is empty: {folder}")
         label = classes.index(folder.name)

@@ -17,7 +17,8 @@ from PIL import Image
 from sklearn.metrics import accuracy_score, balanced_accuracy_score, f1_score
 
 from bench.cli import main
-from bench.evaluate import bootstrap_weights, evaluate, score
+from bench.evaluate import evaluate
+from bench.scoring import WeightedScorer, bootstrap_weights, score
 from core.calibration import ece
 from core.errors import BenchError
 from tests.conftest import toy_arrays, write_tiny_config
@@ -109,8 +110,7 @@ def test_score_matches_sklearn_and_core_ece():
         warnings.simplefilter("ignore")
         assert s["balanced_accuracy"] == pytest.approx(balanced_accuracy_score(y, pred))
     assert s["ece"] == pytest.approx(ece(y, proba))
-    from bench.evaluate import _Scorer
-    assert _Scorer(y, pred, proba.max(1), 5)(np.ones(300))["ece"] == pytest.approx(s["ece"])
+    assert WeightedScorer(y, pred, proba.max(1), 5)(np.ones(300))["ece"] == pytest.approx(s["ece"])
     assert s["present_classes"] == list("abcd") and s["absent_classes"] == ["e"]
     assert [r["support"] for r in s["per_class"]] == [int((y == c).sum()) for c in present]
     assert np.array(s["confusion"]["counts"]).shape == (4, 5)
