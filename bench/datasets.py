@@ -236,7 +236,7 @@ def class_folders(root: Path, skipped: list[dict]) -> tuple[list[str], list[tupl
 
 
 def class_files(folder: Path, prefix: str, root_real: str,
-                 skipped: list[dict]) -> list[tuple[Path, str]]:
+                skipped: list[dict]) -> list[tuple[Path, str]]:
     """Every file under a class folder, as (path, source), sorted by source.
 
     Walks without following symbolic links blindly (never loops): a link to a file is

@@ -84,7 +84,8 @@ def _list_folder(root: Path) -> ExternalSet:
 
 
 def _list_csv(root: Path, labels, group_col: str | None) -> ExternalSet:
-    """Images under ``root`` labelled by a CSV column (:func:`bench.datasets.read_labelled_files`)."""
+    """Images under ``root`` labelled by a CSV column
+    (:func:`bench.datasets.read_labelled_files`)."""
     if not root.is_dir():
         raise BenchError(f"--labels needs --data to be a folder of images, got {root}")
     listed = read_labelled_files(root, labels, "--labels", group_col)

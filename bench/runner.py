@@ -373,11 +373,8 @@ def _save_predictor(run: RunDir, cfg: Config, ds: Dataset, board, stored, kinds,
 # ----------------------------------------------------------------------------- commands
 
 def _cli_data(data, config):
-    """``--data PATH|NAME`` (:func:`bench.config.data_argument`): a path resolved from the
-    working directory, or a dataset's name."""
-    if not data:
-        return data
-    path, name = data_argument(data, config)
+    """``--data`` (:func:`bench.config.data_argument`): a path from cwd, or a dataset's name."""
+    path, name = data_argument(data, config) if data else (None, data)
     return str(path.resolve()) if path is not None else name
 
 

@@ -79,7 +79,8 @@ def roc_auc(y, proba, sample_weight=None) -> float:
     """One-vs-rest ROC AUC averaged over the classes present in ``y`` (the positive
     class's AUC for two classes); NaN with fewer than two classes present."""
     p = _normalised(np.asarray(proba))
-    present = np.unique(y if sample_weight is None else np.asarray(y)[np.asarray(sample_weight) > 0])
+    y = np.asarray(y)
+    present = np.unique(y if sample_weight is None else y[np.asarray(sample_weight) > 0])
     try:
         if len(present) < 2:
             raise ValueError
