@@ -35,7 +35,9 @@ from core.io import check_name
 from core.metrics import METRICS
 from core.params import space_names, validate_params
 from core.stress import SHIFTS
+from ensembles.bags import AGGREGATORS
 from ensembles.build import ENTRY_KEYS
+from ensembles.tta import TTA_VIEWS
 from features import check_feature_set
 
 if sys.version_info >= (3, 11):
@@ -251,6 +253,31 @@ def _resolve_external(cfg: dict, raw: dict, source, where: str) -> dict:
     return out
 
 
+def data_argument(data, config=None) -> tuple[Path | None, str | None]:
+    """``--data PATH|NAME`` -> ``(path, None)`` or ``(None, NAME)``: the one rule of ``run``,
+    ``tune`` and ``evaluate``. An existing file or folder is a path, and so is anything
+    that looks like one (a ``/`` or the OS separator, a leading ``~``, an ``.npz`` suffix in
+    any case): it is read from the working directory (``~`` expanded, not resolved).
+    Anything else must name a ``[datasets.NAME]`` of ``config`` (default
+    ``benchmarks.toml``); an unknown name is a :class:`BenchError`."""
+    text = str(data)
+    p = Path(text).expanduser()
+    if (p.exists() or "/" in text or os.sep in text or text.startswith("~")
+            or text.lower().endswith(".npz")):
+        return p, None
+    cfg_path = Path(config or DEFAULT_CONFIG)
+    if not cfg_path.is_file():
+        if config:
+            raise BenchError(f"config file not found: {cfg_path}")
+        raise BenchError(f"data not found: {p}")
+    datasets = read_toml(cfg_path).get("datasets", {}) or {}
+    if text not in datasets:
+        raise BenchError(f"data not found: '{text}' is neither a file or folder nor a "
+                         f"[datasets.NAME] of {cfg_path} (known: {sorted(datasets) or 'none'})"
+                         + did_you_mean(text, datasets))
+    return None, text
+
+
 def did_you_mean(name, known) -> str:
     """The hint ``; did you mean 'X'?`` for the closest of ``known``, or nothing."""
     close = difflib.get_close_matches(str(name), [str(k) for k in known], n=1)
@@ -401,7 +428,7 @@ class PredictorSection(_Section):
     ensemble: str = "best"        # "best", "robust" ([stress]) or an entry's name
     robust_tolerance: Number = Field(default=0.005, ge=0)
     temperature_scaling: bool = False
-    tta: Literal["none", "flips", "d4"] = "none"
+    tta: Literal[tuple(TTA_VIEWS)] = "none"
 
 
 class ReportSection(_Section):
@@ -423,8 +450,8 @@ class ReportSection(_Section):
 
 class PatientsSection(_Section):
     """Bag (patient-level) tasks: a dataset with ``bags = true`` (see bench/patients.py)."""
-    aggregators: list[Literal["mean", "trimmed_mean", "top_k_mean", "composition"]] = Field(
-        default=["mean", "trimmed_mean", "top_k_mean", "composition"], min_length=1)
+    aggregators: list[Literal[tuple(AGGREGATORS)]] = Field(default=list(AGGREGATORS),
+                                                            min_length=1)
     trim: Number = Field(default=0.1, ge=0, lt=0.5)   # trimmed mean: fraction cut at each end
     # top-k mean: mean of the highest fraction of a bag's cells
     top_fraction: Number = Field(default=0.2, gt=0, le=1)

@@ -29,11 +29,11 @@ import pandas as pd
 
 from bench.config import Config
 from bench.rundir import RunDir
-from core.metrics import metric_sort_ascending
+from core.metrics import LABEL_METRICS, metric_sort_ascending
 from core.progress import info, warn
 
 GROUPING_KEYS = ("groups", "pairs", "group_rule")
-AUDIT_METRICS = ("accuracy", "balanced_accuracy", "macro_f1")
+AUDIT_METRICS = LABEL_METRICS   # accuracy, balanced accuracy, macro-F1 (core.metrics)
 
 
 def grouping_removed(cfg: Config) -> dict:

@@ -42,15 +42,14 @@ from sklearn.preprocessing import StandardScaler
 
 from bench.folds import column_by_row
 from bench.rundir import RunDir
-from bench.stats import holm
+from bench.stats import bootstrap_resamples, holm
 from core.errors import BenchError
 from core.progress import info, progress_iter
 from core.splits import PredefinedFolds
-from ensembles.bags import (CompositionAggregator, choose_threshold, make_aggregator,
-                            negative_label)
+from ensembles.bags import (CELL_AGGREGATORS, CompositionAggregator, choose_threshold,
+                            make_aggregator, negative_label)
 from features.extract import extract
 
-CELL_AGGREGATORS = ("mean", "trimmed_mean", "top_k_mean")
 LEVEL = 0.95
 INNER_FOLDS = 3
 EPS = 1e-6
@@ -90,11 +89,9 @@ def _auc_rows(scores: np.ndarray, y: np.ndarray) -> np.ndarray:
 
 
 def bootstrap_indices(y: np.ndarray, n_boot: int, seed: int) -> np.ndarray:
-    """(n_boot, n) bag indices resampled with replacement within each class."""
-    rng = np.random.default_rng(seed)
-    parts = [rng.choice(np.flatnonzero(y == c), size=(n_boot, int((y == c).sum())))
-             for c in (0, 1)]
-    return np.concatenate(parts, axis=1)
+    """(n_boot, n) bag indices resampled with replacement within each class
+    (:func:`bench.stats.bootstrap_resamples`)."""
+    return np.array(list(bootstrap_resamples(len(y), n_boot, seed, strata=y)))
 
 
 def _boot(scores, decisions, y, idx) -> dict:
@@ -309,8 +306,7 @@ def bag_settings(cfg, patients, name: str) -> dict:
     """What a bag task's predictor stores: the aggregator of ``name``'s best patient row
     and its threshold, chosen on every bag's out-of-fold score."""
     board, bag_table, _, meta = patients
-    rows = board[(board["source"] == name) & board["aggregator"].isin(
-        ["mean", "trimmed_mean", "top_k_mean"])]
+    rows = board[(board["source"] == name) & board["aggregator"].isin(CELL_AGGREGATORS)]
     r = rows.iloc[0]
     params = make_aggregator(r["aggregator"], cfg["patients"]).params()
     return {"positive": meta["positive"], "aggregator": r["aggregator"], "params": params,

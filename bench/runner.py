@@ -17,7 +17,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from bench.config import Config, load_config
+from bench.config import Config, data_argument, load_config
 from bench.datasets import Dataset, prepare_dataset
 from bench.external import score_external
 from bench.stress import add_stress_columns, collect_stress, complete_stress, stress_shifts
@@ -337,16 +337,16 @@ def _save_predictor(run: RunDir, cfg: Config, ds: Dataset, board, stored, kinds,
 
 # ----------------------------------------------------------------------------- commands
 
-def _cli_path(data):
-    if data and (Path(data).exists() or "/" in data or data.endswith(".npz")):
-        return str(Path(data).expanduser().resolve())   # a path on the command line: from cwd
-    return data
+def _cli_data(data, config):
+    """``--data`` (:func:`bench.config.data_argument`): a path from cwd, or a dataset's name."""
+    path, name = data_argument(data, config) if data else (None, data)
+    return str(path.resolve()) if path is not None else name
 
 
 def run_from_args(config=None, profile=None, data=None, out=None, only=None, force=False,
                   workers=None, show_progress=True, scheduler=None,
                   storage=None) -> tuple[pd.DataFrame, Path]:
-    cfg = load_config(config, profile=profile, data=_cli_path(data), only=only, out=out)
+    cfg = load_config(config, profile=profile, data=_cli_data(data, config), only=only, out=out)
     if storage:
         cfg.override("tuning", storage=storage)
     board = run_benchmark(cfg, force=force, workers=workers, show_progress=show_progress,
@@ -364,7 +364,7 @@ def tune_from_args(config=None, profile=None, data=None, out=None, candidate=Non
     """
     run = RunDir(Path(out).expanduser()) if out else None
     if run is None or not run.is_run():
-        cfg = load_config(config, profile=profile, data=_cli_path(data), out=out)
+        cfg = load_config(config, profile=profile, data=_cli_data(data, config), out=out)
         if storage:
             cfg.override("tuning", storage=storage)
         run = prepare_run(cfg)[0]

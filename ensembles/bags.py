@@ -35,6 +35,7 @@ class MeanAggregator:
 
     name = "mean"
     needs_fit = False
+    settings: dict[str, str] = {}     # [patients] key -> argument of __init__
 
     def params(self) -> dict:
         return {}
@@ -50,6 +51,7 @@ class TrimmedMeanAggregator(MeanAggregator):
     """Mean without the ``trim`` lowest and ``trim`` highest cells of a bag."""
 
     name = "trimmed_mean"
+    settings = {"trim": "trim"}
 
     def __init__(self, trim: float):
         if not 0 <= trim < 0.5:
@@ -67,6 +69,7 @@ class TopKMeanAggregator(MeanAggregator):
     """Mean of the ``ceil(fraction * n)`` highest cell probabilities of a bag of n cells."""
 
     name = "top_k_mean"
+    settings = {"top_fraction": "fraction"}
 
     def __init__(self, fraction: float):
         if not 0 < fraction <= 1:
@@ -90,6 +93,7 @@ class CompositionAggregator:
 
     name = "composition"
     needs_fit = True
+    settings = {"seed": "seed"}
 
     def __init__(self, C: float = 1.0, seed: int = 0):
         self.C, self.seed = float(C), int(seed)
@@ -118,18 +122,20 @@ def negative_label(classes: list[str], positive: str) -> str:
     return others[0] if len(others) == 1 else f"not {positive}"
 
 
+#: every aggregator by name (``[patients] aggregators``, a bag predictor's ``aggregator``)
+AGGREGATORS = {cls.name: cls for cls in (MeanAggregator, TrimmedMeanAggregator,
+                                          TopKMeanAggregator, CompositionAggregator)}
+#: the aggregators of cell probabilities alone (no fit): what a saved predictor can carry
+CELL_AGGREGATORS = tuple(n for n, cls in AGGREGATORS.items() if not cls.needs_fit)
+
+
 def make_aggregator(name: str, settings: dict):
     """The aggregator called ``name`` with ``[patients]`` settings (or its own
     :meth:`params`, which use the same keys)."""
-    if name == "mean":
-        return MeanAggregator()
-    if name == "trimmed_mean":
-        return TrimmedMeanAggregator(settings["trim"])
-    if name == "top_k_mean":
-        return TopKMeanAggregator(settings["top_fraction"])
-    if name == "composition":
-        return CompositionAggregator(seed=settings["seed"])
-    raise ValueError(f"unknown aggregator '{name}'")
+    if name not in AGGREGATORS:
+        raise ValueError(f"unknown aggregator '{name}'")
+    cls = AGGREGATORS[name]
+    return cls(**{arg: settings[key] for key, arg in cls.settings.items()})
 
 
 def choose_threshold(scores: np.ndarray, y: np.ndarray, rule: str = "youden") -> float:
@@ -157,4 +163,5 @@ def choose_threshold(scores: np.ndarray, y: np.ndarray, rule: str = "youden") ->
 
 
 __all__ = ["MeanAggregator", "TrimmedMeanAggregator", "TopKMeanAggregator",
-           "CompositionAggregator", "make_aggregator", "choose_threshold", "negative_label"]
+           "CompositionAggregator", "AGGREGATORS", "CELL_AGGREGATORS", "make_aggregator",
+           "choose_threshold", "negative_label"]

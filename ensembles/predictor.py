@@ -35,35 +35,19 @@ from core.calibration import apply_temperature
 from core.candidate import CANDIDATE_FILE, Candidate, load_candidate
 from core.errors import BenchError
 from core.images import Preprocessing, as_items, resolve_preprocessing
+from core.progress import progress_iter
 from core.shift import ShiftReference
-from ensembles.bags import make_aggregator, negative_label
+from ensembles.bags import CELL_AGGREGATORS, make_aggregator, negative_label
 from ensembles.base import Ensemble
-from core.io import _json_default, atomic_write_json, file_sha256, package_versions, staged
+from ensembles.tta import TTA_VIEWS, VIEWS
+from core.io import (atomic_write_json, file_sha256, is_inside, json_default, package_versions,
+                     staged)
 
 MANIFEST = "manifest.json"
 FORMAT_VERSION = 1
 # Images per call of the fused Keras graph. Larger calls buy no speed on CPU and cost memory
 # (quick PBC predictor with a 224-px backbone: peak 3.9 GiB at 128, 5.9 GiB at 256).
 FUSED_BATCH = 128
-#: test-time augmentation: ``[predictor] tta`` -> the views averaged (each a function of an
-#: (N, S, S, 3) batch). "flips": the image and its horizontal, vertical and double flips;
-#: "d4": also the transposes (all 8 flips and 90-degree rotations).
-TTA_VIEWS = {
-    "none": ("identity",),
-    "flips": ("identity", "flip_h", "flip_v", "rot180"),
-    "d4": ("identity", "flip_h", "flip_v", "rot180", "transpose", "rot90", "rot270",
-           "anti_transpose"),
-}
-_VIEW = {
-    "identity": lambda x: x,
-    "flip_h": lambda x: x[:, :, ::-1],
-    "flip_v": lambda x: x[:, ::-1],
-    "rot180": lambda x: x[:, ::-1, ::-1],
-    "transpose": lambda x: x.transpose(0, 2, 1, 3),
-    "rot90": lambda x: np.rot90(x, 1, axes=(1, 2)),
-    "rot270": lambda x: np.rot90(x, 3, axes=(1, 2)),
-    "anti_transpose": lambda x: x[:, ::-1, ::-1].transpose(0, 2, 1, 3),
-}
 
 
 class Predictor:
@@ -172,12 +156,28 @@ class Predictor:
                 chunks.append(p)
         return np.concatenate(chunks) if chunks else np.zeros((0, len(self.classes_)))
 
+    def predict_batches(self, items, batch_size: int, *, keep_full: bool = False,
+                        desc: str = "predicting", show: bool = True):
+        """The one batched prediction loop over files (``predict``, ``evaluate``): yield
+        ``(rows, X, full, proba, errors)`` per batch of ``items``, each file decoded once
+        and the next batch read while this one is classified. ``rows``: the positions in
+        ``items`` of the readable images ``X`` (``full``: them at their own size, with
+        ``keep_full``); ``proba``: their probabilities (``None`` when none is readable);
+        ``errors``: ``[(position, exception)]`` of the unreadable ones."""
+        n_batches = -(-len(items) // batch_size)
+        batches = self.preprocessing.batches(items, batch_size, keep_full=keep_full)
+        for s, X, full, good, errs in progress_iter(batches, total=n_batches, desc=desc,
+                                                     enabled=show and n_batches > 1):
+            rows = s + np.asarray(good, dtype=np.int64)
+            proba = self.predict_proba(X, batch_size=len(X)) if len(rows) else None
+            yield rows, X, full, proba, [(s + j, exc) for j, exc in errs]
+
     def proba_of_images(self, images: np.ndarray) -> np.ndarray:
         """The ensemble's probabilities for preprocessed (N, S, S, 3) images, averaged over
         the test-time views of ``[predictor] tta`` (before any temperature)."""
         views = TTA_VIEWS[self.tta]
         return np.mean([self.ensemble_.combine(self.member_probas(
-            np.ascontiguousarray(_VIEW[v](images)))) for v in views], axis=0)
+            np.ascontiguousarray(VIEWS[v](images)))) for v in views], axis=0)
 
     def adapt(self, x, max_images: int = 2000, seed: int = 0) -> dict:
         """Unsupervised test-time adaptation (AdaBN) of the members that declare
@@ -371,7 +371,7 @@ def _write_predictor(tmp: Path, ensemble_name, ensemble, members, member_info, c
         "files": files,
         **(extra or {}),
     }
-    manifest = json.loads(json.dumps(manifest, default=_json_default))
+    manifest = json.loads(json.dumps(manifest, default=json_default))
     manifest["manifest_sha256"] = manifest_digest(manifest)
     atomic_write_json(tmp / MANIFEST, manifest)
 
@@ -386,7 +386,7 @@ def manifest_digest(manifest: dict) -> str:
 
 def _inside(root: Path, rel: str) -> Path:
     f = (root / rel).resolve()
-    if not f.is_relative_to(root.resolve()):
+    if not is_inside(f, root):
         raise BenchError(f"predictor manifest points outside its folder {root}: {rel}")
     return f
 
@@ -441,8 +441,8 @@ class _EnsembleRecord(_Record):
 
 class _Bags(_Record):
     positive: StrictStr = Field(description="'positive' must be one of 'classes'")
-    aggregator: Literal["mean", "trimmed_mean", "top_k_mean"] = Field(
-        description="'aggregator' must be mean, trimmed_mean or top_k_mean")
+    aggregator: Literal[CELL_AGGREGATORS] = Field(
+        description=f"'aggregator' must be one of {list(CELL_AGGREGATORS)}")
     params: dict = Field({}, description="'params' must be an object")
     threshold: _Number = Field(description="'threshold' must be a number")
 
