@@ -30,6 +30,7 @@ from core.progress import console, info, progress_iter, warn
 from ensembles.overlay import gradcam_names, write_gradcam_png
 from ensembles.bags import NO_CALL, REFER
 from ensembles.predictor import load_predictor, verify_predictor
+from ensembles.tta import TTA_VIEWS
 
 
 def _add_common(p):
@@ -130,7 +131,7 @@ def build_parser() -> argparse.ArgumentParser:
                     help="output folder (default: ./evaluation-<dataset name>); an earlier "
                          "evaluation there is replaced, anything else refused")
     ev.add_argument("--batch-size", "--batch_size", dest="batch_size", type=int, default=128)
-    ev.add_argument("--tta", default=None, choices=["none", "flips", "d4"],
+    ev.add_argument("--tta", default=None, choices=list(TTA_VIEWS),
                     help="test-time views instead of the predictor's own [predictor] tta")
     ev.add_argument("--adapt", default=None, choices=["bn"],
                     help="unsupervised test-time adaptation on the set's images (AdaBN: "
@@ -244,19 +245,13 @@ def cmd_predict(args) -> int:
     shift = pred.shift_reference_   # None for predictors saved without one
     writer.writerow(["path", "prediction", "confidence", *pred.classes_]
                     + (["shift_score"] if shift else []) + (["gradcam"] if args.gradcam else []))
-    starts = range(0, len(paths), args.batch_size)
     n_ok, scores = 0, []
-
-    # each file decoded and resized once (the next batch read while this one is classified)
-    batches = pred.preprocessing.batches(paths, args.batch_size, keep_full=bool(args.gradcam))
-    for s, X, full, ok, errors in progress_iter(batches, total=len(starts), desc="predicting",
-                                                 enabled=len(starts) > 1):
+    for good, X, full, proba, errors in pred.predict_batches(paths, args.batch_size,
+                                                             keep_full=bool(args.gradcam)):
         for _, exc in errors:
             warn(f"skipped {exc}")
-        good = [s + j for j in ok]
-        if not good:
+        if not len(good):
             continue
-        proba = pred.predict_proba(X, batch_size=len(X))
         top = np.argmax(proba, axis=1)
         cams = pred.explain(X, class_index=top) if args.gradcam else None
         sc = shift.score(X) if shift else None

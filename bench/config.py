@@ -23,10 +23,10 @@ import re
 import sys
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Annotated, Literal, Union
+from typing import Annotated, Literal, Optional, Union
 
 import tomli_w
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, create_model
 
 from core import registry
 from core.errors import BenchError
@@ -35,7 +35,9 @@ from core.io import check_name
 from core.metrics import METRICS
 from core.params import space_names, validate_params
 from core.stress import SHIFTS
+from ensembles.bags import AGGREGATORS
 from ensembles.build import ENTRY_KEYS
+from ensembles.tta import TTA_VIEWS
 from features import check_feature_set
 
 if sys.version_info >= (3, 11):
@@ -47,20 +49,36 @@ DEFAULT_CONFIG = "benchmarks.toml"
 KNOWN_SECTIONS = {"run", "data", "datasets", "external", "tuning", "feature_sets", "candidates",
                   "ensembles", "stress",
                   "predictor", "profiles", "report", "patients"}
-RUN_DEFAULTS = {"seed": 42, "folds": 5, "metric": "accuracy", "workers": 1, "profile": "quick",
-                "out": "runs/latest"}
-DATA_DEFAULTS = {"path": "", "image_size": 64, "max_images": 0, "groups": "", "pairs": "",
-                 "group_rule": "", "cache_dir": "", "fallback": {}, "classes": []}
-TUNING_DEFAULTS = {"trials": 0, "timeout": 0, "storage": ""}
 
 
 @dataclass
 class Config:
-    """A resolved configuration: plain nested dicts plus where they came from."""
+    """A resolved configuration: plain nested dicts plus where they came from.
+
+    ``settings`` holds the validated, typed settings sections (:class:`Settings`: ``run``,
+    ``data``, ``tuning``, ``predictor``, ``stress``, ``report``, ``patients``), each
+    default in its model's field; ``data[SECTION]`` is their ``model_dump()``, so every
+    key is present. A config built from a plain dict (a run directory's ``config.toml``)
+    is validated here; change a setting with :meth:`override`, which keeps both views.
+    """
 
     data: dict
     source: Path | None = None
     profile: str | None = None
+    settings: "Settings | None" = None
+
+    def __post_init__(self):
+        if self.settings is None:
+            self.data, self.settings = typed_settings(
+                self.data, str(self.source) if self.source else "config")
+
+    def override(self, section: str, **values) -> None:
+        """Set ``values`` in settings ``section`` (validated; the dict view follows)."""
+        where = str(self.source) if self.source else "config"
+        typed = validated(where, f"[{section}]", SECTIONS[section],
+                          {**self.data[section], **values})
+        setattr(self.settings, section, typed)
+        self.data[section] = typed.model_dump()
 
     def __getitem__(self, key):
         return self.data[key]
@@ -137,12 +155,11 @@ def resolve_config(raw: dict, source: Path | None = None, profile: str | None = 
                    out: str | None = None) -> Config:
     where = str(source) if source else "config"
     _check_raw(raw, where)
-    cfg = deep_merge({"run": RUN_DEFAULTS, "data": DATA_DEFAULTS, "tuning": TUNING_DEFAULTS,
-                      "feature_sets": {}, "candidates": {}, "ensembles": {}, "predictor": {},
-                      "report": {}, "external": {}, "patients": {}, "stress": {"shifts": []}},
+    cfg = deep_merge({**{sec: {} for sec in SECTIONS},
+                      "feature_sets": {}, "candidates": {}, "ensembles": {}, "external": {}},
                      {k: v for k, v in raw.items() if k not in ("profiles", "datasets")})
     profiles = raw.get("profiles", {})
-    profile = profile or cfg["run"]["profile"]
+    profile = profile or cfg["run"].get("profile", RunSection.model_fields["profile"].default)
     if profile not in profiles:
         raise BenchError(f"{where}: unknown profile '{profile}'; known: {sorted(profiles) or 'none'}"
                          + did_you_mean(profile, profiles))
@@ -173,13 +190,14 @@ def resolve_config(raw: dict, source: Path | None = None, profile: str | None = 
             raise BenchError("--only names no candidate (give NAME[,NAME...])")
         _check_names(only, names, where, f"--only (profile '{profile}')")
         names = [n for n in names if n in only]
-    _validate_sections(cfg, where)
+    cfg, settings = _validate_sections(cfg, where)
     cfg["candidates"] = {n: _resolve_candidate(n, cfg["candidates"][n], cfg, where) for n in names}
     for entry in cfg["candidates"].values():
         _resolve_weights_path(entry, source)
-    _validate_entries(cfg, where)
+    _validate_entries(cfg, settings, where)
     cfg["external"] = _resolve_external(cfg, raw, source, where)
-    return Config(cfg, source=Path(source) if source else None, profile=profile)
+    return Config(cfg, source=Path(source) if source else None, profile=profile,
+                  settings=settings)
 
 
 PACKAGE_PREFIX = "bloodbench:"
@@ -212,11 +230,11 @@ def _same_datasets(path: str, datasets: dict, source) -> list[str]:
 def _resolve_external(cfg: dict, raw: dict, source, where: str) -> dict:
     """``[external.NAME]`` entries that apply to this run's dataset, paths made absolute."""
     data = cfg["data"]
-    names = {data.get("name")} | set(data.get("same_as") or [])
+    names = {data["name"]} | set(data["same_as"])
     out = {}
     for name, entry in (cfg.get("external") or {}).items():
         check_name(name, f"{where}: external set name")
-        _validate(where, f"[external.{name}]", ExternalEntry, entry)
+        validated(where, f"[external.{name}]", ExternalEntry, entry)
         unknown = [d for d in entry.get("datasets", []) if d not in raw.get("datasets", {})]
         if unknown:
             raise BenchError(f"{where}: [external.{name}] datasets {unknown} are not "
@@ -233,6 +251,31 @@ def _resolve_external(cfg: dict, raw: dict, source, where: str) -> dict:
             e["class_map"] = str(_abs(e["class_map"], source))
         out[name] = e
     return out
+
+
+def data_argument(data, config=None) -> tuple[Path | None, str | None]:
+    """``--data PATH|NAME`` -> ``(path, None)`` or ``(None, NAME)``: the one rule of ``run``,
+    ``tune`` and ``evaluate``. An existing file or folder is a path, and so is anything
+    that looks like one (a ``/`` or the OS separator, a leading ``~``, an ``.npz`` suffix in
+    any case): it is read from the working directory (``~`` expanded, not resolved).
+    Anything else must name a ``[datasets.NAME]`` of ``config`` (default
+    ``benchmarks.toml``); an unknown name is a :class:`BenchError`."""
+    text = str(data)
+    p = Path(text).expanduser()
+    if (p.exists() or "/" in text or os.sep in text or text.startswith("~")
+            or text.lower().endswith(".npz")):
+        return p, None
+    cfg_path = Path(config or DEFAULT_CONFIG)
+    if not cfg_path.is_file():
+        if config:
+            raise BenchError(f"config file not found: {cfg_path}")
+        raise BenchError(f"data not found: {p}")
+    datasets = read_toml(cfg_path).get("datasets", {}) or {}
+    if text not in datasets:
+        raise BenchError(f"data not found: '{text}' is neither a file or folder nor a "
+                         f"[datasets.NAME] of {cfg_path} (known: {sorted(datasets) or 'none'})"
+                         + did_you_mean(text, datasets))
+    return None, text
 
 
 def did_you_mean(name, known) -> str:
@@ -275,33 +318,7 @@ def _resolve_weights_path(entry: dict, source) -> None:
 
 
 # ----------------------------------------------------------------------------- schema
-
-REPORT_DEFAULTS = {
-    "enabled": True,            # write DIR/report at the end of `run`
-    "confidence": 0.95,         # confidence intervals over folds (Student t)
-    "alpha": 0.05,              # significance level of the tests
-    "ece_bins": 15,             # confidence bins of ECE and reliability diagrams
-    "gradcam": True,            # Grad-CAM audit of CNN candidates and CNN ensembles
-    "gradcam_per_class": 6,     # seeded sample per class for the energy and sanity audits
-    "gallery_per_class": 3,     # correct and misclassified examples shown per class
-    "randomization_threshold": 0.5,   # flag when Spearman rho(trained, random) >= this
-    "colour_only_warning": 0.6,       # warn when a colour-only baseline reaches this bal. acc.
-    "colour_extractors": ["color", "colour", "hsv", "rgb", "lab_hist", "stain"],
-    "seed": 0,                  # sampling of audited images
-}
-
-# Bag (patient-level) tasks: a dataset with `bags = true` (see bench/patients.py)
-PATIENT_DEFAULTS = {
-    "aggregators": ["mean", "trimmed_mean", "top_k_mean", "composition"],
-    "trim": 0.1,                # trimmed mean: this fraction cut at each end
-    "top_fraction": 0.2,        # top-k mean: mean of the highest fraction of a bag's cells
-    "composition_features": "all",   # feature set of the composition's cell-type classifier
-    "threshold": "youden",      # decision threshold, chosen on the training folds' bags
-    "n_boot": 2000,             # bootstrap over bags (CIs and paired tests)
-    "min_cells": "auto",        # fewer readable cells: no call ("refer"); auto: 5th percentile
-                                # of the training bags' cell counts
-    "seed": 0,
-}
+# Each setting's default lives in its field here (and nowhere else).
 
 Metric = Literal[METRICS]
 Number = Union[float, int]
@@ -312,13 +329,23 @@ class _Section(BaseModel):
     model_config = ConfigDict(extra="forbid", strict=True)
 
 
+def _all_optional(model: type[BaseModel], name: str, exclude=()) -> type[BaseModel]:
+    """``model`` with every field (but ``exclude``) optional, default ``None``, and the
+    same constraints: a partial table merged over a whole one later."""
+    fields = {n: (Optional[Annotated[(f.annotation, *f.metadata)] if f.metadata
+                           else f.annotation], None)
+              for n, f in model.model_fields.items() if n not in exclude}
+    return create_model(name, __base__=_Section, __doc__=f"A partial {model.__name__}.",
+                        **fields)
+
+
 class RunSection(_Section):
-    seed: int = Field(ge=0)
-    folds: int = Field(ge=2, le=100)
-    metric: Metric
-    workers: int = Field(ge=1, le=1024)
-    profile: str
-    out: str = Field(min_length=1)
+    seed: int = Field(default=42, ge=0)
+    folds: int = Field(default=5, ge=2, le=100)
+    metric: Metric = "accuracy"
+    workers: int = Field(default=1, ge=1, le=1024)
+    profile: str = "quick"
+    out: str = Field(default="runs/latest", min_length=1)
     plugins: list[str] = []
     scheduler: str | None = None
 
@@ -332,15 +359,15 @@ class FallbackSection(_Section):
 
 
 class DataSection(_Section):
-    path: str
-    image_size: int = Field(ge=8, le=MAX_IMAGE_SIZE)
-    max_images: int = Field(ge=0)
-    groups: str
-    pairs: str
-    group_rule: str = Field(pattern=r"^(number_block:[1-9][0-9]*)?$")
-    cache_dir: str
-    fallback: dict
-    classes: list[str]
+    path: str = ""
+    image_size: int = Field(default=64, ge=8, le=MAX_IMAGE_SIZE)
+    max_images: int = Field(default=0, ge=0)
+    groups: str = ""
+    pairs: str = ""
+    group_rule: str = Field(default="", pattern=r"^(number_block:[1-9][0-9]*)?$")
+    cache_dir: str = ""
+    fallback: dict = {}
+    classes: list[str] = []
     name: str | None = None
     same_as: list[str] = []
     min_class_size: int = Field(default=0, ge=0)   # classes with fewer images are left out
@@ -351,9 +378,9 @@ class DataSection(_Section):
 
 
 class TuningSection(_Section):
-    trials: int = Field(ge=0)
-    timeout: Number = Field(ge=0)
-    storage: str
+    trials: int = Field(default=0, ge=0)
+    timeout: Number = Field(default=0, ge=0)
+    storage: str = ""
     pruner: Literal["median", "hyperband", "none"] = "median"
     val_fraction: Number = Field(default=0.2, gt=0, lt=1)
     max_samples: int = Field(default=0, ge=0)
@@ -361,17 +388,13 @@ class TuningSection(_Section):
     min_gain: Number = Field(default=0, ge=0)   # over the configured trial, to adopt a tuned one
 
 
-class TuningOverride(_Section):
-    trials: int | None = Field(default=None, ge=0)
-    timeout: Number | None = Field(default=None, ge=0)
-    storage: str | None = None
-    pruner: Literal["median", "hyperband", "none"] | None = None
-    val_fraction: Number | None = Field(default=None, gt=0, lt=1)
-    max_samples: int | None = Field(default=None, ge=0)
-    metric: Metric | None = None
-    min_gain: Number | None = Field(default=None, ge=0)
-    fidelity: dict | None = None      # parameter overrides in trials only (bench.tuning)
+class CandidateTuning(TuningSection):
+    """A candidate's tuning settings: ``[tuning]`` with its own ``tuning`` table over it."""
+    fidelity: dict = {}               # parameter overrides in trials only (bench.tuning)
     space: list[str] | None = None    # the param_space names to search (default all)
+
+
+TuningOverride = _all_optional(CandidateTuning, "TuningOverride")
 
 
 class CandidateEntry(_Section):
@@ -405,38 +428,58 @@ class PredictorSection(_Section):
     ensemble: str = "best"        # "best", "robust" ([stress]) or an entry's name
     robust_tolerance: Number = Field(default=0.005, ge=0)
     temperature_scaling: bool = False
-    tta: Literal["none", "flips", "d4"] = "none"
+    tta: Literal[tuple(TTA_VIEWS)] = "none"
 
 
 class ReportSection(_Section):
-    enabled: bool
-    confidence: Number = Field(gt=0, lt=1)
-    alpha: Number = Field(gt=0, lt=1)
-    ece_bins: int = Field(ge=1)
-    gradcam: bool
-    gradcam_per_class: int = Field(ge=0)
-    gallery_per_class: int = Field(ge=0)
-    randomization_threshold: Number = Field(ge=-1, le=1)
-    colour_only_warning: Number = Field(ge=0, le=1)
-    colour_extractors: list[str]
-    seed: int = Field(ge=0)
+    enabled: bool = True          # write DIR/report at the end of `run`
+    confidence: Number = Field(default=0.95, gt=0, lt=1)   # CIs over folds (Student t)
+    alpha: Number = Field(default=0.05, gt=0, lt=1)        # significance level of the tests
+    ece_bins: int = Field(default=15, ge=1)   # confidence bins of ECE and reliability diagrams
+    gradcam: bool = True          # Grad-CAM audit of CNN candidates and CNN ensembles
+    gradcam_per_class: int = Field(default=6, ge=0)   # seeded sample per class (energy, sanity)
+    gallery_per_class: int = Field(default=3, ge=0)   # correct and misclassified shown per class
+    # flag when Spearman rho(trained, random) >= this
+    randomization_threshold: Number = Field(default=0.5, ge=-1, le=1)
+    # warn when a colour-only baseline reaches this balanced accuracy
+    colour_only_warning: Number = Field(default=0.6, ge=0, le=1)
+    colour_extractors: list[str] = ["color", "colour", "hsv", "rgb", "lab_hist", "stain"]
+    seed: int = Field(default=0, ge=0)   # sampling of audited images
     leakage_audit: bool = False   # rerun on image-level folds beside the grouped (bench.leakage)
 
 
 class PatientsSection(_Section):
-    aggregators: list[Literal["mean", "trimmed_mean", "top_k_mean", "composition"]] = Field(
-        min_length=1)
-    trim: Number = Field(ge=0, lt=0.5)
-    top_fraction: Number = Field(gt=0, le=1)
-    composition_features: str = Field(min_length=1)
-    threshold: Literal["youden", "half"]
-    n_boot: int = Field(ge=100)
-    min_cells: Annotated[int, Field(ge=1)] | Literal["auto"]
-    seed: int = Field(ge=0)
+    """Bag (patient-level) tasks: a dataset with ``bags = true`` (see bench/patients.py)."""
+    aggregators: list[Literal[tuple(AGGREGATORS)]] = Field(default=list(AGGREGATORS),
+                                                            min_length=1)
+    trim: Number = Field(default=0.1, ge=0, lt=0.5)   # trimmed mean: fraction cut at each end
+    # top-k mean: mean of the highest fraction of a bag's cells
+    top_fraction: Number = Field(default=0.2, gt=0, le=1)
+    # feature set of the composition's cell-type classifier
+    composition_features: str = Field(default="all", min_length=1)
+    # decision threshold, chosen on the training folds' bags
+    threshold: Literal["youden", "half"] = "youden"
+    n_boot: int = Field(default=2000, ge=100)   # bootstrap over bags (CIs and paired tests)
+    # fewer readable cells than this: no call ("refer"); "auto": the 5th percentile of
+    # the training bags' cell counts (ensembles.bags.min_cells_from_counts)
+    min_cells: Annotated[int, Field(ge=1)] | Literal["auto"] = "auto"
+    seed: int = Field(default=0, ge=0)
 
 
 SECTIONS = {"run": RunSection, "data": DataSection, "tuning": TuningSection,
-            "predictor": PredictorSection, "stress": StressSection}
+            "predictor": PredictorSection, "stress": StressSection, "report": ReportSection,
+            "patients": PatientsSection}
+
+
+class Settings(BaseModel):
+    """The typed settings sections of a resolved config (:data:`SECTIONS`)."""
+    run: RunSection
+    data: DataSection
+    tuning: TuningSection
+    predictor: PredictorSection
+    stress: StressSection
+    report: ReportSection
+    patients: PatientsSection
 
 
 _TYPE_TAGS = {"int", "float", "str", "bool", "dict", "list", "none"}
@@ -483,21 +526,27 @@ def _plain(err: dict) -> str:
     return err["msg"].lower()
 
 
-def _validate(where: str, prefix: str, model, value) -> None:
+def validated(where: str, prefix: str, model: type[BaseModel], value) -> BaseModel:
+    """``value`` (a table) as ``model``, its defaults filled; a violation is one
+    :class:`BenchError` line naming ``where``, ``prefix`` and the key."""
     if not isinstance(value, dict):
         raise BenchError(f"{where}: {prefix} must be a table, got {value!r}")
     try:
-        model.model_validate(value)
+        return model.model_validate(value)
     except ValidationError as exc:
         raise _schema_error(where, prefix, model, exc) from None
 
 
-def report_settings(config: dict, where: str = "config") -> dict:
-    """``[report]`` of a config merged over :data:`REPORT_DEFAULTS`, checked."""
-    raw = config.get("report", {}) or {}
-    _validate(where, "[report]", ReportSection, {**REPORT_DEFAULTS, **raw}
-              if isinstance(raw, dict) else raw)
-    return {**REPORT_DEFAULTS, **raw}
+def typed_settings(cfg: dict, where: str = "config") -> tuple[dict, Settings]:
+    """The settings sections of ``cfg`` validated (:class:`Settings`), and a copy of
+    ``cfg`` whose sections are their dumps (every key present)."""
+    typed = {}
+    for sec, model in SECTIONS.items():
+        typed[sec] = validated(where, f"[{sec}]", model, cfg.get(sec, {}))
+        if sec == "stress" and typed["data"].fallback:   # after the sections it completes
+            validated(where, "[data.fallback]", FallbackSection, typed["data"].fallback)
+    settings = Settings(**typed)
+    return {**cfg, **{sec: m.model_dump() for sec, m in typed.items()}}, settings
 
 
 def _check_raw(raw: dict, where: str) -> None:
@@ -527,66 +576,50 @@ def _check_raw(raw: dict, where: str) -> None:
             _check_names(prof["select"], list(raw.get("candidates", {})), where,
                          f"profile '{name}' select")
     for name, ds in raw.get("datasets", {}).items():
-        _validate(where, f"[datasets.{name}]", _DatasetOverride, ds)
+        validated(where, f"[datasets.{name}]", _DatasetOverride, ds)
 
 
-class _DatasetOverride(_Section):
-    path: str | None = None
-    image_size: int | None = Field(default=None, ge=8, le=MAX_IMAGE_SIZE)
-    max_images: int | None = Field(default=None, ge=0)
-    min_class_size: int | None = Field(default=None, ge=0)
-    groups: str | None = None
-    pairs: str | None = None
-    group_rule: str | None = Field(default=None, pattern=r"^(number_block:[1-9][0-9]*)?$")
-    cache_dir: str | None = None
-    classes: list[str] | None = None
-    labels: str | None = Field(default=None, pattern=r"^(.+:[^:]+)?$")
-    bags: bool | None = None
-    positive: str | None = None
-    cell_types: str | None = Field(default=None, pattern=r"^(.+:[^:]+)?$")
+# a [datasets.NAME] table: any [data] key but those the resolver sets
+_DatasetOverride = _all_optional(DataSection, "_DatasetOverride",
+                                 exclude=("fallback", "name", "same_as"))
 
 
-def _validate_sections(cfg: dict, where: str) -> None:
-    for sec, model in SECTIONS.items():
-        _validate(where, f"[{sec}]", model, cfg[sec])
-    if cfg["data"]["fallback"]:
-        _validate(where, "[data.fallback]", FallbackSection, cfg["data"]["fallback"])
-    report_settings(cfg, where)
-    cfg["patients"] = {**PATIENT_DEFAULTS, **(cfg.get("patients") or {})}
-    _validate(where, "[patients]", PatientsSection, cfg["patients"])
-    if cfg["data"].get("bags"):
-        _check_bags(cfg, where)
-    registry.import_plugins(cfg["run"].get("plugins", []))
+def _validate_sections(cfg: dict, where: str) -> tuple[dict, Settings]:
+    cfg, settings = typed_settings(cfg, where)
+    if settings.data.bags:
+        _check_bags(settings, cfg["feature_sets"], where)
+    registry.import_plugins(settings.run.plugins)
     for name, entry in cfg["candidates"].items():
         if isinstance(entry, dict) and "type" not in entry:
             raise BenchError(f"{where}: candidate '{name}' needs a 'type' "
                              "(see `python -m bench list`)")
-        _validate(where, f"[candidates.{name}]", CandidateEntry, entry)
+        validated(where, f"[candidates.{name}]", CandidateEntry, entry)
     for name, entry in cfg["ensembles"].items():
-        _validate(where, f"[ensembles.{name}]", EnsembleEntry, entry)
+        validated(where, f"[ensembles.{name}]", EnsembleEntry, entry)
+    return cfg, settings
 
 
-def _check_bags(cfg: dict, where: str) -> None:
+def _check_bags(settings: Settings, feature_sets: dict, where: str) -> None:
     """A bag task needs groups (the bags), a positive class, and the composition's pieces."""
-    data = cfg["data"]
-    if not data.get("groups"):
+    data = settings.data
+    if not data.groups:
         raise BenchError(f"{where}: [data] bags = true needs [data] groups (a CSV file,group "
                          "giving each image's bag, e.g. its patient)")
-    if not data.get("positive"):
+    if not data.positive:
         raise BenchError(f"{where}: [data] bags = true needs [data] positive (the class a bag "
                          "is scored for, e.g. \"APL\")")
-    if data.get("classes") and data["positive"] not in data["classes"]:
-        raise BenchError(f"{where}: [data] positive '{data['positive']}' is not one of "
-                         f"[data] classes {data['classes']}")
-    pat = cfg["patients"]
-    if "composition" in pat["aggregators"]:
-        if not data.get("cell_types"):
+    if data.classes and data.positive not in data.classes:
+        raise BenchError(f"{where}: [data] positive '{data.positive}' is not one of "
+                         f"[data] classes {data.classes}")
+    pat = settings.patients
+    if "composition" in pat.aggregators:
+        if not data.cell_types:
             raise BenchError(f"{where}: [patients] aggregators has 'composition', which needs "
                              "[data] cell_types = \"FILE.csv:COLUMN\" (each image's cell type)")
-        if pat["composition_features"] not in cfg["feature_sets"]:
+        if pat.composition_features not in feature_sets:
             raise BenchError(f"{where}: [patients] composition_features "
-                             f"'{pat['composition_features']}' is not a [feature_sets.NAME]"
-                             + did_you_mean(pat["composition_features"], cfg["feature_sets"]))
+                             f"'{pat.composition_features}' is not a [feature_sets.NAME]"
+                             + did_you_mean(pat.composition_features, feature_sets))
 
 
 def _validate_tuning(cls, tuning: dict, where: str) -> None:
@@ -607,7 +640,7 @@ def _validate_tuning(cls, tuning: dict, where: str) -> None:
                              "trials (fidelity); choose one")
 
 
-def _validate_entries(cfg: dict, where: str) -> None:
+def _validate_entries(cfg: dict, settings: Settings, where: str) -> None:
     """Cross-references and each class's own parameter schema (after resolution)."""
     size = cfg["data"]["image_size"]
     for name, spec in cfg["feature_sets"].items():
@@ -637,8 +670,8 @@ def _validate_entries(cfg: dict, where: str) -> None:
             if missing:
                 raise BenchError(f"{where}: [ensembles.{name}] members {missing} are not "
                                  f"candidates of this run; candidates: {names}")
-    choice = cfg["predictor"].get("ensemble", "best")
-    if choice == "robust" and not cfg["stress"]["shifts"]:
+    choice = settings.predictor.ensemble
+    if choice == "robust" and not settings.stress.shifts:
         raise BenchError(f"{where}: [predictor] ensemble = 'robust' needs [stress] shifts "
                          f"(any of {list(SHIFTS)})")
     if choice not in ("best", "robust") and choice not in names and choice not in cfg["ensembles"]:

@@ -42,12 +42,12 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from bench.config import Config
+from bench.config import Config, did_you_mean
 from bench.download import fetch
 from core.cache import default_cache_dir
 from core.errors import BenchError
 from core.images import Preprocessing, composite_on_white, pixel_hash, read_rgb, scale_to_uint8
-from core.io import atomic_save_npy, atomic_write_json, file_sha256, read_json
+from core.io import atomic_save_npy, atomic_write_json, file_sha256, is_inside, read_json
 from core.progress import info, progress_iter, warn
 
 LOADER_VERSION = 1   # in the content hash (a run's dataset identity): change only with the pixels
@@ -151,11 +151,6 @@ LINK_INSIDE = "symbolic link to a folder inside the dataset"
 NOT_IN_CLASS = "not in a class folder"
 
 
-def _inside(path: str, folder: str) -> bool:
-    """Whether real path ``path`` is ``folder`` or lies under it."""
-    return path == folder or path.startswith(folder.rstrip(os.sep) + os.sep)
-
-
 def _link_target(link: str) -> tuple[str | None, str | None]:
     """(real path, None) of a symbolic link's target, or (None, why it cannot be followed)."""
     try:
@@ -174,9 +169,9 @@ def _dir_link_problem(target: str, root_real: str, chain: tuple[str, ...]) -> st
 
     ``chain``: real paths of the folders being walked, from the class folder down.
     """
-    if _inside(target, root_real):
+    if is_inside(target, root_real):
         return LINK_INSIDE          # its images are read where they are (or it is a loop)
-    if _inside(root_real, target) or any(_inside(c, target) for c in chain):
+    if is_inside(root_real, target) or any(is_inside(c, target) for c in chain):
         return LINK_LOOP            # leads back to the dataset or to a folder being walked
     return None
 
@@ -186,7 +181,7 @@ def _scandir(folder: str) -> list[os.DirEntry]:
         return sorted(it, key=lambda e: e.name)
 
 
-def _class_folders(root: Path, skipped: list[dict]) -> tuple[list[str], list[tuple[Path, str]]]:
+def class_folders(root: Path, skipped: list[dict]) -> tuple[list[str], list[tuple[Path, str]]]:
     """Return (class names, [(class folder, source prefix)]).
 
     Symbolic links are followed only to folders outside the dataset; those that cannot
@@ -240,8 +235,8 @@ def _class_folders(root: Path, skipped: list[dict]) -> tuple[list[str], list[tup
     return classes, folders
 
 
-def _class_files(folder: Path, prefix: str, root_real: str,
-                 skipped: list[dict]) -> list[tuple[Path, str]]:
+def class_files(folder: Path, prefix: str, root_real: str,
+                skipped: list[dict]) -> list[tuple[Path, str]]:
     """Every file under a class folder, as (path, source), sorted by source.
 
     Walks without following symbolic links blindly (never loops): a link to a file is
@@ -287,12 +282,12 @@ def _class_files(folder: Path, prefix: str, root_real: str,
 
 def _load_folder(root: Path, image_size: int, cache_root: Path, show_progress: bool) -> Dataset:
     link_skipped: list[dict] = []        # found while listing: links, stray files
-    classes, folders = _class_folders(root, link_skipped)
+    classes, folders = class_folders(root, link_skipped)
     root_real = os.path.realpath(root)
     files: list[tuple[Path, str, int]] = []
     for folder, prefix in folders:
         n_skipped = len(link_skipped)
-        found = _class_files(folder, prefix, root_real, link_skipped)
+        found = class_files(folder, prefix, root_real, link_skipped)
         if not found and len(link_skipped) == n_skipped:
             raise BenchError(f"class folder is empty: {folder}")
         label = classes.index(folder.name)
@@ -316,15 +311,22 @@ def read_table(path: Path, what: str) -> pd.DataFrame:
     return df
 
 
+def parse_csv_spec(spec, what: str) -> tuple[Path, str]:
+    """``FILE.csv:COLUMN`` (or a ``(file, column)`` pair) of the setting or option ``what``
+    -> (path, column); one-line errors."""
+    if isinstance(spec, (tuple, list)) and len(spec) == 2:
+        return Path(spec[0]).expanduser(), str(spec[1])
+    text = str(spec)
+    file, _, column = text.rpartition(":")
+    if not file or not column.strip():
+        raise BenchError(f"{what} {text}: give FILE.csv:COLUMN, e.g. cells.csv:diagnosis")
+    return Path(file).expanduser(), column.strip()
+
+
 def read_csv_column(spec: str, what: str) -> tuple[pd.DataFrame, Path, str, str]:
     """``FILE.csv:COLUMN`` of a ``[data]`` setting (``what``: its name) -> the table, its
     path, its file column (``file`` or ``path``) and ``COLUMN``; one-line errors."""
-    text = str(spec)
-    if ":" not in text or not text.rsplit(":", 1)[1].strip():
-        raise BenchError(f"[data] {what} '{text}': give FILE.csv:COLUMN, e.g. "
-                         "cells.csv:diagnosis")
-    file, column = text.rsplit(":", 1)
-    csv_path, column = Path(file).expanduser(), column.strip()
+    csv_path, column = parse_csv_spec(spec, f"[data] {what}")
     df = read_table(csv_path, f"[data] {what} file")
     file_col = next((c for c in ("file", "path") if c in df.columns), None)
     if file_col is None or column not in df.columns:
@@ -333,34 +335,80 @@ def read_csv_column(spec: str, what: str) -> tuple[pd.DataFrame, Path, str, str]
     return df, csv_path, file_col, column
 
 
+@dataclass
+class LabelledFiles:
+    """The image files a CSV labels (:func:`read_labelled_files`), in the CSV's order."""
+
+    csv_path: Path
+    column: str
+    n_rows: int                     # rows of the CSV
+    n_empty: int                    # rows with an empty label, left out
+    files: list[Path]               # each labelled file, as found
+    real: list[str]                 # its real path (links resolved)
+    labels: list[str]
+    groups: list[str] | None        # the ``group_col`` value of each, when asked for
+
+
+def read_labelled_files(root: Path, spec, what: str, group_col: str | None = None,
+                        group_what: str = "--groups") -> LabelledFiles:
+    """The images under the folder ``root`` that a CSV (``FILE.csv:COLUMN``) labels: its
+    ``file`` (or ``path``) column names each image relative to the CSV's folder or to
+    ``root`` (or absolute); rows with an empty label are left out and counted. A listed
+    file that is missing, listed twice, or outside ``root`` is a :class:`BenchError` (one
+    line, starting with ``what``, e.g. ``[data] labels`` or ``--labels``)."""
+    csv_path, column = parse_csv_spec(spec, what)
+    df = read_table(csv_path, f"{what} file")
+    file_col = next((c for c in ("file", "path") if c in df.columns), None)
+    if file_col is None:
+        raise BenchError(f"{what} {csv_path}: no 'file' column (the image path relative to "
+                         f"the CSV's folder or to the data folder); columns: {list(df.columns)}")
+    for col, opt in ((column, what), (group_col, group_what)):
+        if col is not None and col not in df.columns:
+            raise BenchError(f"{opt}: no column '{col}' in {csv_path}; columns: "
+                             f"{list(df.columns)}" + did_you_mean(col, df.columns))
+    labels = df[column].str.strip()
+    labelled = (labels != "").to_numpy()
+    if not labelled.any():
+        raise BenchError(f"{what} {csv_path}:{column}: "
+                         + ("the CSV has no rows" if not len(df) else "every label is empty"))
+    files = df[file_col].str.strip()[labelled]
+    dup = files[files.duplicated()]
+    if len(dup):
+        raise BenchError(f"{what} {csv_path}: {len(dup)} file(s) listed more than once, "
+                         f"e.g. {dup.iloc[0]}")
+    root_real = os.path.realpath(root)
+    found, real, missing, outside = [], [], [], []
+    for row, f in zip(np.flatnonzero(labelled), files.tolist()):
+        cands = [Path(f)] if os.path.isabs(f) else [csv_path.parent / f, root / f]
+        hit = next((c for c in cands if c.is_file()), None) if f else None
+        if hit is None:
+            missing.append(f or f"(row {row + 2}: empty '{file_col}')")
+        elif not is_inside(hit, root_real):
+            outside.append(f)
+        else:
+            found.append(hit)
+            real.append(os.path.realpath(hit))
+    if missing:
+        raise BenchError(f"{what} {csv_path}: {len(missing)} labelled file(s) not found "
+                         f"(looked in {csv_path.parent} and {root}), e.g. {missing[0]}")
+    if outside:
+        raise BenchError(f"{what} {csv_path}: {len(outside)} labelled file(s) outside the data "
+                         f"folder {root}, e.g. {outside[0]}")
+    groups = df[group_col].str.strip()[labelled].tolist() if group_col else None
+    return LabelledFiles(csv_path, column, len(df), int((~labelled).sum()), found, real,
+                         labels[labelled].tolist(), groups)
+
+
 def _load_csv_labelled(root: Path, spec: str, image_size: int, cache_root: Path,
                        show_progress: bool) -> Dataset:
     """The images under ``root`` that a CSV lists, labelled by one of its columns."""
-    df, csv_path, file_col, column = read_csv_column(spec, "labels")
-    df = df[df[column].str.strip() != ""]
-    if df.empty:
-        raise BenchError(f"[data] labels {csv_path}:{column}: every label is empty")
-    dup = df[file_col][df[file_col].duplicated()]
-    if len(dup):
-        raise BenchError(f"[data] labels {csv_path}: {len(dup)} file(s) listed more than "
-                         f"once, e.g. {dup.iloc[0]}")
-    classes = sorted(set(df[column].str.strip()))
+    listed = read_labelled_files(root, spec, "[data] labels")
+    classes = sorted(set(listed.labels))
     root_real = os.path.realpath(root)
-    files, missing = [], []
-    for f, lab in zip(df[file_col].str.strip(), df[column].str.strip()):
-        cands = [Path(f)] if os.path.isabs(f) else [csv_path.parent / f, root / f]
-        hit = next((c for c in cands if c.is_file()), None)
-        real = os.path.realpath(hit) if hit is not None else ""
-        if hit is None or not _inside(real, root_real):
-            missing.append(f)
-            continue
-        files.append((hit, os.path.relpath(real, root_real).replace(os.sep, "/"),
-                      classes.index(lab)))
-    if missing:
-        raise BenchError(f"[data] labels {csv_path}: {len(missing)} listed file(s) not found "
-                         f"under {root}, e.g. {missing[0]}")
+    files = [(hit, os.path.relpath(real, root_real).replace(os.sep, "/"), classes.index(lab))
+             for hit, real, lab in zip(listed.files, listed.real, listed.labels)]
     files.sort(key=lambda f: f[1].split("/"))
-    tag = f"csv:v{LOADER_VERSION}:{column}"
+    tag = f"csv:v{LOADER_VERSION}:{listed.column}"
     return _decode_listed(root, files, classes, {c: () for c in classes}, tag, image_size,
                           cache_root, show_progress, [])
 
@@ -743,16 +791,16 @@ def resolve_data_path(cfg: Config) -> tuple[Path, list[str] | None]:
 def prepare_dataset(cfg: Config, show_progress=True) -> tuple[Dataset, Path]:
     data = cfg["data"]
     path, fb_classes = resolve_data_path(cfg)
-    ds = load_dataset(path, image_size=data["image_size"], cache_dir=data.get("cache_dir") or None,
-                      classes=data.get("classes") or fb_classes, show_progress=show_progress,
-                      labels=cfg.path(data.get("labels", "")) or None)
+    ds = load_dataset(path, image_size=data["image_size"], cache_dir=data["cache_dir"] or None,
+                      classes=data["classes"] or fb_classes, show_progress=show_progress,
+                      labels=cfg.path(data["labels"]) or None)
     for s in ds.skipped:
         warn(f"skipped {s['path']}: {s['reason']}")
     folds = int(cfg["run"]["folds"])
-    if data.get("min_class_size"):
+    if data["min_class_size"]:
         ds = drop_small_classes(ds, int(data["min_class_size"]))
     check_classes(ds, folds)
-    if data.get("max_images") and len(ds) > data["max_images"]:
+    if data["max_images"] and len(ds) > data["max_images"]:
         rows = stratified_subset(ds.labels, data["max_images"], cfg["run"]["seed"],
                                  min_per_class=folds * 2)
         ds = ds.subset(rows)

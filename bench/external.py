@@ -2,7 +2,7 @@
 
 For each ``[external.NAME]`` that applies to the run's dataset, at the end of ``run``:
 
-* the set is listed and its classes mapped onto the run's (:mod:`bench.evaluate`), then
+* the set is listed and its classes mapped onto the run's (:mod:`bench.external_data`), then
   decoded once at the run's image size through the same :class:`core.images.Preprocessing`
   as the training images (an optional seeded, stratified ``max_images`` sample);
 * every candidate is the **bag of its fold models** (as the saved predictor uses them),
@@ -29,17 +29,19 @@ import numpy as np
 import pandas as pd
 
 from bench.datasets import stratified_subset
-from bench.evaluate import load_external, map_classes, read_class_map, score
+from bench.external_data import load_external, map_classes, read_class_map
 from bench.rundir import RunDir
+from bench.scoring import score
 from core.candidate import load_candidate
 from core.errors import BenchError
 from core.images import Preprocessing
+from core.metrics import LABEL_METRICS
 from core.progress import info, warn
 from ensembles.build import final_ensemble
 from ensembles.predictor import Predictor
 
 N_BOOT = 200
-COLUMNS = ("accuracy", "balanced_accuracy", "macro_f1")
+COLUMNS = LABEL_METRICS   # accuracy, balanced accuracy, macro-F1 (core.metrics)
 
 
 def missing_input(entry: dict) -> str | None:

@@ -24,13 +24,10 @@ import math
 import numpy as np
 import pandas as pd
 
-from core.metrics import METRICS, metric_sort_ascending
+from core.metrics import METRICS, metric_label, metric_sort_ascending
 
 COLUMNS = ["candidate", "kind"] + [c for m in METRICS for c in (m, f"{m}_std")] + [
     "fit_seconds", "predict_ms_per_image", "model_size", "n_folds"]
-METRIC_LABELS = {"accuracy": "accuracy", "balanced_accuracy": "balanced accuracy",
-                 "macro_f1": "macro-F1", "roc_auc": "ROC AUC (OvR)", "log_loss": "log loss",
-                 "ece": "ECE"}
 COSTS = ("fit_seconds", "predict_ms_per_image", "model_size")
 
 
@@ -114,16 +111,16 @@ def to_markdown(board: pd.DataFrame, metric: str, title: str = "Leaderboard", *,
     columns ``<metric>_lo``/``_hi``. With ``comparisons`` (the report's tests against
     the best entry) the size, the marker and the Holm-adjusted p-values are added.
     """
-    head = ["rank", "candidate", "kind"] + [METRIC_LABELS.get(m, m) for m in metrics]
+    head = ["rank", "candidate", "kind"] + [metric_label(m) for m in metrics]
     stress = stress_column(board, metric)
     if stress:
-        head.append(f"{METRIC_LABELS.get(metric, metric)} under shift")
+        head.append(f"{metric_label(metric)} under shift")
     head += ["fit s", "ms/img"]
     if comparisons is not None:
         head += ["size", "vs best", "p (t, Holm)", "p (McNemar, Holm)"]
         cmp = comparisons.set_index("candidate")
     lines = [f"# {title}", "",
-             note or f"Sorted by **{METRIC_LABELS.get(metric, metric)}**; mean ± std over folds.",
+             note or f"Sorted by **{metric_label(metric)}**; mean ± std over folds.",
              "", "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for i, (_, r) in enumerate(board.iterrows()):
         cells = [str(i + 1), md_escape(r["candidate"]), str(r["kind"])]

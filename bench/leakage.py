@@ -29,17 +29,17 @@ import pandas as pd
 
 from bench.config import Config
 from bench.rundir import RunDir
-from core.metrics import metric_sort_ascending
+from core.metrics import LABEL_METRICS, metric_sort_ascending
 from core.progress import info, warn
 
 GROUPING_KEYS = ("groups", "pairs", "group_rule")
-AUDIT_METRICS = ("accuracy", "balanced_accuracy", "macro_f1")
+AUDIT_METRICS = LABEL_METRICS   # accuracy, balanced accuracy, macro-F1 (core.metrics)
 
 
 def grouping_removed(cfg: Config) -> dict:
     """The ``[data]`` grouping settings the audit removes (only those that are set)."""
     data = cfg["data"]
-    return {k: data[k] for k in GROUPING_KEYS if data.get(k)}
+    return {k: data[k] for k in GROUPING_KEYS if data[k]}
 
 
 def audit_config(cfg: Config, out) -> Config | None:
@@ -51,7 +51,7 @@ def audit_config(cfg: Config, out) -> Config | None:
     data["run"]["out"] = str(out)
     data["data"].update({k: "" for k in GROUPING_KEYS})
     data["data"]["bags"] = False   # a bag task's cells, split at image level: cell scores only
-    data["report"] = {**(data.get("report") or {}), "enabled": False, "leakage_audit": False}
+    data["report"] = {**data["report"], "enabled": False, "leakage_audit": False}
     data["external"] = {}
     # its own studies (SQLite in DIR/leakage): in a shared storage they would carry the
     # grouped run's names (NAME-foldK) and the grouped run's trials

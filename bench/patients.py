@@ -42,15 +42,15 @@ from sklearn.preprocessing import StandardScaler
 
 from bench.folds import column_by_row
 from bench.rundir import RunDir
-from bench.stats import holm
+from bench.stats import bootstrap_resamples, holm
 from core.errors import BenchError
 from core.progress import info, progress_iter
 from core.splits import PredefinedFolds
-from ensembles.bags import (CompositionAggregator, choose_threshold, make_aggregator,
+from ensembles.bags import (CELL_AGGREGATORS, MIN_CELLS_PERCENTILE, CompositionAggregator,
+                            choose_threshold, make_aggregator, min_cells_from_counts,
                             negative_label)
 from features.extract import extract
 
-CELL_AGGREGATORS = ("mean", "trimmed_mean", "top_k_mean")
 LEVEL = 0.95
 INNER_FOLDS = 3
 EPS = 1e-6
@@ -90,11 +90,9 @@ def _auc_rows(scores: np.ndarray, y: np.ndarray) -> np.ndarray:
 
 
 def bootstrap_indices(y: np.ndarray, n_boot: int, seed: int) -> np.ndarray:
-    """(n_boot, n) bag indices resampled with replacement within each class."""
-    rng = np.random.default_rng(seed)
-    parts = [rng.choice(np.flatnonzero(y == c), size=(n_boot, int((y == c).sum())))
-             for c in (0, 1)]
-    return np.concatenate(parts, axis=1)
+    """(n_boot, n) bag indices resampled with replacement within each class
+    (:func:`bench.stats.bootstrap_resamples`)."""
+    return np.array(list(bootstrap_resamples(len(y), n_boot, seed, strata=y)))
 
 
 def _boot(scores, decisions, y, idx) -> dict:
@@ -146,7 +144,7 @@ def composition_scores(features: np.ndarray, cell_types: np.ndarray, bags: Bags,
     bags (cross-validated scores of the patient model) and each bag's composition."""
     types = sorted(set(cell_types) - {""})
     t = np.array([types.index(c) if c else -1 for c in cell_types])
-    seed = int(settings.get("seed", 0))
+    seed = int(settings["seed"])
     scores, thresholds = np.zeros(len(bags)), np.zeros(len(bags))
     comp_out = np.zeros((len(bags), len(types)))
 
@@ -192,7 +190,7 @@ def composition_scores(features: np.ndarray, cell_types: np.ndarray, bags: Bags,
         train_scores = cross_val_predict(agg.model_, comp_train, bags.y[train_b], cv=cv,
                                          method="predict_proba")[:, 1]
         thresholds[test_b] = choose_threshold(train_scores, bags.y[train_b],
-                                              settings.get("threshold", "youden"))
+                                              settings["threshold"])
     return scores, thresholds, comp_out, types
 
 
@@ -305,5 +303,27 @@ def final_threshold(bag_table: pd.DataFrame, row: str, rule: str) -> float:
                             rule)
 
 
+def bag_settings(cfg, patients, name: str) -> dict:
+    """What a bag task's predictor stores: the aggregator of ``name``'s best patient row
+    and its threshold, chosen on every bag's out-of-fold score."""
+    board, bag_table, _, meta = patients
+    rows = board[(board["source"] == name) & board["aggregator"].isin(CELL_AGGREGATORS)]
+    r = rows.iloc[0]
+    params = make_aggregator(r["aggregator"], cfg["patients"]).params()
+    min_cells = cfg["patients"]["min_cells"]
+    rule = f"[patients] min_cells = {min_cells}"
+    if min_cells == "auto":
+        min_cells = min_cells_from_counts(bag_table["n_cells"])
+        rule = (f"the {MIN_CELLS_PERCENTILE}th percentile of the {len(bag_table)} training "
+                "bags' cell counts")
+    return {"positive": meta["positive"], "aggregator": r["aggregator"], "params": params,
+            "min_cells": int(min_cells), "min_cells_rule": rule,
+            "threshold": final_threshold(bag_table, r["entry"], meta["threshold_rule"]),
+            "threshold_rule": meta["threshold_rule"] + " on every bag's out-of-fold score",
+            "patient_leaderboard": {k: float(r[k]) for k in
+                                    ("roc_auc", "roc_auc_lo", "roc_auc_hi",
+                                     "balanced_accuracy", "sensitivity", "specificity")}}
+
+
 __all__ = ["score_patients", "read_cell_types", "choose_carried", "final_threshold", "Bags", "bootstrap_indices",
-           "composition_scores"]
+           "composition_scores", "bag_settings"]

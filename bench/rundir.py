@@ -39,7 +39,7 @@ import pandas as pd
 from bench.config import Config, read_toml
 from core.errors import BenchError
 from core.io import (atomic_save_npy, atomic_write_json, atomic_write_text, check_name,
-                     read_json, staged)
+                     is_inside, read_json, staged)
 from core.metrics import METRICS
 from core.splits import PredefinedFolds
 
@@ -66,8 +66,7 @@ class RunDir:
 
     # -- paths ------------------------------------------------------------------------
     def _inside(self, p: Path) -> Path:
-        root = self.path.resolve()
-        if not p.resolve().is_relative_to(root):
+        if not is_inside(p, self.path):
             raise BenchError(f"refusing to write outside the run directory {self.path}: {p}")
         return p
 

@@ -12,13 +12,12 @@ a work unit is :func:`bench.units.run_unit`; ensembles are scored and chosen by
 from __future__ import annotations
 
 import datetime as _dt
-import time
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
 
-from bench.config import Config, load_config
+from bench.config import Config, data_argument, load_config
 from bench.datasets import Dataset, prepare_dataset
 from bench.external import score_external
 from bench.stress import add_stress_columns, collect_stress, complete_stress, stress_shifts
@@ -26,23 +25,21 @@ from bench.folds import (folds_hash, folds_table, make_bag_folds, make_folds, ma
                          read_bags)
 from bench.leaderboard import ensemble_costs, make_table, to_markdown
 from bench.leakage import leakage_audit
-from bench.patients import final_threshold, read_cell_types, score_patients
+from bench.patients import bag_settings, read_cell_types, score_patients
 from bench.prepare import prepare_candidates
 from bench.report import report_after_run
 from bench.rundir import RunDir
 from bench.scheduling import make_executor
-from bench.storage import make_storage
-from bench.tuning import candidate_tuning, is_tuned
+from bench.tuning import candidate_tuning, open_storages
 from bench.units import run_unit, tune_unit
 from core import registry
 from core.calibration import fit_temperature
 from core.errors import BenchError
 from core.io import git_commit, hardware, package_versions, stable_hash
 from core.metrics import summarize
-from core.progress import info, unit_progress, warn
+from core.progress import info, stage, unit_progress, warn
 from core.shift import ShiftReference
 from core.splits import PredefinedFolds
-from ensembles.bags import MIN_CELLS_PERCENTILE, make_aggregator, min_cells_from_counts
 from ensembles.build import choose_entry, evaluate_ensembles, final_ensemble
 from ensembles.predictor import save_predictor
 
@@ -109,7 +106,7 @@ def _manifest(cfg: Config, ds: Dataset, data_path, table, fhash, group_info) -> 
                   "n_folds": cfg["run"]["folds"],
                   "seed": cfg["run"]["seed"], "hash": fhash,
                   "counts": table.groupby("fold").size().to_dict()},
-        "tuning": {"trials": cfg["tuning"].get("trials", 0),
+        "tuning": {"trials": cfg["tuning"]["trials"],
                    "scheme": "per outer fold, an Optuna study scored on an inner validation "
                              "split of that fold's training rows only (the evaluated fold "
                              "never scores a trial)"},
@@ -129,35 +126,34 @@ def prepare_run(cfg: Config, force: bool = False, show_progress: bool = True):
     start here, so every process sees the same data and folds.
     """
     times = {}
-    t = time.perf_counter()
-    registry.import_plugins(cfg["run"].get("plugins", []))
-    for e in [*cfg.candidates.values(), *cfg.ensembles.values()]:
-        registry.get(e["type"])
-    if not cfg.candidates:
-        raise BenchError("no candidates to run (check the profile's select and --only)")
-    run = RunDir(Path(cfg["run"]["out"]).expanduser())
-    _check_out(run, force)
-    ds, data_path = prepare_dataset(cfg, show_progress)
-    data = cfg["data"]
-    groups, group_info = make_groups(ds, cfg.path(data.get("groups", "")),
-                                     cfg.path(data.get("pairs", "")), data.get("group_rule", ""))
-    bags = None
-    if data.get("bags"):   # whole bags (patients) in a fold, stratified by the bags' labels
-        if data["positive"] not in ds.classes:
-            raise BenchError(f"[data] positive '{data['positive']}' is not a class of the "
-                             f"data {ds.classes}")
-        bags = read_bags(ds, cfg.path(data["groups"]))
-        folds = make_bag_folds(ds.labels, bags, groups, cfg["run"]["folds"],
-                               cfg["run"]["seed"], ds.classes)
-        group_info["bags"] = int(len(np.unique(bags)))
-        if "composition" in cfg["patients"]["aggregators"]:   # before any unit runs
-            read_cell_types(cfg, ds, group_info["bags"])
-    else:
-        folds = make_folds(ds.labels, groups, cfg["run"]["folds"], cfg["run"]["seed"],
-                           ds.classes)
-    table = folds_table(ds, groups, folds, bags)
-    fhash = folds_hash(table)
-    times["data_and_folds"] = time.perf_counter() - t
+    with stage(times, "data_and_folds"):
+        registry.import_plugins(cfg["run"]["plugins"])
+        for e in [*cfg.candidates.values(), *cfg.ensembles.values()]:
+            registry.get(e["type"])
+        if not cfg.candidates:
+            raise BenchError("no candidates to run (check the profile's select and --only)")
+        run = RunDir(Path(cfg["run"]["out"]).expanduser())
+        _check_out(run, force)
+        ds, data_path = prepare_dataset(cfg, show_progress)
+        data = cfg["data"]
+        groups, group_info = make_groups(ds, cfg.path(data["groups"]),
+                                         cfg.path(data["pairs"]), data["group_rule"])
+        bags = None
+        if data["bags"]:   # whole bags (patients) in a fold, stratified by the bags' labels
+            if data["positive"] not in ds.classes:
+                raise BenchError(f"[data] positive '{data['positive']}' is not a class of the "
+                                 f"data {ds.classes}")
+            bags = read_bags(ds, cfg.path(data["groups"]))
+            folds = make_bag_folds(ds.labels, bags, groups, cfg["run"]["folds"],
+                                   cfg["run"]["seed"], ds.classes)
+            group_info["bags"] = int(len(np.unique(bags)))
+            if "composition" in cfg["patients"]["aggregators"]:   # before any unit runs
+                read_cell_types(cfg, ds, group_info["bags"])
+        else:
+            folds = make_folds(ds.labels, groups, cfg["run"]["folds"], cfg["run"]["seed"],
+                               ds.classes)
+        table = folds_table(ds, groups, folds, bags)
+        fhash = folds_hash(table)
     fp = _fingerprint(cfg, ds, fhash)
     _check_resume(run, fp, force, list(cfg.candidates))
     same_images = False
@@ -173,12 +169,11 @@ def prepare_run(cfg: Config, force: bool = False, show_progress: bool = True):
     run.write_state({"fingerprint": fp, "classes": ds.classes})
     run.write_manifest(_manifest(cfg, ds, data_path, table, fhash, group_info))
 
-    t = time.perf_counter()
-    # with [stress], the shifted images too: a work unit then finds the embeddings of the
-    # images it scores under shift cached, and never loads a backbone for them
-    per_candidate = prepare_candidates(cfg.candidates, ds.images, cfg["run"].get("plugins", []),
-                                       stress_shifts(cfg), int(cfg["run"]["seed"]))
-    times["prepare"] = time.perf_counter() - t
+    with stage(times, "prepare"):
+        # with [stress], the shifted images too: a work unit then finds the embeddings of the
+        # images it scores under shift cached, and never loads a backbone for them
+        per_candidate = prepare_candidates(cfg.candidates, ds.images, cfg["run"]["plugins"],
+                                           stress_shifts(cfg), int(cfg["run"]["seed"]))
     run.update_manifest(prepare_seconds=per_candidate)   # a cache hit shows as ~0 s
     return run, ds, fp, times
 
@@ -195,55 +190,52 @@ def run_benchmark(cfg: Config, force: bool = False, workers: int | None = None,
     run, ds, fp, times = prepare_run(cfg, force, show_progress)
     run_cfg = cfg["run"]
 
-    t = time.perf_counter()
-    # an absolute path: Dask workers elsewhere see the run directory on a shared file system
-    units = [(str(run.path.resolve()), n, k) for n in cfg.candidates
-             for k in range(run_cfg["folds"])]
-    todo = [u for u in units if not run.unit_done(u[1], u[2], fp["candidates"][u[1]])]
-    # the longest first (CNNs before feature models), so both cores stay busy to the end;
-    # results do not depend on the order (each unit is seeded by the run seed and its fold)
-    kind = {n: registry.get(e["type"]).kind for n, e in cfg.candidates.items()}
-    todo.sort(key=lambda u: kind[u[1]] != "cnn")
-    if len(todo) < len(units):
-        info(f"resuming: {len(units) - len(todo)} of {len(units)} work units already done")
-    _open_storages(cfg, {u[1] for u in todo}, run.path)
-    executor = make_executor(workers or run_cfg.get("workers", 1),
-                             scheduler=scheduler or run_cfg.get("scheduler"))
-    with unit_progress(len(todo), "work units") as advance:
-        for args, res in executor.map_unordered(run_unit, todo):
-            advance(f"{args[1]} fold {args[2]}: acc {res['metrics']['accuracy']:.3f}")
-    times["units"] = time.perf_counter() - t
+    with stage(times, "units"):
+        # an absolute path: Dask workers elsewhere see the run directory on a shared file system
+        units = [(str(run.path.resolve()), n, k) for n in cfg.candidates
+                 for k in range(run_cfg["folds"])]
+        todo = [u for u in units if not run.unit_done(u[1], u[2], fp["candidates"][u[1]])]
+        # the longest first (CNNs before feature models), so both cores stay busy to the end;
+        # results do not depend on the order (each unit is seeded by the run seed and its fold)
+        kind = {n: registry.get(e["type"]).kind for n, e in cfg.candidates.items()}
+        todo.sort(key=lambda u: kind[u[1]] != "cnn")
+        if len(todo) < len(units):
+            info(f"resuming: {len(units) - len(todo)} of {len(units)} work units already done")
+        open_storages(cfg, {u[1] for u in todo}, run.path)
+        executor = make_executor(workers or run_cfg["workers"],
+                                 scheduler=scheduler or run_cfg["scheduler"])
+        with unit_progress(len(todo), "work units") as advance:
+            for args, res in executor.map_unordered(run_unit, todo):
+                advance(f"{args[1]} fold {args[2]}: acc {res['metrics']['accuracy']:.3f}")
 
     shifts = stress_shifts(cfg)
     if shifts:   # units finished before a shift was configured (a resumed run)
-        t = time.perf_counter()
-        complete_stress(run, list(cfg.candidates), shifts, int(run_cfg["seed"]))
-        times["stress"] = time.perf_counter() - t
+        with stage(times, "stress"):
+            complete_stress(run, list(cfg.candidates), shifts, int(run_cfg["seed"]))
 
-    t = time.perf_counter()
-    folds = run.folds
-    rows, oofs, kinds = _collect(run, cfg, ds, folds)
-    stressed = collect_stress(run, list(cfg.candidates), shifts) if shifts else None
-    ens_rows, ens_oofs, ens_stressed = evaluate_ensembles(cfg.ensembles, oofs, kinds, ds.labels,
-                                                          folds, warn, stressed)
-    by_name = {r["candidate"]: r for r in rows}
-    for r in ens_rows:
-        r.update(ensemble_costs([by_name[m] for m in r["members"].split(";")],
-                                r["combine_seconds"], r["n_folds"]))
-        run.write_oof(r["candidate"], ens_oofs[r["candidate"]])
-    if shifts:
-        stressed = {s: stressed[s] | ens_stressed[s] for s in shifts}
-        for s, by_name_s in ens_stressed.items():
-            for n, p in by_name_s.items():
-                run.write_stress_oof(n, s, p)
-        add_stress_columns(rows + ens_rows, stressed, ds.labels, folds, run_cfg["metric"])
-    board = make_table(rows + ens_rows, run_cfg["metric"])
-    moved = run.keep_previous_outputs(board)
-    if moved:
-        info(f"the leaderboard changed: the previous leaderboard, predictor and report "
-             f"were moved to {moved}")
-    run.write_leaderboard(board, to_markdown(board, run_cfg["metric"]))
-    times["ensembles_and_leaderboard"] = time.perf_counter() - t
+    with stage(times, "ensembles_and_leaderboard"):
+        folds = run.folds
+        rows, oofs, kinds = _collect(run, cfg, ds, folds)
+        stressed = collect_stress(run, list(cfg.candidates), shifts) if shifts else None
+        ens_rows, ens_oofs, ens_stressed = evaluate_ensembles(cfg.ensembles, oofs, kinds, ds.labels,
+                                                              folds, warn, stressed)
+        by_name = {r["candidate"]: r for r in rows}
+        for r in ens_rows:
+            r.update(ensemble_costs([by_name[m] for m in r["members"].split(";")],
+                                    r["combine_seconds"], r["n_folds"]))
+            run.write_oof(r["candidate"], ens_oofs[r["candidate"]])
+        if shifts:
+            stressed = {s: stressed[s] | ens_stressed[s] for s in shifts}
+            for s, by_name_s in ens_stressed.items():
+                for n, p in by_name_s.items():
+                    run.write_stress_oof(n, s, p)
+            add_stress_columns(rows + ens_rows, stressed, ds.labels, folds, run_cfg["metric"])
+        board = make_table(rows + ens_rows, run_cfg["metric"])
+        moved = run.keep_previous_outputs(board)
+        if moved:
+            info(f"the leaderboard changed: the previous leaderboard, predictor and report "
+                 f"were moved to {moved}")
+        run.write_leaderboard(board, to_markdown(board, run_cfg["metric"]))
 
     # the probabilities as written to oof/ (float32): the saved fits are reproducible from
     # the run directory alone
@@ -251,39 +243,27 @@ def run_benchmark(cfg: Config, force: bool = False, workers: int | None = None,
     stored_stress = {s: {n: p.astype(np.float32).astype(np.float64) for n, p in d.items()}
                      for s, d in (stressed or {}).items()} or None
     bag_choice = None
-    if cfg["data"].get("bags"):
-        t = time.perf_counter()
-        score_patients(run, cfg, ds, board, stored, folds, show_progress)
-        bag_choice = run.read_patients()
-        times["patients"] = time.perf_counter() - t
-    t = time.perf_counter()
-    _save_predictor(run, cfg, ds, board, stored, kinds, folds, bag_choice, stored_stress)
-    times["predictor"] = time.perf_counter() - t
-    if cfg.get("external"):
-        t = time.perf_counter()
-        board = score_external(run, cfg, ds, board, stored, kinds, folds, stored_stress)
-        run.write_leaderboard(board, to_markdown(board, run_cfg["metric"]))
-        times["external"] = time.perf_counter() - t
-    if (cfg.get("report") or {}).get("leakage_audit"):   # the same entries, image-level folds
-        t = time.perf_counter()
-        leakage_audit(run, cfg, run_benchmark, workers, scheduler, show_progress)
-        times["leakage_audit"] = time.perf_counter() - t
+    if cfg["data"]["bags"]:
+        with stage(times, "patients"):
+            score_patients(run, cfg, ds, board, stored, folds, show_progress)
+            bag_choice = run.read_patients()
+    with stage(times, "predictor"):
+        _save_predictor(run, cfg, ds, board, stored, kinds, folds, bag_choice, stored_stress)
+    if cfg["external"]:
+        with stage(times, "external"):
+            board = score_external(run, cfg, ds, board, stored, kinds, folds, stored_stress)
+            run.write_leaderboard(board, to_markdown(board, run_cfg["metric"]))
+    if cfg["report"]["leakage_audit"]:   # the same entries, image-level folds
+        with stage(times, "leakage_audit"):
+            leakage_audit(run, cfg, run_benchmark, workers, scheduler, show_progress)
     run.update_manifest(stage_seconds=times, finished=_dt.datetime.now(
         _dt.timezone.utc).isoformat(timespec="seconds"))
-    t = time.perf_counter()
-    if report_after_run(run.path, cfg.data) is not None:   # a failing report keeps the run
-        run.update_manifest(report_seconds=time.perf_counter() - t)
+    report = {}
+    with stage(report, "report_seconds"):
+        written = report_after_run(run.path, cfg.data)
+    if written is not None:   # a failing report keeps the run
+        run.update_manifest(**report)
     return board
-
-
-def _open_storages(cfg: Config, names, run_dir) -> None:
-    """Open the Optuna storage of every candidate in ``names`` that is tuned, here, before
-    the work units: one process creates a new storage's tables, and a storage that cannot
-    be opened is one clear error before any unit runs."""
-    urls = {str(candidate_tuning(cfg["tuning"], e).get("storage", "") or "")
-            for e in (cfg.candidates[n] for n in names) if is_tuned(e, cfg["tuning"])}
-    for url in sorted(urls):
-        make_storage(url, run_dir)
 
 
 def _collect(run: RunDir, cfg: Config, ds: Dataset, folds: PredefinedFolds):
@@ -307,39 +287,16 @@ def _collect(run: RunDir, cfg: Config, ds: Dataset, folds: PredefinedFolds):
     return rows, oofs, kinds
 
 
-def _bag_settings(cfg: Config, patients, name: str) -> dict:
-    """What a bag task's predictor stores: the aggregator of ``name``'s best patient row
-    and its threshold, chosen on every bag's out-of-fold score."""
-    board, bag_table, _, meta = patients
-    rows = board[(board["source"] == name) & board["aggregator"].isin(
-        ["mean", "trimmed_mean", "top_k_mean"])]
-    r = rows.iloc[0]
-    params = make_aggregator(r["aggregator"], cfg["patients"]).params()
-    min_cells = cfg["patients"]["min_cells"]
-    rule = f"[patients] min_cells = {min_cells}"
-    if min_cells == "auto":
-        min_cells = min_cells_from_counts(bag_table["n_cells"])
-        rule = (f"the {MIN_CELLS_PERCENTILE}th percentile of the {len(bag_table)} training "
-                "bags' cell counts")
-    return {"positive": meta["positive"], "aggregator": r["aggregator"], "params": params,
-            "min_cells": int(min_cells), "min_cells_rule": rule,
-            "threshold": final_threshold(bag_table, r["entry"], meta["threshold_rule"]),
-            "threshold_rule": meta["threshold_rule"] + " on every bag's out-of-fold score",
-            "patient_leaderboard": {k: float(r[k]) for k in
-                                    ("roc_auc", "roc_auc_lo", "roc_auc_hi",
-                                     "balanced_accuracy", "sensitivity", "specificity")}}
-
-
 def _save_predictor(run: RunDir, cfg: Config, ds: Dataset, board, stored, kinds,
                     folds, patients=None, stressed=None) -> None:
     """Save the chosen entry (``[predictor] ensemble``, default the best ensemble, or in a
     bag task the entry of the best patient row a predictor can carry); ``stored``: every
     entry's out-of-fold probabilities as written to ``oof/`` (``stressed``: the same under
     each simulated shift)."""
-    pred_cfg = cfg.get("predictor", {})
+    pred_cfg = cfg.settings.predictor
     metric = cfg["run"]["metric"]
-    choice = pred_cfg.get("ensemble", "best")
-    tolerance = float(pred_cfg.get("robust_tolerance", 0.005))
+    choice = pred_cfg.ensemble
+    tolerance = float(pred_cfg.robust_tolerance)
     carried = patients[3].get("carried") if patients is not None else None
     chosen_by = {"best": "best ensemble by " + metric,
                  "robust": f"best {metric} under simulated shift ([stress]) of the ensembles "
@@ -357,7 +314,7 @@ def _save_predictor(run: RunDir, cfg: Config, ds: Dataset, board, stored, kinds,
                  "weight": None if weights is None else weights[i]}
              for i, m in enumerate(members)}
     calibration = {}
-    if pred_cfg.get("temperature_scaling", False):   # one T fitted on the entry's OOF rows
+    if pred_cfg.temperature_scaling:   # one T fitted on the entry's OOF rows
         calibration = {"calibration": {
             "method": "temperature scaling", "temperature": fit_temperature(ds.labels,
                                                                             stored[name]),
@@ -372,26 +329,26 @@ def _save_predictor(run: RunDir, cfg: Config, ds: Dataset, board, stored, kinds,
                                dict.fromkeys([metric, "accuracy", "macro_f1"])},
                "member_models": "fold models of the cross-validation (bagged)",
                **calibration,
-               **({"bags": _bag_settings(cfg, patients, name)} if patients else {})},
-        tta=pred_cfg.get("tta", "none"), shift=ShiftReference.fit(ds.images))
+               **({"bags": bag_settings(cfg, patients, name)} if patients else {})},
+        tta=pred_cfg.tta, shift=ShiftReference.fit(ds.images))
     run.update_state(predictor=name)
     info(f"saved predictor '{name}' ({', '.join(members)}) to {run.predictor_dir}")
 
 
 # ----------------------------------------------------------------------------- commands
 
-def _cli_path(data):
-    if data and (Path(data).exists() or "/" in data or data.endswith(".npz")):
-        return str(Path(data).expanduser().resolve())   # a path on the command line: from cwd
-    return data
+def _cli_data(data, config):
+    """``--data`` (:func:`bench.config.data_argument`): a path from cwd, or a dataset's name."""
+    path, name = data_argument(data, config) if data else (None, data)
+    return str(path.resolve()) if path is not None else name
 
 
 def run_from_args(config=None, profile=None, data=None, out=None, only=None, force=False,
                   workers=None, show_progress=True, scheduler=None,
                   storage=None) -> tuple[pd.DataFrame, Path]:
-    cfg = load_config(config, profile=profile, data=_cli_path(data), only=only, out=out)
+    cfg = load_config(config, profile=profile, data=_cli_data(data, config), only=only, out=out)
     if storage:
-        cfg["tuning"]["storage"] = storage
+        cfg.override("tuning", storage=storage)
     board = run_benchmark(cfg, force=force, workers=workers, show_progress=show_progress,
                           scheduler=scheduler)
     return board, Path(cfg["run"]["out"])
@@ -407,26 +364,26 @@ def tune_from_args(config=None, profile=None, data=None, out=None, candidate=Non
     """
     run = RunDir(Path(out).expanduser()) if out else None
     if run is None or not run.is_run():
-        cfg = load_config(config, profile=profile, data=_cli_path(data), out=out)
+        cfg = load_config(config, profile=profile, data=_cli_data(data, config), out=out)
         if storage:
-            cfg["tuning"]["storage"] = storage
+            cfg.override("tuning", storage=storage)
         run = prepare_run(cfg)[0]
     cands = run.config.candidates
     if candidate not in cands:
         raise BenchError(f"{run.path}: no candidate '{candidate}' in this run; known: "
                          f"{list(cands)}")
-    registry.import_plugins(run.config["run"].get("plugins", []))
+    registry.import_plugins(run.config["run"]["plugins"])
     if not registry.get(cands[candidate]["type"]).tunable:
         raise BenchError(f"candidate '{candidate}' ({cands[candidate]['type']}) has no "
                          "param_space: nothing to tune")
     own = candidate_tuning(run.config["tuning"], cands[candidate])
-    n = int((own.get("trials", 0) or 0) if trials is None else trials)
+    n = int(own.trials if trials is None else trials)
     if n < 1:
         raise BenchError("nothing to tune: pass --trials N or set [tuning] trials")
     n_folds = int(run.config["run"]["folds"])
     if fold is not None and not 0 <= fold < n_folds:
         raise BenchError(f"--fold must be in 0..{n_folds - 1}, got {fold}")
-    configured = own.get("storage", "")
+    configured = own.storage
     if storage and storage != configured:
         warn(f"--storage differs from the run's [tuning] storage "
              f"({configured or 'SQLite in the run directory'}): its work units will not see "

@@ -8,6 +8,8 @@
 * :func:`mcnemar`: McNemar's test on paired per-image correctness (exact binomial for
   few discordant pairs, else chi-square with continuity correction).
 * :func:`holm`: Holm's step-down adjustment of several p-values.
+* :func:`bootstrap_resamples`: the one seeded bootstrap (``bench evaluate`` over images or
+  groups, the patient leaderboard over bags within each label).
 * :func:`friedman` and :func:`nemenyi_cd`: several methods over several data sets
   (Demšar 2006): average ranks, Friedman's chi-square and Iman-Davenport's F, and the
   Nemenyi critical difference of average ranks.
@@ -147,6 +149,29 @@ def holm(pvalues) -> np.ndarray:
     return out
 
 
+def bootstrap_resamples(n: int, n_boot: int, seed: int, strata=None):
+    """Yield ``n_boot`` resamples of the units ``0..n-1``, each an index array of ``n``
+    drawn with replacement from ``np.random.default_rng(seed)``.
+
+    Without ``strata`` each resample is drawn in turn (lazily: ``n_boot * n`` indices
+    never held at once). With ``strata`` (a label per unit) the units of each stratum are
+    resampled within it, so every resample keeps the strata's sizes: each stratum is drawn
+    for all resamples at once, strata in sorted order, and a resample lists the strata's
+    draws in that order.
+    """
+    rng = np.random.default_rng(seed)
+    if strata is None:
+        for _ in range(n_boot):
+            yield rng.integers(0, n, n)
+        return
+    strata = np.asarray(strata)
+    parts = []
+    for s in np.unique(strata):
+        units = np.flatnonzero(strata == s)
+        parts.append(units[rng.integers(0, len(units), (n_boot, len(units)))])
+    yield from np.concatenate(parts, axis=1)
+
+
 def rank_scores(scores, higher_is_better: bool = True) -> np.ndarray:
     """Ranks (1 = best, ties averaged) of each row of ``scores`` (datasets x methods)."""
     s = np.asarray(scores, dtype=float)
@@ -200,4 +225,4 @@ def nemenyi_cd(k: int, n: int, alpha: float = 0.05) -> float:
 
 
 __all__ = ["t_interval", "fold_size_ratio", "corrected_resampled_ttest", "mcnemar", "holm",
-           "rank_scores", "friedman", "nemenyi_q", "nemenyi_cd"]
+           "bootstrap_resamples", "rank_scores", "friedman", "nemenyi_q", "nemenyi_cd"]

@@ -22,7 +22,7 @@ from core.stress import simulate
 
 def stress_shifts(cfg) -> list[str]:
     """The simulated shifts a run scores its fold models under (``[stress] shifts``)."""
-    return list((cfg.get("stress") or {}).get("shifts") or [])
+    return list(cfg["stress"]["shifts"])
 
 
 def predict_stressed(cand, X: np.ndarray, rows: np.ndarray, shifts, seed: int,

@@ -71,9 +71,10 @@ from core import registry
 from core.candidate import build_candidate, fit_candidate, predict_proba_for, release_memory
 from core.errors import BenchError
 from core.io import atomic_write_json
-from core.metrics import LOWER_IS_BETTER, METRICS, fold_metrics
+from core.metrics import LOWER_IS_BETTER, fold_metrics
 from core.params import space_names
 from core.progress import warn
+from bench.config import CandidateTuning, validated
 from bench.storage import make_storage, optimize_shared, storage_url
 
 optuna.logging.set_verbosity(optuna.logging.WARNING)   # the runner shows progress per unit
@@ -231,17 +232,28 @@ def _trial_record(t: optuna.trial.FrozenTrial) -> dict:
             "last_step": t.last_step}
 
 
-def candidate_tuning(tuning: dict, entry: dict) -> dict:
-    """``entry``'s tuning settings: the ``[tuning]`` table with the candidate's own
-    ``tuning`` table over it."""
-    return {**tuning, **(entry.get("tuning") or {})}
+def candidate_tuning(tuning: dict, entry: dict) -> CandidateTuning:
+    """``entry``'s tuning settings, typed and every default filled: the ``[tuning]`` table
+    with the candidate's own ``tuning`` table over it."""
+    return validated("config", "[tuning]", CandidateTuning,
+                     {**tuning, **(entry.get("tuning") or {})})
 
 
 def is_tuned(entry: dict, tuning: dict) -> bool:
     """Whether ``entry`` gets trials: its type has a ``param_space`` and its tuning
     settings (:func:`candidate_tuning`) ask for at least one trial."""
     return bool(registry.get(entry["type"]).tunable) and \
-        int(candidate_tuning(tuning, entry).get("trials", 0) or 0) > 0
+        candidate_tuning(tuning, entry).trials > 0
+
+
+def open_storages(cfg, names, run_dir) -> None:
+    """Open the Optuna storage of every candidate in ``names`` that is tuned, here, before
+    the work units: one process creates a new storage's tables, and a storage that cannot
+    be opened is one clear error before any unit runs."""
+    urls = {candidate_tuning(cfg["tuning"], e).storage
+            for e in (cfg.candidates[n] for n in names) if is_tuned(e, cfg["tuning"])}
+    for url in sorted(urls):
+        make_storage(url, run_dir)
 
 
 def tune_candidate(entry: dict, X_train, y_train, classes, study: str, tuning: dict,
@@ -255,10 +267,10 @@ def tune_candidate(entry: dict, X_train, y_train, classes, study: str, tuning: d
     classes : all class indices (so that every model has every column).
     study : study name, e.g. ``"svm_hog-fold0"``.
     tuning : the ``[tuning]`` table: ``trials``, ``timeout`` (seconds, 0: none), ``storage``,
-        ``pruner``, and optionally ``val_fraction`` (0.2), ``max_samples`` (0: all),
-        ``metric`` ("accuracy"), ``min_gain`` (0), ``fidelity`` and ``space`` (module
-        docstring). A candidate's own ``tuning`` table (``[candidates.X]
-        tuning = { trials = 0 }``) overrides these keys for it.
+        ``pruner``, ``val_fraction``, ``max_samples`` (0: all), ``metric``, ``min_gain``,
+        ``fidelity`` and ``space`` (module docstring); missing keys take their defaults
+        (:class:`bench.config.CandidateTuning`). A candidate's own ``tuning`` table
+        (``[candidates.X] tuning = { trials = 0 }``) overrides these keys for it.
     run_dir : run directory (default storage, and ``tuning/<study>.json``).
     seed : seeds the inner split, the subsample and the TPE sampler.
 
@@ -270,19 +282,17 @@ def tune_candidate(entry: dict, X_train, y_train, classes, study: str, tuning: d
     """
     run_dir, seed = Path(run_dir), int(seed)
     tuning = candidate_tuning(tuning, entry)   # per-candidate overrides
-    if int(tuning.get("trials", 0) or 0) < 1:
+    if tuning.trials < 1:
         return {}, {"study": study, "n_trials": 0, "skipped": "trials = 0 for this candidate"}
     cls = registry.get(entry["type"])
-    n_trials = int(tuning.get("trials", 0) or 0)
-    timeout = float(tuning.get("timeout", 0) or 0)
-    metric = str(tuning.get("metric", "accuracy"))
-    if metric not in METRICS:
-        raise BenchError(f"[tuning] metric must be one of {list(METRICS)}, got {metric!r}")
-    val_fraction = float(tuning.get("val_fraction", 0.2))
-    max_samples = int(tuning.get("max_samples", 0) or 0)
-    min_gain = float(tuning.get("min_gain", 0) or 0)
-    fidelity = dict(tuning.get("fidelity") or {})
-    space = tuning.get("space")
+    n_trials = tuning.trials
+    timeout = float(tuning.timeout)
+    metric = tuning.metric
+    val_fraction = float(tuning.val_fraction)
+    max_samples = tuning.max_samples
+    min_gain = float(tuning.min_gain)
+    fidelity = dict(tuning.fidelity)
+    space = tuning.space
     searched = searched_names(cls, None if space is None else [str(n) for n in space], fidelity)
     t_start = time.perf_counter()
 
@@ -291,11 +301,11 @@ def tune_candidate(entry: dict, X_train, y_train, classes, study: str, tuning: d
     tr = _subsample(tr, y_train, max_samples, seed)
     X_a, y_a, X_b, y_b = X_train[tr], y_train[tr], X_train[va], y_train[va]
 
-    storage = make_storage(str(tuning.get("storage", "") or ""), run_dir)
+    storage = make_storage(tuning.storage, run_dir)
     direction = "minimize" if metric in LOWER_IS_BETTER else "maximize"
     sampler = TrialSeededTPE(seed, n_startup_trials=max(2, min(10, n_trials // 2)))
     kw = dict(study_name=study, storage=storage, sampler=sampler,
-              pruner=make_pruner(tuning.get("pruner", "median")))
+              pruner=make_pruner(tuning.pruner))
     try:   # exactly one process creates the study and queues the default trial
         st = optuna.create_study(direction=direction, **kw)
     except optuna.exceptions.DuplicatedStudyError:
@@ -351,9 +361,8 @@ def tune_candidate(entry: dict, X_train, y_train, classes, study: str, tuning: d
         warn(f"tuning study '{study}': no trial completed; using the configured parameters")
     counts = {s.name.lower(): sum(t.state == s for t in trials) for s in FINISHED}
     info = {
-        "study": study, "storage": storage_url(str(tuning.get("storage", "") or ""),
-                                               run_dir).split("@")[-1],
-        "sampler": "TPE", "seed": int(seed), "pruner": str(tuning.get("pruner", "median")),
+        "study": study, "storage": storage_url(tuning.storage, run_dir).split("@")[-1],
+        "sampler": "TPE", "seed": int(seed), "pruner": tuning.pruner,
         "metric": metric, "direction": direction, "scheme": SCHEME,
         "val_fraction": val_fraction, "max_samples": max_samples, "fidelity": fidelity,
         "space": searched,

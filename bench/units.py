@@ -36,7 +36,7 @@ def seeded_entry(entry: dict, seed: int) -> dict:
 
 def _loaded(run) -> RunDir:
     run = run if isinstance(run, RunDir) else RunDir(run)
-    registry.import_plugins(run.config["run"].get("plugins", []))   # spawned/Dask workers too
+    registry.import_plugins(run.config["run"]["plugins"])   # spawned/Dask workers too
     return run
 
 

@@ -58,7 +58,7 @@ def main(argv=None) -> int:
 
     from cnn.train import predict_keras
     from core.images import find_images
-    from ensembles.predictor import load_predictor
+    from bench import load_predictor   # with the packages of every built-in type
 
     t = time.perf_counter()
     pred = load_predictor(args.model)

@@ -17,32 +17,21 @@ A missing file, or a failed download, is a :class:`~core.errors.BenchError` nami
 the file to provide; with ``weights_missing = "random"`` (a transfer candidate's
 parameter, e.g. in the ``smoke`` profile, for a clone without ``../shared``) a missing
 *file* instead gives a randomly initialised backbone and one warning line naming the file
-(once per file; :func:`cnn.transfer.local_weights`). Nothing is ever downloaded for a
-missing file.
+(once per file; :func:`cnn.weights.local_weights`). Nothing is ever downloaded for a
+missing file. Resolving the weights needs no Keras: :mod:`cnn.weights`.
 """
 
 from __future__ import annotations
 
 import copy
 import importlib
-import re
 
 import keras
 from keras import layers
 
-from cnn.transfer import local_weights
+from cnn.weights import LITE, download_hint, min_input_size, resolve_weights
 from core.errors import BenchError
 
-# Smallest input side each family accepts (keras.applications' own checks); others: 32.
-MIN_SIZE = {"InceptionV3": 75, "InceptionResNetV2": 75, "Xception": 71}
-# Families that normalise inside the model: their preprocess_input is the identity.
-LITE = {"EfficientNetLite0"}
-# Files in ../shared/weights (see its SOURCE.md) for the backbones they fit.
-SHARED_FILES = {
-    ("MobileNetV2", 1.0): "mobilenet_v2_1.0_imagenet_notop.weights.h5",
-    ("MobileNetV2", 0.35): "mobilenet_v2_0.35_imagenet_notop.weights.h5",
-    ("EfficientNetLite0", 1.0): "efficientnet_lite0_imagenet_notop.weights.h5",
-}
 _ALPHA = {"MobileNet", "MobileNetV2", "MobileNetV3Small", "MobileNetV3Large"}
 
 
@@ -97,27 +86,6 @@ class BackbonePreprocess(layers.Layer):
         return {**super().get_config(), "backbone": self.backbone}
 
 
-def min_input_size(name: str) -> int:
-    return MIN_SIZE.get(name, 32)
-
-
-def resolve_weights(weights, name: str, alpha: float = 1.0, missing: str = "error"):
-    """``"imagenet"``, ``None`` (random) or an existing absolute file path.
-
-    A weights file that does not exist is a one-line :class:`BenchError` naming it, or,
-    with ``missing = "random"``, ``None`` (random initialisation) after one warning line
-    (:func:`cnn.transfer.local_weights`)."""
-    if weights is None or str(weights).lower() in ("none", ""):
-        return None
-    if weights == "imagenet":
-        if name in LITE:
-            hint = SHARED_FILES.get((name, 1.0))
-            raise BenchError(f"backbone {name}: Keras publishes no ImageNet weights for it; set "
-                             f"weights to a local file (e.g. ../shared/weights/{hint})")
-        return "imagenet"
-    return local_weights(weights, name, missing)   # Keras-free: the runner's check uses it
-
-
 def _efficientnet_lite0(input_shape):
     from keras.src.applications import efficientnet as ke   # private API, see SOURCE.md
     args = copy.deepcopy(ke.DEFAULT_BLOCKS_ARGS)
@@ -161,18 +129,10 @@ def build_backbone(name: str, input_size: int, weights="imagenet", alpha: float 
     except Exception as exc:   # keras.utils.get_file: "URL fetch failure on <url>: ..."
         if w != "imagenet" or "http" not in str(exc).lower():
             raise
-        raise BenchError(_download_hint(name, exc)) from None
+        raise BenchError(download_hint(name, exc)) from None
     if file_weights:
         _load_file(model, w, name)
     return model
-
-
-def _download_hint(name: str, exc) -> str:
-    m = re.search(r"https?://\S+?\.h5", str(exc))
-    fname = m.group(0).rsplit("/", 1)[-1] if m else "its weights file"
-    return (f"backbone {name}: cannot download ImageNet weights (offline?): put {fname} into "
-            f"~/.keras/models, or set weights to a local .weights.h5 file (e.g. from "
-            f"../shared/weights: {', '.join(sorted(set(SHARED_FILES.values())))})")
 
 
 def _short(exc) -> str:

@@ -32,72 +32,23 @@ after one warning line naming the file. Which weights the backbone got is record
 from __future__ import annotations
 
 import json
-import os
 import re
 from pathlib import Path
 
 import numpy as np
 
-from core.errors import BenchError
 from core.images import crops
-from core.progress import warn
 from core.registry import register
 from cnn.candidate import TRAIN_RULES, KerasCandidate
 from cnn.runtime import configure, set_seeds
 from cnn.embeddings import cached_embeddings
 from cnn.train import fit_keras, predict_keras
+from cnn.weights import (WEIGHTS_MISSING, effective_input_size, is_file_spec, local_weights,
+                         missing_weights_file, resolve_weights)
 from core.io import file_sha256
 
 HEAD_LAYERS = ("head_drop", "fc", "fc_drop", "logits")
 BACKBONE_FILE = "backbone.json"   # which weights the backbone started from (saved model)
-#: what a missing local weights file does (``weights_missing``): stop, or random weights
-WEIGHTS_MISSING = ("error", "random")
-WARNED_ENV = "BLOODBENCH_WARNED_WEIGHTS"   # missing files already warned about (os.pathsep)
-
-
-def _is_file_spec(weights) -> bool:
-    return weights is not None and str(weights).lower() not in ("none", "", "imagenet")
-
-
-def missing_weights_file(weights) -> str | None:
-    """The absolute path of ``weights`` when it names a local file that does not exist."""
-    if not _is_file_spec(weights):
-        return None
-    p = Path(os.path.expanduser(str(weights))).resolve()
-    return None if p.is_file() else str(p)
-
-
-def local_weights(weights, backbone: str, missing: str = "error") -> str | None:
-    """The absolute path of the local weights file ``weights``.
-
-    A file that does not exist is a one-line :class:`BenchError` naming it; with
-    ``missing = "random"`` it is ``None`` (random initialisation) after one warning line
-    naming it, once per file: the warned files are kept in ``$BLOODBENCH_WARNED_WEIGHTS``,
-    which the work-unit processes a run spawns after its check inherit. No Keras import,
-    so that the runner checks the files before the work units and stays small.
-    """
-    if missing not in WEIGHTS_MISSING:
-        raise BenchError(f"weights_missing must be one of {list(WEIGHTS_MISSING)}, "
-                         f"got {missing!r}")
-    p = Path(os.path.expanduser(str(weights))).resolve()
-    if p.is_file():
-        return str(p)
-    if missing == "random":
-        warned = [f for f in os.environ.get(WARNED_ENV, "").split(os.pathsep) if f]
-        if str(p) not in warned:
-            os.environ[WARNED_ENV] = os.pathsep.join([*warned, str(p)])
-            warn(f"backbone {backbone}: weights file not found: {p}; initialised randomly "
-                 "(weights_missing = \"random\"): not transfer learning, expect lower scores")
-        return None
-    raise BenchError(f"backbone {backbone}: weights file not found: {p} (provide this file, "
-                     "e.g. from ../shared/weights, or set weights = \"imagenet\" on a machine "
-                     "with a network)")
-
-
-def effective_input_size(image_size: int, input_size, backbone: str) -> int:
-    """``input_size`` (default: the image size), raised to the backbone's minimum."""
-    from cnn.backbones import min_input_size
-    return max(int(input_size or image_size), min_input_size(backbone))
 
 
 def head_layers(n_classes: int, dense_units: int, dropout: float) -> list:
@@ -215,7 +166,7 @@ class TransferCandidate(KerasCandidate):
         **TRAIN_RULES, "backbone": {"type": str}, "weights": {"type": str, "none": True},
         "alpha": {"gt": 0}, "embed_batch_size": {"type": int, "ge": 1, "none": True},
         "head_epochs": {"ge": 0}, "unfreeze_blocks": {"ge": 0}, "finetune_lr_factor": {"gt": 0},
-        "weights_missing": {"choices": ["error", "random"]},
+        "weights_missing": {"choices": list(WEIGHTS_MISSING)},
     }
 
     def _input_size(self, image_size: int) -> int:
@@ -224,13 +175,12 @@ class TransferCandidate(KerasCandidate):
     def _resolved_weights(self):
         """``"imagenet"``, a file or ``None`` (random); a missing file raises or warns
         (``weights_missing``)."""
-        from cnn.backbones import resolve_weights
         return resolve_weights(self.weights, self.backbone, self.alpha, self.weights_missing)
 
     def _check_weights_file(self) -> None:
         """Raise (or warn once, ``weights_missing = "random"``) for a missing weights file,
         without importing Keras."""
-        if _is_file_spec(self.weights):
+        if is_file_spec(self.weights):
             local_weights(self.weights, self.backbone, self.weights_missing)
 
     def _base(self, image_size: int):

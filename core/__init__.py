@@ -7,7 +7,7 @@ all of them. Dependencies point one way::
     core  <-  features, cnn, baselines, ensembles  <-  bench
 
 Modules: ``errors`` (the one user-facing exception), ``io`` (atomic writes, staged
-folders, hashes), ``progress`` (console and bars), ``registry`` (type names -> classes),
+folders, hashes), ``progress`` (console, bars, stage timers), ``registry`` (type names -> classes),
 ``candidate`` (the Candidate interface and its declared capabilities), ``metrics``,
 ``calibration``, ``images`` (decoding and the preprocessing record), ``splits`` (folds
 as ``(k, train, test)``), ``cache`` (where computed things are kept).

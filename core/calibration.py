@@ -32,7 +32,8 @@ def _check(y, proba) -> tuple[np.ndarray, np.ndarray]:
     return y, p
 
 
-def _bin_index(conf: np.ndarray, n_bins: int) -> np.ndarray:
+def bin_index(conf: np.ndarray, n_bins: int) -> np.ndarray:
+    """Each confidence's bin: (0, 1/n], (1/n, 2/n], ...; exactly 0 goes to the first bin."""
     # bins (0, 1/n], (1/n, 2/n], ...; a confidence of exactly 0 goes to the first bin
     return np.clip(np.ceil(conf * n_bins).astype(int) - 1, 0, n_bins - 1)
 
@@ -48,7 +49,7 @@ def reliability(y, proba, n_bins: int = 15) -> pd.DataFrame:
     y, p = _check(y, proba)
     conf = p.max(axis=1)
     correct = (p.argmax(axis=1) == y).astype(float)
-    idx = _bin_index(conf, n_bins)
+    idx = bin_index(conf, n_bins)
     rows = []
     for b in range(n_bins):
         m = idx == b

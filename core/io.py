@@ -46,7 +46,7 @@ def atomic_write_text(path, text: str) -> None:
 
 
 def atomic_write_json(path, obj) -> None:
-    atomic_write_text(path, json.dumps(obj, indent=2, sort_keys=True, default=_json_default) + "\n")
+    atomic_write_text(path, json.dumps(obj, indent=2, sort_keys=True, default=json_default) + "\n")
 
 
 def atomic_save_npy(path, array: np.ndarray) -> None:
@@ -102,7 +102,15 @@ def read_json(path):
         return json.load(fh)
 
 
-def _json_default(obj):
+def is_inside(path, folder) -> bool:
+    """Whether ``path`` is ``folder`` or lies under it, symbolic links resolved in both:
+    the one containment check of bloodbench (dataset links and labelled files, the run
+    directory, the predictor's files)."""
+    return Path(os.path.realpath(path)).is_relative_to(os.path.realpath(folder))
+
+
+def json_default(obj):
+    """``json.dumps(default=...)`` for numpy scalars and arrays and paths."""
     if isinstance(obj, np.integer):
         return int(obj)
     if isinstance(obj, np.floating):
@@ -116,7 +124,7 @@ def _json_default(obj):
 
 def stable_hash(obj) -> str:
     """SHA-256 of a JSON-serialisable object, independent of key order."""
-    text = json.dumps(obj, sort_keys=True, default=_json_default, separators=(",", ":"))
+    text = json.dumps(obj, sort_keys=True, default=json_default, separators=(",", ":"))
     return hashlib.sha256(text.encode("utf-8")).hexdigest()
 
 

@@ -1,12 +1,41 @@
-"""Per-fold metrics and their summaries."""
+"""The metrics of bloodbench: one registry of names, labels, directions and functions.
+
+:data:`REGISTRY` is the one list of metric names: the config schema (``[run] metric``),
+the leaderboard, the report, ``evaluate`` and the leakage audit read their names, labels
+and directions here. Each :class:`Metric` has a function ``fn(y, proba, sample_weight=None)``
+of true class indices ``y`` (N,) and probabilities ``proba`` (N, K); a weight is a count
+(weight 2 scores as the row repeated). :func:`fold_metrics` scores one fold with them.
+
+Macro-F1 here averages over **all** K classes (a class never predicted nor present scores
+0). ``bench evaluate`` scores an external set over the classes *present* in it instead
+(:class:`bench.scoring.WeightedScorer`, ``macro_f1`` averaged over the classes with support).
+"""
 
 from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable
 
 import numpy as np
 from sklearn.metrics import accuracy_score, balanced_accuracy_score, f1_score, roc_auc_score
 
-METRICS = ("accuracy", "balanced_accuracy", "macro_f1", "roc_auc", "log_loss")
-LOWER_IS_BETTER = {"log_loss", "ece"}
+from core.calibration import bin_index
+from core.calibration import ece as _ece
+
+
+@dataclass(frozen=True)
+class Metric:
+    """A metric: its key, its label in tables and figures, its direction, its function."""
+
+    name: str
+    label: str
+    lower_is_better: bool
+    fn: Callable          # fn(y, proba, sample_weight=None) -> float
+    from_labels: bool     # depends on the predicted classes (the argmax) only
+
+    @property
+    def direction(self) -> str:
+        return "minimize" if self.lower_is_better else "maximize"
 
 
 def log_loss(y: np.ndarray, proba: np.ndarray):
@@ -22,30 +51,94 @@ def log_loss(y: np.ndarray, proba: np.ndarray):
     return float(out) if np.ndim(out) == 0 else out
 
 
-def fold_metrics(y: np.ndarray, proba: np.ndarray) -> dict[str, float]:
-    """Accuracy, balanced accuracy, macro-F1, one-vs-rest ROC AUC and log loss."""
-    n_classes = proba.shape[1]
-    labels = np.arange(n_classes)
-    pred = proba.argmax(axis=1)
+def _normalised(proba: np.ndarray) -> np.ndarray:
+    """Probabilities clipped at 1e-15 and renormalised row by row."""
     p = np.clip(proba, 1e-15, 1.0)
-    p = p / p.sum(axis=1, keepdims=True)
-    out = {
-        "accuracy": float(accuracy_score(y, pred)),
-        "balanced_accuracy": float(balanced_accuracy_score(y, pred)),
-        "macro_f1": float(f1_score(y, pred, labels=labels, average="macro", zero_division=0)),
-        "log_loss": log_loss(y, p),
-    }
-    present = np.unique(y)
+    return p / p.sum(axis=1, keepdims=True)
+
+
+def accuracy(y, proba, sample_weight=None) -> float:
+    return float(accuracy_score(y, np.asarray(proba).argmax(axis=1), sample_weight=sample_weight))
+
+
+def balanced_accuracy(y, proba, sample_weight=None) -> float:
+    """Mean recall over the classes present in ``y``."""
+    return float(balanced_accuracy_score(y, np.asarray(proba).argmax(axis=1),
+                                         sample_weight=sample_weight))
+
+
+def macro_f1(y, proba, sample_weight=None) -> float:
+    """F1 averaged over all K classes of ``proba`` (0 for a class neither present nor
+    predicted)."""
+    proba = np.asarray(proba)
+    return float(f1_score(y, proba.argmax(axis=1), labels=np.arange(proba.shape[1]),
+                          average="macro", zero_division=0, sample_weight=sample_weight))
+
+
+def roc_auc(y, proba, sample_weight=None) -> float:
+    """One-vs-rest ROC AUC averaged over the classes present in ``y`` (the positive
+    class's AUC for two classes); NaN with fewer than two classes present."""
+    p = _normalised(np.asarray(proba))
+    y = np.asarray(y)
+    present = np.unique(y if sample_weight is None else y[np.asarray(sample_weight) > 0])
     try:
         if len(present) < 2:
             raise ValueError
-        if n_classes == 2:
-            out["roc_auc"] = float(roc_auc_score(y, p[:, 1]))
-        else:   # average over the classes present in this fold
-            out["roc_auc"] = float(np.mean([roc_auc_score(y == c, p[:, c]) for c in present]))
+        if p.shape[1] == 2:
+            return float(roc_auc_score(y, p[:, 1], sample_weight=sample_weight))
+        return float(np.mean([roc_auc_score(y == c, p[:, c], sample_weight=sample_weight)
+                              for c in present]))
     except ValueError:
-        out["roc_auc"] = float("nan")
-    return out
+        return float("nan")
+
+
+def _log_loss(y, proba, sample_weight=None) -> float:
+    p = _normalised(np.asarray(proba))
+    if sample_weight is None:
+        return log_loss(y, p)
+    y = np.asarray(y)
+    p_true = np.clip(p[np.arange(len(y)), y], 1e-15, 1.0)
+    return float(np.average(-np.log(p_true), weights=sample_weight))
+
+
+def ece(y, proba, sample_weight=None, n_bins: int = 15) -> float:
+    """Top-label expected calibration error (:func:`core.calibration.ece`)."""
+    if sample_weight is None:
+        return _ece(y, proba, n_bins)
+    p, w = np.asarray(proba, dtype=float), np.asarray(sample_weight, dtype=float)
+    conf = p.max(axis=1)
+    correct = (p.argmax(axis=1) == np.asarray(y)).astype(float)
+    bins = bin_index(conf, n_bins)
+    gap = np.bincount(bins, weights=w * (correct - conf), minlength=n_bins)
+    return float(np.abs(gap).sum() / w.sum())
+
+
+REGISTRY: dict[str, Metric] = {m.name: m for m in (
+    Metric("accuracy", "accuracy", False, accuracy, True),
+    Metric("balanced_accuracy", "balanced accuracy", False, balanced_accuracy, True),
+    Metric("macro_f1", "macro-F1", False, macro_f1, True),
+    Metric("roc_auc", "ROC AUC (OvR)", False, roc_auc, False),
+    Metric("log_loss", "log loss", True, _log_loss, False),
+    Metric("ece", "ECE", True, ece, False),
+)}
+#: the metrics scored per fold and on the leaderboard (a run's ``[run] metric``)
+METRICS = ("accuracy", "balanced_accuracy", "macro_f1", "roc_auc", "log_loss")
+#: every registered metric: the fold metrics and ECE (the report's columns)
+REPORT_METRICS = tuple(REGISTRY)
+#: the metrics of the predicted classes alone
+LABEL_METRICS = tuple(n for n, m in REGISTRY.items() if m.from_labels)
+LOWER_IS_BETTER = {n for n, m in REGISTRY.items() if m.lower_is_better}
+METRIC_LABELS = {n: m.label for n, m in REGISTRY.items()}
+
+
+def metric_label(name: str) -> str:
+    """The label of a registered metric (the name itself for any other column)."""
+    return METRIC_LABELS.get(name, name)
+
+
+def fold_metrics(y: np.ndarray, proba: np.ndarray) -> dict[str, float]:
+    """Accuracy, balanced accuracy, macro-F1, one-vs-rest ROC AUC and log loss."""
+    return {m: REGISTRY[m].fn(y, proba) for m in METRICS}
 
 
 def summarize(per_fold: list[dict[str, float]]) -> dict[str, float]:

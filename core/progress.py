@@ -1,4 +1,4 @@
-"""Progress bars (rich) and the console every command prints through."""
+"""Progress bars (rich), the console every command prints through, and stage timers."""
 
 from __future__ import annotations
 
@@ -85,6 +85,15 @@ def unit_progress(total: int, desc: str = "work units"):
         def advance(label: str = "", done: bool = True):
             prog.update(task, advance=1 if done else 0, current=label)
         yield advance
+
+
+@contextmanager
+def stage(times: dict, name: str):
+    """Record the wall time of the ``with`` block, in seconds, as ``times[name]`` (when
+    the block finishes without an exception)."""
+    t = time.perf_counter()
+    yield
+    times[name] = time.perf_counter() - t
 
 
 def info(msg: str) -> None:

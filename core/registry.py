@@ -1,8 +1,11 @@
 """The registry of candidate and ensemble types.
 
 The runner never names a model: a config entry says ``type = "NAME"`` and the registry
-returns the class. Built-in types are imported lazily (TensorFlow loads only when a CNN
-is used). Add your own with the decorator, and list its module in ``[run] plugins``::
+returns the class. The kernel names no type: each plugin package declares its own when
+it is imported, by the decorator or, for a class whose module is heavy, as a lazy
+``"module:Class"`` (``register_lazy``; e.g. ``cnn`` so that TensorFlow loads only when a
+CNN is used). The orchestrator ``bench`` imports the built-in plugin packages. Add your
+own type with the decorator, and list its module in ``[run] plugins``::
 
     from core.registry import register
     from core.candidate import Candidate
@@ -18,19 +21,7 @@ import importlib
 
 from core.errors import BenchError
 
-BUILTIN: dict[str, str] = {
-    # baselines on hand-crafted features
-    "feature_forest": "baselines.models:FeatureForest",
-    "feature_svm": "baselines.models:FeatureSVM",
-    "feature_xgb": "baselines.models:FeatureXGB",
-    # CNNs
-    "scratch_cnn": "cnn.candidate:ScratchCNN",
-    "transfer_frozen": "cnn.transfer:FrozenTransferCNN",
-    "transfer_finetune": "cnn.transfer:FineTuneTransferCNN",
-    # ensembles
-    "soft_voting": "ensembles.voting:SoftVoting",
-    "stacking": "ensembles.stacking:Stacking",
-}
+_LAZY: dict[str, str] = {}   # type name -> "module:Class", imported on first use
 _REGISTERED: dict[str, type] = {}
 
 
@@ -43,12 +34,18 @@ def register(name: str):
     return deco
 
 
+def register_lazy(name: str, target: str) -> None:
+    """Make ``name`` usable as ``type = "name"`` without importing its module yet:
+    ``target`` is ``"module:Class"`` (a class that registers itself under ``name``)."""
+    _LAZY[name] = target
+
+
 def get(name: str) -> type:
     if name in _REGISTERED:
         return _REGISTERED[name]
-    if name not in BUILTIN:
-        raise BenchError(f"unknown type '{name}'; known: {sorted(set(BUILTIN) | set(_REGISTERED))}")
-    module, cls_name = BUILTIN[name].split(":")
+    if name not in _LAZY:
+        raise BenchError(f"unknown type '{name}'; known: {known()}")
+    module, cls_name = _LAZY[name].split(":")
     cls = getattr(importlib.import_module(module), cls_name)
     _REGISTERED.setdefault(name, cls)
     cls.type_name = name
@@ -56,7 +53,7 @@ def get(name: str) -> type:
 
 
 def known() -> list[str]:
-    return sorted(set(BUILTIN) | set(_REGISTERED))
+    return sorted(set(_LAZY) | set(_REGISTERED))
 
 
 def import_plugins(modules: list[str]) -> None:

@@ -1,4 +1,8 @@
-"""Ensembles of candidates and the saved predictor."""
+"""Ensembles of candidates and the saved predictor.
+
+Importing the package registers its ensemble types (``soft_voting``, ``stacking``: their
+modules' decorators).
+"""
 
 from ensembles.base import Ensemble, cross_val_combine
 from ensembles.predictor import Predictor, load_predictor, save_predictor

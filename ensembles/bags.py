@@ -36,6 +36,7 @@ class MeanAggregator:
 
     name = "mean"
     needs_fit = False
+    settings: dict[str, str] = {}     # [patients] key -> argument of __init__
 
     def params(self) -> dict:
         return {}
@@ -51,8 +52,9 @@ class TrimmedMeanAggregator(MeanAggregator):
     """Mean without the ``trim`` lowest and ``trim`` highest cells of a bag."""
 
     name = "trimmed_mean"
+    settings = {"trim": "trim"}
 
-    def __init__(self, trim: float = 0.1):
+    def __init__(self, trim: float):
         if not 0 <= trim < 0.5:
             raise ValueError(f"trim must be in [0, 0.5), got {trim}")
         self.trim = float(trim)
@@ -68,8 +70,9 @@ class TopKMeanAggregator(MeanAggregator):
     """Mean of the ``ceil(fraction * n)`` highest cell probabilities of a bag of n cells."""
 
     name = "top_k_mean"
+    settings = {"top_fraction": "fraction"}
 
-    def __init__(self, fraction: float = 0.2):
+    def __init__(self, fraction: float):
         if not 0 < fraction <= 1:
             raise ValueError(f"fraction must be in (0, 1], got {fraction}")
         self.fraction = float(fraction)
@@ -91,6 +94,7 @@ class CompositionAggregator:
 
     name = "composition"
     needs_fit = True
+    settings = {"seed": "seed"}
 
     def __init__(self, C: float = 1.0, seed: int = 0):
         self.C, self.seed = float(C), int(seed)
@@ -119,18 +123,20 @@ def negative_label(classes: list[str], positive: str) -> str:
     return others[0] if len(others) == 1 else f"not {positive}"
 
 
+#: every aggregator by name (``[patients] aggregators``, a bag predictor's ``aggregator``)
+AGGREGATORS = {cls.name: cls for cls in (MeanAggregator, TrimmedMeanAggregator,
+                                          TopKMeanAggregator, CompositionAggregator)}
+#: the aggregators of cell probabilities alone (no fit): what a saved predictor can carry
+CELL_AGGREGATORS = tuple(n for n, cls in AGGREGATORS.items() if not cls.needs_fit)
+
+
 def make_aggregator(name: str, settings: dict):
     """The aggregator called ``name`` with ``[patients]`` settings (or its own
     :meth:`params`, which use the same keys)."""
-    if name == "mean":
-        return MeanAggregator()
-    if name == "trimmed_mean":
-        return TrimmedMeanAggregator(settings.get("trim", 0.1))
-    if name == "top_k_mean":
-        return TopKMeanAggregator(settings.get("top_fraction", 0.2))
-    if name == "composition":
-        return CompositionAggregator(seed=settings.get("seed", 0))
-    raise ValueError(f"unknown aggregator '{name}'")
+    if name not in AGGREGATORS:
+        raise ValueError(f"unknown aggregator '{name}'")
+    cls = AGGREGATORS[name]
+    return cls(**{arg: settings[key] for key, arg in cls.settings.items()})
 
 
 def choose_threshold(scores: np.ndarray, y: np.ndarray, rule: str = "youden") -> float:
@@ -189,15 +195,15 @@ def bag_decision(score: float, n_cells: int, positive: str, negative: str, thres
 
 def call_bag(spec: dict, classes, p_positive) -> tuple[float, str, str]:
     """``(score, decision, reason)`` of one bag under a saved bag task's ``spec`` (its
-    ``positive`` class, ``aggregator`` and ``params``, ``threshold`` and ``min_cells``;
-    predictors saved before ``min_cells`` existed have no minimum), from the positive-class
-    probabilities of the bag's readable cells (the score is NaN without cells)."""
+    ``positive`` class, ``aggregator`` and ``params``, ``threshold`` and ``min_cells``, as
+    ``Predictor.bag_task_`` gives them), from the positive-class probabilities of the
+    bag's readable cells (the score is NaN without cells)."""
     p = np.asarray(p_positive, dtype=float)
-    score = (make_aggregator(spec["aggregator"], spec.get("params", {})).score_bag(p)
+    score = (make_aggregator(spec["aggregator"], spec["params"]).score_bag(p)
              if len(p) else math.nan)
     decision, reason = bag_decision(score, len(p), spec["positive"],
                                     negative_label([str(c) for c in classes], spec["positive"]),
-                                    float(spec["threshold"]), int(spec.get("min_cells", 1)))
+                                    float(spec["threshold"]), int(spec["min_cells"]))
     return score, decision, reason
 
 
@@ -227,5 +233,6 @@ def call_bags(spec: dict, classes, groups, p_positive, labels=None,
 
 
 __all__ = ["MeanAggregator", "TrimmedMeanAggregator", "TopKMeanAggregator",
-           "CompositionAggregator", "make_aggregator", "choose_threshold", "negative_label",
-           "REFER", "NO_CALL", "min_cells_from_counts", "bag_decision", "call_bag", "call_bags"]
+           "CompositionAggregator", "AGGREGATORS", "CELL_AGGREGATORS", "make_aggregator",
+           "choose_threshold", "negative_label", "REFER", "NO_CALL", "min_cells_from_counts",
+           "bag_decision", "call_bag", "call_bags"]

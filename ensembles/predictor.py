@@ -23,43 +23,31 @@ import math
 import shutil
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
+from typing import Annotated, Literal, Optional, Union, get_args
 
 import numpy as np
+from pydantic import (AfterValidator, BaseModel, ConfigDict, Field, StrictFloat, StrictInt,
+                      StrictStr, ValidationError, field_validator, model_validator)
+from pydantic_core import PydanticCustomError
 
 from core import registry
 from core.calibration import apply_temperature
 from core.candidate import CANDIDATE_FILE, Candidate, load_candidate
 from core.errors import BenchError
 from core.images import Preprocessing, as_items, resolve_preprocessing
+from core.progress import progress_iter
 from core.shift import ShiftReference
-from ensembles.bags import call_bag
+from ensembles.bags import CELL_AGGREGATORS, call_bag
 from ensembles.base import Ensemble
-from core.io import _json_default, atomic_write_json, file_sha256, package_versions, staged
+from ensembles.tta import TTA_VIEWS, VIEWS
+from core.io import (atomic_write_json, file_sha256, is_inside, json_default, package_versions,
+                     staged)
 
 MANIFEST = "manifest.json"
 FORMAT_VERSION = 1
 # Images per call of the fused Keras graph. Larger calls buy no speed on CPU and cost memory
 # (quick PBC predictor with a 224-px backbone: peak 3.9 GiB at 128, 5.9 GiB at 256).
 FUSED_BATCH = 128
-#: test-time augmentation: ``[predictor] tta`` -> the views averaged (each a function of an
-#: (N, S, S, 3) batch). "flips": the image and its horizontal, vertical and double flips;
-#: "d4": also the transposes (all 8 flips and 90-degree rotations).
-TTA_VIEWS = {
-    "none": ("identity",),
-    "flips": ("identity", "flip_h", "flip_v", "rot180"),
-    "d4": ("identity", "flip_h", "flip_v", "rot180", "transpose", "rot90", "rot270",
-           "anti_transpose"),
-}
-_VIEW = {
-    "identity": lambda x: x,
-    "flip_h": lambda x: x[:, :, ::-1],
-    "flip_v": lambda x: x[:, ::-1],
-    "rot180": lambda x: x[:, ::-1, ::-1],
-    "transpose": lambda x: x.transpose(0, 2, 1, 3),
-    "rot90": lambda x: np.rot90(x, 1, axes=(1, 2)),
-    "rot270": lambda x: np.rot90(x, 3, axes=(1, 2)),
-    "anti_transpose": lambda x: x[:, ::-1, ::-1].transpose(0, 2, 1, 3),
-}
 
 
 class Predictor:
@@ -168,12 +156,28 @@ class Predictor:
                 chunks.append(p)
         return np.concatenate(chunks) if chunks else np.zeros((0, len(self.classes_)))
 
+    def predict_batches(self, items, batch_size: int, *, keep_full: bool = False,
+                        desc: str = "predicting", show: bool = True):
+        """The one batched prediction loop over files (``predict``, ``evaluate``): yield
+        ``(rows, X, full, proba, errors)`` per batch of ``items``, each file decoded once
+        and the next batch read while this one is classified. ``rows``: the positions in
+        ``items`` of the readable images ``X`` (``full``: them at their own size, with
+        ``keep_full``); ``proba``: their probabilities (``None`` when none is readable);
+        ``errors``: ``[(position, exception)]`` of the unreadable ones."""
+        n_batches = -(-len(items) // batch_size)
+        batches = self.preprocessing.batches(items, batch_size, keep_full=keep_full)
+        for s, X, full, good, errs in progress_iter(batches, total=n_batches, desc=desc,
+                                                     enabled=show and n_batches > 1):
+            rows = s + np.asarray(good, dtype=np.int64)
+            proba = self.predict_proba(X, batch_size=len(X)) if len(rows) else None
+            yield rows, X, full, proba, [(s + j, exc) for j, exc in errs]
+
     def proba_of_images(self, images: np.ndarray) -> np.ndarray:
         """The ensemble's probabilities for preprocessed (N, S, S, 3) images, averaged over
         the test-time views of ``[predictor] tta`` (before any temperature)."""
         views = TTA_VIEWS[self.tta]
         return np.mean([self.ensemble_.combine(self.member_probas(
-            np.ascontiguousarray(_VIEW[v](images)))) for v in views], axis=0)
+            np.ascontiguousarray(VIEWS[v](images)))) for v in views], axis=0)
 
     def adapt(self, x, max_images: int = 2000, seed: int = 0) -> dict:
         """Unsupervised test-time adaptation (AdaBN) of the members that declare
@@ -213,8 +217,10 @@ class Predictor:
     # -- bags (patients) ------------------------------------------------------------
     @property
     def bag_task_(self) -> dict | None:
-        """A bag task's settings (positive class, aggregator, threshold), else ``None``."""
-        return self.manifest.get("bags")
+        """A bag task's settings (positive class, aggregator and its params, threshold,
+        min_cells; each default from :class:`BagTask`), else ``None``."""
+        bags = self.manifest.get("bags")
+        return None if bags is None else BagTask.model_validate(bags).model_dump()
 
     def predict_bags(self, bags: dict, batch_size: int = 256) -> list[dict]:
         """One diagnosis per bag (patient) from its cells, for a predictor saved by a bag
@@ -251,7 +257,7 @@ class Predictor:
             out.append({"bag": name, "n_cells": int(len(ok)), "n_skipped": len(skipped),
                         "skipped": skipped, "probability": score, "decision": decision,
                         "reason": reason, "threshold": float(spec["threshold"]),
-                        "min_cells": int(spec.get("min_cells", 1)), "cells": proba,
+                        "min_cells": spec["min_cells"], "cells": proba,
                         "cell_items": [items[i] for i in ok]})
         return out
 
@@ -377,7 +383,7 @@ def _write_predictor(tmp: Path, ensemble_name, ensemble, members, member_info, c
         "files": files,
         **(extra or {}),
     }
-    manifest = json.loads(json.dumps(manifest, default=_json_default))
+    manifest = json.loads(json.dumps(manifest, default=json_default))
     manifest["manifest_sha256"] = manifest_digest(manifest)
     atomic_write_json(tmp / MANIFEST, manifest)
 
@@ -392,7 +398,7 @@ def manifest_digest(manifest: dict) -> str:
 
 def _inside(root: Path, rel: str) -> Path:
     f = (root / rel).resolve()
-    if not f.is_relative_to(root.resolve()):
+    if not is_inside(f, root):
         raise BenchError(f"predictor manifest points outside its folder {root}: {rel}")
     return f
 
@@ -413,88 +419,169 @@ def _is_number(v) -> bool:
     return (_is_int(v) and abs(v) < 2 ** 63) or (isinstance(v, float) and math.isfinite(v))
 
 
-def _check_fields(manifest: dict, mpath: Path) -> None:
-    """The manifest's fields have the types a predictor needs (a manifest whose digest
-    was recomputed after an edit is refused here with one line, not a traceback later)."""
-    def need(ok, what):
-        if not ok:
-            raise BenchError(f"bad predictor manifest {mpath}: {what}")
+class _Record(BaseModel):
+    """A part of the manifest; a field's ``description`` says what its value must be, and
+    is the error when it is not."""
+    model_config = ConfigDict(strict=True, extra="allow")
 
-    files = manifest.get("files")
-    need(isinstance(files, dict) and all(isinstance(k, str) and k and isinstance(v, str)
-                                         for k, v in files.items()),
-         "'files' must be an object of path: sha256 strings")
-    classes = manifest.get("classes")
-    need(isinstance(classes, list) and classes and all(isinstance(c, str) for c in classes),
-         "'classes' must be a non-empty list of class names")
-    need(len(set(classes)) == len(classes), "'classes' lists a class twice")
-    members = manifest.get("members")
-    need(isinstance(members, list) and members, "'members' must be a non-empty list")
-    names = set()
-    for i, m in enumerate(members):
-        need(isinstance(m, dict), f"member {i} must be an object")
-        name = m.get("name")
-        need(isinstance(name, str) and name, f"member {i}: 'name' must be a non-empty string")
-        need(name not in names, f"member '{name}' is listed twice")
-        names.add(name)
-        models = m.get("models")
-        need(isinstance(models, list) and models
-             and all(isinstance(r, str) and r for r in models),
-             f"member '{name}': 'models' must be a non-empty list of folders")
-        for key in ("type", "kind"):
-            need(m.get(key) is None or isinstance(m[key], str),
-                 f"member '{name}': '{key}' must be a string")
-        need(m.get("weight") is None or _is_number(m["weight"]),
-             f"member '{name}': 'weight' must be a number")
-    ens = manifest.get("ensemble")
-    need(isinstance(ens, dict), "'ensemble' must be an object")
-    for key, typ, word in (("name", str, "a string"), ("type", str, "a string"),
-                           ("params", dict, "an object"), ("state", dict, "an object")):
-        need(isinstance(ens.get(key), typ), f"ensemble '{key}' must be {word}")
-    size = manifest.get("image_size")
-    need(size is None or (_is_int(size) and size > 0), "'image_size' must be a positive integer")
-    bags = manifest.get("bags")
-    if bags is not None:
-        need(isinstance(bags, dict), "'bags' must be an object")
-        need(bags.get("positive") in classes, "bags 'positive' must be one of 'classes'")
-        need(bags.get("aggregator") in ("mean", "trimmed_mean", "top_k_mean"),
-             "bags 'aggregator' must be mean, trimmed_mean or top_k_mean")
-        need(isinstance(bags.get("params", {}), dict), "bags 'params' must be an object")
-        need(_is_number(bags.get("threshold")), "bags 'threshold' must be a number")
-        need(_is_int(bags.get("min_cells", 1)) and bags.get("min_cells", 1) >= 1,
-             "bags 'min_cells' must be an integer of at least 1")
-    need(size is not None or isinstance(manifest.get("preprocessing"), dict),
-         "'image_size' is missing")
-    try:
-        prep = resolve_preprocessing(manifest)
-    except Exception as exc:  # noqa: BLE001 - any failure is a bad record
-        need(False, _one_line(exc))
-    need(size is None or prep.image_size == size,
-         f"'image_size' {size} differs from the preprocessing's {prep.image_size}")
-    for key in ("created", "chosen_by", "member_models"):
-        need(manifest.get(key) is None or isinstance(manifest[key], str),
-             f"'{key}' must be a string")
-    for key in ("training_data", "versions"):
-        need(manifest.get(key) is None or isinstance(manifest[key], dict),
-             f"'{key}' must be an object")
-    board = manifest.get("leaderboard")
-    need(board is None or (isinstance(board, dict) and all(_is_number(v) for v in board.values())),
-         "'leaderboard' must be an object of numbers")
-    cal = manifest.get("calibration")
-    need(cal is None or isinstance(cal, dict), "'calibration' must be an object")
-    t = (cal or {}).get("temperature")
-    need(t is None or (_is_number(t) and t >= 0),
-         "calibration 'temperature' must be a non-negative number")
-    need(manifest.get("tta", "none") in TTA_VIEWS, f"'tta' must be one of {sorted(TTA_VIEWS)}")
-    shift = manifest.get("shift")
-    if shift is not None:
+
+def _number_check(v):
+    if not _is_number(v):
+        raise ValueError("not a finite number")
+    return v
+
+
+_Number = Annotated[Union[StrictInt, StrictFloat], AfterValidator(_number_check)]
+_Name = Annotated[StrictStr, Field(min_length=1)]
+
+
+class _Member(_Record):
+    name: _Name = Field(description="'name' must be a non-empty string")
+    models: list[_Name] = Field(min_length=1,
+                                description="'models' must be a non-empty list of folders")
+    type: Optional[StrictStr] = Field(None, description="'type' must be a string")
+    kind: Optional[StrictStr] = Field(None, description="'kind' must be a string")
+    weight: Optional[_Number] = Field(None, description="'weight' must be a number")
+
+
+class _EnsembleRecord(_Record):
+    name: StrictStr = Field(description="'name' must be a string")
+    type: StrictStr = Field(description="'type' must be a string")
+    params: dict = Field(description="'params' must be an object")
+    state: dict = Field(description="'state' must be an object")
+
+
+class BagTask(_Record):
+    positive: StrictStr = Field(description="'positive' must be one of 'classes'")
+    aggregator: Literal[CELL_AGGREGATORS] = Field(
+        description=f"'aggregator' must be one of {list(CELL_AGGREGATORS)}")
+    params: dict = Field({}, description="'params' must be an object")
+    threshold: _Number = Field(description="'threshold' must be a number")
+    min_cells: Annotated[StrictInt, Field(ge=1)] = Field(
+        1, description="'min_cells' must be an integer of at least 1")   # saved before it: none
+
+
+class _Calibration(_Record):
+    temperature: Optional[Annotated[_Number, Field(ge=0)]] = Field(
+        None, description="'temperature' must be a non-negative number")
+
+
+def _problem(text: str) -> PydanticCustomError:
+    return PydanticCustomError("manifest", "{problem}", {"problem": text})
+
+
+class PredictorManifest(_Record):
+    """The fields a predictor needs from ``manifest.json`` (a manifest whose digest was
+    recomputed after an edit is refused here with one line, not a traceback later)."""
+    files: dict[_Name, StrictStr] = Field(
+        description="'files' must be an object of path: sha256 strings")
+    classes: list[StrictStr] = Field(min_length=1,
+                                     description="'classes' must be a non-empty list of class names")
+    members: list[_Member] = Field(min_length=1, description="'members' must be a non-empty list")
+    ensemble: _EnsembleRecord = Field(description="'ensemble' must be an object")
+    image_size: Optional[Annotated[StrictInt, Field(gt=0)]] = Field(
+        None, description="'image_size' must be a positive integer")
+    bags: Optional[BagTask] = Field(None, description="'bags' must be an object")
+    created: Optional[StrictStr] = Field(None, description="'created' must be a string")
+    chosen_by: Optional[StrictStr] = Field(None, description="'chosen_by' must be a string")
+    member_models: Optional[StrictStr] = Field(None,
+                                               description="'member_models' must be a string")
+    training_data: Optional[dict] = Field(None, description="'training_data' must be an object")
+    versions: Optional[dict] = Field(None, description="'versions' must be an object")
+    leaderboard: Optional[dict[str, _Number]] = Field(
+        None, description="'leaderboard' must be an object of numbers")
+    calibration: Optional[_Calibration] = Field(None,
+                                                description="'calibration' must be an object")
+    tta: Literal[tuple(TTA_VIEWS)] = Field(
+        "none", description=f"'tta' must be one of {sorted(TTA_VIEWS)}")
+    shift: Optional[dict] = Field(
+        None, description="'shift' is not a valid description of the training images")
+
+    @field_validator("classes")
+    @classmethod
+    def _distinct_classes(cls, classes):
+        if len(set(classes)) != len(classes):
+            raise _problem("'classes' lists a class twice")
+        return classes
+
+    @field_validator("members")
+    @classmethod
+    def _distinct_members(cls, members):
+        names = set()
+        for m in members:
+            if m.name in names:
+                raise _problem(f"member '{m.name}' is listed twice")
+            names.add(m.name)
+        return members
+
+    @model_validator(mode="after")
+    def _consistent(self):
+        if self.bags is not None and self.bags.positive not in self.classes:
+            raise _problem("bags 'positive' must be one of 'classes'")
+        prep = (self.model_extra or {}).get("preprocessing")
+        if self.image_size is None and not isinstance(prep, dict):
+            raise _problem("'image_size' is missing")
         try:
-            ref = ShiftReference.from_dict(shift)
-            ok = ref.precision.shape == (len(ref.mean),) * 2 and len(ref.reference) > 1 \
-                and np.isfinite(ref.precision).all()
-        except (TypeError, ValueError, KeyError, AttributeError):
-            ok = False
-        need(ok, "'shift' is not a valid description of the training images")
+            size = resolve_preprocessing({"image_size": self.image_size,
+                                          "preprocessing": prep}).image_size
+        except Exception as exc:  # noqa: BLE001 - any failure is a bad record
+            raise _problem(_one_line(exc)) from None
+        if self.image_size is not None and size != self.image_size:
+            raise _problem(f"'image_size' {self.image_size} differs from the preprocessing's "
+                           f"{size}")
+        if self.shift is not None:
+            try:
+                ref = ShiftReference.from_dict(self.shift)
+                ok = ref.precision.shape == (len(ref.mean),) * 2 and len(ref.reference) > 1 \
+                    and np.isfinite(ref.precision).all()
+            except (TypeError, ValueError, KeyError, AttributeError):
+                ok = False
+            if not ok:
+                raise _problem(PredictorManifest.model_fields["shift"].description)
+        return self
+
+
+def _submodel(annotation):
+    """The :class:`_Record` a field's annotation holds (alone, in a list, or optional)."""
+    if isinstance(annotation, type) and issubclass(annotation, _Record):
+        return annotation
+    return next(filter(None, map(_submodel, get_args(annotation))), None)
+
+
+def _manifest_problem(err: dict, manifest: dict) -> str:
+    """The first pydantic error of a manifest in the words of the field's description,
+    named by the member, ``ensemble``, ``bags`` or ``calibration`` it belongs to."""
+    if err["type"] == "manifest":
+        return err["ctx"]["problem"]
+    model, prefix, what, loc = PredictorManifest, "", err["msg"], list(err["loc"])
+    while loc:
+        key = loc.pop(0)
+        field = model.model_fields.get(key) if isinstance(key, str) else None
+        if field is None:        # a union's tag or a table's key
+            continue
+        what, model = prefix + field.description, _submodel(field.annotation)
+        if model is None:
+            break
+        prefix = f"{key} "
+        if key == "members":
+            if not (loc and isinstance(loc[0], int)):
+                break
+            i = loc.pop(0)
+            m = manifest["members"][i]
+            name = m.get("name") if isinstance(m, dict) else None
+            what = f"member {i} must be an object"
+            prefix = f"member '{name}': " if isinstance(name, str) and name else f"member {i}: "
+    return what
+
+
+def _check_fields(manifest: dict, mpath: Path) -> PredictorManifest:
+    """The manifest as a :class:`PredictorManifest`; a defect is one :class:`BenchError`
+    line naming the manifest file and the field."""
+    try:
+        return PredictorManifest.model_validate(manifest)
+    except ValidationError as exc:
+        raise BenchError(f"bad predictor manifest {mpath}: "
+                         f"{_manifest_problem(exc.errors()[0], manifest)}") from None
 
 
 def _check_candidate_files(path: Path, manifest: dict) -> None:

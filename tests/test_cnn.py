@@ -5,8 +5,11 @@ from __future__ import annotations
 import re
 
 import numpy as np
+import optuna
 import pytest
 
+import cnn  # noqa: F401  (the package declares its candidate types)
+from core import registry
 from core.errors import BenchError
 from tests.conftest import SHARED, toy_arrays
 
@@ -70,7 +73,6 @@ def test_bad_augmentation_spec_is_one_clear_error(spec, match):
 
 
 def test_pruning_stops_a_hopeless_trial():
-    optuna = pytest.importorskip("optuna")
     X, y = toy_arrays(12, 24, seed=3)
     Xv, yv = toy_arrays(6, 24, seed=4)
     epochs = 8
@@ -101,8 +103,6 @@ def test_pruning_stops_a_hopeless_trial():
 
 
 def test_param_spaces_sample_valid_candidates():
-    optuna = pytest.importorskip("optuna")
-    from core import registry
     for name in ("scratch_cnn", "transfer_frozen", "transfer_finetune"):
         cls = registry.get(name)
         trial = optuna.create_study(sampler=optuna.samplers.RandomSampler(seed=1)).ask()

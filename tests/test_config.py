@@ -71,3 +71,45 @@ def test_bad_config_errors(tmp_path, text, kw, message):
 def test_missing_config_file(tmp_path):
     with pytest.raises(BenchError, match="config file not found"):
         load_config(tmp_path / "none.toml")
+
+
+def test_settings_are_typed_and_every_default_has_one_home(tmp_path):
+    from bench.config import (SECTIONS, Config, DataSection, RunSection, TuningSection,
+                              _DatasetOverride)
+    from bench.tuning import candidate_tuning
+    cfg_file = tmp_path / "b.toml"
+    cfg_file.write_text("""
+[run]
+seed = 7
+[datasets.mine]
+path = "x.npz"
+[candidates.a]
+type = "feature_forest"
+params = { n_estimators = 10, features = { hog = {} } }
+tuning = { trials = 3, pruner = "none" }
+[profiles.p]
+""")
+    cfg = load_config(cfg_file, profile="p", data="mine")
+    # the typed sections, their defaults from the models' fields, and the dict view is
+    # their dump: every key present
+    assert cfg.settings.run.seed == 7 and cfg.settings.run.folds == RunSection().folds
+    assert cfg.settings.predictor.robust_tolerance == 0.005
+    for sec, model in SECTIONS.items():
+        assert set(cfg[sec]) == set(model.model_fields)
+        assert cfg[sec] == getattr(cfg.settings, sec).model_dump()
+    assert cfg["data"]["name"] == "mine" and cfg["data"]["image_size"] == 64
+    # a candidate's tuning: [tuning] with its own table over it, every key filled
+    own = candidate_tuning(cfg["tuning"], cfg.candidates["a"])
+    assert (own.trials, own.pruner, own.val_fraction, own.fidelity, own.space) == \
+        (3, "none", TuningSection().val_fraction, {}, None)
+    # a [datasets.NAME] table takes any [data] key the user sets, none of the resolver's
+    assert set(_DatasetOverride.model_fields) == \
+        set(DataSection.model_fields) - {"name", "same_as", "fallback"}
+    # a config read back (a run directory's config.toml) is typed the same way
+    back = Config({"run": {"seed": 3}, "candidates": {}})
+    assert back.settings.run.seed == 3 and back["report"]["enabled"] is True
+    assert back["patients"]["trim"] == 0.1
+    back.override("tuning", storage="sqlite:///x.db")
+    assert back.settings.tuning.storage == back["tuning"]["storage"] == "sqlite:///x.db"
+    with pytest.raises(BenchError, match=r"\[tuning\] trials must be at least 0"):
+        back.override("tuning", trials=-1)

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import warnings
+from pathlib import Path
 
 import numpy as np
 import pandas as pd
@@ -17,7 +18,8 @@ from PIL import Image
 from sklearn.metrics import accuracy_score, balanced_accuracy_score, f1_score
 
 from bench.cli import main
-from bench.evaluate import bootstrap_weights, evaluate, score
+from bench.evaluate import evaluate
+from bench.scoring import WeightedScorer, bootstrap_weights, score
 from core.calibration import ece
 from core.errors import BenchError
 from tests.conftest import toy_arrays, write_tiny_config
@@ -109,8 +111,7 @@ def test_score_matches_sklearn_and_core_ece():
         warnings.simplefilter("ignore")
         assert s["balanced_accuracy"] == pytest.approx(balanced_accuracy_score(y, pred))
     assert s["ece"] == pytest.approx(ece(y, proba))
-    from bench.evaluate import _Scorer
-    assert _Scorer(y, pred, proba.max(1), 5)(np.ones(300))["ece"] == pytest.approx(s["ece"])
+    assert WeightedScorer(y, pred, proba.max(1), 5)(np.ones(300))["ece"] == pytest.approx(s["ece"])
     assert s["present_classes"] == list("abcd") and s["absent_classes"] == ["e"]
     assert [r["support"] for r in s["per_class"]] == [int((y == c).sum()) for c in present]
     assert np.array(s["confusion"]["counts"]).shape == (4, 5)
@@ -421,3 +422,56 @@ def test_names_from_the_data_are_escaped_in_the_page(model, tmp_path):
     assert r["n"] == 6 and r["class_map"]["source"] == "(dict)"
     html = (tmp_path / "o" / "index.html").read_text()
     assert "<img src=x" not in html and "&lt;img src=x onerror=alert(1)&gt;" in html
+
+
+def test_data_argument_is_one_rule_for_run_and_evaluate(tmp_path, monkeypatch, capsys,
+                                                        toy_folder):
+    """The cases where ``run`` and ``evaluate`` used to disagree: an ``.NPZ`` suffix in
+    capitals (run: a dataset name), a bare word naming no dataset (run: a path relative to
+    the config), a folder in the working directory that is also a dataset's name."""
+    from bench.config import data_argument
+    monkeypatch.chdir(tmp_path)
+    cfg = write_tiny_config(tmp_path / "cfg.toml", toy_folder,
+                            extra=f'\n[datasets.toy]\npath = "{toy_folder}"\n'
+                                  f'[datasets.here]\npath = "{toy_folder}"\n')
+    (tmp_path / "here").mkdir()
+    assert data_argument("toy", cfg) == (None, "toy")
+    assert data_argument("here", cfg) == (Path("here"), None)   # a folder first
+    assert data_argument("lab.NPZ", cfg) == (Path("lab.NPZ"), None)
+    assert data_argument("sub/x", cfg) == (Path("sub/x"), None)
+    with pytest.raises(BenchError, match=r"neither a file or folder nor a \[datasets.NAME\]"
+                                         r".*did you mean 'toy'"):
+        data_argument("tou", cfg)
+    model = tmp_path / "model"
+    model.mkdir()
+    for arg, expect in (("lab.NPZ", "data not found: "), ("tou", "did you mean 'toy'")):
+        for argv in (["run", "--config", str(cfg), "--data", arg, "--out", str(tmp_path / "r")],
+                     ["evaluate", "--model", str(model), "--config", str(cfg), "--data", arg,
+                      "--out", str(tmp_path / "e")]):
+            assert main(argv) == 2, argv
+            line = one_error_line(capsys.readouterr().err)
+            assert expect in line and arg in line, (argv, line)
+
+
+def test_a_labelled_file_outside_the_data_folder_is_an_error_everywhere(tmp_path, capsys):
+    from bench.datasets import load_dataset
+    images, labels = toy_arrays(3, 32, seed=5)
+    lab = tmp_path / "lab"
+    for d in ("imgs", "elsewhere"):
+        (lab / d).mkdir(parents=True)
+    rows = []
+    for i, (im, c) in enumerate(zip(images, labels)):
+        rel = f"{'elsewhere' if i == 0 else 'imgs'}/c{i}.png"
+        Image.fromarray(im).save(lab / rel)
+        rows.append({"file": rel, "label": CLASSES[c]})
+    table = lab / "cells.csv"
+    pd.DataFrame(rows).to_csv(table, index=False)
+    with pytest.raises(BenchError, match="1 labelled file.* outside the data folder"):
+        load_dataset(lab / "imgs", image_size=32, labels=f"{table}:label",
+                     cache_dir=tmp_path / "cache", show_progress=False)
+    model = tmp_path / "model"
+    model.mkdir()
+    assert main(["evaluate", "--model", str(model), "--data", str(lab / "imgs"), "--labels",
+                 f"{table}:label", "--out", str(tmp_path / "o")]) == 2
+    line = one_error_line(capsys.readouterr().err)
+    assert line.startswith("error: --labels") and "outside the data folder" in line

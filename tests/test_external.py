@@ -61,7 +61,7 @@ def test_external_sets_apply_to_their_datasets_only(ext_run, toy_folder):
 
 
 def test_every_entry_is_scored_on_the_external_set(ext_run):
-    from bench.evaluate import score
+    from bench.scoring import score
     from bench.rundir import RunDir
     from core.candidate import load_candidate
     from core.images import Preprocessing

@@ -487,7 +487,8 @@ def test_a_set_min_cells_is_stored(tmp_path, bag_data):
 
 def test_call_bags_applies_threshold_min_cells_and_skips_per_bag():
     from ensembles.bags import call_bags
-    spec = {"positive": "APL", "aggregator": "mean", "threshold": 0.5, "min_cells": 3}
+    spec = {"positive": "APL", "aggregator": "mean", "params": {}, "threshold": 0.5,
+            "min_cells": 3}
     rows = call_bags(spec, ["AML", "APL"], ["a", "a", "a", "b", "b", "c", "c", "c"],
                      [.9, .8, .7, .9, .9, .1, .2, .3], labels=["APL"] * 5 + ["AML"] * 3,
                      skipped_groups=["b", "d"])
@@ -497,5 +498,7 @@ def test_call_bags_applies_threshold_min_cells_and_skips_per_bag():
     assert rows[0]["probability"] == pytest.approx(0.8) and np.isnan(rows[3]["probability"])
     assert rows[1]["reason"] == "too few cells (2 < min_cells 3)"
     # a predictor saved before min_cells existed has no minimum
-    old = {k: v for k, v in spec.items() if k != "min_cells"}
-    assert call_bags(old, ["AML", "APL"], ["b"], [0.9])[0]["decision"] == "APL"
+    from ensembles.predictor import BagTask
+    old = BagTask.model_validate({"positive": "APL", "aggregator": "mean", "threshold": 0.5})
+    assert old.model_dump()["min_cells"] == 1
+    assert call_bags(old.model_dump(), ["AML", "APL"], ["b"], [0.9])[0]["decision"] == "APL"

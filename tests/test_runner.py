@@ -7,6 +7,7 @@ import json
 import os
 import re
 import shutil
+import time
 
 import numpy as np
 import pandas as pd
@@ -15,6 +16,7 @@ import pytest
 from bench.cli import main
 from core.errors import BenchError
 from core.io import read_json
+from core.progress import stage
 from bench.runner import run_from_args
 from ensembles import load_predictor
 from tests.conftest import toy_arrays, write_tiny_config
@@ -47,7 +49,19 @@ def test_run_writes_every_artifact(tiny_run):
     m = read_json(out / "manifest.json")
     assert m["dataset"]["counts"] == {"disc": 20, "square": 20, "stripes": 20}
     assert m["folds"]["hash"] and m["versions"]["numpy"] and m["seeds"]["run"] == 0
-    assert set(m["stage_seconds"]) >= {"units", "predictor"}
+    assert set(m["stage_seconds"]) == {"data_and_folds", "prepare", "units",
+                                       "ensembles_and_leaderboard", "predictor"}
+    assert all(v >= 0 for v in m["stage_seconds"].values())
+
+
+def test_stage_records_its_wall_time_when_it_finishes():
+    times = {}
+    with stage(times, "a"):
+        time.sleep(0.02)
+    assert 0.02 <= times["a"] < 10
+    with pytest.raises(ValueError), stage(times, "b"):
+        raise ValueError("a failed stage records nothing")
+    assert set(times) == {"a"}
 
 
 def test_every_candidate_learns_above_chance(tiny_run):

@@ -86,7 +86,7 @@ def test_smoke_runs_two_cnns_a_baseline_and_multi_member_ensembles():
 
 @pytest.fixture
 def no_warned(monkeypatch):
-    from cnn.transfer import WARNED_ENV
+    from cnn.weights import WARNED_ENV
     monkeypatch.setenv(WARNED_ENV, "")   # undone after the test: nothing leaks
 
 

@@ -13,7 +13,7 @@ With several run directories (one per data set) it also writes a cross-dataset r
 (Friedman test, Nemenyi critical-difference diagram) to ``--out``, by default
 ``FIRST_DIR/cross_dataset_report/``.
 
-Settings come from the run's ``[report]`` config section (:data:`REPORT_DEFAULTS`).
+Settings come from the run's ``[report]`` config section (:class:`bench.config.ReportSection`).
 """
 
 from __future__ import annotations
@@ -21,20 +21,22 @@ from __future__ import annotations
 from pathlib import Path
 
 from core.progress import warn
+from bench.config import Config
 from bench.report.build import write_cross_report, write_report
-from bench.report.rundata import REPORT_DEFAULTS, RunData, report_settings
+from bench.report.rundata import RunData
 
 CROSS_DIR = "cross_dataset_report"
 
 
-def report_after_run(run_dir, config: dict) -> Path | None:
-    """Write the report at the end of ``run`` unless ``[report] enabled = false``.
+def report_after_run(run_dir, config: Config | dict) -> Path | None:
+    """Write the report at the end of ``run`` unless ``[report] enabled = false``
+    (``config``: the run's :class:`Config`, or a config table).
 
     A failing report never loses the finished run: the error is printed as a warning
     with the command that retries it, and ``None`` is returned.
     """
     try:
-        if not report_settings(config)["enabled"]:
+        if not (config if isinstance(config, Config) else Config(config)).settings.report.enabled:
             return None
         return write_report(run_dir)
     except Exception as exc:   # noqa: BLE001 - the run itself is complete and saved
@@ -43,5 +45,4 @@ def report_after_run(run_dir, config: dict) -> Path | None:
         return None
 
 
-__all__ = ["write_report", "write_cross_report", "report_after_run", "RunData",
-           "REPORT_DEFAULTS", "report_settings", "CROSS_DIR"]
+__all__ = ["write_report", "write_cross_report", "report_after_run", "RunData", "CROSS_DIR"]

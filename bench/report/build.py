@@ -2,12 +2,9 @@
 
 from __future__ import annotations
 
-import base64
 import datetime as _dt
-import hashlib
 import math
 import os
-import re
 import time
 from pathlib import Path
 
@@ -16,6 +13,7 @@ import pandas as pd
 
 from core.calibration import reliability
 from core.errors import BenchError
+from core.metrics import REPORT_METRICS, metric_label
 from bench.leaderboard import fmt, fmt_p, fmt_size, md_escape, stress_column, to_markdown
 from bench.leakage import audit_metrics
 from bench.report.patients import patient_section
@@ -23,92 +21,17 @@ from core.io import atomic_write_text, staged
 from core.progress import info, warn
 from bench.report import cards, plots, tables
 from bench.report import gradcam_audit as ga
+from bench.report.html import SORT_SCRIPT, Out, csp, env, slug
 from bench.report.rundata import RunData
 from bench.stats import friedman, nemenyi_cd
 from bench.stress import stress_shifts
 
-TEMPLATES = Path(__file__).resolve().parent.parent / "templates"
-SORT_SCRIPT = """
-document.querySelectorAll('table.sortable').forEach(function (table) {
-  var head = table.tHead.rows[0];
-  Array.prototype.forEach.call(head.cells, function (th, col) {
-    if (!th.classList.contains('sort')) { return; }
-    th.tabIndex = 0;
-    th.title = 'sort by this column';
-    var go = function () {
-      var body = table.tBodies[0];
-      var rows = Array.prototype.slice.call(body.rows);
-      var asc = th.getAttribute('aria-sort') !== 'ascending';
-      Array.prototype.forEach.call(head.cells, function (h) { h.removeAttribute('aria-sort'); });
-      th.setAttribute('aria-sort', asc ? 'ascending' : 'descending');
-      rows.sort(function (a, b) {
-        var x = a.cells[col].getAttribute('data-sort'), y = b.cells[col].getAttribute('data-sort');
-        var fx = parseFloat(x), fy = parseFloat(y);
-        var bothNum = !isNaN(fx) && !isNaN(fy);
-        if (x === '' || x === null) { return 1; }
-        if (y === '' || y === null) { return -1; }
-        var d = bothNum ? fx - fy : String(x).localeCompare(String(y));
-        return asc ? d : -d;
-      });
-      rows.forEach(function (r) { body.appendChild(r); });
-    };
-    th.addEventListener('click', go);
-    th.addEventListener('keydown', function (e) { if (e.key === 'Enter') { go(); } });
-  });
-});
-""".strip()
-
-
 # ----------------------------------------------------------------------------- helpers
-
-def slug(name: str) -> str:
-    """A file-name-safe version of ``name`` (plus a short hash when characters were dropped)."""
-    s = re.sub(r"[^A-Za-z0-9_.-]+", "_", str(name)).strip("._") or "x"
-    if s != name:
-        s += "-" + hashlib.sha1(str(name).encode()).hexdigest()[:6]
-    return s[:80]
-
 
 def _sortval(v) -> str:
     if v is None or (isinstance(v, float) and not math.isfinite(v)):
         return ""
     return repr(float(v)) if isinstance(v, (int, float, np.number)) else str(v)
-
-
-def _env():
-    from jinja2 import Environment, FileSystemLoader, StrictUndefined
-    env = Environment(loader=FileSystemLoader(str(TEMPLATES)), autoescape=True,
-                      undefined=StrictUndefined, trim_blocks=True, lstrip_blocks=True)
-    env.filters["fmt"] = fmt
-    env.filters["fmt_p"] = fmt_p
-    return env
-
-
-def _csp() -> str:
-    digest = base64.b64encode(hashlib.sha256(SORT_SCRIPT.encode()).digest()).decode()
-    return (f"default-src 'none'; img-src 'self' data:; style-src 'unsafe-inline'; "
-            f"script-src 'sha256-{digest}'")
-
-
-class _Out:
-    """Where report files go: images and CSVs beside index.html."""
-
-    def __init__(self, root: Path):
-        self.root = root
-        (root / "img").mkdir(parents=True, exist_ok=True)
-        (root / "csv").mkdir(parents=True, exist_ok=True)
-        self.csvs: list[str] = []
-
-    def csv(self, df: pd.DataFrame, name: str) -> str:
-        rel = f"csv/{name}.csv"
-        df.to_csv(self.root / rel, index=False)
-        self.csvs.append(rel)
-        return rel
-
-    def fig(self, fig, name: str, alt: str, caption: str, csv: str | None = None) -> dict:
-        rel = f"img/{name}.png"
-        plots.save(fig, self.root / rel)
-        return {"src": rel, "alt": alt, "caption": caption, "csv": csv}
 
 
 # ----------------------------------------------------------------------------- one run
@@ -129,7 +52,7 @@ def _board_rows(board, comps, colors, stress_col=None):
             "shift": fmt(shift), "shift_sort": _sortval(shift),
             "rank": int(r["rank"]), "name": r["candidate"], "kind": r["kind"],
             "members": r["members"], "color": colors[r["candidate"]],
-            "metrics": [_metric_cell(r, m) for m in tables.REPORT_METRICS],
+            "metrics": [_metric_cell(r, m) for m in REPORT_METRICS],
             "fit": fmt(r["fit_seconds"], 1), "fit_sort": _sortval(r["fit_seconds"]),
             "ms": fmt(r["predict_ms_per_image"], 2), "ms_sort": _sortval(r["predict_ms_per_image"]),
             "size": fmt_size(r["model_size"]), "size_sort": _sortval(r["model_size"]),
@@ -173,19 +96,19 @@ def write_report(run_dir, gradcam: bool | None = None, progress: bool = True) ->
     metric = run.metric
     final = run.rundir.report_dir
     with run.rundir.staged(final) as tmp:
-        ctx = _build(run, s, metric, _Out(tmp), gradcam, progress)
+        ctx = _build(run, s, metric, Out(tmp), gradcam, progress)
         ctx["elapsed"] = time.perf_counter() - t0
-        html = _env().get_template("report.html.j2").render(**ctx)
+        html = env().get_template("report.html.j2").render(**ctx)
         atomic_write_text(tmp / "index.html", html)
     _say(progress, f"report: {final / 'index.html'} ({time.perf_counter() - t0:.0f} s)")
     return final / "index.html"
 
 
-def _build(run, s, metric, out: _Out, gradcam, progress) -> dict:
+def _build(run, s, metric, out: Out, gradcam, progress) -> dict:
     conf, alpha, bins = float(s["confidence"]), float(s["alpha"]), int(s["ece_bins"])
-    label = tables.METRIC_LABELS.get(metric, metric)
-    if metric not in tables.REPORT_METRICS:
-        raise BenchError(f"[run] metric '{metric}' is not one of {list(tables.REPORT_METRICS)}")
+    label = metric_label(metric)
+    if metric not in REPORT_METRICS:
+        raise BenchError(f"[run] metric '{metric}' is not one of {list(REPORT_METRICS)}")
     per_fold = tables.per_fold_metrics(run, bins)
     board = tables.leaderboard(run, per_fold, metric, conf)
     comps = tables.comparisons(run, per_fold, board, metric, alpha)
@@ -238,8 +161,6 @@ def _build(run, s, metric, out: _Out, gradcam, progress) -> dict:
                                   "reliability diagrams",
                                   f"Accuracy against confidence in {bins} bins; the gap to the "
                                   "diagonal is miscalibration.", rel_csv)
-    pred_cfg = run.config.get("predictor", {}) or {}
-
     # data card
     dc = cards.data_card(run)
     out.csv(pd.DataFrame({"class": list(dc["counts"]), "images": list(dc["counts"].values())}),
@@ -265,7 +186,7 @@ def _build(run, s, metric, out: _Out, gradcam, progress) -> dict:
                                  "show what the model learned."})
     stress_col = stress_column(board, metric)
     md = to_markdown(
-        board, metric, f"Leaderboard: {md_escape(run.title)}", metrics=tables.REPORT_METRICS,
+        board, metric, f"Leaderboard: {md_escape(run.title)}", metrics=REPORT_METRICS,
         digits=3, comparisons=comps,
         note=f"Sorted by **{label}**. Cells: mean ± std over {len(run.fold_ids)} folds "
              f"[{conf:.0%} t-interval]. Compared with the best entry: `*` corrected resampled "
@@ -275,7 +196,7 @@ def _build(run, s, metric, out: _Out, gradcam, progress) -> dict:
     atomic_write_text(out.root / "leaderboard.md", md + leakage_ctx.get("markdown", ""))
     return {
         "title": run.title, "run": run, "metric": metric, "metric_label": label,
-        "metrics": [(m, tables.METRIC_LABELS[m]) for m in tables.REPORT_METRICS],
+        "metrics": [(m, metric_label(m)) for m in REPORT_METRICS],
         "confidence": conf, "alpha": alpha, "bins": bins,
         "board": _board_rows(board, comps, colors, stress_col), "board_csv": board_csv,
         "stress": stress_col is not None,
@@ -287,13 +208,13 @@ def _build(run, s, metric, out: _Out, gradcam, progress) -> dict:
         "figs": figs, "conf_figs": conf_figs, "roc_figs": roc_figs,
         "per_class": per_class_tables, "per_class_csv": pc_csv,
         "calibration": cal.to_dict("records"), "cal_csv": cal_csv,
-        "temperature_scaling": bool(pred_cfg.get("temperature_scaling", False)),
+        "temperature_scaling": run.config["predictor"]["temperature_scaling"],
         "predictor_temperature": _predictor_temperature(run),
         "data_card": dc, "class_per_fold_csv": fold_csv, "run_card": cards.run_card(run),
         "warnings": warnings, "audit": audit_ctx, "external": external_ctx, "colors": colors,
         "leakage": leakage_ctx, "patients": patients_ctx,
         "generated": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
-        "csvs": out.csvs, "csp": _csp(), "script": SORT_SCRIPT,
+        "csvs": out.csvs, "csp": csp(), "script": SORT_SCRIPT,
     }
 
 
@@ -364,7 +285,7 @@ def _external_header(run, name: str, per_class: pd.DataFrame, meta: dict) -> dic
         "unit": boot.get("unit", "image")}
 
 
-def _external_section(run, board: pd.DataFrame, out: _Out, colors) -> dict:
+def _external_section(run, board: pd.DataFrame, out: Out, colors) -> dict:
     """Every external set scored at the end of the run: header, in-domain against external
     table (with CSV), whether the leaderboard's winner holds (Spearman), the figures and
     the warnings when the winner's result does not hold outside the training lab."""
@@ -450,7 +371,7 @@ def _removed_grouping(run) -> list[str]:
     return parts
 
 
-def _leakage_section(run, metric: str, out: _Out, colors) -> dict:
+def _leakage_section(run, metric: str, out: Out, colors) -> dict:
     """The leakage audit (``leakage.csv``): every entry on grouped and on image-level folds,
     the inflation, which grouping was removed and how many groups the image-level folds
     split; absent when the run has no audit."""
@@ -480,7 +401,7 @@ def _leakage_section(run, metric: str, out: _Out, colors) -> dict:
                               if np.isfinite(infl) else "", "sort": _sortval(infl)}})
         rows.append({"name": r["candidate"], "kind": r["kind"], "cells": cells})
     plot_m = "accuracy" if "accuracy" in metrics else key
-    plot_label = tables.METRIC_LABELS.get(plot_m, plot_m)
+    plot_label = metric_label(plot_m)
     fig = out.fig(plots.leakage_figure(table, colors, plot_m, plot_label), "leakage",
                   f"{plot_label} on grouped and image-level folds",
                   f"{plot_label} of every entry on the grouped folds (circle) and on "
@@ -490,7 +411,7 @@ def _leakage_section(run, metric: str, out: _Out, colors) -> dict:
     best = table.iloc[0]
     img_best = table.sort_values(f"image_level_{key}", ascending=tables.lower_is_better(key),
                                  kind="stable")["candidate"].iloc[0]
-    labels = [(m, tables.METRIC_LABELS.get(m, m)) for m in metrics]
+    labels = [(m, metric_label(m)) for m in metrics]
     md = ["", "## Leakage audit", "",
           f"The same entries on image-level folds (without {'; '.join(_removed_grouping(run))}"
           "; exact duplicates stay together in both). Inflation = image-level − grouped.", "",
@@ -503,7 +424,7 @@ def _leakage_section(run, metric: str, out: _Out, colors) -> dict:
             for c in row["cells"]) + " |")
     return {"shown": True, "rows": rows, "notes": [], "metrics": labels, "csv": t_csv,
             "fig": fig, "removed": _removed_grouping(run), "split": audit,
-            "key_label": tables.METRIC_LABELS.get(key, key),
+            "key_label": metric_label(key),
             "best": {"name": best["candidate"], "grouped": fmt(best[f"grouped_{key}"]),
                      "image": fmt(best[f"image_level_{key}"]),
                      "inflation": f"{best[f'inflation_{key}']:+.3f}"},
@@ -518,7 +439,7 @@ def _metric_pair(r, col: str) -> dict:
             "sort": _sortval(v)}
 
 
-def _gradcam_section(run, board, s, out: _Out, colors, gradcam, progress) -> dict:
+def _gradcam_section(run, board, s, out: Out, colors, gradcam, progress) -> dict:
     enabled = s["gradcam"] if gradcam is None else gradcam
     if not enabled:
         return {"status": "off", "notes": ["the Grad-CAM audit is switched off "
@@ -578,7 +499,7 @@ def write_cross_report(run_dirs, out_dir, progress: bool = True) -> Path:
         raise BenchError("a cross-dataset report needs at least two run directories")
     metric = runs[0].metric
     alpha = float(runs[0].settings["alpha"])
-    label = tables.METRIC_LABELS.get(metric, metric)
+    label = metric_label(metric)
     common = [n for n in runs[0].names if all(n in r.names for r in runs[1:])]
     left_out = sorted({n for r in runs for n in r.names} - set(common))
     if len(common) < 2:
@@ -597,7 +518,7 @@ def write_cross_report(run_dirs, out_dir, progress: bool = True) -> Path:
     avg = dict(zip(common, fr["avg_ranks"]))
     out_dir = Path(out_dir)
     with staged(out_dir) as tmp:
-        out = _Out(tmp)
+        out = Out(tmp)
         tab = pd.DataFrame(scores, columns=common)
         tab.insert(0, "dataset", labels)
         ranks = pd.DataFrame(fr["ranks"], columns=[f"rank_{n}" for n in common])
@@ -627,9 +548,9 @@ def write_cross_report(run_dirs, out_dir, progress: bool = True) -> Path:
                         for lb, row, rk in zip(labels, scores, fr["ranks"])],
                "avg_ranks": [fmt(avg[n], 2) for n in common], "friedman": fr, "cd": cd,
                "pairs": pairs, "pairs_csv": p_csv, "scores_csv": s_csv, "cd_fig": cd_fig,
-               "few": len(runs) < 5, "colors": colors, "csp": _csp(), "script": SORT_SCRIPT,
+               "few": len(runs) < 5, "colors": colors, "csp": csp(), "script": SORT_SCRIPT,
                "generated": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")}
-        html = _env().get_template("cross.html.j2").render(**ctx)
+        html = env().get_template("cross.html.j2").render(**ctx)
         atomic_write_text(tmp / "index.html", html)
         lines = [f"# Cross-dataset comparison ({md_escape(label)})", "",
                  f"Friedman chi2 = {fr['chi2']:.3f}, p = {fmt_p(fr['p'])}; Iman-Davenport "

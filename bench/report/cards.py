@@ -40,9 +40,9 @@ def warnings_for(run, board: pd.DataFrame, settings: dict) -> list[dict]:
     out = []
     manifest, cfg = run.manifest, run.config
     grouping = manifest.get("grouping", {}) or {}
-    data_cfg = cfg.get("data", {}) or {}
-    if not grouping.get("user_groups") and not data_cfg.get("groups") \
-            and not data_cfg.get("group_rule") and not grouping.get("group_rule"):
+    data_cfg = cfg["data"]
+    if not grouping.get("user_groups") and not data_cfg["groups"] \
+            and not data_cfg["group_rule"] and not grouping.get("group_rule"):
         out.append({"title": "no patient groups",
                     "text": "No patient or slide groups were given ([data] groups or group_rule): "
                             "cells of one patient may sit in both training and test folds, "
@@ -96,28 +96,28 @@ def data_card(run) -> dict:
     per_fold = (run.folds_table.groupby(["label", "fold"]).size().unstack(fill_value=0)
                 .reindex(run.classes).fillna(0).astype(int))
     per_fold.columns = [f"fold {c}" for c in per_fold.columns]
-    data_cfg = run.config.get("data", {}) or {}
+    data_cfg = run.config["data"]
     sources = run.folds_table["source"].astype(str)
     splits = sorted({s.split("/")[0] for s in sources if s.count("/") >= 2})
     return {
         "source": m.get("data_path") or ds.get("origin", ""),
-        "dataset_name": data_cfg.get("name", ""),
+        "dataset_name": data_cfg["name"] or "",
         "n_images": ds.get("n_images", len(run.y)),
         "counts": counts,
         "image_size": ds.get("image_size"),
         "original_sizes": ds.get("original_sizes", {}),
         "converted": ds.get("converted", []),
         "skipped": ds.get("skipped", []),
-        "subset": data_cfg.get("max_images") or 0,
+        "subset": data_cfg["max_images"],
         "grouping": {
             "exact duplicate groups": g.get("exact_duplicate_groups", ds.get("exact_duplicate_groups")),
             "images in exact duplicate groups": ds.get("exact_duplicate_images"),
             "identical images with different labels": len(g.get("duplicate_label_conflicts") or []),
-            "patient/slide groups file": data_cfg.get("groups") or "none",
+            "patient/slide groups file": data_cfg["groups"] or "none",
             "groups from the file": g.get("user_groups", 0),
-            "near-duplicate pairs file": data_cfg.get("pairs") or "none",
+            "near-duplicate pairs file": data_cfg["pairs"] or "none",
             "near-duplicate pairs joined": g.get("pairs", 0),
-            "file-number rule": data_cfg.get("group_rule") or g.get("group_rule") or "none",
+            "file-number rule": data_cfg["group_rule"] or g.get("group_rule") or "none",
             "names not matched": len(g.get("unmatched") or []),
             "groups in all": g.get("n_groups"),
         },

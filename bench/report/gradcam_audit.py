@@ -116,7 +116,7 @@ def gallery_rows(y: np.ndarray, pred: np.ndarray, n: int, seed: int, n_classes: 
 
 # ----------------------------------------------------------------------------- the audit
 
-class _MapStore:
+class MapStore:
     """Computes Grad-CAM maps fold by fold, each fold model loaded once."""
 
     def __init__(self, run, seed: int):
@@ -162,7 +162,7 @@ class _MapStore:
         return self.maps[(member, mode, int(row), int(cls))]
 
 
-def _ensemble_weights(run, name: str, cnn_members: list[str]) -> dict[int, dict[str, float]]:
+def ensemble_weights(run, name: str, cnn_members: list[str]) -> dict[int, dict[str, float]]:
     """Per fold, the ensemble's weights of its CNN members, renormalised (equal if unknown).
 
     Like the leaderboard's cross-validated ensemble, fold k's weights are fitted on the
@@ -232,8 +232,8 @@ def run_audit(run, board, settings: dict, progress=None) -> dict:
     pred = {n: run.oof[n].argmax(axis=1) for n in cnns + ens}
     galleries = {n: gallery_rows(run.y, pred[n], int(settings["gallery_per_class"]), seed,
                                  len(run.classes)) for n in cnns + ens}
-    store = _MapStore(run, seed)
-    weights = {e: _ensemble_weights(run, e, cnns) for e in ens}
+    store = MapStore(run, seed)
+    weights = {e: ensemble_weights(run, e, cnns) for e in ens}
     for e in ens:
         other = [m for m in run.members(e) if m not in cnns]
         if other:
@@ -394,4 +394,4 @@ def check_available() -> str | None:
 
 __all__ = ["energy_share", "map_rank_correlation", "randomization_check",
            "resize_maps", "overlay", "audit_sample", "gallery_rows", "run_audit",
-           "gallery_figure", "energy_figure", "check_available"]
+           "gallery_figure", "energy_figure", "check_available", "MapStore", "ensemble_weights"]

@@ -14,7 +14,7 @@ from matplotlib.figure import Figure
 from sklearn.metrics import roc_curve
 
 from bench.leaderboard import fmt
-from bench.report.gradcam_audit import _ensemble_weights, _MapStore, audit_targets, overlay
+from bench.report.gradcam_audit import MapStore, audit_targets, ensemble_weights, overlay
 
 TOP_ROC = 6            # rows drawn in the ROC figure
 CELLS_PER_CALL = 4     # top cells shown per positive call
@@ -113,11 +113,11 @@ def _cell_maps(run, board, entry: str, rows: list[int], pos: int, progress=None)
         [m for m in run.members(entry) if m in cnns] if run.kind(entry) == "ensemble" else [])
     if not members or not rows:
         return {}
-    store = _MapStore(run, int(run.settings["seed"]))
+    store = MapStore(run, int(run.settings["seed"]))
     for m in members:
         store.want(m, "trained", rows, [pos] * len(rows))
     store.compute(run.images(), progress)
-    weights = (_ensemble_weights(run, entry, cnns) if run.kind(entry) == "ensemble"
+    weights = (ensemble_weights(run, entry, cnns) if run.kind(entry) == "ensemble"
                else None)
     out = {}
     for r in rows:

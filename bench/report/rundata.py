@@ -8,7 +8,6 @@ import numpy as np
 import pandas as pd
 
 from bench.rundir import RunDir
-from bench.config import REPORT_DEFAULTS, report_settings  # noqa: F401  (re-exported)
 from bench.leaderboard import COSTS
 from core.errors import BenchError
 
@@ -35,17 +34,17 @@ class RunData:
         self.run_dir = self.rundir.path
         rd = self.rundir
         rd.check_finished()
-        self.config = rd.config.data
+        self.config = rd.config.data   # every settings key present (bench.config.Config)
         self.manifest = rd.read_manifest()
         self.state = rd.state
-        self.settings = report_settings(self.config)
+        self.settings = self.config["report"]
         self.classes = rd.classes
         self.folds_table = rd.folds_table
         self.y = rd.labels
         self.splits = rd.folds
         self.folds = rd.folds.folds
         self.fold_ids = rd.folds.fold_ids
-        self.metric = self.config.get("run", {}).get("metric", "accuracy")
+        self.metric = self.config["run"]["metric"]
         board = rd.read_leaderboard()
         self.oof, self.units, self.costs, self.stress, rows = {}, {}, {}, {}, []
         for _, r in board.iterrows():

@@ -9,11 +9,8 @@ import pandas as pd
 from sklearn.metrics import confusion_matrix, precision_recall_fscore_support, roc_curve
 
 from core.calibration import cross_fit_temperature, ece
-from bench.leaderboard import METRIC_LABELS  # noqa: F401  (the report's labels)
-from core.metrics import METRICS, fold_metrics, metric_sort_ascending
+from core.metrics import REPORT_METRICS, fold_metrics, metric_sort_ascending
 from bench.stats import corrected_resampled_ttest, fold_size_ratio, holm, mcnemar, t_interval
-
-REPORT_METRICS = tuple(METRICS) + ("ece",)
 
 
 def lower_is_better(metric: str) -> bool:

@@ -1,0 +1,213 @@
+"""The numbers of ``bench evaluate`` and of a run's external sets: scores of a predictor's
+probabilities on a labelled set that holds some of its classes.
+
+Scores are over the classes present in the set, with the predictor's full argmax and with
+the argmax restricted to the present classes (:class:`WeightedScorer`); 95 % CIs by a
+seeded percentile bootstrap over images, or over groups (e.g. patients) when given
+(:func:`bootstrap_weights`); the run's own out-of-fold numbers on the same classes beside
+them (:func:`in_domain`).
+"""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+from bench.rundir import RunDir
+from bench.stats import bootstrap_resamples
+from core.calibration import apply_temperature, bin_index
+from core.calibration import ece as ece_score
+from core.errors import BenchError
+from core.metrics import LABEL_METRICS, log_loss
+
+N_BOOT = 1000
+SEED = 0
+LEVEL = 0.95
+ECE_BINS = 15
+#: the metrics of an external set (with CIs): those of the predicted classes, and ECE
+METRIC_KEYS = LABEL_METRICS + ("ece",)
+
+
+class WeightedScorer:
+    """Accuracy, balanced accuracy, macro-F1 and top-label ECE of fixed predictions from
+    per-image weights: ones for the point estimate, bootstrap counts for a resample.
+
+    Balanced accuracy and macro-F1 average over the classes **with support** (weight) in
+    the set or resample: an external set holds only some of the predictor's classes, and
+    a class drawn no image is left out of that resample's averages. This is not
+    :func:`core.metrics.macro_f1`, which averages over all of the predictor's classes."""
+
+    def __init__(self, y, pred, conf, k: int, n_bins: int = ECE_BINS):
+        self.k = k
+        self.cell = np.asarray(y) * k + np.asarray(pred)
+        self.correct = (np.asarray(y) == np.asarray(pred)).astype(float)
+        self.conf = np.asarray(conf, dtype=float)
+        self.bins = bin_index(self.conf, n_bins)
+        self.n_bins = n_bins
+
+    def __call__(self, w) -> dict[str, float]:
+        k = self.k
+        cm = np.bincount(self.cell, weights=w, minlength=k * k).reshape(k, k)
+        support, predicted, tp = cm.sum(1), cm.sum(0), np.diag(cm)
+        rows = support > 0
+        total = support.sum()
+        f1 = 2 * tp[rows] / (support[rows] + predicted[rows])
+        cnt_conf = np.bincount(self.bins, weights=w * self.conf, minlength=self.n_bins)
+        cnt_corr = np.bincount(self.bins, weights=w * self.correct, minlength=self.n_bins)
+        return {"accuracy": float(tp.sum() / total),
+                "balanced_accuracy": float(np.mean(tp[rows] / support[rows])),
+                "macro_f1": float(np.mean(f1)),
+                "ece": float(np.abs(cnt_corr - cnt_conf).sum() / total)}
+
+
+def bootstrap_weights(n: int, groups=None, n_boot: int = N_BOOT, seed: int = SEED):
+    """Yield per-image weights of ``n_boot`` resamples (:func:`bench.stats.bootstrap_resamples`):
+    images drawn with replacement, or whole groups drawn with replacement (each image
+    weighted by its group's draws)."""
+    if groups is None:
+        for idx in bootstrap_resamples(n, n_boot, seed):
+            yield np.bincount(idx, minlength=n).astype(float)
+    else:
+        _, codes = np.unique(np.asarray(groups, dtype=str), return_inverse=True)
+        g = int(codes.max()) + 1
+        for idx in bootstrap_resamples(g, n_boot, seed):
+            yield np.bincount(idx, minlength=g)[codes].astype(float)
+
+
+def _restricted(proba: np.ndarray, present: np.ndarray) -> np.ndarray:
+    """Probabilities over the present classes only, renormalised (uniform where all 0)."""
+    p = np.clip(proba[:, present], 0.0, None)
+    s = p.sum(axis=1, keepdims=True)
+    return np.where(s > 0, p / np.where(s > 0, s, 1), 1.0 / len(present))
+
+
+def _per_class(y, pred, present, classes, k) -> list[dict]:
+    cm = np.bincount(y * k + pred, minlength=k * k).reshape(k, k)
+    out = []
+    for c in present:
+        tp, sup, prd = int(cm[c, c]), int(cm[c].sum()), int(cm[:, c].sum())
+        prec = tp / prd if prd else 0.0
+        rec = tp / sup if sup else math.nan
+        out.append({"class": classes[c], "support": sup, "predicted": prd, "precision": prec,
+                    "recall": rec, "f1": 2 * tp / (sup + prd) if sup + prd else 0.0})
+    return out
+
+
+def per_external_class(ext_labels, y, pred, mapping: dict, classes: list[str],
+                       top: int = 3) -> list[dict] | None:
+    """Recall of each of the set's own classes, when the map sends two or more of them onto
+    one predictor class (e.g. band and segmented neutrophils onto ``neutrophil``): which
+    kinds of cell a predictor class misses. ``None`` for a one-to-one map (the per-class
+    table says it all). Each row: ``external_class``, ``mapped_to``, ``n``, ``recall`` (of
+    the full argmax), ``wrong``: the ``top`` most frequent wrong answers ``[[class, n]]``."""
+    targets = [v for v in mapping.values() if v is not None]
+    if len(targets) == len(set(targets)):
+        return None
+    ext_labels = np.asarray(ext_labels, dtype=object)
+    rows = []
+    for e in sorted({str(v) for v in ext_labels}):
+        sel = ext_labels == e
+        truth, got = int(y[sel][0]), pred[sel]
+        wrong = pd.Series(got[got != truth]).value_counts()
+        rows.append({"external_class": e, "mapped_to": classes[truth], "n": int(sel.sum()),
+                     "recall": float((got == truth).mean()),
+                     "wrong": [[classes[int(c)], int(n)] for c, n in wrong.head(top).items()]})
+    return sorted(rows, key=lambda r: (r["mapped_to"], -r["n"], r["external_class"]))
+
+
+def score(y, proba, classes, groups=None, n_boot: int = N_BOOT, seed: int = SEED,
+          level: float = LEVEL, ece_bins: int = ECE_BINS) -> dict:
+    """The numbers of an evaluation (see the module docstring).
+
+    ``y``: indices into ``classes`` (the predictor's); ``proba``: (N, K). Returns the
+    metrics over the present classes with the full argmax, ``restricted`` ones with the
+    argmax over the present classes, ``per_class``, ``confusion``, and ``ci`` (percentile
+    bootstrap; over ``groups`` when given).
+    """
+    y = np.asarray(y, dtype=np.int64)
+    proba = np.asarray(proba, dtype=np.float64)
+    k = len(classes)
+    present = np.unique(y)
+    pred = proba.argmax(axis=1)
+    pr = _restricted(proba, present)
+    pred_r = present[pr.argmax(axis=1)]
+    y_r = np.searchsorted(present, y)
+    full = WeightedScorer(y, pred, proba.max(axis=1), k, ece_bins)
+    restr = WeightedScorer(y, pred_r, pr.max(axis=1), k, ece_bins)
+    ones = np.ones(len(y))
+    out = {**full(ones), "log_loss": log_loss(y, np.clip(proba, 1e-15, 1.0))}
+    out["ece"] = ece_score(y, proba, ece_bins)      # the one definition (equal to the scorer's)
+    out["restricted"] = {**restr(ones), "ece": ece_score(y_r, pr, ece_bins),
+                         "log_loss": log_loss(y_r, np.clip(pr, 1e-15, 1.0))}
+    boot = {m: [] for m in METRIC_KEYS}
+    boot_r = {m: [] for m in METRIC_KEYS}
+    for w in bootstrap_weights(len(y), groups, n_boot, seed):
+        for store, sc in ((boot, full), (boot_r, restr)):
+            for m, v in sc(w).items():
+                store[m].append(v)
+    q = [100 * (1 - level) / 2, 100 * (1 + level) / 2]
+
+    def ci(store):
+        return {m: dict(zip(("lo", "hi"), map(float, np.nanpercentile(v, q)))) if v else
+                {"lo": math.nan, "hi": math.nan} for m, v in store.items()}
+    out["ci"] = {**ci(boot), "restricted": ci(boot_r)}
+    n_units = len(set(map(str, groups))) if groups is not None else len(y)
+    out["bootstrap"] = {"resamples": n_boot, "seed": seed, "level": level,
+                        "method": "percentile", "unit": "group" if groups is not None
+                        else "image", "n_units": n_units}
+    pc = _per_class(y, pred, present, classes, k)
+    pcr = _per_class(y, pred_r, present, classes, k)
+    for a, b in zip(pc, pcr):
+        a.update({f"{m}_restricted": b[m] for m in ("precision", "recall", "f1")})
+    out["per_class"] = pc
+    cm = np.bincount(y * k + pred, minlength=k * k).reshape(k, k)[present]
+    out["confusion"] = {"true": [classes[c] for c in present], "predicted": list(classes),
+                        "counts": cm.astype(int).tolist()}
+    out["present_classes"] = [classes[c] for c in present]
+    out["absent_classes"] = [c for i, c in enumerate(classes) if i not in set(present)]
+    out["_pred"], out["_pred_r"] = pred, pred_r
+    return out
+
+
+# ----------------------------------------------------------------------------- in-domain
+
+def in_domain(predictor_dir: Path, manifest: dict, present: list[str]):
+    """The run's out-of-fold numbers of the saved entry (``DIR/predictor`` ->
+    ``RunDir(DIR)``); ``(None, why)`` when they are not available."""
+    run = RunDir(Path(predictor_dir).resolve().parent)
+    entry = manifest["ensemble"]["name"]
+    if not run.is_run():
+        return None, (f"in-domain numbers unavailable: {run.path} is not a run directory "
+                      "(the predictor was moved out of its run)")
+    try:
+        proba = run.read_oof(entry)
+        y = run.labels
+        classes = run.classes
+    except (BenchError, OSError, ValueError, KeyError) as exc:
+        return None, f"in-domain numbers unavailable: {exc}"
+    if list(classes) != list(manifest["classes"]) or proba.shape != (len(y), len(classes)):
+        return None, (f"in-domain numbers unavailable: the run's classes or out-of-fold "
+                      f"probabilities of '{entry}' do not match the predictor")
+    t = (manifest.get("calibration") or {}).get("temperature")
+    if t:
+        proba = apply_temperature(proba, float(t))
+    pred = proba.argmax(axis=1)
+    k = len(classes)
+    recall = {}
+    for c in range(k):
+        m = y == c
+        recall[classes[c]] = float((pred[m] == c).mean()) if m.any() else math.nan
+    keep = np.isin(y, [classes.index(c) for c in present])
+    sub = WeightedScorer(y[keep], pred[keep], proba[keep].max(axis=1), k)(np.ones(int(keep.sum())))
+    return {"run": str(run.path), "entry": entry, "n": int(len(y)),
+            "accuracy": float((pred == y).mean()), "ece": ece_score(y, proba, ECE_BINS),
+            "same_classes": {"n": int(keep.sum()), **sub},
+            "recall": recall, "temperature_applied": float(t) if t else None,
+            "_y": y, "_proba": proba}, None
+
+
+__all__ = ["WeightedScorer", "bootstrap_weights", "score", "per_external_class", "in_domain",
+           "METRIC_KEYS", "N_BOOT", "SEED", "LEVEL", "ECE_BINS"]
