@@ -45,18 +45,21 @@ from bench.external_data import load_external, map_classes, read_class_map
 from bench.leaderboard import fmt
 from bench.report.evaluation import gradcam_gallery, predictions_csv, write_page
 from bench.report.html import slug
-from bench.scoring import METRIC_KEYS, N_BOOT, SEED, in_domain, per_external_class, score
+from bench.scoring import (METRIC_KEYS, N_BOOT, SEED, in_domain, per_external_class, score,
+                           score_patients)
 from core.errors import BenchError
 from core.io import atomic_write_json, atomic_write_text, package_versions, staged
 from core.metrics import metric_label
 from core.progress import warn
+from ensembles.bags import call_bags
 from ensembles.predictor import load_predictor, verify_predictor
 from ensembles.tta import TTA_VIEWS
 
 EVAL_FILE = "evaluation.json"
 PREDICTIONS_FILE = "predictions.csv"
+PATIENTS_FILE = "patients.csv"   # a bag predictor's calls per group (--groups)
 # what an evaluation folder holds: an --out with anything else is never replaced
-OUTPUTS = {EVAL_FILE, PREDICTIONS_FILE, "index.html", "img", "csv"}
+OUTPUTS = {EVAL_FILE, PREDICTIONS_FILE, PATIENTS_FILE, "index.html", "img", "csv"}
 FORMAT_VERSION = 1
 
 
@@ -204,6 +207,7 @@ def evaluate(predictor_dir, data, *, labels=None, class_map=None, groups=None, o
         warn(f"... and {len(errors) - 10} more unreadable images")
     if not ok.any():
         raise BenchError(f"none of the {len(items)} mapped images of {ext.path} could be read")
+    unread = keep[~ok]
     keep, proba = keep[ok], proba[ok]
     y = np.array([index[mapping[ext.labels[i]]] for i in keep], dtype=np.int64)
     grp = [ext.groups[i] for i in keep] if ext.groups is not None else None
@@ -213,6 +217,14 @@ def evaluate(predictor_dir, data, *, labels=None, class_map=None, groups=None, o
         grp = [g if g else f"\0image{i}" for i, g in zip(keep, grp)]
     t2 = time.perf_counter()
     sc = score(y, proba, classes, groups=grp, n_boot=int(n_boot), seed=int(seed))
+    patients = None
+    if pred.bag_task_ is not None and grp is not None:   # one call per patient, as predict --bags
+        spec = pred.bag_task_
+        cell = [j for j, g in enumerate(grp) if not g.startswith("\0")]   # cells of a patient
+        patients = score_patients(call_bags(
+            spec, classes, [grp[j] for j in cell],
+            proba[cell, classes.index(spec["positive"])], labels=[classes[y[j]] for j in cell],
+            skipped_groups=[ext.groups[i] for i in unread if ext.groups[i]]), spec["positive"])
     dom, dom_note = in_domain(predictor_dir, manifest, sc["present_classes"])
     if dom is not None:
         for r in sc["per_class"]:
@@ -249,6 +261,7 @@ def evaluate(predictor_dir, data, *, labels=None, class_map=None, groups=None, o
                                                  sc["_pred"], mapping, classes),
         "in_domain": dom, "in_domain_note": dom_note,
         "gradcam": gal,
+        "patients": patients,
         "versions": package_versions(),
     }
     if empty_groups:
@@ -258,6 +271,9 @@ def evaluate(predictor_dir, data, *, labels=None, class_map=None, groups=None, o
             [ext.shown[i] for i in keep], [ext.labels[i] for i in keep],
             [g if not g.startswith("\0") else "" for g in grp] if grp is not None else None,
             classes, y, proba, sc["_pred"], sc["_pred_r"]))
+        if patients is not None:
+            atomic_write_text(tmp / PATIENTS_FILE, pd.DataFrame(
+                patients["rows"]).to_csv(index=False, float_format="%.6f"))
         t3 = time.perf_counter()
         result["timings"] = {"listing_s": t_list, "predict_s": t_pred,
                              "images_per_s": len(items) / t_pred if t_pred > 0 else None,
@@ -316,6 +332,13 @@ def summary(result: dict) -> str:
         for name, e in zip(names, r["per_external_class"]):
             lines.append(f"  {name[:w]:{w}s}{e['n']:>7d}{fmt(e['recall']):>8s}  "
                          + ", ".join(f"{c} {n}" for c, n in e["wrong"]))
+    pat = r.get("patients")
+    if pat:
+        lines.append(f"  patients ({r['data'].get('groups')}): {pat['n']}, called "
+                     f"{pat['n_called']}, refer (too few cells) {pat['n_refer']}, none (no "
+                     f"readable image) {pat['n_none']}; {pat['positive']} ROC AUC "
+                     f"{fmt(pat['roc_auc'])}, sensitivity {fmt(pat['sensitivity'])}, "
+                     f"specificity {fmt(pat['specificity'])} ({PATIENTS_FILE})")
     if not dom and r.get("in_domain_note"):
         lines.append(f"  {r['in_domain_note']}")
     t = r.get("timings", {})

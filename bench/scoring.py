@@ -15,6 +15,7 @@ from pathlib import Path
 
 import numpy as np
 import pandas as pd
+from sklearn.metrics import roc_auc_score
 
 from bench.rundir import RunDir
 from bench.stats import bootstrap_resamples
@@ -22,6 +23,7 @@ from core.calibration import apply_temperature, bin_index
 from core.calibration import ece as ece_score
 from core.errors import BenchError
 from core.metrics import LABEL_METRICS, log_loss
+from ensembles.bags import NO_CALL, REFER
 
 N_BOOT = 1000
 SEED = 0
@@ -211,3 +213,26 @@ def in_domain(predictor_dir: Path, manifest: dict, present: list[str]):
 
 __all__ = ["WeightedScorer", "bootstrap_weights", "score", "per_external_class", "in_domain",
            "METRIC_KEYS", "N_BOOT", "SEED", "LEVEL", "ECE_BINS"]
+
+
+def score_patients(rows: list[dict], positive: str) -> dict:
+    """A bag predictor's calls on an external set's patients (``rows`` of
+    :func:`ensembles.bags.call_bags`): how many got a call, were referred (too few cells)
+    or got none (no readable cell); sensitivity and specificity over the called patients,
+    ROC AUC of the score over every patient with a readable cell."""
+    called = [r for r in rows if r["decision"] not in (REFER, NO_CALL)]
+    pos = [r for r in called if r["label"] == positive]
+    neg = [r for r in called if r["label"] != positive]
+    scored = [r for r in rows if r["n_cells"]]
+    y = [int(r["label"] == positive) for r in scored]
+    return {
+        "positive": positive, "n": len(rows), "n_called": len(called),
+        "n_refer": sum(r["decision"] == REFER for r in rows),
+        "n_none": sum(r["decision"] == NO_CALL for r in rows),
+        "sensitivity": (sum(r["decision"] == positive for r in pos) / len(pos)) if pos
+        else math.nan,
+        "specificity": (sum(r["decision"] != positive for r in neg) / len(neg)) if neg
+        else math.nan,
+        "roc_auc": (float(roc_auc_score(y, [r["probability"] for r in scored]))
+                    if 0 < sum(y) < len(y) else math.nan),
+        "rows": rows}

@@ -502,3 +502,42 @@ def test_call_bags_applies_threshold_min_cells_and_skips_per_bag():
     old = BagTask.model_validate({"positive": "APL", "aggregator": "mean", "threshold": 0.5})
     assert old.model_dump()["min_cells"] == 1
     assert call_bags(old.model_dump(), ["AML", "APL"], ["b"], [0.9])[0]["decision"] == "APL"
+
+
+def test_evaluate_with_groups_calls_each_patient_by_the_same_rules(bag_run, bag_data, tmp_path):
+    import shutil
+    from bench.evaluate import evaluate, summary
+    root = tmp_path / "set"
+    shutil.copytree(bag_data, root)
+    cells = pd.read_csv(root / "cells.csv")
+    keep = ["P00", "P01", "P02", "P03", "P04", "P05"]
+    cells = cells[cells.patient.isin(keep)]
+    few = cells.index[cells.patient == "P03"][3:]          # P03 (APL) keeps 3 cells
+    cells = cells.drop(few)
+    bad = root / "images" / "blast" / "P01__zz_corrupt.png"
+    bad.write_bytes(b"not an image")
+    cells = pd.concat([cells, pd.DataFrame([{"file": "images/blast/P01__zz_corrupt.png",
+                                             "patient": "P01", "diagnosis": "AML",
+                                             "cell_class": "blast"}])])
+    cells.to_csv(root / "cells.csv", index=False)
+    res = evaluate(bag_run / "predictor", root / "images", labels=f"{root / 'cells.csv'}:diagnosis",
+                   groups="patient", out=tmp_path / "ev", gradcam=False, progress=False,
+                   n_boot=50)
+    pat = res["patients"]
+    rows = {r["bag"]: r for r in pat["rows"]}
+    assert set(rows) == set(keep)
+    assert rows["P03"]["decision"] == "refer" and rows["P03"]["n_cells"] == 3
+    assert rows["P01"]["n_skipped"] == 1 and rows["P01"]["decision"] == "AML"
+    assert (pat["n"], pat["n_refer"], pat["n_none"], pat["n_called"]) == (6, 1, 0, 5)
+    # the same calls as predict --bags on the same cells
+    pred = load_predictor(bag_run / "predictor")
+    for p in ("P00", "P01"):
+        files = [str(root / f) for f in cells.file[cells.patient == p]]
+        direct = pred.predict_bags({p: files})[0]
+        assert direct["decision"] == rows[p]["decision"]
+        assert direct["probability"] == pytest.approx(rows[p]["probability"], abs=1e-12)
+        assert direct["n_skipped"] == rows[p]["n_skipped"]
+    assert pat["sensitivity"] == 1.0 and pat["specificity"] == 1.0   # P00 APL, the rest AML
+    table = pd.read_csv(tmp_path / "ev" / "patients.csv")
+    assert len(table) == 6 and set(table["decision"]) == {"APL", "AML", "refer"}
+    assert "refer (too few cells) 1" in summary(res)
