@@ -1,11 +1,13 @@
 """The registry of candidate and ensemble types.
 
 The runner never names a model: a config entry says ``type = "NAME"`` and the registry
-returns the class. The kernel names no type: each plugin package declares its own when
-it is imported, by the decorator or, for a class whose module is heavy, as a lazy
-``"module:Class"`` (``register_lazy``; e.g. ``cnn`` so that TensorFlow loads only when a
-CNN is used). The orchestrator ``bench`` imports the built-in plugin packages. Add your
-own type with the decorator, and list its module in ``[run] plugins``::
+returns the class. The kernel names no type: types are declared where they are packaged,
+as entry points of the group ``bloodbench.types`` (``NAME = "module:Class"``; the built-in
+ones in ``pyproject.toml``), and their modules are imported on first use (so TensorFlow
+loads only when a CNN is used, and a saved predictor loads its members' types whatever
+imported it). Each class also registers itself under its name with the decorator. An
+installed plugin package declares its types the same way; a module of your own can
+instead use the decorator and be listed in ``[run] plugins``::
 
     from core.registry import register
     from core.candidate import Candidate
@@ -18,11 +20,24 @@ own type with the decorator, and list its module in ``[run] plugins``::
 from __future__ import annotations
 
 import importlib
+from importlib.metadata import entry_points
 
 from core.errors import BenchError
 
+GROUP = "bloodbench.types"   # the entry-point group that declares types
 _LAZY: dict[str, str] = {}   # type name -> "module:Class", imported on first use
 _REGISTERED: dict[str, type] = {}
+_DISCOVERED = False
+
+
+def declared() -> dict[str, str]:
+    """Types declared as entry points (read once) and by :func:`register_lazy`."""
+    global _DISCOVERED
+    if not _DISCOVERED:
+        for ep in entry_points(group=GROUP):
+            _LAZY.setdefault(ep.name, ep.value)
+        _DISCOVERED = True
+    return _LAZY
 
 
 def register(name: str):
@@ -43,7 +58,7 @@ def register_lazy(name: str, target: str) -> None:
 def get(name: str) -> type:
     if name in _REGISTERED:
         return _REGISTERED[name]
-    if name not in _LAZY:
+    if name not in declared():
         raise BenchError(f"unknown type '{name}'; known: {known()}")
     module, cls_name = _LAZY[name].split(":")
     cls = getattr(importlib.import_module(module), cls_name)
@@ -53,7 +68,7 @@ def get(name: str) -> type:
 
 
 def known() -> list[str]:
-    return sorted(set(_LAZY) | set(_REGISTERED))
+    return sorted(set(declared()) | set(_REGISTERED))
 
 
 def import_plugins(modules: list[str]) -> None:

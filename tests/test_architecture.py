@@ -189,16 +189,49 @@ def test_the_orchestrator_starts_without_tensorflow_and_knows_every_builtin_type
             "transfer_finetune", "soft_voting", "stacking"} <= set(out)
 
 
-def test_each_lazy_type_is_the_class_that_registers_itself_under_that_name():
+def test_each_declared_type_is_the_class_that_registers_itself_under_that_name():
     import importlib
 
-    import bench  # noqa: F401  (imports the plugin packages)
     from core import registry
-    assert registry._LAZY, "no plugin package declared a lazy type"
-    for name, target in registry._LAZY.items():
+    declared = registry.declared()
+    assert declared, "no type is declared (is bloodbench installed? pip install -e .)"
+    for name, target in declared.items():
         module, cls_name = target.split(":")
         cls = getattr(importlib.import_module(module), cls_name)
-        assert registry._REGISTERED.get(name) is cls and cls.type_name == name, target
+        assert registry.get(name) is cls and cls.type_name == name, target
+
+
+def test_the_installed_types_are_those_pyproject_declares():
+    """The entry points in ``pyproject.toml`` are the ones installed (reinstall after an
+    edit), and they name every built-in type."""
+    import tomllib
+    from importlib.metadata import entry_points
+
+    from core import registry
+    project = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]
+    wanted = project["entry-points"][registry.GROUP]
+    installed = {ep.name: ep.value for ep in entry_points(group=registry.GROUP)}
+    assert installed == wanted
+    assert {"feature_forest", "feature_svm", "feature_xgb", "scratch_cnn", "transfer_frozen",
+            "transfer_finetune", "soft_voting", "stacking"} == set(wanted)
+
+
+def test_a_predictor_loads_from_the_plugin_layer_alone(tmp_path, toy_folder):
+    """``ensembles.predictor.load_predictor`` knows its members' types without the
+    orchestrator having been imported (a fresh process)."""
+    from bench.config import load_config
+    from bench.runner import run_benchmark
+    from tests.conftest import write_tiny_config
+    cfg = load_config(write_tiny_config(tmp_path / "c.toml", toy_folder), only=["rf_hog"],
+                      out=str(tmp_path / "run"))
+    run_benchmark(cfg, show_progress=False)
+    code = ("import sys\nfrom ensembles.predictor import load_predictor\n"
+            f"p = load_predictor({str(tmp_path / 'run' / 'predictor')!r})\n"
+            "assert 'bench' not in sys.modules\nprint(p.member_names_)\n")
+    out = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True,
+                         text=True)
+    assert out.returncode == 0, out.stderr
+    assert "rf_hog" in out.stdout
 
 
 def test_the_kernel_names_no_module_above_it():
