@@ -92,7 +92,7 @@ class Config:
 
     @property
     def ensembles(self) -> dict:
-        return self.data.get("ensembles", {})
+        return self.data["ensembles"]
 
     def path(self, value: str) -> str:
         """A file named in the config: a relative path starts at the config's folder;
@@ -234,20 +234,19 @@ def _resolve_external(cfg: dict, raw: dict, source, where: str) -> dict:
     out = {}
     for name, entry in (cfg.get("external") or {}).items():
         check_name(name, f"{where}: external set name")
-        validated(where, f"[external.{name}]", ExternalEntry, entry)
-        unknown = [d for d in entry.get("datasets", []) if d not in raw.get("datasets", {})]
+        e = validated(where, f"[external.{name}]", ExternalEntry, entry).model_dump()
+        unknown = [d for d in e["datasets"] if d not in raw.get("datasets", {})]
         if unknown:
             raise BenchError(f"{where}: [external.{name}] datasets {unknown} are not "
                              f"[datasets.*] entries" + did_you_mean(unknown[0],
                                                                      raw.get("datasets", {})))
-        if not names & set(entry.get("datasets", [])):
+        if not names & set(e["datasets"]):
             continue
-        e = dict(entry)
         e["path"] = str(_abs(e["path"], source))
-        if e.get("labels"):
+        if e["labels"]:
             f, _, col = e["labels"].rpartition(":")
             e["labels"] = f"{_abs(f, source)}:{col}"
-        if e.get("class_map"):
+        if e["class_map"]:
             e["class_map"] = str(_abs(e["class_map"], source))
         out[name] = e
     return out
@@ -539,14 +538,19 @@ def validated(where: str, prefix: str, model: type[BaseModel], value) -> BaseMod
 
 def typed_settings(cfg: dict, where: str = "config") -> tuple[dict, Settings]:
     """The settings sections of ``cfg`` validated (:class:`Settings`), and a copy of
-    ``cfg`` whose sections are their dumps (every key present)."""
+    ``cfg`` whose sections, and ``[ensembles.*]`` entries, are their dumps (every key
+    present)."""
     typed = {}
     for sec, model in SECTIONS.items():
         typed[sec] = validated(where, f"[{sec}]", model, cfg.get(sec, {}))
         if sec == "stress" and typed["data"].fallback:   # after the sections it completes
-            validated(where, "[data.fallback]", FallbackSection, typed["data"].fallback)
+            typed["data"].fallback = validated(where, "[data.fallback]", FallbackSection,
+                                               typed["data"].fallback).model_dump()
     settings = Settings(**typed)
-    return {**cfg, **{sec: m.model_dump() for sec, m in typed.items()}}, settings
+    ensembles = {name: validated(where, f"[ensembles.{name}]", EnsembleEntry, entry).model_dump()
+                 for name, entry in (cfg.get("ensembles") or {}).items()}
+    return {**cfg, **{sec: m.model_dump() for sec, m in typed.items()},
+            "ensembles": ensembles}, settings
 
 
 def _check_raw(raw: dict, where: str) -> None:
@@ -594,8 +598,6 @@ def _validate_sections(cfg: dict, where: str) -> tuple[dict, Settings]:
             raise BenchError(f"{where}: candidate '{name}' needs a 'type' "
                              "(see `python -m bench list`)")
         validated(where, f"[candidates.{name}]", CandidateEntry, entry)
-    for name, entry in cfg["ensembles"].items():
-        validated(where, f"[ensembles.{name}]", EnsembleEntry, entry)
     return cfg, settings
 
 
@@ -661,10 +663,10 @@ def _validate_entries(cfg: dict, settings: Settings, where: str) -> None:
         cls = _type(entry["type"], where, f"[ensembles.{name}]")
         params = {k: v for k, v in entry.items() if k not in ENTRY_KEYS}
         validate_params(cls, params, f"{where}: [ensembles.{name}]")
-        if entry.get("stress") and not cfg["stress"]["shifts"]:
+        if entry["stress"] and not cfg["stress"]["shifts"]:
             raise BenchError(f"{where}: [ensembles.{name}] stress = true needs [stress] shifts "
                              f"(any of {list(SHIFTS)})")
-        members = entry.get("members", "cnn")
+        members = entry["members"]
         if isinstance(members, list):
             missing = [m for m in members if m not in names]
             if missing:

@@ -770,19 +770,19 @@ def resolve_data_path(cfg: Config) -> tuple[Path, list[str] | None]:
     Returns the path and, for the fallback, its class names.
     """
     data = cfg["data"]
-    path = str(data.get("path") or "")
+    path = data["path"]
     p = Path(cfg.path(path)).expanduser() if path else None   # relative: from the config
     if p is not None and p.exists():
         return p, None
-    fb = data.get("fallback") or {}
-    if fb.get("url"):
-        cache = Path(data.get("cache_dir") or default_cache_dir()).expanduser()
-        dest = cache / "downloads" / fb.get("filename", Path(fb["url"].split("?")[0]).name)
+    fb = data["fallback"]   # {} or a validated [data.fallback]
+    if fb:
+        cache = Path(data["cache_dir"] or default_cache_dir()).expanduser()
+        dest = cache / "downloads" / (fb["filename"] or Path(fb["url"].split("?")[0]).name)
         where = f"{p} (or {dest})" if p else str(dest)
-        info(f"data not found at {p}; using the default dataset {fb.get('name', '')} at {dest}")
+        info(f"data not found at {p}; using the default dataset {fb['name']} at {dest}")
         path = fetch(fb["url"], fb["md5"], dest, hint=f"no network? put a dataset folder or "
                      f".npz at {where}, or pass --data PATH")
-        return path, fb.get("classes") or None
+        return path, fb["classes"] or None
     if p is None:
         raise BenchError("no data configured: pass --data PATH or set [data] path")
     raise BenchError(f"data not found: {p}")

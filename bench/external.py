@@ -48,25 +48,25 @@ def missing_input(entry: dict) -> str | None:
     """The first of an external set's files (images, labels CSV, class map) that does not
     exist, or ``None``."""
     files = [entry["path"]]
-    if entry.get("labels"):
+    if entry["labels"]:
         files.append(entry["labels"].rpartition(":")[0])
-    if entry.get("class_map"):
+    if entry["class_map"]:
         files.append(entry["class_map"])
     return next((f for f in files if not Path(f).expanduser().exists()), None)
 
 
 def load_set(name: str, entry: dict, classes: list[str], image_size: int, seed: int):
     """``(X, y, groups, info)`` of external set ``name`` at the run's image size."""
-    ext = load_external(entry["path"], labels=entry.get("labels") or None,
-                        groups=entry.get("groups") or None)
-    user_map, src = read_class_map(entry.get("class_map") or None)
+    ext = load_external(entry["path"], labels=entry["labels"] or None,
+                        groups=entry["groups"] or None)
+    user_map, src = read_class_map(entry["class_map"] or None)
     mapping, _ = map_classes(sorted(set(ext.labels)), classes, user_map, src)
     keep = [i for i, c in enumerate(ext.labels) if mapping.get(c) is not None]
     if not keep:
         raise BenchError(f"[external.{name}]: none of its classes "
                          f"{sorted(set(ext.labels))} maps onto the run's {classes}")
     y = np.array([classes.index(mapping[ext.labels[i]]) for i in keep])
-    n = int(entry.get("max_images", 0) or 0)
+    n = int(entry["max_images"])
     rows = stratified_subset(y, n, seed, min_per_class=1) if 0 < n < len(y) \
         else np.arange(len(y))
     items = [ext.items[keep[r]] for r in rows]

@@ -54,9 +54,9 @@ def member_sets(name: str, entry: dict, members: list[str], oofs: dict,
     shift; ensemble ``name`` is fitted on the first ``fit_sets`` of them."""
     sets = [[oofs[m] for m in members]]
     sets += [[by_name[m] for m in members] for by_name in (stressed or {}).values()]
-    if entry.get("stress") and len(sets) == 1:
+    if entry["stress"] and len(sets) == 1:
         raise BenchError(f"[ensembles.{name}]: stress = true needs [stress] shifts")
-    return sets, (len(sets) if entry.get("stress") else 1)
+    return sets, (len(sets) if entry["stress"] else 1)
 
 
 def fit_ensemble(ens: Ensemble, sets, y, name: str, folds, cross_val: bool = True,

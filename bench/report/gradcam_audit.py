@@ -170,7 +170,7 @@ def ensemble_weights(run, name: str, cnn_members: list[str]) -> dict[int, dict[s
     ``has_member_weights`` (stacking) are not fitted: their CNN members weigh the same.
     """
     members = run.members(name)
-    entry = (run.config.get("ensembles", {}) or {}).get(name, {})
+    entry = run.config.ensembles[name]
     weighted = build_ensemble(entry, name).has_member_weights   # declared capability
     sets = None   # as the run fitted it (member_sets): with stress = true also under each shift
     out = {}
@@ -181,7 +181,7 @@ def ensemble_weights(run, name: str, cnn_members: list[str]) -> dict[int, dict[s
                 if sets is None:   # read once, for every fold
                     stressed = ({s: {m: run.rundir.read_stress_oof(m, s) for m in members}
                                  for s in stress_shifts(run.config)}
-                                if entry.get("stress") else None)
+                                if entry["stress"] else None)
                     sets, fit_sets = member_sets(name, entry, members, run.oof, stressed)
                 train = run.splits.train(k)
                 fitted = fit_ensemble(build_ensemble(entry, name),
