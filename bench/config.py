@@ -580,11 +580,11 @@ def _check_raw(raw: dict, where: str) -> None:
             _check_names(prof["select"], list(raw.get("candidates", {})), where,
                          f"profile '{name}' select")
     for name, ds in raw.get("datasets", {}).items():
-        validated(where, f"[datasets.{name}]", _DatasetOverride, ds)
+        validated(where, f"[datasets.{name}]", DatasetOverride, ds)
 
 
 # a [datasets.NAME] table: any [data] key but those the resolver sets
-_DatasetOverride = _all_optional(DataSection, "_DatasetOverride",
+DatasetOverride = _all_optional(DataSection, "DatasetOverride",
                                  exclude=("fallback", "name", "same_as"))
 
 

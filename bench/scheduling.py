@@ -45,7 +45,7 @@ from core.errors import BenchError
 DEFAULT_RETRIES = 2
 
 
-def _init_worker(threads: int) -> None:
+def init_worker(threads: int) -> None:
     """A spawned worker's share of the cores for joblib and OpenMP/BLAS. TensorFlow's
     threads are not set here: a CNN unit takes ``$BLOODBENCH_TF_THREADS`` (inherited from
     this process; default 1, see :mod:`cnn.runtime`) whichever backend runs it, so that
@@ -117,7 +117,7 @@ class LocalExecutor:
         ctx = mp.get_context("spawn")
 
         def new_pool():
-            return ProcessPoolExecutor(1, mp_context=ctx, initializer=_init_worker,
+            return ProcessPoolExecutor(1, mp_context=ctx, initializer=init_worker,
                                        initargs=(threads,))
 
         queue = list(reversed(arg_list))       # pop() takes them in the given order

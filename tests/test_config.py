@@ -75,7 +75,7 @@ def test_missing_config_file(tmp_path):
 
 def test_settings_are_typed_and_every_default_has_one_home(tmp_path):
     from bench.config import (SECTIONS, Config, DataSection, RunSection, TuningSection,
-                              _DatasetOverride)
+                              DatasetOverride)
     from bench.tuning import candidate_tuning
     cfg_file = tmp_path / "b.toml"
     cfg_file.write_text("""
@@ -103,7 +103,7 @@ tuning = { trials = 3, pruner = "none" }
     assert (own.trials, own.pruner, own.val_fraction, own.fidelity, own.space) == \
         (3, "none", TuningSection().val_fraction, {}, None)
     # a [datasets.NAME] table takes any [data] key the user sets, none of the resolver's
-    assert set(_DatasetOverride.model_fields) == \
+    assert set(DatasetOverride.model_fields) == \
         set(DataSection.model_fields) - {"name", "same_as", "fallback"}
     # a config read back (a run directory's config.toml) is typed the same way
     back = Config({"run": {"seed": 3}, "candidates": {}})

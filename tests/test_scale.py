@@ -33,7 +33,7 @@ from core.errors import BenchError
 from bench.rundir import RunDir
 from bench.runner import prepare_run, run_benchmark, tune_from_args
 from bench.units import tune_unit
-from bench.scheduling import DaskExecutor, LocalExecutor, _init_worker
+from bench.scheduling import DaskExecutor, LocalExecutor, init_worker
 from bench.storage import FINISHED, make_storage
 from cnn.runtime import DEFAULT_TF_THREADS, THREADS_ENV, tf_threads
 from tests.conftest import write_toy_folder
@@ -272,7 +272,7 @@ def test_the_tf_thread_layout_is_the_units_not_the_backends(monkeypatch):
     assert tf_threads() == 6 and tf_threads(3) == 3
     for key in ("BLOODBENCH_JOBS", "OMP_NUM_THREADS"):   # restored after the test
         monkeypatch.setenv(key, os.environ.get(key, "1"))
-    _init_worker(1)   # a spawned worker keeps the inherited TF setting, whatever its share
+    init_worker(1)   # a spawned worker keeps the inherited TF setting, whatever its share
     assert os.environ[THREADS_ENV] == "6"
     for bad in ("two", "-1"):
         monkeypatch.setenv(THREADS_ENV, bad)
