@@ -73,15 +73,23 @@ def test_macro_f1_of_core_metrics_averages_over_all_classes():
     assert REGISTRY["macro_f1"].fn(y, p) == pytest.approx(2 / 3)
 
 
-def test_aggregator_defaults_live_in_the_classes():
+def test_aggregator_settings_come_from_the_patients_section():
+    """Each aggregator's default lives in ``[patients]`` (PatientsSection), once; the
+    classes take their settings from it and give them back by ``params()``."""
+    from bench.config import PatientsSection
+    settings = PatientsSection().model_dump()
+    assert settings["aggregators"] == list(AGGREGATORS)
     for name, cls in AGGREGATORS.items():
-        agg = make_aggregator(name, {})
-        assert type(agg) is cls and agg.params() == cls().params()
-        again = make_aggregator(name, agg.params())
+        agg = make_aggregator(name, settings)
+        assert type(agg) is cls
+        again = make_aggregator(name, {**settings, **agg.params()})
         assert again.params() == agg.params()
+    assert make_aggregator("trimmed_mean", settings).trim == settings["trim"] == 0.1
     assert make_aggregator("trimmed_mean", {"trim": 0.25}).trim == 0.25
     assert make_aggregator("top_k_mean", {"top_fraction": 0.5}).fraction == 0.5
     assert CELL_AGGREGATORS == ("mean", "trimmed_mean", "top_k_mean")
+    with pytest.raises(KeyError):      # no second default in the class
+        make_aggregator("trimmed_mean", {})
     with pytest.raises(ValueError, match="unknown aggregator"):
         make_aggregator("median", {})
 

@@ -151,13 +151,15 @@ def test_audit_fits_only_ensembles_that_declare_member_weights(run_dir, monkeypa
     run = RunData(run_dir)
     monkeypatch.setattr(run, "members", lambda name: ["cnn_tiny", "rf_colour"])
     entries = run.config["ensembles"]
-    entries["soft_vote"] = {"type": "soft_voting", "weights": "optimized", "members": "all"}
+    from bench.config import EnsembleEntry   # a run's entries are validated dumps
+    entries["soft_vote"] = EnsembleEntry(type="soft_voting", weights="optimized",
+                                         members="all").model_dump()
     voted = gradcam_audit.ensemble_weights(run, "soft_vote", ["cnn_tiny"])
     assert calls == ["soft_vote"] * len(run.fold_ids)
     assert sorted(voted) == sorted(run.fold_ids)
     assert all(w == {"cnn_tiny": 1.0} for w in voted.values())   # the only CNN member
     calls.clear()
-    entries["soft_vote"] = {"type": "stacking", "members": "all"}
+    entries["soft_vote"] = EnsembleEntry(type="stacking", members="all").model_dump()
     stacked = gradcam_audit.ensemble_weights(run, "soft_vote", ["cnn_tiny", "rf_colour"])
     assert calls == []
     assert all(w == {"cnn_tiny": 0.5, "rf_colour": 0.5} for w in stacked.values())

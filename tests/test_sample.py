@@ -149,8 +149,9 @@ def test_weights_missing_is_checked_by_the_config(tmp_path, toy_folder):
 def test_a_missing_external_set_is_skipped_with_one_warning(tmp_path, capsys):
     from bench.external import score_external
     gone = tmp_path / "not_here" / "images"
-    cfg = {"external": {"lab9": {"path": str(gone), "labels": f"{gone.parent}/cells.csv:cls"}},
-           "run": {"seed": 0}}
+    from bench.config import ExternalEntry   # entries reach the run as validated dumps
+    entry = ExternalEntry(path=str(gone), labels=f"{gone.parent}/cells.csv:cls").model_dump()
+    cfg = {"external": {"lab9": entry}, "run": {"seed": 0}}
     board = pd.DataFrame({"candidate": ["a", "b"], "accuracy": [0.5, 0.6]})
     out = score_external(None, cfg, None, board, {}, {"a": "cnn", "b": "cnn"}, None)
     assert out.equals(board)   # no external columns, nothing else changed

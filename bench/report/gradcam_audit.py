@@ -170,7 +170,7 @@ def ensemble_weights(run, name: str, cnn_members: list[str]) -> dict[int, dict[s
     ``has_member_weights`` (stacking) are not fitted: their CNN members weigh the same.
     """
     members = run.members(name)
-    entry = run.config.ensembles[name]
+    entry = run.config["ensembles"][name]
     weighted = build_ensemble(entry, name).has_member_weights   # declared capability
     sets = None   # as the run fitted it (member_sets): with stress = true also under each shift
     out = {}
