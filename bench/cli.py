@@ -332,8 +332,8 @@ def _predict_bags(args) -> int:
     for name, paths in progress_iter(bags.items(), total=len(bags), desc="patients",
                                      enabled=len(bags) > 1):
         results.append(pred.predict_bags({name: paths}, args.batch_size)[0])
-    skipped = [(r["bag"], item, why) for r in results for item, why in r["skipped"]]
-    for _, item, why in skipped[:MAX_SKIP_WARNINGS]:
+    skipped = [why for r in results for _, why in r["skipped"]]
+    for why in skipped[:MAX_SKIP_WARNINGS]:
         warn(f"skipped {why}")
     if len(skipped) > MAX_SKIP_WARNINGS:
         warn(f"skipped {len(skipped) - MAX_SKIP_WARNINGS} more unreadable file(s) (column "
