@@ -54,6 +54,7 @@ from core.images import IMAGE_SUFFIXES, read_image
 from core.io import atomic_write_json, atomic_write_text, package_versions, staged
 from core.metrics import log_loss
 from core.progress import progress_iter, warn
+from bench import conformal
 from ensembles.overlay import upsample
 from ensembles.predictor import TTA_VIEWS, load_predictor, verify_predictor
 
@@ -848,6 +849,7 @@ def evaluate(predictor_dir, data, *, labels=None, class_map=None, groups=None, o
         warn(f"--class-map entry '{u}' names no class of the set")
     index = {c: i for i, c in enumerate(classes)}
     keep = np.array([i for i, lab in enumerate(ext.labels) if mapping[lab] is not None])
+    keep = conformal.leave_out_calibration_rows(manifest, ext, keep)   # bench calibrate's
     t_list = time.perf_counter() - t0
 
     pred = load_predictor(predictor_dir)
@@ -914,6 +916,8 @@ def evaluate(predictor_dir, data, *, labels=None, class_map=None, groups=None, o
         "per_external_class": per_external_class([ext.labels[i] for i in keep], y,
                                                  sc["_pred"], mapping, classes),
         "in_domain": dom, "in_domain_note": dom_note,
+        **conformal.evaluation_figures(manifest, proba, y, pred.shift_scores(
+            [ext.items[i] for i in keep])),
         "gradcam": gal,
         "versions": package_versions(),
     }
@@ -982,6 +986,7 @@ def summary(result: dict) -> str:
         for name, e in zip(names, r["per_external_class"]):
             lines.append(f"  {name[:w]:{w}s}{e['n']:>7d}{fmt(e['recall']):>8s}  "
                          + ", ".join(f"{c} {n}" for c, n in e["wrong"]))
+    lines += conformal.summary_lines(r)
     if not dom and r.get("in_domain_note"):
         lines.append(f"  {r['in_domain_note']}")
     t = r.get("timings", {})

@@ -18,6 +18,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
+from bench import conformal
 from bench.config import Config, load_config
 from bench.datasets import Dataset, prepare_dataset
 from bench.external import score_external
@@ -237,6 +238,7 @@ def run_benchmark(cfg: Config, force: bool = False, workers: int | None = None,
             for n, p in by_name_s.items():
                 run.write_stress_oof(n, s, p)
         add_stress_columns(rows + ens_rows, stressed, ds.labels, folds, run_cfg["metric"])
+    conformal.add_leaderboard_columns(rows + ens_rows, oofs | ens_oofs, ds.labels, folds, cfg)
     board = make_table(rows + ens_rows, run_cfg["metric"])
     moved = run.keep_previous_outputs(board)
     if moved:
@@ -256,14 +258,14 @@ def run_benchmark(cfg: Config, force: bool = False, workers: int | None = None,
         score_patients(run, cfg, ds, board, stored, folds, show_progress)
         bag_choice = run.read_patients()
         times["patients"] = time.perf_counter() - t
-    t = time.perf_counter()
-    _save_predictor(run, cfg, ds, board, stored, kinds, folds, bag_choice, stored_stress)
-    times["predictor"] = time.perf_counter() - t
-    if cfg.get("external"):
+    if cfg.get("external"):   # before the predictor: its model card shows these figures
         t = time.perf_counter()
         board = score_external(run, cfg, ds, board, stored, kinds, folds, stored_stress)
         run.write_leaderboard(board, to_markdown(board, run_cfg["metric"]))
         times["external"] = time.perf_counter() - t
+    t = time.perf_counter()
+    _save_predictor(run, cfg, ds, board, stored, kinds, folds, bag_choice, stored_stress)
+    times["predictor"] = time.perf_counter() - t
     if (cfg.get("report") or {}).get("leakage_audit"):   # the same entries, image-level folds
         t = time.perf_counter()
         leakage_audit(run, cfg, run_benchmark, workers, scheduler, show_progress)
@@ -318,6 +320,8 @@ def _bag_settings(cfg: Config, patients, name: str) -> dict:
     return {"positive": meta["positive"], "aggregator": r["aggregator"], "params": params,
             "threshold": final_threshold(bag_table, r["entry"], meta["threshold_rule"]),
             "threshold_rule": meta["threshold_rule"] + " on every bag's out-of-fold score",
+            **conformal.bag_refer_band(bag_table, r["entry"], final_threshold(
+                bag_table, r["entry"], meta["threshold_rule"])),
             "patient_leaderboard": {k: float(r[k]) for k in
                                     ("roc_auc", "roc_auc_lo", "roc_auc_hi",
                                      "balanced_accuracy", "sensitivity", "specificity")}}
@@ -365,6 +369,8 @@ def _save_predictor(run: RunDir, cfg: Config, ds: Dataset, board, stored, kinds,
                                dict.fromkeys([metric, "accuracy", "macro_f1"])},
                "member_models": "fold models of the cross-validation (bagged)",
                **calibration,
+               **conformal.predictor_extra(run, cfg, ds.labels, stored[name], folds, name,
+                                           calibration),
                **({"bags": _bag_settings(cfg, patients, name)} if patients else {})},
         tta=pred_cfg.get("tta", "none"), shift=ShiftReference.fit(ds.images))
     run.update_state(predictor=name)

@@ -281,10 +281,49 @@ def refer_band(scores, positive, threshold: float) -> dict:
                                           "and the threshold"}
 
 
+def predictor_entry(proba, y, fold_of_row, *, confidence: float = 0.95,
+                    method: str = "mondrian", raps_lambda: float = 0.01, raps_k: int = 1,
+                    target_error: float = 0.02, shift_limit: float = 1.0,
+                    fitted_on: str = "") -> dict:
+    """What a saved predictor stores under ``conformal``: the sets calibrated on every
+    out-of-fold row, the review rule, and the in-lab figures on rows no fit saw
+    (:func:`cross_conformal`) with the risk-coverage of the maximum softmax."""
+    y = np.asarray(y, dtype=np.int64)
+    proba = np.asarray(proba, dtype=np.float64)
+    params = {"raps_lambda": raps_lambda, "raps_k": raps_k}
+    state = ConformalSets.fit(proba, y, method, confidence, fitted_on=fitted_on, **params)
+    conf = proba.max(axis=1)
+    correct = proba.argmax(axis=1) == y
+    levels = tuple(sorted({*CONFIDENCES, float(confidence)}))
+    return {**state.to_dict(),
+            "review": {"target_error": float(target_error),
+                       "confidence_threshold": review_threshold(conf, correct, target_error),
+                       "shift_limit": float(shift_limit),
+                       "rule": "set size other than 1, or shift score >= shift_limit, or "
+                               "maximum probability < confidence_threshold"},
+            "in_lab": {"scheme": "cross-conformal: each fold's out-of-fold rows scored by "
+                                 "sets calibrated on the other folds' out-of-fold rows",
+                       "n": int(len(y)),
+                       "by_confidence": cross_conformal(proba, y, fold_of_row, method,
+                                                        levels, **params),
+                       **aurc(conf, correct),
+                       "accuracy_at_coverage": {f"{c:g}": accuracy_at_coverage(conf, correct, c)
+                                                for c in (0.5, 0.8, 1.0)}}}
+
+
+def review_of(state: ConformalSets, review: dict, proba, shift=None) -> dict:
+    """Per image: the prediction set (bool (N, K)), its size, and the review flags."""
+    sets = state.sets(proba)
+    flags = review_flags(sets, proba, shift, review.get("confidence_threshold"),
+                         float(review.get("shift_limit", 1.0)))
+    return {"sets": sets, "set_size": sets.sum(axis=1), **flags}
+
+
 def join_set(row: np.ndarray, classes) -> str:
     return "|".join(str(c) for c, keep in zip(classes, row) if keep)
 
 
 __all__ = ["ConformalSets", "METHODS", "check_confidence", "nonconformity", "p_values",
            "cross_conformal", "set_figures", "risk_coverage", "aurc", "accuracy_at_coverage",
-           "review_threshold", "review_flags", "confidence_scores", "refer_band", "join_set"]
+           "review_threshold", "review_flags", "confidence_scores", "refer_band", "join_set",
+           "predictor_entry", "review_of"]

@@ -28,13 +28,16 @@ import numpy as np
 
 from core import registry
 from core.calibration import apply_temperature
+from core.conformal import ConformalSets, join_set, review_of
 from core.candidate import CANDIDATE_FILE, Candidate, load_candidate
 from core.errors import BenchError
 from core.images import Preprocessing, as_items, resolve_preprocessing
 from core.shift import ShiftReference
 from ensembles.bags import make_aggregator, negative_label
 from ensembles.base import Ensemble
-from core.io import _json_default, atomic_write_json, file_sha256, package_versions, staged
+from ensembles.model_card import CARD, model_card
+from core.io import (_json_default, atomic_write_json, atomic_write_text, file_sha256,
+                     package_versions, staged)
 
 MANIFEST = "manifest.json"
 FORMAT_VERSION = 1
@@ -96,6 +99,8 @@ class Predictor:
         self.tta = manifest.get("tta", "none")
         shift = manifest.get("shift")
         self.shift_reference_ = ShiftReference.from_dict(shift) if shift else None
+        cp = manifest.get("conformal")   # prediction sets and review rule (core.conformal)
+        self.conformal_ = ConformalSets.from_dict(cp, len(self.classes_)) if cp else None
 
     # -- probabilities --------------------------------------------------------------
     def _fused_plan(self) -> list[tuple]:
@@ -206,6 +211,23 @@ class Predictor:
             self.preprocessing.apply_batch(items[i:i + batch_size]))
             for i in range(0, len(items), batch_size)]) if len(items) else np.zeros(0)
 
+    def predict_review(self, x, batch_size: int = 256) -> dict:
+        """What ``bench predict`` writes per image: ``prediction``, ``confidence``,
+        ``prediction_set`` (classes joined by ``|``), ``set_size``, ``review`` (set size
+        other than one, shift score beyond the stored limit, or confidence below the stored
+        threshold), the reasons, ``shift_score`` and ``proba``."""
+        if self.conformal_ is None:
+            raise BenchError(f"predictor {self.path} was saved without conformal prediction "
+                             "sets; run it again, or bench calibrate it on labelled images")
+        proba = self.predict_proba(x, batch_size)
+        shift = self.shift_scores(x, batch_size)
+        rv = review_of(self.conformal_, self.manifest["conformal"].get("review") or {}, proba,
+                       shift)
+        return {"prediction": self.classes_[proba.argmax(axis=1)],
+                "confidence": proba.max(axis=1),
+                "prediction_set": [join_set(r, self.classes_) for r in rv.pop("sets")],
+                **rv, "shift_score": shift, "proba": proba}
+
     def predict(self, x, batch_size: int = 256) -> np.ndarray:
         """Class names of the most probable class."""
         return self.classes_[np.argmax(self.predict_proba(x, batch_size), axis=1)]
@@ -242,7 +264,8 @@ class Predictor:
             score = agg.score_bag(proba[:, pos])
             out.append({"bag": name, "n_cells": int(len(proba)), "probability": score,
                         "decision": spec["positive"] if score >= spec["threshold"] else negative,
-                        "threshold": float(spec["threshold"]), "cells": proba})
+                        "threshold": float(spec["threshold"]), "cells": proba,
+                        **_refer(spec, score, self.shift_scores(items, batch_size))})
         return out
 
     # -- Grad-CAM -------------------------------------------------------------------
@@ -319,6 +342,17 @@ class Predictor:
                 f"classes={list(self.classes_)})")
 
 
+def _refer(spec: dict, score: float, shift) -> dict:
+    """``refer``: the bag's score lies in the stored band where out-of-fold patients were
+    misclassified, or its cells are flagged as shifted (core.shift's batch rule)."""
+    band = spec.get("refer_band")
+    if not band:
+        return {}
+    shifted = shift is not None and ShiftReference.batch_summary(shift)["flagged"]
+    return {"refer": bool(band["lo"] <= score <= band["hi"] or shifted),
+            "cells_shifted": bool(shifted)}
+
+
 def save_predictor(path, *, ensemble_name: str, ensemble, members: dict[str, list[Path]],
                    member_info: dict[str, dict], classes: list[str],
                    preprocessing: Preprocessing, training_data: dict,
@@ -351,6 +385,11 @@ def _write_predictor(tmp: Path, ensemble_name, ensemble, members, member_info, c
             shutil.copytree(folder, dest, ignore=shutil.ignore_patterns("checkpoint.keras"))
             rel.append(dest.relative_to(tmp).as_posix())
         entries.append({"name": name, "models": rel, **member_info.get(name, {})})
+    atomic_write_text(tmp / CARD, model_card({   # MODEL_CARD.md, checksummed like the rest
+        "classes": list(classes), "members": entries, "training_data": training_data,
+        "ensemble": {"name": ensemble_name, "type": ensemble.type_name},
+        "image_size": preprocessing.image_size, "preprocessing": preprocessing.to_dict(),
+        **(extra or {})}))
     files = {p.relative_to(tmp).as_posix(): file_sha256(p)
              for p in sorted(tmp.rglob("*")) if p.is_file()}
     manifest = {
@@ -483,6 +522,11 @@ def _check_fields(manifest: dict, mpath: Path) -> None:
         except (TypeError, ValueError, KeyError, AttributeError):
             ok = False
         need(ok, "'shift' is not a valid description of the training images")
+    if manifest.get("conformal") is not None:   # core.conformal checks its own state
+        try:
+            ConformalSets.from_dict(manifest["conformal"], len(classes))
+        except BenchError as exc:
+            need(False, str(exc))
 
 
 def _check_candidate_files(path: Path, manifest: dict) -> None:
