@@ -23,13 +23,16 @@ import shutil
 from pathlib import Path
 
 import numpy as np
+from sklearn.model_selection import train_test_split
 
-from core.conformal import (METHODS, ConformalSets, check_confidence, review_threshold)
+from bench.evaluate import _predict, load_external, map_classes, read_class_map
+from core.conformal import METHODS, ConformalSets, check_confidence, review_threshold
 from core.errors import BenchError
 from core.io import atomic_write_json, atomic_write_text, file_sha256, staged
-from core.progress import info
+from core.progress import info, warn
 
 from ensembles.model_card import CARD, model_card
+from ensembles.predictor import MANIFEST, load_predictor, manifest_digest, verify_predictor
 
 
 def add_calibrate_parser(sub, add_common) -> None:
@@ -60,7 +63,6 @@ def draw(labels: list[str], groups: list[str] | None, n: int, seed: int) -> tupl
     rng = np.random.default_rng(seed)
     rows = np.arange(len(labels))
     if groups is None:
-        from sklearn.model_selection import train_test_split
         lab = np.asarray(labels)
         _, counts = np.unique(lab, return_counts=True)
         if n == len(rows):
@@ -100,8 +102,6 @@ def _check_args(args) -> tuple[Path, Path]:
 
 def calibrate(args) -> dict:
     """The command's work; returns the new conformal entry."""
-    from bench.evaluate import _predict, load_external, map_classes, read_class_map
-    from ensembles.predictor import MANIFEST, load_predictor, manifest_digest, verify_predictor
     model, out = _check_args(args)
     ext = load_external(args.data, labels=args.labels, groups=args.groups, config=args.config)
     user_map, src = read_class_map(args.class_map)
@@ -136,6 +136,14 @@ def calibrate(args) -> dict:
                               old.get("raps_lambda", 0.01), old.get("raps_k", 1),
                               fitted_on=f"{len(drawn)} labelled images of {ext.path} "
                                         f"(bench calibrate, seed {args.seed})")
+    if state.mondrian:   # a class with q rows leaves a set only when 1 / (q + 1) < 1 - confidence
+        need = int(np.floor(confidence / (1 - confidence) + 1e-9)) + 1
+        counts = np.bincount(y, minlength=len(classes))
+        few = [f"{classes[c]} ({counts[c]})" for c in range(len(classes)) if counts[c] < need]
+        if few:
+            warn(f"mondrian sets: classes with fewer than {need} calibration images are in "
+                 f"every set: {', '.join(few)}; larger --n, or --method lac (pooled, marginal "
+                 "coverage)")
     if "target_error" in review:
         review["confidence_threshold"] = review_threshold(
             proba.max(axis=1), proba.argmax(axis=1) == y, float(review["target_error"]))

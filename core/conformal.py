@@ -137,8 +137,9 @@ class ConformalSets:
                 "scores": self.cal_scores.tolist(), "labels": self.cal_labels.tolist()}
 
     @classmethod
-    def from_dict(cls, d: dict, n_classes: int) -> "ConformalSets":
-        """The stored state, checked; any defect is one :class:`BenchError` line."""
+    def from_dict(cls, d: dict, n_classes: int | None) -> "ConformalSets":
+        """The stored state, checked; any defect is one :class:`BenchError` line
+        (``n_classes`` None: the labels' upper bound is left to the caller's later check)."""
         if not isinstance(d, dict):
             raise BenchError("'conformal' must be an object")
         scores, labels = d.get("scores"), d.get("labels")
@@ -150,11 +151,12 @@ class ConformalSets:
             lab = np.asarray(labels)
         except (TypeError, ValueError):
             raise BenchError("conformal 'scores' must be numbers") from None
+        top = int(lab.max()) + 1 if lab.dtype.kind in "iu" and n_classes is None else n_classes
         if s.ndim != 1 or not np.isfinite(s).all() or lab.dtype.kind not in "iu" \
-                or lab.min() < 0 or lab.max() >= n_classes:
+                or lab.min() < 0 or lab.max() >= top:
             raise BenchError(f"conformal 'scores' must be finite numbers and 'labels' class "
-                             f"indices in [0, {n_classes})")
-        return cls(d.get("method"), d.get("confidence"), s, lab, n_classes,
+                             f"indices in [0, {n_classes or 'the number of classes'})")
+        return cls(d.get("method"), d.get("confidence"), s, lab, top,
                    d.get("raps_lambda", 0.01), d.get("raps_k", 1), str(d.get("fitted_on", "")))
 
 

@@ -100,7 +100,10 @@ class Predictor:
         shift = manifest.get("shift")
         self.shift_reference_ = ShiftReference.from_dict(shift) if shift else None
         cp = manifest.get("conformal")   # prediction sets and review rule (core.conformal)
-        self.conformal_ = ConformalSets.from_dict(cp, len(self.classes_)) if cp else None
+        try:
+            self.conformal_ = ConformalSets.from_dict(cp, len(self.classes_)) if cp else None
+        except BenchError as exc:
+            raise BenchError(f"predictor {path}: {exc}") from None
 
     # -- probabilities --------------------------------------------------------------
     def _fused_plan(self) -> list[tuple]:
@@ -522,11 +525,6 @@ def _check_fields(manifest: dict, mpath: Path) -> None:
         except (TypeError, ValueError, KeyError, AttributeError):
             ok = False
         need(ok, "'shift' is not a valid description of the training images")
-    if manifest.get("conformal") is not None:   # core.conformal checks its own state
-        try:
-            ConformalSets.from_dict(manifest["conformal"], len(classes))
-        except BenchError as exc:
-            need(False, str(exc))
 
 
 def _check_candidate_files(path: Path, manifest: dict) -> None:
@@ -593,6 +591,11 @@ def verify_predictor(path) -> dict:
         if rel not in listed or f.is_symlink() or not f.is_file():
             raise BenchError(f"unexpected file in predictor (not in manifest): {f}")
     _check_candidate_files(path, manifest)
+    if manifest.get("conformal") is not None:   # core.conformal checks its own state
+        try:
+            ConformalSets.from_dict(manifest["conformal"], None)   # classes: when loading
+        except BenchError as exc:
+            raise BenchError(f"bad predictor manifest {mpath}: {exc}") from None
     return manifest
 
 

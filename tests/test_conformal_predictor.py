@@ -208,3 +208,50 @@ def test_config_unknown_method_is_one_line(toy_folder, tmp_path, capsys):
     line = run_error_line('[predictor]\nconformal = { method = "bayes" }', toy_folder,
                           tmp_path, capsys)
     assert "conformal.method must be one of" in line
+
+
+def test_bag_predictor_stores_a_refer_band_and_predict_bags_writes_refer(tmp_path):
+    from bench.config import load_config
+    from bench.runner import run_benchmark
+    from ensembles.predictor import _refer, verify_predictor
+    from tests.test_patients import _config, write_patients
+    data = write_patients(tmp_path / "patients")
+    run_benchmark(load_config(_config(tmp_path, data), out=str(tmp_path / "run")),
+                  show_progress=False)
+    model = tmp_path / "run" / "predictor"
+    band = verify_predictor(model)["bags"]["refer_band"]
+    assert band["lo"] <= band["hi"] and band["n"] == 20
+    pats = tmp_path / "pats"
+    cells = sorted((data / "images").rglob("*.png")) if (data / "images").is_dir() else \
+        sorted(data.rglob("*.png"))
+    (pats / "A").mkdir(parents=True)
+    for f in cells[:6]:
+        (pats / "A" / f.name).write_bytes(f.read_bytes())
+    out = tmp_path / "bags.csv"
+    assert main(["predict", "--model", str(model), "--img_path", str(pats), "--bags",
+                 "--out", str(out)]) == 0
+    row = next(csv.DictReader(out.open()))
+    p = float(row[next(k for k in row if k.startswith("probability_"))])
+    assert int(row["refer"]) >= int(band["lo"] <= p <= band["hi"])
+    spec = {"refer_band": {"lo": 0.4, "hi": 0.6}}
+    assert _refer(spec, 0.5, None)["refer"] and not _refer(spec, 0.7, None)["refer"]
+    assert _refer(spec, 0.7, np.full(10, 1.0))["refer"]          # shifted cells
+    assert _refer({}, 0.5, None) == {}
+
+
+@pytest.mark.parametrize("field,value,fragment", [
+    ("confidence", 1.5, "between 0 and 1"), ("method", "bayes", "one of"),
+    ("labels", "cut", "class indices")])
+def test_a_bad_conformal_entry_is_refused_in_one_line(spied, tmp_path, capsys, field, value,
+                                                     fragment):
+    from ensembles.predictor import manifest_digest
+    d = tmp_path / "pred"
+    shutil.copytree(spied["out"] / "predictor", d)
+    m = json.loads((d / "manifest.json").read_text())
+    m["conformal"][field] = [-1] * len(m["conformal"]["scores"]) if value == "cut" else value
+    m["manifest_sha256"] = manifest_digest(m)
+    (d / "manifest.json").write_text(json.dumps(m))
+    assert main(["inspect", str(d)]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("error: bad predictor manifest") \
+        and fragment in err[0], err
