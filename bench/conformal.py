@@ -74,7 +74,10 @@ def external_summary(run, name: str, entry: dict, temperature=None) -> dict:
                     "low_recall": {str(r["class"]): float(r["recall"])
                                    for _, r in pc.iterrows() if r["recall"] < 0.5},
                     **{k: figs[k] for k in ("confidence", "coverage", "mean_set_size", "aurc")
-                       if k in figs}}
+                       if k in figs},
+                    **({"share_flagged": figs["conformal"]["share_flagged"],
+                        "answered_accuracy": figs["conformal"]["answered_accuracy"]}
+                       if figs else {})}
     return out
 
 

@@ -97,7 +97,10 @@ def model_card(m: dict) -> str:
                    f", {_f(e.get('balanced_accuracy_hi'))}]"
                    + (f"; conformal coverage {_f(e['coverage'])} (nominal "
                       f"{_f(e['confidence'], 2)}), mean set size {_f(e['mean_set_size'], 2)}, "
-                      f"AURC {_f(e['aurc'], 4)}" if "coverage" in e else ""))
+                      f"AURC {_f(e['aurc'], 4)}; flagged for review (prediction set or "
+                      f"confidence; no shift score here) {_f(e.get('share_flagged'))}, "
+                      f"accuracy of the answered {_f(e.get('answered_accuracy'))}"
+                      if "coverage" in e else ""))
         low = e.get("low_recall") or {}
         if low:
             out.append("  - Classes below 0.5 recall there: " + ", ".join(

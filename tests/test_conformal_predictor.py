@@ -106,6 +106,9 @@ def test_predictor_stores_sets_card_and_leaderboard_columns(spied, capsys):
     for col in ("conformal_coverage", "conformal_set_size", "aurc", "excess_aurc"):
         assert board[col].notna().all(), col
     assert (board["excess_aurc"] >= -1e-12).all() and (board["aurc"] >= board["excess_aurc"]).all()
+    html = (spied["out"] / "report" / "index.html").read_text()
+    assert 'id="conformal"' in html and "Model card of the saved predictor" in html
+    assert (spied["out"] / "report" / "img" / "risk_coverage.png").is_file()
     assert main(["inspect", str(spied["out"] / "predictor")]) == 0
     text = capsys.readouterr().out
     assert "prediction sets: mondrian at 0.9 confidence" in text and "review:" in text
