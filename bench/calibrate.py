@@ -6,8 +6,9 @@
         --labels ../shared/data/deepapl/cells.csv:pbc_class --groups patient --n 100 \\
         --out runs/quick/predictor_deepapl
 
-draws ``--n`` labelled images of the new lab (seeded; stratified by class, or whole patients
-in a seeded order when ``--groups`` is given, the last one cut to reach N), refits the
+draws ``--n`` labelled images of the new lab (seeded; stratified by class, or with
+``--groups`` at most ``--per-group`` images of each patient, patients in a seeded order, the
+rest of every patient drawn from left out of the evaluation), refits the
 conformal thresholds (and the review threshold) on the predictor's probabilities of those
 images, and writes a new predictor to ``--out``: the same members, a new ``conformal`` entry
 that records the drawn images and the previous calibration, a new MODEL_CARD.md. The
@@ -45,6 +46,8 @@ def add_calibrate_parser(sub, add_common) -> None:
     p.add_argument("--groups", default=None, metavar="COLUMN",
                    help="a column of the --labels CSV (e.g. patient): draw whole groups")
     p.add_argument("--n", type=int, required=True, help="labelled images to calibrate on")
+    p.add_argument("--per-group", "--per_group", dest="per_group", type=int, default=10,
+                   help="with --groups: at most this many images of each patient (default 10)")
     p.add_argument("--out", required=True, help="the new predictor's folder (must not exist)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--method", default=None, choices=list(METHODS),
@@ -56,10 +59,12 @@ def add_calibrate_parser(sub, add_common) -> None:
     add_common(p)
 
 
-def draw(labels: list[str], groups: list[str] | None, n: int, seed: int) -> tuple[np.ndarray,
-                                                                                  np.ndarray]:
-    """``(drawn, excluded)`` row indices: ``n`` rows stratified by label, or whole groups
-    in a seeded order (the last cut to ``n``; its other rows are ``excluded`` from the rest)."""
+def draw(labels: list[str], groups: list[str] | None, n: int, seed: int,
+         per_group: int = 10) -> tuple[np.ndarray, np.ndarray]:
+    """``(drawn, excluded)`` row indices: ``n`` rows stratified by label; or, with groups
+    (patients), at most ``per_group`` random rows of each group in a seeded order of the
+    groups, the other rows of every group drawn from ``excluded`` from the rest (which
+    then holds only groups never drawn from)."""
     rng = np.random.default_rng(seed)
     rows = np.arange(len(labels))
     if groups is None:
@@ -75,9 +80,9 @@ def draw(labels: list[str], groups: list[str] | None, n: int, seed: int) -> tupl
     drawn, excluded = [], []
     for name in rng.permutation(np.unique(g)):
         members = rng.permutation(rows[g == name])
-        room = n - len(drawn)
-        drawn += list(members[:room])
-        excluded += list(members[room:]) if room < len(members) else []
+        take = min(n - len(drawn), per_group)
+        drawn += list(members[:take])
+        excluded += list(members[take:])
         if len(drawn) >= n:
             break
     return np.sort(np.asarray(drawn)), np.sort(np.asarray(excluded, dtype=np.int64))
@@ -86,6 +91,8 @@ def draw(labels: list[str], groups: list[str] | None, n: int, seed: int) -> tupl
 def _check_args(args) -> tuple[Path, Path]:
     if args.n < 1:
         raise BenchError(f"--n must be at least 1, got {args.n}")
+    if args.per_group < 1:
+        raise BenchError(f"--per-group must be at least 1, got {args.per_group}")
     if args.confidence is not None:
         check_confidence(args.confidence, "--confidence")
     if args.batch_size < 1:
@@ -123,7 +130,10 @@ def calibrate(args) -> dict:
                          f"of {ext.path}")
     method = args.method or old["method"]
     confidence = float(args.confidence if args.confidence is not None else old["confidence"])
-    drawn, excluded = draw(ext.labels, ext.groups, args.n, args.seed)
+    drawn, excluded = draw(ext.labels, ext.groups, args.n, args.seed, args.per_group)
+    if len(drawn) < args.n:
+        raise BenchError(f"--n {args.n}: the {len(set(ext.groups))} groups give only "
+                         f"{len(drawn)} images at --per-group {args.per_group}; raise it")
     pred = load_predictor(model)
     proba, ok, errors = _predict(pred, [ext.items[i] for i in drawn], args.batch_size, True)
     if not ok.all():
@@ -134,7 +144,7 @@ def calibrate(args) -> dict:
     review = dict(old.get("review") or {})
     state = ConformalSets.fit(proba, y, method, confidence,
                               old.get("raps_lambda", 0.01), old.get("raps_k", 1),
-                              fitted_on=f"{len(drawn)} labelled images of {ext.path} "
+                              fitted_on=f"labelled images of {ext.path} "
                                         f"(bench calibrate, seed {args.seed})")
     if state.mondrian:   # a class with q rows leaves a set only when 1 / (q + 1) < 1 - confidence
         need = int(np.floor(confidence / (1 - confidence) + 1e-9)) + 1
@@ -151,6 +161,7 @@ def calibrate(args) -> dict:
     entry = {**state.to_dict(), "review": review,
              "recalibration": {"data": str(ext.path.resolve()), "labels": args.labels,
                                "groups": args.groups, "n": int(len(drawn)), "seed": args.seed,
+                               "per_group": args.per_group if args.groups else None,
                                "rows": [str(ext.shown[i]) for i in drawn],
                                "excluded_rows": [str(ext.shown[i]) for i in excluded],
                                "from_predictor": str(model.resolve()),
