@@ -31,6 +31,8 @@ from ensembles.overlay import gradcam_names, write_gradcam_png
 from ensembles.bags import NO_CALL, REFER
 from ensembles.predictor import load_predictor, verify_predictor
 from ensembles.tta import TTA_VIEWS
+from bench.calibrate import add_calibrate_parser, cmd_calibrate, inspect_lines, review_counts
+from core.conformal import join_set, review_of
 
 
 def _add_common(p):
@@ -141,6 +143,7 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--config", default=None, help="config for --data NAME (default: "
                                                    "benchmarks.toml)")
     _add_common(ev)
+    add_calibrate_parser(sub, _add_common)
     return parser
 
 
@@ -243,11 +246,14 @@ def cmd_predict(args) -> int:
     buf = io.StringIO()
     writer = csv.writer(buf)
     shift = pred.shift_reference_   # None for predictors saved without one
+    cp = pred.conformal_            # prediction sets and review flag, when stored
     writer.writerow(["path", "prediction", "confidence", *pred.classes_]
-                    + (["shift_score"] if shift else []) + (["gradcam"] if args.gradcam else []))
+                    + (["shift_score"] if shift else []) + (["gradcam"] if args.gradcam else [])
+                    + (["prediction_set", "set_size", "review"] if cp else []))
+    flagged = []
     n_ok, scores = 0, []
-    for good, X, full, proba, errors in pred.predict_batches(paths, args.batch_size,
-                                                             keep_full=bool(args.gradcam)):
+    for good, X, full, proba, errors, fold_proba in pred.predict_batches(
+            paths, args.batch_size, keep_full=bool(args.gradcam)):
         for _, exc in errors:
             warn(f"skipped {exc}")
         if not len(good):
@@ -257,6 +263,10 @@ def cmd_predict(args) -> int:
         sc = shift.score(X) if shift else None
         if shift:
             scores.append(sc)
+        rv = review_of(cp, pred.manifest["conformal"].get("review") or {}, proba, sc,
+                       fold_proba) if cp else None
+        if cp:
+            flagged.append(rv)
         for j, (i, row) in enumerate(zip(good, proba)):
             k = int(top[j])
             extra = [f"{sc[j]:.4f}"] if shift else []
@@ -265,6 +275,9 @@ def cmd_predict(args) -> int:
                 write_gradcam_png(png, full[j], cams[j], row, pred.classes_,
                                   title=str(paths[i]))
                 extra.append(names[i])
+            if cp:
+                extra += [join_set(rv["sets"][j], pred.classes_), int(rv["set_size"][j]),
+                          int(rv["review"][j])]
             writer.writerow([str(paths[i]), pred.classes_[k], f"{row[k]:.6f}",
                              *[f"{v:.6f}" for v in row], *extra])
         n_ok += len(good)
@@ -278,6 +291,8 @@ def cmd_predict(args) -> int:
                  f"of them lie further from the training colours than "
                  f"{summary['image_level']:.0%} of the training images (column shift_score); "
                  "expect lower accuracy than the leaderboard's")
+    if cp:
+        print(review_counts(flagged, n_ok, cp.confidence), file=sys.stderr)
     if args.out:
         try:
             atomic_write_text(args.out, buf.getvalue())
@@ -354,8 +369,13 @@ def _predict_bags(args) -> int:
             wc.writerow([r["bag"], str(p), pred.classes_[int(np.argmax(row))],
                          *[f"{v:.6f}" for v in row]])
     counts = Counter(r["decision"] for r in results)
-    said = ", ".join(f"{n} {d}" + {REFER: " (too few cells)", NO_CALL: " (no readable image)"}
-                     .get(d, "") for d, n in sorted(counts.items()))
+    why = Counter(next((k for k in ("too few cells", "cells unlike the training cells",
+                                    "score in the band") if r["reason"].startswith(k)),
+                       r["reason"]) for r in results if r["decision"] == REFER)
+    said = ", ".join(f"{n} {d}" + {REFER: " (" + ", ".join(f"{k}: {v}" if len(why) > 1 else k
+                                                           for k, v in sorted(why.items())) + ")",
+                                   NO_CALL: " (no readable image)"}.get(d, "")
+                     for d, n in sorted(counts.items()))
     print(f"{len(results)} patient(s): {said}", file=sys.stderr)
     if args.out:
         out = Path(args.out)
@@ -423,6 +443,8 @@ def cmd_inspect(args) -> int:
               f"{bags['aggregator']}, threshold {bags['threshold']:.4f}"
               + (f"; patient ROC AUC {pl['roc_auc']:.3f} [{pl['roc_auc_lo']:.3f}, "
                  f"{pl['roc_auc_hi']:.3f}] out-of-fold" if pl else ""))
+    for line in inspect_lines(m):
+        print(line)
     print(f"  image size: {resolve_preprocessing(m).image_size}; created {m.get('created')}")
     td = m.get("training_data") or {}
     counts = td.get("counts")
@@ -456,13 +478,14 @@ def cmd_evaluate(args) -> int:
 
 
 COMMANDS = {"run": cmd_run, "tune": cmd_tune, "predict": cmd_predict, "list": cmd_list,
-            "inspect": cmd_inspect, "report": cmd_report, "evaluate": cmd_evaluate}
+            "inspect": cmd_inspect, "report": cmd_report, "evaluate": cmd_evaluate,
+            "calibrate": cmd_calibrate}
 
 
 # Commands that only apply saved models use every core for TensorFlow, unless the user set
 # BLOODBENCH_TF_THREADS; `run` and `tune` keep the units' fixed layout (cnn.runtime), which
 # is what makes their numbers reproducible.
-ALL_CORES = {"predict", "evaluate", "report"}
+ALL_CORES = {"predict", "evaluate", "report", "calibrate"}
 
 
 def main(argv=None) -> int:

@@ -423,11 +423,23 @@ class ExternalEntry(_Section):
     max_images: int = Field(default=0, ge=0)   # a stratified, seeded sample (0: all)
 
 
+class ConformalSection(_Section):
+    """``[predictor] conformal``: prediction sets calibrated on out-of-fold rows
+    (core.conformal) and the review flag of ``bench predict``."""
+    confidence: Number = Field(default=0.95, gt=0, lt=1)
+    method: Literal["mondrian", "lac", "aps", "raps"] = "mondrian"
+    raps_lambda: Number = Field(default=0.01, ge=0)
+    raps_k: int = Field(default=1, ge=0)
+    target_error: Number = Field(default=0.02, gt=0, lt=1)   # among the answered images
+    shift_limit: Number = Field(default=1.0, gt=0, le=1)     # shift score that flags an image
+
+
 class PredictorSection(_Section):
     ensemble: str = "best"        # "best", "robust" ([stress]) or an entry's name
     robust_tolerance: Number = Field(default=0.005, ge=0)
     temperature_scaling: bool = False
     tta: Literal[tuple(TTA_VIEWS)] = "none"
+    conformal: ConformalSection = ConformalSection()
 
 
 class ReportSection(_Section):

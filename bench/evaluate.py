@@ -49,6 +49,7 @@ from bench.scoring import (METRIC_KEYS, N_BOOT, SEED, in_domain, per_external_cl
                            score_patients)
 from core.errors import BenchError
 from core.io import atomic_write_json, atomic_write_text, package_versions, staged
+from bench import conformal
 from core.metrics import metric_label
 from core.progress import warn
 from ensembles.bags import call_bags
@@ -95,18 +96,24 @@ def check_out(out: Path) -> None:
 
 # ----------------------------------------------------------------------------- predicting
 
-def _predict(pred, items, batch_size: int, show: bool):
-    """Probabilities of every readable item (:meth:`Predictor.predict_batches`)."""
-    proba = np.zeros((len(items), len(pred.classes_)))
+def predict_items(pred, items, batch_size: int, show: bool):
+    """``(proba, ok, errors, fold_proba)`` of every item (:meth:`Predictor.predict_batches`):
+    rows of unreadable items are zeros (``ok`` False); ``fold_proba`` (n_folds, N, K) when
+    the predictor's prediction sets are cross-conformal, else ``None``."""
+    k = len(pred.classes_)
+    proba = np.zeros((len(items), k))
+    fold_proba = np.zeros((pred.n_folds_, len(items), k)) if pred.needs_fold_proba_ else None
     ok = np.zeros(len(items), dtype=bool)
     errors = []
-    for rows, _, _, p, errs in pred.predict_batches(items, batch_size, desc="evaluating",
-                                                    show=show):
+    for rows, _, _, p, errs, pf in pred.predict_batches(items, batch_size, desc="evaluating",
+                                                        show=show):
         errors += errs
         if len(rows):
             proba[rows] = p
             ok[rows] = True
-    return proba, ok, errors
+            if fold_proba is not None:
+                fold_proba[:, rows] = pf
+    return proba, ok, errors, fold_proba
 
 
 def _clean(obj):
@@ -185,6 +192,7 @@ def evaluate(predictor_dir, data, *, labels=None, class_map=None, groups=None, o
         warn(f"--class-map entry '{u}' names no class of the set")
     index = {c: i for i, c in enumerate(classes)}
     keep = np.array([i for i, lab in enumerate(ext.labels) if mapping[lab] is not None])
+    keep = conformal.leave_out_calibration_rows(manifest, ext, keep)   # bench calibrate's
     t_list = time.perf_counter() - t0
 
     pred = load_predictor(predictor_dir)
@@ -199,7 +207,7 @@ def evaluate(predictor_dir, data, *, labels=None, class_map=None, groups=None, o
         adaptation = pred.adapt([ext.items[i] for i in keep], seed=seed)
     t1 = time.perf_counter()
     items = [ext.items[i] for i in keep]
-    proba, ok, errors = _predict(pred, items, int(batch_size), progress)
+    proba, ok, errors, fold_proba = predict_items(pred, items, int(batch_size), progress)
     t_pred = time.perf_counter() - t1
     for _, exc in errors[:10]:
         warn(f"skipped {exc}")
@@ -209,6 +217,7 @@ def evaluate(predictor_dir, data, *, labels=None, class_map=None, groups=None, o
         raise BenchError(f"none of the {len(items)} mapped images of {ext.path} could be read")
     unread = keep[~ok]
     keep, proba = keep[ok], proba[ok]
+    fold_proba = None if fold_proba is None else fold_proba[:, ok]
     y = np.array([index[mapping[ext.labels[i]]] for i in keep], dtype=np.int64)
     grp = [ext.groups[i] for i in keep] if ext.groups is not None else None
     empty_groups = 0
@@ -217,6 +226,7 @@ def evaluate(predictor_dir, data, *, labels=None, class_map=None, groups=None, o
         grp = [g if g else f"\0image{i}" for i, g in zip(keep, grp)]
     t2 = time.perf_counter()
     sc = score(y, proba, classes, groups=grp, n_boot=int(n_boot), seed=int(seed))
+    shift = pred.shift_scores([ext.items[i] for i in keep])   # None without a reference
     patients = None
     if pred.bag_task_ is not None and grp is not None:   # one call per patient, as predict --bags
         spec = pred.bag_task_
@@ -224,7 +234,8 @@ def evaluate(predictor_dir, data, *, labels=None, class_map=None, groups=None, o
         patients = score_patients(call_bags(
             spec, classes, [grp[j] for j in cell],
             proba[cell, classes.index(spec["positive"])], labels=[classes[y[j]] for j in cell],
-            skipped_groups=[ext.groups[i] for i in unread if ext.groups[i]]), spec["positive"])
+            skipped_groups=[ext.groups[i] for i in unread if ext.groups[i]],
+            shift=None if shift is None else shift[cell]), spec["positive"])
     dom, dom_note = in_domain(predictor_dir, manifest, sc["present_classes"])
     if dom is not None:
         for r in sc["per_class"]:
@@ -260,6 +271,7 @@ def evaluate(predictor_dir, data, *, labels=None, class_map=None, groups=None, o
         "per_external_class": per_external_class([ext.labels[i] for i in keep], y,
                                                  sc["_pred"], mapping, classes),
         "in_domain": dom, "in_domain_note": dom_note,
+        **conformal.evaluation_figures(manifest, proba, y, shift, fold_proba=fold_proba),
         "gradcam": gal,
         "patients": patients,
         "versions": package_versions(),
@@ -339,6 +351,7 @@ def summary(result: dict) -> str:
                      f"readable image) {pat['n_none']}; {pat['positive']} ROC AUC "
                      f"{fmt(pat['roc_auc'])}, sensitivity {fmt(pat['sensitivity'])}, "
                      f"specificity {fmt(pat['specificity'])} ({PATIENTS_FILE})")
+    lines += conformal.summary_lines(r)
     if not dom and r.get("in_domain_note"):
         lines.append(f"  {r['in_domain_note']}")
     t = r.get("timings", {})
@@ -347,4 +360,4 @@ def summary(result: dict) -> str:
     return "\n".join(lines)
 
 
-__all__ = ["evaluate", "summary", "EVAL_FILE", "PREDICTIONS_FILE"]
+__all__ = ["evaluate", "summary", "predict_items", "EVAL_FILE", "PREDICTIONS_FILE"]

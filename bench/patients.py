@@ -43,6 +43,7 @@ from sklearn.preprocessing import StandardScaler
 from bench.folds import column_by_row
 from bench.rundir import RunDir
 from bench.stats import bootstrap_resamples, holm
+from core.conformal import refer_band
 from core.errors import BenchError
 from core.progress import info, progress_iter
 from core.splits import PredefinedFolds
@@ -316,9 +317,12 @@ def bag_settings(cfg, patients, name: str) -> dict:
         min_cells = min_cells_from_counts(bag_table["n_cells"])
         rule = (f"the {MIN_CELLS_PERCENTILE}th percentile of the {len(bag_table)} training "
                 "bags' cell counts")
+    threshold = final_threshold(bag_table, r["entry"], meta["threshold_rule"])
     return {"positive": meta["positive"], "aggregator": r["aggregator"], "params": params,
             "min_cells": int(min_cells), "min_cells_rule": rule,
-            "threshold": final_threshold(bag_table, r["entry"], meta["threshold_rule"]),
+            "threshold": threshold,
+            "refer_band": refer_band(bag_table[f"score:{r['entry']}"].to_numpy(),
+                                     bag_table["y"].to_numpy() == 1, threshold),
             "threshold_rule": meta["threshold_rule"] + " on every bag's out-of-fold score",
             "patient_leaderboard": {k: float(r[k]) for k in
                                     ("roc_auc", "roc_auc_lo", "roc_auc_hi",

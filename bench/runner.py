@@ -17,6 +17,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
+from bench import conformal
 from bench.config import Config, data_argument, load_config
 from bench.datasets import Dataset, prepare_dataset
 from bench.external import score_external
@@ -230,6 +231,8 @@ def run_benchmark(cfg: Config, force: bool = False, workers: int | None = None,
                 for n, p in by_name_s.items():
                     run.write_stress_oof(n, s, p)
             add_stress_columns(rows + ens_rows, stressed, ds.labels, folds, run_cfg["metric"])
+        conformal.add_leaderboard_columns(rows + ens_rows, oofs | ens_oofs, ds.labels, folds,
+                                          cfg.settings.predictor.conformal)
         board = make_table(rows + ens_rows, run_cfg["metric"])
         moved = run.keep_previous_outputs(board)
         if moved:
@@ -247,12 +250,12 @@ def run_benchmark(cfg: Config, force: bool = False, workers: int | None = None,
         with stage(times, "patients"):
             score_patients(run, cfg, ds, board, stored, folds, show_progress)
             bag_choice = run.read_patients()
-    with stage(times, "predictor"):
-        _save_predictor(run, cfg, ds, board, stored, kinds, folds, bag_choice, stored_stress)
-    if cfg["external"]:
+    if cfg["external"]:   # before the predictor: its model card shows these figures
         with stage(times, "external"):
             board = score_external(run, cfg, ds, board, stored, kinds, folds, stored_stress)
             run.write_leaderboard(board, to_markdown(board, run_cfg["metric"]))
+    with stage(times, "predictor"):
+        _save_predictor(run, cfg, ds, board, stored, kinds, folds, bag_choice, stored_stress)
     if cfg["report"]["leakage_audit"]:   # the same entries, image-level folds
         with stage(times, "leakage_audit"):
             leakage_audit(run, cfg, run_benchmark, workers, scheduler, show_progress)
@@ -329,6 +332,8 @@ def _save_predictor(run: RunDir, cfg: Config, ds: Dataset, board, stored, kinds,
                                dict.fromkeys([metric, "accuracy", "macro_f1"])},
                "member_models": "fold models of the cross-validation (bagged)",
                **calibration,
+               **conformal.predictor_extra(run, cfg.settings.predictor.conformal, ds.labels,
+                                           stored[name], folds, name, calibration),
                **({"bags": bag_settings(cfg, patients, name)} if patients else {})},
         tta=pred_cfg.tta, shift=ShiftReference.fit(ds.images))
     run.update_state(predictor=name)

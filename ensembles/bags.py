@@ -30,6 +30,8 @@ from sklearn.linear_model import LogisticRegression
 from sklearn.pipeline import make_pipeline
 from sklearn.preprocessing import StandardScaler
 
+from core.shift import ShiftReference
+
 
 class MeanAggregator:
     """Mean of a bag's cell probabilities."""
@@ -164,7 +166,7 @@ def choose_threshold(scores: np.ndarray, y: np.ndarray, rule: str = "youden") ->
 
 
 #: the decisions a bag can get besides its positive and negative class
-REFER = "refer"    # too few readable cells for a confident call: a person decides
+REFER = "refer"    # no confident call (too few cells, shifted cells, score in the refer band)
 NO_CALL = "none"   # no readable cell at all
 #: ``[patients] min_cells = "auto"``: this percentile of the training bags' cell counts
 MIN_CELLS_PERCENTILE = 5
@@ -181,39 +183,54 @@ def min_cells_from_counts(counts) -> int:
 
 
 def bag_decision(score: float, n_cells: int, positive: str, negative: str, threshold: float,
-                 min_cells: int) -> tuple[str, str]:
+                 min_cells: int, band: dict | None = None,
+                 shifted: bool = False) -> tuple[str, str]:
     """``(decision, reason)`` of a bag with ``n_cells`` readable cells and aggregated
-    ``score``: :data:`NO_CALL` without cells, :data:`REFER` below ``min_cells``, else the
-    positive class when ``score >= threshold`` and the negative one otherwise (reason
-    empty)."""
+    ``score``: :data:`NO_CALL` without cells; :data:`REFER` below ``min_cells``, when its
+    cells look unlike the training cells (``shifted``), or when the score lies in the
+    stored ``band`` where out-of-fold patients were misclassified (``{"lo", "hi"}``; the
+    reason says which way the score leans); else the positive class when
+    ``score >= threshold`` and the negative one otherwise (reason empty)."""
     if n_cells == 0:
         return NO_CALL, "no readable image"
     if n_cells < min_cells:
         return REFER, f"too few cells ({n_cells} < min_cells {min_cells})"
-    return (positive if score >= threshold else negative), ""
+    call = positive if score >= threshold else negative
+    if shifted:
+        return REFER, f"cells unlike the training cells (shift score); leaning {call}"
+    if band and band["lo"] <= score <= band["hi"]:
+        return REFER, (f"score in the band {band['lo']:.3f}-{band['hi']:.3f} where "
+                       f"out-of-fold patients were misclassified; leaning {call}")
+    return call, ""
 
 
-def call_bag(spec: dict, classes, p_positive) -> tuple[float, str, str]:
+def call_bag(spec: dict, classes, p_positive, shift=None) -> tuple[float, str, str]:
     """``(score, decision, reason)`` of one bag under a saved bag task's ``spec`` (its
-    ``positive`` class, ``aggregator`` and ``params``, ``threshold`` and ``min_cells``, as
-    ``Predictor.bag_task_`` gives them), from the positive-class probabilities of the
-    bag's readable cells (the score is NaN without cells)."""
+    ``positive`` class, ``aggregator`` and ``params``, ``threshold``, ``min_cells`` and
+    ``refer_band``, as ``Predictor.bag_task_`` gives them), from the positive-class
+    probabilities of the bag's readable cells (the score is NaN without cells) and,
+    optionally, their shift scores (:mod:`core.shift`; the bag is referred when its batch
+    is flagged)."""
     p = np.asarray(p_positive, dtype=float)
     score = (make_aggregator(spec["aggregator"], spec["params"]).score_bag(p)
              if len(p) else math.nan)
+    shifted = (shift is not None and len(shift) > 0
+               and ShiftReference.batch_summary(shift)["flagged"])
     decision, reason = bag_decision(score, len(p), spec["positive"],
                                     negative_label([str(c) for c in classes], spec["positive"]),
-                                    float(spec["threshold"]), int(spec["min_cells"]))
+                                    float(spec["threshold"]), int(spec["min_cells"]),
+                                    spec.get("refer_band"), bool(shifted))
     return score, decision, reason
 
 
 def call_bags(spec: dict, classes, groups, p_positive, labels=None,
-              skipped_groups=()) -> list[dict]:
+              skipped_groups=(), shift=None) -> list[dict]:
     """:func:`call_bag` for every group (bag) of a set of scored cells, in order of first
     appearance: ``groups`` the group of each readable cell, ``p_positive`` its
     positive-class probability, ``labels`` (optional) its label (the bag's label is its
     cells' most frequent one), ``skipped_groups`` the group of each unreadable cell (a
-    group with no readable cell still gets a row, decision ``none``). Rows: ``bag``,
+    group with no readable cell still gets a row, decision ``none``), ``shift`` (optional)
+    each readable cell's shift score. Rows: ``bag``,
     ``n_cells``, ``n_skipped``, ``probability``, ``decision``, ``reason`` and ``label``."""
     p = np.asarray(p_positive, dtype=float)
     cells: dict[str, list[int]] = {}
@@ -223,7 +240,8 @@ def call_bags(spec: dict, classes, groups, p_positive, labels=None,
     rows = []
     for g in dict.fromkeys([*cells, *skipped]):
         idx = cells.get(g, [])
-        score, decision, reason = call_bag(spec, classes, p[idx])
+        score, decision, reason = call_bag(
+            spec, classes, p[idx], None if shift is None else np.asarray(shift)[idx])
         label = (Counter(str(labels[i]) for i in idx).most_common(1)[0][0]
                  if labels is not None and idx else None)
         rows.append({"bag": g, "n_cells": len(idx), "n_skipped": skipped[g],

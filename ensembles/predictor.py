@@ -32,6 +32,7 @@ from pydantic_core import PydanticCustomError
 
 from core import registry
 from core.calibration import apply_temperature
+from core.conformal import ConformalSets, join_set, review_of
 from core.candidate import CANDIDATE_FILE, Candidate, load_candidate
 from core.errors import BenchError
 from core.images import Preprocessing, as_items, resolve_preprocessing
@@ -39,9 +40,10 @@ from core.progress import progress_iter
 from core.shift import ShiftReference
 from ensembles.bags import CELL_AGGREGATORS, call_bag
 from ensembles.base import Ensemble
+from ensembles.model_card import CARD, model_card
 from ensembles.tta import TTA_VIEWS, VIEWS
-from core.io import (atomic_write_json, file_sha256, is_inside, json_default, package_versions,
-                     staged)
+from core.io import (atomic_write_json, atomic_write_text, file_sha256, is_inside, json_default,
+                     package_versions, staged)
 
 MANIFEST = "manifest.json"
 FORMAT_VERSION = 1
@@ -84,6 +86,16 @@ class Predictor:
         self.tta = manifest.get("tta", "none")
         shift = manifest.get("shift")
         self.shift_reference_ = ShiftReference.from_dict(shift) if shift else None
+        cp = manifest.get("conformal")   # prediction sets and review rule (core.conformal)
+        try:
+            self.conformal_ = ConformalSets.from_dict(cp, len(self.classes_)) if cp else None
+            counts = {len(members[n]) for n in self.member_names_}
+            need = self.conformal_.n_folds if self.conformal_ is not None else None
+            if need is not None and counts != {need}:
+                raise BenchError(f"its cross-conformal sets need {need} fold models per "
+                                 f"member, the members have {sorted(counts)}")
+        except BenchError as exc:
+            raise BenchError(f"predictor {path}: {exc}") from None
 
     # -- probabilities --------------------------------------------------------------
     def _fused_plan(self) -> list[tuple]:
@@ -114,8 +126,9 @@ class Predictor:
             self._fused = run
         return self._fused
 
-    def member_probas(self, images: np.ndarray) -> list[np.ndarray]:
-        """Each member's probabilities (mean over its fold models) for (N, S, S, 3) images."""
+    def member_fold_probas(self, images: np.ndarray) -> list[np.ndarray]:
+        """Each member's probabilities per fold model, (n_folds, N, K) each, for
+        (N, S, S, 3) images."""
         out = {}
         if self._fused_names and len(images):
             fn = self._fused_fn()
@@ -125,59 +138,102 @@ class Predictor:
             i = 0
             for n in self._fused_names:
                 k = len(self.members_[n])
-                out[n] = stacked[i:i + k].mean(axis=0)
+                out[n] = stacked[i:i + k]
                 i += k
         for n in self.member_names_:
             if n not in out:
-                out[n] = np.mean([m.predict_proba(images) for m in self.members_[n]], axis=0)
+                out[n] = np.stack([m.predict_proba(images) for m in self.members_[n]])
         return [out[n] for n in self.member_names_]
 
-    def predict_proba(self, x, batch_size: int = 256) -> np.ndarray:
+    def member_probas(self, images: np.ndarray) -> list[np.ndarray]:
+        """Each member's probabilities (mean over its fold models) for (N, S, S, 3) images."""
+        return [m.mean(axis=0) for m in self.member_fold_probas(images)]
+
+    @property
+    def needs_fold_proba_(self) -> bool:
+        """Whether the stored prediction sets are cross-conformal (each fold model's
+        probabilities needed, see :class:`core.conformal.ConformalSets`)."""
+        return self.conformal_ is not None and self.conformal_.n_folds is not None
+
+    def predict_proba(self, x, batch_size: int = 256, folds: bool = False):
         """Class probabilities (N, n_classes) for image paths or ``uint8`` arrays of any
         size; images are read and resized one batch at a time, each only once (files: the
-        next batch is read while the current one is classified)."""
+        next batch is read while the current one is classified). With ``folds``:
+        ``(proba, fold_proba)``, the second (n_folds, N, n_classes), the ensemble as each
+        fold's models make it (for cross-conformal sets)."""
         if isinstance(x, np.ndarray) and x.ndim == 4 and x.shape[1:3] == (self.image_size,) * 2:
             items = x
         else:
             items = as_items(x)
         prep = self.preprocessing.apply_batch
         starts = list(range(0, len(items), batch_size))
-        chunks = []
+        chunks, fold_chunks = [], []
         with ThreadPoolExecutor(1) as reader:
             pending = reader.submit(prep, items[:batch_size])
             for i in starts:
                 images = pending.result()
                 if i + batch_size < len(items):
                     pending = reader.submit(prep, items[i + batch_size:i + 2 * batch_size])
-                p = self.proba_of_images(images)
-                t = (self.manifest.get("calibration") or {}).get("temperature")   # [predictor]
-                if t:   # temperature_scaling: T fitted on the ensemble's out-of-fold probabilities
-                    p = apply_temperature(p, float(t))
-                chunks.append(p)
-        return np.concatenate(chunks) if chunks else np.zeros((0, len(self.classes_)))
+                p, pf = self.proba_of_images(images, folds=True) if folds else (
+                    self.proba_of_images(images), None)
+                chunks.append(self._temper(p))
+                if folds:
+                    fold_chunks.append(self._temper(pf))
+        k = len(self.classes_)
+        proba = np.concatenate(chunks) if chunks else np.zeros((0, k))
+        if not folds:
+            return proba
+        return proba, (np.concatenate(fold_chunks, axis=1) if fold_chunks
+                       else np.zeros((self.n_folds_, 0, k)))
+
+    def _temper(self, p: np.ndarray) -> np.ndarray:
+        t = (self.manifest.get("calibration") or {}).get("temperature")   # [predictor]
+        # temperature_scaling: T fitted on the ensemble's out-of-fold probabilities
+        return apply_temperature(p, float(t)) if t else p
+
+    @property
+    def n_folds_(self) -> int:
+        """How many fold models each member has (the cross-validation's folds)."""
+        return len(self.members_[self.member_names_[0]])
 
     def predict_batches(self, items, batch_size: int, *, keep_full: bool = False,
                         desc: str = "predicting", show: bool = True):
         """The one batched prediction loop over files (``predict``, ``evaluate``): yield
-        ``(rows, X, full, proba, errors)`` per batch of ``items``, each file decoded once
-        and the next batch read while this one is classified. ``rows``: the positions in
-        ``items`` of the readable images ``X`` (``full``: them at their own size, with
-        ``keep_full``); ``proba``: their probabilities (``None`` when none is readable);
-        ``errors``: ``[(position, exception)]`` of the unreadable ones."""
+        ``(rows, X, full, proba, errors, fold_proba)`` per batch of ``items``, each file
+        decoded once and the next batch read while this one is classified. ``rows``: the
+        positions in ``items`` of the readable images ``X`` (``full``: them at their own
+        size, with ``keep_full``); ``proba``: their probabilities (``None`` when none is
+        readable); ``errors``: ``[(position, exception)]`` of the unreadable ones;
+        ``fold_proba``: each fold's ensemble's probabilities when the stored prediction
+        sets are cross-conformal, else ``None``."""
         n_batches = -(-len(items) // batch_size)
+        folds = self.needs_fold_proba_
         batches = self.preprocessing.batches(items, batch_size, keep_full=keep_full)
         for s, X, full, good, errs in progress_iter(batches, total=n_batches, desc=desc,
                                                      enabled=show and n_batches > 1):
             rows = s + np.asarray(good, dtype=np.int64)
-            proba = self.predict_proba(X, batch_size=len(X)) if len(rows) else None
-            yield rows, X, full, proba, [(s + j, exc) for j, exc in errs]
+            proba = pf = None
+            if len(rows):
+                out = self.predict_proba(X, batch_size=len(X), folds=folds)
+                proba, pf = out if folds else (out, None)
+            yield rows, X, full, proba, [(s + j, exc) for j, exc in errs], pf
 
-    def proba_of_images(self, images: np.ndarray) -> np.ndarray:
+    def proba_of_images(self, images: np.ndarray, folds: bool = False):
         """The ensemble's probabilities for preprocessed (N, S, S, 3) images, averaged over
-        the test-time views of ``[predictor] tta`` (before any temperature)."""
+        the test-time views of ``[predictor] tta`` (before any temperature). With
+        ``folds``: ``(proba, fold_proba)``, the second the ensemble of each fold's models
+        (n_folds, N, K), from the same model outputs."""
         views = TTA_VIEWS[self.tta]
-        return np.mean([self.ensemble_.combine(self.member_probas(
-            np.ascontiguousarray(VIEWS[v](images)))) for v in views], axis=0)
+        per_view = [self.member_fold_probas(np.ascontiguousarray(VIEWS[v](images)))
+                    for v in views]
+        proba = np.mean([self.ensemble_.combine([m.mean(axis=0) for m in mp])
+                         for mp in per_view], axis=0)
+        if not folds:
+            return proba
+        fold_proba = np.stack([np.mean([self.ensemble_.combine([m[k] for m in mp])
+                                        for mp in per_view], axis=0)
+                               for k in range(self.n_folds_)])
+        return proba, fold_proba
 
     def adapt(self, x, max_images: int = 2000, seed: int = 0) -> dict:
         """Unsupervised test-time adaptation (AdaBN) of the members that declare
@@ -209,6 +265,24 @@ class Predictor:
         return np.concatenate([self.shift_reference_.score(
             self.preprocessing.apply_batch(items[i:i + batch_size]))
             for i in range(0, len(items), batch_size)]) if len(items) else np.zeros(0)
+
+    def predict_review(self, x, batch_size: int = 256) -> dict:
+        """What ``bench predict`` writes per image: ``prediction``, ``confidence``,
+        ``prediction_set`` (classes joined by ``|``), ``set_size``, ``review`` (set size
+        other than one, shift score beyond the stored limit, or confidence below the stored
+        threshold), the reasons, ``shift_score`` and ``proba``."""
+        if self.conformal_ is None:
+            raise BenchError(f"predictor {self.path} was saved without conformal prediction "
+                             "sets; run it again, or bench calibrate it on labelled images")
+        proba, fold_proba = self.predict_proba(x, batch_size, folds=True) \
+            if self.needs_fold_proba_ else (self.predict_proba(x, batch_size), None)
+        shift = self.shift_scores(x, batch_size)
+        rv = review_of(self.conformal_, self.manifest["conformal"].get("review") or {}, proba,
+                       shift, fold_proba)
+        return {"prediction": self.classes_[proba.argmax(axis=1)],
+                "confidence": proba.max(axis=1),
+                "prediction_set": [join_set(r, self.classes_) for r in rv.pop("sets")],
+                **rv, "shift_score": shift, "proba": proba}
 
     def predict(self, x, batch_size: int = 256) -> np.ndarray:
         """Class names of the most probable class."""
@@ -253,7 +327,9 @@ class Predictor:
                         str(exc)) for i, exc in errors]
             proba = (self.predict_proba(X, batch_size) if len(ok)
                      else np.zeros((0, len(classes))))
-            score, decision, reason = call_bag(spec, classes, proba[:, pos])
+            shift = self.shift_reference_.score(X) if (
+                self.shift_reference_ is not None and len(ok)) else None
+            score, decision, reason = call_bag(spec, classes, proba[:, pos], shift)
             out.append({"bag": name, "n_cells": int(len(ok)), "n_skipped": len(skipped),
                         "skipped": skipped, "probability": score, "decision": decision,
                         "reason": reason, "threshold": float(spec["threshold"]),
@@ -367,6 +443,11 @@ def _write_predictor(tmp: Path, ensemble_name, ensemble, members, member_info, c
             shutil.copytree(folder, dest, ignore=shutil.ignore_patterns("checkpoint.keras"))
             rel.append(dest.relative_to(tmp).as_posix())
         entries.append({"name": name, "models": rel, **member_info.get(name, {})})
+    atomic_write_text(tmp / CARD, model_card({   # MODEL_CARD.md, checksummed like the rest
+        "classes": list(classes), "members": entries, "training_data": training_data,
+        "ensemble": {"name": ensemble_name, "type": ensemble.type_name},
+        "image_size": preprocessing.image_size, "preprocessing": preprocessing.to_dict(),
+        **(extra or {})}))
     files = {p.relative_to(tmp).as_posix(): file_sha256(p)
              for p in sorted(tmp.rglob("*")) if p.is_file()}
     manifest = {
@@ -451,6 +532,17 @@ class _EnsembleRecord(_Record):
     state: dict = Field(description="'state' must be an object")
 
 
+class _Band(_Record):
+    lo: _Number = Field(description="'refer_band' needs a number 'lo'")
+    hi: _Number = Field(description="'refer_band' needs a number 'hi'")
+
+    @model_validator(mode="after")
+    def _ordered(self):
+        if self.lo > self.hi:
+            raise _problem("'refer_band' has 'lo' above 'hi'")
+        return self
+
+
 class BagTask(_Record):
     positive: StrictStr = Field(description="'positive' must be one of 'classes'")
     aggregator: Literal[CELL_AGGREGATORS] = Field(
@@ -459,6 +551,8 @@ class BagTask(_Record):
     threshold: _Number = Field(description="'threshold' must be a number")
     min_cells: Annotated[StrictInt, Field(ge=1)] = Field(
         1, description="'min_cells' must be an integer of at least 1")   # saved before it: none
+    refer_band: Optional[_Band] = Field(   # saved before it: none
+        None, description="'refer_band' must be an object with numbers 'lo' <= 'hi'")
 
 
 class _Calibration(_Record):
@@ -648,6 +742,11 @@ def verify_predictor(path) -> dict:
         if rel not in listed or f.is_symlink() or not f.is_file():
             raise BenchError(f"unexpected file in predictor (not in manifest): {f}")
     _check_candidate_files(path, manifest)
+    if manifest.get("conformal") is not None:   # core.conformal checks its own state
+        try:
+            ConformalSets.from_dict(manifest["conformal"], None)   # classes: when loading
+        except BenchError as exc:
+            raise BenchError(f"bad predictor manifest {mpath}: {exc}") from None
     return manifest
 
 

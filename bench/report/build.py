@@ -17,6 +17,7 @@ from core.metrics import REPORT_METRICS, metric_label
 from bench.leaderboard import fmt, fmt_p, fmt_size, md_escape, stress_column, to_markdown
 from bench.leakage import audit_metrics
 from bench.report.patients import patient_section
+from bench.report.conformal import conformal_section
 from core.io import atomic_write_text, staged
 from core.progress import info, warn
 from bench.report import cards, plots, tables
@@ -176,6 +177,7 @@ def _build(run, s, metric, out: Out, gradcam, progress) -> dict:
     warnings += external_ctx["warnings"]
     leakage_ctx = _leakage_section(run, metric, out, colors)
     patients_ctx = patient_section(run, board, out, s["gradcam"] if gradcam is None else gradcam)
+    conformal_ctx = conformal_section(run, out, colors)
 
     # Grad-CAM
     audit_ctx = _gradcam_section(run, board, s, out, colors, gradcam, progress)
@@ -212,7 +214,7 @@ def _build(run, s, metric, out: Out, gradcam, progress) -> dict:
         "predictor_temperature": _predictor_temperature(run),
         "data_card": dc, "class_per_fold_csv": fold_csv, "run_card": cards.run_card(run),
         "warnings": warnings, "audit": audit_ctx, "external": external_ctx, "colors": colors,
-        "leakage": leakage_ctx, "patients": patients_ctx,
+        "leakage": leakage_ctx, "patients": patients_ctx, "conformal": conformal_ctx,
         "generated": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
         "csvs": out.csvs, "csp": csp(), "script": SORT_SCRIPT,
     }

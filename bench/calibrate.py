@@ -1,0 +1,233 @@
+"""``python -m bench calibrate``: recalibrate a predictor's prediction sets for a new lab.
+
+::
+
+    python -m bench calibrate --model runs/quick/predictor --data ../shared/data/deepapl/images \\
+        --labels ../shared/data/deepapl/cells.csv:pbc_class --groups patient --n 100 \\
+        --out runs/quick/predictor_deepapl
+
+draws ``--n`` labelled images of the new lab (seeded; stratified by class, or with
+``--groups`` at most ``--per-group`` images of each patient, patients in a seeded order, the
+rest of every patient drawn from left out of the evaluation), refits the
+conformal thresholds (and the review threshold) on the predictor's probabilities of those
+images, and writes a new predictor to ``--out``: the same members, a new ``conformal`` entry
+that records the drawn images and the previous calibration, a new MODEL_CARD.md. The
+original predictor is only read. ``bench evaluate`` of the new predictor on the same data
+leaves the drawn images (and the rest of a cut patient) out and reports the coverage of
+both calibrations on the rest.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import numpy as np
+from sklearn.model_selection import train_test_split
+
+from bench.evaluate import predict_items, load_external, map_classes, read_class_map
+from core.conformal import METHODS, ConformalSets, check_confidence, review_threshold
+from core.errors import BenchError
+from core.io import atomic_write_json, atomic_write_text, file_sha256, staged
+from core.progress import info, warn
+
+from ensembles.model_card import CARD, model_card
+from ensembles.predictor import MANIFEST, load_predictor, manifest_digest, verify_predictor
+
+
+def add_calibrate_parser(sub, add_common) -> None:
+    p = sub.add_parser("calibrate", help="refit a predictor's prediction sets on N labelled "
+                                         "images of a new lab; writes a new predictor")
+    p.add_argument("--model", required=True, help="predictor directory (left unchanged)")
+    p.add_argument("--data", required=True, help="the new lab's images: as for evaluate")
+    p.add_argument("--labels", default=None, metavar="FILE.csv:COLUMN")
+    p.add_argument("--class-map", "--class_map", dest="class_map", default=None, metavar="FILE")
+    p.add_argument("--groups", default=None, metavar="COLUMN",
+                   help="a column of the --labels CSV (e.g. patient): draw whole groups")
+    p.add_argument("--n", type=int, required=True, help="labelled images to calibrate on")
+    p.add_argument("--per-group", "--per_group", dest="per_group", type=int, default=10,
+                   help="with --groups: at most this many images of each patient (default 10)")
+    p.add_argument("--out", required=True, help="the new predictor's folder (must not exist)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--method", default=None, choices=list(METHODS),
+                   help="conformal method (default: the predictor's)")
+    p.add_argument("--confidence", type=float, default=None,
+                   help="nominal coverage in (0, 1) (default: the predictor's)")
+    p.add_argument("--batch-size", "--batch_size", dest="batch_size", type=int, default=128)
+    p.add_argument("--config", default=None, help="config for --data NAME")
+    add_common(p)
+
+
+def draw(labels: list[str], groups: list[str] | None, n: int, seed: int,
+         per_group: int = 10) -> tuple[np.ndarray, np.ndarray]:
+    """``(drawn, excluded)`` row indices: ``n`` rows stratified by label; or, with groups
+    (patients), at most ``per_group`` random rows of each group in a seeded order of the
+    groups, the other rows of every group drawn from ``excluded`` from the rest (which
+    then holds only groups never drawn from)."""
+    rng = np.random.default_rng(seed)
+    rows = np.arange(len(labels))
+    if groups is None:
+        lab = np.asarray(labels)
+        _, counts = np.unique(lab, return_counts=True)
+        if n == len(rows):
+            return rows, np.zeros(0, dtype=np.int64)
+        strat = lab if counts.min() >= 2 and n >= len(counts) and len(rows) - n >= len(counts) \
+            else None
+        drawn, _ = train_test_split(rows, train_size=n, stratify=strat, random_state=seed)
+        return np.sort(drawn), np.zeros(0, dtype=np.int64)
+    g = np.asarray(groups)
+    drawn, excluded = [], []
+    for name in rng.permutation(np.unique(g)):
+        members = rng.permutation(rows[g == name])
+        take = min(n - len(drawn), per_group)
+        drawn += list(members[:take])
+        excluded += list(members[take:])
+        if len(drawn) >= n:
+            break
+    return np.sort(np.asarray(drawn)), np.sort(np.asarray(excluded, dtype=np.int64))
+
+
+def _check_args(args) -> tuple[Path, Path]:
+    if args.n < 1:
+        raise BenchError(f"--n must be at least 1, got {args.n}")
+    if args.per_group < 1:
+        raise BenchError(f"--per-group must be at least 1, got {args.per_group}")
+    if args.confidence is not None:
+        check_confidence(args.confidence, "--confidence")
+    if args.batch_size < 1:
+        raise BenchError(f"--batch-size must be at least 1, got {args.batch_size}")
+    model, out = Path(args.model).expanduser(), Path(args.out).expanduser()
+    if not model.is_dir():
+        raise BenchError(f"--model not found: {model}")
+    if out.exists() or out.is_symlink():
+        raise BenchError(f"--out {out} exists; give a new folder (nothing is overwritten)")
+    if out.resolve().is_relative_to(model.resolve()):
+        raise BenchError(f"--out {out} lies inside the predictor {model}")
+    return model, out
+
+
+def calibrate(args) -> dict:
+    """The command's work; returns the new conformal entry."""
+    model, out = _check_args(args)
+    ext = load_external(args.data, labels=args.labels, groups=args.groups, config=args.config)
+    user_map, src = read_class_map(args.class_map)
+    manifest = verify_predictor(model)
+    old = manifest.get("conformal")
+    if not old:
+        raise BenchError(f"predictor {model} has no conformal prediction sets to recalibrate "
+                         "(saved before [predictor] conformal); run it again")
+    classes = list(manifest["classes"])
+    external = sorted(set(ext.labels))
+    mapping, _ = map_classes(external, classes, user_map, src)
+    other = sorted(e for e in external if mapping[e] is None)
+    if other:
+        raise BenchError(f"{ext.path} has classes the predictor lacks ({', '.join(other[:8])}"
+                         f"{' ...' if len(other) > 8 else ''}); its sets cover only "
+                         f"{', '.join(classes)}: give --class-map or a set of those classes")
+    if args.n > len(ext.items):
+        raise BenchError(f"--n {args.n} is larger than the {len(ext.items)} labelled images "
+                         f"of {ext.path}")
+    method = args.method or old["method"]
+    confidence = float(args.confidence if args.confidence is not None else old["confidence"])
+    drawn, excluded = draw(ext.labels, ext.groups, args.n, args.seed, args.per_group)
+    if len(drawn) < args.n:
+        raise BenchError(f"--n {args.n}: the {len(set(ext.groups))} groups give only "
+                         f"{len(drawn)} images at --per-group {args.per_group}; raise it")
+    pred = load_predictor(model)
+    proba, ok, errors, _ = predict_items(pred, [ext.items[i] for i in drawn], args.batch_size,
+                                         True)   # split-conformal on the saved predictor
+    if not ok.all():
+        raise BenchError(f"{len(errors)} of the drawn images could not be read "
+                         f"(e.g. {errors[0][1]}); remove them or draw with another --seed")
+    index = {c: i for i, c in enumerate(classes)}
+    y = np.array([index[mapping[ext.labels[i]]] for i in drawn], dtype=np.int64)
+    review = dict(old.get("review") or {})
+    state = ConformalSets.fit(proba, y, method, confidence,
+                              old.get("raps_lambda", 0.01), old.get("raps_k", 1),
+                              fitted_on=f"labelled images of {ext.path} "
+                                        f"(bench calibrate, seed {args.seed})")
+    if state.mondrian:   # a class with q rows leaves a set only when 1 / (q + 1) < 1 - confidence
+        need = int(np.floor(confidence / (1 - confidence) + 1e-9)) + 1
+        counts = np.bincount(y, minlength=len(classes))
+        few = [f"{classes[c]} ({counts[c]})" for c in range(len(classes)) if counts[c] < need]
+        if few:
+            warn(f"mondrian sets: classes with fewer than {need} calibration images are in "
+                 f"every set: {', '.join(few)}; larger --n, or --method lac (pooled, marginal "
+                 "coverage)")
+    if "target_error" in review:
+        review["confidence_threshold"] = review_threshold(
+            proba.max(axis=1), proba.argmax(axis=1) == y, float(review["target_error"]))
+    before = {k: v for k, v in old.items() if k != "recalibration"}
+    entry = {**state.to_dict(), "review": review,
+             "recalibration": {"data": str(ext.path.resolve()), "labels": args.labels,
+                               "groups": args.groups, "n": int(len(drawn)), "seed": args.seed,
+                               "per_group": args.per_group if args.groups else None,
+                               "rows": [str(ext.shown[i]) for i in drawn],
+                               "excluded_rows": [str(ext.shown[i]) for i in excluded],
+                               "from_predictor": str(model.resolve()),
+                               "from_manifest_sha256": manifest["manifest_sha256"],
+                               "before": before}}
+    new = {**manifest, "conformal": entry}
+    with staged(out) as tmp:
+        for rel in manifest["files"]:
+            if rel == CARD:
+                continue
+            dest = tmp / rel
+            dest.parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(model / rel, dest)
+        atomic_write_text(tmp / CARD, model_card(new))
+        new["files"] = {rel: file_sha256(tmp / rel) for rel in sorted({*manifest["files"], CARD})}
+        new.pop("manifest_sha256", None)
+        new["manifest_sha256"] = manifest_digest(new)
+        atomic_write_json(tmp / MANIFEST, json.loads(json.dumps(new)))
+    verify_predictor(out)
+    info(f"recalibrated {model} on {len(drawn)} images of {ext.path} ({method}, "
+         f"{confidence:g}); wrote {out} (the original is unchanged)")
+    return entry
+
+
+def cmd_calibrate(args) -> int:
+    entry = calibrate(args)
+    counts = ", ".join(str(c) for c in entry["calibration_counts"])
+    print(f"calibrated on {entry['n_calibration']} images (per class: {counts}); "
+          f"review below confidence {entry['review'].get('confidence_threshold', 0):.4f}; "
+          f"`bench evaluate --model {args.out}` on the same data scores the rest")
+    return 0
+
+
+def inspect_lines(m: dict) -> list[str]:
+    """``bench inspect``'s lines on the stored prediction sets."""
+    c = m.get("conformal")
+    if not c:
+        return ["  prediction sets: none stored (saved without [predictor] conformal)"]
+    lab = (c.get("in_lab") or {}).get("by_confidence") or {}
+    figs = "; ".join(f"{k}: coverage {v['coverage']:.3f}, mean set size "
+                     f"{v['mean_set_size']:.2f}" for k, v in lab.items())
+    rv = c.get("review") or {}
+    lines = [f"  prediction sets: {c['method']} at {c['confidence']:g} confidence (crepes), "
+             f"calibrated on {c['n_calibration']} {c.get('fitted_on', '')}",
+             f"  review: set size other than 1, shift score >= {rv.get('shift_limit', 1.0):g}, "
+             f"or confidence < {rv.get('confidence_threshold', float('nan')):.4f} (target "
+             f"error {rv.get('target_error', float('nan')):g} among the answered)"]
+    if figs:
+        lines.append(f"  in-lab cross-conformal: {figs}; AURC {c['in_lab']['aurc']:.4f}")
+    if c.get("recalibration"):
+        r = c["recalibration"]
+        lines.append(f"  recalibrated (bench calibrate) on {r['n']} images of {r['data']}, "
+                     f"seed {r['seed']}, from {r['from_predictor']}")
+    return lines
+
+
+def review_counts(batches: list[dict], n: int, confidence: float) -> str:
+    """The line ``bench predict`` prints: how many images were flagged, and why."""
+    def total(key):
+        return int(sum(int(b[key].sum()) for b in batches))
+    return (f"{total('review')} of {n} images flagged for review (column review): "
+            f"{total('set_not_one')} with a {confidence:g} prediction set of other than one "
+            f"class, {total('low_confidence')} below the confidence threshold, "
+            f"{total('shifted')} beyond the training images' colours")
+
+
+__all__ = ["calibrate", "cmd_calibrate", "draw", "inspect_lines", "review_counts",
+           "add_calibrate_parser"]

@@ -1,0 +1,139 @@
+"""MODEL_CARD.md of a saved predictor, made from its manifest alone.
+
+Headings after Mitchell et al. 2019 ("Model Cards for Model Reporting"); the items TRIPOD+AI
+(Collins et al. 2024) asks a prediction model's report for (data source, participants,
+outcome, sample size, development, performance with CIs, limitations) are under them.
+Every figure is read from the manifest (``leaderboard``, ``conformal``, ``external``,
+``bags``, ``shift``, ``training_data``); nothing is typed in.
+"""
+
+from __future__ import annotations
+
+import math
+
+CARD = "MODEL_CARD.md"
+
+
+def _f(v, digits: int = 3) -> str:
+    if v is None or (isinstance(v, float) and math.isnan(v)):
+        return "n/a"
+    return f"{v:.{digits}f}" if isinstance(v, float) else str(v)
+
+
+def model_card(m: dict) -> str:
+    """The card's Markdown for manifest ``m`` (``files`` and digest not needed)."""
+    ens, td = m["ensemble"], m.get("training_data") or {}
+    classes = m["classes"]
+    members = ", ".join(f"{x['name']} ({x.get('type')}, {len(x['models'])} fold models)"
+                        for x in m["members"])
+    counts = td.get("counts") or {}
+    cp, bags, ext = m.get("conformal"), m.get("bags"), m.get("external") or {}
+    out = [f"# Model card: {ens['name']} ({ens['type']})", "",
+           "## Model details",
+           f"- Ensemble `{ens['name']}` of {members}; chosen as {m.get('chosen_by', 'n/a')}.",
+           f"- Input: RGB images resized to {m.get('image_size')} px "
+           f"({(m.get('preprocessing') or {}).get('resize', 'bicubic')}); test-time views: "
+           f"{m.get('tta', 'none')}; created {m.get('created', 'n/a')} by bloodbench.",
+           f"- Output: one of {len(classes)} classes ({', '.join(classes)}) with probabilities"
+           + (f"; a {cp['confidence']:g} conformal prediction set and a review flag per "
+              "image" if cp else "") + (f"; per patient: {bags['positive']} or not" if bags
+                                        else "") + ".", "",
+           "## Intended use",
+           "- Research benchmark and pre-classification of single blood-cell images for a "
+           "technologist who verifies every flagged image (`review` = 1) "
+           + ("and every referred patient " if bags else "") + "before any report.",
+           "- Out of scope (misuse): unsupervised diagnosis; classes other than the ones "
+           "above (blasts, promyelocytes and other abnormal cells get one of these labels); "
+           "images of another lab, scanner or stain without checking the coverage there "
+           "(`bench evaluate`) and recalibrating (`bench calibrate`).", "",
+           "## Factors",
+           "- Lab, scanner, stain and magnification change the images (see the shift score and "
+           "the external figures below); class prevalence differs between labs and patients.",
+           "", "## Metrics",
+           "- Accuracy, balanced accuracy and macro F1 (out-of-fold in the lab, percentile "
+           "bootstrap CIs outside); conformal coverage and mean set size; risk-coverage and "
+           "AURC of the maximum probability (Geifman et al. 2019).", "",
+           "## Training data",
+           f"- {td.get('n_images', 'n/a')} images from `{td.get('origin', 'n/a')}`"
+           + (f"; per class: {', '.join(f'{k} {v}' for k, v in counts.items())}" if counts
+              else "") + ".",
+           f"- Cross-validation folds keep groups (patients, near duplicates) together; the "
+           f"ensemble is the bag of the {len(m['members'][0]['models'])} fold models.", "",
+           "## Quantitative analyses", "### In the lab (out-of-fold)"]
+    board = m.get("leaderboard") or {}
+    out += [f"- {k}: {_f(v)}" for k, v in board.items()] or ["- n/a"]
+    if cp:
+        lab = cp.get("in_lab") or {}
+        out += ["", "### Conformal prediction sets",
+                f"- Method {cp['method']} (crepes), nominal {cp['confidence']:g}; calibrated on "
+                f"{cp['n_calibration']} {cp.get('fitted_on', '')}."]
+        for k, v in (lab.get("by_confidence") or {}).items():
+            out.append(f"- In-lab cross-conformal at {k}: coverage {_f(v['coverage'])}, mean "
+                       f"set size {_f(v['mean_set_size'], 2)}, singletons "
+                       f"{_f(v['singleton_share'])}")
+        if lab:
+            acc = lab.get("accuracy_at_coverage") or {}
+            out.append(f"- Risk-coverage (maximum probability): AURC {_f(lab.get('aurc'), 4)}, "
+                       f"excess AURC {_f(lab.get('excess_aurc'), 4)}; accuracy of the most "
+                       f"confident 50 % {_f(acc.get('0.5'))}, 80 % {_f(acc.get('0.8'))}.")
+        rv = cp.get("review") or {}
+        out.append(f"- Review flag: set size other than 1, shift score >= "
+                   f"{rv.get('shift_limit', 1.0):g}, or maximum probability < "
+                   f"{_f(rv.get('confidence_threshold'), 4)} (target error "
+                   f"{rv.get('target_error', 'n/a')} among answered images, out-of-fold).")
+        if cp.get("recalibration"):
+            r = cp["recalibration"]
+            out.append(f"- Recalibrated for a new lab on {r['n']} labelled images of "
+                       f"`{r['data']}` (seed {r['seed']}); the previous calibration: "
+                       f"{r['before'].get('fitted_on', 'n/a')}.")
+    out += ["", "### Outside the lab"]
+    if not ext:
+        out.append("- No external set was scored with this predictor's run; score one with "
+                   "`bench evaluate` before use elsewhere.")
+    for name, e in ext.items():
+        out.append(f"- `{name}` ({e.get('n')} images): accuracy {_f(e.get('accuracy'))} "
+                   f"[{_f(e.get('accuracy_lo'))}, {_f(e.get('accuracy_hi'))}], balanced "
+                   f"accuracy {_f(e.get('balanced_accuracy'))} [{_f(e.get('balanced_accuracy_lo'))}"
+                   f", {_f(e.get('balanced_accuracy_hi'))}]"
+                   + (f"; conformal coverage {_f(e['coverage'])} (nominal "
+                      f"{_f(e['confidence'], 2)}), mean set size {_f(e['mean_set_size'], 2)}, "
+                      f"AURC {_f(e['aurc'], 4)}; flagged for review (prediction set or "
+                      f"confidence; no shift score here) {_f(e.get('share_flagged'))}, "
+                      f"accuracy of the answered {_f(e.get('answered_accuracy'))}"
+                      if "coverage" in e else ""))
+        low = e.get("low_recall") or {}
+        if low:
+            out.append("  - Classes below 0.5 recall there: " + ", ".join(
+                f"{c} {_f(v, 2)}" for c, v in low.items()))
+    shift = m.get("shift")
+    out += ["", "### Shift score",
+            "- " + ("Each image's colours are placed against the training images' (0-1: the "
+                    "share of training images closer to their mean); `bench predict` warns "
+                    "when more than half of a batch lies beyond 0.99." if shift else
+                    "No description of the training images is stored.")]
+    if bags:
+        pl = bags.get("patient_leaderboard") or {}
+        band = bags.get("refer_band")
+        out += ["", "### Patients",
+                f"- {bags['positive']} per patient by the {bags['aggregator']} of the cells, "
+                f"threshold {_f(bags.get('threshold'), 4)}; ROC AUC {_f(pl.get('roc_auc'))} "
+                f"[{_f(pl.get('roc_auc_lo'))}, {_f(pl.get('roc_auc_hi'))}], sensitivity "
+                f"{_f(pl.get('sensitivity'))}, specificity {_f(pl.get('specificity'))} "
+                "(out-of-fold patients)."]
+        if band:
+            out.append(f"- Referred when the score lies in [{_f(band['lo'], 4)}, "
+                       f"{_f(band['hi'], 4)}] ({band['n_wrong']} of {band['n']} out-of-fold "
+                       "patients misclassified there) or the cells look shifted.")
+    out += ["", "## Ethical considerations",
+            "- Not a medical device. Errors fall unevenly on rare and abnormal cells; the "
+            "coverage guarantee holds only for images exchangeable with the calibration rows.",
+            "", "## Caveats and recommendations",
+            "- Coverage and accuracy outside the lab are lower (above); measure them on "
+            "labelled images of the new lab and recalibrate (`bench calibrate --n 100`).",
+            "- Figures are out-of-fold estimates on one dataset; the saved ensemble averages "
+            "the fold models, so its own probabilities are slightly more confident than the "
+            "out-of-fold rows it was calibrated on.", ""]
+    return "\n".join(out)
+
+
+__all__ = ["model_card", "CARD"]

@@ -1,0 +1,293 @@
+"""Prediction sets end to end: stored by a tiny run (calibrated only on rows no fit saw),
+written by predict and the Python API, shown by inspect, scored by evaluate, refitted by
+calibrate (the original left byte-identical), and the model card."""
+
+from __future__ import annotations
+
+import csv
+import hashlib
+import json
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from bench.cli import main
+from tests.conftest import run_error_line, write_tiny_config, write_toy_folder
+
+EXTRA = """
+[predictor]
+ensemble = "rf_hog"
+conformal = { confidence = 0.9, method = "mondrian", target_error = 0.05 }
+
+[profiles.tiny.candidates.cnn_tiny.params]
+epochs = 2
+patience = 2
+"""
+
+
+def _digest(a) -> str:
+    return hashlib.sha256(np.ascontiguousarray(a).tobytes()).hexdigest()
+
+
+@pytest.fixture(scope="module")
+def spied(tmp_path_factory, toy_folder):
+    """A tiny run whose work units and conformal calibration are watched."""
+    import bench.units as units
+    import core.conformal as cc
+    from bench.runner import run_from_args
+    fits, preds, calib = {}, [], []
+    real_fit, real_pred, real_entry = units.fit_candidate, units.predict_proba_for, \
+        cc.predictor_entry
+
+    def fit_spy(cand, X, y, **kw):
+        fits[id(cand)] = {_digest(x) for x in X}
+        return real_fit(cand, X, y, **kw)
+
+    def pred_spy(cand, X, classes):
+        p = real_pred(cand, X, classes)
+        preds.append((id(cand), type(cand).__name__, [_digest(x) for x in X], np.array(p)))
+        return p
+
+    def entry_spy(proba, y, *a, **kw):
+        calib.append((np.array(proba), np.array(y)))
+        return real_entry(proba, y, *a, **kw)
+    root = tmp_path_factory.mktemp("conformal_run")
+    cfg = write_tiny_config(root / "cfg.toml", toy_folder, EXTRA)
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("BLOODBENCH_CACHE", str(tmp_path_factory.getbasetemp() / "bloodbench-cache"))
+        mp.setattr(units, "fit_candidate", fit_spy)
+        mp.setattr(units, "predict_proba_for", pred_spy)
+        mp.setattr("bench.conformal.predictor_entry", entry_spy)
+        board, out = run_from_args(str(cfg), out=str(root / "run"), show_progress=False)
+    return {"board": board, "out": Path(out), "fits": fits, "preds": preds, "calib": calib}
+
+
+def _tree_digest(folder: Path) -> dict:
+    return {p.relative_to(folder).as_posix(): hashlib.sha256(p.read_bytes()).hexdigest()
+            for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+def test_no_calibration_row_is_scored_by_a_model_that_saw_it(spied):
+    from bench.rundir import RunDir
+    run = RunDir(spied["out"])
+    assert len(spied["calib"]) == 1          # the saved entry's calibration
+    proba, y = spied["calib"][0]
+    images = np.asarray(run.images)
+    assert len(proba) == len(images) and (y == run.labels).all()
+    by_image = {}
+    for model, kind, digests, p in spied["preds"]:
+        if model in spied["fits"]:           # the units' own fitted models (rf_hog + cnn)
+            for d, row in zip(digests, p):
+                by_image.setdefault(d, []).append((model, kind, row))
+    for i, img in enumerate(images):
+        d = _digest(img)
+        hits = [(m, row) for m, kind, row in by_image[d] if "Forest" in kind]   # rf_hog
+        match = [m for m, row in hits if np.allclose(row, proba[i], atol=1e-6)]
+        assert match, f"row {i}: its calibration probabilities come from no unit's prediction"
+        for m in match:
+            assert d not in spied["fits"][m], f"row {i} was calibrated on a model that saw it"
+
+
+def test_predictor_stores_sets_card_and_leaderboard_columns(spied, capsys):
+    from ensembles.predictor import verify_predictor
+    m = verify_predictor(spied["out"] / "predictor")
+    cp = m["conformal"]
+    assert cp["method"] == "mondrian" and cp["confidence"] == 0.9
+    assert cp["n_calibration"] == 60 and set(cp["in_lab"]["by_confidence"]) == {"0.9", "0.95"}
+    assert 0 < cp["review"]["confidence_threshold"] <= 1.000001
+    assert "MODEL_CARD.md" in m["files"]
+    card = (spied["out"] / "predictor" / "MODEL_CARD.md").read_text()
+    for heading in ("## Intended use", "## Training data", "## Quantitative analyses",
+                    "### Conformal prediction sets", "## Caveats and recommendations"):
+        assert heading in card
+    board = spied["board"]
+    for col in ("conformal_coverage", "conformal_set_size", "aurc", "excess_aurc"):
+        assert board[col].notna().all(), col
+    assert (board["excess_aurc"] >= -1e-12).all() and (board["aurc"] >= board["excess_aurc"]).all()
+    html = (spied["out"] / "report" / "index.html").read_text()
+    assert 'id="conformal"' in html and "Model card of the saved predictor" in html
+    assert (spied["out"] / "report" / "img" / "risk_coverage.png").is_file()
+    assert main(["inspect", str(spied["out"] / "predictor")]) == 0
+    text = capsys.readouterr().out
+    assert "prediction sets: mondrian at 0.9 confidence" in text and "review:" in text
+
+
+def test_predict_writes_sets_and_flags_like_the_api(spied, tmp_path, capsys):
+    from ensembles.predictor import load_predictor
+    data = write_toy_folder(tmp_path / "new", n_per_class=4, seed=5)
+    out = tmp_path / "p.csv"
+    assert main(["predict", "--model", str(spied["out"] / "predictor"), "--img_path",
+                 str(data), "--out", str(out)]) == 0
+    err = capsys.readouterr().err
+    rows = list(csv.DictReader(out.open()))
+    assert len(rows) == 12
+    n_flag = sum(int(r["review"]) for r in rows)
+    assert f"{n_flag} of 12 images flagged for review" in err
+    pred = load_predictor(spied["out"] / "predictor")
+    api = pred.predict_review(sorted(str(p) for p in data.rglob("*.png")))
+    by_path = {r["path"]: r for r in rows}
+    for i, p in enumerate(sorted(str(p) for p in data.rglob("*.png"))):
+        r = by_path[p]
+        assert r["prediction_set"] == api["prediction_set"][i]
+        assert int(r["set_size"]) == api["set_size"][i] == len(r["prediction_set"].split("|")) \
+            - (r["prediction_set"] == "")
+        assert int(r["review"]) == int(api["review"][i])
+        if int(r["set_size"]) != 1:
+            assert int(r["review"]) == 1
+
+
+def _toy_with_extra_class(root: Path) -> Path:
+    data = write_toy_folder(root, n_per_class=10, seed=7)
+    shutil.copytree(data / sorted(p.name for p in data.iterdir())[0], data / "zzz_other")
+    return data
+
+
+def test_calibrate_leaves_the_original_byte_identical_and_refuses_bad_input(spied, tmp_path,
+                                                                          capsys):
+    model = spied["out"] / "predictor"
+    before = _tree_digest(model)
+    new_lab = write_toy_folder(tmp_path / "lab", n_per_class=10, seed=9)   # 30 images
+    out = tmp_path / "recal"
+    assert main(["calibrate", "--model", str(model), "--data", str(new_lab), "--n", "15",
+                 "--out", str(out)]) == 0
+    assert _tree_digest(model) == before
+    from ensembles.predictor import verify_predictor
+    m = verify_predictor(out)
+    rc = m["conformal"]["recalibration"]
+    assert m["conformal"]["n_calibration"] == 15 and len(rc["rows"]) == 15
+    assert rc["before"]["n_calibration"] == 60
+    assert "Recalibrated for a new lab on 15" in (out / "MODEL_CARD.md").read_text()
+    # evaluate leaves the drawn images out and reports both calibrations on the rest
+    ev = tmp_path / "ev"
+    assert main(["evaluate", "--model", str(out), "--data", str(new_lab), "--out", str(ev),
+                 "--no-gradcam"]) == 0
+    res = json.loads((ev / "evaluation.json").read_text())
+    assert res["n"] == 15 and res["data"]["calibration_rows_left_out"] == 15
+    for k in ("confidence", "coverage", "mean_set_size", "aurc"):
+        assert isinstance(res[k], float), k
+    assert "coverage" in res["conformal"]["before_recalibration"]
+    assert "before bench calibrate: coverage" in capsys.readouterr().out
+
+    def refused(args):
+        assert main(["calibrate", "--model", str(model), *args]) == 2
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and err[0].startswith("error:"), err
+        return err[0]
+    assert "larger than the 30 labelled images" in refused(
+        ["--data", str(new_lab), "--n", "31", "--out", str(tmp_path / "a")])
+    other = _toy_with_extra_class(tmp_path / "other")
+    assert "classes the predictor lacks (zzz_other)" in refused(
+        ["--data", str(other), "--n", "5", "--out", str(tmp_path / "b")])
+    for bad in ("0", "1", "1.5"):
+        assert "between 0 and 1" in refused(["--data", str(new_lab), "--n", "5", "--confidence",
+                                             bad, "--out", str(tmp_path / "c")])
+    assert "exists" in refused(["--data", str(new_lab), "--n", "5", "--out", str(out)])
+    assert _tree_digest(model) == before
+    assert not (tmp_path / "a").exists() and not (tmp_path / "b").exists()
+
+
+def test_evaluate_reports_coverage_keys(spied, tmp_path):
+    data = write_toy_folder(tmp_path / "ext", n_per_class=6, seed=21)
+    ev = tmp_path / "ev"
+    assert main(["evaluate", "--model", str(spied["out"] / "predictor"), "--data", str(data),
+                 "--out", str(ev), "--no-gradcam"]) == 0
+    res = json.loads((ev / "evaluation.json").read_text())
+    assert res["confidence"] == 0.9 and 0 <= res["coverage"] <= 1
+    assert res["mean_set_size"] >= res["conformal"]["singleton_share"]
+    scores = res["conformal"]["confidence_scores"]
+    assert set(scores) == {"max_softmax", "set_size", "shift_score", "combined"}
+
+
+@pytest.mark.parametrize("value", ["0", "1", "1.2", "-0.5"])
+def test_config_confidence_outside_0_1_is_one_line(value, toy_folder, tmp_path, capsys):
+    line = run_error_line(f"[predictor]\nconformal = {{ confidence = {value} }}", toy_folder,
+                          tmp_path, capsys)
+    assert "conformal.confidence" in line
+
+
+def test_config_unknown_method_is_one_line(toy_folder, tmp_path, capsys):
+    line = run_error_line('[predictor]\nconformal = { method = "bayes" }', toy_folder,
+                          tmp_path, capsys)
+    assert "conformal.method must be one of" in line
+
+
+def test_bag_predictor_stores_a_refer_band_and_predict_bags_writes_refer(tmp_path):
+    from bench.config import load_config
+    from bench.runner import run_benchmark
+    from ensembles.bags import call_bag
+    from ensembles.predictor import verify_predictor
+    from tests.test_patients import _config, write_patients
+    data = write_patients(tmp_path / "patients")
+    run_benchmark(load_config(_config(tmp_path, data), out=str(tmp_path / "run")),
+                  show_progress=False)
+    model = tmp_path / "run" / "predictor"
+    band = verify_predictor(model)["bags"]["refer_band"]
+    assert band["lo"] <= band["hi"] and band["n"] == 20
+    pats = tmp_path / "pats"
+    cells = sorted((data / "images").rglob("*.png")) if (data / "images").is_dir() else \
+        sorted(data.rglob("*.png"))
+    (pats / "A").mkdir(parents=True)
+    for f in cells[:6]:
+        (pats / "A" / f.name).write_bytes(f.read_bytes())
+    out = tmp_path / "bags.csv"
+    assert main(["predict", "--model", str(model), "--img_path", str(pats), "--bags",
+                 "--out", str(out)]) == 0
+    row = next(csv.DictReader(out.open()))
+    p = float(row[next(k for k in row if k.startswith("probability_"))])
+    if band["lo"] <= p <= band["hi"]:
+        assert row["decision"] == "refer" and row["reason"].startswith("score in the band")
+    spec = {"positive": "APL", "aggregator": "mean", "params": {}, "threshold": 0.5,
+            "min_cells": 1, "refer_band": {"lo": 0.4, "hi": 0.6}}
+    classes = ["AML", "APL"]
+    assert call_bag(spec, classes, [0.5, 0.5])[1:] == (
+        "refer", "score in the band 0.400-0.600 where out-of-fold patients were "
+                 "misclassified; leaning APL")
+    assert call_bag(spec, classes, [0.7, 0.7])[1:] == ("APL", "")
+    assert call_bag(spec, classes, [0.3, 0.3])[1:] == ("AML", "")
+    shifted = call_bag(spec, classes, [0.7, 0.7], np.full(2, 1.0))   # cells far out
+    assert shifted[1] == "refer" and shifted[2].startswith("cells unlike the training")
+    assert call_bag({**spec, "refer_band": None}, classes, [0.5])[1] == "APL"
+
+
+@pytest.mark.parametrize("field,value,fragment", [
+    ("confidence", 1.5, "between 0 and 1"), ("method", "bayes", "one of"),
+    ("labels", "cut", "class indices")])
+def test_a_bad_conformal_entry_is_refused_in_one_line(spied, tmp_path, capsys, field, value,
+                                                     fragment):
+    from ensembles.predictor import manifest_digest
+    d = tmp_path / "pred"
+    shutil.copytree(spied["out"] / "predictor", d)
+    m = json.loads((d / "manifest.json").read_text())
+    m["conformal"][field] = [-1] * len(m["conformal"]["scores"]) if value == "cut" else value
+    m["manifest_sha256"] = manifest_digest(m)
+    (d / "manifest.json").write_text(json.dumps(m))
+    assert main(["inspect", str(d)]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("error: bad predictor manifest") \
+        and fragment in err[0], err
+
+
+def test_saved_sets_are_cross_conformal_over_the_fold_models(spied, tmp_path):
+    """The predictor stores each calibration row's fold model; at prediction time fold k's
+    ensemble (the ensemble over the members' fold-k models) is compared with fold k's rows."""
+    from core.conformal import cross_p_values, nonconformity
+    from ensembles.predictor import load_predictor
+    pred = load_predictor(spied["out"] / "predictor")
+    cp = pred.manifest["conformal"]
+    assert len(cp["folds"]) == cp["n_calibration"] and pred.needs_fold_proba_
+    assert pred.conformal_.n_folds == pred.n_folds_ == 3
+    data = write_toy_folder(tmp_path / "new", n_per_class=3, seed=9)
+    files = sorted(str(p) for p in data.rglob("*.png"))
+    proba, fold_proba = pred.predict_proba(files, folds=True)
+    assert fold_proba.shape == (3, len(files), len(pred.classes_))
+    X = pred.preprocessing.apply_batch(files)
+    for k in range(3):   # each fold's ensemble, from that fold's model of every member
+        own = [pred.members_[n][k].predict_proba(X) for n in pred.member_names_]
+        assert np.allclose(fold_proba[k], pred.ensemble_.combine(own), atol=1e-5)
+    st = pred.conformal_
+    pv = cross_p_values(st.cal_scores, st.cal_labels, st.cal_folds, np.stack(
+        [nonconformity(f, st.method) for f in fold_proba]), st.mondrian)
+    api = pred.predict_review(files)
+    assert (api["set_size"] == (pv >= 1 - st.confidence - 1e-12).sum(axis=1)).all()
