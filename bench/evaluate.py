@@ -347,10 +347,12 @@ def summary(result: dict) -> str:
     pat = r.get("patients")
     if pat:
         lines.append(f"  patients ({r['data'].get('groups')}): {pat['n']}, called "
-                     f"{pat['n_called']}, refer (too few cells) {pat['n_refer']}, none (no "
+                     f"{pat['n_called']}, refer {pat['n_refer']} (column reason), none (no "
                      f"readable image) {pat['n_none']}; {pat['positive']} ROC AUC "
                      f"{fmt(pat['roc_auc'])}, sensitivity {fmt(pat['sensitivity'])}, "
-                     f"specificity {fmt(pat['specificity'])} ({PATIENTS_FILE})")
+                     f"specificity {fmt(pat['specificity'])} of the called; at the "
+                     f"threshold alone {fmt(pat['sensitivity_at_threshold'])} / "
+                     f"{fmt(pat['specificity_at_threshold'])} ({PATIENTS_FILE})")
     lines += conformal.summary_lines(r)
     if not dom and r.get("in_domain_note"):
         lines.append(f"  {r['in_domain_note']}")

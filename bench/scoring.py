@@ -215,11 +215,17 @@ __all__ = ["WeightedScorer", "bootstrap_weights", "score", "per_external_class",
            "METRIC_KEYS", "N_BOOT", "SEED", "LEVEL", "ECE_BINS"]
 
 
+def _share(hits: list[bool]) -> float:
+    return sum(hits) / len(hits) if hits else math.nan
+
+
 def score_patients(rows: list[dict], positive: str) -> dict:
     """A bag predictor's calls on an external set's patients (``rows`` of
     :func:`ensembles.bags.call_bags`): how many got a call, were referred (too few cells)
     or got none (no readable cell); sensitivity and specificity over the called patients,
-    ROC AUC of the score over every patient with a readable cell."""
+    the same at the threshold alone over every patient with a readable cell (referred ones
+    included: what the calls would be without referral), and the ROC AUC of the score over
+    every patient with a readable cell."""
     called = [r for r in rows if r["decision"] not in (REFER, NO_CALL)]
     pos = [r for r in called if r["label"] == positive]
     neg = [r for r in called if r["label"] != positive]
@@ -233,6 +239,10 @@ def score_patients(rows: list[dict], positive: str) -> dict:
         else math.nan,
         "specificity": (sum(r["decision"] != positive for r in neg) / len(neg)) if neg
         else math.nan,
+        "sensitivity_at_threshold": _share([r["leaning"] == positive for r in scored
+                                            if r["label"] == positive]),
+        "specificity_at_threshold": _share([r["leaning"] != positive for r in scored
+                                            if r["label"] != positive]),
         "roc_auc": (float(roc_auc_score(y, [r["probability"] for r in scored]))
                     if 0 < sum(y) < len(y) else math.nan),
         "rows": rows}

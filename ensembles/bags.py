@@ -231,7 +231,8 @@ def call_bags(spec: dict, classes, groups, p_positive, labels=None,
     cells' most frequent one), ``skipped_groups`` the group of each unreadable cell (a
     group with no readable cell still gets a row, decision ``none``), ``shift`` (optional)
     each readable cell's shift score. Rows: ``bag``,
-    ``n_cells``, ``n_skipped``, ``probability``, ``decision``, ``reason`` and ``label``."""
+    ``n_cells``, ``n_skipped``, ``probability``, ``decision``, ``reason``, ``leaning`` (the
+    call at the threshold alone, referred or not; None without cells) and ``label``."""
     p = np.asarray(p_positive, dtype=float)
     cells: dict[str, list[int]] = {}
     for i, g in enumerate(groups):
@@ -244,9 +245,12 @@ def call_bags(spec: dict, classes, groups, p_positive, labels=None,
             spec, classes, p[idx], None if shift is None else np.asarray(shift)[idx])
         label = (Counter(str(labels[i]) for i in idx).most_common(1)[0][0]
                  if labels is not None and idx else None)
+        leaning = None if not idx else (spec["positive"] if score >= float(spec["threshold"])
+                                        else negative_label([str(c) for c in classes],
+                                                            spec["positive"]))
         rows.append({"bag": g, "n_cells": len(idx), "n_skipped": skipped[g],
                      "probability": score, "decision": decision, "reason": reason,
-                     "label": label})
+                     "leaning": leaning, "label": label})
     return rows
 
 

@@ -540,4 +540,25 @@ def test_evaluate_with_groups_calls_each_patient_by_the_same_rules(bag_run, bag_
     assert pat["sensitivity"] == 1.0 and pat["specificity"] == 1.0   # P00 APL, the rest AML
     table = pd.read_csv(tmp_path / "ev" / "patients.csv")
     assert len(table) == 6 and set(table["decision"]) == {"APL", "AML", "refer"}
-    assert "refer (too few cells) 1" in summary(res)
+    assert "refer 1 (column reason)" in summary(res)
+
+
+def test_refer_band_refers_and_scoring_counts_the_lean_at_threshold():
+    from bench.scoring import score_patients
+    from ensembles.bags import call_bags
+    spec = {"positive": "APL", "aggregator": "mean", "params": {}, "threshold": 0.5,
+            "min_cells": 1, "refer_band": {"lo": 0.45, "hi": 0.62}}
+    rows = call_bags(spec, ["AML", "APL"], ["a", "b", "c", "d"], [0.9, 0.55, 0.3, 0.48],
+                     labels=["APL", "APL", "AML", "APL"])
+    got = {r["bag"]: (r["decision"], r["leaning"]) for r in rows}
+    assert got == {"a": ("APL", "APL"), "b": ("refer", "APL"), "c": ("AML", "AML"),
+                   "d": ("refer", "AML")}
+    assert rows[1]["reason"].endswith("leaning APL")
+    s = score_patients(rows, "APL")
+    assert (s["n_called"], s["n_refer"]) == (2, 2)
+    assert s["sensitivity"] == 1.0 and s["specificity"] == 1.0        # called ones only
+    assert s["sensitivity_at_threshold"] == pytest.approx(2 / 3)      # d leans AML
+    assert s["specificity_at_threshold"] == 1.0
+    from ensembles.predictor import BagTask
+    with pytest.raises(Exception, match="'lo' above 'hi'"):
+        BagTask.model_validate({**spec, "refer_band": {"lo": 0.7, "hi": 0.2}})
