@@ -44,7 +44,8 @@ def predictor_extra(run, s: ConformalSection, labels, proba, folds, name: str,
         proba = apply_temperature(proba, float(t))
     fold = fold_of_row(folds, len(labels))
     entry = predictor_entry(
-        proba, labels, fold, cross=bool((fold >= 0).all()), confidence=s.confidence,
+        proba, labels, fold, cross=s.scheme == "cross" and bool((fold >= 0).all()),
+        confidence=s.confidence,
         method=s.method, raps_lambda=s.raps_lambda, raps_k=s.raps_k,
         target_error=s.target_error, shift_limit=s.shift_limit,
         fitted_on=f"out-of-fold probabilities of '{name}' (every row)")

@@ -19,7 +19,7 @@ from tests.conftest import run_error_line, write_tiny_config, write_toy_folder
 EXTRA = """
 [predictor]
 ensemble = "rf_hog"
-conformal = { confidence = 0.9, method = "mondrian", target_error = 0.05 }
+conformal = { confidence = 0.9, method = "mondrian", target_error = 0.05, scheme = "cross" }
 
 [profiles.tiny.candidates.cnn_tiny.params]
 epochs = 2
@@ -217,14 +217,18 @@ def test_bag_predictor_stores_a_refer_band_and_predict_bags_writes_refer(tmp_pat
     from bench.config import load_config
     from bench.runner import run_benchmark
     from ensembles.bags import call_bag
-    from ensembles.predictor import verify_predictor
+    from ensembles.predictor import load_predictor, verify_predictor
     from tests.test_patients import _config, write_patients
     data = write_patients(tmp_path / "patients")
     run_benchmark(load_config(_config(tmp_path, data), out=str(tmp_path / "run")),
                   show_progress=False)
     model = tmp_path / "run" / "predictor"
-    band = verify_predictor(model)["bags"]["refer_band"]
+    m = verify_predictor(model)
+    band = m["bags"]["refer_band"]
     assert band["lo"] <= band["hi"] and band["n"] == 20
+    # the default scheme: split-conformal sets of the fold average, no fold models asked for
+    assert m["conformal"]["scheme"] == "split" and "folds" not in m["conformal"]
+    assert not load_predictor(model).needs_fold_proba_
     pats = tmp_path / "pats"
     cells = sorted((data / "images").rglob("*.png")) if (data / "images").is_dir() else \
         sorted(data.rglob("*.png"))
