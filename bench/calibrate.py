@@ -206,12 +206,14 @@ def inspect_lines(m: dict) -> list[str]:
                      f"{v['mean_set_size']:.2f}" for k, v in lab.items())
     rv = c.get("review") or {}
     lines = [f"  prediction sets: {c['method']} at {c['confidence']:g} confidence (crepes), "
-             f"calibrated on {c['n_calibration']} {c.get('fitted_on', '')}",
+             f"calibrated on {c['n_calibration']} {c.get('fitted_on', '')}; scheme "
+             f"{c.get('scheme', 'split')}",
              f"  review: set size other than 1, shift score >= {rv.get('shift_limit', 1.0):g}, "
              f"or confidence < {rv.get('confidence_threshold', float('nan')):.4f} (target "
              f"error {rv.get('target_error', float('nan')):g} among the answered)"]
     if figs:
-        lines.append(f"  in-lab cross-conformal: {figs}; AURC {c['in_lab']['aurc']:.4f}")
+        lines.append(f"  in-lab (each fold's out-of-fold rows against sets calibrated on the "
+                     f"other folds'): {figs}; AURC {c['in_lab']['aurc']:.4f}")
     if c.get("recalibration"):
         r = c["recalibration"]
         lines.append(f"  recalibrated (bench calibrate) on {r['n']} images of {r['data']}, "

@@ -66,9 +66,11 @@ def model_card(m: dict) -> str:
         lab = cp.get("in_lab") or {}
         out += ["", "### Conformal prediction sets",
                 f"- Method {cp['method']} (crepes), nominal {cp['confidence']:g}; calibrated on "
-                f"{cp['n_calibration']} {cp.get('fitted_on', '')}."]
+                f"{cp['n_calibration']} {cp.get('fitted_on', '')}; scheme "
+                f"{cp.get('scheme', 'split')} ({cp.get('scheme_rule', 'n/a')})."]
         for k, v in (lab.get("by_confidence") or {}).items():
-            out.append(f"- In-lab cross-conformal at {k}: coverage {_f(v['coverage'])}, mean "
+            out.append(f"- In-lab at {k} (each fold's out-of-fold rows against sets "
+                       f"calibrated on the other folds'): coverage {_f(v['coverage'])}, mean "
                        f"set size {_f(v['mean_set_size'], 2)}, singletons "
                        f"{_f(v['singleton_share'])}")
         if lab:
