@@ -75,8 +75,14 @@ def external_summary(run, name: str, entry: dict, temperature=None) -> dict:
                     **{k: figs[k] for k in ("confidence", "coverage", "mean_set_size", "aurc")
                        if k in figs},
                     **({"share_flagged": figs["conformal"]["share_flagged"],
-                        "answered_accuracy": figs["conformal"]["answered_accuracy"]}
+                        "answered_accuracy": figs["conformal"]["answered_accuracy"],
+                        "below_nominal": figs["conformal"]["below_nominal"]}
                        if figs else {})}
+        if out[ext].get("below_nominal"):
+            warn(f"external set '{ext}': the saved predictor's prediction sets cover "
+                 f"{out[ext]['coverage']:.3f} of its images, below the nominal "
+                 f"{entry['confidence']:g}: recalibrate on that lab's labelled images "
+                 "(bench calibrate) before trusting its sets there")
     return out
 
 

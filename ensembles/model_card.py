@@ -102,6 +102,9 @@ def model_card(m: dict) -> str:
                       f"AURC {_f(e['aurc'], 4)}; flagged for review (prediction set or "
                       f"confidence; no shift score here) {_f(e.get('share_flagged'))}, "
                       f"accuracy of the answered {_f(e.get('answered_accuracy'))}"
+                      + (" **(coverage below nominal: the sets do not hold there; "
+                         "recalibrate with `bench calibrate`)**" if e.get("below_nominal")
+                         else "")
                       if "coverage" in e else ""))
         low = e.get("low_recall") or {}
         if low:

@@ -295,3 +295,16 @@ def test_saved_sets_are_cross_conformal_over_the_fold_models(spied, tmp_path):
         [nonconformity(f, st.method) for f in fold_proba]), st.mondrian)
     api = pred.predict_review(files)
     assert (api["set_size"] == (pv >= 1 - st.confidence - 1e-12).sum(axis=1)).all()
+
+
+def test_model_card_says_when_an_external_sets_coverage_falls_below_nominal(spied):
+    from ensembles.model_card import model_card
+    from ensembles.predictor import verify_predictor
+    m = verify_predictor(spied["out"] / "predictor")
+    ext = {"n": 50, "accuracy": 0.4, "balanced_accuracy": 0.3, "confidence": 0.9,
+           "coverage": 0.55, "mean_set_size": 1.1, "aurc": 0.4, "share_flagged": 0.3,
+           "answered_accuracy": 0.5}
+    held = model_card({**m, "external": {"lab_b": {**ext, "below_nominal": False}}})
+    fell = model_card({**m, "external": {"lab_b": {**ext, "below_nominal": True}}})
+    assert "`lab_b` (50 images)" in held and "coverage below nominal" not in held
+    assert "coverage below nominal: the sets do not hold there" in fell
