@@ -51,7 +51,8 @@ def add_calibrate_parser(sub, add_common) -> None:
     p.add_argument("--out", required=True, help="the new predictor's folder (must not exist)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--method", default=None, choices=list(METHODS),
-                   help="conformal method (default: the predictor's)")
+                   help="conformal method (default: the predictor's; lac when its method is "
+                        "mondrian and a class has too few drawn images)")
     p.add_argument("--confidence", type=float, default=None,
                    help="nominal coverage in (0, 1) (default: the predictor's)")
     p.add_argument("--batch-size", "--batch_size", dest="batch_size", type=int, default=128)
@@ -143,18 +144,23 @@ def calibrate(args) -> dict:
     index = {c: i for i, c in enumerate(classes)}
     y = np.array([index[mapping[ext.labels[i]]] for i in drawn], dtype=np.int64)
     review = dict(old.get("review") or {})
+    if method == "mondrian":   # a class with q rows leaves a set only when 1/(q + 1) < 1 - confidence
+        need = int(np.floor(confidence / (1 - confidence) + 1e-9)) + 1
+        counts = np.bincount(y, minlength=len(classes))
+        few = [f"{classes[c]} ({counts[c]})" for c in range(len(classes)) if counts[c] < need]
+        if few and args.method is None:
+            method = "lac"
+            warn(f"mondrian sets need {need} calibration images per class; these have fewer: "
+                 f"{', '.join(few)}; recalibrated with --method lac (pooled, marginal "
+                 "coverage) instead; give --method mondrian to keep it, or a larger --n")
+        elif few:
+            warn(f"mondrian sets: classes with fewer than {need} calibration images are in "
+                 f"every set: {', '.join(few)}; larger --n, or --method lac (pooled, marginal "
+                 "coverage)")
     state = ConformalSets.fit(proba, y, method, confidence,
                               old.get("raps_lambda", 0.01), old.get("raps_k", 1),
                               fitted_on=f"labelled images of {ext.path} "
                                         f"(bench calibrate, seed {args.seed})")
-    if state.mondrian:   # a class with q rows leaves a set only when 1 / (q + 1) < 1 - confidence
-        need = int(np.floor(confidence / (1 - confidence) + 1e-9)) + 1
-        counts = np.bincount(y, minlength=len(classes))
-        few = [f"{classes[c]} ({counts[c]})" for c in range(len(classes)) if counts[c] < need]
-        if few:
-            warn(f"mondrian sets: classes with fewer than {need} calibration images are in "
-                 f"every set: {', '.join(few)}; larger --n, or --method lac (pooled, marginal "
-                 "coverage)")
     if "target_error" in review:
         review["confidence_threshold"] = review_threshold(
             proba.max(axis=1), proba.argmax(axis=1) == y, float(review["target_error"]))

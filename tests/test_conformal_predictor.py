@@ -153,8 +153,15 @@ def test_calibrate_leaves_the_original_byte_identical_and_refuses_bad_input(spie
     assert main(["calibrate", "--model", str(model), "--data", str(new_lab), "--n", "15",
                  "--out", str(out)]) == 0
     assert _tree_digest(model) == before
+    # 5 images per class cannot carry mondrian sets at 0.9 (10 needed): pooled instead
+    assert "with --method lac" in capsys.readouterr().err
     from ensembles.predictor import verify_predictor
     m = verify_predictor(out)
+    assert m["conformal"]["method"] == "lac"
+    assert main(["calibrate", "--model", str(model), "--data", str(new_lab), "--n", "15",
+                 "--method", "mondrian", "--out", str(tmp_path / "kept")]) == 0
+    assert "calibration images are in" in capsys.readouterr().err
+    assert verify_predictor(tmp_path / "kept")["conformal"]["method"] == "mondrian"
     rc = m["conformal"]["recalibration"]
     assert m["conformal"]["n_calibration"] == 15 and len(rc["rows"]) == 15
     assert rc["before"]["n_calibration"] == 60
