@@ -153,7 +153,7 @@ def test_cli_predict_writes_csv(tiny_run, tmp_path, capsys):
                  "--out", str(csv_path)]) == 0
     rows = list(csv.DictReader(open(csv_path)))
     assert list(rows[0]) == ["path", "prediction", "confidence", "disc", "square", "stripes",
-                            "shift_score"]
+                            "shift_score", "prediction_set", "set_size", "review"]
     assert all(0 <= float(r["shift_score"]) <= 1 for r in rows)
     assert len(rows) == 12
     correct = sum(r["prediction"] == os.path.basename(os.path.dirname(r["path"])) for r in rows)
