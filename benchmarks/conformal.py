@@ -12,9 +12,10 @@ rows for ``--seeds`` seeds (the same draw: whole groups when predictions.csv has
 column; the same refit) and prints the coverage on the rest at 0.90 and 0.95 per method.
 Runs no model, except with ``--data NPZ``: the predictor scores that labelled npz
 (``images``, ``labels``, ``classes``; e.g. a lab's images no fit saw) and the coverage and
-set size at 0.90 and 0.95 are printed for the stored cross-conformal scheme (each fold's
-ensemble against its own fold's rows) and for split-conformal sets of the fold average
-against every row, for each method.
+set size at 0.90 and 0.95 are printed for the cross-conformal scheme (each fold's ensemble
+against its own fold's rows; the rows' folds from the manifest, or from the run's
+``folds.csv`` beside the predictor) and for split-conformal sets of the fold average against
+every row, with the stored method.
 """
 
 from __future__ import annotations
@@ -47,7 +48,7 @@ def main(argv=None) -> int:
     print(f"{args.model}: {cp['method']} at {cp['confidence']:g}, calibrated on "
           f"{cp['n_calibration']} {cp['fitted_on']}")
     for c, f in (cp.get("in_lab") or {}).get("by_confidence", {}).items():
-        print(f"  in-lab cross-conformal {c}: coverage {f['coverage']:.4f}, mean set size "
+        print(f"  in-lab (each fold's rows vs the other folds') {c}: coverage {f['coverage']:.4f}, mean set size "
               f"{f['mean_set_size']:.3f}, singletons {f['singleton_share']:.3f}")
     state = ConformalSets.from_dict(cp, len(classes))
     for ev in args.eval:
@@ -88,7 +89,14 @@ def score_npz(model, cp: dict, classes: list, data: str, n: int) -> None:
     print(f"  {data}: {len(y)} images, accuracy {ok.mean():.4f} (fold models "
           f"{', '.join(f'{(f.argmax(axis=1) == y).mean():.4f}' for f in pf)}), most confident "
           f"50 % {accuracy_at_coverage(p.max(axis=1), ok, 0.5):.4f}")
-    cal = np.asarray(cp["scores"]), np.asarray(cp["labels"]), cp.get("folds")
+    folds = cp.get("folds")
+    run_folds = Path(model).parent / "folds.csv"   # a split-scheme predictor inside its run
+    if folds is None and run_folds.is_file():
+        f = pd.read_csv(run_folds)["fold"].to_numpy()
+        if len(f) == cp["n_calibration"]:
+            ids = sorted(set(f.tolist()))
+            folds = [ids.index(k) for k in f]
+    cal = np.asarray(cp["scores"]), np.asarray(cp["labels"]), folds
     method = cp["method"]   # the stored scores are the stored method's
     for c in (0.90, 0.95):
         st = ConformalSets(method, c, cal[0], cal[1], len(classes), cal_folds=cal[2])
