@@ -34,11 +34,15 @@ def fold_of_row(folds, n: int) -> np.ndarray:
 
 
 def predictor_extra(run, s: ConformalSection, labels, proba, folds, name: str,
-                    calibration: dict) -> dict:
+                    calibration: dict, combined=None) -> dict:
     """``{"conformal": ..., "external": ...}`` for the saved entry ``name``: the sets from
-    its out-of-fold ``proba`` (the stored temperature applied, as the predictor applies
-    it), and its figures on the run's external sets (for the model card); ``s`` the run's
-    ``[predictor] conformal`` settings."""
+    its out-of-fold ``proba``, or with ``s.rows == "combiner"`` from ``combined`` (the
+    saved combiner over the members' out-of-fold probabilities), the stored temperature
+    applied as the predictor applies it; and its figures on the run's external sets (for
+    the model card); ``s`` the run's ``[predictor] conformal`` settings."""
+    by_combiner = s.rows == "combiner" and combined is not None
+    if by_combiner:
+        proba = combined
     t = (calibration.get("calibration") or {}).get("temperature")
     if t:
         proba = apply_temperature(proba, float(t))
@@ -48,7 +52,9 @@ def predictor_extra(run, s: ConformalSection, labels, proba, folds, name: str,
         confidence=s.confidence,
         method=s.method, raps_lambda=s.raps_lambda, raps_k=s.raps_k,
         target_error=s.target_error, shift_limit=s.shift_limit,
-        fitted_on=f"out-of-fold probabilities of '{name}' (every row)")
+        fitted_on=(f"'{name}''s saved combiner over its members' out-of-fold probabilities "
+                   "(every row)" if by_combiner
+                   else f"out-of-fold probabilities of '{name}' (every row)"))
     return {"conformal": entry, "external": external_summary(run, name, entry, t)}
 
 

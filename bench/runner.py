@@ -332,8 +332,9 @@ def _save_predictor(run: RunDir, cfg: Config, ds: Dataset, board, stored, kinds,
                                dict.fromkeys([metric, "accuracy", "macro_f1"])},
                "member_models": "fold models of the cross-validation (bagged)",
                **calibration,
-               **conformal.predictor_extra(run, cfg.settings.predictor.conformal, ds.labels,
-                                           stored[name], folds, name, calibration),
+               **conformal.predictor_extra(run, pred_cfg.conformal, ds.labels, stored[name],
+                                           folds, name, calibration,
+                                           ens.combine([stored[m] for m in members])),
                **({"bags": bag_settings(cfg, patients, name)} if patients else {})},
         tta=pred_cfg.tta, shift=ShiftReference.fit(ds.images))
     run.update_state(predictor=name)

@@ -193,3 +193,30 @@ def test_cross_conformal_sets_of_a_bag_cover_and_round_trip():
     bad = {**cs.to_dict(), "folds": [0] * (n - 1)}
     with pytest.raises(BenchError, match="'folds' must give each calibration row"):
         ConformalSets.from_dict(bad, k)
+
+
+def test_predictor_calibration_rows_follow_the_rows_setting():
+    """``rows = "combiner"`` calibrates on the saved combiner over the members' out-of-fold
+    probabilities (what the predictor computes), ``"oof"`` on the entry's own rows."""
+    from bench.conformal import predictor_extra
+    from bench.config import ConformalSection
+    from core.splits import PredefinedFolds
+
+    class NoExternal:
+        def external_sets(self):
+            return []
+    rng = np.random.default_rng(1)
+    p, y = synthetic(400, 3, rng)
+    other = np.roll(p, 1, axis=1)                       # a different set of probabilities
+    folds = PredefinedFolds(np.arange(400) % 4)
+    got = {}
+    for rows in ("combiner", "oof"):
+        s = ConformalSection(rows=rows, confidence=0.9)
+        e = predictor_extra(NoExternal(), s, y, p, folds, "stack", {}, combined=other)
+        got[rows] = e["conformal"]
+    want = {"combiner": other, "oof": p}
+    for rows, entry in got.items():
+        true = nonconformity(want[rows], "mondrian")[np.arange(400), y]
+        assert np.allclose(entry["scores"], np.round(true, 6)), rows
+    assert "saved combiner" in got["combiner"]["fitted_on"]
+    assert got["oof"]["fitted_on"].startswith("out-of-fold probabilities of 'stack'")
