@@ -144,7 +144,7 @@ def calibrate(args) -> dict:
     index = {c: i for i, c in enumerate(classes)}
     y = np.array([index[mapping[ext.labels[i]]] for i in drawn], dtype=np.int64)
     review = dict(old.get("review") or {})
-    if method == "mondrian":   # a class with q rows leaves a set only when 1/(q + 1) < 1 - confidence
+    if method == "mondrian":   # a class with q rows leaves a set only if 1/(q+1) < 1 - confidence
         need = int(np.floor(confidence / (1 - confidence) + 1e-9)) + 1
         counts = np.bincount(y, minlength=len(classes))
         few = [f"{classes[c]} ({counts[c]})" for c in range(len(classes)) if counts[c] < need]

@@ -52,7 +52,7 @@ def predictor_extra(run, s: ConformalSection, labels, proba, folds, name: str,
         confidence=s.confidence,
         method=s.method, raps_lambda=s.raps_lambda, raps_k=s.raps_k,
         target_error=s.target_error, shift_limit=s.shift_limit,
-        fitted_on=(f"'{name}''s saved combiner over its members' out-of-fold probabilities "
+        fitted_on=(f"the saved combiner of '{name}' over its members' out-of-fold probabilities "
                    "(every row)" if by_combiner
                    else f"out-of-fold probabilities of '{name}' (every row)"))
     return {"conformal": entry, "external": external_summary(run, name, entry, t)}
@@ -193,5 +193,6 @@ def summary_lines(r: dict) -> list[str]:
             if before else [])
 
 
-__all__ = ["leave_out_calibration_rows", "predictor_extra", "external_summary", "add_leaderboard_columns",
+__all__ = ["leave_out_calibration_rows", "predictor_extra", "external_summary",
+           "add_leaderboard_columns",
            "evaluation_figures", "summary_lines", "fold_of_row"]
