@@ -136,8 +136,8 @@ def calibrate(args) -> dict:
         raise BenchError(f"--n {args.n}: the {len(set(ext.groups))} groups give only "
                          f"{len(drawn)} images at --per-group {args.per_group}; raise it")
     pred = load_predictor(model)
-    proba, ok, errors, _ = predict_items(pred, [ext.items[i] for i in drawn], args.batch_size,
-                                         True)   # split-conformal on the saved predictor
+    drawn_items = [ext.items[i] for i in drawn]   # split-conformal on the saved predictor
+    proba, ok, errors, _, _ = predict_items(pred, drawn_items, args.batch_size, True)
     if not ok.all():
         raise BenchError(f"{len(errors)} of the drawn images could not be read "
                          f"(e.g. {errors[0][1]}); remove them or draw with another --seed")

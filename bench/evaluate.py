@@ -97,15 +97,19 @@ def check_out(out: Path) -> None:
 # ----------------------------------------------------------------------------- predicting
 
 def predict_items(pred, items, batch_size: int, show: bool):
-    """``(proba, ok, errors, fold_proba)`` of every item (:meth:`Predictor.predict_batches`):
-    rows of unreadable items are zeros (``ok`` False); ``fold_proba`` (n_folds, N, K) when
-    the predictor's prediction sets are cross-conformal, else ``None``."""
+    """``(proba, ok, errors, fold_proba, shift)`` of every item
+    (:meth:`Predictor.predict_batches`, each file decoded once): rows of unreadable items
+    are zeros (``ok`` False); ``fold_proba`` (n_folds, N, K) when the predictor's
+    prediction sets are cross-conformal, else ``None``; ``shift`` each image's shift score
+    (``None`` for a predictor without a description of its training images)."""
     k = len(pred.classes_)
     proba = np.zeros((len(items), k))
     fold_proba = np.zeros((pred.n_folds_, len(items), k)) if pred.needs_fold_proba_ else None
+    ref = pred.shift_reference_
+    shift = np.zeros(len(items)) if ref is not None else None
     ok = np.zeros(len(items), dtype=bool)
     errors = []
-    for rows, _, _, p, errs, pf in pred.predict_batches(items, batch_size, desc="evaluating",
+    for rows, X, _, p, errs, pf in pred.predict_batches(items, batch_size, desc="evaluating",
                                                         show=show):
         errors += errs
         if len(rows):
@@ -113,7 +117,9 @@ def predict_items(pred, items, batch_size: int, show: bool):
             ok[rows] = True
             if fold_proba is not None:
                 fold_proba[:, rows] = pf
-    return proba, ok, errors, fold_proba
+            if shift is not None:
+                shift[rows] = ref.score(X)
+    return proba, ok, errors, fold_proba, shift
 
 
 def _clean(obj):
@@ -207,7 +213,8 @@ def evaluate(predictor_dir, data, *, labels=None, class_map=None, groups=None, o
         adaptation = pred.adapt([ext.items[i] for i in keep], seed=seed)
     t1 = time.perf_counter()
     items = [ext.items[i] for i in keep]
-    proba, ok, errors, fold_proba = predict_items(pred, items, int(batch_size), progress)
+    proba, ok, errors, fold_proba, shift = predict_items(pred, items, int(batch_size),
+                                                         progress)
     t_pred = time.perf_counter() - t1
     for _, exc in errors[:10]:
         warn(f"skipped {exc}")
@@ -218,6 +225,7 @@ def evaluate(predictor_dir, data, *, labels=None, class_map=None, groups=None, o
     unread = keep[~ok]
     keep, proba = keep[ok], proba[ok]
     fold_proba = None if fold_proba is None else fold_proba[:, ok]
+    shift = None if shift is None else shift[ok]
     y = np.array([index[mapping[ext.labels[i]]] for i in keep], dtype=np.int64)
     grp = [ext.groups[i] for i in keep] if ext.groups is not None else None
     empty_groups = 0
@@ -226,7 +234,6 @@ def evaluate(predictor_dir, data, *, labels=None, class_map=None, groups=None, o
         grp = [g if g else f"\0image{i}" for i, g in zip(keep, grp)]
     t2 = time.perf_counter()
     sc = score(y, proba, classes, groups=grp, n_boot=int(n_boot), seed=int(seed))
-    shift = pred.shift_scores([ext.items[i] for i in keep])   # None without a reference
     patients = None
     if pred.bag_task_ is not None and grp is not None:   # one call per patient, as predict --bags
         spec = pred.bag_task_
