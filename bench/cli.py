@@ -28,7 +28,7 @@ from core.images import IMAGE_SUFFIXES, find_images, resolve_preprocessing
 from core.io import atomic_write_text
 from core.progress import console, info, progress_iter, warn
 from ensembles.overlay import gradcam_names, write_gradcam_png
-from ensembles.bags import NO_CALL, REFER
+from ensembles.bags import NO_CALL, REFER, REFER_KINDS
 from ensembles.predictor import load_predictor, verify_predictor
 from ensembles.tta import TTA_VIEWS
 from bench.calibrate import add_calibrate_parser, cmd_calibrate, inspect_lines, review_counts
@@ -369,9 +369,8 @@ def _predict_bags(args) -> int:
             wc.writerow([r["bag"], str(p), pred.classes_[int(np.argmax(row))],
                          *[f"{v:.6f}" for v in row]])
     counts = Counter(r["decision"] for r in results)
-    why = Counter(next((k for k in ("too few cells", "cells unlike the training cells",
-                                    "score in the band") if r["reason"].startswith(k)),
-                       r["reason"]) for r in results if r["decision"] == REFER)
+    why = Counter(next((k for k in REFER_KINDS if r["reason"].startswith(k)), r["reason"])
+                  for r in results if r["decision"] == REFER)
     said = ", ".join(f"{n} {d}" + {REFER: " (" + ", ".join(f"{k}: {v}" if len(why) > 1 else k
                                                            for k, v in sorted(why.items())) + ")",
                                    NO_CALL: " (no readable image)"}.get(d, "")

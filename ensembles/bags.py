@@ -167,6 +167,10 @@ def choose_threshold(scores: np.ndarray, y: np.ndarray, rule: str = "youden") ->
 
 #: the decisions a bag can get besides its positive and negative class
 REFER = "refer"    # no confident call (too few cells, shifted cells, score in the refer band)
+#: why a bag is referred: each ``reason`` of :data:`REFER` starts with one of these
+TOO_FEW, SHIFTED, IN_BAND = "too few cells", "cells unlike the training cells", \
+    "score in the band"
+REFER_KINDS = (TOO_FEW, SHIFTED, IN_BAND)
 NO_CALL = "none"   # no readable cell at all
 #: ``[patients] min_cells = "auto"``: this percentile of the training bags' cell counts
 MIN_CELLS_PERCENTILE = 5
@@ -194,12 +198,12 @@ def bag_decision(score: float, n_cells: int, positive: str, negative: str, thres
     if n_cells == 0:
         return NO_CALL, "no readable image"
     if n_cells < min_cells:
-        return REFER, f"too few cells ({n_cells} < min_cells {min_cells})"
+        return REFER, f"{TOO_FEW} ({n_cells} < min_cells {min_cells})"
     call = positive if score >= threshold else negative
     if shifted:
-        return REFER, f"cells unlike the training cells (shift score); leaning {call}"
+        return REFER, f"{SHIFTED} (shift score); leaning {call}"
     if band and band["lo"] <= score <= band["hi"]:
-        return REFER, (f"score in the band {band['lo']:.3f}-{band['hi']:.3f} where "
+        return REFER, (f"{IN_BAND} {band['lo']:.3f}-{band['hi']:.3f} where "
                        f"out-of-fold patients were misclassified; leaning {call}")
     return call, ""
 
@@ -256,5 +260,6 @@ def call_bags(spec: dict, classes, groups, p_positive, labels=None,
 
 __all__ = ["MeanAggregator", "TrimmedMeanAggregator", "TopKMeanAggregator",
            "CompositionAggregator", "AGGREGATORS", "CELL_AGGREGATORS", "make_aggregator",
-           "choose_threshold", "negative_label", "REFER", "NO_CALL", "min_cells_from_counts",
+           "choose_threshold", "negative_label", "REFER", "REFER_KINDS", "NO_CALL",
+           "min_cells_from_counts",
            "bag_decision", "call_bag", "call_bags"]
