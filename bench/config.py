@@ -33,7 +33,7 @@ from core.conformal import METHODS, SCHEMES
 from core.errors import BenchError
 from core.images import crop_side, crops
 from core.io import check_name
-from core.metrics import METRICS
+from core.metrics import METRICS, RANKING_METRICS
 from core.params import space_names, validate_params
 from core.stress import SHIFTS
 from ensembles.bags import AGGREGATORS
@@ -321,6 +321,7 @@ def _resolve_weights_path(entry: dict, source) -> None:
 # Each setting's default lives in its field here (and nowhere else).
 
 Metric = Literal[METRICS]
+RankingMetric = Literal[RANKING_METRICS]   # [run] metric: a fold metric or worst/mean lab
 Number = Union[float, int]
 MAX_IMAGE_SIZE = 1024
 
@@ -342,7 +343,14 @@ def _all_optional(model: type[BaseModel], name: str, exclude=()) -> type[BaseMod
 class RunSection(_Section):
     seed: int = Field(default=42, ge=0)
     folds: int = Field(default=5, ge=2, le=100)
-    metric: Metric = "accuracy"
+    # leaderboard order and predictor choice; multi-lab data may rank by the held-out labs
+    # ("worst_lab_balanced_accuracy", bench.labs)
+    metric: RankingMetric = "accuracy"
+    # "kfold": stratified grouped folds over all rows; "lab": one fold per lab ([data] sources)
+    split: Literal["kfold", "lab"] = "kfold"
+    # multi-lab data with split = "kfold": also run leave-one-lab-out (DIR/labs) and add
+    # the per-lab and worst-lab columns before the predictor is chosen
+    leave_one_lab_out: bool = True
     workers: int = Field(default=1, ge=1, le=1024)
     profile: str = "quick"
     out: str = Field(default="runs/latest", min_length=1)
@@ -356,6 +364,19 @@ class FallbackSection(_Section):
     md5: str = Field(pattern=r"^[0-9a-fA-F]{32}$")
     filename: str = ""
     classes: list[str] = []
+
+
+class SourceEntry(_Section):
+    """One lab of a multi-lab dataset (``[[datasets.NAME.sources]]``, bench.datasets)."""
+    domain: str = Field(pattern=r"^[a-z][a-z0-9_]*$")   # the lab's name (folds.csv, columns)
+    path: str = Field(min_length=1)   # class folders, an .npz, or the folder `labels` lists
+    labels: str = Field(default="", pattern=r"^(.+:[^:]+)?$")   # FILE.csv:COLUMN
+    groups: str = ""              # FILE.csv (file,group) or FILE.csv:COLUMN: patients, slides
+    pairs: str = ""               # CSV file_a,file_b kept in one fold
+    # the source's class names onto [data] classes ("" leaves a class out); a class not
+    # listed keeps its name when that is a shared class, else it is left out (said)
+    class_map: dict[str, str] = {}
+    max_images: int = Field(default=0, ge=0)   # a stratified, seeded sample of this lab
 
 
 class DataSection(_Section):
@@ -375,6 +396,8 @@ class DataSection(_Section):
     bags: bool = False            # labels belong to the groups (patients): scored per group
     positive: str = ""            # the bag task's positive class (e.g. "APL")
     cell_types: str = Field(default="", pattern=r"^(.+:[^:]+)?$")   # composition aggregator
+    # several labs in one dataset (bench.datasets.load_sources): `classes` is the shared list
+    sources: list[SourceEntry] = []
 
 
 class TuningSection(_Section):
@@ -615,6 +638,7 @@ def _validate_sections(cfg: dict, where: str) -> tuple[dict, Settings]:
     cfg, settings = typed_settings(cfg, where)
     if settings.data.bags:
         _check_bags(settings, cfg["feature_sets"], where)
+    _check_sources(settings, where)
     registry.import_plugins(settings.run.plugins)
     for name, entry in cfg["candidates"].items():
         if isinstance(entry, dict) and "type" not in entry:
@@ -645,6 +669,40 @@ def _check_bags(settings: Settings, feature_sets: dict, where: str) -> None:
             raise BenchError(f"{where}: [patients] composition_features "
                              f"'{pat.composition_features}' is not a [feature_sets.NAME]"
                              + did_you_mean(pat.composition_features, feature_sets))
+
+
+def _check_sources(settings: Settings, where: str) -> None:
+    """A multi-lab dataset: a shared class list, one source per lab name, class maps onto
+    that list; lab rankings and the lab split need one."""
+    data, run = settings.data, settings.run
+    if not data.sources:
+        if run.split == "lab":
+            raise BenchError(f"{where}: [run] split = \"lab\" needs a dataset of several labs "
+                             "([data] sources)")
+        if run.metric in RANKING_METRICS and run.metric not in METRICS:
+            raise BenchError(f"{where}: [run] metric '{run.metric}' ranks by held-out labs and "
+                             "needs a dataset of several labs ([data] sources)")
+        return
+    if data.bags:
+        raise BenchError(f"{where}: [data] sources (several labs) and bags = true cannot be "
+                         "combined yet")
+    if not data.classes:
+        raise BenchError(f"{where}: [data] sources needs [data] classes, the class list the "
+                         "labs' classes are mapped onto")
+    seen = set()
+    for i, src in enumerate(data.sources):
+        if src.domain in seen:
+            raise BenchError(f"{where}: [data] sources[{i}] domain '{src.domain}' is used by "
+                             "two sources; each lab needs its own name")
+        seen.add(src.domain)
+        bad = [v for v in src.class_map.values() if v and v not in data.classes]
+        if bad:
+            raise BenchError(f"{where}: [data] sources[{i}] ({src.domain}) class_map maps onto "
+                             f"'{bad[0]}', which is not one of [data] classes {data.classes}"
+                             + did_you_mean(bad[0], data.classes))
+    if len(seen) < 2:
+        raise BenchError(f"{where}: [data] sources lists one lab ('{next(iter(seen))}'); "
+                         "a multi-lab dataset needs at least two")
 
 
 def _validate_tuning(cls, tuning: dict, where: str) -> None:

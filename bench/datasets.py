@@ -72,6 +72,11 @@ class Dataset:
     original_sizes: list[str] = field(default_factory=list)   # "WxH" per row
     skipped: list[dict] = field(default_factory=list)         # {"path", "reason"}
     converted: list[dict] = field(default_factory=list)       # {"path", "mode"}
+    # several labs in one dataset (bench.sources): each row's lab, and its group (patient,
+    # slide, near-duplicate pair) as "<lab>:<id>"; empty for a single-lab dataset
+    domains: list[str] = field(default_factory=list)
+    group_keys: list[str] = field(default_factory=list)
+    class_maps: dict = field(default_factory=dict)            # lab -> {its class: shared}
 
     def __len__(self) -> int:
         return len(self.labels)
@@ -90,7 +95,8 @@ class Dataset:
         pick = lambda seq: [seq[i] for i in rows] if seq else []  # noqa: E731
         return Dataset(np.asarray(self.images[rows]), self.labels[rows], list(self.classes),
                        pick(self.sources), pick(self.pixel_hashes), self.origin,
-                       self.content_hash, pick(self.original_sizes), self.skipped, self.converted)
+                       self.content_hash, pick(self.original_sizes), self.skipped, self.converted,
+                       pick(self.domains), pick(self.group_keys), dict(self.class_maps))
 
     def summary(self) -> dict:
         counts = np.bincount(self.labels, minlength=len(self.classes))
@@ -107,7 +113,19 @@ class Dataset:
             "exact_duplicate_images": int(sum(dup_groups)),
             "skipped": self.skipped,
             "converted": self.converted,
+            **({"labs": self.lab_summary(), "class_maps": self.class_maps}
+               if self.domains else {}),
         }
+
+    def lab_summary(self) -> dict:
+        """Per lab: its images and its count of each shared class (0 where it has none)."""
+        out = {}
+        for lab in dict.fromkeys(self.domains):
+            rows = np.array([d == lab for d in self.domains])
+            counts = np.bincount(self.labels[rows], minlength=len(self.classes))
+            out[lab] = {"n_images": int(rows.sum()),
+                        "counts": {c: int(n) for c, n in zip(self.classes, counts)}}
+        return out
 
 
 def load_dataset(path: str | os.PathLike, image_size: int = 64, cache_dir=None,
@@ -790,6 +808,11 @@ def resolve_data_path(cfg: Config) -> tuple[Path, list[str] | None]:
 
 def prepare_dataset(cfg: Config, show_progress=True) -> tuple[Dataset, Path]:
     data = cfg["data"]
+    if data["sources"]:   # several labs: bench.sources
+        from bench.sources import load_sources
+        ds = load_sources(cfg, show_progress)
+        check_classes(ds, int(cfg["run"]["folds"]))
+        return ds, Path(ds.origin)
     path, fb_classes = resolve_data_path(cfg)
     ds = load_dataset(path, image_size=data["image_size"], cache_dir=data["cache_dir"] or None,
                       classes=data["classes"] or fb_classes, show_progress=show_progress,

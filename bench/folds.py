@@ -81,10 +81,17 @@ def _read_csv_rows(path: str, what: str) -> list[list[str]]:
 
 
 def make_groups(ds: Dataset, groups_csv: str = "", pairs_csv: str = "",
-                group_rule: str = "") -> tuple[np.ndarray, dict]:
-    """Group id per row, and a summary of what was grouped."""
+                group_rule: str = "", preset=None) -> tuple[np.ndarray, dict]:
+    """Group id per row, and a summary of what was grouped. ``preset``: a key per row
+    (e.g. a multi-lab dataset's ``group_keys``); rows with one key share a group ("" for
+    none)."""
     n = len(ds)
     uf = _UnionFind(n)
+    if preset is not None and len(preset):
+        first: dict[str, int] = {}
+        for i, key in enumerate(preset):
+            if key:
+                uf.union(first.setdefault(key, i), i)
     by_hash: dict[str, list[int]] = {}
     for i, h in enumerate(ds.pixel_hashes):
         by_hash.setdefault(h, []).append(i)
@@ -138,8 +145,9 @@ def _apply_rule(rule: str, ds: Dataset, uf: _UnionFind) -> None:
 
 
 def make_folds(labels: np.ndarray, groups: np.ndarray, n_folds: int, seed: int,
-               classes: list[str] | None = None) -> np.ndarray:
-    """Fold number (0..n_folds-1) per row."""
+               classes: list[str] | None = None, domains=None) -> np.ndarray:
+    """Fold number (0..n_folds-1) per row. ``domains`` (a multi-lab dataset's lab per row):
+    stratified by lab and class together, so every fold holds each lab's share."""
     counts = np.bincount(labels, minlength=len(classes) if classes else 0)
     for c, k in enumerate(counts):
         if k < n_folds:
@@ -149,9 +157,24 @@ def make_folds(labels: np.ndarray, groups: np.ndarray, n_folds: int, seed: int,
     if len(np.unique(groups)) < n_folds:
         raise BenchError(f"only {len(np.unique(groups))} groups for {n_folds} folds")
     folds = np.full(len(labels), -1, dtype=np.int64)
+    strata = labels if domains is None or not len(domains) else \
+        np.unique([f"{d}\0{c}" for d, c in zip(domains, labels)], return_inverse=True)[1]
     sgkf = StratifiedGroupKFold(n_splits=n_folds, shuffle=True, random_state=seed)
-    for k, (_, test) in enumerate(sgkf.split(np.zeros(len(labels)), labels, groups)):
+    for k, (_, test) in enumerate(sgkf.split(np.zeros(len(labels)), strata, groups)):
         folds[test] = k
+    return folds
+
+
+def lab_folds(domains: list[str], groups: np.ndarray) -> np.ndarray:
+    """Leave-one-lab-out: fold k holds the k-th lab (in the order the sources list them).
+    A group that spans two labs (identical pixels in both) is refused: its rows would sit
+    on both sides of a split."""
+    labs = list(dict.fromkeys(domains))
+    folds = np.array([labs.index(d) for d in domains], dtype=np.int64)
+    spans = pd.DataFrame({"g": groups, "f": folds}).groupby("g")["f"].nunique()
+    if (spans > 1).any():
+        raise BenchError(f"{int((spans > 1).sum())} group(s) of identical images span two labs; "
+                         "leave-one-lab-out cannot keep them on one side (remove the copies)")
     return folds
 
 
@@ -217,11 +240,13 @@ def folds_table(ds: Dataset, groups: np.ndarray, folds: np.ndarray,
                           "fold": folds})
     if bags is not None:
         table["bag"] = bags
+    if ds.domains:
+        table["domain"] = ds.domains
     return table
 
 
 def folds_hash(table: pd.DataFrame) -> str:
     h = hashlib.sha256()
-    cols = ["source", "label", "group", "fold"] + (["bag"] if "bag" in table else [])
+    cols = ["source", "label", "group", "fold"] + [c for c in ("bag", "domain") if c in table]
     h.update(table[cols].to_csv(index=False).encode())
     return h.hexdigest()

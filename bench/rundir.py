@@ -273,7 +273,7 @@ class RunDir:
         return pd.read_csv(self.file(self.LEADERBOARD_CSV))
 
     OUTPUTS = ("leaderboard.csv", "leaderboard.md", "predictor", "report", "external",
-               "leakage.csv", "patient_leaderboard.csv", "patients")
+               "leakage.csv", "patient_leaderboard.csv", "patients", "labs.csv")
 
     def keep_previous_outputs(self, board: pd.DataFrame) -> Path | None:
         """Before a new leaderboard replaces a different one, move the finished run's
@@ -285,7 +285,9 @@ class RunDir:
         prev = pd.read_csv(old)
         cols = ["candidate"] + [c for m in METRICS for c in (m, f"{m}_std")]
         new = pd.read_csv(io.StringIO(board.to_csv(index=False)))   # as it will be read back
-        if all(c in prev for c in cols) and prev[cols].equals(new[cols]):
+        if all(c in prev for c in cols) and \
+                prev[cols].sort_values("candidate", kind="stable").reset_index(drop=True).equals(
+                    new[cols].sort_values("candidate", kind="stable").reset_index(drop=True)):
             return None   # same entries, same scores (timings may differ)
         stamp = _dt.datetime.now().strftime("%Y%m%d-%H%M%S-%f")
         dest = self.path / "previous" / stamp
@@ -294,6 +296,26 @@ class RunDir:
             if self.file(name).exists():
                 os.replace(self.file(name), dest / name)
         return dest
+
+    # -- leave-one-lab-out (bench.labs) -------------------------------------------------
+    LABS_CSV = "labs.csv"
+
+    @property
+    def labs_dir(self) -> Path:
+        """The leave-one-lab-out run of a multi-lab dataset (an ordinary run directory)."""
+        return self.path / "labs"
+
+    def write_labs(self, table: pd.DataFrame) -> None:
+        atomic_write_text(self.file(self.LABS_CSV), table.to_csv(index=False))
+
+    def read_labs(self) -> pd.DataFrame | None:
+        """``labs.csv`` (entry x held-out lab), or ``None`` for a run without one."""
+        f = self.file(self.LABS_CSV)
+        if not f.is_file():
+            return None
+        table = pd.read_csv(f)
+        table["entry"] = table["entry"].astype(str)
+        return table
 
     # -- leakage audit ---------------------------------------------------------------
     def write_leakage(self, table: pd.DataFrame) -> None:

@@ -22,9 +22,10 @@ from bench.config import Config, data_argument, load_config
 from bench.datasets import Dataset, prepare_dataset
 from bench.external import score_external
 from bench.stress import add_stress_columns, collect_stress, complete_stress, stress_shifts
-from bench.folds import (folds_hash, folds_table, make_bag_folds, make_folds, make_groups,
-                         read_bags)
+from bench.folds import (folds_hash, folds_table, lab_folds, make_bag_folds, make_folds,
+                         make_groups, read_bags)
 from bench.leaderboard import ensemble_costs, make_table, to_markdown
+from bench.labs import has_lab_columns, lab_names, lab_summary, leave_one_lab_out, runs_lolo
 from bench.leakage import leakage_audit
 from bench.patients import bag_settings, read_cell_types, score_patients
 from bench.prepare import prepare_candidates
@@ -37,7 +38,7 @@ from core import registry
 from core.calibration import fit_temperature
 from core.errors import BenchError
 from core.io import git_commit, hardware, package_versions, stable_hash
-from core.metrics import summarize
+from core.metrics import base_metric, summarize
 from core.progress import info, stage, unit_progress, warn
 from core.shift import ShiftReference
 from core.splits import PredefinedFolds
@@ -102,8 +103,10 @@ def _manifest(cfg: Config, ds: Dataset, data_path, table, fhash, group_info) -> 
         "data_path": str(data_path),
         "dataset": ds.summary(),
         "grouping": group_info,
-        "folds": {"scheme": "StratifiedGroupKFold(shuffle=True)" + (
-                      " over bags, stratified by the bags' labels" if "bag" in table else ""),
+        "folds": {"scheme": ("leave-one-lab-out: one fold per lab" if cfg["run"]["split"] == "lab"
+                             and "domain" in table else "StratifiedGroupKFold(shuffle=True)" + (
+                      " over bags, stratified by the bags' labels" if "bag" in table else
+                      " stratified by lab and class" if "domain" in table else "")),
                   "n_folds": cfg["run"]["folds"],
                   "seed": cfg["run"]["seed"], "hash": fhash,
                   "counts": table.groupby("fold").size().to_dict()},
@@ -138,9 +141,13 @@ def prepare_run(cfg: Config, force: bool = False, show_progress: bool = True):
         ds, data_path = prepare_dataset(cfg, show_progress)
         data = cfg["data"]
         groups, group_info = make_groups(ds, cfg.path(data["groups"]),
-                                         cfg.path(data["pairs"]), data["group_rule"])
+                                         cfg.path(data["pairs"]), data["group_rule"],
+                                         preset=ds.group_keys)
         bags = None
-        if data["bags"]:   # whole bags (patients) in a fold, stratified by the bags' labels
+        if ds.domains and cfg["run"]["split"] == "lab":   # one fold per lab
+            folds = lab_folds(ds.domains, groups)
+            cfg.override("run", folds=int(folds.max()) + 1)
+        elif data["bags"]:   # whole bags (patients) in a fold, stratified by the bags' labels
             if data["positive"] not in ds.classes:
                 raise BenchError(f"[data] positive '{data['positive']}' is not a class of the "
                                  f"data {ds.classes}")
@@ -152,7 +159,7 @@ def prepare_run(cfg: Config, force: bool = False, show_progress: bool = True):
                 read_cell_types(cfg, ds, group_info["bags"])
         else:
             folds = make_folds(ds.labels, groups, cfg["run"]["folds"], cfg["run"]["seed"],
-                               ds.classes)
+                               ds.classes, ds.domains)
         table = folds_table(ds, groups, folds, bags)
         fhash = folds_hash(table)
     fp = _fingerprint(cfg, ds, fhash)
@@ -182,14 +189,17 @@ def prepare_run(cfg: Config, force: bool = False, show_progress: bool = True):
 # ----------------------------------------------------------------------------- running
 
 def run_benchmark(cfg: Config, force: bool = False, workers: int | None = None,
-                  show_progress: bool = True, scheduler=None) -> pd.DataFrame:
+                  show_progress: bool = True, scheduler=None,
+                  predictor: bool = True) -> pd.DataFrame:
     """Run the whole benchmark described by ``cfg``; returns the leaderboard.
 
     Work units run in ``workers`` local processes, or on the Dask cluster ``scheduler``
     (``tcp://HOST:PORT``, a ``distributed.Client`` or ``LocalCluster``) when it is given.
+    ``predictor=False``: no predictor is saved (the leave-one-lab-out run of bench.labs).
     """
     run, ds, fp, times = prepare_run(cfg, force, show_progress)
     run_cfg = cfg["run"]
+    fold_metric = base_metric(run_cfg["metric"])   # a worst/mean-lab metric ranks at the end
 
     with stage(times, "units"):
         # an absolute path: Dask workers elsewhere see the run directory on a shared file system
@@ -230,15 +240,20 @@ def run_benchmark(cfg: Config, force: bool = False, workers: int | None = None,
             for s, by_name_s in ens_stressed.items():
                 for n, p in by_name_s.items():
                     run.write_stress_oof(n, s, p)
-            add_stress_columns(rows + ens_rows, stressed, ds.labels, folds, run_cfg["metric"])
+            add_stress_columns(rows + ens_rows, stressed, ds.labels, folds, fold_metric)
         conformal.add_leaderboard_columns(rows + ens_rows, oofs | ens_oofs, ds.labels, folds,
                                           cfg.settings.predictor.conformal)
-        board = make_table(rows + ens_rows, run_cfg["metric"])
+        board = make_table(rows + ens_rows, fold_metric)
         moved = run.keep_previous_outputs(board)
         if moved:
             info(f"the leaderboard changed: the previous leaderboard, predictor and report "
                  f"were moved to {moved}")
-        run.write_leaderboard(board, to_markdown(board, run_cfg["metric"]))
+        run.write_leaderboard(board, to_markdown(board, fold_metric))
+    if runs_lolo(cfg):   # before the predictor: it may be chosen by the worst held-out lab
+        with stage(times, "leave_one_lab_out"):
+            board, _ = leave_one_lab_out(run, cfg, board, run_benchmark, workers, scheduler,
+                                         show_progress)
+            run.write_leaderboard(board, to_markdown(board, run_cfg["metric"]))
 
     # the probabilities as written to oof/ (float32): the saved fits are reproducible from
     # the run directory alone
@@ -254,8 +269,10 @@ def run_benchmark(cfg: Config, force: bool = False, workers: int | None = None,
         with stage(times, "external"):
             board = score_external(run, cfg, ds, board, stored, kinds, folds, stored_stress)
             run.write_leaderboard(board, to_markdown(board, run_cfg["metric"]))
-    with stage(times, "predictor"):
-        _save_predictor(run, cfg, ds, board, stored, kinds, folds, bag_choice, stored_stress)
+    if predictor:
+        with stage(times, "predictor"):
+            _save_predictor(run, cfg, ds, board, stored, kinds, folds, bag_choice,
+                            stored_stress)
     if cfg["report"]["leakage_audit"]:   # the same entries, image-level folds
         with stage(times, "leakage_audit"):
             leakage_audit(run, cfg, run_benchmark, workers, scheduler, show_progress)
@@ -335,7 +352,9 @@ def _save_predictor(run: RunDir, cfg: Config, ds: Dataset, board, stored, kinds,
                **conformal.predictor_extra(run, pred_cfg.conformal, ds.labels, stored[name],
                                            folds, name, calibration,
                                            ens.combine([stored[m] for m in members])),
-               **({"bags": bag_settings(cfg, patients, name)} if patients else {})},
+               **({"bags": bag_settings(cfg, patients, name)} if patients else {}),
+               **({"leave_one_lab_out": lab_summary(row, lab_names(cfg))}
+                  if has_lab_columns(board, lab_names(cfg)) else {})},
         tta=pred_cfg.tta, shift=ShiftReference.fit(ds.images))
     run.update_state(predictor=name)
     info(f"saved predictor '{name}' ({', '.join(members)}) to {run.predictor_dir}")

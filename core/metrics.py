@@ -129,11 +129,31 @@ REPORT_METRICS = tuple(REGISTRY)
 LABEL_METRICS = tuple(n for n, m in REGISTRY.items() if m.from_labels)
 LOWER_IS_BETTER = {n for n, m in REGISTRY.items() if m.lower_is_better}
 METRIC_LABELS = {n: m.label for n, m in REGISTRY.items()}
+#: a multi-lab run's summaries over its held-out labs (bench.labs): the worst lab and the mean
+LAB_SUMMARIES = ("worst", "mean")
+#: the metrics scored per held-out lab, over the classes that lab has (bench.labs)
+LAB_METRICS = LABEL_METRICS
+#: ``worst_lab_<m>`` / ``mean_lab_<m>``: leaderboard columns a run can also be ranked by
+LAB_RANKINGS = tuple(f"{s}_lab_{m}" for s in LAB_SUMMARIES for m in LAB_METRICS)
+#: what ``[run] metric`` may name: a fold metric or a summary over held-out labs
+RANKING_METRICS = METRICS + LAB_RANKINGS
+METRIC_LABELS |= {f"{s}_lab_{m}": f"{s}-lab {METRIC_LABELS[m]}" for s in LAB_SUMMARIES
+                  for m in LAB_METRICS}
 
 
 def metric_label(name: str) -> str:
     """The label of a registered metric (the name itself for any other column)."""
     return METRIC_LABELS.get(name, name)
+
+
+def base_metric(metric: str) -> str:
+    """The fold metric under a ranking metric: ``worst_lab_balanced_accuracy`` ->
+    ``balanced_accuracy`` (what the folds, the stress test and the report's per-fold
+    statistics score); any fold metric itself."""
+    for s in LAB_SUMMARIES:
+        if metric.startswith(f"{s}_lab_"):
+            return metric[len(s) + 5:]
+    return metric
 
 
 def fold_metrics(y: np.ndarray, proba: np.ndarray) -> dict[str, float]:

@@ -16,7 +16,7 @@ import numpy as np
 
 from core import registry
 from core.errors import BenchError
-from core.metrics import fold_metrics, metric_sort_ascending, summarize
+from core.metrics import base_metric, fold_metrics, metric_sort_ascending, summarize
 from core.splits import PredefinedFolds
 from ensembles.base import Ensemble, cross_val_combine_sets, fold_groups, stacked_sets
 from ensembles.voting import SoftVoting
@@ -127,7 +127,7 @@ def choose_entry(board, choice: str = "best", metric: str = "accuracy",
     pool = ens_rows if len(ens_rows) else board
     if choice == "best":
         return pool.iloc[0]
-    col = f"stress_{metric}"
+    col = f"stress_{base_metric(metric)}"
     if col not in board or board[col].isna().all():
         raise BenchError("[predictor] ensemble = 'robust' needs [stress] shifts")
     ascending = metric_sort_ascending(metric)

@@ -1,0 +1,164 @@
+"""Leave-one-lab-out: every entry judged on labs it never saw, ranked by the worst.
+
+A dataset of several labs (``[data] sources``, :mod:`bench.sources`) is run twice by
+``python -m bench run``:
+
+* the ordinary grouped k-fold over the pooled labs (folds stratified by lab and class):
+  the **in-lab** figure, and the fold models the saved predictor is made of (each fitted
+  on rows of every lab);
+* **leave-one-lab-out** in ``DIR/labs``, an ordinary run directory whose folds are the labs
+  (``[run] split = "lab"``): fold k holds lab k's rows; every candidate is tuned,
+  early-stopped and fitted, and every ensemble weighted, on the other labs' rows only
+  (ensembles are cross-fitted over the folds, :func:`ensembles.base.cross_val_combine_sets`,
+  so the combiner of lab k is fitted on the other labs' out-of-lab rows). Every image gets
+  an out-of-lab prediction.
+
+:func:`lab_scores` scores each entry's out-of-lab probabilities per held-out lab, over the
+classes that lab has (:func:`bench.scoring.score`: accuracy, balanced accuracy, macro-F1,
+95 % CIs by a bootstrap over the lab's patients or slides), and :func:`add_lab_columns`
+adds to the pooled leaderboard ``<lab>_<metric>`` (with ``_lo`` / ``_hi``),
+``worst_lab_<metric>``, ``mean_lab_<metric>``, ``worst_lab`` and ``lab_gap_<metric>``
+(pooled in-lab minus the mean over held-out labs), before the predictor is chosen, so
+``[run] metric = "worst_lab_balanced_accuracy"`` ranks and chooses by the worst lab. The
+long table is ``DIR/labs.csv``.
+
+The runner calls :func:`leave_one_lab_out` with its own ``run_benchmark`` (passed in, as for
+:mod:`bench.leakage`, so this module does not import the runner).
+"""
+
+from __future__ import annotations
+
+import copy
+from typing import Callable
+
+import numpy as np
+import pandas as pd
+
+from bench.config import Config
+from bench.rundir import RunDir
+from bench.scoring import score
+from core.metrics import LAB_METRICS, LAB_SUMMARIES, base_metric, metric_sort_ascending
+from core.progress import info
+
+N_BOOT = 1000
+SEED = 0
+
+
+def is_multi_lab(cfg: Config) -> bool:
+    return bool(cfg["data"]["sources"])
+
+
+def runs_lolo(cfg: Config) -> bool:
+    """Whether ``run`` adds the leave-one-lab-out run: several labs, pooled k-fold folds,
+    ``[run] leave_one_lab_out``."""
+    run = cfg["run"]
+    return is_multi_lab(cfg) and run["split"] == "kfold" and run["leave_one_lab_out"]
+
+
+def lolo_config(cfg: Config, out) -> Config:
+    """``cfg`` for the leave-one-lab-out run in ``out``: one fold per lab, ranked by the
+    fold metric, no report, external sets, leakage audit or studies shared with the
+    pooled run (SQLite in ``out``: the study names ``NAME-foldK`` would clash)."""
+    data = copy.deepcopy(cfg.data)
+    data["run"].update(out=str(out), split="lab", leave_one_lab_out=False,
+                       metric=base_metric(data["run"]["metric"]))
+    data["report"] = {**data["report"], "enabled": False, "leakage_audit": False}
+    data["external"] = {}
+    data["tuning"]["storage"] = ""
+    return Config(data, source=cfg.source, profile=cfg.profile)
+
+
+def lab_scores(table: pd.DataFrame, classes: list[str], probas: dict[str, np.ndarray],
+               level: float = 0.95, n_boot: int = N_BOOT, seed: int = SEED) -> pd.DataFrame:
+    """One row per entry and held-out lab: ``n``, ``n_groups``, ``classes_present`` and,
+    per metric of :data:`core.metrics.LAB_METRICS`, the value over the lab's classes and
+    its bootstrap interval over the lab's groups (``_lo`` / ``_hi``).
+
+    ``table``: the leave-one-lab-out run's ``folds.csv`` (``domain``, ``label``, ``group``);
+    ``probas``: each entry's out-of-lab probabilities, rows aligned with it."""
+    index = {c: i for i, c in enumerate(classes)}
+    y = np.array([index[str(c)] for c in table["label"]], dtype=np.int64)
+    rows = []
+    for name, proba in probas.items():
+        for lab in dict.fromkeys(table["domain"]):
+            sel = (table["domain"] == lab).to_numpy()
+            groups = table["group"].to_numpy()[sel]
+            sc = score(y[sel], proba[sel], classes, groups=groups, n_boot=n_boot, seed=seed,
+                       level=level)
+            row = {"entry": name, "lab": lab, "n": int(sel.sum()),
+                   "n_groups": int(len(np.unique(groups))),
+                   "classes_present": ";".join(sc["present_classes"])}
+            for m in LAB_METRICS:
+                row |= {m: sc[m], f"{m}_lo": sc["ci"][m]["lo"], f"{m}_hi": sc["ci"][m]["hi"]}
+            rows.append(row)
+    return pd.DataFrame(rows)
+
+
+def add_lab_columns(board: pd.DataFrame, scores: pd.DataFrame, metric: str) -> pd.DataFrame:
+    """``board`` with the per-lab, worst-lab, mean-lab and gap columns of ``scores``
+    (:func:`lab_scores`) for the entries it has, sorted by ``metric`` (a fold metric or
+    ``worst_lab_<m>`` / ``mean_lab_<m>``); entries the leave-one-lab-out run lacks get NaN."""
+    board = board.copy()
+    labs = list(dict.fromkeys(scores["lab"]))
+    by = scores.set_index(["entry", "lab"])
+    for m in LAB_METRICS:
+        for lab in labs:
+            for suffix in ("", "_lo", "_hi"):
+                board[f"{lab}_{m}{suffix}"] = [
+                    float(by.loc[(e, lab), f"{m}{suffix}"]) if (e, lab) in by.index else np.nan
+                    for e in board["candidate"]]
+        per_lab = board[[f"{lab}_{m}" for lab in labs]].to_numpy(dtype=float)
+        board[f"worst_lab_{m}"] = np.min(per_lab, axis=1)
+        board[f"mean_lab_{m}"] = np.mean(per_lab, axis=1)
+        board[f"lab_gap_{m}"] = board[m] - board[f"mean_lab_{m}"]
+    key = f"{labs[0]}_balanced_accuracy" if labs else None
+    if key:
+        per_lab = board[[f"{lab}_balanced_accuracy" for lab in labs]].to_numpy(dtype=float)
+        worst = [labs[int(np.nanargmin(r))] if np.isfinite(r).any() else "" for r in per_lab]
+        board["worst_lab"] = worst
+    return board.sort_values(metric, ascending=metric_sort_ascending(metric),
+                             kind="stable").reset_index(drop=True)
+
+
+def lab_summary(board_row, labs: list[str]) -> dict:
+    """The per-lab out-of-lab figures of one leaderboard row (the predictor's manifest)."""
+    out = {"labs": {}, "protocol": "leave-one-lab-out: each lab held out in turn, every fit, "
+                                   "tuning and ensemble weight on the other labs"}
+    for lab in labs:
+        out["labs"][lab] = {m: {"value": float(board_row[f"{lab}_{m}"]),
+                                "ci": [float(board_row[f"{lab}_{m}_lo"]),
+                                       float(board_row[f"{lab}_{m}_hi"])]}
+                            for m in LAB_METRICS}
+    for s in LAB_SUMMARIES:
+        out[f"{s}_lab"] = {m: float(board_row[f"{s}_lab_{m}"]) for m in LAB_METRICS}
+    out["in_lab"] = {m: float(board_row[m]) for m in LAB_METRICS}
+    out["worst_lab_name"] = str(board_row.get("worst_lab", ""))
+    return out
+
+
+def lab_names(cfg: Config) -> list[str]:
+    """The labs of a multi-lab dataset, in the order its sources list them."""
+    return [src["domain"] for src in cfg["data"]["sources"]]
+
+
+def has_lab_columns(board: pd.DataFrame, labs: list[str]) -> bool:
+    return bool(labs) and all(f"{lab}_{LAB_METRICS[0]}" in board for lab in labs)
+
+
+def leave_one_lab_out(run: RunDir, cfg: Config, board: pd.DataFrame, run_benchmark: Callable,
+                      workers=None, scheduler=None, show_progress: bool = True):
+    """Run ``cfg``'s candidates and ensembles leave-one-lab-out in ``run.labs_dir`` (by
+    ``run_benchmark``, the runner's), write ``DIR/labs.csv`` and return ``(board with the
+    lab columns, the long table)``."""
+    sub = lolo_config(cfg, run.labs_dir)
+    info(f"leave-one-lab-out over {len(cfg['data']['sources'])} labs in {run.labs_dir}")
+    run_benchmark(sub, workers=workers, show_progress=show_progress, scheduler=scheduler,
+                  predictor=False)
+    lab_run = RunDir(run.labs_dir)
+    lab_board = lab_run.read_leaderboard()
+    probas = {n: lab_run.read_oof(n) for n in board["candidate"]
+              if n in set(lab_board["candidate"])}
+    scores = lab_scores(lab_run.folds_table, lab_run.classes, probas,
+                        level=float(cfg["report"]["confidence"]))
+    run.write_labs(scores)
+    return add_lab_columns(board, scores, cfg["run"]["metric"]), scores
