@@ -18,6 +18,7 @@ from bench.leaderboard import fmt, fmt_p, fmt_size, md_escape, stress_column, to
 from bench.leakage import audit_metrics
 from bench.report.patients import patient_section
 from bench.report.conformal import conformal_section
+from bench.report.labs import labs_section
 from core.io import atomic_write_text, staged
 from core.progress import info, warn
 from bench.report import cards, plots, tables
@@ -178,6 +179,7 @@ def _build(run, s, metric, out: Out, gradcam, progress) -> dict:
     leakage_ctx = _leakage_section(run, metric, out, colors)
     patients_ctx = patient_section(run, board, out, s["gradcam"] if gradcam is None else gradcam)
     conformal_ctx = conformal_section(run, out, colors)
+    labs_ctx = labs_section(run, out, colors, alpha)
 
     # Grad-CAM
     audit_ctx = _gradcam_section(run, board, s, out, colors, gradcam, progress)
@@ -195,7 +197,8 @@ def _build(run, s, metric, out: Out, gradcam, progress) -> dict:
              f"t-test (Nadeau-Bengio) and `†` McNemar on the out-of-fold predictions, "
              f"significant at {alpha} after Holm's adjustment; `n.s.` neither. Ensembles: "
              "costs are sums over members.")
-    atomic_write_text(out.root / "leaderboard.md", md + leakage_ctx.get("markdown", ""))
+    atomic_write_text(out.root / "leaderboard.md", md + labs_ctx.get("markdown", "")
+                      + leakage_ctx.get("markdown", ""))
     return {
         "title": run.title, "run": run, "metric": metric, "metric_label": label,
         "metrics": [(m, metric_label(m)) for m in REPORT_METRICS],
@@ -215,6 +218,7 @@ def _build(run, s, metric, out: Out, gradcam, progress) -> dict:
         "data_card": dc, "class_per_fold_csv": fold_csv, "run_card": cards.run_card(run),
         "warnings": warnings, "audit": audit_ctx, "external": external_ctx, "colors": colors,
         "leakage": leakage_ctx, "patients": patients_ctx, "conformal": conformal_ctx,
+        "labs": labs_ctx,
         "generated": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
         "csvs": out.csvs, "csp": csp(), "script": SORT_SCRIPT,
     }

@@ -10,6 +10,7 @@ import pandas as pd
 from bench.rundir import RunDir
 from bench.leaderboard import COSTS
 from core.errors import BenchError
+from core.metrics import base_metric
 
 class RunData:
     """Everything the report needs from ``run_dir`` (nothing is recomputed by training).
@@ -44,7 +45,10 @@ class RunData:
         self.splits = rd.folds
         self.folds = rd.folds.folds
         self.fold_ids = rd.folds.fold_ids
-        self.metric = self.config["run"]["metric"]
+        # the fold metric the per-fold statistics use; a worst/mean-lab ranking is the labs
+        # section's (bench.report.labs)
+        self.ranking = self.config["run"]["metric"]
+        self.metric = base_metric(self.ranking)
         board = rd.read_leaderboard()
         self.oof, self.units, self.costs, self.stress, rows = {}, {}, {}, {}, []
         for _, r in board.iterrows():
