@@ -415,6 +415,22 @@ def cmd_list(args) -> int:
     return 0
 
 
+def lab_lines(labs: dict | None) -> list[str]:
+    """``bench inspect``'s lines on the out-of-lab figures the entry was chosen on."""
+    if not labs:
+        return []
+    ba = "balanced_accuracy"
+    out = [f"  leave-one-lab-out ({labs['protocol']}): balanced accuracy in-lab "
+           f"{labs['in_lab'][ba]:.3f}, worst lab {labs['worst_lab'][ba]:.3f} "
+           f"({labs.get('worst_lab_name', '')}), mean {labs['mean_lab'][ba]:.3f}"]
+    for lab, d in labs["labs"].items():
+        v = d[ba]
+        out.append(f"    {lab} held out: {v['value']:.3f} [{v['ci'][0]:.3f}, {v['ci'][1]:.3f}]"
+                   f"; accuracy {d['accuracy']['value']:.3f}, macro-F1 "
+                   f"{d['macro_f1']['value']:.3f}")
+    return out
+
+
 def cmd_inspect(args) -> int:
 
     m = verify_predictor(args.model)   # also checks the fields' types printed below
@@ -443,6 +459,8 @@ def cmd_inspect(args) -> int:
               + (f"; patient ROC AUC {pl['roc_auc']:.3f} [{pl['roc_auc_lo']:.3f}, "
                  f"{pl['roc_auc_hi']:.3f}] out-of-fold" if pl else ""))
     for line in inspect_lines(m):
+        print(line)
+    for line in lab_lines(m.get("leave_one_lab_out")):
         print(line)
     print(f"  image size: {resolve_preprocessing(m).image_size}; created {m.get('created')}")
     td = m.get("training_data") or {}

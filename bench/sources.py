@@ -102,7 +102,7 @@ def load_sources(cfg: Config, show_progress: bool = True) -> Dataset:
     shared = list(data["classes"])
     seed = int(cfg["run"]["seed"])
     _check_paths(cfg)
-    parts, skipped, maps, hashes = [], [], {}, []
+    parts, skipped, maps, hashes, said, left_out = [], [], {}, [], [], []
     # [data] max_images: shared equally by the labs (each a class-stratified, seeded sample)
     share = int(data["max_images"]) // len(data["sources"]) if data["max_images"] else 0
     for i, src in enumerate(data["sources"]):
@@ -114,8 +114,8 @@ def load_sources(cfg: Config, show_progress: bool = True) -> Dataset:
         counts = np.bincount(ds.labels, minlength=len(ds.classes))
         for c, name in enumerate(ds.classes):
             if c not in mapping and counts[c]:
-                warn(f"lab '{lab}': class '{name}' ({int(counts[c])} images) maps onto no "
-                     f"shared class; left out")
+                left_out.append(f"lab '{lab}': class '{name}' ({int(counts[c])} images) maps "
+                                "onto no shared class; left out")
                 skipped.append({"path": f"{lab}/{name}",
                                 "reason": f"class of lab '{lab}' not in [data] classes "
                                           f"({int(counts[c])} images)"})
@@ -134,13 +134,17 @@ def load_sources(cfg: Config, show_progress: bool = True) -> Dataset:
                              f"after its class_map ({present}); a held-out lab needs at least "
                              "two to be scored")
         ids = _groups(cfg, ds, src)
-        info(f"lab '{lab}': {len(ds)} images, {len(present)} of {len(shared)} classes, "
-             f"{len(np.unique(ids))} groups")
+        said.append(f"lab '{lab}': {len(ds)} images, {len(present)} of {len(shared)} classes, "
+                    f"{len(np.unique(ids))} groups")
         ds.domains = [lab] * len(ds)
         ds.group_keys = [f"{lab}:{g}" for g in ids]
         ds.sources = [f"{lab}/{s}" for s in ds.sources]
         parts.append(ds)
         hashes.append(f"{lab}:{ds.content_hash}:{sorted(mapping.items())}:{cap}")
+    for line in left_out:   # after every lab is checked: an error stays one line
+        warn(line)
+    for line in said:
+        info(line)
     key = hashlib.sha256(("multi:" + "|".join(hashes) + f":{seed}").encode()).hexdigest()
     cat = lambda attr: [x for p in parts for x in getattr(p, attr)]  # noqa: E731
     return Dataset(np.concatenate([np.asarray(p.images) for p in parts]),

@@ -89,7 +89,21 @@ def model_card(m: dict) -> str:
                        f"`{r['data']}` (seed {r['seed']}); the previous calibration: "
                        f"{r['before'].get('fitted_on', 'n/a')}.")
     out += ["", "### Outside the lab"]
-    if not ext:
+    labs = m.get("leave_one_lab_out")
+    if labs:
+        ba = "balanced_accuracy"
+        out.append(f"- Leave-one-lab-out (each training lab held out in turn; every fit, "
+                   f"tuning and ensemble weight on the other labs): balanced accuracy worst "
+                   f"lab {_f(labs['worst_lab'][ba])} ({labs.get('worst_lab_name', '')}), mean "
+                   f"{_f(labs['mean_lab'][ba])}, against {_f(labs['in_lab'][ba])} in-lab. "
+                   "Chosen by one of these figures, the entry's own figure is biased upward; "
+                   "the saved fold models were each trained on every lab.")
+        for lab, d in labs["labs"].items():
+            v = d[ba]
+            out.append(f"  - `{lab}` held out: balanced accuracy {_f(v['value'])} "
+                       f"[{_f(v['ci'][0])}, {_f(v['ci'][1])}], accuracy "
+                       f"{_f(d['accuracy']['value'])}, macro-F1 {_f(d['macro_f1']['value'])}")
+    if not ext and not labs:
         out.append("- No external set was scored with this predictor's run; score one with "
                    "`bench evaluate` before use elsewhere.")
     for name, e in ext.items():
