@@ -425,6 +425,9 @@ class CandidateEntry(_Section):
     params: dict = {}
     tuning: TuningOverride | None = None
     feature_set: str | None = None
+    # several labs ([data] sources): each lab drawn to the mean lab size in every fit and
+    # trial (bench.sources.lab_balanced_rows); the total of training rows is unchanged
+    lab_balance: bool = False
 
 
 class EnsembleEntry(BaseModel):   # its own settings beside type/members: the class's schema

@@ -153,3 +153,24 @@ def load_sources(cfg: Config, show_progress: bool = True) -> Dataset:
                                                              data["sources"]),
                    key, cat("original_sizes"), skipped, cat("converted"), cat("domains"),
                    cat("group_keys"), maps)
+
+
+def lab_balanced_rows(rows: np.ndarray, domains, seed: int) -> np.ndarray:
+    """``rows`` (training row indices) redrawn so every lab present contributes the mean
+    lab size: labs above it are subsampled without replacement, labs below it drawn with
+    replacement (all their rows first). Seeded; sorted. One lab: ``rows`` unchanged."""
+    rows = np.asarray(rows)
+    labs = np.asarray(domains)[rows]
+    names = list(dict.fromkeys(labs.tolist()))
+    if len(names) < 2:
+        return rows
+    target = int(round(len(rows) / len(names)))
+    rng = np.random.default_rng(seed)
+    out = []
+    for lab in names:
+        own = rows[labs == lab]
+        if len(own) >= target:
+            out.append(rng.choice(own, size=target, replace=False))
+        else:
+            out += [own, rng.choice(own, size=target - len(own), replace=True)]
+    return np.sort(np.concatenate(out))

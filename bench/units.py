@@ -40,13 +40,23 @@ def _loaded(run) -> RunDir:
     return run
 
 
+def training_rows(run, entry: dict, fold: int, seed: int) -> np.ndarray:
+    """The rows fold ``fold``'s fit and trials learn from: every other fold's, with
+    ``lab_balance`` each lab drawn to the mean lab size (bench.sources.lab_balanced_rows)."""
+    train = run.folds.train(fold)
+    if entry.get("lab_balance") and run.domains is not None:
+        from bench.sources import lab_balanced_rows
+        train = lab_balanced_rows(train, run.domains, seed)
+    return train
+
+
 def run_unit(run_dir: str, name: str, fold: int) -> dict:
     """Fit candidate ``name`` on every fold but ``fold``, predict ``fold``; write the result."""
     run = _loaded(run_dir)
     cfg = run.config
     seed = int(cfg["run"]["seed"]) + fold
     entry = seeded_entry(cfg.candidates[name], seed)
-    train, test = run.folds.train(fold), run.folds.test(fold)
+    train, test = training_rows(run, entry, fold, seed), run.folds.test(fold)
     X_train, y_train = np.asarray(run.images[train]), run.labels[train]
     classes = np.arange(len(run.classes))
     with run.staged_unit(name, fold) as tmp:
@@ -113,7 +123,7 @@ def tune_unit(run, name: str, fold: int, trials: int | None = None,
     tuning = dict(cfg["tuning"])
     if not is_tuned(entry, tuning):
         return {}, {}
-    train = run.folds.train(fold)
+    train = training_rows(run, entry, fold, seed)
     return tune_candidate(entry, np.asarray(run.images[train]), run.labels[train],
                           np.arange(len(run.classes)), study=f"{name}-fold{fold}",
                           tuning=tuning, run_dir=str(run.path), seed=seed)

@@ -67,7 +67,8 @@ class KerasCandidate(Candidate):
             epochs=self.epochs, batch_size=self.batch_size, optimizer=self.optimizer,
             learning_rate=self.learning_rate, class_weight=self.class_weight,
             patience=self.patience, schedule=self.schedule, workdir=workdir,
-            epoch_callbacks=epoch_callbacks, seed=self.seed, verbose=self.verbose)
+            epoch_callbacks=epoch_callbacks, seed=self.seed, verbose=self.verbose,
+            ema=getattr(self, "ema", 0.0))
         self.epochs_run_ = len(self.history_.get("loss", []))
         return self
 
@@ -158,6 +159,11 @@ class ScratchCNN(KerasCandidate):
         the cell, and the frame around it is mostly the lab's red cells and background
         (:func:`cnn.models.center_crop`).
     optimizer : ``"adam"``, ``"adamw"`` or ``"sgd"`` (momentum 0.9).
+    cell_crop : 0 (off), or a cell-centred crop in place of ``crop``: a window centred on
+        the nucleus, ``cell_crop`` times its equivalent diameter, resized back
+        (:class:`cnn.models.CellCrop`): the same framing whatever the lab's crop.
+    ema : weight averaging: 0 (off) or the momentum of an exponential moving average of
+        the weights (e.g. 0.99), which replaces them at the end of training.
     learning_rate, batch_size, epochs, patience, schedule : training.
     class_weight : ``"balanced"`` or ``None``.
     val_fraction : share of the training rows held out for early stopping when no
@@ -171,14 +177,19 @@ class ScratchCNN(KerasCandidate):
         "kernel_size": {"ge": 1}, "convs_per_block": {"ge": 1}, "block_dropout": {"ge": 0, "lt": 1},
         "pooling": {"choices": ["avg", "flatten"]},
         "norm": {"choices": ["batch", "group", "layer"]},
-        "stain_norm": {"choices": ["none", "reinhard"]}, **TRAIN_RULES,
+        "stain_norm": {"choices": ["none", "reinhard"]}, "ema": {"ge": 0, "lt": 1},
+        "cell_crop": {"ge": 0},
+        **TRAIN_RULES,
     }
 
     def __init__(self, blocks=3, filters=32, filter_growth=2.0, kernel_size=3, convs_per_block=1,
                  block_dropout=0.1, pooling="avg", dense_units=128, dropout=0.3, input_size=None,
                  augment="flips", optimizer="adam", learning_rate=1e-3, batch_size=64, epochs=30,
                  patience=5, schedule="plateau", class_weight="balanced", val_fraction=0.1, seed=0,
-                 verbose=0, norm="batch", stain_norm="none", crop=1.0):
+                 verbose=0, norm="batch", stain_norm="none", crop=1.0, ema=0.0,
+                 cell_crop=0.0):
+        self.ema = ema
+        self.cell_crop = cell_crop
         self.blocks = blocks
         self.filters = filters
         self.filter_growth = filter_growth
@@ -212,7 +223,7 @@ class ScratchCNN(KerasCandidate):
             convs_per_block=self.convs_per_block, block_dropout=self.block_dropout,
             pooling=self.pooling, dense_units=self.dense_units, dropout=self.dropout,
             input_size=self.input_size, augmentation=self._input_layers(), norm=self.norm,
-            crop=self.crop)
+            crop=self.crop, cell_crop=self.cell_crop)
 
     def _input_layers(self):
         """Augmentation (training only), then Reinhard stain normalisation (always) with

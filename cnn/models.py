@@ -37,7 +37,57 @@ def norm_layer(norm: str, channels: int, name: str, bn_momentum: float = 0.9):
     raise ValueError(f"norm must be one of {list(NORMS)}, got {norm!r}")
 
 
-def center_crop(x, image_size: int, crop: float | None):
+@keras.saving.register_keras_serializable(package="bloodbench")
+class CellCrop(layers.Layer):
+    """A cell-centred, size-normalised crop of every image, resized back to its side.
+
+    Labs frame their cells differently: CellaVision crops (PBC, DeepAPL) show the cell
+    small among red cells, other labs crop tightly so that it fills the frame, and a fixed
+    central crop cuts those cells. This layer finds each image's nucleus (the darkest pixels
+    of the green channel, where the Romanowsky-stained nucleus absorbs most: below the
+    midpoint between the image's minimum and its mean), and keeps a square window centred
+    on it whose side is ``scale`` times the nucleus's equivalent diameter (from the spread
+    of its pixels), between a quarter of the image side and the whole image, shifted to
+    stay inside the image. In training and at prediction alike (a layer of the saved
+    model); no weights.
+    """
+
+    def __init__(self, scale: float = 1.5, **kwargs):
+        super().__init__(**kwargs)
+        self.scale = float(scale)
+
+    def call(self, x):
+        import tensorflow as tf
+        x = tf.cast(x, "float32")
+        h, w = x.shape[1], x.shape[2]
+        g = x[..., 1]
+        lo = tf.reduce_min(g, axis=(1, 2), keepdims=True)
+        mid = lo + 0.5 * (tf.reduce_mean(g, axis=(1, 2), keepdims=True) - lo)
+        mask = tf.cast(g < mid, "float32")
+        n = tf.reduce_sum(mask, axis=(1, 2)) + 1e-6
+        yy = tf.reshape((tf.range(h, dtype="float32") + 0.5) / h, (1, h, 1))
+        xx = tf.reshape((tf.range(w, dtype="float32") + 0.5) / w, (1, 1, w))
+        cy = tf.reduce_sum(mask * yy, axis=(1, 2)) / n
+        cx = tf.reduce_sum(mask * xx, axis=(1, 2)) / n
+        var = tf.reduce_sum(mask * ((yy - cy[:, None, None]) ** 2
+                                    + (xx - cx[:, None, None]) ** 2), axis=(1, 2)) / n
+        # a disc of radius R has var = R^2 / 2: equivalent diameter 2 * sqrt(2 var)
+        side = tf.clip_by_value(self.scale * 2.0 * tf.sqrt(2.0 * var), 0.25, 1.0)
+        half = side / 2
+        cy = tf.clip_by_value(cy, half, 1 - half)
+        cx = tf.clip_by_value(cx, half, 1 - half)
+        boxes = tf.stack([cy - half, cx - half, cy + half, cx + half], axis=1)
+        idx = tf.range(tf.shape(x)[0])
+        return tf.image.crop_and_resize(x, boxes, idx, (h, w), method="bilinear")
+
+    def compute_output_shape(self, input_shape):
+        return input_shape
+
+    def get_config(self):
+        return {**super().get_config(), "scale": self.scale}
+
+
+def center_crop(x, image_size: int, crop: float | None, cell: float = 0.0):
     """The central ``crop`` fraction of each image side (a ``CenterCrop`` layer named
     ``center_crop``), or ``x`` unchanged for ``crop`` of ``None`` or 1.
 
@@ -48,7 +98,11 @@ def center_crop(x, image_size: int, crop: float | None):
     saved model applies it to every image it is given, like the rest of its input
     pipeline (after the augmentation, so that random shifts move the cell inside the
     crop).
+
+    ``cell`` > 0: a :class:`CellCrop` of that scale instead (layer ``cell_crop``).
     """
+    if cell:
+        return CellCrop(cell, name="cell_crop")(x)
     if not crops(crop):
         return x
     side = crop_side(image_size, crop)
@@ -90,7 +144,7 @@ def build_scratch_cnn(image_size: int, n_classes: int, blocks: int = 3, filters:
                       block_dropout: float = 0.1, pooling: str = "avg", dense_units: int = 128,
                       dropout: float = 0.3, input_size: int | None = None,
                       augmentation=None, norm: str = "batch", crop: float | None = None,
-                      name: str = "scratch_cnn") -> keras.Model:
+                      name: str = "scratch_cnn", cell_crop: float = 0.0) -> keras.Model:
     """A modular CNN on ``uint8`` RGB input of side ``image_size``.
 
     The model applies ``augmentation`` (a Keras layer on RGB values in [0, 255], active in
@@ -108,7 +162,7 @@ def build_scratch_cnn(image_size: int, n_classes: int, blocks: int = 3, filters:
     x = inputs
     if augmentation is not None:
         x = augmentation(x)
-    x = center_crop(x, image_size, crop)
+    x = center_crop(x, image_size, crop, cell_crop)
     x = layers.Rescaling(1.0 / 255, name="rescale")(x)
     size = input_size or image_size   # a crop is brought back to the image's side
     if x.shape[1] != size:

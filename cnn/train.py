@@ -27,14 +27,18 @@ def balanced_class_weight(y: np.ndarray, n_classes: int) -> dict[int, float]:
     return {i: float(v) for i, v in enumerate(w)}
 
 
-def make_optimizer(name: str, learning_rate: float):
+def make_optimizer(name: str, learning_rate: float, ema: float = 0.0):
+    """The optimizer ``name``; ``ema`` > 0 keeps an exponential moving average of the
+    weights with that momentum (Keras' ``use_ema``), which replaces the weights at the end
+    of training (weight averaging)."""
     import keras
+    avg = {"use_ema": True, "ema_momentum": float(ema)} if ema else {}
     if name == "adam":
-        return keras.optimizers.Adam(learning_rate)
+        return keras.optimizers.Adam(learning_rate, **avg)
     if name == "adamw":
-        return keras.optimizers.AdamW(learning_rate, weight_decay=1e-4)
+        return keras.optimizers.AdamW(learning_rate, weight_decay=1e-4, **avg)
     if name == "sgd":
-        return keras.optimizers.SGD(learning_rate, momentum=0.9, nesterov=True)
+        return keras.optimizers.SGD(learning_rate, momentum=0.9, nesterov=True, **avg)
     raise ValueError(f"optimizer must be 'adam', 'adamw' or 'sgd', got {name!r}")
 
 
@@ -51,7 +55,8 @@ def _epoch_hook(fns):
 def fit_keras(model, X, y, X_val, y_val, *, n_classes: int, epochs: int, batch_size: int,
               optimizer: str = "adam", learning_rate: float = 1e-3, class_weight=None,
               patience: int = 5, schedule: str = "plateau", workdir=None, epoch_callbacks=None,
-              seed: int = 0, verbose: int = 0, initial_epoch: int = 0) -> dict:
+              seed: int = 0, verbose: int = 0, initial_epoch: int = 0,
+              ema: float = 0.0) -> dict:
     """Compile and train ``model``; returns the Keras history as a dict of lists.
 
     Early stopping watches validation loss and restores the best weights; the learning
@@ -67,12 +72,14 @@ def fit_keras(model, X, y, X_val, y_val, *, n_classes: int, epochs: int, batch_s
     steps = int(np.ceil(len(X) / batch_size)) * max(1, epochs - initial_epoch)
     lr = (keras.optimizers.schedules.CosineDecay(learning_rate, max(1, steps))
           if schedule == "cosine" else learning_rate)
-    model.compile(optimizer=make_optimizer(optimizer, lr),
+    model.compile(optimizer=make_optimizer(optimizer, lr, ema),
                   loss="sparse_categorical_crossentropy", metrics=["accuracy"])
     cbs = [keras.callbacks.EarlyStopping(monitor="val_loss", patience=patience,
                                          restore_best_weights=True,
                                          start_from_epoch=initial_epoch
                                          + min(3, (epochs - initial_epoch) // 4))]
+    if ema:   # validation, early stopping and checkpoints see the averaged weights
+        cbs.insert(0, keras.callbacks.SwapEMAWeights(swap_on_epoch=True))
     if schedule == "plateau":
         cbs.append(keras.callbacks.ReduceLROnPlateau(monitor="val_loss", factor=0.3,
                                                      patience=max(1, patience // 2),

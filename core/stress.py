@@ -20,6 +20,9 @@ the same way whichever fold, candidate or process scores it):
 * ``"camera"``: another analyser's optics, not its stain: magnification scaled by a
   log-uniform factor in [0.8, 1.25] about the image centre (bilinear, borders mirrored) and
   defocus, a Gaussian blur of sigma U(0, 1) px per 64 px of image side.
+* ``"scale"``: another lab's framing: the image magnified by a log-uniform factor in
+  [1.4, 2.2] about its centre, so the cell fills the frame as in labs that crop tightly
+  around it (the profiles' central-half crop assumes PBC's wide framing).
 """
 
 from __future__ import annotations
@@ -27,7 +30,7 @@ from __future__ import annotations
 import numpy as np
 
 COLOUR_SHIFTS = ("stain", "hue")
-SHIFTS = (*COLOUR_SHIFTS, "camera")
+SHIFTS = (*COLOUR_SHIFTS, "camera", "scale")
 _CHUNK = 256   # images converted at a time (float32 copies: a few tens of MB)
 
 
@@ -53,14 +56,14 @@ def _hue(x: np.ndarray, rngs) -> np.ndarray:
     return hsv2rgb(hsv)
 
 
-def _camera(x: np.ndarray, rngs) -> np.ndarray:
+def _zoomed(x: np.ndarray, params) -> np.ndarray:
+    """Each image magnified by ``zoom`` about its centre (bilinear, borders mirrored), then
+    blurred by ``sigma`` px; ``params``: one ``(zoom, sigma)`` per image."""
     from scipy import ndimage
     _, h, w, _ = x.shape
     centre = np.array([(h - 1) / 2.0, (w - 1) / 2.0])
     out = np.empty_like(x)
-    for i, g in enumerate(rngs):
-        zoom = float(np.exp(g.uniform(np.log(0.8), np.log(1.25))))
-        sigma = float(g.uniform(0.0, 1.0)) * h / 64.0
+    for i, (zoom, sigma) in enumerate(params):
         matrix = np.eye(2) / zoom   # output pixel -> input pixel, about the centre
         offset = centre - matrix @ centre
         for c in range(x.shape[-1]):
@@ -70,7 +73,18 @@ def _camera(x: np.ndarray, rngs) -> np.ndarray:
     return out
 
 
-_FUNCS = {"stain": _stain, "hue": _hue, "camera": _camera}
+def _camera(x: np.ndarray, rngs) -> np.ndarray:
+    h = x.shape[1]
+    return _zoomed(x, [(float(np.exp(g.uniform(np.log(0.8), np.log(1.25)))),
+                        float(g.uniform(0.0, 1.0)) * h / 64.0) for g in rngs])
+
+
+def _scale(x: np.ndarray, rngs) -> np.ndarray:
+    return _zoomed(x, [(float(np.exp(g.uniform(np.log(1.4), np.log(2.2)))), 0.0)
+                       for g in rngs])
+
+
+_FUNCS = {"stain": _stain, "hue": _hue, "camera": _camera, "scale": _scale}
 
 
 def check_shift(name: str) -> None:

@@ -39,7 +39,7 @@ def test_camera_shift_changes_magnification_and_focus_not_colour():
     """A dark disk of radius 10 on a light background: under "camera" its radius is scaled
     by each image's own factor in [0.8, 1.25] about the centre, its edge is softened, and
     the colours of the disk and of the background stay what they were."""
-    assert set(SHIFTS) == {*COLOUR_SHIFTS, "camera"}
+    assert set(SHIFTS) == {*COLOUR_SHIFTS, "camera", "scale"}
     n, size = 40, 64
     yy, xx = np.mgrid[:size, :size]
     disk = np.hypot(yy - (size - 1) / 2, xx - (size - 1) / 2) <= 10
@@ -60,6 +60,21 @@ def test_camera_shift_changes_magnification_and_focus_not_colour():
     assert edges.sum(axis=(1, 2)).max() > 2 * edges.sum(axis=(1, 2)).min()
     np.testing.assert_array_equal(simulate(X[5:9], "camera", rows[5:9], seed=3), out[5:9])
     assert not np.array_equal(simulate(X[:4], "camera", rows[:4], seed=4), out[:4])
+
+
+def test_scale_shift_magnifies_the_cell_as_a_tight_crop_would():
+    """Under "scale" a centred disk of radius 10 grows by each image's factor in [1.4, 2.2]
+    (area by its square), never shrinks, and keeps its colours."""
+    n, size = 30, 64
+    yy, xx = np.mgrid[:size, :size]
+    disk = np.hypot(yy - (size - 1) / 2, xx - (size - 1) / 2) <= 10
+    X = np.repeat(np.where(disk[None, ..., None], np.array([60, 30, 120], np.uint8),
+                           np.array([240, 220, 200], np.uint8)).astype(np.uint8), n, axis=0)
+    out = simulate(X, "scale", np.arange(n), seed=1)
+    dark = out.astype(int).sum(axis=-1) < (60 + 30 + 120 + 240 + 220 + 200) / 2
+    ratio = np.sqrt(dark.sum(axis=(1, 2)) / disk.sum())
+    assert ((ratio > 1.35) & (ratio < 2.3)).all() and ratio.max() - ratio.min() > 0.3
+    np.testing.assert_array_equal(out[:, 32, 32], X[:, 32, 32])
 
 
 def test_bad_shift_input_is_an_error():
