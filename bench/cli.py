@@ -406,7 +406,8 @@ def cmd_list(args) -> int:
     if raw.get("datasets"):
         print("datasets:")
         for name, d in raw["datasets"].items():
-            print(f"  {name:10s} {d.get('path', '')}")
+            labs = [src.get("domain", "?") for src in d.get("sources") or []]
+            print(f"  {name:10s} " + (f"labs: {', '.join(labs)}" if labs else d.get("path", "")))
     if raw.get("external"):
         print("external sets (scored at the end of run, for these datasets):")
         for name, e in raw["external"].items():

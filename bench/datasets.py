@@ -808,11 +808,6 @@ def resolve_data_path(cfg: Config) -> tuple[Path, list[str] | None]:
 
 def prepare_dataset(cfg: Config, show_progress=True) -> tuple[Dataset, Path]:
     data = cfg["data"]
-    if data["sources"]:   # several labs: bench.sources
-        from bench.sources import load_sources
-        ds = load_sources(cfg, show_progress)
-        check_classes(ds, int(cfg["run"]["folds"]))
-        return ds, Path(ds.origin)
     path, fb_classes = resolve_data_path(cfg)
     ds = load_dataset(path, image_size=data["image_size"], cache_dir=data["cache_dir"] or None,
                       classes=data["classes"] or fb_classes, show_progress=show_progress,

@@ -19,7 +19,7 @@ import pandas as pd
 
 from bench import conformal
 from bench.config import Config, data_argument, load_config
-from bench.datasets import Dataset, prepare_dataset
+from bench.datasets import Dataset
 from bench.external import score_external
 from bench.stress import add_stress_columns, collect_stress, complete_stress, stress_shifts
 from bench.folds import (folds_hash, folds_table, lab_folds, make_bag_folds, make_folds,
@@ -27,6 +27,7 @@ from bench.folds import (folds_hash, folds_table, lab_folds, make_bag_folds, mak
 from bench.leaderboard import ensemble_costs, make_table, to_markdown
 from bench.labs import has_lab_columns, lab_names, lab_summary, leave_one_lab_out, runs_lolo
 from bench.leakage import leakage_audit
+from bench.sources import prepare_data
 from bench.patients import bag_settings, read_cell_types, score_patients
 from bench.prepare import prepare_candidates
 from bench.report import report_after_run
@@ -138,7 +139,7 @@ def prepare_run(cfg: Config, force: bool = False, show_progress: bool = True):
             raise BenchError("no candidates to run (check the profile's select and --only)")
         run = RunDir(Path(cfg["run"]["out"]).expanduser())
         _check_out(run, force)
-        ds, data_path = prepare_dataset(cfg, show_progress)
+        ds, data_path = prepare_data(cfg, show_progress)
         data = cfg["data"]
         groups, group_info = make_groups(ds, cfg.path(data["groups"]),
                                          cfg.path(data["pairs"]), data["group_rule"],

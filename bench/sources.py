@@ -34,7 +34,8 @@ from pathlib import Path
 import numpy as np
 
 from bench.config import Config, did_you_mean
-from bench.datasets import Dataset, load_dataset, parse_csv_spec, stratified_subset
+from bench.datasets import (Dataset, check_classes, load_dataset, parse_csv_spec,
+                            prepare_dataset, stratified_subset)
 from bench.folds import column_by_row, make_groups
 from core.errors import BenchError
 from core.progress import info, warn
@@ -94,6 +95,16 @@ def _groups(cfg: Config, ds: Dataset, src: dict) -> np.ndarray:
     ids, _ = make_groups(ds, "" if column or not spec else cfg.path(spec),
                          cfg.path(src["pairs"]) if src["pairs"] else "", preset=preset)
     return ids
+
+
+def prepare_data(cfg: Config, show_progress: bool = True) -> tuple[Dataset, Path]:
+    """The run's dataset and where it came from: the labs of ``[data] sources``
+    (:func:`load_sources`), else :func:`bench.datasets.prepare_dataset`."""
+    if not cfg["data"]["sources"]:
+        return prepare_dataset(cfg, show_progress)
+    ds = load_sources(cfg, show_progress)
+    check_classes(ds, int(cfg["run"]["folds"]))
+    return ds, Path(ds.origin)
 
 
 def load_sources(cfg: Config, show_progress: bool = True) -> Dataset:

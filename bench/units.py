@@ -16,6 +16,7 @@ import numpy as np
 
 from bench.rundir import RunDir
 from bench.stress import predict_stressed, stress_shifts
+from bench.sources import lab_balanced_rows
 from bench.tuning import is_tuned, tune_candidate
 from core import registry
 from core.candidate import build_candidate, fit_candidate, predict_proba_for, release_memory
@@ -45,7 +46,6 @@ def training_rows(run, entry: dict, fold: int, seed: int) -> np.ndarray:
     ``lab_balance`` each lab drawn to the mean lab size (bench.sources.lab_balanced_rows)."""
     train = run.folds.train(fold)
     if entry.get("lab_balance") and run.domains is not None:
-        from bench.sources import lab_balanced_rows
         train = lab_balanced_rows(train, run.domains, seed)
     return train
 

@@ -284,3 +284,17 @@ def test_lab_rankings_need_several_labs(tmp_path):
            "profiles": {"p": {}}}
     with pytest.raises(BenchError, match="needs a dataset of several labs"):
         resolve_config(raw)
+
+
+def test_lab_balanced_rows_draw_every_lab_to_the_mean_lab_size():
+    from bench.sources import lab_balanced_rows
+    domains = np.array(["a"] * 60 + ["b"] * 30 + ["c"] * 6)
+    rows = np.arange(90, 96).tolist() + np.arange(0, 60).tolist() + np.arange(60, 90).tolist()
+    out = lab_balanced_rows(np.array(sorted(rows)), domains, seed=0)
+    counts = pd.Series(domains[out]).value_counts().to_dict()
+    assert counts == {"a": 32, "b": 32, "c": 32}
+    assert len(np.unique(out[domains[out] == "a"])) == 32          # subsampled, no repeats
+    assert set(out[domains[out] == "c"]) == set(range(90, 96))     # every small-lab row kept
+    np.testing.assert_array_equal(out, lab_balanced_rows(np.array(sorted(rows)), domains, 0))
+    one = np.arange(60)
+    np.testing.assert_array_equal(lab_balanced_rows(one, domains, 0), one)
