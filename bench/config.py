@@ -351,6 +351,8 @@ class RunSection(_Section):
     # multi-lab data with split = "kfold": also run leave-one-lab-out (DIR/labs) and add
     # the per-lab and worst-lab columns before the predictor is chosen
     leave_one_lab_out: bool = True
+    # also a transductive AdaBN figure per held-out lab (bench.labs.adabn_scores): own columns
+    lab_adabn: bool = False
     workers: int = Field(default=1, ge=1, le=1024)
     profile: str = "quick"
     out: str = Field(default="runs/latest", min_length=1)

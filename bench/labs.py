@@ -22,6 +22,13 @@ adds to the pooled leaderboard ``<lab>_<metric>`` (with ``_lo`` / ``_hi``),
 ``[run] metric = "worst_lab_balanced_accuracy"`` ranks and chooses by the worst lab. The
 long table is ``DIR/labs.csv``.
 
+With ``[run] lab_adabn``, :func:`adabn_scores` adds a **transductive** figure for the
+candidates that declare ``adaptable`` (batch-norm CNNs): each held-out lab's fold model
+with its batch-norm statistics re-estimated on that lab's own images (AdaBN, no label),
+scored on them: columns ``adabn_<lab>_balanced_accuracy`` and
+``adabn_worst_lab_balanced_accuracy``. It uses the test lab's images, so it is never the
+headline or the ranking; it says what adapting to a new lab's unlabelled images would buy.
+
 The runner calls :func:`leave_one_lab_out` with its own ``run_benchmark`` (passed in, as for
 :mod:`bench.leakage`, so this module does not import the runner).
 """
@@ -37,6 +44,8 @@ import pandas as pd
 from bench.config import Config
 from bench.rundir import RunDir
 from bench.scoring import score
+from core import registry
+from core.candidate import load_candidate, predict_proba_for, release_memory
 from core.metrics import LAB_METRICS, LAB_SUMMARIES, base_metric, metric_sort_ascending
 from core.progress import info
 
@@ -60,7 +69,7 @@ def lolo_config(cfg: Config, out) -> Config:
     fold metric, no report, external sets, leakage audit or studies shared with the
     pooled run (SQLite in ``out``: the study names ``NAME-foldK`` would clash)."""
     data = copy.deepcopy(cfg.data)
-    data["run"].update(out=str(out), split="lab", leave_one_lab_out=False,
+    data["run"].update(out=str(out), split="lab", leave_one_lab_out=False, lab_adabn=False,
                        metric=base_metric(data["run"]["metric"]))
     data["report"] = {**data["report"], "enabled": False, "leakage_audit": False}
     data["external"] = {}
@@ -94,6 +103,36 @@ def lab_scores(table: pd.DataFrame, classes: list[str], probas: dict[str, np.nda
     return pd.DataFrame(rows)
 
 
+def adabn_scores(lab_run: RunDir, names: list[str], level: float = 0.95,
+                 n_boot: int = N_BOOT, seed: int = SEED) -> pd.DataFrame:
+    """One row per adaptable candidate of ``names`` and held-out lab: ``adabn_<metric>``
+    (and ``_lo`` / ``_hi``) of its fold model adapted on the lab's images (see the module
+    docstring)."""
+    cfg = lab_run.config
+    registry.import_plugins(cfg["run"]["plugins"])
+    table, classes, y = lab_run.folds_table, lab_run.classes, lab_run.labels
+    rows = []
+    for name in names:
+        if name not in cfg.candidates or \
+                not registry.get(cfg.candidates[name]["type"]).adaptable:
+            continue
+        for k, _, test in lab_run.folds:
+            cand = load_candidate(lab_run.unit_model_dir(name, k))
+            X = np.asarray(lab_run.images[test])
+            cand.adapt(X)
+            proba = predict_proba_for(cand, X, np.arange(len(classes)))
+            del cand
+            release_memory()
+            sc = score(y[test], proba, classes, groups=table["group"].to_numpy()[test],
+                       n_boot=n_boot, seed=seed, level=level)
+            row = {"entry": name, "lab": str(table["domain"].iloc[test[0]])}
+            for m in LAB_METRICS:
+                row |= {f"adabn_{m}": sc[m], f"adabn_{m}_lo": sc["ci"][m]["lo"],
+                        f"adabn_{m}_hi": sc["ci"][m]["hi"]}
+            rows.append(row)
+    return pd.DataFrame(rows)
+
+
 def add_lab_columns(board: pd.DataFrame, scores: pd.DataFrame, metric: str) -> pd.DataFrame:
     """``board`` with the per-lab, worst-lab, mean-lab and gap columns of ``scores``
     (:func:`lab_scores`) for the entries it has, sorted by ``metric`` (a fold metric or
@@ -116,6 +155,14 @@ def add_lab_columns(board: pd.DataFrame, scores: pd.DataFrame, metric: str) -> p
         per_lab = board[[f"{lab}_balanced_accuracy" for lab in labs]].to_numpy(dtype=float)
         worst = [labs[int(np.nanargmin(r))] if np.isfinite(r).any() else "" for r in per_lab]
         board["worst_lab"] = worst
+    if "adabn_balanced_accuracy" in scores:   # transductive: its own columns, never a ranking
+        m = "balanced_accuracy"
+        for lab in labs:
+            board[f"adabn_{lab}_{m}"] = [
+                float(by.loc[(e, lab), f"adabn_{m}"]) if (e, lab) in by.index else np.nan
+                for e in board["candidate"]]
+        board[f"adabn_worst_lab_{m}"] = board[[f"adabn_{lab}_{m}" for lab in labs]].min(
+            axis=1, skipna=False)
     return board.sort_values(metric, ascending=metric_sort_ascending(metric),
                              kind="stable").reset_index(drop=True)
 
@@ -158,7 +205,13 @@ def leave_one_lab_out(run: RunDir, cfg: Config, board: pd.DataFrame, run_benchma
     lab_board = lab_run.read_leaderboard()
     probas = {n: lab_run.read_oof(n) for n in board["candidate"]
               if n in set(lab_board["candidate"])}
-    scores = lab_scores(lab_run.folds_table, lab_run.classes, probas,
-                        level=float(cfg["report"]["confidence"]))
+    level = float(cfg["report"]["confidence"])
+    scores = lab_scores(lab_run.folds_table, lab_run.classes, probas, level=level)
+    if cfg["run"]["lab_adabn"]:
+        info("AdaBN per held-out lab (transductive: batch-norm statistics of each lab's "
+             "own images)")
+        adapted = adabn_scores(lab_run, list(probas), level=level)
+        if len(adapted):
+            scores = scores.merge(adapted, on=["entry", "lab"], how="left")
     run.write_labs(scores)
     return add_lab_columns(board, scores, cfg["run"]["metric"]), scores

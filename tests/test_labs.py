@@ -83,6 +83,11 @@ hog = {{ orientations = 8, pixels_per_cell = 8, cells_per_block = 2 }}
 type = "feature_forest"
 params = {{ features = "hog", n_estimators = 30 }}
 
+[candidates.cnn_tiny]
+type = "scratch_cnn"
+tuning = {{ trials = 0 }}
+params = {{ blocks = 1, filters = 4, dense_units = 8, epochs = 3, patience = 3, batch_size = 16 }}
+
 [ensembles.vote_all]
 type = "soft_voting"
 members = "all"
@@ -96,7 +101,7 @@ description = "tests"
 """
 
 
-def write_config(path, root, run_extra="", source_extra=""):
+def write_config(path, root, run_extra="lab_adabn = true", source_extra=""):
     path.write_text(CONFIG.format(root=root, run_extra=run_extra, source_extra=source_extra))
     return path
 
@@ -154,9 +159,11 @@ def test_folds_carry_the_lab_and_every_lab_is_loaded(lab_run):
 def test_no_row_of_the_held_out_lab_reaches_a_fit_a_trial_or_a_weight(lab_run):
     _, out, seen = lab_run
     labs = pd.read_csv(out / "labs" / "folds.csv")
-    # the leave-one-lab-out units come after the pooled ones: 3 pooled + 3 held-out labs
-    lolo_fits, lolo_trials = seen["fit"][3:], seen["tune"][3:]
-    assert len(lolo_fits) == 3 and len(lolo_trials) == 3
+    # the leave-one-lab-out units come after the pooled ones: 2 candidates x 3 folds, then
+    # 2 candidates x 3 held-out labs (the CNN's early-stopping rows are drawn inside its fit);
+    # the forest alone is tuned (3 pooled studies, then 3 held-out labs)
+    lolo_fits, lolo_trials = seen["fit"][6:], seen["tune"][3:]
+    assert len(lolo_fits) == 6 and len(lolo_trials) == 3
     for marks in lolo_fits + lolo_trials:
         assert len(marks) == 2   # two labs' rows, never the third
     assert {frozenset(m) for m in lolo_fits} == {frozenset(v for k, v in MARK.items() if k != h)
@@ -187,8 +194,22 @@ def test_leaderboard_has_per_lab_worst_and_mean_columns_over_present_classes(lab
     assert row["c_balanced_accuracy_lo"] <= row["c_balanced_accuracy"] <= \
         row["c_balanced_accuracy_hi"]
     long = pd.read_csv(out / "labs.csv")
-    assert set(long["lab"]) == set(MARK) and set(long["entry"]) == {"rf_hog", "vote_all"}
+    assert set(long["lab"]) == set(MARK)
+    assert set(long["entry"]) == {"rf_hog", "cnn_tiny", "vote_all"}
     assert long[long.lab == "c"]["classes_present"].iloc[0] == "disc;square"
+
+
+def test_adabn_is_its_own_column_for_adaptable_candidates_only(lab_run):
+    board, out, _ = lab_run
+    long = pd.read_csv(out / "labs.csv")
+    cnn = long[long.entry == "cnn_tiny"]
+    assert cnn["adabn_balanced_accuracy"].between(0, 1).all() and len(cnn) == 3
+    assert long[long.entry == "rf_hog"]["adabn_balanced_accuracy"].isna().all()
+    row = board.set_index("candidate").loc["cnn_tiny"]
+    assert row["adabn_worst_lab_balanced_accuracy"] == pytest.approx(
+        min(row[f"adabn_{lab}_balanced_accuracy"] for lab in MARK))
+    # the ranking is the out-of-lab figure without adaptation
+    assert "adabn" not in board.columns[board.columns.get_loc("worst_lab")]
 
 
 def test_the_predictor_carries_the_out_of_lab_figures(lab_run):

@@ -63,10 +63,12 @@ def labs_section(run, out, colors, alpha: float = 0.05) -> dict:
         rows.append({"name": r["candidate"], "kind": r["kind"], "in_lab": fmt(r[METRIC]),
                      "labs": cells, "worst": fmt(r[worst]),
                      "mean": fmt(r[f"mean_lab_{METRIC}"]),
-                     "gap": fmt(r[f"lab_gap_{METRIC}"]), "worst_lab": r.get("worst_lab", "")})
+                     "gap": fmt(r[f"lab_gap_{METRIC}"]), "worst_lab": r.get("worst_lab", ""),
+                     "adabn": fmt(r.get(f"adabn_worst_lab_{METRIC}", np.nan))})
     in_lab_best = board.sort_values(METRIC, ascending=False, kind="stable").iloc[0]
     worst_best = board.iloc[0]
-    ctx = {"shown": True, "labs": labs, "rows": rows, "fig": fig, "csv": csv,
+    ctx = {"shown": True, "labs": labs, "rows": rows,
+           "adabn": f"adabn_worst_lab_{METRIC}" in board, "fig": fig, "csv": csv,
            "in_lab_winner": {"name": in_lab_best["candidate"],
                              "in_lab": fmt(in_lab_best[METRIC]),
                              "worst": fmt(in_lab_best[worst])},
@@ -94,10 +96,12 @@ def labs_section(run, out, colors, alpha: float = 0.05) -> dict:
           "fit, tuning and ensemble weight on the other labs). [95 % bootstrap CI over the "
           "lab's patients or slides]", "",
           "| entry | in-lab | " + " | ".join(f"{md_escape(lab)} held out" for lab in labs)
-          + " | worst lab | mean | gap |", "|---|---|" + "---|" * (len(labs) + 3)]
+          + " | worst lab | mean | gap |" + (" worst lab, AdaBN |" if ctx["adabn"] else ""),
+          "|---|---|" + "---|" * (len(labs) + 3 + ctx["adabn"])]
     for r in rows:
         md.append(f"| {md_escape(r['name'])} | {r['in_lab']} | " + " | ".join(
             f"{c['text']} {c['ci']}" for c in r["labs"]) +
-            f" | {r['worst']} ({md_escape(str(r['worst_lab']))}) | {r['mean']} | {r['gap']} |")
+            f" | {r['worst']} ({md_escape(str(r['worst_lab']))}) | {r['mean']} | {r['gap']} |"
+            + (f" {r['adabn']} |" if ctx["adabn"] else ""))
     ctx["markdown"] = "\n".join(md) + "\n"
     return ctx
