@@ -15,7 +15,7 @@ from PIL import Image
 
 from bench.labs import add_lab_columns, lab_scores
 from core.errors import BenchError
-from tests.conftest import TOY_CLASSES, toy_arrays
+from tests.conftest import SHARED, TOY_CLASSES, toy_arrays
 
 MARK = {"a": 11, "b": 22, "c": 33}   # corner pixel (channel 0) of each lab's images
 N = 10   # images per class and lab
@@ -319,3 +319,32 @@ def test_lab_balanced_rows_draw_every_lab_to_the_mean_lab_size():
     np.testing.assert_array_equal(out, lab_balanced_rows(np.array(sorted(rows)), domains, 0))
     one = np.arange(60)
     np.testing.assert_array_equal(lab_balanced_rows(one, domains, 0), one)
+
+
+@pytest.mark.skipif(not (SHARED / "data" / "chula" / "cells.csv").is_file()
+                    or not (SHARED / "data" / "deepapl" / "cells.csv").is_file()
+                    or not (SHARED / "data" / "pbc" / "pbc_64.npz").is_file(),
+                    reason=f"shared PBC, DeepAPL and Chula data not found under {SHARED / 'data'}")
+def test_the_shared_three_labs_load_as_wbc5_multi():
+    """benchmarks.toml's wbc5_multi on the real labs (the smoke profile's 800-image sample):
+    three labs, the five white-cell classes in each, patients and slides as groups."""
+    from pathlib import Path
+
+    from bench.config import load_config
+    from bench.folds import make_folds, make_groups
+    from bench.sources import prepare_data
+    root = Path(__file__).resolve().parents[1]
+    cfg = load_config(root / "benchmarks.toml", profile="smoke", data="wbc5_multi")
+    ds, _ = prepare_data(cfg, show_progress=False)
+    labs = ds.lab_summary()
+    assert list(labs) == ["pbc", "deepapl", "chula"]
+    assert all(abs(v["n_images"] - 800 // 3) <= 1 for v in labs.values())
+    assert all(min(v["counts"].values()) >= 2 for v in labs.values())   # every class, every lab
+    keys = pd.Series(ds.group_keys)
+    assert keys[keys.str.startswith("chula:")].nunique() <= 20          # slides
+    assert keys[keys.str.startswith("deepapl:")].nunique() <= 82        # patients
+    assert any("erythroblast" in s["path"] for s in ds.skipped)          # left out, said
+    groups, _ = make_groups(ds, preset=ds.group_keys)
+    folds = make_folds(ds.labels, groups, 3, 0, ds.classes, ds.domains)
+    table = pd.DataFrame({"lab": ds.domains, "fold": folds})
+    assert table.groupby("fold")["lab"].nunique().eq(3).all()
