@@ -182,6 +182,12 @@ class RunDir:
         table = self.folds_table
         return table["bag"].astype(str).to_numpy() if "bag" in table else None
 
+    @property
+    def domains(self) -> np.ndarray | None:
+        """Each row's lab (a multi-lab dataset), or ``None``."""
+        table = self.folds_table
+        return table["domain"].astype(str).to_numpy() if "domain" in table else None
+
     @cached_property
     def folds(self) -> PredefinedFolds:
         return PredefinedFolds(self.folds_table["fold"].to_numpy())

@@ -85,6 +85,7 @@ params = {{ features = "hog", n_estimators = 30 }}
 
 [candidates.cnn_tiny]
 type = "scratch_cnn"
+lab_balance = true
 tuning = {{ trials = 0 }}
 params = {{ blocks = 1, filters = 4, dense_units = 8, epochs = 3, patience = 3, batch_size = 16 }}
 
@@ -114,11 +115,13 @@ def lab_run(tmp_path_factory):
     base = tmp_path_factory.mktemp("labs")
     root = write_labs(base)
     cfg = write_config(base / "bench.toml", root)
-    seen = {"fit": [], "tune": [], "ens": []}
+    seen = {"fit": [], "tune": [], "ens": [], "counts": []}
     fit, tune, ens_fit = units.fit_candidate, units.tune_candidate, voting.SoftVoting.fit
 
     def spy_fit(cand, X, y, **kw):
-        seen["fit"].append(set(np.asarray(X)[:, 0, 0, 0].tolist()))
+        marks = np.asarray(X)[:, 0, 0, 0]
+        seen["fit"].append(set(marks.tolist()))
+        seen["counts"].append((type(cand).__name__, pd.Series(marks).value_counts().to_dict()))
         return fit(cand, X, y, **kw)
 
     def spy_tune(entry, X, y, *a, **kw):
@@ -166,6 +169,12 @@ def test_no_row_of_the_held_out_lab_reaches_a_fit_a_trial_or_a_weight(lab_run):
     assert len(lolo_fits) == 6 and len(lolo_trials) == 3
     for marks in lolo_fits + lolo_trials:
         assert len(marks) == 2   # two labs' rows, never the third
+    # the CNN draws each lab to the mean lab size (lab_balance); the forest takes every row
+    for kind, counts in seen["counts"]:
+        if kind == "ScratchCNN":
+            assert max(counts.values()) - min(counts.values()) <= 1, counts
+        elif MARK["c"] in counts and len(counts) > 1:   # lab c is smaller: rows as they come
+            assert counts[MARK["c"]] < max(counts.values()), counts
     assert {frozenset(m) for m in lolo_fits} == {frozenset(v for k, v in MARK.items() if k != h)
                                                  for h in MARK}
     # the ensemble's weights for each held-out lab: fitted on the other labs' rows only
