@@ -17,8 +17,8 @@ from bench.leaderboard import to_markdown
 from bench.scoring import bootstrap_weights
 from bench.stats import bootstrap_resamples
 from core.io import is_inside
-from core.metrics import (LABEL_METRICS, LOWER_IS_BETTER, METRICS, REGISTRY, fold_metrics,
-                          metric_label)
+from core.metrics import (LABEL_METRICS, LOWER_IS_BETTER, METRICS, RANKING_METRICS, REGISTRY,
+                          base_metric, fold_metrics, metric_label)
 from ensembles.bags import AGGREGATORS, CELL_AGGREGATORS, make_aggregator
 from ensembles.tta import TTA_VIEWS, VIEWS
 
@@ -29,7 +29,9 @@ def _literal(model, field):
 
 
 def test_the_config_schema_reads_the_registries():
-    assert _literal(RunSection, "metric") == METRICS
+    assert _literal(RunSection, "metric") == RANKING_METRICS
+    assert RANKING_METRICS[:len(METRICS)] == METRICS and all(
+        base_metric(m) in LABEL_METRICS for m in RANKING_METRICS[len(METRICS):])
     assert _literal(PredictorSection, "tta") == tuple(TTA_VIEWS)
     assert _literal(PatientsSection, "aggregators") == tuple(AGGREGATORS)
 
