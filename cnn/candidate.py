@@ -131,6 +131,7 @@ class KerasCandidate(Candidate):
 
         import cnn.augment  # noqa: F401  (registers the custom layers a model may hold)
         import cnn.backbones  # noqa: F401
+        import cnn.models  # noqa: F401  (CellCrop)
         import cnn.stain  # noqa: F401
         configure()
         self.model_ = keras.models.load_model(path / MODEL_FILE, safe_mode=True, compile=False)

@@ -373,6 +373,15 @@ def test_cell_crop_and_weight_averaging_train_save_and_reload(tmp_path):
     cand.save(tmp_path / "m")
     np.testing.assert_allclose(load_candidate(tmp_path / "m").predict_proba(X),
                                cand.predict_proba(X), atol=1e-5)
+    # a fresh process (as the run's main process and the predictor load it): the layer is
+    # registered by loading the candidate alone
+    import subprocess
+    import sys
+    code = ("import sys; from core.candidate import load_candidate; "
+            "m = load_candidate(sys.argv[1]); print(m.model_.get_layer('cell_crop').scale)")
+    done = subprocess.run([sys.executable, "-c", code, str(tmp_path / "m")],
+                          capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0 and done.stdout.strip().endswith("2.0"), done.stderr[-500:]
     frozen = ScratchCNN(ema=0.999, **small).fit(X, y)
     moving = ScratchCNN(ema=0.5, **small).fit(X, y)
     assert (frozen.predict_proba(X).argmax(1) == y).mean() < 0.5
