@@ -77,6 +77,13 @@ def lolo_config(cfg: Config, out) -> Config:
     return Config(data, source=cfg.source, profile=cfg.profile)
 
 
+def _metric_cells(sc: dict, prefix: str = "") -> dict:
+    """``<prefix><m>``, ``_lo`` and ``_hi`` of each lab metric of a :func:`score` result."""
+    return {f"{prefix}{m}{suffix}": v for m in LAB_METRICS
+            for suffix, v in (("", sc[m]), ("_lo", sc["ci"][m]["lo"]),
+                              ("_hi", sc["ci"][m]["hi"]))}
+
+
 def lab_scores(table: pd.DataFrame, classes: list[str], probas: dict[str, np.ndarray],
                level: float = 0.95, n_boot: int = N_BOOT, seed: int = SEED) -> pd.DataFrame:
     """One row per entry and held-out lab: ``n``, ``n_groups``, ``classes_present`` and,
@@ -94,12 +101,10 @@ def lab_scores(table: pd.DataFrame, classes: list[str], probas: dict[str, np.nda
             groups = table["group"].to_numpy()[sel]
             sc = score(y[sel], proba[sel], classes, groups=groups, n_boot=n_boot, seed=seed,
                        level=level)
-            row = {"entry": name, "lab": lab, "n": int(sel.sum()),
-                   "n_groups": int(len(np.unique(groups))),
-                   "classes_present": ";".join(sc["present_classes"])}
-            for m in LAB_METRICS:
-                row |= {m: sc[m], f"{m}_lo": sc["ci"][m]["lo"], f"{m}_hi": sc["ci"][m]["hi"]}
-            rows.append(row)
+            rows.append({"entry": name, "lab": lab, "n": int(sel.sum()),
+                         "n_groups": int(len(np.unique(groups))),
+                         "classes_present": ";".join(sc["present_classes"]),
+                         **_metric_cells(sc)})
     return pd.DataFrame(rows)
 
 
@@ -125,11 +130,8 @@ def adabn_scores(lab_run: RunDir, names: list[str], level: float = 0.95,
             release_memory()
             sc = score(y[test], proba, classes, groups=table["group"].to_numpy()[test],
                        n_boot=n_boot, seed=seed, level=level)
-            row = {"entry": name, "lab": str(table["domain"].iloc[test[0]])}
-            for m in LAB_METRICS:
-                row |= {f"adabn_{m}": sc[m], f"adabn_{m}_lo": sc["ci"][m]["lo"],
-                        f"adabn_{m}_hi": sc["ci"][m]["hi"]}
-            rows.append(row)
+            rows.append({"entry": name, "lab": str(table["domain"].iloc[test[0]]),
+                         **_metric_cells(sc, "adabn_")})
     return pd.DataFrame(rows)
 
 
@@ -140,29 +142,29 @@ def add_lab_columns(board: pd.DataFrame, scores: pd.DataFrame, metric: str) -> p
     board = board.copy()
     labs = list(dict.fromkeys(scores["lab"]))
     by = scores.set_index(["entry", "lab"])
-    for m in LAB_METRICS:
+
+    def per_lab(*cols: str, prefix: str = "") -> np.ndarray:
+        """Set ``<prefix><lab>_<col>`` from ``scores[<prefix><col>]`` for each lab and
+        column (in that order); returns (entries x labs) of the first column."""
         for lab in labs:
-            for suffix in ("", "_lo", "_hi"):
-                board[f"{lab}_{m}{suffix}"] = [
-                    float(by.loc[(e, lab), f"{m}{suffix}"]) if (e, lab) in by.index else np.nan
+            for col in cols:
+                board[f"{prefix}{lab}_{col}"] = [
+                    float(by.loc[(e, lab), prefix + col]) if (e, lab) in by.index else np.nan
                     for e in board["candidate"]]
-        per_lab = board[[f"{lab}_{m}" for lab in labs]].to_numpy(dtype=float)
-        board[f"worst_lab_{m}"] = np.min(per_lab, axis=1)
-        board[f"mean_lab_{m}"] = np.mean(per_lab, axis=1)
+        return board[[f"{prefix}{lab}_{cols[0]}" for lab in labs]].to_numpy(dtype=float)
+
+    for m in LAB_METRICS:
+        values = per_lab(m, f"{m}_lo", f"{m}_hi")
+        board[f"worst_lab_{m}"] = np.min(values, axis=1)
+        board[f"mean_lab_{m}"] = np.mean(values, axis=1)
         board[f"lab_gap_{m}"] = board[m] - board[f"mean_lab_{m}"]
-    key = f"{labs[0]}_balanced_accuracy" if labs else None
-    if key:
-        per_lab = board[[f"{lab}_balanced_accuracy" for lab in labs]].to_numpy(dtype=float)
-        worst = [labs[int(np.nanargmin(r))] if np.isfinite(r).any() else "" for r in per_lab]
-        board["worst_lab"] = worst
+    if labs:
+        values = board[[f"{lab}_balanced_accuracy" for lab in labs]].to_numpy(dtype=float)
+        board["worst_lab"] = [labs[int(np.nanargmin(r))] if np.isfinite(r).any() else ""
+                              for r in values]
     if "adabn_balanced_accuracy" in scores:   # transductive: its own columns, never a ranking
-        m = "balanced_accuracy"
-        for lab in labs:
-            board[f"adabn_{lab}_{m}"] = [
-                float(by.loc[(e, lab), f"adabn_{m}"]) if (e, lab) in by.index else np.nan
-                for e in board["candidate"]]
-        board[f"adabn_worst_lab_{m}"] = board[[f"adabn_{lab}_{m}" for lab in labs]].min(
-            axis=1, skipna=False)
+        board["adabn_worst_lab_balanced_accuracy"] = np.min(
+            per_lab("balanced_accuracy", prefix="adabn_"), axis=1)
     return board.sort_values(metric, ascending=metric_sort_ascending(metric),
                              kind="stable").reset_index(drop=True)
 

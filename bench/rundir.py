@@ -316,11 +316,16 @@ class RunDir:
 
     def read_labs(self) -> pd.DataFrame | None:
         """``labs.csv`` (entry x held-out lab), or ``None`` for a run without one."""
-        f = self.file(self.LABS_CSV)
+        return self._read_optional(self.LABS_CSV, "entry")
+
+    def _read_optional(self, name: str, key: str) -> pd.DataFrame | None:
+        """The CSV ``name`` with its column ``key`` (entry names) read as text, or ``None``
+        when the run has not written it."""
+        f = self.file(name)
         if not f.is_file():
             return None
         table = pd.read_csv(f)
-        table["entry"] = table["entry"].astype(str)
+        table[key] = table[key].astype(str)
         return table
 
     # -- leakage audit ---------------------------------------------------------------
@@ -329,12 +334,7 @@ class RunDir:
 
     def read_leakage(self) -> pd.DataFrame | None:
         """``leakage.csv``, or ``None`` when the run has no leakage audit."""
-        f = self.file(self.LEAKAGE_CSV)
-        if not f.is_file():
-            return None
-        table = pd.read_csv(f)
-        table["candidate"] = table["candidate"].astype(str)
-        return table
+        return self._read_optional(self.LEAKAGE_CSV, "candidate")
 
     # -- bag (patient) tasks -----------------------------------------------------------
     PATIENT_LEADERBOARD = "patient_leaderboard.csv"

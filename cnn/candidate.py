@@ -37,6 +37,7 @@ class KerasCandidate(Candidate):
     explainable = True
     fused_inference = True
     adaptable = True
+    ema = 0.0   # weight averaging (a parameter of ScratchCNN); the others train without
 
     def _build(self, image_size: int, n_classes: int):  # pragma: no cover - interface
         raise NotImplementedError
@@ -68,7 +69,7 @@ class KerasCandidate(Candidate):
             learning_rate=self.learning_rate, class_weight=self.class_weight,
             patience=self.patience, schedule=self.schedule, workdir=workdir,
             epoch_callbacks=epoch_callbacks, seed=self.seed, verbose=self.verbose,
-            ema=getattr(self, "ema", 0.0))
+            ema=self.ema)
         self.epochs_run_ = len(self.history_.get("loss", []))
         return self
 

@@ -47,8 +47,7 @@ class RunData:
         self.fold_ids = rd.folds.fold_ids
         # the fold metric the per-fold statistics use; a worst/mean-lab ranking is the labs
         # section's (bench.report.labs)
-        self.ranking = self.config["run"]["metric"]
-        self.metric = base_metric(self.ranking)
+        self.metric = base_metric(self.config["run"]["metric"])
         board = rd.read_leaderboard()
         self.oof, self.units, self.costs, self.stress, rows = {}, {}, {}, {}, []
         for _, r in board.iterrows():
