@@ -29,6 +29,7 @@ import tomli_w
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, create_model
 
 from core import registry
+from core.colour import BAG_COLOUR
 from core.conformal import METHODS, SCHEMES
 from core.errors import BenchError
 from core.images import crop_side, crops
@@ -398,6 +399,13 @@ class DataSection(_Section):
     bags: bool = False            # labels belong to the groups (patients): scored per group
     positive: str = ""            # the bag task's positive class (e.g. "APL")
     cell_types: str = Field(default="", pattern=r"^(.+:[^:]+)?$")   # composition aggregator
+    # the cell types (of cell_types) that carry the disease: the patient leaderboard's
+    # restricted-cell rows aggregate only these cells (e.g. blasts and promyelocytes)
+    disease_cells: list[str] = []
+    # Gaussian low-pass (sigma, model-input pixels) after the resize, in training and in the
+    # predictor (core.colour.smooth): the same cell at another export size or JPEG quality
+    # gives nearly the same input
+    smooth: Number = Field(default=0.0, ge=0, le=5)
     # several labs in one dataset (bench.datasets.load_sources): `classes` is the shared list
     sources: list[SourceEntry] = []
 
@@ -507,8 +515,18 @@ class PatientsSection(_Section):
     top_fraction: Number = Field(default=0.2, gt=0, le=1)
     # feature set of the composition's cell-type classifier
     composition_features: str = Field(default="all", min_length=1)
-    # decision threshold, chosen on the training folds' bags
-    threshold: Literal["youden", "half"] = "youden"
+    # decision threshold, chosen on the training folds' bags: "youden" (best balanced
+    # accuracy), "half" (0.5) or "sensitivity:X" (the highest threshold that keeps a
+    # sensitivity of at least X on them)
+    threshold: str = Field(default="youden",
+                           pattern=r"^(youden|half|sensitivity:(0?\.[0-9]+|1(\.0*)?))$")
+    # per-bag colour normalisation of the cells, in training, out-of-fold scoring and the
+    # predictor alike (core.colour.bag_colour): "none" or "reinhard" (each patient's
+    # pooled L*a*b* statistics mapped to one fixed target)
+    bag_colour: Literal[BAG_COLOUR] = "none"
+    # the report warns when a colour-only (shortcut) row's ROC AUC comes within this of the
+    # best other row's
+    shortcut_margin: Number = Field(default=0.1, ge=0, le=1)
     n_boot: int = Field(default=2000, ge=100)   # bootstrap over bags (CIs and paired tests)
     # fewer readable cells than this: no call ("refer"); "auto": the 5th percentile of
     # the training bags' cell counts (ensembles.bags.min_cells_from_counts)
@@ -666,6 +684,9 @@ def _check_bags(settings: Settings, feature_sets: dict, where: str) -> None:
         raise BenchError(f"{where}: [data] positive '{data.positive}' is not one of "
                          f"[data] classes {data.classes}")
     pat = settings.patients
+    if data.disease_cells and not data.cell_types:
+        raise BenchError(f"{where}: [data] disease_cells needs [data] cell_types = "
+                         "\"FILE.csv:COLUMN\" (each image's cell type)")
     if "composition" in pat.aggregators:
         if not data.cell_types:
             raise BenchError(f"{where}: [patients] aggregators has 'composition', which needs "

@@ -77,6 +77,7 @@ class Dataset:
     domains: list[str] = field(default_factory=list)
     group_keys: list[str] = field(default_factory=list)
     class_maps: dict = field(default_factory=dict)            # lab -> {its class: shared}
+    smooth: float = 0.0           # Gaussian low-pass applied to ``images`` ([data] smooth)
 
     def __len__(self) -> int:
         return len(self.labels)
@@ -88,7 +89,7 @@ class Dataset:
     @property
     def preprocessing(self) -> Preprocessing:
         """How every image was made (the record a predictor stores)."""
-        return Preprocessing(self.image_size)
+        return Preprocessing(self.image_size, smooth=float(self.smooth))
 
     def subset(self, rows: np.ndarray) -> "Dataset":
         rows = np.asarray(rows)
@@ -96,7 +97,8 @@ class Dataset:
         return Dataset(np.asarray(self.images[rows]), self.labels[rows], list(self.classes),
                        pick(self.sources), pick(self.pixel_hashes), self.origin,
                        self.content_hash, pick(self.original_sizes), self.skipped, self.converted,
-                       pick(self.domains), pick(self.group_keys), dict(self.class_maps))
+                       pick(self.domains), pick(self.group_keys), dict(self.class_maps),
+                       self.smooth)
 
     def summary(self) -> dict:
         counts = np.bincount(self.labels, minlength=len(self.classes))

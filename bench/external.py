@@ -55,7 +55,7 @@ def missing_input(entry: dict) -> str | None:
     return next((f for f in files if not Path(f).expanduser().exists()), None)
 
 
-def load_set(name: str, entry: dict, classes: list[str], image_size: int, seed: int):
+def load_set(name: str, entry: dict, classes: list[str], prep: Preprocessing, seed: int):
     """``(X, y, groups, info)`` of external set ``name`` at the run's image size."""
     ext = load_external(entry["path"], labels=entry["labels"] or None,
                         groups=entry["groups"] or None)
@@ -71,7 +71,7 @@ def load_set(name: str, entry: dict, classes: list[str], image_size: int, seed: 
         else np.arange(len(y))
     items = [ext.items[keep[r]] for r in rows]
     groups = None if ext.groups is None else [ext.groups[keep[r]] for r in rows]
-    X, _, ok, errors = Preprocessing(image_size).load(items, skip_errors=True)
+    X, _, ok, errors = prep.load(items, skip_errors=True)
     for _, exc in errors[:5]:
         warn(f"[external.{name}]: skipped {exc}")
     y = y[rows][ok]
@@ -84,7 +84,7 @@ def load_set(name: str, entry: dict, classes: list[str], image_size: int, seed: 
                           "left_out": ext.left_out}
 
 
-def bagged_probas(run: RunDir, names: list[str], kinds: dict, classes, image_size: int,
+def bagged_probas(run: RunDir, names: list[str], kinds: dict, classes, prep: Preprocessing,
                   X: np.ndarray) -> dict[str, np.ndarray]:
     """Each candidate's probabilities on ``X``: the mean over its fold models, run in one
     fused graph (:class:`ensembles.predictor.Predictor`)."""
@@ -92,7 +92,7 @@ def bagged_probas(run: RunDir, names: list[str], kinds: dict, classes, image_siz
                for n in names}
     manifest = {"classes": list(classes), "members": [{"name": n, "kind": kinds[n]}
                                                       for n in names],
-                "preprocessing": Preprocessing(image_size).to_dict()}
+                "preprocessing": prep.to_dict()}
     pred = Predictor(manifest, members, ensemble=None, path=run.path)
     out = {}
     for i in range(0, len(X), 512):
@@ -118,10 +118,10 @@ def score_external(run: RunDir, cfg, ds, board: pd.DataFrame, stored: dict, kind
             warn(f"external set '{name}' skipped: {gone} not found")
             continue
         t = time.perf_counter()
-        X, y, groups, meta = load_set(name, entry, ds.classes, ds.image_size,
+        X, y, groups, meta = load_set(name, entry, ds.classes, ds.preprocessing,
                                       int(cfg["run"]["seed"]))
         info(f"external set '{name}': {meta['n']} images; scoring {len(board)} entries")
-        probas = bagged_probas(run, candidates, kinds, ds.classes, ds.image_size, X)
+        probas = bagged_probas(run, candidates, kinds, ds.classes, ds.preprocessing, X)
         for e in ensembles:
             members, ens = final_ensemble(e, "ensemble", cfg.ensembles, stored, kinds,
                                           ds.labels, folds, stressed)

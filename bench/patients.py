@@ -20,6 +20,27 @@ The decision threshold for a fold's bags is chosen (``[patients] threshold``) on
 other folds' bags only, as the stacking ensembles choose their weights. Nothing from a
 test bag enters any fit or threshold used to score it.
 
+Rows a reader needs beside the models' own:
+
+* **shortcut rows**: the rows of colour-only candidates (``[report] colour_extractors``,
+  e.g. ``rf_color``) are marked ``shortcut``: a smear's stain and camera can go with its
+  diagnosis in a small cohort, and a high colour-only row says the other rows may be
+  reading it too (the report warns within ``[patients] shortcut_margin`` of the best);
+* **restricted-cell rows** (``[data] disease_cells``): each cell aggregator over only the
+  cells of the types that carry the disease (DeepAPL: blasts and promyelocytes, as the
+  study did), so a reader sees whether the signal sits in the cells that should carry it.
+
+Neither kind is ever chosen for the predictor.
+
+**Nested selection.** The predictor carries the row :func:`choose_row` picks (best ROC
+AUC, then log loss, among the rows a predictor can apply: a cell aggregator over all
+cells, no shortcut), with the threshold chosen on every bag. Picking the best of many rows
+on the bags it is then reported on is optimistic, so the same choice is made once per
+outer fold on the *other* folds' bags only (their out-of-fold scores): the fold's bags
+are scored by the row and threshold chosen without them. Those scores, pooled, give the
+``nested`` row of the leaderboard (``nested_roc_auc`` and the rest): the honest figure
+of the procedure that made the predictor.
+
 Metrics over the pooled out-of-fold bag scores: ROC AUC, balanced accuracy, sensitivity,
 specificity at the fold's threshold, and log loss of the score read as a probability,
 each with a 95 % percentile interval from a bootstrap over bags (stratified by label, so
@@ -41,11 +62,12 @@ from sklearn.pipeline import make_pipeline
 from sklearn.preprocessing import StandardScaler
 
 from bench.folds import column_by_row
+from bench.report.cards import colour_only_candidates
 from bench.rundir import RunDir
 from bench.stats import bootstrap_resamples, holm
 from core.conformal import refer_band
 from core.errors import BenchError
-from core.progress import info, progress_iter
+from core.progress import info, progress_iter, warn
 from core.splits import PredefinedFolds
 from ensembles.bags import (CELL_AGGREGATORS, MIN_CELLS_PERCENTILE, CompositionAggregator,
                             choose_threshold, make_aggregator, min_cells_from_counts,
@@ -112,6 +134,35 @@ def _boot(scores, decisions, y, idx) -> dict:
 METRIC_COLUMNS = ("roc_auc", "balanced_accuracy", "sensitivity", "specificity", "log_loss")
 
 
+# ----------------------------------------------------------------------------- choice
+
+def choose_row(scores: dict, y: np.ndarray, keys: list[str]) -> str:
+    """The row of ``keys`` a predictor carries, judged on the bags given (``scores``:
+    row -> scores of these bags, ``y`` their labels): the best ROC AUC, ties broken by
+    the lower log loss, then by the order of ``keys``."""
+    S = np.stack([np.asarray(scores[k], dtype=float) for k in keys])
+    auc = _auc_rows(S, y) if 0 < y.sum() < len(y) else np.zeros(len(keys))
+    p = np.clip(S, EPS, 1 - EPS)
+    ll = -np.mean(y * np.log(p) + (1 - y) * np.log(1 - p), axis=1)
+    order = np.lexsort((np.arange(len(keys)), ll, -np.round(auc, 12)))
+    return keys[int(order[0])]
+
+
+def nested_selection(scores: dict, bags: "Bags", keys: list[str], rule: str):
+    """Per outer fold, the row (:func:`choose_row`) and threshold chosen on the other
+    folds' bags only; returns ``(nested scores, nested thresholds, per-fold choices)``,
+    each bag scored by the row chosen without it."""
+    out, thr, choices = np.zeros(len(bags)), np.zeros(len(bags)), []
+    for k in np.unique(bags.fold):
+        test, inner = bags.fold == k, bags.fold != k
+        row = choose_row({key: scores[key][inner] for key in keys}, bags.y[inner], keys)
+        t = choose_threshold(scores[row][inner], bags.y[inner], rule)
+        out[test], thr[test] = scores[row][test], t
+        choices.append({"fold": int(k), "row": row, "threshold": float(t),
+                        "n_inner_bags": int(inner.sum()), "n_test_bags": int(test.sum())})
+    return out, thr, choices
+
+
 # ----------------------------------------------------------------------------- scores
 
 def _fold_thresholds(scores: np.ndarray, bags: Bags, rule: str) -> np.ndarray:
@@ -123,9 +174,13 @@ def _fold_thresholds(scores: np.ndarray, bags: Bags, rule: str) -> np.ndarray:
     return out
 
 
-def cell_aggregate(p_cell: np.ndarray, bags: Bags, name: str, settings: dict) -> np.ndarray:
+def cell_aggregate(p_cell: np.ndarray, bags: Bags, name: str, settings: dict,
+                   bag_rows: list[np.ndarray] | None = None) -> np.ndarray:
+    """Each bag's score from its cells' probabilities (``bag_rows``: only these rows of
+    each bag; a bag left without a cell scores 0, no evidence)."""
     agg = make_aggregator(name, settings)
-    return agg.score([p_cell[r] for r in bags.rows])
+    return np.array([agg.score_bag(p_cell[r]) if len(r) else 0.0
+                     for r in (bag_rows if bag_rows is not None else bags.rows)])
 
 
 def read_cell_types(cfg, ds, n_bags: int) -> np.ndarray:
@@ -208,17 +263,23 @@ def score_patients(run: RunDir, cfg, ds, board: pd.DataFrame, stored: dict,
     bags = Bags(run.bags, ds.labels, pos, folds)
     rule = settings["threshold"]
     kinds = dict(zip(board["candidate"], board["kind"]))
+    shortcut = set(colour_only_candidates(cfg.data, cfg["report"]["colour_extractors"]))
+    restrict = _disease_rows(cfg, ds, bags)
     rows, scores, thresholds = [], {}, {}
     for entry in board["candidate"]:
         p_cell = stored[entry][:, pos]
         for name in settings["aggregators"]:
             if name not in CELL_AGGREGATORS:
                 continue
-            key = f"{entry}+{name}"
-            scores[key] = cell_aggregate(p_cell, bags, name, settings)
-            thresholds[key] = _fold_thresholds(scores[key], bags, rule)
-            rows.append({"entry": key, "source": entry, "kind": kinds[entry],
-                         "aggregator": name})
+            for cells, bag_rows in (("all", None), ("disease", restrict)):
+                if cells == "disease" and bag_rows is None:
+                    continue
+                key = f"{entry}+{name}" + ("[disease cells]" if cells == "disease" else "")
+                scores[key] = cell_aggregate(p_cell, bags, name, settings, bag_rows)
+                thresholds[key] = _fold_thresholds(scores[key], bags, rule)
+                rows.append({"entry": key, "source": entry, "kind": kinds[entry],
+                             "aggregator": name, "cells": cells,
+                             "shortcut": entry in shortcut})
     comp_types = []
     if "composition" in settings["aggregators"]:
         fs_name = settings["composition_features"]
@@ -229,7 +290,20 @@ def score_patients(run: RunDir, cfg, ds, board: pd.DataFrame, stored: dict,
         scores[key], thresholds[key], comp, comp_types = composition_scores(
             feats, cell_types, bags, settings, show_progress)
         rows.append({"entry": key, "source": f"cell types ({fs_name} features)",
-                     "kind": "composition", "aggregator": "composition"})
+                     "kind": "composition", "aggregator": "composition", "cells": "all",
+                     "shortcut": False})
+
+    # the predictor's row, and the same choice made per outer fold without its bags
+    eligible = [r["entry"] for r in rows if _carriable(r)]
+    nested = None
+    if eligible:
+        key = NESTED
+        scores[key], thresholds[key], choices = nested_selection(scores, bags, eligible, rule)
+        rows.append({"entry": key, "source": "nested selection", "kind": "nested",
+                     "aggregator": "chosen per outer fold", "cells": "all",
+                     "shortcut": False})
+        nested = {"choices": choices, "n_candidates": len(eligible),
+                  "chosen_on_all_bags": choose_row(scores, bags.y, eligible)}
 
     idx = bootstrap_indices(bags.y, int(settings["n_boot"]), int(settings["seed"]))
     boots = {}
@@ -242,19 +316,29 @@ def score_patients(run: RunDir, cfg, ds, board: pd.DataFrame, stored: dict,
         for m in METRIC_COLUMNS:
             lo, hi = np.nanpercentile(boots[key][m], [50 * (1 - LEVEL), 50 * (1 + LEVEL)])
             r[f"{m}_lo"], r[f"{m}_hi"] = float(lo), float(hi)
-    table = pd.DataFrame(rows).sort_values(["roc_auc", "balanced_accuracy", "log_loss"],
-                                           ascending=[False, False, True], kind="stable")
+    table = pd.DataFrame([r for r in rows if r["kind"] != "nested"]).sort_values(
+        ["roc_auc", "balanced_accuracy", "log_loss"], ascending=[False, False, True],
+        kind="stable")
     best = table["entry"].iloc[0]
-    diffs = {k: boots[best]["roc_auc"] - b["roc_auc"] for k, b in boots.items() if k != best}
+    diffs = {k: boots[best]["roc_auc"] - b["roc_auc"] for k, b in boots.items()
+             if k not in (best, NESTED)}
     p = {k: float(min(1.0, 2 * min(np.mean(d <= 0), np.mean(d >= 0)))) for k, d in diffs.items()}
     keys = list(p)
     adjusted = dict(zip(keys, holm([p[k] for k in keys]))) if keys else {}
+    table.insert(0, "rank", np.arange(1, len(table) + 1))
+    if nested is not None:   # the procedure's figure: first, without a rank
+        table = pd.concat([pd.DataFrame([r for r in rows if r["kind"] == "nested"]), table],
+                          ignore_index=True)
     table["auc_diff_vs_best"] = [float(np.mean(diffs[k])) if k in diffs else 0.0
                                  for k in table["entry"]]
     table["p_vs_best"] = [p.get(k, np.nan) for k in table["entry"]]
     table["p_vs_best_holm"] = [adjusted.get(k, np.nan) for k in table["entry"]]
     table["n_bags"] = len(bags)
-    table.insert(0, "rank", np.arange(1, len(table) + 1))
+    if nested is not None:
+        r = table[table["kind"] == "nested"].iloc[0]
+        nested.update({f"nested_{m}{x}": float(r[f"{m}{x}"]) for m in METRIC_COLUMNS
+                       for x in ("", "_lo", "_hi")})
+    warning = shortcut_warning(table, float(settings["shortcut_margin"]))
 
     negative = negative_label(ds.classes, positive)
     bag_table = pd.DataFrame({"bag": bags.names, "label": np.where(
@@ -265,31 +349,85 @@ def score_patients(run: RunDir, cfg, ds, board: pd.DataFrame, stored: dict,
         score_cols[f"score:{key}"] = scores[key]
         score_cols[f"threshold:{key}"] = thresholds[key]
     bag_table = pd.concat([bag_table, pd.DataFrame(score_cols)], axis=1)
-    carry = choose_carried(table)
+    carry = choose_carried(table, None if nested is None else nested["chosen_on_all_bags"])
     cells = _cell_table(run, ds, bags, stored, carry, pos) if carry is not None else \
         pd.DataFrame(columns=["row", "bag", "source", "cell_probability"])
     meta = {"positive": positive, "negative": negative, "classes": list(ds.classes), "n_bags": len(bags),
             "n_positive": int(bags.y.sum()), "threshold_rule": rule,
             "settings": dict(settings), "best": best,
             "carried": None if carry is None else carry, "composition_types": comp_types,
+            "nested": nested, "shortcut_warning": warning,
+            "disease_cells": list(cfg["data"]["disease_cells"]),
+            "bags_without_disease_cells": (None if restrict is None else int(sum(
+                len(r) == 0 for r in restrict))),
             "bootstrap": {"n_boot": int(settings["n_boot"]), "stratified": True,
                           "level": LEVEL, "seed": int(settings["seed"])},
             "seconds": time.perf_counter() - t0}
     run.write_patients(table, bag_table, cells, meta)
-    top = table.iloc[0]
-    info(f"patients: best {top['entry']} ROC AUC {top['roc_auc']:.3f} "
+    top = table[table["kind"] != "nested"].iloc[0]
+    info(f"patients: best row {top['entry']} ROC AUC {top['roc_auc']:.3f} "
          f"[{top['roc_auc_lo']:.3f}, {top['roc_auc_hi']:.3f}] over {len(bags)} bags")
+    if nested is not None:
+        info(f"patients: nested selection (the predictor's procedure) ROC AUC "
+             f"{nested['nested_roc_auc']:.3f} [{nested['nested_roc_auc_lo']:.3f}, "
+             f"{nested['nested_roc_auc_hi']:.3f}]")
+    if warning:
+        warn(f"patients: {warning}")
     return table
 
 
-def choose_carried(table: pd.DataFrame) -> dict | None:
-    """The best row a predictor can carry (a cell-level entry and a cell aggregator)."""
-    ok = table[table["aggregator"].isin(CELL_AGGREGATORS)]
+NESTED = "nested selection"
+
+
+def _carriable(r) -> bool:
+    """A row a predictor can apply to a new patient's cells: a cell aggregator over all
+    of them, not a shortcut baseline."""
+    return (r["aggregator"] in CELL_AGGREGATORS and r.get("cells", "all") == "all"
+            and not bool(r.get("shortcut", False)))
+
+
+def choose_carried(table: pd.DataFrame, row: str | None = None) -> dict | None:
+    """The row a predictor carries: ``row`` (chosen by :func:`choose_row`), else the
+    first carriable row of the table."""
+    ok = table[[_carriable(r) for _, r in table.iterrows()]] if len(table) else table
     if ok.empty:
         return None
-    r = ok.iloc[0]
+    r = ok[ok["entry"] == row].iloc[0] if row is not None and (ok["entry"] == row).any() \
+        else ok.iloc[0]
     return {"entry": str(r["source"]), "aggregator": str(r["aggregator"]),
             "row": str(r["entry"]), "roc_auc": float(r["roc_auc"])}
+
+
+def shortcut_warning(table: pd.DataFrame, margin: float) -> str:
+    """A line when the best shortcut (colour-only) row comes within ``margin`` of the ROC
+    AUC of the best other model row, else ``""``."""
+    if "shortcut" not in table or not table["shortcut"].any():
+        return ""
+    models = table[~table["shortcut"].astype(bool) & (table["kind"] != "nested")]
+    cut = table[table["shortcut"].astype(bool)].sort_values("roc_auc", ascending=False)
+    if models.empty:
+        return ""
+    s, b = cut.iloc[0], models.sort_values("roc_auc", ascending=False).iloc[0]
+    if float(s["roc_auc"]) < float(b["roc_auc"]) - margin:
+        return ""
+    return (f"the colour-only row {s['entry']} reaches ROC AUC {s['roc_auc']:.3f}, within "
+            f"{margin:.2f} of the best row {b['entry']} ({b['roc_auc']:.3f}): the smears' "
+            "colour may give the diagnosis away in this cohort, and the models may read it "
+            "too (try [patients] bag_colour = \"reinhard\")")
+
+
+def _disease_rows(cfg, ds, bags: Bags) -> list[np.ndarray] | None:
+    """Each bag's rows of the ``[data] disease_cells`` types, or ``None`` without them."""
+    wanted = list(cfg["data"]["disease_cells"])
+    if not wanted:
+        return None
+    types = read_cell_types(cfg, ds, len(bags))
+    unknown = sorted(set(wanted) - set(types))
+    if unknown:
+        raise BenchError(f"[data] disease_cells: {unknown} not among the cell types of "
+                         f"[data] cell_types ({sorted(set(types) - {''})})")
+    keep = np.isin(types, wanted)
+    return [r[keep[r]] for r in bags.rows]
 
 
 def _cell_table(run, ds, bags: Bags, stored, carry: dict, pos: int) -> pd.DataFrame:
@@ -308,7 +446,11 @@ def bag_settings(cfg, patients, name: str) -> dict:
     """What a bag task's predictor stores: the aggregator of ``name``'s best patient row
     and its threshold, chosen on every bag's out-of-fold score."""
     board, bag_table, _, meta = patients
-    rows = board[(board["source"] == name) & board["aggregator"].isin(CELL_AGGREGATORS)]
+    carried = meta.get("carried") or {}
+    rows = board[(board["source"] == name) & board["aggregator"].isin(CELL_AGGREGATORS)
+                 & (board.get("cells", "all") == "all")]
+    if carried.get("entry") == name:
+        rows = rows[rows["entry"] == carried["row"]]
     r = rows.iloc[0]
     params = make_aggregator(r["aggregator"], cfg["patients"]).params()
     min_cells = cfg["patients"]["min_cells"]
@@ -326,8 +468,13 @@ def bag_settings(cfg, patients, name: str) -> dict:
             "threshold_rule": meta["threshold_rule"] + " on every bag's out-of-fold score",
             "patient_leaderboard": {k: float(r[k]) for k in
                                     ("roc_auc", "roc_auc_lo", "roc_auc_hi",
-                                     "balanced_accuracy", "sensitivity", "specificity")}}
+                                     "balanced_accuracy", "sensitivity", "specificity")}
+            | {k: v for k, v in (meta.get("nested") or {}).items()
+               if k.startswith("nested_")},
+            **({"colour": {"bag_colour": cfg["patients"]["bag_colour"]}}
+               if cfg["patients"]["bag_colour"] != "none" else {})}
 
 
-__all__ = ["score_patients", "read_cell_types", "choose_carried", "final_threshold", "Bags", "bootstrap_indices",
-           "composition_scores", "bag_settings"]
+__all__ = ["score_patients", "read_cell_types", "choose_carried", "choose_row",
+           "nested_selection", "shortcut_warning", "final_threshold", "Bags",
+           "bootstrap_indices", "composition_scores", "bag_settings", "NESTED"]

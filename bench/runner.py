@@ -27,7 +27,7 @@ from bench.folds import (folds_hash, folds_table, lab_folds, make_bag_folds, mak
 from bench.leaderboard import ensemble_costs, make_table, to_markdown
 from bench.labs import has_lab_columns, lab_names, lab_summary, leave_one_lab_out, runs_lolo
 from bench.leakage import leakage_audit
-from bench.sources import prepare_data
+from bench.sources import prepare_data, with_bag_colour
 from bench.patients import bag_settings, read_cell_types, score_patients
 from bench.prepare import prepare_candidates
 from bench.report import report_after_run
@@ -156,6 +156,8 @@ def prepare_run(cfg: Config, force: bool = False, show_progress: bool = True):
             folds = make_bag_folds(ds.labels, bags, groups, cfg["run"]["folds"],
                                    cfg["run"]["seed"], ds.classes)
             group_info["bags"] = int(len(np.unique(bags)))
+            # each bag's cells colour-normalised together, before any candidate sees them
+            ds = with_bag_colour(ds, bags, cfg["patients"]["bag_colour"])
             if "composition" in cfg["patients"]["aggregators"]:   # before any unit runs
                 read_cell_types(cfg, ds, group_info["bags"])
         else:

@@ -37,7 +37,9 @@ from bench.config import Config, did_you_mean
 from bench.datasets import (Dataset, check_classes, load_dataset, parse_csv_spec,
                             prepare_dataset, stratified_subset)
 from bench.folds import column_by_row, make_groups
+from core.colour import bag_colour, smooth
 from core.errors import BenchError
+from core.io import stable_hash
 from core.progress import info, warn
 
 
@@ -101,10 +103,33 @@ def prepare_data(cfg: Config, show_progress: bool = True) -> tuple[Dataset, Path
     """The run's dataset and where it came from: the labs of ``[data] sources``
     (:func:`load_sources`), else :func:`bench.datasets.prepare_dataset`."""
     if not cfg["data"]["sources"]:
-        return prepare_dataset(cfg, show_progress)
-    ds = load_sources(cfg, show_progress)
-    check_classes(ds, int(cfg["run"]["folds"]))
-    return ds, Path(ds.origin)
+        ds, path = prepare_dataset(cfg, show_progress)
+    else:
+        ds = load_sources(cfg, show_progress)
+        check_classes(ds, int(cfg["run"]["folds"]))
+        path = Path(ds.origin)
+    return with_smoothing(ds, float(cfg["data"]["smooth"])), path
+
+
+def with_smoothing(ds: Dataset, sigma: float) -> Dataset:
+    """``ds`` with ``[data] smooth`` applied to its images (:func:`core.colour.smooth`);
+    its content hash and preprocessing record say so."""
+    if not sigma:
+        return ds
+    ds.images = smooth(ds.images, sigma)
+    ds.smooth = sigma
+    ds.content_hash = stable_hash({"images": ds.content_hash, "smooth": sigma})
+    return ds
+
+
+def with_bag_colour(ds: Dataset, bag_of_row, method: str) -> Dataset:
+    """``ds`` with each bag's cells colour-normalised together (``[patients] bag_colour``,
+    :func:`core.colour.bag_colour`); its content hash says so."""
+    if method == "none":
+        return ds
+    ds.images = bag_colour(np.asarray(ds.images), bag_of_row, method)
+    ds.content_hash = stable_hash({"images": ds.content_hash, "bag_colour": method})
+    return ds
 
 
 def load_sources(cfg: Config, show_progress: bool = True) -> Dataset:

@@ -12,7 +12,9 @@ with :func:`resolve_preprocessing` (as timm stores a model's data config with it
 Steps, in order: decode (PIL) -> 8-bit RGB (grayscale repeated; palette, CMYK converted;
 16-bit and float scaled to 0-255; alpha composited on white by :func:`composite_on_white`)
 -> the whole image resized to ``image_size`` x ``image_size`` (PIL bicubic, antialiased;
-no crop). Images already at that size are passed through untouched.
+no crop; images already at that size are passed through untouched) -> optionally a Gaussian
+low-pass of ``smooth`` pixels (:func:`core.colour.smooth`: the same cell exported at another
+size or JPEG quality gives nearly the same input).
 """
 
 from __future__ import annotations
@@ -27,6 +29,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageFile, UnidentifiedImageError
 
+from core.colour import smooth
 from core.errors import BenchError
 
 ImageFile.LOAD_TRUNCATED_IMAGES = False
@@ -167,12 +170,14 @@ class Preprocessing:
     resize : PIL filter of the whole-image resize (``"bicubic"``, antialiased).
     color : ``"rgb8"``: 8-bit RGB.
     alpha : ``"white"``: transparent pixels composited on white.
+    smooth : sigma in pixels of a Gaussian low-pass after the resize (0: none).
     """
 
     image_size: int
     resize: str = "bicubic"
     color: str = "rgb8"
     alpha: str = "white"
+    smooth: float = 0.0
 
     def __post_init__(self):
         if not isinstance(self.image_size, int) or isinstance(self.image_size, bool) \
@@ -184,9 +189,16 @@ class Preprocessing:
             if getattr(self, name) not in allowed:
                 raise BenchError(f"preprocessing: {name} must be one of {sorted(allowed)}, "
                                  f"got {getattr(self, name)!r}")
+        if isinstance(self.smooth, bool) or not isinstance(self.smooth, (int, float)) \
+                or not 0 <= self.smooth <= 5:
+            raise BenchError(f"preprocessing: smooth must be a number in [0, 5], "
+                             f"got {self.smooth!r}")
 
     def to_dict(self) -> dict:
-        return asdict(self)
+        d = asdict(self)
+        if not self.smooth:   # records written before the step existed read the same
+            d.pop("smooth")
+        return d
 
     @classmethod
     def from_dict(cls, d: dict) -> "Preprocessing":
@@ -210,12 +222,12 @@ class Preprocessing:
         return np.asarray(img, dtype=np.uint8).copy(), digest
 
     def resize_array(self, a: np.ndarray) -> np.ndarray:
-        """An (H, W, 3) ``uint8`` array resized whole, as in training."""
+        """An (H, W, 3) ``uint8`` array resized whole (and smoothed), as in training."""
         s = self.image_size
-        if a.shape[:2] == (s, s):
-            return a
-        return np.asarray(Image.fromarray(a).resize((s, s), RESIZE_FILTERS[self.resize]),
-                          dtype=np.uint8)
+        if a.shape[:2] != (s, s):
+            a = np.asarray(Image.fromarray(a).resize((s, s), RESIZE_FILTERS[self.resize]),
+                           dtype=np.uint8)
+        return smooth(a, self.smooth)
 
     def apply(self, item) -> np.ndarray:
         """One image path or array -> (S, S, 3) ``uint8`` model input."""
@@ -277,7 +289,8 @@ class Preprocessing:
 
     def apply_batch(self, x) -> np.ndarray:
         """Paths, one path, or ``uint8`` arrays of any size -> (N, S, S, 3) ``uint8``; a
-        batch already at the size is passed through untouched."""
+        4-D batch already at the size is model input as it is (what :meth:`load` returns:
+        no step, ``smooth`` included, is applied to it again)."""
         s = self.image_size
         if isinstance(x, np.ndarray) and x.ndim == 4 and x.shape[1:] == (s, s, 3):
             if x.dtype != np.uint8:

@@ -145,13 +145,26 @@ def choose_threshold(scores: np.ndarray, y: np.ndarray, rule: str = "youden") ->
     """Decision threshold (``score >= t`` is positive) chosen on training bags.
 
     ``"youden"``: the cut maximising sensitivity + specificity - 1 (balanced accuracy),
-    midway between neighbouring scores, ties broken toward 0.5; ``"half"``: 0.5.
+    midway between neighbouring scores, ties broken toward 0.5; ``"half"``: 0.5;
+    ``"sensitivity:X"``: the highest cut that keeps at least a fraction X of the positive
+    bags at or above it (midway between the last positive it must keep and the next lower
+    score): the best specificity at that sensitivity.
     """
     if rule == "half":
         return 0.5
+    s, y = np.asarray(scores, dtype=float), np.asarray(y).astype(int)
+    if rule.startswith("sensitivity:"):
+        target = float(rule.split(":", 1)[1])
+        if not 0 <= target <= 1:
+            raise ValueError(f"sensitivity must be in [0, 1], got {target}")
+        pos = np.sort(s[y == 1])[::-1]
+        if not len(pos):
+            return 0.5
+        keep = pos[max(1, math.ceil(target * len(pos) - 1e-9)) - 1]
+        below = s[s < keep]
+        return float((keep + below.max()) / 2 if len(below) else keep - 1e-9)
     if rule != "youden":
         raise ValueError(f"unknown threshold rule '{rule}'")
-    s, y = np.asarray(scores, dtype=float), np.asarray(y).astype(int)
     if len(np.unique(y)) < 2:
         return 0.5
     u = np.unique(s)

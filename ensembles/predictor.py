@@ -35,6 +35,7 @@ from core.calibration import apply_temperature
 from core.conformal import ConformalSets, join_set, review_of
 from core.candidate import CANDIDATE_FILE, Candidate, load_candidate
 from core.errors import BenchError
+from core.colour import BAG_COLOUR, bag_colour
 from core.images import Preprocessing, as_items, resolve_preprocessing
 from core.progress import progress_iter
 from core.shift import ShiftReference
@@ -155,16 +156,31 @@ class Predictor:
         probabilities needed, see :class:`core.conformal.ConformalSets`)."""
         return self.conformal_ is not None and self.conformal_.n_folds is not None
 
-    def predict_proba(self, x, batch_size: int = 256, folds: bool = False):
+    @property
+    def bag_colour_(self) -> str:
+        """The per-bag colour normalisation a bag task was trained with (``"none"``)."""
+        spec = self.bag_task_
+        return (spec.get("colour") or {}).get("bag_colour", "none") if spec else "none"
+
+    def predict_proba(self, x, batch_size: int = 256, folds: bool = False,
+                      one_bag: bool = False):
         """Class probabilities (N, n_classes) for image paths or ``uint8`` arrays of any
         size; images are read and resized one batch at a time, each only once (files: the
         next batch is read while the current one is classified). With ``folds``:
         ``(proba, fold_proba)``, the second (n_folds, N, n_classes), the ensemble as each
-        fold's models make it (for cross-conformal sets)."""
+        fold's models make it (for cross-conformal sets).
+
+        A bag task trained with ``[patients] bag_colour`` normalises the colour of a bag's
+        cells together (:func:`core.colour.bag_colour`): :meth:`predict_bags` does it per
+        bag; here ``x`` is read whole and normalised as one bag (``one_bag``: ``x`` is
+        model input already normalised so)."""
         if isinstance(x, np.ndarray) and x.ndim == 4 and x.shape[1:3] == (self.image_size,) * 2:
             items = x
         else:
             items = as_items(x)
+        if self.bag_colour_ != "none" and not one_bag:
+            items = bag_colour(self.preprocessing.apply_batch(items), np.zeros(len(items)),
+                               self.bag_colour_)
         prep = self.preprocessing.apply_batch
         starts = list(range(0, len(items), batch_size))
         chunks, fold_chunks = [], []
@@ -325,7 +341,9 @@ class Predictor:
             X, _, ok, errors = self.preprocessing.load(items, skip_errors=True)
             skipped = [(f"array {i}" if isinstance(items[i], np.ndarray) else str(items[i]),
                         str(exc)) for i, exc in errors]
-            proba = (self.predict_proba(X, batch_size) if len(ok)
+            if len(ok) and self.bag_colour_ != "none":   # the bag's cells together
+                X = bag_colour(X, np.zeros(len(X)), self.bag_colour_)
+            proba = (self.predict_proba(X, batch_size, one_bag=True) if len(ok)
                      else np.zeros((0, len(classes))))
             shift = self.shift_reference_.score(X) if (
                 self.shift_reference_ is not None and len(ok)) else None
@@ -543,6 +561,11 @@ class _Band(_Record):
         return self
 
 
+class _BagColour(_Record):
+    bag_colour: Literal[BAG_COLOUR] = Field(
+        description=f"'bag_colour' must be one of {list(BAG_COLOUR)}")
+
+
 class BagTask(_Record):
     positive: StrictStr = Field(description="'positive' must be one of 'classes'")
     aggregator: Literal[CELL_AGGREGATORS] = Field(
@@ -553,6 +576,8 @@ class BagTask(_Record):
         1, description="'min_cells' must be an integer of at least 1")   # saved before it: none
     refer_band: Optional[_Band] = Field(   # saved before it: none
         None, description="'refer_band' must be an object with numbers 'lo' <= 'hi'")
+    colour: Optional[_BagColour] = Field(   # [patients] bag_colour; saved before it: none
+        None, description="'colour' must be an object with 'bag_colour'")
 
 
 class _Calibration(_Record):

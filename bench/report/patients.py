@@ -31,8 +31,12 @@ def _rows(board: pd.DataFrame) -> list[dict]:
     out = []
     for _, r in board.iterrows():
         p = r["p_vs_best_holm"]
-        out.append({"rank": int(r["rank"]), "entry": r["entry"], "source": r["source"],
+        out.append({"rank": int(r["rank"]) if np.isfinite(r["rank"]) else "",
+                    "entry": r["entry"], "source": r["source"],
                     "aggregator": r["aggregator"], "kind": r["kind"],
+                    "disease": r.get("cells", "all") == "disease",
+                    "shortcut": bool(r.get("shortcut", False)),
+                    "nested": r["kind"] == "nested",
                     "auc": _ci(r, "roc_auc"), "ba": _ci(r, "balanced_accuracy"),
                     "sens": _ci(r, "sensitivity"), "spec": _ci(r, "specificity"),
                     "ll": _ci(r, "log_loss"),
@@ -138,10 +142,11 @@ def patient_section(run, board_cells: pd.DataFrame, out, gradcam: bool, progress
         return {"shown": False}
     board, scores, cells, meta = got
     positive, negative = meta["positive"], meta.get("negative", "other")
-    best = str(board["entry"].iloc[0])
+    rows_only = board[board["kind"] != "nested"]
+    best = str(rows_only["entry"].iloc[0])
     b_csv = out.csv(board, "patient_leaderboard")
     figs = []
-    top = list(board["entry"].head(TOP_ROC))
+    top = list(rows_only["entry"].head(TOP_ROC))
     r_csv = out.csv(scores, "patient_scores")
     figs.append(out.fig(roc_figure(scores, top, f"Patient-level ROC ({positive} vs "
                                                 f"{negative}), out-of-fold"),
@@ -191,8 +196,17 @@ def patient_section(run, board_cells: pd.DataFrame, out, gradcam: bool, progress
                                 f"{carried['aggregator']}): the {CELLS_PER_CALL} cells with the "
                                 f"highest out-of-fold {positive} probability of each patient it "
                                 f"calls {positive} (at most {MAX_CALLS} patients).")
-    best_row = board.iloc[0]
-    return {"shown": True, "rows": _rows(board), "csv": b_csv, "figs": figs,
+    best_row = rows_only.iloc[0]
+    nested = meta.get("nested")
+    return {"nested": nested and {
+                "auc": _ci(board[board["kind"] == "nested"].iloc[0], "roc_auc"),
+                "sens": fmt(nested["nested_sensitivity"], 3),
+                "spec": fmt(nested["nested_specificity"], 3),
+                "n_candidates": nested["n_candidates"],
+                "choices": nested["choices"]},
+            "shortcut_warning": meta.get("shortcut_warning", ""),
+            "disease_cells": meta.get("disease_cells") or [],
+            "bag_colour": (meta.get("settings") or {}).get("bag_colour", "none"),"shown": True, "rows": _rows(board), "csv": b_csv, "figs": figs,
             "per_patient": per_patient, "per_patient_csv": pp_csv, "best": best,
             "best_auc": _ci(best_row, "roc_auc"), "positive": positive, "negative": negative,
             "n_bags": int(meta["n_bags"]), "n_positive": int(meta["n_positive"]),
