@@ -521,9 +521,14 @@ class PatientsSection(_Section):
     threshold: str = Field(default="youden",
                            pattern=r"^(youden|half|sensitivity:(0?\.[0-9]+|1(\.0*)?))$")
     # per-bag colour normalisation of the cells, in training, out-of-fold scoring and the
-    # predictor alike (core.colour.bag_colour): "none" or "reinhard" (each patient's
-    # pooled L*a*b* statistics mapped to one fixed target)
+    # predictor alike (core.colour.bag_colour): "none", "rgb" (each patient's pooled
+    # per-channel mean and spread mapped to one fixed target) or "reinhard" (the same in
+    # L*a*b*)
     bag_colour: Literal[BAG_COLOUR] = "none"
+    # stain augmentation drawn per bag in training (core.colour.bag_jitter): every
+    # training cell of a patient gets the same random per-channel gain, spread this
+    # (log scale); 0: none. Training rows only, never a scored one
+    bag_jitter: Number = Field(default=0.0, ge=0, le=0.5)
     # the report warns when a colour-only (shortcut) row's ROC AUC comes within this of the
     # best other row's
     shortcut_margin: Number = Field(default=0.1, ge=0, le=1)

@@ -416,17 +416,23 @@ def shortcut_warning(table: pd.DataFrame, margin: float) -> str:
             "too (try [patients] bag_colour = \"reinhard\")")
 
 
+def check_cell_types(cfg, ds, n_bags: int) -> np.ndarray:
+    """Each image's cell type, refused (one line) when too few images have one or when
+    ``[data] disease_cells`` names a type none has; the runner asks before any unit."""
+    types = read_cell_types(cfg, ds, n_bags)
+    unknown = sorted(set(cfg["data"]["disease_cells"]) - set(types))
+    if unknown:
+        raise BenchError(f"[data] disease_cells: {unknown} not among the cell types of "
+                         f"[data] cell_types ({sorted(set(types) - {''})})")
+    return types
+
+
 def _disease_rows(cfg, ds, bags: Bags) -> list[np.ndarray] | None:
     """Each bag's rows of the ``[data] disease_cells`` types, or ``None`` without them."""
     wanted = list(cfg["data"]["disease_cells"])
     if not wanted:
         return None
-    types = read_cell_types(cfg, ds, len(bags))
-    unknown = sorted(set(wanted) - set(types))
-    if unknown:
-        raise BenchError(f"[data] disease_cells: {unknown} not among the cell types of "
-                         f"[data] cell_types ({sorted(set(types) - {''})})")
-    keep = np.isin(types, wanted)
+    keep = np.isin(check_cell_types(cfg, ds, len(bags)), wanted)
     return [r[keep[r]] for r in bags.rows]
 
 
@@ -476,5 +482,5 @@ def bag_settings(cfg, patients, name: str) -> dict:
 
 
 __all__ = ["score_patients", "read_cell_types", "choose_carried", "choose_row",
-           "nested_selection", "shortcut_warning", "final_threshold", "Bags",
+           "nested_selection", "shortcut_warning", "check_cell_types", "final_threshold", "Bags",
            "bootstrap_indices", "composition_scores", "bag_settings", "NESTED"]

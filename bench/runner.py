@@ -28,7 +28,7 @@ from bench.leaderboard import ensemble_costs, make_table, to_markdown
 from bench.labs import has_lab_columns, lab_names, lab_summary, leave_one_lab_out, runs_lolo
 from bench.leakage import leakage_audit
 from bench.sources import prepare_data, with_bag_colour
-from bench.patients import bag_settings, read_cell_types, score_patients
+from bench.patients import bag_settings, check_cell_types, score_patients
 from bench.prepare import prepare_candidates
 from bench.report import report_after_run
 from bench.rundir import RunDir
@@ -55,6 +55,8 @@ def _fingerprint(cfg: Config, ds: Dataset, fhash: str) -> dict:
     run = {k: cfg["run"][k] for k in ("seed", "folds")}
     tuning = {k: v for k, v in cfg["tuning"].items() if k != "storage"}   # where, not what
     shared = {"data": data, "run": run, "tuning": tuning}
+    if cfg["patients"]["bag_jitter"]:   # changes what every unit trains on
+        shared["bag_jitter"] = cfg["patients"]["bag_jitter"]
     return {"shared": stable_hash(shared), "dataset": ds.content_hash, "folds": fhash,
             "candidates": {n: stable_hash(e) for n, e in cfg.candidates.items()}}
 
@@ -158,8 +160,8 @@ def prepare_run(cfg: Config, force: bool = False, show_progress: bool = True):
             group_info["bags"] = int(len(np.unique(bags)))
             # each bag's cells colour-normalised together, before any candidate sees them
             ds = with_bag_colour(ds, bags, cfg["patients"]["bag_colour"])
-            if "composition" in cfg["patients"]["aggregators"]:   # before any unit runs
-                read_cell_types(cfg, ds, group_info["bags"])
+            if "composition" in cfg["patients"]["aggregators"] or data["disease_cells"]:
+                check_cell_types(cfg, ds, group_info["bags"])   # before any unit runs
         else:
             folds = make_folds(ds.labels, groups, cfg["run"]["folds"], cfg["run"]["seed"],
                                ds.classes, ds.domains)

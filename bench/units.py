@@ -20,6 +20,7 @@ from bench.sources import lab_balanced_rows
 from bench.tuning import is_tuned, tune_candidate
 from core import registry
 from core.candidate import build_candidate, fit_candidate, predict_proba_for, release_memory
+from core.colour import bag_jitter
 from core.io import stable_hash
 from core.metrics import fold_metrics
 
@@ -50,6 +51,18 @@ def training_rows(run, entry: dict, fold: int, seed: int) -> np.ndarray:
     return train
 
 
+def training_images(run, rows: np.ndarray, fold: int) -> np.ndarray:
+    """The images of training ``rows``; in a bag task with ``[patients] bag_jitter``,
+    each bag's cells under one random per-channel gain drawn for this fold
+    (:func:`core.colour.bag_jitter`): stain augmentation per smear, training rows only."""
+    X = np.asarray(run.images[rows])
+    strength = float(run.config["patients"]["bag_jitter"])
+    bags = run.bags
+    if strength and bags is not None:
+        X = bag_jitter(X, bags[rows], strength, int(run.config["run"]["seed"]) + 1000 + fold)
+    return X
+
+
 def run_unit(run_dir: str, name: str, fold: int) -> dict:
     """Fit candidate ``name`` on every fold but ``fold``, predict ``fold``; write the result."""
     run = _loaded(run_dir)
@@ -57,7 +70,7 @@ def run_unit(run_dir: str, name: str, fold: int) -> dict:
     seed = int(cfg["run"]["seed"]) + fold
     entry = seeded_entry(cfg.candidates[name], seed)
     train, test = training_rows(run, entry, fold, seed), run.folds.test(fold)
-    X_train, y_train = np.asarray(run.images[train]), run.labels[train]
+    X_train, y_train = training_images(run, train, fold), run.labels[train]
     classes = np.arange(len(run.classes))
     with run.staged_unit(name, fold) as tmp:
         t0 = time.perf_counter()
@@ -124,6 +137,6 @@ def tune_unit(run, name: str, fold: int, trials: int | None = None,
     if not is_tuned(entry, tuning):
         return {}, {}
     train = training_rows(run, entry, fold, seed)
-    return tune_candidate(entry, np.asarray(run.images[train]), run.labels[train],
+    return tune_candidate(entry, training_images(run, train, fold), run.labels[train],
                           np.arange(len(run.classes)), study=f"{name}-fold{fold}",
                           tuning=tuning, run_dir=str(run.path), seed=seed)

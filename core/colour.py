@@ -11,12 +11,17 @@ applies them to every image it is given (the first through its
   ringing. Colour histograms and texture statistics read exactly that octave; a sigma of
   about one input pixel removes it and leaves the cell's shape (benchmarks/README.md,
   "Patients on a new cohort").
-* :func:`bag_reinhard`: per-bag (per-smear) colour normalisation. A patient's cells come
-  from one smear, stained and photographed once: the bag's pooled CIE L*a*b* mean and
-  spread (over all its cells' pixels) are mapped to a fixed target, so each cell keeps its
-  colour *relative to its own smear* and the smear's cast (stain batch, staining time,
-  camera white balance) is removed. Only the bag's own pixels are used: nothing of another
-  patient, and nothing fitted, enters a bag's transform. Reinhard et al. 2001.
+* :func:`bag_colour`: per-bag (per-smear) colour normalisation. A patient's cells come
+  from one smear, stained and photographed once: the bag's pooled statistics over all its
+  cells' pixels are mapped to a fixed target, so each cell keeps its colour *relative to
+  its own smear* and the smear's cast (stain batch, staining time, camera white balance)
+  is removed. ``"rgb"``: each RGB channel's mean and spread (a camera's white balance and
+  a stain's intensity act per channel, multiplicatively, and this undoes such a cast
+  exactly); ``"reinhard"``: the CIE L*a*b* mean and spread (Reinhard et al. 2001). Only
+  the bag's own pixels are used: nothing of another patient, and nothing fitted, enters a
+  bag's transform.
+* :func:`bag_jitter`: stain augmentation drawn per bag: every training cell of a bag gets
+  the same random per-channel gain, so no cast is a property of a diagnosis in training.
 """
 
 from __future__ import annotations
@@ -29,8 +34,11 @@ from skimage.color import lab2rgb, rgb2lab
 #: Romanowsky-stained smear imaged by a CellaVision-type analyser (the pooled statistics of
 #: PBC and DeepAPL cells at 64 px, rounded: L 75-79 +- 17-19, a 11-13 +- 10, b 4-6 +- 15-16)
 REINHARD_TARGET = {"mean": (76.0, 12.0, 5.0), "std": (18.0, 10.0, 15.0)}
+#: the fixed RGB target of ``"rgb"``: per-channel mean and spread (PBC and DeepAPL cells
+#: at 64 px, pooled and rounded)
+RGB_TARGET = {"mean": (205.0, 180.0, 200.0), "std": (40.0, 50.0, 30.0)}
 #: ``[patients] bag_colour`` methods
-BAG_COLOUR = ("none", "reinhard")
+BAG_COLOUR = ("none", "reinhard", "rgb")
 _CHUNK = 512
 
 
@@ -92,14 +100,54 @@ def bag_reinhard(images: np.ndarray, bag_of_row, target=REINHARD_TARGET) -> np.n
     return out
 
 
+def bag_rgb(images: np.ndarray, bag_of_row, target=RGB_TARGET) -> np.ndarray:
+    """Each bag's images with every RGB channel's pooled mean and spread (over all the
+    bag's pixels) mapped onto ``target``."""
+    images = np.asarray(images)
+    bag_of_row = np.asarray(bag_of_row)
+    t_mean, t_std = np.asarray(target["mean"]), np.asarray(target["std"])
+    out = np.empty_like(images)
+    for b in np.unique(bag_of_row):
+        rows = np.flatnonzero(bag_of_row == b)
+        x = images[rows].astype(np.float32)
+        flat = x.reshape(-1, 3)
+        mean, std = flat.mean(0), np.maximum(flat.std(0), 1e-3)
+        out[rows] = np.clip(np.round((x - mean) / std * t_std + t_mean), 0, 255).astype(np.uint8)
+    return out
+
+
 def bag_colour(images: np.ndarray, bag_of_row, method: str) -> np.ndarray:
     """``[patients] bag_colour`` (:data:`BAG_COLOUR`) applied to ``images`` by bag."""
     if method == "none":
         return images
     if method == "reinhard":
         return bag_reinhard(images, bag_of_row)
+    if method == "rgb":
+        return bag_rgb(images, bag_of_row)
     raise ValueError(f"unknown bag colour normalisation '{method}'; known: {list(BAG_COLOUR)}")
 
 
-__all__ = ["smooth", "bag_reinhard", "bag_colour", "lab_moments", "reinhard_map",
-           "REINHARD_TARGET", "BAG_COLOUR"]
+def bag_jitter(images: np.ndarray, bag_of_row, strength: float, seed: int) -> np.ndarray:
+    """Each bag's images times one random per-channel gain, ``exp(N(0, strength))``
+    (and one random brightness offset, ``N(0, 40 * strength)`` grey levels), drawn per bag
+    from ``seed``: training-time stain augmentation that keeps a bag's cells consistent
+    with each other, as one smear's are."""
+    if not strength:
+        return images
+    images = np.asarray(images)
+    bag_of_row = np.asarray(bag_of_row)
+    rng = np.random.default_rng(seed)
+    names, inverse = np.unique(bag_of_row, return_inverse=True)
+    gains = np.exp(rng.normal(0, strength, (len(names), 3))).astype(np.float32)
+    offsets = rng.normal(0, 40 * strength, len(names)).astype(np.float32)
+    out = np.empty_like(images)
+    for s in range(0, len(images), _CHUNK):
+        i = inverse[s:s + _CHUNK]
+        x = images[s:s + _CHUNK].astype(np.float32) * gains[i][:, None, None, :] \
+            + offsets[i][:, None, None, None]
+        out[s:s + _CHUNK] = np.clip(np.round(x), 0, 255).astype(np.uint8)
+    return out
+
+
+__all__ = ["smooth", "bag_reinhard", "bag_rgb", "bag_colour", "bag_jitter", "lab_moments",
+           "reinhard_map", "REINHARD_TARGET", "RGB_TARGET", "BAG_COLOUR"]

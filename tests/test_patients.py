@@ -254,9 +254,13 @@ def bag_run(tmp_path_factory, bag_data):
 
 
 def test_run_writes_a_patient_leaderboard(bag_run, bag_data):
-    board = pd.read_csv(bag_run / "patient_leaderboard.csv")
+    full = pd.read_csv(bag_run / "patient_leaderboard.csv")
+    assert full["kind"].iloc[0] == "nested" and np.isnan(full["rank"].iloc[0])
+    board = full[full["kind"] != "nested"].reset_index(drop=True)
     assert set(board["aggregator"]) == {"mean", "trimmed_mean", "top_k_mean", "composition"}
     assert len(board) == 3 * 3 + 1          # 2 candidates + 1 ensemble, x3; composition
+    # both forests read colour only: shortcut rows, never the predictor's
+    assert set(board.loc[board["shortcut"], "source"]) == {"rf_color", "rf_color2"}
     assert (board["n_bags"] == 20).all()
     for m in ("roc_auc", "balanced_accuracy", "sensitivity", "specificity", "log_loss"):
         assert ((board[f"{m}_lo"] <= board[m] + 1e-9) & (board[m] <= board[f"{m}_hi"] + 1e-9)).all()

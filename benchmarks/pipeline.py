@@ -1,0 +1,116 @@
+"""Does a patient's diagnosis depend on the image pipeline? (issue: patients on a new cohort)
+
+    python benchmarks/pipeline.py --model RUN/predictor \
+        [--originals ../shared/data/deepapl/originals_sample/originals.csv]
+
+For each patient of ``originals.csv`` (columns ``file``: the analyser's original file,
+``copy``: the same cell as the shared copies were made, ``patient``; paths relative to the
+CSV's dataset folder, the one above it), the saved bag predictor scores the patient's
+cells made several ways:
+
+* ``originals``: the analyser's files as they come (the reference);
+* ``copies``: the shared copies (96 px, PIL bicubic, JPEG quality 90);
+* ``jpeg75`` / ``jpeg95``: the originals re-encoded at JPEG quality 75 / 95, full size;
+* ``bilinear128``: the originals resized to 128 px with PIL bilinear (lossless PNG);
+* ``lanczos96_q85``: the originals resized to 96 px with Lanczos, JPEG quality 85.
+
+It prints, per variant, the largest and mean change of a patient's score against the
+originals and how many calls flip (decision at the stored threshold, referred or not), and
+writes the per-patient table to ``--csv``. The issue's target: at most 0.05, no flip.
+"""
+
+from __future__ import annotations
+
+import argparse
+import io
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+from PIL import Image
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from core.images import read_image   # noqa: E402
+from ensembles.predictor import load_predictor   # noqa: E402
+
+DEFAULT = ROOT.parent / "shared" / "data" / "deepapl" / "originals_sample" / "originals.csv"
+
+
+def _jpeg(a: np.ndarray, quality: int) -> np.ndarray:
+    buf = io.BytesIO()
+    Image.fromarray(a).save(buf, "JPEG", quality=quality)
+    buf.seek(0)
+    return np.asarray(Image.open(buf).convert("RGB"))
+
+
+def _resize(a: np.ndarray, size: int, method) -> np.ndarray:
+    return np.asarray(Image.fromarray(a).resize((size, size), method))
+
+
+#: variant name -> how an original becomes it (arrays in, arrays out)
+VARIANTS = {
+    "jpeg75": lambda a: _jpeg(a, 75),
+    "jpeg95": lambda a: _jpeg(a, 95),
+    "bilinear128": lambda a: _resize(a, 128, Image.BILINEAR),
+    "lanczos96_q85": lambda a: _jpeg(_resize(a, 96, Image.LANCZOS), 85),
+}
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--model", required=True, help="a saved bag predictor (RUN/predictor)")
+    ap.add_argument("--originals", default=str(DEFAULT), help="originals.csv")
+    ap.add_argument("--csv", default="", help="write the per-patient table here")
+    args = ap.parse_args(argv)
+    csv = Path(args.originals)
+    if not csv.is_file():
+        print(f"error: {csv} not found (the originals_sample of ../shared/data/deepapl)")
+        return 2
+    table = pd.read_csv(csv)
+    root = csv.parent.parent
+    pred = load_predictor(args.model)
+    spec = pred.bag_task_
+    if spec is None:
+        print(f"error: {args.model} is not a bag predictor ([data] bags = true)")
+        return 2
+    t0 = time.perf_counter()
+    ways = {"originals": {}, "copies": {}, **{v: {} for v in VARIANTS}}
+    for patient, rows in table.groupby("patient", sort=True):
+        originals = [read_image(root / f) for f in rows["file"]]
+        ways["originals"][patient] = originals
+        ways["copies"][patient] = [read_image(root / f) for f in rows["copy"]]
+        for v, make in VARIANTS.items():
+            ways[v][patient] = [make(a) for a in originals]
+    out = []
+    for way, bags in ways.items():
+        for r in pred.predict_bags(bags):
+            out.append({"way": way, "patient": r["bag"], "n_cells": r["n_cells"],
+                        "score": r["probability"],
+                        "call": spec["positive"] if r["probability"] >= r["threshold"]
+                        else "other", "decision": r["decision"]})
+    df = pd.DataFrame(out)
+    ref = df[df["way"] == "originals"].set_index("patient")
+    print(f"predictor {args.model}: threshold {spec['threshold']:.3f}, "
+          f"{len(ref)} patients, {int(ref['n_cells'].sum())} cells "
+          f"({time.perf_counter() - t0:.0f} s)")
+    print(f"{'way':<15} {'max |d score|':>13} {'mean |d|':>9} {'flips':>6}")
+    for way in ways:
+        if way == "originals":
+            continue
+        d = df[df["way"] == way].set_index("patient")
+        delta = (d["score"] - ref["score"]).abs()
+        flips = int((d["call"] != ref["call"]).sum())
+        print(f"{way:<15} {delta.max():>13.3f} {delta.mean():>9.3f} {flips:>6}")
+    print("scores on the originals: " + ", ".join(
+        f"{p} {s:.3f}" for p, s in ref["score"].items()))
+    if args.csv:
+        df.to_csv(args.csv, index=False)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
