@@ -508,8 +508,11 @@ class ReportSection(_Section):
 
 class PatientsSection(_Section):
     """Bag (patient-level) tasks: a dataset with ``bags = true`` (see bench/patients.py)."""
-    aggregators: list[Literal[tuple(AGGREGATORS)]] = Field(default=list(AGGREGATORS),
-                                                            min_length=1)
+    aggregators: list[Literal[tuple(AGGREGATORS)]] = Field(
+        default=[a for a in AGGREGATORS if a != "attention"], min_length=1)
+    # attention MIL (aggregator "attention"): the [candidates.NAME] of the run, of type
+    # transfer_frozen, whose backbone gives the cells' embeddings (cached, shared with it)
+    mil_embeddings: str = "tl_mnv2_frozen"
     trim: Number = Field(default=0.1, ge=0, lt=0.5)   # trimmed mean: fraction cut at each end
     # top-k mean: mean of the highest fraction of a bag's cells
     top_fraction: Number = Field(default=0.2, gt=0, le=1)

@@ -65,6 +65,7 @@ from bench.folds import column_by_row
 from bench.report.cards import colour_only_candidates
 from bench.rundir import RunDir
 from bench.stats import bootstrap_resamples, holm
+from core.candidate import build_candidate
 from core.conformal import refer_band
 from core.errors import BenchError
 from core.progress import info, progress_iter, warn
@@ -72,6 +73,7 @@ from core.splits import PredefinedFolds
 from ensembles.bags import (CELL_AGGREGATORS, MIN_CELLS_PERCENTILE, CompositionAggregator,
                             choose_threshold, make_aggregator, min_cells_from_counts,
                             negative_label)
+from ensembles.mil import AttentionMIL
 from features.extract import extract
 
 LEVEL = 0.95
@@ -250,6 +252,52 @@ def composition_scores(features: np.ndarray, cell_types: np.ndarray, bags: Bags,
     return scores, thresholds, comp_out, types
 
 
+def mil_embeddings(cfg, images: np.ndarray, show_progress: bool = True) -> np.ndarray:
+    """The cells' embeddings for attention MIL: the backbone of the run's
+    ``[patients] mil_embeddings`` candidate (a ``transfer_frozen``; cached, so the
+    candidate's own pass is reused)."""
+    cand = build_candidate(cfg.candidates[check_mil(cfg)])
+    return cand.embed(np.asarray(images), progress=show_progress)
+
+
+def check_mil(cfg) -> str:
+    """The candidate named by ``[patients] mil_embeddings``, refused (one line) when it is
+    not a ``transfer_frozen`` candidate of the run."""
+    name = cfg["patients"]["mil_embeddings"]
+    entry = cfg.candidates.get(name)
+    if entry is None or entry["type"] != "transfer_frozen":
+        raise BenchError(f"[patients] aggregators has 'attention', which needs "
+                         f"[patients] mil_embeddings to name a transfer_frozen candidate of "
+                         f"the run; '{name}' is " + ("not one of the run's candidates "
+                                                     f"{sorted(cfg.candidates)}"
+                                                     if entry is None else
+                                                     f"of type {entry['type']}"))
+    return name
+
+
+def mil_scores(embeddings: np.ndarray, bags: Bags, settings: dict,
+               show_progress: bool = True):
+    """Out-of-fold bag scores of attention MIL (:class:`ensembles.mil.AttentionMIL`) and
+    the thresholds, chosen on the training bags' inner cross-validated scores."""
+    seed = int(settings["seed"])
+    scores, thresholds = np.zeros(len(bags)), np.zeros(len(bags))
+    of = lambda idx: [embeddings[bags.rows[b]] for b in idx]   # noqa: E731
+    folds = np.unique(bags.fold)
+    for k in progress_iter(folds, total=len(folds), desc="attention MIL",
+                           enabled=show_progress):
+        train_b, test_b = np.flatnonzero(bags.fold != k), np.flatnonzero(bags.fold == k)
+        y = bags.y[train_b]
+        scores[test_b] = AttentionMIL(seed=seed).fit(of(train_b), y).score(of(test_b))
+        inner = np.zeros(len(train_b))
+        cv = StratifiedKFold(n_splits=min(INNER_FOLDS, int(np.bincount(y).min())),
+                             shuffle=True, random_state=seed)
+        for tr, te in cv.split(train_b, y):
+            inner[te] = AttentionMIL(seed=seed).fit(of(train_b[tr]), y[tr]).score(
+                of(train_b[te]))
+        thresholds[test_b] = choose_threshold(inner, y, settings["threshold"])
+    return scores, thresholds
+
+
 # ----------------------------------------------------------------------------- the stage
 
 def score_patients(run: RunDir, cfg, ds, board: pd.DataFrame, stored: dict,
@@ -292,6 +340,14 @@ def score_patients(run: RunDir, cfg, ds, board: pd.DataFrame, stored: dict,
         rows.append({"entry": key, "source": f"cell types ({fs_name} features)",
                      "kind": "composition", "aggregator": "composition", "cells": "all",
                      "shortcut": False})
+
+    if "attention" in settings["aggregators"]:
+        emb = settings["mil_embeddings"]
+        key = f"{emb}[embeddings]+attention"
+        scores[key], thresholds[key] = mil_scores(
+            mil_embeddings(cfg, ds.images, show_progress), bags, settings, show_progress)
+        rows.append({"entry": key, "source": f"{emb} embeddings", "kind": "mil",
+                     "aggregator": "attention", "cells": "all", "shortcut": False})
 
     # the predictor's row, and the same choice made per outer fold without its bags
     eligible = [r["entry"] for r in rows if _carriable(r)]
@@ -482,5 +538,5 @@ def bag_settings(cfg, patients, name: str) -> dict:
 
 
 __all__ = ["score_patients", "read_cell_types", "choose_carried", "choose_row",
-           "nested_selection", "shortcut_warning", "check_cell_types", "final_threshold", "Bags",
+           "nested_selection", "shortcut_warning", "check_cell_types", "check_mil", "mil_scores", "final_threshold", "Bags",
            "bootstrap_indices", "composition_scores", "bag_settings", "NESTED"]

@@ -28,7 +28,7 @@ from bench.leaderboard import ensemble_costs, make_table, to_markdown
 from bench.labs import has_lab_columns, lab_names, lab_summary, leave_one_lab_out, runs_lolo
 from bench.leakage import leakage_audit
 from bench.sources import prepare_data, with_bag_colour
-from bench.patients import bag_settings, check_cell_types, score_patients
+from bench.patients import bag_settings, check_cell_types, check_mil, score_patients
 from bench.prepare import prepare_candidates
 from bench.report import report_after_run
 from bench.rundir import RunDir
@@ -162,6 +162,8 @@ def prepare_run(cfg: Config, force: bool = False, show_progress: bool = True):
             ds = with_bag_colour(ds, bags, cfg["patients"]["bag_colour"])
             if "composition" in cfg["patients"]["aggregators"] or data["disease_cells"]:
                 check_cell_types(cfg, ds, group_info["bags"])   # before any unit runs
+            if "attention" in cfg["patients"]["aggregators"]:
+                check_mil(cfg)
         else:
             folds = make_folds(ds.labels, groups, cfg["run"]["folds"], cfg["run"]["seed"],
                                ds.classes, ds.domains)

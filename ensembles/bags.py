@@ -31,6 +31,7 @@ from sklearn.pipeline import make_pipeline
 from sklearn.preprocessing import StandardScaler
 
 from core.shift import ShiftReference
+from ensembles.mil import AttentionMIL
 
 
 class MeanAggregator:
@@ -125,9 +126,12 @@ def negative_label(classes: list[str], positive: str) -> str:
     return others[0] if len(others) == 1 else f"not {positive}"
 
 
-#: every aggregator by name (``[patients] aggregators``, a bag predictor's ``aggregator``)
+#: every aggregator by name (``[patients] aggregators``, a bag predictor's ``aggregator``);
+#: ``attention`` (:class:`ensembles.mil.AttentionMIL`) pools a frozen backbone's cell
+#: embeddings rather than cell probabilities
 AGGREGATORS = {cls.name: cls for cls in (MeanAggregator, TrimmedMeanAggregator,
-                                          TopKMeanAggregator, CompositionAggregator)}
+                                          TopKMeanAggregator, CompositionAggregator,
+                                          AttentionMIL)}
 #: the aggregators of cell probabilities alone (no fit): what a saved predictor can carry
 CELL_AGGREGATORS = tuple(n for n, cls in AGGREGATORS.items() if not cls.needs_fit)
 

@@ -199,6 +199,10 @@ def test_a_bad_threshold_rule_is_one_line(tmp_path):
 # ----------------------------------------------------------------------------- the run
 
 COHORT_EXTRA = """
+[candidates.emb]
+type = "transfer_frozen"
+params = {{ backbone = "MobileNetV2", alpha = 0.35, weights = "none.h5", weights_missing = "random", input_size = 32, epochs = 2, dense_units = 0 }}
+
 [candidates.rf_shape]
 type = "feature_forest"
 params = {{ features = "shape", n_estimators = 40 }}
@@ -215,6 +219,8 @@ def cohort_run(tmp_path_factory):
     cfg_text = BAG_CONFIG.format(root=root).replace(
         'cell_types = "', 'disease_cells = ["promyelocyte", "blast"]\ncell_types = "').replace(
         "[patients]\n", '[patients]\nbag_colour = "reinhard"\nbag_jitter = 0.1\n'
+        'aggregators = ["mean", "trimmed_mean", "top_k_mean", "composition", "attention"]\n'
+        'mil_embeddings = "emb"\n'
         'threshold = "sensitivity:0.9"\n')
     p = tmp / "c.toml"
     p.write_text(cfg_text + COHORT_EXTRA.format())
@@ -231,7 +237,7 @@ def test_the_leaderboard_has_shortcut_disease_and_nested_rows(cohort_run):
     assert 0 <= nested["roc_auc_lo"].iloc[0] <= nested["roc_auc"].iloc[0] <= \
         nested["roc_auc_hi"].iloc[0] <= 1
     disease = board[board["cells"] == "disease"]
-    assert len(disease) == 4 * 3 and disease["entry"].str.endswith("[disease cells]").all()
+    assert len(disease) == 5 * 3 and disease["entry"].str.endswith("[disease cells]").all()
     assert set(board.loc[board["shortcut"], "source"]) == {"rf_color", "rf_color2"}
     meta = json.loads((run / "patients" / "meta.json").read_text())
     carried = meta["carried"]
@@ -366,3 +372,58 @@ def test_smoothing_brings_the_analysers_files_close_to_the_shared_copies():
         b = prep.apply_batch([SHARED / f for f in table["copy"]]).astype(float)
         diffs[sigma] = np.abs(a - b).mean()
     assert diffs[1.0] < 0.6 * diffs[0.0]
+
+
+# ----------------------------------------------------------------------------- MIL
+
+def _mil_bags(rng, n_bags: int, d: int = 24):
+    """Bags of 20-40 cell embeddings; a positive bag holds a few cells (10 %) displaced
+    along one direction: the label sits in a minority of cells, as APL's promyelocytes."""
+    key = np.zeros(d)
+    key[3] = 4.0
+    bags, y, marks = [], [], []
+    for b in range(n_bags):
+        n = int(rng.integers(20, 40))
+        e = rng.normal(0, 1, (n, d))
+        m = np.zeros(n, bool)
+        if b % 2:
+            m[rng.choice(n, max(2, n // 10), replace=False)] = True
+            e[m] += key
+        bags.append(e.astype(np.float32))
+        y.append(b % 2)
+        marks.append(m)
+    return bags, np.array(y), marks
+
+
+def test_attention_mil_learns_from_a_minority_of_cells_and_attends_to_them():
+    from ensembles.mil import AttentionMIL
+    rng = np.random.default_rng(0)
+    train, ytr, _ = _mil_bags(rng, 40)
+    test, yte, marks = _mil_bags(rng, 20)
+    mil = AttentionMIL(components=16, epochs=150, seed=0).fit(train, ytr)
+    s = mil.score(test)
+    assert s.shape == (20,) and ((0 <= s) & (s <= 1)).all()
+    assert roc_auc_score(yte, s) >= 0.8
+    a = mil.attention(test[1])
+    assert a.shape == (len(test[1]),) and abs(a.sum() - 1) < 1e-4
+    assert a[marks[1]].mean() > 2 * a[~marks[1]].mean()   # the key cells weigh more
+
+
+def test_attention_needs_a_frozen_backbone_candidate(tmp_path):
+    root = write_patients(tmp_path / "d", n_patients=12, cells=4)
+    p = tmp_path / "c.toml"
+    p.write_text(BAG_CONFIG.format(root=root).replace(
+        "[patients]\n", '[patients]\naggregators = ["mean", "attention"]\n'))
+    cfg = load_config(p, out=str(tmp_path / "run"))
+    with pytest.raises(BenchError, match=r"mil_embeddings .*'tl_mnv2_frozen' is not one of"):
+        run_benchmark(cfg, show_progress=False)
+
+
+def test_a_run_has_an_attention_row(cohort_run):
+    run, _ = cohort_run
+    board = pd.read_csv(run / "patient_leaderboard.csv")
+    row = board[board["aggregator"] == "attention"]
+    assert len(row) == 1 and row["kind"].iloc[0] == "mil"
+    assert 0 <= row["roc_auc_lo"].iloc[0] <= row["roc_auc"].iloc[0] <= 1
+    meta = json.loads((run / "patients" / "meta.json").read_text())
+    assert meta["carried"]["aggregator"] != "attention"   # not a row a predictor carries
