@@ -459,6 +459,11 @@ def cmd_inspect(args) -> int:
               f"{bags['aggregator']}, threshold {bags['threshold']:.4f}"
               + (f"; patient ROC AUC {pl['roc_auc']:.3f} [{pl['roc_auc_lo']:.3f}, "
                  f"{pl['roc_auc_hi']:.3f}] out-of-fold" if pl else ""))
+        if pl.get("nested_roc_auc") is not None:
+            print(f"  nested (row and threshold chosen without each fold's patients): ROC AUC "
+                  f"{pl['nested_roc_auc']:.3f} [{pl['nested_roc_auc_lo']:.3f}, "
+                  f"{pl['nested_roc_auc_hi']:.3f}], sensitivity "
+                  f"{pl['nested_sensitivity']:.3f}, specificity {pl['nested_specificity']:.3f}")
     for line in inspect_lines(m):
         print(line)
     for line in lab_lines(m.get("leave_one_lab_out")):

@@ -47,11 +47,12 @@ from bench.report.evaluation import gradcam_gallery, predictions_csv, write_page
 from bench.report.html import slug
 from bench.scoring import (METRIC_KEYS, N_BOOT, SEED, in_domain, per_external_class, score,
                            score_patients)
+from core.colour import bag_colour
 from core.errors import BenchError
 from core.io import atomic_write_json, atomic_write_text, package_versions, staged
 from bench import conformal
 from core.metrics import metric_label
-from core.progress import warn
+from core.progress import progress_iter, warn
 from ensembles.bags import call_bags
 from ensembles.predictor import load_predictor, verify_predictor
 from ensembles.tta import TTA_VIEWS
@@ -96,12 +97,22 @@ def check_out(out: Path) -> None:
 
 # ----------------------------------------------------------------------------- predicting
 
-def predict_items(pred, items, batch_size: int, show: bool):
+def predict_items(pred, items, batch_size: int, show: bool, groups=None):
     """``(proba, ok, errors, fold_proba, shift)`` of every item
     (:meth:`Predictor.predict_batches`, each file decoded once): rows of unreadable items
     are zeros (``ok`` False); ``fold_proba`` (n_folds, N, K) when the predictor's
     prediction sets are cross-conformal, else ``None``; ``shift`` each image's shift score
-    (``None`` for a predictor without a description of its training images)."""
+    (``None`` for a predictor without a description of its training images).
+
+    A bag predictor that normalises colour per patient (``[patients] bag_colour``) reads
+    each group of ``groups`` (its patient) as one bag, as ``predict --bags`` does; it
+    needs them."""
+    if pred.bag_colour_ != "none":
+        if groups is None:
+            raise BenchError(f"predictor {pred.path} normalises colour per patient "
+                             f"([patients] bag_colour = \"{pred.bag_colour_}\"): give "
+                             "--groups COLUMN so each patient's cells are read together")
+        return _predict_by_group(pred, items, groups, batch_size, show)
     k = len(pred.classes_)
     proba = np.zeros((len(items), k))
     fold_proba = np.zeros((pred.n_folds_, len(items), k)) if pred.needs_fold_proba_ else None
@@ -119,6 +130,36 @@ def predict_items(pred, items, batch_size: int, show: bool):
                 fold_proba[:, rows] = pf
             if shift is not None:
                 shift[rows] = ref.score(X)
+    return proba, ok, errors, fold_proba, shift
+
+
+def _predict_by_group(pred, items, groups, batch_size: int, show: bool):
+    """:func:`predict_items` one group (bag) at a time, its cells colour-normalised
+    together (:meth:`Predictor.predict_bags`)."""
+    k = len(pred.classes_)
+    proba, ok = np.zeros((len(items), k)), np.zeros(len(items), dtype=bool)
+    fold_proba = np.zeros((pred.n_folds_, len(items), k)) if pred.needs_fold_proba_ else None
+    ref = pred.shift_reference_
+    shift = np.zeros(len(items)) if ref is not None else None
+    errors = []
+    by_group: dict = {}
+    for i, g in enumerate(groups):
+        by_group.setdefault(g, []).append(i)
+    for g, idx in progress_iter(by_group.items(), total=len(by_group), desc="patients",
+                                enabled=show and len(by_group) > 1):
+        X, _, good, errs = pred.preprocessing.load([items[i] for i in idx], skip_errors=True)
+        errors += [(idx[j], exc) for j, exc in errs]
+        if not good:
+            continue
+        rows = np.asarray(idx)[good]
+        X = bag_colour(X, np.zeros(len(X)), pred.bag_colour_)
+        out = pred.predict_proba(X, batch_size, folds=fold_proba is not None, one_bag=True)
+        p, pf = out if fold_proba is not None else (out, None)
+        proba[rows], ok[rows] = p, True
+        if fold_proba is not None:
+            fold_proba[:, rows] = pf
+        if shift is not None:
+            shift[rows] = ref.score(X)
     return proba, ok, errors, fold_proba, shift
 
 
@@ -213,8 +254,9 @@ def evaluate(predictor_dir, data, *, labels=None, class_map=None, groups=None, o
         adaptation = pred.adapt([ext.items[i] for i in keep], seed=seed)
     t1 = time.perf_counter()
     items = [ext.items[i] for i in keep]
-    proba, ok, errors, fold_proba, shift = predict_items(pred, items, int(batch_size),
-                                                         progress)
+    proba, ok, errors, fold_proba, shift = predict_items(
+        pred, items, int(batch_size), progress,
+        groups=None if ext.groups is None else [ext.groups[i] for i in keep])
     t_pred = time.perf_counter() - t1
     for _, exc in errors[:10]:
         warn(f"skipped {exc}")

@@ -328,9 +328,10 @@ def _save_predictor(run: RunDir, cfg: Config, ds: Dataset, board, stored, kinds,
     chosen_by = {"best": "best ensemble by " + metric,
                  "robust": f"best {metric} under simulated shift ([stress]) of the ensembles "
                            f"within {tolerance} of the best {metric}"}.get(choice, "config")
-    if choice == "best" and carried:
+    if choice in ("best", "robust") and carried:   # a bag task: the nested row's procedure
         row = choose_entry(board, carried["entry"])
-        chosen_by = f"best patient-level ROC AUC ({carried['row']})"
+        chosen_by = (f"the patient row chosen by ROC AUC, then log loss, among the rows a "
+                     f"predictor can carry ({carried['row']}; see the nested figure)")
     else:
         row = choose_entry(board, choice, metric, tolerance)
     name = row["candidate"]

@@ -138,7 +138,18 @@ def model_card(m: dict) -> str:
                 f"threshold {_f(bags.get('threshold'), 4)}; ROC AUC {_f(pl.get('roc_auc'))} "
                 f"[{_f(pl.get('roc_auc_lo'))}, {_f(pl.get('roc_auc_hi'))}], sensitivity "
                 f"{_f(pl.get('sensitivity'))}, specificity {_f(pl.get('specificity'))} "
-                "(out-of-fold patients)."]
+                "(out-of-fold patients; the best of the rows, picked on the same patients: "
+                "optimistic)."]
+        if pl.get("nested_roc_auc") is not None:
+            out.append(f"- Nested figure (the row and threshold chosen without each outer "
+                       f"fold's patients): ROC AUC {_f(pl['nested_roc_auc'])} "
+                       f"[{_f(pl.get('nested_roc_auc_lo'))}, {_f(pl.get('nested_roc_auc_hi'))}], "
+                       f"sensitivity {_f(pl.get('nested_sensitivity'))}, specificity "
+                       f"{_f(pl.get('nested_specificity'))}: the figure to expect.")
+        colour = (bags.get("colour") or {}).get("bag_colour")
+        if colour:
+            out.append(f"- Each patient's cells are colour-normalised together ({colour}): "
+                       "give a patient's cells as one bag (`predict --bags`).")
         if band:
             out.append(f"- Referred when the score lies in [{_f(band['lo'], 4)}, "
                        f"{_f(band['hi'], 4)}] ({band['n_wrong']} of {band['n']} out-of-fold "

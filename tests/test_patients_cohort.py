@@ -427,3 +427,24 @@ def test_a_run_has_an_attention_row(cohort_run):
     assert 0 <= row["roc_auc_lo"].iloc[0] <= row["roc_auc"].iloc[0] <= 1
     meta = json.loads((run / "patients" / "meta.json").read_text())
     assert meta["carried"]["aggregator"] != "attention"   # not a row a predictor carries
+
+
+def test_evaluate_reads_each_patient_as_one_bag_like_predict_bags(cohort_run, tmp_path):
+    from bench.evaluate import evaluate
+    run, root = cohort_run
+    cells = pd.read_csv(root / "cells.csv")
+    keep = ["P00", "P01", "P02", "P03"]
+    sub = cells[cells.patient.isin(keep)]
+    sub.to_csv(root / "cells_sub.csv", index=False)
+    # without --groups a per-patient normaliser cannot know the patients: one line
+    with pytest.raises(BenchError, match="--groups"):
+        evaluate(run / "predictor", root / "images", labels=f"{root / 'cells_sub.csv'}:diagnosis",
+                 out=tmp_path / "ev0", gradcam=False, progress=False, n_boot=50)
+    res = evaluate(run / "predictor", root / "images",
+                   labels=f"{root / 'cells_sub.csv'}:diagnosis", groups="patient",
+                   out=tmp_path / "ev", gradcam=False, progress=False, n_boot=50)
+    rows = {r["bag"]: r for r in res["patients"]["rows"]}
+    pred = load_predictor(run / "predictor")
+    for p in keep:
+        direct = pred.predict_bags({p: [root / f for f in sub.file[sub.patient == p]]})[0]
+        assert direct["probability"] == pytest.approx(rows[p]["probability"], abs=1e-6)
