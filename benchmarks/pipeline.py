@@ -14,6 +14,12 @@ cells made several ways:
 * ``bilinear128``: the originals resized to 128 px with PIL bilinear (lossless PNG);
 * ``lanczos96_q85``: the originals resized to 96 px with Lanczos, JPEG quality 85.
 
+Out of fold: the originals_sample patients are among the run's patients, so a patient is
+scored only by the fold models that never saw it (the fold of ``folds.csv`` beside the
+predictor that holds its cells); otherwise the models' memory of the copies (they trained
+on them) would pass for pipeline sensitivity. ``--all-folds`` scores with the whole
+predictor instead, as ``predict --bags`` does.
+
 It prints, per variant, the largest and mean change of a patient's score against the
 originals and how many calls flip (decision at the stored threshold, referred or not), and
 writes the per-patient table to ``--csv``. The issue's target: at most 0.05, no flip.
@@ -34,7 +40,9 @@ from PIL import Image
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from core.colour import bag_colour   # noqa: E402
 from core.images import read_image   # noqa: E402
+from ensembles.bags import call_bag   # noqa: E402
 from ensembles.predictor import load_predictor   # noqa: E402
 
 DEFAULT = ROOT.parent / "shared" / "data" / "deepapl" / "originals_sample" / "originals.csv"
@@ -60,11 +68,22 @@ VARIANTS = {
 }
 
 
+def pred_fold_index(pred, fold: int) -> int:
+    """The position of run fold ``fold`` among the predictor's fold models (saved in the
+    order of the run's fold ids, 0..k-1)."""
+    if not 0 <= fold < pred.n_folds_:
+        raise SystemExit(f"error: fold {fold} is not among the predictor's "
+                         f"{pred.n_folds_} fold models")
+    return fold
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--model", required=True, help="a saved bag predictor (RUN/predictor)")
     ap.add_argument("--originals", default=str(DEFAULT), help="originals.csv")
     ap.add_argument("--csv", default="", help="write the per-patient table here")
+    ap.add_argument("--all-folds", action="store_true",
+                    help="score with every fold model (the predictor as predict --bags uses it)")
     args = ap.parse_args(argv)
     csv = Path(args.originals)
     if not csv.is_file():
@@ -85,16 +104,43 @@ def main(argv=None) -> int:
         ways["copies"][patient] = [read_image(root / f) for f in rows["copy"]]
         for v, make in VARIANTS.items():
             ways[v][patient] = [make(a) for a in originals]
+    fold_of = {}
+    folds_csv = Path(args.model).resolve().parent / "folds.csv"
+    if not args.all_folds:
+        if not folds_csv.is_file():
+            print(f"error: {folds_csv} not found: out-of-fold scoring needs the run's folds "
+                  "(or give --all-folds)")
+            return 2
+        f = pd.read_csv(folds_csv, dtype={"bag": str})
+        fold_of = f.drop_duplicates("bag").set_index("bag")["fold"].to_dict()
+        missing = sorted(set(table["patient"]) - set(fold_of))
+        if missing:
+            print(f"error: patients {missing} are not in {folds_csv}; give --all-folds")
+            return 2
+    classes = [str(c) for c in pred.classes_]
+    pos = classes.index(spec["positive"])
     out = []
     for way, bags in ways.items():
-        for r in pred.predict_bags(bags):
-            out.append({"way": way, "patient": r["bag"], "n_cells": r["n_cells"],
-                        "score": r["probability"],
-                        "call": spec["positive"] if r["probability"] >= r["threshold"]
-                        else "other", "decision": r["decision"]})
+        if args.all_folds:
+            results = [(r["bag"], r["n_cells"], r["probability"])
+                       for r in pred.predict_bags(bags)]
+        else:
+            results = []
+            for name, items in bags.items():
+                X = pred.preprocessing.apply_batch(items)
+                if pred.bag_colour_ != "none":
+                    X = bag_colour(X, np.zeros(len(X)), pred.bag_colour_)
+                _, fold_proba = pred.proba_of_images(X, folds=True)
+                k = pred_fold_index(pred, int(fold_of[name]))
+                p = pred._temper(fold_proba[k])[:, pos]
+                results.append((name, len(X), call_bag(spec, classes, p)[0]))
+        for name, n, score in results:
+            out.append({"way": way, "patient": name, "n_cells": n, "score": score,
+                        "call": spec["positive"] if score >= spec["threshold"] else "other"})
     df = pd.DataFrame(out)
     ref = df[df["way"] == "originals"].set_index("patient")
-    print(f"predictor {args.model}: threshold {spec['threshold']:.3f}, "
+    print(f"predictor {args.model} ({'every fold model' if args.all_folds else 'out of fold'}): "
+          f"threshold {spec['threshold']:.3f}, "
           f"{len(ref)} patients, {int(ref['n_cells'].sum())} cells "
           f"({time.perf_counter() - t0:.0f} s)")
     print(f"{'way':<15} {'max |d score|':>13} {'mean |d|':>9} {'flips':>6}")
