@@ -17,7 +17,7 @@ def test_repo_config_resolves_every_profile():
         cfg = load_config(ROOT / "benchmarks.toml", profile=profile)
         assert cfg.candidates and cfg["run"]["profile"] == profile
     smoke = load_config(ROOT / "benchmarks.toml", profile="smoke")
-    assert set(smoke.candidates) == {"rf_hog", "cnn_small", "tl_mnv2_finetune"}
+    assert set(smoke.candidates) == {"rf_hog", "rf_color", "cnn_small", "tl_mnv2_finetune"}
     assert smoke["data"]["max_images"] == 800
     assert "hog" in smoke.candidates["rf_hog"]["params"]["features"]   # feature set inlined
 
