@@ -39,7 +39,10 @@ on the bags it is then reported on is optimistic, so the same choice is made onc
 outer fold on the *other* folds' bags only (their out-of-fold scores): the fold's bags
 are scored by the row and threshold chosen without them. Those scores, pooled, give the
 ``nested`` row of the leaderboard (``nested_roc_auc`` and the rest): the honest figure
-of the procedure that made the predictor.
+of the procedure that made the predictor. Rows differ in scale, so before pooling each
+outer bag's score is read as its place among the inner negative bags' scores of the
+chosen row (monotone within a fold; no outer label used); ``mean_fold_roc_auc`` is the
+mean of the outer folds' own AUCs.
 
 Metrics over the pooled out-of-fold bag scores: ROC AUC, balanced accuracy, sensitivity,
 specificity at the fold's threshold, and log loss of the score read as a probability,
@@ -159,10 +162,31 @@ def nested_selection(scores: dict, bags: "Bags", keys: list[str], rule: str):
         test, inner = bags.fold == k, bags.fold != k
         row = choose_row({key: scores[key][inner] for key in keys}, bags.y[inner], keys)
         t = choose_threshold(scores[row][inner], bags.y[inner], rule)
-        out[test], thr[test] = scores[row][test], t
+        # rows differ in scale (a top-k mean runs higher than a mean): each score is read
+        # as its place among the inner negative bags' scores of the same row, so the
+        # pooled figure compares folds on one scale; monotone, so within a fold nothing
+        # changes, and no outer label is used
+        neg = np.sort(scores[row][inner & (bags.y == 0)])
+        out[test] = _negative_quantile(scores[row][test], neg)
+        thr[test] = _negative_quantile(np.array([t]), neg)[0]
+        test_y = bags.y[test]
+        fold_auc = (float(_auc_rows(scores[row][test][None], test_y)[0])
+                    if 0 < test_y.sum() < len(test_y) else float("nan"))
         choices.append({"fold": int(k), "row": row, "threshold": float(t),
-                        "n_inner_bags": int(inner.sum()), "n_test_bags": int(test.sum())})
+                        "n_inner_bags": int(inner.sum()), "n_test_bags": int(test.sum()),
+                        "roc_auc": fold_auc})
     return out, thr, choices
+
+
+def _negative_quantile(values: np.ndarray, negatives: np.ndarray) -> np.ndarray:
+    """The share of ``negatives`` (sorted) below each value, ties counted half: a score
+    on the scale of the inner negative bags (1 - their false-positive rate); plus 1e-6
+    times the value itself, so the map is strictly increasing and a threshold mapped the
+    same way gives the same decisions."""
+    values = np.asarray(values, dtype=float)
+    lo = np.searchsorted(negatives, values, side="left")
+    hi = np.searchsorted(negatives, values, side="right")
+    return (lo + hi) / (2.0 * max(len(negatives), 1)) + 1e-6 * values
 
 
 # ----------------------------------------------------------------------------- scores
@@ -359,6 +383,9 @@ def score_patients(run: RunDir, cfg, ds, board: pd.DataFrame, stored: dict,
                      "aggregator": "chosen per outer fold", "cells": "all",
                      "shortcut": False})
         nested = {"choices": choices, "n_candidates": len(eligible),
+                  "mean_fold_roc_auc": float(np.nanmean([c["roc_auc"] for c in choices])),
+                  "scale": "each outer bag's score as the share of the inner negative "
+                           "bags' scores (same row) below it",
                   "chosen_on_all_bags": choose_row(scores, bags.y, eligible)}
 
     idx = bootstrap_indices(bags.y, int(settings["n_boot"]), int(settings["seed"]))

@@ -162,8 +162,15 @@ def test_nested_selection_never_lets_an_outer_folds_bags_choose(monkeypatch):
         for what, ids in seen[2 * k:2 * k + 2]:
             assert ids and not ids & outer, what          # no outer bag chose anything
             assert ids == set(range(n)) - outer
-        assert np.allclose(nested[fold == k], scores[c["row"]][fold == k])
-        assert np.all(thr[fold == k] == c["threshold"])
+        # the fold's scores on the scale of the inner negative bags of its row
+        neg = np.sort(scores[c["row"]][(fold != k) & (y == 0)])
+        assert np.allclose(nested[fold == k],
+                           patients_mod._negative_quantile(scores[c["row"]][fold == k], neg))
+        assert np.allclose(thr[fold == k],
+                           patients_mod._negative_quantile(np.array([c["threshold"]]), neg))
+        # decisions as the row and threshold chosen without the fold would make them
+        assert np.array_equal(nested[fold == k] >= thr[fold == k],
+                              scores[c["row"]][fold == k] >= c["threshold"])
 
 
 def test_choose_row_prefers_auc_then_log_loss():
