@@ -37,7 +37,7 @@ from core.io import check_name
 from core.metrics import METRICS, RANKING_METRICS
 from core.params import space_names, validate_params
 from core.stress import SHIFTS
-from ensembles.bags import AGGREGATORS
+from ensembles.bags import AGGREGATORS, DEFAULT_AGGREGATORS
 from ensembles.build import ENTRY_KEYS
 from ensembles.tta import TTA_VIEWS
 from features import check_feature_set
@@ -509,7 +509,7 @@ class ReportSection(_Section):
 class PatientsSection(_Section):
     """Bag (patient-level) tasks: a dataset with ``bags = true`` (see bench/patients.py)."""
     aggregators: list[Literal[tuple(AGGREGATORS)]] = Field(
-        default=[a for a in AGGREGATORS if a != "attention"], min_length=1)
+        default=list(DEFAULT_AGGREGATORS), min_length=1)
     # attention MIL (aggregator "attention"): the [candidates.NAME] of the run, of type
     # transfer_frozen, whose backbone gives the cells' embeddings (cached, shared with it)
     mil_embeddings: str = "tl_mnv2_frozen"

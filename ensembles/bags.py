@@ -39,6 +39,7 @@ class MeanAggregator:
 
     name = "mean"
     needs_fit = False
+    needs_embeddings = False   # reads cell probabilities
     settings: dict[str, str] = {}     # [patients] key -> argument of __init__
 
     def params(self) -> dict:
@@ -97,6 +98,7 @@ class CompositionAggregator:
 
     name = "composition"
     needs_fit = True
+    needs_embeddings = False   # reads hand-crafted cell features
     settings = {"seed": "seed"}
 
     def __init__(self, C: float = 1.0, seed: int = 0):
@@ -132,6 +134,10 @@ def negative_label(classes: list[str], positive: str) -> str:
 AGGREGATORS = {cls.name: cls for cls in (MeanAggregator, TrimmedMeanAggregator,
                                           TopKMeanAggregator, CompositionAggregator,
                                           AttentionMIL)}
+#: the default ``[patients] aggregators``: all but those that need a backbone's cell
+#: embeddings (declared by ``needs_embeddings``; they need a frozen candidate in the run)
+DEFAULT_AGGREGATORS = tuple(n for n, cls in AGGREGATORS.items()
+                            if not cls.needs_embeddings)
 #: the aggregators of cell probabilities alone (no fit): what a saved predictor can carry
 CELL_AGGREGATORS = tuple(n for n, cls in AGGREGATORS.items() if not cls.needs_fit)
 
@@ -276,7 +282,8 @@ def call_bags(spec: dict, classes, groups, p_positive, labels=None,
 
 
 __all__ = ["MeanAggregator", "TrimmedMeanAggregator", "TopKMeanAggregator",
-           "CompositionAggregator", "AGGREGATORS", "CELL_AGGREGATORS", "make_aggregator",
+           "CompositionAggregator", "AGGREGATORS", "CELL_AGGREGATORS", "DEFAULT_AGGREGATORS",
+           "make_aggregator",
            "choose_threshold", "negative_label", "REFER", "REFER_KINDS", "NO_CALL",
            "min_cells_from_counts",
            "bag_decision", "call_bag", "call_bags"]

@@ -27,6 +27,7 @@ class AttentionMIL:
 
     name = "attention"
     needs_fit = True
+    needs_embeddings = True   # pools a backbone's cell embeddings, not cell probabilities
     settings: dict[str, str] = {"seed": "seed"}
 
     def __init__(self, components: int = 64, hidden: int = 32, dropout: float = 0.25,

@@ -19,7 +19,7 @@ from bench.stats import bootstrap_resamples
 from core.io import is_inside
 from core.metrics import (LABEL_METRICS, LOWER_IS_BETTER, METRICS, RANKING_METRICS, REGISTRY,
                           base_metric, fold_metrics, metric_label)
-from ensembles.bags import AGGREGATORS, CELL_AGGREGATORS, make_aggregator
+from ensembles.bags import AGGREGATORS, CELL_AGGREGATORS, DEFAULT_AGGREGATORS, make_aggregator
 from ensembles.tta import TTA_VIEWS, VIEWS
 
 
@@ -80,7 +80,9 @@ def test_aggregator_settings_come_from_the_patients_section():
     classes take their settings from it and give them back by ``params()``."""
     from bench.config import PatientsSection
     settings = PatientsSection().model_dump()
-    assert settings["aggregators"] == list(AGGREGATORS)
+    assert settings["aggregators"] == list(DEFAULT_AGGREGATORS)
+    # all but the one that pools a backbone's embeddings (it needs a frozen candidate)
+    assert set(AGGREGATORS) - set(DEFAULT_AGGREGATORS) == {"attention"}
     for name, cls in AGGREGATORS.items():
         agg = make_aggregator(name, settings)
         assert type(agg) is cls
