@@ -28,7 +28,7 @@ from core.images import IMAGE_SUFFIXES, find_images, resolve_preprocessing
 from core.io import atomic_write_text
 from core.progress import console, info, progress_iter, warn
 from ensembles.overlay import gradcam_names, write_gradcam_png
-from ensembles.bags import NO_CALL, REFER, REFER_KINDS
+from ensembles.bags import NO_CALL, REFER, REFER_KINDS, negative_label
 from ensembles.predictor import load_predictor, verify_predictor
 from ensembles.tta import TTA_VIEWS
 from bench.calibrate import add_calibrate_parser, cmd_calibrate, inspect_lines, review_counts
@@ -359,12 +359,15 @@ def _predict_bags(args) -> int:
     buf, cells = io.StringIO(), io.StringIO()
     w, wc = csv.writer(buf), csv.writer(cells)
     w.writerow(["bag", "n_cells", "n_skipped", f"probability_{spec['positive']}", "decision",
-                "reason", "threshold", "min_cells", "aggregator"])
+                "reason", "threshold", "min_cells", "aggregator", "leaning"])
     wc.writerow(["bag", "path", "prediction", *pred.classes_])
     for r in results:
         prob = "" if not r["n_cells"] else f"{r['probability']:.6f}"
+        leaning = "" if not r["n_cells"] else (
+            spec["positive"] if r["probability"] >= r["threshold"] else
+            negative_label([str(c) for c in pred.classes_], spec["positive"]))
         w.writerow([r["bag"], r["n_cells"], r["n_skipped"], prob, r["decision"], r["reason"],
-                    f"{r['threshold']:.6f}", r["min_cells"], spec["aggregator"]])
+                    f"{r['threshold']:.6f}", r["min_cells"], spec["aggregator"], leaning])
         for p, row in zip(r["cell_items"], r["cells"]):
             wc.writerow([r["bag"], str(p), pred.classes_[int(np.argmax(row))],
                          *[f"{v:.6f}" for v in row]])

@@ -220,9 +220,9 @@ def bag_decision(score: float, n_cells: int, positive: str, negative: str, thres
     ``score >= threshold`` and the negative one otherwise (reason empty)."""
     if n_cells == 0:
         return NO_CALL, "no readable image"
-    if n_cells < min_cells:
-        return REFER, f"{TOO_FEW} ({n_cells} < min_cells {min_cells})"
     call = positive if score >= threshold else negative
+    if n_cells < min_cells:
+        return REFER, f"{TOO_FEW} ({n_cells} < min_cells {min_cells}); leaning {call}"
     if shifted:
         return REFER, f"{SHIFTED} (shift score); leaning {call}"
     if band and band["lo"] <= score <= band["hi"]:
