@@ -29,7 +29,7 @@ import tomli_w
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, create_model
 
 from core import registry
-from core.colour import BAG_COLOUR
+from core.colour import BAG_COLOUR, MAX_SMOOTH
 from core.conformal import METHODS, SCHEMES
 from core.errors import BenchError
 from core.images import crop_side, crops
@@ -405,7 +405,7 @@ class DataSection(_Section):
     # Gaussian low-pass (sigma, model-input pixels) after the resize, in training and in the
     # predictor (core.colour.smooth): the same cell at another export size or JPEG quality
     # gives nearly the same input
-    smooth: Number = Field(default=0.0, ge=0, le=5)
+    smooth: Number = Field(default=0.0, ge=0, le=MAX_SMOOTH)
     # several labs in one dataset (bench.datasets.load_sources): `classes` is the shared list
     sources: list[SourceEntry] = []
 

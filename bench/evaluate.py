@@ -47,7 +47,6 @@ from bench.report.evaluation import gradcam_gallery, predictions_csv, write_page
 from bench.report.html import slug
 from bench.scoring import (METRIC_KEYS, N_BOOT, SEED, in_domain, per_external_class, score,
                            score_patients)
-from core.colour import bag_colour
 from core.errors import BenchError
 from core.io import atomic_write_json, atomic_write_text, package_versions, staged
 from bench import conformal
@@ -135,7 +134,7 @@ def predict_items(pred, items, batch_size: int, show: bool, groups=None):
 
 def _predict_by_group(pred, items, groups, batch_size: int, show: bool):
     """:func:`predict_items` one group (bag) at a time, its cells colour-normalised
-    together (:meth:`Predictor.predict_bags`)."""
+    together (:meth:`Predictor.load_bag`, as :meth:`Predictor.predict_bags`)."""
     k = len(pred.classes_)
     proba, ok = np.zeros((len(items), k)), np.zeros(len(items), dtype=bool)
     fold_proba = np.zeros((pred.n_folds_, len(items), k)) if pred.needs_fold_proba_ else None
@@ -147,12 +146,11 @@ def _predict_by_group(pred, items, groups, batch_size: int, show: bool):
         by_group.setdefault(g, []).append(i)
     for g, idx in progress_iter(by_group.items(), total=len(by_group), desc="patients",
                                 enabled=show and len(by_group) > 1):
-        X, _, good, errs = pred.preprocessing.load([items[i] for i in idx], skip_errors=True)
+        X, good, errs = pred.load_bag([items[i] for i in idx])
         errors += [(idx[j], exc) for j, exc in errs]
         if not good:
             continue
         rows = np.asarray(idx)[good]
-        X = bag_colour(X, np.zeros(len(X)), pred.bag_colour_)
         out = pred.predict_proba(X, batch_size, folds=fold_proba is not None, one_bag=True)
         p, pf = out if fold_proba is not None else (out, None)
         proba[rows], ok[rows] = p, True

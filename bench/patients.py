@@ -336,7 +336,9 @@ def score_patients(run: RunDir, cfg, ds, board: pd.DataFrame, stored: dict,
     rule = settings["threshold"]
     kinds = dict(zip(board["candidate"], board["kind"]))
     shortcut = set(colour_only_candidates(cfg.data, cfg["report"]["colour_extractors"]))
-    restrict = _disease_rows(cfg, ds, bags)
+    cell_types = (check_cell_types(cfg, ds, len(bags)) if cfg["data"]["disease_cells"]
+                  or "composition" in settings["aggregators"] else None)
+    restrict = _disease_rows(cfg["data"]["disease_cells"], cell_types, bags)
     rows, scores, thresholds = [], {}, {}
     for entry in board["candidate"]:
         p_cell = stored[entry][:, pos]
@@ -355,7 +357,6 @@ def score_patients(run: RunDir, cfg, ds, board: pd.DataFrame, stored: dict,
     comp_types = []
     if "composition" in settings["aggregators"]:
         fs_name = settings["composition_features"]
-        cell_types = read_cell_types(cfg, ds, len(bags))
         feats = extract(np.asarray(ds.images), cfg["feature_sets"][fs_name],
                         progress=show_progress)
         key = f"cell_types[{fs_name}]+composition"
@@ -469,14 +470,12 @@ def _carriable(r) -> bool:
             and not bool(r.get("shortcut", False)))
 
 
-def choose_carried(table: pd.DataFrame, row: str | None = None) -> dict | None:
-    """The row a predictor carries: ``row`` (chosen by :func:`choose_row`), else the
-    first carriable row of the table."""
-    ok = table[[_carriable(r) for _, r in table.iterrows()]] if len(table) else table
-    if ok.empty:
+def choose_carried(table: pd.DataFrame, row: str | None) -> dict | None:
+    """What a predictor carries of patient row ``row`` (chosen by :func:`choose_row`
+    among the carriable rows; ``None`` when there was none)."""
+    if row is None:
         return None
-    r = ok[ok["entry"] == row].iloc[0] if row is not None and (ok["entry"] == row).any() \
-        else ok.iloc[0]
+    r = table[table["entry"] == row].iloc[0]
     return {"entry": str(r["source"]), "aggregator": str(r["aggregator"]),
             "row": str(r["entry"]), "roc_auc": float(r["roc_auc"])}
 
@@ -496,7 +495,8 @@ def shortcut_warning(table: pd.DataFrame, margin: float) -> str:
     return (f"the colour-only row {s['entry']} reaches ROC AUC {s['roc_auc']:.3f}, within "
             f"{margin:.2f} of the best row {b['entry']} ({b['roc_auc']:.3f}): the smears' "
             "colour may give the diagnosis away in this cohort, and the models may read it "
-            "too (try [patients] bag_colour = \"reinhard\")")
+            "too (try [patients] bag_jitter = 0.1 with bag_colour = \"rgb\": "
+            "benchmarks/README.md, \"Patients on a new cohort\")")
 
 
 def check_cell_types(cfg, ds, n_bags: int) -> np.ndarray:
@@ -510,12 +510,12 @@ def check_cell_types(cfg, ds, n_bags: int) -> np.ndarray:
     return types
 
 
-def _disease_rows(cfg, ds, bags: Bags) -> list[np.ndarray] | None:
-    """Each bag's rows of the ``[data] disease_cells`` types, or ``None`` without them."""
-    wanted = list(cfg["data"]["disease_cells"])
+def _disease_rows(wanted, cell_types, bags: Bags) -> list[np.ndarray] | None:
+    """Each bag's rows of the ``[data] disease_cells`` types ``wanted`` (``cell_types``:
+    each row's type), or ``None`` without them."""
     if not wanted:
         return None
-    keep = np.isin(check_cell_types(cfg, ds, len(bags)), wanted)
+    keep = np.isin(cell_types, list(wanted))
     return [r[keep[r]] for r in bags.rows]
 
 

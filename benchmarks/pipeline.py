@@ -40,7 +40,6 @@ from PIL import Image
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from core.colour import bag_colour   # noqa: E402
 from core.images import read_image   # noqa: E402
 from ensembles.bags import call_bag   # noqa: E402
 from ensembles.predictor import load_predictor   # noqa: E402
@@ -66,15 +65,6 @@ VARIANTS = {
     "bilinear128": lambda a: _resize(a, 128, Image.BILINEAR),
     "lanczos96_q85": lambda a: _jpeg(_resize(a, 96, Image.LANCZOS), 85),
 }
-
-
-def pred_fold_index(pred, fold: int) -> int:
-    """The position of run fold ``fold`` among the predictor's fold models (saved in the
-    order of the run's fold ids, 0..k-1)."""
-    if not 0 <= fold < pred.n_folds_:
-        raise SystemExit(f"error: fold {fold} is not among the predictor's "
-                         f"{pred.n_folds_} fold models")
-    return fold
 
 
 def main(argv=None) -> int:
@@ -127,12 +117,9 @@ def main(argv=None) -> int:
         else:
             results = []
             for name, items in bags.items():
-                X = pred.preprocessing.apply_batch(items)
-                if pred.bag_colour_ != "none":
-                    X = bag_colour(X, np.zeros(len(X)), pred.bag_colour_)
-                _, fold_proba = pred.proba_of_images(X, folds=True)
-                k = pred_fold_index(pred, int(fold_of[name]))
-                p = pred._temper(fold_proba[k])[:, pos]
+                X, _, _ = pred.load_bag(items)   # as predict --bags reads a bag
+                _, fold_proba = pred.predict_proba(X, len(X), folds=True, one_bag=True)
+                p = fold_proba[int(fold_of[name])][:, pos]   # the fold that never saw it
                 results.append((name, len(X), call_bag(spec, classes, p)[0]))
         for name, n, score in results:
             out.append({"way": way, "patient": name, "n_cells": n, "score": score,

@@ -37,6 +37,8 @@ REINHARD_TARGET = {"mean": (76.0, 12.0, 5.0), "std": (18.0, 10.0, 15.0)}
 #: the fixed RGB target of ``"rgb"``: per-channel mean and spread (PBC and DeepAPL cells
 #: at 64 px, pooled and rounded)
 RGB_TARGET = {"mean": (205.0, 180.0, 200.0), "std": (40.0, 50.0, 30.0)}
+#: the largest ``[data] smooth`` (a ``Preprocessing`` record's ``smooth``), in pixels
+MAX_SMOOTH = 5.0
 #: ``[patients] bag_colour`` methods
 BAG_COLOUR = ("none", "reinhard", "rgb")
 _CHUNK = 512
@@ -150,4 +152,4 @@ def bag_jitter(images: np.ndarray, bag_of_row, strength: float, seed: int) -> np
 
 
 __all__ = ["smooth", "bag_reinhard", "bag_rgb", "bag_colour", "bag_jitter", "lab_moments",
-           "reinhard_map", "REINHARD_TARGET", "RGB_TARGET", "BAG_COLOUR"]
+           "reinhard_map", "REINHARD_TARGET", "RGB_TARGET", "BAG_COLOUR", "MAX_SMOOTH"]

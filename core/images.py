@@ -29,7 +29,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageFile, UnidentifiedImageError
 
-from core.colour import smooth
+from core.colour import MAX_SMOOTH, smooth
 from core.errors import BenchError
 
 ImageFile.LOAD_TRUNCATED_IMAGES = False
@@ -190,8 +190,8 @@ class Preprocessing:
                 raise BenchError(f"preprocessing: {name} must be one of {sorted(allowed)}, "
                                  f"got {getattr(self, name)!r}")
         if isinstance(self.smooth, bool) or not isinstance(self.smooth, (int, float)) \
-                or not 0 <= self.smooth <= 5:
-            raise BenchError(f"preprocessing: smooth must be a number in [0, 5], "
+                or not 0 <= self.smooth <= MAX_SMOOTH:
+            raise BenchError(f"preprocessing: smooth must be a number in [0, {MAX_SMOOTH:g}], "
                              f"got {self.smooth!r}")
 
     def to_dict(self) -> dict:

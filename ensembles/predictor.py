@@ -178,9 +178,9 @@ class Predictor:
             items = x
         else:
             items = as_items(x)
-        if self.bag_colour_ != "none" and not one_bag:
-            items = bag_colour(self.preprocessing.apply_batch(items), np.zeros(len(items)),
-                               self.bag_colour_)
+        if not one_bag:
+            items = self.normalise_bag(self.preprocessing.apply_batch(items)) \
+                if self.bag_colour_ != "none" else items
         prep = self.preprocessing.apply_batch
         starts = list(range(0, len(items), batch_size))
         chunks, fold_chunks = [], []
@@ -312,6 +312,20 @@ class Predictor:
         bags = self.manifest.get("bags")
         return None if bags is None else BagTask.model_validate(bags).model_dump()
 
+    def normalise_bag(self, X: np.ndarray) -> np.ndarray:
+        """One bag's preprocessed cells (N, S, S, 3) colour-normalised together as the bag
+        task was trained (``[patients] bag_colour``); unchanged without it."""
+        if self.bag_colour_ == "none" or not len(X):
+            return X
+        return bag_colour(X, np.zeros(len(X)), self.bag_colour_)
+
+    def load_bag(self, items) -> tuple[np.ndarray, list, list]:
+        """One bag's cells as model input: ``(X, ok, errors)`` as
+        :meth:`core.images.Preprocessing.load` with ``skip_errors`` gives them (unreadable
+        files skipped), ``X`` then normalised together (:meth:`normalise_bag`)."""
+        X, _, ok, errors = self.preprocessing.load(items, skip_errors=True)
+        return self.normalise_bag(X), ok, errors
+
     def predict_bags(self, bags: dict, batch_size: int = 256) -> list[dict]:
         """One diagnosis per bag (patient) from its cells, for a predictor saved by a bag
         task (``[data] bags = true``).
@@ -338,11 +352,9 @@ class Predictor:
             items = as_items(items)
             if not len(items):
                 raise BenchError(f"bag '{name}' has no images")
-            X, _, ok, errors = self.preprocessing.load(items, skip_errors=True)
+            X, ok, errors = self.load_bag(items)   # the bag's cells together
             skipped = [(f"array {i}" if isinstance(items[i], np.ndarray) else str(items[i]),
                         str(exc)) for i, exc in errors]
-            if len(ok) and self.bag_colour_ != "none":   # the bag's cells together
-                X = bag_colour(X, np.zeros(len(X)), self.bag_colour_)
             proba = (self.predict_proba(X, batch_size, one_bag=True) if len(ok)
                      else np.zeros((0, len(classes))))
             shift = self.shift_reference_.score(X) if (
