@@ -419,6 +419,13 @@ class TuningSection(_Section):
     max_samples: int = Field(default=0, ge=0)
     metric: Metric = "accuracy"
     min_gain: Number = Field(default=0, ge=0)   # over the configured trial, to adopt a tuned one
+    # where a tuned setting must win to replace the configured one (bench.tuning, "Adoption"):
+    # "full": the winner of cheap trials is refitted beside the configured setting at the
+    # refit's fidelity on the inner split, and kept only when it scores higher there by more
+    # than adopt_gain; "trial": the cheap trial's score decides (only for a fidelity whose
+    # ranking is shown to agree with full fidelity: benchmarks/fidelity.py)
+    adopt: Literal["full", "trial"] = "full"
+    adopt_gain: Number = Field(default=0, ge=0)
 
 
 class CandidateTuning(TuningSection):

@@ -33,7 +33,7 @@ from bench.prepare import prepare_candidates
 from bench.report import report_after_run
 from bench.rundir import RunDir
 from bench.scheduling import make_executor
-from bench.tuning import candidate_tuning, open_storages
+from bench.tuning import candidate_tuning, open_storages, tuning_column
 from bench.units import run_unit, tune_unit
 from core import registry
 from core.calibration import fit_temperature
@@ -308,6 +308,7 @@ def _collect(run: RunDir, cfg: Config, ds: Dataset, folds: PredefinedFolds):
                      **summarize([r["metrics"] for r in results]),
                      "fit_seconds": float(np.mean([r["fit_seconds"] for r in results])),
                      "tune_seconds": float(np.sum([r["tune_seconds"] for r in results])),
+                     "tuning": tuning_column([r.get("tuning") for r in results]),
                      "predict_ms_per_image": float(np.mean([r["predict_ms_per_image"]
                                                             for r in results])),
                      "model_size": results[0]["model_size"], "n_folds": len(results)})

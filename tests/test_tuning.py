@@ -286,7 +286,7 @@ class FidelityModel(Candidate):
 def test_trials_run_at_the_fidelity_and_the_refit_keeps_the_configured_resource(tmp_path):
     X, y = toy_arrays(6, 16, seed=0)
     entry = {"type": "_test_fidelity", "params": {"epochs": 30, "quality": 0.05},
-             "tuning": {"trials": 6, "fidelity": {"epochs": 2}}}
+             "tuning": {"trials": 6, "fidelity": {"epochs": 2}, "adopt": "trial"}}
     FidelityModel.fits.clear()
     best, info = tune_candidate(entry, X, y, np.arange(3), "f", _fast(tmp_path, pruner="none"),
                                 tmp_path, seed=0)
@@ -389,3 +389,107 @@ def test_each_trial_releases_its_model(tmp_path, monkeypatch):
     tune_candidate({"type": "_test_epochs", "params": {"epochs": 3}}, X, y, np.arange(3), "m",
                    _fast(tmp_path, trials=4, pruner="none"), tmp_path, seed=0)
     assert len(calls) == 4
+
+
+@register("_test_cheap_liar")
+class CheapLiar(Candidate):
+    """A nearest-centroid model whose accuracy depends on ``lr`` and on the fidelity:
+    at few epochs a larger ``lr`` scores higher, at the configured 30 epochs lower (or, with
+    ``honest``, higher too). It really learns: the centroids come from the fit's rows."""
+
+    fits: list = []
+    fit_accepts = frozenset({"classes"})
+    tunable = True
+
+    def __init__(self, lr=0.0, epochs=30, honest=False):
+        self.lr, self.epochs, self.honest = lr, epochs, honest
+
+    def fit(self, X, y, X_val=None, y_val=None, classes=None):
+        self._set_classes(y, classes)
+        CheapLiar.fits.append((self.epochs, self.lr))
+        feats = np.asarray(X, dtype=float).reshape(len(X), -1, 3).mean(1)
+        self._centroids = np.stack([feats[np.asarray(y) == c].mean(0)
+                                    for c in range(self.n_classes_)])
+        return self
+
+    def predict_proba(self, X):
+        feats = np.asarray(X, dtype=float).reshape(len(X), -1, 3).mean(1)
+        pred = np.argmin(((feats[:, None] - self._centroids[None]) ** 2).sum(-1), axis=1)
+        cheap = self.epochs < 10
+        quality = (0.5 + 0.4 * self.lr if cheap or self.honest else 0.95 - 0.4 * self.lr)
+        u = (np.asarray(X, dtype=np.int64).reshape(len(X), -1).sum(1) * 7919 % 1000) / 1000
+        pred = np.where(u < quality, pred, (pred + 1) % self.n_classes_)
+        return np.eye(self.n_classes_)[pred]
+
+    @classmethod
+    def param_space(cls, trial):
+        return {"lr": trial.suggest_float("lr", 0.2, 1.0)}
+
+
+def _liar(trials=4, **tuning):
+    return {"type": "_test_cheap_liar", "params": {"lr": 0.0},
+            "tuning": {"trials": trials, "fidelity": {"epochs": 2}, **tuning}}
+
+
+def test_a_cheap_winner_that_loses_at_full_fidelity_is_not_adopted(tmp_path):
+    """Issue 31: the cheap trials prefer a larger lr, the refit's fidelity the configured
+    one; the configured setting stays, and both full-fidelity scores are on record."""
+    X, y = toy_arrays(40, 16, seed=0)
+    CheapLiar.fits.clear()
+    best, info = tune_candidate(_liar(), X, y, np.arange(3), "liar",
+                                _fast(tmp_path, pruner="none"), tmp_path, seed=0)
+    assert info["best_value"] == info["default_value"]      # the configured trial is reported
+    trial_values = [t["value"] for t in json.loads(
+        (tmp_path / "tuning" / "liar.json").read_text())["trials"]]
+    assert max(trial_values[1:]) > trial_values[0] + 0.05     # a challenger won the trials
+    conf = info["confirm"]
+    assert best == {} and info["kept_configured"] and conf["kept"] == "configured"
+    assert conf["configured"] > conf["tuned"] + 0.05 and conf["fidelity"] == "full"
+    assert conf["n_fit"] + conf["n_val"] == len(y) and info["adopt"] == "full"
+    full = [f for f in CheapLiar.fits if f[0] == 30]          # the two full-fidelity fits
+    assert len(full) == 2 and sorted(lr for _, lr in full)[0] == 0.0
+    # the same study resumed: the confirmation is read back, nothing is refitted
+    CheapLiar.fits.clear()
+    best2, info2 = tune_candidate(_liar(), X, y, np.arange(3), "liar",
+                                  _fast(tmp_path, pruner="none"), tmp_path, seed=0)
+    assert best2 == {} and info2["confirm"] == conf and CheapLiar.fits == []
+
+
+def test_adoption_by_the_trial_score_takes_the_cheap_winner(tmp_path):
+    """The same study adopting by the cheap score (adopt = "trial") takes the setting the
+    full-fidelity check refused: what the check protects against."""
+    X, y = toy_arrays(40, 16, seed=0)
+    best, info = tune_candidate(_liar(adopt="trial"), X, y, np.arange(3), "liar_t",
+                                _fast(tmp_path, pruner="none"), tmp_path, seed=0)
+    assert best["lr"] > 0.2 and not info["kept_configured"] and info["confirm"] is None
+
+
+def test_a_winner_at_both_fidelities_is_adopted(tmp_path):
+    X, y = toy_arrays(40, 16, seed=0)
+    entry = _liar()
+    entry["params"] = {"lr": 0.0, "honest": True}
+    best, info = tune_candidate(entry, X, y, np.arange(3), "honest",
+                                _fast(tmp_path, pruner="none"), tmp_path, seed=0)
+    conf = info["confirm"]
+    assert conf["kept"] == "tuned" and conf["tuned"] > conf["configured"]
+    assert best["lr"] > 0.2 and not info["kept_configured"]
+    # adopt_gain above the full-fidelity gain: the configured setting stays
+    entry["tuning"] = {**entry["tuning"], "adopt_gain": 0.99}
+    best, info = tune_candidate(entry, X, y, np.arange(3), "honest_g",
+                                _fast(tmp_path, pruner="none"), tmp_path, seed=0)
+    assert best == {} and info["confirm"]["kept"] == "configured"
+
+
+def test_fidelity_check_measures_the_rank_agreement(tmp_path):
+    from bench.tuning import fidelity_check
+    X, y = toy_arrays(40, 16, seed=0)
+    seen = []
+    out = fidelity_check(_liar(), X, y, np.arange(3), {}, seed=0, n_settings=5,
+                         progress=lambda i, row: seen.append(i))
+    assert seen == [0, 1, 2, 3, 4] and out["rows"][0]["configured"]
+    assert out["rho"] < -0.6                                  # the liar ranks backwards
+    entry = _liar()
+    entry["params"] = {"lr": 0.0, "honest": True}
+    assert fidelity_check(entry, X, y, np.arange(3), {}, seed=0, n_settings=5)["rho"] > 0.8
+    with pytest.raises(BenchError, match="at least 3"):
+        fidelity_check(entry, X, y, np.arange(3), {}, seed=0, n_settings=2)

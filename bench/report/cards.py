@@ -6,6 +6,8 @@ from __future__ import annotations
 import numpy as np
 import pandas as pd
 
+from bench.tuning import fold_decision
+
 
 def feature_extractors(config: dict, features) -> list[str]:
     """The extractor names behind a candidate's ``params.features``.
@@ -180,7 +182,7 @@ def trial_summary(units: list[dict]) -> dict:
     n = [int(t.get("n_trials") or 0) for t in tun]
     if not any(n):
         return {"trials": "", "trials_total": 0, "trials_pruned": 0, "trials_failed": 0,
-                "tuned_folds": 0, "fidelity": ""}
+                "tuned_folds": 0, "checked_folds": 0, "per_fold": [], "fidelity": ""}
     fid = next((t.get("fidelity") for t in tun if t.get("fidelity")), {}) or {}
     cap = next((t.get("max_samples") for t in tun if t.get("max_samples")), 0)
     fidelity = ", ".join([f"{k}={v}" for k, v in fid.items()]
@@ -189,4 +191,6 @@ def trial_summary(units: list[dict]) -> dict:
             "trials_pruned": sum(int(t.get("n_pruned") or 0) for t in tun),
             "trials_failed": sum(int(t.get("n_fail") or 0) for t in tun),
             "tuned_folds": sum(bool(t.get("best_params")) for t in tun),
+            "checked_folds": sum(bool(t.get("confirm")) for t in tun),
+            "per_fold": [fold_decision(t) for t in tun],
             "fidelity": fidelity}
