@@ -19,6 +19,7 @@ from pathlib import Path
 import numpy as np
 
 from bench.config import DEFAULT_CONFIG, read_toml
+from bench.distill import distill
 from bench.evaluate import evaluate, summary
 from bench.report import CROSS_DIR, write_cross_report, write_report
 from bench.runner import run_from_args, tune_from_args
@@ -143,6 +144,16 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--config", default=None, help="config for --data NAME (default: "
                                                    "benchmarks.toml)")
     _add_common(ev)
+    dis = sub.add_parser("distill", help="train one fast CNN (a student) on a finished run's "
+                                         "out-of-fold ensemble probabilities, cross-validated "
+                                         "on its folds; save it as a predictor")
+    dis.add_argument("--run", required=True, help="finished run directory")
+    dis.add_argument("--out", default=None,
+                     help="predictor folder (default: RUN/distilled); an earlier distilled "
+                          "predictor there is replaced, anything else refused")
+    dis.add_argument("--workers", type=int, default=None,
+                     help="parallel student fits (default: the run's [run] workers)")
+    _add_common(dis)
     add_calibrate_parser(sub, _add_common)
     return parser
 
@@ -503,9 +514,22 @@ def cmd_evaluate(args) -> int:
     return 0
 
 
+def cmd_distill(args) -> int:
+    if args.workers is not None and args.workers < 1:
+        raise BenchError(f"--workers must be at least 1, got {args.workers}")
+    r = distill(args.run, out=args.out, workers=args.workers)
+    print(f"distilled '{r['teacher']}' into {r['predictor']}: {r['n_folds']}-fold accuracy "
+          f"{r['accuracy']:.4f} +- {r['accuracy_std']:.4f} (teacher row in the leaderboard), "
+          + (f"{r['images_per_s']:.0f} images/s against the run's predictor's "
+             f"{r['teacher_images_per_s']:.0f} ({r['speed_images']} images at model size, "
+             f"{r['cores']} cores)" if r["speed_images"] else "speed not timed")
+          + (f", {r['model_size']:,} parameters" if r["model_size"] else ""))
+    return 0
+
+
 COMMANDS = {"run": cmd_run, "tune": cmd_tune, "predict": cmd_predict, "list": cmd_list,
             "inspect": cmd_inspect, "report": cmd_report, "evaluate": cmd_evaluate,
-            "calibrate": cmd_calibrate}
+            "calibrate": cmd_calibrate, "distill": cmd_distill}
 
 
 # Commands that only apply saved models use every core for TensorFlow, unless the user set

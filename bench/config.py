@@ -50,7 +50,7 @@ else:  # pragma: no cover
 DEFAULT_CONFIG = "benchmarks.toml"
 KNOWN_SECTIONS = {"run", "data", "datasets", "external", "tuning", "feature_sets", "candidates",
                   "ensembles", "stress",
-                  "predictor", "profiles", "report", "patients"}
+                  "predictor", "profiles", "report", "patients", "distill"}
 
 
 @dataclass
@@ -58,7 +58,7 @@ class Config:
     """A resolved configuration: plain nested dicts plus where they came from.
 
     ``settings`` holds the validated, typed settings sections (:class:`Settings`: ``run``,
-    ``data``, ``tuning``, ``predictor``, ``stress``, ``report``, ``patients``), each
+    ``data``, ``tuning``, ``predictor``, ``stress``, ``report``, ``patients``, ``distill``), each
     default in its model's field; ``data[SECTION]`` is their ``model_dump()``, so every
     key is present. A config built from a plain dict (a run directory's ``config.toml``)
     is validated here; change a setting with :meth:`override`, which keeps both views.
@@ -549,9 +549,31 @@ class PatientsSection(_Section):
     seed: int = Field(default=0, ge=0)
 
 
+# the default student of `bench distill`: the quick profile's deep scratch CNN (48 px on the
+# central half), given twice its epochs: soft targets carry more to learn than labels
+DEFAULT_STUDENT = {"type": "scratch_cnn", "params": {
+    "blocks": 4, "filters": 16, "convs_per_block": 2, "dense_units": 256, "dropout": 0.3,
+    "augment": "flips", "crop": 0.5, "input_size": 48, "learning_rate": 0.002,
+    "batch_size": 64, "epochs": 16, "patience": 16, "schedule": "cosine"}}
+
+
+class DistillSection(_Section):
+    """``bench distill`` (bench.distill): one compact CNN, the student, trained on an
+    entry's out-of-fold class probabilities (its soft labels), on the run's folds."""
+    teacher: str = ""             # an entry of the leaderboard; "": the run's saved predictor
+    student: CandidateEntry = CandidateEntry(**DEFAULT_STUDENT)
+    # each training row's target: (1 - hard_weight) x the teacher's probabilities (at
+    # temperature) + hard_weight x its label
+    hard_weight: Number = Field(default=0.2, ge=0, le=1)
+    temperature: Number = Field(default=1.0, gt=0, le=20)   # > 1 softens the teacher's rows
+    # images/s of the student and the run's predictor, timed on this many of the run's
+    # images (0: not timed)
+    speed_images: int = Field(default=2048, ge=0)
+
+
 SECTIONS = {"run": RunSection, "data": DataSection, "tuning": TuningSection,
             "predictor": PredictorSection, "stress": StressSection, "report": ReportSection,
-            "patients": PatientsSection}
+            "patients": PatientsSection, "distill": DistillSection}
 
 
 class Settings(BaseModel):
@@ -563,6 +585,7 @@ class Settings(BaseModel):
     stress: StressSection
     report: ReportSection
     patients: PatientsSection
+    distill: DistillSection
 
 
 _TYPE_TAGS = {"int", "float", "str", "bool", "dict", "list", "none"}
@@ -794,6 +817,14 @@ def _validate_entries(cfg: dict, settings: Settings, where: str) -> None:
             if missing:
                 raise BenchError(f"{where}: [ensembles.{name}] members {missing} are not "
                                  f"candidates of this run; candidates: {names}")
+    student = settings.distill.student
+    cls = _type(student.type, where, "[distill] student")
+    if "soft_targets" not in cls.fit_accepts:
+        raise BenchError(f"{where}: [distill] student type '{student.type}' cannot learn soft "
+                         "targets; types that can: " + str(sorted(
+                             n for n in registry.known()
+                             if "soft_targets" in getattr(registry.get(n), "fit_accepts", ()))))
+    validate_params(cls, student.params, f"{where}: [distill] student params")
     choice = settings.predictor.ensemble
     if choice == "robust" and not settings.stress.shifts:
         raise BenchError(f"{where}: [predictor] ensemble = 'robust' needs [stress] shifts "

@@ -19,6 +19,8 @@ report, the Grad-CAM audit and the tests agree on one layout::
     DIR/predictor/, DIR/report/
     DIR/leakage/               the leakage audit's image-level run (a run directory)
     DIR/leakage.csv            grouped against image-level scores (bench.leakage)
+    DIR/distill/               bench distill: result.json, final/ (the saved student's fit);
+                               its cross-validated folds are units/distilled/fold<k>
 
 Folders are published whole with :meth:`RunDir.staged` (written beside, moved into
 place); single files are written atomically.
@@ -88,6 +90,16 @@ class RunDir:
     @property
     def tuning_dir(self) -> Path:
         return self.path / "tuning"
+
+    @property
+    def distill_dir(self) -> Path:
+        """``bench distill``'s own files (:mod:`bench.distill`): ``result.json`` and
+        ``final/`` (the student fitted on every row); its folds are ``units/distilled``."""
+        return self.path / "distill"
+
+    @property
+    def distill_final_dir(self) -> Path:
+        return self.distill_dir / "final"
 
     @property
     def leakage_dir(self) -> Path:

@@ -42,25 +42,48 @@ class KerasCandidate(Candidate):
     def _build(self, image_size: int, n_classes: int):  # pragma: no cover - interface
         raise NotImplementedError
 
-    def _split_validation(self, X, y, X_val, y_val):
+    def _split_validation(self, X, y, X_val, y_val, labels=None):
+        """``(X, y, X_val, y_val)``: the given validation rows, else a seeded split of the
+        training rows stratified by ``labels`` (default ``y``; ``y`` may be soft targets,
+        :meth:`_targets`). With soft targets, given integer ``y_val`` become one-hot."""
         if X_val is not None:
+            if np.ndim(y) == 2 and np.ndim(y_val) == 1:
+                y_val = np.eye(y.shape[1], dtype=np.float32)[y_val]
             return X, y, X_val, y_val
-        _, counts = np.unique(y, return_counts=True)
-        n_val = int(np.ceil(self.val_fraction * len(y)))
+        labels = y if labels is None else labels
+        _, counts = np.unique(labels, return_counts=True)
+        n_val = int(np.ceil(self.val_fraction * len(labels)))
         # stratify when every class can be on both sides (tiny sets: a plain split)
-        strat = y if counts.min() >= 2 and len(counts) <= n_val <= len(y) - len(counts) else None
+        strat = (labels if counts.min() >= 2 and len(counts) <= n_val <= len(labels) - len(counts)
+                 else None)
         Xt, Xv, yt, yv = train_test_split(X, y, test_size=self.val_fraction, stratify=strat,
                                           random_state=self.seed)
         return Xt, yt, Xv, yv
 
-    def fit(self, X, y, X_val=None, y_val=None, classes=None, workdir=None, epoch_callbacks=None):
+    def _targets(self, y: np.ndarray, soft_targets) -> np.ndarray:
+        """What the network learns: the integer labels ``y``, or ``soft_targets`` (one row
+        of class probabilities per training row, columns in the order of ``classes_``)."""
+        if soft_targets is None:
+            return y
+        t = np.asarray(soft_targets, dtype=np.float32)
+        if t.shape != (len(y), self.n_classes_):
+            raise BenchError(f"soft_targets: shape {t.shape}, expected {(len(y), self.n_classes_)}"
+                             " (one row per training row, one column per class)")
+        if not np.isfinite(t).all() or (t < 0).any() or \
+                not np.allclose(t.sum(axis=1), 1.0, atol=1e-3):
+            raise BenchError("soft_targets: every row must hold probabilities summing to 1")
+        return t
+
+    def fit(self, X, y, X_val=None, y_val=None, classes=None, workdir=None, epoch_callbacks=None,
+            soft_targets=None):
         configure()
         set_seeds(self.seed)
         self._set_classes(y, classes)
         y = np.searchsorted(self.classes_, y)
         if y_val is not None:
             y_val = np.searchsorted(self.classes_, y_val)
-        X, y, X_val, y_val = self._split_validation(np.asarray(X), y, X_val, y_val)
+        X, y, X_val, y_val = self._split_validation(np.asarray(X), self._targets(y, soft_targets),
+                                                    X_val, y_val, labels=y)
         self._fit_inputs(X)   # statistics of the training rows only (stain normalisation)
         self.model_ = self._build(X.shape[1], self.n_classes_)
         self.history_ = fit_keras(
@@ -174,6 +197,7 @@ class ScratchCNN(KerasCandidate):
     """
 
     tunable = True
+    fit_accepts = KerasCandidate.fit_accepts | {"soft_targets"}
     param_rules = {
         "blocks": {"ge": 1, "le": 8}, "filters": {"ge": 1}, "filter_growth": {"gt": 0},
         "kernel_size": {"ge": 1}, "convs_per_block": {"ge": 1}, "block_dropout": {"ge": 0, "lt": 1},

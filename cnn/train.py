@@ -59,7 +59,9 @@ def fit_keras(model, X, y, X_val, y_val, *, n_classes: int, epochs: int, batch_s
               ema: float = 0.0) -> dict:
     """Compile and train ``model``; returns the Keras history as a dict of lists.
 
-    Early stopping watches validation loss and restores the best weights; the learning
+    ``y`` and ``y_val``: integer labels, or ``(n, n_classes)`` class probabilities (soft
+    targets, learnt with categorical cross-entropy). Early stopping watches validation
+    loss and restores the best weights; the learning
     rate follows ``schedule`` (``"plateau"``: reduce on plateau, ``"cosine"``: cosine
     decay). With ``workdir``, the best checkpoint and a CSV log of every epoch are kept.
     ``epoch_callbacks`` are called as ``fn(epoch, logs)`` after every epoch; an exception
@@ -72,8 +74,10 @@ def fit_keras(model, X, y, X_val, y_val, *, n_classes: int, epochs: int, batch_s
     steps = int(np.ceil(len(X) / batch_size)) * max(1, epochs - initial_epoch)
     lr = (keras.optimizers.schedules.CosineDecay(learning_rate, max(1, steps))
           if schedule == "cosine" else learning_rate)
+    soft = np.ndim(y) == 2   # class probabilities (distillation) rather than labels
     model.compile(optimizer=make_optimizer(optimizer, lr, ema),
-                  loss="sparse_categorical_crossentropy", metrics=["accuracy"])
+                  loss="categorical_crossentropy" if soft else "sparse_categorical_crossentropy",
+                  metrics=["accuracy"])   # Keras picks the accuracy that fits the targets
     cbs = [keras.callbacks.EarlyStopping(monitor="val_loss", patience=patience,
                                          restore_best_weights=True,
                                          start_from_epoch=initial_epoch
@@ -95,8 +99,9 @@ def fit_keras(model, X, y, X_val, y_val, *, n_classes: int, epochs: int, batch_s
                                                    monitor="val_loss", save_best_only=True))
     if epoch_callbacks:
         cbs.append(_epoch_hook(epoch_callbacks))
-    if class_weight == "balanced":
-        class_weight = balanced_class_weight(np.asarray(y), n_classes)
+    if class_weight == "balanced":   # soft targets: by each row's most likely class
+        class_weight = balanced_class_weight(np.argmax(y, axis=1) if soft else np.asarray(y),
+                                             n_classes)
     hist = model.fit(make_dataset(X, y, batch_size, shuffle=True, seed=seed),
                      validation_data=make_dataset(X_val, y_val, batch_size),
                      epochs=epochs, class_weight=class_weight, callbacks=cbs, verbose=verbose,

@@ -412,6 +412,7 @@ class FineTuneTransferCNN(TransferCandidate):
     """
 
     needs_prepare = True   # prepare: the weights file checked once, before the work units
+    fit_accepts = TransferCandidate.fit_accepts | {"soft_targets"}
 
     def __init__(self, backbone="MobileNetV2", weights="imagenet", alpha=1.0, input_size=None,
                  dense_units=128, dropout=0.3, augment="flips", head_epochs=5,
@@ -456,11 +457,13 @@ class FineTuneTransferCNN(TransferCandidate):
                                     augmentation=build_augmentation(self.augment, self.seed),
                                     crop=self.crop, name="transfer_finetune")
 
-    def fit(self, X, y, X_val=None, y_val=None, classes=None, workdir=None, epoch_callbacks=None):
+    def fit(self, X, y, X_val=None, y_val=None, classes=None, workdir=None, epoch_callbacks=None,
+            soft_targets=None):
         configure()
         set_seeds(self.seed)
         y, y_val = self._encode(y, y_val, classes)
-        X, y, X_val, y_val = self._split_validation(np.asarray(X), y, X_val, y_val)
+        X, y, X_val, y_val = self._split_validation(np.asarray(X), self._targets(y, soft_targets),
+                                                    X_val, y_val, labels=y)
         X_val = np.asarray(X_val)
         self.model_ = self._build(X.shape[1], self.n_classes_)
         self.base_.trainable = False

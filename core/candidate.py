@@ -23,7 +23,10 @@ the predictor and the report ask them:
     so that a model trained on a fold lacking a class still has its column),
     ``"workdir"`` (a folder for checkpoints and logs) and ``"epoch_callbacks"``
     (``callback(epoch, logs)`` after each epoch: the candidate reports epochs and its
-    tuning trials can be pruned). Use :func:`fit_candidate` to call ``fit``.
+    tuning trials can be pruned) and ``"soft_targets"`` (an ``(n, n_classes)`` array of
+    class probabilities, one row per training row, in the order of ``classes``: the model
+    learns them instead of the hard labels, which still stratify its validation split;
+    ``bench distill`` trains a student this way). Use :func:`fit_candidate` to call ``fit``.
 ``tunable``
     ``param_space`` samples a search space.
 ``needs_prepare``
@@ -56,7 +59,7 @@ from core.errors import BenchError
 from core.io import atomic_write_json
 
 CANDIDATE_FILE = "candidate.json"
-FIT_EXTRAS = frozenset({"classes", "workdir", "epoch_callbacks"})
+FIT_EXTRAS = frozenset({"classes", "workdir", "epoch_callbacks", "soft_targets"})
 
 
 class Candidate(ClassifierMixin, BaseEstimator):
