@@ -265,6 +265,23 @@ def distill(run_dir, out=None, workers: int | None = None) -> dict:
     return _publish(run, out, s, teacher)
 
 
+def distilled_row(run: RunDir) -> dict | None:
+    """The leaderboard row of an earlier ``bench distill`` of this run, while it still
+    holds: its student folds were fitted on the teacher's current out-of-fold rows
+    (``bench run`` resumed with unchanged units keeps the row; otherwise it is dropped and
+    ``bench distill`` refits)."""
+    f = run.distill_dir / "result.json"
+    if not f.is_file() or not run.oof_file(NAME).is_file():
+        return None
+    try:
+        h = unit_hash(run)
+    except BenchError:   # the teacher's out-of-fold rows are gone
+        return None
+    if not all(run.unit_done(NAME, k, h) for k in run.folds.fold_ids):
+        return None
+    return read_json(f).get("row")
+
+
 def _publish(run: RunDir, out: Path, s, teacher: str) -> dict:
     cfg = run.config
     folds, y = run.folds, run.labels
@@ -344,7 +361,7 @@ def _publish(run: RunDir, out: Path, s, teacher: str) -> dict:
     metric = metric if metric in board else base_metric(metric)   # the board's own order
     board = make_table(rows, metric)
     run.write_leaderboard(board, to_markdown(board, metric))
-    summary = {**row, "teacher": teacher, "predictor": str(out),
+    summary = {**row, "row": row, "teacher": teacher, "predictor": str(out),
                "final_fit_seconds": final["fit_seconds"], "machine": platform.processor()
                or platform.machine(), "cores": os.cpu_count(),
                "finished": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")}
@@ -352,4 +369,5 @@ def _publish(run: RunDir, out: Path, s, teacher: str) -> dict:
     return summary
 
 
-__all__ = ["distill", "soft_targets", "student_unit", "final_unit", "images_per_second", "NAME"]
+__all__ = ["distill", "distilled_row", "soft_targets", "student_unit", "final_unit",
+           "images_per_second", "NAME"]

@@ -301,6 +301,8 @@ class RunDir:
         if not old.is_file():
             return None
         prev = pd.read_csv(old)
+        if "kind" in prev:   # bench distill's row comes back after the run (bench.distill)
+            prev = prev[prev["kind"] != "distilled"]
         cols = ["candidate"] + [c for m in METRICS for c in (m, f"{m}_std")]
         new = pd.read_csv(io.StringIO(board.to_csv(index=False)))   # as it will be read back
         if all(c in prev for c in cols) and \

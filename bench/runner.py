@@ -20,6 +20,7 @@ import pandas as pd
 from bench import conformal
 from bench.config import Config, data_argument, load_config
 from bench.datasets import Dataset
+from bench.distill import distilled_row
 from bench.external import score_external
 from bench.stress import add_stress_columns, collect_stress, complete_stress, stress_shifts
 from bench.folds import (folds_hash, folds_table, lab_folds, make_bag_folds, make_folds,
@@ -91,7 +92,8 @@ def _check_resume(run: RunDir, fp: dict, force: bool, names: list[str]) -> None:
     board = run.file(run.LEADERBOARD_CSV)
     if board.is_file():   # a finished run: its leaderboard, predictor and report are kept
         done = pd.read_csv(board)
-        missing = sorted(set(done["candidate"][done["kind"] != "ensemble"]) - set(names))
+        missing = sorted(set(done["candidate"][~done["kind"].isin(["ensemble", "distilled"])])
+                         - set(names))   # bench distill's row is not a candidate
         if missing:
             raise BenchError(
                 f"{run.path} holds a finished run with {missing}, which this run leaves out "
@@ -280,6 +282,12 @@ def run_benchmark(cfg: Config, force: bool = False, workers: int | None = None,
         with stage(times, "predictor"):
             _save_predictor(run, cfg, ds, board, stored, kinds, folds, bag_choice,
                             stored_stress)
+    kept = distilled_row(run) if predictor else None
+    if kept is not None:   # an earlier `bench distill` whose teacher rows are unchanged
+        board = make_table(board.to_dict("records") + [kept], run_cfg["metric"]
+                           if run_cfg["metric"] in board else fold_metric)
+        run.write_leaderboard(board, to_markdown(board, run_cfg["metric"]
+                                                 if run_cfg["metric"] in board else fold_metric))
     if cfg["report"]["leakage_audit"]:   # the same entries, image-level folds
         with stage(times, "leakage_audit"):
             leakage_audit(run, cfg, run_benchmark, workers, scheduler, show_progress)

@@ -184,3 +184,14 @@ def test_the_report_shows_the_distilled_row_and_audits_its_grad_cam(distilled):
     assert NAME in html and "vote_all" in html
     md = (run.path / "leaderboard.md").read_text()
     assert f"| {NAME} " in md or f"{NAME}" in md
+
+
+def test_a_resumed_run_keeps_the_distilled_row(distilled):
+    run = distilled
+    before = pd.read_csv(run.path / "leaderboard.csv").set_index("candidate").loc[NAME]
+    cfg = run.path.parent / "cnn.toml"
+    assert main(["run", "--config", str(cfg), "--only", "rf_hog,rf_colour",
+                 "--out", str(run.path)]) == 0
+    board = pd.read_csv(run.path / "leaderboard.csv").set_index("candidate")
+    assert board.loc[NAME, "accuracy"] == pytest.approx(before["accuracy"])
+    assert not (run.path / "previous").exists()        # nothing changed: nothing moved aside
