@@ -47,13 +47,14 @@ from bench.leaderboard import make_table, to_markdown
 from bench.rundir import RunDir
 from bench.scheduling import make_executor
 from bench.stress import add_stress_columns, predict_stressed, stress_shifts
+from bench.units import fitted_record
 from core import registry
 from core.calibration import fit_temperature
 from core.candidate import build_candidate, fit_candidate, predict_proba_for, release_memory
 from core.errors import BenchError
 from core.images import Preprocessing
 from core.io import atomic_write_json, read_json, stable_hash, staged
-from core.metrics import base_metric, fold_metrics, summarize
+from core.metrics import base_metric, summarize
 from core.progress import info, unit_progress
 from core.shift import ShiftReference
 from ensembles.predictor import load_predictor, save_predictor, verify_predictor
@@ -130,16 +131,10 @@ def student_unit(run_dir: str, fold: int) -> dict:
                                     int(run.config["run"]["seed"]), classes)
         cand.save(tmp / "model")
         result = {
-            "candidate": NAME, "fold": fold, "kind": cand.kind, "type": s.student.type,
+            "candidate": NAME, "fold": fold, "type": s.student.type,
             "candidate_hash": unit_hash(run), "seed": seed, "teacher": teacher,
-            "params": cand.get_params(deep=False), "tuning": {},
-            "tune_seconds": 0.0, "fit_seconds": t1 - t0, "predict_seconds": t2 - t1,
-            "predict_ms_per_image": 1000 * (t2 - t1) / max(1, len(test)),
-            "n_train": len(train), "n_test": len(test), "model_size": cand.model_size(),
-            "epochs_run": getattr(cand, "epochs_run_", None), "notes": cand.fit_notes(),
-            "metrics": fold_metrics(run.labels[test], proba),
-            "finished": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
-            "worker": f"{platform.node()}:{os.getpid()}",
+            "tuning": {}, "tune_seconds": 0.0,
+            **fitted_record(cand, run.labels[test], proba, len(train), t1 - t0, t2 - t1),
         }
         run.write_unit(tmp, result, proba, stressed)
     del cand

@@ -89,23 +89,31 @@ def run_unit(run_dir: str, name: str, fold: int) -> dict:
         t4 = time.perf_counter()
         cand.save(tmp / "model")
         result = {
-            "candidate": name, "fold": fold, "kind": cand.kind, "type": entry["type"],
+            "candidate": name, "fold": fold, "type": entry["type"],
             "candidate_hash": stable_hash(cfg.candidates[name]), "seed": seed,
-            "params": cand.get_params(deep=False), "tuning": tuning,
-            "tune_seconds": t1 - t0, "fit_seconds": t2 - t1, "predict_seconds": t3 - t2,
-            "predict_ms_per_image": 1000 * (t3 - t2) / max(1, len(test)),
-            "stress_seconds": t4 - t3,
-            "n_train": len(train), "n_test": len(test),
-            "model_size": cand.model_size(), "epochs_run": getattr(cand, "epochs_run_", None),
-            "notes": cand.fit_notes(),
-            "metrics": fold_metrics(run.labels[test], proba),
-            "finished": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
-            "worker": f"{platform.node()}:{os.getpid()}",
+            "tuning": tuning, "tune_seconds": t1 - t0, "stress_seconds": t4 - t3,
+            **fitted_record(cand, run.labels[test], proba, len(train), t2 - t1, t3 - t2),
         }
         run.write_unit(tmp, result, proba, stressed)
     del cand
     release_memory()
     return result
+
+
+def fitted_record(cand, y_test, proba, n_train: int, fit_seconds: float,
+                  predict_seconds: float) -> dict:
+    """The part of a unit's ``result.json`` every fitted and scored model has: its kind,
+    parameters, costs, scores on the test rows, when and where it ran."""
+    return {
+        "kind": cand.kind, "params": cand.get_params(deep=False),
+        "fit_seconds": fit_seconds, "predict_seconds": predict_seconds,
+        "predict_ms_per_image": 1000 * predict_seconds / max(1, len(y_test)),
+        "n_train": int(n_train), "n_test": len(y_test),
+        "model_size": cand.model_size(), "epochs_run": getattr(cand, "epochs_run_", None),
+        "notes": cand.fit_notes(), "metrics": fold_metrics(y_test, proba),
+        "finished": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+        "worker": f"{platform.node()}:{os.getpid()}",
+    }
 
 
 def tune_unit(run, name: str, fold: int, trials: int | None = None,
