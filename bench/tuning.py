@@ -88,7 +88,7 @@ from sklearn.model_selection import ShuffleSplit, StratifiedShuffleSplit, train_
 from core import registry
 from core.candidate import build_candidate, fit_candidate, predict_proba_for, release_memory
 from core.errors import BenchError
-from core.io import atomic_write_json
+from core.io import atomic_write_json, stable_hash
 from core.metrics import LOWER_IS_BETTER, fold_metrics
 from core.params import space_names
 from core.progress import warn
@@ -314,7 +314,17 @@ def fidelity_check(entry: dict, X_train, y_train, classes, tuning: dict, seed: i
     tr, va = inner_split(y_train, float(tuning.val_fraction), seed)
     cheap = _subsample(tr, y_train, tuning.max_samples, seed)
     study = optuna.create_study(sampler=optuna.samplers.RandomSampler(seed=seed))
-    settings = [{}] + [sample_params(cls, study.ask(), searched) for _ in range(n_settings - 1)]
+    configured = {**cls().get_params(deep=False), **entry.get("params", {})}
+    settings, seen = [{}], {stable_hash(_scalar_params(
+        {k: configured.get(k) for k in searched}))}
+    for _ in range(50 * n_settings):   # distinct draws, none the configured setting again
+        if len(settings) == n_settings:
+            break
+        params = sample_params(cls, study.ask(), searched)
+        key = stable_hash(_scalar_params({k: params.get(k, configured.get(k)) for k in searched}))
+        if key not in seen:
+            seen.add(key)
+            settings.append(params)
     rows = []
     for i, params in enumerate(settings):
         t0 = time.perf_counter()
