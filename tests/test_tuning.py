@@ -239,8 +239,26 @@ params = { features = "color", kernel = "linear" }
     row = next(r for r in unit_times(RunData(out)) if r["candidate"] == "svm_color")
     assert row["trials"] == "3/3/3" and row["trials_total"] == 9   # the run card's columns
     assert 0 <= row["tuned_folds"] <= 3 and row["trials_failed"] == 0
+    assert len(row["per_fold"]) == 3 and all(row["per_fold"])   # the decision of every fold
     html = (out / "report" / "index.html").read_text()
     assert "9 trial(s) in all, 1 of 1 candidates tuned" in html and "3/3/3" in html
+    assert "kept per fold" in html and "fold 0: " in html
+    column = board.loc[board["candidate"] == "svm_color", "tuning"].iloc[0]
+    assert [p.split(":")[0] for p in column.split("; ")] == ["fold 0", "fold 1", "fold 2"]
+
+
+def test_the_leaderboard_tuning_column_shows_both_full_fidelity_scores():
+    from bench.tuning import fold_decision, tuning_column
+    checked = {"n_trials": 4, "best_params": {}, "confirm": {
+        "kept": "configured", "configured": 0.9712, "tuned": 0.9650}}
+    adopted = {"n_trials": 4, "best_params": {"lr": 0.1}, "confirm": {
+        "kept": "tuned", "configured": 0.95, "tuned": 0.97}}
+    assert fold_decision(checked) == "configured 0.9712 vs tuned 0.9650 at full fidelity"
+    assert fold_decision(adopted) == "tuned 0.9700 vs configured 0.9500 at full fidelity"
+    assert fold_decision({"n_trials": 3, "best_params": {}}) == "configured"
+    assert fold_decision({"n_trials": 3, "best_params": {"C": 2}}) == "tuned (trial score)"
+    assert tuning_column([{}, checked]) == \
+        "fold 1: configured 0.9712 vs tuned 0.9650 at full fidelity"
 
 
 def test_candidate_tuning_table_overrides_the_global_one(tmp_path):
