@@ -302,15 +302,29 @@ def _publish(run: RunDir, out: Path, s, teacher: str) -> dict:
            "tuning": f"distilled from '{teacher}'"}
     teacher_row = run.read_leaderboard().set_index("candidate").loc[teacher] \
         if teacher in set(run.read_leaderboard()["candidate"]) else None
+    shifts = stress_shifts(cfg)
+    if shifts:
+        stressed = {sh: {NAME: np.zeros_like(oof)} for sh in shifts}
+        for k, _, test in folds:
+            for sh in shifts:
+                f = run.unit_stress_file(NAME, k, sh)
+                if f.is_file():
+                    stressed[sh][NAME][test] = np.load(f)
+        add_stress_columns([row], stressed, y, folds, base_metric(cfg["run"]["metric"]))
+    stress_cols = [c for c in row if c.startswith("stress_")]
+
+    def figures(r) -> dict:
+        return {m: float(r[m]) for m in ["accuracy", "macro_f1", *stress_cols]
+                if m in r and r[m] == r[m]}
     conf_settings = pred_cfg.conformal.model_copy(update={"scheme": "split"})   # one model
     extra = {
         "chosen_by": f"bench distill: one {s.student.type} trained on the out-of-fold "
                      f"probabilities of '{teacher}'",
         "distilled": {"teacher": teacher, "student": s.student.model_dump(),
                       "hard_weight": float(s.hard_weight), "temperature": float(s.temperature),
-                      "cross_validated": {m: float(row[m]) for m in ("accuracy", "macro_f1")},
+                      "cross_validated": figures(row),
                       "teacher_cross_validated": None if teacher_row is None else
-                      {m: float(teacher_row[m]) for m in ("accuracy", "macro_f1")}},
+                      figures(teacher_row)},
         "leaderboard": {m: float(row[m]) for m in
                         dict.fromkeys([base_metric(cfg["run"]["metric"]), "accuracy",
                                        "macro_f1"])},
@@ -339,15 +353,6 @@ def _publish(run: RunDir, out: Path, s, teacher: str) -> dict:
                 speeds, str(run.path), [str(out), str(run.predictor_dir)], n).result()
     row.update({"images_per_s": student_ips, "teacher_images_per_s": teacher_ips,
                 "speed_images": n})
-    shifts = stress_shifts(cfg)
-    if shifts:
-        stressed = {sh: {NAME: np.zeros_like(oof)} for sh in shifts}
-        for k, _, test in folds:
-            for sh in shifts:
-                f = run.unit_stress_file(NAME, k, sh)
-                if f.is_file():
-                    stressed[sh][NAME][test] = np.load(f)
-        add_stress_columns([row], stressed, y, folds, base_metric(cfg["run"]["metric"]))
     conformal.add_leaderboard_columns([row], {NAME: stored}, y, folds, pred_cfg.conformal)
     board = run.read_leaderboard()
     board = board[board["candidate"] != NAME]

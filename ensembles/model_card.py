@@ -20,17 +20,33 @@ def _f(v, digits: int = 3) -> str:
     return f"{v:.{digits}f}" if isinstance(v, float) else str(v)
 
 
+def _distilled_lines(d: dict | None) -> list[str]:
+    """A distilled predictor (``bench distill``): what it learnt from, and how far it
+    follows its teacher in the lab and under simulated shift."""
+    if not d:
+        return []
+    mine, teacher = d.get("cross_validated") or {}, d.get("teacher_cross_validated") or {}
+    pairs = "; ".join(f"{k} {_f(v)} (teacher {_f(teacher.get(k))})" for k, v in mine.items())
+    return [f"- Distilled: one `{d['student']['type']}` trained on the out-of-fold "
+            f"probabilities of `{d['teacher']}` (target {1 - d['hard_weight']:g} x teacher + "
+            f"{d['hard_weight']:g} x label, temperature {d['temperature']:g}); cross-validated "
+            f"on the run's folds: {pairs or 'n/a'}. A student follows its teacher where it "
+            "was taught (in the lab); check it outside (`stress_*`: under simulated shift)."]
+
+
 def model_card(m: dict) -> str:
     """The card's Markdown for manifest ``m`` (``files`` and digest not needed)."""
     ens, td = m["ensemble"], m.get("training_data") or {}
     classes = m["classes"]
-    members = ", ".join(f"{x['name']} ({x.get('type')}, {len(x['models'])} fold models)"
+    models = "model(s), fitted on every row" if m.get("distilled") else "fold models"
+    members = ", ".join(f"{x['name']} ({x.get('type')}, {len(x['models'])} {models})"
                         for x in m["members"])
     counts = td.get("counts") or {}
     cp, bags, ext = m.get("conformal"), m.get("bags"), m.get("external") or {}
     out = [f"# Model card: {ens['name']} ({ens['type']})", "",
            "## Model details",
            f"- Ensemble `{ens['name']}` of {members}; chosen as {m.get('chosen_by', 'n/a')}.",
+           *_distilled_lines(m.get("distilled")),
            f"- Input: RGB images resized to {m.get('image_size')} px "
            f"({(m.get('preprocessing') or {}).get('resize', 'bicubic')}); test-time views: "
            f"{m.get('tta', 'none')}; created {m.get('created', 'n/a')} by bloodbench.",
@@ -57,8 +73,10 @@ def model_card(m: dict) -> str:
            f"- {td.get('n_images', 'n/a')} images from `{td.get('origin', 'n/a')}`"
            + (f"; per class: {', '.join(f'{k} {v}' for k, v in counts.items())}" if counts
               else "") + ".",
-           f"- Cross-validation folds keep groups (patients, near duplicates) together; the "
-           f"ensemble is the bag of the {len(m['members'][0]['models'])} fold models.", "",
+           "- Cross-validation folds keep groups (patients, near duplicates) together; "
+           + (f"the ensemble is the bag of the {len(m['members'][0]['models'])} fold models."
+              if not m.get("distilled") else "one student fitted on every row; its figures "
+              "are those of the students cross-validated on the same folds."), "",
            "## Quantitative analyses", "### In the lab (out-of-fold)"]
     board = m.get("leaderboard") or {}
     out += [f"- {k}: {_f(v)}" for k, v in board.items()] or ["- n/a"]

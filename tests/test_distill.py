@@ -133,6 +133,10 @@ def test_bench_distill_saves_a_predictor_that_loads_verifies_and_predicts(distil
     assert pred.explain(X[:4]).shape == (4, 32, 32)            # Grad-CAM
     assert pred.shift_scores(X[:4]).shape == (4,)
     assert manifest["conformal"]["confidence"] > 0
+    card = (out / "MODEL_CARD.md").read_text()
+    assert "Distilled: one `scratch_cnn` trained on the out-of-fold probabilities of " \
+        "`vote_all`" in card and "teacher" in card and "1 model(s)" in card
+    assert set(manifest["distilled"]["cross_validated"]) >= {"accuracy", "macro_f1"}
     board = pd.read_csv(run.path / "leaderboard.csv").set_index("candidate")
     row = board.loc[NAME]
     assert row["kind"] == "distilled" and row["accuracy"] > 0.6
