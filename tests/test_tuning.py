@@ -367,6 +367,8 @@ def test_quick_profile_tunes_every_candidate():
         if cls.kind == "cnn":
             fid = tun.get("fidelity") or {}
             assert fid.get("epochs", 99) < entry["params"].get("epochs", cls().epochs), name
+        # issue 31: cheap trials propose, the refit's fidelity decides
+        assert tun["adopt"] == "full" and tun["adopt_gain"] > 0, name
     assert kinds == {"cnn", "baseline"}
 
 
