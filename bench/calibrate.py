@@ -29,6 +29,7 @@ from sklearn.model_selection import train_test_split
 from bench.evaluate import predict_items, load_external, map_classes, read_class_map
 from core.conformal import METHODS, ConformalSets, check_confidence, review_threshold
 from core.errors import BenchError
+from bench.outputs import check_not_inside, check_writable, folder_size, run_of
 from core.io import atomic_write_json, atomic_write_text, file_sha256, staged
 from core.progress import info, warn
 
@@ -89,6 +90,29 @@ def draw(labels: list[str], groups: list[str] | None, n: int, seed: int,
     return np.sort(np.asarray(drawn)), np.sort(np.asarray(excluded, dtype=np.int64))
 
 
+def set_minimum(confidence: float) -> int:
+    """The fewest calibration images of a split-conformal set that can leave a class out at
+    ``confidence``: from q images the smallest p-value is 1/(q+1), and a class leaves a set
+    only when its p-value is below 1 - confidence (fewer images: every set holds every
+    class). Pooled (lac, aps, raps) sets need it in all, mondrian sets per class."""
+    return int(np.floor(confidence / (1 - confidence) + 1e-9)) + 1
+
+
+def check_n(n: int, confidence: float, n_classes: int, data) -> None:
+    """``--n`` must reach :func:`set_minimum` and give one image of each of the labelled
+    set's ``n_classes`` (its classes the predictor has); else one line naming the minimum
+    and why."""
+    need = set_minimum(confidence)
+    least = max(need, n_classes)
+    if n < least:
+        raise BenchError(
+            f"--n {n} is below the minimum of {least}: at confidence {confidence:g} a "
+            f"prediction set calibrated on fewer than {need} images holds every class (a class "
+            f"leaves it only when 1/(n+1) < 1 - confidence)"
+            + (f", and the {n_classes} classes of {data} need at least one image each"
+               if n_classes > need else ""))
+
+
 def _check_args(args) -> tuple[Path, Path]:
     if args.n < 1:
         raise BenchError(f"--n must be at least 1, got {args.n}")
@@ -103,8 +127,8 @@ def _check_args(args) -> tuple[Path, Path]:
         raise BenchError(f"--model not found: {model}")
     if out.exists() or out.is_symlink():
         raise BenchError(f"--out {out} exists; give a new folder (nothing is overwritten)")
-    if out.resolve().is_relative_to(model.resolve()):
-        raise BenchError(f"--out {out} lies inside the predictor {model}")
+    check_not_inside(out, "--out", reads=(model, run_of(model)))
+    check_writable(out, "--out", need_bytes=folder_size(model))   # the copy of the predictor
     return model, out
 
 
@@ -131,6 +155,7 @@ def calibrate(args) -> dict:
                          f"of {ext.path}")
     method = args.method or old["method"]
     confidence = float(args.confidence if args.confidence is not None else old["confidence"])
+    check_n(args.n, confidence, len(external), ext.path)   # before any model is loaded
     drawn, excluded = draw(ext.labels, ext.groups, args.n, args.seed, args.per_group)
     if len(drawn) < args.n:
         raise BenchError(f"--n {args.n}: the {len(set(ext.groups))} groups give only "
@@ -145,7 +170,7 @@ def calibrate(args) -> dict:
     y = np.array([index[mapping[ext.labels[i]]] for i in drawn], dtype=np.int64)
     review = dict(old.get("review") or {})
     if method == "mondrian":   # a class with q rows leaves a set only if 1/(q+1) < 1 - confidence
-        need = int(np.floor(confidence / (1 - confidence) + 1e-9)) + 1
+        need = set_minimum(confidence)
         counts = np.bincount(y, minlength=len(classes))
         few = [f"{classes[c]} ({counts[c]})" for c in range(len(classes)) if counts[c] < need]
         if few and args.method is None:
@@ -238,4 +263,4 @@ def review_counts(batches: list[dict], n: int, confidence: float) -> str:
 
 
 __all__ = ["calibrate", "cmd_calibrate", "draw", "inspect_lines", "review_counts",
-           "add_calibrate_parser"]
+           "add_calibrate_parser", "set_minimum", "check_n"]

@@ -12,8 +12,8 @@ import io
 import json
 import os
 import sys
-import tempfile
 from collections import Counter
+from contextlib import nullcontext
 from pathlib import Path
 
 import numpy as np
@@ -22,11 +22,14 @@ from bench.config import DEFAULT_CONFIG, read_toml
 from bench.distill import distill
 from bench.evaluate import evaluate, summary
 from bench.report import CROSS_DIR, write_cross_report, write_report
+from bench.report.build import cross_report_folder
+from bench.outputs import (OutputFolder, check_file_output, os_error_line, run_lock,
+                           run_of)
 from bench.runner import run_from_args, tune_from_args
 from core import registry
 from core.errors import BenchError
 from core.images import IMAGE_SUFFIXES, find_images, resolve_preprocessing
-from core.io import atomic_write_text
+from core.io import atomic_write_text, safe_text
 from core.progress import console, info, progress_iter, warn
 from ensembles.overlay import gradcam_names, write_gradcam_png
 from ensembles.bags import NO_CALL, REFER, REFER_KINDS, negative_label
@@ -109,8 +112,11 @@ def build_parser() -> argparse.ArgumentParser:
     rep = sub.add_parser("report", help="write DIR/report (HTML, Markdown, CSVs); with several "
                                         "runs also a cross-dataset Friedman/CD report")
     rep.add_argument("dirs", nargs="+", metavar="DIR", help="finished run directories")
-    rep.add_argument("--out", default=None, help="cross-dataset report folder (several DIRs; "
-                                                 "default: FIRST_DIR/cross_dataset_report)")
+    rep.add_argument("--out", default=None,
+                     help="with one DIR: the report's folder (default DIR/report); with several: "
+                          "the cross-dataset report's folder (default "
+                          "FIRST_DIR/cross_dataset_report). A folder bloodbench did not write "
+                          "is refused; only the report's own files are ever replaced")
     rep.add_argument("--no-gradcam", dest="gradcam", action="store_false", default=None,
                      help="skip the Grad-CAM audit")
     _add_common(rep)
@@ -132,7 +138,8 @@ def build_parser() -> argparse.ArgumentParser:
                     help="a column of the --labels CSV (e.g. patient): bootstrap over groups")
     ev.add_argument("--out", default=None,
                     help="output folder (default: ./evaluation-<dataset name>); an earlier "
-                         "evaluation there is replaced, anything else refused")
+                         "evaluation there has its own files replaced (nothing else in it is "
+                         "touched); a folder bloodbench did not write is refused")
     ev.add_argument("--batch-size", "--batch_size", dest="batch_size", type=int, default=128)
     ev.add_argument("--tta", default=None, choices=list(TTA_VIEWS),
                     help="test-time views instead of the predictor's own [predictor] tta")
@@ -217,6 +224,45 @@ def cmd_tune(args) -> int:
     return 0
 
 
+#: the first line of what ``predict`` writes: an existing --out is replaced only when it
+#: starts so (a file ``predict`` wrote before); anything else is refused
+PREDICT_HEADER = "path,prediction,confidence,"
+BAGS_HEADER = "bag,n_cells,n_skipped,"
+CELLS_HEADER = "bag,path,prediction,"
+
+
+def cells_file(out) -> Path:
+    """``predict --bags``'s side file of each cell's probabilities, beside ``--out``."""
+    out = Path(out)
+    return out.with_name(out.stem + "_cells.csv")
+
+
+def _check_predict_outputs(args) -> OutputFolder | None:
+    """Before loading anything: where ``predict`` writes may be written (:mod:`bench.outputs`);
+    returns the Grad-CAM folder, if asked for."""
+    model = Path(args.model)
+    reads = (model, run_of(model))
+    if args.out:
+        check_file_output(args.out, "--out", BAGS_HEADER if args.bags else PREDICT_HEADER,
+                          reads, "bench predict")
+        if args.bags:
+            check_file_output(cells_file(args.out), "--out's cell file", CELLS_HEADER, reads,
+                              "bench predict --bags")
+    if args.gradcam:
+        return OutputFolder(args.gradcam, "bench predict --gradcam", "--gradcam",
+                            reads).check()
+    return None
+
+
+def _write_out(path, text: str, what: str) -> None:
+    try:
+        atomic_write_text(path, text)
+    except OSError as exc:   # checked before; if it fails anyway, keep the results
+        sys.stdout.write(safe_text(text))
+        raise BenchError(f"cannot write --out {path} ({os_error_line(exc)}); the {what} were "
+                         "printed to stdout instead") from None
+
+
 def cmd_predict(args) -> int:
 
     if args.batch_size < 1:
@@ -224,31 +270,20 @@ def cmd_predict(args) -> int:
     # arguments first: loading a predictor takes seconds, a typo should not
     if not Path(args.img_path).exists():
         raise BenchError(f"--img_path not found: {args.img_path}")
-    if args.out:
-        out = Path(args.out)
-        if out.is_dir():
-            raise BenchError(f"--out {args.out} is a folder; give the path of a CSV file")
-        if out.exists() and not out.is_file():
-            raise BenchError(f"--out {args.out} is not a regular file")
-        if not out.parent.is_dir():
-            raise BenchError(f"--out {args.out}: its folder {out.parent} does not exist")
-        try:   # the CSV is written atomically: a temp file in that folder, then renamed
-            fd, tmp = tempfile.mkstemp(dir=out.parent, prefix=f".{out.name}.", suffix=".tmp")
-            os.close(fd)
-            os.unlink(tmp)
-        except OSError as exc:
-            raise BenchError(f"--out {args.out}: cannot write in {out.parent} "
-                             f"({exc.strerror or exc})") from None
-    if args.gradcam and Path(args.gradcam).exists() and not Path(args.gradcam).is_dir():
-        raise BenchError(f"--gradcam {args.gradcam} is a file; give a folder")
+    cams_out = _check_predict_outputs(args)
     if args.bags:
         return _predict_bags(args)
+    manifest = verify_predictor(args.model)
+    if (manifest.get("bags") or {}).get("colour", {}) and \
+            manifest["bags"]["colour"].get("bag_colour", "none") != "none":
+        raise BenchError(f"predictor {args.model} normalises colour per patient ([patients] "
+                         f"bag_colour = {manifest['bags']['colour']['bag_colour']!r}): a cell's "
+                         "probabilities depend on its patient's other cells; use predict "
+                         "--bags with one folder per patient")
     paths = find_images(args.img_path)
     if not paths:   # the predictor's own errors first, without loading its models
         if args.gradcam:
             load_predictor(args.model).explain_weights()
-        else:
-            verify_predictor(args.model)
         raise BenchError(f"no image files under {args.img_path}")
     pred = load_predictor(args.model)
     if args.gradcam:
@@ -258,43 +293,43 @@ def cmd_predict(args) -> int:
     writer = csv.writer(buf)
     shift = pred.shift_reference_   # None for predictors saved without one
     cp = pred.conformal_            # prediction sets and review flag, when stored
-    writer.writerow(["path", "prediction", "confidence", *pred.classes_]
+    writer.writerow([*PREDICT_HEADER.rstrip(",").split(","), *pred.classes_]
                     + (["shift_score"] if shift else []) + (["gradcam"] if args.gradcam else [])
                     + (["prediction_set", "set_size", "review"] if cp else []))
     flagged = []
     n_ok, scores = 0, []
-    for good, X, full, proba, errors, fold_proba in pred.predict_batches(
-            paths, args.batch_size, keep_full=bool(args.gradcam)):
-        for _, exc in errors:
-            warn(f"skipped {exc}")
-        if not len(good):
-            continue
-        top = np.argmax(proba, axis=1)
-        cams = pred.explain(X, class_index=top) if args.gradcam else None
-        sc = shift.score(X) if shift else None
-        if shift:
-            scores.append(sc)
-        rv = review_of(cp, pred.manifest["conformal"].get("review") or {}, proba, sc,
-                       fold_proba) if cp else None
-        if cp:
-            flagged.append(rv)
-        for j, (i, row) in enumerate(zip(good, proba)):
-            k = int(top[j])
-            extra = [f"{sc[j]:.4f}"] if shift else []
-            if args.gradcam:
-                png = Path(args.gradcam) / names[i]
-                write_gradcam_png(png, full[j], cams[j], row, pred.classes_,
-                                  title=str(paths[i]))
-                extra.append(names[i])
+    with (cams_out.staged() if cams_out else nullcontext(None)) as cam_dir:
+        for good, X, full, proba, errors, fold_proba in pred.predict_batches(
+                paths, args.batch_size, keep_full=bool(args.gradcam)):
+            for _, exc in errors:
+                warn(f"skipped {exc}")
+            if not len(good):
+                continue
+            top = np.argmax(proba, axis=1)
+            cams = pred.explain(X, class_index=top) if args.gradcam else None
+            sc = shift.score(X) if shift else None
+            if shift:
+                scores.append(sc)
+            rv = review_of(cp, pred.manifest["conformal"].get("review") or {}, proba, sc,
+                           fold_proba) if cp else None
             if cp:
-                extra += [join_set(rv["sets"][j], pred.classes_), int(rv["set_size"][j]),
-                          int(rv["review"][j])]
-            writer.writerow([str(paths[i]), pred.classes_[k], f"{row[k]:.6f}",
-                             *[f"{v:.6f}" for v in row], *extra])
-        n_ok += len(good)
-    if not n_ok:
-        raise BenchError(f"none of the {len(paths)} image file(s) under {args.img_path} "
-                         "could be read (see the warnings above)")
+                flagged.append(rv)
+            for j, (i, row) in enumerate(zip(good, proba)):
+                k = int(top[j])
+                extra = [f"{sc[j]:.4f}"] if shift else []
+                if args.gradcam:
+                    write_gradcam_png(Path(cam_dir) / names[i], full[j], cams[j], row,
+                                      pred.classes_, title=safe_text(str(paths[i])))
+                    extra.append(names[i])
+                if cp:
+                    extra += [join_set(rv["sets"][j], pred.classes_), int(rv["set_size"][j]),
+                              int(rv["review"][j])]
+                writer.writerow([str(paths[i]), pred.classes_[k], f"{row[k]:.6f}",
+                                 *[f"{v:.6f}" for v in row], *extra])
+            n_ok += len(good)
+        if not n_ok:
+            raise BenchError(f"none of the {len(paths)} image file(s) under {args.img_path} "
+                             "could be read (see the warnings above)")
     if shift:
         summary = shift.batch_summary(np.concatenate(scores))
         if summary["flagged"]:
@@ -305,17 +340,12 @@ def cmd_predict(args) -> int:
     if cp:
         print(review_counts(flagged, n_ok, cp.confidence), file=sys.stderr)
     if args.out:
-        try:
-            atomic_write_text(args.out, buf.getvalue())
-        except OSError as exc:   # checked above; if it fails anyway, keep the predictions
-            sys.stdout.write(buf.getvalue())
-            raise BenchError(f"cannot write --out {args.out} ({exc.strerror or exc}); the "
-                             f"{n_ok} predictions were printed to stdout instead") from None
-        print(f"wrote {n_ok} predictions to {args.out}", file=sys.stderr)
+        _write_out(args.out, buf.getvalue(), f"{n_ok} predictions")
+        print(safe_text(f"wrote {n_ok} predictions to {args.out}"), file=sys.stderr)
     else:
-        sys.stdout.write(buf.getvalue())
+        sys.stdout.write(safe_text(buf.getvalue()))
     if args.gradcam:
-        print(f"wrote {n_ok} Grad-CAM figures to {args.gradcam}", file=sys.stderr)
+        print(safe_text(f"wrote {n_ok} Grad-CAM figures to {args.gradcam}"), file=sys.stderr)
     return 0
 
 
@@ -328,10 +358,11 @@ def list_bags(root) -> dict[str, list[Path]]:
                          f"one folder per patient), got the file {root}")
     subs = {d.name: find_images(d) for d in sorted(root.iterdir())
             if d.is_dir() and not d.name.startswith(".")}
-    subs = {k: v for k, v in subs.items() if v}
-    if not subs:
+    if not any(subs.values()):
         own = find_images(root)
         return {root.resolve().name: own} if own else {}
+    # a patient folder without any image file keeps its row (decision none), as one whose
+    # images are all unreadable does
     loose = [p for p in sorted(root.iterdir())
              if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES]
     if loose:
@@ -369,9 +400,9 @@ def _predict_bags(args) -> int:
                          "could be read (see the warnings above)")
     buf, cells = io.StringIO(), io.StringIO()
     w, wc = csv.writer(buf), csv.writer(cells)
-    w.writerow(["bag", "n_cells", "n_skipped", f"probability_{spec['positive']}", "decision",
+    w.writerow([*BAGS_HEADER.rstrip(",").split(","), f"probability_{spec['positive']}", "decision",
                 "reason", "threshold", "min_cells", "aggregator", "leaning"])
-    wc.writerow(["bag", "path", "prediction", *pred.classes_])
+    wc.writerow([*CELLS_HEADER.rstrip(",").split(","), *pred.classes_])
     for r in results:
         prob = "" if not r["n_cells"] else f"{r['probability']:.6f}"
         leaning = "" if not r["n_cells"] else (
@@ -392,13 +423,13 @@ def _predict_bags(args) -> int:
     print(f"{len(results)} patient(s): {said}", file=sys.stderr)
     if args.out:
         out = Path(args.out)
-        cells_out = out.with_name(out.stem + "_cells.csv")
-        atomic_write_text(out, buf.getvalue())
-        atomic_write_text(cells_out, cells.getvalue())
-        print(f"wrote {len(results)} patient diagnoses to {out} and the cells' probabilities "
-              f"to {cells_out}", file=sys.stderr)
+        cells_out = cells_file(out)
+        _write_out(cells_out, cells.getvalue(), "patient diagnoses")
+        _write_out(out, buf.getvalue(), "patient diagnoses")
+        print(safe_text(f"wrote {len(results)} patient diagnoses to {out} and the cells' "
+                        f"probabilities to {cells_out}"), file=sys.stderr)
     else:
-        sys.stdout.write(buf.getvalue())
+        sys.stdout.write(safe_text(buf.getvalue()))
     return 0
 
 
@@ -494,12 +525,16 @@ def cmd_inspect(args) -> int:
 
 
 def cmd_report(args) -> int:
-    if args.out and len(args.dirs) < 2:
-        raise BenchError("--out is for the cross-dataset report: give two or more run directories")
+    one = len(args.dirs) == 1
+    cross = None if one else args.out or Path(args.dirs[0]) / CROSS_DIR
+    if cross is not None:   # refused before any report is written
+        cross_report_folder(args.dirs, cross)
     for d in args.dirs:
-        print(write_report(d, gradcam=args.gradcam))
-    if len(args.dirs) > 1:
-        print(write_cross_report(args.dirs, args.out or Path(args.dirs[0]) / CROSS_DIR))
+        with run_lock(d, "bench report") if Path(d).is_dir() else nullcontext():
+            print(safe_text(str(write_report(d, gradcam=args.gradcam,
+                                             out=args.out if one else None))))
+    if not one:
+        print(safe_text(str(write_cross_report(args.dirs, cross))))
     return 0
 
 
@@ -547,7 +582,12 @@ def main(argv=None) -> int:
     except BenchError as exc:
         if args.debug:
             raise
-        print(f"error: {exc}", file=sys.stderr)
+        print(safe_text(f"error: {exc}"), file=sys.stderr)
+        return 2
+    except OSError as exc:   # a file-system fault: one line naming the path
+        if args.debug:
+            raise
+        print(safe_text(f"error: {os_error_line(exc)}"), file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("error: interrupted (finished work units are kept; run again to resume)",

@@ -12,7 +12,8 @@ Folder layouts accepted:
   ``source`` path, so users can still see it.
 
 Grayscale, palette, RGBA (composited on white), CMYK and 16-bit images are converted
-to 8-bit RGB and listed in the summary. Files that cannot be decoded are skipped and
+to 8-bit RGB and listed in the summary. Files that cannot be decoded, or that have more
+pixels than :func:`core.images.max_pixels` (refused from the header), are skipped and
 listed with the reason. Decoded images are cached as a memory-mapped ``.npy`` keyed by
 the files' content and the image size, so a second run never decodes the files again.
 
@@ -46,7 +47,8 @@ from bench.config import Config, did_you_mean
 from bench.download import fetch
 from core.cache import default_cache_dir
 from core.errors import BenchError
-from core.images import Preprocessing, composite_on_white, pixel_hash, read_rgb, scale_to_uint8
+from core.images import (MAX_PIXELS, Preprocessing, composite_on_white, max_pixels,
+                         pixel_hash, read_rgb, scale_to_uint8)
 from core.io import atomic_save_npy, atomic_write_json, file_sha256, is_inside, read_json
 from core.progress import info, progress_iter, warn
 
@@ -392,12 +394,8 @@ def read_labelled_files(root: Path, spec, what: str, group_col: str | None = Non
         raise BenchError(f"{what} {csv_path}:{column}: "
                          + ("the CSV has no rows" if not len(df) else "every label is empty"))
     files = df[file_col].str.strip()[labelled]
-    dup = files[files.duplicated()]
-    if len(dup):
-        raise BenchError(f"{what} {csv_path}: {len(dup)} file(s) listed more than once, "
-                         f"e.g. {dup.iloc[0]}")
     root_real = os.path.realpath(root)
-    found, real, missing, outside = [], [], [], []
+    found, real, missing, outside, where = [], [], [], [], {}
     for row, f in zip(np.flatnonzero(labelled), files.tolist()):
         cands = [Path(f)] if os.path.isabs(f) else [csv_path.parent / f, root / f]
         hit = next((c for c in cands if c.is_file()), None) if f else None
@@ -408,12 +406,20 @@ def read_labelled_files(root: Path, spec, what: str, group_col: str | None = Non
         else:
             found.append(hit)
             real.append(os.path.realpath(hit))
+            # one path however its rows spell it (a.png, ./a.png, or from the CSV's folder)
+            where.setdefault(os.path.abspath(hit), []).append(f)
     if missing:
         raise BenchError(f"{what} {csv_path}: {len(missing)} labelled file(s) not found "
                          f"(looked in {csv_path.parent} and {root}), e.g. {missing[0]}")
     if outside:
         raise BenchError(f"{what} {csv_path}: {len(outside)} labelled file(s) outside the data "
                          f"folder {root}, e.g. {outside[0]}")
+    dup = [rows for rows in where.values() if len(rows) > 1]
+    if dup:
+        spelt = list(dict.fromkeys(dup[0]))
+        raise BenchError(f"{what} {csv_path}: {len(dup)} file(s) listed more than once "
+                         f"({sum(map(len, dup))} rows), e.g. {spelt[0]}"
+                         + (f" (as {', '.join(spelt)})" if len(spelt) > 1 else ""))
     groups = df[group_col].str.strip()[labelled].tolist() if group_col else None
     return LabelledFiles(csv_path, column, len(df), int((~labelled).sum()), found, real,
                          labels[labelled].tolist(), groups)
@@ -438,7 +444,10 @@ def _decode_listed(root: Path, files: list, classes: list[str], prefixes: dict, 
                    link_skipped: list[dict]) -> Dataset:
     """Hash, decode (or read from the cache) listed ``(path, source, label)`` files."""
     digests = {}
-    hasher = hashlib.sha256(f"{tag}:{image_size}".encode())
+    limit = max_pixels()   # a raised limit may decode files the default skips: its own key
+    hasher = hashlib.sha256((f"{tag}:{image_size}" + (
+        f":max_pixels{limit}" if limit != MAX_PIXELS else "")).encode("utf-8",
+                                                                        "surrogateescape"))
     readable = []
     for p, src, label in files:
         try:
@@ -449,7 +458,7 @@ def _decode_listed(root: Path, files: list, classes: list[str], prefixes: dict, 
             continue
         digests[src] = d
         readable.append((p, src, label))
-        hasher.update(f"{src}\0{label}\0{d}\n".encode())
+        hasher.update(f"{src}\0{label}\0{d}\n".encode("utf-8", "surrogateescape"))
     files = readable
     key = hasher.hexdigest()
     slot = _cache_slot(key, link_skipped)
@@ -733,7 +742,7 @@ def _cache_slot(key: str, listed: list[dict]) -> str:
     files skipped while listing (links), which the content hash does not cover."""
     h = hashlib.sha256(f"{key}:checks{CHECKS_VERSION}".encode())
     for s in listed:
-        h.update(f"{s['path']}\0{s['reason']}\n".encode())
+        h.update(f"{s['path']}\0{s['reason']}\n".encode("utf-8", "surrogateescape"))
     return h.hexdigest()
 
 

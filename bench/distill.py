@@ -53,6 +53,7 @@ from core.calibration import fit_temperature
 from core.candidate import build_candidate, fit_candidate, predict_proba_for, release_memory
 from core.errors import BenchError
 from core.images import Preprocessing
+from bench.outputs import check_not_inside, check_writable, run_lock
 from core.io import atomic_write_json, read_json, stable_hash, staged
 from core.metrics import base_metric, summarize
 from core.progress import info, unit_progress
@@ -221,6 +222,10 @@ def check_distill(run: RunDir, out: Path) -> tuple:
     if "soft_targets" not in cls.fit_accepts:
         raise BenchError(f"[distill] student type '{s.student.type}' cannot learn soft targets")
     out = Path(out)
+    # never inside a predictor, nor elsewhere in the run than its own distilled/ folder
+    check_not_inside(out, "--out", reads=(run.path,), allowed=(run.path / NAME,))
+    check_writable(run.path, "--run")   # the student folds are written into the run
+    check_writable(out, "--out")
     if out.exists() and not (out.is_dir() and not any(out.iterdir())):
         try:
             earlier = verify_predictor(out).get("distilled")
@@ -238,6 +243,11 @@ def distill(run_dir, out=None, workers: int | None = None) -> dict:
     run = RunDir(Path(run_dir).expanduser())
     out = Path(out).expanduser() if out else run.path / NAME
     s, teacher = check_distill(run, out)
+    with run_lock(run.path, "bench distill"):
+        return _distill(run, out, s, teacher, workers)
+
+
+def _distill(run: RunDir, out: Path, s, teacher: str, workers: int | None) -> dict:
     cfg = run.config
     folds = run.folds
     h = unit_hash(run)

@@ -48,7 +48,8 @@ from bench.report.html import slug
 from bench.scoring import (METRIC_KEYS, N_BOOT, SEED, in_domain, per_external_class, score,
                            score_patients)
 from core.errors import BenchError
-from core.io import atomic_write_json, atomic_write_text, package_versions, staged
+from bench.outputs import OutputFolder, run_of
+from core.io import atomic_write_json, atomic_write_text, package_versions
 from bench import conformal
 from core.metrics import metric_label
 from core.progress import progress_iter, warn
@@ -70,28 +71,24 @@ def default_out(name: str) -> Path:
     return Path.cwd() / f"evaluation-{slug(name)}"
 
 
-def check_out(out: Path) -> None:
-    """An ``--out`` that may be (re)written: new, empty, or an earlier evaluation holding
-    nothing else (nothing of the user's is ever replaced)."""
-    if out.exists() or out.is_symlink():
-        if not out.is_dir():
-            raise BenchError(f"--out {out} is a file; give a folder")
-        entries = sorted(e.name for e in out.iterdir())
-        if entries:
-            if not (out / EVAL_FILE).is_file():
-                raise BenchError(f"--out {out} is not empty and holds no earlier evaluation "
-                                 f"({EVAL_FILE}); give a new or empty folder")
-            extra = [e for e in entries if e not in OUTPUTS]
-            if extra:
-                raise BenchError(f"--out {out} holds an earlier evaluation and other files "
-                                 f"({', '.join(extra[:3])}), which replacing it would lose; "
-                                 "move them or give another folder")
-    parent = out.resolve().parent
-    probe = parent
-    while not probe.exists():
-        probe = probe.parent
-    if not os.access(probe, os.W_OK):
-        raise BenchError(f"--out {out}: cannot write in {probe}")
+def output_folder(out: Path, predictor_dir: Path) -> OutputFolder:
+    """The ``--out`` folder (:class:`bench.outputs.OutputFolder`): new, empty, or an earlier
+    evaluation (its files replaced, nothing else touched); never inside the predictor or
+    its run. A folder of an evaluation written before the marker existed is moved aside
+    whole (``OUT.old-<timestamp>``), nothing deleted."""
+    return OutputFolder(out, "bench evaluate", "--out",
+                        reads=(predictor_dir, run_of(predictor_dir)), legacy=_legacy)
+
+
+def _legacy(out: Path) -> Path | None:
+    names = {e.name for e in out.iterdir()}
+    if EVAL_FILE not in names or names - OUTPUTS:
+        return None
+    stamp = _dt.datetime.now().strftime("%Y%m%d-%H%M%S")
+    aside, n = out.with_name(f"{out.name}.old-{stamp}"), 1
+    while aside.exists():
+        aside, n = out.with_name(f"{out.name}.old-{stamp}-{n}"), n + 1
+    return aside
 
 
 # ----------------------------------------------------------------------------- predicting
@@ -217,10 +214,12 @@ def evaluate(predictor_dir, data, *, labels=None, class_map=None, groups=None, o
     predictor_dir = Path(predictor_dir).expanduser()
     if not predictor_dir.is_dir():
         raise BenchError(f"--model not found: {predictor_dir}")
+    guard = output_folder(Path(out).expanduser(), predictor_dir).check() if out else None
     ext = load_external(data, labels=labels, groups=groups, config=config)
     user_map, map_src = read_class_map(class_map)
-    out = Path(out).expanduser() if out else default_out(ext.name)
-    check_out(out)
+    if guard is None:
+        guard = output_folder(default_out(ext.name), predictor_dir).check()
+    out = guard.path
     manifest = verify_predictor(predictor_dir)     # checksums; loads no model
     classes = list(manifest["classes"])
     external = sorted(set(ext.labels))
@@ -325,7 +324,7 @@ def evaluate(predictor_dir, data, *, labels=None, class_map=None, groups=None, o
     }
     if empty_groups:
         result["data"]["images_without_group"] = empty_groups
-    with staged(out) as tmp:
+    with guard.staged() as tmp:
         atomic_write_text(tmp / PREDICTIONS_FILE, predictions_csv(
             [ext.shown[i] for i in keep], [ext.labels[i] for i in keep],
             [g if not g.startswith("\0") else "" for g in grp] if grp is not None else None,
@@ -342,6 +341,9 @@ def evaluate(predictor_dir, data, *, labels=None, class_map=None, groups=None, o
         result["timings"]["total_s"] = time.perf_counter() - t0
         clean = _clean(result)
         atomic_write_json(tmp / EVAL_FILE, clean)
+    if guard.moved_aside is not None:
+        warn(f"{out} held an earlier evaluation without a record of its files; it was moved "
+             f"aside whole to {guard.moved_aside}")
     return {**clean, "out": str(out)}
 
 

@@ -248,5 +248,5 @@ def folds_table(ds: Dataset, groups: np.ndarray, folds: np.ndarray,
 def folds_hash(table: pd.DataFrame) -> str:
     h = hashlib.sha256()
     cols = ["source", "label", "group", "fold"] + [c for c in ("bag", "domain") if c in table]
-    h.update(table[cols].to_csv(index=False).encode())
+    h.update(table[cols].to_csv(index=False).encode("utf-8", "surrogateescape"))
     return h.hexdigest()

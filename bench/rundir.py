@@ -87,6 +87,19 @@ class RunDir:
     def report_dir(self) -> Path:
         return self.path / "report"
 
+    CROSS_REPORT = "cross_dataset_report"
+
+    @property
+    def cross_report_dir(self) -> Path:
+        """The default folder of a cross-dataset report whose first run is this one."""
+        return self.path / self.CROSS_REPORT
+
+    def aside(self, folder: Path) -> Path:
+        """Where a folder of the run that has to make way is kept: ``previous/<timestamp>/``
+        (nothing is deleted)."""
+        stamp = _dt.datetime.now().strftime("%Y%m%d-%H%M%S-%f")
+        return self.path / "previous" / stamp / Path(folder).name
+
     @property
     def tuning_dir(self) -> Path:
         return self.path / "tuning"

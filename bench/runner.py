@@ -12,6 +12,8 @@ a work unit is :func:`bench.units.run_unit`; ensembles are scored and chosen by
 from __future__ import annotations
 
 import datetime as _dt
+import os
+from contextlib import ExitStack
 from pathlib import Path
 
 import numpy as np
@@ -28,6 +30,7 @@ from bench.folds import (folds_hash, folds_table, lab_folds, make_bag_folds, mak
 from bench.leaderboard import ensemble_costs, make_table, to_markdown
 from bench.labs import has_lab_columns, lab_names, lab_summary, leave_one_lab_out, runs_lolo
 from bench.leakage import leakage_audit
+from bench.outputs import check_writable, run_lock
 from bench.sources import prepare_data, with_bag_colour
 from bench.patients import bag_settings, check_cell_types, check_mil, score_patients
 from bench.prepare import prepare_candidates
@@ -206,7 +209,21 @@ def run_benchmark(cfg: Config, force: bool = False, workers: int | None = None,
     (``tcp://HOST:PORT``, a ``distributed.Client`` or ``LocalCluster``) when it is given.
     ``predictor=False``: no predictor is saved (the leave-one-lab-out run of bench.labs).
     """
-    run, ds, fp, times = prepare_run(cfg, force, show_progress)
+    out = RunDir(Path(cfg["run"]["out"]).expanduser())
+    _check_out(out, force)   # before the folder is made, so --force moves aside the user's
+    check_writable(out.path, "--out")
+    with ExitStack() as locks:
+        locks.enter_context(run_lock(out.path, "bench run"))
+        inode = os.stat(out.path).st_ino
+        run, ds, fp, times = prepare_run(cfg, force, show_progress)
+        if os.stat(run.path).st_ino != inode:   # --force moved another run aside
+            locks.enter_context(run_lock(run.path, "bench run"))
+        return _run_benchmark(cfg, run, ds, fp, times, workers, show_progress, scheduler,
+                              predictor)
+
+
+def _run_benchmark(cfg: Config, run: RunDir, ds, fp: dict, times: dict, workers,
+                   show_progress: bool, scheduler, predictor: bool) -> pd.DataFrame:
     run_cfg = cfg["run"]
     fold_metric = base_metric(run_cfg["metric"])   # a worst/mean-lab metric ranks at the end
 

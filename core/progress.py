@@ -11,6 +11,8 @@ from rich.markup import escape
 from rich.progress import (BarColumn, MofNCompleteColumn, Progress, SpinnerColumn, TextColumn,
                            TimeElapsedColumn, TimeRemainingColumn)
 
+from core.io import safe_text
+
 console = Console(stderr=True, highlight=False)
 PLAIN_INTERVAL = 60.0   # seconds between progress lines when stderr is not a terminal (a log)
 
@@ -97,11 +99,11 @@ def stage(times: dict, name: str):
 
 
 def info(msg: str) -> None:
-    console.print(escape(str(msg)))   # "[run] folds" is text, not rich markup
+    console.print(escape(safe_text(str(msg))))   # "[run] folds" is text, not rich markup
 
 
 def warn(msg: str) -> None:
-    console.print(f"[yellow]warning:[/yellow] {escape(str(msg))}")
+    console.print(f"[yellow]warning:[/yellow] {escape(safe_text(str(msg)))}")
 
 
 def error_line(msg: str) -> None:

@@ -41,7 +41,8 @@ def gradcam_names(paths, root=None) -> list[str]:
         stem = "__".join(part for part in rel.parts if part not in ("", "/"))
         name = f"{stem}.png"
         if name in seen:
-            name = f"{stem}-{hashlib.sha1(str(p).encode()).hexdigest()[:8]}.png"
+            digest = hashlib.sha1(str(p).encode("utf-8", "surrogateescape")).hexdigest()
+            name = f"{stem}-{digest[:8]}.png"
         seen.add(name)
         names.append(name)
     return names

@@ -350,8 +350,14 @@ class Predictor:
         out = []
         for name, items in bags.items():
             items = as_items(items)
-            if not len(items):
-                raise BenchError(f"bag '{name}' has no images")
+            if not len(items):   # a patient folder without images: its row says so
+                score, decision, _ = call_bag(spec, classes, np.zeros(0), None)
+                out.append({"bag": name, "n_cells": 0, "n_skipped": 0, "skipped": [],
+                            "probability": score, "decision": decision,
+                            "reason": "no image file", "threshold": float(spec["threshold"]),
+                            "min_cells": spec["min_cells"],
+                            "cells": np.zeros((0, len(classes))), "cell_items": []})
+                continue
             X, ok, errors = self.load_bag(items)   # the bag's cells together
             skipped = [(f"array {i}" if isinstance(items[i], np.ndarray) else str(items[i]),
                         str(exc)) for i, exc in errors]

@@ -195,6 +195,53 @@ def test_calibrate_leaves_the_original_byte_identical_and_refuses_bad_input(spie
     assert not (tmp_path / "a").exists() and not (tmp_path / "b").exists()
 
 
+def test_the_fewest_calibration_images_follow_the_split_conformal_p_values():
+    from bench.calibrate import check_n, set_minimum
+    from core.conformal import ConformalSets
+    from core.errors import BenchError
+    assert [set_minimum(c) for c in (0.5, 0.8, 0.9, 0.95, 0.99)] == [2, 5, 10, 20, 100]
+    rng = np.random.default_rng(0)
+    for c in (0.8, 0.9, 0.95):
+        n = set_minimum(c)
+        for q, leaves in ((n - 1, False), (n, True)):   # pooled sets from q images
+            proba = rng.dirichlet(np.ones(3), size=q)
+            sets = ConformalSets.fit(proba, proba.argmax(axis=1), "lac", c).sets(
+                np.array([[1.0, 0.0, 0.0]]))
+            assert (not sets.all()) == leaves, (c, q)
+    check_n(50, 0.95, 8, "lab")   # 8 classes at 0.95: 50 is enough (pooled if needed)
+    with pytest.raises(BenchError, match=r"^--n 19 is below the minimum of 20: at confidence "
+                                         r"0.95 a prediction set calibrated on fewer than 20 "
+                                         r"images holds every class"):
+        check_n(19, 0.95, 8, "lab")
+    with pytest.raises(BenchError, match=r"minimum of 12: .*, and the 12 classes of lab need "
+                                         r"at least one image each$"):
+        check_n(11, 0.9, 12, "lab")
+
+
+def test_calibrate_refuses_too_small_an_n_before_any_model_is_loaded(spied, tmp_path, capsys,
+                                                                     monkeypatch):
+    import bench.calibrate as cal
+    monkeypatch.setattr(cal, "load_predictor",
+                        lambda *a, **k: pytest.fail("the predictor's models were loaded"))
+    model = spied["out"] / "predictor"          # stored at confidence 0.9: 10 images at least
+    new_lab = write_toy_folder(tmp_path / "lab", n_per_class=10, seed=9)   # 3 classes
+    for args, fragment in (
+            (["--n", "1"], "--n 1 is below the minimum of 10: at confidence 0.9 a prediction "
+                           "set calibrated on fewer than 10 images holds every class"),
+            (["--n", "9"], "--n 9 is below the minimum of 10"),
+            (["--n", "15", "--confidence", "0.95"], "--n 15 is below the minimum of 20"),
+            (["--n", "2", "--confidence", "0.5"],
+             f"--n 2 is below the minimum of 3: at confidence 0.5 a prediction set calibrated "
+             f"on fewer than 2 images holds every class (a class leaves it only when 1/(n+1) "
+             f"< 1 - confidence), and the 3 classes of {new_lab} need at least one image each")):
+        out = tmp_path / "out"
+        assert main(["calibrate", "--model", str(model), "--data", str(new_lab), *args,
+                     "--out", str(out)]) == 2
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and err[0].startswith(f"error: {fragment}"), err
+        assert not out.exists()
+
+
 def test_evaluate_reports_coverage_keys(spied, tmp_path):
     data = write_toy_folder(tmp_path / "ext", n_per_class=6, seed=21)
     ev = tmp_path / "ev"

@@ -330,9 +330,10 @@ def test_out_folder_is_never_someone_elses(model, ext, tmp_path, capsys):
     ev = tmp_path / "ev"
     evaluate(model, ext, out=ev, progress=False, n_boot=10, gradcam=False)
     (ev / "notes.txt").write_text("mine")
-    with pytest.raises(BenchError, match="other files"):
-        evaluate(model, ext, out=ev, progress=False, n_boot=10)
+    (ev / "img" / "mine.png").write_text("mine too")
+    evaluate(model, ext, out=ev, progress=False, n_boot=10)   # its own files replaced
     assert (ev / "notes.txt").read_text() == "mine"
+    assert (ev / "img" / "mine.png").read_text() == "mine too"
 
 
 def _bad_cases(tmp_path, ext):
@@ -475,3 +476,29 @@ def test_a_labelled_file_outside_the_data_folder_is_an_error_everywhere(tmp_path
                  f"{table}:label", "--out", str(tmp_path / "o")]) == 2
     line = one_error_line(capsys.readouterr().err)
     assert line.startswith("error: --labels") and "outside the data folder" in line
+
+
+def test_a_file_listed_twice_is_counted_once_per_file(tmp_path, capsys):
+    """Two files on five rows (one spelt two ways) are 2 files, not 3 extra rows."""
+    from bench.datasets import load_dataset
+    images, labels = toy_arrays(2, 32, seed=6)
+    imgs = tmp_path / "lab" / "imgs"
+    imgs.mkdir(parents=True)
+    for i, im in enumerate(images[:3]):
+        Image.fromarray(im).save(imgs / f"c{i}.png")
+    rows = [("c0.png", "disc"), ("c0.png", "disc"), ("c0.png", "disc"),
+            ("c1.png", "square"), ("./c1.png", "square"), ("c2.png", "disc")]
+    table = tmp_path / "lab" / "cells.csv"
+    pd.DataFrame(rows, columns=["file", "label"]).to_csv(table, index=False)
+    with pytest.raises(BenchError, match=r"^\[data\] labels .*: 2 file\(s\) listed more than "
+                                         r"once \(5 rows\), e\.g\. c0\.png$"):
+        load_dataset(imgs, image_size=32, labels=f"{table}:label",
+                     cache_dir=tmp_path / "cache", show_progress=False)
+    model = tmp_path / "model"
+    model.mkdir()
+    pd.DataFrame(rows[3:], columns=["file", "label"]).to_csv(table, index=False)
+    assert main(["evaluate", "--model", str(model), "--data", str(imgs), "--labels",
+                 f"{table}:label", "--out", str(tmp_path / "o")]) == 2
+    line = one_error_line(capsys.readouterr().err)
+    assert line.startswith("error: --labels") and line.endswith(
+        "1 file(s) listed more than once (2 rows), e.g. c1.png (as c1.png, ./c1.png)")

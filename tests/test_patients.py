@@ -306,6 +306,40 @@ def test_predictor_diagnoses_patient_folders(bag_run, bag_data, tmp_path):
     assert one.returncode == 0 and one.stdout.splitlines()[1].startswith("P00,")
 
 
+def test_an_empty_patient_folder_gets_a_none_row(bag_run, bag_data, tmp_path):
+    """A patient folder without any image is one row with decision none (issue 40), as the
+    README promises, not dropped."""
+    cells = pd.read_csv(bag_data / "cells.csv")
+    pats = tmp_path / "pats"
+    for f in cells.file[cells.patient == "P00"]:
+        (pats / "P00").mkdir(parents=True, exist_ok=True)
+        (pats / "P00" / Path(f).name).write_bytes((bag_data / f).read_bytes())
+    (pats / "P99").mkdir()
+    (pats / "P98").mkdir()
+    (pats / "P98" / "notes.txt").write_text("no images here")
+    out = tmp_path / "patients.csv"
+    res = subprocess.run([sys.executable, "-m", "bench", "predict", "--model",
+                          str(bag_run / "predictor"), "--img_path", str(pats), "--bags",
+                          "--out", str(out)], capture_output=True, text=True, cwd=REPO)
+    assert res.returncode == 0, res.stderr
+    rows = {r["bag"]: r for r in csv.DictReader(out.open())}
+    assert list(rows) == ["P00", "P98", "P99"]
+    for empty in ("P98", "P99"):
+        assert rows[empty]["decision"] == "none" and rows[empty]["n_cells"] == "0"
+        assert rows[empty]["reason"] == "no image file"
+    assert rows["P00"]["decision"] == "APL"
+    assert "2 none (no readable image)" in res.stderr
+    # a second run replaces its own files, and refuses a cell file of the user's
+    (tmp_path / "mine_cells.csv").write_text("keep")
+    again = subprocess.run([sys.executable, "-m", "bench", "predict", "--model",
+                            str(bag_run / "predictor"), "--img_path", str(pats), "--bags",
+                            "--out", str(tmp_path / "mine.csv")],
+                           capture_output=True, text=True, cwd=REPO)
+    assert again.returncode == 2 and "mine_cells.csv" in again.stderr
+    assert (tmp_path / "mine_cells.csv").read_text() == "keep"
+    assert not (tmp_path / "mine.csv").exists()
+
+
 def test_predict_bags_refuses_a_single_image_predictor(tmp_path, toy_folder):
     from tests.conftest import write_tiny_config
     cfg = load_config(write_tiny_config(tmp_path / "c.toml", toy_folder), only=["rf_hog"],

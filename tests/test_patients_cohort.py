@@ -284,6 +284,20 @@ def test_the_predictor_normalises_each_bag_as_in_training(cohort_run, tmp_path):
     assert np.array_equal(np.asarray(rd.images[rows]), bag_reinhard(raw, np.zeros(len(rows))))
 
 
+def test_a_bag_colour_predictor_is_refused_without_bags(cohort_run, tmp_path, capsys):
+    """Its colour is normalised per patient: without --bags, a cell's probabilities would
+    depend on the batch it happens to share (issue 40), so predict refuses in one line."""
+    from bench.cli import main
+    run, root = cohort_run
+    cells = pd.read_csv(root / "cells.csv")
+    files = [root / f for f in cells.file[cells.patient == "P00"]]
+    assert main(["predict", "--model", str(run / "predictor"), "--img_path",
+                 str(files[0].parent), "--out", str(tmp_path / "p.csv")]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "normalises colour per patient" in err[0] and "--bags" in err[0]
+    assert not (tmp_path / "p.csv").exists()
+
+
 @pytest.mark.parametrize("old, new, message", [
     ('cell_types = "', 'disease_cells = ["myeloblast"]\ncell_types = "',
      r"disease_cells: \['myeloblast'\]"),

@@ -13,6 +13,7 @@ import pytest
 from PIL import Image
 
 from bench.cli import main
+from bench.outputs import MARKER
 from core.errors import BenchError
 from core.images import Preprocessing
 from core.io import read_json
@@ -185,8 +186,8 @@ def test_predict_cli_writes_gradcam_pngs(run, tmp_path):
                "--gradcam", str(out), "--out", str(csv_file), "--batch-size", "2"])
     assert rc == 0
     expected = {"a__cell.png.png", "b__cell.png.png", "b__c__cell.png.png"}
-    assert {p.name for p in out.iterdir()} == expected
-    for p in out.iterdir():
+    assert {p.name for p in out.iterdir()} == expected | {MARKER}   # the folder's own record
+    for p in out.glob("*.png"):
         with Image.open(p) as im:
             assert im.size == FIG_SIZE_PX
     rows = list(csv.DictReader(csv_file.open()))
@@ -208,7 +209,8 @@ def test_predictor_without_cnn_member(run, tmp_path, capsys):
                        training_data={})
     with pytest.raises(BenchError, match="Grad-CAM needs a CNN member"):
         load_predictor(d).explain(toy_arrays(1, 32)[0])
-    rc = main(["predict", "--model", str(d), "--img_path", str(d), "--gradcam", str(tmp_path)])
+    rc = main(["predict", "--model", str(d), "--img_path", str(d), "--gradcam",
+               str(tmp_path / "cams")])
     assert rc == 2
     err = capsys.readouterr().err
     assert "Grad-CAM needs a CNN member" in err and "rf_hog (baseline)" in err

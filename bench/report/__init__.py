@@ -24,8 +24,9 @@ from core.progress import warn
 from bench.config import Config
 from bench.report.build import write_cross_report, write_report
 from bench.report.rundata import RunData
+from bench.rundir import RunDir
 
-CROSS_DIR = "cross_dataset_report"
+CROSS_DIR = RunDir.CROSS_REPORT   # the default folder of `bench report A B`, in A
 
 
 def report_after_run(run_dir, config: Config | dict) -> Path | None:

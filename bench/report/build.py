@@ -19,7 +19,9 @@ from bench.leakage import audit_metrics
 from bench.report.patients import patient_section
 from bench.report.conformal import conformal_section
 from bench.report.labs import labs_section
-from core.io import atomic_write_text, staged
+from core.io import atomic_write_text
+from bench.outputs import OutputFolder
+from bench.rundir import RunDir
 from core.progress import info, warn
 from bench.report import cards, plots, tables
 from bench.report import gradcam_audit as ga
@@ -83,21 +85,36 @@ def _say(progress, msg):
         info(msg)
 
 
-def write_report(run_dir, gradcam: bool | None = None, progress: bool = True) -> Path:
-    """Write ``run_dir/report`` (index.html, leaderboard.md, csv/, img/); return index.html.
+def report_folder(run_dir, out=None) -> OutputFolder:
+    """Where the report of the run in ``run_dir`` goes: ``RUN/report`` (an earlier report
+    there written before the output marker existed is moved to ``RUN/previous/``), or
+    ``out`` outside the run (:class:`bench.outputs.OutputFolder`: only the report's own
+    files are ever replaced)."""
+    rundir = RunDir(run_dir)
+    own = rundir.report_dir
+    return OutputFolder(out or own, "bench report", "--out", reads=(rundir.path,),
+                        allowed=(own,), legacy=None if out else rundir.aside)
+
+
+def write_report(run_dir, gradcam: bool | None = None, progress: bool = True,
+                 out=None) -> Path:
+    """Write ``run_dir/report`` (index.html, leaderboard.md, csv/, img/), or the folder
+    ``out``; return its index.html.
 
     Parameters
     ----------
     run_dir : a finished run directory.
     gradcam : run the Grad-CAM audit; default ``[report] gradcam``.
     progress : print what is being done.
+    out : another folder for the report (outside the run).
     """
     t0 = time.perf_counter()
+    folder = report_folder(run_dir, out).check()
     run = RunData(run_dir)
     s = run.settings
     metric = run.metric
-    final = run.rundir.report_dir
-    with run.rundir.staged(final) as tmp:
+    final = folder.path
+    with folder.staged() as tmp:
         ctx = _build(run, s, metric, Out(tmp), gradcam, progress)
         ctx["elapsed"] = time.perf_counter() - t0
         html = env().get_template("report.html.j2").render(**ctx)
@@ -494,6 +511,13 @@ def _gradcam_section(run, board, s, out: Out, colors, gradcam, progress) -> dict
 
 # ----------------------------------------------------------------------------- several runs
 
+def cross_report_folder(run_dirs, out_dir) -> OutputFolder:
+    """The cross-dataset report's folder, checked (:class:`bench.outputs.OutputFolder`):
+    outside the runs, or the first run's ``cross_dataset_report``."""
+    return OutputFolder(out_dir, "bench report (cross-dataset)", "--out", reads=run_dirs,
+                        allowed=(RunDir(run_dirs[0]).cross_report_dir,)).check()
+
+
 def write_cross_report(run_dirs, out_dir, progress: bool = True) -> Path:
     """Friedman test and critical-difference diagram over several runs (data sets).
 
@@ -503,6 +527,7 @@ def write_cross_report(run_dirs, out_dir, progress: bool = True) -> Path:
     runs = [RunData(d) for d in run_dirs]
     if len(runs) < 2:
         raise BenchError("a cross-dataset report needs at least two run directories")
+    folder = cross_report_folder(run_dirs, out_dir)
     metric = runs[0].metric
     alpha = float(runs[0].settings["alpha"])
     label = metric_label(metric)
@@ -523,7 +548,7 @@ def write_cross_report(run_dirs, out_dir, progress: bool = True) -> Path:
     cd = nemenyi_cd(len(common), len(runs), alpha)
     avg = dict(zip(common, fr["avg_ranks"]))
     out_dir = Path(out_dir)
-    with staged(out_dir) as tmp:
+    with folder.staged() as tmp:
         out = Out(tmp)
         tab = pd.DataFrame(scores, columns=common)
         tab.insert(0, "dataset", labels)

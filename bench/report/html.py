@@ -50,7 +50,7 @@ def slug(name: str) -> str:
     """A file-name-safe version of ``name`` (plus a short hash when characters were dropped)."""
     s = re.sub(r"[^A-Za-z0-9_.-]+", "_", str(name)).strip("._") or "x"
     if s != name:
-        s += "-" + hashlib.sha1(str(name).encode()).hexdigest()[:6]
+        s += "-" + hashlib.sha1(str(name).encode("utf-8", "surrogateescape")).hexdigest()[:6]
     return s[:80]
 
 
