@@ -10,8 +10,10 @@ names (candidates, ensembles, feature sets, profiles, datasets: letters, digits,
 -``), cross-references (candidate and ensemble types, feature sets and their extractors'
 parameters, ensemble members, metric names, the predictor's entry), and each
 candidate's and ensemble's parameters against the schema its class declares
-(:mod:`core.params`). A violation is one line naming the file, the key and what was
-expected.
+(:mod:`core.params`). Every float anywhere in the file must be finite (TOML's ``inf`` and
+``nan`` are refused), and a value that would make its setting meaningless is refused with
+the reason (:data:`BOUND_REASONS`). A violation is one line naming the file, the key and
+what was expected.
 """
 
 from __future__ import annotations
@@ -26,7 +28,7 @@ from pathlib import Path
 from typing import Annotated, Literal, Optional, Union
 
 import tomli_w
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, create_model
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, create_model, field_validator
 
 from core import registry
 from core.colour import BAG_COLOUR, MAX_SMOOTH
@@ -35,7 +37,7 @@ from core.errors import BenchError
 from core.images import crop_side, crops
 from core.io import check_name
 from core.metrics import METRICS, RANKING_METRICS
-from core.params import space_names, validate_params
+from core.params import key_text, non_finite, space_names, validate_params
 from core.stress import SHIFTS
 from ensembles.bags import AGGREGATORS, DEFAULT_AGGREGATORS
 from ensembles.build import ENTRY_KEYS
@@ -328,7 +330,8 @@ MAX_IMAGE_SIZE = 1024
 
 
 class _Section(BaseModel):
-    model_config = ConfigDict(extra="forbid", strict=True)
+    # inf and nan (TOML's inf, nan) refused for every float setting
+    model_config = ConfigDict(extra="forbid", strict=True, allow_inf_nan=False)
 
 
 def _all_optional(model: type[BaseModel], name: str, exclude=()) -> type[BaseModel]:
@@ -448,7 +451,7 @@ class CandidateEntry(_Section):
 
 
 class EnsembleEntry(BaseModel):   # its own settings beside type/members: the class's schema
-    model_config = ConfigDict(extra="allow", strict=True)
+    model_config = ConfigDict(extra="allow", strict=True, allow_inf_nan=False)
     type: str
     members: Literal["cnn", "all"] | list[str] = "cnn"
     stress: bool = False          # fitted on the members' rows under [stress] shifts too
@@ -505,9 +508,9 @@ class ReportSection(_Section):
     gradcam_per_class: int = Field(default=6, ge=0)   # seeded sample per class (energy, sanity)
     gallery_per_class: int = Field(default=3, ge=0)   # correct and misclassified shown per class
     # flag when Spearman rho(trained, random) >= this
-    randomization_threshold: Number = Field(default=0.5, ge=-1, le=1)
+    randomization_threshold: Number = Field(default=0.5, gt=-1, le=1)
     # warn when a colour-only baseline reaches this balanced accuracy
-    colour_only_warning: Number = Field(default=0.6, ge=0, le=1)
+    colour_only_warning: Number = Field(default=0.6, gt=0, le=1)
     colour_extractors: list[str] = ["color", "colour", "hsv", "rgb", "lab_hist", "stain"]
     seed: int = Field(default=0, ge=0)   # sampling of audited images
     leakage_audit: bool = False   # rerun on image-level folds beside the grouped (bench.leakage)
@@ -526,10 +529,9 @@ class PatientsSection(_Section):
     # feature set of the composition's cell-type classifier
     composition_features: str = Field(default="all", min_length=1)
     # decision threshold, chosen on the training folds' bags: "youden" (best balanced
-    # accuracy), "half" (0.5) or "sensitivity:X" (the highest threshold that keeps a
-    # sensitivity of at least X on them)
-    threshold: str = Field(default="youden",
-                           pattern=r"^(youden|half|sensitivity:(0?\.[0-9]+|1(\.0*)?))$")
+    # accuracy), "half" (0.5) or "sensitivity:X", X in (0, 1] (the highest threshold that
+    # keeps a sensitivity of at least X on them; checked by _threshold_rule)
+    threshold: str = "youden"
     # per-bag colour normalisation of the cells, in training, out-of-fold scoring and the
     # predictor alike (core.colour.bag_colour): "none", "rgb" (each patient's pooled
     # per-channel mean and spread mapped to one fixed target) or "reinhard" (the same in
@@ -541,12 +543,33 @@ class PatientsSection(_Section):
     bag_jitter: Number = Field(default=0.0, ge=0, le=0.5)
     # the report warns when a colour-only (shortcut) row's ROC AUC comes within this of the
     # best other row's
-    shortcut_margin: Number = Field(default=0.1, ge=0, le=1)
+    shortcut_margin: Number = Field(default=0.1, ge=0, lt=1)
     n_boot: int = Field(default=2000, ge=100)   # bootstrap over bags (CIs and paired tests)
     # fewer readable cells than this: no call ("refer"); "auto": the 5th percentile of
     # the training bags' cell counts (ensembles.bags.min_cells_from_counts)
     min_cells: Annotated[int, Field(ge=1)] | Literal["auto"] = "auto"
     seed: int = Field(default=0, ge=0)
+
+    @field_validator("threshold")
+    @classmethod
+    def _threshold_rule(cls, rule: str) -> str:
+        if rule in ("youden", "half"):
+            return rule
+        if not rule.startswith("sensitivity:"):
+            raise ValueError('must be "youden", "half" or "sensitivity:X" (X in (0, 1])')
+        try:
+            x = float(rule.split(":", 1)[1])
+        except ValueError:
+            x = None
+        if x == 0:
+            raise ValueError("sensitivity:0 keeps no positive patient, so the threshold would "
+                             "call nearly every patient negative; give X in (0, 1], e.g. "
+                             "sensitivity:0.95")
+        if x is None or not 0 < x <= 1:
+            raise ValueError("sensitivity:X needs X in (0, 1], the fraction of the training "
+                             "folds' positive patients the threshold keeps, e.g. "
+                             "sensitivity:0.95")
+        return rule
 
 
 # the default student of `bench distill`: the quick profile's deep scratch CNN (48 px on the
@@ -602,6 +625,20 @@ def _key_path(loc) -> str:
     return "".join(parts)
 
 
+# why a bound leaves out a value that would make its setting meaningless (said with it)
+BOUND_REASONS = {
+    "[predictor] conformal.confidence": "1 would put every class in every prediction set, "
+                                        "0 none",
+    "[report] colour_only_warning": "at 0 every colour-only baseline would be warned about "
+                                    "(a balanced accuracy is never below 0)",
+    "[report] randomization_threshold": "at -1 every Grad-CAM map would be flagged (a rank "
+                                        "correlation is never below -1)",
+    "[patients] shortcut_margin": "at 1 every colour-only row would be warned about (ROC AUCs "
+                                  "lie between 0 and 1)",
+}
+_BOUNDS = {"greater_than", "greater_than_equal", "less_than", "less_than_equal"}
+
+
 def _schema_error(where: str, prefix: str, model, exc: ValidationError) -> BenchError:
     err = exc.errors()[0]
     path = _key_path(err["loc"])
@@ -610,7 +647,9 @@ def _schema_error(where: str, prefix: str, model, exc: ValidationError) -> Bench
         known = list(model.model_fields) if "." not in path else []
         return BenchError(f"{where}: {prefix} unknown key '{path}'" + (
             did_you_mean(key, known) or (f"; known: {sorted(known)}" if known else "")))
-    return BenchError(f"{where}: {prefix} {path} {_plain(err)}, got {err.get('input')!r}")
+    reason = BOUND_REASONS.get(f"{prefix} {path}") if err["type"] in _BOUNDS else None
+    return BenchError(f"{where}: {prefix} {path} {_plain(err)}, got {err.get('input')!r}"
+                      + (f": {reason}" if reason else ""))
 
 
 def _plain(err: dict) -> str:
@@ -623,7 +662,10 @@ def _plain(err: dict) -> str:
              "string_type": "must be a string", "list_type": "must be a list",
              "dict_type": "must be a table", "missing": "is required",
              "literal_error": "must be one of {expected}",
-             "string_pattern_mismatch": "must match {pattern}"}
+             "string_pattern_mismatch": "must match {pattern}",
+             "finite_number": "must be a finite number"}
+    if kind == "value_error":   # a model's own check, in its own words
+        return str(ctx["error"])
     if kind in words:
         try:
             return words[kind].format(**ctx)
@@ -660,6 +702,10 @@ def typed_settings(cfg: dict, where: str = "config") -> tuple[dict, Settings]:
             "ensembles": ensembles}, settings
 
 
+# sections of named tables ([candidates.NAME] ...): a key is named after its table
+NAMED_SECTIONS = {"datasets", "external", "feature_sets", "candidates", "ensembles", "profiles"}
+
+
 def _check_raw(raw: dict, where: str) -> None:
     """The file's shape: known sections, each a table; names of its tables' entries."""
     unknown = set(raw) - KNOWN_SECTIONS
@@ -688,6 +734,12 @@ def _check_raw(raw: dict, where: str) -> None:
                          f"profile '{name}' select")
     for name, ds in raw.get("datasets", {}).items():
         validated(where, f"[datasets.{name}]", DatasetOverride, ds)
+    bad = non_finite(raw)   # every float, typed or inside a table or list parameter
+    if bad is not None:
+        path, value = bad
+        head = 2 if path[0] in NAMED_SECTIONS else 1
+        raise BenchError(f"{where}: [{'.'.join(map(str, path[:head]))}] "
+                         f"{key_text(path[head:])} must be a finite number, got {value!r}")
 
 
 # a [datasets.NAME] table: any [data] key but those the resolver sets
@@ -697,6 +749,10 @@ DatasetOverride = _all_optional(DataSection, "DatasetOverride",
 
 def _validate_sections(cfg: dict, where: str) -> tuple[dict, Settings]:
     cfg, settings = typed_settings(cfg, where)
+    report = settings.report
+    if report.gradcam and not report.gradcam_per_class:
+        raise BenchError(f"{where}: [report] gradcam_per_class = 0 audits no image while "
+                         "gradcam = true; set gradcam = false to skip the Grad-CAM audit")
     if settings.data.bags:
         _check_bags(settings, cfg["feature_sets"], where)
     _check_sources(settings, where)

@@ -15,6 +15,10 @@ Steps, in order: decode (PIL) -> 8-bit RGB (grayscale repeated; palette, CMYK co
 no crop; images already at that size are passed through untouched) -> optionally a Gaussian
 low-pass of ``smooth`` pixels (:func:`core.colour.smooth`: the same cell exported at another
 size or JPEG quality gives nearly the same input).
+
+An image file of more than :func:`max_pixels` pixels (``MAX_PIXELS``, or the environment
+variable ``BLOODBENCH_MAX_PIXELS``) is refused from its header, before any pixel is decoded:
+it is skipped and listed like any unreadable file.
 """
 
 from __future__ import annotations
@@ -37,6 +41,17 @@ IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".gif", ".we
 RESIZE_FILTERS = {"bicubic": Image.BICUBIC}
 # Threads that decode and resize image files (PIL releases the GIL while doing both).
 READ_THREADS = int(os.environ.get("BLOODBENCH_READ_THREADS", 0)) or min(4, os.cpu_count() or 1)
+# The most pixels (width x height) an image file may have; larger files are refused from
+# their header, before decoding, and skipped. Blood-cell crops are about 0.1 megapixel (PBC:
+# 360 x 363) and whole smear fields from a microscope camera at most about 20 (e.g. 5472 x
+# 3648): 40 leaves twice that room. A 40-megapixel PNG peaks at about 0.5 GB of memory while
+# read (measured; an 11000 x 11000 one at 1.3 GB). Raise it with the environment variable
+# (pixels), e.g. BLOODBENCH_MAX_PIXELS=200000000.
+MAX_PIXELS = 40_000_000
+MAX_PIXELS_ENV = "BLOODBENCH_MAX_PIXELS"
+# the limit has one home (above): Pillow's own decompression-bomb check, a hidden warning over
+# 89 megapixels and an error over 179 while opening, would refuse what the variable allows
+Image.MAX_IMAGE_PIXELS = None
 
 
 # ----------------------------------------------------------------------------- pixels
@@ -118,18 +133,46 @@ def center_crop(images: np.ndarray, crop: float | None) -> np.ndarray:
     return images[:, top:top + ch, left:left + cw]
 
 
+def max_pixels() -> int:
+    """The most pixels an image file may have (:data:`MAX_PIXELS`, or the environment
+    variable ``BLOODBENCH_MAX_PIXELS``); a bad value of the variable is a
+    :class:`BenchError`."""
+    raw = os.environ.get(MAX_PIXELS_ENV, "").strip().replace("_", "")
+    if not raw:
+        return MAX_PIXELS
+    if not raw.isdigit() or int(raw) < 1:
+        raise BenchError(f"{MAX_PIXELS_ENV}={os.environ[MAX_PIXELS_ENV]!r}: give the most "
+                         f"pixels (width x height) an image may have, a positive whole number, "
+                         f"e.g. {MAX_PIXELS_ENV}=200000000")
+    return int(raw)
+
+
+def check_pixels(width: int, height: int, limit: int | None = None) -> None:
+    """A :class:`BenchError` (the size, the limit, how to raise it) for an image of more
+    than ``limit`` (default :func:`max_pixels`) pixels."""
+    limit = max_pixels() if limit is None else limit
+    if width * height > limit:
+        raise BenchError(f"too large: {width}x{height} pixels ({width * height / 1e6:.1f} "
+                         f"megapixels) is over the limit of {limit / 1e6:g} megapixels, "
+                         f"checked before decoding; set {MAX_PIXELS_ENV} (pixels, now "
+                         f"{limit}) higher to read it")
+
+
 def read_rgb(path) -> tuple[Image.Image, str, str]:
     """Decode one image file as 8-bit RGB. Returns (image, original mode, "WxH").
 
-    Raises :class:`BenchError` with the reason when the file is not a readable image.
+    Raises :class:`BenchError` with the reason when the file is not a readable image, or
+    has more pixels than :func:`max_pixels` (read from its header, before decoding).
     """
     path = Path(path)
+    limit = max_pixels()
     if path.stat().st_size == 0:
         raise BenchError("empty file")
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
-            with Image.open(path) as img:
+            with Image.open(path) as img:   # lazy: the header only, so far
+                check_pixels(img.width, img.height, limit)
                 img.load()
                 return to_rgb(img), img.mode, f"{img.width}x{img.height}"
     except UnidentifiedImageError:
@@ -244,6 +287,7 @@ class Preprocessing:
         BenchError)`` pairs. Without ``skip_errors`` the first unreadable item raises.
         """
         threads = threads or READ_THREADS
+        max_pixels()   # a bad BLOODBENCH_MAX_PIXELS stops here, not as a reason per file
 
         def one(item):
             try:

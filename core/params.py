@@ -23,13 +23,16 @@ from __future__ import annotations
 
 import difflib
 import inspect
+import math
 from typing import Annotated, Any, Literal, Union
 
 from pydantic import ConfigDict, Field, ValidationError, create_model
 
 from core.errors import BenchError
 
-_STRICT = ConfigDict(extra="forbid", strict=True, arbitrary_types_allowed=True)
+# inf and nan refused for every float (TOML writes them as inf and nan)
+_STRICT = ConfigDict(extra="forbid", strict=True, arbitrary_types_allowed=True,
+                     allow_inf_nan=False)
 
 
 def _type_of(default) -> Any:
@@ -113,7 +116,29 @@ def _describe(cls, err: dict) -> str:
         close = difflib.get_close_matches(name, known, n=1)
         hint = f"; did you mean '{close[0]}'?" if close else f"; known: {sorted(known)}"
         return f"unknown parameter '{name}'{hint}"
+    if err["type"] == "finite_number":
+        return f"{name}: expected a finite number, got {err.get('input')!r}"
     return f"{name}: expected {expected(cls, name)}, got {err.get('input')!r}"
+
+
+def non_finite(value, path: tuple = ()) -> tuple | None:
+    """``(key path, value)`` of the first inf or nan float in ``value`` (nested tables and
+    lists; the path holds keys and list positions), or ``None`` when every float in it is
+    finite."""
+    if isinstance(value, float):
+        return None if math.isfinite(value) else (path, value)
+    items = value.items() if isinstance(value, dict) else \
+        enumerate(value) if isinstance(value, (list, tuple)) else ()
+    for key, item in items:
+        found = non_finite(item, (*path, key))
+        if found is not None:
+            return found
+    return None
+
+
+def key_text(path) -> str:
+    """``("a", "b", 0)`` -> ``a.b[0]``."""
+    return "".join(f"[{k}]" if isinstance(k, int) else f".{k}" for k in path).lstrip(".")
 
 
 def validate_params(cls, params: dict, where: str) -> dict:
@@ -125,6 +150,9 @@ def validate_params(cls, params: dict, where: str) -> dict:
         schema(cls).model_validate(params)
     except ValidationError as exc:
         raise BenchError(f"{where}: {_describe(cls, exc.errors()[0])}") from None
+    bad = non_finite(params)   # inside a list or table parameter (the schema checks floats)
+    if bad is not None:
+        raise BenchError(f"{where}: {key_text(bad[0])}: expected a finite number, got {bad[1]!r}")
     return params
 
 

@@ -165,8 +165,8 @@ def choose_threshold(scores: np.ndarray, y: np.ndarray, rule: str = "youden") ->
     s, y = np.asarray(scores, dtype=float), np.asarray(y).astype(int)
     if rule.startswith("sensitivity:"):
         target = float(rule.split(":", 1)[1])
-        if not 0 <= target <= 1:
-            raise ValueError(f"sensitivity must be in [0, 1], got {target}")
+        if not 0 < target <= 1:   # 0 keeps no positive bag ([patients] threshold refuses it)
+            raise ValueError(f"sensitivity must be in (0, 1], got {target}")
         pos = np.sort(s[y == 1])[::-1]
         if not len(pos):
             return 0.5

@@ -84,6 +84,46 @@ CASES = [
      "cannot import 'no_such_module_x'"),
     ("classes not a list", "image_size = 32", "image_size = 32\nclasses = 5", [],
      "[data] classes"),
+    # every float setting finite: TOML's inf and nan are refused, naming the key
+    ("raps_lambda inf", "[profiles.t]",
+     "[predictor]\nconformal = { raps_lambda = inf }\n[profiles.t]", [],
+     "[predictor] conformal.raps_lambda must be a finite number, got inf"),
+    ("raps_lambda nan", "[profiles.t]",
+     "[predictor]\nconformal = { raps_lambda = nan }\n[profiles.t]", [],
+     "[predictor] conformal.raps_lambda must be a finite number, got nan"),
+    ("timeout -inf", "[profiles.t]", "[tuning]\ntimeout = -inf\n[profiles.t]", [],
+     "[tuning] timeout must be a finite number, got -inf"),
+    ("candidate param inf", "n_estimators = 20", "n_estimators = 20, max_features = inf", [],
+     "[candidates.rf_hog] params.max_features must be a finite number, got inf"),
+    ("candidate list param nan", "[profiles.t]",
+     '[candidates.rf_hog.tuning]\nfidelity = { n_estimators = 5, extra = [1.0, nan] }'
+     "\n[profiles.t]", [], "[candidates.rf_hog] tuning.fidelity.extra[1] must be a finite "
+                          "number, got nan"),
+    ("ensemble setting inf", 'members = "all"', 'members = "all"\nweights = [1.0, inf]', [],
+     "[ensembles.vote] weights[1] must be a finite number, got inf"),
+    ("profile setting nan", 'description = "validation tests"',
+     'description = "x"\nreport = { alpha = nan }', [],
+     "[profiles.t] report.alpha must be a finite number, got nan"),
+    # degenerate values, refused with the reason
+    ("sensitivity 0", "[profiles.t]", '[patients]\nthreshold = "sensitivity:0.0"\n[profiles.t]',
+     [], "[patients] threshold sensitivity:0 keeps no positive patient"),
+    ("sensitivity above 1", "[profiles.t]",
+     '[patients]\nthreshold = "sensitivity:1.5"\n[profiles.t]', [], "needs X in (0, 1]"),
+    ("threshold rule", "[profiles.t]", '[patients]\nthreshold = "youdn"\n[profiles.t]', [],
+     '[patients] threshold must be "youden", "half" or "sensitivity:X"'),
+    ("conformal confidence 1", "[profiles.t]",
+     "[predictor]\nconformal = { confidence = 1.0 }\n[profiles.t]", [],
+     "1 would put every class in every prediction set"),
+    ("shortcut_margin 1", "[profiles.t]", "[patients]\nshortcut_margin = 1\n[profiles.t]", [],
+     "[patients] shortcut_margin must be below 1, got 1: at 1 every colour-only row"),
+    ("colour_only_warning 0", "[profiles.t]",
+     "[report]\ncolour_only_warning = 0\n[profiles.t]", [],
+     "[report] colour_only_warning must be above 0, got 0: at 0 every colour-only baseline"),
+    ("randomization_threshold -1", "[profiles.t]",
+     "[report]\nrandomization_threshold = -1\n[profiles.t]", [],
+     "at -1 every Grad-CAM map would be flagged"),
+    ("gradcam_per_class 0", "[profiles.t]", "[report]\ngradcam_per_class = 0\n[profiles.t]",
+     [], "[report] gradcam_per_class = 0 audits no image while gradcam = true"),
 ]
 
 
@@ -112,6 +152,37 @@ def test_bad_config_is_one_line_before_any_work(what, old, new, args, fragment, 
     assert fragment in lines[0], lines[0]
     assert "Traceback" not in err
     assert not out.exists()
+
+
+def test_inf_and_nan_are_refused_by_the_typed_settings_too(toy_folder, tmp_path):
+    """Not only in a config file: a config built from a dict (a run folder's config.toml),
+    a changed setting, and a class's parameters (lists included) from Python."""
+    from bench.config import Config, load_config
+    from baselines.models import FeatureForest
+    from core.errors import BenchError
+    from core.params import validate_params
+    cfg = load_config(_write(tmp_path, toy_folder, None, None))
+    data = {**cfg.data, "predictor": {**cfg["predictor"], "conformal": {
+        **cfg["predictor"]["conformal"], "raps_lambda": float("inf")}}}
+    with pytest.raises(BenchError, match=r"^config: \[predictor\] conformal.raps_lambda must "
+                                         r"be a finite number, got inf$"):
+        Config(data)
+    with pytest.raises(BenchError, match=r"\[tuning\] val_fraction must be a finite number"):
+        cfg.override("tuning", val_fraction=float("nan"))
+    assert cfg["tuning"]["val_fraction"] == 0.2   # unchanged by the refused override
+    with pytest.raises(BenchError, match=r"^x: max_features: expected a finite number, got inf$"):
+        validate_params(FeatureForest, {"max_features": float("inf")}, "x")
+    with pytest.raises(BenchError, match=r"^x: features.color.bins: expected a finite number, "
+                                         r"got nan$"):   # inside a table parameter
+        validate_params(FeatureForest, {"features": {"color": {"bins": float("nan")}}}, "x")
+    assert validate_params(FeatureForest, {"features": {"color": {"bins": 8}}}, "x")
+
+
+def test_gradcam_per_class_0_is_fine_without_the_audit(toy_folder, tmp_path):
+    from bench.config import load_config
+    cfg = load_config(_write(tmp_path, toy_folder, "[profiles.t]",
+                             "[report]\ngradcam = false\ngradcam_per_class = 0\n[profiles.t]"))
+    assert cfg["report"]["gradcam_per_class"] == 0
 
 
 def test_a_config_that_is_not_text_is_one_line(tmp_path, capsys):
