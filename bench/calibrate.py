@@ -35,6 +35,7 @@ from core.progress import info, warn
 
 from ensembles.model_card import CARD, model_card
 from ensembles.predictor import MANIFEST, load_predictor, manifest_digest, verify_predictor
+from ensembles.record import PredictorRecord
 
 
 def add_calibrate_parser(sub, add_common) -> None:
@@ -137,12 +138,12 @@ def calibrate(args) -> dict:
     model, out = _check_args(args)
     ext = load_external(args.data, labels=args.labels, groups=args.groups, config=args.config)
     user_map, src = read_class_map(args.class_map)
-    manifest = verify_predictor(model)
-    old = manifest.get("conformal")
-    if not old:
+    record = verify_predictor(model)
+    manifest, old = record.raw, record.conformal
+    if old is None:
         raise BenchError(f"predictor {model} has no conformal prediction sets to recalibrate "
                          "(saved before [predictor] conformal); run it again")
-    classes = list(manifest["classes"])
+    classes = list(record.classes)
     external = sorted(set(ext.labels))
     mapping, _ = map_classes(external, classes, user_map, src)
     other = sorted(e for e in external if mapping[e] is None)
@@ -153,8 +154,8 @@ def calibrate(args) -> dict:
     if args.n > len(ext.items):
         raise BenchError(f"--n {args.n} is larger than the {len(ext.items)} labelled images "
                          f"of {ext.path}")
-    method = args.method or old["method"]
-    confidence = float(args.confidence if args.confidence is not None else old["confidence"])
+    method = args.method or old.method
+    confidence = float(args.confidence if args.confidence is not None else old.confidence)
     check_n(args.n, confidence, len(external), ext.path)   # before any model is loaded
     drawn, excluded = draw(ext.labels, ext.groups, args.n, args.seed, args.per_group)
     if len(drawn) < args.n:
@@ -168,7 +169,7 @@ def calibrate(args) -> dict:
                          f"(e.g. {errors[0][1]}); remove them or draw with another --seed")
     index = {c: i for i, c in enumerate(classes)}
     y = np.array([index[mapping[ext.labels[i]]] for i in drawn], dtype=np.int64)
-    review = dict(old.get("review") or {})
+    review = old.review.model_dump(exclude_none=True)
     if method == "mondrian":   # a class with q rows leaves a set only if 1/(q+1) < 1 - confidence
         need = set_minimum(confidence)
         counts = np.bincount(y, minlength=len(classes))
@@ -183,13 +184,13 @@ def calibrate(args) -> dict:
                  f"every set: {', '.join(few)}; larger --n, or --method lac (pooled, marginal "
                  "coverage)")
     state = ConformalSets.fit(proba, y, method, confidence,
-                              old.get("raps_lambda", 0.01), old.get("raps_k", 1),
+                              old.raps_lambda, old.raps_k,
                               fitted_on=f"labelled images of {ext.path} "
                                         f"(bench calibrate, seed {args.seed})")
     if "target_error" in review:
         review["confidence_threshold"] = review_threshold(
             proba.max(axis=1), proba.argmax(axis=1) == y, float(review["target_error"]))
-    before = {k: v for k, v in old.items() if k != "recalibration"}
+    before = {k: v for k, v in manifest["conformal"].items() if k != "recalibration"}
     entry = {**state.to_dict(), "review": review,
              "recalibration": {"data": str(ext.path.resolve()), "labels": args.labels,
                                "groups": args.groups, "n": int(len(drawn)), "seed": args.seed,
@@ -207,7 +208,7 @@ def calibrate(args) -> dict:
             dest = tmp / rel
             dest.parent.mkdir(parents=True, exist_ok=True)
             shutil.copy2(model / rel, dest)
-        atomic_write_text(tmp / CARD, model_card(new))
+        atomic_write_text(tmp / CARD, model_card(PredictorRecord.read(new, out / MANIFEST)))
         new["files"] = {rel: file_sha256(tmp / rel) for rel in sorted({*manifest["files"], CARD})}
         new.pop("manifest_sha256", None)
         new["manifest_sha256"] = manifest_digest(new)
@@ -227,29 +228,32 @@ def cmd_calibrate(args) -> int:
     return 0
 
 
-def inspect_lines(m: dict) -> list[str]:
+def inspect_lines(m: PredictorRecord) -> list[str]:
     """``bench inspect``'s lines on the stored prediction sets."""
-    c = m.get("conformal")
-    if not c:
+    c = m.conformal
+    if c is None:
         return ["  prediction sets: none stored (saved without [predictor] conformal)"]
-    lab = (c.get("in_lab") or {}).get("by_confidence") or {}
+    lab = (c.in_lab or {}).get("by_confidence") or {}
     figs = "; ".join(f"{k}: coverage {v['coverage']:.3f}, mean set size "
                      f"{v['mean_set_size']:.2f}" for k, v in lab.items())
-    rv = c.get("review") or {}
-    lines = [f"  prediction sets: {c['method']} at {c['confidence']:g} confidence (crepes), "
-             f"calibrated on {c['n_calibration']} {c.get('fitted_on', '')}; scheme "
-             f"{c.get('scheme', 'split')}",
-             f"  review: set size other than 1, shift score >= {rv.get('shift_limit', 1.0):g}, "
-             f"or confidence < {rv.get('confidence_threshold', float('nan')):.4f} (target "
-             f"error {rv.get('target_error', float('nan')):g} among the answered)"]
+    rv, nan = c.review, float("nan")
+    lines = [f"  prediction sets: {c.method} at {c.confidence:g} confidence (crepes), "
+             f"calibrated on {c.n_calibration} {c.fitted_on}; scheme {c.scheme}",
+             f"  review: set size other than 1, shift score >= {rv.shift_limit:g}, "
+             f"or confidence < {_or(rv.confidence_threshold, nan):.4f} (target "
+             f"error {_or(rv.target_error, nan):g} among the answered)"]
     if figs:
         lines.append(f"  in-lab (each fold's out-of-fold rows against sets calibrated on the "
-                     f"other folds'): {figs}; AURC {c['in_lab']['aurc']:.4f}")
-    if c.get("recalibration"):
-        r = c["recalibration"]
-        lines.append(f"  recalibrated (bench calibrate) on {r['n']} images of {r['data']}, "
-                     f"seed {r['seed']}, from {r['from_predictor']}")
+                     f"other folds'): {figs}; AURC {c.in_lab['aurc']:.4f}")
+    if c.recalibration is not None:
+        r = c.recalibration
+        lines.append(f"  recalibrated (bench calibrate) on {r.n} images of {r.data}, "
+                     f"seed {r.seed}, from {r.from_predictor}")
     return lines
+
+
+def _or(value, default):
+    return default if value is None else value
 
 
 def review_counts(batches: list[dict], n: int, confidence: float) -> str:

@@ -25,18 +25,18 @@ from bench.report import CROSS_DIR, write_cross_report, write_report
 from bench.report.build import cross_report_folder
 from bench.outputs import (OutputFolder, check_file_output, os_error_line, run_lock,
                            run_of)
+from bench.rundir import RunDir
 from bench.runner import run_from_args, tune_from_args
 from core import registry
 from core.errors import BenchError
-from core.images import IMAGE_SUFFIXES, find_images, resolve_preprocessing
+from core.images import IMAGE_SUFFIXES, find_images
 from core.io import atomic_write_text, safe_text
 from core.progress import console, info, progress_iter, warn
-from ensembles.overlay import gradcam_names, write_gradcam_png
 from ensembles.bags import NO_CALL, REFER, REFER_KINDS, negative_label
-from ensembles.predictor import load_predictor, verify_predictor
+from ensembles.predictor import TABLE_COLUMNS, load_predictor, verify_predictor
+from ensembles.record import NO_BAG_COLOUR
 from ensembles.tta import TTA_VIEWS
 from bench.calibrate import add_calibrate_parser, cmd_calibrate, inspect_lines, review_counts
-from core.conformal import join_set, review_of
 
 
 def _add_common(p):
@@ -51,7 +51,15 @@ def build_parser() -> argparse.ArgumentParser:
                "sets, ensemble members or metrics are one `error:` line naming the file and "
                "key. Nothing is deleted: see --force.")
     sub = parser.add_subparsers(dest="command", required=True)
+    for add in (_run_parsers, _predict_parsers, _report_parsers, _evaluate_parser,
+                _distill_parser):
+        add(sub)
+    add_calibrate_parser(sub, _add_common)
+    return parser
 
+
+def _run_parsers(sub) -> None:
+    """``run`` and ``tune``."""
     run = sub.add_parser("run", help="train every candidate on shared folds; leaderboard; predictor")
     run.add_argument("--config", default=None, help="config file (default: benchmarks.toml)")
     run.add_argument("--profile", default=None, help="profile in the config (smoke, quick, full)")
@@ -85,6 +93,9 @@ def build_parser() -> argparse.ArgumentParser:
     tune.add_argument("--data", default=None, help="data, for a new run directory")
     _add_common(tune)
 
+
+def _predict_parsers(sub) -> None:
+    """``predict``, ``list`` and ``inspect``."""
     pred = sub.add_parser("predict", help="classify images with a saved predictor")
     pred.add_argument("--model", required=True, help="predictor directory")
     pred.add_argument("--img_path", "--img-path", dest="img_path", required=True,
@@ -109,6 +120,8 @@ def build_parser() -> argparse.ArgumentParser:
     ins.add_argument("model", help="predictor directory")
     _add_common(ins)
 
+
+def _report_parsers(sub) -> None:
     rep = sub.add_parser("report", help="write DIR/report (HTML, Markdown, CSVs); with several "
                                         "runs also a cross-dataset Friedman/CD report")
     rep.add_argument("dirs", nargs="+", metavar="DIR", help="finished run directories")
@@ -121,6 +134,8 @@ def build_parser() -> argparse.ArgumentParser:
                      help="skip the Grad-CAM audit")
     _add_common(rep)
 
+
+def _evaluate_parser(sub) -> None:
     ev = sub.add_parser("evaluate", help="score a saved predictor on a labelled external image "
                                          "set (another lab's images): scores with bootstrap "
                                          "CIs, predictions.csv, an HTML page")
@@ -151,6 +166,9 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--config", default=None, help="config for --data NAME (default: "
                                                    "benchmarks.toml)")
     _add_common(ev)
+
+
+def _distill_parser(sub) -> None:
     dis = sub.add_parser("distill", help="train one fast CNN (a student) on a finished run's "
                                          "out-of-fold ensemble probabilities, cross-validated "
                                          "on its folds; save it as a predictor")
@@ -161,8 +179,6 @@ def build_parser() -> argparse.ArgumentParser:
     dis.add_argument("--workers", type=int, default=None,
                      help="parallel student fits (default: the run's [run] workers)")
     _add_common(dis)
-    add_calibrate_parser(sub, _add_common)
-    return parser
 
 
 def terminal_table(board, out: Path):
@@ -208,9 +224,9 @@ def cmd_run(args) -> int:
                                scheduler=args.scheduler, storage=args.storage)
     console.print(terminal_table(board, out))
     console.print(f"run directory: {out}")
-    report = out / "report" / "index.html"
-    if report.is_file():
-        console.print(f"report: {report}  (full table: {out / 'leaderboard.csv'})")
+    run = RunDir(out)
+    if run.report_index.is_file():
+        console.print(f"report: {run.report_index}  (full table: {run.leaderboard_file})")
     return 0
 
 
@@ -226,7 +242,7 @@ def cmd_tune(args) -> int:
 
 #: the first line of what ``predict`` writes: an existing --out is replaced only when it
 #: starts so (a file ``predict`` wrote before); anything else is refused
-PREDICT_HEADER = "path,prediction,confidence,"
+PREDICT_HEADER = ",".join(TABLE_COLUMNS) + ","
 BAGS_HEADER = "bag,n_cells,n_skipped,"
 CELLS_HEADER = "bag,path,prediction,"
 
@@ -273,11 +289,10 @@ def cmd_predict(args) -> int:
     cams_out = _check_predict_outputs(args)
     if args.bags:
         return _predict_bags(args)
-    manifest = verify_predictor(args.model)
-    if (manifest.get("bags") or {}).get("colour", {}) and \
-            manifest["bags"]["colour"].get("bag_colour", "none") != "none":
+    record = verify_predictor(args.model)
+    if record.bag_colour != NO_BAG_COLOUR:
         raise BenchError(f"predictor {args.model} normalises colour per patient ([patients] "
-                         f"bag_colour = {manifest['bags']['colour']['bag_colour']!r}): a cell's "
+                         f"bag_colour = {record.bag_colour!r}): a cell's "
                          "probabilities depend on its patient's other cells; use predict "
                          "--bags with one folder per patient")
     paths = find_images(args.img_path)
@@ -288,45 +303,26 @@ def cmd_predict(args) -> int:
     pred = load_predictor(args.model)
     if args.gradcam:
         pred.explain_weights()   # fails early, with one line, without a CNN member
-    names = gradcam_names(paths, args.img_path) if args.gradcam else None
     buf = io.StringIO()
     writer = csv.writer(buf)
     shift = pred.shift_reference_   # None for predictors saved without one
     cp = pred.conformal_            # prediction sets and review flag, when stored
-    writer.writerow([*PREDICT_HEADER.rstrip(",").split(","), *pred.classes_]
-                    + (["shift_score"] if shift else []) + (["gradcam"] if args.gradcam else [])
-                    + (["prediction_set", "set_size", "review"] if cp else []))
+    writer.writerow(pred.table_header(gradcam=bool(args.gradcam)))
     flagged = []
     n_ok, scores = 0, []
     with (cams_out.staged() if cams_out else nullcontext(None)) as cam_dir:
-        for good, X, full, proba, errors, fold_proba in pred.predict_batches(
-                paths, args.batch_size, keep_full=bool(args.gradcam)):
-            for _, exc in errors:
+        for batch in pred.predict_table(paths, args.batch_size, gradcam_dir=cam_dir,
+                                        root=args.img_path):
+            for _, exc in batch.errors:
                 warn(f"skipped {exc}")
-            if not len(good):
+            if not batch.rows:
                 continue
-            top = np.argmax(proba, axis=1)
-            cams = pred.explain(X, class_index=top) if args.gradcam else None
-            sc = shift.score(X) if shift else None
+            writer.writerows(batch.rows)
             if shift:
-                scores.append(sc)
-            rv = review_of(cp, pred.manifest["conformal"].get("review") or {}, proba, sc,
-                           fold_proba) if cp else None
+                scores.append(batch.shift)
             if cp:
-                flagged.append(rv)
-            for j, (i, row) in enumerate(zip(good, proba)):
-                k = int(top[j])
-                extra = [f"{sc[j]:.4f}"] if shift else []
-                if args.gradcam:
-                    write_gradcam_png(Path(cam_dir) / names[i], full[j], cams[j], row,
-                                      pred.classes_, title=safe_text(str(paths[i])))
-                    extra.append(names[i])
-                if cp:
-                    extra += [join_set(rv["sets"][j], pred.classes_), int(rv["set_size"][j]),
-                              int(rv["review"][j])]
-                writer.writerow([str(paths[i]), pred.classes_[k], f"{row[k]:.6f}",
-                                 *[f"{v:.6f}" for v in row], *extra])
-            n_ok += len(good)
+                flagged.append(batch.review)
+            n_ok += len(batch.rows)
         if not n_ok:
             raise BenchError(f"none of the {len(paths)} image file(s) under {args.img_path} "
                              "could be read (see the warnings above)")
@@ -376,8 +372,8 @@ MAX_SKIP_WARNINGS = 5
 
 
 def _predict_bags(args) -> int:
-    manifest = verify_predictor(args.model)   # a single-image predictor fails before loading
-    if not manifest.get("bags"):
+    record = verify_predictor(args.model)   # a single-image predictor fails before loading
+    if record.bags is None:
         raise BenchError(f"--bags: predictor {args.model} was not trained on a bag task "
                          "([data] bags = true); run predict without --bags")
     bags = list_bags(args.img_path)
@@ -400,16 +396,16 @@ def _predict_bags(args) -> int:
                          "could be read (see the warnings above)")
     buf, cells = io.StringIO(), io.StringIO()
     w, wc = csv.writer(buf), csv.writer(cells)
-    w.writerow([*BAGS_HEADER.rstrip(",").split(","), f"probability_{spec['positive']}", "decision",
+    w.writerow([*BAGS_HEADER.rstrip(",").split(","), f"probability_{spec.positive}", "decision",
                 "reason", "threshold", "min_cells", "aggregator", "leaning"])
     wc.writerow([*CELLS_HEADER.rstrip(",").split(","), *pred.classes_])
     for r in results:
         prob = "" if not r["n_cells"] else f"{r['probability']:.6f}"
         leaning = "" if not r["n_cells"] else (
-            spec["positive"] if r["probability"] >= r["threshold"] else
-            negative_label([str(c) for c in pred.classes_], spec["positive"]))
+            spec.positive if r["probability"] >= r["threshold"] else
+            negative_label([str(c) for c in pred.classes_], spec.positive))
         w.writerow([r["bag"], r["n_cells"], r["n_skipped"], prob, r["decision"], r["reason"],
-                    f"{r['threshold']:.6f}", r["min_cells"], spec["aggregator"], leaning])
+                    f"{r['threshold']:.6f}", r["min_cells"], spec.aggregator, leaning])
         for p, row in zip(r["cell_items"], r["cells"]):
             wc.writerow([r["bag"], str(p), pred.classes_[int(np.argmax(row))],
                          *[f"{v:.6f}" for v in row]])
@@ -480,28 +476,28 @@ def lab_lines(labs: dict | None) -> list[str]:
 def cmd_inspect(args) -> int:
 
     m = verify_predictor(args.model)   # also checks the fields' types printed below
-    ens = m["ensemble"]
-    print(f"predictor {args.model}: verified {len(m['files'])} files (sha256); "
+    ens = m.ensemble
+    print(f"predictor {args.model}: verified {len(m.files)} files (sha256); "
           "nothing was loaded or run")
-    print(f"  ensemble: {ens['name']} ({ens['type']}) params={json.dumps(ens['params'])}"
-          + (f"; chosen as {m['chosen_by']}" if m.get("chosen_by") else ""))
-    if "C" in ens["state"]:
-        print(f"  meta-learner C (fitted): {ens['state']['C']}")
-    if m.get("leaderboard"):
+    print(f"  ensemble: {ens.name} ({ens.type}) params={json.dumps(ens.params)}"
+          + (f"; chosen as {m.chosen_by}" if m.chosen_by else ""))
+    if "C" in ens.state:
+        print(f"  meta-learner C (fitted): {ens.state['C']}")
+    if m.leaderboard:
         print("  leaderboard (out-of-fold): " + ", ".join(f"{k}={v:.4f}"
-                                                          for k, v in m["leaderboard"].items()))
-    for mem in m["members"]:
-        w = mem.get("weight")
-        print(f"  member {mem['name']}: type={mem.get('type')} kind={mem.get('kind')} "
-              f"fold models={len(mem['models'])}" + ("" if w is None else f" weight={w:.3f}"))
-    cnn = [mem["name"] for mem in m["members"] if mem.get("kind") == "cnn"]
+                                                          for k, v in m.leaderboard.items()))
+    for mem in m.members:
+        w = mem.weight
+        print(f"  member {mem.name}: type={mem.type} kind={mem.kind} "
+              f"fold models={len(mem.models)}" + ("" if w is None else f" weight={w:.3f}"))
+    cnn = [mem.name for mem in m.members if mem.kind == "cnn"]
     print(f"  Grad-CAM: {'from ' + ', '.join(cnn) if cnn else 'unavailable (no CNN member)'}")
-    print(f"  classes ({len(m['classes'])}): {', '.join(m['classes'])}")
-    bags = m.get("bags")
-    if bags:
-        pl = bags.get("patient_leaderboard") or {}
-        print(f"  bag task: {bags['positive']} per patient (predict --bags), aggregator "
-              f"{bags['aggregator']}, threshold {bags['threshold']:.4f}"
+    print(f"  classes ({len(m.classes)}): {', '.join(m.classes)}")
+    bags = m.bags
+    if bags is not None:
+        pl = bags.patient_leaderboard or {}
+        print(f"  bag task: {bags.positive} per patient (predict --bags), aggregator "
+              f"{bags.aggregator}, threshold {bags.threshold:.4f}"
               + (f"; patient ROC AUC {pl['roc_auc']:.3f} [{pl['roc_auc_lo']:.3f}, "
                  f"{pl['roc_auc_hi']:.3f}] out-of-fold" if pl else ""))
         if pl.get("nested_roc_auc") is not None:
@@ -511,14 +507,14 @@ def cmd_inspect(args) -> int:
                   f"{pl['nested_sensitivity']:.3f}, specificity {pl['nested_specificity']:.3f}")
     for line in inspect_lines(m):
         print(line)
-    for line in lab_lines(m.get("leave_one_lab_out")):
+    for line in lab_lines(m.leave_one_lab_out):
         print(line)
-    print(f"  image size: {resolve_preprocessing(m).image_size}; created {m.get('created')}")
-    td = m.get("training_data") or {}
+    print(f"  image size: {m.prep.image_size}; created {m.created}")
+    td = m.training_data or {}
     counts = td.get("counts")
     print(f"  trained on {td.get('n_images')} images from {td.get('origin')}"
           + (f"; per class: {json.dumps(counts)}" if counts else ""))
-    v = m.get("versions") or {}
+    v = m.versions or {}
     if v:
         print("  versions: " + ", ".join(f"{k} {v[k]}" for k in sorted(v)))
     return 0

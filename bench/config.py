@@ -23,7 +23,6 @@ import difflib
 import os
 import re
 import sys
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Annotated, Literal, Optional, Union
 
@@ -39,8 +38,7 @@ from core.io import check_name
 from core.metrics import METRICS, RANKING_METRICS
 from core.params import key_text, non_finite, space_names, validate_params
 from core.stress import SHIFTS
-from ensembles.bags import AGGREGATORS, DEFAULT_AGGREGATORS
-from ensembles.build import ENTRY_KEYS
+from ensembles.bags import AGGREGATORS, DEFAULT_AGGREGATORS, aggregators_needing
 from ensembles.tta import TTA_VIEWS
 from features import check_feature_set
 
@@ -52,62 +50,7 @@ else:  # pragma: no cover
 DEFAULT_CONFIG = "benchmarks.toml"
 KNOWN_SECTIONS = {"run", "data", "datasets", "external", "tuning", "feature_sets", "candidates",
                   "ensembles", "stress",
-                  "predictor", "profiles", "report", "patients", "distill"}
-
-
-@dataclass
-class Config:
-    """A resolved configuration: plain nested dicts plus where they came from.
-
-    ``settings`` holds the validated, typed settings sections (:class:`Settings`: ``run``,
-    ``data``, ``tuning``, ``predictor``, ``stress``, ``report``, ``patients``, ``distill``), each
-    default in its model's field; ``data[SECTION]`` is their ``model_dump()``, so every
-    key is present. A config built from a plain dict (a run directory's ``config.toml``)
-    is validated here; change a setting with :meth:`override`, which keeps both views.
-    """
-
-    data: dict
-    source: Path | None = None
-    profile: str | None = None
-    settings: "Settings | None" = None
-
-    def __post_init__(self):
-        if self.settings is None:
-            self.data, self.settings = typed_settings(
-                self.data, str(self.source) if self.source else "config")
-
-    def override(self, section: str, **values) -> None:
-        """Set ``values`` in settings ``section`` (validated; the dict view follows)."""
-        where = str(self.source) if self.source else "config"
-        typed = validated(where, f"[{section}]", SECTIONS[section],
-                          {**self.data[section], **values})
-        setattr(self.settings, section, typed)
-        self.data[section] = typed.model_dump()
-
-    def __getitem__(self, key):
-        return self.data[key]
-
-    def get(self, key, default=None):
-        return self.data.get(key, default)
-
-    @property
-    def candidates(self) -> dict:
-        return self.data["candidates"]
-
-    @property
-    def ensembles(self) -> dict:
-        return self.data["ensembles"]
-
-    def path(self, value: str) -> str:
-        """A file named in the config: a relative path starts at the config's folder;
-        ``bloodbench:REL`` is a file shipped inside the package (:func:`package_file`)."""
-        value = package_file(value)
-        if not value or self.source is None or Path(value).expanduser().is_absolute():
-            return value
-        return str(_abs(value, self.source))
-
-    def to_toml(self) -> str:
-        return tomli_w.dumps(_drop_none(self.data))
+                  "predictor", "profiles", "report", "patients", "distill", "stats"}
 
 
 def deep_merge(base: dict, overlay: dict) -> dict:
@@ -194,14 +137,19 @@ def resolve_config(raw: dict, source: Path | None = None, profile: str | None = 
             raise BenchError("--only names no candidate (give NAME[,NAME...])")
         _check_names(only, names, where, f"--only (profile '{profile}')")
         names = [n for n in names if n in only]
-    cfg, settings = _validate_sections(cfg, where)
-    cfg["candidates"] = {n: _resolve_candidate(n, cfg["candidates"][n], cfg, where) for n in names}
-    for entry in cfg["candidates"].values():
+    settings = _validate_sections(cfg, where)
+    candidates = {}
+    for n in names:
+        entry = _resolve_candidate(n, cfg["candidates"][n], cfg, where)
         _resolve_weights_path(entry, source)
-    _validate_entries(cfg, settings, where)
-    cfg["external"] = _resolve_external(cfg, raw, source, where)
-    return Config(cfg, source=Path(source) if source else None, profile=profile,
-                  settings=settings)
+        candidates[n] = validated(where, f"[candidates.{n}]", CandidateSpec, entry)
+    config = Config(**dict(settings), feature_sets=cfg["feature_sets"], candidates=candidates,
+                    ensembles=_typed_ensembles(cfg, where),
+                    source=Path(source) if source else None, profile=profile)
+    _validate_entries(config, where)
+    config.external = _resolve_external(cfg.get("external") or {}, config.data, raw, source,
+                                        where)
+    return config
 
 
 PACKAGE_PREFIX = "bloodbench:"
@@ -231,27 +179,27 @@ def _same_datasets(path: str, datasets: dict, source) -> list[str]:
                   and _abs(str(d["path"]), source).resolve() == target)
 
 
-def _resolve_external(cfg: dict, raw: dict, source, where: str) -> dict:
+def _resolve_external(entries: dict, data: "DataSection", raw: dict, source,
+                      where: str) -> dict[str, "ExternalEntry"]:
     """``[external.NAME]`` entries that apply to this run's dataset, paths made absolute."""
-    data = cfg["data"]
-    names = {data["name"]} | set(data["same_as"])
+    names = {data.name} | set(data.same_as)
     out = {}
-    for name, entry in (cfg.get("external") or {}).items():
+    for name, entry in entries.items():
         check_name(name, f"{where}: external set name")
-        e = validated(where, f"[external.{name}]", ExternalEntry, entry).model_dump()
-        unknown = [d for d in e["datasets"] if d not in raw.get("datasets", {})]
+        e = validated(where, f"[external.{name}]", ExternalEntry, entry)
+        unknown = [d for d in e.datasets if d not in raw.get("datasets", {})]
         if unknown:
             raise BenchError(f"{where}: [external.{name}] datasets {unknown} are not "
                              f"[datasets.*] entries" + did_you_mean(unknown[0],
                                                                      raw.get("datasets", {})))
-        if not names & set(e["datasets"]):
+        if not names & set(e.datasets):
             continue
-        e["path"] = str(_abs(e["path"], source))
-        if e["labels"]:
-            f, _, col = e["labels"].rpartition(":")
-            e["labels"] = f"{_abs(f, source)}:{col}"
-        if e["class_map"]:
-            e["class_map"] = str(_abs(e["class_map"], source))
+        e.path = str(_abs(e.path, source))
+        if e.labels:
+            f, _, col = e.labels.rpartition(":")
+            e.labels = f"{_abs(f, source)}:{col}"
+        if e.class_map:
+            e.class_map = str(_abs(e.class_map, source))
         out[name] = e
     return out
 
@@ -456,6 +404,10 @@ class EnsembleEntry(BaseModel):   # its own settings beside type/members: the cl
     members: Literal["cnn", "all"] | list[str] = "cnn"
     stress: bool = False          # fitted on the members' rows under [stress] shifts too
 
+    def params(self) -> dict:
+        """The ensemble class's own settings (every key but type, members, stress)."""
+        return dict(self.model_extra or {})
+
 
 class StressSection(_Section):
     shifts: list[Literal[SHIFTS]] = []   # core.stress: simulated lab shifts of the test folds
@@ -501,9 +453,8 @@ class PredictorSection(_Section):
 
 class ReportSection(_Section):
     enabled: bool = True          # write DIR/report at the end of `run`
-    confidence: Number = Field(default=0.95, gt=0, lt=1)   # CIs over folds (Student t)
+    # the level of its intervals and the bins of its ECE: [stats] confidence, ece_bins
     alpha: Number = Field(default=0.05, gt=0, lt=1)        # significance level of the tests
-    ece_bins: int = Field(default=15, ge=1)   # confidence bins of ECE and reliability diagrams
     gradcam: bool = True          # Grad-CAM audit of CNN candidates and CNN ensembles
     gradcam_per_class: int = Field(default=6, ge=0)   # seeded sample per class (energy, sanity)
     gallery_per_class: int = Field(default=3, ge=0)   # correct and misclassified shown per class
@@ -572,19 +523,36 @@ class PatientsSection(_Section):
         return rule
 
 
-# the default student of `bench distill`: the quick profile's deep scratch CNN (48 px on the
-# central half), given twice its epochs: soft targets carry more to learn than labels
-DEFAULT_STUDENT = {"type": "scratch_cnn", "params": {
-    "blocks": 4, "filters": 16, "convs_per_block": 2, "dense_units": 256, "dropout": 0.3,
-    "augment": "flips", "crop": 0.5, "input_size": 48, "learning_rate": 0.002,
-    "batch_size": 64, "epochs": 16, "patience": 16, "schedule": "cosine"}}
+class StatsSection(_Section):
+    """The statistics of every figure with an interval or an ECE: the one home of each
+    value (bench.scoring, bench.external, bench.labs, bench.patients, bench.evaluate and the
+    report read them from here)."""
+    # level of every interval: Student t over folds (leaderboard, report), percentile
+    # bootstrap of the external sets, the held-out labs, the patients and `bench evaluate`
+    confidence: Number = Field(default=0.95, gt=0, lt=1)
+    ece_bins: int = Field(default=15, ge=1)   # confidence bins of ECE and reliability diagrams
+    # bootstrap resamples over images or groups: held-out labs ([run] leave_one_lab_out)
+    # and `bench evaluate`
+    n_boot: int = Field(default=1000, ge=100)
+    # the same for the external sets scored at the end of `run` (every entry on every set)
+    n_boot_external: int = Field(default=200, ge=100)
+    # seed of every bootstrap over images or groups (the patients' bootstrap over bags:
+    # [patients] n_boot and seed)
+    seed: int = Field(default=0, ge=0)
 
 
 class DistillSection(_Section):
     """``bench distill`` (bench.distill): one compact CNN, the student, trained on an
     entry's out-of-fold class probabilities (its soft labels), on the run's folds."""
     teacher: str = ""             # an entry of the leaderboard; "": the run's saved predictor
-    student: CandidateEntry = CandidateEntry(**DEFAULT_STUDENT)
+    # the student: a compact scratch CNN of its own (4 blocks of 16-32 filters, 48 px on the
+    # central half of the image, dropout 0.3), trained 16 epochs: soft targets carry more
+    # to learn than labels. Not tied to any profile's candidate; give [distill] student to
+    # change it
+    student: CandidateEntry = CandidateEntry(type="scratch_cnn", params={
+        "blocks": 4, "filters": 16, "convs_per_block": 2, "dense_units": 256, "dropout": 0.3,
+        "augment": "flips", "crop": 0.5, "input_size": 48, "learning_rate": 0.002,
+        "batch_size": 64, "epochs": 16, "patience": 16, "schedule": "cosine"})
     # each training row's target: (1 - hard_weight) x the teacher's probabilities (at
     # temperature) + hard_weight x its label
     hard_weight: Number = Field(default=0.2, ge=0, le=1)
@@ -596,7 +564,7 @@ class DistillSection(_Section):
 
 SECTIONS = {"run": RunSection, "data": DataSection, "tuning": TuningSection,
             "predictor": PredictorSection, "stress": StressSection, "report": ReportSection,
-            "patients": PatientsSection, "distill": DistillSection}
+            "patients": PatientsSection, "distill": DistillSection, "stats": StatsSection}
 
 
 class Settings(BaseModel):
@@ -609,6 +577,115 @@ class Settings(BaseModel):
     report: ReportSection
     patients: PatientsSection
     distill: DistillSection
+    stats: StatsSection
+
+
+class CandidateSpec(CandidateEntry):
+    """A candidate of a resolved config: its entry with the named feature set filled in."""
+
+    def spec(self) -> dict:
+        """The entry as the run records and hashes it (the keys the config gave)."""
+        return self.model_dump(exclude_unset=True)
+
+
+class Config(Settings):
+    """A resolved configuration, validated once and passed on typed: the settings sections
+    (``cfg.run.seed``, ``cfg.stats.confidence``, ...; each default in its model's field),
+    this run's candidates, ensembles and external sets, the feature sets, and where it came
+    from (``source``, ``profile``).
+
+    Made by :func:`load_config` / :func:`resolve_config`; a run directory's ``config.toml``
+    (:meth:`to_toml`) reads back into the same model with :meth:`from_dict`; a changed copy,
+    validated again, is :meth:`derive`.
+    """
+
+    model_config = ConfigDict(arbitrary_types_allowed=True)
+    feature_sets: dict[str, dict] = {}
+    candidates: dict[str, CandidateSpec] = {}
+    ensembles: dict[str, EnsembleEntry] = {}
+    external: dict[str, ExternalEntry] = {}
+    source: Optional[Path] = Field(default=None, exclude=True)
+    profile: Optional[str] = Field(default=None, exclude=True)
+
+    @classmethod
+    def from_dict(cls, table: dict, source=None, profile: str | None = None) -> "Config":
+        """A resolved config table (a run's ``config.toml``) as a :class:`Config`."""
+        where = str(source) if source else "config"
+        sections = _typed_sections(table, where)
+        return cls(**sections, feature_sets=copy.deepcopy(table.get("feature_sets") or {}),
+                   candidates={n: validated(where, f"[candidates.{n}]", CandidateSpec, e)
+                               for n, e in (table.get("candidates") or {}).items()},
+                   ensembles=_typed_ensembles(table, where),
+                   external={n: validated(where, f"[external.{n}]", ExternalEntry, e)
+                             for n, e in (table.get("external") or {}).items()},
+                   source=Path(source) if source else None, profile=profile)
+
+    def to_dict(self) -> dict:
+        """The resolved table :meth:`from_dict` reads (every settings key present)."""
+        return {**{sec: getattr(self, sec).model_dump() for sec in SECTIONS},
+                "feature_sets": copy.deepcopy(self.feature_sets),
+                "candidates": {n: e.spec() for n, e in self.candidates.items()},
+                "ensembles": {n: e.model_dump() for n, e in self.ensembles.items()},
+                "external": {n: e.model_dump() for n, e in self.external.items()}}
+
+    def derive(self, **changes) -> "Config":
+        """A copy with ``changes`` (``section={key: value}`` for a settings section, merged
+        over it; ``candidates={...}`` etc. replaced whole), validated again."""
+        table = self.to_dict()
+        for key, value in changes.items():
+            table[key] = {**table[key], **value} if key in SECTIONS else value
+        return Config.from_dict(table, self.source, self.profile)
+
+    def candidate_specs(self) -> dict[str, dict]:
+        """Every candidate's entry as its candidate is built from (``core.candidate``)."""
+        return {n: e.spec() for n, e in self.candidates.items()}
+
+    def fold_seed(self, fold: int) -> int:
+        """The seed of everything fitted for outer fold ``fold``: the run seed + the fold."""
+        return self.run.seed + int(fold)
+
+    def override(self, section: str, **values) -> None:
+        """Set ``values`` in settings ``section`` of this config (validated)."""
+        where = str(self.source) if self.source else "config"
+        setattr(self, section, validated(where, f"[{section}]", SECTIONS[section],
+                                         {**getattr(self, section).model_dump(), **values}))
+
+    def path(self, value: str) -> str:
+        """A file named in the config: a relative path starts at the config's folder;
+        ``bloodbench:REL`` is a file shipped inside the package (:func:`package_file`)."""
+        value = package_file(value)
+        if not value or self.source is None or Path(value).expanduser().is_absolute():
+            return value
+        return str(_abs(value, self.source))
+
+    def to_toml(self) -> str:
+        return tomli_w.dumps(_drop_none(self.to_dict()))
+
+    def feature_extractors(self, features) -> list[str]:
+        """The extractor names behind a candidate's ``params.features``: a
+        ``[feature_sets.NAME]`` (its keys are the extractors), a table of extractors, or a
+        list of either."""
+        if isinstance(features, dict):
+            return list(features)
+        if isinstance(features, str):
+            named = self.feature_sets.get(features)
+            return list(named) if isinstance(named, dict) else [features]
+        if isinstance(features, (list, tuple)):
+            return [e for f in features for e in self.feature_extractors(f)]
+        return []
+
+    def colour_only_candidates(self) -> dict[str, list[str]]:
+        """Candidates whose features are all colour extractors (``[report]
+        colour_extractors``): name -> extractor names. Acquisition shortcuts: the report and
+        the patient leaderboard mark them."""
+        words = [w.lower() for w in self.report.colour_extractors]
+        out = {}
+        for name, entry in self.candidates.items():
+            feats = entry.params.get("features")
+            ex = self.feature_extractors(feats) if feats is not None else []
+            if ex and all(any(w in e.lower() for w in words) for e in ex):
+                out[name] = ex
+        return out
 
 
 _TYPE_TAGS = {"int", "float", "str", "bool", "dict", "list", "none"}
@@ -637,6 +714,8 @@ BOUND_REASONS = {
                                   "lie between 0 and 1)",
 }
 _BOUNDS = {"greater_than", "greater_than_equal", "less_than", "less_than_equal"}
+#: keys that moved to another section: the old place names the new one
+MOVED = {"[report] confidence": "[stats] confidence", "[report] ece_bins": "[stats] ece_bins"}
 
 
 def _schema_error(where: str, prefix: str, model, exc: ValidationError) -> BenchError:
@@ -645,6 +724,10 @@ def _schema_error(where: str, prefix: str, model, exc: ValidationError) -> Bench
     if err["type"] == "extra_forbidden":
         key = path.rsplit(".", 1)[-1]
         known = list(model.model_fields) if "." not in path else []
+        if f"{prefix} {path}" in MOVED:
+            return BenchError(f"{where}: {prefix} {path} has moved to "
+                              f"{MOVED[prefix + ' ' + path]} (one level and one ECE binning "
+                              "for every interval of the run)")
         return BenchError(f"{where}: {prefix} unknown key '{path}'" + (
             did_you_mean(key, known) or (f"; known: {sorted(known)}" if known else "")))
     reason = BOUND_REASONS.get(f"{prefix} {path}") if err["type"] in _BOUNDS else None
@@ -685,21 +768,20 @@ def validated(where: str, prefix: str, model: type[BaseModel], value) -> BaseMod
         raise _schema_error(where, prefix, model, exc) from None
 
 
-def typed_settings(cfg: dict, where: str = "config") -> tuple[dict, Settings]:
-    """The settings sections of ``cfg`` validated (:class:`Settings`), and a copy of
-    ``cfg`` whose sections, and ``[ensembles.*]`` entries, are their dumps (every key
-    present)."""
+def _typed_sections(cfg: dict, where: str = "config") -> dict[str, BaseModel]:
+    """The settings sections of the table ``cfg`` validated, each default filled."""
     typed = {}
     for sec, model in SECTIONS.items():
         typed[sec] = validated(where, f"[{sec}]", model, cfg.get(sec, {}))
-        if sec == "stress" and typed["data"].fallback:   # after the sections it completes
-            typed["data"].fallback = validated(where, "[data.fallback]", FallbackSection,
-                                               typed["data"].fallback).model_dump()
-    settings = Settings(**typed)
-    ensembles = {name: validated(where, f"[ensembles.{name}]", EnsembleEntry, entry).model_dump()
-                 for name, entry in (cfg.get("ensembles") or {}).items()}
-    return {**cfg, **{sec: m.model_dump() for sec, m in typed.items()},
-            "ensembles": ensembles}, settings
+    if typed["data"].fallback:
+        typed["data"].fallback = validated(where, "[data.fallback]", FallbackSection,
+                                           typed["data"].fallback).model_dump()
+    return typed
+
+
+def _typed_ensembles(cfg: dict, where: str) -> dict[str, EnsembleEntry]:
+    return {name: validated(where, f"[ensembles.{name}]", EnsembleEntry, entry)
+            for name, entry in (cfg.get("ensembles") or {}).items()}
 
 
 # sections of named tables ([candidates.NAME] ...): a key is named after its table
@@ -747,8 +829,8 @@ DatasetOverride = _all_optional(DataSection, "DatasetOverride",
                                  exclude=("fallback", "name", "same_as"))
 
 
-def _validate_sections(cfg: dict, where: str) -> tuple[dict, Settings]:
-    cfg, settings = typed_settings(cfg, where)
+def _validate_sections(cfg: dict, where: str) -> Settings:
+    settings = Settings(**_typed_sections(cfg, where))
     report = settings.report
     if report.gradcam and not report.gradcam_per_class:
         raise BenchError(f"{where}: [report] gradcam_per_class = 0 audits no image while "
@@ -762,7 +844,7 @@ def _validate_sections(cfg: dict, where: str) -> tuple[dict, Settings]:
             raise BenchError(f"{where}: candidate '{name}' needs a 'type' "
                              "(see `python -m bench list`)")
         validated(where, f"[candidates.{name}]", CandidateEntry, entry)
-    return cfg, settings
+    return settings
 
 
 def _check_bags(settings: Settings, feature_sets: dict, where: str) -> None:
@@ -781,9 +863,10 @@ def _check_bags(settings: Settings, feature_sets: dict, where: str) -> None:
     if data.disease_cells and not data.cell_types:
         raise BenchError(f"{where}: [data] disease_cells needs [data] cell_types = "
                          "\"FILE.csv:COLUMN\" (each image's cell type)")
-    if "composition" in pat.aggregators:
+    typed = aggregators_needing(pat.aggregators, "needs_cell_types")
+    if typed:
         if not data.cell_types:
-            raise BenchError(f"{where}: [patients] aggregators has 'composition', which needs "
+            raise BenchError(f"{where}: [patients] aggregators has '{typed[0]}', which needs "
                              "[data] cell_types = \"FILE.csv:COLUMN\" (each image's cell type)")
         if pat.composition_features not in feature_sets:
             raise BenchError(f"{where}: [patients] composition_features "
@@ -825,55 +908,55 @@ def _check_sources(settings: Settings, where: str) -> None:
                          "a multi-lab dataset needs at least two")
 
 
-def _validate_tuning(cls, tuning: dict, where: str) -> None:
+def _validate_tuning(cls, tuning, where: str) -> None:
     """A candidate's ``fidelity`` (its own parameters) and ``space`` (names its
     ``param_space`` searches)."""
-    if tuning.get("fidelity"):
-        validate_params(cls, tuning["fidelity"], f"{where}.fidelity")
-    if tuning.get("space") is not None:
+    if tuning is None:
+        return
+    if tuning.fidelity:
+        validate_params(cls, tuning.fidelity, f"{where}.fidelity")
+    if tuning.space is not None:
         known = space_names(cls)
-        unknown = [n for n in tuning["space"] if n not in known]
-        if unknown or not tuning["space"]:
+        unknown = [n for n in tuning.space if n not in known]
+        if unknown or not tuning.space:
             raise BenchError(f"{where}.space: {unknown or '[]'} "
                              f"{'are not' if unknown else 'is empty, not'} parameters that "
                              f"{cls.__name__}.param_space searches; it searches {known}")
-        fixed = [n for n in tuning["space"] if n in (tuning.get("fidelity") or {})]
+        fixed = [n for n in tuning.space if n in (tuning.fidelity or {})]
         if fixed:
             raise BenchError(f"{where}: {fixed} are both searched (space) and fixed in "
                              "trials (fidelity); choose one")
 
 
-def _validate_entries(cfg: dict, settings: Settings, where: str) -> None:
+def _validate_entries(cfg: "Config", where: str) -> None:
     """Cross-references and each class's own parameter schema (after resolution)."""
-    size = cfg["data"]["image_size"]
-    for name, spec in cfg["feature_sets"].items():
+    size = cfg.data.image_size
+    for name, spec in cfg.feature_sets.items():
         check_feature_set(spec, size, f"{where}: [feature_sets.{name}]")
-    for name, entry in cfg["candidates"].items():
-        cls = _type(entry["type"], where, f"[candidates.{name}]")
-        validate_params(cls, entry.get("params", {}), f"{where}: [candidates.{name}] params")
-        _validate_tuning(cls, entry.get("tuning") or {}, f"{where}: [candidates.{name}] tuning")
-        fs = entry.get("params", {}).get("features")
-        crop = entry.get("params", {}).get("crop", 1.0)
-        if isinstance(fs, dict) and ("feature_set" not in entry or crops(crop)):
+    for name, entry in cfg.candidates.items():
+        cls = _type(entry.type, where, f"[candidates.{name}]")
+        validate_params(cls, entry.params, f"{where}: [candidates.{name}] params")
+        _validate_tuning(cls, entry.tuning, f"{where}: [candidates.{name}] tuning")
+        fs = entry.params.get("features")
+        crop = entry.params.get("crop", 1.0)
+        if isinstance(fs, dict) and (entry.feature_set is None or crops(crop)):
             # an inline table, or a named set on a centre crop (a smaller image)
             check_feature_set(fs, crop_side(size, crop),
                               f"{where}: [candidates.{name}] params.features"
                               + (f" on the {crop} centre crop" if crops(crop) else ""))
-    names = list(cfg["candidates"])
-    for name, entry in cfg["ensembles"].items():
-        cls = _type(entry["type"], where, f"[ensembles.{name}]")
-        params = {k: v for k, v in entry.items() if k not in ENTRY_KEYS}
-        validate_params(cls, params, f"{where}: [ensembles.{name}]")
-        if entry["stress"] and not cfg["stress"]["shifts"]:
+    names = list(cfg.candidates)
+    for name, entry in cfg.ensembles.items():
+        cls = _type(entry.type, where, f"[ensembles.{name}]")
+        validate_params(cls, entry.params(), f"{where}: [ensembles.{name}]")
+        if entry.stress and not cfg.stress.shifts:
             raise BenchError(f"{where}: [ensembles.{name}] stress = true needs [stress] shifts "
                              f"(any of {list(SHIFTS)})")
-        members = entry["members"]
-        if isinstance(members, list):
-            missing = [m for m in members if m not in names]
+        if isinstance(entry.members, list):
+            missing = [m for m in entry.members if m not in names]
             if missing:
                 raise BenchError(f"{where}: [ensembles.{name}] members {missing} are not "
                                  f"candidates of this run; candidates: {names}")
-    student = settings.distill.student
+    student = cfg.distill.student
     cls = _type(student.type, where, "[distill] student")
     if "soft_targets" not in cls.fit_accepts:
         raise BenchError(f"{where}: [distill] student type '{student.type}' cannot learn soft "
@@ -881,14 +964,14 @@ def _validate_entries(cfg: dict, settings: Settings, where: str) -> None:
                              n for n in registry.known()
                              if "soft_targets" in getattr(registry.get(n), "fit_accepts", ()))))
     validate_params(cls, student.params, f"{where}: [distill] student params")
-    choice = settings.predictor.ensemble
-    if choice == "robust" and not settings.stress.shifts:
+    choice = cfg.predictor.ensemble
+    if choice == "robust" and not cfg.stress.shifts:
         raise BenchError(f"{where}: [predictor] ensemble = 'robust' needs [stress] shifts "
                          f"(any of {list(SHIFTS)})")
-    if choice not in ("best", "robust") and choice not in names and choice not in cfg["ensembles"]:
+    if choice not in ("best", "robust") and choice not in names and choice not in cfg.ensembles:
         raise BenchError(f"{where}: [predictor] ensemble '{choice}' is neither 'best', 'robust' "
                          "nor a candidate or ensemble of this run"
-                         + did_you_mean(choice, names + list(cfg["ensembles"])))
+                         + did_you_mean(choice, names + list(cfg.ensembles)))
 
 
 def _type(name: str, where: str, prefix: str) -> type:

@@ -15,10 +15,11 @@ import numpy as np
 from bench.config import ConformalSection
 from bench.leaderboard import fmt
 from core.calibration import apply_temperature
-from core.conformal import (ConformalSets, accuracy_at_coverage, aurc, confidence_scores,
+from core.conformal import (accuracy_at_coverage, aurc, confidence_scores,
                             cross_conformal, predictor_entry, review_of,
                             set_figures)
 from core.progress import info, warn
+from ensembles.record import ConformalRecord, PredictorRecord
 
 #: coverages at which the accuracy of the answered images is reported
 COVERAGES = (0.5, 0.8)
@@ -72,7 +73,7 @@ def external_summary(run, name: str, entry: dict, temperature=None) -> dict:
         if temperature:
             p = apply_temperature(p, float(temperature))
         pc = per_class[(per_class["candidate"] == name) & (per_class["support"] > 0)]
-        figs = evaluation_figures({"conformal": entry, "classes": [0] * p.shape[1]}, p,
+        figs = evaluation_figures(ConformalRecord.model_validate(entry), p.shape[1], p,
                                   meta["labels"], quiet=True)
         out[ext] = {"n": int(meta.get("n", len(p))),
                     **{k: float(row.iloc[0][k]) for k in row.columns if k != "candidate"},
@@ -107,19 +108,19 @@ def add_leaderboard_columns(rows: list[dict], oofs: dict, labels, folds,
                   **aurc(p.max(axis=1), p.argmax(axis=1) == labels)})
 
 
-def evaluation_figures(manifest: dict, proba, y, shift=None, quiet: bool = False,
-                       fold_proba=None) -> dict:
+def evaluation_figures(entry: ConformalRecord | None, n_classes: int, proba, y, shift=None,
+                       quiet: bool = False, fold_proba=None) -> dict:
     """The conformal figures of ``bench evaluate`` (empty without a stored calibration):
     coverage, set size, answered accuracy, share flagged, risk-coverage of each confidence
     score, and a warning when coverage falls below nominal. ``fold_proba``: each fold's
     ensemble's probabilities, for cross-conformal sets (without them, the sets compare
-    ``proba`` with the calibration rows directly)."""
-    entry = manifest.get("conformal")
+    ``proba`` with the calibration rows directly). ``entry``: a predictor's stored
+    calibration (:attr:`PredictorRecord.conformal`)."""
     y = np.asarray(y, dtype=np.int64)
-    if not entry or not len(y):
+    if entry is None or not len(y):
         return {}
-    state = ConformalSets.from_dict(entry, len(manifest["classes"]))
-    rv = review_of(state, entry.get("review") or {}, proba, shift, fold_proba)
+    state = entry.sets(n_classes)
+    rv = review_of(state, entry.review, proba, shift, fold_proba)
     fig = set_figures(rv["sets"], y)
     correct = np.asarray(proba).argmax(axis=1) == y
     answered = ~rv["review"]
@@ -144,10 +145,9 @@ def evaluation_figures(manifest: dict, proba, y, shift=None, quiet: bool = False
                          "n_answered": int(answered.sum()),
                          "confidence_scores": scores,
                          "below_nominal": bool(fig["coverage"] < state.confidence - 2 * se)}}
-    before = (entry.get("recalibration") or {}).get("before")
-    if before:   # bench calibrate: the previous calibration on the same images
-        b = evaluation_figures({**manifest, "conformal": before}, proba, y, shift, quiet=True,
-                               fold_proba=fold_proba)
+    if entry.recalibration is not None:   # bench calibrate: the previous calibration
+        b = evaluation_figures(entry.recalibration.before, n_classes, proba, y, shift,
+                               quiet=True, fold_proba=fold_proba)
         out["conformal"]["before_recalibration"] = {
             k: b[k] for k in ("confidence", "coverage", "mean_set_size")} | {
             "share_flagged": b["conformal"]["share_flagged"],
@@ -159,13 +159,13 @@ def evaluation_figures(manifest: dict, proba, y, shift=None, quiet: bool = False
     return out
 
 
-def leave_out_calibration_rows(manifest: dict, ext, keep: np.ndarray) -> np.ndarray:
+def leave_out_calibration_rows(record: PredictorRecord, ext, keep: np.ndarray) -> np.ndarray:
     """``keep`` without the images ``bench calibrate`` drew from this same set (and the rest
     of a patient it cut), counted in ``ext.info``; unchanged for other sets."""
-    rc = (manifest.get("conformal") or {}).get("recalibration")
-    if not rc or str(ext.path.resolve()) != rc.get("data") or not len(keep):
+    rc = record.conformal.recalibration if record.conformal is not None else None
+    if rc is None or str(ext.path.resolve()) != rc.data or not len(keep):
         return keep
-    drop = set(rc["rows"]) | set(rc.get("excluded_rows", []))
+    drop = set(rc.rows) | set(rc.excluded_rows)
     out = np.array([i for i in keep if str(ext.shown[i]) not in drop], dtype=keep.dtype)
     ext.info["calibration_rows_left_out"] = int(len(keep) - len(out))
     info(f"left out the {len(keep) - len(out)} images bench calibrate drew from this set "

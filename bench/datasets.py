@@ -798,14 +798,14 @@ def resolve_data_path(cfg: Config) -> tuple[Path, list[str] | None]:
 
     Returns the path and, for the fallback, its class names.
     """
-    data = cfg["data"]
-    path = data["path"]
+    data = cfg.data
+    path = data.path
     p = Path(cfg.path(path)).expanduser() if path else None   # relative: from the config
     if p is not None and p.exists():
         return p, None
-    fb = data["fallback"]   # {} or a validated [data.fallback]
+    fb = data.fallback   # {} or a validated [data.fallback]
     if fb:
-        cache = Path(data["cache_dir"] or default_cache_dir()).expanduser()
+        cache = Path(data.cache_dir or default_cache_dir()).expanduser()
         dest = cache / "downloads" / (fb["filename"] or Path(fb["url"].split("?")[0]).name)
         where = f"{p} (or {dest})" if p else str(dest)
         info(f"data not found at {p}; using the default dataset {fb['name']} at {dest}")
@@ -818,22 +818,22 @@ def resolve_data_path(cfg: Config) -> tuple[Path, list[str] | None]:
 
 
 def prepare_dataset(cfg: Config, show_progress=True) -> tuple[Dataset, Path]:
-    data = cfg["data"]
+    data = cfg.data
     path, fb_classes = resolve_data_path(cfg)
-    ds = load_dataset(path, image_size=data["image_size"], cache_dir=data["cache_dir"] or None,
-                      classes=data["classes"] or fb_classes, show_progress=show_progress,
-                      labels=cfg.path(data["labels"]) or None)
+    ds = load_dataset(path, image_size=data.image_size, cache_dir=data.cache_dir or None,
+                      classes=data.classes or fb_classes, show_progress=show_progress,
+                      labels=cfg.path(data.labels) or None)
     for s in ds.skipped:
         warn(f"skipped {s['path']}: {s['reason']}")
-    folds = int(cfg["run"]["folds"])
-    if data["min_class_size"]:
-        ds = drop_small_classes(ds, int(data["min_class_size"]))
+    folds = cfg.run.folds
+    if data.min_class_size:
+        ds = drop_small_classes(ds, data.min_class_size)
     check_classes(ds, folds)
-    if data["max_images"] and len(ds) > data["max_images"]:
-        rows = stratified_subset(ds.labels, data["max_images"], cfg["run"]["seed"],
+    if data.max_images and len(ds) > data.max_images:
+        rows = stratified_subset(ds.labels, data.max_images, cfg.run.seed,
                                  min_per_class=folds * 2)
         ds = ds.subset(rows)
-        check_classes(ds, folds, after=f" after [data] max_images = {data['max_images']}")
+        check_classes(ds, folds, after=f" after [data] max_images = {data.max_images}")
     return ds, path
 
 

@@ -43,16 +43,16 @@ from pathlib import Path
 import numpy as np
 
 from bench import conformal
+from bench.context import RunContext, Stage
 from bench.leaderboard import make_table, to_markdown
 from bench.rundir import RunDir
 from bench.scheduling import make_executor
 from bench.stress import add_stress_columns, predict_stressed, stress_shifts
-from bench.units import fitted_record
+from bench.units import fitted_record, seeded_entry
 from core import registry
 from core.calibration import fit_temperature
 from core.candidate import build_candidate, fit_candidate, predict_proba_for, release_memory
 from core.errors import BenchError
-from core.images import Preprocessing
 from bench.outputs import check_not_inside, check_writable, run_lock
 from core.io import atomic_write_json, read_json, stable_hash, staged
 from core.metrics import base_metric, summarize
@@ -77,18 +77,13 @@ def soft_targets(teacher: np.ndarray, labels: np.ndarray, hard_weight: float,
 def _settings(run: RunDir):
     """The run's ``[distill]`` settings (its config.toml; defaults for a run made before
     the section existed) and the teacher entry's name."""
-    s = run.config.settings.distill
+    s = run.config.distill
     return s, (s.teacher or run.state.get("predictor") or "")
 
 
 def _student_entry(s, seed: int) -> dict:
-    params = dict(s.student.params)
-    cls = registry.get(s.student.type)
-    names = cls().get_params(deep=False)
-    for key in ("seed", "random_state"):
-        if key in names and key not in params:
-            params[key] = seed
-    return {"type": s.student.type, "params": params}
+    """The student's candidate entry, seeded as every work unit's (:func:`seeded_entry`)."""
+    return seeded_entry({"type": s.student.type, "params": dict(s.student.params)}, seed)
 
 
 def _teacher_targets(run: RunDir) -> tuple[np.ndarray, str]:
@@ -113,9 +108,9 @@ def student_unit(run_dir: str, fold: int) -> dict:
     """Fit fold ``fold``'s student on the other folds' rows and their out-of-fold soft
     labels; score it on fold ``fold`` (a work unit, ``units/distilled/fold<k>``)."""
     run = RunDir(run_dir)
-    registry.import_plugins(run.config["run"]["plugins"])
+    registry.import_plugins(run.config.run.plugins)
     s, teacher = _settings(run)
-    seed = int(run.config["run"]["seed"]) + fold
+    seed = run.config.fold_seed(fold)
     targets, _ = _teacher_targets(run)
     train, test = run.folds.train(fold), run.folds.test(fold)
     classes = np.arange(len(run.classes))
@@ -129,7 +124,7 @@ def student_unit(run_dir: str, fold: int) -> dict:
         proba = predict_proba_for(cand, X_test, classes)
         t2 = time.perf_counter()
         stressed = predict_stressed(cand, X_test, test, stress_shifts(run.config),
-                                    int(run.config["run"]["seed"]), classes)
+                                    run.config.run.seed, classes)
         cand.save(tmp / "model")
         result = {
             "candidate": NAME, "fold": fold, "type": s.student.type,
@@ -147,10 +142,10 @@ def final_unit(run_dir: str) -> dict:
     """The saved student: the same settings fitted on every row with every row's
     out-of-fold soft label (``distill/final``)."""
     run = RunDir(run_dir)
-    registry.import_plugins(run.config["run"]["plugins"])
+    registry.import_plugins(run.config.run.plugins)
     s, _ = _settings(run)
     targets, _ = _teacher_targets(run)
-    cand = build_candidate(_student_entry(s, int(run.config["run"]["seed"])))
+    cand = build_candidate(_student_entry(s, run.config.run.seed))
     h = unit_hash(run)
     with staged(run.distill_final_dir) as tmp:
         t0 = time.perf_counter()
@@ -175,11 +170,11 @@ def _final_done(run: RunDir, h: str) -> bool:
 def images_per_second(predictor, images: np.ndarray, repeats: int = 2) -> float:
     """``predictor.predict_proba`` throughput on ``images`` (model-size arrays): the best
     of ``repeats`` timed passes after a warm-up batch."""
-    predictor.predict_proba(images[:64])
+    predictor.predict_proba(images[:64], preprocessed=True)
     best = np.inf
     for _ in range(repeats):
         t0 = time.perf_counter()
-        predictor.predict_proba(images)
+        predictor.predict_proba(images, preprocessed=True)
         best = min(best, time.perf_counter() - t0)
     return float(len(images) / best)
 
@@ -203,12 +198,12 @@ def check_distill(run: RunDir, out: Path) -> tuple:
     if not run.is_run():
         raise BenchError(f"--run {run.path}: not a bloodbench run directory (no state.json)")
     run.check_finished()
-    registry.import_plugins(run.config["run"]["plugins"])
+    registry.import_plugins(run.config.run.plugins)
     if not run.predictor_dir.is_dir():
         raise BenchError(f"--run {run.path}: the run has no saved predictor (run it to the end, "
                          "or resume it with `python -m bench run --out DIR`)")
     cfg = run.config
-    if cfg["data"]["bags"]:
+    if cfg.data.bags:
         raise BenchError(f"--run {run.path}: a bag task (patients); bench distill trains a "
                          "cell-level student and does not carry the patient calls")
     if NAME in cfg.candidates or NAME in cfg.ensembles:
@@ -228,7 +223,7 @@ def check_distill(run: RunDir, out: Path) -> tuple:
     check_writable(out, "--out")
     if out.exists() and not (out.is_dir() and not any(out.iterdir())):
         try:
-            earlier = verify_predictor(out).get("distilled")
+            earlier = verify_predictor(out).distilled
         except BenchError:
             earlier = None
         if not earlier:
@@ -259,7 +254,7 @@ def _distill(run: RunDir, out: Path, s, teacher: str, workers: int | None) -> di
     jobs = [(student_unit, t) for t in todo]
     if not _final_done(run, h):
         jobs.append((final_unit, (str(run.path.resolve()),)))
-    executor = make_executor(workers or cfg["run"]["workers"])
+    executor = make_executor(workers or cfg.run.workers)
     with unit_progress(len(jobs), f"distilling '{teacher}' into one {s.student.type}") \
             as advance:
         for fn in (student_unit, final_unit):   # one kind of unit per map
@@ -297,14 +292,14 @@ def _publish(run: RunDir, out: Path, s, teacher: str) -> dict:
     run.write_oof(NAME, oof)
     stored = run.read_oof(NAME)   # as written (float32), as the report reads it
     final = read_json(run.distill_final_dir / "result.json")
-    pred_cfg = cfg.settings.predictor
+    pred_cfg = cfg.predictor
     calibration = {}
     if pred_cfg.temperature_scaling:
         calibration = {"calibration": {
             "method": "temperature scaling", "temperature": fit_temperature(y, stored),
             "fitted_on": "out-of-fold probabilities of the cross-validated students"}}
-    teacher_manifest = verify_predictor(run.predictor_dir)
-    prep = Preprocessing.from_dict(teacher_manifest["preprocessing"])
+    teacher_record = verify_predictor(run.predictor_dir)
+    prep = teacher_record.prep
     row = {"candidate": NAME, "kind": "distilled", **summarize([r["metrics"] for r in results]),
            "fit_seconds": float(np.mean([r["fit_seconds"] for r in results])),
            "predict_ms_per_image": float(np.mean([r["predict_ms_per_image"] for r in results])),
@@ -320,7 +315,7 @@ def _publish(run: RunDir, out: Path, s, teacher: str) -> dict:
                 f = run.unit_stress_file(NAME, k, sh)
                 if f.is_file():
                     stressed[sh][NAME][test] = np.load(f)
-        add_stress_columns([row], stressed, y, folds, base_metric(cfg["run"]["metric"]))
+        add_stress_columns([row], stressed, y, folds, base_metric(cfg.run.metric))
     stress_cols = [c for c in row if c.startswith("stress_")]
 
     def figures(r) -> dict:
@@ -336,7 +331,7 @@ def _publish(run: RunDir, out: Path, s, teacher: str) -> dict:
                       "teacher_cross_validated": None if teacher_row is None else
                       figures(teacher_row)},
         "leaderboard": {m: float(row[m]) for m in
-                        dict.fromkeys([base_metric(cfg["run"]["metric"]), "accuracy",
+                        dict.fromkeys([base_metric(cfg.run.metric), "accuracy",
                                        "macro_f1"])},
         "member_models": "one student fitted on every row (the cross-validated students "
                          "give its figures)",
@@ -349,7 +344,7 @@ def _publish(run: RunDir, out: Path, s, teacher: str) -> dict:
         members={NAME: [run.distill_final_dir / "model"]},
         member_info={NAME: {"type": s.student.type, "kind": "cnn", "weight": 1.0}},
         classes=run.classes, preprocessing=prep,
-        training_data=teacher_manifest.get("training_data", {}), extra=extra,
+        training_data=teacher_record.training_data or {}, extra=extra,
         tta="none", shift=ShiftReference.fit(np.asarray(run.images)))
     verify_predictor(out)
     # images/s of the student and of the run's predictor on the same model-size arrays,
@@ -367,7 +362,7 @@ def _publish(run: RunDir, out: Path, s, teacher: str) -> dict:
     board = run.read_leaderboard()
     board = board[board["candidate"] != NAME]
     rows = board.to_dict("records") + [row]
-    metric = cfg["run"]["metric"]
+    metric = cfg.run.metric
     metric = metric if metric in board else base_metric(metric)   # the board's own order
     board = make_table(rows, metric)
     run.write_leaderboard(board, to_markdown(board, metric))
@@ -377,6 +372,18 @@ def _publish(run: RunDir, out: Path, s, teacher: str) -> dict:
                "finished": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")}
     atomic_write_json(run.distill_dir / "result.json", summary)
     return summary
+
+
+def _keep_distilled(ctx: RunContext) -> None:
+    kept = distilled_row(ctx.run)
+    if kept is not None:   # an earlier `bench distill` whose teacher rows are unchanged
+        metric = ctx.board_metric
+        ctx.board = make_table(ctx.board.to_dict("records") + [kept], metric)
+        ctx.write_board(metric)
+
+
+#: the row of an earlier ``bench distill`` kept on the leaderboard while it holds
+STAGE = Stage("distilled_row", _keep_distilled, lambda ctx: ctx.predictor, timed=False)
 
 
 __all__ = ["distill", "distilled_row", "soft_targets", "student_unit", "final_unit",

@@ -34,7 +34,6 @@ from __future__ import annotations
 
 import datetime as _dt
 import math
-import os
 import time
 from pathlib import Path
 
@@ -45,7 +44,7 @@ from bench.external_data import load_external, map_classes, read_class_map
 from bench.leaderboard import fmt
 from bench.report.evaluation import gradcam_gallery, predictions_csv, write_page
 from bench.report.html import slug
-from bench.scoring import (METRIC_KEYS, N_BOOT, SEED, in_domain, per_external_class, score,
+from bench.scoring import (METRIC_KEYS, in_domain, stats_of_run, per_external_class, score,
                            score_patients)
 from core.errors import BenchError
 from bench.outputs import OutputFolder, run_of
@@ -178,9 +177,146 @@ def _clean(obj):
 
 # ----------------------------------------------------------------------------- entry point
 
+def _map_set(ext, classes: list[str], user_map, map_src):
+    """The set's classes onto the predictor's: ``(mapping, unused --class-map entries,
+    {unmapped class: images})``; a set none of whose classes maps is refused."""
+    external = sorted(set(ext.labels))
+    mapping, unused = map_classes(external, classes, user_map, map_src)
+    counts = pd.Series(ext.labels).value_counts()
+    unmapped = {e: int(counts[e]) for e in external if mapping[e] is None}
+    if len(unmapped) == len(external):
+        raise BenchError(f"no class of {ext.path} maps onto the predictor's classes "
+                         f"({', '.join(classes)}); the set's classes: "
+                         f"{', '.join(external[:12])}{' ...' if len(external) > 12 else ''}; "
+                         "give --class-map FILE (TOML external = \"predictor\", or CSV "
+                         "external,predictor)")
+    for u in unused:
+        warn(f"--class-map entry '{u}' names no class of the set")
+    return mapping, unused, unmapped
+
+
+def _check_arguments(predictor_dir, batch_size, n_boot) -> Path:
+    """The numbers given, and that ``predictor_dir`` is a folder (before any work)."""
+    if int(batch_size) < 1:
+        raise BenchError(f"--batch-size must be at least 1, got {batch_size}")
+    if n_boot is not None and int(n_boot) < 1:
+        raise BenchError(f"the bootstrap needs at least one resample, got {n_boot}")
+    predictor_dir = Path(predictor_dir).expanduser()
+    if not predictor_dir.is_dir():
+        raise BenchError(f"--model not found: {predictor_dir}")
+    return predictor_dir
+
+
+def _data_fields(ext, groups) -> dict:
+    """What ``evaluation.json`` records of the set scored."""
+    return {"path": str(ext.path.resolve()), "name": ext.name, "kind": ext.kind,
+            "groups": groups, "n_listed": len(ext.items) + sum(ext.left_out.values()),
+            "skipped": ext.skipped[:50], "n_skipped": len(ext.skipped), **ext.info}
+
+
+def _groups_of(ext, keep):
+    """The scored images' groups (an image without one is its own group) and how many had
+    none; ``(None, 0)`` without groups."""
+    if ext.groups is None:
+        return None, 0
+    grp = [ext.groups[i] for i in keep]
+    return [g if g else f"\0image{i}" for i, g in zip(keep, grp)], sum(1 for g in grp if not g)
+
+
+def _in_domain(predictor_dir, record, sc: dict, ece_bins: int):
+    """The run's own out-of-fold figures beside the set's (each class's recall added to
+    ``sc["per_class"]``), or ``(None, why)``."""
+    dom, note = in_domain(predictor_dir, record, sc["present_classes"], ece_bins=ece_bins)
+    if dom is not None:
+        for r in sc["per_class"]:
+            r["recall_in_domain"] = dom["recall"].get(r["class"], math.nan)
+    return dom, note
+
+
+def _publish(guard, result: dict, t, ext, keep, grp, classes, y, proba, sc, patients, dom,
+             cells, gal) -> dict:
+    """Write the evaluation's files into its folder (staged, then published); ``t``: the
+    start and the scoring's start (``perf_counter``). Returns ``evaluation.json``'s content."""
+    t0, t2 = t
+    with guard.staged() as tmp:
+        _write_tables(tmp, ext, keep, grp, classes, y, proba, sc, patients)
+        t3 = time.perf_counter()
+        result["timings"]["scoring_s"] = t3 - t2
+        write_page(tmp, result, ext, keep, y, proba, sc, dom, cells, gal)
+        result["timings"]["report_s"] = time.perf_counter() - t3
+        result["timings"]["total_s"] = time.perf_counter() - t0
+        clean = _clean(result)
+        atomic_write_json(tmp / EVAL_FILE, clean)
+    if guard.moved_aside is not None:
+        warn(f"{guard.path} held an earlier evaluation without a record of its files; it was "
+             f"moved aside whole to {guard.moved_aside}")
+    return clean
+
+
+def _load(predictor_dir, tta, adapt, items, seed):
+    """The predictor, with ``--tta`` instead of its own views, adapted (``--adapt bn``) on
+    the set's own ``items``; and what the adaptation did."""
+    pred = load_predictor(predictor_dir)
+    if tta is not None:
+        if tta not in TTA_VIEWS:
+            raise BenchError(f"--tta must be one of {sorted(TTA_VIEWS)}, got {tta!r}")
+        pred.tta = tta
+    if adapt is None:
+        return pred, None
+    if adapt != "bn":
+        raise BenchError(f"--adapt must be 'bn', got {adapt!r}")
+    return pred, pred.adapt(items, seed=seed)
+
+
+def _say_unreadable(errors, ok, n: int, where) -> None:
+    """The first unreadable images, a count of the rest; none readable is an error."""
+    for _, exc in errors[:10]:
+        warn(f"skipped {exc}")
+    if len(errors) > 10:
+        warn(f"... and {len(errors) - 10} more unreadable images")
+    if not ok.any():
+        raise BenchError(f"none of the {n} mapped images of {where} could be read")
+
+
+def _patients(pred, grp, proba, y, shift, skipped_groups):
+    """A bag predictor's call per patient, as ``predict --bags`` makes it (``None`` for
+    other predictors or a set without groups)."""
+    spec = pred.bag_task_
+    if spec is None or grp is None:
+        return None
+    classes = [str(c) for c in pred.classes_]
+    cell = [j for j, g in enumerate(grp) if not g.startswith("\0")]   # cells of a patient
+    return score_patients(call_bags(
+        spec, classes, [grp[j] for j in cell],
+        proba[cell, classes.index(spec.positive)], labels=[classes[y[j]] for j in cell],
+        skipped_groups=skipped_groups,
+        shift=None if shift is None else shift[cell]), spec.positive)
+
+
+def _predictor_fields(record, pred) -> dict:
+    """What ``evaluation.json`` records of the predictor scored."""
+    return {"ensemble": record.ensemble.name, "type": record.ensemble.type,
+            "manifest_sha256": record.manifest_sha256, "classes": list(record.classes),
+            "image_size": pred.image_size, "tta": pred.tta,
+            "members": [{"name": m.name, "kind": m.kind, "fold_models": len(m.models)}
+                        for m in record.members],
+            "temperature": record.temperature}
+
+
+def _write_tables(tmp: Path, ext, keep, grp, classes, y, proba, sc, patients) -> None:
+    """``predictions.csv`` and (a bag predictor) ``patients.csv`` into ``tmp``."""
+    atomic_write_text(tmp / PREDICTIONS_FILE, predictions_csv(
+        [ext.shown[i] for i in keep], [ext.labels[i] for i in keep],
+        [g if not g.startswith("\0") else "" for g in grp] if grp is not None else None,
+        classes, y, proba, sc["_pred"], sc["_pred_r"]))
+    if patients is not None:
+        atomic_write_text(tmp / PATIENTS_FILE, pd.DataFrame(
+            patients["rows"]).to_csv(index=False, float_format="%.6f"))
+
+
 def evaluate(predictor_dir, data, *, labels=None, class_map=None, groups=None, out=None,
-             batch_size: int = 128, gradcam: bool = True, config=None, n_boot: int = N_BOOT,
-             seed: int = SEED, progress: bool = True, tta: str | None = None,
+             batch_size: int = 128, gradcam: bool = True, config=None, n_boot: int | None = None,
+             seed: int | None = None, progress: bool = True, tta: str | None = None,
              adapt: str | None = None) -> dict:
     """Score the predictor in ``predictor_dir`` on a labelled external set.
 
@@ -200,115 +336,63 @@ def evaluate(predictor_dir, data, *, labels=None, class_map=None, groups=None, o
     batch_size : images per ``predict_proba`` call.
     gradcam : draw the Grad-CAM gallery of errors (CNN members only).
     config : config file for ``[datasets.NAME]`` (default ``benchmarks.toml``).
-    n_boot, seed : bootstrap resamples and seed.
+    n_boot, seed : bootstrap resamples and seed (default: ``[stats] n_boot`` and ``seed``
+        of the predictor's run, as its level and ECE bins; else their defaults).
 
     Returns
     -------
     The content of ``evaluation.json`` plus ``"out"`` (the folder written).
     """
     t0 = time.perf_counter()
-    if int(batch_size) < 1:
-        raise BenchError(f"--batch-size must be at least 1, got {batch_size}")
-    if int(n_boot) < 1:
-        raise BenchError(f"the bootstrap needs at least one resample, got {n_boot}")
-    predictor_dir = Path(predictor_dir).expanduser()
-    if not predictor_dir.is_dir():
-        raise BenchError(f"--model not found: {predictor_dir}")
+    predictor_dir = _check_arguments(predictor_dir, batch_size, n_boot)
     guard = output_folder(Path(out).expanduser(), predictor_dir).check() if out else None
     ext = load_external(data, labels=labels, groups=groups, config=config)
     user_map, map_src = read_class_map(class_map)
     if guard is None:
         guard = output_folder(default_out(ext.name), predictor_dir).check()
     out = guard.path
-    manifest = verify_predictor(predictor_dir)     # checksums; loads no model
-    classes = list(manifest["classes"])
-    external = sorted(set(ext.labels))
-    mapping, unused = map_classes(external, classes, user_map, map_src)
-    counts = pd.Series(ext.labels).value_counts()
-    unmapped = {e: int(counts[e]) for e in external if mapping[e] is None}
-    if len(unmapped) == len(external):
-        raise BenchError(f"no class of {ext.path} maps onto the predictor's classes "
-                         f"({', '.join(classes)}); the set's classes: "
-                         f"{', '.join(external[:12])}{' ...' if len(external) > 12 else ''}; "
-                         "give --class-map FILE (TOML external = \"predictor\", or CSV "
-                         "external,predictor)")
-    for u in unused:
-        warn(f"--class-map entry '{u}' names no class of the set")
+    record = verify_predictor(predictor_dir)     # checksums; loads no model
+    stats, stats_src = stats_of_run(predictor_dir)
+    seed = stats.seed if seed is None else int(seed)
+    classes = list(record.classes)
+    mapping, unused, unmapped = _map_set(ext, classes, user_map, map_src)
     index = {c: i for i, c in enumerate(classes)}
     keep = np.array([i for i, lab in enumerate(ext.labels) if mapping[lab] is not None])
-    keep = conformal.leave_out_calibration_rows(manifest, ext, keep)   # bench calibrate's
+    keep = conformal.leave_out_calibration_rows(record, ext, keep)   # bench calibrate's
     t_list = time.perf_counter() - t0
 
-    pred = load_predictor(predictor_dir)
-    if tta is not None:
-        if tta not in TTA_VIEWS:
-            raise BenchError(f"--tta must be one of {sorted(TTA_VIEWS)}, got {tta!r}")
-        pred.tta = tta
-    adaptation = None
-    if adapt is not None:
-        if adapt != "bn":
-            raise BenchError(f"--adapt must be 'bn', got {adapt!r}")
-        adaptation = pred.adapt([ext.items[i] for i in keep], seed=seed)
+    pred, adaptation = _load(predictor_dir, tta, adapt, [ext.items[i] for i in keep], seed)
     t1 = time.perf_counter()
     items = [ext.items[i] for i in keep]
     proba, ok, errors, fold_proba, shift = predict_items(
         pred, items, int(batch_size), progress,
         groups=None if ext.groups is None else [ext.groups[i] for i in keep])
     t_pred = time.perf_counter() - t1
-    for _, exc in errors[:10]:
-        warn(f"skipped {exc}")
-    if len(errors) > 10:
-        warn(f"... and {len(errors) - 10} more unreadable images")
-    if not ok.any():
-        raise BenchError(f"none of the {len(items)} mapped images of {ext.path} could be read")
+    _say_unreadable(errors, ok, len(items), ext.path)
     unread = keep[~ok]
     keep, proba = keep[ok], proba[ok]
     fold_proba = None if fold_proba is None else fold_proba[:, ok]
     shift = None if shift is None else shift[ok]
     y = np.array([index[mapping[ext.labels[i]]] for i in keep], dtype=np.int64)
-    grp = [ext.groups[i] for i in keep] if ext.groups is not None else None
-    empty_groups = 0
-    if grp is not None:   # an image without a group is its own group
-        empty_groups = sum(1 for g in grp if not g)
-        grp = [g if g else f"\0image{i}" for i, g in zip(keep, grp)]
+    grp, empty_groups = _groups_of(ext, keep)
     t2 = time.perf_counter()
-    sc = score(y, proba, classes, groups=grp, n_boot=int(n_boot), seed=int(seed))
-    patients = None
-    if pred.bag_task_ is not None and grp is not None:   # one call per patient, as predict --bags
-        spec = pred.bag_task_
-        cell = [j for j, g in enumerate(grp) if not g.startswith("\0")]   # cells of a patient
-        patients = score_patients(call_bags(
-            spec, classes, [grp[j] for j in cell],
-            proba[cell, classes.index(spec["positive"])], labels=[classes[y[j]] for j in cell],
-            skipped_groups=[ext.groups[i] for i in unread if ext.groups[i]],
-            shift=None if shift is None else shift[cell]), spec["positive"])
-    dom, dom_note = in_domain(predictor_dir, manifest, sc["present_classes"])
-    if dom is not None:
-        for r in sc["per_class"]:
-            r["recall_in_domain"] = dom["recall"].get(r["class"], math.nan)
+    sc = score(y, proba, classes, groups=grp, n_boot=n_boot,
+               stats=stats.model_copy(update={"seed": seed}))
+    sc["bootstrap"]["settings"] = stats_src
+    patients = _patients(pred, grp, proba, y, shift,
+                         [ext.groups[i] for i in unread if ext.groups[i]] if grp else None)
+    dom, dom_note = _in_domain(predictor_dir, record, sc, stats.ece_bins)
     cells, gal = gradcam_gallery(pred, items=[ext.items[i] for i in keep], y=y,
                                   pred_full=sc["_pred"], proba=proba,
                                   present=np.unique(y), gradcam=gradcam, seed=int(seed))
-    left = dict(ext.left_out)
-    if unmapped:
-        left["unmapped_class"] = int(sum(unmapped.values()))
-    if errors:
-        left["unreadable"] = len(errors)
+    left = {**ext.left_out, **({"unmapped_class": int(sum(unmapped.values()))} if unmapped
+                               else {}), **({"unreadable": len(errors)} if errors else {})}
     result = {
         "format": FORMAT_VERSION,
         "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
-        "predictor": {"path": str(predictor_dir.resolve()),
-                      "ensemble": manifest["ensemble"]["name"],
-                      "type": manifest["ensemble"]["type"],
-                      "manifest_sha256": manifest.get("manifest_sha256"),
-                      "classes": classes, "image_size": pred.image_size, "tta": pred.tta,
-                      "adaptation": adaptation,
-                      "members": [{"name": m["name"], "kind": m.get("kind"),
-                                   "fold_models": len(m["models"])} for m in manifest["members"]],
-                      "temperature": (manifest.get("calibration") or {}).get("temperature")},
-        "data": {"path": str(ext.path.resolve()), "name": ext.name, "kind": ext.kind,
-                 "groups": groups, "n_listed": len(ext.items) + sum(ext.left_out.values()),
-                 "skipped": ext.skipped[:50], "n_skipped": len(ext.skipped), **ext.info},
+        "predictor": {"path": str(predictor_dir.resolve()), **_predictor_fields(record, pred),
+                      "adaptation": adaptation},
+        "data": _data_fields(ext, groups),
         "class_map": {"source": map_src, "map": mapping, "unmapped": unmapped,
                       "unused_entries": unused},
         "n": int(len(y)), "n_left_out": int(sum(left.values())), "left_out": left,
@@ -317,33 +401,18 @@ def evaluate(predictor_dir, data, *, labels=None, class_map=None, groups=None, o
         "per_external_class": per_external_class([ext.labels[i] for i in keep], y,
                                                  sc["_pred"], mapping, classes),
         "in_domain": dom, "in_domain_note": dom_note,
-        **conformal.evaluation_figures(manifest, proba, y, shift, fold_proba=fold_proba),
+        **conformal.evaluation_figures(record.conformal, len(record.classes), proba, y, shift,
+                                       fold_proba=fold_proba),
         "gradcam": gal,
         "patients": patients,
         "versions": package_versions(),
     }
     if empty_groups:
         result["data"]["images_without_group"] = empty_groups
-    with guard.staged() as tmp:
-        atomic_write_text(tmp / PREDICTIONS_FILE, predictions_csv(
-            [ext.shown[i] for i in keep], [ext.labels[i] for i in keep],
-            [g if not g.startswith("\0") else "" for g in grp] if grp is not None else None,
-            classes, y, proba, sc["_pred"], sc["_pred_r"]))
-        if patients is not None:
-            atomic_write_text(tmp / PATIENTS_FILE, pd.DataFrame(
-                patients["rows"]).to_csv(index=False, float_format="%.6f"))
-        t3 = time.perf_counter()
-        result["timings"] = {"listing_s": t_list, "predict_s": t_pred,
-                             "images_per_s": len(items) / t_pred if t_pred > 0 else None,
-                             "scoring_s": t3 - t2}
-        write_page(tmp, result, ext, keep, y, proba, sc, dom, cells, gal)
-        result["timings"]["report_s"] = time.perf_counter() - t3
-        result["timings"]["total_s"] = time.perf_counter() - t0
-        clean = _clean(result)
-        atomic_write_json(tmp / EVAL_FILE, clean)
-    if guard.moved_aside is not None:
-        warn(f"{out} held an earlier evaluation without a record of its files; it was moved "
-             f"aside whole to {guard.moved_aside}")
+    result["timings"] = {"listing_s": t_list, "predict_s": t_pred,
+                         "images_per_s": len(items) / t_pred if t_pred > 0 else None}
+    clean = _publish(guard, result, (t0, t2), ext, keep, grp, classes, y, proba, sc, patients,
+                     dom, cells, gal)
     return {**clean, "out": str(out)}
 
 

@@ -10,7 +10,8 @@ For each ``[external.NAME]`` that applies to the run's dataset, at the end of ``
 * every ensemble combines its members with its weights or meta-learner fitted on **all**
   out-of-fold rows (as the saved predictor does);
 * each entry is scored over the classes present (accuracy, balanced accuracy, macro-F1,
-  ECE, with bootstrap CIs over images or groups) and per class.
+  ECE, with bootstrap CIs over images or groups: ``[stats] confidence``, ``n_boot_external``,
+  ``seed`` and ``ece_bins``, recorded in ``meta.json``'s ``bootstrap``) and per class.
 
 Nothing from the external set is fitted on: it is only scored. Results go to
 ``external/<NAME>/`` (``scores.csv``, ``per_class.csv``, ``proba/<entry>.npy``,
@@ -28,6 +29,8 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
+from bench.config import ExternalEntry
+from bench.context import RunContext, Stage
 from bench.datasets import stratified_subset
 from bench.external_data import load_external, map_classes, read_class_map
 from bench.rundir import RunDir
@@ -40,33 +43,32 @@ from core.progress import info, warn
 from ensembles.build import final_ensemble
 from ensembles.predictor import Predictor
 
-N_BOOT = 200
 COLUMNS = LABEL_METRICS   # accuracy, balanced accuracy, macro-F1 (core.metrics)
 
 
-def missing_input(entry: dict) -> str | None:
+def missing_input(entry: ExternalEntry) -> str | None:
     """The first of an external set's files (images, labels CSV, class map) that does not
     exist, or ``None``."""
-    files = [entry["path"]]
-    if entry["labels"]:
-        files.append(entry["labels"].rpartition(":")[0])
-    if entry["class_map"]:
-        files.append(entry["class_map"])
+    files = [entry.path]
+    if entry.labels:
+        files.append(entry.labels.rpartition(":")[0])
+    if entry.class_map:
+        files.append(entry.class_map)
     return next((f for f in files if not Path(f).expanduser().exists()), None)
 
 
-def load_set(name: str, entry: dict, classes: list[str], prep: Preprocessing, seed: int):
+def load_set(name: str, entry: ExternalEntry, classes: list[str], prep: Preprocessing, seed: int):
     """``(X, y, groups, info)`` of external set ``name`` at the run's image size."""
-    ext = load_external(entry["path"], labels=entry["labels"] or None,
-                        groups=entry["groups"] or None)
-    user_map, src = read_class_map(entry["class_map"] or None)
+    ext = load_external(entry.path, labels=entry.labels or None,
+                        groups=entry.groups or None)
+    user_map, src = read_class_map(entry.class_map or None)
     mapping, _ = map_classes(sorted(set(ext.labels)), classes, user_map, src)
     keep = [i for i, c in enumerate(ext.labels) if mapping.get(c) is not None]
     if not keep:
         raise BenchError(f"[external.{name}]: none of its classes "
                          f"{sorted(set(ext.labels))} maps onto the run's {classes}")
     y = np.array([classes.index(mapping[ext.labels[i]]) for i in keep])
-    n = int(entry["max_images"])
+    n = int(entry.max_images)
     rows = stratified_subset(y, n, seed, min_per_class=1) if 0 < n < len(y) \
         else np.arange(len(y))
     items = [ext.items[keep[r]] for r in rows]
@@ -107,7 +109,7 @@ def score_external(run: RunDir, cfg, ds, board: pd.DataFrame, stored: dict, kind
     with ``<set>_<metric>`` columns (also written under ``external/``). ``stored``: the
     out-of-fold probabilities as written to ``oof/`` (what the ensembles are fitted on;
     ``stressed``: the same under each simulated shift, for ``stress = true`` ensembles)."""
-    entries = cfg.get("external") or {}
+    entries = cfg.external
     if not entries:
         return board
     candidates = [n for n in board["candidate"] if n in kinds]
@@ -119,7 +121,7 @@ def score_external(run: RunDir, cfg, ds, board: pd.DataFrame, stored: dict, kind
             continue
         t = time.perf_counter()
         X, y, groups, meta = load_set(name, entry, ds.classes, ds.preprocessing,
-                                      int(cfg["run"]["seed"]))
+                                      cfg.run.seed)
         info(f"external set '{name}': {meta['n']} images; scoring {len(board)} entries")
         probas = bagged_probas(run, candidates, kinds, ds.classes, ds.preprocessing, X)
         for e in ensembles:
@@ -128,7 +130,8 @@ def score_external(run: RunDir, cfg, ds, board: pd.DataFrame, stored: dict, kind
             probas[e] = ens.combine([probas[m] for m in members])
         rows, per_class = [], []
         for e in board["candidate"]:
-            s = score(y, probas[e], list(ds.classes), groups=groups, n_boot=N_BOOT)
+            s = score(y, probas[e], list(ds.classes), groups=groups, stats=cfg.stats,
+                      n_boot=cfg.stats.n_boot_external)
             rows.append({"candidate": e, **{m: s[m] for m in (*COLUMNS, "ece")},
                          **{f"{m}_lo": s["ci"][m]["lo"] for m in COLUMNS},
                          **{f"{m}_hi": s["ci"][m]["hi"] for m in COLUMNS},
@@ -137,7 +140,7 @@ def score_external(run: RunDir, cfg, ds, board: pd.DataFrame, stored: dict, kind
             run.write_external_proba(name, e, probas[e])
         scores = pd.DataFrame(rows)
         run.write_external(name, scores, pd.DataFrame(per_class),
-                           {**meta, "entry": entry, "seconds": time.perf_counter() - t,
+                           {**meta, "entry": entry.model_dump(mode="json"), "seconds": time.perf_counter() - t,
                             "bootstrap": s["bootstrap"], "labels": y.tolist()})
         board = board.merge(scores[["candidate", *COLUMNS]].rename(
             columns={m: f"{name}_{m}" for m in COLUMNS}), on="candidate", how="left")
@@ -145,3 +148,13 @@ def score_external(run: RunDir, cfg, ds, board: pd.DataFrame, stored: dict, kind
         info(f"external set '{name}': best balanced accuracy {best['balanced_accuracy']:.3f} "
              f"({best['candidate']}); {time.perf_counter() - t:.0f} s")
     return board
+
+
+def _external_stage(ctx: RunContext) -> None:
+    ctx.board = score_external(ctx.run, ctx.cfg, ctx.ds, ctx.board, ctx.stored, ctx.kinds,
+                               ctx.run.folds, ctx.stored_stress)
+    ctx.write_board(ctx.cfg.run.metric)
+
+
+#: ``[external.*]``: before the predictor, whose model card shows these figures
+STAGE = Stage("external", _external_stage, lambda ctx: bool(ctx.cfg.external))

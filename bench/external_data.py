@@ -55,13 +55,13 @@ def resolve_data(data, config=None) -> tuple[Path, str, dict]:
         return p, name, {}
     cfg_path = Path(config or DEFAULT_CONFIG)
     cfg = load_config(cfg_path, data=name)
-    dpath = Path(cfg.path(str(cfg["data"].get("path") or ""))).expanduser()
-    if not str(cfg["data"].get("path") or ""):
+    dpath = Path(cfg.path(cfg.data.path)).expanduser()
+    if not cfg.data.path:
         raise BenchError(f"{cfg_path}: [datasets.{name}] has no path")
     if not dpath.exists():
         raise BenchError(f"data not found: {dpath} ([datasets.{name}] of {cfg_path})")
     return dpath, name, {"config": str(cfg_path.resolve()), "dataset": name,
-                         "classes": list(cfg["data"].get("classes") or [])}
+                         "classes": list(cfg.data.classes)}
 
 
 def _list_folder(root: Path) -> ExternalSet:

@@ -15,8 +15,8 @@ A dataset of several labs (``[data] sources``, :mod:`bench.sources`) is run twic
 
 :func:`lab_scores` scores each entry's out-of-lab probabilities per held-out lab, over the
 classes that lab has (:func:`bench.scoring.score`: accuracy, balanced accuracy, macro-F1,
-95 % CIs by a bootstrap over the lab's patients or slides), and :func:`add_lab_columns`
-adds to the pooled leaderboard ``<lab>_<metric>`` (with ``_lo`` / ``_hi``),
+CIs at ``[stats] confidence`` by a bootstrap over the lab's patients or slides), and
+:func:`add_lab_columns` adds to the pooled leaderboard ``<lab>_<metric>`` (with ``_lo`` / ``_hi``),
 ``worst_lab_<metric>``, ``mean_lab_<metric>``, ``worst_lab`` and ``lab_gap_<metric>``
 (pooled in-lab minus the mean over held-out labs), before the predictor is chosen, so
 ``[run] metric = "worst_lab_balanced_accuracy"`` ranks and chooses by the worst lab. The
@@ -35,13 +35,13 @@ The runner calls :func:`leave_one_lab_out` with its own ``run_benchmark`` (passe
 
 from __future__ import annotations
 
-import copy
 from typing import Callable
 
 import numpy as np
 import pandas as pd
 
-from bench.config import Config
+from bench.config import Config, StatsSection
+from bench.context import RunContext, Stage
 from bench.rundir import RunDir
 from bench.scoring import score
 from core import registry
@@ -49,32 +49,25 @@ from core.candidate import load_candidate, predict_proba_for, release_memory
 from core.metrics import LAB_METRICS, LAB_SUMMARIES, base_metric, metric_sort_ascending
 from core.progress import info
 
-N_BOOT = 1000
-SEED = 0
-
 
 def is_multi_lab(cfg: Config) -> bool:
-    return bool(cfg["data"]["sources"])
+    return bool(cfg.data.sources)
 
 
 def runs_lolo(cfg: Config) -> bool:
     """Whether ``run`` adds the leave-one-lab-out run: several labs, pooled k-fold folds,
     ``[run] leave_one_lab_out``."""
-    run = cfg["run"]
-    return is_multi_lab(cfg) and run["split"] == "kfold" and run["leave_one_lab_out"]
+    return is_multi_lab(cfg) and cfg.run.split == "kfold" and cfg.run.leave_one_lab_out
 
 
 def lolo_config(cfg: Config, out) -> Config:
     """``cfg`` for the leave-one-lab-out run in ``out``: one fold per lab, ranked by the
     fold metric, no report, external sets, leakage audit or studies shared with the
     pooled run (SQLite in ``out``: the study names ``NAME-foldK`` would clash)."""
-    data = copy.deepcopy(cfg.data)
-    data["run"].update(out=str(out), split="lab", leave_one_lab_out=False, lab_adabn=False,
-                       metric=base_metric(data["run"]["metric"]))
-    data["report"] = {**data["report"], "enabled": False, "leakage_audit": False}
-    data["external"] = {}
-    data["tuning"]["storage"] = ""
-    return Config(data, source=cfg.source, profile=cfg.profile)
+    return cfg.derive(run={"out": str(out), "split": "lab", "leave_one_lab_out": False,
+                           "lab_adabn": False, "metric": base_metric(cfg.run.metric)},
+                      report={"enabled": False, "leakage_audit": False},
+                      external={}, tuning={"storage": ""})
 
 
 def _metric_cells(sc: dict, prefix: str = "") -> dict:
@@ -85,13 +78,15 @@ def _metric_cells(sc: dict, prefix: str = "") -> dict:
 
 
 def lab_scores(table: pd.DataFrame, classes: list[str], probas: dict[str, np.ndarray],
-               level: float = 0.95, n_boot: int = N_BOOT, seed: int = SEED) -> pd.DataFrame:
+               stats: StatsSection | None = None, n_boot: int | None = None) -> pd.DataFrame:
     """One row per entry and held-out lab: ``n``, ``n_groups``, ``classes_present`` and,
     per metric of :data:`core.metrics.LAB_METRICS`, the value over the lab's classes and
     its bootstrap interval over the lab's groups (``_lo`` / ``_hi``).
 
     ``table``: the leave-one-lab-out run's ``folds.csv`` (``domain``, ``label``, ``group``);
-    ``probas``: each entry's out-of-lab probabilities, rows aligned with it."""
+    ``probas``: each entry's out-of-lab probabilities, rows aligned with it; ``stats``: the
+    run's ``[stats]`` (level, resamples, seed; default: its defaults), ``n_boot`` other
+    resamples than ``stats.n_boot``."""
     index = {c: i for i, c in enumerate(classes)}
     y = np.array([index[str(c)] for c in table["label"]], dtype=np.int64)
     rows = []
@@ -99,8 +94,7 @@ def lab_scores(table: pd.DataFrame, classes: list[str], probas: dict[str, np.nda
         for lab in dict.fromkeys(table["domain"]):
             sel = (table["domain"] == lab).to_numpy()
             groups = table["group"].to_numpy()[sel]
-            sc = score(y[sel], proba[sel], classes, groups=groups, n_boot=n_boot, seed=seed,
-                       level=level)
+            sc = score(y[sel], proba[sel], classes, groups=groups, stats=stats, n_boot=n_boot)
             rows.append({"entry": name, "lab": lab, "n": int(sel.sum()),
                          "n_groups": int(len(np.unique(groups))),
                          "classes_present": ";".join(sc["present_classes"]),
@@ -108,18 +102,18 @@ def lab_scores(table: pd.DataFrame, classes: list[str], probas: dict[str, np.nda
     return pd.DataFrame(rows)
 
 
-def adabn_scores(lab_run: RunDir, names: list[str], level: float = 0.95,
-                 n_boot: int = N_BOOT, seed: int = SEED) -> pd.DataFrame:
+def adabn_scores(lab_run: RunDir, names: list[str],
+                 stats: StatsSection | None = None) -> pd.DataFrame:
     """One row per adaptable candidate of ``names`` and held-out lab: ``adabn_<metric>``
     (and ``_lo`` / ``_hi``) of its fold model adapted on the lab's images (see the module
     docstring)."""
     cfg = lab_run.config
-    registry.import_plugins(cfg["run"]["plugins"])
+    registry.import_plugins(cfg.run.plugins)
     table, classes, y = lab_run.folds_table, lab_run.classes, lab_run.labels
     rows = []
     for name in names:
         if name not in cfg.candidates or \
-                not registry.get(cfg.candidates[name]["type"]).adaptable:
+                not registry.get(cfg.candidates[name].type).adaptable:
             continue
         for k, _, test in lab_run.folds:
             cand = load_candidate(lab_run.unit_model_dir(name, k))
@@ -129,7 +123,7 @@ def adabn_scores(lab_run: RunDir, names: list[str], level: float = 0.95,
             del cand
             release_memory()
             sc = score(y[test], proba, classes, groups=table["group"].to_numpy()[test],
-                       n_boot=n_boot, seed=seed, level=level)
+                       stats=stats)
             rows.append({"entry": name, "lab": str(table["domain"].iloc[test[0]]),
                          **_metric_cells(sc, "adabn_")})
     return pd.DataFrame(rows)
@@ -187,7 +181,7 @@ def lab_summary(board_row, labs: list[str]) -> dict:
 
 def lab_names(cfg: Config) -> list[str]:
     """The labs of a multi-lab dataset, in the order its sources list them."""
-    return [src["domain"] for src in cfg["data"]["sources"]]
+    return [src.domain for src in cfg.data.sources]
 
 
 def has_lab_columns(board: pd.DataFrame, labs: list[str]) -> bool:
@@ -200,20 +194,30 @@ def leave_one_lab_out(run: RunDir, cfg: Config, board: pd.DataFrame, run_benchma
     ``run_benchmark``, the runner's), write ``DIR/labs.csv`` and return ``(board with the
     lab columns, the long table)``."""
     sub = lolo_config(cfg, run.labs_dir)
-    info(f"leave-one-lab-out over {len(cfg['data']['sources'])} labs in {run.labs_dir}")
+    info(f"leave-one-lab-out over {len(cfg.data.sources)} labs in {run.labs_dir}")
     run_benchmark(sub, workers=workers, show_progress=show_progress, scheduler=scheduler,
                   predictor=False)
     lab_run = RunDir(run.labs_dir)
     lab_board = lab_run.read_leaderboard()
     probas = {n: lab_run.read_oof(n) for n in board["candidate"]
               if n in set(lab_board["candidate"])}
-    level = float(cfg["report"]["confidence"])
-    scores = lab_scores(lab_run.folds_table, lab_run.classes, probas, level=level)
-    if cfg["run"]["lab_adabn"]:
+    scores = lab_scores(lab_run.folds_table, lab_run.classes, probas, stats=cfg.stats)
+    if cfg.run.lab_adabn:
         info("AdaBN per held-out lab (transductive: batch-norm statistics of each lab's "
              "own images)")
-        adapted = adabn_scores(lab_run, list(probas), level=level)
+        adapted = adabn_scores(lab_run, list(probas), stats=cfg.stats)
         if len(adapted):
             scores = scores.merge(adapted, on=["entry", "lab"], how="left")
     run.write_labs(scores)
-    return add_lab_columns(board, scores, cfg["run"]["metric"]), scores
+    return add_lab_columns(board, scores, cfg.run.metric), scores
+
+
+def _lolo_stage(ctx: RunContext) -> None:
+    # before the predictor: it may be chosen by the worst held-out lab
+    ctx.board, _ = leave_one_lab_out(ctx.run, ctx.cfg, ctx.board, ctx.rerun, ctx.workers,
+                                     ctx.scheduler, ctx.show_progress)
+    ctx.write_board(ctx.cfg.run.metric)
+
+
+#: ``[run] leave_one_lab_out`` with several labs: the lab columns of the leaderboard
+STAGE = Stage("leave_one_lab_out", _lolo_stage, lambda ctx: runs_lolo(ctx.cfg))

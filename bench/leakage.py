@@ -21,13 +21,13 @@ this module does not import the runner that imports it).
 
 from __future__ import annotations
 
-import copy
 from typing import Callable
 
 import numpy as np
 import pandas as pd
 
 from bench.config import Config
+from bench.context import RunContext, Stage
 from bench.rundir import RunDir
 from core.metrics import LABEL_METRICS, metric_sort_ascending
 from core.progress import info, warn
@@ -38,8 +38,7 @@ AUDIT_METRICS = LABEL_METRICS   # accuracy, balanced accuracy, macro-F1 (core.me
 
 def grouping_removed(cfg: Config) -> dict:
     """The ``[data]`` grouping settings the audit removes (only those that are set)."""
-    data = cfg["data"]
-    return {k: data[k] for k in GROUPING_KEYS if data[k]}
+    return {k: getattr(cfg.data, k) for k in GROUPING_KEYS if getattr(cfg.data, k)}
 
 
 def audit_config(cfg: Config, out) -> Config | None:
@@ -47,16 +46,13 @@ def audit_config(cfg: Config, out) -> Config | None:
     grouping to remove (no ``groups``, ``pairs`` or ``group_rule``)."""
     if not grouping_removed(cfg):
         return None
-    data = copy.deepcopy(cfg.data)
-    data["run"]["out"] = str(out)
-    data["data"].update({k: "" for k in GROUPING_KEYS})
-    data["data"]["bags"] = False   # a bag task's cells, split at image level: cell scores only
-    data["report"] = {**data["report"], "enabled": False, "leakage_audit": False}
-    data["external"] = {}
-    # its own studies (SQLite in DIR/leakage): in a shared storage they would carry the
-    # grouped run's names (NAME-foldK) and the grouped run's trials
-    data["tuning"]["storage"] = ""
-    return Config(data, source=cfg.source, profile=cfg.profile)
+    # a bag task's cells, split at image level: cell scores only; its own studies (SQLite
+    # in DIR/leakage): in a shared storage they would carry the grouped run's names
+    # (NAME-foldK) and the grouped run's trials
+    return cfg.derive(run={"out": str(out)},
+                      data={**{k: "" for k in GROUPING_KEYS}, "bags": False},
+                      report={"enabled": False, "leakage_audit": False},
+                      external={}, tuning={"storage": ""})
 
 
 def audit_metrics(metric: str) -> tuple[str, ...]:
@@ -128,7 +124,7 @@ def leakage_audit(run: RunDir, cfg: Config, run_benchmark: Callable, workers=Non
     try:
         image_board = run_benchmark(audit, workers=workers, show_progress=show_progress,
                                     scheduler=scheduler)
-        table = compare(run.read_leaderboard(), image_board, cfg["run"]["metric"])
+        table = compare(run.read_leaderboard(), image_board, cfg.run.metric)
         split = split_groups(run.read_folds_table(),
                              RunDir(run.leakage_dir).read_folds_table())
     except Exception as exc:   # noqa: BLE001 - the grouped run is complete and saved
@@ -145,3 +141,11 @@ def leakage_audit(run: RunDir, cfg: Config, run_benchmark: Callable, workers=Non
          f"{best[f'grouped_{m}']:.3f} grouped, {best[f'image_level_{m}']:.3f} image-level "
          f"(inflation {best[f'inflation_{m}']:+.3f}); {run.file(run.LEAKAGE_CSV)}")
     return table
+
+
+def _leakage_stage(ctx: RunContext) -> None:
+    leakage_audit(ctx.run, ctx.cfg, ctx.rerun, ctx.workers, ctx.scheduler, ctx.show_progress)
+
+
+#: ``[report] leakage_audit``: the same entries on image-level folds
+STAGE = Stage("leakage_audit", _leakage_stage, lambda ctx: ctx.cfg.report.leakage_audit)

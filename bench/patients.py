@@ -46,8 +46,9 @@ mean of the outer folds' own AUCs.
 
 Metrics over the pooled out-of-fold bag scores: ROC AUC, balanced accuracy, sensitivity,
 specificity at the fold's threshold, and log loss of the score read as a probability,
-each with a 95 % percentile interval from a bootstrap over bags (stratified by label, so
-both classes are in every resample). The best row by AUC is compared with each other row
+each with a percentile interval at ``[stats] confidence`` from a bootstrap over bags
+(``[patients] n_boot`` resamples, seed ``[patients] seed``; stratified by label, so both
+classes are in every resample). The best row by AUC is compared with each other row
 by a paired bootstrap over bags (two-sided), Holm-adjusted.
 """
 
@@ -65,7 +66,7 @@ from sklearn.pipeline import make_pipeline
 from sklearn.preprocessing import StandardScaler
 
 from bench.folds import column_by_row
-from bench.report.cards import colour_only_candidates
+from bench.context import RunContext, Stage
 from bench.rundir import RunDir
 from bench.stats import bootstrap_resamples, holm
 from core.candidate import build_candidate
@@ -74,12 +75,12 @@ from core.errors import BenchError
 from core.progress import info, progress_iter, warn
 from core.splits import PredefinedFolds
 from ensembles.bags import (CELL_AGGREGATORS, MIN_CELLS_PERCENTILE, CompositionAggregator,
+                            aggregators_needing,
                             choose_threshold, make_aggregator, min_cells_from_counts,
                             negative_label)
 from ensembles.mil import AttentionMIL
 from features.extract import extract
 
-LEVEL = 0.95
 INNER_FOLDS = 3
 EPS = 1e-6
 
@@ -212,7 +213,7 @@ def cell_aggregate(p_cell: np.ndarray, bags: Bags, name: str, settings: dict,
 def read_cell_types(cfg, ds, n_bags: int) -> np.ndarray:
     """Each image's cell type (``[data] cell_types``) for the composition aggregator;
     refused when too few images have one (the runner asks before any unit runs)."""
-    cell_types = column_by_row(ds.sources, cfg.path(cfg["data"]["cell_types"]), "cell_types")
+    cell_types = column_by_row(ds.sources, cfg.path(cfg.data.cell_types), "cell_types")
     known = int((cell_types != "").sum())
     if known < 2 * n_bags:
         raise BenchError(f"[data] cell_types: only {known} of {len(ds)} images have a "
@@ -226,7 +227,7 @@ def composition_scores(features: np.ndarray, cell_types: np.ndarray, bags: Bags,
     bags (cross-validated scores of the patient model) and each bag's composition."""
     types = sorted(set(cell_types) - {""})
     t = np.array([types.index(c) if c else -1 for c in cell_types])
-    seed = int(settings["seed"])
+    seed = int(settings.seed)
     scores, thresholds = np.zeros(len(bags)), np.zeros(len(bags))
     comp_out = np.zeros((len(bags), len(types)))
 
@@ -272,7 +273,7 @@ def composition_scores(features: np.ndarray, cell_types: np.ndarray, bags: Bags,
         train_scores = cross_val_predict(agg.model_, comp_train, bags.y[train_b], cv=cv,
                                          method="predict_proba")[:, 1]
         thresholds[test_b] = choose_threshold(train_scores, bags.y[train_b],
-                                              settings["threshold"])
+                                              settings.threshold)
     return scores, thresholds, comp_out, types
 
 
@@ -280,22 +281,22 @@ def mil_embeddings(cfg, images: np.ndarray, show_progress: bool = True) -> np.nd
     """The cells' embeddings for attention MIL: the backbone of the run's
     ``[patients] mil_embeddings`` candidate (a ``transfer_frozen``; cached, so the
     candidate's own pass is reused)."""
-    cand = build_candidate(cfg.candidates[check_mil(cfg)])
+    cand = build_candidate(cfg.candidates[check_mil(cfg)].spec())
     return cand.embed(np.asarray(images), progress=show_progress)
 
 
 def check_mil(cfg) -> str:
     """The candidate named by ``[patients] mil_embeddings``, refused (one line) when it is
     not a ``transfer_frozen`` candidate of the run."""
-    name = cfg["patients"]["mil_embeddings"]
+    name = cfg.patients.mil_embeddings
     entry = cfg.candidates.get(name)
-    if entry is None or entry["type"] != "transfer_frozen":
+    if entry is None or entry.type != "transfer_frozen":
         raise BenchError(f"[patients] aggregators has 'attention', which needs "
                          f"[patients] mil_embeddings to name a transfer_frozen candidate of "
                          f"the run; '{name}' is " + ("not one of the run's candidates "
                                                      f"{sorted(cfg.candidates)}"
                                                      if entry is None else
-                                                     f"of type {entry['type']}"))
+                                                     f"of type {entry.type}"))
     return name
 
 
@@ -303,7 +304,7 @@ def mil_scores(embeddings: np.ndarray, bags: Bags, settings: dict,
                show_progress: bool = True):
     """Out-of-fold bag scores of attention MIL (:class:`ensembles.mil.AttentionMIL`) and
     the thresholds, chosen on the training bags' inner cross-validated scores."""
-    seed = int(settings["seed"])
+    seed = int(settings.seed)
     scores, thresholds = np.zeros(len(bags)), np.zeros(len(bags))
     of = lambda idx: [embeddings[bags.rows[b]] for b in idx]   # noqa: E731
     folds = np.unique(bags.fold)
@@ -318,7 +319,7 @@ def mil_scores(embeddings: np.ndarray, bags: Bags, settings: dict,
         for tr, te in cv.split(train_b, y):
             inner[te] = AttentionMIL(seed=seed).fit(of(train_b[tr]), y[tr]).score(
                 of(train_b[te]))
-        thresholds[test_b] = choose_threshold(inner, y, settings["threshold"])
+        thresholds[test_b] = choose_threshold(inner, y, settings.threshold)
     return scores, thresholds
 
 
@@ -329,20 +330,55 @@ def score_patients(run: RunDir, cfg, ds, board: pd.DataFrame, stored: dict,
     """Score every entry x aggregator per bag, write the patient leaderboard and its
     files (:meth:`RunDir.write_patients`); returns the patient leaderboard."""
     t0 = time.perf_counter()
-    data, settings = cfg["data"], cfg["patients"]
-    positive = data["positive"]   # a class of the data: checked by runner.prepare_run
+    settings = cfg.patients
+    positive = cfg.data.positive   # a class of the data: checked by prepare_run
     pos = ds.classes.index(positive)
     bags = Bags(run.bags, ds.labels, pos, folds)
-    rule = settings["threshold"]
+    cell_types = (check_cell_types(cfg, ds, len(bags)) if cfg.data.disease_cells
+                  or aggregators_needing(settings.aggregators, "needs_cell_types") else None)
+    restrict = _disease_rows(cfg.data.disease_cells, cell_types, bags)
+    rows, scores, thresholds = _cell_rows(cfg, board, stored, bags, pos, restrict)
+    comp_types = _learned_rows(cfg, ds, bags, cell_types, rows, scores, thresholds,
+                               show_progress)
+    nested = _nested_row(rows, scores, thresholds, bags, settings.threshold)
+    table, best = _ranked_table(rows, scores, thresholds, bags, settings, cfg.stats.confidence)
+    if nested is not None:
+        r = table[table["kind"] == "nested"].iloc[0]
+        nested.update({f"nested_{m}{x}": float(r[f"{m}{x}"]) for m in METRIC_COLUMNS
+                       for x in ("", "_lo", "_hi")})
+    warning = shortcut_warning(table, float(settings.shortcut_margin))
+    negative = negative_label(ds.classes, positive)
+    bag_table = _bag_table(table, scores, thresholds, bags, positive, negative)
+    carry = choose_carried(table, None if nested is None else nested["chosen_on_all_bags"])
+    cells = _cell_table(run, ds, bags, stored, carry, pos) if carry is not None else \
+        pd.DataFrame(columns=["row", "bag", "source", "cell_probability"])
+    meta = {"positive": positive, "negative": negative, "classes": list(ds.classes),
+            "n_bags": len(bags), "n_positive": int(bags.y.sum()),
+            "threshold_rule": settings.threshold,
+            "settings": dict(settings), "best": best,
+            "carried": None if carry is None else carry, "composition_types": comp_types,
+            "nested": nested, "shortcut_warning": warning,
+            "disease_cells": list(cfg.data.disease_cells),
+            "bags_without_disease_cells": (None if restrict is None else int(sum(
+                len(r) == 0 for r in restrict))),
+            "bootstrap": {"n_boot": int(settings.n_boot), "stratified": True,
+                          "level": float(cfg.stats.confidence), "seed": int(settings.seed)},
+            "seconds": time.perf_counter() - t0}
+    run.write_patients(table, bag_table, cells, meta)
+    _say_result(table, nested, warning, len(bags))
+    return table
+
+
+def _cell_rows(cfg, board: pd.DataFrame, stored: dict, bags: Bags, pos: int, restrict):
+    """Every entry x cell aggregator, over all cells and (with ``[data] disease_cells``)
+    over the disease cells only: the rows, their bag scores and per-fold thresholds."""
+    settings = cfg.patients
     kinds = dict(zip(board["candidate"], board["kind"]))
-    shortcut = set(colour_only_candidates(cfg.data, cfg["report"]["colour_extractors"]))
-    cell_types = (check_cell_types(cfg, ds, len(bags)) if cfg["data"]["disease_cells"]
-                  or "composition" in settings["aggregators"] else None)
-    restrict = _disease_rows(cfg["data"]["disease_cells"], cell_types, bags)
+    shortcut = set(cfg.colour_only_candidates())
     rows, scores, thresholds = [], {}, {}
     for entry in board["candidate"]:
         p_cell = stored[entry][:, pos]
-        for name in settings["aggregators"]:
+        for name in settings.aggregators:
             if name not in CELL_AGGREGATORS:
                 continue
             for cells, bag_rows in (("all", None), ("disease", restrict)):
@@ -350,46 +386,63 @@ def score_patients(run: RunDir, cfg, ds, board: pd.DataFrame, stored: dict,
                     continue
                 key = f"{entry}+{name}" + ("[disease cells]" if cells == "disease" else "")
                 scores[key] = cell_aggregate(p_cell, bags, name, settings, bag_rows)
-                thresholds[key] = _fold_thresholds(scores[key], bags, rule)
+                thresholds[key] = _fold_thresholds(scores[key], bags, settings.threshold)
                 rows.append({"entry": key, "source": entry, "kind": kinds[entry],
                              "aggregator": name, "cells": cells,
                              "shortcut": entry in shortcut})
+    return rows, scores, thresholds
+
+
+def _learned_rows(cfg, ds, bags: Bags, cell_types, rows: list, scores: dict,
+                  thresholds: dict, show_progress: bool) -> list:
+    """The aggregators fitted per fold (composition, attention MIL): their rows are
+    appended in place; returns the composition's cell types (empty without one)."""
+    settings = cfg.patients
     comp_types = []
-    if "composition" in settings["aggregators"]:
-        fs_name = settings["composition_features"]
-        feats = extract(np.asarray(ds.images), cfg["feature_sets"][fs_name],
+    for name in aggregators_needing(settings.aggregators, "needs_cell_types"):
+        fs_name = settings.composition_features
+        feats = extract(np.asarray(ds.images), cfg.feature_sets[fs_name],
                         progress=show_progress)
-        key = f"cell_types[{fs_name}]+composition"
+        key = f"cell_types[{fs_name}]+{name}"
         scores[key], thresholds[key], comp, comp_types = composition_scores(
             feats, cell_types, bags, settings, show_progress)
         rows.append({"entry": key, "source": f"cell types ({fs_name} features)",
-                     "kind": "composition", "aggregator": "composition", "cells": "all",
+                     "kind": "composition", "aggregator": name, "cells": "all",
                      "shortcut": False})
-
-    if "attention" in settings["aggregators"]:
-        emb = settings["mil_embeddings"]
-        key = f"{emb}[embeddings]+attention"
+    for name in aggregators_needing(settings.aggregators, "needs_embeddings"):
+        emb = settings.mil_embeddings
+        key = f"{emb}[embeddings]+{name}"
         scores[key], thresholds[key] = mil_scores(
             mil_embeddings(cfg, ds.images, show_progress), bags, settings, show_progress)
         rows.append({"entry": key, "source": f"{emb} embeddings", "kind": "mil",
-                     "aggregator": "attention", "cells": "all", "shortcut": False})
+                     "aggregator": name, "cells": "all", "shortcut": False})
+    return comp_types
 
-    # the predictor's row, and the same choice made per outer fold without its bags
+
+def _nested_row(rows: list, scores: dict, thresholds: dict, bags: Bags,
+                rule: str) -> dict | None:
+    """The predictor's row, and the same choice made per outer fold without its bags
+    (appended to ``rows``); None when no row can be carried."""
     eligible = [r["entry"] for r in rows if _carriable(r)]
-    nested = None
-    if eligible:
-        key = NESTED
-        scores[key], thresholds[key], choices = nested_selection(scores, bags, eligible, rule)
-        rows.append({"entry": key, "source": "nested selection", "kind": "nested",
-                     "aggregator": "chosen per outer fold", "cells": "all",
-                     "shortcut": False})
-        nested = {"choices": choices, "n_candidates": len(eligible),
-                  "mean_fold_roc_auc": float(np.nanmean([c["roc_auc"] for c in choices])),
-                  "scale": "each outer bag's score as the share of the inner negative "
-                           "bags' scores (same row) below it",
-                  "chosen_on_all_bags": choose_row(scores, bags.y, eligible)}
+    if not eligible:
+        return None
+    scores[NESTED], thresholds[NESTED], choices = nested_selection(scores, bags, eligible,
+                                                                   rule)
+    rows.append({"entry": NESTED, "source": "nested selection", "kind": "nested",
+                 "aggregator": "chosen per outer fold", "cells": "all", "shortcut": False})
+    return {"choices": choices, "n_candidates": len(eligible),
+            "mean_fold_roc_auc": float(np.nanmean([c["roc_auc"] for c in choices])),
+            "scale": "each outer bag's score as the share of the inner negative "
+                     "bags' scores (same row) below it",
+            "chosen_on_all_bags": choose_row(scores, bags.y, eligible)}
 
-    idx = bootstrap_indices(bags.y, int(settings["n_boot"]), int(settings["seed"]))
+
+def _ranked_table(rows: list, scores: dict, thresholds: dict, bags: Bags, settings,
+                  level: float) -> tuple[pd.DataFrame, str]:
+    """Point metrics with bootstrap intervals at ``level``, ranked; every row compared
+    with the best by a paired bootstrap over bags, Holm-adjusted. Returns the table
+    (the nested row first, unranked) and the best row's name."""
+    idx = bootstrap_indices(bags.y, int(settings.n_boot), int(settings.seed))
     boots = {}
     for r in rows:
         key = r["entry"]
@@ -398,7 +451,7 @@ def score_patients(run: RunDir, cfg, ds, board: pd.DataFrame, stored: dict,
         r.update({m: float(v[0]) for m, v in point.items()})
         boots[key] = _boot(scores[key], dec, bags.y, idx)
         for m in METRIC_COLUMNS:
-            lo, hi = np.nanpercentile(boots[key][m], [50 * (1 - LEVEL), 50 * (1 + LEVEL)])
+            lo, hi = np.nanpercentile(boots[key][m], [50 * (1 - level), 50 * (1 + level)])
             r[f"{m}_lo"], r[f"{m}_hi"] = float(lo), float(hi)
     table = pd.DataFrame([r for r in rows if r["kind"] != "nested"]).sort_values(
         ["roc_auc", "balanced_accuracy", "log_loss"], ascending=[False, False, True],
@@ -410,21 +463,20 @@ def score_patients(run: RunDir, cfg, ds, board: pd.DataFrame, stored: dict,
     keys = list(p)
     adjusted = dict(zip(keys, holm([p[k] for k in keys]))) if keys else {}
     table.insert(0, "rank", np.arange(1, len(table) + 1))
-    if nested is not None:   # the procedure's figure: first, without a rank
-        table = pd.concat([pd.DataFrame([r for r in rows if r["kind"] == "nested"]), table],
-                          ignore_index=True)
+    nested_rows = [r for r in rows if r["kind"] == "nested"]
+    if nested_rows:   # the procedure's figure: first, without a rank
+        table = pd.concat([pd.DataFrame(nested_rows), table], ignore_index=True)
     table["auc_diff_vs_best"] = [float(np.mean(diffs[k])) if k in diffs else 0.0
                                  for k in table["entry"]]
     table["p_vs_best"] = [p.get(k, np.nan) for k in table["entry"]]
     table["p_vs_best_holm"] = [adjusted.get(k, np.nan) for k in table["entry"]]
     table["n_bags"] = len(bags)
-    if nested is not None:
-        r = table[table["kind"] == "nested"].iloc[0]
-        nested.update({f"nested_{m}{x}": float(r[f"{m}{x}"]) for m in METRIC_COLUMNS
-                       for x in ("", "_lo", "_hi")})
-    warning = shortcut_warning(table, float(settings["shortcut_margin"]))
+    return table, best
 
-    negative = negative_label(ds.classes, positive)
+
+def _bag_table(table: pd.DataFrame, scores: dict, thresholds: dict, bags: Bags,
+               positive: str, negative: str) -> pd.DataFrame:
+    """One row per bag: its label, fold, cell count and every row's score and threshold."""
     bag_table = pd.DataFrame({"bag": bags.names, "label": np.where(
         bags.y == 1, positive, negative), "y": bags.y, "fold": bags.fold,
         "n_cells": bags.n_cells()})
@@ -432,32 +484,19 @@ def score_patients(run: RunDir, cfg, ds, board: pd.DataFrame, stored: dict,
     for key in table["entry"]:
         score_cols[f"score:{key}"] = scores[key]
         score_cols[f"threshold:{key}"] = thresholds[key]
-    bag_table = pd.concat([bag_table, pd.DataFrame(score_cols)], axis=1)
-    carry = choose_carried(table, None if nested is None else nested["chosen_on_all_bags"])
-    cells = _cell_table(run, ds, bags, stored, carry, pos) if carry is not None else \
-        pd.DataFrame(columns=["row", "bag", "source", "cell_probability"])
-    meta = {"positive": positive, "negative": negative, "classes": list(ds.classes), "n_bags": len(bags),
-            "n_positive": int(bags.y.sum()), "threshold_rule": rule,
-            "settings": dict(settings), "best": best,
-            "carried": None if carry is None else carry, "composition_types": comp_types,
-            "nested": nested, "shortcut_warning": warning,
-            "disease_cells": list(cfg["data"]["disease_cells"]),
-            "bags_without_disease_cells": (None if restrict is None else int(sum(
-                len(r) == 0 for r in restrict))),
-            "bootstrap": {"n_boot": int(settings["n_boot"]), "stratified": True,
-                          "level": LEVEL, "seed": int(settings["seed"])},
-            "seconds": time.perf_counter() - t0}
-    run.write_patients(table, bag_table, cells, meta)
+    return pd.concat([bag_table, pd.DataFrame(score_cols)], axis=1)
+
+
+def _say_result(table: pd.DataFrame, nested: dict | None, warning: str, n_bags: int) -> None:
     top = table[table["kind"] != "nested"].iloc[0]
     info(f"patients: best row {top['entry']} ROC AUC {top['roc_auc']:.3f} "
-         f"[{top['roc_auc_lo']:.3f}, {top['roc_auc_hi']:.3f}] over {len(bags)} bags")
+         f"[{top['roc_auc_lo']:.3f}, {top['roc_auc_hi']:.3f}] over {n_bags} bags")
     if nested is not None:
         info(f"patients: nested selection (the predictor's procedure) ROC AUC "
              f"{nested['nested_roc_auc']:.3f} [{nested['nested_roc_auc_lo']:.3f}, "
              f"{nested['nested_roc_auc_hi']:.3f}]")
     if warning:
         warn(f"patients: {warning}")
-    return table
 
 
 NESTED = "nested selection"
@@ -503,7 +542,7 @@ def check_cell_types(cfg, ds, n_bags: int) -> np.ndarray:
     """Each image's cell type, refused (one line) when too few images have one or when
     ``[data] disease_cells`` names a type none has; the runner asks before any unit."""
     types = read_cell_types(cfg, ds, n_bags)
-    unknown = sorted(set(cfg["data"]["disease_cells"]) - set(types))
+    unknown = sorted(set(cfg.data.disease_cells) - set(types))
     if unknown:
         raise BenchError(f"[data] disease_cells: {unknown} not among the cell types of "
                          f"[data] cell_types ({sorted(set(types) - {''})})")
@@ -541,8 +580,8 @@ def bag_settings(cfg, patients, name: str) -> dict:
     if carried.get("entry") == name:
         rows = rows[rows["entry"] == carried["row"]]
     r = rows.iloc[0]
-    params = make_aggregator(r["aggregator"], cfg["patients"]).params()
-    min_cells = cfg["patients"]["min_cells"]
+    params = make_aggregator(r["aggregator"], cfg.patients).params()
+    min_cells = cfg.patients.min_cells
     rule = f"[patients] min_cells = {min_cells}"
     if min_cells == "auto":
         min_cells = min_cells_from_counts(bag_table["n_cells"])
@@ -560,8 +599,18 @@ def bag_settings(cfg, patients, name: str) -> dict:
                                      "balanced_accuracy", "sensitivity", "specificity")}
             | {k: v for k, v in (meta.get("nested") or {}).items()
                if k.startswith("nested_")},
-            **({"colour": {"bag_colour": cfg["patients"]["bag_colour"]}}
-               if cfg["patients"]["bag_colour"] != "none" else {})}
+            **({"colour": {"bag_colour": cfg.patients.bag_colour}}
+               if cfg.patients.bag_colour != "none" else {})}
+
+
+def _patients_stage(ctx: RunContext) -> None:
+    score_patients(ctx.run, ctx.cfg, ctx.ds, ctx.board, ctx.stored, ctx.run.folds,
+                   ctx.show_progress)
+    ctx.bag_choice = ctx.run.read_patients()
+
+
+#: ``[data] bags = true``: the patient leaderboard (before the predictor, which carries its row)
+STAGE = Stage("patients", _patients_stage, lambda ctx: ctx.cfg.data.bags)
 
 
 __all__ = ["score_patients", "read_cell_types", "choose_carried", "choose_row",

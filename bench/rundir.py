@@ -44,6 +44,8 @@ from core.io import (atomic_save_npy, atomic_write_json, atomic_write_text, chec
                      is_inside, read_json, staged)
 from core.metrics import METRICS
 from core.splits import PredefinedFolds
+from ensembles.model_card import CARD
+from ensembles.record import MANIFEST as PREDICTOR_MANIFEST
 
 RESULT_FILE = "result.json"
 
@@ -84,8 +86,40 @@ class RunDir:
         return self.path / "predictor"
 
     @property
+    def predictor_manifest(self) -> Path:
+        """The saved predictor's ``manifest.json`` (:mod:`ensembles.record`)."""
+        return self.predictor_dir / PREDICTOR_MANIFEST
+
+    @property
+    def model_card(self) -> Path:
+        """The saved predictor's ``MODEL_CARD.md`` (:mod:`ensembles.model_card`)."""
+        return self.predictor_dir / CARD
+
+    @property
+    def config_file(self) -> Path:
+        """The resolved config the run was made with (:meth:`read_config`)."""
+        return self.path / self.CONFIG
+
+    @property
+    def manifest_file(self) -> Path:
+        return self.path / self.MANIFEST
+
+    @property
+    def folds_file(self) -> Path:
+        return self.path / self.FOLDS
+
+    @property
+    def leaderboard_file(self) -> Path:
+        return self.path / self.LEADERBOARD_CSV
+
+    @property
     def report_dir(self) -> Path:
         return self.path / "report"
+
+    @property
+    def report_index(self) -> Path:
+        """The report's page (:mod:`bench.report`)."""
+        return self.report_dir / "index.html"
 
     CROSS_REPORT = "cross_dataset_report"
 
@@ -102,7 +136,16 @@ class RunDir:
 
     @property
     def tuning_dir(self) -> Path:
+        """Each study's summary (:mod:`bench.tuning`): ``tuning/<study>.json``."""
         return self.path / "tuning"
+
+    def tuning_file(self, study: str) -> Path:
+        return self._inside(self.tuning_dir / f"{study}.json")
+
+    @property
+    def optuna_db(self) -> Path:
+        """The default Optuna storage: SQLite in the run (:mod:`bench.storage`)."""
+        return self.path / "optuna.db"
 
     @property
     def distill_dir(self) -> Path:
@@ -163,7 +206,7 @@ class RunDir:
         atomic_write_text(self.file(self.CONFIG), cfg.to_toml())
 
     def read_config(self) -> Config:
-        return Config(read_toml(self.file(self.CONFIG)))
+        return Config.from_dict(read_toml(self.file(self.CONFIG)))
 
     def write_folds(self, table: pd.DataFrame) -> None:
         atomic_write_text(self.file(self.FOLDS), table.to_csv(index=False))

@@ -2,10 +2,11 @@
 probabilities on a labelled set that holds some of its classes.
 
 Scores are over the classes present in the set, with the predictor's full argmax and with
-the argmax restricted to the present classes (:class:`WeightedScorer`); 95 % CIs by a
-seeded percentile bootstrap over images, or over groups (e.g. patients) when given
+the argmax restricted to the present classes (:class:`WeightedScorer`); CIs by a seeded
+percentile bootstrap over images, or over groups (e.g. patients) when given
 (:func:`bootstrap_weights`); the run's own out-of-fold numbers on the same classes beside
-them (:func:`in_domain`).
+them (:func:`in_domain`). The level, resamples, seed and ECE bins are ``[stats]``
+(:class:`bench.config.StatsSection`), passed in; :func:`stats_of_run` reads a predictor's.
 """
 
 from __future__ import annotations
@@ -17,18 +18,16 @@ import numpy as np
 import pandas as pd
 from sklearn.metrics import roc_auc_score
 
+from bench.config import StatsSection
 from bench.rundir import RunDir
 from bench.stats import bootstrap_resamples
-from core.calibration import apply_temperature, bin_index
+from core.calibration import BinnedCalibration, apply_temperature
 from core.calibration import ece as ece_score
 from core.errors import BenchError
 from core.metrics import LABEL_METRICS, log_loss
 from ensembles.bags import NO_CALL, REFER
+from ensembles.record import PredictorRecord
 
-N_BOOT = 1000
-SEED = 0
-LEVEL = 0.95
-ECE_BINS = 15
 #: the metrics of an external set (with CIs): those of the predicted classes, and ECE
 METRIC_KEYS = LABEL_METRICS + ("ece",)
 
@@ -40,15 +39,14 @@ class WeightedScorer:
     Balanced accuracy and macro-F1 average over the classes **with support** (weight) in
     the set or resample: an external set holds only some of the predictor's classes, and
     a class drawn no image is left out of that resample's averages. This is not
-    :func:`core.metrics.macro_f1`, which averages over all of the predictor's classes."""
+    :func:`core.metrics.macro_f1`, which averages over all of the predictor's classes.
+    ECE: :class:`core.calibration.BinnedCalibration` (the one implementation), ``n_bins``
+    bins ([stats] ece_bins)."""
 
-    def __init__(self, y, pred, conf, k: int, n_bins: int = ECE_BINS):
+    def __init__(self, y, pred, conf, k: int, n_bins: int = StatsSection().ece_bins):
         self.k = k
         self.cell = np.asarray(y) * k + np.asarray(pred)
-        self.correct = (np.asarray(y) == np.asarray(pred)).astype(float)
-        self.conf = np.asarray(conf, dtype=float)
-        self.bins = bin_index(self.conf, n_bins)
-        self.n_bins = n_bins
+        self.calibration = BinnedCalibration(conf, np.asarray(y) == np.asarray(pred), n_bins)
 
     def __call__(self, w) -> dict[str, float]:
         k = self.k
@@ -57,15 +55,14 @@ class WeightedScorer:
         rows = support > 0
         total = support.sum()
         f1 = 2 * tp[rows] / (support[rows] + predicted[rows])
-        cnt_conf = np.bincount(self.bins, weights=w * self.conf, minlength=self.n_bins)
-        cnt_corr = np.bincount(self.bins, weights=w * self.correct, minlength=self.n_bins)
         return {"accuracy": float(tp.sum() / total),
                 "balanced_accuracy": float(np.mean(tp[rows] / support[rows])),
                 "macro_f1": float(np.mean(f1)),
-                "ece": float(np.abs(cnt_corr - cnt_conf).sum() / total)}
+                "ece": self.calibration.ece(w)}
 
 
-def bootstrap_weights(n: int, groups=None, n_boot: int = N_BOOT, seed: int = SEED):
+def bootstrap_weights(n: int, groups=None, n_boot: int = StatsSection().n_boot,
+                      seed: int = StatsSection().seed):
     """Yield per-image weights of ``n_boot`` resamples (:func:`bench.stats.bootstrap_resamples`):
     images drawn with replacement, or whole groups drawn with replacement (each image
     weighted by its group's draws)."""
@@ -120,15 +117,22 @@ def per_external_class(ext_labels, y, pred, mapping: dict, classes: list[str],
     return sorted(rows, key=lambda r: (r["mapped_to"], -r["n"], r["external_class"]))
 
 
-def score(y, proba, classes, groups=None, n_boot: int = N_BOOT, seed: int = SEED,
-          level: float = LEVEL, ece_bins: int = ECE_BINS) -> dict:
+def score(y, proba, classes, groups=None, stats: StatsSection | None = None,
+          n_boot: int | None = None) -> dict:
     """The numbers of an evaluation (see the module docstring).
 
-    ``y``: indices into ``classes`` (the predictor's); ``proba``: (N, K). Returns the
-    metrics over the present classes with the full argmax, ``restricted`` ones with the
-    argmax over the present classes, ``per_class``, ``confusion``, and ``ci`` (percentile
-    bootstrap; over ``groups`` when given).
+    ``y``: indices into ``classes`` (the predictor's); ``proba``: (N, K); ``stats``: the
+    ``[stats]`` settings (interval level ``confidence``, ``ece_bins``, ``seed`` and
+    ``n_boot``; default: their defaults); ``n_boot``: resamples other than
+    ``stats.n_boot`` (the external sets: ``stats.n_boot_external``). Returns the metrics
+    over the present classes with the full argmax, ``restricted`` ones with the argmax over
+    the present classes, ``per_class``, ``confusion``, ``ci`` (percentile bootstrap; over
+    ``groups`` when given) and ``bootstrap`` (what the intervals are: resamples, seed,
+    level, ECE bins).
     """
+    stats = stats if stats is not None else StatsSection()
+    n_boot = int(stats.n_boot if n_boot is None else n_boot)
+    seed, level, ece_bins = int(stats.seed), float(stats.confidence), int(stats.ece_bins)
     y = np.asarray(y, dtype=np.int64)
     proba = np.asarray(proba, dtype=np.float64)
     k = len(classes)
@@ -141,9 +145,7 @@ def score(y, proba, classes, groups=None, n_boot: int = N_BOOT, seed: int = SEED
     restr = WeightedScorer(y, pred_r, pr.max(axis=1), k, ece_bins)
     ones = np.ones(len(y))
     out = {**full(ones), "log_loss": log_loss(y, np.clip(proba, 1e-15, 1.0))}
-    out["ece"] = ece_score(y, proba, ece_bins)      # the one definition (equal to the scorer's)
-    out["restricted"] = {**restr(ones), "ece": ece_score(y_r, pr, ece_bins),
-                         "log_loss": log_loss(y_r, np.clip(pr, 1e-15, 1.0))}
+    out["restricted"] = {**restr(ones), "log_loss": log_loss(y_r, np.clip(pr, 1e-15, 1.0))}
     boot = {m: [] for m in METRIC_KEYS}
     boot_r = {m: [] for m in METRIC_KEYS}
     for w in bootstrap_weights(len(y), groups, n_boot, seed):
@@ -159,7 +161,7 @@ def score(y, proba, classes, groups=None, n_boot: int = N_BOOT, seed: int = SEED
     n_units = len(set(map(str, groups))) if groups is not None else len(y)
     out["bootstrap"] = {"resamples": n_boot, "seed": seed, "level": level,
                         "method": "percentile", "unit": "group" if groups is not None
-                        else "image", "n_units": n_units}
+                        else "image", "n_units": n_units, "ece_bins": ece_bins}
     pc = _per_class(y, pred, present, classes, k)
     pcr = _per_class(y, pred_r, present, classes, k)
     for a, b in zip(pc, pcr):
@@ -176,11 +178,25 @@ def score(y, proba, classes, groups=None, n_boot: int = N_BOOT, seed: int = SEED
 
 # ----------------------------------------------------------------------------- in-domain
 
-def in_domain(predictor_dir: Path, manifest: dict, present: list[str]):
+def stats_of_run(predictor_dir: Path) -> tuple[StatsSection, str]:
+    """The ``[stats]`` of the run a saved predictor was made by (its ``config.toml``, when
+    the predictor sits in its run directory ``DIR/predictor``), else the defaults; and
+    where they came from."""
+    run = RunDir(Path(predictor_dir).resolve().parent)
+    try:
+        if run.is_run():
+            return run.config.stats, f"[stats] of {run.path / run.CONFIG}"
+    except (BenchError, OSError, ValueError) as exc:
+        return StatsSection(), f"[stats] defaults ({run.path / run.CONFIG} unreadable: {exc})"
+    return StatsSection(), "[stats] defaults (the predictor is not inside its run directory)"
+
+
+def in_domain(predictor_dir: Path, record: PredictorRecord, present: list[str],
+              ece_bins: int = StatsSection().ece_bins):
     """The run's out-of-fold numbers of the saved entry (``DIR/predictor`` ->
     ``RunDir(DIR)``); ``(None, why)`` when they are not available."""
     run = RunDir(Path(predictor_dir).resolve().parent)
-    entry = manifest["ensemble"]["name"]
+    entry = record.ensemble.name
     if not run.is_run():
         return None, (f"in-domain numbers unavailable: {run.path} is not a run directory "
                       "(the predictor was moved out of its run)")
@@ -190,10 +206,10 @@ def in_domain(predictor_dir: Path, manifest: dict, present: list[str]):
         classes = run.classes
     except (BenchError, OSError, ValueError, KeyError) as exc:
         return None, f"in-domain numbers unavailable: {exc}"
-    if list(classes) != list(manifest["classes"]) or proba.shape != (len(y), len(classes)):
+    if list(classes) != list(record.classes) or proba.shape != (len(y), len(classes)):
         return None, (f"in-domain numbers unavailable: the run's classes or out-of-fold "
                       f"probabilities of '{entry}' do not match the predictor")
-    t = (manifest.get("calibration") or {}).get("temperature")
+    t = record.temperature
     if t:
         proba = apply_temperature(proba, float(t))
     pred = proba.argmax(axis=1)
@@ -203,16 +219,17 @@ def in_domain(predictor_dir: Path, manifest: dict, present: list[str]):
         m = y == c
         recall[classes[c]] = float((pred[m] == c).mean()) if m.any() else math.nan
     keep = np.isin(y, [classes.index(c) for c in present])
-    sub = WeightedScorer(y[keep], pred[keep], proba[keep].max(axis=1), k)(np.ones(int(keep.sum())))
+    sub = WeightedScorer(y[keep], pred[keep], proba[keep].max(axis=1), k,
+                         ece_bins)(np.ones(int(keep.sum())))
     return {"run": str(run.path), "entry": entry, "n": int(len(y)),
-            "accuracy": float((pred == y).mean()), "ece": ece_score(y, proba, ECE_BINS),
+            "accuracy": float((pred == y).mean()), "ece": ece_score(y, proba, ece_bins),
             "same_classes": {"n": int(keep.sum()), **sub},
             "recall": recall, "temperature_applied": float(t) if t else None,
             "_y": y, "_proba": proba}, None
 
 
 __all__ = ["WeightedScorer", "bootstrap_weights", "score", "per_external_class", "in_domain",
-           "METRIC_KEYS", "N_BOOT", "SEED", "LEVEL", "ECE_BINS"]
+           "stats_of_run", "METRIC_KEYS"]
 
 
 def _share(hits: list[bool]) -> float:

@@ -33,7 +33,7 @@ from pathlib import Path
 
 import numpy as np
 
-from bench.config import Config, did_you_mean
+from bench.config import Config, SourceEntry, did_you_mean
 from bench.datasets import (Dataset, check_classes, load_dataset, parse_csv_spec,
                             prepare_dataset, stratified_subset)
 from bench.folds import column_by_row, make_groups
@@ -53,13 +53,13 @@ def _is_column_spec(spec: str) -> bool:
 def _check_paths(cfg: Config) -> None:
     """Every source's files exist: one line naming the lab and the setting, before any
     image is decoded."""
-    for i, src in enumerate(cfg["data"]["sources"]):
-        where = f"[data] sources[{i}] ({src['domain']})"
-        p = Path(cfg.path(src["path"])).expanduser()
+    for i, src in enumerate(cfg.data.sources):
+        where = f"[data] sources[{i}] ({src.domain})"
+        p = Path(cfg.path(src.path)).expanduser()
         if not p.exists():
             raise BenchError(f"{where} path not found: {p}")
         for key in ("labels", "groups", "pairs"):
-            spec = src[key]
+            spec = getattr(src, key)
             if not spec:
                 continue
             f = parse_csv_spec(spec, f"{where} {key}")[0] if key == "labels" or \
@@ -85,30 +85,30 @@ def class_mapping(own: list[str], shared: list[str], class_map: dict, where: str
     return out
 
 
-def _groups(cfg: Config, ds: Dataset, src: dict) -> np.ndarray:
+def _groups(cfg: Config, ds: Dataset, src: SourceEntry) -> np.ndarray:
     """Group id per row of one lab: its groups (file,group CSV or a CSV column), pairs
     and exact duplicates united (:func:`bench.folds.make_groups`)."""
-    spec = src["groups"]
+    spec = src.groups
     column = _is_column_spec(spec) if spec else False
     preset = None
     if column:
         file, _, col = spec.rpartition(":")
         preset = column_by_row(ds.sources, f"{cfg.path(file)}:{col}", "sources groups")
     ids, _ = make_groups(ds, "" if column or not spec else cfg.path(spec),
-                         cfg.path(src["pairs"]) if src["pairs"] else "", preset=preset)
+                         cfg.path(src.pairs) if src.pairs else "", preset=preset)
     return ids
 
 
 def prepare_data(cfg: Config, show_progress: bool = True) -> tuple[Dataset, Path]:
     """The run's dataset and where it came from: the labs of ``[data] sources``
     (:func:`load_sources`), else :func:`bench.datasets.prepare_dataset`."""
-    if not cfg["data"]["sources"]:
+    if not cfg.data.sources:
         ds, path = prepare_dataset(cfg, show_progress)
     else:
         ds = load_sources(cfg, show_progress)
-        check_classes(ds, int(cfg["run"]["folds"]))
+        check_classes(ds, cfg.run.folds)
         path = Path(ds.origin)
-    return with_smoothing(ds, float(cfg["data"]["smooth"])), path
+    return with_smoothing(ds, float(cfg.data.smooth)), path
 
 
 def with_smoothing(ds: Dataset, sigma: float) -> Dataset:
@@ -134,19 +134,19 @@ def with_bag_colour(ds: Dataset, bag_of_row, method: str) -> Dataset:
 
 def load_sources(cfg: Config, show_progress: bool = True) -> Dataset:
     """The labs of ``[data] sources`` as one :class:`Dataset` over ``[data] classes``."""
-    data = cfg["data"]
-    shared = list(data["classes"])
-    seed = int(cfg["run"]["seed"])
+    data = cfg.data
+    shared = list(data.classes)
+    seed = cfg.run.seed
     _check_paths(cfg)
     parts, skipped, maps, hashes, said, left_out = [], [], {}, [], [], []
     # [data] max_images: shared equally by the labs (each a class-stratified, seeded sample)
-    share = int(data["max_images"]) // len(data["sources"]) if data["max_images"] else 0
-    for i, src in enumerate(data["sources"]):
-        lab, where = src["domain"], f"[data] sources[{i}] ({src['domain']})"
-        ds = load_dataset(cfg.path(src["path"]), image_size=data["image_size"],
-                          cache_dir=data["cache_dir"] or None, show_progress=show_progress,
-                          labels=cfg.path(src["labels"]) if src["labels"] else None)
-        mapping = class_mapping(ds.classes, shared, src["class_map"], where)
+    share = data.max_images // len(data.sources) if data.max_images else 0
+    for i, src in enumerate(data.sources):
+        lab, where = src.domain, f"[data] sources[{i}] ({src.domain})"
+        ds = load_dataset(cfg.path(src.path), image_size=data.image_size,
+                          cache_dir=data.cache_dir or None, show_progress=show_progress,
+                          labels=cfg.path(src.labels) if src.labels else None)
+        mapping = class_mapping(ds.classes, shared, src.class_map, where)
         counts = np.bincount(ds.labels, minlength=len(ds.classes))
         for c, name in enumerate(ds.classes):
             if c not in mapping and counts[c]:
@@ -161,7 +161,7 @@ def load_sources(cfg: Config, show_progress: bool = True) -> Dataset:
         ds = ds.subset(rows)
         ds.labels = np.array([mapping[int(c)] for c in ds.labels], dtype=np.int64)
         ds.classes = shared
-        cap = min([c for c in (src["max_images"], share) if c] or [0])
+        cap = min([c for c in (src.max_images, share) if c] or [0])
         if cap and len(ds) > cap:
             ds = ds.subset(stratified_subset(ds.labels, cap, seed, min_per_class=2))
         present = sorted({shared[c] for c in ds.labels})
@@ -185,8 +185,7 @@ def load_sources(cfg: Config, show_progress: bool = True) -> Dataset:
     cat = lambda attr: [x for p in parts for x in getattr(p, attr)]  # noqa: E731
     return Dataset(np.concatenate([np.asarray(p.images) for p in parts]),
                    np.concatenate([p.labels for p in parts]), shared, cat("sources"),
-                   cat("pixel_hashes"), "labs: " + ", ".join(s["domain"] for s in
-                                                             data["sources"]),
+                   cat("pixel_hashes"), "labs: " + ", ".join(s.domain for s in data.sources),
                    key, cat("original_sizes"), skipped, cat("converted"), cat("domains"),
                    cat("group_keys"), maps)
 

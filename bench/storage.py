@@ -24,6 +24,7 @@ from optuna.storages import JournalStorage, RDBStorage, RetryHeartbeatStaleTrial
 from optuna.storages.journal import JournalFileBackend
 from optuna.trial import TrialState
 
+from bench.rundir import RunDir
 from core.errors import BenchError
 
 # A running trial whose process sent no heartbeat for GRACE_SECONDS is failed and retried.
@@ -35,7 +36,7 @@ OPEN_ATTEMPTS = 6   # opening a storage that another process is creating: tries 
 def storage_url(url: str, run_dir) -> str:
     """The effective storage URL (the default SQLite file for an empty ``url``)."""
     if not url:
-        return f"sqlite:///{(Path(run_dir) / 'optuna.db').resolve()}"
+        return f"sqlite:///{RunDir(run_dir).optuna_db.resolve()}"
     return url
 
 

@@ -14,6 +14,7 @@ from __future__ import annotations
 import numpy as np
 
 from bench.rundir import RunDir
+from bench.context import RunContext, Stage
 from core.candidate import load_candidate, predict_proba_for, release_memory
 from core.metrics import fold_metrics
 from core.progress import unit_progress
@@ -22,7 +23,7 @@ from core.stress import simulate
 
 def stress_shifts(cfg) -> list[str]:
     """The simulated shifts a run scores its fold models under (``[stress] shifts``)."""
-    return list(cfg["stress"]["shifts"])
+    return list(cfg.stress.shifts)
 
 
 def predict_stressed(cand, X: np.ndarray, rows: np.ndarray, shifts, seed: int,
@@ -80,3 +81,12 @@ def add_stress_columns(rows: list[dict], stressed: dict[str, dict[str, np.ndarra
             row[f"stress_{s}_{metric}"] = v
             vals.append(v)
         row[f"stress_{metric}"] = float(np.mean(vals))
+
+
+def _stress_stage(ctx: RunContext) -> None:
+    """Units finished before a shift was configured (a resumed run) are scored under it."""
+    complete_stress(ctx.run, list(ctx.cfg.candidates), stress_shifts(ctx.cfg), ctx.cfg.run.seed)
+
+
+#: ``[stress]``: every unit scored under each simulated shift
+STAGE = Stage("stress", _stress_stage, lambda ctx: bool(stress_shifts(ctx.cfg)))

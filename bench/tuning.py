@@ -93,6 +93,7 @@ from core.metrics import LOWER_IS_BETTER, fold_metrics
 from core.params import space_names
 from core.progress import warn
 from bench.config import CandidateTuning, validated
+from bench.rundir import RunDir
 from bench.storage import make_storage, optimize_shared, storage_url
 
 optuna.logging.set_verbosity(optuna.logging.WARNING)   # the runner shows progress per unit
@@ -255,6 +256,7 @@ def full_fidelity_score(entry: dict, params: dict, X_fit, y_fit, X_val, y_val, c
     """``metric`` on ``X_val`` of ``entry``'s candidate with ``params`` over its configured
     ones, fitted as the refit fits it: the configured fidelity, no validation rows handed to
     ``fit`` (the candidate early-stops on its own split, as in the work unit)."""
+    entry = as_spec(entry)
     cand = build_candidate({**entry, "params": {**entry.get("params", {}), **params}})
     try:
         fit_candidate(cand, X_fit, y_fit, classes=classes)
@@ -303,6 +305,7 @@ def fidelity_check(entry: dict, X_train, y_train, classes, tuning: dict, seed: i
     ``callback(i, row)`` after each setting.
     """
     tuning = candidate_tuning(tuning, entry)
+    entry = as_spec(entry)
     cls = registry.get(entry["type"])
     if not cls.tunable:
         raise BenchError(f"candidate type '{entry['type']}' has no param_space: nothing to tune")
@@ -377,17 +380,26 @@ def tuning_column(infos: list[dict | None]) -> str:
     return "; ".join(f"fold {k}: {d}" for k, d in enumerate(parts) if d)
 
 
-def candidate_tuning(tuning: dict, entry: dict) -> CandidateTuning:
-    """``entry``'s tuning settings, typed and every default filled: the ``[tuning]`` table
-    with the candidate's own ``tuning`` table over it."""
+def as_spec(entry) -> dict:
+    """A candidate entry as the dict its candidate is built from (``type``, ``params``, its
+    own ``tuning``): the config's typed entry (:class:`bench.config.CandidateSpec`) or such
+    a dict given directly."""
+    return entry.spec() if hasattr(entry, "spec") else entry
+
+
+def candidate_tuning(tuning, entry) -> CandidateTuning:
+    """``entry``'s tuning settings, typed and every default filled: the ``[tuning]``
+    settings (the config's typed section, or a table) with the candidate's own ``tuning``
+    table over it."""
+    base = tuning.model_dump() if hasattr(tuning, "model_dump") else dict(tuning)
     return validated("config", "[tuning]", CandidateTuning,
-                     {**tuning, **(entry.get("tuning") or {})})
+                     {**base, **(as_spec(entry).get("tuning") or {})})
 
 
-def is_tuned(entry: dict, tuning: dict) -> bool:
+def is_tuned(entry, tuning) -> bool:
     """Whether ``entry`` gets trials: its type has a ``param_space`` and its tuning
     settings (:func:`candidate_tuning`) ask for at least one trial."""
-    return bool(registry.get(entry["type"]).tunable) and \
+    return bool(registry.get(as_spec(entry)["type"]).tunable) and \
         candidate_tuning(tuning, entry).trials > 0
 
 
@@ -395,8 +407,8 @@ def open_storages(cfg, names, run_dir) -> None:
     """Open the Optuna storage of every candidate in ``names`` that is tuned, here, before
     the work units: one process creates a new storage's tables, and a storage that cannot
     be opened is one clear error before any unit runs."""
-    urls = {candidate_tuning(cfg["tuning"], e).storage
-            for e in (cfg.candidates[n] for n in names) if is_tuned(e, cfg["tuning"])}
+    urls = {candidate_tuning(cfg.tuning, e).storage
+            for e in (cfg.candidates[n] for n in names) if is_tuned(e, cfg.tuning)}
     for url in sorted(urls):
         make_storage(url, run_dir)
 
@@ -427,6 +439,7 @@ def tune_candidate(entry: dict, X_train, y_train, classes, study: str, tuning: d
     """
     run_dir, seed = Path(run_dir), int(seed)
     tuning = candidate_tuning(tuning, entry)   # per-candidate overrides
+    entry = as_spec(entry)
     if tuning.trials < 1:
         return {}, {"study": study, "n_trials": 0, "skipped": "trials = 0 for this candidate"}
     cls = registry.get(entry["type"])
@@ -448,65 +461,16 @@ def tune_candidate(entry: dict, X_train, y_train, classes, study: str, tuning: d
 
     storage = make_storage(tuning.storage, run_dir)
     direction = "minimize" if metric in LOWER_IS_BETTER else "maximize"
-    sampler = TrialSeededTPE(seed, n_startup_trials=max(2, min(10, n_trials // 2)))
-    kw = dict(study_name=study, storage=storage, sampler=sampler,
-              pruner=make_pruner(tuning.pruner))
-    try:   # exactly one process creates the study and queues the default trial
-        st = optuna.create_study(direction=direction, **kw)
-    except optuna.exceptions.DuplicatedStudyError:
-        st = optuna.load_study(**kw)
-    else:
-        configured = _scalar_params({**cls().get_params(deep=False), **entry.get("params", {}),
-                                     **fidelity})   # what the default trial runs
-        st.enqueue_trial({}, user_attrs={"default": True, "configured": configured})
-
-    finished = [t for t in st.trials if t.state in FINISHED and not t.user_attrs.get("surplus")]
-    remaining = max(0, n_trials - len(finished))
-    spent = sum(t.duration.total_seconds() for t in finished if t.duration is not None)
-    budget = (timeout - spent) if timeout > 0 else None
-    ran_now = 0
-    if remaining and (budget is None or budget > 0):
-
-        def objective(trial: optuna.Trial) -> float:
-            # the first trial fits the configured parameters as they are (they may lie
-            # outside the searched ranges); later ones sample the candidate's space
-            params = ({} if trial.user_attrs.get("default")
-                      else sample_params(cls, trial, searched))
-            cand = build_candidate({**entry, "params": {**entry.get("params", {}), **params,
-                                                        **fidelity}})
-            # candidates that report epochs (fit_accepts "epoch_callbacks") are pruned
-            try:
-                fit_candidate(cand, X_a, y_a, X_b, y_b, classes=classes,
-                              epoch_callbacks=[pruning_callback(trial)])
-                return fold_metrics(y_b, predict_proba_for(cand, X_b, classes))[metric]
-            finally:   # a trial's model (Keras graph and all) must not outlive it
-                del cand
-                release_memory()
-
-        # any number of processes (`bench tune`) may add trials: together they stop at
-        # exactly n_trials finished ones (bench.storage.optimize_shared)
-        ran_now = optimize_shared(st, objective, n_trials, timeout=budget, catch=TRIAL_ERRORS,
-                                  gc_after_trial=True)
-
+    st = _open_study(study, storage, direction, tuning, entry, cls, fidelity, seed)
+    ran_now = _run_trials(st, tuning, entry, cls, searched, (X_a, y_a, X_b, y_b), classes)
     trials = [t for t in st.trials if not t.user_attrs.get("surplus")]   # see optimize_shared
     complete = [t for t in trials if t.state == optuna.trial.TrialState.COMPLETE]
     best_params, best_value, best_number = {}, None, None
     kept_configured, confirm = False, None
     if complete:
-        best = st.best_trial
-        default = next((t for t in complete if t.user_attrs.get("default")), None)
-        gain = None if default is None else (best.value - default.value) * (
-            -1 if direction == "minimize" else 1)
-        if gain is not None and best is not default and gain < min_gain:
-            best, kept_configured = default, True   # not clearly better than configured
-        elif (best is not default and tuning.adopt == "full"
-              and _trials_are_cheap(tuning, len(tr_all))):
-            # a cheap win: kept only if it also wins as the refit will fit it
-            confirm = _confirm(st, best, entry, cls, searched,
-                               (X_train[tr_all], y_train[tr_all], X_b, y_b), classes,
-                               metric, direction, float(tuning.adopt_gain))
-            kept_configured = confirm["kept"] == "configured"
-            best = default if kept_configured and default is not None else best
+        best, kept_configured, confirm = _choose_best(
+            st, complete, tuning, entry, cls, searched,
+            (X_train[tr_all], y_train[tr_all], X_b, y_b), classes, direction, len(tr_all))
         best_params = ({} if kept_configured or best.user_attrs.get("default")
                        else sample_params(cls, optuna.trial.FixedTrial(best.params), searched))
         best_value, best_number = best.value, best.number
@@ -529,9 +493,80 @@ def tune_candidate(entry: dict, X_train, y_train, classes, study: str, tuning: d
         "seconds": time.perf_counter() - t_start,
         "trial_seconds": sum(t.duration.total_seconds() for t in trials
                              if t.duration is not None),
-        "file": f"tuning/{study}.json",
+        "file": RunDir(run_dir).tuning_file(study).relative_to(run_dir).as_posix(),
     }
-    atomic_write_json(run_dir / "tuning" / f"{study}.json",
+    atomic_write_json(RunDir(run_dir).tuning_file(study),
                       {**info, "trials": [_trial_record(t) for t in trials]})
     return best_params, info
 
+
+def _open_study(study: str, storage, direction: str, tuning, entry: dict, cls, fidelity: dict,
+                seed: int) -> optuna.Study:
+    """Create the study, or load it when another process (or an earlier attempt) did;
+    exactly one creator queues the default trial, which fits the configured parameters."""
+    sampler = TrialSeededTPE(seed, n_startup_trials=max(2, min(10, tuning.trials // 2)))
+    kw = dict(study_name=study, storage=storage, sampler=sampler,
+              pruner=make_pruner(tuning.pruner))
+    try:
+        st = optuna.create_study(direction=direction, **kw)
+    except optuna.exceptions.DuplicatedStudyError:
+        return optuna.load_study(**kw)
+    configured = _scalar_params({**cls().get_params(deep=False), **entry.get("params", {}),
+                                 **fidelity})   # what the default trial runs
+    st.enqueue_trial({}, user_attrs={"default": True, "configured": configured})
+    return st
+
+
+def _run_trials(st: optuna.Study, tuning, entry: dict, cls, searched, data, classes) -> int:
+    """Run the trials still missing (within what is left of ``timeout``); returns how many
+    ran in this call."""
+    n_trials, timeout = tuning.trials, float(tuning.timeout)
+    fidelity = dict(tuning.fidelity)
+    X_a, y_a, X_b, y_b = data
+    finished = [t for t in st.trials if t.state in FINISHED and not t.user_attrs.get("surplus")]
+    remaining = max(0, n_trials - len(finished))
+    spent = sum(t.duration.total_seconds() for t in finished if t.duration is not None)
+    budget = (timeout - spent) if timeout > 0 else None
+    if not remaining or (budget is not None and budget <= 0):
+        return 0
+
+    def objective(trial: optuna.Trial) -> float:
+        # the first trial fits the configured parameters as they are (they may lie
+        # outside the searched ranges); later ones sample the candidate's space
+        params = ({} if trial.user_attrs.get("default")
+                  else sample_params(cls, trial, searched))
+        cand = build_candidate({**entry, "params": {**entry.get("params", {}), **params,
+                                                    **fidelity}})
+        # candidates that report epochs (fit_accepts "epoch_callbacks") are pruned
+        try:
+            fit_candidate(cand, X_a, y_a, X_b, y_b, classes=classes,
+                          epoch_callbacks=[pruning_callback(trial)])
+            return fold_metrics(y_b, predict_proba_for(cand, X_b, classes))[tuning.metric]
+        finally:   # a trial's model (Keras graph and all) must not outlive it
+            del cand
+            release_memory()
+
+    # any number of processes (`bench tune`) may add trials: together they stop at
+    # exactly n_trials finished ones (bench.storage.optimize_shared)
+    return optimize_shared(st, objective, n_trials, timeout=budget, catch=TRIAL_ERRORS,
+                           gc_after_trial=True)
+
+
+def _choose_best(st, complete, tuning, entry, cls, searched, refit_data, classes,
+                 direction: str, n_train: int):
+    """The best trial, unless it is not clearly better than the configured parameters
+    (``min_gain``), or, when trials were cheap and ``adopt = "full"``, it does not also
+    win as the refit will fit it. Returns (trial, kept_configured, confirm record)."""
+    best = st.best_trial
+    default = next((t for t in complete if t.user_attrs.get("default")), None)
+    gain = None if default is None else (best.value - default.value) * (
+        -1 if direction == "minimize" else 1)
+    if gain is not None and best is not default and gain < float(tuning.min_gain):
+        return default, True, None   # not clearly better than configured
+    if best is not default and tuning.adopt == "full" and _trials_are_cheap(tuning, n_train):
+        # a cheap win: kept only if it also wins as the refit will fit it
+        confirm = _confirm(st, best, entry, cls, searched, refit_data, classes,
+                           tuning.metric, direction, float(tuning.adopt_gain))
+        kept = confirm["kept"] == "configured"
+        return (default if kept and default is not None else best), kept, confirm
+    return best, False, None

@@ -38,7 +38,7 @@ def seeded_entry(entry: dict, seed: int) -> dict:
 
 def _loaded(run) -> RunDir:
     run = run if isinstance(run, RunDir) else RunDir(run)
-    registry.import_plugins(run.config["run"]["plugins"])   # spawned/Dask workers too
+    registry.import_plugins(run.config.run.plugins)   # spawned/Dask workers too
     return run
 
 
@@ -56,10 +56,10 @@ def training_images(run, rows: np.ndarray, fold: int) -> np.ndarray:
     each bag's cells under one random per-channel gain drawn for this fold
     (:func:`core.colour.bag_jitter`): stain augmentation per smear, training rows only."""
     X = np.asarray(run.images[rows])
-    strength = float(run.config["patients"]["bag_jitter"])
+    strength = float(run.config.patients.bag_jitter)
     bags = run.bags
     if strength and bags is not None:
-        X = bag_jitter(X, bags[rows], strength, int(run.config["run"]["seed"]) + 1000 + fold)
+        X = bag_jitter(X, bags[rows], strength, run.config.fold_seed(fold) + 1000)
     return X
 
 
@@ -67,8 +67,8 @@ def run_unit(run_dir: str, name: str, fold: int) -> dict:
     """Fit candidate ``name`` on every fold but ``fold``, predict ``fold``; write the result."""
     run = _loaded(run_dir)
     cfg = run.config
-    seed = int(cfg["run"]["seed"]) + fold
-    entry = seeded_entry(cfg.candidates[name], seed)
+    seed = cfg.fold_seed(fold)
+    entry = seeded_entry(cfg.candidates[name].spec(), seed)
     train, test = training_rows(run, entry, fold, seed), run.folds.test(fold)
     X_train, y_train = training_images(run, train, fold), run.labels[train]
     classes = np.arange(len(run.classes))
@@ -85,12 +85,12 @@ def run_unit(run_dir: str, name: str, fold: int) -> dict:
         proba = predict_proba_for(cand, X_test, classes)
         t3 = time.perf_counter()
         stressed = predict_stressed(cand, X_test, test, stress_shifts(cfg),
-                                    int(cfg["run"]["seed"]), classes)
+                                    cfg.run.seed, classes)
         t4 = time.perf_counter()
         cand.save(tmp / "model")
         result = {
             "candidate": name, "fold": fold, "type": entry["type"],
-            "candidate_hash": stable_hash(cfg.candidates[name]), "seed": seed,
+            "candidate_hash": stable_hash(cfg.candidates[name].spec()), "seed": seed,
             "tuning": tuning, "tune_seconds": t1 - t0, "stress_seconds": t4 - t3,
             **fitted_record(cand, run.labels[test], proba, len(train), t2 - t1, t3 - t2),
         }
@@ -135,13 +135,13 @@ def tune_unit(run, name: str, fold: int, trials: int | None = None,
     """
     run = _loaded(run)
     cfg = run.config
-    seed = int(cfg["run"]["seed"]) + fold
-    entry = seeded_entry(cfg.candidates[name], seed)
+    seed = cfg.fold_seed(fold)
+    entry = seeded_entry(cfg.candidates[name].spec(), seed)
     overrides = {**({} if trials is None else {"trials": int(trials)}),
                  **({"storage": storage} if storage else {})}
     if overrides:   # over [tuning] and over the candidate's own tuning table
         entry = {**entry, "tuning": {**(entry.get("tuning") or {}), **overrides}}
-    tuning = dict(cfg["tuning"])
+    tuning = cfg.tuning
     if not is_tuned(entry, tuning):
         return {}, {}
     train = training_rows(run, entry, fold, seed)

@@ -46,14 +46,13 @@ def _cnn_candidates(cfg) -> dict:
     from core import registry
     from cnn.candidate import KerasCandidate
     return {n: e for n, e in cfg.candidates.items()
-            if issubclass(registry.get(e["type"]), KerasCandidate)}
+            if issubclass(registry.get(e.type), KerasCandidate)}
 
 
 def _one(args) -> dict:
     """In a fresh process: fit and time one candidate."""
     import tempfile
 
-    import numpy as np
     cache = tempfile.mkdtemp(prefix="bb-cnn-bench-")
     os.environ["BLOODBENCH_CACHE"] = cache   # cold, private cache
     try:
@@ -70,7 +69,7 @@ def _measure(args) -> dict:
     from cnn.train import predict_keras
 
     cfg = load_config(args.config, profile=args.profile)
-    entry = cfg.candidates[args.one]
+    entry = cfg.candidates[args.one].spec()
     with np.load(args.data, allow_pickle=False) as z:
         key = "images" if "images" in z.files else "train_images"
         labels = np.asarray(z[key.replace("images", "labels")]).ravel()

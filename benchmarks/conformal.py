@@ -21,7 +21,6 @@ every row, with the stored method.
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 from pathlib import Path
 
@@ -43,7 +42,8 @@ def main(argv=None) -> int:
     ap.add_argument("--data", help="a labelled npz to score with the predictor")
     ap.add_argument("--n", type=int, default=0, help="with --data: a seeded sample (0: all)")
     args = ap.parse_args(argv)
-    m = json.loads((Path(args.model) / "manifest.json").read_text())
+    from ensembles.record import verify_predictor
+    m = verify_predictor(args.model).raw   # checked: a predictor, not a run or a stray file
     classes, cp = m["classes"], m["conformal"]
     print(f"{args.model}: {cp['method']} at {cp['confidence']:g}, calibrated on "
           f"{cp['n_calibration']} {cp['fitted_on']}")
@@ -90,7 +90,8 @@ def score_npz(model, cp: dict, classes: list, data: str, n: int) -> None:
           f"{', '.join(f'{(f.argmax(axis=1) == y).mean():.4f}' for f in pf)}), most confident "
           f"50 % {accuracy_at_coverage(p.max(axis=1), ok, 0.5):.4f}")
     folds = cp.get("folds")
-    run_folds = Path(model).parent / "folds.csv"   # a split-scheme predictor inside its run
+    from bench.rundir import RunDir
+    run_folds = RunDir(Path(model).parent).folds_file   # a split-scheme predictor in its run
     if folds is None and run_folds.is_file():
         f = pd.read_csv(run_folds)["fold"].to_numpy()
         if len(f) == cp["n_calibration"]:

@@ -70,14 +70,14 @@ def main(argv=None) -> int:
         print(f"error: {args.run} is not a bloodbench run directory (no state.json)")
         return 2
     cfg = run.config
-    registry.import_plugins(cfg["run"]["plugins"])
+    registry.import_plugins(cfg.run.plugins)
     if args.candidate not in cfg.candidates:
         print(f"error: no candidate '{args.candidate}' in {args.run}; known: "
               f"{list(cfg.candidates)}")
         return 2
-    seed = int(cfg["run"]["seed"]) + args.fold
-    entry = seeded_entry(cfg.candidates[args.candidate], seed)
-    tuning = dict(cfg["tuning"])
+    seed = cfg.fold_seed(args.fold)
+    entry = seeded_entry(cfg.candidates[args.candidate].spec(), seed)
+    tuning = cfg.tuning
     own = candidate_tuning(tuning, entry)
     train = training_rows(run, entry, args.fold, seed)
     print(f"{args.candidate} fold {args.fold}: trial fidelity {dict(own.fidelity)}, "

@@ -10,17 +10,22 @@ wall time per stage, with the machine and commit it ran on.
 from __future__ import annotations
 
 import argparse
-import json
+import sys
 from pathlib import Path
 
 import pandas as pd
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))   # run from a checkout
+
+from bench.rundir import RunDir   # noqa: E402
 
 M = "balanced_accuracy"
 
 
 def table(run: Path) -> str:
-    board = pd.read_csv(run / "leaderboard.csv")
-    labs = list(dict.fromkeys(pd.read_csv(run / "labs.csv")["lab"]))
+    rd = RunDir(run)
+    board = rd.read_leaderboard()
+    labs = list(dict.fromkeys(rd.read_labs()["lab"]))
     board = board.sort_values(f"worst_lab_{M}", ascending=False, kind="stable")
     adabn = f"adabn_worst_lab_{M}" in board
     head = ["entry", "in-lab"] + [f"{lab} held out" for lab in labs] + ["worst lab", "mean"]
@@ -42,8 +47,8 @@ def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("run", type=Path, help="a finished run directory of several labs")
     args = ap.parse_args(argv)
-    m = json.loads((args.run / "manifest.json").read_text())
-    sub = json.loads((args.run / "labs" / "manifest.json").read_text())
+    run = RunDir(args.run)
+    m, sub = run.read_manifest(), RunDir(run.labs_dir).read_manifest()
     hw = m.get("hardware", {})
     print(f"run {args.run}: commit {m.get('git_commit')}, {hw.get('cpu', hw)}; "
           f"data {m['dataset']['origin']}, {m['dataset']['n_images']} images")

@@ -95,13 +95,15 @@ def main(argv=None) -> int:
     results = json.loads((out / "levers.json").read_text()) if (out / "levers.json").is_file() \
         else {}
     base = load_config(args.config, profile="levers", data=args.data)
-    ext = list(base["external"])
+    ext = list(base.external)
     for name, (candidate, change) in LEVERS.items():
         if only and name not in only:
             continue
         cfg = load_config(args.config, profile="levers", data=args.data, only=[candidate])
-        cfg["run"]["out"] = str(out / name)
-        cfg.candidates[candidate]["params"].update(copy.deepcopy(change))
+        spec = cfg.candidates[candidate].spec()
+        cfg = cfg.derive(run={"out": str(out / name)}, candidates={
+            **{n: e.spec() for n, e in cfg.candidates.items()},
+            candidate: {**spec, "params": {**spec["params"], **copy.deepcopy(change)}}})
         t = time.perf_counter()
         board = run_benchmark(cfg, show_progress=False)
         row = board.set_index("candidate").loc[candidate]

@@ -15,20 +15,15 @@ and the best restricted-cell row. With ``benchmarks/pipeline.py --csv`` files na
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 from pathlib import Path
 
 import pandas as pd
 
-try:
-    import tomllib
-except ModuleNotFoundError:   # Python 3.10
-    import tomli as tomllib
-
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from bench.rundir import RunDir  # noqa: E402
 
 
 def _ci(r, m: str = "roc_auc") -> str:
@@ -36,9 +31,8 @@ def _ci(r, m: str = "roc_auc") -> str:
 
 
 def row(run: Path) -> dict:
-    board = pd.read_csv(run / "patient_leaderboard.csv")
-    meta = json.loads((run / "patients" / "meta.json").read_text())
-    cfg = tomllib.loads((run / "config.toml").read_text())
+    board, _, _, meta = RunDir(run).read_patients()
+    cfg = RunDir(run).config
     models = board[board["kind"] != "nested"]
     carried = models[models["entry"] == meta["carried"]["row"]].iloc[0]
     nested = board[board["kind"] == "nested"].iloc[0]
@@ -52,10 +46,10 @@ def row(run: Path) -> dict:
         ref = p[p["way"] == "originals"].set_index("patient")["score"]
         cp = p[p["way"] == "copies"].set_index("patient")["score"]
         moved = f"{(cp - ref).abs().max():.3f}"
-    pat = cfg.get("patients", {})
+    pat = cfg.patients
     return {
-        "smooth": cfg["data"].get("smooth", 0.0), "bag_colour": pat.get("bag_colour", "none"),
-        "bag_jitter": pat.get("bag_jitter", 0.0), "threshold": pat.get("threshold", "youden"),
+        "smooth": cfg.data.smooth, "bag_colour": pat.bag_colour,
+        "bag_jitter": pat.bag_jitter, "threshold": pat.threshold,
         "predictor row": carried["entry"], "ROC AUC (row)": _ci(carried),
         "sens / spec (row)": f"{carried['sensitivity']:.2f} / {carried['specificity']:.2f}",
         "nested ROC AUC": _ci(nested),

@@ -42,6 +42,7 @@ sys.path.insert(0, str(ROOT))
 
 from core.images import read_image   # noqa: E402
 from ensembles.bags import call_bag   # noqa: E402
+from bench.rundir import RunDir   # noqa: E402
 from ensembles.predictor import load_predictor   # noqa: E402
 
 DEFAULT = ROOT.parent / "shared" / "data" / "deepapl" / "originals_sample" / "originals.csv"
@@ -95,7 +96,7 @@ def main(argv=None) -> int:
         for v, make in VARIANTS.items():
             ways[v][patient] = [make(a) for a in originals]
     fold_of = {}
-    folds_csv = Path(args.model).resolve().parent / "folds.csv"
+    folds_csv = RunDir(Path(args.model).resolve().parent).folds_file   # the predictor's run
     if not args.all_folds:
         if not folds_csv.is_file():
             print(f"error: {folds_csv} not found: out-of-fold scoring needs the run's folds "

@@ -64,8 +64,8 @@ def main(argv=None) -> int:
     pred = load_predictor(args.model)
     load_s = time.perf_counter() - t
     n_models = sum(len(v) for v in pred.members_.values())
-    print(f"predictor {args.model}: {pred.manifest['ensemble']['name']} "
-          f"({pred.manifest['ensemble']['type']}), members {pred.member_names_} "
+    print(f"predictor {args.model}: {pred.record.ensemble.name} "
+          f"({pred.record.ensemble.type}), members {pred.member_names_} "
           f"({n_models} fold models), image size {pred.image_size}; loaded in {load_s:.2f} s; "
           f"{args.threads} threads")
 
@@ -81,7 +81,7 @@ def main(argv=None) -> int:
                                                        pred.image_size, 3), dtype=np.uint8)
     n, bs = len(X), args.batch_size
 
-    pred.predict_proba(X[:bs], batch_size=bs)                 # warm up (trace once)
+    pred.predict_proba(X[:bs], batch_size=bs, preprocessed=True)                 # warm up (trace once)
 
     keras_models = [(name, c.model_) for name in pred.member_names_ for c in pred.members_[name]
                     if hasattr(c, "model_")]
@@ -109,14 +109,15 @@ def main(argv=None) -> int:
     ways = {"keras Model.predict": direct(lambda m: m.predict(X, batch_size=bs, verbose=0)),
             "predict_keras (run's loop)": direct(lambda m: predict_keras(m, X, bs)),
             "one tf.function per model": direct(per_model_graph)}
-    ref = pred.predict_proba(X, batch_size=bs)
+    ref = pred.predict_proba(X, batch_size=bs, preprocessed=True)
     for label, fn in ways.items():                            # warm up, and check
         diff = float(np.abs(fn() - ref).max())
         print(f"direct, {label:28s}: max |diff| vs predictor {diff:.1e}")
     # interleaved repeats: every way sees the same share of a busy machine's noise
     times = {label: [] for label in ["predictor", *ways]}
     for _ in range(args.repeats):
-        for label, fn in [("predictor", lambda: pred.predict_proba(X, batch_size=bs)),
+        for label, fn in [("predictor", lambda: pred.predict_proba(X, batch_size=bs,
+                                                                      preprocessed=True)),
                           *ways.items()]:
             t = time.perf_counter()
             fn()
@@ -136,7 +137,7 @@ def main(argv=None) -> int:
     if pred._fused_names:
         fn = pred._fused_fn()
         for size in (1, 7, bs, 33):
-            pred.predict_proba(X[:size], batch_size=bs)
+            pred.predict_proba(X[:size], batch_size=bs, preprocessed=True)
         print(f"compiled graph traced {fn.experimental_get_tracing_count()} time(s) "
               f"over batch sizes 1, 7, {bs}, 33 and {n % bs or bs}")
     return 0

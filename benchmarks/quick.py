@@ -82,7 +82,6 @@ def run_timed(args) -> dict:
 
 
 def summary(run_dir: Path) -> None:
-    import pandas as pd
 
     from bench.report.cards import unit_times
     from bench.report.rundata import RunData
@@ -115,7 +114,7 @@ def summary(run_dir: Path) -> None:
         img_s = f"{r['train_img_s']:.0f}" if r["train_img_s"] else ""
         print(f"{r['candidate']:<20}{r['tune_s']:9.1f}{r['fit_s']:9.1f}{r['predict_s']:8.1f}"
               f"{r['epochs']:>8}{img_s:>13}")
-    board = pd.read_csv(run_dir / "leaderboard.csv")
+    board = run.rundir.read_leaderboard()
     print(f"\n{'rank':<5}{'candidate':<20}{'kind':<10}{'accuracy':>18}{'macro_f1':>18}")
     for i, r in enumerate(board.itertuples(), 1):
         print(f"{i:<5}{r.candidate:<20}{r.kind:<10}{r.accuracy:9.4f} ± {r.accuracy_std:.4f}"

@@ -16,7 +16,6 @@ prints the load average before and after.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import subprocess
 import sys
@@ -24,9 +23,11 @@ import tempfile
 import time
 from pathlib import Path
 
-import pandas as pd
 
 ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))   # run from a checkout
+
+from bench.rundir import RunDir   # noqa: E402
 RESULT_COLS = ["candidate", "accuracy", "balanced_accuracy", "macro_f1", "log_loss"]
 
 
@@ -65,7 +66,7 @@ def main(argv=None) -> int:
     for w in counts:
         out = base / f"w{w}"
         wall = bench_run(args, out, w)
-        stages = json.loads((out / "manifest.json").read_text()).get("stage_seconds", {})
+        stages = RunDir(out).read_manifest().get("stage_seconds", {})
         rows.append({"workers": w, "wall_s": wall, "units_s": stages.get("units", float("nan")),
                      "out": out})
     first = min(rows, key=lambda r: r["workers"])   # speed-ups over the fewest workers
@@ -74,9 +75,9 @@ def main(argv=None) -> int:
     for r in rows:
         print(f"{r['workers']:>7} {r['wall_s']:>8.1f} {r['units_s']:>8.1f} "
               f"{first['wall_s'] / r['wall_s']:>14.2f} {first['units_s'] / r['units_s']:>15.2f}")
-    ref = pd.read_csv(first["out"] / "leaderboard.csv")[RESULT_COLS].sort_values("candidate")
+    ref = RunDir(first["out"]).read_leaderboard()[RESULT_COLS].sort_values("candidate")
     for r in [r for r in rows if r is not first]:
-        other = pd.read_csv(r["out"] / "leaderboard.csv")[RESULT_COLS].sort_values("candidate")
+        other = RunDir(r["out"]).read_leaderboard()[RESULT_COLS].sort_values("candidate")
         diff = (ref.set_index("candidate") - other.set_index("candidate")).abs().max().max()
         print(f"leaderboard --workers {r['workers']} vs {first['workers']}: "
               f"max |difference| {diff:.2e}")

@@ -38,6 +38,53 @@ def bin_index(conf: np.ndarray, n_bins: int) -> np.ndarray:
     return np.clip(np.ceil(conf * n_bins).astype(int) - 1, 0, n_bins - 1)
 
 
+class BinnedCalibration:
+    """The one implementation of top-label calibration in bins: the reliability table and
+    the ECE of fixed predictions (their confidence and whether each is correct), under
+    per-row weights: none for the set itself, bootstrap counts for a resample (weight 2
+    counts as the row repeated).
+
+    Per bin ``b``: ``n_b`` (total weight), mean confidence ``c_b`` and accuracy ``a_b``;
+    ``ECE = sum_b n_b |a_b - c_b| / sum_b n_b`` over the non-empty bins. The rows are sorted
+    by bin once, so a resample costs one pass per bin over contiguous rows."""
+
+    def __init__(self, conf, correct, n_bins: int = 15):
+        conf = np.asarray(conf, dtype=float)
+        bins = bin_index(conf, n_bins)
+        self.n_bins = int(n_bins)
+        self.order = np.argsort(bins, kind="stable")   # rows of a bin keep their order
+        self.conf = conf[self.order]
+        self.correct = np.asarray(correct, dtype=float)[self.order]
+        edges = np.concatenate([[0], np.cumsum(np.bincount(bins, minlength=n_bins))])
+        self.slices = [(b, slice(int(edges[b]), int(edges[b + 1]))) for b in range(n_bins)
+                       if edges[b + 1] > edges[b]]   # the bins with rows
+
+    def totals(self, weight=None) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """``(n_b, c_b, a_b)`` of every bin (NaN means in an empty one)."""
+        w = np.ones(len(self.conf)) if weight is None \
+            else np.asarray(weight, dtype=float)[self.order]
+        wc, wa = w * self.conf, w * self.correct
+        n = np.zeros(self.n_bins)
+        c, a = np.full(self.n_bins, math.nan), np.full(self.n_bins, math.nan)
+        for b, s in self.slices:
+            n[b] = w[s].sum()
+            if n[b] > 0:
+                c[b], a[b] = wc[s].sum() / n[b], wa[s].sum() / n[b]
+        return n, c, a
+
+    def ece(self, weight=None) -> float:
+        n, c, a = self.totals(weight)
+        ok = n > 0
+        return float(np.sum(n[ok] * np.abs(a[ok] - c[ok])) / np.sum(n)) if ok.any() \
+            else math.nan
+
+    @classmethod
+    def of(cls, y, proba, n_bins: int = 15) -> "BinnedCalibration":
+        """The bins of ``proba``'s top-label confidence and full argmax against ``y``."""
+        y, p = _check(y, proba)
+        return cls(p.max(axis=1), p.argmax(axis=1) == y, n_bins)
+
+
 def reliability(y, proba, n_bins: int = 15) -> pd.DataFrame:
     """Reliability table: per confidence bin, ``count``, mean ``confidence`` and ``accuracy``.
 
@@ -46,29 +93,20 @@ def reliability(y, proba, n_bins: int = 15) -> pd.DataFrame:
     DataFrame with one row per bin (``bin_lo``, ``bin_hi``, ``count``, ``confidence``,
     ``accuracy``, ``gap``); empty bins have NaN confidence and accuracy.
     """
-    y, p = _check(y, proba)
-    conf = p.max(axis=1)
-    correct = (p.argmax(axis=1) == y).astype(float)
-    idx = bin_index(conf, n_bins)
-    rows = []
-    for b in range(n_bins):
-        m = idx == b
-        n = int(m.sum())
-        c = float(conf[m].mean()) if n else math.nan
-        a = float(correct[m].mean()) if n else math.nan
-        rows.append({"bin_lo": b / n_bins, "bin_hi": (b + 1) / n_bins, "count": n,
-                     "confidence": c, "accuracy": a, "gap": a - c if n else math.nan})
-    return pd.DataFrame(rows)
+    n, c, a = BinnedCalibration.of(y, proba, n_bins).totals()
+    return pd.DataFrame({"bin_lo": np.arange(n_bins) / n_bins,
+                         "bin_hi": np.arange(1, n_bins + 1) / n_bins,
+                         "count": n.astype(int), "confidence": c, "accuracy": a,
+                         "gap": a - c})
 
 
-def ece(y, proba, n_bins: int = 15) -> float:
-    """Top-label expected calibration error (see the module docstring)."""
+def ece(y, proba, n_bins: int = 15, sample_weight=None) -> float:
+    """Top-label expected calibration error (see the module docstring and
+    :class:`BinnedCalibration`); ``sample_weight``: a count per row. NaN for no rows."""
     y, p = _check(y, proba)
     if len(y) == 0:
         return math.nan
-    t = reliability(y, p, n_bins)
-    t = t[t["count"] > 0]
-    return float(np.sum(t["count"] * np.abs(t["accuracy"] - t["confidence"])) / len(y))
+    return BinnedCalibration.of(y, p, n_bins).ece(sample_weight)
 
 
 def apply_temperature(proba, temperature: float) -> np.ndarray:
@@ -135,5 +173,5 @@ def cross_fit_temperature(y, proba, folds) -> tuple[np.ndarray, list[float]]:
     return out, temps
 
 
-__all__ = ["ece", "reliability", "apply_temperature", "fit_temperature", "TemperatureScaler",
+__all__ = ["ece", "reliability", "BinnedCalibration", "bin_index", "apply_temperature", "fit_temperature", "TemperatureScaler",
            "cross_fit_temperature"]

@@ -35,6 +35,11 @@ METHODS = ("mondrian", "lac", "aps", "raps")
 SCHEMES = ("split", "cross")
 DIGITS = 6          # calibration scores are stored (and used) rounded to this many decimals
 CONFIDENCES = (0.90, 0.95)   # in-lab cross-conformal figures always reported at these
+#: ``raps``: the penalty per rank beyond ``RAPS_K`` (Angelopoulos et al. 2021's defaults)
+RAPS_LAMBDA, RAPS_K = 0.01, 1
+#: the review rule's default shift limit: shift scores lie in 0-1, so only an image beyond
+#: every training image is flagged
+SHIFT_LIMIT = 1.0
 
 
 def check_confidence(confidence, what: str = "confidence") -> float:
@@ -53,8 +58,8 @@ def check_method(method) -> str:
     return method
 
 
-def nonconformity(proba: np.ndarray, method: str, raps_lambda: float = 0.01,
-                  raps_k: int = 1) -> np.ndarray:
+def nonconformity(proba: np.ndarray, method: str, raps_lambda: float = RAPS_LAMBDA,
+                  raps_k: int = RAPS_K) -> np.ndarray:
     """(N, K) non-conformity score of every class for every image (larger: stranger)."""
     p = np.asarray(proba, dtype=np.float64)
     if method in ("mondrian", "lac"):
@@ -131,7 +136,7 @@ class ConformalSets:
     over-cover)."""
 
     def __init__(self, method: str, confidence: float, cal_scores, cal_labels, n_classes: int,
-                 raps_lambda: float = 0.01, raps_k: int = 1, fitted_on: str = "",
+                 raps_lambda: float = RAPS_LAMBDA, raps_k: int = RAPS_K, fitted_on: str = "",
                  cal_folds=None):
         self.cal_folds = None if cal_folds is None else np.asarray(cal_folds, dtype=np.int64)
         self.method = check_method(method)
@@ -144,7 +149,7 @@ class ConformalSets:
 
     @classmethod
     def fit(cls, proba, y, method: str = "mondrian", confidence: float = 0.95,
-            raps_lambda: float = 0.01, raps_k: int = 1, fitted_on: str = "",
+            raps_lambda: float = RAPS_LAMBDA, raps_k: int = RAPS_K, fitted_on: str = "",
             folds=None) -> "ConformalSets":
         """Calibrate on ``proba`` (N, K) of rows that no model scoring them saw, labels ``y``
         (``folds``: the position of the fold model that scored each row, for
@@ -229,7 +234,8 @@ class ConformalSets:
                 raise BenchError("conformal 'folds' must give each calibration row's fold "
                                  "model, 0 to n_folds - 1, each used")
         return cls(d.get("method"), d.get("confidence"), s, lab, top,
-                   d.get("raps_lambda", 0.01), d.get("raps_k", 1), str(d.get("fitted_on", "")),
+                   d.get("raps_lambda", RAPS_LAMBDA), d.get("raps_k", RAPS_K),
+                   str(d.get("fitted_on", "")),
                    folds)
 
 
@@ -329,7 +335,7 @@ def confidence_scores(proba, sets=None, shift=None) -> dict[str, np.ndarray]:
 
 
 def review_flags(sets, proba, shift=None, conf_threshold: float | None = None,
-                 shift_limit: float = 1.0) -> dict[str, np.ndarray]:
+                 shift_limit: float = SHIFT_LIMIT) -> dict[str, np.ndarray]:
     """Why each image goes to review: its set is not one class, its shift score is at or
     beyond ``shift_limit`` (further out than every training image), or its confidence is
     below ``conf_threshold``. ``review`` is any of them."""
@@ -357,8 +363,9 @@ def refer_band(scores, positive, threshold: float) -> dict:
 
 
 def predictor_entry(proba, y, fold_of_row, *, confidence: float = 0.95,
-                    method: str = "mondrian", raps_lambda: float = 0.01, raps_k: int = 1,
-                    target_error: float = 0.02, shift_limit: float = 1.0,
+                    method: str = "mondrian", raps_lambda: float = RAPS_LAMBDA,
+                    raps_k: int = RAPS_K, target_error: float = 0.02,
+                    shift_limit: float = SHIFT_LIMIT,
                     fitted_on: str = "", cross: bool = True) -> dict:
     """What a saved predictor stores under ``conformal``: the sets calibrated on every
     out-of-fold row (``cross``: with each row's fold, ``fold_of_row`` the position of its
@@ -389,12 +396,14 @@ def predictor_entry(proba, y, fold_of_row, *, confidence: float = 0.95,
                                                 for c in (0.5, 0.8, 1.0)}}}
 
 
-def review_of(state: ConformalSets, review: dict, proba, shift=None, fold_proba=None) -> dict:
-    """Per image: the prediction set (bool (N, K)), its size, and the review flags
-    (``fold_proba``: each fold model's probabilities, for cross-conformal sets)."""
+def review_of(state: ConformalSets, review, proba, shift=None, fold_proba=None) -> dict:
+    """Per image: the prediction set (bool (N, K)), its size, and the review flags of the
+    stored ``review`` rule (its ``confidence_threshold`` and ``shift_limit``:
+    :class:`ensembles.record.Review`); ``fold_proba``: each fold model's probabilities, for
+    cross-conformal sets."""
     sets = state.sets(proba, fold_proba=fold_proba)
-    flags = review_flags(sets, proba, shift, review.get("confidence_threshold"),
-                         float(review.get("shift_limit", 1.0)))
+    flags = review_flags(sets, proba, shift, review.confidence_threshold,
+                         float(review.shift_limit))
     return {"sets": sets, "set_size": sets.sum(axis=1), **flags}
 
 
@@ -402,7 +411,8 @@ def join_set(row: np.ndarray, classes) -> str:
     return "|".join(str(c) for c, keep in zip(classes, row) if keep)
 
 
-__all__ = ["ConformalSets", "METHODS", "SCHEMES", "check_confidence", "nonconformity", "p_values",
+__all__ = ["ConformalSets", "METHODS", "SCHEMES", "RAPS_LAMBDA", "RAPS_K", "SHIFT_LIMIT",
+           "check_confidence", "nonconformity", "p_values",
            "cross_p_values",
            "cross_conformal", "set_figures", "risk_coverage", "aurc", "accuracy_at_coverage",
            "review_threshold", "review_flags", "confidence_scores", "refer_band", "join_set",

@@ -331,16 +331,30 @@ class Preprocessing:
         finally:
             reader.shutdown(cancel_futures=True)
 
-    def apply_batch(self, x) -> np.ndarray:
-        """Paths, one path, or ``uint8`` arrays of any size -> (N, S, S, 3) ``uint8``; a
-        4-D batch already at the size is model input as it is (what :meth:`load` returns:
-        no step, ``smooth`` included, is applied to it again)."""
+    def apply_batch(self, x, preprocessed: bool = False) -> np.ndarray:
+        """Paths, one path, or ``uint8`` arrays of any size -> (N, S, S, 3) ``uint8``, every
+        image through every step (an array already at the size too: ``smooth`` still
+        applies). ``preprocessed``: ``x`` is model input (what :meth:`load` returns),
+        checked and returned as it is."""
+        return self.model_input(x) if preprocessed else self.load(as_items(x))[0]
+
+    def batch_items(self, x, preprocessed: bool = False):
+        """``x`` as a sequence to slice into batches for :meth:`apply_batch` with the same
+        ``preprocessed``: model input, checked (:meth:`model_input`), or single images
+        (:func:`as_items`)."""
+        return self.model_input(x) if preprocessed else as_items(x)
+
+    def model_input(self, x) -> np.ndarray:
+        """``x`` when it is model input, an (N, S, S, 3) ``uint8`` array at this size; else
+        a :class:`BenchError`."""
         s = self.image_size
-        if isinstance(x, np.ndarray) and x.ndim == 4 and x.shape[1:] == (s, s, 3):
-            if x.dtype != np.uint8:
-                raise BenchError(f"image arrays must be uint8, got {x.dtype}")
-            return x
-        return self.load(as_items(x))[0]
+        if not (isinstance(x, np.ndarray) and x.ndim == 4 and x.shape[1:] == (s, s, 3)):
+            shape = x.shape if isinstance(x, np.ndarray) else type(x).__name__
+            raise BenchError(f"preprocessed images must be an (N, {s}, {s}, 3) array, got "
+                             f"{shape}")
+        if x.dtype != np.uint8:
+            raise BenchError(f"image arrays must be uint8, got {x.dtype}")
+        return x
 
 
 def resolve_preprocessing(manifest: dict) -> Preprocessing:

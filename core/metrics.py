@@ -19,7 +19,6 @@ from typing import Callable
 import numpy as np
 from sklearn.metrics import accuracy_score, balanced_accuracy_score, f1_score, roc_auc_score
 
-from core.calibration import bin_index
 from core.calibration import ece as _ece
 
 
@@ -102,15 +101,9 @@ def _log_loss(y, proba, sample_weight=None) -> float:
 
 
 def ece(y, proba, sample_weight=None, n_bins: int = 15) -> float:
-    """Top-label expected calibration error (:func:`core.calibration.ece`)."""
-    if sample_weight is None:
-        return _ece(y, proba, n_bins)
-    p, w = np.asarray(proba, dtype=float), np.asarray(sample_weight, dtype=float)
-    conf = p.max(axis=1)
-    correct = (p.argmax(axis=1) == np.asarray(y)).astype(float)
-    bins = bin_index(conf, n_bins)
-    gap = np.bincount(bins, weights=w * (correct - conf), minlength=n_bins)
-    return float(np.abs(gap).sum() / w.sum())
+    """Top-label expected calibration error (:func:`core.calibration.ece`, the one
+    implementation)."""
+    return _ece(y, proba, n_bins, sample_weight)
 
 
 REGISTRY: dict[str, Metric] = {m.name: m for m in (

@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import math
 from collections import Counter
+from collections.abc import Mapping
 
 import numpy as np
 from scipy import stats as _st
@@ -99,6 +100,7 @@ class CompositionAggregator:
     name = "composition"
     needs_fit = True
     needs_embeddings = False   # reads hand-crafted cell features
+    needs_cell_types = True    # fitted on each training cell's type ([data] cell_types)
     settings = {"seed": "seed"}
 
     def __init__(self, C: float = 1.0, seed: int = 0):
@@ -142,13 +144,21 @@ DEFAULT_AGGREGATORS = tuple(n for n, cls in AGGREGATORS.items()
 CELL_AGGREGATORS = tuple(n for n, cls in AGGREGATORS.items() if not cls.needs_fit)
 
 
-def make_aggregator(name: str, settings: dict):
-    """The aggregator called ``name`` with ``[patients]`` settings (or its own
-    :meth:`params`, which use the same keys)."""
+def aggregators_needing(names, need: str) -> list[str]:
+    """Those of the aggregators ``names`` that declare ``need`` (``"needs_fit"``,
+    ``"needs_embeddings"``, ``"needs_cell_types"``): what a run must provide for them."""
+    return [n for n in names if getattr(AGGREGATORS[n], need, False)]
+
+
+def make_aggregator(name: str, settings):
+    """The aggregator called ``name`` with the typed ``[patients]`` settings, or a mapping
+    of the same keys (its own :meth:`params`, as a saved predictor stores them)."""
     if name not in AGGREGATORS:
         raise ValueError(f"unknown aggregator '{name}'")
     cls = AGGREGATORS[name]
-    return cls(**{arg: settings[key] for key, arg in cls.settings.items()})
+    get = settings.__getitem__ if isinstance(settings, Mapping) else \
+        lambda key: getattr(settings, key)
+    return cls(**{arg: get(key) for key, arg in cls.settings.items()})
 
 
 def choose_threshold(scores: np.ndarray, y: np.ndarray, rule: str = "youden") -> float:
@@ -210,13 +220,13 @@ def min_cells_from_counts(counts) -> int:
 
 
 def bag_decision(score: float, n_cells: int, positive: str, negative: str, threshold: float,
-                 min_cells: int, band: dict | None = None,
-                 shifted: bool = False) -> tuple[str, str]:
+                 min_cells: int, band=None, shifted: bool = False) -> tuple[str, str]:
     """``(decision, reason)`` of a bag with ``n_cells`` readable cells and aggregated
     ``score``: :data:`NO_CALL` without cells; :data:`REFER` below ``min_cells``, when its
     cells look unlike the training cells (``shifted``), or when the score lies in the
-    stored ``band`` where out-of-fold patients were misclassified (``{"lo", "hi"}``; the
-    reason says which way the score leans); else the positive class when
+    stored ``band`` where out-of-fold patients were misclassified (its ``lo`` and ``hi``:
+    :class:`ensembles.record.Band`; the reason says which way the score leans); else the
+    positive class when
     ``score >= threshold`` and the negative one otherwise (reason empty)."""
     if n_cells == 0:
         return NO_CALL, "no readable image"
@@ -225,32 +235,32 @@ def bag_decision(score: float, n_cells: int, positive: str, negative: str, thres
         return REFER, f"{TOO_FEW} ({n_cells} < min_cells {min_cells}); leaning {call}"
     if shifted:
         return REFER, f"{SHIFTED} (shift score); leaning {call}"
-    if band and band["lo"] <= score <= band["hi"]:
-        return REFER, (f"{IN_BAND} {band['lo']:.3f}-{band['hi']:.3f} where "
+    if band and band.lo <= score <= band.hi:
+        return REFER, (f"{IN_BAND} {band.lo:.3f}-{band.hi:.3f} where "
                        f"out-of-fold patients were misclassified; leaning {call}")
     return call, ""
 
 
-def call_bag(spec: dict, classes, p_positive, shift=None) -> tuple[float, str, str]:
-    """``(score, decision, reason)`` of one bag under a saved bag task's ``spec`` (its
-    ``positive`` class, ``aggregator`` and ``params``, ``threshold``, ``min_cells`` and
-    ``refer_band``, as ``Predictor.bag_task_`` gives them), from the positive-class
+def call_bag(spec, classes, p_positive, shift=None) -> tuple[float, str, str]:
+    """``(score, decision, reason)`` of one bag under a saved bag task ``spec``
+    (:class:`ensembles.record.BagTask`: its ``positive`` class, ``aggregator`` and
+    ``params``, ``threshold``, ``min_cells`` and ``refer_band``), from the positive-class
     probabilities of the bag's readable cells (the score is NaN without cells) and,
     optionally, their shift scores (:mod:`core.shift`; the bag is referred when its batch
     is flagged)."""
     p = np.asarray(p_positive, dtype=float)
-    score = (make_aggregator(spec["aggregator"], spec["params"]).score_bag(p)
+    score = (make_aggregator(spec.aggregator, spec.params).score_bag(p)
              if len(p) else math.nan)
     shifted = (shift is not None and len(shift) > 0
                and ShiftReference.batch_summary(shift)["flagged"])
-    decision, reason = bag_decision(score, len(p), spec["positive"],
-                                    negative_label([str(c) for c in classes], spec["positive"]),
-                                    float(spec["threshold"]), int(spec["min_cells"]),
-                                    spec.get("refer_band"), bool(shifted))
+    decision, reason = bag_decision(score, len(p), spec.positive,
+                                    negative_label([str(c) for c in classes], spec.positive),
+                                    float(spec.threshold), int(spec.min_cells),
+                                    spec.refer_band, bool(shifted))
     return score, decision, reason
 
 
-def call_bags(spec: dict, classes, groups, p_positive, labels=None,
+def call_bags(spec, classes, groups, p_positive, labels=None,
               skipped_groups=(), shift=None) -> list[dict]:
     """:func:`call_bag` for every group (bag) of a set of scored cells, in order of first
     appearance: ``groups`` the group of each readable cell, ``p_positive`` its
@@ -272,9 +282,9 @@ def call_bags(spec: dict, classes, groups, p_positive, labels=None,
             spec, classes, p[idx], None if shift is None else np.asarray(shift)[idx])
         label = (Counter(str(labels[i]) for i in idx).most_common(1)[0][0]
                  if labels is not None and idx else None)
-        leaning = None if not idx else (spec["positive"] if score >= float(spec["threshold"])
+        leaning = None if not idx else (spec.positive if score >= float(spec.threshold)
                                         else negative_label([str(c) for c in classes],
-                                                            spec["positive"]))
+                                                            spec.positive))
         rows.append({"bag": g, "n_cells": len(idx), "n_skipped": skipped[g],
                      "probability": score, "decision": decision, "reason": reason,
                      "leaning": leaning, "label": label})
@@ -282,7 +292,7 @@ def call_bags(spec: dict, classes, groups, p_positive, labels=None,
 
 
 __all__ = ["MeanAggregator", "TrimmedMeanAggregator", "TopKMeanAggregator",
-           "CompositionAggregator", "AGGREGATORS", "CELL_AGGREGATORS", "DEFAULT_AGGREGATORS",
+           "CompositionAggregator", "AGGREGATORS", "CELL_AGGREGATORS", "aggregators_needing", "DEFAULT_AGGREGATORS",
            "make_aggregator",
            "choose_threshold", "negative_label", "REFER", "REFER_KINDS", "NO_CALL",
            "min_cells_from_counts",

@@ -22,9 +22,6 @@ from ensembles.base import Ensemble, cross_val_combine_sets, fold_groups, stacke
 from ensembles.voting import SoftVoting
 
 
-ENTRY_KEYS = ("type", "members", "stress")   # an entry's keys that are not the class's settings
-
-
 def ensemble_members(spec, kinds: dict[str, str]) -> list[str]:
     """Member names from an ensemble's ``members``: "cnn", "all", or a list of names."""
     if spec in (None, "cnn"):
@@ -39,24 +36,24 @@ def ensemble_members(spec, kinds: dict[str, str]) -> list[str]:
     raise BenchError(f"ensemble members must be 'cnn', 'all' or a list of names, got {spec!r}")
 
 
-def build_ensemble(entry: dict, name: str = "") -> Ensemble:
-    """The (unfitted) ensemble of a config entry (``type`` + its settings)."""
-    params = {k: v for k, v in entry.items() if k not in ENTRY_KEYS}
+def build_ensemble(entry, name: str = "") -> Ensemble:
+    """The (unfitted) ensemble of a config entry (its ``type`` and ``params()``: the typed
+    ``[ensembles.NAME]`` entry of the config)."""
     try:
-        return registry.get(entry["type"])(**params)
+        return registry.get(entry.type)(**entry.params())
     except TypeError as exc:
         raise BenchError(f"[ensembles.{name}]: bad settings ({exc})") from None
 
 
-def member_sets(name: str, entry: dict, members: list[str], oofs: dict,
+def member_sets(name: str, entry, members: list[str], oofs: dict,
                 stressed: dict | None):
     """``(sets, fit_sets)``: the members' clean rows, then their rows under each simulated
     shift; ensemble ``name`` is fitted on the first ``fit_sets`` of them."""
     sets = [[oofs[m] for m in members]]
     sets += [[by_name[m] for m in members] for by_name in (stressed or {}).values()]
-    if entry["stress"] and len(sets) == 1:
+    if entry.stress and len(sets) == 1:
         raise BenchError(f"[ensembles.{name}]: stress = true needs [stress] shifts")
-    return sets, (len(sets) if entry["stress"] else 1)
+    return sets, (len(sets) if entry.stress else 1)
 
 
 def fit_ensemble(ens: Ensemble, sets, y, name: str, folds, cross_val: bool = True,
@@ -89,7 +86,7 @@ def evaluate_ensembles(entries: dict, oofs: dict[str, np.ndarray], kinds: dict[s
     rows, out = [], {}
     out_stressed = {s: {} for s in (stressed or {})}
     for name, entry in entries.items():
-        members = ensemble_members(entry.get("members", "cnn"), kinds)
+        members = ensemble_members(entry.members, kinds)
         if not members:
             if warn:
                 warn(f"ensemble '{name}' has no members in this run; skipped")
@@ -147,7 +144,7 @@ def final_ensemble(name: str, kind: str, entries: dict, oofs: dict[str, np.ndarr
     if kind != "ensemble":
         return [name], SoftVoting().fit([oofs[name]], y)
     entry = entries[name]
-    members = ensemble_members(entry.get("members", "cnn"), kinds)
+    members = ensemble_members(entry.members, kinds)
     ens = build_ensemble(entry, name)
     sets, fit_sets = member_sets(name, entry, members, oofs, stressed)
     fit_ensemble(ens, sets, y, name, folds.folds, cross_val=False, fit_sets=fit_sets)

@@ -3,13 +3,16 @@
 Headings after Mitchell et al. 2019 ("Model Cards for Model Reporting"); the items TRIPOD+AI
 (Collins et al. 2024) asks a prediction model's report for (data source, participants,
 outcome, sample size, development, performance with CIs, limitations) are under them.
-Every figure is read from the manifest (``leaderboard``, ``conformal``, ``external``,
-``bags``, ``shift``, ``training_data``); nothing is typed in.
+Every figure is read from the manifest's record (:class:`ensembles.record.PredictorRecord`:
+``leaderboard``, ``conformal``, ``external``, ``bags``, ``shift``, ``training_data``);
+nothing is typed in.
 """
 
 from __future__ import annotations
 
 import math
+
+from ensembles.record import NO_BAG_COLOUR, PredictorRecord
 
 CARD = "MODEL_CARD.md"
 
@@ -18,6 +21,10 @@ def _f(v, digits: int = 3) -> str:
     if v is None or (isinstance(v, float) and math.isnan(v)):
         return "n/a"
     return f"{v:.{digits}f}" if isinstance(v, float) else str(v)
+
+
+def _or_na(v) -> str:
+    return "n/a" if v is None else str(v)
 
 
 def _distilled_lines(d: dict | None) -> list[str]:
@@ -34,25 +41,24 @@ def _distilled_lines(d: dict | None) -> list[str]:
             "was taught (in the lab); check it outside (`stress_*`: under simulated shift)."]
 
 
-def model_card(m: dict) -> str:
-    """The card's Markdown for manifest ``m`` (``files`` and digest not needed)."""
-    ens, td = m["ensemble"], m.get("training_data") or {}
-    classes = m["classes"]
-    models = "model(s), fitted on every row" if m.get("distilled") else "fold models"
-    members = ", ".join(f"{x['name']} ({x.get('type')}, {len(x['models'])} {models})"
-                        for x in m["members"])
+def model_card(m: PredictorRecord) -> str:
+    """The card's Markdown for the manifest's record ``m`` (its files and digest not
+    needed)."""
+    ens, td = m.ensemble, m.training_data or {}
+    classes = m.classes
+    models = "model(s), fitted on every row" if m.distilled else "fold models"
+    members = ", ".join(f"{x.name} ({x.type}, {len(x.models)} {models})" for x in m.members)
     counts = td.get("counts") or {}
-    cp, bags, ext = m.get("conformal"), m.get("bags"), m.get("external") or {}
-    out = [f"# Model card: {ens['name']} ({ens['type']})", "",
+    cp, bags, ext = m.conformal, m.bags, m.external or {}
+    out = [f"# Model card: {ens.name} ({ens.type})", "",
            "## Model details",
-           f"- Ensemble `{ens['name']}` of {members}; chosen as {m.get('chosen_by', 'n/a')}.",
-           *_distilled_lines(m.get("distilled")),
-           f"- Input: RGB images resized to {m.get('image_size')} px "
-           f"({(m.get('preprocessing') or {}).get('resize', 'bicubic')}); test-time views: "
-           f"{m.get('tta', 'none')}; created {m.get('created', 'n/a')} by bloodbench.",
+           f"- Ensemble `{ens.name}` of {members}; chosen as {_or_na(m.chosen_by)}.",
+           *_distilled_lines(m.distilled),
+           f"- Input: RGB images resized to {m.prep.image_size} px ({m.prep.resize}); "
+           f"test-time views: {m.tta}; created {_or_na(m.created)} by bloodbench.",
            f"- Output: one of {len(classes)} classes ({', '.join(classes)}) with probabilities"
-           + (f"; a {cp['confidence']:g} conformal prediction set and a review flag per "
-              "image" if cp else "") + (f"; per patient: {bags['positive']} or not" if bags
+           + (f"; a {cp.confidence:g} conformal prediction set and a review flag per "
+              "image" if cp else "") + (f"; per patient: {bags.positive} or not" if bags
                                         else "") + ".", "",
            "## Intended use",
            "- Research benchmark and pre-classification of single blood-cell images for a "
@@ -74,18 +80,18 @@ def model_card(m: dict) -> str:
            + (f"; per class: {', '.join(f'{k} {v}' for k, v in counts.items())}" if counts
               else "") + ".",
            "- Cross-validation folds keep groups (patients, near duplicates) together; "
-           + (f"the ensemble is the bag of the {len(m['members'][0]['models'])} fold models."
-              if not m.get("distilled") else "one student fitted on every row; its figures "
+           + (f"the ensemble is the bag of the {len(m.members[0].models)} fold models."
+              if not m.distilled else "one student fitted on every row; its figures "
               "are those of the students cross-validated on the same folds."), "",
            "## Quantitative analyses", "### In the lab (out-of-fold)"]
-    board = m.get("leaderboard") or {}
+    board = m.leaderboard or {}
     out += [f"- {k}: {_f(v)}" for k, v in board.items()] or ["- n/a"]
     if cp:
-        lab = cp.get("in_lab") or {}
+        lab = cp.in_lab or {}
         out += ["", "### Conformal prediction sets",
-                f"- Method {cp['method']} (crepes), nominal {cp['confidence']:g}; calibrated on "
-                f"{cp['n_calibration']} {cp.get('fitted_on', '')}; scheme "
-                f"{cp.get('scheme', 'split')} ({cp.get('scheme_rule', 'n/a')})."]
+                f"- Method {cp.method} (crepes), nominal {cp.confidence:g}; calibrated on "
+                f"{cp.n_calibration} {cp.fitted_on}; scheme {cp.scheme} "
+                f"({_or_na(cp.scheme_rule)})."]
         for k, v in (lab.get("by_confidence") or {}).items():
             out.append(f"- In-lab at {k} (each fold's out-of-fold rows against sets "
                        f"calibrated on the other folds'): coverage {_f(v['coverage'])}, mean "
@@ -96,18 +102,18 @@ def model_card(m: dict) -> str:
             out.append(f"- Risk-coverage (maximum probability): AURC {_f(lab.get('aurc'), 4)}, "
                        f"excess AURC {_f(lab.get('excess_aurc'), 4)}; accuracy of the most "
                        f"confident 50 % {_f(acc.get('0.5'))}, 80 % {_f(acc.get('0.8'))}.")
-        rv = cp.get("review") or {}
+        rv = cp.review
         out.append(f"- Review flag: set size other than 1, shift score >= "
-                   f"{rv.get('shift_limit', 1.0):g}, or maximum probability < "
-                   f"{_f(rv.get('confidence_threshold'), 4)} (target error "
-                   f"{rv.get('target_error', 'n/a')} among answered images, out-of-fold).")
-        if cp.get("recalibration"):
-            r = cp["recalibration"]
-            out.append(f"- Recalibrated for a new lab on {r['n']} labelled images of "
-                       f"`{r['data']}` (seed {r['seed']}); the previous calibration: "
-                       f"{r['before'].get('fitted_on', 'n/a')}.")
+                   f"{rv.shift_limit:g}, or maximum probability < "
+                   f"{_f(rv.confidence_threshold, 4)} (target error "
+                   f"{_or_na(rv.target_error)} among answered images, out-of-fold).")
+        if cp.recalibration:
+            r = cp.recalibration
+            out.append(f"- Recalibrated for a new lab on {r.n} labelled images of "
+                       f"`{r.data}` (seed {r.seed}); the previous calibration: "
+                       f"{_or_na(r.before.fitted_on)}.")
     out += ["", "### Outside the lab"]
-    labs = m.get("leave_one_lab_out")
+    labs = m.leave_one_lab_out
     if labs:
         ba = "balanced_accuracy"
         out.append(f"- Leave-one-lab-out (each training lab held out in turn; every fit, "
@@ -142,18 +148,18 @@ def model_card(m: dict) -> str:
         if low:
             out.append("  - Classes below 0.5 recall there: " + ", ".join(
                 f"{c} {_f(v, 2)}" for c, v in low.items()))
-    shift = m.get("shift")
+    shift = m.shift
     out += ["", "### Shift score",
             "- " + ("Each image's colours are placed against the training images' (0-1: the "
                     "share of training images closer to their mean); `bench predict` warns "
                     "when more than half of a batch lies beyond 0.99." if shift else
                     "No description of the training images is stored.")]
     if bags:
-        pl = bags.get("patient_leaderboard") or {}
-        band = bags.get("refer_band")
+        pl = bags.patient_leaderboard or {}
+        band = bags.refer_band
         out += ["", "### Patients",
-                f"- {bags['positive']} per patient by the {bags['aggregator']} of the cells, "
-                f"threshold {_f(bags.get('threshold'), 4)}; ROC AUC {_f(pl.get('roc_auc'))} "
+                f"- {bags.positive} per patient by the {bags.aggregator} of the cells, "
+                f"threshold {_f(bags.threshold, 4)}; ROC AUC {_f(pl.get('roc_auc'))} "
                 f"[{_f(pl.get('roc_auc_lo'))}, {_f(pl.get('roc_auc_hi'))}], sensitivity "
                 f"{_f(pl.get('sensitivity'))}, specificity {_f(pl.get('specificity'))} "
                 "(out-of-fold patients; the best of the rows, picked on the same patients: "
@@ -164,13 +170,13 @@ def model_card(m: dict) -> str:
                        f"[{_f(pl.get('nested_roc_auc_lo'))}, {_f(pl.get('nested_roc_auc_hi'))}], "
                        f"sensitivity {_f(pl.get('nested_sensitivity'))}, specificity "
                        f"{_f(pl.get('nested_specificity'))}: the figure to expect.")
-        colour = (bags.get("colour") or {}).get("bag_colour")
-        if colour:
-            out.append(f"- Each patient's cells are colour-normalised together ({colour}): "
-                       "give a patient's cells as one bag (`predict --bags`).")
+        if bags.bag_colour != NO_BAG_COLOUR:
+            out.append(f"- Each patient's cells are colour-normalised together "
+                       f"({bags.bag_colour}): give a patient's cells as one bag "
+                       "(`predict --bags`).")
         if band:
-            out.append(f"- Referred when the score lies in [{_f(band['lo'], 4)}, "
-                       f"{_f(band['hi'], 4)}] ({band['n_wrong']} of {band['n']} out-of-fold "
+            out.append(f"- Referred when the score lies in [{_f(band.lo, 4)}, "
+                       f"{_f(band.hi, 4)}] ({band.n_wrong} of {band.n} out-of-fold "
                        "patients misclassified there) or the cells look shifted.")
     out += ["", "## Ethical considerations",
             "- Not a medical device. Errors fall unevenly on rare and abnormal cells; the "

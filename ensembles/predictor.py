@@ -1,4 +1,4 @@
-"""The saved ensemble predictor: what users keep after a benchmark.
+"""The saved ensemble predictor: what users keep after a benchmark, loaded and run.
 
 A predictor directory is self-describing and verified on load::
 
@@ -12,45 +12,51 @@ the mean over its fold models): the exact models whose out-of-fold scores are on
 leaderboard, bagged, with no extra training. Nothing is unpickled: Keras models load
 with ``safe_mode=True``, scikit-learn pipelines with skops and an allow-list, the
 ensemble's state is JSON.
+
+The manifest's typed record and its verification are :mod:`ensembles.record`, the writer
+:mod:`ensembles.writer`; this module is the runtime (:class:`Predictor`,
+:func:`load_predictor`) and re-exports the names the others are used by.
 """
 
 from __future__ import annotations
 
-import datetime as _dt
-import hashlib
 import json
-import math
-import shutil
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
-from typing import Annotated, Literal, Optional, Union, get_args
+from typing import NamedTuple
 
 import numpy as np
-from pydantic import (AfterValidator, BaseModel, ConfigDict, Field, StrictFloat, StrictInt,
-                      StrictStr, ValidationError, field_validator, model_validator)
-from pydantic_core import PydanticCustomError
 
 from core import registry
 from core.calibration import apply_temperature
-from core.conformal import ConformalSets, join_set, review_of
 from core.candidate import CANDIDATE_FILE, Candidate, load_candidate
+from core.colour import bag_colour
+from core.conformal import join_set, review_of
 from core.errors import BenchError
-from core.colour import BAG_COLOUR, bag_colour
-from core.images import Preprocessing, as_items, resolve_preprocessing
+from core.images import as_items
+from core.io import safe_text
 from core.progress import progress_iter
-from core.shift import ShiftReference
-from ensembles.bags import CELL_AGGREGATORS, call_bag
+from ensembles.bags import call_bag
 from ensembles.base import Ensemble
-from ensembles.model_card import CARD, model_card
+from ensembles.overlay import gradcam_names, write_gradcam_png
+from ensembles.record import (MANIFEST, NO_BAG_COLOUR, BagTask, PredictorRecord,
+                              manifest_digest, one_line, verify_predictor)
 from ensembles.tta import TTA_VIEWS, VIEWS
-from core.io import (atomic_write_json, atomic_write_text, file_sha256, is_inside, json_default,
-                     package_versions, staged)
+from ensembles.writer import save_predictor
 
-MANIFEST = "manifest.json"
-FORMAT_VERSION = 1
 # Images per call of the fused Keras graph. Larger calls buy no speed on CPU and cost memory
 # (quick PBC predictor with a 224-px backbone: peak 3.9 GiB at 128, 5.9 GiB at 256).
 FUSED_BATCH = 128
+#: the first columns of ``bench predict``'s table (:meth:`Predictor.table_header`)
+TABLE_COLUMNS = ("path", "prediction", "confidence")
+
+
+class TableBatch(NamedTuple):
+    """One batch of ``bench predict``'s table (:meth:`Predictor.predict_table`)."""
+    rows: list          # the CSV rows of the batch's readable images
+    errors: list        # ``(position, exception)`` of its unreadable files
+    shift: object       # the readable images' shift scores (None without a reference)
+    review: object      # their prediction sets and review flags (None without stored sets)
 
 
 class Predictor:
@@ -58,25 +64,29 @@ class Predictor:
 
     Attributes
     ----------
+    record : the manifest's :class:`ensembles.record.PredictorRecord`.
     classes_ : array of class names.
     preprocessing : the :class:`core.images.Preprocessing` record of the manifest; every
-        input goes through it, as the training images did.
+        input goes through it, as the training images did, unless it is passed as model
+        input (``preprocessed=True``).
     image_size : side of the square images the members were trained on.
     member_names_ : members in the ensemble's order.
     member_kinds_ : ``{name: "cnn" | "baseline"}``.
     """
 
-    def __init__(self, manifest: dict, members: dict[str, list], ensemble, path: Path):
-        self.manifest = manifest
+    def __init__(self, record: PredictorRecord, members: dict[str, list], ensemble,
+                 path: Path):
+        if isinstance(record, dict):   # a run's fold models, never saved (bench.external)
+            record = PredictorRecord.unverified(record)
+        self.record = record
         self.members_ = members
         self.ensemble_ = ensemble
         self.path = path
-        self.classes_ = np.array(manifest["classes"])
-        self.preprocessing = resolve_preprocessing(manifest)
+        self.classes_ = np.array(record.classes)
+        self.preprocessing = record.prep
         self.image_size = self.preprocessing.image_size
-        self.member_names_ = [m["name"] for m in manifest["members"]]
-        self.member_kinds_ = {m["name"]: m.get("kind") or members[m["name"]][0].kind
-                              for m in manifest["members"]}
+        self.member_names_ = [m.name for m in record.members]
+        self.member_kinds_ = {m.name: m.kind or members[m.name][0].kind for m in record.members}
         # Keras members run as one compiled TensorFlow graph per batch: every fold model of
         # every such member on the same input tensor (traced once, any batch size). Frozen
         # backbones with identical weights (the fold models of a frozen-transfer member)
@@ -84,12 +94,11 @@ class Predictor:
         self._fused_names = [n for n in self.member_names_   # declared: model -> softmax
                              if all(c.fused_inference for c in members[n])]
         self._fused = None
-        self.tta = manifest.get("tta", "none")
-        shift = manifest.get("shift")
-        self.shift_reference_ = ShiftReference.from_dict(shift) if shift else None
-        cp = manifest.get("conformal")   # prediction sets and review rule (core.conformal)
+        self.tta = record.tta
+        self.shift_reference_ = record.shift.reference if record.shift else None
+        cp = record.conformal   # prediction sets and review rule (core.conformal)
         try:
-            self.conformal_ = ConformalSets.from_dict(cp, len(self.classes_)) if cp else None
+            self.conformal_ = cp.sets(len(self.classes_)) if cp else None
             counts = {len(members[n]) for n in self.member_names_}
             need = self.conformal_.n_folds if self.conformal_ is not None else None
             if need is not None and counts != {need}:
@@ -158,14 +167,16 @@ class Predictor:
 
     @property
     def bag_colour_(self) -> str:
-        """The per-bag colour normalisation a bag task was trained with (``"none"``)."""
-        spec = self.bag_task_
-        return (spec.get("colour") or {}).get("bag_colour", "none") if spec else "none"
+        """The per-bag colour normalisation a bag task was trained with."""
+        return self.record.bag_colour
 
     def predict_proba(self, x, batch_size: int = 256, folds: bool = False,
-                      one_bag: bool = False):
+                      one_bag: bool = False, preprocessed: bool = False):
         """Class probabilities (N, n_classes) for image paths or ``uint8`` arrays of any
-        size; images are read and resized one batch at a time, each only once (files: the
+        size, each through the predictor's :attr:`preprocessing` (an array at the model's
+        size too); ``preprocessed``: ``x`` is model input already (an (N, S, S, 3)
+        ``uint8`` array, as :meth:`core.images.Preprocessing.load` gives it), used as it
+        is. Images are read and resized one batch at a time, each only once (files: the
         next batch is read while the current one is classified). With ``folds``:
         ``(proba, fold_proba)``, the second (n_folds, N, n_classes), the ensemble as each
         fold's models make it (for cross-conformal sets).
@@ -173,15 +184,15 @@ class Predictor:
         A bag task trained with ``[patients] bag_colour`` normalises the colour of a bag's
         cells together (:func:`core.colour.bag_colour`): :meth:`predict_bags` does it per
         bag; here ``x`` is read whole and normalised as one bag (``one_bag``: ``x`` is
-        model input already normalised so)."""
-        if isinstance(x, np.ndarray) and x.ndim == 4 and x.shape[1:3] == (self.image_size,) * 2:
-            items = x
-        else:
-            items = as_items(x)
-        if not one_bag:
-            items = self.normalise_bag(self.preprocessing.apply_batch(items)) \
-                if self.bag_colour_ != "none" else items
-        prep = self.preprocessing.apply_batch
+        model input already normalised so, as :meth:`load_bag` gives it)."""
+        preprocessed = preprocessed or one_bag
+        items = self.preprocessing.batch_items(x, preprocessed)
+        if not one_bag and self.bag_colour_ != NO_BAG_COLOUR:
+            items = self.normalise_bag(self.preprocessing.apply_batch(items, preprocessed))
+            preprocessed = True
+
+        def prep(chunk):
+            return self.preprocessing.apply_batch(chunk, preprocessed)
         starts = list(range(0, len(items), batch_size))
         chunks, fold_chunks = [], []
         with ThreadPoolExecutor(1) as reader:
@@ -203,9 +214,8 @@ class Predictor:
                        else np.zeros((self.n_folds_, 0, k)))
 
     def _temper(self, p: np.ndarray) -> np.ndarray:
-        t = (self.manifest.get("calibration") or {}).get("temperature")   # [predictor]
-        # temperature_scaling: T fitted on the ensemble's out-of-fold probabilities
-        return apply_temperature(p, float(t)) if t else p
+        t = self.record.temperature   # [predictor] temperature_scaling: T fitted on the
+        return apply_temperature(p, float(t)) if t else p   # ensemble's out-of-fold rows
 
     @property
     def n_folds_(self) -> int:
@@ -230,7 +240,7 @@ class Predictor:
             rows = s + np.asarray(good, dtype=np.int64)
             proba = pf = None
             if len(rows):
-                out = self.predict_proba(X, batch_size=len(X), folds=folds)
+                out = self.predict_proba(X, batch_size=len(X), folds=folds, preprocessed=True)
                 proba, pf = out if folds else (out, None)
             yield rows, X, full, proba, [(s + j, exc) for j, exc in errs], pf
 
@@ -251,16 +261,18 @@ class Predictor:
                                for k in range(self.n_folds_)])
         return proba, fold_proba
 
-    def adapt(self, x, max_images: int = 2000, seed: int = 0) -> dict:
+    def adapt(self, x, max_images: int = 2000, seed: int = 0,
+              preprocessed: bool = False) -> dict:
         """Unsupervised test-time adaptation (AdaBN) of the members that declare
-        ``adaptable`` on a seeded sample of at most ``max_images`` of ``x`` (no labels).
-        Changes this loaded predictor only, never its files. Returns what was done."""
-        items = x if isinstance(x, np.ndarray) and x.ndim == 4 else as_items(x)
+        ``adaptable`` on a seeded sample of at most ``max_images`` of ``x`` (no labels;
+        ``preprocessed`` as in :meth:`predict_proba`). Changes this loaded predictor only,
+        never its files. Returns what was done."""
+        items = self.preprocessing.batch_items(x, preprocessed)
         rows = np.arange(len(items))
         if len(rows) > max_images:
             rows = np.sort(np.random.default_rng(seed).choice(rows, max_images, replace=False))
-        X = self.preprocessing.apply_batch([items[i] for i in rows] if not isinstance(
-            items, np.ndarray) else items[rows])
+        X = self.preprocessing.apply_batch(items[rows] if preprocessed else
+                                           [items[i] for i in rows], preprocessed)
         layers, models = 0, 0
         for n in self.member_names_:
             for m in self.members_[n]:
@@ -271,34 +283,89 @@ class Predictor:
         return {"method": "AdaBN (batch-norm statistics re-estimated on the new images)",
                 "images": int(len(X)), "fold_models": models, "layers": layers}
 
-    def shift_scores(self, x, batch_size: int = 256) -> np.ndarray:
+    def shift_scores(self, x, batch_size: int = 256, preprocessed: bool = False) -> np.ndarray:
         """Per image, how far its colours lie from the training images' (0-1: the share of
-        training images closer to their mean; see :mod:`core.shift`). ``None`` for
-        predictors saved without a description of their training images."""
+        training images closer to their mean; see :mod:`core.shift`; ``preprocessed`` as in
+        :meth:`predict_proba`). ``None`` for predictors saved without a description of
+        their training images."""
         if self.shift_reference_ is None:
             return None
-        items = x if isinstance(x, np.ndarray) and x.ndim == 4 else as_items(x)
+        items = self.preprocessing.batch_items(x, preprocessed)
         return np.concatenate([self.shift_reference_.score(
-            self.preprocessing.apply_batch(items[i:i + batch_size]))
+            self.preprocessing.apply_batch(items[i:i + batch_size], preprocessed))
             for i in range(0, len(items), batch_size)]) if len(items) else np.zeros(0)
 
-    def predict_review(self, x, batch_size: int = 256) -> dict:
-        """What ``bench predict`` writes per image: ``prediction``, ``confidence``,
-        ``prediction_set`` (classes joined by ``|``), ``set_size``, ``review`` (set size
-        other than one, shift score beyond the stored limit, or confidence below the stored
-        threshold), the reasons, ``shift_score`` and ``proba``."""
+    def _review(self, proba, shift, fold_proba) -> dict | None:
+        """The stored prediction sets and review flags (:func:`core.conformal.review_of`) of
+        images with these probabilities and shift scores; ``None`` without stored sets."""
+        if self.conformal_ is None:
+            return None
+        return review_of(self.conformal_, self.record.conformal.review, proba, shift,
+                         fold_proba)
+
+    def predict_review(self, x, batch_size: int = 256, preprocessed: bool = False) -> dict:
+        """What ``bench predict`` writes per image (:meth:`predict_table`): ``prediction``,
+        ``confidence``, ``prediction_set`` (classes joined by ``|``), ``set_size``,
+        ``review`` (set size other than one, shift score beyond the stored limit, or
+        confidence below the stored threshold), the reasons, ``shift_score`` and
+        ``proba``."""
         if self.conformal_ is None:
             raise BenchError(f"predictor {self.path} was saved without conformal prediction "
                              "sets; run it again, or bench calibrate it on labelled images")
-        proba, fold_proba = self.predict_proba(x, batch_size, folds=True) \
-            if self.needs_fold_proba_ else (self.predict_proba(x, batch_size), None)
-        shift = self.shift_scores(x, batch_size)
-        rv = review_of(self.conformal_, self.manifest["conformal"].get("review") or {}, proba,
-                       shift, fold_proba)
+        out = self.predict_proba(x, batch_size, folds=self.needs_fold_proba_,
+                                 preprocessed=preprocessed)
+        proba, fold_proba = out if self.needs_fold_proba_ else (out, None)
+        shift = self.shift_scores(x, batch_size, preprocessed)
+        rv = self._review(proba, shift, fold_proba)
         return {"prediction": self.classes_[proba.argmax(axis=1)],
                 "confidence": proba.max(axis=1),
                 "prediction_set": [join_set(r, self.classes_) for r in rv.pop("sets")],
                 **rv, "shift_score": shift, "proba": proba}
+
+    def table_header(self, gradcam: bool = False) -> list[str]:
+        """The columns of ``bench predict``'s table (:meth:`predict_table`)."""
+        return ([*TABLE_COLUMNS, *self.classes_]
+                + (["shift_score"] if self.shift_reference_ is not None else [])
+                + (["gradcam"] if gradcam else [])
+                + (["prediction_set", "set_size", "review"] if self.conformal_ else []))
+
+    def predict_table(self, paths, batch_size: int = 256, *, gradcam_dir=None, root=None,
+                      show: bool = True):
+        """``bench predict``'s table of the image files ``paths`` (columns:
+        :meth:`table_header`), a :class:`TableBatch` per batch of ``batch_size``: per
+        readable image its path, the prediction and its probability, every class's
+        probability, the shift score, the Grad-CAM figure's name, the prediction set, its
+        size and the review flag (each column the predictor has; the same numbers as
+        :meth:`predict_review`); and the unreadable files, skipped. ``gradcam_dir``: write
+        each image's Grad-CAM figure there (:func:`ensembles.overlay.write_gradcam_png`),
+        named after its path under ``root`` (:func:`ensembles.overlay.gradcam_names`)."""
+        cams_to = None if gradcam_dir is None else Path(gradcam_dir)
+        names = gradcam_names(paths, root) if cams_to is not None else None
+        ref = self.shift_reference_
+        for good, X, full, proba, errors, fold_proba in self.predict_batches(
+                paths, batch_size, keep_full=cams_to is not None, show=show):
+            if not len(good):
+                yield TableBatch([], errors, None, None)
+                continue
+            top = np.argmax(proba, axis=1)
+            cams = None if cams_to is None else self.explain(X, class_index=top,
+                                                             preprocessed=True)
+            shift = ref.score(X) if ref is not None else None
+            rv = self._review(proba, shift, fold_proba)
+            rows = []
+            for j, (i, p) in enumerate(zip(good, proba)):
+                k = int(top[j])
+                extra = [f"{shift[j]:.4f}"] if shift is not None else []
+                if cams_to is not None:
+                    write_gradcam_png(cams_to / names[i], full[j], cams[j], p, self.classes_,
+                                      title=safe_text(str(paths[i])))
+                    extra.append(names[i])
+                if rv is not None:
+                    extra += [join_set(rv["sets"][j], self.classes_), int(rv["set_size"][j]),
+                              int(rv["review"][j])]
+                rows.append([str(paths[i]), self.classes_[k], f"{p[k]:.6f}",
+                             *[f"{v:.6f}" for v in p], *extra])
+            yield TableBatch(rows, errors, shift, rv)
 
     def predict(self, x, batch_size: int = 256) -> np.ndarray:
         """Class names of the most probable class."""
@@ -306,16 +373,15 @@ class Predictor:
 
     # -- bags (patients) ------------------------------------------------------------
     @property
-    def bag_task_(self) -> dict | None:
-        """A bag task's settings (positive class, aggregator and its params, threshold,
-        min_cells; each default from :class:`BagTask`), else ``None``."""
-        bags = self.manifest.get("bags")
-        return None if bags is None else BagTask.model_validate(bags).model_dump()
+    def bag_task_(self) -> BagTask | None:
+        """A bag task's settings (:class:`ensembles.record.BagTask`: positive class,
+        aggregator and its params, threshold, min_cells, ...), else ``None``."""
+        return self.record.bags
 
     def normalise_bag(self, X: np.ndarray) -> np.ndarray:
         """One bag's preprocessed cells (N, S, S, 3) colour-normalised together as the bag
         task was trained (``[patients] bag_colour``); unchanged without it."""
-        if self.bag_colour_ == "none" or not len(X):
+        if self.bag_colour_ == NO_BAG_COLOUR or not len(X):
             return X
         return bag_colour(X, np.zeros(len(X)), self.bag_colour_)
 
@@ -346,7 +412,7 @@ class Predictor:
             raise BenchError(f"predictor {self.path} was not trained on a bag task "
                              "([data] bags = true): it classifies single images")
         classes = [str(c) for c in self.classes_]
-        pos = classes.index(spec["positive"])
+        pos = classes.index(spec.positive)
         out = []
         for name, items in bags.items():
             items = as_items(items)
@@ -354,8 +420,8 @@ class Predictor:
                 score, decision, _ = call_bag(spec, classes, np.zeros(0), None)
                 out.append({"bag": name, "n_cells": 0, "n_skipped": 0, "skipped": [],
                             "probability": score, "decision": decision,
-                            "reason": "no image file", "threshold": float(spec["threshold"]),
-                            "min_cells": spec["min_cells"],
+                            "reason": "no image file", "threshold": float(spec.threshold),
+                            "min_cells": spec.min_cells,
                             "cells": np.zeros((0, len(classes))), "cell_items": []})
                 continue
             X, ok, errors = self.load_bag(items)   # the bag's cells together
@@ -368,8 +434,8 @@ class Predictor:
             score, decision, reason = call_bag(spec, classes, proba[:, pos], shift)
             out.append({"bag": name, "n_cells": int(len(ok)), "n_skipped": len(skipped),
                         "skipped": skipped, "probability": score, "decision": decision,
-                        "reason": reason, "threshold": float(spec["threshold"]),
-                        "min_cells": spec["min_cells"], "cells": proba,
+                        "reason": reason, "threshold": float(spec.threshold),
+                        "min_cells": spec.min_cells, "cells": proba,
                         "cell_items": [items[i] for i in ok]})
         return out
 
@@ -411,9 +477,11 @@ class Predictor:
             raise BenchError(f"class_index must be in [0, {k}), got {class_index}")
         return idx
 
-    def explain(self, x, class_index=None, batch_size: int = 64) -> np.ndarray:
+    def explain(self, x, class_index=None, batch_size: int = 64,
+                preprocessed: bool = False) -> np.ndarray:
         """The ensemble's Grad-CAM maps, (N, S, S) ``float32`` in [0, 1] at the training
-        resolution ``S`` (upsample to show them on the original image).
+        resolution ``S`` (upsample to show them on the original image; ``preprocessed`` as
+        in :meth:`predict_proba`).
 
         A CNN member's map is the mean of its fold models' maps
         (``KerasCandidate.explain``); the ensemble's is their weighted mean
@@ -421,11 +489,11 @@ class Predictor:
         by the ensemble), a class index or name, or one index per image.
         """
         weights = self.explain_weights()
-        items = x if isinstance(x, np.ndarray) and x.ndim == 4 else as_items(x)
+        items = self.preprocessing.batch_items(x, preprocessed)
         fixed = None if class_index is None else self._class_indices(class_index, len(items))
         maps = []
         for i in range(0, len(items), batch_size):
-            images = self.preprocessing.apply_batch(items[i:i + batch_size])
+            images = self.preprocessing.apply_batch(items[i:i + batch_size], preprocessed)
             if fixed is None:
                 target = np.argmax(self.ensemble_.combine(self.member_probas(images)), axis=1)
             else:
@@ -443,354 +511,8 @@ class Predictor:
         return np.clip(out, 0.0, 1.0).astype(np.float32)
 
     def __repr__(self):
-        return (f"Predictor({self.manifest['ensemble']['name']}: {', '.join(self.member_names_)}; "
+        return (f"Predictor({self.record.ensemble.name}: {', '.join(self.member_names_)}; "
                 f"classes={list(self.classes_)})")
-
-
-def save_predictor(path, *, ensemble_name: str, ensemble, members: dict[str, list[Path]],
-                   member_info: dict[str, dict], classes: list[str],
-                   preprocessing: Preprocessing, training_data: dict,
-                   extra: dict | None = None, tta: str = "none",
-                   shift: ShiftReference | None = None) -> Path:
-    """Write a predictor directory (atomically: a temp dir moved into place).
-
-    ``members`` maps a member name to its saved fold-model folders; ``preprocessing`` is
-    the record of how the training images were made, stored for :class:`Predictor`;
-    ``tta`` the test-time views (:data:`TTA_VIEWS`); ``shift`` the description of the
-    training images behind :meth:`Predictor.shift_scores`.
-    """
-    if tta not in TTA_VIEWS:
-        raise BenchError(f"[predictor] tta must be one of {sorted(TTA_VIEWS)}, got {tta!r}")
-    extra = {**(extra or {}), "tta": tta, **({"shift": shift.to_dict()} if shift else {})}
-    with staged(path) as tmp:
-        _write_predictor(tmp, ensemble_name, ensemble, members, member_info, classes,
-                         preprocessing, training_data, extra)
-    return Path(path)
-
-
-def _write_predictor(tmp: Path, ensemble_name, ensemble, members, member_info, classes,
-                     preprocessing: Preprocessing, training_data, extra) -> None:
-    (tmp / "members").mkdir(parents=True)
-    entries = []
-    for name, folders in members.items():
-        rel = []
-        for k, folder in enumerate(folders):
-            dest = tmp / "members" / name / f"model{k}"
-            shutil.copytree(folder, dest, ignore=shutil.ignore_patterns("checkpoint.keras"))
-            rel.append(dest.relative_to(tmp).as_posix())
-        entries.append({"name": name, "models": rel, **member_info.get(name, {})})
-    atomic_write_text(tmp / CARD, model_card({   # MODEL_CARD.md, checksummed like the rest
-        "classes": list(classes), "members": entries, "training_data": training_data,
-        "ensemble": {"name": ensemble_name, "type": ensemble.type_name},
-        "image_size": preprocessing.image_size, "preprocessing": preprocessing.to_dict(),
-        **(extra or {})}))
-    files = {p.relative_to(tmp).as_posix(): file_sha256(p)
-             for p in sorted(tmp.rglob("*")) if p.is_file()}
-    manifest = {
-        "format": FORMAT_VERSION,
-        "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
-        "classes": list(classes),
-        "image_size": preprocessing.image_size,
-        "preprocessing": preprocessing.to_dict(),
-        "ensemble": {"name": ensemble_name, "type": ensemble.type_name,
-                     "params": ensemble.get_params(), "state": ensemble.get_state()},
-        "members": entries,
-        "training_data": training_data,
-        "versions": package_versions(),
-        "files": files,
-        **(extra or {}),
-    }
-    manifest = json.loads(json.dumps(manifest, default=json_default))
-    manifest["manifest_sha256"] = manifest_digest(manifest)
-    atomic_write_json(tmp / MANIFEST, manifest)
-
-
-def manifest_digest(manifest: dict) -> str:
-    """sha256 of the manifest's canonical JSON, its own ``manifest_sha256`` left out: an
-    edited manifest (weights, classes, checksums) no longer matches it."""
-    body = {k: v for k, v in manifest.items() if k != "manifest_sha256"}
-    text = json.dumps(body, sort_keys=True, separators=(",", ":"), ensure_ascii=True)
-    return hashlib.sha256(text.encode()).hexdigest()
-
-
-def _inside(root: Path, rel: str) -> Path:
-    f = (root / rel).resolve()
-    if not is_inside(f, root):
-        raise BenchError(f"predictor manifest points outside its folder {root}: {rel}")
-    return f
-
-
-def _one_line(exc: BaseException, limit: int = 400) -> str:
-    """An exception as one short line (Keras and skops messages span several)."""
-    text = " ".join(str(exc).split())
-    if not isinstance(exc, BenchError):
-        text = f"{type(exc).__name__}: {text}" if text else type(exc).__name__
-    return text if len(text) <= limit else text[:limit - 3] + "..."
-
-
-def _is_int(v) -> bool:
-    return isinstance(v, int) and not isinstance(v, bool)
-
-
-def _is_number(v) -> bool:
-    return (_is_int(v) and abs(v) < 2 ** 63) or (isinstance(v, float) and math.isfinite(v))
-
-
-class _Record(BaseModel):
-    """A part of the manifest; a field's ``description`` says what its value must be, and
-    is the error when it is not."""
-    model_config = ConfigDict(strict=True, extra="allow")
-
-
-def _number_check(v):
-    if not _is_number(v):
-        raise ValueError("not a finite number")
-    return v
-
-
-_Number = Annotated[Union[StrictInt, StrictFloat], AfterValidator(_number_check)]
-_Name = Annotated[StrictStr, Field(min_length=1)]
-
-
-class _Member(_Record):
-    name: _Name = Field(description="'name' must be a non-empty string")
-    models: list[_Name] = Field(min_length=1,
-                                description="'models' must be a non-empty list of folders")
-    type: Optional[StrictStr] = Field(None, description="'type' must be a string")
-    kind: Optional[StrictStr] = Field(None, description="'kind' must be a string")
-    weight: Optional[_Number] = Field(None, description="'weight' must be a number")
-
-
-class _EnsembleRecord(_Record):
-    name: StrictStr = Field(description="'name' must be a string")
-    type: StrictStr = Field(description="'type' must be a string")
-    params: dict = Field(description="'params' must be an object")
-    state: dict = Field(description="'state' must be an object")
-
-
-class _Band(_Record):
-    lo: _Number = Field(description="'refer_band' needs a number 'lo'")
-    hi: _Number = Field(description="'refer_band' needs a number 'hi'")
-
-    @model_validator(mode="after")
-    def _ordered(self):
-        if self.lo > self.hi:
-            raise _problem("'refer_band' has 'lo' above 'hi'")
-        return self
-
-
-class _BagColour(_Record):
-    bag_colour: Literal[BAG_COLOUR] = Field(
-        description=f"'bag_colour' must be one of {list(BAG_COLOUR)}")
-
-
-class BagTask(_Record):
-    positive: StrictStr = Field(description="'positive' must be one of 'classes'")
-    aggregator: Literal[CELL_AGGREGATORS] = Field(
-        description=f"'aggregator' must be one of {list(CELL_AGGREGATORS)}")
-    params: dict = Field({}, description="'params' must be an object")
-    threshold: _Number = Field(description="'threshold' must be a number")
-    min_cells: Annotated[StrictInt, Field(ge=1)] = Field(
-        1, description="'min_cells' must be an integer of at least 1")   # saved before it: none
-    refer_band: Optional[_Band] = Field(   # saved before it: none
-        None, description="'refer_band' must be an object with numbers 'lo' <= 'hi'")
-    colour: Optional[_BagColour] = Field(   # [patients] bag_colour; saved before it: none
-        None, description="'colour' must be an object with 'bag_colour'")
-
-
-class _Calibration(_Record):
-    temperature: Optional[Annotated[_Number, Field(ge=0)]] = Field(
-        None, description="'temperature' must be a non-negative number")
-
-
-def _problem(text: str) -> PydanticCustomError:
-    return PydanticCustomError("manifest", "{problem}", {"problem": text})
-
-
-class PredictorManifest(_Record):
-    """The fields a predictor needs from ``manifest.json`` (a manifest whose digest was
-    recomputed after an edit is refused here with one line, not a traceback later)."""
-    files: dict[_Name, StrictStr] = Field(
-        description="'files' must be an object of path: sha256 strings")
-    classes: list[StrictStr] = Field(min_length=1,
-                                     description="'classes' must be a non-empty list of class names")
-    members: list[_Member] = Field(min_length=1, description="'members' must be a non-empty list")
-    ensemble: _EnsembleRecord = Field(description="'ensemble' must be an object")
-    image_size: Optional[Annotated[StrictInt, Field(gt=0)]] = Field(
-        None, description="'image_size' must be a positive integer")
-    bags: Optional[BagTask] = Field(None, description="'bags' must be an object")
-    created: Optional[StrictStr] = Field(None, description="'created' must be a string")
-    chosen_by: Optional[StrictStr] = Field(None, description="'chosen_by' must be a string")
-    member_models: Optional[StrictStr] = Field(None,
-                                               description="'member_models' must be a string")
-    training_data: Optional[dict] = Field(None, description="'training_data' must be an object")
-    versions: Optional[dict] = Field(None, description="'versions' must be an object")
-    leaderboard: Optional[dict[str, _Number]] = Field(
-        None, description="'leaderboard' must be an object of numbers")
-    calibration: Optional[_Calibration] = Field(None,
-                                                description="'calibration' must be an object")
-    tta: Literal[tuple(TTA_VIEWS)] = Field(
-        "none", description=f"'tta' must be one of {sorted(TTA_VIEWS)}")
-    shift: Optional[dict] = Field(
-        None, description="'shift' is not a valid description of the training images")
-
-    @field_validator("classes")
-    @classmethod
-    def _distinct_classes(cls, classes):
-        if len(set(classes)) != len(classes):
-            raise _problem("'classes' lists a class twice")
-        return classes
-
-    @field_validator("members")
-    @classmethod
-    def _distinct_members(cls, members):
-        names = set()
-        for m in members:
-            if m.name in names:
-                raise _problem(f"member '{m.name}' is listed twice")
-            names.add(m.name)
-        return members
-
-    @model_validator(mode="after")
-    def _consistent(self):
-        if self.bags is not None and self.bags.positive not in self.classes:
-            raise _problem("bags 'positive' must be one of 'classes'")
-        prep = (self.model_extra or {}).get("preprocessing")
-        if self.image_size is None and not isinstance(prep, dict):
-            raise _problem("'image_size' is missing")
-        try:
-            size = resolve_preprocessing({"image_size": self.image_size,
-                                          "preprocessing": prep}).image_size
-        except Exception as exc:  # noqa: BLE001 - any failure is a bad record
-            raise _problem(_one_line(exc)) from None
-        if self.image_size is not None and size != self.image_size:
-            raise _problem(f"'image_size' {self.image_size} differs from the preprocessing's "
-                           f"{size}")
-        if self.shift is not None:
-            try:
-                ref = ShiftReference.from_dict(self.shift)
-                ok = ref.precision.shape == (len(ref.mean),) * 2 and len(ref.reference) > 1 \
-                    and np.isfinite(ref.precision).all()
-            except (TypeError, ValueError, KeyError, AttributeError):
-                ok = False
-            if not ok:
-                raise _problem(PredictorManifest.model_fields["shift"].description)
-        return self
-
-
-def _submodel(annotation):
-    """The :class:`_Record` a field's annotation holds (alone, in a list, or optional)."""
-    if isinstance(annotation, type) and issubclass(annotation, _Record):
-        return annotation
-    return next(filter(None, map(_submodel, get_args(annotation))), None)
-
-
-def _manifest_problem(err: dict, manifest: dict) -> str:
-    """The first pydantic error of a manifest in the words of the field's description,
-    named by the member, ``ensemble``, ``bags`` or ``calibration`` it belongs to."""
-    if err["type"] == "manifest":
-        return err["ctx"]["problem"]
-    model, prefix, what, loc = PredictorManifest, "", err["msg"], list(err["loc"])
-    while loc:
-        key = loc.pop(0)
-        field = model.model_fields.get(key) if isinstance(key, str) else None
-        if field is None:        # a union's tag or a table's key
-            continue
-        what, model = prefix + field.description, _submodel(field.annotation)
-        if model is None:
-            break
-        prefix = f"{key} "
-        if key == "members":
-            if not (loc and isinstance(loc[0], int)):
-                break
-            i = loc.pop(0)
-            m = manifest["members"][i]
-            name = m.get("name") if isinstance(m, dict) else None
-            what = f"member {i} must be an object"
-            prefix = f"member '{name}': " if isinstance(name, str) and name else f"member {i}: "
-    return what
-
-
-def _check_fields(manifest: dict, mpath: Path) -> PredictorManifest:
-    """The manifest as a :class:`PredictorManifest`; a defect is one :class:`BenchError`
-    line naming the manifest file and the field."""
-    try:
-        return PredictorManifest.model_validate(manifest)
-    except ValidationError as exc:
-        raise BenchError(f"bad predictor manifest {mpath}: "
-                         f"{_manifest_problem(exc.errors()[0], manifest)}") from None
-
-
-def _check_candidate_files(path: Path, manifest: dict) -> None:
-    """Each fold model's ``candidate.json`` (JSON, checksummed above) names a type and
-    has one class per class of the manifest. Loads no model."""
-    k = len(manifest["classes"])
-    for m in manifest["members"]:
-        for j, rel in enumerate(m["models"]):
-            where = f"predictor {path}: member {m['name']} model {j}"
-            meta_path = path / rel / CANDIDATE_FILE
-            if not meta_path.is_file():
-                raise BenchError(f"{where}: not a saved candidate (no {CANDIDATE_FILE})")
-            try:
-                meta = json.loads(meta_path.read_text())
-            except (OSError, ValueError, RecursionError) as exc:
-                raise BenchError(f"{where}: unreadable {CANDIDATE_FILE} ({_one_line(exc)})") \
-                    from None
-            if not (isinstance(meta, dict) and isinstance(meta.get("type"), str)
-                    and isinstance(meta.get("params"), dict)
-                    and isinstance(meta.get("classes"), list)):
-                raise BenchError(f"{where}: {CANDIDATE_FILE} must be an object with 'type', "
-                                 "'params' and a 'classes' list")
-            if len(meta["classes"]) != k:
-                raise BenchError(f"{where}: the model has {len(meta['classes'])} classes, the "
-                                 f"manifest lists {k} ({', '.join(manifest['classes'])})")
-
-
-def verify_predictor(path) -> dict:
-    """Check the manifest's own digest, its fields, and every file against its sha256 (a
-    missing, altered or unlisted file is refused); return the manifest. Loads no model."""
-    path = Path(path)
-    mpath = path / MANIFEST
-    if not mpath.is_file():
-        raise BenchError(f"not a predictor directory (no {MANIFEST}): {path}")
-    try:
-        manifest = json.loads(mpath.read_text())
-    except (OSError, ValueError, RecursionError) as exc:   # JSONDecodeError, UnicodeDecodeError
-        raise BenchError(f"corrupt predictor manifest {mpath}: {_one_line(exc)}") from None
-    if not isinstance(manifest, dict):
-        raise BenchError(f"corrupt predictor manifest {mpath}: a JSON object was expected, "
-                         f"got {type(manifest).__name__}")
-    fmt = manifest.get("format")
-    if not _is_int(fmt) or fmt != FORMAT_VERSION:
-        raise BenchError(f"{mpath}: unsupported predictor format {fmt!r}")
-    if manifest.get("manifest_sha256") != manifest_digest(manifest):
-        raise BenchError(f"predictor manifest altered (its digest does not match): {mpath}")
-    _check_fields(manifest, mpath)
-    for m in manifest["members"]:
-        for rel in m["models"]:
-            _inside(path, rel)
-    for rel, digest in manifest["files"].items():
-        f = _inside(path, rel)
-        if not f.is_file():
-            raise BenchError(f"predictor file missing: {f}")
-        if file_sha256(f) != digest:
-            raise BenchError(f"predictor file altered (checksum mismatch): {f}")
-    listed = set(manifest["files"])
-    for f in path.rglob("*"):
-        if f.is_dir() and not f.is_symlink():
-            continue
-        rel = f.relative_to(path).as_posix()
-        if rel == MANIFEST:    # only the top-level manifest is not in its own list
-            continue
-        if rel not in listed or f.is_symlink() or not f.is_file():
-            raise BenchError(f"unexpected file in predictor (not in manifest): {f}")
-    _check_candidate_files(path, manifest)
-    if manifest.get("conformal") is not None:   # core.conformal checks its own state
-        try:
-            ConformalSets.from_dict(manifest["conformal"], None)   # classes: when loading
-        except BenchError as exc:
-            raise BenchError(f"bad predictor manifest {mpath}: {exc}") from None
-    return manifest
 
 
 def _load_member(path: Path, name: str, j: int, rel: str, k: int, image_size: int):
@@ -805,25 +527,26 @@ def _load_member(path: Path, name: str, j: int, rel: str, k: int, image_size: in
     except MemoryError:
         raise
     except Exception as exc:  # noqa: BLE001 - any failure to load is a bad predictor
-        raise BenchError(f"{where}: {_one_line(exc)}") from None
+        raise BenchError(f"{where}: {one_line(exc)}") from None
     return cand
 
 
-def _load_ensemble(path: Path, info: dict, n_members: int, k: int):
-    """The ensemble from its JSON state, checked on one uniform input: it must combine
-    ``n_members`` members of ``k`` classes into probabilities."""
-    where = f"predictor {path}: cannot load ensemble '{info['name']}' ({info['type']})"
+def _load_ensemble(path: Path, info, n_members: int, k: int):
+    """The ensemble from its JSON state (``info``: the record's
+    :class:`ensembles.record.EnsembleRecord`), checked on one uniform input: it must
+    combine ``n_members`` members of ``k`` classes into probabilities."""
+    where = f"predictor {path}: cannot load ensemble '{info.name}' ({info.type})"
     try:
-        cls = registry.get(info["type"])
+        cls = registry.get(info.type)
         if not (isinstance(cls, type) and issubclass(cls, Ensemble)):
-            raise BenchError(f"'{info['type']}' is not an ensemble type")
-        ensemble = cls(**info["params"]).set_state(info["state"])
+            raise BenchError(f"'{info.type}' is not an ensemble type")
+        ensemble = cls(**info.params).set_state(info.state)
         probe = np.asarray(ensemble.combine([np.full((2, k), 1.0 / k)] * n_members),
                            dtype=np.float64)
     except MemoryError:
         raise
     except Exception as exc:  # noqa: BLE001 - any failure is a bad state
-        raise BenchError(f"{where}: {_one_line(exc)}") from None
+        raise BenchError(f"{where}: {one_line(exc)}") from None
     if probe.shape != (2, k) or not np.isfinite(probe).all() or probe.min() < -1e-6 \
             or not np.allclose(probe.sum(axis=1), 1.0, atol=1e-4):
         raise BenchError(f"{where}: its state does not turn {n_members} members' "
@@ -835,11 +558,16 @@ def load_predictor(path) -> Predictor:
     """Load and verify a saved predictor (see the module docstring). Any defect is one
     :class:`BenchError` naming the predictor and the part that failed."""
     path = Path(path)
-    manifest = verify_predictor(path)
-    k = len(manifest["classes"])
-    size = resolve_preprocessing(manifest).image_size
-    members = {m["name"]: [_load_member(path, m["name"], j, rel, k, size)
-                           for j, rel in enumerate(m["models"])]
-               for m in manifest["members"]}
-    ensemble = _load_ensemble(path, manifest["ensemble"], len(members), k)
-    return Predictor(manifest, members, ensemble, path)
+    record = verify_predictor(path)
+    k = len(record.classes)
+    size = record.prep.image_size
+    members = {m.name: [_load_member(path, m.name, j, rel, k, size)
+                        for j, rel in enumerate(m.models)]
+               for m in record.members}
+    ensemble = _load_ensemble(path, record.ensemble, len(members), k)
+    return Predictor(record, members, ensemble, path)
+
+
+__all__ = ["Predictor", "TableBatch", "TABLE_COLUMNS", "load_predictor", "verify_predictor",
+           "save_predictor", "manifest_digest", "MANIFEST", "PredictorRecord", "BagTask"]
+

@@ -22,6 +22,7 @@ import pytest
 
 REPO = Path(__file__).resolve().parents[1]
 PACKAGES = ["core", "features", "cnn", "baselines", "ensembles", "bench"]
+SCRIPTS = ["benchmarks"]   # scripts over the packages: checked for cycles and direction too
 ALLOWED = {   # package -> project packages it may import
     "core": {"core"},
     "features": {"core", "features"},
@@ -29,6 +30,7 @@ ALLOWED = {   # package -> project packages it may import
     "baselines": {"core", "features", "baselines"},
     "ensembles": {"core", "ensembles"},
     "bench": set(PACKAGES),
+    "benchmarks": set(PACKAGES) | {"benchmarks"},   # nothing imports a benchmark script
 }
 HEAVY = {"keras", "tensorflow"}   # third-party modules a project module imports lazily
 
@@ -159,7 +161,33 @@ def dodging_imports(root: Path, packages) -> list[str]:
 
 @pytest.fixture(scope="module")
 def graph():
-    return import_graph(REPO, PACKAGES)
+    return import_graph(REPO, PACKAGES + SCRIPTS)
+
+
+def reachable(graph, start: str) -> set[str]:
+    """Every project module ``start`` loads, directly or through others."""
+    seen, todo = set(), [start]
+    while todo:
+        for i in graph[todo.pop()]:
+            if i.target not in seen:
+                seen.add(i.target)
+                todo.append(i.target)
+    return seen
+
+
+def test_benchmark_scripts_are_in_the_graph(graph):
+    assert {"benchmarks.cnn", "benchmarks.patients", "benchmarks.labs"} <= set(graph)
+    assert any(i.target == "bench.rundir" for i in graph["benchmarks.labs"])
+
+
+def test_no_run_stage_imports_the_report(graph):
+    """The stages of `bench run` (bench.runner.STAGES, each defined in its own module)
+    produce what the report reads; none of them loads the report."""
+    from bench.runner import STAGES
+    modules = {st.run.__module__ for st in STAGES} - {"bench.runner"}
+    assert {"bench.labs", "bench.patients", "bench.external", "bench.saving"} <= modules
+    for m in sorted(modules):
+        assert not {t for t in reachable(graph, m) if t.startswith("bench.report")}, m
 
 
 def test_no_import_cycle_among_the_project_modules(graph):

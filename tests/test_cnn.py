@@ -174,8 +174,8 @@ def test_config_resolves_weights_relative_to_its_folder(tmp_path):
                    '[candidates.i]\ntype = "transfer_frozen"\nparams = { weights = "imagenet" }\n'
                    '[profiles.p]\ndescription = ""\n')
     c = load_config(cfg, profile="p")
-    assert c.candidates["t"]["params"]["weights"] == str(tmp_path / "w" / "x.weights.h5")
-    assert c.candidates["i"]["params"]["weights"] == "imagenet"
+    assert c.candidates["t"].params["weights"] == str(tmp_path / "w" / "x.weights.h5")
+    assert c.candidates["i"].params["weights"] == "imagenet"
 
 
 @needs_weights

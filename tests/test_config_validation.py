@@ -70,6 +70,10 @@ CASES = [
      "did you mean 'vote'"),
     ("report setting", "[profiles.t]", "[report]\nconfidence = 2\n[profiles.t]", [],
      "[report] confidence"),
+    ("stats setting", "[profiles.t]", "[stats]\nconfidence = 2\n[profiles.t]", [],
+     "[stats] confidence must be below 1"),
+    ("stats bins", "[profiles.t]", "[stats]\nece_bins = 0\n[profiles.t]", [],
+     "[stats] ece_bins must be at least 1"),
     ("profile key", 'description = "validation tests"', 'description = "x"\nrunn = {}', [],
      "profile 't' has unknown key 'runn'"),
     ("select", 'description = "validation tests"', 'description = "x"\nselect = ["rf"]', [],
@@ -162,14 +166,14 @@ def test_inf_and_nan_are_refused_by_the_typed_settings_too(toy_folder, tmp_path)
     from core.errors import BenchError
     from core.params import validate_params
     cfg = load_config(_write(tmp_path, toy_folder, None, None))
-    data = {**cfg.data, "predictor": {**cfg["predictor"], "conformal": {
-        **cfg["predictor"]["conformal"], "raps_lambda": float("inf")}}}
+    table = cfg.to_dict()
+    table["predictor"]["conformal"]["raps_lambda"] = float("inf")
     with pytest.raises(BenchError, match=r"^config: \[predictor\] conformal.raps_lambda must "
                                          r"be a finite number, got inf$"):
-        Config(data)
+        Config.from_dict(table)
     with pytest.raises(BenchError, match=r"\[tuning\] val_fraction must be a finite number"):
         cfg.override("tuning", val_fraction=float("nan"))
-    assert cfg["tuning"]["val_fraction"] == 0.2   # unchanged by the refused override
+    assert cfg.tuning.val_fraction == 0.2   # unchanged by the refused override
     with pytest.raises(BenchError, match=r"^x: max_features: expected a finite number, got inf$"):
         validate_params(FeatureForest, {"max_features": float("inf")}, "x")
     with pytest.raises(BenchError, match=r"^x: features.color.bins: expected a finite number, "
@@ -182,7 +186,7 @@ def test_gradcam_per_class_0_is_fine_without_the_audit(toy_folder, tmp_path):
     from bench.config import load_config
     cfg = load_config(_write(tmp_path, toy_folder, "[profiles.t]",
                              "[report]\ngradcam = false\ngradcam_per_class = 0\n[profiles.t]"))
-    assert cfg["report"]["gradcam_per_class"] == 0
+    assert cfg.report.gradcam_per_class == 0
 
 
 def test_a_config_that_is_not_text_is_one_line(tmp_path, capsys):

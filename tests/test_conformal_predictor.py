@@ -93,11 +93,11 @@ def test_no_calibration_row_is_scored_by_a_model_that_saw_it(spied):
 def test_predictor_stores_sets_card_and_leaderboard_columns(spied, capsys):
     from ensembles.predictor import verify_predictor
     m = verify_predictor(spied["out"] / "predictor")
-    cp = m["conformal"]
-    assert cp["method"] == "mondrian" and cp["confidence"] == 0.9
-    assert cp["n_calibration"] == 60 and set(cp["in_lab"]["by_confidence"]) == {"0.9", "0.95"}
-    assert 0 < cp["review"]["confidence_threshold"] <= 1.000001
-    assert "MODEL_CARD.md" in m["files"]
+    cp = m.conformal
+    assert cp.method == "mondrian" and cp.confidence == 0.9
+    assert cp.n_calibration == 60 and set(cp.in_lab["by_confidence"]) == {"0.9", "0.95"}
+    assert 0 < cp.review.confidence_threshold <= 1.000001
+    assert "MODEL_CARD.md" in m.files
     card = (spied["out"] / "predictor" / "MODEL_CARD.md").read_text()
     for heading in ("## Intended use", "## Training data", "## Quantitative analyses",
                     "### Conformal prediction sets", "## Caveats and recommendations"):
@@ -157,14 +157,14 @@ def test_calibrate_leaves_the_original_byte_identical_and_refuses_bad_input(spie
     assert "with --method lac" in capsys.readouterr().err
     from ensembles.predictor import verify_predictor
     m = verify_predictor(out)
-    assert m["conformal"]["method"] == "lac"
+    assert m.conformal.method == "lac"
     assert main(["calibrate", "--model", str(model), "--data", str(new_lab), "--n", "15",
                  "--method", "mondrian", "--out", str(tmp_path / "kept")]) == 0
     assert "calibration images are in" in capsys.readouterr().err
-    assert verify_predictor(tmp_path / "kept")["conformal"]["method"] == "mondrian"
-    rc = m["conformal"]["recalibration"]
-    assert m["conformal"]["n_calibration"] == 15 and len(rc["rows"]) == 15
-    assert rc["before"]["n_calibration"] == 60
+    assert verify_predictor(tmp_path / "kept").conformal.method == "mondrian"
+    rc = m.conformal.recalibration
+    assert m.conformal.n_calibration == 15 and len(rc.rows) == 15
+    assert rc.before.n_calibration == 60
     assert "Recalibrated for a new lab on 15" in (out / "MODEL_CARD.md").read_text()
     # evaluate leaves the drawn images out and reports both calibrations on the rest
     ev = tmp_path / "ev"
@@ -278,10 +278,10 @@ def test_bag_predictor_stores_a_refer_band_and_predict_bags_writes_refer(tmp_pat
                   show_progress=False)
     model = tmp_path / "run" / "predictor"
     m = verify_predictor(model)
-    band = m["bags"]["refer_band"]
-    assert band["lo"] <= band["hi"] and band["n"] == 20
+    band = m.bags.refer_band
+    assert band.lo <= band.hi and band.n == 20
     # the default scheme: split-conformal sets of the fold average, no fold models asked for
-    assert m["conformal"]["scheme"] == "split" and "folds" not in m["conformal"]
+    assert m.conformal.scheme == "split" and m.conformal.folds is None
     assert not load_predictor(model).needs_fold_proba_
     pats = tmp_path / "pats"
     cells = sorted((data / "images").rglob("*.png")) if (data / "images").is_dir() else \
@@ -294,10 +294,11 @@ def test_bag_predictor_stores_a_refer_band_and_predict_bags_writes_refer(tmp_pat
                  "--out", str(out)]) == 0
     row = next(csv.DictReader(out.open()))
     p = float(row[next(k for k in row if k.startswith("probability_"))])
-    if band["lo"] <= p <= band["hi"]:
+    if band.lo <= p <= band.hi:
         assert row["decision"] == "refer" and row["reason"].startswith("score in the band")
-    spec = {"positive": "APL", "aggregator": "mean", "params": {}, "threshold": 0.5,
-            "min_cells": 1, "refer_band": {"lo": 0.4, "hi": 0.6}}
+    from ensembles.record import BagTask
+    spec = BagTask(positive="APL", aggregator="mean", threshold=0.5, min_cells=1,
+                   refer_band={"lo": 0.4, "hi": 0.6})
     classes = ["AML", "APL"]
     assert call_bag(spec, classes, [0.5, 0.5])[1:] == (
         "refer", "score in the band 0.400-0.600 where out-of-fold patients were "
@@ -306,7 +307,7 @@ def test_bag_predictor_stores_a_refer_band_and_predict_bags_writes_refer(tmp_pat
     assert call_bag(spec, classes, [0.3, 0.3])[1:] == ("AML", "")
     shifted = call_bag(spec, classes, [0.7, 0.7], np.full(2, 1.0))   # cells far out
     assert shifted[1] == "refer" and shifted[2].startswith("cells unlike the training")
-    assert call_bag({**spec, "refer_band": None}, classes, [0.5])[1] == "APL"
+    assert call_bag(spec.model_copy(update={"refer_band": None}), classes, [0.5])[1] == "APL"
 
 
 @pytest.mark.parametrize("field,value,fragment", [
@@ -333,7 +334,7 @@ def test_saved_sets_are_cross_conformal_over_the_fold_models(spied, tmp_path):
     from core.conformal import cross_p_values, nonconformity
     from ensembles.predictor import load_predictor
     pred = load_predictor(spied["out"] / "predictor")
-    cp = pred.manifest["conformal"]
+    cp = pred.record.raw["conformal"]
     assert len(cp["folds"]) == cp["n_calibration"] and pred.needs_fold_proba_
     assert pred.conformal_.n_folds == pred.n_folds_ == 3
     data = write_toy_folder(tmp_path / "new", n_per_class=3, seed=9)
@@ -358,7 +359,7 @@ def test_model_card_says_when_an_external_sets_coverage_falls_below_nominal(spie
     ext = {"n": 50, "accuracy": 0.4, "balanced_accuracy": 0.3, "confidence": 0.9,
            "coverage": 0.55, "mean_set_size": 1.1, "aurc": 0.4, "share_flagged": 0.3,
            "answered_accuracy": 0.5}
-    held = model_card({**m, "external": {"lab_b": {**ext, "below_nominal": False}}})
-    fell = model_card({**m, "external": {"lab_b": {**ext, "below_nominal": True}}})
+    held = model_card(m.model_copy(update={"external": {"lab_b": {**ext, "below_nominal": False}}}))
+    fell = model_card(m.model_copy(update={"external": {"lab_b": {**ext, "below_nominal": True}}}))
     assert "`lab_b` (50 images)" in held and "coverage below nominal" not in held
     assert "coverage below nominal: the sets do not hold there" in fell

@@ -137,7 +137,7 @@ def test_shipped_datasets_on_shared_data_name_files_and_columns_that_exist():
              if str(e.get("path", "")).startswith("../shared/")]
     assert {"pbc", "deepapl", "deepapl_pbc_classes", "deepapl_apl"} <= set(names)
     for name in names:
-        data = load_config(root / "benchmarks.toml", data=name)["data"]
+        data = load_config(root / "benchmarks.toml", data=name).data.model_dump()
         assert (root / data["path"]).exists(), name
         for key in ("labels", "cell_types"):
             if data.get(key):

@@ -122,9 +122,9 @@ def test_bench_distill_saves_a_predictor_that_loads_verifies_and_predicts(distil
     run = distilled
     out = run.path / NAME
     manifest = verify_predictor(out)
-    assert manifest["distilled"]["teacher"] == "vote_all"
-    assert [m["name"] for m in manifest["members"]] == [NAME]
-    assert len(manifest["members"][0]["models"]) == 1          # one model, not a bag of folds
+    assert manifest.distilled["teacher"] == "vote_all"
+    assert [m.name for m in manifest.members] == [NAME]
+    assert len(manifest.members[0].models) == 1          # one model, not a bag of folds
     pred = load_predictor(out)
     X, y = toy_arrays(10, 32, seed=5)
     proba = pred.predict_proba(X)
@@ -132,11 +132,11 @@ def test_bench_distill_saves_a_predictor_that_loads_verifies_and_predicts(distil
     assert (proba.argmax(1) == y).mean() > 0.6                # it learnt (chance: 1/3)
     assert pred.explain(X[:4]).shape == (4, 32, 32)            # Grad-CAM
     assert pred.shift_scores(X[:4]).shape == (4,)
-    assert manifest["conformal"]["confidence"] > 0
+    assert manifest.conformal.confidence > 0
     card = (out / "MODEL_CARD.md").read_text()
     assert "Distilled: one `scratch_cnn` trained on the out-of-fold probabilities of " \
         "`vote_all`" in card and "teacher" in card and "1 model(s)" in card
-    assert set(manifest["distilled"]["cross_validated"]) >= {"accuracy", "macro_f1"}
+    assert set(manifest.distilled["cross_validated"]) >= {"accuracy", "macro_f1"}
     board = pd.read_csv(run.path / "leaderboard.csv").set_index("candidate")
     row = board.loc[NAME]
     assert row["kind"] == "distilled" and row["accuracy"] > 0.6

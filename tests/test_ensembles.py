@@ -204,11 +204,12 @@ def test_stacking_rejects_bad_settings(data):
 
 
 def test_runner_reports_bad_ensemble_settings_in_one_line(data):
+    from bench.config import EnsembleEntry
     from ensembles.build import build_ensemble as _build_ensemble, fit_ensemble as _fit_ensemble
     y, folds, rng = data
     with pytest.raises(BenchError, match=r"\[ensembles.st\]: bad settings"):
-        _build_ensemble({"type": "stacking", "members": "cnn", "metaa": "x"}, "st")
-    ens = _build_ensemble({"type": "stacking", "meta": "svm"}, "st")
+        _build_ensemble(EnsembleEntry(type="stacking", members="cnn", metaa="x"), "st")
+    ens = _build_ensemble(EnsembleEntry(type="stacking", meta="svm"), "st")
     with pytest.raises(BenchError, match=r"\[ensembles.st\]: stacking meta must be"):
         _fit_ensemble(ens, [[noisy_member(y, rng, 0.7)]], y, "st", folds)
 

@@ -178,7 +178,9 @@ def test_identity_map_outputs_consistent(model, ext, tmp_path, capsys):
     for m in ("accuracy", "balanced_accuracy", "macro_f1", "ece"):
         assert r["ci"][m]["lo"] <= r[m] <= r["ci"][m]["hi"]
     assert r["bootstrap"] == {"resamples": 1000, "seed": 0, "level": 0.95,
-                              "method": "percentile", "unit": "image", "n_units": 24}
+                              "method": "percentile", "unit": "image", "n_units": 24,
+                              "ece_bins": 15,   # [stats] of the predictor's own run
+                              "settings": f"[stats] of {Path(model).parent / 'config.toml'}"}
     # read at full size through the predictor's own preprocessing, as predict does
     from ensembles import load_predictor
     direct = load_predictor(model).predict_proba(list(p["path"]))

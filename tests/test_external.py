@@ -54,10 +54,10 @@ def ext_run(tmp_path_factory, toy_folder):
 
 def test_external_sets_apply_to_their_datasets_only(ext_run, toy_folder):
     cfg, _, ext = ext_run
-    assert list(load_config(cfg, data="toy")["external"]) == ["lab2"]
-    assert list(load_config(cfg, data=str(toy_folder))["external"]) == ["lab2"]   # same path
-    assert load_config(cfg, data="elsewhere")["external"] == {}
-    assert load_config(cfg)["external"] == {}
+    assert list(load_config(cfg, data="toy").external) == ["lab2"]
+    assert list(load_config(cfg, data=str(toy_folder)).external) == ["lab2"]   # same path
+    assert load_config(cfg, data="elsewhere").external == {}
+    assert load_config(cfg).external == {}
 
 
 def test_every_entry_is_scored_on_the_external_set(ext_run):
@@ -88,6 +88,28 @@ def test_every_entry_is_scored_on_the_external_set(ext_run):
     assert row["balanced_accuracy"] == pytest.approx(s["balanced_accuracy"])
     assert board.set_index("candidate").loc["rf_hog", "lab2_accuracy"] == \
         pytest.approx(s["accuracy"])
+
+
+def test_external_intervals_follow_the_stats_confidence(ext_run, toy_folder, tmp_path):
+    """[stats] confidence sets the level of the external table's intervals, as of every
+    other interval: the same run at 0.9 gives each interval inside the 0.95 one drawn from
+    the same resamples, and narrower."""
+    from bench.rundir import RunDir
+    from bench.runner import run_from_args
+    _, out95, ext = ext_run
+    cfg = write_tiny_config(tmp_path / "c.toml", toy_folder,
+                            extra=EXTRA.format(data=toy_folder, ext=ext)
+                            + "\n[stats]\nconfidence = 0.9\n")
+    _, out90 = run_from_args(str(cfg), data="toy", out=str(tmp_path / "run"),
+                             only=["rf_hog"], show_progress=False)
+    wide = RunDir(out95).read_external("lab2")[0].set_index("candidate").loc["rf_hog"]
+    table, _, meta = RunDir(out90).read_external("lab2")
+    narrow = table.set_index("candidate").loc["rf_hog"]
+    for m in ("accuracy", "balanced_accuracy", "macro_f1"):
+        assert narrow[m] == pytest.approx(wide[m])            # the same predictions
+        assert wide[f"{m}_lo"] <= narrow[f"{m}_lo"] <= narrow[f"{m}_hi"] <= wide[f"{m}_hi"]
+    assert any(narrow[f"{m}_lo"] > wide[f"{m}_lo"] or narrow[f"{m}_hi"] < wide[f"{m}_hi"]
+               for m in ("accuracy", "balanced_accuracy", "macro_f1"))
 
 
 @pytest.mark.parametrize("entry,fragment", [

@@ -160,15 +160,14 @@ def test_audit_config_removes_grouping_only(audited, tmp_path):
     cfg_file, out, _ = audited
     cfg = load_config(str(cfg_file), out=str(out))
     audit = audit_config(cfg, out / "leakage")
-    assert audit["data"]["groups"] == "" and cfg["data"]["groups"]   # the original unchanged
-    assert audit["run"]["out"] == str(out / "leakage")
-    assert audit["report"]["enabled"] is False and audit["report"]["leakage_audit"] is False
-    assert audit["external"] == {} and audit["tuning"]["storage"] == ""
+    assert audit.data.groups == "" and cfg.data.groups   # the original unchanged
+    assert audit.run.out == str(out / "leakage")
+    assert audit.report.enabled is False and audit.report.leakage_audit is False
+    assert audit.external == {} and audit.tuning.storage == ""
     for key in ("candidates", "ensembles", "feature_sets"):
-        assert audit[key] == cfg[key]
-    assert audit["run"]["seed"] == cfg["run"]["seed"] and audit["run"]["folds"] == 3
-    cfg.data["data"]["groups"] = ""
-    assert audit_config(cfg, tmp_path) is None
+        assert audit.to_dict()[key] == cfg.to_dict()[key]
+    assert audit.run.seed == cfg.run.seed and audit.run.folds == 3
+    assert audit_config(cfg.derive(data={"groups": ""}), tmp_path) is None
 
 
 def test_compare_sorts_by_the_grouped_metric():

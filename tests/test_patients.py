@@ -16,7 +16,7 @@ import pytest
 from PIL import Image
 
 from bench import patients as patients_mod
-from bench.config import load_config
+from bench.config import PatientsSection, load_config
 from bench.folds import make_bag_folds
 from bench.runner import run_benchmark
 from core.errors import BenchError
@@ -24,6 +24,7 @@ from core.splits import PredefinedFolds
 from ensembles.bags import (CompositionAggregator, MeanAggregator, TopKMeanAggregator,
                             TrimmedMeanAggregator, choose_threshold)
 from ensembles.predictor import load_predictor
+from ensembles.record import BagTask
 
 REPO = Path(__file__).resolve().parents[1]
 CELL_TYPES = ["blast", "promyelocyte", "neutrophil"]
@@ -202,7 +203,8 @@ def test_composition_fits_never_see_a_test_bag(monkeypatch):
     monkeypatch.setattr(patients_mod, "StandardScaler", Spy)
     monkeypatch.setattr(CompositionAggregator, "fit", spy_fit)
     scores, thresholds, comp, names = patients_mod.composition_scores(
-        feats, types, bags, {"seed": 0, "threshold": "youden"}, show_progress=False)
+        feats, types, bags, PatientsSection(seed=0, threshold="youden"),
+        show_progress=False)
     per_fold = patients_mod.INNER_FOLDS + 1
     assert len(cell_fits) == 4 * per_fold
     for k in range(4):
@@ -287,7 +289,7 @@ def test_predictor_diagnoses_patient_folders(bag_run, bag_data, tmp_path):
             (tmp_path / "pats" / p).mkdir(parents=True, exist_ok=True)
             (tmp_path / "pats" / p / Path(f).name).write_bytes((bag_data / f).read_bytes())
     pred = load_predictor(bag_run / "predictor")
-    assert pred.bag_task_["positive"] == "APL"
+    assert pred.bag_task_.positive == "APL"
     out = tmp_path / "patients.csv"
     res = subprocess.run([sys.executable, "-m", "bench", "predict", "--model",
                           str(bag_run / "predictor"), "--img_path", str(tmp_path / "pats"),
@@ -381,8 +383,8 @@ def test_leakage_audit_of_a_bag_task_scores_cells_on_image_level_folds(tmp_path,
     from bench.leakage import audit_config
     cfg = load_config(_config(tmp_path, bag_data), out=str(tmp_path / "run"))
     audit = audit_config(cfg, tmp_path / "run" / "leakage")
-    assert audit["data"]["bags"] is False and audit["data"]["groups"] == ""
-    assert audit["data"]["labels"] == cfg["data"]["labels"]     # the same weak labels
+    assert audit.data.bags is False and audit.data.groups == ""
+    assert audit.data.labels == cfg.data.labels     # the same weak labels
 
 
 def test_too_few_cell_types_are_refused_before_any_unit_runs(tmp_path, bag_data):
@@ -422,9 +424,9 @@ def _predict_bags_cli(model: Path, folder: Path, out: Path):
 def test_the_predictor_stores_min_cells_from_the_training_bags(bag_run, bag_data):
     spec = load_predictor(bag_run / "predictor").bag_task_
     counts = pd.read_csv(bag_data / "cells.csv").groupby("patient").size()
-    assert spec["min_cells"] == int(np.floor(np.percentile(counts, 5)))
-    assert 1 <= spec["min_cells"] <= counts.min() + 1
-    assert "percentile" in spec["min_cells_rule"]
+    assert spec.min_cells == int(np.floor(np.percentile(counts, 5)))
+    assert 1 <= spec.min_cells <= counts.min() + 1
+    assert "percentile" in spec.min_cells_rule
 
 
 def test_one_bad_file_does_not_stop_the_batch(bag_run, bag_data, tmp_path):
@@ -479,7 +481,7 @@ def test_a_batch_of_only_unreadable_files_is_an_error(bag_run, tmp_path):
 
 def test_too_few_cells_are_referred_not_called(bag_run, bag_data, tmp_path):
     pred = load_predictor(bag_run / "predictor")
-    min_cells = pred.bag_task_["min_cells"]
+    min_cells = pred.bag_task_.min_cells
     root = _patient_folders(bag_data, tmp_path / "pats", ["P00", "P01"])
     few = sorted((root / "P00").glob("*.png"))
     for f in few[3:]:
@@ -522,13 +524,12 @@ def test_a_set_min_cells_is_stored(tmp_path, bag_data):
                       only=["rf_color"])
     run_benchmark(cfg, show_progress=False)
     spec = load_predictor(tmp_path / "run" / "predictor").bag_task_
-    assert spec["min_cells"] == 7 and spec["min_cells_rule"] == "[patients] min_cells = 7"
+    assert spec.min_cells == 7 and spec.min_cells_rule == "[patients] min_cells = 7"
 
 
 def test_call_bags_applies_threshold_min_cells_and_skips_per_bag():
     from ensembles.bags import call_bags
-    spec = {"positive": "APL", "aggregator": "mean", "params": {}, "threshold": 0.5,
-            "min_cells": 3}
+    spec = BagTask(positive="APL", aggregator="mean", threshold=0.5, min_cells=3)
     rows = call_bags(spec, ["AML", "APL"], ["a", "a", "a", "b", "b", "c", "c", "c"],
                      [.9, .8, .7, .9, .9, .1, .2, .3], labels=["APL"] * 5 + ["AML"] * 3,
                      skipped_groups=["b", "d"])
@@ -538,10 +539,9 @@ def test_call_bags_applies_threshold_min_cells_and_skips_per_bag():
     assert rows[0]["probability"] == pytest.approx(0.8) and np.isnan(rows[3]["probability"])
     assert rows[1]["reason"].startswith("too few cells (2 < min_cells 3); leaning ")
     # a predictor saved before min_cells existed has no minimum
-    from ensembles.predictor import BagTask
     old = BagTask.model_validate({"positive": "APL", "aggregator": "mean", "threshold": 0.5})
-    assert old.model_dump()["min_cells"] == 1
-    assert call_bags(old.model_dump(), ["AML", "APL"], ["b"], [0.9])[0]["decision"] == "APL"
+    assert old.min_cells == 1
+    assert call_bags(old, ["AML", "APL"], ["b"], [0.9])[0]["decision"] == "APL"
 
 
 def test_evaluate_with_groups_calls_each_patient_by_the_same_rules(bag_run, bag_data, tmp_path):
@@ -586,8 +586,8 @@ def test_evaluate_with_groups_calls_each_patient_by_the_same_rules(bag_run, bag_
 def test_refer_band_refers_and_scoring_counts_the_lean_at_threshold():
     from bench.scoring import score_patients
     from ensembles.bags import call_bags
-    spec = {"positive": "APL", "aggregator": "mean", "params": {}, "threshold": 0.5,
-            "min_cells": 1, "refer_band": {"lo": 0.45, "hi": 0.62}}
+    spec = BagTask(positive="APL", aggregator="mean", threshold=0.5, min_cells=1,
+                   refer_band={"lo": 0.45, "hi": 0.62})
     rows = call_bags(spec, ["AML", "APL"], ["a", "b", "c", "d"], [0.9, 0.55, 0.3, 0.48],
                      labels=["APL", "APL", "AML", "APL"])
     got = {r["bag"]: (r["decision"], r["leaning"]) for r in rows}
@@ -599,6 +599,5 @@ def test_refer_band_refers_and_scoring_counts_the_lean_at_threshold():
     assert s["sensitivity"] == 1.0 and s["specificity"] == 1.0        # called ones only
     assert s["sensitivity_at_threshold"] == pytest.approx(2 / 3)      # d leans AML
     assert s["specificity_at_threshold"] == 1.0
-    from ensembles.predictor import BagTask
     with pytest.raises(Exception, match="'lo' above 'hi'"):
-        BagTask.model_validate({**spec, "refer_band": {"lo": 0.7, "hi": 0.2}})
+        BagTask.model_validate({**spec.model_dump(), "refer_band": {"lo": 0.7, "hi": 0.2}})

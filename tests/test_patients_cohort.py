@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import io
 import json
-import os
 from pathlib import Path
 
 import numpy as np
@@ -380,9 +379,15 @@ def test_the_smooth_step_is_stored_and_applied_by_preprocessing():
     assert "smooth" not in Preprocessing(32).to_dict()      # older records read the same
     a = np.random.default_rng(0).integers(0, 255, (40, 40, 3), dtype=np.uint8)
     assert np.array_equal(p.apply(a), smooth(Preprocessing(32).apply(a), 1.0))
-    # a batch at the model's size is model input as it is (never smoothed twice)
+    # an array at the model's size goes through every step, smooth included, unless it is
+    # declared model input (preprocessed=True): its shape decides nothing
     batch = p.apply_batch([a, a])
-    assert np.array_equal(p.apply_batch(batch), batch)
+    at_size = np.stack([Preprocessing(32).apply(a)] * 2)
+    assert np.array_equal(p.apply_batch(at_size), np.stack([smooth(x, 1.0) for x in at_size]))
+    assert not np.array_equal(p.apply_batch(at_size), at_size)
+    assert np.array_equal(p.apply_batch(batch, preprocessed=True), batch)
+    with pytest.raises(BenchError, match="preprocessed images must be an"):
+        p.apply_batch(a, preprocessed=True)
     with pytest.raises(BenchError, match="smooth"):
         Preprocessing(32, smooth=-1)
 

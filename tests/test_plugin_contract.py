@@ -103,7 +103,7 @@ def test_readme_plugin_runs_in_one_and_two_workers_with_equal_results(plugin_pat
 
 
 def test_readme_plugin_runs_on_dask(plugin_path, tmp_path):
-    distributed = pytest.importorskip("distributed")
+    import distributed
     root, data = plugin_path
     ref = tmp_path / "local"
     run_benchmark(_config(root, data, ref), workers=1, show_progress=False)

@@ -48,9 +48,9 @@ def test_bloodbench_prefix_names_a_file_of_the_package_from_any_config(tmp_path)
                         'params = { n_estimators = 5, features = { hog = {} } }\n'
                         '[profiles.p]\n')
     cfg = load_config(cfg_file, profile="p")
-    assert cfg.path(cfg["data"]["path"]) == str(SAMPLE)
+    assert cfg.path(cfg.data.path) == str(SAMPLE)
     # a path on the command line that is the sample counts as that named dataset
-    assert load_config(cfg_file, profile="p", data=str(SAMPLE))["data"]["same_as"] == ["s"]
+    assert load_config(cfg_file, profile="p", data=str(SAMPLE)).data.same_as == ["s"]
 
 
 def test_smoke_reads_the_sample_without_data_and_data_overrides_it(tmp_path):
@@ -58,28 +58,28 @@ def test_smoke_reads_the_sample_without_data_and_data_overrides_it(tmp_path):
     # a clone with no ../shared: the config alone in a folder of its own
     shutil.copy(ROOT / "benchmarks.toml", tmp_path / "benchmarks.toml")
     cfg = load_config(tmp_path / "benchmarks.toml", profile="smoke")
-    assert cfg["data"]["path"] == SAMPLE_REF
+    assert cfg.data.path == SAMPLE_REF
     assert resolve_data_path(cfg) == (SAMPLE, None)   # no fallback download
     ds, path = prepare_dataset(cfg, show_progress=False)
     assert path == SAMPLE and len(ds) == 512 and ds.classes == PBC_CLASSES
     assert load_config(tmp_path / "benchmarks.toml", profile="smoke",
-                       data="pbc_sample")["data"]["path"] == SAMPLE_REF
+                       data="pbc_sample").data.path == SAMPLE_REF
     # --data replaces it: a named dataset, or a path
     named = load_config(ROOT / "benchmarks.toml", profile="smoke", data="pbc")
-    assert named["data"]["path"] == "../shared/data/pbc/pbc_64.npz"
-    assert named["data"]["max_images"] == 800
+    assert named.data.path == "../shared/data/pbc/pbc_64.npz"
+    assert named.data.max_images == 800
     other = load_config(ROOT / "benchmarks.toml", profile="smoke", data=str(tmp_path / "x"))
-    assert other["data"]["path"] == str(tmp_path / "x")
+    assert other.data.path == str(tmp_path / "x")
 
 
 def test_smoke_runs_two_cnns_a_baseline_and_multi_member_ensembles():
     from core import registry
     cfg = load_config(ROOT / "benchmarks.toml", profile="smoke")
-    kinds = {n: registry.get(e["type"]).kind for n, e in cfg.candidates.items()}
+    kinds = {n: registry.get(e.type).kind for n, e in cfg.candidates.items()}
     assert sum(k == "cnn" for k in kinds.values()) >= 2 and "baseline" in kinds.values()
-    assert cfg.candidates["tl_mnv2_finetune"]["params"]["weights_missing"] == "random"
+    assert cfg.candidates["tl_mnv2_finetune"].params["weights_missing"] == "random"
     assert {"soft_vote", "soft_vote_opt", "stack", "stack_all"} <= set(cfg.ensembles)
-    assert cfg["run"]["workers"] == 2
+    assert cfg.run.workers == 2
 
 
 # ----------------------------------------------------------------------------- weights
@@ -149,9 +149,10 @@ def test_weights_missing_is_checked_by_the_config(tmp_path, toy_folder):
 def test_a_missing_external_set_is_skipped_with_one_warning(tmp_path, capsys):
     from bench.external import score_external
     gone = tmp_path / "not_here" / "images"
-    from bench.config import ExternalEntry   # entries reach the run as validated dumps
-    entry = ExternalEntry(path=str(gone), labels=f"{gone.parent}/cells.csv:cls").model_dump()
-    cfg = {"external": {"lab9": entry}, "run": {"seed": 0}}
+    from bench.config import Config
+    cfg = Config.from_dict({"external": {"lab9": {"path": str(gone),
+                                                  "labels": f"{gone.parent}/cells.csv:cls"}},
+                            "run": {"seed": 0}})
     board = pd.DataFrame({"candidate": ["a", "b"], "accuracy": [0.5, 0.6]})
     out = score_external(None, cfg, None, board, {}, {"a": "cnn", "b": "cnn"}, None)
     assert out.equals(board)   # no external columns, nothing else changed
@@ -159,4 +160,4 @@ def test_a_missing_external_set_is_skipped_with_one_warning(tmp_path, capsys):
     assert err.count("warning:") == 1 and "external set 'lab9' skipped" in err
     # and the config keeps such a set (it is skipped when the run scores it)
     assert "deepapl_pbc" in load_config(ROOT / "benchmarks.toml", profile="smoke",
-                                        data="pbc")["external"]
+                                        data="pbc").external

@@ -192,7 +192,7 @@ def cnn_reference_run(cnn_config_file, tmp_path_factory) -> Path:
 @pytest.fixture(scope="module")
 def cluster(tmp_path_factory):
     """A real ``dask.distributed`` cluster: a scheduler and 2 worker processes (nannies)."""
-    distributed = pytest.importorskip("distributed")
+    import distributed
     cache = tmp_path_factory.getbasetemp() / "bloodbench-cache"   # as conftest's fixture
     env = {"BLOODBENCH_CACHE": str(cache), "BLOODBENCH_JOBS": "1", "OMP_NUM_THREADS": "1",
            "TF_CPP_MIN_LOG_LEVEL": "3", "PYTHONPATH": str(REPO)}
@@ -247,7 +247,7 @@ def test_cnn_is_bit_identical_in_process_on_two_workers_and_on_dask(
     (``workers=2``: another TF thread count) and by 0.14 (Dask: the worker's event loop
     drew from the Python ``random`` that Keras takes layer seeds from) in a probability;
     TF thread counts 1 vs 2 alone still differ by ~1e-3 after a few epochs."""
-    distributed = pytest.importorskip("distributed")
+    import distributed
     with distributed.Client(cluster.scheduler_address) as client:   # same thread setting
         seen = set(client.run(lambda: os.environ.get(THREADS_ENV)).values())
     assert seen == {os.environ.get(THREADS_ENV)}

@@ -58,7 +58,7 @@ def rf_run(tmp_path_factory, toy_folder):
 def test_tta_averages_the_flipped_views(rf_run, tmp_path):
     from ensembles import load_predictor
     pred = load_predictor(rf_run / "predictor")
-    assert pred.tta == "flips" and pred.manifest["tta"] == "flips"
+    assert pred.tta == "flips" and pred.record.tta == "flips"
     X, _ = toy_arrays(4, 32, seed=5)
     views = [X, X[:, :, ::-1], X[:, ::-1], X[:, ::-1, ::-1]]
     pred.tta = "none"

@@ -12,7 +12,7 @@ import pytest
 from core.candidate import Candidate, build_candidate
 from core.errors import BenchError
 from core.registry import register
-from bench.tuning import inner_split, make_pruner, tune_candidate
+from bench.tuning import candidate_tuning, inner_split, make_pruner, tune_candidate
 from tests.conftest import toy_arrays, write_tiny_config
 
 COLOR = {"color": {"bins": 8}}
@@ -360,15 +360,15 @@ def test_quick_profile_tunes_every_candidate():
     cfg = load_config(str(Path(__file__).parents[1] / "benchmarks.toml"), profile="quick")
     kinds = set()
     for name, entry in cfg.candidates.items():
-        tun = {**cfg["tuning"], **(entry.get("tuning") or {})}
-        cls = registry.get(entry["type"])
+        tun = candidate_tuning(cfg.tuning, entry)
+        cls = registry.get(entry.type)
         kinds.add(cls.kind)
-        assert cls.tunable and tun["trials"] >= 3, name
+        assert cls.tunable and tun.trials >= 3, name
         if cls.kind == "cnn":
-            fid = tun.get("fidelity") or {}
-            assert fid.get("epochs", 99) < entry["params"].get("epochs", cls().epochs), name
+            assert tun.fidelity.get("epochs", 99) < entry.params.get("epochs", cls().epochs), \
+                name
         # issue 31: cheap trials propose, the refit's fidelity decides
-        assert tun["adopt"] == "full" and tun["adopt_gain"] > 0, name
+        assert tun.adopt == "full" and tun.adopt_gain > 0, name
     assert kinds == {"cnn", "baseline"}
 
 

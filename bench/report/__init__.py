@@ -37,7 +37,7 @@ def report_after_run(run_dir, config: Config | dict) -> Path | None:
     with the command that retries it, and ``None`` is returned.
     """
     try:
-        if not (config if isinstance(config, Config) else Config(config)).settings.report.enabled:
+        if not config.report.enabled:
             return None
         return write_report(run_dir)
     except Exception as exc:   # noqa: BLE001 - the run itself is complete and saved

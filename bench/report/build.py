@@ -75,7 +75,7 @@ def _best_of(board, kinds) -> str | None:
 
 def _color_order(run) -> list[str]:
     cfg = run.config
-    order = [n for n in list(cfg.get("candidates", {})) + list(cfg.get("ensembles", {}))
+    order = [n for n in list(cfg.candidates) + list(cfg.ensembles)
              if n in run.names]
     return order + [n for n in run.names if n not in order]
 
@@ -111,7 +111,7 @@ def write_report(run_dir, gradcam: bool | None = None, progress: bool = True,
     t0 = time.perf_counter()
     folder = report_folder(run_dir, out).check()
     run = RunData(run_dir)
-    s = run.settings
+    s = run.config.report
     metric = run.metric
     final = folder.path
     with folder.staged() as tmp:
@@ -124,7 +124,8 @@ def write_report(run_dir, gradcam: bool | None = None, progress: bool = True,
 
 
 def _build(run, s, metric, out: Out, gradcam, progress) -> dict:
-    conf, alpha, bins = float(s["confidence"]), float(s["alpha"]), int(s["ece_bins"])
+    st = run.config.stats   # [stats]: the level of every interval and the ECE bins
+    conf, alpha, bins = float(st.confidence), float(s.alpha), int(st.ece_bins)
     label = metric_label(metric)
     if metric not in REPORT_METRICS:
         raise BenchError(f"[run] metric '{metric}' is not one of {list(REPORT_METRICS)}")
@@ -144,42 +145,12 @@ def _build(run, s, metric, out: Out, gradcam, progress) -> dict:
                            f"{label} against inference time", "Score against inference cost.",
                            board_csv)
 
-    # per class
     best_cand = _best_of(board, ["cnn", "baseline"]) or board["candidate"].iloc[0]
     best_ens = _best_of(board, ["ensemble"])
-    focus = [n for n in (best_cand, best_ens) if n]
-    pc_all = pd.concat([tables.per_class(run, n) for n in run.names], ignore_index=True)
-    pc_csv = out.csv(pc_all, "per_class")
-    per_class_tables, conf_figs, roc_figs = [], [], []
-    for n in focus:
-        role = "best ensemble" if n == best_ens else "best candidate"
-        per_class_tables.append({"name": n, "role": role,
-                                 "rows": pc_all[pc_all["candidate"] == n].to_dict("records")})
-        cm, norm = tables.confusion(run, n)
-        c_csv = out.csv(tables.confusion_csv(run, n), f"confusion_{slug(n)}")
-        conf_figs.append(out.fig(plots.confusion_figure(cm, norm, run.classes,
-                                                        f"Confusion matrix: {n} ({role})"),
-                                 f"confusion_{slug(n)}", f"confusion matrix of {n}",
-                                 f"{n} ({role}): out-of-fold predictions, counts and "
-                                 "normalised by true class.", c_csv))
-        roc = tables.roc_points(run, n)
-        r_csv = out.csv(roc, f"roc_{slug(n)}")
-        roc_figs.append(out.fig(plots.roc_figure(roc, run.classes, f"One-vs-rest ROC: {n}"),
-                                f"roc_{slug(n)}", f"ROC curves of {n}",
-                                f"{n} ({role}): one-vs-rest ROC per class (pooled out-of-fold "
-                                "probabilities).", r_csv))
-
-    # calibration
-    rel = {n: reliability(run.y, run.oof[n], bins) for n in board["candidate"]}
-    rel_csv = out.csv(pd.concat([t.assign(candidate=n) for n, t in rel.items()],
-                                ignore_index=True), "reliability")
-    cal = tables.calibration_table(run, per_fold, bins)
-    cal_csv = out.csv(cal, "calibration")
-    eces = dict(zip(cal["candidate"], cal["ece_pooled"]))
-    figs["reliability"] = out.fig(plots.reliability_figure(rel, eces, colors), "reliability",
-                                  "reliability diagrams",
-                                  f"Accuracy against confidence in {bins} bins; the gap to the "
-                                  "diagonal is miscalibration.", rel_csv)
+    pc_csv, per_class_tables, conf_figs, roc_figs = _per_class_section(run, out, best_cand,
+                                                                       best_ens)
+    cal, cal_csv, figs["reliability"] = _calibration_section(run, board, per_fold, out,
+                                                             colors, bins)
     # data card
     dc = cards.data_card(run)
     out.csv(pd.DataFrame({"class": list(dc["counts"]), "images": list(dc["counts"].values())}),
@@ -194,7 +165,7 @@ def _build(run, s, metric, out: Out, gradcam, progress) -> dict:
     external_ctx = _external_section(run, board, out, colors)
     warnings += external_ctx["warnings"]
     leakage_ctx = _leakage_section(run, metric, out, colors)
-    patients_ctx = patient_section(run, board, out, s["gradcam"] if gradcam is None else gradcam)
+    patients_ctx = patient_section(run, board, out, s.gradcam if gradcam is None else gradcam)
     conformal_ctx = conformal_section(run, out, colors)
     labs_ctx = labs_section(run, out, colors, alpha)
 
@@ -230,7 +201,7 @@ def _build(run, s, metric, out: Out, gradcam, progress) -> dict:
         "figs": figs, "conf_figs": conf_figs, "roc_figs": roc_figs,
         "per_class": per_class_tables, "per_class_csv": pc_csv,
         "calibration": cal.to_dict("records"), "cal_csv": cal_csv,
-        "temperature_scaling": run.config["predictor"]["temperature_scaling"],
+        "temperature_scaling": run.config.predictor.temperature_scaling,
         "predictor_temperature": _predictor_temperature(run),
         "data_card": dc, "class_per_fold_csv": fold_csv, "run_card": cards.run_card(run),
         "warnings": warnings, "audit": audit_ctx, "external": external_ctx, "colors": colors,
@@ -241,8 +212,49 @@ def _build(run, s, metric, out: Out, gradcam, progress) -> dict:
     }
 
 
+def _per_class_section(run, out: Out, best_cand: str, best_ens: str | None):
+    """Per-class metrics of every entry; confusion matrix and ROC of the best candidate
+    and the best ensemble."""
+    pc_all = pd.concat([tables.per_class(run, n) for n in run.names], ignore_index=True)
+    pc_csv = out.csv(pc_all, "per_class")
+    per_class_tables, conf_figs, roc_figs = [], [], []
+    for n in [n for n in (best_cand, best_ens) if n]:
+        role = "best ensemble" if n == best_ens else "best candidate"
+        per_class_tables.append({"name": n, "role": role,
+                                 "rows": pc_all[pc_all["candidate"] == n].to_dict("records")})
+        cm, norm = tables.confusion(run, n)
+        c_csv = out.csv(tables.confusion_csv(run, n), f"confusion_{slug(n)}")
+        conf_figs.append(out.fig(plots.confusion_figure(cm, norm, run.classes,
+                                                        f"Confusion matrix: {n} ({role})"),
+                                 f"confusion_{slug(n)}", f"confusion matrix of {n}",
+                                 f"{n} ({role}): out-of-fold predictions, counts and "
+                                 "normalised by true class.", c_csv))
+        roc = tables.roc_points(run, n)
+        r_csv = out.csv(roc, f"roc_{slug(n)}")
+        roc_figs.append(out.fig(plots.roc_figure(roc, run.classes, f"One-vs-rest ROC: {n}"),
+                                f"roc_{slug(n)}", f"ROC curves of {n}",
+                                f"{n} ({role}): one-vs-rest ROC per class (pooled out-of-fold "
+                                "probabilities).", r_csv))
+    return pc_csv, per_class_tables, conf_figs, roc_figs
+
+
+def _calibration_section(run, board, per_fold, out: Out, colors, bins: int):
+    """Reliability curves and the calibration table: (table, its CSV, the figure)."""
+    rel = {n: reliability(run.y, run.oof[n], bins) for n in board["candidate"]}
+    rel_csv = out.csv(pd.concat([t.assign(candidate=n) for n, t in rel.items()],
+                                ignore_index=True), "reliability")
+    cal = tables.calibration_table(run, per_fold, bins)
+    cal_csv = out.csv(cal, "calibration")
+    eces = dict(zip(cal["candidate"], cal["ece_pooled"]))
+    fig = out.fig(plots.reliability_figure(rel, eces, colors), "reliability",
+                  "reliability diagrams",
+                  f"Accuracy against confidence in {bins} bins; the gap to the "
+                  "diagonal is miscalibration.", rel_csv)
+    return cal, cal_csv, fig
+
+
 def _predictor_temperature(run):
-    f = run.run_dir / "predictor" / "manifest.json"
+    f = run.rundir.predictor_manifest
     if not f.is_file():
         return None
     import json
@@ -463,7 +475,7 @@ def _metric_pair(r, col: str) -> dict:
 
 
 def _gradcam_section(run, board, s, out: Out, colors, gradcam, progress) -> dict:
-    enabled = s["gradcam"] if gradcam is None else gradcam
+    enabled = s.gradcam if gradcam is None else gradcam
     if not enabled:
         return {"status": "off", "notes": ["the Grad-CAM audit is switched off "
                                            "([report] gradcam = false or --no-gradcam)"]}
@@ -473,7 +485,7 @@ def _gradcam_section(run, board, s, out: Out, colors, gradcam, progress) -> dict
     if why:
         return {"status": "error", "notes": [why]}
     _say(progress, "report: Grad-CAM audit "
-                   f"({s['gradcam_per_class']} images per class, seed {s['seed']})")
+                   f"({s.gradcam_per_class} images per class, seed {s.seed})")
     try:
         audit = ga.run_audit(run, board, s, progress=None)
     except Exception as exc:   # noqa: BLE001 - the rest of the report stays useful
@@ -503,8 +515,8 @@ def _gradcam_section(run, board, s, out: Out, colors, gradcam, progress) -> dict
     summ = audit["summary"]
     return {"status": "ok", "summary": summ.to_dict("records"), "summary_csv": sum_csv,
             "rand_csv": r_csv, "galleries": galleries, "energy_fig": energy_fig,
-            "notes": audit["notes"], "threshold": float(s["randomization_threshold"]),
-            "n_per_class": int(s["gradcam_per_class"]),
+            "notes": audit["notes"], "threshold": float(s.randomization_threshold),
+            "n_per_class": int(s.gradcam_per_class),
             "flagged": [r["candidate"] for r in summ.to_dict("records")
                         if r["randomization_flagged"]]}
 
@@ -529,7 +541,7 @@ def write_cross_report(run_dirs, out_dir, progress: bool = True) -> Path:
         raise BenchError("a cross-dataset report needs at least two run directories")
     folder = cross_report_folder(run_dirs, out_dir)
     metric = runs[0].metric
-    alpha = float(runs[0].settings["alpha"])
+    alpha = float(runs[0].config.report.alpha)
     label = metric_label(metric)
     common = [n for n in runs[0].names if all(n in r.names for r in runs[1:])]
     left_out = sorted({n for r in runs for n in r.names} - set(common))
@@ -541,7 +553,7 @@ def write_cross_report(run_dirs, out_dir, progress: bool = True) -> Path:
         base = r.run_dir.name
         seen[base] = seen.get(base, 0) + 1
         labels.append(base if seen[base] == 1 else f"{base} ({seen[base]})")
-    scores = np.array([[tables.per_fold_metrics(r, int(r.settings["ece_bins"]))
+    scores = np.array([[tables.per_fold_metrics(r, int(r.config.stats.ece_bins))
                         .groupby("candidate")[metric].mean()[n] for n in common] for r in runs])
     lower = tables.lower_is_better(metric)
     fr = friedman(scores, higher_is_better=not lower)
@@ -570,7 +582,7 @@ def write_cross_report(run_dirs, out_dir, progress: bool = True) -> Path:
         ctx = {"title": "Cross-dataset comparison", "metric_label": label, "alpha": alpha,
                "datasets": [{"label": lb, "run_dir": str(r.run_dir), "origin": r.title,
                              "n": len(r.y), "classes": len(r.classes),
-                             "report": os.path.relpath(r.run_dir / "report" / "index.html",
+                             "report": os.path.relpath(r.rundir.report_index,
                                                        out_dir)}
                             for lb, r in zip(labels, runs)],
                "common": common, "left_out": left_out,

@@ -9,48 +9,20 @@ import pandas as pd
 from bench.tuning import fold_decision
 
 
-def feature_extractors(config: dict, features) -> list[str]:
-    """The extractor names behind a candidate's ``params.features``.
-
-    ``features`` may name a ``[feature_sets.NAME]`` (its keys are the extractors), be a
-    table of extractors, or a list of either.
-    """
-    sets = config.get("feature_sets", {}) or {}
-    if isinstance(features, dict):
-        return list(features)
-    if isinstance(features, str):
-        return list(sets[features]) if isinstance(sets.get(features), dict) else [features]
-    if isinstance(features, (list, tuple)):
-        return [e for f in features for e in feature_extractors(config, f)]
-    return []
-
-
-def colour_only_candidates(config: dict, colour_words) -> dict[str, list[str]]:
-    """Candidates whose features are all colour extractors: name -> extractor names."""
-    words = [w.lower() for w in colour_words]
-    out = {}
-    for name, entry in (config.get("candidates", {}) or {}).items():
-        feats = (entry.get("params", {}) or {}).get("features")
-        ex = feature_extractors(config, feats) if feats is not None else []
-        if ex and all(any(w in e.lower() for w in words) for e in ex):
-            out[name] = ex
-    return out
-
-
 def warnings_for(run, board: pd.DataFrame, settings: dict) -> list[dict]:
     """Warnings shown at the top of the report: ``{"title", "text"}``."""
     out = []
     manifest, cfg = run.manifest, run.config
     grouping = manifest.get("grouping", {}) or {}
-    data_cfg = cfg["data"]
-    if not grouping.get("user_groups") and not data_cfg["groups"] \
-            and not data_cfg["group_rule"] and not grouping.get("group_rule"):
+    data_cfg = cfg.data
+    if not grouping.get("user_groups") and not data_cfg.groups \
+            and not data_cfg.group_rule and not grouping.get("group_rule"):
         out.append({"title": "no patient groups",
                     "text": "No patient or slide groups were given ([data] groups or group_rule): "
                             "cells of one patient may sit in both training and test folds, "
                             "which makes every score here optimistic."})
-    colour = colour_only_candidates(cfg, settings["colour_extractors"])
-    limit = float(settings["colour_only_warning"])
+    colour = cfg.colour_only_candidates()
+    limit = float(settings.colour_only_warning)
     for name, ex in colour.items():
         row = board[board["candidate"] == name]
         if len(row) and row["balanced_accuracy"].iloc[0] >= limit:
@@ -98,28 +70,28 @@ def data_card(run) -> dict:
     per_fold = (run.folds_table.groupby(["label", "fold"]).size().unstack(fill_value=0)
                 .reindex(run.classes).fillna(0).astype(int))
     per_fold.columns = [f"fold {c}" for c in per_fold.columns]
-    data_cfg = run.config["data"]
+    data_cfg = run.config.data
     sources = run.folds_table["source"].astype(str)
     splits = sorted({s.split("/")[0] for s in sources if s.count("/") >= 2})
     return {
         "source": m.get("data_path") or ds.get("origin", ""),
-        "dataset_name": data_cfg["name"] or "",
+        "dataset_name": data_cfg.name or "",
         "n_images": ds.get("n_images", len(run.y)),
         "counts": counts,
         "image_size": ds.get("image_size"),
         "original_sizes": ds.get("original_sizes", {}),
         "converted": ds.get("converted", []),
         "skipped": ds.get("skipped", []),
-        "subset": data_cfg["max_images"],
+        "subset": data_cfg.max_images,
         "grouping": {
             "exact duplicate groups": g.get("exact_duplicate_groups", ds.get("exact_duplicate_groups")),
             "images in exact duplicate groups": ds.get("exact_duplicate_images"),
             "identical images with different labels": len(g.get("duplicate_label_conflicts") or []),
-            "patient/slide groups file": data_cfg["groups"] or "none",
+            "patient/slide groups file": data_cfg.groups or "none",
             "groups from the file": g.get("user_groups", 0),
-            "near-duplicate pairs file": data_cfg["pairs"] or "none",
+            "near-duplicate pairs file": data_cfg.pairs or "none",
             "near-duplicate pairs joined": g.get("pairs", 0),
-            "file-number rule": data_cfg["group_rule"] or g.get("group_rule") or "none",
+            "file-number rule": data_cfg.group_rule or g.get("group_rule") or "none",
             "names not matched": len(g.get("unmatched") or []),
             "groups in all": g.get("n_groups"),
         },
@@ -148,7 +120,7 @@ def run_card(run) -> dict:
         "total_seconds": float(sum(stages.values())) if stages else None,
         "prepare_seconds": m.get("prepare_seconds", {}) or {},
         "unit_times": unit_times(run),
-        "config_toml": (run.run_dir / "config.toml").read_text(),
+        "config_toml": run.rundir.config_file.read_text(),
         "predictor": run.state.get("predictor"),
     }
 

@@ -29,7 +29,7 @@ def risk_coverage_figure(curves: dict[str, tuple], colors: dict) -> Figure:
 
 def conformal_section(run, out, colors) -> dict:
     """Context of ``conformal.html.j2``: ``shown`` False when the run has no entries."""
-    board_file = run.run_dir / "leaderboard.csv"
+    board_file = run.rundir.leaderboard_file
     board = pd.read_csv(board_file) if board_file.is_file() else pd.DataFrame()
     cols = {"conformal_coverage", "conformal_set_size"} <= set(board.columns)
     rows, curves, table = [], {}, []
@@ -58,8 +58,8 @@ def conformal_section(run, out, colors) -> dict:
     for r in df.to_dict("records"):
         rows.append({k: fmt(v, 4 if "aurc" in k else 3) if isinstance(v, float) else v
                      for k, v in r.items()})
-    card = run.run_dir / "predictor" / "MODEL_CARD.md"
-    s = run.config["predictor"]["conformal"]   # the validated dump: every key present
+    card = run.rundir.model_card
+    s = run.config.predictor.conformal   # the validated dump: every key present
     return {"shown": True, "rows": rows, "fig": fig, "csv": csv,
-            "confidence": s["confidence"], "method": s["method"],
+            "confidence": s.confidence, "method": s.method,
             "card": card.read_text(encoding="utf-8") if card.is_file() else None}

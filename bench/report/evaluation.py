@@ -15,7 +15,7 @@ from bench.leaderboard import fmt
 from bench.report import plots
 from bench.report.gradcam_audit import overlay
 from bench.report.html import SORT_SCRIPT, Out, csp, env
-from bench.scoring import ECE_BINS, METRIC_KEYS
+from bench.scoring import METRIC_KEYS
 from core.calibration import reliability
 from core.images import read_image
 from core.io import atomic_write_text
@@ -195,10 +195,11 @@ def write_page(tmp: Path, result: dict, ext, keep, y, proba, sc, dom, cells,
                              + (" beside the run's out-of-fold recall of the same predictor."
                                 if dom is not None else " (in-domain numbers unavailable)."),
                              pc_csv)
-    rel = {"external": reliability(y, proba, ECE_BINS)}
+    bins = int(sc["bootstrap"]["ece_bins"])
+    rel = {"external": reliability(y, proba, bins)}
     eces = {"external": result["ece"]}
     if dom is not None:
-        rel["in-domain (out-of-fold)"] = reliability(dom["_y"], dom["_proba"], ECE_BINS)
+        rel["in-domain (out-of-fold)"] = reliability(dom["_y"], dom["_proba"], bins)
         eces["in-domain (out-of-fold)"] = dom["ece"]
     rel_csv = out.csv(pd.concat([t.assign(set=n) for n, t in rel.items()], ignore_index=True),
                       "reliability")
@@ -206,7 +207,7 @@ def write_page(tmp: Path, result: dict, ext, keep, y, proba, sc, dom, cells,
                                                "in-domain (out-of-fold)": "#4c72b0"})
     fig.suptitle("Reliability diagrams (top-label confidence, full argmax)")
     figs["reliability"] = out.fig(fig, "reliability", "reliability diagrams",
-                                  f"Accuracy against confidence in {ECE_BINS} bins; the gap to "
+                                  f"Accuracy against confidence in {bins} bins; the gap to "
                                   "the diagonal is miscalibration.", rel_csv)
     conf_ext = proba.max(axis=1)
     correct = sc["_pred"] == y

@@ -170,7 +170,7 @@ def ensemble_weights(run, name: str, cnn_members: list[str]) -> dict[int, dict[s
     ``has_member_weights`` (stacking) are not fitted: their CNN members weigh the same.
     """
     members = run.members(name)
-    entry = run.config["ensembles"][name]
+    entry = run.config.ensembles[name]
     weighted = build_ensemble(entry, name).has_member_weights   # declared capability
     sets = None   # as the run fitted it (member_sets): with stress = true also under each shift
     out = {}
@@ -181,7 +181,7 @@ def ensemble_weights(run, name: str, cnn_members: list[str]) -> dict[int, dict[s
                 if sets is None:   # read once, for every fold
                     stressed = ({s: {m: run.rundir.read_stress_oof(m, s) for m in members}
                                  for s in stress_shifts(run.config)}
-                                if entry["stress"] else None)
+                                if entry.stress else None)
                     sets, fit_sets = member_sets(name, entry, members, run.oof, stressed)
                 train = run.splits.train(k)
                 fitted = fit_ensemble(build_ensemble(entry, name),
@@ -227,10 +227,10 @@ def run_audit(run, board, settings: dict, progress=None) -> dict:
     if not cnns:
         return {"entries": [], "notes": ["no CNN candidate in this run: nothing to audit"]}
     images = run.images()
-    seed = int(settings["seed"])
-    sample = audit_sample(run.y, int(settings["gradcam_per_class"]), seed)
+    seed = int(settings.seed)
+    sample = audit_sample(run.y, int(settings.gradcam_per_class), seed)
     pred = {n: run.oof[n].argmax(axis=1) for n in cnns + ens}
-    galleries = {n: gallery_rows(run.y, pred[n], int(settings["gallery_per_class"]), seed,
+    galleries = {n: gallery_rows(run.y, pred[n], int(settings.gallery_per_class), seed,
                                  len(run.classes)) for n in cnns + ens}
     store = MapStore(run, seed)
     weights = {e: ensemble_weights(run, e, cnns) for e in ens}
@@ -262,7 +262,7 @@ def run_audit(run, board, settings: dict, progress=None) -> dict:
     for r in np.union1d(sample, np.concatenate(shown)).astype(int):
         masks[int(r)], nuclei[int(r)] = segment_cell(np.asarray(images[r]))
     energy, rand_rows, summary, maps = [], [], [], {}
-    thr = float(settings["randomization_threshold"])
+    thr = float(settings.randomization_threshold)
     for n in cnns + ens:
         gal = np.concatenate([np.concatenate(v) for v in galleries[n].values()]).astype(int)
         for r in np.union1d(sample, gal):

@@ -34,7 +34,7 @@ def heatmap_figure(values: np.ndarray, rows: list[str], cols: list[str], title: 
 def labs_section(run, out, colors, alpha: float = 0.05) -> dict:
     """Context of ``labs.html.j2``; ``shown`` False for a run without ``labs.csv``."""
     table = run.rundir.read_labs()
-    board_file = run.run_dir / "leaderboard.csv"
+    board_file = run.rundir.leaderboard_file
     if table is None or not board_file.is_file():
         return {"shown": False}
     board = pd.read_csv(board_file)

@@ -117,7 +117,7 @@ def _cell_maps(run, board, entry: str, rows: list[int], pos: int, progress=None)
         [m for m in run.members(entry) if m in cnns] if run.kind(entry) == "ensemble" else [])
     if not members or not rows:
         return {}
-    store = MapStore(run, int(run.settings["seed"]))
+    store = MapStore(run, int(run.config.report.seed))
     for m in members:
         store.want(m, "trained", rows, [pos] * len(rows))
     store.compute(run.images(), progress)

@@ -35,10 +35,9 @@ class RunData:
         self.run_dir = self.rundir.path
         rd = self.rundir
         rd.check_finished()
-        self.config = rd.config.data   # every settings key present (bench.config.Config)
+        self.config = rd.config   # the run's typed config (bench.config.Config)
         self.manifest = rd.read_manifest()
         self.state = rd.state
-        self.settings = self.config["report"]
         self.classes = rd.classes
         self.folds_table = rd.folds_table
         self.y = rd.labels
@@ -47,7 +46,7 @@ class RunData:
         self.fold_ids = rd.folds.fold_ids
         # the fold metric the per-fold statistics use; a worst/mean-lab ranking is the labs
         # section's (bench.report.labs)
-        self.metric = base_metric(self.config["run"]["metric"])
+        self.metric = base_metric(self.config.run.metric)
         board = rd.read_leaderboard()
         self.oof, self.units, self.costs, self.stress, rows = {}, {}, {}, {}, []
         for _, r in board.iterrows():
