@@ -296,14 +296,14 @@ class RunSection(_Section):
     seed: int = Field(default=42, ge=0)
     folds: int = Field(default=5, ge=2, le=100)
     # leaderboard order and predictor choice; multi-lab data may rank by the held-out labs
-    # ("worst_lab_balanced_accuracy", bench.labs)
+    # ("worst_lab_balanced_accuracy", bench.protocols.labs)
     metric: RankingMetric = "accuracy"
     # "kfold": stratified grouped folds over all rows; "lab": one fold per lab ([data] sources)
     split: Literal["kfold", "lab"] = "kfold"
     # multi-lab data with split = "kfold": also run leave-one-lab-out (DIR/labs) and add
     # the per-lab and worst-lab columns before the predictor is chosen
     leave_one_lab_out: bool = True
-    # also a transductive AdaBN figure per held-out lab (bench.labs.adabn_scores): own columns
+    # also a transductive AdaBN figure per held-out lab (bench.protocols.labs.adabn_scores): own columns
     lab_adabn: bool = False
     workers: int = Field(default=1, ge=1, le=1024)
     profile: str = "quick"
@@ -321,7 +321,7 @@ class FallbackSection(_Section):
 
 
 class SourceEntry(_Section):
-    """One lab of a multi-lab dataset (``[[datasets.NAME.sources]]``, bench.datasets)."""
+    """One lab of a multi-lab dataset (``[[datasets.NAME.sources]]``, bench.data.datasets)."""
     domain: str = Field(pattern=r"^[a-z][a-z0-9_]*$")   # the lab's name (folds.csv, columns)
     path: str = Field(min_length=1)   # class folders, an .npz, or the folder `labels` lists
     labels: str = Field(default="", pattern=r"^(.+:[^:]+)?$")   # FILE.csv:COLUMN
@@ -357,7 +357,7 @@ class DataSection(_Section):
     # predictor (core.colour.smooth): the same cell at another export size or JPEG quality
     # gives nearly the same input
     smooth: Number = Field(default=0.0, ge=0, le=MAX_SMOOTH)
-    # several labs in one dataset (bench.datasets.load_sources): `classes` is the shared list
+    # several labs in one dataset (bench.data.datasets.load_sources): `classes` is the shared list
     sources: list[SourceEntry] = []
 
 
@@ -370,7 +370,7 @@ class TuningSection(_Section):
     max_samples: int = Field(default=0, ge=0)
     metric: Metric = "accuracy"
     min_gain: Number = Field(default=0, ge=0)   # over the configured trial, to adopt a tuned one
-    # where a tuned setting must win to replace the configured one (bench.tuning, "Adoption"):
+    # where a tuned setting must win to replace the configured one (bench.run.tuning, "Adoption"):
     # "full": the winner of cheap trials is refitted beside the configured setting at the
     # refit's fidelity on the inner split, and kept only when it scores higher there by more
     # than adopt_gain; "trial": the cheap trial's score decides (only for a fidelity whose
@@ -381,7 +381,7 @@ class TuningSection(_Section):
 
 class CandidateTuning(TuningSection):
     """A candidate's tuning settings: ``[tuning]`` with its own ``tuning`` table over it."""
-    fidelity: dict = {}               # parameter overrides in trials only (bench.tuning)
+    fidelity: dict = {}               # parameter overrides in trials only (bench.run.tuning)
     space: list[str] | None = None    # the param_space names to search (default all)
 
 
@@ -394,7 +394,7 @@ class CandidateEntry(_Section):
     tuning: TuningOverride | None = None
     feature_set: str | None = None
     # several labs ([data] sources): each lab drawn to the mean lab size in every fit and
-    # trial (bench.sources.lab_balanced_rows); the total of training rows is unchanged
+    # trial (bench.data.sources.lab_balanced_rows); the total of training rows is unchanged
     lab_balance: bool = False
 
 
@@ -464,11 +464,11 @@ class ReportSection(_Section):
     colour_only_warning: Number = Field(default=0.6, gt=0, le=1)
     colour_extractors: list[str] = ["color", "colour", "hsv", "rgb", "lab_hist", "stain"]
     seed: int = Field(default=0, ge=0)   # sampling of audited images
-    leakage_audit: bool = False   # rerun on image-level folds beside the grouped (bench.leakage)
+    leakage_audit: bool = False   # rerun on image-level folds beside the grouped (bench.protocols.leakage)
 
 
 class PatientsSection(_Section):
-    """Bag (patient-level) tasks: a dataset with ``bags = true`` (see bench/patients.py)."""
+    """Bag (patient-level) tasks: a dataset with ``bags = true`` (see bench/protocols/patients.py)."""
     aggregators: list[Literal[tuple(AGGREGATORS)]] = Field(
         default=list(DEFAULT_AGGREGATORS), min_length=1)
     # attention MIL (aggregator "attention"): the [candidates.NAME] of the run, of type
@@ -525,7 +525,7 @@ class PatientsSection(_Section):
 
 class StatsSection(_Section):
     """The statistics of every figure with an interval or an ECE: the one home of each
-    value (bench.scoring, bench.external, bench.labs, bench.patients, bench.evaluate and the
+    value (bench.stats.scoring, bench.protocols.external, bench.protocols.labs, bench.protocols.patients, bench.commands.evaluate and the
     report read them from here)."""
     # level of every interval: Student t over folds (leaderboard, report), percentile
     # bootstrap of the external sets, the held-out labs, the patients and `bench evaluate`
@@ -542,7 +542,7 @@ class StatsSection(_Section):
 
 
 class DistillSection(_Section):
-    """``bench distill`` (bench.distill): one compact CNN, the student, trained on an
+    """``bench distill`` (bench.protocols.distill): one compact CNN, the student, trained on an
     entry's out-of-fold class probabilities (its soft labels), on the run's folds."""
     teacher: str = ""             # an entry of the leaderboard; "": the run's saved predictor
     # the student: a compact scratch CNN of its own (4 blocks of 16-32 filters, 48 px on the

@@ -90,7 +90,7 @@ def score_npz(model, cp: dict, classes: list, data: str, n: int) -> None:
           f"{', '.join(f'{(f.argmax(axis=1) == y).mean():.4f}' for f in pf)}), most confident "
           f"50 % {accuracy_at_coverage(p.max(axis=1), ok, 0.5):.4f}")
     folds = cp.get("folds")
-    from bench.rundir import RunDir
+    from bench.run.rundir import RunDir
     run_folds = RunDir(Path(model).parent).folds_file   # a split-scheme predictor in its run
     if folds is None and run_folds.is_file():
         f = pd.read_csv(run_folds)["fold"].to_numpy()
@@ -109,7 +109,7 @@ def score_npz(model, cp: dict, classes: list, data: str, n: int) -> None:
 
 
 def recalibrate(p, y, groups, n: int, seeds: int, per_group: int) -> None:
-    from bench.calibrate import draw
+    from bench.commands.calibrate import draw
     from core.conformal import ConformalSets, set_figures
     for method in ("mondrian", "lac", "aps"):
         res = {0.90: [], 0.95: []}

@@ -4,7 +4,7 @@ For one candidate of a prepared or finished run directory and one outer fold, th
 training rows are split as the tuner splits them; the configured setting and ``--settings
 - 1`` settings drawn at random from the candidate's searched space are each scored on the
 inner validation rows twice: as a trial (the candidate's ``fidelity`` overrides and
-``max_samples`` rows) and as the refit fits them (``bench.tuning.full_fidelity_score``).
+``max_samples`` rows) and as the refit fits them (``bench.run.tuning.full_fidelity_score``).
 Prints both scores per setting, the Spearman correlation, and the machine and commit. A
 profile may adopt tuned settings by the trial score (``adopt = "trial"``) only where this
 correlation is at least 0.6; otherwise it keeps ``adopt = "full"`` (the default).
@@ -30,9 +30,9 @@ import numpy as np
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from bench.rundir import RunDir  # noqa: E402
-from bench.tuning import candidate_tuning, fidelity_check  # noqa: E402
-from bench.units import seeded_entry, training_images, training_rows  # noqa: E402
+from bench.run.rundir import RunDir  # noqa: E402
+from bench.run.tuning import candidate_tuning, fidelity_check  # noqa: E402
+from bench.run.units import seeded_entry, training_images, training_rows  # noqa: E402
 from core import registry  # noqa: E402
 from core.errors import BenchError  # noqa: E402
 

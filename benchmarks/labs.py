@@ -17,7 +17,7 @@ import pandas as pd
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))   # run from a checkout
 
-from bench.rundir import RunDir   # noqa: E402
+from bench.run.rundir import RunDir   # noqa: E402
 
 M = "balanced_accuracy"
 

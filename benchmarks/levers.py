@@ -88,8 +88,8 @@ def main(argv=None) -> int:
     import pandas as pd
 
     from bench.config import load_config
-    from bench.evaluate import evaluate
-    from bench.runner import run_benchmark
+    from bench.commands.evaluate import evaluate
+    from bench.run.runner import run_benchmark
     only = [s for s in args.only.split(",") if s]
     out = Path(args.out)
     results = json.loads((out / "levers.json").read_text()) if (out / "levers.json").is_file() \

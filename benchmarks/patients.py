@@ -23,7 +23,7 @@ import pandas as pd
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from bench.rundir import RunDir  # noqa: E402
+from bench.run.rundir import RunDir  # noqa: E402
 
 
 def _ci(r, m: str = "roc_auc") -> str:

@@ -42,7 +42,7 @@ sys.path.insert(0, str(ROOT))
 
 from core.images import read_image   # noqa: E402
 from ensembles.bags import call_bag   # noqa: E402
-from bench.rundir import RunDir   # noqa: E402
+from bench.run.rundir import RunDir   # noqa: E402
 from ensembles.predictor import load_predictor   # noqa: E402
 
 DEFAULT = ROOT.parent / "shared" / "data" / "deepapl" / "originals_sample" / "originals.csv"

@@ -30,7 +30,7 @@ def main(argv=None) -> int:
     args = ap.parse_args(argv)
     from bench.report import write_report
     from bench.report.browser import check_report, find_browser
-    from bench.rundir import RunDir
+    from bench.run.rundir import RunDir
     run_dir = Path(args.run_dir)
     index = RunDir(run_dir).report_index
     if args.rebuild or not index.is_file():

@@ -27,7 +27,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))   # run from a checkout
 
-from bench.rundir import RunDir   # noqa: E402
+from bench.run.rundir import RunDir   # noqa: E402
 RESULT_COLS = ["candidate", "accuracy", "balanced_accuracy", "macro_f1", "log_loss"]
 
 

@@ -8,7 +8,7 @@ of true class indices ``y`` (N,) and probabilities ``proba`` (N, K); a weight is
 
 Macro-F1 here averages over **all** K classes (a class never predicted nor present scores
 0). ``bench evaluate`` scores an external set over the classes *present* in it instead
-(:class:`bench.scoring.WeightedScorer`, ``macro_f1`` averaged over the classes with support).
+(:class:`bench.stats.scoring.WeightedScorer`, ``macro_f1`` averaged over the classes with support).
 """
 
 from __future__ import annotations
@@ -122,9 +122,9 @@ REPORT_METRICS = tuple(REGISTRY)
 LABEL_METRICS = tuple(n for n, m in REGISTRY.items() if m.from_labels)
 LOWER_IS_BETTER = {n for n, m in REGISTRY.items() if m.lower_is_better}
 METRIC_LABELS = {n: m.label for n, m in REGISTRY.items()}
-#: a multi-lab run's summaries over its held-out labs (bench.labs): the worst lab and the mean
+#: a multi-lab run's summaries over its held-out labs (bench.protocols.labs): the worst lab and the mean
 LAB_SUMMARIES = ("worst", "mean")
-#: the metrics scored per held-out lab, over the classes that lab has (bench.labs)
+#: the metrics scored per held-out lab, over the classes that lab has (bench.protocols.labs)
 LAB_METRICS = LABEL_METRICS
 #: ``worst_lab_<m>`` / ``mean_lab_<m>``: leaderboard columns a run can also be ranked by
 LAB_RANKINGS = tuple(f"{s}_lab_{m}" for s in LAB_SUMMARIES for m in LAB_METRICS)

@@ -76,7 +76,7 @@ class Predictor:
 
     def __init__(self, record: PredictorRecord, members: dict[str, list], ensemble,
                  path: Path):
-        if isinstance(record, dict):   # a run's fold models, never saved (bench.external)
+        if isinstance(record, dict):   # a run's fold models, never saved (bench.protocols.external)
             record = PredictorRecord.unverified(record)
         self.record = record
         self.members_ = members

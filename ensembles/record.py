@@ -307,7 +307,7 @@ class PredictorRecord(_Record):
     @classmethod
     def unverified(cls, manifest: dict) -> "PredictorRecord":
         """A record of fold models never saved as a predictor, unchecked: its ``classes``,
-        ``members`` (``name``, ``kind``) and ``preprocessing`` only (``bench.external``
+        ``members`` (``name``, ``kind``) and ``preprocessing`` only (``bench.protocols.external``
         runs a run's candidates through :meth:`Predictor.member_probas`)."""
         record = cls.model_construct(
             classes=list(manifest["classes"]),

@@ -119,7 +119,7 @@ def write_tiny_config(path: Path, data: Path, extra: str = "") -> Path:
 
 def run_error_line(extra: str, data: Path, tmp_path: Path, capsys) -> str:
     """The one ``error:`` line of ``bench run`` on TINY_CONFIG plus ``extra`` (exit code 2)."""
-    from bench.cli import main
+    from bench.commands.cli import main
     cfg = write_tiny_config(tmp_path / "c.toml", data, extra="\n" + extra)
     assert main(["run", "--config", str(cfg), "--out", str(tmp_path / "o")]) == 2
     err = capsys.readouterr().err.strip().splitlines()

@@ -177,15 +177,31 @@ def reachable(graph, start: str) -> set[str]:
 
 def test_benchmark_scripts_are_in_the_graph(graph):
     assert {"benchmarks.cnn", "benchmarks.patients", "benchmarks.labs"} <= set(graph)
-    assert any(i.target == "bench.rundir" for i in graph["benchmarks.labs"])
+    assert any(i.target == "bench.run.rundir" for i in graph["benchmarks.labs"])
+
+
+def test_bench_is_in_wings():
+    """``bench/`` holds its settings (config.py) and sub-packages by job; the protocol
+    stages and the report's sections share names only across those two wings."""
+    bench = REPO / "bench"
+    assert {f.stem for f in bench.glob("*.py")} == {"__init__", "__main__", "config"}
+    wings = {d.name for d in bench.iterdir() if (d / "__init__.py").is_file()}
+    assert wings == {"data", "run", "protocols", "stats", "commands", "report"}
+    seen: dict[str, str] = {}
+    for w in sorted(wings - {"report"}):
+        for f in (bench / w).glob("*.py"):
+            if f.stem != "__init__":
+                assert f.stem not in seen, f"bench/{w}/{f.name} and bench/{seen[f.stem]}"
+                seen[f.stem] = w
 
 
 def test_no_run_stage_imports_the_report(graph):
-    """The stages of `bench run` (bench.runner.STAGES, each defined in its own module)
+    """The stages of `bench run` (bench.run.runner.STAGES, each defined in its own module)
     produce what the report reads; none of them loads the report."""
-    from bench.runner import STAGES
-    modules = {st.run.__module__ for st in STAGES} - {"bench.runner"}
-    assert {"bench.labs", "bench.patients", "bench.external", "bench.saving"} <= modules
+    from bench.run.runner import STAGES
+    modules = {st.run.__module__ for st in STAGES} - {"bench.run.runner"}
+    assert {"bench.protocols.labs", "bench.protocols.patients", "bench.protocols.external",
+            "bench.run.saving"} <= modules
     for m in sorted(modules):
         assert not {t for t in reachable(graph, m) if t.startswith("bench.report")}, m
 
@@ -203,11 +219,11 @@ def test_function_level_imports_are_only_of_modules_that_load_keras():
     heavy = loads_heavy(REPO, PACKAGES)
     assert {"cnn.backbones", "cnn.models", "cnn.augment"} <= heavy
     assert not heavy & {"cnn", "cnn.weights", "cnn.transfer", "cnn.candidate", "bench",
-                        "bench.cli", "bench.runner", "core.registry"}
+                        "bench.commands.cli", "bench.run.runner", "core.registry"}
 
 
 def test_the_orchestrator_starts_without_tensorflow_and_knows_every_builtin_type():
-    code = ("import sys, bench.cli, bench.runner\n"
+    code = ("import sys, bench.commands.cli, bench.run.runner\n"
             "from core import registry\n"
             "assert not {'keras', 'tensorflow'} & set(sys.modules), 'Keras loaded'\n"
             "print(' '.join(registry.known()))\n")
@@ -248,7 +264,7 @@ def test_a_predictor_loads_from_the_plugin_layer_alone(tmp_path, toy_folder):
     """``ensembles.predictor.load_predictor`` knows its members' types without the
     orchestrator having been imported (a fresh process)."""
     from bench.config import load_config
-    from bench.runner import run_benchmark
+    from bench.run.runner import run_benchmark
     from tests.conftest import write_tiny_config
     cfg = load_config(write_tiny_config(tmp_path / "c.toml", toy_folder), only=["rf_hog"],
                       out=str(tmp_path / "run"))

@@ -274,7 +274,7 @@ def test_finetune_of_efficientnet_lite0_trains_its_top_block_only(tmp_path):
 def test_runner_prepares_embeddings_in_a_child_process(tmp_path, monkeypatch):
     """The runner computes frozen-backbone embeddings in a spawned child (TensorFlow's memory
     goes with it); the parent then reads every embedding from the shared cache."""
-    from bench.prepare import prepare_candidates
+    from bench.run.prepare import prepare_candidates
     from cnn import embeddings
     from cnn.transfer import FrozenTransferCNN
     monkeypatch.setenv("BLOODBENCH_CACHE", str(tmp_path / "cache"))

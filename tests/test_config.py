@@ -89,7 +89,7 @@ def test_missing_config_file(tmp_path):
 def test_settings_are_typed_and_every_default_has_one_home(tmp_path):
     from bench.config import (SECTIONS, Config, DataSection, RunSection, TuningSection,
                               DatasetOverride)
-    from bench.tuning import candidate_tuning
+    from bench.run.tuning import candidate_tuning
     cfg_file = tmp_path / "b.toml"
     cfg_file.write_text("""
 [run]

@@ -8,7 +8,7 @@ from pathlib import Path
 import pandas as pd
 import pytest
 
-from bench.cli import main
+from bench.commands.cli import main
 from tests.conftest import write_tiny_config
 
 BASE = """
@@ -143,8 +143,8 @@ def _write(tmp_path: Path, data: Path, old, new) -> Path:
 @pytest.mark.parametrize("what,old,new,args,fragment", CASES, ids=[c[0] for c in CASES])
 def test_bad_config_is_one_line_before_any_work(what, old, new, args, fragment, toy_folder,
                                                 tmp_path, capsys, monkeypatch):
-    import bench.datasets
-    monkeypatch.setattr(bench.datasets, "load_dataset",   # no data is read before the check
+    import bench.data.datasets
+    monkeypatch.setattr(bench.data.datasets, "load_dataset",   # no data is read before the check
                         lambda *a, **k: pytest.fail("the data was loaded before the check"))
     cfg = _write(tmp_path, toy_folder, old, new)
     out = tmp_path / "out"

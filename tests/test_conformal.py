@@ -198,7 +198,7 @@ def test_cross_conformal_sets_of_a_bag_cover_and_round_trip():
 def test_predictor_calibration_rows_follow_the_rows_setting():
     """``rows = "combiner"`` calibrates on the saved combiner over the members' out-of-fold
     probabilities (what the predictor computes), ``"oof"`` on the entry's own rows."""
-    from bench.conformal import predictor_extra
+    from bench.stats.conformal_sets import predictor_extra
     from bench.config import ConformalSection
     from core.splits import PredefinedFolds
 

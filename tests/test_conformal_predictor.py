@@ -13,7 +13,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from bench.cli import main
+from bench.commands.cli import main
 from tests.conftest import run_error_line, write_tiny_config, write_toy_folder
 
 EXTRA = """
@@ -34,9 +34,9 @@ def _digest(a) -> str:
 @pytest.fixture(scope="module")
 def spied(tmp_path_factory, toy_folder):
     """A tiny run whose work units and conformal calibration are watched."""
-    import bench.units as units
+    import bench.run.units as units
     import core.conformal as cc
-    from bench.runner import run_from_args
+    from bench.run.runner import run_from_args
     fits, preds, calib = {}, [], []
     real_fit, real_pred, real_entry = units.fit_candidate, units.predict_proba_for, \
         cc.predictor_entry
@@ -59,7 +59,7 @@ def spied(tmp_path_factory, toy_folder):
         mp.setenv("BLOODBENCH_CACHE", str(tmp_path_factory.getbasetemp() / "bloodbench-cache"))
         mp.setattr(units, "fit_candidate", fit_spy)
         mp.setattr(units, "predict_proba_for", pred_spy)
-        mp.setattr("bench.conformal.predictor_entry", entry_spy)
+        mp.setattr("bench.stats.conformal_sets.predictor_entry", entry_spy)
         board, out = run_from_args(str(cfg), out=str(root / "run"), show_progress=False)
     return {"board": board, "out": Path(out), "fits": fits, "preds": preds, "calib": calib}
 
@@ -70,7 +70,7 @@ def _tree_digest(folder: Path) -> dict:
 
 
 def test_no_calibration_row_is_scored_by_a_model_that_saw_it(spied):
-    from bench.rundir import RunDir
+    from bench.run.rundir import RunDir
     run = RunDir(spied["out"])
     assert len(spied["calib"]) == 1          # the saved entry's calibration
     proba, y = spied["calib"][0]
@@ -196,7 +196,7 @@ def test_calibrate_leaves_the_original_byte_identical_and_refuses_bad_input(spie
 
 
 def test_the_fewest_calibration_images_follow_the_split_conformal_p_values():
-    from bench.calibrate import check_n, set_minimum
+    from bench.commands.calibrate import check_n, set_minimum
     from core.conformal import ConformalSets
     from core.errors import BenchError
     assert [set_minimum(c) for c in (0.5, 0.8, 0.9, 0.95, 0.99)] == [2, 5, 10, 20, 100]
@@ -220,7 +220,7 @@ def test_the_fewest_calibration_images_follow_the_split_conformal_p_values():
 
 def test_calibrate_refuses_too_small_an_n_before_any_model_is_loaded(spied, tmp_path, capsys,
                                                                      monkeypatch):
-    import bench.calibrate as cal
+    import bench.commands.calibrate as cal
     monkeypatch.setattr(cal, "load_predictor",
                         lambda *a, **k: pytest.fail("the predictor's models were loaded"))
     model = spied["out"] / "predictor"          # stored at confidence 0.9: 10 images at least
@@ -269,7 +269,7 @@ def test_config_unknown_method_is_one_line(toy_folder, tmp_path, capsys):
 
 def test_bag_predictor_stores_a_refer_band_and_predict_bags_writes_refer(tmp_path):
     from bench.config import load_config
-    from bench.runner import run_benchmark
+    from bench.run.runner import run_benchmark
     from ensembles.bags import call_bag
     from ensembles.predictor import load_predictor, verify_predictor
     from tests.test_patients import _config, write_patients

@@ -18,7 +18,7 @@ import pytest
 from PIL import Image
 
 from bench.config import load_config
-from bench.datasets import Dataset, check_classes, load_dataset, prepare_dataset
+from bench.data.datasets import Dataset, check_classes, load_dataset, prepare_dataset
 from core.errors import BenchError
 from tests.conftest import toy_arrays, write_tiny_config, write_toy_folder
 
@@ -355,7 +355,7 @@ def test_check_classes_names_the_subsampling():
 
 @pytest.mark.parametrize("name", ["one_class_folder", "object_labels"])
 def test_cli_refuses_before_training(name, hostile, tmp_path, capsys):
-    from bench.cli import main
+    from bench.commands.cli import main
     cfg = write_tiny_config(tmp_path / "tiny.toml", hostile[name])
     out = tmp_path / "out"
     code = main(["run", "--config", str(cfg), "--data", str(hostile[name]), "--out", str(out)])

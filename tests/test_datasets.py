@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from bench.datasets import load_dataset, stratified_subset
+from bench.data.datasets import load_dataset, stratified_subset
 from core.errors import BenchError
 from tests.conftest import SHARED, toy_arrays, write_toy_folder
 
@@ -58,7 +58,7 @@ def test_modes_are_converted_and_bad_files_skipped(tmp_path):
 
 def test_second_load_uses_cache_without_decoding(toy_folder, tmp_path, monkeypatch):
     first = load_dataset(toy_folder, image_size=20, cache_dir=tmp_path)
-    import bench.datasets as mod
+    import bench.data.datasets as mod
     monkeypatch.setattr(mod, "read_rgb", lambda *a, **k: pytest.fail("decoded again"))
     second = load_dataset(toy_folder, image_size=20, cache_dir=tmp_path)
     assert isinstance(second.images, np.memmap)

@@ -9,9 +9,9 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from bench.cli import main
-from bench.distill import NAME, soft_targets
-from bench.rundir import RunDir
+from bench.commands.cli import main
+from bench.protocols.distill import NAME, soft_targets
+from bench.run.rundir import RunDir
 from core.candidate import Candidate
 from core.registry import register
 from ensembles.predictor import load_predictor, verify_predictor

@@ -10,7 +10,7 @@ from functools import partial
 import numpy as np
 import pytest
 
-from bench.download import fetch
+from bench.data.download import fetch
 from core.errors import BenchError
 from tests.conftest import toy_arrays
 
@@ -64,7 +64,7 @@ def test_unreachable_server_says_where_to_put_the_data(tmp_path):
 
 def test_runner_falls_back_to_the_download(server, tmp_path):
     from bench.config import load_config
-    from bench.datasets import prepare_dataset
+    from bench.data.datasets import prepare_dataset
     url, md5, _ = server
     cfg_file = tmp_path / "c.toml"
     cfg_file.write_text(f"""

@@ -17,9 +17,9 @@ import pytest
 from PIL import Image
 from sklearn.metrics import accuracy_score, balanced_accuracy_score, f1_score
 
-from bench.cli import main
-from bench.evaluate import evaluate
-from bench.scoring import WeightedScorer, bootstrap_weights, score
+from bench.commands.cli import main
+from bench.commands.evaluate import evaluate
+from bench.stats.scoring import WeightedScorer, bootstrap_weights, score
 from core.calibration import ece
 from core.errors import BenchError
 from tests.conftest import toy_arrays, write_tiny_config
@@ -29,7 +29,7 @@ CLASSES = ["disc", "square", "stripes"]
 
 @pytest.fixture(scope="module")
 def run_dir(tmp_path_factory, toy_folder):
-    from bench.runner import run_from_args
+    from bench.run.runner import run_from_args
     root = tmp_path_factory.mktemp("eval_run")
     cfg = write_tiny_config(root / "cfg.toml", toy_folder)
     with pytest.MonkeyPatch.context() as mp:   # the autouse cache fixture is per test
@@ -72,13 +72,13 @@ def ext(tmp_path_factory):
 @pytest.fixture
 def no_loading(monkeypatch):
     """Fail the test if any model (or the predictor) is loaded."""
-    import bench.evaluate
+    import bench.commands.evaluate
     import ensembles.predictor
 
     def boom(*args, **kwargs):
         raise AssertionError("a model was loaded before the arguments were checked")
     monkeypatch.setattr(ensembles.predictor, "load_candidate", boom)
-    monkeypatch.setattr(bench.evaluate, "load_predictor", boom)
+    monkeypatch.setattr(bench.commands.evaluate, "load_predictor", boom)
 
 
 def one_error_line(err: str) -> str:
@@ -389,7 +389,7 @@ def test_bad_arguments_are_one_error_line_before_any_model_loads(model, ext, tmp
 @pytest.fixture(scope="module")
 def cnn_model(tmp_path_factory, toy_folder):
     """A tiny CNN predictor (2 epochs: it makes errors to show)."""
-    from bench.runner import run_from_args
+    from bench.run.runner import run_from_args
     root = tmp_path_factory.mktemp("eval_cnn")
     cfg = write_tiny_config(root / "cfg.toml", toy_folder,
                             "\n[profiles.tiny.candidates.cnn_tiny.params]\nepochs = 2\n"
@@ -457,7 +457,7 @@ def test_data_argument_is_one_rule_for_run_and_evaluate(tmp_path, monkeypatch, c
 
 
 def test_a_labelled_file_outside_the_data_folder_is_an_error_everywhere(tmp_path, capsys):
-    from bench.datasets import load_dataset
+    from bench.data.datasets import load_dataset
     images, labels = toy_arrays(3, 32, seed=5)
     lab = tmp_path / "lab"
     for d in ("imgs", "elsewhere"):
@@ -482,7 +482,7 @@ def test_a_labelled_file_outside_the_data_folder_is_an_error_everywhere(tmp_path
 
 def test_a_file_listed_twice_is_counted_once_per_file(tmp_path, capsys):
     """Two files on five rows (one spelt two ways) are 2 files, not 3 extra rows."""
-    from bench.datasets import load_dataset
+    from bench.data.datasets import load_dataset
     images, labels = toy_arrays(2, 32, seed=6)
     imgs = tmp_path / "lab" / "imgs"
     imgs.mkdir(parents=True)

@@ -42,7 +42,7 @@ datasets = ["toy"]
 
 @pytest.fixture(scope="module")
 def ext_run(tmp_path_factory, toy_folder):
-    from bench.runner import run_from_args
+    from bench.run.runner import run_from_args
     root = tmp_path_factory.mktemp("ext")
     ext = _external_folder(root / "lab2")
     cfg = write_tiny_config(root / "c.toml", toy_folder,
@@ -61,8 +61,8 @@ def test_external_sets_apply_to_their_datasets_only(ext_run, toy_folder):
 
 
 def test_every_entry_is_scored_on_the_external_set(ext_run):
-    from bench.scoring import score
-    from bench.rundir import RunDir
+    from bench.stats.scoring import score
+    from bench.run.rundir import RunDir
     from core.candidate import load_candidate
     from core.images import Preprocessing
     _, out, ext = ext_run
@@ -94,8 +94,8 @@ def test_external_intervals_follow_the_stats_confidence(ext_run, toy_folder, tmp
     """[stats] confidence sets the level of the external table's intervals, as of every
     other interval: the same run at 0.9 gives each interval inside the 0.95 one drawn from
     the same resamples, and narrower."""
-    from bench.rundir import RunDir
-    from bench.runner import run_from_args
+    from bench.run.rundir import RunDir
+    from bench.run.runner import run_from_args
     _, out95, ext = ext_run
     cfg = write_tiny_config(tmp_path / "c.toml", toy_folder,
                             extra=EXTRA.format(data=toy_folder, ext=ext)

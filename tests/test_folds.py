@@ -5,9 +5,9 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from bench.datasets import Dataset
+from bench.data.datasets import Dataset
 from core.errors import BenchError
-from bench.folds import folds_hash, folds_table, make_folds, make_groups
+from bench.data.folds import folds_hash, folds_table, make_folds, make_groups
 
 
 def _ds(labels, sources=None, hashes=None):

@@ -1,4 +1,4 @@
-"""Several labs in one dataset and leave-one-lab-out (bench.sources, bench.labs).
+"""Several labs in one dataset and leave-one-lab-out (bench.data.sources, bench.protocols.labs).
 
 A tiny synthetic three-lab set: lab ``a`` plain, lab ``b`` colour-shifted, lab ``c`` without
 the stripes class and with its own class names (mapped by ``class_map``) and slides as
@@ -13,7 +13,7 @@ import pandas as pd
 import pytest
 from PIL import Image
 
-from bench.labs import add_lab_columns, lab_scores
+from bench.protocols.labs import add_lab_columns, lab_scores
 from core.errors import BenchError
 from tests.conftest import SHARED, TOY_CLASSES, toy_arrays
 
@@ -110,7 +110,7 @@ def write_config(path, root, run_extra="lab_adabn = true", source_extra=""):
 @pytest.fixture(scope="module")
 def lab_run(tmp_path_factory):
     """A run on the three labs with spies on every fit, tuning trial and ensemble fit."""
-    import bench.units as units
+    import bench.run.units as units
     import ensembles.voting as voting
     base = tmp_path_factory.mktemp("labs")
     root = write_labs(base)
@@ -136,7 +136,7 @@ def lab_run(tmp_path_factory):
     mp.setattr(units, "fit_candidate", spy_fit)
     mp.setattr(units, "tune_candidate", spy_tune)
     mp.setattr(voting.SoftVoting, "fit", spy_ens)
-    from bench.runner import run_from_args
+    from bench.run.runner import run_from_args
     board, out = run_from_args(str(cfg), out=str(base / "run"), workers=1,
                                show_progress=False)
     mp.undo()
@@ -234,7 +234,7 @@ def test_the_predictor_carries_the_out_of_lab_figures(lab_run):
 
 def test_a_second_run_resumes_to_the_same_leaderboard(lab_run, tmp_path):
     import shutil
-    from bench.runner import run_from_args
+    from bench.run.runner import run_from_args
     board, out, _ = lab_run
     copy = tmp_path / "run"
     shutil.copytree(out, copy)
@@ -282,7 +282,7 @@ def test_lab_scores_bootstrap_over_the_labs_groups():
     (("", 'class_map = { round = "disc", box = "" }'), "has 1 class(es)"),
 ])
 def test_bad_source_settings_are_one_line_errors(tmp_path, capsys, change, message):
-    from bench.cli import main
+    from bench.commands.cli import main
     root = write_labs(tmp_path)
     text = CONFIG.format(root=root, run_extra="", source_extra="")
     text = text.replace('class_map = { round = "disc", box = "square" }', change[1])
@@ -295,7 +295,7 @@ def test_bad_source_settings_are_one_line_errors(tmp_path, capsys, change, messa
 
 
 def test_two_sources_with_one_lab_name_and_a_missing_path_are_refused(tmp_path, capsys):
-    from bench.cli import main
+    from bench.commands.cli import main
     root = write_labs(tmp_path)
     for old, new, message in (('domain = "b"', 'domain = "a"', "used by two sources"),
                               (f'path = "{root}/b.npz"', f'path = "{root}/nowhere.npz"',
@@ -317,7 +317,7 @@ def test_lab_rankings_need_several_labs(tmp_path):
 
 
 def test_lab_balanced_rows_draw_every_lab_to_the_mean_lab_size():
-    from bench.sources import lab_balanced_rows
+    from bench.data.sources import lab_balanced_rows
     domains = np.array(["a"] * 60 + ["b"] * 30 + ["c"] * 6)
     rows = np.arange(90, 96).tolist() + np.arange(0, 60).tolist() + np.arange(60, 90).tolist()
     out = lab_balanced_rows(np.array(sorted(rows)), domains, seed=0)
@@ -340,8 +340,8 @@ def test_the_shared_three_labs_load_as_wbc5_multi():
     from pathlib import Path
 
     from bench.config import load_config
-    from bench.folds import make_folds, make_groups
-    from bench.sources import prepare_data
+    from bench.data.folds import make_folds, make_groups
+    from bench.data.sources import prepare_data
     root = Path(__file__).resolve().parents[1]
     cfg = load_config(root / "benchmarks.toml", profile="smoke", data="wbc5_multi")
     ds, _ = prepare_data(cfg, show_progress=False)

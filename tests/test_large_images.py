@@ -12,7 +12,7 @@ from PIL import Image, ImageFile
 
 import core.images
 from bench.config import load_config
-from bench.datasets import load_dataset, prepare_dataset
+from bench.data.datasets import load_dataset, prepare_dataset
 from core.errors import BenchError
 from core.images import MAX_PIXELS_ENV, Preprocessing, find_images, max_pixels, read_rgb
 from tests.conftest import write_toy_folder

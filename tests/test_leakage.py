@@ -10,8 +10,8 @@ import pytest
 from PIL import Image
 
 from bench.config import load_config
-from bench.leakage import audit_config, compare
-from bench.runner import run_from_args
+from bench.protocols.leakage import audit_config, compare
+from bench.run.runner import run_from_args
 from core.io import read_json
 from tests.conftest import write_tiny_config
 
@@ -140,7 +140,7 @@ def test_no_recursion_no_nested_report_and_the_report_shows_the_section(audited)
 
 def test_second_run_resumes_both_runs(audited, monkeypatch):
     cfg, out, _ = audited
-    import bench.runner as runner
+    import bench.run.runner as runner
     monkeypatch.setattr(runner, "run_unit", lambda *a: pytest.fail(f"recomputed {a}"))
     before = pd.read_csv(out / "leakage.csv")
     run_from_args(str(cfg), out=str(out), show_progress=False)

@@ -1,4 +1,4 @@
-"""Nothing of a user's is lost (bench.outputs): a user's file planted in every place a
+"""Nothing of a user's is lost (bench.commands.outputs): a user's file planted in every place a
 command writes — top level, subfolders, side files, inside the predictor or run the
 command reads — is unchanged afterwards and the predictor still verifies; read-only and
 full file systems give one ``error:`` line each; a second writer of a run is refused."""
@@ -17,9 +17,9 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from bench import outputs
-from bench.cli import main
-from bench.outputs import MARKER, OutputFolder, check_writable, run_lock
+from bench.commands import outputs
+from bench.commands.cli import main
+from bench.commands.outputs import MARKER, OutputFolder, check_writable, run_lock
 from core.errors import BenchError
 from core.io import atomic_write_text, file_sha256
 from ensembles.predictor import verify_predictor
@@ -189,7 +189,7 @@ def test_a_second_writer_of_a_run_is_refused(tmp_path, toy_folder, capsys):
 @pytest.fixture(scope="module")
 def built(tmp_path_factory):
     """A finished tiny run (rf_hog + cnn_tiny, soft voting of both) and images to predict."""
-    from bench.runner import run_from_args
+    from bench.run.runner import run_from_args
     root = tmp_path_factory.mktemp("outputs_run")
     data = write_toy_folder(root / "data", n_per_class=12)
     cfg = write_tiny_config(root / "cfg.toml", data, EXTRA)

@@ -15,10 +15,10 @@ import pandas as pd
 import pytest
 from PIL import Image
 
-from bench import patients as patients_mod
+from bench.protocols import patients as patients_mod
 from bench.config import PatientsSection, load_config
-from bench.folds import make_bag_folds
-from bench.runner import run_benchmark
+from bench.data.folds import make_bag_folds
+from bench.run.runner import run_benchmark
 from core.errors import BenchError
 from core.splits import PredefinedFolds
 from ensembles.bags import (CompositionAggregator, MeanAggregator, TopKMeanAggregator,
@@ -380,7 +380,7 @@ def test_a_bad_bag_field_in_the_manifest_is_refused(bag_run, tmp_path):
 
 
 def test_leakage_audit_of_a_bag_task_scores_cells_on_image_level_folds(tmp_path, bag_data):
-    from bench.leakage import audit_config
+    from bench.protocols.leakage import audit_config
     cfg = load_config(_config(tmp_path, bag_data), out=str(tmp_path / "run"))
     audit = audit_config(cfg, tmp_path / "run" / "leakage")
     assert audit.data.bags is False and audit.data.groups == ""
@@ -546,7 +546,7 @@ def test_call_bags_applies_threshold_min_cells_and_skips_per_bag():
 
 def test_evaluate_with_groups_calls_each_patient_by_the_same_rules(bag_run, bag_data, tmp_path):
     import shutil
-    from bench.evaluate import evaluate, summary
+    from bench.commands.evaluate import evaluate, summary
     root = tmp_path / "set"
     shutil.copytree(bag_data, root)
     cells = pd.read_csv(root / "cells.csv")
@@ -584,7 +584,7 @@ def test_evaluate_with_groups_calls_each_patient_by_the_same_rules(bag_run, bag_
 
 
 def test_refer_band_refers_and_scoring_counts_the_lean_at_threshold():
-    from bench.scoring import score_patients
+    from bench.stats.scoring import score_patients
     from ensembles.bags import call_bags
     spec = BagTask(positive="APL", aggregator="mean", threshold=0.5, min_cells=1,
                    refer_band={"lo": 0.45, "hi": 0.62})

@@ -15,10 +15,10 @@ from PIL import Image, ImageFilter
 from sklearn.ensemble import RandomForestClassifier
 from sklearn.metrics import roc_auc_score
 
-from bench import patients as patients_mod
+from bench.protocols import patients as patients_mod
 from bench.config import load_config
-from bench.rundir import RunDir
-from bench.runner import run_benchmark
+from bench.run.rundir import RunDir
+from bench.run.runner import run_benchmark
 from core.colour import bag_colour, bag_jitter, bag_reinhard, lab_moments, smooth
 from core.errors import BenchError
 from core.images import Preprocessing
@@ -286,7 +286,7 @@ def test_the_predictor_normalises_each_bag_as_in_training(cohort_run, tmp_path):
 def test_a_bag_colour_predictor_is_refused_without_bags(cohort_run, tmp_path, capsys):
     """Its colour is normalised per patient: without --bags, a cell's probabilities would
     depend on the batch it happens to share (issue 40), so predict refuses in one line."""
-    from bench.cli import main
+    from bench.commands.cli import main
     run, root = cohort_run
     cells = pd.read_csv(root / "cells.csv")
     files = [root / f for f in cells.file[cells.patient == "P00"]]
@@ -451,7 +451,7 @@ def test_a_run_has_an_attention_row(cohort_run):
 
 
 def test_evaluate_reads_each_patient_as_one_bag_like_predict_bags(cohort_run, tmp_path):
-    from bench.evaluate import evaluate
+    from bench.commands.evaluate import evaluate
     run, root = cohort_run
     cells = pd.read_csv(root / "cells.csv")
     keep = ["P00", "P01", "P02", "P03"]

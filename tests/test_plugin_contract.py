@@ -11,7 +11,7 @@ import pandas as pd
 import pytest
 
 from bench.config import load_config
-from bench.runner import run_benchmark
+from bench.run.runner import run_benchmark
 from tests.conftest import write_toy_folder
 
 REPO = Path(__file__).resolve().parents[1]

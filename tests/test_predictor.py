@@ -12,8 +12,8 @@ import pandas as pd
 import pytest
 from PIL import Image
 
-from bench.cli import main
-from bench.outputs import MARKER
+from bench.commands.cli import main
+from bench.commands.outputs import MARKER
 from core.errors import BenchError
 from core.images import Preprocessing
 from core.io import read_json
@@ -45,7 +45,7 @@ n_estimators = 30
 
 @pytest.fixture(scope="module")
 def run(tmp_path_factory, toy_folder):
-    from bench.runner import run_from_args
+    from bench.run.runner import run_from_args
     root = tmp_path_factory.mktemp("ens_run")
     cfg = write_tiny_config(root / "cfg.toml", toy_folder, EXTRA)
     with pytest.MonkeyPatch.context() as mp:   # the autouse cache fixture is per test
@@ -89,7 +89,7 @@ def test_round_trip_gives_identical_probabilities(run, predictor, fresh):
     """The predictor loaded from disk gives the numbers of the run's own fold models
     (``units/``) combined by a meta-learner refitted on the out-of-fold probabilities."""
     from core.candidate import load_candidate
-    from bench.rundir import RunDir
+    from bench.run.rundir import RunDir
     from ensembles.stacking import Stacking
     _, out = run
     X, y = fresh
@@ -196,7 +196,7 @@ def test_predict_cli_writes_gradcam_pngs(run, tmp_path):
 
 
 def test_predictor_without_cnn_member(run, tmp_path, capsys):
-    from bench.rundir import RunDir
+    from bench.run.rundir import RunDir
     from core.images import Preprocessing
     from ensembles import load_predictor, save_predictor
     from ensembles.voting import SoftVoting

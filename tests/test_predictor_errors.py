@@ -20,7 +20,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from bench.cli import main
+from bench.commands.cli import main
 from core.io import file_sha256
 from ensembles.predictor import MANIFEST, manifest_digest
 from tests.conftest import toy_arrays, write_tiny_config, write_toy_folder
@@ -45,7 +45,7 @@ n_estimators = 10
 @pytest.fixture(scope="module")
 def built(tmp_path_factory) -> Path:
     """One real predictor (members rf_hog and cnn_tiny, 3 fold models each)."""
-    from bench.runner import run_from_args
+    from bench.run.runner import run_from_args
     root = tmp_path_factory.mktemp("hostile_run")
     data = write_toy_folder(root / "data", n_per_class=12)
     cfg = write_tiny_config(root / "cfg.toml", data, EXTRA)
@@ -331,13 +331,13 @@ def test_hostile_predictor_is_one_error_line(hostile, images, capsys, variant, p
 @pytest.fixture
 def no_loading(monkeypatch):
     """Fail the test if any model (or the predictor) is loaded."""
-    import bench.cli
+    import bench.commands.cli
     import ensembles.predictor
 
     def boom(*args, **kwargs):
         raise AssertionError("a model was loaded before the arguments were checked")
     monkeypatch.setattr(ensembles.predictor, "load_candidate", boom)
-    monkeypatch.setattr(bench.cli, "load_predictor", boom)
+    monkeypatch.setattr(bench.commands.cli, "load_predictor", boom)
 
 
 def _unreadable(tmp_path: Path) -> Path:

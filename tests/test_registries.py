@@ -11,11 +11,11 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from bench.cli import build_parser
+from bench.commands.cli import build_parser
 from bench.config import PatientsSection, PredictorSection, RunSection
-from bench.leaderboard import to_markdown
-from bench.scoring import bootstrap_weights
-from bench.stats import bootstrap_resamples
+from bench.run.leaderboard import to_markdown
+from bench.stats.scoring import bootstrap_weights
+from bench.stats.inference import bootstrap_resamples
 from core.io import is_inside
 from core.metrics import (LABEL_METRICS, LOWER_IS_BETTER, METRICS, RANKING_METRICS, REGISTRY,
                           base_metric, fold_metrics, metric_label)

@@ -17,7 +17,7 @@ from bench.report.browser import check_report, find_browser
 from bench.report.gradcam_audit import (audit_sample, energy_share, map_rank_correlation,
                                         randomization_check)
 from cnn.gradcam import randomized_clone
-from bench.stats import friedman, t_interval
+from bench.stats.inference import friedman, t_interval
 from tests.conftest import write_tiny_config
 
 EXTRA = """
@@ -42,7 +42,7 @@ EVIL = "<script>alert(1)</script>"
 def run_dir(tmp_path_factory, toy_folder):
     """One tiny finished run (RF on HOG, RF on colour, a tiny CNN, soft voting), whose
     report was written at the end of ``run``."""
-    from bench.runner import run_from_args
+    from bench.run.runner import run_from_args
     root = tmp_path_factory.mktemp("report_run")
     cfg = write_tiny_config(root / "bench.toml", toy_folder, EXTRA)
     # a few epochs are enough to report on (the CPU is shared)
@@ -223,10 +223,10 @@ def test_headless_browser_renders_the_report(run_dir, tmp_path):
 
 
 def test_cli_report_several_runs_adds_friedman(run_dir, tmp_path, monkeypatch):
-    import bench.cli
-    from bench.cli import main
+    import bench.commands.cli
+    from bench.commands.cli import main
     written = []   # each run's own report is tested above; here only that the CLI asks for it
-    monkeypatch.setattr(bench.cli, "write_report",
+    monkeypatch.setattr(bench.commands.cli, "write_report",
                         lambda d, gradcam=None, out=None: written.append((str(d), gradcam)) or d)
     d2 = _copy(run_dir, tmp_path / "second")
     rng = np.random.default_rng(0)

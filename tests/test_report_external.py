@@ -52,7 +52,7 @@ def _external_folder(root: Path) -> Path:
 def ext_run(tmp_path_factory, toy_folder):
     """A finished run (two random forests and their soft vote) scored on one external
     set; its report written at the end of ``run``."""
-    from bench.runner import run_from_args
+    from bench.run.runner import run_from_args
     root = tmp_path_factory.mktemp("report_ext")
     ext = _external_folder(root / "lab2")
     cfg = write_tiny_config(root / "c.toml", toy_folder,
@@ -185,7 +185,7 @@ def test_winner_that_does_not_hold_is_said_and_warned(ext_run, tmp_path):
 def _perfect_in_domain(d: Path) -> list[str]:
     """Make every entry's out-of-fold probabilities one-hot on the true class (in-domain
     balanced accuracy exactly 1, whatever the toy models scored); the entries' names."""
-    from bench.rundir import RunDir
+    from bench.run.rundir import RunDir
     rd = RunDir(d)
     names = [str(n) for n in rd.read_leaderboard()["candidate"]]
     for name in names:

@@ -13,11 +13,11 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from bench.cli import main
+from bench.commands.cli import main
 from core.errors import BenchError
 from core.io import read_json
 from core.progress import stage
-from bench.runner import run_from_args
+from bench.run.runner import run_from_args
 from ensembles import load_predictor
 from tests.conftest import toy_arrays, write_tiny_config
 
@@ -81,7 +81,7 @@ def test_every_candidate_learns_above_chance(tiny_run):
 def test_resume_skips_finished_units(tiny_run, monkeypatch):
     cfg, out, _ = tiny_run
     before = _finished(out)
-    import bench.runner as runner
+    import bench.run.runner as runner
     monkeypatch.setattr(runner, "run_unit", lambda *a: pytest.fail(f"recomputed {a}"))
     run_from_args(str(cfg), out=str(out), show_progress=False)
     assert _finished(out) == before

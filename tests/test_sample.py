@@ -54,7 +54,7 @@ def test_bloodbench_prefix_names_a_file_of_the_package_from_any_config(tmp_path)
 
 
 def test_smoke_reads_the_sample_without_data_and_data_overrides_it(tmp_path):
-    from bench.datasets import prepare_dataset, resolve_data_path
+    from bench.data.datasets import prepare_dataset, resolve_data_path
     # a clone with no ../shared: the config alone in a folder of its own
     shutil.copy(ROOT / "benchmarks.toml", tmp_path / "benchmarks.toml")
     cfg = load_config(tmp_path / "benchmarks.toml", profile="smoke")
@@ -114,7 +114,7 @@ def test_missing_weights_with_random_train_and_warn_once(tmp_path, capsys, no_wa
 def test_missing_weights_by_default_stop_the_run_before_training(tmp_path, toy_folder,
                                                                  capsys, monkeypatch, no_warned):
     import cnn.transfer
-    from bench.cli import main
+    from bench.commands.cli import main
     from cnn.transfer import FineTuneTransferCNN
 
     def no_training(*a, **k):
@@ -147,7 +147,7 @@ def test_weights_missing_is_checked_by_the_config(tmp_path, toy_folder):
 # ----------------------------------------------------------------------------- external
 
 def test_a_missing_external_set_is_skipped_with_one_warning(tmp_path, capsys):
-    from bench.external import score_external
+    from bench.protocols.external import score_external
     gone = tmp_path / "not_here" / "images"
     from bench.config import Config
     cfg = Config.from_dict({"external": {"lab9": {"path": str(gone),

@@ -30,11 +30,11 @@ import pytest
 
 from bench.config import load_config
 from core.errors import BenchError
-from bench.rundir import RunDir
-from bench.runner import prepare_run, run_benchmark, tune_from_args
-from bench.units import tune_unit
-from bench.scheduling import DaskExecutor, LocalExecutor, init_worker
-from bench.storage import FINISHED, make_storage
+from bench.run.rundir import RunDir
+from bench.run.runner import prepare_run, run_benchmark, tune_from_args
+from bench.run.units import tune_unit
+from bench.run.scheduling import DaskExecutor, LocalExecutor, init_worker
+from bench.run.storage import FINISHED, make_storage
 from cnn.runtime import DEFAULT_TF_THREADS, THREADS_ENV, tf_threads
 from tests.conftest import write_toy_folder
 from tests.scale_units import bad_setting, die_once, fail_once, square
@@ -428,7 +428,7 @@ def test_processes_that_open_a_new_sqlite_storage_together_all_get_it(tmp_path):
 def test_storage_open_retries_a_lost_schema_race_only(monkeypatch, tmp_path):
     import sqlalchemy.exc
 
-    from bench import storage as storage_mod
+    from bench.run import storage as storage_mod
     calls = []
 
     def flaky(url, **kw):

@@ -10,7 +10,7 @@ import pandas as pd
 import pytest
 from PIL import Image
 
-from bench.cli import main
+from bench.commands.cli import main
 from tests.conftest import SHARED
 
 ROOT = Path(__file__).resolve().parents[1]

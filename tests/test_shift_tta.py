@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from bench.cli import main
+from bench.commands.cli import main
 from core.shift import ShiftReference
 from tests.conftest import toy_arrays, write_tiny_config
 
@@ -46,7 +46,7 @@ def test_shift_reference_needs_no_labels_and_is_seeded():
 
 @pytest.fixture(scope="module")
 def rf_run(tmp_path_factory, toy_folder):
-    from bench.runner import run_from_args
+    from bench.run.runner import run_from_args
     root = tmp_path_factory.mktemp("shift")
     cfg = write_tiny_config(root / "c.toml", toy_folder,
                             extra='\n[predictor]\ntta = "flips"\n')

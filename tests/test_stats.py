@@ -13,7 +13,7 @@ from sklearn.metrics import (accuracy_score, balanced_accuracy_score, f1_score, 
 from core.calibration import (TemperatureScaler, apply_temperature, cross_fit_temperature, ece,
                                fit_temperature, reliability)
 from bench.report.tables import metrics_of
-from bench.stats import (corrected_resampled_ttest, fold_size_ratio, friedman, holm, mcnemar,
+from bench.stats.inference import (corrected_resampled_ttest, fold_size_ratio, friedman, holm, mcnemar,
                          nemenyi_cd, nemenyi_q, t_interval)
 
 A = [0.80, 0.82, 0.78, 0.85, 0.75]

@@ -161,7 +161,7 @@ robust_tolerance = {tol}
 
 @pytest.fixture(scope="module")
 def stress_run(tmp_path_factory, toy_folder):
-    from bench.runner import run_from_args
+    from bench.run.runner import run_from_args
     root = tmp_path_factory.mktemp("stress")
     cfg = write_tiny_config(root / "c.toml", toy_folder, extra=STRESS.format(tol=1.0))
     board, out = run_from_args(str(cfg), out=str(root / "run"), only=["rf_hog", "rf_colour"],
@@ -170,7 +170,7 @@ def stress_run(tmp_path_factory, toy_folder):
 
 
 def test_a_run_scores_every_entry_under_each_shift(stress_run):
-    from bench.rundir import RunDir
+    from bench.run.rundir import RunDir
     from core.metrics import fold_metrics
     _, out = stress_run
     run = RunDir(out)
@@ -202,7 +202,7 @@ def test_a_run_scores_every_entry_under_each_shift(stress_run):
 
 
 def test_a_resumed_run_scores_missing_shifts_from_the_saved_models(stress_run):
-    from bench.runner import run_from_args
+    from bench.run.runner import run_from_args
     cfg, out = stress_run
     unit = out / "units" / "rf_colour" / "fold1" / "stress_stain.npy"
     before = np.load(unit)
@@ -225,7 +225,7 @@ def test_bad_stress_settings_are_one_line(extra, fragment, toy_folder, tmp_path,
 
 
 def test_the_report_shows_each_entry_under_shift(stress_run):
-    from bench.leaderboard import fmt
+    from bench.run.leaderboard import fmt
     _, out = stress_run
     html = (out / "report" / "index.html").read_text()
     board = pd.read_csv(out / "leaderboard.csv").set_index("candidate")

@@ -12,7 +12,7 @@ import pytest
 from core.candidate import Candidate, build_candidate
 from core.errors import BenchError
 from core.registry import register
-from bench.tuning import candidate_tuning, inner_split, make_pruner, tune_candidate
+from bench.run.tuning import candidate_tuning, inner_split, make_pruner, tune_candidate
 from tests.conftest import toy_arrays, write_tiny_config
 
 COLOR = {"color": {"bins": 8}}
@@ -122,7 +122,7 @@ def test_resumed_study_runs_only_the_remaining_trials(tmp_path):
     assert after[:3] == before                      # finished trials kept, not re-run
     params = [t["params"]["quality"] for t in after]
     assert len(set(params)) == 5                    # no point sampled twice
-    from bench.storage import make_storage
+    from bench.run.storage import make_storage
     st = optuna.load_study(study_name="s", storage=make_storage(tun["storage"]))
     assert len(st.trials) == 5
 
@@ -211,7 +211,7 @@ def test_bad_settings_are_one_clear_error(tmp_path):
 
 
 def test_run_with_three_trials_end_to_end(toy_folder, tmp_path):
-    from bench.runner import run_from_args
+    from bench.run.runner import run_from_args
     extra = """
 [tuning]
 trials = 3
@@ -248,7 +248,7 @@ params = { features = "color", kernel = "linear" }
 
 
 def test_the_leaderboard_tuning_column_shows_both_full_fidelity_scores():
-    from bench.tuning import fold_decision, tuning_column
+    from bench.run.tuning import fold_decision, tuning_column
     checked = {"n_trials": 4, "best_params": {}, "confirm": {
         "kept": "configured", "configured": 0.9712, "tuned": 0.9650}}
     adopted = {"n_trials": 4, "best_params": {"lr": 0.1}, "confirm": {
@@ -402,7 +402,7 @@ def test_neighbouring_folds_draw_different_points(tmp_path):
 
 def test_each_trial_releases_its_model(tmp_path, monkeypatch):
     """A worker runs dozens of trials: each one's Keras graph is let go after it."""
-    import bench.tuning as tuning
+    import bench.run.tuning as tuning
     calls = []
     monkeypatch.setattr(tuning, "release_memory", lambda: calls.append(1))
     X, y = toy_arrays(6, 16, seed=0)
@@ -501,7 +501,7 @@ def test_a_winner_at_both_fidelities_is_adopted(tmp_path):
 
 
 def test_fidelity_check_measures_the_rank_agreement(tmp_path):
-    from bench.tuning import fidelity_check
+    from bench.run.tuning import fidelity_check
     X, y = toy_arrays(40, 16, seed=0)
     seen = []
     out = fidelity_check(_liar(), X, y, np.arange(3), {}, seed=0, n_settings=5,

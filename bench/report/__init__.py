@@ -24,7 +24,7 @@ from core.progress import warn
 from bench.config import Config
 from bench.report.build import write_cross_report, write_report
 from bench.report.rundata import RunData
-from bench.rundir import RunDir
+from bench.run.rundir import RunDir
 
 CROSS_DIR = RunDir.CROSS_REPORT   # the default folder of `bench report A B`, in A
 

@@ -14,21 +14,21 @@ import pandas as pd
 from core.calibration import reliability
 from core.errors import BenchError
 from core.metrics import REPORT_METRICS, metric_label
-from bench.leaderboard import fmt, fmt_p, fmt_size, md_escape, stress_column, to_markdown
-from bench.leakage import audit_metrics
+from bench.run.leaderboard import fmt, fmt_p, fmt_size, md_escape, stress_column, to_markdown
+from bench.protocols.leakage import audit_metrics
 from bench.report.patients import patient_section
 from bench.report.conformal import conformal_section
 from bench.report.labs import labs_section
 from core.io import atomic_write_text
-from bench.outputs import OutputFolder
-from bench.rundir import RunDir
+from bench.commands.outputs import OutputFolder
+from bench.run.rundir import RunDir
 from core.progress import info, warn
 from bench.report import cards, plots, tables
 from bench.report import gradcam_audit as ga
 from bench.report.html import SORT_SCRIPT, Out, csp, env, slug
 from bench.report.rundata import RunData
-from bench.stats import friedman, nemenyi_cd
-from bench.stress import stress_shifts
+from bench.stats.inference import friedman, nemenyi_cd
+from bench.protocols.stress import stress_shifts
 
 # ----------------------------------------------------------------------------- helpers
 
@@ -88,7 +88,7 @@ def _say(progress, msg):
 def report_folder(run_dir, out=None) -> OutputFolder:
     """Where the report of the run in ``run_dir`` goes: ``RUN/report`` (an earlier report
     there written before the output marker existed is moved to ``RUN/previous/``), or
-    ``out`` outside the run (:class:`bench.outputs.OutputFolder`: only the report's own
+    ``out`` outside the run (:class:`bench.commands.outputs.OutputFolder`: only the report's own
     files are ever replaced)."""
     rundir = RunDir(run_dir)
     own = rundir.report_dir
@@ -524,7 +524,7 @@ def _gradcam_section(run, board, s, out: Out, colors, gradcam, progress) -> dict
 # ----------------------------------------------------------------------------- several runs
 
 def cross_report_folder(run_dirs, out_dir) -> OutputFolder:
-    """The cross-dataset report's folder, checked (:class:`bench.outputs.OutputFolder`):
+    """The cross-dataset report's folder, checked (:class:`bench.commands.outputs.OutputFolder`):
     outside the runs, or the first run's ``cross_dataset_report``."""
     return OutputFolder(out_dir, "bench report (cross-dataset)", "--out", reads=run_dirs,
                         allowed=(RunDir(run_dirs[0]).cross_report_dir,)).check()

@@ -6,7 +6,7 @@ from __future__ import annotations
 import numpy as np
 import pandas as pd
 
-from bench.tuning import fold_decision
+from bench.run.tuning import fold_decision
 
 
 def warnings_for(run, board: pd.DataFrame, settings: dict) -> list[dict]:
@@ -149,7 +149,7 @@ def unit_times(run) -> list[dict]:
 def trial_summary(units: list[dict]) -> dict:
     """Optuna trials of a candidate's units: per fold (in fold order), pruned and failed
     counts, the folds whose best trial was not the configured parameters, and the trials'
-    fidelity (``bench.tuning``)."""
+    fidelity (``bench.run.tuning``)."""
     tun = [u.get("tuning") or {} for u in sorted(units, key=lambda u: u.get("fold", 0))]
     n = [int(t.get("n_trials") or 0) for t in tun]
     if not any(n):

@@ -8,7 +8,7 @@ import numpy as np
 import pandas as pd
 from matplotlib.figure import Figure
 
-from bench.leaderboard import fmt
+from bench.run.leaderboard import fmt
 from core.conformal import accuracy_at_coverage, aurc, risk_coverage
 
 SHOWN = 8   # curves drawn (the leaderboard's first entries)

@@ -11,11 +11,11 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from bench.leaderboard import fmt
+from bench.run.leaderboard import fmt
 from bench.report import plots
 from bench.report.gradcam_audit import overlay
 from bench.report.html import SORT_SCRIPT, Out, csp, env
-from bench.scoring import METRIC_KEYS
+from bench.stats.scoring import METRIC_KEYS
 from core.calibration import reliability
 from core.images import read_image
 from core.io import atomic_write_text
@@ -169,7 +169,7 @@ def gradcam_gallery(pred, items, y, pred_full, proba, present, gradcam: bool, se
 def write_page(tmp: Path, result: dict, ext, keep, y, proba, sc, dom, cells,
                gallery_status) -> None:
     """The page of an evaluation in ``tmp``: ``index.html``, its figures (``img/``) and
-    tables (``csv/``); ``ext``: the :class:`bench.external_data.ExternalSet` scored."""
+    tables (``csv/``); ``ext``: the :class:`bench.data.external_data.ExternalSet` scored."""
     classes = result["predictor"]["classes"]
     out = Out(tmp)
     pc = pd.DataFrame(result["per_class"])

@@ -25,7 +25,7 @@ from scipy.stats import spearmanr
 
 from core import registry
 from core.candidate import load_candidate
-from bench.stress import stress_shifts
+from bench.protocols.stress import stress_shifts
 from ensembles.build import build_ensemble, fit_ensemble, member_sets
 from features.morphology import segment_cell
 

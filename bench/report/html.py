@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pandas as pd
 
-from bench.leaderboard import fmt, fmt_p
+from bench.run.leaderboard import fmt, fmt_p
 from bench.report import plots
 
 TEMPLATES = Path(__file__).resolve().parent.parent / "templates"

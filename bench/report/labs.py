@@ -1,4 +1,4 @@
-"""The report's section on several labs (:mod:`bench.labs`): every entry on each held-out
+"""The report's section on several labs (:mod:`bench.protocols.labs`): every entry on each held-out
 lab, a lab x entry heatmap, which entry wins in-lab and which wins on the worst lab, and a
 Friedman test with the labs as blocks (Nemenyi critical-difference diagram)."""
 
@@ -8,9 +8,9 @@ import numpy as np
 import pandas as pd
 from matplotlib.figure import Figure
 
-from bench.leaderboard import fmt, md_escape
+from bench.run.leaderboard import fmt, md_escape
 from bench.report import plots
-from bench.stats import friedman, nemenyi_cd
+from bench.stats.inference import friedman, nemenyi_cd
 
 METRIC = "balanced_accuracy"   # what the section compares (over the classes each lab has)
 

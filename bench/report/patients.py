@@ -1,4 +1,4 @@
-"""The report's patient-level section (bag tasks, :mod:`bench.patients`).
+"""The report's patient-level section (bag tasks, :mod:`bench.protocols.patients`).
 
 The patient leaderboard with bootstrap intervals and the paired tests, ROC curves of the
 best rows, the best row's per-patient table and scores, and the cells behind each positive
@@ -13,7 +13,7 @@ from matplotlib import colormaps
 from matplotlib.figure import Figure
 from sklearn.metrics import roc_curve
 
-from bench.leaderboard import fmt
+from bench.run.leaderboard import fmt
 from bench.report.gradcam_audit import MapStore, audit_targets, ensemble_weights, overlay
 
 TOP_ROC = 6            # rows drawn in the ROC figure

@@ -7,8 +7,8 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from bench.rundir import RunDir
-from bench.leaderboard import COSTS
+from bench.run.rundir import RunDir
+from bench.run.leaderboard import COSTS
 from core.errors import BenchError
 from core.metrics import base_metric
 
@@ -26,7 +26,7 @@ class RunData:
     external : set name -> ``(scores, per_class, meta)`` of each external set scored at the
         end of the run (``external/<NAME>/``; :meth:`RunDir.read_external`), names as str.
     leakage : ``leakage.csv`` of the leakage audit (grouped against image-level scores,
-        :mod:`bench.leakage`), or ``None`` when the run has none; ``leakage_error`` says why
+        :mod:`bench.protocols.leakage`), or ``None`` when the run has none; ``leakage_error`` says why
         it could not be read.
     """
 

@@ -10,7 +10,7 @@ from sklearn.metrics import confusion_matrix, precision_recall_fscore_support, r
 
 from core.calibration import cross_fit_temperature, ece
 from core.metrics import REPORT_METRICS, fold_metrics, metric_sort_ascending
-from bench.stats import corrected_resampled_ttest, fold_size_ratio, holm, mcnemar, t_interval
+from bench.stats.inference import corrected_resampled_ttest, fold_size_ratio, holm, mcnemar, t_interval
 
 
 def lower_is_better(metric: str) -> bool:

@@ -40,7 +40,7 @@ import tempfile
 from contextlib import contextmanager
 from pathlib import Path
 
-from bench.rundir import RunDir
+from bench.run.rundir import RunDir
 from core.errors import BenchError
 from core.io import atomic_write_json, file_sha256, is_inside, naming
 from core.progress import warn

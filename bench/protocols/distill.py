@@ -22,7 +22,7 @@ teacher would refit every member on each pair of folds).
 Targets: ``(1 - hard_weight) * tempered(teacher) + hard_weight * one_hot(label)``, the
 teacher's rows tempered by ``p ** (1 / temperature)`` renormalised.
 
-Writes (the run directory's layout, :mod:`bench.rundir`): ``units/distilled/fold<k>/``,
+Writes (the run directory's layout, :mod:`bench.run.rundir`): ``units/distilled/fold<k>/``,
 ``distill/final/`` (the student fitted on every row), ``distill/result.json``,
 ``oof/distilled.npy``, the leaderboard's ``distilled`` row (accuracy, images/s of the
 saved student and of the run's predictor on the same 64-px arrays, size); and the
@@ -42,18 +42,18 @@ from pathlib import Path
 
 import numpy as np
 
-from bench import conformal
-from bench.context import RunContext, Stage
-from bench.leaderboard import make_table, to_markdown
-from bench.rundir import RunDir
-from bench.scheduling import make_executor
-from bench.stress import add_stress_columns, predict_stressed, stress_shifts
-from bench.units import fitted_record, seeded_entry
+from bench.stats import conformal_sets as conformal
+from bench.run.context import RunContext, Stage
+from bench.run.leaderboard import make_table, to_markdown
+from bench.run.rundir import RunDir
+from bench.run.scheduling import make_executor
+from bench.protocols.stress import add_stress_columns, predict_stressed, stress_shifts
+from bench.run.units import fitted_record, seeded_entry
 from core import registry
 from core.calibration import fit_temperature
 from core.candidate import build_candidate, fit_candidate, predict_proba_for, release_memory
 from core.errors import BenchError
-from bench.outputs import check_not_inside, check_writable, run_lock
+from bench.commands.outputs import check_not_inside, check_writable, run_lock
 from core.io import atomic_write_json, read_json, stable_hash, staged
 from core.metrics import base_metric, summarize
 from core.progress import info, unit_progress

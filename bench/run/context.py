@@ -4,9 +4,9 @@ to stage, and the :class:`Stage` record the runner's list is made of.
 A stage is ``Stage(name, run, enabled)``: ``enabled(ctx)`` says whether this run has it
 (most read one setting of ``ctx.cfg``), ``run(ctx)`` does its work and leaves what later
 stages need on ``ctx`` (the leaderboard ``board``, the out-of-fold probabilities
-``stored``, ...). A protocol module (``bench.labs``, ``bench.patients``,
-``bench.external``, ``bench.leakage``, ``bench.stress``, ``bench.distill``) defines its
-stage beside its work; the runner lists them in order (:data:`bench.runner.STAGES`).
+``stored``, ...). A protocol module (``bench.protocols.labs``, ``bench.protocols.patients``,
+``bench.protocols.external``, ``bench.protocols.leakage``, ``bench.protocols.stress``, ``bench.protocols.distill``) defines its
+stage beside its work; the runner lists them in order (:data:`bench.run.runner.STAGES`).
 """
 
 from __future__ import annotations
@@ -18,9 +18,9 @@ import numpy as np
 import pandas as pd
 
 from bench.config import Config
-from bench.datasets import Dataset
-from bench.leaderboard import to_markdown
-from bench.rundir import RunDir
+from bench.data.datasets import Dataset
+from bench.run.leaderboard import to_markdown
+from bench.run.rundir import RunDir
 from core.metrics import base_metric
 
 
@@ -30,8 +30,8 @@ class RunContext:
     cfg: Config
     run: RunDir
     ds: Dataset
-    fp: dict                          # the run's fingerprint (bench.prepare.fingerprint)
-    # bench.runner.run_benchmark: the protocols that run the benchmark again on a derived
+    fp: dict                          # the run's fingerprint (bench.run.prepare.fingerprint)
+    # bench.run.runner.run_benchmark: the protocols that run the benchmark again on a derived
     # config (leave-one-lab-out, the leakage audit) call it without importing the runner
     rerun: Callable[..., pd.DataFrame]
     workers: int | None = None

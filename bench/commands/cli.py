@@ -19,14 +19,14 @@ from pathlib import Path
 import numpy as np
 
 from bench.config import DEFAULT_CONFIG, read_toml
-from bench.distill import distill
-from bench.evaluate import evaluate, summary
+from bench.protocols.distill import distill
+from bench.commands.evaluate import evaluate, summary
 from bench.report import CROSS_DIR, write_cross_report, write_report
 from bench.report.build import cross_report_folder
-from bench.outputs import (OutputFolder, check_file_output, os_error_line, run_lock,
+from bench.commands.outputs import (OutputFolder, check_file_output, os_error_line, run_lock,
                            run_of)
-from bench.rundir import RunDir
-from bench.runner import run_from_args, tune_from_args
+from bench.run.rundir import RunDir
+from bench.run.runner import run_from_args, tune_from_args
 from core import registry
 from core.errors import BenchError
 from core.images import IMAGE_SUFFIXES, find_images
@@ -36,7 +36,7 @@ from ensembles.bags import NO_CALL, REFER, REFER_KINDS, negative_label
 from ensembles.predictor import TABLE_COLUMNS, load_predictor, verify_predictor
 from ensembles.record import NO_BAG_COLOUR
 from ensembles.tta import TTA_VIEWS
-from bench.calibrate import add_calibrate_parser, cmd_calibrate, inspect_lines, review_counts
+from bench.commands.calibrate import add_calibrate_parser, cmd_calibrate, inspect_lines, review_counts
 
 
 def _add_common(p):
@@ -254,7 +254,7 @@ def cells_file(out) -> Path:
 
 
 def _check_predict_outputs(args) -> OutputFolder | None:
-    """Before loading anything: where ``predict`` writes may be written (:mod:`bench.outputs`);
+    """Before loading anything: where ``predict`` writes may be written (:mod:`bench.commands.outputs`);
     returns the Grad-CAM folder, if asked for."""
     model = Path(args.model)
     reads = (model, run_of(model))

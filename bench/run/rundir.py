@@ -18,7 +18,7 @@ report, the Grad-CAM audit and the tests agree on one layout::
     DIR/leaderboard.{csv,md}
     DIR/predictor/, DIR/report/
     DIR/leakage/               the leakage audit's image-level run (a run directory)
-    DIR/leakage.csv            grouped against image-level scores (bench.leakage)
+    DIR/leakage.csv            grouped against image-level scores (bench.protocols.leakage)
     DIR/distill/               bench distill: result.json, final/ (the saved student's fit);
                                its cross-validated folds are units/distilled/fold<k>
 
@@ -136,7 +136,7 @@ class RunDir:
 
     @property
     def tuning_dir(self) -> Path:
-        """Each study's summary (:mod:`bench.tuning`): ``tuning/<study>.json``."""
+        """Each study's summary (:mod:`bench.run.tuning`): ``tuning/<study>.json``."""
         return self.path / "tuning"
 
     def tuning_file(self, study: str) -> Path:
@@ -144,12 +144,12 @@ class RunDir:
 
     @property
     def optuna_db(self) -> Path:
-        """The default Optuna storage: SQLite in the run (:mod:`bench.storage`)."""
+        """The default Optuna storage: SQLite in the run (:mod:`bench.run.storage`)."""
         return self.path / "optuna.db"
 
     @property
     def distill_dir(self) -> Path:
-        """``bench distill``'s own files (:mod:`bench.distill`): ``result.json`` and
+        """``bench distill``'s own files (:mod:`bench.protocols.distill`): ``result.json`` and
         ``final/`` (the student fitted on every row); its folds are ``units/distilled``."""
         return self.path / "distill"
 
@@ -159,7 +159,7 @@ class RunDir:
 
     @property
     def leakage_dir(self) -> Path:
-        """The leakage audit's image-level run (:mod:`bench.leakage`)."""
+        """The leakage audit's image-level run (:mod:`bench.protocols.leakage`)."""
         return self.path / "leakage"
 
     def unit_dir(self, name: str, fold: int) -> Path:
@@ -357,7 +357,7 @@ class RunDir:
         if not old.is_file():
             return None
         prev = pd.read_csv(old)
-        if "kind" in prev:   # bench distill's row comes back after the run (bench.distill)
+        if "kind" in prev:   # bench distill's row comes back after the run (bench.protocols.distill)
             prev = prev[prev["kind"] != "distilled"]
         cols = ["candidate"] + [c for m in METRICS for c in (m, f"{m}_std")]
         new = pd.read_csv(io.StringIO(board.to_csv(index=False)))   # as it will be read back
@@ -373,7 +373,7 @@ class RunDir:
                 os.replace(self.file(name), dest / name)
         return dest
 
-    # -- leave-one-lab-out (bench.labs) -------------------------------------------------
+    # -- leave-one-lab-out (bench.protocols.labs) -------------------------------------------------
     LABS_CSV = "labs.csv"
 
     @property

@@ -23,7 +23,7 @@ Study
 * the first trial fits the candidate's configured parameters unchanged, so the result is
   never worse, on the inner validation part, than the untuned default (when it wins,
   ``best_params`` is ``{}``: keep the configured parameters);
-* stored in ``[tuning] storage`` (:func:`bench.storage.make_storage`; default an SQLite file
+* stored in ``[tuning] storage`` (:func:`bench.run.storage.make_storage`; default an SQLite file
   in the run directory), named as given (``<candidate>-fold<k>``), loaded if it exists:
   re-running continues with the remaining trials (``trials`` counts finished ones:
   complete, pruned or failed; with several processes on one study, each stops when the
@@ -93,8 +93,8 @@ from core.metrics import LOWER_IS_BETTER, fold_metrics
 from core.params import space_names
 from core.progress import warn
 from bench.config import CandidateTuning, validated
-from bench.rundir import RunDir
-from bench.storage import make_storage, optimize_shared, storage_url
+from bench.run.rundir import RunDir
+from bench.run.storage import make_storage, optimize_shared, storage_url
 
 optuna.logging.set_verbosity(optuna.logging.WARNING)   # the runner shows progress per unit
 FINISHED = (optuna.trial.TrialState.COMPLETE, optuna.trial.TrialState.PRUNED,
@@ -547,7 +547,7 @@ def _run_trials(st: optuna.Study, tuning, entry: dict, cls, searched, data, clas
             release_memory()
 
     # any number of processes (`bench tune`) may add trials: together they stop at
-    # exactly n_trials finished ones (bench.storage.optimize_shared)
+    # exactly n_trials finished ones (bench.run.storage.optimize_shared)
     return optimize_shared(st, objective, n_trials, timeout=budget, catch=TRIAL_ERRORS,
                            gc_after_trial=True)
 

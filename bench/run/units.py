@@ -1,7 +1,7 @@
 """One work unit: candidate x fold, fitted on the other folds, scored on its own.
 
 Work units run wherever the scheduler sends them (this process, spawned workers, Dask
-workers); each reads the run directory through :class:`bench.rundir.RunDir`, imports the
+workers); each reads the run directory through :class:`bench.run.rundir.RunDir`, imports the
 config's plugins itself, and publishes its folder atomically.
 """
 
@@ -14,10 +14,10 @@ import time
 
 import numpy as np
 
-from bench.rundir import RunDir
-from bench.stress import predict_stressed, stress_shifts
-from bench.sources import lab_balanced_rows
-from bench.tuning import is_tuned, tune_candidate
+from bench.run.rundir import RunDir
+from bench.protocols.stress import predict_stressed, stress_shifts
+from bench.data.sources import lab_balanced_rows
+from bench.run.tuning import is_tuned, tune_candidate
 from core import registry
 from core.candidate import build_candidate, fit_candidate, predict_proba_for, release_memory
 from core.colour import bag_jitter
@@ -44,7 +44,7 @@ def _loaded(run) -> RunDir:
 
 def training_rows(run, entry: dict, fold: int, seed: int) -> np.ndarray:
     """The rows fold ``fold``'s fit and trials learn from: every other fold's, with
-    ``lab_balance`` each lab drawn to the mean lab size (bench.sources.lab_balanced_rows)."""
+    ``lab_balance`` each lab drawn to the mean lab size (bench.data.sources.lab_balanced_rows)."""
     train = run.folds.train(fold)
     if entry.get("lab_balance") and run.domains is not None:
         train = lab_balanced_rows(train, run.domains, seed)

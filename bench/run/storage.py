@@ -24,7 +24,7 @@ from optuna.storages import JournalStorage, RDBStorage, RetryHeartbeatStaleTrial
 from optuna.storages.journal import JournalFileBackend
 from optuna.trial import TrialState
 
-from bench.rundir import RunDir
+from bench.run.rundir import RunDir
 from core.errors import BenchError
 
 # A running trial whose process sent no heartbeat for GRACE_SECONDS is failed and retried.

@@ -44,7 +44,7 @@ import numpy as np
 import pandas as pd
 
 from bench.config import Config, did_you_mean
-from bench.download import fetch
+from bench.data.download import fetch
 from core.cache import default_cache_dir
 from core.errors import BenchError
 from core.images import (MAX_PIXELS, Preprocessing, composite_on_white, max_pixels,
@@ -74,7 +74,7 @@ class Dataset:
     original_sizes: list[str] = field(default_factory=list)   # "WxH" per row
     skipped: list[dict] = field(default_factory=list)         # {"path", "reason"}
     converted: list[dict] = field(default_factory=list)       # {"path", "mode"}
-    # several labs in one dataset (bench.sources): each row's lab, and its group (patient,
+    # several labs in one dataset (bench.data.sources): each row's lab, and its group (patient,
     # slide, near-duplicate pair) as "<lab>:<id>"; empty for a single-lab dataset
     domains: list[str] = field(default_factory=list)
     group_keys: list[str] = field(default_factory=list)

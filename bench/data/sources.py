@@ -20,9 +20,9 @@ near-duplicate ``pairs``, and a ``class_map`` from its class names onto the shar
 further). Each lab is loaded (and cached) as a dataset of its own; a class of a lab that maps onto no
 shared class is left out with one warning line and recorded in the data card's
 ``skipped``; a lab may lack shared classes (its metrics are over the classes it has,
-:mod:`bench.labs`). Rows keep their lab (``Dataset.domains``, ``folds.csv`` ``domain``) and
+:mod:`bench.protocols.labs`). Rows keep their lab (``Dataset.domains``, ``folds.csv`` ``domain``) and
 their group as ``<lab>:<id>`` (``Dataset.group_keys``): groups of two labs never merge,
-except through identical pixels (:func:`bench.folds.make_groups`). Every path is checked
+except through identical pixels (:func:`bench.data.folds.make_groups`). Every path is checked
 before any image is decoded.
 """
 
@@ -34,9 +34,9 @@ from pathlib import Path
 import numpy as np
 
 from bench.config import Config, SourceEntry, did_you_mean
-from bench.datasets import (Dataset, check_classes, load_dataset, parse_csv_spec,
+from bench.data.datasets import (Dataset, check_classes, load_dataset, parse_csv_spec,
                             prepare_dataset, stratified_subset)
-from bench.folds import column_by_row, make_groups
+from bench.data.folds import column_by_row, make_groups
 from core.colour import bag_colour, smooth
 from core.errors import BenchError
 from core.io import stable_hash
@@ -87,7 +87,7 @@ def class_mapping(own: list[str], shared: list[str], class_map: dict, where: str
 
 def _groups(cfg: Config, ds: Dataset, src: SourceEntry) -> np.ndarray:
     """Group id per row of one lab: its groups (file,group CSV or a CSV column), pairs
-    and exact duplicates united (:func:`bench.folds.make_groups`)."""
+    and exact duplicates united (:func:`bench.data.folds.make_groups`)."""
     spec = src.groups
     column = _is_column_spec(spec) if spec else False
     preset = None
@@ -101,7 +101,7 @@ def _groups(cfg: Config, ds: Dataset, src: SourceEntry) -> np.ndarray:
 
 def prepare_data(cfg: Config, show_progress: bool = True) -> tuple[Dataset, Path]:
     """The run's dataset and where it came from: the labs of ``[data] sources``
-    (:func:`load_sources`), else :func:`bench.datasets.prepare_dataset`."""
+    (:func:`load_sources`), else :func:`bench.data.datasets.prepare_dataset`."""
     if not cfg.data.sources:
         ds, path = prepare_dataset(cfg, show_progress)
     else:

@@ -9,13 +9,13 @@ description go into ``DIR/predictor`` (:func:`ensembles.writer.save_predictor`).
 
 from __future__ import annotations
 
-from bench import conformal
+from bench.stats import conformal_sets as conformal
 from bench.config import Config
-from bench.context import RunContext, Stage
-from bench.datasets import Dataset
-from bench.labs import has_lab_columns, lab_names, lab_summary
-from bench.patients import bag_settings
-from bench.rundir import RunDir
+from bench.run.context import RunContext, Stage
+from bench.data.datasets import Dataset
+from bench.protocols.labs import has_lab_columns, lab_names, lab_summary
+from bench.protocols.patients import bag_settings
+from bench.run.rundir import RunDir
 from core.calibration import fit_temperature
 from core.progress import info
 from core.shift import ShiftReference

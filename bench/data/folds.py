@@ -23,7 +23,7 @@ import numpy as np
 import pandas as pd
 from sklearn.model_selection import StratifiedGroupKFold
 
-from bench.datasets import Dataset, read_csv_column
+from bench.data.datasets import Dataset, read_csv_column
 from core.errors import BenchError
 
 

@@ -5,7 +5,7 @@
     python -m bench evaluate --model runs/quick/predictor --data ../shared/data/deepapl/images \\
         --labels ../shared/data/deepapl/cells.csv:pbc_class --groups patient --out eval_deepapl
 
-    from bench.evaluate import evaluate
+    from bench.commands.evaluate import evaluate
     result = evaluate("runs/quick/predictor", "other_lab/", class_map="map.toml")
 
 Data: a class-folder tree, an ``.npz``, a ``[datasets.NAME]`` of the config, or a folder
@@ -26,7 +26,7 @@ the argmax restricted to the present classes; 95 % CIs by a seeded percentile bo
 over images, or over groups (``--groups COLUMN``, e.g. patients) when given.
 
 This module runs an evaluation (:func:`evaluate`) and sums it up (:func:`summary`); the
-set is listed and mapped by :mod:`bench.external_data`, scored by :mod:`bench.scoring`,
+set is listed and mapped by :mod:`bench.data.external_data`, scored by :mod:`bench.stats.scoring`,
 and its page drawn by :mod:`bench.report.evaluation`.
 """
 
@@ -40,16 +40,16 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from bench.external_data import load_external, map_classes, read_class_map
-from bench.leaderboard import fmt
+from bench.data.external_data import load_external, map_classes, read_class_map
+from bench.run.leaderboard import fmt
 from bench.report.evaluation import gradcam_gallery, predictions_csv, write_page
 from bench.report.html import slug
-from bench.scoring import (METRIC_KEYS, in_domain, stats_of_run, per_external_class, score,
+from bench.stats.scoring import (METRIC_KEYS, in_domain, stats_of_run, per_external_class, score,
                            score_patients)
 from core.errors import BenchError
-from bench.outputs import OutputFolder, run_of
+from bench.commands.outputs import OutputFolder, run_of
 from core.io import atomic_write_json, atomic_write_text, package_versions
-from bench import conformal
+from bench.stats import conformal_sets as conformal
 from core.metrics import metric_label
 from core.progress import progress_iter, warn
 from ensembles.bags import call_bags
@@ -71,7 +71,7 @@ def default_out(name: str) -> Path:
 
 
 def output_folder(out: Path, predictor_dir: Path) -> OutputFolder:
-    """The ``--out`` folder (:class:`bench.outputs.OutputFolder`): new, empty, or an earlier
+    """The ``--out`` folder (:class:`bench.commands.outputs.OutputFolder`): new, empty, or an earlier
     evaluation (its files replaced, nothing else touched); never inside the predictor or
     its run. A folder of an evaluation written before the marker existed is moved aside
     whole (``OUT.old-<timestamp>``), nothing deleted."""

@@ -26,10 +26,10 @@ from pathlib import Path
 import numpy as np
 from sklearn.model_selection import train_test_split
 
-from bench.evaluate import predict_items, load_external, map_classes, read_class_map
+from bench.commands.evaluate import predict_items, load_external, map_classes, read_class_map
 from core.conformal import METHODS, ConformalSets, check_confidence, review_threshold
 from core.errors import BenchError
-from bench.outputs import check_not_inside, check_writable, folder_size, run_of
+from bench.commands.outputs import check_not_inside, check_writable, folder_size, run_of
 from core.io import atomic_write_json, atomic_write_text, file_sha256, staged
 from core.progress import info, warn
 

@@ -19,8 +19,8 @@ import pandas as pd
 from sklearn.metrics import roc_auc_score
 
 from bench.config import StatsSection
-from bench.rundir import RunDir
-from bench.stats import bootstrap_resamples
+from bench.run.rundir import RunDir
+from bench.stats.inference import bootstrap_resamples
 from core.calibration import BinnedCalibration, apply_temperature
 from core.calibration import ece as ece_score
 from core.errors import BenchError
@@ -63,7 +63,7 @@ class WeightedScorer:
 
 def bootstrap_weights(n: int, groups=None, n_boot: int = StatsSection().n_boot,
                       seed: int = StatsSection().seed):
-    """Yield per-image weights of ``n_boot`` resamples (:func:`bench.stats.bootstrap_resamples`):
+    """Yield per-image weights of ``n_boot`` resamples (:func:`bench.stats.inference.bootstrap_resamples`):
     images drawn with replacement, or whole groups drawn with replacement (each image
     weighted by its group's draws)."""
     if groups is None:

@@ -1,6 +1,6 @@
 """Leave-one-lab-out: every entry judged on labs it never saw, ranked by the worst.
 
-A dataset of several labs (``[data] sources``, :mod:`bench.sources`) is run twice by
+A dataset of several labs (``[data] sources``, :mod:`bench.data.sources`) is run twice by
 ``python -m bench run``:
 
 * the ordinary grouped k-fold over the pooled labs (folds stratified by lab and class):
@@ -14,7 +14,7 @@ A dataset of several labs (``[data] sources``, :mod:`bench.sources`) is run twic
   an out-of-lab prediction.
 
 :func:`lab_scores` scores each entry's out-of-lab probabilities per held-out lab, over the
-classes that lab has (:func:`bench.scoring.score`: accuracy, balanced accuracy, macro-F1,
+classes that lab has (:func:`bench.stats.scoring.score`: accuracy, balanced accuracy, macro-F1,
 CIs at ``[stats] confidence`` by a bootstrap over the lab's patients or slides), and
 :func:`add_lab_columns` adds to the pooled leaderboard ``<lab>_<metric>`` (with ``_lo`` / ``_hi``),
 ``worst_lab_<metric>``, ``mean_lab_<metric>``, ``worst_lab`` and ``lab_gap_<metric>``
@@ -30,7 +30,7 @@ scored on them: columns ``adabn_<lab>_balanced_accuracy`` and
 headline or the ranking; it says what adapting to a new lab's unlabelled images would buy.
 
 The runner calls :func:`leave_one_lab_out` with its own ``run_benchmark`` (passed in, as for
-:mod:`bench.leakage`, so this module does not import the runner).
+:mod:`bench.protocols.leakage`, so this module does not import the runner).
 """
 
 from __future__ import annotations
@@ -41,9 +41,9 @@ import numpy as np
 import pandas as pd
 
 from bench.config import Config, StatsSection
-from bench.context import RunContext, Stage
-from bench.rundir import RunDir
-from bench.scoring import score
+from bench.run.context import RunContext, Stage
+from bench.run.rundir import RunDir
+from bench.stats.scoring import score
 from core import registry
 from core.candidate import load_candidate, predict_proba_for, release_memory
 from core.metrics import LAB_METRICS, LAB_SUMMARIES, base_metric, metric_sort_ascending

@@ -13,8 +13,8 @@ from __future__ import annotations
 
 import numpy as np
 
-from bench.rundir import RunDir
-from bench.context import RunContext, Stage
+from bench.run.rundir import RunDir
+from bench.run.context import RunContext, Stage
 from core.candidate import load_candidate, predict_proba_for, release_memory
 from core.metrics import fold_metrics
 from core.progress import unit_progress

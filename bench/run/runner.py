@@ -1,15 +1,15 @@
 """``python -m bench run``: the stages, in order.
 
-dataset -> folds -> candidates' ``prepare`` (:func:`bench.prepare.prepare_run`) -> the
+dataset -> folds -> candidates' ``prepare`` (:func:`bench.run.prepare.prepare_run`) -> the
 :data:`STAGES`: work units (candidate x fold) -> out-of-fold probabilities -> ensembles ->
 leaderboard -> the protocols each run has (stress, leave-one-lab-out, patients, external
 sets) -> predictor -> report.
 
-Each stage is a :class:`bench.context.Stage`; a protocol's lives in its own module beside
-its work. ``run_benchmark`` walks the list with one :class:`bench.context.RunContext`. The
+Each stage is a :class:`bench.run.context.Stage`; a protocol's lives in its own module beside
+its work. ``run_benchmark`` walks the list with one :class:`bench.run.context.RunContext`. The
 runner knows no model by name: candidates and ensembles come from the config and the
-registry. The run directory is read and written through :class:`bench.rundir.RunDir`; a
-work unit is :func:`bench.units.run_unit`; ensembles are scored and chosen by
+registry. The run directory is read and written through :class:`bench.run.rundir.RunDir`; a
+work unit is :func:`bench.run.units.run_unit`; ensembles are scored and chosen by
 :mod:`ensembles.build`. A second ``run`` on the same directory skips finished units.
 """
 
@@ -23,18 +23,20 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from bench import conformal, distill, external, labs, leakage, patients, saving, stress
+from bench.protocols import distill, external, labs, leakage, patients, stress
+from bench.run import saving
+from bench.stats import conformal_sets as conformal
 from bench.config import Config, data_argument, load_config
-from bench.context import RunContext, Stage
-from bench.datasets import Dataset
-from bench.leaderboard import ensemble_costs, make_table
-from bench.outputs import check_writable, run_lock
-from bench.prepare import check_out, prepare_run
+from bench.run.context import RunContext, Stage
+from bench.data.datasets import Dataset
+from bench.run.leaderboard import ensemble_costs, make_table
+from bench.commands.outputs import check_writable, run_lock
+from bench.run.prepare import check_out, prepare_run
 from bench.report import report_after_run
-from bench.rundir import RunDir
-from bench.scheduling import make_executor
-from bench.tuning import candidate_tuning, open_storages, tuning_column
-from bench.units import run_unit, tune_unit
+from bench.run.rundir import RunDir
+from bench.run.scheduling import make_executor
+from bench.run.tuning import candidate_tuning, open_storages, tuning_column
+from bench.run.units import run_unit, tune_unit
 from core import registry
 from core.errors import BenchError
 from core.metrics import summarize
@@ -134,7 +136,7 @@ def run_benchmark(cfg: Config, force: bool = False, workers: int | None = None,
 
     Work units run in ``workers`` local processes, or on the Dask cluster ``scheduler``
     (``tcp://HOST:PORT``, a ``distributed.Client`` or ``LocalCluster``) when it is given.
-    ``predictor=False``: no predictor is saved (the leave-one-lab-out run of bench.labs).
+    ``predictor=False``: no predictor is saved (the leave-one-lab-out run of bench.protocols.labs).
     """
     out = RunDir(Path(cfg.run.out).expanduser())
     check_out(out, force)   # before the folder is made, so --force moves aside the user's

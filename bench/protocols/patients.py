@@ -2,7 +2,7 @@
 
 A dataset with ``[data] bags = true`` labels each image with its bag's label (a patient's
 diagnosis); the folds hold whole bags, stratified by the bags' labels
-(:func:`bench.folds.make_bag_folds`). Every candidate and ensemble is trained and scored
+(:func:`bench.data.folds.make_bag_folds`). Every candidate and ensemble is trained and scored
 on cells as usual; this stage turns their out-of-fold cell probabilities into one score
 per bag with each aggregator of ``[patients] aggregators`` (:mod:`ensembles.bags`):
 
@@ -65,10 +65,10 @@ from sklearn.model_selection import GroupKFold, StratifiedKFold, cross_val_predi
 from sklearn.pipeline import make_pipeline
 from sklearn.preprocessing import StandardScaler
 
-from bench.folds import column_by_row
-from bench.context import RunContext, Stage
-from bench.rundir import RunDir
-from bench.stats import bootstrap_resamples, holm
+from bench.data.folds import column_by_row
+from bench.run.context import RunContext, Stage
+from bench.run.rundir import RunDir
+from bench.stats.inference import bootstrap_resamples, holm
 from core.candidate import build_candidate
 from core.conformal import refer_band
 from core.errors import BenchError
@@ -120,7 +120,7 @@ def _auc_rows(scores: np.ndarray, y: np.ndarray) -> np.ndarray:
 
 def bootstrap_indices(y: np.ndarray, n_boot: int, seed: int) -> np.ndarray:
     """(n_boot, n) bag indices resampled with replacement within each class
-    (:func:`bench.stats.bootstrap_resamples`)."""
+    (:func:`bench.stats.inference.bootstrap_resamples`)."""
     return np.array(list(bootstrap_resamples(len(y), n_boot, seed, strata=y)))
 
 

@@ -19,7 +19,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from bench.config import DEFAULT_CONFIG, data_argument, did_you_mean, load_config, read_toml
-from bench.datasets import class_files, class_folders, read_labelled_files, read_npz, read_table
+from bench.data.datasets import class_files, class_folders, read_labelled_files, read_npz, read_table
 from core.errors import BenchError
 from core.images import IMAGE_SUFFIXES
 
@@ -85,7 +85,7 @@ def _list_folder(root: Path) -> ExternalSet:
 
 def _list_csv(root: Path, labels, group_col: str | None) -> ExternalSet:
     """Images under ``root`` labelled by a CSV column
-    (:func:`bench.datasets.read_labelled_files`)."""
+    (:func:`bench.data.datasets.read_labelled_files`)."""
     if not root.is_dir():
         raise BenchError(f"--labels needs --data to be a folder of images, got {root}")
     listed = read_labelled_files(root, labels, "--labels", group_col)

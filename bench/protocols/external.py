@@ -2,7 +2,7 @@
 
 For each ``[external.NAME]`` that applies to the run's dataset, at the end of ``run``:
 
-* the set is listed and its classes mapped onto the run's (:mod:`bench.external_data`), then
+* the set is listed and its classes mapped onto the run's (:mod:`bench.data.external_data`), then
   decoded once at the run's image size through the same :class:`core.images.Preprocessing`
   as the training images (an optional seeded, stratified ``max_images`` sample);
 * every candidate is the **bag of its fold models** (as the saved predictor uses them),
@@ -30,11 +30,11 @@ import numpy as np
 import pandas as pd
 
 from bench.config import ExternalEntry
-from bench.context import RunContext, Stage
-from bench.datasets import stratified_subset
-from bench.external_data import load_external, map_classes, read_class_map
-from bench.rundir import RunDir
-from bench.scoring import score
+from bench.run.context import RunContext, Stage
+from bench.data.datasets import stratified_subset
+from bench.data.external_data import load_external, map_classes, read_class_map
+from bench.run.rundir import RunDir
+from bench.stats.scoring import score
 from core.candidate import load_candidate
 from core.errors import BenchError
 from core.images import Preprocessing

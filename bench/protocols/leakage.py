@@ -5,7 +5,7 @@ patients; ``pairs``, near duplicates; ``group_rule``, e.g. one smear's fields), 
 candidates and ensembles are run again, with the same seed, folds, parameters and tuning,
 on **image-level** folds: the same config with ``groups``, ``pairs`` and ``group_rule``
 emptied. Exact duplicates (identical decoded pixels) stay together in both runs
-(:func:`bench.folds.make_groups` always unites them): the audit removes patient, smear and
+(:func:`bench.data.folds.make_groups` always unites them): the audit removes patient, smear and
 near-duplicate grouping, not duplicate grouping.
 
 The image-level run is an ordinary run directory, ``DIR/leakage`` (it resumes like any
@@ -27,8 +27,8 @@ import numpy as np
 import pandas as pd
 
 from bench.config import Config
-from bench.context import RunContext, Stage
-from bench.rundir import RunDir
+from bench.run.context import RunContext, Stage
+from bench.run.rundir import RunDir
 from core.metrics import LABEL_METRICS, metric_sort_ascending
 from core.progress import info, warn
 

@@ -22,13 +22,13 @@ import numpy as np
 import pandas as pd
 
 from bench.config import Config
-from bench.datasets import Dataset
-from bench.folds import (folds_hash, folds_table, lab_folds, make_bag_folds, make_folds,
+from bench.data.datasets import Dataset
+from bench.data.folds import (folds_hash, folds_table, lab_folds, make_bag_folds, make_folds,
                          make_groups, read_bags)
-from bench.patients import check_cell_types, check_mil
-from bench.rundir import RunDir
-from bench.sources import prepare_data, with_bag_colour
-from bench.stress import stress_shifts
+from bench.protocols.patients import check_cell_types, check_mil
+from bench.run.rundir import RunDir
+from bench.data.sources import prepare_data, with_bag_colour
+from bench.protocols.stress import stress_shifts
 from core import registry
 from ensembles.bags import aggregators_needing
 from core.candidate import build_candidate

@@ -13,7 +13,7 @@ import math
 import numpy as np
 
 from bench.config import ConformalSection
-from bench.leaderboard import fmt
+from bench.run.leaderboard import fmt
 from core.calibration import apply_temperature
 from core.conformal import (accuracy_at_coverage, aurc, confidence_scores,
                             cross_conformal, predictor_entry, review_of,

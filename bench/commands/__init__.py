@@ -1,0 +1,2 @@
+"""The user's commands: the command line (:mod:`.cli`), ``evaluate``, ``calibrate`` and
+the one output guard every command that writes goes through (:mod:`.outputs`)."""
