@@ -60,16 +60,19 @@ def _pca_step(pca, n_rows: int, n_cols: int, random_state):
     else:
         n = int(pca)
         if n < 1:
-            raise BenchError(f"pca must be a fraction in (0, 1) or a number of components, "
-                             f"got {pca!r}")
+            raise BenchError(
+                f"pca must be a fraction in (0, 1) or a number of components, got {pca!r}"
+            )
         n = min(n, n_rows, n_cols)
     return [("pca", PCA(n_components=n, svd_solver="full", random_state=random_state))]
 
 
 #: parameter rules shared by every feature model (see core.params)
 FEATURE_RULES = {
-    "features": {"type": dict, "none": True}, "random_state": {"ge": 0},
-    "n_jobs": {"type": int, "none": True}, "crop": {"gt": 0, "le": 1},
+    "features": {"type": dict, "none": True},
+    "random_state": {"ge": 0},
+    "n_jobs": {"type": int, "none": True},
+    "crop": {"gt": 0, "le": 1},
 }
 
 
@@ -87,7 +90,7 @@ class FeatureClassifier(Candidate):
 
     kind = "baseline"
     fit_accepts = frozenset({"classes"})
-    needs_prepare = True   # features of all images extracted once, before the units
+    needs_prepare = True  # features of all images extracted once, before the units
     tunable = True
 
     def _make_steps(self, n_rows: int, n_cols: int) -> list:  # pragma: no cover - interface
@@ -95,8 +98,10 @@ class FeatureClassifier(Candidate):
 
     def _features(self, X, progress: bool = False) -> np.ndarray:
         if not self.features:
-            raise BenchError(f"candidate type '{self.type_name}' needs params.features "
-                             "(a [feature_sets] name or table)")
+            raise BenchError(
+                f"candidate type '{self.type_name}' needs params.features "
+                "(a [feature_sets] name or table)"
+            )
         X = center_crop(np.asarray(X), self.crop)
         return extract(np.ascontiguousarray(X), self.features, progress=progress)
 
@@ -113,7 +118,8 @@ class FeatureClassifier(Candidate):
         yi = np.searchsorted(self.classes_, y)
         self.pipeline_ = Pipeline(
             [("impute", SimpleImputer(strategy="median", keep_empty_features=True))]
-            + self._make_steps(*F.shape))
+            + self._make_steps(*F.shape)
+        )
         self._fit_pipeline(self.pipeline_, F, yi)
         self.n_features_ = F.shape[1]
         return self
@@ -127,13 +133,15 @@ class FeatureClassifier(Candidate):
         super().check_loaded(n_classes, image_size)
         cols = np.asarray(self._model_classes())
         if cols.size and (cols.dtype.kind not in "iu" or cols.min() < 0 or cols.max() >= n_classes):
-            raise BenchError(f"the model's classes {cols.tolist()} are not among the "
-                             f"manifest's {n_classes} classes")
+            raise BenchError(
+                f"the model's classes {cols.tolist()} are not among the "
+                f"manifest's {n_classes} classes"
+            )
 
     def predict_proba(self, X) -> np.ndarray:
         proba = self.pipeline_.predict_proba(self._features(X))
         out = np.zeros((len(proba), self.n_classes_), dtype=np.float64)
-        out[:, self._model_classes()] = proba   # classes missing in training get 0
+        out[:, self._model_classes()] = proba  # classes missing in training get 0
         return out
 
     def _save_model(self, path: Path) -> None:
@@ -147,8 +155,9 @@ class FeatureClassifier(Candidate):
 def _load_skops(file: Path):
     untrusted = set(sio.get_untrusted_types(file=file))
     if untrusted - SAFE_TYPES:
-        raise BenchError(f"{file} holds types outside the allow-list: "
-                         f"{sorted(untrusted - SAFE_TYPES)}")
+        raise BenchError(
+            f"{file} holds types outside the allow-list: {sorted(untrusted - SAFE_TYPES)}"
+        )
     return sio.load(file, trusted=sorted(untrusted))
 
 
@@ -169,15 +178,25 @@ class FeatureForest(FeatureClassifier):
 
     param_rules = {
         **FEATURE_RULES,
-        "n_estimators": {"ge": 1}, "max_depth": {"type": int, "ge": 1, "none": True},
+        "n_estimators": {"ge": 1},
+        "max_depth": {"type": int, "ge": 1, "none": True},
         "max_features": {"type": float, "gt": 0, "also": ["sqrt", "log2"], "none": True},
         "min_samples_leaf": {"ge": 1},
         "class_weight": {"choices": ["balanced", "balanced_subsample"], "none": True},
     }
 
-    def __init__(self, features=None, n_estimators=300, max_depth=None, max_features="sqrt",
-                 min_samples_leaf=1, class_weight="balanced", n_jobs=None, random_state=0,
-                 crop=1.0):
+    def __init__(
+        self,
+        features=None,
+        n_estimators=300,
+        max_depth=None,
+        max_features="sqrt",
+        min_samples_leaf=1,
+        class_weight="balanced",
+        n_jobs=None,
+        random_state=0,
+        crop=1.0,
+    ):
         self.features = features
         self.crop = crop
         self.n_estimators = n_estimators
@@ -189,10 +208,20 @@ class FeatureForest(FeatureClassifier):
         self.random_state = random_state
 
     def _make_steps(self, n_rows, n_cols):
-        return [("model", RandomForestClassifier(
-            n_estimators=self.n_estimators, max_depth=self.max_depth,
-            max_features=self.max_features, min_samples_leaf=self.min_samples_leaf,
-            class_weight=self.class_weight, n_jobs=self.n_jobs, random_state=self.random_state))]
+        return [
+            (
+                "model",
+                RandomForestClassifier(
+                    n_estimators=self.n_estimators,
+                    max_depth=self.max_depth,
+                    max_features=self.max_features,
+                    min_samples_leaf=self.min_samples_leaf,
+                    class_weight=self.class_weight,
+                    n_jobs=self.n_jobs,
+                    random_state=self.random_state,
+                ),
+            )
+        ]
 
     @classmethod
     def param_space(cls, trial) -> dict:
@@ -235,15 +264,28 @@ class FeatureSVM(FeatureClassifier):
 
     param_rules = {
         **FEATURE_RULES,
-        "kernel": {"choices": ["rbf", "linear"]}, "C": {"gt": 0}, "gamma_factor": {"gt": 0},
+        "kernel": {"choices": ["rbf", "linear"]},
+        "C": {"gt": 0},
+        "gamma_factor": {"gt": 0},
         "pca": {"type": float, "gt": 0, "none": True},
-        "class_weight": {"choices": ["balanced"], "none": True}, "calibration_cv": {"ge": 2},
+        "class_weight": {"choices": ["balanced"], "none": True},
+        "calibration_cv": {"ge": 2},
         "max_iter": {"ge": 1},
     }
 
-    def __init__(self, features=None, kernel="rbf", C=1.0, gamma_factor=1.0, pca=None,
-                 class_weight="balanced", calibration_cv=3, max_iter=5000, random_state=0,
-                 crop=1.0):
+    def __init__(
+        self,
+        features=None,
+        kernel="rbf",
+        C=1.0,
+        gamma_factor=1.0,
+        pca=None,
+        class_weight="balanced",
+        calibration_cv=3,
+        max_iter=5000,
+        random_state=0,
+        crop=1.0,
+    ):
         self.features = features
         self.crop = crop
         self.kernel = kernel
@@ -257,30 +299,44 @@ class FeatureSVM(FeatureClassifier):
 
     def _make_steps(self, n_rows, n_cols):
         if self.kernel == "rbf":
-            svm = SVC(kernel="rbf", C=self.C, gamma=1.0, class_weight=self.class_weight,
-                      cache_size=500)
+            svm = SVC(
+                kernel="rbf", C=self.C, gamma=1.0, class_weight=self.class_weight, cache_size=500
+            )
         elif self.kernel == "linear":
-            svm = LinearSVC(C=self.C, class_weight=self.class_weight, max_iter=self.max_iter,
-                            random_state=self.random_state)
+            svm = LinearSVC(
+                C=self.C,
+                class_weight=self.class_weight,
+                max_iter=self.max_iter,
+                random_state=self.random_state,
+            )
         else:
             raise BenchError(f"feature_svm kernel must be 'rbf' or 'linear', got {self.kernel!r}")
-        return ([("scale", StandardScaler())]
-                + _pca_step(self.pca, n_rows, n_cols, self.random_state)
-                + [("model", CalibratedClassifierCV(svm, method="sigmoid",
-                                                    cv=int(self.calibration_cv),
-                                                    ensemble=False))])
+        return (
+            [("scale", StandardScaler())]
+            + _pca_step(self.pca, n_rows, n_cols, self.random_state)
+            + [
+                (
+                    "model",
+                    CalibratedClassifierCV(
+                        svm, method="sigmoid", cv=int(self.calibration_cv), ensemble=False
+                    ),
+                )
+            ]
+        )
 
     def _fit_pipeline(self, pipe, F, y):
-        Z = pipe[:-1].fit_transform(F, y)    # impute, scale, PCA: fitted on these rows only
+        Z = pipe[:-1].fit_transform(F, y)  # impute, scale, PCA: fitted on these rows only
         if self.kernel == "rbf":
             var = float(Z.var())
             gamma = self.gamma_factor / (Z.shape[1] * var) if var > 0 else self.gamma_factor
             pipe[-1].set_params(estimator__gamma=gamma)
         cv = int(self.calibration_cv)
         counts = np.bincount(y)
-        if counts[counts > 0].min() < cv:    # too few rows of a class for the internal folds
-            raise BenchError(f"feature_svm: calibration_cv={cv} needs at least {cv} training "
-                             f"rows per class; the smallest class has {counts[counts > 0].min()}")
+        if counts[counts > 0].min() < cv:  # too few rows of a class for the internal folds
+            raise BenchError(
+                f"feature_svm: calibration_cv={cv} needs at least {cv} training "
+                f"rows per class; the smallest class has {counts[counts > 0].min()}"
+            )
         pipe[-1].fit(Z, y)
 
     @classmethod
@@ -332,17 +388,35 @@ class FeatureXGB(FeatureClassifier):
 
     param_rules = {
         **FEATURE_RULES,
-        "n_estimators": {"ge": 1}, "max_depth": {"ge": 1}, "learning_rate": {"gt": 0, "le": 1},
-        "subsample": {"gt": 0, "le": 1}, "colsample_bytree": {"gt": 0, "le": 1},
-        "min_child_weight": {"ge": 0}, "reg_lambda": {"ge": 0},
+        "n_estimators": {"ge": 1},
+        "max_depth": {"ge": 1},
+        "learning_rate": {"gt": 0, "le": 1},
+        "subsample": {"gt": 0, "le": 1},
+        "colsample_bytree": {"gt": 0, "le": 1},
+        "min_child_weight": {"ge": 0},
+        "reg_lambda": {"ge": 0},
         "class_weight": {"choices": ["balanced"], "none": True},
-        "pca": {"type": float, "gt": 0, "none": True}, "report_every": {"ge": 1},
+        "pca": {"type": float, "gt": 0, "none": True},
+        "report_every": {"ge": 1},
     }
 
-    def __init__(self, features=None, n_estimators=300, max_depth=6, learning_rate=0.1,
-                 subsample=0.8, colsample_bytree=0.5, min_child_weight=1.0, reg_lambda=1.0,
-                 class_weight="balanced", pca=None, report_every=25, n_jobs=None,
-                 random_state=0, crop=1.0):
+    def __init__(
+        self,
+        features=None,
+        n_estimators=300,
+        max_depth=6,
+        learning_rate=0.1,
+        subsample=0.8,
+        colsample_bytree=0.5,
+        min_child_weight=1.0,
+        reg_lambda=1.0,
+        class_weight="balanced",
+        pca=None,
+        report_every=25,
+        n_jobs=None,
+        random_state=0,
+        crop=1.0,
+    ):
         self.features = features
         self.crop = crop
         self.n_estimators = n_estimators
@@ -360,12 +434,21 @@ class FeatureXGB(FeatureClassifier):
 
     def _booster(self, callbacks=None):
         from xgboost import XGBClassifier
+
         return XGBClassifier(
-            n_estimators=self.n_estimators, max_depth=self.max_depth,
-            learning_rate=self.learning_rate, subsample=self.subsample,
-            colsample_bytree=self.colsample_bytree, min_child_weight=self.min_child_weight,
-            reg_lambda=self.reg_lambda, tree_method="hist", n_jobs=_threads(self.n_jobs),
-            random_state=self.random_state, eval_metric="merror", callbacks=callbacks)
+            n_estimators=self.n_estimators,
+            max_depth=self.max_depth,
+            learning_rate=self.learning_rate,
+            subsample=self.subsample,
+            colsample_bytree=self.colsample_bytree,
+            min_child_weight=self.min_child_weight,
+            reg_lambda=self.reg_lambda,
+            tree_method="hist",
+            n_jobs=_threads(self.n_jobs),
+            random_state=self.random_state,
+            eval_metric="merror",
+            callbacks=callbacks,
+        )
 
     def _make_steps(self, n_rows, n_cols):
         return _pca_step(self.pca, n_rows, n_cols, self.random_state) + [("model", self._booster())]
@@ -374,7 +457,7 @@ class FeatureXGB(FeatureClassifier):
         self._set_classes(y, classes)
         F = self._features(X)
         yi = np.searchsorted(self.classes_, y)
-        self.present_ = np.unique(yi)            # XGBoost needs labels 0..k-1
+        self.present_ = np.unique(yi)  # XGBoost needs labels 0..k-1
         yk = np.searchsorted(self.present_, yi)
         steps = [("impute", SimpleImputer(strategy="median", keep_empty_features=True))]
         steps += self._make_steps(*F.shape)
@@ -384,17 +467,20 @@ class FeatureXGB(FeatureClassifier):
         if self.class_weight == "balanced":
             kw["sample_weight"] = compute_sample_weight("balanced", yk)
         elif self.class_weight is not None:
-            raise BenchError(f"feature_xgb class_weight must be None or 'balanced', "
-                             f"got {self.class_weight!r}")
+            raise BenchError(
+                f"feature_xgb class_weight must be None or 'balanced', got {self.class_weight!r}"
+            )
         if epoch_callbacks and X_val is not None:
             yv = np.searchsorted(self.classes_, y_val)
             keep = np.isin(yv, self.present_)
             Zv = self.pipeline_[:-1].transform(self._features(np.asarray(X_val)))[keep]
             kw["eval_set"] = [(Zv, np.searchsorted(self.present_, yv[keep]))]
-            self.pipeline_.steps[-1] = ("model", self._booster(
-                [_xgb_reporter(epoch_callbacks, int(self.report_every))]))
+            self.pipeline_.steps[-1] = (
+                "model",
+                self._booster([_xgb_reporter(epoch_callbacks, int(self.report_every))]),
+            )
         self.pipeline_[-1].fit(Z, yk, **kw)
-        self.pipeline_[-1].set_params(callbacks=None)   # callbacks are not part of the model
+        self.pipeline_[-1].set_params(callbacks=None)  # callbacks are not part of the model
         self.n_features_ = F.shape[1]
         return self
 
@@ -414,12 +500,13 @@ class FeatureXGB(FeatureClassifier):
         }
 
     def _save_model(self, path):
-        sio.dump(self.pipeline_[:-1], path / MODEL_FILE)          # impute [+ PCA]
-        self.pipeline_[-1].save_model(path / XGB_FILE)            # XGBoost's JSON
+        sio.dump(self.pipeline_[:-1], path / MODEL_FILE)  # impute [+ PCA]
+        self.pipeline_[-1].save_model(path / XGB_FILE)  # XGBoost's JSON
         (path / XGB_META).write_text(json.dumps({"present": self.present_.tolist()}))
 
     def _load_model(self, path):
         from xgboost import XGBClassifier
+
         pre = _load_skops(path / MODEL_FILE)
         booster = XGBClassifier()
         booster.load_model(path / XGB_FILE)
@@ -444,5 +531,5 @@ def _xgb_reporter(fns, every: int):
                 for fn in fns:
                     fn(epoch, {"val_accuracy": 1.0 - float(err[-1])})
             return False
-    return Reporter()
 
+    return Reporter()

@@ -48,9 +48,23 @@ else:  # pragma: no cover
     import tomli as tomllib
 
 DEFAULT_CONFIG = "benchmarks.toml"
-KNOWN_SECTIONS = {"run", "data", "datasets", "external", "tuning", "feature_sets", "candidates",
-                  "ensembles", "stress",
-                  "predictor", "profiles", "report", "patients", "distill", "stats"}
+KNOWN_SECTIONS = {
+    "run",
+    "data",
+    "datasets",
+    "external",
+    "tuning",
+    "feature_sets",
+    "candidates",
+    "ensembles",
+    "stress",
+    "predictor",
+    "profiles",
+    "report",
+    "patients",
+    "distill",
+    "stats",
+}
 
 
 def deep_merge(base: dict, overlay: dict) -> dict:
@@ -79,9 +93,13 @@ def read_toml(path: str | os.PathLike) -> dict:
         raise BenchError(f"cannot read config {path}: {exc.strerror or exc}") from None
 
 
-def load_config(path: str | os.PathLike | None = None, profile: str | None = None,
-                data: str | None = None, only: list[str] | None = None,
-                out: str | None = None) -> Config:
+def load_config(
+    path: str | os.PathLike | None = None,
+    profile: str | None = None,
+    data: str | None = None,
+    only: list[str] | None = None,
+    out: str | None = None,
+) -> Config:
     """Read, merge and validate a config file.
 
     Parameters
@@ -97,19 +115,33 @@ def load_config(path: str | os.PathLike | None = None, profile: str | None = Non
     return resolve_config(raw, source=path, profile=profile, data=data, only=only, out=out)
 
 
-def resolve_config(raw: dict, source: Path | None = None, profile: str | None = None,
-                   data: str | None = None, only: list[str] | None = None,
-                   out: str | None = None) -> Config:
+def resolve_config(
+    raw: dict,
+    source: Path | None = None,
+    profile: str | None = None,
+    data: str | None = None,
+    only: list[str] | None = None,
+    out: str | None = None,
+) -> Config:
     where = str(source) if source else "config"
     _check_raw(raw, where)
-    cfg = deep_merge({**{sec: {} for sec in SECTIONS},
-                      "feature_sets": {}, "candidates": {}, "ensembles": {}, "external": {}},
-                     {k: v for k, v in raw.items() if k not in ("profiles", "datasets")})
+    cfg = deep_merge(
+        {
+            **{sec: {} for sec in SECTIONS},
+            "feature_sets": {},
+            "candidates": {},
+            "ensembles": {},
+            "external": {},
+        },
+        {k: v for k, v in raw.items() if k not in ("profiles", "datasets")},
+    )
     profiles = raw.get("profiles", {})
     profile = profile or cfg["run"].get("profile", RunSection.model_fields["profile"].default)
     if profile not in profiles:
-        raise BenchError(f"{where}: unknown profile '{profile}'; known: {sorted(profiles) or 'none'}"
-                         + did_you_mean(profile, profiles))
+        raise BenchError(
+            f"{where}: unknown profile '{profile}'; known: {sorted(profiles) or 'none'}"
+            + did_you_mean(profile, profiles)
+        )
     overlay = dict(profiles[profile])
     overlay.pop("description", None)
     select = overlay.pop("select", None)
@@ -143,12 +175,16 @@ def resolve_config(raw: dict, source: Path | None = None, profile: str | None = 
         entry = _resolve_candidate(n, cfg["candidates"][n], cfg, where)
         _resolve_weights_path(entry, source)
         candidates[n] = validated(where, f"[candidates.{n}]", CandidateSpec, entry)
-    config = Config(**dict(settings), feature_sets=cfg["feature_sets"], candidates=candidates,
-                    ensembles=_typed_ensembles(cfg, where),
-                    source=Path(source) if source else None, profile=profile)
+    config = Config(
+        **dict(settings),
+        feature_sets=cfg["feature_sets"],
+        candidates=candidates,
+        ensembles=_typed_ensembles(cfg, where),
+        source=Path(source) if source else None,
+        profile=profile,
+    )
     _validate_entries(config, where)
-    config.external = _resolve_external(cfg.get("external") or {}, config.data, raw, source,
-                                        where)
+    config.external = _resolve_external(cfg.get("external") or {}, config.data, raw, source, where)
     return config
 
 
@@ -160,27 +196,32 @@ def package_file(value):
     package (data shipped with bloodbench, e.g. ``bloodbench:sample/pbc_sample_64.npz``),
     whichever config file names it; any other value unchanged."""
     if isinstance(value, str) and value.startswith(PACKAGE_PREFIX):
-        return str(Path(__file__).resolve().parent / value[len(PACKAGE_PREFIX):])
+        return str(Path(__file__).resolve().parent / value[len(PACKAGE_PREFIX) :])
     return value
 
 
 def _abs(path: str, source) -> Path:
     p = Path(package_file(path)).expanduser()
     if not p.is_absolute() and source is not None:
-        p = Path(source).parent / p   # relative paths in a config file start at its folder
+        p = Path(source).parent / p  # relative paths in a config file start at its folder
     return Path(os.path.abspath(p))
 
 
 def _same_datasets(path: str, datasets: dict, source) -> list[str]:
     """Named datasets whose path is ``path`` (so external sets configured for them apply)."""
     target = Path(path).expanduser().resolve()
-    return sorted(n for n, d in datasets.items()
-                  if isinstance(d, dict) and d.get("path")
-                  and _abs(str(d["path"]), source).resolve() == target)
+    return sorted(
+        n
+        for n, d in datasets.items()
+        if isinstance(d, dict)
+        and d.get("path")
+        and _abs(str(d["path"]), source).resolve() == target
+    )
 
 
-def _resolve_external(entries: dict, data: "DataSection", raw: dict, source,
-                      where: str) -> dict[str, "ExternalEntry"]:
+def _resolve_external(
+    entries: dict, data: "DataSection", raw: dict, source, where: str
+) -> dict[str, "ExternalEntry"]:
     """``[external.NAME]`` entries that apply to this run's dataset, paths made absolute."""
     names = {data.name} | set(data.same_as)
     out = {}
@@ -189,9 +230,10 @@ def _resolve_external(entries: dict, data: "DataSection", raw: dict, source,
         e = validated(where, f"[external.{name}]", ExternalEntry, entry)
         unknown = [d for d in e.datasets if d not in raw.get("datasets", {})]
         if unknown:
-            raise BenchError(f"{where}: [external.{name}] datasets {unknown} are not "
-                             f"[datasets.*] entries" + did_you_mean(unknown[0],
-                                                                     raw.get("datasets", {})))
+            raise BenchError(
+                f"{where}: [external.{name}] datasets {unknown} are not "
+                f"[datasets.*] entries" + did_you_mean(unknown[0], raw.get("datasets", {}))
+            )
         if not names & set(e.datasets):
             continue
         e.path = str(_abs(e.path, source))
@@ -213,8 +255,13 @@ def data_argument(data, config=None) -> tuple[Path | None, str | None]:
     ``benchmarks.toml``); an unknown name is a :class:`BenchError`."""
     text = str(data)
     p = Path(text).expanduser()
-    if (p.exists() or "/" in text or os.sep in text or text.startswith("~")
-            or text.lower().endswith(".npz")):
+    if (
+        p.exists()
+        or "/" in text
+        or os.sep in text
+        or text.startswith("~")
+        or text.lower().endswith(".npz")
+    ):
         return p, None
     cfg_path = Path(config or DEFAULT_CONFIG)
     if not cfg_path.is_file():
@@ -223,9 +270,11 @@ def data_argument(data, config=None) -> tuple[Path | None, str | None]:
         raise BenchError(f"data not found: {p}")
     datasets = read_toml(cfg_path).get("datasets", {}) or {}
     if text not in datasets:
-        raise BenchError(f"data not found: '{text}' is neither a file or folder nor a "
-                         f"[datasets.NAME] of {cfg_path} (known: {sorted(datasets) or 'none'})"
-                         + did_you_mean(text, datasets))
+        raise BenchError(
+            f"data not found: '{text}' is neither a file or folder nor a "
+            f"[datasets.NAME] of {cfg_path} (known: {sorted(datasets) or 'none'})"
+            + did_you_mean(text, datasets)
+        )
     return None, text
 
 
@@ -240,8 +289,10 @@ def _check_names(asked, known, where, what):
         raise BenchError(f"{where}: {what} must be a list of candidate names, got {asked!r}")
     missing = [n for n in asked if n not in known]
     if missing:
-        raise BenchError(f"{where}: unknown candidate(s) {missing} in {what}; known: {known}"
-                         + did_you_mean(missing[0], known))
+        raise BenchError(
+            f"{where}: unknown candidate(s) {missing} in {what}; known: {known}"
+            + did_you_mean(missing[0], known)
+        )
 
 
 def _resolve_candidate(name: str, entry: dict, cfg: dict, where: str) -> dict:
@@ -252,8 +303,10 @@ def _resolve_candidate(name: str, entry: dict, cfg: dict, where: str) -> dict:
     fs = params.get("features")
     if isinstance(fs, str):
         if fs not in cfg["feature_sets"]:
-            raise BenchError(f"{where}: candidate '{name}' uses unknown feature set '{fs}'; "
-                             f"known: {sorted(cfg['feature_sets'])}")
+            raise BenchError(
+                f"{where}: candidate '{name}' uses unknown feature set '{fs}'; "
+                f"known: {sorted(cfg['feature_sets'])}"
+            )
         params["features"] = copy.deepcopy(cfg["feature_sets"][fs])
         entry["feature_set"] = fs
     return entry
@@ -272,7 +325,7 @@ def _resolve_weights_path(entry: dict, source) -> None:
 # Each setting's default lives in its field here (and nowhere else).
 
 Metric = Literal[METRICS]
-RankingMetric = Literal[RANKING_METRICS]   # [run] metric: a fold metric or worst/mean lab
+RankingMetric = Literal[RANKING_METRICS]  # [run] metric: a fold metric or worst/mean lab
 Number = Union[float, int]
 MAX_IMAGE_SIZE = 1024
 
@@ -285,11 +338,12 @@ class _Section(BaseModel):
 def _all_optional(model: type[BaseModel], name: str, exclude=()) -> type[BaseModel]:
     """``model`` with every field (but ``exclude``) optional, default ``None``, and the
     same constraints: a partial table merged over a whole one later."""
-    fields = {n: (Optional[Annotated[(f.annotation, *f.metadata)] if f.metadata
-                           else f.annotation], None)
-              for n, f in model.model_fields.items() if n not in exclude}
-    return create_model(name, __base__=_Section, __doc__=f"A partial {model.__name__}.",
-                        **fields)
+    fields = {
+        n: (Optional[Annotated[(f.annotation, *f.metadata)] if f.metadata else f.annotation], None)
+        for n, f in model.model_fields.items()
+        if n not in exclude
+    }
+    return create_model(name, __base__=_Section, __doc__=f"A partial {model.__name__}.", **fields)
 
 
 class RunSection(_Section):
@@ -322,15 +376,16 @@ class FallbackSection(_Section):
 
 class SourceEntry(_Section):
     """One lab of a multi-lab dataset (``[[datasets.NAME.sources]]``, bench.data.datasets)."""
-    domain: str = Field(pattern=r"^[a-z][a-z0-9_]*$")   # the lab's name (folds.csv, columns)
-    path: str = Field(min_length=1)   # class folders, an .npz, or the folder `labels` lists
-    labels: str = Field(default="", pattern=r"^(.+:[^:]+)?$")   # FILE.csv:COLUMN
-    groups: str = ""              # FILE.csv (file,group) or FILE.csv:COLUMN: patients, slides
-    pairs: str = ""               # CSV file_a,file_b kept in one fold
+
+    domain: str = Field(pattern=r"^[a-z][a-z0-9_]*$")  # the lab's name (folds.csv, columns)
+    path: str = Field(min_length=1)  # class folders, an .npz, or the folder `labels` lists
+    labels: str = Field(default="", pattern=r"^(.+:[^:]+)?$")  # FILE.csv:COLUMN
+    groups: str = ""  # FILE.csv (file,group) or FILE.csv:COLUMN: patients, slides
+    pairs: str = ""  # CSV file_a,file_b kept in one fold
     # the source's class names onto [data] classes ("" leaves a class out); a class not
     # listed keeps its name when that is a shared class, else it is left out (said)
     class_map: dict[str, str] = {}
-    max_images: int = Field(default=0, ge=0)   # a stratified, seeded sample of this lab
+    max_images: int = Field(default=0, ge=0)  # a stratified, seeded sample of this lab
 
 
 class DataSection(_Section):
@@ -345,11 +400,11 @@ class DataSection(_Section):
     classes: list[str] = []
     name: str | None = None
     same_as: list[str] = []
-    min_class_size: int = Field(default=0, ge=0)   # classes with fewer images are left out
-    labels: str = Field(default="", pattern=r"^(.+:[^:]+)?$")   # FILE.csv:COLUMN
-    bags: bool = False            # labels belong to the groups (patients): scored per group
-    positive: str = ""            # the bag task's positive class (e.g. "APL")
-    cell_types: str = Field(default="", pattern=r"^(.+:[^:]+)?$")   # composition aggregator
+    min_class_size: int = Field(default=0, ge=0)  # classes with fewer images are left out
+    labels: str = Field(default="", pattern=r"^(.+:[^:]+)?$")  # FILE.csv:COLUMN
+    bags: bool = False  # labels belong to the groups (patients): scored per group
+    positive: str = ""  # the bag task's positive class (e.g. "APL")
+    cell_types: str = Field(default="", pattern=r"^(.+:[^:]+)?$")  # composition aggregator
     # the cell types (of cell_types) that carry the disease: the patient leaderboard's
     # restricted-cell rows aggregate only these cells (e.g. blasts and promyelocytes)
     disease_cells: list[str] = []
@@ -369,7 +424,7 @@ class TuningSection(_Section):
     val_fraction: Number = Field(default=0.2, gt=0, lt=1)
     max_samples: int = Field(default=0, ge=0)
     metric: Metric = "accuracy"
-    min_gain: Number = Field(default=0, ge=0)   # over the configured trial, to adopt a tuned one
+    min_gain: Number = Field(default=0, ge=0)  # over the configured trial, to adopt a tuned one
     # where a tuned setting must win to replace the configured one (bench.run.tuning, "Adoption"):
     # "full": the winner of cheap trials is refitted beside the configured setting at the
     # refit's fidelity on the inner split, and kept only when it scores higher there by more
@@ -381,8 +436,9 @@ class TuningSection(_Section):
 
 class CandidateTuning(TuningSection):
     """A candidate's tuning settings: ``[tuning]`` with its own ``tuning`` table over it."""
-    fidelity: dict = {}               # parameter overrides in trials only (bench.run.tuning)
-    space: list[str] | None = None    # the param_space names to search (default all)
+
+    fidelity: dict = {}  # parameter overrides in trials only (bench.run.tuning)
+    space: list[str] | None = None  # the param_space names to search (default all)
 
 
 TuningOverride = _all_optional(CandidateTuning, "TuningOverride")
@@ -398,11 +454,11 @@ class CandidateEntry(_Section):
     lab_balance: bool = False
 
 
-class EnsembleEntry(BaseModel):   # its own settings beside type/members: the class's schema
+class EnsembleEntry(BaseModel):  # its own settings beside type/members: the class's schema
     model_config = ConfigDict(extra="allow", strict=True, allow_inf_nan=False)
     type: str
     members: Literal["cnn", "all"] | list[str] = "cnn"
-    stress: bool = False          # fitted on the members' rows under [stress] shifts too
+    stress: bool = False  # fitted on the members' rows under [stress] shifts too
 
     def params(self) -> dict:
         """The ensemble class's own settings (every key but type, members, stress)."""
@@ -410,21 +466,22 @@ class EnsembleEntry(BaseModel):   # its own settings beside type/members: the cl
 
 
 class StressSection(_Section):
-    shifts: list[Literal[SHIFTS]] = []   # core.stress: simulated lab shifts of the test folds
+    shifts: list[Literal[SHIFTS]] = []  # core.stress: simulated lab shifts of the test folds
 
 
 class ExternalEntry(_Section):
     path: str = Field(min_length=1)
-    labels: str = Field(default="", pattern=r"^(.+:[^:]+)?$")   # FILE.csv:COLUMN
-    groups: str = ""              # a column of the labels CSV (patients): bootstrap over them
-    class_map: str = ""           # TOML or CSV file; default: class names, case-insensitive
-    datasets: list[str] = []      # the [datasets.NAME] runs it applies to
-    max_images: int = Field(default=0, ge=0)   # a stratified, seeded sample (0: all)
+    labels: str = Field(default="", pattern=r"^(.+:[^:]+)?$")  # FILE.csv:COLUMN
+    groups: str = ""  # a column of the labels CSV (patients): bootstrap over them
+    class_map: str = ""  # TOML or CSV file; default: class names, case-insensitive
+    datasets: list[str] = []  # the [datasets.NAME] runs it applies to
+    max_images: int = Field(default=0, ge=0)  # a stratified, seeded sample (0: all)
 
 
 class ConformalSection(_Section):
     """``[predictor] conformal``: prediction sets calibrated on out-of-fold rows
     (core.conformal) and the review flag of ``bench predict``."""
+
     confidence: Number = Field(default=0.95, gt=0, lt=1)
     method: Literal[METHODS] = "mondrian"
     # "split": the fold average against every out-of-fold row; "cross": each fold's ensemble
@@ -439,12 +496,12 @@ class ConformalSection(_Section):
     rows: Literal["combiner", "oof"] = "combiner"
     raps_lambda: Number = Field(default=0.01, ge=0)
     raps_k: int = Field(default=1, ge=0)
-    target_error: Number = Field(default=0.02, gt=0, lt=1)   # among the answered images
-    shift_limit: Number = Field(default=1.0, gt=0, le=1)     # shift score that flags an image
+    target_error: Number = Field(default=0.02, gt=0, lt=1)  # among the answered images
+    shift_limit: Number = Field(default=1.0, gt=0, le=1)  # shift score that flags an image
 
 
 class PredictorSection(_Section):
-    ensemble: str = "best"        # "best", "robust" ([stress]) or an entry's name
+    ensemble: str = "best"  # "best", "robust" ([stress]) or an entry's name
     robust_tolerance: Number = Field(default=0.005, ge=0)
     temperature_scaling: bool = False
     tta: Literal[tuple(TTA_VIEWS)] = "none"
@@ -452,29 +509,33 @@ class PredictorSection(_Section):
 
 
 class ReportSection(_Section):
-    enabled: bool = True          # write DIR/report at the end of `run`
+    enabled: bool = True  # write DIR/report at the end of `run`
     # the level of its intervals and the bins of its ECE: [stats] confidence, ece_bins
-    alpha: Number = Field(default=0.05, gt=0, lt=1)        # significance level of the tests
-    gradcam: bool = True          # Grad-CAM audit of CNN candidates and CNN ensembles
-    gradcam_per_class: int = Field(default=6, ge=0)   # seeded sample per class (energy, sanity)
-    gallery_per_class: int = Field(default=3, ge=0)   # correct and misclassified shown per class
+    alpha: Number = Field(default=0.05, gt=0, lt=1)  # significance level of the tests
+    gradcam: bool = True  # Grad-CAM audit of CNN candidates and CNN ensembles
+    gradcam_per_class: int = Field(default=6, ge=0)  # seeded sample per class (energy, sanity)
+    gallery_per_class: int = Field(default=3, ge=0)  # correct and misclassified shown per class
     # flag when Spearman rho(trained, random) >= this
     randomization_threshold: Number = Field(default=0.5, gt=-1, le=1)
     # warn when a colour-only baseline reaches this balanced accuracy
     colour_only_warning: Number = Field(default=0.6, gt=0, le=1)
     colour_extractors: list[str] = ["color", "colour", "hsv", "rgb", "lab_hist", "stain"]
-    seed: int = Field(default=0, ge=0)   # sampling of audited images
-    leakage_audit: bool = False   # rerun on image-level folds beside the grouped (bench.protocols.leakage)
+    seed: int = Field(default=0, ge=0)  # sampling of audited images
+    leakage_audit: bool = (
+        False  # rerun on image-level folds beside the grouped (bench.protocols.leakage)
+    )
 
 
 class PatientsSection(_Section):
     """Bag (patient-level) tasks: a dataset with ``bags = true`` (see bench/protocols/patients.py)."""
+
     aggregators: list[Literal[tuple(AGGREGATORS)]] = Field(
-        default=list(DEFAULT_AGGREGATORS), min_length=1)
+        default=list(DEFAULT_AGGREGATORS), min_length=1
+    )
     # attention MIL (aggregator "attention"): the [candidates.NAME] of the run, of type
     # transfer_frozen, whose backbone gives the cells' embeddings (cached, shared with it)
     mil_embeddings: str = "tl_mnv2_frozen"
-    trim: Number = Field(default=0.1, ge=0, lt=0.5)   # trimmed mean: fraction cut at each end
+    trim: Number = Field(default=0.1, ge=0, lt=0.5)  # trimmed mean: fraction cut at each end
     # top-k mean: mean of the highest fraction of a bag's cells
     top_fraction: Number = Field(default=0.2, gt=0, le=1)
     # feature set of the composition's cell-type classifier
@@ -495,7 +556,7 @@ class PatientsSection(_Section):
     # the report warns when a colour-only (shortcut) row's ROC AUC comes within this of the
     # best other row's
     shortcut_margin: Number = Field(default=0.1, ge=0, lt=1)
-    n_boot: int = Field(default=2000, ge=100)   # bootstrap over bags (CIs and paired tests)
+    n_boot: int = Field(default=2000, ge=100)  # bootstrap over bags (CIs and paired tests)
     # fewer readable cells than this: no call ("refer"); "auto": the 5th percentile of
     # the training bags' cell counts (ensembles.bags.min_cells_from_counts)
     min_cells: Annotated[int, Field(ge=1)] | Literal["auto"] = "auto"
@@ -513,13 +574,17 @@ class PatientsSection(_Section):
         except ValueError:
             x = None
         if x == 0:
-            raise ValueError("sensitivity:0 keeps no positive patient, so the threshold would "
-                             "call nearly every patient negative; give X in (0, 1], e.g. "
-                             "sensitivity:0.95")
+            raise ValueError(
+                "sensitivity:0 keeps no positive patient, so the threshold would "
+                "call nearly every patient negative; give X in (0, 1], e.g. "
+                "sensitivity:0.95"
+            )
         if x is None or not 0 < x <= 1:
-            raise ValueError("sensitivity:X needs X in (0, 1], the fraction of the training "
-                             "folds' positive patients the threshold keeps, e.g. "
-                             "sensitivity:0.95")
+            raise ValueError(
+                "sensitivity:X needs X in (0, 1], the fraction of the training "
+                "folds' positive patients the threshold keeps, e.g. "
+                "sensitivity:0.95"
+            )
         return rule
 
 
@@ -527,10 +592,11 @@ class StatsSection(_Section):
     """The statistics of every figure with an interval or an ECE: the one home of each
     value (bench.stats.scoring, bench.protocols.external, bench.protocols.labs, bench.protocols.patients, bench.commands.evaluate and the
     report read them from here)."""
+
     # level of every interval: Student t over folds (leaderboard, report), percentile
     # bootstrap of the external sets, the held-out labs, the patients and `bench evaluate`
     confidence: Number = Field(default=0.95, gt=0, lt=1)
-    ece_bins: int = Field(default=15, ge=1)   # confidence bins of ECE and reliability diagrams
+    ece_bins: int = Field(default=15, ge=1)  # confidence bins of ECE and reliability diagrams
     # bootstrap resamples over images or groups: held-out labs ([run] leave_one_lab_out)
     # and `bench evaluate`
     n_boot: int = Field(default=1000, ge=100)
@@ -544,31 +610,55 @@ class StatsSection(_Section):
 class DistillSection(_Section):
     """``bench distill`` (bench.protocols.distill): one compact CNN, the student, trained on an
     entry's out-of-fold class probabilities (its soft labels), on the run's folds."""
-    teacher: str = ""             # an entry of the leaderboard; "": the run's saved predictor
+
+    teacher: str = ""  # an entry of the leaderboard; "": the run's saved predictor
     # the student: a compact scratch CNN of its own (4 blocks of 16-32 filters, 48 px on the
     # central half of the image, dropout 0.3), trained 16 epochs: soft targets carry more
     # to learn than labels. Not tied to any profile's candidate; give [distill] student to
     # change it
-    student: CandidateEntry = CandidateEntry(type="scratch_cnn", params={
-        "blocks": 4, "filters": 16, "convs_per_block": 2, "dense_units": 256, "dropout": 0.3,
-        "augment": "flips", "crop": 0.5, "input_size": 48, "learning_rate": 0.002,
-        "batch_size": 64, "epochs": 16, "patience": 16, "schedule": "cosine"})
+    student: CandidateEntry = CandidateEntry(
+        type="scratch_cnn",
+        params={
+            "blocks": 4,
+            "filters": 16,
+            "convs_per_block": 2,
+            "dense_units": 256,
+            "dropout": 0.3,
+            "augment": "flips",
+            "crop": 0.5,
+            "input_size": 48,
+            "learning_rate": 0.002,
+            "batch_size": 64,
+            "epochs": 16,
+            "patience": 16,
+            "schedule": "cosine",
+        },
+    )
     # each training row's target: (1 - hard_weight) x the teacher's probabilities (at
     # temperature) + hard_weight x its label
     hard_weight: Number = Field(default=0.2, ge=0, le=1)
-    temperature: Number = Field(default=1.0, gt=0, le=20)   # > 1 softens the teacher's rows
+    temperature: Number = Field(default=1.0, gt=0, le=20)  # > 1 softens the teacher's rows
     # images/s of the student and the run's predictor, timed on this many of the run's
     # images (0: not timed)
     speed_images: int = Field(default=2048, ge=0)
 
 
-SECTIONS = {"run": RunSection, "data": DataSection, "tuning": TuningSection,
-            "predictor": PredictorSection, "stress": StressSection, "report": ReportSection,
-            "patients": PatientsSection, "distill": DistillSection, "stats": StatsSection}
+SECTIONS = {
+    "run": RunSection,
+    "data": DataSection,
+    "tuning": TuningSection,
+    "predictor": PredictorSection,
+    "stress": StressSection,
+    "report": ReportSection,
+    "patients": PatientsSection,
+    "distill": DistillSection,
+    "stats": StatsSection,
+}
 
 
 class Settings(BaseModel):
     """The typed settings sections of a resolved config (:data:`SECTIONS`)."""
+
     run: RunSection
     data: DataSection
     tuning: TuningSection
@@ -612,21 +702,31 @@ class Config(Settings):
         """A resolved config table (a run's ``config.toml``) as a :class:`Config`."""
         where = str(source) if source else "config"
         sections = _typed_sections(table, where)
-        return cls(**sections, feature_sets=copy.deepcopy(table.get("feature_sets") or {}),
-                   candidates={n: validated(where, f"[candidates.{n}]", CandidateSpec, e)
-                               for n, e in (table.get("candidates") or {}).items()},
-                   ensembles=_typed_ensembles(table, where),
-                   external={n: validated(where, f"[external.{n}]", ExternalEntry, e)
-                             for n, e in (table.get("external") or {}).items()},
-                   source=Path(source) if source else None, profile=profile)
+        return cls(
+            **sections,
+            feature_sets=copy.deepcopy(table.get("feature_sets") or {}),
+            candidates={
+                n: validated(where, f"[candidates.{n}]", CandidateSpec, e)
+                for n, e in (table.get("candidates") or {}).items()
+            },
+            ensembles=_typed_ensembles(table, where),
+            external={
+                n: validated(where, f"[external.{n}]", ExternalEntry, e)
+                for n, e in (table.get("external") or {}).items()
+            },
+            source=Path(source) if source else None,
+            profile=profile,
+        )
 
     def to_dict(self) -> dict:
         """The resolved table :meth:`from_dict` reads (every settings key present)."""
-        return {**{sec: getattr(self, sec).model_dump() for sec in SECTIONS},
-                "feature_sets": copy.deepcopy(self.feature_sets),
-                "candidates": {n: e.spec() for n, e in self.candidates.items()},
-                "ensembles": {n: e.model_dump() for n, e in self.ensembles.items()},
-                "external": {n: e.model_dump() for n, e in self.external.items()}}
+        return {
+            **{sec: getattr(self, sec).model_dump() for sec in SECTIONS},
+            "feature_sets": copy.deepcopy(self.feature_sets),
+            "candidates": {n: e.spec() for n, e in self.candidates.items()},
+            "ensembles": {n: e.model_dump() for n, e in self.ensembles.items()},
+            "external": {n: e.model_dump() for n, e in self.external.items()},
+        }
 
     def derive(self, **changes) -> "Config":
         """A copy with ``changes`` (``section={key: value}`` for a settings section, merged
@@ -647,8 +747,16 @@ class Config(Settings):
     def override(self, section: str, **values) -> None:
         """Set ``values`` in settings ``section`` of this config (validated)."""
         where = str(self.source) if self.source else "config"
-        setattr(self, section, validated(where, f"[{section}]", SECTIONS[section],
-                                         {**getattr(self, section).model_dump(), **values}))
+        setattr(
+            self,
+            section,
+            validated(
+                where,
+                f"[{section}]",
+                SECTIONS[section],
+                {**getattr(self, section).model_dump(), **values},
+            ),
+        )
 
     def path(self, value: str) -> str:
         """A file named in the config: a relative path starts at the config's folder;
@@ -704,14 +812,13 @@ def _key_path(loc) -> str:
 
 # why a bound leaves out a value that would make its setting meaningless (said with it)
 BOUND_REASONS = {
-    "[predictor] conformal.confidence": "1 would put every class in every prediction set, "
-                                        "0 none",
+    "[predictor] conformal.confidence": "1 would put every class in every prediction set, 0 none",
     "[report] colour_only_warning": "at 0 every colour-only baseline would be warned about "
-                                    "(a balanced accuracy is never below 0)",
+    "(a balanced accuracy is never below 0)",
     "[report] randomization_threshold": "at -1 every Grad-CAM map would be flagged (a rank "
-                                        "correlation is never below -1)",
+    "correlation is never below -1)",
     "[patients] shortcut_margin": "at 1 every colour-only row would be warned about (ROC AUCs "
-                                  "lie between 0 and 1)",
+    "lie between 0 and 1)",
 }
 _BOUNDS = {"greater_than", "greater_than_equal", "less_than", "less_than_equal"}
 #: keys that moved to another section: the old place names the new one
@@ -725,29 +832,43 @@ def _schema_error(where: str, prefix: str, model, exc: ValidationError) -> Bench
         key = path.rsplit(".", 1)[-1]
         known = list(model.model_fields) if "." not in path else []
         if f"{prefix} {path}" in MOVED:
-            return BenchError(f"{where}: {prefix} {path} has moved to "
-                              f"{MOVED[prefix + ' ' + path]} (one level and one ECE binning "
-                              "for every interval of the run)")
-        return BenchError(f"{where}: {prefix} unknown key '{path}'" + (
-            did_you_mean(key, known) or (f"; known: {sorted(known)}" if known else "")))
+            return BenchError(
+                f"{where}: {prefix} {path} has moved to "
+                f"{MOVED[prefix + ' ' + path]} (one level and one ECE binning "
+                "for every interval of the run)"
+            )
+        return BenchError(
+            f"{where}: {prefix} unknown key '{path}'"
+            + (did_you_mean(key, known) or (f"; known: {sorted(known)}" if known else ""))
+        )
     reason = BOUND_REASONS.get(f"{prefix} {path}") if err["type"] in _BOUNDS else None
-    return BenchError(f"{where}: {prefix} {path} {_plain(err)}, got {err.get('input')!r}"
-                      + (f": {reason}" if reason else ""))
+    return BenchError(
+        f"{where}: {prefix} {path} {_plain(err)}, got {err.get('input')!r}"
+        + (f": {reason}" if reason else "")
+    )
 
 
 def _plain(err: dict) -> str:
     """A pydantic error in the words of the config's reader."""
     ctx, kind = err.get("ctx") or {}, err["type"]
-    words = {"greater_than_equal": "must be at least {ge}", "greater_than": "must be above {gt}",
-             "less_than_equal": "must be at most {le}", "less_than": "must be below {lt}",
-             "int_type": "must be an integer", "int_parsing": "must be an integer",
-             "float_type": "must be a number", "bool_type": "must be true or false",
-             "string_type": "must be a string", "list_type": "must be a list",
-             "dict_type": "must be a table", "missing": "is required",
-             "literal_error": "must be one of {expected}",
-             "string_pattern_mismatch": "must match {pattern}",
-             "finite_number": "must be a finite number"}
-    if kind == "value_error":   # a model's own check, in its own words
+    words = {
+        "greater_than_equal": "must be at least {ge}",
+        "greater_than": "must be above {gt}",
+        "less_than_equal": "must be at most {le}",
+        "less_than": "must be below {lt}",
+        "int_type": "must be an integer",
+        "int_parsing": "must be an integer",
+        "float_type": "must be a number",
+        "bool_type": "must be true or false",
+        "string_type": "must be a string",
+        "list_type": "must be a list",
+        "dict_type": "must be a table",
+        "missing": "is required",
+        "literal_error": "must be one of {expected}",
+        "string_pattern_mismatch": "must match {pattern}",
+        "finite_number": "must be a finite number",
+    }
+    if kind == "value_error":  # a model's own check, in its own words
         return str(ctx["error"])
     if kind in words:
         try:
@@ -774,14 +895,17 @@ def _typed_sections(cfg: dict, where: str = "config") -> dict[str, BaseModel]:
     for sec, model in SECTIONS.items():
         typed[sec] = validated(where, f"[{sec}]", model, cfg.get(sec, {}))
     if typed["data"].fallback:
-        typed["data"].fallback = validated(where, "[data.fallback]", FallbackSection,
-                                           typed["data"].fallback).model_dump()
+        typed["data"].fallback = validated(
+            where, "[data.fallback]", FallbackSection, typed["data"].fallback
+        ).model_dump()
     return typed
 
 
 def _typed_ensembles(cfg: dict, where: str) -> dict[str, EnsembleEntry]:
-    return {name: validated(where, f"[ensembles.{name}]", EnsembleEntry, entry)
-            for name, entry in (cfg.get("ensembles") or {}).items()}
+    return {
+        name: validated(where, f"[ensembles.{name}]", EnsembleEntry, entry)
+        for name, entry in (cfg.get("ensembles") or {}).items()
+    }
 
 
 # sections of named tables ([candidates.NAME] ...): a key is named after its table
@@ -793,14 +917,20 @@ def _check_raw(raw: dict, where: str) -> None:
     unknown = set(raw) - KNOWN_SECTIONS
     if unknown:
         name = sorted(unknown)[0]
-        raise BenchError(f"{where}: unknown section '{name}'" + (
-            did_you_mean(name, KNOWN_SECTIONS) or f"; known: {sorted(KNOWN_SECTIONS)}"))
+        raise BenchError(
+            f"{where}: unknown section '{name}'"
+            + (did_you_mean(name, KNOWN_SECTIONS) or f"; known: {sorted(KNOWN_SECTIONS)}")
+        )
     for sec, value in raw.items():
         if not isinstance(value, dict):
             raise BenchError(f"{where}: [{sec}] must be a table, got {value!r}")
-    for sec, what in (("candidates", "candidate"), ("ensembles", "ensemble"),
-                      ("feature_sets", "feature set"), ("profiles", "profile"),
-                      ("datasets", "dataset")):
+    for sec, what in (
+        ("candidates", "candidate"),
+        ("ensembles", "ensemble"),
+        ("feature_sets", "feature set"),
+        ("profiles", "profile"),
+        ("datasets", "dataset"),
+    ):
         for name, value in raw.get(sec, {}).items():
             check_name(name, f"{where}: {what} name")
             if not isinstance(value, dict):
@@ -809,40 +939,49 @@ def _check_raw(raw: dict, where: str) -> None:
         bad = set(prof) - (KNOWN_SECTIONS - {"profiles", "datasets"}) - {"select", "description"}
         if bad:
             key = sorted(bad)[0]
-            raise BenchError(f"{where}: profile '{name}' has unknown key '{key}'"
-                             + did_you_mean(key, KNOWN_SECTIONS))
+            raise BenchError(
+                f"{where}: profile '{name}' has unknown key '{key}'"
+                + did_you_mean(key, KNOWN_SECTIONS)
+            )
         if "select" in prof:
-            _check_names(prof["select"], list(raw.get("candidates", {})), where,
-                         f"profile '{name}' select")
+            _check_names(
+                prof["select"], list(raw.get("candidates", {})), where, f"profile '{name}' select"
+            )
     for name, ds in raw.get("datasets", {}).items():
         validated(where, f"[datasets.{name}]", DatasetOverride, ds)
-    bad = non_finite(raw)   # every float, typed or inside a table or list parameter
+    bad = non_finite(raw)  # every float, typed or inside a table or list parameter
     if bad is not None:
         path, value = bad
         head = 2 if path[0] in NAMED_SECTIONS else 1
-        raise BenchError(f"{where}: [{'.'.join(map(str, path[:head]))}] "
-                         f"{key_text(path[head:])} must be a finite number, got {value!r}")
+        raise BenchError(
+            f"{where}: [{'.'.join(map(str, path[:head]))}] "
+            f"{key_text(path[head:])} must be a finite number, got {value!r}"
+        )
 
 
 # a [datasets.NAME] table: any [data] key but those the resolver sets
-DatasetOverride = _all_optional(DataSection, "DatasetOverride",
-                                 exclude=("fallback", "name", "same_as"))
+DatasetOverride = _all_optional(
+    DataSection, "DatasetOverride", exclude=("fallback", "name", "same_as")
+)
 
 
 def _validate_sections(cfg: dict, where: str) -> Settings:
     settings = Settings(**_typed_sections(cfg, where))
     report = settings.report
     if report.gradcam and not report.gradcam_per_class:
-        raise BenchError(f"{where}: [report] gradcam_per_class = 0 audits no image while "
-                         "gradcam = true; set gradcam = false to skip the Grad-CAM audit")
+        raise BenchError(
+            f"{where}: [report] gradcam_per_class = 0 audits no image while "
+            "gradcam = true; set gradcam = false to skip the Grad-CAM audit"
+        )
     if settings.data.bags:
         _check_bags(settings, cfg["feature_sets"], where)
     _check_sources(settings, where)
     registry.import_plugins(settings.run.plugins)
     for name, entry in cfg["candidates"].items():
         if isinstance(entry, dict) and "type" not in entry:
-            raise BenchError(f"{where}: candidate '{name}' needs a 'type' "
-                             "(see `python -m bench list`)")
+            raise BenchError(
+                f"{where}: candidate '{name}' needs a 'type' (see `python -m bench list`)"
+            )
         validated(where, f"[candidates.{name}]", CandidateEntry, entry)
     return settings
 
@@ -851,27 +990,39 @@ def _check_bags(settings: Settings, feature_sets: dict, where: str) -> None:
     """A bag task needs groups (the bags), a positive class, and the composition's pieces."""
     data = settings.data
     if not data.groups:
-        raise BenchError(f"{where}: [data] bags = true needs [data] groups (a CSV file,group "
-                         "giving each image's bag, e.g. its patient)")
+        raise BenchError(
+            f"{where}: [data] bags = true needs [data] groups (a CSV file,group "
+            "giving each image's bag, e.g. its patient)"
+        )
     if not data.positive:
-        raise BenchError(f"{where}: [data] bags = true needs [data] positive (the class a bag "
-                         "is scored for, e.g. \"APL\")")
+        raise BenchError(
+            f"{where}: [data] bags = true needs [data] positive (the class a bag "
+            'is scored for, e.g. "APL")'
+        )
     if data.classes and data.positive not in data.classes:
-        raise BenchError(f"{where}: [data] positive '{data.positive}' is not one of "
-                         f"[data] classes {data.classes}")
+        raise BenchError(
+            f"{where}: [data] positive '{data.positive}' is not one of "
+            f"[data] classes {data.classes}"
+        )
     pat = settings.patients
     if data.disease_cells and not data.cell_types:
-        raise BenchError(f"{where}: [data] disease_cells needs [data] cell_types = "
-                         "\"FILE.csv:COLUMN\" (each image's cell type)")
+        raise BenchError(
+            f"{where}: [data] disease_cells needs [data] cell_types = "
+            '"FILE.csv:COLUMN" (each image\'s cell type)'
+        )
     typed = aggregators_needing(pat.aggregators, "needs_cell_types")
     if typed:
         if not data.cell_types:
-            raise BenchError(f"{where}: [patients] aggregators has '{typed[0]}', which needs "
-                             "[data] cell_types = \"FILE.csv:COLUMN\" (each image's cell type)")
+            raise BenchError(
+                f"{where}: [patients] aggregators has '{typed[0]}', which needs "
+                '[data] cell_types = "FILE.csv:COLUMN" (each image\'s cell type)'
+            )
         if pat.composition_features not in feature_sets:
-            raise BenchError(f"{where}: [patients] composition_features "
-                             f"'{pat.composition_features}' is not a [feature_sets.NAME]"
-                             + did_you_mean(pat.composition_features, feature_sets))
+            raise BenchError(
+                f"{where}: [patients] composition_features "
+                f"'{pat.composition_features}' is not a [feature_sets.NAME]"
+                + did_you_mean(pat.composition_features, feature_sets)
+            )
 
 
 def _check_sources(settings: Settings, where: str) -> None:
@@ -880,32 +1031,44 @@ def _check_sources(settings: Settings, where: str) -> None:
     data, run = settings.data, settings.run
     if not data.sources:
         if run.split == "lab":
-            raise BenchError(f"{where}: [run] split = \"lab\" needs a dataset of several labs "
-                             "([data] sources)")
+            raise BenchError(
+                f'{where}: [run] split = "lab" needs a dataset of several labs ([data] sources)'
+            )
         if run.metric in RANKING_METRICS and run.metric not in METRICS:
-            raise BenchError(f"{where}: [run] metric '{run.metric}' ranks by held-out labs and "
-                             "needs a dataset of several labs ([data] sources)")
+            raise BenchError(
+                f"{where}: [run] metric '{run.metric}' ranks by held-out labs and "
+                "needs a dataset of several labs ([data] sources)"
+            )
         return
     if data.bags:
-        raise BenchError(f"{where}: [data] sources (several labs) and bags = true cannot be "
-                         "combined yet")
+        raise BenchError(
+            f"{where}: [data] sources (several labs) and bags = true cannot be combined yet"
+        )
     if not data.classes:
-        raise BenchError(f"{where}: [data] sources needs [data] classes, the class list the "
-                         "labs' classes are mapped onto")
+        raise BenchError(
+            f"{where}: [data] sources needs [data] classes, the class list the "
+            "labs' classes are mapped onto"
+        )
     seen = set()
     for i, src in enumerate(data.sources):
         if src.domain in seen:
-            raise BenchError(f"{where}: [data] sources[{i}] domain '{src.domain}' is used by "
-                             "two sources; each lab needs its own name")
+            raise BenchError(
+                f"{where}: [data] sources[{i}] domain '{src.domain}' is used by "
+                "two sources; each lab needs its own name"
+            )
         seen.add(src.domain)
         bad = [v for v in src.class_map.values() if v and v not in data.classes]
         if bad:
-            raise BenchError(f"{where}: [data] sources[{i}] ({src.domain}) class_map maps onto "
-                             f"'{bad[0]}', which is not one of [data] classes {data.classes}"
-                             + did_you_mean(bad[0], data.classes))
+            raise BenchError(
+                f"{where}: [data] sources[{i}] ({src.domain}) class_map maps onto "
+                f"'{bad[0]}', which is not one of [data] classes {data.classes}"
+                + did_you_mean(bad[0], data.classes)
+            )
     if len(seen) < 2:
-        raise BenchError(f"{where}: [data] sources lists one lab ('{next(iter(seen))}'); "
-                         "a multi-lab dataset needs at least two")
+        raise BenchError(
+            f"{where}: [data] sources lists one lab ('{next(iter(seen))}'); "
+            "a multi-lab dataset needs at least two"
+        )
 
 
 def _validate_tuning(cls, tuning, where: str) -> None:
@@ -919,13 +1082,17 @@ def _validate_tuning(cls, tuning, where: str) -> None:
         known = space_names(cls)
         unknown = [n for n in tuning.space if n not in known]
         if unknown or not tuning.space:
-            raise BenchError(f"{where}.space: {unknown or '[]'} "
-                             f"{'are not' if unknown else 'is empty, not'} parameters that "
-                             f"{cls.__name__}.param_space searches; it searches {known}")
+            raise BenchError(
+                f"{where}.space: {unknown or '[]'} "
+                f"{'are not' if unknown else 'is empty, not'} parameters that "
+                f"{cls.__name__}.param_space searches; it searches {known}"
+            )
         fixed = [n for n in tuning.space if n in (tuning.fidelity or {})]
         if fixed:
-            raise BenchError(f"{where}: {fixed} are both searched (space) and fixed in "
-                             "trials (fidelity); choose one")
+            raise BenchError(
+                f"{where}: {fixed} are both searched (space) and fixed in "
+                "trials (fidelity); choose one"
+            )
 
 
 def _validate_entries(cfg: "Config", where: str) -> None:
@@ -941,45 +1108,65 @@ def _validate_entries(cfg: "Config", where: str) -> None:
         crop = entry.params.get("crop", 1.0)
         if isinstance(fs, dict) and (entry.feature_set is None or crops(crop)):
             # an inline table, or a named set on a centre crop (a smaller image)
-            check_feature_set(fs, crop_side(size, crop),
-                              f"{where}: [candidates.{name}] params.features"
-                              + (f" on the {crop} centre crop" if crops(crop) else ""))
+            check_feature_set(
+                fs,
+                crop_side(size, crop),
+                f"{where}: [candidates.{name}] params.features"
+                + (f" on the {crop} centre crop" if crops(crop) else ""),
+            )
     names = list(cfg.candidates)
     for name, entry in cfg.ensembles.items():
         cls = _type(entry.type, where, f"[ensembles.{name}]")
         validate_params(cls, entry.params(), f"{where}: [ensembles.{name}]")
         if entry.stress and not cfg.stress.shifts:
-            raise BenchError(f"{where}: [ensembles.{name}] stress = true needs [stress] shifts "
-                             f"(any of {list(SHIFTS)})")
+            raise BenchError(
+                f"{where}: [ensembles.{name}] stress = true needs [stress] shifts "
+                f"(any of {list(SHIFTS)})"
+            )
         if isinstance(entry.members, list):
             missing = [m for m in entry.members if m not in names]
             if missing:
-                raise BenchError(f"{where}: [ensembles.{name}] members {missing} are not "
-                                 f"candidates of this run; candidates: {names}")
+                raise BenchError(
+                    f"{where}: [ensembles.{name}] members {missing} are not "
+                    f"candidates of this run; candidates: {names}"
+                )
     student = cfg.distill.student
     cls = _type(student.type, where, "[distill] student")
     if "soft_targets" not in cls.fit_accepts:
-        raise BenchError(f"{where}: [distill] student type '{student.type}' cannot learn soft "
-                         "targets; types that can: " + str(sorted(
-                             n for n in registry.known()
-                             if "soft_targets" in getattr(registry.get(n), "fit_accepts", ()))))
+        raise BenchError(
+            f"{where}: [distill] student type '{student.type}' cannot learn soft "
+            "targets; types that can: "
+            + str(
+                sorted(
+                    n
+                    for n in registry.known()
+                    if "soft_targets" in getattr(registry.get(n), "fit_accepts", ())
+                )
+            )
+        )
     validate_params(cls, student.params, f"{where}: [distill] student params")
     choice = cfg.predictor.ensemble
     if choice == "robust" and not cfg.stress.shifts:
-        raise BenchError(f"{where}: [predictor] ensemble = 'robust' needs [stress] shifts "
-                         f"(any of {list(SHIFTS)})")
+        raise BenchError(
+            f"{where}: [predictor] ensemble = 'robust' needs [stress] shifts "
+            f"(any of {list(SHIFTS)})"
+        )
     if choice not in ("best", "robust") and choice not in names and choice not in cfg.ensembles:
-        raise BenchError(f"{where}: [predictor] ensemble '{choice}' is neither 'best', 'robust' "
-                         "nor a candidate or ensemble of this run"
-                         + did_you_mean(choice, names + list(cfg.ensembles)))
+        raise BenchError(
+            f"{where}: [predictor] ensemble '{choice}' is neither 'best', 'robust' "
+            "nor a candidate or ensemble of this run"
+            + did_you_mean(choice, names + list(cfg.ensembles))
+        )
 
 
 def _type(name: str, where: str, prefix: str) -> type:
     try:
         return registry.get(name)
     except BenchError:
-        raise BenchError(f"{where}: {prefix} type '{name}' is unknown; known: "
-                         f"{registry.known()}" + did_you_mean(name, registry.known())) from None
+        raise BenchError(
+            f"{where}: {prefix} type '{name}' is unknown; known: "
+            f"{registry.known()}" + did_you_mean(name, registry.known())
+        ) from None
 
 
 def _drop_none(obj):

@@ -39,14 +39,16 @@ sys.path.insert(0, str(ROOT))
 
 
 def _peak_mib() -> float:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024   # KiB on Linux
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
 
 
 def _cnn_candidates(cfg) -> dict:
     from core import registry
     from cnn.candidate import KerasCandidate
-    return {n: e for n, e in cfg.candidates.items()
-            if issubclass(registry.get(e.type), KerasCandidate)}
+
+    return {
+        n: e for n, e in cfg.candidates.items() if issubclass(registry.get(e.type), KerasCandidate)
+    }
 
 
 def _one(args) -> dict:
@@ -54,7 +56,7 @@ def _one(args) -> dict:
     import tempfile
 
     cache = tempfile.mkdtemp(prefix="bb-cnn-bench-")
-    os.environ["BLOODBENCH_CACHE"] = cache   # cold, private cache
+    os.environ["BLOODBENCH_CACHE"] = cache  # cold, private cache
     try:
         return _measure(args)
     finally:
@@ -73,8 +75,8 @@ def _measure(args) -> dict:
     with np.load(args.data, allow_pickle=False) as z:
         key = "images" if "images" in z.files else "train_images"
         labels = np.asarray(z[key.replace("images", "labels")]).ravel()
-        rows = np.sort(np.random.default_rng(0).permutation(len(labels))[:args.n])
-        images = np.ascontiguousarray(z[key][rows])   # a random sample: every class present
+        rows = np.sort(np.random.default_rng(0).permutation(len(labels))[: args.n])
+        images = np.ascontiguousarray(z[key][rows])  # a random sample: every class present
         labels = labels[rows]
     params = dict(entry.get("params", {}))
     params.update(epochs=args.epochs, patience=args.epochs + 1, verbose=0)
@@ -120,17 +122,36 @@ def main(argv=None) -> int:
         print(json.dumps(_one(args)))
         return 0
     from bench.config import load_config
+
     names = list(_cnn_candidates(load_config(args.config, profile=args.profile)))
     if args.only:
         names = [n for n in names if n in args.only.split(",")]
-    print(f"{len(names)} CNN candidate(s), {args.n} images of {args.data}, "
-          f"{args.epochs} epochs, TF threads {os.environ.get('BLOODBENCH_TF_THREADS', 'default')}")
-    header = (f"{'candidate':<20} {'type':<18} {'train img/s':>11} {'embed img/s':>11} "
-              f"{'infer img/s':>11} {'epochs':>6} {'fit s':>7} {'params':>9} {'peak MiB':>8}")
+    print(
+        f"{len(names)} CNN candidate(s), {args.n} images of {args.data}, "
+        f"{args.epochs} epochs, TF threads {os.environ.get('BLOODBENCH_TF_THREADS', 'default')}"
+    )
+    header = (
+        f"{'candidate':<20} {'type':<18} {'train img/s':>11} {'embed img/s':>11} "
+        f"{'infer img/s':>11} {'epochs':>6} {'fit s':>7} {'params':>9} {'peak MiB':>8}"
+    )
     print(header)
     for name in names:
-        cmd = [sys.executable, __file__, "--one", name, "--data", args.data, "--n", str(args.n),
-               "--epochs", str(args.epochs), "--profile", args.profile, "--config", args.config]
+        cmd = [
+            sys.executable,
+            __file__,
+            "--one",
+            name,
+            "--data",
+            args.data,
+            "--n",
+            str(args.n),
+            "--epochs",
+            str(args.epochs),
+            "--profile",
+            args.profile,
+            "--config",
+            args.config,
+        ]
         out = subprocess.run(cmd, capture_output=True, text=True)
         if out.returncode:
             print(f"{name:<20} failed: {(out.stderr.strip().splitlines() or ['?'])[-1]}")
@@ -140,9 +161,11 @@ def main(argv=None) -> int:
             print(json.dumps(r))
             continue
         emb = f"{r['embed_img_s']:.0f}" if "embed_img_s" in r else "-"
-        print(f"{name:<20} {r['type']:<18} {r['train_img_s']:>11.0f} {emb:>11} "
-              f"{r['infer_img_s']:>11.0f} {r['epochs']:>6} {r['fit_s']:>7.1f} "
-              f"{r['params']:>9} {r['peak_mib']:>8.0f}")
+        print(
+            f"{name:<20} {r['type']:<18} {r['train_img_s']:>11.0f} {emb:>11} "
+            f"{r['infer_img_s']:>11.0f} {r['epochs']:>6} {r['fit_s']:>7.1f} "
+            f"{r['params']:>9} {r['peak_mib']:>8.0f}"
+        )
     return 0
 
 

@@ -15,9 +15,9 @@ from pathlib import Path
 
 import pandas as pd
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))   # run from a checkout
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout
 
-from bench.run.rundir import RunDir   # noqa: E402
+from bench.run.rundir import RunDir  # noqa: E402
 
 M = "balanced_accuracy"
 
@@ -33,8 +33,10 @@ def table(run: Path) -> str:
     lines = ["| " + " | ".join(head) + " |", "|---|" + "---:|" * (len(head) - 1)]
     for _, r in board.iterrows():
         cells = [str(r["candidate"]), f"{r[M]:.3f}"]
-        cells += [f"{r[f'{lab}_{M}']:.3f} [{r[f'{lab}_{M}_lo']:.2f}, {r[f'{lab}_{M}_hi']:.2f}]"
-                  for lab in labs]
+        cells += [
+            f"{r[f'{lab}_{M}']:.3f} [{r[f'{lab}_{M}_lo']:.2f}, {r[f'{lab}_{M}_hi']:.2f}]"
+            for lab in labs
+        ]
         cells += [f"{r[f'worst_lab_{M}']:.3f} ({r['worst_lab']})", f"{r[f'mean_lab_{M}']:.3f}"]
         if adabn:
             v = r[f"adabn_worst_lab_{M}"]
@@ -50,12 +52,18 @@ def main(argv=None) -> int:
     run = RunDir(args.run)
     m, sub = run.read_manifest(), RunDir(run.labs_dir).read_manifest()
     hw = m.get("hardware", {})
-    print(f"run {args.run}: commit {m.get('git_commit')}, {hw.get('cpu', hw)}; "
-          f"data {m['dataset']['origin']}, {m['dataset']['n_images']} images")
-    print("stage seconds (pooled run):", {k: round(v) for k, v in
-                                          (m.get("stage_seconds") or {}).items()})
-    print("stage seconds (leave-one-lab-out run):", {k: round(v) for k, v in
-                                                     (sub.get("stage_seconds") or {}).items()})
+    print(
+        f"run {args.run}: commit {m.get('git_commit')}, {hw.get('cpu', hw)}; "
+        f"data {m['dataset']['origin']}, {m['dataset']['n_images']} images"
+    )
+    print(
+        "stage seconds (pooled run):",
+        {k: round(v) for k, v in (m.get("stage_seconds") or {}).items()},
+    )
+    print(
+        "stage seconds (leave-one-lab-out run):",
+        {k: round(v) for k, v in (sub.get("stage_seconds") or {}).items()},
+    )
     print(table(args.run))
     return 0
 

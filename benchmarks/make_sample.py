@@ -37,15 +37,18 @@ def excluded_files(src: Path) -> set[str]:
         return {row["file_b"] for row in csv.DictReader(fh)}
 
 
-def sample_rows(labels: np.ndarray, files: np.ndarray, per_class: int, seed: int,
-                exclude: set[str]) -> np.ndarray:
+def sample_rows(
+    labels: np.ndarray, files: np.ndarray, per_class: int, seed: int, exclude: set[str]
+) -> np.ndarray:
     """``per_class`` rows of each class, drawn without replacement (seeded), sorted."""
     rng = np.random.default_rng(seed)
     rows = []
     for c in np.unique(labels):
         pool = np.array([i for i in np.flatnonzero(labels == c) if str(files[i]) not in exclude])
         if len(pool) < per_class:
-            raise SystemExit(f"class {c} has {len(pool)} images, fewer than --per-class {per_class}")
+            raise SystemExit(
+                f"class {c} has {len(pool)} images, fewer than --per-class {per_class}"
+            )
         rows.append(rng.choice(pool, size=per_class, replace=False))
     return np.sort(np.concatenate(rows))
 
@@ -63,12 +66,18 @@ def main(argv=None) -> int:
     rows = sample_rows(labels, files, args.per_class, args.seed, excluded_files(src))
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    np.savez_compressed(out, images=np.ascontiguousarray(images[rows], dtype=np.uint8),
-                        labels=labels[rows].astype(np.int64), classes=classes.astype(str),
-                        files=files[rows].astype(str))
+    np.savez_compressed(
+        out,
+        images=np.ascontiguousarray(images[rows], dtype=np.uint8),
+        labels=labels[rows].astype(np.int64),
+        classes=classes.astype(str),
+        files=files[rows].astype(str),
+    )
     counts = np.bincount(labels[rows], minlength=len(classes))
-    print(f"{out}: {len(rows)} images ({', '.join(f'{c} {n}' for c, n in zip(classes, counts))}),"
-          f" {out.stat().st_size / 1e6:.2f} MB")
+    print(
+        f"{out}: {len(rows)} images ({', '.join(f'{c} {n}' for c, n in zip(classes, counts))}),"
+        f" {out.stat().st_size / 1e6:.2f} MB"
+    )
     return 0
 
 

@@ -48,9 +48,12 @@ def row(run: Path) -> dict:
         moved = f"{(cp - ref).abs().max():.3f}"
     pat = cfg.patients
     return {
-        "smooth": cfg.data.smooth, "bag_colour": pat.bag_colour,
-        "bag_jitter": pat.bag_jitter, "threshold": pat.threshold,
-        "predictor row": carried["entry"], "ROC AUC (row)": _ci(carried),
+        "smooth": cfg.data.smooth,
+        "bag_colour": pat.bag_colour,
+        "bag_jitter": pat.bag_jitter,
+        "threshold": pat.threshold,
+        "predictor row": carried["entry"],
+        "ROC AUC (row)": _ci(carried),
         "sens / spec (row)": f"{carried['sensitivity']:.2f} / {carried['specificity']:.2f}",
         "nested ROC AUC": _ci(nested),
         "nested sens / spec": f"{nested['sensitivity']:.2f} / {nested['specificity']:.2f}",

@@ -40,10 +40,10 @@ from PIL import Image
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from core.images import read_image   # noqa: E402
-from ensembles.bags import call_bag   # noqa: E402
-from bench.run.rundir import RunDir   # noqa: E402
-from ensembles.predictor import load_predictor   # noqa: E402
+from core.images import read_image  # noqa: E402
+from ensembles.bags import call_bag  # noqa: E402
+from bench.run.rundir import RunDir  # noqa: E402
+from ensembles.predictor import load_predictor  # noqa: E402
 
 DEFAULT = ROOT.parent / "shared" / "data" / "deepapl" / "originals_sample" / "originals.csv"
 
@@ -73,8 +73,11 @@ def main(argv=None) -> int:
     ap.add_argument("--model", required=True, help="a saved bag predictor (RUN/predictor)")
     ap.add_argument("--originals", default=str(DEFAULT), help="originals.csv")
     ap.add_argument("--csv", default="", help="write the per-patient table here")
-    ap.add_argument("--all-folds", action="store_true",
-                    help="score with every fold model (the predictor as predict --bags uses it)")
+    ap.add_argument(
+        "--all-folds",
+        action="store_true",
+        help="score with every fold model (the predictor as predict --bags uses it)",
+    )
     args = ap.parse_args(argv)
     csv = Path(args.originals)
     if not csv.is_file():
@@ -96,11 +99,13 @@ def main(argv=None) -> int:
         for v, make in VARIANTS.items():
             ways[v][patient] = [make(a) for a in originals]
     fold_of = {}
-    folds_csv = RunDir(Path(args.model).resolve().parent).folds_file   # the predictor's run
+    folds_csv = RunDir(Path(args.model).resolve().parent).folds_file  # the predictor's run
     if not args.all_folds:
         if not folds_csv.is_file():
-            print(f"error: {folds_csv} not found: out-of-fold scoring needs the run's folds "
-                  "(or give --all-folds)")
+            print(
+                f"error: {folds_csv} not found: out-of-fold scoring needs the run's folds "
+                "(or give --all-folds)"
+            )
             return 2
         f = pd.read_csv(folds_csv, dtype={"bag": str})
         fold_of = f.drop_duplicates("bag").set_index("bag")["fold"].to_dict()
@@ -113,24 +118,32 @@ def main(argv=None) -> int:
     out = []
     for way, bags in ways.items():
         if args.all_folds:
-            results = [(r["bag"], r["n_cells"], r["probability"])
-                       for r in pred.predict_bags(bags)]
+            results = [(r["bag"], r["n_cells"], r["probability"]) for r in pred.predict_bags(bags)]
         else:
             results = []
             for name, items in bags.items():
-                X, _, _ = pred.load_bag(items)   # as predict --bags reads a bag
+                X, _, _ = pred.load_bag(items)  # as predict --bags reads a bag
                 _, fold_proba = pred.predict_proba(X, len(X), folds=True, one_bag=True)
-                p = fold_proba[int(fold_of[name])][:, pos]   # the fold that never saw it
+                p = fold_proba[int(fold_of[name])][:, pos]  # the fold that never saw it
                 results.append((name, len(X), call_bag(spec, classes, p)[0]))
         for name, n, score in results:
-            out.append({"way": way, "patient": name, "n_cells": n, "score": score,
-                        "call": spec["positive"] if score >= spec["threshold"] else "other"})
+            out.append(
+                {
+                    "way": way,
+                    "patient": name,
+                    "n_cells": n,
+                    "score": score,
+                    "call": spec["positive"] if score >= spec["threshold"] else "other",
+                }
+            )
     df = pd.DataFrame(out)
     ref = df[df["way"] == "originals"].set_index("patient")
-    print(f"predictor {args.model} ({'every fold model' if args.all_folds else 'out of fold'}): "
-          f"threshold {spec['threshold']:.3f}, "
-          f"{len(ref)} patients, {int(ref['n_cells'].sum())} cells "
-          f"({time.perf_counter() - t0:.0f} s)")
+    print(
+        f"predictor {args.model} ({'every fold model' if args.all_folds else 'out of fold'}): "
+        f"threshold {spec['threshold']:.3f}, "
+        f"{len(ref)} patients, {int(ref['n_cells'].sum())} cells "
+        f"({time.perf_counter() - t0:.0f} s)"
+    )
     print(f"{'way':<15} {'max |d score|':>13} {'mean |d|':>9} {'flips':>6}")
     for way in ways:
         if way == "originals":
@@ -139,8 +152,7 @@ def main(argv=None) -> int:
         delta = (d["score"] - ref["score"]).abs()
         flips = int((d["call"] != ref["call"]).sum())
         print(f"{way:<15} {delta.max():>13.3f} {delta.mean():>9.3f} {flips:>6}")
-    print("scores on the originals: " + ", ".join(
-        f"{p} {s:.3f}" for p, s in ref["score"].items()))
+    print("scores on the originals: " + ", ".join(f"{p} {s:.3f}" for p, s in ref["score"].items()))
     if args.csv:
         df.to_csv(args.csv, index=False)
     return 0

@@ -52,41 +52,52 @@ def main(argv=None) -> int:
     os.environ["BLOODBENCH_TF_THREADS"] = str(args.threads)
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
     if hasattr(os, "sched_setaffinity"):
-        cpus = sorted(os.sched_getaffinity(0))[:args.threads]
+        cpus = sorted(os.sched_getaffinity(0))[: args.threads]
         os.sched_setaffinity(0, cpus)
     import numpy as np
 
     from cnn.train import predict_keras
     from core.images import find_images
-    from bench import load_predictor   # with the packages of every built-in type
+    from bench import load_predictor  # with the packages of every built-in type
 
     t = time.perf_counter()
     pred = load_predictor(args.model)
     load_s = time.perf_counter() - t
     n_models = sum(len(v) for v in pred.members_.values())
-    print(f"predictor {args.model}: {pred.record.ensemble.name} "
-          f"({pred.record.ensemble.type}), members {pred.member_names_} "
-          f"({n_models} fold models), image size {pred.image_size}; loaded in {load_s:.2f} s; "
-          f"{args.threads} threads")
+    print(
+        f"predictor {args.model}: {pred.record.ensemble.name} "
+        f"({pred.record.ensemble.type}), members {pred.member_names_} "
+        f"({n_models} fold models), image size {pred.image_size}; loaded in {load_s:.2f} s; "
+        f"{args.threads} threads"
+    )
 
     paths = None
     if args.images:
-        paths = find_images(args.images)[:args.n]
+        paths = find_images(args.images)[: args.n]
         t = time.perf_counter()
         X = pred.preprocessing.apply_batch(paths)
         read_s = time.perf_counter() - t
         print(f"read + resize {len(X)} files: {len(X) / read_s:.1f} images/s")
     else:
-        X = np.random.default_rng(0).integers(0, 256, (args.n, pred.image_size,
-                                                       pred.image_size, 3), dtype=np.uint8)
+        X = np.random.default_rng(0).integers(
+            0, 256, (args.n, pred.image_size, pred.image_size, 3), dtype=np.uint8
+        )
     n, bs = len(X), args.batch_size
 
-    pred.predict_proba(X[:bs], batch_size=bs, preprocessed=True)                 # warm up (trace once)
+    pred.predict_proba(X[:bs], batch_size=bs, preprocessed=True)  # warm up (trace once)
 
-    keras_models = [(name, c.model_) for name in pred.member_names_ for c in pred.members_[name]
-                    if hasattr(c, "model_")]
-    others = [(name, c) for name in pred.member_names_ for c in pred.members_[name]
-              if not hasattr(c, "model_")]
+    keras_models = [
+        (name, c.model_)
+        for name in pred.member_names_
+        for c in pred.members_[name]
+        if hasattr(c, "model_")
+    ]
+    others = [
+        (name, c)
+        for name in pred.member_names_
+        for c in pred.members_[name]
+        if not hasattr(c, "model_")
+    ]
 
     def direct(run_model):
         def go():
@@ -96,29 +107,36 @@ def main(argv=None) -> int:
             for name, c in others:
                 out.setdefault(name, []).append(c.predict_proba(X))
             return pred.ensemble_.combine([np.mean(out[nm], axis=0) for nm in pred.member_names_])
+
         return go
 
     import tensorflow as tf
+
     spec = tf.TensorSpec([None, pred.image_size, pred.image_size, 3], tf.uint8)
-    compiled = {id(m): tf.function(lambda x, m=m: m(x, training=False), input_signature=[spec])
-                for _, m in keras_models}
+    compiled = {
+        id(m): tf.function(lambda x, m=m: m(x, training=False), input_signature=[spec])
+        for _, m in keras_models
+    }
 
     def per_model_graph(m):
-        return np.concatenate([compiled[id(m)](X[i:i + bs]).numpy() for i in range(0, n, bs)])
+        return np.concatenate([compiled[id(m)](X[i : i + bs]).numpy() for i in range(0, n, bs)])
 
-    ways = {"keras Model.predict": direct(lambda m: m.predict(X, batch_size=bs, verbose=0)),
-            "predict_keras (run's loop)": direct(lambda m: predict_keras(m, X, bs)),
-            "one tf.function per model": direct(per_model_graph)}
+    ways = {
+        "keras Model.predict": direct(lambda m: m.predict(X, batch_size=bs, verbose=0)),
+        "predict_keras (run's loop)": direct(lambda m: predict_keras(m, X, bs)),
+        "one tf.function per model": direct(per_model_graph),
+    }
     ref = pred.predict_proba(X, batch_size=bs, preprocessed=True)
-    for label, fn in ways.items():                            # warm up, and check
+    for label, fn in ways.items():  # warm up, and check
         diff = float(np.abs(fn() - ref).max())
         print(f"direct, {label:28s}: max |diff| vs predictor {diff:.1e}")
     # interleaved repeats: every way sees the same share of a busy machine's noise
     times = {label: [] for label in ["predictor", *ways]}
     for _ in range(args.repeats):
-        for label, fn in [("predictor", lambda: pred.predict_proba(X, batch_size=bs,
-                                                                      preprocessed=True)),
-                          *ways.items()]:
+        for label, fn in [
+            ("predictor", lambda: pred.predict_proba(X, batch_size=bs, preprocessed=True)),
+            *ways.items(),
+        ]:
             t = time.perf_counter()
             fn()
             times[label].append(time.perf_counter() - t)
@@ -127,8 +145,10 @@ def main(argv=None) -> int:
         print(f"direct, {label:28s}: {n / best[label]:8.1f} images/s")
     fastest = min(best[k] for k in ways)
     t_pred = best["predictor"]
-    print(f"predictor on arrays                  : {n / t_pred:8.1f} images/s; overhead vs "
-          f"fastest direct {100 * (t_pred / fastest - 1):+.1f}% (target < 10%)")
+    print(
+        f"predictor on arrays                  : {n / t_pred:8.1f} images/s; overhead vs "
+        f"fastest direct {100 * (t_pred / fastest - 1):+.1f}% (target < 10%)"
+    )
 
     if paths:
         t_files = _best(lambda: pred.predict_proba(paths, batch_size=bs), 1)
@@ -138,8 +158,10 @@ def main(argv=None) -> int:
         fn = pred._fused_fn()
         for size in (1, 7, bs, 33):
             pred.predict_proba(X[:size], batch_size=bs, preprocessed=True)
-        print(f"compiled graph traced {fn.experimental_get_tracing_count()} time(s) "
-              f"over batch sizes 1, 7, {bs}, 33 and {n % bs or bs}")
+        print(
+            f"compiled graph traced {fn.experimental_get_tracing_count()} time(s) "
+            f"over batch sizes 1, 7, {bs}, 33 and {n % bs or bs}"
+        )
     return 0
 
 

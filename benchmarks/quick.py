@@ -42,6 +42,7 @@ def _tree_memory(proc) -> tuple[int, int]:
     The RSS sum counts shared pages once per process (an upper bound).
     """
     import psutil
+
     pss = rss = 0
     for q in [proc, *proc.children(recursive=True)]:
         try:
@@ -54,8 +55,19 @@ def _tree_memory(proc) -> tuple[int, int]:
 
 def run_timed(args) -> dict:
     import psutil
-    cmd = [sys.executable, "-m", "bench", "run", "--profile", args.profile, "--data", args.data,
-           "--out", args.out]
+
+    cmd = [
+        sys.executable,
+        "-m",
+        "bench",
+        "run",
+        "--profile",
+        args.profile,
+        "--data",
+        args.data,
+        "--out",
+        args.out,
+    ]
     if args.workers:
         cmd += ["--workers", str(args.workers)]
     if args.only:
@@ -73,10 +85,15 @@ def run_timed(args) -> dict:
     wall = time.perf_counter() - t0
     if child.returncode != 0:
         raise SystemExit(f"bench run failed (exit {child.returncode}): {' '.join(cmd)}")
-    info = {"wall_seconds": wall, "peak_pss_gib": peak_pss / 2 ** 30,
-            "peak_rss_sum_gib": peak_rss / 2 ** 30, "command": " ".join(cmd),
-            "cache": env.get("BLOODBENCH_CACHE", "default"), "cpus": os.cpu_count(),
-            "date": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")}
+    info = {
+        "wall_seconds": wall,
+        "peak_pss_gib": peak_pss / 2**30,
+        "peak_rss_sum_gib": peak_rss / 2**30,
+        "command": " ".join(cmd),
+        "cache": env.get("BLOODBENCH_CACHE", "default"),
+        "cpus": os.cpu_count(),
+        "date": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+    }
     (Path(args.out) / "benchmark.json").write_text(json.dumps(info, indent=1))
     return info
 
@@ -91,12 +108,16 @@ def summary(run_dir: Path) -> None:
     bench_file = run_dir / "benchmark.json"
     if bench_file.is_file():
         b = json.loads(bench_file.read_text())
-        print(f"wall {b['wall_seconds'] / 60:.1f} min, peak memory {b['peak_pss_gib']:.2f} GiB "
-              f"(PSS summed over the run's processes; RSS sum {b['peak_rss_sum_gib']:.2f} GiB), "
-              f"{b['cpus']} CPUs, {b['date']}")
+        print(
+            f"wall {b['wall_seconds'] / 60:.1f} min, peak memory {b['peak_pss_gib']:.2f} GiB "
+            f"(PSS summed over the run's processes; RSS sum {b['peak_rss_sum_gib']:.2f} GiB), "
+            f"{b['cpus']} CPUs, {b['date']}"
+        )
     n = len(run.y)
-    print(f"\n{run_dir}: profile {m.get('profile')}, {n} images, {len(run.classes)} classes, "
-          f"{len(run.fold_ids)} folds")
+    print(
+        f"\n{run_dir}: profile {m.get('profile')}, {n} images, {len(run.classes)} classes, "
+        f"{len(run.fold_ids)} folds"
+    )
     stages = {**(m.get("stage_seconds") or {})}
     if m.get("report_seconds") is not None:
         stages["report"] = m["report_seconds"]
@@ -109,16 +130,22 @@ def summary(run_dir: Path) -> None:
         print("\nprepare (features/embeddings, once for every fold; a warm cache makes it ~0)")
         for k, v in prep.items():
             print(f"  {k:<28}{v:8.1f} s {n / max(v, 1e-9):8.0f} img/s")
-    print(f"\n{'candidate':<20}{'tune s':>9}{'fit s':>9}{'pred s':>8}{'epochs':>8}{'train img/s':>13}")
+    print(
+        f"\n{'candidate':<20}{'tune s':>9}{'fit s':>9}{'pred s':>8}{'epochs':>8}{'train img/s':>13}"
+    )
     for r in unit_times(run):
         img_s = f"{r['train_img_s']:.0f}" if r["train_img_s"] else ""
-        print(f"{r['candidate']:<20}{r['tune_s']:9.1f}{r['fit_s']:9.1f}{r['predict_s']:8.1f}"
-              f"{r['epochs']:>8}{img_s:>13}")
+        print(
+            f"{r['candidate']:<20}{r['tune_s']:9.1f}{r['fit_s']:9.1f}{r['predict_s']:8.1f}"
+            f"{r['epochs']:>8}{img_s:>13}"
+        )
     board = run.rundir.read_leaderboard()
     print(f"\n{'rank':<5}{'candidate':<20}{'kind':<10}{'accuracy':>18}{'macro_f1':>18}")
     for i, r in enumerate(board.itertuples(), 1):
-        print(f"{i:<5}{r.candidate:<20}{r.kind:<10}{r.accuracy:9.4f} ± {r.accuracy_std:.4f}"
-              f"{r.macro_f1:9.4f} ± {r.macro_f1_std:.4f}")
+        print(
+            f"{i:<5}{r.candidate:<20}{r.kind:<10}{r.accuracy:9.4f} ± {r.accuracy_std:.4f}"
+            f"{r.macro_f1:9.4f} ± {r.macro_f1_std:.4f}"
+        )
     print(f"\nsaved predictor: {run.state.get('predictor')}")
 
 

@@ -17,20 +17,22 @@ import sys
 import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))   # run from a checkout
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout
 
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("run_dir")
-    ap.add_argument("--screenshot", default=None,
-                    help="PNG path (default: RUN_DIR/report/screenshot.png)")
+    ap.add_argument(
+        "--screenshot", default=None, help="PNG path (default: RUN_DIR/report/screenshot.png)"
+    )
     ap.add_argument("--rebuild", action="store_true", help="write the report again first")
     ap.add_argument("--no-gradcam", dest="gradcam", action="store_false", default=None)
     args = ap.parse_args(argv)
     from bench.report import write_report
     from bench.report.browser import check_report, find_browser
     from bench.run.rundir import RunDir
+
     run_dir = Path(args.run_dir)
     index = RunDir(run_dir).report_index
     if args.rebuild or not index.is_file():
@@ -38,8 +40,9 @@ def main(argv=None) -> int:
         index = write_report(run_dir, gradcam=args.gradcam)
         print(f"report written in {time.perf_counter() - t:.1f} s")
     files = [p for p in index.parent.rglob("*") if p.is_file()]
-    print(f"report: {index} ({len(files)} files, "
-          f"{sum(p.stat().st_size for p in files) / 1e6:.2f} MB)")
+    print(
+        f"report: {index} ({len(files)} files, {sum(p.stat().st_size for p in files) / 1e6:.2f} MB)"
+    )
     if find_browser() is None:
         print("chromium/chromedriver not found (apt-get install chromium chromium-driver)")
         return 2
@@ -47,9 +50,28 @@ def main(argv=None) -> int:
     t = time.perf_counter()
     r = check_report(index, shot)
     print(f"headless check: {time.perf_counter() - t:.1f} s")
-    print(json.dumps({k: r[k] for k in ("title", "table_visible", "table_rows", "images",
-                                        "broken", "hidden", "alert", "width", "height",
-                                        "console", "screenshot", "ok")}, indent=1))
+    print(
+        json.dumps(
+            {
+                k: r[k]
+                for k in (
+                    "title",
+                    "table_visible",
+                    "table_rows",
+                    "images",
+                    "broken",
+                    "hidden",
+                    "alert",
+                    "width",
+                    "height",
+                    "console",
+                    "screenshot",
+                    "ok",
+                )
+            },
+            indent=1,
+        )
+    )
     return 0 if r["ok"] else 1
 
 

@@ -33,6 +33,7 @@ def main(argv=None) -> int:
 
     from core.images import Preprocessing, find_images
     from core.shift import ShiftReference
+
     X = np.load(args.train)["images"]
     rng = np.random.default_rng(args.seed)
     idx = rng.permutation(len(X))
@@ -41,20 +42,25 @@ def main(argv=None) -> int:
     ref = ShiftReference.fit(X[idx[:cut]], seed=args.seed)
     fit_s = time.perf_counter() - t
     paths = find_images(args.external)
-    pick = [paths[i] for i in np.sort(rng.choice(len(paths), min(args.n, len(paths)),
-                                                 replace=False))]
+    pick = [
+        paths[i] for i in np.sort(rng.choice(len(paths), min(args.n, len(paths)), replace=False))
+    ]
     E = Preprocessing(X.shape[1]).load(pick)[0]
     t = time.perf_counter()
     s_in, s_out = ref.score(X[idx[cut:]]), ref.score(E)
     score_s = time.perf_counter() - t
     y = np.r_[np.zeros(len(s_in)), np.ones(len(s_out))]
-    print(f"fitted on {cut} training images in {fit_s:.1f} s; scored {len(s_in)} held-out "
-          f"in-domain and {len(s_out)} external images in {score_s:.1f} s")
+    print(
+        f"fitted on {cut} training images in {fit_s:.1f} s; scored {len(s_in)} held-out "
+        f"in-domain and {len(s_out)} external images in {score_s:.1f} s"
+    )
     print(f"ROC AUC (external vs held-out in-domain): {roc_auc_score(y, np.r_[s_in, s_out]):.3f}")
     for name, s in (("in-domain held out", s_in), ("external", s_out)):
         b = ShiftReference.batch_summary(s)
-        print(f"{name}: median score {b['median_score']:.3f}, beyond 0.99: "
-              f"{b['share_out']:.1%}, batch flagged: {b['flagged']}")
+        print(
+            f"{name}: median score {b['median_score']:.3f}, beyond 0.99: "
+            f"{b['share_out']:.1%}, batch flagged: {b['flagged']}"
+        )
     return 0
 
 

@@ -20,8 +20,11 @@ import numpy as np
 
 def batchnorm_layers(model) -> list:
     """The model's own trainable batch-norm layers, in the order of the network."""
-    return [lyr for lyr in model.layers
-            if isinstance(lyr, keras.layers.BatchNormalization) and lyr.trainable]
+    return [
+        lyr
+        for lyr in model.layers
+        if isinstance(lyr, keras.layers.BatchNormalization) and lyr.trainable
+    ]
 
 
 def adapt_batchnorm(model, X: np.ndarray, batch_size: int = 256) -> int:
@@ -34,7 +37,7 @@ def adapt_batchnorm(model, X: np.ndarray, batch_size: int = 256) -> int:
         axes = tuple(i for i in range(len(bn.input.shape)) if i != bn.axis % len(bn.input.shape))
         total, total_sq, n = 0.0, 0.0, 0
         for i in range(0, len(X), batch_size):
-            h = keras.ops.convert_to_numpy(probe(X[i:i + batch_size], training=False))
+            h = keras.ops.convert_to_numpy(probe(X[i : i + batch_size], training=False))
             h = h.astype(np.float64)
             total = total + h.sum(axis=axes)
             total_sq = total_sq + (h * h).sum(axis=axes)

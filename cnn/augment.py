@@ -58,21 +58,67 @@ PRESETS: dict[str, dict] = {
     "none": {},
     "flips": {"flip": True, "rot90": True},
     "light": {"flip": True, "rot90": True, "brightness": 0.05, "contrast": 0.05},
-    "default": {"flip": True, "rot90": True, "zoom": 0.1, "translate": 0.05,
-                "brightness": 0.1, "contrast": 0.1, "hue": 0.02, "saturation": 0.1},
-    "strong": {"flip": True, "rot90": True, "zoom": 0.2, "translate": 0.1,
-               "brightness": 0.2, "contrast": 0.2, "hue": 0.05, "saturation": 0.2},
-    "stain": {"flip": True, "rot90": True, "hed": 0.1, "hue": 0.1, "saturation": 0.3,
-              "grayscale": 0.1, "blur": 1.0},
+    "default": {
+        "flip": True,
+        "rot90": True,
+        "zoom": 0.1,
+        "translate": 0.05,
+        "brightness": 0.1,
+        "contrast": 0.1,
+        "hue": 0.02,
+        "saturation": 0.1,
+    },
+    "strong": {
+        "flip": True,
+        "rot90": True,
+        "zoom": 0.2,
+        "translate": 0.1,
+        "brightness": 0.2,
+        "contrast": 0.2,
+        "hue": 0.05,
+        "saturation": 0.2,
+    },
+    "stain": {
+        "flip": True,
+        "rot90": True,
+        "hed": 0.1,
+        "hue": 0.1,
+        "saturation": 0.3,
+        "grayscale": 0.1,
+        "blur": 1.0,
+    },
     # the colour part of "stain" alone: hue and saturation
     "colour": {"flip": True, "rot90": True, "hue": 0.1, "saturation": 0.3},
     # "stain" plus scale and illumination: another lab's analyser, objective and lamp
-    "robust": {"flip": True, "rot90": True, "zoom": 0.2, "translate": 0.05,
-               "brightness": 0.2, "contrast": 0.2, "hed": 0.1, "hue": 0.1,
-               "saturation": 0.3, "grayscale": 0.1, "blur": 1.0},
+    "robust": {
+        "flip": True,
+        "rot90": True,
+        "zoom": 0.2,
+        "translate": 0.05,
+        "brightness": 0.2,
+        "contrast": 0.2,
+        "hed": 0.1,
+        "hue": 0.1,
+        "saturation": 0.3,
+        "grayscale": 0.1,
+        "blur": 1.0,
+    },
 }
-KEYS = ("flip", "rot90", "zoom", "translate", "brightness", "contrast", "hue", "saturation",
-        "hed", "hed_bias", "grayscale", "blur", "jpeg")
+KEYS = (
+    "flip",
+    "rot90",
+    "zoom",
+    "translate",
+    "brightness",
+    "contrast",
+    "hue",
+    "saturation",
+    "hed",
+    "hed_bias",
+    "grayscale",
+    "blur",
+    "jpeg",
+)
 #: the keys of the stain and colour robustness layers (augmentations using them end
 #: with a clip to [0, 255], see :class:`ClipPixels`)
 STAIN_KEYS = ("hed", "hed_bias", "grayscale", "blur", "jpeg")
@@ -107,8 +153,9 @@ class _RandomImageLayer(layers.Layer):
 
     def _per_image(self, x, minval=0.0, maxval=1.0, channels=1):
         n = keras.ops.shape(x)[0]
-        return keras.random.uniform((n, 1, 1, channels), minval=minval, maxval=maxval,
-                                    seed=self.seed_generator)
+        return keras.random.uniform(
+            (n, 1, 1, channels), minval=minval, maxval=maxval, seed=self.seed_generator
+        )
 
     def compute_output_shape(self, input_shape):
         return input_shape
@@ -154,8 +201,9 @@ class RandomHEDJitter(_RandomImageLayer):
         stains = ops.einsum("nhwc,cd->nhwd", od, ops.convert_to_tensor(HED_FROM_RGB, dt))
         alpha = self._per_image(x, 1.0 - self.sigma, 1.0 + self.sigma, channels=3)
         beta = self._per_image(x, -self.bias, self.bias, channels=3)
-        od = ops.einsum("nhwd,dc->nhwc", stains * alpha + beta,
-                        ops.convert_to_tensor(RGB_FROM_HED, dt))
+        od = ops.einsum(
+            "nhwd,dc->nhwc", stains * alpha + beta, ops.convert_to_tensor(RGB_FROM_HED, dt)
+        )
         return ops.clip(256.0 * ops.exp(-od) - 1.0, 0.0, 255.0)
 
     def get_config(self):
@@ -176,7 +224,7 @@ class RandomGrayscale(_RandomImageLayer):
     def transform(self, x):
         ops = keras.ops
         luma = ops.convert_to_tensor(np.array(self.LUMA).reshape(3, 1), self.compute_dtype)
-        gray = ops.matmul(x, luma)                       # (n, h, w, 1)
+        gray = ops.matmul(x, luma)  # (n, h, w, 1)
         coin = self._per_image(x) < self.rate
         return ops.where(coin, ops.broadcast_to(gray, ops.shape(x)), x)
 
@@ -198,7 +246,7 @@ class RandomGaussianBlur(_RandomImageLayer):
         r = max(1, int(np.ceil(3 * self.max_sigma)))
         sigma = ops.maximum(self._per_image(x, 0.0, self.max_sigma)[:, 0, 0, :], 1e-3)  # (n, 1)
         taps = ops.convert_to_tensor(np.arange(-r, r + 1)[None, :], self.compute_dtype)
-        w = ops.exp(-ops.square(taps) / (2.0 * ops.square(sigma)))                      # (n, 2r+1)
+        w = ops.exp(-ops.square(taps) / (2.0 * ops.square(sigma)))  # (n, 2r+1)
         w = w / ops.sum(w, axis=1, keepdims=True)
 
         def smooth(img, axis):
@@ -236,6 +284,7 @@ class RandomJPEG(_RandomImageLayer):
 
     def transform(self, x):
         import tensorflow as tf
+
         lo, hi = self.quality
         u = self._per_image(x)[:, 0, 0, 0]
         apply = u < self.rate
@@ -246,11 +295,11 @@ class RandomJPEG(_RandomImageLayer):
 
         def one(args):
             img, quality, on = args
-            return tf.cond(on, lambda: tf.image.adjust_jpeg_quality(img, quality),
-                           lambda: img)
+            return tf.cond(on, lambda: tf.image.adjust_jpeg_quality(img, quality), lambda: img)
 
-        out = tf.map_fn(one, (xu, q, apply),
-                        fn_output_signature=tf.TensorSpec([None, None, 3], tf.uint8))
+        out = tf.map_fn(
+            one, (xu, q, apply), fn_output_signature=tf.TensorSpec([None, None, 3], tf.uint8)
+        )
         out = tf.ensure_shape(out, xu.shape)
         return tf.where(apply[:, None, None, None], tf.cast(out, x.dtype), x)
 
@@ -285,8 +334,10 @@ def resolve_spec(spec) -> dict:
         spec = "default"
     if isinstance(spec, str):
         if spec not in PRESETS:
-            raise BenchError(f"augment: unknown preset '{spec}'; known: {sorted(PRESETS)} "
-                             f"or a table with keys {', '.join(KEYS)}")
+            raise BenchError(
+                f"augment: unknown preset '{spec}'; known: {sorted(PRESETS)} "
+                f"or a table with keys {', '.join(KEYS)}"
+            )
         return dict(PRESETS[spec])
     if isinstance(spec, dict):
         unknown = sorted(set(spec) - set(KEYS))
@@ -296,11 +347,12 @@ def resolve_spec(spec) -> dict:
             if k in ("flip", "rot90"):
                 continue
             lo, hi, closed = _RANGES.get(k, (0.0, 1.0, False))
-            ok = (isinstance(v, (int, float)) and lo <= v
-                  and (v <= hi if closed else v < hi))
+            ok = isinstance(v, (int, float)) and lo <= v and (v <= hi if closed else v < hi)
             if not ok:
-                raise BenchError(f"augment: '{k}' must be a number in [{lo:g}, {hi:g}"
-                                 f"{']' if closed else ')'}, got {v!r}")
+                raise BenchError(
+                    f"augment: '{k}' must be a number in [{lo:g}, {hi:g}"
+                    f"{']' if closed else ')'}, got {v!r}"
+                )
         return dict(spec)
     raise BenchError(f"augment must be a preset name or a table, got {spec!r}")
 
@@ -328,25 +380,42 @@ def build_augmentation(spec, seed: int | None = None, name: str = "augment"):
     if s.get("zoom"):
         seq.append(layers.RandomZoom(s["zoom"], fill_mode="reflect", seed=sd(3), name="aug_zoom"))
     if s.get("translate"):
-        seq.append(layers.RandomTranslation(s["translate"], s["translate"], fill_mode="reflect",
-                                            seed=sd(4), name="aug_translate"))
+        seq.append(
+            layers.RandomTranslation(
+                s["translate"],
+                s["translate"],
+                fill_mode="reflect",
+                seed=sd(4),
+                name="aug_translate",
+            )
+        )
     if s.get("hed") or s.get("hed_bias"):
         sigma = float(s.get("hed", 0.0))
-        seq.append(RandomHEDJitter(sigma, float(s.get("hed_bias", sigma)), seed=sd(9),
-                                   name="aug_hed"))
+        seq.append(
+            RandomHEDJitter(sigma, float(s.get("hed_bias", sigma)), seed=sd(9), name="aug_hed")
+        )
     if s.get("brightness"):
-        seq.append(layers.RandomBrightness(s["brightness"], value_range=(0, 255), seed=sd(5),
-                                           name="aug_brightness"))
+        seq.append(
+            layers.RandomBrightness(
+                s["brightness"], value_range=(0, 255), seed=sd(5), name="aug_brightness"
+            )
+        )
     if s.get("contrast"):
-        seq.append(layers.RandomContrast(s["contrast"], value_range=(0, 255), seed=sd(6),
-                                         name="aug_contrast"))
+        seq.append(
+            layers.RandomContrast(
+                s["contrast"], value_range=(0, 255), seed=sd(6), name="aug_contrast"
+            )
+        )
     if s.get("hue"):
         seq.append(layers.RandomHue(s["hue"], value_range=(0, 255), seed=sd(7), name="aug_hue"))
     if s.get("saturation"):
         # RandomSaturation's factor is a range in [0, 1] with 0.5 = unchanged
         f = float(s["saturation"]) / 2
-        seq.append(layers.RandomSaturation((0.5 - f, 0.5 + f), value_range=(0, 255),
-                                           seed=sd(8), name="aug_saturation"))
+        seq.append(
+            layers.RandomSaturation(
+                (0.5 - f, 0.5 + f), value_range=(0, 255), seed=sd(8), name="aug_saturation"
+            )
+        )
     if s.get("grayscale"):
         seq.append(RandomGrayscale(s["grayscale"], seed=sd(10), name="aug_grayscale"))
     if s.get("blur"):

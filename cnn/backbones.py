@@ -37,8 +37,11 @@ _ALPHA = {"MobileNet", "MobileNetV2", "MobileNetV3Small", "MobileNetV3Large"}
 
 def known_backbones() -> list[str]:
     """Names usable as ``backbone``: the ``keras.applications`` models and EfficientNetLite0."""
-    names = [n for n in dir(keras.applications) if n[0].isupper()
-             and callable(getattr(keras.applications, n))]
+    names = [
+        n
+        for n in dir(keras.applications)
+        if n[0].isupper() and callable(getattr(keras.applications, n))
+    ]
     return sorted(names + sorted(LITE))
 
 
@@ -56,7 +59,7 @@ def preprocess_module(name: str):
     ctor = _constructor(name)
     if ctor is None:
         return None
-    mod = ctor.__module__.rsplit(".", 1)[-1]   # e.g. keras.src.applications.mobilenet_v2
+    mod = ctor.__module__.rsplit(".", 1)[-1]  # e.g. keras.src.applications.mobilenet_v2
     return importlib.import_module(f"keras.applications.{mod}")
 
 
@@ -87,17 +90,32 @@ class BackbonePreprocess(layers.Layer):
 
 
 def _efficientnet_lite0(input_shape):
-    from keras.src.applications import efficientnet as ke   # private API, see SOURCE.md
+    from keras.src.applications import efficientnet as ke  # private API, see SOURCE.md
+
     args = copy.deepcopy(ke.DEFAULT_BLOCKS_ARGS)
     for a in args:
         a["se_ratio"] = 0.0
-    return ke.EfficientNet(1.0, 1.0, 224, 0.2, activation="relu6", blocks_args=args,
-                           name="backbone", include_top=False, weights=None,
-                           input_shape=input_shape)
+    return ke.EfficientNet(
+        1.0,
+        1.0,
+        224,
+        0.2,
+        activation="relu6",
+        blocks_args=args,
+        name="backbone",
+        include_top=False,
+        weights=None,
+        input_shape=input_shape,
+    )
 
 
-def build_backbone(name: str, input_size: int, weights="imagenet", alpha: float = 1.0,
-                   weights_missing: str = "error"):
+def build_backbone(
+    name: str,
+    input_size: int,
+    weights="imagenet",
+    alpha: float = 1.0,
+    weights_missing: str = "error",
+):
     """The no-top backbone ``name`` on ``input_size`` px RGB, named ``backbone``.
 
     Parameters
@@ -111,8 +129,10 @@ def build_backbone(name: str, input_size: int, weights="imagenet", alpha: float 
         does (see :func:`resolve_weights`).
     """
     if input_size < min_input_size(name):
-        raise BenchError(f"backbone {name} needs inputs of at least {min_input_size(name)} px, "
-                         f"got input_size = {input_size}")
+        raise BenchError(
+            f"backbone {name} needs inputs of at least {min_input_size(name)} px, "
+            f"got input_size = {input_size}"
+        )
     ctor = _constructor(name)
     w = resolve_weights(weights, name, alpha, weights_missing)
     shape = (int(input_size), int(input_size), 3)
@@ -124,9 +144,14 @@ def build_backbone(name: str, input_size: int, weights="imagenet", alpha: float 
     kwargs = {"alpha": alpha} if name in _ALPHA else {}
     file_weights = w not in (None, "imagenet")
     try:
-        model = ctor(include_top=False, weights=None if file_weights else w, input_shape=shape,
-                     name="backbone", **kwargs)
-    except Exception as exc:   # keras.utils.get_file: "URL fetch failure on <url>: ..."
+        model = ctor(
+            include_top=False,
+            weights=None if file_weights else w,
+            input_shape=shape,
+            name="backbone",
+            **kwargs,
+        )
+    except Exception as exc:  # keras.utils.get_file: "URL fetch failure on <url>: ..."
         if w != "imagenet" or "http" not in str(exc).lower():
             raise
         raise BenchError(download_hint(name, exc)) from None
@@ -142,5 +167,7 @@ def _short(exc) -> str:
 def _load_file(model, path: str, name: str) -> None:
     try:
         model.load_weights(path)
-    except Exception as exc:   # wrong architecture / alpha / corrupt file
-        raise BenchError(f"backbone {name}: cannot load weights from {path}: {_short(exc)}") from None
+    except Exception as exc:  # wrong architecture / alpha / corrupt file
+        raise BenchError(
+            f"backbone {name}: cannot load weights from {path}: {_short(exc)}"
+        ) from None

@@ -19,13 +19,21 @@ from cnn.runtime import configure, set_seeds
 MODEL_FILE = "model.keras"
 #: parameter rules shared by every Keras candidate (see core.params)
 TRAIN_RULES = {
-        "optimizer": {"choices": ["adam", "adamw", "sgd"]}, "learning_rate": {"gt": 0},
-        "batch_size": {"ge": 1}, "epochs": {"ge": 0}, "patience": {"ge": 0},
-        "schedule": {"choices": ["plateau", "cosine"]},
-        "class_weight": {"choices": ["balanced"], "none": True}, "val_fraction": {"gt": 0, "lt": 1},
-        "seed": {"ge": 0}, "verbose": {"ge": 0}, "dropout": {"ge": 0, "lt": 1},
-        "dense_units": {"ge": 0}, "input_size": {"type": int, "ge": 8, "le": 1024, "none": True},
-        "augment": {"type": Any, "none": True}, "crop": {"gt": 0, "le": 1},
+    "optimizer": {"choices": ["adam", "adamw", "sgd"]},
+    "learning_rate": {"gt": 0},
+    "batch_size": {"ge": 1},
+    "epochs": {"ge": 0},
+    "patience": {"ge": 0},
+    "schedule": {"choices": ["plateau", "cosine"]},
+    "class_weight": {"choices": ["balanced"], "none": True},
+    "val_fraction": {"gt": 0, "lt": 1},
+    "seed": {"ge": 0},
+    "verbose": {"ge": 0},
+    "dropout": {"ge": 0, "lt": 1},
+    "dense_units": {"ge": 0},
+    "input_size": {"type": int, "ge": 8, "le": 1024, "none": True},
+    "augment": {"type": Any, "none": True},
+    "crop": {"gt": 0, "le": 1},
 }
 
 
@@ -37,7 +45,7 @@ class KerasCandidate(Candidate):
     explainable = True
     fused_inference = True
     adaptable = True
-    ema = 0.0   # weight averaging (a parameter of ScratchCNN); the others train without
+    ema = 0.0  # weight averaging (a parameter of ScratchCNN); the others train without
 
     def _build(self, image_size: int, n_classes: int):  # pragma: no cover - interface
         raise NotImplementedError
@@ -54,10 +62,14 @@ class KerasCandidate(Candidate):
         _, counts = np.unique(labels, return_counts=True)
         n_val = int(np.ceil(self.val_fraction * len(labels)))
         # stratify when every class can be on both sides (tiny sets: a plain split)
-        strat = (labels if counts.min() >= 2 and len(counts) <= n_val <= len(labels) - len(counts)
-                 else None)
-        Xt, Xv, yt, yv = train_test_split(X, y, test_size=self.val_fraction, stratify=strat,
-                                          random_state=self.seed)
+        strat = (
+            labels
+            if counts.min() >= 2 and len(counts) <= n_val <= len(labels) - len(counts)
+            else None
+        )
+        Xt, Xv, yt, yv = train_test_split(
+            X, y, test_size=self.val_fraction, stratify=strat, random_state=self.seed
+        )
         return Xt, yt, Xv, yv
 
     def _targets(self, y: np.ndarray, soft_targets) -> np.ndarray:
@@ -67,32 +79,60 @@ class KerasCandidate(Candidate):
             return y
         t = np.asarray(soft_targets, dtype=np.float32)
         if t.shape != (len(y), self.n_classes_):
-            raise BenchError(f"soft_targets: shape {t.shape}, expected {(len(y), self.n_classes_)}"
-                             " (one row per training row, one column per class)")
-        if not np.isfinite(t).all() or (t < 0).any() or \
-                not np.allclose(t.sum(axis=1), 1.0, atol=1e-3):
+            raise BenchError(
+                f"soft_targets: shape {t.shape}, expected {(len(y), self.n_classes_)}"
+                " (one row per training row, one column per class)"
+            )
+        if (
+            not np.isfinite(t).all()
+            or (t < 0).any()
+            or not np.allclose(t.sum(axis=1), 1.0, atol=1e-3)
+        ):
             raise BenchError("soft_targets: every row must hold probabilities summing to 1")
         return t
 
-    def fit(self, X, y, X_val=None, y_val=None, classes=None, workdir=None, epoch_callbacks=None,
-            soft_targets=None):
+    def fit(
+        self,
+        X,
+        y,
+        X_val=None,
+        y_val=None,
+        classes=None,
+        workdir=None,
+        epoch_callbacks=None,
+        soft_targets=None,
+    ):
         configure()
         set_seeds(self.seed)
         self._set_classes(y, classes)
         y = np.searchsorted(self.classes_, y)
         if y_val is not None:
             y_val = np.searchsorted(self.classes_, y_val)
-        X, y, X_val, y_val = self._split_validation(np.asarray(X), self._targets(y, soft_targets),
-                                                    X_val, y_val, labels=y)
-        self._fit_inputs(X)   # statistics of the training rows only (stain normalisation)
+        X, y, X_val, y_val = self._split_validation(
+            np.asarray(X), self._targets(y, soft_targets), X_val, y_val, labels=y
+        )
+        self._fit_inputs(X)  # statistics of the training rows only (stain normalisation)
         self.model_ = self._build(X.shape[1], self.n_classes_)
         self.history_ = fit_keras(
-            self.model_, X, y, np.asarray(X_val), y_val, n_classes=self.n_classes_,
-            epochs=self.epochs, batch_size=self.batch_size, optimizer=self.optimizer,
-            learning_rate=self.learning_rate, class_weight=self.class_weight,
-            patience=self.patience, schedule=self.schedule, workdir=workdir,
-            epoch_callbacks=epoch_callbacks, seed=self.seed, verbose=self.verbose,
-            ema=self.ema)
+            self.model_,
+            X,
+            y,
+            np.asarray(X_val),
+            y_val,
+            n_classes=self.n_classes_,
+            epochs=self.epochs,
+            batch_size=self.batch_size,
+            optimizer=self.optimizer,
+            learning_rate=self.learning_rate,
+            class_weight=self.class_weight,
+            patience=self.patience,
+            schedule=self.schedule,
+            workdir=workdir,
+            epoch_callbacks=epoch_callbacks,
+            seed=self.seed,
+            verbose=self.verbose,
+            ema=self.ema,
+        )
         self.epochs_run_ = len(self.history_.get("loss", []))
         return self
 
@@ -116,7 +156,8 @@ class KerasCandidate(Candidate):
     def adapt(self, X) -> int:
         """AdaBN: the model's trainable batch-norm statistics re-estimated on unlabelled
         images ``X`` (:mod:`cnn.adapt`); returns the number of layers adapted."""
-        from cnn.adapt import adapt_batchnorm   # lazy: Keras
+        from cnn.adapt import adapt_batchnorm  # lazy: Keras
+
         return adapt_batchnorm(self.model_, np.asarray(X))
 
     def _fit_inputs(self, X) -> None:
@@ -140,12 +181,19 @@ class KerasCandidate(Candidate):
         except (AttributeError, TypeError, ValueError):
             return
         if out_shape and isinstance(out_shape[-1], int) and out_shape[-1] != n_classes:
-            raise BenchError(f"the model outputs {out_shape[-1]} class probabilities, "
-                             f"the manifest lists {n_classes} classes")
-        if len(in_shape) == 4 and all(isinstance(s, int) for s in in_shape[1:3]) \
-                and tuple(in_shape[1:3]) != (image_size, image_size):
-            raise BenchError(f"the model takes {in_shape[1]}x{in_shape[2]} images, "
-                             f"the manifest's image size is {image_size}")
+            raise BenchError(
+                f"the model outputs {out_shape[-1]} class probabilities, "
+                f"the manifest lists {n_classes} classes"
+            )
+        if (
+            len(in_shape) == 4
+            and all(isinstance(s, int) for s in in_shape[1:3])
+            and tuple(in_shape[1:3]) != (image_size, image_size)
+        ):
+            raise BenchError(
+                f"the model takes {in_shape[1]}x{in_shape[2]} images, "
+                f"the manifest's image size is {image_size}"
+            )
 
     def _save_model(self, path: Path) -> None:
         self.model_.save(path / MODEL_FILE)
@@ -157,6 +205,7 @@ class KerasCandidate(Candidate):
         import cnn.backbones  # noqa: F401
         import cnn.models  # noqa: F401  (CellCrop)
         import cnn.stain  # noqa: F401
+
         configure()
         self.model_ = keras.models.load_model(path / MODEL_FILE, safe_mode=True, compile=False)
 
@@ -199,21 +248,49 @@ class ScratchCNN(KerasCandidate):
     tunable = True
     fit_accepts = KerasCandidate.fit_accepts | {"soft_targets"}
     param_rules = {
-        "blocks": {"ge": 1, "le": 8}, "filters": {"ge": 1}, "filter_growth": {"gt": 0},
-        "kernel_size": {"ge": 1}, "convs_per_block": {"ge": 1}, "block_dropout": {"ge": 0, "lt": 1},
+        "blocks": {"ge": 1, "le": 8},
+        "filters": {"ge": 1},
+        "filter_growth": {"gt": 0},
+        "kernel_size": {"ge": 1},
+        "convs_per_block": {"ge": 1},
+        "block_dropout": {"ge": 0, "lt": 1},
         "pooling": {"choices": ["avg", "flatten"]},
         "norm": {"choices": ["batch", "group", "layer"]},
-        "stain_norm": {"choices": ["none", "reinhard"]}, "ema": {"ge": 0, "lt": 1},
+        "stain_norm": {"choices": ["none", "reinhard"]},
+        "ema": {"ge": 0, "lt": 1},
         "cell_crop": {"ge": 0},
         **TRAIN_RULES,
     }
 
-    def __init__(self, blocks=3, filters=32, filter_growth=2.0, kernel_size=3, convs_per_block=1,
-                 block_dropout=0.1, pooling="avg", dense_units=128, dropout=0.3, input_size=None,
-                 augment="flips", optimizer="adam", learning_rate=1e-3, batch_size=64, epochs=30,
-                 patience=5, schedule="plateau", class_weight="balanced", val_fraction=0.1, seed=0,
-                 verbose=0, norm="batch", stain_norm="none", crop=1.0, ema=0.0,
-                 cell_crop=0.0):
+    def __init__(
+        self,
+        blocks=3,
+        filters=32,
+        filter_growth=2.0,
+        kernel_size=3,
+        convs_per_block=1,
+        block_dropout=0.1,
+        pooling="avg",
+        dense_units=128,
+        dropout=0.3,
+        input_size=None,
+        augment="flips",
+        optimizer="adam",
+        learning_rate=1e-3,
+        batch_size=64,
+        epochs=30,
+        patience=5,
+        schedule="plateau",
+        class_weight="balanced",
+        val_fraction=0.1,
+        seed=0,
+        verbose=0,
+        norm="batch",
+        stain_norm="none",
+        crop=1.0,
+        ema=0.0,
+        cell_crop=0.0,
+    ):
         self.ema = ema
         self.cell_crop = cell_crop
         self.blocks = blocks
@@ -243,24 +320,38 @@ class ScratchCNN(KerasCandidate):
 
     def _build(self, image_size, n_classes):
         from cnn.models import build_scratch_cnn
+
         return build_scratch_cnn(
-            image_size, n_classes, blocks=self.blocks, filters=self.filters,
-            filter_growth=self.filter_growth, kernel_size=self.kernel_size,
-            convs_per_block=self.convs_per_block, block_dropout=self.block_dropout,
-            pooling=self.pooling, dense_units=self.dense_units, dropout=self.dropout,
-            input_size=self.input_size, augmentation=self._input_layers(), norm=self.norm,
-            crop=self.crop, cell_crop=self.cell_crop)
+            image_size,
+            n_classes,
+            blocks=self.blocks,
+            filters=self.filters,
+            filter_growth=self.filter_growth,
+            kernel_size=self.kernel_size,
+            convs_per_block=self.convs_per_block,
+            block_dropout=self.block_dropout,
+            pooling=self.pooling,
+            dense_units=self.dense_units,
+            dropout=self.dropout,
+            input_size=self.input_size,
+            augmentation=self._input_layers(),
+            norm=self.norm,
+            crop=self.crop,
+            cell_crop=self.cell_crop,
+        )
 
     def _input_layers(self):
         """Augmentation (training only), then Reinhard stain normalisation (always) with
         the target fitted on this unit's training images (:mod:`cnn.stain`)."""
         from cnn.augment import build_augmentation
+
         aug = build_augmentation(self.augment, self.seed)
         if self.stain_norm == "none":
             return aug
         import keras
 
         from cnn.stain import ReinhardNormalization
+
         t = self.stain_target_
         norm = ReinhardNormalization(t["mean"], t["std"], name="stain_norm")
         return keras.Sequential([aug, norm] if aug is not None else [norm], name="input_layers")
@@ -268,6 +359,7 @@ class ScratchCNN(KerasCandidate):
     def _fit_inputs(self, X) -> None:
         if self.stain_norm == "reinhard":
             from cnn.stain import lab_stats
+
             self.stain_target_ = lab_stats(X, seed=self.seed)
 
     @classmethod

@@ -54,8 +54,14 @@ def _save(path: Path, known: dict) -> None:
         tmp.unlink(missing_ok=True)
 
 
-def cached_embeddings(images: np.ndarray, spec: dict, compute, batch_size: int = 256,
-                      use_cache: bool = True, progress: bool = False) -> np.ndarray:
+def cached_embeddings(
+    images: np.ndarray,
+    spec: dict,
+    compute,
+    batch_size: int = 256,
+    use_cache: bool = True,
+    progress: bool = False,
+) -> np.ndarray:
     """Embeddings (N, D) ``float32`` of ``images``, computing only the missing ones.
 
     Parameters
@@ -70,12 +76,12 @@ def cached_embeddings(images: np.ndarray, spec: dict, compute, batch_size: int =
     path = store_dir() / f"{store_key({**spec, 'shape': list(images.shape[1:])})}.npz"
     known = _load(path) if use_cache else {}
     todo, seen = [], set()
-    for i, d in enumerate(keys):   # each missing image once, duplicates share a row
+    for i, d in enumerate(keys):  # each missing image once, duplicates share a row
         if d not in known and d not in seen:
             seen.add(d)
             todo.append(i)
     if todo:
-        chunks = [todo[i:i + batch_size] for i in range(0, len(todo), batch_size)]
+        chunks = [todo[i : i + batch_size] for i in range(0, len(todo), batch_size)]
         for chunk in progress_iter(chunks, total=len(chunks), desc="embeddings", enabled=progress):
             out = np.asarray(compute(images[chunk]), dtype=np.float32)
             for i, e in zip(chunk, out):

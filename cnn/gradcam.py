@@ -28,13 +28,22 @@ from cnn.train import auto_batch_size
 
 from core.errors import BenchError
 
-_ELEMENTWISE = ("BatchNormalization", "GroupNormalization", "LayerNormalization", "Activation",
-                "ReLU", "LeakyReLU", "ELU", "PReLU")
+_ELEMENTWISE = (
+    "BatchNormalization",
+    "GroupNormalization",
+    "LayerNormalization",
+    "Activation",
+    "ReLU",
+    "LeakyReLU",
+    "ELU",
+    "PReLU",
+)
 _CONV = ("Conv2D", "DepthwiseConv2D", "SeparableConv2D", "Conv2DTranspose")
 
 
 def _is_model(layer) -> bool:
     import keras
+
     return isinstance(layer, keras.Model)
 
 
@@ -59,9 +68,12 @@ def _last_feature_layer(layers):
         return None, None
     end = idx
     shape = tuple(layers[idx].output.shape) if not _is_model(layers[idx]) else None
-    while (shape is not None and end + 1 < len(layers)
-           and type(layers[end + 1]).__name__ in _ELEMENTWISE
-           and tuple(layers[end + 1].output.shape) == shape):
+    while (
+        shape is not None
+        and end + 1 < len(layers)
+        and type(layers[end + 1]).__name__ in _ELEMENTWISE
+        and tuple(layers[end + 1].output.shape) == shape
+    ):
         end += 1
     return idx, end
 
@@ -90,7 +102,10 @@ def _score_layer(model):
     if "logits" in names:
         return "logits"
     last = model.layers[-1]
-    if type(last).__name__ == "Activation" and getattr(last.activation, "__name__", "") == "softmax":
+    if (
+        type(last).__name__ == "Activation"
+        and getattr(last.activation, "__name__", "") == "softmax"
+    ):
         return "__input_of_last__"
     return "__output__"
 
@@ -109,8 +124,10 @@ def _chain(model) -> bool:
         if prev is None:
             return False
         outs = {id(t) for t in _outputs_of(prev)}
-        if not any(len(n.input_tensors) == 1 and id(n.input_tensors[0]) in outs
-                   for n in getattr(layer, "_inbound_nodes", [])):
+        if not any(
+            len(n.input_tensors) == 1 and id(n.input_tensors[0]) in outs
+            for n in getattr(layer, "_inbound_nodes", [])
+        ):
             return False
         prev = layer
     return True
@@ -125,6 +142,7 @@ class _Explainer:
 
     def __init__(self, model):
         import keras
+
         self.model = model
         self.path = find_target_layer(model)
         self.score = _score_layer(model)
@@ -140,9 +158,11 @@ class _Explainer:
             self.graph = keras.Model(model.inputs, [target, score])
             return
         if not _chain(model):
-            raise BenchError(f"Grad-CAM: model '{model.name}' nests its backbone in a graph "
-                             "that is not a chain of layers; give its last conv feature map "
-                             "a place in the outer model")
+            raise BenchError(
+                f"Grad-CAM: model '{model.name}' nests its backbone in a graph "
+                "that is not a chain of layers; give its last conv feature map "
+                "a place in the outer model"
+            )
         self.layers = [lyr for lyr in model.layers if type(lyr).__name__ != "InputLayer"]
         sub = model.get_layer(self.path[0])
         if len(self.path) == 1:
@@ -199,6 +219,7 @@ def gradcam(model, images, class_index=None, batch_size: int | None = None) -> n
         scaled by its maximum (all zeros when no location supports the class).
     """
     import tensorflow as tf
+
     images = np.asarray(images)
     if images.ndim != 4 or images.shape[-1] != 3:
         raise BenchError(f"Grad-CAM needs images (N, H, W, 3); got shape {images.shape}")
@@ -211,22 +232,27 @@ def gradcam(model, images, class_index=None, batch_size: int | None = None) -> n
         batch_size = auto_batch_size(model, at_64px=64, minimum=4)
     maps = []
     for start in range(0, n, batch_size):
-        x = tf.convert_to_tensor(images[start:start + batch_size].astype(np.float32))
+        x = tf.convert_to_tensor(images[start : start + batch_size].astype(np.float32))
         with tf.GradientTape() as tape:
-            tape.watch(x)   # records every op, even in frozen (non-trainable) backbones
+            tape.watch(x)  # records every op, even in frozen (non-trainable) backbones
             feat, score = explainer(x)
-            cls = (tf.argmax(score, axis=-1) if class_index is None
-                   else tf.constant(idx[start:start + batch_size]))
+            cls = (
+                tf.argmax(score, axis=-1)
+                if class_index is None
+                else tf.constant(idx[start : start + batch_size])
+            )
             picked = tf.gather(score, cls, axis=1, batch_dims=1)
         grads = tape.gradient(picked, feat)
         if grads is None:
-            raise BenchError(f"Grad-CAM: no gradient from the class score to the feature map "
-                             f"{'/'.join(explainer.path)} of model '{model.name}'")
+            raise BenchError(
+                f"Grad-CAM: no gradient from the class score to the feature map "
+                f"{'/'.join(explainer.path)} of model '{model.name}'"
+            )
         weights = tf.reduce_mean(grads, axis=(1, 2), keepdims=True)
         cam = tf.nn.relu(tf.reduce_sum(weights * feat, axis=-1))[..., None]
         if window is None:
             cam = tf.image.resize(cam, (h, w), method="bilinear")[..., 0]
-        else:   # the model saw only its centre crop: the map covers that window, 0 around
+        else:  # the model saw only its centre crop: the map covers that window, 0 around
             top, left, ch, cw = window
             cam = tf.image.resize(cam, (ch, cw), method="bilinear")
             cam = tf.image.pad_to_bounding_box(cam, top, left, h, w)[..., 0]
@@ -250,5 +276,6 @@ def _crop_window(model, h: int, w: int):
 def randomized_clone(model, seed: int = 0):
     """The same architecture with freshly initialised weights (seeded)."""
     import keras
+
     keras.utils.set_random_seed(int(seed))
-    return keras.models.clone_model(model)   # new layers, weights from their initializers
+    return keras.models.clone_model(model)  # new layers, weights from their initializers

@@ -58,6 +58,7 @@ class CellCrop(layers.Layer):
 
     def call(self, x):
         import tensorflow as tf
+
         x = tf.cast(x, "float32")
         h, w = x.shape[1], x.shape[2]
         g = x[..., 1]
@@ -69,8 +70,12 @@ class CellCrop(layers.Layer):
         xx = tf.reshape((tf.range(w, dtype="float32") + 0.5) / w, (1, 1, w))
         cy = tf.reduce_sum(mask * yy, axis=(1, 2)) / n
         cx = tf.reduce_sum(mask * xx, axis=(1, 2)) / n
-        var = tf.reduce_sum(mask * ((yy - cy[:, None, None]) ** 2
-                                    + (xx - cx[:, None, None]) ** 2), axis=(1, 2)) / n
+        var = (
+            tf.reduce_sum(
+                mask * ((yy - cy[:, None, None]) ** 2 + (xx - cx[:, None, None]) ** 2), axis=(1, 2)
+            )
+            / n
+        )
         # a disc of radius R has var = R^2 / 2: equivalent diameter 2 * sqrt(2 var)
         side = tf.clip_by_value(self.scale * 2.0 * tf.sqrt(2.0 * var), 0.25, 1.0)
         half = side / 2
@@ -109,8 +114,16 @@ def center_crop(x, image_size: int, crop: float | None, cell: float = 0.0):
     return layers.CenterCrop(side, side, name="center_crop")(x)
 
 
-def conv_block(x, filters: int, kernel_size: int, convs: int, dropout: float, name: str,
-               bn_momentum: float = 0.9, norm: str = "batch"):
+def conv_block(
+    x,
+    filters: int,
+    kernel_size: int,
+    convs: int,
+    dropout: float,
+    name: str,
+    bn_momentum: float = 0.9,
+    norm: str = "batch",
+):
     """``convs`` x (conv, normalisation, ReLU), then max pooling and dropout.
 
     ``norm`` picks the normalisation (:func:`norm_layer`). Batch norm uses momentum 0.9
@@ -118,10 +131,12 @@ def conv_block(x, filters: int, kernel_size: int, convs: int, dropout: float, na
     meaningless and stops training too soon).
     """
     for j in range(convs):
-        x = layers.Conv2D(filters, kernel_size, padding="same", use_bias=False,
-                          name=f"{name}_conv{j + 1}")(x)
-        x = norm_layer(norm, filters, f"{name}_{NORM_TAGS.get(norm, 'norm')}{j + 1}",
-                       bn_momentum)(x)
+        x = layers.Conv2D(
+            filters, kernel_size, padding="same", use_bias=False, name=f"{name}_conv{j + 1}"
+        )(x)
+        x = norm_layer(norm, filters, f"{name}_{NORM_TAGS.get(norm, 'norm')}{j + 1}", bn_momentum)(
+            x
+        )
         x = layers.Activation("relu", name=f"{name}_relu{j + 1}")(x)
     x = layers.MaxPooling2D(2, name=f"{name}_pool")(x)
     if dropout:
@@ -139,12 +154,25 @@ def classifier_head(x, n_classes: int, dense_units: int, dropout: float):
     return layers.Activation("softmax", name="probs", dtype="float32")(x)
 
 
-def build_scratch_cnn(image_size: int, n_classes: int, blocks: int = 3, filters: int = 32,
-                      filter_growth: float = 2.0, kernel_size: int = 3, convs_per_block: int = 1,
-                      block_dropout: float = 0.1, pooling: str = "avg", dense_units: int = 128,
-                      dropout: float = 0.3, input_size: int | None = None,
-                      augmentation=None, norm: str = "batch", crop: float | None = None,
-                      name: str = "scratch_cnn", cell_crop: float = 0.0) -> keras.Model:
+def build_scratch_cnn(
+    image_size: int,
+    n_classes: int,
+    blocks: int = 3,
+    filters: int = 32,
+    filter_growth: float = 2.0,
+    kernel_size: int = 3,
+    convs_per_block: int = 1,
+    block_dropout: float = 0.1,
+    pooling: str = "avg",
+    dense_units: int = 128,
+    dropout: float = 0.3,
+    input_size: int | None = None,
+    augmentation=None,
+    norm: str = "batch",
+    crop: float | None = None,
+    name: str = "scratch_cnn",
+    cell_crop: float = 0.0,
+) -> keras.Model:
     """A modular CNN on ``uint8`` RGB input of side ``image_size``.
 
     The model applies ``augmentation`` (a Keras layer on RGB values in [0, 255], active in
@@ -164,13 +192,14 @@ def build_scratch_cnn(image_size: int, n_classes: int, blocks: int = 3, filters:
         x = augmentation(x)
     x = center_crop(x, image_size, crop, cell_crop)
     x = layers.Rescaling(1.0 / 255, name="rescale")(x)
-    size = input_size or image_size   # a crop is brought back to the image's side
+    size = input_size or image_size  # a crop is brought back to the image's side
     if x.shape[1] != size:
         x = layers.Resizing(size, size, name="resize")(x)
     for b in range(blocks):
-        width = int(round(filters * filter_growth ** b))
-        x = conv_block(x, width, kernel_size, convs_per_block, block_dropout, name=f"block{b + 1}",
-                       norm=norm)
+        width = int(round(filters * filter_growth**b))
+        x = conv_block(
+            x, width, kernel_size, convs_per_block, block_dropout, name=f"block{b + 1}", norm=norm
+        )
     if pooling == "avg":
         x = layers.GlobalAveragePooling2D(name="gap")(x)
     elif pooling == "flatten":

@@ -31,7 +31,7 @@ os.environ.setdefault("KERAS_BACKEND", "tensorflow")
 DEFAULT_TF_THREADS = 1
 THREADS_ENV = "BLOODBENCH_TF_THREADS"
 
-_applied: tuple[int, int] | None = None   # (intra, inter) this process runs with
+_applied: tuple[int, int] | None = None  # (intra, inter) this process runs with
 _warned: set[tuple[int, int]] = set()
 
 
@@ -46,11 +46,11 @@ def tf_threads(threads: int | None = None) -> int:
         try:
             threads = int(raw)
         except ValueError:
-            raise BenchError(f"{THREADS_ENV} must be a whole number of threads, "
-                             f"got {raw!r}") from None
+            raise BenchError(
+                f"{THREADS_ENV} must be a whole number of threads, got {raw!r}"
+            ) from None
     if threads < 0:
-        raise BenchError(f"{THREADS_ENV} must be 0 (TensorFlow's default) or more, "
-                         f"got {threads}")
+        raise BenchError(f"{THREADS_ENV} must be 0 (TensorFlow's default) or more, got {threads}")
     return int(threads)
 
 
@@ -66,6 +66,7 @@ def configure(threads: int | None = None) -> None:
     """
     global _applied
     import tensorflow as tf
+
     intra = tf_threads(threads)
     inter = max(1, min(2, intra)) if intra else 0
     if _applied != (intra, inter):
@@ -73,16 +74,20 @@ def configure(threads: int | None = None) -> None:
             tf.config.threading.set_intra_op_parallelism_threads(intra)
             tf.config.threading.set_inter_op_parallelism_threads(inter)
             _applied = (intra, inter)
-        except RuntimeError:   # the runtime started with other counts: they stay
-            have = (tf.config.threading.get_intra_op_parallelism_threads(),
-                    tf.config.threading.get_inter_op_parallelism_threads())
+        except RuntimeError:  # the runtime started with other counts: they stay
+            have = (
+                tf.config.threading.get_intra_op_parallelism_threads(),
+                tf.config.threading.get_inter_op_parallelism_threads(),
+            )
             if (intra, inter) not in _warned:
                 _warned.add((intra, inter))
-                warn(f"TensorFlow already runs with {have[0] or 'default'} intra-op / "
-                     f"{have[1] or 'default'} inter-op threads in this process, not "
-                     f"{intra or 'default'} / {inter or 'default'} ({THREADS_ENV}): its CNN "
-                     f"results may differ from those of other processes")
-    if hasattr(tf.config.experimental, "enable_op_determinism"):   # TF >= 2.9
+                warn(
+                    f"TensorFlow already runs with {have[0] or 'default'} intra-op / "
+                    f"{have[1] or 'default'} inter-op threads in this process, not "
+                    f"{intra or 'default'} / {inter or 'default'} ({THREADS_ENV}): its CNN "
+                    f"results may differ from those of other processes"
+                )
+    if hasattr(tf.config.experimental, "enable_op_determinism"):  # TF >= 2.9
         tf.config.experimental.enable_op_determinism()
 
 
@@ -100,9 +105,10 @@ _keras_seeds = _KerasSeeds()
 
 
 def _own_keras_seed_stream(seed: int) -> None:
-    from keras.src.random import seed_generator   # where Keras draws its default seeds
+    from keras.src.random import seed_generator  # where Keras draws its default seeds
+
     if getattr(seed_generator, "python_random", None) is not _keras_seeds:
-        if not hasattr(seed_generator, "python_random"):   # another Keras: nothing to do
+        if not hasattr(seed_generator, "python_random"):  # another Keras: nothing to do
             return
         seed_generator.python_random = _keras_seeds
     _keras_seeds.rng = random.Random(seed)
@@ -113,6 +119,7 @@ def set_seeds(seed: int) -> None:
     this thread's Keras default seeds a generator of their own, seeded by ``seed``."""
     import keras
     import numpy as np
+
     seed = int(seed)
     random.seed(seed)
     np.random.seed(seed % (2**32))
@@ -135,13 +142,15 @@ def release_keras() -> None:
     TensorFlow issue 97697; tf-keras pull request 898 does the same in ``clear_session``.
     """
     import sys
+
     if "keras" not in sys.modules:
         return
     sys.modules["keras"].utils.clear_session(free_memory=True)
     try:
         from tensorflow.python.framework import ops
-        registry = ops._gradient_registry._registry   # private: guarded below
-    except (ImportError, AttributeError):   # another TensorFlow: nothing to purge
+
+        registry = ops._gradient_registry._registry  # private: guarded below
+    except (ImportError, AttributeError):  # another TensorFlow: nothing to purge
         return
     for name in [n for n in registry if str(n).startswith("CustomGradient-")]:
         registry.pop(name, None)

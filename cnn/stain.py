@@ -18,16 +18,23 @@ import numpy as np
 from keras import ops
 
 # sRGB (D65) <-> XYZ
-_RGB2XYZ = np.array([[0.412453, 0.357580, 0.180423],
-                     [0.212671, 0.715160, 0.072169],
-                     [0.019334, 0.119193, 0.950227]], dtype=np.float32)
+_RGB2XYZ = np.array(
+    [
+        [0.412453, 0.357580, 0.180423],
+        [0.212671, 0.715160, 0.072169],
+        [0.019334, 0.119193, 0.950227],
+    ],
+    dtype=np.float32,
+)
 _XYZ2RGB = np.linalg.inv(_RGB2XYZ).astype(np.float32)
 _WHITE = np.array([0.950456, 1.0, 1.088754], dtype=np.float32)
 _EPS = 0.008856
 
 
 def _f(t):
-    return ops.where(t > _EPS, ops.power(ops.maximum(t, 1e-12), 1.0 / 3.0), 7.787 * t + 16.0 / 116.0)
+    return ops.where(
+        t > _EPS, ops.power(ops.maximum(t, 1e-12), 1.0 / 3.0), 7.787 * t + 16.0 / 116.0
+    )
 
 
 def _finv(t):
@@ -53,8 +60,9 @@ def lab_to_rgb(lab):
     xyz = ops.concatenate([_finv(fx), _finv(fy), _finv(fz)], axis=-1) * _WHITE
     lin = ops.matmul(xyz, ops.convert_to_tensor(_XYZ2RGB.T))
     lin = ops.clip(lin, 0.0, 1.0)
-    return ops.where(lin > 0.0031308, 1.055 * ops.power(ops.maximum(lin, 1e-12), 1 / 2.4) - 0.055,
-                     12.92 * lin)
+    return ops.where(
+        lin > 0.0031308, 1.055 * ops.power(ops.maximum(lin, 1e-12), 1 / 2.4) - 0.055, 12.92 * lin
+    )
 
 
 def lab_stats(images: np.ndarray, max_images: int = 2000, seed: int = 0) -> dict:
@@ -64,12 +72,15 @@ def lab_stats(images: np.ndarray, max_images: int = 2000, seed: int = 0) -> dict
         rows = np.sort(np.random.default_rng(seed).choice(rows, max_images, replace=False))
     means, stds = [], []
     for i in range(0, len(rows), 256):
-        lab = ops.convert_to_numpy(rgb_to_lab(
-            np.asarray(images[rows[i:i + 256]], dtype=np.float32) / 255.0))
+        lab = ops.convert_to_numpy(
+            rgb_to_lab(np.asarray(images[rows[i : i + 256]], dtype=np.float32) / 255.0)
+        )
         means.append(lab.mean(axis=(1, 2)))
         stds.append(lab.std(axis=(1, 2)))
-    return {"mean": np.concatenate(means).mean(axis=0).tolist(),
-            "std": np.concatenate(stds).mean(axis=0).tolist()}
+    return {
+        "mean": np.concatenate(means).mean(axis=0).tolist(),
+        "std": np.concatenate(stds).mean(axis=0).tolist(),
+    }
 
 
 @keras.saving.register_keras_serializable(package="bloodbench")
@@ -87,12 +98,16 @@ class ReinhardNormalization(keras.layers.Layer):
         mean = ops.mean(lab, axis=(1, 2), keepdims=True)
         std = ops.std(lab, axis=(1, 2), keepdims=True)
         out = (lab - mean) / (std + 1e-3) * ops.convert_to_tensor(
-            np.array(self.target_std, np.float32)) + np.array(self.target_mean, np.float32)
+            np.array(self.target_std, np.float32)
+        ) + np.array(self.target_mean, np.float32)
         return lab_to_rgb(out) * 255.0
 
     def compute_output_shape(self, input_shape):
         return input_shape
 
     def get_config(self):
-        return {**super().get_config(), "target_mean": self.target_mean,
-                "target_std": self.target_std}
+        return {
+            **super().get_config(),
+            "target_mean": self.target_mean,
+            "target_std": self.target_std,
+        }

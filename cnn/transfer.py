@@ -43,17 +43,24 @@ from cnn.candidate import TRAIN_RULES, KerasCandidate
 from cnn.runtime import configure, set_seeds
 from cnn.embeddings import cached_embeddings
 from cnn.train import fit_keras, predict_keras
-from cnn.weights import (WEIGHTS_MISSING, effective_input_size, is_file_spec, local_weights,
-                         missing_weights_file, resolve_weights)
+from cnn.weights import (
+    WEIGHTS_MISSING,
+    effective_input_size,
+    is_file_spec,
+    local_weights,
+    missing_weights_file,
+    resolve_weights,
+)
 from core.io import file_sha256
 
 HEAD_LAYERS = ("head_drop", "fc", "fc_drop", "logits")
-BACKBONE_FILE = "backbone.json"   # which weights the backbone started from (saved model)
+BACKBONE_FILE = "backbone.json"  # which weights the backbone started from (saved model)
 
 
 def head_layers(n_classes: int, dense_units: int, dropout: float) -> list:
     """The classifier head after global pooling; pre-softmax scores are layer ``logits``."""
     from keras import layers
+
     out = [layers.Dropout(dropout, name="head_drop")] if dropout else []
     if dense_units:
         out.append(layers.Dense(dense_units, activation="relu", name="fc"))
@@ -69,17 +76,27 @@ def _features(inputs, image_size, size, backbone_name, base, crop=None):
 
     from cnn.backbones import BackbonePreprocess
     from cnn.models import center_crop
+
     x = center_crop(inputs, image_size, crop)
     if size != x.shape[1]:
         x = layers.Resizing(size, size, name="resize")(x)
     x = BackbonePreprocess(backbone_name, name="preprocess")(x)
-    x = base(x)   # frozen BN layers run in inference mode (Keras semantics of trainable=False)
+    x = base(x)  # frozen BN layers run in inference mode (Keras semantics of trainable=False)
     return layers.GlobalAveragePooling2D(name="gap")(x)
 
 
-def build_transfer_model(image_size: int, n_classes: int, base, backbone: str = "MobileNetV2",
-                         input_size=None, dense_units: int = 128, dropout: float = 0.3,
-                         augmentation=None, crop=None, name: str = "transfer_cnn"):
+def build_transfer_model(
+    image_size: int,
+    n_classes: int,
+    base,
+    backbone: str = "MobileNetV2",
+    input_size=None,
+    dense_units: int = 128,
+    dropout: float = 0.3,
+    augmentation=None,
+    crop=None,
+    name: str = "transfer_cnn",
+):
     """The full transfer model on ``uint8`` input of side ``image_size`` (see module doc).
 
     ``base`` is the backbone from :func:`cnn.backbones.build_backbone` built for
@@ -87,6 +104,7 @@ def build_transfer_model(image_size: int, n_classes: int, base, backbone: str = 
     fraction of each image side kept before the resize (:func:`cnn.models.center_crop`).
     """
     import keras
+
     size = effective_input_size(image_size, input_size, backbone)
     inputs = keras.Input((image_size, image_size, 3), name="image")
     x = augmentation(inputs) if augmentation is not None else inputs
@@ -99,15 +117,18 @@ def build_transfer_model(image_size: int, n_classes: int, base, backbone: str = 
 def build_embedder(image_size: int, base, backbone: str, input_size=None, crop=None):
     """``uint8`` images -> globally pooled backbone features (inference only)."""
     import keras
+
     size = effective_input_size(image_size, input_size, backbone)
     inputs = keras.Input((image_size, image_size, 3), name="image")
-    return keras.Model(inputs, _features(inputs, image_size, size, backbone, base, crop),
-                       name="embedder")
+    return keras.Model(
+        inputs, _features(inputs, image_size, size, backbone, base, crop), name="embedder"
+    )
 
 
 def build_head(dim: int, n_classes: int, dense_units: int, dropout: float):
     """The head alone, on ``dim``-long embeddings (frozen mode)."""
     import keras
+
     inputs = keras.Input((dim,), name="embedding")
     x = inputs
     for layer in head_layers(n_classes, dense_units, dropout):
@@ -115,13 +136,16 @@ def build_head(dim: int, n_classes: int, dense_units: int, dropout: float):
     return keras.Model(inputs, x, name="head")
 
 
-_BLOCK_PATTERNS = [re.compile(p) for p in (
-    r"^(conv\d+_block\d+)_",        # ResNet, DenseNet
-    r"^(block_?\d+[a-z]?)_",        # MobileNetV2 (block_13_), EfficientNet (block6a_), VGG, Xception
-    r"^conv_(?:dw|pw)_(\d+)",       # MobileNet v1
-    r"^(mixed\d+)",                 # Inception
-    r"^(stage\d+)",                 # ConvNeXt-like
-)]
+_BLOCK_PATTERNS = [
+    re.compile(p)
+    for p in (
+        r"^(conv\d+_block\d+)_",  # ResNet, DenseNet
+        r"^(block_?\d+[a-z]?)_",  # MobileNetV2 (block_13_), EfficientNet (block6a_), VGG, Xception
+        r"^conv_(?:dw|pw)_(\d+)",  # MobileNet v1
+        r"^(mixed\d+)",  # Inception
+        r"^(stage\d+)",  # ConvNeXt-like
+    )
+]
 
 
 def block_key(layer_name: str) -> str | None:
@@ -149,12 +173,15 @@ def set_trainable_top_blocks(base, n_blocks: int, train_bn: bool = False) -> lis
     Batch-norm layers stay frozen unless ``train_bn``.
     """
     from keras import layers
+
     pairs = backbone_blocks(base)
     order = list(dict.fromkeys(k for k, _ in pairs if k))
     top = set(order[-n_blocks:]) if n_blocks > 0 else set()
     base.trainable = bool(top)
     for key, layer in pairs:
-        layer.trainable = key in top and (train_bn or not isinstance(layer, layers.BatchNormalization))
+        layer.trainable = key in top and (
+            train_bn or not isinstance(layer, layers.BatchNormalization)
+        )
     return [k for k in order if k in top]
 
 
@@ -163,9 +190,14 @@ class TransferCandidate(KerasCandidate):
 
     tunable = True
     param_rules = {
-        **TRAIN_RULES, "backbone": {"type": str}, "weights": {"type": str, "none": True},
-        "alpha": {"gt": 0}, "embed_batch_size": {"type": int, "ge": 1, "none": True},
-        "head_epochs": {"ge": 0}, "unfreeze_blocks": {"ge": 0}, "finetune_lr_factor": {"gt": 0},
+        **TRAIN_RULES,
+        "backbone": {"type": str},
+        "weights": {"type": str, "none": True},
+        "alpha": {"gt": 0},
+        "embed_batch_size": {"type": int, "ge": 1, "none": True},
+        "head_epochs": {"ge": 0},
+        "unfreeze_blocks": {"ge": 0},
+        "finetune_lr_factor": {"gt": 0},
         "weights_missing": {"choices": list(WEIGHTS_MISSING)},
     }
 
@@ -185,21 +217,35 @@ class TransferCandidate(KerasCandidate):
 
     def _base(self, image_size: int):
         from cnn.backbones import build_backbone
-        base = build_backbone(self.backbone, self._input_size(image_size), self.weights,
-                              self.alpha, weights_missing=self.weights_missing)
+
+        base = build_backbone(
+            self.backbone,
+            self._input_size(image_size),
+            self.weights,
+            self.alpha,
+            weights_missing=self.weights_missing,
+        )
         missing = missing_weights_file(self.weights)
         self.backbone_weights_ = {
-            "weights": self.weights, "missing_file": missing,
-            "initialised": ("random" if missing or self.weights is None
-                            or str(self.weights).lower() in ("none", "")
-                            else "imagenet" if self.weights == "imagenet" else "file")}
+            "weights": self.weights,
+            "missing_file": missing,
+            "initialised": (
+                "random"
+                if missing or self.weights is None or str(self.weights).lower() in ("none", "")
+                else "imagenet"
+                if self.weights == "imagenet"
+                else "file"
+            ),
+        }
         return base
 
     def fit_notes(self) -> list[str]:
         w = getattr(self, "backbone_weights_", None) or {}
         if w.get("missing_file"):
-            return [f"{self.backbone} started from random weights: its weights file "
-                    f"{w['missing_file']} was missing (weights_missing = \"random\")"]
+            return [
+                f"{self.backbone} started from random weights: its weights file "
+                f'{w["missing_file"]} was missing (weights_missing = "random")'
+            ]
         return []
 
     def _save_model(self, path: Path) -> None:
@@ -220,14 +266,41 @@ class TransferCandidate(KerasCandidate):
             y_val = np.searchsorted(self.classes_, y_val)
         return y, y_val
 
-    def _train(self, model, X, y, X_val, y_val, workdir, epoch_callbacks, *, epochs,
-               learning_rate, initial_epoch=0, patience=None):
+    def _train(
+        self,
+        model,
+        X,
+        y,
+        X_val,
+        y_val,
+        workdir,
+        epoch_callbacks,
+        *,
+        epochs,
+        learning_rate,
+        initial_epoch=0,
+        patience=None,
+    ):
         return fit_keras(
-            model, X, y, X_val, y_val, n_classes=self.n_classes_, epochs=epochs,
-            batch_size=self.batch_size, optimizer=self.optimizer, learning_rate=learning_rate,
-            class_weight=self.class_weight, patience=patience or self.patience,
-            schedule=self.schedule, workdir=workdir, epoch_callbacks=epoch_callbacks,
-            seed=self.seed, verbose=self.verbose, initial_epoch=initial_epoch)
+            model,
+            X,
+            y,
+            X_val,
+            y_val,
+            n_classes=self.n_classes_,
+            epochs=epochs,
+            batch_size=self.batch_size,
+            optimizer=self.optimizer,
+            learning_rate=learning_rate,
+            class_weight=self.class_weight,
+            patience=patience or self.patience,
+            schedule=self.schedule,
+            workdir=workdir,
+            epoch_callbacks=epoch_callbacks,
+            seed=self.seed,
+            verbose=self.verbose,
+            initial_epoch=initial_epoch,
+        )
 
 
 @register("transfer_frozen")
@@ -262,14 +335,32 @@ class FrozenTransferCNN(TransferCandidate):
         Keep embeddings in ``$BLOODBENCH_CACHE/embeddings`` (off for random weights).
     """
 
-    needs_prepare = True      # embeddings of all images, once
-    prepare_in_child = True   # TensorFlow keeps a backbone pass's memory for its process
+    needs_prepare = True  # embeddings of all images, once
+    prepare_in_child = True  # TensorFlow keeps a backbone pass's memory for its process
 
-    def __init__(self, backbone="MobileNetV2", weights="imagenet", alpha=1.0, input_size=None,
-                 dense_units=256, dropout=0.3, optimizer="adam", learning_rate=1e-3,
-                 batch_size=64, epochs=60, patience=8, schedule="plateau",
-                 class_weight="balanced", val_fraction=0.1, embed_batch_size=None,
-                 use_cache=True, seed=0, verbose=0, weights_missing="error", crop=1.0):
+    def __init__(
+        self,
+        backbone="MobileNetV2",
+        weights="imagenet",
+        alpha=1.0,
+        input_size=None,
+        dense_units=256,
+        dropout=0.3,
+        optimizer="adam",
+        learning_rate=1e-3,
+        batch_size=64,
+        epochs=60,
+        patience=8,
+        schedule="plateau",
+        class_weight="balanced",
+        val_fraction=0.1,
+        embed_batch_size=None,
+        use_cache=True,
+        seed=0,
+        verbose=0,
+        weights_missing="error",
+        crop=1.0,
+    ):
         self.backbone = backbone
         self.crop = crop
         self.weights = weights
@@ -295,11 +386,20 @@ class FrozenTransferCNN(TransferCandidate):
     def _spec(self, image_size: int) -> dict:
         w = self._resolved_weights()
         import keras
-        spec = {"backbone": self.backbone, "alpha": self.alpha,
-                "input_size": self._input_size(image_size),
-                "weights": ("imagenet-keras-" + keras.__version__ if w == "imagenet"
-                            else file_sha256(w) if w else None)}
-        if crops(self.crop):   # whole images keep the keys of earlier caches
+
+        spec = {
+            "backbone": self.backbone,
+            "alpha": self.alpha,
+            "input_size": self._input_size(image_size),
+            "weights": (
+                "imagenet-keras-" + keras.__version__
+                if w == "imagenet"
+                else file_sha256(w)
+                if w
+                else None
+            ),
+        }
+        if crops(self.crop):  # whole images keep the keys of earlier caches
             spec["crop"] = float(self.crop)
         return spec
 
@@ -307,8 +407,9 @@ class FrozenTransferCNN(TransferCandidate):
         if getattr(self, "embedder_", None) is None or self.image_size_ != image_size:
             configure()
             self.base_ = self._base(image_size)
-            self.embedder_ = build_embedder(image_size, self.base_, self.backbone,
-                                            self.input_size, self.crop)
+            self.embedder_ = build_embedder(
+                image_size, self.base_, self.backbone, self.input_size, self.crop
+            )
             self.image_size_ = image_size
 
     def embed(self, X, progress: bool = False) -> np.ndarray:
@@ -323,9 +424,14 @@ class FrozenTransferCNN(TransferCandidate):
 
         side = self._input_size(size)
         batch = self.embed_batch_size or int(max(8, min(256, 256 * (64 / side) ** 2)))
-        return cached_embeddings(X, spec, compute, batch_size=batch,
-                                 use_cache=self.use_cache and spec["weights"] is not None,
-                                 progress=progress)
+        return cached_embeddings(
+            X,
+            spec,
+            compute,
+            batch_size=batch,
+            use_cache=self.use_cache and spec["weights"] is not None,
+            progress=progress,
+        )
 
     def prepare(self, X_all) -> None:
         """Compute and cache the embeddings of all images once (no labels involved)."""
@@ -341,13 +447,30 @@ class FrozenTransferCNN(TransferCandidate):
         E_val = self.embed(X_val) if X_val is not None else None
         Et, yt, Ev, yv = self._split_validation(E, y, E_val, y_val)
         self.head_ = build_head(E.shape[1], self.n_classes_, self.dense_units, self.dropout)
-        self.history_ = self._train(self.head_, Et, yt, Ev, yv, workdir, epoch_callbacks,
-                                    epochs=self.epochs, learning_rate=self.learning_rate)
+        self.history_ = self._train(
+            self.head_,
+            Et,
+            yt,
+            Ev,
+            yv,
+            workdir,
+            epoch_callbacks,
+            epochs=self.epochs,
+            learning_rate=self.learning_rate,
+        )
         self.epochs_run_ = len(self.history_.get("loss", []))
         self._ensure_backbone(X.shape[1])
-        self.model_ = build_transfer_model(X.shape[1], self.n_classes_, self.base_,
-                                           self.backbone, self.input_size, self.dense_units,
-                                           self.dropout, crop=self.crop, name="transfer_frozen")
+        self.model_ = build_transfer_model(
+            X.shape[1],
+            self.n_classes_,
+            self.base_,
+            self.backbone,
+            self.input_size,
+            self.dense_units,
+            self.dropout,
+            crop=self.crop,
+            name="transfer_frozen",
+        )
         for name in HEAD_LAYERS:
             if name in {lyr.name for lyr in self.head_.layers}:
                 self.model_.get_layer(name).set_weights(self.head_.get_layer(name).get_weights())
@@ -361,16 +484,17 @@ class FrozenTransferCNN(TransferCandidate):
         import hashlib
 
         import keras
+
         names = [lyr.name for lyr in self.model_.layers]
         trunk = keras.Model(self.model_.inputs, self.model_.get_layer("gap").output)
-        head = self.model_.layers[names.index("gap") + 1:]
+        head = self.model_.layers[names.index("gap") + 1 :]
         h = hashlib.sha256(repr((trunk.inputs[0].shape, float(self.crop))).encode())
         for w in trunk.weights:
             h.update(np.ascontiguousarray(keras.ops.convert_to_numpy(w)).tobytes())
         return h.hexdigest(), trunk, head
 
     def predict_proba(self, X) -> np.ndarray:
-        if getattr(self, "head_", None) is not None:   # fitted here: reuse cached embeddings
+        if getattr(self, "head_", None) is not None:  # fitted here: reuse cached embeddings
             return predict_keras(self.head_, self.embed(X))
         return predict_keras(self.model_, np.asarray(X))
 
@@ -411,15 +535,35 @@ class FineTuneTransferCNN(TransferCandidate):
     val_fraction, seed, verbose : as :class:`cnn.candidate.ScratchCNN`.
     """
 
-    needs_prepare = True   # prepare: the weights file checked once, before the work units
+    needs_prepare = True  # prepare: the weights file checked once, before the work units
     fit_accepts = TransferCandidate.fit_accepts | {"soft_targets"}
 
-    def __init__(self, backbone="MobileNetV2", weights="imagenet", alpha=1.0, input_size=None,
-                 dense_units=128, dropout=0.3, augment="flips", head_epochs=5,
-                 unfreeze_blocks=3, finetune_lr_factor=0.1, train_bn=False, optimizer="adam",
-                 learning_rate=1e-3, batch_size=64, epochs=20, patience=5, schedule="plateau",
-                 class_weight="balanced", val_fraction=0.1, seed=0, verbose=0,
-                 weights_missing="error", crop=1.0):
+    def __init__(
+        self,
+        backbone="MobileNetV2",
+        weights="imagenet",
+        alpha=1.0,
+        input_size=None,
+        dense_units=128,
+        dropout=0.3,
+        augment="flips",
+        head_epochs=5,
+        unfreeze_blocks=3,
+        finetune_lr_factor=0.1,
+        train_bn=False,
+        optimizer="adam",
+        learning_rate=1e-3,
+        batch_size=64,
+        epochs=20,
+        patience=5,
+        schedule="plateau",
+        class_weight="balanced",
+        val_fraction=0.1,
+        seed=0,
+        verbose=0,
+        weights_missing="error",
+        crop=1.0,
+    ):
         self.backbone = backbone
         self.crop = crop
         self.weights = weights
@@ -451,33 +595,71 @@ class FineTuneTransferCNN(TransferCandidate):
 
     def _build(self, image_size, n_classes):
         from cnn.augment import build_augmentation
-        self.base_ = self._base(image_size)
-        return build_transfer_model(image_size, n_classes, self.base_, self.backbone,
-                                    self.input_size, self.dense_units, self.dropout,
-                                    augmentation=build_augmentation(self.augment, self.seed),
-                                    crop=self.crop, name="transfer_finetune")
 
-    def fit(self, X, y, X_val=None, y_val=None, classes=None, workdir=None, epoch_callbacks=None,
-            soft_targets=None):
+        self.base_ = self._base(image_size)
+        return build_transfer_model(
+            image_size,
+            n_classes,
+            self.base_,
+            self.backbone,
+            self.input_size,
+            self.dense_units,
+            self.dropout,
+            augmentation=build_augmentation(self.augment, self.seed),
+            crop=self.crop,
+            name="transfer_finetune",
+        )
+
+    def fit(
+        self,
+        X,
+        y,
+        X_val=None,
+        y_val=None,
+        classes=None,
+        workdir=None,
+        epoch_callbacks=None,
+        soft_targets=None,
+    ):
         configure()
         set_seeds(self.seed)
         y, y_val = self._encode(y, y_val, classes)
-        X, y, X_val, y_val = self._split_validation(np.asarray(X), self._targets(y, soft_targets),
-                                                    X_val, y_val, labels=y)
+        X, y, X_val, y_val = self._split_validation(
+            np.asarray(X), self._targets(y, soft_targets), X_val, y_val, labels=y
+        )
         X_val = np.asarray(X_val)
         self.model_ = self._build(X.shape[1], self.n_classes_)
         self.base_.trainable = False
-        hist = self._train(self.model_, X, y, X_val, y_val, workdir, epoch_callbacks,
-                           epochs=self.head_epochs, learning_rate=self.learning_rate,
-                           patience=max(self.patience, self.head_epochs))
+        hist = self._train(
+            self.model_,
+            X,
+            y,
+            X_val,
+            y_val,
+            workdir,
+            epoch_callbacks,
+            epochs=self.head_epochs,
+            learning_rate=self.learning_rate,
+            patience=max(self.patience, self.head_epochs),
+        )
         done = len(hist.get("loss", []))
         self.unfrozen_blocks_ = []
         if self.unfreeze_blocks and self.epochs:
-            self.unfrozen_blocks_ = set_trainable_top_blocks(self.base_, self.unfreeze_blocks,
-                                                             self.train_bn)
-            h2 = self._train(self.model_, X, y, X_val, y_val, workdir, epoch_callbacks,
-                             epochs=done + self.epochs, initial_epoch=done,
-                             learning_rate=self.learning_rate * self.finetune_lr_factor)
+            self.unfrozen_blocks_ = set_trainable_top_blocks(
+                self.base_, self.unfreeze_blocks, self.train_bn
+            )
+            h2 = self._train(
+                self.model_,
+                X,
+                y,
+                X_val,
+                y_val,
+                workdir,
+                epoch_callbacks,
+                epochs=done + self.epochs,
+                initial_epoch=done,
+                learning_rate=self.learning_rate * self.finetune_lr_factor,
+            )
             hist = {k: hist.get(k, []) + h2.get(k, []) for k in set(hist) | set(h2)}
         self.history_ = hist
         self.epochs_run_ = len(hist.get("loss", []))

@@ -30,7 +30,7 @@ SHARED_FILES = {
 }
 #: what a missing local weights file does (``weights_missing``): stop, or random weights
 WEIGHTS_MISSING = ("error", "random")
-WARNED_ENV = "BLOODBENCH_WARNED_WEIGHTS"   # missing files already warned about (os.pathsep)
+WARNED_ENV = "BLOODBENCH_WARNED_WEIGHTS"  # missing files already warned about (os.pathsep)
 
 
 def min_input_size(name: str) -> int:
@@ -65,8 +65,7 @@ def local_weights(weights, backbone: str, missing: str = "error") -> str | None:
     so that the runner checks the files before the work units and stays small.
     """
     if missing not in WEIGHTS_MISSING:
-        raise BenchError(f"weights_missing must be one of {list(WEIGHTS_MISSING)}, "
-                         f"got {missing!r}")
+        raise BenchError(f"weights_missing must be one of {list(WEIGHTS_MISSING)}, got {missing!r}")
     p = Path(os.path.expanduser(str(weights))).resolve()
     if p.is_file():
         return str(p)
@@ -74,12 +73,16 @@ def local_weights(weights, backbone: str, missing: str = "error") -> str | None:
         warned = [f for f in os.environ.get(WARNED_ENV, "").split(os.pathsep) if f]
         if str(p) not in warned:
             os.environ[WARNED_ENV] = os.pathsep.join([*warned, str(p)])
-            warn(f"backbone {backbone}: weights file not found: {p}; initialised randomly "
-                 "(weights_missing = \"random\"): not transfer learning, expect lower scores")
+            warn(
+                f"backbone {backbone}: weights file not found: {p}; initialised randomly "
+                '(weights_missing = "random"): not transfer learning, expect lower scores'
+            )
         return None
-    raise BenchError(f"backbone {backbone}: weights file not found: {p} (provide this file, "
-                     "e.g. from ../shared/weights, or set weights = \"imagenet\" on a machine "
-                     "with a network)")
+    raise BenchError(
+        f"backbone {backbone}: weights file not found: {p} (provide this file, "
+        'e.g. from ../shared/weights, or set weights = "imagenet" on a machine '
+        "with a network)"
+    )
 
 
 def resolve_weights(weights, name: str, alpha: float = 1.0, missing: str = "error"):
@@ -93,8 +96,10 @@ def resolve_weights(weights, name: str, alpha: float = 1.0, missing: str = "erro
     if weights == "imagenet":
         if name in LITE:
             hint = SHARED_FILES.get((name, 1.0))
-            raise BenchError(f"backbone {name}: Keras publishes no ImageNet weights for it; set "
-                             f"weights to a local file (e.g. ../shared/weights/{hint})")
+            raise BenchError(
+                f"backbone {name}: Keras publishes no ImageNet weights for it; set "
+                f"weights to a local file (e.g. ../shared/weights/{hint})"
+            )
         return "imagenet"
     return local_weights(weights, name, missing)
 
@@ -103,6 +108,8 @@ def download_hint(name: str, exc) -> str:
     """The one line for a failed ImageNet download: the file to provide, and where."""
     m = re.search(r"https?://\S+?\.h5", str(exc))
     fname = m.group(0).rsplit("/", 1)[-1] if m else "its weights file"
-    return (f"backbone {name}: cannot download ImageNet weights (offline?): put {fname} into "
-            f"~/.keras/models, or set weights to a local .weights.h5 file (e.g. from "
-            f"../shared/weights: {', '.join(sorted(set(SHARED_FILES.values())))})")
+    return (
+        f"backbone {name}: cannot download ImageNet weights (offline?): put {fname} into "
+        f"~/.keras/models, or set weights to a local .weights.h5 file (e.g. from "
+        f"../shared/weights: {', '.join(sorted(set(SHARED_FILES.values())))})"
+    )

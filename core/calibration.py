@@ -52,17 +52,23 @@ class BinnedCalibration:
         conf = np.asarray(conf, dtype=float)
         bins = bin_index(conf, n_bins)
         self.n_bins = int(n_bins)
-        self.order = np.argsort(bins, kind="stable")   # rows of a bin keep their order
+        self.order = np.argsort(bins, kind="stable")  # rows of a bin keep their order
         self.conf = conf[self.order]
         self.correct = np.asarray(correct, dtype=float)[self.order]
         edges = np.concatenate([[0], np.cumsum(np.bincount(bins, minlength=n_bins))])
-        self.slices = [(b, slice(int(edges[b]), int(edges[b + 1]))) for b in range(n_bins)
-                       if edges[b + 1] > edges[b]]   # the bins with rows
+        self.slices = [
+            (b, slice(int(edges[b]), int(edges[b + 1])))
+            for b in range(n_bins)
+            if edges[b + 1] > edges[b]
+        ]  # the bins with rows
 
     def totals(self, weight=None) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """``(n_b, c_b, a_b)`` of every bin (NaN means in an empty one)."""
-        w = np.ones(len(self.conf)) if weight is None \
+        w = (
+            np.ones(len(self.conf))
+            if weight is None
             else np.asarray(weight, dtype=float)[self.order]
+        )
         wc, wa = w * self.conf, w * self.correct
         n = np.zeros(self.n_bins)
         c, a = np.full(self.n_bins, math.nan), np.full(self.n_bins, math.nan)
@@ -75,8 +81,7 @@ class BinnedCalibration:
     def ece(self, weight=None) -> float:
         n, c, a = self.totals(weight)
         ok = n > 0
-        return float(np.sum(n[ok] * np.abs(a[ok] - c[ok])) / np.sum(n)) if ok.any() \
-            else math.nan
+        return float(np.sum(n[ok] * np.abs(a[ok] - c[ok])) / np.sum(n)) if ok.any() else math.nan
 
     @classmethod
     def of(cls, y, proba, n_bins: int = 15) -> "BinnedCalibration":
@@ -94,10 +99,16 @@ def reliability(y, proba, n_bins: int = 15) -> pd.DataFrame:
     ``accuracy``, ``gap``); empty bins have NaN confidence and accuracy.
     """
     n, c, a = BinnedCalibration.of(y, proba, n_bins).totals()
-    return pd.DataFrame({"bin_lo": np.arange(n_bins) / n_bins,
-                         "bin_hi": np.arange(1, n_bins + 1) / n_bins,
-                         "count": n.astype(int), "confidence": c, "accuracy": a,
-                         "gap": a - c})
+    return pd.DataFrame(
+        {
+            "bin_lo": np.arange(n_bins) / n_bins,
+            "bin_hi": np.arange(1, n_bins + 1) / n_bins,
+            "count": n.astype(int),
+            "confidence": c,
+            "accuracy": a,
+            "gap": a - c,
+        }
+    )
 
 
 def ece(y, proba, n_bins: int = 15, sample_weight=None) -> float:
@@ -128,9 +139,12 @@ def fit_temperature(y, proba, bounds=(0.05, 20.0)) -> float:
     if len(y) == 0:
         raise ValueError("cannot fit a temperature on no rows")
     logp = np.log(np.clip(p, _EPS, 1.0))
-    res = minimize_scalar(lambda s: _nll(y, logp, math.exp(s)),
-                          bounds=(math.log(bounds[0]), math.log(bounds[1])), method="bounded",
-                          options={"xatol": 1e-5})
+    res = minimize_scalar(
+        lambda s: _nll(y, logp, math.exp(s)),
+        bounds=(math.log(bounds[0]), math.log(bounds[1])),
+        method="bounded",
+        options={"xatol": 1e-5},
+    )
     return float(math.exp(res.x))
 
 
@@ -173,5 +187,13 @@ def cross_fit_temperature(y, proba, folds) -> tuple[np.ndarray, list[float]]:
     return out, temps
 
 
-__all__ = ["ece", "reliability", "BinnedCalibration", "bin_index", "apply_temperature", "fit_temperature", "TemperatureScaler",
-           "cross_fit_temperature"]
+__all__ = [
+    "ece",
+    "reliability",
+    "BinnedCalibration",
+    "bin_index",
+    "apply_temperature",
+    "fit_temperature",
+    "TemperatureScaler",
+    "cross_fit_temperature",
+]

@@ -65,8 +65,8 @@ FIT_EXTRAS = frozenset({"classes", "workdir", "epoch_callbacks", "soft_targets"}
 class Candidate(ClassifierMixin, BaseEstimator):
     """Base class of all candidates (see module docstring)."""
 
-    kind = "baseline"      # "baseline" or "cnn"
-    type_name = None       # set by the registry
+    kind = "baseline"  # "baseline" or "cnn"
+    type_name = None  # set by the registry
 
     # -- declared capabilities (see the module docstring) ---------------------------
     fit_accepts: frozenset = frozenset()
@@ -126,10 +126,15 @@ class Candidate(ClassifierMixin, BaseEstimator):
         path = Path(path)
         path.mkdir(parents=True, exist_ok=True)
         self._save_model(path)
-        atomic_write_json(path / CANDIDATE_FILE, {
-            "type": self.type_name, "kind": self.kind, "params": self.get_params(deep=False),
-            "classes": self.classes_.tolist(),
-        })
+        atomic_write_json(
+            path / CANDIDATE_FILE,
+            {
+                "type": self.type_name,
+                "kind": self.kind,
+                "params": self.get_params(deep=False),
+                "classes": self.classes_.tolist(),
+            },
+        )
 
     @classmethod
     def load(cls, path) -> "Candidate":
@@ -141,16 +146,20 @@ class Candidate(ClassifierMixin, BaseEstimator):
         return obj
 
 
-def fit_candidate(cand: Candidate, X, y, X_val=None, y_val=None, *, classes=None,
-                  **extras) -> Candidate:
+def fit_candidate(
+    cand: Candidate, X, y, X_val=None, y_val=None, *, classes=None, **extras
+) -> Candidate:
     """Call ``cand.fit`` with the contract's arguments plus those of ``classes`` and
     ``extras`` (``workdir``, ``epoch_callbacks``) the candidate declares in
     ``fit_accepts``; the others are not passed."""
     unknown = set(extras) - FIT_EXTRAS
     if unknown:
         raise TypeError(f"fit_candidate: unknown keyword(s) {sorted(unknown)}")
-    kw = {k: v for k, v in {"classes": classes, **extras}.items()
-          if k in cand.fit_accepts and v is not None}
+    kw = {
+        k: v
+        for k, v in {"classes": classes, **extras}.items()
+        if k in cand.fit_accepts and v is not None
+    }
     cand.fit(X, y, X_val, y_val, **kw)
     return cand
 
@@ -164,14 +173,18 @@ def predict_proba_for(cand: Candidate, X, classes) -> np.ndarray:
     if len(own) == len(classes) and np.array_equal(own, classes):
         return p
     if p.shape[1] != len(own):
-        raise BenchError(f"candidate '{cand.type_name}': predict_proba gave {p.shape[1]} "
-                         f"columns for {len(own)} classes_")
+        raise BenchError(
+            f"candidate '{cand.type_name}': predict_proba gave {p.shape[1]} "
+            f"columns for {len(own)} classes_"
+        )
     out = np.zeros((len(p), len(classes)))
-    pos = {c: i for i, c in enumerate(classes.tolist())}   # plain Python values
+    pos = {c: i for i, c in enumerate(classes.tolist())}  # plain Python values
     for j, key in enumerate(own.tolist()):
         if key not in pos:
-            raise BenchError(f"candidate '{cand.type_name}' predicts class {key!r}, which is "
-                             "not a class of the data")
+            raise BenchError(
+                f"candidate '{cand.type_name}' predicts class {key!r}, which is "
+                "not a class of the data"
+            )
         out[:, pos[key]] = p[:, j]
     return out
 

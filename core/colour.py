@@ -55,9 +55,10 @@ def smooth(images: np.ndarray, sigma: float) -> np.ndarray:
     x = images[None] if one else images
     out = np.empty(x.shape, np.uint8)
     for s in range(0, len(x), _CHUNK):
-        f = gaussian_filter(x[s:s + _CHUNK].astype(np.float32), (0, sigma, sigma, 0),
-                            mode="reflect")
-        out[s:s + _CHUNK] = np.clip(np.round(f), 0, 255).astype(np.uint8)
+        f = gaussian_filter(
+            x[s : s + _CHUNK].astype(np.float32), (0, sigma, sigma, 0), mode="reflect"
+        )
+        out[s : s + _CHUNK] = np.clip(np.round(f), 0, 255).astype(np.uint8)
     return out[0] if one else out
 
 
@@ -67,12 +68,12 @@ def lab_moments(images: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     s1 = np.zeros(3)
     s2 = np.zeros(3)
     for s in range(0, len(images), _CHUNK):
-        lab = rgb2lab(np.asarray(images[s:s + _CHUNK])).reshape(-1, 3)
+        lab = rgb2lab(np.asarray(images[s : s + _CHUNK])).reshape(-1, 3)
         n += len(lab)
         s1 += lab.sum(0)
         s2 += (lab.astype(np.float64) ** 2).sum(0)
     mean = s1 / max(n, 1)
-    std = np.sqrt(np.maximum(s2 / max(n, 1) - mean ** 2, 0.0))
+    std = np.sqrt(np.maximum(s2 / max(n, 1) - mean**2, 0.0))
     return mean, std
 
 
@@ -82,10 +83,10 @@ def reinhard_map(images: np.ndarray, mean, std, target=REINHARD_TARGET) -> np.nd
     t_mean, t_std = np.asarray(target["mean"], float), np.asarray(target["std"], float)
     out = np.empty(np.shape(images), np.uint8)
     for s in range(0, len(images), _CHUNK):
-        lab = rgb2lab(np.asarray(images[s:s + _CHUNK]))
+        lab = rgb2lab(np.asarray(images[s : s + _CHUNK]))
         lab = (lab - mean) / std * t_std + t_mean
         lab[..., 0] = np.clip(lab[..., 0], 0, 100)
-        out[s:s + _CHUNK] = np.clip(np.round(lab2rgb(lab) * 255), 0, 255).astype(np.uint8)
+        out[s : s + _CHUNK] = np.clip(np.round(lab2rgb(lab) * 255), 0, 255).astype(np.uint8)
     return out
 
 
@@ -144,12 +145,25 @@ def bag_jitter(images: np.ndarray, bag_of_row, strength: float, seed: int) -> np
     offsets = rng.normal(0, 40 * strength, len(names)).astype(np.float32)
     out = np.empty_like(images)
     for s in range(0, len(images), _CHUNK):
-        i = inverse[s:s + _CHUNK]
-        x = images[s:s + _CHUNK].astype(np.float32) * gains[i][:, None, None, :] \
+        i = inverse[s : s + _CHUNK]
+        x = (
+            images[s : s + _CHUNK].astype(np.float32) * gains[i][:, None, None, :]
             + offsets[i][:, None, None, None]
-        out[s:s + _CHUNK] = np.clip(np.round(x), 0, 255).astype(np.uint8)
+        )
+        out[s : s + _CHUNK] = np.clip(np.round(x), 0, 255).astype(np.uint8)
     return out
 
 
-__all__ = ["smooth", "bag_reinhard", "bag_rgb", "bag_colour", "bag_jitter", "lab_moments",
-           "reinhard_map", "REINHARD_TARGET", "RGB_TARGET", "BAG_COLOUR", "MAX_SMOOTH"]
+__all__ = [
+    "smooth",
+    "bag_reinhard",
+    "bag_rgb",
+    "bag_colour",
+    "bag_jitter",
+    "lab_moments",
+    "reinhard_map",
+    "REINHARD_TARGET",
+    "RGB_TARGET",
+    "BAG_COLOUR",
+    "MAX_SMOOTH",
+]

@@ -33,8 +33,8 @@ from core.errors import BenchError
 METHODS = ("mondrian", "lac", "aps", "raps")
 #: how a bagged predictor's sets meet the out-of-fold rows (:class:`ConformalSets`)
 SCHEMES = ("split", "cross")
-DIGITS = 6          # calibration scores are stored (and used) rounded to this many decimals
-CONFIDENCES = (0.90, 0.95)   # in-lab cross-conformal figures always reported at these
+DIGITS = 6  # calibration scores are stored (and used) rounded to this many decimals
+CONFIDENCES = (0.90, 0.95)  # in-lab cross-conformal figures always reported at these
 #: ``raps``: the penalty per rank beyond ``RAPS_K`` (Angelopoulos et al. 2021's defaults)
 RAPS_LAMBDA, RAPS_K = 0.01, 1
 #: the review rule's default shift limit: shift scores lie in 0-1, so only an image beyond
@@ -44,11 +44,16 @@ SHIFT_LIMIT = 1.0
 
 def check_confidence(confidence, what: str = "confidence") -> float:
     """``confidence`` as a float in (0, 1), else one-line :class:`BenchError`."""
-    ok = isinstance(confidence, (int, float)) and not isinstance(confidence, bool) \
-        and math.isfinite(float(confidence)) and 0 < float(confidence) < 1
+    ok = (
+        isinstance(confidence, (int, float))
+        and not isinstance(confidence, bool)
+        and math.isfinite(float(confidence))
+        and 0 < float(confidence) < 1
+    )
     if not ok:
-        raise BenchError(f"{what} must be a number strictly between 0 and 1 (e.g. 0.95), "
-                         f"got {confidence!r}")
+        raise BenchError(
+            f"{what} must be a number strictly between 0 and 1 (e.g. 0.95), got {confidence!r}"
+        )
     return float(confidence)
 
 
@@ -58,12 +63,14 @@ def check_method(method) -> str:
     return method
 
 
-def nonconformity(proba: np.ndarray, method: str, raps_lambda: float = RAPS_LAMBDA,
-                  raps_k: int = RAPS_K) -> np.ndarray:
+def nonconformity(
+    proba: np.ndarray, method: str, raps_lambda: float = RAPS_LAMBDA, raps_k: int = RAPS_K
+) -> np.ndarray:
     """(N, K) non-conformity score of every class for every image (larger: stranger)."""
     p = np.asarray(proba, dtype=np.float64)
     if method in ("mondrian", "lac"):
         from crepes.extras import hinge
+
         return np.round(hinge(p), DIGITS)
     # APS: mass of the classes ranked at or above each class (ties share the higher rank)
     order = np.argsort(-p, axis=1, kind="stable")
@@ -80,6 +87,7 @@ def nonconformity(proba: np.ndarray, method: str, raps_lambda: float = RAPS_LAMB
 def p_values(cal_scores, cal_labels, scores, mondrian: bool) -> np.ndarray:
     """(N, K) conformal p-values of every class (crepes, non-smoothed)."""
     from crepes import ConformalClassifier
+
     cal_scores = np.asarray(cal_scores, dtype=np.float64)
     scores = np.asarray(scores, dtype=np.float64)
     if not len(scores):
@@ -89,7 +97,7 @@ def p_values(cal_scores, cal_labels, scores, mondrian: bool) -> np.ndarray:
         return cc.predict_p(scores, smoothing=False)
     cc = ConformalClassifier().fit(cal_scores, bins=np.asarray(cal_labels, dtype=np.int64))
     out = np.zeros(scores.shape)
-    for c in range(scores.shape[1]):   # class c's score against class c's calibration rows
+    for c in range(scores.shape[1]):  # class c's score against class c's calibration rows
         out[:, c] = cc.predict_p(scores[:, c], bins=np.full(len(scores), c), smoothing=False)
     return out
 
@@ -101,6 +109,7 @@ def cross_p_values(cal_scores, cal_labels, cal_folds, fold_scores, mondrian: boo
     summed over the folds, ``p = (sum_k count_k + 1) / (n + 1)`` (per class with
     ``mondrian``). Each count is crepes' non-smoothed p-value on that fold's rows, undone."""
     from crepes import ConformalClassifier
+
     cal_scores = np.asarray(cal_scores, dtype=np.float64)
     cal_labels = np.asarray(cal_labels, dtype=np.int64)
     cal_folds = np.asarray(cal_folds, dtype=np.int64)
@@ -111,13 +120,19 @@ def cross_p_values(cal_scores, cal_labels, cal_folds, fold_scores, mondrian: boo
     if not n:
         return counts
     for k in range(fold_scores.shape[0]):
-        groups = [(cal_folds == k) & (cal_labels == c) for c in range(k_classes)] if mondrian \
+        groups = (
+            [(cal_folds == k) & (cal_labels == c) for c in range(k_classes)]
+            if mondrian
             else [cal_folds == k] * k_classes
+        )
         for c, m in enumerate(groups):
             if not m.any():
                 continue
-            p = ConformalClassifier().fit(cal_scores[m]).predict_p(
-                fold_scores[k][:, c:c + 1], smoothing=False)[:, 0]
+            p = (
+                ConformalClassifier()
+                .fit(cal_scores[m])
+                .predict_p(fold_scores[k][:, c : c + 1], smoothing=False)[:, 0]
+            )
             counts[:, c] += np.rint(p * (m.sum() + 1) - 1)
             totals[c] += m.sum()
     return (counts + 1) / (totals + 1)
@@ -135,9 +150,18 @@ class ConformalSets:
     closer to nominal than ``"cross"`` on PBC images no fit saw, whose averaged p-values
     over-cover)."""
 
-    def __init__(self, method: str, confidence: float, cal_scores, cal_labels, n_classes: int,
-                 raps_lambda: float = RAPS_LAMBDA, raps_k: int = RAPS_K, fitted_on: str = "",
-                 cal_folds=None):
+    def __init__(
+        self,
+        method: str,
+        confidence: float,
+        cal_scores,
+        cal_labels,
+        n_classes: int,
+        raps_lambda: float = RAPS_LAMBDA,
+        raps_k: int = RAPS_K,
+        fitted_on: str = "",
+        cal_folds=None,
+    ):
         self.cal_folds = None if cal_folds is None else np.asarray(cal_folds, dtype=np.int64)
         self.method = check_method(method)
         self.confidence = check_confidence(confidence)
@@ -148,20 +172,39 @@ class ConformalSets:
         self.fitted_on = fitted_on
 
     @classmethod
-    def fit(cls, proba, y, method: str = "mondrian", confidence: float = 0.95,
-            raps_lambda: float = RAPS_LAMBDA, raps_k: int = RAPS_K, fitted_on: str = "",
-            folds=None) -> "ConformalSets":
+    def fit(
+        cls,
+        proba,
+        y,
+        method: str = "mondrian",
+        confidence: float = 0.95,
+        raps_lambda: float = RAPS_LAMBDA,
+        raps_k: int = RAPS_K,
+        fitted_on: str = "",
+        folds=None,
+    ) -> "ConformalSets":
         """Calibrate on ``proba`` (N, K) of rows that no model scoring them saw, labels ``y``
         (``folds``: the position of the fold model that scored each row, for
         cross-conformal sets)."""
         proba = np.asarray(proba, dtype=np.float64)
         y = np.asarray(y, dtype=np.int64)
         if proba.ndim != 2 or len(proba) != len(y) or not len(y):
-            raise BenchError(f"conformal calibration needs (N, K) probabilities and N labels, "
-                             f"got {proba.shape} and {len(y)}")
+            raise BenchError(
+                f"conformal calibration needs (N, K) probabilities and N labels, "
+                f"got {proba.shape} and {len(y)}"
+            )
         scores = nonconformity(proba, check_method(method), raps_lambda, raps_k)
-        return cls(method, confidence, scores[np.arange(len(y)), y], y, proba.shape[1],
-                   raps_lambda, raps_k, fitted_on, folds)
+        return cls(
+            method,
+            confidence,
+            scores[np.arange(len(y)), y],
+            y,
+            proba.shape[1],
+            raps_lambda,
+            raps_k,
+            fitted_on,
+            folds,
+        )
 
     @property
     def mondrian(self) -> bool:
@@ -176,11 +219,22 @@ class ConformalSets:
         if self.cal_folds is not None and fold_proba is not None:
             fold_proba = np.asarray(fold_proba, dtype=np.float64)
             if fold_proba.ndim != 3 or len(fold_proba) != self.n_folds:
-                raise BenchError(f"cross-conformal sets need the probabilities of "
-                                 f"{self.n_folds} fold models, got {fold_proba.shape}")
-            return cross_p_values(self.cal_scores, self.cal_labels, self.cal_folds, np.stack([
-                nonconformity(f, self.method, self.raps_lambda, self.raps_k)
-                for f in fold_proba]), self.mondrian)
+                raise BenchError(
+                    f"cross-conformal sets need the probabilities of "
+                    f"{self.n_folds} fold models, got {fold_proba.shape}"
+                )
+            return cross_p_values(
+                self.cal_scores,
+                self.cal_labels,
+                self.cal_folds,
+                np.stack(
+                    [
+                        nonconformity(f, self.method, self.raps_lambda, self.raps_k)
+                        for f in fold_proba
+                    ]
+                ),
+                self.mondrian,
+            )
         scores = nonconformity(proba, self.method, self.raps_lambda, self.raps_k)
         return p_values(self.cal_scores, self.cal_labels, scores, self.mondrian)
 
@@ -192,19 +246,32 @@ class ConformalSets:
 
     def to_dict(self) -> dict:
         counts = np.bincount(self.cal_labels, minlength=self.n_classes)
-        return {"method": self.method, "confidence": self.confidence,
-                "library": "crepes.ConformalClassifier (non-smoothed p-values)",
-                "class_conditional": self.mondrian, "raps_lambda": self.raps_lambda,
-                "raps_k": self.raps_k, "fitted_on": self.fitted_on,
-                "n_calibration": int(len(self.cal_labels)),
-                "calibration_counts": counts.astype(int).tolist(),
-                "scores": self.cal_scores.tolist(), "labels": self.cal_labels.tolist(),
-                **({"folds": self.cal_folds.tolist(), "scheme": "cross",
+        return {
+            "method": self.method,
+            "confidence": self.confidence,
+            "library": "crepes.ConformalClassifier (non-smoothed p-values)",
+            "class_conditional": self.mondrian,
+            "raps_lambda": self.raps_lambda,
+            "raps_k": self.raps_k,
+            "fitted_on": self.fitted_on,
+            "n_calibration": int(len(self.cal_labels)),
+            "calibration_counts": counts.astype(int).tolist(),
+            "scores": self.cal_scores.tolist(),
+            "labels": self.cal_labels.tolist(),
+            **(
+                {
+                    "folds": self.cal_folds.tolist(),
+                    "scheme": "cross",
                     "scheme_rule": "each fold's ensemble compared with the out-of-fold rows "
-                                   "its fold models scored, counts summed over the folds"}
-                   if self.cal_folds is not None else {
-                    "scheme": "split", "scheme_rule": "the probabilities compared with every "
-                                                      "calibration row"})}
+                    "its fold models scored, counts summed over the folds",
+                }
+                if self.cal_folds is not None
+                else {
+                    "scheme": "split",
+                    "scheme_rule": "the probabilities compared with every calibration row",
+                }
+            ),
+        }
 
     @classmethod
     def from_dict(cls, d: dict, n_classes: int | None) -> "ConformalSets":
@@ -213,8 +280,12 @@ class ConformalSets:
         if not isinstance(d, dict):
             raise BenchError("'conformal' must be an object")
         scores, labels = d.get("scores"), d.get("labels")
-        if not (isinstance(scores, list) and isinstance(labels, list) and scores
-                and len(scores) == len(labels)):
+        if not (
+            isinstance(scores, list)
+            and isinstance(labels, list)
+            and scores
+            and len(scores) == len(labels)
+        ):
             raise BenchError("conformal 'scores' and 'labels' must be lists of the same length")
         try:
             s = np.asarray(scores, dtype=np.float64)
@@ -222,24 +293,45 @@ class ConformalSets:
         except (TypeError, ValueError):
             raise BenchError("conformal 'scores' must be numbers") from None
         top = int(lab.max()) + 1 if lab.dtype.kind in "iu" and n_classes is None else n_classes
-        if s.ndim != 1 or not np.isfinite(s).all() or lab.dtype.kind not in "iu" \
-                or lab.min() < 0 or lab.max() >= top:
-            raise BenchError(f"conformal 'scores' must be finite numbers and 'labels' class "
-                             f"indices in [0, {n_classes or 'the number of classes'})")
+        if (
+            s.ndim != 1
+            or not np.isfinite(s).all()
+            or lab.dtype.kind not in "iu"
+            or lab.min() < 0
+            or lab.max() >= top
+        ):
+            raise BenchError(
+                f"conformal 'scores' must be finite numbers and 'labels' class "
+                f"indices in [0, {n_classes or 'the number of classes'})"
+            )
         folds = d.get("folds")
         if folds is not None:
             f = np.asarray(folds) if isinstance(folds, list) else np.zeros(0)
-            if f.shape != lab.shape or f.dtype.kind not in "iu" or f.min() < 0 \
-                    or len(np.unique(f)) != f.max() + 1:
-                raise BenchError("conformal 'folds' must give each calibration row's fold "
-                                 "model, 0 to n_folds - 1, each used")
-        return cls(d.get("method"), d.get("confidence"), s, lab, top,
-                   d.get("raps_lambda", RAPS_LAMBDA), d.get("raps_k", RAPS_K),
-                   str(d.get("fitted_on", "")),
-                   folds)
+            if (
+                f.shape != lab.shape
+                or f.dtype.kind not in "iu"
+                or f.min() < 0
+                or len(np.unique(f)) != f.max() + 1
+            ):
+                raise BenchError(
+                    "conformal 'folds' must give each calibration row's fold "
+                    "model, 0 to n_folds - 1, each used"
+                )
+        return cls(
+            d.get("method"),
+            d.get("confidence"),
+            s,
+            lab,
+            top,
+            d.get("raps_lambda", RAPS_LAMBDA),
+            d.get("raps_k", RAPS_K),
+            str(d.get("fitted_on", "")),
+            folds,
+        )
 
 
 # ----------------------------------------------------------------------------- figures
+
 
 def set_figures(sets: np.ndarray, y) -> dict:
     """Empirical coverage, mean set size and share of singletons of ``sets`` for labels ``y``."""
@@ -248,13 +340,17 @@ def set_figures(sets: np.ndarray, y) -> dict:
     size = sets.sum(axis=1)
     if not len(y):
         return {"coverage": math.nan, "mean_set_size": math.nan, "singleton_share": math.nan}
-    return {"coverage": float(sets[np.arange(len(y)), y].mean()),
-            "mean_set_size": float(size.mean()), "singleton_share": float((size == 1).mean()),
-            "empty_share": float((size == 0).mean())}
+    return {
+        "coverage": float(sets[np.arange(len(y)), y].mean()),
+        "mean_set_size": float(size.mean()),
+        "singleton_share": float((size == 1).mean()),
+        "empty_share": float((size == 0).mean()),
+    }
 
 
-def cross_conformal(proba, y, fold_of_row, method: str = "mondrian",
-                    confidences=CONFIDENCES, **params) -> dict:
+def cross_conformal(
+    proba, y, fold_of_row, method: str = "mondrian", confidences=CONFIDENCES, **params
+) -> dict:
     """In-lab figures on rows no fit saw: for each fold k, calibrate on the other folds'
     out-of-fold rows and score fold k's rows (each scored by the model of its own fold,
     which never saw it). ``{confidence: {coverage, mean_set_size, ...}}`` over all rows."""
@@ -329,23 +425,29 @@ def confidence_scores(proba, sets=None, shift=None) -> dict[str, np.ndarray]:
     if shift is not None:
         out["shift_score"] = -np.asarray(shift, dtype=np.float64) + 1e-6 * msp
     if sets is not None and shift is not None:
-        out["combined"] = (-np.asarray(sets).sum(axis=1) * 4.0
-                           - np.asarray(shift, dtype=np.float64) + msp)
+        out["combined"] = (
+            -np.asarray(sets).sum(axis=1) * 4.0 - np.asarray(shift, dtype=np.float64) + msp
+        )
     return out
 
 
-def review_flags(sets, proba, shift=None, conf_threshold: float | None = None,
-                 shift_limit: float = SHIFT_LIMIT) -> dict[str, np.ndarray]:
+def review_flags(
+    sets, proba, shift=None, conf_threshold: float | None = None, shift_limit: float = SHIFT_LIMIT
+) -> dict[str, np.ndarray]:
     """Why each image goes to review: its set is not one class, its shift score is at or
     beyond ``shift_limit`` (further out than every training image), or its confidence is
     below ``conf_threshold``. ``review`` is any of them."""
     size = np.asarray(sets).sum(axis=1)
     msp = np.asarray(proba, dtype=np.float64).max(axis=1)
-    out = {"set_not_one": size != 1,
-           "low_confidence": (msp < conf_threshold) if conf_threshold is not None
-           else np.zeros(len(msp), dtype=bool),
-           "shifted": (np.asarray(shift) >= shift_limit) if shift is not None
-           else np.zeros(len(msp), dtype=bool)}
+    out = {
+        "set_not_one": size != 1,
+        "low_confidence": (msp < conf_threshold)
+        if conf_threshold is not None
+        else np.zeros(len(msp), dtype=bool),
+        "shifted": (np.asarray(shift) >= shift_limit)
+        if shift is not None
+        else np.zeros(len(msp), dtype=bool),
+    }
     out["review"] = out["set_not_one"] | out["low_confidence"] | out["shifted"]
     return out
 
@@ -357,16 +459,29 @@ def refer_band(scores, positive, threshold: float) -> dict:
     positive = np.asarray(positive, dtype=bool)
     wrong = (scores >= threshold) != positive
     vals = np.append(scores[wrong], threshold)
-    return {"lo": float(vals.min()), "hi": float(vals.max()), "n_wrong": int(wrong.sum()),
-            "n": int(len(scores)), "rule": "scores of the misclassified out-of-fold patients "
-                                          "and the threshold"}
+    return {
+        "lo": float(vals.min()),
+        "hi": float(vals.max()),
+        "n_wrong": int(wrong.sum()),
+        "n": int(len(scores)),
+        "rule": "scores of the misclassified out-of-fold patients and the threshold",
+    }
 
 
-def predictor_entry(proba, y, fold_of_row, *, confidence: float = 0.95,
-                    method: str = "mondrian", raps_lambda: float = RAPS_LAMBDA,
-                    raps_k: int = RAPS_K, target_error: float = 0.02,
-                    shift_limit: float = SHIFT_LIMIT,
-                    fitted_on: str = "", cross: bool = True) -> dict:
+def predictor_entry(
+    proba,
+    y,
+    fold_of_row,
+    *,
+    confidence: float = 0.95,
+    method: str = "mondrian",
+    raps_lambda: float = RAPS_LAMBDA,
+    raps_k: int = RAPS_K,
+    target_error: float = 0.02,
+    shift_limit: float = SHIFT_LIMIT,
+    fitted_on: str = "",
+    cross: bool = True,
+) -> dict:
     """What a saved predictor stores under ``conformal``: the sets calibrated on every
     out-of-fold row (``cross``: with each row's fold, ``fold_of_row`` the position of its
     fold model, for cross-conformal sets), the review rule, and the in-lab figures on rows
@@ -375,25 +490,38 @@ def predictor_entry(proba, y, fold_of_row, *, confidence: float = 0.95,
     proba = np.asarray(proba, dtype=np.float64)
     params = {"raps_lambda": raps_lambda, "raps_k": raps_k}
     fold_of_row = np.asarray(fold_of_row, dtype=np.int64)
-    state = ConformalSets.fit(proba, y, method, confidence, fitted_on=fitted_on,
-                              folds=fold_of_row if cross else None, **params)
+    state = ConformalSets.fit(
+        proba,
+        y,
+        method,
+        confidence,
+        fitted_on=fitted_on,
+        folds=fold_of_row if cross else None,
+        **params,
+    )
     conf = proba.max(axis=1)
     correct = proba.argmax(axis=1) == y
     levels = tuple(sorted({*CONFIDENCES, float(confidence)}))
-    return {**state.to_dict(),
-            "review": {"target_error": float(target_error),
-                       "confidence_threshold": review_threshold(conf, correct, target_error),
-                       "shift_limit": float(shift_limit),
-                       "rule": "set size other than 1, or shift score >= shift_limit, or "
-                               "maximum probability < confidence_threshold"},
-            "in_lab": {"scheme": "cross-conformal: each fold's out-of-fold rows scored by "
-                                 "sets calibrated on the other folds' out-of-fold rows",
-                       "n": int(len(y)),
-                       "by_confidence": cross_conformal(proba, y, fold_of_row, method,
-                                                        levels, **params),
-                       **aurc(conf, correct),
-                       "accuracy_at_coverage": {f"{c:g}": accuracy_at_coverage(conf, correct, c)
-                                                for c in (0.5, 0.8, 1.0)}}}
+    return {
+        **state.to_dict(),
+        "review": {
+            "target_error": float(target_error),
+            "confidence_threshold": review_threshold(conf, correct, target_error),
+            "shift_limit": float(shift_limit),
+            "rule": "set size other than 1, or shift score >= shift_limit, or "
+            "maximum probability < confidence_threshold",
+        },
+        "in_lab": {
+            "scheme": "cross-conformal: each fold's out-of-fold rows scored by "
+            "sets calibrated on the other folds' out-of-fold rows",
+            "n": int(len(y)),
+            "by_confidence": cross_conformal(proba, y, fold_of_row, method, levels, **params),
+            **aurc(conf, correct),
+            "accuracy_at_coverage": {
+                f"{c:g}": accuracy_at_coverage(conf, correct, c) for c in (0.5, 0.8, 1.0)
+            },
+        },
+    }
 
 
 def review_of(state: ConformalSets, review, proba, shift=None, fold_proba=None) -> dict:
@@ -402,8 +530,7 @@ def review_of(state: ConformalSets, review, proba, shift=None, fold_proba=None) 
     :class:`ensembles.record.Review`); ``fold_proba``: each fold model's probabilities, for
     cross-conformal sets."""
     sets = state.sets(proba, fold_proba=fold_proba)
-    flags = review_flags(sets, proba, shift, review.confidence_threshold,
-                         float(review.shift_limit))
+    flags = review_flags(sets, proba, shift, review.confidence_threshold, float(review.shift_limit))
     return {"sets": sets, "set_size": sets.sum(axis=1), **flags}
 
 
@@ -411,9 +538,27 @@ def join_set(row: np.ndarray, classes) -> str:
     return "|".join(str(c) for c, keep in zip(classes, row) if keep)
 
 
-__all__ = ["ConformalSets", "METHODS", "SCHEMES", "RAPS_LAMBDA", "RAPS_K", "SHIFT_LIMIT",
-           "check_confidence", "nonconformity", "p_values",
-           "cross_p_values",
-           "cross_conformal", "set_figures", "risk_coverage", "aurc", "accuracy_at_coverage",
-           "review_threshold", "review_flags", "confidence_scores", "refer_band", "join_set",
-           "predictor_entry", "review_of"]
+__all__ = [
+    "ConformalSets",
+    "METHODS",
+    "SCHEMES",
+    "RAPS_LAMBDA",
+    "RAPS_K",
+    "SHIFT_LIMIT",
+    "check_confidence",
+    "nonconformity",
+    "p_values",
+    "cross_p_values",
+    "cross_conformal",
+    "set_figures",
+    "risk_coverage",
+    "aurc",
+    "accuracy_at_coverage",
+    "review_threshold",
+    "review_flags",
+    "confidence_scores",
+    "refer_band",
+    "join_set",
+    "predictor_entry",
+    "review_of",
+]

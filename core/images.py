@@ -56,6 +56,7 @@ Image.MAX_IMAGE_PIXELS = None
 
 # ----------------------------------------------------------------------------- pixels
 
+
 def composite_on_white(rgba: np.ndarray) -> np.ndarray:
     """(..., 4) ``uint8`` RGBA -> (..., 3) ``uint8`` RGB, alpha composited on white."""
     a = rgba[..., 3:4].astype(np.float32) / 255.0
@@ -101,8 +102,9 @@ def array_to_rgb(a: np.ndarray) -> np.ndarray:
     if a.ndim == 2:
         a = a[..., None]
     if a.ndim != 3 or a.shape[-1] not in (1, 3, 4):
-        raise BenchError(f"an image must be (H, W), (H, W, 1), (H, W, 3) or (H, W, 4), "
-                         f"got shape {a.shape}")
+        raise BenchError(
+            f"an image must be (H, W), (H, W, 1), (H, W, 3) or (H, W, 4), got shape {a.shape}"
+        )
     if a.shape[-1] == 1:
         a = np.repeat(a, 3, axis=-1)
     if a.shape[-1] == 4:
@@ -130,7 +132,7 @@ def center_crop(images: np.ndarray, crop: float | None) -> np.ndarray:
     h, w = images.shape[1:3]
     ch, cw = crop_side(h, crop), crop_side(w, crop)
     top, left = (h - ch) // 2, (w - cw) // 2
-    return images[:, top:top + ch, left:left + cw]
+    return images[:, top : top + ch, left : left + cw]
 
 
 def max_pixels() -> int:
@@ -141,9 +143,11 @@ def max_pixels() -> int:
     if not raw:
         return MAX_PIXELS
     if not raw.isdigit() or int(raw) < 1:
-        raise BenchError(f"{MAX_PIXELS_ENV}={os.environ[MAX_PIXELS_ENV]!r}: give the most "
-                         f"pixels (width x height) an image may have, a positive whole number, "
-                         f"e.g. {MAX_PIXELS_ENV}=200000000")
+        raise BenchError(
+            f"{MAX_PIXELS_ENV}={os.environ[MAX_PIXELS_ENV]!r}: give the most "
+            f"pixels (width x height) an image may have, a positive whole number, "
+            f"e.g. {MAX_PIXELS_ENV}=200000000"
+        )
     return int(raw)
 
 
@@ -152,10 +156,12 @@ def check_pixels(width: int, height: int, limit: int | None = None) -> None:
     than ``limit`` (default :func:`max_pixels`) pixels."""
     limit = max_pixels() if limit is None else limit
     if width * height > limit:
-        raise BenchError(f"too large: {width}x{height} pixels ({width * height / 1e6:.1f} "
-                         f"megapixels) is over the limit of {limit / 1e6:g} megapixels, "
-                         f"checked before decoding; set {MAX_PIXELS_ENV} (pixels, now "
-                         f"{limit}) higher to read it")
+        raise BenchError(
+            f"too large: {width}x{height} pixels ({width * height / 1e6:.1f} "
+            f"megapixels) is over the limit of {limit / 1e6:g} megapixels, "
+            f"checked before decoding; set {MAX_PIXELS_ENV} (pixels, now "
+            f"{limit}) higher to read it"
+        )
 
 
 def read_rgb(path) -> tuple[Image.Image, str, str]:
@@ -171,7 +177,7 @@ def read_rgb(path) -> tuple[Image.Image, str, str]:
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
-            with Image.open(path) as img:   # lazy: the header only, so far
+            with Image.open(path) as img:  # lazy: the header only, so far
                 check_pixels(img.width, img.height, limit)
                 img.load()
                 return to_rgb(img), img.mode, f"{img.width}x{img.height}"
@@ -195,13 +201,14 @@ def find_images(path) -> list[Path]:
         raise BenchError(f"image path not found: {path}")
     if path.is_file():
         return [path]
-    found = []   # os.walk: symbolic links to folders are not followed (no loops)
+    found = []  # os.walk: symbolic links to folders are not followed (no loops)
     for folder, _, files in os.walk(path, onerror=lambda exc: None):
         found += [Path(folder) / f for f in files if Path(f).suffix.lower() in IMAGE_SUFFIXES]
     return sorted(p for p in found if p.is_file())
 
 
 # ----------------------------------------------------------------------------- the record
+
 
 @dataclass(frozen=True)
 class Preprocessing:
@@ -223,23 +230,37 @@ class Preprocessing:
     smooth: float = 0.0
 
     def __post_init__(self):
-        if not isinstance(self.image_size, int) or isinstance(self.image_size, bool) \
-                or self.image_size < 1:
-            raise BenchError(f"preprocessing: image_size must be a positive integer, "
-                             f"got {self.image_size!r}")
-        for name, allowed in (("resize", RESIZE_FILTERS), ("color", {"rgb8"}),
-                              ("alpha", {"white"})):
+        if (
+            not isinstance(self.image_size, int)
+            or isinstance(self.image_size, bool)
+            or self.image_size < 1
+        ):
+            raise BenchError(
+                f"preprocessing: image_size must be a positive integer, got {self.image_size!r}"
+            )
+        for name, allowed in (
+            ("resize", RESIZE_FILTERS),
+            ("color", {"rgb8"}),
+            ("alpha", {"white"}),
+        ):
             if getattr(self, name) not in allowed:
-                raise BenchError(f"preprocessing: {name} must be one of {sorted(allowed)}, "
-                                 f"got {getattr(self, name)!r}")
-        if isinstance(self.smooth, bool) or not isinstance(self.smooth, (int, float)) \
-                or not 0 <= self.smooth <= MAX_SMOOTH:
-            raise BenchError(f"preprocessing: smooth must be a number in [0, {MAX_SMOOTH:g}], "
-                             f"got {self.smooth!r}")
+                raise BenchError(
+                    f"preprocessing: {name} must be one of {sorted(allowed)}, "
+                    f"got {getattr(self, name)!r}"
+                )
+        if (
+            isinstance(self.smooth, bool)
+            or not isinstance(self.smooth, (int, float))
+            or not 0 <= self.smooth <= MAX_SMOOTH
+        ):
+            raise BenchError(
+                f"preprocessing: smooth must be a number in [0, {MAX_SMOOTH:g}], "
+                f"got {self.smooth!r}"
+            )
 
     def to_dict(self) -> dict:
         d = asdict(self)
-        if not self.smooth:   # records written before the step existed read the same
+        if not self.smooth:  # records written before the step existed read the same
             d.pop("smooth")
         return d
 
@@ -250,8 +271,10 @@ class Preprocessing:
         known = {f.name for f in fields(cls)}
         unknown = sorted(set(d) - known)
         if unknown:
-            raise BenchError(f"preprocessing record has unknown step(s) {unknown}; this "
-                             f"bloodbench knows {sorted(known)}")
+            raise BenchError(
+                f"preprocessing record has unknown step(s) {unknown}; this "
+                f"bloodbench knows {sorted(known)}"
+            )
         return cls(**d)
 
     # -- one image ----------------------------------------------------------------
@@ -268,8 +291,9 @@ class Preprocessing:
         """An (H, W, 3) ``uint8`` array resized whole (and smoothed), as in training."""
         s = self.image_size
         if a.shape[:2] != (s, s):
-            a = np.asarray(Image.fromarray(a).resize((s, s), RESIZE_FILTERS[self.resize]),
-                           dtype=np.uint8)
+            a = np.asarray(
+                Image.fromarray(a).resize((s, s), RESIZE_FILTERS[self.resize]), dtype=np.uint8
+            )
         return smooth(a, self.smooth)
 
     def apply(self, item) -> np.ndarray:
@@ -277,8 +301,9 @@ class Preprocessing:
         return self.resize_array(read_image(item))
 
     # -- batches ------------------------------------------------------------------
-    def load(self, items, keep_full: bool = False, skip_errors: bool = False,
-             threads: int | None = None):
+    def load(
+        self, items, keep_full: bool = False, skip_errors: bool = False, threads: int | None = None
+    ):
         """Read and preprocess a list of images (paths or arrays), files in parallel threads.
 
         Returns ``(X, full, ok, errors)``: ``X`` (n, S, S, 3) ``uint8`` for the readable
@@ -287,7 +312,7 @@ class Preprocessing:
         BenchError)`` pairs. Without ``skip_errors`` the first unreadable item raises.
         """
         threads = threads or READ_THREADS
-        max_pixels()   # a bad BLOODBENCH_MAX_PIXELS stops here, not as a reason per file
+        max_pixels()  # a bad BLOODBENCH_MAX_PIXELS stops here, not as a reason per file
 
         def one(item):
             try:
@@ -295,6 +320,7 @@ class Preprocessing:
             except BenchError as exc:
                 return None, None, exc
             return self.resize_array(full), (full if keep_full else None), None
+
         if threads > 1 and len(items) > 1 and not all(isinstance(i, np.ndarray) for i in items):
             with ThreadPoolExecutor(min(threads, len(items))) as pool:
                 results = list(pool.map(one, items))
@@ -318,8 +344,10 @@ class Preprocessing:
         """Yield ``(start, X, full, ok, errors)`` for each batch of ``items`` (as
         :meth:`load` with ``skip_errors``; ``ok`` and ``errors`` positions within the
         batch). The next batch is read in a thread while the caller works on this one."""
+
         def read(s):
-            return self.load(items[s:s + batch_size], keep_full=keep_full, skip_errors=True)
+            return self.load(items[s : s + batch_size], keep_full=keep_full, skip_errors=True)
+
         reader = ThreadPoolExecutor(1)
         try:
             pending = reader.submit(read, 0) if len(items) else None
@@ -350,8 +378,7 @@ class Preprocessing:
         s = self.image_size
         if not (isinstance(x, np.ndarray) and x.ndim == 4 and x.shape[1:] == (s, s, 3)):
             shape = x.shape if isinstance(x, np.ndarray) else type(x).__name__
-            raise BenchError(f"preprocessed images must be an (N, {s}, {s}, 3) array, got "
-                             f"{shape}")
+            raise BenchError(f"preprocessed images must be an (N, {s}, {s}, 3) array, got {shape}")
         if x.dtype != np.uint8:
             raise BenchError(f"image arrays must be uint8, got {x.dtype}")
         return x
@@ -385,7 +412,7 @@ def as_items(x) -> list:
     if isinstance(x, np.ndarray):
         if x.ndim == 2 or (x.ndim == 3 and x.shape[-1] in (1, 3, 4)):
             return [x]
-        if x.ndim in (3, 4):      # (N, H, W) grayscale or (N, H, W, C)
+        if x.ndim in (3, 4):  # (N, H, W) grayscale or (N, H, W, C)
             return list(x)
         raise BenchError(f"images must be (N, H, W, 3) arrays, got shape {x.shape}")
     return list(x)

@@ -19,9 +19,22 @@ import numpy as np
 from core.errors import BenchError
 
 TRACKED_PACKAGES = (
-    "bloodbench", "numpy", "scipy", "pillow", "tensorflow", "tensorflow-cpu", "keras",
-    "scikit-learn", "scikit-image", "xgboost", "optuna", "skops", "pandas", "joblib",
-    "dask", "distributed",
+    "bloodbench",
+    "numpy",
+    "scipy",
+    "pillow",
+    "tensorflow",
+    "tensorflow-cpu",
+    "keras",
+    "scikit-learn",
+    "scikit-image",
+    "xgboost",
+    "optuna",
+    "skops",
+    "pandas",
+    "joblib",
+    "dask",
+    "distributed",
 )
 
 
@@ -33,8 +46,7 @@ def naming(path):
         yield
     except OSError as exc:
         if exc.filename is None and exc.errno is not None:
-            raise OSError(exc.errno, exc.strerror or os.strerror(exc.errno), str(path)) \
-                from exc
+            raise OSError(exc.errno, exc.strerror or os.strerror(exc.errno), str(path)) from exc
         raise
 
 
@@ -66,7 +78,7 @@ def safe_text(text: str) -> str:
         pass
     try:
         return text.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
-    except UnicodeEncodeError:   # a surrogate that is no escaped byte
+    except UnicodeEncodeError:  # a surrogate that is no escaped byte
         return text.encode("utf-8", "backslashreplace").decode("utf-8")
 
 
@@ -190,8 +202,13 @@ def git_commit() -> str | None:
     """The commit of the bloodbench checkout that runs, if it is a git checkout."""
     here = Path(__file__).resolve().parent.parent
     try:
-        out = subprocess.run(["git", "-C", str(here), "rev-parse", "HEAD"], capture_output=True,
-                             text=True, timeout=5, check=False)
+        out = subprocess.run(
+            ["git", "-C", str(here), "rev-parse", "HEAD"],
+            capture_output=True,
+            text=True,
+            timeout=5,
+            check=False,
+        )
     except (OSError, subprocess.SubprocessError):
         return None
     return out.stdout.strip() or None if out.returncode == 0 else None
@@ -204,6 +221,8 @@ def check_name(name: str, what: str = "name") -> str:
     """``name`` if it is a safe identifier for files (letters, digits, ``_ . -``; starts
     with a letter or digit; at most 64 characters), else a one-line error."""
     if not isinstance(name, str) or not NAME_PATTERN.match(name) or ".." in name:
-        raise BenchError(f"{what} {name!r} is not allowed: use letters, digits, '_', '.' and "
-                         "'-' (starting with a letter or digit, at most 64 characters)")
+        raise BenchError(
+            f"{what} {name!r} is not allowed: use letters, digits, '_', '.' and "
+            "'-' (starting with a letter or digit, at most 64 characters)"
+        )
     return name

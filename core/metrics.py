@@ -29,8 +29,8 @@ class Metric:
     name: str
     label: str
     lower_is_better: bool
-    fn: Callable          # fn(y, proba, sample_weight=None) -> float
-    from_labels: bool     # depends on the predicted classes (the argmax) only
+    fn: Callable  # fn(y, proba, sample_weight=None) -> float
+    from_labels: bool  # depends on the predicted classes (the argmax) only
 
     @property
     def direction(self) -> str:
@@ -62,16 +62,25 @@ def accuracy(y, proba, sample_weight=None) -> float:
 
 def balanced_accuracy(y, proba, sample_weight=None) -> float:
     """Mean recall over the classes present in ``y``."""
-    return float(balanced_accuracy_score(y, np.asarray(proba).argmax(axis=1),
-                                         sample_weight=sample_weight))
+    return float(
+        balanced_accuracy_score(y, np.asarray(proba).argmax(axis=1), sample_weight=sample_weight)
+    )
 
 
 def macro_f1(y, proba, sample_weight=None) -> float:
     """F1 averaged over all K classes of ``proba`` (0 for a class neither present nor
     predicted)."""
     proba = np.asarray(proba)
-    return float(f1_score(y, proba.argmax(axis=1), labels=np.arange(proba.shape[1]),
-                          average="macro", zero_division=0, sample_weight=sample_weight))
+    return float(
+        f1_score(
+            y,
+            proba.argmax(axis=1),
+            labels=np.arange(proba.shape[1]),
+            average="macro",
+            zero_division=0,
+            sample_weight=sample_weight,
+        )
+    )
 
 
 def roc_auc(y, proba, sample_weight=None) -> float:
@@ -85,8 +94,9 @@ def roc_auc(y, proba, sample_weight=None) -> float:
             raise ValueError
         if p.shape[1] == 2:
             return float(roc_auc_score(y, p[:, 1], sample_weight=sample_weight))
-        return float(np.mean([roc_auc_score(y == c, p[:, c], sample_weight=sample_weight)
-                              for c in present]))
+        return float(
+            np.mean([roc_auc_score(y == c, p[:, c], sample_weight=sample_weight) for c in present])
+        )
     except ValueError:
         return float("nan")
 
@@ -106,14 +116,17 @@ def ece(y, proba, sample_weight=None, n_bins: int = 15) -> float:
     return _ece(y, proba, n_bins, sample_weight)
 
 
-REGISTRY: dict[str, Metric] = {m.name: m for m in (
-    Metric("accuracy", "accuracy", False, accuracy, True),
-    Metric("balanced_accuracy", "balanced accuracy", False, balanced_accuracy, True),
-    Metric("macro_f1", "macro-F1", False, macro_f1, True),
-    Metric("roc_auc", "ROC AUC (OvR)", False, roc_auc, False),
-    Metric("log_loss", "log loss", True, _log_loss, False),
-    Metric("ece", "ECE", True, ece, False),
-)}
+REGISTRY: dict[str, Metric] = {
+    m.name: m
+    for m in (
+        Metric("accuracy", "accuracy", False, accuracy, True),
+        Metric("balanced_accuracy", "balanced accuracy", False, balanced_accuracy, True),
+        Metric("macro_f1", "macro-F1", False, macro_f1, True),
+        Metric("roc_auc", "ROC AUC (OvR)", False, roc_auc, False),
+        Metric("log_loss", "log loss", True, _log_loss, False),
+        Metric("ece", "ECE", True, ece, False),
+    )
+}
 #: the metrics scored per fold and on the leaderboard (a run's ``[run] metric``)
 METRICS = ("accuracy", "balanced_accuracy", "macro_f1", "roc_auc", "log_loss")
 #: every registered metric: the fold metrics and ECE (the report's columns)
@@ -130,8 +143,9 @@ LAB_METRICS = LABEL_METRICS
 LAB_RANKINGS = tuple(f"{s}_lab_{m}" for s in LAB_SUMMARIES for m in LAB_METRICS)
 #: what ``[run] metric`` may name: a fold metric or a summary over held-out labs
 RANKING_METRICS = METRICS + LAB_RANKINGS
-METRIC_LABELS |= {f"{s}_lab_{m}": f"{s}-lab {METRIC_LABELS[m]}" for s in LAB_SUMMARIES
-                  for m in LAB_METRICS}
+METRIC_LABELS |= {
+    f"{s}_lab_{m}": f"{s}-lab {METRIC_LABELS[m]}" for s in LAB_SUMMARIES for m in LAB_METRICS
+}
 
 
 def metric_label(name: str) -> str:
@@ -145,7 +159,7 @@ def base_metric(metric: str) -> str:
     statistics score); any fold metric itself."""
     for s in LAB_SUMMARIES:
         if metric.startswith(f"{s}_lab_"):
-            return metric[len(s) + 5:]
+            return metric[len(s) + 5 :]
     return metric
 
 

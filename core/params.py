@@ -31,8 +31,7 @@ from pydantic import ConfigDict, Field, ValidationError, create_model
 from core.errors import BenchError
 
 # inf and nan refused for every float (TOML writes them as inf and nan)
-_STRICT = ConfigDict(extra="forbid", strict=True, arbitrary_types_allowed=True,
-                     allow_inf_nan=False)
+_STRICT = ConfigDict(extra="forbid", strict=True, arbitrary_types_allowed=True, allow_inf_nan=False)
 
 
 def _type_of(default) -> Any:
@@ -56,7 +55,7 @@ def _field_type(default, rule: dict):
     if "choices" in rule:
         typ = Literal[tuple(rule["choices"])]
     bounds = {k: rule[k] for k in ("ge", "gt", "le", "lt") if k in rule}
-    if typ is float:   # an integer where a float is expected is fine (TOML writes 1, not 1.0)
+    if typ is float:  # an integer where a float is expected is fine (TOML writes 1, not 1.0)
         typ = Union[float, int]
     if bounds:
         typ = Annotated[typ, Field(**bounds)]
@@ -71,8 +70,11 @@ def _field_type(default, rule: dict):
 def param_names(cls) -> dict[str, Any]:
     """``{name: default}`` of the ``__init__`` parameters of ``cls``."""
     sig = inspect.signature(cls.__init__)
-    return {n: p.default for n, p in sig.parameters.items()
-            if n != "self" and p.kind not in (p.VAR_POSITIONAL, p.VAR_KEYWORD)}
+    return {
+        n: p.default
+        for n, p in sig.parameters.items()
+        if n != "self" and p.kind not in (p.VAR_POSITIONAL, p.VAR_KEYWORD)
+    }
 
 
 def schema(cls):
@@ -85,8 +87,14 @@ def schema(cls):
     return create_model(f"{cls.__name__}Params", __config__=_STRICT, **fields)
 
 
-_TYPE_WORDS = {int: "an integer", float: "a number", str: "a string", bool: "true or false",
-               list: "a list", dict: "a table"}
+_TYPE_WORDS = {
+    int: "an integer",
+    float: "a number",
+    str: "a string",
+    bool: "true or false",
+    list: "a list",
+    dict: "a table",
+}
 _BOUND_WORDS = {"ge": ">=", "gt": ">", "le": "<=", "lt": "<"}
 
 
@@ -127,8 +135,13 @@ def non_finite(value, path: tuple = ()) -> tuple | None:
     finite."""
     if isinstance(value, float):
         return None if math.isfinite(value) else (path, value)
-    items = value.items() if isinstance(value, dict) else \
-        enumerate(value) if isinstance(value, (list, tuple)) else ()
+    items = (
+        value.items()
+        if isinstance(value, dict)
+        else enumerate(value)
+        if isinstance(value, (list, tuple))
+        else ()
+    )
     for key, item in items:
         found = non_finite(item, (*path, key))
         if found is not None:
@@ -150,7 +163,7 @@ def validate_params(cls, params: dict, where: str) -> dict:
         schema(cls).model_validate(params)
     except ValidationError as exc:
         raise BenchError(f"{where}: {_describe(cls, exc.errors()[0])}") from None
-    bad = non_finite(params)   # inside a list or table parameter (the schema checks floats)
+    bad = non_finite(params)  # inside a list or table parameter (the schema checks floats)
     if bad is not None:
         raise BenchError(f"{where}: {key_text(bad[0])}: expected a finite number, got {bad[1]!r}")
     return params

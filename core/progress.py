@@ -8,18 +8,32 @@ from contextlib import contextmanager
 
 from rich.console import Console
 from rich.markup import escape
-from rich.progress import (BarColumn, MofNCompleteColumn, Progress, SpinnerColumn, TextColumn,
-                           TimeElapsedColumn, TimeRemainingColumn)
+from rich.progress import (
+    BarColumn,
+    MofNCompleteColumn,
+    Progress,
+    SpinnerColumn,
+    TextColumn,
+    TimeElapsedColumn,
+    TimeRemainingColumn,
+)
 
 from core.io import safe_text
 
 console = Console(stderr=True, highlight=False)
-PLAIN_INTERVAL = 60.0   # seconds between progress lines when stderr is not a terminal (a log)
+PLAIN_INTERVAL = 60.0  # seconds between progress lines when stderr is not a terminal (a log)
 
 
 def _columns():
-    return (SpinnerColumn(), TextColumn("[bold]{task.description}"), BarColumn(),
-            MofNCompleteColumn(), TimeElapsedColumn(), TextColumn("eta"), TimeRemainingColumn())
+    return (
+        SpinnerColumn(),
+        TextColumn("[bold]{task.description}"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TimeElapsedColumn(),
+        TextColumn("eta"),
+        TimeRemainingColumn(),
+    )
 
 
 class _PlainProgress:
@@ -45,8 +59,10 @@ class _PlainProgress:
     def _line(self, label: str) -> None:
         seconds = int(time.monotonic() - self.start)
         count = f"{self.done}/{self.total}" if self.total else str(self.done)
-        info(f"{self.desc}: {count} ({seconds // 60}:{seconds % 60:02d})"
-             + (f" {label}" if label else ""))
+        info(
+            f"{self.desc}: {count} ({seconds // 60}:{seconds % 60:02d})"
+            + (f" {label}" if label else "")
+        )
 
 
 def progress_iter(iterable, total: int | None = None, desc: str = "", enabled: bool = True):
@@ -78,6 +94,7 @@ def unit_progress(total: int, desc: str = "work units"):
 
         def advance_plain(label: str = "", done: bool = True):
             plain.advance(1 if done else 0, label)
+
         yield advance_plain
         plain.close()
         return
@@ -86,6 +103,7 @@ def unit_progress(total: int, desc: str = "work units"):
 
         def advance(label: str = "", done: bool = True):
             prog.update(task, advance=1 if done else 0, current=label)
+
         yield advance
 
 
@@ -99,7 +117,7 @@ def stage(times: dict, name: str):
 
 
 def info(msg: str) -> None:
-    console.print(escape(safe_text(str(msg))))   # "[run] folds" is text, not rich markup
+    console.print(escape(safe_text(str(msg))))  # "[run] folds" is text, not rich markup
 
 
 def warn(msg: str) -> None:

@@ -24,8 +24,8 @@ from importlib.metadata import entry_points
 
 from core.errors import BenchError
 
-GROUP = "bloodbench.types"   # the entry-point group that declares types
-_LAZY: dict[str, str] = {}   # type name -> "module:Class", imported on first use
+GROUP = "bloodbench.types"  # the entry-point group that declares types
+_LAZY: dict[str, str] = {}  # type name -> "module:Class", imported on first use
 _REGISTERED: dict[str, type] = {}
 _DISCOVERED = False
 
@@ -42,10 +42,12 @@ def declared() -> dict[str, str]:
 
 def register(name: str):
     """Class decorator: make ``name`` usable as ``type = "name"`` in the config."""
+
     def deco(cls):
         _REGISTERED[name] = cls
         cls.type_name = name
         return cls
+
     return deco
 
 

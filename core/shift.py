@@ -16,14 +16,14 @@ from __future__ import annotations
 import numpy as np
 
 VERSION = 1
-IMAGE_LEVEL = 0.99      # an image is "out" when further out than 99 % of training images
-BATCH_SHARE = 0.5       # a batch is flagged when more than half of its images are out
+IMAGE_LEVEL = 0.99  # an image is "out" when further out than 99 % of training images
+BATCH_SHARE = 0.5  # a batch is flagged when more than half of its images are out
 
 
 def descriptor(images: np.ndarray) -> np.ndarray:
     """(N, D) ``float64`` colour descriptor of (N, H, W, 3) ``uint8`` images."""
     x = np.asarray(images, dtype=np.float64).reshape(len(images), -1, 3) / 255.0
-    od = -np.log(np.clip(x, 1.0 / 255.0, 1.0))       # optical density: stain amounts
+    od = -np.log(np.clip(x, 1.0 / 255.0, 1.0))  # optical density: stain amounts
     parts = []
     for arr in (x, od):
         parts += [arr.mean(axis=1), arr.std(axis=1)]
@@ -46,10 +46,11 @@ class ShiftReference:
         rows = np.arange(len(images))
         if len(rows) > max_images:
             rows = np.sort(np.random.default_rng(seed).choice(rows, max_images, replace=False))
-        d = np.concatenate([descriptor(np.asarray(images[rows[i:i + 512]]))
-                            for i in range(0, len(rows), 512)])
+        d = np.concatenate(
+            [descriptor(np.asarray(images[rows[i : i + 512]])) for i in range(0, len(rows), 512)]
+        )
         mean = d.mean(axis=0)
-        cov = np.cov(d, rowvar=False) + 1e-6 * np.eye(d.shape[1])   # ridge: never singular
+        cov = np.cov(d, rowvar=False) + 1e-6 * np.eye(d.shape[1])  # ridge: never singular
         obj = cls(mean, np.linalg.pinv(cov), [])
         obj.reference = np.sort(obj.distance(d))
         return obj
@@ -66,21 +67,31 @@ class ShiftReference:
         return np.searchsorted(self.reference, dist, side="right") / len(self.reference)
 
     @staticmethod
-    def batch_summary(scores: np.ndarray, image_level: float = IMAGE_LEVEL,
-                      batch_share: float = BATCH_SHARE) -> dict:
+    def batch_summary(
+        scores: np.ndarray, image_level: float = IMAGE_LEVEL, batch_share: float = BATCH_SHARE
+    ) -> dict:
         """Share of images beyond ``image_level``, median score, and the flag."""
         scores = np.asarray(scores, dtype=np.float64)
         share = float(np.mean(scores > image_level)) if len(scores) else 0.0
-        return {"n": int(len(scores)), "median_score": float(np.median(scores)) if len(scores)
-                else float("nan"), "share_out": share, "image_level": image_level,
-                "flagged": bool(share > batch_share)}
+        return {
+            "n": int(len(scores)),
+            "median_score": float(np.median(scores)) if len(scores) else float("nan"),
+            "share_out": share,
+            "image_level": image_level,
+            "flagged": bool(share > batch_share),
+        }
 
     def to_dict(self) -> dict:
         # the reference distances as 101 quantiles: compact, enough for a percentile
         q = np.quantile(self.reference, np.linspace(0, 1, 1001))
-        return {"version": VERSION, "descriptor": "RGB and optical-density means, spreads and "
-                "10/50/90th percentiles per channel", "mean": self.mean.tolist(),
-                "precision": self.precision.tolist(), "reference_quantiles": q.tolist()}
+        return {
+            "version": VERSION,
+            "descriptor": "RGB and optical-density means, spreads and "
+            "10/50/90th percentiles per channel",
+            "mean": self.mean.tolist(),
+            "precision": self.precision.tolist(),
+            "reference_quantiles": q.tolist(),
+        }
 
     @classmethod
     def from_dict(cls, d: dict) -> "ShiftReference":

@@ -31,7 +31,7 @@ import numpy as np
 
 COLOUR_SHIFTS = ("stain", "hue")
 SHIFTS = (*COLOUR_SHIFTS, "camera", "scale")
-_CHUNK = 256   # images converted at a time (float32 copies: a few tens of MB)
+_CHUNK = 256  # images converted at a time (float32 copies: a few tens of MB)
 
 
 def _rngs(rows, seed: int):
@@ -40,6 +40,7 @@ def _rngs(rows, seed: int):
 
 def _stain(x: np.ndarray, rngs) -> np.ndarray:
     from skimage.color import hed2rgb, rgb2hed
+
     scale = np.stack([g.uniform(0.8, 1.2, 3) for g in rngs])[:, None, None, :]
     shift = np.stack([g.uniform(-0.01, 0.01, 3) for g in rngs])[:, None, None, :]
     return hed2rgb(rgb2hed(x) * scale + shift)
@@ -47,8 +48,10 @@ def _stain(x: np.ndarray, rngs) -> np.ndarray:
 
 def _hue(x: np.ndarray, rngs) -> np.ndarray:
     from skimage.color import hsv2rgb, rgb2hsv
-    p = np.stack([[g.uniform(-0.08, 0.08), g.uniform(0.7, 1.3), g.uniform(0.85, 1.15)]
-                  for g in rngs])[:, None, None, :]
+
+    p = np.stack(
+        [[g.uniform(-0.08, 0.08), g.uniform(0.7, 1.3), g.uniform(0.85, 1.15)] for g in rngs]
+    )[:, None, None, :]
     hsv = rgb2hsv(x)
     hsv[..., 0] = (hsv[..., 0] + p[..., 0]) % 1.0
     hsv[..., 1] = np.clip(hsv[..., 1] * p[..., 1], 0.0, 1.0)
@@ -60,28 +63,37 @@ def _zoomed(x: np.ndarray, params) -> np.ndarray:
     """Each image magnified by ``zoom`` about its centre (bilinear, borders mirrored), then
     blurred by ``sigma`` px; ``params``: one ``(zoom, sigma)`` per image."""
     from scipy import ndimage
+
     _, h, w, _ = x.shape
     centre = np.array([(h - 1) / 2.0, (w - 1) / 2.0])
     out = np.empty_like(x)
     for i, (zoom, sigma) in enumerate(params):
-        matrix = np.eye(2) / zoom   # output pixel -> input pixel, about the centre
+        matrix = np.eye(2) / zoom  # output pixel -> input pixel, about the centre
         offset = centre - matrix @ centre
         for c in range(x.shape[-1]):
-            plane = ndimage.affine_transform(x[i, ..., c], matrix, offset=offset, order=1,
-                                             mode="mirror")
+            plane = ndimage.affine_transform(
+                x[i, ..., c], matrix, offset=offset, order=1, mode="mirror"
+            )
             out[i, ..., c] = ndimage.gaussian_filter(plane, sigma) if sigma > 0 else plane
     return out
 
 
 def _camera(x: np.ndarray, rngs) -> np.ndarray:
     h = x.shape[1]
-    return _zoomed(x, [(float(np.exp(g.uniform(np.log(0.8), np.log(1.25)))),
-                        float(g.uniform(0.0, 1.0)) * h / 64.0) for g in rngs])
+    return _zoomed(
+        x,
+        [
+            (
+                float(np.exp(g.uniform(np.log(0.8), np.log(1.25)))),
+                float(g.uniform(0.0, 1.0)) * h / 64.0,
+            )
+            for g in rngs
+        ],
+    )
 
 
 def _scale(x: np.ndarray, rngs) -> np.ndarray:
-    return _zoomed(x, [(float(np.exp(g.uniform(np.log(1.4), np.log(2.2)))), 0.0)
-                       for g in rngs])
+    return _zoomed(x, [(float(np.exp(g.uniform(np.log(1.4), np.log(2.2)))), 0.0) for g in rngs])
 
 
 _FUNCS = {"stain": _stain, "hue": _hue, "camera": _camera, "scale": _scale}
@@ -104,7 +116,7 @@ def simulate(images: np.ndarray, shift: str, rows, seed: int = 0) -> np.ndarray:
         raise ValueError(f"{len(rows)} rows for {len(images)} images")
     out = np.empty(images.shape, dtype=np.uint8)
     for i in range(0, len(images), _CHUNK):
-        x = np.asarray(images[i:i + _CHUNK], dtype=np.float32) / np.float32(255.0)
-        y = _FUNCS[shift](x, _rngs(rows[i:i + _CHUNK], seed))
-        out[i:i + _CHUNK] = np.clip(np.rint(y * 255.0), 0, 255).astype(np.uint8)
+        x = np.asarray(images[i : i + _CHUNK], dtype=np.float32) / np.float32(255.0)
+        y = _FUNCS[shift](x, _rngs(rows[i : i + _CHUNK], seed))
+        out[i : i + _CHUNK] = np.clip(np.rint(y * 255.0), 0, 255).astype(np.uint8)
     return out

@@ -10,5 +10,13 @@ from ensembles.selection import greedy_selection
 from ensembles.stacking import Stacking
 from ensembles.voting import SoftVoting
 
-__all__ = ["Ensemble", "Predictor", "SoftVoting", "Stacking", "cross_val_combine",
-           "greedy_selection", "load_predictor", "save_predictor"]
+__all__ = [
+    "Ensemble",
+    "Predictor",
+    "SoftVoting",
+    "Stacking",
+    "cross_val_combine",
+    "greedy_selection",
+    "load_predictor",
+    "save_predictor",
+]

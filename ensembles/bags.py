@@ -40,8 +40,8 @@ class MeanAggregator:
 
     name = "mean"
     needs_fit = False
-    needs_embeddings = False   # reads cell probabilities
-    settings: dict[str, str] = {}     # [patients] key -> argument of __init__
+    needs_embeddings = False  # reads cell probabilities
+    settings: dict[str, str] = {}  # [patients] key -> argument of __init__
 
     def params(self) -> dict:
         return {}
@@ -99,8 +99,8 @@ class CompositionAggregator:
 
     name = "composition"
     needs_fit = True
-    needs_embeddings = False   # reads hand-crafted cell features
-    needs_cell_types = True    # fitted on each training cell's type ([data] cell_types)
+    needs_embeddings = False  # reads hand-crafted cell features
+    needs_cell_types = True  # fitted on each training cell's type ([data] cell_types)
     settings = {"seed": "seed"}
 
     def __init__(self, C: float = 1.0, seed: int = 0):
@@ -114,8 +114,11 @@ class CompositionAggregator:
         if len(np.unique(y)) < 2:
             raise ValueError("a composition model needs positive and negative bags")
         self.model_ = make_pipeline(
-            StandardScaler(), LogisticRegression(C=self.C, class_weight="balanced",
-                                                 max_iter=2000, random_state=self.seed))
+            StandardScaler(),
+            LogisticRegression(
+                C=self.C, class_weight="balanced", max_iter=2000, random_state=self.seed
+            ),
+        )
         self.model_.fit(np.asarray(composition, dtype=float), y)
         return self
 
@@ -133,13 +136,19 @@ def negative_label(classes: list[str], positive: str) -> str:
 #: every aggregator by name (``[patients] aggregators``, a bag predictor's ``aggregator``);
 #: ``attention`` (:class:`ensembles.mil.AttentionMIL`) pools a frozen backbone's cell
 #: embeddings rather than cell probabilities
-AGGREGATORS = {cls.name: cls for cls in (MeanAggregator, TrimmedMeanAggregator,
-                                          TopKMeanAggregator, CompositionAggregator,
-                                          AttentionMIL)}
+AGGREGATORS = {
+    cls.name: cls
+    for cls in (
+        MeanAggregator,
+        TrimmedMeanAggregator,
+        TopKMeanAggregator,
+        CompositionAggregator,
+        AttentionMIL,
+    )
+}
 #: the default ``[patients] aggregators``: all but those that need a backbone's cell
 #: embeddings (declared by ``needs_embeddings``; they need a frozen candidate in the run)
-DEFAULT_AGGREGATORS = tuple(n for n, cls in AGGREGATORS.items()
-                            if not cls.needs_embeddings)
+DEFAULT_AGGREGATORS = tuple(n for n, cls in AGGREGATORS.items() if not cls.needs_embeddings)
 #: the aggregators of cell probabilities alone (no fit): what a saved predictor can carry
 CELL_AGGREGATORS = tuple(n for n, cls in AGGREGATORS.items() if not cls.needs_fit)
 
@@ -156,8 +165,11 @@ def make_aggregator(name: str, settings):
     if name not in AGGREGATORS:
         raise ValueError(f"unknown aggregator '{name}'")
     cls = AGGREGATORS[name]
-    get = settings.__getitem__ if isinstance(settings, Mapping) else \
-        lambda key: getattr(settings, key)
+    get = (
+        settings.__getitem__
+        if isinstance(settings, Mapping)
+        else lambda key: getattr(settings, key)
+    )
     return cls(**{arg: get(key) for key, arg in cls.settings.items()})
 
 
@@ -175,7 +187,7 @@ def choose_threshold(scores: np.ndarray, y: np.ndarray, rule: str = "youden") ->
     s, y = np.asarray(scores, dtype=float), np.asarray(y).astype(int)
     if rule.startswith("sensitivity:"):
         target = float(rule.split(":", 1)[1])
-        if not 0 < target <= 1:   # 0 keeps no positive bag ([patients] threshold refuses it)
+        if not 0 < target <= 1:  # 0 keeps no positive bag ([patients] threshold refuses it)
             raise ValueError(f"sensitivity must be in (0, 1], got {target}")
         pos = np.sort(s[y == 1])[::-1]
         if not len(pos):
@@ -199,12 +211,11 @@ def choose_threshold(scores: np.ndarray, y: np.ndarray, rule: str = "youden") ->
 
 
 #: the decisions a bag can get besides its positive and negative class
-REFER = "refer"    # no confident call (too few cells, shifted cells, score in the refer band)
+REFER = "refer"  # no confident call (too few cells, shifted cells, score in the refer band)
 #: why a bag is referred: each ``reason`` of :data:`REFER` starts with one of these
-TOO_FEW, SHIFTED, IN_BAND = "too few cells", "cells unlike the training cells", \
-    "score in the band"
+TOO_FEW, SHIFTED, IN_BAND = "too few cells", "cells unlike the training cells", "score in the band"
 REFER_KINDS = (TOO_FEW, SHIFTED, IN_BAND)
-NO_CALL = "none"   # no readable cell at all
+NO_CALL = "none"  # no readable cell at all
 #: ``[patients] min_cells = "auto"``: this percentile of the training bags' cell counts
 MIN_CELLS_PERCENTILE = 5
 
@@ -219,8 +230,16 @@ def min_cells_from_counts(counts) -> int:
     return max(1, int(math.floor(np.percentile(counts, MIN_CELLS_PERCENTILE))))
 
 
-def bag_decision(score: float, n_cells: int, positive: str, negative: str, threshold: float,
-                 min_cells: int, band=None, shifted: bool = False) -> tuple[str, str]:
+def bag_decision(
+    score: float,
+    n_cells: int,
+    positive: str,
+    negative: str,
+    threshold: float,
+    min_cells: int,
+    band=None,
+    shifted: bool = False,
+) -> tuple[str, str]:
     """``(decision, reason)`` of a bag with ``n_cells`` readable cells and aggregated
     ``score``: :data:`NO_CALL` without cells; :data:`REFER` below ``min_cells``, when its
     cells look unlike the training cells (``shifted``), or when the score lies in the
@@ -236,8 +255,10 @@ def bag_decision(score: float, n_cells: int, positive: str, negative: str, thres
     if shifted:
         return REFER, f"{SHIFTED} (shift score); leaning {call}"
     if band and band.lo <= score <= band.hi:
-        return REFER, (f"{IN_BAND} {band.lo:.3f}-{band.hi:.3f} where "
-                       f"out-of-fold patients were misclassified; leaning {call}")
+        return REFER, (
+            f"{IN_BAND} {band.lo:.3f}-{band.hi:.3f} where "
+            f"out-of-fold patients were misclassified; leaning {call}"
+        )
     return call, ""
 
 
@@ -249,19 +270,26 @@ def call_bag(spec, classes, p_positive, shift=None) -> tuple[float, str, str]:
     optionally, their shift scores (:mod:`core.shift`; the bag is referred when its batch
     is flagged)."""
     p = np.asarray(p_positive, dtype=float)
-    score = (make_aggregator(spec.aggregator, spec.params).score_bag(p)
-             if len(p) else math.nan)
-    shifted = (shift is not None and len(shift) > 0
-               and ShiftReference.batch_summary(shift)["flagged"])
-    decision, reason = bag_decision(score, len(p), spec.positive,
-                                    negative_label([str(c) for c in classes], spec.positive),
-                                    float(spec.threshold), int(spec.min_cells),
-                                    spec.refer_band, bool(shifted))
+    score = make_aggregator(spec.aggregator, spec.params).score_bag(p) if len(p) else math.nan
+    shifted = (
+        shift is not None and len(shift) > 0 and ShiftReference.batch_summary(shift)["flagged"]
+    )
+    decision, reason = bag_decision(
+        score,
+        len(p),
+        spec.positive,
+        negative_label([str(c) for c in classes], spec.positive),
+        float(spec.threshold),
+        int(spec.min_cells),
+        spec.refer_band,
+        bool(shifted),
+    )
     return score, decision, reason
 
 
-def call_bags(spec, classes, groups, p_positive, labels=None,
-              skipped_groups=(), shift=None) -> list[dict]:
+def call_bags(
+    spec, classes, groups, p_positive, labels=None, skipped_groups=(), shift=None
+) -> list[dict]:
     """:func:`call_bag` for every group (bag) of a set of scored cells, in order of first
     appearance: ``groups`` the group of each readable cell, ``p_positive`` its
     positive-class probability, ``labels`` (optional) its label (the bag's label is its
@@ -279,21 +307,54 @@ def call_bags(spec, classes, groups, p_positive, labels=None,
     for g in dict.fromkeys([*cells, *skipped]):
         idx = cells.get(g, [])
         score, decision, reason = call_bag(
-            spec, classes, p[idx], None if shift is None else np.asarray(shift)[idx])
-        label = (Counter(str(labels[i]) for i in idx).most_common(1)[0][0]
-                 if labels is not None and idx else None)
-        leaning = None if not idx else (spec.positive if score >= float(spec.threshold)
-                                        else negative_label([str(c) for c in classes],
-                                                            spec.positive))
-        rows.append({"bag": g, "n_cells": len(idx), "n_skipped": skipped[g],
-                     "probability": score, "decision": decision, "reason": reason,
-                     "leaning": leaning, "label": label})
+            spec, classes, p[idx], None if shift is None else np.asarray(shift)[idx]
+        )
+        label = (
+            Counter(str(labels[i]) for i in idx).most_common(1)[0][0]
+            if labels is not None and idx
+            else None
+        )
+        leaning = (
+            None
+            if not idx
+            else (
+                spec.positive
+                if score >= float(spec.threshold)
+                else negative_label([str(c) for c in classes], spec.positive)
+            )
+        )
+        rows.append(
+            {
+                "bag": g,
+                "n_cells": len(idx),
+                "n_skipped": skipped[g],
+                "probability": score,
+                "decision": decision,
+                "reason": reason,
+                "leaning": leaning,
+                "label": label,
+            }
+        )
     return rows
 
 
-__all__ = ["MeanAggregator", "TrimmedMeanAggregator", "TopKMeanAggregator",
-           "CompositionAggregator", "AGGREGATORS", "CELL_AGGREGATORS", "aggregators_needing", "DEFAULT_AGGREGATORS",
-           "make_aggregator",
-           "choose_threshold", "negative_label", "REFER", "REFER_KINDS", "NO_CALL",
-           "min_cells_from_counts",
-           "bag_decision", "call_bag", "call_bags"]
+__all__ = [
+    "MeanAggregator",
+    "TrimmedMeanAggregator",
+    "TopKMeanAggregator",
+    "CompositionAggregator",
+    "AGGREGATORS",
+    "CELL_AGGREGATORS",
+    "aggregators_needing",
+    "DEFAULT_AGGREGATORS",
+    "make_aggregator",
+    "choose_threshold",
+    "negative_label",
+    "REFER",
+    "REFER_KINDS",
+    "NO_CALL",
+    "min_cells_from_counts",
+    "bag_decision",
+    "call_bag",
+    "call_bags",
+]

@@ -17,8 +17,8 @@ class Ensemble:
 
     type_name = None
     n_members_: int
-    uses_fold_groups = False   # declared: ``fit(probas, y, groups=folds)`` takes the rows' folds
-    has_member_weights = False   # declared: ``member_weights()`` returns each member's share
+    uses_fold_groups = False  # declared: ``fit(probas, y, groups=folds)`` takes the rows' folds
+    has_member_weights = False  # declared: ``member_weights()`` returns each member's share
 
     def fit(self, probas: list[np.ndarray], y: np.ndarray) -> "Ensemble":  # pragma: no cover
         raise NotImplementedError
@@ -52,8 +52,9 @@ def fold_groups(ensemble: Ensemble, folds) -> dict:
     return {"groups": folds} if ensemble.uses_fold_groups else {}
 
 
-def cross_val_combine(ensemble: Ensemble, probas: list[np.ndarray], y: np.ndarray,
-                      folds: np.ndarray) -> np.ndarray:
+def cross_val_combine(
+    ensemble: Ensemble, probas: list[np.ndarray], y: np.ndarray, folds: np.ndarray
+) -> np.ndarray:
     """Out-of-fold ensemble probabilities.
 
     For each fold k the ensemble is fitted on the members' out-of-fold probabilities of
@@ -69,12 +70,20 @@ def stacked_sets(sets: list[list[np.ndarray]], y: np.ndarray, folds: np.ndarray)
     on the clean images, then under each simulated shift) stacked into one: what an
     ensemble fitted on shifted rows too is fitted on."""
     n = len(sets)
-    return ([np.concatenate([s[i] for s in sets]) for i in range(len(sets[0]))],
-            np.tile(np.asarray(y), n), np.tile(np.asarray(folds), n))
+    return (
+        [np.concatenate([s[i] for s in sets]) for i in range(len(sets[0]))],
+        np.tile(np.asarray(y), n),
+        np.tile(np.asarray(folds), n),
+    )
 
 
-def cross_val_combine_sets(ensemble: Ensemble, sets: list[list[np.ndarray]], y: np.ndarray,
-                           folds: np.ndarray, fit_sets: int = 1) -> list[np.ndarray]:
+def cross_val_combine_sets(
+    ensemble: Ensemble,
+    sets: list[list[np.ndarray]],
+    y: np.ndarray,
+    folds: np.ndarray,
+    fit_sets: int = 1,
+) -> list[np.ndarray]:
     """:func:`cross_val_combine` of each set of member probabilities in ``sets`` (the
     same rows: clean, then under each simulated shift). The ensemble that combines fold k
     is fitted on the other folds' rows of the first ``fit_sets`` sets, and combines fold
@@ -83,8 +92,9 @@ def cross_val_combine_sets(ensemble: Ensemble, sets: list[list[np.ndarray]], y: 
     y = np.asarray(y)
     outs = [np.zeros_like(s[0], dtype=np.float64) for s in sets]
     for _, train, test in PredefinedFolds(folds):
-        fit_p, fit_y, fit_g = stacked_sets([[p[train] for p in s] for s in sets[:fit_sets]],
-                                           y[train], folds[train])
+        fit_p, fit_y, fit_g = stacked_sets(
+            [[p[train] for p in s] for s in sets[:fit_sets]], y[train], folds[train]
+        )
         ensemble.fit(fit_p, fit_y, **fold_groups(ensemble, fit_g))
         for out, s in zip(outs, sets):
             out[test] = ensemble.combine([p[test] for p in s])

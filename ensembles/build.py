@@ -45,8 +45,7 @@ def build_ensemble(entry, name: str = "") -> Ensemble:
         raise BenchError(f"[ensembles.{name}]: bad settings ({exc})") from None
 
 
-def member_sets(name: str, entry, members: list[str], oofs: dict,
-                stressed: dict | None):
+def member_sets(name: str, entry, members: list[str], oofs: dict, stressed: dict | None):
     """``(sets, fit_sets)``: the members' clean rows, then their rows under each simulated
     shift; ensemble ``name`` is fitted on the first ``fit_sets`` of them."""
     sets = [[oofs[m] for m in members]]
@@ -56,8 +55,9 @@ def member_sets(name: str, entry, members: list[str], oofs: dict,
     return sets, (len(sets) if entry.stress else 1)
 
 
-def fit_ensemble(ens: Ensemble, sets, y, name: str, folds, cross_val: bool = True,
-                 fit_sets: int = 1):
+def fit_ensemble(
+    ens: Ensemble, sets, y, name: str, folds, cross_val: bool = True, fit_sets: int = 1
+):
     """Out-of-fold ensemble probabilities of each set of member probabilities in ``sets``
     (``cross_val``: :func:`ensembles.base.cross_val_combine_sets`) or the ensemble fitted
     on all rows of the first ``fit_sets`` sets (the rows' folds passed to ensembles that
@@ -71,9 +71,15 @@ def fit_ensemble(ens: Ensemble, sets, y, name: str, folds, cross_val: bool = Tru
         raise BenchError(f"[ensembles.{name}]: {exc}") from None
 
 
-def evaluate_ensembles(entries: dict, oofs: dict[str, np.ndarray], kinds: dict[str, str],
-                       y: np.ndarray, folds: PredefinedFolds, warn=None,
-                       stressed: dict[str, dict[str, np.ndarray]] | None = None):
+def evaluate_ensembles(
+    entries: dict,
+    oofs: dict[str, np.ndarray],
+    kinds: dict[str, str],
+    y: np.ndarray,
+    folds: PredefinedFolds,
+    warn=None,
+    stressed: dict[str, dict[str, np.ndarray]] | None = None,
+):
     """Score every configured ensemble fold by fold on the shared folds.
 
     ``stressed``: ``{shift: {candidate: out-of-fold probabilities under the shift}}``.
@@ -96,22 +102,31 @@ def evaluate_ensembles(entries: dict, oofs: dict[str, np.ndarray], kinds: dict[s
         t = time.perf_counter()
         outs = fit_ensemble(ens, sets, y, name, folds.folds, fit_sets=fit_sets)
         combine_s = time.perf_counter() - t
-        weights = fit_ensemble(ens, sets, y, name, folds.folds, cross_val=False,
-                               fit_sets=fit_sets).member_weights()
+        weights = fit_ensemble(
+            ens, sets, y, name, folds.folds, cross_val=False, fit_sets=fit_sets
+        ).member_weights()
         out[name] = oof = outs[0]
         for s, o in zip(out_stressed, outs[1:]):
             out_stressed[s][name] = o
         per_fold = [fold_metrics(y[test], oof[test]) for _, _, test in folds]
-        rows.append({"candidate": name, "kind": "ensemble", **summarize(per_fold),
-                     "combine_seconds": combine_s, "n_folds": len(per_fold),
-                     "members": ";".join(members),
-                     "member_weights": "" if weights is None else   # fitted on all rows
-                     ";".join(f"{m}:{w:.3f}" for m, w in zip(members, weights))})
+        rows.append(
+            {
+                "candidate": name,
+                "kind": "ensemble",
+                **summarize(per_fold),
+                "combine_seconds": combine_s,
+                "n_folds": len(per_fold),
+                "members": ";".join(members),
+                "member_weights": ""
+                if weights is None
+                # fitted on all rows
+                else ";".join(f"{m}:{w:.3f}" for m, w in zip(members, weights)),
+            }
+        )
     return rows, out, out_stressed
 
 
-def choose_entry(board, choice: str = "best", metric: str = "accuracy",
-                 tolerance: float = 0.005):
+def choose_entry(board, choice: str = "best", metric: str = "accuracy", tolerance: float = 0.005):
     """The leaderboard row to save: ``choice`` by name; ``"best"``: the best ensemble (the
     board is sorted by the run metric), else the best candidate; ``"robust"``: of the
     ensembles (else candidates) within ``tolerance`` of the best one's ``metric``, the best
@@ -129,14 +144,24 @@ def choose_entry(board, choice: str = "best", metric: str = "accuracy",
         raise BenchError("[predictor] ensemble = 'robust' needs [stress] shifts")
     ascending = metric_sort_ascending(metric)
     best = pool[metric].iloc[0]
-    close = pool[pool[metric] <= best + tolerance] if ascending else \
-        pool[pool[metric] >= best - tolerance]
+    close = (
+        pool[pool[metric] <= best + tolerance]
+        if ascending
+        else pool[pool[metric] >= best - tolerance]
+    )
     return close.sort_values(col, ascending=ascending, kind="stable").iloc[0]
 
 
-def final_ensemble(name: str, kind: str, entries: dict, oofs: dict[str, np.ndarray],
-                   kinds: dict[str, str], y: np.ndarray, folds: PredefinedFolds,
-                   stressed: dict[str, dict[str, np.ndarray]] | None = None):
+def final_ensemble(
+    name: str,
+    kind: str,
+    entries: dict,
+    oofs: dict[str, np.ndarray],
+    kinds: dict[str, str],
+    y: np.ndarray,
+    folds: PredefinedFolds,
+    stressed: dict[str, dict[str, np.ndarray]] | None = None,
+):
     """``(members, ensemble)`` to save for entry ``name``: an ensemble's weights or
     meta-learner fitted on all out-of-fold rows (and, with ``stress = true``, on all rows
     under each simulated shift of ``stressed``), members with weight 0 dropped; a single

@@ -27,23 +27,36 @@ class AttentionMIL:
 
     name = "attention"
     needs_fit = True
-    needs_embeddings = True   # pools a backbone's cell embeddings, not cell probabilities
+    needs_embeddings = True  # pools a backbone's cell embeddings, not cell probabilities
     settings: dict[str, str] = {"seed": "seed"}
 
-    def __init__(self, components: int = 64, hidden: int = 32, dropout: float = 0.25,
-                 l2: float = 1e-3, epochs: int = 150, learning_rate: float = 3e-3,
-                 seed: int = 0):
+    def __init__(
+        self,
+        components: int = 64,
+        hidden: int = 32,
+        dropout: float = 0.25,
+        l2: float = 1e-3,
+        epochs: int = 150,
+        learning_rate: float = 3e-3,
+        seed: int = 0,
+    ):
         self.components, self.hidden, self.dropout = components, hidden, dropout
         self.l2, self.epochs, self.learning_rate, self.seed = l2, epochs, learning_rate, seed
 
     def params(self) -> dict:
-        return {k: getattr(self, k) for k in ("components", "hidden", "dropout", "l2",
-                                               "epochs", "learning_rate")}
+        return {
+            k: getattr(self, k)
+            for k in ("components", "hidden", "dropout", "l2", "epochs", "learning_rate")
+        }
 
     # -- data -------------------------------------------------------------------------
     def _reduce(self, bags):
-        return [self.pca_.transform(self.scaler_.transform(np.asarray(b, np.float32)))
-                .astype(np.float32) for b in bags]
+        return [
+            self.pca_.transform(self.scaler_.transform(np.asarray(b, np.float32))).astype(
+                np.float32
+            )
+            for b in bags
+        ]
 
     @staticmethod
     def _pad(bags):
@@ -52,7 +65,7 @@ class AttentionMIL:
         X = np.zeros((len(bags), n, d), np.float32)
         M = np.zeros((len(bags), n), np.float32)
         for i, b in enumerate(bags):
-            X[i, :len(b)], M[i, :len(b)] = b, 1.0
+            X[i, : len(b)], M[i, : len(b)] = b, 1.0
         return X, M
 
     # -- model ------------------------------------------------------------------------
@@ -66,13 +79,20 @@ class AttentionMIL:
         h = layers.Dense(self.hidden, activation="relu", kernel_regularizer=reg)(x_in)
         v = layers.Dense(self.hidden, activation="tanh", kernel_regularizer=reg)(h)
         u = layers.Dense(self.hidden, activation="sigmoid", kernel_regularizer=reg)(h)
-        logits = ops.squeeze(layers.Dense(1, kernel_initializer="zeros",   # starts as the mean
-                                          kernel_regularizer=reg)(v * u), -1)
+        logits = ops.squeeze(
+            layers.Dense(
+                1,
+                kernel_initializer="zeros",  # starts as the mean
+                kernel_regularizer=reg,
+            )(v * u),
+            -1,
+        )
         logits = ops.where(m_in > 0, logits, -1e9)
         a = ops.softmax(logits, axis=-1)
         z = ops.sum(a[..., None] * h, axis=1)
         out = layers.Dense(1, activation="sigmoid", kernel_regularizer=reg)(
-            layers.Dropout(self.dropout)(z))
+            layers.Dropout(self.dropout)(z)
+        )
         return keras.Model([x_in, m_in], out), keras.Model([x_in, m_in], a)
 
     def fit(self, bags: list[np.ndarray], y) -> "AttentionMIL":
@@ -116,11 +136,11 @@ def _train(model, X, M, y, weights, epochs: int, learning_rate: float) -> None:
     @tf.function
     def step():
         with tf.GradientTape() as tape:
-            p = tf.clip_by_value(tf.reshape(model([X, M], training=True), [-1]), 1e-6,
-                                 1 - 1e-6)
+            p = tf.clip_by_value(tf.reshape(model([X, M], training=True), [-1]), 1e-6, 1 - 1e-6)
             bce = -(y * tf.math.log(p) + (1 - y) * tf.math.log(1 - p))
             loss = tf.reduce_sum(w * bce) / tf.reduce_sum(w) + tf.add_n(
-                [tf.constant(0.0)] + list(model.losses))
+                [tf.constant(0.0)] + list(model.losses)
+            )
         opt.apply_gradients(zip(tape.gradient(loss, variables), variables))
         return loss
 

@@ -34,11 +34,13 @@ def _distilled_lines(d: dict | None) -> list[str]:
         return []
     mine, teacher = d.get("cross_validated") or {}, d.get("teacher_cross_validated") or {}
     pairs = "; ".join(f"{k} {_f(v)} (teacher {_f(teacher.get(k))})" for k, v in mine.items())
-    return [f"- Distilled: one `{d['student']['type']}` trained on the out-of-fold "
-            f"probabilities of `{d['teacher']}` (target {1 - d['hard_weight']:g} x teacher + "
-            f"{d['hard_weight']:g} x label, temperature {d['temperature']:g}); cross-validated "
-            f"on the run's folds: {pairs or 'n/a'}. A student follows its teacher where it "
-            "was taught (in the lab); check it outside (`stress_*`: under simulated shift)."]
+    return [
+        f"- Distilled: one `{d['student']['type']}` trained on the out-of-fold "
+        f"probabilities of `{d['teacher']}` (target {1 - d['hard_weight']:g} x teacher + "
+        f"{d['hard_weight']:g} x label, temperature {d['temperature']:g}); cross-validated "
+        f"on the run's folds: {pairs or 'n/a'}. A student follows its teacher where it "
+        "was taught (in the lab); check it outside (`stress_*`: under simulated shift)."
+    ]
 
 
 def model_card(m: PredictorRecord) -> str:
@@ -50,143 +52,208 @@ def model_card(m: PredictorRecord) -> str:
     members = ", ".join(f"{x.name} ({x.type}, {len(x.models)} {models})" for x in m.members)
     counts = td.get("counts") or {}
     cp, bags, ext = m.conformal, m.bags, m.external or {}
-    out = [f"# Model card: {ens.name} ({ens.type})", "",
-           "## Model details",
-           f"- Ensemble `{ens.name}` of {members}; chosen as {_or_na(m.chosen_by)}.",
-           *_distilled_lines(m.distilled),
-           f"- Input: RGB images resized to {m.prep.image_size} px ({m.prep.resize}); "
-           f"test-time views: {m.tta}; created {_or_na(m.created)} by bloodbench.",
-           f"- Output: one of {len(classes)} classes ({', '.join(classes)}) with probabilities"
-           + (f"; a {cp.confidence:g} conformal prediction set and a review flag per "
-              "image" if cp else "") + (f"; per patient: {bags.positive} or not" if bags
-                                        else "") + ".", "",
-           "## Intended use",
-           "- Research benchmark and pre-classification of single blood-cell images for a "
-           "technologist who verifies every flagged image (`review` = 1) "
-           + ("and every referred patient " if bags else "") + "before any report.",
-           "- Out of scope (misuse): unsupervised diagnosis; classes other than the ones "
-           "above (blasts, promyelocytes and other abnormal cells get one of these labels); "
-           "images of another lab, scanner or stain without checking the coverage there "
-           "(`bench evaluate`) and recalibrating (`bench calibrate`).", "",
-           "## Factors",
-           "- Lab, scanner, stain and magnification change the images (see the shift score and "
-           "the external figures below); class prevalence differs between labs and patients.",
-           "", "## Metrics",
-           "- Accuracy, balanced accuracy and macro F1 (out-of-fold in the lab, percentile "
-           "bootstrap CIs outside); conformal coverage and mean set size; risk-coverage and "
-           "AURC of the maximum probability (Geifman et al. 2019).", "",
-           "## Training data",
-           f"- {td.get('n_images', 'n/a')} images from `{td.get('origin', 'n/a')}`"
-           + (f"; per class: {', '.join(f'{k} {v}' for k, v in counts.items())}" if counts
-              else "") + ".",
-           "- Cross-validation folds keep groups (patients, near duplicates) together; "
-           + (f"the ensemble is the bag of the {len(m.members[0].models)} fold models."
-              if not m.distilled else "one student fitted on every row; its figures "
-              "are those of the students cross-validated on the same folds."), "",
-           "## Quantitative analyses", "### In the lab (out-of-fold)"]
+    out = [
+        f"# Model card: {ens.name} ({ens.type})",
+        "",
+        "## Model details",
+        f"- Ensemble `{ens.name}` of {members}; chosen as {_or_na(m.chosen_by)}.",
+        *_distilled_lines(m.distilled),
+        f"- Input: RGB images resized to {m.prep.image_size} px ({m.prep.resize}); "
+        f"test-time views: {m.tta}; created {_or_na(m.created)} by bloodbench.",
+        f"- Output: one of {len(classes)} classes ({', '.join(classes)}) with probabilities"
+        + (
+            f"; a {cp.confidence:g} conformal prediction set and a review flag per image"
+            if cp
+            else ""
+        )
+        + (f"; per patient: {bags.positive} or not" if bags else "")
+        + ".",
+        "",
+        "## Intended use",
+        "- Research benchmark and pre-classification of single blood-cell images for a "
+        "technologist who verifies every flagged image (`review` = 1) "
+        + ("and every referred patient " if bags else "")
+        + "before any report.",
+        "- Out of scope (misuse): unsupervised diagnosis; classes other than the ones "
+        "above (blasts, promyelocytes and other abnormal cells get one of these labels); "
+        "images of another lab, scanner or stain without checking the coverage there "
+        "(`bench evaluate`) and recalibrating (`bench calibrate`).",
+        "",
+        "## Factors",
+        "- Lab, scanner, stain and magnification change the images (see the shift score and "
+        "the external figures below); class prevalence differs between labs and patients.",
+        "",
+        "## Metrics",
+        "- Accuracy, balanced accuracy and macro F1 (out-of-fold in the lab, percentile "
+        "bootstrap CIs outside); conformal coverage and mean set size; risk-coverage and "
+        "AURC of the maximum probability (Geifman et al. 2019).",
+        "",
+        "## Training data",
+        f"- {td.get('n_images', 'n/a')} images from `{td.get('origin', 'n/a')}`"
+        + (f"; per class: {', '.join(f'{k} {v}' for k, v in counts.items())}" if counts else "")
+        + ".",
+        "- Cross-validation folds keep groups (patients, near duplicates) together; "
+        + (
+            f"the ensemble is the bag of the {len(m.members[0].models)} fold models."
+            if not m.distilled
+            else "one student fitted on every row; its figures "
+            "are those of the students cross-validated on the same folds."
+        ),
+        "",
+        "## Quantitative analyses",
+        "### In the lab (out-of-fold)",
+    ]
     board = m.leaderboard or {}
     out += [f"- {k}: {_f(v)}" for k, v in board.items()] or ["- n/a"]
     if cp:
         lab = cp.in_lab or {}
-        out += ["", "### Conformal prediction sets",
-                f"- Method {cp.method} (crepes), nominal {cp.confidence:g}; calibrated on "
-                f"{cp.n_calibration} {cp.fitted_on}; scheme {cp.scheme} "
-                f"({_or_na(cp.scheme_rule)})."]
+        out += [
+            "",
+            "### Conformal prediction sets",
+            f"- Method {cp.method} (crepes), nominal {cp.confidence:g}; calibrated on "
+            f"{cp.n_calibration} {cp.fitted_on}; scheme {cp.scheme} "
+            f"({_or_na(cp.scheme_rule)}).",
+        ]
         for k, v in (lab.get("by_confidence") or {}).items():
-            out.append(f"- In-lab at {k} (each fold's out-of-fold rows against sets "
-                       f"calibrated on the other folds'): coverage {_f(v['coverage'])}, mean "
-                       f"set size {_f(v['mean_set_size'], 2)}, singletons "
-                       f"{_f(v['singleton_share'])}")
+            out.append(
+                f"- In-lab at {k} (each fold's out-of-fold rows against sets "
+                f"calibrated on the other folds'): coverage {_f(v['coverage'])}, mean "
+                f"set size {_f(v['mean_set_size'], 2)}, singletons "
+                f"{_f(v['singleton_share'])}"
+            )
         if lab:
             acc = lab.get("accuracy_at_coverage") or {}
-            out.append(f"- Risk-coverage (maximum probability): AURC {_f(lab.get('aurc'), 4)}, "
-                       f"excess AURC {_f(lab.get('excess_aurc'), 4)}; accuracy of the most "
-                       f"confident 50 % {_f(acc.get('0.5'))}, 80 % {_f(acc.get('0.8'))}.")
+            out.append(
+                f"- Risk-coverage (maximum probability): AURC {_f(lab.get('aurc'), 4)}, "
+                f"excess AURC {_f(lab.get('excess_aurc'), 4)}; accuracy of the most "
+                f"confident 50 % {_f(acc.get('0.5'))}, 80 % {_f(acc.get('0.8'))}."
+            )
         rv = cp.review
-        out.append(f"- Review flag: set size other than 1, shift score >= "
-                   f"{rv.shift_limit:g}, or maximum probability < "
-                   f"{_f(rv.confidence_threshold, 4)} (target error "
-                   f"{_or_na(rv.target_error)} among answered images, out-of-fold).")
+        out.append(
+            f"- Review flag: set size other than 1, shift score >= "
+            f"{rv.shift_limit:g}, or maximum probability < "
+            f"{_f(rv.confidence_threshold, 4)} (target error "
+            f"{_or_na(rv.target_error)} among answered images, out-of-fold)."
+        )
         if cp.recalibration:
             r = cp.recalibration
-            out.append(f"- Recalibrated for a new lab on {r.n} labelled images of "
-                       f"`{r.data}` (seed {r.seed}); the previous calibration: "
-                       f"{_or_na(r.before.fitted_on)}.")
+            out.append(
+                f"- Recalibrated for a new lab on {r.n} labelled images of "
+                f"`{r.data}` (seed {r.seed}); the previous calibration: "
+                f"{_or_na(r.before.fitted_on)}."
+            )
     out += ["", "### Outside the lab"]
     labs = m.leave_one_lab_out
     if labs:
         ba = "balanced_accuracy"
-        out.append(f"- Leave-one-lab-out (each training lab held out in turn; every fit, "
-                   f"tuning and ensemble weight on the other labs): balanced accuracy worst "
-                   f"lab {_f(labs['worst_lab'][ba])} ({labs.get('worst_lab_name', '')}), mean "
-                   f"{_f(labs['mean_lab'][ba])}, against {_f(labs['in_lab'][ba])} in-lab. "
-                   "Chosen by one of these figures, the entry's own figure is biased upward; "
-                   "the saved fold models were each trained on every lab.")
+        out.append(
+            f"- Leave-one-lab-out (each training lab held out in turn; every fit, "
+            f"tuning and ensemble weight on the other labs): balanced accuracy worst "
+            f"lab {_f(labs['worst_lab'][ba])} ({labs.get('worst_lab_name', '')}), mean "
+            f"{_f(labs['mean_lab'][ba])}, against {_f(labs['in_lab'][ba])} in-lab. "
+            "Chosen by one of these figures, the entry's own figure is biased upward; "
+            "the saved fold models were each trained on every lab."
+        )
         for lab, d in labs["labs"].items():
             v = d[ba]
-            out.append(f"  - `{lab}` held out: balanced accuracy {_f(v['value'])} "
-                       f"[{_f(v['ci'][0])}, {_f(v['ci'][1])}], accuracy "
-                       f"{_f(d['accuracy']['value'])}, macro-F1 {_f(d['macro_f1']['value'])}")
+            out.append(
+                f"  - `{lab}` held out: balanced accuracy {_f(v['value'])} "
+                f"[{_f(v['ci'][0])}, {_f(v['ci'][1])}], accuracy "
+                f"{_f(d['accuracy']['value'])}, macro-F1 {_f(d['macro_f1']['value'])}"
+            )
     if not ext and not labs:
-        out.append("- No external set was scored with this predictor's run; score one with "
-                   "`bench evaluate` before use elsewhere.")
+        out.append(
+            "- No external set was scored with this predictor's run; score one with "
+            "`bench evaluate` before use elsewhere."
+        )
     for name, e in ext.items():
-        out.append(f"- `{name}` ({e.get('n')} images): accuracy {_f(e.get('accuracy'))} "
-                   f"[{_f(e.get('accuracy_lo'))}, {_f(e.get('accuracy_hi'))}], balanced "
-                   f"accuracy {_f(e.get('balanced_accuracy'))} [{_f(e.get('balanced_accuracy_lo'))}"
-                   f", {_f(e.get('balanced_accuracy_hi'))}]"
-                   + (f"; conformal coverage {_f(e['coverage'])} (nominal "
-                      f"{_f(e['confidence'], 2)}), mean set size {_f(e['mean_set_size'], 2)}, "
-                      f"AURC {_f(e['aurc'], 4)}; flagged for review (prediction set or "
-                      f"confidence; no shift score here) {_f(e.get('share_flagged'))}, "
-                      f"accuracy of the answered {_f(e.get('answered_accuracy'))}"
-                      + (" **(coverage below nominal: the sets do not hold there; "
-                         "recalibrate with `bench calibrate`)**" if e.get("below_nominal")
-                         else "")
-                      if "coverage" in e else ""))
+        out.append(
+            f"- `{name}` ({e.get('n')} images): accuracy {_f(e.get('accuracy'))} "
+            f"[{_f(e.get('accuracy_lo'))}, {_f(e.get('accuracy_hi'))}], balanced "
+            f"accuracy {_f(e.get('balanced_accuracy'))} [{_f(e.get('balanced_accuracy_lo'))}"
+            f", {_f(e.get('balanced_accuracy_hi'))}]"
+            + (
+                f"; conformal coverage {_f(e['coverage'])} (nominal "
+                f"{_f(e['confidence'], 2)}), mean set size {_f(e['mean_set_size'], 2)}, "
+                f"AURC {_f(e['aurc'], 4)}; flagged for review (prediction set or "
+                f"confidence; no shift score here) {_f(e.get('share_flagged'))}, "
+                f"accuracy of the answered {_f(e.get('answered_accuracy'))}"
+                + (
+                    " **(coverage below nominal: the sets do not hold there; "
+                    "recalibrate with `bench calibrate`)**"
+                    if e.get("below_nominal")
+                    else ""
+                )
+                if "coverage" in e
+                else ""
+            )
+        )
         low = e.get("low_recall") or {}
         if low:
-            out.append("  - Classes below 0.5 recall there: " + ", ".join(
-                f"{c} {_f(v, 2)}" for c, v in low.items()))
+            out.append(
+                "  - Classes below 0.5 recall there: "
+                + ", ".join(f"{c} {_f(v, 2)}" for c, v in low.items())
+            )
     shift = m.shift
-    out += ["", "### Shift score",
-            "- " + ("Each image's colours are placed against the training images' (0-1: the "
-                    "share of training images closer to their mean); `bench predict` warns "
-                    "when more than half of a batch lies beyond 0.99." if shift else
-                    "No description of the training images is stored.")]
+    out += [
+        "",
+        "### Shift score",
+        "- "
+        + (
+            "Each image's colours are placed against the training images' (0-1: the "
+            "share of training images closer to their mean); `bench predict` warns "
+            "when more than half of a batch lies beyond 0.99."
+            if shift
+            else "No description of the training images is stored."
+        ),
+    ]
     if bags:
         pl = bags.patient_leaderboard or {}
         band = bags.refer_band
-        out += ["", "### Patients",
-                f"- {bags.positive} per patient by the {bags.aggregator} of the cells, "
-                f"threshold {_f(bags.threshold, 4)}; ROC AUC {_f(pl.get('roc_auc'))} "
-                f"[{_f(pl.get('roc_auc_lo'))}, {_f(pl.get('roc_auc_hi'))}], sensitivity "
-                f"{_f(pl.get('sensitivity'))}, specificity {_f(pl.get('specificity'))} "
-                "(out-of-fold patients; the best of the rows, picked on the same patients: "
-                "optimistic)."]
+        out += [
+            "",
+            "### Patients",
+            f"- {bags.positive} per patient by the {bags.aggregator} of the cells, "
+            f"threshold {_f(bags.threshold, 4)}; ROC AUC {_f(pl.get('roc_auc'))} "
+            f"[{_f(pl.get('roc_auc_lo'))}, {_f(pl.get('roc_auc_hi'))}], sensitivity "
+            f"{_f(pl.get('sensitivity'))}, specificity {_f(pl.get('specificity'))} "
+            "(out-of-fold patients; the best of the rows, picked on the same patients: "
+            "optimistic).",
+        ]
         if pl.get("nested_roc_auc") is not None:
-            out.append(f"- Nested figure (the row and threshold chosen without each outer "
-                       f"fold's patients): ROC AUC {_f(pl['nested_roc_auc'])} "
-                       f"[{_f(pl.get('nested_roc_auc_lo'))}, {_f(pl.get('nested_roc_auc_hi'))}], "
-                       f"sensitivity {_f(pl.get('nested_sensitivity'))}, specificity "
-                       f"{_f(pl.get('nested_specificity'))}: the figure to expect.")
+            out.append(
+                f"- Nested figure (the row and threshold chosen without each outer "
+                f"fold's patients): ROC AUC {_f(pl['nested_roc_auc'])} "
+                f"[{_f(pl.get('nested_roc_auc_lo'))}, {_f(pl.get('nested_roc_auc_hi'))}], "
+                f"sensitivity {_f(pl.get('nested_sensitivity'))}, specificity "
+                f"{_f(pl.get('nested_specificity'))}: the figure to expect."
+            )
         if bags.bag_colour != NO_BAG_COLOUR:
-            out.append(f"- Each patient's cells are colour-normalised together "
-                       f"({bags.bag_colour}): give a patient's cells as one bag "
-                       "(`predict --bags`).")
+            out.append(
+                f"- Each patient's cells are colour-normalised together "
+                f"({bags.bag_colour}): give a patient's cells as one bag "
+                "(`predict --bags`)."
+            )
         if band:
-            out.append(f"- Referred when the score lies in [{_f(band.lo, 4)}, "
-                       f"{_f(band.hi, 4)}] ({band.n_wrong} of {band.n} out-of-fold "
-                       "patients misclassified there) or the cells look shifted.")
-    out += ["", "## Ethical considerations",
-            "- Not a medical device. Errors fall unevenly on rare and abnormal cells; the "
-            "coverage guarantee holds only for images exchangeable with the calibration rows.",
-            "", "## Caveats and recommendations",
-            "- Coverage and accuracy outside the lab are lower (above); measure them on "
-            "labelled images of the new lab and recalibrate (`bench calibrate --n 100`).",
-            "- Figures are out-of-fold estimates on one dataset; the saved ensemble averages "
-            "the fold models, so its own probabilities are slightly more confident than the "
-            "out-of-fold rows it was calibrated on.", ""]
+            out.append(
+                f"- Referred when the score lies in [{_f(band.lo, 4)}, "
+                f"{_f(band.hi, 4)}] ({band.n_wrong} of {band.n} out-of-fold "
+                "patients misclassified there) or the cells look shifted."
+            )
+    out += [
+        "",
+        "## Ethical considerations",
+        "- Not a medical device. Errors fall unevenly on rare and abnormal cells; the "
+        "coverage guarantee holds only for images exchangeable with the calibration rows.",
+        "",
+        "## Caveats and recommendations",
+        "- Coverage and accuracy outside the lab are lower (above); measure them on "
+        "labelled images of the new lab and recalibrate (`bench calibrate --n 100`).",
+        "- Figures are out-of-fold estimates on one dataset; the saved ensemble averages "
+        "the fold models, so its own probabilities are slightly more confident than the "
+        "out-of-fold rows it was calibrated on.",
+        "",
+    ]
     return "\n".join(out)
 
 

@@ -17,7 +17,7 @@ from core.io import atomic_write_bytes
 
 FIG_SIZE_IN = (10.0, 3.6)
 DPI = 100
-FIG_SIZE_PX = (int(FIG_SIZE_IN[0] * DPI), int(FIG_SIZE_IN[1] * DPI))   # (width, height)
+FIG_SIZE_PX = (int(FIG_SIZE_IN[0] * DPI), int(FIG_SIZE_IN[1] * DPI))  # (width, height)
 
 
 def gradcam_names(paths, root=None) -> list[str]:
@@ -51,12 +51,18 @@ def gradcam_names(paths, root=None) -> list[str]:
 def upsample(cam: np.ndarray, height: int, width: int) -> np.ndarray:
     """A (h, w) map in [0, 1] resized (bilinear) to (height, width)."""
     from PIL import Image
+
     img = Image.fromarray(np.ascontiguousarray(cam, dtype=np.float32))
     return np.clip(np.asarray(img.resize((width, height), Image.BILINEAR)), 0.0, 1.0)
 
 
-def gradcam_figure(image: np.ndarray, cam: np.ndarray, top: list[tuple[str, float]],
-                   title: str = "", alpha: float = 0.45) -> bytes:
+def gradcam_figure(
+    image: np.ndarray,
+    cam: np.ndarray,
+    top: list[tuple[str, float]],
+    title: str = "",
+    alpha: float = 0.45,
+) -> bytes:
     """PNG bytes of the three-panel figure.
 
     Parameters
@@ -88,8 +94,10 @@ def gradcam_figure(image: np.ndarray, cam: np.ndarray, top: list[tuple[str, floa
     peak = float(np.max(cam)) if np.size(cam) else 0.0
     shown = upsample(np.asarray(cam) / peak if peak > 0 else cam, h, w)
     im = axes[1].imshow(shown, cmap="jet", alpha=alpha, vmin=0.0, vmax=1.0)
-    axes[1].set_title((f"Grad-CAM: {top[0][0]}" if top else "Grad-CAM")
-                      + f" (peak {peak:.2f}, shown as 1)", fontsize=9)
+    axes[1].set_title(
+        (f"Grad-CAM: {top[0][0]}" if top else "Grad-CAM") + f" (peak {peak:.2f}, shown as 1)",
+        fontsize=9,
+    )
     for ax in axes[:2]:
         ax.set_xticks([])
         ax.set_yticks([])
@@ -98,13 +106,14 @@ def gradcam_figure(image: np.ndarray, cam: np.ndarray, top: list[tuple[str, floa
     probs = [float(t[1]) for t in top][::-1]
     bars = axes[2].barh(range(len(top)), probs, height=0.45, color="tab:blue")
     if len(bars):
-        bars[-1].set_color("tab:red")   # the predicted class
+        bars[-1].set_color("tab:red")  # the predicted class
     axes[2].set_yticks([])
     axes[2].set_xlim(0, 1.0)
     axes[2].set_ylim(-0.5, len(top) - 0.2)
-    for i, (name, p) in enumerate(zip(names, probs)):   # names above their bars: any length fits
-        axes[2].text(0.01, i + 0.26, f"{name}  {p:.3f}", va="bottom", ha="left", fontsize=9,
-                     clip_on=True)
+    for i, (name, p) in enumerate(zip(names, probs)):  # names above their bars: any length fits
+        axes[2].text(
+            0.01, i + 0.26, f"{name}  {p:.3f}", va="bottom", ha="left", fontsize=9, clip_on=True
+        )
     axes[2].set_title(f"top-{len(top)} classes", fontsize=9)
     axes[2].set_xlabel("probability", fontsize=9)
     if title:

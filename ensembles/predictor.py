@@ -39,8 +39,15 @@ from core.progress import progress_iter
 from ensembles.bags import call_bag
 from ensembles.base import Ensemble
 from ensembles.overlay import gradcam_names, write_gradcam_png
-from ensembles.record import (MANIFEST, NO_BAG_COLOUR, BagTask, PredictorRecord,
-                              manifest_digest, one_line, verify_predictor)
+from ensembles.record import (
+    MANIFEST,
+    NO_BAG_COLOUR,
+    BagTask,
+    PredictorRecord,
+    manifest_digest,
+    one_line,
+    verify_predictor,
+)
 from ensembles.tta import TTA_VIEWS, VIEWS
 from ensembles.writer import save_predictor
 
@@ -53,10 +60,11 @@ TABLE_COLUMNS = ("path", "prediction", "confidence")
 
 class TableBatch(NamedTuple):
     """One batch of ``bench predict``'s table (:meth:`Predictor.predict_table`)."""
-    rows: list          # the CSV rows of the batch's readable images
-    errors: list        # ``(position, exception)`` of its unreadable files
-    shift: object       # the readable images' shift scores (None without a reference)
-    review: object      # their prediction sets and review flags (None without stored sets)
+
+    rows: list  # the CSV rows of the batch's readable images
+    errors: list  # ``(position, exception)`` of its unreadable files
+    shift: object  # the readable images' shift scores (None without a reference)
+    review: object  # their prediction sets and review flags (None without stored sets)
 
 
 class Predictor:
@@ -74,9 +82,8 @@ class Predictor:
     member_kinds_ : ``{name: "cnn" | "baseline"}``.
     """
 
-    def __init__(self, record: PredictorRecord, members: dict[str, list], ensemble,
-                 path: Path):
-        if isinstance(record, dict):   # a run's fold models, never saved (bench.protocols.external)
+    def __init__(self, record: PredictorRecord, members: dict[str, list], ensemble, path: Path):
+        if isinstance(record, dict):  # a run's fold models, never saved (bench.protocols.external)
             record = PredictorRecord.unverified(record)
         self.record = record
         self.members_ = members
@@ -91,19 +98,24 @@ class Predictor:
         # every such member on the same input tensor (traced once, any batch size). Frozen
         # backbones with identical weights (the fold models of a frozen-transfer member)
         # run once per batch, each fold model adding only its head.
-        self._fused_names = [n for n in self.member_names_   # declared: model -> softmax
-                             if all(c.fused_inference for c in members[n])]
+        self._fused_names = [
+            n
+            for n in self.member_names_  # declared: model -> softmax
+            if all(c.fused_inference for c in members[n])
+        ]
         self._fused = None
         self.tta = record.tta
         self.shift_reference_ = record.shift.reference if record.shift else None
-        cp = record.conformal   # prediction sets and review rule (core.conformal)
+        cp = record.conformal  # prediction sets and review rule (core.conformal)
         try:
             self.conformal_ = cp.sets(len(self.classes_)) if cp else None
             counts = {len(members[n]) for n in self.member_names_}
             need = self.conformal_.n_folds if self.conformal_ is not None else None
             if need is not None and counts != {need}:
-                raise BenchError(f"its cross-conformal sets need {need} fold models per "
-                                 f"member, the members have {sorted(counts)}")
+                raise BenchError(
+                    f"its cross-conformal sets need {need} fold models per "
+                    f"member, the members have {sorted(counts)}"
+                )
         except BenchError as exc:
             raise BenchError(f"predictor {path}: {exc}") from None
 
@@ -116,6 +128,7 @@ class Predictor:
     def _fused_fn(self):
         if self._fused is None:
             import tensorflow as tf
+
             plan = self._fused_plan()
             spec = tf.TensorSpec([None, self.image_size, self.image_size, 3], tf.uint8)
 
@@ -133,6 +146,7 @@ class Predictor:
                             h = layer(h, training=False)
                     outs.append(tf.cast(h, tf.float32))
                 return tf.stack(outs)
+
             self._fused = run
         return self._fused
 
@@ -142,13 +156,17 @@ class Predictor:
         out = {}
         if self._fused_names and len(images):
             fn = self._fused_fn()
-            stacked = np.concatenate([fn(images[i:i + FUSED_BATCH]).numpy()   # (models, N, K)
-                                      for i in range(0, len(images), FUSED_BATCH)],
-                                     axis=1).astype(np.float64)
+            stacked = np.concatenate(
+                [
+                    fn(images[i : i + FUSED_BATCH]).numpy()  # (models, N, K)
+                    for i in range(0, len(images), FUSED_BATCH)
+                ],
+                axis=1,
+            ).astype(np.float64)
             i = 0
             for n in self._fused_names:
                 k = len(self.members_[n])
-                out[n] = stacked[i:i + k]
+                out[n] = stacked[i : i + k]
                 i += k
         for n in self.member_names_:
             if n not in out:
@@ -170,8 +188,14 @@ class Predictor:
         """The per-bag colour normalisation a bag task was trained with."""
         return self.record.bag_colour
 
-    def predict_proba(self, x, batch_size: int = 256, folds: bool = False,
-                      one_bag: bool = False, preprocessed: bool = False):
+    def predict_proba(
+        self,
+        x,
+        batch_size: int = 256,
+        folds: bool = False,
+        one_bag: bool = False,
+        preprocessed: bool = False,
+    ):
         """Class probabilities (N, n_classes) for image paths or ``uint8`` arrays of any
         size, each through the predictor's :attr:`preprocessing` (an array at the model's
         size too); ``preprocessed``: ``x`` is model input already (an (N, S, S, 3)
@@ -193,6 +217,7 @@ class Predictor:
 
         def prep(chunk):
             return self.preprocessing.apply_batch(chunk, preprocessed)
+
         starts = list(range(0, len(items), batch_size))
         chunks, fold_chunks = [], []
         with ThreadPoolExecutor(1) as reader:
@@ -200,9 +225,12 @@ class Predictor:
             for i in starts:
                 images = pending.result()
                 if i + batch_size < len(items):
-                    pending = reader.submit(prep, items[i + batch_size:i + 2 * batch_size])
-                p, pf = self.proba_of_images(images, folds=True) if folds else (
-                    self.proba_of_images(images), None)
+                    pending = reader.submit(prep, items[i + batch_size : i + 2 * batch_size])
+                p, pf = (
+                    self.proba_of_images(images, folds=True)
+                    if folds
+                    else (self.proba_of_images(images), None)
+                )
                 chunks.append(self._temper(p))
                 if folds:
                     fold_chunks.append(self._temper(pf))
@@ -210,20 +238,28 @@ class Predictor:
         proba = np.concatenate(chunks) if chunks else np.zeros((0, k))
         if not folds:
             return proba
-        return proba, (np.concatenate(fold_chunks, axis=1) if fold_chunks
-                       else np.zeros((self.n_folds_, 0, k)))
+        return proba, (
+            np.concatenate(fold_chunks, axis=1) if fold_chunks else np.zeros((self.n_folds_, 0, k))
+        )
 
     def _temper(self, p: np.ndarray) -> np.ndarray:
-        t = self.record.temperature   # [predictor] temperature_scaling: T fitted on the
-        return apply_temperature(p, float(t)) if t else p   # ensemble's out-of-fold rows
+        t = self.record.temperature  # [predictor] temperature_scaling: T fitted on the
+        return apply_temperature(p, float(t)) if t else p  # ensemble's out-of-fold rows
 
     @property
     def n_folds_(self) -> int:
         """How many fold models each member has (the cross-validation's folds)."""
         return len(self.members_[self.member_names_[0]])
 
-    def predict_batches(self, items, batch_size: int, *, keep_full: bool = False,
-                        desc: str = "predicting", show: bool = True):
+    def predict_batches(
+        self,
+        items,
+        batch_size: int,
+        *,
+        keep_full: bool = False,
+        desc: str = "predicting",
+        show: bool = True,
+    ):
         """The one batched prediction loop over files (``predict``, ``evaluate``): yield
         ``(rows, X, full, proba, errors, fold_proba)`` per batch of ``items``, each file
         decoded once and the next batch read while this one is classified. ``rows``: the
@@ -235,8 +271,9 @@ class Predictor:
         n_batches = -(-len(items) // batch_size)
         folds = self.needs_fold_proba_
         batches = self.preprocessing.batches(items, batch_size, keep_full=keep_full)
-        for s, X, full, good, errs in progress_iter(batches, total=n_batches, desc=desc,
-                                                     enabled=show and n_batches > 1):
+        for s, X, full, good, errs in progress_iter(
+            batches, total=n_batches, desc=desc, enabled=show and n_batches > 1
+        ):
             rows = s + np.asarray(good, dtype=np.int64)
             proba = pf = None
             if len(rows):
@@ -250,19 +287,21 @@ class Predictor:
         ``folds``: ``(proba, fold_proba)``, the second the ensemble of each fold's models
         (n_folds, N, K), from the same model outputs."""
         views = TTA_VIEWS[self.tta]
-        per_view = [self.member_fold_probas(np.ascontiguousarray(VIEWS[v](images)))
-                    for v in views]
-        proba = np.mean([self.ensemble_.combine([m.mean(axis=0) for m in mp])
-                         for mp in per_view], axis=0)
+        per_view = [self.member_fold_probas(np.ascontiguousarray(VIEWS[v](images))) for v in views]
+        proba = np.mean(
+            [self.ensemble_.combine([m.mean(axis=0) for m in mp]) for mp in per_view], axis=0
+        )
         if not folds:
             return proba
-        fold_proba = np.stack([np.mean([self.ensemble_.combine([m[k] for m in mp])
-                                        for mp in per_view], axis=0)
-                               for k in range(self.n_folds_)])
+        fold_proba = np.stack(
+            [
+                np.mean([self.ensemble_.combine([m[k] for m in mp]) for mp in per_view], axis=0)
+                for k in range(self.n_folds_)
+            ]
+        )
         return proba, fold_proba
 
-    def adapt(self, x, max_images: int = 2000, seed: int = 0,
-              preprocessed: bool = False) -> dict:
+    def adapt(self, x, max_images: int = 2000, seed: int = 0, preprocessed: bool = False) -> dict:
         """Unsupervised test-time adaptation (AdaBN) of the members that declare
         ``adaptable`` on a seeded sample of at most ``max_images`` of ``x`` (no labels;
         ``preprocessed`` as in :meth:`predict_proba`). Changes this loaded predictor only,
@@ -271,17 +310,22 @@ class Predictor:
         rows = np.arange(len(items))
         if len(rows) > max_images:
             rows = np.sort(np.random.default_rng(seed).choice(rows, max_images, replace=False))
-        X = self.preprocessing.apply_batch(items[rows] if preprocessed else
-                                           [items[i] for i in rows], preprocessed)
+        X = self.preprocessing.apply_batch(
+            items[rows] if preprocessed else [items[i] for i in rows], preprocessed
+        )
         layers, models = 0, 0
         for n in self.member_names_:
             for m in self.members_[n]:
                 if m.adaptable:
                     layers += m.adapt(X)
                     models += 1
-        self._fused = None   # the fused graph holds the old statistics
-        return {"method": "AdaBN (batch-norm statistics re-estimated on the new images)",
-                "images": int(len(X)), "fold_models": models, "layers": layers}
+        self._fused = None  # the fused graph holds the old statistics
+        return {
+            "method": "AdaBN (batch-norm statistics re-estimated on the new images)",
+            "images": int(len(X)),
+            "fold_models": models,
+            "layers": layers,
+        }
 
     def shift_scores(self, x, batch_size: int = 256, preprocessed: bool = False) -> np.ndarray:
         """Per image, how far its colours lie from the training images' (0-1: the share of
@@ -291,17 +335,25 @@ class Predictor:
         if self.shift_reference_ is None:
             return None
         items = self.preprocessing.batch_items(x, preprocessed)
-        return np.concatenate([self.shift_reference_.score(
-            self.preprocessing.apply_batch(items[i:i + batch_size], preprocessed))
-            for i in range(0, len(items), batch_size)]) if len(items) else np.zeros(0)
+        return (
+            np.concatenate(
+                [
+                    self.shift_reference_.score(
+                        self.preprocessing.apply_batch(items[i : i + batch_size], preprocessed)
+                    )
+                    for i in range(0, len(items), batch_size)
+                ]
+            )
+            if len(items)
+            else np.zeros(0)
+        )
 
     def _review(self, proba, shift, fold_proba) -> dict | None:
         """The stored prediction sets and review flags (:func:`core.conformal.review_of`) of
         images with these probabilities and shift scores; ``None`` without stored sets."""
         if self.conformal_ is None:
             return None
-        return review_of(self.conformal_, self.record.conformal.review, proba, shift,
-                         fold_proba)
+        return review_of(self.conformal_, self.record.conformal.review, proba, shift, fold_proba)
 
     def predict_review(self, x, batch_size: int = 256, preprocessed: bool = False) -> dict:
         """What ``bench predict`` writes per image (:meth:`predict_table`): ``prediction``,
@@ -310,27 +362,37 @@ class Predictor:
         confidence below the stored threshold), the reasons, ``shift_score`` and
         ``proba``."""
         if self.conformal_ is None:
-            raise BenchError(f"predictor {self.path} was saved without conformal prediction "
-                             "sets; run it again, or bench calibrate it on labelled images")
-        out = self.predict_proba(x, batch_size, folds=self.needs_fold_proba_,
-                                 preprocessed=preprocessed)
+            raise BenchError(
+                f"predictor {self.path} was saved without conformal prediction "
+                "sets; run it again, or bench calibrate it on labelled images"
+            )
+        out = self.predict_proba(
+            x, batch_size, folds=self.needs_fold_proba_, preprocessed=preprocessed
+        )
         proba, fold_proba = out if self.needs_fold_proba_ else (out, None)
         shift = self.shift_scores(x, batch_size, preprocessed)
         rv = self._review(proba, shift, fold_proba)
-        return {"prediction": self.classes_[proba.argmax(axis=1)],
-                "confidence": proba.max(axis=1),
-                "prediction_set": [join_set(r, self.classes_) for r in rv.pop("sets")],
-                **rv, "shift_score": shift, "proba": proba}
+        return {
+            "prediction": self.classes_[proba.argmax(axis=1)],
+            "confidence": proba.max(axis=1),
+            "prediction_set": [join_set(r, self.classes_) for r in rv.pop("sets")],
+            **rv,
+            "shift_score": shift,
+            "proba": proba,
+        }
 
     def table_header(self, gradcam: bool = False) -> list[str]:
         """The columns of ``bench predict``'s table (:meth:`predict_table`)."""
-        return ([*TABLE_COLUMNS, *self.classes_]
-                + (["shift_score"] if self.shift_reference_ is not None else [])
-                + (["gradcam"] if gradcam else [])
-                + (["prediction_set", "set_size", "review"] if self.conformal_ else []))
+        return (
+            [*TABLE_COLUMNS, *self.classes_]
+            + (["shift_score"] if self.shift_reference_ is not None else [])
+            + (["gradcam"] if gradcam else [])
+            + (["prediction_set", "set_size", "review"] if self.conformal_ else [])
+        )
 
-    def predict_table(self, paths, batch_size: int = 256, *, gradcam_dir=None, root=None,
-                      show: bool = True):
+    def predict_table(
+        self, paths, batch_size: int = 256, *, gradcam_dir=None, root=None, show: bool = True
+    ):
         """``bench predict``'s table of the image files ``paths`` (columns:
         :meth:`table_header`), a :class:`TableBatch` per batch of ``batch_size``: per
         readable image its path, the prediction and its probability, every class's
@@ -343,13 +405,13 @@ class Predictor:
         names = gradcam_names(paths, root) if cams_to is not None else None
         ref = self.shift_reference_
         for good, X, full, proba, errors, fold_proba in self.predict_batches(
-                paths, batch_size, keep_full=cams_to is not None, show=show):
+            paths, batch_size, keep_full=cams_to is not None, show=show
+        ):
             if not len(good):
                 yield TableBatch([], errors, None, None)
                 continue
             top = np.argmax(proba, axis=1)
-            cams = None if cams_to is None else self.explain(X, class_index=top,
-                                                             preprocessed=True)
+            cams = None if cams_to is None else self.explain(X, class_index=top, preprocessed=True)
             shift = ref.score(X) if ref is not None else None
             rv = self._review(proba, shift, fold_proba)
             rows = []
@@ -357,14 +419,30 @@ class Predictor:
                 k = int(top[j])
                 extra = [f"{shift[j]:.4f}"] if shift is not None else []
                 if cams_to is not None:
-                    write_gradcam_png(cams_to / names[i], full[j], cams[j], p, self.classes_,
-                                      title=safe_text(str(paths[i])))
+                    write_gradcam_png(
+                        cams_to / names[i],
+                        full[j],
+                        cams[j],
+                        p,
+                        self.classes_,
+                        title=safe_text(str(paths[i])),
+                    )
                     extra.append(names[i])
                 if rv is not None:
-                    extra += [join_set(rv["sets"][j], self.classes_), int(rv["set_size"][j]),
-                              int(rv["review"][j])]
-                rows.append([str(paths[i]), self.classes_[k], f"{p[k]:.6f}",
-                             *[f"{v:.6f}" for v in p], *extra])
+                    extra += [
+                        join_set(rv["sets"][j], self.classes_),
+                        int(rv["set_size"][j]),
+                        int(rv["review"][j]),
+                    ]
+                rows.append(
+                    [
+                        str(paths[i]),
+                        self.classes_[k],
+                        f"{p[k]:.6f}",
+                        *[f"{v:.6f}" for v in p],
+                        *extra,
+                    ]
+                )
             yield TableBatch(rows, errors, shift, rv)
 
     def predict(self, x, batch_size: int = 256) -> np.ndarray:
@@ -409,34 +487,64 @@ class Predictor:
         """
         spec = self.bag_task_
         if spec is None:
-            raise BenchError(f"predictor {self.path} was not trained on a bag task "
-                             "([data] bags = true): it classifies single images")
+            raise BenchError(
+                f"predictor {self.path} was not trained on a bag task "
+                "([data] bags = true): it classifies single images"
+            )
         classes = [str(c) for c in self.classes_]
         pos = classes.index(spec.positive)
         out = []
         for name, items in bags.items():
             items = as_items(items)
-            if not len(items):   # a patient folder without images: its row says so
+            if not len(items):  # a patient folder without images: its row says so
                 score, decision, _ = call_bag(spec, classes, np.zeros(0), None)
-                out.append({"bag": name, "n_cells": 0, "n_skipped": 0, "skipped": [],
-                            "probability": score, "decision": decision,
-                            "reason": "no image file", "threshold": float(spec.threshold),
-                            "min_cells": spec.min_cells,
-                            "cells": np.zeros((0, len(classes))), "cell_items": []})
+                out.append(
+                    {
+                        "bag": name,
+                        "n_cells": 0,
+                        "n_skipped": 0,
+                        "skipped": [],
+                        "probability": score,
+                        "decision": decision,
+                        "reason": "no image file",
+                        "threshold": float(spec.threshold),
+                        "min_cells": spec.min_cells,
+                        "cells": np.zeros((0, len(classes))),
+                        "cell_items": [],
+                    }
+                )
                 continue
-            X, ok, errors = self.load_bag(items)   # the bag's cells together
-            skipped = [(f"array {i}" if isinstance(items[i], np.ndarray) else str(items[i]),
-                        str(exc)) for i, exc in errors]
-            proba = (self.predict_proba(X, batch_size, one_bag=True) if len(ok)
-                     else np.zeros((0, len(classes))))
-            shift = self.shift_reference_.score(X) if (
-                self.shift_reference_ is not None and len(ok)) else None
+            X, ok, errors = self.load_bag(items)  # the bag's cells together
+            skipped = [
+                (f"array {i}" if isinstance(items[i], np.ndarray) else str(items[i]), str(exc))
+                for i, exc in errors
+            ]
+            proba = (
+                self.predict_proba(X, batch_size, one_bag=True)
+                if len(ok)
+                else np.zeros((0, len(classes)))
+            )
+            shift = (
+                self.shift_reference_.score(X)
+                if (self.shift_reference_ is not None and len(ok))
+                else None
+            )
             score, decision, reason = call_bag(spec, classes, proba[:, pos], shift)
-            out.append({"bag": name, "n_cells": int(len(ok)), "n_skipped": len(skipped),
-                        "skipped": skipped, "probability": score, "decision": decision,
-                        "reason": reason, "threshold": float(spec.threshold),
-                        "min_cells": spec.min_cells, "cells": proba,
-                        "cell_items": [items[i] for i in ok]})
+            out.append(
+                {
+                    "bag": name,
+                    "n_cells": int(len(ok)),
+                    "n_skipped": len(skipped),
+                    "skipped": skipped,
+                    "probability": score,
+                    "decision": decision,
+                    "reason": reason,
+                    "threshold": float(spec.threshold),
+                    "min_cells": spec.min_cells,
+                    "cells": proba,
+                    "cell_items": [items[i] for i in ok],
+                }
+            )
         return out
 
     # -- Grad-CAM -------------------------------------------------------------------
@@ -454,8 +562,7 @@ class Predictor:
             kinds = ", ".join(f"{n} ({self.member_kinds_.get(n)})" for n in self.member_names_)
             raise BenchError(f"Grad-CAM needs a CNN member; this predictor's members are: {kinds}")
         w = self.ensemble_.member_weights()
-        w = ([w[self.member_names_.index(n)] for n in cnn] if w is not None
-             else [1.0] * len(cnn))
+        w = [w[self.member_names_.index(n)] for n in cnn] if w is not None else [1.0] * len(cnn)
         total = float(np.sum(w))
         if total <= 0:
             w, total = [1.0] * len(cnn), float(len(cnn))
@@ -470,15 +577,18 @@ class Predictor:
             class_index = int(hits[0])
         idx = np.asarray(class_index)
         if idx.dtype.kind not in "iu" or idx.ndim > 1 or (idx.ndim == 1 and len(idx) != n):
-            raise BenchError(f"class_index must be None, a class index or name, or {n} "
-                             f"indices, got {class_index!r}")
+            raise BenchError(
+                f"class_index must be None, a class index or name, or {n} "
+                f"indices, got {class_index!r}"
+            )
         idx = np.broadcast_to(idx.astype(np.int64), (n,)).copy()
         if ((idx < 0) | (idx >= k)).any():
             raise BenchError(f"class_index must be in [0, {k}), got {class_index}")
         return idx
 
-    def explain(self, x, class_index=None, batch_size: int = 64,
-                preprocessed: bool = False) -> np.ndarray:
+    def explain(
+        self, x, class_index=None, batch_size: int = 64, preprocessed: bool = False
+    ) -> np.ndarray:
         """The ensemble's Grad-CAM maps, (N, S, S) ``float32`` in [0, 1] at the training
         resolution ``S`` (upsample to show them on the original image; ``preprocessed`` as
         in :meth:`predict_proba`).
@@ -493,11 +603,11 @@ class Predictor:
         fixed = None if class_index is None else self._class_indices(class_index, len(items))
         maps = []
         for i in range(0, len(items), batch_size):
-            images = self.preprocessing.apply_batch(items[i:i + batch_size], preprocessed)
+            images = self.preprocessing.apply_batch(items[i : i + batch_size], preprocessed)
             if fixed is None:
                 target = np.argmax(self.ensemble_.combine(self.member_probas(images)), axis=1)
             else:
-                target = fixed[i:i + batch_size]
+                target = fixed[i : i + batch_size]
             maps.append(self._explain_images(images, target, weights))
         s = self.image_size
         return np.concatenate(maps) if maps else np.zeros((0, s, s), np.float32)
@@ -505,14 +615,17 @@ class Predictor:
     def _explain_images(self, images, target, weights) -> np.ndarray:
         out = np.zeros(images.shape[:3], dtype=np.float64)
         for n, w in weights.items():
-            member = np.mean([m.explain(images, class_index=target) for m in self.members_[n]],
-                             axis=0)
+            member = np.mean(
+                [m.explain(images, class_index=target) for m in self.members_[n]], axis=0
+            )
             out += w * member
         return np.clip(out, 0.0, 1.0).astype(np.float32)
 
     def __repr__(self):
-        return (f"Predictor({self.record.ensemble.name}: {', '.join(self.member_names_)}; "
-                f"classes={list(self.classes_)})")
+        return (
+            f"Predictor({self.record.ensemble.name}: {', '.join(self.member_names_)}; "
+            f"classes={list(self.classes_)})"
+        )
 
 
 def _load_member(path: Path, name: str, j: int, rel: str, k: int, image_size: int):
@@ -523,7 +636,7 @@ def _load_member(path: Path, name: str, j: int, rel: str, k: int, image_size: in
         if not (isinstance(cls, type) and issubclass(cls, Candidate)):
             raise BenchError(f"'{kind}' is not a candidate type")
         cand = load_candidate(path / rel)
-        cand.check_loaded(k, image_size)   # the candidate checks its own loaded state
+        cand.check_loaded(k, image_size)  # the candidate checks its own loaded state
     except MemoryError:
         raise
     except Exception as exc:  # noqa: BLE001 - any failure to load is a bad predictor
@@ -541,16 +654,23 @@ def _load_ensemble(path: Path, info, n_members: int, k: int):
         if not (isinstance(cls, type) and issubclass(cls, Ensemble)):
             raise BenchError(f"'{info.type}' is not an ensemble type")
         ensemble = cls(**info.params).set_state(info.state)
-        probe = np.asarray(ensemble.combine([np.full((2, k), 1.0 / k)] * n_members),
-                           dtype=np.float64)
+        probe = np.asarray(
+            ensemble.combine([np.full((2, k), 1.0 / k)] * n_members), dtype=np.float64
+        )
     except MemoryError:
         raise
     except Exception as exc:  # noqa: BLE001 - any failure is a bad state
         raise BenchError(f"{where}: {one_line(exc)}") from None
-    if probe.shape != (2, k) or not np.isfinite(probe).all() or probe.min() < -1e-6 \
-            or not np.allclose(probe.sum(axis=1), 1.0, atol=1e-4):
-        raise BenchError(f"{where}: its state does not turn {n_members} members' "
-                         f"probabilities of {k} classes into {k} class probabilities")
+    if (
+        probe.shape != (2, k)
+        or not np.isfinite(probe).all()
+        or probe.min() < -1e-6
+        or not np.allclose(probe.sum(axis=1), 1.0, atol=1e-4)
+    ):
+        raise BenchError(
+            f"{where}: its state does not turn {n_members} members' "
+            f"probabilities of {k} classes into {k} class probabilities"
+        )
     return ensemble
 
 
@@ -561,13 +681,23 @@ def load_predictor(path) -> Predictor:
     record = verify_predictor(path)
     k = len(record.classes)
     size = record.prep.image_size
-    members = {m.name: [_load_member(path, m.name, j, rel, k, size)
-                        for j, rel in enumerate(m.models)]
-               for m in record.members}
+    members = {
+        m.name: [_load_member(path, m.name, j, rel, k, size) for j, rel in enumerate(m.models)]
+        for m in record.members
+    }
     ensemble = _load_ensemble(path, record.ensemble, len(members), k)
     return Predictor(record, members, ensemble, path)
 
 
-__all__ = ["Predictor", "TableBatch", "TABLE_COLUMNS", "load_predictor", "verify_predictor",
-           "save_predictor", "manifest_digest", "MANIFEST", "PredictorRecord", "BagTask"]
-
+__all__ = [
+    "Predictor",
+    "TableBatch",
+    "TABLE_COLUMNS",
+    "load_predictor",
+    "verify_predictor",
+    "save_predictor",
+    "manifest_digest",
+    "MANIFEST",
+    "PredictorRecord",
+    "BagTask",
+]

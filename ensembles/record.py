@@ -18,8 +18,19 @@ from pathlib import Path
 from typing import Annotated, Any, Literal, Optional, Union, get_args
 
 import numpy as np
-from pydantic import (AfterValidator, BaseModel, ConfigDict, Field, PrivateAttr, StrictFloat,
-                      StrictInt, StrictStr, ValidationError, field_validator, model_validator)
+from pydantic import (
+    AfterValidator,
+    BaseModel,
+    ConfigDict,
+    Field,
+    PrivateAttr,
+    StrictFloat,
+    StrictInt,
+    StrictStr,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 from pydantic_core import PydanticCustomError
 
 from core.candidate import CANDIDATE_FILE
@@ -44,7 +55,7 @@ def one_line(exc: BaseException, limit: int = 400) -> str:
     text = " ".join(str(exc).split())
     if not isinstance(exc, BenchError):
         text = f"{type(exc).__name__}: {text}" if text else type(exc).__name__
-    return text if len(text) <= limit else text[:limit - 3] + "..."
+    return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
 def _is_int(v) -> bool:
@@ -52,7 +63,7 @@ def _is_int(v) -> bool:
 
 
 def _is_number(v) -> bool:
-    return (_is_int(v) and abs(v) < 2 ** 63) or (isinstance(v, float) and math.isfinite(v))
+    return (_is_int(v) and abs(v) < 2**63) or (isinstance(v, float) and math.isfinite(v))
 
 
 def _number_check(v):
@@ -72,13 +83,15 @@ _Name = Annotated[StrictStr, Field(min_length=1)]
 class _Record(BaseModel):
     """A part of the manifest; a field's ``description`` says what its value must be, and
     is the error when it is not."""
+
     model_config = ConfigDict(strict=True, extra="allow")
 
 
 class MemberRecord(_Record):
     name: _Name = Field(description="'name' must be a non-empty string")
-    models: list[_Name] = Field(min_length=1,
-                                description="'models' must be a non-empty list of folders")
+    models: list[_Name] = Field(
+        min_length=1, description="'models' must be a non-empty list of folders"
+    )
     type: Optional[StrictStr] = Field(None, description="'type' must be a string")
     kind: Optional[StrictStr] = Field(None, description="'kind' must be a string")
     weight: Optional[_Number] = Field(None, description="'weight' must be a number")
@@ -93,6 +106,7 @@ class EnsembleRecord(_Record):
 
 class Band(_Record):
     """The scores where out-of-fold patients were misclassified (:func:`core.conformal.refer_band`)."""
+
     lo: _Number = Field(description="'refer_band' needs a number 'lo'")
     hi: _Number = Field(description="'refer_band' needs a number 'hi'")
     n_wrong: Optional[StrictInt] = Field(None, description="'n_wrong' must be an integer")
@@ -107,26 +121,34 @@ class Band(_Record):
 
 class _BagColour(_Record):
     bag_colour: Literal[BAG_COLOUR] = Field(
-        description=f"'bag_colour' must be one of {list(BAG_COLOUR)}")
+        description=f"'bag_colour' must be one of {list(BAG_COLOUR)}"
+    )
 
 
 class BagTask(_Record):
     """A bag task's call per patient (``[data] bags = true``; :func:`ensembles.bags.call_bag`)."""
+
     positive: StrictStr = Field(description="'positive' must be one of 'classes'")
     aggregator: Literal[CELL_AGGREGATORS] = Field(
-        description=f"'aggregator' must be one of {list(CELL_AGGREGATORS)}")
+        description=f"'aggregator' must be one of {list(CELL_AGGREGATORS)}"
+    )
     params: dict = Field({}, description="'params' must be an object")
     threshold: _Number = Field(description="'threshold' must be a number")
     min_cells: Annotated[StrictInt, Field(ge=1)] = Field(
-        1, description="'min_cells' must be an integer of at least 1")   # saved before it: none
-    min_cells_rule: Optional[StrictStr] = Field(None,
-                                                description="'min_cells_rule' must be a string")
-    refer_band: Optional[Band] = Field(   # saved before it: none
-        None, description="'refer_band' must be an object with numbers 'lo' <= 'hi'")
-    colour: Optional[_BagColour] = Field(   # [patients] bag_colour; saved before it: none
-        None, description="'colour' must be an object with 'bag_colour'")
+        1, description="'min_cells' must be an integer of at least 1"
+    )  # saved before it: none
+    min_cells_rule: Optional[StrictStr] = Field(
+        None, description="'min_cells_rule' must be a string"
+    )
+    refer_band: Optional[Band] = Field(  # saved before it: none
+        None, description="'refer_band' must be an object with numbers 'lo' <= 'hi'"
+    )
+    colour: Optional[_BagColour] = Field(  # [patients] bag_colour; saved before it: none
+        None, description="'colour' must be an object with 'bag_colour'"
+    )
     patient_leaderboard: Optional[dict] = Field(
-        None, description="'patient_leaderboard' must be an object")
+        None, description="'patient_leaderboard' must be an object"
+    )
 
     @property
     def bag_colour(self) -> str:
@@ -136,25 +158,30 @@ class BagTask(_Record):
 
 class Calibration(_Record):
     temperature: Optional[Annotated[_Number, Field(ge=0)]] = Field(
-        None, description="'temperature' must be a non-negative number")
+        None, description="'temperature' must be a non-negative number"
+    )
 
 
 class Review(_Record):
     """When an image goes to review (:func:`core.conformal.review_of`)."""
+
     target_error: Optional[_Number] = Field(None, description="'target_error' must be a number")
     confidence_threshold: Optional[_Number] = Field(
-        None, description="'confidence_threshold' must be a number")
+        None, description="'confidence_threshold' must be a number"
+    )
     shift_limit: _Number = Field(SHIFT_LIMIT, description="'shift_limit' must be a number")
 
 
 class Recalibration(_Record):
     """What ``bench calibrate`` drew, and the calibration it replaced."""
+
     data: StrictStr = Field(description="'data' must be a string")
     n: StrictInt = Field(description="'n' must be an integer")
     seed: StrictInt = Field(description="'seed' must be an integer")
     rows: list[StrictStr] = Field(description="'rows' must be a list of strings")
     excluded_rows: list[StrictStr] = Field(
-        [], description="'excluded_rows' must be a list of strings")   # saved before it: none
+        [], description="'excluded_rows' must be a list of strings"
+    )  # saved before it: none
     from_predictor: StrictStr = Field(description="'from_predictor' must be a string")
     before: ConformalRecord = Field(description="'before' must be an object")
 
@@ -162,6 +189,7 @@ class Recalibration(_Record):
 class ConformalRecord(_Record):
     """The stored prediction sets (:class:`core.conformal.ConformalSets`, which checks their
     state) and the review rule."""
+
     method: StrictStr = Field(description="'method' must be a string")
     confidence: _Number = Field(description="'confidence' must be a number")
     scores: list = Field(description="'scores' must be a list")
@@ -170,19 +198,21 @@ class ConformalRecord(_Record):
     raps_lambda: _Number = Field(RAPS_LAMBDA, description="'raps_lambda' must be a number")
     raps_k: StrictInt = Field(RAPS_K, description="'raps_k' must be an integer")
     fitted_on: StrictStr = Field("", description="'fitted_on' must be a string")
-    n_calibration: Optional[StrictInt] = Field(None,
-                                               description="'n_calibration' must be an integer")
+    n_calibration: Optional[StrictInt] = Field(
+        None, description="'n_calibration' must be an integer"
+    )
     scheme: Literal[SCHEMES] = Field("split", description=f"'scheme' must be one of {SCHEMES}")
     scheme_rule: Optional[StrictStr] = Field(None, description="'scheme_rule' must be a string")
     review: Review = Field(Review(), description="'review' must be an object")
     in_lab: Optional[dict] = Field(None, description="'in_lab' must be an object")
     recalibration: Optional[Recalibration] = Field(
-        None, description="'recalibration' must be an object")
+        None, description="'recalibration' must be an object"
+    )
 
     @model_validator(mode="after")
     def _state(self):
         try:
-            self.sets(None)   # the classes' count: checked when loading
+            self.sets(None)  # the classes' count: checked when loading
         except BenchError as exc:
             raise _problem(str(exc)) from None
         return self
@@ -190,22 +220,39 @@ class ConformalRecord(_Record):
     def sets(self, n_classes: int | None) -> ConformalSets:
         """The fitted sets, checked (``n_classes`` None: the labels' upper bound left to a
         later check)."""
-        return ConformalSets.from_dict(self.model_dump(include={
-            "method", "confidence", "scores", "labels", "folds", "raps_lambda", "raps_k",
-            "fitted_on"}, exclude_none=True), n_classes)
+        return ConformalSets.from_dict(
+            self.model_dump(
+                include={
+                    "method",
+                    "confidence",
+                    "scores",
+                    "labels",
+                    "folds",
+                    "raps_lambda",
+                    "raps_k",
+                    "fitted_on",
+                },
+                exclude_none=True,
+            ),
+            n_classes,
+        )
 
 
 class ShiftRecord(_Record):
     """The training images' description behind the shift scores (:mod:`core.shift`), read
     whole by :class:`core.shift.ShiftReference`."""
+
     _reference: ShiftReference = PrivateAttr()
 
     @model_validator(mode="after")
     def _readable(self):
         try:
             ref = ShiftReference.from_dict(self.model_extra)
-            ok = ref.precision.shape == (len(ref.mean),) * 2 and len(ref.reference) > 1 \
+            ok = (
+                ref.precision.shape == (len(ref.mean),) * 2
+                and len(ref.reference) > 1
                 and np.isfinite(ref.precision).all()
+            )
         except (TypeError, ValueError, KeyError, AttributeError):
             ok = False
         if not ok:
@@ -221,40 +268,47 @@ class ShiftRecord(_Record):
 class PredictorRecord(_Record):
     """The fields a predictor needs from ``manifest.json`` (a manifest whose digest was
     recomputed after an edit is refused here with one line, not a traceback later)."""
+
     format: Optional[StrictInt] = Field(None, description="'format' must be an integer")
     files: dict[_Name, StrictStr] = Field(
-        description="'files' must be an object of path: sha256 strings")
-    classes: list[StrictStr] = Field(min_length=1,
-                                     description="'classes' must be a non-empty list of class names")
-    members: list[MemberRecord] = Field(min_length=1,
-                                        description="'members' must be a non-empty list")
+        description="'files' must be an object of path: sha256 strings"
+    )
+    classes: list[StrictStr] = Field(
+        min_length=1, description="'classes' must be a non-empty list of class names"
+    )
+    members: list[MemberRecord] = Field(
+        min_length=1, description="'members' must be a non-empty list"
+    )
     ensemble: EnsembleRecord = Field(description="'ensemble' must be an object")
     image_size: Optional[Annotated[StrictInt, Field(gt=0)]] = Field(
-        None, description="'image_size' must be a positive integer")
-    preprocessing: Any = None   # resolved (and checked) into ``prep``
+        None, description="'image_size' must be a positive integer"
+    )
+    preprocessing: Any = None  # resolved (and checked) into ``prep``
     bags: Optional[BagTask] = Field(None, description="'bags' must be an object")
     created: Optional[StrictStr] = Field(None, description="'created' must be a string")
     chosen_by: Optional[StrictStr] = Field(None, description="'chosen_by' must be a string")
-    member_models: Optional[StrictStr] = Field(None,
-                                               description="'member_models' must be a string")
+    member_models: Optional[StrictStr] = Field(None, description="'member_models' must be a string")
     training_data: Optional[dict] = Field(None, description="'training_data' must be an object")
     versions: Optional[dict] = Field(None, description="'versions' must be an object")
     leaderboard: Optional[dict[str, _Number]] = Field(
-        None, description="'leaderboard' must be an object of numbers")
-    calibration: Optional[Calibration] = Field(None,
-                                               description="'calibration' must be an object")
+        None, description="'leaderboard' must be an object of numbers"
+    )
+    calibration: Optional[Calibration] = Field(None, description="'calibration' must be an object")
     tta: Literal[tuple(TTA_VIEWS)] = Field(
-        "none", description=f"'tta' must be one of {sorted(TTA_VIEWS)}")
+        "none", description=f"'tta' must be one of {sorted(TTA_VIEWS)}"
+    )
     shift: Optional[ShiftRecord] = Field(
-        None, description="'shift' is not a valid description of the training images")
-    conformal: Optional[ConformalRecord] = Field(None,
-                                                 description="'conformal' must be an object")
+        None, description="'shift' is not a valid description of the training images"
+    )
+    conformal: Optional[ConformalRecord] = Field(None, description="'conformal' must be an object")
     external: Optional[dict] = Field(None, description="'external' must be an object")
     leave_one_lab_out: Optional[dict] = Field(
-        None, description="'leave_one_lab_out' must be an object")
+        None, description="'leave_one_lab_out' must be an object"
+    )
     distilled: Optional[dict] = Field(None, description="'distilled' must be an object")
     manifest_sha256: Optional[StrictStr] = Field(
-        None, description="'manifest_sha256' must be a string")
+        None, description="'manifest_sha256' must be a string"
+    )
     _prep: Preprocessing = PrivateAttr()
     _raw: dict = PrivateAttr()
 
@@ -282,14 +336,16 @@ class PredictorRecord(_Record):
         if self.image_size is None and not isinstance(self.preprocessing, dict):
             raise _problem("'image_size' is missing")
         try:
-            self._prep = resolve_preprocessing({"image_size": self.image_size,
-                                                "preprocessing": self.preprocessing})
+            self._prep = resolve_preprocessing(
+                {"image_size": self.image_size, "preprocessing": self.preprocessing}
+            )
         except Exception as exc:  # noqa: BLE001 - any failure is a bad record
             raise _problem(one_line(exc)) from None
         size = self._prep.image_size
         if self.image_size is not None and size != self.image_size:
-            raise _problem(f"'image_size' {self.image_size} differs from the preprocessing's "
-                           f"{size}")
+            raise _problem(
+                f"'image_size' {self.image_size} differs from the preprocessing's {size}"
+            )
         return self
 
     @classmethod
@@ -299,8 +355,9 @@ class PredictorRecord(_Record):
         try:
             record = cls.model_validate(manifest)
         except ValidationError as exc:
-            raise BenchError(f"bad predictor manifest {where}: "
-                             f"{_manifest_problem(exc.errors()[0], manifest)}") from None
+            raise BenchError(
+                f"bad predictor manifest {where}: {_manifest_problem(exc.errors()[0], manifest)}"
+            ) from None
         record._raw = manifest
         return record
 
@@ -311,10 +368,15 @@ class PredictorRecord(_Record):
         runs a run's candidates through :meth:`Predictor.member_probas`)."""
         record = cls.model_construct(
             classes=list(manifest["classes"]),
-            members=[MemberRecord.model_construct(name=m["name"], kind=m.get("kind"), models=[])
-                     for m in manifest["members"]],
-            ensemble=None, files={}, preprocessing=manifest.get("preprocessing"),
-            image_size=manifest.get("image_size"))
+            members=[
+                MemberRecord.model_construct(name=m["name"], kind=m.get("kind"), models=[])
+                for m in manifest["members"]
+            ],
+            ensemble=None,
+            files={},
+            preprocessing=manifest.get("preprocessing"),
+            image_size=manifest.get("image_size"),
+        )
         record._prep = resolve_preprocessing(manifest)
         record._raw = manifest
         return record
@@ -359,7 +421,7 @@ def _manifest_problem(err: dict, manifest: dict) -> str:
     while loc:
         key = loc.pop(0)
         field = model.model_fields.get(key) if isinstance(key, str) else None
-        if field is None:        # a union's tag or a table's key
+        if field is None:  # a union's tag or a table's key
             continue
         what, model = prefix + field.description, _submodel(field.annotation)
         if model is None:
@@ -404,16 +466,24 @@ def _check_candidate_files(path: Path, record: PredictorRecord) -> None:
             try:
                 meta = json.loads(meta_path.read_text())
             except (OSError, ValueError, RecursionError) as exc:
-                raise BenchError(f"{where}: unreadable {CANDIDATE_FILE} ({one_line(exc)})") \
-                    from None
-            if not (isinstance(meta, dict) and isinstance(meta.get("type"), str)
-                    and isinstance(meta.get("params"), dict)
-                    and isinstance(meta.get("classes"), list)):
-                raise BenchError(f"{where}: {CANDIDATE_FILE} must be an object with 'type', "
-                                 "'params' and a 'classes' list")
+                raise BenchError(
+                    f"{where}: unreadable {CANDIDATE_FILE} ({one_line(exc)})"
+                ) from None
+            if not (
+                isinstance(meta, dict)
+                and isinstance(meta.get("type"), str)
+                and isinstance(meta.get("params"), dict)
+                and isinstance(meta.get("classes"), list)
+            ):
+                raise BenchError(
+                    f"{where}: {CANDIDATE_FILE} must be an object with 'type', "
+                    "'params' and a 'classes' list"
+                )
             if len(meta["classes"]) != k:
-                raise BenchError(f"{where}: the model has {len(meta['classes'])} classes, the "
-                                 f"manifest lists {k} ({', '.join(record.classes)})")
+                raise BenchError(
+                    f"{where}: the model has {len(meta['classes'])} classes, the "
+                    f"manifest lists {k} ({', '.join(record.classes)})"
+                )
 
 
 def verify_predictor(path) -> PredictorRecord:
@@ -426,11 +496,13 @@ def verify_predictor(path) -> PredictorRecord:
         raise BenchError(f"not a predictor directory (no {MANIFEST}): {path}")
     try:
         manifest = json.loads(mpath.read_text())
-    except (OSError, ValueError, RecursionError) as exc:   # JSONDecodeError, UnicodeDecodeError
+    except (OSError, ValueError, RecursionError) as exc:  # JSONDecodeError, UnicodeDecodeError
         raise BenchError(f"corrupt predictor manifest {mpath}: {one_line(exc)}") from None
     if not isinstance(manifest, dict):
-        raise BenchError(f"corrupt predictor manifest {mpath}: a JSON object was expected, "
-                         f"got {type(manifest).__name__}")
+        raise BenchError(
+            f"corrupt predictor manifest {mpath}: a JSON object was expected, "
+            f"got {type(manifest).__name__}"
+        )
     fmt = manifest.get("format")
     if not _is_int(fmt) or fmt != FORMAT_VERSION:
         raise BenchError(f"{mpath}: unsupported predictor format {fmt!r}")
@@ -451,7 +523,7 @@ def verify_predictor(path) -> PredictorRecord:
         if f.is_dir() and not f.is_symlink():
             continue
         rel = f.relative_to(path).as_posix()
-        if rel == MANIFEST:    # only the top-level manifest is not in its own list
+        if rel == MANIFEST:  # only the top-level manifest is not in its own list
             continue
         if rel not in listed or f.is_symlink() or not f.is_file():
             raise BenchError(f"unexpected file in predictor (not in manifest): {f}")
@@ -459,6 +531,21 @@ def verify_predictor(path) -> PredictorRecord:
     return record
 
 
-__all__ = ["MANIFEST", "FORMAT_VERSION", "NO_BAG_COLOUR", "one_line", "PredictorRecord", "MemberRecord",
-           "EnsembleRecord", "BagTask", "Band", "Calibration", "ConformalRecord", "Review",
-           "Recalibration", "ShiftRecord", "manifest_digest", "verify_predictor"]
+__all__ = [
+    "MANIFEST",
+    "FORMAT_VERSION",
+    "NO_BAG_COLOUR",
+    "one_line",
+    "PredictorRecord",
+    "MemberRecord",
+    "EnsembleRecord",
+    "BagTask",
+    "Band",
+    "Calibration",
+    "ConformalRecord",
+    "Review",
+    "Recalibration",
+    "ShiftRecord",
+    "manifest_digest",
+    "verify_predictor",
+]

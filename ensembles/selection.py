@@ -27,8 +27,9 @@ def _scores(mean: np.ndarray, y: np.ndarray, metric: str) -> np.ndarray:
     return err + 1e-6 * np.minimum(log_loss, 50.0) / 50.0
 
 
-def greedy_selection(probas: list[np.ndarray], y: np.ndarray, rounds: int = 50,
-                     metric: str = "log_loss") -> np.ndarray:
+def greedy_selection(
+    probas: list[np.ndarray], y: np.ndarray, rounds: int = 50, metric: str = "log_loss"
+) -> np.ndarray:
     """Caruana-style forward selection with replacement.
 
     Parameters
@@ -52,7 +53,7 @@ def greedy_selection(probas: list[np.ndarray], y: np.ndarray, rounds: int = 50,
         raise ValueError(f"selection metric must be one of {SELECTION_METRICS}, got {metric!r}")
     if int(rounds) < 0:
         raise ValueError(f"rounds must be >= 0, got {rounds}")
-    stack = np.stack([np.asarray(p, dtype=np.float64) for p in probas])   # (M, N, K)
+    stack = np.stack([np.asarray(p, dtype=np.float64) for p in probas])  # (M, N, K)
     y = np.asarray(y, dtype=np.int64)
     m = len(stack)
     counts = np.zeros(m, dtype=np.int64)
@@ -60,7 +61,7 @@ def greedy_selection(probas: list[np.ndarray], y: np.ndarray, rounds: int = 50,
     best_score, best_counts = np.inf, counts
     for r in range(int(rounds) + 1):
         scores = _scores((total[None] + stack) / (r + 1), y, metric)
-        j = int(np.argmin(scores))           # ties: the lowest member index
+        j = int(np.argmin(scores))  # ties: the lowest member index
         counts = counts.copy()
         counts[j] += 1
         total += stack[j]

@@ -20,16 +20,19 @@ from ensembles.base import Ensemble
 
 def _logistic(C, seed):
     from sklearn.linear_model import LogisticRegression
+
     return LogisticRegression(C=C, max_iter=2000, random_state=seed)
 
 
 def _lda(C, seed):
     from sklearn.discriminant_analysis import LinearDiscriminantAnalysis
+
     return LinearDiscriminantAnalysis(solver="lsqr", shrinkage="auto")
 
 
 def _gaussian_nb(C, seed):
     from sklearn.naive_bayes import GaussianNB
+
     return GaussianNB()
 
 
@@ -37,8 +40,7 @@ def _gaussian_nb(C, seed):
 META_LEARNERS = {
     "logistic": (_logistic, ("classes_", "n_features_in_", "coef_", "intercept_")),
     "lda": (_lda, ("classes_", "n_features_in_", "coef_", "intercept_")),
-    "gaussian_nb": (_gaussian_nb, ("classes_", "n_features_in_", "theta_", "var_",
-                                   "class_prior_")),
+    "gaussian_nb": (_gaussian_nb, ("classes_", "n_features_in_", "theta_", "var_", "class_prior_")),
 }
 INPUTS = ("log_proba", "proba")
 C_GRID = (0.003, 0.01, 0.03, 0.1, 0.3, 1.0, 3.0)
@@ -83,11 +85,14 @@ class Stacking(Ensemble):
         Random state of the meta-learner.
     """
 
-    uses_fold_groups = True   # C = "auto": chosen leaving one training fold out
-    param_rules = {"meta": {"choices": ["logistic", "lda", "gaussian_nb"]},
-                   "C": {"type": float, "gt": 0, "also": ["auto"]},
-                   "inputs": {"choices": ["log_proba", "proba"]}, "inner_folds": {"ge": 2},
-                   "seed": {"ge": 0}}
+    uses_fold_groups = True  # C = "auto": chosen leaving one training fold out
+    param_rules = {
+        "meta": {"choices": ["logistic", "lda", "gaussian_nb"]},
+        "C": {"type": float, "gt": 0, "also": ["auto"]},
+        "inputs": {"choices": ["log_proba", "proba"]},
+        "inner_folds": {"ge": 2},
+        "seed": {"ge": 0},
+    }
 
     def __init__(self, meta="logistic", C="auto", inputs="proba", inner_folds=5, seed=0):
         self.meta = meta
@@ -98,8 +103,9 @@ class Stacking(Ensemble):
 
     def _check(self):
         if self.meta not in META_LEARNERS:
-            raise ValueError(f"stacking meta must be one of {sorted(META_LEARNERS)}, "
-                             f"got {self.meta!r}")
+            raise ValueError(
+                f"stacking meta must be one of {sorted(META_LEARNERS)}, got {self.meta!r}"
+            )
         if self.inputs not in INPUTS:
             raise ValueError(f"stacking inputs must be one of {INPUTS}, got {self.inputs!r}")
         if self.C != "auto" and not (isinstance(self.C, (int, float)) and self.C > 0):
@@ -143,8 +149,9 @@ class Stacking(Ensemble):
         if self.C != "auto":
             return float(self.C)
         if self.meta != "logistic":
-            return 1.0   # unused by the other meta-learners
+            return 1.0  # unused by the other meta-learners
         from sklearn.model_selection import LeaveOneGroupOut, StratifiedKFold
+
         Xs = (X - X.mean(axis=0)) / np.maximum(X.std(axis=0), 1e-12)
         if groups is not None and len(np.unique(groups)) >= 2:
             split = list(LeaveOneGroupOut().split(Xs, y, groups))
@@ -175,13 +182,17 @@ class Stacking(Ensemble):
             raise ValueError(f"fitted for {self.n_members_} members, got {len(probas)}")
         proba = self.meta_.predict_proba(self._features(probas))
         out = np.zeros((len(proba), self.n_classes_), dtype=np.float64)
-        out[:, np.asarray(self.meta_.classes_, dtype=np.int64)] = proba   # unseen classes: 0
+        out[:, np.asarray(self.meta_.classes_, dtype=np.int64)] = proba  # unseen classes: 0
         return out
 
     def get_state(self):
         _, attrs = META_LEARNERS[self.meta]
-        return {"n_members": self.n_members_, "n_classes": self.n_classes_, "C": self.C_,
-                "meta": {a: _to_json(getattr(self.meta_, a)) for a in attrs}}
+        return {
+            "n_members": self.n_members_,
+            "n_classes": self.n_classes_,
+            "C": self.C_,
+            "meta": {a: _to_json(getattr(self.meta_, a)) for a in attrs},
+        }
 
     def set_state(self, state):
         self._check()

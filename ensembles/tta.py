@@ -13,8 +13,16 @@ import numpy as np
 TTA_VIEWS = {
     "none": ("identity",),
     "flips": ("identity", "flip_h", "flip_v", "rot180"),
-    "d4": ("identity", "flip_h", "flip_v", "rot180", "transpose", "rot90", "rot270",
-           "anti_transpose"),
+    "d4": (
+        "identity",
+        "flip_h",
+        "flip_v",
+        "rot180",
+        "transpose",
+        "rot90",
+        "rot270",
+        "anti_transpose",
+    ),
 }
 #: each view as a function of an (N, S, S, 3) batch
 VIEWS = {

@@ -32,8 +32,11 @@ class SoftVoting(Ensemble):
     """
 
     has_member_weights = True
-    param_rules = {"weights": {"choices": ["equal", "optimized", "greedy"]}, "rounds": {"ge": 1},
-                   "metric": {"choices": ["log_loss", "accuracy"]}}
+    param_rules = {
+        "weights": {"choices": ["equal", "optimized", "greedy"]},
+        "rounds": {"ge": 1},
+        "metric": {"choices": ["log_loss", "accuracy"]},
+    }
 
     def __init__(self, weights="equal", rounds=50, metric="log_loss"):
         self.weights = weights
@@ -49,23 +52,33 @@ class SoftVoting(Ensemble):
         elif self.weights == "equal" or m == 1:
             w = np.ones(m)
         elif self.weights == "optimized":
-            stack = np.stack(probas)                      # (M, N, K)
+            stack = np.stack(probas)  # (M, N, K)
             y = np.asarray(y)
 
             def loss(theta):
                 return log_loss(y, np.tensordot(softmax(theta), stack, axes=1))
+
             if m <= 2:
-                res = minimize(loss, np.zeros(m), method="Nelder-Mead",
-                               options={"xatol": 1e-4, "fatol": 1e-7, "maxiter": 2000})
+                res = minimize(
+                    loss,
+                    np.zeros(m),
+                    method="Nelder-Mead",
+                    options={"xatol": 1e-4, "fatol": 1e-7, "maxiter": 2000},
+                )
             else:
-                res = minimize(loss, np.zeros(m), method="Powell",
-                               options={"xtol": 1e-4, "ftol": 1e-7, "maxiter": 2000})
+                res = minimize(
+                    loss,
+                    np.zeros(m),
+                    method="Powell",
+                    options={"xtol": 1e-4, "ftol": 1e-7, "maxiter": 2000},
+                )
             w = softmax(res.x)
         elif self.weights == "greedy":
             w = greedy_selection(probas, y, rounds=self.rounds, metric=self.metric)
         else:
-            raise ValueError(f"weights must be 'equal', 'optimized', 'greedy' or a list, "
-                             f"got {self.weights!r}")
+            raise ValueError(
+                f"weights must be 'equal', 'optimized', 'greedy' or a list, got {self.weights!r}"
+            )
         self.weights_ = (w / w.sum()).tolist()
         self.n_members_ = m
         return self

@@ -14,20 +14,34 @@ from pathlib import Path
 
 from core.errors import BenchError
 from core.images import Preprocessing
-from core.io import (atomic_write_json, atomic_write_text, file_sha256, json_default,
-                     package_versions, staged)
+from core.io import (
+    atomic_write_json,
+    atomic_write_text,
+    file_sha256,
+    json_default,
+    package_versions,
+    staged,
+)
 from core.shift import ShiftReference
 from ensembles.model_card import CARD, model_card
 from ensembles.record import FORMAT_VERSION, MANIFEST, PredictorRecord, manifest_digest
 from ensembles.tta import TTA_VIEWS
 
 
-def save_predictor(path, *, ensemble_name: str, ensemble, members: dict[str, list[Path]],
-                   member_info: dict[str, dict], classes: list[str],
-                   preprocessing: Preprocessing, training_data: dict,
-                   extra: dict | None = None,
-                   tta: str = PredictorRecord.model_fields["tta"].default,
-                   shift: ShiftReference | None = None) -> Path:
+def save_predictor(
+    path,
+    *,
+    ensemble_name: str,
+    ensemble,
+    members: dict[str, list[Path]],
+    member_info: dict[str, dict],
+    classes: list[str],
+    preprocessing: Preprocessing,
+    training_data: dict,
+    extra: dict | None = None,
+    tta: str = PredictorRecord.model_fields["tta"].default,
+    shift: ShiftReference | None = None,
+) -> Path:
     """Write a predictor directory (atomically: a temp dir moved into place).
 
     ``members`` maps a member name to its saved fold-model folders; ``preprocessing`` is
@@ -40,13 +54,31 @@ def save_predictor(path, *, ensemble_name: str, ensemble, members: dict[str, lis
         raise BenchError(f"[predictor] tta must be one of {sorted(TTA_VIEWS)}, got {tta!r}")
     extra = {**(extra or {}), "tta": tta, **({"shift": shift.to_dict()} if shift else {})}
     with staged(path) as tmp:
-        _write_predictor(tmp, ensemble_name, ensemble, members, member_info, classes,
-                         preprocessing, training_data, extra)
+        _write_predictor(
+            tmp,
+            ensemble_name,
+            ensemble,
+            members,
+            member_info,
+            classes,
+            preprocessing,
+            training_data,
+            extra,
+        )
     return Path(path)
 
 
-def _write_predictor(tmp: Path, ensemble_name, ensemble, members, member_info, classes,
-                     preprocessing: Preprocessing, training_data, extra) -> None:
+def _write_predictor(
+    tmp: Path,
+    ensemble_name,
+    ensemble,
+    members,
+    member_info,
+    classes,
+    preprocessing: Preprocessing,
+    training_data,
+    extra,
+) -> None:
     (tmp / "members").mkdir(parents=True)
     entries = []
     for name, folders in members.items():
@@ -56,20 +88,29 @@ def _write_predictor(tmp: Path, ensemble_name, ensemble, members, member_info, c
             shutil.copytree(folder, dest, ignore=shutil.ignore_patterns("checkpoint.keras"))
             rel.append(dest.relative_to(tmp).as_posix())
         entries.append({"name": name, "models": rel, **member_info.get(name, {})})
-    manifest = json.loads(json.dumps({
-        "format": FORMAT_VERSION,
-        "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
-        "classes": list(classes),
-        "image_size": preprocessing.image_size,
-        "preprocessing": preprocessing.to_dict(),
-        "ensemble": {"name": ensemble_name, "type": ensemble.type_name,
-                     "params": ensemble.get_params(), "state": ensemble.get_state()},
-        "members": entries,
-        "training_data": training_data,
-        "versions": package_versions(),
-        "files": {},   # filled below, the model card among them
-        **(extra or {}),
-    }, default=json_default))
+    manifest = json.loads(
+        json.dumps(
+            {
+                "format": FORMAT_VERSION,
+                "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+                "classes": list(classes),
+                "image_size": preprocessing.image_size,
+                "preprocessing": preprocessing.to_dict(),
+                "ensemble": {
+                    "name": ensemble_name,
+                    "type": ensemble.type_name,
+                    "params": ensemble.get_params(),
+                    "state": ensemble.get_state(),
+                },
+                "members": entries,
+                "training_data": training_data,
+                "versions": package_versions(),
+                "files": {},  # filled below, the model card among them
+                **(extra or {}),
+            },
+            default=json_default,
+        )
+    )
     write_manifest(tmp, manifest)
 
 
@@ -80,10 +121,9 @@ def write_manifest(folder: Path, manifest: dict, files: list[str] | None = None)
     listed, the card among them; default: every file of ``folder``, in path order), then
     its own digest."""
     record = PredictorRecord.read(manifest, folder / MANIFEST)
-    atomic_write_text(folder / CARD, model_card(record))   # checksummed like the rest
+    atomic_write_text(folder / CARD, model_card(record))  # checksummed like the rest
     if files is None:
-        files = [p.relative_to(folder).as_posix() for p in sorted(folder.rglob("*"))
-                 if p.is_file()]
+        files = [p.relative_to(folder).as_posix() for p in sorted(folder.rglob("*")) if p.is_file()]
     manifest = {**manifest, "files": {rel: file_sha256(folder / rel) for rel in files}}
     manifest.pop("manifest_sha256", None)
     manifest["manifest_sha256"] = manifest_digest(manifest)

@@ -7,8 +7,20 @@ from JSON or TOML, whatever its key order, gives the same columns and the same c
 See :func:`features.extract.extract`.
 """
 
-from features.extract import (EXTRACTORS, check_feature_set, extract, extract_one, feature_length,
-                              set_cache_dir)
+from features.extract import (
+    EXTRACTORS,
+    check_feature_set,
+    extract,
+    extract_one,
+    feature_length,
+    set_cache_dir,
+)
 
-__all__ = ["EXTRACTORS", "check_feature_set", "extract", "extract_one", "feature_length",
-           "set_cache_dir"]
+__all__ = [
+    "EXTRACTORS",
+    "check_feature_set",
+    "extract",
+    "extract_one",
+    "feature_length",
+    "set_cache_dir",
+]

@@ -23,8 +23,9 @@ def _moments(ch: np.ndarray) -> list[float]:
     return [mean, std, skew]
 
 
-def color_features(img: np.ndarray, bins: int = 16, spaces=SPACES,
-                   moments: bool = True) -> np.ndarray:
+def color_features(
+    img: np.ndarray, bins: int = 16, spaces=SPACES, moments: bool = True
+) -> np.ndarray:
     """Colour histograms and moments.
 
     Parameters
@@ -59,9 +60,9 @@ def color_features(img: np.ndarray, bins: int = 16, spaces=SPACES,
                 moms.append(_moments(ch))
     parts = []
     k = 0
-    for _ in spaces:   # group per space: 3 histograms, then 3 x (mean, std, skew)
-        parts.extend(hists[k:k + 3])
+    for _ in spaces:  # group per space: 3 histograms, then 3 x (mean, std, skew)
+        parts.extend(hists[k : k + 3])
         if moments:
-            parts.extend(np.asarray(m) for m in moms[k:k + 3])
+            parts.extend(np.asarray(m) for m in moms[k : k + 3])
         k += 3
     return np.concatenate(parts).astype(np.float32)

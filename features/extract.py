@@ -24,7 +24,7 @@ from features.hog import hog_features
 from features.lbp import lbp_features
 from features.morphology import morphology_features
 
-FEATURES_VERSION = 2   # 2: one store per extractor, concatenated in sorted order
+FEATURES_VERSION = 2  # 2: one store per extractor, concatenated in sorted order
 #: Extractor name -> function ``f(img, **params) -> 1-D float32`` (fixed length for a given
 #: image size and params; see each function's docstring for the length).
 EXTRACTORS = {
@@ -35,7 +35,7 @@ EXTRACTORS = {
     "morphology": morphology_features,
 }
 _CACHE_DIR: Path | None = None
-MEMO_STORES = 6   # stores kept in memory per process (a store is re-read when its file changes)
+MEMO_STORES = 6  # stores kept in memory per process (a store is re-read when its file changes)
 _MEMO: dict = {}
 _NO_CACHE = "off"
 
@@ -67,12 +67,14 @@ def check_feature_set(spec: dict, image_size: int, where: str = "feature set") -
     whose parameters an extractor rejects (each runs once on a blank image of the run's
     size: cheap, and exactly the code that will run)."""
     if not isinstance(spec, dict) or not spec:
-        raise BenchError(f"{where}: a feature set must be a non-empty table of extractors, "
-                         f"got {spec!r}")
+        raise BenchError(
+            f"{where}: a feature set must be a non-empty table of extractors, got {spec!r}"
+        )
     for name, params in spec.items():
         if name not in EXTRACTORS:
-            raise BenchError(f"{where}: unknown feature extractor '{name}'; known: "
-                             f"{sorted(EXTRACTORS)}")
+            raise BenchError(
+                f"{where}: unknown feature extractor '{name}'; known: {sorted(EXTRACTORS)}"
+            )
         if params is not None and not isinstance(params, dict):
             raise BenchError(f"{where} {name}: parameters must be a table, got {params!r}")
         try:
@@ -80,8 +82,9 @@ def check_feature_set(spec: dict, image_size: int, where: str = "feature set") -
         except BenchError as exc:
             raise BenchError(f"{where} {name}: {exc}") from None
         except Exception as exc:  # noqa: BLE001 - any rejection of the parameters
-            raise BenchError(f"{where} {name}: bad parameters {params!r} "
-                             f"({type(exc).__name__}: {exc})") from None
+            raise BenchError(
+                f"{where} {name}: bad parameters {params!r} ({type(exc).__name__}: {exc})"
+            ) from None
 
 
 def extract_one(img: np.ndarray, spec: dict) -> np.ndarray:
@@ -100,8 +103,9 @@ def _chunk(images, todo: dict) -> dict:
     out = {}
     for name, params in todo.items():
         f = EXTRACTORS[name]
-        out[name] = np.stack([np.asarray(f(np.asarray(im), **params), dtype=np.float32).ravel()
-                              for im in images])
+        out[name] = np.stack(
+            [np.asarray(f(np.asarray(im), **params), dtype=np.float32).ravel() for im in images]
+        )
     return out
 
 
@@ -109,8 +113,14 @@ def _digests(images: np.ndarray) -> list[str]:
     return [hashlib.sha1(np.ascontiguousarray(im).tobytes()).hexdigest() for im in images]
 
 
-def extract(images: np.ndarray, spec: dict, n_jobs: int | None = None, chunk_size: int = 128,
-            progress: bool = False, use_cache: bool = True) -> np.ndarray:
+def extract(
+    images: np.ndarray,
+    spec: dict,
+    n_jobs: int | None = None,
+    chunk_size: int = 128,
+    progress: bool = False,
+    use_cache: bool = True,
+) -> np.ndarray:
     """Feature matrix (N, D) ``float32`` of ``images`` (N, H, W, 3) ``uint8``.
 
     The columns are the extractors' vectors in alphabetical order of their names. Each
@@ -135,20 +145,34 @@ def extract(images: np.ndarray, spec: dict, n_jobs: int | None = None, chunk_siz
     names = sorted(spec)
     stores, known, groups = {}, {}, {}
     for name in names:
-        key = stable_hash({"v": FEATURES_VERSION, "extractor": name, "params": spec[name] or {},
-                           "shape": images.shape[1:]})[:24]
+        key = stable_hash(
+            {
+                "v": FEATURES_VERSION,
+                "extractor": name,
+                "params": spec[name] or {},
+                "shape": images.shape[1:],
+            }
+        )[:24]
         stores[name] = store_dir / f"{name}-{key}.npz" if store_dir else None
         known[name] = _load_store(stores[name]) if stores[name] else {}
         seen, todo = set(), []
-        for i, d in enumerate(digests):   # identical images are computed once
+        for i, d in enumerate(digests):  # identical images are computed once
             if d not in known[name] and d not in seen:
                 seen.add(d)
                 todo.append(i)
         if todo:
             groups.setdefault(tuple(todo), []).append(name)
     for todo, group in groups.items():
-        _compute(images, digests, list(todo), {n: spec[n] or {} for n in group}, known,
-                 n_jobs, chunk_size, progress)
+        _compute(
+            images,
+            digests,
+            list(todo),
+            {n: spec[n] or {} for n in group},
+            known,
+            n_jobs,
+            chunk_size,
+            progress,
+        )
         for name in group:
             if stores[name]:
                 _save_store(stores[name], known[name])
@@ -157,14 +181,19 @@ def extract(images: np.ndarray, spec: dict, n_jobs: int | None = None, chunk_siz
 
 def _compute(images, digests, todo, params, known, n_jobs, chunk_size, progress) -> None:
     jobs = n_jobs or int(os.environ.get("BLOODBENCH_JOBS", 0)) or os.cpu_count() or 1
-    chunks = [todo[i:i + chunk_size] for i in range(0, len(todo), chunk_size)]
+    chunks = [todo[i : i + chunk_size] for i in range(0, len(todo), chunk_size)]
     if jobs == 1 or len(chunks) == 1:
         results = (_chunk(images[c], params) for c in chunks)
     else:
         results = Parallel(n_jobs=jobs, return_as="generator")(
-            delayed(_chunk)(images[c], params) for c in chunks)
-    for c, feats in progress_iter(zip(chunks, results), total=len(chunks),
-                                  desc=f"features {'+'.join(params)}", enabled=progress):
+            delayed(_chunk)(images[c], params) for c in chunks
+        )
+    for c, feats in progress_iter(
+        zip(chunks, results),
+        total=len(chunks),
+        desc=f"features {'+'.join(params)}",
+        enabled=progress,
+    ):
         for name, block in feats.items():
             for i, f in zip(c, block):
                 known[name][digests[i]] = f

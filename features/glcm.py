@@ -10,8 +10,9 @@ from features.imageutil import gray_uint8
 PROPS = ("contrast", "dissimilarity", "homogeneity", "energy", "correlation", "ASM")
 
 
-def glcm_features(img: np.ndarray, distances=(1, 2, 4), angles: int = 4, levels: int = 32,
-                  props=PROPS) -> np.ndarray:
+def glcm_features(
+    img: np.ndarray, distances=(1, 2, 4), angles: int = 4, levels: int = 32, props=PROPS
+) -> np.ndarray:
     """GLCM properties of the luminance over several distances and angles.
 
     Parameters
@@ -39,9 +40,15 @@ def glcm_features(img: np.ndarray, distances=(1, 2, 4), angles: int = 4, levels:
     gray = gray_uint8(img)
     q = (gray.astype(np.uint16) * levels // 256).astype(np.uint8)
     theta = [np.pi * k / angles for k in range(angles)]
-    m = graycomatrix(q, distances=[int(d) for d in distances], angles=theta, levels=levels,
-                     symmetric=True, normed=True)
-    empty = m.sum(axis=(0, 1)) == 0                        # (n_distances, n_angles)
+    m = graycomatrix(
+        q,
+        distances=[int(d) for d in distances],
+        angles=theta,
+        levels=levels,
+        symmetric=True,
+        normed=True,
+    )
+    empty = m.sum(axis=(0, 1)) == 0  # (n_distances, n_angles)
     out = []
     for p in props:
         v = graycoprops(m, p).astype(np.float64)

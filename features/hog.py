@@ -9,8 +9,13 @@ from skimage.feature import hog as _hog
 from features.imageutil import as_rgb, at_least
 
 
-def hog_features(img: np.ndarray, orientations: int = 9, pixels_per_cell: int = 8,
-                 cells_per_block: int = 2, channel: str = "gray") -> np.ndarray:
+def hog_features(
+    img: np.ndarray,
+    orientations: int = 9,
+    pixels_per_cell: int = 8,
+    cells_per_block: int = 2,
+    channel: str = "gray",
+) -> np.ndarray:
     """HOG descriptor of an RGB ``uint8`` image.
 
     Parameters
@@ -27,9 +32,13 @@ def hog_features(img: np.ndarray, orientations: int = 9, pixels_per_cell: int = 
     smaller than one block, ``pixels_per_cell * cells_per_block``, is first upsampled to
     that size). Grayscale (H, W) input is accepted.
     """
-    kw = dict(orientations=orientations, pixels_per_cell=(pixels_per_cell, pixels_per_cell),
-              cells_per_block=(cells_per_block, cells_per_block), block_norm="L2-Hys",
-              feature_vector=True)
+    kw = dict(
+        orientations=orientations,
+        pixels_per_cell=(pixels_per_cell, pixels_per_cell),
+        cells_per_block=(cells_per_block, cells_per_block),
+        block_norm="L2-Hys",
+        feature_vector=True,
+    )
     img = at_least(as_rgb(img), pixels_per_cell * cells_per_block)
     if channel == "rgb":
         return _hog(img, channel_axis=-1, **kw).astype(np.float32)

@@ -33,6 +33,12 @@ def at_least(img: np.ndarray, size: int) -> np.ndarray:
     if h >= size and w >= size:
         return img
     shape = (max(h, size), max(w, size)) + img.shape[2:]
-    out = resize(img.astype(np.float32), shape, order=1, mode="edge", anti_aliasing=False,
-                 preserve_range=True)
+    out = resize(
+        img.astype(np.float32),
+        shape,
+        order=1,
+        mode="edge",
+        anti_aliasing=False,
+        preserve_range=True,
+    )
     return np.clip(np.rint(out), 0, 255).astype(np.uint8)

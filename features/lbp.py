@@ -32,6 +32,6 @@ def lbp_features(img: np.ndarray, radii=(1, 2, 3), points: int = 8) -> np.ndarra
         if float(r) <= 0:
             raise ValueError(f"lbp radii must be > 0, got {r}")
         codes = local_binary_pattern(gray, points, float(r), method="uniform")
-        hist = np.bincount(codes.astype(np.int64).ravel(), minlength=points + 2)[:points + 2]
+        hist = np.bincount(codes.astype(np.int64).ravel(), minlength=points + 2)[: points + 2]
         out.append(hist / max(1, codes.size))
     return np.concatenate(out).astype(np.float32)

@@ -27,11 +27,20 @@ from skimage.measure import label, regionprops
 
 #: Names of the values returned by :func:`morphology_features`, in order.
 FEATURE_NAMES = (
-    "cell_area", "cell_perimeter", "cell_eccentricity", "cell_solidity", "cell_circularity",
-    "nucleus_area", "nucleus_perimeter", "nucleus_eccentricity", "nucleus_solidity",
-    "nucleus_circularity", "nucleus_lobes", "nucleus_to_cell_ratio",
+    "cell_area",
+    "cell_perimeter",
+    "cell_eccentricity",
+    "cell_solidity",
+    "cell_circularity",
+    "nucleus_area",
+    "nucleus_perimeter",
+    "nucleus_eccentricity",
+    "nucleus_solidity",
+    "nucleus_circularity",
+    "nucleus_lobes",
+    "nucleus_to_cell_ratio",
 )
-MIN_FRACTION = 0.005   # parts smaller than this fraction of the image are noise
+MIN_FRACTION = 0.005  # parts smaller than this fraction of the image are noise
 MIN_PIXELS = 4
 
 
@@ -39,7 +48,7 @@ def _stain_channel(img: np.ndarray) -> np.ndarray:
     f = img.astype(np.float32)
     stain = f[..., 2] - f[..., 1]
     med = float(np.median(stain))
-    if float(np.percentile(stain, 99.5)) - med < 10.0:     # no stain colour: use darkness
+    if float(np.percentile(stain, 99.5)) - med < 10.0:  # no stain colour: use darkness
         stain = 255.0 - (0.299 * f[..., 0] + 0.587 * f[..., 1] + 0.114 * f[..., 2])
     return stain
 
@@ -65,7 +74,7 @@ def _central_part(mask: np.ndarray, min_pixels: int) -> np.ndarray:
     ok = sizes >= min_pixels
     if not ok.any():
         return np.zeros_like(mask)
-    order = np.lexsort((-sizes, nearest))       # nearest first, then larger
+    order = np.lexsort((-sizes, nearest))  # nearest first, then larger
     best = next(i for i in order if ok[i])
     return lab == best + 1
 
@@ -116,9 +125,14 @@ def _shape(mask: np.ndarray, scale: float) -> list[float]:
     p = max(props, key=lambda r: r.area)
     area = float(mask.sum())
     perim = float(sum(r.perimeter for r in props))
-    circ = 4 * np.pi * area / perim ** 2 if perim > 0 else np.nan
-    return [area / mask.size, perim / scale, float(p.eccentricity), float(p.solidity),
-            float(min(circ, 1.0)) if np.isfinite(circ) else np.nan]
+    circ = 4 * np.pi * area / perim**2 if perim > 0 else np.nan
+    return [
+        area / mask.size,
+        perim / scale,
+        float(p.eccentricity),
+        float(p.solidity),
+        float(min(circ, 1.0)) if np.isfinite(circ) else np.nan,
+    ]
 
 
 def morphology_features(img: np.ndarray) -> np.ndarray:

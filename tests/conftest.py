@@ -26,7 +26,7 @@ def toy_image(label: int, size: int, rng: np.random.Generator) -> np.ndarray:
     r = rng.uniform(0.18, 0.3) * size
     cy, cx = rng.uniform(r, size - r, 2)
     if label == 0:
-        mask = (yy - cy) ** 2 + (xx - cx) ** 2 < r ** 2
+        mask = (yy - cy) ** 2 + (xx - cx) ** 2 < r**2
         color = (170, 40, 60)
     elif label == 1:
         mask = (abs(yy - cy) < r * 0.9) & (abs(xx - cx) < r * 0.9)
@@ -34,7 +34,7 @@ def toy_image(label: int, size: int, rng: np.random.Generator) -> np.ndarray:
     else:
         period = max(3, size // 6)
         mask = ((xx + int(cx)) // period) % 2 == 0
-        mask &= (abs(yy - cy) < r * 1.3)
+        mask &= abs(yy - cy) < r * 1.3
         color = (60, 150, 70)
     img[mask] = np.array(color) + rng.normal(0, 15, (mask.sum(), 3))
     return np.clip(img, 0, 255).astype(np.uint8)
@@ -47,8 +47,9 @@ def toy_arrays(n_per_class: int = 20, size: int = 32, seed: int = 0, n_classes: 
     return images, labels
 
 
-def write_toy_folder(root: Path, n_per_class: int = 20, size: int = 32, seed: int = 0,
-                     fmt: str = "png") -> Path:
+def write_toy_folder(
+    root: Path, n_per_class: int = 20, size: int = 32, seed: int = 0, fmt: str = "png"
+) -> Path:
     images, labels = toy_arrays(n_per_class, size, seed)
     for i, (im, c) in enumerate(zip(images, labels)):
         d = root / TOY_CLASSES[c]
@@ -120,9 +121,9 @@ def write_tiny_config(path: Path, data: Path, extra: str = "") -> Path:
 def run_error_line(extra: str, data: Path, tmp_path: Path, capsys) -> str:
     """The one ``error:`` line of ``bench run`` on TINY_CONFIG plus ``extra`` (exit code 2)."""
     from bench.commands.cli import main
+
     cfg = write_tiny_config(tmp_path / "c.toml", data, extra="\n" + extra)
     assert main(["run", "--config", str(cfg), "--out", str(tmp_path / "o")]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and err[0].startswith("error:"), err
     return err[0]
-

@@ -36,12 +36,12 @@ MODELS = [
 def test_baseline_learns_and_round_trips(type_, params, data, tmp_path):
     X, y, Xt, yt = data
     cand = build_candidate({"type": type_, "params": {"features": SPEC, **params}})
-    cand.fit(X, y, classes=np.arange(4))          # class 3 never seen in training
+    cand.fit(X, y, classes=np.arange(4))  # class 3 never seen in training
     p = cand.predict_proba(Xt)
     assert p.shape == (len(Xt), 4)
     np.testing.assert_allclose(p.sum(axis=1), 1, atol=1e-6)
     assert (p[:, 3] == 0).all()
-    assert (cand.predict(Xt) == yt).mean() > 0.8   # chance is 1/3
+    assert (cand.predict(Xt) == yt).mean() > 0.8  # chance is 1/3
     assert cand.model_size() > 0
     cand.save(tmp_path / "m")
     again = load_candidate(tmp_path / "m")
@@ -53,6 +53,7 @@ def test_xgb_saved_as_native_json(data, tmp_path):
     X, y, _, _ = data
     FeatureXGB(features=SPEC, n_estimators=5, n_jobs=1).fit(X, y).save(tmp_path)
     import json
+
     assert "learner" in json.loads((tmp_path / "xgb.json").read_text())
 
 
@@ -60,7 +61,8 @@ def test_xgb_reports_validation_accuracy(data):
     X, y, Xt, yt = data
     seen = []
     FeatureXGB(features=SPEC, n_estimators=20, report_every=5, n_jobs=1).fit(
-        X, y, X_val=Xt, y_val=yt, epoch_callbacks=[lambda e, logs: seen.append((e, logs))])
+        X, y, X_val=Xt, y_val=yt, epoch_callbacks=[lambda e, logs: seen.append((e, logs))]
+    )
     assert [e for e, _ in seen] == [4, 9, 14, 19]
     assert all(0 <= logs["val_accuracy"] <= 1 for _, logs in seen)
     assert seen[-1][1]["val_accuracy"] > 0.8
@@ -78,7 +80,7 @@ def test_imputer_scaler_pca_see_only_training_rows(data):
     """The no-leak rule: steps fitted in a fold never see that fold's test rows."""
     X, y, Xt, yt = data
     Xt = Xt.copy()
-    Xt[:, :, :, 0] = 255                           # test rows unlike any training row
+    Xt[:, :, :, 0] = 255  # test rows unlike any training row
     svm = FeatureSVM(features=SPEC, pca=4).fit(X, y)
     F_train = extract(X, SPEC)
     F_all = extract(np.concatenate([X, Xt]), SPEC)
@@ -89,18 +91,21 @@ def test_imputer_scaler_pca_see_only_training_rows(data):
     np.testing.assert_allclose(imp.statistics_, np.nanmedian(F_train, axis=0), atol=1e-6)
     assert svm.pipeline_["pca"].n_samples_ == len(X)
     mean_before = scale.mean_.copy()
-    svm.predict_proba(Xt)                           # predicting does not refit anything
+    svm.predict_proba(Xt)  # predicting does not refit anything
     np.testing.assert_array_equal(scale.mean_, mean_before)
 
 
 def test_nan_features_are_imputed(data):
     X, y, Xt, _ = data
     Xb = X.copy()
-    Xb[::3] = 200                                   # blank images: segmentation fails
+    Xb[::3] = 200  # blank images: segmentation fails
     spec = {"morphology": {}, "color": {"bins": 4}}
     assert np.isnan(extract(Xb, spec)).any()
-    for cand in (FeatureSVM(features=spec), FeatureForest(features=spec, n_estimators=10),
-                 FeatureXGB(features=spec, n_estimators=10, n_jobs=1)):
+    for cand in (
+        FeatureSVM(features=spec),
+        FeatureForest(features=spec, n_estimators=10),
+        FeatureXGB(features=spec, n_estimators=10, n_jobs=1),
+    ):
         p = cand.fit(Xb, y).predict_proba(Xt)
         assert np.isfinite(p).all()
 
@@ -113,8 +118,9 @@ def test_model_with_types_outside_the_allow_list_is_refused(data, tmp_path):
     X, y, _, _ = data
     rf = FeatureForest(features=SPEC, n_estimators=3).fit(X, y)
     rf.save(tmp_path)
-    evil = Pipeline([("f", FunctionTransformer(_custom_function).fit(extract(X, SPEC)))]
-                    + rf.pipeline_.steps)
+    evil = Pipeline(
+        [("f", FunctionTransformer(_custom_function).fit(extract(X, SPEC)))] + rf.pipeline_.steps
+    )
     sio.dump(evil, tmp_path / MODEL_FILE)
     with pytest.raises(BenchError, match="allow-list"):
         load_candidate(tmp_path)
@@ -144,6 +150,7 @@ def test_feature_models_crop_to_the_centre_before_extracting(tmp_path):
     from core.candidate import load_candidate
     from core.images import center_crop, crop_side
     from tests.conftest import toy_arrays
+
     X, y = toy_arrays(12, 32, seed=0)
     assert center_crop(X, 0.5).shape == (len(X), 16, 16, 3) and crop_side(32, 0.5) == 16
     assert center_crop(X, 1.0) is X
@@ -155,6 +162,6 @@ def test_feature_models_crop_to_the_centre_before_extracting(tmp_path):
     whole = FeatureForest(features=spec, n_estimators=30).fit(X, y)
     assert not np.array_equal(whole.predict_proba(framed), whole.predict_proba(X))
     cand.save(tmp_path / "m")
-    np.testing.assert_array_equal(load_candidate(tmp_path / "m").predict_proba(framed),
-                                  cand.predict_proba(X))
-
+    np.testing.assert_array_equal(
+        load_candidate(tmp_path / "m").predict_proba(framed), cand.predict_proba(X)
+    )

@@ -13,9 +13,10 @@ from core.errors import BenchError
 def read_toml_text(text: str) -> dict:
     try:
         import tomllib
-    except ModuleNotFoundError:   # Python 3.10
+    except ModuleNotFoundError:  # Python 3.10
         import tomli as tomllib
     return tomllib.loads(text)
+
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -23,8 +24,8 @@ ROOT = Path(__file__).resolve().parents[1]
 def test_repo_config_resolves_every_profile():
     profiles = read_toml(ROOT / "benchmarks.toml")["profiles"]
     assert {"smoke", "quick", "full"} <= set(profiles)
-    needs = {"multi": "wbc5_multi"}   # a profile made for one kind of dataset
-    for profile in profiles:   # every profile of the shipped config
+    needs = {"multi": "wbc5_multi"}  # a profile made for one kind of dataset
+    for profile in profiles:  # every profile of the shipped config
         cfg = load_config(ROOT / "benchmarks.toml", profile=profile, data=needs.get(profile))
         assert cfg.candidates and cfg.run.profile == profile
         # the saved config.toml reads back into the same model
@@ -32,7 +33,7 @@ def test_repo_config_resolves_every_profile():
     smoke = load_config(ROOT / "benchmarks.toml", profile="smoke")
     assert set(smoke.candidates) == {"rf_hog", "rf_color", "cnn_small", "tl_mnv2_finetune"}
     assert smoke.data.max_images == 800
-    assert "hog" in smoke.candidates["rf_hog"].params["features"]   # feature set inlined
+    assert "hog" in smoke.candidates["rf_hog"].params["features"]  # feature set inlined
 
 
 def test_profile_overrides_and_named_dataset(tmp_path):
@@ -62,17 +63,30 @@ run = { folds = 3 }
     assert "fold" in load_config(cfg_file, profile="p").to_toml()
 
 
-@pytest.mark.parametrize("text, kw, message", [
-    ("[run\nseed=1", {}, "bad TOML"),
-    ("[profiles.p]\n", {"profile": "q"}, "unknown profile 'q'"),
-    ("[candidates.a]\ntype='feature_forest'\n[profiles.p]\n", {"profile": "p", "only": ["zz"]},
-     r"unknown candidate\(s\) \['zz'\]"),
-    ("[candidates.a]\nparams={}\n[profiles.p]\n", {"profile": "p"}, "candidate 'a' needs a 'type'"),
-    ("[candidates.a]\ntype='x'\nparams={features='nope'}\n[profiles.p]\n", {"profile": "p"},
-     "unknown feature set 'nope'"),
-    ("[bogus]\n[profiles.p]\n", {"profile": "p"}, "unknown section"),
-    ("[run]\nfolds=1\n[profiles.p]\n", {"profile": "p"}, "folds must be at least 2"),
-])
+@pytest.mark.parametrize(
+    "text, kw, message",
+    [
+        ("[run\nseed=1", {}, "bad TOML"),
+        ("[profiles.p]\n", {"profile": "q"}, "unknown profile 'q'"),
+        (
+            "[candidates.a]\ntype='feature_forest'\n[profiles.p]\n",
+            {"profile": "p", "only": ["zz"]},
+            r"unknown candidate\(s\) \['zz'\]",
+        ),
+        (
+            "[candidates.a]\nparams={}\n[profiles.p]\n",
+            {"profile": "p"},
+            "candidate 'a' needs a 'type'",
+        ),
+        (
+            "[candidates.a]\ntype='x'\nparams={features='nope'}\n[profiles.p]\n",
+            {"profile": "p"},
+            "unknown feature set 'nope'",
+        ),
+        ("[bogus]\n[profiles.p]\n", {"profile": "p"}, "unknown section"),
+        ("[run]\nfolds=1\n[profiles.p]\n", {"profile": "p"}, "folds must be at least 2"),
+    ],
+)
 def test_bad_config_errors(tmp_path, text, kw, message):
     f = tmp_path / "c.toml"
     f.write_text(text)
@@ -87,9 +101,16 @@ def test_missing_config_file(tmp_path):
 
 
 def test_settings_are_typed_and_every_default_has_one_home(tmp_path):
-    from bench.config import (SECTIONS, Config, DataSection, RunSection, TuningSection,
-                              DatasetOverride)
+    from bench.config import (
+        SECTIONS,
+        Config,
+        DataSection,
+        RunSection,
+        TuningSection,
+        DatasetOverride,
+    )
     from bench.run.tuning import candidate_tuning
+
     cfg_file = tmp_path / "b.toml"
     cfg_file.write_text("""
 [run]
@@ -113,11 +134,19 @@ tuning = { trials = 3, pruner = "none" }
     assert cfg.data.name == "mine" and cfg.data.image_size == 64
     # a candidate's tuning: [tuning] with its own table over it, every key filled
     own = candidate_tuning(cfg.tuning, cfg.candidates["a"])
-    assert (own.trials, own.pruner, own.val_fraction, own.fidelity, own.space) == \
-        (3, "none", TuningSection().val_fraction, {}, None)
+    assert (own.trials, own.pruner, own.val_fraction, own.fidelity, own.space) == (
+        3,
+        "none",
+        TuningSection().val_fraction,
+        {},
+        None,
+    )
     # a [datasets.NAME] table takes any [data] key the user sets, none of the resolver's
-    assert set(DatasetOverride.model_fields) == \
-        set(DataSection.model_fields) - {"name", "same_as", "fallback"}
+    assert set(DatasetOverride.model_fields) == set(DataSection.model_fields) - {
+        "name",
+        "same_as",
+        "fallback",
+    }
     # a config read back (a run directory's config.toml) is typed the same way
     back = Config.from_dict({"run": {"seed": 3}, "candidates": {}})
     assert back.run.seed == 3 and back.report.enabled is True

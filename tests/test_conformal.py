@@ -4,9 +4,18 @@ round trip, risk-coverage and AURC, one-line refusals."""
 import numpy as np
 import pytest
 
-from core.conformal import (ConformalSets, accuracy_at_coverage, aurc, cross_conformal,
-                            nonconformity, refer_band, review_flags, review_threshold,
-                            risk_coverage, set_figures)
+from core.conformal import (
+    ConformalSets,
+    accuracy_at_coverage,
+    aurc,
+    cross_conformal,
+    nonconformity,
+    refer_band,
+    review_flags,
+    review_threshold,
+    risk_coverage,
+    set_figures,
+)
 from core.errors import BenchError
 
 #: 2000 calibration and 2000 test rows: one seed's coverage has a standard deviation of
@@ -23,7 +32,7 @@ def synthetic(n: int, k: int, rng):
     sharpened and mixed version of them (the model is miscalibrated on purpose)."""
     logits = rng.normal(0, 2.0, size=(n, k)) + np.eye(k)[rng.integers(0, k, n)] * 2
     p = np.exp(logits) / np.exp(logits).sum(axis=1, keepdims=True)
-    true = 0.7 * p ** 2 / (p ** 2).sum(axis=1, keepdims=True) + 0.3 / k
+    true = 0.7 * p**2 / (p**2).sum(axis=1, keepdims=True) + 0.3 / k
     y = np.array([rng.choice(k, p=row) for row in true])
     return p, y
 
@@ -47,7 +56,7 @@ def test_mondrian_covers_each_class_and_a_rare_one():
     for seed in range(6):
         rng = np.random.default_rng(100 + seed)
         p, y = synthetic(8000, 4, rng)
-        rare = np.flatnonzero(y == 3)[200:]          # class 3 made rare
+        rare = np.flatnonzero(y == 3)[200:]  # class 3 made rare
         keep = rng.permutation(np.setdiff1d(np.arange(len(y)), rare))
         p, y = p[keep], y[keep]
         half = len(y) // 2
@@ -72,6 +81,7 @@ def test_sets_grow_with_confidence_and_state_round_trips():
 def test_cross_conformal_never_calibrates_on_the_scored_fold(monkeypatch):
     """Spy: each fold's rows are scored by a calibration that holds none of them."""
     import core.conformal as cc
+
     rng = np.random.default_rng(0)
     p, y = synthetic(600, 3, rng)
     fold = np.arange(600) % 4
@@ -81,6 +91,7 @@ def test_cross_conformal_never_calibrates_on_the_scored_fold(monkeypatch):
     def spy(cls, proba, labels, *a, **kw):
         seen.append({tuple(np.round(r, 12)) for r in proba})
         return real(cls, proba, labels, *a, **kw)
+
     monkeypatch.setattr(cc.ConformalSets, "fit", classmethod(spy))
     out = cross_conformal(p, y, fold, "mondrian")
     assert len(seen) == 4
@@ -99,15 +110,15 @@ def test_confidence_and_method_refused_in_one_line():
     with pytest.raises(BenchError, match="one of"):
         ConformalSets.fit(p, [0, 1, 0, 1], "bayes", 0.9)
     with pytest.raises(BenchError):
-        ConformalSets.from_dict({"method": "lac", "confidence": 0.9, "scores": [0.1],
-                                 "labels": [7]}, 2)
+        ConformalSets.from_dict(
+            {"method": "lac", "confidence": 0.9, "scores": [0.1], "labels": [7]}, 2
+        )
 
 
 def test_aps_and_raps_scores():
     p = np.array([[0.6, 0.3, 0.1]])
     assert np.allclose(nonconformity(p, "aps"), [[0.6, 0.9, 1.0]])
-    assert np.allclose(nonconformity(p, "raps", raps_lambda=0.1, raps_k=1),
-                       [[0.6, 1.0, 1.2]])
+    assert np.allclose(nonconformity(p, "raps", raps_lambda=0.1, raps_k=1), [[0.6, 1.0, 1.2]])
     assert np.allclose(nonconformity(p, "mondrian"), [[0.4, 0.7, 0.9]])
 
 
@@ -144,23 +155,24 @@ def test_cross_p_values_count_each_fold_models_own_rows():
     Mondrian); brute force on small numbers, and equal to the split p-value when every
     fold model says the same."""
     from core.conformal import cross_p_values, p_values
+
     rng = np.random.default_rng(3)
     cal = np.round(rng.random(40), 6)
     lab = rng.integers(0, 3, 40)
     fold = np.arange(40) % 4
-    new = np.round(rng.random((4, 5, 3)), 6)            # 4 fold models, 5 images, 3 classes
+    new = np.round(rng.random((4, 5, 3)), 6)  # 4 fold models, 5 images, 3 classes
     for mondrian in (False, True):
         got = cross_p_values(cal, lab, fold, new, mondrian)
         want = np.zeros((5, 3))
         for i in range(5):
             for c in range(3):
-                rows = [(k, j) for j in range(40) for k in [fold[j]]
-                        if not mondrian or lab[j] == c]
+                rows = [(k, j) for j in range(40) for k in [fold[j]] if not mondrian or lab[j] == c]
                 want[i, c] = (sum(cal[j] >= new[k, i, c] for k, j in rows) + 1) / (len(rows) + 1)
         assert np.allclose(got, want), mondrian
         same = np.repeat(new[:1], 4, axis=0)
-        assert np.allclose(cross_p_values(cal, lab, fold, same, mondrian),
-                           p_values(cal, lab, new[0], mondrian))
+        assert np.allclose(
+            cross_p_values(cal, lab, fold, same, mondrian), p_values(cal, lab, new[0], mondrian)
+        )
 
 
 def test_cross_conformal_sets_of_a_bag_cover_and_round_trip():
@@ -205,9 +217,10 @@ def test_predictor_calibration_rows_follow_the_rows_setting():
     class NoExternal:
         def external_sets(self):
             return []
+
     rng = np.random.default_rng(1)
     p, y = synthetic(400, 3, rng)
-    other = np.roll(p, 1, axis=1)                       # a different set of probabilities
+    other = np.roll(p, 1, axis=1)  # a different set of probabilities
     folds = PredefinedFolds(np.arange(400) % 4)
     got = {}
     for rows in ("combiner", "oof"):

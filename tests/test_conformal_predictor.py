@@ -37,9 +37,13 @@ def spied(tmp_path_factory, toy_folder):
     import bench.run.units as units
     import core.conformal as cc
     from bench.run.runner import run_from_args
+
     fits, preds, calib = {}, [], []
-    real_fit, real_pred, real_entry = units.fit_candidate, units.predict_proba_for, \
-        cc.predictor_entry
+    real_fit, real_pred, real_entry = (
+        units.fit_candidate,
+        units.predict_proba_for,
+        cc.predictor_entry,
+    )
 
     def fit_spy(cand, X, y, **kw):
         fits[id(cand)] = {_digest(x) for x in X}
@@ -53,6 +57,7 @@ def spied(tmp_path_factory, toy_folder):
     def entry_spy(proba, y, *a, **kw):
         calib.append((np.array(proba), np.array(y)))
         return real_entry(proba, y, *a, **kw)
+
     root = tmp_path_factory.mktemp("conformal_run")
     cfg = write_tiny_config(root / "cfg.toml", toy_folder, EXTRA)
     with pytest.MonkeyPatch.context() as mp:
@@ -65,25 +70,29 @@ def spied(tmp_path_factory, toy_folder):
 
 
 def _tree_digest(folder: Path) -> dict:
-    return {p.relative_to(folder).as_posix(): hashlib.sha256(p.read_bytes()).hexdigest()
-            for p in sorted(folder.rglob("*")) if p.is_file()}
+    return {
+        p.relative_to(folder).as_posix(): hashlib.sha256(p.read_bytes()).hexdigest()
+        for p in sorted(folder.rglob("*"))
+        if p.is_file()
+    }
 
 
 def test_no_calibration_row_is_scored_by_a_model_that_saw_it(spied):
     from bench.run.rundir import RunDir
+
     run = RunDir(spied["out"])
-    assert len(spied["calib"]) == 1          # the saved entry's calibration
+    assert len(spied["calib"]) == 1  # the saved entry's calibration
     proba, y = spied["calib"][0]
     images = np.asarray(run.images)
     assert len(proba) == len(images) and (y == run.labels).all()
     by_image = {}
     for model, kind, digests, p in spied["preds"]:
-        if model in spied["fits"]:           # the units' own fitted models (rf_hog + cnn)
+        if model in spied["fits"]:  # the units' own fitted models (rf_hog + cnn)
             for d, row in zip(digests, p):
                 by_image.setdefault(d, []).append((model, kind, row))
     for i, img in enumerate(images):
         d = _digest(img)
-        hits = [(m, row) for m, kind, row in by_image[d] if "Forest" in kind]   # rf_hog
+        hits = [(m, row) for m, kind, row in by_image[d] if "Forest" in kind]  # rf_hog
         match = [m for m, row in hits if np.allclose(row, proba[i], atol=1e-6)]
         assert match, f"row {i}: its calibration probabilities come from no unit's prediction"
         for m in match:
@@ -92,6 +101,7 @@ def test_no_calibration_row_is_scored_by_a_model_that_saw_it(spied):
 
 def test_predictor_stores_sets_card_and_leaderboard_columns(spied, capsys):
     from ensembles.predictor import verify_predictor
+
     m = verify_predictor(spied["out"] / "predictor")
     cp = m.conformal
     assert cp.method == "mondrian" and cp.confidence == 0.9
@@ -99,8 +109,13 @@ def test_predictor_stores_sets_card_and_leaderboard_columns(spied, capsys):
     assert 0 < cp.review.confidence_threshold <= 1.000001
     assert "MODEL_CARD.md" in m.files
     card = (spied["out"] / "predictor" / "MODEL_CARD.md").read_text()
-    for heading in ("## Intended use", "## Training data", "## Quantitative analyses",
-                    "### Conformal prediction sets", "## Caveats and recommendations"):
+    for heading in (
+        "## Intended use",
+        "## Training data",
+        "## Quantitative analyses",
+        "### Conformal prediction sets",
+        "## Caveats and recommendations",
+    ):
         assert heading in card
     board = spied["board"]
     for col in ("conformal_coverage", "conformal_set_size", "aurc", "excess_aurc"):
@@ -116,10 +131,23 @@ def test_predictor_stores_sets_card_and_leaderboard_columns(spied, capsys):
 
 def test_predict_writes_sets_and_flags_like_the_api(spied, tmp_path, capsys):
     from ensembles.predictor import load_predictor
+
     data = write_toy_folder(tmp_path / "new", n_per_class=4, seed=5)
     out = tmp_path / "p.csv"
-    assert main(["predict", "--model", str(spied["out"] / "predictor"), "--img_path",
-                 str(data), "--out", str(out)]) == 0
+    assert (
+        main(
+            [
+                "predict",
+                "--model",
+                str(spied["out"] / "predictor"),
+                "--img_path",
+                str(data),
+                "--out",
+                str(out),
+            ]
+        )
+        == 0
+    )
     err = capsys.readouterr().err
     rows = list(csv.DictReader(out.open()))
     assert len(rows) == 12
@@ -131,8 +159,11 @@ def test_predict_writes_sets_and_flags_like_the_api(spied, tmp_path, capsys):
     for i, p in enumerate(sorted(str(p) for p in data.rglob("*.png"))):
         r = by_path[p]
         assert r["prediction_set"] == api["prediction_set"][i]
-        assert int(r["set_size"]) == api["set_size"][i] == len(r["prediction_set"].split("|")) \
-            - (r["prediction_set"] == "")
+        assert (
+            int(r["set_size"])
+            == api["set_size"][i]
+            == len(r["prediction_set"].split("|")) - (r["prediction_set"] == "")
+        )
         assert int(r["review"]) == int(api["review"][i])
         if int(r["set_size"]) != 1:
             assert int(r["review"]) == 1
@@ -144,22 +175,54 @@ def _toy_with_extra_class(root: Path) -> Path:
     return data
 
 
-def test_calibrate_leaves_the_original_byte_identical_and_refuses_bad_input(spied, tmp_path,
-                                                                          capsys):
+def test_calibrate_leaves_the_original_byte_identical_and_refuses_bad_input(
+    spied, tmp_path, capsys
+):
     model = spied["out"] / "predictor"
     before = _tree_digest(model)
-    new_lab = write_toy_folder(tmp_path / "lab", n_per_class=10, seed=9)   # 30 images
+    new_lab = write_toy_folder(tmp_path / "lab", n_per_class=10, seed=9)  # 30 images
     out = tmp_path / "recal"
-    assert main(["calibrate", "--model", str(model), "--data", str(new_lab), "--n", "15",
-                 "--out", str(out)]) == 0
+    assert (
+        main(
+            [
+                "calibrate",
+                "--model",
+                str(model),
+                "--data",
+                str(new_lab),
+                "--n",
+                "15",
+                "--out",
+                str(out),
+            ]
+        )
+        == 0
+    )
     assert _tree_digest(model) == before
     # 5 images per class cannot carry mondrian sets at 0.9 (10 needed): pooled instead
     assert "with --method lac" in capsys.readouterr().err
     from ensembles.predictor import verify_predictor
+
     m = verify_predictor(out)
     assert m.conformal.method == "lac"
-    assert main(["calibrate", "--model", str(model), "--data", str(new_lab), "--n", "15",
-                 "--method", "mondrian", "--out", str(tmp_path / "kept")]) == 0
+    assert (
+        main(
+            [
+                "calibrate",
+                "--model",
+                str(model),
+                "--data",
+                str(new_lab),
+                "--n",
+                "15",
+                "--method",
+                "mondrian",
+                "--out",
+                str(tmp_path / "kept"),
+            ]
+        )
+        == 0
+    )
     assert "calibration images are in" in capsys.readouterr().err
     assert verify_predictor(tmp_path / "kept").conformal.method == "mondrian"
     rc = m.conformal.recalibration
@@ -168,8 +231,21 @@ def test_calibrate_leaves_the_original_byte_identical_and_refuses_bad_input(spie
     assert "Recalibrated for a new lab on 15" in (out / "MODEL_CARD.md").read_text()
     # evaluate leaves the drawn images out and reports both calibrations on the rest
     ev = tmp_path / "ev"
-    assert main(["evaluate", "--model", str(out), "--data", str(new_lab), "--out", str(ev),
-                 "--no-gradcam"]) == 0
+    assert (
+        main(
+            [
+                "evaluate",
+                "--model",
+                str(out),
+                "--data",
+                str(new_lab),
+                "--out",
+                str(ev),
+                "--no-gradcam",
+            ]
+        )
+        == 0
+    )
     res = json.loads((ev / "evaluation.json").read_text())
     assert res["n"] == 15 and res["data"]["calibration_rows_left_out"] == 15
     for k in ("confidence", "coverage", "mean_set_size", "aurc"):
@@ -182,14 +258,18 @@ def test_calibrate_leaves_the_original_byte_identical_and_refuses_bad_input(spie
         err = capsys.readouterr().err.strip().splitlines()
         assert len(err) == 1 and err[0].startswith("error:"), err
         return err[0]
+
     assert "larger than the 30 labelled images" in refused(
-        ["--data", str(new_lab), "--n", "31", "--out", str(tmp_path / "a")])
+        ["--data", str(new_lab), "--n", "31", "--out", str(tmp_path / "a")]
+    )
     other = _toy_with_extra_class(tmp_path / "other")
     assert "classes the predictor lacks (zzz_other)" in refused(
-        ["--data", str(other), "--n", "5", "--out", str(tmp_path / "b")])
+        ["--data", str(other), "--n", "5", "--out", str(tmp_path / "b")]
+    )
     for bad in ("0", "1", "1.5"):
-        assert "between 0 and 1" in refused(["--data", str(new_lab), "--n", "5", "--confidence",
-                                             bad, "--out", str(tmp_path / "c")])
+        assert "between 0 and 1" in refused(
+            ["--data", str(new_lab), "--n", "5", "--confidence", bad, "--out", str(tmp_path / "c")]
+        )
     assert "exists" in refused(["--data", str(new_lab), "--n", "5", "--out", str(out)])
     assert _tree_digest(model) == before
     assert not (tmp_path / "a").exists() and not (tmp_path / "b").exists()
@@ -199,44 +279,74 @@ def test_the_fewest_calibration_images_follow_the_split_conformal_p_values():
     from bench.commands.calibrate import check_n, set_minimum
     from core.conformal import ConformalSets
     from core.errors import BenchError
+
     assert [set_minimum(c) for c in (0.5, 0.8, 0.9, 0.95, 0.99)] == [2, 5, 10, 20, 100]
     rng = np.random.default_rng(0)
     for c in (0.8, 0.9, 0.95):
         n = set_minimum(c)
-        for q, leaves in ((n - 1, False), (n, True)):   # pooled sets from q images
+        for q, leaves in ((n - 1, False), (n, True)):  # pooled sets from q images
             proba = rng.dirichlet(np.ones(3), size=q)
             sets = ConformalSets.fit(proba, proba.argmax(axis=1), "lac", c).sets(
-                np.array([[1.0, 0.0, 0.0]]))
+                np.array([[1.0, 0.0, 0.0]])
+            )
             assert (not sets.all()) == leaves, (c, q)
-    check_n(50, 0.95, 8, "lab")   # 8 classes at 0.95: 50 is enough (pooled if needed)
-    with pytest.raises(BenchError, match=r"^--n 19 is below the minimum of 20: at confidence "
-                                         r"0.95 a prediction set calibrated on fewer than 20 "
-                                         r"images holds every class"):
+    check_n(50, 0.95, 8, "lab")  # 8 classes at 0.95: 50 is enough (pooled if needed)
+    with pytest.raises(
+        BenchError,
+        match=r"^--n 19 is below the minimum of 20: at confidence "
+        r"0.95 a prediction set calibrated on fewer than 20 "
+        r"images holds every class",
+    ):
         check_n(19, 0.95, 8, "lab")
-    with pytest.raises(BenchError, match=r"minimum of 12: .*, and the 12 classes of lab need "
-                                         r"at least one image each$"):
+    with pytest.raises(
+        BenchError,
+        match=r"minimum of 12: .*, and the 12 classes of lab need "
+        r"at least one image each$",
+    ):
         check_n(11, 0.9, 12, "lab")
 
 
-def test_calibrate_refuses_too_small_an_n_before_any_model_is_loaded(spied, tmp_path, capsys,
-                                                                     monkeypatch):
+def test_calibrate_refuses_too_small_an_n_before_any_model_is_loaded(
+    spied, tmp_path, capsys, monkeypatch
+):
     import bench.commands.calibrate as cal
-    monkeypatch.setattr(cal, "load_predictor",
-                        lambda *a, **k: pytest.fail("the predictor's models were loaded"))
-    model = spied["out"] / "predictor"          # stored at confidence 0.9: 10 images at least
-    new_lab = write_toy_folder(tmp_path / "lab", n_per_class=10, seed=9)   # 3 classes
+
+    monkeypatch.setattr(
+        cal, "load_predictor", lambda *a, **k: pytest.fail("the predictor's models were loaded")
+    )
+    model = spied["out"] / "predictor"  # stored at confidence 0.9: 10 images at least
+    new_lab = write_toy_folder(tmp_path / "lab", n_per_class=10, seed=9)  # 3 classes
     for args, fragment in (
-            (["--n", "1"], "--n 1 is below the minimum of 10: at confidence 0.9 a prediction "
-                           "set calibrated on fewer than 10 images holds every class"),
-            (["--n", "9"], "--n 9 is below the minimum of 10"),
-            (["--n", "15", "--confidence", "0.95"], "--n 15 is below the minimum of 20"),
-            (["--n", "2", "--confidence", "0.5"],
-             f"--n 2 is below the minimum of 3: at confidence 0.5 a prediction set calibrated "
-             f"on fewer than 2 images holds every class (a class leaves it only when 1/(n+1) "
-             f"< 1 - confidence), and the 3 classes of {new_lab} need at least one image each")):
+        (
+            ["--n", "1"],
+            "--n 1 is below the minimum of 10: at confidence 0.9 a prediction "
+            "set calibrated on fewer than 10 images holds every class",
+        ),
+        (["--n", "9"], "--n 9 is below the minimum of 10"),
+        (["--n", "15", "--confidence", "0.95"], "--n 15 is below the minimum of 20"),
+        (
+            ["--n", "2", "--confidence", "0.5"],
+            f"--n 2 is below the minimum of 3: at confidence 0.5 a prediction set calibrated "
+            f"on fewer than 2 images holds every class (a class leaves it only when 1/(n+1) "
+            f"< 1 - confidence), and the 3 classes of {new_lab} need at least one image each",
+        ),
+    ):
         out = tmp_path / "out"
-        assert main(["calibrate", "--model", str(model), "--data", str(new_lab), *args,
-                     "--out", str(out)]) == 2
+        assert (
+            main(
+                [
+                    "calibrate",
+                    "--model",
+                    str(model),
+                    "--data",
+                    str(new_lab),
+                    *args,
+                    "--out",
+                    str(out),
+                ]
+            )
+            == 2
+        )
         err = capsys.readouterr().err.strip().splitlines()
         assert len(err) == 1 and err[0].startswith(f"error: {fragment}"), err
         assert not out.exists()
@@ -245,8 +355,21 @@ def test_calibrate_refuses_too_small_an_n_before_any_model_is_loaded(spied, tmp_
 def test_evaluate_reports_coverage_keys(spied, tmp_path):
     data = write_toy_folder(tmp_path / "ext", n_per_class=6, seed=21)
     ev = tmp_path / "ev"
-    assert main(["evaluate", "--model", str(spied["out"] / "predictor"), "--data", str(data),
-                 "--out", str(ev), "--no-gradcam"]) == 0
+    assert (
+        main(
+            [
+                "evaluate",
+                "--model",
+                str(spied["out"] / "predictor"),
+                "--data",
+                str(data),
+                "--out",
+                str(ev),
+                "--no-gradcam",
+            ]
+        )
+        == 0
+    )
     res = json.loads((ev / "evaluation.json").read_text())
     assert res["confidence"] == 0.9 and 0 <= res["coverage"] <= 1
     assert res["mean_set_size"] >= res["conformal"]["singleton_share"]
@@ -256,14 +379,16 @@ def test_evaluate_reports_coverage_keys(spied, tmp_path):
 
 @pytest.mark.parametrize("value", ["0", "1", "1.2", "-0.5"])
 def test_config_confidence_outside_0_1_is_one_line(value, toy_folder, tmp_path, capsys):
-    line = run_error_line(f"[predictor]\nconformal = {{ confidence = {value} }}", toy_folder,
-                          tmp_path, capsys)
+    line = run_error_line(
+        f"[predictor]\nconformal = {{ confidence = {value} }}", toy_folder, tmp_path, capsys
+    )
     assert "conformal.confidence" in line
 
 
 def test_config_unknown_method_is_one_line(toy_folder, tmp_path, capsys):
-    line = run_error_line('[predictor]\nconformal = { method = "bayes" }', toy_folder,
-                          tmp_path, capsys)
+    line = run_error_line(
+        '[predictor]\nconformal = { method = "bayes" }', toy_folder, tmp_path, capsys
+    )
     assert "conformal.method must be one of" in line
 
 
@@ -273,9 +398,11 @@ def test_bag_predictor_stores_a_refer_band_and_predict_bags_writes_refer(tmp_pat
     from ensembles.bags import call_bag
     from ensembles.predictor import load_predictor, verify_predictor
     from tests.test_patients import _config, write_patients
+
     data = write_patients(tmp_path / "patients")
-    run_benchmark(load_config(_config(tmp_path, data), out=str(tmp_path / "run")),
-                  show_progress=False)
+    run_benchmark(
+        load_config(_config(tmp_path, data), out=str(tmp_path / "run")), show_progress=False
+    )
     model = tmp_path / "run" / "predictor"
     m = verify_predictor(model)
     band = m.bags.refer_band
@@ -284,38 +411,59 @@ def test_bag_predictor_stores_a_refer_band_and_predict_bags_writes_refer(tmp_pat
     assert m.conformal.scheme == "split" and m.conformal.folds is None
     assert not load_predictor(model).needs_fold_proba_
     pats = tmp_path / "pats"
-    cells = sorted((data / "images").rglob("*.png")) if (data / "images").is_dir() else \
-        sorted(data.rglob("*.png"))
+    cells = (
+        sorted((data / "images").rglob("*.png"))
+        if (data / "images").is_dir()
+        else sorted(data.rglob("*.png"))
+    )
     (pats / "A").mkdir(parents=True)
     for f in cells[:6]:
         (pats / "A" / f.name).write_bytes(f.read_bytes())
     out = tmp_path / "bags.csv"
-    assert main(["predict", "--model", str(model), "--img_path", str(pats), "--bags",
-                 "--out", str(out)]) == 0
+    assert (
+        main(
+            ["predict", "--model", str(model), "--img_path", str(pats), "--bags", "--out", str(out)]
+        )
+        == 0
+    )
     row = next(csv.DictReader(out.open()))
     p = float(row[next(k for k in row if k.startswith("probability_"))])
     if band.lo <= p <= band.hi:
         assert row["decision"] == "refer" and row["reason"].startswith("score in the band")
     from ensembles.record import BagTask
-    spec = BagTask(positive="APL", aggregator="mean", threshold=0.5, min_cells=1,
-                   refer_band={"lo": 0.4, "hi": 0.6})
+
+    spec = BagTask(
+        positive="APL",
+        aggregator="mean",
+        threshold=0.5,
+        min_cells=1,
+        refer_band={"lo": 0.4, "hi": 0.6},
+    )
     classes = ["AML", "APL"]
     assert call_bag(spec, classes, [0.5, 0.5])[1:] == (
-        "refer", "score in the band 0.400-0.600 where out-of-fold patients were "
-                 "misclassified; leaning APL")
+        "refer",
+        "score in the band 0.400-0.600 where out-of-fold patients were misclassified; leaning APL",
+    )
     assert call_bag(spec, classes, [0.7, 0.7])[1:] == ("APL", "")
     assert call_bag(spec, classes, [0.3, 0.3])[1:] == ("AML", "")
-    shifted = call_bag(spec, classes, [0.7, 0.7], np.full(2, 1.0))   # cells far out
+    shifted = call_bag(spec, classes, [0.7, 0.7], np.full(2, 1.0))  # cells far out
     assert shifted[1] == "refer" and shifted[2].startswith("cells unlike the training")
     assert call_bag(spec.model_copy(update={"refer_band": None}), classes, [0.5])[1] == "APL"
 
 
-@pytest.mark.parametrize("field,value,fragment", [
-    ("confidence", 1.5, "between 0 and 1"), ("method", "bayes", "one of"),
-    ("labels", "cut", "class indices")])
-def test_a_bad_conformal_entry_is_refused_in_one_line(spied, tmp_path, capsys, field, value,
-                                                     fragment):
+@pytest.mark.parametrize(
+    "field,value,fragment",
+    [
+        ("confidence", 1.5, "between 0 and 1"),
+        ("method", "bayes", "one of"),
+        ("labels", "cut", "class indices"),
+    ],
+)
+def test_a_bad_conformal_entry_is_refused_in_one_line(
+    spied, tmp_path, capsys, field, value, fragment
+):
     from ensembles.predictor import manifest_digest
+
     d = tmp_path / "pred"
     shutil.copytree(spied["out"] / "predictor", d)
     m = json.loads((d / "manifest.json").read_text())
@@ -324,8 +472,9 @@ def test_a_bad_conformal_entry_is_refused_in_one_line(spied, tmp_path, capsys, f
     (d / "manifest.json").write_text(json.dumps(m))
     assert main(["inspect", str(d)]) == 2
     err = capsys.readouterr().err.strip().splitlines()
-    assert len(err) == 1 and err[0].startswith("error: bad predictor manifest") \
-        and fragment in err[0], err
+    assert (
+        len(err) == 1 and err[0].startswith("error: bad predictor manifest") and fragment in err[0]
+    ), err
 
 
 def test_saved_sets_are_cross_conformal_over_the_fold_models(spied, tmp_path):
@@ -333,6 +482,7 @@ def test_saved_sets_are_cross_conformal_over_the_fold_models(spied, tmp_path):
     ensemble (the ensemble over the members' fold-k models) is compared with fold k's rows."""
     from core.conformal import cross_p_values, nonconformity
     from ensembles.predictor import load_predictor
+
     pred = load_predictor(spied["out"] / "predictor")
     cp = pred.record.raw["conformal"]
     assert len(cp["folds"]) == cp["n_calibration"] and pred.needs_fold_proba_
@@ -342,12 +492,17 @@ def test_saved_sets_are_cross_conformal_over_the_fold_models(spied, tmp_path):
     proba, fold_proba = pred.predict_proba(files, folds=True)
     assert fold_proba.shape == (3, len(files), len(pred.classes_))
     X = pred.preprocessing.apply_batch(files)
-    for k in range(3):   # each fold's ensemble, from that fold's model of every member
+    for k in range(3):  # each fold's ensemble, from that fold's model of every member
         own = [pred.members_[n][k].predict_proba(X) for n in pred.member_names_]
         assert np.allclose(fold_proba[k], pred.ensemble_.combine(own), atol=1e-5)
     st = pred.conformal_
-    pv = cross_p_values(st.cal_scores, st.cal_labels, st.cal_folds, np.stack(
-        [nonconformity(f, st.method) for f in fold_proba]), st.mondrian)
+    pv = cross_p_values(
+        st.cal_scores,
+        st.cal_labels,
+        st.cal_folds,
+        np.stack([nonconformity(f, st.method) for f in fold_proba]),
+        st.mondrian,
+    )
     api = pred.predict_review(files)
     assert (api["set_size"] == (pv >= 1 - st.confidence - 1e-12).sum(axis=1)).all()
 
@@ -355,10 +510,19 @@ def test_saved_sets_are_cross_conformal_over_the_fold_models(spied, tmp_path):
 def test_model_card_says_when_an_external_sets_coverage_falls_below_nominal(spied):
     from ensembles.model_card import model_card
     from ensembles.predictor import verify_predictor
+
     m = verify_predictor(spied["out"] / "predictor")
-    ext = {"n": 50, "accuracy": 0.4, "balanced_accuracy": 0.3, "confidence": 0.9,
-           "coverage": 0.55, "mean_set_size": 1.1, "aurc": 0.4, "share_flagged": 0.3,
-           "answered_accuracy": 0.5}
+    ext = {
+        "n": 50,
+        "accuracy": 0.4,
+        "balanced_accuracy": 0.3,
+        "confidence": 0.9,
+        "coverage": 0.55,
+        "mean_set_size": 1.1,
+        "aurc": 0.4,
+        "share_flagged": 0.3,
+        "answered_accuracy": 0.5,
+    }
     held = model_card(m.model_copy(update={"external": {"lab_b": {**ext, "below_nominal": False}}}))
     fell = model_card(m.model_copy(update={"external": {"lab_b": {**ext, "below_nominal": True}}}))
     assert "`lab_b` (50 images)" in held and "coverage below nominal" not in held

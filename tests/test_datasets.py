@@ -34,9 +34,9 @@ def test_modes_are_converted_and_bad_files_skipped(tmp_path):
     root = write_toy_folder(tmp_path / "data", n_per_class=4)
     d = root / "disc"
     rgb = np.asarray(Image.open(d / "disc_0000.png"))
-    Image.fromarray(rgb[..., 0]).save(d / "gray.png")                                  # L
+    Image.fromarray(rgb[..., 0]).save(d / "gray.png")  # L
     Image.fromarray(np.dstack([rgb, np.full(rgb.shape[:2], 128, np.uint8)])).save(d / "rgba.png")
-    Image.fromarray((rgb[..., 1].astype(np.uint16) * 257)).save(d / "deep16.png")       # I;16
+    Image.fromarray((rgb[..., 1].astype(np.uint16) * 257)).save(d / "deep16.png")  # I;16
     (d / "empty.jpg").write_bytes(b"")
     (d / "notes.txt").write_text("not an image")
     (d / "broken.jpg").write_bytes((d / "disc_0001.png").read_bytes()[:60])
@@ -49,16 +49,19 @@ def test_modes_are_converted_and_bad_files_skipped(tmp_path):
     assert modes["gray.png"] == "L" and modes["rgba.png"] == "RGBA"
     assert modes["deep16.png"].startswith("I")
     row = ds.sources.index("disc/gray.png")
-    assert np.array_equal(ds.images[row][..., 0], ds.images[row][..., 2])   # gray -> 3 equal channels
+    assert np.array_equal(
+        ds.images[row][..., 0], ds.images[row][..., 2]
+    )  # gray -> 3 equal channels
     row16 = ds.sources.index("disc/deep16.png")
     assert abs(int(ds.images[row16][..., 0].astype(int).mean()) - int(rgb[..., 1].mean())) <= 1
     rgba = ds.images[ds.sources.index("disc/rgba.png")].astype(int)
-    assert (rgba >= rgb.astype(int) - 1).all()   # half-transparent on white is lighter
+    assert (rgba >= rgb.astype(int) - 1).all()  # half-transparent on white is lighter
 
 
 def test_second_load_uses_cache_without_decoding(toy_folder, tmp_path, monkeypatch):
     first = load_dataset(toy_folder, image_size=20, cache_dir=tmp_path)
     import bench.data.datasets as mod
+
     monkeypatch.setattr(mod, "read_rgb", lambda *a, **k: pytest.fail("decoded again"))
     second = load_dataset(toy_folder, image_size=20, cache_dir=tmp_path)
     assert isinstance(second.images, np.memmap)
@@ -76,16 +79,28 @@ def test_changed_file_invalidates_cache(tmp_path):
 
 def test_npz_plain_and_medmnist(tmp_path):
     images, labels = toy_arrays(5, 28)
-    np.savez(tmp_path / "plain.npz", images=images, labels=labels,
-             classes=np.array(["a", "b", "c"]), files=np.array([f"f{i}.png" for i in range(15)]))
+    np.savez(
+        tmp_path / "plain.npz",
+        images=images,
+        labels=labels,
+        classes=np.array(["a", "b", "c"]),
+        files=np.array([f"f{i}.png" for i in range(15)]),
+    )
     ds = load_dataset(tmp_path / "plain.npz", image_size=28, cache_dir=tmp_path / "c")
     assert ds.classes == ["a", "b", "c"] and ds.sources[3] == "f3.png" and len(ds) == 15
     assert np.array_equal(ds.images, images)
-    np.savez(tmp_path / "med.npz", train_images=images[:9], train_labels=labels[:9, None],
-             val_images=images[9:12], val_labels=labels[9:12, None],
-             test_images=images[12:], test_labels=labels[12:, None])
-    med = load_dataset(tmp_path / "med.npz", image_size=16, cache_dir=tmp_path / "c",
-                       classes=["x", "y", "z"])
+    np.savez(
+        tmp_path / "med.npz",
+        train_images=images[:9],
+        train_labels=labels[:9, None],
+        val_images=images[9:12],
+        val_labels=labels[9:12, None],
+        test_images=images[12:],
+        test_labels=labels[12:, None],
+    )
+    med = load_dataset(
+        tmp_path / "med.npz", image_size=16, cache_dir=tmp_path / "c", classes=["x", "y", "z"]
+    )
     assert med.images.shape == (15, 16, 16, 3) and med.classes == ["x", "y", "z"]
     assert med.sources[9] == "npz:val/0" and np.array_equal(med.labels, labels)
 
@@ -97,13 +112,19 @@ def test_npz_grayscale_is_converted(tmp_path):
     assert ds.images.shape == (12, 16, 16, 3) and ds.classes == ["class_0", "class_1", "class_2"]
 
 
-@pytest.mark.parametrize("make, message", [
-    (lambda p: p / "missing", "data not found"),
-    (lambda p: (p / "x.csv").write_text("a") and p / "x.csv", "folder of class folders or an .npz"),
-    (lambda p: (p / "flat").mkdir() or p / "flat", "no class folders"),
-    (lambda p: (p / "e" / "cls").mkdir(parents=True) or p / "e", "class folder is empty"),
-    (lambda p: (p / "bad.npz").write_bytes(b"nonsense") and p / "bad.npz", "cannot read npz"),
-])
+@pytest.mark.parametrize(
+    "make, message",
+    [
+        (lambda p: p / "missing", "data not found"),
+        (
+            lambda p: (p / "x.csv").write_text("a") and p / "x.csv",
+            "folder of class folders or an .npz",
+        ),
+        (lambda p: (p / "flat").mkdir() or p / "flat", "no class folders"),
+        (lambda p: (p / "e" / "cls").mkdir(parents=True) or p / "e", "class folder is empty"),
+        (lambda p: (p / "bad.npz").write_bytes(b"nonsense") and p / "bad.npz", "cannot read npz"),
+    ],
+)
 def test_bad_inputs_give_one_line_errors(tmp_path, make, message):
     with pytest.raises(BenchError, match=message) as err:
         load_dataset(make(tmp_path), cache_dir=tmp_path / "c")
@@ -132,9 +153,13 @@ def test_shipped_datasets_on_shared_data_name_files_and_columns_that_exist():
     import pandas as pd
 
     from bench.config import load_config, read_toml
+
     root = Path(__file__).resolve().parents[1]
-    names = [n for n, e in read_toml(root / "benchmarks.toml")["datasets"].items()
-             if str(e.get("path", "")).startswith("../shared/")]
+    names = [
+        n
+        for n, e in read_toml(root / "benchmarks.toml")["datasets"].items()
+        if str(e.get("path", "")).startswith("../shared/")
+    ]
     assert {"pbc", "deepapl", "deepapl_pbc_classes", "deepapl_apl"} <= set(names)
     for name in names:
         data = load_config(root / "benchmarks.toml", data=name).data.model_dump()

@@ -57,11 +57,9 @@ class SoftSpy(Candidate):
 
 
 def _run(tmp_path, toy_folder, distill_table: str, name: str) -> RunDir:
-    cfg = write_tiny_config(tmp_path / f"{name}.toml", toy_folder,
-                            FEATURES_ONLY + distill_table)
+    cfg = write_tiny_config(tmp_path / f"{name}.toml", toy_folder, FEATURES_ONLY + distill_table)
     out = tmp_path / name
-    assert main(["run", "--config", str(cfg), "--only", "rf_hog,rf_colour",
-                 "--out", str(out)]) == 0
+    assert main(["run", "--config", str(cfg), "--only", "rf_hog,rf_colour", "--out", str(out)]) == 0
     return RunDir(out)
 
 
@@ -75,21 +73,27 @@ def test_soft_targets_mix_the_tempered_teacher_with_the_label():
     assert warm[0, 0] < 0.7 and warm[0, 2] > 0.1 and np.allclose(warm.sum(1), 1)
 
 
-def test_each_fold_student_learns_only_other_folds_out_of_fold_soft_labels(tmp_path, toy_folder,
-                                                                           capsys):
+def test_each_fold_student_learns_only_other_folds_out_of_fold_soft_labels(
+    tmp_path, toy_folder, capsys
+):
     """The spy: fold k's student sees exactly the rows outside fold k, each with the
     teacher's stored out-of-fold row (mixed with its label); the saved student every row."""
-    run = _run(tmp_path, toy_folder, """
+    run = _run(
+        tmp_path,
+        toy_folder,
+        """
 [distill]
 speed_images = 0
 hard_weight = 0.25
 student = { type = "_test_soft_spy" }
-""", "spy")
+""",
+        "spy",
+    )
     SoftSpy.fits.clear()
     assert main(["distill", "--run", str(run.path), "--workers", "1"]) == 0
     images = np.asarray(run.images)
     index = {im.tobytes(): i for i, im in enumerate(images)}
-    assert len(index) == len(images)                          # every toy image unique
+    assert len(index) == len(images)  # every toy image unique
     expected = soft_targets(run.read_oof("vote_all"), run.labels, 0.25, 1.0)
     folds = run.folds
     assert len(SoftSpy.fits) == len(folds.fold_ids) + 1
@@ -109,11 +113,16 @@ student = { type = "_test_soft_spy" }
 @pytest.fixture(scope="module")
 def distilled(tmp_path_factory, toy_folder):
     tmp = tmp_path_factory.mktemp("distill")
-    run = _run(tmp, toy_folder, """
+    run = _run(
+        tmp,
+        toy_folder,
+        """
 [distill]
 speed_images = 64
 student = { type = "scratch_cnn", params = { blocks = 2, filters = 8, dense_units = 16, epochs = 12, patience = 12, batch_size = 16, learning_rate = 0.005 } }
-""", "cnn")
+""",
+        "cnn",
+    )
     assert main(["distill", "--run", str(run.path)]) == 0
     return run
 
@@ -124,25 +133,29 @@ def test_bench_distill_saves_a_predictor_that_loads_verifies_and_predicts(distil
     manifest = verify_predictor(out)
     assert manifest.distilled["teacher"] == "vote_all"
     assert [m.name for m in manifest.members] == [NAME]
-    assert len(manifest.members[0].models) == 1          # one model, not a bag of folds
+    assert len(manifest.members[0].models) == 1  # one model, not a bag of folds
     pred = load_predictor(out)
     X, y = toy_arrays(10, 32, seed=5)
     proba = pred.predict_proba(X)
     assert proba.shape == (30, 3) and np.allclose(proba.sum(1), 1, atol=1e-5)
-    assert (proba.argmax(1) == y).mean() > 0.6                # it learnt (chance: 1/3)
-    assert pred.explain(X[:4]).shape == (4, 32, 32)            # Grad-CAM
+    assert (proba.argmax(1) == y).mean() > 0.6  # it learnt (chance: 1/3)
+    assert pred.explain(X[:4]).shape == (4, 32, 32)  # Grad-CAM
     assert pred.shift_scores(X[:4]).shape == (4,)
     assert manifest.conformal.confidence > 0
     card = (out / "MODEL_CARD.md").read_text()
-    assert "Distilled: one `scratch_cnn` trained on the out-of-fold probabilities of " \
-        "`vote_all`" in card and "teacher" in card and "1 model(s)" in card
+    assert (
+        "Distilled: one `scratch_cnn` trained on the out-of-fold probabilities of `vote_all`"
+        in card
+        and "teacher" in card
+        and "1 model(s)" in card
+    )
     assert set(manifest.distilled["cross_validated"]) >= {"accuracy", "macro_f1"}
     board = pd.read_csv(run.path / "leaderboard.csv").set_index("candidate")
     row = board.loc[NAME]
     assert row["kind"] == "distilled" and row["accuracy"] > 0.6
     assert row["images_per_s"] > 0 and row["teacher_images_per_s"] > 0
     assert row["model_size"] == pred.members_[NAME][0].model_size()
-    assert "vote_all" in board.index and "rf_hog" in board.index   # the other rows kept
+    assert "vote_all" in board.index and "rf_hog" in board.index  # the other rows kept
     oof = run.read_oof(NAME)
     for k, _, test in run.folds:
         assert np.allclose(oof[test], run.unit_proba(NAME, k), atol=1e-6)
@@ -152,11 +165,13 @@ def test_bench_distill_saves_a_predictor_that_loads_verifies_and_predicts(distil
 
 def test_distill_resumes_and_refuses_a_foreign_out(distilled, tmp_path, capsys):
     run = distilled
-    stamps = [(run.unit_dir(NAME, k) / "result.json").stat().st_mtime_ns
-              for k in run.folds.fold_ids]
+    stamps = [
+        (run.unit_dir(NAME, k) / "result.json").stat().st_mtime_ns for k in run.folds.fold_ids
+    ]
     assert main(["distill", "--run", str(run.path), "--out", str(tmp_path / "p")]) == 0
-    assert stamps == [(run.unit_dir(NAME, k) / "result.json").stat().st_mtime_ns
-                      for k in run.folds.fold_ids]               # nothing refitted
+    assert stamps == [
+        (run.unit_dir(NAME, k) / "result.json").stat().st_mtime_ns for k in run.folds.fold_ids
+    ]  # nothing refitted
     assert (pd.read_csv(run.path / "leaderboard.csv")["candidate"] == NAME).sum() == 1
     capsys.readouterr()
     mine = tmp_path / "mine"
@@ -173,11 +188,17 @@ def test_distill_resumes_and_refuses_a_foreign_out(distilled, tmp_path, capsys):
 def test_a_student_that_cannot_learn_soft_targets_is_one_error_at_load(tmp_path, toy_folder):
     from bench.config import load_config
     from core.errors import BenchError
-    cfg = write_tiny_config(tmp_path / "c.toml", toy_folder,
-                            '\n[distill]\nstudent = { type = "feature_forest", params = '
-                            '{ features = "hog" } }\n')
-    with pytest.raises(BenchError, match=r"\[distill\] student type 'feature_forest' cannot "
-                                         r"learn soft targets.*scratch_cnn"):
+
+    cfg = write_tiny_config(
+        tmp_path / "c.toml",
+        toy_folder,
+        '\n[distill]\nstudent = { type = "feature_forest", params = { features = "hog" } }\n',
+    )
+    with pytest.raises(
+        BenchError,
+        match=r"\[distill\] student type 'feature_forest' cannot "
+        r"learn soft targets.*scratch_cnn",
+    ):
         load_config(str(cfg), profile="tiny")
 
 
@@ -194,8 +215,10 @@ def test_a_resumed_run_keeps_the_distilled_row(distilled):
     run = distilled
     before = pd.read_csv(run.path / "leaderboard.csv").set_index("candidate").loc[NAME]
     cfg = run.path.parent / "cnn.toml"
-    assert main(["run", "--config", str(cfg), "--only", "rf_hog,rf_colour",
-                 "--out", str(run.path)]) == 0
+    assert (
+        main(["run", "--config", str(cfg), "--only", "rf_hog,rf_colour", "--out", str(run.path)])
+        == 0
+    )
     board = pd.read_csv(run.path / "leaderboard.csv").set_index("candidate")
     assert board.loc[NAME, "accuracy"] == pytest.approx(before["accuracy"])
-    assert not (run.path / "previous").exists()        # nothing changed: nothing moved aside
+    assert not (run.path / "previous").exists()  # nothing changed: nothing moved aside

@@ -30,6 +30,7 @@ def server(tmp_path):
         def do_GET(self):
             hits.append(self.path)
             super().do_GET()
+
     httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), partial(Handler, directory=served))
     t = threading.Thread(target=httpd.serve_forever, daemon=True)
     t.start()
@@ -44,7 +45,7 @@ def test_download_once_with_md5(server, tmp_path):
     assert fetch(f"{url}/tiny.npz", md5, dest) == dest
     assert np.load(dest)["train_images"].shape == (12, 16, 16, 3)
     fetch(f"{url}/tiny.npz", md5, dest)
-    assert len(hits) == 1   # the second call used the cached file
+    assert len(hits) == 1  # the second call used the cached file
 
 
 def test_bad_md5_is_refused_and_nothing_kept(server, tmp_path):
@@ -57,14 +58,20 @@ def test_bad_md5_is_refused_and_nothing_kept(server, tmp_path):
 
 def test_unreachable_server_says_where_to_put_the_data(tmp_path):
     with pytest.raises(BenchError, match="could not download .* put the data at /x") as err:
-        fetch("http://127.0.0.1:9/none.npz", "0" * 32, tmp_path / "n.npz", timeout=2,
-              hint="put the data at /x")
+        fetch(
+            "http://127.0.0.1:9/none.npz",
+            "0" * 32,
+            tmp_path / "n.npz",
+            timeout=2,
+            hint="put the data at /x",
+        )
     assert "\n" not in str(err.value)
 
 
 def test_runner_falls_back_to_the_download(server, tmp_path):
     from bench.config import load_config
     from bench.data.datasets import prepare_dataset
+
     url, md5, _ = server
     cfg_file = tmp_path / "c.toml"
     cfg_file.write_text(f"""

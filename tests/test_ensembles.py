@@ -90,7 +90,7 @@ def test_greedy_weights_chosen_inside_training_split(data):
     """cross_val_combine's weights for fold k come from the other folds only: changing
     fold k's labels changes nothing in fold k's combination."""
     y, folds, rng = data
-    probas = [noisy_member(y, rng, 0.7), noisy_member(y, rng, 0.6), np.full((len(y), K), .25)]
+    probas = [noisy_member(y, rng, 0.7), noisy_member(y, rng, 0.6), np.full((len(y), K), 0.25)]
     ens = SoftVoting(weights="greedy", rounds=15)
     base = cross_val_combine(ens, probas, y, folds)
     y2 = y.copy()
@@ -114,20 +114,26 @@ def test_stacking_learns_what_voting_cannot(data):
 
 def test_stacking_equals_logistic_regression_on_log_probabilities(data):
     from sklearn.linear_model import LogisticRegression
+
     y, _, rng = data
     probas = [noisy_member(y, rng, 0.7), noisy_member(y, rng, 0.6)]
     from sklearn.pipeline import make_pipeline
     from sklearn.preprocessing import StandardScaler
 
-    def reference(X, C=1.0):   # scaled inputs, then logistic regression
+    def reference(X, C=1.0):  # scaled inputs, then logistic regression
         lr = make_pipeline(StandardScaler(), LogisticRegression(C=C, max_iter=2000))
         return lr.fit(X, y).predict_proba(X)
+
     X = np.log(np.clip(np.concatenate(probas, axis=1), 1e-6, 1))
-    np.testing.assert_allclose(Stacking(C=0.5, inputs="log_proba").fit(probas, y).combine(probas),
-                               reference(X, 0.5), atol=1e-10)
+    np.testing.assert_allclose(
+        Stacking(C=0.5, inputs="log_proba").fit(probas, y).combine(probas),
+        reference(X, 0.5),
+        atol=1e-10,
+    )
     Xp = np.concatenate(probas, axis=1)
-    np.testing.assert_allclose(Stacking(C=1.0).fit(probas, y).combine(probas), reference(Xp),
-                               atol=1e-10)
+    np.testing.assert_allclose(
+        Stacking(C=1.0).fit(probas, y).combine(probas), reference(Xp), atol=1e-10
+    )
 
 
 def test_stacking_has_no_fold_leakage(data):
@@ -160,7 +166,7 @@ def test_stacking_state_is_json_and_round_trips(data, meta):
     back = Stacking(**ens.get_params()).set_state(state)
     np.testing.assert_array_equal(back.combine(probas), ens.combine(probas))
     assert (ens.combine(probas).argmax(1) == y).mean() > 0.5
-    assert ens.member_weights() is None      # Grad-CAM: equal weights
+    assert ens.member_weights() is None  # Grad-CAM: equal weights
 
 
 def test_stacking_chooses_C_leaving_one_fold_out(data):
@@ -172,11 +178,12 @@ def test_stacking_chooses_C_leaving_one_fold_out(data):
     good = [noisy_member(y, rng, 0.9), noisy_member(y, rng, 0.8)]
     weak = Stacking().fit(good, y, groups=folds)
     assert weak.C_ >= 0.3
-    shifted = np.where((folds == 0)[:, None], noisy_member((y + 1) % K, rng, 0.9),
-                       noisy_member(y, rng, 0.9))
+    shifted = np.where(
+        (folds == 0)[:, None], noisy_member((y + 1) % K, rng, 0.9), noisy_member(y, rng, 0.9)
+    )
     strong = Stacking().fit([shifted, noisy_member(y, rng, 0.5)], y, groups=folds)
     assert strong.C_ < weak.C_
-    assert Stacking().fit(good, y).C_ in C_GRID          # no groups: stratified inner folds
+    assert Stacking().fit(good, y).C_ in C_GRID  # no groups: stratified inner folds
     assert Stacking(C=2.0).fit(good, y, groups=folds).C_ == 2.0
 
 
@@ -191,8 +198,11 @@ def test_stacking_keeps_every_class_column():
 def test_stacking_rejects_bad_settings(data):
     y, _, rng = data
     probas = [noisy_member(y, rng, 0.7)]
-    for kwargs, msg in [({"meta": "svm"}, "meta must be"), ({"inputs": "logits"}, "inputs"),
-                        ({"C": 0}, "C must be")]:
+    for kwargs, msg in [
+        ({"meta": "svm"}, "meta must be"),
+        ({"inputs": "logits"}, "inputs"),
+        ({"C": 0}, "C must be"),
+    ]:
         with pytest.raises(ValueError, match=msg):
             Stacking(**kwargs).fit(probas, y)
     with pytest.raises(ValueError, match="lacks"):
@@ -206,6 +216,7 @@ def test_stacking_rejects_bad_settings(data):
 def test_runner_reports_bad_ensemble_settings_in_one_line(data):
     from bench.config import EnsembleEntry
     from ensembles.build import build_ensemble as _build_ensemble, fit_ensemble as _fit_ensemble
+
     y, folds, rng = data
     with pytest.raises(BenchError, match=r"\[ensembles.st\]: bad settings"):
         _build_ensemble(EnsembleEntry(type="stacking", members="cnn", metaa="x"), "st")
@@ -223,15 +234,17 @@ def test_gradcam_names_are_unique_and_readable(tmp_path):
     assert names[:4] == ["a__x.jpg.png", "b__x.jpg.png", "a__x.png.png", "a__b__c.jpg.png"]
     assert names[4].startswith("a__b__c.jpg-") and names[4].endswith(".png")
     assert len(set(names)) == 5
-    assert gradcam_names([paths[0]], paths[0]) == ["x.jpg.png"]   # a single file: its name
+    assert gradcam_names([paths[0]], paths[0]) == ["x.jpg.png"]  # a single file: its name
 
 
 def test_gradcam_png_has_the_fixed_size(tmp_path):
     from PIL import Image
+
     img = np.random.default_rng(0).integers(0, 256, (363, 360, 3), dtype=np.uint8)
     cam = np.zeros((64, 64), np.float32)
     cam[10:20, 30:40] = 1
-    out = write_gradcam_png(tmp_path / "x.png", img, cam, np.array([0.1, 0.6, 0.3]),
-                            ["a", "b", "c"], title="x")
+    out = write_gradcam_png(
+        tmp_path / "x.png", img, cam, np.array([0.1, 0.6, 0.3]), ["a", "b", "c"], title="x"
+    )
     with Image.open(out) as im:
         assert im.size == FIG_SIZE_PX and im.format == "PNG"

@@ -30,12 +30,14 @@ CLASSES = ["disc", "square", "stripes"]
 @pytest.fixture(scope="module")
 def run_dir(tmp_path_factory, toy_folder):
     from bench.run.runner import run_from_args
+
     root = tmp_path_factory.mktemp("eval_run")
     cfg = write_tiny_config(root / "cfg.toml", toy_folder)
-    with pytest.MonkeyPatch.context() as mp:   # the autouse cache fixture is per test
+    with pytest.MonkeyPatch.context() as mp:  # the autouse cache fixture is per test
         mp.setenv("BLOODBENCH_CACHE", str(tmp_path_factory.getbasetemp() / "bloodbench-cache"))
-        _, out = run_from_args(str(cfg), out=str(root / "run"), only=["rf_hog"],
-                               show_progress=False)
+        _, out = run_from_args(
+            str(cfg), out=str(root / "run"), only=["rf_hog"], show_progress=False
+        )
     return out
 
 
@@ -60,8 +62,9 @@ def write_set(root, names: dict, n: int = 8, size: int = 48, seed: int = 21):
 @pytest.fixture(scope="module")
 def ext(tmp_path_factory):
     """Other case for two classes, plus a class the predictor lacks."""
-    root = write_set(tmp_path_factory.mktemp("ext") / "lab2", {0: "Disc", 1: "SQUARE",
-                                                                2: "stripes"})
+    root = write_set(
+        tmp_path_factory.mktemp("ext") / "lab2", {0: "Disc", 1: "SQUARE", 2: "stripes"}
+    )
     blob = root / "blob"
     blob.mkdir()
     for i, im in enumerate(toy_arrays(3, 40, seed=3)[0][:5]):
@@ -77,6 +80,7 @@ def no_loading(monkeypatch):
 
     def boom(*args, **kwargs):
         raise AssertionError("a model was loaded before the arguments were checked")
+
     monkeypatch.setattr(ensembles.predictor, "load_candidate", boom)
     monkeypatch.setattr(bench.commands.evaluate, "load_predictor", boom)
 
@@ -95,6 +99,7 @@ def read_out(out):
 
 # ----------------------------------------------------------------------------- scoring
 
+
 def test_score_matches_sklearn_and_core_ece():
     rng = np.random.default_rng(0)
     y = rng.integers(0, 4, 300)
@@ -105,9 +110,10 @@ def test_score_matches_sklearn_and_core_ece():
     pred = proba.argmax(1)
     present = [0, 1, 2, 3]
     assert s["accuracy"] == pytest.approx(accuracy_score(y, pred))
-    assert s["macro_f1"] == pytest.approx(f1_score(y, pred, labels=present, average="macro",
-                                                   zero_division=0))
-    with warnings.catch_warnings():   # sklearn warns when a class is predicted, never true
+    assert s["macro_f1"] == pytest.approx(
+        f1_score(y, pred, labels=present, average="macro", zero_division=0)
+    )
+    with warnings.catch_warnings():  # sklearn warns when a class is predicted, never true
         warnings.simplefilter("ignore")
         assert s["balanced_accuracy"] == pytest.approx(balanced_accuracy_score(y, pred))
     assert s["ece"] == pytest.approx(ece(y, proba))
@@ -117,17 +123,16 @@ def test_score_matches_sklearn_and_core_ece():
     assert np.array(s["confusion"]["counts"]).shape == (4, 5)
     for m in ("accuracy", "balanced_accuracy", "macro_f1", "ece"):
         assert s["ci"][m]["lo"] <= s[m] <= s["ci"][m]["hi"]
-    assert score(y, proba, list("abcde"), n_boot=50)["ci"] == s["ci"]     # seeded
+    assert score(y, proba, list("abcde"), n_boot=50)["ci"] == s["ci"]  # seeded
 
 
 def test_restricted_argmax_differs_from_the_full_one():
     """Two classes present out of three; the absent class takes the top probability of
     two images: the full argmax gets them wrong, the restricted argmax right."""
     y = np.array([0, 0, 1, 1])
-    proba = np.array([[0.30, 0.20, 0.50],
-                      [0.70, 0.10, 0.20],
-                      [0.15, 0.35, 0.50],
-                      [0.10, 0.80, 0.10]])
+    proba = np.array(
+        [[0.30, 0.20, 0.50], [0.70, 0.10, 0.20], [0.15, 0.35, 0.50], [0.10, 0.80, 0.10]]
+    )
     s = score(y, proba, CLASSES, n_boot=20)
     assert s["accuracy"] == 0.5 and s["restricted"]["accuracy"] == 1.0
     assert list(s["_pred"]) == [2, 0, 2, 1] and list(s["_pred_r"]) == [0, 0, 1, 1]
@@ -154,17 +159,29 @@ def test_group_bootstrap_is_wider_when_groups_are_correlated():
 
 # ----------------------------------------------------------------------------- end to end
 
+
 def test_identity_map_outputs_consistent(model, ext, tmp_path, capsys):
     out = tmp_path / "ev"
     assert main(["evaluate", "--model", str(model), "--data", str(ext), "--out", str(out)]) == 0
     printed = capsys.readouterr().out
     assert "accuracy" in printed and "blob 5" in printed and str(out) in printed
-    for f in ("evaluation.json", "predictions.csv", "index.html", "img/confusion.png",
-              "img/reliability.png", "img/confidence.png", "img/recall.png"):
+    for f in (
+        "evaluation.json",
+        "predictions.csv",
+        "index.html",
+        "img/confusion.png",
+        "img/reliability.png",
+        "img/confidence.png",
+        "img/recall.png",
+    ):
         assert (out / f).is_file(), f
     r, p = read_out(out)
-    assert r["class_map"]["map"] == {"Disc": "disc", "SQUARE": "square", "stripes": "stripes",
-                                     "blob": None}
+    assert r["class_map"]["map"] == {
+        "Disc": "disc",
+        "SQUARE": "square",
+        "stripes": "stripes",
+        "blob": None,
+    }
     assert r["class_map"]["unmapped"] == {"blob": 5}
     assert r["n"] == len(p) == 24 and r["n_left_out"] == 5 == r["left_out"]["unmapped_class"]
     assert list(p.columns[-3:]) == CLASSES
@@ -173,29 +190,51 @@ def test_identity_map_outputs_consistent(model, ext, tmp_path, capsys):
     assert (p["prediction"] == p[CLASSES].idxmax(axis=1)).all()
     assert np.allclose(p["confidence"], p[CLASSES].max(axis=1))
     assert sum(map(sum, r["confusion"]["counts"])) == r["n"]
-    assert r["restricted"]["accuracy"] == r["accuracy"]      # every class present
+    assert r["restricted"]["accuracy"] == r["accuracy"]  # every class present
     assert r["accuracy"] > 0.7
     for m in ("accuracy", "balanced_accuracy", "macro_f1", "ece"):
         assert r["ci"][m]["lo"] <= r[m] <= r["ci"][m]["hi"]
-    assert r["bootstrap"] == {"resamples": 1000, "seed": 0, "level": 0.95,
-                              "method": "percentile", "unit": "image", "n_units": 24,
-                              "ece_bins": 15,   # [stats] of the predictor's own run
-                              "settings": f"[stats] of {Path(model).parent / 'config.toml'}"}
+    assert r["bootstrap"] == {
+        "resamples": 1000,
+        "seed": 0,
+        "level": 0.95,
+        "method": "percentile",
+        "unit": "image",
+        "n_units": 24,
+        "ece_bins": 15,  # [stats] of the predictor's own run
+        "settings": f"[stats] of {Path(model).parent / 'config.toml'}",
+    }
     # read at full size through the predictor's own preprocessing, as predict does
     from ensembles import load_predictor
+
     direct = load_predictor(model).predict_proba(list(p["path"]))
     np.testing.assert_allclose(p[CLASSES].to_numpy(), direct, atol=2e-6)
-    assert r["predictor"]["manifest_sha256"] == json.loads(
-        (model / "manifest.json").read_text())["manifest_sha256"]
+    assert (
+        r["predictor"]["manifest_sha256"]
+        == json.loads((model / "manifest.json").read_text())["manifest_sha256"]
+    )
     # in-domain numbers from the run's out-of-fold probabilities
     assert r["in_domain"]["entry"] == "rf_hog" and r["in_domain"]["n"] == 60
     assert all(0 <= row["recall_in_domain"] <= 1 for row in r["per_class"])
-    assert r["gradcam"]["status"] == "none"        # no CNN member
+    assert r["gradcam"]["status"] == "none"  # no CNN member
     html = (out / "index.html").read_text()
     assert 'http-equiv="Content-Security-Policy" content="default-src' in html
     # a second evaluation may replace the first
-    assert main(["evaluate", "--model", str(model), "--data", str(ext), "--out", str(out),
-                 "--no-gradcam"]) == 0
+    assert (
+        main(
+            [
+                "evaluate",
+                "--model",
+                str(model),
+                "--data",
+                str(ext),
+                "--out",
+                str(out),
+                "--no-gradcam",
+            ]
+        )
+        == 0
+    )
 
 
 def test_class_map_toml_and_csv(model, tmp_path):
@@ -216,8 +255,14 @@ def test_class_map_toml_and_csv(model, tmp_path):
     np.testing.assert_allclose(same[CLASSES].to_numpy(), p2[CLASSES].to_numpy())
     # a named table works too
     (tmp_path / "named.toml").write_text('[class_map]\nround = "disc"\n')
-    r3 = evaluate(model, data, class_map=tmp_path / "named.toml", out=tmp_path / "o3",
-                  progress=False, n_boot=10)
+    r3 = evaluate(
+        model,
+        data,
+        class_map=tmp_path / "named.toml",
+        out=tmp_path / "o3",
+        progress=False,
+        n_boot=10,
+    )
     assert r3["n"] == 8 and r3["class_map"]["unmapped"] == {"box": 8, "lines": 8}
 
 
@@ -228,8 +273,23 @@ def test_many_to_one_map_scores_each_of_the_sets_own_classes(model, tmp_path, ca
     toml = tmp_path / "map.toml"
     toml.write_text('round = "disc"\nbox = "disc"\nlines = "stripes"\n')
     out = tmp_path / "o"
-    assert main(["evaluate", "--model", str(model), "--data", str(data), "--class-map",
-                 str(toml), "--out", str(out), "--no-gradcam"]) == 0
+    assert (
+        main(
+            [
+                "evaluate",
+                "--model",
+                str(model),
+                "--data",
+                str(data),
+                "--class-map",
+                str(toml),
+                "--out",
+                str(out),
+                "--no-gradcam",
+            ]
+        )
+        == 0
+    )
     r, p = read_out(out)
     rows = {e["external_class"]: e for e in r["per_external_class"]}
     assert [e["external_class"] for e in r["per_external_class"]] == ["box", "round", "lines"]
@@ -241,7 +301,7 @@ def test_many_to_one_map_scores_each_of_the_sets_own_classes(model, tmp_path, ca
         wrong = sub.loc[sub["prediction"] != sub["true_class"], "prediction"].value_counts()
         assert dict(e["wrong"]) == {c: int(n) for c, n in wrong.head(3).items()}
     assert rows["box"]["mapped_to"] == "disc" and rows["box"]["recall"] < 0.5
-    assert rows["box"]["wrong"][0][0] == "square"          # the squares are seen as squares
+    assert rows["box"]["wrong"][0][0] == "square"  # the squares are seen as squares
     assert rows["round"]["recall"] > 0.5
     table = pd.read_csv(out / "csv" / "per_external_class.csv")
     assert table["external_class"].tolist() == ["box", "round", "lines"]
@@ -249,8 +309,15 @@ def test_many_to_one_map_scores_each_of_the_sets_own_classes(model, tmp_path, ca
     printed = capsys.readouterr().out
     assert "the set's own classes" in printed and "box -> disc" in printed
     # a one-to-one map has no such table
-    one = evaluate(model, data, class_map={"round": "disc", "box": "square", "lines": "stripes"},
-                   out=tmp_path / "o1", progress=False, n_boot=10, gradcam=False)
+    one = evaluate(
+        model,
+        data,
+        class_map={"round": "disc", "box": "square", "lines": "stripes"},
+        out=tmp_path / "o1",
+        progress=False,
+        n_boot=10,
+        gradcam=False,
+    )
     assert one["per_external_class"] is None
     assert not (tmp_path / "o1" / "csv" / "per_external_class.csv").exists()
 
@@ -280,13 +347,30 @@ def test_csv_label_column_with_empty_labels_and_groups(model, tmp_path, capsys):
         Image.fromarray(im).save(data / rel)
         label = "" if i % 5 == 0 else CLASSES[c].upper()
         # half the paths relative to the CSV's folder, half to the image folder
-        rows.append({"file": f"imgs/{rel}" if i % 2 else rel, "cell": label,
-                     "patient": f"P{i // 6}"})
+        rows.append(
+            {"file": f"imgs/{rel}" if i % 2 else rel, "cell": label, "patient": f"P{i // 6}"}
+        )
     table = tmp_path / "lab" / "cells.csv"
     pd.DataFrame(rows).to_csv(table, index=False)
     out = tmp_path / "o"
-    assert main(["evaluate", "--model", str(model), "--data", str(data), "--labels",
-                 f"{table}:cell", "--groups", "patient", "--out", str(out)]) == 0
+    assert (
+        main(
+            [
+                "evaluate",
+                "--model",
+                str(model),
+                "--data",
+                str(data),
+                "--labels",
+                f"{table}:cell",
+                "--groups",
+                "patient",
+                "--out",
+                str(out),
+            ]
+        )
+        == 0
+    )
     printed = capsys.readouterr().out
     r, p = read_out(out)
     assert r["n"] == len(p) == 24 and r["left_out"] == {"empty_label": 6} and r["n_left_out"] == 6
@@ -297,13 +381,14 @@ def test_csv_label_column_with_empty_labels_and_groups(model, tmp_path, capsys):
     assert set(p["external_class"]) == {"DISC", "SQUARE", "STRIPES"}
     assert r["accuracy"] == pytest.approx((p["prediction"] == p["true_class"]).mean())
     # groups built from the correctness of the predictions: the group CI is at least as wide
-    right = dict(zip(p["path"].map(lambda s: s.split("imgs/")[-1]),
-                     p["prediction"] == p["true_class"]))
-    corr = [f"{right.get(r_['file'].split('imgs/')[-1], 'x')}-{i % 3}" for i, r_ in
-            enumerate(rows)]
+    right = dict(
+        zip(p["path"].map(lambda s: s.split("imgs/")[-1]), p["prediction"] == p["true_class"])
+    )
+    corr = [f"{right.get(r_['file'].split('imgs/')[-1], 'x')}-{i % 3}" for i, r_ in enumerate(rows)]
     pd.DataFrame(rows).assign(patient=corr).to_csv(table, index=False)
-    by_group = evaluate(model, data, labels=f"{table}:cell", groups="patient",
-                        out=tmp_path / "g", progress=False)
+    by_group = evaluate(
+        model, data, labels=f"{table}:cell", groups="patient", out=tmp_path / "g", progress=False
+    )
     by_image = evaluate(model, data, labels=(table, "cell"), out=tmp_path / "i", progress=False)
     width = lambda s: s["ci"]["accuracy"]["hi"] - s["ci"]["accuracy"]["lo"]  # noqa: E731
     assert by_group["accuracy"] == by_image["accuracy"]
@@ -316,8 +401,9 @@ def test_npz_and_named_dataset(model, tmp_path, toy_folder):
     np.savez(npz, images=images, labels=labels, classes=np.array(CLASSES))
     r = evaluate(model, npz, out=tmp_path / "o", progress=False, n_boot=50)
     assert r["n"] == 18 and r["data"]["kind"] == "npz"
-    cfg = write_tiny_config(tmp_path / "cfg.toml", toy_folder,
-                            f'\n[datasets.otherlab]\npath = "{npz}"\n')
+    cfg = write_tiny_config(
+        tmp_path / "cfg.toml", toy_folder, f'\n[datasets.otherlab]\npath = "{npz}"\n'
+    )
     r2 = evaluate(model, "otherlab", config=cfg, out=tmp_path / "o2", progress=False, n_boot=50)
     assert r2["data"]["dataset"] == "otherlab" and r2["accuracy"] == r["accuracy"]
 
@@ -333,7 +419,7 @@ def test_out_folder_is_never_someone_elses(model, ext, tmp_path, capsys):
     evaluate(model, ext, out=ev, progress=False, n_boot=10, gradcam=False)
     (ev / "notes.txt").write_text("mine")
     (ev / "img" / "mine.png").write_text("mine too")
-    evaluate(model, ext, out=ev, progress=False, n_boot=10)   # its own files replaced
+    evaluate(model, ext, out=ev, progress=False, n_boot=10)  # its own files replaced
     assert (ev / "notes.txt").read_text() == "mine"
     assert (ev / "img" / "mine.png").read_text() == "mine too"
 
@@ -343,18 +429,29 @@ def _bad_cases(tmp_path, ext):
     (tmp_path / "cols.csv").write_text("from,to\nDisc,disc\n")
     other = write_set(tmp_path / "other", {0: "apple", 1: "pear"}, n=2)
     table = tmp_path / "t.csv"
-    pd.DataFrame({"file": ["Disc/img_000.png", "Disc/nope.png"],
-                  "label": ["disc", "disc"], "patient": ["a", "b"]}).to_csv(table, index=False)
+    pd.DataFrame(
+        {
+            "file": ["Disc/img_000.png", "Disc/nope.png"],
+            "label": ["disc", "disc"],
+            "patient": ["a", "b"],
+        }
+    ).to_csv(table, index=False)
     return {
-        "map names a class the predictor lacks": (["--class-map", str(tmp_path / "lacks.toml")],
-                                                   "no class 'triangle'"),
-        "csv map without its columns": (["--class-map", str(tmp_path / "cols.csv")],
-                                        "external,predictor"),
+        "map names a class the predictor lacks": (
+            ["--class-map", str(tmp_path / "lacks.toml")],
+            "no class 'triangle'",
+        ),
+        "csv map without its columns": (
+            ["--class-map", str(tmp_path / "cols.csv")],
+            "external,predictor",
+        ),
         "map file missing": (["--class-map", str(tmp_path / "none.toml")], "not found"),
         "no overlap": (["--data", str(other)], "maps onto the predictor"),
         "bad label column": (["--labels", f"{table}:diagnosis"], "no column 'diagnosis'"),
-        "bad group column": (["--labels", f"{table}:label", "--groups", "patiennt"],
-                             "did you mean 'patient'"),
+        "bad group column": (
+            ["--labels", f"{table}:label", "--groups", "patiennt"],
+            "did you mean 'patient'",
+        ),
         "groups without labels": (["--groups", "patient"], "--labels"),
         "labels csv missing": (["--labels", f"{tmp_path / 'x.csv'}:label"], "not found"),
         "labelled file missing": (["--labels", f"{table}:label"], "not found"),
@@ -365,21 +462,33 @@ def _bad_cases(tmp_path, ext):
     }
 
 
-@pytest.mark.parametrize("case", ["map names a class the predictor lacks",
-                                  "csv map without its columns", "map file missing",
-                                  "no overlap", "bad label column", "bad group column",
-                                  "groups without labels", "labels csv missing",
-                                  "labelled file missing", "data missing",
-                                  "labels without a column", "out is a file", "batch size"])
-def test_bad_arguments_are_one_error_line_before_any_model_loads(model, ext, tmp_path, capsys,
-                                                                 no_loading, case):
+@pytest.mark.parametrize(
+    "case",
+    [
+        "map names a class the predictor lacks",
+        "csv map without its columns",
+        "map file missing",
+        "no overlap",
+        "bad label column",
+        "bad group column",
+        "groups without labels",
+        "labels csv missing",
+        "labelled file missing",
+        "data missing",
+        "labels without a column",
+        "out is a file",
+        "batch size",
+    ],
+)
+def test_bad_arguments_are_one_error_line_before_any_model_loads(
+    model, ext, tmp_path, capsys, no_loading, case
+):
     extra, expect = _bad_cases(tmp_path, ext)[case]
-    argv = ["evaluate", "--model", str(model), "--data", str(ext), "--out",
-            str(tmp_path / "o")]
+    argv = ["evaluate", "--model", str(model), "--data", str(ext), "--out", str(tmp_path / "o")]
     for flag in ("--data", "--out"):
         if flag in extra:
             i = argv.index(flag)
-            del argv[i:i + 2]
+            del argv[i : i + 2]
     assert main(argv + extra) == 2
     line = one_error_line(capsys.readouterr().err)
     assert expect in line, line
@@ -390,14 +499,19 @@ def test_bad_arguments_are_one_error_line_before_any_model_loads(model, ext, tmp
 def cnn_model(tmp_path_factory, toy_folder):
     """A tiny CNN predictor (2 epochs: it makes errors to show)."""
     from bench.run.runner import run_from_args
+
     root = tmp_path_factory.mktemp("eval_cnn")
-    cfg = write_tiny_config(root / "cfg.toml", toy_folder,
-                            "\n[profiles.tiny.candidates.cnn_tiny.params]\nepochs = 2\n"
-                            "patience = 1\n\n[report]\nenabled = false\n")
+    cfg = write_tiny_config(
+        root / "cfg.toml",
+        toy_folder,
+        "\n[profiles.tiny.candidates.cnn_tiny.params]\nepochs = 2\n"
+        "patience = 1\n\n[report]\nenabled = false\n",
+    )
     with pytest.MonkeyPatch.context() as mp:
         mp.setenv("BLOODBENCH_CACHE", str(tmp_path_factory.getbasetemp() / "bloodbench-cache"))
-        _, out = run_from_args(str(cfg), out=str(root / "run"), only=["cnn_tiny"],
-                               show_progress=False)
+        _, out = run_from_args(
+            str(cfg), out=str(root / "run"), only=["cnn_tiny"], show_progress=False
+        )
     return out / "predictor"
 
 
@@ -420,37 +534,59 @@ def test_gradcam_gallery_of_errors_with_a_cnn_member(cnn_model, ext, tmp_path):
 
 def test_names_from_the_data_are_escaped_in_the_page(model, tmp_path):
     data = write_set(tmp_path / "xss", {0: "<img src=x onerror=alert(1)>", 1: "square"}, n=3)
-    r = evaluate(model, data, class_map={"<img src=x onerror=alert(1)>": "disc"},
-                 out=tmp_path / "o", progress=False, n_boot=10)
+    r = evaluate(
+        model,
+        data,
+        class_map={"<img src=x onerror=alert(1)>": "disc"},
+        out=tmp_path / "o",
+        progress=False,
+        n_boot=10,
+    )
     assert r["n"] == 6 and r["class_map"]["source"] == "(dict)"
     html = (tmp_path / "o" / "index.html").read_text()
     assert "<img src=x" not in html and "&lt;img src=x onerror=alert(1)&gt;" in html
 
 
-def test_data_argument_is_one_rule_for_run_and_evaluate(tmp_path, monkeypatch, capsys,
-                                                        toy_folder):
+def test_data_argument_is_one_rule_for_run_and_evaluate(tmp_path, monkeypatch, capsys, toy_folder):
     """The cases where ``run`` and ``evaluate`` used to disagree: an ``.NPZ`` suffix in
     capitals (run: a dataset name), a bare word naming no dataset (run: a path relative to
     the config), a folder in the working directory that is also a dataset's name."""
     from bench.config import data_argument
+
     monkeypatch.chdir(tmp_path)
-    cfg = write_tiny_config(tmp_path / "cfg.toml", toy_folder,
-                            extra=f'\n[datasets.toy]\npath = "{toy_folder}"\n'
-                                  f'[datasets.here]\npath = "{toy_folder}"\n')
+    cfg = write_tiny_config(
+        tmp_path / "cfg.toml",
+        toy_folder,
+        extra=f'\n[datasets.toy]\npath = "{toy_folder}"\n[datasets.here]\npath = "{toy_folder}"\n',
+    )
     (tmp_path / "here").mkdir()
     assert data_argument("toy", cfg) == (None, "toy")
-    assert data_argument("here", cfg) == (Path("here"), None)   # a folder first
+    assert data_argument("here", cfg) == (Path("here"), None)  # a folder first
     assert data_argument("lab.NPZ", cfg) == (Path("lab.NPZ"), None)
     assert data_argument("sub/x", cfg) == (Path("sub/x"), None)
-    with pytest.raises(BenchError, match=r"neither a file or folder nor a \[datasets.NAME\]"
-                                         r".*did you mean 'toy'"):
+    with pytest.raises(
+        BenchError,
+        match=r"neither a file or folder nor a \[datasets.NAME\]"
+        r".*did you mean 'toy'",
+    ):
         data_argument("tou", cfg)
     model = tmp_path / "model"
     model.mkdir()
     for arg, expect in (("lab.NPZ", "data not found: "), ("tou", "did you mean 'toy'")):
-        for argv in (["run", "--config", str(cfg), "--data", arg, "--out", str(tmp_path / "r")],
-                     ["evaluate", "--model", str(model), "--config", str(cfg), "--data", arg,
-                      "--out", str(tmp_path / "e")]):
+        for argv in (
+            ["run", "--config", str(cfg), "--data", arg, "--out", str(tmp_path / "r")],
+            [
+                "evaluate",
+                "--model",
+                str(model),
+                "--config",
+                str(cfg),
+                "--data",
+                arg,
+                "--out",
+                str(tmp_path / "e"),
+            ],
+        ):
             assert main(argv) == 2, argv
             line = one_error_line(capsys.readouterr().err)
             assert expect in line and arg in line, (argv, line)
@@ -458,6 +594,7 @@ def test_data_argument_is_one_rule_for_run_and_evaluate(tmp_path, monkeypatch, c
 
 def test_a_labelled_file_outside_the_data_folder_is_an_error_everywhere(tmp_path, capsys):
     from bench.data.datasets import load_dataset
+
     images, labels = toy_arrays(3, 32, seed=5)
     lab = tmp_path / "lab"
     for d in ("imgs", "elsewhere"):
@@ -470,12 +607,31 @@ def test_a_labelled_file_outside_the_data_folder_is_an_error_everywhere(tmp_path
     table = lab / "cells.csv"
     pd.DataFrame(rows).to_csv(table, index=False)
     with pytest.raises(BenchError, match="1 labelled file.* outside the data folder"):
-        load_dataset(lab / "imgs", image_size=32, labels=f"{table}:label",
-                     cache_dir=tmp_path / "cache", show_progress=False)
+        load_dataset(
+            lab / "imgs",
+            image_size=32,
+            labels=f"{table}:label",
+            cache_dir=tmp_path / "cache",
+            show_progress=False,
+        )
     model = tmp_path / "model"
     model.mkdir()
-    assert main(["evaluate", "--model", str(model), "--data", str(lab / "imgs"), "--labels",
-                 f"{table}:label", "--out", str(tmp_path / "o")]) == 2
+    assert (
+        main(
+            [
+                "evaluate",
+                "--model",
+                str(model),
+                "--data",
+                str(lab / "imgs"),
+                "--labels",
+                f"{table}:label",
+                "--out",
+                str(tmp_path / "o"),
+            ]
+        )
+        == 2
+    )
     line = one_error_line(capsys.readouterr().err)
     assert line.startswith("error: --labels") and "outside the data folder" in line
 
@@ -483,24 +639,54 @@ def test_a_labelled_file_outside_the_data_folder_is_an_error_everywhere(tmp_path
 def test_a_file_listed_twice_is_counted_once_per_file(tmp_path, capsys):
     """Two files on five rows (one spelt two ways) are 2 files, not 3 extra rows."""
     from bench.data.datasets import load_dataset
+
     images, labels = toy_arrays(2, 32, seed=6)
     imgs = tmp_path / "lab" / "imgs"
     imgs.mkdir(parents=True)
     for i, im in enumerate(images[:3]):
         Image.fromarray(im).save(imgs / f"c{i}.png")
-    rows = [("c0.png", "disc"), ("c0.png", "disc"), ("c0.png", "disc"),
-            ("c1.png", "square"), ("./c1.png", "square"), ("c2.png", "disc")]
+    rows = [
+        ("c0.png", "disc"),
+        ("c0.png", "disc"),
+        ("c0.png", "disc"),
+        ("c1.png", "square"),
+        ("./c1.png", "square"),
+        ("c2.png", "disc"),
+    ]
     table = tmp_path / "lab" / "cells.csv"
     pd.DataFrame(rows, columns=["file", "label"]).to_csv(table, index=False)
-    with pytest.raises(BenchError, match=r"^\[data\] labels .*: 2 file\(s\) listed more than "
-                                         r"once \(5 rows\), e\.g\. c0\.png$"):
-        load_dataset(imgs, image_size=32, labels=f"{table}:label",
-                     cache_dir=tmp_path / "cache", show_progress=False)
+    with pytest.raises(
+        BenchError,
+        match=r"^\[data\] labels .*: 2 file\(s\) listed more than "
+        r"once \(5 rows\), e\.g\. c0\.png$",
+    ):
+        load_dataset(
+            imgs,
+            image_size=32,
+            labels=f"{table}:label",
+            cache_dir=tmp_path / "cache",
+            show_progress=False,
+        )
     model = tmp_path / "model"
     model.mkdir()
     pd.DataFrame(rows[3:], columns=["file", "label"]).to_csv(table, index=False)
-    assert main(["evaluate", "--model", str(model), "--data", str(imgs), "--labels",
-                 f"{table}:label", "--out", str(tmp_path / "o")]) == 2
+    assert (
+        main(
+            [
+                "evaluate",
+                "--model",
+                str(model),
+                "--data",
+                str(imgs),
+                "--labels",
+                f"{table}:label",
+                "--out",
+                str(tmp_path / "o"),
+            ]
+        )
+        == 2
+    )
     line = one_error_line(capsys.readouterr().err)
     assert line.startswith("error: --labels") and line.endswith(
-        "1 file(s) listed more than once (2 rows), e.g. c1.png (as c1.png, ./c1.png)")
+        "1 file(s) listed more than once (2 rows), e.g. c1.png (as c1.png, ./c1.png)"
+    )

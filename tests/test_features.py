@@ -16,13 +16,19 @@ from tests.conftest import toy_arrays
 # (extractor, params, documented length as a function of the image side)
 CASES = [
     ("hog", {}, lambda s: 9 * 4 * max(1, s // 8 - 1) ** 2),
-    ("hog", {"orientations": 6, "pixels_per_cell": 4, "cells_per_block": 1, "channel": "rgb"},
-     lambda s: 6 * (s // 4) ** 2),
+    (
+        "hog",
+        {"orientations": 6, "pixels_per_cell": 4, "cells_per_block": 1, "channel": "rgb"},
+        lambda s: 6 * (s // 4) ** 2,
+    ),
     ("lbp", {}, lambda s: 3 * 10),
     ("lbp", {"radii": [1, 2], "points": 16}, lambda s: 2 * 18),
     ("glcm", {}, lambda s: 6 * 3 * 4),
-    ("glcm", {"distances": [1], "angles": 2, "levels": 8, "props": ["contrast", "ASM"]},
-     lambda s: 2 * 1 * 2),
+    (
+        "glcm",
+        {"distances": [1], "angles": 2, "levels": 8, "props": ["contrast", "ASM"]},
+        lambda s: 2 * 1 * 2,
+    ),
     ("color", {}, lambda s: 2 * 3 * (16 + 3)),
     ("color", {"bins": 8, "spaces": ["hsv"], "moments": False}, lambda s: 3 * 8),
     ("morphology", {}, lambda s: 12),
@@ -66,8 +72,8 @@ def test_deterministic_and_finite_on_cells(name, params, length):
     imgs, _ = toy_arrays(2, 32, seed=5)
     a = np.stack([EXTRACTORS[name](im, **params) for im in imgs])
     b = np.stack([EXTRACTORS[name](im.copy(), **params) for im in imgs])
-    np.testing.assert_array_equal(a, b)    # NaN == NaN here
-    if name != "morphology":                # toy shapes are not cells: parts may be NaN
+    np.testing.assert_array_equal(a, b)  # NaN == NaN here
+    if name != "morphology":  # toy shapes are not cells: parts may be NaN
         assert np.isfinite(a).all()
 
 
@@ -90,14 +96,15 @@ def test_glcm_values_on_known_patterns():
     values = dict(zip(PROPS, flat))
     assert values["contrast"] == 0 and values["energy"] == pytest.approx(1)
     stripes = np.zeros((16, 16, 3), np.uint8)
-    stripes[:, ::2] = 255   # vertical stripes: horizontal neighbours always differ
+    stripes[:, ::2] = 255  # vertical stripes: horizontal neighbours always differ
     c = glcm_features(stripes, distances=(1,), angles=2, props=("contrast",))
-    assert c[0] > 100 and c[1] == 0   # 0 degrees: across stripes; 90 degrees: along them
+    assert c[0] > 100 and c[1] == 0  # 0 degrees: across stripes; 90 degrees: along them
 
 
 def test_glcm_offset_longer_than_image_is_nan():
-    v = glcm_features(np.zeros((8, 8, 3), np.uint8), distances=(1, 20), angles=1,
-                      props=("contrast",))
+    v = glcm_features(
+        np.zeros((8, 8, 3), np.uint8), distances=(1, 20), angles=1, props=("contrast",)
+    )
     assert np.isfinite(v[0]) and np.isnan(v[1])
 
 
@@ -129,17 +136,17 @@ def test_segment_cell_finds_cell_and_nucleus():
     cell, nuc = segment_cell(img)
     assert cell.shape == nuc.shape == img.shape[:2] and cell.dtype == bool
     assert not (nuc & ~cell).any()
-    iou = lambda a, b: (a & b).sum() / (a | b).sum()   # noqa: E731
+    iou = lambda a, b: (a & b).sum() / (a | b).sum()  # noqa: E731
     assert iou(cell, cell_true) > 0.8 and iou(nuc, nuc_true) > 0.7
     f = dict(zip(FEATURE_NAMES, morphology_features(img)))
-    assert f["nucleus_to_cell_ratio"] == pytest.approx(0.25, abs=0.1)    # (6/12)^2
+    assert f["nucleus_to_cell_ratio"] == pytest.approx(0.25, abs=0.1)  # (6/12)^2
     assert f["cell_eccentricity"] < 0.3 and f["cell_solidity"] > 0.9
     assert f["nucleus_lobes"] == 1
 
 
 def test_segment_cell_keeps_the_central_cell():
     img, _, _ = _disc_cell(64, 10, 5)
-    img[2:10, 2:10] = (80, 40, 130)     # a second violet blob in a corner
+    img[2:10, 2:10] = (80, 40, 130)  # a second violet blob in a corner
     cell, _ = segment_cell(img)
     assert cell[32, 32] and not cell[5, 5]
 
@@ -153,6 +160,7 @@ def test_failed_segmentation_gives_nan_not_error():
 
 def test_extract_parallel_equals_serial_and_caches(tmp_path):
     from features import set_cache_dir
+
     imgs, _ = toy_arrays(4, 32, seed=6)
     spec = {"color": {"bins": 4}, "lbp": {"radii": [1]}}
     set_cache_dir(tmp_path / "f")
@@ -162,12 +170,12 @@ def test_extract_parallel_equals_serial_and_caches(tmp_path):
         np.testing.assert_array_equal(serial, par)
         assert list((tmp_path / "f").glob("*.npz"))
         again = extract(imgs[::-1], {"lbp": {"radii": [1]}, "color": {"bins": 4}}, n_jobs=1)
-        np.testing.assert_array_equal(again, serial[::-1])   # key order does not matter
+        np.testing.assert_array_equal(again, serial[::-1])  # key order does not matter
         stores = sorted((tmp_path / "f").glob("*.npz"))
         assert [s.name.split("-")[0] for s in stores] == ["color", "lbp"]
         only_color = extract(imgs, {"color": {"bins": 4}})  # shares the colour store
         assert sorted((tmp_path / "f").glob("*.npz")) == stores
-        np.testing.assert_array_equal(only_color, serial[:, :only_color.shape[1]])
+        np.testing.assert_array_equal(only_color, serial[:, : only_color.shape[1]])
     finally:
         set_cache_dir(None)
     np.testing.assert_array_equal(serial[0], extract_one(imgs[0], spec))
@@ -177,6 +185,7 @@ def test_segmentation_on_real_smears():
     """On real PBC cells (2 per class) the central cell and a nucleus are found."""
     from PIL import Image
     from tests.conftest import SHARED
+
     root = SHARED / "data" / "pbc" / "images"
     if not root.is_dir():
         pytest.skip("shared PBC images not available")

@@ -12,9 +12,15 @@ from bench.data.folds import folds_hash, folds_table, make_folds, make_groups
 
 def _ds(labels, sources=None, hashes=None):
     n = len(labels)
-    return Dataset(np.zeros((n, 4, 4, 3), np.uint8), np.asarray(labels), ["a", "b", "c"],
-                   sources or [f"{'abc'[c]}/img_{i:03d}.png" for i, c in enumerate(labels)],
-                   hashes or [f"h{i}" for i in range(n)], "mem", "key")
+    return Dataset(
+        np.zeros((n, 4, 4, 3), np.uint8),
+        np.asarray(labels),
+        ["a", "b", "c"],
+        sources or [f"{'abc'[c]}/img_{i:03d}.png" for i, c in enumerate(labels)],
+        hashes or [f"h{i}" for i in range(n)],
+        "mem",
+        "key",
+    )
 
 
 def test_folds_are_stratified_and_cover_every_row():
@@ -47,14 +53,15 @@ def test_user_groups_pairs_and_number_blocks(tmp_path):
     labels = np.repeat([0, 1, 2], 20)
     ds = _ds(labels)
     (tmp_path / "groups.csv").write_text(
-        "file,group\n" + "".join(f"img_{i:03d}.png,patient{i % 4}\n" for i in range(0, 20)))
+        "file,group\n" + "".join(f"img_{i:03d}.png,patient{i % 4}\n" for i in range(0, 20))
+    )
     (tmp_path / "pairs.csv").write_text("file_a,file_b,dist\nb/img_020.png,b/img_039.png,0.1\n")
     groups, info = make_groups(ds, str(tmp_path / "groups.csv"), str(tmp_path / "pairs.csv"))
     assert info["user_groups"] == 4 and info["pairs"] == 1 and not info["unmatched"]
     assert groups[0] == groups[4] == groups[8] and groups[0] != groups[1]
     assert groups[20] == groups[39]
     g2, _ = make_groups(ds, group_rule="number_block:10")
-    assert g2[40] == g2[49] and g2[49] != g2[50]   # 40..49 one block, 50.. the next
+    assert g2[40] == g2[49] and g2[49] != g2[50]  # 40..49 one block, 50.. the next
 
 
 def test_unknown_rule_and_missing_csv_are_clear_errors(tmp_path):

@@ -8,8 +8,9 @@ import pytest
 from tests.conftest import SHARED, toy_arrays
 
 WEIGHTS = SHARED / "weights" / "mobilenet_v2_0.35_imagenet_notop.weights.h5"
-needs_weights = pytest.mark.skipif(not WEIGHTS.is_file(),
-                                   reason=f"shared ImageNet weights not found: {WEIGHTS}")
+needs_weights = pytest.mark.skipif(
+    not WEIGHTS.is_file(), reason=f"shared ImageNet weights not found: {WEIGHTS}"
+)
 
 
 def square_task(n_per_class: int, size: int = 32, side: int = 8, seed: int = 0):
@@ -24,9 +25,9 @@ def square_task(n_per_class: int, size: int = 32, side: int = 8, seed: int = 0):
     masks = np.zeros((n, size, size), bool)
     for i in range(n):
         r, c = rng.integers(0, size - side, 2)
-        masks[i, r:r + side, c:c + side] = True
+        masks[i, r : r + side, c : c + side] = True
         if y[i] == 1:
-            X[i, r:r + side, c:c + side] = 240
+            X[i, r : r + side, c : c + side] = 240
     return X.astype(np.uint8), y, masks
 
 
@@ -44,8 +45,9 @@ def check_contract(maps, n, size):
 def test_gradcam_contract_on_a_scratch_model():
     from cnn.gradcam import find_target_layer, gradcam
     from cnn.models import build_scratch_cnn
+
     model = build_scratch_cnn(32, 3, blocks=2, filters=4, convs_per_block=2)
-    assert find_target_layer(model) == ["block2_relu2"]    # last conv map, before pooling
+    assert find_target_layer(model) == ["block2_relu2"]  # last conv map, before pooling
     X, _ = toy_arrays(3, 32)
     for ci in (None, 2, np.arange(len(X)) % 3):
         check_contract(gradcam(model, X, class_index=ci, batch_size=4), len(X), 32)
@@ -54,10 +56,21 @@ def test_gradcam_contract_on_a_scratch_model():
 
 def test_gradcam_highlights_the_deciding_square():
     from cnn.candidate import ScratchCNN
+
     X, y, _ = square_task(40)
     Xt, yt, Mt = square_task(8, seed=1)
-    cand = ScratchCNN(blocks=2, filters=8, dense_units=16, dropout=0.1, epochs=10, patience=10,
-                      batch_size=16, learning_rate=0.005, augment="none", seed=0).fit(X, y)
+    cand = ScratchCNN(
+        blocks=2,
+        filters=8,
+        dense_units=16,
+        dropout=0.1,
+        epochs=10,
+        patience=10,
+        batch_size=16,
+        learning_rate=0.005,
+        augment="none",
+        seed=0,
+    ).fit(X, y)
     assert (cand.predict(Xt) == yt).mean() >= 0.9
     pos = yt == 1
     maps = cand.explain(Xt[pos], class_index=1)
@@ -74,10 +87,12 @@ def _nested_model(pooling=None):
     import keras
     from keras import layers
     from cnn.backbones import BackbonePreprocess, build_backbone
+
     base = build_backbone("MobileNetV2", 64, str(WEIGHTS), alpha=0.35)
-    if pooling:   # map inside the nested model: its output is already pooled
-        base = keras.Model(base.inputs, layers.GlobalAveragePooling2D()(base.output),
-                           name="backbone_pooled")
+    if pooling:  # map inside the nested model: its output is already pooled
+        base = keras.Model(
+            base.inputs, layers.GlobalAveragePooling2D()(base.output), name="backbone_pooled"
+        )
     inputs = keras.Input((32, 32, 3))
     x = layers.Resizing(64, 64, name="resize")(inputs)
     x = BackbonePreprocess("MobileNetV2", name="preprocess")(x)
@@ -94,6 +109,7 @@ def test_gradcam_on_nested_backbone_matches_a_manual_computation(pooling):
     import tensorflow as tf
 
     from cnn.gradcam import find_target_layer, gradcam
+
     model, base = _nested_model(pooling)
     path = find_target_layer(model)
     assert path == (["backbone"] if pooling is None else ["backbone_pooled", "out_relu"])
@@ -102,6 +118,7 @@ def test_gradcam_on_nested_backbone_matches_a_manual_computation(pooling):
     check_contract(maps, len(X), 32)
     # reference: the same Grad-CAM written out by hand on the pieces
     import keras
+
     feat_model = keras.Model(base.inputs, base.get_layer("out_relu").output)
     x = tf.convert_to_tensor(X.astype("float32"))
     with tf.GradientTape() as tape:
@@ -119,11 +136,21 @@ def test_gradcam_on_nested_backbone_matches_a_manual_computation(pooling):
 @needs_weights
 def test_gradcam_on_a_frozen_transfer_candidate_points_at_the_square():
     from cnn.transfer import FrozenTransferCNN
+
     X, y, _ = square_task(30)
     Xt, yt, Mt = square_task(6, seed=2)
-    cand = FrozenTransferCNN(weights=str(WEIGHTS), alpha=0.35, input_size=96, dense_units=0,
-                             dropout=0.0, epochs=30, patience=10, batch_size=16,
-                             learning_rate=0.01, seed=0).fit(X, y)
+    cand = FrozenTransferCNN(
+        weights=str(WEIGHTS),
+        alpha=0.35,
+        input_size=96,
+        dense_units=0,
+        dropout=0.0,
+        epochs=30,
+        patience=10,
+        batch_size=16,
+        learning_rate=0.01,
+        seed=0,
+    ).fit(X, y)
     assert (cand.predict(Xt) == yt).mean() >= 0.8
     pos = yt == 1
     maps = cand.explain(Xt[pos])

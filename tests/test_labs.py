@@ -17,13 +17,13 @@ from bench.protocols.labs import add_lab_columns, lab_scores
 from core.errors import BenchError
 from tests.conftest import SHARED, TOY_CLASSES, toy_arrays
 
-MARK = {"a": 11, "b": 22, "c": 33}   # corner pixel (channel 0) of each lab's images
-N = 10   # images per class and lab
+MARK = {"a": 11, "b": 22, "c": 33}  # corner pixel (channel 0) of each lab's images
+N = 10  # images per class and lab
 
 
 def _lab_images(lab: str, seed: int, n_classes: int = 3):
     images, labels = toy_arrays(N, 32, seed, n_classes)
-    if lab == "b":   # another stain: a yellow cast
+    if lab == "b":  # another stain: a yellow cast
         images = np.clip(images.astype(int) + np.array([25, 20, -40]), 0, 255).astype(np.uint8)
     images[:, 0, 0, 0] = MARK[lab]
     return images, labels
@@ -32,8 +32,9 @@ def _lab_images(lab: str, seed: int, n_classes: int = 3):
 def write_labs(root):
     for lab, seed in (("a", 1), ("b", 2)):
         images, labels = _lab_images(lab, seed)
-        np.savez_compressed(root / f"{lab}.npz", images=images, labels=labels,
-                            classes=np.array(TOY_CLASSES))
+        np.savez_compressed(
+            root / f"{lab}.npz", images=images, labels=labels, classes=np.array(TOY_CLASSES)
+        )
     images, labels = _lab_images("c", 3, n_classes=2)
     names = ["round", "box"]
     rows = []
@@ -112,6 +113,7 @@ def lab_run(tmp_path_factory):
     """A run on the three labs with spies on every fit, tuning trial and ensemble fit."""
     import bench.run.units as units
     import ensembles.voting as voting
+
     base = tmp_path_factory.mktemp("labs")
     root = write_labs(base)
     cfg = write_config(base / "bench.toml", root)
@@ -137,8 +139,8 @@ def lab_run(tmp_path_factory):
     mp.setattr(units, "tune_candidate", spy_tune)
     mp.setattr(voting.SoftVoting, "fit", spy_ens)
     from bench.run.runner import run_from_args
-    board, out = run_from_args(str(cfg), out=str(base / "run"), workers=1,
-                               show_progress=False)
+
+    board, out = run_from_args(str(cfg), out=str(base / "run"), workers=1, show_progress=False)
     mp.undo()
     return board, out, seen
 
@@ -168,15 +170,16 @@ def test_no_row_of_the_held_out_lab_reaches_a_fit_a_trial_or_a_weight(lab_run):
     lolo_fits, lolo_trials = seen["fit"][6:], seen["tune"][3:]
     assert len(lolo_fits) == 6 and len(lolo_trials) == 3
     for marks in lolo_fits + lolo_trials:
-        assert len(marks) == 2   # two labs' rows, never the third
+        assert len(marks) == 2  # two labs' rows, never the third
     # the CNN draws each lab to the mean lab size (lab_balance); the forest takes every row
     for kind, counts in seen["counts"]:
         if kind == "ScratchCNN":
             assert max(counts.values()) - min(counts.values()) <= 1, counts
-        elif MARK["c"] in counts and len(counts) > 1:   # lab c is smaller: rows as they come
+        elif MARK["c"] in counts and len(counts) > 1:  # lab c is smaller: rows as they come
             assert counts[MARK["c"]] < max(counts.values()), counts
-    assert {frozenset(m) for m in lolo_fits} == {frozenset(v for k, v in MARK.items() if k != h)
-                                                 for h in MARK}
+    assert {frozenset(m) for m in lolo_fits} == {
+        frozenset(v for k, v in MARK.items() if k != h) for h in MARK
+    }
     # the ensemble's weights for each held-out lab: fitted on the other labs' rows only
     sizes = labs["domain"].value_counts()
     n = len(labs)
@@ -185,23 +188,31 @@ def test_no_row_of_the_held_out_lab_reaches_a_fit_a_trial_or_a_weight(lab_run):
 
 def test_leaderboard_has_per_lab_worst_and_mean_columns_over_present_classes(lab_run):
     board, out, _ = lab_run
-    for col in ("a_balanced_accuracy", "b_balanced_accuracy", "c_balanced_accuracy",
-                "worst_lab_balanced_accuracy", "mean_lab_balanced_accuracy",
-                "lab_gap_balanced_accuracy", "c_macro_f1_lo", "worst_lab"):
+    for col in (
+        "a_balanced_accuracy",
+        "b_balanced_accuracy",
+        "c_balanced_accuracy",
+        "worst_lab_balanced_accuracy",
+        "mean_lab_balanced_accuracy",
+        "lab_gap_balanced_accuracy",
+        "c_macro_f1_lo",
+        "worst_lab",
+    ):
         assert col in board, col
     labs = pd.read_csv(out / "labs" / "folds.csv")
     oof = np.load(out / "labs" / "oof" / "rf_hog.npy")
     c = (labs.domain == "c").to_numpy()
     y = labs.label.map({n: i for i, n in enumerate(TOY_CLASSES)}).to_numpy()
     pred = oof[c].argmax(1)
-    recalls = [np.mean(pred[y[c] == k] == k) for k in (0, 1)]   # lab c has 2 classes
+    recalls = [np.mean(pred[y[c] == k] == k) for k in (0, 1)]  # lab c has 2 classes
     row = board[board.candidate == "rf_hog"].iloc[0]
     assert row["c_balanced_accuracy"] == pytest.approx(np.mean(recalls))
     per_lab = [row[f"{lab}_balanced_accuracy"] for lab in MARK]
     assert row["worst_lab_balanced_accuracy"] == pytest.approx(min(per_lab))
     assert row["mean_lab_balanced_accuracy"] == pytest.approx(np.mean(per_lab))
-    assert row["c_balanced_accuracy_lo"] <= row["c_balanced_accuracy"] <= \
-        row["c_balanced_accuracy_hi"]
+    assert (
+        row["c_balanced_accuracy_lo"] <= row["c_balanced_accuracy"] <= row["c_balanced_accuracy_hi"]
+    )
     long = pd.read_csv(out / "labs.csv")
     assert set(long["lab"]) == set(MARK)
     assert set(long["entry"]) == {"rf_hog", "cnn_tiny", "vote_all"}
@@ -216,13 +227,15 @@ def test_adabn_is_its_own_column_for_adaptable_candidates_only(lab_run):
     assert long[long.entry == "rf_hog"]["adabn_balanced_accuracy"].isna().all()
     row = board.set_index("candidate").loc["cnn_tiny"]
     assert row["adabn_worst_lab_balanced_accuracy"] == pytest.approx(
-        min(row[f"adabn_{lab}_balanced_accuracy"] for lab in MARK))
+        min(row[f"adabn_{lab}_balanced_accuracy"] for lab in MARK)
+    )
     # the ranking is the out-of-lab figure without adaptation
     assert "adabn" not in board.columns[board.columns.get_loc("worst_lab")]
 
 
 def test_the_predictor_carries_the_out_of_lab_figures(lab_run):
     import json
+
     _, out, _ = lab_run
     m = json.loads((out / "predictor" / "manifest.json").read_text())
     labs = m["leave_one_lab_out"]
@@ -235,40 +248,74 @@ def test_the_predictor_carries_the_out_of_lab_figures(lab_run):
 def test_a_second_run_resumes_to_the_same_leaderboard(lab_run, tmp_path):
     import shutil
     from bench.run.runner import run_from_args
+
     board, out, _ = lab_run
     copy = tmp_path / "run"
     shutil.copytree(out, copy)
-    shutil.rmtree(copy / "labs" / "units" / "rf_hog" / "fold1")   # a unit lost to a crash
+    shutil.rmtree(copy / "labs" / "units" / "rf_hog" / "fold1")  # a unit lost to a crash
     (copy / "leaderboard.csv").unlink()
-    again, _ = run_from_args(str(out.parent / "bench.toml"), out=str(copy), workers=1,
-                             show_progress=False)
-    cols = ["candidate", "balanced_accuracy", "a_balanced_accuracy", "b_balanced_accuracy",
-            "c_balanced_accuracy", "worst_lab_balanced_accuracy"]
-    pd.testing.assert_frame_equal(board[cols].reset_index(drop=True),
-                                  again[cols].reset_index(drop=True))
+    again, _ = run_from_args(
+        str(out.parent / "bench.toml"), out=str(copy), workers=1, show_progress=False
+    )
+    cols = [
+        "candidate",
+        "balanced_accuracy",
+        "a_balanced_accuracy",
+        "b_balanced_accuracy",
+        "c_balanced_accuracy",
+        "worst_lab_balanced_accuracy",
+    ]
+    pd.testing.assert_frame_equal(
+        board[cols].reset_index(drop=True), again[cols].reset_index(drop=True)
+    )
 
 
 def test_ranking_by_the_worst_lab_orders_the_board():
-    scores = pd.DataFrame([
-        {"entry": e, "lab": lab, "n": 10, "n_groups": 5, "classes_present": "x",
-         **{f"{m}{s}": v for m in ("accuracy", "balanced_accuracy", "macro_f1")
-            for s in ("", "_lo", "_hi")}}
-        for e, vals in (("steady", {"a": 0.8, "b": 0.8}), ("peaky", {"a": 0.99, "b": 0.5}))
-        for lab, v in vals.items()])
-    board = pd.DataFrame({"candidate": ["peaky", "steady"], "kind": ["cnn", "cnn"],
-                          "accuracy": [0.99, 0.9], "balanced_accuracy": [0.99, 0.9],
-                          "macro_f1": [0.99, 0.9]})
+    scores = pd.DataFrame(
+        [
+            {
+                "entry": e,
+                "lab": lab,
+                "n": 10,
+                "n_groups": 5,
+                "classes_present": "x",
+                **{
+                    f"{m}{s}": v
+                    for m in ("accuracy", "balanced_accuracy", "macro_f1")
+                    for s in ("", "_lo", "_hi")
+                },
+            }
+            for e, vals in (("steady", {"a": 0.8, "b": 0.8}), ("peaky", {"a": 0.99, "b": 0.5}))
+            for lab, v in vals.items()
+        ]
+    )
+    board = pd.DataFrame(
+        {
+            "candidate": ["peaky", "steady"],
+            "kind": ["cnn", "cnn"],
+            "accuracy": [0.99, 0.9],
+            "balanced_accuracy": [0.99, 0.9],
+            "macro_f1": [0.99, 0.9],
+        }
+    )
     out = add_lab_columns(board, scores, "worst_lab_balanced_accuracy")
     assert list(out.candidate) == ["steady", "peaky"]
     assert list(out.worst_lab) == ["a", "b"]
     assert out.lab_gap_balanced_accuracy.tolist() == pytest.approx([0.1, 0.99 - 0.745])
-    assert list(add_lab_columns(board, scores, "balanced_accuracy").candidate) == \
-        ["peaky", "steady"]
+    assert list(add_lab_columns(board, scores, "balanced_accuracy").candidate) == [
+        "peaky",
+        "steady",
+    ]
 
 
 def test_lab_scores_bootstrap_over_the_labs_groups():
-    table = pd.DataFrame({"domain": ["a"] * 6 + ["b"] * 4,
-                          "label": ["x", "y"] * 5, "group": [0, 0, 1, 1, 2, 2, 3, 4, 5, 6]})
+    table = pd.DataFrame(
+        {
+            "domain": ["a"] * 6 + ["b"] * 4,
+            "label": ["x", "y"] * 5,
+            "group": [0, 0, 1, 1, 2, 2, 3, 4, 5, 6],
+        }
+    )
     proba = np.tile([[0.9, 0.1]], (10, 1))
     s = lab_scores(table, ["x", "y"], {"e": proba}, n_boot=200)
     a = s[s.lab == "a"].iloc[0]
@@ -276,13 +323,17 @@ def test_lab_scores_bootstrap_over_the_labs_groups():
     assert a["accuracy"] == pytest.approx(0.5) and a["balanced_accuracy"] == pytest.approx(0.5)
 
 
-@pytest.mark.parametrize("change, message", [
-    (("", 'class_map = { round = "disc", box = "cube" }'), "maps onto 'cube'"),
-    (("", 'class_map = { circle = "disc" }'), "names 'circle', which is not a class"),
-    (("", 'class_map = { round = "disc", box = "" }'), "has 1 class(es)"),
-])
+@pytest.mark.parametrize(
+    "change, message",
+    [
+        (("", 'class_map = { round = "disc", box = "cube" }'), "maps onto 'cube'"),
+        (("", 'class_map = { circle = "disc" }'), "names 'circle', which is not a class"),
+        (("", 'class_map = { round = "disc", box = "" }'), "has 1 class(es)"),
+    ],
+)
 def test_bad_source_settings_are_one_line_errors(tmp_path, capsys, change, message):
     from bench.commands.cli import main
+
     root = write_labs(tmp_path)
     text = CONFIG.format(root=root, run_extra="", source_extra="")
     text = text.replace('class_map = { round = "disc", box = "square" }', change[1])
@@ -296,10 +347,12 @@ def test_bad_source_settings_are_one_line_errors(tmp_path, capsys, change, messa
 
 def test_two_sources_with_one_lab_name_and_a_missing_path_are_refused(tmp_path, capsys):
     from bench.commands.cli import main
+
     root = write_labs(tmp_path)
-    for old, new, message in (('domain = "b"', 'domain = "a"', "used by two sources"),
-                              (f'path = "{root}/b.npz"', f'path = "{root}/nowhere.npz"',
-                               "(b) path not found")):
+    for old, new, message in (
+        ('domain = "b"', 'domain = "a"', "used by two sources"),
+        (f'path = "{root}/b.npz"', f'path = "{root}/nowhere.npz"', "(b) path not found"),
+    ):
         cfg = tmp_path / "c.toml"
         cfg.write_text(CONFIG.format(root=root, run_extra="", source_extra="").replace(old, new))
         assert main(["run", "--config", str(cfg), "--out", str(tmp_path / "o")]) == 2
@@ -310,30 +363,33 @@ def test_two_sources_with_one_lab_name_and_a_missing_path_are_refused(tmp_path, 
 
 def test_lab_rankings_need_several_labs(tmp_path):
     from bench.config import resolve_config
-    raw = {"run": {"metric": "worst_lab_balanced_accuracy", "profile": "p"},
-           "profiles": {"p": {}}}
+
+    raw = {"run": {"metric": "worst_lab_balanced_accuracy", "profile": "p"}, "profiles": {"p": {}}}
     with pytest.raises(BenchError, match="needs a dataset of several labs"):
         resolve_config(raw)
 
 
 def test_lab_balanced_rows_draw_every_lab_to_the_mean_lab_size():
     from bench.data.sources import lab_balanced_rows
+
     domains = np.array(["a"] * 60 + ["b"] * 30 + ["c"] * 6)
     rows = np.arange(90, 96).tolist() + np.arange(0, 60).tolist() + np.arange(60, 90).tolist()
     out = lab_balanced_rows(np.array(sorted(rows)), domains, seed=0)
     counts = pd.Series(domains[out]).value_counts().to_dict()
     assert counts == {"a": 32, "b": 32, "c": 32}
-    assert len(np.unique(out[domains[out] == "a"])) == 32          # subsampled, no repeats
-    assert set(out[domains[out] == "c"]) == set(range(90, 96))     # every small-lab row kept
+    assert len(np.unique(out[domains[out] == "a"])) == 32  # subsampled, no repeats
+    assert set(out[domains[out] == "c"]) == set(range(90, 96))  # every small-lab row kept
     np.testing.assert_array_equal(out, lab_balanced_rows(np.array(sorted(rows)), domains, 0))
     one = np.arange(60)
     np.testing.assert_array_equal(lab_balanced_rows(one, domains, 0), one)
 
 
-@pytest.mark.skipif(not (SHARED / "data" / "chula" / "cells.csv").is_file()
-                    or not (SHARED / "data" / "deepapl" / "cells.csv").is_file()
-                    or not (SHARED / "data" / "pbc" / "pbc_64.npz").is_file(),
-                    reason=f"shared PBC, DeepAPL and Chula data not found under {SHARED / 'data'}")
+@pytest.mark.skipif(
+    not (SHARED / "data" / "chula" / "cells.csv").is_file()
+    or not (SHARED / "data" / "deepapl" / "cells.csv").is_file()
+    or not (SHARED / "data" / "pbc" / "pbc_64.npz").is_file(),
+    reason=f"shared PBC, DeepAPL and Chula data not found under {SHARED / 'data'}",
+)
 def test_the_shared_three_labs_load_as_wbc5_multi():
     """benchmarks.toml's wbc5_multi on the real labs (the smoke profile's 800-image sample):
     three labs, the five white-cell classes in each, patients and slides as groups."""
@@ -342,17 +398,18 @@ def test_the_shared_three_labs_load_as_wbc5_multi():
     from bench.config import load_config
     from bench.data.folds import make_folds, make_groups
     from bench.data.sources import prepare_data
+
     root = Path(__file__).resolve().parents[1]
     cfg = load_config(root / "benchmarks.toml", profile="smoke", data="wbc5_multi")
     ds, _ = prepare_data(cfg, show_progress=False)
     labs = ds.lab_summary()
     assert list(labs) == ["pbc", "deepapl", "chula"]
     assert all(abs(v["n_images"] - 800 // 3) <= 1 for v in labs.values())
-    assert all(min(v["counts"].values()) >= 2 for v in labs.values())   # every class, every lab
+    assert all(min(v["counts"].values()) >= 2 for v in labs.values())  # every class, every lab
     keys = pd.Series(ds.group_keys)
-    assert keys[keys.str.startswith("chula:")].nunique() <= 20          # slides
-    assert keys[keys.str.startswith("deepapl:")].nunique() <= 82        # patients
-    assert any("erythroblast" in s["path"] for s in ds.skipped)          # left out, said
+    assert keys[keys.str.startswith("chula:")].nunique() <= 20  # slides
+    assert keys[keys.str.startswith("deepapl:")].nunique() <= 82  # patients
+    assert any("erythroblast" in s["path"] for s in ds.skipped)  # left out, said
     groups, _ = make_groups(ds, preset=ds.group_keys)
     folds = make_folds(ds.labels, groups, 3, 0, ds.classes, ds.domains)
     table = pd.DataFrame({"lab": ds.domains, "fold": folds})

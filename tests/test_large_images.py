@@ -31,12 +31,13 @@ def limited(monkeypatch):
         if w * h > max_pixels():
             pytest.fail(f"a {w}x{h} image was decoded")
         return real(self)
+
     monkeypatch.setattr(ImageFile.ImageFile, "load", load)
 
 
 def _big(path: Path, side: int = 5000) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
-    Image.new("RGB", (side, side), (200, 170, 190)).save(path)   # uniform: a small file
+    Image.new("RGB", (side, side), (200, 170, 190)).save(path)  # uniform: a small file
     return path
 
 
@@ -58,10 +59,13 @@ def test_read_rgb_refuses_from_the_header(limited, tmp_path):
         read_rgb(big)
     msg = str(err.value)
     assert "\n" not in msg
-    for fragment in ("too large: 5000x5000 pixels (25.0 megapixels)", "limit of 1 megapixels",
-                     f"set {MAX_PIXELS_ENV} (pixels, now 1000000) higher"):
+    for fragment in (
+        "too large: 5000x5000 pixels (25.0 megapixels)",
+        "limit of 1 megapixels",
+        f"set {MAX_PIXELS_ENV} (pixels, now 1000000) higher",
+    ):
         assert fragment in msg, msg
-    img, mode, size = read_rgb(_big(tmp_path / "ok.png", side=1000))   # at the limit: read
+    img, mode, size = read_rgb(_big(tmp_path / "ok.png", side=1000))  # at the limit: read
     assert size == "1000x1000" and mode == "RGB"
 
 
@@ -74,21 +78,23 @@ def test_predict_batches_skip_it_and_read_the_rest(limited, tmp_path):
     assert len(ok) == 6 and X.shape == (6, 32, 32, 3)
     assert [paths[i].name for i, _ in errors] == ["huge.png"]
     assert "huge.png: too large: 5000x5000" in str(errors[0][1])
-    got = [(s, ok, [str(e) for _, e in errs])
-           for s, _, _, ok, errs in Preprocessing(32).batches(paths, batch_size=4)]
+    got = [
+        (s, ok, [str(e) for _, e in errs])
+        for s, _, _, ok, errs in Preprocessing(32).batches(paths, batch_size=4)
+    ]
     assert sum(len(ok) for _, ok, _ in got) == 6
     assert sum(len(e) for _, _, e in got) == 1
-    with pytest.raises(BenchError, match="too large"):   # without skip_errors: one line
+    with pytest.raises(BenchError, match="too large"):  # without skip_errors: one line
         Preprocessing(32).load(paths)
 
 
-def test_a_dataset_skips_it_with_a_warning_and_a_raised_limit_reads_it(limited, tmp_path,
-                                                                         monkeypatch, capsys):
+def test_a_dataset_skips_it_with_a_warning_and_a_raised_limit_reads_it(
+    limited, tmp_path, monkeypatch, capsys
+):
     root = write_toy_folder(tmp_path / "data", n_per_class=4, size=16)
     _big(root / "square" / "huge.png")
     cfg = tmp_path / "c.toml"
-    cfg.write_text(f'[run]\nfolds = 2\n[data]\npath = "{root}"\nimage_size = 16\n'
-                   '[profiles.p]\n')
+    cfg.write_text(f'[run]\nfolds = 2\n[data]\npath = "{root}"\nimage_size = 16\n[profiles.p]\n')
     ds, _ = prepare_dataset(load_config(cfg, profile="p"), show_progress=False)
     assert len(ds) == 12 and "square/huge.png" not in ds.sources
     (skip,) = ds.skipped
@@ -104,16 +110,19 @@ def test_a_dataset_skips_it_with_a_warning_and_a_raised_limit_reads_it(limited, 
     assert len(raised) == 13 and not raised.skipped and "square/huge.png" in raised.sources
     assert raised.content_hash != ds.content_hash
     assert np.asarray(raised.images).shape == (13, 16, 16, 3)
-    monkeypatch.delenv(MAX_PIXELS_ENV)   # each limit its own key
+    monkeypatch.delenv(MAX_PIXELS_ENV)  # each limit its own key
     assert load_dataset(root, image_size=16, show_progress=False).content_hash not in (
-        ds.content_hash, raised.content_hash)
+        ds.content_hash,
+        raised.content_hash,
+    )
 
 
 def test_a_bad_limit_stops_before_any_file_is_read(tmp_path, monkeypatch):
     root = write_toy_folder(tmp_path / "data", n_per_class=2, size=16)
     monkeypatch.setenv(MAX_PIXELS_ENV, "huge")
-    for load in (lambda: load_dataset(root, image_size=16, cache_dir=tmp_path / "c",
-                                      show_progress=False),
-                 lambda: Preprocessing(16).load(find_images(root), skip_errors=True)):
+    for load in (
+        lambda: load_dataset(root, image_size=16, cache_dir=tmp_path / "c", show_progress=False),
+        lambda: Preprocessing(16).load(find_images(root), skip_errors=True),
+    ):
         with pytest.raises(BenchError, match=f"^{MAX_PIXELS_ENV}='huge'"):
             load()

@@ -93,17 +93,24 @@ def test_audit_writes_the_comparison_and_image_level_scores_are_inflated(audited
     table = pd.read_csv(out / "leakage.csv")
     assert set(table["candidate"]) == {"rf_colour", "rf_small", "vote_all"}
     for m in ("accuracy", "balanced_accuracy", "macro_f1"):
-        for col in (f"grouped_{m}", f"grouped_{m}_std", f"image_level_{m}",
-                    f"image_level_{m}_std", f"inflation_{m}"):
+        for col in (
+            f"grouped_{m}",
+            f"grouped_{m}_std",
+            f"image_level_{m}",
+            f"image_level_{m}_std",
+            f"inflation_{m}",
+        ):
             assert col in table, col
-        assert np.allclose(table[f"inflation_{m}"],
-                           table[f"image_level_{m}"] - table[f"grouped_{m}"])
+        assert np.allclose(
+            table[f"inflation_{m}"], table[f"image_level_{m}"] - table[f"grouped_{m}"]
+        )
     assert (table["image_level_accuracy"] > table["grouped_accuracy"]).all(), table
-    assert table["inflation_accuracy"].min() > 0.2, table   # the tint gives patients away
+    assert table["inflation_accuracy"].min() > 0.2, table  # the tint gives patients away
     assert list(table["grouped_accuracy"]) == sorted(table["grouped_accuracy"], reverse=True)
     board = pd.read_csv(out / "leaderboard.csv").set_index("candidate")
-    assert np.allclose(table.set_index("candidate")["grouped_accuracy"],
-                       board.loc[table["candidate"], "accuracy"])
+    assert np.allclose(
+        table.set_index("candidate")["grouped_accuracy"], board.loc[table["candidate"], "accuracy"]
+    )
     manifest = read_json(out / "manifest.json")
     assert "leakage_audit" in manifest["stage_seconds"]
     assert manifest["leakage_audit"]["groups"] == 15
@@ -141,6 +148,7 @@ def test_no_recursion_no_nested_report_and_the_report_shows_the_section(audited)
 def test_second_run_resumes_both_runs(audited, monkeypatch):
     cfg, out, _ = audited
     import bench.run.runner as runner
+
     monkeypatch.setattr(runner, "run_unit", lambda *a: pytest.fail(f"recomputed {a}"))
     before = pd.read_csv(out / "leakage.csv")
     run_from_args(str(cfg), out=str(out), show_progress=False)
@@ -160,7 +168,7 @@ def test_audit_config_removes_grouping_only(audited, tmp_path):
     cfg_file, out, _ = audited
     cfg = load_config(str(cfg_file), out=str(out))
     audit = audit_config(cfg, out / "leakage")
-    assert audit.data.groups == "" and cfg.data.groups   # the original unchanged
+    assert audit.data.groups == "" and cfg.data.groups  # the original unchanged
     assert audit.run.out == str(out / "leakage")
     assert audit.report.enabled is False and audit.report.leakage_audit is False
     assert audit.external == {} and audit.tuning.storage == ""
@@ -171,14 +179,28 @@ def test_audit_config_removes_grouping_only(audited, tmp_path):
 
 
 def test_compare_sorts_by_the_grouped_metric():
-    g = pd.DataFrame({"candidate": ["x", "y"], "kind": ["baseline", "cnn"],
-                      "accuracy": [0.6, 0.7], "accuracy_std": [0.01, 0.02],
-                      "log_loss": [0.9, 0.8], "log_loss_std": [0.1, 0.1]})
-    i = pd.DataFrame({"candidate": ["y", "x"], "kind": ["cnn", "baseline"],
-                      "accuracy": [0.75, 0.9], "accuracy_std": [0.0, 0.0],
-                      "log_loss": [0.5, 0.3], "log_loss_std": [0.1, 0.1]})
+    g = pd.DataFrame(
+        {
+            "candidate": ["x", "y"],
+            "kind": ["baseline", "cnn"],
+            "accuracy": [0.6, 0.7],
+            "accuracy_std": [0.01, 0.02],
+            "log_loss": [0.9, 0.8],
+            "log_loss_std": [0.1, 0.1],
+        }
+    )
+    i = pd.DataFrame(
+        {
+            "candidate": ["y", "x"],
+            "kind": ["cnn", "baseline"],
+            "accuracy": [0.75, 0.9],
+            "accuracy_std": [0.0, 0.0],
+            "log_loss": [0.5, 0.3],
+            "log_loss_std": [0.1, 0.1],
+        }
+    )
     t = compare(g, i, "accuracy")
     assert list(t["candidate"]) == ["y", "x"]
     assert np.allclose(t["inflation_accuracy"], [0.05, 0.3])
-    t = compare(g, i, "log_loss")   # lower is better: ascending
+    t = compare(g, i, "log_loss")  # lower is better: ascending
     assert list(t["candidate"]) == ["y", "x"] and "inflation_log_loss" in t

@@ -51,11 +51,15 @@ def _one_error(err: str) -> str:
 
 
 def _tree(folder: Path) -> dict[str, str]:
-    return {p.relative_to(folder).as_posix(): file_sha256(p)
-            for p in sorted(folder.rglob("*")) if p.is_file()}
+    return {
+        p.relative_to(folder).as_posix(): file_sha256(p)
+        for p in sorted(folder.rglob("*"))
+        if p.is_file()
+    }
 
 
 # ----------------------------------------------------------------------------- the folder rule
+
 
 def _write(folder: OutputFolder, files: dict[str, str]) -> None:
     with folder.staged() as tmp:
@@ -66,37 +70,56 @@ def _write(folder: OutputFolder, files: dict[str, str]) -> None:
 def test_a_folder_is_rewritten_without_touching_anything_of_the_users(tmp_path):
     out = tmp_path / "out"
     first = OutputFolder(out, "bench test").check()
-    _write(first, {"index.html": "v1", "img/a.png": "a1", "img/old.png": "gone next time",
-                   "csv/t.csv": "t1"})
+    _write(
+        first,
+        {"index.html": "v1", "img/a.png": "a1", "img/old.png": "gone next time", "csv/t.csv": "t1"},
+    )
     marker = json.loads((out / MARKER).read_text())
     assert marker["command"] == "bench test" and set(marker["files"]) == {
-        "index.html", "img/a.png", "img/old.png", "csv/t.csv"}
+        "index.html",
+        "img/a.png",
+        "img/old.png",
+        "csv/t.csv",
+    }
     # the user adds files everywhere, edits one of ours, and takes a name we will write
     for rel in ("notes.txt", "img/mine.png", "csv/mine.csv", "deep/er/x.txt"):
         (out / rel).parent.mkdir(parents=True, exist_ok=True)
         (out / rel).write_bytes(USER)
-    (out / "csv" / "t.csv").write_bytes(USER)          # edited by the user: now theirs
-    (out / "img" / "b.png").write_bytes(USER)          # a name the next output uses
+    (out / "csv" / "t.csv").write_bytes(USER)  # edited by the user: now theirs
+    (out / "img" / "b.png").write_bytes(USER)  # a name the next output uses
     second = OutputFolder(out, "bench test").check()
     _write(second, {"index.html": "v2", "img/a.png": "a2", "img/b.png": "b2", "csv/t.csv": "t2"})
-    for rel in ("notes.txt", "img/mine.png", "csv/mine.csv", "deep/er/x.txt", "csv/t.csv",
-                "img/b.png"):
+    for rel in (
+        "notes.txt",
+        "img/mine.png",
+        "csv/mine.csv",
+        "deep/er/x.txt",
+        "csv/t.csv",
+        "img/b.png",
+    ):
         assert (out / rel).read_bytes() == USER, rel
     assert (out / "index.html").read_text() == "v2" and (out / "img/a.png").read_text() == "a2"
-    assert not (out / "img/old.png").exists()          # ours, unchanged, no longer produced
+    assert not (out / "img/old.png").exists()  # ours, unchanged, no longer produced
     assert (out / "img/b.bloodbench-1.png").read_text() == "b2"
     assert (out / "csv/t.bloodbench-1.csv").read_text() == "t2"
-    assert sorted(second.renamed) == [("csv/t.csv", "csv/t.bloodbench-1.csv"),
-                                      ("img/b.png", "img/b.bloodbench-1.png")]
+    assert sorted(second.renamed) == [
+        ("csv/t.csv", "csv/t.bloodbench-1.csv"),
+        ("img/b.png", "img/b.bloodbench-1.png"),
+    ]
     files = json.loads((out / MARKER).read_text())["files"]
     assert "notes.txt" not in files and "img/b.bloodbench-1.png" in files
 
 
-@pytest.mark.parametrize("setup, message", [
-    (lambda d: (d / "notes.txt").write_bytes(USER), "was not written by bench test"),
-    (lambda d: (d / MARKER).write_text(json.dumps({"command": "bench other", "files": {}})),
-     "holds the output of bench other"),
-])
+@pytest.mark.parametrize(
+    "setup, message",
+    [
+        (lambda d: (d / "notes.txt").write_bytes(USER), "was not written by bench test"),
+        (
+            lambda d: (d / MARKER).write_text(json.dumps({"command": "bench other", "files": {}})),
+            "holds the output of bench other",
+        ),
+    ],
+)
 def test_a_folder_the_command_did_not_write_is_refused(tmp_path, setup, message):
     out = tmp_path / "out"
     out.mkdir()
@@ -116,7 +139,7 @@ def test_a_failure_while_writing_leaves_the_earlier_output_as_it_was(tmp_path):
             (tmp / "index.html").write_text("half")
             raise OSError(errno.ENOSPC, "No space left on device")
     assert _tree(out) == before
-    assert [p.name for p in tmp_path.iterdir()] == ["out"]   # no temporary folder left
+    assert [p.name for p in tmp_path.iterdir()] == ["out"]  # no temporary folder left
 
 
 def test_outputs_inside_a_predictor_or_a_read_run_are_refused(tmp_path):
@@ -126,17 +149,24 @@ def test_outputs_inside_a_predictor_or_a_read_run_are_refused(tmp_path):
     with pytest.raises(BenchError, match="inside the predictor"):
         OutputFolder(pred / "eval", "bench test").check()
     with pytest.raises(BenchError, match="inside the run directory"):
-        outputs.check_not_inside(tmp_path / "run" / "x.csv", "--out",
-                                 reads=(tmp_path / "run",))
-    outputs.check_not_inside(tmp_path / "run" / "report", "--out", reads=(tmp_path / "run",),
-                             allowed=(tmp_path / "run" / "report",))
+        outputs.check_not_inside(tmp_path / "run" / "x.csv", "--out", reads=(tmp_path / "run",))
+    outputs.check_not_inside(
+        tmp_path / "run" / "report",
+        "--out",
+        reads=(tmp_path / "run",),
+        allowed=(tmp_path / "run" / "report",),
+    )
 
 
 # ----------------------------------------------------------------------------- file systems
 
+
 def test_no_free_space_is_refused_before_any_work(tmp_path, monkeypatch):
-    monkeypatch.setattr(outputs.shutil, "disk_usage",
-                        lambda p: shutil._ntuple_diskusage(10 << 20, 10 << 20, 1 << 20))
+    monkeypatch.setattr(
+        outputs.shutil,
+        "disk_usage",
+        lambda p: shutil._ntuple_diskusage(10 << 20, 10 << 20, 1 << 20),
+    )
     with pytest.raises(BenchError, match=r"only 1 MiB free .* 100 MiB needed"):
         check_writable(tmp_path / "x", "--out")
     monkeypatch.setenv("BLOODBENCH_MIN_FREE_MB", "0.5")
@@ -146,13 +176,15 @@ def test_no_free_space_is_refused_before_any_work(tmp_path, monkeypatch):
 def test_a_write_fault_names_the_file(tmp_path, monkeypatch):
     def full(fd):
         raise OSError(errno.ENOSPC, "No space left on device")
+
     monkeypatch.setattr("core.io.os.fsync", full)
     with pytest.raises(OSError) as info:
         atomic_write_text(tmp_path / "a.csv", "x")
     assert info.value.filename == str(tmp_path / "a.csv")
     assert outputs.os_error_line(info.value).startswith(
-        f"No space left on device: {tmp_path / 'a.csv'}; free some space")
-    assert list(tmp_path.iterdir()) == []               # no half-written file
+        f"No space left on device: {tmp_path / 'a.csv'}; free some space"
+    )
+    assert list(tmp_path.iterdir()) == []  # no half-written file
 
 
 @pytest.fixture
@@ -160,8 +192,9 @@ def small_fs(tmp_path):
     """A 3 MiB tmpfs (root in CI); skipped where it cannot be mounted."""
     mnt = tmp_path / "mnt"
     mnt.mkdir()
-    res = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=3m", "tmpfs", str(mnt)],
-                         capture_output=True, text=True)
+    res = subprocess.run(
+        ["mount", "-t", "tmpfs", "-o", "size=3m", "tmpfs", str(mnt)], capture_output=True, text=True
+    )
     if res.returncode:
         pytest.skip(f"cannot mount a tmpfs here: {res.stderr.strip() or res.returncode}")
     yield mnt
@@ -169,6 +202,7 @@ def small_fs(tmp_path):
 
 
 # ----------------------------------------------------------------------------- one writer
+
 
 def test_a_second_writer_of_a_run_is_refused(tmp_path, toy_folder, capsys):
     cfg = write_tiny_config(tmp_path / "c.toml", toy_folder)
@@ -179,21 +213,23 @@ def test_a_second_writer_of_a_run_is_refused(tmp_path, toy_folder, capsys):
                 pass
         assert main(["run", "--config", str(cfg), "--out", str(out)]) == 2
         assert "being written by another" in _one_error(capsys.readouterr().err)
-    with run_lock(out, "bench run"):   # released with the first
+    with run_lock(out, "bench run"):  # released with the first
         pass
-    assert list(out.iterdir()) == []   # the lock leaves no file
+    assert list(out.iterdir()) == []  # the lock leaves no file
 
 
 # ----------------------------------------------------------------------------- the commands
+
 
 @pytest.fixture(scope="module")
 def built(tmp_path_factory):
     """A finished tiny run (rf_hog + cnn_tiny, soft voting of both) and images to predict."""
     from bench.run.runner import run_from_args
+
     root = tmp_path_factory.mktemp("outputs_run")
     data = write_toy_folder(root / "data", n_per_class=12)
     cfg = write_tiny_config(root / "cfg.toml", data, EXTRA)
-    with pytest.MonkeyPatch.context() as mp:   # the autouse cache fixture is per test
+    with pytest.MonkeyPatch.context() as mp:  # the autouse cache fixture is per test
         mp.setenv("BLOODBENCH_CACHE", str(tmp_path_factory.getbasetemp() / "bloodbench-cache"))
         _, run = run_from_args(str(cfg), out=str(root / "run"), show_progress=False)
     imgs = root / "imgs"
@@ -213,24 +249,44 @@ def pristine(built):
     assert _tree(run / "predictor") == before
 
 
-@pytest.mark.parametrize("argv", [
-    ["predict", "--model", "{pred}", "--img_path", "{imgs}", "--out", "{pred}/x.csv"],
-    ["predict", "--model", "{pred}", "--img_path", "{imgs}", "--out", "{pred}/MODEL_CARD.md"],
-    ["predict", "--model", "{pred}", "--img_path", "{imgs}", "--gradcam", "{pred}/cams"],
-    ["predict", "--model", "{pred}", "--img_path", "{imgs}", "--bags", "--out",
-     "{pred}/patients.csv"],
-    ["predict", "--model", "{pred}", "--img_path", "{imgs}", "--out", "{run}/x.csv"],
-    ["evaluate", "--model", "{pred}", "--data", "{data}", "--out", "{pred}/eval"],
-    ["evaluate", "--model", "{pred}", "--data", "{data}", "--out", "{run}/eval"],
-    ["evaluate", "--model", "{pred}", "--data", "{data}", "--out", "{run}"],
-    ["calibrate", "--model", "{pred}", "--data", "{data}", "--n", "30", "--out", "{run}/cal"],
-    ["calibrate", "--model", "{pred}", "--data", "{data}", "--n", "30", "--out",
-     "{pred}/members/cal"],
-    ["distill", "--run", "{run}", "--out", "{pred}/student"],
-    ["distill", "--run", "{run}", "--out", "{run}/units/student"],
-    ["report", "{run}", "--out", "{run}/other_report"],
-    ["report", "{run}", "{run}", "--out", "{pred}/cross"],
-])
+@pytest.mark.parametrize(
+    "argv",
+    [
+        ["predict", "--model", "{pred}", "--img_path", "{imgs}", "--out", "{pred}/x.csv"],
+        ["predict", "--model", "{pred}", "--img_path", "{imgs}", "--out", "{pred}/MODEL_CARD.md"],
+        ["predict", "--model", "{pred}", "--img_path", "{imgs}", "--gradcam", "{pred}/cams"],
+        [
+            "predict",
+            "--model",
+            "{pred}",
+            "--img_path",
+            "{imgs}",
+            "--bags",
+            "--out",
+            "{pred}/patients.csv",
+        ],
+        ["predict", "--model", "{pred}", "--img_path", "{imgs}", "--out", "{run}/x.csv"],
+        ["evaluate", "--model", "{pred}", "--data", "{data}", "--out", "{pred}/eval"],
+        ["evaluate", "--model", "{pred}", "--data", "{data}", "--out", "{run}/eval"],
+        ["evaluate", "--model", "{pred}", "--data", "{data}", "--out", "{run}"],
+        ["calibrate", "--model", "{pred}", "--data", "{data}", "--n", "30", "--out", "{run}/cal"],
+        [
+            "calibrate",
+            "--model",
+            "{pred}",
+            "--data",
+            "{data}",
+            "--n",
+            "30",
+            "--out",
+            "{pred}/members/cal",
+        ],
+        ["distill", "--run", "{run}", "--out", "{pred}/student"],
+        ["distill", "--run", "{run}", "--out", "{run}/units/student"],
+        ["report", "{run}", "--out", "{run}/other_report"],
+        ["report", "{run}", "{run}", "--out", "{pred}/cross"],
+    ],
+)
 def test_no_command_writes_into_what_it_reads(pristine, argv, capsys, tmp_path):
     run, imgs, data = pristine
     before = _tree(run)
@@ -265,11 +321,18 @@ def test_predict_never_overwrites_a_users_file_and_replaces_its_own(pristine, tm
 def test_predict_gradcam_folder_keeps_the_users_files(pristine, tmp_path, capsys):
     run, imgs, _ = pristine
     cams = tmp_path / "cams"
-    base = ["predict", "--model", str(run / "predictor"), "--img_path", str(imgs),
-            "--gradcam", str(cams)]
+    base = [
+        "predict",
+        "--model",
+        str(run / "predictor"),
+        "--img_path",
+        str(imgs),
+        "--gradcam",
+        str(cams),
+    ]
     cams.mkdir()
     (cams / "mine.png").write_bytes(USER)
-    assert main(base) == 2                               # not bloodbench's folder
+    assert main(base) == 2  # not bloodbench's folder
     assert "was not written by bench predict --gradcam" in _one_error(capsys.readouterr().err)
     (cams / "mine.png").unlink()
     assert main(base) == 0
@@ -277,7 +340,7 @@ def test_predict_gradcam_folder_keeps_the_users_files(pristine, tmp_path, capsys
     pngs = sorted(p.name for p in cams.glob("*.png"))
     assert len(pngs) == 9
     (cams / "mine.png").write_bytes(USER)
-    (cams / pngs[0]).write_bytes(USER)                   # the user replaced one of ours
+    (cams / pngs[0]).write_bytes(USER)  # the user replaced one of ours
     assert main(base) == 0
     assert (cams / "mine.png").read_bytes() == USER and (cams / pngs[0]).read_bytes() == USER
     assert (cams / (Path(pngs[0]).stem + ".bloodbench-1.png")).is_file()
@@ -286,8 +349,16 @@ def test_predict_gradcam_folder_keeps_the_users_files(pristine, tmp_path, capsys
 def test_evaluate_twice_keeps_files_planted_in_its_subfolders(pristine, tmp_path, capsys):
     run, _, data = pristine
     out = tmp_path / "eval"
-    argv = ["evaluate", "--model", str(run / "predictor"), "--data", str(data), "--out", str(out),
-            "--no-gradcam"]
+    argv = [
+        "evaluate",
+        "--model",
+        str(run / "predictor"),
+        "--data",
+        str(data),
+        "--out",
+        str(out),
+        "--no-gradcam",
+    ]
     assert main(argv) == 0
     assert (out / "predictions.csv").is_file() and (out / MARKER).is_file()
     planted = [out / "notes.txt", out / "img" / "mine.png", out / "csv" / "mine.csv"]
@@ -305,8 +376,7 @@ def test_evaluate_twice_keeps_files_planted_in_its_subfolders(pristine, tmp_path
     assert _tree(other) == {"thesis.docx": file_sha256(other / "thesis.docx")}
 
 
-def test_report_into_a_users_folder_is_refused_and_its_own_rewritten(pristine, tmp_path,
-                                                                     capsys):
+def test_report_into_a_users_folder_is_refused_and_its_own_rewritten(pristine, tmp_path, capsys):
     run, _, _ = pristine
     docs = tmp_path / "Documents"
     docs.mkdir()
@@ -331,29 +401,46 @@ def test_non_utf8_file_names_are_kept_escaped(pristine, tmp_path, capsys):
     run, imgs, _ = pristine
     folder = tmp_path / "share"
     folder.mkdir()
-    name = os.fsdecode(b"caf\xe9 cell.png")             # Latin-1 bytes from another system
+    name = os.fsdecode(b"caf\xe9 cell.png")  # Latin-1 bytes from another system
     shutil.copy(imgs / "cell0.png", folder / name)
     shutil.copy(imgs / "cell1.png", folder / "plain.png")
     out = tmp_path / "p.csv"
-    assert main(["predict", "--model", str(run / "predictor"), "--img_path", str(folder),
-                 "--out", str(out)]) == 0
+    assert (
+        main(
+            [
+                "predict",
+                "--model",
+                str(run / "predictor"),
+                "--img_path",
+                str(folder),
+                "--out",
+                str(out),
+            ]
+        )
+        == 0
+    )
     rows = list(csv.DictReader(out.open(encoding="utf-8")))
     assert sorted(Path(r["path"]).name for r in rows) == ["caf\\xe9 cell.png", "plain.png"]
     assert main(["predict", "--model", str(run / "predictor"), "--img_path", str(folder)]) == 0
     assert "caf\\xe9 cell.png" in capsys.readouterr().out
 
 
-def test_read_only_and_full_file_systems_are_one_line(pristine, small_fs, tmp_path, capsys,
-                                                      monkeypatch):
+def test_read_only_and_full_file_systems_are_one_line(
+    pristine, small_fs, tmp_path, capsys, monkeypatch
+):
     run, imgs, data = pristine
     pred = str(run / "predictor")
     # full: the free-space check refuses before any work
-    assert main(["predict", "--model", pred, "--img_path", str(imgs), "--out",
-                 str(small_fs / "p.csv")]) == 2
+    assert (
+        main(
+            ["predict", "--model", pred, "--img_path", str(imgs), "--out", str(small_fs / "p.csv")]
+        )
+        == 2
+    )
     assert "MiB needed" in _one_error(capsys.readouterr().err)
     # full while writing (the check lowered): the error names the file, nothing half-written
     monkeypatch.setenv("BLOODBENCH_MIN_FREE_MB", "0")
-    fd = os.open(small_fs / "ballast", os.O_WRONLY | os.O_CREAT)   # fill it to the last block
+    fd = os.open(small_fs / "ballast", os.O_WRONLY | os.O_CREAT)  # fill it to the last block
     try:
         while True:
             os.write(fd, b"\0" * 4096)
@@ -361,38 +448,65 @@ def test_read_only_and_full_file_systems_are_one_line(pristine, small_fs, tmp_pa
         pass
     finally:
         os.close(fd)
-    assert main(["evaluate", "--model", pred, "--data", str(data), "--out",
-                 str(small_fs / "eval"), "--no-gradcam"]) == 2
+    assert (
+        main(
+            [
+                "evaluate",
+                "--model",
+                pred,
+                "--data",
+                str(data),
+                "--out",
+                str(small_fs / "eval"),
+                "--no-gradcam",
+            ]
+        )
+        == 2
+    )
     line = _one_error(capsys.readouterr().err)
     assert "No space left on device" in line and str(small_fs) in line, line
     assert sorted(p.name for p in small_fs.iterdir()) == ["ballast"]
     # read-only
     subprocess.run(["mount", "-o", "remount,ro", str(small_fs)], check=True)
-    for argv in (["predict", "--model", pred, "--img_path", str(imgs), "--out",
-                  str(small_fs / "p.csv")],
-                 ["evaluate", "--model", pred, "--data", str(data), "--out",
-                  str(small_fs / "eval")],
-                 ["calibrate", "--model", pred, "--data", str(data), "--n", "30", "--out",
-                  str(small_fs / "cal")],
-                 ["distill", "--run", str(run), "--out", str(small_fs / "student")]):
+    for argv in (
+        ["predict", "--model", pred, "--img_path", str(imgs), "--out", str(small_fs / "p.csv")],
+        ["evaluate", "--model", pred, "--data", str(data), "--out", str(small_fs / "eval")],
+        [
+            "calibrate",
+            "--model",
+            pred,
+            "--data",
+            str(data),
+            "--n",
+            "30",
+            "--out",
+            str(small_fs / "cal"),
+        ],
+        ["distill", "--run", str(run), "--out", str(small_fs / "student")],
+    ):
         assert main(argv) == 2
         assert "cannot write in" in _one_error(capsys.readouterr().err), argv
 
 
-def test_a_full_disk_during_a_run_is_one_line_and_the_run_resumes(tmp_path, toy_folder,
-                                                                  capsys, monkeypatch):
-    cfg = write_tiny_config(tmp_path / "c.toml", toy_folder,
-                            '\n[profiles.tiny.candidates.cnn_tiny.params]\nepochs = 1\n')
+def test_a_full_disk_during_a_run_is_one_line_and_the_run_resumes(
+    tmp_path, toy_folder, capsys, monkeypatch
+):
+    cfg = write_tiny_config(
+        tmp_path / "c.toml",
+        toy_folder,
+        "\n[profiles.tiny.candidates.cnn_tiny.params]\nepochs = 1\n",
+    )
     out = tmp_path / "run"
     argv = ["run", "--config", str(cfg), "--out", str(out), "--only", "rf_hog", "--workers", "1"]
     real = np.save
     calls = {"n": 0}
 
-    def full_after_two(file, arr, *a, **k):   # the third .npy written meets a full disk
+    def full_after_two(file, arr, *a, **k):  # the third .npy written meets a full disk
         calls["n"] += 1
         if calls["n"] > 2:
             raise OSError(errno.ENOSPC, "No space left on device")
         return real(file, arr, *a, **k)
+
     monkeypatch.setattr("core.io.np.save", full_after_two)
     assert main(argv) == 2
     line = _one_error(capsys.readouterr().err)
@@ -406,13 +520,14 @@ def test_a_full_disk_during_a_run_is_one_line_and_the_run_resumes(tmp_path, toy_
 
 def test_a_dataset_with_a_non_utf8_file_name_runs_and_resumes(tmp_path, capsys):
     data = write_toy_folder(tmp_path / "data", n_per_class=8)
-    os.rename(data / "disc" / "disc_0000.png",
-              os.path.join(os.fsencode(data / "disc"), b"caf\xe9.png"))
+    os.rename(
+        data / "disc" / "disc_0000.png", os.path.join(os.fsencode(data / "disc"), b"caf\xe9.png")
+    )
     cfg = write_tiny_config(tmp_path / "c.toml", data, "\n[report]\nenabled = false\n")
     argv = ["run", "--config", str(cfg), "--out", str(tmp_path / "run"), "--only", "rf_hog"]
     assert main(argv) == 0
     folds = (tmp_path / "run" / "folds.csv").read_text(encoding="utf-8")
     assert "disc/caf\\xe9.png" in folds
     capsys.readouterr()
-    assert main(argv) == 0                               # resumes: same data, same folds
+    assert main(argv) == 0  # resumes: same data, same folds
     assert "resuming: 3 of 3 work units already done" in capsys.readouterr().err

@@ -21,8 +21,13 @@ from bench.data.folds import make_bag_folds
 from bench.run.runner import run_benchmark
 from core.errors import BenchError
 from core.splits import PredefinedFolds
-from ensembles.bags import (CompositionAggregator, MeanAggregator, TopKMeanAggregator,
-                            TrimmedMeanAggregator, choose_threshold)
+from ensembles.bags import (
+    CompositionAggregator,
+    MeanAggregator,
+    TopKMeanAggregator,
+    TrimmedMeanAggregator,
+    choose_threshold,
+)
 from ensembles.predictor import load_predictor
 from ensembles.record import BagTask
 
@@ -35,7 +40,7 @@ def _cell(rng, kind: int, diagnosis: int, size: int = 24) -> np.ndarray:
     img = rng.normal(225, 10, (size, size, 3))
     yy, xx = np.mgrid[:size, :size]
     r = size * (0.2 + 0.08 * kind)
-    mask = (yy - size / 2) ** 2 + (xx - size / 2) ** 2 < r ** 2
+    mask = (yy - size / 2) ** 2 + (xx - size / 2) ** 2 < r**2
     base = np.array([150, 60, 140]) if diagnosis == 0 else np.array([200, 90, 60])
     img[mask] = base + rng.normal(0, 25, (mask.sum(), 3))
     return np.clip(img, 0, 255).astype(np.uint8)
@@ -55,8 +60,14 @@ def write_patients(root: Path, n_patients: int = 20, cells: int = 12, seed: int 
             rel = f"images/{CELL_TYPES[kind]}/P{p:02d}__{i:03d}.png"
             (root / rel).parent.mkdir(parents=True, exist_ok=True)
             Image.fromarray(_cell(rng, kind, apl)).save(root / rel)
-            rows.append({"file": rel, "patient": f"P{p:02d}", "diagnosis": "APL" if apl
-                         else "AML", "cell_class": CELL_TYPES[kind]})
+            rows.append(
+                {
+                    "file": rel,
+                    "patient": f"P{p:02d}",
+                    "diagnosis": "APL" if apl else "AML",
+                    "cell_class": CELL_TYPES[kind],
+                }
+            )
     pd.DataFrame(rows).to_csv(root / "cells.csv", index=False)
     return root
 
@@ -116,6 +127,7 @@ def _config(tmp_path: Path, root: Path, extra: str = "") -> Path:
 
 # ----------------------------------------------------------------------------- folds
 
+
 def test_bag_folds_hold_whole_bags_stratified_by_bag_label():
     rng = np.random.default_rng(1)
     bag_sizes = rng.integers(3, 60, size=30)
@@ -125,28 +137,28 @@ def test_bag_folds_hold_whole_bags_stratified_by_bag_label():
     groups = np.unique(bags, return_inverse=True)[1]
     folds = make_bag_folds(labels, bags, groups, 5, 0, ["AML", "APL"])
     table = pd.DataFrame({"bag": bags, "fold": folds})
-    assert (table.groupby("bag")["fold"].nunique() == 1).all()     # no bag split
+    assert (table.groupby("bag")["fold"].nunique() == 1).all()  # no bag split
     per_fold = table.drop_duplicates("bag").assign(y=bag_label).groupby("fold")["y"]
-    assert per_fold.sum().tolist() == [2, 2, 2, 2, 2]               # 10 positive bags / 5
-    assert per_fold.size().tolist() == [6, 6, 6, 6, 6]              # counted in bags, not cells
+    assert per_fold.sum().tolist() == [2, 2, 2, 2, 2]  # 10 positive bags / 5
+    assert per_fold.size().tolist() == [6, 6, 6, 6, 6]  # counted in bags, not cells
 
 
 def test_bag_folds_refuse_too_few_bags_of_a_class():
     bags = np.repeat(["a", "b", "c", "d", "e", "f"], 4)
     labels = np.repeat([1, 1, 0, 0, 0, 0], 4)
     with pytest.raises(BenchError, match="class 'APL' has 2 bag"):
-        make_bag_folds(labels, bags, np.unique(bags, return_inverse=True)[1], 3, 0,
-                       ["AML", "APL"])
+        make_bag_folds(labels, bags, np.unique(bags, return_inverse=True)[1], 3, 0, ["AML", "APL"])
 
 
 # ----------------------------------------------------------------------------- aggregators
+
 
 def test_aggregators_numbers():
     p = np.array([0.1, 0.2, 0.3, 0.4, 0.9, 1.0, 0.0, 0.5, 0.6, 0.7])
     assert MeanAggregator().score_bag(p) == pytest.approx(0.47)
     assert TrimmedMeanAggregator(0.1).score_bag(p) == pytest.approx(np.mean(np.sort(p)[1:-1]))
     assert TopKMeanAggregator(0.2).score_bag(p) == pytest.approx(0.95)
-    assert TopKMeanAggregator(0.01).score_bag(p) == pytest.approx(1.0)   # at least one cell
+    assert TopKMeanAggregator(0.01).score_bag(p) == pytest.approx(1.0)  # at least one cell
 
 
 def test_youden_threshold_separates_training_scores():
@@ -168,7 +180,7 @@ def test_fold_thresholds_never_use_the_folds_own_bags():
     scores = rng.uniform(size=n)
     t1 = patients_mod._fold_thresholds(scores, bags, "youden")
     changed = scores.copy()
-    changed[bags.fold == 2] = rng.uniform(size=(bags.fold == 2).sum()) * 100   # fold 2 only
+    changed[bags.fold == 2] = rng.uniform(size=(bags.fold == 2).sum()) * 100  # fold 2 only
     t2 = patients_mod._fold_thresholds(changed, bags, "youden")
     assert np.array_equal(t1[bags.fold == 2], t2[bags.fold == 2])
     assert not np.array_equal(t1[bags.fold != 2], t2[bags.fold != 2])
@@ -182,8 +194,9 @@ def test_composition_fits_never_see_a_test_bag(monkeypatch):
     bag_of_row = np.repeat([f"b{i:02d}" for i in range(n_bags)], per)
     y_bag = (np.arange(n_bags) % 3 == 0).astype(int)
     fold_of_bag = np.arange(n_bags) % 4
-    bags = patients_mod.Bags(bag_of_row, np.repeat(y_bag, per), 1,
-                             PredefinedFolds(np.repeat(fold_of_bag, per)))
+    bags = patients_mod.Bags(
+        bag_of_row, np.repeat(y_bag, per), 1, PredefinedFolds(np.repeat(fold_of_bag, per))
+    )
     types = rng.choice(["a", "b", "c"], size=len(bag_of_row))
     feats = np.column_stack([rng.normal(size=(len(types), 4)), np.arange(len(types))])
     cell_fits, bag_fits = [], []
@@ -203,13 +216,13 @@ def test_composition_fits_never_see_a_test_bag(monkeypatch):
     monkeypatch.setattr(patients_mod, "StandardScaler", Spy)
     monkeypatch.setattr(CompositionAggregator, "fit", spy_fit)
     scores, thresholds, comp, names = patients_mod.composition_scores(
-        feats, types, bags, PatientsSection(seed=0, threshold="youden"),
-        show_progress=False)
+        feats, types, bags, PatientsSection(seed=0, threshold="youden"), show_progress=False
+    )
     per_fold = patients_mod.INNER_FOLDS + 1
     assert len(cell_fits) == 4 * per_fold
     for k in range(4):
         test_rows = set(np.flatnonzero(np.repeat(fold_of_bag, per) == k))
-        for rows in cell_fits[k * per_fold:(k + 1) * per_fold]:
+        for rows in cell_fits[k * per_fold : (k + 1) * per_fold]:
             assert rows and not rows & test_rows
     assert bag_fits == [int((fold_of_bag != k).sum()) for k in range(4)]
     assert names == ["a", "b", "c"] and comp.shape == (n_bags, 3)
@@ -217,6 +230,7 @@ def test_composition_fits_never_see_a_test_bag(monkeypatch):
 
 
 # ----------------------------------------------------------------------------- config
+
 
 def test_bags_need_groups_and_a_positive_class(tmp_path, bag_data):
     cfg = _config(tmp_path, bag_data).read_text()
@@ -235,10 +249,16 @@ def test_bags_need_groups_and_a_positive_class(tmp_path, bag_data):
 def test_mixed_labels_in_a_bag_are_refused(tmp_path, bag_data):
     cells = pd.read_csv(bag_data / "cells.csv")
     cells.loc[0, "diagnosis"] = "APL" if cells.loc[0, "diagnosis"] == "AML" else "AML"
-    cells["file"] = [str(bag_data / f) for f in cells["file"]]     # absolute paths work too
+    cells["file"] = [str(bag_data / f) for f in cells["file"]]  # absolute paths work too
     cells.to_csv(tmp_path / "cells.csv", index=False)
-    text = _config(tmp_path, bag_data).read_text().replace(
-        f'labels = "{bag_data}/cells.csv:diagnosis"', f'labels = "{tmp_path}/cells.csv:diagnosis"')
+    text = (
+        _config(tmp_path, bag_data)
+        .read_text()
+        .replace(
+            f'labels = "{bag_data}/cells.csv:diagnosis"',
+            f'labels = "{tmp_path}/cells.csv:diagnosis"',
+        )
+    )
     (tmp_path / "mixed.toml").write_text(text)
     cfg = load_config(tmp_path / "mixed.toml", out=str(tmp_path / "run"))
     with pytest.raises(BenchError, match="bag\\(s\\) hold images of several labels"):
@@ -246,6 +266,7 @@ def test_mixed_labels_in_a_bag_are_refused(tmp_path, bag_data):
 
 
 # ----------------------------------------------------------------------------- a run
+
 
 @pytest.fixture(scope="module")
 def bag_run(tmp_path_factory, bag_data):
@@ -260,14 +281,14 @@ def test_run_writes_a_patient_leaderboard(bag_run, bag_data):
     assert full["kind"].iloc[0] == "nested" and np.isnan(full["rank"].iloc[0])
     board = full[full["kind"] != "nested"].reset_index(drop=True)
     assert set(board["aggregator"]) == {"mean", "trimmed_mean", "top_k_mean", "composition"}
-    assert len(board) == 3 * 3 + 1          # 2 candidates + 1 ensemble, x3; composition
+    assert len(board) == 3 * 3 + 1  # 2 candidates + 1 ensemble, x3; composition
     # both forests read colour only: shortcut rows, never the predictor's
     assert set(board.loc[board["shortcut"], "source"]) == {"rf_color", "rf_color2"}
     assert (board["n_bags"] == 20).all()
     for m in ("roc_auc", "balanced_accuracy", "sensitivity", "specificity", "log_loss"):
         assert ((board[f"{m}_lo"] <= board[m] + 1e-9) & (board[m] <= board[f"{m}_hi"] + 1e-9)).all()
     assert board["roc_auc"].is_monotonic_decreasing
-    assert board["roc_auc"].iloc[0] >= 0.9      # the diagnosis tints every cell
+    assert board["roc_auc"].iloc[0] >= 0.9  # the diagnosis tints every cell
     assert np.isnan(board["p_vs_best"].iloc[0]) and board["p_vs_best"].iloc[1:].between(0, 1).all()
     folds = pd.read_csv(bag_run / "folds.csv", dtype={"bag": str})
     assert (folds.groupby("bag")["fold"].nunique() == 1).all()
@@ -283,7 +304,7 @@ def test_run_writes_a_patient_leaderboard(bag_run, bag_data):
 
 def test_predictor_diagnoses_patient_folders(bag_run, bag_data, tmp_path):
     cells = pd.read_csv(bag_data / "cells.csv")
-    shown = ["P00", "P01", "P03", "P04"]          # APL, AML, APL, AML
+    shown = ["P00", "P01", "P03", "P04"]  # APL, AML, APL, AML
     for p in shown:
         for f in cells.file[cells.patient == p]:
             (tmp_path / "pats" / p).mkdir(parents=True, exist_ok=True)
@@ -291,9 +312,24 @@ def test_predictor_diagnoses_patient_folders(bag_run, bag_data, tmp_path):
     pred = load_predictor(bag_run / "predictor")
     assert pred.bag_task_.positive == "APL"
     out = tmp_path / "patients.csv"
-    res = subprocess.run([sys.executable, "-m", "bench", "predict", "--model",
-                          str(bag_run / "predictor"), "--img_path", str(tmp_path / "pats"),
-                          "--bags", "--out", str(out)], capture_output=True, text=True, cwd=REPO)
+    res = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "bench",
+            "predict",
+            "--model",
+            str(bag_run / "predictor"),
+            "--img_path",
+            str(tmp_path / "pats"),
+            "--bags",
+            "--out",
+            str(out),
+        ],
+        capture_output=True,
+        text=True,
+        cwd=REPO,
+    )
     assert res.returncode == 0, res.stderr
     rows = list(csv.DictReader(out.open()))
     assert [r["bag"] for r in rows] == shown
@@ -302,9 +338,22 @@ def test_predictor_diagnoses_patient_folders(bag_run, bag_data, tmp_path):
     cell_rows = pd.read_csv(tmp_path / "patients_cells.csv")
     assert len(cell_rows) == sum(int(r["n_cells"]) for r in rows)
     # one patient's folder on its own is one bag
-    one = subprocess.run([sys.executable, "-m", "bench", "predict", "--model",
-                          str(bag_run / "predictor"), "--img_path", str(tmp_path / "pats" / "P00"),
-                          "--bags"], capture_output=True, text=True, cwd=REPO)
+    one = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "bench",
+            "predict",
+            "--model",
+            str(bag_run / "predictor"),
+            "--img_path",
+            str(tmp_path / "pats" / "P00"),
+            "--bags",
+        ],
+        capture_output=True,
+        text=True,
+        cwd=REPO,
+    )
     assert one.returncode == 0 and one.stdout.splitlines()[1].startswith("P00,")
 
 
@@ -320,9 +369,24 @@ def test_an_empty_patient_folder_gets_a_none_row(bag_run, bag_data, tmp_path):
     (pats / "P98").mkdir()
     (pats / "P98" / "notes.txt").write_text("no images here")
     out = tmp_path / "patients.csv"
-    res = subprocess.run([sys.executable, "-m", "bench", "predict", "--model",
-                          str(bag_run / "predictor"), "--img_path", str(pats), "--bags",
-                          "--out", str(out)], capture_output=True, text=True, cwd=REPO)
+    res = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "bench",
+            "predict",
+            "--model",
+            str(bag_run / "predictor"),
+            "--img_path",
+            str(pats),
+            "--bags",
+            "--out",
+            str(out),
+        ],
+        capture_output=True,
+        text=True,
+        cwd=REPO,
+    )
     assert res.returncode == 0, res.stderr
     rows = {r["bag"]: r for r in csv.DictReader(out.open())}
     assert list(rows) == ["P00", "P98", "P99"]
@@ -333,10 +397,24 @@ def test_an_empty_patient_folder_gets_a_none_row(bag_run, bag_data, tmp_path):
     assert "2 none (no readable image)" in res.stderr
     # a second run replaces its own files, and refuses a cell file of the user's
     (tmp_path / "mine_cells.csv").write_text("keep")
-    again = subprocess.run([sys.executable, "-m", "bench", "predict", "--model",
-                            str(bag_run / "predictor"), "--img_path", str(pats), "--bags",
-                            "--out", str(tmp_path / "mine.csv")],
-                           capture_output=True, text=True, cwd=REPO)
+    again = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "bench",
+            "predict",
+            "--model",
+            str(bag_run / "predictor"),
+            "--img_path",
+            str(pats),
+            "--bags",
+            "--out",
+            str(tmp_path / "mine.csv"),
+        ],
+        capture_output=True,
+        text=True,
+        cwd=REPO,
+    )
     assert again.returncode == 2 and "mine_cells.csv" in again.stderr
     assert (tmp_path / "mine_cells.csv").read_text() == "keep"
     assert not (tmp_path / "mine.csv").exists()
@@ -344,22 +422,40 @@ def test_an_empty_patient_folder_gets_a_none_row(bag_run, bag_data, tmp_path):
 
 def test_predict_bags_refuses_a_single_image_predictor(tmp_path, toy_folder):
     from tests.conftest import write_tiny_config
-    cfg = load_config(write_tiny_config(tmp_path / "c.toml", toy_folder), only=["rf_hog"],
-                      out=str(tmp_path / "run"))
+
+    cfg = load_config(
+        write_tiny_config(tmp_path / "c.toml", toy_folder),
+        only=["rf_hog"],
+        out=str(tmp_path / "run"),
+    )
     run_benchmark(cfg, show_progress=False)
-    res = subprocess.run([sys.executable, "-m", "bench", "predict", "--model",
-                          str(tmp_path / "run" / "predictor"), "--img_path", str(toy_folder),
-                          "--bags"], capture_output=True, text=True, cwd=REPO)
+    res = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "bench",
+            "predict",
+            "--model",
+            str(tmp_path / "run" / "predictor"),
+            "--img_path",
+            str(toy_folder),
+            "--bags",
+        ],
+        capture_output=True,
+        text=True,
+        cwd=REPO,
+    )
     assert res.returncode != 0
     assert res.stderr.strip().splitlines()[-1].startswith("error: --bags: predictor")
 
 
 def test_report_has_the_patient_section(bag_run):
     from bench.report import write_report
+
     index = write_report(bag_run, gradcam=False, progress=False)
     html = index.read_text()
     assert 'id="patients"' in html and 'href="#patients"' in html
-    assert html.count("<tr") >= 10 + 20          # leaderboard rows and one row per patient
+    assert html.count("<tr") >= 10 + 20  # leaderboard rows and one row per patient
     for f in ("patients_roc.png", "patients_scores.png", "patients_cells.png"):
         assert (index.parent / "img" / f).stat().st_size > 5000
     calls = pd.read_csv(index.parent / "csv" / "patient_calls.csv")
@@ -369,6 +465,7 @@ def test_report_has_the_patient_section(bag_run):
 def test_a_bad_bag_field_in_the_manifest_is_refused(bag_run, tmp_path):
     import shutil
     from ensembles.predictor import manifest_digest, verify_predictor
+
     pred = tmp_path / "predictor"
     shutil.copytree(bag_run / "predictor", pred)
     m = json.loads((pred / "manifest.json").read_text())
@@ -381,10 +478,11 @@ def test_a_bad_bag_field_in_the_manifest_is_refused(bag_run, tmp_path):
 
 def test_leakage_audit_of_a_bag_task_scores_cells_on_image_level_folds(tmp_path, bag_data):
     from bench.protocols.leakage import audit_config
+
     cfg = load_config(_config(tmp_path, bag_data), out=str(tmp_path / "run"))
     audit = audit_config(cfg, tmp_path / "run" / "leakage")
     assert audit.data.bags is False and audit.data.groups == ""
-    assert audit.data.labels == cfg.data.labels     # the same weak labels
+    assert audit.data.labels == cfg.data.labels  # the same weak labels
 
 
 def test_too_few_cell_types_are_refused_before_any_unit_runs(tmp_path, bag_data):
@@ -392,9 +490,14 @@ def test_too_few_cell_types_are_refused_before_any_unit_runs(tmp_path, bag_data)
     cells["file"] = [str(bag_data / f) for f in cells["file"]]
     cells.loc[5:, "cell_class"] = ""
     cells.to_csv(tmp_path / "cells.csv", index=False)
-    text = _config(tmp_path, bag_data).read_text().replace(
-        f'cell_types = "{bag_data}/cells.csv:cell_class"',
-        f'cell_types = "{tmp_path}/cells.csv:cell_class"')
+    text = (
+        _config(tmp_path, bag_data)
+        .read_text()
+        .replace(
+            f'cell_types = "{bag_data}/cells.csv:cell_class"',
+            f'cell_types = "{tmp_path}/cells.csv:cell_class"',
+        )
+    )
     (tmp_path / "few.toml").write_text(text)
     cfg = load_config(tmp_path / "few.toml", out=str(tmp_path / "run"))
     with pytest.raises(BenchError, match="cell_types: only 5 of"):
@@ -403,6 +506,7 @@ def test_too_few_cell_types_are_refused_before_any_unit_runs(tmp_path, bag_data)
 
 
 # ----------------------------------------------------------------------------- bad files, few cells
+
 
 def _patient_folders(bag_data: Path, root: Path, shown: list[str]) -> Path:
     cells = pd.read_csv(bag_data / "cells.csv")
@@ -414,10 +518,25 @@ def _patient_folders(bag_data: Path, root: Path, shown: list[str]) -> Path:
 
 
 def _predict_bags_cli(model: Path, folder: Path, out: Path):
-    res = subprocess.run([sys.executable, "-m", "bench", "predict", "--model", str(model),
-                          "--img_path", str(folder), "--bags", "--out", str(out)],
-                         capture_output=True, text=True, cwd=REPO,
-                         env={**os.environ, "COLUMNS": "400"})   # warnings unwrapped
+    res = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "bench",
+            "predict",
+            "--model",
+            str(model),
+            "--img_path",
+            str(folder),
+            "--bags",
+            "--out",
+            str(out),
+        ],
+        capture_output=True,
+        text=True,
+        cwd=REPO,
+        env={**os.environ, "COLUMNS": "400"},
+    )  # warnings unwrapped
     return res, (pd.read_csv(out, dtype=str, keep_default_na=False) if out.exists() else None)
 
 
@@ -446,8 +565,14 @@ def test_one_bad_file_does_not_stop_the_batch(bag_run, bag_data, tmp_path):
     res0, ref = _predict_bags_cli(model, clean, tmp_path / "clean.csv")
     res, got = _predict_bags_cli(model, dirty, tmp_path / "dirty.csv")
     assert res0.returncode == 0 and res.returncode == 0, res.stderr
-    assert list(got.columns[:6]) == ["bag", "n_cells", "n_skipped", "probability_APL",
-                                     "decision", "reason"]
+    assert list(got.columns[:6]) == [
+        "bag",
+        "n_cells",
+        "n_skipped",
+        "probability_APL",
+        "decision",
+        "reason",
+    ]
     got = got.set_index("bag")
     ref = ref.set_index("bag")
     assert list(got.index) == shown + ["P99"]
@@ -461,7 +586,7 @@ def test_one_bad_file_does_not_stop_the_batch(bag_run, bag_data, tmp_path):
     assert got.loc["P99", "decision"] == "none" and got.loc["P99", "n_cells"] == "0"
     assert got.loc["P99", "n_skipped"] == "3" and got.loc["P99", "reason"] == "no readable image"
     assert got.loc["P99", "probability_APL"] == ""
-    err = " ".join(res.stderr.split())   # one warning line per file, then a count
+    err = " ".join(res.stderr.split())  # one warning line per file, then a count
     assert err.count("warning: skipped cannot read image") == 5
     assert "zz_corrupt.jpg" in err and "warning: skipped 1 more unreadable file(s)" in err
     assert "1 none (no readable image)" in res.stderr
@@ -491,10 +616,11 @@ def test_too_few_cells_are_referred_not_called(bag_run, bag_data, tmp_path):
     assert res.returncode == 0, res.stderr
     got = got.set_index("bag")
     assert got.loc["P00", "decision"] == "refer" and got.loc["P00", "n_cells"] == "3"
-    assert got.loc["P00", "reason"].startswith(f"too few cells (3 < min_cells {min_cells}); "
-                                               "leaning ")
-    assert got.loc["P00", "leaning"] in ("APL", "AML")   # the call at the threshold alone
-    assert 0 <= float(got.loc["P00", "probability_APL"]) <= 1   # the score is still shown
+    assert got.loc["P00", "reason"].startswith(
+        f"too few cells (3 < min_cells {min_cells}); leaning "
+    )
+    assert got.loc["P00", "leaning"] in ("APL", "AML")  # the call at the threshold alone
+    assert 0 <= float(got.loc["P00", "probability_APL"]) <= 1  # the score is still shown
     assert got.loc["P01", "decision"] == "AML" and got.loc["P01", "reason"] == ""
     assert "1 refer (too few cells)" in res.stderr
     # the Python API says the same
@@ -504,15 +630,20 @@ def test_too_few_cells_are_referred_not_called(bag_run, bag_data, tmp_path):
 
 def _min_cells_config(tmp_path: Path, root: Path, value) -> Path:
     p = tmp_path / "bags.toml"
-    p.write_text(BAG_CONFIG.format(root=root).replace("n_boot = 300",
-                                                      f"n_boot = 300\nmin_cells = {value}"))
+    p.write_text(
+        BAG_CONFIG.format(root=root).replace("n_boot = 300", f"n_boot = 300\nmin_cells = {value}")
+    )
     return p
 
 
-@pytest.mark.parametrize("value,message", [
-    ("0", "[patients] min_cells must be at least 1, got 0"),
-    ("2.5", "[patients] min_cells must be an integer, got 2.5"),
-    ('"many"', "[patients] min_cells must be an integer, got 'many'")])
+@pytest.mark.parametrize(
+    "value,message",
+    [
+        ("0", "[patients] min_cells must be at least 1, got 0"),
+        ("2.5", "[patients] min_cells must be an integer, got 2.5"),
+        ('"many"', "[patients] min_cells must be an integer, got 'many'"),
+    ],
+)
 def test_a_bad_min_cells_is_one_line(tmp_path, bag_data, value, message):
     with pytest.raises(BenchError) as exc:
         load_config(_min_cells_config(tmp_path, bag_data, value))
@@ -520,8 +651,9 @@ def test_a_bad_min_cells_is_one_line(tmp_path, bag_data, value, message):
 
 
 def test_a_set_min_cells_is_stored(tmp_path, bag_data):
-    cfg = load_config(_min_cells_config(tmp_path, bag_data, 7), out=str(tmp_path / "run"),
-                      only=["rf_color"])
+    cfg = load_config(
+        _min_cells_config(tmp_path, bag_data, 7), out=str(tmp_path / "run"), only=["rf_color"]
+    )
     run_benchmark(cfg, show_progress=False)
     spec = load_predictor(tmp_path / "run" / "predictor").bag_task_
     assert spec.min_cells == 7 and spec.min_cells_rule == "[patients] min_cells = 7"
@@ -529,13 +661,23 @@ def test_a_set_min_cells_is_stored(tmp_path, bag_data):
 
 def test_call_bags_applies_threshold_min_cells_and_skips_per_bag():
     from ensembles.bags import call_bags
+
     spec = BagTask(positive="APL", aggregator="mean", threshold=0.5, min_cells=3)
-    rows = call_bags(spec, ["AML", "APL"], ["a", "a", "a", "b", "b", "c", "c", "c"],
-                     [.9, .8, .7, .9, .9, .1, .2, .3], labels=["APL"] * 5 + ["AML"] * 3,
-                     skipped_groups=["b", "d"])
+    rows = call_bags(
+        spec,
+        ["AML", "APL"],
+        ["a", "a", "a", "b", "b", "c", "c", "c"],
+        [0.9, 0.8, 0.7, 0.9, 0.9, 0.1, 0.2, 0.3],
+        labels=["APL"] * 5 + ["AML"] * 3,
+        skipped_groups=["b", "d"],
+    )
     got = {r["bag"]: (r["n_cells"], r["n_skipped"], r["decision"], r["label"]) for r in rows}
-    assert got == {"a": (3, 0, "APL", "APL"), "b": (2, 1, "refer", "APL"),
-                   "c": (3, 0, "AML", "AML"), "d": (0, 1, "none", None)}
+    assert got == {
+        "a": (3, 0, "APL", "APL"),
+        "b": (2, 1, "refer", "APL"),
+        "c": (3, 0, "AML", "AML"),
+        "d": (0, 1, "none", None),
+    }
     assert rows[0]["probability"] == pytest.approx(0.8) and np.isnan(rows[3]["probability"])
     assert rows[1]["reason"].startswith("too few cells (2 < min_cells 3); leaning ")
     # a predictor saved before min_cells existed has no minimum
@@ -547,22 +689,42 @@ def test_call_bags_applies_threshold_min_cells_and_skips_per_bag():
 def test_evaluate_with_groups_calls_each_patient_by_the_same_rules(bag_run, bag_data, tmp_path):
     import shutil
     from bench.commands.evaluate import evaluate, summary
+
     root = tmp_path / "set"
     shutil.copytree(bag_data, root)
     cells = pd.read_csv(root / "cells.csv")
     keep = ["P00", "P01", "P02", "P03", "P04", "P05"]
     cells = cells[cells.patient.isin(keep)]
-    few = cells.index[cells.patient == "P03"][3:]          # P03 (APL) keeps 3 cells
+    few = cells.index[cells.patient == "P03"][3:]  # P03 (APL) keeps 3 cells
     cells = cells.drop(few)
     bad = root / "images" / "blast" / "P01__zz_corrupt.png"
     bad.write_bytes(b"not an image")
-    cells = pd.concat([cells, pd.DataFrame([{"file": "images/blast/P01__zz_corrupt.png",
-                                             "patient": "P01", "diagnosis": "AML",
-                                             "cell_class": "blast"}])])
+    cells = pd.concat(
+        [
+            cells,
+            pd.DataFrame(
+                [
+                    {
+                        "file": "images/blast/P01__zz_corrupt.png",
+                        "patient": "P01",
+                        "diagnosis": "AML",
+                        "cell_class": "blast",
+                    }
+                ]
+            ),
+        ]
+    )
     cells.to_csv(root / "cells.csv", index=False)
-    res = evaluate(bag_run / "predictor", root / "images", labels=f"{root / 'cells.csv'}:diagnosis",
-                   groups="patient", out=tmp_path / "ev", gradcam=False, progress=False,
-                   n_boot=50)
+    res = evaluate(
+        bag_run / "predictor",
+        root / "images",
+        labels=f"{root / 'cells.csv'}:diagnosis",
+        groups="patient",
+        out=tmp_path / "ev",
+        gradcam=False,
+        progress=False,
+        n_boot=50,
+    )
     pat = res["patients"]
     rows = {r["bag"]: r for r in pat["rows"]}
     assert set(rows) == set(keep)
@@ -577,7 +739,7 @@ def test_evaluate_with_groups_calls_each_patient_by_the_same_rules(bag_run, bag_
         assert direct["decision"] == rows[p]["decision"]
         assert direct["probability"] == pytest.approx(rows[p]["probability"], abs=1e-12)
         assert direct["n_skipped"] == rows[p]["n_skipped"]
-    assert pat["sensitivity"] == 1.0 and pat["specificity"] == 1.0   # P00 APL, the rest AML
+    assert pat["sensitivity"] == 1.0 and pat["specificity"] == 1.0  # P00 APL, the rest AML
     table = pd.read_csv(tmp_path / "ev" / "patients.csv")
     assert len(table) == 6 and set(table["decision"]) == {"APL", "AML", "refer"}
     assert "refer 1 (column reason)" in summary(res)
@@ -586,18 +748,33 @@ def test_evaluate_with_groups_calls_each_patient_by_the_same_rules(bag_run, bag_
 def test_refer_band_refers_and_scoring_counts_the_lean_at_threshold():
     from bench.stats.scoring import score_patients
     from ensembles.bags import call_bags
-    spec = BagTask(positive="APL", aggregator="mean", threshold=0.5, min_cells=1,
-                   refer_band={"lo": 0.45, "hi": 0.62})
-    rows = call_bags(spec, ["AML", "APL"], ["a", "b", "c", "d"], [0.9, 0.55, 0.3, 0.48],
-                     labels=["APL", "APL", "AML", "APL"])
+
+    spec = BagTask(
+        positive="APL",
+        aggregator="mean",
+        threshold=0.5,
+        min_cells=1,
+        refer_band={"lo": 0.45, "hi": 0.62},
+    )
+    rows = call_bags(
+        spec,
+        ["AML", "APL"],
+        ["a", "b", "c", "d"],
+        [0.9, 0.55, 0.3, 0.48],
+        labels=["APL", "APL", "AML", "APL"],
+    )
     got = {r["bag"]: (r["decision"], r["leaning"]) for r in rows}
-    assert got == {"a": ("APL", "APL"), "b": ("refer", "APL"), "c": ("AML", "AML"),
-                   "d": ("refer", "AML")}
+    assert got == {
+        "a": ("APL", "APL"),
+        "b": ("refer", "APL"),
+        "c": ("AML", "AML"),
+        "d": ("refer", "AML"),
+    }
     assert rows[1]["reason"].endswith("leaning APL")
     s = score_patients(rows, "APL")
     assert (s["n_called"], s["n_refer"]) == (2, 2)
-    assert s["sensitivity"] == 1.0 and s["specificity"] == 1.0        # called ones only
-    assert s["sensitivity_at_threshold"] == pytest.approx(2 / 3)      # d leans AML
+    assert s["sensitivity"] == 1.0 and s["specificity"] == 1.0  # called ones only
+    assert s["sensitivity_at_threshold"] == pytest.approx(2 / 3)  # d leans AML
     assert s["specificity_at_threshold"] == 1.0
     with pytest.raises(Exception, match="'lo' above 'hi'"):
         BagTask.model_validate({**spec.model_dump(), "refer_band": {"lo": 0.7, "hi": 0.2}})

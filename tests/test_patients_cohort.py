@@ -33,6 +33,7 @@ SHARED = Path(__file__).resolve().parents[2] / "shared" / "data" / "deepapl"
 
 # ----------------------------------------------------------------------------- colour
 
+
 def _shape_cell(rng, positive: int, cast, size: int = 32) -> np.ndarray:
     """A purple nucleus on a pale background: elongated in positive bags, round in
     negative ones (with noise), the whole image tinted by its bag's ``cast``."""
@@ -71,8 +72,10 @@ def cast_bags():
     shape; new bags: the cast is reversed, only shape carries the label."""
     rng = np.random.default_rng(0)
     red, blue = (1.08, 0.92, 0.92), (0.92, 0.95, 1.1)
-    return (_bags(rng, 16, 20, lambda pos: red if pos else blue),
-            _bags(rng, 12, 20, lambda pos: blue if pos else red))
+    return (
+        _bags(rng, 16, 20, lambda pos: red if pos else blue),
+        _bags(rng, 12, 20, lambda pos: blue if pos else red),
+    )
 
 
 def _cast_pipeline(cast_bags, norm: str, jitter: float) -> float:
@@ -85,7 +88,7 @@ def _cast_pipeline(cast_bags, norm: str, jitter: float) -> float:
 
 
 def test_the_plain_pipeline_learns_the_cast(cast_bags):
-    assert _cast_pipeline(cast_bags, "none", 0.0) < 0.5    # the cast decides, reversed
+    assert _cast_pipeline(cast_bags, "none", 0.0) < 0.5  # the cast decides, reversed
 
 
 @pytest.mark.parametrize("norm, jitter", [("rgb", 0.0), ("reinhard", 0.1), ("none", 0.2)])
@@ -104,7 +107,7 @@ def test_bag_jitter_is_one_gain_per_bag_and_seeded():
     assert np.array_equal(a, b) and not np.array_equal(a, bag_jitter(X, bag, 0.1, 6))
     assert np.array_equal(bag_jitter(X, bag, 0.0, 5), X)
     ratio = a.astype(float).mean((1, 2)) / X.astype(float).mean((1, 2))
-    for k in range(3):   # the cells of one bag share their cast
+    for k in range(3):  # the cells of one bag share their cast
         assert np.ptp(ratio[bag == k], axis=0).max() < 0.05
 
 
@@ -126,18 +129,21 @@ def test_bag_reinhard_maps_each_bag_to_one_target_and_keeps_contrast_within_a_ba
 
 # ----------------------------------------------------------------------------- nested
 
+
 def test_nested_selection_never_lets_an_outer_folds_bags_choose(monkeypatch):
     """Every score encodes its bag, so the spy reads which bags each choice saw."""
     rng = np.random.default_rng(0)
     n = 40
     y = np.array([i % 3 == 0 for i in range(n)]).astype(int)
     fold = np.arange(n) % 4
-    bags = patients_mod.Bags(np.array([f"b{i:02d}" for i in range(n)]), y, 1,
-                             PredefinedFolds(fold))
+    bags = patients_mod.Bags(np.array([f"b{i:02d}" for i in range(n)]), y, 1, PredefinedFolds(fold))
     keys = [f"row{j}" for j in range(5)]
     # bag i's score ends in i / 1e6, so a slice tells which bags it holds
-    scores = {k: np.clip(rng.uniform(0.1, 0.9, n) + 0.3 * y * j / 5, 0, 0.99).round(4)
-              + np.arange(n) / 1e6 for j, k in enumerate(keys)}
+    scores = {
+        k: np.clip(rng.uniform(0.1, 0.9, n) + 0.3 * y * j / 5, 0, 0.99).round(4)
+        + np.arange(n) / 1e6
+        for j, k in enumerate(keys)
+    }
     seen = []
     real_row, real_thr = patients_mod.choose_row, patients_mod.choose_threshold
 
@@ -158,25 +164,31 @@ def test_nested_selection_never_lets_an_outer_folds_bags_choose(monkeypatch):
     assert len(choices) == 4 and len(seen) == 8
     for k, c in enumerate(choices):
         outer = set(np.flatnonzero(fold == k))
-        for what, ids in seen[2 * k:2 * k + 2]:
-            assert ids and not ids & outer, what          # no outer bag chose anything
+        for what, ids in seen[2 * k : 2 * k + 2]:
+            assert ids and not ids & outer, what  # no outer bag chose anything
             assert ids == set(range(n)) - outer
         # the fold's scores on the scale of the inner negative bags of its row
         neg = np.sort(scores[c["row"]][(fold != k) & (y == 0)])
-        assert np.allclose(nested[fold == k],
-                           patients_mod._negative_quantile(scores[c["row"]][fold == k], neg))
-        assert np.allclose(thr[fold == k],
-                           patients_mod._negative_quantile(np.array([c["threshold"]]), neg))
+        assert np.allclose(
+            nested[fold == k], patients_mod._negative_quantile(scores[c["row"]][fold == k], neg)
+        )
+        assert np.allclose(
+            thr[fold == k], patients_mod._negative_quantile(np.array([c["threshold"]]), neg)
+        )
         # decisions as the row and threshold chosen without the fold would make them
-        assert np.array_equal(nested[fold == k] >= thr[fold == k],
-                              scores[c["row"]][fold == k] >= c["threshold"])
+        assert np.array_equal(
+            nested[fold == k] >= thr[fold == k], scores[c["row"]][fold == k] >= c["threshold"]
+        )
 
 
 def test_choose_row_prefers_auc_then_log_loss():
     y = np.array([0, 0, 1, 1])
-    scores = {"a": np.array([.1, .6, .5, .9]), "b": np.array([.2, .3, .6, .7]),
-              "c": np.array([.01, .02, .98, .99])}
-    assert patients_mod.choose_row(scores, y, ["a", "b", "c"]) == "c"   # AUC 1, lowest loss
+    scores = {
+        "a": np.array([0.1, 0.6, 0.5, 0.9]),
+        "b": np.array([0.2, 0.3, 0.6, 0.7]),
+        "c": np.array([0.01, 0.02, 0.98, 0.99]),
+    }
+    assert patients_mod.choose_row(scores, y, ["a", "b", "c"]) == "c"  # AUC 1, lowest loss
     assert patients_mod.choose_row(scores, y, ["a", "b"]) == "b"
 
 
@@ -196,8 +208,11 @@ def test_sensitivity_threshold_keeps_the_stated_sensitivity(target):
 def test_a_bad_threshold_rule_is_one_line(tmp_path):
     root = write_patients(tmp_path / "d", n_patients=8, cells=4)
     p = tmp_path / "c.toml"
-    p.write_text(BAG_CONFIG.format(root=root).replace(
-        "[patients]\n", "[patients]\nthreshold = \"sensitivity:1.5\"\n"))
+    p.write_text(
+        BAG_CONFIG.format(root=root).replace(
+            "[patients]\n", '[patients]\nthreshold = "sensitivity:1.5"\n'
+        )
+    )
     with pytest.raises(BenchError, match=r"\[patients\] threshold"):
         load_config(p)
 
@@ -222,12 +237,17 @@ hog = {{ orientations = 8, pixels_per_cell = 8, cells_per_block = 1, channel = "
 def cohort_run(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("cohort")
     root = write_patients(tmp / "data", n_patients=20, cells=12)
-    cfg_text = BAG_CONFIG.format(root=root).replace(
-        'cell_types = "', 'disease_cells = ["promyelocyte", "blast"]\ncell_types = "').replace(
-        "[patients]\n", '[patients]\nbag_colour = "reinhard"\nbag_jitter = 0.1\n'
-        'aggregators = ["mean", "trimmed_mean", "top_k_mean", "composition", "attention"]\n'
-        'mil_embeddings = "emb"\n'
-        'threshold = "sensitivity:0.9"\n')
+    cfg_text = (
+        BAG_CONFIG.format(root=root)
+        .replace('cell_types = "', 'disease_cells = ["promyelocyte", "blast"]\ncell_types = "')
+        .replace(
+            "[patients]\n",
+            '[patients]\nbag_colour = "reinhard"\nbag_jitter = 0.1\n'
+            'aggregators = ["mean", "trimmed_mean", "top_k_mean", "composition", "attention"]\n'
+            'mil_embeddings = "emb"\n'
+            'threshold = "sensitivity:0.9"\n',
+        )
+    )
     p = tmp / "c.toml"
     p.write_text(cfg_text + COHORT_EXTRA.format())
     cfg = load_config(p, out=str(tmp / "run"))
@@ -240,15 +260,20 @@ def test_the_leaderboard_has_shortcut_disease_and_nested_rows(cohort_run):
     board = pd.read_csv(run / "patient_leaderboard.csv")
     nested = board[board["kind"] == "nested"]
     assert len(nested) == 1 and np.isnan(nested["rank"].iloc[0])
-    assert 0 <= nested["roc_auc_lo"].iloc[0] <= nested["roc_auc"].iloc[0] <= \
-        nested["roc_auc_hi"].iloc[0] <= 1
+    assert (
+        0
+        <= nested["roc_auc_lo"].iloc[0]
+        <= nested["roc_auc"].iloc[0]
+        <= nested["roc_auc_hi"].iloc[0]
+        <= 1
+    )
     disease = board[board["cells"] == "disease"]
     assert len(disease) == 5 * 3 and disease["entry"].str.endswith("[disease cells]").all()
     assert set(board.loc[board["shortcut"], "source"]) == {"rf_color", "rf_color2"}
     meta = json.loads((run / "patients" / "meta.json").read_text())
     carried = meta["carried"]
     row = board[board["entry"] == carried["row"]].iloc[0]
-    assert row["cells"] == "all" and not row["shortcut"]     # never a shortcut or restricted row
+    assert row["cells"] == "all" and not row["shortcut"]  # never a shortcut or restricted row
     assert carried["row"] == meta["nested"]["chosen_on_all_bags"]
     assert {c["fold"] for c in meta["nested"]["choices"]} == {0, 1, 2, 3}
     assert meta["threshold_rule"] == "sensitivity:0.9"
@@ -278,8 +303,9 @@ def test_the_predictor_normalises_each_bag_as_in_training(cohort_run, tmp_path):
     rd = RunDir(run)
     bag_of_row = pd.read_csv(run / "folds.csv", dtype={"bag": str})["bag"].to_numpy()
     rows = np.flatnonzero(bag_of_row == "P00")
-    raw = Preprocessing(24).apply_batch([root / "images" / f
-                                         for f in rd.folds_table["source"].iloc[rows]])
+    raw = Preprocessing(24).apply_batch(
+        [root / "images" / f for f in rd.folds_table["source"].iloc[rows]]
+    )
     assert np.array_equal(np.asarray(rd.images[rows]), bag_reinhard(raw, np.zeros(len(rows))))
 
 
@@ -287,22 +313,44 @@ def test_a_bag_colour_predictor_is_refused_without_bags(cohort_run, tmp_path, ca
     """Its colour is normalised per patient: without --bags, a cell's probabilities would
     depend on the batch it happens to share (issue 40), so predict refuses in one line."""
     from bench.commands.cli import main
+
     run, root = cohort_run
     cells = pd.read_csv(root / "cells.csv")
     files = [root / f for f in cells.file[cells.patient == "P00"]]
-    assert main(["predict", "--model", str(run / "predictor"), "--img_path",
-                 str(files[0].parent), "--out", str(tmp_path / "p.csv")]) == 2
+    assert (
+        main(
+            [
+                "predict",
+                "--model",
+                str(run / "predictor"),
+                "--img_path",
+                str(files[0].parent),
+                "--out",
+                str(tmp_path / "p.csv"),
+            ]
+        )
+        == 2
+    )
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "normalises colour per patient" in err[0] and "--bags" in err[0]
     assert not (tmp_path / "p.csv").exists()
 
 
-@pytest.mark.parametrize("old, new, message", [
-    ('cell_types = "', 'disease_cells = ["myeloblast"]\ncell_types = "',
-     r"disease_cells: \['myeloblast'\]"),
-    ("[patients]\n", '[patients]\naggregators = ["mean", "attention"]\n',
-     r"mil_embeddings .*'tl_mnv2_frozen' is not one of"),
-])
+@pytest.mark.parametrize(
+    "old, new, message",
+    [
+        (
+            'cell_types = "',
+            'disease_cells = ["myeloblast"]\ncell_types = "',
+            r"disease_cells: \['myeloblast'\]",
+        ),
+        (
+            "[patients]\n",
+            '[patients]\naggregators = ["mean", "attention"]\n',
+            r"mil_embeddings .*'tl_mnv2_frozen' is not one of",
+        ),
+    ],
+)
 def test_bad_patient_settings_are_refused_before_any_unit(tmp_path, old, new, message):
     root = write_patients(tmp_path / "d", n_patients=12, cells=4)
     p = tmp_path / "c.toml"
@@ -311,10 +359,12 @@ def test_bad_patient_settings_are_refused_before_any_unit(tmp_path, old, new, me
     with pytest.raises(BenchError, match=message):
         run_benchmark(cfg, show_progress=False)
     assert not (tmp_path / "run" / "units").exists() or not any(
-        (tmp_path / "run" / "units").iterdir())
+        (tmp_path / "run" / "units").iterdir()
+    )
 
 
 # ----------------------------------------------------------------------------- pipeline
+
 
 def _original(rng, size: int = 240) -> np.ndarray:
     """A large 'analyser' image: a granular nucleus on a pale, noisy background."""
@@ -334,10 +384,13 @@ def _jpeg(a: np.ndarray, q: int) -> np.ndarray:
 
 def _ways(a: np.ndarray) -> dict:
     small = lambda s, m: np.asarray(Image.fromarray(a).resize((s, s), m))  # noqa: E731
-    return {"copy96_q90": _jpeg(small(96, Image.BICUBIC), 90),
-            "jpeg75": _jpeg(a, 75), "jpeg95": _jpeg(a, 95),
-            "bilinear128": small(128, Image.BILINEAR),
-            "lanczos96_q85": _jpeg(small(96, Image.LANCZOS), 85)}
+    return {
+        "copy96_q90": _jpeg(small(96, Image.BICUBIC), 90),
+        "jpeg75": _jpeg(a, 75),
+        "jpeg95": _jpeg(a, 95),
+        "bilinear128": small(128, Image.BILINEAR),
+        "lanczos96_q85": _jpeg(small(96, Image.LANCZOS), 85),
+    }
 
 
 def test_smoothing_keeps_scores_across_the_image_pipeline():
@@ -349,25 +402,34 @@ def test_smoothing_keeps_scores_across_the_image_pipeline():
     plain, smoothed = Preprocessing(64), Preprocessing(64, smooth=1.0)
 
     def mad(prep, way):
-        return np.mean([np.abs(prep.apply(o).astype(float)
-                               - prep.apply(_ways(o)[way]).astype(float)).mean()
-                        for o in originals[:8]])
+        return np.mean(
+            [
+                np.abs(prep.apply(o).astype(float) - prep.apply(_ways(o)[way]).astype(float)).mean()
+                for o in originals[:8]
+            ]
+        )
+
     for way in ("copy96_q90", "jpeg75", "bilinear128", "lanczos96_q85"):
         assert mad(smoothed, way) < 0.75 * mad(plain, way), way
     # a forest trained on copies (two classes: the nucleus tint), scored on one bag made
     # each way
-    spec = {"color": {"bins": 16, "spaces": ["rgb", "hsv"], "moments": True},
-            "lbp": {"radii": [1, 2], "points": 8}}
+    spec = {
+        "color": {"bins": 16, "spaces": ["rgb", "hsv"], "moments": True},
+        "lbp": {"radii": [1, 2], "points": 8},
+    }
     train = [_ways(_original(rng))["copy96_q90"] for _ in range(40)]
     y = np.arange(40) % 2
-    Xtr = smoothed.apply_batch([np.clip(t * (1 + 0.06 * c), 0, 255).astype(np.uint8)
-                                for t, c in zip(train, y)])
+    Xtr = smoothed.apply_batch(
+        [np.clip(t * (1 + 0.06 * c), 0, 255).astype(np.uint8) for t, c in zip(train, y)]
+    )
     rf = RandomForestClassifier(200, random_state=0).fit(extract(Xtr, spec, progress=False), y)
     bag = originals[8:]
 
     def score(items):
-        return rf.predict_proba(extract(smoothed.apply_batch(items), spec,
-                                        progress=False))[:, 1].mean()
+        return rf.predict_proba(extract(smoothed.apply_batch(items), spec, progress=False))[
+            :, 1
+        ].mean()
+
     ref = score(bag)
     for way in ("copy96_q90", "jpeg75", "jpeg95", "bilinear128", "lanczos96_q85"):
         assert abs(score([_ways(o)[way] for o in bag]) - ref) <= 0.05, way
@@ -376,7 +438,7 @@ def test_smoothing_keeps_scores_across_the_image_pipeline():
 def test_the_smooth_step_is_stored_and_applied_by_preprocessing():
     p = Preprocessing(32, smooth=1.0)
     assert Preprocessing.from_dict(p.to_dict()) == p
-    assert "smooth" not in Preprocessing(32).to_dict()      # older records read the same
+    assert "smooth" not in Preprocessing(32).to_dict()  # older records read the same
     a = np.random.default_rng(0).integers(0, 255, (40, 40, 3), dtype=np.uint8)
     assert np.array_equal(p.apply(a), smooth(Preprocessing(32).apply(a), 1.0))
     # an array at the model's size goes through every step, smooth included, unless it is
@@ -392,8 +454,10 @@ def test_the_smooth_step_is_stored_and_applied_by_preprocessing():
         Preprocessing(32, smooth=-1)
 
 
-@pytest.mark.skipif(not (SHARED / "originals_sample" / "originals.csv").is_file(),
-                    reason="../shared/data/deepapl/originals_sample not here")
+@pytest.mark.skipif(
+    not (SHARED / "originals_sample" / "originals.csv").is_file(),
+    reason="../shared/data/deepapl/originals_sample not here",
+)
 def test_smoothing_brings_the_analysers_files_close_to_the_shared_copies():
     table = pd.read_csv(SHARED / "originals_sample" / "originals.csv").iloc[::6]
     diffs = {}
@@ -406,6 +470,7 @@ def test_smoothing_brings_the_analysers_files_close_to_the_shared_copies():
 
 
 # ----------------------------------------------------------------------------- MIL
+
 
 def _mil_bags(rng, n_bags: int, d: int = 24):
     """Bags of 20-40 cell embeddings; a positive bag holds a few cells (10 %) displaced
@@ -428,6 +493,7 @@ def _mil_bags(rng, n_bags: int, d: int = 24):
 
 def test_attention_mil_learns_from_a_minority_of_cells_and_attends_to_them():
     from ensembles.mil import AttentionMIL
+
     rng = np.random.default_rng(0)
     train, ytr, _ = _mil_bags(rng, 40)
     test, yte, marks = _mil_bags(rng, 20)
@@ -437,7 +503,7 @@ def test_attention_mil_learns_from_a_minority_of_cells_and_attends_to_them():
     assert roc_auc_score(yte, s) >= 0.8
     a = mil.attention(test[1])
     assert a.shape == (len(test[1]),) and abs(a.sum() - 1) < 1e-4
-    assert a[marks[1]].mean() > 2 * a[~marks[1]].mean()   # the key cells weigh more
+    assert a[marks[1]].mean() > 2 * a[~marks[1]].mean()  # the key cells weigh more
 
 
 def test_a_run_has_an_attention_row(cohort_run):
@@ -447,11 +513,12 @@ def test_a_run_has_an_attention_row(cohort_run):
     assert len(row) == 1 and row["kind"].iloc[0] == "mil"
     assert 0 <= row["roc_auc_lo"].iloc[0] <= row["roc_auc"].iloc[0] <= 1
     meta = json.loads((run / "patients" / "meta.json").read_text())
-    assert meta["carried"]["aggregator"] != "attention"   # not a row a predictor carries
+    assert meta["carried"]["aggregator"] != "attention"  # not a row a predictor carries
 
 
 def test_evaluate_reads_each_patient_as_one_bag_like_predict_bags(cohort_run, tmp_path):
     from bench.commands.evaluate import evaluate
+
     run, root = cohort_run
     cells = pd.read_csv(root / "cells.csv")
     keep = ["P00", "P01", "P02", "P03"]
@@ -459,11 +526,25 @@ def test_evaluate_reads_each_patient_as_one_bag_like_predict_bags(cohort_run, tm
     sub.to_csv(root / "cells_sub.csv", index=False)
     # without --groups a per-patient normaliser cannot know the patients: one line
     with pytest.raises(BenchError, match="--groups"):
-        evaluate(run / "predictor", root / "images", labels=f"{root / 'cells_sub.csv'}:diagnosis",
-                 out=tmp_path / "ev0", gradcam=False, progress=False, n_boot=50)
-    res = evaluate(run / "predictor", root / "images",
-                   labels=f"{root / 'cells_sub.csv'}:diagnosis", groups="patient",
-                   out=tmp_path / "ev", gradcam=False, progress=False, n_boot=50)
+        evaluate(
+            run / "predictor",
+            root / "images",
+            labels=f"{root / 'cells_sub.csv'}:diagnosis",
+            out=tmp_path / "ev0",
+            gradcam=False,
+            progress=False,
+            n_boot=50,
+        )
+    res = evaluate(
+        run / "predictor",
+        root / "images",
+        labels=f"{root / 'cells_sub.csv'}:diagnosis",
+        groups="patient",
+        out=tmp_path / "ev",
+        gradcam=False,
+        progress=False,
+        n_boot=50,
+    )
     rows = {r["bag"]: r for r in res["patients"]["rows"]}
     pred = load_predictor(run / "predictor")
     for p in keep:

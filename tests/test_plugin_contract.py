@@ -65,8 +65,8 @@ def plugin_setup(tmp_path_factory):
 def plugin_path(plugin_setup, monkeypatch):
     root, data = plugin_setup
     pkg = str(root / "pkg")
-    monkeypatch.syspath_prepend(pkg)      # this process and spawned workers (sys.path)
-    monkeypatch.setenv("PYTHONPATH", f"{pkg}:{REPO}")   # Dask nannies' processes
+    monkeypatch.syspath_prepend(pkg)  # this process and spawned workers (sys.path)
+    monkeypatch.setenv("PYTHONPATH", f"{pkg}:{REPO}")  # Dask nannies' processes
     return root, data
 
 
@@ -78,8 +78,11 @@ def _config(root: Path, data: Path, out: Path):
 
 def _board(out: Path) -> pd.DataFrame:
     df = pd.read_csv(out / "leaderboard.csv")
-    return df[["candidate", "accuracy", "macro_f1", "log_loss"]].sort_values("candidate") \
+    return (
+        df[["candidate", "accuracy", "macro_f1", "log_loss"]]
+        .sort_values("candidate")
         .reset_index(drop=True)
+    )
 
 
 def test_readme_plugin_runs_in_one_and_two_workers_with_equal_results(plugin_path, tmp_path):
@@ -91,12 +94,13 @@ def test_readme_plugin_runs_in_one_and_two_workers_with_equal_results(plugin_pat
         boards.append(_board(out))
         assert (out / "predictor" / "manifest.json").is_file()
         tuned = list((out / "tuning").glob("mine-fold*.json"))
-        assert len(tuned) == 3   # declared tunable: one study per fold
+        assert len(tuned) == 3  # declared tunable: one study per fold
     pd.testing.assert_frame_equal(boards[0], boards[1])
     acc = boards[0].set_index("candidate").loc["mine", "accuracy"]
-    assert acc > 0.8   # colour separates the toy classes: it learned (chance is 1/3)
+    assert acc > 0.8  # colour separates the toy classes: it learned (chance is 1/3)
     from ensembles import load_predictor
     from tests.conftest import toy_arrays
+
     X, y = toy_arrays(5, 24, seed=3)
     pred = load_predictor(tmp_path / "w2" / "predictor")
     assert (pred.predict(X) == np.array(pred.classes_)[y]).mean() > 0.8
@@ -104,16 +108,21 @@ def test_readme_plugin_runs_in_one_and_two_workers_with_equal_results(plugin_pat
 
 def test_readme_plugin_runs_on_dask(plugin_path, tmp_path):
     import distributed
+
     root, data = plugin_path
     ref = tmp_path / "local"
     run_benchmark(_config(root, data, ref), workers=1, show_progress=False)
-    env = {"PYTHONPATH": f"{root / 'pkg'}:{REPO}", "BLOODBENCH_JOBS": "1",
-           "OMP_NUM_THREADS": "1"}
-    with distributed.LocalCluster(n_workers=2, threads_per_worker=1, processes=True,
-                                  dashboard_address=None, env=env, silence_logs=50) as c:
+    env = {"PYTHONPATH": f"{root / 'pkg'}:{REPO}", "BLOODBENCH_JOBS": "1", "OMP_NUM_THREADS": "1"}
+    with distributed.LocalCluster(
+        n_workers=2,
+        threads_per_worker=1,
+        processes=True,
+        dashboard_address=None,
+        env=env,
+        silence_logs=50,
+    ) as c:
         out = tmp_path / "dask"
-        run_benchmark(_config(root, data, out), scheduler=c.scheduler_address,
-                      show_progress=False)
+        run_benchmark(_config(root, data, out), scheduler=c.scheduler_address, show_progress=False)
     pd.testing.assert_frame_equal(_board(ref), _board(out))
 
 
@@ -122,10 +131,17 @@ def test_a_plugin_without_extra_fit_keywords_gets_none(plugin_path):
     from core import registry
     from core.candidate import fit_candidate
     from tests.conftest import toy_arrays
+
     registry.import_plugins([MODULE])
     cls = registry.get("mean_colour")
     assert cls.fit_accepts == frozenset()
     X, y = toy_arrays(4, 24)
-    cand = fit_candidate(cls(), X, y, classes=np.arange(3), workdir="/nonexistent",
-                         epoch_callbacks=[lambda e, logs: None])
+    cand = fit_candidate(
+        cls(),
+        X,
+        y,
+        classes=np.arange(3),
+        workdir="/nonexistent",
+        epoch_callbacks=[lambda e, logs: None],
+    )
     assert cand.predict_proba(X).shape == (12, 3)

@@ -46,9 +46,10 @@ n_estimators = 30
 @pytest.fixture(scope="module")
 def run(tmp_path_factory, toy_folder):
     from bench.run.runner import run_from_args
+
     root = tmp_path_factory.mktemp("ens_run")
     cfg = write_tiny_config(root / "cfg.toml", toy_folder, EXTRA)
-    with pytest.MonkeyPatch.context() as mp:   # the autouse cache fixture is per test
+    with pytest.MonkeyPatch.context() as mp:  # the autouse cache fixture is per test
         mp.setenv("BLOODBENCH_CACHE", str(tmp_path_factory.getbasetemp() / "bloodbench-cache"))
         board, out = run_from_args(str(cfg), out=str(root / "run"), show_progress=False)
     return board, out
@@ -57,6 +58,7 @@ def run(tmp_path_factory, toy_folder):
 @pytest.fixture(scope="module")
 def predictor(run):
     from ensembles import load_predictor
+
     return load_predictor(run[1] / "predictor")
 
 
@@ -82,7 +84,7 @@ def test_ensembles_on_the_leaderboard_and_the_choice_recorded(run):
     assert man["ensemble"]["name"] == "stack" and man["ensemble"]["type"] == "stacking"
     assert [m["name"] for m in man["members"]] == ["rf_hog", "cnn_tiny"]
     assert man["leaderboard"]["accuracy"] == pytest.approx(rows.loc["stack", "accuracy"])
-    assert len(man["members"][1]["models"]) == 3     # the 3 fold models
+    assert len(man["members"][1]["models"]) == 3  # the 3 fold models
 
 
 def test_round_trip_gives_identical_probabilities(run, predictor, fresh):
@@ -91,17 +93,29 @@ def test_round_trip_gives_identical_probabilities(run, predictor, fresh):
     from core.candidate import load_candidate
     from bench.run.rundir import RunDir
     from ensembles.stacking import Stacking
+
     _, out = run
     X, y = fresh
     proba = predictor.predict_proba(X)
-    np.testing.assert_array_equal(predictor.predict_proba(X), proba)   # deterministic
+    np.testing.assert_array_equal(predictor.predict_proba(X), proba)  # deterministic
     members = ["rf_hog", "cnn_tiny"]
-    by_hand = [np.mean([load_candidate(RunDir(out).unit_dir(m, k) / "model").predict_proba(X)
-                        for k in range(3)], axis=0) for m in members]
+    by_hand = [
+        np.mean(
+            [
+                load_candidate(RunDir(out).unit_dir(m, k) / "model").predict_proba(X)
+                for k in range(3)
+            ],
+            axis=0,
+        )
+        for m in members
+    ]
     table = pd.read_csv(out / "folds.csv")
     labels = np.array([predictor.classes_.tolist().index(c) for c in table["label"]])
-    meta = Stacking().fit([np.load(out / "oof" / f"{m}.npy").astype(np.float64)
-                           for m in members], labels, groups=table["fold"].to_numpy())
+    meta = Stacking().fit(
+        [np.load(out / "oof" / f"{m}.npy").astype(np.float64) for m in members],
+        labels,
+        groups=table["fold"].to_numpy(),
+    )
     assert predictor.ensemble_.C_ == meta.C_
     np.testing.assert_allclose(proba, meta.combine(by_hand), rtol=0, atol=1e-6)
     assert (predictor.predict(X) == predictor.classes_[y]).mean() > 0.8
@@ -125,6 +139,7 @@ def test_paths_and_arrays_of_any_size(predictor, tmp_path):
 
 def test_tampered_predictor_is_refused(run, tmp_path, capsys):
     from ensembles import load_predictor
+
     src = run[1] / "predictor"
 
     def copy(name):
@@ -160,7 +175,7 @@ def test_tampered_predictor_is_refused(run, tmp_path, capsys):
 
 def test_explain_is_the_ensemble_gradcam(predictor, fresh):
     X, _ = fresh
-    assert predictor.explain_weights() == {"cnn_tiny": 1.0}     # stacking: equal weights
+    assert predictor.explain_weights() == {"cnn_tiny": 1.0}  # stacking: equal weights
     maps = predictor.explain(X)
     assert maps.shape == (len(X), 32, 32) and maps.dtype == np.float32
     assert maps.min() >= 0 and maps.max() <= 1 and (maps.reshape(len(X), -1).max(1) > 0).all()
@@ -177,16 +192,29 @@ def test_explain_is_the_ensemble_gradcam(predictor, fresh):
 def test_predict_cli_writes_gradcam_pngs(run, tmp_path):
     images, _ = toy_arrays(1, 40, seed=3)
     root = tmp_path / "imgs"
-    for sub, im in zip(["a", "b", "b/c"], images):       # same file name in three folders
+    for sub, im in zip(["a", "b", "b/c"], images):  # same file name in three folders
         (root / sub).mkdir(parents=True, exist_ok=True)
         Image.fromarray(im).save(root / sub / "cell.png")
     (root / "notes.txt").write_text("not an image")
     out, csv_file = tmp_path / "cams", tmp_path / "p.csv"
-    rc = main(["predict", "--model", str(run[1] / "predictor"), "--img_path", str(root),
-               "--gradcam", str(out), "--out", str(csv_file), "--batch-size", "2"])
+    rc = main(
+        [
+            "predict",
+            "--model",
+            str(run[1] / "predictor"),
+            "--img_path",
+            str(root),
+            "--gradcam",
+            str(out),
+            "--out",
+            str(csv_file),
+            "--batch-size",
+            "2",
+        ]
+    )
     assert rc == 0
     expected = {"a__cell.png.png", "b__cell.png.png", "b__c__cell.png.png"}
-    assert {p.name for p in out.iterdir()} == expected | {MARKER}   # the folder's own record
+    assert {p.name for p in out.iterdir()} == expected | {MARKER}  # the folder's own record
     for p in out.glob("*.png"):
         with Image.open(p) as im:
             assert im.size == FIG_SIZE_PX
@@ -200,17 +228,23 @@ def test_predictor_without_cnn_member(run, tmp_path, capsys):
     from core.images import Preprocessing
     from ensembles import load_predictor, save_predictor
     from ensembles.voting import SoftVoting
+
     _, out = run
-    d = save_predictor(tmp_path / "rf", ensemble_name="rf_only",
-                       ensemble=SoftVoting().fit([np.eye(3)], np.arange(3)),
-                       members={"rf_hog": [RunDir(out).unit_dir("rf_hog", k) / "model" for k in range(3)]},
-                       member_info={"rf_hog": {"type": "feature_forest", "kind": "baseline"}},
-                       classes=["disc", "square", "stripes"], preprocessing=Preprocessing(32),
-                       training_data={})
+    d = save_predictor(
+        tmp_path / "rf",
+        ensemble_name="rf_only",
+        ensemble=SoftVoting().fit([np.eye(3)], np.arange(3)),
+        members={"rf_hog": [RunDir(out).unit_dir("rf_hog", k) / "model" for k in range(3)]},
+        member_info={"rf_hog": {"type": "feature_forest", "kind": "baseline"}},
+        classes=["disc", "square", "stripes"],
+        preprocessing=Preprocessing(32),
+        training_data={},
+    )
     with pytest.raises(BenchError, match="Grad-CAM needs a CNN member"):
         load_predictor(d).explain(toy_arrays(1, 32)[0])
-    rc = main(["predict", "--model", str(d), "--img_path", str(d), "--gradcam",
-               str(tmp_path / "cams")])
+    rc = main(
+        ["predict", "--model", str(d), "--img_path", str(d), "--gradcam", str(tmp_path / "cams")]
+    )
     assert rc == 2
     err = capsys.readouterr().err
     assert "Grad-CAM needs a CNN member" in err and "rf_hog (baseline)" in err
@@ -238,32 +272,47 @@ def test_frozen_backbone_runs_once_for_its_fold_models(tmp_path):
     from cnn.transfer import FrozenTransferCNN
     from ensembles import load_predictor, save_predictor
     from ensembles.voting import SoftVoting
+
     X, y = toy_arrays(10, 32, seed=21)
     weights = []
-    for seed in (0, 1):   # two distinct "pretrained" backbones
+    for seed in (0, 1):  # two distinct "pretrained" backbones
         keras.utils.set_random_seed(seed)
         weights.append(tmp_path / f"w{seed}.weights.h5")
         build_backbone("MobileNetV2", 32, None, alpha=0.35).save_weights(weights[-1])
     folders = {"tf_a": [], "tf_b": []}
     for name, w, seeds in (("tf_a", weights[0], (0, 1)), ("tf_b", weights[1], (2,))):
         for seed in seeds:
-            cand = FrozenTransferCNN(weights=str(w), alpha=0.35, input_size=32, dense_units=8,
-                                     epochs=2, batch_size=8, use_cache=False, seed=seed)
+            cand = FrozenTransferCNN(
+                weights=str(w),
+                alpha=0.35,
+                input_size=32,
+                dense_units=8,
+                epochs=2,
+                batch_size=8,
+                use_cache=False,
+                seed=seed,
+            )
             cand.fit(X, y)
             cand.save(tmp_path / f"{name}{seed}")
             folders[name].append(tmp_path / f"{name}{seed}")
-    d = save_predictor(tmp_path / "pred", ensemble_name="vote",
-                       ensemble=SoftVoting().fit([np.eye(3)] * 2, np.arange(3)),
-                       members=folders,
-                       member_info={n: {"type": "transfer_frozen", "kind": "cnn"} for n in folders},
-                       classes=["disc", "square", "stripes"], preprocessing=Preprocessing(32),
-                       training_data={})
+    d = save_predictor(
+        tmp_path / "pred",
+        ensemble_name="vote",
+        ensemble=SoftVoting().fit([np.eye(3)] * 2, np.arange(3)),
+        members=folders,
+        member_info={n: {"type": "transfer_frozen", "kind": "cnn"} for n in folders},
+        classes=["disc", "square", "stripes"],
+        preprocessing=Preprocessing(32),
+        training_data={},
+    )
     pred = load_predictor(d)
     keys = [key for key, _, _ in pred._fused_plan()]
     assert pred._fused_names == ["tf_a", "tf_b"]
     assert len(keys) == 3 and keys[0] == keys[1] != keys[2]
-    by_hand = [np.mean([predict_keras(load_candidate(f).model_, X) for f in folders[n]], axis=0)
-               for n in ("tf_a", "tf_b")]
+    by_hand = [
+        np.mean([predict_keras(load_candidate(f).model_, X) for f in folders[n]], axis=0)
+        for n in ("tf_a", "tf_b")
+    ]
     np.testing.assert_allclose(pred.predict_proba(X), np.mean(by_hand, axis=0), atol=1e-5)
 
 
@@ -271,6 +320,7 @@ def test_fused_graph_runs_in_chunks_with_the_same_numbers(predictor, fresh, monk
     """Batches larger than ``FUSED_BATCH`` go through the fused Keras graph in chunks (a
     memory bound) and give the numbers of one call."""
     from ensembles import predictor as module
+
     X, _ = fresh
     whole = predictor.predict_proba(X)
     calls = []

@@ -17,8 +17,16 @@ from bench.run.leaderboard import to_markdown
 from bench.stats.scoring import bootstrap_weights
 from bench.stats.inference import bootstrap_resamples
 from core.io import is_inside
-from core.metrics import (LABEL_METRICS, LOWER_IS_BETTER, METRICS, RANKING_METRICS, REGISTRY,
-                          base_metric, fold_metrics, metric_label)
+from core.metrics import (
+    LABEL_METRICS,
+    LOWER_IS_BETTER,
+    METRICS,
+    RANKING_METRICS,
+    REGISTRY,
+    base_metric,
+    fold_metrics,
+    metric_label,
+)
 from ensembles.bags import AGGREGATORS, CELL_AGGREGATORS, DEFAULT_AGGREGATORS, make_aggregator
 from ensembles.tta import TTA_VIEWS, VIEWS
 
@@ -30,8 +38,9 @@ def _literal(model, field):
 
 def test_the_config_schema_reads_the_registries():
     assert _literal(RunSection, "metric") == RANKING_METRICS
-    assert RANKING_METRICS[:len(METRICS)] == METRICS and all(
-        base_metric(m) in LABEL_METRICS for m in RANKING_METRICS[len(METRICS):])
+    assert RANKING_METRICS[: len(METRICS)] == METRICS and all(
+        base_metric(m) in LABEL_METRICS for m in RANKING_METRICS[len(METRICS) :]
+    )
     assert _literal(PredictorSection, "tta") == tuple(TTA_VIEWS)
     assert _literal(PatientsSection, "aggregators") == tuple(AGGREGATORS)
 
@@ -50,8 +59,7 @@ def test_metric_registry_names_labels_directions():
     assert REGISTRY["log_loss"].direction == "minimize"
     assert REGISTRY["accuracy"].direction == "maximize"
     assert metric_label("roc_auc") == "ROC AUC (OvR)" and metric_label("other") == "other"
-    board = {"candidate": ["a"], "kind": ["x"], "fit_seconds": [1.0],
-             "predict_ms_per_image": [1.0]}
+    board = {"candidate": ["a"], "kind": ["x"], "fit_seconds": [1.0], "predict_ms_per_image": [1.0]}
     board |= {c: [0.5] for m in METRICS for c in (m, f"{m}_std")}
     head = to_markdown(pd.DataFrame(board), "accuracy").splitlines()[4]
     assert all(REGISTRY[m].label in head for m in METRICS)
@@ -64,14 +72,15 @@ def test_each_metric_weighs_a_row_as_its_repeats():
     w = rng.integers(0, 4, 60)
     for name, m in REGISTRY.items():
         assert m.fn(y, p, sample_weight=w) == pytest.approx(
-            m.fn(np.repeat(y, w), np.repeat(p, w, axis=0)), abs=1e-12), name
+            m.fn(np.repeat(y, w), np.repeat(p, w, axis=0)), abs=1e-12
+        ), name
         assert m.fn(y, p, sample_weight=np.ones(60)) == pytest.approx(m.fn(y, p)), name
     assert fold_metrics(y, p) == {m: REGISTRY[m].fn(y, p) for m in METRICS}
 
 
 def test_macro_f1_of_core_metrics_averages_over_all_classes():
     y = np.array([0, 0, 1, 1])
-    p = np.eye(3)[[0, 0, 1, 1]]          # class 2 neither present nor predicted
+    p = np.eye(3)[[0, 0, 1, 1]]  # class 2 neither present nor predicted
     assert REGISTRY["macro_f1"].fn(y, p) == pytest.approx(2 / 3)
 
 
@@ -79,6 +88,7 @@ def test_aggregator_settings_come_from_the_patients_section():
     """Each aggregator's default lives in ``[patients]`` (PatientsSection), once; the
     classes take their settings from it and give them back by ``params()``."""
     from bench.config import PatientsSection
+
     settings = PatientsSection().model_dump()
     assert settings["aggregators"] == list(DEFAULT_AGGREGATORS)
     # all but the one that pools a backbone's embeddings (it needs a frozen candidate)
@@ -92,7 +102,7 @@ def test_aggregator_settings_come_from_the_patients_section():
     assert make_aggregator("trimmed_mean", {"trim": 0.25}).trim == 0.25
     assert make_aggregator("top_k_mean", {"top_fraction": 0.5}).fraction == 0.5
     assert CELL_AGGREGATORS == ("mean", "trimmed_mean", "top_k_mean")
-    with pytest.raises(KeyError):      # no second default in the class
+    with pytest.raises(KeyError):  # no second default in the class
         make_aggregator("trimmed_mean", {})
     with pytest.raises(ValueError, match="unknown aggregator"):
         make_aggregator("median", {})
@@ -108,7 +118,7 @@ def test_one_bootstrap_for_images_groups_and_strata():
     strata = np.array([1, 0, 1, 1, 0, 1, 1])
     rows = list(bootstrap_resamples(7, 50, 0, strata=strata))
     assert len(rows) == 50
-    for r in rows:   # class 0's units first, then class 1's: sizes kept in every resample
+    for r in rows:  # class 0's units first, then class 1's: sizes kept in every resample
         assert np.array_equal(strata[r], np.sort(strata))
 
 

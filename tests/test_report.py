@@ -14,8 +14,12 @@ import pytest
 from core.calibration import apply_temperature
 from bench.report import RunData, report_after_run, write_cross_report, write_report
 from bench.report.browser import check_report, find_browser
-from bench.report.gradcam_audit import (audit_sample, energy_share, map_rank_correlation,
-                                        randomization_check)
+from bench.report.gradcam_audit import (
+    audit_sample,
+    energy_share,
+    map_rank_correlation,
+    randomization_check,
+)
 from cnn.gradcam import randomized_clone
 from bench.stats.inference import friedman, t_interval
 from tests.conftest import write_tiny_config
@@ -43,6 +47,7 @@ def run_dir(tmp_path_factory, toy_folder):
     """One tiny finished run (RF on HOG, RF on colour, a tiny CNN, soft voting), whose
     report was written at the end of ``run``."""
     from bench.run.runner import run_from_args
+
     root = tmp_path_factory.mktemp("report_run")
     cfg = write_tiny_config(root / "bench.toml", toy_folder, EXTRA)
     # a few epochs are enough to report on (the CPU is shared)
@@ -59,8 +64,15 @@ def _copy(run_dir, dest: Path) -> Path:
 def test_run_writes_the_report(run_dir):
     rep = run_dir / "report"
     html = (rep / "index.html").read_text()
-    for section in ("leaderboard", "statistics", "per-class", "calibration", "gradcam",
-                    "data-card", "run-card"):
+    for section in (
+        "leaderboard",
+        "statistics",
+        "per-class",
+        "calibration",
+        "gradcam",
+        "data-card",
+        "run-card",
+    ):
         assert f'id="{section}"' in html
     md = (rep / "leaderboard.md").read_text()
     for name in ("rf_hog", "rf_colour", "cnn_tiny", "soft_vote"):
@@ -79,9 +91,10 @@ def test_run_writes_the_report(run_dir):
 
 def test_run_card_records_where_the_time_went(run_dir):
     from bench.report.cards import run_card
+
     m = json.loads((run_dir / "manifest.json").read_text())
     assert m["report_seconds"] > 0
-    assert set(m["prepare_seconds"]) == {"rf_hog", "rf_colour"}   # features; the CNN has none
+    assert set(m["prepare_seconds"]) == {"rf_hog", "rf_colour"}  # features; the CNN has none
     card = run_card(RunData(run_dir))
     times = {r["candidate"]: r for r in card["unit_times"]}
     assert set(times) == {"rf_hog", "rf_colour", "cnn_tiny"}
@@ -119,7 +132,7 @@ def test_leaderboard_numbers(run_dir):
     others = comps[~comps["is_best"]]
     assert others["p_ttest"].between(0, 1).all() and others["p_mcnemar"].between(0, 1).all()
     assert (others["p_ttest_holm"] >= others["p_ttest"] - 1e-12).all()
-    assert others["test_train_ratio"].iloc[0] == pytest.approx(0.5)   # 3 folds: 20 / 40
+    assert others["test_train_ratio"].iloc[0] == pytest.approx(0.5)  # 3 folds: 20 / 40
     pc = pd.read_csv(rep / "per_class.csv")
     assert set(pc["class"]) == {"disc", "square", "stripes"}
     assert (pc.groupby("candidate")["support"].sum() == 60).all()
@@ -128,8 +141,8 @@ def test_leaderboard_numbers(run_dir):
 def test_gradcam_audit_of_the_run(run_dir):
     rep = run_dir / "report" / "csv"
     summ = pd.read_csv(rep / "gradcam_summary.csv").set_index("candidate")
-    assert list(summ.index) == ["cnn_tiny", "soft_vote"]   # the CNN and the ensemble
-    assert (summ["images"] == 12).all()                      # 4 per class
+    assert list(summ.index) == ["cnn_tiny", "soft_vote"]  # the CNN and the ensemble
+    assert (summ["images"] == 12).all()  # 4 per class
     assert summ["rho_random_mean"].between(-1, 1).all()
     e = pd.read_csv(rep / "gradcam_energy.csv")
     assert e["energy_in_cell"].dropna().between(0, 1).all()
@@ -143,21 +156,23 @@ def test_audit_fits_only_ensembles_that_declare_member_weights(run_dir, monkeypa
     from bench.report import gradcam_audit
     from ensembles.stacking import Stacking
     from ensembles.voting import SoftVoting
+
     assert SoftVoting.has_member_weights and not Stacking.has_member_weights
     calls = []
     real = gradcam_audit.fit_ensemble
-    monkeypatch.setattr(gradcam_audit, "fit_ensemble",
-                        lambda *a, **k: calls.append(a[3]) or real(*a, **k))
+    monkeypatch.setattr(
+        gradcam_audit, "fit_ensemble", lambda *a, **k: calls.append(a[3]) or real(*a, **k)
+    )
     run = RunData(run_dir)
     monkeypatch.setattr(run, "members", lambda name: ["cnn_tiny", "rf_colour"])
     entries = run.config.ensembles
-    from bench.config import EnsembleEntry   # a run's entries are validated dumps
-    entries["soft_vote"] = EnsembleEntry(type="soft_voting", weights="optimized",
-                                         members="all")
+    from bench.config import EnsembleEntry  # a run's entries are validated dumps
+
+    entries["soft_vote"] = EnsembleEntry(type="soft_voting", weights="optimized", members="all")
     voted = gradcam_audit.ensemble_weights(run, "soft_vote", ["cnn_tiny"])
     assert calls == ["soft_vote"] * len(run.fold_ids)
     assert sorted(voted) == sorted(run.fold_ids)
-    assert all(w == {"cnn_tiny": 1.0} for w in voted.values())   # the only CNN member
+    assert all(w == {"cnn_tiny": 1.0} for w in voted.values())  # the only CNN member
     calls.clear()
     entries["soft_vote"] = EnsembleEntry(type="stacking", members="all")
     stacked = gradcam_audit.ensemble_weights(run, "soft_vote", ["cnn_tiny", "rf_colour"])
@@ -167,6 +182,7 @@ def test_audit_fits_only_ensembles_that_declare_member_weights(run_dir, monkeypa
 
 def test_predictor_applies_the_oof_temperature(run_dir):
     from ensembles.predictor import load_predictor
+
     pred = load_predictor(run_dir / "predictor")
     t = pred.record.temperature
     assert 0.05 <= t <= 20 and t != pytest.approx(1.0)
@@ -191,7 +207,7 @@ def test_html_escapes_hostile_class_names(run_dir, tmp_path):
     html = index.read_text()
     assert EVIL not in html and "<i>c</i>" not in html
     assert "&lt;script&gt;alert(1)&lt;/script&gt;" in html
-    assert html.count("<script>") == 1   # the report's own sorting script only
+    assert html.count("<script>") == 1  # the report's own sorting script only
     md = (d / "report" / "leaderboard.md").read_text()
     assert "<script>" not in md
     if find_browser() is not None:
@@ -202,8 +218,9 @@ def test_html_escapes_hostile_class_names(run_dir, tmp_path):
 
 def test_headless_browser_renders_the_report(run_dir, tmp_path):
     if find_browser() is None:
-        pytest.skip("chromium and chromedriver are not installed "
-                    "(apt-get install chromium chromium-driver)")
+        pytest.skip(
+            "chromium and chromedriver are not installed (apt-get install chromium chromium-driver)"
+        )
     pytest.importorskip("selenium", reason="selenium is not installed (pip install selenium)")
     shot = tmp_path / "report.png"
     r = check_report(run_dir / "report" / "index.html", shot)
@@ -212,12 +229,15 @@ def test_headless_browser_renders_the_report(run_dir, tmp_path):
     assert r["images"] >= 8 and r["broken"] == [] and r["hidden"] == []
     assert r["ok"]
     from PIL import Image
+
     with Image.open(shot) as im:
         assert im.size[0] >= 1000 and im.size[1] > 2000
     # the check can fail: a page that opens a dialog and misses an image
     bad = tmp_path / "bad.html"
-    bad.write_text('<table id="leaderboard-table"><tbody><tr><td>x</td></tr></tbody></table>'
-                   '<img src="missing.png"><script>alert("hi")</script>')
+    bad.write_text(
+        '<table id="leaderboard-table"><tbody><tr><td>x</td></tr></tbody></table>'
+        '<img src="missing.png"><script>alert("hi")</script>'
+    )
     r = check_report(bad)
     assert not r["ok"] and r["alert"] == "hi" and r["broken"] == ["missing.png"]
 
@@ -225,13 +245,17 @@ def test_headless_browser_renders_the_report(run_dir, tmp_path):
 def test_cli_report_several_runs_adds_friedman(run_dir, tmp_path, monkeypatch):
     import bench.commands.cli
     from bench.commands.cli import main
-    written = []   # each run's own report is tested above; here only that the CLI asks for it
-    monkeypatch.setattr(bench.commands.cli, "write_report",
-                        lambda d, gradcam=None, out=None: written.append((str(d), gradcam)) or d)
+
+    written = []  # each run's own report is tested above; here only that the CLI asks for it
+    monkeypatch.setattr(
+        bench.commands.cli,
+        "write_report",
+        lambda d, gradcam=None, out=None: written.append((str(d), gradcam)) or d,
+    )
     d2 = _copy(run_dir, tmp_path / "second")
     rng = np.random.default_rng(0)
     p = np.load(d2 / "oof" / "rf_hog.npy")
-    np.save(d2 / "oof" / "rf_hog.npy", rng.permutation(p))   # a data set where rf_hog fails
+    np.save(d2 / "oof" / "rf_hog.npy", rng.permutation(p))  # a data set where rf_hog fails
     out = tmp_path / "cross"
     assert main(["report", str(run_dir), str(d2), "--no-gradcam", "--out", str(out)]) == 0
     html = (out / "index.html").read_text()
@@ -258,11 +282,13 @@ def test_report_failure_does_not_lose_the_run(run_dir, tmp_path, capsys):
 
 # ----------------------------------------------------------------------------- Grad-CAM
 
+
 def _pointer_model(channel: int):
     """A CNN that scores class 0 by the amount of colour ``channel``: its feature map is
     that channel (1x1 convolution), so it looks wherever that colour is."""
     import keras
     from keras import layers
+
     inp = keras.Input((32, 32, 3))
     x = layers.Rescaling(1 / 255)(inp)
     x = layers.Conv2D(1, 1, use_bias=False, name="conv")(x)
@@ -273,8 +299,9 @@ def _pointer_model(channel: int):
     w = np.zeros((1, 1, 3, 1), np.float32)
     w[..., channel, 0] = 1.0
     model.get_layer("conv").set_weights([w])
-    model.get_layer("logits").set_weights([np.array([[1.0, -1.0]], np.float32),
-                                           np.zeros(2, np.float32)])
+    model.get_layer("logits").set_weights(
+        [np.array([[1.0, -1.0]], np.float32), np.zeros(2, np.float32)]
+    )
     return model
 
 
@@ -291,9 +318,10 @@ def _two_squares(n=4):
 def test_energy_share_separates_right_and_wrong_attention():
     import tensorflow  # noqa: F401  (a required dependency: imported, never skipped)
     from cnn.gradcam import gradcam
+
     X, cell = _two_squares()
-    right = gradcam(_pointer_model(0), X, class_index=0)   # looks at red: the cell
-    wrong = gradcam(_pointer_model(1), X, class_index=0)   # looks at green: elsewhere
+    right = gradcam(_pointer_model(0), X, class_index=0)  # looks at red: the cell
+    wrong = gradcam(_pointer_model(1), X, class_index=0)  # looks at green: elsewhere
     assert min(energy_share(m, cell) for m in right) > 0.95
     assert max(energy_share(m, cell) for m in wrong) < 0.05
     assert energy_share(np.ones((32, 32)), cell) == pytest.approx(cell.mean())
@@ -303,6 +331,7 @@ def test_energy_share_separates_right_and_wrong_attention():
 def test_randomisation_check_flags_maps_that_ignore_the_weights():
     import tensorflow  # noqa: F401  (a required dependency: imported, never skipped)
     from cnn.gradcam import gradcam
+
     rng = np.random.default_rng(0)
     gray = rng.integers(0, 255, (6, 32, 32, 1)).astype(np.uint8)
     X = np.repeat(gray, 3, axis=-1)
@@ -312,8 +341,9 @@ def test_randomisation_check_flags_maps_that_ignore_the_weights():
     trained = gradcam(model, X, class_index=0)
     for seed in range(20):
         clone = randomized_clone(model, seed)
-        assert not np.allclose(clone.get_layer("conv").get_weights()[0],
-                               model.get_layer("conv").get_weights()[0])
+        assert not np.allclose(
+            clone.get_layer("conv").get_weights()[0], model.get_layer("conv").get_weights()[0]
+        )
         random = gradcam(clone, X, class_index=0)
         if all(np.ptp(m) > 0 for m in random):
             break
@@ -346,8 +376,10 @@ def test_a_fit_note_becomes_a_report_warning(tmp_path):
         folds_table = pd.DataFrame({"fold": [0, 0, 1, 1, 2, 2] * 5, "label": ["a", "b"] * 15})
         fold_ids = [0, 1, 2]
         classes = ["a", "b"]
-        units = {"tl": [{"notes": ["MobileNetV2 started from random weights"]}, {"notes": []}],
-                 "cnn": [{"notes": []}]}
+        units = {
+            "tl": [{"notes": ["MobileNetV2 started from random weights"]}, {"notes": []}],
+            "cnn": [{"notes": []}],
+        }
 
     settings = ReportSection(colour_extractors=["color"], colour_only_warning=0.6)
     got = warnings_for(Run(), pd.DataFrame({"candidate": [], "balanced_accuracy": []}), settings)

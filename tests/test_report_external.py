@@ -18,7 +18,9 @@ from bench.report.tables import EXTERNAL_COLUMNS, external_agreement
 from tests.conftest import COLOUR_FOREST, TOY_CLASSES, toy_arrays, write_tiny_config
 
 EVIL = "<script>alert(1)</script>"
-EXTRA = COLOUR_FOREST + """
+EXTRA = (
+    COLOUR_FOREST
+    + """
 [ensembles.vote_all]
 type = "soft_voting"
 members = "all"
@@ -33,6 +35,7 @@ path = "{data}"
 path = "{ext}"
 datasets = ["toy"]
 """
+)
 
 
 def _external_folder(root: Path) -> Path:
@@ -53,12 +56,19 @@ def ext_run(tmp_path_factory, toy_folder):
     """A finished run (two random forests and their soft vote) scored on one external
     set; its report written at the end of ``run``."""
     from bench.run.runner import run_from_args
+
     root = tmp_path_factory.mktemp("report_ext")
     ext = _external_folder(root / "lab2")
-    cfg = write_tiny_config(root / "c.toml", toy_folder,
-                            extra=EXTRA.format(data=toy_folder, ext=ext))
-    _, out = run_from_args(str(cfg), data="toy", out=str(root / "run"),
-                           only=["rf_hog", "rf_colour"], show_progress=False)
+    cfg = write_tiny_config(
+        root / "c.toml", toy_folder, extra=EXTRA.format(data=toy_folder, ext=ext)
+    )
+    _, out = run_from_args(
+        str(cfg),
+        data="toy",
+        out=str(root / "run"),
+        only=["rf_hog", "rf_colour"],
+        show_progress=False,
+    )
     return out
 
 
@@ -69,7 +79,7 @@ def _copy(run_dir: Path, dest: Path) -> Path:
 
 def _section(html: str) -> str:
     i = html.index('<section id="external">')
-    return html[i:html.index("</section>", i)]
+    return html[i : html.index("</section>", i)]
 
 
 def _rewrite_scores(d: Path, values: dict[str, float]) -> pd.DataFrame:
@@ -94,14 +104,18 @@ def test_report_has_the_external_section(ext_run):
     meta = json.loads((ext_run / "external" / "ext" / "meta.json").read_text())
     assert meta["n"] == 18
     assert "<dt>images</dt><dd>18" in sec
-    assert "other: 1" in sec                       # the class the run does not have
-    assert "sample of" not in sec                  # the whole set was scored
-    assert "patients / groups" not in sec          # no groups: images are the unit
+    assert "other: 1" in sec  # the class the run does not have
+    assert "sample of" not in sec  # the whole set was scored
+    assert "patients / groups" not in sec  # no groups: images are the unit
     assert "over images" in sec
     assert "Spearman" in sec
     # the figures and CSVs the section links to
-    for rel in ("img/external_ext_scatter.png", "img/external_ext_recall.png",
-                "csv/external_ext.csv", "csv/external_ext_recall.csv"):
+    for rel in (
+        "img/external_ext_scatter.png",
+        "img/external_ext_recall.png",
+        "csv/external_ext.csv",
+        "csv/external_ext_recall.csv",
+    ):
         assert f'"{rel}"' in sec and (rep / rel).is_file(), rel
     # every image and CSV the page links to is there
     for rel in re.findall(r'(?:src|href)="((?:img|csv)/[^"]+)"', html):
@@ -114,27 +128,31 @@ def test_table_matches_the_leaderboard_and_scores(ext_run):
     table = pd.read_csv(rep / "external_ext.csv")
     scores = pd.read_csv(ext_run / "external" / "ext" / "scores.csv").set_index("candidate")
     assert list(table.columns) == list(EXTERNAL_COLUMNS)
-    assert list(table["candidate"]) == list(board["candidate"])      # leaderboard order
+    assert list(table["candidate"]) == list(board["candidate"])  # leaderboard order
     assert set(table["candidate"]) == {"rf_hog", "rf_colour", "vote_all"}
     assert list(table["leaderboard_rank"]) == list(board["rank"])
     t = table.set_index("candidate")
     b = board.set_index("candidate")
     for m in ("balanced_accuracy", "accuracy"):
         for suffix in ("", "_lo", "_hi"):
-            assert t[f"external_{m}{suffix}"].to_numpy() == \
-                pytest.approx(scores.loc[t.index, f"{m}{suffix}"].to_numpy())
+            assert t[f"external_{m}{suffix}"].to_numpy() == pytest.approx(
+                scores.loc[t.index, f"{m}{suffix}"].to_numpy()
+            )
         assert t[f"in_domain_{m}"].to_numpy() == pytest.approx(b.loc[t.index, m].to_numpy())
-    assert t["external_macro_f1"].to_numpy() == \
-        pytest.approx(scores.loc[t.index, "macro_f1"].to_numpy())
+    assert t["external_macro_f1"].to_numpy() == pytest.approx(
+        scores.loc[t.index, "macro_f1"].to_numpy()
+    )
     assert t["gap_balanced_accuracy"].to_numpy() == pytest.approx(
-        (t["external_balanced_accuracy"] - t["in_domain_balanced_accuracy"]).to_numpy())
+        (t["external_balanced_accuracy"] - t["in_domain_balanced_accuracy"]).to_numpy()
+    )
     for side in ("in_domain", "external"):
         expect = t[f"{side}_balanced_accuracy"].rank(ascending=False, method="min")
         assert t[f"{side}_rank"].tolist() == expect.astype(int).tolist()
     # the run's own leaderboard.csv has the set's columns with the same numbers
     run_board = pd.read_csv(ext_run / "leaderboard.csv").set_index("candidate")
-    assert run_board.loc[t.index, "ext_balanced_accuracy"].to_numpy() == \
-        pytest.approx(t["external_balanced_accuracy"].to_numpy())
+    assert run_board.loc[t.index, "ext_balanced_accuracy"].to_numpy() == pytest.approx(
+        t["external_balanced_accuracy"].to_numpy()
+    )
     html = (ext_run / "report" / "index.html").read_text()
     sec = _section(html)
     for name, r in t.iterrows():
@@ -177,7 +195,7 @@ def test_winner_that_does_not_hold_is_said_and_warned(ext_run, tmp_path):
     assert external_agreement(table)["rho"] == pytest.approx(r.statistic)
     assert external_agreement(table)["best_external"] == last
     # the winner falls below 0.5 outside the lab: the warnings box says so
-    warn = html[html.index('<section id="warnings">'):html.index('<section id="leaderboard">')]
+    warn = html[html.index('<section id="warnings">') : html.index('<section id="leaderboard">')]
     assert "Results do not hold outside the training lab (ext)" in warn
     assert f"&#39;{first}&#39; reaches a balanced accuracy of 0.310" in warn
 
@@ -186,6 +204,7 @@ def _perfect_in_domain(d: Path) -> list[str]:
     """Make every entry's out-of-fold probabilities one-hot on the true class (in-domain
     balanced accuracy exactly 1, whatever the toy models scored); the entries' names."""
     from bench.run.rundir import RunDir
+
     rd = RunDir(d)
     names = [str(n) for n in rd.read_leaderboard()["candidate"]]
     for name in names:
@@ -202,7 +221,7 @@ def test_warning_on_a_large_drop(ext_run, tmp_path, drop, warned):
     html = write_report(d, gradcam=False, progress=False).read_text()
     assert ("Results do not hold outside the training lab" in html) == warned
     assert (f"against 1.000 in-domain (gap {-drop:+.3f}" in html) == warned
-    assert "is not the winner on ext" not in html   # all tied: the winner holds
+    assert "is not the winner on ext" not in html  # all tied: the winner holds
 
 
 def test_no_section_without_external_sets(ext_run, tmp_path):
@@ -232,7 +251,7 @@ def test_html_characters_in_names_are_escaped(ext_run, tmp_path):
     pc["class"] = pc["class"].map(lambda c: rename.get(c, c))
     pc.to_csv(ext / "per_class.csv", index=False)
     meta = json.loads((ext / "meta.json").read_text())
-    meta["unmapped"] = {"<b>x</b>": 2, EVIL: 1}          # the other lab's folder names
+    meta["unmapped"] = {"<b>x</b>": 2, EVIL: 1}  # the other lab's folder names
     meta["entry"]["path"] = "/data/<img src=x onerror=alert(2)>"
     (ext / "meta.json").write_text(json.dumps(meta))
     html = write_report(d, gradcam=False, progress=False).read_text()
@@ -241,7 +260,7 @@ def test_html_characters_in_names_are_escaped(ext_run, tmp_path):
     assert "<img src=x" not in html
     assert "&lt;script&gt;alert(1)&lt;/script&gt;: 1" in sec
     assert "&lt;b&gt;x&lt;/b&gt;: 2" in sec
-    assert html.count("<script>") == 1   # the report's own sorting script only
+    assert html.count("<script>") == 1  # the report's own sorting script only
     recall = pd.read_csv(d / "report" / "csv" / "external_ext_recall.csv")
     assert EVIL in set(recall["class"])
     assert (d / "report" / "img" / "external_ext_recall.png").is_file()
@@ -250,12 +269,17 @@ def test_html_characters_in_names_are_escaped(ext_run, tmp_path):
 def test_agreement_edge_cases():
     def table(ind, ext):
         n = len(ind)
-        return pd.DataFrame({"candidate": [f"e{i}" for i in range(n)],
-                             "in_domain_balanced_accuracy": ind,
-                             "external_balanced_accuracy": ext})
+        return pd.DataFrame(
+            {
+                "candidate": [f"e{i}" for i in range(n)],
+                "in_domain_balanced_accuracy": ind,
+                "external_balanced_accuracy": ext,
+            }
+        )
+
     a = external_agreement(table([0.9], [0.4]))
     assert np.isnan(a["rho"]) and "at least two" in a["why"] and a["winner_holds"]
-    a = external_agreement(table([0.9, 0.8, 0.7], [0.6, 0.6, 0.5]))   # tied for first
+    a = external_agreement(table([0.9, 0.8, 0.7], [0.6, 0.6, 0.5]))  # tied for first
     assert a["winner_holds"] and a["best_external"] == "e0"
     assert a["rho"] == pytest.approx(spearmanr([0.9, 0.8, 0.7], [0.6, 0.6, 0.5]).statistic)
     a = external_agreement(table([0.9, 0.8, 0.7], [0.5, 0.5, 0.5]))

@@ -32,14 +32,25 @@ def tiny_run(tmp_path_factory, toy_folder):
 
 
 def _finished(out):
-    return {p.parent.relative_to(out).as_posix(): read_json(p)["finished"]
-            for p in sorted(out.glob("units/*/fold*/result.json"))}
+    return {
+        p.parent.relative_to(out).as_posix(): read_json(p)["finished"]
+        for p in sorted(out.glob("units/*/fold*/result.json"))
+    }
 
 
 def test_run_writes_every_artifact(tiny_run):
     _, out, board = tiny_run
-    for f in ("config.toml", "manifest.json", "folds.csv", "leaderboard.csv", "leaderboard.md",
-              "predictor/manifest.json", "oof/rf_hog.npy", "oof/cnn_tiny.npy", "oof/soft_vote.npy"):
+    for f in (
+        "config.toml",
+        "manifest.json",
+        "folds.csv",
+        "leaderboard.csv",
+        "leaderboard.md",
+        "predictor/manifest.json",
+        "oof/rf_hog.npy",
+        "oof/cnn_tiny.npy",
+        "oof/soft_vote.npy",
+    ):
         assert (out / f).is_file(), f
     folds = pd.read_csv(out / "folds.csv")
     assert list(folds.columns) == ["index", "source", "label", "group", "fold"]
@@ -49,8 +60,13 @@ def test_run_writes_every_artifact(tiny_run):
     m = read_json(out / "manifest.json")
     assert m["dataset"]["counts"] == {"disc": 20, "square": 20, "stripes": 20}
     assert m["folds"]["hash"] and m["versions"]["numpy"] and m["seeds"]["run"] == 0
-    assert set(m["stage_seconds"]) == {"data_and_folds", "prepare", "units",
-                                       "ensembles_and_leaderboard", "predictor"}
+    assert set(m["stage_seconds"]) == {
+        "data_and_folds",
+        "prepare",
+        "units",
+        "ensembles_and_leaderboard",
+        "predictor",
+    }
     assert all(v >= 0 for v in m["stage_seconds"].values())
 
 
@@ -69,12 +85,24 @@ def test_every_candidate_learns_above_chance(tiny_run):
     lb = pd.read_csv(out / "leaderboard.csv")
     assert set(lb["candidate"]) == {"rf_hog", "cnn_tiny", "soft_vote"}
     assert dict(zip(lb["candidate"], lb["kind"])) == {
-        "rf_hog": "baseline", "cnn_tiny": "cnn", "soft_vote": "ensemble"}
-    for col in ("candidate", "kind", "accuracy", "accuracy_std", "balanced_accuracy", "macro_f1",
-                "roc_auc", "log_loss", "fit_seconds"):
+        "rf_hog": "baseline",
+        "cnn_tiny": "cnn",
+        "soft_vote": "ensemble",
+    }
+    for col in (
+        "candidate",
+        "kind",
+        "accuracy",
+        "accuracy_std",
+        "balanced_accuracy",
+        "macro_f1",
+        "roc_auc",
+        "log_loss",
+        "fit_seconds",
+    ):
         assert col in lb.columns
     acc = dict(zip(lb["candidate"], lb["accuracy"]))
-    assert acc["rf_hog"] > 0.8 and acc["cnn_tiny"] > 0.6, acc      # chance is 1/3
+    assert acc["rf_hog"] > 0.8 and acc["cnn_tiny"] > 0.6, acc  # chance is 1/3
     assert list(lb["accuracy"]) == sorted(lb["accuracy"], reverse=True)
 
 
@@ -82,6 +110,7 @@ def test_resume_skips_finished_units(tiny_run, monkeypatch):
     cfg, out, _ = tiny_run
     before = _finished(out)
     import bench.run.runner as runner
+
     monkeypatch.setattr(runner, "run_unit", lambda *a: pytest.fail(f"recomputed {a}"))
     run_from_args(str(cfg), out=str(out), show_progress=False)
     assert _finished(out) == before
@@ -119,7 +148,7 @@ def test_predictor_round_trip(tiny_run, tmp_path):
     _, out, _ = tiny_run
     pred = load_predictor(out / "predictor")
     assert list(pred.classes_) == ["disc", "square", "stripes"]
-    images, labels = toy_arrays(6, 32, seed=99)           # images never seen in training
+    images, labels = toy_arrays(6, 32, seed=99)  # images never seen in training
     p1 = pred.predict_proba(images)
     assert p1.shape == (18, 3) and np.allclose(p1.sum(axis=1), 1, atol=1e-5)
     assert (pred.predict(images) == np.array(pred.classes_)[labels]).mean() > 0.6
@@ -146,20 +175,45 @@ def test_tampered_predictor_is_refused(tiny_run, tmp_path):
 def test_cli_predict_writes_csv(tiny_run, tmp_path, capsys):
     _, out, _ = tiny_run
     from tests.conftest import write_toy_folder
+
     imgs = write_toy_folder(tmp_path / "new", n_per_class=4, seed=7, fmt="jpg")
     (imgs / "disc" / "broken.jpg").write_bytes(b"nope")
     csv_path = tmp_path / "preds.csv"
-    assert main(["predict", "--model", str(out / "predictor"), "--img-path", str(imgs),
-                 "--out", str(csv_path)]) == 0
+    assert (
+        main(
+            [
+                "predict",
+                "--model",
+                str(out / "predictor"),
+                "--img-path",
+                str(imgs),
+                "--out",
+                str(csv_path),
+            ]
+        )
+        == 0
+    )
     rows = list(csv.DictReader(open(csv_path)))
-    assert list(rows[0]) == ["path", "prediction", "confidence", "disc", "square", "stripes",
-                            "shift_score", "prediction_set", "set_size", "review"]
+    assert list(rows[0]) == [
+        "path",
+        "prediction",
+        "confidence",
+        "disc",
+        "square",
+        "stripes",
+        "shift_score",
+        "prediction_set",
+        "set_size",
+        "review",
+    ]
     assert all(0 <= float(r["shift_score"]) <= 1 for r in rows)
     assert len(rows) == 12
     correct = sum(r["prediction"] == os.path.basename(os.path.dirname(r["path"])) for r in rows)
     assert correct >= 8
-    assert all(abs(float(r["confidence"]) - max(float(r[c]) for c in ("disc", "square", "stripes")))
-               < 1e-6 for r in rows)
+    assert all(
+        abs(float(r["confidence"]) - max(float(r[c]) for c in ("disc", "square", "stripes"))) < 1e-6
+        for r in rows
+    )
     assert "skipped" in capsys.readouterr().err
 
 
@@ -170,7 +224,15 @@ def test_cli_errors_are_one_line(tiny_run, tmp_path, capsys):
     cases = [
         ["run", "--config", str(bad)],
         ["run", "--config", str(cfg), "--only", "nosuch"],
-        ["run", "--config", str(cfg), "--data", str(tmp_path / "nowhere"), "--out", str(tmp_path / "o")],
+        [
+            "run",
+            "--config",
+            str(cfg),
+            "--data",
+            str(tmp_path / "nowhere"),
+            "--out",
+            str(tmp_path / "o"),
+        ],
         ["predict", "--model", str(tmp_path), "--img_path", str(tmp_path)],
         ["predict", "--model", str(out / "predictor"), "--img_path", str(tmp_path / "none.png")],
     ]
@@ -197,12 +259,13 @@ def test_progress_in_a_log_is_occasional_text_lines(monkeypatch, capsys):
     PLAIN_INTERVAL seconds and a last one when the work took that long; short work prints
     nothing."""
     from core import progress
-    assert not progress.console.is_terminal          # pytest captures stderr
+
+    assert not progress.console.is_terminal  # pytest captures stderr
     assert list(progress.progress_iter(range(3), total=3, desc="things")) == [0, 1, 2]
     with progress.unit_progress(2, "units") as advance:
         advance("a fold 0")
         advance("a fold 1")
-    assert capsys.readouterr().err == ""             # quicker than the interval: silent
+    assert capsys.readouterr().err == ""  # quicker than the interval: silent
     monkeypatch.setattr(progress, "PLAIN_INTERVAL", 0.0)
     assert list(progress.progress_iter(range(3), total=3, desc="things")) == [0, 1, 2]
     with progress.unit_progress(2, "units") as advance:
@@ -210,7 +273,13 @@ def test_progress_in_a_log_is_occasional_text_lines(monkeypatch, capsys):
         advance("a fold 1")
     lines = capsys.readouterr().err.splitlines()
     assert [line.split(" (")[0] for line in lines] == [
-        "things: 1/3", "things: 2/3", "things: 3/3", "things: 3/3",
-        "units: 1/2", "units: 2/2", "units: 2/2"]
+        "things: 1/3",
+        "things: 2/3",
+        "things: 3/3",
+        "things: 3/3",
+        "units: 1/2",
+        "units: 2/2",
+        "units: 2/2",
+    ]
     assert lines[4].endswith(") a fold 0") and lines[-1].endswith(") done")
     assert all(re.search(r"\(\d+:\d\d\)", line) for line in lines)

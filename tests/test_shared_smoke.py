@@ -15,21 +15,37 @@ from tests.conftest import SHARED
 
 ROOT = Path(__file__).resolve().parents[1]
 PBC = SHARED / "data" / "pbc"
-pytestmark = pytest.mark.skipif(not (PBC / "images").is_dir() or not (PBC / "pbc_64.npz").is_file(),
-                                reason=f"shared PBC data not found at {PBC}")
+pytestmark = pytest.mark.skipif(
+    not (PBC / "images").is_dir() or not (PBC / "pbc_64.npz").is_file(),
+    reason=f"shared PBC data not found at {PBC}",
+)
 
 
 def test_smoke_profile_on_real_images_then_predict_unseen(tmp_path):
     out = tmp_path / "smoke"
-    assert main(["run", "--config", str(ROOT / "benchmarks.toml"), "--profile", "smoke",
-                 "--data", str(PBC / "images"), "--out", str(out)]) == 0
+    assert (
+        main(
+            [
+                "run",
+                "--config",
+                str(ROOT / "benchmarks.toml"),
+                "--profile",
+                "smoke",
+                "--data",
+                str(PBC / "images"),
+                "--out",
+                str(out),
+            ]
+        )
+        == 0
+    )
     lb = pd.read_csv(out / "leaderboard.csv").set_index("candidate")
     assert {"rf_hog", "cnn_small", "soft_vote"} <= set(lb.index)
     for name in ("rf_hog", "cnn_small", "soft_vote"):
-        assert lb.loc[name, "accuracy"] > 0.35, (name, lb.loc[name, "accuracy"])   # chance 0.125
+        assert lb.loc[name, "accuracy"] > 0.35, (name, lb.loc[name, "accuracy"])  # chance 0.125
 
     # unseen images: npz rows whose original files are not in images/
-    with np.load(PBC / "pbc_64.npz") as npz:   # read each array once (an NpzFile re-reads)
+    with np.load(PBC / "pbc_64.npz") as npz:  # read each array once (an NpzFile re-reads)
         z = {k: npz[k] for k in ("files", "classes", "labels", "images")}
     seen = {p.relative_to(PBC / "images").as_posix() for p in (PBC / "images").rglob("*.jpg")}
     rng = np.random.default_rng(0)
@@ -40,8 +56,20 @@ def test_smoke_profile_on_real_images_then_predict_unseen(tmp_path):
         d.mkdir(parents=True, exist_ok=True)
         Image.fromarray(z["images"][i]).save(d / f"{Path(str(z['files'][i])).stem}.png")
     csv_path = tmp_path / "pred.csv"
-    assert main(["predict", "--model", str(out / "predictor"), "--img_path", str(new),
-                 "--out", str(csv_path)]) == 0
+    assert (
+        main(
+            [
+                "predict",
+                "--model",
+                str(out / "predictor"),
+                "--img_path",
+                str(new),
+                "--out",
+                str(csv_path),
+            ]
+        )
+        == 0
+    )
     preds = list(csv.DictReader(open(csv_path)))
     assert len(preds) == 80
     acc = np.mean([r["prediction"] == Path(r["path"]).parent.name for r in preds])

@@ -7,14 +7,33 @@ import math
 import numpy as np
 import pytest
 from scipy import stats as st
-from sklearn.metrics import (accuracy_score, balanced_accuracy_score, f1_score, log_loss,
-                             roc_auc_score)
+from sklearn.metrics import (
+    accuracy_score,
+    balanced_accuracy_score,
+    f1_score,
+    log_loss,
+    roc_auc_score,
+)
 
-from core.calibration import (TemperatureScaler, apply_temperature, cross_fit_temperature, ece,
-                               fit_temperature, reliability)
+from core.calibration import (
+    TemperatureScaler,
+    apply_temperature,
+    cross_fit_temperature,
+    ece,
+    fit_temperature,
+    reliability,
+)
 from bench.report.tables import metrics_of
-from bench.stats.inference import (corrected_resampled_ttest, fold_size_ratio, friedman, holm, mcnemar,
-                         nemenyi_cd, nemenyi_q, t_interval)
+from bench.stats.inference import (
+    corrected_resampled_ttest,
+    fold_size_ratio,
+    friedman,
+    holm,
+    mcnemar,
+    nemenyi_cd,
+    nemenyi_q,
+    t_interval,
+)
 
 A = [0.80, 0.82, 0.78, 0.85, 0.75]
 B = [0.78, 0.80, 0.79, 0.80, 0.74]
@@ -22,8 +41,8 @@ B = [0.78, 0.80, 0.79, 0.80, 0.74]
 
 def test_t_interval_matches_hand_computation():
     r = t_interval(A, 0.95)
-    std = math.sqrt(0.0058 / 4)                      # squared deviations from 0.80 sum to 0.0058
-    half = 2.7764451051977987 * std / math.sqrt(5)   # t(0.975, 4 df) from a table
+    std = math.sqrt(0.0058 / 4)  # squared deviations from 0.80 sum to 0.0058
+    half = 2.7764451051977987 * std / math.sqrt(5)  # t(0.975, 4 df) from a table
     assert r["mean"] == pytest.approx(0.80)
     assert r["std"] == pytest.approx(std)
     assert (r["lo"], r["hi"]) == pytest.approx((0.80 - half, 0.80 + half))
@@ -48,7 +67,7 @@ def test_corrected_resampled_ttest_matches_hand_computation():
     ref = st.ttest_rel(A, B)
     assert plain["t"] == pytest.approx(ref.statistic)
     assert plain["p"] == pytest.approx(ref.pvalue)
-    assert r["p"] > plain["p"]   # the correction is conservative
+    assert r["p"] > plain["p"]  # the correction is conservative
     same = corrected_resampled_ttest(A, A, ratio)
     assert same["p"] == 1.0 and same["t"] == 0.0
     shifted = corrected_resampled_ttest(np.array(A) + 0.01, A, ratio)
@@ -88,9 +107,9 @@ def test_friedman_and_nemenyi_match_hand_computation():
     scores = np.array([[0.9, 0.8, 0.7], [0.9, 0.7, 0.8], [0.95, 0.85, 0.75], [0.9, 0.6, 0.8]])
     r = friedman(scores)
     assert r["avg_ranks"] == pytest.approx([1.0, 2.5, 2.5])
-    assert r["chi2"] == pytest.approx(6.0)              # 12*4/(3*4) * (1 + 6.25 + 6.25 - 12)
-    assert r["p"] == pytest.approx(math.exp(-3.0))      # chi-square, 2 df
-    assert r["F"] == pytest.approx(9.0)                 # 3 * 6 / (4 * 2 - 6)
+    assert r["chi2"] == pytest.approx(6.0)  # 12*4/(3*4) * (1 + 6.25 + 6.25 - 12)
+    assert r["p"] == pytest.approx(math.exp(-3.0))  # chi-square, 2 df
+    assert r["F"] == pytest.approx(9.0)  # 3 * 6 / (4 * 2 - 6)
     assert r["p_F"] == pytest.approx(st.f.sf(9.0, 2, 6))
     low = friedman(1 - scores, higher_is_better=False)  # errors instead of accuracies
     assert low["avg_ranks"] == pytest.approx(r["avg_ranks"])
@@ -148,7 +167,7 @@ def test_temperature_scaling_fixes_overconfidence_and_keeps_predictions():
     rng = np.random.default_rng(2)
     y = rng.integers(0, 3, 3000)
     logits = rng.normal(size=(3000, 3)) + 1.0 * np.eye(3)[y]
-    sharp = np.exp(4 * logits) / np.exp(4 * logits).sum(axis=1, keepdims=True)   # 4x too sharp
+    sharp = np.exp(4 * logits) / np.exp(4 * logits).sum(axis=1, keepdims=True)  # 4x too sharp
     t = fit_temperature(y, sharp)
     assert t == pytest.approx(4.0, rel=0.15)
     fixed = apply_temperature(sharp, t)

@@ -17,6 +17,7 @@ from tests.conftest import COLOUR_FOREST, run_error_line, toy_arrays, write_tiny
 
 # -- the shifts ---------------------------------------------------------------------------
 
+
 @pytest.mark.parametrize("shift", COLOUR_SHIFTS)
 def test_a_shift_is_seeded_per_image_and_changes_colour_not_shape(shift):
     X, _ = toy_arrays(4, 32, seed=3)
@@ -24,8 +25,8 @@ def test_a_shift_is_seeded_per_image_and_changes_colour_not_shape(shift):
     out = simulate(X, shift, rows, seed=7)
     assert out.shape == X.shape and out.dtype == np.uint8
     diff = np.abs(out.astype(int) - X.astype(int)).mean(axis=(1, 2, 3))
-    assert (diff > 1.0).all()                      # every image re-coloured ...
-    assert len(np.unique(np.round(diff, 3))) > len(X) // 2   # ... each its own way
+    assert (diff > 1.0).all()  # every image re-coloured ...
+    assert len(np.unique(np.round(diff, 3))) > len(X) // 2  # ... each its own way
     # the same image and row give the same result in any batch, order or process
     again = simulate(X[::-1][:5], shift, rows[::-1][:5], seed=7)
     np.testing.assert_array_equal(again, out[::-1][:5])
@@ -43,8 +44,11 @@ def test_camera_shift_changes_magnification_and_focus_not_colour():
     n, size = 40, 64
     yy, xx = np.mgrid[:size, :size]
     disk = np.hypot(yy - (size - 1) / 2, xx - (size - 1) / 2) <= 10
-    X = np.where(disk[None, ..., None], np.array([60, 30, 120], np.uint8),
-                 np.array([240, 220, 200], np.uint8)).astype(np.uint8)
+    X = np.where(
+        disk[None, ..., None],
+        np.array([60, 30, 120], np.uint8),
+        np.array([240, 220, 200], np.uint8),
+    ).astype(np.uint8)
     X = np.repeat(X, n, axis=0)
     rows = np.arange(n)
     out = simulate(X, "camera", rows, seed=3)
@@ -52,11 +56,11 @@ def test_camera_shift_changes_magnification_and_focus_not_colour():
     dark = out.astype(int).sum(axis=-1) < (60 + 30 + 120 + 240 + 220 + 200) / 2
     ratio = np.sqrt(dark.sum(axis=(1, 2)) / disk.sum())
     assert ((ratio > 0.76) & (ratio < 1.3)).all()
-    assert (ratio < 0.95).any() and (ratio > 1.05).any()    # zoomed out and in
+    assert (ratio < 0.95).any() and (ratio > 1.05).any()  # zoomed out and in
     np.testing.assert_array_equal(out[:, 0, 0], X[:, 0, 0])  # background colour kept
     np.testing.assert_array_equal(out[:, 32, 32], X[:, 32, 32])  # the disk's colour kept
     grey = out.astype(float).mean(axis=-1)
-    edges = (grey > 90) & (grey < 210)   # between the two levels: a softened edge
+    edges = (grey > 90) & (grey < 210)  # between the two levels: a softened edge
     assert edges.sum(axis=(1, 2)).max() > 2 * edges.sum(axis=(1, 2)).min()
     np.testing.assert_array_equal(simulate(X[5:9], "camera", rows[5:9], seed=3), out[5:9])
     assert not np.array_equal(simulate(X[:4], "camera", rows[:4], seed=4), out[:4])
@@ -68,8 +72,15 @@ def test_scale_shift_magnifies_the_cell_as_a_tight_crop_would():
     n, size = 30, 64
     yy, xx = np.mgrid[:size, :size]
     disk = np.hypot(yy - (size - 1) / 2, xx - (size - 1) / 2) <= 10
-    X = np.repeat(np.where(disk[None, ..., None], np.array([60, 30, 120], np.uint8),
-                           np.array([240, 220, 200], np.uint8)).astype(np.uint8), n, axis=0)
+    X = np.repeat(
+        np.where(
+            disk[None, ..., None],
+            np.array([60, 30, 120], np.uint8),
+            np.array([240, 220, 200], np.uint8),
+        ).astype(np.uint8),
+        n,
+        axis=0,
+    )
     out = simulate(X, "scale", np.arange(n), seed=1)
     dark = out.astype(int).sum(axis=-1) < (60 + 30 + 120 + 240 + 220 + 200) / 2
     ratio = np.sqrt(dark.sum(axis=(1, 2)) / disk.sum())
@@ -89,6 +100,7 @@ def test_bad_shift_input_is_an_error():
 
 # -- ensembles fitted under shift --------------------------------------------------------
 
+
 def _members(seed=0, n=600):
     """A member that is right on clean rows and random under shift, and one that is right
     on 80 % of the rows either way."""
@@ -100,6 +112,7 @@ def _members(seed=0, n=600):
         p = np.full((n, 3), (1 - conf) / 2)
         p[np.arange(n), labels] = conf
         return p
+
     right = rng.random(n) < 0.8
     robust = onehot(np.where(right, y, (y + 1) % 3), 0.7)
     fragile_clean = onehot(y, 0.95)
@@ -111,7 +124,7 @@ def test_an_ensemble_fitted_under_shift_trusts_the_member_that_holds_up():
     y, folds, clean, shifted = _members()
     plain = cross_val_combine_sets(Stacking(C=1.0), [clean, shifted], y, folds, fit_sets=1)
     stressed = cross_val_combine_sets(Stacking(C=1.0), [clean, shifted], y, folds, fit_sets=2)
-    acc = lambda p: float(np.mean(p.argmax(1) == y))   # noqa: E731
+    acc = lambda p: float(np.mean(p.argmax(1) == y))  # noqa: E731
     # the plain stack follows the fragile member and collapses under the shift ...
     assert acc(plain[0]) > 0.9 and acc(plain[1]) < 0.5
     # ... the one fitted under shift keeps most of the robust member's accuracy there and
@@ -122,9 +135,14 @@ def test_an_ensemble_fitted_under_shift_trusts_the_member_that_holds_up():
 
 
 def test_robust_choice_takes_the_best_under_shift_within_the_tolerance():
-    board = pd.DataFrame({
-        "candidate": ["a", "b", "c", "m"], "kind": ["ensemble"] * 3 + ["cnn"],
-        "accuracy": [0.98, 0.977, 0.96, 0.99], "stress_accuracy": [0.80, 0.90, 0.95, 0.99]})
+    board = pd.DataFrame(
+        {
+            "candidate": ["a", "b", "c", "m"],
+            "kind": ["ensemble"] * 3 + ["cnn"],
+            "accuracy": [0.98, 0.977, 0.96, 0.99],
+            "stress_accuracy": [0.80, 0.90, 0.95, 0.99],
+        }
+    )
     assert choose_entry(board, "best")["candidate"] == "a"
     assert choose_entry(board, "robust", "accuracy", 0.005)["candidate"] == "b"
     assert choose_entry(board, "robust", "accuracy", 0.05)["candidate"] == "c"
@@ -138,7 +156,9 @@ def test_robust_choice_takes_the_best_under_shift_within_the_tolerance():
 
 # -- in a run -------------------------------------------------------------------------------
 
-STRESS = COLOUR_FOREST + """
+STRESS = (
+    COLOUR_FOREST
+    + """
 [stress]
 shifts = ["stain"]
 
@@ -157,26 +177,30 @@ stress = true
 ensemble = "robust"
 robust_tolerance = {tol}
 """
+)
 
 
 @pytest.fixture(scope="module")
 def stress_run(tmp_path_factory, toy_folder):
     from bench.run.runner import run_from_args
+
     root = tmp_path_factory.mktemp("stress")
     cfg = write_tiny_config(root / "c.toml", toy_folder, extra=STRESS.format(tol=1.0))
-    board, out = run_from_args(str(cfg), out=str(root / "run"), only=["rf_hog", "rf_colour"],
-                               show_progress=False)
+    board, out = run_from_args(
+        str(cfg), out=str(root / "run"), only=["rf_hog", "rf_colour"], show_progress=False
+    )
     return cfg, out
 
 
 def test_a_run_scores_every_entry_under_each_shift(stress_run):
     from bench.run.rundir import RunDir
     from core.metrics import fold_metrics
+
     _, out = stress_run
     run = RunDir(out)
     board = pd.read_csv(out / "leaderboard.csv").set_index("candidate")
     names = ["rf_hog", "rf_colour", "soft_vote", "stack_plain", "stack_stress"]
-    assert set(board.index) == set(names) - {"soft_vote"}   # soft_vote: no CNN member
+    assert set(board.index) == set(names) - {"soft_vote"}  # soft_vote: no CNN member
     y = run.labels
     for name in board.index:
         p = np.load(out / "oof" / "stress" / "stain" / f"{name}.npy").astype(np.float64)
@@ -187,13 +211,17 @@ def test_a_run_scores_every_entry_under_each_shift(stress_run):
         assert board.loc[name, "stress_accuracy"] == board.loc[name, "stress_stain_accuracy"]
     # the stressed ensemble: fold k fitted on the other folds' clean and shifted rows
     members = [run.read_oof(m) for m in ("rf_hog", "rf_colour")]
-    shifted = [np.load(out / "oof" / "stress" / "stain" / f"{m}.npy").astype(np.float64)
-               for m in ("rf_hog", "rf_colour")]
-    want = cross_val_combine_sets(Stacking(C=1.0), [members, shifted], y, run.folds.folds,
-                                  fit_sets=2)
+    shifted = [
+        np.load(out / "oof" / "stress" / "stain" / f"{m}.npy").astype(np.float64)
+        for m in ("rf_hog", "rf_colour")
+    ]
+    want = cross_val_combine_sets(
+        Stacking(C=1.0), [members, shifted], y, run.folds.folds, fit_sets=2
+    )
     np.testing.assert_allclose(run.read_oof("stack_stress"), want[0], atol=1e-5)
     np.testing.assert_allclose(
-        np.load(out / "oof" / "stress" / "stain" / "stack_stress.npy"), want[1], atol=1e-5)
+        np.load(out / "oof" / "stress" / "stain" / "stack_stress.npy"), want[1], atol=1e-5
+    )
     # the predictor: the best ensemble under shift (tolerance 1: every ensemble qualifies)
     ens = board[board["kind"] == "ensemble"]
     assert run.read_state()["predictor"] == ens["stress_accuracy"].idxmax()
@@ -203,29 +231,34 @@ def test_a_run_scores_every_entry_under_each_shift(stress_run):
 
 def test_a_resumed_run_scores_missing_shifts_from_the_saved_models(stress_run):
     from bench.run.runner import run_from_args
+
     cfg, out = stress_run
     unit = out / "units" / "rf_colour" / "fold1" / "stress_stain.npy"
     before = np.load(unit)
     board_before = pd.read_csv(out / "leaderboard.csv")
     unit.unlink()
     run_from_args(str(cfg), out=str(out), only=["rf_hog", "rf_colour"], show_progress=False)
-    np.testing.assert_array_equal(np.load(unit), before)   # the same shift of the same images
+    np.testing.assert_array_equal(np.load(unit), before)  # the same shift of the same images
     board = pd.read_csv(out / "leaderboard.csv")
     pd.testing.assert_series_equal(board["stress_accuracy"], board_before["stress_accuracy"])
 
 
-@pytest.mark.parametrize("extra,fragment", [
-    ('[ensembles.s]\ntype = "stacking"\nstress = true\n', "[ensembles.s] stress = true needs"),
-    ('[predictor]\nensemble = "robust"\n', "ensemble = 'robust' needs [stress] shifts"),
-    ('[stress]\nshifts = ["blur"]\n', "[stress] shifts"),
-    ('[stress]\nshift = ["stain"]\n', "did you mean 'shifts'"),
-])
+@pytest.mark.parametrize(
+    "extra,fragment",
+    [
+        ('[ensembles.s]\ntype = "stacking"\nstress = true\n', "[ensembles.s] stress = true needs"),
+        ('[predictor]\nensemble = "robust"\n', "ensemble = 'robust' needs [stress] shifts"),
+        ('[stress]\nshifts = ["blur"]\n', "[stress] shifts"),
+        ('[stress]\nshift = ["stain"]\n', "did you mean 'shifts'"),
+    ],
+)
 def test_bad_stress_settings_are_one_line(extra, fragment, toy_folder, tmp_path, capsys):
     assert fragment in run_error_line(extra, toy_folder, tmp_path, capsys)
 
 
 def test_the_report_shows_each_entry_under_shift(stress_run):
     from bench.run.leaderboard import fmt
+
     _, out = stress_run
     html = (out / "report" / "index.html").read_text()
     board = pd.read_csv(out / "leaderboard.csv").set_index("candidate")
@@ -238,11 +271,15 @@ def test_the_report_shows_each_entry_under_shift(stress_run):
 
 def test_the_external_section_correlates_the_stress_test_with_the_external_ranking():
     from bench.report.tables import external_agreement
-    table = pd.DataFrame({
-        "candidate": list("abcd"),
-        "in_domain_balanced_accuracy": [0.99, 0.98, 0.97, 0.96],
-        "external_balanced_accuracy": [0.40, 0.50, 0.60, 0.70],
-        "under_shift": [0.60, 0.70, 0.80, 0.90]})
+
+    table = pd.DataFrame(
+        {
+            "candidate": list("abcd"),
+            "in_domain_balanced_accuracy": [0.99, 0.98, 0.97, 0.96],
+            "external_balanced_accuracy": [0.40, 0.50, 0.60, 0.70],
+            "under_shift": [0.60, 0.70, 0.80, 0.90],
+        }
+    )
     a = external_agreement(table)
     assert a["rho"] == pytest.approx(-1.0) and a["rho_shift"] == pytest.approx(1.0)
     assert a["n_shift"] == 4

@@ -27,7 +27,7 @@ def _fast(tmp_path, **tuning) -> dict:
 class EpochModel(Candidate):
     """A fake CNN: its validation accuracy after epoch e is quality * (e + 1) / epochs."""
 
-    fit_accepts = frozenset({"classes", "epoch_callbacks"})   # reports epochs: prunable
+    fit_accepts = frozenset({"classes", "epoch_callbacks"})  # reports epochs: prunable
     tunable = True
 
     def __init__(self, quality=0.5, epochs=8, seconds=0.0):
@@ -37,7 +37,7 @@ class EpochModel(Candidate):
 
     def fit(self, X, y, X_val=None, y_val=None, classes=None, epoch_callbacks=None):
         self._set_classes(y, classes)
-        self._y = np.asarray(y_val if y_val is not None else y)   # scored against these
+        self._y = np.asarray(y_val if y_val is not None else y)  # scored against these
         time.sleep(self.seconds)
         for e in range(self.epochs):
             for cb in epoch_callbacks or []:
@@ -92,13 +92,16 @@ def _ids(X):
 def test_tuned_forest_beats_a_poor_default(tmp_path):
     X, y = toy_arrays(20, 32, seed=0)
     Xt, yt = toy_arrays(15, 32, seed=1)
-    entry = {"type": "feature_forest",
-             "params": {"features": COLOR, "n_estimators": 1, "max_depth": 1, "random_state": 0}}
+    entry = {
+        "type": "feature_forest",
+        "params": {"features": COLOR, "n_estimators": 1, "max_depth": 1, "random_state": 0},
+    }
     default = build_candidate(entry).fit(X, y)
     acc_default = (default.predict(Xt) == yt).mean()
-    assert acc_default < 0.7        # one stump cannot tell three classes apart
-    best, info = tune_candidate(entry, X, y, np.arange(3), "rf-fold0",
-                                {"trials": 3, "timeout": 0}, tmp_path, seed=0)
+    assert acc_default < 0.7  # one stump cannot tell three classes apart
+    best, info = tune_candidate(
+        entry, X, y, np.arange(3), "rf-fold0", {"trials": 3, "timeout": 0}, tmp_path, seed=0
+    )
     assert info["default_value"] < info["best_value"] and best["max_depth"] != 1
     tuned = build_candidate({**entry, "params": {**entry["params"], **best}}).fit(X, y)
     assert (tuned.predict(Xt) == yt).mean() > acc_default + 0.15
@@ -115,14 +118,14 @@ def test_resumed_study_runs_only_the_remaining_trials(tmp_path):
     before = json.loads((tmp_path / "tuning" / "s.json").read_text())["trials"]
     _, again = tune_candidate(entry, X, y, np.arange(3), "s", tun, tmp_path, seed=1)
     assert again["trials_run_now"] == 0 and again["n_trials"] == 3
-    _, more = tune_candidate(entry, X, y, np.arange(3), "s", {**tun, "trials": 5}, tmp_path,
-                             seed=1)
+    _, more = tune_candidate(entry, X, y, np.arange(3), "s", {**tun, "trials": 5}, tmp_path, seed=1)
     after = json.loads((tmp_path / "tuning" / "s.json").read_text())["trials"]
     assert first["trials_run_now"] == 3 and more["trials_run_now"] == 2
-    assert after[:3] == before                      # finished trials kept, not re-run
+    assert after[:3] == before  # finished trials kept, not re-run
     params = [t["params"]["quality"] for t in after]
-    assert len(set(params)) == 5                    # no point sampled twice
+    assert len(set(params)) == 5  # no point sampled twice
     from bench.run.storage import make_storage
+
     st = optuna.load_study(study_name="s", storage=make_storage(tun["storage"]))
     assert len(st.trials) == 5
 
@@ -130,11 +133,23 @@ def test_resumed_study_runs_only_the_remaining_trials(tmp_path):
 def test_same_seed_same_study(tmp_path):
     X, y = toy_arrays(6, 16, seed=0)
     entry = {"type": "_test_epochs", "params": {"epochs": 2}}
-    runs = [tune_candidate(entry, X, y, np.arange(3), "s",
-                           _fast(tmp_path / str(i), trials=4, pruner="none"),
-                           tmp_path / str(i), seed=7)[1] for i in range(2)]
-    trials = [json.loads((tmp_path / str(i) / "tuning" / "s.json").read_text())["trials"]
-              for i in range(2)]
+    runs = [
+        tune_candidate(
+            entry,
+            X,
+            y,
+            np.arange(3),
+            "s",
+            _fast(tmp_path / str(i), trials=4, pruner="none"),
+            tmp_path / str(i),
+            seed=7,
+        )[1]
+        for i in range(2)
+    ]
+    trials = [
+        json.loads((tmp_path / str(i) / "tuning" / "s.json").read_text())["trials"]
+        for i in range(2)
+    ]
     assert [t["params"] for t in trials[0]] == [t["params"] for t in trials[1]]
     assert runs[0]["best_value"] == runs[1]["best_value"]
 
@@ -142,13 +157,13 @@ def test_same_seed_same_study(tmp_path):
 def test_epoch_callbacks_prune_poor_trials(tmp_path):
     X, y = toy_arrays(6, 16, seed=0)
     entry = {"type": "_test_epochs", "params": {"epochs": 6, "quality": 0.9}}
-    _, info = tune_candidate(entry, X, y, np.arange(3), "p",
-                             _fast(tmp_path, trials=8, pruner="median"),
-                             tmp_path, seed=0)
+    _, info = tune_candidate(
+        entry, X, y, np.arange(3), "p", _fast(tmp_path, trials=8, pruner="median"), tmp_path, seed=0
+    )
     trials = json.loads((tmp_path / "tuning" / "p.json").read_text())["trials"]
     pruned = [t for t in trials if t["state"] == "PRUNED"]
     assert info["n_pruned"] == len(pruned) >= 1
-    assert all(t["last_step"] < 5 for t in pruned)      # stopped before the last epoch
+    assert all(t["last_step"] < 5 for t in pruned)  # stopped before the last epoch
     # pruned: below the median of the completed trials at that epoch, so below the best
     top_quality = max(t["params"]["quality"] for t in trials if t["state"] == "COMPLETE")
     assert all(t["params"]["quality"] < top_quality for t in pruned)
@@ -157,33 +172,49 @@ def test_epoch_callbacks_prune_poor_trials(tmp_path):
 def test_timeout_bounds_the_study(tmp_path):
     X, y = toy_arrays(6, 16, seed=0)
     entry = {"type": "_test_epochs", "params": {"epochs": 1, "seconds": 0.15}}
-    _, info = tune_candidate(entry, X, y, np.arange(3), "t", _fast(tmp_path, trials=50,
-                                                                       timeout=0.4),
-                             tmp_path, seed=0)
+    _, info = tune_candidate(
+        entry, X, y, np.arange(3), "t", _fast(tmp_path, trials=50, timeout=0.4), tmp_path, seed=0
+    )
     assert 1 <= info["n_trials"] < 10
     # the finished trials' durations count against the budget when resuming: a resume runs
     # trials only while they add up to less than the timeout (time between trials is not
     # counted, so under load one resume may still find budget left), and never after
     prev, runs = info, []
     for _ in range(6):
-        _, again = tune_candidate(entry, X, y, np.arange(3), "t",
-                                  _fast(tmp_path, trials=50, timeout=0.4), tmp_path, seed=0)
+        _, again = tune_candidate(
+            entry,
+            X,
+            y,
+            np.arange(3),
+            "t",
+            _fast(tmp_path, trials=50, timeout=0.4),
+            tmp_path,
+            seed=0,
+        )
         runs.append(again["trials_run_now"])
         if prev["trial_seconds"] >= 0.4:
             assert again["trials_run_now"] == 0 and again["n_trials"] == prev["n_trials"]
         prev = again
     assert prev["trial_seconds"] >= 0.4 and runs[-1] == 0
-    assert sum(runs) <= 3            # each trial sleeps 0.15 s: at most 3 fit in 0.4 s
+    assert sum(runs) <= 3  # each trial sleeps 0.15 s: at most 3 fit in 0.4 s
 
 
 def test_trials_never_see_the_outer_test_fold(tmp_path):
     X, y = toy_arrays(10, 16, seed=0)
     ids = np.arange(len(X))
     X[:, 0, 0, 0], X[:, 0, 0, 1] = ids // 256, ids % 256
-    test = np.arange(len(X)) % 5 == 0                   # the outer test fold
+    test = np.arange(len(X)) % 5 == 0  # the outer test fold
     Recorder.fitted.clear(), Recorder.scored.clear()
-    tune_candidate({"type": "_test_recorder", "params": {}}, X[~test], y[~test], np.arange(3),
-                   "r", _fast(tmp_path, trials=3), tmp_path, seed=0)
+    tune_candidate(
+        {"type": "_test_recorder", "params": {}},
+        X[~test],
+        y[~test],
+        np.arange(3),
+        "r",
+        _fast(tmp_path, trials=3),
+        tmp_path,
+        seed=0,
+    )
     train_ids, test_ids = set(ids[~test].tolist()), set(ids[test].tolist())
     assert len(Recorder.fitted) == 3
     for fit_ids, score_ids in zip(Recorder.fitted, Recorder.scored):
@@ -197,7 +228,7 @@ def test_inner_split_is_stratified_and_seeded():
     assert not set(tr) & set(va) and len(tr) + len(va) == len(y)
     assert np.bincount(y[va]).tolist() == [2, 4, 6]
     np.testing.assert_array_equal(va, inner_split(y, 0.2, seed=3)[1])
-    tr1, va1 = inner_split(np.array([0, 0, 0, 1]), 0.5, seed=0)   # a class of one: unstratified
+    tr1, va1 = inner_split(np.array([0, 0, 0, 1]), 0.5, seed=0)  # a class of one: unstratified
     assert len(va1) == 2
 
 
@@ -206,12 +237,21 @@ def test_bad_settings_are_one_clear_error(tmp_path):
         make_pruner("sometimes")
     X, y = toy_arrays(4, 16, seed=0)
     with pytest.raises(BenchError, match="metric"):
-        tune_candidate({"type": "_test_epochs", "params": {}}, X, y, np.arange(3), "b",
-                       _fast(tmp_path, trials=1, metric="speed"), tmp_path, seed=0)
+        tune_candidate(
+            {"type": "_test_epochs", "params": {}},
+            X,
+            y,
+            np.arange(3),
+            "b",
+            _fast(tmp_path, trials=1, metric="speed"),
+            tmp_path,
+            seed=0,
+        )
 
 
 def test_run_with_three_trials_end_to_end(toy_folder, tmp_path):
     from bench.run.runner import run_from_args
+
     extra = """
 [tuning]
 trials = 3
@@ -225,21 +265,23 @@ params = { features = "color", kernel = "linear" }
 """
     cfg = write_tiny_config(tmp_path / "bench.toml", toy_folder, extra)
     out = tmp_path / "run"
-    board, _ = run_from_args(str(cfg), profile="tiny", out=str(out), only=["svm_color"],
-                             show_progress=False)
+    board, _ = run_from_args(
+        str(cfg), profile="tiny", out=str(out), only=["svm_color"], show_progress=False
+    )
     assert board.loc[board["candidate"] == "svm_color", "accuracy"].iloc[0] > 0.6
     for k in range(3):
         res = json.loads((out / "units" / "svm_color" / f"fold{k}" / "result.json").read_text())
         assert res["tuning"]["n_trials"] == 3 and res["tuning"]["study"] == f"svm_color-fold{k}"
-        assert res["params"]["C"] == res["tuning"]["best_params"].get("C", 1.0)   # 1.0: default
+        assert res["params"]["C"] == res["tuning"]["best_params"].get("C", 1.0)  # 1.0: default
         saved = json.loads((out / "tuning" / f"svm_color-fold{k}.json").read_text())
         assert len(saved["trials"]) == 3
     from bench.report.cards import unit_times
     from bench.report.rundata import RunData
+
     row = next(r for r in unit_times(RunData(out)) if r["candidate"] == "svm_color")
-    assert row["trials"] == "3/3/3" and row["trials_total"] == 9   # the run card's columns
+    assert row["trials"] == "3/3/3" and row["trials_total"] == 9  # the run card's columns
     assert 0 <= row["tuned_folds"] <= 3 and row["trials_failed"] == 0
-    assert len(row["per_fold"]) == 3 and all(row["per_fold"])   # the decision of every fold
+    assert len(row["per_fold"]) == 3 and all(row["per_fold"])  # the decision of every fold
     html = (out / "report" / "index.html").read_text()
     assert "9 trial(s) in all, 1 of 1 candidates tuned" in html and "3/3/3" in html
     assert "kept per fold" in html and "fold 0: " in html
@@ -249,27 +291,37 @@ params = { features = "color", kernel = "linear" }
 
 def test_the_leaderboard_tuning_column_shows_both_full_fidelity_scores():
     from bench.run.tuning import fold_decision, tuning_column
-    checked = {"n_trials": 4, "best_params": {}, "confirm": {
-        "kept": "configured", "configured": 0.9712, "tuned": 0.9650}}
-    adopted = {"n_trials": 4, "best_params": {"lr": 0.1}, "confirm": {
-        "kept": "tuned", "configured": 0.95, "tuned": 0.97}}
+
+    checked = {
+        "n_trials": 4,
+        "best_params": {},
+        "confirm": {"kept": "configured", "configured": 0.9712, "tuned": 0.9650},
+    }
+    adopted = {
+        "n_trials": 4,
+        "best_params": {"lr": 0.1},
+        "confirm": {"kept": "tuned", "configured": 0.95, "tuned": 0.97},
+    }
     assert fold_decision(checked) == "configured 0.9712 vs tuned 0.9650 at full fidelity"
     assert fold_decision(adopted) == "tuned 0.9700 vs configured 0.9500 at full fidelity"
     assert fold_decision({"n_trials": 3, "best_params": {}}) == "configured"
     assert fold_decision({"n_trials": 3, "best_params": {"C": 2}}) == "tuned (trial score)"
-    assert tuning_column([{}, checked]) == \
-        "fold 1: configured 0.9712 vs tuned 0.9650 at full fidelity"
+    assert (
+        tuning_column([{}, checked]) == "fold 1: configured 0.9712 vs tuned 0.9650 at full fidelity"
+    )
 
 
 def test_candidate_tuning_table_overrides_the_global_one(tmp_path):
     X, y = toy_arrays(6, 16, seed=0)
     entry = {"type": "_test_epochs", "params": {"epochs": 1}, "tuning": {"trials": 0}}
-    best, info = tune_candidate(entry, X, y, np.arange(3), "o", _fast(tmp_path, trials=5),
-                                tmp_path, seed=0)
+    best, info = tune_candidate(
+        entry, X, y, np.arange(3), "o", _fast(tmp_path, trials=5), tmp_path, seed=0
+    )
     assert best == {} and info["n_trials"] == 0 and not (tmp_path / "tuning").exists()
     entry["tuning"] = {"trials": 2}
-    _, info = tune_candidate(entry, X, y, np.arange(3), "o", _fast(tmp_path, trials=5),
-                             tmp_path, seed=0)
+    _, info = tune_candidate(
+        entry, X, y, np.arange(3), "o", _fast(tmp_path, trials=5), tmp_path, seed=0
+    )
     assert info["n_trials"] == 2
 
 
@@ -296,22 +348,28 @@ class FidelityModel(Candidate):
 
     @classmethod
     def param_space(cls, trial):
-        return {"quality": trial.suggest_float("quality", 0.0, 1.0),
-                "epochs": trial.suggest_int("epochs", 5, 50),
-                "width": trial.suggest_categorical("width", [4, 8, 16])}
+        return {
+            "quality": trial.suggest_float("quality", 0.0, 1.0),
+            "epochs": trial.suggest_int("epochs", 5, 50),
+            "width": trial.suggest_categorical("width", [4, 8, 16]),
+        }
 
 
 def test_trials_run_at_the_fidelity_and_the_refit_keeps_the_configured_resource(tmp_path):
     X, y = toy_arrays(6, 16, seed=0)
-    entry = {"type": "_test_fidelity", "params": {"epochs": 30, "quality": 0.05},
-             "tuning": {"trials": 6, "fidelity": {"epochs": 2}, "adopt": "trial"}}
+    entry = {
+        "type": "_test_fidelity",
+        "params": {"epochs": 30, "quality": 0.05},
+        "tuning": {"trials": 6, "fidelity": {"epochs": 2}, "adopt": "trial"},
+    }
     FidelityModel.fits.clear()
-    best, info = tune_candidate(entry, X, y, np.arange(3), "f", _fast(tmp_path, pruner="none"),
-                                tmp_path, seed=0)
+    best, info = tune_candidate(
+        entry, X, y, np.arange(3), "f", _fast(tmp_path, pruner="none"), tmp_path, seed=0
+    )
     assert len(FidelityModel.fits) == 6
-    assert {e for e, _ in FidelityModel.fits} == {2}       # every trial, the default too
-    assert len({w for _, w in FidelityModel.fits}) > 1      # width is searched
-    assert "epochs" not in best and {"quality", "width"} <= set(best)   # the default lost
+    assert {e for e, _ in FidelityModel.fits} == {2}  # every trial, the default too
+    assert len({w for _, w in FidelityModel.fits}) > 1  # width is searched
+    assert "epochs" not in best and {"quality", "width"} <= set(best)  # the default lost
     assert info["fidelity"] == {"epochs": 2} and info["space"] == ["quality", "width"]
     saved = json.loads((tmp_path / "tuning" / "f.json").read_text())
     assert all("epochs" not in t["params"] for t in saved["trials"][1:])
@@ -321,23 +379,31 @@ def test_trials_run_at_the_fidelity_and_the_refit_keeps_the_configured_resource(
 
 def test_space_limits_what_the_trials_search(tmp_path):
     X, y = toy_arrays(6, 16, seed=0)
-    entry = {"type": "_test_fidelity", "params": {"width": 4, "quality": 0.05},
-             "tuning": {"trials": 4, "space": ["quality"]}}
+    entry = {
+        "type": "_test_fidelity",
+        "params": {"width": 4, "quality": 0.05},
+        "tuning": {"trials": 4, "space": ["quality"]},
+    }
     FidelityModel.fits.clear()
-    best, info = tune_candidate(entry, X, y, np.arange(3), "sp", _fast(tmp_path, pruner="none"),
-                                tmp_path, seed=0)
-    assert set(FidelityModel.fits) == {(20, 4)}             # epochs and width as configured
+    best, info = tune_candidate(
+        entry, X, y, np.arange(3), "sp", _fast(tmp_path, pruner="none"), tmp_path, seed=0
+    )
+    assert set(FidelityModel.fits) == {(20, 4)}  # epochs and width as configured
     assert set(best) == {"quality"} and info["space"] == ["quality"]
 
 
-@pytest.mark.parametrize("tuning, match", [
-    ('{ trials = 2, space = ["depth"] }', r"space: \['depth'\] are not parameters"),
-    ('{ trials = 2, space = [] }', "space: .* is empty"),
-    ('{ trials = 2, fidelity = { n_trees = 3 } }', "fidelity"),
-    ('{ trials = 2, space = ["C"], fidelity = { C = 1.0 } }', "both searched"),
-])
+@pytest.mark.parametrize(
+    "tuning, match",
+    [
+        ('{ trials = 2, space = ["depth"] }', r"space: \['depth'\] are not parameters"),
+        ("{ trials = 2, space = [] }", "space: .* is empty"),
+        ("{ trials = 2, fidelity = { n_trees = 3 } }", "fidelity"),
+        ('{ trials = 2, space = ["C"], fidelity = { C = 1.0 } }', "both searched"),
+    ],
+)
 def test_bad_fidelity_or_space_is_one_error_at_load(tmp_path, toy_folder, tuning, match):
     from bench.config import load_config
+
     extra = f"""
 [candidates.svm_color]
 type = "feature_svm"
@@ -357,6 +423,7 @@ def test_quick_profile_tunes_every_candidate():
 
     from bench.config import load_config
     from core import registry
+
     cfg = load_config(str(Path(__file__).parents[1] / "benchmarks.toml"), profile="quick")
     kinds = set()
     for name, entry in cfg.candidates.items():
@@ -365,8 +432,7 @@ def test_quick_profile_tunes_every_candidate():
         kinds.add(cls.kind)
         assert cls.tunable and tun.trials >= 3, name
         if cls.kind == "cnn":
-            assert tun.fidelity.get("epochs", 99) < entry.params.get("epochs", cls().epochs), \
-                name
+            assert tun.fidelity.get("epochs", 99) < entry.params.get("epochs", cls().epochs), name
         # issue 31: cheap trials propose, the refit's fidelity decides
         assert tun.adopt == "full" and tun.adopt_gain > 0, name
     assert kinds == {"cnn", "baseline"}
@@ -374,13 +440,23 @@ def test_quick_profile_tunes_every_candidate():
 
 def test_min_gain_keeps_the_configured_parameters_unless_clearly_beaten(tmp_path):
     X, y = toy_arrays(10, 16, seed=0)
-    entry = {"type": "_test_fidelity", "params": {"quality": 0.3},
-             "tuning": {"trials": 6, "space": ["quality"]}}
+    entry = {
+        "type": "_test_fidelity",
+        "params": {"quality": 0.3},
+        "tuning": {"trials": 6, "space": ["quality"]},
+    }
     results = {}
     for gain in (0.0, 0.99):
-        results[gain] = tune_candidate({**entry, "tuning": {**entry["tuning"], "min_gain": gain}},
-                                       X, y, np.arange(3), f"g{gain}",
-                                       _fast(tmp_path, pruner="none"), tmp_path, seed=0)
+        results[gain] = tune_candidate(
+            {**entry, "tuning": {**entry["tuning"], "min_gain": gain}},
+            X,
+            y,
+            np.arange(3),
+            f"g{gain}",
+            _fast(tmp_path, pruner="none"),
+            tmp_path,
+            seed=0,
+        )
     (best0, info0), (best1, info1) = results[0.0], results[0.99]
     assert best0 and info0["best_value"] > info0["default_value"] and not info0["kept_configured"]
     assert best1 == {} and info1["kept_configured"] and info1["min_gain"] == 0.99
@@ -393,8 +469,16 @@ def test_neighbouring_folds_draw_different_points(tmp_path):
     entry = {"type": "_test_fidelity", "params": {}, "tuning": {"trials": 4, "space": ["quality"]}}
     drawn = []
     for fold in (0, 1):
-        tune_candidate(entry, X, y, np.arange(3), f"n{fold}", _fast(tmp_path, pruner="none"),
-                       tmp_path, seed=10 + fold)
+        tune_candidate(
+            entry,
+            X,
+            y,
+            np.arange(3),
+            f"n{fold}",
+            _fast(tmp_path, pruner="none"),
+            tmp_path,
+            seed=10 + fold,
+        )
         trials = json.loads((tmp_path / "tuning" / f"n{fold}.json").read_text())["trials"]
         drawn.append({round(t["params"]["quality"], 12) for t in trials[1:]})
     assert len(drawn[0]) == len(drawn[1]) == 3 and not drawn[0] & drawn[1]
@@ -403,11 +487,20 @@ def test_neighbouring_folds_draw_different_points(tmp_path):
 def test_each_trial_releases_its_model(tmp_path, monkeypatch):
     """A worker runs dozens of trials: each one's Keras graph is let go after it."""
     import bench.run.tuning as tuning
+
     calls = []
     monkeypatch.setattr(tuning, "release_memory", lambda: calls.append(1))
     X, y = toy_arrays(6, 16, seed=0)
-    tune_candidate({"type": "_test_epochs", "params": {"epochs": 3}}, X, y, np.arange(3), "m",
-                   _fast(tmp_path, trials=4, pruner="none"), tmp_path, seed=0)
+    tune_candidate(
+        {"type": "_test_epochs", "params": {"epochs": 3}},
+        X,
+        y,
+        np.arange(3),
+        "m",
+        _fast(tmp_path, trials=4, pruner="none"),
+        tmp_path,
+        seed=0,
+    )
     assert len(calls) == 4
 
 
@@ -428,15 +521,16 @@ class CheapLiar(Candidate):
         self._set_classes(y, classes)
         CheapLiar.fits.append((self.epochs, self.lr))
         feats = np.asarray(X, dtype=float).reshape(len(X), -1, 3).mean(1)
-        self._centroids = np.stack([feats[np.asarray(y) == c].mean(0)
-                                    for c in range(self.n_classes_)])
+        self._centroids = np.stack(
+            [feats[np.asarray(y) == c].mean(0) for c in range(self.n_classes_)]
+        )
         return self
 
     def predict_proba(self, X):
         feats = np.asarray(X, dtype=float).reshape(len(X), -1, 3).mean(1)
         pred = np.argmin(((feats[:, None] - self._centroids[None]) ** 2).sum(-1), axis=1)
         cheap = self.epochs < 10
-        quality = (0.5 + 0.4 * self.lr if cheap or self.honest else 0.95 - 0.4 * self.lr)
+        quality = 0.5 + 0.4 * self.lr if cheap or self.honest else 0.95 - 0.4 * self.lr
         u = (np.asarray(X, dtype=np.int64).reshape(len(X), -1).sum(1) * 7919 % 1000) / 1000
         pred = np.where(u < quality, pred, (pred + 1) % self.n_classes_)
         return np.eye(self.n_classes_)[pred]
@@ -447,8 +541,11 @@ class CheapLiar(Candidate):
 
 
 def _liar(trials=4, **tuning):
-    return {"type": "_test_cheap_liar", "params": {"lr": 0.0},
-            "tuning": {"trials": trials, "fidelity": {"epochs": 2}, **tuning}}
+    return {
+        "type": "_test_cheap_liar",
+        "params": {"lr": 0.0},
+        "tuning": {"trials": trials, "fidelity": {"epochs": 2}, **tuning},
+    }
 
 
 def test_a_cheap_winner_that_loses_at_full_fidelity_is_not_adopted(tmp_path):
@@ -456,22 +553,25 @@ def test_a_cheap_winner_that_loses_at_full_fidelity_is_not_adopted(tmp_path):
     one; the configured setting stays, and both full-fidelity scores are on record."""
     X, y = toy_arrays(40, 16, seed=0)
     CheapLiar.fits.clear()
-    best, info = tune_candidate(_liar(), X, y, np.arange(3), "liar",
-                                _fast(tmp_path, pruner="none"), tmp_path, seed=0)
-    assert info["best_value"] == info["default_value"]      # the configured trial is reported
-    trial_values = [t["value"] for t in json.loads(
-        (tmp_path / "tuning" / "liar.json").read_text())["trials"]]
-    assert max(trial_values[1:]) > trial_values[0] + 0.05     # a challenger won the trials
+    best, info = tune_candidate(
+        _liar(), X, y, np.arange(3), "liar", _fast(tmp_path, pruner="none"), tmp_path, seed=0
+    )
+    assert info["best_value"] == info["default_value"]  # the configured trial is reported
+    trial_values = [
+        t["value"] for t in json.loads((tmp_path / "tuning" / "liar.json").read_text())["trials"]
+    ]
+    assert max(trial_values[1:]) > trial_values[0] + 0.05  # a challenger won the trials
     conf = info["confirm"]
     assert best == {} and info["kept_configured"] and conf["kept"] == "configured"
     assert conf["configured"] > conf["tuned"] + 0.05 and conf["fidelity"] == "full"
     assert conf["n_fit"] + conf["n_val"] == len(y) and info["adopt"] == "full"
-    full = [f for f in CheapLiar.fits if f[0] == 30]          # the two full-fidelity fits
+    full = [f for f in CheapLiar.fits if f[0] == 30]  # the two full-fidelity fits
     assert len(full) == 2 and sorted(lr for _, lr in full)[0] == 0.0
     # the same study resumed: the confirmation is read back, nothing is refitted
     CheapLiar.fits.clear()
-    best2, info2 = tune_candidate(_liar(), X, y, np.arange(3), "liar",
-                                  _fast(tmp_path, pruner="none"), tmp_path, seed=0)
+    best2, info2 = tune_candidate(
+        _liar(), X, y, np.arange(3), "liar", _fast(tmp_path, pruner="none"), tmp_path, seed=0
+    )
     assert best2 == {} and info2["confirm"] == conf and CheapLiar.fits == []
 
 
@@ -479,8 +579,16 @@ def test_adoption_by_the_trial_score_takes_the_cheap_winner(tmp_path):
     """The same study adopting by the cheap score (adopt = "trial") takes the setting the
     full-fidelity check refused: what the check protects against."""
     X, y = toy_arrays(40, 16, seed=0)
-    best, info = tune_candidate(_liar(adopt="trial"), X, y, np.arange(3), "liar_t",
-                                _fast(tmp_path, pruner="none"), tmp_path, seed=0)
+    best, info = tune_candidate(
+        _liar(adopt="trial"),
+        X,
+        y,
+        np.arange(3),
+        "liar_t",
+        _fast(tmp_path, pruner="none"),
+        tmp_path,
+        seed=0,
+    )
     assert best["lr"] > 0.2 and not info["kept_configured"] and info["confirm"] is None
 
 
@@ -488,26 +596,37 @@ def test_a_winner_at_both_fidelities_is_adopted(tmp_path):
     X, y = toy_arrays(40, 16, seed=0)
     entry = _liar()
     entry["params"] = {"lr": 0.0, "honest": True}
-    best, info = tune_candidate(entry, X, y, np.arange(3), "honest",
-                                _fast(tmp_path, pruner="none"), tmp_path, seed=0)
+    best, info = tune_candidate(
+        entry, X, y, np.arange(3), "honest", _fast(tmp_path, pruner="none"), tmp_path, seed=0
+    )
     conf = info["confirm"]
     assert conf["kept"] == "tuned" and conf["tuned"] > conf["configured"]
     assert best["lr"] > 0.2 and not info["kept_configured"]
     # adopt_gain above the full-fidelity gain: the configured setting stays
     entry["tuning"] = {**entry["tuning"], "adopt_gain": 0.99}
-    best, info = tune_candidate(entry, X, y, np.arange(3), "honest_g",
-                                _fast(tmp_path, pruner="none"), tmp_path, seed=0)
+    best, info = tune_candidate(
+        entry, X, y, np.arange(3), "honest_g", _fast(tmp_path, pruner="none"), tmp_path, seed=0
+    )
     assert best == {} and info["confirm"]["kept"] == "configured"
 
 
 def test_fidelity_check_measures_the_rank_agreement(tmp_path):
     from bench.run.tuning import fidelity_check
+
     X, y = toy_arrays(40, 16, seed=0)
     seen = []
-    out = fidelity_check(_liar(), X, y, np.arange(3), {}, seed=0, n_settings=5,
-                         progress=lambda i, row: seen.append(i))
+    out = fidelity_check(
+        _liar(),
+        X,
+        y,
+        np.arange(3),
+        {},
+        seed=0,
+        n_settings=5,
+        progress=lambda i, row: seen.append(i),
+    )
     assert seen == [0, 1, 2, 3, 4] and out["rows"][0]["configured"]
-    assert out["rho"] < -0.6                                  # the liar ranks backwards
+    assert out["rho"] < -0.6  # the liar ranks backwards
     entry = _liar()
     entry["params"] = {"lr": 0.0, "honest": True}
     assert fidelity_check(entry, X, y, np.arange(3), {}, seed=0, n_settings=5)["rho"] > 0.8

@@ -39,31 +39,53 @@ from ensembles.record import PredictorRecord
 
 
 def add_calibrate_parser(sub, add_common) -> None:
-    p = sub.add_parser("calibrate", help="refit a predictor's prediction sets on N labelled "
-                                         "images of a new lab; writes a new predictor")
+    p = sub.add_parser(
+        "calibrate",
+        help="refit a predictor's prediction sets on N labelled "
+        "images of a new lab; writes a new predictor",
+    )
     p.add_argument("--model", required=True, help="predictor directory (left unchanged)")
     p.add_argument("--data", required=True, help="the new lab's images: as for evaluate")
     p.add_argument("--labels", default=None, metavar="FILE.csv:COLUMN")
     p.add_argument("--class-map", "--class_map", dest="class_map", default=None, metavar="FILE")
-    p.add_argument("--groups", default=None, metavar="COLUMN",
-                   help="a column of the --labels CSV (e.g. patient): draw whole groups")
+    p.add_argument(
+        "--groups",
+        default=None,
+        metavar="COLUMN",
+        help="a column of the --labels CSV (e.g. patient): draw whole groups",
+    )
     p.add_argument("--n", type=int, required=True, help="labelled images to calibrate on")
-    p.add_argument("--per-group", "--per_group", dest="per_group", type=int, default=10,
-                   help="with --groups: at most this many images of each patient (default 10)")
+    p.add_argument(
+        "--per-group",
+        "--per_group",
+        dest="per_group",
+        type=int,
+        default=10,
+        help="with --groups: at most this many images of each patient (default 10)",
+    )
     p.add_argument("--out", required=True, help="the new predictor's folder (must not exist)")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--method", default=None, choices=list(METHODS),
-                   help="conformal method (default: the predictor's; lac when its method is "
-                        "mondrian and a class has too few drawn images)")
-    p.add_argument("--confidence", type=float, default=None,
-                   help="nominal coverage in (0, 1) (default: the predictor's)")
+    p.add_argument(
+        "--method",
+        default=None,
+        choices=list(METHODS),
+        help="conformal method (default: the predictor's; lac when its method is "
+        "mondrian and a class has too few drawn images)",
+    )
+    p.add_argument(
+        "--confidence",
+        type=float,
+        default=None,
+        help="nominal coverage in (0, 1) (default: the predictor's)",
+    )
     p.add_argument("--batch-size", "--batch_size", dest="batch_size", type=int, default=128)
     p.add_argument("--config", default=None, help="config for --data NAME")
     add_common(p)
 
 
-def draw(labels: list[str], groups: list[str] | None, n: int, seed: int,
-         per_group: int = 10) -> tuple[np.ndarray, np.ndarray]:
+def draw(
+    labels: list[str], groups: list[str] | None, n: int, seed: int, per_group: int = 10
+) -> tuple[np.ndarray, np.ndarray]:
     """``(drawn, excluded)`` row indices: ``n`` rows stratified by label; or, with groups
     (patients), at most ``per_group`` random rows of each group in a seeded order of the
     groups, the other rows of every group drawn from ``excluded`` from the rest (which
@@ -75,8 +97,9 @@ def draw(labels: list[str], groups: list[str] | None, n: int, seed: int,
         _, counts = np.unique(lab, return_counts=True)
         if n == len(rows):
             return rows, np.zeros(0, dtype=np.int64)
-        strat = lab if counts.min() >= 2 and n >= len(counts) and len(rows) - n >= len(counts) \
-            else None
+        strat = (
+            lab if counts.min() >= 2 and n >= len(counts) and len(rows) - n >= len(counts) else None
+        )
         drawn, _ = train_test_split(rows, train_size=n, stratify=strat, random_state=seed)
         return np.sort(drawn), np.zeros(0, dtype=np.int64)
     g = np.asarray(groups)
@@ -110,8 +133,12 @@ def check_n(n: int, confidence: float, n_classes: int, data) -> None:
             f"--n {n} is below the minimum of {least}: at confidence {confidence:g} a "
             f"prediction set calibrated on fewer than {need} images holds every class (a class "
             f"leaves it only when 1/(n+1) < 1 - confidence)"
-            + (f", and the {n_classes} classes of {data} need at least one image each"
-               if n_classes > need else ""))
+            + (
+                f", and the {n_classes} classes of {data} need at least one image each"
+                if n_classes > need
+                else ""
+            )
+        )
 
 
 def _check_args(args) -> tuple[Path, Path]:
@@ -129,7 +156,7 @@ def _check_args(args) -> tuple[Path, Path]:
     if out.exists() or out.is_symlink():
         raise BenchError(f"--out {out} exists; give a new folder (nothing is overwritten)")
     check_not_inside(out, "--out", reads=(model, run_of(model)))
-    check_writable(out, "--out", need_bytes=folder_size(model))   # the copy of the predictor
+    check_writable(out, "--out", need_bytes=folder_size(model))  # the copy of the predictor
     return model, out
 
 
@@ -141,65 +168,92 @@ def calibrate(args) -> dict:
     record = verify_predictor(model)
     manifest, old = record.raw, record.conformal
     if old is None:
-        raise BenchError(f"predictor {model} has no conformal prediction sets to recalibrate "
-                         "(saved before [predictor] conformal); run it again")
+        raise BenchError(
+            f"predictor {model} has no conformal prediction sets to recalibrate "
+            "(saved before [predictor] conformal); run it again"
+        )
     classes = list(record.classes)
     external = sorted(set(ext.labels))
     mapping, _ = map_classes(external, classes, user_map, src)
     other = sorted(e for e in external if mapping[e] is None)
     if other:
-        raise BenchError(f"{ext.path} has classes the predictor lacks ({', '.join(other[:8])}"
-                         f"{' ...' if len(other) > 8 else ''}); its sets cover only "
-                         f"{', '.join(classes)}: give --class-map or a set of those classes")
+        raise BenchError(
+            f"{ext.path} has classes the predictor lacks ({', '.join(other[:8])}"
+            f"{' ...' if len(other) > 8 else ''}); its sets cover only "
+            f"{', '.join(classes)}: give --class-map or a set of those classes"
+        )
     if args.n > len(ext.items):
-        raise BenchError(f"--n {args.n} is larger than the {len(ext.items)} labelled images "
-                         f"of {ext.path}")
+        raise BenchError(
+            f"--n {args.n} is larger than the {len(ext.items)} labelled images of {ext.path}"
+        )
     method = args.method or old.method
     confidence = float(args.confidence if args.confidence is not None else old.confidence)
-    check_n(args.n, confidence, len(external), ext.path)   # before any model is loaded
+    check_n(args.n, confidence, len(external), ext.path)  # before any model is loaded
     drawn, excluded = draw(ext.labels, ext.groups, args.n, args.seed, args.per_group)
     if len(drawn) < args.n:
-        raise BenchError(f"--n {args.n}: the {len(set(ext.groups))} groups give only "
-                         f"{len(drawn)} images at --per-group {args.per_group}; raise it")
+        raise BenchError(
+            f"--n {args.n}: the {len(set(ext.groups))} groups give only "
+            f"{len(drawn)} images at --per-group {args.per_group}; raise it"
+        )
     pred = load_predictor(model)
-    drawn_items = [ext.items[i] for i in drawn]   # split-conformal on the saved predictor
+    drawn_items = [ext.items[i] for i in drawn]  # split-conformal on the saved predictor
     proba, ok, errors, _, _ = predict_items(pred, drawn_items, args.batch_size, True)
     if not ok.all():
-        raise BenchError(f"{len(errors)} of the drawn images could not be read "
-                         f"(e.g. {errors[0][1]}); remove them or draw with another --seed")
+        raise BenchError(
+            f"{len(errors)} of the drawn images could not be read "
+            f"(e.g. {errors[0][1]}); remove them or draw with another --seed"
+        )
     index = {c: i for i, c in enumerate(classes)}
     y = np.array([index[mapping[ext.labels[i]]] for i in drawn], dtype=np.int64)
     review = old.review.model_dump(exclude_none=True)
-    if method == "mondrian":   # a class with q rows leaves a set only if 1/(q+1) < 1 - confidence
+    if method == "mondrian":  # a class with q rows leaves a set only if 1/(q+1) < 1 - confidence
         need = set_minimum(confidence)
         counts = np.bincount(y, minlength=len(classes))
         few = [f"{classes[c]} ({counts[c]})" for c in range(len(classes)) if counts[c] < need]
         if few and args.method is None:
             method = "lac"
-            warn(f"mondrian sets need {need} calibration images per class; these have fewer: "
-                 f"{', '.join(few)}; recalibrated with --method lac (pooled, marginal "
-                 "coverage) instead; give --method mondrian to keep it, or a larger --n")
+            warn(
+                f"mondrian sets need {need} calibration images per class; these have fewer: "
+                f"{', '.join(few)}; recalibrated with --method lac (pooled, marginal "
+                "coverage) instead; give --method mondrian to keep it, or a larger --n"
+            )
         elif few:
-            warn(f"mondrian sets: classes with fewer than {need} calibration images are in "
-                 f"every set: {', '.join(few)}; larger --n, or --method lac (pooled, marginal "
-                 "coverage)")
-    state = ConformalSets.fit(proba, y, method, confidence,
-                              old.raps_lambda, old.raps_k,
-                              fitted_on=f"labelled images of {ext.path} "
-                                        f"(bench calibrate, seed {args.seed})")
+            warn(
+                f"mondrian sets: classes with fewer than {need} calibration images are in "
+                f"every set: {', '.join(few)}; larger --n, or --method lac (pooled, marginal "
+                "coverage)"
+            )
+    state = ConformalSets.fit(
+        proba,
+        y,
+        method,
+        confidence,
+        old.raps_lambda,
+        old.raps_k,
+        fitted_on=f"labelled images of {ext.path} (bench calibrate, seed {args.seed})",
+    )
     if "target_error" in review:
         review["confidence_threshold"] = review_threshold(
-            proba.max(axis=1), proba.argmax(axis=1) == y, float(review["target_error"]))
+            proba.max(axis=1), proba.argmax(axis=1) == y, float(review["target_error"])
+        )
     before = {k: v for k, v in manifest["conformal"].items() if k != "recalibration"}
-    entry = {**state.to_dict(), "review": review,
-             "recalibration": {"data": str(ext.path.resolve()), "labels": args.labels,
-                               "groups": args.groups, "n": int(len(drawn)), "seed": args.seed,
-                               "per_group": args.per_group if args.groups else None,
-                               "rows": [str(ext.shown[i]) for i in drawn],
-                               "excluded_rows": [str(ext.shown[i]) for i in excluded],
-                               "from_predictor": str(model.resolve()),
-                               "from_manifest_sha256": manifest["manifest_sha256"],
-                               "before": before}}
+    entry = {
+        **state.to_dict(),
+        "review": review,
+        "recalibration": {
+            "data": str(ext.path.resolve()),
+            "labels": args.labels,
+            "groups": args.groups,
+            "n": int(len(drawn)),
+            "seed": args.seed,
+            "per_group": args.per_group if args.groups else None,
+            "rows": [str(ext.shown[i]) for i in drawn],
+            "excluded_rows": [str(ext.shown[i]) for i in excluded],
+            "from_predictor": str(model.resolve()),
+            "from_manifest_sha256": manifest["manifest_sha256"],
+            "before": before,
+        },
+    }
     new = {**manifest, "conformal": entry}
     with staged(out) as tmp:
         for rel in manifest["files"]:
@@ -214,17 +268,21 @@ def calibrate(args) -> dict:
         new["manifest_sha256"] = manifest_digest(new)
         atomic_write_json(tmp / MANIFEST, json.loads(json.dumps(new)))
     verify_predictor(out)
-    info(f"recalibrated {model} on {len(drawn)} images of {ext.path} ({method}, "
-         f"{confidence:g}); wrote {out} (the original is unchanged)")
+    info(
+        f"recalibrated {model} on {len(drawn)} images of {ext.path} ({method}, "
+        f"{confidence:g}); wrote {out} (the original is unchanged)"
+    )
     return entry
 
 
 def cmd_calibrate(args) -> int:
     entry = calibrate(args)
     counts = ", ".join(str(c) for c in entry["calibration_counts"])
-    print(f"calibrated on {entry['n_calibration']} images (per class: {counts}); "
-          f"review below confidence {entry['review'].get('confidence_threshold', 0):.4f}; "
-          f"`bench evaluate --model {args.out}` on the same data scores the rest")
+    print(
+        f"calibrated on {entry['n_calibration']} images (per class: {counts}); "
+        f"review below confidence {entry['review'].get('confidence_threshold', 0):.4f}; "
+        f"`bench evaluate --model {args.out}` on the same data scores the rest"
+    )
     return 0
 
 
@@ -234,21 +292,29 @@ def inspect_lines(m: PredictorRecord) -> list[str]:
     if c is None:
         return ["  prediction sets: none stored (saved without [predictor] conformal)"]
     lab = (c.in_lab or {}).get("by_confidence") or {}
-    figs = "; ".join(f"{k}: coverage {v['coverage']:.3f}, mean set size "
-                     f"{v['mean_set_size']:.2f}" for k, v in lab.items())
+    figs = "; ".join(
+        f"{k}: coverage {v['coverage']:.3f}, mean set size {v['mean_set_size']:.2f}"
+        for k, v in lab.items()
+    )
     rv, nan = c.review, float("nan")
-    lines = [f"  prediction sets: {c.method} at {c.confidence:g} confidence (crepes), "
-             f"calibrated on {c.n_calibration} {c.fitted_on}; scheme {c.scheme}",
-             f"  review: set size other than 1, shift score >= {rv.shift_limit:g}, "
-             f"or confidence < {_or(rv.confidence_threshold, nan):.4f} (target "
-             f"error {_or(rv.target_error, nan):g} among the answered)"]
+    lines = [
+        f"  prediction sets: {c.method} at {c.confidence:g} confidence (crepes), "
+        f"calibrated on {c.n_calibration} {c.fitted_on}; scheme {c.scheme}",
+        f"  review: set size other than 1, shift score >= {rv.shift_limit:g}, "
+        f"or confidence < {_or(rv.confidence_threshold, nan):.4f} (target "
+        f"error {_or(rv.target_error, nan):g} among the answered)",
+    ]
     if figs:
-        lines.append(f"  in-lab (each fold's out-of-fold rows against sets calibrated on the "
-                     f"other folds'): {figs}; AURC {c.in_lab['aurc']:.4f}")
+        lines.append(
+            f"  in-lab (each fold's out-of-fold rows against sets calibrated on the "
+            f"other folds'): {figs}; AURC {c.in_lab['aurc']:.4f}"
+        )
     if c.recalibration is not None:
         r = c.recalibration
-        lines.append(f"  recalibrated (bench calibrate) on {r.n} images of {r.data}, "
-                     f"seed {r.seed}, from {r.from_predictor}")
+        lines.append(
+            f"  recalibrated (bench calibrate) on {r.n} images of {r.data}, "
+            f"seed {r.seed}, from {r.from_predictor}"
+        )
     return lines
 
 
@@ -258,13 +324,25 @@ def _or(value, default):
 
 def review_counts(batches: list[dict], n: int, confidence: float) -> str:
     """The line ``bench predict`` prints: how many images were flagged, and why."""
+
     def total(key):
         return int(sum(int(b[key].sum()) for b in batches))
-    return (f"{total('review')} of {n} images flagged for review (column review): "
-            f"{total('set_not_one')} with a {confidence:g} prediction set of other than one "
-            f"class, {total('low_confidence')} below the confidence threshold, "
-            f"{total('shifted')} beyond the training images' colours")
+
+    return (
+        f"{total('review')} of {n} images flagged for review (column review): "
+        f"{total('set_not_one')} with a {confidence:g} prediction set of other than one "
+        f"class, {total('low_confidence')} below the confidence threshold, "
+        f"{total('shifted')} beyond the training images' colours"
+    )
 
 
-__all__ = ["calibrate", "cmd_calibrate", "draw", "inspect_lines", "review_counts",
-           "add_calibrate_parser", "set_minimum", "check_n"]
+__all__ = [
+    "calibrate",
+    "cmd_calibrate",
+    "draw",
+    "inspect_lines",
+    "review_counts",
+    "add_calibrate_parser",
+    "set_minimum",
+    "check_n",
+]

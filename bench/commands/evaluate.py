@@ -44,8 +44,14 @@ from bench.data.external_data import load_external, map_classes, read_class_map
 from bench.run.leaderboard import fmt
 from bench.report.evaluation import gradcam_gallery, predictions_csv, write_page
 from bench.report.html import slug
-from bench.stats.scoring import (METRIC_KEYS, in_domain, stats_of_run, per_external_class, score,
-                           score_patients)
+from bench.stats.scoring import (
+    METRIC_KEYS,
+    in_domain,
+    stats_of_run,
+    per_external_class,
+    score,
+    score_patients,
+)
 from core.errors import BenchError
 from bench.commands.outputs import OutputFolder, run_of
 from core.io import atomic_write_json, atomic_write_text, package_versions
@@ -58,13 +64,14 @@ from ensembles.tta import TTA_VIEWS
 
 EVAL_FILE = "evaluation.json"
 PREDICTIONS_FILE = "predictions.csv"
-PATIENTS_FILE = "patients.csv"   # a bag predictor's calls per group (--groups)
+PATIENTS_FILE = "patients.csv"  # a bag predictor's calls per group (--groups)
 # what an evaluation folder holds: an --out with anything else is never replaced
 OUTPUTS = {EVAL_FILE, PREDICTIONS_FILE, PATIENTS_FILE, "index.html", "img", "csv"}
 FORMAT_VERSION = 1
 
 
 # ----------------------------------------------------------------------------- output folder
+
 
 def default_out(name: str) -> Path:
     return Path.cwd() / f"evaluation-{slug(name)}"
@@ -75,8 +82,9 @@ def output_folder(out: Path, predictor_dir: Path) -> OutputFolder:
     evaluation (its files replaced, nothing else touched); never inside the predictor or
     its run. A folder of an evaluation written before the marker existed is moved aside
     whole (``OUT.old-<timestamp>``), nothing deleted."""
-    return OutputFolder(out, "bench evaluate", "--out",
-                        reads=(predictor_dir, run_of(predictor_dir)), legacy=_legacy)
+    return OutputFolder(
+        out, "bench evaluate", "--out", reads=(predictor_dir, run_of(predictor_dir)), legacy=_legacy
+    )
 
 
 def _legacy(out: Path) -> Path | None:
@@ -92,6 +100,7 @@ def _legacy(out: Path) -> Path | None:
 
 # ----------------------------------------------------------------------------- predicting
 
+
 def predict_items(pred, items, batch_size: int, show: bool, groups=None):
     """``(proba, ok, errors, fold_proba, shift)`` of every item
     (:meth:`Predictor.predict_batches`, each file decoded once): rows of unreadable items
@@ -104,9 +113,11 @@ def predict_items(pred, items, batch_size: int, show: bool, groups=None):
     needs them."""
     if pred.bag_colour_ != "none":
         if groups is None:
-            raise BenchError(f"predictor {pred.path} normalises colour per patient "
-                             f"([patients] bag_colour = \"{pred.bag_colour_}\"): give "
-                             "--groups COLUMN so each patient's cells are read together")
+            raise BenchError(
+                f"predictor {pred.path} normalises colour per patient "
+                f'([patients] bag_colour = "{pred.bag_colour_}"): give '
+                "--groups COLUMN so each patient's cells are read together"
+            )
         return _predict_by_group(pred, items, groups, batch_size, show)
     k = len(pred.classes_)
     proba = np.zeros((len(items), k))
@@ -115,8 +126,9 @@ def predict_items(pred, items, batch_size: int, show: bool, groups=None):
     shift = np.zeros(len(items)) if ref is not None else None
     ok = np.zeros(len(items), dtype=bool)
     errors = []
-    for rows, X, _, p, errs, pf in pred.predict_batches(items, batch_size, desc="evaluating",
-                                                        show=show):
+    for rows, X, _, p, errs, pf in pred.predict_batches(
+        items, batch_size, desc="evaluating", show=show
+    ):
         errors += errs
         if len(rows):
             proba[rows] = p
@@ -140,8 +152,9 @@ def _predict_by_group(pred, items, groups, batch_size: int, show: bool):
     by_group: dict = {}
     for i, g in enumerate(groups):
         by_group.setdefault(g, []).append(i)
-    for g, idx in progress_iter(by_group.items(), total=len(by_group), desc="patients",
-                                enabled=show and len(by_group) > 1):
+    for g, idx in progress_iter(
+        by_group.items(), total=len(by_group), desc="patients", enabled=show and len(by_group) > 1
+    ):
         X, good, errs = pred.load_bag([items[i] for i in idx])
         errors += [(idx[j], exc) for j, exc in errs]
         if not good:
@@ -177,6 +190,7 @@ def _clean(obj):
 
 # ----------------------------------------------------------------------------- entry point
 
+
 def _map_set(ext, classes: list[str], user_map, map_src):
     """The set's classes onto the predictor's: ``(mapping, unused --class-map entries,
     {unmapped class: images})``; a set none of whose classes maps is refused."""
@@ -185,11 +199,13 @@ def _map_set(ext, classes: list[str], user_map, map_src):
     counts = pd.Series(ext.labels).value_counts()
     unmapped = {e: int(counts[e]) for e in external if mapping[e] is None}
     if len(unmapped) == len(external):
-        raise BenchError(f"no class of {ext.path} maps onto the predictor's classes "
-                         f"({', '.join(classes)}); the set's classes: "
-                         f"{', '.join(external[:12])}{' ...' if len(external) > 12 else ''}; "
-                         "give --class-map FILE (TOML external = \"predictor\", or CSV "
-                         "external,predictor)")
+        raise BenchError(
+            f"no class of {ext.path} maps onto the predictor's classes "
+            f"({', '.join(classes)}); the set's classes: "
+            f"{', '.join(external[:12])}{' ...' if len(external) > 12 else ''}; "
+            'give --class-map FILE (TOML external = "predictor", or CSV '
+            "external,predictor)"
+        )
     for u in unused:
         warn(f"--class-map entry '{u}' names no class of the set")
     return mapping, unused, unmapped
@@ -209,9 +225,16 @@ def _check_arguments(predictor_dir, batch_size, n_boot) -> Path:
 
 def _data_fields(ext, groups) -> dict:
     """What ``evaluation.json`` records of the set scored."""
-    return {"path": str(ext.path.resolve()), "name": ext.name, "kind": ext.kind,
-            "groups": groups, "n_listed": len(ext.items) + sum(ext.left_out.values()),
-            "skipped": ext.skipped[:50], "n_skipped": len(ext.skipped), **ext.info}
+    return {
+        "path": str(ext.path.resolve()),
+        "name": ext.name,
+        "kind": ext.kind,
+        "groups": groups,
+        "n_listed": len(ext.items) + sum(ext.left_out.values()),
+        "skipped": ext.skipped[:50],
+        "n_skipped": len(ext.skipped),
+        **ext.info,
+    }
 
 
 def _groups_of(ext, keep):
@@ -233,8 +256,9 @@ def _in_domain(predictor_dir, record, sc: dict, ece_bins: int):
     return dom, note
 
 
-def _publish(guard, result: dict, t, ext, keep, grp, classes, y, proba, sc, patients, dom,
-             cells, gal) -> dict:
+def _publish(
+    guard, result: dict, t, ext, keep, grp, classes, y, proba, sc, patients, dom, cells, gal
+) -> dict:
     """Write the evaluation's files into its folder (staged, then published); ``t``: the
     start and the scoring's start (``perf_counter``). Returns ``evaluation.json``'s content."""
     t0, t2 = t
@@ -248,8 +272,10 @@ def _publish(guard, result: dict, t, ext, keep, grp, classes, y, proba, sc, pati
         clean = _clean(result)
         atomic_write_json(tmp / EVAL_FILE, clean)
     if guard.moved_aside is not None:
-        warn(f"{guard.path} held an earlier evaluation without a record of its files; it was "
-             f"moved aside whole to {guard.moved_aside}")
+        warn(
+            f"{guard.path} held an earlier evaluation without a record of its files; it was "
+            f"moved aside whole to {guard.moved_aside}"
+        )
     return clean
 
 
@@ -285,39 +311,76 @@ def _patients(pred, grp, proba, y, shift, skipped_groups):
     if spec is None or grp is None:
         return None
     classes = [str(c) for c in pred.classes_]
-    cell = [j for j, g in enumerate(grp) if not g.startswith("\0")]   # cells of a patient
-    return score_patients(call_bags(
-        spec, classes, [grp[j] for j in cell],
-        proba[cell, classes.index(spec.positive)], labels=[classes[y[j]] for j in cell],
-        skipped_groups=skipped_groups,
-        shift=None if shift is None else shift[cell]), spec.positive)
+    cell = [j for j, g in enumerate(grp) if not g.startswith("\0")]  # cells of a patient
+    return score_patients(
+        call_bags(
+            spec,
+            classes,
+            [grp[j] for j in cell],
+            proba[cell, classes.index(spec.positive)],
+            labels=[classes[y[j]] for j in cell],
+            skipped_groups=skipped_groups,
+            shift=None if shift is None else shift[cell],
+        ),
+        spec.positive,
+    )
 
 
 def _predictor_fields(record, pred) -> dict:
     """What ``evaluation.json`` records of the predictor scored."""
-    return {"ensemble": record.ensemble.name, "type": record.ensemble.type,
-            "manifest_sha256": record.manifest_sha256, "classes": list(record.classes),
-            "image_size": pred.image_size, "tta": pred.tta,
-            "members": [{"name": m.name, "kind": m.kind, "fold_models": len(m.models)}
-                        for m in record.members],
-            "temperature": record.temperature}
+    return {
+        "ensemble": record.ensemble.name,
+        "type": record.ensemble.type,
+        "manifest_sha256": record.manifest_sha256,
+        "classes": list(record.classes),
+        "image_size": pred.image_size,
+        "tta": pred.tta,
+        "members": [
+            {"name": m.name, "kind": m.kind, "fold_models": len(m.models)} for m in record.members
+        ],
+        "temperature": record.temperature,
+    }
 
 
 def _write_tables(tmp: Path, ext, keep, grp, classes, y, proba, sc, patients) -> None:
     """``predictions.csv`` and (a bag predictor) ``patients.csv`` into ``tmp``."""
-    atomic_write_text(tmp / PREDICTIONS_FILE, predictions_csv(
-        [ext.shown[i] for i in keep], [ext.labels[i] for i in keep],
-        [g if not g.startswith("\0") else "" for g in grp] if grp is not None else None,
-        classes, y, proba, sc["_pred"], sc["_pred_r"]))
+    atomic_write_text(
+        tmp / PREDICTIONS_FILE,
+        predictions_csv(
+            [ext.shown[i] for i in keep],
+            [ext.labels[i] for i in keep],
+            [g if not g.startswith("\0") else "" for g in grp] if grp is not None else None,
+            classes,
+            y,
+            proba,
+            sc["_pred"],
+            sc["_pred_r"],
+        ),
+    )
     if patients is not None:
-        atomic_write_text(tmp / PATIENTS_FILE, pd.DataFrame(
-            patients["rows"]).to_csv(index=False, float_format="%.6f"))
+        atomic_write_text(
+            tmp / PATIENTS_FILE,
+            pd.DataFrame(patients["rows"]).to_csv(index=False, float_format="%.6f"),
+        )
 
 
-def evaluate(predictor_dir, data, *, labels=None, class_map=None, groups=None, out=None,
-             batch_size: int = 128, gradcam: bool = True, config=None, n_boot: int | None = None,
-             seed: int | None = None, progress: bool = True, tta: str | None = None,
-             adapt: str | None = None) -> dict:
+def evaluate(
+    predictor_dir,
+    data,
+    *,
+    labels=None,
+    class_map=None,
+    groups=None,
+    out=None,
+    batch_size: int = 128,
+    gradcam: bool = True,
+    config=None,
+    n_boot: int | None = None,
+    seed: int | None = None,
+    progress: bool = True,
+    tta: str | None = None,
+    adapt: str | None = None,
+) -> dict:
     """Score the predictor in ``predictor_dir`` on a labelled external set.
 
     Parameters
@@ -351,22 +414,26 @@ def evaluate(predictor_dir, data, *, labels=None, class_map=None, groups=None, o
     if guard is None:
         guard = output_folder(default_out(ext.name), predictor_dir).check()
     out = guard.path
-    record = verify_predictor(predictor_dir)     # checksums; loads no model
+    record = verify_predictor(predictor_dir)  # checksums; loads no model
     stats, stats_src = stats_of_run(predictor_dir)
     seed = stats.seed if seed is None else int(seed)
     classes = list(record.classes)
     mapping, unused, unmapped = _map_set(ext, classes, user_map, map_src)
     index = {c: i for i, c in enumerate(classes)}
     keep = np.array([i for i, lab in enumerate(ext.labels) if mapping[lab] is not None])
-    keep = conformal.leave_out_calibration_rows(record, ext, keep)   # bench calibrate's
+    keep = conformal.leave_out_calibration_rows(record, ext, keep)  # bench calibrate's
     t_list = time.perf_counter() - t0
 
     pred, adaptation = _load(predictor_dir, tta, adapt, [ext.items[i] for i in keep], seed)
     t1 = time.perf_counter()
     items = [ext.items[i] for i in keep]
     proba, ok, errors, fold_proba, shift = predict_items(
-        pred, items, int(batch_size), progress,
-        groups=None if ext.groups is None else [ext.groups[i] for i in keep])
+        pred,
+        items,
+        int(batch_size),
+        progress,
+        groups=None if ext.groups is None else [ext.groups[i] for i in keep],
+    )
     t_pred = time.perf_counter() - t1
     _say_unreadable(errors, ok, len(items), ext.path)
     unread = keep[~ok]
@@ -376,107 +443,167 @@ def evaluate(predictor_dir, data, *, labels=None, class_map=None, groups=None, o
     y = np.array([index[mapping[ext.labels[i]]] for i in keep], dtype=np.int64)
     grp, empty_groups = _groups_of(ext, keep)
     t2 = time.perf_counter()
-    sc = score(y, proba, classes, groups=grp, n_boot=n_boot,
-               stats=stats.model_copy(update={"seed": seed}))
+    sc = score(
+        y, proba, classes, groups=grp, n_boot=n_boot, stats=stats.model_copy(update={"seed": seed})
+    )
     sc["bootstrap"]["settings"] = stats_src
-    patients = _patients(pred, grp, proba, y, shift,
-                         [ext.groups[i] for i in unread if ext.groups[i]] if grp else None)
+    patients = _patients(
+        pred,
+        grp,
+        proba,
+        y,
+        shift,
+        [ext.groups[i] for i in unread if ext.groups[i]] if grp else None,
+    )
     dom, dom_note = _in_domain(predictor_dir, record, sc, stats.ece_bins)
-    cells, gal = gradcam_gallery(pred, items=[ext.items[i] for i in keep], y=y,
-                                  pred_full=sc["_pred"], proba=proba,
-                                  present=np.unique(y), gradcam=gradcam, seed=int(seed))
-    left = {**ext.left_out, **({"unmapped_class": int(sum(unmapped.values()))} if unmapped
-                               else {}), **({"unreadable": len(errors)} if errors else {})}
+    cells, gal = gradcam_gallery(
+        pred,
+        items=[ext.items[i] for i in keep],
+        y=y,
+        pred_full=sc["_pred"],
+        proba=proba,
+        present=np.unique(y),
+        gradcam=gradcam,
+        seed=int(seed),
+    )
+    left = {
+        **ext.left_out,
+        **({"unmapped_class": int(sum(unmapped.values()))} if unmapped else {}),
+        **({"unreadable": len(errors)} if errors else {}),
+    }
     result = {
         "format": FORMAT_VERSION,
         "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
-        "predictor": {"path": str(predictor_dir.resolve()), **_predictor_fields(record, pred),
-                      "adaptation": adaptation},
+        "predictor": {
+            "path": str(predictor_dir.resolve()),
+            **_predictor_fields(record, pred),
+            "adaptation": adaptation,
+        },
         "data": _data_fields(ext, groups),
-        "class_map": {"source": map_src, "map": mapping, "unmapped": unmapped,
-                      "unused_entries": unused},
-        "n": int(len(y)), "n_left_out": int(sum(left.values())), "left_out": left,
+        "class_map": {
+            "source": map_src,
+            "map": mapping,
+            "unmapped": unmapped,
+            "unused_entries": unused,
+        },
+        "n": int(len(y)),
+        "n_left_out": int(sum(left.values())),
+        "left_out": left,
         "counts": {classes[c]: int((y == c).sum()) for c in np.unique(y)},
         **{k: v for k, v in sc.items()},
-        "per_external_class": per_external_class([ext.labels[i] for i in keep], y,
-                                                 sc["_pred"], mapping, classes),
-        "in_domain": dom, "in_domain_note": dom_note,
-        **conformal.evaluation_figures(record.conformal, len(record.classes), proba, y, shift,
-                                       fold_proba=fold_proba),
+        "per_external_class": per_external_class(
+            [ext.labels[i] for i in keep], y, sc["_pred"], mapping, classes
+        ),
+        "in_domain": dom,
+        "in_domain_note": dom_note,
+        **conformal.evaluation_figures(
+            record.conformal, len(record.classes), proba, y, shift, fold_proba=fold_proba
+        ),
         "gradcam": gal,
         "patients": patients,
         "versions": package_versions(),
     }
     if empty_groups:
         result["data"]["images_without_group"] = empty_groups
-    result["timings"] = {"listing_s": t_list, "predict_s": t_pred,
-                         "images_per_s": len(items) / t_pred if t_pred > 0 else None}
-    clean = _publish(guard, result, (t0, t2), ext, keep, grp, classes, y, proba, sc, patients,
-                     dom, cells, gal)
+    result["timings"] = {
+        "listing_s": t_list,
+        "predict_s": t_pred,
+        "images_per_s": len(items) / t_pred if t_pred > 0 else None,
+    }
+    clean = _publish(
+        guard, result, (t0, t2), ext, keep, grp, classes, y, proba, sc, patients, dom, cells, gal
+    )
     return {**clean, "out": str(out)}
 
 
 # ----------------------------------------------------------------------------- summary
 
+
 def summary(result: dict) -> str:
     """One screen of text: what was scored, the scores with CIs, per class, where."""
     r = result
     b = r["bootstrap"]
-    unit = (f"{b['n_units']} groups ({r['data'].get('groups')})" if b["unit"] == "group"
-            else f"{b['n_units']} images")
-    lines = [f"evaluated {r['predictor']['path']} ({r['predictor']['ensemble']}) on "
-             f"{r['data']['path']}"]
+    unit = (
+        f"{b['n_units']} groups ({r['data'].get('groups')})"
+        if b["unit"] == "group"
+        else f"{b['n_units']} images"
+    )
+    lines = [
+        f"evaluated {r['predictor']['path']} ({r['predictor']['ensemble']}) on {r['data']['path']}"
+    ]
     left = ", ".join(f"{k.replace('_', ' ')} {v}" for k, v in r["left_out"].items() if v)
-    lines.append(f"  {r['n']} images scored, {r['n_left_out']} left out" + (f" ({left})" if left
-                                                                          else ""))
+    lines.append(
+        f"  {r['n']} images scored, {r['n_left_out']} left out" + (f" ({left})" if left else "")
+    )
     if r["class_map"]["unmapped"]:
-        lines.append("  unmapped classes: " + ", ".join(
-            f"{k} {v}" for k, v in sorted(r["class_map"]["unmapped"].items(),
-                                          key=lambda kv: -kv[1])))
+        lines.append(
+            "  unmapped classes: "
+            + ", ".join(
+                f"{k} {v}"
+                for k, v in sorted(r["class_map"]["unmapped"].items(), key=lambda kv: -kv[1])
+            )
+        )
     pres = r["present_classes"]
-    lines.append(f"  classes present: {len(pres)} of {len(r['predictor']['classes'])}"
-                 + (f" (absent: {', '.join(r['absent_classes'])})" if r["absent_classes"] else ""))
+    lines.append(
+        f"  classes present: {len(pres)} of {len(r['predictor']['classes'])}"
+        + (f" (absent: {', '.join(r['absent_classes'])})" if r["absent_classes"] else "")
+    )
     dom = r.get("in_domain")
-    lines.append(f"  {'':20s}{'full argmax':>24s}{'restricted argmax':>26s}"
-                 + ("   in-domain" if dom else ""))
+    lines.append(
+        f"  {'':20s}{'full argmax':>24s}{'restricted argmax':>26s}"
+        + ("   in-domain" if dom else "")
+    )
     for m in METRIC_KEYS:
         ci, cr = r["ci"][m], r["ci"]["restricted"][m]
-        lines.append(f"  {metric_label(m):20s}{fmt(r[m]):>8s} [{fmt(ci['lo'])}, "
-                     f"{fmt(ci['hi'])}]{fmt(r['restricted'][m]):>10s} [{fmt(cr['lo'])}, "
-                     f"{fmt(cr['hi'])}]"
-                     + (f"{fmt(dom['same_classes'][m]):>12s}" if dom else ""))
-    lines.append(f"  95% CIs: percentile bootstrap, {b['resamples']} resamples of {unit}, "
-                 f"seed {b['seed']}" + ("; in-domain: the run's out-of-fold predictions on "
-                                        "the same classes" if dom else ""))
-    lines.append(f"  {'class':16s}{'n':>7s}{'precision':>11s}{'recall':>8s}{'F1':>7s}"
-                 + ("  recall in-domain" if dom else ""))
+        lines.append(
+            f"  {metric_label(m):20s}{fmt(r[m]):>8s} [{fmt(ci['lo'])}, "
+            f"{fmt(ci['hi'])}]{fmt(r['restricted'][m]):>10s} [{fmt(cr['lo'])}, "
+            f"{fmt(cr['hi'])}]" + (f"{fmt(dom['same_classes'][m]):>12s}" if dom else "")
+        )
+    lines.append(
+        f"  95% CIs: percentile bootstrap, {b['resamples']} resamples of {unit}, "
+        f"seed {b['seed']}"
+        + ("; in-domain: the run's out-of-fold predictions on the same classes" if dom else "")
+    )
+    lines.append(
+        f"  {'class':16s}{'n':>7s}{'precision':>11s}{'recall':>8s}{'F1':>7s}"
+        + ("  recall in-domain" if dom else "")
+    )
     for p in r["per_class"]:
-        lines.append(f"  {p['class'][:16]:16s}{p['support']:>7d}{fmt(p['precision']):>11s}"
-                     f"{fmt(p['recall']):>8s}{fmt(p['f1']):>7s}"
-                     + (f"{fmt(p.get('recall_in_domain')):>18s}" if dom else ""))
+        lines.append(
+            f"  {p['class'][:16]:16s}{p['support']:>7d}{fmt(p['precision']):>11s}"
+            f"{fmt(p['recall']):>8s}{fmt(p['f1']):>7s}"
+            + (f"{fmt(p.get('recall_in_domain')):>18s}" if dom else "")
+        )
     if r.get("per_external_class"):
         names = [f"{e['external_class']} -> {e['mapped_to']}" for e in r["per_external_class"]]
         head = "the set's own classes"
         w = min(max(len(n) for n in names + [head]), 44)
         lines.append(f"  {head:{w}s}{'n':>7s}{'recall':>8s}  most frequent wrong answers")
         for name, e in zip(names, r["per_external_class"]):
-            lines.append(f"  {name[:w]:{w}s}{e['n']:>7d}{fmt(e['recall']):>8s}  "
-                         + ", ".join(f"{c} {n}" for c, n in e["wrong"]))
+            lines.append(
+                f"  {name[:w]:{w}s}{e['n']:>7d}{fmt(e['recall']):>8s}  "
+                + ", ".join(f"{c} {n}" for c, n in e["wrong"])
+            )
     pat = r.get("patients")
     if pat:
-        lines.append(f"  patients ({r['data'].get('groups')}): {pat['n']}, called "
-                     f"{pat['n_called']}, refer {pat['n_refer']} (column reason), none (no "
-                     f"readable image) {pat['n_none']}; {pat['positive']} ROC AUC "
-                     f"{fmt(pat['roc_auc'])}, sensitivity {fmt(pat['sensitivity'])}, "
-                     f"specificity {fmt(pat['specificity'])} of the called; at the "
-                     f"threshold alone {fmt(pat['sensitivity_at_threshold'])} / "
-                     f"{fmt(pat['specificity_at_threshold'])} ({PATIENTS_FILE})")
+        lines.append(
+            f"  patients ({r['data'].get('groups')}): {pat['n']}, called "
+            f"{pat['n_called']}, refer {pat['n_refer']} (column reason), none (no "
+            f"readable image) {pat['n_none']}; {pat['positive']} ROC AUC "
+            f"{fmt(pat['roc_auc'])}, sensitivity {fmt(pat['sensitivity'])}, "
+            f"specificity {fmt(pat['specificity'])} of the called; at the "
+            f"threshold alone {fmt(pat['sensitivity_at_threshold'])} / "
+            f"{fmt(pat['specificity_at_threshold'])} ({PATIENTS_FILE})"
+        )
     lines += conformal.summary_lines(r)
     if not dom and r.get("in_domain_note"):
         lines.append(f"  {r['in_domain_note']}")
     t = r.get("timings", {})
-    lines.append(f"  wrote {Path(r['out']) / 'index.html'} ({EVAL_FILE}, {PREDICTIONS_FILE}); "
-                 f"{t.get('total_s', 0):.0f} s, {t.get('images_per_s') or 0:.0f} images/s")
+    lines.append(
+        f"  wrote {Path(r['out']) / 'index.html'} ({EVAL_FILE}, {PREDICTIONS_FILE}); "
+        f"{t.get('total_s', 0):.0f} s, {t.get('images_per_s') or 0:.0f} images/s"
+    )
     return "\n".join(lines)
 
 

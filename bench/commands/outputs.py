@@ -59,14 +59,14 @@ def min_free_bytes() -> int:
     try:
         mb = float(raw)
     except ValueError:
-        raise BenchError(f"BLOODBENCH_MIN_FREE_MB must be a number of MiB, got {raw!r}") \
-            from None
+        raise BenchError(f"BLOODBENCH_MIN_FREE_MB must be a number of MiB, got {raw!r}") from None
     if not mb >= 0:
         raise BenchError(f"BLOODBENCH_MIN_FREE_MB must be 0 or more, got {raw!r}")
     return int(mb * (1 << 20))
 
 
 # ----------------------------------------------------------------------------- what is read
+
 
 def is_predictor_dir(path) -> bool:
     """Whether ``path`` holds a bloodbench predictor (a manifest with its own digest)."""
@@ -82,7 +82,7 @@ def is_predictor_dir(path) -> bool:
 
 
 def is_run_dir(path) -> bool:
-    return RunDir(path).is_run()   # the run directory's one owner says what a run is
+    return RunDir(path).is_run()  # the run directory's one owner says what a run is
 
 
 def enclosing(path, test) -> Path | None:
@@ -107,8 +107,10 @@ def check_not_inside(out, what: str, reads=(), allowed=()) -> None:
     out = Path(out)
     pred = enclosing(Path(os.path.abspath(out)).parent, is_predictor_dir)
     if pred is not None:
-        raise BenchError(f"{what} {out} lies inside the predictor {pred}: writing there would "
-                         "break its checksums; give a path outside it")
+        raise BenchError(
+            f"{what} {out} lies inside the predictor {pred}: writing there would "
+            "break its checksums; give a path outside it"
+        )
     if any(is_inside(out, a) for a in allowed):
         return
     for r in reads:
@@ -116,14 +118,18 @@ def check_not_inside(out, what: str, reads=(), allowed=()) -> None:
             continue
         kind = "predictor" if is_predictor_dir(r) else "run directory"
         if is_inside(out, r):
-            raise BenchError(f"{what} {out} lies inside the {kind} {r} that this command "
-                             "reads; give a path outside it")
+            raise BenchError(
+                f"{what} {out} lies inside the {kind} {r} that this command "
+                "reads; give a path outside it"
+            )
         if out.exists() and is_inside(r, out):
-            raise BenchError(f"{what} {out} holds the {kind} {r} that this command reads; "
-                             "give another path")
+            raise BenchError(
+                f"{what} {out} holds the {kind} {r} that this command reads; give another path"
+            )
 
 
 # ----------------------------------------------------------------------------- file system
+
 
 def existing_ancestor(path) -> Path:
     p = Path(os.path.abspath(path))
@@ -136,7 +142,7 @@ def check_writable(path, what: str, need_bytes: int | None = None) -> None:
     """Before any work: the folder that will hold ``path`` (or its nearest existing
     ancestor) takes a file, and has ``need_bytes`` free (default :func:`min_free_bytes`)."""
     where = existing_ancestor(path)
-    if where == Path(os.path.abspath(path)) and not where.is_dir():   # a file to replace
+    if where == Path(os.path.abspath(path)) and not where.is_dir():  # a file to replace
         where = where.parent
     if not where.is_dir():
         raise BenchError(f"{what} {path}: {where} is a file, not a folder")
@@ -145,14 +151,17 @@ def check_writable(path, what: str, need_bytes: int | None = None) -> None:
         os.close(fd)
         os.unlink(probe)
     except OSError as exc:
-        raise BenchError(f"{what} {path}: cannot write in {where} "
-                         f"({exc.strerror or exc})") from None
+        raise BenchError(
+            f"{what} {path}: cannot write in {where} ({exc.strerror or exc})"
+        ) from None
     need = min_free_bytes() if need_bytes is None else max(int(need_bytes), min_free_bytes())
     free = shutil.disk_usage(where).free
     if free < need:
-        raise BenchError(f"{what} {path}: only {free / 2**20:.0f} MiB free in {where}, "
-                         f"{need / 2**20:.0f} MiB needed (BLOODBENCH_MIN_FREE_MB sets the "
-                         "minimum)")
+        raise BenchError(
+            f"{what} {path}: only {free / 2**20:.0f} MiB free in {where}, "
+            f"{need / 2**20:.0f} MiB needed (BLOODBENCH_MIN_FREE_MB sets the "
+            "minimum)"
+        )
 
 
 def folder_size(path) -> int:
@@ -163,21 +172,24 @@ def folder_size(path) -> int:
 def os_error_line(exc: OSError) -> str:
     """One line for a file-system fault: what failed, on which path."""
     if isinstance(exc, shutil.Error) and exc.args and isinstance(exc.args[0], list):
-        first = exc.args[0][0]   # copytree's list of (source, destination, why)
-        return f"{first[2]}: {first[1]}" + (f" (and {len(exc.args[0]) - 1} more)"
-                                           if len(exc.args[0]) > 1 else "")
+        first = exc.args[0][0]  # copytree's list of (source, destination, why)
+        return f"{first[2]}: {first[1]}" + (
+            f" (and {len(exc.args[0]) - 1} more)" if len(exc.args[0]) > 1 else ""
+        )
     why = exc.strerror or str(exc) or type(exc).__name__
     where = exc.filename if exc.filename is not None else ""
     if exc.filename2 is not None:
         where = f"{where} -> {exc.filename2}"
-    hint = {errno.ENOSPC: "; free some space and run the command again (finished work is "
-                          "kept)",
-            errno.EROFS: "; the file system is read-only: give another --out",
-            errno.EDQUOT: "; the disk quota is used up"}.get(exc.errno, "")
+    hint = {
+        errno.ENOSPC: "; free some space and run the command again (finished work is kept)",
+        errno.EROFS: "; the file system is read-only: give another --out",
+        errno.EDQUOT: "; the disk quota is used up",
+    }.get(exc.errno, "")
     return f"{why}: {where}{hint}" if where else f"{why}{hint}"
 
 
 # ----------------------------------------------------------------------------- file outputs
+
 
 def check_file_output(path, what: str, header: str, reads=(), command: str = "") -> Path:
     """Before any work: ``path`` may be written as a CSV whose first line starts with
@@ -191,9 +203,11 @@ def check_file_output(path, what: str, header: str, reads=(), command: str = "")
         if not path.is_file() or path.is_symlink():
             raise BenchError(f"{what} {path} is not a regular file; give a new file name")
         if not _starts_with(path, header):
-            raise BenchError(f"{what} {path} exists and was not written by "
-                             f"{command or 'this command'} (its first line is not "
-                             f"'{header}...'); give a new file name (nothing is overwritten)")
+            raise BenchError(
+                f"{what} {path} exists and was not written by "
+                f"{command or 'this command'} (its first line is not "
+                f"'{header}...'); give a new file name (nothing is overwritten)"
+            )
     if not path.parent.is_dir():
         raise BenchError(f"{what} {path}: its folder {path.parent} does not exist")
     check_writable(path, what)
@@ -210,6 +224,7 @@ def _starts_with(path: Path, header: str) -> bool:
 
 
 # ----------------------------------------------------------------------------- folder outputs
+
 
 def read_marker(folder) -> dict | None:
     f = Path(folder) / MARKER
@@ -237,8 +252,7 @@ class OutputFolder:
         folder returning where to move it aside (nothing is deleted), or ``None``.
     """
 
-    def __init__(self, path, command: str, what: str = "--out", reads=(), allowed=(),
-                 legacy=None):
+    def __init__(self, path, command: str, what: str = "--out", reads=(), allowed=(), legacy=None):
         self.path = Path(path)
         self.command = command
         self.what = what
@@ -258,15 +272,19 @@ class OutputFolder:
             if any(p.iterdir()):
                 marker = read_marker(p)
                 if marker is None and self.legacy is not None and self.legacy(p) is not None:
-                    pass   # moved aside when published
+                    pass  # moved aside when published
                 elif marker is None:
-                    raise BenchError(f"{self.what} {p} is not empty and was not written by "
-                                     f"{self.command} (no {MARKER}); give a new or empty "
-                                     "folder (nothing of yours is replaced)")
+                    raise BenchError(
+                        f"{self.what} {p} is not empty and was not written by "
+                        f"{self.command} (no {MARKER}); give a new or empty "
+                        "folder (nothing of yours is replaced)"
+                    )
                 elif marker.get("command") != self.command:
-                    raise BenchError(f"{self.what} {p} holds the output of "
-                                     f"{marker.get('command')}, not of {self.command}; give "
-                                     "another folder")
+                    raise BenchError(
+                        f"{self.what} {p} holds the output of "
+                        f"{marker.get('command')}, not of {self.command}; give "
+                        "another folder"
+                    )
         check_writable(p, self.what, need_bytes)
         return self
 
@@ -303,21 +321,25 @@ class OutputFolder:
         out.mkdir(parents=True, exist_ok=True)
         old = dict((marker or {}).get("files") or {})
         old.update((marker or {}).get("pending") or {})
-        new_files = {f.relative_to(tmp).as_posix(): f for f in sorted(tmp.rglob("*"))
-                     if f.is_file() and not f.is_symlink() and f.name != MARKER}
+        new_files = {
+            f.relative_to(tmp).as_posix(): f
+            for f in sorted(tmp.rglob("*"))
+            if f.is_file() and not f.is_symlink() and f.name != MARKER
+        }
         digests = {rel: file_sha256(f) for rel, f in new_files.items()}
         # the marker first lists both the earlier files and the new ones, so a crash in
         # the middle leaves every file recognisable as bloodbench's
         pending = {**(marker or {}).get("files", {}), **digests}
-        atomic_write_json(out / MARKER, {"command": self.command, "files": old,
-                                         "pending": pending})
+        atomic_write_json(out / MARKER, {"command": self.command, "files": old, "pending": pending})
         written = {}
         for rel, f in new_files.items():
             dest_rel = rel
             dest = out / rel
             if not is_inside(dest.parent if dest.parent.exists() else out, out):
-                raise BenchError(f"cannot write {dest}: its folder leads outside {out} (a "
-                                 "link); the output is left unfinished")
+                raise BenchError(
+                    f"cannot write {dest}: its folder leads outside {out} (a "
+                    "link); the output is left unfinished"
+                )
             if (dest.exists() or dest.is_symlink()) and not self._ours(dest, rel, old):
                 dest_rel = _free_name(out, rel)
                 dest = out / dest_rel
@@ -325,33 +347,47 @@ class OutputFolder:
             try:
                 dest.parent.mkdir(parents=True, exist_ok=True)
             except (FileExistsError, NotADirectoryError):
-                raise BenchError(f"cannot write {dest}: {dest.parent} is a file that "
-                                 "bloodbench did not write; move it") from None
+                raise BenchError(
+                    f"cannot write {dest}: {dest.parent} is a file that "
+                    "bloodbench did not write; move it"
+                ) from None
             os.replace(f, dest)
             written[dest_rel] = digests[rel]
-        for rel, digest in old.items():   # earlier files this output no longer has
+        for rel, digest in old.items():  # earlier files this output no longer has
             if rel in written:
                 continue
             f = out / rel
-            if f.is_file() and not f.is_symlink() and is_inside(f, out) \
-                    and file_sha256(f) == digest:
+            if (
+                f.is_file()
+                and not f.is_symlink()
+                and is_inside(f, out)
+                and file_sha256(f) == digest
+            ):
                 f.unlink()
                 _prune_empty(f.parent, out)
-        atomic_write_json(out / MARKER, {
-            "command": self.command, "files": written,
-            "written": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")})
+        atomic_write_json(
+            out / MARKER,
+            {
+                "command": self.command,
+                "files": written,
+                "written": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+            },
+        )
         if self.renamed:
             for rel, alt in self.renamed[:5]:
                 warn(f"{out / rel} is not bloodbench's: kept it, and wrote {alt} beside it")
             if len(self.renamed) > 5:
-                warn(f"{len(self.renamed) - 5} more files written beside files of yours "
-                     f"in {out}")
+                warn(f"{len(self.renamed) - 5} more files written beside files of yours in {out}")
 
     @staticmethod
     def _ours(dest: Path, rel: str, old: dict) -> bool:
         digest = old.get(rel)
-        return (digest is not None and dest.is_file() and not dest.is_symlink()
-                and file_sha256(dest) == digest)
+        return (
+            digest is not None
+            and dest.is_file()
+            and not dest.is_symlink()
+            and file_sha256(dest) == digest
+        )
 
 
 def _free_name(out: Path, rel: str) -> str:
@@ -376,6 +412,7 @@ def _prune_empty(folder: Path, root: Path) -> None:
 
 # ----------------------------------------------------------------------------- one writer
 
+
 @contextmanager
 def run_lock(run_dir, command: str):
     """Hold an exclusive lock on the run directory ``run_dir`` (created if needed) while
@@ -389,11 +426,13 @@ def run_lock(run_dir, command: str):
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
-            raise BenchError(f"{run_dir} is being written by another bloodbench command; wait "
-                             f"for it to finish (then {command} resumes where it stopped), or "
-                             "choose another --out") from None
-        except OSError:   # e.g. a network file system without folder locks
+            raise BenchError(
+                f"{run_dir} is being written by another bloodbench command; wait "
+                f"for it to finish (then {command} resumes where it stopped), or "
+                "choose another --out"
+            ) from None
+        except OSError:  # e.g. a network file system without folder locks
             pass
         yield
     finally:
-        os.close(fd)   # releases the lock
+        os.close(fd)  # releases the lock

@@ -35,14 +35,19 @@ def fetch(url: str, md5: str, dest: Path, timeout: float = 30.0, hint: str = "")
         with urllib.request.urlopen(url, timeout=timeout) as resp, open(tmp, "wb") as out:
             total = int(resp.headers.get("Content-Length") or 0)
             chunks = iter(lambda: resp.read(1 << 20), b"")
-            for block in progress_iter(chunks, total=(total >> 20) + 1 if total else None,
-                                       desc=f"downloading {dest.name}", enabled=total > 1 << 22):
+            for block in progress_iter(
+                chunks,
+                total=(total >> 20) + 1 if total else None,
+                desc=f"downloading {dest.name}",
+                enabled=total > 1 << 22,
+            ):
                 out.write(block)
     except (urllib.error.URLError, OSError, TimeoutError) as exc:
         tmp.unlink(missing_ok=True)
         reason = getattr(exc, "reason", exc)
-        raise BenchError(f"could not download {url} ({reason}); {hint or f'put the file at {dest}'}"
-                         ) from None
+        raise BenchError(
+            f"could not download {url} ({reason}); {hint or f'put the file at {dest}'}"
+        ) from None
     got = md5sum(tmp)
     if got != md5:
         tmp.unlink(missing_ok=True)

@@ -19,7 +19,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from bench.config import DEFAULT_CONFIG, data_argument, did_you_mean, load_config, read_toml
-from bench.data.datasets import class_files, class_folders, read_labelled_files, read_npz, read_table
+from bench.data.datasets import (
+    class_files,
+    class_folders,
+    read_labelled_files,
+    read_npz,
+    read_table,
+)
 from core.errors import BenchError
 from core.images import IMAGE_SUFFIXES
 
@@ -32,14 +38,14 @@ class ExternalSet:
 
     name: str
     path: Path
-    kind: str                       # "folder", "csv" or "npz"
-    items: list                     # image paths, or (H, W, 3) arrays for an npz
-    shown: list[str]                # what predictions.csv calls each item
-    labels: list[str]               # external class name per item
+    kind: str  # "folder", "csv" or "npz"
+    items: list  # image paths, or (H, W, 3) arrays for an npz
+    shown: list[str]  # what predictions.csv calls each item
+    labels: list[str]  # external class name per item
     groups: list[str] | None = None
-    left_out: dict = field(default_factory=dict)     # reason -> count
+    left_out: dict = field(default_factory=dict)  # reason -> count
     skipped: list[dict] = field(default_factory=list)
-    info: dict = field(default_factory=dict)         # extra facts for evaluation.json
+    info: dict = field(default_factory=dict)  # extra facts for evaluation.json
 
 
 def resolve_data(data, config=None) -> tuple[Path, str, dict]:
@@ -60,8 +66,11 @@ def resolve_data(data, config=None) -> tuple[Path, str, dict]:
         raise BenchError(f"{cfg_path}: [datasets.{name}] has no path")
     if not dpath.exists():
         raise BenchError(f"data not found: {dpath} ([datasets.{name}] of {cfg_path})")
-    return dpath, name, {"config": str(cfg_path.resolve()), "dataset": name,
-                         "classes": list(cfg.data.classes)}
+    return (
+        dpath,
+        name,
+        {"config": str(cfg_path.resolve()), "dataset": name, "classes": list(cfg.data.classes)},
+    )
 
 
 def _list_folder(root: Path) -> ExternalSet:
@@ -89,30 +98,44 @@ def _list_csv(root: Path, labels, group_col: str | None) -> ExternalSet:
     if not root.is_dir():
         raise BenchError(f"--labels needs --data to be a folder of images, got {root}")
     listed = read_labelled_files(root, labels, "--labels", group_col)
-    return ExternalSet(root.name, root, "csv", listed.files, [str(f) for f in listed.files],
-                       listed.labels, groups=listed.groups,
-                       left_out={"empty_label": listed.n_empty},
-                       info={"labels": {"file": str(listed.csv_path.resolve()),
-                                        "column": listed.column, "rows": listed.n_rows}})
+    return ExternalSet(
+        root.name,
+        root,
+        "csv",
+        listed.files,
+        [str(f) for f in listed.files],
+        listed.labels,
+        groups=listed.groups,
+        left_out={"empty_label": listed.n_empty},
+        info={
+            "labels": {
+                "file": str(listed.csv_path.resolve()),
+                "column": listed.column,
+                "rows": listed.n_rows,
+            }
+        },
+    )
 
 
 def _list_npz(path: Path, classes: list[str] | None) -> ExternalSet:
     """An ``.npz`` (``images/labels[/classes][/files]`` or MedMNIST), original size."""
     images, idx, names, shown, _ = read_npz(path, classes)
-    return ExternalSet(path.stem, path, "npz", list(images), shown,
-                       [names[i] for i in idx])
+    return ExternalSet(path.stem, path, "npz", list(images), shown, [names[i] for i in idx])
 
 
 def load_external(data, labels=None, groups=None, config=None) -> ExternalSet:
     """List (do not decode) the external set; every problem is one :class:`BenchError`."""
     path, name, info = resolve_data(data, config)
     if groups is not None and labels is None:
-        raise BenchError("--groups COLUMN is a column of the --labels CSV: give --labels "
-                         "FILE.csv:COLUMN too")
+        raise BenchError(
+            "--groups COLUMN is a column of the --labels CSV: give --labels FILE.csv:COLUMN too"
+        )
     if labels is not None:
         if path.is_file():
-            raise BenchError(f"--labels labels image files; --data {path} is a file, give "
-                             "the folder the CSV's 'file' column points into")
+            raise BenchError(
+                f"--labels labels image files; --data {path} is a file, give "
+                "the folder the CSV's 'file' column points into"
+            )
         ext = _list_csv(path, labels, groups)
     elif path.is_file():
         if path.suffix.lower() != ".npz":
@@ -126,6 +149,7 @@ def load_external(data, labels=None, groups=None, config=None) -> ExternalSet:
 
 
 # ----------------------------------------------------------------------------- class map
+
 
 def read_class_map(spec) -> tuple[dict[str, str] | None, str]:
     """A class map from a TOML table, a CSV ``external,predictor`` or a dict; ``(None,
@@ -144,38 +168,49 @@ def read_class_map(spec) -> tuple[dict[str, str] | None, str]:
         if suffix == ".toml":
             raw = read_toml(p)
             tables = [v for v in raw.values() if isinstance(v, dict)]
-            if len(raw) == 1 and len(tables) == 1:   # one named table, e.g. [class_map]
+            if len(raw) == 1 and len(tables) == 1:  # one named table, e.g. [class_map]
                 raw = tables[0]
         elif suffix == ".csv":
             df = read_table(p, "--class-map")
             cols = {c.lower(): c for c in df.columns}
             if not {"external", "predictor"} <= set(cols):
-                raise BenchError(f"--class-map {p}: needs the columns external,predictor; "
-                                 f"found {list(df.columns)}")
+                raise BenchError(
+                    f"--class-map {p}: needs the columns external,predictor; "
+                    f"found {list(df.columns)}"
+                )
             raw = {}
             for e, v in zip(df[cols["external"]].str.strip(), df[cols["predictor"]].str.strip()):
                 if not e:
                     raise BenchError(f"--class-map {p}: a row has an empty 'external' class")
                 if e in raw and raw[e] != v:
-                    raise BenchError(f"--class-map {p}: '{e}' is mapped twice ('{raw[e]}' and "
-                                     f"'{v}')")
+                    raise BenchError(
+                        f"--class-map {p}: '{e}' is mapped twice ('{raw[e]}' and '{v}')"
+                    )
                 raw[e] = v
         else:
-            raise BenchError(f"--class-map {p}: give a .toml (external = \"predictor\") or a "
-                             ".csv (external,predictor) file")
+            raise BenchError(
+                f'--class-map {p}: give a .toml (external = "predictor") or a '
+                ".csv (external,predictor) file"
+            )
     out = {}
     for k, v in raw.items():
         if not isinstance(v, str):
-            raise BenchError(f"--class-map {src}: '{k}' must map to a predictor class name "
-                             f"(a string), got {type(v).__name__}")
+            raise BenchError(
+                f"--class-map {src}: '{k}' must map to a predictor class name "
+                f"(a string), got {type(v).__name__}"
+            )
         out[str(k).strip()] = v.strip()
     if not out:
         raise BenchError(f"--class-map {src} maps no class")
     return out, src
 
 
-def map_classes(external: list[str], predictor_classes: list[str],
-                user_map: dict[str, str] | None, src: str = "identity"):
+def map_classes(
+    external: list[str],
+    predictor_classes: list[str],
+    user_map: dict[str, str] | None,
+    src: str = "identity",
+):
     """``{external class: predictor class or None}`` for every external class, and the
     map's entries that name no external class. A map value the predictor lacks is a
     :class:`BenchError`."""
@@ -188,9 +223,11 @@ def map_classes(external: list[str], predictor_classes: list[str],
                 continue
             hit = v if v in predictor_classes else lower.get(v.lower())
             if hit is None:
-                raise BenchError(f"--class-map {src}: '{k}' -> '{v}': the predictor has no "
-                                 f"class '{v}'; its classes: {', '.join(predictor_classes)}"
-                                 + did_you_mean(v, predictor_classes))
+                raise BenchError(
+                    f"--class-map {src}: '{k}' -> '{v}': the predictor has no "
+                    f"class '{v}'; its classes: {', '.join(predictor_classes)}"
+                    + did_you_mean(v, predictor_classes)
+                )
             resolved[k] = hit
     by_lower = {k.lower(): k for k in resolved}
     mapping, used = {}, set()

@@ -64,6 +64,7 @@ def _source_index(sources: list[str]):
     def lookup(name: str) -> list[int]:
         name = name.strip().replace("\\", "/")
         return by_path.get(name) or by_name.get(PurePosixPath(name).name, [])
+
     return lookup
 
 
@@ -80,8 +81,9 @@ def _read_csv_rows(path: str, what: str) -> list[list[str]]:
     return rows
 
 
-def make_groups(ds: Dataset, groups_csv: str = "", pairs_csv: str = "",
-                group_rule: str = "", preset=None) -> tuple[np.ndarray, dict]:
+def make_groups(
+    ds: Dataset, groups_csv: str = "", pairs_csv: str = "", group_rule: str = "", preset=None
+) -> tuple[np.ndarray, dict]:
     """Group id per row, and a summary of what was grouped. ``preset``: a key per row
     (e.g. a multi-lab dataset's ``group_keys``); rows with one key share a group ("" for
     none)."""
@@ -98,10 +100,17 @@ def make_groups(ds: Dataset, groups_csv: str = "", pairs_csv: str = "",
     dup = [rows for rows in by_hash.values() if len(rows) > 1]
     for rows in dup:
         uf.union_all(rows)
-    conflicts = [[ds.sources[r] for r in rows] for rows in dup
-                 if len({int(ds.labels[r]) for r in rows}) > 1]
-    info = {"exact_duplicate_groups": len(dup), "duplicate_label_conflicts": conflicts,
-            "user_groups": 0, "pairs": 0, "group_rule": group_rule or None, "unmatched": []}
+    conflicts = [
+        [ds.sources[r] for r in rows] for rows in dup if len({int(ds.labels[r]) for r in rows}) > 1
+    ]
+    info = {
+        "exact_duplicate_groups": len(dup),
+        "duplicate_label_conflicts": conflicts,
+        "user_groups": 0,
+        "pairs": 0,
+        "group_rule": group_rule or None,
+        "unmatched": [],
+    }
     lookup = _source_index(ds.sources)
     if groups_csv:
         members: dict[str, list[int]] = {}
@@ -144,21 +153,32 @@ def _apply_rule(rule: str, ds: Dataset, uf: _UnionFind) -> None:
         uf.union_all(rows)
 
 
-def make_folds(labels: np.ndarray, groups: np.ndarray, n_folds: int, seed: int,
-               classes: list[str] | None = None, domains=None) -> np.ndarray:
+def make_folds(
+    labels: np.ndarray,
+    groups: np.ndarray,
+    n_folds: int,
+    seed: int,
+    classes: list[str] | None = None,
+    domains=None,
+) -> np.ndarray:
     """Fold number (0..n_folds-1) per row. ``domains`` (a multi-lab dataset's lab per row):
     stratified by lab and class together, so every fold holds each lab's share."""
     counts = np.bincount(labels, minlength=len(classes) if classes else 0)
     for c, k in enumerate(counts):
         if k < n_folds:
             name = classes[c] if classes else str(c)
-            raise BenchError(f"class '{name}' has {k} image(s), fewer than the {n_folds} folds; "
-                             "add images or lower [run] folds")
+            raise BenchError(
+                f"class '{name}' has {k} image(s), fewer than the {n_folds} folds; "
+                "add images or lower [run] folds"
+            )
     if len(np.unique(groups)) < n_folds:
         raise BenchError(f"only {len(np.unique(groups))} groups for {n_folds} folds")
     folds = np.full(len(labels), -1, dtype=np.int64)
-    strata = labels if domains is None or not len(domains) else \
-        np.unique([f"{d}\0{c}" for d, c in zip(domains, labels)], return_inverse=True)[1]
+    strata = (
+        labels
+        if domains is None or not len(domains)
+        else np.unique([f"{d}\0{c}" for d, c in zip(domains, labels)], return_inverse=True)[1]
+    )
     sgkf = StratifiedGroupKFold(n_splits=n_folds, shuffle=True, random_state=seed)
     for k, (_, test) in enumerate(sgkf.split(np.zeros(len(labels)), strata, groups)):
         folds[test] = k
@@ -173,8 +193,10 @@ def lab_folds(domains: list[str], groups: np.ndarray) -> np.ndarray:
     folds = np.array([labs.index(d) for d in domains], dtype=np.int64)
     spans = pd.DataFrame({"g": groups, "f": folds}).groupby("g")["f"].nunique()
     if (spans > 1).any():
-        raise BenchError(f"{int((spans > 1).sum())} group(s) of identical images span two labs; "
-                         "leave-one-lab-out cannot keep them on one side (remove the copies)")
+        raise BenchError(
+            f"{int((spans > 1).sum())} group(s) of identical images span two labs; "
+            "leave-one-lab-out cannot keep them on one side (remove the copies)"
+        )
     return folds
 
 
@@ -200,8 +222,10 @@ def read_bags(ds: Dataset, groups_csv: str) -> np.ndarray:
         bags[lookup(row[0])] = row[1].strip()
     missing = np.flatnonzero(bags == "")
     if len(missing):
-        raise BenchError(f"[data] bags = true: {len(missing)} image(s) have no group in "
-                         f"{groups_csv}, e.g. {ds.sources[missing[0]]}")
+        raise BenchError(
+            f"[data] bags = true: {len(missing)} image(s) have no group in "
+            f"{groups_csv}, e.g. {ds.sources[missing[0]]}"
+        )
     bags = bags.astype(str)
     table = pd.DataFrame({"bag": bags, "label": ds.labels})
     mixed = table.groupby("bag")["label"].nunique()
@@ -209,13 +233,21 @@ def read_bags(ds: Dataset, groups_csv: str) -> np.ndarray:
     if len(mixed):
         b = mixed.index[0]
         found = sorted({ds.classes[i] for i in table.label[table.bag == b]})
-        raise BenchError(f"[data] bags = true: the label belongs to the bag, but {len(mixed)} "
-                         f"bag(s) hold images of several labels, e.g. '{b}': {found}")
+        raise BenchError(
+            f"[data] bags = true: the label belongs to the bag, but {len(mixed)} "
+            f"bag(s) hold images of several labels, e.g. '{b}': {found}"
+        )
     return bags
 
 
-def make_bag_folds(labels: np.ndarray, bags: np.ndarray, groups: np.ndarray, n_folds: int,
-                   seed: int, classes: list[str]) -> np.ndarray:
+def make_bag_folds(
+    labels: np.ndarray,
+    bags: np.ndarray,
+    groups: np.ndarray,
+    n_folds: int,
+    seed: int,
+    classes: list[str],
+) -> np.ndarray:
     """Fold number per row, drawn over bags (whole bags in a fold) stratified by the bags'
     labels: each fold holds about 1/n_folds of every class's bags, whatever their sizes.
     Bags joined by a group (e.g. an image shared by two patients) stay in one fold."""
@@ -224,8 +256,10 @@ def make_bag_folds(labels: np.ndarray, bags: np.ndarray, groups: np.ndarray, n_f
     counts = np.bincount(bag_labels, minlength=len(classes))
     for c, k in enumerate(counts):
         if k < n_folds:
-            raise BenchError(f"class '{classes[c]}' has {k} bag(s), fewer than the {n_folds} "
-                             "folds; add bags or lower [run] folds")
+            raise BenchError(
+                f"class '{classes[c]}' has {k} bag(s), fewer than the {n_folds} "
+                "folds; add bags or lower [run] folds"
+            )
     bag_fold = np.full(len(names), -1, dtype=np.int64)
     sgkf = StratifiedGroupKFold(n_splits=n_folds, shuffle=True, random_state=seed)
     for k, (_, test) in enumerate(sgkf.split(np.zeros(len(names)), bag_labels, bag_groups)):
@@ -233,11 +267,18 @@ def make_bag_folds(labels: np.ndarray, bags: np.ndarray, groups: np.ndarray, n_f
     return bag_fold[inverse]
 
 
-def folds_table(ds: Dataset, groups: np.ndarray, folds: np.ndarray,
-                bags: np.ndarray | None = None) -> pd.DataFrame:
-    table = pd.DataFrame({"index": np.arange(len(ds)), "source": ds.sources,
-                          "label": [ds.classes[i] for i in ds.labels], "group": groups,
-                          "fold": folds})
+def folds_table(
+    ds: Dataset, groups: np.ndarray, folds: np.ndarray, bags: np.ndarray | None = None
+) -> pd.DataFrame:
+    table = pd.DataFrame(
+        {
+            "index": np.arange(len(ds)),
+            "source": ds.sources,
+            "label": [ds.classes[i] for i in ds.labels],
+            "group": groups,
+            "fold": folds,
+        }
+    )
     if bags is not None:
         table["bag"] = bags
     if ds.domains:

@@ -34,8 +34,14 @@ from pathlib import Path
 import numpy as np
 
 from bench.config import Config, SourceEntry, did_you_mean
-from bench.data.datasets import (Dataset, check_classes, load_dataset, parse_csv_spec,
-                            prepare_dataset, stratified_subset)
+from bench.data.datasets import (
+    Dataset,
+    check_classes,
+    load_dataset,
+    parse_csv_spec,
+    prepare_dataset,
+    stratified_subset,
+)
 from bench.data.folds import column_by_row, make_groups
 from core.colour import bag_colour, smooth
 from core.errors import BenchError
@@ -46,8 +52,13 @@ from core.progress import info, warn
 def _is_column_spec(spec: str) -> bool:
     """``FILE.csv:COLUMN`` (a column of a CSV) rather than a plain ``FILE.csv``."""
     file, _, column = spec.rpartition(":")
-    return bool(file) and bool(column) and "/" not in column and "\\" not in column \
+    return (
+        bool(file)
+        and bool(column)
+        and "/" not in column
+        and "\\" not in column
         and not spec.lower().endswith(".csv")
+    )
 
 
 def _check_paths(cfg: Config) -> None:
@@ -62,8 +73,11 @@ def _check_paths(cfg: Config) -> None:
             spec = getattr(src, key)
             if not spec:
                 continue
-            f = parse_csv_spec(spec, f"{where} {key}")[0] if key == "labels" or \
-                _is_column_spec(spec) else Path(spec)
+            f = (
+                parse_csv_spec(spec, f"{where} {key}")[0]
+                if key == "labels" or _is_column_spec(spec)
+                else Path(spec)
+            )
             f = Path(cfg.path(str(f))).expanduser()
             if not f.is_file():
                 raise BenchError(f"{where} {key} file not found: {f}")
@@ -74,8 +88,10 @@ def class_mapping(own: list[str], shared: list[str], class_map: dict, where: str
     absent. A ``class_map`` key naming no class of the lab is a one-line error."""
     unknown = [k for k in class_map if k not in own]
     if unknown:
-        raise BenchError(f"{where} class_map names '{unknown[0]}', which is not a class of "
-                         f"this lab {own}" + did_you_mean(unknown[0], own))
+        raise BenchError(
+            f"{where} class_map names '{unknown[0]}', which is not a class of "
+            f"this lab {own}" + did_you_mean(unknown[0], own)
+        )
     lower = {c.lower(): j for j, c in enumerate(shared)}
     out = {}
     for i, c in enumerate(own):
@@ -94,8 +110,12 @@ def _groups(cfg: Config, ds: Dataset, src: SourceEntry) -> np.ndarray:
     if column:
         file, _, col = spec.rpartition(":")
         preset = column_by_row(ds.sources, f"{cfg.path(file)}:{col}", "sources groups")
-    ids, _ = make_groups(ds, "" if column or not spec else cfg.path(spec),
-                         cfg.path(src.pairs) if src.pairs else "", preset=preset)
+    ids, _ = make_groups(
+        ds,
+        "" if column or not spec else cfg.path(spec),
+        cfg.path(src.pairs) if src.pairs else "",
+        preset=preset,
+    )
     return ids
 
 
@@ -143,18 +163,28 @@ def load_sources(cfg: Config, show_progress: bool = True) -> Dataset:
     share = data.max_images // len(data.sources) if data.max_images else 0
     for i, src in enumerate(data.sources):
         lab, where = src.domain, f"[data] sources[{i}] ({src.domain})"
-        ds = load_dataset(cfg.path(src.path), image_size=data.image_size,
-                          cache_dir=data.cache_dir or None, show_progress=show_progress,
-                          labels=cfg.path(src.labels) if src.labels else None)
+        ds = load_dataset(
+            cfg.path(src.path),
+            image_size=data.image_size,
+            cache_dir=data.cache_dir or None,
+            show_progress=show_progress,
+            labels=cfg.path(src.labels) if src.labels else None,
+        )
         mapping = class_mapping(ds.classes, shared, src.class_map, where)
         counts = np.bincount(ds.labels, minlength=len(ds.classes))
         for c, name in enumerate(ds.classes):
             if c not in mapping and counts[c]:
-                left_out.append(f"lab '{lab}': class '{name}' ({int(counts[c])} images) maps "
-                                "onto no shared class; left out")
-                skipped.append({"path": f"{lab}/{name}",
-                                "reason": f"class of lab '{lab}' not in [data] classes "
-                                          f"({int(counts[c])} images)"})
+                left_out.append(
+                    f"lab '{lab}': class '{name}' ({int(counts[c])} images) maps "
+                    "onto no shared class; left out"
+                )
+                skipped.append(
+                    {
+                        "path": f"{lab}/{name}",
+                        "reason": f"class of lab '{lab}' not in [data] classes "
+                        f"({int(counts[c])} images)",
+                    }
+                )
         skipped += [{**s, "path": f"{lab}/{s['path']}"} for s in ds.skipped]
         maps[lab] = {ds.classes[c]: shared[t] for c, t in mapping.items()}
         rows = np.flatnonzero(np.isin(ds.labels, list(mapping)))
@@ -166,28 +196,42 @@ def load_sources(cfg: Config, show_progress: bool = True) -> Dataset:
             ds = ds.subset(stratified_subset(ds.labels, cap, seed, min_per_class=2))
         present = sorted({shared[c] for c in ds.labels})
         if len(present) < 2:
-            raise BenchError(f"{where}: the lab has {len(present)} class(es) of [data] classes "
-                             f"after its class_map ({present}); a held-out lab needs at least "
-                             "two to be scored")
+            raise BenchError(
+                f"{where}: the lab has {len(present)} class(es) of [data] classes "
+                f"after its class_map ({present}); a held-out lab needs at least "
+                "two to be scored"
+            )
         ids = _groups(cfg, ds, src)
-        said.append(f"lab '{lab}': {len(ds)} images, {len(present)} of {len(shared)} classes, "
-                    f"{len(np.unique(ids))} groups")
+        said.append(
+            f"lab '{lab}': {len(ds)} images, {len(present)} of {len(shared)} classes, "
+            f"{len(np.unique(ids))} groups"
+        )
         ds.domains = [lab] * len(ds)
         ds.group_keys = [f"{lab}:{g}" for g in ids]
         ds.sources = [f"{lab}/{s}" for s in ds.sources]
         parts.append(ds)
         hashes.append(f"{lab}:{ds.content_hash}:{sorted(mapping.items())}:{cap}")
-    for line in left_out:   # after every lab is checked: an error stays one line
+    for line in left_out:  # after every lab is checked: an error stays one line
         warn(line)
     for line in said:
         info(line)
     key = hashlib.sha256(("multi:" + "|".join(hashes) + f":{seed}").encode()).hexdigest()
     cat = lambda attr: [x for p in parts for x in getattr(p, attr)]  # noqa: E731
-    return Dataset(np.concatenate([np.asarray(p.images) for p in parts]),
-                   np.concatenate([p.labels for p in parts]), shared, cat("sources"),
-                   cat("pixel_hashes"), "labs: " + ", ".join(s.domain for s in data.sources),
-                   key, cat("original_sizes"), skipped, cat("converted"), cat("domains"),
-                   cat("group_keys"), maps)
+    return Dataset(
+        np.concatenate([np.asarray(p.images) for p in parts]),
+        np.concatenate([p.labels for p in parts]),
+        shared,
+        cat("sources"),
+        cat("pixel_hashes"),
+        "labs: " + ", ".join(s.domain for s in data.sources),
+        key,
+        cat("original_sizes"),
+        skipped,
+        cat("converted"),
+        cat("domains"),
+        cat("group_keys"),
+        maps,
+    )
 
 
 def lab_balanced_rows(rows: np.ndarray, domains, seed: int) -> np.ndarray:

@@ -61,11 +61,12 @@ from core.shift import ShiftReference
 from ensembles.predictor import load_predictor, save_predictor, verify_predictor
 from ensembles.voting import SoftVoting
 
-NAME = "distilled"   # the student's work units, out-of-fold file and leaderboard row
+NAME = "distilled"  # the student's work units, out-of-fold file and leaderboard row
 
 
-def soft_targets(teacher: np.ndarray, labels: np.ndarray, hard_weight: float,
-                 temperature: float) -> np.ndarray:
+def soft_targets(
+    teacher: np.ndarray, labels: np.ndarray, hard_weight: float, temperature: float
+) -> np.ndarray:
     """Each row's target (module docstring): the teacher's probabilities tempered, mixed
     with the one-hot label."""
     p = np.clip(np.asarray(teacher, dtype=np.float64), 1e-12, None) ** (1.0 / temperature)
@@ -89,8 +90,9 @@ def _student_entry(s, seed: int) -> dict:
 def _teacher_targets(run: RunDir) -> tuple[np.ndarray, str]:
     s, teacher = _settings(run)
     oof = run.read_oof(teacher)
-    return soft_targets(oof, run.labels, float(s.hard_weight), float(s.temperature)), \
-        hashlib.sha256(oof.astype(np.float32).tobytes()).hexdigest()
+    return soft_targets(
+        oof, run.labels, float(s.hard_weight), float(s.temperature)
+    ), hashlib.sha256(oof.astype(np.float32).tobytes()).hexdigest()
 
 
 def unit_hash(run: RunDir) -> str:
@@ -98,10 +100,16 @@ def unit_hash(run: RunDir) -> str:
     out-of-fold rows, the folds."""
     s, teacher = _settings(run)
     _, teacher_hash = _teacher_targets(run)
-    return stable_hash({"student": s.student.model_dump(), "hard_weight": s.hard_weight,
-                        "temperature": s.temperature, "teacher": teacher,
-                        "teacher_oof": teacher_hash,
-                        "folds": run.read_state()["fingerprint"]["folds"]})
+    return stable_hash(
+        {
+            "student": s.student.model_dump(),
+            "hard_weight": s.hard_weight,
+            "temperature": s.temperature,
+            "teacher": teacher,
+            "teacher_oof": teacher_hash,
+            "folds": run.read_state()["fingerprint"]["folds"],
+        }
+    )
 
 
 def student_unit(run_dir: str, fold: int) -> dict:
@@ -117,19 +125,31 @@ def student_unit(run_dir: str, fold: int) -> dict:
     cand = build_candidate(_student_entry(s, seed))
     with run.staged_unit(NAME, fold) as tmp:
         t0 = time.perf_counter()
-        fit_candidate(cand, np.asarray(run.images[train]), run.labels[train], classes=classes,
-                      workdir=tmp, soft_targets=targets[train])
+        fit_candidate(
+            cand,
+            np.asarray(run.images[train]),
+            run.labels[train],
+            classes=classes,
+            workdir=tmp,
+            soft_targets=targets[train],
+        )
         t1 = time.perf_counter()
         X_test = np.asarray(run.images[test])
         proba = predict_proba_for(cand, X_test, classes)
         t2 = time.perf_counter()
-        stressed = predict_stressed(cand, X_test, test, stress_shifts(run.config),
-                                    run.config.run.seed, classes)
+        stressed = predict_stressed(
+            cand, X_test, test, stress_shifts(run.config), run.config.run.seed, classes
+        )
         cand.save(tmp / "model")
         result = {
-            "candidate": NAME, "fold": fold, "type": s.student.type,
-            "candidate_hash": unit_hash(run), "seed": seed, "teacher": teacher,
-            "tuning": {}, "tune_seconds": 0.0,
+            "candidate": NAME,
+            "fold": fold,
+            "type": s.student.type,
+            "candidate_hash": unit_hash(run),
+            "seed": seed,
+            "teacher": teacher,
+            "tuning": {},
+            "tune_seconds": 0.0,
             **fitted_record(cand, run.labels[test], proba, len(train), t1 - t0, t2 - t1),
         }
         run.write_unit(tmp, result, proba, stressed)
@@ -149,13 +169,21 @@ def final_unit(run_dir: str) -> dict:
     h = unit_hash(run)
     with staged(run.distill_final_dir) as tmp:
         t0 = time.perf_counter()
-        fit_candidate(cand, np.asarray(run.images), run.labels,
-                      classes=np.arange(len(run.classes)), workdir=tmp / "log",
-                      soft_targets=targets)
+        fit_candidate(
+            cand,
+            np.asarray(run.images),
+            run.labels,
+            classes=np.arange(len(run.classes)),
+            workdir=tmp / "log",
+            soft_targets=targets,
+        )
         cand.save(tmp / "model")
-        out = {"candidate_hash": h, "fit_seconds": time.perf_counter() - t0,
-               "epochs_run": getattr(cand, "epochs_run_", None),
-               "model_size": cand.model_size()}
+        out = {
+            "candidate_hash": h,
+            "fit_seconds": time.perf_counter() - t0,
+            "epochs_run": getattr(cand, "epochs_run_", None),
+            "model_size": cand.model_size(),
+        }
         atomic_write_json(tmp / "result.json", out)
     del cand
     release_memory()
@@ -200,26 +228,34 @@ def check_distill(run: RunDir, out: Path) -> tuple:
     run.check_finished()
     registry.import_plugins(run.config.run.plugins)
     if not run.predictor_dir.is_dir():
-        raise BenchError(f"--run {run.path}: the run has no saved predictor (run it to the end, "
-                         "or resume it with `python -m bench run --out DIR`)")
+        raise BenchError(
+            f"--run {run.path}: the run has no saved predictor (run it to the end, "
+            "or resume it with `python -m bench run --out DIR`)"
+        )
     cfg = run.config
     if cfg.data.bags:
-        raise BenchError(f"--run {run.path}: a bag task (patients); bench distill trains a "
-                         "cell-level student and does not carry the patient calls")
+        raise BenchError(
+            f"--run {run.path}: a bag task (patients); bench distill trains a "
+            "cell-level student and does not carry the patient calls"
+        )
     if NAME in cfg.candidates or NAME in cfg.ensembles:
-        raise BenchError(f"--run {run.path}: the run has an entry named '{NAME}', the name "
-                         "of the distilled row; rename it")
+        raise BenchError(
+            f"--run {run.path}: the run has an entry named '{NAME}', the name "
+            "of the distilled row; rename it"
+        )
     s, teacher = _settings(run)
     if not teacher or not run.oof_file(teacher).is_file():
-        raise BenchError(f"[distill] teacher '{teacher}': no out-of-fold probabilities in "
-                         f"{run.path / 'oof'} (an entry of the leaderboard)")
+        raise BenchError(
+            f"[distill] teacher '{teacher}': no out-of-fold probabilities in "
+            f"{run.path / 'oof'} (an entry of the leaderboard)"
+        )
     cls = registry.get(s.student.type)
     if "soft_targets" not in cls.fit_accepts:
         raise BenchError(f"[distill] student type '{s.student.type}' cannot learn soft targets")
     out = Path(out)
     # never inside a predictor, nor elsewhere in the run than its own distilled/ folder
     check_not_inside(out, "--out", reads=(run.path,), allowed=(run.path / NAME,))
-    check_writable(run.path, "--run")   # the student folds are written into the run
+    check_writable(run.path, "--run")  # the student folds are written into the run
     check_writable(out, "--out")
     if out.exists() and not (out.is_dir() and not any(out.iterdir())):
         try:
@@ -227,8 +263,10 @@ def check_distill(run: RunDir, out: Path) -> tuple:
         except BenchError:
             earlier = None
         if not earlier:
-            raise BenchError(f"--out {out}: exists and is not a predictor written by bench "
-                             "distill; choose a new folder (nothing is overwritten)")
+            raise BenchError(
+                f"--out {out}: exists and is not a predictor written by bench "
+                "distill; choose a new folder (nothing is overwritten)"
+            )
     return s, teacher
 
 
@@ -246,22 +284,25 @@ def _distill(run: RunDir, out: Path, s, teacher: str, workers: int | None) -> di
     cfg = run.config
     folds = run.folds
     h = unit_hash(run)
-    todo = [(str(run.path.resolve()), k) for k in folds.fold_ids
-            if not run.unit_done(NAME, k, h)]
+    todo = [(str(run.path.resolve()), k) for k in folds.fold_ids if not run.unit_done(NAME, k, h)]
     if len(todo) < len(folds.fold_ids):
-        info(f"resuming: {len(folds.fold_ids) - len(todo)} of {len(folds.fold_ids)} student "
-             "folds already done")
+        info(
+            f"resuming: {len(folds.fold_ids) - len(todo)} of {len(folds.fold_ids)} student "
+            "folds already done"
+        )
     jobs = [(student_unit, t) for t in todo]
     if not _final_done(run, h):
         jobs.append((final_unit, (str(run.path.resolve()),)))
     executor = make_executor(workers or cfg.run.workers)
-    with unit_progress(len(jobs), f"distilling '{teacher}' into one {s.student.type}") \
-            as advance:
-        for fn in (student_unit, final_unit):   # one kind of unit per map
+    with unit_progress(len(jobs), f"distilling '{teacher}' into one {s.student.type}") as advance:
+        for fn in (student_unit, final_unit):  # one kind of unit per map
             args = [a for f, a in jobs if f is fn]
             for a, res in executor.map_unordered(fn, args):
-                advance(f"fold {a[1]}: acc {res['metrics']['accuracy']:.3f}" if fn is
-                        student_unit else "student on every row")
+                advance(
+                    f"fold {a[1]}: acc {res['metrics']['accuracy']:.3f}"
+                    if fn is student_unit
+                    else "student on every row"
+                )
     return _publish(run, out, s, teacher)
 
 
@@ -275,7 +316,7 @@ def distilled_row(run: RunDir) -> dict | None:
         return None
     try:
         h = unit_hash(run)
-    except BenchError:   # the teacher's out-of-fold rows are gone
+    except BenchError:  # the teacher's out-of-fold rows are gone
         return None
     if not all(run.unit_done(NAME, k, h) for k in run.folds.fold_ids):
         return None
@@ -290,23 +331,36 @@ def _publish(run: RunDir, out: Path, s, teacher: str) -> dict:
     for k, _, test in folds:
         oof[test] = run.unit_proba(NAME, k)
     run.write_oof(NAME, oof)
-    stored = run.read_oof(NAME)   # as written (float32), as the report reads it
+    stored = run.read_oof(NAME)  # as written (float32), as the report reads it
     final = read_json(run.distill_final_dir / "result.json")
     pred_cfg = cfg.predictor
     calibration = {}
     if pred_cfg.temperature_scaling:
-        calibration = {"calibration": {
-            "method": "temperature scaling", "temperature": fit_temperature(y, stored),
-            "fitted_on": "out-of-fold probabilities of the cross-validated students"}}
+        calibration = {
+            "calibration": {
+                "method": "temperature scaling",
+                "temperature": fit_temperature(y, stored),
+                "fitted_on": "out-of-fold probabilities of the cross-validated students",
+            }
+        }
     teacher_record = verify_predictor(run.predictor_dir)
     prep = teacher_record.prep
-    row = {"candidate": NAME, "kind": "distilled", **summarize([r["metrics"] for r in results]),
-           "fit_seconds": float(np.mean([r["fit_seconds"] for r in results])),
-           "predict_ms_per_image": float(np.mean([r["predict_ms_per_image"] for r in results])),
-           "model_size": final["model_size"], "n_folds": len(results), "members": teacher,
-           "tuning": f"distilled from '{teacher}'"}
-    teacher_row = run.read_leaderboard().set_index("candidate").loc[teacher] \
-        if teacher in set(run.read_leaderboard()["candidate"]) else None
+    row = {
+        "candidate": NAME,
+        "kind": "distilled",
+        **summarize([r["metrics"] for r in results]),
+        "fit_seconds": float(np.mean([r["fit_seconds"] for r in results])),
+        "predict_ms_per_image": float(np.mean([r["predict_ms_per_image"] for r in results])),
+        "model_size": final["model_size"],
+        "n_folds": len(results),
+        "members": teacher,
+        "tuning": f"distilled from '{teacher}'",
+    }
+    teacher_row = (
+        run.read_leaderboard().set_index("candidate").loc[teacher]
+        if teacher in set(run.read_leaderboard()["candidate"])
+        else None
+    )
     shifts = stress_shifts(cfg)
     if shifts:
         stressed = {sh: {NAME: np.zeros_like(oof)} for sh in shifts}
@@ -319,64 +373,88 @@ def _publish(run: RunDir, out: Path, s, teacher: str) -> dict:
     stress_cols = [c for c in row if c.startswith("stress_")]
 
     def figures(r) -> dict:
-        return {m: float(r[m]) for m in ["accuracy", "macro_f1", *stress_cols]
-                if m in r and r[m] == r[m]}
-    conf_settings = pred_cfg.conformal.model_copy(update={"scheme": "split"})   # one model
+        return {
+            m: float(r[m])
+            for m in ["accuracy", "macro_f1", *stress_cols]
+            if m in r and r[m] == r[m]
+        }
+
+    conf_settings = pred_cfg.conformal.model_copy(update={"scheme": "split"})  # one model
     extra = {
         "chosen_by": f"bench distill: one {s.student.type} trained on the out-of-fold "
-                     f"probabilities of '{teacher}'",
-        "distilled": {"teacher": teacher, "student": s.student.model_dump(),
-                      "hard_weight": float(s.hard_weight), "temperature": float(s.temperature),
-                      "cross_validated": figures(row),
-                      "teacher_cross_validated": None if teacher_row is None else
-                      figures(teacher_row)},
-        "leaderboard": {m: float(row[m]) for m in
-                        dict.fromkeys([base_metric(cfg.run.metric), "accuracy",
-                                       "macro_f1"])},
+        f"probabilities of '{teacher}'",
+        "distilled": {
+            "teacher": teacher,
+            "student": s.student.model_dump(),
+            "hard_weight": float(s.hard_weight),
+            "temperature": float(s.temperature),
+            "cross_validated": figures(row),
+            "teacher_cross_validated": None if teacher_row is None else figures(teacher_row),
+        },
+        "leaderboard": {
+            m: float(row[m])
+            for m in dict.fromkeys([base_metric(cfg.run.metric), "accuracy", "macro_f1"])
+        },
         "member_models": "one student fitted on every row (the cross-validated students "
-                         "give its figures)",
+        "give its figures)",
         **calibration,
-        **conformal.predictor_extra(run, conf_settings, y, stored, folds, NAME, calibration,
-                                    stored),
+        **conformal.predictor_extra(
+            run, conf_settings, y, stored, folds, NAME, calibration, stored
+        ),
     }
     save_predictor(
-        out, ensemble_name=NAME, ensemble=SoftVoting().fit([stored], y),
+        out,
+        ensemble_name=NAME,
+        ensemble=SoftVoting().fit([stored], y),
         members={NAME: [run.distill_final_dir / "model"]},
         member_info={NAME: {"type": s.student.type, "kind": "cnn", "weight": 1.0}},
-        classes=run.classes, preprocessing=prep,
-        training_data=teacher_record.training_data or {}, extra=extra,
-        tta="none", shift=ShiftReference.fit(np.asarray(run.images)))
+        classes=run.classes,
+        preprocessing=prep,
+        training_data=teacher_record.training_data or {},
+        extra=extra,
+        tta="none",
+        shift=ShiftReference.fit(np.asarray(run.images)),
+    )
     verify_predictor(out)
     # images/s of the student and of the run's predictor on the same model-size arrays,
     # in a fresh process with every core for TensorFlow (as `bench predict` runs)
     n = min(int(s.speed_images), len(y))
     student_ips = teacher_ips = float("nan")
     if n:
-        with ProcessPoolExecutor(1, mp_context=mp.get_context("spawn"),
-                                 initializer=_all_cores) as pool:
+        with ProcessPoolExecutor(
+            1, mp_context=mp.get_context("spawn"), initializer=_all_cores
+        ) as pool:
             student_ips, teacher_ips = pool.submit(
-                speeds, str(run.path), [str(out), str(run.predictor_dir)], n).result()
-    row.update({"images_per_s": student_ips, "teacher_images_per_s": teacher_ips,
-                "speed_images": n})
+                speeds, str(run.path), [str(out), str(run.predictor_dir)], n
+            ).result()
+    row.update(
+        {"images_per_s": student_ips, "teacher_images_per_s": teacher_ips, "speed_images": n}
+    )
     conformal.add_leaderboard_columns([row], {NAME: stored}, y, folds, pred_cfg.conformal)
     board = run.read_leaderboard()
     board = board[board["candidate"] != NAME]
     rows = board.to_dict("records") + [row]
     metric = cfg.run.metric
-    metric = metric if metric in board else base_metric(metric)   # the board's own order
+    metric = metric if metric in board else base_metric(metric)  # the board's own order
     board = make_table(rows, metric)
     run.write_leaderboard(board, to_markdown(board, metric))
-    summary = {**row, "row": row, "teacher": teacher, "predictor": str(out),
-               "final_fit_seconds": final["fit_seconds"], "machine": platform.processor()
-               or platform.machine(), "cores": os.cpu_count(),
-               "finished": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")}
+    summary = {
+        **row,
+        "row": row,
+        "teacher": teacher,
+        "predictor": str(out),
+        "final_fit_seconds": final["fit_seconds"],
+        "machine": platform.processor() or platform.machine(),
+        "cores": os.cpu_count(),
+        "finished": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+    }
     atomic_write_json(run.distill_dir / "result.json", summary)
     return summary
 
 
 def _keep_distilled(ctx: RunContext) -> None:
     kept = distilled_row(ctx.run)
-    if kept is not None:   # an earlier `bench distill` whose teacher rows are unchanged
+    if kept is not None:  # an earlier `bench distill` whose teacher rows are unchanged
         metric = ctx.board_metric
         ctx.board = make_table(ctx.board.to_dict("records") + [kept], metric)
         ctx.write_board(metric)
@@ -386,5 +464,12 @@ def _keep_distilled(ctx: RunContext) -> None:
 STAGE = Stage("distilled_row", _keep_distilled, lambda ctx: ctx.predictor, timed=False)
 
 
-__all__ = ["distill", "distilled_row", "soft_targets", "student_unit", "final_unit",
-           "images_per_second", "NAME"]
+__all__ = [
+    "distill",
+    "distilled_row",
+    "soft_targets",
+    "student_unit",
+    "final_unit",
+    "images_per_second",
+    "NAME",
+]

@@ -43,7 +43,7 @@ from core.progress import info, warn
 from ensembles.build import final_ensemble
 from ensembles.predictor import Predictor
 
-COLUMNS = LABEL_METRICS   # accuracy, balanced accuracy, macro-F1 (core.metrics)
+COLUMNS = LABEL_METRICS  # accuracy, balanced accuracy, macro-F1 (core.metrics)
 
 
 def missing_input(entry: ExternalEntry) -> str | None:
@@ -59,18 +59,18 @@ def missing_input(entry: ExternalEntry) -> str | None:
 
 def load_set(name: str, entry: ExternalEntry, classes: list[str], prep: Preprocessing, seed: int):
     """``(X, y, groups, info)`` of external set ``name`` at the run's image size."""
-    ext = load_external(entry.path, labels=entry.labels or None,
-                        groups=entry.groups or None)
+    ext = load_external(entry.path, labels=entry.labels or None, groups=entry.groups or None)
     user_map, src = read_class_map(entry.class_map or None)
     mapping, _ = map_classes(sorted(set(ext.labels)), classes, user_map, src)
     keep = [i for i, c in enumerate(ext.labels) if mapping.get(c) is not None]
     if not keep:
-        raise BenchError(f"[external.{name}]: none of its classes "
-                         f"{sorted(set(ext.labels))} maps onto the run's {classes}")
+        raise BenchError(
+            f"[external.{name}]: none of its classes "
+            f"{sorted(set(ext.labels))} maps onto the run's {classes}"
+        )
     y = np.array([classes.index(mapping[ext.labels[i]]) for i in keep])
     n = int(entry.max_images)
-    rows = stratified_subset(y, n, seed, min_per_class=1) if 0 < n < len(y) \
-        else np.arange(len(y))
+    rows = stratified_subset(y, n, seed, min_per_class=1) if 0 < n < len(y) else np.arange(len(y))
     items = [ext.items[keep[r]] for r in rows]
     groups = None if ext.groups is None else [ext.groups[keep[r]] for r in rows]
     X, _, ok, errors = prep.load(items, skip_errors=True)
@@ -78,33 +78,52 @@ def load_set(name: str, entry: ExternalEntry, classes: list[str], prep: Preproce
         warn(f"[external.{name}]: skipped {exc}")
     y = y[rows][ok]
     groups = None if groups is None else [groups[i] for i in ok]
-    left = {c: n for c, n in pd.Series(ext.labels).value_counts().items()
-            if mapping.get(c) is None}
-    return X, y, groups, {"n": int(len(y)), "n_unreadable": len(errors),
-                          "unmapped": {str(k): int(v) for k, v in left.items()},
-                          "sampled": bool(len(rows) < len(keep)),
-                          "left_out": ext.left_out}
+    left = {c: n for c, n in pd.Series(ext.labels).value_counts().items() if mapping.get(c) is None}
+    return (
+        X,
+        y,
+        groups,
+        {
+            "n": int(len(y)),
+            "n_unreadable": len(errors),
+            "unmapped": {str(k): int(v) for k, v in left.items()},
+            "sampled": bool(len(rows) < len(keep)),
+            "left_out": ext.left_out,
+        },
+    )
 
 
-def bagged_probas(run: RunDir, names: list[str], kinds: dict, classes, prep: Preprocessing,
-                  X: np.ndarray) -> dict[str, np.ndarray]:
+def bagged_probas(
+    run: RunDir, names: list[str], kinds: dict, classes, prep: Preprocessing, X: np.ndarray
+) -> dict[str, np.ndarray]:
     """Each candidate's probabilities on ``X``: the mean over its fold models, run in one
     fused graph (:class:`ensembles.predictor.Predictor`)."""
-    members = {n: [load_candidate(run.unit_model_dir(n, k)) for k in run.folds.fold_ids]
-               for n in names}
-    manifest = {"classes": list(classes), "members": [{"name": n, "kind": kinds[n]}
-                                                      for n in names],
-                "preprocessing": prep.to_dict()}
+    members = {
+        n: [load_candidate(run.unit_model_dir(n, k)) for k in run.folds.fold_ids] for n in names
+    }
+    manifest = {
+        "classes": list(classes),
+        "members": [{"name": n, "kind": kinds[n]} for n in names],
+        "preprocessing": prep.to_dict(),
+    }
     pred = Predictor(manifest, members, ensemble=None, path=run.path)
     out = {}
     for i in range(0, len(X), 512):
-        for n, p in zip(names, pred.member_probas(X[i:i + 512])):
+        for n, p in zip(names, pred.member_probas(X[i : i + 512])):
             out.setdefault(n, []).append(p)
     return {n: np.concatenate(v) for n, v in out.items()}
 
 
-def score_external(run: RunDir, cfg, ds, board: pd.DataFrame, stored: dict, kinds: dict,
-                   folds, stressed: dict | None = None) -> pd.DataFrame:
+def score_external(
+    run: RunDir,
+    cfg,
+    ds,
+    board: pd.DataFrame,
+    stored: dict,
+    kinds: dict,
+    folds,
+    stressed: dict | None = None,
+) -> pd.DataFrame:
     """Score every entry of ``board`` on each applicable external set; returns ``board``
     with ``<set>_<metric>`` columns (also written under ``external/``). ``stored``: the
     out-of-fold probabilities as written to ``oof/`` (what the ensembles are fitted on;
@@ -120,39 +139,65 @@ def score_external(run: RunDir, cfg, ds, board: pd.DataFrame, stored: dict, kind
             warn(f"external set '{name}' skipped: {gone} not found")
             continue
         t = time.perf_counter()
-        X, y, groups, meta = load_set(name, entry, ds.classes, ds.preprocessing,
-                                      cfg.run.seed)
+        X, y, groups, meta = load_set(name, entry, ds.classes, ds.preprocessing, cfg.run.seed)
         info(f"external set '{name}': {meta['n']} images; scoring {len(board)} entries")
         probas = bagged_probas(run, candidates, kinds, ds.classes, ds.preprocessing, X)
         for e in ensembles:
-            members, ens = final_ensemble(e, "ensemble", cfg.ensembles, stored, kinds,
-                                          ds.labels, folds, stressed)
+            members, ens = final_ensemble(
+                e, "ensemble", cfg.ensembles, stored, kinds, ds.labels, folds, stressed
+            )
             probas[e] = ens.combine([probas[m] for m in members])
         rows, per_class = [], []
         for e in board["candidate"]:
-            s = score(y, probas[e], list(ds.classes), groups=groups, stats=cfg.stats,
-                      n_boot=cfg.stats.n_boot_external)
-            rows.append({"candidate": e, **{m: s[m] for m in (*COLUMNS, "ece")},
-                         **{f"{m}_lo": s["ci"][m]["lo"] for m in COLUMNS},
-                         **{f"{m}_hi": s["ci"][m]["hi"] for m in COLUMNS},
-                         **{f"restricted_{m}": s["restricted"][m] for m in COLUMNS}})
+            s = score(
+                y,
+                probas[e],
+                list(ds.classes),
+                groups=groups,
+                stats=cfg.stats,
+                n_boot=cfg.stats.n_boot_external,
+            )
+            rows.append(
+                {
+                    "candidate": e,
+                    **{m: s[m] for m in (*COLUMNS, "ece")},
+                    **{f"{m}_lo": s["ci"][m]["lo"] for m in COLUMNS},
+                    **{f"{m}_hi": s["ci"][m]["hi"] for m in COLUMNS},
+                    **{f"restricted_{m}": s["restricted"][m] for m in COLUMNS},
+                }
+            )
             per_class += [{"candidate": e, **pc} for pc in s["per_class"]]
             run.write_external_proba(name, e, probas[e])
         scores = pd.DataFrame(rows)
-        run.write_external(name, scores, pd.DataFrame(per_class),
-                           {**meta, "entry": entry.model_dump(mode="json"), "seconds": time.perf_counter() - t,
-                            "bootstrap": s["bootstrap"], "labels": y.tolist()})
-        board = board.merge(scores[["candidate", *COLUMNS]].rename(
-            columns={m: f"{name}_{m}" for m in COLUMNS}), on="candidate", how="left")
+        run.write_external(
+            name,
+            scores,
+            pd.DataFrame(per_class),
+            {
+                **meta,
+                "entry": entry.model_dump(mode="json"),
+                "seconds": time.perf_counter() - t,
+                "bootstrap": s["bootstrap"],
+                "labels": y.tolist(),
+            },
+        )
+        board = board.merge(
+            scores[["candidate", *COLUMNS]].rename(columns={m: f"{name}_{m}" for m in COLUMNS}),
+            on="candidate",
+            how="left",
+        )
         best = scores.sort_values("balanced_accuracy", ascending=False).iloc[0]
-        info(f"external set '{name}': best balanced accuracy {best['balanced_accuracy']:.3f} "
-             f"({best['candidate']}); {time.perf_counter() - t:.0f} s")
+        info(
+            f"external set '{name}': best balanced accuracy {best['balanced_accuracy']:.3f} "
+            f"({best['candidate']}); {time.perf_counter() - t:.0f} s"
+        )
     return board
 
 
 def _external_stage(ctx: RunContext) -> None:
-    ctx.board = score_external(ctx.run, ctx.cfg, ctx.ds, ctx.board, ctx.stored, ctx.kinds,
-                               ctx.run.folds, ctx.stored_stress)
+    ctx.board = score_external(
+        ctx.run, ctx.cfg, ctx.ds, ctx.board, ctx.stored, ctx.kinds, ctx.run.folds, ctx.stored_stress
+    )
     ctx.write_board(ctx.cfg.run.metric)
 
 

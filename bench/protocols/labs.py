@@ -64,21 +64,36 @@ def lolo_config(cfg: Config, out) -> Config:
     """``cfg`` for the leave-one-lab-out run in ``out``: one fold per lab, ranked by the
     fold metric, no report, external sets, leakage audit or studies shared with the
     pooled run (SQLite in ``out``: the study names ``NAME-foldK`` would clash)."""
-    return cfg.derive(run={"out": str(out), "split": "lab", "leave_one_lab_out": False,
-                           "lab_adabn": False, "metric": base_metric(cfg.run.metric)},
-                      report={"enabled": False, "leakage_audit": False},
-                      external={}, tuning={"storage": ""})
+    return cfg.derive(
+        run={
+            "out": str(out),
+            "split": "lab",
+            "leave_one_lab_out": False,
+            "lab_adabn": False,
+            "metric": base_metric(cfg.run.metric),
+        },
+        report={"enabled": False, "leakage_audit": False},
+        external={},
+        tuning={"storage": ""},
+    )
 
 
 def _metric_cells(sc: dict, prefix: str = "") -> dict:
     """``<prefix><m>``, ``_lo`` and ``_hi`` of each lab metric of a :func:`score` result."""
-    return {f"{prefix}{m}{suffix}": v for m in LAB_METRICS
-            for suffix, v in (("", sc[m]), ("_lo", sc["ci"][m]["lo"]),
-                              ("_hi", sc["ci"][m]["hi"]))}
+    return {
+        f"{prefix}{m}{suffix}": v
+        for m in LAB_METRICS
+        for suffix, v in (("", sc[m]), ("_lo", sc["ci"][m]["lo"]), ("_hi", sc["ci"][m]["hi"]))
+    }
 
 
-def lab_scores(table: pd.DataFrame, classes: list[str], probas: dict[str, np.ndarray],
-               stats: StatsSection | None = None, n_boot: int | None = None) -> pd.DataFrame:
+def lab_scores(
+    table: pd.DataFrame,
+    classes: list[str],
+    probas: dict[str, np.ndarray],
+    stats: StatsSection | None = None,
+    n_boot: int | None = None,
+) -> pd.DataFrame:
     """One row per entry and held-out lab: ``n``, ``n_groups``, ``classes_present`` and,
     per metric of :data:`core.metrics.LAB_METRICS`, the value over the lab's classes and
     its bootstrap interval over the lab's groups (``_lo`` / ``_hi``).
@@ -95,15 +110,22 @@ def lab_scores(table: pd.DataFrame, classes: list[str], probas: dict[str, np.nda
             sel = (table["domain"] == lab).to_numpy()
             groups = table["group"].to_numpy()[sel]
             sc = score(y[sel], proba[sel], classes, groups=groups, stats=stats, n_boot=n_boot)
-            rows.append({"entry": name, "lab": lab, "n": int(sel.sum()),
-                         "n_groups": int(len(np.unique(groups))),
-                         "classes_present": ";".join(sc["present_classes"]),
-                         **_metric_cells(sc)})
+            rows.append(
+                {
+                    "entry": name,
+                    "lab": lab,
+                    "n": int(sel.sum()),
+                    "n_groups": int(len(np.unique(groups))),
+                    "classes_present": ";".join(sc["present_classes"]),
+                    **_metric_cells(sc),
+                }
+            )
     return pd.DataFrame(rows)
 
 
-def adabn_scores(lab_run: RunDir, names: list[str],
-                 stats: StatsSection | None = None) -> pd.DataFrame:
+def adabn_scores(
+    lab_run: RunDir, names: list[str], stats: StatsSection | None = None
+) -> pd.DataFrame:
     """One row per adaptable candidate of ``names`` and held-out lab: ``adabn_<metric>``
     (and ``_lo`` / ``_hi``) of its fold model adapted on the lab's images (see the module
     docstring)."""
@@ -112,8 +134,7 @@ def adabn_scores(lab_run: RunDir, names: list[str],
     table, classes, y = lab_run.folds_table, lab_run.classes, lab_run.labels
     rows = []
     for name in names:
-        if name not in cfg.candidates or \
-                not registry.get(cfg.candidates[name].type).adaptable:
+        if name not in cfg.candidates or not registry.get(cfg.candidates[name].type).adaptable:
             continue
         for k, _, test in lab_run.folds:
             cand = load_candidate(lab_run.unit_model_dir(name, k))
@@ -122,10 +143,14 @@ def adabn_scores(lab_run: RunDir, names: list[str],
             proba = predict_proba_for(cand, X, np.arange(len(classes)))
             del cand
             release_memory()
-            sc = score(y[test], proba, classes, groups=table["group"].to_numpy()[test],
-                       stats=stats)
-            rows.append({"entry": name, "lab": str(table["domain"].iloc[test[0]]),
-                         **_metric_cells(sc, "adabn_")})
+            sc = score(y[test], proba, classes, groups=table["group"].to_numpy()[test], stats=stats)
+            rows.append(
+                {
+                    "entry": name,
+                    "lab": str(table["domain"].iloc[test[0]]),
+                    **_metric_cells(sc, "adabn_"),
+                }
+            )
     return pd.DataFrame(rows)
 
 
@@ -144,7 +169,8 @@ def add_lab_columns(board: pd.DataFrame, scores: pd.DataFrame, metric: str) -> p
             for col in cols:
                 board[f"{prefix}{lab}_{col}"] = [
                     float(by.loc[(e, lab), prefix + col]) if (e, lab) in by.index else np.nan
-                    for e in board["candidate"]]
+                    for e in board["candidate"]
+                ]
         return board[[f"{prefix}{lab}_{cols[0]}" for lab in labs]].to_numpy(dtype=float)
 
     for m in LAB_METRICS:
@@ -154,24 +180,33 @@ def add_lab_columns(board: pd.DataFrame, scores: pd.DataFrame, metric: str) -> p
         board[f"lab_gap_{m}"] = board[m] - board[f"mean_lab_{m}"]
     if labs:
         values = board[[f"{lab}_balanced_accuracy" for lab in labs]].to_numpy(dtype=float)
-        board["worst_lab"] = [labs[int(np.nanargmin(r))] if np.isfinite(r).any() else ""
-                              for r in values]
-    if "adabn_balanced_accuracy" in scores:   # transductive: its own columns, never a ranking
+        board["worst_lab"] = [
+            labs[int(np.nanargmin(r))] if np.isfinite(r).any() else "" for r in values
+        ]
+    if "adabn_balanced_accuracy" in scores:  # transductive: its own columns, never a ranking
         board["adabn_worst_lab_balanced_accuracy"] = np.min(
-            per_lab("balanced_accuracy", prefix="adabn_"), axis=1)
-    return board.sort_values(metric, ascending=metric_sort_ascending(metric),
-                             kind="stable").reset_index(drop=True)
+            per_lab("balanced_accuracy", prefix="adabn_"), axis=1
+        )
+    return board.sort_values(
+        metric, ascending=metric_sort_ascending(metric), kind="stable"
+    ).reset_index(drop=True)
 
 
 def lab_summary(board_row, labs: list[str]) -> dict:
     """The per-lab out-of-lab figures of one leaderboard row (the predictor's manifest)."""
-    out = {"labs": {}, "protocol": "leave-one-lab-out: each lab held out in turn, every fit, "
-                                   "tuning and ensemble weight on the other labs"}
+    out = {
+        "labs": {},
+        "protocol": "leave-one-lab-out: each lab held out in turn, every fit, "
+        "tuning and ensemble weight on the other labs",
+    }
     for lab in labs:
-        out["labs"][lab] = {m: {"value": float(board_row[f"{lab}_{m}"]),
-                                "ci": [float(board_row[f"{lab}_{m}_lo"]),
-                                       float(board_row[f"{lab}_{m}_hi"])]}
-                            for m in LAB_METRICS}
+        out["labs"][lab] = {
+            m: {
+                "value": float(board_row[f"{lab}_{m}"]),
+                "ci": [float(board_row[f"{lab}_{m}_lo"]), float(board_row[f"{lab}_{m}_hi"])],
+            }
+            for m in LAB_METRICS
+        }
     for s in LAB_SUMMARIES:
         out[f"{s}_lab"] = {m: float(board_row[f"{s}_lab_{m}"]) for m in LAB_METRICS}
     out["in_lab"] = {m: float(board_row[m]) for m in LAB_METRICS}
@@ -188,23 +223,33 @@ def has_lab_columns(board: pd.DataFrame, labs: list[str]) -> bool:
     return bool(labs) and all(f"{lab}_{LAB_METRICS[0]}" in board for lab in labs)
 
 
-def leave_one_lab_out(run: RunDir, cfg: Config, board: pd.DataFrame, run_benchmark: Callable,
-                      workers=None, scheduler=None, show_progress: bool = True):
+def leave_one_lab_out(
+    run: RunDir,
+    cfg: Config,
+    board: pd.DataFrame,
+    run_benchmark: Callable,
+    workers=None,
+    scheduler=None,
+    show_progress: bool = True,
+):
     """Run ``cfg``'s candidates and ensembles leave-one-lab-out in ``run.labs_dir`` (by
     ``run_benchmark``, the runner's), write ``DIR/labs.csv`` and return ``(board with the
     lab columns, the long table)``."""
     sub = lolo_config(cfg, run.labs_dir)
     info(f"leave-one-lab-out over {len(cfg.data.sources)} labs in {run.labs_dir}")
-    run_benchmark(sub, workers=workers, show_progress=show_progress, scheduler=scheduler,
-                  predictor=False)
+    run_benchmark(
+        sub, workers=workers, show_progress=show_progress, scheduler=scheduler, predictor=False
+    )
     lab_run = RunDir(run.labs_dir)
     lab_board = lab_run.read_leaderboard()
-    probas = {n: lab_run.read_oof(n) for n in board["candidate"]
-              if n in set(lab_board["candidate"])}
+    probas = {
+        n: lab_run.read_oof(n) for n in board["candidate"] if n in set(lab_board["candidate"])
+    }
     scores = lab_scores(lab_run.folds_table, lab_run.classes, probas, stats=cfg.stats)
     if cfg.run.lab_adabn:
-        info("AdaBN per held-out lab (transductive: batch-norm statistics of each lab's "
-             "own images)")
+        info(
+            "AdaBN per held-out lab (transductive: batch-norm statistics of each lab's own images)"
+        )
         adapted = adabn_scores(lab_run, list(probas), stats=cfg.stats)
         if len(adapted):
             scores = scores.merge(adapted, on=["entry", "lab"], how="left")
@@ -214,8 +259,9 @@ def leave_one_lab_out(run: RunDir, cfg: Config, board: pd.DataFrame, run_benchma
 
 def _lolo_stage(ctx: RunContext) -> None:
     # before the predictor: it may be chosen by the worst held-out lab
-    ctx.board, _ = leave_one_lab_out(ctx.run, ctx.cfg, ctx.board, ctx.rerun, ctx.workers,
-                                     ctx.scheduler, ctx.show_progress)
+    ctx.board, _ = leave_one_lab_out(
+        ctx.run, ctx.cfg, ctx.board, ctx.rerun, ctx.workers, ctx.scheduler, ctx.show_progress
+    )
     ctx.write_board(ctx.cfg.run.metric)
 
 

@@ -26,8 +26,9 @@ def stress_shifts(cfg) -> list[str]:
     return list(cfg.stress.shifts)
 
 
-def predict_stressed(cand, X: np.ndarray, rows: np.ndarray, shifts, seed: int,
-                     classes) -> dict[str, np.ndarray]:
+def predict_stressed(
+    cand, X: np.ndarray, rows: np.ndarray, shifts, seed: int, classes
+) -> dict[str, np.ndarray]:
     """``cand``'s probabilities on images ``X`` (the run's rows ``rows``) under each shift
     of ``shifts``."""
     return {s: predict_proba_for(cand, simulate(X, s, rows, seed), classes) for s in shifts}
@@ -35,8 +36,11 @@ def predict_stressed(cand, X: np.ndarray, rows: np.ndarray, shifts, seed: int,
 
 def complete_stress(run: RunDir, names, shifts, seed: int) -> None:
     """Score, from its saved model, every unit of ``names`` that lacks a shift's rows."""
-    missing = {(n, k): [s for s in shifts if not run.unit_stress_file(n, k, s).is_file()]
-               for n in names for k in run.folds.fold_ids}
+    missing = {
+        (n, k): [s for s in shifts if not run.unit_stress_file(n, k, s).is_file()]
+        for n in names
+        for k in run.folds.fold_ids
+    }
     todo = [unit for unit, lacking in missing.items() if lacking]
     if not todo:
         return
@@ -45,8 +49,9 @@ def complete_stress(run: RunDir, names, shifts, seed: int) -> None:
         for name, k in todo:
             cand = load_candidate(run.unit_model_dir(name, k))
             test = run.folds.test(k)
-            for s, p in predict_stressed(cand, np.asarray(run.images[test]), test,
-                                         missing[(name, k)], seed, classes).items():
+            for s, p in predict_stressed(
+                cand, np.asarray(run.images[test]), test, missing[(name, k)], seed, classes
+            ).items():
                 run.write_unit_stress(name, k, s, p)
             del cand
             release_memory()
@@ -69,8 +74,9 @@ def collect_stress(run: RunDir, names, shifts) -> dict[str, dict[str, np.ndarray
     return out
 
 
-def add_stress_columns(rows: list[dict], stressed: dict[str, dict[str, np.ndarray]],
-                       y: np.ndarray, folds, metric: str) -> None:
+def add_stress_columns(
+    rows: list[dict], stressed: dict[str, dict[str, np.ndarray]], y: np.ndarray, folds, metric: str
+) -> None:
     """Give every leaderboard row ``stress_<shift>_<metric>`` (mean over folds, as the clean
     column) and ``stress_<metric>`` (the mean over shifts)."""
     for row in rows:

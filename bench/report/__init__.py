@@ -26,7 +26,7 @@ from bench.report.build import write_cross_report, write_report
 from bench.report.rundata import RunData
 from bench.run.rundir import RunDir
 
-CROSS_DIR = RunDir.CROSS_REPORT   # the default folder of `bench report A B`, in A
+CROSS_DIR = RunDir.CROSS_REPORT  # the default folder of `bench report A B`, in A
 
 
 def report_after_run(run_dir, config: Config | dict) -> Path | None:
@@ -40,9 +40,11 @@ def report_after_run(run_dir, config: Config | dict) -> Path | None:
         if not config.report.enabled:
             return None
         return write_report(run_dir)
-    except Exception as exc:   # noqa: BLE001 - the run itself is complete and saved
-        warn(f"the run finished but its report failed ({type(exc).__name__}: {exc}); "
-             f"retry with: python -m bench report {run_dir}")
+    except Exception as exc:  # noqa: BLE001 - the run itself is complete and saved
+        warn(
+            f"the run finished but its report failed ({type(exc).__name__}: {exc}); "
+            f"retry with: python -m bench report {run_dir}"
+        )
         return None
 
 

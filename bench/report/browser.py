@@ -15,9 +15,18 @@ from pathlib import Path
 
 from core.errors import BenchError
 
-CHROMIUM_FLAGS = ("--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
-                  "--disable-background-networking", "--disable-component-update",
-                  "--disable-sync", "--disable-dev-shm-usage", "--window-size=1400,1000")
+CHROMIUM_FLAGS = (
+    "--headless",
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-quic",
+    "--no-first-run",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--disable-sync",
+    "--disable-dev-shm-usage",
+    "--window-size=1400,1000",
+)
 BROWSERS = ("chromium", "chromium-browser", "google-chrome", "chrome")
 
 _PAGE_STATE = """
@@ -46,8 +55,9 @@ def find_browser() -> tuple[str, str] | None:
     return (binary, driver) if binary and driver else None
 
 
-def check_report(html, screenshot=None, table_selector: str = "#leaderboard-table",
-                 timeout: float = 60.0) -> dict:
+def check_report(
+    html, screenshot=None, table_selector: str = "#leaderboard-table", timeout: float = 60.0
+) -> dict:
     """Load ``html`` in headless Chromium; return what the page showed.
 
     Returns
@@ -61,8 +71,10 @@ def check_report(html, screenshot=None, table_selector: str = "#leaderboard-tabl
     """
     found = find_browser()
     if found is None:
-        raise BenchError("headless check needs chromium and chromedriver "
-                         "(Debian: apt-get install chromium chromium-driver)")
+        raise BenchError(
+            "headless check needs chromium and chromedriver "
+            "(Debian: apt-get install chromium chromium-driver)"
+        )
     try:
         from selenium import webdriver
         from selenium.webdriver.chrome.service import Service
@@ -84,11 +96,13 @@ def check_report(html, screenshot=None, table_selector: str = "#leaderboard-tabl
         driver = webdriver.Chrome(service=Service(executable_path=driver_path), options=opts)
         driver.set_page_load_timeout(timeout)
         driver.get(html.as_uri())
-        alert = _take_alert(driver)   # a script injected through the data would show here
+        alert = _take_alert(driver)  # a script injected through the data would show here
         state = driver.execute_script(_PAGE_STATE, table_selector)
         alert = alert or _take_alert(driver)
-        console = [{"level": e.get("level"), "message": e.get("message")}
-                   for e in driver.get_log("browser")]
+        console = [
+            {"level": e.get("level"), "message": e.get("message")}
+            for e in driver.get_log("browser")
+        ]
         shot = None
         if screenshot:
             shot = Path(screenshot)
@@ -102,15 +116,28 @@ def check_report(html, screenshot=None, table_selector: str = "#leaderboard-tabl
             driver.quit()
         shutil.rmtree(profile, ignore_errors=True)
     errors = [c for c in console if c["level"] == "SEVERE"]
-    ok = (not errors and alert is None and state["table_visible"] and state["table_rows"] > 0
-          and not state["broken"] and not state["hidden"])
-    return {**state, "console": console, "console_errors": errors, "alert": alert,
-            "screenshot": shot, "ok": ok}
+    ok = (
+        not errors
+        and alert is None
+        and state["table_visible"]
+        and state["table_rows"] > 0
+        and not state["broken"]
+        and not state["hidden"]
+    )
+    return {
+        **state,
+        "console": console,
+        "console_errors": errors,
+        "alert": alert,
+        "screenshot": shot,
+        "ok": ok,
+    }
 
 
 def _take_alert(driver) -> str | None:
     """The text of an open JavaScript dialog (dismissed), or ``None``."""
     from selenium.common.exceptions import NoAlertPresentException
+
     try:
         dialog = driver.switch_to.alert
         text = dialog.text

@@ -11,7 +11,7 @@ from matplotlib.figure import Figure
 from bench.run.leaderboard import fmt
 from core.conformal import accuracy_at_coverage, aurc, risk_coverage
 
-SHOWN = 8   # curves drawn (the leaderboard's first entries)
+SHOWN = 8  # curves drawn (the leaderboard's first entries)
 
 
 def risk_coverage_figure(curves: dict[str, tuple], colors: dict) -> Figure:
@@ -37,13 +37,20 @@ def conformal_section(run, out, colors) -> dict:
         p = run.oof[name]
         conf, correct = p.max(axis=1), p.argmax(axis=1) == run.y
         a = aurc(conf, correct)
-        r = board[board["candidate"] == name].iloc[0] if cols and (board["candidate"] == name
-                                                                    ).any() else None
-        row = {"name": name, "aurc": a["aurc"], "excess_aurc": a["excess_aurc"],
-               "accuracy_at_0.5": accuracy_at_coverage(conf, correct, 0.5),
-               "accuracy_at_0.8": accuracy_at_coverage(conf, correct, 0.8),
-               "coverage": float(r["conformal_coverage"]) if r is not None else np.nan,
-               "set_size": float(r["conformal_set_size"]) if r is not None else np.nan}
+        r = (
+            board[board["candidate"] == name].iloc[0]
+            if cols and (board["candidate"] == name).any()
+            else None
+        )
+        row = {
+            "name": name,
+            "aurc": a["aurc"],
+            "excess_aurc": a["excess_aurc"],
+            "accuracy_at_0.5": accuracy_at_coverage(conf, correct, 0.5),
+            "accuracy_at_0.8": accuracy_at_coverage(conf, correct, 0.8),
+            "coverage": float(r["conformal_coverage"]) if r is not None else np.nan,
+            "set_size": float(r["conformal_set_size"]) if r is not None else np.nan,
+        }
         table.append(row)
         if len(curves) < SHOWN:
             cov, risk = risk_coverage(conf, correct)
@@ -52,14 +59,29 @@ def conformal_section(run, out, colors) -> dict:
         return {"shown": False}
     df = pd.DataFrame(table).sort_values("aurc", kind="stable")
     csv = out.csv(df, "risk_coverage")
-    fig = out.fig(risk_coverage_figure(curves, colors), "risk_coverage",
-                  "risk-coverage curves", "Out-of-fold error rate of the answered images "
-                  "against the share answered, most confident (maximum probability) first.", csv)
+    fig = out.fig(
+        risk_coverage_figure(curves, colors),
+        "risk_coverage",
+        "risk-coverage curves",
+        "Out-of-fold error rate of the answered images "
+        "against the share answered, most confident (maximum probability) first.",
+        csv,
+    )
     for r in df.to_dict("records"):
-        rows.append({k: fmt(v, 4 if "aurc" in k else 3) if isinstance(v, float) else v
-                     for k, v in r.items()})
+        rows.append(
+            {
+                k: fmt(v, 4 if "aurc" in k else 3) if isinstance(v, float) else v
+                for k, v in r.items()
+            }
+        )
     card = run.rundir.model_card
-    s = run.config.predictor.conformal   # the validated dump: every key present
-    return {"shown": True, "rows": rows, "fig": fig, "csv": csv,
-            "confidence": s.confidence, "method": s.method,
-            "card": card.read_text(encoding="utf-8") if card.is_file() else None}
+    s = run.config.predictor.conformal  # the validated dump: every key present
+    return {
+        "shown": True,
+        "rows": rows,
+        "fig": fig,
+        "csv": csv,
+        "confidence": s.confidence,
+        "method": s.method,
+        "card": card.read_text(encoding="utf-8") if card.is_file() else None,
+    }

@@ -32,6 +32,7 @@ from features.morphology import segment_cell
 
 # ----------------------------------------------------------------------------- measures
 
+
 def energy_share(cam: np.ndarray, mask: np.ndarray) -> float:
     """Share of the map's mass inside ``mask`` (NaN for an all-zero map)."""
     cam = np.asarray(cam, dtype=np.float64)
@@ -68,8 +69,13 @@ def randomization_check(maps_trained, maps_random, threshold: float = 0.5) -> di
     rho = np.array([map_rank_correlation(x, y) for x, y in zip(a, b)])
     ok = rho[~np.isnan(rho)]
     mean = float(ok.mean()) if len(ok) else math.nan
-    return {"rho": rho, "rho_mean": mean, "rho_median": float(np.median(ok)) if len(ok) else math.nan,
-            "n": int(len(ok)), "flagged": bool(len(ok) and mean >= threshold)}
+    return {
+        "rho": rho,
+        "rho_mean": mean,
+        "rho_median": float(np.median(ok)) if len(ok) else math.nan,
+        "n": int(len(ok)),
+        "flagged": bool(len(ok) and mean >= threshold),
+    }
 
 
 def resize_maps(maps: np.ndarray, shape) -> np.ndarray:
@@ -78,19 +84,23 @@ def resize_maps(maps: np.ndarray, shape) -> np.ndarray:
     if maps.shape[1:] == tuple(shape):
         return maps
     from skimage.transform import resize
-    return np.stack([resize(m, shape, order=1, preserve_range=True, anti_aliasing=False)
-                     for m in maps]).astype(np.float32)
+
+    return np.stack(
+        [resize(m, shape, order=1, preserve_range=True, anti_aliasing=False) for m in maps]
+    ).astype(np.float32)
 
 
 def overlay(img: np.ndarray, cam: np.ndarray, alpha: float = 0.45) -> np.ndarray:
     """``img`` (H, W, 3) ``uint8`` blended with the ``jet`` colouring of ``cam``."""
     from matplotlib import colormaps
+
     heat = colormaps["jet"](np.clip(cam, 0, 1))[..., :3]
     out = (1 - alpha) * (np.asarray(img, dtype=np.float32) / 255.0) + alpha * heat
     return (np.clip(out, 0, 1) * 255).astype(np.uint8)
 
 
 # ----------------------------------------------------------------------------- sampling
+
 
 def audit_sample(y: np.ndarray, n_per_class: int, seed: int) -> np.ndarray:
     """A fixed, seeded sample of up to ``n_per_class`` rows of every class (sorted)."""
@@ -109,12 +119,15 @@ def gallery_rows(y: np.ndarray, pred: np.ndarray, n: int, seed: int, n_classes: 
     for c in range(n_classes):
         ok = np.where((y == c) & (pred == c))[0]
         bad = np.where((y == c) & (pred != c))[0]
-        out[c] = (np.sort(rng.choice(ok, min(n, len(ok)), replace=False)),
-                  np.sort(rng.choice(bad, min(n, len(bad)), replace=False)))
+        out[c] = (
+            np.sort(rng.choice(ok, min(n, len(ok)), replace=False)),
+            np.sort(rng.choice(bad, min(n, len(bad)), replace=False)),
+        )
     return out
 
 
 # ----------------------------------------------------------------------------- the audit
+
 
 class MapStore:
     """Computes Grad-CAM maps fold by fold, each fold model loaded once."""
@@ -136,9 +149,15 @@ class MapStore:
         fold_of = run.folds
         for member in members:
             for k in run.fold_ids:
-                jobs = {mode: [(r, c) for r, cs in self.requests.get((member, mode), {}).items()
-                               for c in sorted(cs) if fold_of[r] == k]
-                        for mode in ("trained", "random")}
+                jobs = {
+                    mode: [
+                        (r, c)
+                        for r, cs in self.requests.get((member, mode), {}).items()
+                        for c in sorted(cs)
+                        if fold_of[r] == k
+                    ]
+                    for mode in ("trained", "random")
+                }
                 if not any(jobs.values()):
                     continue
                 cand = load_candidate(run.unit_dir(member, k) / "model")
@@ -146,8 +165,11 @@ class MapStore:
                     if not pairs:
                         continue
                     # explainable candidates: explain() and randomized() (declared)
-                    explain = (cand.explain if mode == "trained"
-                               else cand.randomized(self.seed + 1000 + k).explain)
+                    explain = (
+                        cand.explain
+                        if mode == "trained"
+                        else cand.randomized(self.seed + 1000 + k).explain
+                    )
                     rows = np.array([r for r, _ in pairs])
                     cls = np.array([c for _, c in pairs])
                     X = np.asarray(images[rows])
@@ -171,41 +193,61 @@ def ensemble_weights(run, name: str, cnn_members: list[str]) -> dict[int, dict[s
     """
     members = run.members(name)
     entry = run.config.ensembles[name]
-    weighted = build_ensemble(entry, name).has_member_weights   # declared capability
-    sets = None   # as the run fitted it (member_sets): with stress = true also under each shift
+    weighted = build_ensemble(entry, name).has_member_weights  # declared capability
+    sets = None  # as the run fitted it (member_sets): with stress = true also under each shift
     out = {}
     for k in run.fold_ids:
         w = np.ones(len(members))
         if weighted:
             try:
-                if sets is None:   # read once, for every fold
-                    stressed = ({s: {m: run.rundir.read_stress_oof(m, s) for m in members}
-                                 for s in stress_shifts(run.config)}
-                                if entry.stress else None)
+                if sets is None:  # read once, for every fold
+                    stressed = (
+                        {
+                            s: {m: run.rundir.read_stress_oof(m, s) for m in members}
+                            for s in stress_shifts(run.config)
+                        }
+                        if entry.stress
+                        else None
+                    )
                     sets, fit_sets = member_sets(name, entry, members, run.oof, stressed)
                 train = run.splits.train(k)
-                fitted = fit_ensemble(build_ensemble(entry, name),
-                                      [[p[train] for p in s] for s in sets], run.y[train], name,
-                                      run.folds[train], cross_val=False, fit_sets=fit_sets)
+                fitted = fit_ensemble(
+                    build_ensemble(entry, name),
+                    [[p[train] for p in s] for s in sets],
+                    run.y[train],
+                    name,
+                    run.folds[train],
+                    cross_val=False,
+                    fit_sets=fit_sets,
+                )
                 weights = fitted.member_weights()
                 if weights is not None and len(weights) == len(members):
                     w = np.asarray(weights, dtype=float)
-            except Exception:   # noqa: BLE001 - a weighting we cannot read: equal weights
+            except Exception:  # noqa: BLE001 - a weighting we cannot read: equal weights
                 pass
         sel = {m: float(wi) for m, wi in zip(members, w) if m in cnn_members}
         total = sum(sel.values())
-        out[k] = ({m: v / total for m, v in sel.items()} if total > 0
-                  else {m: 1.0 / len(sel) for m in sel})
+        out[k] = (
+            {m: v / total for m, v in sel.items()}
+            if total > 0
+            else {m: 1.0 / len(sel) for m in sel}
+        )
     return out
 
 
 def audit_targets(run, board) -> tuple[list[str], list[str]]:
     """CNN candidates, and the ensemble to audit (the predictor's, else the best one with
     CNN members)."""
-    cnns = [n for n in run.names if run.kind(n) != "ensemble"
-            and registry.get(run.units[n][0]["type"]).explainable]   # declared capability
-    ens = [n for n in board["candidate"] if run.kind(n) == "ensemble"
-           and any(m in cnns for m in run.members(n))]
+    cnns = [
+        n
+        for n in run.names
+        if run.kind(n) != "ensemble" and registry.get(run.units[n][0]["type"]).explainable
+    ]  # declared capability
+    ens = [
+        n
+        for n in board["candidate"]
+        if run.kind(n) == "ensemble" and any(m in cnns for m in run.members(n))
+    ]
     chosen = run.state.get("predictor")
     if chosen in ens:
         return cnns, [chosen]
@@ -230,15 +272,19 @@ def run_audit(run, board, settings: dict, progress=None) -> dict:
     seed = int(settings.seed)
     sample = audit_sample(run.y, int(settings.gradcam_per_class), seed)
     pred = {n: run.oof[n].argmax(axis=1) for n in cnns + ens}
-    galleries = {n: gallery_rows(run.y, pred[n], int(settings.gallery_per_class), seed,
-                                 len(run.classes)) for n in cnns + ens}
+    galleries = {
+        n: gallery_rows(run.y, pred[n], int(settings.gallery_per_class), seed, len(run.classes))
+        for n in cnns + ens
+    }
     store = MapStore(run, seed)
     weights = {e: ensemble_weights(run, e, cnns) for e in ens}
     for e in ens:
         other = [m for m in run.members(e) if m not in cnns]
         if other:
-            notes.append(f"the maps of ensemble '{e}' combine its CNN members only "
-                         f"({', '.join(other)} have no Grad-CAM)")
+            notes.append(
+                f"the maps of ensemble '{e}' combine its CNN members only "
+                f"({', '.join(other)} have no Grad-CAM)"
+            )
     for n in cnns + ens:
         gal = np.concatenate([np.concatenate(v) for v in galleries[n].values()]).astype(int)
         rows = np.union1d(sample, gal)
@@ -256,9 +302,8 @@ def run_audit(run, board, settings: dict, progress=None) -> dict:
         peak = float(np.max(m))
         return (m / peak if peak > 0 else m).astype(np.float32)
 
-    masks, nuclei = {}, {}   # the audited sample, and the gallery images for outlines
-    shown = [np.concatenate([np.concatenate(v) for v in galleries[n].values()])
-             for n in cnns + ens]
+    masks, nuclei = {}, {}  # the audited sample, and the gallery images for outlines
+    shown = [np.concatenate([np.concatenate(v) for v in galleries[n].values()]) for n in cnns + ens]
     for r in np.union1d(sample, np.concatenate(shown)).astype(int):
         masks[int(r)], nuclei[int(r)] = segment_cell(np.asarray(images[r]))
     energy, rand_rows, summary, maps = [], [], [], {}
@@ -275,47 +320,83 @@ def run_audit(run, board, settings: dict, progress=None) -> dict:
         shares = []
         for r, cam in zip(sample, trained):
             r = int(r)
-            row = {"candidate": n, "row": r, "source": str(run.folds_table["source"].iloc[r]),
-                   "true": run.classes[run.y[r]], "predicted": run.classes[pred[n][r]],
-                   "correct": bool(pred[n][r] == run.y[r])}
+            row = {
+                "candidate": n,
+                "row": r,
+                "source": str(run.folds_table["source"].iloc[r]),
+                "true": run.classes[run.y[r]],
+                "predicted": run.classes[pred[n][r]],
+                "correct": bool(pred[n][r] == run.y[r]),
+            }
             if r in masks and masks[r].any():
-                row.update({"energy_in_cell": energy_share(cam, masks[r]),
-                            "cell_area_fraction": float(masks[r].mean()),
-                            "energy_in_nucleus": energy_share(cam, nuclei[r])
-                            if nuclei[r].any() else math.nan,
-                            "nucleus_area_fraction": float(nuclei[r].mean())})
+                row.update(
+                    {
+                        "energy_in_cell": energy_share(cam, masks[r]),
+                        "cell_area_fraction": float(masks[r].mean()),
+                        "energy_in_nucleus": energy_share(cam, nuclei[r])
+                        if nuclei[r].any()
+                        else math.nan,
+                        "nucleus_area_fraction": float(nuclei[r].mean()),
+                    }
+                )
             else:
-                row.update({"energy_in_cell": math.nan, "cell_area_fraction": math.nan,
-                            "energy_in_nucleus": math.nan, "nucleus_area_fraction": math.nan})
+                row.update(
+                    {
+                        "energy_in_cell": math.nan,
+                        "cell_area_fraction": math.nan,
+                        "energy_in_nucleus": math.nan,
+                        "nucleus_area_fraction": math.nan,
+                    }
+                )
             shares.append(row)
         energy += shares
         e = pd.DataFrame(shares)
         e_cell = e["energy_in_cell"].mean()
         area = e["cell_area_fraction"].mean()
-        summary.append({"candidate": n, "kind": run.kind(n), "images": len(sample),
-                        "segmented": int(e["energy_in_cell"].notna().sum()),
-                        "energy_in_cell": e_cell, "cell_area_fraction": area,
-                        "lift": e_cell / area if area and np.isfinite(area) else math.nan,
-                        "energy_in_nucleus": e["energy_in_nucleus"].mean(),
-                        "rho_random_mean": check["rho_mean"],
-                        "rho_random_median": check["rho_median"],
-                        "randomization_flagged": check["flagged"]})
+        summary.append(
+            {
+                "candidate": n,
+                "kind": run.kind(n),
+                "images": len(sample),
+                "segmented": int(e["energy_in_cell"].notna().sum()),
+                "energy_in_cell": e_cell,
+                "cell_area_fraction": area,
+                "lift": e_cell / area if area and np.isfinite(area) else math.nan,
+                "energy_in_nucleus": e["energy_in_nucleus"].mean(),
+                "rho_random_mean": check["rho_mean"],
+                "rho_random_median": check["rho_median"],
+                "randomization_flagged": check["flagged"],
+            }
+        )
     n_seg = sum(bool(masks[int(r)].any()) for r in sample if int(r) in masks)
     if segment_cell is not None and n_seg < len(sample):
-        notes.append(f"the cell segmentation failed on {len(sample) - n_seg} of {len(sample)} "
-                     "audited images (left out of the energy shares)")
-    return {"entries": cnns + ens, "energy": pd.DataFrame(energy),
-            "randomization": pd.DataFrame(rand_rows), "summary": pd.DataFrame(summary),
-            "gallery": galleries, "maps": maps, "masks": masks, "pred": pred,
-            "sample": sample, "notes": notes, "images": images}
+        notes.append(
+            f"the cell segmentation failed on {len(sample) - n_seg} of {len(sample)} "
+            "audited images (left out of the energy shares)"
+        )
+    return {
+        "entries": cnns + ens,
+        "energy": pd.DataFrame(energy),
+        "randomization": pd.DataFrame(rand_rows),
+        "summary": pd.DataFrame(summary),
+        "gallery": galleries,
+        "maps": maps,
+        "masks": masks,
+        "pred": pred,
+        "sample": sample,
+        "notes": notes,
+        "images": images,
+    }
 
 
 # ----------------------------------------------------------------------------- figures
+
 
 def gallery_figure(run, audit: dict, name: str):
     """Rows: classes; columns: correct then misclassified examples, Grad-CAM overlaid."""
     from matplotlib.figure import Figure
     from skimage.segmentation import find_boundaries
+
     gal = audit["gallery"][name]
     n = max(1, max(max(len(a), len(b)) for a, b in gal.values()))
     k = len(run.classes)
@@ -345,21 +426,27 @@ def gallery_figure(run, audit: dict, name: str):
                 ov[find_boundaries(mask, mode="inner")] = (255, 255, 255)
             ax.imshow(ov)
             good = pred[r] == c
-            ax.set_title(f"→ {run.classes[pred[r]]}", fontsize=7,
-                         color="#1a7f37" if good else "#c0392b")
+            ax.set_title(
+                f"→ {run.classes[pred[r]]}", fontsize=7, color="#1a7f37" if good else "#c0392b"
+            )
     if n:
-        axes[0, 0].annotate("correct", xy=(0, 1.35), xycoords="axes fraction", fontsize=9,
-                            fontweight="bold")
-        axes[0, n].annotate("misclassified", xy=(0, 1.35), xycoords="axes fraction", fontsize=9,
-                            fontweight="bold")
-    fig.suptitle(f"Grad-CAM of {name} (out-of-fold; arrow: predicted class; white: cell outline)",
-                 fontsize=10)
+        axes[0, 0].annotate(
+            "correct", xy=(0, 1.35), xycoords="axes fraction", fontsize=9, fontweight="bold"
+        )
+        axes[0, n].annotate(
+            "misclassified", xy=(0, 1.35), xycoords="axes fraction", fontsize=9, fontweight="bold"
+        )
+    fig.suptitle(
+        f"Grad-CAM of {name} (out-of-fold; arrow: predicted class; white: cell outline)",
+        fontsize=10,
+    )
     return fig
 
 
 def energy_figure(audit: dict, colors: dict):
     """Energy share inside the cell per entry (box plot), with the cell's area share."""
     from matplotlib.figure import Figure
+
     e = audit["energy"]
     names = [n for n in audit["entries"] if e[e["candidate"] == n]["energy_in_cell"].notna().any()]
     fig = Figure(figsize=(max(5, 1.3 * len(names) + 2), 4))
@@ -375,8 +462,15 @@ def energy_figure(audit: dict, colors: dict):
     for patch, n in zip(bp["boxes"], names):
         patch.set_facecolor(colors.get(n, "#999999"))
         patch.set_alpha(0.7)
-    ax.scatter(range(1, len(names) + 1), area, marker="_", s=600, color="black", zorder=3,
-               label="cell share of image area (uniform map)")
+    ax.scatter(
+        range(1, len(names) + 1),
+        area,
+        marker="_",
+        s=600,
+        color="black",
+        zorder=3,
+        label="cell share of image area (uniform map)",
+    )
     ax.set_ylim(0, 1.15)
     ax.set_ylabel("share of Grad-CAM energy inside the cell")
     ax.set_title("Does the model look at the cell?")
@@ -392,6 +486,18 @@ def check_available() -> str | None:
     return None
 
 
-__all__ = ["energy_share", "map_rank_correlation", "randomization_check",
-           "resize_maps", "overlay", "audit_sample", "gallery_rows", "run_audit",
-           "gallery_figure", "energy_figure", "check_available", "MapStore", "ensemble_weights"]
+__all__ = [
+    "energy_share",
+    "map_rank_correlation",
+    "randomization_check",
+    "resize_maps",
+    "overlay",
+    "audit_sample",
+    "gallery_rows",
+    "run_audit",
+    "gallery_figure",
+    "energy_figure",
+    "check_available",
+    "MapStore",
+    "ensemble_weights",
+]

@@ -57,8 +57,14 @@ def slug(name: str) -> str:
 def env():
     """The Jinja environment of the report's templates (autoescaped, strict)."""
     from jinja2 import Environment, FileSystemLoader, StrictUndefined
-    jenv = Environment(loader=FileSystemLoader(str(TEMPLATES)), autoescape=True,
-                       undefined=StrictUndefined, trim_blocks=True, lstrip_blocks=True)
+
+    jenv = Environment(
+        loader=FileSystemLoader(str(TEMPLATES)),
+        autoescape=True,
+        undefined=StrictUndefined,
+        trim_blocks=True,
+        lstrip_blocks=True,
+    )
     jenv.filters["fmt"] = fmt
     jenv.filters["fmt_p"] = fmt_p
     return jenv
@@ -67,8 +73,10 @@ def env():
 def csp() -> str:
     """The page's Content-Security-Policy: no network, the sort script by its hash."""
     digest = base64.b64encode(hashlib.sha256(SORT_SCRIPT.encode()).digest()).decode()
-    return (f"default-src 'none'; img-src 'self' data:; style-src 'unsafe-inline'; "
-            f"script-src 'sha256-{digest}'")
+    return (
+        f"default-src 'none'; img-src 'self' data:; style-src 'unsafe-inline'; "
+        f"script-src 'sha256-{digest}'"
+    )
 
 
 class Out:

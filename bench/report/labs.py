@@ -12,7 +12,7 @@ from bench.run.leaderboard import fmt, md_escape
 from bench.report import plots
 from bench.stats.inference import friedman, nemenyi_cd
 
-METRIC = "balanced_accuracy"   # what the section compares (over the classes each lab has)
+METRIC = "balanced_accuracy"  # what the section compares (over the classes each lab has)
 
 
 def heatmap_figure(values: np.ndarray, rows: list[str], cols: list[str], title: str) -> Figure:
@@ -47,61 +47,105 @@ def labs_section(run, out, colors, alpha: float = 0.05) -> dict:
     board = board.sort_values(worst, ascending=False, kind="stable").reset_index(drop=True)
     names = list(board["candidate"])
     cols = ["in-lab (pooled folds)"] + [f"{lab} held out" for lab in labs] + ["worst lab"]
-    values = np.column_stack([board[METRIC]] + [board[f"{lab}_{METRIC}"] for lab in labs]
-                             + [board[worst]]).astype(float)
+    values = np.column_stack(
+        [board[METRIC]] + [board[f"{lab}_{METRIC}"] for lab in labs] + [board[worst]]
+    ).astype(float)
     csv = out.csv(table, "labs")
-    fig = out.fig(heatmap_figure(values, names, cols, "balanced accuracy: in-lab and on each "
-                                 "held-out lab"), "labs_heatmap", "lab x entry heatmap",
-                  "Balanced accuracy over the classes each lab has: pooled in-lab folds, then "
-                  "each lab held out (trained, tuned and weighted on the other labs only), "
-                  "then the worst of them.", csv)
+    fig = out.fig(
+        heatmap_figure(values, names, cols, "balanced accuracy: in-lab and on each held-out lab"),
+        "labs_heatmap",
+        "lab x entry heatmap",
+        "Balanced accuracy over the classes each lab has: pooled in-lab folds, then "
+        "each lab held out (trained, tuned and weighted on the other labs only), "
+        "then the worst of them.",
+        csv,
+    )
     rows = []
     for _, r in board.iterrows():
-        cells = [{"text": fmt(r[f"{lab}_{METRIC}"]),
-                  "ci": f"[{fmt(r[f'{lab}_{METRIC}_lo'])}, {fmt(r[f'{lab}_{METRIC}_hi'])}]"}
-                 for lab in labs]
-        rows.append({"name": r["candidate"], "kind": r["kind"], "in_lab": fmt(r[METRIC]),
-                     "labs": cells, "worst": fmt(r[worst]),
-                     "mean": fmt(r[f"mean_lab_{METRIC}"]),
-                     "gap": fmt(r[f"lab_gap_{METRIC}"]), "worst_lab": r.get("worst_lab", ""),
-                     "adabn": fmt(r.get(f"adabn_worst_lab_{METRIC}", np.nan))})
+        cells = [
+            {
+                "text": fmt(r[f"{lab}_{METRIC}"]),
+                "ci": f"[{fmt(r[f'{lab}_{METRIC}_lo'])}, {fmt(r[f'{lab}_{METRIC}_hi'])}]",
+            }
+            for lab in labs
+        ]
+        rows.append(
+            {
+                "name": r["candidate"],
+                "kind": r["kind"],
+                "in_lab": fmt(r[METRIC]),
+                "labs": cells,
+                "worst": fmt(r[worst]),
+                "mean": fmt(r[f"mean_lab_{METRIC}"]),
+                "gap": fmt(r[f"lab_gap_{METRIC}"]),
+                "worst_lab": r.get("worst_lab", ""),
+                "adabn": fmt(r.get(f"adabn_worst_lab_{METRIC}", np.nan)),
+            }
+        )
     in_lab_best = board.sort_values(METRIC, ascending=False, kind="stable").iloc[0]
     worst_best = board.iloc[0]
-    ctx = {"shown": True, "labs": labs, "rows": rows,
-           "adabn": f"adabn_worst_lab_{METRIC}" in board, "fig": fig, "csv": csv,
-           "in_lab_winner": {"name": in_lab_best["candidate"],
-                             "in_lab": fmt(in_lab_best[METRIC]),
-                             "worst": fmt(in_lab_best[worst])},
-           "worst_winner": {"name": worst_best["candidate"], "in_lab": fmt(worst_best[METRIC]),
-                            "worst": fmt(worst_best[worst]),
-                            "lab": worst_best.get("worst_lab", "")},
-           "same_winner": in_lab_best["candidate"] == worst_best["candidate"],
-           "n": {lab: int(table[table["lab"] == lab]["n"].iloc[0]) for lab in labs},
-           "groups": {lab: int(table[table["lab"] == lab]["n_groups"].iloc[0]) for lab in labs}}
-    scores = values[:, 1:1 + len(labs)].T   # labs (blocks) x entries
+    ctx = {
+        "shown": True,
+        "labs": labs,
+        "rows": rows,
+        "adabn": f"adabn_worst_lab_{METRIC}" in board,
+        "fig": fig,
+        "csv": csv,
+        "in_lab_winner": {
+            "name": in_lab_best["candidate"],
+            "in_lab": fmt(in_lab_best[METRIC]),
+            "worst": fmt(in_lab_best[worst]),
+        },
+        "worst_winner": {
+            "name": worst_best["candidate"],
+            "in_lab": fmt(worst_best[METRIC]),
+            "worst": fmt(worst_best[worst]),
+            "lab": worst_best.get("worst_lab", ""),
+        },
+        "same_winner": in_lab_best["candidate"] == worst_best["candidate"],
+        "n": {lab: int(table[table["lab"] == lab]["n"].iloc[0]) for lab in labs},
+        "groups": {lab: int(table[table["lab"] == lab]["n_groups"].iloc[0]) for lab in labs},
+    }
+    scores = values[:, 1 : 1 + len(labs)].T  # labs (blocks) x entries
     if len(labs) >= 2 and len(names) >= 2 and np.isfinite(scores).all():
         fr = friedman(scores, higher_is_better=True)
         cd = nemenyi_cd(len(names), len(labs), alpha)
         avg = dict(zip(names, fr["avg_ranks"]))
-        ctx["friedman"] = {"chi2": fmt(fr["chi2"], 2), "p": fmt(fr["p"]), "cd": fmt(cd, 2),
-                           "n_labs": len(labs)}
-        ctx["cd_fig"] = out.fig(plots.cd_figure(avg, cd, colors, "average rank over the "
-                                                "held-out labs (1 = best)"), "labs_cd",
-                                "critical-difference diagram over labs",
-                                f"Average rank of each entry's balanced accuracy over the "
-                                f"{len(labs)} held-out labs; entries joined by a bar are not "
-                                f"told apart by the Nemenyi test at {alpha}.", csv)
-    md = ["", "## Leave-one-lab-out", "",
-          "Balanced accuracy over the classes each lab has; each lab held out in turn (every "
-          "fit, tuning and ensemble weight on the other labs). [95 % bootstrap CI over the "
-          "lab's patients or slides]", "",
-          "| entry | in-lab | " + " | ".join(f"{md_escape(lab)} held out" for lab in labs)
-          + " | worst lab | mean | gap |" + (" worst lab, AdaBN |" if ctx["adabn"] else ""),
-          "|---|---|" + "---|" * (len(labs) + 3 + ctx["adabn"])]
+        ctx["friedman"] = {
+            "chi2": fmt(fr["chi2"], 2),
+            "p": fmt(fr["p"]),
+            "cd": fmt(cd, 2),
+            "n_labs": len(labs),
+        }
+        ctx["cd_fig"] = out.fig(
+            plots.cd_figure(avg, cd, colors, "average rank over the held-out labs (1 = best)"),
+            "labs_cd",
+            "critical-difference diagram over labs",
+            f"Average rank of each entry's balanced accuracy over the "
+            f"{len(labs)} held-out labs; entries joined by a bar are not "
+            f"told apart by the Nemenyi test at {alpha}.",
+            csv,
+        )
+    md = [
+        "",
+        "## Leave-one-lab-out",
+        "",
+        "Balanced accuracy over the classes each lab has; each lab held out in turn (every "
+        "fit, tuning and ensemble weight on the other labs). [95 % bootstrap CI over the "
+        "lab's patients or slides]",
+        "",
+        "| entry | in-lab | "
+        + " | ".join(f"{md_escape(lab)} held out" for lab in labs)
+        + " | worst lab | mean | gap |"
+        + (" worst lab, AdaBN |" if ctx["adabn"] else ""),
+        "|---|---|" + "---|" * (len(labs) + 3 + ctx["adabn"]),
+    ]
     for r in rows:
-        md.append(f"| {md_escape(r['name'])} | {r['in_lab']} | " + " | ".join(
-            f"{c['text']} {c['ci']}" for c in r["labs"]) +
-            f" | {r['worst']} ({md_escape(str(r['worst_lab']))}) | {r['mean']} | {r['gap']} |"
-            + (f" {r['adabn']} |" if ctx["adabn"] else ""))
+        md.append(
+            f"| {md_escape(r['name'])} | {r['in_lab']} | "
+            + " | ".join(f"{c['text']} {c['ci']}" for c in r["labs"])
+            + f" | {r['worst']} ({md_escape(str(r['worst_lab']))}) | {r['mean']} | {r['gap']} |"
+            + (f" {r['adabn']} |" if ctx["adabn"] else "")
+        )
     ctx["markdown"] = "\n".join(md) + "\n"
     return ctx

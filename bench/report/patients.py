@@ -16,32 +16,42 @@ from sklearn.metrics import roc_curve
 from bench.run.leaderboard import fmt
 from bench.report.gradcam_audit import MapStore, audit_targets, ensemble_weights, overlay
 
-TOP_ROC = 6            # rows drawn in the ROC figure
-CELLS_PER_CALL = 4     # top cells shown per positive call
-MAX_CALLS = 8          # positive calls shown
+TOP_ROC = 6  # rows drawn in the ROC figure
+CELLS_PER_CALL = 4  # top cells shown per positive call
+MAX_CALLS = 8  # positive calls shown
 
 
 def _ci(r, m: str, digits: int = 3) -> dict:
-    return {"text": fmt(r[m], digits), "ci": f"[{fmt(r[f'{m}_lo'], digits)}, "
-                                                f"{fmt(r[f'{m}_hi'], digits)}]",
-            "sort": float(r[m]) if np.isfinite(r[m]) else ""}
+    return {
+        "text": fmt(r[m], digits),
+        "ci": f"[{fmt(r[f'{m}_lo'], digits)}, {fmt(r[f'{m}_hi'], digits)}]",
+        "sort": float(r[m]) if np.isfinite(r[m]) else "",
+    }
 
 
 def _rows(board: pd.DataFrame) -> list[dict]:
     out = []
     for _, r in board.iterrows():
         p = r["p_vs_best_holm"]
-        out.append({"rank": int(r["rank"]) if np.isfinite(r["rank"]) else "",
-                    "entry": r["entry"], "source": r["source"],
-                    "aggregator": r["aggregator"], "kind": r["kind"],
-                    "disease": r.get("cells", "all") == "disease",
-                    "shortcut": bool(r.get("shortcut", False)),
-                    "nested": r["kind"] == "nested",
-                    "auc": _ci(r, "roc_auc"), "ba": _ci(r, "balanced_accuracy"),
-                    "sens": _ci(r, "sensitivity"), "spec": _ci(r, "specificity"),
-                    "ll": _ci(r, "log_loss"),
-                    "p": "" if not np.isfinite(p) else (f"{p:.3f}" if p >= 0.001 else "<0.001"),
-                    "significant": bool(np.isfinite(p) and p < 0.05)})
+        out.append(
+            {
+                "rank": int(r["rank"]) if np.isfinite(r["rank"]) else "",
+                "entry": r["entry"],
+                "source": r["source"],
+                "aggregator": r["aggregator"],
+                "kind": r["kind"],
+                "disease": r.get("cells", "all") == "disease",
+                "shortcut": bool(r.get("shortcut", False)),
+                "nested": r["kind"] == "nested",
+                "auc": _ci(r, "roc_auc"),
+                "ba": _ci(r, "balanced_accuracy"),
+                "sens": _ci(r, "sensitivity"),
+                "spec": _ci(r, "specificity"),
+                "ll": _ci(r, "log_loss"),
+                "p": "" if not np.isfinite(p) else (f"{p:.3f}" if p >= 0.001 else "<0.001"),
+                "significant": bool(np.isfinite(p) and p < 0.05),
+            }
+        )
     return out
 
 
@@ -70,19 +80,25 @@ def scores_figure(scores: pd.DataFrame, row: str, positive: str, negative: str) 
     for j, (lab, col) in enumerate(((negative, "#4c72b0"), (positive, "#c44e52"))):
         sel = scores["label"] == lab
         s = scores.loc[sel, f"score:{row}"].to_numpy()
-        ax.scatter(s, j + rng.uniform(-0.15, 0.15, len(s)), s=18, color=col, alpha=0.8,
-                   label=f"{lab} ({len(s)})")
+        ax.scatter(
+            s,
+            j + rng.uniform(-0.15, 0.15, len(s)),
+            s=18,
+            color=col,
+            alpha=0.8,
+            label=f"{lab} ({len(s)})",
+        )
     t = scores[f"threshold:{row}"]
-    ax.axvspan(float(t.min()), float(t.max()), color="0.85", zorder=0,
-               label="fold thresholds")
+    ax.axvspan(float(t.min()), float(t.max()), color="0.85", zorder=0, label="fold thresholds")
     ax.set_yticks([0, 1], [negative, positive])
     ax.set_xlabel(f"patient score ({row}, out-of-fold)")
     ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1, 1))
     return fig
 
 
-def cells_figure(run, picks: list[tuple[str, float, list[int]]], maps: dict, probs: dict,
-                 positive: str):
+def cells_figure(
+    run, picks: list[tuple[str, float, list[int]]], maps: dict, probs: dict, positive: str
+):
     """Rows: patients called positive; columns: their most positive cells, titled with
     their probability ``probs[row]``, Grad-CAM ``maps[row]`` overlaid when there is one."""
     images = run.images()
@@ -103,8 +119,11 @@ def cells_figure(run, picks: list[tuple[str, float, list[int]]], maps: dict, pro
             ax.set_title(f"p={probs[rows[j]]:.2f}", fontsize=7)
             if j == 0:
                 ax.set_ylabel(f"{bag}\n{positive} {score:.2f}", fontsize=7)
-    fig.suptitle(f"Most {positive}-like cells of each patient called {positive}"
-                 + (" (Grad-CAM, out-of-fold)" if maps else ""), fontsize=9)
+    fig.suptitle(
+        f"Most {positive}-like cells of each patient called {positive}"
+        + (" (Grad-CAM, out-of-fold)" if maps else ""),
+        fontsize=9,
+    )
     return fig
 
 
@@ -113,16 +132,18 @@ def _cell_maps(run, board, entry: str, rows: list[int], pos: int, progress=None)
     cell explained by the fold model that never saw its patient; ensembles combine their
     CNN members' maps with their fold weights. Empty when ``entry`` has no CNN."""
     cnns, _ = audit_targets(run, board)
-    members = [entry] if entry in cnns else (
-        [m for m in run.members(entry) if m in cnns] if run.kind(entry) == "ensemble" else [])
+    members = (
+        [entry]
+        if entry in cnns
+        else ([m for m in run.members(entry) if m in cnns] if run.kind(entry) == "ensemble" else [])
+    )
     if not members or not rows:
         return {}
     store = MapStore(run, int(run.config.report.seed))
     for m in members:
         store.want(m, "trained", rows, [pos] * len(rows))
     store.compute(run.images(), progress)
-    weights = (ensemble_weights(run, entry, cnns) if run.kind(entry) == "ensemble"
-               else None)
+    weights = ensemble_weights(run, entry, cnns) if run.kind(entry) == "ensemble" else None
     out = {}
     for r in rows:
         if weights is None:
@@ -148,24 +169,42 @@ def patient_section(run, board_cells: pd.DataFrame, out, gradcam: bool, progress
     figs = []
     top = list(rows_only["entry"].head(TOP_ROC))
     r_csv = out.csv(scores, "patient_scores")
-    figs.append(out.fig(roc_figure(scores, top, f"Patient-level ROC ({positive} vs "
-                                                f"{negative}), out-of-fold"),
-                        "patients_roc", "patient-level ROC curves",
-                        f"ROC curves of the {len(top)} best rows over the {len(scores)} "
-                        "patients' out-of-fold scores.", r_csv))
-    figs.append(out.fig(scores_figure(scores, best, positive, negative), "patients_scores",
-                        "patient scores by diagnosis",
-                        f"Each patient's out-of-fold score from {best}; grey: the range of "
-                        "the fold thresholds (each chosen on the other folds' patients).",
-                        r_csv))
+    figs.append(
+        out.fig(
+            roc_figure(scores, top, f"Patient-level ROC ({positive} vs {negative}), out-of-fold"),
+            "patients_roc",
+            "patient-level ROC curves",
+            f"ROC curves of the {len(top)} best rows over the {len(scores)} "
+            "patients' out-of-fold scores.",
+            r_csv,
+        )
+    )
+    figs.append(
+        out.fig(
+            scores_figure(scores, best, positive, negative),
+            "patients_scores",
+            "patient scores by diagnosis",
+            f"Each patient's out-of-fold score from {best}; grey: the range of "
+            "the fold thresholds (each chosen on the other folds' patients).",
+            r_csv,
+        )
+    )
     per_patient = []
     s, t = scores[f"score:{best}"], scores[f"threshold:{best}"]
     for i, r in scores.sort_values(f"score:{best}", ascending=False).iterrows():
         call = positive if s[i] >= t[i] else negative
-        per_patient.append({"bag": r["bag"], "label": r["label"], "n_cells": int(r["n_cells"]),
-                            "fold": int(r["fold"]), "score": fmt(s[i], 3),
-                            "threshold": fmt(t[i], 3), "call": call,
-                            "correct": call == r["label"]})
+        per_patient.append(
+            {
+                "bag": r["bag"],
+                "label": r["label"],
+                "n_cells": int(r["n_cells"]),
+                "fold": int(r["fold"]),
+                "score": fmt(s[i], 3),
+                "threshold": fmt(t[i], 3),
+                "call": call,
+                "correct": call == r["label"],
+            }
+        )
     pp_csv = out.csv(pd.DataFrame(per_patient), "patient_calls")
 
     carried = meta.get("carried")
@@ -185,31 +224,49 @@ def patient_section(run, board_cells: pd.DataFrame, out, gradcam: bool, progress
             if gradcam:
                 try:
                     maps = _cell_maps(run, board_cells, carried["entry"], rows, pos, progress)
-                except Exception as exc:   # noqa: BLE001 - the section stays without maps
+                except Exception as exc:  # noqa: BLE001 - the section stays without maps
                     cells_note = f"Grad-CAM maps could not be computed: {exc}"
             prob = cells.set_index("row")["cell_probability"]
             probs = {x: float(prob[x]) for x in rows}
-            cells_fig = out.fig(cells_figure(run, picks, maps, probs, positive),
-                                "patients_cells",
-                                f"top cells of each {positive} call",
-                                f"{carried['entry']} (the predictor's entry, aggregator "
-                                f"{carried['aggregator']}): the {CELLS_PER_CALL} cells with the "
-                                f"highest out-of-fold {positive} probability of each patient it "
-                                f"calls {positive} (at most {MAX_CALLS} patients).")
+            cells_fig = out.fig(
+                cells_figure(run, picks, maps, probs, positive),
+                "patients_cells",
+                f"top cells of each {positive} call",
+                f"{carried['entry']} (the predictor's entry, aggregator "
+                f"{carried['aggregator']}): the {CELLS_PER_CALL} cells with the "
+                f"highest out-of-fold {positive} probability of each patient it "
+                f"calls {positive} (at most {MAX_CALLS} patients).",
+            )
     best_row = rows_only.iloc[0]
     nested = meta.get("nested")
-    return {"nested": nested and {
-                "auc": _ci(board[board["kind"] == "nested"].iloc[0], "roc_auc"),
-                "sens": fmt(nested["nested_sensitivity"], 3),
-                "spec": fmt(nested["nested_specificity"], 3),
-                "n_candidates": nested["n_candidates"],
-                "choices": nested["choices"]},
-            "shortcut_warning": meta.get("shortcut_warning", ""),
-            "disease_cells": meta.get("disease_cells") or [],
-            "bag_colour": (meta.get("settings") or {}).get("bag_colour", "none"),"shown": True, "rows": _rows(board), "csv": b_csv, "figs": figs,
-            "per_patient": per_patient, "per_patient_csv": pp_csv, "best": best,
-            "best_auc": _ci(best_row, "roc_auc"), "positive": positive, "negative": negative,
-            "n_bags": int(meta["n_bags"]), "n_positive": int(meta["n_positive"]),
-            "threshold_rule": meta["threshold_rule"], "n_boot": meta["bootstrap"]["n_boot"],
-            "carried": carried, "cells_fig": cells_fig, "cells_note": cells_note,
-            "wide": bool(best_row["roc_auc_hi"] - best_row["roc_auc_lo"] > 0.15)}
+    return {
+        "nested": nested
+        and {
+            "auc": _ci(board[board["kind"] == "nested"].iloc[0], "roc_auc"),
+            "sens": fmt(nested["nested_sensitivity"], 3),
+            "spec": fmt(nested["nested_specificity"], 3),
+            "n_candidates": nested["n_candidates"],
+            "choices": nested["choices"],
+        },
+        "shortcut_warning": meta.get("shortcut_warning", ""),
+        "disease_cells": meta.get("disease_cells") or [],
+        "bag_colour": (meta.get("settings") or {}).get("bag_colour", "none"),
+        "shown": True,
+        "rows": _rows(board),
+        "csv": b_csv,
+        "figs": figs,
+        "per_patient": per_patient,
+        "per_patient_csv": pp_csv,
+        "best": best,
+        "best_auc": _ci(best_row, "roc_auc"),
+        "positive": positive,
+        "negative": negative,
+        "n_bags": int(meta["n_bags"]),
+        "n_positive": int(meta["n_positive"]),
+        "threshold_rule": meta["threshold_rule"],
+        "n_boot": meta["bootstrap"]["n_boot"],
+        "carried": carried,
+        "cells_fig": cells_fig,
+        "cells_note": cells_note,
+        "wide": bool(best_row["roc_auc_hi"] - best_row["roc_auc_lo"] > 0.15),
+    }

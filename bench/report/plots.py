@@ -41,11 +41,23 @@ def scores_figure(per_fold, board, metric: str, label: str, colors: dict) -> Fig
         r = board.iloc[i]
         f = per_fold[per_fold["candidate"] == name][metric].to_numpy()
         y = len(names) - 1 - i
-        ax.scatter(f, np.full(len(f), y) + np.linspace(-0.12, 0.12, len(f)), s=14,
-                   color=colors[name], alpha=0.6, zorder=2)
+        ax.scatter(
+            f,
+            np.full(len(f), y) + np.linspace(-0.12, 0.12, len(f)),
+            s=14,
+            color=colors[name],
+            alpha=0.6,
+            zorder=2,
+        )
         if np.isfinite(r[f"{metric}_lo"]):
-            ax.plot([r[f"{metric}_lo"], r[f"{metric}_hi"]], [y, y], color=colors[name], lw=3,
-                    alpha=0.9, zorder=1)
+            ax.plot(
+                [r[f"{metric}_lo"], r[f"{metric}_hi"]],
+                [y, y],
+                color=colors[name],
+                lw=3,
+                alpha=0.9,
+                zorder=1,
+            )
         ax.scatter([r[metric]], [y], marker="D", s=40, color="black", zorder=3)
     ax.set_yticks(range(len(names)), labels=names[::-1])
     ax.set_xlabel(f"{label} (dots: folds; diamond: mean; bar: 95% CI)")
@@ -63,12 +75,10 @@ def cost_figure(board, metric: str, label: str, colors: dict) -> Figure:
         x, y = r["predict_ms_per_image"], r[metric]
         if not (np.isfinite(x) and np.isfinite(y)):
             continue
-        ax.scatter([x], [y], s=60, color=colors[r["candidate"]], edgecolor="black",
-                   linewidth=0.5)
+        ax.scatter([x], [y], s=60, color=colors[r["candidate"]], edgecolor="black", linewidth=0.5)
         points.setdefault((round(float(x), 9), round(float(y), 9)), []).append(r["candidate"])
     for (x, y), names in points.items():
-        ax.annotate(", ".join(names), (x, y), textcoords="offset points", xytext=(6, 4),
-                    fontsize=8)
+        ax.annotate(", ".join(names), (x, y), textcoords="offset points", xytext=(6, 4), fontsize=8)
     ax.set_xscale("log")
     ax.ticklabel_format(axis="y", useOffset=False)
     ax.margins(x=0.25, y=0.15)
@@ -79,9 +89,14 @@ def cost_figure(board, metric: str, label: str, colors: dict) -> Figure:
     return fig
 
 
-def confusion_figure(cm, norm, classes: list[str], title: str,
-                     predicted: list[str] | None = None,
-                     xlabel: str = "predicted class") -> Figure:
+def confusion_figure(
+    cm,
+    norm,
+    classes: list[str],
+    title: str,
+    predicted: list[str] | None = None,
+    xlabel: str = "predicted class",
+) -> Figure:
     """Counts (left) and row-normalised (right) confusion matrices; rows are ``classes``
     (true), columns ``predicted`` (default: the same classes)."""
     predicted = list(classes) if predicted is None else list(predicted)
@@ -91,8 +106,10 @@ def confusion_figure(cm, norm, classes: list[str], title: str,
     fig = Figure(figsize=(2 * w + 1, h))
     axes = fig.subplots(1, 2)
     counts_fmt = "d" if np.issubdtype(cm.dtype, np.integer) else ".0f"
-    for ax, mat, sub, fmt in ((axes[0], cm, "counts", counts_fmt),
-                              (axes[1], norm, "normalised by true class", ".2f")):
+    for ax, mat, sub, fmt in (
+        (axes[0], cm, "counts", counts_fmt),
+        (axes[1], norm, "normalised by true class", ".2f"),
+    ):
         top = max(float(mat.max()), 1e-9) if fmt != ".2f" else 1
         im = ax.imshow(mat, cmap="Blues", vmin=0, vmax=top, aspect="auto" if r != c else None)
         ax.set_xticks(range(c), labels=predicted, rotation=45, ha="right")
@@ -104,8 +121,15 @@ def confusion_figure(cm, norm, classes: list[str], title: str,
         if c <= 20:
             for i in range(r):
                 for j in range(c):
-                    ax.text(j, i, format(mat[i, j], fmt), ha="center", va="center", fontsize=7,
-                            color="white" if mat[i, j] > hi else "black")
+                    ax.text(
+                        j,
+                        i,
+                        format(mat[i, j], fmt),
+                        ha="center",
+                        va="center",
+                        fontsize=7,
+                        color="white" if mat[i, j] > hi else "black",
+                    )
         fig.colorbar(im, ax=ax, fraction=0.046, pad=0.04)
     fig.suptitle(title)
     fig.tight_layout()
@@ -115,6 +139,7 @@ def confusion_figure(cm, norm, classes: list[str], title: str,
 def roc_figure(roc, classes: list[str], title: str) -> Figure:
     """One-vs-rest ROC curves, one line per class."""
     from sklearn.metrics import auc
+
     fig = Figure(figsize=(6, 5.5))
     ax = fig.subplots()
     cmap = colormaps["tab10" if len(classes) <= 10 else "tab20"]
@@ -122,8 +147,13 @@ def roc_figure(roc, classes: list[str], title: str) -> Figure:
         r = roc[roc["class"] == cls]
         if len(r) < 2:
             continue
-        ax.plot(r["fpr"], r["tpr"], color=cmap(i % cmap.N), lw=1.5,
-                label=f"{cls} (AUC {auc(r['fpr'], r['tpr']):.3f})")
+        ax.plot(
+            r["fpr"],
+            r["tpr"],
+            color=cmap(i % cmap.N),
+            lw=1.5,
+            label=f"{cls} (AUC {auc(r['fpr'], r['tpr']):.3f})",
+        )
     ax.plot([0, 1], [0, 1], ls="--", color="grey", lw=1)
     ax.set_xlabel("false positive rate")
     ax.set_ylabel("true positive rate")
@@ -147,8 +177,16 @@ def reliability_figure(tables: dict, eces: dict, colors: dict) -> Figure:
         width = float(t["bin_hi"].iloc[0] - t["bin_lo"].iloc[0])
         mid = (t["bin_lo"] + t["bin_hi"]) / 2
         ok = t["count"] > 0
-        ax.bar(mid[ok], t["accuracy"][ok], width=width * 0.95, color=colors[name], alpha=0.8,
-               edgecolor="black", linewidth=0.4, label="accuracy")
+        ax.bar(
+            mid[ok],
+            t["accuracy"][ok],
+            width=width * 0.95,
+            color=colors[name],
+            alpha=0.8,
+            edgecolor="black",
+            linewidth=0.4,
+            label="accuracy",
+        )
         ax.plot([0, 1], [0, 1], ls="--", color="grey", lw=1, label="perfect calibration")
         ax.scatter(t["confidence"][ok], t["accuracy"][ok], s=8, color="black", zorder=3)
         ax.set_xlim(0, 1)
@@ -156,7 +194,7 @@ def reliability_figure(tables: dict, eces: dict, colors: dict) -> Figure:
         ax.set_title(f"{name}: ECE {eces[name]:.3f}", fontsize=9)
         ax.set_xlabel("confidence (top class)")
         ax.set_ylabel("accuracy")
-    for ax in axes[len(names):]:
+    for ax in axes[len(names) :]:
         ax.set_visible(False)
     fig.suptitle("Reliability diagrams (pooled out-of-fold predictions)")
     fig.tight_layout()
@@ -195,8 +233,15 @@ def cd_figure(avg_ranks: dict, cd: float, colors: dict, title: str) -> Figure:
         depth = -0.4 - 0.3 * (i if left else k - 1 - i)
         x_text = lo - 0.2 if left else hi + 0.2
         ax.plot([rank, rank, x_text], [0, depth, depth], color=colors.get(name, "black"), lw=1.2)
-        ax.text(x_text, depth, f"{name} ({rank:.2f})", ha="right" if left else "left",
-                va="center", fontsize=8, color=colors.get(name, "black"))
+        ax.text(
+            x_text,
+            depth,
+            f"{name} ({rank:.2f})",
+            ha="right" if left else "left",
+            va="center",
+            fontsize=8,
+            color=colors.get(name, "black"),
+        )
     # cliques: maximal runs of methods whose average ranks differ by less than the CD
     ranks = [r for _, r in items]
     cliques, level = [], 0
@@ -233,8 +278,9 @@ def external_scatter_figure(table, colors: dict, title: str) -> Figure:
         ax.scatter([x], [y], s=60, color=c, edgecolor="black", linewidth=0.5, zorder=3)
         points.setdefault((round(float(x), 9), round(float(y), 9)), []).append(r["candidate"])
     for (x, y), names in points.items():
-        ax.annotate(plain(", ".join(names)), (x, y), textcoords="offset points",
-                    xytext=(6, 4), fontsize=8)
+        ax.annotate(
+            plain(", ".join(names)), (x, y), textcoords="offset points", xytext=(6, 4), fontsize=8
+        )
     ax.plot([0, 1], [0, 1], ls="--", color="grey", lw=1, label="external = in-domain")
     ax.set_xlim(0, 1.02)
     ax.set_ylim(0, 1.02)
@@ -247,8 +293,9 @@ def external_scatter_figure(table, colors: dict, title: str) -> Figure:
     return fig
 
 
-def external_recall_figure(recall, rows: list[tuple[str, str]], classes: list[str],
-                           title: str) -> Figure:
+def external_recall_figure(
+    recall, rows: list[tuple[str, str]], classes: list[str], title: str
+) -> Figure:
     """Heat map of recall per class: for each ``(entry, role)`` one row in-domain
     (out-of-fold) and one row on the external set; classes the external set lacks are grey;
     each class is labelled with its number of external images."""
@@ -264,17 +311,30 @@ def external_recall_figure(recall, rows: list[tuple[str, str]], classes: list[st
     ax = fig.subplots()
     cmap = colormaps["RdYlGn"].with_extremes(bad="#d9d9d9")
     im = ax.imshow(np.ma.masked_invalid(mat), cmap=cmap, vmin=0, vmax=1, aspect="auto")
-    support = recall.drop_duplicates("class").set_index("class")["external_support"] \
-        .reindex(classes).fillna(0).astype(int)
-    ax.set_xticks(range(k), labels=[f"{plain(c)} (n={support[c]})" for c in classes],
-                  rotation=45, ha="right")
+    support = (
+        recall.drop_duplicates("class")
+        .set_index("class")["external_support"]
+        .reindex(classes)
+        .fillna(0)
+        .astype(int)
+    )
+    ax.set_xticks(
+        range(k), labels=[f"{plain(c)} (n={support[c]})" for c in classes], rotation=45, ha="right"
+    )
     ax.set_yticks(range(len(labels)), labels=labels)
     for i in range(len(labels)):
         for j in range(k):
             v = mat[i, j]
             dark = np.isfinite(v) and (v < 0.15 or v > 0.85)
-            ax.text(j, i, "absent" if not np.isfinite(v) else f"{v:.2f}", ha="center",
-                    va="center", fontsize=7, color="white" if dark else "black")
+            ax.text(
+                j,
+                i,
+                "absent" if not np.isfinite(v) else f"{v:.2f}",
+                ha="center",
+                va="center",
+                fontsize=7,
+                color="white" if dark else "black",
+            )
     for i in range(2, len(labels), 2):
         ax.axhline(i - 0.5, color="white", lw=3)
     ax.set_title(plain(title), fontsize=10)
@@ -297,11 +357,18 @@ def leakage_figure(table, colors: dict, metric: str, label: str) -> Figure:
             ax.plot([g, im], [y, y], color=c, lw=2.5, alpha=0.45, zorder=1)
         for x, marker in ((g, "o"), (im, "^")):
             if np.isfinite(x):
-                ax.scatter([x], [y], marker=marker, s=55, color=c, edgecolor="black",
-                           linewidth=0.5, zorder=3)
+                ax.scatter(
+                    [x],
+                    [y],
+                    marker=marker,
+                    s=55,
+                    color=c,
+                    edgecolor="black",
+                    linewidth=0.5,
+                    zorder=3,
+                )
     ax.scatter([], [], marker="o", color="white", edgecolor="black", label="grouped folds")
-    ax.scatter([], [], marker="^", color="white", edgecolor="black",
-               label="image-level folds")
+    ax.scatter([], [], marker="^", color="white", edgecolor="black", label="image-level folds")
     ax.set_yticks(range(len(names)), labels=[plain(n) for n in names[::-1]])
     ax.set_ylim(-0.7, len(names) - 0.3)
     ax.ticklabel_format(axis="x", useOffset=False)

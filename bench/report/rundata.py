@@ -12,6 +12,7 @@ from bench.run.leaderboard import COSTS
 from core.errors import BenchError
 from core.metrics import base_metric
 
+
 class RunData:
     """Everything the report needs from ``run_dir`` (nothing is recomputed by training).
 
@@ -35,7 +36,7 @@ class RunData:
         self.run_dir = self.rundir.path
         rd = self.rundir
         rd.check_finished()
-        self.config = rd.config   # the run's typed config (bench.config.Config)
+        self.config = rd.config  # the run's typed config (bench.config.Config)
         self.manifest = rd.read_manifest()
         self.state = rd.state
         self.classes = rd.classes
@@ -53,17 +54,21 @@ class RunData:
             name = str(r["candidate"])
             p = rd.read_oof(name)
             if p.shape != (len(self.y), len(self.classes)):
-                raise BenchError(f"{rd.oof_file(name)}: shape {p.shape}, expected "
-                                 f"{(len(self.y), len(self.classes))}")
+                raise BenchError(
+                    f"{rd.oof_file(name)}: shape {p.shape}, expected "
+                    f"{(len(self.y), len(self.classes))}"
+                )
             self.oof[name] = p
             members = r.get("members")
             members = [] if not isinstance(members, str) or not members else members.split(";")
             rows.append({"name": name, "kind": str(r["kind"]), "members": members})
-            self.costs[name] = {c: float(r[c]) if c in r and pd.notna(r[c]) else float("nan")
-                                for c in COSTS}
+            self.costs[name] = {
+                c: float(r[c]) if c in r and pd.notna(r[c]) else float("nan") for c in COSTS
+            }
             # the stress test's columns ([stress]): the run's metric under simulated shift
-            self.stress[name] = {c: float(r[c]) for c in board.columns
-                                 if c.startswith("stress_") and pd.notna(r[c])}
+            self.stress[name] = {
+                c: float(r[c]) for c in board.columns if c.startswith("stress_") and pd.notna(r[c])
+            }
             if r["kind"] != "ensemble":
                 self.units[name] = [rd.unit_result(name, k) for k in self.fold_ids]
         self.entries = pd.DataFrame(rows)
@@ -75,14 +80,14 @@ class RunData:
                 scores["candidate"] = scores["candidate"].astype(str)
                 per_class["candidate"] = per_class["candidate"].astype(str)
                 per_class["class"] = per_class["class"].astype(str)
-            except Exception as exc:   # noqa: BLE001 - the rest of the report stays useful
+            except Exception as exc:  # noqa: BLE001 - the rest of the report stays useful
                 self.external_errors[name] = f"{type(exc).__name__}: {exc}"
                 continue
             self.external[name] = (scores, per_class, meta)
         self.leakage, self.leakage_error = None, None
         try:
             self.leakage = rd.read_leakage()
-        except Exception as exc:   # noqa: BLE001 - the rest of the report stays useful
+        except Exception as exc:  # noqa: BLE001 - the rest of the report stays useful
             self.leakage_error = f"{type(exc).__name__}: {exc}"
 
     def unit_dir(self, name: str, fold: int) -> Path:

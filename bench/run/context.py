@@ -27,23 +27,24 @@ from core.metrics import base_metric
 @dataclass
 class RunContext:
     """One run on its way through the stages."""
+
     cfg: Config
     run: RunDir
     ds: Dataset
-    fp: dict                          # the run's fingerprint (bench.run.prepare.fingerprint)
+    fp: dict  # the run's fingerprint (bench.run.prepare.fingerprint)
     # bench.run.runner.run_benchmark: the protocols that run the benchmark again on a derived
     # config (leave-one-lab-out, the leakage audit) call it without importing the runner
     rerun: Callable[..., pd.DataFrame]
     workers: int | None = None
     scheduler: Any = None
     show_progress: bool = True
-    predictor: bool = True            # save a predictor (False: a protocol's own sub-run)
-    times: dict = field(default_factory=dict)   # stage name -> seconds (the manifest's)
-    board: pd.DataFrame | None = None           # the leaderboard, as the stages extend it
-    kinds: dict = field(default_factory=dict)   # candidate -> "cnn" | "baseline" | ...
+    predictor: bool = True  # save a predictor (False: a protocol's own sub-run)
+    times: dict = field(default_factory=dict)  # stage name -> seconds (the manifest's)
+    board: pd.DataFrame | None = None  # the leaderboard, as the stages extend it
+    kinds: dict = field(default_factory=dict)  # candidate -> "cnn" | "baseline" | ...
     stored: dict = field(default_factory=dict)  # entry -> out-of-fold rows, as in oof/
-    stored_stress: dict | None = None           # shift -> entry -> the same under the shift
-    bag_choice: Any = None                      # the patient stage's choice (a bag task)
+    stored_stress: dict | None = None  # shift -> entry -> the same under the shift
+    bag_choice: Any = None  # the patient stage's choice (a bag task)
 
     @property
     def fold_metric(self) -> str:
@@ -57,16 +58,16 @@ class RunContext:
 
     def write_board(self, metric: str | None = None) -> None:
         """Write the leaderboard (CSV and Markdown) as it stands."""
-        self.run.write_leaderboard(self.board, to_markdown(self.board,
-                                                           metric or self.board_metric))
+        self.run.write_leaderboard(self.board, to_markdown(self.board, metric or self.board_metric))
 
     def store(self, probas: dict[str, np.ndarray], stressed: dict | None) -> None:
         """Keep every entry's out-of-fold probabilities as written to ``oof/`` (float32):
         the fits saved later are reproducible from the run directory alone."""
         self.stored = {n: p.astype(np.float32).astype(np.float64) for n, p in probas.items()}
-        self.stored_stress = {s: {n: p.astype(np.float32).astype(np.float64)
-                                  for n, p in d.items()}
-                              for s, d in (stressed or {}).items()} or None
+        self.stored_stress = {
+            s: {n: p.astype(np.float32).astype(np.float64) for n, p in d.items()}
+            for s, d in (stressed or {}).items()
+        } or None
 
 
 def always(ctx: RunContext) -> bool:
@@ -77,6 +78,7 @@ def always(ctx: RunContext) -> bool:
 class Stage:
     """A step of ``bench run``: ``run(ctx)`` when ``enabled(ctx)``; its seconds are recorded
     under ``name`` in the manifest's ``stage_seconds`` unless ``timed`` is false."""
+
     name: str
     run: Callable[[RunContext], None]
     enabled: Callable[[RunContext], bool] = always

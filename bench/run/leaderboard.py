@@ -26,19 +26,27 @@ import pandas as pd
 
 from core.metrics import METRICS, metric_label, metric_sort_ascending
 
-COLUMNS = ["candidate", "kind"] + [c for m in METRICS for c in (m, f"{m}_std")] + [
-    "fit_seconds", "predict_ms_per_image", "model_size", "n_folds"]
+COLUMNS = (
+    ["candidate", "kind"]
+    + [c for m in METRICS for c in (m, f"{m}_std")]
+    + ["fit_seconds", "predict_ms_per_image", "model_size", "n_folds"]
+)
 COSTS = ("fit_seconds", "predict_ms_per_image", "model_size")
 
 
 def ensemble_costs(members: list[dict], combine_seconds: float, n_folds: int) -> dict:
     """An ensemble's cost columns from its members' rows (see the module docstring)."""
+
     def total(key):
         vals = [math.nan if m.get(key) is None else float(m[key]) for m in members]
         return float(np.sum(vals)) if vals and not np.isnan(vals).any() else math.nan
-    return {"fit_seconds": total("fit_seconds") + combine_seconds / max(1, n_folds),
-            "predict_ms_per_image": total("predict_ms_per_image"),
-            "model_size": total("model_size"), "combine_seconds": combine_seconds}
+
+    return {
+        "fit_seconds": total("fit_seconds") + combine_seconds / max(1, n_folds),
+        "predict_ms_per_image": total("predict_ms_per_image"),
+        "model_size": total("model_size"),
+        "combine_seconds": combine_seconds,
+    }
 
 
 def stress_column(board: pd.DataFrame, metric: str) -> str | None:
@@ -55,11 +63,13 @@ def make_table(rows: list[dict], metric: str) -> pd.DataFrame:
             df[c] = float("nan")
     extra = [c for c in df.columns if c not in COLUMNS]
     df = df[COLUMNS + extra]
-    return df.sort_values(metric, ascending=metric_sort_ascending(metric),
-                          kind="stable").reset_index(drop=True)
+    return df.sort_values(
+        metric, ascending=metric_sort_ascending(metric), kind="stable"
+    ).reset_index(drop=True)
 
 
 # ----------------------------------------------------------------------------- formatting
+
 
 def fmt(v, digits: int = 3) -> str:
     if v is None:
@@ -102,9 +112,16 @@ def significance_marker(cmp) -> str:
     return marks or "n.s."
 
 
-def to_markdown(board: pd.DataFrame, metric: str, title: str = "Leaderboard", *,
-                metrics=METRICS, digits: int = 4, comparisons: pd.DataFrame | None = None,
-                note: str | None = None) -> str:
+def to_markdown(
+    board: pd.DataFrame,
+    metric: str,
+    title: str = "Leaderboard",
+    *,
+    metrics=METRICS,
+    digits: int = 4,
+    comparisons: pd.DataFrame | None = None,
+    note: str | None = None,
+) -> str:
     """The leaderboard as a Markdown table, rows in ``board`` order.
 
     Cells are ``mean ± std``, followed by ``[lo, hi]`` when ``board`` has the interval
@@ -119,9 +136,14 @@ def to_markdown(board: pd.DataFrame, metric: str, title: str = "Leaderboard", *,
     if comparisons is not None:
         head += ["size", "vs best", "p (t, Holm)", "p (McNemar, Holm)"]
         cmp = comparisons.set_index("candidate")
-    lines = [f"# {title}", "",
-             note or f"Sorted by **{metric_label(metric)}**; mean ± std over folds.",
-             "", "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    lines = [
+        f"# {title}",
+        "",
+        note or f"Sorted by **{metric_label(metric)}**; mean ± std over folds.",
+        "",
+        "| " + " | ".join(head) + " |",
+        "|" + "---|" * len(head),
+    ]
     for i, (_, r) in enumerate(board.iterrows()):
         cells = [str(i + 1), md_escape(r["candidate"]), str(r["kind"])]
         for m in metrics:
@@ -134,8 +156,11 @@ def to_markdown(board: pd.DataFrame, metric: str, title: str = "Leaderboard", *,
         cells += [fmt(r["fit_seconds"], 1), fmt(r["predict_ms_per_image"], 2)]
         if comparisons is not None:
             c = cmp.loc[r["candidate"]]
-            cells += [fmt_size(r["model_size"]), significance_marker(c),
-                      "" if c["is_best"] else fmt_p(c["p_ttest_holm"]),
-                      "" if c["is_best"] else fmt_p(c["p_mcnemar_holm"])]
+            cells += [
+                fmt_size(r["model_size"]),
+                significance_marker(c),
+                "" if c["is_best"] else fmt_p(c["p_ttest_holm"]),
+                "" if c["is_best"] else fmt_p(c["p_mcnemar_holm"]),
+            ]
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"

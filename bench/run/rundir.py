@@ -40,8 +40,15 @@ import pandas as pd
 
 from bench.config import Config, read_toml
 from core.errors import BenchError
-from core.io import (atomic_save_npy, atomic_write_json, atomic_write_text, check_name,
-                     is_inside, read_json, staged)
+from core.io import (
+    atomic_save_npy,
+    atomic_write_json,
+    atomic_write_text,
+    check_name,
+    is_inside,
+    read_json,
+    staged,
+)
 from core.metrics import METRICS
 from core.splits import PredefinedFolds
 from ensembles.model_card import CARD
@@ -241,8 +248,9 @@ class RunDir:
         try:
             return np.array([lookup[str(c)] for c in self.folds_table["label"]], dtype=np.int64)
         except KeyError as exc:
-            raise BenchError(f"{self.file(self.FOLDS)}: label {exc} is not a class of the "
-                             "run") from None
+            raise BenchError(
+                f"{self.file(self.FOLDS)}: label {exc} is not a class of the run"
+            ) from None
 
     @cached_property
     def bags(self) -> np.ndarray | None:
@@ -307,8 +315,9 @@ class RunDir:
             yield tmp
 
     @staticmethod
-    def write_unit(tmp: Path, result: dict, proba: np.ndarray,
-                   stressed: dict[str, np.ndarray] | None = None) -> None:
+    def write_unit(
+        tmp: Path, result: dict, proba: np.ndarray, stressed: dict[str, np.ndarray] | None = None
+    ) -> None:
         np.save(tmp / "proba.npy", proba.astype(np.float32))
         for shift, p in (stressed or {}).items():
             np.save(tmp / RunDir._stress_name(shift), p.astype(np.float32))
@@ -346,8 +355,17 @@ class RunDir:
     def read_leaderboard(self) -> pd.DataFrame:
         return pd.read_csv(self.file(self.LEADERBOARD_CSV))
 
-    OUTPUTS = ("leaderboard.csv", "leaderboard.md", "predictor", "report", "external",
-               "leakage.csv", "patient_leaderboard.csv", "patients", "labs.csv")
+    OUTPUTS = (
+        "leaderboard.csv",
+        "leaderboard.md",
+        "predictor",
+        "report",
+        "external",
+        "leakage.csv",
+        "patient_leaderboard.csv",
+        "patients",
+        "labs.csv",
+    )
 
     def keep_previous_outputs(self, board: pd.DataFrame) -> Path | None:
         """Before a new leaderboard replaces a different one, move the finished run's
@@ -357,14 +375,16 @@ class RunDir:
         if not old.is_file():
             return None
         prev = pd.read_csv(old)
-        if "kind" in prev:   # bench distill's row comes back after the run (bench.protocols.distill)
+        if "kind" in prev:  # bench distill's row comes back after the run (bench.protocols.distill)
             prev = prev[prev["kind"] != "distilled"]
         cols = ["candidate"] + [c for m in METRICS for c in (m, f"{m}_std")]
-        new = pd.read_csv(io.StringIO(board.to_csv(index=False)))   # as it will be read back
-        if all(c in prev for c in cols) and \
-                prev[cols].sort_values("candidate", kind="stable").reset_index(drop=True).equals(
-                    new[cols].sort_values("candidate", kind="stable").reset_index(drop=True)):
-            return None   # same entries, same scores (timings may differ)
+        new = pd.read_csv(io.StringIO(board.to_csv(index=False)))  # as it will be read back
+        if all(c in prev for c in cols) and prev[cols].sort_values(
+            "candidate", kind="stable"
+        ).reset_index(drop=True).equals(
+            new[cols].sort_values("candidate", kind="stable").reset_index(drop=True)
+        ):
+            return None  # same entries, same scores (timings may differ)
         stamp = _dt.datetime.now().strftime("%Y%m%d-%H%M%S-%f")
         dest = self.path / "previous" / stamp
         dest.mkdir(parents=True)
@@ -413,8 +433,9 @@ class RunDir:
     def patients_dir(self) -> Path:
         return self.path / "patients"
 
-    def write_patients(self, board: pd.DataFrame, scores: pd.DataFrame,
-                       cells: pd.DataFrame, meta: dict) -> None:
+    def write_patients(
+        self, board: pd.DataFrame, scores: pd.DataFrame, cells: pd.DataFrame, meta: dict
+    ) -> None:
         """The patient leaderboard, every row's out-of-fold bag scores and decisions
         (``patients/scores.csv``), the chosen row's cell table and the stage's facts."""
         atomic_write_text(self.file(self.PATIENT_LEADERBOARD), board.to_csv(index=False))
@@ -428,8 +449,12 @@ class RunDir:
         if not f.is_file():
             return None
         d = self.patients_dir
-        return (pd.read_csv(f), pd.read_csv(d / "scores.csv", dtype={"bag": str}),
-                pd.read_csv(d / "cells.csv", dtype={"bag": str}), read_json(d / "meta.json"))
+        return (
+            pd.read_csv(f),
+            pd.read_csv(d / "scores.csv", dtype={"bag": str}),
+            pd.read_csv(d / "cells.csv", dtype={"bag": str}),
+            read_json(d / "meta.json"),
+        )
 
     # -- external sets ---------------------------------------------------------------
     def external_dir(self, name: str) -> Path:
@@ -438,11 +463,13 @@ class RunDir:
 
     def write_external_proba(self, name: str, entry: str, proba: np.ndarray) -> None:
         check_name(entry, "candidate or ensemble name")
-        atomic_save_npy(self.external_dir(name) / "proba" / f"{entry}.npy",
-                        proba.astype(np.float32))
+        atomic_save_npy(
+            self.external_dir(name) / "proba" / f"{entry}.npy", proba.astype(np.float32)
+        )
 
-    def write_external(self, name: str, scores: pd.DataFrame, per_class: pd.DataFrame,
-                       meta: dict) -> None:
+    def write_external(
+        self, name: str, scores: pd.DataFrame, per_class: pd.DataFrame, meta: dict
+    ) -> None:
         d = self.external_dir(name)
         atomic_write_text(d / "scores.csv", scores.to_csv(index=False))
         atomic_write_text(d / "per_class.csv", per_class.to_csv(index=False))
@@ -450,13 +477,19 @@ class RunDir:
 
     def external_sets(self) -> list[str]:
         d = self.path / "external"
-        return sorted(p.name for p in d.iterdir() if (p / "scores.csv").is_file()) \
-            if d.is_dir() else []
+        return (
+            sorted(p.name for p in d.iterdir() if (p / "scores.csv").is_file())
+            if d.is_dir()
+            else []
+        )
 
     def read_external(self, name: str) -> tuple[pd.DataFrame, pd.DataFrame, dict]:
         d = self.external_dir(name)
-        return (pd.read_csv(d / "scores.csv"), pd.read_csv(d / "per_class.csv"),
-                read_json(d / "meta.json"))
+        return (
+            pd.read_csv(d / "scores.csv"),
+            pd.read_csv(d / "per_class.csv"),
+            read_json(d / "meta.json"),
+        )
 
     # -- whole folders ------------------------------------------------------------------
     def staged(self, target: Path):

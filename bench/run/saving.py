@@ -23,8 +23,9 @@ from ensembles.build import choose_entry, final_ensemble
 from ensembles.predictor import save_predictor
 
 
-def save_run_predictor(run: RunDir, cfg: Config, ds: Dataset, board, stored, kinds,
-                    folds, patients=None, stressed=None) -> None:
+def save_run_predictor(
+    run: RunDir, cfg: Config, ds: Dataset, board, stored, kinds, folds, patients=None, stressed=None
+) -> None:
     """Save the chosen entry (``[predictor] ensemble``, default the best ensemble, or in a
     bag task the entry of the best patient row a predictor can carry); ``stored``: every
     entry's out-of-fold probabilities as written to ``oof/`` (``stressed``: the same under
@@ -34,52 +35,93 @@ def save_run_predictor(run: RunDir, cfg: Config, ds: Dataset, board, stored, kin
     choice = pred_cfg.ensemble
     tolerance = float(pred_cfg.robust_tolerance)
     carried = patients[3].get("carried") if patients is not None else None
-    chosen_by = {"best": "best ensemble by " + metric,
-                 "robust": f"best {metric} under simulated shift ([stress]) of the ensembles "
-                           f"within {tolerance} of the best {metric}"}.get(choice, "config")
-    if choice in ("best", "robust") and carried:   # a bag task: the nested row's procedure
+    chosen_by = {
+        "best": "best ensemble by " + metric,
+        "robust": f"best {metric} under simulated shift ([stress]) of the ensembles "
+        f"within {tolerance} of the best {metric}",
+    }.get(choice, "config")
+    if choice in ("best", "robust") and carried:  # a bag task: the nested row's procedure
         row = choose_entry(board, carried["entry"])
-        chosen_by = (f"the patient row chosen by ROC AUC, then log loss, among the rows a "
-                     f"predictor can carry ({carried['row']}; see the nested figure)")
+        chosen_by = (
+            f"the patient row chosen by ROC AUC, then log loss, among the rows a "
+            f"predictor can carry ({carried['row']}; see the nested figure)"
+        )
     else:
         row = choose_entry(board, choice, metric, tolerance)
     name = row["candidate"]
-    members, ens = final_ensemble(name, row["kind"], cfg.ensembles, stored, kinds, ds.labels,
-                                  folds, stressed)
+    members, ens = final_ensemble(
+        name, row["kind"], cfg.ensembles, stored, kinds, ds.labels, folds, stressed
+    )
     weights = ens.member_weights()
-    info_ = {m: {"type": cfg.candidates[m].type, "kind": kinds[m],
-                 "weight": None if weights is None else weights[i]}
-             for i, m in enumerate(members)}
+    info_ = {
+        m: {
+            "type": cfg.candidates[m].type,
+            "kind": kinds[m],
+            "weight": None if weights is None else weights[i],
+        }
+        for i, m in enumerate(members)
+    }
     calibration = {}
-    if pred_cfg.temperature_scaling:   # one T fitted on the entry's OOF rows
-        calibration = {"calibration": {
-            "method": "temperature scaling", "temperature": fit_temperature(ds.labels,
-                                                                            stored[name]),
-            "fitted_on": f"out-of-fold probabilities of '{name}'"}}
+    if pred_cfg.temperature_scaling:  # one T fitted on the entry's OOF rows
+        calibration = {
+            "calibration": {
+                "method": "temperature scaling",
+                "temperature": fit_temperature(ds.labels, stored[name]),
+                "fitted_on": f"out-of-fold probabilities of '{name}'",
+            }
+        }
     save_predictor(
-        run.predictor_dir, ensemble_name=name, ensemble=ens,
+        run.predictor_dir,
+        ensemble_name=name,
+        ensemble=ens,
         members={m: [run.unit_model_dir(m, k) for k in folds.fold_ids] for m in members},
-        member_info=info_, classes=ds.classes, preprocessing=ds.preprocessing,
+        member_info=info_,
+        classes=ds.classes,
+        preprocessing=ds.preprocessing,
         training_data=ds.summary() | {"skipped": len(ds.skipped)},
-        extra={"chosen_by": chosen_by,
-               "leaderboard": {k: float(row[k]) for k in
-                               dict.fromkeys([metric, "accuracy", "macro_f1"])},
-               "member_models": "fold models of the cross-validation (bagged)",
-               **calibration,
-               **conformal.predictor_extra(run, pred_cfg.conformal, ds.labels, stored[name],
-                                           folds, name, calibration,
-                                           ens.combine([stored[m] for m in members])),
-               **({"bags": bag_settings(cfg, patients, name)} if patients else {}),
-               **({"leave_one_lab_out": lab_summary(row, lab_names(cfg))}
-                  if has_lab_columns(board, lab_names(cfg)) else {})},
-        tta=pred_cfg.tta, shift=ShiftReference.fit(ds.images))
+        extra={
+            "chosen_by": chosen_by,
+            "leaderboard": {
+                k: float(row[k]) for k in dict.fromkeys([metric, "accuracy", "macro_f1"])
+            },
+            "member_models": "fold models of the cross-validation (bagged)",
+            **calibration,
+            **conformal.predictor_extra(
+                run,
+                pred_cfg.conformal,
+                ds.labels,
+                stored[name],
+                folds,
+                name,
+                calibration,
+                ens.combine([stored[m] for m in members]),
+            ),
+            **({"bags": bag_settings(cfg, patients, name)} if patients else {}),
+            **(
+                {"leave_one_lab_out": lab_summary(row, lab_names(cfg))}
+                if has_lab_columns(board, lab_names(cfg))
+                else {}
+            ),
+        },
+        tta=pred_cfg.tta,
+        shift=ShiftReference.fit(ds.images),
+    )
     run.update_state(predictor=name)
     info(f"saved predictor '{name}' ({', '.join(members)}) to {run.predictor_dir}")
 
 
 def _predictor_stage(ctx: RunContext) -> None:
-    save_run_predictor(ctx.run, ctx.cfg, ctx.ds, ctx.board, ctx.stored, ctx.kinds,
-                       ctx.run.folds, ctx.bag_choice, ctx.stored_stress)
+    save_run_predictor(
+        ctx.run,
+        ctx.cfg,
+        ctx.ds,
+        ctx.board,
+        ctx.stored,
+        ctx.kinds,
+        ctx.run.folds,
+        ctx.bag_choice,
+        ctx.stored_stress,
+    )
 
 
 #: the saved predictor (not in a protocol's own sub-run)

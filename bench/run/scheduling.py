@@ -117,13 +117,14 @@ class LocalExecutor:
         ctx = mp.get_context("spawn")
 
         def new_pool():
-            return ProcessPoolExecutor(1, mp_context=ctx, initializer=init_worker,
-                                       initargs=(threads,))
+            return ProcessPoolExecutor(
+                1, mp_context=ctx, initializer=init_worker, initargs=(threads,)
+            )
 
-        queue = list(reversed(arg_list))       # pop() takes them in the given order
+        queue = list(reversed(arg_list))  # pop() takes them in the given order
         failures: dict[tuple, int] = {}
         slots = [new_pool() for _ in range(min(self.workers, len(arg_list)))]
-        running = {}                            # future -> (slot index, args)
+        running = {}  # future -> (slot index, args)
         try:
             while queue or running:
                 busy = {s for s, _ in running.values()}
@@ -182,19 +183,22 @@ class DaskExecutor:
 
     def _client(self):
         from distributed import Client
+
         if isinstance(self.scheduler, Client):
             return self.scheduler, False
         try:
             return Client(self.scheduler, timeout="30s"), True
         except (OSError, TimeoutError) as exc:
-            raise BenchError(f"cannot reach the Dask scheduler {self.scheduler}: "
-                             f"{str(exc).splitlines()[0] if str(exc) else type(exc).__name__}"
-                             ) from None
+            raise BenchError(
+                f"cannot reach the Dask scheduler {self.scheduler}: "
+                f"{str(exc).splitlines()[0] if str(exc) else type(exc).__name__}"
+            ) from None
 
     def map_unordered(self, fn, arg_list):
         """Yield ``(args, result)`` as units finish on the cluster."""
         from distributed import as_completed
         from distributed.scheduler import KilledWorker
+
         arg_list = [tuple(a) for a in arg_list]
         if not arg_list:
             return
@@ -203,16 +207,24 @@ class DaskExecutor:
         try:
             name = getattr(fn, "__name__", "unit")
             for args in arg_list:
-                fut = client.submit(_guarded, fn, *args, retries=self.retries, pure=False,
-                                    key=f"{name}-{uuid.uuid4().hex}")
+                fut = client.submit(
+                    _guarded,
+                    fn,
+                    *args,
+                    retries=self.retries,
+                    pure=False,
+                    key=f"{name}-{uuid.uuid4().hex}",
+                )
                 futures[fut.key] = (fut, args)
             for fut in as_completed([f for f, _ in futures.values()]):
                 args = futures.pop(fut.key)[1]
                 try:
                     result = _unwrap(fut.result())
                 except KilledWorker as exc:
-                    raise BenchError(f"work unit {_label(fn, args)} killed its Dask workers "
-                                     f"too often ({exc}); see the worker logs") from None
+                    raise BenchError(
+                        f"work unit {_label(fn, args)} killed its Dask workers "
+                        f"too often ({exc}); see the worker logs"
+                    ) from None
                 fut.release()
                 yield args, result
         finally:

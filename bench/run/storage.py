@@ -30,7 +30,7 @@ from core.errors import BenchError
 # A running trial whose process sent no heartbeat for GRACE_SECONDS is failed and retried.
 HEARTBEAT_SECONDS = int(os.environ.get("BLOODBENCH_OPTUNA_HEARTBEAT", 30))
 GRACE_SECONDS = int(os.environ.get("BLOODBENCH_OPTUNA_GRACE", 120))
-OPEN_ATTEMPTS = 6   # opening a storage that another process is creating: tries in all
+OPEN_ATTEMPTS = 6  # opening a storage that another process is creating: tries in all
 
 
 def storage_url(url: str, run_dir) -> str:
@@ -44,32 +44,40 @@ def make_storage(url: str, run_dir=None) -> optuna.storages.BaseStorage:
     """Build an Optuna storage from ``url`` (see the module docstring)."""
     url = storage_url(url, run_dir)
     journal = url.startswith("journal://") or url.endswith(".log")
-    path = Path(url.removeprefix("journal://")) if journal else (
-        Path(url.removeprefix("sqlite:///")) if url.startswith("sqlite:///") else None)
-    if path is not None:   # a file storage: its folder must exist
+    path = (
+        Path(url.removeprefix("journal://"))
+        if journal
+        else (Path(url.removeprefix("sqlite:///")) if url.startswith("sqlite:///") else None)
+    )
+    if path is not None:  # a file storage: its folder must exist
         try:
             path.parent.mkdir(parents=True, exist_ok=True)
         except OSError as exc:
-            raise BenchError(f"cannot open Optuna storage {url}: cannot make the folder "
-                             f"{path.parent} ({exc.strerror})") from None
-    if journal:   # journal:///abs/path.log -> /abs/path.log
+            raise BenchError(
+                f"cannot open Optuna storage {url}: cannot make the folder "
+                f"{path.parent} ({exc.strerror})"
+            ) from None
+    if journal:  # journal:///abs/path.log -> /abs/path.log
         return JournalStorage(JournalFileBackend(str(path)))
     for attempt in range(OPEN_ATTEMPTS):
         try:
             with warnings.catch_warnings():
-                warnings.simplefilter("ignore")   # heartbeat options are marked experimental
+                warnings.simplefilter("ignore")  # heartbeat options are marked experimental
                 retry = RetryHeartbeatStaleTrialCallback(max_retry=3)
-                return RDBStorage(url, heartbeat_interval=HEARTBEAT_SECONDS,
-                                  grace_period=GRACE_SECONDS,
-                                  heartbeat_stale_trial_callback=retry,
-                                  engine_kwargs=None if url.startswith("sqlite")
-                                  else {"pool_pre_ping": True})
+                return RDBStorage(
+                    url,
+                    heartbeat_interval=HEARTBEAT_SECONDS,
+                    grace_period=GRACE_SECONDS,
+                    heartbeat_stale_trial_callback=retry,
+                    engine_kwargs=None if url.startswith("sqlite") else {"pool_pre_ping": True},
+                )
         except Exception as exc:  # noqa: BLE001 - driver and connection errors vary by backend
             if attempt + 1 < OPEN_ATTEMPTS and _lost_schema_race(exc):
-                time.sleep(0.2 * 2 ** attempt + random.uniform(0, 0.2))
+                time.sleep(0.2 * 2**attempt + random.uniform(0, 0.2))
                 continue
-            raise BenchError(f"cannot open Optuna storage {url.split('@')[-1]}: "
-                             f"{str(exc).splitlines()[0]}") from None
+            raise BenchError(
+                f"cannot open Optuna storage {url.split('@')[-1]}: {str(exc).splitlines()[0]}"
+            ) from None
 
 
 def _lost_schema_race(exc: Exception) -> bool:
@@ -77,9 +85,13 @@ def _lost_schema_race(exc: Exception) -> bool:
     the same moment (two work units that start together on a new run's SQLite file both
     insert Optuna's schema version): opening it again finds the tables made."""
     import sqlalchemy.exc
+
     text = str(exc)
-    return isinstance(exc, sqlalchemy.exc.IntegrityError) or "database is locked" in text \
+    return (
+        isinstance(exc, sqlalchemy.exc.IntegrityError)
+        or "database is locked" in text
         or "already exists" in text
+    )
 
 
 # ----------------------------------------------------------------------------- shared studies
@@ -103,15 +115,25 @@ def _counts(study, before: int | None = None) -> tuple[int, int, int]:
             w += 1
         elif t.state == TrialState.RUNNING:
             r += before is None or t.number < before
-        elif t.state in FINISHED and not t.user_attrs.get("surplus") and \
-                not (t.state == TrialState.FAIL and t.number in retried):
+        elif (
+            t.state in FINISHED
+            and not t.user_attrs.get("surplus")
+            and not (t.state == TrialState.FAIL and t.number in retried)
+        ):
             f += 1
     return f, r, w
 
 
-def optimize_shared(study: optuna.Study, objective, n_trials: int, timeout: float | None = None,
-                    catch=(), max_wait: float = GRACE_SECONDS + HEARTBEAT_SECONDS,
-                    poll: float = 0.5, **optimize_kwargs) -> int:
+def optimize_shared(
+    study: optuna.Study,
+    objective,
+    n_trials: int,
+    timeout: float | None = None,
+    catch=(),
+    max_wait: float = GRACE_SECONDS + HEARTBEAT_SECONDS,
+    poll: float = 0.5,
+    **optimize_kwargs,
+) -> int:
     """Add trials to ``study`` until it holds exactly ``n_trials`` finished ones.
 
     Finished means complete, pruned or failed (a trial whose process died and that the
@@ -129,6 +151,7 @@ def optimize_shared(study: optuna.Study, objective, n_trials: int, timeout: floa
 
     Returns the number of trials this process finished.
     """
+
     def guarded(trial):
         f, r, _ = _counts(trial.study, before=trial.number)
         if f + r >= n_trials:
@@ -136,18 +159,18 @@ def optimize_shared(study: optuna.Study, objective, n_trials: int, timeout: floa
             raise optuna.TrialPruned("surplus: the study holds its trials")
         return objective(trial)
 
-    mine = []   # this process's trials, as optimize's callbacks see them
+    mine = []  # this process's trials, as optimize's callbacks see them
     callbacks = [*(optimize_kwargs.pop("callbacks", None) or ()), lambda _s, t: mine.append(t)]
     deadline = time.monotonic() + timeout if timeout else None
     last, since = None, time.monotonic()
     while deadline is None or time.monotonic() < deadline:
-        with warnings.catch_warnings():   # experimental; a no-op without a heartbeat
+        with warnings.catch_warnings():  # experimental; a no-op without a heartbeat
             warnings.simplefilter("ignore")
             optuna.storages.fail_stale_trials(study)
         f, r, w = _counts(study)
         if f >= n_trials:
             break
-        if f + r >= n_trials and not w:   # the last trials run elsewhere: wait for them
+        if f + r >= n_trials and not w:  # the last trials run elsewhere: wait for them
             if (f, r) != last:
                 last, since = (f, r), time.monotonic()
             elif time.monotonic() - since > max_wait:
@@ -155,7 +178,7 @@ def optimize_shared(study: optuna.Study, objective, n_trials: int, timeout: floa
             time.sleep(poll)
             continue
         left = None if deadline is None else max(0.0, deadline - time.monotonic())
-        study.optimize(guarded, n_trials=1, timeout=left, catch=catch, callbacks=callbacks,
-                       **optimize_kwargs)
+        study.optimize(
+            guarded, n_trials=1, timeout=left, catch=catch, callbacks=callbacks, **optimize_kwargs
+        )
     return sum(t.state in FINISHED and not t.user_attrs.get("surplus") for t in mine)
-

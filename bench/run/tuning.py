@@ -96,14 +96,19 @@ from bench.config import CandidateTuning, validated
 from bench.run.rundir import RunDir
 from bench.run.storage import make_storage, optimize_shared, storage_url
 
-optuna.logging.set_verbosity(optuna.logging.WARNING)   # the runner shows progress per unit
-FINISHED = (optuna.trial.TrialState.COMPLETE, optuna.trial.TrialState.PRUNED,
-            optuna.trial.TrialState.FAIL)
+optuna.logging.set_verbosity(optuna.logging.WARNING)  # the runner shows progress per unit
+FINISHED = (
+    optuna.trial.TrialState.COMPLETE,
+    optuna.trial.TrialState.PRUNED,
+    optuna.trial.TrialState.FAIL,
+)
 # Errors a bad parameter combination may raise: the trial fails, the study goes on.
 TRIAL_ERRORS = (ValueError, ArithmeticError, BenchError)
-SCHEME = ("inner stratified split of the outer fold's training rows: trials fit on the inner "
-          "training part and are scored on the inner validation part; the outer test fold "
-          "never scores a trial")
+SCHEME = (
+    "inner stratified split of the outer fold's training rows: trials fit on the inner "
+    "training part and are scored on the inner validation part; the outer test fold "
+    "never scores a trial"
+)
 
 
 def make_pruner(name: str) -> optuna.pruners.BasePruner:
@@ -127,7 +132,8 @@ def inner_split(y: np.ndarray, val_fraction: float, seed: int) -> tuple[np.ndarr
     n_val = math.ceil(val_fraction * len(y))
     stratify = counts.min() >= 2 and n_val >= len(counts) and len(y) - n_val >= len(counts)
     splitter = (StratifiedShuffleSplit if stratify else ShuffleSplit)(
-        n_splits=1, test_size=val_fraction, random_state=seed)
+        n_splits=1, test_size=val_fraction, random_state=seed
+    )
     train, val = next(splitter.split(np.zeros(len(y)), y))
     return np.sort(train), np.sort(val)
 
@@ -138,9 +144,10 @@ def _subsample(rows: np.ndarray, y: np.ndarray, max_samples: int, seed: int) -> 
     _, counts = np.unique(y[rows], return_counts=True)
     strat = y[rows] if counts.min() >= 2 else None
     try:
-        keep, _ = train_test_split(rows, train_size=int(max_samples), stratify=strat,
-                                   random_state=seed)
-    except ValueError:   # too few rows per class for a stratified sample of that size
+        keep, _ = train_test_split(
+            rows, train_size=int(max_samples), stratify=strat, random_state=seed
+        )
+    except ValueError:  # too few rows per class for a stratified sample of that size
         keep, _ = train_test_split(rows, train_size=int(max_samples), random_state=seed)
     return np.sort(keep)
 
@@ -165,8 +172,9 @@ class TrialSeededTPE(optuna.samplers.BaseSampler):
         self._tpe = optuna.samplers.TPESampler(seed=self.seed, **tpe_kwargs)
 
     def before_trial(self, study, trial):
-        self._tpe = optuna.samplers.TPESampler(seed=trial_seed(self.seed, trial.number),
-                                               **self.tpe_kwargs)
+        self._tpe = optuna.samplers.TPESampler(
+            seed=trial_seed(self.seed, trial.number), **self.tpe_kwargs
+        )
         self._tpe.before_trial(study, trial)
 
     def infer_relative_search_space(self, study, trial):
@@ -187,6 +195,7 @@ class TrialSeededTPE(optuna.samplers.BaseSampler):
 
 def pruning_callback(trial: optuna.Trial, key: str = "val_accuracy"):
     """``callback(epoch, logs)`` reporting ``logs[key]`` to ``trial``; raises ``TrialPruned``."""
+
     def callback(epoch: int, logs: dict) -> None:
         value = (logs or {}).get(key)
         if value is None:
@@ -194,6 +203,7 @@ def pruning_callback(trial: optuna.Trial, key: str = "val_accuracy"):
         trial.report(float(value), int(epoch))
         if trial.should_prune():
             raise optuna.TrialPruned(f"pruned at epoch {epoch} ({key} {float(value):.4f})")
+
     return callback
 
 
@@ -209,6 +219,7 @@ class _SpaceTrial:
             if name not in self._searched:
                 return _NOT_SEARCHED
             return getattr(self._trial, kind)(name, *args, **kwargs)
+
         return suggest
 
     suggest_int = _suggest("suggest_int")
@@ -216,7 +227,7 @@ class _SpaceTrial:
     suggest_categorical = _suggest("suggest_categorical")
     del _suggest
 
-    def __getattr__(self, name):   # number, report, should_prune, user_attrs, ...
+    def __getattr__(self, name):  # number, report, should_prune, user_attrs, ...
         return getattr(self._trial, name)
 
 
@@ -227,8 +238,9 @@ def searched_names(cls, space=None, fidelity=None) -> list[str]:
     """The names trials search: ``space`` (default all of ``cls.param_space``) less the
     ``fidelity`` keys, which are fixed in trials and keep their configured value in the
     refit."""
-    return [n for n in (space if space is not None else space_names(cls))
-            if n not in (fidelity or {})]
+    return [
+        n for n in (space if space is not None else space_names(cls)) if n not in (fidelity or {})
+    ]
 
 
 def sample_params(cls, trial, searched) -> dict:
@@ -239,20 +251,26 @@ def sample_params(cls, trial, searched) -> dict:
 
 
 def _scalar_params(params: dict) -> dict:
-    return {k: v for k, v in params.items()
-            if v is None or isinstance(v, (bool, int, float, str))}
+    return {k: v for k, v in params.items() if v is None or isinstance(v, (bool, int, float, str))}
 
 
 def _trial_record(t: optuna.trial.FrozenTrial) -> dict:
     dur = t.duration.total_seconds() if t.duration is not None else None
-    params = t.params or t.user_attrs.get("configured", {})   # the default trial: as configured
-    return {"number": t.number, "state": t.state.name, "value": t.value, "params": params,
-            "seconds": dur, "default": bool(t.user_attrs.get("default", False)),
-            "last_step": t.last_step}
+    params = t.params or t.user_attrs.get("configured", {})  # the default trial: as configured
+    return {
+        "number": t.number,
+        "state": t.state.name,
+        "value": t.value,
+        "params": params,
+        "seconds": dur,
+        "default": bool(t.user_attrs.get("default", False)),
+        "last_step": t.last_step,
+    }
 
 
-def full_fidelity_score(entry: dict, params: dict, X_fit, y_fit, X_val, y_val, classes,
-                        metric: str) -> float:
+def full_fidelity_score(
+    entry: dict, params: dict, X_fit, y_fit, X_val, y_val, classes, metric: str
+) -> float:
     """``metric`` on ``X_val`` of ``entry``'s candidate with ``params`` over its configured
     ones, fitted as the refit fits it: the configured fidelity, no validation rows handed to
     ``fit`` (the candidate early-stops on its own split, as in the work unit)."""
@@ -270,8 +288,7 @@ def _trials_are_cheap(tuning: CandidateTuning, n_fit_rows: int) -> bool:
     return bool(tuning.fidelity) or 0 < tuning.max_samples < n_fit_rows
 
 
-def _confirm(st, best, entry, cls, searched, data, classes, metric, direction,
-             adopt_gain) -> dict:
+def _confirm(st, best, entry, cls, searched, data, classes, metric, direction, adopt_gain) -> dict:
     """Challenger ``best`` against the configured setting at full fidelity (module
     docstring, "Adoption"); stored in the study under the trial's number."""
     key = f"confirm-{best.number}"
@@ -283,17 +300,32 @@ def _confirm(st, best, entry, cls, searched, data, classes, metric, direction,
     configured = full_fidelity_score(entry, {}, X_fit, y_fit, X_val, y_val, classes, metric)
     tuned = full_fidelity_score(entry, tuned_params, X_fit, y_fit, X_val, y_val, classes, metric)
     gain = (tuned - configured) * (-1 if direction == "minimize" else 1)
-    out = {"fidelity": "full", "trial": best.number, "configured": configured, "tuned": tuned,
-           "gain": gain, "adopt_gain": float(adopt_gain),
-           "kept": "tuned" if gain > adopt_gain else "configured",
-           "n_fit": int(len(y_fit)), "n_val": int(len(y_val)),
-           "seconds": time.perf_counter() - t0}
+    out = {
+        "fidelity": "full",
+        "trial": best.number,
+        "configured": configured,
+        "tuned": tuned,
+        "gain": gain,
+        "adopt_gain": float(adopt_gain),
+        "kept": "tuned" if gain > adopt_gain else "configured",
+        "n_fit": int(len(y_fit)),
+        "n_val": int(len(y_val)),
+        "seconds": time.perf_counter() - t0,
+    }
     st.set_user_attr(key, out)
     return out
 
 
-def fidelity_check(entry: dict, X_train, y_train, classes, tuning: dict, seed: int,
-                   n_settings: int = 6, progress=None) -> dict:
+def fidelity_check(
+    entry: dict,
+    X_train,
+    y_train,
+    classes,
+    tuning: dict,
+    seed: int,
+    n_settings: int = 6,
+    progress=None,
+) -> dict:
     """Does the cheap trial rank settings as the refit would? (``benchmarks/fidelity.py``)
 
     On one seeded inner split of ``X_train`` (as :func:`tune_candidate` makes it), the
@@ -311,16 +343,16 @@ def fidelity_check(entry: dict, X_train, y_train, classes, tuning: dict, seed: i
         raise BenchError(f"candidate type '{entry['type']}' has no param_space: nothing to tune")
     if n_settings < 3:
         raise BenchError(f"n_settings must be at least 3 for a rank correlation, got {n_settings}")
-    searched = searched_names(cls, None if tuning.space is None else list(tuning.space),
-                              tuning.fidelity)
+    searched = searched_names(
+        cls, None if tuning.space is None else list(tuning.space), tuning.fidelity
+    )
     X_train, y_train = np.asarray(X_train), np.asarray(y_train)
     tr, va = inner_split(y_train, float(tuning.val_fraction), seed)
     cheap = _subsample(tr, y_train, tuning.max_samples, seed)
     study = optuna.create_study(sampler=optuna.samplers.RandomSampler(seed=seed))
     configured = {**cls().get_params(deep=False), **entry.get("params", {})}
-    settings, seen = [{}], {stable_hash(_scalar_params(
-        {k: configured.get(k) for k in searched}))}
-    for _ in range(50 * n_settings):   # distinct draws, none the configured setting again
+    settings, seen = [{}], {stable_hash(_scalar_params({k: configured.get(k) for k in searched}))}
+    for _ in range(50 * n_settings):  # distinct draws, none the configured setting again
         if len(settings) == n_settings:
             break
         params = sample_params(cls, study.ask(), searched)
@@ -331,32 +363,62 @@ def fidelity_check(entry: dict, X_train, y_train, classes, tuning: dict, seed: i
     rows = []
     for i, params in enumerate(settings):
         t0 = time.perf_counter()
-        cand = build_candidate({**entry, "params": {**entry.get("params", {}), **params,
-                                                    **tuning.fidelity}})
+        cand = build_candidate(
+            {**entry, "params": {**entry.get("params", {}), **params, **tuning.fidelity}}
+        )
         try:
-            fit_candidate(cand, X_train[cheap], y_train[cheap], X_train[va], y_train[va],
-                          classes=classes)
-            trial = float(fold_metrics(y_train[va], predict_proba_for(
-                cand, X_train[va], classes))[tuning.metric])
+            fit_candidate(
+                cand, X_train[cheap], y_train[cheap], X_train[va], y_train[va], classes=classes
+            )
+            trial = float(
+                fold_metrics(y_train[va], predict_proba_for(cand, X_train[va], classes))[
+                    tuning.metric
+                ]
+            )
         finally:
             del cand
             release_memory()
         t1 = time.perf_counter()
-        full = full_fidelity_score(entry, params, X_train[tr], y_train[tr], X_train[va],
-                                   y_train[va], classes, tuning.metric)
-        rows.append({"setting": i, "configured": not params, "params": _scalar_params(params),
-                     "trial_score": trial, "full_score": full, "trial_seconds": t1 - t0,
-                     "full_seconds": time.perf_counter() - t1})
+        full = full_fidelity_score(
+            entry,
+            params,
+            X_train[tr],
+            y_train[tr],
+            X_train[va],
+            y_train[va],
+            classes,
+            tuning.metric,
+        )
+        rows.append(
+            {
+                "setting": i,
+                "configured": not params,
+                "params": _scalar_params(params),
+                "trial_score": trial,
+                "full_score": full,
+                "trial_seconds": t1 - t0,
+                "full_seconds": time.perf_counter() - t1,
+            }
+        )
         if progress is not None:
             progress(i, rows[-1])
     a = np.array([r["trial_score"] for r in rows])
     b = np.array([r["full_score"] for r in rows])
     rho, p = spearmanr(a, b) if np.ptp(a) > 0 and np.ptp(b) > 0 else (float("nan"),) * 2
-    return {"candidate_type": entry["type"], "metric": tuning.metric,
-            "fidelity": dict(tuning.fidelity), "max_samples": tuning.max_samples,
-            "space": searched, "n_trial_rows": int(len(cheap)), "n_full_rows": int(len(tr)),
-            "n_val": int(len(va)), "seed": int(seed), "rows": rows,
-            "rho": float(rho), "p": float(p)}
+    return {
+        "candidate_type": entry["type"],
+        "metric": tuning.metric,
+        "fidelity": dict(tuning.fidelity),
+        "max_samples": tuning.max_samples,
+        "space": searched,
+        "n_trial_rows": int(len(cheap)),
+        "n_full_rows": int(len(tr)),
+        "n_val": int(len(va)),
+        "seed": int(seed),
+        "rows": rows,
+        "rho": float(rho),
+        "p": float(p),
+    }
 
 
 def fold_decision(info: dict | None) -> str:
@@ -368,8 +430,9 @@ def fold_decision(info: dict | None) -> str:
         return ""
     conf = info.get("confirm")
     if conf:
-        kept, other = ("tuned", "configured") if conf["kept"] == "tuned" else \
-            ("configured", "tuned")
+        kept, other = (
+            ("tuned", "configured") if conf["kept"] == "tuned" else ("configured", "tuned")
+        )
         return f"{kept} {conf[kept]:.4f} vs {other} {conf[other]:.4f} at full fidelity"
     return "tuned (trial score)" if info.get("best_params") else "configured"
 
@@ -392,29 +455,36 @@ def candidate_tuning(tuning, entry) -> CandidateTuning:
     settings (the config's typed section, or a table) with the candidate's own ``tuning``
     table over it."""
     base = tuning.model_dump() if hasattr(tuning, "model_dump") else dict(tuning)
-    return validated("config", "[tuning]", CandidateTuning,
-                     {**base, **(as_spec(entry).get("tuning") or {})})
+    return validated(
+        "config", "[tuning]", CandidateTuning, {**base, **(as_spec(entry).get("tuning") or {})}
+    )
 
 
 def is_tuned(entry, tuning) -> bool:
     """Whether ``entry`` gets trials: its type has a ``param_space`` and its tuning
     settings (:func:`candidate_tuning`) ask for at least one trial."""
-    return bool(registry.get(as_spec(entry)["type"]).tunable) and \
-        candidate_tuning(tuning, entry).trials > 0
+    return (
+        bool(registry.get(as_spec(entry)["type"]).tunable)
+        and candidate_tuning(tuning, entry).trials > 0
+    )
 
 
 def open_storages(cfg, names, run_dir) -> None:
     """Open the Optuna storage of every candidate in ``names`` that is tuned, here, before
     the work units: one process creates a new storage's tables, and a storage that cannot
     be opened is one clear error before any unit runs."""
-    urls = {candidate_tuning(cfg.tuning, e).storage
-            for e in (cfg.candidates[n] for n in names) if is_tuned(e, cfg.tuning)}
+    urls = {
+        candidate_tuning(cfg.tuning, e).storage
+        for e in (cfg.candidates[n] for n in names)
+        if is_tuned(e, cfg.tuning)
+    }
     for url in sorted(urls):
         make_storage(url, run_dir)
 
 
-def tune_candidate(entry: dict, X_train, y_train, classes, study: str, tuning: dict,
-                   run_dir, seed: int) -> tuple[dict, dict]:
+def tune_candidate(
+    entry: dict, X_train, y_train, classes, study: str, tuning: dict, run_dir, seed: int
+) -> tuple[dict, dict]:
     """Tune ``entry``'s candidate on ``X_train, y_train`` (outer training rows only).
 
     Parameters
@@ -438,7 +508,7 @@ def tune_candidate(entry: dict, X_train, y_train, classes, study: str, tuning: d
     info : summary for the work unit's ``result.json``.
     """
     run_dir, seed = Path(run_dir), int(seed)
-    tuning = candidate_tuning(tuning, entry)   # per-candidate overrides
+    tuning = candidate_tuning(tuning, entry)  # per-candidate overrides
     entry = as_spec(entry)
     if tuning.trials < 1:
         return {}, {"study": study, "n_trials": 0, "skipped": "trials = 0 for this candidate"}
@@ -463,56 +533,85 @@ def tune_candidate(entry: dict, X_train, y_train, classes, study: str, tuning: d
     direction = "minimize" if metric in LOWER_IS_BETTER else "maximize"
     st = _open_study(study, storage, direction, tuning, entry, cls, fidelity, seed)
     ran_now = _run_trials(st, tuning, entry, cls, searched, (X_a, y_a, X_b, y_b), classes)
-    trials = [t for t in st.trials if not t.user_attrs.get("surplus")]   # see optimize_shared
+    trials = [t for t in st.trials if not t.user_attrs.get("surplus")]  # see optimize_shared
     complete = [t for t in trials if t.state == optuna.trial.TrialState.COMPLETE]
     best_params, best_value, best_number = {}, None, None
     kept_configured, confirm = False, None
     if complete:
         best, kept_configured, confirm = _choose_best(
-            st, complete, tuning, entry, cls, searched,
-            (X_train[tr_all], y_train[tr_all], X_b, y_b), classes, direction, len(tr_all))
-        best_params = ({} if kept_configured or best.user_attrs.get("default")
-                       else sample_params(cls, optuna.trial.FixedTrial(best.params), searched))
+            st,
+            complete,
+            tuning,
+            entry,
+            cls,
+            searched,
+            (X_train[tr_all], y_train[tr_all], X_b, y_b),
+            classes,
+            direction,
+            len(tr_all),
+        )
+        best_params = (
+            {}
+            if kept_configured or best.user_attrs.get("default")
+            else sample_params(cls, optuna.trial.FixedTrial(best.params), searched)
+        )
         best_value, best_number = best.value, best.number
     else:
         warn(f"tuning study '{study}': no trial completed; using the configured parameters")
     counts = {s.name.lower(): sum(t.state == s for t in trials) for s in FINISHED}
     info = {
-        "study": study, "storage": storage_url(tuning.storage, run_dir).split("@")[-1],
-        "sampler": "TPE", "seed": int(seed), "pruner": tuning.pruner,
-        "metric": metric, "direction": direction, "scheme": SCHEME,
-        "val_fraction": val_fraction, "max_samples": max_samples, "fidelity": fidelity,
+        "study": study,
+        "storage": storage_url(tuning.storage, run_dir).split("@")[-1],
+        "sampler": "TPE",
+        "seed": int(seed),
+        "pruner": tuning.pruner,
+        "metric": metric,
+        "direction": direction,
+        "scheme": SCHEME,
+        "val_fraction": val_fraction,
+        "max_samples": max_samples,
+        "fidelity": fidelity,
         "space": searched,
-        "n_inner_train": int(len(tr)), "n_inner_val": int(len(va)),
-        "trials_requested": n_trials, "timeout": timeout, "trials_run_now": ran_now,
-        "n_trials": len(trials), **{f"n_{k}": v for k, v in counts.items()},
-        "min_gain": min_gain, "adopt": tuning.adopt, "adopt_gain": float(tuning.adopt_gain),
-        "confirm": confirm, "kept_configured": kept_configured,
-        "best_params": best_params, "best_value": best_value, "best_trial": best_number,
+        "n_inner_train": int(len(tr)),
+        "n_inner_val": int(len(va)),
+        "trials_requested": n_trials,
+        "timeout": timeout,
+        "trials_run_now": ran_now,
+        "n_trials": len(trials),
+        **{f"n_{k}": v for k, v in counts.items()},
+        "min_gain": min_gain,
+        "adopt": tuning.adopt,
+        "adopt_gain": float(tuning.adopt_gain),
+        "confirm": confirm,
+        "kept_configured": kept_configured,
+        "best_params": best_params,
+        "best_value": best_value,
+        "best_trial": best_number,
         "default_value": next((t.value for t in trials if t.user_attrs.get("default")), None),
         "seconds": time.perf_counter() - t_start,
-        "trial_seconds": sum(t.duration.total_seconds() for t in trials
-                             if t.duration is not None),
+        "trial_seconds": sum(t.duration.total_seconds() for t in trials if t.duration is not None),
         "file": RunDir(run_dir).tuning_file(study).relative_to(run_dir).as_posix(),
     }
-    atomic_write_json(RunDir(run_dir).tuning_file(study),
-                      {**info, "trials": [_trial_record(t) for t in trials]})
+    atomic_write_json(
+        RunDir(run_dir).tuning_file(study), {**info, "trials": [_trial_record(t) for t in trials]}
+    )
     return best_params, info
 
 
-def _open_study(study: str, storage, direction: str, tuning, entry: dict, cls, fidelity: dict,
-                seed: int) -> optuna.Study:
+def _open_study(
+    study: str, storage, direction: str, tuning, entry: dict, cls, fidelity: dict, seed: int
+) -> optuna.Study:
     """Create the study, or load it when another process (or an earlier attempt) did;
     exactly one creator queues the default trial, which fits the configured parameters."""
     sampler = TrialSeededTPE(seed, n_startup_trials=max(2, min(10, tuning.trials // 2)))
-    kw = dict(study_name=study, storage=storage, sampler=sampler,
-              pruner=make_pruner(tuning.pruner))
+    kw = dict(study_name=study, storage=storage, sampler=sampler, pruner=make_pruner(tuning.pruner))
     try:
         st = optuna.create_study(direction=direction, **kw)
     except optuna.exceptions.DuplicatedStudyError:
         return optuna.load_study(**kw)
-    configured = _scalar_params({**cls().get_params(deep=False), **entry.get("params", {}),
-                                 **fidelity})   # what the default trial runs
+    configured = _scalar_params(
+        {**cls().get_params(deep=False), **entry.get("params", {}), **fidelity}
+    )  # what the default trial runs
     st.enqueue_trial({}, user_attrs={"default": True, "configured": configured})
     return st
 
@@ -533,40 +632,56 @@ def _run_trials(st: optuna.Study, tuning, entry: dict, cls, searched, data, clas
     def objective(trial: optuna.Trial) -> float:
         # the first trial fits the configured parameters as they are (they may lie
         # outside the searched ranges); later ones sample the candidate's space
-        params = ({} if trial.user_attrs.get("default")
-                  else sample_params(cls, trial, searched))
-        cand = build_candidate({**entry, "params": {**entry.get("params", {}), **params,
-                                                    **fidelity}})
+        params = {} if trial.user_attrs.get("default") else sample_params(cls, trial, searched)
+        cand = build_candidate(
+            {**entry, "params": {**entry.get("params", {}), **params, **fidelity}}
+        )
         # candidates that report epochs (fit_accepts "epoch_callbacks") are pruned
         try:
-            fit_candidate(cand, X_a, y_a, X_b, y_b, classes=classes,
-                          epoch_callbacks=[pruning_callback(trial)])
+            fit_candidate(
+                cand, X_a, y_a, X_b, y_b, classes=classes, epoch_callbacks=[pruning_callback(trial)]
+            )
             return fold_metrics(y_b, predict_proba_for(cand, X_b, classes))[tuning.metric]
-        finally:   # a trial's model (Keras graph and all) must not outlive it
+        finally:  # a trial's model (Keras graph and all) must not outlive it
             del cand
             release_memory()
 
     # any number of processes (`bench tune`) may add trials: together they stop at
     # exactly n_trials finished ones (bench.run.storage.optimize_shared)
-    return optimize_shared(st, objective, n_trials, timeout=budget, catch=TRIAL_ERRORS,
-                           gc_after_trial=True)
+    return optimize_shared(
+        st, objective, n_trials, timeout=budget, catch=TRIAL_ERRORS, gc_after_trial=True
+    )
 
 
-def _choose_best(st, complete, tuning, entry, cls, searched, refit_data, classes,
-                 direction: str, n_train: int):
+def _choose_best(
+    st, complete, tuning, entry, cls, searched, refit_data, classes, direction: str, n_train: int
+):
     """The best trial, unless it is not clearly better than the configured parameters
     (``min_gain``), or, when trials were cheap and ``adopt = "full"``, it does not also
     win as the refit will fit it. Returns (trial, kept_configured, confirm record)."""
     best = st.best_trial
     default = next((t for t in complete if t.user_attrs.get("default")), None)
-    gain = None if default is None else (best.value - default.value) * (
-        -1 if direction == "minimize" else 1)
+    gain = (
+        None
+        if default is None
+        else (best.value - default.value) * (-1 if direction == "minimize" else 1)
+    )
     if gain is not None and best is not default and gain < float(tuning.min_gain):
-        return default, True, None   # not clearly better than configured
+        return default, True, None  # not clearly better than configured
     if best is not default and tuning.adopt == "full" and _trials_are_cheap(tuning, n_train):
         # a cheap win: kept only if it also wins as the refit will fit it
-        confirm = _confirm(st, best, entry, cls, searched, refit_data, classes,
-                           tuning.metric, direction, float(tuning.adopt_gain))
+        confirm = _confirm(
+            st,
+            best,
+            entry,
+            cls,
+            searched,
+            refit_data,
+            classes,
+            tuning.metric,
+            direction,
+            float(tuning.adopt_gain),
+        )
         kept = confirm["kept"] == "configured"
         return (default if kept and default is not None else best), kept, confirm
     return best, False, None

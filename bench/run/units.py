@@ -38,7 +38,7 @@ def seeded_entry(entry: dict, seed: int) -> dict:
 
 def _loaded(run) -> RunDir:
     run = run if isinstance(run, RunDir) else RunDir(run)
-    registry.import_plugins(run.config.run.plugins)   # spawned/Dask workers too
+    registry.import_plugins(run.config.run.plugins)  # spawned/Dask workers too
     return run
 
 
@@ -84,14 +84,18 @@ def run_unit(run_dir: str, name: str, fold: int) -> dict:
         X_test = np.asarray(run.images[test])
         proba = predict_proba_for(cand, X_test, classes)
         t3 = time.perf_counter()
-        stressed = predict_stressed(cand, X_test, test, stress_shifts(cfg),
-                                    cfg.run.seed, classes)
+        stressed = predict_stressed(cand, X_test, test, stress_shifts(cfg), cfg.run.seed, classes)
         t4 = time.perf_counter()
         cand.save(tmp / "model")
         result = {
-            "candidate": name, "fold": fold, "type": entry["type"],
-            "candidate_hash": stable_hash(cfg.candidates[name].spec()), "seed": seed,
-            "tuning": tuning, "tune_seconds": t1 - t0, "stress_seconds": t4 - t3,
+            "candidate": name,
+            "fold": fold,
+            "type": entry["type"],
+            "candidate_hash": stable_hash(cfg.candidates[name].spec()),
+            "seed": seed,
+            "tuning": tuning,
+            "tune_seconds": t1 - t0,
+            "stress_seconds": t4 - t3,
             **fitted_record(cand, run.labels[test], proba, len(train), t2 - t1, t3 - t2),
         }
         run.write_unit(tmp, result, proba, stressed)
@@ -100,24 +104,31 @@ def run_unit(run_dir: str, name: str, fold: int) -> dict:
     return result
 
 
-def fitted_record(cand, y_test, proba, n_train: int, fit_seconds: float,
-                  predict_seconds: float) -> dict:
+def fitted_record(
+    cand, y_test, proba, n_train: int, fit_seconds: float, predict_seconds: float
+) -> dict:
     """The part of a unit's ``result.json`` every fitted and scored model has: its kind,
     parameters, costs, scores on the test rows, when and where it ran."""
     return {
-        "kind": cand.kind, "params": cand.get_params(deep=False),
-        "fit_seconds": fit_seconds, "predict_seconds": predict_seconds,
+        "kind": cand.kind,
+        "params": cand.get_params(deep=False),
+        "fit_seconds": fit_seconds,
+        "predict_seconds": predict_seconds,
         "predict_ms_per_image": 1000 * predict_seconds / max(1, len(y_test)),
-        "n_train": int(n_train), "n_test": len(y_test),
-        "model_size": cand.model_size(), "epochs_run": getattr(cand, "epochs_run_", None),
-        "notes": cand.fit_notes(), "metrics": fold_metrics(y_test, proba),
+        "n_train": int(n_train),
+        "n_test": len(y_test),
+        "model_size": cand.model_size(),
+        "epochs_run": getattr(cand, "epochs_run_", None),
+        "notes": cand.fit_notes(),
+        "metrics": fold_metrics(y_test, proba),
         "finished": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
         "worker": f"{platform.node()}:{os.getpid()}",
     }
 
 
-def tune_unit(run, name: str, fold: int, trials: int | None = None,
-              storage: str | None = None) -> tuple[dict, dict]:
+def tune_unit(
+    run, name: str, fold: int, trials: int | None = None, storage: str | None = None
+) -> tuple[dict, dict]:
     """Tune candidate ``name`` on the training rows of ``fold`` (Optuna study ``NAME-foldK``).
 
     ``run`` (inside the work unit) and ``tune`` (any number of extra processes) both call
@@ -137,14 +148,23 @@ def tune_unit(run, name: str, fold: int, trials: int | None = None,
     cfg = run.config
     seed = cfg.fold_seed(fold)
     entry = seeded_entry(cfg.candidates[name].spec(), seed)
-    overrides = {**({} if trials is None else {"trials": int(trials)}),
-                 **({"storage": storage} if storage else {})}
-    if overrides:   # over [tuning] and over the candidate's own tuning table
+    overrides = {
+        **({} if trials is None else {"trials": int(trials)}),
+        **({"storage": storage} if storage else {}),
+    }
+    if overrides:  # over [tuning] and over the candidate's own tuning table
         entry = {**entry, "tuning": {**(entry.get("tuning") or {}), **overrides}}
     tuning = cfg.tuning
     if not is_tuned(entry, tuning):
         return {}, {}
     train = training_rows(run, entry, fold, seed)
-    return tune_candidate(entry, training_images(run, train, fold), run.labels[train],
-                          np.arange(len(run.classes)), study=f"{name}-fold{fold}",
-                          tuning=tuning, run_dir=str(run.path), seed=seed)
+    return tune_candidate(
+        entry,
+        training_images(run, train, fold),
+        run.labels[train],
+        np.arange(len(run.classes)),
+        study=f"{name}-fold{fold}",
+        tuning=tuning,
+        run_dir=str(run.path),
+        seed=seed,
+    )

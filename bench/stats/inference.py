@@ -92,8 +92,12 @@ def corrected_resampled_ttest(a, b, ratio: float) -> dict:
     d = a[keep] - b[keep]
     k = len(d)
     if k < 2:
-        return {"mean_diff": float(d.mean()) if k else math.nan, "t": math.nan, "df": k - 1,
-                "p": math.nan}
+        return {
+            "mean_diff": float(d.mean()) if k else math.nan,
+            "t": math.nan,
+            "df": k - 1,
+            "p": math.nan,
+        }
     mean = float(d.mean())
     var = float(d.var(ddof=1))
     if var == 0.0 or not np.isfinite(var):
@@ -129,8 +133,13 @@ def mcnemar(correct_a, correct_b, exact_below: int = 25) -> dict:
         p = float(_st.binomtest(min(b, c), n, 0.5, alternative="two-sided").pvalue)
         return {"b": b, "c": c, "statistic": float(min(b, c)), "p": min(1.0, p), "method": "exact"}
     stat = (abs(b - c) - 1.0) ** 2 / n
-    return {"b": b, "c": c, "statistic": float(stat), "p": float(_st.chi2.sf(stat, 1)),
-            "method": "chi2"}
+    return {
+        "b": b,
+        "c": c,
+        "statistic": float(stat),
+        "p": float(_st.chi2.sf(stat, 1)),
+        "method": "chi2",
+    }
 
 
 def holm(pvalues) -> np.ndarray:
@@ -196,7 +205,7 @@ def friedman(scores, higher_is_better: bool = True) -> dict:
     n, k = s.shape
     ranks = rank_scores(s, higher_is_better)
     r = ranks.mean(axis=0)
-    chi2 = 12.0 * n / (k * (k + 1)) * (np.sum(r ** 2) - k * (k + 1) ** 2 / 4.0)
+    chi2 = 12.0 * n / (k * (k + 1)) * (np.sum(r**2) - k * (k + 1) ** 2 / 4.0)
     p = float(_st.chi2.sf(chi2, k - 1))
     denom = n * (k - 1) - chi2
     if denom <= 0:
@@ -204,8 +213,16 @@ def friedman(scores, higher_is_better: bool = True) -> dict:
     else:
         f = (n - 1) * chi2 / denom
         p_f = float(_st.f.sf(f, k - 1, (n - 1) * (k - 1)))
-    return {"ranks": ranks, "avg_ranks": r, "chi2": float(chi2), "p": p, "F": float(f),
-            "p_F": p_f, "n_datasets": n, "n_methods": k}
+    return {
+        "ranks": ranks,
+        "avg_ranks": r,
+        "chi2": float(chi2),
+        "p": p,
+        "F": float(f),
+        "p_F": p_f,
+        "n_datasets": n,
+        "n_methods": k,
+    }
 
 
 def nemenyi_q(k: int, alpha: float = 0.05) -> float:
@@ -224,5 +241,15 @@ def nemenyi_cd(k: int, n: int, alpha: float = 0.05) -> float:
     return nemenyi_q(k, alpha) * math.sqrt(k * (k + 1) / (6.0 * n))
 
 
-__all__ = ["t_interval", "fold_size_ratio", "corrected_resampled_ttest", "mcnemar", "holm",
-           "bootstrap_resamples", "rank_scores", "friedman", "nemenyi_q", "nemenyi_cd"]
+__all__ = [
+    "t_interval",
+    "fold_size_ratio",
+    "corrected_resampled_ttest",
+    "mcnemar",
+    "holm",
+    "bootstrap_resamples",
+    "rank_scores",
+    "friedman",
+    "nemenyi_q",
+    "nemenyi_cd",
+]

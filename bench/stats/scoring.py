@@ -55,14 +55,17 @@ class WeightedScorer:
         rows = support > 0
         total = support.sum()
         f1 = 2 * tp[rows] / (support[rows] + predicted[rows])
-        return {"accuracy": float(tp.sum() / total),
-                "balanced_accuracy": float(np.mean(tp[rows] / support[rows])),
-                "macro_f1": float(np.mean(f1)),
-                "ece": self.calibration.ece(w)}
+        return {
+            "accuracy": float(tp.sum() / total),
+            "balanced_accuracy": float(np.mean(tp[rows] / support[rows])),
+            "macro_f1": float(np.mean(f1)),
+            "ece": self.calibration.ece(w),
+        }
 
 
-def bootstrap_weights(n: int, groups=None, n_boot: int = StatsSection().n_boot,
-                      seed: int = StatsSection().seed):
+def bootstrap_weights(
+    n: int, groups=None, n_boot: int = StatsSection().n_boot, seed: int = StatsSection().seed
+):
     """Yield per-image weights of ``n_boot`` resamples (:func:`bench.stats.inference.bootstrap_resamples`):
     images drawn with replacement, or whole groups drawn with replacement (each image
     weighted by its group's draws)."""
@@ -90,13 +93,22 @@ def _per_class(y, pred, present, classes, k) -> list[dict]:
         tp, sup, prd = int(cm[c, c]), int(cm[c].sum()), int(cm[:, c].sum())
         prec = tp / prd if prd else 0.0
         rec = tp / sup if sup else math.nan
-        out.append({"class": classes[c], "support": sup, "predicted": prd, "precision": prec,
-                    "recall": rec, "f1": 2 * tp / (sup + prd) if sup + prd else 0.0})
+        out.append(
+            {
+                "class": classes[c],
+                "support": sup,
+                "predicted": prd,
+                "precision": prec,
+                "recall": rec,
+                "f1": 2 * tp / (sup + prd) if sup + prd else 0.0,
+            }
+        )
     return out
 
 
-def per_external_class(ext_labels, y, pred, mapping: dict, classes: list[str],
-                       top: int = 3) -> list[dict] | None:
+def per_external_class(
+    ext_labels, y, pred, mapping: dict, classes: list[str], top: int = 3
+) -> list[dict] | None:
     """Recall of each of the set's own classes, when the map sends two or more of them onto
     one predictor class (e.g. band and segmented neutrophils onto ``neutrophil``): which
     kinds of cell a predictor class misses. ``None`` for a one-to-one map (the per-class
@@ -111,14 +123,21 @@ def per_external_class(ext_labels, y, pred, mapping: dict, classes: list[str],
         sel = ext_labels == e
         truth, got = int(y[sel][0]), pred[sel]
         wrong = pd.Series(got[got != truth]).value_counts()
-        rows.append({"external_class": e, "mapped_to": classes[truth], "n": int(sel.sum()),
-                     "recall": float((got == truth).mean()),
-                     "wrong": [[classes[int(c)], int(n)] for c, n in wrong.head(top).items()]})
+        rows.append(
+            {
+                "external_class": e,
+                "mapped_to": classes[truth],
+                "n": int(sel.sum()),
+                "recall": float((got == truth).mean()),
+                "wrong": [[classes[int(c)], int(n)] for c, n in wrong.head(top).items()],
+            }
+        )
     return sorted(rows, key=lambda r: (r["mapped_to"], -r["n"], r["external_class"]))
 
 
-def score(y, proba, classes, groups=None, stats: StatsSection | None = None,
-          n_boot: int | None = None) -> dict:
+def score(
+    y, proba, classes, groups=None, stats: StatsSection | None = None, n_boot: int | None = None
+) -> dict:
     """The numbers of an evaluation (see the module docstring).
 
     ``y``: indices into ``classes`` (the predictor's); ``proba``: (N, K); ``stats``: the
@@ -155,21 +174,35 @@ def score(y, proba, classes, groups=None, stats: StatsSection | None = None,
     q = [100 * (1 - level) / 2, 100 * (1 + level) / 2]
 
     def ci(store):
-        return {m: dict(zip(("lo", "hi"), map(float, np.nanpercentile(v, q)))) if v else
-                {"lo": math.nan, "hi": math.nan} for m, v in store.items()}
+        return {
+            m: dict(zip(("lo", "hi"), map(float, np.nanpercentile(v, q))))
+            if v
+            else {"lo": math.nan, "hi": math.nan}
+            for m, v in store.items()
+        }
+
     out["ci"] = {**ci(boot), "restricted": ci(boot_r)}
     n_units = len(set(map(str, groups))) if groups is not None else len(y)
-    out["bootstrap"] = {"resamples": n_boot, "seed": seed, "level": level,
-                        "method": "percentile", "unit": "group" if groups is not None
-                        else "image", "n_units": n_units, "ece_bins": ece_bins}
+    out["bootstrap"] = {
+        "resamples": n_boot,
+        "seed": seed,
+        "level": level,
+        "method": "percentile",
+        "unit": "group" if groups is not None else "image",
+        "n_units": n_units,
+        "ece_bins": ece_bins,
+    }
     pc = _per_class(y, pred, present, classes, k)
     pcr = _per_class(y, pred_r, present, classes, k)
     for a, b in zip(pc, pcr):
         a.update({f"{m}_restricted": b[m] for m in ("precision", "recall", "f1")})
     out["per_class"] = pc
     cm = np.bincount(y * k + pred, minlength=k * k).reshape(k, k)[present]
-    out["confusion"] = {"true": [classes[c] for c in present], "predicted": list(classes),
-                        "counts": cm.astype(int).tolist()}
+    out["confusion"] = {
+        "true": [classes[c] for c in present],
+        "predicted": list(classes),
+        "counts": cm.astype(int).tolist(),
+    }
     out["present_classes"] = [classes[c] for c in present]
     out["absent_classes"] = [c for i, c in enumerate(classes) if i not in set(present)]
     out["_pred"], out["_pred_r"] = pred, pred_r
@@ -177,6 +210,7 @@ def score(y, proba, classes, groups=None, stats: StatsSection | None = None,
 
 
 # ----------------------------------------------------------------------------- in-domain
+
 
 def stats_of_run(predictor_dir: Path) -> tuple[StatsSection, str]:
     """The ``[stats]`` of the run a saved predictor was made by (its ``config.toml``, when
@@ -191,15 +225,21 @@ def stats_of_run(predictor_dir: Path) -> tuple[StatsSection, str]:
     return StatsSection(), "[stats] defaults (the predictor is not inside its run directory)"
 
 
-def in_domain(predictor_dir: Path, record: PredictorRecord, present: list[str],
-              ece_bins: int = StatsSection().ece_bins):
+def in_domain(
+    predictor_dir: Path,
+    record: PredictorRecord,
+    present: list[str],
+    ece_bins: int = StatsSection().ece_bins,
+):
     """The run's out-of-fold numbers of the saved entry (``DIR/predictor`` ->
     ``RunDir(DIR)``); ``(None, why)`` when they are not available."""
     run = RunDir(Path(predictor_dir).resolve().parent)
     entry = record.ensemble.name
     if not run.is_run():
-        return None, (f"in-domain numbers unavailable: {run.path} is not a run directory "
-                      "(the predictor was moved out of its run)")
+        return None, (
+            f"in-domain numbers unavailable: {run.path} is not a run directory "
+            "(the predictor was moved out of its run)"
+        )
     try:
         proba = run.read_oof(entry)
         y = run.labels
@@ -207,8 +247,10 @@ def in_domain(predictor_dir: Path, record: PredictorRecord, present: list[str],
     except (BenchError, OSError, ValueError, KeyError) as exc:
         return None, f"in-domain numbers unavailable: {exc}"
     if list(classes) != list(record.classes) or proba.shape != (len(y), len(classes)):
-        return None, (f"in-domain numbers unavailable: the run's classes or out-of-fold "
-                      f"probabilities of '{entry}' do not match the predictor")
+        return None, (
+            f"in-domain numbers unavailable: the run's classes or out-of-fold "
+            f"probabilities of '{entry}' do not match the predictor"
+        )
     t = record.temperature
     if t:
         proba = apply_temperature(proba, float(t))
@@ -219,17 +261,32 @@ def in_domain(predictor_dir: Path, record: PredictorRecord, present: list[str],
         m = y == c
         recall[classes[c]] = float((pred[m] == c).mean()) if m.any() else math.nan
     keep = np.isin(y, [classes.index(c) for c in present])
-    sub = WeightedScorer(y[keep], pred[keep], proba[keep].max(axis=1), k,
-                         ece_bins)(np.ones(int(keep.sum())))
-    return {"run": str(run.path), "entry": entry, "n": int(len(y)),
-            "accuracy": float((pred == y).mean()), "ece": ece_score(y, proba, ece_bins),
-            "same_classes": {"n": int(keep.sum()), **sub},
-            "recall": recall, "temperature_applied": float(t) if t else None,
-            "_y": y, "_proba": proba}, None
+    sub = WeightedScorer(y[keep], pred[keep], proba[keep].max(axis=1), k, ece_bins)(
+        np.ones(int(keep.sum()))
+    )
+    return {
+        "run": str(run.path),
+        "entry": entry,
+        "n": int(len(y)),
+        "accuracy": float((pred == y).mean()),
+        "ece": ece_score(y, proba, ece_bins),
+        "same_classes": {"n": int(keep.sum()), **sub},
+        "recall": recall,
+        "temperature_applied": float(t) if t else None,
+        "_y": y,
+        "_proba": proba,
+    }, None
 
 
-__all__ = ["WeightedScorer", "bootstrap_weights", "score", "per_external_class", "in_domain",
-           "stats_of_run", "METRIC_KEYS"]
+__all__ = [
+    "WeightedScorer",
+    "bootstrap_weights",
+    "score",
+    "per_external_class",
+    "in_domain",
+    "stats_of_run",
+    "METRIC_KEYS",
+]
 
 
 def _share(hits: list[bool]) -> float:
@@ -249,17 +306,27 @@ def score_patients(rows: list[dict], positive: str) -> dict:
     scored = [r for r in rows if r["n_cells"]]
     y = [int(r["label"] == positive) for r in scored]
     return {
-        "positive": positive, "n": len(rows), "n_called": len(called),
+        "positive": positive,
+        "n": len(rows),
+        "n_called": len(called),
         "n_refer": sum(r["decision"] == REFER for r in rows),
         "n_none": sum(r["decision"] == NO_CALL for r in rows),
-        "sensitivity": (sum(r["decision"] == positive for r in pos) / len(pos)) if pos
+        "sensitivity": (sum(r["decision"] == positive for r in pos) / len(pos))
+        if pos
         else math.nan,
-        "specificity": (sum(r["decision"] != positive for r in neg) / len(neg)) if neg
+        "specificity": (sum(r["decision"] != positive for r in neg) / len(neg))
+        if neg
         else math.nan,
-        "sensitivity_at_threshold": _share([r["leaning"] == positive for r in scored
-                                            if r["label"] == positive]),
-        "specificity_at_threshold": _share([r["leaning"] != positive for r in scored
-                                            if r["label"] != positive]),
-        "roc_auc": (float(roc_auc_score(y, [r["probability"] for r in scored]))
-                    if 0 < sum(y) < len(y) else math.nan),
-        "rows": rows}
+        "sensitivity_at_threshold": _share(
+            [r["leaning"] == positive for r in scored if r["label"] == positive]
+        ),
+        "specificity_at_threshold": _share(
+            [r["leaning"] != positive for r in scored if r["label"] != positive]
+        ),
+        "roc_auc": (
+            float(roc_auc_score(y, [r["probability"] for r in scored]))
+            if 0 < sum(y) < len(y)
+            else math.nan
+        ),
+        "rows": rows,
+    }
