@@ -22,20 +22,21 @@ import pytest
 
 REPO = Path(__file__).resolve().parents[1]
 PACKAGES = ["core", "features", "cnn", "baselines", "ensembles", "bench"]
-SCRIPTS = ["benchmarks"]   # scripts over the packages: checked for cycles and direction too
-ALLOWED = {   # package -> project packages it may import
+SCRIPTS = ["benchmarks"]  # scripts over the packages: checked for cycles and direction too
+ALLOWED = {  # package -> project packages it may import
     "core": {"core"},
     "features": {"core", "features"},
     "cnn": {"core", "cnn"},
     "baselines": {"core", "features", "baselines"},
     "ensembles": {"core", "ensembles"},
     "bench": set(PACKAGES),
-    "benchmarks": set(PACKAGES) | {"benchmarks"},   # nothing imports a benchmark script
+    "benchmarks": set(PACKAGES) | {"benchmarks"},  # nothing imports a benchmark script
 }
-HEAVY = {"keras", "tensorflow"}   # third-party modules a project module imports lazily
+HEAVY = {"keras", "tensorflow"}  # third-party modules a project module imports lazily
 
 
 # ----------------------------------------------------------------------------- the checker
+
 
 class Import:
     """One import statement of a project module: ``target`` (a project module or a
@@ -62,7 +63,7 @@ def _absolute(module: str | None, level: int, importer: str, is_pkg: bool) -> st
     if not level:
         return module or ""
     base = importer.split(".") if is_pkg else importer.split(".")[:-1]
-    base = base[:len(base) - (level - 1)]
+    base = base[: len(base) - (level - 1)]
     return ".".join(base + ([module] if module else []))
 
 
@@ -81,8 +82,11 @@ def imports_of(name: str, path: Path, modules) -> list[Import]:
                 for a in child.names:
                     sub = f"{base}.{a.name}"
                     out.append(Import(sub if sub in modules else base, child.lineno, in_func))
-            visit(child, in_func or isinstance(child, (ast.FunctionDef, ast.AsyncFunctionDef,
-                                                       ast.Lambda)))
+            visit(
+                child,
+                in_func or isinstance(child, (ast.FunctionDef, ast.AsyncFunctionDef, ast.Lambda)),
+            )
+
     visit(ast.parse(path.read_text()), False)
     return out
 
@@ -90,8 +94,10 @@ def imports_of(name: str, path: Path, modules) -> list[Import]:
 def import_graph(root: Path, packages) -> dict[str, list[Import]]:
     """Module -> its imports of project modules, at load or inside functions."""
     modules = project_modules(root, packages)
-    return {name: [i for i in imports_of(name, path, modules) if i.target in modules]
-            for name, path in modules.items()}
+    return {
+        name: [i for i in imports_of(name, path, modules) if i.target in modules]
+        for name, path in modules.items()
+    }
 
 
 def find_cycles(graph: dict[str, list[Import]]) -> list[list[str]]:
@@ -128,18 +134,23 @@ def find_cycles(graph: dict[str, list[Import]]) -> list[list[str]]:
 
 def upward_imports(graph, allowed) -> list[str]:
     """``"a.b:LINE imports c.d"`` for each import of a package that ``allowed`` forbids."""
-    return [f"{m}:{i.line} imports {i.target} ({m.split('.')[0]} may import only "
-            f"{sorted(allowed[m.split('.')[0]])})"
-            for m, imps in sorted(graph.items()) for i in imps
-            if i.target.split(".")[0] not in allowed[m.split(".")[0]]]
+    return [
+        f"{m}:{i.line} imports {i.target} ({m.split('.')[0]} may import only "
+        f"{sorted(allowed[m.split('.')[0]])})"
+        for m, imps in sorted(graph.items())
+        for i in imps
+        if i.target.split(".")[0] not in allowed[m.split(".")[0]]
+    ]
 
 
 def loads_heavy(root: Path, packages, heavy=HEAVY) -> set[str]:
     """Project modules that import a ``heavy`` library when loaded, directly or through
     the project modules they import at load time."""
     modules = project_modules(root, packages)
-    at_load = {n: [i.target for i in imports_of(n, p, modules) if not i.in_func]
-               for n, p in modules.items()}
+    at_load = {
+        n: [i.target for i in imports_of(n, p, modules) if not i.in_func]
+        for n, p in modules.items()
+    }
     out = {n for n, targets in at_load.items() if any(t.split(".")[0] in heavy for t in targets)}
     grew = True
     while grew:
@@ -152,12 +163,16 @@ def loads_heavy(root: Path, packages, heavy=HEAVY) -> set[str]:
 def dodging_imports(root: Path, packages) -> list[str]:
     """Function-level imports of project modules that do not load a heavy library."""
     graph, heavy = import_graph(root, packages), loads_heavy(root, packages)
-    return [f"{m}:{i.line} imports {i.target} inside a function (import it at the top)"
-            for m, imps in sorted(graph.items()) for i in imps
-            if i.in_func and i.target not in heavy]
+    return [
+        f"{m}:{i.line} imports {i.target} inside a function (import it at the top)"
+        for m, imps in sorted(graph.items())
+        for i in imps
+        if i.in_func and i.target not in heavy
+    ]
 
 
 # ----------------------------------------------------------------------------- the project
+
 
 @pytest.fixture(scope="module")
 def graph():
@@ -195,13 +210,28 @@ def test_bench_is_in_wings():
                 seen[f.stem] = w
 
 
+def test_the_runner_is_a_loop_over_its_stages():
+    """``run_benchmark`` walks ``STAGES``; the runner stays small (a protocol's code lives
+    in its own module)."""
+    from bench.run.runner import STAGES
+
+    assert len((REPO / "bench" / "run" / "runner.py").read_text().splitlines()) <= 300
+    names = [st.name for st in STAGES]
+    assert names[0] == "units" and names[-1] == "report" and len(set(names)) == len(names)
+
+
 def test_no_run_stage_imports_the_report(graph):
     """The stages of `bench run` (bench.run.runner.STAGES, each defined in its own module)
     produce what the report reads; none of them loads the report."""
     from bench.run.runner import STAGES
+
     modules = {st.run.__module__ for st in STAGES} - {"bench.run.runner"}
-    assert {"bench.protocols.labs", "bench.protocols.patients", "bench.protocols.external",
-            "bench.run.saving"} <= modules
+    assert {
+        "bench.protocols.labs",
+        "bench.protocols.patients",
+        "bench.protocols.external",
+        "bench.run.saving",
+    } <= modules
     for m in sorted(modules):
         assert not {t for t in reachable(graph, m) if t.startswith("bench.report")}, m
 
@@ -218,25 +248,45 @@ def test_function_level_imports_are_only_of_modules_that_load_keras():
     assert dodging_imports(REPO, PACKAGES) == []
     heavy = loads_heavy(REPO, PACKAGES)
     assert {"cnn.backbones", "cnn.models", "cnn.augment"} <= heavy
-    assert not heavy & {"cnn", "cnn.weights", "cnn.transfer", "cnn.candidate", "bench",
-                        "bench.commands.cli", "bench.run.runner", "core.registry"}
+    assert not heavy & {
+        "cnn",
+        "cnn.weights",
+        "cnn.transfer",
+        "cnn.candidate",
+        "bench",
+        "bench.commands.cli",
+        "bench.run.runner",
+        "core.registry",
+    }
 
 
 def test_the_orchestrator_starts_without_tensorflow_and_knows_every_builtin_type():
-    code = ("import sys, bench.commands.cli, bench.run.runner\n"
-            "from core import registry\n"
-            "assert not {'keras', 'tensorflow'} & set(sys.modules), 'Keras loaded'\n"
-            "print(' '.join(registry.known()))\n")
-    out = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True,
-                         text=True, check=True).stdout.split()
-    assert {"feature_forest", "feature_svm", "feature_xgb", "scratch_cnn", "transfer_frozen",
-            "transfer_finetune", "soft_voting", "stacking"} <= set(out)
+    code = (
+        "import sys, bench.commands.cli, bench.run.runner\n"
+        "from core import registry\n"
+        "assert not {'keras', 'tensorflow'} & set(sys.modules), 'Keras loaded'\n"
+        "print(' '.join(registry.known()))\n"
+    )
+    out = subprocess.run(
+        [sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, check=True
+    ).stdout.split()
+    assert {
+        "feature_forest",
+        "feature_svm",
+        "feature_xgb",
+        "scratch_cnn",
+        "transfer_frozen",
+        "transfer_finetune",
+        "soft_voting",
+        "stacking",
+    } <= set(out)
 
 
 def test_each_declared_type_is_the_class_that_registers_itself_under_that_name():
     import importlib
 
     from core import registry
+
     declared = registry.declared()
     assert declared, "no type is declared (is bloodbench installed? pip install -e .)"
     for name, target in declared.items():
@@ -252,12 +302,21 @@ def test_the_installed_types_are_those_pyproject_declares():
     from importlib.metadata import entry_points
 
     from core import registry
+
     project = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]
     wanted = project["entry-points"][registry.GROUP]
     installed = {ep.name: ep.value for ep in entry_points(group=registry.GROUP)}
     assert installed == wanted
-    assert {"feature_forest", "feature_svm", "feature_xgb", "scratch_cnn", "transfer_frozen",
-            "transfer_finetune", "soft_voting", "stacking"} == set(wanted)
+    assert {
+        "feature_forest",
+        "feature_svm",
+        "feature_xgb",
+        "scratch_cnn",
+        "transfer_frozen",
+        "transfer_finetune",
+        "soft_voting",
+        "stacking",
+    } == set(wanted)
 
 
 def test_a_predictor_loads_from_the_plugin_layer_alone(tmp_path, toy_folder):
@@ -266,14 +325,19 @@ def test_a_predictor_loads_from_the_plugin_layer_alone(tmp_path, toy_folder):
     from bench.config import load_config
     from bench.run.runner import run_benchmark
     from tests.conftest import write_tiny_config
-    cfg = load_config(write_tiny_config(tmp_path / "c.toml", toy_folder), only=["rf_hog"],
-                      out=str(tmp_path / "run"))
+
+    cfg = load_config(
+        write_tiny_config(tmp_path / "c.toml", toy_folder),
+        only=["rf_hog"],
+        out=str(tmp_path / "run"),
+    )
     run_benchmark(cfg, show_progress=False)
-    code = ("import sys\nfrom ensembles.predictor import load_predictor\n"
-            f"p = load_predictor({str(tmp_path / 'run' / 'predictor')!r})\n"
-            "assert 'bench' not in sys.modules\nprint(p.member_names_)\n")
-    out = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True,
-                         text=True)
+    code = (
+        "import sys\nfrom ensembles.predictor import load_predictor\n"
+        f"p = load_predictor({str(tmp_path / 'run' / 'predictor')!r})\n"
+        "assert 'bench' not in sys.modules\nprint(p.member_names_)\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True)
     assert out.returncode == 0, out.stderr
     assert "rf_hog" in out.stdout
 
@@ -281,11 +345,14 @@ def test_a_predictor_loads_from_the_plugin_layer_alone(tmp_path, toy_folder):
 def test_the_kernel_names_no_module_above_it():
     """No string in ``core`` names a plugin or orchestrator module ("cnn.candidate:...")."""
     above = re.compile(rf"^({'|'.join(p for p in PACKAGES if p != 'core')})\.\w+")
-    named = [f"{path.relative_to(REPO)}:{node.lineno} {node.value!r}"
-             for name, path in project_modules(REPO, ["core"]).items()
-             for node in ast.walk(ast.parse(path.read_text()))
-             if isinstance(node, ast.Constant) and isinstance(node.value, str)
-             and above.match(node.value)]
+    named = [
+        f"{path.relative_to(REPO)}:{node.lineno} {node.value!r}"
+        for name, path in project_modules(REPO, ["core"]).items()
+        for node in ast.walk(ast.parse(path.read_text()))
+        if isinstance(node, ast.Constant)
+        and isinstance(node.value, str)
+        and above.match(node.value)
+    ]
     assert named == []
 
 
@@ -297,6 +364,7 @@ def test_every_package_shipped_is_checked():
 
 # ----------------------------------------------------------------------------- the checker fails
 
+
 def _tree(root: Path, files: dict[str, str]) -> Path:
     for rel, text in files.items():
         f = root / rel
@@ -305,11 +373,15 @@ def _tree(root: Path, files: dict[str, str]) -> Path:
     return root
 
 
-FAKE = {"core/__init__.py": "", "core/a.py": "from core import b\n",
-        "core/b.py": "X = 1\n", "cnn/__init__.py": "",
-        "cnn/heavy.py": "import keras\n",
-        "cnn/light.py": "def f():\n    from cnn import heavy\n    return heavy\n",
-        "bench/__init__.py": "import cnn.light\nfrom core.a import b\n"}
+FAKE = {
+    "core/__init__.py": "",
+    "core/a.py": "from core import b\n",
+    "core/b.py": "X = 1\n",
+    "cnn/__init__.py": "",
+    "cnn/heavy.py": "import keras\n",
+    "cnn/light.py": "def f():\n    from cnn import heavy\n    return heavy\n",
+    "bench/__init__.py": "import cnn.light\nfrom core.a import b\n",
+}
 FAKE_ALLOWED = {"core": {"core"}, "cnn": {"core", "cnn"}, "bench": {"core", "cnn", "bench"}}
 
 
@@ -325,13 +397,20 @@ def test_the_checker_passes_a_clean_tree(tmp_path):
 def test_the_checker_fails_on_a_planted_cycle_closed_inside_a_function(tmp_path):
     root = _tree(tmp_path, {**FAKE, "core/b.py": "def f():\n    from .a import b\n"})
     assert find_cycles(import_graph(root, FAKE_ALLOWED)) == [["core.a", "core.b"]]
-    assert dodging_imports(root, FAKE_ALLOWED) == \
-        ["core.b:2 imports core.a inside a function (import it at the top)"]
+    assert dodging_imports(root, FAKE_ALLOWED) == [
+        "core.b:2 imports core.a inside a function (import it at the top)"
+    ]
 
 
 def test_the_checker_fails_on_a_planted_self_import_and_a_longer_cycle(tmp_path):
-    root = _tree(tmp_path, {**FAKE, "core/b.py": "import core.b\nimport core.c\n",
-                            "core/c.py": "from core.a import b\n"})
+    root = _tree(
+        tmp_path,
+        {
+            **FAKE,
+            "core/b.py": "import core.b\nimport core.c\n",
+            "core/c.py": "from core.a import b\n",
+        },
+    )
     assert find_cycles(import_graph(root, FAKE_ALLOWED)) == [["core.a", "core.b", "core.c"]]
     root = _tree(tmp_path / "self", {**FAKE, "core/b.py": "import core.b\n"})
     assert find_cycles(import_graph(root, FAKE_ALLOWED)) == [["core.b"]]
@@ -339,18 +418,26 @@ def test_the_checker_fails_on_a_planted_self_import_and_a_longer_cycle(tmp_path)
 
 def test_the_checker_fails_on_a_planted_upward_import(tmp_path):
     root = _tree(tmp_path, {**FAKE, "cnn/light.py": "def f():\n    import bench\n"})
-    assert upward_imports(import_graph(root, FAKE_ALLOWED), FAKE_ALLOWED) == \
-        ["cnn.light:2 imports bench (cnn may import only ['cnn', 'core'])"]
+    assert upward_imports(import_graph(root, FAKE_ALLOWED), FAKE_ALLOWED) == [
+        "cnn.light:2 imports bench (cnn may import only ['cnn', 'core'])"
+    ]
 
 
 def test_the_checker_sees_keras_loaded_through_another_module(tmp_path):
-    root = _tree(tmp_path, {**FAKE, "cnn/light.py": "from cnn import heavy\n",
-                            "core/b.py": "def f():\n    import cnn.light\n"})
+    root = _tree(
+        tmp_path,
+        {
+            **FAKE,
+            "cnn/light.py": "from cnn import heavy\n",
+            "core/b.py": "def f():\n    import cnn.light\n",
+        },
+    )
     assert loads_heavy(root, FAKE_ALLOWED) == {"cnn.heavy", "cnn.light", "bench"}
     assert dodging_imports(root, FAKE_ALLOWED) == []
 
 
 # ----------------------------------------------------------------------------- release hooks
+
 
 def test_release_memory_runs_each_registered_hook_once(monkeypatch):
     from core import candidate
@@ -362,6 +449,6 @@ def test_release_memory_runs_each_registered_hook_once(monkeypatch):
         calls.append(1)
 
     assert candidate.on_release(hook) is hook
-    candidate.on_release(hook)   # registering twice is harmless
+    candidate.on_release(hook)  # registering twice is harmless
     candidate.release_memory()
     assert calls == [1]

@@ -31,7 +31,8 @@ import pytest
 from bench.config import load_config
 from core.errors import BenchError
 from bench.run.rundir import RunDir
-from bench.run.runner import prepare_run, run_benchmark, tune_from_args
+from bench.commands.tune import tune_from_args
+from bench.run.runner import prepare_run, run_benchmark
 from bench.run.units import tune_unit
 from bench.run.scheduling import DaskExecutor, LocalExecutor, init_worker
 from bench.run.storage import FINISHED, make_storage
@@ -99,14 +100,26 @@ enabled = false
 description = "scale tests, CNN"
 """
 # Columns that are results (not timings): they must match across backends.
-RESULT_COLS = ["candidate", "kind", "accuracy", "accuracy_std", "balanced_accuracy",
-               "macro_f1", "roc_auc", "log_loss", "model_size", "n_folds"]
+RESULT_COLS = [
+    "candidate",
+    "kind",
+    "accuracy",
+    "accuracy_std",
+    "balanced_accuracy",
+    "macro_f1",
+    "roc_auc",
+    "log_loss",
+    "model_size",
+    "n_folds",
+]
 
 
 # ----------------------------------------------------------------------------- helpers
 
-def write_config(path: Path, data: Path, trials: int = 0, storage: str = "",
-                 rename: dict | None = None) -> Path:
+
+def write_config(
+    path: Path, data: Path, trials: int = 0, storage: str = "", rename: dict | None = None
+) -> Path:
     text = CONFIG.format(data=data, trials=trials, storage=storage)
     for old, new in (rename or {}).items():
         text = text.replace(f"[candidates.{old}]", f"[candidates.{new}]")
@@ -119,8 +132,13 @@ def bench_cmd(*args) -> list[str]:
 
 
 def child_env() -> dict:
-    env = dict(os.environ, PYTHONPATH=str(REPO), TF_CPP_MIN_LOG_LEVEL="3",
-               BLOODBENCH_JOBS="1", OMP_NUM_THREADS="1")
+    env = dict(
+        os.environ,
+        PYTHONPATH=str(REPO),
+        TF_CPP_MIN_LOG_LEVEL="3",
+        BLOODBENCH_JOBS="1",
+        OMP_NUM_THREADS="1",
+    )
     return env
 
 
@@ -137,8 +155,10 @@ def assert_same_run(a: Path, b: Path) -> None:
 
 
 def results(run_dir: Path) -> dict[Path, tuple[int, str]]:
-    return {f: (f.stat().st_mtime_ns, f.read_text())
-            for f in sorted(Path(run_dir).glob("units/*/fold*/result.json"))}
+    return {
+        f: (f.stat().st_mtime_ns, f.read_text())
+        for f in sorted(Path(run_dir).glob("units/*/fold*/result.json"))
+    }
 
 
 def wait_for(predicate, timeout: float, what: str, poll: float = 0.01):
@@ -152,6 +172,7 @@ def wait_for(predicate, timeout: float, what: str, poll: float = 0.01):
 
 
 # ----------------------------------------------------------------------------- fixtures
+
 
 @pytest.fixture(scope="module")
 def data_dir(tmp_path_factory) -> Path:
@@ -182,6 +203,7 @@ def cnn_config_file(data_dir) -> Path:
 def cnn_reference_run(cnn_config_file, tmp_path_factory) -> Path:
     """The CNN run in this process, one unit after another."""
     import tensorflow as tf
+
     out = tmp_path_factory.mktemp("cnn-reference") / "run"
     run_benchmark(load_config(cnn_config_file, out=str(out)), workers=1, show_progress=False)
     # this process really ran with the layout every other backend gets
@@ -193,26 +215,43 @@ def cnn_reference_run(cnn_config_file, tmp_path_factory) -> Path:
 def cluster(tmp_path_factory):
     """A real ``dask.distributed`` cluster: a scheduler and 2 worker processes (nannies)."""
     import distributed
-    cache = tmp_path_factory.getbasetemp() / "bloodbench-cache"   # as conftest's fixture
-    env = {"BLOODBENCH_CACHE": str(cache), "BLOODBENCH_JOBS": "1", "OMP_NUM_THREADS": "1",
-           "TF_CPP_MIN_LOG_LEVEL": "3", "PYTHONPATH": str(REPO)}
-    with distributed.LocalCluster(n_workers=2, threads_per_worker=1, processes=True,
-                                  dashboard_address=None, env=env,
-                                  silence_logs=50) as c:
+
+    cache = tmp_path_factory.getbasetemp() / "bloodbench-cache"  # as conftest's fixture
+    env = {
+        "BLOODBENCH_CACHE": str(cache),
+        "BLOODBENCH_JOBS": "1",
+        "OMP_NUM_THREADS": "1",
+        "TF_CPP_MIN_LOG_LEVEL": "3",
+        "PYTHONPATH": str(REPO),
+    }
+    with distributed.LocalCluster(
+        n_workers=2,
+        threads_per_worker=1,
+        processes=True,
+        dashboard_address=None,
+        env=env,
+        silence_logs=50,
+    ) as c:
         yield c
 
 
 # ----------------------------------------------------------------------------- executor
+
 
 def test_local_executor_retries_failures_and_dead_workers(tmp_path):
     seq = LocalExecutor(1, retries=1)
     assert [r for _, r in seq.map_unordered(fail_once, [(tmp_path / "m1", 7)])] == [7]
     pool = LocalExecutor(2, retries=1)
     out = dict(pool.map_unordered(die_once, [(str(tmp_path / "m2"), 1), (str(tmp_path / "m3"), 2)]))
-    assert sorted(out.values()) == [101, 102]   # both units lost their process once
-    assert sorted(r for _, r in pool.map_unordered(square, [(i,) for i in range(5)])) == \
-        [0, 1, 4, 9, 16]
-    with pytest.raises(BenchError, match="bad setting"):   # never retried
+    assert sorted(out.values()) == [101, 102]  # both units lost their process once
+    assert sorted(r for _, r in pool.map_unordered(square, [(i,) for i in range(5)])) == [
+        0,
+        1,
+        4,
+        9,
+        16,
+    ]
+    with pytest.raises(BenchError, match="bad setting"):  # never retried
         list(LocalExecutor(1, retries=3).map_unordered(bad_setting, [(tmp_path / "log",)]))
     assert (tmp_path / "log").read_text() == "ran\n"
     with pytest.raises(RuntimeError, match="transient"):
@@ -221,13 +260,17 @@ def test_local_executor_retries_failures_and_dead_workers(tmp_path):
 
 # ----------------------------------------------------------------------------- Dask
 
+
 def test_dask_cluster_gives_the_local_leaderboard(cluster, config_file, reference_run, tmp_path):
     out = tmp_path / "dask"
-    run_benchmark(load_config(config_file, out=str(out)), scheduler=cluster.scheduler_address,
-                  show_progress=False)
+    run_benchmark(
+        load_config(config_file, out=str(out)),
+        scheduler=cluster.scheduler_address,
+        show_progress=False,
+    )
     assert_same_run(reference_run, out)
     workers = {json.loads(f.read_text())["worker"] for f in out.glob("units/*/fold*/result.json")}
-    assert str(os.getpid()) not in {w.rsplit(":", 1)[1] for w in workers}   # ran on the cluster
+    assert str(os.getpid()) not in {w.rsplit(":", 1)[1] for w in workers}  # ran on the cluster
     # The executor itself: retries, and a setting error that is not retried.
     ex = DaskExecutor(cluster.scheduler_address, retries=1)
     assert [r for _, r in ex.map_unordered(fail_once, [(str(tmp_path / "m"), 5)])] == [5]
@@ -237,7 +280,8 @@ def test_dask_cluster_gives_the_local_leaderboard(cluster, config_file, referenc
 
 
 def test_cnn_is_bit_identical_in_process_on_two_workers_and_on_dask(
-        cluster, cnn_config_file, cnn_reference_run, tmp_path):
+    cluster, cnn_config_file, cnn_reference_run, tmp_path
+):
     """The bound promised for CNNs across backends: bit-identical. Out-of-fold probabilities
     and leaderboard results are the same bits in this process (``workers=1``), in 2 spawned
     processes and on a Dask ``LocalCluster`` (2 worker processes, 1 thread each), given
@@ -248,19 +292,25 @@ def test_cnn_is_bit_identical_in_process_on_two_workers_and_on_dask(
     drew from the Python ``random`` that Keras takes layer seeds from) in a probability;
     TF thread counts 1 vs 2 alone still differ by ~1e-3 after a few epochs."""
     import distributed
-    with distributed.Client(cluster.scheduler_address) as client:   # same thread setting
+
+    with distributed.Client(cluster.scheduler_address) as client:  # same thread setting
         seen = set(client.run(lambda: os.environ.get(THREADS_ENV)).values())
     assert seen == {os.environ.get(THREADS_ENV)}
     two = tmp_path / "workers2"
     run_benchmark(load_config(cnn_config_file, out=str(two)), workers=2, show_progress=False)
     assert_same_run(cnn_reference_run, two)
     dask = tmp_path / "dask"
-    run_benchmark(load_config(cnn_config_file, out=str(dask)),
-                  scheduler=cluster.scheduler_address, show_progress=False)
+    run_benchmark(
+        load_config(cnn_config_file, out=str(dask)),
+        scheduler=cluster.scheduler_address,
+        show_progress=False,
+    )
     assert_same_run(cnn_reference_run, dask)
-    for run, n in ((two, 2), (dask, 1)):   # in other processes (2 of them for the pool)
-        pids = {json.loads(f.read_text())["worker"].rsplit(":", 1)[1]
-                for f in run.glob("units/*/fold*/result.json")}
+    for run, n in ((two, 2), (dask, 1)):  # in other processes (2 of them for the pool)
+        pids = {
+            json.loads(f.read_text())["worker"].rsplit(":", 1)[1]
+            for f in run.glob("units/*/fold*/result.json")
+        }
         assert len(pids) >= n and str(os.getpid()) not in pids, (run.name, pids)
     assert len(list((dask / "oof").glob("*.npy"))) == 1
 
@@ -270,9 +320,9 @@ def test_the_tf_thread_layout_is_the_units_not_the_backends(monkeypatch):
     assert tf_threads() == DEFAULT_TF_THREADS == 1
     monkeypatch.setenv(THREADS_ENV, "6")
     assert tf_threads() == 6 and tf_threads(3) == 3
-    for key in ("BLOODBENCH_JOBS", "OMP_NUM_THREADS"):   # restored after the test
+    for key in ("BLOODBENCH_JOBS", "OMP_NUM_THREADS"):  # restored after the test
         monkeypatch.setenv(key, os.environ.get(key, "1"))
-    init_worker(1)   # a spawned worker keeps the inherited TF setting, whatever its share
+    init_worker(1)  # a spawned worker keeps the inherited TF setting, whatever its share
     assert os.environ[THREADS_ENV] == "6"
     for bad in ("two", "-1"):
         monkeypatch.setenv(THREADS_ENV, bad)
@@ -286,8 +336,11 @@ def test_dask_worker_killed_mid_unit_is_retried(cluster, config_file, reference_
 
     def run():
         try:
-            run_benchmark(load_config(config_file, out=str(out)),
-                          scheduler=cluster.scheduler_address, show_progress=False)
+            run_benchmark(
+                load_config(config_file, out=str(out)),
+                scheduler=cluster.scheduler_address,
+                show_progress=False,
+            )
         except BaseException as exc:  # noqa: BLE001 - reported by the assertion below
             errors.append(exc)
 
@@ -295,33 +348,41 @@ def test_dask_worker_killed_mid_unit_is_retried(cluster, config_file, reference_
     runner.start()
     try:
         while True:
-            tmp = wait_for(lambda: next(iter(out.glob("units/*/.fold*.tmp-*")), None), 120,
-                           "a work unit to start on a Dask worker")
+            tmp = wait_for(
+                lambda: next(iter(out.glob("units/*/.fold*.tmp-*")), None),
+                120,
+                "a work unit to start on a Dask worker",
+            )
             pid = int(tmp.name.rsplit("-", 1)[1])
             assert pid != os.getpid()
-            os.kill(pid, signal.SIGSTOP)   # freeze it: is the unit still running?
+            os.kill(pid, signal.SIGSTOP)  # freeze it: is the unit still running?
             if tmp.is_dir():
-                os.kill(pid, signal.SIGKILL)   # the worker process, mid-unit
+                os.kill(pid, signal.SIGKILL)  # the worker process, mid-unit
                 break
-            os.kill(pid, signal.SIGCONT)   # it had just finished that unit; try again
+            os.kill(pid, signal.SIGCONT)  # it had just finished that unit; try again
     finally:
         runner.join(180)
     assert not runner.is_alive() and not errors, errors
-    assert tmp.is_dir()   # the killed attempt never finished...
+    assert tmp.is_dir()  # the killed attempt never finished...
     final = tmp.parent / tmp.name.split(".")[1]
     redo = json.loads((final / "result.json").read_text())
-    assert redo["worker"].rsplit(":", 1)[1] != str(pid)   # ...its retry did, elsewhere
+    assert redo["worker"].rsplit(":", 1)[1] != str(pid)  # ...its retry did, elsewhere
     assert_same_run(reference_run, out)
 
 
 # ----------------------------------------------------------------------------- crash
 
-def test_resume_after_kill_9_gives_the_uninterrupted_leaderboard(config_file, reference_run,
-                                                                  tmp_path):
+
+def test_resume_after_kill_9_gives_the_uninterrupted_leaderboard(
+    config_file, reference_run, tmp_path
+):
     out = tmp_path / "run"
-    proc = subprocess.Popen(bench_cmd("run", "--config", config_file, "--out", out,
-                                      "--workers", "1"),
-                            env=child_env(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    proc = subprocess.Popen(
+        bench_cmd("run", "--config", config_file, "--out", out, "--workers", "1"),
+        env=child_env(),
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
     try:
         wait_for(lambda: results(out), 120, "the first finished work unit")
     finally:
@@ -335,19 +396,20 @@ def test_resume_after_kill_9_gives_the_uninterrupted_leaderboard(config_file, re
     run_benchmark(load_config(config_file, out=str(out)), workers=1, show_progress=False)
     after = results(out)
     assert len(after) == n_units
-    for f, stamp in before.items():   # finished units were not recomputed
+    for f, stamp in before.items():  # finished units were not recomputed
         assert after[f] == stamp, f"{f} was recomputed"
     assert_same_run(reference_run, out)
 
 
 # ----------------------------------------------------------------------------- Optuna
 
+
 def _pg_url() -> str:
     url = os.environ.get("BLOODBENCH_TEST_PG", "")
     if not url:
         pytest.skip("BLOODBENCH_TEST_PG is not set (.ci/run starts PostgreSQL and sets it)")
     try:
-        make_storage(url)   # connects and creates the tables
+        make_storage(url)  # connects and creates the tables
     except BenchError as exc:
         pytest.skip(f"no PostgreSQL server reachable at BLOODBENCH_TEST_PG: {exc}")
     return url
@@ -364,9 +426,10 @@ def test_two_processes_tune_one_study_exactly(storage_url, data_dir, tmp_path):
     """Two `bench tune` processes share one study: exactly N finished trials, no two with
     the same parameters, and the best value is what one process finds with those trials."""
     n = 4
-    name = f"rf_{uuid.uuid4().hex[:8]}"   # a fresh study name in a long-lived database
-    cfg_file = write_config(tmp_path / "tune.toml", data_dir, trials=n, storage=storage_url,
-                            rename={"rf_a": name})
+    name = f"rf_{uuid.uuid4().hex[:8]}"  # a fresh study name in a long-lived database
+    cfg_file = write_config(
+        tmp_path / "tune.toml", data_dir, trials=n, storage=storage_url, rename={"rf_a": name}
+    )
     out = tmp_path / "run"
     prepare_run(load_config(cfg_file, out=str(out)), show_progress=False)
     with pytest.raises(BenchError, match="no candidate 'nope'"):
@@ -374,16 +437,21 @@ def test_two_processes_tune_one_study_exactly(storage_url, data_dir, tmp_path):
     with pytest.raises(BenchError, match="--fold must be in 0..2"):
         list(tune_from_args(out=str(out), candidate=name, fold=3))
     cmd = bench_cmd("tune", "--out", out, "--candidate", name, "--fold", 0)
-    procs = [subprocess.Popen(cmd, env=child_env(), stdout=subprocess.PIPE,
-                              stderr=subprocess.STDOUT, text=True) for _ in range(2)]
+    procs = [
+        subprocess.Popen(
+            cmd, env=child_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
+        )
+        for _ in range(2)
+    ]
     logs = [p.communicate(timeout=240)[0] for p in procs]
     assert [p.returncode for p in procs] == [0, 0], logs
 
     storage = make_storage(storage_url, out)
     study = optuna.load_study(study_name=f"{name}-fold0", storage=storage)
     try:
-        counted = [t for t in study.trials
-                   if t.state in FINISHED and not t.user_attrs.get("surplus")]
+        counted = [
+            t for t in study.trials if t.state in FINISHED and not t.user_attrs.get("surplus")
+        ]
         assert len(counted) == n
         assert all(t.state == optuna.trial.TrialState.COMPLETE for t in counted)
         assert not [t for t in study.trials if t.state.name in ("RUNNING", "WAITING")]
@@ -393,8 +461,9 @@ def test_two_processes_tune_one_study_exactly(storage_url, data_dir, tmp_path):
 
         # One process, the same trials (queued in order), a fresh storage.
         solo_url = f"sqlite:///{tmp_path / 'solo.db'}"
-        solo = optuna.create_study(study_name=f"{name}-fold0", storage=make_storage(solo_url),
-                                   direction=study.direction)
+        solo = optuna.create_study(
+            study_name=f"{name}-fold0", storage=make_storage(solo_url), direction=study.direction
+        )
         for t in sorted(counted, key=lambda t: t.number):
             solo.enqueue_trial(t.params, user_attrs=t.user_attrs)
         best, info = tune_unit(RunDir(out), name, 0, trials=n, storage=solo_url)
@@ -407,7 +476,7 @@ def test_two_processes_tune_one_study_exactly(storage_url, data_dir, tmp_path):
 
 def _open_sqlite(args):
     url, start = args
-    time.sleep(max(0.0, start - time.time()))   # all processes open at the same moment
+    time.sleep(max(0.0, start - time.time()))  # all processes open at the same moment
     make_storage(url)
     return True
 
@@ -416,12 +485,14 @@ def test_processes_that_open_a_new_sqlite_storage_together_all_get_it(tmp_path):
     """Two work units that start together on a new run's SQLite file both create Optuna's
     tables; the one that loses the race opens the storage again instead of failing."""
     import multiprocessing as mp
+
     url = f"sqlite:///{tmp_path / 'optuna.db'}"
     with mp.get_context("spawn").Pool(4) as pool:
-        start = time.time() + 6   # after the spawned processes have imported Optuna
+        start = time.time() + 6  # after the spawned processes have imported Optuna
         assert pool.map(_open_sqlite, [(url, start)] * 4) == [True] * 4
     optuna.create_study(study_name="s", storage=make_storage(url)).optimize(
-        lambda t: t.suggest_float("x", 0, 1), n_trials=2)
+        lambda t: t.suggest_float("x", 0, 1), n_trials=2
+    )
     assert len(optuna.load_study(study_name="s", storage=make_storage(url)).trials) == 2
 
 
@@ -429,14 +500,17 @@ def test_storage_open_retries_a_lost_schema_race_only(monkeypatch, tmp_path):
     import sqlalchemy.exc
 
     from bench.run import storage as storage_mod
+
     calls = []
 
     def flaky(url, **kw):
         calls.append(url)
         if len(calls) < 3:
             raise sqlalchemy.exc.IntegrityError(
-                "INSERT INTO alembic_version", {}, Exception("UNIQUE constraint failed: "
-                                                             "alembic_version.version_num"))
+                "INSERT INTO alembic_version",
+                {},
+                Exception("UNIQUE constraint failed: alembic_version.version_num"),
+            )
         return "opened"
 
     monkeypatch.setattr(storage_mod, "RDBStorage", flaky)
@@ -452,15 +526,16 @@ def test_storage_open_retries_a_lost_schema_race_only(monkeypatch, tmp_path):
     monkeypatch.setattr(storage_mod, "RDBStorage", broken)
     with pytest.raises(BenchError, match=r"^cannot open Optuna storage .*: no such driver$"):
         storage_mod.make_storage("nosuchdb://x")
-    assert len(calls) == 1   # not a race: no retry
+    assert len(calls) == 1  # not a race: no retry
 
 
 def test_a_storage_that_cannot_be_opened_stops_the_run_before_any_unit(data_dir, tmp_path):
-    bad = f"sqlite:///{tmp_path / 'a_file'}/optuna.db"   # its folder is a file
+    bad = f"sqlite:///{tmp_path / 'a_file'}/optuna.db"  # its folder is a file
     (tmp_path / "a_file").write_text("not a folder")
     out = tmp_path / "run"
-    cfg = load_config(write_config(tmp_path / "c.toml", data_dir, trials=2, storage=bad),
-                      out=str(out))
+    cfg = load_config(
+        write_config(tmp_path / "c.toml", data_dir, trials=2, storage=bad), out=str(out)
+    )
     with pytest.raises(BenchError, match="a_file"):
         run_benchmark(cfg, show_progress=False)
-    assert not list((out / "units").glob("*/fold*"))   # no unit ran
+    assert not list((out / "units").glob("*/fold*"))  # no unit ran

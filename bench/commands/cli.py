@@ -23,10 +23,10 @@ from bench.protocols.distill import distill
 from bench.commands.evaluate import evaluate, summary
 from bench.report import CROSS_DIR, write_cross_report, write_report
 from bench.report.build import cross_report_folder
-from bench.commands.outputs import (OutputFolder, check_file_output, os_error_line, run_lock,
-                           run_of)
+from bench.commands.outputs import OutputFolder, check_file_output, os_error_line, run_lock, run_of
 from bench.run.rundir import RunDir
-from bench.run.runner import run_from_args, tune_from_args
+from bench.commands.tune import tune_from_args
+from bench.run.runner import run_from_args
 from core import registry
 from core.errors import BenchError
 from core.images import IMAGE_SUFFIXES, find_images
@@ -36,7 +36,12 @@ from ensembles.bags import NO_CALL, REFER, REFER_KINDS, negative_label
 from ensembles.predictor import TABLE_COLUMNS, load_predictor, verify_predictor
 from ensembles.record import NO_BAG_COLOUR
 from ensembles.tta import TTA_VIEWS
-from bench.commands.calibrate import add_calibrate_parser, cmd_calibrate, inspect_lines, review_counts
+from bench.commands.calibrate import (
+    add_calibrate_parser,
+    cmd_calibrate,
+    inspect_lines,
+    review_counts,
+)
 
 
 def _add_common(p):
@@ -45,14 +50,15 @@ def _add_common(p):
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
-        prog="python -m bench", description="Benchmark and ensemble blood-cell classifiers.",
+        prog="python -m bench",
+        description="Benchmark and ensemble blood-cell classifiers.",
         epilog="The config is validated whole before any work: unknown keys, wrong types or "
-               "ranges, unsafe names (letters, digits, _ . - only), unknown types, feature "
-               "sets, ensemble members or metrics are one `error:` line naming the file and "
-               "key. Nothing is deleted: see --force.")
+        "ranges, unsafe names (letters, digits, _ . - only), unknown types, feature "
+        "sets, ensemble members or metrics are one `error:` line naming the file and "
+        "key. Nothing is deleted: see --force.",
+    )
     sub = parser.add_subparsers(dest="command", required=True)
-    for add in (_run_parsers, _predict_parsers, _report_parsers, _evaluate_parser,
-                _distill_parser):
+    for add in (_run_parsers, _predict_parsers, _report_parsers, _evaluate_parser, _distill_parser):
         add(sub)
     add_calibrate_parser(sub, _add_common)
     return parser
@@ -60,34 +66,61 @@ def build_parser() -> argparse.ArgumentParser:
 
 def _run_parsers(sub) -> None:
     """``run`` and ``tune``."""
-    run = sub.add_parser("run", help="train every candidate on shared folds; leaderboard; predictor")
+    run = sub.add_parser(
+        "run", help="train every candidate on shared folds; leaderboard; predictor"
+    )
     run.add_argument("--config", default=None, help="config file (default: benchmarks.toml)")
     run.add_argument("--profile", default=None, help="profile in the config (smoke, quick, full)")
-    run.add_argument("--data", default=None,
-                     help="class-folder tree, .npz file, or a [datasets.NAME] of the config")
+    run.add_argument(
+        "--data",
+        default=None,
+        help="class-folder tree, .npz file, or a [datasets.NAME] of the config",
+    )
     run.add_argument("--out", default=None, help="run directory")
     run.add_argument("--only", default=None, help="comma-separated candidate names")
     run.add_argument("--workers", type=int, default=None, help="parallel work-unit processes")
-    run.add_argument("--scheduler", default=None, metavar="tcp://HOST:PORT",
-                     help="run the work units on this Dask scheduler's workers instead")
-    run.add_argument("--storage", default=None, metavar="URL",
-                     help="Optuna storage for tuning (default: SQLite in the run directory; "
-                          "journal:///path.log for one machine, postgresql://... for several)")
-    run.add_argument("--force", action="store_true",
-                     help="move an existing --out aside (DIR.old-<timestamp>) when it holds "
-                          "another run or no run, and start again; nothing is deleted")
+    run.add_argument(
+        "--scheduler",
+        default=None,
+        metavar="tcp://HOST:PORT",
+        help="run the work units on this Dask scheduler's workers instead",
+    )
+    run.add_argument(
+        "--storage",
+        default=None,
+        metavar="URL",
+        help="Optuna storage for tuning (default: SQLite in the run directory; "
+        "journal:///path.log for one machine, postgresql://... for several)",
+    )
+    run.add_argument(
+        "--force",
+        action="store_true",
+        help="move an existing --out aside (DIR.old-<timestamp>) when it holds "
+        "another run or no run, and start again; nothing is deleted",
+    )
     _add_common(run)
 
-    tune = sub.add_parser("tune", help="join the Optuna studies of a run: add trials from "
-                                       "this process (any number of processes, any machine)")
+    tune = sub.add_parser(
+        "tune",
+        help="join the Optuna studies of a run: add trials from "
+        "this process (any number of processes, any machine)",
+    )
     tune.add_argument("--out", default=None, help="run directory (prepared here if it is new)")
     tune.add_argument("--candidate", required=True, help="candidate name")
-    tune.add_argument("--trials", type=int, default=None,
-                      help="finished trials each study should hold in all (default: [tuning] "
-                           "trials); processes stop together when the total is reached")
+    tune.add_argument(
+        "--trials",
+        type=int,
+        default=None,
+        help="finished trials each study should hold in all (default: [tuning] "
+        "trials); processes stop together when the total is reached",
+    )
     tune.add_argument("--fold", type=int, default=None, help="one outer fold (default: all)")
-    tune.add_argument("--storage", default=None, metavar="URL",
-                      help="Optuna storage URL (default: the run's [tuning] storage)")
+    tune.add_argument(
+        "--storage",
+        default=None,
+        metavar="URL",
+        help="Optuna storage URL (default: the run's [tuning] storage)",
+    )
     tune.add_argument("--config", default=None, help="config, for a new run directory")
     tune.add_argument("--profile", default=None, help="profile, for a new run directory")
     tune.add_argument("--data", default=None, help="data, for a new run directory")
@@ -98,18 +131,30 @@ def _predict_parsers(sub) -> None:
     """``predict``, ``list`` and ``inspect``."""
     pred = sub.add_parser("predict", help="classify images with a saved predictor")
     pred.add_argument("--model", required=True, help="predictor directory")
-    pred.add_argument("--img_path", "--img-path", dest="img_path", required=True,
-                      help="an image or a folder (searched recursively)")
+    pred.add_argument(
+        "--img_path",
+        "--img-path",
+        dest="img_path",
+        required=True,
+        help="an image or a folder (searched recursively)",
+    )
     pred.add_argument("--out", default=None, help="CSV file (default: print to stdout)")
     pred.add_argument("--batch-size", "--batch_size", dest="batch_size", type=int, default=128)
-    pred.add_argument("--gradcam", default=None, metavar="OUTDIR",
-                      help="also write one Grad-CAM PNG per image into OUTDIR (named after the "
-                           "image's path under --img_path, '/' -> '__', plus .png)")
-    pred.add_argument("--bags", action="store_true",
-                      help="a bag task's predictor (e.g. APL vs AML per patient): --img_path is "
-                           "one patient's folder of cell images, or a folder of patient "
-                           "folders; one CSV row per patient (--out), and each cell's "
-                           "probabilities in OUT_cells.csv")
+    pred.add_argument(
+        "--gradcam",
+        default=None,
+        metavar="OUTDIR",
+        help="also write one Grad-CAM PNG per image into OUTDIR (named after the "
+        "image's path under --img_path, '/' -> '__', plus .png)",
+    )
+    pred.add_argument(
+        "--bags",
+        action="store_true",
+        help="a bag task's predictor (e.g. APL vs AML per patient): --img_path is "
+        "one patient's folder of cell images, or a folder of patient "
+        "folders; one CSV row per patient (--out), and each cell's "
+        "probabilities in OUT_cells.csv",
+    )
     _add_common(pred)
 
     lst = sub.add_parser("list", help="show the candidates and profiles of a config")
@@ -122,62 +167,120 @@ def _predict_parsers(sub) -> None:
 
 
 def _report_parsers(sub) -> None:
-    rep = sub.add_parser("report", help="write DIR/report (HTML, Markdown, CSVs); with several "
-                                        "runs also a cross-dataset Friedman/CD report")
+    rep = sub.add_parser(
+        "report",
+        help="write DIR/report (HTML, Markdown, CSVs); with several "
+        "runs also a cross-dataset Friedman/CD report",
+    )
     rep.add_argument("dirs", nargs="+", metavar="DIR", help="finished run directories")
-    rep.add_argument("--out", default=None,
-                     help="with one DIR: the report's folder (default DIR/report); with several: "
-                          "the cross-dataset report's folder (default "
-                          "FIRST_DIR/cross_dataset_report). A folder bloodbench did not write "
-                          "is refused; only the report's own files are ever replaced")
-    rep.add_argument("--no-gradcam", dest="gradcam", action="store_false", default=None,
-                     help="skip the Grad-CAM audit")
+    rep.add_argument(
+        "--out",
+        default=None,
+        help="with one DIR: the report's folder (default DIR/report); with several: "
+        "the cross-dataset report's folder (default "
+        "FIRST_DIR/cross_dataset_report). A folder bloodbench did not write "
+        "is refused; only the report's own files are ever replaced",
+    )
+    rep.add_argument(
+        "--no-gradcam",
+        dest="gradcam",
+        action="store_false",
+        default=None,
+        help="skip the Grad-CAM audit",
+    )
     _add_common(rep)
 
 
 def _evaluate_parser(sub) -> None:
-    ev = sub.add_parser("evaluate", help="score a saved predictor on a labelled external image "
-                                         "set (another lab's images): scores with bootstrap "
-                                         "CIs, predictions.csv, an HTML page")
+    ev = sub.add_parser(
+        "evaluate",
+        help="score a saved predictor on a labelled external image "
+        "set (another lab's images): scores with bootstrap "
+        "CIs, predictions.csv, an HTML page",
+    )
     ev.add_argument("--model", required=True, help="predictor directory (DIR/predictor)")
-    ev.add_argument("--data", required=True,
-                    help="class-folder tree, .npz, a [datasets.NAME] of the config, or (with "
-                         "--labels) a folder of images")
-    ev.add_argument("--labels", default=None, metavar="FILE.csv:COLUMN",
-                    help="labels from a CSV column; its 'file' column is matched to the images "
-                         "(relative to the CSV's folder or to --data); empty labels left out")
-    ev.add_argument("--class-map", "--class_map", dest="class_map", default=None, metavar="FILE",
-                    help="external -> predictor class names: TOML (external = \"predictor\") or "
-                         "CSV (external,predictor); default: the same names, any case")
-    ev.add_argument("--groups", default=None, metavar="COLUMN",
-                    help="a column of the --labels CSV (e.g. patient): bootstrap over groups")
-    ev.add_argument("--out", default=None,
-                    help="output folder (default: ./evaluation-<dataset name>); an earlier "
-                         "evaluation there has its own files replaced (nothing else in it is "
-                         "touched); a folder bloodbench did not write is refused")
+    ev.add_argument(
+        "--data",
+        required=True,
+        help="class-folder tree, .npz, a [datasets.NAME] of the config, or (with "
+        "--labels) a folder of images",
+    )
+    ev.add_argument(
+        "--labels",
+        default=None,
+        metavar="FILE.csv:COLUMN",
+        help="labels from a CSV column; its 'file' column is matched to the images "
+        "(relative to the CSV's folder or to --data); empty labels left out",
+    )
+    ev.add_argument(
+        "--class-map",
+        "--class_map",
+        dest="class_map",
+        default=None,
+        metavar="FILE",
+        help='external -> predictor class names: TOML (external = "predictor") or '
+        "CSV (external,predictor); default: the same names, any case",
+    )
+    ev.add_argument(
+        "--groups",
+        default=None,
+        metavar="COLUMN",
+        help="a column of the --labels CSV (e.g. patient): bootstrap over groups",
+    )
+    ev.add_argument(
+        "--out",
+        default=None,
+        help="output folder (default: ./evaluation-<dataset name>); an earlier "
+        "evaluation there has its own files replaced (nothing else in it is "
+        "touched); a folder bloodbench did not write is refused",
+    )
     ev.add_argument("--batch-size", "--batch_size", dest="batch_size", type=int, default=128)
-    ev.add_argument("--tta", default=None, choices=list(TTA_VIEWS),
-                    help="test-time views instead of the predictor's own [predictor] tta")
-    ev.add_argument("--adapt", default=None, choices=["bn"],
-                    help="unsupervised test-time adaptation on the set's images (AdaBN: "
-                         "batch-norm statistics re-estimated); reported as adapted")
-    ev.add_argument("--no-gradcam", dest="gradcam", action="store_false", default=True,
-                    help="skip the Grad-CAM gallery of errors")
-    ev.add_argument("--config", default=None, help="config for --data NAME (default: "
-                                                   "benchmarks.toml)")
+    ev.add_argument(
+        "--tta",
+        default=None,
+        choices=list(TTA_VIEWS),
+        help="test-time views instead of the predictor's own [predictor] tta",
+    )
+    ev.add_argument(
+        "--adapt",
+        default=None,
+        choices=["bn"],
+        help="unsupervised test-time adaptation on the set's images (AdaBN: "
+        "batch-norm statistics re-estimated); reported as adapted",
+    )
+    ev.add_argument(
+        "--no-gradcam",
+        dest="gradcam",
+        action="store_false",
+        default=True,
+        help="skip the Grad-CAM gallery of errors",
+    )
+    ev.add_argument(
+        "--config", default=None, help="config for --data NAME (default: benchmarks.toml)"
+    )
     _add_common(ev)
 
 
 def _distill_parser(sub) -> None:
-    dis = sub.add_parser("distill", help="train one fast CNN (a student) on a finished run's "
-                                         "out-of-fold ensemble probabilities, cross-validated "
-                                         "on its folds; save it as a predictor")
+    dis = sub.add_parser(
+        "distill",
+        help="train one fast CNN (a student) on a finished run's "
+        "out-of-fold ensemble probabilities, cross-validated "
+        "on its folds; save it as a predictor",
+    )
     dis.add_argument("--run", required=True, help="finished run directory")
-    dis.add_argument("--out", default=None,
-                     help="predictor folder (default: RUN/distilled); an earlier distilled "
-                          "predictor there is replaced, anything else refused")
-    dis.add_argument("--workers", type=int, default=None,
-                     help="parallel student fits (default: the run's [run] workers)")
+    dis.add_argument(
+        "--out",
+        default=None,
+        help="predictor folder (default: RUN/distilled); an earlier distilled "
+        "predictor there is replaced, anything else refused",
+    )
+    dis.add_argument(
+        "--workers",
+        type=int,
+        default=None,
+        help="parallel student fits (default: the run's [run] workers)",
+    )
     _add_common(dis)
 
 
@@ -185,24 +288,35 @@ def terminal_table(board, out: Path):
     """The leaderboard's key columns as a rich table that fits the terminal (the full
     table is in the run directory's files)."""
     from rich.table import Table
-    ext = [c[:-len("_balanced_accuracy")] for c in board.columns
-           if c.endswith("_balanced_accuracy") and c != "balanced_accuracy"]
-    t = Table(title=f"Leaderboard ({out.name}): mean over folds", title_justify="left",
-              caption="external columns: balanced accuracy on that set" if ext else None,
-              caption_justify="left", pad_edge=False)
+
+    ext = [
+        c[: -len("_balanced_accuracy")]
+        for c in board.columns
+        if c.endswith("_balanced_accuracy") and c != "balanced_accuracy"
+    ]
+    t = Table(
+        title=f"Leaderboard ({out.name}): mean over folds",
+        title_justify="left",
+        caption="external columns: balanced accuracy on that set" if ext else None,
+        caption_justify="left",
+        pad_edge=False,
+    )
     width = max(len(str(n)) for n in board["candidate"])
     t.add_column("#", justify="right", no_wrap=True)
     t.add_column("candidate", min_width=min(width, 24), overflow="fold")
     t.add_column("kind", no_wrap=True)
     for col in ("accuracy", "bal.acc", *ext):
-        t.add_column(col, justify="right", no_wrap=col in ("accuracy", "bal.acc"),
-                     overflow="fold")
+        t.add_column(col, justify="right", no_wrap=col in ("accuracy", "bal.acc"), overflow="fold")
     t.add_column("fit s", justify="right", no_wrap=True)
     short = {"ensemble": "ens", "baseline": "base"}
     for i, (_, row) in enumerate(board.iterrows()):
-        cells = [str(i + 1), str(row["candidate"]), short.get(row["kind"], str(row["kind"])),
-                 f"{row['accuracy']:.3f}±{row['accuracy_std']:.3f}",
-                 f"{row['balanced_accuracy']:.3f}"]
+        cells = [
+            str(i + 1),
+            str(row["candidate"]),
+            short.get(row["kind"], str(row["kind"])),
+            f"{row['accuracy']:.3f}±{row['accuracy_std']:.3f}",
+            f"{row['balanced_accuracy']:.3f}",
+        ]
         cells += [f"{row[f'{e}_balanced_accuracy']:.3f}" for e in ext]
         cells.append(f"{row['fit_seconds']:.0f}")
         t.add_row(*cells, style="bold" if i == 0 else None)
@@ -219,9 +333,17 @@ def _check_run_args(args) -> None:
 def cmd_run(args) -> int:
     _check_run_args(args)
     only = [s.strip() for s in args.only.split(",") if s.strip()] if args.only else None
-    board, out = run_from_args(args.config, profile=args.profile, data=args.data, out=args.out,
-                               only=only, force=args.force, workers=args.workers,
-                               scheduler=args.scheduler, storage=args.storage)
+    board, out = run_from_args(
+        args.config,
+        profile=args.profile,
+        data=args.data,
+        out=args.out,
+        only=only,
+        force=args.force,
+        workers=args.workers,
+        scheduler=args.scheduler,
+        storage=args.storage,
+    )
     console.print(terminal_table(board, out))
     console.print(f"run directory: {out}")
     run = RunDir(out)
@@ -231,12 +353,20 @@ def cmd_run(args) -> int:
 
 
 def cmd_tune(args) -> int:
-    for fold, best, tuning in tune_from_args(args.config, profile=args.profile, data=args.data,
-                                             out=args.out, candidate=args.candidate,
-                                             trials=args.trials, fold=args.fold,
-                                             storage=args.storage):
-        info(f"{args.candidate} fold {fold}: {tuning.get('n_trials', '?')} trials, best "
-             f"{tuning.get('best_value', float('nan')):.4f} with {best}")
+    for fold, best, tuning in tune_from_args(
+        args.config,
+        profile=args.profile,
+        data=args.data,
+        out=args.out,
+        candidate=args.candidate,
+        trials=args.trials,
+        fold=args.fold,
+        storage=args.storage,
+    ):
+        info(
+            f"{args.candidate} fold {fold}: {tuning.get('n_trials', '?')} trials, best "
+            f"{tuning.get('best_value', float('nan')):.4f} with {best}"
+        )
     return 0
 
 
@@ -259,24 +389,31 @@ def _check_predict_outputs(args) -> OutputFolder | None:
     model = Path(args.model)
     reads = (model, run_of(model))
     if args.out:
-        check_file_output(args.out, "--out", BAGS_HEADER if args.bags else PREDICT_HEADER,
-                          reads, "bench predict")
+        check_file_output(
+            args.out, "--out", BAGS_HEADER if args.bags else PREDICT_HEADER, reads, "bench predict"
+        )
         if args.bags:
-            check_file_output(cells_file(args.out), "--out's cell file", CELLS_HEADER, reads,
-                              "bench predict --bags")
+            check_file_output(
+                cells_file(args.out),
+                "--out's cell file",
+                CELLS_HEADER,
+                reads,
+                "bench predict --bags",
+            )
     if args.gradcam:
-        return OutputFolder(args.gradcam, "bench predict --gradcam", "--gradcam",
-                            reads).check()
+        return OutputFolder(args.gradcam, "bench predict --gradcam", "--gradcam", reads).check()
     return None
 
 
 def _write_out(path, text: str, what: str) -> None:
     try:
         atomic_write_text(path, text)
-    except OSError as exc:   # checked before; if it fails anyway, keep the results
+    except OSError as exc:  # checked before; if it fails anyway, keep the results
         sys.stdout.write(safe_text(text))
-        raise BenchError(f"cannot write --out {path} ({os_error_line(exc)}); the {what} were "
-                         "printed to stdout instead") from None
+        raise BenchError(
+            f"cannot write --out {path} ({os_error_line(exc)}); the {what} were "
+            "printed to stdout instead"
+        ) from None
 
 
 def cmd_predict(args) -> int:
@@ -291,28 +428,31 @@ def cmd_predict(args) -> int:
         return _predict_bags(args)
     record = verify_predictor(args.model)
     if record.bag_colour != NO_BAG_COLOUR:
-        raise BenchError(f"predictor {args.model} normalises colour per patient ([patients] "
-                         f"bag_colour = {record.bag_colour!r}): a cell's "
-                         "probabilities depend on its patient's other cells; use predict "
-                         "--bags with one folder per patient")
+        raise BenchError(
+            f"predictor {args.model} normalises colour per patient ([patients] "
+            f"bag_colour = {record.bag_colour!r}): a cell's "
+            "probabilities depend on its patient's other cells; use predict "
+            "--bags with one folder per patient"
+        )
     paths = find_images(args.img_path)
-    if not paths:   # the predictor's own errors first, without loading its models
+    if not paths:  # the predictor's own errors first, without loading its models
         if args.gradcam:
             load_predictor(args.model).explain_weights()
         raise BenchError(f"no image files under {args.img_path}")
     pred = load_predictor(args.model)
     if args.gradcam:
-        pred.explain_weights()   # fails early, with one line, without a CNN member
+        pred.explain_weights()  # fails early, with one line, without a CNN member
     buf = io.StringIO()
     writer = csv.writer(buf)
-    shift = pred.shift_reference_   # None for predictors saved without one
-    cp = pred.conformal_            # prediction sets and review flag, when stored
+    shift = pred.shift_reference_  # None for predictors saved without one
+    cp = pred.conformal_  # prediction sets and review flag, when stored
     writer.writerow(pred.table_header(gradcam=bool(args.gradcam)))
     flagged = []
     n_ok, scores = 0, []
-    with (cams_out.staged() if cams_out else nullcontext(None)) as cam_dir:
-        for batch in pred.predict_table(paths, args.batch_size, gradcam_dir=cam_dir,
-                                        root=args.img_path):
+    with cams_out.staged() if cams_out else nullcontext(None) as cam_dir:
+        for batch in pred.predict_table(
+            paths, args.batch_size, gradcam_dir=cam_dir, root=args.img_path
+        ):
             for _, exc in batch.errors:
                 warn(f"skipped {exc}")
             if not batch.rows:
@@ -324,15 +464,19 @@ def cmd_predict(args) -> int:
                 flagged.append(batch.review)
             n_ok += len(batch.rows)
         if not n_ok:
-            raise BenchError(f"none of the {len(paths)} image file(s) under {args.img_path} "
-                             "could be read (see the warnings above)")
+            raise BenchError(
+                f"none of the {len(paths)} image file(s) under {args.img_path} "
+                "could be read (see the warnings above)"
+            )
     if shift:
         summary = shift.batch_summary(np.concatenate(scores))
         if summary["flagged"]:
-            warn(f"these images look unlike the training images: {summary['share_out']:.0%} "
-                 f"of them lie further from the training colours than "
-                 f"{summary['image_level']:.0%} of the training images (column shift_score); "
-                 "expect lower accuracy than the leaderboard's")
+            warn(
+                f"these images look unlike the training images: {summary['share_out']:.0%} "
+                f"of them lie further from the training colours than "
+                f"{summary['image_level']:.0%} of the training images (column shift_score); "
+                "expect lower accuracy than the leaderboard's"
+            )
     if cp:
         print(review_counts(flagged, n_ok, cp.confidence), file=sys.stderr)
     if args.out:
@@ -350,20 +494,28 @@ def list_bags(root) -> dict[str, list[Path]]:
     images found recursively); a folder without such sub-folders is one bag."""
     root = Path(root)
     if root.is_file():
-        raise BenchError(f"--bags needs --img_path to be a folder (one patient's cells, or "
-                         f"one folder per patient), got the file {root}")
-    subs = {d.name: find_images(d) for d in sorted(root.iterdir())
-            if d.is_dir() and not d.name.startswith(".")}
+        raise BenchError(
+            f"--bags needs --img_path to be a folder (one patient's cells, or "
+            f"one folder per patient), got the file {root}"
+        )
+    subs = {
+        d.name: find_images(d)
+        for d in sorted(root.iterdir())
+        if d.is_dir() and not d.name.startswith(".")
+    }
     if not any(subs.values()):
         own = find_images(root)
         return {root.resolve().name: own} if own else {}
     # a patient folder without any image file keeps its row (decision none), as one whose
     # images are all unreadable does
-    loose = [p for p in sorted(root.iterdir())
-             if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES]
+    loose = [
+        p for p in sorted(root.iterdir()) if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES
+    ]
     if loose:
-        warn(f"{len(loose)} image(s) directly in {root} belong to no patient folder; "
-             f"skipped (e.g. {loose[0].name})")
+        warn(
+            f"{len(loose)} image(s) directly in {root} belong to no patient folder; "
+            f"skipped (e.g. {loose[0].name})"
+        )
     return subs
 
 
@@ -372,58 +524,107 @@ MAX_SKIP_WARNINGS = 5
 
 
 def _predict_bags(args) -> int:
-    record = verify_predictor(args.model)   # a single-image predictor fails before loading
+    record = verify_predictor(args.model)  # a single-image predictor fails before loading
     if record.bags is None:
-        raise BenchError(f"--bags: predictor {args.model} was not trained on a bag task "
-                         "([data] bags = true); run predict without --bags")
+        raise BenchError(
+            f"--bags: predictor {args.model} was not trained on a bag task "
+            "([data] bags = true); run predict without --bags"
+        )
     bags = list_bags(args.img_path)
     if not bags:
         raise BenchError(f"no image files under {args.img_path}")
     pred = load_predictor(args.model)
     spec = pred.bag_task_
     results = []
-    for name, paths in progress_iter(bags.items(), total=len(bags), desc="patients",
-                                     enabled=len(bags) > 1):
+    for name, paths in progress_iter(
+        bags.items(), total=len(bags), desc="patients", enabled=len(bags) > 1
+    ):
         results.append(pred.predict_bags({name: paths}, args.batch_size)[0])
     skipped = [why for r in results for _, why in r["skipped"]]
     for why in skipped[:MAX_SKIP_WARNINGS]:
         warn(f"skipped {why}")
     if len(skipped) > MAX_SKIP_WARNINGS:
-        warn(f"skipped {len(skipped) - MAX_SKIP_WARNINGS} more unreadable file(s) (column "
-             "n_skipped)")
+        warn(
+            f"skipped {len(skipped) - MAX_SKIP_WARNINGS} more unreadable file(s) (column n_skipped)"
+        )
     if not any(r["n_cells"] for r in results):
-        raise BenchError(f"none of the {len(skipped)} image file(s) under {args.img_path} "
-                         "could be read (see the warnings above)")
+        raise BenchError(
+            f"none of the {len(skipped)} image file(s) under {args.img_path} "
+            "could be read (see the warnings above)"
+        )
     buf, cells = io.StringIO(), io.StringIO()
     w, wc = csv.writer(buf), csv.writer(cells)
-    w.writerow([*BAGS_HEADER.rstrip(",").split(","), f"probability_{spec.positive}", "decision",
-                "reason", "threshold", "min_cells", "aggregator", "leaning"])
+    w.writerow(
+        [
+            *BAGS_HEADER.rstrip(",").split(","),
+            f"probability_{spec.positive}",
+            "decision",
+            "reason",
+            "threshold",
+            "min_cells",
+            "aggregator",
+            "leaning",
+        ]
+    )
     wc.writerow([*CELLS_HEADER.rstrip(",").split(","), *pred.classes_])
     for r in results:
         prob = "" if not r["n_cells"] else f"{r['probability']:.6f}"
-        leaning = "" if not r["n_cells"] else (
-            spec.positive if r["probability"] >= r["threshold"] else
-            negative_label([str(c) for c in pred.classes_], spec.positive))
-        w.writerow([r["bag"], r["n_cells"], r["n_skipped"], prob, r["decision"], r["reason"],
-                    f"{r['threshold']:.6f}", r["min_cells"], spec.aggregator, leaning])
+        leaning = (
+            ""
+            if not r["n_cells"]
+            else (
+                spec.positive
+                if r["probability"] >= r["threshold"]
+                else negative_label([str(c) for c in pred.classes_], spec.positive)
+            )
+        )
+        w.writerow(
+            [
+                r["bag"],
+                r["n_cells"],
+                r["n_skipped"],
+                prob,
+                r["decision"],
+                r["reason"],
+                f"{r['threshold']:.6f}",
+                r["min_cells"],
+                spec.aggregator,
+                leaning,
+            ]
+        )
         for p, row in zip(r["cell_items"], r["cells"]):
-            wc.writerow([r["bag"], str(p), pred.classes_[int(np.argmax(row))],
-                         *[f"{v:.6f}" for v in row]])
+            wc.writerow(
+                [r["bag"], str(p), pred.classes_[int(np.argmax(row))], *[f"{v:.6f}" for v in row]]
+            )
     counts = Counter(r["decision"] for r in results)
-    why = Counter(next((k for k in REFER_KINDS if r["reason"].startswith(k)), r["reason"])
-                  for r in results if r["decision"] == REFER)
-    said = ", ".join(f"{n} {d}" + {REFER: " (" + ", ".join(f"{k}: {v}" if len(why) > 1 else k
-                                                           for k, v in sorted(why.items())) + ")",
-                                   NO_CALL: " (no readable image)"}.get(d, "")
-                     for d, n in sorted(counts.items()))
+    why = Counter(
+        next((k for k in REFER_KINDS if r["reason"].startswith(k)), r["reason"])
+        for r in results
+        if r["decision"] == REFER
+    )
+    said = ", ".join(
+        f"{n} {d}"
+        + {
+            REFER: " ("
+            + ", ".join(f"{k}: {v}" if len(why) > 1 else k for k, v in sorted(why.items()))
+            + ")",
+            NO_CALL: " (no readable image)",
+        }.get(d, "")
+        for d, n in sorted(counts.items())
+    )
     print(f"{len(results)} patient(s): {said}", file=sys.stderr)
     if args.out:
         out = Path(args.out)
         cells_out = cells_file(out)
         _write_out(cells_out, cells.getvalue(), "patient diagnoses")
         _write_out(out, buf.getvalue(), "patient diagnoses")
-        print(safe_text(f"wrote {len(results)} patient diagnoses to {out} and the cells' "
-                        f"probabilities to {cells_out}"), file=sys.stderr)
+        print(
+            safe_text(
+                f"wrote {len(results)} patient diagnoses to {out} and the cells' "
+                f"probabilities to {cells_out}"
+            ),
+            file=sys.stderr,
+        )
     else:
         sys.stdout.write(safe_text(buf.getvalue()))
     return 0
@@ -434,16 +635,20 @@ def cmd_list(args) -> int:
     print("candidates:")
     for name, e in raw.get("candidates", {}).items():
         fs = e.get("params", {}).get("features", "")
-        print(f"  {name:24s} type={e.get('type')}" + (f" features={fs}" if isinstance(fs, str) and fs
-                                                      else ""))
+        print(
+            f"  {name:24s} type={e.get('type')}"
+            + (f" features={fs}" if isinstance(fs, str) and fs else "")
+        )
     print("ensembles:")
     for name, e in raw.get("ensembles", {}).items():
         print(f"  {name:24s} type={e.get('type')} members={e.get('members', 'cnn')}")
     print("profiles:")
     for name, p in raw.get("profiles", {}).items():
         sel = p.get("select")
-        print(f"  {name:10s} {p.get('description', '')}"
-              + (f" [candidates: {', '.join(sel)}]" if sel else " [all candidates]"))
+        print(
+            f"  {name:10s} {p.get('description', '')}"
+            + (f" [candidates: {', '.join(sel)}]" if sel else " [all candidates]")
+        )
     if raw.get("datasets"):
         print("datasets:")
         for name, d in raw["datasets"].items():
@@ -462,49 +667,68 @@ def lab_lines(labs: dict | None) -> list[str]:
     if not labs:
         return []
     ba = "balanced_accuracy"
-    out = [f"  leave-one-lab-out ({labs['protocol']}): balanced accuracy in-lab "
-           f"{labs['in_lab'][ba]:.3f}, worst lab {labs['worst_lab'][ba]:.3f} "
-           f"({labs.get('worst_lab_name', '')}), mean {labs['mean_lab'][ba]:.3f}"]
+    out = [
+        f"  leave-one-lab-out ({labs['protocol']}): balanced accuracy in-lab "
+        f"{labs['in_lab'][ba]:.3f}, worst lab {labs['worst_lab'][ba]:.3f} "
+        f"({labs.get('worst_lab_name', '')}), mean {labs['mean_lab'][ba]:.3f}"
+    ]
     for lab, d in labs["labs"].items():
         v = d[ba]
-        out.append(f"    {lab} held out: {v['value']:.3f} [{v['ci'][0]:.3f}, {v['ci'][1]:.3f}]"
-                   f"; accuracy {d['accuracy']['value']:.3f}, macro-F1 "
-                   f"{d['macro_f1']['value']:.3f}")
+        out.append(
+            f"    {lab} held out: {v['value']:.3f} [{v['ci'][0]:.3f}, {v['ci'][1]:.3f}]"
+            f"; accuracy {d['accuracy']['value']:.3f}, macro-F1 "
+            f"{d['macro_f1']['value']:.3f}"
+        )
     return out
 
 
 def cmd_inspect(args) -> int:
 
-    m = verify_predictor(args.model)   # also checks the fields' types printed below
+    m = verify_predictor(args.model)  # also checks the fields' types printed below
     ens = m.ensemble
-    print(f"predictor {args.model}: verified {len(m.files)} files (sha256); "
-          "nothing was loaded or run")
-    print(f"  ensemble: {ens.name} ({ens.type}) params={json.dumps(ens.params)}"
-          + (f"; chosen as {m.chosen_by}" if m.chosen_by else ""))
+    print(
+        f"predictor {args.model}: verified {len(m.files)} files (sha256); nothing was loaded or run"
+    )
+    print(
+        f"  ensemble: {ens.name} ({ens.type}) params={json.dumps(ens.params)}"
+        + (f"; chosen as {m.chosen_by}" if m.chosen_by else "")
+    )
     if "C" in ens.state:
         print(f"  meta-learner C (fitted): {ens.state['C']}")
     if m.leaderboard:
-        print("  leaderboard (out-of-fold): " + ", ".join(f"{k}={v:.4f}"
-                                                          for k, v in m.leaderboard.items()))
+        print(
+            "  leaderboard (out-of-fold): "
+            + ", ".join(f"{k}={v:.4f}" for k, v in m.leaderboard.items())
+        )
     for mem in m.members:
         w = mem.weight
-        print(f"  member {mem.name}: type={mem.type} kind={mem.kind} "
-              f"fold models={len(mem.models)}" + ("" if w is None else f" weight={w:.3f}"))
+        print(
+            f"  member {mem.name}: type={mem.type} kind={mem.kind} "
+            f"fold models={len(mem.models)}" + ("" if w is None else f" weight={w:.3f}")
+        )
     cnn = [mem.name for mem in m.members if mem.kind == "cnn"]
     print(f"  Grad-CAM: {'from ' + ', '.join(cnn) if cnn else 'unavailable (no CNN member)'}")
     print(f"  classes ({len(m.classes)}): {', '.join(m.classes)}")
     bags = m.bags
     if bags is not None:
         pl = bags.patient_leaderboard or {}
-        print(f"  bag task: {bags.positive} per patient (predict --bags), aggregator "
-              f"{bags.aggregator}, threshold {bags.threshold:.4f}"
-              + (f"; patient ROC AUC {pl['roc_auc']:.3f} [{pl['roc_auc_lo']:.3f}, "
-                 f"{pl['roc_auc_hi']:.3f}] out-of-fold" if pl else ""))
+        print(
+            f"  bag task: {bags.positive} per patient (predict --bags), aggregator "
+            f"{bags.aggregator}, threshold {bags.threshold:.4f}"
+            + (
+                f"; patient ROC AUC {pl['roc_auc']:.3f} [{pl['roc_auc_lo']:.3f}, "
+                f"{pl['roc_auc_hi']:.3f}] out-of-fold"
+                if pl
+                else ""
+            )
+        )
         if pl.get("nested_roc_auc") is not None:
-            print(f"  nested (row and threshold chosen without each fold's patients): ROC AUC "
-                  f"{pl['nested_roc_auc']:.3f} [{pl['nested_roc_auc_lo']:.3f}, "
-                  f"{pl['nested_roc_auc_hi']:.3f}], sensitivity "
-                  f"{pl['nested_sensitivity']:.3f}, specificity {pl['nested_specificity']:.3f}")
+            print(
+                f"  nested (row and threshold chosen without each fold's patients): ROC AUC "
+                f"{pl['nested_roc_auc']:.3f} [{pl['nested_roc_auc_lo']:.3f}, "
+                f"{pl['nested_roc_auc_hi']:.3f}], sensitivity "
+                f"{pl['nested_sensitivity']:.3f}, specificity {pl['nested_specificity']:.3f}"
+            )
     for line in inspect_lines(m):
         print(line)
     for line in lab_lines(m.leave_one_lab_out):
@@ -512,8 +736,10 @@ def cmd_inspect(args) -> int:
     print(f"  image size: {m.prep.image_size}; created {m.created}")
     td = m.training_data or {}
     counts = td.get("counts")
-    print(f"  trained on {td.get('n_images')} images from {td.get('origin')}"
-          + (f"; per class: {json.dumps(counts)}" if counts else ""))
+    print(
+        f"  trained on {td.get('n_images')} images from {td.get('origin')}"
+        + (f"; per class: {json.dumps(counts)}" if counts else "")
+    )
     v = m.versions or {}
     if v:
         print("  versions: " + ", ".join(f"{k} {v[k]}" for k in sorted(v)))
@@ -523,12 +749,13 @@ def cmd_inspect(args) -> int:
 def cmd_report(args) -> int:
     one = len(args.dirs) == 1
     cross = None if one else args.out or Path(args.dirs[0]) / CROSS_DIR
-    if cross is not None:   # refused before any report is written
+    if cross is not None:  # refused before any report is written
         cross_report_folder(args.dirs, cross)
     for d in args.dirs:
         with run_lock(d, "bench report") if Path(d).is_dir() else nullcontext():
-            print(safe_text(str(write_report(d, gradcam=args.gradcam,
-                                             out=args.out if one else None))))
+            print(
+                safe_text(str(write_report(d, gradcam=args.gradcam, out=args.out if one else None)))
+            )
     if not one:
         print(safe_text(str(write_cross_report(args.dirs, cross))))
     return 0
@@ -537,10 +764,19 @@ def cmd_report(args) -> int:
 def cmd_evaluate(args) -> int:
     if args.out is not None and not args.out.strip():
         raise BenchError("--out is empty: give a folder")
-    result = evaluate(args.model, args.data, labels=args.labels, class_map=args.class_map,
-                      groups=args.groups, out=args.out, batch_size=args.batch_size,
-                      gradcam=args.gradcam, config=args.config, tta=args.tta,
-                      adapt=args.adapt)
+    result = evaluate(
+        args.model,
+        args.data,
+        labels=args.labels,
+        class_map=args.class_map,
+        groups=args.groups,
+        out=args.out,
+        batch_size=args.batch_size,
+        gradcam=args.gradcam,
+        config=args.config,
+        tta=args.tta,
+        adapt=args.adapt,
+    )
     print(summary(result))
     return 0
 
@@ -549,18 +785,32 @@ def cmd_distill(args) -> int:
     if args.workers is not None and args.workers < 1:
         raise BenchError(f"--workers must be at least 1, got {args.workers}")
     r = distill(args.run, out=args.out, workers=args.workers)
-    print(f"distilled '{r['teacher']}' into {r['predictor']}: {r['n_folds']}-fold accuracy "
-          f"{r['accuracy']:.4f} +- {r['accuracy_std']:.4f} (teacher row in the leaderboard), "
-          + (f"{r['images_per_s']:.0f} images/s against the run's predictor's "
-             f"{r['teacher_images_per_s']:.0f} ({r['speed_images']} images at model size, "
-             f"{r['cores']} cores)" if r["speed_images"] else "speed not timed")
-          + (f", {r['model_size']:,} parameters" if r["model_size"] else ""))
+    print(
+        f"distilled '{r['teacher']}' into {r['predictor']}: {r['n_folds']}-fold accuracy "
+        f"{r['accuracy']:.4f} +- {r['accuracy_std']:.4f} (teacher row in the leaderboard), "
+        + (
+            f"{r['images_per_s']:.0f} images/s against the run's predictor's "
+            f"{r['teacher_images_per_s']:.0f} ({r['speed_images']} images at model size, "
+            f"{r['cores']} cores)"
+            if r["speed_images"]
+            else "speed not timed"
+        )
+        + (f", {r['model_size']:,} parameters" if r["model_size"] else "")
+    )
     return 0
 
 
-COMMANDS = {"run": cmd_run, "tune": cmd_tune, "predict": cmd_predict, "list": cmd_list,
-            "inspect": cmd_inspect, "report": cmd_report, "evaluate": cmd_evaluate,
-            "calibrate": cmd_calibrate, "distill": cmd_distill}
+COMMANDS = {
+    "run": cmd_run,
+    "tune": cmd_tune,
+    "predict": cmd_predict,
+    "list": cmd_list,
+    "inspect": cmd_inspect,
+    "report": cmd_report,
+    "evaluate": cmd_evaluate,
+    "calibrate": cmd_calibrate,
+    "distill": cmd_distill,
+}
 
 
 # Commands that only apply saved models use every core for TensorFlow, unless the user set
@@ -580,14 +830,16 @@ def main(argv=None) -> int:
             raise
         print(safe_text(f"error: {exc}"), file=sys.stderr)
         return 2
-    except OSError as exc:   # a file-system fault: one line naming the path
+    except OSError as exc:  # a file-system fault: one line naming the path
         if args.debug:
             raise
         print(safe_text(f"error: {os_error_line(exc)}"), file=sys.stderr)
         return 2
     except KeyboardInterrupt:
-        print("error: interrupted (finished work units are kept; run again to resume)",
-              file=sys.stderr)
+        print(
+            "error: interrupted (finished work units are kept; run again to resume)",
+            file=sys.stderr,
+        )
         return 130
 
 

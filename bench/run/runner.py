@@ -23,22 +23,21 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from bench.protocols import distill, external, labs, leakage, patients, stress
-from bench.run import saving
-from bench.stats import conformal_sets as conformal
-from bench.config import Config, data_argument, load_config
-from bench.run.context import RunContext, Stage
-from bench.data.datasets import Dataset
-from bench.run.leaderboard import ensemble_costs, make_table
 from bench.commands.outputs import check_writable, run_lock
-from bench.run.prepare import check_out, prepare_run
+from bench.config import Config, data_argument, load_config
+from bench.data.datasets import Dataset
+from bench.protocols import distill, external, labs, leakage, patients, stress
 from bench.report import report_after_run
+from bench.run import saving
+from bench.run.context import RunContext, Stage
+from bench.run.leaderboard import ensemble_costs, make_table
+from bench.run.prepare import check_out, prepare_run
 from bench.run.rundir import RunDir
 from bench.run.scheduling import make_executor
-from bench.run.tuning import candidate_tuning, open_storages, tuning_column
-from bench.run.units import run_unit, tune_unit
+from bench.run.tuning import open_storages, tuning_column
+from bench.run.units import run_unit
+from bench.stats import conformal_sets as conformal
 from core import registry
-from core.errors import BenchError
 from core.metrics import summarize
 from core.progress import info, stage, unit_progress, warn
 from core.splits import PredefinedFolds
@@ -47,12 +46,12 @@ from ensembles.build import evaluate_ensembles
 
 # ----------------------------------------------------------------------------- stages
 
+
 def _units_stage(ctx: RunContext) -> None:
     """Every unfinished work unit (candidate x fold), in local processes or on Dask."""
     cfg, run = ctx.cfg, ctx.run
     # an absolute path: Dask workers elsewhere see the run directory on a shared file system
-    units = [(str(run.path.resolve()), n, k) for n in cfg.candidates
-             for k in range(cfg.run.folds)]
+    units = [(str(run.path.resolve()), n, k) for n in cfg.candidates for k in range(cfg.run.folds)]
     todo = [u for u in units if not run.unit_done(u[1], u[2], ctx.fp["candidates"][u[1]])]
     # the longest first (CNNs before feature models), so both cores stay busy to the end;
     # results do not depend on the order (each unit is seeded by the run seed and its fold)
@@ -61,8 +60,9 @@ def _units_stage(ctx: RunContext) -> None:
     if len(todo) < len(units):
         info(f"resuming: {len(units) - len(todo)} of {len(units)} work units already done")
     open_storages(cfg, {u[1] for u in todo}, run.path)
-    executor = make_executor(ctx.workers or cfg.run.workers,
-                             scheduler=ctx.scheduler or cfg.run.scheduler)
+    executor = make_executor(
+        ctx.workers or cfg.run.workers, scheduler=ctx.scheduler or cfg.run.scheduler
+    )
     with unit_progress(len(todo), "work units") as advance:
         for args, res in executor.map_unordered(run_unit, todo):
             advance(f"{args[1]} fold {args[2]}: acc {res['metrics']['accuracy']:.3f}")
@@ -75,12 +75,16 @@ def _ensembles_stage(ctx: RunContext) -> None:
     folds, shifts = run.folds, stress.stress_shifts(cfg)
     rows, oofs, ctx.kinds = _collect(run, cfg, ds, folds)
     stressed = stress.collect_stress(run, list(cfg.candidates), shifts) if shifts else None
-    ens_rows, ens_oofs, ens_stressed = evaluate_ensembles(cfg.ensembles, oofs, ctx.kinds,
-                                                          ds.labels, folds, warn, stressed)
+    ens_rows, ens_oofs, ens_stressed = evaluate_ensembles(
+        cfg.ensembles, oofs, ctx.kinds, ds.labels, folds, warn, stressed
+    )
     by_name = {r["candidate"]: r for r in rows}
     for r in ens_rows:
-        r.update(ensemble_costs([by_name[m] for m in r["members"].split(";")],
-                                r["combine_seconds"], r["n_folds"]))
+        r.update(
+            ensemble_costs(
+                [by_name[m] for m in r["members"].split(";")], r["combine_seconds"], r["n_folds"]
+            )
+        )
         run.write_oof(r["candidate"], ens_oofs[r["candidate"]])
     if shifts:
         stressed = {s: stressed[s] | ens_stressed[s] for s in shifts}
@@ -88,13 +92,16 @@ def _ensembles_stage(ctx: RunContext) -> None:
             for n, p in by_name_s.items():
                 run.write_stress_oof(n, s, p)
         stress.add_stress_columns(rows + ens_rows, stressed, ds.labels, folds, ctx.fold_metric)
-    conformal.add_leaderboard_columns(rows + ens_rows, oofs | ens_oofs, ds.labels, folds,
-                                      cfg.predictor.conformal)
+    conformal.add_leaderboard_columns(
+        rows + ens_rows, oofs | ens_oofs, ds.labels, folds, cfg.predictor.conformal
+    )
     ctx.board = make_table(rows + ens_rows, ctx.fold_metric)
     moved = run.keep_previous_outputs(ctx.board)
     if moved:
-        info(f"the leaderboard changed: the previous leaderboard, predictor and report "
-             f"were moved to {moved}")
+        info(
+            f"the leaderboard changed: the previous leaderboard, predictor and report "
+            f"were moved to {moved}"
+        )
     ctx.write_board(ctx.fold_metric)
     ctx.store(oofs | ens_oofs, stressed)
 
@@ -102,8 +109,10 @@ def _ensembles_stage(ctx: RunContext) -> None:
 def _report_stage(ctx: RunContext) -> None:
     """The run is finished (its manifest says when); then its report, whose failure keeps
     the run."""
-    ctx.run.update_manifest(stage_seconds=ctx.times, finished=_dt.datetime.now(
-        _dt.timezone.utc).isoformat(timespec="seconds"))
+    ctx.run.update_manifest(
+        stage_seconds=ctx.times,
+        finished=_dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+    )
     report = {}
     with stage(report, "report_seconds"):
         written = report_after_run(ctx.run.path, ctx.cfg)
@@ -129,9 +138,15 @@ STAGES: list[Stage] = [
 
 # ----------------------------------------------------------------------------- running
 
-def run_benchmark(cfg: Config, force: bool = False, workers: int | None = None,
-                  show_progress: bool = True, scheduler=None,
-                  predictor: bool = True) -> pd.DataFrame:
+
+def run_benchmark(
+    cfg: Config,
+    force: bool = False,
+    workers: int | None = None,
+    show_progress: bool = True,
+    scheduler=None,
+    predictor: bool = True,
+) -> pd.DataFrame:
     """Run the whole benchmark described by ``cfg``; returns the leaderboard.
 
     Work units run in ``workers`` local processes, or on the Dask cluster ``scheduler``
@@ -139,7 +154,7 @@ def run_benchmark(cfg: Config, force: bool = False, workers: int | None = None,
     ``predictor=False``: no predictor is saved (the leave-one-lab-out run of bench.protocols.labs).
     """
     out = RunDir(Path(cfg.run.out).expanduser())
-    check_out(out, force)   # before the folder is made, so --force moves aside the user's
+    check_out(out, force)  # before the folder is made, so --force moves aside the user's
     made = not out.path.exists()
     check_writable(out.path, "--out")
     try:
@@ -147,11 +162,20 @@ def run_benchmark(cfg: Config, force: bool = False, workers: int | None = None,
             locks.enter_context(run_lock(out.path, "bench run"))
             inode = os.stat(out.path).st_ino
             run, ds, fp, times = prepare_run(cfg, force, show_progress)
-            if os.stat(run.path).st_ino != inode:   # --force moved another run aside
+            if os.stat(run.path).st_ino != inode:  # --force moved another run aside
                 locks.enter_context(run_lock(run.path, "bench run"))
-            ctx = RunContext(cfg, run, ds, fp, rerun=run_benchmark, workers=workers,
-                             scheduler=scheduler, show_progress=show_progress,
-                             predictor=predictor, times=times)
+            ctx = RunContext(
+                cfg,
+                run,
+                ds,
+                fp,
+                rerun=run_benchmark,
+                workers=workers,
+                scheduler=scheduler,
+                show_progress=show_progress,
+                predictor=predictor,
+                times=times,
+            )
             for st in STAGES:
                 if st.enabled(ctx):
                     with stage(times, st.name) if st.timed else ExitStack():
@@ -179,73 +203,52 @@ def _collect(run: RunDir, cfg: Config, ds: Dataset, folds: PredefinedFolds):
             results.append(run.unit_result(name, k))
         run.write_oof(name, oof)
         oofs[name], kinds[name] = oof, results[0]["kind"]
-        rows.append({"candidate": name, "kind": results[0]["kind"],
-                     **summarize([r["metrics"] for r in results]),
-                     "fit_seconds": float(np.mean([r["fit_seconds"] for r in results])),
-                     "tune_seconds": float(np.sum([r["tune_seconds"] for r in results])),
-                     "tuning": tuning_column([r.get("tuning") for r in results]),
-                     "predict_ms_per_image": float(np.mean([r["predict_ms_per_image"]
-                                                            for r in results])),
-                     "model_size": results[0]["model_size"], "n_folds": len(results)})
+        rows.append(
+            {
+                "candidate": name,
+                "kind": results[0]["kind"],
+                **summarize([r["metrics"] for r in results]),
+                "fit_seconds": float(np.mean([r["fit_seconds"] for r in results])),
+                "tune_seconds": float(np.sum([r["tune_seconds"] for r in results])),
+                "tuning": tuning_column([r.get("tuning") for r in results]),
+                "predict_ms_per_image": float(
+                    np.mean([r["predict_ms_per_image"] for r in results])
+                ),
+                "model_size": results[0]["model_size"],
+                "n_folds": len(results),
+            }
+        )
     return rows, oofs, kinds
 
 
 # ----------------------------------------------------------------------------- commands
 
-def _cli_data(data, config):
+
+def cli_data(data, config):
     """``--data`` (:func:`bench.config.data_argument`): a path from cwd, or a dataset's name."""
     path, name = data_argument(data, config) if data else (None, data)
     return str(path.resolve()) if path is not None else name
 
 
-def run_from_args(config=None, profile=None, data=None, out=None, only=None, force=False,
-                  workers=None, show_progress=True, scheduler=None,
-                  storage=None) -> tuple[pd.DataFrame, Path]:
-    cfg = load_config(config, profile=profile, data=_cli_data(data, config), only=only, out=out)
+def run_from_args(
+    config=None,
+    profile=None,
+    data=None,
+    out=None,
+    only=None,
+    force=False,
+    workers=None,
+    show_progress=True,
+    scheduler=None,
+    storage=None,
+) -> tuple[pd.DataFrame, Path]:
+    cfg = load_config(config, profile=profile, data=cli_data(data, config), only=only, out=out)
     if storage:
         cfg.override("tuning", storage=storage)
-    board = run_benchmark(cfg, force=force, workers=workers, show_progress=show_progress,
-                          scheduler=scheduler)
+    board = run_benchmark(
+        cfg, force=force, workers=workers, show_progress=show_progress, scheduler=scheduler
+    )
     return board, Path(cfg.run.out)
 
 
-def tune_from_args(config=None, profile=None, data=None, out=None, candidate=None, trials=None,
-                   fold=None, storage=None):
-    """``python -m bench tune``: add trials to the studies of ``candidate`` in a run.
-
-    A run directory that already holds a run is used as it is (its own config, data and
-    folds); a new one is prepared first from ``config``/``profile``/``data``. Yields
-    ``(fold, best_params, tuning_info)`` per fold once its study holds ``trials`` trials.
-    """
-    run = RunDir(Path(out).expanduser()) if out else None
-    if run is None or not run.is_run():
-        cfg = load_config(config, profile=profile, data=_cli_data(data, config), out=out)
-        if storage:
-            cfg.override("tuning", storage=storage)
-        run = prepare_run(cfg)[0]
-    cands = run.config.candidates
-    if candidate not in cands:
-        raise BenchError(f"{run.path}: no candidate '{candidate}' in this run; known: "
-                         f"{list(cands)}")
-    registry.import_plugins(run.config.run.plugins)
-    if not registry.get(cands[candidate].type).tunable:
-        raise BenchError(f"candidate '{candidate}' ({cands[candidate].type}) has no "
-                         "param_space: nothing to tune")
-    own = candidate_tuning(run.config.tuning, cands[candidate])
-    n = int(own.trials if trials is None else trials)
-    if n < 1:
-        raise BenchError("nothing to tune: pass --trials N or set [tuning] trials")
-    n_folds = int(run.config.run.folds)
-    if fold is not None and not 0 <= fold < n_folds:
-        raise BenchError(f"--fold must be in 0..{n_folds - 1}, got {fold}")
-    configured = own.storage
-    if storage and storage != configured:
-        warn(f"--storage differs from the run's [tuning] storage "
-             f"({configured or 'SQLite in the run directory'}): its work units will not see "
-             "these trials")
-    for k in ([fold] if fold is not None else range(n_folds)):
-        best, tuning = tune_unit(run, candidate, k, trials=n, storage=storage)
-        yield k, best, tuning
-
-
-__all__ = ["run_benchmark", "run_from_args", "run_unit", "tune_from_args", "prepare_run"]
+__all__ = ["run_benchmark", "run_from_args", "run_unit", "prepare_run"]
