@@ -329,3 +329,31 @@ def test_fused_graph_runs_in_chunks_with_the_same_numbers(predictor, fresh, monk
     monkeypatch.setattr(predictor, "_fused", lambda x: calls.append(len(x)) or fn(x))
     np.testing.assert_allclose(predictor.predict_proba(X), whole, rtol=0, atol=1e-6)
     assert calls == [4] * (len(X) // 4) + ([len(X) % 4] if len(X) % 4 else [])
+
+
+def test_a_smoothing_predictor_gives_arrays_and_files_the_same_probabilities(toy_folder, tmp_path):
+    """``[data] smooth`` is a step of the predictor's preprocessing: an array at the
+    model's size goes through it as files do (whether input is preprocessed is said by an
+    argument, never guessed from an array's shape)."""
+    from bench.run.runner import run_from_args
+    from ensembles.predictor import load_predictor
+    from tests.conftest import TINY_CONFIG
+
+    cfg = tmp_path / "c.toml"
+    cfg.write_text(
+        TINY_CONFIG.format(data=toy_folder).replace(
+            "image_size = 32", "image_size = 32\nsmooth = 1.0"
+        )
+    )
+    _, out = run_from_args(
+        str(cfg), out=str(tmp_path / "run"), only=["rf_hog"], show_progress=False
+    )
+    pred = load_predictor(out / "predictor")
+    assert pred.record.prep.smooth == 1.0
+    files = sorted(toy_folder.rglob("*.png"))[::4]
+    arrays = np.stack([np.asarray(Image.open(f).convert("RGB")) for f in files])
+    assert arrays.shape[1:] == (32, 32, 3)  # already at the model's size
+    from_files = pred.predict_proba([str(f) for f in files])
+    assert np.array_equal(pred.predict_proba(arrays), from_files)
+    # told they are preprocessed, the same arrays skip the low-pass: other probabilities
+    assert not np.allclose(pred.predict_proba(arrays, preprocessed=True), from_files)
