@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import sys
 import time
 from contextlib import contextmanager
 
@@ -117,12 +116,13 @@ def stage(times: dict, name: str):
 
 
 def info(msg: str) -> None:
-    console.print(escape(safe_text(str(msg))))  # "[run] folds" is text, not rich markup
+    # "[run] folds" is text, not rich markup; written to a file or a pipe, a line stays
+    # one line (grep finds paths and warnings)
+    console.print(escape(safe_text(str(msg))), soft_wrap=not console.is_terminal)
 
 
 def warn(msg: str) -> None:
-    console.print(f"[yellow]warning:[/yellow] {escape(safe_text(str(msg)))}")
-
-
-def error_line(msg: str) -> None:
-    print(f"error: {msg}", file=sys.stderr)
+    console.print(
+        f"[yellow]warning:[/yellow] {escape(safe_text(str(msg)))}",
+        soft_wrap=not console.is_terminal,
+    )

@@ -357,3 +357,21 @@ def test_a_smoothing_predictor_gives_arrays_and_files_the_same_probabilities(toy
     assert np.array_equal(pred.predict_proba(arrays), from_files)
     # told they are preprocessed, the same arrays skip the low-pass: other probabilities
     assert not np.allclose(pred.predict_proba(arrays, preprocessed=True), from_files)
+
+
+def test_a_run_directory_stands_for_its_predictor(run, tmp_path, capsys):
+    """``--model RUN`` (a natural mistake) uses the run's saved predictor and says so; a run
+    without one is refused in one line naming what is missing."""
+    from bench.run.rundir import RunDir
+
+    _, out = run
+    assert main(["inspect", str(out)]) == 0
+    captured = capsys.readouterr()
+    assert f"is a run: using its saved predictor {out / 'predictor'}" in captured.err
+    assert "verified" in captured.out
+    bare = tmp_path / "bare"
+    bare.mkdir()
+    shutil.copy(RunDir(out).file(RunDir.STATE), bare / RunDir.STATE)
+    assert main(["predict", "--model", str(bare), "--img_path", str(tmp_path)]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "is a run directory without a saved predictor" in err[0]

@@ -44,7 +44,11 @@ def add_calibrate_parser(sub, add_common) -> None:
         help="refit a predictor's prediction sets on N labelled "
         "images of a new lab; writes a new predictor",
     )
-    p.add_argument("--model", required=True, help="predictor directory (left unchanged)")
+    p.add_argument(
+        "--model",
+        required=True,
+        help="predictor directory, or a run directory (its predictor); left unchanged",
+    )
     p.add_argument("--data", required=True, help="the new lab's images: as for evaluate")
     p.add_argument("--labels", default=None, metavar="FILE.csv:COLUMN")
     p.add_argument("--class-map", "--class_map", dest="class_map", default=None, metavar="FILE")

@@ -130,7 +130,9 @@ def _run_parsers(sub) -> None:
 def _predict_parsers(sub) -> None:
     """``predict``, ``list`` and ``inspect``."""
     pred = sub.add_parser("predict", help="classify images with a saved predictor")
-    pred.add_argument("--model", required=True, help="predictor directory")
+    pred.add_argument(
+        "--model", required=True, help="predictor directory, or a run directory (its predictor)"
+    )
     pred.add_argument(
         "--img_path",
         "--img-path",
@@ -162,7 +164,7 @@ def _predict_parsers(sub) -> None:
     _add_common(lst)
 
     ins = sub.add_parser("inspect", help="verify and describe a predictor without running it")
-    ins.add_argument("model", help="predictor directory")
+    ins.add_argument("model", help="predictor directory, or a run directory (its predictor)")
     _add_common(ins)
 
 
@@ -198,7 +200,9 @@ def _evaluate_parser(sub) -> None:
         "set (another lab's images): scores with bootstrap "
         "CIs, predictions.csv, an HTML page",
     )
-    ev.add_argument("--model", required=True, help="predictor directory (DIR/predictor)")
+    ev.add_argument(
+        "--model", required=True, help="predictor directory, or a run directory (its predictor)"
+    )
     ev.add_argument(
         "--data",
         required=True,
@@ -819,11 +823,28 @@ COMMANDS = {
 ALL_CORES = {"predict", "evaluate", "report", "calibrate"}
 
 
+def predictor_of(path: str) -> str:
+    """``--model``: a predictor directory as given; a run directory stands for its saved
+    predictor (said in one line); a run without one is refused naming what is missing."""
+    run = RunDir(Path(path).expanduser())
+    if not run.is_run():
+        return path
+    if not run.predictor_manifest.is_file():
+        raise BenchError(
+            f"--model {path} is a run directory without a saved predictor "
+            f"({run.predictor_dir} has no manifest); run it to the end, or pass a predictor"
+        )
+    info(f"--model {path} is a run: using its saved predictor {run.predictor_dir}")
+    return str(run.predictor_dir)
+
+
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
     if args.command in ALL_CORES:
         os.environ.setdefault("BLOODBENCH_TF_THREADS", "0")
     try:
+        if getattr(args, "model", None) is not None:
+            args.model = predictor_of(args.model)
         return COMMANDS[args.command](args)
     except BenchError as exc:
         if args.debug:
