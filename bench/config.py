@@ -590,8 +590,8 @@ class PatientsSection(_Section):
 
 class StatsSection(_Section):
     """The statistics of every figure with an interval or an ECE: the one home of each
-    value (bench.stats.scoring, bench.protocols.external, bench.protocols.labs, bench.protocols.patients, bench.commands.evaluate and the
-    report read them from here)."""
+    value (bench.stats.scoring, the protocols external, labs and patients,
+    bench.commands.evaluate and the report read them from here)."""
 
     # level of every interval: Student t over folds (leaderboard, report), percentile
     # bootstrap of the external sets, the held-out labs, the patients and `bench evaluate`

@@ -44,12 +44,12 @@ from bench.run.rundir import RunDir
 from core.errors import BenchError
 from core.io import atomic_write_json, file_sha256, is_inside, naming
 from core.progress import warn
+from ensembles.record import MANIFEST as PREDICTOR_MANIFEST
 
 #: the marker of a folder written by a bloodbench command
 MARKER = ".bloodbench-output.json"
 #: free space an output needs at the least (MiB); ``BLOODBENCH_MIN_FREE_MB`` overrides it
 MIN_FREE_MB = 100
-PREDICTOR_MANIFEST = "manifest.json"
 
 
 def min_free_bytes() -> int:

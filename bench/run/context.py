@@ -4,9 +4,8 @@ to stage, and the :class:`Stage` record the runner's list is made of.
 A stage is ``Stage(name, run, enabled)``: ``enabled(ctx)`` says whether this run has it
 (most read one setting of ``ctx.cfg``), ``run(ctx)`` does its work and leaves what later
 stages need on ``ctx`` (the leaderboard ``board``, the out-of-fold probabilities
-``stored``, ...). A protocol module (``bench.protocols.labs``, ``bench.protocols.patients``,
-``bench.protocols.external``, ``bench.protocols.leakage``, ``bench.protocols.stress``, ``bench.protocols.distill``) defines its
-stage beside its work; the runner lists them in order (:data:`bench.run.runner.STAGES`).
+``stored``, ...). A protocol module of :mod:`bench.protocols` (``labs``, ``patients``,
+``external``, ``leakage``, ``stress``, ``distill``) defines its stage beside its work; the runner lists them in order (:data:`bench.run.runner.STAGES`).
 """
 
 from __future__ import annotations
