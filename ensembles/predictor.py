@@ -58,6 +58,10 @@ FUSED_BATCH = 128
 TABLE_COLUMNS = ("path", "prediction", "confidence")
 
 
+#: the review flags of :func:`core.conformal.review_flags`, as ``review_reason`` names them
+REVIEW_REASONS = ("set_not_one", "low_confidence", "shifted")
+
+
 class TableBatch(NamedTuple):
     """One batch of ``bench predict``'s table (:meth:`Predictor.predict_table`)."""
 
@@ -65,6 +69,7 @@ class TableBatch(NamedTuple):
     errors: list  # ``(position, exception)`` of its unreadable files
     shift: object  # the readable images' shift scores (None without a reference)
     review: object  # their prediction sets and review flags (None without stored sets)
+    table: list  # every file's row in the batch's order: ``rows`` and one per unreadable file
 
 
 class Predictor:
@@ -387,7 +392,12 @@ class Predictor:
             [*TABLE_COLUMNS, *self.classes_]
             + (["shift_score"] if self.shift_reference_ is not None else [])
             + (["gradcam"] if gradcam else [])
-            + (["prediction_set", "set_size", "review"] if self.conformal_ else [])
+            + (
+                ["prediction_set", "set_size", "review", "review_reason", "in_set"]
+                if self.conformal_
+                else []
+            )
+            + ["error"]
         )
 
     def predict_table(
@@ -397,18 +407,28 @@ class Predictor:
         :meth:`table_header`), a :class:`TableBatch` per batch of ``batch_size``: per
         readable image its path, the prediction and its probability, every class's
         probability, the shift score, the Grad-CAM figure's name, the prediction set, its
-        size and the review flag (each column the predictor has; the same numbers as
-        :meth:`predict_review`); and the unreadable files, skipped. ``gradcam_dir``: write
+        size, the review flag, why (``review_reason``: the flags of
+        :data:`REVIEW_REASONS` joined by ``;``) and whether the prediction lies in its own
+        set (``in_set``: class-wise sets calibrate each class's threshold apart, so the most
+        probable class can miss its threshold while another class reaches its own) (each
+        column the predictor has; the same numbers as :meth:`predict_review`); an
+        unreadable file gets a row with only its path and ``error``. ``gradcam_dir``: write
         each image's Grad-CAM figure there (:func:`ensembles.overlay.write_gradcam_png`),
         named after its path under ``root`` (:func:`ensembles.overlay.gradcam_names`)."""
         cams_to = None if gradcam_dir is None else Path(gradcam_dir)
         names = gradcam_names(paths, root) if cams_to is not None else None
         ref = self.shift_reference_
+        width = len(self.table_header(gradcam=cams_to is not None))
+
+        def in_order(rows, good, errors) -> list:
+            failed = [(i, [str(paths[i]), *[""] * (width - 2), str(exc)]) for i, exc in errors]
+            return [r for _, r in sorted([*zip(good, rows), *failed], key=lambda t: t[0])]
+
         for good, X, full, proba, errors, fold_proba in self.predict_batches(
             paths, batch_size, keep_full=cams_to is not None, show=show
         ):
             if not len(good):
-                yield TableBatch([], errors, None, None)
+                yield TableBatch([], errors, None, None, in_order([], [], errors))
                 continue
             top = np.argmax(proba, axis=1)
             cams = None if cams_to is None else self.explain(X, class_index=top, preprocessed=True)
@@ -433,6 +453,8 @@ class Predictor:
                         join_set(rv["sets"][j], self.classes_),
                         int(rv["set_size"][j]),
                         int(rv["review"][j]),
+                        ";".join(r for r in REVIEW_REASONS if rv[r][j]),
+                        int(rv["sets"][j][k]),
                     ]
                 rows.append(
                     [
@@ -441,9 +463,10 @@ class Predictor:
                         f"{p[k]:.6f}",
                         *[f"{v:.6f}" for v in p],
                         *extra,
+                        "",
                     ]
                 )
-            yield TableBatch(rows, errors, shift, rv)
+            yield TableBatch(rows, errors, shift, rv, in_order(rows, good, errors))
 
     def predict(self, x, batch_size: int = 256) -> np.ndarray:
         """Class names of the most probable class."""

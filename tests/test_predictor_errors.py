@@ -11,6 +11,7 @@ model, succeed where only loading can tell).
 
 from __future__ import annotations
 
+import csv
 import json
 import pickle
 import shutil
@@ -593,4 +594,9 @@ def test_some_unreadable_images_still_predict_the_others(built, images, tmp_path
     )
     err = capsys.readouterr().err
     assert "error:" not in err and err.count("skipped") == 2
-    assert len(csv_path.read_text().splitlines()) == 2  # header + the readable image
+    assert "1 predictions and 2 unreadable file(s) (column error)" in err
+    rows = list(csv.DictReader(open(csv_path)))  # every file has a row, in file order
+    assert [Path(r["path"]).name for r in rows] == ["a.png", "b.jpg", "cell.png"]
+    assert [bool(r["error"]) for r in rows] == [True, True, False]
+    assert rows[0]["prediction"] == "" and "a.png" in rows[0]["error"]
+    assert rows[2]["prediction"] and float(rows[2]["confidence"]) > 0

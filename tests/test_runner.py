@@ -205,9 +205,21 @@ def test_cli_predict_writes_csv(tiny_run, tmp_path, capsys):
         "prediction_set",
         "set_size",
         "review",
+        "review_reason",
+        "in_set",
+        "error",
     ]
+    broken = [r for r in rows if r["error"]]  # the unreadable file keeps a row: why
+    assert [os.path.basename(r["path"]) for r in broken] == ["broken.jpg"]
+    rows = [r for r in rows if not r["error"]]
     assert all(0 <= float(r["shift_score"]) <= 1 for r in rows)
     assert len(rows) == 12
+    for r in rows:  # the reasons are the review flag's, the set holds the prediction or not
+        reasons = set(filter(None, r["review_reason"].split(";")))
+        assert reasons <= {"set_not_one", "low_confidence", "shifted"}
+        assert bool(reasons) == (r["review"] == "1")
+        assert ("set_not_one" in reasons) == (r["set_size"] != "1")
+        assert r["in_set"] == str(int(r["prediction"] in r["prediction_set"].split("|")))
     correct = sum(r["prediction"] == os.path.basename(os.path.dirname(r["path"])) for r in rows)
     assert correct >= 8
     assert all(

@@ -452,16 +452,17 @@ def cmd_predict(args) -> int:
     cp = pred.conformal_  # prediction sets and review flag, when stored
     writer.writerow(pred.table_header(gradcam=bool(args.gradcam)))
     flagged = []
-    n_ok, scores = 0, []
+    n_ok, n_bad, scores = 0, 0, []
     with cams_out.staged() if cams_out else nullcontext(None) as cam_dir:
         for batch in pred.predict_table(
             paths, args.batch_size, gradcam_dir=cam_dir, root=args.img_path
         ):
             for _, exc in batch.errors:
                 warn(f"skipped {exc}")
+            n_bad += len(batch.errors)
+            writer.writerows(batch.table)  # an unreadable file: its row says why (error)
             if not batch.rows:
                 continue
-            writer.writerows(batch.rows)
             if shift:
                 scores.append(batch.shift)
             if cp:
@@ -485,7 +486,8 @@ def cmd_predict(args) -> int:
         print(review_counts(flagged, n_ok, cp.confidence), file=sys.stderr)
     if args.out:
         _write_out(args.out, buf.getvalue(), f"{n_ok} predictions")
-        print(safe_text(f"wrote {n_ok} predictions to {args.out}"), file=sys.stderr)
+        unread = f" and {n_bad} unreadable file(s) (column error)" if n_bad else ""
+        print(safe_text(f"wrote {n_ok} predictions{unread} to {args.out}"), file=sys.stderr)
     else:
         sys.stdout.write(safe_text(buf.getvalue()))
     if args.gradcam:
