@@ -56,6 +56,7 @@ def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
     with naming(path):
         path.parent.mkdir(parents=True, exist_ok=True)
         fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+        os.fchmod(fd, new_mode())  # as open() would make it, not mkstemp's private 0o600
         try:
             with os.fdopen(fd, "wb") as fh:
                 fh.write(data)
@@ -65,6 +66,15 @@ def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
         except BaseException:
             Path(tmp).unlink(missing_ok=True)
             raise
+
+
+def new_mode(folder: bool = False) -> int:
+    """The mode ``open()`` or ``mkdir()`` would give a new file or folder: 0o666 or 0o777
+    less the process's umask. Atomic writes go through ``mkstemp``/``mkdtemp``, whose
+    private 0o600/0o700 would hide a lab's results from its other users."""
+    mask = os.umask(0)
+    os.umask(mask)
+    return (0o777 if folder else 0o666) & ~mask
 
 
 def safe_text(text: str) -> str:
@@ -95,6 +105,7 @@ def atomic_save_npy(path, array: np.ndarray) -> None:
     with naming(path):
         path.parent.mkdir(parents=True, exist_ok=True)
         fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp.npy")
+        os.fchmod(fd, new_mode())
         os.close(fd)
         try:
             np.save(tmp, array)

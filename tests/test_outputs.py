@@ -531,3 +531,24 @@ def test_a_dataset_with_a_non_utf8_file_name_runs_and_resumes(tmp_path, capsys):
     capsys.readouterr()
     assert main(argv) == 0  # resumes: same data, same folds
     assert "resuming: 3 of 3 work units already done" in capsys.readouterr().err
+
+
+def test_outputs_are_readable_as_the_umask_allows(tmp_path):
+    """Atomic writes go through mkstemp/mkdtemp; what they publish has the mode open() and
+    mkdir() would give (a lab's other users can read its results), not 0o600/0o700."""
+    import numpy as np
+
+    from core.io import atomic_save_npy
+
+    old = os.umask(0o022)
+    try:
+        atomic_write_text(tmp_path / "a.csv", "x")
+        atomic_save_npy(tmp_path / "a.npy", np.zeros(2))
+        folder = outputs.OutputFolder(tmp_path / "out", "bench test", "--out", ()).check()
+        with folder.staged() as d:
+            (d / "f.txt").write_text("y")
+    finally:
+        os.umask(old)
+    assert (tmp_path / "a.csv").stat().st_mode & 0o777 == 0o644
+    assert (tmp_path / "a.npy").stat().st_mode & 0o777 == 0o644
+    assert (tmp_path / "out").stat().st_mode & 0o777 == 0o755

@@ -375,3 +375,45 @@ def test_a_run_directory_stands_for_its_predictor(run, tmp_path, capsys):
     assert main(["predict", "--model", str(bare), "--img_path", str(tmp_path)]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "is a run directory without a saved predictor" in err[0]
+
+
+def test_predict_on_a_folder_writes_the_differential_and_a_gallery(run, tmp_path, capsys):
+    """The differential (count, share and flagged per predicted class) printed and written
+    beside --out, with a self-contained gallery of the images per class; a user's file
+    where a side file would go is refused before any work, never overwritten."""
+    from bench.commands.differential import PER_CLASS
+    from tests.conftest import write_toy_folder
+
+    _, out = run
+    imgs = write_toy_folder(tmp_path / "imgs", n_per_class=5, seed=3)
+    (imgs / "disc" / "broken.png").write_bytes(b"nope")
+    csv_path = tmp_path / "p.csv"
+    argv = ["predict", "--model", str(out / "predictor"), "--img_path", str(imgs)]
+    assert main([*argv, "--out", str(csv_path)]) == 0
+    err = capsys.readouterr().err
+    assert "differential (predicted class: images, share" in err
+    rows = [r for r in csv.DictReader(open(csv_path)) if not r["error"]]
+    summary = pd.read_csv(tmp_path / "p_summary.csv").set_index("class")
+    classes = ["disc", "square", "stripes"]
+    assert list(summary.index) == [*classes, "all", "unreadable"]
+    for c in classes:
+        assert summary.loc[c, "count"] == sum(r["prediction"] == c for r in rows)
+    assert summary.loc["all", "count"] == len(rows) == 15
+    assert summary.loc[classes, "percent"].sum() == pytest.approx(100, abs=0.05)
+    assert summary.loc["unreadable", "count"] == 1
+    if "review" in rows[0]:
+        assert summary.loc["all", "flagged"] == sum(r["review"] == "1" for r in rows)
+    page = (tmp_path / "p_gallery.html").read_text()
+    assert page.count('<img src="data:image/png;base64,') == min(len(rows), PER_CLASS * 3)
+    assert page.count('class="flagged"') == sum(bool(r.get("review_reason")) for r in rows)
+    assert "<script" not in page and "http" not in page.split("</head>")[1]
+    # predict wrote them: a second predict replaces them; a user's gallery is refused
+    assert main([*argv, "--out", str(csv_path)]) == 0
+    mine = tmp_path / "q_gallery.html"
+    mine.write_text("my page")
+    assert main([*argv, "--out", str(tmp_path / "q.csv")]) == 2
+    assert "was not written by bench predict" in capsys.readouterr().err
+    assert mine.read_text() == "my page" and not (tmp_path / "q.csv").exists()
+    # --no-summary: no side files
+    assert main([*argv, "--out", str(tmp_path / "r.csv"), "--no-summary"]) == 0
+    assert not (tmp_path / "r_summary.csv").exists() and not (tmp_path / "r_gallery.html").exists()

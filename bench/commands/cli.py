@@ -23,6 +23,14 @@ from bench.protocols.distill import distill
 from bench.commands.evaluate import evaluate, summary
 from bench.report import CROSS_DIR, write_cross_report, write_report
 from bench.report.build import cross_report_folder
+from bench.commands.differential import (
+    GALLERY_HEADER,
+    SUMMARY_HEADER,
+    differential,
+    differential_lines,
+    gallery_html,
+    side_files,
+)
 from bench.commands.outputs import OutputFolder, check_file_output, os_error_line, run_lock, run_of
 from bench.run.rundir import RunDir
 from bench.commands.tune import tune_from_args
@@ -148,6 +156,14 @@ def _predict_parsers(sub) -> None:
         metavar="OUTDIR",
         help="also write one Grad-CAM PNG per image into OUTDIR (named after the "
         "image's path under --img_path, '/' -> '__', plus .png)",
+    )
+    pred.add_argument(
+        "--summary",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="print the differential (images and share per predicted class, flagged for "
+        "review) and, with --out, write it as OUT_summary.csv and a gallery of the images "
+        "per class as OUT_gallery.html (default: on when --img_path is a folder)",
     )
     pred.add_argument(
         "--bags",
@@ -404,9 +420,19 @@ def _check_predict_outputs(args) -> OutputFolder | None:
                 reads,
                 "bench predict --bags",
             )
+        if _summary_on(args):
+            summary, gallery = side_files(args.out)
+            check_file_output(summary, "--out's summary", SUMMARY_HEADER, reads, "bench predict")
+            check_file_output(gallery, "--out's gallery", GALLERY_HEADER, reads, "bench predict")
     if args.gradcam:
         return OutputFolder(args.gradcam, "bench predict --gradcam", "--gradcam", reads).check()
     return None
+
+
+def _summary_on(args) -> bool:
+    """``--summary``: asked for, or by default for a folder of images (not with --bags)."""
+    on = Path(args.img_path).is_dir() if args.summary is None else args.summary
+    return bool(on) and not args.bags
 
 
 def _write_out(path, text: str, what: str) -> None:
@@ -451,7 +477,7 @@ def cmd_predict(args) -> int:
     shift = pred.shift_reference_  # None for predictors saved without one
     cp = pred.conformal_  # prediction sets and review flag, when stored
     writer.writerow(pred.table_header(gradcam=bool(args.gradcam)))
-    flagged = []
+    flagged, done = [], []  # per batch: review flags; readable rows
     n_ok, n_bad, scores = 0, 0, []
     with cams_out.staged() if cams_out else nullcontext(None) as cam_dir:
         for batch in pred.predict_table(
@@ -467,6 +493,7 @@ def cmd_predict(args) -> int:
                 scores.append(batch.shift)
             if cp:
                 flagged.append(batch.review)
+            done += batch.rows
             n_ok += len(batch.rows)
         if not n_ok:
             raise BenchError(
@@ -492,7 +519,36 @@ def cmd_predict(args) -> int:
         sys.stdout.write(safe_text(buf.getvalue()))
     if args.gradcam:
         print(safe_text(f"wrote {n_ok} Grad-CAM figures to {args.gradcam}"), file=sys.stderr)
+    if _summary_on(args):
+        _write_summary(args, pred, done, flagged, n_bad)
     return 0
+
+
+def _write_summary(args, pred, rows: list, flagged: list, n_bad: int) -> None:
+    """The differential, printed; with ``--out`` also OUT_summary.csv and OUT_gallery.html
+    (:mod:`bench.commands.differential`)."""
+    header = pred.table_header(gradcam=bool(args.gradcam))
+    review = np.concatenate([b["review"] for b in flagged]) if flagged else None
+    table = differential(pred.classes_, [r[1] for r in rows], review, n_bad)
+    print(safe_text(differential_lines(table)), file=sys.stderr)
+    if not args.out:
+        return
+    summary, gallery = side_files(args.out)
+    _write_out(summary, table.to_csv(index=False, float_format="%.2f"), "differential")
+    at = header.index("review_reason") if "review_reason" in header else None
+    page = gallery_html(
+        pred.classes_,
+        [r[0] for r in rows],
+        [r[1] for r in rows],
+        [r[2] for r in rows],
+        None if at is None else [r[at] for r in rows],
+        title=f"bench predict: {safe_text(str(args.img_path))}",
+    )
+    _write_out(gallery, page, "gallery")
+    print(
+        safe_text(f"wrote the differential to {summary} and the gallery to {gallery}"),
+        file=sys.stderr,
+    )
 
 
 def list_bags(root) -> dict[str, list[Path]]:

@@ -42,7 +42,7 @@ from pathlib import Path
 
 from bench.run.rundir import RunDir
 from core.errors import BenchError
-from core.io import atomic_write_json, file_sha256, is_inside, naming
+from core.io import atomic_write_json, file_sha256, is_inside, naming, new_mode
 from core.progress import warn
 from ensembles.record import MANIFEST as PREDICTOR_MANIFEST
 
@@ -295,6 +295,7 @@ class OutputFolder:
         :attr:`path` as it was."""
         self.path.parent.mkdir(parents=True, exist_ok=True)
         tmp = Path(tempfile.mkdtemp(dir=self.path.parent, prefix=f".{self.path.name}.tmp-"))
+        tmp.chmod(new_mode(folder=True))  # not mkdtemp's private 0o700
         try:
             with naming(self.path):
                 yield tmp
