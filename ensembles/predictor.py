@@ -472,6 +472,35 @@ class Predictor:
         """Class names of the most probable class."""
         return self.classes_[np.argmax(self.predict_proba(x, batch_size), axis=1)]
 
+    def score(self, x, y, sample_weight=None) -> float:
+        """Mean accuracy of :meth:`predict` against the class names ``y`` (scikit-learn's
+        classifier ``score``)."""
+        from sklearn.metrics import accuracy_score
+
+        y = np.asarray(y).astype(str)
+        unknown = sorted(set(y) - set(self.classes_.astype(str)))
+        if unknown:
+            raise BenchError(
+                f"score: labels {unknown[:5]} are not classes of this predictor "
+                f"({list(self.classes_)})"
+            )
+        return float(accuracy_score(y, self.predict(x).astype(str), sample_weight=sample_weight))
+
+    # scikit-learn reads a fitted classifier from these (is_classifier, get_tags): a
+    # Predictor is loaded fitted; it is not refitted (no fit), so it is no estimator to clone
+    _estimator_type = "classifier"
+
+    def __sklearn_tags__(self):
+        from sklearn.utils import ClassifierTags, InputTags, Tags, TargetTags
+
+        return Tags(
+            estimator_type="classifier",
+            target_tags=TargetTags(required=True),
+            classifier_tags=ClassifierTags(multi_class=len(self.classes_) > 2),
+            input_tags=InputTags(two_d_array=False, three_d_array=True),
+            requires_fit=False,
+        )
+
     # -- bags (patients) ------------------------------------------------------------
     @property
     def bag_task_(self) -> BagTask | None:

@@ -417,3 +417,26 @@ def test_predict_on_a_folder_writes_the_differential_and_a_gallery(run, tmp_path
     # --no-summary: no side files
     assert main([*argv, "--out", str(tmp_path / "r.csv"), "--no-summary"]) == 0
     assert not (tmp_path / "r_summary.csv").exists() and not (tmp_path / "r_gallery.html").exists()
+
+
+def test_the_predictor_is_a_scikit_learn_classifier(predictor, fresh):
+    """scikit-learn reads it as a fitted classifier; ``score`` is the accuracy of
+    ``predict`` against class names."""
+    from sklearn.base import is_classifier
+    from sklearn.utils import get_tags
+
+    from tests.conftest import TOY_CLASSES
+
+    assert is_classifier(predictor)
+    assert get_tags(predictor).estimator_type == "classifier"
+    X, y = fresh
+    names = np.array(TOY_CLASSES)[y]
+    acc = predictor.score(X, names)
+    assert acc == pytest.approx(np.mean(predictor.predict(X) == names))
+    assert acc > 0.6  # it learnt (chance 1/3)
+    weights = (y == 0).astype(float)  # only the first class counts
+    assert predictor.score(X, names, sample_weight=weights) == pytest.approx(
+        np.mean(predictor.predict(X)[y == 0] == names[y == 0])
+    )
+    with pytest.raises(BenchError, match="not classes of this predictor"):
+        predictor.score(X, ["nope"] * len(X))
