@@ -72,9 +72,22 @@ def new_mode(folder: bool = False) -> int:
     """The mode ``open()`` or ``mkdir()`` would give a new file or folder: 0o666 or 0o777
     less the process's umask. Atomic writes go through ``mkstemp``/``mkdtemp``, whose
     private 0o600/0o700 would hide a lab's results from its other users."""
+    return (0o777 if folder else 0o666) & ~_umask()
+
+
+def _umask() -> int:
+    """The process's umask, read without changing it where Linux says it (another thread
+    creating a file meanwhile would get umask 0); elsewhere set and restored at once."""
+    try:
+        with open("/proc/self/status", encoding="ascii") as fh:
+            for line in fh:
+                if line.startswith("Umask:"):
+                    return int(line.split()[1], 8)
+    except (OSError, ValueError):
+        pass
     mask = os.umask(0)
     os.umask(mask)
-    return (0o777 if folder else 0o666) & ~mask
+    return mask
 
 
 def safe_text(text: str) -> str:
