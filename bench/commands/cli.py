@@ -534,7 +534,9 @@ def _write_summary(args, pred, rows: list, flagged: list, n_bad: int) -> None:
     if not args.out:
         return
     summary, gallery = side_files(args.out)
-    _write_out(summary, table.to_csv(index=False, float_format="%.2f"), "differential")
+    # side files: the table is written already; a fault here is one error line naming the
+    # file (main), not the page dumped to stdout as _write_out does for the table
+    atomic_write_text(summary, table.to_csv(index=False, float_format="%.2f"))
     at = header.index("review_reason") if "review_reason" in header else None
     page = gallery_html(
         pred.classes_,
@@ -544,7 +546,7 @@ def _write_summary(args, pred, rows: list, flagged: list, n_bad: int) -> None:
         None if at is None else [r[at] for r in rows],
         title=f"bench predict: {safe_text(str(args.img_path))}",
     )
-    _write_out(gallery, page, "gallery")
+    atomic_write_text(gallery, page)
     print(
         safe_text(f"wrote the differential to {summary} and the gallery to {gallery}"),
         file=sys.stderr,
