@@ -48,6 +48,9 @@ else:  # pragma: no cover
     import tomli as tomllib
 
 DEFAULT_CONFIG = "benchmarks.toml"
+# the config shipped inside the package (a link to the checkout's ``benchmarks.toml``, copied
+# into the wheel): used where no ``--config`` is given and the working directory has none
+PACKAGED_CONFIG = Path(__file__).resolve().parent / DEFAULT_CONFIG
 KNOWN_SECTIONS = {
     "run",
     "data",
@@ -78,6 +81,23 @@ def deep_merge(base: dict, overlay: dict) -> dict:
     return out
 
 
+def config_file(config: str | os.PathLike | None = None) -> Path:
+    """The config a command reads: ``--config`` if given, else ``benchmarks.toml`` in the
+    working directory if there is one, else the config shipped with the package."""
+    if config:
+        return Path(config).expanduser()
+    local = Path(DEFAULT_CONFIG)
+    if local.is_file() or not PACKAGED_CONFIG.is_file():
+        return local
+    return PACKAGED_CONFIG
+
+
+def is_packaged(source) -> bool:
+    """True for the config shipped with the package: its relative paths start at the working
+    directory (the package's folder means nothing to a user)."""
+    return source is not None and Path(os.path.abspath(source)) == PACKAGED_CONFIG
+
+
 def read_toml(path: str | os.PathLike) -> dict:
     path = Path(path)
     if not path.is_file():
@@ -104,13 +124,14 @@ def load_config(
 
     Parameters
     ----------
-    path : config file; default ``benchmarks.toml`` in the working directory.
+    path : config file; default :func:`config_file` (``benchmarks.toml`` in the working
+        directory, else the one shipped with the package).
     profile : profile name; default ``[run] profile``.
     data : a dataset path or the name of a ``[datasets.NAME]`` entry; overrides ``[data] path``.
     only : run only these candidates (they must exist in the profile's selection).
     out : run directory; overrides ``[run] out``.
     """
-    path = Path(os.path.abspath(Path(path or DEFAULT_CONFIG).expanduser()))
+    path = Path(os.path.abspath(config_file(path)))
     raw = read_toml(path)
     return resolve_config(raw, source=path, profile=profile, data=data, only=only, out=out)
 
@@ -203,7 +224,9 @@ def package_file(value):
 def _abs(path: str, source) -> Path:
     p = Path(package_file(path)).expanduser()
     if not p.is_absolute() and source is not None:
-        p = Path(source).parent / p  # relative paths in a config file start at its folder
+        # relative paths in a config file start at its folder (the shipped config's at the
+        # working directory)
+        p = (Path.cwd() if is_packaged(source) else Path(source).parent) / p
     return Path(os.path.abspath(p))
 
 
@@ -263,7 +286,7 @@ def data_argument(data, config=None) -> tuple[Path | None, str | None]:
         or text.lower().endswith(".npz")
     ):
         return p, None
-    cfg_path = Path(config or DEFAULT_CONFIG)
+    cfg_path = config_file(config)
     if not cfg_path.is_file():
         if config:
             raise BenchError(f"config file not found: {cfg_path}")

@@ -18,7 +18,7 @@ from pathlib import Path
 
 import numpy as np
 
-from bench.config import DEFAULT_CONFIG, read_toml
+from bench.config import DEFAULT_CONFIG, PACKAGED_CONFIG, config_file, read_toml
 from bench.protocols.distill import distill
 from bench.commands.evaluate import evaluate, summary
 from bench.report import CROSS_DIR, write_cross_report, write_report
@@ -178,6 +178,12 @@ def _predict_parsers(sub) -> None:
     lst = sub.add_parser("list", help="show the candidates and profiles of a config")
     lst.add_argument("--config", default=None)
     _add_common(lst)
+
+    ini = sub.add_parser(
+        "init", help="write an editable copy of the shipped config: DIR/benchmarks.toml"
+    )
+    ini.add_argument("dir", nargs="?", default=".", help="folder (default: the working one)")
+    _add_common(ini)
 
     ins = sub.add_parser("inspect", help="verify and describe a predictor without running it")
     ins.add_argument("model", help="predictor directory, or a run directory (its predictor)")
@@ -694,8 +700,26 @@ def _predict_bags(args) -> int:
     return 0
 
 
+def cmd_init(args) -> int:
+    """Copy the config shipped with the package to DIR/benchmarks.toml, never over a file."""
+    target = Path(args.dir).expanduser() / DEFAULT_CONFIG
+    if target.exists() or target.is_symlink():
+        raise BenchError(f"{target} exists: bench init never overwrites a file (remove it first)")
+    if not PACKAGED_CONFIG.is_file():
+        raise BenchError(f"the shipped config is missing: {PACKAGED_CONFIG} (reinstall bloodbench)")
+    text = PACKAGED_CONFIG.read_text(encoding="utf-8")
+    raw = read_toml(PACKAGED_CONFIG)
+    atomic_write_text(target, text)
+    print(
+        f"wrote {target}: {len(raw.get('profiles', {}))} profiles, "
+        f"{len(raw.get('candidates', {}))} candidates, {len(raw.get('datasets', {}))} datasets; "
+        "bench commands run in that folder read it (relative paths in it start at its folder)"
+    )
+    return 0
+
+
 def cmd_list(args) -> int:
-    raw = read_toml(args.config or DEFAULT_CONFIG)
+    raw = read_toml(config_file(args.config))
     print("candidates:")
     for name, e in raw.get("candidates", {}).items():
         fs = e.get("params", {}).get("features", "")
@@ -868,6 +892,7 @@ COMMANDS = {
     "run": cmd_run,
     "tune": cmd_tune,
     "predict": cmd_predict,
+    "init": cmd_init,
     "list": cmd_list,
     "inspect": cmd_inspect,
     "report": cmd_report,

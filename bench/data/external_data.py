@@ -18,7 +18,7 @@ import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from bench.config import DEFAULT_CONFIG, data_argument, did_you_mean, load_config, read_toml
+from bench.config import config_file, data_argument, did_you_mean, load_config, read_toml
 from bench.data.datasets import (
     class_files,
     class_folders,
@@ -59,7 +59,7 @@ def resolve_data(data, config=None) -> tuple[Path, str, dict]:
         if p.is_dir() and name.lower() in GENERIC_FOLDERS and p.resolve().parent.name:
             name = f"{p.resolve().parent.name}-{name}"
         return p, name, {}
-    cfg_path = Path(config or DEFAULT_CONFIG)
+    cfg_path = config_file(config)
     cfg = load_config(cfg_path, data=name)
     dpath = Path(cfg.path(cfg.data.path)).expanduser()
     if not cfg.data.path:
