@@ -164,6 +164,18 @@ def staged(target):
     publish_dir(tmp, target)
 
 
+def link_or_copy(src, dest) -> bool:
+    """``dest`` as a hard link to ``src`` (no bytes copied; safe because bloodbench never
+    writes into a file in place, it replaces it), or a copy where the file system cannot link
+    (another device, no permission). Returns True when linked."""
+    try:
+        os.link(src, dest)
+        return True
+    except OSError:
+        shutil.copy2(src, dest)
+        return False
+
+
 def read_json(path):
     with open(path, encoding="utf-8") as fh:
         return json.load(fh)

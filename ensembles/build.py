@@ -126,17 +126,27 @@ def evaluate_ensembles(
     return rows, out, out_stressed
 
 
-def choose_entry(board, choice: str = "best", metric: str = "accuracy", tolerance: float = 0.005):
-    """The leaderboard row to save: ``choice`` by name; ``"best"``: the best ensemble (the
-    board is sorted by the run metric), else the best candidate; ``"robust"``: of the
-    ensembles (else candidates) within ``tolerance`` of the best one's ``metric``, the best
-    under simulated shift (column ``stress_<metric>``)."""
+def choose_entry(
+    board,
+    choice: str = "best",
+    metric: str = "accuracy",
+    tolerance: float = 0.005,
+    exclude=(),
+):
+    """The leaderboard row to save: ``choice`` by name; ``"best"``: the best row, single
+    candidate or ensemble (the board is sorted by the run metric), leaving out the rows in
+    ``exclude`` (colour-only shortcuts); ``"robust"``: of those rows within ``tolerance`` of
+    the best one's ``metric``, the best under simulated shift (column ``stress_<metric>``)."""
     if choice not in ("best", "robust"):
         if choice not in set(board["candidate"]):
             raise BenchError(f"[predictor] ensemble '{choice}' is not on the leaderboard")
         return board[board["candidate"] == choice].iloc[0]
-    ens_rows = board[board["kind"] == "ensemble"]
-    pool = ens_rows if len(ens_rows) else board
+    pool = board[~board["candidate"].isin(set(exclude))]
+    if pool.empty:
+        raise BenchError(
+            "[predictor] no entry to save: every row is a colour-only shortcut "
+            f"({', '.join(map(str, board['candidate']))}); add a candidate or an ensemble"
+        )
     if choice == "best":
         return pool.iloc[0]
     col = f"stress_{base_metric(metric)}"

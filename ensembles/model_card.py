@@ -11,6 +11,7 @@ nothing is typed in.
 from __future__ import annotations
 
 import math
+from pathlib import Path
 
 from ensembles.record import NO_BAG_COLOUR, PredictorRecord
 
@@ -25,6 +26,49 @@ def _f(v, digits: int = 3) -> str:
 
 def _or_na(v) -> str:
     return "n/a" if v is None else str(v)
+
+
+def _data_name(td: dict) -> str:
+    """The training data as a reader elsewhere can name it: the config's dataset name, a file
+    shipped with bloodbench as ``bloodbench:REL``, else the file or folder's own name (never
+    this machine's absolute path)."""
+    if td.get("dataset_name"):
+        return f"dataset `{td['dataset_name']}`"
+    origin = str(td.get("origin") or "")
+    if not origin:
+        return "n/a"
+    package = str(Path(__file__).resolve().parents[1] / "bench") + "/"
+    if origin.startswith(package):
+        return f"`bloodbench:{origin[len(package) :]}`"
+    return f"`{Path(origin).name}`"
+
+
+def _grouping_line(td: dict, distilled: bool, n_models: int) -> str:
+    """How the folds kept related images apart, as the run recorded it."""
+    g = td.get("grouping")
+    bag = (
+        f" The ensemble is the bag of the {n_models} fold models."
+        if not distilled
+        else " One student fitted on every row; its figures are those of the students "
+        "cross-validated on the same folds."
+    )
+    if g is None:
+        return "- How the folds grouped images was not recorded with this predictor." + bag
+    kept = []
+    if g.get("user_groups"):
+        kept.append(f"{g['user_groups']} patient/slide groups from the groups file")
+    if g.get("group_rule"):
+        kept.append(f"groups by the file-number rule `{g['group_rule']}`")
+    if g.get("pairs"):
+        kept.append(f"{g['pairs']} near-duplicate pairs")
+    dup = f"{g.get('exact_duplicate_groups', 0)} groups of identical images"
+    if kept:
+        return f"- Cross-validation folds keep together {', '.join(kept)} and {dup}." + bag
+    return (
+        f"- No patient or slide groups were given: the folds keep only {dup} together, so "
+        "cells of one patient or slide can lie on both sides of a fold and the figures "
+        "below can be optimistic." + bag
+    )
 
 
 def _distilled_lines(d: dict | None) -> list[str]:
@@ -89,16 +133,10 @@ def model_card(m: PredictorRecord) -> str:
         "AURC of the maximum probability (Geifman et al. 2019).",
         "",
         "## Training data",
-        f"- {td.get('n_images', 'n/a')} images from `{td.get('origin', 'n/a')}`"
+        f"- {td.get('n_images', 'n/a')} images from {_data_name(td)}"
         + (f"; per class: {', '.join(f'{k} {v}' for k, v in counts.items())}" if counts else "")
         + ".",
-        "- Cross-validation folds keep groups (patients, near duplicates) together; "
-        + (
-            f"the ensemble is the bag of the {len(m.members[0].models)} fold models."
-            if not m.distilled
-            else "one student fitted on every row; its figures "
-            "are those of the students cross-validated on the same folds."
-        ),
+        _grouping_line(td, bool(m.distilled), len(m.members[0].models)),
         "",
         "## Quantitative analyses",
         "### In the lab (out-of-fold)",
@@ -111,7 +149,7 @@ def model_card(m: PredictorRecord) -> str:
             "",
             "### Conformal prediction sets",
             f"- Method {cp.method} (crepes), nominal {cp.confidence:g}; calibrated on "
-            f"{cp.n_calibration} {cp.fitted_on}; scheme {cp.scheme} "
+            f"{cp.n_calibration} rows ({cp.fitted_on}); scheme {cp.scheme} "
             f"({_or_na(cp.scheme_rule)}).",
         ]
         for k, v in (lab.get("by_confidence") or {}).items():
@@ -128,19 +166,25 @@ def model_card(m: PredictorRecord) -> str:
                 f"excess AURC {_f(lab.get('excess_aurc'), 4)}; accuracy of the most "
                 f"confident 50 % {_f(acc.get('0.5'))}, 80 % {_f(acc.get('0.8'))}."
             )
-        rv = cp.review
+        rv, r = cp.review, cp.recalibration
+        source = (
+            f"fitted on the {r.n} labelled images of `{Path(r.data).name}` that `bench "
+            "calibrate` drew"
+            if r
+            else "fitted on the out-of-fold rows"
+        )
         out.append(
             f"- Review flag: set size other than 1, shift score >= "
             f"{rv.shift_limit:g}, or maximum probability < "
             f"{_f(rv.confidence_threshold, 4)} (target error "
-            f"{_or_na(rv.target_error)} among answered images, out-of-fold)."
+            f"{_or_na(rv.target_error)} among answered images, {source})."
         )
-        if cp.recalibration:
-            r = cp.recalibration
+        if r:
             out.append(
                 f"- Recalibrated for a new lab on {r.n} labelled images of "
-                f"`{r.data}` (seed {r.seed}); the previous calibration: "
-                f"{_or_na(r.before.fitted_on)}."
+                f"`{Path(r.data).name}` (seed {r.seed}); the previous calibration: "
+                f"{_or_na(r.before.fitted_on)}. Score the new lab's other images with "
+                "`bench evaluate`."
             )
     out += ["", "### Outside the lab"]
     labs = m.leave_one_lab_out

@@ -228,7 +228,16 @@ def test_calibrate_leaves_the_original_byte_identical_and_refuses_bad_input(
     rc = m.conformal.recalibration
     assert m.conformal.n_calibration == 15 and len(rc.rows) == 15
     assert rc.before.n_calibration == 60
-    assert "Recalibrated for a new lab on 15" in (out / "MODEL_CARD.md").read_text()
+    card = (out / "MODEL_CARD.md").read_text()
+    assert "Recalibrated for a new lab on 15" in card
+    # the review threshold is said to come from the drawn images, not the out-of-fold rows
+    (review,) = [ln for ln in card.splitlines() if ln.startswith("- Review flag")]
+    assert "fitted on the 15 labelled images of `lab`" in review and "out-of-fold" not in review
+    assert str(tmp_path) not in card  # no absolute local path
+    # the unchanged members are hard links to the original's files, not copies
+    for rel in m.raw["files"]:
+        if rel not in ("MODEL_CARD.md", "manifest.json"):
+            assert (out / rel).stat().st_ino == (model / rel).stat().st_ino, rel
     # evaluate leaves the drawn images out and reports both calibrations on the rest
     ev = tmp_path / "ev"
     assert (

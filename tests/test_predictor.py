@@ -87,6 +87,26 @@ def test_ensembles_on_the_leaderboard_and_the_choice_recorded(run):
     assert len(man["members"][1]["models"]) == 3  # the 3 fold models
 
 
+def test_the_model_card_states_what_the_run_recorded(run, toy_folder):
+    _, out = run
+    man = read_json(out / "predictor" / "manifest.json")
+    card = (out / "predictor" / "MODEL_CARD.md").read_text()
+    assert f"created {man['created']} by bloodbench" in card and "n/a" not in man["created"]
+    # no groups were given: the card says so, as the report does
+    grouping = man["training_data"]["grouping"]
+    assert grouping == read_json(out / "manifest.json")["grouping"]
+    assert grouping["user_groups"] == 0 and not grouping["group_rule"]
+    assert "No patient or slide groups were given" in card
+    assert "keep groups (patients" not in card
+    # the data by its name, never this machine's path
+    assert f"{man['training_data']['n_images']} images from `{toy_folder.name}`" in card
+    assert str(toy_folder.parent) not in card
+    cp = man["conformal"]
+    assert f"calibrated on {cp['n_calibration']} rows (the saved combiner" in card
+    assert "fitted on the out-of-fold rows" in card
+    assert f"Ensemble `{man['ensemble']['name']}` of rf_hog" in card
+
+
 def test_round_trip_gives_identical_probabilities(run, predictor, fresh):
     """The predictor loaded from disk gives the numbers of the run's own fold models
     (``units/``) combined by a meta-learner refitted on the out-of-fold probabilities."""

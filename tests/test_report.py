@@ -78,7 +78,12 @@ def test_run_writes_the_report(run_dir):
     for name in ("rf_hog", "rf_colour", "cnn_tiny", "soft_vote"):
         assert f"| {name} |" in md
         assert name in html
-    assert "★ best" in md
+    # the saved predictor is starred and is what the statistics compare against; the
+    # colour-only baseline is marked a shortcut, never starred
+    saved = json.loads((run_dir / "predictor" / "manifest.json").read_text())["ensemble"]["name"]
+    assert f"| {saved} | {RunData(run_dir).kind(saved)} | ★ predictor |" in md
+    assert "| rf_colour | baseline | shortcut |" in md
+    assert f"paired comparison with <b>{saved}</b>" in html
     # every image and CSV the page links to is there
     links = re.findall(r'(?:src|href)="((?:img|csv)/[^"]+)"', html)
     assert len([x for x in links if x.startswith("img/")]) >= 8
@@ -127,9 +132,17 @@ def test_leaderboard_numbers(run_dir):
     assert board.set_index("candidate").loc["rf_hog", "model_size"] == res["model_size"]
     assert board["accuracy"].max() > 0.6
     comps = pd.read_csv(rep / "comparisons.csv")
-    best = board["candidate"].iloc[0]
-    assert comps.set_index("candidate").loc[best, "is_best"]
-    others = comps[~comps["is_best"]]
+    roles = pd.read_csv(run_dir / "leaderboard.csv").set_index("candidate")["role"].fillna("")
+    (saved,) = roles.index[roles == "predictor"]
+    assert roles["rf_colour"] == "shortcut" and saved != "rf_colour"
+    assert set(roles[roles == ""].index) == {"rf_hog", "cnn_tiny", "soft_vote"} - {saved}
+    assert saved == json.loads((run_dir / "state.json").read_text())["predictor"]
+    assert list(comps.loc[comps["is_reference"], "candidate"]) == [saved]
+    assert dict(zip(board["candidate"], board["role"].fillna(""))) == dict(roles)
+    others = comps[~comps["is_reference"]]
+    # the verdict's direction follows the sign of the difference
+    for _, c in others[others["significant_ttest"]].iterrows():
+        assert c["verdict"].startswith("better" if c["mean_diff"] > 0 else "worse")
     assert others["p_ttest"].between(0, 1).all() and others["p_mcnemar"].between(0, 1).all()
     assert (others["p_ttest_holm"] >= others["p_ttest"] - 1e-12).all()
     assert others["test_train_ratio"].iloc[0] == pytest.approx(0.5)  # 3 folds: 20 / 40

@@ -135,23 +135,31 @@ def test_an_ensemble_fitted_under_shift_trusts_the_member_that_holds_up():
 
 
 def test_robust_choice_takes_the_best_under_shift_within_the_tolerance():
+    # sorted by accuracy, as the run's board; "m" is a colour-only shortcut
     board = pd.DataFrame(
         {
-            "candidate": ["a", "b", "c", "m"],
-            "kind": ["ensemble"] * 3 + ["cnn"],
-            "accuracy": [0.98, 0.977, 0.96, 0.99],
-            "stress_accuracy": [0.80, 0.90, 0.95, 0.99],
+            "candidate": ["m", "a", "b", "c"],
+            "kind": ["baseline"] + ["ensemble"] * 3,
+            "accuracy": [0.99, 0.98, 0.977, 0.96],
+            "stress_accuracy": [0.99, 0.80, 0.90, 0.95],
         }
     )
-    assert choose_entry(board, "best")["candidate"] == "a"
-    assert choose_entry(board, "robust", "accuracy", 0.005)["candidate"] == "b"
-    assert choose_entry(board, "robust", "accuracy", 0.05)["candidate"] == "c"
-    assert choose_entry(board, "robust", "accuracy", 0.0)["candidate"] == "a"
+    assert choose_entry(board, "best")["candidate"] == "m"  # the best row, any kind
+    assert choose_entry(board, "best", exclude=["m"])["candidate"] == "a"
+    assert choose_entry(board, "robust", "accuracy", 0.005, ["m"])["candidate"] == "b"
+    assert choose_entry(board, "robust", "accuracy", 0.05, ["m"])["candidate"] == "c"
+    assert choose_entry(board, "robust", "accuracy", 0.0, ["m"])["candidate"] == "a"
+    # the shortcut is never saved, even when it is also the most robust
+    assert choose_entry(board, "robust", "accuracy", 0.05)["candidate"] == "m"
+    assert choose_entry(board, "robust", "accuracy", 0.05, ["m"])["candidate"] != "m"
     # a lower-is-better metric: within the tolerance above the best
-    lb = board.assign(log_loss=[0.10, 0.12, 0.30, 0.05], stress_log_loss=[0.5, 0.3, 0.1, 0.1])
-    assert choose_entry(lb, "robust", "log_loss", 0.05)["candidate"] == "b"
+    lb = board.assign(log_loss=[0.05, 0.10, 0.12, 0.30], stress_log_loss=[0.1, 0.5, 0.3, 0.1])
+    lb = lb.sort_values("log_loss")
+    assert choose_entry(lb, "robust", "log_loss", 0.05, ["m"])["candidate"] == "b"
     with pytest.raises(BenchError, match="needs \\[stress\\] shifts"):
         choose_entry(board.drop(columns="stress_accuracy"), "robust")
+    with pytest.raises(BenchError, match="every row is a colour-only shortcut"):
+        choose_entry(board[board["candidate"] == "m"], "best", exclude=["m"])
 
 
 # -- in a run -------------------------------------------------------------------------------

@@ -20,7 +20,6 @@ both calibrations on the rest.
 from __future__ import annotations
 
 import json
-import shutil
 from pathlib import Path
 
 import numpy as np
@@ -30,7 +29,7 @@ from bench.commands.evaluate import predict_items, load_external, map_classes, r
 from core.conformal import METHODS, ConformalSets, check_confidence, review_threshold
 from core.errors import BenchError
 from bench.commands.outputs import check_not_inside, check_writable, folder_size, run_of
-from core.io import atomic_write_json, atomic_write_text, file_sha256, staged
+from core.io import atomic_write_json, atomic_write_text, file_sha256, link_or_copy, staged
 from core.progress import info, warn
 
 from ensembles.model_card import CARD, model_card
@@ -234,7 +233,7 @@ def calibrate(args) -> dict:
         confidence,
         old.raps_lambda,
         old.raps_k,
-        fitted_on=f"labelled images of {ext.path} (bench calibrate, seed {args.seed})",
+        fitted_on=f"labelled images of {ext.path.name} (bench calibrate, seed {args.seed})",
     )
     if "target_error" in review:
         review["confidence_threshold"] = review_threshold(
@@ -259,13 +258,14 @@ def calibrate(args) -> dict:
         },
     }
     new = {**manifest, "conformal": entry}
+    linked = 0
     with staged(out) as tmp:
         for rel in manifest["files"]:
             if rel == CARD:
                 continue
             dest = tmp / rel
             dest.parent.mkdir(parents=True, exist_ok=True)
-            shutil.copy2(model / rel, dest)
+            linked += link_or_copy(model / rel, dest)  # the original's files, unchanged
         atomic_write_text(tmp / CARD, model_card(PredictorRecord.read(new, out / MANIFEST)))
         new["files"] = {rel: file_sha256(tmp / rel) for rel in sorted({*manifest["files"], CARD})}
         new.pop("manifest_sha256", None)
@@ -274,7 +274,8 @@ def calibrate(args) -> dict:
     verify_predictor(out)
     info(
         f"recalibrated {model} on {len(drawn)} images of {ext.path} ({method}, "
-        f"{confidence:g}); wrote {out} (the original is unchanged)"
+        f"{confidence:g}); wrote {out} (the original is unchanged; {linked} of its "
+        f"{len(manifest['files']) - (CARD in manifest['files'])} files linked, not copied)"
     )
     return entry
 

@@ -331,21 +331,25 @@ def terminal_table(board, out: Path):
     t.add_column("#", justify="right", no_wrap=True)
     t.add_column("candidate", min_width=min(width, 24), overflow="fold")
     t.add_column("kind", no_wrap=True)
+    t.add_column("role", no_wrap=True)
     for col in ("accuracy", "bal.acc", *ext):
         t.add_column(col, justify="right", no_wrap=col in ("accuracy", "bal.acc"), overflow="fold")
     t.add_column("fit s", justify="right", no_wrap=True)
     short = {"ensemble": "ens", "baseline": "base"}
+    roles = {"predictor": "★ predictor", "shortcut": "shortcut"}
     for i, (_, row) in enumerate(board.iterrows()):
+        role = row.get("role", "")
         cells = [
             str(i + 1),
             str(row["candidate"]),
             short.get(row["kind"], str(row["kind"])),
+            roles.get(role, "") if isinstance(role, str) else "",
             f"{row['accuracy']:.3f}±{row['accuracy_std']:.3f}",
             f"{row['balanced_accuracy']:.3f}",
         ]
         cells += [f"{row[f'{e}_balanced_accuracy']:.3f}" for e in ext]
         cells.append(f"{row['fit_seconds']:.0f}")
-        t.add_row(*cells, style="bold" if i == 0 else None)
+        t.add_row(*cells, style="bold" if role == "predictor" else None)
     return t
 
 

@@ -73,9 +73,11 @@ def _board_rows(board, comps, colors, stress_col=None):
                 "size": fmt_size(r["model_size"]),
                 "size_sort": _sortval(r["model_size"]),
                 "verdict": cmp["verdict"],
-                "best": bool(cmp["is_best"]),
-                "p_t": None if cmp["is_best"] else cmp["p_ttest_holm"],
-                "p_m": None if cmp["is_best"] else cmp["p_mcnemar_holm"],
+                "role": r["role"],
+                "best": bool(cmp["is_reference"]),
+                "better": str(cmp["verdict"]).startswith("better"),
+                "p_t": None if cmp["is_reference"] else cmp["p_ttest_holm"],
+                "p_m": None if cmp["is_reference"] else cmp["p_mcnemar_holm"],
                 "sig_t": bool(cmp["significant_ttest"]),
                 "sig_m": bool(cmp["significant_mcnemar"]),
             }
@@ -225,10 +227,11 @@ def _build(run, s, metric, out: Out, gradcam, progress) -> dict:
         digits=3,
         comparisons=comps,
         note=f"Sorted by **{label}**. Cells: mean ± std over {len(run.fold_ids)} folds "
-        f"[{conf:.0%} t-interval]. Compared with the best entry: `*` corrected resampled "
-        f"t-test (Nadeau-Bengio) and `†` McNemar on the out-of-fold predictions, "
-        f"significant at {alpha} after Holm's adjustment; `n.s.` neither. Ensembles: "
-        "costs are sums over members.",
+        f"[{conf:.0%} t-interval]. Compared with the saved predictor (★, role `predictor`): "
+        f"`*` corrected resampled t-test (Nadeau-Bengio) and `†` McNemar on the out-of-fold "
+        f"predictions, significant at {alpha} after Holm's adjustment (`▲`: better than the "
+        "predictor); `n.s.` neither. Role `shortcut`: a colour-only candidate, never saved. "
+        "Ensembles: costs are sums over members.",
     )
     atomic_write_text(
         out.root / "leaderboard.md",
@@ -252,7 +255,8 @@ def _build(run, s, metric, out: Out, gradcam, progress) -> dict:
         "ratio": float(comps["test_train_ratio"].dropna().iloc[0])
         if "test_train_ratio" in comps and comps["test_train_ratio"].notna().any()
         else None,
-        "best": board["candidate"].iloc[0],
+        "best": comps.loc[comps["is_reference"].astype(bool), "candidate"].iloc[0],
+        "best_is_predictor": run.predictor is not None,
         "best_cand": best_cand,
         "best_ens": best_ens,
         "figs": figs,

@@ -8,7 +8,7 @@ import numpy as np
 import pandas as pd
 
 from bench.run.rundir import RunDir
-from bench.run.leaderboard import COSTS
+from bench.run.leaderboard import COSTS, PREDICTOR, SHORTCUT
 from core.errors import BenchError
 from core.metrics import base_metric
 
@@ -73,6 +73,17 @@ class RunData:
                 self.units[name] = [rd.unit_result(name, k) for k in self.fold_ids]
         self.entries = pd.DataFrame(rows)
         self.names = list(self.entries["name"])
+        # roles (bench.run.leaderboard.set_roles): the saved predictor's entry, the
+        # colour-only shortcuts; a run written before the column existed gets them from its
+        # state and config
+        shortcuts = set(self.config.colour_only_candidates()) & set(self.names)
+        saved = self.state.get("predictor")
+        if "role" in board:
+            roles = dict(zip(board["candidate"].astype(str), board["role"].fillna("")))
+            saved = next((n for n, r in roles.items() if r == PREDICTOR), saved)
+            shortcuts |= {n for n, r in roles.items() if r == SHORTCUT}
+        self.shortcuts = shortcuts
+        self.predictor = saved if saved in self.names else None
         self.external, self.external_errors = {}, {}
         for name in rd.external_sets():
             try:
@@ -92,6 +103,18 @@ class RunData:
 
     def unit_dir(self, name: str, fold: int) -> Path:
         return self.rundir.unit_dir(name, fold)
+
+    def role(self, name: str) -> str:
+        """``predictor``, ``shortcut`` or empty (:func:`bench.run.leaderboard.set_roles`)."""
+        return PREDICTOR if name == self.predictor else SHORTCUT if name in self.shortcuts else ""
+
+    def reference(self, order) -> str:
+        """The entry the report's statistics compare against: the saved predictor, else the
+        first entry of ``order`` (a leaderboard order) that is not a shortcut, else the first."""
+        if self.predictor:
+            return self.predictor
+        order = list(order)
+        return next((n for n in order if n not in self.shortcuts), order[0])
 
     def kind(self, name: str) -> str:
         return str(self.entries.set_index("name").loc[name, "kind"])

@@ -1,5 +1,5 @@
 """The numbers behind the report: per-fold metrics, the leaderboard with confidence
-intervals, paired comparisons with the best entry, per-class scores."""
+intervals, paired comparisons with the saved predictor, per-class scores."""
 
 from __future__ import annotations
 
@@ -50,7 +50,12 @@ def leaderboard(run, per_fold: pd.DataFrame, metric: str, confidence: float = 0.
     rows = []
     for name in run.names:
         f = per_fold[per_fold["candidate"] == name]
-        row = {"candidate": name, "kind": run.kind(name), "members": ";".join(run.members(name))}
+        row = {
+            "candidate": name,
+            "kind": run.kind(name),
+            "role": run.role(name),
+            "members": ";".join(run.members(name)),
+        }
         for m in REPORT_METRICS:
             ci = t_interval(f[m].to_numpy(), confidence)
             row.update(
@@ -71,14 +76,16 @@ def leaderboard(run, per_fold: pd.DataFrame, metric: str, confidence: float = 0.
 def comparisons(
     run, per_fold: pd.DataFrame, board: pd.DataFrame, metric: str, alpha: float = 0.05
 ) -> pd.DataFrame:
-    """Every entry against the best (first) one on the leaderboard.
+    """Every entry against the reference: the saved predictor (else the best entry that is
+    not a colour-only shortcut; :meth:`RunData.reference`).
 
     Nadeau-Bengio corrected resampled t-test on the per-fold ``metric`` (test/train
     ratio from the fold sizes) and McNemar on the out-of-fold correctness. Holm's
     adjustment runs over the comparisons of each test; ``significant`` uses the
-    adjusted p-values.
+    adjusted p-values; ``verdict`` says in which direction (``mean_diff`` > 0: the entry
+    scores higher than the reference).
     """
-    best = board["candidate"].iloc[0]
+    best = run.reference(board["candidate"])
     n_test, n_train = run.fold_sizes()
     ratio = fold_size_ratio(n_test, n_train)
     wide = per_fold.pivot(index="fold", columns="candidate", values=metric)
@@ -86,7 +93,7 @@ def comparisons(
     rows = []
     for name in board["candidate"]:
         if name == best:
-            rows.append({"candidate": name, "vs": best, "is_best": True})
+            rows.append({"candidate": name, "vs": best, "is_reference": True})
             continue
         t = corrected_resampled_ttest(wide[name].to_numpy(), wide[best].to_numpy(), ratio)
         mc = mcnemar(correct[name], correct[best])
@@ -94,7 +101,7 @@ def comparisons(
             {
                 "candidate": name,
                 "vs": best,
-                "is_best": False,
+                "is_reference": False,
                 "metric": metric,
                 "mean_diff": t["mean_diff"],
                 "t": t["t"],
@@ -115,19 +122,22 @@ def comparisons(
         df[col + "_holm"] = holm(df[col].to_numpy(dtype=float))
     df["significant_ttest"] = df["p_ttest_holm"] < alpha
     df["significant_mcnemar"] = df["p_mcnemar_holm"] < alpha
-    df["verdict"] = [_verdict(r) for _, r in df.iterrows()]
+    df["verdict"] = [_verdict(r, lower_is_better(metric)) for _, r in df.iterrows()]
     return df
 
 
-def _verdict(r) -> str:
-    """The best entry is first by the metric, so a significant t-test means worse."""
-    if r.get("is_best"):
-        return "best"
+def _verdict(r, lower: bool = False) -> str:
+    """Against the reference (the saved predictor): better or worse by the sign of the
+    per-fold difference (``lower``: a lower-is-better metric), when a test says so."""
+    if r.get("is_reference"):
+        return "predictor"
     t_sig, m_sig = bool(r["significant_ttest"]), bool(r["significant_mcnemar"])
+    diff = float(r.get("mean_diff", 0.0) or 0.0)
+    side = "better" if (diff < 0 if lower else diff > 0) else "worse"
     if t_sig and m_sig:
-        return "worse (both tests)"
+        return f"{side} (both tests)"
     if t_sig:
-        return "worse (t-test)"
+        return f"{side} (t-test)"
     if m_sig:
         return "differs (McNemar)"
     return "not significant"

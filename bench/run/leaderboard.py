@@ -4,6 +4,11 @@ This module is the one definition of its columns and the one Markdown writer: th
 ``leaderboard.md`` and the report's (which adds intervals and comparisons) both come
 from :func:`to_markdown`.
 
+``role`` says what a row is to the user: ``predictor`` for the entry saved as the run's
+predictor (the one the report's statistics compare against, starred), ``shortcut`` for a
+colour-only candidate (``[report] colour_extractors``: it can score by reading the lab's stain
+and camera, so it is never saved nor starred), empty for the rest (:func:`set_roles`).
+
 Cost columns, for every row:
 
 ``fit_seconds``
@@ -27,11 +32,31 @@ import pandas as pd
 from core.metrics import METRICS, metric_label, metric_sort_ascending
 
 COLUMNS = (
-    ["candidate", "kind"]
+    ["candidate", "kind", "role"]
     + [c for m in METRICS for c in (m, f"{m}_std")]
     + ["fit_seconds", "predict_ms_per_image", "model_size", "n_folds"]
 )
 COSTS = ("fit_seconds", "predict_ms_per_image", "model_size")
+PREDICTOR, SHORTCUT = "predictor", "shortcut"
+
+
+def set_roles(board: pd.DataFrame, shortcuts, predictor: str | None = None) -> pd.DataFrame:
+    """Fill ``board``'s ``role`` column (in place; returned): ``predictor`` for the saved
+    entry, ``shortcut`` for the candidates in ``shortcuts``, else empty."""
+    shortcuts = set(shortcuts)
+    board["role"] = [
+        PREDICTOR if n == predictor else SHORTCUT if n in shortcuts else ""
+        for n in board["candidate"]
+    ]
+    return board
+
+
+def role_of(board: pd.DataFrame, name: str) -> str:
+    """The ``role`` of row ``name`` (empty for a board written before the column existed)."""
+    if "role" not in board:
+        return ""
+    val = board.loc[board["candidate"] == name, "role"]
+    return "" if val.empty or not isinstance(val.iloc[0], str) else val.iloc[0]
 
 
 def ensemble_costs(members: list[dict], combine_seconds: float, n_folds: int) -> dict:
@@ -60,7 +85,7 @@ def make_table(rows: list[dict], metric: str) -> pd.DataFrame:
     df = pd.DataFrame(rows)
     for c in COLUMNS:
         if c not in df:
-            df[c] = float("nan")
+            df[c] = "" if c == "role" else float("nan")
     extra = [c for c in df.columns if c not in COLUMNS]
     df = df[COLUMNS + extra]
     return df.sort_values(
@@ -105,10 +130,13 @@ def md_escape(text) -> str:
 
 
 def significance_marker(cmp) -> str:
-    """``★ best``, ``*`` (t-test), ``†`` (McNemar), both, or ``n.s.``."""
-    if cmp["is_best"]:
-        return "★ best"
+    """``★ predictor`` (the reference: the saved predictor), ``*`` (t-test), ``†``
+    (McNemar), both (with ``▲`` when the row is better than the reference), or ``n.s.``."""
+    if cmp["is_reference"]:
+        return "★ predictor"
     marks = ("*" if cmp["significant_ttest"] else "") + ("†" if cmp["significant_mcnemar"] else "")
+    if marks and str(cmp.get("verdict", "")).startswith("better"):
+        marks = "▲" + marks
     return marks or "n.s."
 
 
@@ -126,15 +154,15 @@ def to_markdown(
 
     Cells are ``mean ± std``, followed by ``[lo, hi]`` when ``board`` has the interval
     columns ``<metric>_lo``/``_hi``. With ``comparisons`` (the report's tests against
-    the best entry) the size, the marker and the Holm-adjusted p-values are added.
+    the saved predictor) the size, the marker and the Holm-adjusted p-values are added.
     """
-    head = ["rank", "candidate", "kind"] + [metric_label(m) for m in metrics]
+    head = ["rank", "candidate", "kind", "role"] + [metric_label(m) for m in metrics]
     stress = stress_column(board, metric)
     if stress:
         head.append(f"{metric_label(metric)} under shift")
     head += ["fit s", "ms/img"]
     if comparisons is not None:
-        head += ["size", "vs best", "p (t, Holm)", "p (McNemar, Holm)"]
+        head += ["size", "vs predictor", "p (t, Holm)", "p (McNemar, Holm)"]
         cmp = comparisons.set_index("candidate")
     lines = [
         f"# {title}",
@@ -145,7 +173,9 @@ def to_markdown(
         "|" + "---|" * len(head),
     ]
     for i, (_, r) in enumerate(board.iterrows()):
-        cells = [str(i + 1), md_escape(r["candidate"]), str(r["kind"])]
+        role = r.get("role", "")
+        role = ("★ " if role == PREDICTOR else "") + (role if isinstance(role, str) else "")
+        cells = [str(i + 1), md_escape(r["candidate"]), str(r["kind"]), role]
         for m in metrics:
             cell = f"{fmt(r[m], digits)} ± {fmt(r[f'{m}_std'], digits)}"
             if f"{m}_lo" in r and np.isfinite(r[f"{m}_lo"]):
@@ -159,8 +189,8 @@ def to_markdown(
             cells += [
                 fmt_size(r["model_size"]),
                 significance_marker(c),
-                "" if c["is_best"] else fmt_p(c["p_ttest_holm"]),
-                "" if c["is_best"] else fmt_p(c["p_mcnemar_holm"]),
+                "" if c["is_reference"] else fmt_p(c["p_ttest_holm"]),
+                "" if c["is_reference"] else fmt_p(c["p_mcnemar_holm"]),
             ]
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"

@@ -30,7 +30,7 @@ from bench.protocols import distill, external, labs, leakage, patients, stress
 from bench.report import report_after_run
 from bench.run import saving
 from bench.run.context import RunContext, Stage
-from bench.run.leaderboard import ensemble_costs, make_table
+from bench.run.leaderboard import ensemble_costs, make_table, set_roles
 from bench.run.prepare import check_out, prepare_run
 from bench.run.rundir import RunDir
 from bench.run.scheduling import make_executor
@@ -95,7 +95,9 @@ def _ensembles_stage(ctx: RunContext) -> None:
     conformal.add_leaderboard_columns(
         rows + ens_rows, oofs | ens_oofs, ds.labels, folds, cfg.predictor.conformal
     )
-    ctx.board = make_table(rows + ens_rows, ctx.fold_metric)
+    ctx.board = set_roles(
+        make_table(rows + ens_rows, ctx.fold_metric), cfg.colour_only_candidates()
+    )
     moved = run.keep_previous_outputs(ctx.board)
     if moved:
         info(

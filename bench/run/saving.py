@@ -1,7 +1,8 @@
 """The predictor stage of ``bench run``: the chosen entry saved as a predictor.
 
-``[predictor] ensemble`` picks the entry (default the best ensemble; ``robust`` the best
-under ``[stress]``; in a bag task the patient row the nested procedure chose among those a
+``[predictor] ensemble`` picks the entry (default the best row, single candidate or ensemble,
+never a colour-only shortcut; ``robust`` the best under ``[stress]`` of the rows within
+``robust_tolerance`` of it; in a bag task the patient row the nested procedure chose among those a
 predictor can carry); its members' fold models, its combiner fitted on every out-of-fold
 row, temperature, prediction sets, bag task, lab figures and the training images' colour
 description go into ``DIR/predictor`` (:func:`ensembles.writer.save_predictor`).
@@ -21,12 +22,14 @@ from core.progress import info
 from core.shift import ShiftReference
 from ensembles.build import choose_entry, final_ensemble
 from ensembles.predictor import save_predictor
+from bench.run.leaderboard import set_roles
 
 
 def save_run_predictor(
     run: RunDir, cfg: Config, ds: Dataset, board, stored, kinds, folds, patients=None, stressed=None
-) -> None:
-    """Save the chosen entry (``[predictor] ensemble``, default the best ensemble, or in a
+) -> str:
+    """Save the chosen entry (``[predictor] ensemble``, default the best row that is not a
+    colour-only shortcut, or in a
     bag task the entry of the best patient row a predictor can carry); ``stored``: every
     entry's out-of-fold probabilities as written to ``oof/`` (``stressed``: the same under
     each simulated shift)."""
@@ -36,9 +39,9 @@ def save_run_predictor(
     tolerance = float(pred_cfg.robust_tolerance)
     carried = patients[3].get("carried") if patients is not None else None
     chosen_by = {
-        "best": "best ensemble by " + metric,
-        "robust": f"best {metric} under simulated shift ([stress]) of the ensembles "
-        f"within {tolerance} of the best {metric}",
+        "best": f"best {metric} of the candidates and ensembles (colour-only shortcuts left out)",
+        "robust": f"best {metric} under simulated shift ([stress]) of the candidates and "
+        f"ensembles within {tolerance} of the best {metric} (colour-only shortcuts left out)",
     }.get(choice, "config")
     if choice in ("best", "robust") and carried:  # a bag task: the nested row's procedure
         row = choose_entry(board, carried["entry"])
@@ -47,7 +50,7 @@ def save_run_predictor(
             f"predictor can carry ({carried['row']}; see the nested figure)"
         )
     else:
-        row = choose_entry(board, choice, metric, tolerance)
+        row = choose_entry(board, choice, metric, tolerance, cfg.colour_only_candidates())
     name = row["candidate"]
     members, ens = final_ensemble(
         name, row["kind"], cfg.ensembles, stored, kinds, ds.labels, folds, stressed
@@ -78,7 +81,12 @@ def save_run_predictor(
         member_info=info_,
         classes=ds.classes,
         preprocessing=ds.preprocessing,
-        training_data=ds.summary() | {"skipped": len(ds.skipped)},
+        training_data=ds.summary()
+        | {
+            "skipped": len(ds.skipped),
+            "dataset_name": cfg.data.name or "",
+            "grouping": run.read_manifest().get("grouping"),
+        },
         extra={
             "chosen_by": chosen_by,
             "leaderboard": {
@@ -108,10 +116,11 @@ def save_run_predictor(
     )
     run.update_state(predictor=name)
     info(f"saved predictor '{name}' ({', '.join(members)}) to {run.predictor_dir}")
+    return name
 
 
 def _predictor_stage(ctx: RunContext) -> None:
-    save_run_predictor(
+    name = save_run_predictor(
         ctx.run,
         ctx.cfg,
         ctx.ds,
@@ -122,6 +131,8 @@ def _predictor_stage(ctx: RunContext) -> None:
         ctx.bag_choice,
         ctx.stored_stress,
     )
+    set_roles(ctx.board, ctx.cfg.colour_only_candidates(), name)
+    ctx.write_board()
 
 
 #: the saved predictor (not in a protocol's own sub-run)
