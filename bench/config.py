@@ -628,6 +628,12 @@ class StatsSection(_Section):
     # seed of every bootstrap over images or groups (the patients' bootstrap over bags:
     # [patients] n_boot and seed)
     seed: int = Field(default=0, ge=0)
+    # the verdict of `evaluate` and `calibrate` on a new set (bench.stats.scoring.verdict):
+    # usable when the balanced accuracy's interval lies at or above usable_balanced_accuracy
+    # and at most usable_review_share of the images would go to review; not usable when the
+    # interval lies below it or more would go to review; else not yet shown either way
+    usable_balanced_accuracy: Number = Field(default=0.8, gt=0, lt=1)
+    usable_review_share: Number = Field(default=0.5, gt=0, le=1)
 
 
 class DistillSection(_Section):

@@ -186,6 +186,9 @@ def model_card(m: PredictorRecord) -> str:
                 f"{_or_na(r.before.fitted_on)}. Score the new lab's other images with "
                 "`bench evaluate`."
             )
+            judged = (r.model_extra or {}).get("verdict_on_rest")
+            if judged:
+                out.append(f"- Verdict at calibration: {judged['line']}.")
     out += ["", "### Outside the lab"]
     labs = m.leave_one_lab_out
     if labs:

@@ -200,7 +200,17 @@ def test_calibrate_leaves_the_original_byte_identical_and_refuses_bad_input(
     )
     assert _tree_digest(model) == before
     # 5 images per class cannot carry mondrian sets at 0.9 (10 needed): pooled instead
-    assert "with --method lac" in capsys.readouterr().err
+    said = capsys.readouterr()
+    assert "with --method lac" in said.err
+    # class names beside the counts, and a verdict on the 15 images not drawn
+    assert "(per class: disc 5, square 5, stripes 5)" in said.out, said.out
+    (line,) = [ln for ln in said.out.splitlines() if ln.startswith("verdict: ")]
+    assert "on 15 labelled images not used to calibrate" in line
+    assert line.split(": ")[1].split(" on this set")[0] in (
+        "usable",
+        "not usable",
+        "not shown usable",
+    )
     from ensembles.predictor import verify_predictor
 
     m = verify_predictor(out)
@@ -260,7 +270,17 @@ def test_calibrate_leaves_the_original_byte_identical_and_refuses_bad_input(
     for k in ("confidence", "coverage", "mean_set_size", "aurc"):
         assert isinstance(res[k], float), k
     assert "coverage" in res["conformal"]["before_recalibration"]
-    assert "before bench calibrate: coverage" in capsys.readouterr().out
+    said = capsys.readouterr().out
+    assert "before bench calibrate: coverage" in said
+    v = res["verdict"]
+    assert v["verdict"] in ("usable", "not usable", "not shown")
+    assert f"verdict: {v['line']}" in said and "15 images not used to calibrate" in v["line"]
+    ba, ci = res["balanced_accuracy"], res["ci"]["balanced_accuracy"]
+    assert f"balanced accuracy {ba:.2f} [{ci['lo']:.2f}, {ci['hi']:.2f}]" in v["line"]
+    assert ("usable" == v["verdict"]) == (
+        ci["lo"] >= 0.8 and res["conformal"]["share_flagged"] <= 0.5
+    )
+    assert v["line"] in (ev / "index.html").read_text()
 
     def refused(args):
         assert main(["calibrate", "--model", str(model), *args]) == 2

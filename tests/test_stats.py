@@ -181,3 +181,26 @@ def test_temperature_scaling_fixes_overconfidence_and_keeps_predictions():
     assert len(temps) == 3 and ece(y, scaled) < ece(y, sharp) / 3
     with pytest.raises(ValueError):
         apply_temperature(sharp, 0.0)
+
+
+def test_the_verdict_reads_the_interval_and_the_review_share():
+    from bench.config import StatsSection
+    from bench.stats.scoring import verdict
+
+    st = StatsSection(usable_balanced_accuracy=0.8, usable_review_share=0.5)
+    v = verdict(0.06, 0.0, 0.13, 351, st, in_lab=0.97, review_share=1.0)
+    assert v["verdict"] == "not usable"
+    assert v["line"].startswith(
+        "not usable on this set: balanced accuracy 0.06 [0.00, 0.13] on 351 images against "
+        "0.97 in its own lab; 100% would go to review"
+    )
+    assert verdict(0.9, 0.85, 0.93, 400, st, review_share=0.2)["verdict"] == "usable"
+    # a good score with too much sent to review is not usable as it stands
+    assert verdict(0.9, 0.85, 0.93, 400, st, review_share=0.6)["verdict"] == "not usable"
+    assert verdict(0.82, 0.74, 0.89, 60, st)["verdict"] == "not shown"
+    assert "usable_review_share" not in verdict(0.82, 0.74, 0.89, 60, st)["line"]
+    # the bar comes from the config
+    assert (
+        verdict(0.82, 0.74, 0.89, 60, StatsSection(usable_balanced_accuracy=0.7))["verdict"]
+        == "usable"
+    )

@@ -26,7 +26,8 @@ import numpy as np
 from sklearn.model_selection import train_test_split
 
 from bench.commands.evaluate import predict_items, load_external, map_classes, read_class_map
-from core.conformal import METHODS, ConformalSets, check_confidence, review_threshold
+from bench.stats.scoring import score, stats_of_run, verdict
+from core.conformal import METHODS, ConformalSets, check_confidence, review_of, review_threshold
 from core.errors import BenchError
 from bench.commands.outputs import check_not_inside, check_writable, folder_size, run_of
 from core.io import atomic_write_json, atomic_write_text, file_sha256, link_or_copy, staged
@@ -34,7 +35,7 @@ from core.progress import info, warn
 
 from ensembles.model_card import CARD, model_card
 from ensembles.predictor import MANIFEST, load_predictor, manifest_digest, verify_predictor
-from ensembles.record import PredictorRecord
+from ensembles.record import PredictorRecord, Review
 
 
 def add_calibrate_parser(sub, add_common) -> None:
@@ -239,6 +240,9 @@ def calibrate(args) -> dict:
         review["confidence_threshold"] = review_threshold(
             proba.max(axis=1), proba.argmax(axis=1) == y, float(review["target_error"])
         )
+    judged = _verdict_on_rest(
+        model, pred, ext, mapping, index, set(drawn) | set(excluded), state, review, args
+    )
     before = {k: v for k, v in manifest["conformal"].items() if k != "recalibration"}
     entry = {
         **state.to_dict(),
@@ -254,6 +258,7 @@ def calibrate(args) -> dict:
             "excluded_rows": [str(ext.shown[i]) for i in excluded],
             "from_predictor": str(model.resolve()),
             "from_manifest_sha256": manifest["manifest_sha256"],
+            "verdict_on_rest": judged,
             "before": before,
         },
     }
@@ -277,16 +282,55 @@ def calibrate(args) -> dict:
         f"{confidence:g}); wrote {out} (the original is unchanged; {linked} of its "
         f"{len(manifest['files']) - (CARD in manifest['files'])} files linked, not copied)"
     )
-    return entry
+    return entry | {"verdict_on_rest": judged, "classes": classes}
+
+
+def _verdict_on_rest(model, pred, ext, mapping, index, used, state, review, args) -> dict | None:
+    """The new calibration's verdict on the set's labelled images that were neither drawn
+    nor in a drawn image's group (:func:`bench.stats.scoring.verdict`), or ``None`` when no
+    such image is left."""
+    rest = [i for i in range(len(ext.items)) if i not in used]
+    if not rest:
+        return None
+    proba, ok, _, _, shift = predict_items(
+        pred, [ext.items[i] for i in rest], args.batch_size, True
+    )
+    rest = [i for i, good in zip(rest, ok) if good]
+    if not rest:
+        return None
+    proba, shift = proba[ok], None if shift is None else shift[ok]
+    y = np.array([index[mapping[ext.labels[i]]] for i in rest], dtype=np.int64)
+    stats, _ = stats_of_run(model)
+    groups = [ext.groups[i] for i in rest] if ext.groups is not None else None
+    sc = score(y, proba, list(index), groups=groups, stats=stats)
+    flagged = review_of(state, Review(**review), proba, shift)["review"]
+    ci = sc["ci"]["balanced_accuracy"]
+    return verdict(
+        sc["balanced_accuracy"],
+        ci["lo"],
+        ci["hi"],
+        len(y),
+        stats,
+        review_share=float(np.mean(flagged)),
+        what="labelled images not used to calibrate",
+    )
 
 
 def cmd_calibrate(args) -> int:
     entry = calibrate(args)
-    counts = ", ".join(str(c) for c in entry["calibration_counts"])
+    counts = ", ".join(
+        f"{c} {n}" for c, n in zip(entry["classes"], entry["calibration_counts"]) if n
+    )
     print(
         f"calibrated on {entry['n_calibration']} images (per class: {counts}); "
-        f"review below confidence {entry['review'].get('confidence_threshold', 0):.4f}; "
-        f"`bench evaluate --model {args.out}` on the same data scores the rest"
+        f"review below confidence {entry['review'].get('confidence_threshold', 0):.4f}"
+    )
+    judged = entry["verdict_on_rest"]
+    print(
+        f"verdict: {judged['line']}"
+        if judged
+        else "verdict: none (every labelled image was drawn to calibrate; score other "
+        f"images of the lab with `bench evaluate --model {args.out}`)"
     )
     return 0
 

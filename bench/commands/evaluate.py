@@ -46,6 +46,7 @@ from bench.report.evaluation import gradcam_gallery, predictions_csv, write_page
 from bench.report.html import slug
 from bench.stats.scoring import (
     METRIC_KEYS,
+    verdict,
     in_domain,
     stats_of_run,
     per_external_class,
@@ -505,6 +506,7 @@ def evaluate(
     }
     if empty_groups:
         result["data"]["images_without_group"] = empty_groups
+    result["verdict"] = set_verdict(result, record, stats)
     result["timings"] = {
         "listing_s": t_list,
         "predict_s": t_pred,
@@ -514,6 +516,34 @@ def evaluate(
         guard, result, (t0, t2), ext, keep, grp, classes, y, proba, sc, patients, dom, cells, gal
     )
     return {**clean, "out": str(out)}
+
+
+def set_verdict(r: dict, record, stats) -> dict:
+    """The plain-words verdict of an evaluation (:func:`bench.stats.scoring.verdict`): its
+    balanced accuracy with the interval, against the run's in-lab figure on the same classes
+    (else the predictor's recorded one), and the share that would go to review."""
+    ci = r["ci"]["balanced_accuracy"]
+    dom = r.get("in_domain")
+    in_lab = (
+        dom["same_classes"]["balanced_accuracy"]
+        if dom
+        else (record.leaderboard or {}).get("balanced_accuracy")
+    )
+    review = (r.get("conformal") or {}).get("share_flagged")
+    unit = r["bootstrap"]
+    what = "images" if unit["unit"] != "group" else f"images ({unit['n_units']} groups)"
+    if r["data"].get("calibration_rows_left_out"):
+        what += " not used to calibrate"
+    return verdict(
+        r["balanced_accuracy"],
+        ci["lo"],
+        ci["hi"],
+        r["n"],
+        stats,
+        in_lab=in_lab,
+        review_share=review,
+        what=what,
+    )
 
 
 # ----------------------------------------------------------------------------- summary
@@ -599,6 +629,8 @@ def summary(result: dict) -> str:
     lines += conformal.summary_lines(r)
     if not dom and r.get("in_domain_note"):
         lines.append(f"  {r['in_domain_note']}")
+    if r.get("verdict"):
+        lines.append(f"verdict: {r['verdict']['line']}")
     t = r.get("timings", {})
     lines.append(
         f"  wrote {Path(r['out']) / 'index.html'} ({EVAL_FILE}, {PREDICTIONS_FILE}); "

@@ -212,6 +212,42 @@ def score(
 # ----------------------------------------------------------------------------- in-domain
 
 
+def verdict(
+    ba: float,
+    lo: float,
+    hi: float,
+    n: int,
+    stats: StatsSection,
+    *,
+    in_lab: float | None = None,
+    review_share: float | None = None,
+    what: str = "images",
+) -> dict:
+    """A plain-words verdict on one set: ``usable``, ``not usable`` or ``not shown`` (the
+    interval straddles the bar), from the balanced accuracy ``ba`` [``lo``, ``hi``] on ``n``
+    ``what`` and the share that would go to review, against ``[stats]
+    usable_balanced_accuracy`` and ``usable_review_share``. Returns ``{"verdict", "line"}``."""
+    bar, most = float(stats.usable_balanced_accuracy), float(stats.usable_review_share)
+    too_many = review_share is not None and review_share > most
+    if hi < bar or too_many:
+        word, head = "not usable", "not usable on this set"
+    elif lo >= bar:
+        word, head = "usable", "usable on this set"
+    else:
+        word, head = "not shown", "not shown usable on this set (the interval straddles the bar)"
+    line = f"{head}: balanced accuracy {ba:.2f} [{lo:.2f}, {hi:.2f}] on {n} {what}"
+    if in_lab is not None:
+        line += f" against {in_lab:.2f} in its own lab"
+    if review_share is not None:
+        line += f"; {review_share:.0%} would go to review"
+    line += (
+        f" (bar: [stats] usable_balanced_accuracy {bar:g}"
+        + (f", usable_review_share {most:g}" if review_share is not None else "")
+        + ")"
+    )
+    return {"verdict": word, "line": line}
+
+
 def stats_of_run(predictor_dir: Path) -> tuple[StatsSection, str]:
     """The ``[stats]`` of the run a saved predictor was made by (its ``config.toml``, when
     the predictor sits in its run directory ``DIR/predictor``), else the defaults; and
