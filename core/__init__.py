@@ -13,8 +13,12 @@ folders, hashes), ``progress`` (console, bars, stage timers), ``registry`` (type
 as ``(k, train, test)``), ``cache`` (where computed things are kept).
 """
 
-from core.candidate import Candidate
-from core.errors import BenchError
-from core.registry import register
+from core import quiet
+
+quiet.install()  # TensorFlow's start-up lines off the terminal (core.quiet)
+
+from core.candidate import Candidate  # noqa: E402
+from core.errors import BenchError  # noqa: E402
+from core.registry import register  # noqa: E402
 
 __all__ = ["BenchError", "Candidate", "register"]

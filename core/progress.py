@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import logging
+import os
 import time
 from contextlib import contextmanager
 
@@ -21,6 +23,51 @@ from core.io import safe_text
 
 console = Console(stderr=True, highlight=False)
 PLAIN_INTERVAL = 60.0  # seconds between progress lines when stderr is not a terminal (a log)
+
+# Messages go through the standard ``logging`` module (logger ``bloodbench``), written to
+# stderr by one handler: ``info`` lines as they are, ``warning:`` lines in yellow on a
+# terminal. The level follows ``-q`` (warnings and errors only, no progress) and ``-v``
+# (debug lines too, and TensorFlow's start-up lines: core.quiet), passed to worker
+# processes as $BLOODBENCH_VERBOSITY (-1, 0 or 1).
+log = logging.getLogger("bloodbench")
+VERBOSITY_ENV = "BLOODBENCH_VERBOSITY"
+_LEVELS = {-1: logging.WARNING, 0: logging.INFO, 1: logging.DEBUG}
+
+
+class _ConsoleHandler(logging.Handler):
+    def emit(self, record: logging.LogRecord) -> None:
+        text = escape(safe_text(record.getMessage()))
+        if record.levelno >= logging.WARNING:
+            text = f"[yellow]warning:[/yellow] {text}"
+        # "[run] folds" is text, not rich markup; written to a file or a pipe, a line stays
+        # one line (grep finds paths and warnings)
+        console.print(text, soft_wrap=not console.is_terminal)
+
+
+def verbosity() -> int:
+    """-1 (quiet), 0 or 1 (verbose), from $BLOODBENCH_VERBOSITY."""
+    try:
+        return max(-1, min(1, int(os.environ.get(VERBOSITY_ENV, "0") or 0)))
+    except ValueError:
+        return 0
+
+
+def set_verbosity(level: int) -> None:
+    """Set this process's level and the one its worker processes start with."""
+    level = max(-1, min(1, int(level)))
+    os.environ[VERBOSITY_ENV] = str(level)
+    log.setLevel(_LEVELS[level])
+
+
+if not any(isinstance(h, _ConsoleHandler) for h in log.handlers):
+    log.addHandler(_ConsoleHandler())
+    log.propagate = False
+log.setLevel(_LEVELS[verbosity()])
+
+
+def quiet() -> bool:
+    """``-q``: no progress bars or lines, no info lines."""
+    return log.getEffectiveLevel() > logging.INFO
 
 
 def _columns():
@@ -67,7 +114,7 @@ class _PlainProgress:
 def progress_iter(iterable, total: int | None = None, desc: str = "", enabled: bool = True):
     """Iterate with a progress bar on stderr (silent when ``enabled`` is false; occasional
     text lines when stderr is not a terminal)."""
-    if not enabled:
+    if not enabled or quiet():
         yield from iterable
         return
     if not console.is_terminal:
@@ -87,7 +134,14 @@ def progress_iter(iterable, total: int | None = None, desc: str = "", enabled: b
 @contextmanager
 def unit_progress(total: int, desc: str = "work units"):
     """A bar for work units; yields ``advance(label)`` to call after each unit (text lines
-    instead when stderr is not a terminal)."""
+    instead when stderr is not a terminal; nothing with ``-q``)."""
+    if quiet():
+
+        def advance_quiet(label: str = "", done: bool = True):
+            pass
+
+        yield advance_quiet
+        return
     if not console.is_terminal:
         plain = _PlainProgress(desc, total)
 
@@ -116,13 +170,13 @@ def stage(times: dict, name: str):
 
 
 def info(msg: str) -> None:
-    # "[run] folds" is text, not rich markup; written to a file or a pipe, a line stays
-    # one line (grep finds paths and warnings)
-    console.print(escape(safe_text(str(msg))), soft_wrap=not console.is_terminal)
+    log.info(str(msg))
 
 
 def warn(msg: str) -> None:
-    console.print(
-        f"[yellow]warning:[/yellow] {escape(safe_text(str(msg)))}",
-        soft_wrap=not console.is_terminal,
-    )
+    log.warning(str(msg))
+
+
+def debug(msg: str) -> None:
+    """A line shown with ``-v`` only."""
+    log.debug(str(msg))

@@ -39,7 +39,8 @@ from core import registry
 from core.errors import BenchError
 from core.images import IMAGE_SUFFIXES, find_images
 from core.io import atomic_write_text, safe_text
-from core.progress import console, info, progress_iter, warn
+from core import quiet
+from core.progress import console, info, progress_iter, set_verbosity, warn
 from ensembles.bags import NO_CALL, REFER, REFER_KINDS, negative_label
 from ensembles.predictor import TABLE_COLUMNS, load_predictor, verify_predictor
 from ensembles.record import NO_BAG_COLOUR
@@ -54,6 +55,16 @@ from bench.commands.calibrate import (
 
 def _add_common(p):
     p.add_argument("--debug", action="store_true", help="show tracebacks")
+    talk = p.add_mutually_exclusive_group()
+    talk.add_argument(
+        "-q", "--quiet", action="store_true", help="warnings, errors and results only"
+    )
+    talk.add_argument(
+        "-v",
+        "--verbose",
+        action="store_true",
+        help="debug lines too, and TensorFlow's start-up lines",
+    )
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -929,6 +940,9 @@ def predictor_of(path: str) -> str:
 
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
+    set_verbosity(-1 if args.quiet else 1 if args.verbose else 0)
+    if args.verbose:
+        quiet.uninstall()  # TensorFlow's own start-up lines too
     if args.command in ALL_CORES:
         os.environ.setdefault("BLOODBENCH_TF_THREADS", "0")
     try:
