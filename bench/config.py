@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import copy
 import difflib
+import importlib.util
 import os
 import re
 import sys
@@ -205,6 +206,7 @@ def resolve_config(
         profile=profile,
     )
     _validate_entries(config, where)
+    _check_tracking(config, where)
     config.external = _resolve_external(cfg.get("external") or {}, config.data, raw, source, where)
     return config
 
@@ -387,6 +389,14 @@ class RunSection(_Section):
     out: str = Field(default="runs/latest", min_length=1)
     plugins: list[str] = []
     scheduler: str | None = None
+    # run tracking (bench.run.tracking): "mlflow" logs the run's params, per-fold and
+    # leaderboard metrics, leaderboard, report and model card as one MLflow run; off by default
+    tracking: Literal["", "mlflow"] = ""
+    # where: an MLflow tracking URI; "" = a SQLite store in ./mlruns (mlruns/mlflow.db, artifacts
+    # in mlruns/artifacts); MLflow 3's plain-file store ("file:./mlruns") needs
+    # MLFLOW_ALLOW_FILE_STORE=true
+    tracking_uri: str = ""
+    tracking_experiment: str = Field(default="bloodbench", min_length=1)
 
 
 class FallbackSection(_Section):
@@ -1122,6 +1132,14 @@ def _validate_tuning(cls, tuning, where: str) -> None:
                 f"{where}: {fixed} are both searched (space) and fixed in "
                 "trials (fidelity); choose one"
             )
+
+
+def _check_tracking(cfg: "Config", where: str) -> None:
+    if cfg.run.tracking == "mlflow" and importlib.util.find_spec("mlflow") is None:
+        raise BenchError(
+            f"{where}: [run] tracking = 'mlflow' needs MLflow: "
+            'pip install "bloodbench[tracking]" (or set tracking = "")'
+        )
 
 
 def _validate_entries(cfg: "Config", where: str) -> None:

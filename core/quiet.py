@@ -35,6 +35,9 @@ NOISE = re.compile(
     r"|Could not find cuda drivers on your machine"
     r"|cuda_(executor|driver|blas|dnn|fft)\.cc.*(failed call to cuInit|no CUDA-capable device)"
     r"|successful NUMA node read from SysFS"
+    # grappler's lines while a graph is converted (bench export: tf2onnx)
+    r"|Number of eligible GPUs \(core count"
+    r"|single_machine\.cc:\d+\] Starting new session"
 )
 
 

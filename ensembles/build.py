@@ -135,18 +135,15 @@ def choose_entry(
 ):
     """The leaderboard row to save: ``choice`` by name; ``"best"``: the best row, single
     candidate or ensemble (the board is sorted by the run metric), leaving out the rows in
-    ``exclude`` (colour-only shortcuts); ``"robust"``: of those rows within ``tolerance`` of
+    ``exclude`` (colour-only shortcuts) unless every row is one; ``"robust"``: of those rows within ``tolerance`` of
     the best one's ``metric``, the best under simulated shift (column ``stress_<metric>``)."""
     if choice not in ("best", "robust"):
         if choice not in set(board["candidate"]):
             raise BenchError(f"[predictor] ensemble '{choice}' is not on the leaderboard")
         return board[board["candidate"] == choice].iloc[0]
     pool = board[~board["candidate"].isin(set(exclude))]
-    if pool.empty:
-        raise BenchError(
-            "[predictor] no entry to save: every row is a colour-only shortcut "
-            f"({', '.join(map(str, board['candidate']))}); add a candidate or an ensemble"
-        )
+    if pool.empty:  # every row a shortcut: the best of them (the caller says so)
+        pool = board
     if choice == "best":
         return pool.iloc[0]
     col = f"stress_{base_metric(metric)}"

@@ -7,10 +7,16 @@ from pathlib import Path
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 os.environ.setdefault("BLOODBENCH_TF_THREADS", "2")
+# TensorFlow's thread pools are fixed at its first use in a process: fix them here, so an
+# in-process run gets the same layout whichever test happened to touch TensorFlow first in
+# this pytest worker (a bare tf.constant would leave TensorFlow's own default)
+from cnn.runtime import configure  # noqa: E402
 
-import numpy as np
-import pytest
-from PIL import Image
+configure()
+
+import numpy as np  # noqa: E402
+import pytest  # noqa: E402
+from PIL import Image  # noqa: E402
 
 SHARED = Path(__file__).resolve().parents[1].parent / "shared"
 TOY_CLASSES = ["disc", "square", "stripes"]

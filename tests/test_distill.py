@@ -222,3 +222,17 @@ def test_a_resumed_run_keeps_the_distilled_row(distilled):
     board = pd.read_csv(run.path / "leaderboard.csv").set_index("candidate")
     assert board.loc[NAME, "accuracy"] == pytest.approx(before["accuracy"])
     assert not (run.path / "previous").exists()  # nothing changed: nothing moved aside
+
+
+def test_the_distilled_student_exports_to_onnx(distilled, tmp_path, capsys):
+    pytest.importorskip("tf2onnx", reason="bench export needs tf2onnx (bloodbench[export])")
+    ort = pytest.importorskip("onnxruntime", reason="bench export needs onnxruntime")
+    student = distilled.path / "distilled"
+    out = tmp_path / "student.onnx"
+    assert main(["export", "--model", str(student), "--out", str(out), "--n", "32"]) == 0
+    assert "largest probability difference" in capsys.readouterr().out
+    images, _ = toy_arrays(5, 32, seed=31)
+    s = ort.InferenceSession(str(out), providers=["CPUExecutionProvider"])
+    got = s.run(None, {s.get_inputs()[0].name: images})[0]
+    want = load_predictor(student).predict_proba(images, preprocessed=True)
+    assert got.shape == (15, 3) and np.max(np.abs(got - want)) <= 1e-4

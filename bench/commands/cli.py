@@ -31,6 +31,7 @@ from bench.commands.differential import (
     gallery_html,
     side_files,
 )
+from bench.commands.export import cmd_export
 from bench.commands.outputs import OutputFolder, check_file_output, os_error_line, run_lock, run_of
 from bench.run.rundir import RunDir
 from bench.commands.tune import tune_from_args
@@ -189,6 +190,20 @@ def _predict_parsers(sub) -> None:
     lst = sub.add_parser("list", help="show the candidates and profiles of a config")
     lst.add_argument("--config", default=None)
     _add_common(lst)
+
+    exp = sub.add_parser(
+        "export", help="a predictor or distilled student as one ONNX graph, checked"
+    )
+    exp.add_argument("--model", required=True, help="predictor directory (or its run)")
+    exp.add_argument("--format", default="onnx", choices=["onnx"])
+    exp.add_argument("--out", required=True, help="FILE.onnx")
+    exp.add_argument(
+        "--check",
+        default=None,
+        help="images to compare ONNX with Keras on (default: seeded synthetic images)",
+    )
+    exp.add_argument("--n", type=int, default=256, help="how many check images (default 256)")
+    _add_common(exp)
 
     ini = sub.add_parser(
         "init", help="write an editable copy of the shipped config: DIR/benchmarks.toml"
@@ -908,6 +923,7 @@ COMMANDS = {
     "tune": cmd_tune,
     "predict": cmd_predict,
     "init": cmd_init,
+    "export": cmd_export,
     "list": cmd_list,
     "inspect": cmd_inspect,
     "report": cmd_report,
@@ -920,7 +936,7 @@ COMMANDS = {
 # Commands that only apply saved models use every core for TensorFlow, unless the user set
 # BLOODBENCH_TF_THREADS; `run` and `tune` keep the units' fixed layout (cnn.runtime), which
 # is what makes their numbers reproducible.
-ALL_CORES = {"predict", "evaluate", "report", "calibrate"}
+ALL_CORES = {"predict", "evaluate", "report", "calibrate", "export"}
 
 
 def predictor_of(path: str) -> str:

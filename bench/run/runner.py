@@ -30,6 +30,7 @@ from bench.protocols import distill, external, labs, leakage, patients, stress
 from bench.report import report_after_run
 from bench.run import saving
 from bench.run.context import RunContext, Stage
+from bench.run import tracking
 from bench.run.leaderboard import ensemble_costs, make_table, set_roles
 from bench.run.prepare import check_out, prepare_run
 from bench.run.rundir import RunDir
@@ -135,6 +136,7 @@ STAGES: list[Stage] = [
     distill.STAGE,
     leakage.STAGE,
     Stage("report", _report_stage, timed=False),
+    tracking.STAGE,
 ]
 
 

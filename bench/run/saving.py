@@ -18,7 +18,7 @@ from bench.protocols.labs import has_lab_columns, lab_names, lab_summary
 from bench.protocols.patients import bag_settings
 from bench.run.rundir import RunDir
 from core.calibration import fit_temperature
-from core.progress import info
+from core.progress import info, warn
 from core.shift import ShiftReference
 from ensembles.build import choose_entry, final_ensemble
 from ensembles.predictor import save_predictor
@@ -52,6 +52,12 @@ def save_run_predictor(
     else:
         row = choose_entry(board, choice, metric, tolerance, cfg.colour_only_candidates())
     name = row["candidate"]
+    if name in cfg.colour_only_candidates():
+        warn(
+            f"the saved predictor '{name}' is a colour-only candidate: it can score by "
+            "reading this lab's stain and camera (an acquisition shortcut); add a candidate "
+            "that sees shapes (a CNN, HOG) before using it elsewhere"
+        )
     members, ens = final_ensemble(
         name, row["kind"], cfg.ensembles, stored, kinds, ds.labels, folds, stressed
     )
