@@ -189,6 +189,19 @@ def model_card(m: PredictorRecord) -> str:
             judged = (r.model_extra or {}).get("verdict_on_rest")
             if judged:
                 out.append(f"- Verdict at calibration: {judged['line']}.")
+    ad = (m.model_extra or {}).get("adaptation")
+    if ad:
+        v = ad.get("verdict")
+        out += [
+            "",
+            "### Adapted to a new lab",
+            f"- `bench adapt` on {ad['n_images']} unlabelled images of `{ad.get('data_name')}` "
+            f"(seed {ad['seed']}): {ad['method']}; {ad['layers']} batch-norm layers of "
+            f"{ad['fold_models']} fold models ({', '.join(ad['members_adapted']) or 'none'}). "
+            "Those images are recorded (`adaptation.rows`) and `bench evaluate` leaves them "
+            "out. The prediction sets are still those of the training labs: recalibrate "
+            "them with `bench calibrate`.",
+        ] + ([f"- Verdict at adaptation: {v['line']}."] if v else [])
     out += ["", "### Outside the lab"]
     labs = m.leave_one_lab_out
     if labs:

@@ -31,6 +31,7 @@ from bench.commands.differential import (
     gallery_html,
     side_files,
 )
+from bench.commands.adapt import cmd_adapt
 from bench.commands.export import cmd_export
 from bench.commands.outputs import OutputFolder, check_file_output, os_error_line, run_lock, run_of
 from bench.run.rundir import RunDir
@@ -190,6 +191,23 @@ def _predict_parsers(sub) -> None:
     lst = sub.add_parser("list", help="show the candidates and profiles of a config")
     lst.add_argument("--config", default=None)
     _add_common(lst)
+
+    ada = sub.add_parser(
+        "adapt", help="adapt a predictor to a new lab's own images (no labels needed)"
+    )
+    ada.add_argument("--model", required=True, help="predictor directory (or its run)")
+    ada.add_argument("--data", required=True, help="the new lab's images: folder, .npz or NAME")
+    ada.add_argument("--out", required=True, help="new predictor folder")
+    ada.add_argument("--labels", default=None, help="FILE.csv:COLUMN, to score the rest")
+    ada.add_argument("--class-map", default=None)
+    ada.add_argument("--groups", default=None, help="a --labels column: patients or slides")
+    ada.add_argument(
+        "--max-images", type=int, default=2000, help="images to adapt on (at most half)"
+    )
+    ada.add_argument("--seed", type=int, default=0)
+    ada.add_argument("--batch-size", type=int, default=128)
+    ada.add_argument("--config", default=None, help="config for --data NAME")
+    _add_common(ada)
 
     exp = sub.add_parser(
         "export", help="a predictor or distilled student as one ONNX graph, checked"
@@ -924,6 +942,7 @@ COMMANDS = {
     "predict": cmd_predict,
     "init": cmd_init,
     "export": cmd_export,
+    "adapt": cmd_adapt,
     "list": cmd_list,
     "inspect": cmd_inspect,
     "report": cmd_report,
@@ -936,7 +955,7 @@ COMMANDS = {
 # Commands that only apply saved models use every core for TensorFlow, unless the user set
 # BLOODBENCH_TF_THREADS; `run` and `tune` keep the units' fixed layout (cnn.runtime), which
 # is what makes their numbers reproducible.
-ALL_CORES = {"predict", "evaluate", "report", "calibrate", "export"}
+ALL_CORES = {"predict", "evaluate", "report", "calibrate", "export", "adapt"}
 
 
 def predictor_of(path: str) -> str:

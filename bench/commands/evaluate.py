@@ -532,8 +532,13 @@ def set_verdict(r: dict, record, stats) -> dict:
     review = (r.get("conformal") or {}).get("share_flagged")
     unit = r["bootstrap"]
     what = "images" if unit["unit"] != "group" else f"images ({unit['n_units']} groups)"
-    if r["data"].get("calibration_rows_left_out"):
-        what += " not used to calibrate"
+    used = [
+        w
+        for w, k in (("calibrate", "calibration_rows_left_out"), ("adapt", "adaptation_rows_left_out"))
+        if r["data"].get(k)
+    ]
+    if used:
+        what += " not used to " + " or ".join(used)
     return verdict(
         r["balanced_accuracy"],
         ci["lo"],

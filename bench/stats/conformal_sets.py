@@ -223,9 +223,22 @@ def evaluation_figures(
     return out
 
 
+def _leave_out_adaptation_rows(record: PredictorRecord, ext, keep: np.ndarray) -> np.ndarray:
+    ad = (record.model_extra or {}).get("adaptation")
+    if not ad or str(ext.path.resolve()) != ad.get("data") or not len(keep):
+        return keep
+    drop = set(ad.get("rows") or [])
+    out = np.array([i for i in keep if str(ext.shown[i]) not in drop], dtype=keep.dtype)
+    ext.info["adaptation_rows_left_out"] = int(len(keep) - len(out))
+    info(f"left out the {len(keep) - len(out)} images bench adapt adapted on (scored: the rest)")
+    return out
+
+
 def leave_out_calibration_rows(record: PredictorRecord, ext, keep: np.ndarray) -> np.ndarray:
     """``keep`` without the images ``bench calibrate`` drew from this same set (and the rest
-    of a patient it cut), counted in ``ext.info``; unchanged for other sets."""
+    of a patient it cut) and those ``bench adapt`` adapted on, counted in ``ext.info``;
+    unchanged for other sets."""
+    keep = _leave_out_adaptation_rows(record, ext, keep)
     rc = record.conformal.recalibration if record.conformal is not None else None
     if rc is None or str(ext.path.resolve()) != rc.data or not len(keep):
         return keep

@@ -1,0 +1,302 @@
+"""``bench adapt``: a saved predictor adapted to a new lab's own images, without labels,
+written as a new verified predictor (the original byte-identical).
+
+What changes (Li et al. 2016, AdaBN; :mod:`cnn.adapt`):
+
+* every member that declares ``adaptable`` (the CNNs: scratch and fine-tuned transfer) gets
+  its trainable batch-norm statistics re-estimated on the lab's images; its fold models are
+  saved anew, every other file of the predictor is hard-linked (copied where the file system
+  cannot link), so the checksums still verify;
+* the shift reference (``core.shift``) is refitted on the lab's images: review flags and the
+  batch warning then judge images against this lab, not against the training labs.
+
+The images used to adapt are a seeded sample of at most ``--max-images`` and never more than
+half of the set; they are recorded in the new manifest (``adaptation.rows``), and ``bench
+evaluate`` of the new predictor on the same set leaves them out, so a figure reported for the
+adapted predictor never includes the cells it adapted on. With labels (a class-folder tree,
+an ``.npz``, a dataset name or ``--labels``), the rest of the set is scored before and after
+and the verdict (:func:`bench.stats.scoring.verdict`) is printed and recorded.
+
+The prediction sets are left as calibrated in the training labs: recalibrate them on a
+hundred labelled cells of the lab (``bench calibrate``).
+"""
+
+from __future__ import annotations
+
+import datetime as _dt
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from bench.commands.evaluate import map_classes, predict_items, read_class_map
+from bench.commands.outputs import check_not_inside, check_writable, run_of
+from bench.data.external_data import load_external, resolve_data
+from bench.stats.scoring import score, stats_of_run, verdict
+from core.conformal import review_of
+from core.errors import BenchError
+from core.images import find_images
+from core.io import link_or_copy, staged
+from core.progress import info
+from core.shift import ShiftReference
+from ensembles.model_card import CARD
+from ensembles.predictor import MANIFEST, load_predictor, verify_predictor
+from ensembles.writer import write_manifest
+
+METHOD = "AdaBN (batch-norm statistics re-estimated on the lab's images) + shift reference"
+
+
+@dataclass
+class LabSet:
+    """The new lab's images: ``labels`` (predictor class indices, -1 unknown) when known."""
+
+    name: str
+    path: Path
+    items: list
+    shown: list[str]
+    labels: np.ndarray | None
+    groups: list[str] | None
+
+
+def _lab_set(data, labels, class_map, groups, config, classes) -> LabSet:
+    """A labelled set (class folders, an .npz, a dataset name, ``--labels``), or, for a
+    folder whose images carry no labels, every image under it."""
+    try:
+        ext = load_external(data, labels=labels, groups=groups, config=config)
+    except BenchError:
+        if labels is not None or groups is not None:
+            raise
+        path, name, _ = resolve_data(data, config)
+        items = find_images(path)
+        if not items:
+            raise BenchError(f"--data {path}: no images there") from None
+        return LabSet(name, path, items, [str(p.relative_to(path)) for p in items], None, None)
+    user_map, src = read_class_map(class_map)
+    mapping, _ = map_classes(sorted(set(ext.labels)), classes, user_map, src)
+    index = {c: i for i, c in enumerate(classes)}
+    y = np.array(
+        [index[mapping[lab]] if mapping.get(lab) is not None else -1 for lab in ext.labels]
+    )
+    return LabSet(ext.name, ext.path, ext.items, list(map(str, ext.shown)), y, ext.groups)
+
+
+def adaptation_rows(n: int, groups, max_images: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """``(adapt, scored)`` row indices: a seeded sample of at most ``max_images`` rows and
+    never more than half of them (whole groups when ``groups`` are given); ``scored``: the
+    rows of no group adapted on."""
+    rng = np.random.default_rng(seed)
+    k = int(min(max_images, n // 2))
+    if k < 1:
+        raise BenchError(f"--data: {n} image(s); adaptation needs at least 2 (half are kept out)")
+    rows = np.arange(n)
+    if groups is None:
+        used = np.sort(rng.choice(rows, k, replace=False))
+        return used, np.setdiff1d(rows, used)
+    g = np.asarray(groups)
+    used: list[int] = []
+    for name in rng.permutation(np.unique(g)):
+        members = rows[g == name]
+        if used and len(used) + len(members) > k:
+            break
+        used += list(members)
+    used_arr = np.sort(np.asarray(used))
+    return used_arr, np.setdiff1d(rows, used_arr)
+
+
+def _figures(pred, lab: LabSet, rows, batch_size, stats) -> dict:
+    """The predictor on ``rows``: predicted class mix, share to review and, with labels,
+    balanced accuracy with its interval."""
+    proba, ok, _, fold_proba, shift = predict_items(
+        pred, [lab.items[i] for i in rows], batch_size, True
+    )
+    rows, proba = np.asarray(rows)[ok], proba[ok]
+    fold_proba = None if fold_proba is None else fold_proba[:, ok]
+    shift = None if shift is None else shift[ok]
+    pred_cls = proba.argmax(axis=1)
+    out = {
+        "n": int(len(rows)),
+        "class_mix": {
+            str(c): int(n)
+            for c, n in zip(pred.classes_, np.bincount(pred_cls, minlength=len(pred.classes_)))
+        },
+    }
+    if pred.conformal_ is not None and len(rows):
+        rv = review_of(pred.conformal_, pred.record.conformal.review, proba, shift, fold_proba)
+        out["share_flagged"] = float(np.mean(rv["review"]))
+    if lab.labels is not None:
+        y = lab.labels[rows]
+        known = y >= 0
+        if known.sum() >= 2 and len(np.unique(y[known])) >= 2:
+            groups = [lab.groups[i] for i in rows[known]] if lab.groups is not None else None
+            sc = score(y[known], proba[known], list(pred.classes_), groups=groups, stats=stats)
+            ci = sc["ci"]["balanced_accuracy"]
+            out |= {
+                "balanced_accuracy": sc["balanced_accuracy"],
+                "balanced_accuracy_lo": ci["lo"],
+                "balanced_accuracy_hi": ci["hi"],
+                "accuracy": sc["accuracy"],
+                "n_labelled": int(known.sum()),
+            }
+    return out
+
+
+def _verdict(fig: dict, stats, in_lab) -> dict | None:
+    if "balanced_accuracy" not in fig:
+        return None
+    return verdict(
+        fig["balanced_accuracy"],
+        fig["balanced_accuracy_lo"],
+        fig["balanced_accuracy_hi"],
+        fig["n_labelled"],
+        stats,
+        in_lab=in_lab,
+        review_share=fig.get("share_flagged"),
+        what="labelled images not used to adapt",
+    )
+
+
+def _write(model: Path, out: Path, pred, manifest: dict, adapted: set[str]) -> None:
+    """The new predictor: adapted members' fold models saved anew (into fresh files, never
+    through a link to the original's), every other file hard-linked; the manifest with the
+    adaptation record, checksums and card rewritten."""
+    with staged(out) as tmp:
+        for m in manifest["members"]:
+            if m["name"] in adapted:
+                for rel, cand in zip(m["models"], pred.members_[m["name"]]):
+                    cand.save(tmp / rel)
+        for rel in manifest["files"]:
+            dest = tmp / rel
+            if rel in (CARD, MANIFEST) or dest.exists():
+                continue  # rewritten below, or just saved
+            dest.parent.mkdir(parents=True, exist_ok=True)
+            link_or_copy(model / rel, dest)
+        body = {k: v for k, v in manifest.items() if k != "manifest_sha256"} | {"files": {}}
+        write_manifest(tmp, body)
+
+
+def adapt(
+    model,
+    data,
+    out,
+    *,
+    labels=None,
+    class_map=None,
+    groups=None,
+    max_images: int = 2000,
+    seed: int = 0,
+    batch_size: int = 128,
+    config=None,
+) -> dict:
+    """Adapt the predictor in ``model`` to the images of ``data``; write it to ``out``.
+    Returns the adaptation record (as stored in the new manifest)."""
+    model, out = Path(model).expanduser(), Path(out).expanduser()
+    if max_images < 1:
+        raise BenchError(f"--max-images must be at least 1, got {max_images}")
+    if batch_size < 1:
+        raise BenchError(f"--batch-size must be at least 1, got {batch_size}")
+    if not model.is_dir():
+        raise BenchError(f"--model not found: {model}")
+    if out.exists() or out.is_symlink():
+        raise BenchError(f"--out {out} exists; give a new folder (nothing is overwritten)")
+    check_not_inside(out, "--out", reads=(model, run_of(model)))
+    check_writable(out, "--out")
+    record = verify_predictor(model)
+    manifest = record.raw
+    if manifest.get("bags"):
+        raise BenchError(
+            f"{model} is a patient (bag) predictor: adapt its cell model on cells of single "
+            "images, not implemented for bag tasks"
+        )
+    classes = list(record.classes)
+    lab = _lab_set(data, labels, class_map, groups, config, classes)
+    used, scored = adaptation_rows(len(lab.items), lab.groups, int(max_images), int(seed))
+    stats, _ = stats_of_run(model)
+    pred = load_predictor(model)
+    adaptable = [n for n in pred.member_names_ if all(c.adaptable for c in pred.members_[n])]
+    in_lab = (record.leaderboard or {}).get("balanced_accuracy")
+    info(f"scoring the {len(scored)} images kept out of adaptation, before ...")
+    before = _figures(pred, lab, scored, batch_size, stats)
+    info(f"adapting {', '.join(adaptable) or 'no member'} on {len(used)} images of {lab.path} ...")
+    X = pred.preprocessing.load([lab.items[i] for i in used], skip_errors=True)[0]
+    if not len(X):
+        raise BenchError(f"none of the {len(used)} images drawn to adapt on could be read")
+    done = pred.adapt(X, max_images=len(X), seed=seed, preprocessed=True)
+    reference = ShiftReference.fit(X, seed=seed)
+    pred.shift_reference_ = reference
+    after = _figures(pred, lab, scored, batch_size, stats)
+    record_ = {
+        "method": METHOD,
+        "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+        "data": str(lab.path.resolve()),
+        "data_name": lab.name,
+        "seed": int(seed),
+        "max_images": int(max_images),
+        "n_images": int(len(X)),
+        "rows": [lab.shown[i] for i in used],
+        "members_adapted": adaptable,
+        "fold_models": done["fold_models"],
+        "layers": done["layers"],
+        "labels_used": False,
+        "from_predictor": str(model.resolve()),
+        "from_manifest_sha256": manifest["manifest_sha256"],
+        "scored_rows": int(len(scored)),
+        "before": before,
+        "after": after,
+        "verdict_before": _verdict(before, stats, in_lab),
+        "verdict": _verdict(after, stats, in_lab),
+    }
+    new = json.loads(json.dumps({**manifest, "adaptation": record_, "shift": reference.to_dict()}))
+    _write(model, out, pred, new, set(adaptable) if done["layers"] else set())
+    verify_predictor(out)
+    info(
+        f"adapted {model} to {lab.path}: {done['layers']} batch-norm layers in "
+        f"{done['fold_models']} fold models on {len(X)} images; wrote {out} (the original "
+        "is unchanged)"
+    )
+    return record_
+
+
+def summary(r: dict) -> str:
+    b, a = r["before"], r["after"]
+    lines = [
+        f"adapted on {r['n_images']} images of {r['data_name']} (seed {r['seed']}): "
+        f"{r['layers']} batch-norm layers of {r['fold_models']} fold models "
+        f"({', '.join(r['members_adapted']) or 'no adaptable member'}); shift reference refitted",
+        f"on the {b['n']} images kept out: share to review "
+        f"{b.get('share_flagged', float('nan')):.0%} before, "
+        f"{a.get('share_flagged', float('nan')):.0%} after",
+        "  predicted class mix before: "
+        + ", ".join(f"{c} {n}" for c, n in b["class_mix"].items() if n),
+        "  predicted class mix after:  "
+        + ", ".join(f"{c} {n}" for c, n in a["class_mix"].items() if n),
+    ]
+    if r.get("verdict"):
+        lines.append(f"before adaptation: {r['verdict_before']['line']}")
+        lines.append(f"verdict: {r['verdict']['line']}")
+    else:
+        lines.append(
+            "verdict: none without labels; score labelled cells of this lab with "
+            "`bench evaluate` (the cells adapted on are left out)"
+        )
+    return "\n".join(lines)
+
+
+def cmd_adapt(args) -> int:
+    r = adapt(
+        args.model,
+        args.data,
+        args.out,
+        labels=args.labels,
+        class_map=args.class_map,
+        groups=args.groups,
+        max_images=args.max_images,
+        seed=args.seed,
+        batch_size=args.batch_size,
+        config=args.config,
+    )
+    print(summary(r))
+    return 0
+
+
+__all__ = ["adapt", "cmd_adapt", "adaptation_rows", "summary"]

@@ -1,0 +1,137 @@
+"""``bench adapt``: a predictor adapted to a new lab's unlabelled images (AdaBN of its CNN
+members, the shift reference refitted) and written as a new verified predictor; the
+original byte-identical, unchanged files linked, the cells adapted on recorded and left out
+of every figure reported for the new predictor."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from bench.commands.adapt import adaptation_rows
+from bench.commands.cli import main
+from core.errors import BenchError
+from ensembles.predictor import load_predictor, verify_predictor
+from tests.conftest import TOY_CLASSES, toy_arrays, write_tiny_config
+
+EXTRA = """
+[ensembles.stack]
+type = "stacking"
+members = "all"
+
+[predictor]
+ensemble = "stack"
+
+[profiles.tiny.candidates.cnn_tiny.params]
+epochs = 6
+"""
+
+
+def _digest(folder: Path) -> dict:
+    return {
+        p.relative_to(folder).as_posix(): hashlib.sha256(p.read_bytes()).hexdigest()
+        for p in sorted(folder.rglob("*"))
+        if p.is_file()
+    }
+
+
+@pytest.fixture(scope="module")
+def model(tmp_path_factory, toy_folder):
+    root = tmp_path_factory.mktemp("adapt_run")
+    cfg = write_tiny_config(root / "cfg.toml", toy_folder, EXTRA)
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("BLOODBENCH_CACHE", str(tmp_path_factory.getbasetemp() / "bloodbench-cache"))
+        assert main(["run", "--config", str(cfg), "--out", str(root / "run")]) == 0
+    return root / "run" / "predictor"
+
+
+def _new_lab(root: Path, n_per_class=12, labelled=True) -> Path:
+    """Toy cells under another 'stain': channels scaled and offset."""
+    images, labels = toy_arrays(n_per_class, 32, seed=5)
+    shifted = np.clip(images * np.array([0.7, 1.1, 0.8]) + [40, -10, 30], 0, 255).astype(np.uint8)
+    for i, (im, c) in enumerate(zip(shifted, labels)):
+        d = root / TOY_CLASSES[c] if labelled else root
+        d.mkdir(parents=True, exist_ok=True)
+        Image.fromarray(im).save(d / f"{TOY_CLASSES[c]}_{i:04d}.png")
+    return root
+
+
+def test_adaptation_rows_keep_half_out_and_whole_groups():
+    used, scored = adaptation_rows(10, None, 2000, 0)
+    assert (
+        len(used) == 5 and set(used) | set(scored) == set(range(10)) and not set(used) & set(scored)
+    )
+    assert len(adaptation_rows(100, None, 7, 0)[0]) == 7
+    groups = ["a"] * 4 + ["b"] * 4 + ["c"] * 4
+    used, scored = adaptation_rows(12, groups, 2000, 1)
+    g = np.asarray(groups)
+    assert not set(g[used]) & set(g[scored]) and 0 < len(used) <= 6
+    with pytest.raises(BenchError, match="at least 2"):
+        adaptation_rows(1, None, 10, 0)
+
+
+def test_adapt_writes_a_new_verified_predictor_and_leaves_the_original(model, tmp_path, capsys):
+    before = _digest(model)
+    lab = _new_lab(tmp_path / "lab")
+    out = tmp_path / "adapted"
+    assert main(["adapt", "--model", str(model), "--data", str(lab), "--out", str(out)]) == 0
+    said = capsys.readouterr().out
+    assert _digest(model) == before  # byte-identical
+    rec = verify_predictor(out)
+    ad = rec.raw["adaptation"]
+    assert ad["n_images"] == 18 and len(ad["rows"]) == 18 and ad["scored_rows"] == 18
+    assert ad["members_adapted"] == ["cnn_tiny"] and ad["layers"] > 0 and not ad["labels_used"]
+    assert (
+        ad["from_manifest_sha256"]
+        == json.loads((model / "manifest.json").read_text())["manifest_sha256"]
+    )
+    # the CNN's fold models were saved anew with other batch-norm statistics; the forest's
+    # files are hard links to the original's
+    old, new = load_predictor(model), load_predictor(out)
+    bn = [
+        (a, b)
+        for ca, cb in zip(old.members_["cnn_tiny"], new.members_["cnn_tiny"])
+        for a, b in zip(ca.model_.layers, cb.model_.layers)
+        if hasattr(a, "moving_mean")
+    ]
+    assert bn and all(not np.allclose(a.moving_mean, b.moving_mean) for a, b in bn)
+    rf = [r for r in rec.raw["files"] if r.startswith("members/rf_hog/")]
+    assert rf and all((out / r).stat().st_ino == (model / r).stat().st_ino for r in rf)
+    assert rec.raw["shift"] != json.loads((model / "manifest.json").read_text())["shift"]
+    # labelled set: scored before and after on the images kept out, with a verdict
+    assert ad["before"]["n"] == ad["after"]["n"] == 18
+    assert sum(ad["after"]["class_mix"].values()) == 18 and 0 <= ad["after"]["share_flagged"] <= 1
+    (line,) = [ln for ln in said.splitlines() if ln.startswith("verdict: ")]
+    assert "on 18 labelled images not used to adapt" in line
+    assert ad["verdict"]["line"] in line
+    assert "Adapted to a new lab" in (out / "MODEL_CARD.md").read_text()
+    # evaluate of the adapted predictor on the same set leaves the adapted cells out
+    ev = tmp_path / "ev"
+    argv = ["evaluate", "--model", str(out), "--data", str(lab), "--out", str(ev)]
+    assert main(argv + ["--no-gradcam"]) == 0
+    res = json.loads((ev / "evaluation.json").read_text())
+    assert res["n"] == 18 and res["data"]["adaptation_rows_left_out"] == 18
+    assert res["balanced_accuracy"] == pytest.approx(ad["after"]["balanced_accuracy"])
+    assert "not used to adapt" in res["verdict"]["line"]
+
+
+def test_adapt_on_unlabelled_images_and_refusals(model, tmp_path, capsys):
+    lab = _new_lab(tmp_path / "flat", n_per_class=4, labelled=False)
+    out = tmp_path / "a"
+    assert main(["adapt", "--model", str(model), "--data", str(lab), "--out", str(out)]) == 0
+    said = capsys.readouterr().out
+    assert "verdict: none without labels" in said
+    assert verify_predictor(out).raw["adaptation"]["n_images"] == 6
+    for args, why in (
+        (["--out", str(out)], "exists; give a new folder"),
+        (["--out", str(model / "x")], "inside the predictor"),
+        (["--out", str(tmp_path / "b"), "--max-images", "0"], "--max-images must be at least 1"),
+    ):
+        assert main(["adapt", "--model", str(model), "--data", str(lab), *args]) == 2
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and why in err[0], err
