@@ -534,7 +534,10 @@ def set_verdict(r: dict, record, stats) -> dict:
     what = "images" if unit["unit"] != "group" else f"images ({unit['n_units']} groups)"
     used = [
         w
-        for w, k in (("calibrate", "calibration_rows_left_out"), ("adapt", "adaptation_rows_left_out"))
+        for w, k in (
+            ("calibrate", "calibration_rows_left_out"),
+            ("adapt", "adaptation_rows_left_out"),
+        )
         if r["data"].get(k)
     ]
     if used:
