@@ -445,6 +445,10 @@ class DataSection(_Section):
     # predictor (core.colour.smooth): the same cell at another export size or JPEG quality
     # gives nearly the same input
     smooth: Number = Field(default=0.0, ge=0, le=MAX_SMOOTH)
+    # per-image colour normalisation after it, in training and in the predictor, for every
+    # candidate kind (core.colour.image_colour): "reinhard" (each image's L*a*b* mean and
+    # spread mapped to a fixed target), "rgb" (per channel), "none"
+    colour_norm: Literal["none", "reinhard", "rgb"] = "none"
     # several labs in one dataset (bench.data.datasets.load_sources): `classes` is the shared list
     sources: list[SourceEntry] = []
 

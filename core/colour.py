@@ -20,6 +20,10 @@ applies them to every image it is given (the first through its
   exactly); ``"reinhard"``: the CIE L*a*b* mean and spread (Reinhard et al. 2001). Only
   the bag's own pixels are used: nothing of another patient, and nothing fitted, enters a
   bag's transform.
+* :func:`image_colour`: the same normalisation per image (``[data] colour_norm``): each
+  image's own statistics mapped to the fixed target, so a lab's stain and camera cast is
+  removed from every image alike, in training and in the predictor, for every candidate
+  kind (features, frozen and fine-tuned transfer, scratch CNNs, a distilled student).
 * :func:`bag_jitter`: stain augmentation drawn per bag: every training cell of a bag gets
   the same random per-channel gain, so no cast is a property of a diagnosis in training.
 """
@@ -41,6 +45,8 @@ RGB_TARGET = {"mean": (205.0, 180.0, 200.0), "std": (40.0, 50.0, 30.0)}
 MAX_SMOOTH = 5.0
 #: ``[patients] bag_colour`` methods
 BAG_COLOUR = ("none", "reinhard", "rgb")
+#: ``[data] colour_norm`` methods (per image)
+COLOUR_NORM = BAG_COLOUR
 _CHUNK = 512
 
 
@@ -119,6 +125,34 @@ def bag_rgb(images: np.ndarray, bag_of_row, target=RGB_TARGET) -> np.ndarray:
     return out
 
 
+def image_colour(images: np.ndarray, method: str) -> np.ndarray:
+    """``uint8`` images (N, H, W, 3) (or one (H, W, 3)), each mapped from its own colour
+    statistics onto the fixed target: ``"reinhard"`` (L*a*b* mean and spread,
+    :data:`REINHARD_TARGET`), ``"rgb"`` (per-channel mean and spread, :data:`RGB_TARGET`),
+    ``"none"`` unchanged."""
+    if method == "none":
+        return images
+    if method not in COLOUR_NORM:
+        raise ValueError(f"unknown colour normalisation '{method}'; known: {list(COLOUR_NORM)}")
+    images = np.asarray(images)
+    one = images.ndim == 3
+    x = images[None] if one else images
+    out = np.empty(x.shape, np.uint8)
+    target = REINHARD_TARGET if method == "reinhard" else RGB_TARGET
+    t_mean, t_std = np.asarray(target["mean"], float), np.asarray(target["std"], float)
+    for s in range(0, len(x), _CHUNK):
+        chunk = np.asarray(x[s : s + _CHUNK])
+        v = rgb2lab(chunk) if method == "reinhard" else chunk.astype(np.float64)
+        mean = v.mean(axis=(1, 2), keepdims=True)
+        std = np.maximum(v.std(axis=(1, 2), keepdims=True), 1e-3)
+        v = (v - mean) / std * t_std + t_mean
+        if method == "reinhard":
+            v[..., 0] = np.clip(v[..., 0], 0, 100)
+            v = lab2rgb(v) * 255
+        out[s : s + _CHUNK] = np.clip(np.round(v), 0, 255).astype(np.uint8)
+    return out[0] if one else out
+
+
 def bag_colour(images: np.ndarray, bag_of_row, method: str) -> np.ndarray:
     """``[patients] bag_colour`` (:data:`BAG_COLOUR`) applied to ``images`` by bag."""
     if method == "none":
@@ -157,6 +191,8 @@ def bag_jitter(images: np.ndarray, bag_of_row, strength: float, seed: int) -> np
 __all__ = [
     "smooth",
     "bag_reinhard",
+    "image_colour",
+    "COLOUR_NORM",
     "bag_rgb",
     "bag_colour",
     "bag_jitter",

@@ -33,7 +33,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageFile, UnidentifiedImageError
 
-from core.colour import MAX_SMOOTH, smooth
+from core.colour import COLOUR_NORM, MAX_SMOOTH, image_colour, smooth
 from core.errors import BenchError
 
 ImageFile.LOAD_TRUNCATED_IMAGES = False
@@ -221,6 +221,8 @@ class Preprocessing:
     color : ``"rgb8"``: 8-bit RGB.
     alpha : ``"white"``: transparent pixels composited on white.
     smooth : sigma in pixels of a Gaussian low-pass after the resize (0: none).
+    colour_norm : per-image colour normalisation after it (:func:`core.colour.image_colour`:
+        ``"reinhard"``, ``"rgb"`` or ``"none"``).
     """
 
     image_size: int
@@ -228,6 +230,7 @@ class Preprocessing:
     color: str = "rgb8"
     alpha: str = "white"
     smooth: float = 0.0
+    colour_norm: str = "none"
 
     def __post_init__(self):
         if (
@@ -242,6 +245,7 @@ class Preprocessing:
             ("resize", RESIZE_FILTERS),
             ("color", {"rgb8"}),
             ("alpha", {"white"}),
+            ("colour_norm", set(COLOUR_NORM)),
         ):
             if getattr(self, name) not in allowed:
                 raise BenchError(
@@ -262,6 +266,8 @@ class Preprocessing:
         d = asdict(self)
         if not self.smooth:  # records written before the step existed read the same
             d.pop("smooth")
+        if self.colour_norm == "none":
+            d.pop("colour_norm")
         return d
 
     @classmethod
@@ -288,13 +294,14 @@ class Preprocessing:
         return np.asarray(img, dtype=np.uint8).copy(), digest
 
     def resize_array(self, a: np.ndarray) -> np.ndarray:
-        """An (H, W, 3) ``uint8`` array resized whole (and smoothed), as in training."""
+        """An (H, W, 3) ``uint8`` array resized whole (smoothed, colour-normalised), as in
+        training."""
         s = self.image_size
         if a.shape[:2] != (s, s):
             a = np.asarray(
                 Image.fromarray(a).resize((s, s), RESIZE_FILTERS[self.resize]), dtype=np.uint8
             )
-        return smooth(a, self.smooth)
+        return image_colour(smooth(a, self.smooth), self.colour_norm)
 
     def apply(self, item) -> np.ndarray:
         """One image path or array -> (S, S, 3) ``uint8`` model input."""

@@ -87,6 +87,7 @@ class Dataset:
     group_keys: list[str] = field(default_factory=list)
     class_maps: dict = field(default_factory=dict)  # lab -> {its class: shared}
     smooth: float = 0.0  # Gaussian low-pass applied to ``images`` ([data] smooth)
+    colour_norm: str = "none"  # per-image colour normalisation applied after it
 
     def __len__(self) -> int:
         return len(self.labels)
@@ -98,7 +99,9 @@ class Dataset:
     @property
     def preprocessing(self) -> Preprocessing:
         """How every image was made (the record a predictor stores)."""
-        return Preprocessing(self.image_size, smooth=float(self.smooth))
+        return Preprocessing(
+            self.image_size, smooth=float(self.smooth), colour_norm=self.colour_norm
+        )
 
     def subset(self, rows: np.ndarray) -> "Dataset":
         rows = np.asarray(rows)
@@ -118,6 +121,7 @@ class Dataset:
             pick(self.group_keys),
             dict(self.class_maps),
             self.smooth,
+            self.colour_norm,
         )
 
     def summary(self) -> dict:

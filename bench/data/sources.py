@@ -43,7 +43,7 @@ from bench.data.datasets import (
     stratified_subset,
 )
 from bench.data.folds import column_by_row, make_groups
-from core.colour import bag_colour, smooth
+from core.colour import bag_colour, image_colour, smooth
 from core.errors import BenchError
 from core.io import stable_hash
 from core.progress import info, warn
@@ -128,7 +128,7 @@ def prepare_data(cfg: Config, show_progress: bool = True) -> tuple[Dataset, Path
         ds = load_sources(cfg, show_progress)
         check_classes(ds, cfg.run.folds)
         path = Path(ds.origin)
-    return with_smoothing(ds, float(cfg.data.smooth)), path
+    return with_colour(with_smoothing(ds, float(cfg.data.smooth)), cfg.data.colour_norm), path
 
 
 def with_smoothing(ds: Dataset, sigma: float) -> Dataset:
@@ -139,6 +139,17 @@ def with_smoothing(ds: Dataset, sigma: float) -> Dataset:
     ds.images = smooth(ds.images, sigma)
     ds.smooth = sigma
     ds.content_hash = stable_hash({"images": ds.content_hash, "smooth": sigma})
+    return ds
+
+
+def with_colour(ds: Dataset, method: str) -> Dataset:
+    """``ds`` with ``[data] colour_norm`` applied to each image
+    (:func:`core.colour.image_colour`); its content hash and preprocessing record say so."""
+    if method == "none":
+        return ds
+    ds.images = image_colour(ds.images, method)
+    ds.colour_norm = method
+    ds.content_hash = stable_hash({"images": ds.content_hash, "colour_norm": method})
     return ds
 
 

@@ -102,6 +102,8 @@ def prepare_candidates(entries: dict, images, plugins=(), shifts=(), seed: int =
 
 def fingerprint(cfg: Config, ds: Dataset, fhash: str) -> dict:
     data = cfg.data.model_dump(exclude={"path", "cache_dir", "fallback", "same_as"})
+    if data.get("colour_norm") == "none":  # runs made before the step existed resume
+        data.pop("colour_norm")
     run = cfg.run.model_dump(include={"seed", "folds"})
     tuning = cfg.tuning.model_dump(exclude={"storage"})  # where, not what
     shared = {"data": data, "run": run, "tuning": tuning}
