@@ -38,6 +38,8 @@ from core.images import IMAGE_SUFFIXES
 from core.io import new_mode
 from core.quiet import filtered_stderr
 from ensembles.record import NO_BAG_COLOUR
+from ensembles.stacking import Stacking
+from ensembles.voting import SoftVoting
 from ensembles.tta import TTA_VIEWS
 
 TOLERANCE = 1e-4  # the largest probability difference ONNX may show against Keras
@@ -67,9 +69,6 @@ def _views_tf(tf):
 def _combiner(pred):
     """The ensemble as numbers: ``("vote", weights)`` or ``("linear", coef, intercept,
     columns, log_inputs)``; a combiner ONNX cannot hold is a :class:`BenchError`."""
-    from ensembles.stacking import Stacking
-    from ensembles.voting import SoftVoting
-
     ens = pred.ensemble_
     if isinstance(ens, SoftVoting):
         return ("vote", np.asarray(ens.weights_, dtype=np.float32))

@@ -9,6 +9,8 @@ from pathlib import Path
 from bench.commands.outputs import check_not_inside, check_writable, run_of
 from core.errors import BenchError
 from core.progress import info
+from ensembles.export import check_exportable, check_images, export_onnx
+from ensembles.predictor import load_predictor
 
 FORMATS = ("onnx",)
 
@@ -55,9 +57,6 @@ def check_args(model: Path, out: Path, fmt: str, n: int) -> None:
 def export(model, out, fmt: str = "onnx", check=None, n: int = 256, seed: int = 0) -> dict:
     """Export the predictor in ``model`` to ``out``; returns the check's figures and the
     speed of both on the check images."""
-    from ensembles.export import check_exportable, check_images, export_onnx
-    from ensembles.predictor import load_predictor
-
     model, out = Path(model).expanduser(), Path(out).expanduser()
     check_args(model, out, fmt, int(n))
     pred = load_predictor(model)
