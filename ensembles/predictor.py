@@ -28,6 +28,7 @@ from typing import NamedTuple
 import numpy as np
 
 from core import registry
+from core.batch import batch_check
 from core.calibration import apply_temperature
 from core.candidate import CANDIDATE_FILE, Candidate, load_candidate
 from core.colour import bag_colour
@@ -331,6 +332,13 @@ class Predictor:
             "fold_models": models,
             "layers": layers,
         }
+
+    def batch_check(self, proba) -> dict | None:
+        """The batch-level warning (:func:`core.batch.batch_check`) of this predictor's
+        probabilities ``proba`` for one batch of cells: ``None`` for predictors saved
+        without a reference or a batch too small to judge."""
+        ref = (self.record.model_extra or {}).get("batch_reference")
+        return batch_check(proba, ref) if ref else None
 
     def shift_scores(self, x, batch_size: int = 256, preprocessed: bool = False) -> np.ndarray:
         """Per image, how far its colours lie from the training images' (0-1: the share of

@@ -105,6 +105,10 @@ def test_the_model_card_states_what_the_run_recorded(run, toy_folder):
     assert f"calibrated on {cp['n_calibration']} rows (the saved combiner" in card
     assert "fitted on the out-of-fold rows" in card
     assert f"Ensemble `{man['ensemble']['name']}` of rf_hog" in card
+    # the batch-level warning's reference: batches of the 60 out-of-fold rows
+    ref = man["batch_reference"]
+    assert set(ref["by_size"]) == {"20", "50"} and len(ref["prevalence"]) == 3
+    assert 0 < ref["by_size"]["50"]["confidence_mean"] <= 1
 
 
 def test_round_trip_gives_identical_probabilities(run, predictor, fresh):

@@ -121,6 +121,7 @@ def _figures(pred, lab: LabSet, rows, batch_size, stats) -> dict:
             for c, n in zip(pred.classes_, np.bincount(pred_cls, minlength=len(pred.classes_)))
         },
     }
+    out["batch_check"] = pred.batch_check(proba) if len(rows) else None
     if pred.conformal_ is not None and len(rows):
         rv = review_of(pred.conformal_, pred.record.conformal.review, proba, shift, fold_proba)
         out["share_flagged"] = float(np.mean(rv["review"]))
@@ -271,6 +272,13 @@ def summary(r: dict) -> str:
         "  predicted class mix after:  "
         + ", ".join(f"{c} {n}" for c, n in a["class_mix"].items() if n),
     ]
+    for when in ("before", "after"):
+        bc = r[when].get("batch_check")
+        if bc:
+            lines.append(
+                f"  batch check {when}: {bc['score']:.1f} reference SDs"
+                + (" (flagged: unlike the training labs)" if bc["flagged"] else " (not flagged)")
+            )
     if r.get("verdict"):
         lines.append(f"before adaptation: {r['verdict_before']['line']}")
         lines.append(f"verdict: {r['verdict']['line']}")

@@ -565,6 +565,7 @@ def cmd_predict(args) -> int:
             )
     if cp:
         print(review_counts(flagged, n_ok, cp.confidence), file=sys.stderr)
+    _warn_batch(pred, done)
     if args.out:
         _write_out(args.out, buf.getvalue(), f"{n_ok} predictions")
         unread = f" and {n_bad} unreadable file(s) (column error)" if n_bad else ""
@@ -576,6 +577,16 @@ def cmd_predict(args) -> int:
     if _summary_on(args):
         _write_summary(args, pred, done, flagged, n_bad)
     return 0
+
+
+def _warn_batch(pred, rows: list) -> None:
+    """The batch-level warning (core.batch) over every readable image of the command."""
+    first = pred.table_header().index(str(pred.classes_[0]))
+    k = len(pred.classes_)
+    proba = np.array([[float(v) for v in r[first : first + k]] for r in rows], dtype=float)
+    check = pred.batch_check(proba) if len(proba) else None
+    if check and check["flagged"]:
+        warn(check["line"])
 
 
 def _write_summary(args, pred, rows: list, flagged: list, n_bad: int) -> None:

@@ -507,6 +507,9 @@ def evaluate(
     if empty_groups:
         result["data"]["images_without_group"] = empty_groups
     result["verdict"] = set_verdict(result, record, stats)
+    result["batch_check"] = pred.batch_check(proba)
+    if result["batch_check"] and result["batch_check"]["flagged"]:
+        warn(result["batch_check"]["line"])
     result["timings"] = {
         "listing_s": t_list,
         "predict_s": t_pred,

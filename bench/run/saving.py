@@ -17,7 +17,8 @@ from bench.data.datasets import Dataset
 from bench.protocols.labs import has_lab_columns, lab_names, lab_summary
 from bench.protocols.patients import bag_settings
 from bench.run.rundir import RunDir
-from core.calibration import fit_temperature
+from core.batch import batch_reference
+from core.calibration import apply_temperature, fit_temperature
 from core.progress import info, warn
 from core.shift import ShiftReference
 from ensembles.build import choose_entry, final_ensemble
@@ -111,6 +112,15 @@ def save_run_predictor(
                 ens.combine([stored[m] for m in members]),
             ),
             **({"bags": bag_settings(cfg, patients, name)} if patients else {}),
+            # the batch-level warning's reference (core.batch): batches of the entry's
+            # out-of-fold rows, as the predictor answers them (temperature included)
+            "batch_reference": batch_reference(
+                apply_temperature(stored[name], calibration["calibration"]["temperature"])
+                if calibration
+                else stored[name],
+                ds.labels,
+                seed=cfg.run.seed,
+            ),
             **(
                 {"leave_one_lab_out": lab_summary(row, lab_names(cfg))}
                 if has_lab_columns(board, lab_names(cfg))
