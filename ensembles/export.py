@@ -37,6 +37,7 @@ from core.errors import BenchError
 from core.images import IMAGE_SUFFIXES
 from core.io import new_mode
 from core.quiet import filtered_stderr
+from ensembles.predictor import fused_outputs
 from ensembles.record import NO_BAG_COLOUR
 from ensembles.stacking import Stacking
 from ensembles.voting import SoftVoting
@@ -130,17 +131,7 @@ def graph_function(pred):
     spec = tf.TensorSpec([None, s, s, 3], tf.uint8, name="images")
 
     def members_of(x):
-        trunks, outs = {}, []
-        for key, model, head in plan:
-            if key is None:
-                h = model(x, training=False)
-            else:
-                if key not in trunks:
-                    trunks[key] = model(x, training=False)
-                h = trunks[key]
-                for layer in head:
-                    h = layer(h, training=False)
-            outs.append(tf.cast(h, tf.float32))
+        outs = fused_outputs(plan, x)
         means, i = [], 0
         for n in per_member:
             means.append(tf.add_n(outs[i : i + n]) / float(n))

@@ -73,6 +73,26 @@ class TableBatch(NamedTuple):
     table: list  # every file's row in the batch's order: ``rows`` and one per unreadable file
 
 
+def fused_outputs(plan, x) -> list:
+    """Each fused fold model's ``float32`` probabilities for the batch ``x`` (a tensor), in
+    ``plan`` order (``(trunk_key, trunk, head layers)``, :meth:`Predictor._fused_plan`):
+    models with the same trunk key share one pass of it."""
+    import tensorflow as tf
+
+    trunks, outs = {}, []
+    for key, model, head in plan:
+        if key is None:
+            h = model(x, training=False)
+        else:
+            if key not in trunks:
+                trunks[key] = model(x, training=False)
+            h = trunks[key]
+            for layer in head:
+                h = layer(h, training=False)
+        outs.append(tf.cast(h, tf.float32))
+    return outs
+
+
 class Predictor:
     """A loaded ensemble predictor. Use :func:`load_predictor`.
 
@@ -140,18 +160,7 @@ class Predictor:
 
             @tf.function(input_signature=[spec])
             def run(x):
-                trunks, outs = {}, []
-                for key, model, head in plan:
-                    if key is None:
-                        h = model(x, training=False)
-                    else:
-                        if key not in trunks:
-                            trunks[key] = model(x, training=False)
-                        h = trunks[key]
-                        for layer in head:
-                            h = layer(h, training=False)
-                    outs.append(tf.cast(h, tf.float32))
-                return tf.stack(outs)
+                return tf.stack(fused_outputs(plan, x))
 
             self._fused = run
         return self._fused
