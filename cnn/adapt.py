@@ -37,7 +37,9 @@ def adapt_batchnorm(model, X: np.ndarray, batch_size: int = 256) -> int:
         axes = tuple(i for i in range(len(bn.input.shape)) if i != bn.axis % len(bn.input.shape))
         total, total_sq, n = 0.0, 0.0, 0
         for i in range(0, len(X), batch_size):
-            h = keras.ops.convert_to_numpy(probe(X[i : i + batch_size], training=False))
+            # the inputs as the model's structure (a list of its one input): a bare tensor
+            # draws Keras's "structure of inputs doesn't match" warning once per batch
+            h = keras.ops.convert_to_numpy(probe([X[i : i + batch_size]], training=False))
             h = h.astype(np.float64)
             total = total + h.sum(axis=axes)
             total_sq = total_sq + (h * h).sum(axis=axes)
