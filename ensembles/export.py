@@ -127,6 +127,7 @@ def graph_function(pred):
     comb = _combiner(pred)
     k = len(pred.classes_)
     t = pred.record.temperature
+    la = pred.label_adaptation_
     s = pred.image_size
     spec = tf.TensorSpec([None, s, s, 3], tf.uint8, name="images")
 
@@ -155,6 +156,10 @@ def graph_function(pred):
         p = tf.add_n([combine(members_of(v(images))) for v in views]) / float(len(views))
         if t:
             p = tf.nn.softmax(tf.math.log(tf.clip_by_value(p, _EPS_TEMPER, 1.0)) / float(t))
+        if la:  # bench adapt --n: the new lab's temperature and class offsets
+            logp = tf.math.log(tf.clip_by_value(p, _EPS_TEMPER, 1.0))
+            bias = tf.constant(np.asarray(la["bias"], dtype=np.float32))
+            p = tf.nn.softmax(logp / float(la["temperature"]) + bias)
         return tf.identity(p, name="probabilities")
 
     return probabilities

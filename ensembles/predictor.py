@@ -28,6 +28,7 @@ from typing import NamedTuple
 import numpy as np
 
 from core import registry
+from core import recalibrate
 from core.batch import batch_check
 from core.calibration import apply_temperature
 from core.candidate import CANDIDATE_FILE, Candidate, load_candidate
@@ -132,6 +133,7 @@ class Predictor:
         self._fused = None
         self.tta = record.tta
         self.shift_reference_ = record.shift.reference if record.shift else None
+        self.label_adaptation_ = (record.model_extra or {}).get("label_adaptation")
         cp = record.conformal  # prediction sets and review rule (core.conformal)
         try:
             self.conformal_ = cp.sets(len(self.classes_)) if cp else None
@@ -259,7 +261,9 @@ class Predictor:
 
     def _temper(self, p: np.ndarray) -> np.ndarray:
         t = self.record.temperature  # [predictor] temperature_scaling: T fitted on the
-        return apply_temperature(p, float(t)) if t else p  # ensemble's out-of-fold rows
+        p = apply_temperature(p, float(t)) if t else p  # ensemble's out-of-fold rows
+        la = self.label_adaptation_  # bench adapt --n: a new lab's labelled cells
+        return recalibrate.apply(p, la["temperature"], la["bias"]) if la else p
 
     @property
     def n_folds_(self) -> int:

@@ -135,3 +135,46 @@ def test_adapt_on_unlabelled_images_and_refusals(model, tmp_path, capsys):
         assert main(["adapt", "--model", str(model), "--data", str(lab), *args]) == 2
         err = capsys.readouterr().err.strip().splitlines()
         assert len(err) == 1 and why in err[0], err
+
+
+def test_recalibration_learns_a_lab_shift_and_keeps_the_original_when_nothing_changed():
+    from core import recalibrate
+
+    rng = np.random.default_rng(0)
+    y = rng.integers(0, 3, 300)
+    logits = rng.normal(0, 1, (300, 3))
+    logits[np.arange(300), y] += 2.0
+    p = np.exp(logits) / np.exp(logits).sum(1, keepdims=True)
+    # the same cells, as a lab where the model leans to class 0 (a stain that looks like it)
+    leaning = recalibrate.apply(p, 1.0, [2.0, 0.0, 0.0])
+    fit = recalibrate.fit(leaning[:150], y[:150])
+    fixed = recalibrate.apply(leaning[150:], fit["temperature"], fit["bias"])
+
+    def nll(q, t):
+        return -np.log(q[np.arange(len(t)), t]).mean()
+
+    assert nll(fixed, y[150:]) < nll(leaning[150:], y[150:]) - 0.2
+    assert fit["bias"][0] < fit["bias"][1] and fit["bias"][0] < fit["bias"][2]
+    # nothing to learn: the inner CV keeps (nearly) the original answers
+    same = recalibrate.fit(p[:150], y[:150])
+    kept = recalibrate.apply(p[150:], same["temperature"], same["bias"])
+    assert np.mean(kept.argmax(1) == p[150:].argmax(1)) > 0.95
+
+
+def test_adapt_with_labelled_cells_recalibrates_the_output(model, tmp_path, capsys):
+    lab = _new_lab(tmp_path / "lab")
+    out = tmp_path / "adapted_n"
+    argv = ["adapt", "--model", str(model), "--data", str(lab), "--out", str(out), "--n", "9"]
+    assert main(argv) == 0
+    said = capsys.readouterr().out
+    assert "9 labelled cells recalibrated the output" in said
+    rec = verify_predictor(out).raw
+    la, ad = rec["label_adaptation"], rec["adaptation"]
+    assert la["n"] == 9 and set(la["rows"]) <= set(ad["rows"]) and ad["labels_used"]
+    assert la["temperature"] > 0 and len(la["bias"]) == 3
+    assert load_predictor(out).label_adaptation_["bias"] == la["bias"]
+    # without labels, --n is refused before any model is loaded
+    flat = _new_lab(tmp_path / "flat", n_per_class=4, labelled=False)
+    bad = ["adapt", "--model", str(model), "--data", str(flat), "--out", str(tmp_path / "x")]
+    assert main(bad + ["--n", "5"]) == 2
+    assert "has no labels" in capsys.readouterr().err

@@ -34,6 +34,8 @@ from bench.commands.evaluate import map_classes, predict_items, read_class_map
 from bench.commands.outputs import check_not_inside, check_writable, run_of
 from bench.data.external_data import load_external, resolve_data
 from bench.stats.scoring import score, stats_of_run, verdict
+from bench.commands.calibrate import draw
+from core import recalibrate
 from core.conformal import review_of
 from core.errors import BenchError
 from core.images import find_images
@@ -102,6 +104,21 @@ def adaptation_rows(n: int, groups, max_images: int, seed: int) -> tuple[np.ndar
         used += list(members)
     used_arr = np.sort(np.asarray(used))
     return used_arr, np.setdiff1d(rows, used_arr)
+
+
+def _labelled_draw(lab: LabSet, used, n: int, seed: int) -> np.ndarray:
+    """``n`` labelled cells among the rows adapted on (so the scored half stays untouched):
+    stratified by class, or whole groups with ``--groups``."""
+    rows = np.asarray([i for i in used if lab.labels[i] >= 0])
+    if n > len(rows):
+        raise BenchError(
+            f"--n {n}: only {len(rows)} labelled cells lie in the half of the set used to adapt "
+            f"(the other half is kept out to score); lower --n or raise --max-images"
+        )
+    labels = [str(lab.labels[i]) for i in rows]
+    groups = [lab.groups[i] for i in rows] if lab.groups is not None else None
+    picked, _ = draw(labels, groups, n, seed)
+    return rows[picked]
 
 
 def _figures(pred, lab: LabSet, rows, batch_size, stats) -> dict:
@@ -188,6 +205,7 @@ def adapt(
     seed: int = 0,
     batch_size: int = 128,
     config=None,
+    n: int | None = None,
 ) -> dict:
     """Adapt the predictor in ``model`` to the images of ``data``; write it to ``out``.
     Returns the adaptation record (as stored in the new manifest)."""
@@ -196,6 +214,8 @@ def adapt(
         raise BenchError(f"--max-images must be at least 1, got {max_images}")
     if batch_size < 1:
         raise BenchError(f"--batch-size must be at least 1, got {batch_size}")
+    if n is not None and n < 2:
+        raise BenchError(f"--n must be at least 2 labelled cells, got {n}")
     if not model.is_dir():
         raise BenchError(f"--model not found: {model}")
     if out.exists() or out.is_symlink():
@@ -211,7 +231,13 @@ def adapt(
         )
     classes = list(record.classes)
     lab = _lab_set(data, labels, class_map, groups, config, classes)
+    if n is not None and lab.labels is None:
+        raise BenchError(
+            f"--n {n} draws labelled cells: --data {data} has no labels (give class folders, "
+            "an .npz, a dataset name or --labels FILE.csv:COLUMN)"
+        )
     used, scored = adaptation_rows(len(lab.items), lab.groups, int(max_images), int(seed))
+    drawn = _labelled_draw(lab, used, n, seed) if n is not None else None
     stats, _ = stats_of_run(model)
     pred = load_predictor(model)
     adaptable = [n for n in pred.member_names_ if all(c.adaptable for c in pred.members_[n])]
@@ -225,6 +251,18 @@ def adapt(
     done = pred.adapt(X, max_images=len(X), seed=seed, preprocessed=True)
     reference = ShiftReference.fit(X, seed=seed)
     pred.shift_reference_ = reference
+    label_adaptation = None
+    if drawn is not None:  # the labelled cells, through the adapted members
+        proba, ok, _, _, _ = predict_items(pred, [lab.items[i] for i in drawn], batch_size, True)
+        rows = np.asarray(drawn)[ok]
+        label_adaptation = recalibrate.fit(proba[ok], lab.labels[rows], seed=int(seed)) | {
+            "n": int(len(rows)),
+            "rows": [lab.shown[i] for i in rows],
+            "seed": int(seed),
+            "method": "temperature and per-class offsets on the combined output, shrunk "
+            "toward the original by inner cross-validation (core.recalibrate)",
+        }
+        pred.label_adaptation_ = label_adaptation
     after = _figures(pred, lab, scored, batch_size, stats)
     record_ = {
         "method": METHOD,
@@ -238,7 +276,8 @@ def adapt(
         "members_adapted": adaptable,
         "fold_models": done["fold_models"],
         "layers": done["layers"],
-        "labels_used": False,
+        "labels_used": label_adaptation is not None,
+        "n_labelled": 0 if label_adaptation is None else label_adaptation["n"],
         "from_predictor": str(model.resolve()),
         "from_manifest_sha256": manifest["manifest_sha256"],
         "scored_rows": int(len(scored)),
@@ -247,7 +286,10 @@ def adapt(
         "verdict_before": _verdict(before, stats, in_lab),
         "verdict": _verdict(after, stats, in_lab),
     }
-    new = json.loads(json.dumps({**manifest, "adaptation": record_, "shift": reference.to_dict()}))
+    new = {**manifest, "adaptation": record_, "shift": reference.to_dict()}
+    if label_adaptation is not None:
+        new["label_adaptation"] = label_adaptation
+    new = json.loads(json.dumps(new))
     _write(model, out, pred, new, set(adaptable) if done["layers"] else set())
     verify_predictor(out)
     info(
@@ -263,7 +305,12 @@ def summary(r: dict) -> str:
     lines = [
         f"adapted on {r['n_images']} images of {r['data_name']} (seed {r['seed']}): "
         f"{r['layers']} batch-norm layers of {r['fold_models']} fold models "
-        f"({', '.join(r['members_adapted']) or 'no adaptable member'}); shift reference refitted",
+        f"({', '.join(r['members_adapted']) or 'no adaptable member'}); shift reference refitted"
+        + (
+            f"; {r['n_labelled']} labelled cells recalibrated the output"
+            if r.get("n_labelled")
+            else ""
+        ),
         f"on the {b['n']} images kept out: share to review "
         f"{b.get('share_flagged', float('nan')):.0%} before, "
         f"{a.get('share_flagged', float('nan')):.0%} after",
@@ -302,6 +349,7 @@ def cmd_adapt(args) -> int:
         seed=args.seed,
         batch_size=args.batch_size,
         config=args.config,
+        n=args.n,
     )
     print(summary(r))
     return 0

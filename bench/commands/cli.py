@@ -204,6 +204,9 @@ def _predict_parsers(sub) -> None:
     ada.add_argument(
         "--max-images", type=int, default=2000, help="images to adapt on (at most half)"
     )
+    ada.add_argument(
+        "--n", type=int, default=None, help="labelled cells to recalibrate the output on"
+    )
     ada.add_argument("--seed", type=int, default=0)
     ada.add_argument("--batch-size", type=int, default=128)
     ada.add_argument("--config", default=None, help="config for --data NAME")
