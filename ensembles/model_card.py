@@ -195,13 +195,22 @@ def model_card(m: PredictorRecord) -> str:
         out += [
             "",
             "### Adapted to a new lab",
-            f"- `bench adapt` on {ad['n_images']} unlabelled images of `{ad.get('data_name')}` "
+            f"- `bench adapt` on {ad['n_images']} images of `{ad.get('data_name')}` "
             f"(seed {ad['seed']}): {ad['method']}; {ad['layers']} batch-norm layers of "
             f"{ad['fold_models']} fold models ({', '.join(ad['members_adapted']) or 'none'}). "
             "Those images are recorded (`adaptation.rows`) and `bench evaluate` leaves them "
             "out. The prediction sets are still those of the training labs: recalibrate "
             "them with `bench calibrate`.",
-        ] + ([f"- Verdict at adaptation: {v['line']}."] if v else [])
+        ]
+        la = (m.model_extra or {}).get("label_adaptation")
+        out.append(
+            f"- {la['n']} of those images were used with their labels (seed {la['seed']}): "
+            f"the combined output recalibrated ({la['method']}; temperature "
+            f"{_f(float(la['temperature']))}, penalty {la['lambda']:g})."
+            if la
+            else "- No labels were used (AdaBN and the shift reference need none)."
+        )
+        out += [f"- Verdict at adaptation: {v['line']}."] if v else []
     out += ["", "### Outside the lab"]
     labs = m.leave_one_lab_out
     if labs:

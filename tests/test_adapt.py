@@ -109,7 +109,8 @@ def test_adapt_writes_a_new_verified_predictor_and_leaves_the_original(model, tm
     (line,) = [ln for ln in said.splitlines() if ln.startswith("verdict: ")]
     assert "on 18 labelled images not used to adapt" in line
     assert ad["verdict"]["line"] in line
-    assert "Adapted to a new lab" in (out / "MODEL_CARD.md").read_text()
+    card = (out / "MODEL_CARD.md").read_text()
+    assert "Adapted to a new lab" in card and "No labels were used" in card
     # evaluate of the adapted predictor on the same set leaves the adapted cells out
     ev = tmp_path / "ev"
     argv = ["evaluate", "--model", str(out), "--data", str(lab), "--out", str(ev)]
@@ -173,6 +174,9 @@ def test_adapt_with_labelled_cells_recalibrates_the_output(model, tmp_path, caps
     assert la["n"] == 9 and set(la["rows"]) <= set(ad["rows"]) and ad["labels_used"]
     assert la["temperature"] > 0 and len(la["bias"]) == 3
     assert load_predictor(out).label_adaptation_["bias"] == la["bias"]
+    card = (out / "MODEL_CARD.md").read_text()
+    assert "9 of those images were used with their labels" in card
+    assert "unlabelled" not in card.split("### Adapted to a new lab")[1].split("###")[0]
     # without labels, --n is refused before any model is loaded
     flat = _new_lab(tmp_path / "flat", n_per_class=4, labelled=False)
     bad = ["adapt", "--model", str(model), "--data", str(flat), "--out", str(tmp_path / "x")]
