@@ -72,6 +72,7 @@ class TableBatch(NamedTuple):
     shift: object  # the readable images' shift scores (None without a reference)
     review: object  # their prediction sets and review flags (None without stored sets)
     table: list  # every file's row in the batch's order: ``rows`` and one per unreadable file
+    proba: object = None  # the readable images' probabilities (N, K), in ``rows`` order
 
 
 def fused_outputs(plan, x) -> list:
@@ -449,7 +450,7 @@ class Predictor:
             paths, batch_size, keep_full=cams_to is not None, show=show
         ):
             if not len(good):
-                yield TableBatch([], errors, None, None, in_order([], [], errors))
+                yield TableBatch([], errors, None, None, in_order([], [], errors), proba)
                 continue
             top = np.argmax(proba, axis=1)
             cams = None if cams_to is None else self.explain(X, class_index=top, preprocessed=True)
@@ -487,7 +488,7 @@ class Predictor:
                         "",
                     ]
                 )
-            yield TableBatch(rows, errors, shift, rv, in_order(rows, good, errors))
+            yield TableBatch(rows, errors, shift, rv, in_order(rows, good, errors), proba)
 
     def predict(self, x, batch_size: int = 256) -> np.ndarray:
         """Class names of the most probable class."""

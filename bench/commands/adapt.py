@@ -33,7 +33,7 @@ import numpy as np
 from bench.commands.evaluate import map_classes, predict_items, read_class_map
 from bench.commands.outputs import check_not_inside, check_writable, run_of
 from bench.data.external_data import load_external, resolve_data
-from bench.stats.scoring import score, stats_of_run, verdict
+from bench.stats.scoring import score, stats_of_run, verdict_of_score
 from bench.commands.calibrate import draw
 from core import recalibrate
 from core.conformal import review_of
@@ -121,9 +121,9 @@ def _labelled_draw(lab: LabSet, used, n: int, seed: int) -> np.ndarray:
     return rows[picked]
 
 
-def _figures(pred, lab: LabSet, rows, batch_size, stats) -> dict:
+def _figures(pred, lab: LabSet, rows, batch_size, stats, in_lab) -> tuple[dict, dict | None]:
     """The predictor on ``rows``: predicted class mix, share to review and, with labels,
-    balanced accuracy with its interval."""
+    balanced accuracy with its interval; and the verdict on them (``None`` without labels)."""
     proba, ok, _, fold_proba, shift = predict_items(
         pred, [lab.items[i] for i in rows], batch_size, True
     )
@@ -156,22 +156,16 @@ def _figures(pred, lab: LabSet, rows, batch_size, stats) -> dict:
                 "accuracy": sc["accuracy"],
                 "n_labelled": int(known.sum()),
             }
-    return out
-
-
-def _verdict(fig: dict, stats, in_lab) -> dict | None:
-    if "balanced_accuracy" not in fig:
-        return None
-    return verdict(
-        fig["balanced_accuracy"],
-        fig["balanced_accuracy_lo"],
-        fig["balanced_accuracy_hi"],
-        fig["n_labelled"],
-        stats,
-        in_lab=in_lab,
-        review_share=fig.get("share_flagged"),
-        what="labelled images not used to adapt",
-    )
+            judged = verdict_of_score(
+                sc,
+                int(known.sum()),
+                stats,
+                in_lab=in_lab,
+                review_share=out.get("share_flagged"),
+                what="labelled images not used to adapt",
+            )
+            return out, judged
+    return out, None
 
 
 def _write(model: Path, out: Path, pred, manifest: dict, adapted: set[str]) -> None:
@@ -243,7 +237,7 @@ def adapt(
     adaptable = [n for n in pred.member_names_ if all(c.adaptable for c in pred.members_[n])]
     in_lab = (record.leaderboard or {}).get("balanced_accuracy")
     info(f"scoring the {len(scored)} images kept out of adaptation, before ...")
-    before = _figures(pred, lab, scored, batch_size, stats)
+    before, verdict_before = _figures(pred, lab, scored, batch_size, stats, in_lab)
     info(f"adapting {', '.join(adaptable) or 'no member'} on {len(used)} images of {lab.path} ...")
     X = pred.preprocessing.load([lab.items[i] for i in used], skip_errors=True)[0]
     if not len(X):
@@ -263,7 +257,7 @@ def adapt(
             "toward the original by inner cross-validation (core.recalibrate)",
         }
         pred.label_adaptation_ = label_adaptation
-    after = _figures(pred, lab, scored, batch_size, stats)
+    after, verdict_after = _figures(pred, lab, scored, batch_size, stats, in_lab)
     record_ = {
         "method": METHOD,
         "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
@@ -283,8 +277,8 @@ def adapt(
         "scored_rows": int(len(scored)),
         "before": before,
         "after": after,
-        "verdict_before": _verdict(before, stats, in_lab),
-        "verdict": _verdict(after, stats, in_lab),
+        "verdict_before": verdict_before,
+        "verdict": verdict_after,
     }
     new = {**manifest, "adaptation": record_, "shift": reference.to_dict()}
     if label_adaptation is not None:

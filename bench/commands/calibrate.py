@@ -26,7 +26,7 @@ import numpy as np
 from sklearn.model_selection import train_test_split
 
 from bench.commands.evaluate import predict_items, load_external, map_classes, read_class_map
-from bench.stats.scoring import score, stats_of_run, verdict
+from bench.stats.scoring import score, stats_of_run, verdict_of_score
 from core.conformal import METHODS, ConformalSets, check_confidence, review_of, review_threshold
 from core.errors import BenchError
 from bench.commands.outputs import check_not_inside, check_writable, folder_size, run_of
@@ -304,11 +304,8 @@ def _verdict_on_rest(model, pred, ext, mapping, index, used, state, review, args
     groups = [ext.groups[i] for i in rest] if ext.groups is not None else None
     sc = score(y, proba, list(index), groups=groups, stats=stats)
     flagged = review_of(state, Review(**review), proba, shift)["review"]
-    ci = sc["ci"]["balanced_accuracy"]
-    return verdict(
-        sc["balanced_accuracy"],
-        ci["lo"],
-        ci["hi"],
+    return verdict_of_score(
+        sc,
         len(y),
         stats,
         review_share=float(np.mean(flagged)),

@@ -534,7 +534,7 @@ def cmd_predict(args) -> int:
     shift = pred.shift_reference_  # None for predictors saved without one
     cp = pred.conformal_  # prediction sets and review flag, when stored
     writer.writerow(pred.table_header(gradcam=bool(args.gradcam)))
-    flagged, done = [], []  # per batch: review flags; readable rows
+    flagged, done, probas = [], [], []  # per batch: review flags; readable rows; probabilities
     n_ok, n_bad, scores = 0, 0, []
     with cams_out.staged() if cams_out else nullcontext(None) as cam_dir:
         for batch in pred.predict_table(
@@ -551,6 +551,7 @@ def cmd_predict(args) -> int:
             if cp:
                 flagged.append(batch.review)
             done += batch.rows
+            probas.append(batch.proba)
             n_ok += len(batch.rows)
         if not n_ok:
             raise BenchError(
@@ -568,7 +569,7 @@ def cmd_predict(args) -> int:
             )
     if cp:
         print(review_counts(flagged, n_ok, cp.confidence), file=sys.stderr)
-    _warn_batch(pred, done)
+    _warn_batch(pred, probas)
     if args.out:
         _write_out(args.out, buf.getvalue(), f"{n_ok} predictions")
         unread = f" and {n_bad} unreadable file(s) (column error)" if n_bad else ""
@@ -582,12 +583,10 @@ def cmd_predict(args) -> int:
     return 0
 
 
-def _warn_batch(pred, rows: list) -> None:
-    """The batch-level warning (core.batch) over every readable image of the command."""
-    first = pred.table_header().index(str(pred.classes_[0]))
-    k = len(pred.classes_)
-    proba = np.array([[float(v) for v in r[first : first + k]] for r in rows], dtype=float)
-    check = pred.batch_check(proba) if len(proba) else None
+def _warn_batch(pred, probas: list) -> None:
+    """The batch-level warning (core.batch) over every readable image of the command
+    (``probas``: each table batch's probabilities)."""
+    check = pred.batch_check(np.concatenate(probas)) if probas else None
     if check and check["flagged"]:
         warn(check["line"])
 

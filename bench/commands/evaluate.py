@@ -46,7 +46,7 @@ from bench.report.evaluation import gradcam_gallery, predictions_csv, write_page
 from bench.report.html import slug
 from bench.stats.scoring import (
     METRIC_KEYS,
-    verdict,
+    verdict_of_score,
     in_domain,
     stats_of_run,
     per_external_class,
@@ -525,7 +525,6 @@ def set_verdict(r: dict, record, stats) -> dict:
     """The plain-words verdict of an evaluation (:func:`bench.stats.scoring.verdict`): its
     balanced accuracy with the interval, against the run's in-lab figure on the same classes
     (else the predictor's recorded one), and the share that would go to review."""
-    ci = r["ci"]["balanced_accuracy"]
     dom = r.get("in_domain")
     in_lab = (
         dom["same_classes"]["balanced_accuracy"]
@@ -545,16 +544,7 @@ def set_verdict(r: dict, record, stats) -> dict:
     ]
     if used:
         what += " not used to " + " or ".join(used)
-    return verdict(
-        r["balanced_accuracy"],
-        ci["lo"],
-        ci["hi"],
-        r["n"],
-        stats,
-        in_lab=in_lab,
-        review_share=review,
-        what=what,
-    )
+    return verdict_of_score(r, r["n"], stats, in_lab=in_lab, review_share=review, what=what)
 
 
 # ----------------------------------------------------------------------------- summary

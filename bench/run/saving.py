@@ -39,6 +39,7 @@ def save_run_predictor(
     choice = pred_cfg.ensemble
     tolerance = float(pred_cfg.robust_tolerance)
     carried = patients[3].get("carried") if patients is not None else None
+    shortcuts = cfg.colour_only_candidates()
     chosen_by = {
         "best": f"best {metric} of the candidates and ensembles (colour-only shortcuts left out)",
         "robust": f"best {metric} under simulated shift ([stress]) of the candidates and "
@@ -51,9 +52,9 @@ def save_run_predictor(
             f"predictor can carry ({carried['row']}; see the nested figure)"
         )
     else:
-        row = choose_entry(board, choice, metric, tolerance, cfg.colour_only_candidates())
+        row = choose_entry(board, choice, metric, tolerance, shortcuts)
     name = row["candidate"]
-    if name in cfg.colour_only_candidates():
+    if name in shortcuts:
         warn(
             f"the saved predictor '{name}' is a colour-only candidate: it can score by "
             "reading this lab's stain and camera (an acquisition shortcut); add a candidate "

@@ -248,6 +248,13 @@ def verdict(
     return {"verdict": word, "line": line}
 
 
+def verdict_of_score(sc: dict, n: int, stats: StatsSection, **kw) -> dict:
+    """:func:`verdict` of a :func:`score` result (or an evaluation holding its keys): its
+    balanced accuracy and that figure's interval."""
+    ci = sc["ci"]["balanced_accuracy"]
+    return verdict(sc["balanced_accuracy"], ci["lo"], ci["hi"], n, stats, **kw)
+
+
 def stats_of_run(predictor_dir: Path) -> tuple[StatsSection, str]:
     """The ``[stats]`` of the run a saved predictor was made by (its ``config.toml``, when
     the predictor sits in its run directory ``DIR/predictor``), else the defaults; and
