@@ -575,7 +575,7 @@ class PatientsSection(_Section):
     trim: Number = Field(default=0.1, ge=0, lt=0.5)  # trimmed mean: fraction cut at each end
     # top-k mean: mean of the highest fraction of a bag's cells
     top_fraction: Number = Field(default=0.2, gt=0, le=1)
-    # feature set of the composition's cell-type classifier
+    # feature set of the cell-type stage's model (composition, [typed cells] rows, type model)
     composition_features: str = Field(default="all", min_length=1)
     # decision threshold, chosen on the training folds' bags: "youden" (best balanced
     # accuracy), "half" (0.5) or "sensitivity:X", X in (0, 1] (the highest threshold that
@@ -597,6 +597,10 @@ class PatientsSection(_Section):
     # fewer readable cells than this: no call ("refer"); "auto": the 5th percentile of
     # the training bags' cell counts (ensembles.bags.min_cells_from_counts)
     min_cells: Annotated[int, Field(ge=1)] | Literal["auto"] = "auto"
+    # the most patients the predictor may refer: its referral band around the threshold
+    # holds at most this share of the out-of-fold patients (core.conformal.refer_band;
+    # the nested figure draws the band without the outer fold's patients)
+    refer_rate: Number = Field(default=0.25, ge=0, le=1)
     seed: int = Field(default=0, ge=0)
 
     @field_validator("threshold")

@@ -125,7 +125,10 @@ def main(argv=None) -> int:
                 X, _, _ = pred.load_bag(items)  # as predict --bags reads a bag
                 _, fold_proba = pred.predict_proba(X, len(X), folds=True, one_bag=True)
                 p = fold_proba[int(fold_of[name])][:, pos]  # the fold that never saw it
-                results.append((name, len(X), call_bag(spec, classes, p)[0]))
+                # a task over cell types: the stored cell-type model types the cells (it
+                # saw every run patient's cells; the comparison is between ways)
+                type_p, _ = pred.cell_type_proba(X)
+                results.append((name, len(X), call_bag(spec, classes, p, None, type_p)[0]))
         for name, n, score in results:
             out.append(
                 {

@@ -452,20 +452,76 @@ def review_flags(
     return out
 
 
-def refer_band(scores, positive, threshold: float) -> dict:
-    """The band of patient scores where out-of-fold patients were misclassified (always
-    holding the threshold): a new patient scoring inside it is referred."""
+def refer_band(scores, positive, threshold: float, max_rate: float = 1.0) -> dict:
+    """The band of patient scores around the threshold where a new patient is referred,
+    drawn on out-of-fold patients: at most ``max_rate`` of them inside it (``[patients]
+    refer_rate``). Among the bands that run from the threshold to the scores of the
+    nearest patients on either side, the one that leaves the fewest misclassified patients
+    outside it, then the narrowest; with ``max_rate = 1`` it spans every misclassified
+    patient and the threshold."""
     scores = np.asarray(scores, dtype=np.float64)
     positive = np.asarray(positive, dtype=bool)
     wrong = (scores >= threshold) != positive
-    vals = np.append(scores[wrong], threshold)
+    below = np.argsort(-np.where(scores < threshold, scores, -np.inf))[
+        : int((scores < threshold).sum())
+    ]
+    above = np.argsort(np.where(scores >= threshold, scores, np.inf))[
+        : int((scores >= threshold).sum())
+    ]
+    cap = int(np.floor(max_rate * len(scores) + 1e-9))
+    wb = np.concatenate([[0], np.cumsum(wrong[below])])  # misclassified among the i nearest
+    wa = np.concatenate([[0], np.cumsum(wrong[above])])
+    best = (int(wrong.sum()), 0, 0, 0)  # (outside, inside, i, j)
+    for i in range(min(cap, len(below)) + 1):
+        j_max = min(cap - i, len(above))
+        j = np.arange(j_max + 1)
+        outside = int(wrong.sum()) - wb[i] - wa[j]
+        k = int(np.lexsort((i + j, outside))[0])
+        cand = (int(outside[k]), int(i + j[k]), i, int(j[k]))
+        if cand[:2] < best[:2]:
+            best = cand
+    _, inside, i, j = best
     return {
-        "lo": float(vals.min()),
-        "hi": float(vals.max()),
+        "lo": float(scores[below[i - 1]]) if i else float(threshold),
+        "hi": float(scores[above[j - 1]]) if j else float(threshold),
         "n_wrong": int(wrong.sum()),
+        "n_wrong_outside": best[0],
+        "n_inside": inside,
         "n": int(len(scores)),
-        "rule": "scores of the misclassified out-of-fold patients and the threshold",
+        "max_rate": float(max_rate),
+        "rule": f"at most {max_rate:.0%} of the out-of-fold patients inside, the fewest "
+        "misclassified ones left outside",
     }
+
+
+def referral_curve(scores, positive, thresholds, bands) -> list[dict]:
+    """For each band (``(lo, hi)`` per patient, one pair of arrays per entry of
+    ``bands``: ``{max_rate: (lo, hi)}``), the share of patients referred and the accuracy,
+    sensitivity and specificity of the patients called (their score outside the band, at
+    their ``thresholds``): a risk-referral curve."""
+    s = np.asarray(scores, dtype=np.float64)
+    pos = np.asarray(positive, dtype=bool)
+    call = s >= np.asarray(thresholds, dtype=np.float64)
+    out = []
+    for rate, (lo, hi) in bands.items():
+        referred = (s >= np.asarray(lo)) & (s <= np.asarray(hi))
+        kept = ~referred
+        right = call == pos
+        out.append(
+            {
+                "max_rate": float(rate),
+                "referred": float(referred.mean()) if len(s) else 0.0,
+                "n_called": int(kept.sum()),
+                "accuracy_called": float(right[kept].mean()) if kept.any() else float("nan"),
+                "sensitivity_called": (
+                    float(call[kept & pos].mean()) if (kept & pos).any() else float("nan")
+                ),
+                "specificity_called": (
+                    float((~call)[kept & ~pos].mean()) if (kept & ~pos).any() else float("nan")
+                ),
+            }
+        )
+    return out
 
 
 def predictor_entry(
@@ -558,6 +614,7 @@ __all__ = [
     "review_flags",
     "confidence_scores",
     "refer_band",
+    "referral_curve",
     "join_set",
     "predictor_entry",
     "review_of",

@@ -32,6 +32,12 @@ from sklearn.pipeline import make_pipeline
 from sklearn.preprocessing import StandardScaler
 
 from core.shift import ShiftReference
+from ensembles.celltypes import (
+    TypeModelAggregator,
+    disease_probability,
+    type_profile,
+    typed_cells,
+)
 from ensembles.mil import AttentionMIL
 
 
@@ -143,6 +149,7 @@ AGGREGATORS = {
         TrimmedMeanAggregator,
         TopKMeanAggregator,
         CompositionAggregator,
+        TypeModelAggregator,
         AttentionMIL,
     )
 }
@@ -151,6 +158,9 @@ AGGREGATORS = {
 DEFAULT_AGGREGATORS = tuple(n for n, cls in AGGREGATORS.items() if not cls.needs_embeddings)
 #: the aggregators of cell probabilities alone (no fit): what a saved predictor can carry
 CELL_AGGREGATORS = tuple(n for n, cls in AGGREGATORS.items() if not cls.needs_fit)
+#: what a saved predictor's bag task can apply: the cell aggregators and the type model
+#: (with the cell-type model it reads, stored as arrays: :mod:`ensembles.celltypes`)
+CARRIED_AGGREGATORS = (*CELL_AGGREGATORS, TypeModelAggregator.name)
 
 
 def aggregators_needing(names, need: str) -> list[str]:
@@ -262,15 +272,34 @@ def bag_decision(
     return call, ""
 
 
-def call_bag(spec, classes, p_positive, shift=None) -> tuple[float, str, str]:
+def bag_score(spec, p_positive, type_proba=None) -> float:
+    """A bag's score under a saved bag task ``spec`` from its cells' positive-class
+    probabilities and, for a task that reads cell types (``spec.cells == "typed"`` or the
+    ``type_model`` aggregator), their type probabilities (``spec.cell_types.types``
+    columns; the model's or the analyser's); NaN without cells."""
+    p = np.asarray(p_positive, dtype=float)
+    if not len(p):
+        return math.nan
+    stage = getattr(spec, "cell_types", None)
+    if stage is not None and type_proba is None:
+        raise ValueError("this bag task reads cell types: give each cell's type probabilities")
+    if spec.aggregator == TypeModelAggregator.name:
+        return float(stage.type_model_.proba(type_profile(type_proba, p)[None])[0, 1])
+    if getattr(spec, "cells", "all") == "typed":
+        index = [stage.types.index(t) for t in stage.disease]
+        p = p[typed_cells(disease_probability(type_proba, index), stage.cut)]
+    return make_aggregator(spec.aggregator, spec.params).score_bag(p)
+
+
+def call_bag(spec, classes, p_positive, shift=None, type_proba=None) -> tuple[float, str, str]:
     """``(score, decision, reason)`` of one bag under a saved bag task ``spec``
     (:class:`ensembles.record.BagTask`: its ``positive`` class, ``aggregator`` and
     ``params``, ``threshold``, ``min_cells`` and ``refer_band``), from the positive-class
-    probabilities of the bag's readable cells (the score is NaN without cells) and,
-    optionally, their shift scores (:mod:`core.shift`; the bag is referred when its batch
-    is flagged)."""
+    probabilities of the bag's readable cells (the score is NaN without cells; see
+    :func:`bag_score` for ``type_proba``) and, optionally, their shift scores
+    (:mod:`core.shift`; the bag is referred when its batch is flagged)."""
     p = np.asarray(p_positive, dtype=float)
-    score = make_aggregator(spec.aggregator, spec.params).score_bag(p) if len(p) else math.nan
+    score = bag_score(spec, p, type_proba)
     shifted = (
         shift is not None and len(shift) > 0 and ShiftReference.batch_summary(shift)["flagged"]
     )
@@ -288,14 +317,15 @@ def call_bag(spec, classes, p_positive, shift=None) -> tuple[float, str, str]:
 
 
 def call_bags(
-    spec, classes, groups, p_positive, labels=None, skipped_groups=(), shift=None
+    spec, classes, groups, p_positive, labels=None, skipped_groups=(), shift=None, type_proba=None
 ) -> list[dict]:
     """:func:`call_bag` for every group (bag) of a set of scored cells, in order of first
     appearance: ``groups`` the group of each readable cell, ``p_positive`` its
     positive-class probability, ``labels`` (optional) its label (the bag's label is its
     cells' most frequent one), ``skipped_groups`` the group of each unreadable cell (a
     group with no readable cell still gets a row, decision ``none``), ``shift`` (optional)
-    each readable cell's shift score. Rows: ``bag``,
+    each readable cell's shift score, ``type_proba`` (a task that reads cell types) each
+    readable cell's type probabilities. Rows: ``bag``,
     ``n_cells``, ``n_skipped``, ``probability``, ``decision``, ``reason``, ``leaning`` (the
     call at the threshold alone, referred or not; None without cells) and ``label``."""
     p = np.asarray(p_positive, dtype=float)
@@ -307,7 +337,11 @@ def call_bags(
     for g in dict.fromkeys([*cells, *skipped]):
         idx = cells.get(g, [])
         score, decision, reason = call_bag(
-            spec, classes, p[idx], None if shift is None else np.asarray(shift)[idx]
+            spec,
+            classes,
+            p[idx],
+            None if shift is None else np.asarray(shift)[idx],
+            None if type_proba is None else np.asarray(type_proba)[idx],
         )
         label = (
             Counter(str(labels[i]) for i in idx).most_common(1)[0][0]
@@ -345,6 +379,8 @@ __all__ = [
     "CompositionAggregator",
     "AGGREGATORS",
     "CELL_AGGREGATORS",
+    "CARRIED_AGGREGATORS",
+    "bag_score",
     "aggregators_needing",
     "DEFAULT_AGGREGATORS",
     "make_aggregator",

@@ -87,6 +87,26 @@ def _distilled_lines(d: dict | None) -> list[str]:
     ]
 
 
+def _bag_rule(bags) -> str:
+    """How a bag task turns a patient's cells into its score, in words."""
+    stage = bags.cell_types
+    if bags.aggregator == "type_model":
+        return (
+            "a logistic regression on the patient's cell-type composition and per-type "
+            f"mean score (cell types from a {len(stage.types)}-type model, out-of-fold "
+            f"cell accuracy {_f(stage.accuracy)}; `predict --cell-types` takes the "
+            "analyser's instead)"
+        )
+    if bags.cells == "typed":
+        return (
+            f"the {bags.aggregator} of the cells likely of a diagnostic type "
+            f"({', '.join(stage.disease)}: probability at least {_f(stage.cut, 2)} by a "
+            f"{len(stage.types)}-type model, out-of-fold cell accuracy {_f(stage.accuracy)}; "
+            "every cell when none is)"
+        )
+    return f"the {bags.aggregator} of the cells"
+
+
 def model_card(m: PredictorRecord) -> str:
     """The card's Markdown for the manifest's record ``m`` (its files and digest not
     needed)."""
@@ -282,7 +302,7 @@ def model_card(m: PredictorRecord) -> str:
         out += [
             "",
             "### Patients",
-            f"- {bags.positive} per patient by the {bags.aggregator} of the cells, "
+            f"- {bags.positive} per patient by {_bag_rule(bags)}, "
             f"threshold {_f(bags.threshold, 4)}; ROC AUC {_f(pl.get('roc_auc'))} "
             f"[{_f(pl.get('roc_auc_lo'))}, {_f(pl.get('roc_auc_hi'))}], sensitivity "
             f"{_f(pl.get('sensitivity'))}, specificity {_f(pl.get('specificity'))} "
@@ -304,11 +324,38 @@ def model_card(m: PredictorRecord) -> str:
                 "(`predict --bags`)."
             )
         if band:
+            extra = band.model_extra or {}
+            inside = extra.get("n_inside")
             out.append(
                 f"- Referred when the score lies in [{_f(band.lo, 4)}, "
-                f"{_f(band.hi, 4)}] ({band.n_wrong} of {band.n} out-of-fold "
-                "patients misclassified there) or the cells look shifted."
+                f"{_f(band.hi, 4)}]"
+                + (
+                    f" ({inside} of {band.n} out-of-fold patients there, at most "
+                    f"{_f(100 * extra.get('max_rate', 1), 0)} % by `[patients] refer_rate`; "
+                    f"{extra.get('n_wrong_outside')} of the {band.n_wrong} misclassified "
+                    "ones lie outside it)"
+                    if inside is not None
+                    else f" ({band.n_wrong} of {band.n} out-of-fold patients misclassified there)"
+                )
+                + " or the cells look shifted."
             )
+        curve = (bags.model_extra or {}).get("referral_curve")
+        if curve:
+            out += [
+                "",
+                "Nested risk-referral curve (band, threshold and row chosen without each "
+                "outer fold's patients): the accuracy of the patients called against the "
+                "share referred.",
+                "",
+                "| at most referred | referred | accuracy of the called | sensitivity | specificity |",
+                "|---:|---:|---:|---:|---:|",
+            ]
+            out += [
+                f"| {_f(100 * c['max_rate'], 0)} % | {_f(100 * c['referred'], 0)} % | "
+                f"{_f(c['accuracy_called'])} | {_f(c['sensitivity_called'])} | "
+                f"{_f(c['specificity_called'])} |"
+                for c in curve
+            ]
     out += [
         "",
         "## Ethical considerations",

@@ -39,6 +39,7 @@ from core.images import as_items
 from core.io import safe_text
 from core.progress import progress_iter
 from ensembles.bags import call_bag
+from ensembles.celltypes import one_hot_types, type_name
 from ensembles.base import Ensemble
 from ensembles.overlay import gradcam_names, write_gradcam_png
 from ensembles.record import (
@@ -537,6 +538,23 @@ class Predictor:
             return X
         return bag_colour(X, np.zeros(len(X)), self.bag_colour_)
 
+    #: the bag task's cell-type model (a saved candidate), set by :func:`load_predictor`
+    cell_type_model_ = None
+
+    def cell_type_proba(self, X: np.ndarray, given=None) -> tuple[np.ndarray | None, str]:
+        """A bag's cells' type probabilities for a bag task that reads cell types, and
+        where they came from: ``given`` (the analyser's type of each cell, e.g. its folder
+        name) when every cell has one of the task's types, else the stored cell-type
+        model; ``(None, "")`` for a task over all cells."""
+        stage = self.bag_task_.cell_types if self.bag_task_ is not None else None
+        if stage is None or not len(X):
+            return None, ""
+        if given is not None:
+            known = [type_name(g) in stage.types for g in given]
+            if all(known):
+                return one_hot_types(given, stage.types), "given"
+        return self.cell_type_model_.predict_proba(X), "model"
+
     def load_bag(self, items) -> tuple[np.ndarray, list, list]:
         """One bag's cells as model input: ``(X, ok, errors)`` as
         :meth:`core.images.Preprocessing.load` with ``skip_errors`` gives them (unreadable
@@ -544,7 +562,7 @@ class Predictor:
         X, _, ok, errors = self.preprocessing.load(items, skip_errors=True)
         return self.normalise_bag(X), ok, errors
 
-    def predict_bags(self, bags: dict, batch_size: int = 256) -> list[dict]:
+    def predict_bags(self, bags: dict, batch_size: int = 256, cell_types=None) -> list[dict]:
         """One diagnosis per bag (patient) from its cells, for a predictor saved by a bag
         task (``[data] bags = true``).
 
@@ -557,7 +575,10 @@ class Predictor:
         positive class when the probability reaches the stored threshold, else the
         negative one; ``"refer"`` below the stored ``min_cells``; ``"none"`` without a
         readable cell), ``reason`` (why ``refer`` or ``none``, else empty), ``threshold``,
-        ``min_cells`` and ``cells`` (each readable cell's probabilities, (n, n_classes)).
+        ``min_cells``, ``cells`` (each readable cell's probabilities, (n, n_classes)) and
+        ``cell_types_from`` (a task that reads cell types: ``"given"`` or ``"model"``, see
+        :meth:`cell_type_proba`; ``cell_types``: ``{bag: the type of each item}``, the
+        analyser's, e.g. from its folder names).
         """
         spec = self.bag_task_
         if spec is None:
@@ -585,6 +606,7 @@ class Predictor:
                         "min_cells": spec.min_cells,
                         "cells": np.zeros((0, len(classes))),
                         "cell_items": [],
+                        "cell_types_from": "",
                     }
                 )
                 continue
@@ -603,7 +625,11 @@ class Predictor:
                 if (self.shift_reference_ is not None and len(ok))
                 else None
             )
-            score, decision, reason = call_bag(spec, classes, proba[:, pos], shift)
+            given = None
+            if cell_types is not None and cell_types.get(name) is not None:
+                given = [cell_types[name][i] for i in ok]
+            type_p, types_from = self.cell_type_proba(X, given)
+            score, decision, reason = call_bag(spec, classes, proba[:, pos], shift, type_p)
             out.append(
                 {
                     "bag": name,
@@ -617,6 +643,7 @@ class Predictor:
                     "min_cells": spec.min_cells,
                     "cells": proba,
                     "cell_items": [items[i] for i in ok],
+                    "cell_types_from": types_from,
                 }
             )
         return out
@@ -760,7 +787,20 @@ def load_predictor(path) -> Predictor:
         for m in record.members
     }
     ensemble = _load_ensemble(path, record.ensemble, len(members), k)
-    return Predictor(record, members, ensemble, path)
+    pred = Predictor(record, members, ensemble, path)
+    stage = record.bags.cell_types if record.bags is not None else None
+    if stage is not None:
+        where = f"predictor {path}: cannot load the bag task's cell-type stage"
+        try:
+            stage.load(path)
+            pred.cell_type_model_ = _load_member(
+                path, "cell types", 0, stage.model, len(stage.types), size
+            )
+        except BenchError:
+            raise
+        except Exception as exc:  # noqa: BLE001 - any failure to load is a bad predictor
+            raise BenchError(f"{where}: {one_line(exc)}") from None
+    return pred
 
 
 __all__ = [

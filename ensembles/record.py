@@ -40,7 +40,8 @@ from core.errors import BenchError
 from core.images import Preprocessing, resolve_preprocessing
 from core.io import file_sha256, is_inside
 from core.shift import ShiftReference
-from ensembles.bags import CELL_AGGREGATORS
+from ensembles.bags import CARRIED_AGGREGATORS
+from ensembles.celltypes import TYPED_CUT, LinearModel
 from ensembles.tta import TTA_VIEWS
 
 MANIFEST = "manifest.json"
@@ -125,12 +126,54 @@ class _BagColour(_Record):
     )
 
 
+class CellTypeRecord(_Record):
+    """A bag task's cell-type stage (:mod:`ensembles.celltypes`): the cell-type model's
+    file (arrays), its feature set and types, the diagnostic types and the cut of a typed
+    cell, and the type model's file when the task's aggregator is ``type_model``."""
+
+    types: list[StrictStr] = Field(min_length=1, description="'types' must be a list of names")
+    disease: list[StrictStr] = Field([], description="'disease' must be a list of names")
+    cut: _Number = Field(TYPED_CUT, description="'cut' must be a number")
+    features: dict = Field(description="'features' must be an object (a feature set)")
+    model: _Name = Field(description="'model' must be the cell-type model's file")
+    type_model: Optional[StrictStr] = Field(None, description="'type_model' must be a file")
+    accuracy: Optional[_Number] = Field(None, description="'accuracy' must be a number")
+    _loaded: dict = PrivateAttr(default_factory=dict)
+
+    @model_validator(mode="after")
+    def _known(self):
+        unknown = sorted(set(self.disease) - set(self.types))
+        if unknown:
+            raise _problem(f"'cell_types' has disease types {unknown} not among its 'types'")
+        return self
+
+    def load(self, folder: Path) -> "CellTypeRecord":
+        """Read the type model from the predictor ``folder`` (checksummed already; the
+        cell-type model is a saved candidate, loaded by the predictor)."""
+        if self.type_model:
+            self._loaded["type_model"] = LinearModel.from_file(_inside(folder, self.type_model))
+        return self
+
+    def model_path(self, folder: Path) -> Path:
+        return _inside(folder, self.model)
+
+    @property
+    def type_model_(self) -> LinearModel:
+        return self._loaded["type_model"]
+
+
 class BagTask(_Record):
     """A bag task's call per patient (``[data] bags = true``; :func:`ensembles.bags.call_bag`)."""
 
     positive: StrictStr = Field(description="'positive' must be one of 'classes'")
-    aggregator: Literal[CELL_AGGREGATORS] = Field(
-        description=f"'aggregator' must be one of {list(CELL_AGGREGATORS)}"
+    aggregator: Literal[CARRIED_AGGREGATORS] = Field(
+        description=f"'aggregator' must be one of {list(CARRIED_AGGREGATORS)}"
+    )
+    cells: Literal["all", "typed"] = Field(  # saved before it: all
+        "all", description="'cells' must be 'all' or 'typed'"
+    )
+    cell_types: Optional[CellTypeRecord] = Field(  # saved before it: none
+        None, description="'cell_types' must be an object"
     )
     params: dict = Field({}, description="'params' must be an object")
     threshold: _Number = Field(description="'threshold' must be a number")
@@ -149,6 +192,14 @@ class BagTask(_Record):
     patient_leaderboard: Optional[dict] = Field(
         None, description="'patient_leaderboard' must be an object"
     )
+
+    @model_validator(mode="after")
+    def _types_given(self):
+        if (self.cells == "typed" or self.aggregator == "type_model") and self.cell_types is None:
+            raise _problem("a bag task over typed cells or a type model needs 'cell_types'")
+        if self.aggregator == "type_model" and not self.cell_types.type_model:
+            raise _problem("a bag task with aggregator 'type_model' needs 'cell_types.type_model'")
+        return self
 
     @property
     def bag_colour(self) -> str:
@@ -540,6 +591,7 @@ __all__ = [
     "MemberRecord",
     "EnsembleRecord",
     "BagTask",
+    "CellTypeRecord",
     "Band",
     "Calibration",
     "ConformalRecord",

@@ -41,6 +41,7 @@ def save_predictor(
     extra: dict | None = None,
     tta: str = PredictorRecord.model_fields["tta"].default,
     shift: ShiftReference | None = None,
+    files: dict[str, Path] | None = None,
 ) -> Path:
     """Write a predictor directory (atomically: a temp dir moved into place).
 
@@ -48,7 +49,8 @@ def save_predictor(
     the record of how the training images were made, stored for
     :class:`ensembles.predictor.Predictor`; ``tta`` the test-time views
     (:data:`TTA_VIEWS`); ``shift`` the description of the training images behind
-    :meth:`ensembles.predictor.Predictor.shift_scores`.
+    :meth:`ensembles.predictor.Predictor.shift_scores`; ``files`` further files or folders
+    the manifest refers to (``{path in the predictor: source}``, e.g. a bag task's models).
     """
     if tta not in TTA_VIEWS:
         raise BenchError(f"[predictor] tta must be one of {sorted(TTA_VIEWS)}, got {tta!r}")
@@ -64,6 +66,7 @@ def save_predictor(
             preprocessing,
             training_data,
             extra,
+            files or {},
         )
     return Path(path)
 
@@ -78,8 +81,16 @@ def _write_predictor(
     preprocessing: Preprocessing,
     training_data,
     extra,
+    files: dict,
 ) -> None:
     (tmp / "members").mkdir(parents=True)
+    for rel, src in files.items():
+        dest = tmp / rel
+        dest.parent.mkdir(parents=True, exist_ok=True)
+        if Path(src).is_dir():
+            shutil.copytree(src, dest)
+        else:
+            shutil.copy2(src, dest)
     entries = []
     for name, folders in members.items():
         rel = []

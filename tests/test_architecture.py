@@ -274,6 +274,7 @@ def test_the_orchestrator_starts_without_tensorflow_and_knows_every_builtin_type
     ).stdout.split()
     assert {
         "feature_forest",
+        "feature_lda",
         "feature_svm",
         "feature_xgb",
         "scratch_cnn",
@@ -311,6 +312,7 @@ def test_the_installed_types_are_those_pyproject_declares():
     assert installed == wanted
     assert {
         "feature_forest",
+        "feature_lda",
         "feature_svm",
         "feature_xgb",
         "scratch_cnn",

@@ -186,9 +186,25 @@ def test_fold_thresholds_never_use_the_folds_own_bags():
     assert not np.array_equal(t1[bags.fold != 2], t2[bags.fold != 2])
 
 
-def test_composition_fits_never_see_a_test_bag(monkeypatch):
-    """Every cell-type classifier and patient model of fold k is fitted without fold k's
-    bags: the features carry each row's number, recorded at every fit."""
+def _numbered_images(n: int) -> np.ndarray:
+    """Tiny images whose first pixel carries the row's number (read back by a spy)."""
+    X = np.random.default_rng(1).integers(0, 255, (n, 8, 8, 3)).astype(np.uint8)
+    X[:, 0, 0, 0], X[:, 0, 0, 1] = np.arange(n) % 256, np.arange(n) // 256
+    return X
+
+
+def _ids(X) -> set:
+    X = np.asarray(X)
+    return set((X[:, 0, 0, 0].astype(int) + 256 * X[:, 0, 0, 1].astype(int)).tolist())
+
+
+def test_cell_type_stage_and_patient_models_never_see_a_test_bag(monkeypatch):
+    """Every cell-type model, composition model and type model of outer fold k is fitted
+    without fold k's bags (each image carries its row's number, recorded at every fit);
+    every cell's out-of-fold types come from a model that never saw its bag."""
+    from baselines.models import FeatureLDA
+    from ensembles.celltypes import TypeModelAggregator
+
     rng = np.random.default_rng(0)
     n_bags, per = 24, 10
     bag_of_row = np.repeat([f"b{i:02d}" for i in range(n_bags)], per)
@@ -198,35 +214,58 @@ def test_composition_fits_never_see_a_test_bag(monkeypatch):
         bag_of_row, np.repeat(y_bag, per), 1, PredefinedFolds(np.repeat(fold_of_bag, per))
     )
     types = rng.choice(["a", "b", "c"], size=len(bag_of_row))
-    feats = np.column_stack([rng.normal(size=(len(types), 4)), np.arange(len(types))])
+    images = _numbered_images(len(types))
     cell_fits, bag_fits = [], []
-
-    class Spy(patients_mod.StandardScaler):
-        def fit(self, X, y=None, sample_weight=None):
-            if X.shape[1] == feats.shape[1]:
-                cell_fits.append(set(X[:, -1].astype(int)))
-            return super().fit(X, y, sample_weight)
-
-    real_fit = CompositionAggregator.fit
-
-    def spy_fit(self, comp, y):
-        bag_fits.append(len(comp))
-        return real_fit(self, comp, y)
-
-    monkeypatch.setattr(patients_mod, "StandardScaler", Spy)
-    monkeypatch.setattr(CompositionAggregator, "fit", spy_fit)
-    scores, thresholds, comp, names = patients_mod.composition_scores(
-        feats, types, bags, PatientsSection(seed=0, threshold="youden"), show_progress=False
+    real_lda, real_comp, real_type = (
+        FeatureLDA.fit,
+        CompositionAggregator.fit,
+        TypeModelAggregator.fit,
     )
+
+    def spy_lda(self, X, y, *a, **k):
+        cell_fits.append(_ids(X))
+        return real_lda(self, X, y, *a, **k)
+
+    def spy(real):
+        def fit(self, X, y):
+            bag_fits.append(len(X))
+            return real(self, X, y)
+
+        return fit
+
+    monkeypatch.setattr(FeatureLDA, "fit", spy_lda)
+    monkeypatch.setattr(CompositionAggregator, "fit", spy(real_comp))
+    monkeypatch.setattr(TypeModelAggregator, "fit", spy(real_type))
+    features = {"color": {"bins": 4, "spaces": ["rgb"], "moments": True}}
+    stage = patients_mod.CellTypeStage(images, features, types, bags, show_progress=False)
     per_fold = patients_mod.INNER_FOLDS + 1
-    assert len(cell_fits) == 4 * per_fold
+    assert len(cell_fits) == 4 * per_fold + 1  # and the final model, on every cell
     for k in range(4):
         test_rows = set(np.flatnonzero(np.repeat(fold_of_bag, per) == k))
         for rows in cell_fits[k * per_fold : (k + 1) * per_fold]:
             assert rows and not rows & test_rows
-    assert bag_fits == [int((fold_of_bag != k).sum()) for k in range(4)]
-    assert names == ["a", "b", "c"] and comp.shape == (n_bags, 3)
-    assert np.allclose(comp.sum(1), 1) and np.all((scores >= 0) & (scores <= 1))
+    assert cell_fits[-1] == set(range(len(types)))
+    assert stage.types == ["a", "b", "c"] and stage.oof.shape == (len(types), 3)
+    assert np.allclose(stage.oof.sum(1), 1)
+    settings = PatientsSection(seed=0, threshold="youden")
+    scores, thresholds = patients_mod.composition_scores(stage, bags, settings, False)
+    p_cell = np.repeat(y_bag, per) * 0.3 + rng.uniform(0, 0.7, len(types))
+    t_scores, _ = patients_mod.type_model_scores(stage, p_cell, bags, settings)
+    train = [int((fold_of_bag != k).sum()) for k in range(4)]
+    # each fold: one fit on the training bags, then the threshold's cross-validation fits
+    assert [n for n in bag_fits if n in train][:1] == train[:1]
+    assert max(bag_fits) == max(train)
+    assert np.all((scores >= 0) & (scores <= 1)) and np.all((t_scores >= 0) & (t_scores <= 1))
+    # the cell scores carry the diagnosis, so the type model separates the bags
+    assert _auc(t_scores, y_bag) > 0.9
+    typed = stage.typed_rows(bags, ["a"])
+    assert all(set(t) <= set(r) and len(t) for t, r in zip(typed, bags.rows))
+
+
+def _auc(s, y) -> float:
+    from sklearn.metrics import roc_auc_score
+
+    return float(roc_auc_score(y, s))
 
 
 # ----------------------------------------------------------------------------- config
@@ -280,8 +319,14 @@ def test_run_writes_a_patient_leaderboard(bag_run, bag_data):
     full = pd.read_csv(bag_run / "patient_leaderboard.csv")
     assert full["kind"].iloc[0] == "nested" and np.isnan(full["rank"].iloc[0])
     board = full[full["kind"] != "nested"].reset_index(drop=True)
-    assert set(board["aggregator"]) == {"mean", "trimmed_mean", "top_k_mean", "composition"}
-    assert len(board) == 3 * 3 + 1  # 2 candidates + 1 ensemble, x3; composition
+    assert set(board["aggregator"]) == {
+        "mean",
+        "trimmed_mean",
+        "top_k_mean",
+        "composition",
+        "type_model",
+    }
+    assert len(board) == 3 * 4 + 1  # 2 candidates + 1 ensemble, x4; composition
     # both forests read colour only: shortcut rows, never the predictor's
     assert set(board.loc[board["shortcut"], "source"]) == {"rf_color", "rf_color2"}
     assert (board["n_bags"] == 20).all()
@@ -355,6 +400,69 @@ def test_predictor_diagnoses_patient_folders(bag_run, bag_data, tmp_path):
         cwd=REPO,
     )
     assert one.returncode == 0 and one.stdout.splitlines()[1].startswith("P00,")
+
+
+def test_a_type_model_predictor_carries_its_cell_types(tmp_path, bag_data):
+    """A run whose carried row is a type model: the predictor holds the cell-type model
+    and the type model, answers a patient as the run scored it, and takes the analyser's
+    types from the folders when asked (and says which it used)."""
+    text = _config(tmp_path, bag_data).read_text()
+    text = text.replace(
+        "[patients]\nn_boot = 300\n",
+        '[patients]\nn_boot = 300\naggregators = ["type_model"]\nrefer_rate = 0.1\n',
+    )
+    (tmp_path / "tm.toml").write_text(text)
+    cfg = load_config(tmp_path / "tm.toml", out=str(tmp_path / "run"))
+    run_benchmark(cfg, show_progress=False)
+    meta = json.loads((tmp_path / "run" / "patients" / "meta.json").read_text())
+    assert meta["carried"]["row"] == "vote+type_model"  # the only row not a shortcut
+    curve = meta["nested"]["referral_curve"]
+    assert [c["max_rate"] for c in curve][:3] == [0.0, 0.05, 0.1]
+    assert all(c["referred"] <= 0.35 for c in curve if c["max_rate"] <= 0.25)
+    pred_dir = tmp_path / "run" / "predictor"
+    manifest = json.loads((pred_dir / "manifest.json").read_text())
+    bags = manifest["bags"]
+    assert bags["aggregator"] == "type_model" and bags["refer_rate"] == 0.1
+    assert bags["cell_types"]["types"] == sorted(CELL_TYPES)
+    assert "bag/type_model.npz" in manifest["files"]
+    assert any(f.startswith("bag/cell_types/") for f in manifest["files"])
+    assert "referral" in (pred_dir / "MODEL_CARD.md").read_text()
+    cells = pd.read_csv(bag_data / "cells.csv")
+    for p in ("P00", "P01"):
+        for f in cells.file[cells.patient == p]:
+            dest = tmp_path / "pats" / p / Path(f).parent.name / Path(f).name
+            dest.parent.mkdir(parents=True, exist_ok=True)
+            dest.write_bytes((bag_data / f).read_bytes())
+    outs = {}
+    for how in ("model", "folders"):
+        out = tmp_path / f"{how}.csv"
+        res = subprocess.run(
+            [sys.executable, "-m", "bench", "predict", "--model", str(pred_dir)]
+            + ["--img_path", str(tmp_path / "pats"), "--bags", "--out", str(out)]
+            + (["--cell-types", "folders"] if how == "folders" else []),
+            capture_output=True,
+            text=True,
+            cwd=REPO,
+        )
+        assert res.returncode == 0, res.stderr
+        outs[how] = list(csv.DictReader(out.open()))
+        said = "the analyser (folders)" if how == "folders" else "the predictor's model"
+        assert f"2 patient(s) from {said}" in res.stderr
+    assert [r["cell_types"] for r in outs["model"]] == ["model", "model"]
+    assert [r["cell_types"] for r in outs["folders"]] == ["given", "given"]
+    assert [r["decision"] for r in outs["folders"]] == ["APL", "AML"]
+    # the cell-type model types these cells well, so both answer alike
+    for a, b in zip(outs["model"], outs["folders"]):
+        assert abs(float(a["probability_APL"]) - float(b["probability_APL"])) < 0.2
+    bad = subprocess.run(
+        [sys.executable, "-m", "bench", "predict", "--model", str(pred_dir)]
+        + ["--img_path", str(tmp_path / "pats"), "--bags", "--cell-types", "nocolumn"],
+        capture_output=True,
+        text=True,
+        cwd=REPO,
+    )
+    assert bad.returncode != 0 and bad.stderr.startswith("error: --cell-types")
+    assert "Traceback" not in bad.stderr
 
 
 def test_an_empty_patient_folder_gets_a_none_row(bag_run, bag_data, tmp_path):

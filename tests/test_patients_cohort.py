@@ -158,13 +158,24 @@ def test_nested_selection_never_lets_an_outer_folds_bags_choose(monkeypatch):
         seen.append(("threshold", bag_ids(sc)))
         return real_thr(sc, yy, rule)
 
+    real_band = patients_mod.refer_band
+
+    def spy_band(sc, pos, t, rate):
+        seen.append(("band", bag_ids(sc)))
+        return real_band(sc, pos, t, rate)
+
     monkeypatch.setattr(patients_mod, "choose_row", spy_row)
     monkeypatch.setattr(patients_mod, "choose_threshold", spy_thr)
-    nested, thr, choices = patients_mod.nested_selection(scores, bags, keys, "youden")
-    assert len(choices) == 4 and len(seen) == 8
+    monkeypatch.setattr(patients_mod, "refer_band", spy_band)
+    nested, thr, choices, bands = patients_mod.nested_selection(
+        scores, bags, keys, "youden", (0.0, 0.25)
+    )
+    assert len(choices) == 4 and len(seen) == 16 and set(bands) == {0.0, 0.25}
+    lo, hi = bands[0.0]
+    assert not ((nested >= lo) & (nested <= hi)).any()  # a zero band refers nobody
     for k, c in enumerate(choices):
         outer = set(np.flatnonzero(fold == k))
-        for what, ids in seen[2 * k : 2 * k + 2]:
+        for what, ids in seen[4 * k : 4 * k + 4]:
             assert ids and not ids & outer, what  # no outer bag chose anything
             assert ids == set(range(n)) - outer
         # the fold's scores on the scale of the inner negative bags of its row

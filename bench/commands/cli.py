@@ -36,6 +36,7 @@ from bench.commands.export import cmd_export
 from bench.commands.outputs import OutputFolder, check_file_output, os_error_line, run_lock, run_of
 from bench.run.rundir import RunDir
 from bench.commands.tune import tune_from_args
+from bench.data.datasets import read_labelled_files
 from bench.run.runner import run_from_args
 from core import registry
 from core.errors import BenchError
@@ -185,6 +186,17 @@ def _predict_parsers(sub) -> None:
         "one patient's folder of cell images, or a folder of patient "
         "folders; one CSV row per patient (--out), and each cell's "
         "probabilities in OUT_cells.csv",
+    )
+    pred.add_argument(
+        "--cell-types",
+        default=None,
+        metavar="folders|FILE.csv:COLUMN",
+        help="--bags with a predictor that reads cell types: take each cell's type from "
+        "the analyser instead of the predictor's cell-type model: 'folders' (each image's "
+        "folder name, e.g. 'Signed slides/Blast, no lineage spec/'), or a CSV with a "
+        "'file' column (paths as under --img_path, or absolute) and the type in COLUMN; "
+        "a patient with a cell of no known type keeps the model's types (column "
+        "cell_types)",
     )
     _add_common(pred)
 
@@ -654,6 +666,22 @@ def list_bags(root) -> dict[str, list[Path]]:
 MAX_SKIP_WARNINGS = 5
 
 
+def _given_cell_types(args, bags: dict) -> dict[str, list[str]]:
+    """``--cell-types``: the analyser's type of each cell of each bag (``""`` unknown),
+    from its folder names or from a CSV (``FILE.csv:COLUMN`` with a ``file`` column)."""
+    if args.cell_types == "folders":
+        return {b: [Path(p).parent.name for p in paths] for b, paths in bags.items()}
+    listed = read_labelled_files(Path(args.img_path), args.cell_types, "--cell-types")
+    by_path = dict(zip(listed.real, listed.labels))
+    out = {b: [by_path.get(os.path.realpath(p), "") for p in paths] for b, paths in bags.items()}
+    if not any(t for ts in out.values() for t in ts):
+        raise BenchError(
+            f"--cell-types: none of the image files under {args.img_path} is listed in "
+            f"{listed.csv_path}"
+        )
+    return out
+
+
 def _predict_bags(args) -> int:
     record = verify_predictor(args.model)  # a single-image predictor fails before loading
     if record.bags is None:
@@ -664,13 +692,31 @@ def _predict_bags(args) -> int:
     bags = list_bags(args.img_path)
     if not bags:
         raise BenchError(f"no image files under {args.img_path}")
+    given = _given_cell_types(args, bags) if args.cell_types else None
     pred = load_predictor(args.model)
     spec = pred.bag_task_
+    if given is not None and spec.cell_types is None:
+        warn(
+            f"--cell-types: predictor {args.model} scores every cell of a patient "
+            f"(aggregator {spec.aggregator}), so the given types are not used"
+        )
     results = []
     for name, paths in progress_iter(
         bags.items(), total=len(bags), desc="patients", enabled=len(bags) > 1
     ):
-        results.append(pred.predict_bags({name: paths}, args.batch_size)[0])
+        results.append(pred.predict_bags({name: paths}, args.batch_size, given)[0])
+    if spec.cell_types is not None:
+        sources = Counter(r["cell_types_from"] for r in results if r["n_cells"])
+        info(
+            "cell types: "
+            + ", ".join(
+                f"{n} patient(s) from "
+                + {"given": f"the analyser ({args.cell_types})", "model": "the predictor's model"}[
+                    k
+                ]
+                for k, n in sorted(sources.items())
+            )
+        )
     skipped = [why for r in results for _, why in r["skipped"]]
     for why in skipped[:MAX_SKIP_WARNINGS]:
         warn(f"skipped {why}")
@@ -695,6 +741,7 @@ def _predict_bags(args) -> int:
             "min_cells",
             "aggregator",
             "leaning",
+            "cell_types",
         ]
     )
     wc.writerow([*CELLS_HEADER.rstrip(",").split(","), *pred.classes_])
@@ -721,6 +768,7 @@ def _predict_bags(args) -> int:
                 r["min_cells"],
                 spec.aggregator,
                 leaning,
+                r.get("cell_types_from", ""),
             ]
         )
         for p, row in zip(r["cell_items"], r["cells"]):
@@ -863,7 +911,9 @@ def cmd_inspect(args) -> int:
         pl = bags.patient_leaderboard or {}
         print(
             f"  bag task: {bags.positive} per patient (predict --bags), aggregator "
-            f"{bags.aggregator}, threshold {bags.threshold:.4f}"
+            f"{bags.aggregator}"
+            + (" over the typed cells" if bags.cells == "typed" else "")
+            + f", threshold {bags.threshold:.4f}"
             + (
                 f"; patient ROC AUC {pl['roc_auc']:.3f} [{pl['roc_auc_lo']:.3f}, "
                 f"{pl['roc_auc_hi']:.3f}] out-of-fold"
@@ -878,6 +928,17 @@ def cmd_inspect(args) -> int:
                 f"{pl['nested_roc_auc_hi']:.3f}], sensitivity "
                 f"{pl['nested_sensitivity']:.3f}, specificity {pl['nested_specificity']:.3f}"
             )
+        if bags.cell_types is not None:
+            ct = bags.cell_types
+            print(
+                f"  cell types: {len(ct.types)}-type model (out-of-fold cell accuracy "
+                f"{ct.accuracy if ct.accuracy is None else round(ct.accuracy, 3)}); "
+                f"diagnostic: {', '.join(ct.disease) or 'none'}; --cell-types takes the "
+                "analyser's"
+            )
+        rr = (bags.model_extra or {}).get("refer_rate")
+        if rr is not None:
+            print(f"  referral: at most {rr:.0%} of the out-of-fold patients in the band")
     for line in inspect_lines(m):
         print(line)
     for line in lab_lines(m.leave_one_lab_out):

@@ -305,7 +305,24 @@ def _say_unreadable(errors, ok, n: int, where) -> None:
         raise BenchError(f"none of the {n} mapped images of {where} could be read")
 
 
-def _patients(pred, grp, proba, y, shift, skipped_groups):
+def _cell_types_of(pred, items, grp, cell) -> np.ndarray | None:
+    """The cell-type stage's probabilities of the patients' cells (``cell``: their
+    positions), each patient's cells read together as ``predict --bags`` reads them;
+    ``None`` for a bag task over all cells."""
+    stage = pred.bag_task_.cell_types
+    if stage is None:
+        return None
+    out = np.zeros((len(cell), len(stage.types)))
+    by_group: dict = {}
+    for n, j in enumerate(cell):
+        by_group.setdefault(grp[j], []).append(n)
+    for g, at in by_group.items():
+        X, good, _ = pred.load_bag([items[cell[n]] for n in at])
+        out[np.asarray(at)[good]] = pred.cell_type_proba(X)[0]
+    return out
+
+
+def _patients(pred, grp, proba, y, shift, skipped_groups, items):
     """A bag predictor's call per patient, as ``predict --bags`` makes it (``None`` for
     other predictors or a set without groups)."""
     spec = pred.bag_task_
@@ -322,6 +339,7 @@ def _patients(pred, grp, proba, y, shift, skipped_groups):
             labels=[classes[y[j]] for j in cell],
             skipped_groups=skipped_groups,
             shift=None if shift is None else shift[cell],
+            type_proba=_cell_types_of(pred, items, grp, cell),
         ),
         spec.positive,
     )
@@ -455,6 +473,7 @@ def evaluate(
         y,
         shift,
         [ext.groups[i] for i in unread if ext.groups[i]] if grp else None,
+        [ext.items[i] for i in keep],
     )
     dom, dom_note = _in_domain(predictor_dir, record, sc, stats.ece_bins)
     cells, gal = gradcam_gallery(

@@ -9,12 +9,14 @@ per bag with each aggregator of ``[patients] aggregators`` (:mod:`ensembles.bags
 * ``mean``, ``trimmed_mean``, ``top_k_mean`` of the positive class's cell probabilities.
   A bag's cells are all in one fold, so its score comes from the fold models that never
   saw it;
-* ``composition``: per outer fold, a cell-type classifier (shrinkage LDA on the
-  ``composition_features`` feature set, labels ``[data] cell_types``) is fitted on the
-  training bags' cells only, cross-fitted over those bags (inner grouped folds) for their
-  own compositions; a bag's composition is the mean of its cells' cell-type
-  probabilities, and a logistic regression on the training bags' compositions scores
-  the fold's bags.
+* the **cell-type stage** (:class:`CellTypeStage`, with ``[data] cell_types``): per outer
+  fold, a cell-type model (shrinkage LDA on the ``composition_features`` feature set) is
+  fitted on the training bags' cells only, cross-fitted over those bags (inner grouped
+  folds) for their own types, and types the fold's cells. From it: ``composition`` (a
+  logistic regression on the bags' mean cell-type probabilities), ``type_model`` (one per
+  entry: a logistic regression on the composition and each type's mean cell probability,
+  :func:`ensembles.celltypes.type_profile`), and, with ``[data] disease_cells``, the
+  ``[typed cells]`` rows (each cell aggregator over the cells likely of a diagnostic type).
 
 The decision threshold for a fold's bags is chosen (``[patients] threshold``) on the
 other folds' bags only, as the stacking ensembles choose their weights. Nothing from a
@@ -34,12 +36,14 @@ Neither kind is ever chosen for the predictor.
 
 **Nested selection.** The predictor carries the row :func:`choose_row` picks (best ROC
 AUC, then log loss, among the rows a predictor can apply: a cell aggregator over all
-cells, no shortcut), with the threshold chosen on every bag. Picking the best of many rows
+cells or the typed cells, or a type model; no shortcut), with the threshold and the
+referral band (at most ``[patients] refer_rate`` of the bags) chosen on every bag. Picking the best of many rows
 on the bags it is then reported on is optimistic, so the same choice is made once per
 outer fold on the *other* folds' bags only (their out-of-fold scores): the fold's bags
 are scored by the row and threshold chosen without them. Those scores, pooled, give the
 ``nested`` row of the leaderboard (``nested_roc_auc`` and the rest): the honest figure
-of the procedure that made the predictor. Rows differ in scale, so before pooling each
+of the procedure that made the predictor, and the bands drawn per outer fold give the
+nested risk-referral curve. Rows differ in scale, so before pooling each
 outer bag's score is read as its place among the inner negative bags' scores of the
 chosen row (monotone within a fold; no outer label used); ``mean_fold_roc_auc`` is the
 mean of the outer folds' own AUCs.
@@ -59,22 +63,19 @@ import time
 import numpy as np
 import pandas as pd
 from scipy.stats import rankdata
-from sklearn.discriminant_analysis import LinearDiscriminantAnalysis
-from sklearn.impute import SimpleImputer
 from sklearn.model_selection import GroupKFold, StratifiedKFold, cross_val_predict
-from sklearn.pipeline import make_pipeline
-from sklearn.preprocessing import StandardScaler
 
 from bench.data.folds import column_by_row
 from bench.run.context import RunContext, Stage
 from bench.run.rundir import RunDir
 from bench.stats.inference import bootstrap_resamples, holm
 from core.candidate import build_candidate
-from core.conformal import refer_band
+from core.conformal import refer_band, referral_curve
 from core.errors import BenchError
 from core.progress import info, progress_iter, warn
 from core.splits import PredefinedFolds
 from ensembles.bags import (
+    CARRIED_AGGREGATORS,
     CELL_AGGREGATORS,
     MIN_CELLS_PERCENTILE,
     CompositionAggregator,
@@ -84,8 +85,14 @@ from ensembles.bags import (
     min_cells_from_counts,
     negative_label,
 )
+from ensembles.celltypes import (
+    TYPED_CUT,
+    TypeModelAggregator,
+    disease_probability,
+    type_profile,
+    typed_cells,
+)
 from ensembles.mil import AttentionMIL
-from features.extract import extract
 
 INNER_FOLDS = 3
 EPS = 1e-6
@@ -167,11 +174,19 @@ def choose_row(scores: dict, y: np.ndarray, keys: list[str]) -> str:
     return keys[int(order[0])]
 
 
-def nested_selection(scores: dict, bags: "Bags", keys: list[str], rule: str):
-    """Per outer fold, the row (:func:`choose_row`) and threshold chosen on the other
-    folds' bags only; returns ``(nested scores, nested thresholds, per-fold choices)``,
-    each bag scored by the row chosen without it."""
+#: the most a referral band may hold, for the nested risk-referral curve (``[patients]
+#: refer_rate`` is added to these)
+REFERRAL_RATES = (0.0, 0.05, 0.1, 0.15, 0.2, 0.25, 0.3, 0.4, 0.5)
+
+
+def nested_selection(scores: dict, bags: "Bags", keys: list[str], rule: str, refer_rates=()):
+    """Per outer fold, the row (:func:`choose_row`), threshold and referral bands (one per
+    ``refer_rates``, :func:`core.conformal.refer_band`) chosen on the other folds' bags
+    only; returns ``(nested scores, nested thresholds, per-fold choices, bands)``, each bag
+    scored by the row chosen without it; ``bands``: ``{rate: (lo, hi)}`` per bag, on the
+    same scale as the scores."""
     out, thr, choices = np.zeros(len(bags)), np.zeros(len(bags)), []
+    bands = {r: (np.zeros(len(bags)), np.zeros(len(bags))) for r in refer_rates}
     for k in np.unique(bags.fold):
         test, inner = bags.fold == k, bags.fold != k
         row = choose_row({key: scores[key][inner] for key in keys}, bags.y[inner], keys)
@@ -183,6 +198,12 @@ def nested_selection(scores: dict, bags: "Bags", keys: list[str], rule: str):
         neg = np.sort(scores[row][inner & (bags.y == 0)])
         out[test] = _negative_quantile(scores[row][test], neg)
         thr[test] = _negative_quantile(np.array([t]), neg)[0]
+        for rate, (lo, hi) in bands.items():
+            band = refer_band(scores[row][inner], bags.y[inner] == 1, t, rate)
+            if band["n_inside"]:
+                lo[test], hi[test] = _negative_quantile(np.array([band["lo"], band["hi"]]), neg)
+            else:  # no band: nobody referred
+                lo[test], hi[test] = np.inf, -np.inf
         test_y = bags.y[test]
         fold_auc = (
             float(_auc_rows(scores[row][test][None], test_y)[0])
@@ -199,7 +220,7 @@ def nested_selection(scores: dict, bags: "Bags", keys: list[str], rule: str):
                 "roc_auc": fold_auc,
             }
         )
-    return out, thr, choices
+    return out, thr, choices, bands
 
 
 def _negative_quantile(values: np.ndarray, negatives: np.ndarray) -> np.ndarray:
@@ -253,71 +274,130 @@ def read_cell_types(cfg, ds, n_bags: int) -> np.ndarray:
     return cell_types
 
 
-def composition_scores(
-    features: np.ndarray,
-    cell_types: np.ndarray,
-    bags: Bags,
-    settings: dict,
-    show_progress: bool = True,
-):
-    """Out-of-fold bag scores of the composition route, the thresholds chosen on training
-    bags (cross-validated scores of the patient model) and each bag's composition."""
-    types = sorted(set(cell_types) - {""})
-    t = np.array([types.index(c) if c else -1 for c in cell_types])
+#: the cell-type model's candidate type (:class:`baselines.models.FeatureLDA`)
+CELL_TYPE_MODEL = "feature_lda"
+
+
+class CellTypeStage:
+    """The cell-type stage's out-of-fold answers (:mod:`ensembles.celltypes`): per outer
+    fold, a cell-type model (:data:`CELL_TYPE_MODEL` on ``[patients]
+    composition_features``) fitted on the training bags' cells only scores the fold's
+    cells (``oof``: every cell by a model that never saw its bag), and the training bags'
+    own cells are cross-fitted over inner grouped folds (``inner[k]``: their rows and
+    type probabilities), for the patient models fitted on them. ``final`` (fitted on every
+    typed cell) is what a predictor carries."""
+
+    def __init__(
+        self, images, features: dict, cell_types: np.ndarray, bags: Bags, show_progress=True
+    ):
+        self.types = sorted(set(cell_types) - {""})
+        self.features = features
+        t = np.array([self.types.index(c) if c else -1 for c in cell_types])
+        T = len(self.types)
+        images = np.asarray(images)
+        spec = {"type": CELL_TYPE_MODEL, "params": {"features": features}}
+
+        def fit(rows):
+            rows = rows[t[rows] >= 0]
+            counts = np.bincount(t[rows], minlength=T)
+            rows = rows[counts[t[rows]] >= 2]  # a class needs two cells for its covariance
+            return build_candidate(spec).fit(images[rows], t[rows], classes=np.arange(T))
+
+        self.oof = np.zeros((len(t), T))
+        self.inner: dict[int, tuple[np.ndarray, np.ndarray]] = {}
+        folds = np.unique(bags.fold)
+        for k in progress_iter(folds, total=len(folds), desc="cell types", enabled=show_progress):
+            train_b, test_b = np.flatnonzero(bags.fold != k), np.flatnonzero(bags.fold == k)
+            train_rows = np.concatenate([bags.rows[b] for b in train_b])
+            test_rows = np.concatenate([bags.rows[b] for b in test_b])
+            cell_p = np.zeros((len(train_rows), T))
+            inner = GroupKFold(n_splits=min(INNER_FOLDS, len(train_b)))
+            for tr, te in inner.split(train_rows, groups=bags.of_row[train_rows]):
+                cell_p[te] = fit(train_rows[tr]).predict_proba(images[train_rows[te]])
+            self.inner[int(k)] = (train_rows, cell_p)
+            self.oof[test_rows] = fit(train_rows).predict_proba(images[test_rows])
+        self.final = fit(np.arange(len(t)))
+        known = t >= 0
+        self.accuracy = (
+            float(np.mean(self.oof[known].argmax(1) == t[known])) if known.any() else 0.0
+        )
+
+    def disease_index(self, disease) -> list[int]:
+        return [self.types.index(c) for c in disease if c in self.types]
+
+    def typed_rows(self, bags: Bags, disease) -> list[np.ndarray]:
+        """Each bag's rows likely of a diagnostic type (out of fold; all rows of a bag
+        without one: :func:`ensembles.celltypes.typed_cells`)."""
+        p = disease_probability(self.oof, self.disease_index(disease))
+        return [r[typed_cells(p[r])] for r in bags.rows]
+
+
+def _fold_fit(stage: CellTypeStage, bags: Bags, make, features_of, settings, show, desc):
+    """Out-of-fold bag scores of a patient model (``make()``, fitted per outer fold on the
+    training bags' rows from ``features_of(type_proba, rows)``) and the thresholds chosen on
+    the training bags' cross-validated scores."""
     seed = int(settings.seed)
     scores, thresholds = np.zeros(len(bags)), np.zeros(len(bags))
-    comp_out = np.zeros((len(bags), len(types)))
-
-    def fit_cells(rows):
-        rows = rows[t[rows] >= 0]
-        counts = np.bincount(t[rows], minlength=len(types))
-        rows = rows[counts[t[rows]] >= 2]  # a class needs two cells for its covariance
-        clf = make_pipeline(
-            SimpleImputer(strategy="median"),
-            StandardScaler(),
-            LinearDiscriminantAnalysis(solver="lsqr", shrinkage="auto"),
-        )
-        clf.fit(features[rows], t[rows])
-        return clf
-
-    def proba(clf, rows):
-        out = np.zeros((len(rows), len(types)))
-        out[:, clf.classes_] = clf.predict_proba(features[rows])
-        return out
-
-    def composition(cell_p, rows_of_bags, index_of_row):
-        return np.stack([cell_p[[index_of_row[r] for r in rows]].mean(0) for rows in rows_of_bags])
-
     folds = np.unique(bags.fold)
-    for k in progress_iter(
-        folds, total=len(folds), desc="composition (cell types)", enabled=show_progress
-    ):
+    for k in progress_iter(folds, total=len(folds), desc=desc, enabled=show):
         train_b, test_b = np.flatnonzero(bags.fold != k), np.flatnonzero(bags.fold == k)
-        train_rows = np.concatenate([bags.rows[b] for b in train_b])
-        test_rows = np.concatenate([bags.rows[b] for b in test_b])
-        # the training bags' compositions from cell-type models that never saw the bag
-        cell_p = np.zeros((len(train_rows), len(types)))
-        inner = GroupKFold(n_splits=min(INNER_FOLDS, len(train_b)))
-        for tr, te in inner.split(train_rows, groups=bags.of_row[train_rows]):
-            cell_p[te] = proba(fit_cells(train_rows[tr]), train_rows[te])
+        train_rows, cell_p = stage.inner[int(k)]
         pos_of = {r: i for i, r in enumerate(train_rows)}
-        comp_train = composition(cell_p, [bags.rows[b] for b in train_b], pos_of)
-        test_p = proba(fit_cells(train_rows), test_rows)
-        pos_of_test = {r: i for i, r in enumerate(test_rows)}
-        comp_test = composition(test_p, [bags.rows[b] for b in test_b], pos_of_test)
-        agg = CompositionAggregator(seed=seed).fit(comp_train, bags.y[train_b])
-        scores[test_b] = agg.score(comp_test)
-        comp_out[test_b] = comp_test
+        X_train = np.stack(
+            [features_of(cell_p[[pos_of[r] for r in bags.rows[b]]], bags.rows[b]) for b in train_b]
+        )
+        X_test = np.stack([features_of(stage.oof[bags.rows[b]], bags.rows[b]) for b in test_b])
+        agg = make().fit(X_train, bags.y[train_b])
+        scores[test_b] = agg.score(X_test)
         cv = StratifiedKFold(
             n_splits=min(5, int(np.bincount(bags.y[train_b]).min())),
             shuffle=True,
             random_state=seed,
         )
         train_scores = cross_val_predict(
-            agg.model_, comp_train, bags.y[train_b], cv=cv, method="predict_proba"
+            agg.model_, X_train, bags.y[train_b], cv=cv, method="predict_proba"
         )[:, 1]
         thresholds[test_b] = choose_threshold(train_scores, bags.y[train_b], settings.threshold)
-    return scores, thresholds, comp_out, types
+    return scores, thresholds
+
+
+def composition_scores(stage: CellTypeStage, bags: Bags, settings, show_progress: bool = True):
+    """Out-of-fold bag scores of the composition route (a logistic regression on the
+    bags' mean cell-type probabilities) and the thresholds chosen on training bags."""
+    seed = int(settings.seed)
+    return _fold_fit(
+        stage,
+        bags,
+        lambda: CompositionAggregator(seed=seed),
+        lambda type_p, rows: type_p.mean(0),
+        settings,
+        show_progress,
+        "composition (cell types)",
+    )
+
+
+def type_model_scores(
+    stage: CellTypeStage, p_cell: np.ndarray, bags: Bags, settings, show_progress: bool = False
+):
+    """Out-of-fold bag scores of :class:`ensembles.celltypes.TypeModelAggregator` over an
+    entry's out-of-fold cell probabilities ``p_cell``, and the thresholds."""
+    seed = int(settings.seed)
+    return _fold_fit(
+        stage,
+        bags,
+        lambda: TypeModelAggregator(seed=seed),
+        lambda type_p, rows: type_profile(type_p, p_cell[rows]),
+        settings,
+        show_progress,
+        "type model",
+    )
+
+
+def final_type_model(stage: CellTypeStage, p_cell: np.ndarray, bags: Bags, seed: int):
+    """The type model a predictor carries: fitted on every bag's profile (out-of-fold cell
+    types and cell probabilities)."""
+    X = np.stack([type_profile(stage.oof[r], p_cell[r]) for r in bags.rows])
+    return TypeModelAggregator(seed=seed).fit(X, bags.y).linear()
 
 
 def mil_embeddings(cfg, images: np.ndarray, show_progress: bool = True) -> np.ndarray:
@@ -393,9 +473,23 @@ def score_patients(
         else None
     )
     restrict = _disease_rows(cfg.data.disease_cells, cell_types, bags)
-    rows, scores, thresholds = _cell_rows(cfg, board, stored, bags, pos, restrict)
-    comp_types = _learned_rows(cfg, ds, bags, cell_types, rows, scores, thresholds, show_progress)
-    nested = _nested_row(rows, scores, thresholds, bags, settings.threshold)
+    stage = (
+        CellTypeStage(
+            ds.images,
+            cfg.feature_sets[settings.composition_features],
+            cell_types,
+            bags,
+            show_progress,
+        )
+        if cell_types is not None
+        else None
+    )
+    typed = stage.typed_rows(bags, cfg.data.disease_cells) if restrict is not None else None
+    rows, scores, thresholds = _cell_rows(cfg, board, stored, bags, pos, restrict, typed)
+    comp_types = _learned_rows(
+        cfg, ds, bags, stage, stored, pos, board, rows, scores, thresholds, show_progress
+    )
+    nested = _nested_row(rows, scores, thresholds, bags, settings)
     table, best = _ranked_table(rows, scores, thresholds, bags, settings, cfg.stats.confidence)
     if nested is not None:
         r = table[table["kind"] == "nested"].iloc[0]
@@ -410,6 +504,8 @@ def score_patients(
     negative = negative_label(ds.classes, positive)
     bag_table = _bag_table(table, scores, thresholds, bags, positive, negative)
     carry = choose_carried(table, None if nested is None else nested["chosen_on_all_bags"])
+    if carry is not None and stage is not None:
+        carry.update(_carried_models(run, cfg, stage, stored, bags, pos, carry))
     cells = (
         _cell_table(run, ds, bags, stored, carry, pos)
         if carry is not None
@@ -432,6 +528,23 @@ def score_patients(
         "bags_without_disease_cells": (
             None if restrict is None else int(sum(len(r) == 0 for r in restrict))
         ),
+        "cell_type_stage": None
+        if stage is None
+        else {
+            "model": CELL_TYPE_MODEL,
+            "features": settings.composition_features,
+            "types": stage.types,
+            "out_of_fold_accuracy": stage.accuracy,
+            "typed_cut": TYPED_CUT,
+            "mean_typed_cells": (
+                None if typed is None else float(np.mean([len(r) for r in typed]))
+            ),
+            "bags_scored_on_all_cells": (
+                None
+                if typed is None
+                else int(sum(len(t) == len(r) for t, r in zip(typed, bags.rows)))
+            ),
+        },
         "bootstrap": {
             "n_boot": int(settings.n_boot),
             "stratified": True,
@@ -445,9 +558,16 @@ def score_patients(
     return table
 
 
-def _cell_rows(cfg, board: pd.DataFrame, stored: dict, bags: Bags, pos: int, restrict):
+#: the cells a row aggregates: every cell, the analyser's diagnostic types (``[data]
+#: disease_cells``, not carriable: new cells have no such labels), or the cells the run's
+#: cell-type model finds likely diagnostic (carriable)
+CELL_SETS = {"all": "", "disease": "[disease cells]", "typed": "[typed cells]"}
+
+
+def _cell_rows(cfg, board: pd.DataFrame, stored: dict, bags: Bags, pos: int, restrict, typed):
     """Every entry x cell aggregator, over all cells and (with ``[data] disease_cells``)
-    over the disease cells only: the rows, their bag scores and per-fold thresholds."""
+    over the analyser's disease cells and over the typed cells: the rows, their bag scores
+    and per-fold thresholds."""
     settings = cfg.patients
     kinds = dict(zip(board["candidate"], board["kind"]))
     shortcut = set(cfg.colour_only_candidates())
@@ -457,10 +577,10 @@ def _cell_rows(cfg, board: pd.DataFrame, stored: dict, bags: Bags, pos: int, res
         for name in settings.aggregators:
             if name not in CELL_AGGREGATORS:
                 continue
-            for cells, bag_rows in (("all", None), ("disease", restrict)):
-                if cells == "disease" and bag_rows is None:
+            for cells, bag_rows in (("all", None), ("disease", restrict), ("typed", typed)):
+                if cells != "all" and bag_rows is None:
                     continue
-                key = f"{entry}+{name}" + ("[disease cells]" if cells == "disease" else "")
+                key = f"{entry}+{name}{CELL_SETS[cells]}"
                 scores[key] = cell_aggregate(p_cell, bags, name, settings, bag_rows)
                 thresholds[key] = _fold_thresholds(scores[key], bags, settings.threshold)
                 rows.append(
@@ -477,30 +597,58 @@ def _cell_rows(cfg, board: pd.DataFrame, stored: dict, bags: Bags, pos: int, res
 
 
 def _learned_rows(
-    cfg, ds, bags: Bags, cell_types, rows: list, scores: dict, thresholds: dict, show_progress: bool
+    cfg,
+    ds,
+    bags: Bags,
+    stage: CellTypeStage | None,
+    stored: dict,
+    pos: int,
+    board: pd.DataFrame,
+    rows: list,
+    scores: dict,
+    thresholds: dict,
+    show_progress: bool,
 ) -> list:
-    """The aggregators fitted per fold (composition, attention MIL): their rows are
-    appended in place; returns the composition's cell types (empty without one)."""
+    """The aggregators fitted per fold (composition, the type model of every entry,
+    attention MIL): their rows are appended in place; returns the cell types (empty
+    without a cell-type stage)."""
     settings = cfg.patients
-    comp_types = []
-    for name in aggregators_needing(settings.aggregators, "needs_cell_types"):
-        fs_name = settings.composition_features
-        feats = extract(np.asarray(ds.images), cfg.feature_sets[fs_name], progress=show_progress)
-        key = f"cell_types[{fs_name}]+{name}"
-        scores[key], thresholds[key], comp, comp_types = composition_scores(
-            feats, cell_types, bags, settings, show_progress
-        )
+    fs_name = settings.composition_features
+    aggs = settings.aggregators
+    if "composition" in aggs:
+        key = f"cell_types[{fs_name}]+composition"
+        scores[key], thresholds[key] = composition_scores(stage, bags, settings, show_progress)
         rows.append(
             {
                 "entry": key,
                 "source": f"cell types ({fs_name} features)",
                 "kind": "composition",
-                "aggregator": name,
+                "aggregator": "composition",
                 "cells": "all",
                 "shortcut": False,
             }
         )
-    for name in aggregators_needing(settings.aggregators, "needs_embeddings"):
+    if TypeModelAggregator.name in aggs:
+        kinds = dict(zip(board["candidate"], board["kind"]))
+        shortcut = set(cfg.colour_only_candidates())
+        for entry in progress_iter(
+            list(board["candidate"]), desc="type models", enabled=show_progress
+        ):
+            key = f"{entry}+{TypeModelAggregator.name}"
+            scores[key], thresholds[key] = type_model_scores(
+                stage, stored[entry][:, pos], bags, settings
+            )
+            rows.append(
+                {
+                    "entry": key,
+                    "source": entry,
+                    "kind": kinds[entry],
+                    "aggregator": TypeModelAggregator.name,
+                    "cells": "all",
+                    "shortcut": entry in shortcut,
+                }
+            )
+    for name in aggregators_needing(aggs, "needs_embeddings"):
         emb = settings.mil_embeddings
         key = f"{emb}[embeddings]+{name}"
         scores[key], thresholds[key] = mil_scores(
@@ -516,16 +664,46 @@ def _learned_rows(
                 "shortcut": False,
             }
         )
-    return comp_types
+    return [] if stage is None else list(stage.types)
 
 
-def _nested_row(rows: list, scores: dict, thresholds: dict, bags: Bags, rule: str) -> dict | None:
+def _carried_models(run, cfg, stage: CellTypeStage, stored, bags: Bags, pos: int, carry) -> dict:
+    """The models a carried row over cell types needs (the cell-type model, and the type
+    model for ``type_model``), written into the run (:meth:`RunDir.patient_model_dir`);
+    what the carried row records of them. Nothing for a row over all cells."""
+    if carry["cells"] != "typed" and carry["aggregator"] != TypeModelAggregator.name:
+        return {}
+    out = {
+        "cell_types": {
+            "types": list(stage.types),
+            "disease": [t for t in cfg.data.disease_cells if t in stage.types],
+            "cut": TYPED_CUT,
+            "features": stage.features,
+            "accuracy": stage.accuracy,
+        }
+    }
+    with run.patient_model_dir("cell_types") as tmp:
+        stage.final.save(tmp)
+    if carry["aggregator"] == TypeModelAggregator.name:
+        model = final_type_model(
+            stage, stored[carry["entry"]][:, pos], bags, int(cfg.patients.seed)
+        )
+        run.write_patient_model("type_model", model.to_bytes())
+    return out
+
+
+def _nested_row(rows: list, scores: dict, thresholds: dict, bags: Bags, settings) -> dict | None:
     """The predictor's row, and the same choice made per outer fold without its bags
-    (appended to ``rows``); None when no row can be carried."""
+    (appended to ``rows``), with the nested risk-referral curve; None when no row can be
+    carried."""
     eligible = [r["entry"] for r in rows if _carriable(r)]
     if not eligible:
         return None
-    scores[NESTED], thresholds[NESTED], choices = nested_selection(scores, bags, eligible, rule)
+    rate = float(settings.refer_rate)
+    rates = sorted({*REFERRAL_RATES, rate})
+    scores[NESTED], thresholds[NESTED], choices, bands = nested_selection(
+        scores, bags, eligible, settings.threshold, rates
+    )
     rows.append(
         {
             "entry": NESTED,
@@ -536,6 +714,8 @@ def _nested_row(rows: list, scores: dict, thresholds: dict, bags: Bags, rule: st
             "shortcut": False,
         }
     )
+    curve = referral_curve(scores[NESTED], bags.y == 1, thresholds[NESTED], bands)
+    at = next(c for c in curve if c["max_rate"] == rate)
     return {
         "choices": choices,
         "n_candidates": len(eligible),
@@ -543,6 +723,9 @@ def _nested_row(rows: list, scores: dict, thresholds: dict, bags: Bags, rule: st
         "scale": "each outer bag's score as the share of the inner negative "
         "bags' scores (same row) below it",
         "chosen_on_all_bags": choose_row(scores, bags.y, eligible),
+        "referral_curve": curve,
+        "refer_rate": rate,
+        "referral": at,
     }
 
 
@@ -629,10 +812,10 @@ NESTED = "nested selection"
 
 def _carriable(r) -> bool:
     """A row a predictor can apply to a new patient's cells: a cell aggregator over all
-    of them, not a shortcut baseline."""
+    of them or over the typed cells, or a type model; not a shortcut baseline."""
     return (
-        r["aggregator"] in CELL_AGGREGATORS
-        and r.get("cells", "all") == "all"
+        r["aggregator"] in CARRIED_AGGREGATORS
+        and r.get("cells", "all") in ("all", "typed")
         and not bool(r.get("shortcut", False))
     )
 
@@ -646,6 +829,7 @@ def choose_carried(table: pd.DataFrame, row: str | None) -> dict | None:
     return {
         "entry": str(r["source"]),
         "aggregator": str(r["aggregator"]),
+        "cells": str(r.get("cells", "all")),
         "row": str(r["entry"]),
         "roc_auc": float(r["roc_auc"]),
     }
@@ -711,20 +895,26 @@ def final_threshold(bag_table: pd.DataFrame, row: str, rule: str) -> float:
     return choose_threshold(bag_table[f"score:{row}"].to_numpy(), bag_table["y"].to_numpy(), rule)
 
 
-def bag_settings(cfg, patients, name: str) -> dict:
-    """What a bag task's predictor stores: the aggregator of ``name``'s best patient row
-    and its threshold, chosen on every bag's out-of-fold score."""
+def bag_settings(cfg, patients, name: str) -> tuple[dict, dict]:
+    """What a bag task's predictor stores: the aggregator of ``name``'s carried patient row
+    (else its best row over all cells) and its threshold and referral band, chosen on every
+    bag's out-of-fold score; and the files it needs from the run (``{folder in the
+    predictor: folder or file in the run}``: the cell-type model and the type model of a
+    row over cell types)."""
     board, bag_table, _, meta = patients
     carried = meta.get("carried") or {}
-    rows = board[
-        (board["source"] == name)
-        & board["aggregator"].isin(CELL_AGGREGATORS)
-        & (board.get("cells", "all") == "all")
-    ]
     if carried.get("entry") == name:
-        rows = rows[rows["entry"] == carried["row"]]
-    r = rows.iloc[0]
-    params = make_aggregator(r["aggregator"], cfg.patients).params()
+        r = board[board["entry"] == carried["row"]].iloc[0]
+    else:
+        r = board[
+            (board["source"] == name)
+            & board["aggregator"].isin(CELL_AGGREGATORS)
+            & (board.get("cells", "all") == "all")
+        ].iloc[0]
+    aggregator, cells = str(r["aggregator"]), str(r.get("cells", "all"))
+    params = (
+        make_aggregator(aggregator, cfg.patients).params() if aggregator in CELL_AGGREGATORS else {}
+    )
     min_cells = cfg.patients.min_cells
     rule = f"[patients] min_cells = {min_cells}"
     if min_cells == "auto":
@@ -734,16 +924,30 @@ def bag_settings(cfg, patients, name: str) -> dict:
             "bags' cell counts"
         )
     threshold = final_threshold(bag_table, r["entry"], meta["threshold_rule"])
-    return {
+    band = refer_band(
+        bag_table[f"score:{r['entry']}"].to_numpy(),
+        bag_table["y"].to_numpy() == 1,
+        threshold,
+        float(cfg.patients.refer_rate),
+    )
+    files, cell_types = {}, None
+    if carried.get("entry") == name and "cell_types" in carried:
+        cell_types = dict(carried["cell_types"], model=f"{BAG_FILES}/cell_types")
+        files[f"{BAG_FILES}/cell_types"] = "cell_types"
+        if aggregator == TypeModelAggregator.name:
+            cell_types["type_model"] = f"{BAG_FILES}/type_model.npz"
+            files[f"{BAG_FILES}/type_model.npz"] = "type_model.npz"
+    nested = meta.get("nested") or {}
+    settings = {
         "positive": meta["positive"],
-        "aggregator": r["aggregator"],
+        "aggregator": aggregator,
+        "cells": cells,
         "params": params,
         "min_cells": int(min_cells),
         "min_cells_rule": rule,
         "threshold": threshold,
-        "refer_band": refer_band(
-            bag_table[f"score:{r['entry']}"].to_numpy(), bag_table["y"].to_numpy() == 1, threshold
-        ),
+        "refer_band": band if band["n_inside"] else None,
+        "refer_rate": float(cfg.patients.refer_rate),
         "threshold_rule": meta["threshold_rule"] + " on every bag's out-of-fold score",
         "patient_leaderboard": {
             k: float(r[k])
@@ -756,13 +960,20 @@ def bag_settings(cfg, patients, name: str) -> dict:
                 "specificity",
             )
         }
-        | {k: v for k, v in (meta.get("nested") or {}).items() if k.startswith("nested_")},
+        | {k: v for k, v in nested.items() if k.startswith("nested_")},
+        **({"referral_curve": nested["referral_curve"]} if "referral_curve" in nested else {}),
+        **({"cell_types": cell_types} if cell_types else {}),
         **(
             {"colour": {"bag_colour": cfg.patients.bag_colour}}
             if cfg.patients.bag_colour != "none"
             else {}
         ),
     }
+    return settings, files
+
+
+#: the folder of a predictor that holds a bag task's own models (cell types, type model)
+BAG_FILES = "bag"
 
 
 def _patients_stage(ctx: RunContext) -> None:

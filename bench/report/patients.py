@@ -41,6 +41,7 @@ def _rows(board: pd.DataFrame) -> list[dict]:
                 "aggregator": r["aggregator"],
                 "kind": r["kind"],
                 "disease": r.get("cells", "all") == "disease",
+                "typed": r.get("cells", "all") == "typed",
                 "shortcut": bool(r.get("shortcut", False)),
                 "nested": r["kind"] == "nested",
                 "auc": _ci(r, "roc_auc"),
@@ -93,6 +94,35 @@ def scores_figure(scores: pd.DataFrame, row: str, positive: str, negative: str) 
     ax.set_yticks([0, 1], [negative, positive])
     ax.set_xlabel(f"patient score ({row}, out-of-fold)")
     ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1, 1))
+    return fig
+
+
+def referral_figure(curve: list[dict], rate: float) -> Figure:
+    """The nested risk-referral curve: accuracy of the called patients against the share
+    referred, the configured ``refer_rate`` marked."""
+    fig = Figure(figsize=(6, 3.4))
+    ax = fig.subplots()
+    x = [100 * c["referred"] for c in curve]
+    for key, label, style in (
+        ("accuracy_called", "accuracy of the called", "-o"),
+        ("sensitivity_called", "sensitivity of the called", "--s"),
+        ("specificity_called", "specificity of the called", ":^"),
+    ):
+        ax.plot(x, [c[key] for c in curve], style, ms=4, label=label)
+    at = next((c for c in curve if c["max_rate"] == rate), None)
+    if at is not None:
+        ax.axvline(100 * at["referred"], color="0.6", lw=0.8)
+        ax.annotate(
+            f"refer_rate {rate:.0%}: {at['referred']:.0%} referred",
+            (100 * at["referred"], 0.02),
+            fontsize=7,
+            xytext=(4, 0),
+            textcoords="offset points",
+        )
+    ax.set_xlabel("patients referred (%), nested")
+    ax.set_ylabel("share of the called patients")
+    ax.set_ylim(0, 1.02)
+    ax.legend(fontsize=7, loc="lower right")
     return fig
 
 
@@ -189,6 +219,22 @@ def patient_section(run, board_cells: pd.DataFrame, out, gradcam: bool, progress
             r_csv,
         )
     )
+    nested = meta.get("nested")
+    curve = (nested or {}).get("referral_curve")
+    if curve:
+        rate = float(nested["refer_rate"])
+        figs.append(
+            out.fig(
+                referral_figure(curve, rate),
+                "patients_referral",
+                "risk-referral curve",
+                "Nested: per outer fold, the row, threshold and a referral band holding at "
+                "most a given share of the other folds' patients are chosen without the "
+                "fold's patients; the fold's patients inside the band are referred. Each "
+                "point: the share referred and how often the called patients are right.",
+                out.csv(pd.DataFrame(curve), "patient_referral"),
+            )
+        )
     per_patient = []
     s, t = scores[f"score:{best}"], scores[f"threshold:{best}"]
     for i, r in scores.sort_values(f"score:{best}", ascending=False).iterrows():
@@ -238,8 +284,26 @@ def patient_section(run, board_cells: pd.DataFrame, out, gradcam: bool, progress
                 f"calls {positive} (at most {MAX_CALLS} patients).",
             )
     best_row = rows_only.iloc[0]
-    nested = meta.get("nested")
+    stage = meta.get("cell_type_stage")
     return {
+        "cell_types": stage
+        and {
+            "n_types": len(stage["types"]),
+            "features": stage["features"],
+            "accuracy": fmt(stage["out_of_fold_accuracy"], 3),
+            "mean_typed": fmt(stage["mean_typed_cells"], 1)
+            if stage.get("mean_typed_cells") is not None
+            else "",
+            "all_cells": stage.get("bags_scored_on_all_cells"),
+        },
+        "referral": nested
+        and nested.get("referral")
+        and {
+            "rate": f"{nested['refer_rate']:.0%}",
+            "referred": f"{nested['referral']['referred']:.0%}",
+            "accuracy": fmt(nested["referral"]["accuracy_called"], 3),
+            "sens": fmt(nested["referral"]["sensitivity_called"], 3),
+        },
         "nested": nested
         and {
             "auc": _ci(board[board["kind"] == "nested"].iloc[0], "roc_auc"),

@@ -42,6 +42,7 @@ from bench.config import Config, read_toml
 from core.errors import BenchError
 from core.io import (
     atomic_save_npy,
+    atomic_write_bytes,
     atomic_write_json,
     atomic_write_text,
     check_name,
@@ -432,6 +433,20 @@ class RunDir:
     @property
     def patients_dir(self) -> Path:
         return self.path / "patients"
+
+    def patient_model_path(self, name: str) -> Path:
+        """A carried patient row's model in the run (``patients/models/NAME``): the
+        cell-type model's folder or the type model's file."""
+        check_name(name.removesuffix(".npz"), "patient model name")
+        return self._inside(self.patients_dir / "models" / name)
+
+    def patient_model_dir(self, name: str):
+        """A patient model's folder, written in a temporary sibling and moved into place
+        at the end (:meth:`staged`)."""
+        return self.staged(self.patient_model_path(name))
+
+    def write_patient_model(self, name: str, data: bytes) -> None:
+        atomic_write_bytes(self.patient_model_path(f"{name}.npz"), data)
 
     def write_patients(
         self, board: pd.DataFrame, scores: pd.DataFrame, cells: pd.DataFrame, meta: dict

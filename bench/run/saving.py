@@ -81,6 +81,7 @@ def save_run_predictor(
                 "fitted_on": f"out-of-fold probabilities of '{name}'",
             }
         }
+    bag, bag_files = bag_settings(cfg, patients, name) if patients else (None, {})
     save_predictor(
         run.predictor_dir,
         ensemble_name=name,
@@ -112,7 +113,7 @@ def save_run_predictor(
                 calibration,
                 ens.combine([stored[m] for m in members]),
             ),
-            **({"bags": bag_settings(cfg, patients, name)} if patients else {}),
+            **({"bags": bag} if bag else {}),
             # the batch-level warning's reference (core.batch): batches of the entry's
             # out-of-fold rows, as the predictor answers them (temperature included)
             "batch_reference": batch_reference(
@@ -130,6 +131,7 @@ def save_run_predictor(
         },
         tta=pred_cfg.tta,
         shift=ShiftReference.fit(ds.images),
+        files={rel: run.patient_model_path(src) for rel, src in bag_files.items()},
     )
     run.update_state(predictor=name)
     info(f"saved predictor '{name}' ({', '.join(members)}) to {run.predictor_dir}")
