@@ -384,6 +384,12 @@ class RunSection(_Section):
     leave_one_lab_out: bool = True
     # also a transductive AdaBN figure per held-out lab (bench.protocols.labs.adabn_scores): own columns
     lab_adabn: bool = False
+    # leave-one-lab-out adaptation curve (bench.protocols.labs.adaptation_curve): each
+    # held-out lab's half adapted on gives N labelled cells (seeded draws, stratified),
+    # the entry's output is recalibrated on them as `bench adapt --n N` does, and the other
+    # half is scored: columns <lab>_n<N>_balanced_accuracy; [] turns it off
+    lab_curve: list[Annotated[int, Field(ge=5)]] = [25, 50, 100, 200]
+    lab_curve_draws: int = Field(default=5, ge=1)
     workers: int = Field(default=1, ge=1, le=1024)
     profile: str = "quick"
     out: str = Field(default="runs/latest", min_length=1)

@@ -131,7 +131,7 @@ def score_npz(model, cp: dict, classes: list, data: str, n: int) -> None:
 
 
 def recalibrate(p, y, groups, n: int, seeds: int, per_group: int) -> None:
-    from bench.commands.calibrate import draw
+    from bench.stats.draws import draw
     from core.conformal import ConformalSets, set_figures
 
     for method in ("mondrian", "lac", "aps"):

@@ -250,6 +250,21 @@ def model_card(m: PredictorRecord) -> str:
                 f"[{_f(v['ci'][0])}, {_f(v['ci'][1])}], accuracy "
                 f"{_f(d['accuracy']['value'])}, macro-F1 {_f(d['macro_f1']['value'])}"
             )
+        curve = labs.get("adaptation_curve")
+        if curve:
+            ns = curve["labelled_cells"]
+            out += [
+                "",
+                "Adaptation curve: balanced accuracy of each held-out lab after its own N "
+                "labelled cells recalibrated the output (`bench adapt --n N`), scored on the "
+                "half of the lab never drawn from (N = 0: the same half, zero-shot; mean of "
+                "the seeded draws).",
+                "",
+                "| held-out lab | " + " | ".join(f"N = {n}" for n in ns) + " |",
+                "|---|" + "---:|" * len(ns),
+            ]
+            rows = [*curve["labs"].items(), ("worst lab", curve["worst_lab"])]
+            out += [f"| {lab} | " + " | ".join(_f(v) for v in vals) + " |" for lab, vals in rows]
     if not ext and not labs:
         out.append(
             "- No external set was scored with this predictor's run; score one with "

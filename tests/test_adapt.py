@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from bench.commands.adapt import adaptation_rows
+from bench.stats.draws import adaptation_rows
 from bench.commands.cli import main
 from core.errors import BenchError
 from ensembles.predictor import load_predictor, verify_predictor

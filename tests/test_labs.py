@@ -414,3 +414,76 @@ def test_the_shared_three_labs_load_as_wbc5_multi():
     folds = make_folds(ds.labels, groups, 3, 0, ds.classes, ds.domains)
     table = pd.DataFrame({"lab": ds.domains, "fold": folds})
     assert table.groupby("fold")["lab"].nunique().eq(3).all()
+
+
+def test_the_adaptation_curve_fits_on_the_adapted_half_and_scores_the_other():
+    """Each draw recalibrates on labelled cells of the lab's adapted half only (every row's
+    probabilities are unique, so the rows of each fit are known), scores the other half,
+    and a lab whose answers lean one way gains from its own labels."""
+    from bench.protocols import labs as labs_mod
+    from core import recalibrate
+
+    rng = np.random.default_rng(0)
+    n = 600
+    lab = np.repeat(["a", "b"], n // 2)
+    y = rng.integers(0, 3, n)
+    logits = np.eye(3)[y] * 2.0 + rng.normal(0, 0.8, (n, 3))
+    logits[lab == "b", 0] += 2.5  # lab b leans to class 0: labels can undo it
+    proba = np.exp(logits) / np.exp(logits).sum(1, keepdims=True)
+    table = pd.DataFrame(
+        {
+            "domain": lab,
+            "label": [f"c{v}" for v in y],
+            "group": [f"g{i // 3}" for i in range(n)],  # groups of 3 images
+        }
+    )
+    row_of = {tuple(np.round(p, 12)): i for i, p in enumerate(proba)}
+    fits = []
+    real = recalibrate.fit
+
+    class Spy:
+        apply = staticmethod(recalibrate.apply)
+
+        @staticmethod
+        def fit(p, yy, seed=0):
+            fits.append({row_of[tuple(np.round(r, 12))] for r in p})
+            return real(p, yy, seed=seed)
+
+    mp = pytest.MonkeyPatch()
+    mp.setattr(labs_mod, "recalibrate", Spy)
+    try:
+        curve = labs_mod.adaptation_curve(
+            table, ["c0", "c1", "c2"], {"m": proba}, [25, 100, 400], draws=3, seed=0
+        )
+    finally:
+        mp.undo()
+    assert len(fits) == 2 * 3 * 2  # labs x draws x the N that fit in a half (not 400)
+    for rows in fits:
+        assert len({lab[i] for i in rows}) == 1 and len(rows) in (25, 100)
+    b = curve.set_index("lab").loc["b"]
+    assert np.isnan(b["n400_balanced_accuracy"])
+    assert b["n100_balanced_accuracy"] > b["n0_balanced_accuracy"] + 0.05
+    assert (
+        b["n100_balanced_accuracy_lo"]
+        <= b["n100_balanced_accuracy"]
+        <= b["n100_balanced_accuracy_hi"]
+    )
+    # the scored half of each draw never holds a row a fit of that draw saw, nor its group
+    for d in range(3):
+        rows = np.flatnonzero(lab == "a")
+        used, scored = labs_mod.adaptation_rows(
+            len(rows), table["group"].to_numpy()[rows], len(rows), d
+        )
+        groups = table["group"].to_numpy()[rows]
+        assert not set(groups[used]) & set(groups[scored])
+        assert fits[2 * d] <= set(rows[used])
+
+
+def test_the_curve_is_on_the_board_and_the_card(lab_run):
+    board, out, _ = lab_run
+    lb = pd.read_csv(out / "leaderboard.csv")
+    for lab in MARK:
+        assert f"{lab}_n0_balanced_accuracy" in lb and f"{lab}_n25_balanced_accuracy" in lb
+    assert "worst_lab_n25_balanced_accuracy" in lb
+    m = (out / "predictor" / "MODEL_CARD.md").read_text()
+    assert "Adaptation curve" in m

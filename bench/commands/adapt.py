@@ -34,7 +34,7 @@ from bench.commands.evaluate import map_classes, predict_items, read_class_map
 from bench.commands.outputs import check_not_inside, check_writable, run_of
 from bench.data.external_data import load_external, resolve_data
 from bench.stats.scoring import score, stats_of_run, verdict_of_score
-from bench.commands.calibrate import draw
+from bench.stats.draws import adaptation_rows, draw
 from core import recalibrate
 from core.conformal import review_of
 from core.errors import BenchError
@@ -81,29 +81,6 @@ def _lab_set(data, labels, class_map, groups, config, classes) -> LabSet:
         [index[mapping[lab]] if mapping.get(lab) is not None else -1 for lab in ext.labels]
     )
     return LabSet(ext.name, ext.path, ext.items, list(map(str, ext.shown)), y, ext.groups)
-
-
-def adaptation_rows(n: int, groups, max_images: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
-    """``(adapt, scored)`` row indices: a seeded sample of at most ``max_images`` rows and
-    never more than half of them (whole groups when ``groups`` are given); ``scored``: the
-    rows of no group adapted on."""
-    rng = np.random.default_rng(seed)
-    k = int(min(max_images, n // 2))
-    if k < 1:
-        raise BenchError(f"--data: {n} image(s); adaptation needs at least 2 (half are kept out)")
-    rows = np.arange(n)
-    if groups is None:
-        used = np.sort(rng.choice(rows, k, replace=False))
-        return used, np.setdiff1d(rows, used)
-    g = np.asarray(groups)
-    used: list[int] = []
-    for name in rng.permutation(np.unique(g)):
-        members = rows[g == name]
-        if used and len(used) + len(members) > k:
-            break
-        used += list(members)
-    used_arr = np.sort(np.asarray(used))
-    return used_arr, np.setdiff1d(rows, used_arr)
 
 
 def _labelled_draw(lab: LabSet, used, n: int, seed: int) -> np.ndarray:
@@ -349,4 +326,4 @@ def cmd_adapt(args) -> int:
     return 0
 
 
-__all__ = ["adapt", "cmd_adapt", "adaptation_rows", "summary"]
+__all__ = ["adapt", "cmd_adapt", "summary"]

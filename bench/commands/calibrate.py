@@ -23,7 +23,7 @@ import json
 from pathlib import Path
 
 import numpy as np
-from sklearn.model_selection import train_test_split
+from bench.stats.draws import draw
 
 from bench.commands.evaluate import predict_items, load_external, map_classes, read_class_map
 from bench.stats.scoring import score, stats_of_run, verdict_of_score
@@ -85,37 +85,6 @@ def add_calibrate_parser(sub, add_common) -> None:
     p.add_argument("--batch-size", "--batch_size", dest="batch_size", type=int, default=128)
     p.add_argument("--config", default=None, help="config for --data NAME")
     add_common(p)
-
-
-def draw(
-    labels: list[str], groups: list[str] | None, n: int, seed: int, per_group: int = 10
-) -> tuple[np.ndarray, np.ndarray]:
-    """``(drawn, excluded)`` row indices: ``n`` rows stratified by label; or, with groups
-    (patients), at most ``per_group`` random rows of each group in a seeded order of the
-    groups, the other rows of every group drawn from ``excluded`` from the rest (which
-    then holds only groups never drawn from)."""
-    rng = np.random.default_rng(seed)
-    rows = np.arange(len(labels))
-    if groups is None:
-        lab = np.asarray(labels)
-        _, counts = np.unique(lab, return_counts=True)
-        if n == len(rows):
-            return rows, np.zeros(0, dtype=np.int64)
-        strat = (
-            lab if counts.min() >= 2 and n >= len(counts) and len(rows) - n >= len(counts) else None
-        )
-        drawn, _ = train_test_split(rows, train_size=n, stratify=strat, random_state=seed)
-        return np.sort(drawn), np.zeros(0, dtype=np.int64)
-    g = np.asarray(groups)
-    drawn, excluded = [], []
-    for name in rng.permutation(np.unique(g)):
-        members = rng.permutation(rows[g == name])
-        take = min(n - len(drawn), per_group)
-        drawn += list(members[:take])
-        excluded += list(members[take:])
-        if len(drawn) >= n:
-            break
-    return np.sort(np.asarray(drawn)), np.sort(np.asarray(excluded, dtype=np.int64))
 
 
 def set_minimum(confidence: float) -> int:

@@ -22,6 +22,13 @@ CIs at ``[stats] confidence`` by a bootstrap over the lab's patients or slides),
 ``[run] metric = "worst_lab_balanced_accuracy"`` ranks and chooses by the worst lab. The
 long table is ``DIR/labs.csv``.
 
+:func:`adaptation_curve` (``[run] lab_curve``) adds what a lab's own labelled cells buy:
+per held-out lab, N = 25 ... 200 of its cells (seeded draws from the half of the lab adapted
+on) recalibrate each entry's output as ``bench adapt --n N`` does, scored on the lab's
+other half: columns ``<lab>_n<N>_balanced_accuracy`` (``n0``: the same half, zero-shot),
+``worst_lab_n<N>_balanced_accuracy`` and ``mean_lab_n<N>_balanced_accuracy``; never a
+ranking.
+
 With ``[run] lab_adabn``, :func:`adabn_scores` adds a **transductive** figure for the
 candidates that declare ``adaptable`` (batch-norm CNNs): each held-out lab's fold model
 with its batch-norm statistics re-estimated on that lab's own images (AdaBN, no label),
@@ -45,9 +52,11 @@ from bench.run.context import RunContext, Stage
 from bench.run.rundir import RunDir
 from bench.stats.scoring import score
 from core import registry
+from bench.stats.draws import adaptation_rows, draw
+from core import recalibrate
 from core.candidate import load_candidate, predict_proba_for, release_memory
 from core.metrics import LAB_METRICS, LAB_SUMMARIES, base_metric, metric_sort_ascending
-from core.progress import info
+from core.progress import info, progress_iter
 
 
 def is_multi_lab(cfg: Config) -> bool:
@@ -154,6 +163,82 @@ def adabn_scores(
     return pd.DataFrame(rows)
 
 
+def _balanced_accuracy(y: np.ndarray, proba: np.ndarray) -> float:
+    """Mean recall over the classes present in ``y`` (the full argmax, as the lab columns)."""
+    pred = proba.argmax(1)
+    return float(np.mean([np.mean(pred[y == c] == c) for c in np.unique(y)]))
+
+
+def adaptation_curve(
+    table: pd.DataFrame,
+    classes: list[str],
+    probas: dict[str, np.ndarray],
+    ns: list[int],
+    draws: int,
+    seed: int = 0,
+    show_progress: bool = False,
+) -> pd.DataFrame:
+    """The leave-one-lab-out adaptation curve: per entry, held-out lab and draw, the lab's
+    rows split as ``bench adapt`` splits a set (:func:`bench.stats.draws.adaptation_rows`:
+    half adapted on, whole patients or slides, the other half scored); from the adapted
+    half, N labelled cells (stratified, :func:`bench.stats.draws.draw`) recalibrate the
+    entry's out-of-lab output (:func:`core.recalibrate.fit`, as ``bench adapt --n N``), and
+    the scored half is scored before (``n0``) and after. One row per entry and lab:
+    ``n<N>_balanced_accuracy`` the mean over the ``draws`` draws, ``_lo`` / ``_hi`` their
+    range. The scored half never enters a fit."""
+    index = {c: i for i, c in enumerate(classes)}
+    y = np.array([index[str(c)] for c in table["label"]], dtype=np.int64)
+    labs = list(dict.fromkeys(table["domain"]))
+    splits = {}
+    for lab in labs:
+        rows = np.flatnonzero((table["domain"] == lab).to_numpy())
+        groups = table["group"].to_numpy()[rows]
+        grouped = len(np.unique(groups)) < len(rows)  # patients or slides, else images
+        for d in range(draws):
+            used, scored = adaptation_rows(
+                len(rows), groups if grouped else None, len(rows), seed + d
+            )
+            picks = {}
+            for n in ns:
+                if n <= len(used):
+                    picked, _ = draw([str(v) for v in y[rows[used]]], None, n, seed + d)
+                    picks[n] = rows[used[picked]]
+            splits[(lab, d)] = (rows[scored], picks)
+    out = []
+    for name, proba in progress_iter(
+        probas.items(), total=len(probas), desc="adaptation curve", enabled=show_progress
+    ):
+        for lab in labs:
+            got: dict[int, list[float]] = {0: [], **{n: [] for n in ns}}
+            for d in range(draws):
+                scored, picks = splits[(lab, d)]
+                got[0].append(_balanced_accuracy(y[scored], proba[scored]))
+                for n, drawn in picks.items():
+                    fit = recalibrate.fit(proba[drawn], y[drawn], seed=seed + d)
+                    adapted = recalibrate.apply(proba[scored], fit["temperature"], fit["bias"])
+                    got[n].append(_balanced_accuracy(y[scored], adapted))
+            row = {"entry": name, "lab": lab}
+            for n, vals in got.items():
+                key = f"n{n}_balanced_accuracy"
+                row[key] = float(np.mean(vals)) if vals else np.nan
+                row[f"{key}_lo"] = float(np.min(vals)) if vals else np.nan
+                row[f"{key}_hi"] = float(np.max(vals)) if vals else np.nan
+            out.append(row)
+    return pd.DataFrame(out)
+
+
+def curve_sizes(columns) -> list[int]:
+    """The N of the adaptation curve's columns (``n<N>_balanced_accuracy``), 0 first."""
+    found = {
+        int(c[1:].split("_", 1)[0])
+        for c in columns
+        if c.startswith("n")
+        and c.endswith("_balanced_accuracy")
+        and c[1:].split("_", 1)[0].isdigit()
+    }
+    return sorted(found)
+
+
 def add_lab_columns(board: pd.DataFrame, scores: pd.DataFrame, metric: str) -> pd.DataFrame:
     """``board`` with the per-lab, worst-lab, mean-lab and gap columns of ``scores``
     (:func:`lab_scores`) for the entries it has, sorted by ``metric`` (a fold metric or
@@ -183,6 +268,12 @@ def add_lab_columns(board: pd.DataFrame, scores: pd.DataFrame, metric: str) -> p
         board["worst_lab"] = [
             labs[int(np.nanargmin(r))] if np.isfinite(r).any() else "" for r in values
         ]
+    for n in curve_sizes(scores.columns):  # the adaptation curve: own columns, never a ranking
+        values = per_lab(
+            f"n{n}_balanced_accuracy", f"n{n}_balanced_accuracy_lo", f"n{n}_balanced_accuracy_hi"
+        )
+        board[f"worst_lab_n{n}_balanced_accuracy"] = np.min(values, axis=1)
+        board[f"mean_lab_n{n}_balanced_accuracy"] = np.mean(values, axis=1)
     if "adabn_balanced_accuracy" in scores:  # transductive: its own columns, never a ranking
         board["adabn_worst_lab_balanced_accuracy"] = np.min(
             per_lab("balanced_accuracy", prefix="adabn_"), axis=1
@@ -211,6 +302,22 @@ def lab_summary(board_row, labs: list[str]) -> dict:
         out[f"{s}_lab"] = {m: float(board_row[f"{s}_lab_{m}"]) for m in LAB_METRICS}
     out["in_lab"] = {m: float(board_row[m]) for m in LAB_METRICS}
     out["worst_lab_name"] = str(board_row.get("worst_lab", ""))
+    sizes = (
+        curve_sizes(c[len(labs[0]) + 1 :] for c in board_row.index if c.startswith(f"{labs[0]}_n"))
+        if labs
+        else []
+    )
+    if sizes:  # the adaptation curve: labelled cells of the lab -> balanced accuracy
+        out["adaptation_curve"] = {
+            "labelled_cells": sizes,
+            "method": "output recalibrated on N labelled cells of the held-out lab's "
+            "adapted half (bench adapt --n N), scored on its other half; mean of the draws",
+            "labs": {
+                lab: [float(board_row[f"{lab}_n{n}_balanced_accuracy"]) for n in sizes]
+                for lab in labs
+            },
+            "worst_lab": [float(board_row[f"worst_lab_n{n}_balanced_accuracy"]) for n in sizes],
+        }
     return out
 
 
@@ -246,6 +353,21 @@ def leave_one_lab_out(
         n: lab_run.read_oof(n) for n in board["candidate"] if n in set(lab_board["candidate"])
     }
     scores = lab_scores(lab_run.folds_table, lab_run.classes, probas, stats=cfg.stats)
+    if cfg.run.lab_curve:
+        info(
+            f"adaptation curve per held-out lab: N = {list(cfg.run.lab_curve)} labelled cells, "
+            f"{cfg.run.lab_curve_draws} draws, output recalibrated (bench adapt --n)"
+        )
+        curve = adaptation_curve(
+            lab_run.folds_table,
+            lab_run.classes,
+            probas,
+            list(cfg.run.lab_curve),
+            int(cfg.run.lab_curve_draws),
+            seed=int(cfg.run.seed),
+            show_progress=show_progress,
+        )
+        scores = scores.merge(curve, on=["entry", "lab"], how="left")
     if cfg.run.lab_adabn:
         info(
             "AdaBN per held-out lab (transductive: batch-norm statistics of each lab's own images)"

@@ -10,6 +10,7 @@ from matplotlib.figure import Figure
 
 from bench.run.leaderboard import fmt, md_escape
 from bench.report import plots
+from bench.protocols.labs import curve_sizes
 from bench.stats.inference import friedman, nemenyi_cd
 
 METRIC = "balanced_accuracy"  # what the section compares (over the classes each lab has)
@@ -31,6 +32,41 @@ def heatmap_figure(values: np.ndarray, rows: list[str], cols: list[str], title: 
     return fig
 
 
+def curve_figure(table: pd.DataFrame, entries: list[str], labs: list[str], colors) -> Figure:
+    """One panel per held-out lab: balanced accuracy against the lab's own labelled cells
+    (N = 0: zero-shot), each entry a line, the range over draws as error bars."""
+    sizes = curve_sizes(table.columns)
+    fig = Figure(figsize=(3.2 * len(labs) + 1.5, 3.2))
+    axes = np.atleast_1d(fig.subplots(1, len(labs), sharey=True, squeeze=False)[0])
+    for ax, lab in zip(axes, labs):
+        sub = table[table["lab"] == lab].set_index("entry")
+        for e in entries:
+            if e not in sub.index:
+                continue
+            r = sub.loc[e]
+            v = np.array([r[f"n{n}_balanced_accuracy"] for n in sizes], dtype=float)
+            lo = np.array([r[f"n{n}_balanced_accuracy_lo"] for n in sizes], dtype=float)
+            hi = np.array([r[f"n{n}_balanced_accuracy_hi"] for n in sizes], dtype=float)
+            ax.errorbar(
+                sizes,
+                v,
+                yerr=[v - lo, hi - v],
+                marker="o",
+                ms=3,
+                lw=1.2,
+                capsize=2,
+                color=colors.get(e),
+                label=plots.plain(e),
+            )
+        ax.set_title(f"{lab} held out", fontsize=9)
+        ax.set_xlabel("labelled cells of the lab (N)")
+        ax.set_xticks(sizes)
+        ax.set_ylim(0, 1)
+    axes[0].set_ylabel("balanced accuracy, other half of the lab")
+    axes[-1].legend(fontsize=7, loc="lower right")
+    return fig
+
+
 def labs_section(run, out, colors, alpha: float = 0.05) -> dict:
     """Context of ``labs.html.j2``; ``shown`` False for a run without ``labs.csv``."""
     table = run.rundir.read_labs()
@@ -43,6 +79,8 @@ def labs_section(run, out, colors, alpha: float = 0.05) -> dict:
     worst = f"worst_lab_{METRIC}"
     if worst not in board:
         return {"shown": False}
+    roles = dict(zip(board["candidate"], board.get("role", pd.Series([""] * len(board)))))
+    predictor = next((n for n, r in roles.items() if r == "predictor"), None)
     board = board[board["candidate"].isin(set(table["entry"]))]
     board = board.sort_values(worst, ascending=False, kind="stable").reset_index(drop=True)
     names = list(board["candidate"])
@@ -90,6 +128,7 @@ def labs_section(run, out, colors, alpha: float = 0.05) -> dict:
         "rows": rows,
         "adabn": f"adabn_worst_lab_{METRIC}" in board,
         "fig": fig,
+        "curve_fig": None,
         "csv": csv,
         "in_lab_winner": {
             "name": in_lab_best["candidate"],
@@ -106,6 +145,19 @@ def labs_section(run, out, colors, alpha: float = 0.05) -> dict:
         "n": {lab: int(table[table["lab"] == lab]["n"].iloc[0]) for lab in labs},
         "groups": {lab: int(table[table["lab"] == lab]["n_groups"].iloc[0]) for lab in labs},
     }
+    if curve_sizes(table.columns):
+        shown = names[:4] + [n for n in names[4:] if n == predictor]
+        ctx["curve_fig"] = out.fig(
+            curve_figure(table, shown, labs, colors),
+            "labs_curve",
+            "adaptation curve per held-out lab",
+            "What a lab's own labelled cells buy: per held-out lab, N of its cells (seeded "
+            "draws from the half adapted on) recalibrate the entry's output as `bench adapt "
+            "--n N` does, scored on the lab's other half (N = 0: zero-shot on that half). "
+            "Points: the mean over the draws; bars: their range. The four best entries by "
+            "the worst lab, and the saved predictor.",
+            csv,
+        )
     scores = values[:, 1 : 1 + len(labs)].T  # labs (blocks) x entries
     if len(labs) >= 2 and len(names) >= 2 and np.isfinite(scores).all():
         fr = friedman(scores, higher_is_better=True)
