@@ -32,12 +32,7 @@ from sklearn.pipeline import make_pipeline
 from sklearn.preprocessing import StandardScaler
 
 from core.shift import ShiftReference
-from ensembles.celltypes import (
-    TypeModelAggregator,
-    disease_probability,
-    type_profile,
-    typed_cells,
-)
+from ensembles.celltypes import LinearModel, disease_probability, type_profile, typed_cells
 from ensembles.mil import AttentionMIL
 
 
@@ -130,6 +125,22 @@ class CompositionAggregator:
 
     def score(self, composition: np.ndarray) -> np.ndarray:
         return self.model_.predict_proba(np.asarray(composition, dtype=float))[:, 1]
+
+
+class TypeModelAggregator(CompositionAggregator):
+    """The composition model on bags' :func:`ensembles.celltypes.type_profile` rows (type
+    composition, each type's mean positive probability, the bag's mean): a patient-level
+    model over cell types, stronger L2 (``C = 0.1``: twice as many inputs). A predictor
+    stores it as arrays (:meth:`linear`)."""
+
+    name = "type_model"
+    needs_embeddings = False  # reads cell probabilities and cell types
+
+    def __init__(self, C: float = 0.1, seed: int = 0):
+        super().__init__(C, seed)
+
+    def linear(self) -> LinearModel:
+        return LinearModel.from_pipeline(self.model_, 2)
 
 
 def negative_label(classes: list[str], positive: str) -> str:
@@ -377,6 +388,7 @@ __all__ = [
     "TrimmedMeanAggregator",
     "TopKMeanAggregator",
     "CompositionAggregator",
+    "TypeModelAggregator",
     "AGGREGATORS",
     "CELL_AGGREGATORS",
     "CARRIED_AGGREGATORS",

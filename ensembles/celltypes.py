@@ -8,7 +8,7 @@ probability of each type; from it:
 
 * :func:`typed_cells`: the cells likely of a diagnostic type (``[data] disease_cells``),
   over which any cell aggregator scores the bag (the ``[typed cells]`` rows);
-* :func:`type_profile` and :class:`TypeModelAggregator`: a patient-level logistic
+* :func:`type_profile` and :class:`ensembles.bags.TypeModelAggregator`: a patient-level logistic
   regression on each patient's type composition and per-type mean of the cells' positive
   probabilities, fitted on training patients only.
 
@@ -24,10 +24,6 @@ import io
 import re
 
 import numpy as np
-from sklearn.impute import SimpleImputer
-from sklearn.linear_model import LogisticRegression
-from sklearn.pipeline import make_pipeline
-from sklearn.preprocessing import StandardScaler
 
 #: a cell counts as diagnostic when its probability of a ``disease_cells`` type reaches this
 TYPED_CUT = 0.5
@@ -49,11 +45,10 @@ class LinearModel:
 
     @classmethod
     def from_pipeline(cls, pipe, n_classes: int) -> "LinearModel":
-        """From a fitted ``SimpleImputer -> StandardScaler -> LDA or LogisticRegression``."""
-        imp, sc, clf = (pipe.steps[i][1] for i in range(3))
-        return cls(
-            imp.statistics_, sc.mean_, sc.scale_, clf.coef_, clf.intercept_, clf.classes_, n_classes
-        )
+        """From a fitted ``[SimpleImputer ->] StandardScaler -> LDA or LogisticRegression``."""
+        *first, sc, clf = (step for _, step in pipe.steps)
+        median = first[0].statistics_ if first else np.zeros_like(sc.mean_)
+        return cls(median, sc.mean_, sc.scale_, clf.coef_, clf.intercept_, clf.classes_, n_classes)
 
     def decision(self, X) -> np.ndarray:
         X = np.asarray(X, dtype=np.float64)
@@ -94,12 +89,6 @@ class LinearModel:
             )
 
 
-def _pipeline(clf):
-    return make_pipeline(
-        SimpleImputer(strategy="median", keep_empty_features=True), StandardScaler(), clf
-    )
-
-
 def disease_probability(type_proba: np.ndarray, disease_index) -> np.ndarray:
     """Each cell's probability of being of a diagnostic type (the sum over those types)."""
     return np.asarray(type_proba)[:, list(disease_index)].sum(1)
@@ -113,7 +102,7 @@ def typed_cells(p_disease: np.ndarray, cut: float = TYPED_CUT) -> np.ndarray:
 
 
 def type_profile(type_proba: np.ndarray, p_positive: np.ndarray) -> np.ndarray:
-    """A bag's features for :class:`TypeModelAggregator`: its type composition (the mean
+    """A bag's features for :class:`ensembles.bags.TypeModelAggregator`: its type composition (the mean
     type probability of its cells), the mean positive probability of each type's cells
     (weighted by the type probability; the bag's mean where a type is absent) and the
     bag's mean positive probability."""
@@ -124,41 +113,6 @@ def type_profile(type_proba: np.ndarray, p_positive: np.ndarray) -> np.ndarray:
     w = T.sum(0)
     per_type = np.where(w > 1e-6, (T * p[:, None]).sum(0) / np.maximum(w, 1e-12), mean)
     return np.concatenate([T.mean(0), per_type, [mean]])
-
-
-class TypeModelAggregator:
-    """Logistic regression on bags' :func:`type_profile` rows (standardised, L2 strength
-    ``C``, balanced class weights): a patient-level model over cell types."""
-
-    name = "type_model"
-    needs_fit = True
-    needs_embeddings = False  # reads cell probabilities and cell types
-    needs_cell_types = True
-    settings = {"seed": "seed"}
-
-    def __init__(self, C: float = 0.1, seed: int = 0):
-        self.C, self.seed = float(C), int(seed)
-
-    def params(self) -> dict:
-        return {"C": self.C}
-
-    def fit(self, profiles: np.ndarray, y: np.ndarray) -> "TypeModelAggregator":
-        y = np.asarray(y).astype(int)
-        if len(np.unique(y)) < 2:
-            raise ValueError("a type model needs positive and negative bags")
-        self.model_ = _pipeline(
-            LogisticRegression(
-                C=self.C, class_weight="balanced", max_iter=5000, random_state=self.seed
-            )
-        )
-        self.model_.fit(np.asarray(profiles, dtype=float), y)
-        return self
-
-    def score(self, profiles: np.ndarray) -> np.ndarray:
-        return self.model_.predict_proba(np.asarray(profiles, dtype=float))[:, 1]
-
-    def linear(self) -> LinearModel:
-        return LinearModel.from_pipeline(self.model_, 2)
 
 
 def type_name(text: str) -> str:
@@ -186,7 +140,6 @@ __all__ = [
     "disease_probability",
     "typed_cells",
     "type_profile",
-    "TypeModelAggregator",
     "type_name",
     "one_hot_types",
 ]

@@ -14,10 +14,9 @@ from sklearn.pipeline import make_pipeline
 from sklearn.preprocessing import StandardScaler
 
 from core.conformal import refer_band, referral_curve
-from ensembles.bags import bag_score
+from ensembles.bags import TypeModelAggregator, bag_score
 from ensembles.celltypes import (
     LinearModel,
-    TypeModelAggregator,
     one_hot_types,
     type_name,
     type_profile,

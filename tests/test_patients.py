@@ -203,7 +203,7 @@ def test_cell_type_stage_and_patient_models_never_see_a_test_bag(monkeypatch):
     without fold k's bags (each image carries its row's number, recorded at every fit);
     every cell's out-of-fold types come from a model that never saw its bag."""
     from baselines.models import FeatureLDA
-    from ensembles.celltypes import TypeModelAggregator
+    from ensembles.bags import TypeModelAggregator
 
     rng = np.random.default_rng(0)
     n_bags, per = 24, 10

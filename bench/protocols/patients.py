@@ -75,6 +75,7 @@ from core.errors import BenchError
 from core.progress import info, progress_iter, warn
 from core.splits import PredefinedFolds
 from ensembles.bags import (
+    TypeModelAggregator,
     CARRIED_AGGREGATORS,
     CELL_AGGREGATORS,
     MIN_CELLS_PERCENTILE,
@@ -87,7 +88,6 @@ from ensembles.bags import (
 )
 from ensembles.celltypes import (
     TYPED_CUT,
-    TypeModelAggregator,
     disease_probability,
     type_profile,
     typed_cells,
@@ -379,7 +379,7 @@ def composition_scores(stage: CellTypeStage, bags: Bags, settings, show_progress
 def type_model_scores(
     stage: CellTypeStage, p_cell: np.ndarray, bags: Bags, settings, show_progress: bool = False
 ):
-    """Out-of-fold bag scores of :class:`ensembles.celltypes.TypeModelAggregator` over an
+    """Out-of-fold bag scores of :class:`ensembles.bags.TypeModelAggregator` over an
     entry's out-of-fold cell probabilities ``p_cell``, and the thresholds."""
     seed = int(settings.seed)
     return _fold_fit(
