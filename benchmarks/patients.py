@@ -7,8 +7,10 @@ Per run (``patient_leaderboard.csv`` and ``patients/meta.json``): its settings
 predictor's row (the carried row, chosen by ROC AUC then log loss among the rows a
 predictor can carry) with its out-of-fold ROC AUC and 95 % CI, sensitivity and
 specificity at its fold thresholds (each chosen on the other folds' patients by the
-stored rule), the **nested** figure of that choice, the best colour-only (shortcut) row
-and the best restricted-cell row. With ``benchmarks/pipeline.py --csv`` files named
+stored rule), the **nested** figure of that choice with its referral (share referred and
+accuracy of the called patients at ``[patients] refer_rate``), the best colour-only
+(shortcut) row, the best restricted-cell row, the best typed-cell and type-model rows and
+the cell-type stage's out-of-fold cell accuracy. With ``benchmarks/pipeline.py --csv`` files named
 ``pipeline.csv`` inside a run directory, the largest score change originals -> copies.
 """
 
@@ -38,6 +40,10 @@ def row(run: Path) -> dict:
     nested = board[board["kind"] == "nested"].iloc[0]
     short = models[models["shortcut"].astype(bool) & (models["cells"] == "all")]
     disease = models[models["cells"] == "disease"]
+    typed = models[models["cells"] == "typed"]
+    tmodel = models[(models["aggregator"] == "type_model") & ~models["shortcut"].astype(bool)]
+    stage = meta.get("cell_type_stage") or {}
+    ref = (meta.get("nested") or {}).get("referral") or {}
     mil = models[models["aggregator"] == "attention"]
     pipe = run / "pipeline.csv"
     moved = ""
@@ -60,6 +66,19 @@ def row(run: Path) -> dict:
         "best row": f"{models.iloc[0]['entry']} {models.iloc[0]['roc_auc']:.3f}",
         "colour-only": "" if short.empty else f"{short['roc_auc'].max():.3f}",
         "disease cells": "" if disease.empty else f"{disease['roc_auc'].max():.3f}",
+        "typed cells (best)": ""
+        if typed.empty
+        else f"{typed.iloc[0]['entry']} {_ci(typed.iloc[0])}",
+        "type model (best)": ""
+        if tmodel.empty
+        else f"{tmodel.iloc[0]['entry']} {_ci(tmodel.iloc[0])}",
+        "cell-type accuracy": f"{stage['out_of_fold_accuracy']:.3f}" if stage else "",
+        "nested referred / accuracy of called": (
+            f"{ref['referred']:.0%} / {ref['accuracy_called']:.3f} (sens "
+            f"{ref['sensitivity_called']:.2f}, at most {ref['max_rate']:.0%})"
+            if ref
+            else ""
+        ),
         "attention MIL": "" if mil.empty else _ci(mil.iloc[0]),
         "max |score change| copies": moved,
     }

@@ -463,6 +463,27 @@ def test_a_type_model_predictor_carries_its_cell_types(tmp_path, bag_data):
     )
     assert bad.returncode != 0 and bad.stderr.startswith("error: --cell-types")
     assert "Traceback" not in bad.stderr
+    # the types from a CSV: P00's listed, P01's not (it keeps the model's)
+    listed = [
+        {"file": f"P00/{Path(f).parent.name}/{Path(f).name}", "kind": Path(f).parent.name}
+        for f in cells.file[cells.patient == "P00"]
+    ]
+    pd.DataFrame(listed).to_csv(tmp_path / "pats" / "types.csv", index=False)
+    out = tmp_path / "csv.csv"
+    res = subprocess.run(
+        [sys.executable, "-m", "bench", "predict", "--model", str(pred_dir)]
+        + ["--img_path", str(tmp_path / "pats"), "--bags", "--out", str(out)]
+        + ["--cell-types", f"{tmp_path / 'pats' / 'types.csv'}:kind"],
+        capture_output=True,
+        text=True,
+        cwd=REPO,
+    )
+    assert res.returncode == 0, res.stderr
+    got = list(csv.DictReader(out.open()))
+    assert [r["cell_types"] for r in got] == ["given", "model"]
+    assert float(got[0]["probability_APL"]) == pytest.approx(
+        float(outs["folders"][0]["probability_APL"]), abs=1e-9
+    )
 
 
 def test_an_empty_patient_folder_gets_a_none_row(bag_run, bag_data, tmp_path):
