@@ -114,7 +114,7 @@ def main(argv=None) -> int:
             print(f"error: patients {missing} are not in {folds_csv}; give --all-folds")
             return 2
     classes = [str(c) for c in pred.classes_]
-    pos = classes.index(spec["positive"])
+    pos = classes.index(spec.positive)
     out = []
     for way, bags in ways.items():
         if args.all_folds:
@@ -136,14 +136,14 @@ def main(argv=None) -> int:
                     "patient": name,
                     "n_cells": n,
                     "score": score,
-                    "call": spec["positive"] if score >= spec["threshold"] else "other",
+                    "call": spec.positive if score >= spec.threshold else "other",
                 }
             )
     df = pd.DataFrame(out)
     ref = df[df["way"] == "originals"].set_index("patient")
     print(
         f"predictor {args.model} ({'every fold model' if args.all_folds else 'out of fold'}): "
-        f"threshold {spec['threshold']:.3f}, "
+        f"threshold {spec.threshold:.3f}, "
         f"{len(ref)} patients, {int(ref['n_cells'].sum())} cells "
         f"({time.perf_counter() - t0:.0f} s)"
     )
