@@ -251,6 +251,13 @@ def min_cells_from_counts(counts) -> int:
     return max(1, int(math.floor(np.percentile(counts, MIN_CELLS_PERCENTILE))))
 
 
+def _holds_patients(band) -> bool:
+    """Whether a stored band refers anyone: one drawn with ``[patients] refer_rate`` records
+    how many out-of-fold patients it held (none: no band, not a band at the threshold)."""
+    extra = getattr(band, "model_extra", None) or {}
+    return extra.get("n_inside", 1) != 0
+
+
 def bag_decision(
     score: float,
     n_cells: int,
@@ -275,7 +282,7 @@ def bag_decision(
         return REFER, f"{TOO_FEW} ({n_cells} < min_cells {min_cells}); leaning {call}"
     if shifted:
         return REFER, f"{SHIFTED} (shift score); leaning {call}"
-    if band and band.lo <= score <= band.hi:
+    if band and _holds_patients(band) and band.lo <= score <= band.hi:
         return REFER, (
             f"{IN_BAND} {band.lo:.3f}-{band.hi:.3f} where "
             f"out-of-fold patients were misclassified; leaning {call}"

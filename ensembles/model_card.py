@@ -338,7 +338,13 @@ def model_card(m: PredictorRecord) -> str:
                 f"({bags.bag_colour}): give a patient's cells as one bag "
                 "(`predict --bags`)."
             )
-        if band:
+        if band and (band.model_extra or {}).get("n_inside", 1) == 0:
+            out.append(
+                "- No referral band: no out-of-fold patient would have been referred at "
+                "`[patients] refer_rate`; patients are referred for too few cells or "
+                "shifted cells only."
+            )
+        elif band:
             extra = band.model_extra or {}
             inside = extra.get("n_inside")
             out.append(

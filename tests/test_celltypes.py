@@ -135,3 +135,20 @@ def test_bag_score_over_typed_cells_and_the_type_model():
     spec2.cell_types = Stage()
     want = agg.score(type_profile(T, p)[None])[0]
     assert bag_score(spec2, p, T) == pytest.approx(want, abs=1e-9)
+
+
+def test_an_empty_band_refers_nobody():
+    from ensembles.bags import bag_decision
+
+    empty = BagTask(
+        positive="APL",
+        aggregator="mean",
+        threshold=0.5,
+        refer_band=refer_band(np.array([0.1, 0.9]), np.array([False, True]), 0.5, 0.25),
+    ).refer_band
+    assert empty.model_extra["n_inside"] == 0
+    assert bag_decision(0.5, 10, "APL", "AML", 0.5, 1, empty)[0] == "APL"
+    held = BagTask(
+        positive="APL", aggregator="mean", threshold=0.5, refer_band={"lo": 0.4, "hi": 0.6}
+    ).refer_band  # saved before refer_rate: no count, a band
+    assert bag_decision(0.5, 10, "APL", "AML", 0.5, 1, held)[0] == "refer"

@@ -946,7 +946,7 @@ def bag_settings(cfg, patients, name: str) -> tuple[dict, dict]:
         "min_cells": int(min_cells),
         "min_cells_rule": rule,
         "threshold": threshold,
-        "refer_band": band if band["n_inside"] else None,
+        "refer_band": band,
         "refer_rate": float(cfg.patients.refer_rate),
         "threshold_rule": meta["threshold_rule"] + " on every bag's out-of-fold score",
         "patient_leaderboard": {
