@@ -114,7 +114,7 @@ def referral_figure(curve: list[dict], rate: float) -> Figure:
         ax.axvline(100 * at["referred"], color="0.6", lw=0.8)
         ax.annotate(
             f"refer_rate {rate:.0%}: {at['referred']:.0%} referred",
-            (100 * at["referred"], 0.02),
+            (100 * at["referred"], 0.3),
             fontsize=7,
             xytext=(4, 0),
             textcoords="offset points",
@@ -122,7 +122,7 @@ def referral_figure(curve: list[dict], rate: float) -> Figure:
     ax.set_xlabel("patients referred (%), nested")
     ax.set_ylabel("share of the called patients")
     ax.set_ylim(0, 1.02)
-    ax.legend(fontsize=7, loc="lower right")
+    ax.legend(fontsize=7, loc="lower left")
     return fig
 
 
