@@ -39,7 +39,7 @@ from core.images import as_items
 from core.io import safe_text
 from core.progress import progress_iter
 from ensembles.bags import call_bag
-from ensembles.celltypes import one_hot_types, type_name
+from ensembles.celltypes import one_hot_types
 from ensembles.base import Ensemble
 from ensembles.overlay import gradcam_names, write_gradcam_png
 from ensembles.record import (
@@ -550,9 +550,9 @@ class Predictor:
         if stage is None or not len(X):
             return None, ""
         if given is not None:
-            known = [type_name(g) in stage.types for g in given]
-            if all(known):
-                return one_hot_types(given, stage.types), "given"
+            types = one_hot_types(given, stage.types)
+            if types.sum(1).all():  # every cell of a known type
+                return types, "given"
         return self.cell_type_model_.predict_proba(X), "model"
 
     def load_bag(self, items) -> tuple[np.ndarray, list, list]:

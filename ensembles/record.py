@@ -128,7 +128,7 @@ class _BagColour(_Record):
 
 class CellTypeRecord(_Record):
     """A bag task's cell-type stage (:mod:`ensembles.celltypes`): the cell-type model's
-    file (arrays), its feature set and types, the diagnostic types and the cut of a typed
+    folder (a saved candidate), its feature set and types, the diagnostic types and the cut of a typed
     cell, and the type model's file when the task's aggregator is ``type_model``."""
 
     types: list[StrictStr] = Field(min_length=1, description="'types' must be a list of names")
@@ -153,9 +153,6 @@ class CellTypeRecord(_Record):
         if self.type_model:
             self._loaded["type_model"] = LinearModel.from_file(_inside(folder, self.type_model))
         return self
-
-    def model_path(self, folder: Path) -> Path:
-        return _inside(folder, self.model)
 
     @property
     def type_model_(self) -> LinearModel:

@@ -239,6 +239,8 @@ def test_cell_type_stage_and_patient_models_never_see_a_test_bag(monkeypatch):
     features = {"color": {"bins": 4, "spaces": ["rgb"], "moments": True}}
     stage = patients_mod.CellTypeStage(images, features, types, bags, show_progress=False)
     per_fold = patients_mod.INNER_FOLDS + 1
+    assert len(cell_fits) == 4 * per_fold  # the final model only when a carried row asks
+    stage.final
     assert len(cell_fits) == 4 * per_fold + 1  # and the final model, on every cell
     for k in range(4):
         test_rows = set(np.flatnonzero(np.repeat(fold_of_bag, per) == k))

@@ -58,6 +58,7 @@ by a paired bootstrap over bags (two-sided), Holm-adjusted.
 
 from __future__ import annotations
 
+import functools
 import time
 
 import numpy as np
@@ -284,8 +285,8 @@ class CellTypeStage:
     composition_features``) fitted on the training bags' cells only scores the fold's
     cells (``oof``: every cell by a model that never saw its bag), and the training bags'
     own cells are cross-fitted over inner grouped folds (``inner[k]``: their rows and
-    type probabilities), for the patient models fitted on them. ``final`` (fitted on every
-    typed cell) is what a predictor carries."""
+    type probabilities), for the patient models fitted on them. :meth:`final` (fitted on
+    every typed cell, only when a carried row needs it) is what a predictor carries."""
 
     def __init__(
         self, images, features: dict, cell_types: np.ndarray, bags: Bags, show_progress=True
@@ -297,11 +298,7 @@ class CellTypeStage:
         images = np.asarray(images)
         spec = {"type": CELL_TYPE_MODEL, "params": {"features": features}}
 
-        def fit(rows):
-            rows = rows[t[rows] >= 0]
-            counts = np.bincount(t[rows], minlength=T)
-            rows = rows[counts[t[rows]] >= 2]  # a class needs two cells for its covariance
-            return build_candidate(spec).fit(images[rows], t[rows], classes=np.arange(T))
+        self._fit = fit = functools.partial(self._fit_rows, images, t, spec, T)
 
         self.oof = np.zeros((len(t), T))
         self.inner: dict[int, tuple[np.ndarray, np.ndarray]] = {}
@@ -316,11 +313,23 @@ class CellTypeStage:
                 cell_p[te] = fit(train_rows[tr]).predict_proba(images[train_rows[te]])
             self.inner[int(k)] = (train_rows, cell_p)
             self.oof[test_rows] = fit(train_rows).predict_proba(images[test_rows])
-        self.final = fit(np.arange(len(t)))
+        self._n = len(t)
         known = t >= 0
         self.accuracy = (
             float(np.mean(self.oof[known].argmax(1) == t[known])) if known.any() else 0.0
         )
+
+    @staticmethod
+    def _fit_rows(images, t, spec, n_types, rows):
+        rows = rows[t[rows] >= 0]
+        counts = np.bincount(t[rows], minlength=n_types)
+        rows = rows[counts[t[rows]] >= 2]  # a class needs two cells for its covariance
+        return build_candidate(spec).fit(images[rows], t[rows], classes=np.arange(n_types))
+
+    @functools.cached_property
+    def final(self):
+        """The cell-type model fitted on every typed cell (what a predictor carries)."""
+        return self._fit(np.arange(self._n))
 
     def disease_index(self, disease) -> list[int]:
         return [self.types.index(c) for c in disease if c in self.types]
@@ -486,9 +495,7 @@ def score_patients(
     )
     typed = stage.typed_rows(bags, cfg.data.disease_cells) if restrict is not None else None
     rows, scores, thresholds = _cell_rows(cfg, board, stored, bags, pos, restrict, typed)
-    comp_types = _learned_rows(
-        cfg, ds, bags, stage, stored, pos, board, rows, scores, thresholds, show_progress
-    )
+    _learned_rows(cfg, ds, bags, stage, stored, pos, board, rows, scores, thresholds, show_progress)
     nested = _nested_row(rows, scores, thresholds, bags, settings)
     table, best = _ranked_table(rows, scores, thresholds, bags, settings, cfg.stats.confidence)
     if nested is not None:
@@ -521,7 +528,7 @@ def score_patients(
         "settings": dict(settings),
         "best": best,
         "carried": None if carry is None else carry,
-        "composition_types": comp_types,
+        "composition_types": [] if stage is None else list(stage.types),
         "nested": nested,
         "shortcut_warning": warning,
         "disease_cells": list(cfg.data.disease_cells),
@@ -608,10 +615,9 @@ def _learned_rows(
     scores: dict,
     thresholds: dict,
     show_progress: bool,
-) -> list:
+) -> None:
     """The aggregators fitted per fold (composition, the type model of every entry,
-    attention MIL): their rows are appended in place; returns the cell types (empty
-    without a cell-type stage)."""
+    attention MIL): their rows are appended in place."""
     settings = cfg.patients
     fs_name = settings.composition_features
     aggs = settings.aggregators
@@ -664,7 +670,6 @@ def _learned_rows(
                 "shortcut": False,
             }
         )
-    return [] if stage is None else list(stage.types)
 
 
 def _carried_models(run, cfg, stage: CellTypeStage, stored, bags: Bags, pos: int, carry) -> dict:
