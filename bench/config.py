@@ -386,8 +386,9 @@ class RunSection(_Section):
     lab_adabn: bool = False
     # leave-one-lab-out adaptation curve (bench.protocols.labs.adaptation_curve): each
     # held-out lab's half adapted on gives N labelled cells (seeded draws, stratified),
-    # the entry's output is recalibrated on them as `bench adapt --n N` does, and the other
-    # half is scored: columns <lab>_n<N>_balanced_accuracy; [] turns it off
+    # a lab head is fitted on them and the entry's output as `bench adapt --n N` does
+    # ([predictor] adapt_features), and the other half is scored: columns
+    # <lab>_n<N>_balanced_accuracy; [] turns it off
     lab_curve: list[Annotated[int, Field(ge=5)]] = [25, 50, 100, 200]
     lab_curve_draws: int = Field(default=5, ge=1)
     workers: int = Field(default=1, ge=1, le=1024)
@@ -549,6 +550,10 @@ class PredictorSection(_Section):
     temperature_scaling: bool = False
     tta: Literal[tuple(TTA_VIEWS)] = "none"
     conformal: ConformalSection = ConformalSection()
+    # the [feature_sets.NAME] the lab head of `bench adapt --n` (and the leave-one-lab-out
+    # adaptation curve) reads beside the predictor's output (core.labhead); "" (a config
+    # without feature sets): recalibrate the output only. The shipped config: "all"
+    adapt_features: str = ""
 
 
 class ReportSection(_Section):
@@ -1028,6 +1033,12 @@ def _validate_sections(cfg: dict, where: str) -> Settings:
         )
     if settings.data.bags:
         _check_bags(settings, cfg["feature_sets"], where)
+    head = settings.predictor.adapt_features
+    if head and head not in cfg["feature_sets"]:
+        raise BenchError(
+            f"{where}: [predictor] adapt_features '{head}' is not a [feature_sets.NAME]"
+            + did_you_mean(head, cfg["feature_sets"])
+        )
     _check_sources(settings, where)
     registry.import_plugins(settings.run.plugins)
     for name, entry in cfg["candidates"].items():

@@ -111,6 +111,13 @@ def check_exportable(pred) -> None:
             f"{pred.path}: its cells are colour-normalised per patient ({pred.bag_colour_}), "
             "which needs the whole bag: not expressible as a per-image graph"
         )
+    head = pred.lab_head_
+    if head is not None and head.uses_features:
+        raise BenchError(
+            f"{pred.path}: its lab head (bench adapt --n) reads hand-crafted features of each "
+            "cell, computed in Python, so ONNX cannot hold it; export the predictor it was "
+            "adapted from"
+        )
     _combiner(pred)
 
 

@@ -219,14 +219,25 @@ def model_card(m: PredictorRecord) -> str:
             f"(seed {ad['seed']}): {ad['method']}; {ad['layers']} batch-norm layers of "
             f"{ad['fold_models']} fold models ({', '.join(ad['members_adapted']) or 'none'}). "
             "Those images are recorded (`adaptation.rows`) and `bench evaluate` leaves them "
-            "out. The prediction sets are still those of the training labs: recalibrate "
-            "them with `bench calibrate`.",
+            "out."
+            + (
+                " The prediction sets were calibrated anew on the labelled cells."
+                if ad.get("sets_recalibrated")
+                else " The prediction sets are still those of the training labs: "
+                "recalibrate them with `bench calibrate`."
+            ),
         ]
         la = (m.model_extra or {}).get("label_adaptation")
         out.append(
             f"- {la['n']} of those images were used with their labels (seed {la['seed']}): "
-            f"the combined output recalibrated ({la['method']}; temperature "
-            f"{_f(float(la['temperature']))}, penalty {la['lambda']:g})."
+            + (
+                f"{la['method']}; the inner cross-validation chose {la['chosen']}"
+                + (f" on the `{la['feature_set']}` features" if la.get("feature_set") else "")
+                + f", temperature {_f(float(la['temperature']))}."
+                if la.get("chosen")
+                else f"the combined output recalibrated ({la['method']}; temperature "
+                f"{_f(float(la['temperature']))}, penalty {la['lambda']:g})."
+            )
             if la
             else "- No labels were used (AdaBN and the shift reference need none)."
         )
@@ -256,7 +267,7 @@ def model_card(m: PredictorRecord) -> str:
             out += [
                 "",
                 "Adaptation curve: balanced accuracy of each held-out lab after its own N "
-                "labelled cells recalibrated the output (`bench adapt --n N`), scored on the "
+                "labelled cells fitted a lab head (`bench adapt --n N`), scored on the "
                 "half of the lab never drawn from (N = 0: the same half, zero-shot; mean of "
                 "the seeded draws).",
                 "",

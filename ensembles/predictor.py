@@ -34,6 +34,7 @@ from core.calibration import apply_temperature
 from core.candidate import CANDIDATE_FILE, Candidate, load_candidate
 from core.colour import bag_colour
 from core.conformal import join_set, review_of
+from core.labhead import LabHead
 from core.errors import BenchError
 from core.images import as_items
 from core.io import safe_text
@@ -135,7 +136,11 @@ class Predictor:
         self._fused = None
         self.tta = record.tta
         self.shift_reference_ = record.shift.reference if record.shift else None
+        # bench adapt --n: a new lab's labelled cells (core.labhead; an older predictor's
+        # record holds an output recalibration's temperature and bias only)
         self.label_adaptation_ = (record.model_extra or {}).get("label_adaptation")
+        la = self.label_adaptation_
+        self.lab_head_ = LabHead.load(path / la["head"]) if la and la.get("head") else None
         cp = record.conformal  # prediction sets and review rule (core.conformal)
         try:
             self.conformal_ = cp.sets(len(self.classes_)) if cp else None
@@ -250,9 +255,10 @@ class Predictor:
                     if folds
                     else (self.proba_of_images(images), None)
                 )
-                chunks.append(self._temper(p))
+                feats = self.lab_head_features(images)
+                chunks.append(self._temper(p, feats))
                 if folds:
-                    fold_chunks.append(self._temper(pf))
+                    fold_chunks.append(self._temper(pf, feats))
         k = len(self.classes_)
         proba = np.concatenate(chunks) if chunks else np.zeros((0, k))
         if not folds:
@@ -261,10 +267,22 @@ class Predictor:
             np.concatenate(fold_chunks, axis=1) if fold_chunks else np.zeros((self.n_folds_, 0, k))
         )
 
-    def _temper(self, p: np.ndarray) -> np.ndarray:
+    def lab_head_features(self, images: np.ndarray) -> np.ndarray | None:
+        """The features the lab head reads of preprocessed ``images`` (``None`` when the
+        predictor has no lab head, or one without a feature map)."""
+        head = self.lab_head_
+        if head is None or not head.uses_features or not len(images):
+            return None
+        from features import extract
+
+        return extract(np.asarray(images), head.feature_set)
+
+    def _temper(self, p: np.ndarray, features: np.ndarray | None = None) -> np.ndarray:
         t = self.record.temperature  # [predictor] temperature_scaling: T fitted on the
         p = apply_temperature(p, float(t)) if t else p  # ensemble's out-of-fold rows
-        la = self.label_adaptation_  # bench adapt --n: a new lab's labelled cells
+        if self.lab_head_ is not None:  # bench adapt --n: a new lab's labelled cells
+            return self.lab_head_.apply(p, features)
+        la = self.label_adaptation_  # an older predictor's output recalibration
         return recalibrate.apply(p, la["temperature"], la["bias"]) if la else p
 
     @property

@@ -26,6 +26,7 @@ members = "all"
 
 [predictor]
 ensemble = "stack"
+adapt_features = "hog"
 
 [profiles.tiny.candidates.cnn_tiny.params]
 epochs = 6
@@ -168,7 +169,7 @@ def test_adapt_with_labelled_cells_recalibrates_the_output(model, tmp_path, caps
     argv = ["adapt", "--model", str(model), "--data", str(lab), "--out", str(out), "--n", "9"]
     assert main(argv) == 0
     said = capsys.readouterr().out
-    assert "9 labelled cells recalibrated the output" in said
+    assert "lab head on 9 labelled cells" in said
     rec = verify_predictor(out).raw
     la, ad = rec["label_adaptation"], rec["adaptation"]
     assert la["n"] == 9 and set(la["rows"]) <= set(ad["rows"]) and ad["labels_used"]
@@ -182,3 +183,50 @@ def test_adapt_with_labelled_cells_recalibrates_the_output(model, tmp_path, caps
     bad = ["adapt", "--model", str(model), "--data", str(flat), "--out", str(tmp_path / "x")]
     assert main(bad + ["--n", "5"]) == 2
     assert "has no labels" in capsys.readouterr().err
+
+
+def test_adapt_with_labels_fits_a_lab_head_the_new_predictor_applies(model, tmp_path, capsys):
+    """--n with enough cells: the lab head's arrays are a checksummed file of the new
+    predictor, which applies them to every image; the prediction sets are calibrated anew
+    on the head's cross-fitted outputs; adapting the adapted predictor replaces its head."""
+    from core.labhead import LabHead
+    from features import extract
+
+    lab = _new_lab(tmp_path / "lab", n_per_class=20)
+    out = tmp_path / "adapted_head"
+    argv = ["adapt", "--model", str(model), "--data", str(lab), "--out", str(out), "--n", "24"]
+    assert main(argv) == 0
+    said = capsys.readouterr().out
+    assert "lab head on 24 labelled cells" in said
+    rec = verify_predictor(out).raw
+    la = rec["label_adaptation"]
+    assert la["head"] == "adaptation/lab_head.npz" and la["head"] in rec["files"]
+    assert la["chosen"] in {labhead_name for labhead_name in la["inner_log_loss"]}
+    assert la["feature_set"] in ("", "all") and la["n_features"] > 0
+    assert "lab-head outputs of 24 labelled cells" in rec["conformal"]["fitted_on"]
+    assert rec["adaptation"]["sets_recalibrated"]
+    assert "calibrated anew on the labelled cells" in (out / "MODEL_CARD.md").read_text()
+    assert main(["inspect", str(out)]) == 0
+    assert f"lab head on 24 labelled cells: {la['chosen']}" in capsys.readouterr().out
+    head = LabHead.load(out / la["head"])
+    # the new predictor's output is the head applied to its members' combined output
+    pred = load_predictor(out)
+    images = sorted(lab.rglob("*.png"))[:6]
+    X = pred.preprocessing.load(images)[0]
+    got = pred.predict_proba(X, preprocessed=True)
+    pred.lab_head_ = pred.label_adaptation_ = None
+    base = pred.predict_proba(X, preprocessed=True)
+    feats = extract(X, head.feature_set) if head.uses_features else None
+    assert np.allclose(got, head.apply(base, feats), atol=1e-6)
+    # adapting it again replaces the head: fitted anew on the members' output
+    again = tmp_path / "again"
+    argv2 = ["adapt", "--model", str(out), "--data", str(lab), "--out", str(again)]
+    assert main(argv2 + ["--n", "20", "--seed", "3"]) == 0
+    rec2 = verify_predictor(again).raw
+    assert rec2["label_adaptation"]["n"] == 20 and rec2["label_adaptation"]["seed"] == 3
+    assert (again / "adaptation" / "lab_head.npz").read_bytes() != (out / la["head"]).read_bytes()
+    assert not (again / "adaptation" / "lab_head.npz").samefile(out / la["head"])
+    # without --n the adapted predictor's head stays (linked, not copied)
+    plain = tmp_path / "plain"
+    assert main(["adapt", "--model", str(out), "--data", str(lab), "--out", str(plain)]) == 0
+    assert "label_adaptation" in verify_predictor(plain).raw

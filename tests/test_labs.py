@@ -417,19 +417,24 @@ def test_the_shared_three_labs_load_as_wbc5_multi():
 
 
 def test_the_adaptation_curve_fits_on_the_adapted_half_and_scores_the_other():
-    """Each draw recalibrates on labelled cells of the lab's adapted half only (every row's
-    probabilities are unique, so the rows of each fit are known), scores the other half,
-    and a lab whose answers lean one way gains from its own labels."""
+    """Each draw fits a lab head on labelled cells of the lab's adapted half only,
+    standardised on that half (a feature column holds each row's index, so the rows of
+    each fit are known), scores the other half; a lab whose answers lean one way gains from
+    its own labels, and one whose answers say nothing gains from the cells' features."""
     from bench.protocols import labs as labs_mod
-    from core import recalibrate
+    from core import labhead
 
     rng = np.random.default_rng(0)
-    n = 600
-    lab = np.repeat(["a", "b"], n // 2)
+    n = 900
+    lab = np.repeat(["a", "b", "c"], n // 3)
     y = rng.integers(0, 3, n)
     logits = np.eye(3)[y] * 2.0 + rng.normal(0, 0.8, (n, 3))
     logits[lab == "b", 0] += 2.5  # lab b leans to class 0: labels can undo it
+    logits[lab == "c"] = rng.normal(0, 0.8, (n // 3, 3))  # lab c: the output is lost
     proba = np.exp(logits) / np.exp(logits).sum(1, keepdims=True)
+    feats = rng.normal(size=(n, 6))
+    feats[lab == "c", :3] += 2.5 * np.eye(3)[y[lab == "c"]]  # ... but its cells are legible
+    feats[:, 5] = np.arange(n)  # the row's index
     table = pd.DataFrame(
         {
             "domain": lab,
@@ -437,30 +442,29 @@ def test_the_adaptation_curve_fits_on_the_adapted_half_and_scores_the_other():
             "group": [f"g{i // 3}" for i in range(n)],  # groups of 3 images
         }
     )
-    row_of = {tuple(np.round(p, 12)): i for i, p in enumerate(proba)}
     fits = []
-    real = recalibrate.fit
+    real = labhead.fit
 
     class Spy:
-        apply = staticmethod(recalibrate.apply)
-
         @staticmethod
-        def fit(p, yy, seed=0):
-            fits.append({row_of[tuple(np.round(r, 12))] for r in p})
-            return real(p, yy, seed=seed)
+        def fit(p, x, yy, reference=None, seed=0):
+            fits.append((set(x[:, 5].astype(int)), set(reference[:, 5].astype(int))))
+            return real(p, x, yy, reference=reference, seed=seed)
 
     mp = pytest.MonkeyPatch()
-    mp.setattr(labs_mod, "recalibrate", Spy)
+    mp.setattr(labs_mod, "labhead", Spy)
     try:
         curve = labs_mod.adaptation_curve(
-            table, ["c0", "c1", "c2"], {"m": proba}, [25, 100, 400], draws=3, seed=0
+            table, ["c0", "c1", "c2"], {"m": proba}, [25, 100, 400], 3, seed=0, features=feats
         )
     finally:
         mp.undo()
-    assert len(fits) == 2 * 3 * 2  # labs x draws x the N that fit in a half (not 400)
-    for rows in fits:
-        assert len({lab[i] for i in rows}) == 1 and len(rows) in (25, 100)
-    b = curve.set_index("lab").loc["b"]
+    assert len(fits) == 3 * 3 * 2  # labs x draws x the N that fit in a half (not 400)
+    for drawn, used in fits:
+        assert len({lab[i] for i in used}) == 1 and len(drawn) in (25, 100)
+        assert drawn <= used and len(used) <= n // 6  # the adapted half, never the scored one
+    by = curve.set_index("lab")
+    b, c = by.loc["b"], by.loc["c"]
     assert np.isnan(b["n400_balanced_accuracy"])
     assert b["n100_balanced_accuracy"] > b["n0_balanced_accuracy"] + 0.05
     assert (
@@ -468,6 +472,8 @@ def test_the_adaptation_curve_fits_on_the_adapted_half_and_scores_the_other():
         <= b["n100_balanced_accuracy"]
         <= b["n100_balanced_accuracy_hi"]
     )
+    assert c["n0_balanced_accuracy"] < 0.45 and c["n100_balanced_accuracy"] > 0.7
+    assert c["n100_head_share"] == 1.0
     # the scored half of each draw never holds a row a fit of that draw saw, nor its group
     for d in range(3):
         rows = np.flatnonzero(lab == "a")
@@ -476,7 +482,7 @@ def test_the_adaptation_curve_fits_on_the_adapted_half_and_scores_the_other():
         )
         groups = table["group"].to_numpy()[rows]
         assert not set(groups[used]) & set(groups[scored])
-        assert fits[2 * d] <= set(rows[used])
+        assert fits[2 * d][0] <= fits[2 * d][1] == set(rows[used])
 
 
 def test_the_curve_is_on_the_board_and_the_card(lab_run):

@@ -17,8 +17,16 @@ adapted predictor never includes the cells it adapted on. With labels (a class-f
 an ``.npz``, a dataset name or ``--labels``), the rest of the set is scored before and after
 and the verdict (:func:`bench.stats.scoring.verdict`) is printed and recorded.
 
-The prediction sets are left as calibrated in the training labs: recalibrate them on a
-hundred labelled cells of the lab (``bench calibrate``).
+With ``--n N`` labelled cells (drawn, seeded, from the half adapted on: stratified, or
+whole patients or slides with ``--groups``), a **lab head** is fitted on them
+(:mod:`core.labhead`): the combined output's temperature and class offsets and a linear map
+of the cells' hand-crafted features (``[predictor] adapt_features``), shrunk toward the
+original by inner cross-validation on the N cells, so a lab whose cells say nothing new
+keeps (nearly) the original answers. The head is stored as arrays
+(``adaptation/lab_head.npz``) and applied by the new predictor to every image. The
+prediction sets and the review rule are then calibrated anew on the head's cross-fitted
+outputs of the N cells. Without labels, the prediction sets stay as calibrated in the
+training labs: recalibrate them on labelled cells of the lab (``bench calibrate``).
 """
 
 from __future__ import annotations
@@ -35,18 +43,28 @@ from bench.commands.outputs import check_not_inside, check_writable, run_of
 from bench.data.external_data import load_external, resolve_data
 from bench.stats.scoring import score, stats_of_run, verdict_of_score
 from bench.stats.draws import adaptation_rows, draw
-from core import recalibrate
-from core.conformal import review_of
+from bench.commands.calibrate import set_minimum
+from core import labhead
+from core.conformal import ConformalSets, review_of, review_threshold
 from core.errors import BenchError
 from core.images import find_images
 from core.io import link_or_copy, staged
-from core.progress import info
+from core.progress import info, warn
 from core.shift import ShiftReference
 from ensembles.model_card import CARD
 from ensembles.predictor import MANIFEST, load_predictor, verify_predictor
+from ensembles.record import Review
+from features import check_feature_set
 from ensembles.writer import write_manifest
 
 METHOD = "AdaBN (batch-norm statistics re-estimated on the lab's images) + shift reference"
+HEAD_METHOD = (
+    "a lab head: the combined output's temperature and class offsets and a linear map of "
+    "the cells' features, class-balanced, shrunk toward the original by inner "
+    "cross-validation (core.labhead)"
+)
+#: the lab head's arrays in an adapted predictor (:class:`core.labhead.LabHead`)
+LAB_HEAD = "adaptation/lab_head.npz"
 
 
 @dataclass
@@ -98,7 +116,98 @@ def _labelled_draw(lab: LabSet, used, n: int, seed: int) -> np.ndarray:
     return rows[picked]
 
 
-def _figures(pred, lab: LabSet, rows, batch_size, stats, in_lab) -> tuple[dict, dict | None]:
+def head_feature_set(config) -> tuple[str, dict]:
+    """``(name, spec)`` of the feature set the lab head reads: ``[predictor]
+    adapt_features`` of the config (``("", {})``: output recalibration only)."""
+    from bench.config import load_config
+
+    cfg = load_config(config)
+    name = cfg.predictor.adapt_features
+    return name, (dict(cfg.feature_sets[name]) if name else {})
+
+
+def _fit_head(pred, lab: LabSet, used, ok, X, drawn, head_set, seed: int):
+    """The lab head (:mod:`core.labhead`) on the drawn labelled cells, through the adapted
+    members; the features standardised on every image adapted on. Any earlier head is
+    replaced: the new one is fitted on the members' combined output. Returns ``(fitted,
+    record, rows)``: ``rows`` the drawn cells that could be read."""
+    at = {int(used[j]): i for i, j in enumerate(ok)}
+    rows = np.asarray([int(r) for r in drawn if int(r) in at], dtype=np.int64)
+    pos = [at[int(r)] for r in rows]
+    pred.lab_head_ = pred.label_adaptation_ = None
+    proba = pred.predict_proba(X[pos], preprocessed=True)
+    name, spec = head_set
+    feats = None
+    if spec:
+        from features import extract
+
+        info(f"features of the {len(X)} images adapted on ({name}), for the lab head ...")
+        feats = extract(X, spec, progress=True)
+    fitted = labhead.fit(
+        proba,
+        None if feats is None else feats[pos],
+        lab.labels[rows],
+        reference=feats,
+        feature_set=spec,
+        seed=int(seed),
+    )
+    head = fitted.head
+    record = fitted.record | {
+        "n": int(len(rows)),
+        "rows": [lab.shown[i] for i in rows],
+        "seed": int(seed),
+        "method": HEAD_METHOD,
+        "head": LAB_HEAD,
+        "feature_set": name if head.uses_features else "",
+        "temperature": head.temperature,
+        "bias": head.bias.tolist(),
+    }
+    pred.lab_head_, pred.label_adaptation_ = head, record
+    return fitted, record, rows
+
+
+def _sets_on(pred, oof, y, n_classes: int, where: str):
+    """The prediction sets and review rule calibrated anew on the lab head's cross-fitted
+    outputs of the labelled cells (split-conformal, as ``bench calibrate``; Mondrian only
+    where every class has enough cells, else pooled): ``(state, manifest entry)``, or
+    ``None`` when the predictor has no sets or the cells are too few for its confidence
+    (the old sets then stay, with a warning)."""
+    old = pred.record.conformal
+    if old is None:
+        return None
+    confidence, method = float(old.confidence), old.method
+    need = set_minimum(confidence)
+    if len(y) < need:
+        warn(
+            f"{len(y)} labelled cells cannot calibrate {confidence:g} prediction sets (at "
+            f"least {need}): the sets stay as calibrated in the training labs"
+        )
+        return None
+    counts = np.bincount(y, minlength=n_classes)
+    if method == "mondrian" and counts.min() < need:
+        method = "lac"  # per-class sets need `need` cells of every class
+    state = ConformalSets.fit(
+        oof,
+        y,
+        method,
+        confidence,
+        old.raps_lambda,
+        old.raps_k,
+        fitted_on=f"cross-fitted lab-head outputs of {len(y)} labelled cells of {where} "
+        "(bench adapt --n)",
+    )
+    review = old.review.model_dump(exclude_none=True)
+    if "target_error" in review:
+        review["confidence_threshold"] = review_threshold(
+            oof.max(axis=1), oof.argmax(axis=1) == y, float(review["target_error"])
+        )
+    entry = {**state.to_dict(), "review": review}
+    return state, entry
+
+
+def _figures(
+    pred, lab: LabSet, rows, batch_size, stats, in_lab, review=None
+) -> tuple[dict, dict | None]:
     """The predictor on ``rows``: predicted class mix, share to review and, with labels,
     balanced accuracy with its interval; and the verdict on them (``None`` without labels)."""
     proba, ok, _, fold_proba, shift = predict_items(
@@ -117,7 +226,8 @@ def _figures(pred, lab: LabSet, rows, batch_size, stats, in_lab) -> tuple[dict, 
     }
     out["batch_check"] = pred.batch_check(proba) if len(rows) else None
     if pred.conformal_ is not None and len(rows):
-        rv = review_of(pred.conformal_, pred.record.conformal.review, proba, shift, fold_proba)
+        rule = review if review is not None else pred.record.conformal.review
+        rv = review_of(pred.conformal_, rule, proba, shift, fold_proba)
         out["share_flagged"] = float(np.mean(rv["review"]))
     if lab.labels is not None:
         y = lab.labels[rows]
@@ -150,14 +260,16 @@ def _write(model: Path, out: Path, pred, manifest: dict, adapted: set[str]) -> N
     through a link to the original's), every other file hard-linked; the manifest with the
     adaptation record, checksums and card rewritten."""
     with staged(out) as tmp:
+        if pred.lab_head_ is not None and "label_adaptation" in manifest:
+            pred.lab_head_.save(tmp / LAB_HEAD)
         for m in manifest["members"]:
             if m["name"] in adapted:
                 for rel, cand in zip(m["models"], pred.members_[m["name"]]):
                     cand.save(tmp / rel)
         for rel in manifest["files"]:
             dest = tmp / rel
-            if rel in (CARD, MANIFEST) or dest.exists():
-                continue  # rewritten below, or just saved
+            if rel in (CARD, MANIFEST, LAB_HEAD) or dest.exists():
+                continue  # rewritten below, or just saved (an earlier head is replaced)
             dest.parent.mkdir(parents=True, exist_ok=True)
             link_or_copy(model / rel, dest)
         body = {k: v for k, v in manifest.items() if k != "manifest_sha256"} | {"files": {}}
@@ -209,6 +321,9 @@ def adapt(
         )
     used, scored = adaptation_rows(len(lab.items), lab.groups, int(max_images), int(seed))
     drawn = _labelled_draw(lab, used, n, seed) if n is not None else None
+    head_set = head_feature_set(config) if n is not None else ("", {})
+    if head_set[1]:
+        check_feature_set(head_set[1], record.prep.image_size, "[predictor] adapt_features")
     stats, _ = stats_of_run(model)
     pred = load_predictor(model)
     adaptable = [n for n in pred.member_names_ if all(c.adaptable for c in pred.members_[n])]
@@ -216,25 +331,19 @@ def adapt(
     info(f"scoring the {len(scored)} images kept out of adaptation, before ...")
     before, verdict_before = _figures(pred, lab, scored, batch_size, stats, in_lab)
     info(f"adapting {', '.join(adaptable) or 'no member'} on {len(used)} images of {lab.path} ...")
-    X = pred.preprocessing.load([lab.items[i] for i in used], skip_errors=True)[0]
+    X, _, ok, _ = pred.preprocessing.load([lab.items[i] for i in used], skip_errors=True)
     if not len(X):
         raise BenchError(f"none of the {len(used)} images drawn to adapt on could be read")
     done = pred.adapt(X, max_images=len(X), seed=seed, preprocessed=True)
     reference = ShiftReference.fit(X, seed=seed)
     pred.shift_reference_ = reference
-    label_adaptation = None
+    label_adaptation = sets = review = None
     if drawn is not None:  # the labelled cells, through the adapted members
-        proba, ok, _, _, _ = predict_items(pred, [lab.items[i] for i in drawn], batch_size, True)
-        rows = np.asarray(drawn)[ok]
-        label_adaptation = recalibrate.fit(proba[ok], lab.labels[rows], seed=int(seed)) | {
-            "n": int(len(rows)),
-            "rows": [lab.shown[i] for i in rows],
-            "seed": int(seed),
-            "method": "temperature and per-class offsets on the combined output, shrunk "
-            "toward the original by inner cross-validation (core.recalibrate)",
-        }
-        pred.label_adaptation_ = label_adaptation
-    after, verdict_after = _figures(pred, lab, scored, batch_size, stats, in_lab)
+        fitted, label_adaptation, rows = _fit_head(pred, lab, used, ok, X, drawn, head_set, seed)
+        sets = _sets_on(pred, fitted.oof, lab.labels[rows], len(classes), lab.name)
+        if sets is not None:
+            pred.conformal_, review = sets[0], Review(**sets[1]["review"])
+    after, verdict_after = _figures(pred, lab, scored, batch_size, stats, in_lab, review)
     record_ = {
         "method": METHOD,
         "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
@@ -249,6 +358,8 @@ def adapt(
         "layers": done["layers"],
         "labels_used": label_adaptation is not None,
         "n_labelled": 0 if label_adaptation is None else label_adaptation["n"],
+        "head": None if label_adaptation is None else label_adaptation["chosen"],
+        "sets_recalibrated": sets is not None,
         "from_predictor": str(model.resolve()),
         "from_manifest_sha256": manifest["manifest_sha256"],
         "scored_rows": int(len(scored)),
@@ -258,8 +369,10 @@ def adapt(
         "verdict": verdict_after,
     }
     new = {**manifest, "adaptation": record_, "shift": reference.to_dict()}
-    if label_adaptation is not None:
+    if label_adaptation is not None:  # an earlier adaptation's head is replaced
         new["label_adaptation"] = label_adaptation
+    if sets is not None:
+        new["conformal"] = sets[1]
     new = json.loads(json.dumps(new))
     _write(model, out, pred, new, set(adaptable) if done["layers"] else set())
     verify_predictor(out)
@@ -277,11 +390,7 @@ def summary(r: dict) -> str:
         f"adapted on {r['n_images']} images of {r['data_name']} (seed {r['seed']}): "
         f"{r['layers']} batch-norm layers of {r['fold_models']} fold models "
         f"({', '.join(r['members_adapted']) or 'no adaptable member'}); shift reference refitted"
-        + (
-            f"; {r['n_labelled']} labelled cells recalibrated the output"
-            if r.get("n_labelled")
-            else ""
-        ),
+        + (f"; lab head on {r['n_labelled']} labelled cells: {r['head']}" if r.get("head") else ""),
         f"on the {b['n']} images kept out: share to review "
         f"{b.get('share_flagged', float('nan')):.0%} before, "
         f"{a.get('share_flagged', float('nan')):.0%} after",

@@ -217,11 +217,18 @@ def _predict_parsers(sub) -> None:
         "--max-images", type=int, default=2000, help="images to adapt on (at most half)"
     )
     ada.add_argument(
-        "--n", type=int, default=None, help="labelled cells to recalibrate the output on"
+        "--n",
+        type=int,
+        default=None,
+        help="labelled cells to fit a lab head on (output and cell features; core.labhead)",
     )
     ada.add_argument("--seed", type=int, default=0)
     ada.add_argument("--batch-size", type=int, default=128)
-    ada.add_argument("--config", default=None, help="config for --data NAME")
+    ada.add_argument(
+        "--config",
+        default=None,
+        help="config for --data NAME and [predictor] adapt_features (the lab head's features)",
+    )
     _add_common(ada)
 
     exp = sub.add_parser(
@@ -941,6 +948,19 @@ def cmd_inspect(args) -> int:
             print(f"  referral: at most {rr:.0%} of the out-of-fold patients in the band")
     for line in inspect_lines(m):
         print(line)
+    extra = m.model_extra or {}
+    ad, la = extra.get("adaptation"), extra.get("label_adaptation")
+    if ad:
+        print(
+            f"  adapted to {ad.get('data_name')} (bench adapt, seed {ad['seed']}): "
+            f"{ad['n_images']} images, {ad['layers']} batch-norm layers"
+            + (
+                f"; lab head on {la['n']} labelled cells: {la['chosen']}"
+                + (f" over the {la['feature_set']} features" if la.get("feature_set") else "")
+                if la and la.get("chosen")
+                else ""
+            )
+        )
     for line in lab_lines(m.leave_one_lab_out):
         print(line)
     print(f"  image size: {m.prep.image_size}; created {m.created}")

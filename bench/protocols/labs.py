@@ -24,7 +24,7 @@ long table is ``DIR/labs.csv``.
 
 :func:`adaptation_curve` (``[run] lab_curve``) adds what a lab's own labelled cells buy:
 per held-out lab, N = 25 ... 200 of its cells (seeded draws from the half of the lab adapted
-on) recalibrate each entry's output as ``bench adapt --n N`` does, scored on the lab's
+on) fit a lab head on each entry's output as ``bench adapt --n N`` does, scored on the lab's
 other half: columns ``<lab>_n<N>_balanced_accuracy`` (``n0``: the same half, zero-shot),
 ``worst_lab_n<N>_balanced_accuracy`` and ``mean_lab_n<N>_balanced_accuracy``; never a
 ranking.
@@ -53,10 +53,11 @@ from bench.run.rundir import RunDir
 from bench.stats.scoring import score
 from core import registry
 from bench.stats.draws import adaptation_rows, draw
-from core import recalibrate
+from core import labhead
 from core.candidate import load_candidate, predict_proba_for, release_memory
 from core.metrics import LAB_METRICS, LAB_SUMMARIES, base_metric, metric_sort_ascending
 from core.progress import info, progress_iter
+from features import extract
 
 
 def is_multi_lab(cfg: Config) -> bool:
@@ -177,15 +178,18 @@ def adaptation_curve(
     draws: int,
     seed: int = 0,
     show_progress: bool = False,
+    features: np.ndarray | None = None,
 ) -> pd.DataFrame:
     """The leave-one-lab-out adaptation curve: per entry, held-out lab and draw, the lab's
     rows split as ``bench adapt`` splits a set (:func:`bench.stats.draws.adaptation_rows`:
     half adapted on, whole patients or slides, the other half scored); from the adapted
-    half, N labelled cells (stratified, :func:`bench.stats.draws.draw`) recalibrate the
-    entry's out-of-lab output (:func:`core.recalibrate.fit`, as ``bench adapt --n N``), and
-    the scored half is scored before (``n0``) and after. One row per entry and lab:
-    ``n<N>_balanced_accuracy`` the mean over the ``draws`` draws, ``_lo`` / ``_hi`` their
-    range. The scored half never enters a fit."""
+    half, N labelled cells (stratified, :func:`bench.stats.draws.draw`) fit a lab head on
+    the entry's out-of-lab output and the cells' ``features`` (:func:`core.labhead.fit`,
+    standardised on the adapted half, as ``bench adapt --n N``; ``None``: the output
+    only), and the scored half is scored before (``n0``) and after. One row per entry and
+    lab: ``n<N>_balanced_accuracy`` the mean over the ``draws`` draws, ``_lo`` / ``_hi``
+    their range, and ``n<N>_head_share`` the share of draws whose head read the features.
+    The scored half never enters a fit."""
     index = {c: i for i, c in enumerate(classes)}
     y = np.array([index[str(c)] for c in table["label"]], dtype=np.int64)
     labs = list(dict.fromkeys(table["domain"]))
@@ -203,26 +207,37 @@ def adaptation_curve(
                 if n <= len(used):
                     picked, _ = draw([str(v) for v in y[rows[used]]], None, n, seed + d)
                     picks[n] = rows[used[picked]]
-            splits[(lab, d)] = (rows[scored], picks)
+            splits[(lab, d)] = (rows[scored], picks, rows[used])
     out = []
     for name, proba in progress_iter(
         probas.items(), total=len(probas), desc="adaptation curve", enabled=show_progress
     ):
         for lab in labs:
             got: dict[int, list[float]] = {0: [], **{n: [] for n in ns}}
+            heads: dict[int, list[bool]] = {n: [] for n in ns}
             for d in range(draws):
-                scored, picks = splits[(lab, d)]
+                scored, picks, used = splits[(lab, d)]
                 got[0].append(_balanced_accuracy(y[scored], proba[scored]))
                 for n, drawn in picks.items():
-                    fit = recalibrate.fit(proba[drawn], y[drawn], seed=seed + d)
-                    adapted = recalibrate.apply(proba[scored], fit["temperature"], fit["bias"])
+                    fitted = labhead.fit(
+                        proba[drawn],
+                        None if features is None else features[drawn],
+                        y[drawn],
+                        reference=None if features is None else features[used],
+                        seed=seed + d,
+                    )
+                    scored_x = None if features is None else features[scored]
+                    adapted = fitted.head.apply(proba[scored], scored_x)
                     got[n].append(_balanced_accuracy(y[scored], adapted))
+                    heads[n].append(fitted.head.uses_features)
             row = {"entry": name, "lab": lab}
             for n, vals in got.items():
                 key = f"n{n}_balanced_accuracy"
                 row[key] = float(np.mean(vals)) if vals else np.nan
                 row[f"{key}_lo"] = float(np.min(vals)) if vals else np.nan
                 row[f"{key}_hi"] = float(np.max(vals)) if vals else np.nan
+                if n:
+                    row[f"n{n}_head_share"] = float(np.mean(heads[n])) if heads[n] else np.nan
             out.append(row)
     return pd.DataFrame(out)
 
@@ -310,8 +325,9 @@ def lab_summary(board_row, labs: list[str]) -> dict:
     if sizes:  # the adaptation curve: labelled cells of the lab -> balanced accuracy
         out["adaptation_curve"] = {
             "labelled_cells": sizes,
-            "method": "output recalibrated on N labelled cells of the held-out lab's "
-            "adapted half (bench adapt --n N), scored on its other half; mean of the draws",
+            "method": "a lab head (output and cell features, core.labhead) fitted on N "
+            "labelled cells of the held-out lab's adapted half (bench adapt --n N), scored "
+            "on its other half; mean of the draws",
             "labs": {
                 lab: [float(board_row[f"{lab}_n{n}_balanced_accuracy"]) for n in sizes]
                 for lab in labs
@@ -354,9 +370,17 @@ def leave_one_lab_out(
     }
     scores = lab_scores(lab_run.folds_table, lab_run.classes, probas, stats=cfg.stats)
     if cfg.run.lab_curve:
+        head = cfg.predictor.adapt_features
         info(
             f"adaptation curve per held-out lab: N = {list(cfg.run.lab_curve)} labelled cells, "
-            f"{cfg.run.lab_curve_draws} draws, output recalibrated (bench adapt --n)"
+            f"{cfg.run.lab_curve_draws} draws, a lab head on the output"
+            + (f" and the '{head}' features" if head else "")
+            + " (bench adapt --n)"
+        )
+        feats = (
+            extract(np.asarray(lab_run.images), cfg.feature_sets[head], progress=show_progress)
+            if head
+            else None
         )
         curve = adaptation_curve(
             lab_run.folds_table,
@@ -366,6 +390,7 @@ def leave_one_lab_out(
             int(cfg.run.lab_curve_draws),
             seed=int(cfg.run.seed),
             show_progress=show_progress,
+            features=feats,
         )
         scores = scores.merge(curve, on=["entry", "lab"], how="left")
     if cfg.run.lab_adabn:

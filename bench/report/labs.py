@@ -152,8 +152,9 @@ def labs_section(run, out, colors, alpha: float = 0.05) -> dict:
             "labs_curve",
             "adaptation curve per held-out lab",
             "What a lab's own labelled cells buy: per held-out lab, N of its cells (seeded "
-            "draws from the half adapted on) recalibrate the entry's output as `bench adapt "
-            "--n N` does, scored on the lab's other half (N = 0: zero-shot on that half). "
+            "draws from the half adapted on) fit a lab head on the entry's output and the "
+            "cells' features as `bench adapt --n N` does, scored on the lab's other half "
+            "(N = 0: zero-shot on that half). "
             "Points: the mean over the draws; bars: their range. The four best entries by "
             "the worst lab, and the saved predictor.",
             csv,
