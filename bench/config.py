@@ -554,6 +554,8 @@ class PredictorSection(_Section):
     # adaptation curve) reads beside the predictor's output (core.labhead); "" (a config
     # without feature sets): recalibrate the output only. The shipped config: "all"
     adapt_features: str = ""
+    # ... of the central fraction of each image's side: the cell, not its surroundings
+    adapt_crop: Number = Field(default=0.5, gt=0, le=1)
 
 
 class ReportSection(_Section):
@@ -1172,6 +1174,14 @@ def _validate_entries(cfg: "Config", where: str) -> None:
     size = cfg.data.image_size
     for name, spec in cfg.feature_sets.items():
         check_feature_set(spec, size, f"{where}: [feature_sets.{name}]")
+    head = cfg.predictor.adapt_features
+    if head:  # the lab head reads it on the central crop
+        check_feature_set(
+            cfg.feature_sets[head],
+            crop_side(size, cfg.predictor.adapt_crop),
+            f"{where}: [predictor] adapt_features '{head}' at adapt_crop "
+            f"{cfg.predictor.adapt_crop:g}",
+        )
     for name, entry in cfg.candidates.items():
         cls = _type(entry.type, where, f"[candidates.{name}]")
         validate_params(cls, entry.params, f"{where}: [candidates.{name}] params")

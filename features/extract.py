@@ -235,3 +235,11 @@ def _save_store(store: Path, known: dict) -> None:
         _remember(store, (st.st_mtime_ns, st.st_size), known)
     except OSError:
         tmp.unlink(missing_ok=True)
+
+
+def extract_central(images: np.ndarray, spec: dict, crop: float | None = None, **kwargs):
+    """:func:`extract` of the central ``crop`` of each image's side
+    (:func:`core.images.center_crop`; ``None`` or 1: the whole image)."""
+    from core.images import center_crop
+
+    return extract(center_crop(np.asarray(images), crop), spec, **kwargs)

@@ -190,7 +190,7 @@ def test_adapt_with_labels_fits_a_lab_head_the_new_predictor_applies(model, tmp_
     predictor, which applies them to every image; the prediction sets are calibrated anew
     on the head's cross-fitted outputs; adapting the adapted predictor replaces its head."""
     from core.labhead import LabHead
-    from features import extract
+    from features import extract_central
 
     lab = _new_lab(tmp_path / "lab", n_per_class=20)
     out = tmp_path / "adapted_head"
@@ -202,7 +202,7 @@ def test_adapt_with_labels_fits_a_lab_head_the_new_predictor_applies(model, tmp_
     la = rec["label_adaptation"]
     assert la["head"] == "adaptation/lab_head.npz" and la["head"] in rec["files"]
     assert la["chosen"] in {labhead_name for labhead_name in la["inner_log_loss"]}
-    assert la["feature_set"] in ("", "all") and la["n_features"] > 0
+    assert la["feature_set"] in ("", "all") and la["n_features"] > 0 and la["crop"] in (0.5, 1)
     assert "lab-head outputs of 24 labelled cells" in rec["conformal"]["fitted_on"]
     assert rec["adaptation"]["sets_recalibrated"]
     assert "calibrated anew on the labelled cells" in (out / "MODEL_CARD.md").read_text()
@@ -216,7 +216,7 @@ def test_adapt_with_labels_fits_a_lab_head_the_new_predictor_applies(model, tmp_
     got = pred.predict_proba(X, preprocessed=True)
     pred.lab_head_ = pred.label_adaptation_ = None
     base = pred.predict_proba(X, preprocessed=True)
-    feats = extract(X, head.feature_set) if head.uses_features else None
+    feats = extract_central(X, head.feature_set, head.crop) if head.uses_features else None
     assert np.allclose(got, head.apply(base, feats), atol=1e-6)
     # adapting it again replaces the head: fitted anew on the members' output
     again = tmp_path / "again"

@@ -54,7 +54,8 @@ from core.shift import ShiftReference
 from ensembles.model_card import CARD
 from ensembles.predictor import MANIFEST, load_predictor, verify_predictor
 from ensembles.record import Review
-from features import check_feature_set
+from core.images import crop_side
+from features import check_feature_set, extract_central
 from ensembles.writer import write_manifest
 
 METHOD = "AdaBN (batch-norm statistics re-estimated on the lab's images) + shift reference"
@@ -116,14 +117,17 @@ def _labelled_draw(lab: LabSet, used, n: int, seed: int) -> np.ndarray:
     return rows[picked]
 
 
-def head_feature_set(config) -> tuple[str, dict]:
-    """``(name, spec)`` of the feature set the lab head reads: ``[predictor]
-    adapt_features`` of the config (``("", {})``: output recalibration only)."""
+def head_feature_set(config) -> tuple[str, dict, float]:
+    """``(name, spec, crop)`` of the features the lab head reads: ``[predictor]
+    adapt_features`` and ``adapt_crop`` of the config (``("", {}, 1.0)``: output
+    recalibration only)."""
     from bench.config import load_config
 
     cfg = load_config(config)
     name = cfg.predictor.adapt_features
-    return name, (dict(cfg.feature_sets[name]) if name else {})
+    if not name:
+        return "", {}, 1.0
+    return name, dict(cfg.feature_sets[name]), float(cfg.predictor.adapt_crop)
 
 
 def _fit_head(pred, lab: LabSet, used, ok, X, drawn, head_set, seed: int):
@@ -136,19 +140,18 @@ def _fit_head(pred, lab: LabSet, used, ok, X, drawn, head_set, seed: int):
     pos = [at[int(r)] for r in rows]
     pred.lab_head_ = pred.label_adaptation_ = None
     proba = pred.predict_proba(X[pos], preprocessed=True)
-    name, spec = head_set
+    name, spec, crop = head_set
     feats = None
     if spec:
-        from features import extract
-
         info(f"features of the {len(X)} images adapted on ({name}), for the lab head ...")
-        feats = extract(X, spec, progress=True)
+        feats = extract_central(X, spec, crop, progress=True)
     fitted = labhead.fit(
         proba,
         None if feats is None else feats[pos],
         lab.labels[rows],
         reference=feats,
         feature_set=spec,
+        crop=crop,
         seed=int(seed),
     )
     head = fitted.head
@@ -159,6 +162,7 @@ def _fit_head(pred, lab: LabSet, used, ok, X, drawn, head_set, seed: int):
         "method": HEAD_METHOD,
         "head": LAB_HEAD,
         "feature_set": name if head.uses_features else "",
+        "crop": head.crop,
         "temperature": head.temperature,
         "bias": head.bias.tolist(),
     }
@@ -321,9 +325,10 @@ def adapt(
         )
     used, scored = adaptation_rows(len(lab.items), lab.groups, int(max_images), int(seed))
     drawn = _labelled_draw(lab, used, n, seed) if n is not None else None
-    head_set = head_feature_set(config) if n is not None else ("", {})
+    head_set = head_feature_set(config) if n is not None else ("", {}, 1.0)
     if head_set[1]:
-        check_feature_set(head_set[1], record.prep.image_size, "[predictor] adapt_features")
+        side = crop_side(record.prep.image_size, head_set[2])
+        check_feature_set(head_set[1], side, "[predictor] adapt_features")
     stats, _ = stats_of_run(model)
     pred = load_predictor(model)
     adaptable = [n for n in pred.member_names_ if all(c.adaptable for c in pred.members_[n])]

@@ -57,7 +57,7 @@ from core import labhead
 from core.candidate import load_candidate, predict_proba_for, release_memory
 from core.metrics import LAB_METRICS, LAB_SUMMARIES, base_metric, metric_sort_ascending
 from core.progress import info, progress_iter
-from features import extract
+from features import extract_central
 
 
 def is_multi_lab(cfg: Config) -> bool:
@@ -378,7 +378,12 @@ def leave_one_lab_out(
             + " (bench adapt --n)"
         )
         feats = (
-            extract(np.asarray(lab_run.images), cfg.feature_sets[head], progress=show_progress)
+            extract_central(
+                lab_run.images,
+                cfg.feature_sets[head],
+                cfg.predictor.adapt_crop,
+                progress=show_progress,
+            )
             if head
             else None
         )
