@@ -580,6 +580,37 @@ def predictor_entry(
     }
 
 
+def set_minimum(confidence: float) -> int:
+    """The fewest calibration images of a split-conformal set that can leave a class out at
+    ``confidence``: from q images the smallest p-value is 1/(q+1), and a class leaves a set
+    only when its p-value is below 1 - confidence (fewer images: every set holds every
+    class). Pooled (lac, aps, raps) sets need it in all, mondrian sets per class."""
+    return int(np.floor(confidence / (1 - confidence) + 1e-9)) + 1
+
+
+def few_cell_sets(
+    proba,
+    y,
+    method: str,
+    confidence: float,
+    raps_lambda: float = RAPS_LAMBDA,
+    raps_k: int = RAPS_K,
+    fitted_on: str = "",
+) -> "ConformalSets | None":
+    """Split-conformal sets on a few labelled cells of a new lab (``bench adapt --n``, the
+    adaptation curve): ``method``, or pooled ``lac`` where a Mondrian method lacks
+    :func:`set_minimum` cells of some class; ``None`` when even pooled sets cannot leave
+    a class out at ``confidence`` (fewer cells than :func:`set_minimum`)."""
+    y = np.asarray(y, dtype=np.int64)
+    need = set_minimum(confidence)
+    if len(y) < need:
+        return None
+    k = np.asarray(proba).shape[1]
+    if method == "mondrian" and np.bincount(y, minlength=k).min() < need:
+        method = "lac"
+    return ConformalSets.fit(proba, y, method, confidence, raps_lambda, raps_k, fitted_on)
+
+
 def review_of(state: ConformalSets, review, proba, shift=None, fold_proba=None) -> dict:
     """Per image: the prediction set (bool (N, K)), its size, and the review flags of the
     stored ``review`` rule (its ``confidence_threshold`` and ``shift_limit``:
@@ -596,6 +627,8 @@ def join_set(row: np.ndarray, classes) -> str:
 
 __all__ = [
     "ConformalSets",
+    "few_cell_sets",
+    "set_minimum",
     "METHODS",
     "SCHEMES",
     "RAPS_LAMBDA",

@@ -276,6 +276,20 @@ def model_card(m: PredictorRecord) -> str:
             ]
             rows = [*curve["labs"].items(), ("worst lab", curve["worst_lab"])]
             out += [f"| {lab} | " + " | ".join(_f(v) for v in vals) + " |" for lab, vals in rows]
+            cover = curve.get("coverage")
+            if cover:
+                out += [
+                    "",
+                    "Coverage of the prediction sets calibrated on those N cells (the "
+                    "head's cross-fitted outputs), on the same scored half:",
+                    "",
+                    "| held-out lab | " + " | ".join(f"N = {n}" for n in ns if n) + " |",
+                    "|---|" + "---:|" * len([n for n in ns if n]),
+                ]
+                out += [
+                    f"| {lab} | " + " | ".join(_f(v) for v in vals) + " |"
+                    for lab, vals in cover.items()
+                ]
     if not ext and not labs:
         out.append(
             "- No external set was scored with this predictor's run; score one with "

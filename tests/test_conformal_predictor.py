@@ -305,7 +305,8 @@ def test_calibrate_leaves_the_original_byte_identical_and_refuses_bad_input(
 
 
 def test_the_fewest_calibration_images_follow_the_split_conformal_p_values():
-    from bench.commands.calibrate import check_n, set_minimum
+    from bench.commands.calibrate import check_n
+    from core.conformal import set_minimum
     from core.conformal import ConformalSets
     from core.errors import BenchError
 

@@ -104,5 +104,5 @@ def test_a_bad_head_feature_set_is_one_error_line(toy_folder, tmp_path, capsys):
 
     line = run_error_line('[predictor]\nadapt_features = "hgo"\n', toy_folder, tmp_path, capsys)
     assert "[predictor] adapt_features 'hgo' is not a [feature_sets.NAME]" in line
-    line = run_error_line('[predictor]\nadapt_crop = 0\n', toy_folder, tmp_path, capsys)
+    line = run_error_line("[predictor]\nadapt_crop = 0\n", toy_folder, tmp_path, capsys)
     assert "adapt_crop" in line

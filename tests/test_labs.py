@@ -455,7 +455,15 @@ def test_the_adaptation_curve_fits_on_the_adapted_half_and_scores_the_other():
     mp.setattr(labs_mod, "labhead", Spy)
     try:
         curve = labs_mod.adaptation_curve(
-            table, ["c0", "c1", "c2"], {"m": proba}, [25, 100, 400], 3, seed=0, features=feats
+            table,
+            ["c0", "c1", "c2"],
+            {"m": proba},
+            [25, 100, 400],
+            3,
+            seed=0,
+            features=feats,
+            sets=("mondrian", 0.9),
+            n_jobs=1,  # in this process, where the spy is
         )
     finally:
         mp.undo()
@@ -474,6 +482,10 @@ def test_the_adaptation_curve_fits_on_the_adapted_half_and_scores_the_other():
     )
     assert c["n0_balanced_accuracy"] < 0.45 and c["n100_balanced_accuracy"] > 0.7
     assert c["n100_head_share"] == 1.0
+    # sets calibrated on the head's cross-fitted outputs of the N cells cover the rest
+    for row in (b, c):
+        assert 0.8 <= row["n100_coverage"] <= 1.0 and 0.75 <= row["n25_coverage"] <= 1.0
+    assert np.isnan(b["n400_coverage"])
     # the scored half of each draw never holds a row a fit of that draw saw, nor its group
     for d in range(3):
         rows = np.flatnonzero(lab == "a")

@@ -43,9 +43,8 @@ from bench.commands.outputs import check_not_inside, check_writable, run_of
 from bench.data.external_data import load_external, resolve_data
 from bench.stats.scoring import score, stats_of_run, verdict_of_score
 from bench.stats.draws import adaptation_rows, draw
-from bench.commands.calibrate import set_minimum
 from core import labhead
-from core.conformal import ConformalSets, review_of, review_threshold
+from core.conformal import few_cell_sets, review_of, review_threshold, set_minimum
 from core.errors import BenchError
 from core.images import find_images
 from core.io import link_or_copy, staged
@@ -170,7 +169,7 @@ def _fit_head(pred, lab: LabSet, used, ok, X, drawn, head_set, seed: int):
     return fitted, record, rows
 
 
-def _sets_on(pred, oof, y, n_classes: int, where: str):
+def _sets_on(pred, oof, y, where: str):
     """The prediction sets and review rule calibrated anew on the lab head's cross-fitted
     outputs of the labelled cells (split-conformal, as ``bench calibrate``; Mondrian only
     where every class has enough cells, else pooled): ``(state, manifest entry)``, or
@@ -179,27 +178,23 @@ def _sets_on(pred, oof, y, n_classes: int, where: str):
     old = pred.record.conformal
     if old is None:
         return None
-    confidence, method = float(old.confidence), old.method
-    need = set_minimum(confidence)
-    if len(y) < need:
-        warn(
-            f"{len(y)} labelled cells cannot calibrate {confidence:g} prediction sets (at "
-            f"least {need}): the sets stay as calibrated in the training labs"
-        )
-        return None
-    counts = np.bincount(y, minlength=n_classes)
-    if method == "mondrian" and counts.min() < need:
-        method = "lac"  # per-class sets need `need` cells of every class
-    state = ConformalSets.fit(
+    state = few_cell_sets(
         oof,
         y,
-        method,
-        confidence,
+        old.method,
+        float(old.confidence),
         old.raps_lambda,
         old.raps_k,
         fitted_on=f"cross-fitted lab-head outputs of {len(y)} labelled cells of {where} "
         "(bench adapt --n)",
     )
+    if state is None:
+        warn(
+            f"{len(y)} labelled cells cannot calibrate {old.confidence:g} prediction sets "
+            f"(at least {set_minimum(float(old.confidence))}): the sets stay as calibrated "
+            "in the training labs"
+        )
+        return None
     review = old.review.model_dump(exclude_none=True)
     if "target_error" in review:
         review["confidence_threshold"] = review_threshold(
@@ -345,7 +340,7 @@ def adapt(
     label_adaptation = sets = review = None
     if drawn is not None:  # the labelled cells, through the adapted members
         fitted, label_adaptation, rows = _fit_head(pred, lab, used, ok, X, drawn, head_set, seed)
-        sets = _sets_on(pred, fitted.oof, lab.labels[rows], len(classes), lab.name)
+        sets = _sets_on(pred, fitted.oof, lab.labels[rows], lab.name)
         if sets is not None:
             pred.conformal_, review = sets[0], Review(**sets[1]["review"])
     after, verdict_after = _figures(pred, lab, scored, batch_size, stats, in_lab, review)

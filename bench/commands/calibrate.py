@@ -27,7 +27,14 @@ from bench.stats.draws import draw
 
 from bench.commands.evaluate import predict_items, load_external, map_classes, read_class_map
 from bench.stats.scoring import score, stats_of_run, verdict_of_score
-from core.conformal import METHODS, ConformalSets, check_confidence, review_of, review_threshold
+from core.conformal import (
+    METHODS,
+    ConformalSets,
+    check_confidence,
+    review_of,
+    review_threshold,
+    set_minimum,
+)
 from core.errors import BenchError
 from bench.commands.outputs import check_not_inside, check_writable, folder_size, run_of
 from core.io import atomic_write_json, atomic_write_text, file_sha256, link_or_copy, staged
@@ -85,14 +92,6 @@ def add_calibrate_parser(sub, add_common) -> None:
     p.add_argument("--batch-size", "--batch_size", dest="batch_size", type=int, default=128)
     p.add_argument("--config", default=None, help="config for --data NAME")
     add_common(p)
-
-
-def set_minimum(confidence: float) -> int:
-    """The fewest calibration images of a split-conformal set that can leave a class out at
-    ``confidence``: from q images the smallest p-value is 1/(q+1), and a class leaves a set
-    only when its p-value is below 1 - confidence (fewer images: every set holds every
-    class). Pooled (lac, aps, raps) sets need it in all, mondrian sets per class."""
-    return int(np.floor(confidence / (1 - confidence) + 1e-9)) + 1
 
 
 def check_n(n: int, confidence: float, n_classes: int, data) -> None:

@@ -42,7 +42,10 @@ The runner calls :func:`leave_one_lab_out` with its own ``run_benchmark`` (passe
 
 from __future__ import annotations
 
+import os
 from typing import Callable
+
+from joblib import Parallel, delayed
 
 import numpy as np
 import pandas as pd
@@ -54,6 +57,7 @@ from bench.stats.scoring import score
 from core import registry
 from bench.stats.draws import adaptation_rows, draw
 from core import labhead
+from core.conformal import few_cell_sets
 from core.candidate import load_candidate, predict_proba_for, release_memory
 from core.metrics import LAB_METRICS, LAB_SUMMARIES, base_metric, metric_sort_ascending
 from core.progress import info, progress_iter
@@ -179,6 +183,8 @@ def adaptation_curve(
     seed: int = 0,
     show_progress: bool = False,
     features: np.ndarray | None = None,
+    sets: tuple[str, float] | None = None,
+    n_jobs: int | None = None,
 ) -> pd.DataFrame:
     """The leave-one-lab-out adaptation curve: per entry, held-out lab and draw, the lab's
     rows split as ``bench adapt`` splits a set (:func:`bench.stats.draws.adaptation_rows`:
@@ -189,7 +195,12 @@ def adaptation_curve(
     only), and the scored half is scored before (``n0``) and after. One row per entry and
     lab: ``n<N>_balanced_accuracy`` the mean over the ``draws`` draws, ``_lo`` / ``_hi``
     their range, and ``n<N>_head_share`` the share of draws whose head read the features.
-    The scored half never enters a fit."""
+    With ``sets`` (``(method, confidence)``), prediction sets are calibrated on the head's
+    cross-fitted outputs of the N cells as ``bench adapt --n N`` calibrates them
+    (:func:`core.conformal.few_cell_sets`), and ``n<N>_coverage`` is the share of the
+    scored half whose set holds its class (mean over the draws; NaN where N is too few).
+    The scored half never enters a fit. Entries run in ``n_jobs`` processes (default
+    ``$BLOODBENCH_JOBS`` or all cores)."""
     index = {c: i for i, c in enumerate(classes)}
     y = np.array([index[str(c)] for c in table["label"]], dtype=np.int64)
     labs = list(dict.fromkeys(table["domain"]))
@@ -208,38 +219,62 @@ def adaptation_curve(
                     picked, _ = draw([str(v) for v in y[rows[used]]], None, n, seed + d)
                     picks[n] = rows[used[picked]]
             splits[(lab, d)] = (rows[scored], picks, rows[used])
+    jobs = n_jobs or int(os.environ.get("BLOODBENCH_JOBS", 0)) or os.cpu_count() or 1
+    run = Parallel(n_jobs=min(jobs, len(probas)) or 1, return_as="generator")(
+        delayed(_curve_rows)(name, proba, y, labs, splits, ns, draws, seed, features, sets)
+        for name, proba in probas.items()
+    )
     out = []
-    for name, proba in progress_iter(
-        probas.items(), total=len(probas), desc="adaptation curve", enabled=show_progress
+    for rows in progress_iter(
+        run, total=len(probas), desc="adaptation curve", enabled=show_progress
     ):
-        for lab in labs:
-            got: dict[int, list[float]] = {0: [], **{n: [] for n in ns}}
-            heads: dict[int, list[bool]] = {n: [] for n in ns}
-            for d in range(draws):
-                scored, picks, used = splits[(lab, d)]
-                got[0].append(_balanced_accuracy(y[scored], proba[scored]))
-                for n, drawn in picks.items():
-                    fitted = labhead.fit(
-                        proba[drawn],
-                        None if features is None else features[drawn],
-                        y[drawn],
-                        reference=None if features is None else features[used],
-                        seed=seed + d,
-                    )
-                    scored_x = None if features is None else features[scored]
-                    adapted = fitted.head.apply(proba[scored], scored_x)
-                    got[n].append(_balanced_accuracy(y[scored], adapted))
-                    heads[n].append(fitted.head.uses_features)
-            row = {"entry": name, "lab": lab}
-            for n, vals in got.items():
-                key = f"n{n}_balanced_accuracy"
-                row[key] = float(np.mean(vals)) if vals else np.nan
-                row[f"{key}_lo"] = float(np.min(vals)) if vals else np.nan
-                row[f"{key}_hi"] = float(np.max(vals)) if vals else np.nan
-                if n:
-                    row[f"n{n}_head_share"] = float(np.mean(heads[n])) if heads[n] else np.nan
-            out.append(row)
+        out += rows
     return pd.DataFrame(out)
+
+
+def _curve_rows(name, proba, y, labs, splits, ns, draws, seed, features, sets) -> list[dict]:
+    """One entry's rows of :func:`adaptation_curve`."""
+    out = []
+    for lab in labs:
+        got: dict[int, list[float]] = {0: [], **{n: [] for n in ns}}
+        heads: dict[int, list[bool]] = {n: [] for n in ns}
+        cover: dict[int, list[float]] = {n: [] for n in ns}
+        for d in range(draws):
+            scored, picks, used = splits[(lab, d)]
+            got[0].append(_balanced_accuracy(y[scored], proba[scored]))
+            for n, drawn in picks.items():
+                fitted = labhead.fit(
+                    proba[drawn],
+                    None if features is None else features[drawn],
+                    y[drawn],
+                    reference=None if features is None else features[used],
+                    seed=seed + d,
+                )
+                scored_x = None if features is None else features[scored]
+                adapted = fitted.head.apply(proba[scored], scored_x)
+                got[n].append(_balanced_accuracy(y[scored], adapted))
+                heads[n].append(fitted.head.uses_features)
+                state = few_cell_sets(fitted.oof, y[drawn], *sets) if sets else None
+                if state is not None:
+                    held = state.sets(adapted)[np.arange(len(scored)), y[scored]]
+                    cover[n].append(float(np.mean(held)))
+        row = {"entry": name, "lab": lab}
+        for n, vals in got.items():
+            key = f"n{n}_balanced_accuracy"
+            row[key] = float(np.mean(vals)) if vals else np.nan
+            row[f"{key}_lo"] = float(np.min(vals)) if vals else np.nan
+            row[f"{key}_hi"] = float(np.max(vals)) if vals else np.nan
+            if n:
+                row[f"n{n}_head_share"] = float(np.mean(heads[n])) if heads[n] else np.nan
+                if sets:
+                    row[f"n{n}_coverage"] = float(np.mean(cover[n])) if cover[n] else np.nan
+        out.append(row)
+    return out
+
+
+def _or_none(v) -> float | None:
+    """A number for JSON: ``None`` for a missing or NaN value."""
+    return None if v is None or not np.isfinite(float(v)) else float(v)
 
 
 def curve_sizes(columns) -> list[int]:
@@ -289,6 +324,8 @@ def add_lab_columns(board: pd.DataFrame, scores: pd.DataFrame, metric: str) -> p
         )
         board[f"worst_lab_n{n}_balanced_accuracy"] = np.min(values, axis=1)
         board[f"mean_lab_n{n}_balanced_accuracy"] = np.mean(values, axis=1)
+        if f"n{n}_coverage" in scores:  # of the sets calibrated on the N cells
+            board[f"worst_lab_n{n}_coverage"] = np.min(per_lab(f"n{n}_coverage"), axis=1)
     if "adabn_balanced_accuracy" in scores:  # transductive: its own columns, never a ranking
         board["adabn_worst_lab_balanced_accuracy"] = np.min(
             per_lab("balanced_accuracy", prefix="adabn_"), axis=1
@@ -334,6 +371,11 @@ def lab_summary(board_row, labs: list[str]) -> dict:
             },
             "worst_lab": [float(board_row[f"worst_lab_n{n}_balanced_accuracy"]) for n in sizes],
         }
+        if f"{labs[0]}_n{sizes[-1]}_coverage" in board_row.index:
+            out["adaptation_curve"]["coverage"] = {
+                lab: [_or_none(board_row.get(f"{lab}_n{n}_coverage")) for n in sizes if n]
+                for lab in labs
+            }
     return out
 
 
@@ -396,6 +438,7 @@ def leave_one_lab_out(
             seed=int(cfg.run.seed),
             show_progress=show_progress,
             features=feats,
+            sets=(cfg.predictor.conformal.method, float(cfg.predictor.conformal.confidence)),
         )
         scores = scores.merge(curve, on=["entry", "lab"], how="left")
     if cfg.run.lab_adabn:
