@@ -456,6 +456,27 @@ def test_a_type_model_predictor_carries_its_cell_types(tmp_path, bag_data):
     # the cell-type model types these cells well, so both answer alike
     for a, b in zip(outs["model"], outs["folders"]):
         assert abs(float(a["probability_APL"]) - float(b["probability_APL"])) < 0.2
+    # evaluate types the cells from its own decoded batches, as predict --bags does
+    from bench.commands.evaluate import evaluate
+
+    sub = cells[cells.patient.isin(["P00", "P01"])]
+    sub.to_csv(tmp_path / "two.csv", index=False)
+    (tmp_path / "images").symlink_to(bag_data / "images")
+    res = evaluate(
+        pred_dir,
+        tmp_path / "images",
+        labels=f"{tmp_path / 'two.csv'}:diagnosis",
+        groups="patient",
+        out=tmp_path / "ev",
+        gradcam=False,
+        progress=False,
+        n_boot=50,
+    )
+    scored = {r["bag"]: r["probability"] for r in res["patients"]["rows"]}
+    direct = load_predictor(pred_dir).predict_bags(
+        {p: [str(bag_data / f) for f in sub.file[sub.patient == p]] for p in ("P00", "P01")}
+    )
+    assert {r["bag"]: r["probability"] for r in direct} == pytest.approx(scored, abs=1e-9)
     bad = subprocess.run(
         [sys.executable, "-m", "bench", "predict", "--model", str(pred_dir)]
         + ["--img_path", str(tmp_path / "pats"), "--bags", "--cell-types", "nocolumn"],

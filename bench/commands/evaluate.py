@@ -102,7 +102,7 @@ def _legacy(out: Path) -> Path | None:
 # ----------------------------------------------------------------------------- predicting
 
 
-def predict_items(pred, items, batch_size: int, show: bool, groups=None):
+def predict_items(pred, items, batch_size: int, show: bool, groups=None, on_batch=None):
     """``(proba, ok, errors, fold_proba, shift)`` of every item
     (:meth:`Predictor.predict_batches`, each file decoded once): rows of unreadable items
     are zeros (``ok`` False); ``fold_proba`` (n_folds, N, K) when the predictor's
@@ -111,7 +111,8 @@ def predict_items(pred, items, batch_size: int, show: bool, groups=None):
 
     A bag predictor that normalises colour per patient (``[patients] bag_colour``) reads
     each group of ``groups`` (its patient) as one bag, as ``predict --bags`` does; it
-    needs them."""
+    needs them. ``on_batch(rows, X)``: called with each batch's readable positions and
+    their model input, as decoded for the prediction (nothing read twice)."""
     if pred.bag_colour_ != "none":
         if groups is None:
             raise BenchError(
@@ -119,7 +120,7 @@ def predict_items(pred, items, batch_size: int, show: bool, groups=None):
                 f'([patients] bag_colour = "{pred.bag_colour_}"): give '
                 "--groups COLUMN so each patient's cells are read together"
             )
-        return _predict_by_group(pred, items, groups, batch_size, show)
+        return _predict_by_group(pred, items, groups, batch_size, show, on_batch)
     k = len(pred.classes_)
     proba = np.zeros((len(items), k))
     fold_proba = np.zeros((pred.n_folds_, len(items), k)) if pred.needs_fold_proba_ else None
@@ -138,10 +139,12 @@ def predict_items(pred, items, batch_size: int, show: bool, groups=None):
                 fold_proba[:, rows] = pf
             if shift is not None:
                 shift[rows] = ref.score(X)
+            if on_batch is not None:
+                on_batch(rows, X)
     return proba, ok, errors, fold_proba, shift
 
 
-def _predict_by_group(pred, items, groups, batch_size: int, show: bool):
+def _predict_by_group(pred, items, groups, batch_size: int, show: bool, on_batch=None):
     """:func:`predict_items` one group (bag) at a time, its cells colour-normalised
     together (:meth:`Predictor.load_bag`, as :meth:`Predictor.predict_bags`)."""
     k = len(pred.classes_)
@@ -168,6 +171,8 @@ def _predict_by_group(pred, items, groups, batch_size: int, show: bool):
             fold_proba[:, rows] = pf
         if shift is not None:
             shift[rows] = ref.score(X)
+        if on_batch is not None:
+            on_batch(rows, X)
     return proba, ok, errors, fold_proba, shift
 
 
@@ -305,24 +310,25 @@ def _say_unreadable(errors, ok, n: int, where) -> None:
         raise BenchError(f"none of the {n} mapped images of {where} could be read")
 
 
-def _cell_types_of(pred, items, grp, cell) -> np.ndarray | None:
-    """The cell-type stage's probabilities of the patients' cells (``cell``: their
-    positions), each patient's cells read together as ``predict --bags`` reads them;
-    ``None`` for a bag task over all cells."""
-    stage = pred.bag_task_.cell_types
-    if stage is None:
-        return None
-    out = np.zeros((len(cell), len(stage.types)))
-    by_group: dict = {}
-    for n, j in enumerate(cell):
-        by_group.setdefault(grp[j], []).append(n)
-    for g, at in by_group.items():
-        X, good, _ = pred.load_bag([items[cell[n]] for n in at])
-        out[np.asarray(at)[good]] = pred.cell_type_proba(X)[0]
-    return out
+class _CellTypes:
+    """The cell-type stage's probabilities of the scored cells, collected from the
+    prediction's own decoded batches (``on_batch`` of :func:`predict_items`); ``None``
+    for a predictor whose bag task reads no cell types."""
+
+    def __init__(self, pred, n: int):
+        stage = pred.bag_task_.cell_types if pred.bag_task_ is not None else None
+        self.pred = pred
+        self.proba = None if stage is None else np.zeros((n, len(stage.types)))
+
+    def __call__(self, rows, X) -> None:
+        self.proba[rows] = self.pred.cell_type_proba(X)[0]
+
+    @property
+    def hook(self):
+        return None if self.proba is None else self
 
 
-def _patients(pred, grp, proba, y, shift, skipped_groups, items):
+def _patients(pred, grp, proba, y, shift, skipped_groups, type_proba):
     """A bag predictor's call per patient, as ``predict --bags`` makes it (``None`` for
     other predictors or a set without groups)."""
     spec = pred.bag_task_
@@ -339,7 +345,7 @@ def _patients(pred, grp, proba, y, shift, skipped_groups, items):
             labels=[classes[y[j]] for j in cell],
             skipped_groups=skipped_groups,
             shift=None if shift is None else shift[cell],
-            type_proba=_cell_types_of(pred, items, grp, cell),
+            type_proba=None if type_proba is None else type_proba[cell],
         ),
         spec.positive,
     )
@@ -446,12 +452,14 @@ def evaluate(
     pred, adaptation = _load(predictor_dir, tta, adapt, [ext.items[i] for i in keep], seed)
     t1 = time.perf_counter()
     items = [ext.items[i] for i in keep]
+    types = _CellTypes(pred, len(items))  # a bag task's cell types, from the same batches
     proba, ok, errors, fold_proba, shift = predict_items(
         pred,
         items,
         int(batch_size),
         progress,
         groups=None if ext.groups is None else [ext.groups[i] for i in keep],
+        on_batch=types.hook,
     )
     t_pred = time.perf_counter() - t1
     _say_unreadable(errors, ok, len(items), ext.path)
@@ -473,7 +481,7 @@ def evaluate(
         y,
         shift,
         [ext.groups[i] for i in unread if ext.groups[i]] if grp else None,
-        [ext.items[i] for i in keep],
+        None if types.proba is None else types.proba[ok],
     )
     dom, dom_note = _in_domain(predictor_dir, record, sc, stats.ece_bins)
     cells, gal = gradcam_gallery(
