@@ -64,11 +64,13 @@ def batch_reference(proba, y, seed: int = 0, sizes=SIZES, draws: int = DRAWS) ->
     return {"prevalence": prevalence.tolist(), "by_size": by_size, "limit": LIMIT}
 
 
-def batch_check(proba, reference: dict) -> dict | None:
+def batch_check(proba, reference: dict, adapted: bool = False) -> dict | None:
     """The batch's statistics against ``reference``: ``score`` (reference standard
     deviations: confidence below its mean, or class mix beyond it, whichever is larger),
-    ``flagged`` (score beyond the limit) and a ``line`` to print; ``None`` for a batch too
-    small to judge or a reference without a size at or below it."""
+    ``flagged`` (score beyond the limit) and a ``line`` to print (``adapted``: the
+    predictor was adapted to a lab, whose batches the training labs' reference does not
+    describe); ``None`` for a batch too small to judge or a reference without a size at or
+    below it."""
     proba = np.asarray(proba)
     n = len(proba)
     sizes = sorted(int(s) for s in reference.get("by_size", {}))
@@ -101,8 +103,14 @@ def batch_check(proba, reference: dict) -> dict | None:
         "line": (
             f"this batch of {n} cells does not look like the training labs' ("
             + "; ".join(why)
-            + f"; {score:.1f} reference SDs): the predictor needs adapting to this lab "
-            "before use (bench adapt, then bench calibrate on labelled cells)"
+            + f"; {score:.1f} reference SDs): "
+            + (
+                "this predictor was adapted to a lab (bench adapt); trust it here only if "
+                "this is that lab and its verdict there was usable"
+                if adapted
+                else "the predictor needs adapting to this lab before use (bench adapt, "
+                "then bench calibrate on labelled cells)"
+            )
             if flagged
             else ""
         ),

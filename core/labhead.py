@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import io
 import json
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import NamedTuple
@@ -231,11 +232,16 @@ def fit(
     logp = np.log(np.clip(proba, _EPS, 1.0))
     options = [o for o in OPTIONS if np.isinf(o[1]) or x.shape[1]]
     counts = np.bincount(y, minlength=k)
-    n_inner = int(min(folds, counts[counts > 0].min()))
+    # as many inner folds as the rarest class allows, at least 2 (a class of one cell is
+    # then absent from one fold's fit: its held-out loss says what that costs)
+    n_inner = int(min(folds, max(2, counts[counts > 0].min())))
     losses: dict[str, float] = {}
     oofs = {OPTIONS[0]: proba}
-    if n_inner >= 2 and len(counts[counts > 0]) >= 2:
-        split = list(StratifiedKFold(n_inner, shuffle=True, random_state=seed).split(x, y))
+    if counts.max() >= n_inner and len(counts[counts > 0]) >= 2:
+        with warnings.catch_warnings():  # "the least populated class has only 1 member"
+            warnings.simplefilter("ignore", UserWarning)
+            folds_ = StratifiedKFold(n_inner, shuffle=True, random_state=seed).split(x, y)
+            split = list(folds_)
         for lam, lam_w in options:
             held = np.zeros((n, k))
             for tr, te in split:

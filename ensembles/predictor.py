@@ -370,8 +370,9 @@ class Predictor:
         """The batch-level warning (:func:`core.batch.batch_check`) of this predictor's
         probabilities ``proba`` for one batch of cells: ``None`` for predictors saved
         without a reference or a batch too small to judge."""
-        ref = (self.record.model_extra or {}).get("batch_reference")
-        return batch_check(proba, ref) if ref else None
+        extra = self.record.model_extra or {}
+        ref = extra.get("batch_reference")
+        return batch_check(proba, ref, adapted="adaptation" in extra) if ref else None
 
     def shift_scores(self, x, batch_size: int = 256, preprocessed: bool = False) -> np.ndarray:
         """Per image, how far its colours lie from the training images' (0-1: the share of

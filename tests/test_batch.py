@@ -35,6 +35,8 @@ def test_batches_like_the_training_ones_pass_and_a_lost_batch_is_flagged():
     c = batch_check(lost, ref)
     assert c["flagged"] and c["score"] > LIMIT
     assert "49 of 50 cells called one class" in c["line"] and "bench adapt" in c["line"]
+    assert "needs adapting" in c["line"]
+    assert "was adapted to a lab" in batch_check(lost, ref, adapted=True)["line"]
     conf, mix = batch_stats(lost, np.asarray(ref["prevalence"]))
     assert np.isclose(conf, 0.4) and mix > 0.7
     # too few cells to judge; a reference without a size that small

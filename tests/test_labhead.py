@@ -65,12 +65,18 @@ def test_a_lab_whose_cells_say_nothing_new_keeps_the_original_answers():
     assert np.mean(fitted.head.apply(pt, xt).argmax(1) == pt.argmax(1)) > 0.97
 
 
-def test_too_few_cells_of_a_class_keep_the_original_output():
-    y = np.array([0, 0, 0, 1, 1, 2])  # class 2 has one cell: no inner fold can hold it out
-    p = np.full((6, 3), 1 / 3)
-    fitted = labhead.fit(p, np.random.default_rng(0).normal(size=(6, 4)), y)
+def test_too_few_cells_keep_the_original_output_and_one_rare_cell_does_not():
+    y = np.array([0, 1, 2])  # one cell of each class: nothing can be held out
+    p = np.full((3, 3), 1 / 3)
+    fitted = labhead.fit(p, np.random.default_rng(0).normal(size=(3, 4)), y)
     assert fitted.record["inner_folds"] == 0 and fitted.record["chosen"].startswith("recal")
     assert np.allclose(fitted.head.apply(p), p, atol=1e-3)
+    # a class of one cell among many (a rare basophil): still cross-validated, in 2 folds
+    y, x = _cells(60, k=3, seed=3)
+    y[0] = 3
+    lost = np.random.default_rng(1).dirichlet(np.ones(4), 60)
+    fitted = labhead.fit(lost, x, y)
+    assert fitted.record["inner_folds"] == 2 and fitted.head.uses_features
 
 
 def test_saved_head_reads_back_as_arrays_and_a_bad_file_is_one_error(tmp_path):

@@ -102,17 +102,17 @@ def _lab_set(data, labels, class_map, groups, config, classes) -> LabSet:
 
 
 def _labelled_draw(lab: LabSet, used, n: int, seed: int) -> np.ndarray:
-    """``n`` labelled cells among the rows adapted on (so the scored half stays untouched):
-    stratified by class, or whole groups with ``--groups``."""
+    """``n`` labelled cells among the rows adapted on, stratified by class (as the
+    leave-one-lab-out curve draws them). The scored half shares no patient or slide with
+    the rows adapted on (:func:`bench.stats.draws.adaptation_rows` splits whole groups), so
+    the draw within them needs no grouping."""
     rows = np.asarray([i for i in used if lab.labels[i] >= 0])
     if n > len(rows):
         raise BenchError(
             f"--n {n}: only {len(rows)} labelled cells lie in the half of the set used to adapt "
             f"(the other half is kept out to score); lower --n or raise --max-images"
         )
-    labels = [str(lab.labels[i]) for i in rows]
-    groups = [lab.groups[i] for i in rows] if lab.groups is not None else None
-    picked, _ = draw(labels, groups, n, seed)
+    picked, _ = draw([str(lab.labels[i]) for i in rows], None, n, seed)
     return rows[picked]
 
 
