@@ -232,7 +232,12 @@ def model_card(m: PredictorRecord) -> str:
             f"- {la['n']} of those images were used with their labels (seed {la['seed']}): "
             + (
                 f"{la['method']}; the inner cross-validation chose {la['chosen']}"
-                + (f" on the `{la['feature_set']}` features" if la.get("feature_set") else "")
+                + (
+                    f" on the `{la['feature_set']}` features of the central "
+                    f"{la.get('crop', 1.0):g} of each image"
+                    if la.get("feature_set")
+                    else ""
+                )
                 + f", temperature {_f(float(la['temperature']))}."
                 if la.get("chosen")
                 else f"the combined output recalibrated ({la['method']}; temperature "
