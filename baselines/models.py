@@ -35,9 +35,8 @@ from sklearn.utils.class_weight import compute_sample_weight
 
 from core.candidate import Candidate
 from core.errors import BenchError
-from core.images import center_crop
 from core.registry import register
-from features import extract
+from features import extract_central
 
 MODEL_FILE = "model.skops"
 XGB_FILE = "xgb.json"
@@ -97,14 +96,18 @@ class FeatureClassifier(Candidate):
     def _make_steps(self, n_rows: int, n_cols: int) -> list:  # pragma: no cover - interface
         raise NotImplementedError
 
-    def _features(self, X, progress: bool = False) -> np.ndarray:
+    def features_of(self, X, progress: bool = False) -> np.ndarray:
+        """The (N, D) features this candidate reads of images ``X``: its feature set of
+        the central ``crop`` (:func:`features.extract_central`). Public: a saved
+        predictor's lab head reads the cells' features through it (:mod:`core.labhead`)."""
         if not self.features:
             raise BenchError(
                 f"candidate type '{self.type_name}' needs params.features "
                 "(a [feature_sets] name or table)"
             )
-        X = center_crop(np.asarray(X), self.crop)
-        return extract(np.ascontiguousarray(X), self.features, progress=progress)
+        return extract_central(X, self.features, self.crop, progress=progress)
+
+    _features = features_of
 
     def prepare(self, X_all) -> None:
         """Extract (and cache on disk) the features of every image once, before the folds."""

@@ -35,6 +35,7 @@ import numpy as np
 from scipy.optimize import minimize
 from scipy.special import log_softmax, softmax
 
+from core.candidate import build_candidate
 from core.errors import BenchError
 
 _EPS = 1e-12
@@ -58,6 +59,10 @@ OPTIONS: tuple[tuple[float, float], ...] = (
     (HEAD_LAMBDA, 0.01),
 )
 _ARRAYS = ("temperature", "bias", "weights", "mean", "scale")
+#: the candidate type whose ``features_of`` computes a head's features where only the
+#: kernel may be imported (a saved predictor): any feature candidate extracts the same
+#: features of the same crop; this one is the lightest to build
+FEATURE_READER = "feature_lda"
 
 
 @dataclass
@@ -77,6 +82,14 @@ class LabHead:
     @property
     def uses_features(self) -> bool:
         return bool(self.weights.size) and bool(np.any(self.weights))
+
+    def features_of(self, images) -> np.ndarray:
+        """The features this head reads of model-input ``images`` (N, S, S, 3), through
+        the feature candidate type :data:`FEATURE_READER` (the kernel names no extractor)."""
+        reader = build_candidate(
+            {"type": FEATURE_READER, "params": {"features": self.feature_set, "crop": self.crop}}
+        )
+        return reader.features_of(images)
 
     def logits(self, proba, features=None) -> np.ndarray:
         logp = np.log(np.clip(np.asarray(proba, dtype=np.float64), _EPS, 1.0))

@@ -273,9 +273,7 @@ class Predictor:
         head = self.lab_head_
         if head is None or not head.uses_features or not len(images):
             return None
-        from features import extract_central
-
-        return extract_central(images, head.feature_set, head.crop)
+        return head.features_of(np.asarray(images))
 
     def _temper(self, p: np.ndarray, features: np.ndarray | None = None) -> np.ndarray:
         t = self.record.temperature  # [predictor] temperature_scaling: T fitted on the

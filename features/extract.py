@@ -16,6 +16,7 @@ from joblib import Parallel, delayed
 
 from core.cache import default_cache_dir
 from core.errors import BenchError
+from core.images import center_crop
 from core.io import stable_hash
 from core.progress import progress_iter
 from features.color import color_features
@@ -240,6 +241,4 @@ def _save_store(store: Path, known: dict) -> None:
 def extract_central(images: np.ndarray, spec: dict, crop: float | None = None, **kwargs):
     """:func:`extract` of the central ``crop`` of each image's side
     (:func:`core.images.center_crop`; ``None`` or 1: the whole image)."""
-    from core.images import center_crop
-
-    return extract(center_crop(np.asarray(images), crop), spec, **kwargs)
+    return extract(np.ascontiguousarray(center_crop(np.asarray(images), crop)), spec, **kwargs)

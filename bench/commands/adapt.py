@@ -38,6 +38,7 @@ from pathlib import Path
 
 import numpy as np
 
+from bench.config import load_config
 from bench.commands.evaluate import map_classes, predict_items, read_class_map
 from bench.commands.outputs import check_not_inside, check_writable, run_of
 from bench.data.external_data import load_external, resolve_data
@@ -120,8 +121,6 @@ def head_feature_set(config) -> tuple[str, dict, float]:
     """``(name, spec, crop)`` of the features the lab head reads: ``[predictor]
     adapt_features`` and ``adapt_crop`` of the config (``("", {}, 1.0)``: output
     recalibration only)."""
-    from bench.config import load_config
-
     cfg = load_config(config)
     name = cfg.predictor.adapt_features
     if not name:
