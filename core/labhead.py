@@ -227,12 +227,16 @@ def fit(
     crop: float = 1.0,
     seed: int = 0,
     folds: int = 5,
+    groups=None,
 ) -> Fitted:
     """Fit a head on ``proba`` (N, K), the cells' ``features`` (N, D) and their labels ``y``
     (class indices); ``reference``: the features that set the standardisation (the lab's
     cells adapted on; default ``features``); ``feature_set`` and ``crop``: what the
-    features are, recorded in the head."""
-    from sklearn.model_selection import StratifiedKFold
+    features are, recorded in the head; ``groups`` (each cell's slide or patient): the
+    chosen option's cross-fitted outputs (``oof``, for prediction sets) leave whole groups
+    out, as the lab's other slides meet the head (the option itself is chosen over cells:
+    grouped folds chose heads too timid to help, benchmarks/README.md)."""
+    from sklearn.model_selection import StratifiedGroupKFold, StratifiedKFold
 
     proba = np.asarray(proba, dtype=np.float64)
     y = np.asarray(y, dtype=np.int64)
@@ -253,8 +257,8 @@ def fit(
     if counts.max() >= n_inner and len(counts[counts > 0]) >= 2:
         with warnings.catch_warnings():  # "the least populated class has only 1 member"
             warnings.simplefilter("ignore", UserWarning)
-            folds_ = StratifiedKFold(n_inner, shuffle=True, random_state=seed).split(x, y)
-            split = list(folds_)
+            folds_ = StratifiedKFold(n_inner, shuffle=True, random_state=seed)
+            split = list(folds_.split(x, y))
         for lam, lam_w in options:
             held = np.zeros((n, k))
             for tr, te in split:
@@ -264,6 +268,18 @@ def fit(
             losses[_name(lam, lam_w)] = float((_class_weights(y, k) * nll).sum())
             oofs[(lam, lam_w)] = np.exp(held)
         chosen = min(options, key=lambda o: losses[_name(*o)])
+        if groups is not None and len(set(groups)) >= n_inner and chosen != OPTIONS[0]:
+            # the outputs the prediction sets are calibrated on: each cell's from a fit
+            # without its slide or patient, as the lab's other slides will meet the head
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore", UserWarning)
+                by_group = StratifiedGroupKFold(n_inner, shuffle=True, random_state=seed)
+                parts = list(by_group.split(x, y, groups=np.asarray(groups)))
+            held = np.zeros((n, k))
+            for tr, te in parts:
+                t0, b, w = _fit_one(logp[tr], x[tr], y[tr], k, *chosen)
+                held[te] = _log_proba(logp[te], x[te], t0, b, w)
+            oofs[chosen] = np.exp(held)
     else:
         chosen = OPTIONS[0]  # too few cells of some class to choose: keep the original
     t0, b, w = _fit_one(logp, x, y, k, *chosen)

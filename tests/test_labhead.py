@@ -112,3 +112,21 @@ def test_a_bad_head_feature_set_is_one_error_line(toy_folder, tmp_path, capsys):
     assert "[predictor] adapt_features 'hgo' is not a [feature_sets.NAME]" in line
     line = run_error_line("[predictor]\nadapt_crop = 0\n", toy_folder, tmp_path, capsys)
     assert "adapt_crop" in line
+
+
+def test_with_groups_the_sets_outputs_leave_whole_slides_out():
+    """Cells of a slide share a look that gives their class away within the slide: the
+    outputs the prediction sets are calibrated on must come from fits without the cell's
+    slide, or they promise the lab's other slides too much."""
+    rng = np.random.default_rng(0)
+    slides = np.repeat(np.arange(20), 6)
+    y = np.repeat(rng.integers(0, 3, 20), 6)  # one class per slide
+    look = rng.normal(size=(20, 10))[slides] * 3  # each slide's own look
+    x = look + rng.normal(size=(120, 10)) * 0.1
+    p = np.full((120, 3), 1 / 3)
+    free = labhead.fit(p, x, y, seed=0)
+    grouped = labhead.fit(p, x, y, seed=0, groups=[f"s{s}" for s in slides])
+    assert free.record["chosen"] == grouped.record["chosen"]  # the choice is the same
+    assert np.allclose(free.head.weights, grouped.head.weights)
+    acc = lambda o: np.mean(o.argmax(1) == y)  # noqa: E731
+    assert acc(free.oof) > 0.85 and acc(grouped.oof) < 0.6

@@ -447,9 +447,11 @@ def test_the_adaptation_curve_fits_on_the_adapted_half_and_scores_the_other():
 
     class Spy:
         @staticmethod
-        def fit(p, x, yy, reference=None, seed=0):
-            fits.append((set(x[:, 5].astype(int)), set(reference[:, 5].astype(int))))
-            return real(p, x, yy, reference=reference, seed=seed)
+        def fit(p, x, yy, reference=None, seed=0, groups=None):
+            rows = x[:, 5].astype(int)
+            assert list(groups) == list(table["group"].to_numpy()[rows])  # slides known
+            fits.append((set(rows), set(reference[:, 5].astype(int))))
+            return real(p, x, yy, reference=reference, seed=seed, groups=groups)
 
     mp = pytest.MonkeyPatch()
     mp.setattr(labs_mod, "labhead", Spy)

@@ -151,6 +151,7 @@ def _fit_head(pred, lab: LabSet, used, ok, X, drawn, head_set, seed: int):
         feature_set=spec,
         crop=crop,
         seed=int(seed),
+        groups=None if lab.groups is None else [lab.groups[i] for i in rows],
     )
     head = fitted.head
     record = fitted.record | {

@@ -196,7 +196,8 @@ def adaptation_curve(
     lab: ``n<N>_balanced_accuracy`` the mean over the ``draws`` draws, ``_lo`` / ``_hi``
     their range, and ``n<N>_head_share`` the share of draws whose head read the features.
     With ``sets`` (``(method, confidence)``), prediction sets are calibrated on the head's
-    cross-fitted outputs of the N cells as ``bench adapt --n N`` calibrates them
+    cross-fitted outputs of the N cells (whole slides or patients out, where the lab has
+    them) as ``bench adapt --n N`` calibrates them
     (:func:`core.conformal.few_cell_sets`), and ``n<N>_coverage`` is the share of the
     scored half whose set holds its class (mean over the draws; NaN where N is too few).
     The scored half never enters a fit. Entries run in ``n_jobs`` processes (default
@@ -218,10 +219,12 @@ def adaptation_curve(
                 if n <= len(used):
                     picked, _ = draw([str(v) for v in y[rows[used]]], None, n, seed + d)
                     picks[n] = rows[used[picked]]
-            splits[(lab, d)] = (rows[scored], picks, rows[used])
+            splits[(lab, d)] = (rows[scored], picks, rows[used], grouped)
     jobs = n_jobs or int(os.environ.get("BLOODBENCH_JOBS", 0)) or os.cpu_count() or 1
     run = Parallel(n_jobs=min(jobs, len(probas)) or 1, return_as="generator")(
-        delayed(_curve_rows)(name, proba, y, labs, splits, ns, draws, seed, features, sets)
+        delayed(_curve_rows)(
+            name, proba, y, labs, splits, ns, draws, seed, features, sets, table["group"]
+        )
         for name, proba in probas.items()
     )
     out = []
@@ -232,15 +235,18 @@ def adaptation_curve(
     return pd.DataFrame(out)
 
 
-def _curve_rows(name, proba, y, labs, splits, ns, draws, seed, features, sets) -> list[dict]:
+def _curve_rows(
+    name, proba, y, labs, splits, ns, draws, seed, features, sets, groups
+) -> list[dict]:
     """One entry's rows of :func:`adaptation_curve`."""
+    groups = np.asarray(groups)
     out = []
     for lab in labs:
         got: dict[int, list[float]] = {0: [], **{n: [] for n in ns}}
         heads: dict[int, list[bool]] = {n: [] for n in ns}
         cover: dict[int, list[float]] = {n: [] for n in ns}
         for d in range(draws):
-            scored, picks, used = splits[(lab, d)]
+            scored, picks, used, grouped = splits[(lab, d)]
             got[0].append(_balanced_accuracy(y[scored], proba[scored]))
             for n, drawn in picks.items():
                 fitted = labhead.fit(
@@ -249,6 +255,7 @@ def _curve_rows(name, proba, y, labs, splits, ns, draws, seed, features, sets) -
                     y[drawn],
                     reference=None if features is None else features[used],
                     seed=seed + d,
+                    groups=groups[drawn] if grouped else None,
                 )
                 scored_x = None if features is None else features[scored]
                 adapted = fitted.head.apply(proba[scored], scored_x)
