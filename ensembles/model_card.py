@@ -246,6 +246,14 @@ def model_card(m: PredictorRecord) -> str:
             if la
             else "- No labels were used (AdaBN and the shift reference need none)."
         )
+        judged = ad.get("adabn_judged") or {}
+        if judged.get("kept") is False:
+            out.append(
+                f"- AdaBN of {', '.join(judged['members'])} was tried and not kept: the "
+                "labelled cells fit better on the members as they were (inner log loss "
+                f"{_f(judged['inner_log_loss_unadapted'], 4)} against "
+                f"{_f(judged['inner_log_loss_adapted'], 4)})."
+            )
         out += [f"- Verdict at adaptation: {v['line']}."] if v else []
     out += ["", "### Outside the lab"]
     labs = m.leave_one_lab_out

@@ -204,6 +204,15 @@ def test_adapt_with_labels_fits_a_lab_head_the_new_predictor_applies(model, tmp_
     assert la["chosen"] in {labhead_name for labhead_name in la["inner_log_loss"]}
     assert la["feature_set"] in ("", "all") and la["n_features"] > 0 and la["crop"] in (0.5, 1)
     assert "lab-head outputs of 24 labelled cells" in rec["conformal"]["fitted_on"]
+    judged = rec["adaptation"]["adabn_judged"]  # the labelled cells judge AdaBN
+    assert set(judged) >= {"kept", "inner_log_loss_adapted", "inner_log_loss_unadapted"}
+    assert judged["kept"] == (
+        judged["inner_log_loss_adapted"] <= judged["inner_log_loss_unadapted"]
+    )
+    cnn_file = next((out / "members" / "cnn_tiny").rglob("*.keras"))
+    original = model / cnn_file.relative_to(out)
+    assert cnn_file.samefile(original) == (not judged["kept"])  # kept: saved anew
+    assert rec["adaptation"]["layers"] == (judged["layers"] if judged["kept"] else 0)
     assert rec["adaptation"]["sets_recalibrated"]
     assert "calibrated anew on the labelled cells" in (out / "MODEL_CARD.md").read_text()
     assert main(["inspect", str(out)]) == 0

@@ -169,6 +169,34 @@ def _fit_head(pred, lab: LabSet, used, ok, X, drawn, head_set, seed: int):
     return fitted, record, rows
 
 
+def _keep_adabn_or_not(pred, plain_pred, plain, fitted, done: dict, adaptable: list):
+    """With labelled cells, they judge AdaBN: the lab head's inner cross-validated loss on
+    the adapted members against on the members as they were (a lab the members were
+    trained on can lose by it: Chula, 0.79 -> 0.70). Returns ``(predictor to keep,
+    record)``; the unadapted one when its loss is lower."""
+
+    def best(f) -> float | None:
+        losses = f.record["inner_log_loss"]
+        return losses.get(f.record["chosen"]) if losses else None
+
+    with_bn, without = best(fitted), best(plain)
+    kept = with_bn is None or without is None or with_bn <= without
+    record = {
+        "kept": bool(kept),
+        "inner_log_loss_adapted": with_bn,
+        "inner_log_loss_unadapted": without,
+        "members": adaptable,
+        "layers": done["layers"],
+    }
+    if kept:
+        return pred, record
+    info(
+        f"AdaBN not kept: on the labelled cells the head's inner log loss is {without:.4f} "
+        f"on the members as they were, {with_bn:.4f} adapted"
+    )
+    return plain_pred, record  # _fit_head put the plain head on it
+
+
 def _sets_on(pred, oof, y, where: str):
     """The prediction sets and review rule calibrated anew on the lab head's cross-fitted
     outputs of the labelled cells (split-conformal, as ``bench calibrate``; Mondrian only
@@ -334,15 +362,24 @@ def adapt(
     X, _, ok, _ = pred.preprocessing.load([lab.items[i] for i in used], skip_errors=True)
     if not len(X):
         raise BenchError(f"none of the {len(used)} images drawn to adapt on could be read")
+    plain = plain_pred = None  # with labels: the head on the members as they were
+    if drawn is not None and adaptable:
+        plain_pred = load_predictor(model)
+        plain = _fit_head(plain_pred, lab, used, ok, X, drawn, head_set, seed)
     done = pred.adapt(X, max_images=len(X), seed=seed, preprocessed=True)
     reference = ShiftReference.fit(X, seed=seed)
-    pred.shift_reference_ = reference
-    label_adaptation = sets = review = None
+    label_adaptation = sets = review = adabn = None
     if drawn is not None:  # the labelled cells, through the adapted members
         fitted, label_adaptation, rows = _fit_head(pred, lab, used, ok, X, drawn, head_set, seed)
+        if plain is not None and done["layers"]:
+            pred, adabn = _keep_adabn_or_not(pred, plain_pred, plain[0], fitted, done, adaptable)
+            if not adabn["kept"]:
+                fitted, label_adaptation, rows = plain
+                done, adaptable = {"fold_models": 0, "layers": 0}, []
         sets = _sets_on(pred, fitted.oof, lab.labels[rows], lab.name)
         if sets is not None:
             pred.conformal_, review = sets[0], Review(**sets[1]["review"])
+    pred.shift_reference_ = reference
     after, verdict_after = _figures(pred, lab, scored, batch_size, stats, in_lab, review)
     record_ = {
         "method": METHOD,
@@ -359,6 +396,7 @@ def adapt(
         "labels_used": label_adaptation is not None,
         "n_labelled": 0 if label_adaptation is None else label_adaptation["n"],
         "head": None if label_adaptation is None else label_adaptation["chosen"],
+        "adabn_judged": adabn,
         "sets_recalibrated": sets is not None,
         "from_predictor": str(model.resolve()),
         "from_manifest_sha256": manifest["manifest_sha256"],
@@ -390,7 +428,12 @@ def summary(r: dict) -> str:
         f"adapted on {r['n_images']} images of {r['data_name']} (seed {r['seed']}): "
         f"{r['layers']} batch-norm layers of {r['fold_models']} fold models "
         f"({', '.join(r['members_adapted']) or 'no adaptable member'}); shift reference refitted"
-        + (f"; lab head on {r['n_labelled']} labelled cells: {r['head']}" if r.get("head") else ""),
+        + (f"; lab head on {r['n_labelled']} labelled cells: {r['head']}" if r.get("head") else "")
+        + (
+            "; AdaBN not kept (the labelled cells fit better without it)"
+            if (r.get("adabn_judged") or {}).get("kept") is False
+            else ""
+        ),
         f"on the {b['n']} images kept out: share to review "
         f"{b.get('share_flagged', float('nan')):.0%} before, "
         f"{a.get('share_flagged', float('nan')):.0%} after",
