@@ -121,11 +121,12 @@ def ece(y, proba, n_bins: int = 15, sample_weight=None) -> float:
 
 
 def apply_temperature(proba, temperature: float) -> np.ndarray:
-    """``softmax(log(proba) / temperature)`` row by row."""
+    """``softmax(log(proba) / temperature)`` over the classes (the last axis: rows of
+    (N, K), or each fold's rows of (F, N, K))."""
     p = np.asarray(proba, dtype=float)
     if temperature <= 0 or not np.isfinite(temperature):
         raise ValueError(f"temperature must be a positive number, got {temperature}")
-    return softmax(np.log(np.clip(p, _EPS, 1.0)) / float(temperature), axis=1)
+    return softmax(np.log(np.clip(p, _EPS, 1.0)) / float(temperature), axis=-1)
 
 
 def _nll(y, logp, temperature) -> float:

@@ -140,7 +140,11 @@ class Predictor:
         # record holds an output recalibration's temperature and bias only)
         self.label_adaptation_ = (record.model_extra or {}).get("label_adaptation")
         la = self.label_adaptation_
-        self.lab_head_ = LabHead.load(path / la["head"]) if la and la.get("head") else None
+        self.lab_head_ = None
+        if la and la.get("head"):
+            if la["head"] not in record.files:  # only a checksummed file of the predictor
+                raise BenchError(f"predictor {path}: its lab head {la['head']!r} is not listed")
+            self.lab_head_ = LabHead.load(path / la["head"])
         cp = record.conformal  # prediction sets and review rule (core.conformal)
         try:
             self.conformal_ = cp.sets(len(self.classes_)) if cp else None

@@ -464,7 +464,7 @@ def test_the_adaptation_curve_fits_on_the_adapted_half_and_scores_the_other():
             3,
             seed=0,
             features=feats,
-            sets=("mondrian", 0.9),
+            sets=("mondrian", 0.9, 0.01, 1),
             n_jobs=1,  # in this process, where the spy is
         )
     finally:

@@ -154,9 +154,13 @@ def test_paths_and_arrays_of_any_size(predictor, tmp_path):
     from_paths = predictor.predict_proba(paths)
     np.testing.assert_array_equal(from_paths, predictor.predict_proba(big))
     np.testing.assert_array_equal(from_paths, predictor.predict_proba(list(big)))
-    # other batch sizes: the same numbers up to floating-point rounding
-    np.testing.assert_allclose(from_paths[:1], predictor.predict_proba(str(paths[0])), atol=1e-12)
-    np.testing.assert_allclose(from_paths, predictor.predict_proba(big, batch_size=1), atol=1e-12)
+    # other batch sizes: the same numbers up to float32 rounding (the CNN's kernels may
+    # sum in another order for another batch size: seen at 8e-7 relative)
+    one = predictor.predict_proba(str(paths[0]))
+    np.testing.assert_allclose(from_paths[:1], one, rtol=1e-5, atol=1e-9)
+    np.testing.assert_allclose(
+        from_paths, predictor.predict_proba(big, batch_size=1), rtol=1e-5, atol=1e-9
+    )
     with pytest.raises(BenchError, match="uint8"):
         predictor.predict_proba(big.astype(np.float32))
 

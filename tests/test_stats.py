@@ -204,3 +204,16 @@ def test_the_verdict_reads_the_interval_and_the_review_share():
         verdict(0.82, 0.74, 0.89, 60, StatsSection(usable_balanced_accuracy=0.7))["verdict"]
         == "usable"
     )
+
+
+def test_temperature_applies_over_the_classes_of_each_fold():
+    """Fold probabilities (F, N, K): each fold's rows scaled as (N, K) rows are, so a
+    predictor with a stored temperature gives cross-conformal sets the right outputs."""
+    from core.calibration import apply_temperature
+
+    rng = np.random.default_rng(0)
+    folds = rng.dirichlet(np.ones(4), size=(3, 5))
+    scaled = apply_temperature(folds, 2.0)
+    assert scaled.shape == (3, 5, 4) and np.allclose(scaled.sum(-1), 1.0)
+    for f in range(3):
+        assert np.allclose(scaled[f], apply_temperature(folds[f], 2.0))

@@ -17,8 +17,8 @@ adapted predictor never includes the cells it adapted on. With labels (a class-f
 an ``.npz``, a dataset name or ``--labels``), the rest of the set is scored before and after
 and the verdict (:func:`bench.stats.scoring.verdict`) is printed and recorded.
 
-With ``--n N`` labelled cells (drawn, seeded, from the half adapted on: stratified, or
-whole patients or slides with ``--groups``), a **lab head** is fitted on them
+With ``--n N`` labelled cells (drawn, seeded, stratified by class, from the half adapted
+on; the halves keep whole ``--groups`` apart), a **lab head** is fitted on them
 (:mod:`core.labhead`): the combined output's temperature and class offsets and a linear map
 of the cells' hand-crafted features (``[predictor] adapt_features``), shrunk toward the
 original by inner cross-validation on the N cells, so a lab whose cells say nothing new
@@ -136,6 +136,11 @@ def _fit_head(pred, lab: LabSet, used, ok, X, drawn, head_set, seed: int):
     at = {int(used[j]): i for i, j in enumerate(ok)}
     rows = np.asarray([int(r) for r in drawn if int(r) in at], dtype=np.int64)
     pos = [at[int(r)] for r in rows]
+    if len(rows) < 2:
+        raise BenchError(
+            f"only {len(rows)} of the {len(drawn)} labelled cells drawn could be read: "
+            "draw with another --seed or remove the unreadable files"
+        )
     pred.lab_head_ = pred.label_adaptation_ = None
     proba = pred.predict_proba(X[pos], preprocessed=True)
     name, spec, crop = head_set
@@ -366,6 +371,11 @@ def adapt(
     if drawn is not None and adaptable:
         plain_pred = load_predictor(model)
         plain = _fit_head(plain_pred, lab, used, ok, X, drawn, head_set, seed)
+    if drawn is None and pred.lab_head_ is not None and adaptable:
+        warn(
+            f"{model} has a lab head fitted on its members' output before this AdaBN; it is "
+            "kept, but fit it anew on labelled cells (--n) for the adapted members"
+        )
     done = pred.adapt(X, max_images=len(X), seed=seed, preprocessed=True)
     reference = ShiftReference.fit(X, seed=seed)
     label_adaptation = sets = review = adabn = None

@@ -195,7 +195,7 @@ def adaptation_curve(
     only), and the scored half is scored before (``n0``) and after. One row per entry and
     lab: ``n<N>_balanced_accuracy`` the mean over the ``draws`` draws, ``_lo`` / ``_hi``
     their range, and ``n<N>_head_share`` the share of draws whose head read the features.
-    With ``sets`` (``(method, confidence)``), prediction sets are calibrated on the head's
+    With ``sets`` (``(method, confidence, raps_lambda, raps_k)``), prediction sets are calibrated on the head's
     cross-fitted outputs of the N cells (whole slides or patients out, where the lab has
     them) as ``bench adapt --n N`` calibrates them
     (:func:`core.conformal.few_cell_sets`), and ``n<N>_coverage`` is the share of the
@@ -445,7 +445,12 @@ def leave_one_lab_out(
             seed=int(cfg.run.seed),
             show_progress=show_progress,
             features=feats,
-            sets=(cfg.predictor.conformal.method, float(cfg.predictor.conformal.confidence)),
+            sets=(
+                cfg.predictor.conformal.method,
+                float(cfg.predictor.conformal.confidence),
+                float(cfg.predictor.conformal.raps_lambda),
+                int(cfg.predictor.conformal.raps_k),
+            ),
         )
         scores = scores.merge(curve, on=["entry", "lab"], how="left")
     if cfg.run.lab_adabn:
