@@ -45,7 +45,8 @@ from bench.data.external_data import load_external, resolve_data
 from bench.stats.scoring import score, stats_of_run, verdict_of_score
 from bench.stats.draws import adaptation_rows, draw
 from core import labhead
-from core.conformal import few_cell_sets, review_of, review_threshold, set_minimum
+from bench.commands.calibrate import review_rule
+from core.conformal import few_cell_sets, review_of, set_minimum
 from core.errors import BenchError
 from core.images import find_images
 from core.io import link_or_copy, staged
@@ -128,26 +129,35 @@ def head_feature_set(config) -> tuple[str, dict, float]:
     return name, dict(cfg.feature_sets[name]), float(cfg.predictor.adapt_crop)
 
 
-def _fit_head(pred, lab: LabSet, used, ok, X, drawn, head_set, seed: int):
-    """The lab head (:mod:`core.labhead`) on the drawn labelled cells, through the adapted
-    members; the features standardised on every image adapted on. Any earlier head is
-    replaced: the new one is fitted on the members' combined output. Returns ``(fitted,
-    record, rows)``: ``rows`` the drawn cells that could be read."""
+def _head_cells(lab: LabSet, used, ok, X, drawn, head_set):
+    """The drawn labelled cells that could be read: ``(rows, pos, feats)``, ``rows`` their
+    indices in the set, ``pos`` their positions in ``X`` (the images adapted on), and
+    ``feats`` the lab head's features of every image adapted on (``None`` for a head
+    without a feature map), extracted once for both fits of :func:`_fit_head`."""
     at = {int(used[j]): i for i, j in enumerate(ok)}
     rows = np.asarray([int(r) for r in drawn if int(r) in at], dtype=np.int64)
-    pos = [at[int(r)] for r in rows]
     if len(rows) < 2:
         raise BenchError(
             f"only {len(rows)} of the {len(drawn)} labelled cells drawn could be read: "
             "draw with another --seed or remove the unreadable files"
         )
-    pred.lab_head_ = pred.label_adaptation_ = None
-    proba = pred.predict_proba(X[pos], preprocessed=True)
     name, spec, crop = head_set
     feats = None
     if spec:
         info(f"features of the {len(X)} images adapted on ({name}), for the lab head ...")
         feats = extract_central(X, spec, crop, progress=True)
+    return rows, [at[int(r)] for r in rows], feats
+
+
+def _fit_head(pred, lab: LabSet, cells, X, head_set, seed: int):
+    """The lab head (:mod:`core.labhead`) on the labelled ``cells`` (:func:`_head_cells`)
+    through ``pred``'s members as they are now; the features standardised on every image
+    adapted on. Any earlier head is replaced: the new one is fitted on the members'
+    combined output. Returns ``(fitted, record)``; ``pred`` is left without a head."""
+    rows, pos, feats = cells
+    pred.lab_head_ = pred.label_adaptation_ = None
+    proba = pred.predict_proba(X[pos], preprocessed=True)
+    name, spec, crop = head_set
     fitted = labhead.fit(
         proba,
         None if feats is None else feats[pos],
@@ -170,15 +180,14 @@ def _fit_head(pred, lab: LabSet, used, ok, X, drawn, head_set, seed: int):
         "temperature": head.temperature,
         "bias": head.bias.tolist(),
     }
-    pred.lab_head_, pred.label_adaptation_ = head, record
-    return fitted, record, rows
+    return fitted, record
 
 
-def _keep_adabn_or_not(pred, plain_pred, plain, fitted, done: dict, adaptable: list):
+def _keep_adabn(plain, fitted, done: dict, adaptable: list) -> dict:
     """With labelled cells, they judge AdaBN: the lab head's inner cross-validated loss on
-    the adapted members against on the members as they were (a lab the members were
-    trained on can lose by it: Chula, 0.79 -> 0.70). Returns ``(predictor to keep,
-    record)``; the unadapted one when its loss is lower."""
+    the adapted members (``fitted``) against on the members as they were (``plain``); a
+    lab the members were trained on can lose by it (Chula, 0.79 -> 0.70). The record,
+    ``kept`` False when the unadapted loss is lower."""
 
     def best(f) -> float | None:
         losses = f.record["inner_log_loss"]
@@ -186,20 +195,18 @@ def _keep_adabn_or_not(pred, plain_pred, plain, fitted, done: dict, adaptable: l
 
     with_bn, without = best(fitted), best(plain)
     kept = with_bn is None or without is None or with_bn <= without
-    record = {
+    if not kept:
+        info(
+            f"AdaBN not kept: on the labelled cells the head's inner log loss is "
+            f"{without:.4f} on the members as they were, {with_bn:.4f} adapted"
+        )
+    return {
         "kept": bool(kept),
         "inner_log_loss_adapted": with_bn,
         "inner_log_loss_unadapted": without,
         "members": adaptable,
         "layers": done["layers"],
     }
-    if kept:
-        return pred, record
-    info(
-        f"AdaBN not kept: on the labelled cells the head's inner log loss is {without:.4f} "
-        f"on the members as they were, {with_bn:.4f} adapted"
-    )
-    return plain_pred, record  # _fit_head put the plain head on it
 
 
 def _sets_on(pred, oof, y, where: str):
@@ -228,12 +235,7 @@ def _sets_on(pred, oof, y, where: str):
             "in the training labs"
         )
         return None
-    review = old.review.model_dump(exclude_none=True)
-    if "target_error" in review:
-        review["confidence_threshold"] = review_threshold(
-            oof.max(axis=1), oof.argmax(axis=1) == y, float(review["target_error"])
-        )
-    entry = {**state.to_dict(), "review": review}
+    entry = {**state.to_dict(), "review": review_rule(old.review, oof, y)}
     return state, entry
 
 
@@ -367,10 +369,11 @@ def adapt(
     X, _, ok, _ = pred.preprocessing.load([lab.items[i] for i in used], skip_errors=True)
     if not len(X):
         raise BenchError(f"none of the {len(used)} images drawn to adapt on could be read")
-    plain = plain_pred = None  # with labels: the head on the members as they were
-    if drawn is not None and adaptable:
-        plain_pred = load_predictor(model)
-        plain = _fit_head(plain_pred, lab, used, ok, X, drawn, head_set, seed)
+    cells = plain = None
+    if drawn is not None:  # the labelled cells; with AdaBN, first through the members as they were
+        cells = _head_cells(lab, used, ok, X, drawn, head_set)
+        if adaptable:
+            plain = _fit_head(pred, lab, cells, X, head_set, seed)
     if drawn is None and pred.lab_head_ is not None and adaptable:
         warn(
             f"{model} has a lab head fitted on its members' output before this AdaBN; it is "
@@ -380,12 +383,15 @@ def adapt(
     reference = ShiftReference.fit(X, seed=seed)
     label_adaptation = sets = review = adabn = None
     if drawn is not None:  # the labelled cells, through the adapted members
-        fitted, label_adaptation, rows = _fit_head(pred, lab, used, ok, X, drawn, head_set, seed)
+        fitted, label_adaptation = _fit_head(pred, lab, cells, X, head_set, seed)
         if plain is not None and done["layers"]:
-            pred, adabn = _keep_adabn_or_not(pred, plain_pred, plain[0], fitted, done, adaptable)
-            if not adabn["kept"]:
-                fitted, label_adaptation, rows = plain
+            adabn = _keep_adabn(plain[0], fitted, done, adaptable)
+            if not adabn["kept"]:  # the members as they were: the saved ones
+                pred = load_predictor(model)
+                fitted, label_adaptation = plain
                 done, adaptable = {"fold_models": 0, "layers": 0}, []
+        pred.lab_head_, pred.label_adaptation_ = fitted.head, label_adaptation
+        rows = cells[0]
         sets = _sets_on(pred, fitted.oof, lab.labels[rows], lab.name)
         if sets is not None:
             pred.conformal_, review = sets[0], Review(**sets[1]["review"])

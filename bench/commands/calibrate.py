@@ -94,6 +94,18 @@ def add_calibrate_parser(sub, add_common) -> None:
     add_common(p)
 
 
+def review_rule(old: Review, proba, y) -> dict:
+    """The review rule recalibrated on labelled cells of a new lab (``calibrate``,
+    ``adapt --n``): the stored rule, its confidence threshold refitted on ``proba`` and
+    ``y`` where the rule has a ``target_error``."""
+    review = old.model_dump(exclude_none=True)
+    if "target_error" in review:
+        review["confidence_threshold"] = review_threshold(
+            proba.max(axis=1), proba.argmax(axis=1) == y, float(review["target_error"])
+        )
+    return review
+
+
 def check_n(n: int, confidence: float, n_classes: int, data) -> None:
     """``--n`` must reach :func:`set_minimum` and give one image of each of the labelled
     set's ``n_classes`` (its classes the predictor has); else one line naming the minimum
@@ -177,7 +189,6 @@ def calibrate(args) -> dict:
         )
     index = {c: i for i, c in enumerate(classes)}
     y = np.array([index[mapping[ext.labels[i]]] for i in drawn], dtype=np.int64)
-    review = old.review.model_dump(exclude_none=True)
     if method == "mondrian":  # a class with q rows leaves a set only if 1/(q+1) < 1 - confidence
         need = set_minimum(confidence)
         counts = np.bincount(y, minlength=len(classes))
@@ -204,10 +215,7 @@ def calibrate(args) -> dict:
         old.raps_k,
         fitted_on=f"labelled images of {ext.path.name} (bench calibrate, seed {args.seed})",
     )
-    if "target_error" in review:
-        review["confidence_threshold"] = review_threshold(
-            proba.max(axis=1), proba.argmax(axis=1) == y, float(review["target_error"])
-        )
+    review = review_rule(old.review, proba, y)
     judged = _verdict_on_rest(
         model, pred, ext, mapping, index, set(drawn) | set(excluded), state, review, args
     )
@@ -358,5 +366,6 @@ __all__ = [
     "review_counts",
     "add_calibrate_parser",
     "set_minimum",
+    "review_rule",
     "check_n",
 ]
